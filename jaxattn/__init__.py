@@ -1,0 +1,12 @@
+"""jaxattn: fast, tested attention variants for JAX.
+
+``jaxattn.attention`` is softmax attention with Pallas flash kernels on GPU;
+``jaxattn.pallas`` holds the kernels, ``jaxattn.reference`` the fp32 oracles,
+``jaxattn.bench`` the benchmark harness (``python -m jaxattn.bench``).
+"""
+
+from jaxattn.ops.attention import attention
+from jaxattn.reference.attention import attention_reference
+
+__version__ = "0.1.0"
+__all__ = ["attention", "attention_reference", "__version__"]

@@ -1,0 +1,130 @@
+"""``jaxattn.attention``: softmax attention with flash kernels on GPU."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.ops import _checks
+from jaxattn.pallas import flash as _flash
+from jaxattn.reference.attention import attention_reference
+
+SegmentIds = jax.Array | tuple[jax.Array, jax.Array]
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids: SegmentIds | None = None,
+    mask: jax.Array | None = None,
+    scale: float | None = None,
+    impl: Literal["auto", "pallas", "xla"] = "auto",
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Scaled dot-product softmax attention.
+
+    Args:
+      q: ``[batch, q_len, heads, head_dim]``.
+      k: ``[batch, kv_len, kv_heads, head_dim]``; ``kv_heads`` divides ``heads`` (GQA/MQA).
+      v: ``[batch, kv_len, kv_heads, v_head_dim]``.
+      causal: key j is visible to query i iff ``j <= i + kv_len - q_len``
+        (aligned to the bottom-right, as ``jax.nn.dot_product_attention``).
+      segment_ids: int ``[batch, seq]`` when ``q_len == kv_len``, or a pair
+        ``(q_segment_ids [batch, q_len], kv_segment_ids [batch, kv_len])``;
+        queries see only keys of the same segment (packed sequences).
+      mask: broadcastable to ``[batch, heads, q_len, kv_len]``; bool keeps True
+        entries, floating is added to the logits. No gradient flows to it.
+      scale: logit scale, default ``1/sqrt(head_dim)``.
+      impl: ``"pallas"`` (the flash kernel; interpret mode without a GPU),
+        ``"xla"`` (the dense reference), or ``"auto"`` (the kernel on GPU when the
+        head dim is in 32..256, else XLA).
+      return_lse: also return the log-sum-exp ``[batch, q_len, heads]`` (fp32).
+
+    A query row with no visible key (every key masked by ``causal``,
+    ``segment_ids``, a bool ``mask`` or ``-inf`` bias) returns zeros, with
+    ``lse = -inf``, never NaN.
+
+    Returns:
+      ``out [batch, q_len, heads, v_head_dim]`` in the dtype of ``q``, and ``lse``
+      if ``return_lse``.
+    """
+    _checks.check_impl(impl)
+    layout = "[batch, seq, heads, head_dim]"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.check_rank(name, x, 4, layout)
+    _checks.check_float_dtype("q", q, (*_checks.FLOAT_DTYPES, jnp.float64))
+    _checks.check_same_dtype(q=q, k=k, v=v)
+    batch, q_len, hq, d = q.shape
+    _checks.check_dim("k", k, 0, batch, "batch size")
+    _checks.check_dim("v", v, 0, batch, "batch size")
+    kv_len, hkv = k.shape[1], k.shape[2]
+    _checks.check_dim("v", v, 1, kv_len, "kv length (axis 1, must equal k's)")
+    _checks.check_dim("v", v, 2, hkv, "kv heads (axis 2, must equal k's)")
+    _checks.check_dim("k", k, 3, d, "head dim (axis 3, must equal q's)")
+    if hq % hkv:
+        raise ValueError(f"k has {hkv} kv heads, which must divide q's {hq} heads (GQA/MQA)")
+    if q_len == 0 or kv_len == 0:
+        raise ValueError(f"q and k need at least one position, got q_len={q_len}, kv_len={kv_len}")
+
+    qseg = kvseg = None
+    if segment_ids is not None:
+        qseg, kvseg = _segment_pair(segment_ids, batch, q_len, kv_len)
+    if mask is not None:
+        _checks.check_array("mask", mask, "[batch, heads, q_len, kv_len]")
+        if mask.dtype != jnp.bool_:
+            _checks.check_float_dtype("mask", mask, (*_checks.FLOAT_DTYPES, jnp.bool_))
+        shape = _checks.check_broadcastable(
+            "mask", mask, (batch, hq, q_len, kv_len), "[batch, heads, q_len, kv_len]")
+        mask = mask.reshape(shape)
+    if scale is not None:
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite float, got {scale}")
+
+    lo, hi = _flash.SUPPORTED_HEAD_DIMS
+    kernel_ok = lo <= max(d, v.shape[-1]) <= hi and jnp.dtype(q.dtype) in _checks.FLOAT_DTYPES
+    if impl == "pallas":
+        if not lo <= d <= hi or not lo <= v.shape[-1] <= hi:
+            raise ValueError(
+                f"impl='pallas' supports head dims {lo}..{hi}; got q/k head_dim={d}, "
+                f"v head_dim={v.shape[-1]}")
+        _checks.check_float_dtype("q", q)
+    use_kernel = impl == "pallas" or (impl == "auto" and kernel_ok and jax.default_backend() == "gpu")
+
+    if use_kernel:
+        out, lse = _flash.flash_attention(
+            q, k, v, causal=causal, scale=scale, bias=mask,
+            q_segment_ids=qseg, kv_segment_ids=kvseg)
+    else:
+        out, lse = attention_reference(
+            q, k, v, causal=causal, scale=scale, mask=mask,
+            q_segment_ids=qseg, kv_segment_ids=kvseg)
+        out = out.astype(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def _segment_pair(segment_ids: SegmentIds, batch: int, q_len: int, kv_len: int):
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2:
+            raise ValueError("segment_ids must be an array [batch, seq] or a pair "
+                             f"(q_segment_ids, kv_segment_ids); got {len(segment_ids)} items")
+        qseg, kvseg = segment_ids
+    else:
+        if q_len != kv_len:
+            raise ValueError(
+                f"segment_ids as one array needs q_len == kv_len (got {q_len} and {kv_len}); "
+                "pass a pair (q_segment_ids [batch, q_len], kv_segment_ids [batch, kv_len])")
+        qseg = kvseg = segment_ids
+    for name, x, n in (("q_segment_ids", qseg, q_len), ("kv_segment_ids", kvseg, kv_len)):
+        _checks.check_rank(name, x, 2, f"[batch, {'q_len' if n == q_len else 'kv_len'}]")
+        if x.shape != (batch, n):
+            raise ValueError(f"{name} must have shape [batch, len] = {(batch, n)}, got {tuple(x.shape)}")
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must have an integer dtype, got {jnp.dtype(x.dtype).name}")
+    return qseg, kvseg

@@ -1,0 +1,5 @@
+"""Plain jnp references written from the math, computed in fp32: the test oracles."""
+
+from jaxattn.reference.attention import attention_reference
+
+__all__ = ["attention_reference"]

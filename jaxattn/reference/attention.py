@@ -1,0 +1,60 @@
+"""Softmax attention, dense, in fp32: the oracle for every softmax kernel."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    mask: jax.Array | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``softmax(scale * q k^T + bias) v`` over visible keys, in fp32.
+
+    q ``[B, Sq, Hq, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, Dv]`` (Hkv divides Hq).
+    Key j is visible to query i when ``j <= i + Sk - Sq`` (if causal), the
+    segment ids match (if given), and a boolean ``mask`` (broadcastable to
+    ``[B, Hq, Sq, Sk]``) is True; a floating ``mask`` is added to the logits.
+    Returns fp32 ``out [B, Sq, Hq, Dv]`` and ``lse [B, Sq, Hq]``; a row with no
+    visible key gives zeros and ``lse = -inf``.
+    """
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    sq, hq, d = q.shape[1], q.shape[2], q.shape[3]
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k = jnp.repeat(k, hq // hkv, axis=2)
+    v = jnp.repeat(v, hq // hkv, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=lax.Precision.HIGHEST) * scale
+    visible = jnp.ones(s.shape, bool)
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        if mask.dtype == jnp.bool_:
+            visible = visible & mask
+        else:
+            s = s + mask.astype(jnp.float32)
+    if causal:
+        i = jnp.arange(sq)[:, None]
+        j = jnp.arange(sk)[None, :]
+        visible = visible & (j <= i + (sk - sq))
+    if q_segment_ids is not None:
+        visible = visible & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
+    s = jnp.where(visible, s, -jnp.inf)
+    m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p / jnp.where(l == 0, 1.0, l), v,
+                     precision=lax.Precision.HIGHEST)
+    lse = jnp.where(l[..., 0] == 0, -jnp.inf, m[..., 0] + jnp.log(jnp.where(l[..., 0] == 0, 1.0, l[..., 0])))
+    return out, jnp.swapaxes(lse, 1, 2)

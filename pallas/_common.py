@@ -1,0 +1,124 @@
+"""Helpers shared by the Pallas kernels: interpret-mode choice, output poisoning,
+padding, and one ``pallas_call`` wrapper that pins the Triton backend."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+_state = threading.local()
+
+
+def interpret_default() -> bool:
+    """True when no GPU backend is present, so kernels must run interpreted."""
+    return jax.default_backend() != "gpu"
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    return interpret_default() if interpret is None else bool(interpret)
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True) -> Iterator[None]:
+    """Within this context, every kernel output starts as NaN (or int min).
+
+    The buffers are passed in and aliased to the outputs, so an element that a
+    kernel forgets to write shows up as NaN on a GPU as well as in interpret mode.
+    The flag is read at trace time: use it around un-jitted calls or fresh traces.
+    """
+    prev = getattr(_state, "poison", False)
+    _state.poison = enabled
+    try:
+        yield
+    finally:
+        _state.poison = prev
+
+
+def _poison_value(dtype: Any) -> Any:
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.nan
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.iinfo(dtype).min
+    return 0
+
+
+def pallas_call(
+    kernel: Callable[..., None],
+    *,
+    out_shape: Sequence[jax.ShapeDtypeStruct],
+    grid: tuple[int, ...],
+    in_specs: Sequence[pl.BlockSpec],
+    out_specs: Sequence[pl.BlockSpec],
+    num_warps: int,
+    num_stages: int,
+    interpret: bool | None,
+    name: str,
+) -> Callable[..., tuple[jax.Array, ...]]:
+    """``pl.pallas_call`` on the Triton backend, with optional output poisoning."""
+    out_shape = tuple(out_shape)
+    out_specs = tuple(out_specs)
+    in_specs = tuple(in_specs)
+    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    interp = resolve_interpret(interpret)
+    if not getattr(_state, "poison", False):
+        return pl.pallas_call(
+            kernel,
+            out_shape=out_shape,
+            grid=grid,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            compiler_params=params,
+            interpret=interp,
+            name=name,
+        )
+
+    n_in, n_out = len(in_specs), len(out_shape)
+
+    def poisoned_kernel(*refs: Any) -> None:
+        # refs: inputs, poison inputs (aliased, unused), outputs.
+        kernel(*refs[:n_in], *refs[n_in + n_out :])
+
+    call = pl.pallas_call(
+        poisoned_kernel,
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs + out_specs,
+        out_specs=out_specs,
+        compiler_params=params,
+        interpret=interp,
+        name=name,
+        input_output_aliases={n_in + i: i for i in range(n_out)},
+    )
+
+    @functools.wraps(call)
+    def run(*args: jax.Array) -> tuple[jax.Array, ...]:
+        poison = [jnp.full(s.shape, _poison_value(s.dtype), s.dtype) for s in out_shape]
+        return call(*args, *poison)
+
+    return run
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, value: Any = 0) -> jax.Array:
+    """Pads ``x`` along ``axis`` at the end up to ``size`` (no-op if already there)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)

@@ -1,0 +1,539 @@
+"""FlashAttention-2 on Pallas's Triton backend: forward, dq and dk/dv kernels.
+
+Layout ``[batch, seq, heads, head_dim]``. The forward keeps an online softmax in
+fp32 (base-2 exponentials), skips key blocks above a causal diagonal, and
+returns the natural-log log-sum-exp. The backward follows FlashAttention-2:
+``delta = rowsum(dO * O)`` (minus the lse cotangent) as a pre-pass, one kernel
+for dq (a program per query block) and one for dk/dv (a program per key block,
+looping over the query heads of its GQA group). ``jax.custom_vjp`` wires them.
+
+Shapes are padded here to the block sizes (and head dims to a power of two);
+padded keys are masked, padded query rows are sliced off. Rows whose every key
+is masked produce zeros and ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxattn.pallas import _common
+
+LOG2E = math.log2(math.e)
+NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashConfig:
+    """Tile sizes and launch parameters for one (head dim, dtype) pair."""
+
+    block_q: int = 128
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    # dq kernel: a program owns block_q_dq query rows and loops over block_k_dq keys.
+    block_q_dq: int = 64
+    block_k_dq: int = 64
+    # dk/dv kernel: a program owns block_k_dkv key rows and loops over block_q_dkv queries.
+    block_q_dkv: int = 64
+    block_k_dkv: int = 64
+    num_warps_bwd: int = 4
+    num_stages_bwd: int = 2
+
+
+# The one tuning table: (padded head dim, bytes per element) -> config.
+# Two-byte entries target an H100 (sm90) through Triton; fp32 halves the tiles.
+CONFIGS: dict[tuple[int, int], FlashConfig] = {
+    (32, 2): FlashConfig(128, 64, 4, 3, 128, 64, 64, 128, 8, 2),
+    (64, 2): FlashConfig(128, 64, 4, 3, 128, 64, 64, 128, 8, 2),
+    (128, 2): FlashConfig(128, 64, 8, 3, 128, 64, 64, 128, 8, 2),
+    (256, 2): FlashConfig(64, 32, 4, 2, 64, 32, 32, 64, 4, 1),
+    (32, 4): FlashConfig(64, 32, 4, 2, 64, 32, 32, 64, 4, 2),
+    (64, 4): FlashConfig(64, 32, 4, 2, 64, 32, 32, 64, 4, 2),
+    (128, 4): FlashConfig(64, 32, 4, 2, 64, 32, 32, 64, 4, 1),
+    (256, 4): FlashConfig(32, 32, 4, 1, 32, 32, 32, 32, 4, 1),
+}
+
+SUPPORTED_HEAD_DIMS = (32, 256)  # inclusive range of head dims
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def flash_config(head_dim: int, dtype: Any) -> FlashConfig:
+    """The table entry for ``head_dim`` (padded to a power of two) and ``dtype``."""
+    d = max(32, _common.next_pow2(head_dim))
+    size = 4 if jnp.dtype(dtype).itemsize >= 4 else 2
+    try:
+        return CONFIGS[(d, size)]
+    except KeyError:
+        raise ValueError(f"no flash config for head_dim={head_dim}, dtype={jnp.dtype(dtype).name}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernels need that is known at trace time."""
+
+    scale: float
+    causal: bool
+    q_len: int  # true lengths
+    kv_len: int
+    q_pad: int  # padded lengths
+    kv_pad: int
+    groups: int  # q heads per kv head
+    has_seg: bool
+    bias_kind: str | None  # None, "add" or "bool"
+    bias_bcast: tuple[bool, bool, bool, bool]  # which bias dims are broadcast (size 1)
+    cfg: FlashConfig
+    interpret: bool | None
+    precision: Any
+
+
+# ----------------------------------------------------------------------------
+# Shared pieces of the three kernels.
+# ----------------------------------------------------------------------------
+
+
+def _block_mask(st: _Static, q_pos, k_pos, *, causal: bool, length: bool):
+    """Boolean [bq, bk] mask from positions, or None when nothing is masked."""
+    mask = None
+    if length:
+        mask = jnp.broadcast_to(k_pos[None, :] < st.kv_len, (q_pos.shape[0], k_pos.shape[0]))
+    if causal:
+        c = k_pos[None, :] <= q_pos[:, None] + (st.kv_len - st.q_len)
+        mask = c if mask is None else jnp.logical_and(mask, c)
+    return mask
+
+
+def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask):
+    """Base-2 logits ``log2(e) * (scale * q k^T + bias)`` with masked entries at -inf."""
+    s = pl.dot(q, k, trans_b=True, precision=st.precision) * (st.scale * LOG2E)
+    mask = pos_mask
+    if st.bias_kind == "add":
+        s = s + bias.astype(jnp.float32) * LOG2E
+    elif st.bias_kind == "bool":
+        keep = jnp.broadcast_to(bias != 0, s.shape)
+        mask = keep if mask is None else jnp.logical_and(mask, keep)
+    if qseg is not None:
+        same = qseg[:, None] == kseg[None, :]
+        mask = same if mask is None else jnp.logical_and(mask, same)
+    if mask is not None:
+        s = jnp.where(mask, s, NEG_INF)
+    return s
+
+
+def _kv_range(st: _Static, q_start, block_q: int, block_k: int):
+    """Key-block ranges for a query block: ``[0, n_full)`` needs no positional
+    mask, ``[n_full, hi)`` does (causal diagonal and/or padded keys)."""
+    n_kv = st.kv_pad // block_k
+    n_valid_full = st.kv_len // block_k  # blocks made only of real keys
+    if not st.causal:
+        return n_valid_full, n_kv if st.kv_len % block_k else n_valid_full
+    offset = st.kv_len - st.q_len
+    # keys allowed for the first/last row of the block: k <= row + offset
+    first_row_lim = jnp.maximum(q_start + offset + 1, 0)
+    last_row_lim = jnp.maximum(q_start + block_q + offset, 0)
+    n_full = jnp.minimum(lax.div(first_row_lim, block_k), n_valid_full)
+    hi = jnp.minimum(lax.div(last_row_lim + block_k - 1, block_k), n_kv)
+    return n_full, jnp.maximum(hi, n_full)
+
+
+def _load_bias(st: _Static, bias_ref, q_idx, k_idx):
+    """Loads a bias tile; ``q_idx``/``k_idx`` are slices, dropped on broadcast dims."""
+    _, _, bq, bk = st.bias_bcast
+    return bias_ref[slice(None) if bq else q_idx, slice(None) if bk else k_idx]
+
+
+# ----------------------------------------------------------------------------
+# Forward.
+# ----------------------------------------------------------------------------
+
+
+def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
+    q_ref, k_ref, v_ref, *rest = refs
+    qseg_ref = kseg_ref = bias_ref = None
+    if st.has_seg:
+        qseg_ref, kseg_ref, *rest = rest
+    if st.bias_kind:
+        bias_ref, *rest = rest
+    o_ref, lse_ref = rest
+
+    q_start = pl.program_id(0) * block_q
+    q_pos = q_start + jnp.arange(block_q)
+    q = q_ref[...]
+    qseg = qseg_ref[...] if st.has_seg else None
+
+    def body(j, carry, masked: bool):
+        acc, m, l = carry
+        k_start = pl.multiple_of(j * block_k, block_k)
+        ks = pl.ds(k_start, block_k)
+        k = k_ref[ks, :]
+        v = v_ref[ks, :]
+        pos_mask = None
+        if masked:
+            pos_mask = _block_mask(st, q_pos, k_start + jnp.arange(block_k),
+                                   causal=st.causal, length=st.kv_len % block_k != 0)
+        kseg = kseg_ref[ks] if st.has_seg else None
+        bias = _load_bias(st, bias_ref, slice(None), ks) if st.bias_kind else None
+        s = _scores(st, q, k, qseg, kseg, bias, pos_mask)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+        alpha = jnp.exp2(m - m_safe)
+        p = jnp.exp2(s - m_safe[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v, precision=st.precision)
+        return acc, m_new, l
+
+    acc = jnp.zeros((block_q, q.shape[-1]), jnp.float32)
+    m = jnp.full((block_q,), NEG_INF, jnp.float32)
+    l = jnp.zeros((block_q,), jnp.float32)
+    n_full, hi = _kv_range(st, q_start, block_q, block_k)
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), (acc, m, l))
+    acc, m, l = lax.fori_loop(n_full, hi, functools.partial(body, masked=True), carry)
+
+    empty = l == 0.0
+    o = acc / jnp.where(empty, 1.0, l)[:, None]
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, NEG_INF, (m + jnp.log2(jnp.where(empty, 1.0, l))) / LOG2E)
+
+
+def _bias_spec_fwd(st: _Static, bias_shape, block_q: int):
+    bb, bh, bq, bk = st.bias_bcast
+    blk = (None, None, 1 if bq else block_q, 1 if bk else bias_shape[3])
+
+    def index_map(i, b, h):
+        return (0 if bb else b, 0 if bh else h, 0 if bq else i, 0)
+
+    return pl.BlockSpec(blk, index_map)
+
+
+def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg):
+    cfg = st.cfg
+    bq, bk = _blocks(st, cfg.block_q, cfg.block_k)
+    batch, _, hq, d = q.shape
+    g = st.groups
+    in_specs = [
+        pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, st.kv_pad, None, d), lambda i, b, h: (b, 0, h // g, 0)),
+        pl.BlockSpec((None, st.kv_pad, None, v.shape[-1]), lambda i, b, h: (b, 0, h // g, 0)),
+    ]
+    args = [q, k, v]
+    if st.has_seg:
+        in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+                     pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0))]
+        args += [qseg, kseg]
+    if st.bias_kind:
+        in_specs.append(_bias_spec_fwd(st, bias.shape, bq))
+        args.append(bias)
+    out_shape = [jax.ShapeDtypeStruct((batch, st.q_pad, hq, v.shape[-1]), q.dtype),
+                 jax.ShapeDtypeStruct((batch, hq, st.q_pad), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, bq, None, v.shape[-1]), lambda i, b, h: (b, i, h, 0)),
+                 pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))]
+    call = _common.pallas_call(
+        functools.partial(_fwd_kernel, st=st, block_q=bq, block_k=bk),
+        out_shape=out_shape, grid=(st.q_pad // bq, batch, hq), in_specs=in_specs,
+        out_specs=out_specs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        interpret=st.interpret, name="jaxattn_flash_fwd")
+    return call(*args)
+
+
+# ----------------------------------------------------------------------------
+# Backward: dq.
+# ----------------------------------------------------------------------------
+
+
+def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
+    qseg_ref = kseg_ref = bias_ref = None
+    if st.has_seg:
+        qseg_ref, kseg_ref, *rest = rest
+    if st.bias_kind:
+        bias_ref, *rest = rest
+    (dq_ref,) = rest
+
+    q_start = pl.program_id(0) * block_q
+    q_pos = q_start + jnp.arange(block_q)
+    q = q_ref[...]
+    do = do_ref[...]
+    lse2 = _lse2(lse_ref[...])
+    delta = delta_ref[...]
+    qseg = qseg_ref[...] if st.has_seg else None
+
+    def body(j, dq, masked: bool):
+        k_start = pl.multiple_of(j * block_k, block_k)
+        ks = pl.ds(k_start, block_k)
+        k = k_ref[ks, :]
+        v = v_ref[ks, :]
+        pos_mask = None
+        if masked:
+            pos_mask = _block_mask(st, q_pos, k_start + jnp.arange(block_k),
+                                   causal=st.causal, length=st.kv_len % block_k != 0)
+        kseg = kseg_ref[ks] if st.has_seg else None
+        bias = _load_bias(st, bias_ref, slice(None), ks) if st.bias_kind else None
+        s = _scores(st, q, k, qseg, kseg, bias, pos_mask)
+        p = jnp.exp2(s - lse2[:, None])
+        dp = pl.dot(do, v, trans_b=True, precision=st.precision)
+        ds = p * (dp - delta[:, None])
+        return dq + pl.dot(ds.astype(k.dtype), k, precision=st.precision)
+
+    dq = jnp.zeros(q.shape, jnp.float32)
+    n_full, hi = _kv_range(st, q_start, block_q, block_k)
+    dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq)
+    dq = lax.fori_loop(n_full, hi, functools.partial(body, masked=True), dq)
+    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+
+
+def _lse2(lse):
+    """Natural lse -> base 2; empty rows (-inf) become +inf so exp2(s - lse) = 0."""
+    return jnp.where(lse == NEG_INF, jnp.inf, lse * LOG2E)
+
+
+def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg):
+    cfg = st.cfg
+    bq, bk = _blocks(st, cfg.block_q_dq, cfg.block_k_dq)
+    batch, _, hq, d = q.shape
+    dv_ = v.shape[-1]
+    g = st.groups
+    in_specs = [
+        pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, st.kv_pad, None, d), lambda i, b, h: (b, 0, h // g, 0)),
+        pl.BlockSpec((None, st.kv_pad, None, dv_), lambda i, b, h: (b, 0, h // g, 0)),
+        pl.BlockSpec((None, bq, None, dv_), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
+        pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
+    ]
+    args = [q, k, v, do, lse, delta]
+    if st.has_seg:
+        in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+                     pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0))]
+        args += [qseg, kseg]
+    if st.bias_kind:
+        in_specs.append(_bias_spec_fwd(st, bias.shape, bq))
+        args.append(bias)
+    call = _common.pallas_call(
+        functools.partial(_dq_kernel, st=st, block_q=bq, block_k=bk),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)], grid=(st.q_pad // bq, batch, hq),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0))],
+        num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd,
+        interpret=st.interpret, name="jaxattn_flash_dq")
+    return call(*args)[0]
+
+
+# ----------------------------------------------------------------------------
+# Backward: dk, dv.
+# ----------------------------------------------------------------------------
+
+
+def _q_range(st: _Static, k_start, block_q: int, block_k: int):
+    """Query-block ranges for a key block: ``[lo, first_full)`` needs the causal
+    mask, ``[first_full, n_q)`` does not. Without causal, everything is unmasked."""
+    n_q = st.q_pad // block_q
+    if not st.causal:
+        return 0, 0, n_q
+    offset = st.kv_len - st.q_len
+    # query row i sees key k iff k <= i + offset  <=>  i >= k - offset
+    lo = lax.div(jnp.maximum(k_start - offset, 0), block_q)
+    first_full = lax.div(jnp.maximum(k_start + block_k - 1 - offset, 0) + block_q - 1, block_q)
+    lo = jnp.minimum(lo, n_q)
+    first_full = jnp.clip(first_full, lo, n_q)
+    return lo, first_full, n_q
+
+
+def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
+    qseg_ref = kseg_ref = bias_ref = None
+    if st.has_seg:
+        qseg_ref, kseg_ref, *rest = rest
+    if st.bias_kind:
+        bias_ref, *rest = rest
+    dk_ref, dv_ref = rest
+
+    k_start = pl.program_id(0) * block_k
+    k_pos = k_start + jnp.arange(block_k)
+    k = k_ref[...]
+    v = v_ref[...]
+    kseg = kseg_ref[...] if st.has_seg else None
+    bias_heads = 1 if st.bias_bcast[1] else st.groups
+
+    def body(i, carry, g, masked: bool):
+        dk, dv = carry
+        q_start = pl.multiple_of(i * block_q, block_q)
+        qs = pl.ds(q_start, block_q)
+        q = q_ref[qs, g, :]
+        do = do_ref[qs, g, :]
+        lse2 = _lse2(lse_ref[g, qs])
+        delta = delta_ref[g, qs]
+        pos_mask = None
+        if masked:
+            pos_mask = _block_mask(st, q_start + jnp.arange(block_q), k_pos, causal=True, length=False)
+        qseg = qseg_ref[qs] if st.has_seg else None
+        bias = None
+        if st.bias_kind:
+            gb = g if bias_heads > 1 else 0
+            bias = bias_ref[gb, slice(None) if st.bias_bcast[2] else qs, :]
+        s = _scores(st, q, k, qseg, kseg, bias, pos_mask)
+        p = jnp.exp2(s - lse2[:, None])
+        dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True, precision=st.precision)
+        dp = pl.dot(do, v, trans_b=True, precision=st.precision)
+        ds = p * (dp - delta[:, None])
+        dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True, precision=st.precision)
+        return dk, dv
+
+    lo, first_full, n_q = _q_range(st, k_start, block_q, block_k)
+
+    def group_body(g, carry):
+        carry = lax.fori_loop(lo, first_full, functools.partial(body, g=g, masked=True), carry)
+        return lax.fori_loop(first_full, n_q, functools.partial(body, g=g, masked=False), carry)
+
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dk, dv = lax.fori_loop(0, st.groups, group_body, carry)
+    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg):
+    cfg = st.cfg
+    bq, bk = _blocks(st, cfg.block_q_dkv, cfg.block_k_dkv)
+    batch, _, hkv, d = k.shape
+    dv_ = v.shape[-1]
+    g = st.groups
+    in_specs = [
+        pl.BlockSpec((None, st.q_pad, g, d), lambda j, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, bk, None, d), lambda j, b, h: (b, j, h, 0)),
+        pl.BlockSpec((None, bk, None, dv_), lambda j, b, h: (b, j, h, 0)),
+        pl.BlockSpec((None, st.q_pad, g, dv_), lambda j, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, g, st.q_pad), lambda j, b, h: (b, h, 0)),
+        pl.BlockSpec((None, g, st.q_pad), lambda j, b, h: (b, h, 0)),
+    ]
+    args = [q, k, v, do, lse, delta]
+    if st.has_seg:
+        in_specs += [pl.BlockSpec((None, st.q_pad), lambda j, b, h: (b, 0)),
+                     pl.BlockSpec((None, bk), lambda j, b, h: (b, j))]
+        args += [qseg, kseg]
+    if st.bias_kind:
+        bb, bh, bbq, bbk = st.bias_bcast
+        blk = (None, 1 if bh else g, 1 if bbq else st.q_pad, 1 if bbk else bk)
+        in_specs.append(pl.BlockSpec(
+            blk, lambda j, b, h: (0 if bb else b, 0 if bh else h, 0, 0 if bbk else j)))
+        args.append(bias)
+    call = _common.pallas_call(
+        functools.partial(_dkdv_kernel, st=st, block_q=bq, block_k=bk),
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        grid=(st.kv_pad // bk, batch, hkv), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, bk, None, d), lambda j, b, h: (b, j, h, 0)),
+                   pl.BlockSpec((None, bk, None, dv_), lambda j, b, h: (b, j, h, 0))],
+        num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd,
+        interpret=st.interpret, name="jaxattn_flash_dkdv")
+    return call(*args)
+
+
+# ----------------------------------------------------------------------------
+# custom_vjp and the padded entry point.
+# ----------------------------------------------------------------------------
+
+
+def _blocks(st: _Static, block_q: int, block_k: int) -> tuple[int, int]:
+    """Tiles shrunk to the (padded) lengths; both divide the padded lengths."""
+    return min(block_q, st.q_pad), min(block_k, st.kv_pad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(st: _Static, q, k, v, bias, qseg, kseg):
+    return _fwd_call(st, q, k, v, bias, qseg, kseg)
+
+
+def _flash_fwd(st, q, k, v, bias, qseg, kseg):
+    o, lse = _fwd_call(st, q, k, v, bias, qseg, kseg)
+    return (o, lse), (q, k, v, bias, qseg, kseg, o, lse)
+
+
+def _flash_bwd(st, res, cts):
+    q, k, v, bias, qseg, kseg, o, lse = res
+    do, dlse = cts
+    # delta_i = sum_d dO_id O_id; an lse cotangent adds p * dlse to ds.
+    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
+    delta = delta - dlse.astype(jnp.float32)
+    do = do.astype(q.dtype)
+    dq = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg)
+    dk, dv = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg)
+    # No gradient flows to the bias/mask or the segment ids (None = zero cotangent).
+    return dq, dk, dv, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    bias: jax.Array | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    config: FlashConfig | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Flash attention kernel on already-validated inputs.
+
+    Args:
+      q: ``[B, Sq, Hq, D]``; k: ``[B, Sk, Hkv, D]``; v: ``[B, Sk, Hkv, Dv]``,
+        with ``Hkv`` dividing ``Hq``; one floating dtype.
+      bias: rank-4 array broadcastable to ``[B, Hq, Sq, Sk]`` (each dim full or 1);
+        floating = additive, bool = keep-mask. No gradient flows to it.
+      q_segment_ids, kv_segment_ids: int ``[B, Sq]`` / ``[B, Sk]``; keys attend only
+        within the same segment.
+      config: tile sizes; defaults to the table entry for (head dim, dtype).
+      interpret: run in interpret mode; None picks it when no GPU is present.
+
+    Returns:
+      ``out [B, Sq, Hq, Dv]`` in the input dtype and ``lse [B, Sq, Hq]`` (fp32,
+      natural log, ``-inf`` for rows with no visible key, whose output is zero).
+    """
+    batch, q_len, hq, d = q.shape
+    kv_len, hkv = k.shape[1], k.shape[2]
+    dv = v.shape[-1]
+    cfg = config or flash_config(max(d, dv), q.dtype)
+    scale = float(1.0 / math.sqrt(d) if scale is None else scale)
+
+    d_pad, dv_pad = max(16, _common.next_pow2(d)), max(16, _common.next_pow2(dv))
+    q_block = min(max(cfg.block_q, cfg.block_q_dq, cfg.block_q_dkv), max(16, _common.next_pow2(q_len)))
+    k_block = min(max(cfg.block_k, cfg.block_k_dq, cfg.block_k_dkv), max(16, _common.next_pow2(kv_len)))
+    q_pad, kv_pad = _common.round_up(q_len, q_block), _common.round_up(kv_len, k_block)
+
+    has_seg = q_segment_ids is not None
+    qseg = kseg = None
+    if has_seg:
+        qseg = _common.pad_axis(q_segment_ids.astype(jnp.int32), 1, q_pad, -1)
+        kseg = _common.pad_axis(kv_segment_ids.astype(jnp.int32), 1, kv_pad, -2)
+
+    bias_kind, bcast = None, (True, True, True, True)
+    if bias is not None:
+        bias_kind = "bool" if bias.dtype == jnp.bool_ else "add"
+        if bias_kind == "bool":
+            bias = bias.astype(jnp.int8)
+        bcast = tuple(s == 1 for s in bias.shape)
+        if not bcast[2]:
+            bias = _common.pad_axis(bias, 2, q_pad)
+        if not bcast[3]:
+            bias = _common.pad_axis(bias, 3, kv_pad)
+
+    st = _Static(
+        scale=scale, causal=bool(causal), q_len=q_len, kv_len=kv_len, q_pad=q_pad, kv_pad=kv_pad,
+        groups=hq // hkv, has_seg=has_seg, bias_kind=bias_kind, bias_bcast=bcast, cfg=cfg,
+        interpret=interpret,
+        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+    )
+    qp = _common.pad_axis(_common.pad_axis(q, 1, q_pad), 3, d_pad)
+    kp = _common.pad_axis(_common.pad_axis(k, 1, kv_pad), 3, d_pad)
+    vp = _common.pad_axis(_common.pad_axis(v, 1, kv_pad), 3, dv_pad)
+    o, lse = _flash(st, qp, kp, vp, bias, qseg, kseg)
+    return o[:, :q_len, :, :dv], jnp.swapaxes(lse[:, :, :q_len], 1, 2)

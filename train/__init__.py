@@ -1,0 +1,1 @@
+"""Training loops and train scripts (``jaxattn.train``)."""
