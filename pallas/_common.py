@@ -16,6 +16,9 @@ from jax.experimental.pallas import triton as pltriton
 
 _state = threading.local()
 
+# Triton-backend 2D dot with transpose flags (moved from ``pl`` to ``pallas.triton``).
+dot = getattr(pltriton, "dot", None) or pl.dot
+
 
 def interpret_default() -> bool:
     """True when no GPU backend is present, so kernels must run interpreted."""

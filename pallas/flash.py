@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxattn.pallas import _common
+from jaxattn.pallas._common import dot
 
 LOG2E = math.log2(math.e)
 NEG_INF = float("-inf")
@@ -112,7 +113,7 @@ def _block_mask(st: _Static, q_pos, k_pos, *, causal: bool, length: bool):
 
 def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask):
     """Base-2 logits ``log2(e) * (scale * q k^T + bias)`` with masked entries at -inf."""
-    s = pl.dot(q, k, trans_b=True, precision=st.precision) * (st.scale * LOG2E)
+    s = dot(q, k, trans_b=True, precision=st.precision) * (st.scale * LOG2E)
     mask = pos_mask
     if st.bias_kind == "add":
         s = s + bias.astype(jnp.float32) * LOG2E
@@ -186,10 +187,10 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
         alpha = jnp.exp2(m - m_safe)
         p = jnp.exp2(s - m_safe[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v, precision=st.precision)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=st.precision)
         return acc, m_new, l
 
-    acc = jnp.zeros((block_q, q.shape[-1]), jnp.float32)
+    acc = jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32)
     m = jnp.full((block_q,), NEG_INF, jnp.float32)
     l = jnp.zeros((block_q,), jnp.float32)
     n_full, hi = _kv_range(st, q_start, block_q, block_k)
@@ -277,9 +278,9 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
         bias = _load_bias(st, bias_ref, slice(None), ks) if st.bias_kind else None
         s = _scores(st, q, k, qseg, kseg, bias, pos_mask)
         p = jnp.exp2(s - lse2[:, None])
-        dp = pl.dot(do, v, trans_b=True, precision=st.precision)
+        dp = dot(do, v, trans_b=True, precision=st.precision)
         ds = p * (dp - delta[:, None])
-        return dq + pl.dot(ds.astype(k.dtype), k, precision=st.precision)
+        return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
 
     dq = jnp.zeros(q.shape, jnp.float32)
     n_full, hi = _kv_range(st, q_start, block_q, block_k)
@@ -379,10 +380,10 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
             bias = bias_ref[gb, slice(None) if st.bias_bcast[2] else qs, :]
         s = _scores(st, q, k, qseg, kseg, bias, pos_mask)
         p = jnp.exp2(s - lse2[:, None])
-        dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True, precision=st.precision)
-        dp = pl.dot(do, v, trans_b=True, precision=st.precision)
+        dv = dv + dot(p.astype(do.dtype), do, trans_a=True, precision=st.precision)
+        dp = dot(do, v, trans_b=True, precision=st.precision)
         ds = p * (dp - delta[:, None])
-        dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True, precision=st.precision)
+        dk = dk + dot(ds.astype(q.dtype), q, trans_a=True, precision=st.precision)
         return dk, dv
 
     lo, first_full, n_q = _q_range(st, k_start, block_q, block_k)
