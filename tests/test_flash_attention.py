@@ -17,6 +17,8 @@ from jaxattn.reference import attention_reference
 
 SMALL = flash.FlashConfig(32, 16, 4, 2, 32, 16, 16, 32, 4, 2)  # many blocks on short sequences
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+# jit-compiled so interpret-mode kernels compile once per test instead of dispatching op by op
+attn = jax.jit(jaxattn.attention, static_argnames=("causal", "scale", "impl", "return_lse"))
 
 
 def _case(seed: int) -> dict:
@@ -70,8 +72,8 @@ def test_random_shapes_forward_and_grads(seed):
     c = _case(seed)
     q, k, v, seg, key = _inputs(c)
     with poison_outputs():
-        out, lse = _kernel(c, q, k, v, seg)
-    ref_out, ref_lse = _oracle(c, q, k, v, seg)
+        out, lse = jax.jit(lambda *a: _kernel(c, *a, seg))(q, k, v)
+    ref_out, ref_lse = jax.jit(lambda *a: _oracle(c, *a, seg))(q, k, v)
     assert out.dtype == q.dtype and out.shape == ref_out.shape and lse.shape == ref_lse.shape
     assert_close(out, ref_out, c["dtype"], f"out {c}")
     assert_close(lse, ref_lse, jnp.float32 if c["dtype"] == jnp.float32 else c["dtype"], f"lse {c}")
@@ -79,8 +81,8 @@ def test_random_shapes_forward_and_grads(seed):
     w_o = jax.random.normal(key, ref_out.shape)
     w_l = jax.random.normal(jax.random.fold_in(key, 1), ref_lse.shape)
     with poison_outputs():
-        grads = jax.grad(_loss(lambda *a: _kernel(c, *a, seg), w_o, w_l), (0, 1, 2))(q, k, v)
-    ref_grads = jax.grad(_loss(lambda *a: _oracle(c, *a, seg), w_o, w_l), (0, 1, 2))(q, k, v)
+        grads = jax.jit(jax.grad(_loss(lambda *a: _kernel(c, *a, seg), w_o, w_l), (0, 1, 2)))(q, k, v)
+    ref_grads = jax.jit(jax.grad(_loss(lambda *a: _oracle(c, *a, seg), w_o, w_l), (0, 1, 2)))(q, k, v)
     for name, g, rg in zip("qkv", grads, ref_grads):
         assert g.dtype == q.dtype
         assert_close(g, rg, c["dtype"], f"d{name} {c}", tol=GRAD_TOL)
@@ -104,14 +106,14 @@ def test_public_op_matches_jax_nn(dtype, causal):
     v = randn(ks[2], (2, 101, 2, 64), dtype)
     expected = _jax_nn(q, k, v, causal)
     with poison_outputs():
-        out = jaxattn.attention(q, k, v, causal=causal, impl="pallas")
+        out = attn(q, k, v, causal=causal, impl="pallas")
     assert_close(out, expected, dtype, "pallas vs jax.nn")
-    assert_close(jaxattn.attention(q, k, v, causal=causal, impl="xla"), expected, dtype, "xla vs jax.nn")
+    assert_close(attn(q, k, v, causal=causal, impl="xla"), expected, dtype, "xla vs jax.nn")
 
     def grads(f):
-        return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) ** 2), (0, 1, 2))(q, k, v)
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) ** 2), (0, 1, 2)))(q, k, v)
 
-    g_kernel = grads(lambda *a: jaxattn.attention(*a, causal=causal, impl="pallas"))
+    g_kernel = grads(lambda *a: attn(*a, causal=causal, impl="pallas"))
     g_nn = grads(lambda *a: _jax_nn(*a, causal))
     for name, a, b in zip("qkv", g_kernel, g_nn):
         assert_close(a, b, dtype, f"d{name} vs jax.nn", tol=GRAD_TOL)
@@ -132,7 +134,7 @@ def test_masks_and_bias(mask_shape, kind):
     else:
         mask = jax.random.bernoulli(ks[3], 0.6, mask_shape).at[..., 0].set(True)
     with poison_outputs():
-        out = jaxattn.attention(q, k, v, mask=mask, impl="pallas")
+        out = attn(q, k, v, mask=mask, impl="pallas")
     full = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     expected = jax.nn.dot_product_attention(
         q, k, v, bias=full if kind == "add" else None, mask=full if kind == "bool" else None,
@@ -140,9 +142,10 @@ def test_masks_and_bias(mask_shape, kind):
     assert_close(out, expected, jnp.float32, f"mask {mask_shape} {kind}")
 
     def loss(impl):
-        return lambda q, k, v: jnp.sum(jnp.sin(jaxattn.attention(q, k, v, mask=mask, impl=impl)))
+        return lambda q, k, v: jnp.sum(jnp.sin(attn(q, k, v, mask=mask, impl=impl)))
 
-    for a, b in zip(jax.grad(loss("pallas"), (0, 1, 2))(q, k, v), jax.grad(loss("xla"), (0, 1, 2))(q, k, v)):
+    grads = [jax.jit(jax.grad(loss(impl), (0, 1, 2)))(q, k, v) for impl in ("pallas", "xla")]
+    for a, b in zip(*grads):
         assert_close(a, b, jnp.float32, "mask grads", tol=GRAD_TOL)
 
 
@@ -153,19 +156,19 @@ def test_fully_masked_rows_are_zero_not_nan():
     v = randn(ks[2], (1, 20, 2, 32), jnp.bfloat16)
     # causal with q_len > kv_len: the first 28 query rows see no key
     with poison_outputs():
-        out, lse = jaxattn.attention(q, k, v, causal=True, impl="pallas", return_lse=True)
+        out, lse = jax.jit(lambda *a: attn(*a, causal=True, impl="pallas", return_lse=True))(q, k, v)
     assert not jnp.isnan(out.astype(jnp.float32)).any()
     assert (out[:, :28] == 0).all() and (out[:, 28:] != 0).any()
     assert jnp.isneginf(lse[:, :28]).all() and jnp.isfinite(lse[:, 28:]).all()
     ref_out, _ = attention_reference(q, k, v, causal=True)
     assert_close(out, ref_out, jnp.bfloat16)
-    g = jax.grad(lambda q, k, v: jnp.sum(jaxattn.attention(q, k, v, causal=True, impl="pallas")
-                                         .astype(jnp.float32)), (0, 1, 2))(q, k, v)
+    g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v, causal=True, impl="pallas")
+                                                 .astype(jnp.float32)), (0, 1, 2)))(q, k, v)
     assert all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in g)
     assert (g[0][:, :28] == 0).all()
     # a -inf bias row and a bool mask row behave the same way
     mask = jnp.ones((1, 1, 48, 20), bool).at[:, :, 5].set(False)
-    out2 = jaxattn.attention(q, k, v, mask=mask, impl="pallas")
+    out2 = attn(q, k, v, mask=mask, impl="pallas")
     assert (out2[:, 5] == 0).all() and not jnp.isnan(out2.astype(jnp.float32)).any()
 
 
@@ -174,7 +177,7 @@ def test_segment_ids_single_array_equals_block_diagonal():
     q, k, v = (randn(kk, (2, 50, 2, 64), jnp.float16) for kk in ks)
     seg = jnp.array([[0] * 20 + [1] * 30, [0] * 7 + [1] * 40 + [2] * 3])
     with poison_outputs():
-        out = jaxattn.attention(q, k, v, segment_ids=seg, causal=True, impl="pallas")
+        out = attn(q, k, v, segment_ids=seg, causal=True, impl="pallas")
     # packed sequences: each segment alone gives the same rows
     for b, (lo, hi) in [(0, (0, 20)), (0, (20, 50)), (1, (7, 47)), (1, (47, 50))]:
         alone = attention_reference(q[b:b + 1, lo:hi], k[b:b + 1, lo:hi], v[b:b + 1, lo:hi], causal=True)[0]
@@ -185,16 +188,16 @@ def test_auto_uses_xla_on_cpu_and_scale():
     ks = jax.random.split(jax.random.PRNGKey(4), 3)
     q, k, v = (randn(kk, (1, 33, 2, 40), jnp.float32) for kk in ks)
     if jax.default_backend() != "gpu":
-        np.testing.assert_array_equal(jaxattn.attention(q, k, v, scale=0.3),
-                                      jaxattn.attention(q, k, v, scale=0.3, impl="xla"))
+        np.testing.assert_array_equal(attn(q, k, v, scale=0.3),
+                                      attn(q, k, v, scale=0.3, impl="xla"))
     expected = jax.nn.dot_product_attention(q, k, v, scale=0.3, implementation="xla")
-    assert_close(jaxattn.attention(q, k, v, scale=0.3, impl="pallas"), expected, jnp.float32)
+    assert_close(attn(q, k, v, scale=0.3, impl="pallas"), expected, jnp.float32)
 
 
 def test_jit_and_vmap():
     ks = jax.random.split(jax.random.PRNGKey(5), 3)
     q, k, v = (randn(kk, (3, 1, 24, 2, 32), jnp.float32) for kk in ks)
-    f = jax.jit(jax.vmap(lambda q, k, v: jaxattn.attention(q, k, v, causal=True, impl="pallas")))
+    f = jax.jit(jax.vmap(lambda q, k, v: attn(q, k, v, causal=True, impl="pallas")))
     expected = jax.vmap(lambda q, k, v: attention_reference(q, k, v, causal=True)[0])(q, k, v)
     assert_close(f(q, k, v), expected, jnp.float32)
 
@@ -205,6 +208,6 @@ def test_head_dim_256_and_unequal_value_dim():
     k = randn(ks[1], (1, 40, 1, 256), jnp.bfloat16)
     v = randn(ks[2], (1, 40, 1, 96), jnp.bfloat16)
     with poison_outputs():
-        out = jaxattn.attention(q, k, v, causal=True, impl="pallas")
+        out = attn(q, k, v, causal=True, impl="pallas")
     assert out.shape == (1, 40, 2, 96)
     assert_close(out, attention_reference(q, k, v, causal=True)[0], jnp.bfloat16)

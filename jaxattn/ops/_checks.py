@@ -41,10 +41,12 @@ def check_same_dtype(**arrays: jax.Array) -> None:
         raise ValueError(f"{', '.join(dtypes)} must share one dtype, got {dtypes}")
 
 
-def check_dim(name: str, x: jax.Array, axis: int, expected: int, what: str) -> None:
+def check_dim(name: str, x: jax.Array, axis: int, expected: int, what: str, source: str = "") -> None:
+    """``x.shape[axis]`` must equal ``expected`` (taken from ``source``, e.g. "q")."""
     if x.shape[axis] != expected:
-        raise ValueError(
-            f"{name} has {what} {x.shape[axis]} (shape {tuple(x.shape)}); expected {expected}")
+        src = f" ({source}'s)" if source else ""
+        raise ValueError(f"{name} has {what} {x.shape[axis]} at axis {axis} (shape {tuple(x.shape)}); "
+                         f"expected {expected}{src}")
 
 
 def check_broadcastable(name: str, x: jax.Array, target: tuple[int, ...], layout: str) -> tuple[int, ...]:

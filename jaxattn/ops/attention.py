@@ -61,12 +61,12 @@ def attention(
     _checks.check_float_dtype("q", q, (*_checks.FLOAT_DTYPES, jnp.float64))
     _checks.check_same_dtype(q=q, k=k, v=v)
     batch, q_len, hq, d = q.shape
-    _checks.check_dim("k", k, 0, batch, "batch size")
-    _checks.check_dim("v", v, 0, batch, "batch size")
+    _checks.check_dim("k", k, 0, batch, "batch size", "q")
+    _checks.check_dim("v", v, 0, batch, "batch size", "q")
     kv_len, hkv = k.shape[1], k.shape[2]
-    _checks.check_dim("v", v, 1, kv_len, "kv length (axis 1, must equal k's)")
-    _checks.check_dim("v", v, 2, hkv, "kv heads (axis 2, must equal k's)")
-    _checks.check_dim("k", k, 3, d, "head dim (axis 3, must equal q's)")
+    _checks.check_dim("v", v, 1, kv_len, "kv length", "k")
+    _checks.check_dim("v", v, 2, hkv, "kv heads", "k")
+    _checks.check_dim("k", k, 3, d, "head dim", "q")
     if hq % hkv:
         raise ValueError(f"k has {hkv} kv heads, which must divide q's {hq} heads (GQA/MQA)")
     if q_len == 0 or kv_len == 0:
