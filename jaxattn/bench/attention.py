@@ -1,0 +1,141 @@
+"""Softmax attention benchmark: jaxattn's flash kernel against its peers.
+
+Peers, all in this process: the XLA reference (``impl="xla"``),
+``jax.nn.dot_product_attention(implementation="cudnn")``, JAX's bundled Pallas
+``mha`` and PyTorch ``scaled_dot_product_attention`` (flash backend) when torch
+with CUDA is importable. A peer that cannot run a configuration is reported with
+the reason instead of a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import jaxattn
+from jaxattn.bench.timing import time_jax, time_torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int
+    seq: int
+    heads: int
+    head_dim: int
+    causal: bool
+    dtype: str
+    mode: str  # "fwd" or "fwd+bwd"
+
+    @property
+    def flops(self) -> float:
+        f = 4.0 * self.batch * self.heads * self.seq * self.seq * self.head_dim
+        if self.causal:
+            f /= 2
+        return f * (3.5 if self.mode == "fwd+bwd" else 1.0)
+
+
+def gpu_cases(seqs, head_dims, causals, dtypes, modes, tokens: int = 16384, model_dim: int = 2048):
+    """Sweep with B*S = ``tokens`` and H*D = ``model_dim`` (fills the GPU at every S)."""
+    for s, d, c, dt, m in itertools.product(seqs, head_dims, causals, dtypes, modes):
+        yield Case(max(1, tokens // s), s, model_dim // d, d, c, dt, m)
+
+
+def smoke_cases():
+    for c, m in itertools.product([False, True], ["fwd", "fwd+bwd"]):
+        yield Case(1, 128, 2, 64, c, "float32", m)
+
+
+def _inputs(case: Case):
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    shape = (case.batch, case.seq, case.heads, case.head_dim)
+    dt = jnp.dtype(case.dtype)
+    return tuple(jax.random.normal(k, shape, jnp.float32).astype(dt) for k in ks)
+
+
+def _jax_fn(attn: Callable[..., jax.Array], mode: str) -> Callable[..., Any]:
+    if mode == "fwd":
+        return jax.jit(lambda q, k, v, do: attn(q, k, v))
+
+    def fwd_bwd(q, k, v, do):
+        out, vjp = jax.vjp(attn, q, k, v)
+        return out, vjp(do)
+
+    return jax.jit(fwd_bwd)
+
+
+def _peers(case: Case, interpret: bool) -> dict[str, Callable[..., jax.Array]]:
+    scale = 1.0 / math.sqrt(case.head_dim)
+    c = case.causal
+    peers: dict[str, Callable[..., jax.Array]] = {
+        "jaxattn": lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="pallas"),
+        "xla": lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="xla"),
+    }
+    if not interpret:
+        peers["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=c, scale=scale, implementation="cudnn")
+    try:
+        from jax.experimental.pallas.ops.gpu import attention as jax_pallas
+
+        peers["jax-pallas"] = lambda q, k, v: jax_pallas.mha(
+            q, k, v, None, sm_scale=scale, causal=c, interpret=interpret)
+    except Exception:  # noqa: BLE001 - the bundled kernel moved or is missing
+        pass
+    return peers
+
+
+def _torch_peer(case: Case):
+    """PyTorch SDPA with the flash backend, or None when torch/CUDA is unavailable."""
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        import torch.nn.functional as F
+    except Exception:  # noqa: BLE001
+        return None
+    if not torch.cuda.is_available() or case.dtype == "float32":
+        return None
+    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[case.dtype]
+    shape = (case.batch, case.heads, case.seq, case.head_dim)
+    q, k, v, do = (torch.randn(shape, device="cuda", dtype=dt, requires_grad=True) for _ in range(4))
+
+    def run():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+            if case.mode == "fwd+bwd":
+                torch.autograd.grad(out, (q, k, v), do)
+        return out
+
+    return run
+
+
+def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True) -> list[dict]:
+    """Times every case with every peer; returns one record per (case, peer)."""
+    from tqdm import tqdm
+
+    records = []
+    cases = list(cases)
+    for case in tqdm(cases, desc="attention", disable=not progress, unit="case"):
+        args = _inputs(case)
+        for name, attn in _peers(case, interpret).items():
+            rec = {**dataclasses.asdict(case), "impl": name}
+            try:
+                t = time_jax(_jax_fn(attn, case.mode), *args, warmup=warmup, runs=runs)
+                rec.update(ms=t.median_ms, tflops=case.flops / (t.median_ms * 1e-3) / 1e12)
+            except Exception as e:  # noqa: BLE001 - a peer that can't run this case
+                rec.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            records.append(rec)
+        torch_fn = _torch_peer(case)
+        if torch_fn is not None:
+            rec = {**dataclasses.asdict(case), "impl": "torch-sdpa-flash"}
+            try:
+                t = time_torch(torch_fn, warmup=warmup, runs=runs)
+                rec.update(ms=t.median_ms, tflops=case.flops / (t.median_ms * 1e-3) / 1e12)
+            except Exception as e:  # noqa: BLE001
+                rec.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            records.append(rec)
+    return records
