@@ -1,5 +1,6 @@
 """Plain jnp references written from the math, computed in fp32: the test oracles."""
 
 from jaxattn.reference.attention import attention_reference
+from jaxattn.reference.lightning import lightning_recurrent, lightning_reference
 
-__all__ = ["attention_reference"]
+__all__ = ["attention_reference", "lightning_recurrent", "lightning_reference"]

@@ -1,0 +1,119 @@
+"""``jaxattn.lightning_attention``: causal linear attention with per-head decay
+(Lightning Attention-2, the TransNormerLLM token mixer), and its decode step."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxattn.ops import _checks
+from jaxattn.pallas import lightning as _kernel
+from jaxattn.reference.lightning import lightning_reference
+
+
+def _check_slope(slope: jax.Array, heads: int) -> None:
+    _checks.check_array("slope", slope, "[heads]")
+    if tuple(slope.shape) != (heads,):
+        raise ValueError(f"slope must have shape [heads] = ({heads},), got {tuple(slope.shape)}")
+    if not jnp.issubdtype(slope.dtype, jnp.floating):
+        raise ValueError(f"slope must be floating, got {jnp.dtype(slope.dtype).name}")
+    if not isinstance(slope, jax.core.Tracer):
+        s = np.asarray(slope, np.float32)
+        if not (np.isfinite(s).all() and (s >= 0).all()):
+            raise ValueError(f"slope must be finite and >= 0 (decay = exp(-slope) <= 1), got {s.tolist()}")
+
+
+def _check_state(state: jax.Array, shape: tuple[int, ...], name: str) -> None:
+    _checks.check_array(name, state, "[batch, heads, head_dim, v_head_dim]")
+    if tuple(state.shape) != shape:
+        raise ValueError(f"{name} must have shape [batch, heads, head_dim, v_head_dim] = {shape}, "
+                         f"got {tuple(state.shape)}")
+    if not jnp.issubdtype(state.dtype, jnp.floating):
+        raise ValueError(f"{name} must be floating, got {jnp.dtype(state.dtype).name}")
+
+
+def lightning_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slope: jax.Array,
+    *,
+    initial_state: jax.Array | None = None,
+    return_state: bool = False,
+    impl: Literal["auto", "pallas", "xla"] = "auto",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """``o_i = sum_{j<=i} exp(-slope (i-j)) (q_i . k_j) v_j`` per head.
+
+    No softmax, no 1/sqrt(d) scaling and no normaliser (as the reference code).
+
+    Args:
+      q, k: ``[batch, seq, heads, head_dim]``.
+      v: ``[batch, seq, heads, v_head_dim]`` (may differ from head_dim).
+      slope: ``[heads]``, the decay rate s >= 0; the decay is ``exp(-s)``, s = 0 is plain
+        causal linear attention. No gradient flows to it.
+      initial_state: ``[batch, heads, head_dim, v_head_dim]``, the state before the first
+        token (chunked prefill, sequence parallelism); zeros if None. Differentiable.
+      return_state: also return the final state (fp32), differentiable.
+      impl: ``"pallas"`` (Lightning Attention-2 kernel; interpret mode without a GPU),
+        ``"xla"`` (dense reference), ``"auto"`` (kernel on GPU).
+
+    Returns ``out [batch, seq, heads, v_head_dim]`` in q's dtype (and the final state).
+    """
+    _checks.check_impl(impl)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.check_rank(name, x, 4, "[batch, seq, heads, head_dim]")
+    _checks.check_float_dtype("q", q)
+    _checks.check_same_dtype(q=q, k=k, v=v)
+    b, n, h, d = q.shape
+    for name, x in (("k", k), ("v", v)):
+        _checks.check_dim(name, x, 0, b, "batch size", "q")
+        _checks.check_dim(name, x, 1, n, "sequence length", "q")
+        _checks.check_dim(name, x, 2, h, "heads", "q")
+    _checks.check_dim("k", k, 3, d, "head dim", "q")
+    e = v.shape[-1]
+    if n == 0:
+        raise ValueError("q needs at least one position, got seq = 0")
+    if max(d, e) > _kernel.MAX_HEAD_DIM:
+        raise ValueError(f"head dims must be <= {_kernel.MAX_HEAD_DIM}, got head_dim={d}, v_head_dim={e}")
+    _check_slope(slope, h)
+    if initial_state is not None:
+        _check_state(initial_state, (b, h, d, e), "initial_state")
+
+    if impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu"):
+        out, state = _kernel.lightning_attention_kernel(q, k, v, slope, initial_state)
+    else:
+        out, state = lightning_reference(q, k, v, lax.stop_gradient(slope), initial_state)
+        out = out.astype(q.dtype)
+    return (out, state) if return_state else out
+
+
+def lightning_attention_step(
+    q: jax.Array, k: jax.Array, v: jax.Array, slope: jax.Array, state: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """One decode step, O(1) in the sequence length: ``state' = exp(-slope) state + k^T v``,
+    ``o = q state'``.
+
+    q, k ``[batch, heads, head_dim]``; v ``[batch, heads, v_head_dim]``; state
+    ``[batch, heads, head_dim, v_head_dim]`` (fp32). Returns ``(o [batch, heads, v_head_dim]``
+    in q's dtype, ``state')``.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.check_rank(name, x, 3, "[batch, heads, head_dim]")
+    b, h, d = q.shape
+    _checks.check_dim("k", k, 0, b, "batch size", "q")
+    _checks.check_dim("k", k, 1, h, "heads", "q")
+    _checks.check_dim("k", k, 2, d, "head dim", "q")
+    _checks.check_dim("v", v, 0, b, "batch size", "q")
+    _checks.check_dim("v", v, 1, h, "heads", "q")
+    _check_slope(slope, h)
+    _check_state(state, (b, h, d, v.shape[-1]), "state")
+    lam = jnp.exp(-slope.astype(jnp.float32))[None, :, None, None]
+    hp = lax.Precision.HIGHEST
+    state = lam * state.astype(jnp.float32) + jnp.einsum(
+        "bhd,bhe->bhde", k.astype(jnp.float32), v.astype(jnp.float32), precision=hp)
+    out = jnp.einsum("bhd,bhde->bhe", q.astype(jnp.float32), state, precision=hp)
+    return out.astype(q.dtype), state
