@@ -79,6 +79,12 @@ def _decays(s, block: int, rem: int):
     return q_dec, k_dec, intra, jnp.exp(-s * float(rem))
 
 
+def _rows(t, block: int):
+    """Row slice of block ``t`` (a Python int for the peeled last block, else traced)."""
+    start = t * block
+    return pl.ds(start if isinstance(start, int) else pl.multiple_of(start, block), block)
+
+
 def _fwd_kernel(s_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sf_ref, *, st: _Static):
     s = s_ref[...]  # (1,)
     full = _decays(s, st.block, st.block)
@@ -86,7 +92,7 @@ def _fwd_kernel(s_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sf_ref, *, st: _Stati
 
     def body(t, state, dec):
         q_dec, k_dec, intra, blk_dec = dec
-        rows = pl.ds(pl.multiple_of(t * st.block, st.block), st.block)
+        rows = _rows(t, st.block)
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
         scores = dot(q, k, trans_b=True, precision=st.precision) * intra
         o = dot(scores.astype(v.dtype), v, precision=st.precision)
@@ -106,7 +112,7 @@ def _dq_kernel(s_ref, k_ref, v_ref, do_ref, s0_ref, dq_ref, *, st: _Static):
 
     def body(t, state):
         q_dec, k_dec, intra, blk_dec = full
-        rows = pl.ds(pl.multiple_of(t * st.block, st.block), st.block)
+        rows = _rows(t, st.block)
         k, v, do = k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
         dp = dot(do, v, trans_b=True, precision=st.precision) * intra
         dq = dot(dp.astype(k.dtype), k, precision=st.precision)
@@ -128,7 +134,7 @@ def _dkv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, dsf_ref, dk_ref, dv_ref, ds0
     blk_dec = jnp.exp(-s * float(st.block))
 
     def body(t, g, dsf_term):
-        rows = pl.ds(pl.multiple_of(t * st.block, st.block), st.block)
+        rows = _rows(t, st.block)
         q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
         # intra-block: dK = [(dO V^T) * D]^T Q, dV = [(Q K^T) * D]^T dO
         dpt = dot(v, do, trans_b=True, precision=st.precision) * intra_t  # (dO V^T)^T * D^T

@@ -1,0 +1,158 @@
+"""Lightning Attention-2 kernel (interpret mode) against the dense fp32 oracle and
+the lax.scan recurrence: forward, final state and gradients (q, k, v, initial state)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxattn
+from conftest import GRAD_TOL, assert_close, randn
+from jaxattn.pallas import lightning as lk
+from jaxattn.pallas._common import poison_outputs
+from jaxattn.reference import lightning_recurrent, lightning_reference
+
+
+def tnl_slopes(h: int) -> jax.Array:
+    """ALiBi-style rates: 2^(-8(i+1)/H) for powers of two, interleaved otherwise."""
+    def pow2(n):
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+    p = 1 << (h.bit_length() - 1)
+    return jnp.array(pow2(h) if p == h else pow2(p) + pow2(2 * p)[0::2][: h - p], jnp.float32)
+
+
+def _inputs(seed, b, n, h, d, e, dtype, state=True):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    # scaled so outputs stay O(1..10) for long sequences without decay
+    q = randn(ks[0], (b, n, h, d), jnp.float32) * d ** -0.5
+    k = randn(ks[1], (b, n, h, d), jnp.float32) * d ** -0.5
+    v = randn(ks[2], (b, n, h, e), jnp.float32)
+    s0 = randn(ks[3], (b, h, d, e), jnp.float32) * 0.1 if state else None
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype), s0
+
+
+CASES = [  # block, n, h, d, e, dtype
+    (16, 513, 3, 16, 16, jnp.float32),
+    (32, 913, 12, 32, 48, jnp.float32),
+    (64, 1213, 5, 64, 64, jnp.bfloat16),
+    (128, 513, 20, 128, 32, jnp.float16),
+    (16, 40, 1, 24, 100, jnp.float32),
+    (64, 1, 2, 16, 16, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("block,n,h,d,e,dtype", CASES)
+def test_kernel_matches_oracles(block, n, h, d, e, dtype):
+    q, k, v, s0 = _inputs(block + n, 1, n, h, d, e, dtype)
+    slope = tnl_slopes(h).at[0].set(0.0)  # one head without decay
+    cfg = lk.LightningConfig(block, 4, 2)
+    run = jax.jit(lambda *a: lk.lightning_attention_kernel(*a, config=cfg))
+    with poison_outputs():
+        out, state = run(q, k, v, slope, s0)
+    ref_out, ref_state = jax.jit(lightning_reference)(q, k, v, slope, s0)
+    rec_out, rec_state = jax.jit(lightning_recurrent)(q, k, v, slope, s0)
+    assert out.dtype == dtype and state.dtype == jnp.float32
+    assert_close(rec_out, ref_out, jnp.float32, "scan vs dense oracle", tol={jnp.dtype(jnp.float32): (1e-5, 1e-5)})
+    for name, ro, rs in (("dense", ref_out, ref_state), ("scan", rec_out, rec_state)):
+        assert_close(out, ro, dtype, f"out vs {name}")
+        assert_close(state, rs, dtype, f"state vs {name}")
+
+    kw, ks = jax.random.split(jax.random.PRNGKey(n))
+    w_o, w_s = jax.random.normal(kw, ref_out.shape), jax.random.normal(ks, ref_state.shape)
+
+    def loss(f):
+        def inner(q, k, v, s0):
+            o, s = f(q, k, v, slope, s0)
+            return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(s * w_s)
+        return inner
+
+    with poison_outputs():
+        grads = jax.jit(jax.grad(loss(lambda *a: lk.lightning_attention_kernel(*a, config=cfg)), (0, 1, 2, 3)))(q, k, v, s0)
+    ref_grads = jax.jit(jax.grad(loss(lightning_reference), (0, 1, 2, 3)))(q, k, v, s0)
+    for name, g, rg in zip(["dq", "dk", "dv", "d_initial_state"], grads, ref_grads):
+        assert_close(g, rg, dtype, name, tol=GRAD_TOL)
+
+
+def test_decay_zero_is_plain_causal_linear_attention():
+    q, k, v, _ = _inputs(1, 2, 77, 4, 32, 32, jnp.float32, state=False)
+    out = jaxattn.lightning_attention(q, k, v, jnp.zeros(4), impl="pallas")
+    tri = jnp.tril(jnp.ones((77, 77)))
+    plain = jnp.einsum("bihd,bjhd,ij,bjhe->bihe", q, k, tri, v, precision="highest")
+    assert_close(out, plain, jnp.float32)
+
+
+def test_prefill_then_decode_reproduces_full_forward():
+    b, n, p, h, d, e = 2, 60, 37, 4, 32, 16
+    q, k, v, _ = _inputs(2, b, n, h, d, e, jnp.float32, state=False)
+    slope = tnl_slopes(h)
+    full = jaxattn.lightning_attention(q, k, v, slope, impl="pallas")
+    pre, state = jaxattn.lightning_attention(q[:, :p], k[:, :p], v[:, :p], slope, impl="pallas",
+                                             return_state=True)
+    step = jax.jit(jaxattn.lightning_attention_step)
+    outs = [pre]
+    for t in range(p, n):
+        o, state = step(q[:, t], k[:, t], v[:, t], slope, state)
+        outs.append(o[:, None])
+    assert_close(jnp.concatenate(outs, axis=1), full, jnp.float32, "prefill + decode")
+    # chunked prefill through initial_state gives the same
+    second = jaxattn.lightning_attention(q[:, p:], k[:, p:], v[:, p:], slope, impl="pallas",
+                                         initial_state=jaxattn.lightning_attention(
+                                             q[:, :p], k[:, :p], v[:, :p], slope, impl="pallas",
+                                             return_state=True)[1])
+    assert_close(second, full[:, p:], jnp.float32, "chunked prefill")
+
+
+def test_xla_impl_and_auto():
+    q, k, v, s0 = _inputs(3, 1, 50, 2, 16, 16, jnp.bfloat16)
+    slope = tnl_slopes(2)
+    ref = lightning_recurrent(q, k, v, slope, s0)[0]
+    assert_close(jaxattn.lightning_attention(q, k, v, slope, initial_state=s0, impl="xla"), ref, jnp.bfloat16)
+    if jax.default_backend() != "gpu":
+        assert (jaxattn.lightning_attention(q, k, v, slope, initial_state=s0) ==
+                jaxattn.lightning_attention(q, k, v, slope, initial_state=s0, impl="xla")).all()
+
+
+@pytest.mark.parametrize("key", sorted(lk.CONFIGS))
+def test_every_config_lowers_for_cuda(key):
+    dim, size = key
+    dtypes = [jnp.float32] if size == 4 else [jnp.bfloat16, jnp.float16]
+    for dtype in dtypes:
+        args = [jax.ShapeDtypeStruct((2, 1000, 3, dim), dtype)] * 3 + [
+            jax.ShapeDtypeStruct((3,), jnp.float32), jax.ShapeDtypeStruct((2, 3, dim, dim), jnp.float32)]
+
+        def loss(q, k, v, s, s0):
+            o, st = lk.lightning_attention_kernel(q, k, v, s, s0, interpret=False)
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(st)
+
+        text = jax.jit(jax.grad(loss, (0, 1, 2, 4))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(slope=jnp.zeros(3)), r"slope must have shape \[heads\] = \(4,\)"),
+        (dict(slope=jnp.array([0.1, -0.1, 0.0, 0.2])), r"slope must be finite and >= 0"),
+        (dict(slope=jnp.zeros(4, jnp.int32)), r"slope must be floating"),
+        (dict(initial_state=jnp.zeros((2, 4, 16, 8))), r"initial_state must have shape .* = \(2, 4, 16, 16\)"),
+        (dict(k=jnp.zeros((2, 9, 4, 16))), r"k has sequence length 9"),
+        (dict(k=jnp.zeros((2, 10, 4, 8))), r"k has head dim 8"),
+        (dict(v=jnp.zeros((2, 10, 3, 16))), r"v has heads 3"),
+        (dict(q=jnp.zeros((2, 10, 4))), r"q must have rank 4"),
+        (dict(q=jnp.zeros((2, 10, 4, 16), jnp.int32)), r"q has dtype int32"),
+        (dict(impl="triton"), r"impl must be one of"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    args = dict(q=jnp.zeros((2, 10, 4, 16)), k=jnp.zeros((2, 10, 4, 16)), v=jnp.zeros((2, 10, 4, 16)),
+                slope=jnp.zeros(4))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        jaxattn.lightning_attention(**args)
+
+
+def test_bad_decode_state():
+    q = jnp.zeros((2, 4, 16))
+    with pytest.raises(ValueError, match=r"state must have shape"):
+        jaxattn.lightning_attention_step(q, q, q, jnp.zeros(4), jnp.zeros((2, 4, 16, 15)))
