@@ -1,0 +1,215 @@
+"""TransNormerLLM (TNL) in Flax NNX, on ``jaxattn.lightning_attention``.
+
+Per layer (pre-norm): ``x += Mixer(SRMSNorm(x))``, ``x += SGLU(SRMSNorm(x))``; a final
+SRMSNorm and an LM head. The mixer projects to ``[q, k, v, u]``, applies SiLU to q and k,
+LRPE on the configured layers (``[x cos(n theta), x sin(n theta)]``, doubling the qk head
+dim), lightning attention with a per-head decay ``exp(-s_{h,l})`` where ALiBi slopes are
+scheduled over layers as ``s_h (1 - l/(L-1) + 1e-5)``, then ``out_proj(SRMSNorm(o) * u)``.
+Embeddings are scaled by ``sqrt(dim)`` unless ``no_scale_embedding``.
+
+``model(tokens)`` is the parallel forward (training, prefill); ``generate`` prefills once
+and then decodes with the recurrent state, O(1) per new token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
+
+
+@dataclasses.dataclass(frozen=True)
+class TNLConfig:
+    vocab_size: int = 64000
+    dim: int = 2048
+    layers: int = 16
+    heads: int = 16
+    hidden_dim: int | None = None  # token-mixer width; defaults to dim
+    glu_dim: int = 5632
+    lrpe_layers: tuple[int, ...] = (0,)
+    no_scale_embedding: bool = False
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype; parameters are fp32
+    attn_impl: Literal["auto", "pallas", "xla"] = "auto"
+
+    @property
+    def width(self) -> int:
+        return self.hidden_dim or self.dim
+
+    def __post_init__(self):
+        if self.width % self.heads:
+            raise ValueError(f"hidden_dim {self.width} must be divisible by heads {self.heads}")
+        bad = [i for i in self.lrpe_layers if not 0 <= i < self.layers]
+        if bad:
+            raise ValueError(f"lrpe_layers {bad} out of range for {self.layers} layers")
+
+
+def tnl_slopes(heads: int) -> list[float]:
+    """ALiBi rates ``2^(-8(h+1)/H)``; for non-powers of two, interleaved from 2P."""
+    def pow2(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    p = 1 << (heads.bit_length() - 1)
+    return pow2(heads) if p == heads else pow2(p) + tnl_slopes(2 * p)[0::2][: heads - p]
+
+
+def layer_slopes(heads: int, layer: int, layers: int) -> jax.Array:
+    frac = layer / (layers - 1) if layers > 1 else 0.0
+    return jnp.asarray(tnl_slopes(heads), jnp.float32) * (1.0 - frac + 1e-5)
+
+
+def srms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Simple RMSNorm without weight, computed in fp32."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def _linear(din: int, dout: int, cfg: TNLConfig, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=False, kernel_init=nnx.initializers.normal(cfg.init_std),
+                      dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+
+
+class Lrpe(nnx.Module):
+    """Linearized relative positional encoding with learnable theta ``[heads, head_dim]``."""
+
+    def __init__(self, heads: int, head_dim: int):
+        d = heads * head_dim
+        self.theta = nnx.Param((10000.0 ** (-2.0 / d * jnp.arange(d))).reshape(heads, head_dim))
+
+    def __call__(self, x: jax.Array, offset: jax.Array | int) -> jax.Array:
+        pos = (jnp.arange(x.shape[1]) + offset).astype(jnp.float32)
+        ang = pos[:, None, None] * self.theta[...][None]  # [N, H, d]
+        xf = x.astype(jnp.float32)
+        return jnp.concatenate([xf * jnp.cos(ang), xf * jnp.sin(ang)], axis=-1).astype(x.dtype)
+
+
+class NormLinearAttention(nnx.Module):
+    """The TNL token mixer."""
+
+    def __init__(self, cfg: TNLConfig, layer: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.head_dim = cfg.width // cfg.heads
+        self.qkvu = _linear(cfg.dim, 4 * cfg.width, cfg, rngs)
+        self.out_proj = _linear(cfg.width, cfg.dim, cfg, rngs)
+        self.lrpe = Lrpe(cfg.heads, self.head_dim) if layer in cfg.lrpe_layers else None
+        self.slope = nnx.Variable(layer_slopes(cfg.heads, layer, cfg.layers))  # fixed, not trained
+
+    def __call__(self, x, state=None, offset=0):
+        b, n, _ = x.shape
+        q, k, v, u = jnp.split(self.qkvu(x), 4, axis=-1)
+        q, k, v = (t.reshape(b, n, self.cfg.heads, self.head_dim) for t in (q, k, v))
+        q, k = jax.nn.silu(q), jax.nn.silu(k)
+        if self.lrpe is not None:
+            q, k = self.lrpe(q, offset), self.lrpe(k, offset)
+        slope = jax.lax.stop_gradient(self.slope[...])
+        if state is not None and n == 1:
+            o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, state)
+            o = o[:, None]
+        else:
+            o, state = lightning_attention(q, k, v, slope, initial_state=state, return_state=True,
+                                           impl=self.cfg.attn_impl)
+        o = srms_norm(o.reshape(b, n, self.cfg.width)) * u
+        return self.out_proj(o), state
+
+
+class SGLU(nnx.Module):
+    """``W3((W1 x) * (W2 x))``, no activation."""
+
+    def __init__(self, cfg: TNLConfig, *, rngs: nnx.Rngs):
+        self.l1 = _linear(cfg.dim, cfg.glu_dim, cfg, rngs)
+        self.l2 = _linear(cfg.dim, cfg.glu_dim, cfg, rngs)
+        self.l3 = _linear(cfg.glu_dim, cfg.dim, cfg, rngs)
+
+    def __call__(self, x):
+        return self.l3(self.l1(x) * self.l2(x))
+
+
+class TNLBlock(nnx.Module):
+    def __init__(self, cfg: TNLConfig, layer: int, *, rngs: nnx.Rngs):
+        self.mixer = NormLinearAttention(cfg, layer, rngs=rngs)
+        self.glu = SGLU(cfg, rngs=rngs)
+
+    def __call__(self, x, state=None, offset=0):
+        h, state = self.mixer(srms_norm(x), state, offset)
+        x = x + h
+        return x + self.glu(srms_norm(x)), state
+
+
+class TNL(nnx.Module):
+    """TransNormerLLM causal language model: tokens ``[batch, seq]`` -> logits ``[batch, seq, vocab]``."""
+
+    def __init__(self, cfg: TNLConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, embedding_init=nnx.initializers.normal(cfg.init_std),
+                               dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+        self.blocks = nnx.List([TNLBlock(cfg, i, rngs=rngs) for i in range(cfg.layers)])
+        self.head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
+        self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(cfg.dim)
+
+    def __call__(self, tokens: jax.Array, *, states: list[jax.Array] | None = None,
+                 offset: jax.Array | int = 0, return_states: bool = False):
+        """Parallel forward. ``states``/``offset`` continue from an earlier prefix (one
+        ``[batch, heads, qk_dim, head_dim]`` fp32 state per layer; qk_dim doubles on
+        LRPE layers). With ``return_states`` also returns the states after the last token."""
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be int [batch, seq], got {tokens.dtype} {tuple(tokens.shape)}")
+        x = self.embed(tokens) * self.embed_scale
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            x, st = block(x, None if states is None else states[i], offset)
+            new_states.append(st)
+        x = srms_norm(x)
+        logits = self.embed.attend(x) if self.head is None else self.head(x)
+        logits = logits.astype(jnp.float32)
+        return (logits, new_states) if return_states else logits
+
+
+@nnx.jit
+def _decode_step(model: TNL, token: jax.Array, states: list[jax.Array], offset: jax.Array):
+    logits, states = model(token[:, None], states=states, offset=offset, return_states=True)
+    return logits[:, 0], states
+
+
+def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
+    if temperature <= 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(model: TNL, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, key: jax.Array | None = None,
+             return_logits: bool = False):
+    """Samples ``max_new_tokens`` after ``prompt [batch, p]`` (int). The prompt is prefilled
+    with the parallel forward; each new token is one O(1) recurrent step. ``temperature=0``
+    is greedy. Returns ``tokens [batch, p + max_new_tokens]`` (and the per-step logits)."""
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be int [batch, p] with p >= 1, got shape {tuple(prompt.shape)}")
+    if top_k is not None and not 1 <= top_k <= model.cfg.vocab_size:
+        raise ValueError(f"top_k must be in 1..{model.cfg.vocab_size}, got {top_k}")
+    key = jax.random.PRNGKey(0) if key is None else key
+    prompt = prompt.astype(jnp.int32)
+    logits, states = nnx.jit(lambda m, t: m(t, return_states=True))(model, prompt)
+    last = logits[:, -1]
+    tokens, all_logits = [prompt], []
+    pos = prompt.shape[1]
+    for i in range(max_new_tokens):
+        all_logits.append(last)
+        key, sub = jax.random.split(key)
+        tok = _sample(last, sub, temperature, top_k)
+        tokens.append(tok[:, None])
+        if i + 1 < max_new_tokens:
+            last, states = _decode_step(model, tok, states, jnp.asarray(pos, jnp.int32))
+            pos += 1
+    out = jnp.concatenate(tokens, axis=1)
+    return (out, jnp.stack(all_logits, axis=1)) if return_logits and all_logits else out

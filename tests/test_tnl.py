@@ -1,0 +1,90 @@
+"""TransNormerLLM model: slopes, parallel forward vs recurrent generation, kernel vs XLA."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxattn.models import MODEL_CONFIGS, TNL, create_model, generate, tnl_slopes
+from jaxattn.models.tnl import TNLConfig, layer_slopes, srms_norm
+
+
+def test_slopes_match_alibi_formula():
+    np.testing.assert_allclose(tnl_slopes(8), [2.0 ** -(i + 1) for i in range(8)])
+    twelve = [2.0 ** (-(i + 1)) for i in range(8)] + [2.0 ** (-0.5 * (i + 1)) for i in range(16)][0::2][:4]
+    np.testing.assert_allclose(tnl_slopes(12), twelve)
+    s = layer_slopes(8, 0, 5)
+    np.testing.assert_allclose(s, np.array(tnl_slopes(8)) * (1 + 1e-5), rtol=1e-6)
+    np.testing.assert_allclose(layer_slopes(8, 4, 5), np.array(tnl_slopes(8)) * 1e-5, rtol=1e-5)
+    assert np.isfinite(layer_slopes(4, 0, 1)).all()  # L = 1 guarded
+
+
+def test_srms_norm():
+    x = jnp.array([[3.0, 4.0]])
+    np.testing.assert_allclose(srms_norm(x), x / np.sqrt(12.5 + 1e-6), rtol=1e-6)
+
+
+def _tiny(**kw):
+    cfg = TNLConfig(vocab_size=64, dim=32, layers=3, heads=2, glu_dim=48, lrpe_layers=(0, 2), **kw)
+    return TNL(cfg, rngs=nnx.Rngs(0))
+
+
+def test_generate_logits_match_parallel_forward():
+    m = _tiny()
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 64)
+    out, logits = generate(m, prompt, 10, temperature=0.0, return_logits=True)
+    assert out.shape == (2, 19) and (out[:, :9] == prompt).all()
+    full = m(out)
+    np.testing.assert_allclose(logits, full[:, 8:18], atol=2e-5, rtol=1e-4)
+    assert (jnp.argmax(full[:, 8:18], -1) == out[:, 9:]).all()  # greedy picks the argmax
+    sampled = generate(m, prompt, 5, temperature=0.8, top_k=5, key=jax.random.PRNGKey(3))
+    assert sampled.shape == (2, 14) and int(sampled.max()) < 64
+
+
+def test_prefill_states_continue_the_sequence():
+    m = _tiny()
+    toks = jax.random.randint(jax.random.PRNGKey(2), (1, 30), 0, 64)
+    full = m(toks)
+    _, states = m(toks[:, :17], return_states=True)
+    rest = m(toks[:, 17:], states=states, offset=17)
+    np.testing.assert_allclose(rest, full[:, 17:], atol=2e-5, rtol=1e-4)
+
+
+def test_pallas_kernel_in_model_matches_xla():
+    toks = jax.random.randint(jax.random.PRNGKey(4), (2, 40), 0, 64)
+    m_xla, m_pal = _tiny(attn_impl="xla"), _tiny(attn_impl="pallas")
+
+    def loss(m):
+        lg = m(toks)
+        return jnp.mean(jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, toks[..., None], -1)[..., 0])
+
+    l1, g1 = nnx.jit(nnx.value_and_grad(loss))(m_xla)
+    l2, g2 = nnx.jit(nnx.value_and_grad(loss))(m_pal)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-3)
+
+
+def test_named_configs_and_param_counts():
+    counts = {}
+    for name in ("tnl-385m", "tnl-1b"):
+        abstract = nnx.eval_shape(lambda n=name: create_model(n, rngs=nnx.Rngs(0)))
+        counts[name] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert 0.3e9 < counts["tnl-385m"] < 0.5e9, counts
+    assert 0.9e9 < counts["tnl-1b"] < 1.3e9, counts
+    assert set(MODEL_CONFIGS) >= {"tnl-tiny", "tnl-385m", "tnl-1b", "tnl-7b"}
+
+
+def test_bad_input():
+    m = _tiny()
+    with pytest.raises(ValueError, match="tokens must be int"):
+        m(jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("tnl-3b", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="divisible by heads"):
+        TNLConfig(dim=30, heads=4)
+    with pytest.raises(ValueError, match="prompt must be int"):
+        generate(m, jnp.zeros((2, 0), jnp.int32), 3)
