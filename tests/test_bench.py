@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from jaxattn.bench import attention as attention_bench
-from jaxattn.bench.__main__ import main
+from jaxattn.bench.__main__ import format_table, main
 
 
 def test_flops_formula():
@@ -23,14 +23,22 @@ def test_gpu_sweep_fills_tokens_and_model_dim():
     assert {(c.batch * c.seq, c.heads * c.head_dim) for c in cases} == {(16384, 2048), (32768, 2048)}
 
 
-@pytest.mark.skipif(jax.default_backend() == "gpu", reason="smoke sweep is the CPU default")
-def test_smoke_sweep_cli(tmp_path, capsys):
+@pytest.mark.parametrize("op,peer,n_cases", [("attention", "| xla", 4), ("lightning", "| scan", 2)])
+def test_smoke_sweep_cli(tmp_path, capsys, op, peer, n_cases):
     path = tmp_path / "bench.json"
-    assert main(["attention", "--json", str(path), "--no-progress"]) == 0
+    assert main([op, "--smoke", "--json", str(path), "--no-progress"]) == 0
     table = capsys.readouterr().out
-    assert "| jaxattn" in table and "| xla" in table and "TFLOP/s" in table
+    assert "| jaxattn" in table and peer in table and "TFLOP/s" in table
     data = json.loads(path.read_text())
-    assert data["info"]["jax"] == jax.__version__
+    assert data["info"]["jax"] == jax.__version__ and data["op"] == op
     ours = [r for r in data["records"] if r["impl"] == "jaxattn"]
-    assert len(ours) == 4 and all(r["ms"] > 0 and r["tflops"] > 0 for r in ours)
+    assert len(ours) == n_cases and all(r["ms"] > 0 and r["tflops"] > 0 for r in ours)
     assert {r["mode"] for r in ours} == {"fwd", "fwd+bwd"}
+    assert all(r.get("ms") for r in data["records"]), [r for r in data["records"] if not r.get("ms")]
+
+
+def test_table_reports_failures_with_reason():
+    recs = [dict(seq=8, batch=1, impl="jaxattn", ms=2.0, tflops=1.0),
+            dict(seq=8, batch=1, impl="peer", ms=None, tflops=None, error="ValueError: nope")]
+    table = format_table(recs)
+    assert "ValueError: nope" in table and "1.00x" in table

@@ -1,7 +1,8 @@
-"""``python -m jaxattn.bench attention [--seqs ...] [--json PATH]``.
+"""``python -m jaxattn.bench {attention,lightning} [options] [--json PATH]``.
 
-On a machine without a GPU the default is a tiny smoke sweep in interpret mode
-(seconds); on a GPU the default is the full sweep of the attention issue.
+Without a GPU the default is a tiny smoke sweep in interpret mode (seconds); on a GPU the
+default is the full sweep. Prints a table (ms, TFLOP/s, ns per token, speedup of jaxattn
+over each peer) headed by device, jax version and date.
 """
 
 from __future__ import annotations
@@ -13,36 +14,51 @@ from collections.abc import Sequence
 
 import jax
 
-from jaxattn.bench import attention as attention_bench
 from jaxattn.bench.timing import device_summary
 
-
-def _table(records: list[dict]) -> str:
-    cols = ["seq", "batch", "heads", "head_dim", "causal", "dtype", "mode", "impl", "ms", "TFLOP/s", "jaxattn speedup"]
-    base = {}
-    for r in records:
-        if r["impl"] == "jaxattn" and r.get("ms"):
-            base[_key(r)] = r["ms"]
-    rows = []
-    for r in records:
-        ms = r.get("ms")
-        ref = base.get(_key(r))
-        rows.append([
-            str(r["seq"]), str(r["batch"]), str(r["heads"]), str(r["head_dim"]), str(r["causal"]),
-            r["dtype"], r["mode"], r["impl"],
-            f"{ms:.3f}" if ms else "n/a",
-            f"{r['tflops']:.3g}" if ms else r.get("error", "")[:60],
-            f"{ms / ref:.2f}x" if ms and ref else "",
-        ])
-    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
-    out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += [line(row) for row in rows]
-    return "\n".join(out)
+_FIXED = ("impl", "ms", "tflops", "error")
 
 
 def _key(r: dict) -> tuple:
-    return (r["seq"], r["batch"], r["heads"], r["head_dim"], r["causal"], r["dtype"], r["mode"])
+    return tuple((k, v) for k, v in r.items() if k not in _FIXED)
+
+
+def format_table(records: list[dict]) -> str:
+    """Markdown table; 'jaxattn speedup' = peer time / jaxattn time for the same case."""
+    if not records:
+        return "(no records)"
+    case_cols = [k for k in records[0] if k not in _FIXED]
+    cols = [*case_cols, "impl", "ms", "TFLOP/s", "ns/token", "jaxattn speedup"]
+    base = {_key(r): r["ms"] for r in records if r["impl"] == "jaxattn" and r.get("ms")}
+    rows = []
+    for r in records:
+        ms, ref = r.get("ms"), base.get(_key(r))
+        tokens = r.get("batch", 1) * r.get("seq", 1)
+        rows.append([*(str(r[c]) for c in case_cols), r["impl"],
+                     f"{ms:.3f}" if ms else "n/a",
+                     f"{r['tflops']:.3g}" if ms else r.get("error", "")[:60],
+                     f"{ms * 1e6 / tokens:.3g}" if ms else "",
+                     f"{ms / ref:.2f}x" if ms and ref else ""])
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+
+    def line(vals):
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+
+    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def _common(p: argparse.ArgumentParser, seqs: list[int], tokens: int) -> None:
+    p.add_argument("--seqs", type=int, nargs="+", default=seqs)
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    p.add_argument("--tokens", type=int, default=tokens, help="batch * seq per case")
+    p.add_argument("--model-dim", type=int, default=2048, help="heads * head_dim per case")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--smoke", action="store_true", help="tiny sweep (the default without a GPU)")
+    p.add_argument("--json", metavar="PATH", help="also write the records and device info as JSON")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,40 +66,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="op", required=True)
     p = sub.add_parser("attention", help="softmax flash attention vs XLA, cuDNN, JAX Pallas, PyTorch")
-    p.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    _common(p, [1024, 2048, 4096, 8192, 16384, 32768], 16384)
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
-    p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    p.add_argument("--tokens", type=int, default=16384, help="batch * seq per case")
-    p.add_argument("--model-dim", type=int, default=2048, help="heads * head_dim per case")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--smoke", action="store_true", help="tiny sweep (the default without a GPU)")
-    p.add_argument("--json", metavar="PATH", help="also write the records (and device info) as JSON")
-    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("lightning", help="Lightning Attention-2 vs dense, scan, softmax flash, fla")
+    _common(p, [1024, 2048, 4096, 8192, 16384, 32768, 65536], 65536)
     args = parser.parse_args(argv)
 
     gpu = jax.default_backend() == "gpu"
     smoke = args.smoke or not gpu
-    if smoke:
-        cases = attention_bench.smoke_cases()
-        warmup, runs = 1, 3
-        print("no GPU: running the smoke sweep in interpret mode" if not gpu else "smoke sweep",
-              file=sys.stderr)
-    else:
+    if args.op == "attention":
+        from jaxattn.bench import attention as mod
+
         causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
-        cases = attention_bench.gpu_cases(args.seqs, args.head_dims, causals, args.dtypes, args.modes,
-                                          args.tokens, args.model_dim)
-        warmup, runs = args.warmup, args.runs
-    records = attention_bench.run(cases, warmup=warmup, runs=runs, interpret=not gpu,
-                                  progress=not args.no_progress)
+        full = lambda: mod.gpu_cases(args.seqs, args.head_dims, causals, args.dtypes, args.modes,  # noqa: E731
+                                     args.tokens, args.model_dim)
+    else:
+        from jaxattn.bench import lightning as mod
+
+        full = lambda: mod.gpu_cases(args.seqs, args.head_dims, args.dtypes, args.modes,  # noqa: E731
+                                     args.tokens, args.model_dim)
+    if smoke:
+        print("smoke sweep" + ("" if gpu else " (no GPU: kernels in interpret mode)"), file=sys.stderr)
+        cases, warmup, runs = mod.smoke_cases(), 1, 3
+    else:
+        cases, warmup, runs = full(), args.warmup, args.runs
+    records = mod.run(cases, warmup=warmup, runs=runs, interpret=not gpu, progress=not args.no_progress)
     info = device_summary()
-    print(f"# attention | {info['device']} | jax {info['jax']} | {info['date']}")
-    print(_table(records))
+    print(f"# {args.op} | {info['device']} | jax {info['jax']} | {info['date']}")
+    print(format_table(records))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "records": records}, f, indent=1)
+            json.dump({"op": args.op, "info": info, "records": records}, f, indent=1)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxattn
-from jaxattn.bench.timing import time_jax, time_torch
+from jaxattn.bench import runner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,7 @@ class Case:
 
     @property
     def flops(self) -> float:
+        """4*B*H*S^2*D forward, halved when causal; the backward is 2.5x the forward."""
         f = 4.0 * self.batch * self.heads * self.seq * self.seq * self.head_dim
         if self.causal:
             f /= 2
@@ -51,54 +52,43 @@ def smoke_cases():
         yield Case(1, 128, 2, 64, c, "float32", m)
 
 
-def _inputs(case: Case):
+def inputs(case: Case) -> tuple:
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
     shape = (case.batch, case.seq, case.heads, case.head_dim)
     dt = jnp.dtype(case.dtype)
-    return tuple(jax.random.normal(k, shape, jnp.float32).astype(dt) for k in ks)
+    return tuple(jax.random.normal(k, shape, jnp.float32).astype(dt) for k in ks)  # q, k, v, dO
 
 
-def _jax_fn(attn: Callable[..., jax.Array], mode: str) -> Callable[..., Any]:
-    if mode == "fwd":
-        return jax.jit(lambda q, k, v, do: attn(q, k, v))
-
-    def fwd_bwd(q, k, v, do):
-        out, vjp = jax.vjp(attn, q, k, v)
-        return out, vjp(do)
-
-    return jax.jit(fwd_bwd)
-
-
-def _peers(case: Case, interpret: bool) -> dict[str, Callable[..., jax.Array]]:
+def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     scale = 1.0 / math.sqrt(case.head_dim)
     c = case.causal
-    peers: dict[str, Callable[..., jax.Array]] = {
+    ops: dict[str, Callable[..., jax.Array]] = {
         "jaxattn": lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="pallas"),
         "xla": lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="xla"),
     }
     if not interpret:
-        peers["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
+        ops["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=c, scale=scale, implementation="cudnn")
     try:
         from jax.experimental.pallas.ops.gpu import attention as jax_pallas
 
-        peers["jax-pallas"] = lambda q, k, v: jax_pallas.mha(
+        ops["jax-pallas"] = lambda q, k, v: jax_pallas.mha(
             q, k, v, None, sm_scale=scale, causal=c, interpret=interpret)
     except Exception:  # noqa: BLE001 - the bundled kernel moved or is missing
         pass
-    return peers
+    return {name: runner.jax_mode_fn(op, case.mode) for name, op in ops.items()}
 
 
-def _torch_peer(case: Case):
-    """PyTorch SDPA with the flash backend, or None when torch/CUDA is unavailable."""
+def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
+    """PyTorch SDPA with the flash backend, when torch with CUDA is importable."""
     try:
         import torch
-        from torch.nn.attention import SDPBackend, sdpa_kernel
         import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
     except Exception:  # noqa: BLE001
-        return None
+        return {}
     if not torch.cuda.is_available() or case.dtype == "float32":
-        return None
+        return {}
     dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[case.dtype]
     shape = (case.batch, case.heads, case.seq, case.head_dim)
     q, k, v, do = (torch.randn(shape, device="cuda", dtype=dt, requires_grad=True) for _ in range(4))
@@ -110,32 +100,9 @@ def _torch_peer(case: Case):
                 torch.autograd.grad(out, (q, k, v), do)
         return out
 
-    return run
+    return {"torch-sdpa-flash": run}
 
 
 def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True) -> list[dict]:
-    """Times every case with every peer; returns one record per (case, peer)."""
-    from tqdm import tqdm
-
-    records = []
-    cases = list(cases)
-    for case in tqdm(cases, desc="attention", disable=not progress, unit="case"):
-        args = _inputs(case)
-        for name, attn in _peers(case, interpret).items():
-            rec = {**dataclasses.asdict(case), "impl": name}
-            try:
-                t = time_jax(_jax_fn(attn, case.mode), *args, warmup=warmup, runs=runs)
-                rec.update(ms=t.median_ms, tflops=case.flops / (t.median_ms * 1e-3) / 1e12)
-            except Exception as e:  # noqa: BLE001 - a peer that can't run this case
-                rec.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
-            records.append(rec)
-        torch_fn = _torch_peer(case)
-        if torch_fn is not None:
-            rec = {**dataclasses.asdict(case), "impl": "torch-sdpa-flash"}
-            try:
-                t = time_torch(torch_fn, warmup=warmup, runs=runs)
-                rec.update(ms=t.median_ms, tflops=case.flops / (t.median_ms * 1e-3) / 1e12)
-            except Exception as e:  # noqa: BLE001
-                rec.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
-            records.append(rec)
-    return records
+    return runner.run(cases, inputs=inputs, peers=lambda c: peers(c, interpret), torch_peers=torch_peers,
+                      warmup=warmup, runs=runs, progress=progress, desc="attention")

@@ -1,0 +1,124 @@
+"""Lightning attention benchmark: the Lightning Attention-2 kernel against the dense
+XLA formula, a ``lax.scan`` recurrence, jaxattn's causal softmax flash kernel on the
+same shapes, and flash-linear-attention / lightning-attn (PyTorch, Triton) when importable.
+
+FLOPs (block C = 64): forward ``B*H*N*(C*(d+e) + 4*d*e)`` (causal intra-block products
+plus the inter-block state read and update); forward+backward 3x that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import jaxattn
+from jaxattn.bench import runner
+from jaxattn.models.tnl import tnl_slopes
+from jaxattn.reference.lightning import lightning_recurrent
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int
+    seq: int
+    heads: int
+    head_dim: int
+    dtype: str
+    mode: str
+
+    @property
+    def flops(self) -> float:
+        d = e = self.head_dim
+        f = self.batch * self.heads * self.seq * (64 * (d + e) + 4 * d * e)
+        return f * (3.0 if self.mode == "fwd+bwd" else 1.0)
+
+
+def gpu_cases(seqs, head_dims, dtypes, modes, tokens: int = 65536, model_dim: int = 2048):
+    for s, d, dt, m in itertools.product(seqs, head_dims, dtypes, modes):
+        yield Case(max(1, tokens // s), s, model_dim // d, d, dt, m)
+
+
+def smoke_cases():
+    for m in ("fwd", "fwd+bwd"):
+        yield Case(1, 256, 2, 32, "float32", m)
+
+
+def inputs(case: Case) -> tuple:
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    shape = (case.batch, case.seq, case.heads, case.head_dim)
+    dt = jnp.dtype(case.dtype)
+    q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(dt) for kk in ks)
+    q, k = q * case.head_dim ** -0.5, k * case.head_dim ** -0.5
+    return q, k, v, jnp.asarray(tnl_slopes(case.heads), jnp.float32), do
+
+
+def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
+    ops: dict[str, Callable[..., jax.Array]] = {
+        "jaxattn": lambda q, k, v, s: jaxattn.lightning_attention(q, k, v, s, impl="pallas"),
+        "xla-dense": lambda q, k, v, s: jaxattn.lightning_attention(q, k, v, s, impl="xla"),
+        "scan": lambda q, k, v, s: lightning_recurrent(q, k, v, s)[0].astype(q.dtype),
+        "jaxattn-softmax-flash": lambda q, k, v, s: jaxattn.attention(q, k, v, causal=True, impl="pallas"),
+    }
+    if case.seq > 16384:  # O(N^2) memory
+        ops.pop("xla-dense")
+    return {name: runner.jax_mode_fn(op, case.mode) for name, op in ops.items()}
+
+
+def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
+    """flash-linear-attention's simple GLA (scalar per-head decay) and OpenNLPLab's
+    lightning_attn, when installed with CUDA."""
+    try:
+        import torch
+    except Exception:  # noqa: BLE001
+        return {}
+    if not torch.cuda.is_available() or case.dtype == "float32":
+        return {}
+    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[case.dtype]
+    b, n, h, d = case.batch, case.seq, case.heads, case.head_dim
+    slopes = torch.tensor(tnl_slopes(h), device="cuda", dtype=torch.float32)
+    out: dict[str, Callable[[], Any]] = {}
+    bwd = case.mode == "fwd+bwd"
+
+    def tensors(shape):
+        return [torch.randn(shape, device="cuda", dtype=dt, requires_grad=bwd) for _ in range(4)]
+
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        q, k, v, do = tensors((b, n, h, d))
+        g = (-slopes).view(1, 1, h).expand(b, n, h).contiguous()
+
+        def fla_run():
+            o, _ = chunk_simple_gla(q, k, v, g, scale=1.0)
+            if bwd:
+                torch.autograd.grad(o, (q, k, v), do)
+            return o
+
+        out["fla-simple-gla"] = fla_run
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        from lightning_attn.ops import lightning_attn_func
+
+        q2, k2, v2, do2 = tensors((b, h, n, d))
+
+        def la_run():
+            o = lightning_attn_func(q2, k2, v2, slopes.view(h, 1, 1))
+            if bwd:
+                torch.autograd.grad(o, (q2, k2, v2), do2)
+            return o
+
+        out["lightning-attn"] = la_run
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True) -> list[dict]:
+    return runner.run(cases, inputs=inputs, peers=lambda c: peers(c, interpret), torch_peers=torch_peers,
+                      warmup=warmup, runs=runs, progress=progress, desc="lightning")
