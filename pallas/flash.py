@@ -164,7 +164,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
         bias_ref, *rest = rest
     o_ref, lse_ref = rest
 
-    q_start = pl.program_id(0) * block_q
+    q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = q_start + jnp.arange(block_q)
     q = q_ref[...]
     qseg = qseg_ref[...] if st.has_seg else None
@@ -203,12 +203,18 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     lse_ref[...] = jnp.where(empty, NEG_INF, (m + jnp.log2(jnp.where(empty, 1.0, l))) / LOG2E)
 
 
+def _q_block(st: _Static, i, block_q: int):
+    """Query block handled by program ``i``: with causal masking the heaviest (last)
+    blocks are launched first, which balances the tail of the grid."""
+    return st.q_pad // block_q - 1 - i if st.causal else i
+
+
 def _bias_spec_fwd(st: _Static, bias_shape, block_q: int):
     bb, bh, bq, bk = st.bias_bcast
     blk = (None, None, 1 if bq else block_q, 1 if bk else bias_shape[3])
 
     def index_map(i, b, h):
-        return (0 if bb else b, 0 if bh else h, 0 if bq else i, 0)
+        return (0 if bb else b, 0 if bh else h, 0 if bq else _q_block(st, i, block_q), 0)
 
     return pl.BlockSpec(blk, index_map)
 
@@ -218,14 +224,15 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg):
     bq, bk = _blocks(st, cfg.block_q, cfg.block_k)
     batch, _, hq, d = q.shape
     g = st.groups
+    qb = functools.partial(_q_block, st, block_q=bq)
     in_specs = [
-        pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qb(i), h, 0)),
         pl.BlockSpec((None, st.kv_pad, None, d), lambda i, b, h: (b, 0, h // g, 0)),
         pl.BlockSpec((None, st.kv_pad, None, v.shape[-1]), lambda i, b, h: (b, 0, h // g, 0)),
     ]
     args = [q, k, v]
     if st.has_seg:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+        in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
                      pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0))]
         args += [qseg, kseg]
     if st.bias_kind:
@@ -233,8 +240,8 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg):
         args.append(bias)
     out_shape = [jax.ShapeDtypeStruct((batch, st.q_pad, hq, v.shape[-1]), q.dtype),
                  jax.ShapeDtypeStruct((batch, hq, st.q_pad), jnp.float32)]
-    out_specs = [pl.BlockSpec((None, bq, None, v.shape[-1]), lambda i, b, h: (b, i, h, 0)),
-                 pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))]
+    out_specs = [pl.BlockSpec((None, bq, None, v.shape[-1]), lambda i, b, h: (b, qb(i), h, 0)),
+                 pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i)))]
     call = _common.pallas_call(
         functools.partial(_fwd_kernel, st=st, block_q=bq, block_k=bk),
         out_shape=out_shape, grid=(st.q_pad // bq, batch, hq), in_specs=in_specs,
@@ -257,7 +264,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
         bias_ref, *rest = rest
     (dq_ref,) = rest
 
-    q_start = pl.program_id(0) * block_q
+    q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = q_start + jnp.arange(block_q)
     q = q_ref[...]
     do = do_ref[...]
@@ -300,17 +307,18 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg):
     batch, _, hq, d = q.shape
     dv_ = v.shape[-1]
     g = st.groups
+    qb = functools.partial(_q_block, st, block_q=bq)
     in_specs = [
-        pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qb(i), h, 0)),
         pl.BlockSpec((None, st.kv_pad, None, d), lambda i, b, h: (b, 0, h // g, 0)),
         pl.BlockSpec((None, st.kv_pad, None, dv_), lambda i, b, h: (b, 0, h // g, 0)),
-        pl.BlockSpec((None, bq, None, dv_), lambda i, b, h: (b, i, h, 0)),
-        pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
-        pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
+        pl.BlockSpec((None, bq, None, dv_), lambda i, b, h: (b, qb(i), h, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i))),
+        pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i))),
     ]
     args = [q, k, v, do, lse, delta]
     if st.has_seg:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+        in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
                      pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0))]
         args += [qseg, kseg]
     if st.bias_kind:
@@ -320,7 +328,7 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg):
         functools.partial(_dq_kernel, st=st, block_q=bq, block_k=bk),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)], grid=(st.q_pad // bq, batch, hq),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0))],
+        out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qb(i), h, 0))],
         num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd,
         interpret=st.interpret, name="jaxattn_flash_dq")
     return call(*args)[0]
