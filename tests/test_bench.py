@@ -42,3 +42,12 @@ def test_table_reports_failures_with_reason():
             dict(seq=8, batch=1, impl="peer", ms=None, tflops=None, error="ValueError: nope")]
     table = format_table(recs)
     assert "ValueError: nope" in table and "1.00x" in table
+
+
+def test_tnl_training_throughput_cli(tmp_path, capsys):
+    path = tmp_path / "tnl.json"
+    assert main(["tnl", "--model", "tnl-tiny", "--batch", "2", "--seq", "32", "--dtype", "float32",
+                 "--steps", "2", "--json", str(path)]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    rec = json.loads(path.read_text())["records"][0]
+    assert rec["tokens_per_s"] > 0 and rec["params"] > 0 and rec["loss"] == rec["loss"]

@@ -70,9 +70,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p = sub.add_parser("lightning", help="Lightning Attention-2 vs dense, scan, softmax flash, fla")
     _common(p, [1024, 2048, 4096, 8192, 16384, 32768, 65536], 65536)
+    p = sub.add_parser("tnl", help="TNL training tokens/s (one jitted AdamW step)")
+    p.add_argument("--model", default=None, help="default: tnl-385m on GPU, tnl-tiny on CPU")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
 
     gpu = jax.default_backend() == "gpu"
+    if args.op == "tnl":
+        return _tnl(args, gpu)
+
     smoke = args.smoke or not gpu
     if args.op == "attention":
         from jaxattn.bench import attention as mod
@@ -98,6 +108,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"op": args.op, "info": info, "records": records}, f, indent=1)
         print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _tnl(args: argparse.Namespace, gpu: bool) -> int:
+    from jaxattn.bench.tnl import train_step_throughput
+
+    rec = train_step_throughput(
+        args.model or ("tnl-385m" if gpu else "tnl-tiny"), batch=args.batch or (8 if gpu else 2),
+        seq=args.seq or (2048 if gpu else 64), dtype=args.dtype or ("bfloat16" if gpu else "float32"),
+        steps=args.steps if gpu else min(args.steps, 3))
+    info = device_summary()
+    print(f"# tnl training | {info['device']} | jax {info['jax']} | {info['date']}")
+    print(f"{rec['model']} ({rec['params'] / 1e6:.1f}M params) batch {rec['batch']} x seq {rec['seq']} "
+          f"{rec['dtype']}: {rec['ms']:.1f} ms/step, {rec['tokens_per_s']:,.0f} tokens/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"op": "tnl", "info": info, "records": [rec]}, f, indent=1)
     return 0
 
 

@@ -1,0 +1,49 @@
+"""TNL training throughput: tokens/s of one jitted AdamW step (forward, backward, update)."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxattn.models import create_model
+
+
+def train_step_throughput(model_name: str, *, batch: int, seq: int, dtype: str, steps: int,
+                          warmup: int = 2, attn_impl: str = "auto") -> dict:
+    """Median step time and tokens/s for ``model_name`` on random tokens."""
+    model = create_model(model_name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl)
+    vocab = model.cfg.vocab_size
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+
+    @jax.jit
+    def step(state, tokens):
+        model, optimizer = nnx.merge(graphdef, state)
+
+        def loss_fn(m):
+            logits = m(tokens[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
+
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq + 1), 0, vocab)
+    for _ in range(max(1, warmup)):
+        state, loss = step(state, tokens)
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, loss = step(state, tokens)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    ms = times[len(times) // 2] * 1e3
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return dict(model=model_name, batch=batch, seq=seq, dtype=dtype, params=int(n_params), impl="jaxattn",
+                ms=ms, tokens_per_s=batch * seq / (ms * 1e-3), loss=float(loss))
