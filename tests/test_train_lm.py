@@ -1,0 +1,158 @@
+"""Language-model training: data, schedule, accumulation, exact resume, data parallel, CLIs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxattn.models import create_model
+from jaxattn.train.data import get_batch, load_corpus
+from jaxattn.train.lm import LMConfig, Trainer, lr_schedule, train
+
+
+def small_model(rngs):
+    return create_model("tnl-tiny", rngs=rngs, dim=32, layers=2, heads=2, glu_dim=64)
+
+
+def cfg(tmp_path, **kw):
+    base = dict(max_bytes=200_000, seq_len=32, batch_size=4, steps=6, warmup=2, eval_every=3,
+                eval_batches=2, ckpt_every=3, log_every=1, out=str(tmp_path / "run"), lr=3e-3)
+    base.update(kw)
+    return LMConfig(**base)
+
+
+def params_of(trainer):
+    return jax.tree.leaves(nnx.state(trainer.model, nnx.Param))
+
+
+def test_stdlib_corpus_is_deterministic_bytes():
+    a = load_corpus(max_bytes=100_000)
+    b = load_corpus(max_bytes=100_000)
+    assert a.vocab_size == 256 and a.source == "python-stdlib"
+    np.testing.assert_array_equal(a.train, b.train)
+    assert len(a.train) + len(a.val) == 100_000 and 0 < len(a.val) < len(a.train)
+    assert b"def " in bytes(a.train[:20_000].astype(np.uint8))
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    toks = np.arange(1000, dtype=np.int32)
+    x = get_batch(toks, seed=1, step=5, batch=3, seq_len=10)
+    np.testing.assert_array_equal(x, get_batch(toks, seed=1, step=5, batch=3, seq_len=10))
+    assert x.shape == (3, 11) and (np.diff(x, axis=1) == 1).all()
+    assert not np.array_equal(x, get_batch(toks, seed=1, step=6, batch=3, seq_len=10))
+    with pytest.raises(ValueError, match="--seq-len 2000 is longer"):
+        get_batch(toks, seed=0, step=0, batch=1, seq_len=2000)
+
+
+def test_other_data_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world " * 100)
+    assert load_corpus(str(tmp_path)).vocab_size == 256
+    np.save(tmp_path / "t.npy", np.arange(500) % 37)
+    c = load_corpus(str(tmp_path / "t.npy"))
+    assert c.vocab_size == 37 and c.train.dtype == np.int32
+    with pytest.raises(ValueError, match="no such file"):
+        load_corpus(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="--vocab-size 10 is smaller"):
+        load_corpus(str(tmp_path / "t.npy"), vocab_size=10)
+    np.save(tmp_path / "bad.npy", np.ones((3, 3)))
+    with pytest.raises(ValueError, match="1-D integer"):
+        load_corpus(str(tmp_path / "bad.npy"))
+
+
+def test_lr_schedule_warmup_then_cosine(tmp_path):
+    s = lr_schedule(cfg(tmp_path, steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1))
+    assert float(s(0)) == 0.0 and abs(float(s(10)) - 1.0) < 1e-6
+    assert float(s(50)) < 1.0 and abs(float(s(100)) - 0.1) < 1e-6
+
+
+def test_grad_accumulation_equals_big_batch(tmp_path):
+    batch = get_batch(load_corpus(max_bytes=50_000).train, seed=0, step=0, batch=4, seq_len=32)
+    runs = []
+    for accum in (1, 2, 4):
+        t = Trainer(cfg(tmp_path, grad_accum=accum), small_model)
+        loss = t.step(batch)
+        runs.append((float(loss), params_of(t)))
+    for loss, params in runs[1:]:
+        np.testing.assert_allclose(loss, runs[0][0], rtol=1e-5)
+        for a, b in zip(params, runs[0][1]):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_batch_must_divide(tmp_path):
+    with pytest.raises(ValueError, match="--batch-size 4 must be divisible by --grad-accum 3"):
+        Trainer(cfg(tmp_path, grad_accum=3), small_model)
+
+
+def _loss_rows(path):
+    with open(path) as f:
+        return [(r["step"], r["loss"], r["val_loss"]) for r in csv.DictReader(f)]
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+    full = train(cfg(tmp_path / "a"), model_factory=small_model, progress=False, sample=False)
+    c = cfg(tmp_path / "b")
+    killed = train(c, model_factory=small_model, stop_after=5, progress=False, sample=False)
+    assert killed["stopped_at"] == 5  # the step-5 update is lost; step 3 is the last checkpoint
+    resumed = train(c, resume=True, model_factory=small_model, progress=False, sample=False)
+    for a, b in zip(params_of(full["trainer"]), params_of(resumed["trainer"])):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert _loss_rows(tmp_path / "a/run/metrics.csv") == _loss_rows(tmp_path / "b/run/metrics.csv")
+    assert (tmp_path / "b/run/loss.png").stat().st_size > 1000
+
+
+DP_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, numpy as np
+    from flax import nnx
+    from jaxattn.models import create_model
+    from jaxattn.train.data import get_batch, load_corpus
+    from jaxattn.train.lm import LMConfig, Trainer
+    assert len(jax.devices()) == 4
+    model = lambda rngs: create_model("tnl-tiny", rngs=rngs, dim=32, layers=2, heads=2, glu_dim=64)
+    cfg = LMConfig(seq_len=32, batch_size=8, warmup=1, steps=4)
+    toks = load_corpus(max_bytes=50_000).train
+    out = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        t = Trainer(cfg, model, devices=devices)
+        losses = [float(t.step(get_batch(toks, seed=0, step=s, batch=8, seq_len=32))) for s in range(2)]
+        out.append((losses, jax.tree.leaves(nnx.state(t.model, nnx.Param))))
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
+    for a, b in zip(out[0][1], out[1][1]):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+    print("DP-OK", len(t.mesh.devices.ravel()))
+""")
+
+
+def test_data_parallel_four_devices_equals_one():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", DP_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "DP-OK 4" in r.stdout
+
+
+def test_cli_end_to_end_and_generate(tmp_path, capsys):
+    from jaxattn.generate import main as generate_main
+    from jaxattn.train.__main__ import main as train_main
+
+    out = tmp_path / "cli"
+    assert train_main(["lm", "--steps", "4", "--seq-len", "32", "--batch-size", "4", "--max-bytes", "100000",
+                       "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "2", "--out", str(out),
+                       "--sample-tokens", "8", "--no-progress"]) == 0
+    for name in ("metrics.csv", "loss.png", "config.json"):
+        assert (out / name).exists(), name
+    assert "sample:" in capsys.readouterr().out
+    assert generate_main(["--checkpoint", str(out), "--prompt", "import ", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("import ")
+    with pytest.raises(SystemExit):
+        generate_main(["--checkpoint", str(tmp_path / "nothing")])
+    with pytest.raises(SystemExit):
+        train_main(["lm", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")])
