@@ -150,6 +150,38 @@ def _load_bias(st: _Static, bias_ref, q_idx, k_idx):
     return bias_ref[slice(None) if bq else q_idx, slice(None) if bk else k_idx]
 
 
+def _optional_refs(st: _Static, rest):
+    """Splits ``(qseg, kseg)?, bias?, *outputs`` off the kernel's trailing refs."""
+    qseg_ref = kseg_ref = bias_ref = None
+    if st.has_seg:
+        qseg_ref, kseg_ref, *rest = rest
+    if st.bias_kind:
+        bias_ref, *rest = rest
+    return qseg_ref, kseg_ref, bias_ref, rest
+
+
+def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked: bool):
+    """Key block ``j`` for a query tile: returns base-2 logits ``s [bq, bk]``, k and v."""
+    k_start = pl.multiple_of(j * block_k, block_k)
+    ks = pl.ds(k_start, block_k)
+    k, v = k_ref[ks, :], v_ref[ks, :]
+    pos_mask = None
+    if masked:
+        pos_mask = _block_mask(st, q_pos, k_start + jnp.arange(block_k),
+                               causal=st.causal, length=st.kv_len % block_k != 0)
+    kseg = kseg_ref[ks] if st.has_seg else None
+    bias = _load_bias(st, bias_ref, slice(None), ks) if st.bias_kind else None
+    return _scores(st, q, k, qseg, kseg, bias, pos_mask), k, v
+
+
+def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry):
+    """Runs ``body(j, carry, masked)`` over the key blocks a query tile sees: unmasked
+    blocks first, then those on the causal diagonal or holding padded keys."""
+    n_full, hi = _kv_range(st, q_start, block_q, block_k)
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(n_full, hi, functools.partial(body, masked=True), carry)
+
+
 # ----------------------------------------------------------------------------
 # Forward.
 # ----------------------------------------------------------------------------
@@ -157,13 +189,7 @@ def _load_bias(st: _Static, bias_ref, q_idx, k_idx):
 
 def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, *rest = refs
-    qseg_ref = kseg_ref = bias_ref = None
-    if st.has_seg:
-        qseg_ref, kseg_ref, *rest = rest
-    if st.bias_kind:
-        bias_ref, *rest = rest
-    o_ref, lse_ref = rest
-
+    qseg_ref, kseg_ref, bias_ref, (o_ref, lse_ref) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = q_start + jnp.arange(block_q)
     q = q_ref[...]
@@ -171,17 +197,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
     def body(j, carry, masked: bool):
         acc, m, l = carry
-        k_start = pl.multiple_of(j * block_k, block_k)
-        ks = pl.ds(k_start, block_k)
-        k = k_ref[ks, :]
-        v = v_ref[ks, :]
-        pos_mask = None
-        if masked:
-            pos_mask = _block_mask(st, q_pos, k_start + jnp.arange(block_k),
-                                   causal=st.causal, length=st.kv_len % block_k != 0)
-        kseg = kseg_ref[ks] if st.has_seg else None
-        bias = _load_bias(st, bias_ref, slice(None), ks) if st.bias_kind else None
-        s = _scores(st, q, k, qseg, kseg, bias, pos_mask)
+        s, _, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
         alpha = jnp.exp2(m - m_safe)
@@ -193,9 +209,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     acc = jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32)
     m = jnp.full((block_q,), NEG_INF, jnp.float32)
     l = jnp.zeros((block_q,), jnp.float32)
-    n_full, hi = _kv_range(st, q_start, block_q, block_k)
-    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), (acc, m, l))
-    acc, m, l = lax.fori_loop(n_full, hi, functools.partial(body, masked=True), carry)
+    acc, m, l = _loop_kv(st, q_start, block_q, block_k, body, (acc, m, l))
 
     empty = l == 0.0
     o = acc / jnp.where(empty, 1.0, l)[:, None]
@@ -257,42 +271,22 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg):
 
 def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    qseg_ref = kseg_ref = bias_ref = None
-    if st.has_seg:
-        qseg_ref, kseg_ref, *rest = rest
-    if st.bias_kind:
-        bias_ref, *rest = rest
-    (dq_ref,) = rest
-
+    qseg_ref, kseg_ref, bias_ref, (dq_ref,) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = q_start + jnp.arange(block_q)
-    q = q_ref[...]
-    do = do_ref[...]
+    q, do = q_ref[...], do_ref[...]
     lse2 = _lse2(lse_ref[...])
     delta = delta_ref[...]
     qseg = qseg_ref[...] if st.has_seg else None
 
     def body(j, dq, masked: bool):
-        k_start = pl.multiple_of(j * block_k, block_k)
-        ks = pl.ds(k_start, block_k)
-        k = k_ref[ks, :]
-        v = v_ref[ks, :]
-        pos_mask = None
-        if masked:
-            pos_mask = _block_mask(st, q_pos, k_start + jnp.arange(block_k),
-                                   causal=st.causal, length=st.kv_len % block_k != 0)
-        kseg = kseg_ref[ks] if st.has_seg else None
-        bias = _load_bias(st, bias_ref, slice(None), ks) if st.bias_kind else None
-        s = _scores(st, q, k, qseg, kseg, bias, pos_mask)
+        s, k, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked)
         p = jnp.exp2(s - lse2[:, None])
         dp = dot(do, v, trans_b=True, precision=st.precision)
         ds = p * (dp - delta[:, None])
         return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
 
-    dq = jnp.zeros(q.shape, jnp.float32)
-    n_full, hi = _kv_range(st, q_start, block_q, block_k)
-    dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq)
-    dq = lax.fori_loop(n_full, hi, functools.partial(body, masked=True), dq)
+    dq = _loop_kv(st, q_start, block_q, block_k, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
@@ -356,12 +350,7 @@ def _q_range(st: _Static, k_start, block_q: int, block_k: int):
 
 def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    qseg_ref = kseg_ref = bias_ref = None
-    if st.has_seg:
-        qseg_ref, kseg_ref, *rest = rest
-    if st.bias_kind:
-        bias_ref, *rest = rest
-    dk_ref, dv_ref = rest
+    qseg_ref, kseg_ref, bias_ref, (dk_ref, dv_ref) = _optional_refs(st, rest)
 
     k_start = pl.program_id(0) * block_k
     k_pos = k_start + jnp.arange(block_k)
