@@ -21,10 +21,12 @@ def _check_slope(slope: jax.Array, heads: int) -> None:
         raise ValueError(f"slope must have shape [heads] = ({heads},), got {tuple(slope.shape)}")
     if not jnp.issubdtype(slope.dtype, jnp.floating):
         raise ValueError(f"slope must be floating, got {jnp.dtype(slope.dtype).name}")
-    if not isinstance(slope, jax.core.Tracer):
+    try:
         s = np.asarray(slope, np.float32)
-        if not (np.isfinite(s).all() and (s >= 0).all()):
-            raise ValueError(f"slope must be finite and >= 0 (decay = exp(-slope) <= 1), got {s.tolist()}")
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return  # traced under jit: values unknown here
+    if not (np.isfinite(s).all() and (s >= 0).all()):
+        raise ValueError(f"slope must be finite and >= 0 (decay = exp(-slope) <= 1), got {s.tolist()}")
 
 
 def _check_state(state: jax.Array, shape: tuple[int, ...], name: str) -> None:
