@@ -156,3 +156,27 @@ def test_cli_end_to_end_and_generate(tmp_path, capsys):
         generate_main(["--checkpoint", str(tmp_path / "nothing")])
     with pytest.raises(SystemExit):
         train_main(["lm", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    """A real kill: SIGKILL a training subprocess after its first checkpoint, resume it."""
+    import signal
+    import time
+
+    args = ["--steps", "8", "--seq-len", "32", "--batch-size", "4", "--max-bytes", "100000", "--eval-every", "4",
+            "--eval-batches", "1", "--ckpt-every", "2", "--log-every", "1", "--sample-tokens", "1", "--no-progress"]
+    cmd = [sys.executable, "-m", "jaxattn.train", "lm", *args]
+    subprocess.run([*cmd, "--out", str(tmp_path / "full")], check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir())):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) < 8, "killed after finishing"
+    subprocess.run([*cmd, "--out", str(tmp_path / "killed"), "--resume"], check=True, capture_output=True,
+                   timeout=600)
+    assert _loss_rows(tmp_path / "full/metrics.csv") == _loss_rows(tmp_path / "killed/metrics.csv")
