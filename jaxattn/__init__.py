@@ -6,10 +6,11 @@
 """
 
 from jaxattn.ops.attention import attention
+from jaxattn.ops.halo import halo_attention
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
 from jaxattn.reference.attention import attention_reference
 
 __version__ = "0.1.0"
 __all__ = [
-    "attention", "attention_reference", "lightning_attention", "lightning_attention_step", "__version__",
+    "attention", "attention_reference", "halo_attention", "lightning_attention", "lightning_attention_step", "__version__",
 ]

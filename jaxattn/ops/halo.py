@@ -1,0 +1,176 @@
+"""``jaxattn.halo_attention``: HaloNet blocked local self-attention (timm ``HaloAttn`` math),
+layout NHWC with a heads axis: ``[batch, height, width, heads, head_dim]``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxattn.ops import _checks
+from jaxattn.pallas import _common
+from jaxattn.pallas.halo import halo_blocks_kernel
+
+_HP = lax.Precision.HIGHEST
+
+
+def query_blocks(q: jax.Array, bq: int) -> jax.Array:
+    """``[B, Hq, Wq, heads, d]`` -> ``[B, nby * nbx, bq * bq, heads, d]`` (row-major blocks)."""
+    b, hq, wq, h, d = q.shape
+    q = q.reshape(b, hq // bq, bq, wq // bq, bq, h, d).transpose(0, 1, 3, 2, 4, 5, 6)
+    return q.reshape(b, (hq // bq) * (wq // bq), bq * bq, h, d)
+
+
+def fold_blocks(o: jax.Array, nby: int, nbx: int, bq: int) -> jax.Array:
+    b, _, _, h, e = o.shape
+    o = o.reshape(b, nby, nbx, bq, bq, h, e).transpose(0, 1, 3, 2, 4, 5, 6)
+    return o.reshape(b, nby * bq, nbx * bq, h, e)
+
+
+def key_windows(k: jax.Array, block: int, halo: int) -> jax.Array:
+    """Each block's ``win x win`` window of the zero-padded map: ``[B, nB, win * win, heads, d]``."""
+    b, hh, ww, h, d = k.shape
+    win = block + 2 * halo
+    kp = jnp.pad(k, ((0, 0), (halo, halo), (halo, halo), (0, 0), (0, 0)))
+    rows = (np.arange(hh // block) * block)[:, None] + np.arange(win)[None]
+    cols = (np.arange(ww // block) * block)[:, None] + np.arange(win)[None]
+    kw = kp[:, rows[:, None, :, None], cols[None, :, None, :]]  # [B, nby, nbx, win, win, h, d]
+    return kw.reshape(b, rows.shape[0] * cols.shape[0], win * win, h, d)
+
+
+def rel_projections(qb: jax.Array, rel_h: jax.Array, rel_w: jax.Array, bq: int, win: int):
+    """Per query row ``i = (iy, ix)``: ``A[i, jy] = q_i . R_h[jy - iy + win - 1]`` and
+    ``B[i, jx] = q_i . R_w[jx - ix + win - 1]``, fp32 ``[B, nB, bq*bq, heads, win]``."""
+    i = np.arange(bq * bq)
+    t = np.arange(win)
+    idx_h = t[None, :] - (i // bq)[:, None] + win - 1  # [bq*bq, win]
+    idx_w = t[None, :] - (i % bq)[:, None] + win - 1
+    q32 = qb.astype(jnp.float32)
+    a = jnp.einsum("bnihd,rd->bnihr", q32, rel_h.astype(jnp.float32), precision=_HP)
+    c = jnp.einsum("bnihd,rd->bnihr", q32, rel_w.astype(jnp.float32), precision=_HP)
+    take = lambda x, idx: jnp.take_along_axis(x, jnp.asarray(idx)[None, None, :, None, :], axis=-1)  # noqa: E731
+    return take(a, idx_h), take(c, idx_w)
+
+
+def window_valid(height: int, width: int, block: int, halo: int, mask_padding: bool) -> np.ndarray:
+    """``[nB, win * win]`` bool: window keys inside the image (all True without masking)."""
+    win = block + 2 * halo
+    rows = (np.arange(height // block) * block)[:, None] + np.arange(win)[None] - halo
+    cols = (np.arange(width // block) * block)[:, None] + np.arange(win)[None] - halo
+    iny, inx = (rows >= 0) & (rows < height), (cols >= 0) & (cols < width)
+    inside = iny[:, None, :, None] & inx[None, :, None, :]
+    out = inside.reshape(-1, win * win)
+    return out if mask_padding else np.ones_like(out)
+
+
+def halo_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    rel_h: jax.Array,
+    rel_w: jax.Array,
+    *,
+    block_size: int,
+    halo_size: int,
+    stride: int = 1,
+    scale: float | None = None,
+    scale_pos_embed: bool = False,
+    mask_padding: bool = False,
+    impl: Literal["auto", "pallas", "xla"] = "auto",
+) -> jax.Array:
+    """HaloNet attention: each ``bq x bq`` query block (``bq = block_size // stride``) attends to
+    the ``win x win`` window (``win = block_size + 2 halo_size``) of the key/value map
+    zero-padded by ``halo_size``, with 2-D relative-position logits.
+
+    Args:
+      q: ``[B, H/stride, W/stride, heads, d]`` (the strided variant subsamples queries).
+      k: ``[B, H, W, heads, d]``; v: ``[B, H, W, heads, e]``. H and W must be multiples of
+        ``block_size`` (pad the feature map first otherwise).
+      rel_h, rel_w: ``[2 win - 1, d]`` relative embeddings shared by the heads (timm's
+        ``PosEmbedRel.height_rel`` / ``width_rel``).
+      scale: default ``d ** -0.5``; logits ``scale q.k + rel`` (timm's default), or
+        ``scale (q.k + rel)`` with ``scale_pos_embed``.
+      mask_padding: False follows timm (zero-padded border keys take part with logit = rel
+        and value 0); True excludes them from the softmax.
+      impl: ``"pallas"`` (fused kernel; interpret mode without a GPU), ``"xla"`` (unfold and
+        softmax), ``"auto"`` (kernel on GPU).
+
+    Returns ``[B, H/stride, W/stride, heads, e]`` in q's dtype.
+    """
+    _checks.check_impl(impl)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.check_rank(name, x, 5, "[batch, height, width, heads, head_dim]")
+    _checks.check_float_dtype("q", q)
+    _checks.check_same_dtype(q=q, k=k, v=v)
+    if block_size < 1 or halo_size < 0 or stride not in (1, 2):
+        raise ValueError(f"need block_size >= 1, halo_size >= 0, stride in (1, 2); got "
+                         f"{block_size}, {halo_size}, {stride}")
+    if block_size % stride:
+        raise ValueError(f"block_size {block_size} must be divisible by stride {stride} "
+                         "(timm average-pools instead: use stride=1 and pool the output)")
+    bsz, hh, ww, heads, d = k.shape
+    if hh % block_size or ww % block_size:
+        raise ValueError(f"k height/width {hh}x{ww} must be multiples of block_size {block_size}; "
+                         "pad the feature map first")
+    for ax, n, what in ((0, bsz, "batch size"), (1, hh, "height"), (2, ww, "width"), (3, heads, "heads")):
+        _checks.check_dim("v", v, ax, n, what, "k")
+    expected_q = (bsz, hh // stride, ww // stride, heads, d)
+    if tuple(q.shape) != expected_q:
+        raise ValueError(f"q must have shape [batch, H/stride, W/stride, heads, d] = {expected_q}, "
+                         f"got {tuple(q.shape)}")
+    win = block_size + 2 * halo_size
+    for name, r in (("rel_h", rel_h), ("rel_w", rel_w)):
+        _checks.check_array(name, r, "[2 * win - 1, head_dim]")
+        if tuple(r.shape) != (2 * win - 1, d):
+            raise ValueError(f"{name} must have shape [2 * win - 1, head_dim] = {(2 * win - 1, d)}, "
+                             f"got {tuple(r.shape)}")
+
+    use_kernel = impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu")
+    return _halo(q, k, v, rel_h, rel_w, block_size=block_size, halo_size=halo_size, stride=stride,
+                 scale=d ** -0.5 if scale is None else float(scale), scale_pos_embed=scale_pos_embed,
+                 mask_padding=mask_padding, use_kernel=use_kernel)
+
+
+def _halo(q, k, v, rel_h, rel_w, *, block_size: int, halo_size: int, stride: int, scale: float,
+          scale_pos_embed: bool, mask_padding: bool, use_kernel: bool, interpret: bool | None = None):
+    """Validated inputs -> output; ``interpret=False`` forces GPU lowering (tests lower on CPU)."""
+    _, hh, ww, _, _ = k.shape
+    win = block_size + 2 * halo_size
+    bq = block_size // stride
+    nby, nbx = hh // block_size, ww // block_size
+    qb = query_blocks(q, bq)
+    kw, vw = key_windows(k, block_size, halo_size), key_windows(v, block_size, halo_size)
+    a, c = rel_projections(qb, rel_h, rel_w, bq, win)
+    if scale_pos_embed:
+        a, c = a * scale, c * scale
+    valid = window_valid(hh, ww, block_size, halo_size, mask_padding)
+
+    if use_kernel:
+        out = _kernel_path(qb, kw, vw, a, c, valid, scale, win, interpret)
+    else:
+        hp = _HP if q.dtype == jnp.float32 else None  # bf16/fp16: native dots, fp32 accumulation
+        s = jnp.einsum("bnihd,bnjhd->bnhij", qb, kw, precision=hp, preferred_element_type=jnp.float32)
+        rel = (a[..., :, None] + c[..., None, :]).reshape(*a.shape[:-1], win * win)  # [B, nB, i, h, j]
+        s = s * scale + jnp.moveaxis(rel, 3, 2)
+        s = jnp.where(jnp.asarray(valid)[None, :, None, None, :], s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1)
+        out = jnp.einsum("bnhij,bnjhe->bnihe", p.astype(vw.dtype), vw, precision=hp,
+                         preferred_element_type=jnp.float32).astype(q.dtype)
+    return fold_blocks(out, nby, nbx, bq)
+
+
+def _kernel_path(qb, kw, vw, a, c, valid, scale, win, interpret):
+    """Pads every tile dim to a power of two (>= 16) and calls the fused kernel."""
+    rows = max(16, _common.next_pow2(qb.shape[2]))
+    wp = max(16, _common.next_pow2(kw.shape[2]))
+    t = max(16, _common.next_pow2(win))
+    d, e = max(16, _common.next_pow2(qb.shape[-1])), max(16, _common.next_pow2(vw.shape[-1]))
+    pad = _common.pad_axis
+    out = halo_blocks_kernel(
+        pad(pad(qb, 2, rows), 4, d), pad(pad(kw, 2, wp), 4, d), pad(pad(vw, 2, wp), 4, e),
+        pad(pad(a, 2, rows), 4, t), pad(pad(c, 2, rows), 4, t),
+        pad(jnp.asarray(valid, jnp.int8), 1, wp), scale=scale, win=win, interpret=interpret)
+    return out[:, :, : qb.shape[2], :, : vw.shape[-1]]
