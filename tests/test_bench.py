@@ -23,7 +23,7 @@ def test_gpu_sweep_fills_tokens_and_model_dim():
     assert {(c.batch * c.seq, c.heads * c.head_dim) for c in cases} == {(16384, 2048), (32768, 2048)}
 
 
-@pytest.mark.parametrize("op,peer,n_cases", [("attention", "| xla", 4), ("lightning", "| scan", 2)])
+@pytest.mark.parametrize("op,peer,n_cases", [("attention", "| xla", 4), ("lightning", "| scan", 2), ("halo", "| xla-unfold", 2)])
 def test_smoke_sweep_cli(tmp_path, capsys, op, peer, n_cases):
     path = tmp_path / "bench.json"
     assert main([op, "--smoke", "--json", str(path), "--no-progress"]) == 0

@@ -1,4 +1,4 @@
-"""``python -m jaxattn.bench {attention,lightning} [options] [--json PATH]``.
+"""``python -m jaxattn.bench {attention,lightning,halo,tnl} [options] [--json PATH]``.
 
 Without a GPU the default is a tiny smoke sweep in interpret mode (seconds); on a GPU the
 default is the full sweep. Prints a table (ms, TFLOP/s, ns per token, speedup of jaxattn
@@ -70,6 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p = sub.add_parser("lightning", help="Lightning Attention-2 vs dense, scan, softmax flash, fla")
     _common(p, [1024, 2048, 4096, 8192, 16384, 32768, 65536], 65536)
+    p = sub.add_parser("halo", help="HaloNet attention vs the XLA unfold formulation and timm")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--smoke", action="store_true", help="tiny sweep (the default without a GPU)")
+    p.add_argument("--json", metavar="PATH", help="also write the records and device info as JSON")
+    p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("tnl", help="TNL training tokens/s (one jitted AdamW step)")
     p.add_argument("--model", default=None, help="default: tnl-385m on GPU, tnl-tiny on CPU")
     p.add_argument("--batch", type=int, default=None)
@@ -90,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
         full = lambda: mod.gpu_cases(args.seqs, args.head_dims, causals, args.dtypes, args.modes,  # noqa: E731
                                      args.tokens, args.model_dim)
+    elif args.op == "halo":
+        from jaxattn.bench import halo as mod
+
+        full = lambda: mod.gpu_cases(args.batch, args.dtypes, args.modes)  # noqa: E731
     else:
         from jaxattn.bench import lightning as mod
 
