@@ -1,0 +1,173 @@
+"""A GPT-style decoder (pre-RMSNorm, RoPE, GQA softmax attention, SwiGLU MLP) in Flax NNX,
+whose per-layer attention pattern is configurable: ``"full"`` (causal flash attention) or a
+block-sparse pattern (``"power"``: PowerAttention; ``"window"``: sliding window; ``"sink"``:
+sink + window) through ``jaxattn.block_sparse_attention``. Hybrids mix them, e.g.
+``layer_types=("power", "power", "power", "full")`` repeated over the depth.
+
+``quantized=True`` runs every full-attention layer through ``jaxattn.sage_attention``
+(SageAttention2-style INT8 QK / FP8 PV, inference only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxattn.ops.attention import attention
+
+LayerType = Literal["full", "power", "window", "sink"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 256
+    dim: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int | None = None  # GQA; defaults to heads
+    mlp_dim: int | None = None  # SwiGLU hidden width; defaults to 8/3 dim rounded to 64
+    layer_types: tuple[str, ...] = ("full",)  # cycled over the layers
+    sparse_block: int = 64  # block size B of the block-sparse patterns
+    window: int = 256  # sliding window W (tokens) of the power / window / sink patterns
+    sink: int = 64  # sink tokens of the power / sink patterns
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    dtype: str = "float32"  # compute dtype; parameters are fp32
+    attn_impl: Literal["auto", "pallas", "xla"] = "auto"
+    quantized: bool = False
+
+    def __post_init__(self):
+        kv = self.kv_heads or self.heads
+        if self.dim % self.heads or self.heads % kv:
+            raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}, and heads by "
+                             f"kv_heads {kv}")
+        bad = [t for t in self.layer_types if t not in ("full", "power", "window", "sink")]
+        if bad or not self.layer_types:
+            raise ValueError(f"layer_types entries must be 'full', 'power', 'window' or 'sink', got "
+                             f"{self.layer_types}")
+
+    def layer_type(self, i: int) -> str:
+        return self.layer_types[i % len(self.layer_types)]
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_dim or 64 * -(-int(8 * self.dim / 3) // 64)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * weight).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding of ``x [B, N, H, d]`` (halves rotated, as GPT-NeoX/LLaMA)."""
+    d = x.shape[-1]
+    freq = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+    ang = positions.astype(jnp.float32)[:, None] * freq[None]  # [N, d/2]
+    cos, sin = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+
+    def __call__(self, x):
+        return rms_norm(x, self.weight[...])
+
+
+def _linear(din: int, dout: int, cfg: GPTConfig, rngs: nnx.Rngs, std: float | None = None) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=False, kernel_init=nnx.initializers.normal(std or cfg.init_std),
+                      dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+
+
+def block_mask_for(cfg: GPTConfig, layer_type: str, seq_len: int):
+    """The ``jaxattn.BlockMask`` of a sparse layer type for ``seq_len`` tokens (causal)."""
+    from jaxattn.ops.block_sparse import BlockMask
+
+    b = cfg.sparse_block
+    if layer_type == "power":
+        return BlockMask.power(seq_len, b, window=cfg.window, sink=cfg.sink)
+    if layer_type == "window":
+        return BlockMask.sliding_window(seq_len, b, window=cfg.window)
+    return BlockMask.sink_window(seq_len, b, window=cfg.window, sink=cfg.sink)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: GPTConfig, layer: int, *, rngs: nnx.Rngs):
+        self.cfg, self.kind = cfg, cfg.layer_type(layer)
+        self.kv_heads = cfg.kv_heads or cfg.heads
+        self.head_dim = cfg.dim // cfg.heads
+        self.q = _linear(cfg.dim, cfg.dim, cfg, rngs)
+        self.kv = _linear(cfg.dim, 2 * self.kv_heads * self.head_dim, cfg, rngs)
+        self.o = _linear(cfg.dim, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        b, n, _ = x.shape
+        q = self.q(x).reshape(b, n, self.cfg.heads, self.head_dim)
+        k, v = jnp.split(self.kv(x).reshape(b, n, self.kv_heads, 2 * self.head_dim), 2, axis=-1)
+        q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
+        impl = self.cfg.attn_impl
+        if self.kind != "full":
+            from jaxattn.ops.block_sparse import block_sparse_attention
+
+            o = block_sparse_attention(q, k, v, block_mask_for(self.cfg, self.kind, n), impl=impl)
+        elif self.cfg.quantized:
+            from jaxattn.ops.sage import sage_attention
+
+            o = sage_attention(q, k, v, causal=True, impl=impl)
+        else:
+            o = attention(q, k, v, causal=True, impl=impl)
+        return self.o(o.reshape(b, n, self.cfg.dim))
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.gate_up = _linear(cfg.dim, 2 * cfg.hidden, cfg, rngs)
+        self.down = _linear(cfg.hidden, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
+
+    def __call__(self, x):
+        g, u = jnp.split(self.gate_up(x), 2, axis=-1)
+        return self.down(jax.nn.silu(g) * u)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPTConfig, layer: int, *, rngs: nnx.Rngs):
+        self.norm1, self.norm2 = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
+        self.attn = Attention(cfg, layer, rngs=rngs)
+        self.mlp = SwiGLU(cfg, rngs=rngs)
+
+    def __call__(self, x, positions):
+        x = x + self.attn(self.norm1(x), positions)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nnx.Module):
+    """``model(tokens [B, N]) -> logits [B, N, vocab]`` (fp32)."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, embedding_init=nnx.initializers.normal(cfg.init_std),
+                               rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.layers)])
+        self.norm = RMSNorm(cfg.dim)
+        self.head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape [batch, seq], got {tuple(tokens.shape)}")
+        x = self.embed(tokens).astype(jnp.dtype(self.cfg.dtype))
+        positions = jnp.arange(tokens.shape[1])
+        for blk in self.blocks:
+            x = blk(x, positions)
+        x = self.norm(x)
+        if self.head is None:
+            return jnp.einsum("bnd,vd->bnv", x.astype(jnp.float32), self.embed.embedding[...])
+        return self.head(x).astype(jnp.float32)
