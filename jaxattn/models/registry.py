@@ -7,6 +7,7 @@ from typing import Any
 
 from flax import nnx
 
+from jaxattn.models.halonet import HALONET_CONFIGS, HaloNet, HaloNetConfig
 from jaxattn.models.tnl import TNL, TNLConfig
 
 MODEL_CONFIGS: dict[str, Any] = {
@@ -17,6 +18,8 @@ MODEL_CONFIGS: dict[str, Any] = {
     "tnl-1b": TNLConfig(vocab_size=64000, dim=2048, layers=16, heads=16, glu_dim=5632),
     # 7B: 4096/30/32 as the released config is read; glu 11008 UNCONFIRMED.
     "tnl-7b": TNLConfig(vocab_size=64000, dim=4096, layers=30, heads=32, glu_dim=11008),
+    # HaloNet: halonet-tiny, halonet-h0..h7 (paper), halonet26t / sehalonet33ts (timm); see halonet.py.
+    **HALONET_CONFIGS,
 }
 
 
@@ -32,4 +35,6 @@ def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> nnx.Module:
         raise ValueError(f"bad override for {name!r}: {e}") from None
     if isinstance(cfg, TNLConfig):
         return TNL(cfg, rngs=rngs)
+    if isinstance(cfg, HaloNetConfig):
+        return HaloNet(cfg, rngs=rngs)
     raise ValueError(f"no builder for config type {type(cfg).__name__}")
