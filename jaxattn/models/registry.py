@@ -9,6 +9,7 @@ from flax import nnx
 
 from jaxattn.models.halonet import HALONET_CONFIGS, HaloNet, HaloNetConfig
 from jaxattn.models.tnl import TNL, TNLConfig
+from jaxattn.models.vit import VIT_CONFIGS, ViT, ViTConfig
 
 MODEL_CONFIGS: dict[str, Any] = {
     # CPU-sized, for tests and the README's main job.
@@ -20,6 +21,8 @@ MODEL_CONFIGS: dict[str, Any] = {
     "tnl-7b": TNLConfig(vocab_size=64000, dim=4096, layers=30, heads=32, glu_dim=11008),
     # HaloNet: halonet-tiny, halonet-h0..h7 (paper), halonet26t / sehalonet33ts (timm); see halonet.py.
     **HALONET_CONFIGS,
+    # ViT: vit-tiny (CPU, 32x32 grey digits), vit-ti16 / vit-s16 / vit-b16 (paper / timm); see vit.py.
+    **VIT_CONFIGS,
 }
 
 
@@ -37,4 +40,6 @@ def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> nnx.Module:
         return TNL(cfg, rngs=rngs)
     if isinstance(cfg, HaloNetConfig):
         return HaloNet(cfg, rngs=rngs)
+    if isinstance(cfg, ViTConfig):
+        return ViT(cfg, rngs=rngs)
     raise ValueError(f"no builder for config type {type(cfg).__name__}")

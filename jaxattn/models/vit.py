@@ -1,0 +1,397 @@
+"""Vision Transformer (ViT, Dosovitskiy et al. 2021) in Flax NNX, on ``jaxattn.attention``.
+
+``images [B, H, W, C]`` (NHWC, float) -> ``PatchEmbed`` (a ``patch x patch`` conv with stride
+``patch``, flattened row-major to ``[B, (H/p)(W/p), dim]``) -> class token prepended (``pool="cls"``)
+-> learned positional embedding added -> ``depth`` pre-norm blocks
+``x += DropPath(Attn(LN(x)))``, ``x += DropPath(MLP(LN(x)))`` -> final LayerNorm -> pooling
+(the class token, or the mean of the patch tokens) -> linear head. LayerNorm eps is 1e-6 and the
+MLP uses exact (erf) GELU, as the original ViT and timm. ``dropout`` is applied where the original
+ViT applies it (after the positional embedding, after the attention projection, after the MLP's
+GELU and after its second linear); ``drop_path`` is stochastic depth, linearly increasing from 0
+at the first block to ``drop_path`` at the last (timm's ``drop_path_rate``). Both follow NNX
+modes: active after ``model.train()`` (the default of a fresh model), off after ``model.eval()``.
+They draw keys from the ``dropout`` stream of the ``rngs`` given at construction (falling back to
+``default``) and are only built when their rate is > 0.
+
+timm checkpoint conventions (``timm.models.vision_transformer.VisionTransformer``; ``pool="cls"`` is
+timm's default ``class_token=True, global_pool='token'``, ``pool="mean"`` is ``class_token=False,
+global_pool='avg', fc_norm=False``, e.g. ``vit_medium_patch16_gap``): module paths are
+timm's ``state_dict`` keys (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+``blocks.{i}.norm1``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``, ``blocks.{i}.norm2``,
+``blocks.{i}.mlp.fc1``, ``blocks.{i}.mlp.fc2``, ``norm``, ``head``) with NNX leaf names:
+``X.weight`` of a Linear (PyTorch ``[out, in]``) is ``X.kernel`` ``[in, out]`` (``w.T``); the patch
+conv ``patch_embed.proj.weight`` (PyTorch OIHW ``[dim, C, p, p]``) is ``patch_embed.proj.kernel``
+in HWIO ``[p, p, C, dim]`` (``w.permute(2, 3, 1, 0)``); LayerNorm ``weight`` is ``scale``;
+biases, ``cls_token [1, 1, dim]`` and ``pos_embed [1, N(+1), dim]`` are copied as is. The fused
+``qkv`` output is ``[3, heads, head_dim]`` (q, k, v; head-major), as in timm, so it needs no
+reordering, and patches are flattened row-major as timm's ``flatten(2)``. Not implemented: timm's
+``fc_norm`` (the default of ``global_pool='avg'``: LayerNorm after pooling, ``norm`` = identity),
+mean pooling with a class token, register tokens, layer scale, position-embedding resampling.
+``to_timm_state_dict`` / ``load_timm_state_dict`` do the conversion on numpy arrays (no torch
+import); with them the forward matches timm's in fp32 to ~1e-6 (checked once for both poolings
+against timm's ``VisionTransformer`` with random weights, not part of the test suite).
+
+Initialisation (timm's default ``init_weights`` scheme, not its draws): ``pos_embed`` truncated
+normal std 0.02; ``cls_token`` normal std 1e-6 (timm); every Linear (qkv, proj, fc1, fc2, head)
+truncated normal std 0.02 with zero bias (flax truncates at +-2 std, timm's ``trunc_normal_`` at
++-2 absolute, i.e. not at all for std 0.02); the patch conv keeps PyTorch's default
+(``kaiming_uniform(a=sqrt(5))`` = ``variance_scaling(1/3, fan_in, uniform)``) with a zero bias;
+LayerNorm scale 1, bias 0. Parameters are fp32; ``dtype`` is the compute dtype; logits are fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxattn.ops.attention import attention
+
+_IMPLS = ("auto", "pallas", "xla")
+LN_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    in_channels: int = 3
+    num_classes: int = 1000  # 0: no head, the model returns pooled features [B, dim]
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    pool: Literal["cls", "mean"] = "cls"
+    dropout: float = 0.0  # original-ViT placement, see the module docstring
+    drop_path: float = 0.0  # stochastic depth rate of the last block
+    dtype: str = "float32"  # compute dtype; parameters are fp32
+    attn_impl: Literal["auto", "pallas", "xla"] = "auto"
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size", "in_channels", "dim", "depth", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no head), got {self.num_classes}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.attn_impl not in _IMPLS:
+            raise ValueError(f"attn_impl must be one of {_IMPLS}, got {self.attn_impl!r}")
+        for name in ("dropout", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        try:
+            ok = jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"dtype must be a floating dtype name (e.g. 'float32', 'bfloat16'), got {self.dtype!r}")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length seen by the blocks (patches, plus the class token when ``pool="cls"``)."""
+        return self.num_patches + (self.pool == "cls")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.dim * self.mlp_ratio)
+
+
+_trunc02 = nnx.initializers.truncated_normal(stddev=0.02)
+_torch_conv_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _linear(din: int, dout: int, dtype: Any, rngs: nnx.Rngs, *, bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=bias, kernel_init=_trunc02, bias_init=nnx.initializers.zeros,
+                      dtype=dtype, rngs=rngs)
+
+
+def _layer_norm(dim: int, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+
+
+def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
+    return nnx.Dropout(rate, rngs=rngs) if rate > 0 else None
+
+
+def _apply(mod: nnx.Module | None, x: jax.Array) -> jax.Array:
+    return x if mod is None else mod(x)
+
+
+class DropPath(nnx.Module):
+    """Stochastic depth: drops the whole residual branch per example with probability ``rate``
+    (kept branches are scaled by ``1 / (1 - rate)``); identity when ``deterministic``."""
+
+    def __init__(self, rate: float, *, rngs: nnx.Rngs, deterministic: bool = False):
+        self.rate = rate
+        self.deterministic = deterministic
+        self.rngs = rngs["dropout"].fork()
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+class PatchEmbed(nnx.Module):
+    """``[B, H, W, C] -> [B, (H/p)(W/p), dim]`` with a ``p x p`` stride-``p`` conv (``proj``)."""
+
+    def __init__(self, patch_size: int, in_channels: int, dim: int, *, dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.patch_size = patch_size
+        self.proj = nnx.Conv(in_channels, dim, (patch_size, patch_size), strides=patch_size, padding="VALID",
+                             kernel_init=_torch_conv_init, bias_init=nnx.initializers.zeros, dtype=dtype,
+                             rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.patch_size
+        if x.ndim != 4 or x.shape[1] % p or x.shape[2] % p:
+            raise ValueError(f"patch_embed input must be [batch, H, W, C] with H and W divisible by the patch "
+                             f"size {p}, got shape {tuple(x.shape)}")
+        y = self.proj(x)
+        return y.reshape(y.shape[0], -1, y.shape[-1])
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention: ``qkv`` linear -> ``jaxattn.attention`` -> ``proj``, ``[B, N, dim]`` in and out."""
+
+    def __init__(self, dim: int, heads: int, *, qkv_bias: bool = True, proj_drop: float = 0.0,
+                 impl: Literal["auto", "pallas", "xla"] = "auto", dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if dim % heads:
+            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.impl = impl
+        self.qkv = _linear(dim, 3 * dim, dtype, rngs, bias=qkv_bias)
+        self.proj = _linear(dim, dim, dtype, rngs)
+        self.proj_drop = _dropout(proj_drop, rngs)
+
+    def __call__(self, x: jax.Array, *, return_attention: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """``x [B, N, dim] -> [B, N, dim]``; with ``return_attention`` also the softmax weights
+        ``[B, heads, N, N]`` (fp32), computed by a separate plain-jnp path for analysis (the
+        output itself still comes from ``jaxattn.attention``, so it is unchanged)."""
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
+        o = attention(q, k, v, impl=self.impl)
+        out = _apply(self.proj_drop, self.proj(o.reshape(b, n, -1)))
+        if not return_attention:
+            return out
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+        return out, jax.nn.softmax(logits * self.head_dim ** -0.5, axis=-1)
+
+
+class MLP(nnx.Module):
+    """``fc2(drop(GELU(fc1(x))))`` with exact GELU."""
+
+    def __init__(self, dim: int, hidden: int, *, dropout: float = 0.0, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.fc1 = _linear(dim, hidden, dtype, rngs)
+        self.fc2 = _linear(hidden, dim, dtype, rngs)
+        self.drop1 = _dropout(dropout, rngs)
+        self.drop2 = _dropout(dropout, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _apply(self.drop1, jax.nn.gelu(self.fc1(x), approximate=False))
+        return _apply(self.drop2, self.fc2(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: ``x += attn(norm1(x))``, ``x += mlp(norm2(x))`` (with stochastic depth)."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        self.norm1 = _layer_norm(cfg.dim, dtype, rngs)
+        self.attn = Attention(cfg.dim, cfg.heads, qkv_bias=cfg.qkv_bias, proj_drop=cfg.dropout,
+                              impl=cfg.attn_impl, dtype=dtype, rngs=rngs)
+        self.norm2 = _layer_norm(cfg.dim, dtype, rngs)
+        self.mlp = MLP(cfg.dim, cfg.mlp_dim, dropout=cfg.dropout, dtype=dtype, rngs=rngs)
+        self.drop_path = DropPath(drop_path, rngs=rngs) if drop_path > 0 else None
+
+    def __call__(self, x: jax.Array, *, return_attention: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        h = self.attn(self.norm1(x), return_attention=return_attention)
+        h, w = h if return_attention else (h, None)
+        x = x + _apply(self.drop_path, h)
+        x = x + _apply(self.drop_path, self.mlp(self.norm2(x)))
+        return (x, w) if return_attention else x
+
+
+class ViT(nnx.Module):
+    """Vision Transformer classifier: ``images [B, H, W, C] -> logits [B, num_classes]`` (fp32).
+
+    ``features(images)`` gives the normalised tokens ``[B, N(+1), dim]`` (class token first when
+    ``pool="cls"``), ``pool_features(images)`` the pooled ``[B, dim]``, and ``reset_classifier``
+    replaces the head (``num_classes=0``: no head, ``__call__`` returns the pooled features).
+    """
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = jnp.dtype(cfg.dtype)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.dim, dtype=dtype, rngs=rngs)
+        self.cls_token = (nnx.Param(nnx.initializers.normal(1e-6)(rngs.params(), (1, 1, cfg.dim)))
+                          if cfg.pool == "cls" else None)
+        self.pos_embed = nnx.Param(_trunc02(rngs.params(), (1, cfg.num_tokens, cfg.dim)))
+        self.pos_drop = _dropout(cfg.dropout, rngs)
+        rates = np.linspace(0.0, cfg.drop_path, cfg.depth)  # as timm (depth 1: rate 0)
+        self.blocks = nnx.List([Block(cfg, float(r), rngs=rngs) for r in rates])
+        self.norm = _layer_norm(cfg.dim, dtype, rngs)
+        self.head = _linear(cfg.dim, cfg.num_classes, dtype, rngs) if cfg.num_classes > 0 else None
+
+    def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs) -> None:
+        """Replaces the head by a fresh one with ``num_classes`` outputs (0: none)."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no head), got {num_classes}")
+        self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
+        self.head = _linear(self.cfg.dim, num_classes, jnp.dtype(self.cfg.dtype), rngs) if num_classes > 0 else None
+
+    def _check_images(self, images: Any) -> None:
+        c = self.cfg
+        want = f"[batch, {c.image_size}, {c.image_size}, {c.in_channels}] (NHWC)"
+        if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+            raise ValueError(f"images must be an array of shape {want}, got {type(images).__name__}")
+        if images.ndim != 4:
+            raise ValueError(f"images must have rank 4 {want}, got shape {tuple(images.shape)}")
+        _, h, w, ch = images.shape
+        if h % c.patch_size or w % c.patch_size:
+            raise ValueError(f"images height and width must be divisible by patch_size {c.patch_size}; "
+                             f"expected shape {want}, got {tuple(images.shape)}")
+        if (h, w) != (c.image_size, c.image_size):
+            raise ValueError(f"images must be {c.image_size}x{c.image_size} as configured (image_size="
+                             f"{c.image_size}): expected shape {want}, got {tuple(images.shape)}")
+        if ch != c.in_channels:
+            raise ValueError(f"images must have {c.in_channels} channels (in_channels={c.in_channels}, "
+                             f"last axis): expected shape {want}, got {tuple(images.shape)}")
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise ValueError(f"images must be floating point (normalised), got dtype {jnp.dtype(images.dtype).name}")
+
+    def _tokens(self, images: jax.Array, return_attention: bool) -> tuple[jax.Array, list[jax.Array]]:
+        self._check_images(images)
+        dtype = jnp.dtype(self.cfg.dtype)
+        x = self.patch_embed(images.astype(dtype))
+        if self.cls_token is not None:
+            cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (x.shape[0], 1, x.shape[-1]))
+            x = jnp.concatenate([cls, x], axis=1)
+        x = _apply(self.pos_drop, x + self.pos_embed[...].astype(dtype))
+        weights = []
+        for block in self.blocks:
+            if return_attention:
+                x, w = block(x, return_attention=True)
+                weights.append(w)
+            else:
+                x = block(x)
+        return self.norm(x), weights
+
+    def features(self, images: jax.Array) -> jax.Array:
+        """Tokens after the final norm, ``[B, N(+1), dim]`` in the compute dtype."""
+        return self._tokens(images, False)[0]
+
+    def pool(self, tokens: jax.Array) -> jax.Array:
+        """``[B, N(+1), dim] -> [B, dim]``: the class token, or the mean over the patch tokens."""
+        if self.cfg.pool == "cls":
+            return tokens[:, 0]
+        return jnp.mean(tokens.astype(jnp.float32), axis=1).astype(tokens.dtype)
+
+    def pool_features(self, images: jax.Array) -> jax.Array:
+        """Pooled features ``[B, dim]`` (the head's input)."""
+        return self.pool(self.features(images))
+
+    def __call__(self, images: jax.Array, *, return_attention: bool = False
+                 ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
+        """``images [B, H, W, C]`` -> logits ``[B, num_classes]`` fp32 (pooled features ``[B, dim]``
+        without a head); with ``return_attention`` also the list of per-layer softmax weights
+        ``[B, heads, N, N]`` (fp32)."""
+        tokens, weights = self._tokens(images, return_attention)
+        pooled = self.pool(tokens)
+        out = _apply(self.head, pooled).astype(jnp.float32)
+        return (out, weights) if return_attention else out
+
+
+# ---------------------------------------------------------------------------------------------
+# timm state_dict conversion (numpy in and out)
+
+_LEAF_TO_TIMM = {"kernel": "weight", "bias": "bias", "scale": "weight", "cls_token": "cls_token",
+                 "pos_embed": "pos_embed"}
+
+
+def _timm_variables(model: nnx.Module) -> list[tuple[str, nnx.Variable, str]]:
+    """(timm key, variable, kind) for every parameter; kind is ``conv``, ``linear`` or ``plain``."""
+    out = []
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, nnx.Param):
+            continue
+        leaf = path[-1]
+        if leaf not in _LEAF_TO_TIMM:
+            raise ValueError(f"no timm name for parameter {'.'.join(map(str, path))}")
+        key = ".".join(map(str, path[:-1] + (_LEAF_TO_TIMM[leaf],)))
+        kind = ("conv" if len(node.shape) == 4 else "linear") if leaf == "kernel" else "plain"
+        out.append((key, node, kind))
+    return out
+
+
+def to_timm_state_dict(model: ViT) -> dict[str, np.ndarray]:
+    """The parameters under timm's ``state_dict`` keys and layouts (OIHW conv, ``[out, in]`` linear)."""
+    sd = {}
+    for key, var, kind in _timm_variables(model):
+        a = np.asarray(var[...])
+        sd[key] = a.transpose(3, 2, 0, 1) if kind == "conv" else a.T if kind == "linear" else a
+    return sd
+
+
+def load_timm_state_dict(model: ViT, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
+    """Copies a timm ViT ``state_dict`` (numpy arrays or anything ``np.asarray`` takes) into ``model``
+    in place. ``strict``: every parameter must be present and every checkpoint key used."""
+    used, missing = set(), []
+    for key, var, kind in _timm_variables(model):
+        if key not in state_dict:
+            missing.append(key)
+            continue
+        a = np.asarray(state_dict[key], dtype=np.float32)
+        a = a.transpose(2, 3, 1, 0) if kind == "conv" else a.T if kind == "linear" else a
+        if a.shape != tuple(var.shape):
+            raise ValueError(f"{key}: checkpoint shape {a.shape} (converted) != model shape {tuple(var.shape)}")
+        var[...] = jnp.asarray(a, var[...].dtype)
+        used.add(key)
+    unexpected = sorted(set(state_dict) - used)
+    if strict and (missing or unexpected):
+        raise ValueError(f"state_dict mismatch: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Named configurations (merged into jaxattn.models.MODEL_CONFIGS)
+
+VIT_CONFIGS: dict[str, ViTConfig] = {
+    # CPU-sized, for tests and the image trainer's default job (sklearn digits at 32x32, grey):
+    # 8x8 patches of 4 px + class token = 65 tokens, head_dim 32 (flash-kernel eligible on GPU).
+    "vit-tiny": ViTConfig(image_size=32, patch_size=4, in_channels=1, num_classes=10, dim=128, depth=4, heads=4),
+    # Paper / timm sizes (vit_{tiny,small,base}_patch16_224): 5.7M / 22.1M / 86.6M parameters.
+    "vit-ti16": ViTConfig(dim=192, depth=12, heads=3),
+    "vit-s16": ViTConfig(dim=384, depth=12, heads=6),
+    "vit-b16": ViTConfig(dim=768, depth=12, heads=12),
+}
