@@ -51,6 +51,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from jaxattn.models.gates import FeatureGate, GateParam
 from jaxattn.ops.halo import halo_attention
 
 _IMPLS = ("auto", "pallas", "xla")
@@ -215,6 +216,7 @@ class HaloNetConfig:
     dtype: str = "float32"  # compute dtype; parameters are fp32
     attn_impl: Literal["auto", "pallas", "xla"] = "auto"
     zero_init_last: bool = True  # zero the last BN scale of each residual branch (timm default)
+    gates: bool = False  # feature-selection gates on each stage's output channels (jaxattn.models.gates)
 
     def __post_init__(self):
         n = len(self.layout)
@@ -381,6 +383,8 @@ class HaloNet(nnx.Module):
                 prev = out
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)
+        self.gates = (nnx.List([FeatureGate(make_divisible(c), rngs=rngs) for c in cfg.channels])
+                      if cfg.gates else None)
         self.final_conv = (ConvNormAct(prev, cfg.num_features, 1, act=_ACTS[cfg.act], dtype=dt, rngs=rngs)
                            if cfg.num_features else None)
         self.num_features = cfg.num_features or prev
@@ -394,9 +398,11 @@ class HaloNet(nnx.Module):
         if not jnp.issubdtype(images.dtype, jnp.floating):
             raise ValueError(f"images must be a float array (normalise first), got {images.dtype}")
         x = self.stem(images.astype(cfg.dtype))
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             for block in stage:
                 x = block(x)
+            if self.gates is not None:
+                x = self.gates[i](x)
         return x if self.final_conv is None else self.final_conv(x)
 
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -414,8 +420,8 @@ def _timm_variables(model: nnx.Module):
     """(timm key, variable, kind) for every variable; kind is ``conv``, ``linear`` or ``plain``."""
     out = []
     for path, node in nnx.iter_graph(model):
-        if not isinstance(node, nnx.Variable):
-            continue
+        if not isinstance(node, nnx.Variable) or isinstance(node, GateParam):
+            continue  # gates have no timm counterpart
         leaf = path[-1]
         if leaf not in _LEAF_TO_TIMM:
             raise ValueError(f"no timm name for variable {'.'.join(map(str, path))}")

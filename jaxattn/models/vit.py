@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxattn.models.gates import FeatureGate, GateParam, TokenGate
 from jaxattn.ops.attention import attention
 
 _IMPLS = ("auto", "pallas", "xla")
@@ -72,8 +73,15 @@ class ViTConfig:
     drop_path: float = 0.0  # stochastic depth rate of the last block
     dtype: str = "float32"  # compute dtype; parameters are fp32
     attn_impl: Literal["auto", "pallas", "xla"] = "auto"
+    # Hard-attention / feature-selection gates (jaxattn.models.gates): "features" gates each block's
+    # attention and MLP branch per feature as the reference FSG-ViT; "tokens" also gates every
+    # token position after the position embedding.
+    gates: Literal["none", "features", "tokens"] = "none"
+    quantized: bool = False  # inference through jaxattn.sage_attention (INT8 QK, FP8 PV)
 
     def __post_init__(self):
+        if self.gates not in ("none", "features", "tokens"):
+            raise ValueError(f"gates must be 'none', 'features' or 'tokens', got {self.gates!r}")
         for name in ("image_size", "patch_size", "in_channels", "dim", "depth", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -183,12 +191,13 @@ class Attention(nnx.Module):
     """Multi-head self-attention: ``qkv`` linear -> ``jaxattn.attention`` -> ``proj``, ``[B, N, dim]`` in and out."""
 
     def __init__(self, dim: int, heads: int, *, qkv_bias: bool = True, proj_drop: float = 0.0,
-                 impl: Literal["auto", "pallas", "xla"] = "auto", dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 impl: Literal["auto", "pallas", "xla"] = "auto", dtype: Any = jnp.float32,
+                 quantized: bool = False, rngs: nnx.Rngs):
         if dim % heads:
             raise ValueError(f"dim {dim} must be divisible by heads {heads}")
         self.heads = heads
         self.head_dim = dim // heads
-        self.impl = impl
+        self.impl, self.quantized = impl, quantized
         self.qkv = _linear(dim, 3 * dim, dtype, rngs, bias=qkv_bias)
         self.proj = _linear(dim, dim, dtype, rngs)
         self.proj_drop = _dropout(proj_drop, rngs)
@@ -200,7 +209,12 @@ class Attention(nnx.Module):
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
-        o = attention(q, k, v, impl=self.impl)
+        if self.quantized:  # SageAttention2-style INT8 QK / FP8 PV (inference only)
+            from jaxattn.ops.sage import sage_attention
+
+            o = sage_attention(q, k, v, impl=self.impl)
+        else:
+            o = attention(q, k, v, impl=self.impl)
         out = _apply(self.proj_drop, self.proj(o.reshape(b, n, -1)))
         if not return_attention:
             return out
@@ -229,16 +243,19 @@ class Block(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         self.norm1 = _layer_norm(cfg.dim, dtype, rngs)
         self.attn = Attention(cfg.dim, cfg.heads, qkv_bias=cfg.qkv_bias, proj_drop=cfg.dropout,
-                              impl=cfg.attn_impl, dtype=dtype, rngs=rngs)
+                              impl=cfg.attn_impl, dtype=dtype, quantized=cfg.quantized, rngs=rngs)
         self.norm2 = _layer_norm(cfg.dim, dtype, rngs)
         self.mlp = MLP(cfg.dim, cfg.mlp_dim, dropout=cfg.dropout, dtype=dtype, rngs=rngs)
         self.drop_path = DropPath(drop_path, rngs=rngs) if drop_path > 0 else None
+        gated = cfg.gates != "none"
+        self.gate1 = FeatureGate(cfg.dim, rngs=rngs) if gated else None
+        self.gate2 = FeatureGate(cfg.dim, rngs=rngs) if gated else None
 
     def __call__(self, x: jax.Array, *, return_attention: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         h = self.attn(self.norm1(x), return_attention=return_attention)
         h, w = h if return_attention else (h, None)
-        x = x + _apply(self.drop_path, h)
-        x = x + _apply(self.drop_path, self.mlp(self.norm2(x)))
+        x = x + _apply(self.drop_path, _apply(self.gate1, h))
+        x = x + _apply(self.drop_path, _apply(self.gate2, self.mlp(self.norm2(x))))
         return (x, w) if return_attention else x
 
 
@@ -258,6 +275,7 @@ class ViT(nnx.Module):
                           if cfg.pool == "cls" else None)
         self.pos_embed = nnx.Param(_trunc02(rngs.params(), (1, cfg.num_tokens, cfg.dim)))
         self.pos_drop = _dropout(cfg.dropout, rngs)
+        self.token_gate = TokenGate(cfg.num_tokens, rngs=rngs) if cfg.gates == "tokens" else None
         rates = np.linspace(0.0, cfg.drop_path, cfg.depth)  # as timm (depth 1: rate 0)
         self.blocks = nnx.List([Block(cfg, float(r), rngs=rngs) for r in rates])
         self.norm = _layer_norm(cfg.dim, dtype, rngs)
@@ -297,7 +315,7 @@ class ViT(nnx.Module):
         if self.cls_token is not None:
             cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (x.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([cls, x], axis=1)
-        x = _apply(self.pos_drop, x + self.pos_embed[...].astype(dtype))
+        x = _apply(self.token_gate, _apply(self.pos_drop, x + self.pos_embed[...].astype(dtype)))
         weights = []
         for block in self.blocks:
             if return_attention:
@@ -343,7 +361,7 @@ def _timm_variables(model: nnx.Module) -> list[tuple[str, nnx.Variable, str]]:
     """(timm key, variable, kind) for every parameter; kind is ``conv``, ``linear`` or ``plain``."""
     out = []
     for path, node in nnx.iter_graph(model):
-        if not isinstance(node, nnx.Param):
+        if not isinstance(node, nnx.Param) or isinstance(node, GateParam):  # gates: no timm counterpart
             continue
         leaf = path[-1]
         if leaf not in _LEAF_TO_TIMM:
