@@ -6,11 +6,15 @@
 """
 
 from jaxattn.ops.attention import attention
+from jaxattn.ops.block_sparse import BlockMask, block_sparse_attention, power_attention
 from jaxattn.ops.halo import halo_attention
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
+from jaxattn.ops.sage import sage_attention
 from jaxattn.reference.attention import attention_reference
 
 __version__ = "0.1.0"
 __all__ = [
-    "attention", "attention_reference", "halo_attention", "lightning_attention", "lightning_attention_step", "__version__",
+    "BlockMask", "block_sparse_attention", "power_attention",
+    "attention", "attention_reference", "halo_attention", "lightning_attention", "lightning_attention_step", "sage_attention",
+    "__version__",
 ]

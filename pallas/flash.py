@@ -10,6 +10,11 @@ looping over the query heads of its GQA group). ``jax.custom_vjp`` wires them.
 Shapes are padded here to the block sizes (and head dims to a power of two);
 padded keys are masked, padded query rows are sliced off. Rows whose every key
 is masked produce zeros and ``lse = -inf``.
+
+The same three kernels run block-sparse attention (``jaxattn.pallas.block_sparse``):
+with ``_Static.sparse`` set, the key loop of the forward/dq kernels walks a per-query-block
+list of key blocks (full blocks first, then partial ones that apply an element mask
+``mask_fn(q_pos, k_pos)``), and the dk/dv kernel walks the transposed lists.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -93,6 +99,21 @@ class _Static:
     cfg: FlashConfig
     interpret: bool | None
     precision: Any
+    sparse: SparseSpec | None = None  # block-sparse layout (then ``causal`` is False)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseSpec:
+    """Static half of a block-sparse layout. Its int32 arrays travel as kernel inputs, in
+    CSR form: ``kv_index [n_qb, 3]`` holds, per query block, (start, n_full, n_visit) into
+    ``kv_blocks [nnz]``, the key blocks to visit with the full ones first; ``q_index
+    [n_kb, 3]`` / ``q_blocks [nnz']`` are the transpose (per key block, the query blocks
+    that visit it) for the dk/dv kernel; ``q_offset [1]`` is the absolute position of
+    query row 0. Kernel tiles divide the mask blocks ``block_q x block_k``."""
+
+    mask_fn: Callable[[jax.Array, jax.Array], jax.Array]  # (q_pos [bq,1], k_pos [1,bk]) -> keep
+    block_q: int
+    block_k: int
 
 
 # ----------------------------------------------------------------------------
@@ -108,6 +129,10 @@ def _block_mask(st: _Static, q_pos, k_pos, *, causal: bool, length: bool):
     if causal:
         c = k_pos[None, :] <= q_pos[:, None] + (st.kv_len - st.q_len)
         mask = c if mask is None else jnp.logical_and(mask, c)
+    if st.sparse is not None:  # q_pos are absolute positions here
+        keep = jnp.broadcast_to(st.sparse.mask_fn(q_pos[:, None], k_pos[None, :]),
+                                (q_pos.shape[0], k_pos.shape[0]))
+        mask = keep if mask is None else jnp.logical_and(mask, keep)
     return mask
 
 
@@ -151,13 +176,22 @@ def _load_bias(st: _Static, bias_ref, q_idx, k_idx):
 
 
 def _optional_refs(st: _Static, rest):
-    """Splits ``(qseg, kseg)?, bias?, *outputs`` off the kernel's trailing refs."""
-    qseg_ref = kseg_ref = bias_ref = None
+    """Splits ``(qseg, kseg)?, bias?, (index, blocks, q_offset)?, *outputs`` off the
+    kernel's trailing refs."""
+    qseg_ref = kseg_ref = bias_ref = lists = None
     if st.has_seg:
         qseg_ref, kseg_ref, *rest = rest
     if st.bias_kind:
         bias_ref, *rest = rest
-    return qseg_ref, kseg_ref, bias_ref, rest
+    if st.sparse is not None:
+        lists, rest = rest[:3], rest[3:]
+    return qseg_ref, kseg_ref, bias_ref, lists, rest
+
+
+def _q_positions(st: _Static, q_start, block_q: int, lists):
+    """Query positions of a tile: absolute (``q_offset`` added) for a sparse mask_fn."""
+    pos = q_start + jnp.arange(block_q)
+    return pos + lists[2][0] if st.sparse is not None else pos
 
 
 def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked: bool):
@@ -167,16 +201,40 @@ def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_r
     k, v = k_ref[ks, :], v_ref[ks, :]
     pos_mask = None
     if masked:
-        pos_mask = _block_mask(st, q_pos, k_start + jnp.arange(block_k),
-                               causal=st.causal, length=st.kv_len % block_k != 0)
+        # a sparse layout pads keys to its mask block: a listed tile may be all padding
+        length = st.kv_len % block_k != 0 or (st.sparse is not None and st.kv_len != st.kv_pad)
+        pos_mask = _block_mask(st, q_pos, k_start + jnp.arange(block_k), causal=st.causal, length=length)
     kseg = kseg_ref[ks] if st.has_seg else None
     bias = _load_bias(st, bias_ref, slice(None), ks) if st.bias_kind else None
     return _scores(st, q, k, qseg, kseg, bias, pos_mask), k, v
 
 
-def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry):
+def _loop_lists(row, mask_block: int, tile: int, index_ref, blocks_ref, body, carry):
+    """Block-sparse loop: ``body(j, carry, masked)`` over the ``tile``-sized sub-tiles ``j``
+    of the mask blocks listed for ``row`` (``blocks_ref[start : start + n_visit]``, with
+    ``(start, n_full, n_visit) = index_ref[row]``): full blocks unmasked, then partial
+    ones masked."""
+    sub = mask_block // tile  # static power of two
+    start = index_ref[row, 0]
+
+    def step(masked: bool):
+        def f(it, c):
+            j = blocks_ref[start + lax.div(it, sub)] * sub + lax.rem(it, sub)
+            return body(j, c, masked=masked)
+        return f
+
+    n_full, n_visit = index_ref[row, 1] * sub, index_ref[row, 2] * sub
+    carry = lax.fori_loop(0, n_full, step(False), carry)
+    return lax.fori_loop(n_full, n_visit, step(True), carry)
+
+
+def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry, lists=None):
     """Runs ``body(j, carry, masked)`` over the key blocks a query tile sees: unmasked
-    blocks first, then those on the causal diagonal or holding padded keys."""
+    blocks first, then those on the causal diagonal or holding padded keys (or, for a
+    sparse layout, the listed full blocks then the partial ones)."""
+    if st.sparse is not None:
+        row = lax.div(q_start, st.sparse.block_q)
+        return _loop_lists(row, st.sparse.block_k, block_k, lists[0], lists[1], body, carry)
     n_full, hi = _kv_range(st, q_start, block_q, block_k)
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
     return lax.fori_loop(n_full, hi, functools.partial(body, masked=True), carry)
@@ -189,9 +247,9 @@ def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry):
 
 def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, *rest = refs
-    qseg_ref, kseg_ref, bias_ref, (o_ref, lse_ref) = _optional_refs(st, rest)
+    qseg_ref, kseg_ref, bias_ref, lists, (o_ref, lse_ref) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
-    q_pos = q_start + jnp.arange(block_q)
+    q_pos = _q_positions(st, q_start, block_q, lists)
     q = q_ref[...]
     qseg = qseg_ref[...] if st.has_seg else None
 
@@ -209,7 +267,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     acc = jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32)
     m = jnp.full((block_q,), NEG_INF, jnp.float32)
     l = jnp.zeros((block_q,), jnp.float32)
-    acc, m, l = _loop_kv(st, q_start, block_q, block_k, body, (acc, m, l))
+    acc, m, l = _loop_kv(st, q_start, block_q, block_k, body, (acc, m, l), lists)
 
     empty = l == 0.0
     o = acc / jnp.where(empty, 1.0, l)[:, None]
@@ -218,9 +276,10 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
 
 def _q_block(st: _Static, i, block_q: int):
-    """Query block handled by program ``i``: with causal masking the heaviest (last)
-    blocks are launched first, which balances the tail of the grid."""
-    return st.q_pad // block_q - 1 - i if st.causal else i
+    """Query block handled by program ``i``: with causal masking (or a sparse layout,
+    whose patterns are causal-like) the heaviest (last) blocks are launched first, which
+    balances the tail of the grid."""
+    return st.q_pad // block_q - 1 - i if st.causal or st.sparse is not None else i
 
 
 def _bias_spec_fwd(st: _Static, bias_shape, block_q: int):
@@ -233,7 +292,18 @@ def _bias_spec_fwd(st: _Static, bias_shape, block_q: int):
     return pl.BlockSpec(blk, index_map)
 
 
-def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg):
+def _list_inputs(st: _Static, layout, transposed: bool):
+    """Specs and arrays of a sparse layout's lists for one kernel: per query block
+    (forward, dq) or per key block (``transposed``, dk/dv), plus ``q_offset``. The whole
+    arrays are passed; the kernels read scalars from them."""
+    if st.sparse is None:
+        return [], []
+    kv_index, kv_blocks, q_index, q_blocks, q_offset = layout
+    arrays = [q_index, q_blocks, q_offset] if transposed else [kv_index, kv_blocks, q_offset]
+    return [pl.BlockSpec(x.shape, lambda *_, n=x.ndim: (0,) * n) for x in arrays], arrays
+
+
+def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout):
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q, cfg.block_k)
     batch, _, hq, d = q.shape
@@ -252,6 +322,8 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg):
     if st.bias_kind:
         in_specs.append(_bias_spec_fwd(st, bias.shape, bq))
         args.append(bias)
+    specs, arrays = _list_inputs(st, layout, transposed=False)
+    in_specs, args = in_specs + specs, args + arrays
     out_shape = [jax.ShapeDtypeStruct((batch, st.q_pad, hq, v.shape[-1]), q.dtype),
                  jax.ShapeDtypeStruct((batch, hq, st.q_pad), jnp.float32)]
     out_specs = [pl.BlockSpec((None, bq, None, v.shape[-1]), lambda i, b, h: (b, qb(i), h, 0)),
@@ -271,9 +343,9 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg):
 
 def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    qseg_ref, kseg_ref, bias_ref, (dq_ref,) = _optional_refs(st, rest)
+    qseg_ref, kseg_ref, bias_ref, lists, (dq_ref,) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
-    q_pos = q_start + jnp.arange(block_q)
+    q_pos = _q_positions(st, q_start, block_q, lists)
     q, do = q_ref[...], do_ref[...]
     lse2 = _lse2(lse_ref[...])
     delta = delta_ref[...]
@@ -286,7 +358,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
         ds = p * (dp - delta[:, None])
         return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
 
-    dq = _loop_kv(st, q_start, block_q, block_k, body, jnp.zeros(q.shape, jnp.float32))
+    dq = _loop_kv(st, q_start, block_q, block_k, body, jnp.zeros(q.shape, jnp.float32), lists)
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
@@ -295,7 +367,7 @@ def _lse2(lse):
     return jnp.where(lse == NEG_INF, jnp.inf, lse * LOG2E)
 
 
-def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg):
+def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout):
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q_dq, cfg.block_k_dq)
     batch, _, hq, d = q.shape
@@ -318,6 +390,8 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg):
     if st.bias_kind:
         in_specs.append(_bias_spec_fwd(st, bias.shape, bq))
         args.append(bias)
+    specs, arrays = _list_inputs(st, layout, transposed=False)
+    in_specs, args = in_specs + specs, args + arrays
     call = _common.pallas_call(
         functools.partial(_dq_kernel, st=st, block_q=bq, block_k=bk),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)], grid=(st.q_pad // bq, batch, hq),
@@ -350,7 +424,7 @@ def _q_range(st: _Static, k_start, block_q: int, block_k: int):
 
 def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    qseg_ref, kseg_ref, bias_ref, (dk_ref, dv_ref) = _optional_refs(st, rest)
+    qseg_ref, kseg_ref, bias_ref, lists, (dk_ref, dv_ref) = _optional_refs(st, rest)
 
     k_start = pl.program_id(0) * block_k
     k_pos = k_start + jnp.arange(block_k)
@@ -368,8 +442,9 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         lse2 = _lse2(lse_ref[g, qs])
         delta = delta_ref[g, qs]
         pos_mask = None
-        if masked:
-            pos_mask = _block_mask(st, q_start + jnp.arange(block_q), k_pos, causal=True, length=False)
+        if masked:  # causal diagonal, or a partial block of a sparse layout
+            pos_mask = _block_mask(st, _q_positions(st, q_start, block_q, lists), k_pos,
+                                   causal=st.causal, length=False)
         qseg = qseg_ref[qs] if st.has_seg else None
         bias = None
         if st.bias_kind:
@@ -383,11 +458,18 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         dk = dk + dot(ds.astype(q.dtype), q, trans_a=True, precision=st.precision)
         return dk, dv
 
-    lo, first_full, n_q = _q_range(st, k_start, block_q, block_k)
+    if st.sparse is not None:
+        col = lax.div(k_start, st.sparse.block_k)
 
-    def group_body(g, carry):
-        carry = lax.fori_loop(lo, first_full, functools.partial(body, g=g, masked=True), carry)
-        return lax.fori_loop(first_full, n_q, functools.partial(body, g=g, masked=False), carry)
+        def group_body(g, carry):
+            return _loop_lists(col, st.sparse.block_q, block_q, lists[0], lists[1],
+                               functools.partial(body, g=g), carry)
+    else:
+        lo, first_full, n_q = _q_range(st, k_start, block_q, block_k)
+
+        def group_body(g, carry):
+            carry = lax.fori_loop(lo, first_full, functools.partial(body, g=g, masked=True), carry)
+            return lax.fori_loop(first_full, n_q, functools.partial(body, g=g, masked=False), carry)
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = lax.fori_loop(0, st.groups, group_body, carry)
@@ -395,7 +477,7 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg):
+def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout):
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q_dkv, cfg.block_k_dkv)
     batch, _, hkv, d = k.shape
@@ -420,6 +502,8 @@ def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg):
         in_specs.append(pl.BlockSpec(
             blk, lambda j, b, h: (0 if bb else b, 0 if bh else h, 0, 0 if bbk else j)))
         args.append(bias)
+    specs, arrays = _list_inputs(st, layout, transposed=True)
+    in_specs, args = in_specs + specs, args + arrays
     call = _common.pallas_call(
         functools.partial(_dkdv_kernel, st=st, block_q=bq, block_k=bk),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -437,31 +521,34 @@ def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg):
 
 
 def _blocks(st: _Static, block_q: int, block_k: int) -> tuple[int, int]:
-    """Tiles shrunk to the (padded) lengths; both divide the padded lengths."""
+    """Tiles shrunk to the (padded) lengths, and to a sparse layout's mask blocks; all
+    are powers of two, so the tiles divide the padded lengths and the mask blocks."""
+    if st.sparse is not None:
+        block_q, block_k = min(block_q, st.sparse.block_q), min(block_k, st.sparse.block_k)
     return min(block_q, st.q_pad), min(block_k, st.kv_pad)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, bias, qseg, kseg):
-    return _fwd_call(st, q, k, v, bias, qseg, kseg)
+def _flash(st: _Static, q, k, v, bias, qseg, kseg, layout):
+    return _fwd_call(st, q, k, v, bias, qseg, kseg, layout)
 
 
-def _flash_fwd(st, q, k, v, bias, qseg, kseg):
-    o, lse = _fwd_call(st, q, k, v, bias, qseg, kseg)
-    return (o, lse), (q, k, v, bias, qseg, kseg, o, lse)
+def _flash_fwd(st, q, k, v, bias, qseg, kseg, layout):
+    o, lse = _fwd_call(st, q, k, v, bias, qseg, kseg, layout)
+    return (o, lse), (q, k, v, bias, qseg, kseg, layout, o, lse)
 
 
 def _flash_bwd(st, res, cts):
-    q, k, v, bias, qseg, kseg, o, lse = res
+    q, k, v, bias, qseg, kseg, layout, o, lse = res
     do, dlse = cts
     # delta_i = sum_d dO_id O_id; an lse cotangent adds p * dlse to ds.
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
     delta = delta - dlse.astype(jnp.float32)
     do = do.astype(q.dtype)
-    dq = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg)
-    dk, dv = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg)
-    # No gradient flows to the bias/mask or the segment ids (None = zero cotangent).
-    return dq, dk, dv, None, None, None
+    dq = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout)
+    dk, dv = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout)
+    # No gradient flows to the bias/mask, the segment ids or the sparse layout.
+    return dq, dk, dv, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -502,7 +589,6 @@ def flash_attention(
     cfg = config or flash_config(max(d, dv), q.dtype)
     scale = float(1.0 / math.sqrt(d) if scale is None else scale)
 
-    d_pad, dv_pad = max(16, _common.next_pow2(d)), max(16, _common.next_pow2(dv))
     q_block = min(max(cfg.block_q, cfg.block_q_dq, cfg.block_q_dkv), max(16, _common.next_pow2(q_len)))
     k_block = min(max(cfg.block_k, cfg.block_k_dq, cfg.block_k_dkv), max(16, _common.next_pow2(kv_len)))
     q_pad, kv_pad = _common.round_up(q_len, q_block), _common.round_up(kv_len, k_block)
@@ -527,11 +613,22 @@ def flash_attention(
     st = _Static(
         scale=scale, causal=bool(causal), q_len=q_len, kv_len=kv_len, q_pad=q_pad, kv_pad=kv_pad,
         groups=hq // hkv, has_seg=has_seg, bias_kind=bias_kind, bias_bcast=bcast, cfg=cfg,
-        interpret=interpret,
-        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+        interpret=interpret, precision=precision_for(q.dtype),
     )
-    qp = _common.pad_axis(_common.pad_axis(q, 1, q_pad), 3, d_pad)
-    kp = _common.pad_axis(_common.pad_axis(k, 1, kv_pad), 3, d_pad)
-    vp = _common.pad_axis(_common.pad_axis(v, 1, kv_pad), 3, dv_pad)
-    o, lse = _flash(st, qp, kp, vp, bias, qseg, kseg)
-    return o[:, :q_len, :, :dv], jnp.swapaxes(lse[:, :, :q_len], 1, 2)
+    return run_padded(st, q, k, v, bias, qseg, kseg, None)
+
+
+def precision_for(dtype: Any) -> Any:
+    """fp32 inputs get exact fp32 dots; 16-bit ones the default (tensor-core) precision."""
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout) -> tuple[jax.Array, jax.Array]:
+    """Pads q/k/v to ``st.q_pad``/``st.kv_pad`` rows (head dims to a power of two >= 16),
+    runs the differentiable kernels and slices back: ``out [B, Sq, Hq, Dv]``, ``lse [B, Sq, Hq]``."""
+    d_pad, dv_pad = max(16, _common.next_pow2(q.shape[-1])), max(16, _common.next_pow2(v.shape[-1]))
+    qp = _common.pad_axis(_common.pad_axis(q, 1, st.q_pad), 3, d_pad)
+    kp = _common.pad_axis(_common.pad_axis(k, 1, st.kv_pad), 3, d_pad)
+    vp = _common.pad_axis(_common.pad_axis(v, 1, st.kv_pad), 3, dv_pad)
+    o, lse = _flash(st, qp, kp, vp, bias, qseg, kseg, layout)
+    return o[:, :st.q_len, :, :v.shape[-1]], jnp.swapaxes(lse[:, :, :st.q_len], 1, 2)

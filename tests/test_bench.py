@@ -23,7 +23,8 @@ def test_gpu_sweep_fills_tokens_and_model_dim():
     assert {(c.batch * c.seq, c.heads * c.head_dim) for c in cases} == {(16384, 2048), (32768, 2048)}
 
 
-@pytest.mark.parametrize("op,peer,n_cases", [("attention", "| xla", 4), ("lightning", "| scan", 2), ("halo", "| xla-unfold", 2)])
+@pytest.mark.parametrize("op,peer,n_cases", [("attention", "| xla", 4), ("lightning", "| scan", 2),
+                                             ("halo", "| xla-unfold", 2), ("sparse", "| flash-full", 2)])
 def test_smoke_sweep_cli(tmp_path, capsys, op, peer, n_cases):
     path = tmp_path / "bench.json"
     assert main([op, "--smoke", "--json", str(path), "--no-progress"]) == 0
@@ -51,3 +52,12 @@ def test_tnl_training_throughput_cli(tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().out
     rec = json.loads(path.read_text())["records"][0]
     assert rec["tokens_per_s"] > 0 and rec["params"] > 0 and rec["loss"] == rec["loss"]
+
+
+def test_vision_inference_quantized_cli(tmp_path, capsys):
+    path = tmp_path / "vision.json"
+    assert main(["vision", "--train-models", "--infer-models", "vit-tiny", "--json", str(path)]) == 0
+    assert "images/s" in capsys.readouterr().out
+    recs = json.loads(path.read_text())["records"]
+    assert [r["mode"] for r in recs] == ["infer", "infer-quantized"]
+    assert all(r["images_per_s"] > 0 for r in recs) and 0.0 <= recs[1]["top1_agreement"] <= 1.0

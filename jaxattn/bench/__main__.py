@@ -1,4 +1,4 @@
-"""``python -m jaxattn.bench {attention,lightning,halo,tnl} [options] [--json PATH]``.
+"""``python -m jaxattn.bench {attention,lightning,halo,sage,sparse,tnl} [options] [--json PATH]``.
 
 Without a GPU the default is a tiny smoke sweep in interpret mode (seconds); on a GPU the
 default is the full sweep. Prints a table (ms, TFLOP/s, ns per token, speedup of jaxattn
@@ -70,6 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p = sub.add_parser("lightning", help="Lightning Attention-2 vs dense, scan, softmax flash, fla")
     _common(p, [1024, 2048, 4096, 8192, 16384, 32768, 65536], 65536)
+    p = sub.add_parser("sage", help="SageAttention2 INT8/FP8 (inference) vs bf16 flash, cuDNN, sageattention")
+    _common(p, [1024, 2048, 4096, 8192, 16384, 32768], 16384)
+    p.set_defaults(modes=["fwd"])  # forward only; --modes is ignored
+    p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy table")
     p = sub.add_parser("halo", help="HaloNet attention vs the XLA unfold formulation and timm")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
@@ -79,6 +84,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sweep (the default without a GPU)")
     p.add_argument("--json", metavar="PATH", help="also write the records and device info as JSON")
     p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("sparse", help="block-sparse PowerAttention / sliding window vs full flash, FlexAttention")
+    p.add_argument("--seqs", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
+    p.add_argument("--patterns", nargs="+", default=["power", "window", "causal"], choices=["power", "window", "causal"])
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--block", type=int, default=256, help="PowerAttention block size B")
+    p.add_argument("--power-window", type=int, default=None, help="tokens (default 5 B)")
+    p.add_argument("--sw-window", type=int, default=4096, help="sliding window, tokens")
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--smoke", action="store_true", help="tiny sweep (the default without a GPU)")
+    p.add_argument("--json", metavar="PATH", help="also write the records and device info as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("vision", help="images/s: training step (HaloNet-H0, ViT-S), inference quantized vs not")
+    p.add_argument("--train-models", nargs="*", default=None, help="default: halonet-h0 vit-s16 (GPU), tiny (CPU)")
+    p.add_argument("--infer-models", nargs="*", default=None, help="default: vit-b16 (GPU), vit-tiny (CPU)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--json", metavar="PATH")
     p = sub.add_parser("tnl", help="TNL training tokens/s (one jitted AdamW step)")
     p.add_argument("--model", default=None, help="default: tnl-385m on GPU, tnl-tiny on CPU")
     p.add_argument("--batch", type=int, default=None)
@@ -91,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpu = jax.default_backend() == "gpu"
     if args.op == "tnl":
         return _tnl(args, gpu)
+    if args.op == "vision":
+        return _vision(args, gpu)
 
     smoke = args.smoke or not gpu
     if args.op == "attention":
@@ -99,6 +129,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
         full = lambda: mod.gpu_cases(args.seqs, args.head_dims, causals, args.dtypes, args.modes,  # noqa: E731
                                      args.tokens, args.model_dim)
+    elif args.op == "sage":
+        from jaxattn.bench import sage as mod
+
+        causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+        full = lambda: mod.gpu_cases(args.seqs, args.head_dims, causals, args.dtypes,  # noqa: E731
+                                     args.tokens, args.model_dim)
+    elif args.op == "sparse":
+        from jaxattn.bench import sparse as mod
+
+        full = lambda: mod.gpu_cases(args.seqs, args.patterns, args.head_dim, args.heads, args.batch,  # noqa: E731
+                                     args.dtypes, args.modes, args.block, args.power_window, args.sw_window)
     elif args.op == "halo":
         from jaxattn.bench import halo as mod
 
@@ -113,14 +154,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases, warmup, runs = mod.smoke_cases(), 1, 3
     else:
         cases, warmup, runs = full(), args.warmup, args.runs
+    cases = list(cases)
     records = mod.run(cases, warmup=warmup, runs=runs, interpret=not gpu, progress=not args.no_progress)
     info = device_summary()
     print(f"# {args.op} | {info['device']} | jax {info['jax']} | {info['date']}")
     print(format_table(records))
+    if args.op == "sparse":
+        print("\n" + mod.summary(records))
+    extra = {}
+    if args.op == "sage" and not args.no_accuracy:
+        extra["accuracy"] = mod.accuracy(cases)
+        print(f"\n# sage accuracy vs fp32 attention\n{mod.format_accuracy(extra['accuracy'])}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"op": args.op, "info": info, "records": records}, f, indent=1)
+            json.dump({"op": args.op, "info": info, "records": records, **extra}, f, indent=1)
         print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _vision(args: argparse.Namespace, gpu: bool) -> int:
+    from jaxattn.bench import vision
+
+    batch = args.batch or (64 if gpu else 2)
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    steps = args.steps if gpu else min(args.steps, 2)
+    impl = "auto" if gpu else "xla"
+    train_models = args.train_models if args.train_models is not None else (
+        ["halonet-h0", "vit-s16"] if gpu else ["halonet-tiny", "vit-tiny"])
+    infer_models = args.infer_models if args.infer_models is not None else (["vit-b16"] if gpu else ["vit-tiny"])
+    recs = [vision.train_step_throughput(m, batch=batch, dtype=dtype, steps=steps, attn_impl=impl)
+            for m in train_models]
+    for m in infer_models:
+        recs += vision.inference_throughput(m, batch=batch, dtype=dtype, steps=steps, attn_impl=impl)
+    info = device_summary()
+    print(f"# vision models | {info['device']} | jax {info['jax']} | {info['date']}")
+    print("| model | mode | batch | dtype | image | ms | images/s | top-1 agreement |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in recs:
+        agree = f"{r['top1_agreement']:.3f}" if "top1_agreement" in r else ""
+        print(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['dtype']} | {r['image_size']} | {r['ms']:.2f} | "
+              f"{r['images_per_s']:,.1f} | {agree} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"op": "vision", "info": info, "records": recs}, f, indent=1)
     return 0
 
 

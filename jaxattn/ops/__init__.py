@@ -1,7 +1,9 @@
 """Public ops: one function per attention variant, each with ``impl="auto"|"pallas"|"xla"``."""
 
 from jaxattn.ops.attention import attention
+from jaxattn.ops.block_sparse import BlockMask, block_sparse_attention, power_attention
 from jaxattn.ops.halo import halo_attention
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
+from jaxattn.ops.sage import sage_attention
 
-__all__ = ["attention", "halo_attention", "lightning_attention", "lightning_attention_step"]
+__all__ = ["BlockMask", "attention", "block_sparse_attention", "power_attention", "halo_attention", "lightning_attention", "lightning_attention_step", "sage_attention"]

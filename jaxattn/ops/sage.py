@@ -1,0 +1,109 @@
+"""``jaxattn.sage_attention``: SageAttention2-style quantised attention for inference
+(INT8 ``Q K^T``, FP8 e4m3 ``P V``), a drop-in for ``jaxattn.attention`` in forward passes."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+
+from jaxattn.ops import _checks
+from jaxattn.pallas import sage as _sage
+from jaxattn.reference.sage import sage_reference
+
+Granularity = Literal["block", "warp"]
+
+
+def sage_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    qk_granularity: Granularity = "block",
+    smooth_q: bool = False,
+    smooth_k: bool = True,
+    impl: Literal["auto", "pallas", "xla"] = "auto",
+) -> jax.Array:
+    """Quantised scaled dot-product attention (SageAttention2, sm90 recipe). Forward only.
+
+    Same layout and causal convention as :func:`jaxattn.attention`, so a layer can swap
+    ``jaxattn.attention(q, k, v, causal=c, impl=i)`` for ``sage_attention(q, k, v, causal=c,
+    impl=i)`` at inference.
+
+    Args:
+      q: ``[batch, q_len, heads, head_dim]``, float16 / bfloat16 (float32 accepted).
+      k: ``[batch, kv_len, kv_heads, head_dim]``; ``kv_heads`` divides ``heads`` (GQA/MQA).
+      v: ``[batch, kv_len, kv_heads, v_head_dim]``. Head dims up to 128 (padded to 64/128).
+      causal: key j visible to query i iff ``j <= i + kv_len - q_len``.
+      scale: logit scale, default ``1/sqrt(head_dim)``.
+      qk_granularity: INT8 scale groups for Q: ``"block"`` (one per 128-row query block) or
+        ``"warp"`` (one per 16 rows, the rows a warp owns). K has one scale per key block.
+      smooth_q: subtract each query block's mean before quantising and add the exact
+        ``q_bar . K^T`` correction (SageAttention2 paper; off in its public code).
+      smooth_k: subtract the per-channel token mean of K first (exact for softmax; what
+        keeps outlier channels from eating the INT8 range). Default on.
+      impl: ``"pallas"`` (the Triton kernel; interpret mode without a GPU), ``"xla"`` (the
+        same quantised math in jnp, fp32), or ``"auto"`` (the kernel on a GPU with FP8
+        dots, compute capability >= 8.9; else XLA).
+
+    Returns:
+      ``[batch, q_len, heads, v_head_dim]`` in the dtype of ``q``. A query row with no
+      visible key is zero. Differentiating raises ``NotImplementedError`` (inference only).
+    """
+    _checks.check_impl(impl)
+    if qk_granularity not in _sage.GRANULARITIES:
+        raise ValueError(f"qk_granularity must be one of {_sage.GRANULARITIES}, got {qk_granularity!r}")
+    layout = "[batch, seq, heads, head_dim]"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.check_rank(name, x, 4, layout)
+    _checks.check_float_dtype("q", q)
+    _checks.check_same_dtype(q=q, k=k, v=v)
+    batch, q_len, hq, d = q.shape
+    _checks.check_dim("k", k, 0, batch, "batch size", "q")
+    _checks.check_dim("v", v, 0, batch, "batch size", "q")
+    kv_len, hkv = k.shape[1], k.shape[2]
+    _checks.check_dim("v", v, 1, kv_len, "kv length", "k")
+    _checks.check_dim("v", v, 2, hkv, "kv heads", "k")
+    _checks.check_dim("k", k, 3, d, "head dim", "q")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"k has {hkv} kv heads, which must divide q's {hq} heads (GQA/MQA)")
+    if q_len == 0 or kv_len == 0:
+        raise ValueError(f"q and k need at least one position, got q_len={q_len}, kv_len={kv_len}")
+    for name, dim in (("q", d), ("v", v.shape[-1])):
+        if not 1 <= dim <= _sage.MAX_HEAD_DIM:
+            raise ValueError(f"{name} has head_dim {dim}; sage_attention supports 1..{_sage.MAX_HEAD_DIM}")
+    if scale is not None:
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite float, got {scale}")
+
+    use_kernel = impl == "pallas" or (impl == "auto" and _sage.fp8_supported())
+    kw = dict(causal=bool(causal), scale=scale, smooth_q=bool(smooth_q), smooth_k=bool(smooth_k))
+    if use_kernel:
+        return _sage.sage_attention_kernel(q, k, v, qk_granularity=qk_granularity, **kw)
+    cfg = _sage.sage_config(max(d, v.shape[-1]))
+    blocks = _sage.resolve_blocks(q_len, kv_len, cfg, qk_granularity)
+    out = _xla(q, k, v, block_q=blocks.block_q, block_k=blocks.block_k, q_group=blocks.q_group, **kw)
+    return out.astype(q.dtype)
+
+
+@jax.custom_jvp
+def _no_grad(x):
+    return x
+
+
+@_no_grad.defjvp
+def _no_grad_jvp(primals, tangents):
+    del primals, tangents
+    raise NotImplementedError(
+        "sage_attention is inference-only: its quantised forward has no gradient. Differentiate "
+        "jaxattn.attention instead (or wrap the inputs in jax.lax.stop_gradient).")
+
+
+def _xla(q, k, v, **kw):
+    """The jnp emulation, with the same clear error as the kernel when differentiated."""
+    q, k, v = (_no_grad(x) for x in (q, k, v))
+    return sage_reference(q, k, v, **kw)

@@ -1,0 +1,435 @@
+"""SageAttention2 (sm90 recipe) on Pallas's Triton backend: INT8 ``Q K^T``, FP8 ``P V``.
+
+Inference only. Layout ``[batch, seq, heads, head_dim]``; GQA through the index maps.
+
+Prologue (quantisation), per call:
+
+* K smoothing (optional, default on): ``K~ = K - mean_tokens(K)`` per (batch, kv head,
+  channel), in fp32. Exact for softmax (a per-row constant shift of the logits).
+* Q smoothing (optional, paper-only in SageAttention2): ``Q~ = Q - q_bar`` with ``q_bar``
+  the mean of each query block's (real) rows; the dropped term ``q_bar . K~^T`` is a
+  ``[q blocks, keys]`` fp32 correction computed by one small XLA GEMM and added to the
+  scores in the kernel.
+* INT8 quantisation of Q~ and K~ by a Pallas kernel (one program per scale group):
+  ``a = max(max|x_g|, 1e-7)``, scale ``s = a / 127``, ``y = x * (127 / a)`` and
+  ``x_int8 = trunc(y + 0.5 sign(y))`` (round half away from zero). K: one scale per key block of the attention kernel.
+  Q: one scale per query block (``"block"``) or per ``warp_rows`` rows inside it
+  (``"warp"``: the rows one warp owns in the MMA layout, 16 on sm90). Padded rows are
+  zeroed before the amax. ``sm_scale * log2(e)`` is folded into the Q scale afterwards.
+* V to ``float8_e4m3fn`` per channel: ``s_v[c] = max_t |V[t, c]| / 448``,
+  ``V_fp8 = e4m3(V * (448 / max_t |V[t, c]|))`` (an all-zero channel gets scale 1), stored
+  transposed ``[batch, kv heads, dv, kv_len]`` so the P.V operand is K-major (what the
+  Hopper FP8 WGMMA wants). One XLA reduction + one fused convert/transpose.
+
+Attention kernel (one program per query block, batch, head): for each key block,
+``S = int32(Q8 K8^T) * (s_q s_k)`` (+ correction) is in base-2 units; online softmax in
+fp32 with the SageAttention2 offset ``m = max(m, rowmax(S) - 8.807)`` so that
+``P = exp2(S - m)`` lies in ``(0, 448]`` and is cast to e4m3 with the static scale 448 (no
+per-block scale, the 448 cancels with the fp32 row sum ``l`` of the unrounded P).
+``P8 V8`` is one FP8 dot per key block into a fresh fp32 tile, multiplied by ``s_v`` and
+added into the fp32 accumulator after its ``exp2(m_old - m_new)`` rescale (two-level
+accumulation: the scale multiply also keeps Triton from folding the add into the MMA
+accumulator). Causal block skipping, bottom-right causal alignment and masked tails
+reuse the flash kernel's helpers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxattn.pallas import _common
+from jaxattn.pallas import flash as _flash
+from jaxattn.pallas._common import dot
+
+LOG2E = math.log2(math.e)
+NEG_INF = float("-inf")
+INT8_MAX = 127.0
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# exp2(8.807) ~= 447.9: P = exp2(S - rowmax + offset) fills the e4m3 range (0, 448].
+P_OFFSET = 8.807
+AMAX_EPS = 1e-7  # floor on an int8 group's amax (an all-zero group must not give NaN)
+FP8_DTYPE = jnp.float8_e4m3fn
+GRANULARITIES = ("block", "warp")
+MAX_HEAD_DIM = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class SageConfig:
+    """Tiles and launch parameters for one padded head dim (64 or 128)."""
+
+    block_q: int = 128  # query rows per program = Q "block" quantisation group
+    block_k: int = 128  # keys per inner step = K quantisation group
+    warp_rows: int = 16  # Q rows per scale with qk_granularity="warp" (block_q / num_warps)
+    num_warps: int = 8
+    num_stages: int = 3
+    quant_num_warps: int = 4
+
+
+# padded head dim -> config. Targets an H100 (INT8/FP8 tiles are half the bytes of bf16
+# ones, so block_k = 128 fits beside a 128-row query tile at head dim 128). UNTUNED:
+# this session had no GPU.
+CONFIGS: dict[int, SageConfig] = {
+    64: SageConfig(128, 128, 16, 8, 3),
+    128: SageConfig(128, 128, 16, 8, 3),
+}
+
+
+def padded_head_dim(d: int) -> int:
+    """SageAttention pads head dims up to 64 or 128."""
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"sage attention supports head dims 1..{MAX_HEAD_DIM}, got {d}")
+    return 64 if d <= 64 else 128
+
+
+def sage_config(head_dim: int) -> SageConfig:
+    """The table entry for ``head_dim`` (padded to 64 or 128)."""
+    return CONFIGS[padded_head_dim(head_dim)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Block sizes resolved for one call (tiles shrink for short sequences)."""
+
+    block_q: int
+    block_k: int
+    q_group: int  # Q rows per scale: block_q ("block") or warp_rows ("warp")
+    q_pad: int
+    kv_pad: int
+
+
+def resolve_blocks(q_len: int, kv_len: int, cfg: SageConfig, granularity: str) -> Blocks:
+    # Triton's int8/fp8 dots want every dimension >= 32 (K of one MMA step).
+    bq = min(cfg.block_q, max(32, _common.next_pow2(q_len)))
+    bk = min(cfg.block_k, max(32, _common.next_pow2(kv_len)))
+    group = bq if granularity == "block" else min(cfg.warp_rows, bq)
+    return Blocks(bq, bk, group, _common.round_up(q_len, bq), _common.round_up(kv_len, bk))
+
+
+# ----------------------------------------------------------------------------
+# Prologue: INT8 quantisation kernel (Q and K), FP8 V, means and the Q-smoothing term.
+# ----------------------------------------------------------------------------
+
+
+def _quant_int8_kernel(*refs, group: int, length: int, has_mean: bool):
+    if has_mean:
+        x_ref, mean_ref, o_ref, s_ref = refs
+    else:
+        (x_ref, o_ref, s_ref), mean_ref = refs, None
+    x = x_ref[...].astype(jnp.float32)
+    if has_mean:
+        x = x - mean_ref[...][None, :]
+    rows = pl.program_id(0) * group + jnp.arange(group)
+    x = jnp.where(rows[:, None] < length, x, 0.0)  # padded rows must not move the amax
+    amax = jnp.max(jnp.max(jnp.abs(x), axis=1), axis=0)
+    amax = jnp.maximum(amax, AMAX_EPS)
+    y = x * (INT8_MAX / amax)  # multiply by the reciprocal, as SageAttention's CUDA quantiser
+    o_ref[...] = (y + jnp.where(y >= 0, 0.5, -0.5)).astype(jnp.int8)  # cast truncates
+    s_ref[...] = jnp.full((group,), amax / INT8_MAX, jnp.float32)
+
+
+def quantize_int8_rows(
+    x: jax.Array,
+    *,
+    group: int,
+    length: int,
+    mean: jax.Array | None = None,
+    mean_rows: int | None = None,
+    num_warps: int = 4,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """INT8 quantisation of ``x [B, S_pad, H, d]`` in groups of ``group`` rows.
+
+    ``mean [B, n, H, d]`` (fp32) is subtracted first, row r using ``mean[:, r // mean_rows]``;
+    rows ``>= length`` are zeroed. Returns ``int8 [B, S_pad, H, d]`` and the fp32 scale of
+    every row ``[B, H, S_pad]`` (constant over each group; ``[..., ::group]`` is per group).
+    """
+    batch, s_pad, heads, d = x.shape
+    if s_pad % group:
+        raise ValueError(f"padded length {s_pad} is not a multiple of the group size {group}")
+    in_specs = [pl.BlockSpec((None, group, None, d), lambda i, b, h: (b, i, h, 0))]
+    args = [x]
+    if mean is not None:
+        rows = mean_rows or s_pad
+        in_specs.append(pl.BlockSpec((None, None, None, d), lambda i, b, h: (b, (i * group) // rows, h, 0)))
+        args.append(mean.astype(jnp.float32))
+    call = _common.pallas_call(
+        functools.partial(_quant_int8_kernel, group=group, length=length, has_mean=mean is not None),
+        out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.int8),
+                   jax.ShapeDtypeStruct((batch, heads, s_pad), jnp.float32)],
+        grid=(s_pad // group, batch, heads), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, group, None, d), lambda i, b, h: (b, i, h, 0)),
+                   pl.BlockSpec((None, None, group), lambda i, b, h: (b, h, i))],
+        num_warps=num_warps, num_stages=1, interpret=interpret, name="jaxattn_sage_quant_int8")
+    return tuple(call(*args))
+
+
+def quantize_v_fp8(v: jax.Array, kv_pad: int) -> tuple[jax.Array, jax.Array]:
+    """Per-channel e4m3 quantisation of ``v [B, Sk, Hkv, dv]`` (XLA: one reduction and one
+    fused scale/convert/transpose). Returns ``v_fp8 [B, Hkv, dv, kv_pad]`` (padded keys 0)
+    and ``v_scale [B, Hkv, dv]`` fp32."""
+    vf = v.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(vf), axis=1)  # [B, Hkv, dv]
+    nz = amax > 0
+    inv = jnp.where(nz, FP8_MAX / jnp.where(nz, amax, 1.0), 1.0)
+    scale = jnp.where(nz, amax / FP8_MAX, 1.0)
+    v8 = (vf * inv[:, None]).astype(FP8_DTYPE)
+    v8 = _common.pad_axis(v8, 1, kv_pad)
+    return jnp.transpose(v8, (0, 2, 3, 1)), scale
+
+
+def token_mean(x: jax.Array) -> jax.Array:
+    """Per-channel mean over tokens in fp32: ``[B, S, H, d] -> [B, 1, H, d]``."""
+    return jnp.mean(x.astype(jnp.float32), axis=1, keepdims=True)
+
+
+def block_means(x: jax.Array, block: int) -> jax.Array:
+    """Mean of the real rows of each ``block``-row block, fp32: ``[B, S, H, d] ->
+    [B, ceil(S / block), H, d]``."""
+    batch, s, heads, d = x.shape
+    n = -(-s // block)
+    xs = _common.pad_axis(x.astype(jnp.float32), 1, n * block).reshape(batch, n, block, heads, d)
+    counts = jnp.minimum(block, s - block * jnp.arange(n)).astype(jnp.float32)
+    return jnp.sum(xs, axis=2) / counts[None, :, None, None]
+
+
+def smoothing_correction(q_mean: jax.Array, k_smooth: jax.Array, factor: float, kv_pad: int) -> jax.Array:
+    """``factor * q_bar . K~^T`` for every (query block, key): ``q_mean [B, nqb, Hq, d]``,
+    ``k_smooth [B, Sk, Hkv, d]`` fp32 -> ``[B, Hq, nqb, kv_pad]`` fp32 (padded keys 0)."""
+    batch, nqb, hq, d = q_mean.shape
+    hkv = k_smooth.shape[2]
+    qm = q_mean.reshape(batch, nqb, hkv, hq // hkv, d)
+    corr = jnp.einsum("bnhgd,bkhd->bhgnk", qm, k_smooth, precision=lax.Precision.HIGHEST)
+    corr = corr.reshape(batch, hq, nqb, -1) * factor
+    return _common.pad_axis(corr, 3, kv_pad)
+
+
+class Quantized(NamedTuple):
+    """Everything the attention kernel reads, plus the prologue's intermediates."""
+
+    q8: jax.Array  # int8 [B, q_pad, Hq, dp]
+    q_scale: jax.Array  # fp32 [B, Hq, q_pad / q_group] (without sm_scale * log2e)
+    k8: jax.Array  # int8 [B, kv_pad, Hkv, dp]
+    k_scale: jax.Array  # fp32 [B, Hkv, kv_pad / block_k]
+    v8: jax.Array  # e4m3 [B, Hkv, dvp, kv_pad]
+    v_scale: jax.Array  # fp32 [B, Hkv, dvp]
+    k_mean: jax.Array | None  # fp32 [B, 1, Hkv, dp] (smooth_k)
+    q_mean: jax.Array | None  # fp32 [B, q_pad / block_q, Hq, dp] (smooth_q)
+    correction: jax.Array | None  # fp32 [B, Hq, q_pad / block_q, kv_pad], base-2 units (smooth_q)
+
+
+def quantize(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    blocks: Blocks,
+    scale: float,
+    smooth_q: bool,
+    smooth_k: bool,
+    num_warps: int = 4,
+    interpret: bool | None = None,
+) -> Quantized:
+    """The quantisation prologue on head-dim-padded ``q, k, v`` (true sequence lengths)."""
+    q_len, kv_len = q.shape[1], k.shape[1]
+    k_mean = token_mean(k) if smooth_k else None
+    q_mean = block_means(q, blocks.block_q) if smooth_q else None
+    qp = _common.pad_axis(q, 1, blocks.q_pad)
+    kp = _common.pad_axis(k, 1, blocks.kv_pad)
+    q8, q_rows = quantize_int8_rows(qp, group=blocks.q_group, length=q_len, mean=q_mean,
+                                    mean_rows=blocks.block_q, num_warps=num_warps, interpret=interpret)
+    k8, k_rows = quantize_int8_rows(kp, group=blocks.block_k, length=kv_len, mean=k_mean,
+                                    num_warps=num_warps, interpret=interpret)
+    v8, v_scale = quantize_v_fp8(v, blocks.kv_pad)
+    correction = None
+    if smooth_q:
+        k_s = k.astype(jnp.float32) - (k_mean if smooth_k else 0.0)
+        correction = smoothing_correction(q_mean, k_s, scale * LOG2E, blocks.kv_pad)
+    return Quantized(q8, q_rows[..., ::blocks.q_group], k8, k_rows[..., ::blocks.block_k], v8, v_scale,
+                     k_mean, q_mean, correction)
+
+
+# ----------------------------------------------------------------------------
+# Attention kernel.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Trace-time constants. ``causal, q_len, kv_len, q_pad, kv_pad, sparse`` are the fields
+    the flash kernel's ``_block_mask`` / ``_kv_range`` / ``_q_block`` helpers read."""
+
+    causal: bool
+    q_len: int
+    kv_len: int
+    q_pad: int
+    kv_pad: int
+    groups: int  # q heads per kv head
+    block_q: int
+    block_k: int
+    has_corr: bool
+    cfg: SageConfig
+    interpret: bool | None
+    sparse: None = None  # flash's block-sparse layout: never used here
+
+
+def _attn_kernel(*refs, st: _Static):
+    if st.has_corr:
+        q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, corr_ref, o_ref = refs
+    else:
+        q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, o_ref = refs
+        corr_ref = None
+    bq, bk = st.block_q, st.block_k
+    q_start = _flash._q_block(st, pl.program_id(0), bq) * bq
+    q_pos = q_start + jnp.arange(bq)
+    q = q_ref[...]  # int8 [bq, d]
+    qs = qs_ref[...]  # fp32 [bq]: per-row Q scale * sm_scale * log2(e)
+    vs = vs_ref[...]  # fp32 [dv]
+
+    def body(j, carry, masked: bool):
+        acc, m, l = carry
+        k_start = pl.multiple_of(j * bk, bk)
+        ks = pl.ds(k_start, bk)
+        s_int = dot(q, k_ref[ks, :], trans_b=True)  # int32, exact
+        s = s_int.astype(jnp.float32) * (qs * ks_ref[j])[:, None]
+        if st.has_corr:
+            s = s + corr_ref[ks][None, :]
+        if masked:
+            mask = _flash._block_mask(st, q_pos, k_start + jnp.arange(bk), causal=st.causal,
+                                      length=st.kv_len % bk != 0)
+            if mask is not None:
+                s = jnp.where(mask, s, NEG_INF)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1) - P_OFFSET)
+        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+        alpha = jnp.exp2(m - m_safe)
+        p = jnp.exp2(s - m_safe[:, None])  # (0, 448]
+        l = l * alpha + jnp.sum(p, axis=1)
+        pv = dot(p.astype(FP8_DTYPE), v_ref[:, ks], trans_b=True)  # fp8 x fp8 -> fp32, this block only
+        acc = acc * alpha[:, None] + pv * vs[None, :]
+        return acc, m_new, l
+
+    acc = jnp.zeros((bq, v_ref.shape[0]), jnp.float32)
+    m = jnp.full((bq,), NEG_INF, jnp.float32)
+    l = jnp.zeros((bq,), jnp.float32)
+    # Unmasked key blocks first, then the causal diagonal / padded tail; blocks above the
+    # diagonal are skipped.
+    n_full, hi = _flash._kv_range(st, q_start, bq, bk)
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), (acc, m, l))
+    acc, m, l = lax.fori_loop(n_full, hi, functools.partial(body, masked=True), carry)
+    o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+
+
+def _attn_call(st: _Static, qz: Quantized, q_row_scale: jax.Array, out_dtype) -> jax.Array:
+    batch, _, hq, d = qz.q8.shape
+    hkv, dv = qz.k8.shape[2], qz.v8.shape[2]
+    bq, g = st.block_q, st.groups
+    nkb = st.kv_pad // st.block_k
+    qb = functools.partial(_flash._q_block, st, block_q=bq)
+    in_specs = [
+        pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qb(i), h, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i))),
+        pl.BlockSpec((None, st.kv_pad, None, d), lambda i, b, h: (b, 0, h // g, 0)),
+        pl.BlockSpec((None, None, nkb), lambda i, b, h: (b, h // g, 0)),
+        pl.BlockSpec((None, None, dv, st.kv_pad), lambda i, b, h: (b, h // g, 0, 0)),
+        pl.BlockSpec((None, None, dv), lambda i, b, h: (b, h // g, 0)),
+    ]
+    args = [qz.q8, q_row_scale, qz.k8, qz.k_scale, qz.v8, qz.v_scale]
+    if st.has_corr:
+        in_specs.append(pl.BlockSpec((None, None, None, st.kv_pad), lambda i, b, h: (b, h, qb(i), 0)))
+        args.append(qz.correction)
+    call = _common.pallas_call(
+        functools.partial(_attn_kernel, st=st),
+        out_shape=[jax.ShapeDtypeStruct((batch, st.q_pad, hq, dv), out_dtype)],
+        grid=(st.q_pad // bq, batch, hq), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, bq, None, dv), lambda i, b, h: (b, qb(i), h, 0))],
+        num_warps=st.cfg.num_warps, num_stages=st.cfg.num_stages,
+        interpret=st.interpret, name="jaxattn_sage_fwd")
+    return call(*args)[0]
+
+
+class _Options(NamedTuple):
+    causal: bool
+    scale: float
+    granularity: str
+    smooth_q: bool
+    smooth_k: bool
+    cfg: SageConfig
+    interpret: bool | None
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _sage(opts: _Options, q, k, v):
+    q_len, kv_len, hq, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+    dv = v.shape[-1]
+    blocks = resolve_blocks(q_len, kv_len, opts.cfg, opts.granularity)
+    dp, dvp = padded_head_dim(d), padded_head_dim(dv)
+    qz = quantize(_common.pad_axis(q, 3, dp), _common.pad_axis(k, 3, dp), _common.pad_axis(v, 3, dvp),
+                  blocks=blocks, scale=opts.scale, smooth_q=opts.smooth_q, smooth_k=opts.smooth_k,
+                  num_warps=opts.cfg.quant_num_warps, interpret=opts.interpret)
+    q_rows = jnp.repeat(qz.q_scale, blocks.q_group, axis=-1) * (opts.scale * LOG2E)
+    st = _Static(causal=opts.causal, q_len=q_len, kv_len=kv_len, q_pad=blocks.q_pad,
+                 kv_pad=blocks.kv_pad, groups=hq // k.shape[2], block_q=blocks.block_q,
+                 block_k=blocks.block_k, has_corr=opts.smooth_q, cfg=opts.cfg, interpret=opts.interpret)
+    out = _attn_call(st, qz, q_rows, q.dtype)
+    return out[:, :q_len, :, :dv]
+
+
+@_sage.defjvp
+def _sage_jvp(opts, primals, tangents):
+    del opts, primals, tangents
+    raise NotImplementedError(
+        "sage_attention is inference-only: its INT8/FP8 kernel has no gradient. Differentiate "
+        "jaxattn.attention instead (or wrap the inputs in jax.lax.stop_gradient).")
+
+
+def sage_attention_kernel(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    qk_granularity: str = "block",
+    smooth_q: bool = False,
+    smooth_k: bool = True,
+    config: SageConfig | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Quantised attention on already-validated inputs (forward only).
+
+    q ``[B, Sq, Hq, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, Dv]`` (D, Dv <= 128, Hkv
+    divides Hq), one floating dtype. Returns ``[B, Sq, Hq, Dv]`` in q's dtype; a query row
+    with no visible key (causal with Sq > Sk) is zero. Differentiating raises.
+    """
+    if qk_granularity not in GRANULARITIES:
+        raise ValueError(f"qk_granularity must be one of {GRANULARITIES}, got {qk_granularity!r}")
+    cfg = config or sage_config(max(q.shape[-1], v.shape[-1]))
+    scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    opts = _Options(bool(causal), scale, qk_granularity, bool(smooth_q), bool(smooth_k), cfg, interpret)
+    return _sage(opts, q, k, v)
+
+
+def fp8_supported() -> bool:
+    """True on a GPU whose Triton FP8 (e4m3) dots exist: compute capability >= 8.9."""
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        cc = getattr(jax.devices()[0], "compute_capability", "0")
+        major, minor = (int(x) for x in str(cc).split(".")[:2])
+        return (major, minor) >= (8, 9)
+    except Exception:  # noqa: BLE001 - unknown device: let the caller fall back
+        return False
+
+
+__all__ = [
+    "CONFIGS", "FP8_MAX", "P_OFFSET", "Quantized", "SageConfig", "fp8_supported", "quantize",
+    "quantize_int8_rows", "quantize_v_fp8", "resolve_blocks", "sage_attention_kernel", "sage_config",
+]
+
