@@ -62,3 +62,25 @@ def test_config_errors():
         GPTConfig(dim=32, heads=4, kv_heads=3)
     with pytest.raises(ValueError, match="tokens must have shape"):
         _model()(jnp.zeros((4,), jnp.int32))
+
+
+def test_power_layers_cover_full_causal_when_window_spans_sequence():
+    """A PowerAttention layer whose window spans the whole sequence is exactly causal attention;
+    with a short window it differs (so the sparse path really runs)."""
+    import dataclasses
+
+    full = _model()
+    t = jax.random.randint(jax.random.PRNGKey(4), (1, 64), 0, 64)
+    cfg = dataclasses.replace(full.cfg, layer_types=("power",), sparse_block=16, window=64, sink=16)
+    wide = GPT(cfg, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(wide(t), full(t), atol=2e-5)
+    narrow = GPT(dataclasses.replace(cfg, window=16, sink=0), rngs=nnx.Rngs(0))
+    assert np.abs(np.asarray(narrow(t)[:, 40:] - full(t)[:, 40:])).max() > 1e-4
+
+
+def test_registry_builds_gpt_variants():
+    from jaxattn.models import create_model
+
+    m = create_model("power-gpt-tiny", rngs=nnx.Rngs(0), attn_impl="xla")
+    assert [b.attn.kind for b in m.blocks] == ["power", "power", "power", "full"]
+    assert m(jnp.zeros((1, 40), jnp.int32)).shape == (1, 40, 256)

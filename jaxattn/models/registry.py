@@ -8,6 +8,7 @@ from typing import Any
 from flax import nnx
 
 from jaxattn.models.halonet import HALONET_CONFIGS, HaloNet, HaloNetConfig
+from jaxattn.models.gpt import GPT, GPTConfig
 from jaxattn.models.tnl import TNL, TNLConfig
 from jaxattn.models.vit import VIT_CONFIGS, ViT, ViTConfig
 
@@ -21,6 +22,12 @@ MODEL_CONFIGS: dict[str, Any] = {
     "tnl-7b": TNLConfig(vocab_size=64000, dim=4096, layers=30, heads=32, glu_dim=11008),
     # HaloNet: halonet-tiny, halonet-h0..h7 (paper), halonet26t / sehalonet33ts (timm); see halonet.py.
     **HALONET_CONFIGS,
+    # GPT-style decoders (byte-level, CPU-sized): full attention, and a PowerAttention hybrid
+    # (three PowerAttention layers per full-attention layer; B = 16, W = 64, sink 16 tokens).
+    "gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4),
+    "power-gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4,
+                                layer_types=("power", "power", "power", "full"), sparse_block=16, window=64,
+                                sink=16),
     # ViT: vit-tiny (CPU, 32x32 grey digits), vit-ti16 / vit-s16 / vit-b16 (paper / timm); see vit.py.
     **VIT_CONFIGS,
 }
@@ -38,6 +45,8 @@ def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> nnx.Module:
         raise ValueError(f"bad override for {name!r}: {e}") from None
     if isinstance(cfg, TNLConfig):
         return TNL(cfg, rngs=rngs)
+    if isinstance(cfg, GPTConfig):
+        return GPT(cfg, rngs=rngs)
     if isinstance(cfg, HaloNetConfig):
         return HaloNet(cfg, rngs=rngs)
     if isinstance(cfg, ViTConfig):
