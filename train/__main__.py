@@ -1,53 +1,82 @@
-"""``python -m jaxattn.train lm --model tnl-tiny [options]`` (console script ``jaxattn-train``)."""
+"""``python -m jaxattn.train {lm,image} --model NAME [options]`` (console script ``jaxattn-train``)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 
-from jaxattn.train.lm import LMConfig, train
+from jaxattn.train.loop import add_config_args, check_positive, config_from_args
+
+COMPUTE = {"dtype": ["float32", "bfloat16"], "attn_impl": ["auto", "pallas", "xla"]}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def _add_lm(sub) -> None:
+    from jaxattn.train.lm import LMConfig
+
     p = sub.add_parser("lm", help="language modelling (default: TNL on the Python stdlib's bytes)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = LMConfig()
-    p.add_argument("--model", default=d.model, help="a name from jaxattn.models.MODEL_CONFIGS")
-    p.add_argument("--data", default=None,
-                   help="text file or folder (bytes), or .npy tokens; default: the Python stdlib sources")
-    for f in dataclasses.fields(LMConfig):
-        if f.name in ("model", "data"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(d, f.name)
-        typ = {int: int, float: float, str: str}.get(type(default), str)
-        if f.name in ("vocab_size", "out"):
-            typ = int if f.name == "vocab_size" else str
-        kw = dict(choices=["float32", "bfloat16"]) if f.name == "dtype" else {}
-        kw = dict(choices=["auto", "pallas", "xla"]) if f.name == "attn_impl" else kw
-        p.add_argument(flag, type=typ, default=default, **kw)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true")
+    add_config_args(p, LMConfig, choices=COMPUTE, help={
+        "model": "a name from jaxattn.models.MODEL_CONFIGS",
+        "data": "text file or folder (bytes), or .npy tokens; default: the Python stdlib sources"})
+    _common(p)
+
+
+def _add_image(sub) -> None:
+    from jaxattn.train.image import DATASETS, ImageConfig
+
+    p = sub.add_parser("image", help="image classification (default: scikit-learn's digits at 32x32)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_args(p, ImageConfig, choices={**COMPUTE, "dataset": DATASETS, "gates": ["none", "features", "tokens"],
+                                             "gate_mode": ["routed", "joint", "none"]}, help={
+        "model": "an image model from jaxattn.models.MODEL_CONFIGS (vit-tiny, halonet-tiny, ...)",
+        "data": "cifar-10-batches-py/ or cifar-100-python/ folder, or an image folder "
+                "(root/{train,val}/<class>/*.png|jpg, or root/<class>/* split by --val-fraction); "
+                "default: scikit-learn's bundled digits",
+        "dataset": "how to read --data (auto: detect)",
+        "image_size": "images are resized to this (digits: 8x8 upsampled bilinearly)",
+        "val_fraction": "held-out fraction when the data has no test split (digits, one-folder trees)",
+        "label_smoothing": "cross-entropy label smoothing",
+        "crop_padding": "random-crop padding in pixels (default: image_size // 8 for CIFAR and folders, 0 for digits)",
+        "flip": "random horizontal flips (default: on for CIFAR and folders, off for digits)",
+        "eval_batch_size": "batch size of the test-set evaluation",
+        "gates": "hard-attention gates: ViT 'features' (per block branch) or 'tokens'; HaloNet: stage gates",
+        "gate_mode": "routed: gradient routing (gate pass, then backbone pass); joint: one multi_transform step",
+        "gate_lr": "Adam learning rate of the gate parameters"})
+    _common(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxattn.train")
     sub = parser.add_subparsers(dest="task", required=True)
     _add_lm(sub)
+    _add_image(sub)
     args = vars(parser.parse_args(argv))
     task = args.pop("task")
     resume, no_progress = args.pop("resume"), args.pop("no_progress")
     if task == "lm":
-        cfg = LMConfig(**args)
-        for name in ("steps", "seq_len", "batch_size", "grad_accum", "ckpt_every", "log_every"):
-            if getattr(cfg, name) < 1:
-                parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-        try:
-            train(cfg, resume=resume, progress=not no_progress)
-        except ValueError as e:
-            parser.error(str(e))
+        from jaxattn.train.lm import LMConfig, train
+
+        cfg = config_from_args(LMConfig, args)
+        check_positive(parser, cfg, ("steps", "seq_len", "batch_size", "grad_accum", "ckpt_every", "log_every"))
+    else:
+        from jaxattn.train.image import ImageConfig, train
+
+        cfg = config_from_args(ImageConfig, args)
+        check_positive(parser, cfg, ("steps", "image_size", "batch_size", "grad_accum", "ckpt_every", "log_every",
+                                     "eval_batch_size"))
+        check_positive(parser, cfg, ("warmup", "eval_every", "crop_padding"), minimum=0)
+        if not 0 <= cfg.label_smoothing < 1:
+            parser.error(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    try:
+        train(cfg, resume=resume, progress=not no_progress)
+    except ValueError as e:
+        parser.error(str(e))
     return 0
 
 

@@ -1,0 +1,334 @@
+"""Image classification on the shared loop: loaders, augmentation, BatchNorm state, optimizer
+factories, training, exact resume, artefacts, CLI errors."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxattn.train import loop
+from jaxattn.train.image import ImageConfig, train
+from jaxattn.train.images import (ImageData, augment_batch, load_digits, load_images, make_augment,
+                                  random_crop_flip)
+from jaxattn.train.metrics import classification_scores, confusion_matrix
+
+
+class SmallCNN(nnx.Module):
+    """Conv-BN-ReLU x2, 2x2 average pool, linear: the test model (no dependency on registered models)."""
+
+    def __init__(self, rngs: nnx.Rngs, num_classes: int = 10, in_channels: int = 1, width: int = 16,
+                 image_size: int = 16):
+        self.c1 = nnx.Conv(in_channels, width, (3, 3), rngs=rngs)
+        self.bn1 = nnx.BatchNorm(width, momentum=0.8, rngs=rngs)
+        self.c2 = nnx.Conv(width, 2 * width, (3, 3), strides=2, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(2 * width, momentum=0.8, rngs=rngs)
+        self.head = nnx.Linear(2 * width * (image_size // 4) ** 2, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn1(self.c1(x)))
+        x = nnx.avg_pool(nnx.relu(self.bn2(self.c2(x))), (2, 2), (2, 2))
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    return load_digits(16)
+
+
+def small(digits: ImageData, n_train=256, n_test=64) -> ImageData:
+    return ImageData(digits.x_train[:n_train], digits.y_train[:n_train], digits.x_test[:n_test],
+                     digits.y_test[:n_test], digits.classes, digits.source, digits.flip)
+
+
+def icfg(tmp_path, **kw):
+    base = dict(image_size=16, batch_size=16, steps=6, warmup=2, lr=3e-3, eval_every=3, ckpt_every=3,
+                log_every=1, eval_batch_size=64, out=str(tmp_path / "run"))
+    base.update(kw)
+    return ImageConfig(**base)
+
+
+# -- data --------------------------------------------------------------------------------
+def _cifar_rows(n, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+
+
+def _dump(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def test_cifar10_and_cifar100_pickles(tmp_path):
+    c10 = tmp_path / "cifar-10-batches-py"
+    c10.mkdir()
+    rows = {}
+    for i in (1, 2):
+        rows[i] = _cifar_rows(5, i)
+        _dump(c10 / f"data_batch_{i}", {b"data": rows[i], b"labels": [i, 0, 9, 3, i]})
+    test = _cifar_rows(4, 9)
+    test[0, :1024], test[0, 1024:2048], test[0, 2048:] = 10, 20, 30  # R, G, B planes
+    _dump(c10 / "test_batch", {b"data": test, b"labels": [1, 2, 3, 4]})
+    _dump(c10 / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
+    d = load_images(str(c10))
+    assert d.x_train.shape == (10, 32, 32, 3) and d.x_train.dtype == np.uint8
+    assert d.y_train.dtype == np.int32 and d.y_train.tolist() == [1, 0, 9, 3, 1, 2, 0, 9, 3, 2]
+    assert d.x_test.shape == (4, 32, 32, 3) and d.classes[3] == "c3" and d.num_classes == 10 and d.flip
+    assert (d.x_test[0] == np.array([10, 20, 30], np.uint8)).all()
+    np.testing.assert_array_equal(d.x_train[0, 0, :, 0], rows[1][0, :32])  # row-major planes
+    assert load_images(str(c10), image_size=16).x_train.shape == (10, 16, 16, 3)
+
+    c100 = tmp_path / "cifar-100-python"
+    c100.mkdir()
+    _dump(c100 / "train", {b"data": _cifar_rows(6, 3), b"fine_labels": [0, 99, 5, 5, 7, 1],
+                           b"coarse_labels": [0] * 6})
+    _dump(c100 / "test", {b"data": _cifar_rows(2, 4), b"fine_labels": [99, 2], b"coarse_labels": [0, 0]})
+    _dump(c100 / "meta", {b"fine_label_names": [f"f{i}".encode() for i in range(100)]})
+    d = load_images(str(c100))
+    assert d.num_classes == 100 and d.y_train.tolist() == [0, 99, 5, 5, 7, 1] and d.y_test.tolist() == [99, 2]
+    assert d.x_train.shape == (6, 32, 32, 3) and d.classes[99] == "f99"
+    with pytest.raises(ValueError, match="CIFAR-10 needs"):
+        load_images(str(c100), dataset="cifar10")
+
+
+def _png(path, color):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((10, 12, 3), color, np.uint8)).save(path)
+
+
+def test_image_folder_tree_and_single_root(tmp_path, monkeypatch):
+    root = tmp_path / "imgs"
+    for split, n in (("train", 3), ("val", 1)):
+        for c, color in (("cat", (200, 0, 0)), ("dog", (0, 0, 100))):
+            for i in range(n):
+                _png(root / split / c / f"{i}.png", color)
+    d = load_images(str(root), image_size=8)
+    assert d.x_train.shape == (6, 8, 8, 3) and d.x_test.shape == (2, 8, 8, 3) and d.classes == ["cat", "dog"]
+    assert d.y_train.tolist() == [0, 0, 0, 1, 1, 1] and d.y_test.tolist() == [0, 1]
+    assert (d.x_train[0] == [200, 0, 0]).all() and (d.x_test[1] == [0, 0, 100]).all()
+
+    flat = tmp_path / "flat"
+    for c in ("a", "b", "c"):
+        for i in range(5):
+            _png(flat / c / f"{i}.jpg", (i * 10, 50, 50))
+    d1 = load_images(str(flat), image_size=8, val_fraction=0.2)
+    d2 = load_images(str(flat), image_size=8, val_fraction=0.2)
+    assert len(d1.x_train) == 12 and len(d1.x_test) == 3 and d1.num_classes == 3
+    np.testing.assert_array_equal(d1.y_test, d2.y_test)  # the split depends only on the seed
+    with pytest.raises(ValueError, match="no such file"):
+        load_images(str(tmp_path / "missing"))
+    (tmp_path / "empty" / "x").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images"):
+        load_images(str(tmp_path / "empty"))
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(ValueError, match="needs Pillow"):
+        load_images(str(flat))
+
+
+def test_digits_split_normalisation_and_batches(digits16):
+    d = digits16
+    assert d.x_train.shape == (1437, 16, 16, 1) and d.x_test.shape == (360, 16, 16, 1)
+    assert d.x_train.dtype == np.uint8 and not d.flip and d.num_classes == 10
+    assert np.bincount(d.y_test).min() >= 35  # stratified
+    np.testing.assert_array_equal(load_digits(16).y_test, d.y_test)
+    x = d.normalize(d.x_train)
+    assert x.dtype == np.float32
+    np.testing.assert_allclose(x.mean((0, 1, 2)), 0, atol=1e-4)
+    np.testing.assert_allclose(x.std((0, 1, 2)), 1, atol=1e-3)
+    assert load_digits(32).x_train.shape[1:] == (32, 32, 1)
+    b = d.train_batch(seed=3, step=7, batch_size=100)
+    np.testing.assert_array_equal(b["image"], d.train_batch(3, 7, 100)["image"])
+    assert b["image"].shape == (100, 16, 16, 1) and b["label"].dtype == np.int32
+    assert not np.array_equal(b["label"], d.train_batch(3, 8, 100)["label"])
+    # each epoch is a permutation: the first 50 examples of a 50-image set are all of them
+    x = np.zeros((50, 2, 2, 1), np.uint8)
+    x[:, 0, 0, 0] = np.arange(50)
+    ids = ImageData(x, np.arange(50) % 10, x[:5], np.arange(5), d.classes, "ids", False)
+    pos = np.concatenate([ids.train_batch(1, s, 8)["image"][:, 0, 0, 0] for s in range(7)])
+    assert sorted(pos[:50]) == list(range(50)) and len(set(pos[50:])) == 6
+
+
+def test_augmentations():
+    x = jnp.asarray(np.random.default_rng(0).integers(1, 256, (8, 6, 5, 3)), jnp.uint8)
+    key = jax.random.key(1)
+    same = augment_batch(x, key, padding=0, flip=False)
+    np.testing.assert_array_equal(same, x)
+    flipped = np.asarray(augment_batch(x, key, padding=0, flip=True))
+    mirrored = [bool((f == np.asarray(i)[:, ::-1]).all()) for f, i in zip(flipped, x)]
+    kept = [bool((f == np.asarray(i)).all()) for f, i in zip(flipped, x)]
+    assert all(m or k for m, k in zip(mirrored, kept)) and any(mirrored) and any(kept)
+    cropped = np.asarray(augment_batch(x, key, padding=2, flip=False))
+    assert cropped.shape == x.shape and cropped.dtype == np.uint8
+    for c, i in zip(cropped, np.asarray(x)):  # a window of the zero-padded image
+        p = np.pad(i, ((2, 2), (2, 2), (0, 0)))
+        assert any((p[dy:dy + 6, dx:dx + 5] == c).all() for dy in range(5) for dx in range(5))
+    assert len({np.asarray(c).tobytes() for c in cropped}) == 8
+    both = augment_batch(x, key, padding=2, flip=True)
+    np.testing.assert_array_equal(both, augment_batch(x, key, padding=2, flip=True))
+    # the step's keys are a function of (seed, step) only
+    a1, l1 = loop.step_keys(0, 5)
+    a2, _ = loop.step_keys(0, 5)
+    a3, _ = loop.step_keys(0, 6)
+    np.testing.assert_array_equal(augment_batch(x, a1), augment_batch(x, a2))
+    assert not np.array_equal(augment_batch(x, a1), augment_batch(x, a3))
+    assert not np.array_equal(jax.random.key_data(a1), jax.random.key_data(l1))
+    # per-example keys follow global position: the [accum, micro] layout gives the same result
+    aug = make_augment(2, True)
+    flat = loop.apply_augment(aug, {"image": x}, a1)["image"]
+    nested = loop.apply_augment(aug, {"image": x.reshape(2, 4, 6, 5, 3)}, a1, lead_dims=2)["image"]
+    np.testing.assert_array_equal(flat, np.asarray(nested).reshape(x.shape))
+    np.testing.assert_array_equal(random_crop_flip(x[0], key, padding=0, flip=False), x[0])
+
+
+def test_classification_scores_match_sklearn():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 5, 200), rng.integers(0, 4, 200)
+    cm = confusion_matrix(y, p, 6)
+    s = classification_scores(cm)
+    assert cm.sum() == 200 and cm[5].sum() == 0
+    assert s["acc"] == pytest.approx((y == p).mean())
+    assert s["f1"] == pytest.approx(f1_score(y, p, average="macro"))
+
+
+# -- the loop ----------------------------------------------------------------------------
+class Tagged(nnx.Param):
+    """A parameter kind trained by its own optimizer (like gate logits)."""
+
+
+class Gated(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(4, 3, rngs=rngs)
+        self.gate = Tagged(jnp.zeros((4,)))
+
+    def __call__(self, x):
+        return self.lin(x * jax.nn.sigmoid(self.gate[...]))
+
+
+def test_optimizer_factory_multi_transform_and_accumulation():
+    def labels(model):
+        return jax.tree.map(lambda v: "gate" if isinstance(v, Tagged) else "rest", nnx.state(model, nnx.Param),
+                            is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+    def opt(model, gate_lr):
+        return optax.multi_transform({"rest": optax.sgd(0.1), "gate": optax.sgd(gate_lr)}, labels(model))
+
+    def loss_fn(model, batch, rng):
+        return ((model(batch["x"]) - batch["y"]) ** 2).mean()
+
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(8, 4)).astype(np.float32), "y": rng.normal(size=(8, 3)).astype(np.float32)}
+    t = loop.Trainer(Gated, lambda m: opt(m, 0.0), loss_fn, batch_size=8)
+    w0, g0 = np.asarray(t.model.lin.kernel[...]), np.asarray(t.model.gate[...])
+    t.step(batch)
+    assert not np.allclose(t.model.lin.kernel[...], w0)
+    np.testing.assert_array_equal(t.model.gate[...], g0)  # its optimizer has lr 0
+    outs = []
+    for accum in (1, 4):
+        t = loop.Trainer(Gated, lambda m: opt(m, 1.0), loss_fn, batch_size=8, grad_accum=accum)
+        loss = t.step(batch)
+        outs.append((float(loss), np.asarray(t.model.gate[...])))
+    assert not np.allclose(outs[0][1], g0)
+    np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-6)
+    np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="--batch-size 8 must be divisible by --grad-accum 3"):
+        loop.Trainer(Gated, optax.sgd(0.1), loss_fn, batch_size=8, grad_accum=3)
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_improves_batchnorm_and_artifacts(tmp_path, digits16):
+    cfg = icfg(tmp_path, steps=60, batch_size=32, lr=1e-2, warmup=5, eval_every=30, ckpt_every=60, log_every=10,
+               eval_batch_size=128)
+    r = train(cfg, model_factory=SmallCNN, data=digits16, progress=False)
+    acc0, acc = r["history"][0][1]["test_acc"], r["test_acc"]
+    assert acc > acc0 + 0.5 and acc > 0.8, (acc0, acc)  # measured: 0.10 -> 0.94
+    out = tmp_path / "run"
+    for name in ("metrics.csv", "curves.png", "confusion.png", "config.json", "summary.json"):
+        assert (out / name).stat().st_size > 100, name
+    rows = _rows(out / "metrics.csv")
+    assert [r["step"] for r in rows if r["test_acc"]] == ["0", "30", "60"]
+    assert all(r["loss"] and r["train_acc"] and r["lr"] and r["images_per_s"] for r in rows[1:])
+    assert 0 <= float(rows[-1]["test_f1"]) <= 1 and r["confusion"].sum() == 360
+
+    # BatchNorm: running statistics moved away from their init (mean 0, var 1) in training ...
+    t = r["trainer"]
+    bn = t.model.bn1
+    assert np.abs(bn.mean[...]).max() > 1e-3 and np.abs(bn.var[...] - 1).max() > 1e-3
+    # ... and evaluation runs the model in eval mode, on those statistics
+    batch = next(digits16.test_batches(128))[0]
+    x = digits16.normalize(jnp.asarray(batch["image"]))
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    forward = nnx.jit(lambda m, x: m(x))
+    eval_logits = forward(t.eval_model, x)
+    np.testing.assert_allclose(t.eval_step(batch)["loss"], ce(eval_logits, batch["label"]), rtol=1e-5, atol=1e-6)
+    train_mode = t.model
+    train_mode.train()
+    assert not np.allclose(eval_logits, forward(train_mode, x), atol=1e-3)  # batch stats != running stats
+    np.testing.assert_array_equal(t.model.bn1.mean[...], bn.mean[...])  # the trainer's state is untouched
+
+
+def test_resume_is_bit_identical(tmp_path, digits16):
+    d = small(digits16)
+    kw = dict(model_factory=SmallCNN, data=d, progress=False)
+    aug = dict(crop_padding=2, flip=True)  # augmentation randomness must resume exactly too
+    full = train(icfg(tmp_path / "a", **aug), **kw)
+    c = icfg(tmp_path / "b", **aug)
+    assert train(c, stop_after=5, **kw)["stopped_at"] == 5  # step 3 is the last checkpoint
+    resumed = train(c, resume=True, **kw)
+    assert resumed["start"] == 3
+    sa, sb = jax.tree.leaves(full["trainer"].state), jax.tree.leaves(resumed["trainer"].state)
+    assert len(sa) == len(sb)
+    for a, b in zip(sa, sb):  # params, BatchNorm stats, optimizer moments, step
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    def logged(run):  # every column but the wall-clock rate
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(tmp_path / run / "run/metrics.csv")]
+
+    assert logged("a") == logged("b") and len(logged("a")) == 7
+
+
+def test_cli_errors(tmp_path, capsys):
+    from jaxattn.train.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["image", "--model", "no-such-model", "--out", str(tmp_path / "x")])
+    assert "--model 'no-such-model' is not a registered model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["image", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+    assert "no such file or folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["image", "--steps", "0"])
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["image", "--dataset", "cifar10"])
+    assert "needs --data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["image", "--model", "tnl-tiny", "--out", str(tmp_path / "x")])
+    assert "tnl-tiny" in capsys.readouterr().err
+
+
+def test_vit_tiny_cli_runs(tmp_path):
+    from jaxattn.models import MODEL_CONFIGS
+    from jaxattn.train.__main__ import main
+
+    if "vit-tiny" not in MODEL_CONFIGS:
+        pytest.skip("vit-tiny is not registered yet")
+    out = tmp_path / "vit"
+    assert main(["image", "--model", "vit-tiny", "--steps", "2", "--batch-size", "8", "--eval-every", "2", "--image-size", "16",
+                 "--eval-batch-size", "128", "--ckpt-every", "2", "--log-every", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    rows = _rows(out / "metrics.csv")
+    assert rows[-1]["step"] == "2" and rows[-1]["test_acc"] and np.isfinite(float(rows[-1]["loss"]))

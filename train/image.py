@@ -1,0 +1,229 @@
+"""Image classification on the shared loop (:mod:`jaxattn.train.loop`):
+``python -m jaxattn.train image --model vit-tiny [--data cifar-10-batches-py]``.
+
+Cross-entropy (optional label smoothing), AdamW + warmup-cosine with clipping, random crop/flip
+augmentation in the jitted step, test accuracy and macro F1 every ``eval_every`` steps, CSV metrics,
+a loss/accuracy curve PNG, a confusion-matrix PNG, Orbax checkpoints and exact ``--resume``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxattn.train import loop
+from jaxattn.train.images import DATASETS, ImageData, check_data_args, load_images, make_augment, normalize
+from jaxattn.train.metrics import classification_scores, confusion_matrix, plot_confusion
+from jaxattn.train.routing import RoutedTrainer, joint_optimizer
+
+__all__ = ["DATASETS", "ImageConfig", "ImageTrainer", "RoutedImageTrainer", "make_image_trainer", "classification_loss", "evaluate", "train"]
+
+FIELDS = ["step", "loss", "train_acc", "lr", "images_per_s", "test_loss", "test_acc", "test_f1"]
+
+
+@dataclasses.dataclass
+class ImageConfig:
+    model: str = "vit-tiny"
+    data: str | None = None  # None: scikit-learn's digits
+    dataset: str = "auto"
+    image_size: int = 32
+    val_fraction: float = 0.2
+    batch_size: int = 64  # global batch per optimizer step
+    grad_accum: int = 1
+    steps: int = 400
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.01
+    warmup: int = 40
+    weight_decay: float = 0.05
+    clip: float = 1.0
+    label_smoothing: float = 0.0
+    crop_padding: int | None = None  # None: image_size // 8 (0 for digits)
+    flip: bool | None = None  # None: as the dataset says (off for digits)
+    dtype: str = "float32"
+    attn_impl: str = "auto"
+    seed: int = 0
+    eval_every: int = 100
+    eval_batch_size: int = 256
+    ckpt_every: int = 200
+    log_every: int = 10
+    out: str | None = None
+    # hard-attention / feature-selection gates (jaxattn.models.gates): "none", or "features" /
+    # "tokens" (ViT; any value but "none" turns on HaloNet's stage gates), trained with gradient
+    # routing (two passes, separate Adam at gate_lr) or jointly (one pass, optax.multi_transform)
+    gates: str = "none"
+    gate_mode: str = "routed"
+    gate_lr: float = 1e-2
+
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/image-{self.model}")
+
+    def __post_init__(self):
+        if self.gates not in ("none", "features", "tokens"):
+            raise ValueError(f"--gates must be 'none', 'features' or 'tokens', got {self.gates!r}")
+        if self.gate_mode not in ("routed", "joint", "none"):
+            raise ValueError(f"--gate-mode must be 'routed', 'joint' or 'none', got {self.gate_mode!r}")
+
+
+def lr_schedule(cfg: ImageConfig) -> optax.Schedule:
+    return loop.warmup_cosine(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: ImageConfig) -> optax.GradientTransformation:
+    return loop.adamw(lr_schedule(cfg), weight_decay=cfg.weight_decay, clip=cfg.clip, b2=0.999)
+
+
+def classification_loss(model: nnx.Module, batch: dict, mean, std, *, num_classes: int,
+                        label_smoothing: float = 0.0) -> tuple[jax.Array, dict]:
+    """Mean (label-smoothed) cross-entropy of ``model(normalised images)``; metrics ``acc``."""
+    logits = model(normalize(batch["image"], mean, std)).astype(jnp.float32)
+    labels = batch["label"]
+    target = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, target).mean()
+    return loss, {"acc": (logits.argmax(-1) == labels).mean()}
+
+
+class ImageTrainer(loop.Trainer):
+    """:class:`loop.Trainer` for ``data``'s classes: loss, augmentation and eval outputs."""
+
+    def __init__(self, cfg: ImageConfig, data: ImageData, model_factory: Callable[[nnx.Rngs], nnx.Module],
+                 *, optimizer=None, devices=None, **trainer_kw):
+        self.cfg, self.data = cfg, data
+        mean, std, nc, ls = data.mean, data.std, data.num_classes, cfg.label_smoothing
+        padding = (cfg.image_size // 8 if data.crop else 0) if cfg.crop_padding is None else cfg.crop_padding
+        flip = data.flip if cfg.flip is None else cfg.flip
+        self.padding, self.flip = padding, flip
+
+        def loss_fn(model, batch, rng):
+            return classification_loss(model, batch, mean, std, num_classes=nc, label_smoothing=ls)
+
+        def eval_fn(model, batch):
+            logits = model(normalize(batch["image"], mean, std)).astype(jnp.float32)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+            return {"pred": logits.argmax(-1).astype(jnp.int32), "loss": losses}
+
+        super().__init__(model_factory, optimizer or make_optimizer(cfg), loss_fn,
+                         augment=make_augment(padding, flip), eval_fn=eval_fn, batch_size=cfg.batch_size,
+                         grad_accum=cfg.grad_accum, seed=cfg.seed, devices=devices, **trainer_kw)
+
+
+class RoutedImageTrainer(ImageTrainer, RoutedTrainer):
+    """:class:`ImageTrainer` whose step routes gradients between gates and backbone."""
+
+
+def make_image_trainer(cfg: ImageConfig, data: ImageData, model_factory, *, optimizer=None,
+                       devices=None) -> ImageTrainer:
+    """The trainer for ``cfg``'s gate setting: plain, joint (``optax.multi_transform``: Adam at
+    ``gate_lr`` on the gates, AdamW on the rest, one pass) or routed (two passes)."""
+    tx = optimizer or make_optimizer(cfg)
+    gated = cfg.gates != "none" and cfg.gate_mode != "none"
+    if gated and cfg.gate_mode == "routed":
+        return RoutedImageTrainer(cfg, data, model_factory, optimizer=tx, devices=devices,
+                                  gate_optimizer=optax.adam(cfg.gate_lr))
+    if gated:  # joint
+        if not isinstance(tx, optax.GradientTransformation):
+            raise ValueError("gate_mode='joint' needs a plain optax optimizer")
+        return ImageTrainer(cfg, data, model_factory, devices=devices,
+                            optimizer=lambda m: joint_optimizer(m, tx, optax.adam(cfg.gate_lr)))
+    return ImageTrainer(cfg, data, model_factory, optimizer=tx, devices=devices)
+
+
+def evaluate(trainer: loop.Trainer, data: ImageData, batch_size: int) -> tuple[dict[str, float], np.ndarray]:
+    """``({"test_loss", "test_acc", "test_f1"}, confusion matrix)`` over the whole test split."""
+    preds, losses = [], []
+    for batch, k in data.test_batches(batch_size):
+        out = jax.device_get(trainer.eval_step(batch))
+        preds.append(out["pred"][:k])
+        losses.append(out["loss"][:k])
+    cm = confusion_matrix(data.y_test, np.concatenate(preds), data.num_classes)
+    s = classification_scores(cm)
+    return {"test_loss": float(np.concatenate(losses).mean()), "test_acc": s["acc"], "test_f1": s["f1"]}, cm
+
+
+def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rngs], nnx.Module]:
+    from jaxattn.models import create_model
+
+    from jaxattn.models import MODEL_CONFIGS
+
+    extra = {}
+    if cfg.gates != "none":
+        if not hasattr(MODEL_CONFIGS.get(cfg.model), "gates"):
+            raise ValueError(f"--model {cfg.model} has no gates; use a ViT or HaloNet model or --gates none")
+        field = MODEL_CONFIGS[cfg.model].gates
+        extra["gates"] = True if isinstance(field, bool) else cfg.gates
+
+    def factory(rngs):
+        return create_model(cfg.model, rngs=rngs, num_classes=data.num_classes, image_size=data.image_size,
+                            in_channels=data.channels, dtype=cfg.dtype, attn_impl=cfg.attn_impl, **extra)
+
+    return factory
+
+
+def check_model(cfg: ImageConfig) -> None:
+    """A clear error for a model name that is not registered (before any data is read)."""
+    from jaxattn.models import MODEL_CONFIGS
+
+    if cfg.model not in MODEL_CONFIGS:
+        raise ValueError(f"--model {cfg.model!r} is not a registered model; choose one of {sorted(MODEL_CONFIGS)}")
+
+
+def train(cfg: ImageConfig, *, resume: bool = False,
+          model_factory: Callable[[nnx.Rngs], nnx.Module] | None = None,
+          optimizer: optax.GradientTransformation | Callable | None = None, data: ImageData | None = None,
+          stop_after: int | None = None, progress: bool = True) -> dict:
+    """Runs (or resumes) training; returns ``{"out", "trainer", "test_acc", "test_f1", "history", ...}``.
+    ``model_factory``/``optimizer``/``data`` override the model registry, the AdamW of ``cfg``
+    and ``load_images(cfg.data, ...)``."""
+    if data is None:
+        check_data_args(cfg.data, cfg.dataset)
+    if model_factory is None:
+        check_model(cfg)
+    if data is None:
+        data = load_images(cfg.data, dataset=cfg.dataset, image_size=cfg.image_size,
+                           val_fraction=cfg.val_fraction)
+    if data.image_size != cfg.image_size:
+        raise ValueError(f"data images are {data.image_size}px but --image-size is {cfg.image_size}")
+    out = cfg.out_dir()
+    try:
+        trainer = make_image_trainer(cfg, data, model_factory or default_model_factory(cfg, data),
+                                     optimizer=optimizer)
+    except TypeError as e:  # e.g. a registered model that is not an image classifier
+        raise ValueError(f"--model {cfg.model}: cannot build it as an image classifier ({e})") from None
+    last_cm: list[np.ndarray] = []
+
+    def run_eval(step: int) -> dict[str, float]:
+        scores, cm = evaluate(trainer, data, cfg.eval_batch_size)
+        last_cm[:] = [cm]
+        return scores
+
+    config = {**dataclasses.asdict(cfg), "source": data.source, "num_classes": data.num_classes,
+              "classes": data.classes, "crop_padding": trainer.padding, "flip": trainer.flip,
+              "train_images": len(data.x_train), "test_images": len(data.x_test)}
+    result = loop.fit(
+        trainer, lambda step: data.train_batch(cfg.seed, step, cfg.batch_size), steps=cfg.steps, out_dir=out,
+        resume=resume, evaluate=run_eval, eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every,
+        log_every=cfg.log_every, lr_schedule=lr_schedule(cfg), throughput=("images_per_s", lambda b: len(b["label"])),
+        config=config, plot="curves.png", plot_title=f"{cfg.model} on {Path(data.source).name}",
+        plot_metrics=("train_acc", "test_acc", "test_f1"), fields=FIELDS, desc=f"train {cfg.model}",
+        stop_after=stop_after, progress=progress)
+    if "stopped_at" in result:
+        return result
+    if not last_cm or not result["history"] or result["history"][-1][0] != cfg.steps:
+        scores = run_eval(cfg.steps)
+    else:
+        scores = result["history"][-1][1]
+    plot_confusion(last_cm[0], out / "confusion.png", data.classes,
+                   title=f"{cfg.model}: test accuracy {scores['test_acc']:.1%}")
+    summary = {"step": cfg.steps, **scores}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"test accuracy {scores['test_acc']:.2%}  macro F1 {scores['test_f1']:.4f}\n"
+          f"metrics: {result['metrics_csv']}  plots: {out / 'curves.png'}, {out / 'confusion.png'}  "
+          f"checkpoints: {out / 'checkpoints'}")
+    return {**result, **scores, "confusion": last_cm[0], "data": data}

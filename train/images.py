@@ -1,0 +1,319 @@
+"""Image-classification data with no download by default, and JAX augmentations.
+
+* ``digits`` (default): scikit-learn's bundled 8x8 greyscale digits (1797 images, 10 classes),
+  upsampled bilinearly to ``image_size``, split by a fixed seed (stratified) into train and test;
+  no default augmentation (flips change digits' meaning; crops only slow short CPU runs down).
+* CIFAR-10 / CIFAR-100 in their standard python-pickle layout (``cifar-10-batches-py/``:
+  ``data_batch_1..5``, ``test_batch``, ``batches.meta``; ``cifar-100-python/``: ``train``, ``test``,
+  ``meta``, fine labels).
+* An image folder: ``root/{train,val|test}/<class>/*.png|jpg`` or ``root/<class>/*`` split by seed
+  (read with Pillow, converted to RGB, resized to ``image_size``).
+
+Images are held as ``uint8 [N, H, W, C]``; batches are a pure function of ``(seed, step)``
+(a fresh permutation per epoch). Normalisation (per-channel mean/std of the training split) and the
+augmentations (random crop with zero padding, horizontal flip) run in JAX inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+DATASETS = ["auto", "digits", "cifar10", "cifar100", "folder"]
+
+
+@dataclasses.dataclass
+class ImageData:
+    x_train: np.ndarray  # uint8 [N, H, W, C]
+    y_train: np.ndarray  # int32 [N]
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+    source: str
+    flip: bool  # whether horizontal flips preserve labels (the default augmentation)
+    crop: bool = True  # whether random crops are a default augmentation
+    mean: np.ndarray = dataclasses.field(init=False)  # float32 [C], per channel, in [0, 1] units
+    std: np.ndarray = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        for name in ("x_train", "x_test"):
+            x = getattr(self, name)
+            if x.dtype != np.uint8 or x.ndim != 4:
+                raise ValueError(f"{name}: expected uint8 [N, H, W, C], got {x.dtype} {x.shape}")
+        self.y_train = np.asarray(self.y_train, np.int32)
+        self.y_test = np.asarray(self.y_test, np.int32)
+        if len(self.x_train) == 0 or len(self.x_test) == 0:
+            raise ValueError(f"{self.source}: empty train or test split "
+                             f"({len(self.x_train)} / {len(self.x_test)} images)")
+        ys = np.concatenate([self.y_train, self.y_test])
+        if ys.min() < 0 or ys.max() >= len(self.classes):
+            raise ValueError(f"{self.source}: labels outside [0, {len(self.classes)})")
+        x = self.x_train.reshape(-1, self.x_train.shape[-1]).astype(np.float64) / 255.0
+        self.mean = x.mean(0).astype(np.float32)
+        self.std = np.maximum(x.std(0), 1e-3).astype(np.float32)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.x_train.shape[-1]
+
+    def normalize(self, images):
+        """``uint8`` images -> float32 ``(x / 255 - mean) / std`` (NumPy or JAX arrays)."""
+        return normalize(images, self.mean, self.std)
+
+    def train_batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
+        """``{"image": uint8 [B, H, W, C], "label": int32 [B]}``: examples ``step*B .. step*B+B-1``
+        of the stream of per-epoch permutations seeded by ``(seed, epoch)``."""
+        n = len(self.x_train)
+        pos = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+        epochs = pos // n
+        idx = np.empty(batch_size, np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            idx[sel] = _permutation(seed, int(e), n)[pos[sel] % n]
+        return {"image": self.x_train[idx], "label": self.y_train[idx]}
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """The test split in order as ``(batch, n_valid)``; the last batch is padded (with copies of
+        the first image) to ``batch_size`` so that one compiled evaluation serves all batches."""
+        n = len(self.x_test)
+        for s in range(0, n, batch_size):
+            x, y = self.x_test[s:s + batch_size], self.y_test[s:s + batch_size]
+            k = len(x)
+            if k < batch_size:
+                x = np.concatenate([x, np.repeat(self.x_test[:1], batch_size - k, 0)])
+                y = np.concatenate([y, np.repeat(self.y_test[:1], batch_size - k, 0)])
+            yield {"image": x, "label": y}, k
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 0x1A6E]).permutation(n)
+
+
+# -- JAX transforms ------------------------------------------------------------------------
+def normalize(images, mean, std):
+    """``uint8`` (or [0, 255] float) images -> float32 ``(x / 255 - mean) / std`` per channel."""
+    xp = jnp if isinstance(images, jax.Array) else np
+    return ((images.astype(xp.float32) / 255.0 - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32))
+
+
+def random_crop_flip(image: jax.Array, key: jax.Array, *, padding: int = 4, flip: bool = True) -> jax.Array:
+    """One image ``[H, W, C]``: a random ``H x W`` crop of the image zero-padded by ``padding`` on
+    every side, then (with ``flip``) a mirror left-right with probability 1/2."""
+    h, w, _ = image.shape
+    kc, kf = jax.random.split(key)
+    if padding:
+        padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+        dy, dx = jax.random.randint(kc, (2,), 0, 2 * padding + 1)
+        image = jax.lax.dynamic_slice(padded, (dy, dx, 0), (h, w, image.shape[2]))
+    if flip:
+        image = jnp.where(jax.random.bernoulli(kf), image[:, ::-1], image)
+    return image
+
+
+def make_augment(padding: int, flip: bool):
+    """``augment(example, key)`` for the training loop: crop/flip ``example["image"]``; ``None``
+    when both are off."""
+    if not padding and not flip:
+        return None
+
+    def augment(example, key):
+        return {**example, "image": random_crop_flip(example["image"], key, padding=padding, flip=flip)}
+
+    return augment
+
+
+def augment_batch(images: jax.Array, key: jax.Array, *, padding: int = 4, flip: bool = True) -> jax.Array:
+    """:func:`random_crop_flip` over ``images [B, H, W, C]`` with keys ``split(key, B)``, as the
+    training step applies it (with the step's key from :func:`jaxattn.train.loop.step_keys`)."""
+    from jaxattn.train.loop import apply_augment
+
+    aug = make_augment(padding, flip)
+    return images if aug is None else apply_augment(aug, {"image": images}, key)["image"]
+
+
+def resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of ``uint8 [N, H, W, C]`` to ``size x size`` (antialiased when shrinking)."""
+    if images.shape[1:3] == (size, size):
+        return images
+    out = []
+    for s in range(0, len(images), 2048):
+        x = jnp.asarray(images[s:s + 2048], jnp.float32)
+        y = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bilinear")
+        out.append(np.asarray(jnp.clip(jnp.round(y), 0, 255)).astype(np.uint8))
+    return np.concatenate(out)
+
+
+# -- datasets ------------------------------------------------------------------------------
+def load_digits(image_size: int = 32, *, test_fraction: float = 0.2, split_seed: int = 0) -> ImageData:
+    """scikit-learn's digits (0..16 greyscale 8x8) scaled to uint8, upsampled bilinearly, and split
+    (stratified, ``split_seed``) into train and test."""
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise ValueError("the default digits data needs scikit-learn: pip install scikit-learn") from None
+    d = sk_digits()
+    x8 = (d.images * (255.0 / 16.0))[..., None]  # [1797, 8, 8, 1] in [0, 255]
+    x = jax.image.resize(jnp.asarray(x8, jnp.float32), (len(x8), image_size, image_size, 1), "bilinear")
+    x = np.asarray(jnp.clip(jnp.round(x), 0, 255)).astype(np.uint8)
+    tr, te = train_test_split(np.arange(len(x)), test_size=test_fraction, random_state=split_seed,
+                              stratify=d.target)
+    return ImageData(x[tr], d.target[tr], x[te], d.target[te], [str(i) for i in range(10)],
+                     "sklearn-digits", flip=False, crop=False)
+
+
+def _unpickle(path: Path) -> dict:
+    with path.open("rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+
+
+def _cifar_images(d: dict, path: Path) -> np.ndarray:
+    if "data" not in d:
+        raise ValueError(f"{path}: not a CIFAR batch (no 'data' entry)")
+    x = np.asarray(d["data"], np.uint8)
+    if x.ndim != 2 or x.shape[1] != 3072:
+        raise ValueError(f"{path}: CIFAR data must be [N, 3072] uint8, got {x.shape}")
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def _names(meta: Path, key: str, n: int) -> list[str]:
+    if meta.exists():
+        names = _unpickle(meta).get(key)
+        if names is not None:
+            return [s.decode() if isinstance(s, bytes) else str(s) for s in names]
+    return [str(i) for i in range(n)]
+
+
+def load_cifar(path: str | Path, image_size: int = 32, *, kind: str | None = None) -> ImageData:
+    """CIFAR-10 (``data_batch_1..5`` + ``test_batch``) or CIFAR-100 (``train`` + ``test``, fine
+    labels) from the python-pickle folder; ``kind`` is ``"cifar10"``/``"cifar100"`` or detected."""
+    root = Path(path)
+    kind = kind or cifar_kind(root)
+    if kind == "cifar10":
+        files = sorted(root.glob("data_batch_*"))
+        if not files or not (root / "test_batch").exists():
+            raise ValueError(f"--data {root}: CIFAR-10 needs data_batch_1..5 and test_batch")
+        parts = [_unpickle(f) for f in files]
+        x_tr = np.concatenate([_cifar_images(p, f) for p, f in zip(parts, files)])
+        y_tr = np.concatenate([np.asarray(p["labels"]) for p in parts])
+        test = _unpickle(root / "test_batch")
+        x_te, y_te = _cifar_images(test, root / "test_batch"), np.asarray(test["labels"])
+        classes = _names(root / "batches.meta", "label_names", 10)
+    elif kind == "cifar100":
+        if not (root / "train").is_file() or not (root / "test").is_file():
+            raise ValueError(f"--data {root}: CIFAR-100 needs the files train and test")
+        tr, te = _unpickle(root / "train"), _unpickle(root / "test")
+        x_tr, y_tr = _cifar_images(tr, root / "train"), np.asarray(tr["fine_labels"])
+        x_te, y_te = _cifar_images(te, root / "test"), np.asarray(te["fine_labels"])
+        classes = _names(root / "meta", "fine_label_names", 100)
+    else:
+        raise ValueError(f"unknown CIFAR kind {kind!r}")
+    return ImageData(resize(x_tr, image_size), y_tr, resize(x_te, image_size), y_te, classes, str(root), flip=True)
+
+
+def cifar_kind(root: Path) -> str | None:
+    if (root / "data_batch_1").is_file() or (root / "test_batch").is_file():
+        return "cifar10"
+    if (root / "train").is_file() and (root / "test").is_file():
+        return "cifar100"
+    return None
+
+
+def _read_class_tree(root: Path, image_size: int, classes: list[str] | None = None):
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ValueError("reading an image folder needs Pillow: pip install pillow") from None
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    classes = classes or found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f"{root}: classes {unknown} are not in the training split's {classes}")
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        d = root / name
+        if not d.is_dir():
+            continue
+        for f in sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                if im.size != (image_size, image_size):
+                    im = im.resize((image_size, image_size), Image.BILINEAR)
+                xs.append(np.asarray(im, np.uint8))
+            ys.append(label)
+    if not xs:
+        raise ValueError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in class folders")
+    return np.stack(xs), np.asarray(ys, np.int32), classes
+
+
+def load_image_folder(path: str | Path, image_size: int = 32, *, val_fraction: float = 0.2,
+                      split_seed: int = 0) -> ImageData:
+    """``root/train/<class>/*`` with ``root/val`` (or ``root/test``) of the same classes, or a single
+    ``root/<class>/*`` tree whose images are split by ``split_seed`` (``val_fraction`` held out)."""
+    root = Path(path)
+    val = next((root / v for v in ("val", "test") if (root / v).is_dir()), None)
+    if (root / "train").is_dir() and val is not None:
+        x_tr, y_tr, classes = _read_class_tree(root / "train", image_size)
+        x_te, y_te, _ = _read_class_tree(val, image_size, classes)
+    else:
+        if not any(p.is_dir() for p in root.iterdir()):
+            raise ValueError(f"--data {root}: expected class folders (root/<class>/*.png) or "
+                             "root/train/<class>/ and root/val/<class>/")
+        x, y, classes = _read_class_tree(root, image_size)
+        perm = np.random.default_rng(split_seed).permutation(len(x))
+        n_te = max(1, int(round(len(x) * val_fraction)))
+        if n_te >= len(x):
+            raise ValueError(f"--data {root}: {len(x)} images are too few to hold out {val_fraction:.0%}")
+        te, tr = np.sort(perm[:n_te]), np.sort(perm[n_te:])
+        x_tr, y_tr, x_te, y_te = x[tr], y[tr], x[te], y[te]
+    return ImageData(x_tr, y_tr, x_te, y_te, classes, str(root), flip=True)
+
+
+def load_images(data: str | None = None, *, dataset: str = "auto", image_size: int = 32,
+                val_fraction: float = 0.2, split_seed: int = 0) -> ImageData:
+    """The dataset named by ``dataset`` (``auto``: digits without ``data``, else detected from the
+    folder's files)."""
+    check_data_args(data, dataset)
+    if data is None:
+        return load_digits(image_size, test_fraction=val_fraction, split_seed=split_seed)
+    root = Path(data)
+    if dataset == "auto":
+        dataset = cifar_kind(root) or "folder"
+    if dataset in ("cifar10", "cifar100"):
+        return load_cifar(root, image_size, kind=dataset)
+    return load_image_folder(root, image_size, val_fraction=val_fraction, split_seed=split_seed)
+
+
+def check_data_args(data: str | None, dataset: str = "auto") -> None:
+    """Cheap checks of ``--data``/``--dataset`` before anything is read."""
+    if dataset not in DATASETS:
+        raise ValueError(f"--dataset {dataset!r}: choose one of {DATASETS}")
+    if data is None:
+        if dataset not in ("auto", "digits"):
+            raise ValueError(f"--dataset {dataset} needs --data PATH")
+        return
+    if dataset == "digits":
+        raise ValueError("--dataset digits is bundled with scikit-learn and takes no --data")
+    root = Path(data)
+    if not root.exists():
+        raise ValueError(f"--data {data}: no such file or folder")
+    if not root.is_dir():
+        raise ValueError(f"--data {data}: expected a folder (CIFAR python batches or class folders)")

@@ -1,0 +1,367 @@
+"""One training loop for every task: a jitted data-parallel Optax step with gradient accumulation,
+per-example JAX augmentation, deterministic per-step randomness, Orbax checkpoints with exact resume,
+and a ``fit`` driver (progress bar, periodic evaluation, CSV metrics, final plot).
+
+A task supplies
+
+* ``model_factory(rngs) -> nnx.Module``;
+* ``optimizer``: an ``optax.GradientTransformation`` or ``optimizer_factory(model) -> tx`` (e.g. an
+  ``optax.multi_transform`` whose labels are read from the model's parameters);
+* ``loss_fn(model, batch, rng) -> loss`` or ``(loss, {name: scalar})``, called on the model in train mode;
+* optionally ``augment(example, rng) -> example`` (one example, no batch axis; vmapped over the batch
+  inside the step) and ``eval_fn(model, batch) -> pytree`` (called on the model in eval mode).
+
+Batches are pytrees of arrays whose leading axis is the global batch. Everything random in a step
+(augmentation, the ``rng`` handed to ``loss_fn``) is derived from ``(seed, step)``, with ``step`` read
+from the optimizer's counter in the checkpointed state, and data order is the task's pure function of
+``(seed, step)``, so a run resumed from a checkpoint reproduces the uninterrupted one exactly.
+
+Model state that is not an ``nnx.Param`` (BatchNorm running statistics, RNG counters) is carried
+through the step (sequentially over micro-batches), updated, and checkpointed with the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+import types
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxattn.train.metrics import MetricsLog, plot_curves
+
+Batch = Any  # pytree of arrays, leading axis = examples
+LossFn = Callable[[nnx.Module, Batch, jax.Array], "jax.Array | tuple[jax.Array, dict[str, jax.Array]]"]
+
+
+# -- optimizers ---------------------------------------------------------------------------
+def warmup_cosine(lr: float, warmup: int, steps: int, min_lr_ratio: float = 0.1) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr`` over ``warmup`` steps, cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1), lr * min_lr_ratio)
+
+
+def adamw(schedule: optax.Schedule | float, *, weight_decay: float = 0.1, clip: float | None = 1.0,
+          b1: float = 0.9, b2: float = 0.95) -> optax.GradientTransformation:
+    """Global-norm clipping (if ``clip``) then AdamW."""
+    tx = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+
+
+def step_keys(seed: int, step) -> tuple[jax.Array, jax.Array]:
+    """``(augment_key, loss_key)`` of a step: a pure function of ``(seed, step)``."""
+    k = jax.random.fold_in(jax.random.key(seed), step)
+    return jax.random.fold_in(k, 0), jax.random.fold_in(k, 1)
+
+
+def apply_augment(augment: Callable[[Any, jax.Array], Any], batch: Batch, key: jax.Array,
+                  lead_dims: int = 1) -> Batch:
+    """Applies the per-example ``augment(example, key)`` to every example of ``batch``, whose
+    examples lie over ``lead_dims`` leading axes (``[B]``, or ``[accum, micro]`` in the step).
+    Example ``i`` in row-major order gets ``split(key, B)[i]``, so the result depends only on
+    ``key`` and the example's global position, not on the accumulation layout."""
+    shape = jax.tree.leaves(batch)[0].shape[:lead_dims]
+    keys = jax.random.split(key, math.prod(shape)).reshape(shape)
+    fn = augment
+    for _ in range(lead_dims):
+        fn = jax.vmap(fn)
+    return fn(batch, keys)
+
+
+# -- the trainer --------------------------------------------------------------------------
+class Trainer:
+    """Holds ``(model, optimizer)`` state as one pytree, replicated over a 1-D ``data`` mesh of
+    ``devices``, and jitted train/eval steps with the batch sharded over it.
+
+    ``batch_size`` is the global batch of one optimizer step (all devices, all micro-batches); it
+    must be divisible by ``grad_accum * len(devices)``. Gradients (and the loss and metrics) are
+    averaged over the ``grad_accum`` micro-batches.
+
+    To change how gradients are computed (e.g. routed gradients for gate parameters), subclass and
+    override :meth:`grads`.
+    """
+
+    def __init__(self, model_factory: Callable[[nnx.Rngs], nnx.Module],
+                 optimizer: optax.GradientTransformation | Callable[[nnx.Module], optax.GradientTransformation],
+                 loss_fn: LossFn, *, batch_size: int, grad_accum: int = 1, seed: int = 0,
+                 augment: Callable[[Any, jax.Array], Any] | None = None,
+                 eval_fn: Callable[[nnx.Module, Batch], Any] | None = None,
+                 devices: Sequence[Any] | None = None, wrt: Any = nnx.Param):
+        devices = list(devices or jax.local_devices())
+        if grad_accum < 1 or batch_size < 1 or batch_size % (grad_accum * len(devices)):
+            raise ValueError(f"--batch-size {batch_size} must be divisible by --grad-accum "
+                             f"{grad_accum} x {len(devices)} devices")
+        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.loss_fn, self.augment, self.wrt = loss_fn, augment, wrt
+        self.eval_fn = eval_fn or self._default_eval
+        self.mesh = Mesh(np.array(devices), ("data",))
+        self.n_devices = len(devices)
+        model = model_factory(nnx.Rngs(seed))
+        tx = optimizer if isinstance(optimizer, optax.GradientTransformation) else optimizer(model)
+        opt = nnx.Optimizer(model, tx, wrt=wrt)
+        self.graphdef, state = nnx.split((model, opt))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P(None, "data"))  # [accum, micro, ...]
+        self.eval_sharding = NamedSharding(self.mesh, P("data"))
+        self.state = jax.device_put(state, self.replicated)
+        self._train = jax.jit(self._train_step, donate_argnums=0,
+                              out_shardings=(self.replicated, self.replicated))
+        self._eval = jax.jit(self._eval_step)
+
+    # -- views of the state ----------------------------------------------------------------
+    @property
+    def model(self) -> nnx.Module:
+        """The model: a fresh object over the current state's arrays (its own Variables, so calling
+        it in train mode does not touch the trainer's BatchNorm statistics)."""
+        return nnx.merge(self.graphdef, self.state, copy=True)[0]
+
+    @property
+    def eval_model(self) -> nnx.Module:
+        """The model in eval mode (``deterministic=True``, ``use_running_average=True``)."""
+        m = self.model
+        m.eval()
+        return m
+
+    @property
+    def step_count(self) -> int:
+        return int(nnx.merge(self.graphdef, self.state, copy=True)[1].step[...])
+
+    # -- the step ---------------------------------------------------------------------------
+    def grads(self, graphdef, params, rest, micro: Batch, key: jax.Array):
+        """``((loss, (metrics, new_rest)), grads)`` for one micro-batch; ``graphdef/params/rest``
+        is the split ``(model in train mode, wrt, ...)``. Override to route gradients."""
+
+        def loss_of(p, r):
+            model = nnx.merge(graphdef, p, r, copy=True)  # fresh Variables at this trace level
+            out = self.loss_fn(model, micro, key)
+            loss, metrics = out if isinstance(out, tuple) else (out, {})
+            return loss.astype(jnp.float32), (metrics, nnx.split(model, self.wrt, ...)[2])
+
+        return jax.value_and_grad(loss_of, has_aux=True)(params, rest)
+
+    def _train_step(self, state, batch):
+        model, optimizer = nnx.merge(self.graphdef, state)
+        model.train()
+        gdef, params, rest = nnx.split(model, self.wrt, ...)
+        aug_key, loss_key = step_keys(self.seed, optimizer.step[...])
+        if self.augment is not None:
+            batch = apply_augment(self.augment, batch, aug_key, lead_dims=2)
+        n = self.grad_accum
+
+        def micro_step(carry, xs):
+            grads_sum, rest = carry
+            micro, i = xs
+            (loss, (metrics, rest)), grads = self.grads(gdef, params, rest, micro,
+                                                         jax.random.fold_in(loss_key, i))
+            return (jax.tree.map(jnp.add, grads_sum, grads), rest), (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, rest), (losses, metrics) = jax.lax.scan(micro_step, (zeros, rest), (batch, jnp.arange(n)))
+        grads = jax.tree.map(lambda g: g / n, grads)
+        nnx.update(model, rest)
+        optimizer.update(model, grads)
+        out = {"loss": losses.sum() / n, **{k: jnp.mean(v.astype(jnp.float32), 0) for k, v in metrics.items()}}
+        return nnx.state((model, optimizer)), out
+
+    def _default_eval(self, model, batch):
+        out = self.loss_fn(model, batch, jax.random.key(0))
+        loss, metrics = out if isinstance(out, tuple) else (out, {})
+        return {"loss": loss, **metrics}
+
+    def _eval_step(self, state, batch):
+        model = nnx.merge(self.graphdef, state)[0]
+        model.eval()
+        return self.eval_fn(model, batch)
+
+    def train_step(self, batch: Batch) -> dict[str, jax.Array]:
+        """One optimizer step on a global batch; returns ``{"loss": ..., **metrics}`` (device arrays,
+        averaged over micro-batches) without waiting for them."""
+        a = self.grad_accum
+        batch = jax.tree.map(lambda x: np.asarray(x).reshape(a, x.shape[0] // a, *x.shape[1:]), batch)
+        batch = jax.device_put(batch, self.batch_sharding)
+        self.state, out = self._train(self.state, batch)
+        return out
+
+    def step(self, batch: Batch) -> jax.Array:
+        """:meth:`train_step`'s loss."""
+        return self.train_step(batch)["loss"]
+
+    def eval_step(self, batch: Batch) -> Any:
+        """``eval_fn(model in eval mode, batch)`` (jitted); the batch is sharded over devices when its
+        size divides evenly, else replicated."""
+        n = jax.tree.leaves(batch)[0].shape[0]
+        batch = jax.device_put(batch, self.eval_sharding if n % self.n_devices == 0 else self.replicated)
+        return self._eval(self.state, batch)
+
+    # -- checkpoints: the state's leaves in order -----------------------------------------
+    def save(self, manager, step: int) -> None:
+        import orbax.checkpoint as ocp
+
+        leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(self.state))}
+        manager.save(step, args=ocp.args.StandardSave(leaves))
+
+    def restore(self, manager, step: int) -> None:
+        import orbax.checkpoint as ocp
+
+        leaves, treedef = jax.tree.flatten(self.state)
+        target = {str(i): np.asarray(x) for i, x in enumerate(leaves)}
+        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+        self.state = jax.device_put(
+            jax.tree.unflatten(treedef, [jnp.asarray(restored[str(i)]) for i in range(len(leaves))]),
+            self.replicated)
+
+
+def checkpoint_manager(out_dir: Path, max_to_keep: int = 3):
+    """Orbax manager for ``out_dir/checkpoints``."""
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager((Path(out_dir) / "checkpoints").absolute(),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+
+# -- the driver ----------------------------------------------------------------------------
+def _fmt(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def fit(trainer: Trainer, batch_fn: Callable[[int], Batch], *, steps: int, out_dir: str | Path,
+        resume: bool = False, evaluate: Callable[[int], dict[str, float]] | None = None,
+        eval_every: int = 0, ckpt_every: int = 100, log_every: int = 10,
+        lr_schedule: optax.Schedule | None = None,
+        throughput: tuple[str, Callable[[Batch], int]] | None = None,
+        config: dict | None = None, plot: str | None = "loss.png", plot_title: str = "",
+        plot_metrics: Sequence[str] = (), fields: Sequence[str] = (), desc: str = "train",
+        stop_after: int | None = None, progress: bool = True) -> dict:
+    """Trains ``trainer`` to ``steps`` on ``batch_fn(step)`` (a pure function of the step), or
+    resumes from the latest checkpoint in ``out_dir/checkpoints`` with ``resume``.
+
+    Every ``log_every`` steps logs the step's outputs (``loss``, other metrics as ``train_<name>``,
+    ``lr`` from ``lr_schedule``, the ``throughput`` rate); ``evaluate(step) -> {name: value}`` runs at
+    step 0 (fresh runs), every ``eval_every`` steps and at the end, its values logged as they are
+    named. Rows go to ``out_dir/metrics.csv`` (truncated to the restored step on resume). Checkpoints
+    every ``ckpt_every`` steps and at the end; ``config`` is written to ``out_dir/config.json``; the
+    curves to ``out_dir/<plot>`` (loss panel + a panel of ``plot_metrics``).
+
+    ``stop_after`` returns right after that step without a final checkpoint, as a kill would (tests).
+    Returns ``{"out", "trainer", "final_loss", "history": [(step, eval_metrics)], "start"}`` or,
+    when stopped, ``{"stopped_at", "trainer"}``.
+    """
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manager = checkpoint_manager(out)
+    start = 0
+    if resume and manager.latest_step() is not None:
+        start = int(manager.latest_step())
+        trainer.restore(manager, start)
+        print(f"resumed from step {start} in {out / 'checkpoints'}")
+    elif resume:
+        print(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from scratch")
+    if config is not None:
+        (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    log = MetricsLog(out, resume_step=start if start else None, fields=fields or None)
+    rate_name, count = throughput or (None, None)
+
+    history: list[tuple[int, dict[str, float]]] = []
+    last_loss = math.nan
+    t0, seen = time.perf_counter(), 0
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc=desc, unit="step")
+    if start == 0 and eval_every and evaluate is not None:
+        ev = evaluate(0)
+        history.append((0, ev))
+        log.log(step=0, **ev)
+    for step in bar:
+        batch = batch_fn(step)
+        outs = trainer.train_step(batch)
+        if count is not None:
+            seen += count(batch)
+        done = step + 1
+        row: dict[str, Any] = {}
+        if done % log_every == 0 or done == steps:
+            vals = {k: float(v) for k, v in jax.device_get(outs).items()}
+            last_loss = vals.pop("loss")
+            row.update(step=done, loss=last_loss, **{f"train_{k}": v for k, v in vals.items()})
+            post = {"loss": f"{last_loss:.3f}"}
+            if lr_schedule is not None:
+                row["lr"] = float(lr_schedule(step))
+            if rate_name:
+                row[rate_name] = seen / (time.perf_counter() - t0)
+                post[rate_name.split("_")[0]] = f"{row[rate_name]:,.0f}/s"
+            bar.set_postfix(post)
+        if evaluate is not None and eval_every and (done % eval_every == 0 or done == steps):
+            ev = evaluate(done)
+            history.append((done, ev))
+            row.update(step=done, **ev)
+            bar.write(f"step {done}: {_fmt(ev)}")
+        if row:
+            log.log(**row)
+        if done % ckpt_every == 0 and done != steps:
+            trainer.save(manager, done)
+        if stop_after is not None and done >= stop_after:
+            manager.wait_until_finished()
+            return {"stopped_at": done, "trainer": trainer}
+    bar.close()
+    if manager.latest_step() != steps:
+        trainer.save(manager, steps)
+    manager.wait_until_finished()
+    if plot:
+        plot_curves(log.path, out / plot, title=plot_title, metrics=plot_metrics)
+    return {"out": str(out), "trainer": trainer, "final_loss": last_loss, "history": history,
+            "start": start, "metrics_csv": str(log.path)}
+
+
+# -- command lines from config dataclasses --------------------------------------------------
+def _field_type(hint) -> tuple[type, bool]:
+    """``(base type, optional)`` of a type hint such as ``int``, ``str | None``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return (args[0] if len(args) == 1 else str), True
+    return hint, False
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[str] = (),
+                    help: dict[str, str] | None = None, choices: dict[str, Sequence[str]] | None = None) -> None:
+    """One ``--flag-name`` per field of the dataclass ``cls`` with its default and type (``int``,
+    ``float``, ``str``, their ``| None`` forms, ``bool`` as ``--x/--no-x``)."""
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    help, choices = help or {}, choices or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        typ, _ = _field_type(hints[f.name])
+        kw: dict[str, Any] = dict(default=getattr(default, f.name), help=help.get(f.name, "default: %(default)s"))
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = typ if typ in (int, float, str) else str
+            if f.name in choices:
+                kw["choices"] = list(choices[f.name])
+        parser.add_argument(flag, **kw)
+
+
+def config_from_args(cls: type, args: dict[str, Any]):
+    """Builds ``cls`` from the parsed arguments that name its fields (others are ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in args.items() if k in names})
+
+
+def check_positive(parser: argparse.ArgumentParser, cfg, names: Iterable[str], minimum: int = 1) -> None:
+    """``parser.error`` unless each named field of ``cfg`` is ``>= minimum``."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v is not None and v < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {v}")
