@@ -38,10 +38,10 @@ class ImageConfig:
     val_fraction: float = 0.2
     batch_size: int = 64  # global batch per optimizer step
     grad_accum: int = 1
-    steps: int = 400
-    lr: float = 1e-3
+    steps: int = 300
+    lr: float = 3e-3
     min_lr_ratio: float = 0.01
-    warmup: int = 40
+    warmup: int = 30
     weight_decay: float = 0.05
     clip: float = 1.0
     label_smoothing: float = 0.0
@@ -52,7 +52,7 @@ class ImageConfig:
     seed: int = 0
     eval_every: int = 100
     eval_batch_size: int = 256
-    ckpt_every: int = 200
+    ckpt_every: int = 100
     log_every: int = 10
     out: str | None = None
     # hard-attention / feature-selection gates (jaxattn.models.gates): "none", or "features" /
