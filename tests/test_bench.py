@@ -45,6 +45,7 @@ def test_table_reports_failures_with_reason():
     assert "ValueError: nope" in table and "1.00x" in table
 
 
+@pytest.mark.slow  # whole-model compile; the models' own tests cover correctness
 def test_tnl_training_throughput_cli(tmp_path, capsys):
     path = tmp_path / "tnl.json"
     assert main(["tnl", "--model", "tnl-tiny", "--batch", "2", "--seq", "32", "--dtype", "float32",
@@ -54,6 +55,7 @@ def test_tnl_training_throughput_cli(tmp_path, capsys):
     assert rec["tokens_per_s"] > 0 and rec["params"] > 0 and rec["loss"] == rec["loss"]
 
 
+@pytest.mark.slow  # whole-model compile; the models' own tests cover correctness
 def test_vision_inference_quantized_cli(tmp_path, capsys):
     path = tmp_path / "vision.json"
     assert main(["vision", "--train-models", "--infer-models", "vit-tiny", "--json", str(path)]) == 0
