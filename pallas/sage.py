@@ -328,7 +328,7 @@ def _attn_kernel(*refs, st: _Static):
 
 def _attn_call(st: _Static, qz: Quantized, q_row_scale: jax.Array, out_dtype) -> jax.Array:
     batch, _, hq, d = qz.q8.shape
-    hkv, dv = qz.k8.shape[2], qz.v8.shape[2]
+    dv = qz.v8.shape[2]
     bq, g = st.block_q, st.groups
     nkb = st.kv_pad // st.block_k
     qb = functools.partial(_flash._q_block, st, block_q=bq)

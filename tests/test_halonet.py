@@ -17,7 +17,7 @@ from flax import nnx
 from conftest import assert_close
 from jaxattn.models import (MODEL_CONFIGS, HaloAttn, HaloNetConfig, create_model, load_timm_state_dict,
                             to_timm_state_dict)
-from jaxattn.models.halonet import _timm_variables, param_count
+from jaxattn.models.halonet import param_count, timm_variables
 from jaxattn.reference import halo as halo_ref
 
 F32 = jnp.float32
@@ -143,7 +143,7 @@ def test_registry_builds_abstractly_with_published_param_counts(name):
         assert n == EXACT[name]
     else:
         assert abs(n / 1e6 - PAPER_M[name]) < 0.06, n
-    keys = {k for k, _, _ in _timm_variables(model)}
+    keys = {k for k, _, _ in timm_variables(model)}
     if name == "sehalonet33ts":  # timm state_dict names (SE, final conv, strided halo block)
         assert {"stem.conv3.conv.weight", "stages.1.0.attn.fc1.weight", "stages.1.2.self_attn.kv.weight",
                 "stages.3.0.self_attn.pos_embed.height_rel", "stages.3.0.post_attn.running_var",

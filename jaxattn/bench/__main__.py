@@ -47,18 +47,24 @@ def format_table(records: list[dict]) -> str:
     return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-def _common(p: argparse.ArgumentParser, seqs: list[int], tokens: int) -> None:
-    p.add_argument("--seqs", type=int, nargs="+", default=seqs)
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+def _sweep(p: argparse.ArgumentParser, warmup: int = 3, runs: int = 20) -> None:
+    """Options of every sweep: dtypes, modes, timing, smoke, JSON, progress."""
     p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    p.add_argument("--tokens", type=int, default=tokens, help="batch * seq per case")
-    p.add_argument("--model-dim", type=int, default=2048, help="heads * head_dim per case")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--runs", type=int, default=runs)
     p.add_argument("--smoke", action="store_true", help="tiny sweep (the default without a GPU)")
     p.add_argument("--json", metavar="PATH", help="also write the records and device info as JSON")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _common(p: argparse.ArgumentParser, seqs: list[int], tokens: int) -> None:
+    """A sequence-length sweep at fixed tokens per case and model width."""
+    p.add_argument("--seqs", type=int, nargs="+", default=seqs)
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--tokens", type=int, default=tokens, help="batch * seq per case")
+    p.add_argument("--model-dim", type=int, default=2048, help="heads * head_dim per case")
+    _sweep(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,13 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy table")
     p = sub.add_parser("halo", help="HaloNet attention vs the XLA unfold formulation and timm")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--smoke", action="store_true", help="tiny sweep (the default without a GPU)")
-    p.add_argument("--json", metavar="PATH", help="also write the records and device info as JSON")
-    p.add_argument("--no-progress", action="store_true")
+    _sweep(p)
     p = sub.add_parser("sparse", help="block-sparse PowerAttention / sliding window vs full flash, FlexAttention")
     p.add_argument("--seqs", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
     p.add_argument("--patterns", nargs="+", default=["power", "window", "causal"], choices=["power", "window", "causal"])
@@ -93,13 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--block", type=int, default=256, help="PowerAttention block size B")
     p.add_argument("--power-window", type=int, default=None, help="tokens (default 5 B)")
     p.add_argument("--sw-window", type=int, default=4096, help="sliding window, tokens")
-    p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--smoke", action="store_true", help="tiny sweep (the default without a GPU)")
-    p.add_argument("--json", metavar="PATH", help="also write the records and device info as JSON")
-    p.add_argument("--no-progress", action="store_true")
+    _sweep(p, warmup=2, runs=10)
     p = sub.add_parser("vision", help="images/s: training step (HaloNet-H0, ViT-S), inference quantized vs not")
     p.add_argument("--train-models", nargs="*", default=None, help="default: halonet-h0 vit-s16 (GPU), tiny (CPU)")
     p.add_argument("--infer-models", nargs="*", default=None, help="default: vit-b16 (GPU), vit-tiny (CPU)")

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 import jaxattn
 from jaxattn.bench import runner
@@ -53,10 +52,7 @@ def smoke_cases():
 
 
 def inputs(case: Case) -> tuple:
-    ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    shape = (case.batch, case.seq, case.heads, case.head_dim)
-    dt = jnp.dtype(case.dtype)
-    return tuple(jax.random.normal(k, shape, jnp.float32).astype(dt) for k in ks)  # q, k, v, dO
+    return runner.normal_inputs(case)  # q, k, v, dO
 
 
 def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
@@ -67,8 +63,7 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         "xla": lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="xla"),
     }
     if not interpret:
-        ops["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=c, scale=scale, implementation="cudnn")
+        ops["cudnn"] = runner.cudnn_attention(c, case.head_dim)
     try:
         from jax.experimental.pallas.ops.gpu import attention as jax_pallas
 
@@ -89,7 +84,7 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
         return {}
     if not torch.cuda.is_available() or case.dtype == "float32":
         return {}
-    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[case.dtype]
+    dt = runner.torch_dtype(torch, case.dtype)
     shape = (case.batch, case.heads, case.seq, case.head_dim)
     q, k, v, do = (torch.randn(shape, device="cuda", dtype=dt, requires_grad=True) for _ in range(4))
 

@@ -96,7 +96,7 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
         return {}
     if not torch.cuda.is_available() or case.stride != 1:
         return {}
-    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[case.dtype]
+    dt = runner.torch_dtype(torch, case.dtype)
     b, hh, heads, bs, halo, win = case.batch, case.size, case.heads, case.block, case.halo, case.win
     d = case.dim // heads
     nb = (hh // bs) ** 2

@@ -49,10 +49,7 @@ def smoke_cases():
 
 
 def inputs(case: Case) -> tuple:
-    ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    shape = (case.batch, case.seq, case.heads, case.head_dim)
-    dt = jnp.dtype(case.dtype)
-    q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(dt) for kk in ks)
+    q, k, v, do = runner.normal_inputs(case)
     q, k = q * case.head_dim ** -0.5, k * case.head_dim ** -0.5
     return q, k, v, jnp.asarray(tnl_slopes(case.heads), jnp.float32), do
 
@@ -78,7 +75,7 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
         return {}
     if not torch.cuda.is_available() or case.dtype == "float32":
         return {}
-    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[case.dtype]
+    dt = runner.torch_dtype(torch, case.dtype)
     b, n, h, d = case.batch, case.seq, case.heads, case.head_dim
     slopes = torch.tensor(tnl_slopes(h), device="cuda", dtype=torch.float32)
     out: dict[str, Callable[[], Any]] = {}

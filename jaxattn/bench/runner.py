@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxattn.bench.timing import Timing, time_jax, time_torch
 
@@ -23,6 +24,24 @@ def jax_mode_fn(op: Callable[..., Any], mode: str, n_diff: int = 3) -> Callable[
         return out, vjp(ct)
 
     return jax.jit(fwd_bwd)
+
+
+def normal_inputs(case: Any, n: int = 4) -> tuple[jax.Array, ...]:
+    """``n`` standard-normal ``[batch, seq, heads, head_dim]`` arrays in ``case.dtype`` (q, k, v, dO)."""
+    shape = (case.batch, case.seq, case.heads, case.head_dim)
+    dt = jnp.dtype(case.dtype)
+    return tuple(jax.random.normal(k, shape, jnp.float32).astype(dt) for k in jax.random.split(jax.random.PRNGKey(0), n))
+
+
+def cudnn_attention(causal: bool, head_dim: int) -> Callable[..., jax.Array]:
+    """``jax.nn.dot_product_attention`` through cuDNN (GPU only)."""
+    scale = head_dim ** -0.5
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                        implementation="cudnn")
+
+
+def torch_dtype(torch: Any, name: str) -> Any:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
 def _error(e: Exception) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -83,8 +82,7 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     else:
         ops["jaxattn-warp"] = lambda q, k, v: jaxattn.sage_attention(
             q, k, v, causal=c, qk_granularity="warp", impl="pallas")
-        ops["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=c, scale=1.0 / math.sqrt(case.head_dim), implementation="cudnn")
+        ops["cudnn"] = runner.cudnn_attention(c, case.head_dim)
     return {name: runner.jax_mode_fn(op, "fwd") for name, op in ops.items()}
 
 
@@ -98,7 +96,7 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
         return {}
     if not torch.cuda.is_available() or case.dtype == "float32":
         return {}
-    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[case.dtype]
+    dt = runner.torch_dtype(torch, case.dtype)
     shape = (case.batch, case.seq, case.heads, case.head_dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=dt) for _ in range(3))
     out: dict[str, Callable[[], Any]] = {}

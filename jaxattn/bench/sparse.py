@@ -25,9 +25,6 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
 import jaxattn
 from jaxattn.bench import runner
 
@@ -102,10 +99,7 @@ def smoke_cases():
 
 
 def inputs(case: Case) -> tuple:
-    ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    shape = (case.batch, case.seq, case.heads, case.head_dim)
-    dt = jnp.dtype(case.dtype)
-    return tuple(jax.random.normal(k, shape, jnp.float32).astype(dt) for k in ks)  # q, k, v, dO
+    return runner.normal_inputs(case)  # q, k, v, dO
 
 
 def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
@@ -137,7 +131,7 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
             flex_mask = create_block_mask(mask_mod, None, None, case.seq, case.seq, device="cuda",
                                           BLOCK_SIZE=128)
         flex = torch.compile(flex_attention)
-        dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[case.dtype]
+        dt = runner.torch_dtype(torch, case.dtype)
         shape = (case.batch, case.heads, case.seq, case.head_dim)
         q, k, v, do = (torch.randn(shape, device="cuda", dtype=dt, requires_grad=True) for _ in range(4))
     except Exception as e:  # noqa: BLE001 - reported in the table instead of a time

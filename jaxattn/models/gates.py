@@ -35,16 +35,20 @@ def gate_scores(logits: jax.Array, *, hard: bool = False, threshold: float = 0.5
     return s
 
 
-class FeatureGate(nnx.Module):
-    """Scales the last axis of ``x`` (channels of an NHWC map, features of tokens) by
-    ``sigmoid(w)``, as the reference's per-layer ``fsag_*`` parameters."""
+class _Gate(nnx.Module):
+    """``n`` gate logits and their (optionally hard) sigmoid scores."""
 
-    def __init__(self, features: int, *, hard: bool = False, threshold: float = 0.5, rngs: nnx.Rngs):
-        self.logits = GateParam(_gate_init(rngs.params(), features))
+    def __init__(self, n: int, *, hard: bool = False, threshold: float = 0.5, rngs: nnx.Rngs):
+        self.logits = GateParam(_gate_init(rngs.params(), n))
         self.hard, self.threshold = hard, threshold
 
     def scores(self) -> jax.Array:
         return gate_scores(self.logits[...], hard=self.hard, threshold=self.threshold)
+
+
+class FeatureGate(_Gate):
+    """Scales the last axis of ``x`` (channels of an NHWC map, features of tokens) by
+    ``sigmoid(w)``, as the reference's per-layer ``fsag_*`` parameters."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.logits[...].shape[0]:
@@ -53,15 +57,8 @@ class FeatureGate(nnx.Module):
         return x * self.scores().astype(x.dtype)
 
 
-class TokenGate(nnx.Module):
+class TokenGate(_Gate):
     """Scales each token position of ``x [batch, tokens, dim]`` by ``sigmoid(w[token])``."""
-
-    def __init__(self, tokens: int, *, hard: bool = False, threshold: float = 0.5, rngs: nnx.Rngs):
-        self.logits = GateParam(_gate_init(rngs.params(), tokens))
-        self.hard, self.threshold = hard, threshold
-
-    def scores(self) -> jax.Array:
-        return gate_scores(self.logits[...], hard=self.hard, threshold=self.threshold)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 3 or x.shape[1] != self.logits[...].shape[0]:

@@ -42,7 +42,6 @@ variance, NNX with the biased one; parameter init follows timm's scheme, not its
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
@@ -51,7 +50,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from jaxattn.models.gates import FeatureGate, GateParam
+from jaxattn.models.gates import FeatureGate
+from jaxattn.models.timm_weights import load_timm_state_dict, timm_variables, to_timm_state_dict  # noqa: F401
 from jaxattn.ops.halo import halo_attention
 
 _IMPLS = ("auto", "pallas", "xla")
@@ -411,58 +411,6 @@ class HaloNet(nnx.Module):
 
 # ---------------------------------------------------------------------------------------------
 # timm weight conversion
-
-_LEAF_TO_TIMM = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-                 "var": "running_var", "height_rel": "height_rel", "width_rel": "width_rel"}
-
-
-def _timm_variables(model: nnx.Module):
-    """(timm key, variable, kind) for every variable; kind is ``conv``, ``linear`` or ``plain``."""
-    out = []
-    for path, node in nnx.iter_graph(model):
-        if not isinstance(node, nnx.Variable) or isinstance(node, GateParam):
-            continue  # gates have no timm counterpart
-        leaf = path[-1]
-        if leaf not in _LEAF_TO_TIMM:
-            raise ValueError(f"no timm name for variable {'.'.join(map(str, path))}")
-        key = ".".join(map(str, path[:-1] + (_LEAF_TO_TIMM[leaf],)))
-        kind = "plain"
-        if leaf == "kernel":
-            kind = "conv" if len(node.shape) == 4 else "linear"
-        out.append((key, node, kind))
-    return out
-
-
-def to_timm_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-    """The model's variables under timm's ``state_dict`` keys and layouts (numpy, fp32 as stored)."""
-    sd = {}
-    for key, var, kind in _timm_variables(model):
-        a = np.asarray(var[...])
-        sd[key] = a.transpose(3, 2, 0, 1) if kind == "conv" else a.T if kind == "linear" else a
-    return sd
-
-
-def load_timm_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
-    """Copies a timm ``state_dict`` (values: numpy arrays or anything ``np.asarray`` takes, e.g.
-    ``t.detach().numpy()``) into ``model`` in place. ``strict``: every model variable must be
-    present and every checkpoint key used (``num_batches_tracked`` is ignored)."""
-    sd = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
-    used, missing = set(), []
-    for key, var, kind in _timm_variables(model):
-        if key not in sd:
-            missing.append(key)
-            continue
-        a = np.asarray(sd[key], dtype=np.float32)
-        a = a.transpose(2, 3, 1, 0) if kind == "conv" else a.T if kind == "linear" else a
-        if a.shape != tuple(var.shape):
-            raise ValueError(f"{key}: checkpoint shape {a.shape} (converted) != model shape {tuple(var.shape)}")
-        var[...] = jnp.asarray(a, var[...].dtype)
-        used.add(key)
-    unexpected = sorted(set(sd) - used)
-    if strict and (missing or unexpected):
-        raise ValueError(f"state_dict mismatch: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-
 
 def param_count(model: nnx.Module) -> int:
     """Trainable parameters (``nnx.Param``), BatchNorm running statistics excluded."""

@@ -42,7 +42,6 @@ LayerNorm scale 1, bias 0. Parameters are fp32; ``dtype`` is the compute dtype; 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
@@ -50,7 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxattn.models.gates import FeatureGate, GateParam, TokenGate
+from jaxattn.models.gates import FeatureGate, TokenGate
+from jaxattn.models.timm_weights import load_timm_state_dict, timm_variables, to_timm_state_dict  # noqa: F401
 from jaxattn.ops.attention import attention
 
 _IMPLS = ("auto", "pallas", "xla")
@@ -352,54 +352,6 @@ class ViT(nnx.Module):
 
 # ---------------------------------------------------------------------------------------------
 # timm state_dict conversion (numpy in and out)
-
-_LEAF_TO_TIMM = {"kernel": "weight", "bias": "bias", "scale": "weight", "cls_token": "cls_token",
-                 "pos_embed": "pos_embed"}
-
-
-def _timm_variables(model: nnx.Module) -> list[tuple[str, nnx.Variable, str]]:
-    """(timm key, variable, kind) for every parameter; kind is ``conv``, ``linear`` or ``plain``."""
-    out = []
-    for path, node in nnx.iter_graph(model):
-        if not isinstance(node, nnx.Param) or isinstance(node, GateParam):  # gates: no timm counterpart
-            continue
-        leaf = path[-1]
-        if leaf not in _LEAF_TO_TIMM:
-            raise ValueError(f"no timm name for parameter {'.'.join(map(str, path))}")
-        key = ".".join(map(str, path[:-1] + (_LEAF_TO_TIMM[leaf],)))
-        kind = ("conv" if len(node.shape) == 4 else "linear") if leaf == "kernel" else "plain"
-        out.append((key, node, kind))
-    return out
-
-
-def to_timm_state_dict(model: ViT) -> dict[str, np.ndarray]:
-    """The parameters under timm's ``state_dict`` keys and layouts (OIHW conv, ``[out, in]`` linear)."""
-    sd = {}
-    for key, var, kind in _timm_variables(model):
-        a = np.asarray(var[...])
-        sd[key] = a.transpose(3, 2, 0, 1) if kind == "conv" else a.T if kind == "linear" else a
-    return sd
-
-
-def load_timm_state_dict(model: ViT, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
-    """Copies a timm ViT ``state_dict`` (numpy arrays or anything ``np.asarray`` takes) into ``model``
-    in place. ``strict``: every parameter must be present and every checkpoint key used."""
-    used, missing = set(), []
-    for key, var, kind in _timm_variables(model):
-        if key not in state_dict:
-            missing.append(key)
-            continue
-        a = np.asarray(state_dict[key], dtype=np.float32)
-        a = a.transpose(2, 3, 1, 0) if kind == "conv" else a.T if kind == "linear" else a
-        if a.shape != tuple(var.shape):
-            raise ValueError(f"{key}: checkpoint shape {a.shape} (converted) != model shape {tuple(var.shape)}")
-        var[...] = jnp.asarray(a, var[...].dtype)
-        used.add(key)
-    unexpected = sorted(set(state_dict) - used)
-    if strict and (missing or unexpected):
-        raise ValueError(f"state_dict mismatch: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-
 
 # ---------------------------------------------------------------------------------------------
 # Named configurations (merged into jaxattn.models.MODEL_CONFIGS)

@@ -3,6 +3,7 @@ and the expected shape or dtype."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,3 +59,36 @@ def check_broadcastable(name: str, x: jax.Array, target: tuple[int, ...], layout
     if any(s not in (1, t) for s, t in zip(shape, target)):
         raise ValueError(f"{name} must broadcast to {layout} = {target}, got shape {tuple(x.shape)}")
     return shape
+
+
+def check_qkv(q: Any, k: Any, v: Any, dtypes: Sequence[Any] = FLOAT_DTYPES) -> tuple[int, int, int, int, int, int]:
+    """Validates ``q [batch, q_len, heads, d]``, ``k [batch, kv_len, kv_heads, d]`` and
+    ``v [batch, kv_len, kv_heads, e]`` (one dtype from ``dtypes``, kv heads dividing q heads,
+    non-empty lengths); returns ``(batch, q_len, kv_len, heads, kv_heads, d)``."""
+    layout = "[batch, seq, heads, head_dim]"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_rank(name, x, 4, layout)
+    check_float_dtype("q", q, dtypes)
+    check_same_dtype(q=q, k=k, v=v)
+    batch, q_len, hq, d = q.shape
+    check_dim("k", k, 0, batch, "batch size", "q")
+    check_dim("v", v, 0, batch, "batch size", "q")
+    kv_len, hkv = k.shape[1], k.shape[2]
+    check_dim("v", v, 1, kv_len, "kv length", "k")
+    check_dim("v", v, 2, hkv, "kv heads", "k")
+    check_dim("k", k, 3, d, "head dim", "q")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"k has {hkv} kv heads, which must divide q's {hq} heads (GQA/MQA)")
+    if q_len == 0 or kv_len == 0:
+        raise ValueError(f"q and k need at least one position, got q_len={q_len}, kv_len={kv_len}")
+    return batch, q_len, kv_len, hq, hkv, d
+
+
+def check_scale(scale: Any) -> float | None:
+    """``None`` or a finite float."""
+    if scale is None:
+        return None
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale}")
+    return scale

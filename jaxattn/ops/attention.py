@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import jax
@@ -55,22 +54,7 @@ def attention(
       if ``return_lse``.
     """
     _checks.check_impl(impl)
-    layout = "[batch, seq, heads, head_dim]"
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_rank(name, x, 4, layout)
-    _checks.check_float_dtype("q", q, (*_checks.FLOAT_DTYPES, jnp.float64))
-    _checks.check_same_dtype(q=q, k=k, v=v)
-    batch, q_len, hq, d = q.shape
-    _checks.check_dim("k", k, 0, batch, "batch size", "q")
-    _checks.check_dim("v", v, 0, batch, "batch size", "q")
-    kv_len, hkv = k.shape[1], k.shape[2]
-    _checks.check_dim("v", v, 1, kv_len, "kv length", "k")
-    _checks.check_dim("v", v, 2, hkv, "kv heads", "k")
-    _checks.check_dim("k", k, 3, d, "head dim", "q")
-    if hq % hkv:
-        raise ValueError(f"k has {hkv} kv heads, which must divide q's {hq} heads (GQA/MQA)")
-    if q_len == 0 or kv_len == 0:
-        raise ValueError(f"q and k need at least one position, got q_len={q_len}, kv_len={kv_len}")
+    batch, q_len, kv_len, hq, hkv, d = _checks.check_qkv(q, k, v, (*_checks.FLOAT_DTYPES, jnp.float64))
 
     qseg = kvseg = None
     if segment_ids is not None:
@@ -82,10 +66,7 @@ def attention(
         shape = _checks.check_broadcastable(
             "mask", mask, (batch, hq, q_len, kv_len), "[batch, heads, q_len, kv_len]")
         mask = mask.reshape(shape)
-    if scale is not None:
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite float, got {scale}")
+    scale = _checks.check_scale(scale)
 
     lo, hi = _flash.SUPPORTED_HEAD_DIMS
     kernel_ok = lo <= max(d, v.shape[-1]) <= hi and jnp.dtype(q.dtype) in _checks.FLOAT_DTYPES

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -489,29 +488,13 @@ def block_sparse_attention(
     A query row with no visible key returns zeros (``lse = -inf``), never NaN.
     """
     _checks.check_impl(impl)
-    layout = "[batch, seq, heads, head_dim]"
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_rank(name, x, 4, layout)
-    _checks.check_float_dtype("q", q, (*_checks.FLOAT_DTYPES, jnp.float64))
-    _checks.check_same_dtype(q=q, k=k, v=v)
-    batch, q_len, hq, d = q.shape
-    _checks.check_dim("k", k, 0, batch, "batch size", "q")
-    _checks.check_dim("v", v, 0, batch, "batch size", "q")
-    kv_len, hkv = k.shape[1], k.shape[2]
-    _checks.check_dim("v", v, 1, kv_len, "kv length", "k")
-    _checks.check_dim("v", v, 2, hkv, "kv heads", "k")
-    _checks.check_dim("k", k, 3, d, "head dim", "q")
-    if hq % hkv:
-        raise ValueError(f"k has {hkv} kv heads, which must divide q's {hq} heads (GQA/MQA)")
+    batch, q_len, kv_len, hq, hkv, d = _checks.check_qkv(q, k, v, (*_checks.FLOAT_DTYPES, jnp.float64))
     if not isinstance(block_mask, BlockMask):
         raise ValueError(f"block_mask must be a jaxattn.BlockMask, got {type(block_mask).__name__}")
     if block_mask.shape != (q_len, kv_len):
         raise ValueError(f"block_mask is built for (q_len, kv_len) = {block_mask.shape}; q and k have "
                          f"q_len={q_len} (q axis 1) and kv_len={kv_len} (k axis 1)")
-    if scale is not None:
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite float, got {scale}")
+    scale = _checks.check_scale(scale)
 
     lo, hi = _flash.SUPPORTED_HEAD_DIMS
     dv = v.shape[-1]

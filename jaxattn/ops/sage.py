@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import jax
@@ -56,29 +55,11 @@ def sage_attention(
     _checks.check_impl(impl)
     if qk_granularity not in _sage.GRANULARITIES:
         raise ValueError(f"qk_granularity must be one of {_sage.GRANULARITIES}, got {qk_granularity!r}")
-    layout = "[batch, seq, heads, head_dim]"
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_rank(name, x, 4, layout)
-    _checks.check_float_dtype("q", q)
-    _checks.check_same_dtype(q=q, k=k, v=v)
-    batch, q_len, hq, d = q.shape
-    _checks.check_dim("k", k, 0, batch, "batch size", "q")
-    _checks.check_dim("v", v, 0, batch, "batch size", "q")
-    kv_len, hkv = k.shape[1], k.shape[2]
-    _checks.check_dim("v", v, 1, kv_len, "kv length", "k")
-    _checks.check_dim("v", v, 2, hkv, "kv heads", "k")
-    _checks.check_dim("k", k, 3, d, "head dim", "q")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"k has {hkv} kv heads, which must divide q's {hq} heads (GQA/MQA)")
-    if q_len == 0 or kv_len == 0:
-        raise ValueError(f"q and k need at least one position, got q_len={q_len}, kv_len={kv_len}")
+    batch, q_len, kv_len, hq, hkv, d = _checks.check_qkv(q, k, v)
     for name, dim in (("q", d), ("v", v.shape[-1])):
         if not 1 <= dim <= _sage.MAX_HEAD_DIM:
             raise ValueError(f"{name} has head_dim {dim}; sage_attention supports 1..{_sage.MAX_HEAD_DIM}")
-    if scale is not None:
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite float, got {scale}")
+    scale = _checks.check_scale(scale)
 
     use_kernel = impl == "pallas" or (impl == "auto" and _sage.fp8_supported())
     kw = dict(causal=bool(causal), scale=scale, smooth_q=bool(smooth_q), smooth_k=bool(smooth_k))

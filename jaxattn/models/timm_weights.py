@@ -1,0 +1,69 @@
+"""timm ``state_dict`` <-> NNX variables, numpy only (no torch import).
+
+A variable's timm key is its NNX path with the leaf renamed (``kernel``/``scale`` -> ``weight``,
+BatchNorm ``mean``/``var`` -> ``running_mean``/``running_var``); conv kernels go HWIO <-> OIHW,
+linear kernels ``[in, out]`` <-> ``[out, in]``. Gate logits (:class:`GateParam`) have no timm
+counterpart and are skipped; ``num_batches_tracked`` is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxattn.models.gates import GateParam
+
+_LEAF_TO_TIMM = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+                 "var": "running_var", "height_rel": "height_rel", "width_rel": "width_rel",
+                 "cls_token": "cls_token", "pos_embed": "pos_embed"}
+
+
+def timm_variables(model: nnx.Module) -> list[tuple[str, nnx.Variable, str]]:
+    """(timm key, variable, kind) for every parameter and BatchNorm statistic; kind is ``conv``,
+    ``linear`` or ``plain``."""
+    out = []
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, (nnx.Param, nnx.BatchStat)) or isinstance(node, GateParam):
+            continue
+        leaf = path[-1]
+        if leaf not in _LEAF_TO_TIMM:
+            raise ValueError(f"no timm name for variable {'.'.join(map(str, path))}")
+        key = ".".join(map(str, path[:-1] + (_LEAF_TO_TIMM[leaf],)))
+        kind = ("conv" if len(node.shape) == 4 else "linear") if leaf == "kernel" else "plain"
+        out.append((key, node, kind))
+    return out
+
+
+def to_timm_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The model's variables under timm's ``state_dict`` keys and layouts (numpy, as stored)."""
+    sd = {}
+    for key, var, kind in timm_variables(model):
+        a = np.asarray(var[...])
+        sd[key] = a.transpose(3, 2, 0, 1) if kind == "conv" else a.T if kind == "linear" else a
+    return sd
+
+
+def load_timm_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
+    """Copies a timm ``state_dict`` (values: numpy arrays or anything ``np.asarray`` takes, e.g.
+    ``t.detach().numpy()``) into ``model`` in place. ``strict``: every model variable must be
+    present and every checkpoint key used."""
+    sd = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    used, missing = set(), []
+    for key, var, kind in timm_variables(model):
+        if key not in sd:
+            missing.append(key)
+            continue
+        a = np.asarray(sd[key], dtype=np.float32)
+        a = a.transpose(2, 3, 1, 0) if kind == "conv" else a.T if kind == "linear" else a
+        if a.shape != tuple(var.shape):
+            raise ValueError(f"{key}: checkpoint shape {a.shape} (converted) != model shape {tuple(var.shape)}")
+        var[...] = jnp.asarray(a, var[...].dtype)
+        used.add(key)
+    unexpected = sorted(set(sd) - used)
+    if strict and (missing or unexpected):
+        raise ValueError(f"state_dict mismatch: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
