@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jaxattn.train.image import ImageConfig, train
+from jaxattn.train.results import write_section
 
 LR, WARMUP = 1e-3, 40  # fixed here so the table does not move with the task's defaults
-BEGIN, END = "<!-- gates-experiment:begin -->", "<!-- gates-experiment:end -->"
 VARIANTS = {  # name -> (model gates, gate mode)
     "no gates": ("none", "none"),
     "gates, joint (multi_transform)": ("features", "joint"),
@@ -46,7 +46,7 @@ def run(models: Sequence[str], seeds: Sequence[int], steps: int, out_root: Path,
 
 
 def table(rows: list[dict], info: str) -> str:
-    lines = [BEGIN, "## Hard-attention gates with gradient routing (issue 4)", "", info, "",
+    lines = ["## Hard-attention gates with gradient routing (issue 4)", "", info, "",
              "| model | variant | test accuracy (mean ± std) | macro F1 (mean ± std) | runs (acc / F1) |",
              "|---|---|---|---|---|"]
     keys = dict.fromkeys((r["model"], r["variant"]) for r in rows)
@@ -57,17 +57,7 @@ def table(rows: list[dict], info: str) -> str:
         runs = ", ".join(f"s{r['seed']}: {r['acc']:.4f} / {r['f1']:.4f}" for r in rs)
         lines.append(f"| {model} | {variant} | {statistics.mean(acc):.4f} ± {sd(acc):.4f} | "
                      f"{statistics.mean(f1):.4f} ± {sd(f1):.4f} | {runs} |")
-    lines.append(END)
     return "\n".join(lines)
-
-
-def write_results(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else "# Results\n\nMeasured by the experiment scripts in `train/`.\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(seed = init + data order + augmentation). jax {jax.__version__} on {jax.default_backend()}; "
             f"`python -m jaxattn.train.gates_experiment --models {' '.join(a.models)} --seeds "
             f"{' '.join(map(str, a.seeds))} --steps {a.steps}`.")
-    write_results(Path(a.results), table(rows, info))
+    write_section(a.results, "gates-experiment", table(rows, info))
     (Path(a.out) / "runs.json").write_text(json.dumps([dataclasses.asdict(d)] + rows, indent=1, default=str))
     print(f"wrote {a.results}")
     return 0
