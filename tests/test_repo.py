@@ -16,3 +16,19 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_test_command():
     assert test_cmd.startswith("python -m pytest")
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_cmd in ci
+
+
+def test_pyproject_lists_every_package():
+    """Every folder with an ``__init__.py`` under the three source roots is installed (non-editable too)."""
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = cfg["package-dir"]
+    listed = set(cfg["packages"])
+    for pkg, folder in dirs.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            name = ".".join([pkg, *rel.parts]) if rel.parts else pkg
+            if any(p in dirs for p in [name]) and name != pkg:
+                continue  # mapped separately (e.g. jaxattn.pallas)
+            assert name in listed, f"{name} ({init.parent}) is missing from [tool.setuptools] packages"
