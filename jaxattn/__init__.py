@@ -8,13 +8,16 @@
 from jaxattn.ops.attention import attention
 from jaxattn.ops.block_sparse import BlockMask, block_sparse_attention, power_attention
 from jaxattn.ops.halo import halo_attention
+from jaxattn.ops.landmark import landmark_attention, landmark_retrieval_attention
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
+from jaxattn.ops.linear_global import linear_global_attention
 from jaxattn.ops.sage import sage_attention
 from jaxattn.reference.attention import attention_reference
 
 __version__ = "0.1.0"
 __all__ = [
     "BlockMask", "block_sparse_attention", "power_attention",
-    "attention", "attention_reference", "halo_attention", "lightning_attention", "lightning_attention_step", "sage_attention",
+    "attention", "attention_reference", "landmark_attention", "landmark_retrieval_attention", "halo_attention", "lightning_attention", "lightning_attention_step", "sage_attention",
+    "linear_global_attention",
     "__version__",
 ]

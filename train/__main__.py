@@ -47,7 +47,8 @@ def _add_image(sub) -> None:
         "eval_batch_size": "batch size of the test-set evaluation",
         "gates": "hard-attention gates: ViT 'features' (per block branch) or 'tokens'; HaloNet: stage gates",
         "gate_mode": "routed: gradient routing (gate pass, then backbone pass); joint: one multi_transform step",
-        "gate_lr": "Adam learning rate of the gate parameters"})
+        "gate_lr": "Adam learning rate of the gate parameters",
+        "rra": "train with Residual Relationship Attention + RPE over the batch (bypassed at eval)"})
     _common(p)
 
 
@@ -56,10 +57,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="task", required=True)
     _add_lm(sub)
     _add_image(sub)
+    from jaxattn.train.sparsifiner import add_parser as _add_sparsifiner
+
+    _add_sparsifiner(sub)
+    from jaxattn.train.probe import add_parser as _add_probe
+
+    _add_probe(sub)
+    from jaxattn.train.text import add_parser as _add_text
+
+    _add_text(sub)
     args = vars(parser.parse_args(argv))
     task = args.pop("task")
+    if task == "sparsifiner":
+        from jaxattn.train.sparsifiner import main_from_args
+
+        try:
+            return main_from_args(args)
+        except ValueError as e:
+            parser.error(str(e))
     resume, no_progress = args.pop("resume"), args.pop("no_progress")
-    if task == "lm":
+    if task == "probe":
+        from jaxattn.train.probe import run_cli, train
+
+        cfg = run_cli(parser, args)
+    elif task == "text":
+        from jaxattn.train.text import run_cli, train
+
+        cfg = run_cli(parser, args)
+    elif task == "lm":
         from jaxattn.train.lm import LMConfig, train
 
         cfg = config_from_args(LMConfig, args)

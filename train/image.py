@@ -61,6 +61,9 @@ class ImageConfig:
     gates: str = "none"
     gate_mode: str = "routed"
     gate_lr: float = 1e-2
+    # Residual Relationship Attention + Relationship Position Encoding over the batch's feature
+    # vectors (jaxattn.models.rra.RBIClassifier): a training-time plug-in, bypassed at eval
+    rra: bool = False
 
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/image-{self.model}")
@@ -80,14 +83,35 @@ def make_optimizer(cfg: ImageConfig) -> optax.GradientTransformation:
     return loop.adamw(lr_schedule(cfg), weight_decay=cfg.weight_decay, clip=cfg.clip, b2=0.999)
 
 
+def forward_with_aux_loss(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Generic auxiliary-loss hook: ``(model(x), aux)``. A model that defines ``aux_loss_weight`` is
+    run under ``nnx.capture(model, nnx.Intermediate)`` and ``aux`` is that weight times the mean of
+    every value it sowed under the name ``aux_loss`` (e.g. MoH's per-layer load-balance losses);
+    other models are called as is and ``aux`` is None."""
+    weight = getattr(model, "aux_loss_weight", None)
+    if weight is None:
+        return model(x), None
+    out, inter = nnx.capture(model, nnx.Intermediate)(x)
+    vals = [v for path, var in nnx.to_flat_state(inter) if path[-1] == "aux_loss" for v in var.get_value()]
+    if not vals:
+        return out, None
+    return out, weight * sum(jnp.asarray(v, jnp.float32) for v in vals) / len(vals)
+
+
 def classification_loss(model: nnx.Module, batch: dict, mean, std, *, num_classes: int,
                         label_smoothing: float = 0.0) -> tuple[jax.Array, dict]:
-    """Mean (label-smoothed) cross-entropy of ``model(normalised images)``; metrics ``acc``."""
-    logits = model(normalize(batch["image"], mean, std)).astype(jnp.float32)
+    """Mean (label-smoothed) cross-entropy of ``model(normalised images)``, plus the model's
+    auxiliary loss if it has one (:func:`forward_with_aux_loss`); metrics ``acc`` (and ``aux_loss``)."""
+    logits, aux = forward_with_aux_loss(model, normalize(batch["image"], mean, std))
+    logits = logits.astype(jnp.float32)
     labels = batch["label"]
     target = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
     loss = optax.softmax_cross_entropy(logits, target).mean()
-    return loss, {"acc": (logits.argmax(-1) == labels).mean()}
+    metrics = {"acc": (logits.argmax(-1) == labels).mean()}
+    if aux is not None:
+        loss = loss + aux
+        metrics["aux_loss"] = aux
+    return loss, metrics
 
 
 class ImageTrainer(loop.Trainer):
@@ -160,8 +184,13 @@ def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rn
         extra["gates"] = True if isinstance(field, bool) else cfg.gates
 
     def factory(rngs):
-        return create_model(cfg.model, rngs=rngs, num_classes=data.num_classes, image_size=data.image_size,
-                            in_channels=data.channels, dtype=cfg.dtype, attn_impl=cfg.attn_impl, **extra)
+        model = create_model(cfg.model, rngs=rngs, num_classes=data.num_classes, image_size=data.image_size,
+                             in_channels=data.channels, dtype=cfg.dtype, attn_impl=cfg.attn_impl, **extra)
+        if cfg.rra:
+            from jaxattn.models.rra import RBIClassifier
+
+            model = RBIClassifier(model, rngs=rngs)
+        return model
 
     return factory
 

@@ -1,4 +1,4 @@
-"""``python -m jaxattn.bench {attention,lightning,halo,sage,sparse,tnl} [options] [--json PATH]``.
+"""``python -m jaxattn.bench {attention,lightning,halo,l2vit,sage,sparse,tnl} [options] [--json PATH]``.
 
 Without a GPU the default is a tiny smoke sweep in interpret mode (seconds); on a GPU the
 default is the full sweep. Prints a table (ms, TFLOP/s, ns per token, speedup of jaxattn
@@ -81,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(modes=["fwd"])  # forward only; --modes is ignored
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy table")
+    p = sub.add_parser("l2vit", help="L2ViT linear global attention (KV-first XLA) vs quadratic form, softmax")
+    _common(p, [1024, 4096, 16384, 65536], 65536)
+    p.add_argument("--cpu", action="store_true", help="a small timed CPU sweep (seq 196/784/3136, 4 heads x 32)")
     p = sub.add_parser("halo", help="HaloNet attention vs the XLA unfold formulation and timm")
     p.add_argument("--batch", type=int, default=8)
     _sweep(p)
@@ -134,6 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         full = lambda: mod.gpu_cases(args.seqs, args.patterns, args.head_dim, args.heads, args.batch,  # noqa: E731
                                      args.dtypes, args.modes, args.block, args.power_window, args.sw_window)
+    elif args.op == "l2vit":
+        from jaxattn.bench import l2vit as mod
+
+        full = lambda: mod.gpu_cases(args.seqs, args.head_dims, args.dtypes, args.modes,  # noqa: E731
+                                     args.tokens, args.model_dim)
+        if args.cpu and not gpu:
+            full, smoke = (lambda: mod.cpu_cases(modes=args.modes)), args.smoke  # noqa: E731
     elif args.op == "halo":
         from jaxattn.bench import halo as mod
 

@@ -2,10 +2,17 @@
 
 from jaxattn.models.halonet import HaloAttn, HaloNet, HaloNetConfig, load_timm_state_dict, to_timm_state_dict
 from jaxattn.models.gpt import GPT, GPTConfig
+from jaxattn.models.landmark import LandmarkGPT, LandmarkGPTConfig
+from jaxattn.models.l2vit import L2ViT, L2ViTConfig
+from jaxattn.models.moh import MoHAttention, MoHViT, MoHViTConfig
+from jaxattn.models.probing import AttentiveProbe, EfficientProbe, LinearProbe
 from jaxattn.models.registry import MODEL_CONFIGS, create_model
+from jaxattn.models.sparsifiner import Sparsifiner, SparsifinerConfig
 from jaxattn.models.tnl import TNL, TNLConfig, generate, tnl_slopes
 from jaxattn.models.vit import ViT, ViTConfig
 
 __all__ = [
     "HaloAttn", "HaloNet", "HaloNetConfig", "load_timm_state_dict", "to_timm_state_dict",
-    "GPT", "GPTConfig", "MODEL_CONFIGS", "TNL", "TNLConfig", "create_model", "generate", "tnl_slopes", "ViT", "ViTConfig"]
+    "AttentiveProbe", "EfficientProbe", "LinearProbe",
+    "MoHAttention", "MoHViT", "MoHViTConfig",
+    "GPT", "GPTConfig", "LandmarkGPT", "LandmarkGPTConfig", "L2ViT", "L2ViTConfig", "MODEL_CONFIGS", "Sparsifiner", "SparsifinerConfig", "TNL", "TNLConfig", "create_model", "generate", "tnl_slopes", "ViT", "ViTConfig"]

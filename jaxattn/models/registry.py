@@ -9,6 +9,10 @@ from flax import nnx
 
 from jaxattn.models.halonet import HALONET_CONFIGS, HaloNet, HaloNetConfig
 from jaxattn.models.gpt import GPT, GPTConfig
+from jaxattn.models.landmark import LandmarkGPT, LandmarkGPTConfig
+from jaxattn.models.l2vit import L2VIT_CONFIGS, L2ViT, L2ViTConfig
+from jaxattn.models.moh import MOH_VIT_CONFIGS, MoHViT, MoHViTConfig
+from jaxattn.models.sparsifiner import SPARSIFINER_CONFIGS, Sparsifiner, SparsifinerConfig
 from jaxattn.models.tnl import TNL, TNLConfig
 from jaxattn.models.vit import VIT_CONFIGS, ViT, ViTConfig
 
@@ -25,11 +29,20 @@ MODEL_CONFIGS: dict[str, Any] = {
     # GPT-style decoders (byte-level, CPU-sized): full attention, and a PowerAttention hybrid
     # (three PowerAttention layers per full-attention layer; B = 16, W = 64, sink 16 tokens).
     "gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4),
+    # Landmark attention (byte-level + 1 landmark token; a landmark after every 31 bytes).
+    "landmark-gpt-tiny": LandmarkGPTConfig(vocab_size=257, landmark_id=256, dim=128, layers=4, heads=4,
+                                           mem_freq=31, top_k=4),
     "power-gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4,
                                 layer_types=("power", "power", "power", "full"), sparse_block=16, window=64,
                                 sink=16),
     # ViT: vit-tiny (CPU, 32x32 grey digits), vit-ti16 / vit-s16 / vit-b16 (paper / timm); see vit.py.
     **VIT_CONFIGS,
+    # Sparsifiner: vit-tiny with a learned top-k connectivity predictor; see sparsifiner.py.
+    **SPARSIFINER_CONFIGS,
+    # MoH-ViT: ViT with Mixture-of-Head attention: moh-vit-tiny (CPU), moh-vit-s / moh-vit-b; see moh.py.
+    **MOH_VIT_CONFIGS,
+    # L2ViT: l2vit-mini (CPU, 32x32 grey digits), l2vit-t / -s / -b (paper); see l2vit.py.
+    **L2VIT_CONFIGS,
 }
 
 
@@ -45,10 +58,18 @@ def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> nnx.Module:
         raise ValueError(f"bad override for {name!r}: {e}") from None
     if isinstance(cfg, TNLConfig):
         return TNL(cfg, rngs=rngs)
+    if isinstance(cfg, LandmarkGPTConfig):  # before GPTConfig, its base class
+        return LandmarkGPT(cfg, rngs=rngs)
     if isinstance(cfg, GPTConfig):
         return GPT(cfg, rngs=rngs)
     if isinstance(cfg, HaloNetConfig):
         return HaloNet(cfg, rngs=rngs)
+    if isinstance(cfg, MoHViTConfig):  # before ViTConfig: it is a subclass
+        return MoHViT(cfg, rngs=rngs)
+    if isinstance(cfg, SparsifinerConfig):  # before ViTConfig: it is a subclass
+        return Sparsifiner(cfg, rngs=rngs)
     if isinstance(cfg, ViTConfig):
         return ViT(cfg, rngs=rngs)
+    if isinstance(cfg, L2ViTConfig):
+        return L2ViT(cfg, rngs=rngs)
     raise ValueError(f"no builder for config type {type(cfg).__name__}")

@@ -3,7 +3,10 @@
 from jaxattn.ops.attention import attention
 from jaxattn.ops.block_sparse import BlockMask, block_sparse_attention, power_attention
 from jaxattn.ops.halo import halo_attention
+from jaxattn.ops.landmark import landmark_attention, landmark_retrieval_attention
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
+from jaxattn.ops.linear_global import linear_global_attention
 from jaxattn.ops.sage import sage_attention
 
-__all__ = ["BlockMask", "attention", "block_sparse_attention", "power_attention", "halo_attention", "lightning_attention", "lightning_attention_step", "sage_attention"]
+__all__ = ["landmark_attention", "landmark_retrieval_attention", "BlockMask", "attention", "block_sparse_attention", "power_attention", "halo_attention", "lightning_attention", "lightning_attention_step", "sage_attention",
+           "linear_global_attention"]

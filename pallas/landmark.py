@@ -1,0 +1,307 @@
+"""Landmark attention on Pallas's Triton backend: forward, dq and dk/dv kernels.
+
+One kv tile is one landmark block (``block_len`` tokens: regular ones then the landmark),
+padded to ``P = next_pow2(block_len)`` rows; a query tile is one block as well. The grouped
+softmax is rewritten as a plain softmax over *effective logits*::
+
+    t_ij = s_ij + s_{i,L_g} - lse_{j' in g, regular}(s_ij')   (regular j in an earlier block g)
+    t_ij = s_ij                                                (regular j <= i in the own block)
+    t_ij = -inf                                                (landmarks, later keys, padding)
+
+since ``sum_{j in g} exp(t_ij) = exp(s_{i,L_g})``, ``softmax_j(t_i)`` equals the landmark weights
+``w_ij``. The inner per-block log-sum-exp is computed inside the tile, the outer softmax is an
+online (flash) softmax over the tiles. Backward: with ``dt = w * (dO v^T - delta)`` (delta =
+rowsum(dO * O)), the chain rule through ``t`` gives, per earlier tile, ``ds = dt - pi * r`` on
+regular keys and ``ds = r`` on the landmark, where ``r = rowsum(dt)`` and ``pi`` is the inner
+softmax; in the own tile ``ds = dt``. dq/dk follow from ``ds``, dv from ``w``.
+
+Entry point ``landmark_attention_padded`` takes inputs already re-laid-out to ``[B, n_blocks * P,
+H, D]`` (see ``jaxattn.ops.landmark``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxattn.pallas import _common
+from jaxattn.pallas._common import dot
+
+NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class LandmarkConfig:
+    num_warps: int = 4
+    num_stages: int = 2
+    num_warps_bwd: int = 4
+    num_stages_bwd: int = 1
+
+
+def landmark_config(tile: int, head_dim: int, dtype: Any) -> LandmarkConfig:
+    """Launch parameters for a (padded block ``tile``, padded head dim, dtype) triple."""
+    big = tile * head_dim * jnp.dtype(dtype).itemsize >= 128 * 128 * 2
+    return LandmarkConfig(num_warps=8 if big else 4, num_stages=1 if big else 2,
+                          num_warps_bwd=8 if big else 4, num_stages_bwd=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    scale: float
+    block_len: int  # true block length (landmark at index block_len - 1)
+    tile: int  # padded block length P
+    n_blocks: int
+    seq_len: int  # true sequence length (tokens beyond it are padding)
+    groups: int  # q heads per kv head
+    cfg: LandmarkConfig
+    interpret: bool | None
+    precision: Any
+
+
+def _earlier_tile(st: _Static, s):
+    """Effective logits ``t`` and inner softmax ``pi`` of a tile in an earlier block."""
+    cols = jnp.arange(st.tile)[None, :]
+    reg = cols < st.block_len - 1
+    s_reg = jnp.where(reg, s, NEG_INF)
+    m_in = jnp.max(s_reg, axis=1)
+    lse_in = m_in + jnp.log(jnp.sum(jnp.exp(s_reg - m_in[:, None]), axis=1))
+    s_lm = jnp.sum(jnp.where(cols == st.block_len - 1, s, 0.0), axis=1)
+    t = jnp.where(reg, s + (s_lm - lse_in)[:, None], NEG_INF)
+    pi = jnp.exp(s_reg - lse_in[:, None])
+    return t, pi
+
+
+def _own_tile(st: _Static, s, c):
+    """Effective logits of the query's own block: regular keys j <= i inside the sequence."""
+    rows = jnp.arange(st.tile)[:, None]
+    cols = jnp.arange(st.tile)[None, :]
+    keep = (cols < st.block_len - 1) & (cols <= rows) & (c * st.block_len + cols < st.seq_len)
+    return jnp.where(keep, s, NEG_INF)
+
+
+def _scores(st: _Static, q, k):
+    return dot(q, k, trans_b=True, precision=st.precision) * st.scale
+
+
+# ----------------------------------------------------------------------------
+# Forward.
+# ----------------------------------------------------------------------------
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
+    c = st.n_blocks - 1 - pl.program_id(0)  # heaviest query blocks first
+    q = q_ref[...]
+    P = st.tile
+
+    def update(t, v, carry):
+        acc, m, l = carry
+        m_new = jnp.maximum(m, jnp.max(t, axis=1))
+        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(t - m_safe[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=st.precision)
+        return acc, m_new, l
+
+    def body(g, carry):
+        ks = pl.ds(pl.multiple_of(g * P, P), P)
+        t, _ = _earlier_tile(st, _scores(st, q, k_ref[ks, :]))
+        return update(t, v_ref[ks, :], carry)
+
+    carry = (jnp.zeros((P, v_ref.shape[-1]), jnp.float32), jnp.full((P,), NEG_INF, jnp.float32),
+             jnp.zeros((P,), jnp.float32))
+    carry = lax.fori_loop(0, c, body, carry)
+    ks = pl.ds(pl.multiple_of(c * P, P), P)
+    acc, m, l = update(_own_tile(st, _scores(st, q, k_ref[ks, :]), c), v_ref[ks, :], carry)
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)  # every row sees >= 1 key
+    lse_ref[...] = m + jnp.log(l)
+
+
+def _fwd_call(st: _Static, q, k, v):
+    batch, n, hq, d = q.shape
+    e = v.shape[-1]
+    P, g, nb = st.tile, st.groups, st.n_blocks
+    qb = lambda i: nb - 1 - i  # noqa: E731
+    call = _common.pallas_call(
+        functools.partial(_fwd_kernel, st=st),
+        out_shape=[jax.ShapeDtypeStruct((batch, n, hq, e), q.dtype),
+                   jax.ShapeDtypeStruct((batch, hq, n), jnp.float32)],
+        grid=(nb, batch, hq),
+        in_specs=[pl.BlockSpec((None, P, None, d), lambda i, b, h: (b, qb(i), h, 0)),
+                  pl.BlockSpec((None, n, None, d), lambda i, b, h: (b, 0, h // g, 0)),
+                  pl.BlockSpec((None, n, None, e), lambda i, b, h: (b, 0, h // g, 0))],
+        out_specs=[pl.BlockSpec((None, P, None, e), lambda i, b, h: (b, qb(i), h, 0)),
+                   pl.BlockSpec((None, None, P), lambda i, b, h: (b, h, qb(i)))],
+        num_warps=st.cfg.num_warps, num_stages=st.cfg.num_stages, interpret=st.interpret,
+        name="jaxattn_landmark_fwd")
+    return call(q, k, v)
+
+
+# ----------------------------------------------------------------------------
+# Backward.
+# ----------------------------------------------------------------------------
+
+
+def _earlier_grads(st: _Static, s, lse, dp, delta):
+    """Weights ``w`` and logit cotangents ``ds`` of an earlier-block tile."""
+    t, pi = _earlier_tile(st, s)
+    w = jnp.exp(t - lse[:, None])
+    dt = w * (dp - delta[:, None])
+    r = jnp.sum(dt, axis=1)
+    cols = jnp.arange(st.tile)[None, :]
+    ds = dt - pi * r[:, None] + jnp.where(cols == st.block_len - 1, r[:, None], 0.0)
+    return w, ds
+
+
+def _own_grads(st: _Static, s, c, lse, dp, delta):
+    w = jnp.exp(_own_tile(st, s, c) - lse[:, None])
+    return w, w * (dp - delta[:, None])
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static):
+    c = st.n_blocks - 1 - pl.program_id(0)
+    P = st.tile
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+
+    def tile(g):
+        ks = pl.ds(pl.multiple_of(g * P, P), P)
+        k, v = k_ref[ks, :], v_ref[ks, :]
+        return _scores(st, q, k), k, dot(do, v, trans_b=True, precision=st.precision)
+
+    def body(g, dq):
+        s, k, dp = tile(g)
+        _, ds = _earlier_grads(st, s, lse, dp, delta)
+        return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
+
+    dq = lax.fori_loop(0, c, body, jnp.zeros(q.shape, jnp.float32))
+    s, k, dp = tile(c)
+    _, ds = _own_grads(st, s, c, lse, dp, delta)
+    dq = dq + dot(ds.astype(k.dtype), k, precision=st.precision)
+    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+
+
+def _dq_call(st: _Static, q, k, v, do, lse, delta):
+    batch, n, hq, d = q.shape
+    e = v.shape[-1]
+    P, g, nb = st.tile, st.groups, st.n_blocks
+    qb = lambda i: nb - 1 - i  # noqa: E731
+    call = _common.pallas_call(
+        functools.partial(_dq_kernel, st=st),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
+        grid=(nb, batch, hq),
+        in_specs=[pl.BlockSpec((None, P, None, d), lambda i, b, h: (b, qb(i), h, 0)),
+                  pl.BlockSpec((None, n, None, d), lambda i, b, h: (b, 0, h // g, 0)),
+                  pl.BlockSpec((None, n, None, e), lambda i, b, h: (b, 0, h // g, 0)),
+                  pl.BlockSpec((None, P, None, e), lambda i, b, h: (b, qb(i), h, 0)),
+                  pl.BlockSpec((None, None, P), lambda i, b, h: (b, h, qb(i))),
+                  pl.BlockSpec((None, None, P), lambda i, b, h: (b, h, qb(i)))],
+        out_specs=[pl.BlockSpec((None, P, None, d), lambda i, b, h: (b, qb(i), h, 0))],
+        num_warps=st.cfg.num_warps_bwd, num_stages=st.cfg.num_stages_bwd, interpret=st.interpret,
+        name="jaxattn_landmark_dq")
+    return call(q, k, v, do, lse, delta)[0]
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, st: _Static):
+    j = pl.program_id(0)  # this kv block
+    P = st.tile
+    k, v = k_ref[...], v_ref[...]
+
+    def tile(c, gi):
+        qs = pl.ds(pl.multiple_of(c * P, P), P)
+        q, do = q_ref[qs, gi, :], do_ref[qs, gi, :]
+        s = _scores(st, q, k)
+        dp = dot(do, v, trans_b=True, precision=st.precision)
+        return q, do, s, dp, lse_ref[gi, qs], delta_ref[gi, qs]
+
+    def accumulate(carry, q, do, w, ds):
+        dk, dv = carry
+        dv = dv + dot(w.astype(do.dtype), do, trans_a=True, precision=st.precision)
+        dk = dk + dot(ds.astype(q.dtype), q, trans_a=True, precision=st.precision)
+        return dk, dv
+
+    def group_body(gi, carry):
+        q, do, s, dp, lse, delta = tile(j, gi)
+        carry = accumulate(carry, q, do, *_own_grads(st, s, j, lse, dp, delta))
+
+        def body(c, carry):
+            q, do, s, dp, lse, delta = tile(c, gi)
+            return accumulate(carry, q, do, *_earlier_grads(st, s, lse, dp, delta))
+
+        return lax.fori_loop(j + 1, st.n_blocks, body, carry)
+
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dk, dv = lax.fori_loop(0, st.groups, group_body, carry)
+    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dkdv_call(st: _Static, q, k, v, do, lse, delta):
+    batch, n, hkv, d = k.shape
+    e = v.shape[-1]
+    P, g = st.tile, st.groups
+    call = _common.pallas_call(
+        functools.partial(_dkdv_kernel, st=st),
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        grid=(st.n_blocks, batch, hkv),
+        in_specs=[pl.BlockSpec((None, n, g, d), lambda j, b, h: (b, 0, h, 0)),
+                  pl.BlockSpec((None, P, None, d), lambda j, b, h: (b, j, h, 0)),
+                  pl.BlockSpec((None, P, None, e), lambda j, b, h: (b, j, h, 0)),
+                  pl.BlockSpec((None, n, g, e), lambda j, b, h: (b, 0, h, 0)),
+                  pl.BlockSpec((None, g, n), lambda j, b, h: (b, h, 0)),
+                  pl.BlockSpec((None, g, n), lambda j, b, h: (b, h, 0))],
+        out_specs=[pl.BlockSpec((None, P, None, d), lambda j, b, h: (b, j, h, 0)),
+                   pl.BlockSpec((None, P, None, e), lambda j, b, h: (b, j, h, 0))],
+        num_warps=st.cfg.num_warps_bwd, num_stages=st.cfg.num_stages_bwd, interpret=st.interpret,
+        name="jaxattn_landmark_dkdv")
+    return call(q, k, v, do, lse, delta)
+
+
+# ----------------------------------------------------------------------------
+# custom_vjp.
+# ----------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _landmark(st: _Static, q, k, v):
+    return _fwd_call(st, q, k, v)[0]
+
+
+def _landmark_fwd(st, q, k, v):
+    o, lse = _fwd_call(st, q, k, v)
+    return o, (q, k, v, o, lse)
+
+
+def _landmark_bwd(st, res, do):
+    q, k, v, o, lse = res
+    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
+    do = do.astype(q.dtype)
+    dq = _dq_call(st, q, k, v, do, lse, delta)
+    dk, dv = _dkdv_call(st, q, k, v, do, lse, delta)
+    return dq, dk, dv
+
+
+_landmark.defvjp(_landmark_fwd, _landmark_bwd)
+
+
+def landmark_attention_padded(q: jax.Array, k: jax.Array, v: jax.Array, *, block_len: int, tile: int,
+                              seq_len: int, scale: float, config: LandmarkConfig | None = None,
+                              interpret: bool | None = None) -> jax.Array:
+    """Differentiable landmark attention on block-padded inputs ``q [B, nb * tile, H, D]``,
+    ``k/v [B, nb * tile, Hkv, D|E]`` (each landmark block's ``block_len`` tokens at the start
+    of its ``tile`` rows; head dims powers of two >= 16). Returns ``[B, nb * tile, H, E]``;
+    rows of padding are unspecified but finite."""
+    from jaxattn.pallas.flash import precision_for
+
+    n = q.shape[1]
+    st = _Static(scale=float(scale), block_len=int(block_len), tile=int(tile), n_blocks=n // tile,
+                 seq_len=int(seq_len), groups=q.shape[2] // k.shape[2],
+                 cfg=config or landmark_config(tile, max(q.shape[-1], v.shape[-1]), q.dtype),
+                 interpret=interpret, precision=precision_for(q.dtype))
+    return _landmark(st, q, k, v)

@@ -1,0 +1,197 @@
+"""Landmark attention vs plain full attention on synthetic passkey retrieval:
+``python -m jaxattn.train.landmark_experiment [--steps 200] [--eval-samples 32]``.
+
+Both byte-level decoders (``jaxattn.models.landmark.LandmarkGPT`` and ``jaxattn.models.GPT``,
+same width/depth) are trained at context 512 (regular bytes) on a passkey mixture: a repeated
+filler text with a planted "The pass key is NNNNN. Remember it." at a random place and the
+question "What is the pass key? The pass key is NNNNN" at the end. Loss: next-byte
+cross-entropy on every regular byte plus (added) the mean over the five answer digits.
+Evaluation: exact-match accuracy of the five answer digits (teacher-forced argmax, equal to
+greedy decoding's exact match) at 512 and at 4x the training length (2048), the landmark model
+with top-k block retrieval, the plain model with full attention (RoPE extrapolation). The table
+goes to ``RESULTS.md`` (section ``landmark-experiment``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxattn.models.gpt import GPT, GPTConfig
+from jaxattn.models.landmark import LandmarkGPT, LandmarkGPTConfig, insert_landmarks, regular_index
+from jaxattn.train.loop import adamw, warmup_cosine
+from jaxattn.train.results import write_section
+
+FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+DIGITS = 5
+
+
+def passkey_batch(rng: np.random.Generator, batch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``tokens [batch, n]`` (bytes) and the positions ``[DIGITS]`` of the answer digits (the last
+    ``DIGITS`` bytes). The planted passkey sits at a uniformly random place before the question."""
+    out = np.empty((batch, n), np.int32)
+    filler = np.frombuffer(FILLER * (n // len(FILLER) + 2), np.uint8)
+    for b in range(batch):
+        key = "".join(str(d) for d in rng.integers(0, 10, DIGITS))
+        plant = np.frombuffer(f"The pass key is {key}. Remember it. ".encode(), np.uint8)
+        tail = np.frombuffer(f"What is the pass key? The pass key is {key}".encode(), np.uint8)
+        off = rng.integers(0, len(FILLER))
+        seq = filler[off: off + n].astype(np.int32).copy()
+        seq[n - len(tail):] = tail
+        p = rng.integers(0, n - len(tail) - len(plant) + 1)
+        seq[p: p + len(plant)] = plant
+        out[b] = seq
+    return out, np.arange(n - DIGITS, n)
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    model: nnx.Module
+    landmark: bool
+
+
+def _model_inputs(run: Run, tokens: jax.Array, mem_freq: int, landmark_id: int):
+    """Model input stream and, per regular byte, its index in that stream."""
+    n = tokens.shape[1]
+    if run.landmark:
+        return insert_landmarks(tokens, mem_freq, landmark_id), regular_index(n, mem_freq)
+    return tokens, np.arange(n)
+
+
+def _losses(run: Run, model, tokens, mem_freq: int, landmark_id: int, top_k=None):
+    stream, idx = _model_inputs(run, tokens, mem_freq, landmark_id)
+    logits = model(stream, top_k=top_k) if run.landmark else model(stream)
+    logits = logits[:, idx[:-1]]  # the prediction of regular byte r + 1 sits at byte r
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    return ce, logits
+
+
+def train(run: Run, *, steps: int, batch: int, seq: int, lr: float, seed: int, mem_freq: int,
+          landmark_id: int, log_every: int = 50) -> float:
+    rng = np.random.default_rng(seed)
+    tx = adamw(warmup_cosine(lr, max(1, steps // 10), steps), weight_decay=0.01)
+    graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, tokens):
+        def loss_fn(p):
+            model = nnx.merge(graphdef, p, rest)
+            ce, _ = _losses(run, model, tokens, mem_freq, landmark_id)
+            return ce.mean() + ce[:, -DIGITS:].mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    t0 = time.time()
+    for i in range(steps):
+        tokens, _ = passkey_batch(rng, batch, seq)
+        params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens))
+        if (i + 1) % log_every == 0 or i == 0:
+            print(f"[{run.name}] step {i + 1}/{steps} loss {float(loss):.3f} ({time.time() - t0:.0f}s)",
+                  flush=True)
+    nnx.update(run.model, params)
+    return time.time() - t0
+
+
+def evaluate(run: Run, *, n: int, samples: int, batch: int, seed: int, mem_freq: int, landmark_id: int,
+             top_k: int | None) -> tuple[float, float]:
+    """(exact-match accuracy of the 5 answer digits, per-digit accuracy) over ``samples``."""
+    rng = np.random.default_rng(seed)
+    graphdef, state = nnx.split(run.model)
+
+    @jax.jit
+    def fn(state, tokens):
+        logits = _losses(run, nnx.merge(graphdef, state), tokens, mem_freq, landmark_id, top_k)[1]
+        return logits[:, -DIGITS:].argmax(-1)
+
+    exact, digit, seen = 0, 0, 0
+    while seen < samples:
+        tokens, _ = passkey_batch(rng, min(batch, samples - seen), n)
+        pred = np.asarray(fn(state, jnp.asarray(tokens)))
+        ok = pred == tokens[:, -DIGITS:]
+        exact += int(ok.all(-1).sum())
+        digit += int(ok.sum())
+        seen += tokens.shape[0]
+    return exact / samples, digit / (samples * DIGITS)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--eval-len", type=int, default=2048)
+    ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--mem-freq", type=int, default=31)
+    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", default="RESULTS.md")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+
+    base = dict(dim=args.dim, layers=args.layers, heads=args.heads, attn_impl="auto")
+    lcfg = LandmarkGPTConfig(vocab_size=257, landmark_id=256, mem_freq=args.mem_freq, top_k=args.top_k, **base)
+    runs = [Run("landmark", LandmarkGPT(lcfg, rngs=nnx.Rngs(args.seed)), True),
+            Run("plain", GPT(GPTConfig(vocab_size=257, **base), rngs=nnx.Rngs(args.seed)), False)]
+    common = dict(mem_freq=args.mem_freq, landmark_id=256)
+    rows, secs = [], {}
+    for run in runs:
+        secs[run.name] = train(run, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
+                               seed=args.seed + 1, **common)
+        n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(run.model, nnx.Param)))
+        evals = [(args.seq, None), (args.eval_len, None)]
+        if run.landmark:
+            evals = [(args.seq, None), (args.seq, args.top_k), (args.eval_len, None), (args.eval_len, args.top_k)]
+        for n, k in evals:
+            t0 = time.time()
+            ex, dg = evaluate(run, n=n, samples=args.eval_samples, batch=args.batch, seed=1000 + n,
+                              top_k=k, **common)
+            how = f"top-{k} retrieval" if k else ("full landmark attention" if run.landmark else "full attention")
+            rows.append((run.name, n_params, n, how, ex, dg, time.time() - t0))
+            print(f"[{run.name}] len {n} {how}: exact {ex:.3f} digit {dg:.3f}", flush=True)
+
+    body = [
+        "## Landmark attention: passkey retrieval beyond the training length",
+        "",
+        f"`{' '.join(['python -m jaxattn.train.landmark_experiment', *(sys.argv[1:] if argv is None else argv)])}` "
+        f"(CPU, seed {args.seed}). Byte-level decoders, "
+        f"dim {args.dim}, {args.layers} layers, {args.heads} heads, RoPE, trained {args.steps} steps x batch "
+        f"{args.batch} at {args.seq} regular bytes (lr {args.lr}, AdamW, warmup-cosine) on a synthetic passkey "
+        f"mixture (repeated filler sentence, 5-digit key planted at a random place, question at the end). "
+        f"Landmark model: a landmark token after every {args.mem_freq} bytes (block {args.mem_freq + 1}); "
+        f"retrieval picks the top-{args.top_k} blocks per query and head, re-placed before the current block "
+        f"for RoPE. Plain model: the same GPT with full causal attention (RoPE extrapolates past {args.seq}). "
+        f"Accuracy = all 5 answer digits right (teacher-forced argmax = greedy exact match); "
+        f"{args.eval_samples} samples per row; chance is 1e-5 exact / 0.1 per digit.",
+        "",
+        "| model | params | eval length | attention at eval | exact-match acc | per-digit acc | eval s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, n_params, n, how, ex, dg, s in rows:
+        body.append(f"| {name} | {n_params:,} | {n} | {how} | {ex:.3f} | {dg:.3f} | {s:.0f} |")
+    body += ["", "Training seconds (CPU, shared machine): " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()) + "."]
+    text = "\n".join(body)
+    print(text)
+    if not args.no_write:
+        write_section(args.results, "landmark-experiment", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
