@@ -67,7 +67,7 @@ def run(
     for case in tqdm(list(cases), desc=desc, disable=not progress, unit="case"):
         args = inputs(case)
         timers: list[tuple[str, Callable[[], Timing]]] = [
-            (name, lambda fn=fn: time_jax(fn, *args, warmup=warmup, runs=runs))
+            (name, lambda fn=fn, args=args: time_jax(fn, *args, warmup=warmup, runs=runs))
             for name, fn in peers(case).items()
         ]
         if torch_peers is not None:
