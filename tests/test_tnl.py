@@ -47,9 +47,9 @@ def test_generate_logits_match_parallel_forward():
 def test_prefill_states_continue_the_sequence():
     m = _tiny()
     toks = jax.random.randint(jax.random.PRNGKey(2), (1, 30), 0, 64)
-    full = m(toks)
-    _, states = m(toks[:, :17], return_states=True)
-    rest = m(toks[:, 17:], states=states, offset=17)
+    full = nnx.jit(lambda m, t: m(t))(m, toks)  # jitted: eager op-by-op dispatch is slow on CPU
+    _, states = nnx.jit(lambda m, t: m(t, return_states=True))(m, toks[:, :17])
+    rest = nnx.jit(lambda m, t, s: m(t, states=s, offset=17))(m, toks[:, 17:], states)
     np.testing.assert_allclose(rest, full[:, 17:], atol=2e-5, rtol=1e-4)
 
 

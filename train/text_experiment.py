@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                         f"{_compare(res, 'rationale', 'vanilla', 'token_f1')}; IOU-F1 — "
                         f"{_compare(res, 'rationale', 'vanilla', 'iou_f1')}; accuracy — "
                         f"{_compare(res, 'rationale', 'vanilla', 'test_acc')}.")
-    body = f"""## Text classifiers: attention AT / iAT / VAT / iVAT / rationale supervision (issue 7)
+    body = f"""## Text classifiers ({args.model}): attention AT / iAT / VAT / iVAT / rationale supervision (issue 7)
 
 `python -m jaxattn.train.text_experiment --steps {args.steps} --seeds {args.seeds} --model {args.model}`
 (wall time {wall / 60:.1f} min on a shared 2-core CPU, compilation included).
@@ -136,10 +136,11 @@ of that top-k set (predicted class). Mean ± std over seeds on the test split.
 What the numbers say (auto-generated from the table; "clearly" = difference > 2× the larger seed std):
 {chr(10).join(verdicts)}
 
-Not measured: the papers' real datasets (SST, IMDB, AGNews, HateXplain, ...); the transformer
-model in this table; sensitivity to ε; the repository's literal iAT (`--iat-form repo`).
+Not measured: the papers' real datasets (SST, IMDB, AGNews, HateXplain, ...); sensitivity to ε;
+the repository's literal iAT (`--iat-form repo`).
 """
-    write_section(args.results, "text-methods", body)
+    # one RESULTS.md section per encoder, so the BiLSTM and transformer tables stand side by side
+    write_section(args.results, "text-methods" if args.model == "bilstm" else f"text-methods-{args.model}", body)
     print(body)
     return 0
 
