@@ -310,8 +310,56 @@ def test_text_cli_end_to_end_and_resume(tmp_path, capsys):
     assert "resumed from step 2" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 3 and 0 <= summary["test_acc"] <= 1
-    for k in ("pearson", "kendall_tau", "token_f1", "iou_f1", "comprehensiveness", "sufficiency"):
+    for k in ("pearson", "kendall_tau", "token_f1", "iou_f1", "comprehensiveness", "sufficiency",
+              "xm_token_f1", "xm_iou_f1", "xm_comprehensiveness", "xm_sufficiency"):
         assert k in summary and np.isfinite(summary[k]), k
+    assert len((out / "explanations.jsonl").read_text().splitlines()) == 16
     assert (out / "vocab.json").exists() and (out / "metrics.csv").exists()
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert rows[-1].startswith("3,")
+
+
+def test_xmutest_stage2_recovers_cues_of_an_oracle_classifier(tiny_data, tmp_path, monkeypatch):
+    """X-MuTeST stage 2 as the text task runs it: with a classifier that only counts cue words, the
+    n-gram-removal rationales find the planted cues; the union with external rationales (here the
+    gold ones, keyed by the ids written to explanations.jsonl) contains every gold token."""
+    import jaxattn.train.text as text_mod
+
+    itos = tiny_data.tokenizer.itos
+    sign = np.array([1.0 if w.startswith("pos") else -1.0 if w.startswith("neg") else 0.0 for w in itos])
+
+    def oracle(tokens, lengths):
+        tokens = np.asarray(tokens)
+        valid = np.arange(tokens.shape[1])[None] < np.asarray(lengths)[:, None]
+        p1 = 1 / (1 + np.exp(-3.0 * (sign[tokens] * valid).sum(1)))
+        return np.stack([1 - p1, p1], -1)
+
+    monkeypatch.setattr(text_mod, "make_predict_proba", lambda trainer, batch_size=256: oracle)
+    x, lengths = tiny_data.x_test, tiny_data.len_test
+    arr = {"pred": oracle(x, lengths).argmax(-1), "attention": np.zeros(x.shape, np.float32)}
+    out_path = tmp_path / "explanations.jsonl"
+    m = text_mod.xmutest_explanations(None, tiny_data, arr, 0.15, out_path)
+    recs = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert len(recs) == len(lengths) and [r["id"] for r in recs] == [str(i) for i in range(len(lengths))]
+    cue_hits = []
+    for r, n in zip(recs, lengths):
+        assert len(r["tokens"]) == len(r["xmutest_scores"]) == n
+        assert len(r["xmutest_rationale"]) == int(np.ceil(0.15 * n))
+        cues = {j for j, w in enumerate(r["tokens"]) if w.startswith(("pos", "neg"))}
+        best = int(np.argmax(r["xmutest_scores"]))  # the highest-scoring token is a cue
+        assert best in cues and best in r["xmutest_rationale"], (r["tokens"], r["xmutest_scores"])
+        cue_hits.append(cues <= set(r["xmutest_rationale"]) or len(cues) > len(r["xmutest_rationale"]))
+    assert np.mean(cue_hits) >= 0.85  # two same-sign cues saturate the oracle: the second may fall out
+    assert m["xm_token_f1"] > 0.5 and np.isfinite(m["xm_comprehensiveness"]) and np.isfinite(m["xm_sufficiency"])
+    assert "xm_union_token_f1" not in m
+
+    ext = tmp_path / "llm.json"
+    ext.write_text(json.dumps({r["id"]: r["gold_rationale"] for r in recs}))
+    m2 = text_mod.xmutest_explanations(None, tiny_data, arr, 0.15, out_path, external=ext)
+    for r in (json.loads(line) for line in out_path.read_text().splitlines()):
+        assert set(r["gold_rationale"]) <= set(r["union_rationale"])
+        assert set(r["xmutest_rationale"]) <= set(r["union_rationale"])
+    assert m2["xm_union_token_f1"] >= m2["xm_token_f1"]
+    ext.write_text(json.dumps({"0": [0]}))  # ids missing
+    with pytest.raises(ValueError, match="1"):
+        text_mod.xmutest_explanations(None, tiny_data, arr, 0.15, None, external=ext)

@@ -95,6 +95,11 @@ class TextConfig:
     unlabeled: bool = True  # VAT/iVAT: also regularise on an unlabelled batch
     rationale_loss: str = "ce"
     top_fraction: float | None = None  # attention -> rationale: top fraction (None: mean gold fraction)
+    # X-MuTeST stage 2 after training: n-gram-removal explanations of the test split (written to
+    # explanations.jsonl with plausibility vs the gold rationales), optionally united with external
+    # (e.g. LLM) rationales from a .json/.jsonl file keyed by test-example id
+    xmutest: bool = True
+    external_rationales: str | None = None
     seed: int = 0
     eval_every: int = 100
     eval_batch_size: int = 256
@@ -365,6 +370,57 @@ def explain_metrics(trainer: loop.Trainer, data: TextData, arr: dict[str, np.nda
     return out
 
 
+def xmutest_explanations(trainer: loop.Trainer, data: TextData, arr: dict[str, np.ndarray], top_fraction: float,
+                         out_path: Path | None = None, external: str | Path | None = None,
+                         batch_size: int = 256) -> dict[str, float]:
+    """X-MuTeST stage 2 on the test split: per-token scores from the drop in the predicted class's
+    probability when each unigram, bigram and trigram is removed (:func:`jaxattn.explain.xmutest.
+    ngram_removal_scores`), the top ``top_fraction`` tokens as rationales, and, with ``external``,
+    their union with the rationales in that file (ids: the test examples' positions ``"0"``,
+    ``"1"``, ..., as written to ``out_path``). Returns Token-F1 / IOU-F1 against the gold
+    rationales (``xm_*``; ``xm_union_*`` with ``external``) and the comprehensiveness /
+    sufficiency of the n-gram rationales; writes one JSON record per test example to ``out_path``."""
+    from jaxattn.explain import eraser, xmutest
+
+    lengths, x = data.len_test, data.x_test
+    proba = make_predict_proba(trainer, batch_size)
+    scores = xmutest.ngram_removal_scores(proba, x, lengths, arr["pred"], batch_size=batch_size * 8)
+    mask = xmutest.scores_to_rationales(scores, lengths, top_fraction=top_fraction)
+    union = None
+    if external is not None:
+        ext = xmutest.load_external_rationales(external, [str(i) for i in range(len(lengths))], lengths,
+                                               width=x.shape[1])
+        union = xmutest.union_rationales(mask, ext)
+    out: dict[str, float] = {}
+    hr = data.hr_test
+    if hr.any():
+        gold = data.r_test[hr] > 0.5
+        for name, m in (("xm", mask), ("xm_union", union)):
+            if m is not None:
+                out[f"{name}_token_f1"] = float(eraser.token_f1(m[hr], gold, lengths[hr]))
+                out[f"{name}_iou_f1"] = float(eraser.iou_f1(m[hr], gold, lengths[hr]))
+    faith = eraser.faithfulness(proba, x, lengths, scores, arr["pred"], rationales=mask, batch_size=batch_size)
+    out["xm_comprehensiveness"] = float(faith["comprehensiveness"])
+    out["xm_sufficiency"] = float(faith["sufficiency"])
+    if out_path is not None:
+        tok = data.tokenizer
+        with open(out_path, "w") as fh:
+            for i, n in enumerate(lengths):
+                n = int(n)
+                words = [tok.decode([t]) for t in x[i, :n]]  # a word list of one, or a str (bytes)
+                rec = {"id": str(i), "tokens": [w[0] if isinstance(w, list) and w else w for w in words],
+                       "label": int(data.y_test[i]), "pred": int(arr["pred"][i]),
+                       "attention": np.round(arr["attention"][i, :n].astype(float), 5).tolist(),
+                       "xmutest_scores": np.round(scores[i, :n].astype(float), 5).tolist(),
+                       "xmutest_rationale": np.flatnonzero(mask[i, :n]).tolist()}
+                if union is not None:
+                    rec["union_rationale"] = np.flatnonzero(union[i, :n]).tolist()
+                if hr[i]:
+                    rec["gold_rationale"] = np.flatnonzero(data.r_test[i, :n] > 0.5).tolist()
+                fh.write(json.dumps(rec) + "\n")
+    return out
+
+
 # -- the driver ------------------------------------------------------------------------------
 def load_data(cfg: TextConfig) -> TextData:
     return load_text(cfg.data, format=cfg.format, tokenizer=cfg.tokenizer, max_len=cfg.max_len,
@@ -402,6 +458,9 @@ def train(cfg: TextConfig, *, resume: bool = False, data: TextData | None = None
         return result
     scores, arr = evaluate(trainer, data, cfg.eval_batch_size)
     expl = explain_metrics(trainer, data, arr, cfg.top_fraction, cfg.eval_batch_size) if explain else {}
+    if explain and cfg.xmutest and expl:
+        expl.update(xmutest_explanations(trainer, data, arr, expl["top_fraction"], out / "explanations.jsonl",
+                                         cfg.external_rationales, cfg.eval_batch_size))
     summary = {"step": cfg.steps, "method": cfg.method, "model": cfg.model, **scores, **expl}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
@@ -426,7 +485,11 @@ def add_parser(sub) -> None:
         "iat_form": "paper: perturbation in the span of instance differences; repo: the repository's "
                     "effective -eps*g/||g||",
         "top_fraction": "top fraction of tokens by attention taken as the predicted rationale "
-                        "(default: the mean gold rationale fraction)"})
+                        "(default: the mean gold rationale fraction)",
+        "xmutest": "after training, X-MuTeST n-gram-removal explanations of the test split -> "
+                   "explanations.jsonl and xm_* plausibility/faithfulness metrics",
+        "external_rationales": ".json/.jsonl rationales (e.g. from an LLM) keyed by the test-example ids of "
+                               "explanations.jsonl, united with the X-MuTeST rationales"})
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true")
 

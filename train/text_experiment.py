@@ -21,7 +21,7 @@ from jaxattn.train.text_data import load_text
 
 METRICS = [("test_acc", "accuracy"), ("pearson", "Pearson(att, grad)"), ("kendall_tau", "Kendall τ(att, grad)"),
            ("token_f1", "Token-F1"), ("iou_f1", "IOU-F1"), ("comprehensiveness", "compr. ↑"),
-           ("sufficiency", "suff. ↓")]
+           ("sufficiency", "suff. ↓"), ("xm_token_f1", "X-MuTeST Token-F1"), ("xm_comprehensiveness", "X-MuTeST compr. ↑")]
 
 
 def _ms(vals: list[float]) -> tuple[float, float]:
@@ -114,6 +114,11 @@ def main(argv=None) -> int:
                         f"{_compare(res, 'rationale', 'vanilla', 'token_f1')}; IOU-F1 — "
                         f"{_compare(res, 'rationale', 'vanilla', 'iou_f1')}; accuracy — "
                         f"{_compare(res, 'rationale', 'vanilla', 'test_acc')}.")
+    if {"vanilla", "rationale"} <= set(methods):
+        verdicts.append("- X-MuTeST stage 2 (n-gram-removal explanations, same top-k size): Token-F1 — "
+                        f"{_compare(res, 'rationale', 'vanilla', 'xm_token_f1')}; vs the same model's attention "
+                        f"(vanilla {_ms(res['vanilla']['token_f1'])[0]:.3f}, rationale "
+                        f"{_ms(res['rationale']['token_f1'])[0]:.3f}).")
     body = f"""## Text classifiers ({args.model}): attention AT / iAT / VAT / iVAT / rationale supervision (issue 7)
 
 `python -m jaxattn.train.text_experiment --steps {args.steps} --seeds {args.seeds} --model {args.model}`
@@ -129,7 +134,9 @@ one power iteration, the unlabelled pool used); rationale: λ = 1 on the normali
 Agreement: per-sentence Pearson / Kendall τ-b between the attention and the gradient importance
 (L2 norm of ∂p(ŷ)/∂embedding with attention held fixed), averaged. Rationales from attention: the
 top {100 * float(np.mean(data.r_train.sum(1) / data.len_train)):.0f}% tokens (the mean gold fraction). Comprehensiveness / sufficiency
-of that top-k set (predicted class). Mean ± std over seeds on the test split.
+of that top-k set (predicted class). X-MuTeST columns: stage-2 explanations of the same model (uni/bi/trigram
+removal, weights 0.5/0.3/0.2, drop in the predicted class's probability), top-k of the same size.
+Mean ± std over seeds on the test split.
 
 {chr(10).join(rows)}
 
