@@ -290,6 +290,8 @@ def test_errors():
         TextConfig(model="gru")
     with pytest.raises(ValueError, match="--iat-form"):
         TextConfig(iat_form="x")
+    with pytest.raises(ValueError, match="--external-rationales"):
+        TextConfig(external_rationales="/nonexistent/llm.json")
     from jaxattn.train.__main__ import main
 
     with pytest.raises(SystemExit):

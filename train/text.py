@@ -119,6 +119,8 @@ class TextConfig:
                                  f"got {getattr(self, name)!r}")
         if self.eps < 0 or self.lam < 0 or self.xi <= 0:
             raise ValueError(f"need eps >= 0, lam >= 0, xi > 0; got eps={self.eps}, lam={self.lam}, xi={self.xi}")
+        if self.external_rationales is not None and not Path(self.external_rationales).is_file():
+            raise ValueError(f"--external-rationales {self.external_rationales}: no such file")
         if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
             raise ValueError(f"--top-fraction must be in (0, 1], got {self.top_fraction}")
 
