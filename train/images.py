@@ -79,31 +79,43 @@ class ImageData:
     def train_batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
         """``{"image": uint8 [B, H, W, C], "label": int32 [B]}``: examples ``step*B .. step*B+B-1``
         of the stream of per-epoch permutations seeded by ``(seed, epoch)``."""
-        n = len(self.x_train)
-        pos = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
-        epochs = pos // n
-        idx = np.empty(batch_size, np.int64)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            idx[sel] = _permutation(seed, int(e), n)[pos[sel] % n]
+        idx = stream_indices(seed, step, batch_size, len(self.x_train))
         return {"image": self.x_train[idx], "label": self.y_train[idx]}
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
         """The test split in order as ``(batch, n_valid)``; the last batch is padded (with copies of
         the first image) to ``batch_size`` so that one compiled evaluation serves all batches."""
-        n = len(self.x_test)
-        for s in range(0, n, batch_size):
-            x, y = self.x_test[s:s + batch_size], self.y_test[s:s + batch_size]
-            k = len(x)
-            if k < batch_size:
-                x = np.concatenate([x, np.repeat(self.x_test[:1], batch_size - k, 0)])
-                y = np.concatenate([y, np.repeat(self.y_test[:1], batch_size - k, 0)])
-            yield {"image": x, "label": y}, k
+        return padded_batches(self.x_test, self.y_test, batch_size, "image")
 
 
 @functools.lru_cache(maxsize=4)
 def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x1A6E]).permutation(n)
+
+
+def stream_indices(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
+    """Indices of examples ``step*B .. step*B+B-1`` of the stream of per-epoch permutations of
+    ``range(n)`` seeded by ``(seed, epoch)`` (a pure function of its arguments: exact resume)."""
+    pos = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+    epochs = pos // n
+    idx = np.empty(batch_size, np.int64)
+    for e in np.unique(epochs):
+        sel = epochs == e
+        idx[sel] = _permutation(seed, int(e), n)[pos[sel] % n]
+    return idx
+
+
+def padded_batches(x_all: np.ndarray, y_all: np.ndarray, batch_size: int,
+                   key: str) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """``({key: x, "label": y}, n_valid)`` in order; the last batch is padded with copies of the
+    first example to ``batch_size``."""
+    for s in range(0, len(x_all), batch_size):
+        x, y = x_all[s:s + batch_size], y_all[s:s + batch_size]
+        k = len(x)
+        if k < batch_size:
+            x = np.concatenate([x, np.repeat(x_all[:1], batch_size - k, 0)])
+            y = np.concatenate([y, np.repeat(y_all[:1], batch_size - k, 0)])
+        yield {key: x, "label": y}, k
 
 
 # -- JAX transforms ------------------------------------------------------------------------

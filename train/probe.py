@@ -37,7 +37,8 @@ from jaxattn.models.probing import PROBES, count_params, create_probe
 from jaxattn.models.vit import ViT
 from jaxattn.train import loop
 from jaxattn.train.image import ImageConfig, default_model_factory, evaluate, make_image_trainer
-from jaxattn.train.images import ImageData, _permutation, check_data_args, load_images, normalize
+from jaxattn.train.images import (ImageData, check_data_args, load_images, normalize, padded_batches,
+                                  stream_indices)
 
 __all__ = ["ProbeConfig", "FrozenBackboneProbe", "TokenData", "load_backbone", "train_backbone",
            "extract_tokens", "select_tokens", "make_probe_trainer", "time_steps", "train"]
@@ -207,24 +208,11 @@ class TokenData:
     num_classes: int
 
     def train_batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
-        n = len(self.x_train)
-        pos = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
-        epochs = pos // n
-        idx = np.empty(batch_size, np.int64)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            idx[sel] = _permutation(seed, int(e), n)[pos[sel] % n]
+        idx = stream_indices(seed, step, batch_size, len(self.x_train))
         return {"tokens": self.x_train[idx], "label": self.y_train[idx]}
 
     def test_batches(self, batch_size: int):
-        n = len(self.x_test)
-        for s in range(0, n, batch_size):
-            x, y = self.x_test[s:s + batch_size], self.y_test[s:s + batch_size]
-            k = len(x)
-            if k < batch_size:
-                x = np.concatenate([x, np.repeat(self.x_test[:1], batch_size - k, 0)])
-                y = np.concatenate([y, np.repeat(self.y_test[:1], batch_size - k, 0)])
-            yield {"tokens": x, "label": y}, k
+        return padded_batches(self.x_test, self.y_test, batch_size, "tokens")
 
 
 # -- training -------------------------------------------------------------------------------
