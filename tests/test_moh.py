@@ -413,3 +413,23 @@ def test_bad_inputs_raise():
         small_cfg(quantized=True)
     with pytest.raises(ValueError, match="balance_loss_weight"):
         small_cfg(balance_loss_weight=-1.0)
+
+
+def test_moh_experiment_merge_writes_results_table(tmp_path):
+    """The experiment's report from saved runs (no training): table rows, settings and verdict."""
+    import json
+
+    from jaxattn.train import moh_experiment
+
+    rows = [dict(model=m, seed=s, steps=300, lr=3e-3, warmup=30, acc=a, f1=a - 0.01, seconds=10.0, params=p,
+                 **({"heads_active": 0.75, "routed_active": 0.667, "balance": 0.98} if m.startswith("moh") else {}))
+            for m, p, accs in (("vit-tiny", 805258, (0.95, 0.96)), ("moh-vit-tiny", 807818, (0.951, 0.959)))
+            for s, a in zip((0, 1), accs)]
+    runs = tmp_path / "runs.json"
+    runs.write_text(json.dumps(rows))
+    res = tmp_path / "RESULTS.md"
+    assert moh_experiment.main(["--merge", str(runs), "--results", str(res)]) == 0
+    text = res.read_text()
+    assert "<!-- moh-experiment:begin -->" in text and "AdamW lr 0.003 (warmup 30" in text
+    assert "| moh-vit-tiny | 807,818 | 0.9550 ± 0.0057 |" in text and "| 0.750 | 0.667 | 0.980 |" in text
+    assert "matches multi-head attention within seed noise" in text
