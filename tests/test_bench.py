@@ -25,7 +25,7 @@ def test_gpu_sweep_fills_tokens_and_model_dim():
 
 @pytest.mark.parametrize("op,peer,n_cases", [("attention", "| xla", 4), ("lightning", "| scan", 2),
                                              ("halo", "| xla-unfold", 2), ("sparse", "| flash-full", 2),
-                                             ("l2vit", "| quadratic", 2)])
+                                             ("l2vit", "| quadratic", 2), ("landmark", "| flash-causal", 2)])
 def test_smoke_sweep_cli(tmp_path, capsys, op, peer, n_cases):
     path = tmp_path / "bench.json"
     assert main([op, "--smoke", "--json", str(path), "--no-progress"]) == 0

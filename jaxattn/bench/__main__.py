@@ -1,4 +1,4 @@
-"""``python -m jaxattn.bench {attention,lightning,halo,l2vit,sage,sparse,tnl} [options] [--json PATH]``.
+"""``python -m jaxattn.bench {attention,lightning,halo,l2vit,landmark,sage,sparse,vision,tnl} [options] [--json PATH]``.
 
 Without a GPU the default is a tiny smoke sweep in interpret mode (seconds); on a GPU the
 default is the full sweep. Prints a table (ms, TFLOP/s, ns per token, speedup of jaxattn
@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("l2vit", help="L2ViT linear global attention (KV-first XLA) vs quadratic form, softmax")
     _common(p, [1024, 4096, 16384, 65536], 65536)
     p.add_argument("--cpu", action="store_true", help="a small timed CPU sweep (seq 196/784/3136, 4 heads x 32)")
+    p = sub.add_parser("landmark", help="Landmark attention kernels vs the dense XLA form, causal flash, cuDNN")
+    _common(p, [1024, 2048, 4096, 8192, 16384], 16384)
+    p.add_argument("--block-lens", type=int, nargs="+", default=[64], help="tokens per block incl. the landmark")
     p = sub.add_parser("halo", help="HaloNet attention vs the XLA unfold formulation and timm")
     p.add_argument("--batch", type=int, default=8)
     _sweep(p)
@@ -144,6 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      args.tokens, args.model_dim)
         if args.cpu and not gpu:
             full, smoke = (lambda: mod.cpu_cases(modes=args.modes)), args.smoke  # noqa: E731
+    elif args.op == "landmark":
+        from jaxattn.bench import landmark as mod
+
+        full = lambda: mod.gpu_cases(args.seqs, args.head_dims, args.dtypes, args.modes,  # noqa: E731
+                                     args.tokens, args.model_dim, args.block_lens)
     elif args.op == "halo":
         from jaxattn.bench import halo as mod
 
