@@ -22,11 +22,7 @@ from jaxattn.bench import runner
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
-    batch: int
-    seq: int
-    heads: int
-    head_dim: int
+class Case(runner.Shape):
     causal: bool
     dtype: str
     mode: str  # "fwd" or "fwd+bwd"

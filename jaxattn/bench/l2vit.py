@@ -26,11 +26,7 @@ QUADRATIC_MAX_BYTES = 8 << 30
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
-    batch: int
-    seq: int
-    heads: int
-    head_dim: int
+class Case(runner.Shape):
     dtype: str
     mode: str
 

@@ -20,11 +20,7 @@ from jaxattn.bench import runner
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
-    batch: int
-    seq: int
-    heads: int
-    head_dim: int
+class Case(runner.Shape):
     block_len: int
     dtype: str
     mode: str

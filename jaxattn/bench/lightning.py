@@ -23,11 +23,7 @@ from jaxattn.reference.lightning import lightning_recurrent
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
-    batch: int
-    seq: int
-    heads: int
-    head_dim: int
+class Case(runner.Shape):
     dtype: str
     mode: str
 

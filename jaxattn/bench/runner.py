@@ -12,6 +12,16 @@ import jax.numpy as jnp
 from jaxattn.bench.timing import Timing, time_jax, time_torch
 
 
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The ``[batch, seq, heads, head_dim]`` fields every sweep case starts with (cases subclass it)."""
+
+    batch: int
+    seq: int
+    heads: int
+    head_dim: int
+
+
 def jax_mode_fn(op: Callable[..., Any], mode: str, n_diff: int = 3) -> Callable[..., Any]:
     """jit of ``op(*args)`` (mode "fwd") or of forward + VJP w.r.t. the first ``n_diff``
     args with a fixed cotangent passed last (mode "fwd+bwd")."""

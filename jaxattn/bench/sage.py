@@ -28,11 +28,7 @@ OUTLIER_OFFSETS = (30.0, -25.0, 20.0, 35.0)
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
-    batch: int
-    seq: int
-    heads: int
-    head_dim: int
+class Case(runner.Shape):
     causal: bool
     dtype: str
     mode: str = "fwd"  # inference only

@@ -32,11 +32,7 @@ PATTERNS = ("power", "window", "causal")
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
-    batch: int
-    seq: int
-    heads: int
-    head_dim: int
+class Case(runner.Shape):
     pattern: str  # "power", "window" or "causal"
     block: int  # PowerAttention block size B (tiles for the other patterns: min(block, 128))
     window: int  # tokens: PowerAttention's local window W * B, or the sliding window
