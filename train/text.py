@@ -342,6 +342,19 @@ def make_predict_proba(trainer: loop.Trainer, batch_size: int = 256) -> Callable
     return predict_proba
 
 
+def _plausibility(data: TextData, mask: np.ndarray, prefix: str = "") -> dict[str, float]:
+    """``{prefix}token_f1`` / ``{prefix}iou_f1`` of test rationales ``mask [N, T]`` against the gold
+    ones, over the test examples that have gold rationales (``{}`` if none has)."""
+    from jaxattn.explain import eraser
+
+    hr = data.hr_test
+    if not hr.any():
+        return {}
+    pred, gold, lengths = np.asarray(mask)[hr], data.r_test[hr] > 0.5, data.len_test[hr]
+    return {f"{prefix}token_f1": float(eraser.token_f1(pred, gold, lengths)),
+            f"{prefix}iou_f1": float(eraser.iou_f1(pred, gold, lengths))}
+
+
 def explain_metrics(trainer: loop.Trainer, data: TextData, arr: dict[str, np.ndarray],
                     top_fraction: float | None = None, batch_size: int = 256) -> dict[str, float]:
     """Agreement of attention with gradient importance, plausibility of top-k attention vs gold
@@ -359,12 +372,7 @@ def explain_metrics(trainer: loop.Trainer, data: TextData, arr: dict[str, np.nda
     out = {"pearson": float(agreement.pearson(att, arr["grad_importance"], lengths)),
            "kendall_tau": float(agreement.kendall_tau(att, arr["grad_importance"], lengths)),
            "top_fraction": top_fraction}
-    hr = data.hr_test
-    if hr.any():
-        pred_mask = np.asarray(xmutest.scores_to_rationales(att[hr], lengths[hr], top_fraction=top_fraction))
-        gold = data.r_test[hr] > 0.5
-        out["token_f1"] = float(eraser.token_f1(pred_mask, gold, lengths[hr]))
-        out["iou_f1"] = float(eraser.iou_f1(pred_mask, gold, lengths[hr]))
+    out.update(_plausibility(data, xmutest.scores_to_rationales(att, lengths, top_fraction=top_fraction)))
     faith = eraser.faithfulness(make_predict_proba(trainer, batch_size), data.x_test, lengths, att, arr["pred"],
                                 k_fraction=top_fraction)
     out.update({k: float(faith[k]) for k in ("comprehensiveness", "sufficiency", "aopc_comprehensiveness",
@@ -393,14 +401,9 @@ def xmutest_explanations(trainer: loop.Trainer, data: TextData, arr: dict[str, n
         ext = xmutest.load_external_rationales(external, [str(i) for i in range(len(lengths))], lengths,
                                                width=x.shape[1])
         union = xmutest.union_rationales(mask, ext)
-    out: dict[str, float] = {}
-    hr = data.hr_test
-    if hr.any():
-        gold = data.r_test[hr] > 0.5
-        for name, m in (("xm", mask), ("xm_union", union)):
-            if m is not None:
-                out[f"{name}_token_f1"] = float(eraser.token_f1(m[hr], gold, lengths[hr]))
-                out[f"{name}_iou_f1"] = float(eraser.iou_f1(m[hr], gold, lengths[hr]))
+    out = _plausibility(data, mask, "xm_")
+    if union is not None:
+        out.update(_plausibility(data, union, "xm_union_"))
     faith = eraser.faithfulness(proba, x, lengths, scores, arr["pred"], rationales=mask, batch_size=batch_size)
     out["xm_comprehensiveness"] = float(faith["comprehensiveness"])
     out["xm_sufficiency"] = float(faith["sufficiency"])
@@ -409,15 +412,15 @@ def xmutest_explanations(trainer: loop.Trainer, data: TextData, arr: dict[str, n
         with open(out_path, "w") as fh:
             for i, n in enumerate(lengths):
                 n = int(n)
-                words = [tok.decode([t]) for t in x[i, :n]]  # a word list of one, or a str (bytes)
-                rec = {"id": str(i), "tokens": [w[0] if isinstance(w, list) and w else w for w in words],
+                words = tok.decode(x[i, :n]) if tok.kind == "word" else [tok.decode([t]) for t in x[i, :n]]
+                rec = {"id": str(i), "tokens": words,
                        "label": int(data.y_test[i]), "pred": int(arr["pred"][i]),
                        "attention": np.round(arr["attention"][i, :n].astype(float), 5).tolist(),
                        "xmutest_scores": np.round(scores[i, :n].astype(float), 5).tolist(),
                        "xmutest_rationale": np.flatnonzero(mask[i, :n]).tolist()}
                 if union is not None:
                     rec["union_rationale"] = np.flatnonzero(union[i, :n]).tolist()
-                if hr[i]:
+                if data.hr_test[i]:
                     rec["gold_rationale"] = np.flatnonzero(data.r_test[i, :n] > 0.5).tolist()
                 fh.write(json.dumps(rec) + "\n")
     return out
