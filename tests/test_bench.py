@@ -64,3 +64,28 @@ def test_vision_inference_quantized_cli(tmp_path, capsys):
     recs = json.loads(path.read_text())["records"]
     assert [r["mode"] for r in recs] == ["infer", "infer-quantized"]
     assert all(r["images_per_s"] > 0 for r in recs) and 0.0 <= recs[1]["top1_agreement"] <= 1.0
+
+
+def test_runner_reports_each_case_and_per_impl_flops():
+    """``on_case`` sees the records after every case (partial JSON survives a time box) and
+    ``flops`` overrides the case's FLOPs per impl (dense flash credited with its own work)."""
+    import dataclasses
+
+    from jaxattn.bench import runner
+
+    @dataclasses.dataclass(frozen=True)
+    class C(runner.Shape):
+        flops: float = 1e9
+
+    seen = []
+    recs = runner.run([C(1, 8, 1, 4), C(1, 16, 1, 4)], inputs=lambda c: (jax.numpy.ones(c.seq),),
+                      peers=lambda c: {"jaxattn": jax.jit(lambda x: x * 2), "dense": jax.jit(lambda x: x + 1)},
+                      warmup=1, runs=2, progress=False,
+                      flops=lambda c, impl: 2 * c.flops if impl == "dense" else c.flops,
+                      on_case=lambda r: seen.append(len(r)))
+    assert seen == [2, 4]
+    ours = [r for r in recs if r["impl"] == "jaxattn"]
+    dense = [r for r in recs if r["impl"] == "dense"]
+    for a, b in zip(ours, dense):
+        assert a["tflops"] == pytest.approx(1e9 / (a["ms"] * 1e-3) / 1e12)
+        assert b["tflops"] == pytest.approx(2e9 / (b["ms"] * 1e-3) / 1e12)

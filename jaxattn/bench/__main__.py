@@ -14,38 +14,10 @@ from collections.abc import Sequence
 
 import jax
 
+from jaxattn.bench.runner import format_table
 from jaxattn.bench.timing import device_summary
 
-_FIXED = ("impl", "ms", "tflops", "error")
-
-
-def _key(r: dict) -> tuple:
-    return tuple((k, v) for k, v in r.items() if k not in _FIXED)
-
-
-def format_table(records: list[dict]) -> str:
-    """Markdown table; 'jaxattn speedup' = peer time / jaxattn time for the same case."""
-    if not records:
-        return "(no records)"
-    case_cols = [k for k in records[0] if k not in _FIXED]
-    cols = [*case_cols, "impl", "ms", "TFLOP/s", "ns/token", "jaxattn speedup"]
-    base = {_key(r): r["ms"] for r in records if r["impl"] == "jaxattn" and r.get("ms")}
-    rows = []
-    for r in records:
-        ms, ref = r.get("ms"), base.get(_key(r))
-        tokens = r.get("batch", 1) * r.get("seq", 1)
-        rows.append([*(str(r[c]) for c in case_cols), r["impl"],
-                     f"{ms:.3f}" if ms else "n/a",
-                     f"{r['tflops']:.3g}" if ms else r.get("error", "")[:60],
-                     f"{ms * 1e6 / tokens:.3g}" if ms else "",
-                     f"{ms / ref:.2f}x" if ms and ref else ""])
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-
-    def line(vals):
-        return "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
-
-    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-
+__all__ = ["format_table", "main"]
 
 def _sweep(p: argparse.ArgumentParser, warmup: int = 3, runs: int = 20) -> None:
     """Options of every sweep: dtypes, modes, timing, smoke, JSON, progress."""
@@ -167,8 +139,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         cases, warmup, runs = full(), args.warmup, args.runs
     cases = list(cases)
-    records = mod.run(cases, warmup=warmup, runs=runs, interpret=not gpu, progress=not args.no_progress)
     info = device_summary()
+
+    def save(records: list[dict], **extra) -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"op": args.op, "info": info, "records": records, **extra}, f, indent=1)
+
+    records = mod.run(cases, warmup=warmup, runs=runs, interpret=not gpu, progress=not args.no_progress,
+                      on_case=save)
     print(f"# {args.op} | {info['device']} | jax {info['jax']} | {info['date']}")
     print(format_table(records))
     if args.op == "sparse":
@@ -178,8 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra["accuracy"] = mod.accuracy(cases)
         print(f"\n# sage accuracy vs fp32 attention\n{mod.format_accuracy(extra['accuracy'])}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"op": args.op, "info": info, "records": records, **extra}, f, indent=1)
+        save(records, **extra)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

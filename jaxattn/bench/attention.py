@@ -94,6 +94,6 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
     return {"torch-sdpa-flash": run}
 
 
-def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True) -> list[dict]:
+def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True, **kw) -> list[dict]:
     return runner.run(cases, inputs=inputs, peers=lambda c: peers(c, interpret), torch_peers=torch_peers,
-                      warmup=warmup, runs=runs, progress=progress, desc="attention")
+                      warmup=warmup, runs=runs, progress=progress, desc="attention", **kw)

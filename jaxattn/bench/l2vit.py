@@ -69,6 +69,6 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     return {name: runner.jax_mode_fn(op, case.mode) for name, op in ops.items()}
 
 
-def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True) -> list[dict]:
+def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True, **kw) -> list[dict]:
     return runner.run(cases, inputs=inputs, peers=lambda c: peers(c, interpret), warmup=warmup, runs=runs,
-                      progress=progress, desc="l2vit")
+                      progress=progress, desc="l2vit", **kw)

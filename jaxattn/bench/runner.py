@@ -68,9 +68,13 @@ def run(
     runs: int,
     progress: bool = True,
     desc: str = "bench",
+    flops: Callable[[Any, str], float] | None = None,
+    on_case: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """``peers(case)`` gives jitted JAX callables on ``inputs(case)``; ``torch_peers(case)``
-    gives argument-less CUDA callables. Failures are recorded with their reason."""
+    gives argument-less CUDA callables. Failures are recorded with their reason.
+    ``flops(case, impl)`` overrides ``case.flops`` for TFLOP/s; ``on_case(records)`` runs after
+    every case (the CLI saves partial JSON there, so a time-boxed sweep keeps what it measured)."""
     from tqdm import tqdm
 
     records = []
@@ -87,9 +91,48 @@ def run(
             rec = {**dataclasses.asdict(case), "impl": name}
             try:
                 t = timer()
-                rec.update(ms=t.median_ms, tflops=case.flops / (t.median_ms * 1e-3) / 1e12)
+                f = flops(case, name) if flops is not None else case.flops
+                rec.update(ms=t.median_ms, tflops=f / (t.median_ms * 1e-3) / 1e12)
             except Exception as e:  # noqa: BLE001 - a peer that cannot run this case
                 rec.update(ms=None, tflops=None, error=_error(e))
             records.append(rec)
         del args
+        if on_case is not None:
+            on_case(records)
     return records
+
+
+_FIXED = ("impl", "ms", "tflops", "error")
+
+
+def _key(r: dict) -> tuple:
+    return tuple((k, v) for k, v in r.items() if k not in _FIXED)
+
+
+def markdown_table(cols: list[str], rows: list[list[str]]) -> str:
+    """A padded markdown table."""
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+
+    def line(vals):
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+
+    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def format_table(records: list[dict]) -> str:
+    """Markdown table of sweep records; 'jaxattn speedup' = peer time / jaxattn time for the same case."""
+    if not records:
+        return "(no records)"
+    case_cols = [k for k in records[0] if k not in _FIXED]
+    cols = [*case_cols, "impl", "ms", "TFLOP/s", "ns/token", "jaxattn speedup"]
+    base = {_key(r): r["ms"] for r in records if r["impl"] == "jaxattn" and r.get("ms")}
+    rows = []
+    for r in records:
+        ms, ref = r.get("ms"), base.get(_key(r))
+        tokens = r.get("batch", 1) * r.get("seq", 1)
+        rows.append([*(str(r[c]) for c in case_cols), r["impl"],
+                     f"{ms:.3f}" if ms else "n/a",
+                     f"{r['tflops']:.3g}" if ms else r.get("error", "")[:60],
+                     f"{ms * 1e6 / tokens:.3g}" if ms else "",
+                     f"{ms / ref:.2f}x" if ms and ref else ""])
+    return markdown_table(cols, rows)

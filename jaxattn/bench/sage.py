@@ -105,9 +105,9 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
     return out
 
 
-def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True) -> list[dict]:
+def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True, **kw) -> list[dict]:
     return runner.run(cases, inputs=inputs, peers=lambda c: peers(c, interpret), torch_peers=torch_peers,
-                      warmup=warmup, runs=runs, progress=progress, desc="sage")
+                      warmup=warmup, runs=runs, progress=progress, desc="sage", **kw)
 
 
 def accuracy(cases, *, max_heads: int = 4) -> list[dict]:
@@ -140,9 +140,4 @@ def format_accuracy(records: list[dict]) -> str:
     cols = list(records[0])
     rows = [[f"{r[c]:.6f}" if c in ("cos_sim", "rel_l1") else f"{r[c]:.3g}" if c == "rmse" else str(r[c])
              for c in cols] for r in records]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-
-    def line(vals):
-        return "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
-
-    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    return runner.markdown_table(cols, rows)

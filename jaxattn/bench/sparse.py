@@ -147,16 +147,11 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
     return {"flex": run}
 
 
-def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True) -> list[dict]:
-    cases = list(cases)
-    records = runner.run(cases, inputs=inputs, peers=lambda c: peers(c, interpret), torch_peers=torch_peers,
-                         warmup=warmup, runs=runs, progress=progress, desc="sparse")
-    full = {dataclasses.astuple(c): c.full_flops for c in cases}
-    for r in records:  # dense flash: its own (causal) FLOPs, not the visited blocks'
-        if r["impl"] == "flash-full" and r.get("ms"):
-            key = tuple(r[f.name] for f in dataclasses.fields(Case))
-            r["tflops"] = full[key] / (r["ms"] * 1e-3) / 1e12
-    return records
+def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True, **kw) -> list[dict]:
+    # dense flash is credited with its own (causal) FLOPs, not the visited blocks'
+    return runner.run(cases, inputs=inputs, peers=lambda c: peers(c, interpret), torch_peers=torch_peers,
+                      warmup=warmup, runs=runs, progress=progress, desc="sparse",
+                      flops=lambda c, impl: c.full_flops if impl == "flash-full" else c.flops, **kw)
 
 
 def summary(records: list[dict]) -> str:
