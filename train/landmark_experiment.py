@@ -1,16 +1,16 @@
 """Landmark attention vs plain full attention on synthetic passkey retrieval:
-``python -m jaxattn.train.landmark_experiment [--steps 200] [--eval-samples 32]``.
+``python -m jaxattn.train.landmark_experiment [--short-steps 3000] [--steps 500] [--eval-samples 32]``.
 
 Both byte-level decoders (``jaxattn.models.landmark.LandmarkGPT`` and ``jaxattn.models.GPT``,
-same width/depth) are trained at context 512 (regular bytes) on a passkey mixture: a repeated
-filler text with a planted "The pass key is NNNNN. Remember it." at a random place and the
-question "What is the pass key? The pass key is NNNNN" at the end. Loss: next-byte
-cross-entropy on every regular byte plus (added) the mean over the five answer digits.
-Evaluation: exact-match accuracy of the five answer digits (teacher-forced argmax, equal to
-greedy decoding's exact match) at 512 and at 4x the training length (2048), the landmark model
-with top-k block retrieval, the plain model with full attention (RoPE extrapolation). The table
-goes to ``RESULTS.md`` (section ``landmark-experiment``).
-"""
+same width/depth) are trained on a passkey mixture: a repeated filler text with a planted
+"The pass key is NNNNN. Remember it." at a random place and the question "What is the pass
+key? The pass key is NNNNN" at the end. Curriculum: a first phase at 128 bytes (where a tiny
+model learns the copy within minutes on a CPU), then the training length 512. Loss: next-byte
+cross-entropy on every regular byte plus ``--digit-weight`` times the mean over the five answer
+digits. Evaluation: exact-match accuracy of the five answer digits (teacher-forced argmax, equal
+to greedy decoding's exact match) at 128, 512 and at 4x the training length (2048), the landmark
+model also with top-k block retrieval, the plain model with full attention (RoPE extrapolation).
+The table goes to ``RESULTS.md`` (section ``landmark-experiment``)."""
 
 from __future__ import annotations
 
@@ -76,10 +76,13 @@ def _losses(run: Run, model, tokens, mem_freq: int, landmark_id: int, top_k=None
     return ce, logits
 
 
-def train(run: Run, *, steps: int, batch: int, seq: int, lr: float, seed: int, mem_freq: int,
-          landmark_id: int, log_every: int = 50) -> float:
+def train(run: Run, *, phases: Sequence[tuple[int, int, int]], lr: float, seed: int, mem_freq: int,
+          landmark_id: int, digit_weight: float, log_every: int = 100) -> tuple[float, float]:
+    """Trains through ``phases`` of ``(seq, batch, steps)`` under one warmup-cosine schedule;
+    returns (seconds, mean answer-digit cross-entropy over the last ``log_every`` steps)."""
+    steps = sum(p[2] for p in phases)
     rng = np.random.default_rng(seed)
-    tx = adamw(warmup_cosine(lr, max(1, steps // 10), steps), weight_decay=0.01)
+    tx = adamw(warmup_cosine(lr, max(1, steps // 20), steps), weight_decay=0.01)
     graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
     opt_state = tx.init(params)
 
@@ -88,21 +91,25 @@ def train(run: Run, *, steps: int, batch: int, seq: int, lr: float, seed: int, m
         def loss_fn(p):
             model = nnx.merge(graphdef, p, rest)
             ce, _ = _losses(run, model, tokens, mem_freq, landmark_id)
-            return ce.mean() + ce[:, -DIGITS:].mean()
+            digit_ce = ce[:, -DIGITS:].mean()
+            return ce.mean() + digit_weight * digit_ce, digit_ce
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+        (loss, digit_ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, loss, digit_ce
 
-    t0 = time.time()
-    for i in range(steps):
-        tokens, _ = passkey_batch(rng, batch, seq)
-        params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens))
-        if (i + 1) % log_every == 0 or i == 0:
-            print(f"[{run.name}] step {i + 1}/{steps} loss {float(loss):.3f} ({time.time() - t0:.0f}s)",
-                  flush=True)
+    t0, i, recent = time.time(), 0, []
+    for seq, batch, n in phases:
+        for _ in range(n):
+            tokens, _ = passkey_batch(rng, batch, seq)
+            params, opt_state, loss, digit_ce = step(params, opt_state, jnp.asarray(tokens))
+            recent = [*recent[-(log_every - 1):], float(digit_ce)]
+            i += 1
+            if i % log_every == 0 or i == 1:
+                print(f"[{run.name}] step {i}/{steps} seq {seq} loss {float(loss):.3f} "
+                      f"digit CE {np.mean(recent):.3f} ({time.time() - t0:.0f}s)", flush=True)
     nnx.update(run.model, params)
-    return time.time() - t0
+    return time.time() - t0, float(np.mean(recent))
 
 
 def evaluate(run: Run, *, n: int, samples: int, batch: int, seed: int, mem_freq: int, landmark_id: int,
@@ -129,9 +136,13 @@ def evaluate(run: Run, *, n: int, samples: int, batch: int, seed: int, mem_freq:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--short-seq", type=int, default=128, help="curriculum: first phase's length (regular bytes)")
+    ap.add_argument("--short-batch", type=int, default=16)
+    ap.add_argument("--short-steps", type=int, default=3000, help="0: train at --seq only")
+    ap.add_argument("--steps", type=int, default=500, help="steps at --seq (the training length)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--digit-weight", type=float, default=4.0, help="weight of the answer-digit CE term")
     ap.add_argument("--eval-len", type=int, default=2048)
     ap.add_argument("--eval-samples", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -151,13 +162,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             Run("plain", GPT(GPTConfig(vocab_size=257, **base), rngs=nnx.Rngs(args.seed)), False)]
     common = dict(mem_freq=args.mem_freq, landmark_id=256)
     rows, secs = [], {}
+    phases = ([(args.short_seq, args.short_batch, args.short_steps)] if args.short_steps else []) + \
+        [(args.seq, args.batch, args.steps)]
+    final_ce = {}
     for run in runs:
-        secs[run.name] = train(run, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
-                               seed=args.seed + 1, **common)
+        secs[run.name], final_ce[run.name] = train(run, phases=phases, lr=args.lr, seed=args.seed + 1,
+                                                   digit_weight=args.digit_weight, **common)
         n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(run.model, nnx.Param)))
-        evals = [(args.seq, None), (args.eval_len, None)]
-        if run.landmark:
-            evals = [(args.seq, None), (args.seq, args.top_k), (args.eval_len, None), (args.eval_len, args.top_k)]
+        lengths = ([args.short_seq] if args.short_steps else []) + [args.seq, args.eval_len]
+        evals = [(n, k) for n in lengths for k in ([None, args.top_k] if run.landmark and n > args.short_seq
+                                                    else [None])]
         for n, k in evals:
             t0 = time.time()
             ex, dg = evaluate(run, n=n, samples=args.eval_samples, batch=args.batch, seed=1000 + n,
@@ -171,8 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         f"`{' '.join(['python -m jaxattn.train.landmark_experiment', *(sys.argv[1:] if argv is None else argv)])}` "
         f"(CPU, seed {args.seed}). Byte-level decoders, "
-        f"dim {args.dim}, {args.layers} layers, {args.heads} heads, RoPE, trained {args.steps} steps x batch "
-        f"{args.batch} at {args.seq} regular bytes (lr {args.lr}, AdamW, warmup-cosine) on a synthetic passkey "
+        f"dim {args.dim}, {args.layers} layers, {args.heads} heads, RoPE, trained "
+        + (f"{args.short_steps} steps x batch {args.short_batch} at {args.short_seq} regular bytes, then "
+           if args.short_steps else "")
+        + f"{args.steps} steps x batch {args.batch} at {args.seq} (the training length; one warmup-cosine "
+        f"schedule, lr {args.lr}, AdamW; loss = mean byte CE + {args.digit_weight:g} x mean answer-digit CE) "
+        f"on a synthetic passkey "
         f"mixture (repeated filler sentence, 5-digit key planted at a random place, question at the end). "
         f"Landmark model: a landmark token after every {args.mem_freq} bytes (block {args.mem_freq + 1}); "
         f"retrieval picks the top-{args.top_k} blocks per query and head, re-placed before the current block "
@@ -185,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     for name, n_params, n, how, ex, dg, s in rows:
         body.append(f"| {name} | {n_params:,} | {n} | {how} | {ex:.3f} | {dg:.3f} | {s:.0f} |")
-    body += ["", "Training seconds (CPU, shared machine): " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()) + "."]
+    body += ["", "Training (CPU, shared machine): " + ", ".join(
+        f"{k} {v:.0f} s, final answer-digit CE {final_ce[k]:.3f}" for k, v in secs.items()) + "."]
     text = "\n".join(body)
     print(text)
     if not args.no_write:
