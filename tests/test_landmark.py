@@ -231,3 +231,44 @@ def test_errors():
         landmark_retrieval_attention(q, k, v, block_len=4, top_k=2, memory_positions="near")
     with pytest.raises(ValueError, match="mem_freq"):
         LandmarkGPTConfig(mem_freq=0)
+
+
+# ---------------------------------------------------------------------------- experiment
+
+
+def test_passkey_batch_plants_the_key_it_asks_for():
+    from jaxattn.train.landmark_experiment import DIGITS, passkey_batch
+
+    tokens, answer = passkey_batch(np.random.default_rng(0), 8, 300)
+    assert tokens.shape == (8, 300) and list(answer) == list(range(300 - DIGITS, 300))
+    for row in tokens:
+        text = bytes(row.astype(np.uint8)).decode()
+        key = text[-DIGITS:]
+        assert key.isdigit() and text.endswith(f"What is the pass key? The pass key is {key}")
+        assert text.count(f"The pass key is {key}. Remember it.") == 1  # planted once, before the question
+    keys = {bytes(r[-DIGITS:].astype(np.uint8)) for r in tokens}
+    assert len(keys) > 1, "keys must vary"
+
+
+def test_landmark_model_loads_plain_gpt_weights():
+    """Stage 2 of the experiment starts the landmark model from a plain GPT: the parameter trees
+    match, and with one block (mem_freq >= length) the two models compute the same logits."""
+    from jaxattn.models.gpt import GPT, GPTConfig
+
+    base = dict(dim=32, layers=2, heads=2, attn_impl="xla")
+    plain = GPT(GPTConfig(vocab_size=257, **base), rngs=nnx.Rngs(0))
+    lm = LandmarkGPT(LandmarkGPTConfig(vocab_size=257, landmark_id=256, mem_freq=64, **base), rngs=nnx.Rngs(1))
+    nnx.update(lm, nnx.state(plain, nnx.Param))
+    tokens = jax.random.randint(jax.random.key(0), (2, 40), 0, 256)
+    assert_close(lm(tokens), plain(tokens), jnp.float32, "logits")
+
+
+@pytest.mark.slow  # trains and evaluates two tiny models end to end (~1 min)
+def test_landmark_experiment_writes_results(tmp_path):
+    from jaxattn.train.landmark_experiment import main
+
+    out = tmp_path / "RESULTS.md"
+    assert main(["--pretrain-steps", "3", "--pretrain-seq", "64", "--steps", "2", "--seq", "96", "--batch", "2",
+                 "--eval-len", "192", "--eval-samples", "2", "--results", str(out)]) == 0
+    text = out.read_text()
+    assert "landmark-experiment:begin" in text and text.count("| landmark |") == 4 and text.count("| plain |") == 2

@@ -1,16 +1,18 @@
 """Landmark attention vs plain full attention on synthetic passkey retrieval:
-``python -m jaxattn.train.landmark_experiment [--short-steps 3000] [--steps 500] [--eval-samples 32]``.
+``python -m jaxattn.train.landmark_experiment [--pretrain-steps 1500] [--steps 600] [--eval-samples 32]``.
 
-Both byte-level decoders (``jaxattn.models.landmark.LandmarkGPT`` and ``jaxattn.models.GPT``,
-same width/depth) are trained on a passkey mixture: a repeated filler text with a planted
-"The pass key is NNNNN. Remember it." at a random place and the question "What is the pass
-key? The pass key is NNNNN" at the end. Curriculum: a first phase at 128 bytes (where a tiny
-model learns the copy within minutes on a CPU), then the training length 512. Loss: next-byte
-cross-entropy on every regular byte plus ``--digit-weight`` times the mean over the five answer
-digits. Evaluation: exact-match accuracy of the five answer digits (teacher-forced argmax, equal
-to greedy decoding's exact match) at 128, 512 and at 4x the training length (2048), the landmark
-model also with top-k block retrieval, the plain model with full attention (RoPE extrapolation).
-The table goes to ``RESULTS.md`` (section ``landmark-experiment``)."""
+Byte-level decoders (``jaxattn.models.landmark.LandmarkGPT`` and ``jaxattn.models.GPT``, same
+width/depth, same parameter tree) on a passkey mixture: a repeated filler text with a planted
+"The pass key is NNNNN. Remember it." at a random place and the question "What is the pass key?
+The pass key is NNNNN" at the end. Stage 1 trains one plain GPT at 128 bytes (the copy emerges
+within minutes on a CPU); stage 2 continues it twice at the training length 512: once as the
+plain GPT, once as a LandmarkGPT (landmark tokens, grouped softmax) — the paper's recipe of
+fine-tuning a full-attention model with landmarks. Loss: next-byte cross-entropy on every
+regular byte plus ``--digit-weight`` times the mean over the five answer digits. Evaluation:
+exact-match accuracy of the five answer digits (teacher-forced argmax, equal to greedy
+decoding's exact match) at 512 and at 4x the training length (2048): the landmark model with
+full landmark attention and with top-k block retrieval, the plain model with full attention
+(RoPE extrapolation). The table goes to ``RESULTS.md`` (section ``landmark-experiment``)."""
 
 from __future__ import annotations
 
@@ -136,16 +138,16 @@ def evaluate(run: Run, *, n: int, samples: int, batch: int, seed: int, mem_freq:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--short-seq", type=int, default=128, help="curriculum: first phase's length (regular bytes)")
-    ap.add_argument("--short-batch", type=int, default=16)
-    ap.add_argument("--short-steps", type=int, default=3000, help="0: train at --seq only")
-    ap.add_argument("--steps", type=int, default=500, help="steps at --seq (the training length)")
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--pretrain-seq", type=int, default=128, help="stage 1 length (regular bytes)")
+    ap.add_argument("--pretrain-batch", type=int, default=16)
+    ap.add_argument("--pretrain-steps", type=int, default=1500, help="stage 1 (plain attention); 0 skips it")
+    ap.add_argument("--steps", type=int, default=600, help="stage 2 steps at --seq (the training length)")
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--digit-weight", type=float, default=4.0, help="weight of the answer-digit CE term")
     ap.add_argument("--eval-len", type=int, default=2048)
     ap.add_argument("--eval-samples", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=2)
@@ -158,53 +160,63 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     base = dict(dim=args.dim, layers=args.layers, heads=args.heads, attn_impl="auto")
     lcfg = LandmarkGPTConfig(vocab_size=257, landmark_id=256, mem_freq=args.mem_freq, top_k=args.top_k, **base)
-    runs = [Run("landmark", LandmarkGPT(lcfg, rngs=nnx.Rngs(args.seed)), True),
-            Run("plain", GPT(GPTConfig(vocab_size=257, **base), rngs=nnx.Rngs(args.seed)), False)]
-    common = dict(mem_freq=args.mem_freq, landmark_id=256)
-    rows, secs = [], {}
-    phases = ([(args.short_seq, args.short_batch, args.short_steps)] if args.short_steps else []) + \
-        [(args.seq, args.batch, args.steps)]
-    final_ce = {}
-    for run in runs:
-        secs[run.name], final_ce[run.name] = train(run, phases=phases, lr=args.lr, seed=args.seed + 1,
-                                                   digit_weight=args.digit_weight, **common)
+    common = dict(mem_freq=args.mem_freq, landmark_id=256, lr=args.lr, digit_weight=args.digit_weight)
+    # Stage 1: one plain GPT at a short length, where the copy emerges quickly (landmark attention
+    # trained from scratch stays at chance on this budget); both stage-2 models start from it, as
+    # the paper fine-tunes a pretrained full-attention LLaMA with landmarks.
+    plain = GPT(GPTConfig(vocab_size=257, **base), rngs=nnx.Rngs(args.seed))
+    secs, final_ce = {}, {}
+    if args.pretrain_steps:
+        secs["pretrain"], final_ce["pretrain"] = train(
+            Run("pretrain", plain, False), phases=[(args.pretrain_seq, args.pretrain_batch, args.pretrain_steps)],
+            seed=args.seed + 1, **common)
+    landmark = LandmarkGPT(lcfg, rngs=nnx.Rngs(args.seed))
+    nnx.update(landmark, nnx.state(plain, nnx.Param))  # same parameter tree; the landmark embedding row is untrained
+    runs = [Run("landmark", landmark, True), Run("plain", plain, False)]
+    rows = []
+    for run in runs:  # stage 2: the same data stream for both
+        secs[run.name], final_ce[run.name] = train(run, phases=[(args.seq, args.batch, args.steps)],
+                                                   seed=args.seed + 2, **common)
         n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(run.model, nnx.Param)))
-        lengths = ([args.short_seq] if args.short_steps else []) + [args.seq, args.eval_len]
-        evals = [(n, k) for n in lengths for k in ([None, args.top_k] if run.landmark and n > args.short_seq
-                                                    else [None])]
-        for n, k in evals:
-            t0 = time.time()
-            ex, dg = evaluate(run, n=n, samples=args.eval_samples, batch=args.batch, seed=1000 + n,
-                              top_k=k, **common)
-            how = f"top-{k} retrieval" if k else ("full landmark attention" if run.landmark else "full attention")
-            rows.append((run.name, n_params, n, how, ex, dg, time.time() - t0))
-            print(f"[{run.name}] len {n} {how}: exact {ex:.3f} digit {dg:.3f}", flush=True)
+        for n in (args.seq, args.eval_len):
+            for k in ([None, args.top_k] if run.landmark else [None]):
+                t0 = time.time()
+                ex, dg = evaluate(run, n=n, samples=args.eval_samples, batch=4, seed=1000 + n, top_k=k,
+                                  mem_freq=args.mem_freq, landmark_id=256)
+                how = f"top-{k} retrieval" if k else (
+                    "full landmark attention" if run.landmark else "full attention")
+                rows.append((run.name, n_params, n, how, ex, dg, time.time() - t0))
+                print(f"[{run.name}] len {n} {how}: exact {ex:.3f} digit {dg:.3f}", flush=True)
 
+    cmd = " ".join(["python -m jaxattn.train.landmark_experiment", *(sys.argv[1:] if argv is None else argv)])
+    stage1 = (f"Stage 1: one plain GPT trained {args.pretrain_steps} steps x batch {args.pretrain_batch} at "
+              f"{args.pretrain_seq} bytes (full causal attention). Stage 2, from those weights: " if args.pretrain_steps
+              else "From scratch: ")
     body = [
         "## Landmark attention: passkey retrieval beyond the training length",
         "",
-        f"`{' '.join(['python -m jaxattn.train.landmark_experiment', *(sys.argv[1:] if argv is None else argv)])}` "
-        f"(CPU, seed {args.seed}). Byte-level decoders, "
-        f"dim {args.dim}, {args.layers} layers, {args.heads} heads, RoPE, trained "
-        + (f"{args.short_steps} steps x batch {args.short_batch} at {args.short_seq} regular bytes, then "
-           if args.short_steps else "")
-        + f"{args.steps} steps x batch {args.batch} at {args.seq} (the training length; one warmup-cosine "
-        f"schedule, lr {args.lr}, AdamW; loss = mean byte CE + {args.digit_weight:g} x mean answer-digit CE) "
-        f"on a synthetic passkey "
-        f"mixture (repeated filler sentence, 5-digit key planted at a random place, question at the end). "
-        f"Landmark model: a landmark token after every {args.mem_freq} bytes (block {args.mem_freq + 1}); "
-        f"retrieval picks the top-{args.top_k} blocks per query and head, re-placed before the current block "
-        f"for RoPE. Plain model: the same GPT with full causal attention (RoPE extrapolates past {args.seq}). "
-        f"Accuracy = all 5 answer digits right (teacher-forced argmax = greedy exact match); "
+        f"`{cmd}` (CPU, seed {args.seed}). Byte-level decoders, dim {args.dim}, {args.layers} layers, "
+        f"{args.heads} heads, RoPE. Data: a synthetic passkey mixture (repeated filler sentence, 5-digit key "
+        f"planted at a random place, question at the end); loss = mean byte CE + {args.digit_weight:g} x mean "
+        f"answer-digit CE; AdamW, lr {args.lr}, warmup-cosine per stage. {stage1}"
+        f"the landmark model (a landmark token after every {args.mem_freq} bytes, block {args.mem_freq + 1}, "
+        f"grouped softmax) and the plain model are each trained {args.steps} steps x batch {args.batch} at "
+        f"{args.seq} bytes (the training length), on the same data. This mirrors the paper's LLaMA "
+        f"experiment (a full-attention model fine-tuned with landmarks at 512); a tiny landmark model trained "
+        f"from scratch did not learn the copy within a CPU budget (answer-digit CE stuck at ln 10 for 3,500 "
+        f"steps at several widths, depths and block sizes, while the plain model learned it in ~1,000). "
+        f"At evaluation, retrieval picks the top-{args.top_k} blocks per query and head, re-placed before the "
+        f"current block for RoPE; the plain model uses full causal attention (RoPE extrapolates past "
+        f"{args.seq}). Accuracy = all 5 answer digits right (teacher-forced argmax = greedy exact match); "
         f"{args.eval_samples} samples per row; chance is 1e-5 exact / 0.1 per digit.",
         "",
         "| model | params | eval length | attention at eval | exact-match acc | per-digit acc | eval s |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, n_params, n, how, ex, dg, s in rows:
-        body.append(f"| {name} | {n_params:,} | {n} | {how} | {ex:.3f} | {dg:.3f} | {s:.0f} |")
+    for name, n_params, n, how, ex, dg, s_ in rows:
+        body.append(f"| {name} | {n_params:,} | {n} | {how} | {ex:.3f} | {dg:.3f} | {s_:.0f} |")
     body += ["", "Training (CPU, shared machine): " + ", ".join(
-        f"{k} {v:.0f} s, final answer-digit CE {final_ce[k]:.3f}" for k, v in secs.items()) + "."]
+        f"{k} {v:.0f} s (final answer-digit CE {final_ce[k]:.3f})" for k, v in secs.items()) + "."]
     text = "\n".join(body)
     print(text)
     if not args.no_write:
