@@ -1,12 +1,12 @@
 """Landmark attention vs plain full attention on synthetic passkey retrieval:
-``python -m jaxattn.train.landmark_experiment [--pretrain-steps 1500] [--steps 600] [--eval-samples 32]``.
+``python -m jaxattn.train.landmark_experiment [--pretrain-steps 2500] [--steps 600] [--eval-samples 32]``.
 
 Byte-level decoders (``jaxattn.models.landmark.LandmarkGPT`` and ``jaxattn.models.GPT``, same
 width/depth, same parameter tree) on a passkey mixture: a repeated filler text with a planted
 "The pass key is NNNNN. Remember it." at a random place and the question "What is the pass key?
 The pass key is NNNNN" at the end. Stage 1 trains one plain GPT at 128 bytes (the copy emerges
-within minutes on a CPU); stage 2 continues it twice at the training length 512: once as the
-plain GPT, once as a LandmarkGPT (landmark tokens, grouped softmax) — the paper's recipe of
+within minutes on a CPU); stage 2 continues it twice (a short phase at 128, then the training length 512): once as
+the plain GPT, once as a LandmarkGPT (landmark tokens, grouped softmax) — the paper's recipe of
 fine-tuning a full-attention model with landmarks. Loss: next-byte cross-entropy on every
 regular byte plus ``--digit-weight`` times the mean over the five answer digits. Evaluation:
 exact-match accuracy of the five answer digits (teacher-forced argmax, equal to greedy
@@ -140,7 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pretrain-seq", type=int, default=128, help="stage 1 length (regular bytes)")
     ap.add_argument("--pretrain-batch", type=int, default=16)
-    ap.add_argument("--pretrain-steps", type=int, default=1500, help="stage 1 (plain attention); 0 skips it")
+    ap.add_argument("--pretrain-steps", type=int, default=2500, help="stage 1 (plain attention); 0 skips it")
+    ap.add_argument("--adapt-steps", type=int, default=400,
+                    help="stage 2 starts with this many steps at --pretrain-seq (landmark gates learn there first)")
     ap.add_argument("--steps", type=int, default=600, help="stage 2 steps at --seq (the training length)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
@@ -175,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = [Run("landmark", landmark, True), Run("plain", plain, False)]
     rows = []
     for run in runs:  # stage 2: the same data stream for both
-        secs[run.name], final_ce[run.name] = train(run, phases=[(args.seq, args.batch, args.steps)],
+        phases = [(args.pretrain_seq, args.pretrain_batch, args.adapt_steps)] if args.adapt_steps else []
+        secs[run.name], final_ce[run.name] = train(run, phases=[*phases, (args.seq, args.batch, args.steps)],
                                                    seed=args.seed + 2, **common)
         n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(run.model, nnx.Param)))
         for n in (args.seq, args.eval_len):
@@ -200,8 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"planted at a random place, question at the end); loss = mean byte CE + {args.digit_weight:g} x mean "
         f"answer-digit CE; AdamW, lr {args.lr}, warmup-cosine per stage. {stage1}"
         f"the landmark model (a landmark token after every {args.mem_freq} bytes, block {args.mem_freq + 1}, "
-        f"grouped softmax) and the plain model are each trained {args.steps} steps x batch {args.batch} at "
-        f"{args.seq} bytes (the training length), on the same data. This mirrors the paper's LLaMA "
+        f"grouped softmax) and the plain model are each trained "
+        + (f"{args.adapt_steps} steps x batch {args.pretrain_batch} at {args.pretrain_seq} bytes, then "
+           if args.adapt_steps else "")
+        + f"{args.steps} steps x batch {args.batch} at {args.seq} bytes (the training length), on the same "
+        f"data (one warmup-cosine schedule for stage 2). This mirrors the paper's LLaMA "
         f"experiment (a full-attention model fine-tuned with landmarks at 512); a tiny landmark model trained "
         f"from scratch did not learn the copy within a CPU budget (answer-digit CE stuck at ln 10 for 3,500 "
         f"steps at several widths, depths and block sizes, while the plain model learned it in ~1,000). "
