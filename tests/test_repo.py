@@ -32,3 +32,22 @@ def test_pyproject_lists_every_package():
             if any(p in dirs for p in [name]) and name != pkg:
                 continue  # mapped separately (e.g. jaxattn.pallas)
             assert name in listed, f"{name} ({init.parent}) is missing from [tool.setuptools] packages"
+
+
+def test_gpu_check_script_uses_valid_bench_flags():
+    """``.ci/gpu`` (the one-call GPU check) is valid bash and every bench it runs parses with the
+    bench CLI, so flag drift is caught on CPU before a session spends device time on it."""
+    import shlex
+    import subprocess
+
+    from jaxattn.bench.__main__ import build_parser
+
+    script = ROOT / ".ci" / "gpu"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    calls = [line.split("$B", 1)[1] for line in script.read_text().splitlines()
+             if line.startswith("part ") and "$B " in line]
+    assert {shlex.split(c)[0] for c in calls} >= {"attention", "lightning", "sage", "sparse", "halo", "vision", "tnl"}
+    for call in calls:
+        args = [a.replace("$OUT", "/tmp") for a in shlex.split(call)]
+        build_parser().parse_args(args)  # SystemExit on an unknown flag
+    assert "jaxattn.bench.report" in script.read_text()

@@ -39,7 +39,8 @@ def _common(p: argparse.ArgumentParser, seqs: list[int], tokens: int) -> None:
     _sweep(p)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's parser (one subcommand per bench)."""
     parser = argparse.ArgumentParser(prog="python -m jaxattn.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="op", required=True)
@@ -86,7 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", metavar="PATH")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     gpu = jax.default_backend() == "gpu"
     if args.op == "tnl":
