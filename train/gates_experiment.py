@@ -77,8 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = (f"scikit-learn digits upsampled to {d.image_size}x{d.image_size} (fixed seeded split, "
             f"{int((1 - d.val_fraction) * 100)}/{int(d.val_fraction * 100)}), {a.steps} steps of batch {d.batch_size}, AdamW lr {LR} (warmup {WARMUP}) "
             f"warmup-cosine; gates: sigmoid feature gates on every block's attention and MLP branch "
-            f"(ViT) / stage outputs (HaloNet), gate optimizer Adam lr {d.gate_lr}. Seeds {list(a.seeds)} "
-            f"(seed = init + data order + augmentation). jax {jax.__version__} on {jax.default_backend()}; "
+            f"(ViT) / stage outputs (HaloNet), gate optimizer Adam lr {d.gate_lr}; no augmentation (the digits "
+            f"set turns crop and flip off). Seeds {list(a.seeds)} (seed = init + data order). jax {jax.__version__} on {jax.default_backend()}; "
             f"`python -m jaxattn.train.gates_experiment --models {' '.join(a.models)} --seeds "
             f"{' '.join(map(str, a.seeds))} --steps {a.steps}`.")
     write_section(a.results, "gates-experiment", table(rows, info))
