@@ -248,6 +248,9 @@ def test_passkey_batch_plants_the_key_it_asks_for():
         assert text.count(f"The pass key is {key}. Remember it.") == 1  # planted once, before the question
     keys = {bytes(r[-DIGITS:].astype(np.uint8)) for r in tokens}
     assert len(keys) > 1, "keys must vary"
+    with pytest.raises(ValueError, match="sequence length n must be >= 79"):
+        passkey_batch(np.random.default_rng(0), 1, 78)
+    passkey_batch(np.random.default_rng(0), 1, 79)
 
 
 def test_landmark_model_loads_plain_gpt_weights():
@@ -268,7 +271,7 @@ def test_landmark_experiment_writes_results(tmp_path):
     from jaxattn.train.landmark_experiment import main
 
     out = tmp_path / "RESULTS.md"
-    assert main(["--pretrain-steps", "3", "--pretrain-seq", "64", "--steps", "2", "--seq", "96", "--batch", "2",
-                 "--eval-len", "192", "--eval-samples", "2", "--results", str(out)]) == 0
+    assert main(["--pretrain-steps", "3", "--pretrain-seq", "80", "--adapt-steps", "2", "--steps", "2", "--seq", "96",
+                 "--batch", "2", "--eval-len", "192", "--eval-samples", "2", "--results", str(out)]) == 0
     text = out.read_text()
     assert "landmark-experiment:begin" in text and text.count("| landmark |") == 4 and text.count("| plain |") == 2

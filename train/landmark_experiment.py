@@ -40,6 +40,9 @@ DIGITS = 5
 def passkey_batch(rng: np.random.Generator, batch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``tokens [batch, n]`` (bytes) and the positions ``[DIGITS]`` of the answer digits (the last
     ``DIGITS`` bytes). The planted passkey sits at a uniformly random place before the question."""
+    need = len(f"The pass key is {'0' * DIGITS}. Remember it. ") + len(f"What is the pass key? The pass key is {'0' * DIGITS}")
+    if n < need:
+        raise ValueError(f"sequence length n must be >= {need} (plant + question), got {n}")
     out = np.empty((batch, n), np.int32)
     filler = np.frombuffer(FILLER * (n // len(FILLER) + 2), np.uint8)
     for b in range(batch):
