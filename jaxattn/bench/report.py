@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 
-from jaxattn.bench.runner import format_table, markdown_table
+from jaxattn.bench.runner import case_key, format_table, markdown_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +41,7 @@ class Target:
 def _ms(records: Iterable[dict], impl: str | Sequence[str], **case) -> float | None:
     """Fastest time of ``impl`` (or of any of several impls) over records matching ``case``."""
     impls = {impl} if isinstance(impl, str) else set(impl)
-    times = [r["ms"] for r in records if r["impl"] in impls and r.get("ms")
-             and all(r.get(k) == v for k, v in case.items())]
+    times = [r["ms"] for r in records if r["impl"] in impls and r.get("ms") and _same(r, case)]
     return min(times) if times else None
 
 
@@ -95,13 +94,10 @@ def _cases(recs: list[dict], **case) -> list[dict]:
     """Distinct case keys (without impl/timing fields) of the records matching ``case``."""
     keys, seen = [], set()
     for r in recs:
-        if not all(r.get(k) == v for k, v in case.items()):
-            continue
-        k = {a: b for a, b in r.items() if a not in ("impl", "ms", "tflops", "error")}
-        t = tuple(sorted(k.items()))
-        if t not in seen:
+        t = case_key(r)
+        if _same(r, case) and t not in seen:
             seen.add(t)
-            keys.append(k)
+            keys.append(dict(t))
     return keys
 
 

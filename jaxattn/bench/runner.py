@@ -105,7 +105,8 @@ def run(
 _FIXED = ("impl", "ms", "tflops", "error")
 
 
-def _key(r: dict) -> tuple:
+def case_key(r: dict) -> tuple:
+    """A record's case fields (everything but impl and timing), hashable."""
     return tuple((k, v) for k, v in r.items() if k not in _FIXED)
 
 
@@ -125,10 +126,10 @@ def format_table(records: list[dict]) -> str:
         return "(no records)"
     case_cols = [k for k in records[0] if k not in _FIXED]
     cols = [*case_cols, "impl", "ms", "TFLOP/s", "ns/token", "jaxattn speedup"]
-    base = {_key(r): r["ms"] for r in records if r["impl"] == "jaxattn" and r.get("ms")}
+    base = {case_key(r): r["ms"] for r in records if r["impl"] == "jaxattn" and r.get("ms")}
     rows = []
     for r in records:
-        ms, ref = r.get("ms"), base.get(_key(r))
+        ms, ref = r.get("ms"), base.get(case_key(r))
         tokens = r.get("batch", 1) * r.get("seq", 1)
         rows.append([*(str(r[c]) for c in case_cols), r["impl"],
                      f"{ms:.3f}" if ms else "n/a",
