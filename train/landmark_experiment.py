@@ -37,18 +37,25 @@ FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. T
 DIGITS = 5
 
 
+def _plant(key: str) -> bytes:
+    return f"The pass key is {key}. Remember it. ".encode()
+
+
+def _question(key: str) -> bytes:
+    return f"What is the pass key? The pass key is {key}".encode()
+
+
 def passkey_batch(rng: np.random.Generator, batch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``tokens [batch, n]`` (bytes) and the positions ``[DIGITS]`` of the answer digits (the last
     ``DIGITS`` bytes). The planted passkey sits at a uniformly random place before the question."""
-    need = len(f"The pass key is {'0' * DIGITS}. Remember it. ") + len(f"What is the pass key? The pass key is {'0' * DIGITS}")
+    need = len(_plant("0" * DIGITS)) + len(_question("0" * DIGITS))
     if n < need:
         raise ValueError(f"sequence length n must be >= {need} (plant + question), got {n}")
     out = np.empty((batch, n), np.int32)
     filler = np.frombuffer(FILLER * (n // len(FILLER) + 2), np.uint8)
     for b in range(batch):
         key = "".join(str(d) for d in rng.integers(0, 10, DIGITS))
-        plant = np.frombuffer(f"The pass key is {key}. Remember it. ".encode(), np.uint8)
-        tail = np.frombuffer(f"What is the pass key? The pass key is {key}".encode(), np.uint8)
+        plant, tail = np.frombuffer(_plant(key), np.uint8), np.frombuffer(_question(key), np.uint8)
         off = rng.integers(0, len(FILLER))
         seq = filler[off: off + n].astype(np.int32).copy()
         seq[n - len(tail):] = tail
