@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # pytest-xdist runs two workers: on a GPU they must not each grab 75% of its memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def _has_gpu_plugin() -> bool:
+    import importlib.metadata as md
+
+    names = {d.metadata["Name"].lower() for d in md.distributions() if d.metadata["Name"]}
+    return any(n.startswith(("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm")) for n in names)
+
+
+# On a CPU the suite is dominated by XLA compile time (small shapes, many programs): LLVM's -O0
+# halves it. Set before JAX starts; subprocesses (CLI tests) inherit it. Not on GPU machines.
+if not _has_gpu_plugin() and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -48,3 +62,34 @@ def randn(key, shape, dtype):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# Name of the custom call Pallas's Triton backend emits (exported as a constant from jax 0.11).
+try:
+    from jax.experimental.pallas.triton import CUSTOM_CALL_TARGET_NAME as TRITON_CALL
+except ImportError:  # jax < 0.11
+    TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _cuda_target():
+    """Context that makes lowering for CUDA work on a machine without a GPU.
+
+    jax < 0.11 lowers Pallas Triton kernels for sm90 when no GPU is present; jax >= 0.11 asks
+    for a target device, given as an abstract mesh whose abstract device is an H100.
+    """
+    if jax.default_backend() == "gpu":
+        return contextlib.nullcontext()
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+    device = AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
+    return use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device))
+
+
+def lower_for_cuda(fn, *args) -> str:
+    """StableHLO text of `jax.jit(fn)` traced on `args` and lowered for CUDA (works without a GPU)."""
+    with _cuda_target():
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def count_triton_calls(text: str) -> int:
+    return text.count(TRITON_CALL)

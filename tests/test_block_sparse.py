@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxattn
-from conftest import GRAD_TOL, assert_close, randn
+from conftest import GRAD_TOL, assert_close, count_triton_calls, lower_for_cuda, randn
 from jaxattn.ops import block_sparse as bs
 from jaxattn.ops.block_sparse import BlockMask
 from jaxattn.pallas import flash
@@ -271,8 +271,8 @@ def test_lowers_for_cuda(make, dtype, d):
             interpret=False)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
-    text = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") >= 3
+    text = lower_for_cuda(jax.value_and_grad(loss, (0, 1, 2)), *args)
+    assert count_triton_calls(text) >= 3
 
 
 # ---------------------------------------------------------------------------------------

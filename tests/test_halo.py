@@ -13,7 +13,7 @@ from jaxattn.ops import halo as halo_ops
 from jaxattn.pallas._common import poison_outputs
 from jaxattn.reference import halo_reference
 
-from conftest import GRAD_TOL, assert_close, randn
+from conftest import GRAD_TOL, assert_close, count_triton_calls, lower_for_cuda, randn
 
 
 def _inputs(seed, batch, height, width, heads, d, e, block, halo, stride, dtype=jnp.float32):
@@ -125,6 +125,5 @@ def test_lowers_for_cuda(block, halo, heads, d, dtype, stride):
                            scale_pos_embed=False, mask_padding=True, use_kernel=True, interpret=False)
         return jnp.sum(o.astype(jnp.float32))
 
-    text = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") >= 2, "expected forward and backward Triton kernels"
+    text = lower_for_cuda(jax.grad(loss, argnums=range(5)), *args)
+    assert count_triton_calls(text) >= 2, "expected forward and backward Triton kernels"

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 import jaxattn
-from conftest import GRAD_TOL, assert_close, randn
+from conftest import GRAD_TOL, assert_close, count_triton_calls, lower_for_cuda, randn
 from jaxattn.pallas import lightning as lk
 from jaxattn.pallas._common import poison_outputs
 from jaxattn.reference import lightning_recurrent, lightning_reference
@@ -125,8 +125,8 @@ def test_every_config_lowers_for_cuda(key):
             o, st = lk.lightning_attention_kernel(q, k, v, s, s0, interpret=False)
             return jnp.sum(o.astype(jnp.float32)) + jnp.sum(st)
 
-        text = jax.jit(jax.grad(loss, (0, 1, 2, 4))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        assert text.count("__gpu$xla.gpu.triton") == 3
+        text = lower_for_cuda(jax.grad(loss, (0, 1, 2, 4)), *args)
+        assert count_triton_calls(text) == 3
 
 
 @pytest.mark.parametrize(

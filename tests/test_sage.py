@@ -18,6 +18,7 @@ from jaxattn.pallas import poison_outputs
 from jaxattn.pallas import sage
 from jaxattn.reference import sage as ref
 from jaxattn.reference.attention import attention_reference
+from conftest import count_triton_calls, lower_for_cuda
 
 OUTLIER_CHANNELS = {3: 30.0, 17: -25.0, 40: 20.0, 51: 35.0}
 
@@ -254,9 +255,9 @@ def test_cuda_lowering(d, causal, granularity, smooth_q, dtype, sq, sk, hq, hkv)
             jax.ShapeDtypeStruct((2, sk, hkv, d), dtype)]
     f = lambda q, k, v: sage.sage_attention_kernel(  # noqa: E731
         q, k, v, causal=causal, qk_granularity=granularity, smooth_q=smooth_q, interpret=False)
-    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_cuda(f, *args)
     # Q and K quantisers and the attention kernel are Triton custom calls.
-    assert text.count("__gpu$xla.gpu.triton") == 3, "expected three Triton kernels"
+    assert count_triton_calls(text) == 3, "expected three Triton kernels"
     assert "f8E4M3FN" in text  # the FP8 V operand reaches the attention kernel
 
 

@@ -110,7 +110,7 @@ def test_resume_after_kill_is_exact(tmp_path):
 
 DP_SCRIPT = textwrap.dedent("""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     import jax, numpy as np
     from flax import nnx
     from jaxattn.models import create_model
