@@ -317,6 +317,7 @@ def test_text_cli_end_to_end_and_resume(tmp_path, capsys):
         assert k in summary and np.isfinite(summary[k]), k
     assert len((out / "explanations.jsonl").read_text().splitlines()) == 16
     assert (out / "vocab.json").exists() and (out / "metrics.csv").exists()
+    assert (out / "attention.png").stat().st_size > 2000  # tokens shaded by attention
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert rows[-1].startswith("3,")
 

@@ -332,3 +332,4 @@ def test_vit_tiny_cli_runs(tmp_path):
                  "--no-progress"]) == 0
     rows = _rows(out / "metrics.csv")
     assert rows[-1]["step"] == "2" and rows[-1]["test_acc"] and np.isfinite(float(rows[-1]["loss"]))
+    assert (out / "attention.png").stat().st_size > 2000  # ViT: attention maps of test images

@@ -9,6 +9,7 @@ a loss/accuracy curve PNG, a confusion-matrix PNG, Orbax checkpoints and exact `
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -171,6 +172,39 @@ def evaluate(trainer: loop.Trainer, data: ImageData, batch_size: int) -> tuple[d
     return {"test_loss": float(np.concatenate(losses).mean()), "test_acc": s["acc"], "test_f1": s["f1"]}, cm
 
 
+def attention_weights(model: nnx.Module, images: jax.Array) -> tuple[jax.Array, list[jax.Array]] | None:
+    """``(logits, per-layer softmax weights [B, heads, N, N])`` of a model whose ``__call__`` takes
+    ``return_attention`` (ViT and its variants), or None for one without global attention weights."""
+    if "return_attention" not in inspect.signature(type(model).__call__).parameters:
+        return None
+    out = model(images, return_attention=True)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], (list, tuple)) and out[1]
+            and all(getattr(w, "ndim", 0) == 4 for w in out[1])):
+        return None
+    return out[0], list(out[1])
+
+
+def plot_attention_examples(model: nnx.Module, data: ImageData, path: Path, n: int = 8, title: str = "") -> bool:
+    """``path``: the first ``n`` test images with the attention rollout and the last layer's
+    attention over the patches (:func:`jaxattn.viz.plot_image_attention`); False (nothing written)
+    for a model without attention weights."""
+    from jaxattn.viz import plot_image_attention
+
+    images = data.x_test[:n]
+    got = attention_weights(model, data.normalize(jnp.asarray(images)))
+    if got is None:
+        return False
+    logits, weights = got
+    cfg = getattr(model, "cfg", None)
+    pool, patch = getattr(cfg, "pool", "cls"), getattr(cfg, "patch_size", None)
+    # tokens before the patch grid (class token, registers): all but (H/p)*(W/p)
+    prefix = weights[0].shape[-1] - (images.shape[1] // patch) * (images.shape[2] // patch) if patch else None
+    preds = np.asarray(jnp.argmax(logits, -1))
+    titles = [f"{data.classes[y]} -> {data.classes[p]}" for y, p in zip(data.y_test[:n], preds)]
+    return plot_image_attention(images, [np.asarray(w) for w in weights], path, pool=pool, num_prefix_tokens=prefix,
+                                titles=titles, suptitle=f"{title}: label -> prediction; attention over patches")
+
+
 def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rngs], nnx.Module]:
     from jaxattn.models import create_model
 
@@ -252,7 +286,10 @@ def train(cfg: ImageConfig, *, resume: bool = False,
                    title=f"{cfg.model}: test accuracy {scores['test_acc']:.1%}")
     summary = {"step": cfg.steps, **scores}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plots = [out / "curves.png", out / "confusion.png"]
+    if plot_attention_examples(trainer.eval_model, data, out / "attention.png", title=cfg.model):
+        plots.append(out / "attention.png")
     print(f"test accuracy {scores['test_acc']:.2%}  macro F1 {scores['test_f1']:.4f}\n"
-          f"metrics: {result['metrics_csv']}  plots: {out / 'curves.png'}, {out / 'confusion.png'}  "
+          f"metrics: {result['metrics_csv']}  plots: {', '.join(map(str, plots))}  "
           f"checkpoints: {out / 'checkpoints'}")
     return {**result, **scores, "confusion": last_cm[0], "data": data}

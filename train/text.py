@@ -426,6 +426,25 @@ def xmutest_explanations(trainer: loop.Trainer, data: TextData, arr: dict[str, n
     return out
 
 
+def plot_attention_examples(data: TextData, arr: dict[str, np.ndarray], path: Path, n: int = 8,
+                            title: str = "") -> bool:
+    """``path``: the first ``n`` test examples' tokens shaded by the model's pooling attention, gold
+    rationale tokens boxed (:func:`jaxattn.viz.plot_token_attention`)."""
+    from jaxattn.viz import plot_token_attention
+
+    tok, n = data.tokenizer, min(n, len(data.len_test))
+    tokens, att, rat, titles = [], [], [], []
+    for i in range(n):
+        m = int(data.len_test[i])
+        ids = data.x_test[i, :m]
+        tokens.append(tok.decode(ids) if tok.kind == "word" else [tok.decode([t]) for t in ids])
+        att.append(arr["attention"][i, :m])
+        rat.append(data.r_test[i, :m] if data.hr_test[i] else np.zeros(m))
+        y, p = int(data.y_test[i]), int(arr["pred"][i])
+        titles.append(f"{title}  test example {i}: label {data.classes[y]}, predicted {data.classes[p]}")
+    return plot_token_attention(tokens, att, path, rationales=rat, titles=titles)
+
+
 # -- the driver ------------------------------------------------------------------------------
 def load_data(cfg: TextConfig) -> TextData:
     return load_text(cfg.data, format=cfg.format, tokenizer=cfg.tokenizer, max_len=cfg.max_len,
@@ -468,6 +487,7 @@ def train(cfg: TextConfig, *, resume: bool = False, data: TextData | None = None
                                          cfg.external_rationales, cfg.eval_batch_size))
     summary = {"step": cfg.steps, "method": cfg.method, "model": cfg.model, **scores, **expl}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot_attention_examples(data, arr, out / "attention.png", title=f"{cfg.model} {cfg.method}")
     print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return {**result, **summary, "arrays": arr, "data": data}
 
