@@ -47,6 +47,7 @@ def lightning_attention(
     initial_state: jax.Array | None = None,
     return_state: bool = False,
     impl: Literal["auto", "pallas", "xla"] = "auto",
+    sequence_axis: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """``o_i = sum_{j<=i} exp(-slope (i-j)) (q_i . k_j) v_j`` per head.
 
@@ -62,6 +63,11 @@ def lightning_attention(
       return_state: also return the final state (fp32), differentiable.
       impl: ``"pallas"`` (Lightning Attention-2 kernel; interpret mode without a GPU),
         ``"xla"`` (dense reference), ``"auto"`` (kernel on GPU).
+      sequence_axis: inside ``shard_map``, the mesh axis over which the sequence is split into
+        contiguous shards (in axis-index order): each device's inputs are its shard, the result is
+        its shard of the exact global output, and the returned state is the global final state
+        (:mod:`jaxattn.ops.lightning_sp`; :func:`jaxattn.lightning_attention_sp` does the
+        ``shard_map`` for global arrays). ``initial_state`` is then the global one.
 
     Returns ``out [batch, seq, heads, v_head_dim]`` in q's dtype (and the final state).
     """
@@ -85,11 +91,16 @@ def lightning_attention(
     if initial_state is not None:
         _check_state(initial_state, (b, h, d, e), "initial_state")
 
+    local_state = None if sequence_axis is not None else initial_state
     if impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu"):
-        out, state = _kernel.lightning_attention_kernel(q, k, v, slope, initial_state)
+        out, state = _kernel.lightning_attention_kernel(q, k, v, slope, local_state)
     else:
-        out, state = lightning_reference(q, k, v, lax.stop_gradient(slope), initial_state)
+        out, state = lightning_reference(q, k, v, lax.stop_gradient(slope), local_state)
         out = out.astype(q.dtype)
+    if sequence_axis is not None:
+        from jaxattn.ops.lightning_sp import sequence_parallel_combine
+
+        out, state = sequence_parallel_combine(q, out, state, slope, sequence_axis, initial_state)
     return (out, state) if return_state else out
 
 

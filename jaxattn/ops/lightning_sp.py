@@ -1,0 +1,111 @@
+"""Sequence-parallel Lightning attention (LASP-style) with JAX's SPMD: the sequence is split into
+contiguous shards over a mesh axis, each device runs the single-device op on its shard from a zero
+state, the devices exchange their shards' final states (one ``all_gather`` of
+``[batch, heads, head_dim, v_head_dim]`` per device, independent of the sequence length), and each
+shard adds the contribution of the state flowing in from the shards before it:
+
+    S_in(i) = λ^(n·i) S_0 + Σ_{j<i} λ^(n·(i-1-j)) S_loc(j)        (n = shard length, λ = exp(-s))
+    o_t     = o_loc_t + λ^t q_t S_in(i)                          (t = 1..n within the shard)
+    S_final = λ^(n·P) S_0 + Σ_j λ^(n·(P-1-j)) S_loc(j)            (P shards)
+
+which is exact (the recurrence ``S_t = λ S_{t-1} + k_tᵀ v_t`` is linear in the state). Gradients
+flow through the collective (its transpose is a reduce-scatter) and through the kernel's
+``custom_vjp``, so the same function trains.
+
+* ``lightning_attention(..., sequence_axis="sp")`` inside a ``shard_map`` whose inputs are split
+  along the sequence over mesh axis ``"sp"``;
+* :func:`lightning_attention_sp` wraps that ``shard_map`` for global arrays and a ``Mesh``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+__all__ = ["lightning_attention_sp", "sequence_parallel_combine"]
+
+
+def sequence_parallel_combine(q: jax.Array, out_local: jax.Array, state_local: jax.Array, slope: jax.Array,
+                              axis: str, initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Inside ``shard_map`` over ``axis``: the shard's exact output and the global final state from
+    its zero-state result (``out_local [b, n, h, e]``, ``state_local [b, h, d, e]`` fp32)."""
+    n = q.shape[1]
+    idx = lax.axis_index(axis)
+    shards = lax.psum(1, axis)
+    s = lax.stop_gradient(slope.astype(jnp.float32))  # [h]
+    states = lax.all_gather(state_local.astype(jnp.float32), axis)  # [P, b, h, d, e]
+    j = jnp.arange(states.shape[0])
+    # weights of the earlier shards' states in this shard's incoming state, and in the final state
+    w_in = jnp.where((j < idx)[:, None], jnp.exp(-s[None] * n * jnp.maximum(idx - 1 - j, 0)[:, None]), 0.0)
+    w_fin = jnp.exp(-s[None] * n * (shards - 1 - j)[:, None])
+    hp = lax.Precision.HIGHEST
+    s_in = jnp.einsum("ph,pbhde->bhde", w_in, states, precision=hp)
+    final = jnp.einsum("ph,pbhde->bhde", w_fin, states, precision=hp)
+    if initial_state is not None:
+        s0 = initial_state.astype(jnp.float32)
+        s_in = s_in + jnp.exp(-s * n * idx)[None, :, None, None] * s0
+        final = final + jnp.exp(-s * n * shards)[None, :, None, None] * s0
+    decay = jnp.exp(-s[None] * jnp.arange(1, n + 1, dtype=jnp.float32)[:, None])  # [n, h]: λ^t
+    qd = q.astype(jnp.float32) * decay[None, :, :, None]
+    out = out_local.astype(jnp.float32) + jnp.einsum("bnhd,bhde->bnhe", qd, s_in, precision=hp)
+    return out.astype(out_local.dtype), final
+
+
+def _shard_map(f, *, mesh, in_specs, out_specs):
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map  # jax < 0.7
+
+    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def lightning_attention_sp(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slope: jax.Array,
+    *,
+    mesh: Mesh,
+    axis: str,
+    batch_axis: str | None = None,
+    initial_state: jax.Array | None = None,
+    return_state: bool = False,
+    impl: Literal["auto", "pallas", "xla"] = "auto",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """:func:`jaxattn.lightning_attention` with the sequence split over ``mesh`` axis ``axis``
+    (and, optionally, the batch over ``batch_axis``). Same arguments and results; ``seq`` must be
+    divisible by the size of ``axis`` (shard ``i`` holds positions ``[i·n, (i+1)·n)``)."""
+    from jaxattn.ops.lightning import _check_slope, lightning_attention
+
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    for name, ax in (("axis", axis), ("batch_axis", batch_axis)):
+        if ax is not None and ax not in mesh.axis_names:
+            raise ValueError(f"{name} {ax!r} is not an axis of the mesh (axes {mesh.axis_names})")
+    if batch_axis == axis:
+        raise ValueError(f"batch_axis and axis must differ, both are {axis!r}")
+    if getattr(q, "ndim", None) != 4:
+        raise ValueError(f"q must have rank 4 [batch, seq, heads, head_dim], got shape {getattr(q, 'shape', None)}")
+    size = mesh.shape[axis]
+    if q.shape[1] % size:
+        raise ValueError(f"q: sequence length {q.shape[1]} must be divisible by the size {size} of mesh "
+                         f"axis {axis!r} (pad the sequence)")
+    if batch_axis is not None and q.shape[0] % mesh.shape[batch_axis]:
+        raise ValueError(f"q: batch {q.shape[0]} must be divisible by the size {mesh.shape[batch_axis]} "
+                         f"of mesh axis {batch_axis!r}")
+    _check_slope(slope, q.shape[2])
+    seq_spec, b_spec = P(batch_axis, axis), P(batch_axis)
+
+    def body(q, k, v, slope, *s0):
+        out, state = lightning_attention(q, k, v, slope, initial_state=s0[0] if s0 else None, return_state=True,
+                                         impl=impl, sequence_axis=axis)
+        return out, state
+
+    args = (q, k, v, slope) + ((initial_state,) if initial_state is not None else ())
+    specs = (seq_spec, seq_spec, seq_spec, P()) + ((b_spec,) if initial_state is not None else ())
+    out, state = _shard_map(body, mesh=mesh, in_specs=specs, out_specs=(seq_spec, b_spec))(*args)
+    return (out, state) if return_state else out

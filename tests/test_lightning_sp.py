@@ -1,0 +1,127 @@
+"""Sequence-parallel Lightning attention over 4 forced CPU devices (a subprocess, since the device
+count is fixed when JAX starts): output, final state and all gradients against the dense fp32
+oracle, the Pallas kernel (interpret mode) and XLA paths, sequence-only and batch x sequence
+meshes, with and without an initial state; inside a user's shard_map; errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import jaxattn
+
+SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    import jaxattn
+    from jaxattn.reference.lightning import lightning_reference, lightning_recurrent
+
+    assert len(jax.devices()) == 4
+    devs = np.array(jax.devices())
+    meshes = {"seq4": (Mesh(devs, ("sp",)), None), "data2xseq2": (Mesh(devs.reshape(2, 2), ("dp", "sp")), "dp")}
+
+    def check(a, b, tol, what):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        err = float(np.abs(a - b).max()) / max(1.0, float(np.abs(b).max()))
+        assert err < tol, f"{what}: relative error {err:.3g} >= {tol}"
+
+    cases = [  # (b, n, h, d, e, dtype, slope, with initial state, mesh, impl)
+        (2, 64, 3, 16, 24, jnp.float32, [0.0, 0.05, 0.5], True, "seq4", "pallas"),
+        (2, 64, 3, 16, 24, jnp.float32, [0.0, 0.05, 0.5], True, "seq4", "xla"),
+        (2, 36, 2, 32, 32, jnp.float32, [0.3, 1e-3], False, "data2xseq2", "pallas"),
+        (4, 20, 1, 16, 8, jnp.bfloat16, [0.1], True, "data2xseq2", "xla"),
+    ]
+    for i, (b, n, h, d, e, dtype, slope, init, mesh_name, impl) in enumerate(cases):
+        mesh, batch_axis = meshes[mesh_name]
+        ks = jax.random.split(jax.random.PRNGKey(i), 5)
+        q = jax.random.normal(ks[0], (b, n, h, d)).astype(dtype)
+        k = jax.random.normal(ks[1], (b, n, h, d)).astype(dtype)
+        v = jax.random.normal(ks[2], (b, n, h, e)).astype(dtype)
+        s0 = jax.random.normal(ks[3], (b, h, d, e)) if init else None
+        slope = jnp.asarray(slope, jnp.float32)
+        w = jax.random.normal(ks[4], (b, n, h, e))
+
+        def sp(q, k, v, s0):
+            return jaxattn.lightning_attention_sp(q, k, v, slope, mesh=mesh, axis="sp", batch_axis=batch_axis,
+                                                  initial_state=s0, return_state=True, impl=impl)
+
+        def ref(q, k, v, s0):
+            f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+            return lightning_reference(*f32, slope, s0)
+
+        def loss(fn):
+            def f(q, k, v, s0):
+                o, st = fn(q, k, v, s0)
+                return jnp.sum(o.astype(jnp.float32) * w) + 0.01 * jnp.sum(st ** 2)
+            return f
+
+        tol = 2e-5 if dtype == jnp.float32 else 3e-2
+        o, st = jax.jit(sp)(q, k, v, s0)
+        ro, rst = ref(q, k, v, s0)
+        assert o.dtype == dtype and o.shape == ro.shape and st.shape == (b, h, d, e)
+        check(o, ro, tol, f"case {i} out")
+        check(st, rst, tol, f"case {i} state")
+        so, sst = lightning_recurrent(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                           slope, s0)
+        check(o, so, tol, f"case {i} out vs scan")
+        argnums = (0, 1, 2, 3) if init else (0, 1, 2)
+        args = (q, k, v, s0)
+        g = jax.jit(jax.grad(loss(sp), argnums))(*args)
+        rg = jax.grad(loss(ref), argnums)(*args)
+        for name, a, r in zip("qkvs", g, rg):
+            check(a, r, 5 * tol, f"case {i} d{name}")
+        print("case", i, "ok")
+
+    # the op inside a user's shard_map, with sequence_axis
+    mesh = meshes["seq4"][0]
+    ks = jax.random.split(jax.random.PRNGKey(9), 3)
+    q, k, v = (jax.random.normal(kk, (1, 32, 2, 16)) for kk in ks)
+    slope = jnp.asarray([0.2, 0.0])
+    f = jax.shard_map(lambda q, k, v: jaxattn.lightning_attention(q, k, v, slope, sequence_axis="sp", impl="xla"),
+                      mesh=mesh, in_specs=(P(None, "sp"),) * 3, out_specs=P(None, "sp"), check_vma=False)
+    check(f(q, k, v), lightning_reference(q, k, v, slope)[0], 2e-5, "user shard_map")
+    # a sequence that does not split evenly is refused
+    try:
+        jaxattn.lightning_attention_sp(q[:, :30], k[:, :30], v[:, :30], slope, mesh=mesh, axis="sp")
+    except ValueError as e:
+        assert "divisible" in str(e) and "30" in str(e), e
+    else:
+        raise AssertionError("no error for seq 30 on 4 shards")
+    print("SP-OK")
+""")
+
+
+def test_sequence_parallel_matches_oracle_on_four_devices():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "SP-OK" in r.stdout
+
+
+def test_bad_arguments_raise():
+    import jax
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("sp",))
+    q = jnp.zeros((1, 8, 2, 4))
+    slope = jnp.zeros(2)
+    with pytest.raises(ValueError, match="axis 'seq' is not an axis of the mesh"):
+        jaxattn.lightning_attention_sp(q, q, q, slope, mesh=mesh, axis="seq")
+    with pytest.raises(ValueError, match="batch_axis 'dp'"):
+        jaxattn.lightning_attention_sp(q, q, q, slope, mesh=mesh, axis="sp", batch_axis="dp")
+    with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh"):
+        jaxattn.lightning_attention_sp(q, q, q, slope, mesh="sp", axis="sp")
+    with pytest.raises(ValueError, match="slope must have shape"):
+        jaxattn.lightning_attention_sp(q, q, q, jnp.zeros(3), mesh=mesh, axis="sp")
+    with pytest.raises(ValueError, match="rank 4"):
+        jaxattn.lightning_attention_sp(q[0], q, q, slope, mesh=mesh, axis="sp")
+    with pytest.raises(ValueError, match="slope must be finite and >= 0"):
+        jaxattn.lightning_attention_sp(q, q, q, -jnp.ones(2), mesh=mesh, axis="sp")
