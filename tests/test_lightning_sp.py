@@ -96,6 +96,31 @@ SCRIPT = textwrap.dedent("""
         assert "divisible" in str(e) and "30" in str(e), e
     else:
         raise AssertionError("no error for seq 30 on 4 shards")
+
+    # TNL with sequence-parallel token mixers (data x seq mesh): logits and every gradient as 1 device
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jaxattn.models import create_model
+    mesh = meshes["data2xseq2"][0]
+    model = create_model("tnl-tiny", rngs=nnx.Rngs(0), dim=32, layers=2, heads=2, glu_dim=64, attn_impl="xla")
+    toks = jax.random.randint(jax.random.PRNGKey(1), (4, 32), 0, 256)
+
+    def lm_loss(m, t):
+        logits = m(t)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), t[:, 1:, None], -1)), logits
+
+    step = nnx.jit(nnx.value_and_grad(lm_loss, has_aux=True))
+    (l1, lg1), g1 = step(model, toks)
+    model.enable_sequence_parallel(mesh, "sp", batch_axis="dp")
+    (l2, lg2), g2 = step(model, jax.device_put(toks, NamedSharding(mesh, P("dp", "sp"))))
+    check(lg2, lg1, 2e-5, "TNL logits")
+    check(l2, l1, 2e-5, "TNL loss")
+    for a, r in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+        check(a, r, 1e-4, "TNL grads")
+    txt = nnx.jit(lambda m, t: m(t)).lower(model, toks).as_text()
+    assert "all_gather" in txt or "all-gather" in txt, "expected the shard states to be all-gathered"
+    model.enable_sequence_parallel(None)
+    check(model(toks), lg1, 2e-5, "TNL after turning it off")
     print("SP-OK")
 """)
 

@@ -20,8 +20,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
+from jaxattn.ops.lightning_sp import lightning_attention_sp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +102,7 @@ class NormLinearAttention(nnx.Module):
         self.out_proj = _linear(cfg.width, cfg.dim, cfg, rngs)
         self.lrpe = Lrpe(cfg.heads, self.head_dim) if layer in cfg.lrpe_layers else None
         self.slope = nnx.Variable(layer_slopes(cfg.heads, layer, cfg.layers))  # fixed, not trained
+        self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis): see TNL.enable_sequence_parallel
 
     def __call__(self, x, state=None, offset=0):
         b, n, _ = x.shape
@@ -112,6 +115,10 @@ class NormLinearAttention(nnx.Module):
         if state is not None and n == 1:
             o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, state)
             o = o[:, None]
+        elif self.sequence_parallel is not None:
+            mesh, axis, batch_axis = self.sequence_parallel
+            o, state = lightning_attention_sp(q, k, v, slope, mesh=mesh, axis=axis, batch_axis=batch_axis,
+                                              initial_state=state, return_state=True, impl=self.cfg.attn_impl)
         else:
             o, state = lightning_attention(q, k, v, slope, initial_state=state, return_state=True,
                                            impl=self.cfg.attn_impl)
@@ -152,6 +159,19 @@ class TNL(nnx.Module):
         self.blocks = nnx.List([TNLBlock(cfg, i, rngs=rngs) for i in range(cfg.layers)])
         self.head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
         self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(cfg.dim)
+
+    def enable_sequence_parallel(self, mesh: Mesh | None, axis: str = "seq", batch_axis: str | None = None) -> None:
+        """Runs every token mixer's parallel forward sequence-parallel over ``mesh`` axis ``axis``
+        (:func:`jaxattn.lightning_attention_sp`; the batch over ``batch_axis``); the other layers are
+        partitioned by XLA from the input sharding (e.g. tokens placed with
+        ``NamedSharding(mesh, P(batch_axis, axis))``). The sequence length must be divisible by the
+        axis size. Decoding steps are unaffected. ``mesh=None`` turns it off."""
+        if mesh is not None:
+            if axis not in mesh.axis_names or (batch_axis is not None and batch_axis not in mesh.axis_names):
+                raise ValueError(f"axis {axis!r} / batch_axis {batch_axis!r} must be axes of the mesh "
+                                 f"{mesh.axis_names}")
+        for block in self.blocks:
+            block.mixer.sequence_parallel = None if mesh is None else (mesh, axis, batch_axis)
 
     def __call__(self, tokens: jax.Array, *, states: list[jax.Array] | None = None,
                  offset: jax.Array | int = 0, return_states: bool = False):
