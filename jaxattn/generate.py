@@ -26,6 +26,7 @@ def load_trained(run_dir: str | Path):
     raw.pop("source", None)
     cfg = LMConfig(**{k: v for k, v in raw.items() if k in LMConfig.__dataclass_fields__})
     cfg.vocab_size = vocab
+    cfg.seq_parallel = 1  # sampling runs on one device
     trainer = Trainer(cfg, default_model_factory(cfg, vocab), devices=jax.local_devices()[:1])
     manager = _manager(run_dir)
     step = manager.latest_step()

@@ -125,9 +125,29 @@ DP_SCRIPT = textwrap.dedent("""
         t = Trainer(cfg, model, devices=devices)
         losses = [float(t.step(get_batch(toks, seed=0, step=s, batch=8, seq_len=32))) for s in range(2)]
         out.append((losses, jax.tree.leaves(nnx.state(t.model, nnx.Param))))
-    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
-    for a, b in zip(out[0][1], out[1][1]):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+    # sequence parallel: 2 data x 2 seq devices (TNL's Lightning attention split over the sequence)
+    sp_cfg = LMConfig(seq_len=32, batch_size=8, warmup=1, steps=4, seq_parallel=2)
+    t = Trainer(sp_cfg, model, devices=jax.devices())
+    assert dict(t.mesh.shape) == {"data": 2, "seq": 2}
+    losses = [float(t.step(get_batch(toks, seed=0, step=s, batch=8, seq_len=32))) for s in range(2)]
+    out.append((losses, jax.tree.leaves(nnx.state(t.model, nnx.Param))))
+    for other in out[1:]:
+        np.testing.assert_allclose(out[0][0], other[0], rtol=1e-5)
+        for a, b in zip(out[0][1], other[1]):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+    try:
+        Trainer(LMConfig(seq_len=32, batch_size=8, seq_parallel=3), model, devices=jax.devices())
+    except ValueError as e:
+        assert "--seq-parallel 3 must divide the 4 devices" in str(e), e
+    else:
+        raise AssertionError("seq_parallel 3 on 4 devices accepted")
+    gpt = lambda rngs: create_model("gpt-tiny", rngs=rngs, vocab_size=256)
+    try:
+        Trainer(sp_cfg, gpt, devices=jax.devices())
+    except ValueError as e:
+        assert "needs a model with sequence-parallel attention" in str(e), e
+    else:
+        raise AssertionError("seq_parallel accepted for a GPT")
     print("DP-OK", len(t.mesh.devices.ravel()))
 """)
 

@@ -31,6 +31,7 @@ class LMConfig:
     seq_len: int = 128
     batch_size: int = 16  # global batch per optimizer step (all devices, all micro-batches)
     grad_accum: int = 1
+    seq_parallel: int = 1  # devices per sequence (TNL: sequence-parallel Lightning attention); the rest: data
     steps: int = 300
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -75,7 +76,7 @@ class Trainer(loop.Trainer):
         self.cfg = cfg
         super().__init__(model_factory, make_optimizer(cfg), lambda model, tokens, rng: lm_loss(model, tokens),
                          eval_fn=lm_loss, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                         seed=cfg.seed, devices=devices)
+                         seed=cfg.seed, devices=devices, seq_parallel=cfg.seq_parallel)
 
     def evaluate(self, corpus: Corpus) -> float:
         """Mean validation loss over ``eval_batches`` fixed batches of the validation split."""
@@ -106,6 +107,8 @@ def train(cfg: LMConfig, *, resume: bool = False,
     if len(corpus.val) < cfg.seq_len + 1:
         raise ValueError(f"--seq-len {cfg.seq_len} is longer than the validation split "
                          f"({len(corpus.val)} tokens); use more data or a shorter --seq-len")
+    if cfg.seq_len % cfg.seq_parallel:
+        raise ValueError(f"--seq-len {cfg.seq_len} must be divisible by --seq-parallel {cfg.seq_parallel}")
     out = cfg.out_dir()
     trainer = Trainer(cfg, model_factory or default_model_factory(cfg, corpus.vocab_size))
 

@@ -81,12 +81,14 @@ def apply_augment(augment: Callable[[Any, jax.Array], Any], batch: Batch, key: j
 
 # -- the trainer --------------------------------------------------------------------------
 class Trainer:
-    """Holds ``(model, optimizer)`` state as one pytree, replicated over a 1-D ``data`` mesh of
-    ``devices``, and jitted train/eval steps with the batch sharded over it.
+    """Holds ``(model, optimizer)`` state as one pytree, replicated over a ``[data, seq]`` mesh of
+    ``devices``, and jitted train/eval steps with the batch sharded over ``data``.
 
+    ``seq_parallel`` devices share each sequence (``seq`` axis; the model must have
+    ``enable_sequence_parallel``, e.g. TNL); the other factor of the device count is ``data``.
     ``batch_size`` is the global batch of one optimizer step (all devices, all micro-batches); it
-    must be divisible by ``grad_accum * len(devices)``. Gradients (and the loss and metrics) are
-    averaged over the ``grad_accum`` micro-batches.
+    must be divisible by ``grad_accum * len(devices) / seq_parallel``. Gradients (and the loss and
+    metrics) are averaged over the ``grad_accum`` micro-batches.
 
     To change how gradients are computed (e.g. routed gradients for gate parameters), subclass and
     override :meth:`grads`.
@@ -97,17 +99,27 @@ class Trainer:
                  loss_fn: LossFn, *, batch_size: int, grad_accum: int = 1, seed: int = 0,
                  augment: Callable[[Any, jax.Array], Any] | None = None,
                  eval_fn: Callable[[nnx.Module, Batch], Any] | None = None,
-                 devices: Sequence[Any] | None = None, wrt: Any = nnx.Param):
+                 devices: Sequence[Any] | None = None, wrt: Any = nnx.Param, seq_parallel: int = 1):
         devices = list(devices or jax.local_devices())
-        if grad_accum < 1 or batch_size < 1 or batch_size % (grad_accum * len(devices)):
+        if seq_parallel < 1 or len(devices) % seq_parallel:
+            raise ValueError(f"--seq-parallel {seq_parallel} must divide the {len(devices)} devices")
+        n_data = len(devices) // seq_parallel
+        if grad_accum < 1 or batch_size < 1 or batch_size % (grad_accum * n_data):
             raise ValueError(f"--batch-size {batch_size} must be divisible by --grad-accum "
-                             f"{grad_accum} x {len(devices)} devices")
+                             f"{grad_accum} x {n_data} data-parallel devices")
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.loss_fn, self.augment, self.wrt = loss_fn, augment, wrt
         self.eval_fn = eval_fn or self._default_eval
-        self.mesh = Mesh(np.array(devices), ("data",))
-        self.n_devices = len(devices)
+        # [data, seq] mesh: the batch is split over "data"; with seq_parallel > 1 the model's
+        # sequence-parallel layers split the sequence over "seq" (the rest is partitioned by XLA).
+        self.mesh = Mesh(np.array(devices).reshape(n_data, seq_parallel), ("data", "seq"))
+        self.n_devices = n_data
         model = model_factory(nnx.Rngs(seed))
+        if seq_parallel > 1:
+            if not hasattr(model, "enable_sequence_parallel"):
+                raise ValueError(f"--seq-parallel needs a model with sequence-parallel attention (TNL); "
+                                 f"{type(model).__name__} has none")
+            model.enable_sequence_parallel(self.mesh, "seq", batch_axis="data")
         tx = optimizer if isinstance(optimizer, optax.GradientTransformation) else optimizer(model)
         opt = nnx.Optimizer(model, tx, wrt=wrt)
         self.graphdef, state = nnx.split((model, opt))
