@@ -177,7 +177,7 @@ def attention_weights(model: nnx.Module, images: jax.Array) -> tuple[jax.Array, 
     ``return_attention`` (ViT and its variants), or None for one without global attention weights."""
     if "return_attention" not in inspect.signature(type(model).__call__).parameters:
         return None
-    out = model(images, return_attention=True)
+    out = nnx.jit(lambda m, x: m(x, return_attention=True))(model, images)  # one compile, not op by op
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], (list, tuple)) and out[1]
             and all(getattr(w, "ndim", 0) == 4 for w in out[1])):
         return None
