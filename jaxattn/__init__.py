@@ -11,6 +11,7 @@ from jaxattn.ops.halo import halo_attention
 from jaxattn.ops.landmark import landmark_attention, landmark_retrieval_attention
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
 from jaxattn.ops.lightning_sp import lightning_attention_sp
+from jaxattn.ops.ring_attention import ring_attention, ring_attention_sp
 from jaxattn.ops.linear_global import linear_global_attention
 from jaxattn.ops.sage import sage_attention
 from jaxattn.reference.attention import attention_reference
@@ -18,7 +19,7 @@ from jaxattn.reference.attention import attention_reference
 __version__ = "0.1.0"
 __all__ = [
     "BlockMask", "block_sparse_attention", "power_attention",
-    "attention", "attention_reference", "landmark_attention", "landmark_retrieval_attention", "halo_attention", "lightning_attention", "lightning_attention_sp", "lightning_attention_step", "sage_attention",
+    "attention", "attention_reference", "landmark_attention", "landmark_retrieval_attention", "halo_attention", "lightning_attention", "lightning_attention_sp", "ring_attention", "ring_attention_sp", "lightning_attention_step", "sage_attention",
     "linear_global_attention",
     "__version__",
 ]

@@ -108,6 +108,7 @@ class Attention(nnx.Module):
         self.q = _linear(cfg.dim, cfg.dim, cfg, rngs)
         self.kv = _linear(cfg.dim, 2 * self.kv_heads * self.head_dim, cfg, rngs)
         self.o = _linear(cfg.dim, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
+        self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis): GPT.enable_sequence_parallel
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         b, n, _ = x.shape
@@ -123,6 +124,11 @@ class Attention(nnx.Module):
             from jaxattn.ops.sage import sage_attention
 
             o = sage_attention(q, k, v, causal=True, impl=impl)
+        elif self.sequence_parallel is not None:
+            from jaxattn.ops.ring_attention import ring_attention_sp
+
+            mesh, axis, batch_axis = self.sequence_parallel
+            o = ring_attention_sp(q, k, v, mesh=mesh, axis=axis, batch_axis=batch_axis, causal=True, impl=impl)
         else:
             o = attention(q, k, v, causal=True, impl=impl)
         return self.o(o.reshape(b, n, self.cfg.dim))
@@ -159,6 +165,22 @@ class GPT(nnx.Module):
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.layers)])
         self.norm = RMSNorm(cfg.dim)
         self.head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
+
+    def enable_sequence_parallel(self, mesh, axis: str = "seq", batch_axis: str | None = None) -> None:
+        """Runs every attention layer as ring attention with the sequence split over ``mesh`` axis
+        ``axis`` (:func:`jaxattn.ring_attention_sp`; the batch over ``batch_axis``); XLA partitions
+        the other layers from the input sharding. Only full causal layers (not block-sparse or
+        quantized ones) can. ``mesh=None`` turns it off."""
+        if mesh is not None:
+            bad = sorted({blk.attn.kind for blk in self.blocks if blk.attn.kind != "full"})
+            if bad or self.cfg.quantized:
+                raise ValueError(f"sequence parallelism (ring attention) covers full-attention layers only; "
+                                 f"this model has {bad or 'quantized'} layers")
+            if axis not in mesh.axis_names or (batch_axis is not None and batch_axis not in mesh.axis_names):
+                raise ValueError(f"axis {axis!r} / batch_axis {batch_axis!r} must be axes of the mesh "
+                                 f"{mesh.axis_names}")
+        for blk in self.blocks:
+            blk.attn.sequence_parallel = None if mesh is None else (mesh, axis, batch_axis)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         if tokens.ndim != 2:

@@ -6,8 +6,9 @@ from jaxattn.ops.halo import halo_attention
 from jaxattn.ops.landmark import landmark_attention, landmark_retrieval_attention
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
 from jaxattn.ops.lightning_sp import lightning_attention_sp
+from jaxattn.ops.ring_attention import ring_attention, ring_attention_sp
 from jaxattn.ops.linear_global import linear_global_attention
 from jaxattn.ops.sage import sage_attention
 
-__all__ = ["landmark_attention", "landmark_retrieval_attention", "BlockMask", "attention", "block_sparse_attention", "power_attention", "halo_attention", "lightning_attention", "lightning_attention_sp", "lightning_attention_step", "sage_attention",
+__all__ = ["landmark_attention", "landmark_retrieval_attention", "BlockMask", "attention", "block_sparse_attention", "power_attention", "halo_attention", "lightning_attention", "lightning_attention_sp", "ring_attention", "ring_attention_sp", "lightning_attention_step", "sage_attention",
            "linear_global_attention"]

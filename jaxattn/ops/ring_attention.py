@@ -1,0 +1,99 @@
+"""Ring attention: softmax attention with the sequence split over a mesh axis (Liu et al. 2023,
+"Ring Attention with Blockwise Transformers"), with JAX's SPMD.
+
+Each device keeps its contiguous query shard; the key/value shards travel around the ring
+(``ppermute``, P - 1 hops). At every hop the device attends to the shard it holds with
+:func:`jaxattn.attention` (the flash kernel, which returns the log-sum-exp) and merges the partial
+result into its running one by the log-sum-exp:
+
+    lse = logaddexp(lse_acc, lse_r),   o = e^(lse_acc - lse) o_acc + e^(lse_r - lse) o_r
+
+which is exact. Causal: shard ``j`` is visible to query shard ``i`` fully when ``j < i``, under the
+causal mask when ``j == i`` (equal shard lengths make it the ordinary square causal mask), and not
+at all when ``j > i`` (that hop is skipped with ``lax.cond``). Gradients flow through ``ppermute``
+(its transpose is the reverse permutation) and the kernel's ``custom_vjp``.
+
+* ``ring_attention(q, k, v, axis=...)`` inside a ``shard_map`` over ``axis``;
+* :func:`ring_attention_sp` wraps that ``shard_map`` for global arrays and a ``Mesh``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+__all__ = ["ring_attention", "ring_attention_sp"]
+
+
+def _merge(o_acc, lse_acc, o_r, lse_r):
+    """Merges two normalised partial attentions ``o [b, n, h, e]`` with ``lse [b, n, h]``."""
+    lse = jnp.logaddexp(lse_acc, lse_r)
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    w_acc = jnp.where(jnp.isfinite(lse_acc), jnp.exp(lse_acc - safe), 0.0)[..., None]
+    w_r = jnp.where(jnp.isfinite(lse_r), jnp.exp(lse_r - safe), 0.0)[..., None]
+    return w_acc * o_acc + w_r * o_r, lse
+
+
+def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis: str, causal: bool = False,
+                   scale: float | None = None, impl: Literal["auto", "pallas", "xla"] = "auto",
+                   return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Inside ``shard_map`` over ``axis``: this device's shard of ``softmax(q k^T) v`` where q, k, v
+    ``[batch, seq/P, heads, head_dim]`` are its contiguous shards (shard ``i`` = positions
+    ``[i·n, (i+1)·n)``; GQA as in :func:`jaxattn.attention`). Returns ``out`` in q's dtype (and the
+    fp32 log-sum-exp ``[batch, seq/P, heads]``)."""
+    from jaxattn.ops.attention import attention
+
+    idx = lax.axis_index(axis)
+    n_shards = int(lax.axis_size(axis))  # static inside shard_map
+    perm = [(i, (i + 1) % n_shards) for i in range(n_shards)]
+
+    def attend(k, v, diagonal: bool):
+        o, lse = attention(q, k, v, causal=causal and diagonal, scale=scale, impl=impl, return_lse=True)
+        return o.astype(jnp.float32), lse.astype(jnp.float32)
+
+    o_acc, lse_acc = attend(k, v, True)
+    for r in range(1, n_shards):
+        k = lax.ppermute(k, axis, perm)
+        v = lax.ppermute(v, axis, perm)
+        src = (idx - r) % n_shards  # the shard this device now holds
+        if causal:
+            skip = (jnp.zeros_like(o_acc), jnp.full_like(lse_acc, -jnp.inf))
+            o_r, lse_r = lax.cond(src < idx, lambda k, v: attend(k, v, False), lambda k, v: skip, k, v)
+        else:
+            o_r, lse_r = attend(k, v, False)
+        o_acc, lse_acc = _merge(o_acc, lse_acc, o_r, lse_r)
+    out = o_acc.astype(q.dtype)
+    return (out, lse_acc) if return_lse else out
+
+
+def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis: str,
+                      batch_axis: str | None = None, causal: bool = False, scale: float | None = None,
+                      impl: Literal["auto", "pallas", "xla"] = "auto") -> jax.Array:
+    """:func:`jaxattn.attention` (no masks or segment ids) with the sequence split over ``mesh``
+    axis ``axis`` (and the batch over ``batch_axis``) by :func:`ring_attention`. q and k/v must
+    have the same length, divisible by the size of ``axis``."""
+    from jaxattn.ops.lightning_sp import _shard_map
+
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    for name, ax in (("axis", axis), ("batch_axis", batch_axis)):
+        if ax is not None and ax not in mesh.axis_names:
+            raise ValueError(f"{name} {ax!r} is not an axis of the mesh (axes {mesh.axis_names})")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape "
+                             f"{getattr(x, 'shape', None)}")
+    if k.shape[1] != q.shape[1] or v.shape[1] != q.shape[1]:
+        raise ValueError(f"ring attention needs q, k and v of one sequence length, got {q.shape[1]}, "
+                         f"{k.shape[1]}, {v.shape[1]}")
+    size = mesh.shape[axis]
+    if q.shape[1] % size:
+        raise ValueError(f"q: sequence length {q.shape[1]} must be divisible by the size {size} of mesh "
+                         f"axis {axis!r} (pad the sequence)")
+    spec = P(batch_axis, axis)
+    body = lambda q, k, v: ring_attention(q, k, v, axis=axis, causal=causal, scale=scale, impl=impl)  # noqa: E731
+    return _shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
