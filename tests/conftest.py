@@ -93,3 +93,34 @@ def lower_for_cuda(fn, *args) -> str:
 
 def count_triton_calls(text: str) -> int:
     return text.count(TRITON_CALL)
+
+
+_DEVICES_PRELUDE = """
+import os
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count={n}"
+import jax
+import numpy as np
+assert len(jax.devices()) == {n}, jax.devices()
+
+
+def check(a, b, tol, what):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    err = float(np.abs(a - b).max()) / max(1.0, float(np.abs(b).max()))
+    assert err < tol, f"{{what}}: relative error {{err:.3g}} >= {{tol}}"
+"""
+
+
+def run_on_cpu_devices(script: str, n: int = 4, timeout: int = 600) -> str:
+    """Runs ``script`` in a fresh Python with ``n`` forced CPU devices (the device count is fixed
+    when JAX starts, so it cannot be changed in this process) and returns its stdout. The script
+    starts with ``jax``, ``np`` and ``check(actual, expected, tol, what)`` (max error relative to
+    the expected magnitude) defined; a non-zero exit fails the calling test with the output."""
+    import subprocess
+    import sys
+    import textwrap
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    code = _DEVICES_PRELUDE.format(n=n) + textwrap.dedent(script)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout

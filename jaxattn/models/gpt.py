@@ -176,9 +176,9 @@ class GPT(nnx.Module):
             if bad or self.cfg.quantized:
                 raise ValueError(f"sequence parallelism (ring attention) covers full-attention layers only; "
                                  f"this model has {bad or 'quantized'} layers")
-            if axis not in mesh.axis_names or (batch_axis is not None and batch_axis not in mesh.axis_names):
-                raise ValueError(f"axis {axis!r} / batch_axis {batch_axis!r} must be axes of the mesh "
-                                 f"{mesh.axis_names}")
+            from jaxattn.ops._spmd import check_mesh
+
+            check_mesh(mesh, axis, batch_axis)
         for blk in self.blocks:
             blk.attn.sequence_parallel = None if mesh is None else (mesh, axis, batch_axis)
 

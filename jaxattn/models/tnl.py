@@ -167,9 +167,9 @@ class TNL(nnx.Module):
         ``NamedSharding(mesh, P(batch_axis, axis))``). The sequence length must be divisible by the
         axis size. Decoding steps are unaffected. ``mesh=None`` turns it off."""
         if mesh is not None:
-            if axis not in mesh.axis_names or (batch_axis is not None and batch_axis not in mesh.axis_names):
-                raise ValueError(f"axis {axis!r} / batch_axis {batch_axis!r} must be axes of the mesh "
-                                 f"{mesh.axis_names}")
+            from jaxattn.ops._spmd import check_mesh
+
+            check_mesh(mesh, axis, batch_axis)
         for block in self.blocks:
             block.mixer.sequence_parallel = None if mesh is None else (mesh, axis, batch_axis)
 

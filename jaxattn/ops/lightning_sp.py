@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jaxattn.ops import _spmd
+
 __all__ = ["lightning_attention_sp", "sequence_parallel_combine"]
 
 
@@ -35,7 +37,7 @@ def sequence_parallel_combine(q: jax.Array, out_local: jax.Array, state_local: j
     its zero-state result (``out_local [b, n, h, e]``, ``state_local [b, h, d, e]`` fp32)."""
     n = q.shape[1]
     idx = lax.axis_index(axis)
-    shards = lax.psum(1, axis)
+    shards = lax.axis_size(axis)
     s = lax.stop_gradient(slope.astype(jnp.float32))  # [h]
     states = lax.all_gather(state_local.astype(jnp.float32), axis)  # [P, b, h, d, e]
     j = jnp.arange(states.shape[0])
@@ -53,14 +55,6 @@ def sequence_parallel_combine(q: jax.Array, out_local: jax.Array, state_local: j
     qd = q.astype(jnp.float32) * decay[None, :, :, None]
     out = out_local.astype(jnp.float32) + jnp.einsum("bnhd,bhde->bnhe", qd, s_in, precision=hp)
     return out.astype(out_local.dtype), final
-
-
-def _shard_map(f, *, mesh, in_specs, out_specs):
-    if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    from jax.experimental.shard_map import shard_map  # jax < 0.7
-
-    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
 def lightning_attention_sp(
@@ -81,22 +75,8 @@ def lightning_attention_sp(
     divisible by the size of ``axis`` (shard ``i`` holds positions ``[i·n, (i+1)·n)``)."""
     from jaxattn.ops.lightning import _check_slope, lightning_attention
 
-    if not isinstance(mesh, Mesh):
-        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    for name, ax in (("axis", axis), ("batch_axis", batch_axis)):
-        if ax is not None and ax not in mesh.axis_names:
-            raise ValueError(f"{name} {ax!r} is not an axis of the mesh (axes {mesh.axis_names})")
-    if batch_axis == axis:
-        raise ValueError(f"batch_axis and axis must differ, both are {axis!r}")
-    if getattr(q, "ndim", None) != 4:
-        raise ValueError(f"q must have rank 4 [batch, seq, heads, head_dim], got shape {getattr(q, 'shape', None)}")
-    size = mesh.shape[axis]
-    if q.shape[1] % size:
-        raise ValueError(f"q: sequence length {q.shape[1]} must be divisible by the size {size} of mesh "
-                         f"axis {axis!r} (pad the sequence)")
-    if batch_axis is not None and q.shape[0] % mesh.shape[batch_axis]:
-        raise ValueError(f"q: batch {q.shape[0]} must be divisible by the size {mesh.shape[batch_axis]} "
-                         f"of mesh axis {batch_axis!r}")
+    _spmd.check_mesh(mesh, axis, batch_axis)
+    _spmd.check_split(q, mesh, axis, batch_axis)
     _check_slope(slope, q.shape[2])
     seq_spec, b_spec = P(batch_axis, axis), P(batch_axis)
 
@@ -107,5 +87,5 @@ def lightning_attention_sp(
 
     args = (q, k, v, slope) + ((initial_state,) if initial_state is not None else ())
     specs = (seq_spec, seq_spec, seq_spec, P()) + ((b_spec,) if initial_state is not None else ())
-    out, state = _shard_map(body, mesh=mesh, in_specs=specs, out_specs=(seq_spec, b_spec))(*args)
+    out, state = _spmd.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(seq_spec, b_spec))(*args)
     return (out, state) if return_state else out

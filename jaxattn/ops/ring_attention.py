@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jaxattn.ops import _spmd
+
 __all__ = ["ring_attention", "ring_attention_sp"]
 
 
@@ -76,13 +78,7 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
     """:func:`jaxattn.attention` (no masks or segment ids) with the sequence split over ``mesh``
     axis ``axis`` (and the batch over ``batch_axis``) by :func:`ring_attention`. q and k/v must
     have the same length, divisible by the size of ``axis``."""
-    from jaxattn.ops.lightning_sp import _shard_map
-
-    if not isinstance(mesh, Mesh):
-        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    for name, ax in (("axis", axis), ("batch_axis", batch_axis)):
-        if ax is not None and ax not in mesh.axis_names:
-            raise ValueError(f"{name} {ax!r} is not an axis of the mesh (axes {mesh.axis_names})")
+    _spmd.check_mesh(mesh, axis, batch_axis)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape "
@@ -90,10 +86,7 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
     if k.shape[1] != q.shape[1] or v.shape[1] != q.shape[1]:
         raise ValueError(f"ring attention needs q, k and v of one sequence length, got {q.shape[1]}, "
                          f"{k.shape[1]}, {v.shape[1]}")
-    size = mesh.shape[axis]
-    if q.shape[1] % size:
-        raise ValueError(f"q: sequence length {q.shape[1]} must be divisible by the size {size} of mesh "
-                         f"axis {axis!r} (pad the sequence)")
+    _spmd.check_split(q, mesh, axis, batch_axis)
     spec = P(batch_axis, axis)
     body = lambda q, k, v: ring_attention(q, k, v, axis=axis, causal=causal, scale=scale, impl=impl)  # noqa: E731
-    return _shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
+    return _spmd.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
