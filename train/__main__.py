@@ -23,7 +23,9 @@ def _add_lm(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_args(p, LMConfig, choices=COMPUTE, help={
         "model": "a name from jaxattn.models.MODEL_CONFIGS",
-        "data": "text file or folder (bytes), or .npy tokens; default: the Python stdlib sources"})
+        "data": "text file or folder (bytes), or .npy tokens; default: the Python stdlib sources",
+        "seq_parallel": "devices that share each sequence (TNL: sequence-parallel Lightning attention, GPT: "
+                        "ring attention); the other devices split the batch"})
     _common(p)
 
 
@@ -88,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxattn.train.lm import LMConfig, train
 
         cfg = config_from_args(LMConfig, args)
-        check_positive(parser, cfg, ("steps", "seq_len", "batch_size", "grad_accum", "ckpt_every", "log_every"))
+        check_positive(parser, cfg, ("steps", "seq_len", "batch_size", "grad_accum", "seq_parallel", "ckpt_every",
+                                     "log_every"))
     else:
         from jaxattn.train.image import ImageConfig, train
 
