@@ -165,7 +165,8 @@ class TNL(nnx.Module):
         (:func:`jaxattn.lightning_attention_sp`; the batch over ``batch_axis``); the other layers are
         partitioned by XLA from the input sharding (e.g. tokens placed with
         ``NamedSharding(mesh, P(batch_axis, axis))``). The sequence length must be divisible by the
-        axis size. Decoding steps are unaffected. ``mesh=None`` turns it off."""
+        axis size, also for a prefill in :func:`generate` (decoding steps are unaffected); ``mesh=None``
+        turns it off."""
         if mesh is not None:
             from jaxattn.ops._spmd import check_mesh
 
