@@ -10,9 +10,13 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def _has_gpu_plugin() -> bool:
+    """A GPU jax plugin is installed, or the machine has a GPU driver tool (then leave XLA alone)."""
     import importlib.metadata as md
+    import shutil
 
-    names = {d.metadata["Name"].lower() for d in md.distributions() if d.metadata["Name"]}
+    if shutil.which("nvidia-smi") or shutil.which("rocm-smi"):
+        return True
+    names = {(d.metadata["Name"] or "").lower() for d in md.distributions()}
     return any(n.startswith(("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm")) for n in names)
 
 
