@@ -23,13 +23,15 @@ __all__ = ["attention_rollout", "patch_importance", "plot_image_attention", "plo
 
 
 def _pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or None with a warning (the plots' callers then
+    return False); shared with :mod:`jaxattn.train.metrics`."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn("matplotlib is not installed: no attention plot written", stacklevel=3)
+    except Exception:  # noqa: BLE001
+        warnings.warn("matplotlib is not installed: no plot (pip install matplotlib)", stacklevel=3)
         return None
     return plt
 

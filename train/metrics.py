@@ -4,11 +4,12 @@ and classification scores (accuracy, macro F1, confusion matrix)."""
 from __future__ import annotations
 
 import csv
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from jaxattn.viz import _pyplot  # the one matplotlib loader
 
 FIELDS = ["step", "loss", "lr", "tokens_per_s", "val_loss", "val_ppl"]
 
@@ -61,18 +62,6 @@ class MetricsLog:
     def read(path: Path) -> list[dict]:
         with Path(path).open() as f:
             return list(csv.DictReader(f))
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:  # noqa: BLE001
-        warnings.warn("matplotlib is not installed: no plot (pip install matplotlib)", stacklevel=3)
-        return None
-    return plt
 
 
 def _series(rows: list[dict], name: str) -> list[tuple[int, float]]:

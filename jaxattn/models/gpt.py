@@ -176,11 +176,11 @@ class GPT(nnx.Module):
             if bad or self.cfg.quantized:
                 raise ValueError(f"sequence parallelism (ring attention) covers full-attention layers only; "
                                  f"this model has {bad or 'quantized'} layers")
-            from jaxattn.ops._spmd import check_mesh
+        from jaxattn.ops._spmd import layer_setting
 
-            check_mesh(mesh, axis, batch_axis)
+        setting = layer_setting(mesh, axis, batch_axis)
         for blk in self.blocks:
-            blk.attn.sequence_parallel = None if mesh is None else (mesh, axis, batch_axis)
+            blk.attn.sequence_parallel = setting
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         if tokens.ndim != 2:

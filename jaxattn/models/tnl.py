@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxattn.ops import _spmd
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
 from jaxattn.ops.lightning_sp import lightning_attention_sp
 
@@ -167,12 +168,9 @@ class TNL(nnx.Module):
         ``NamedSharding(mesh, P(batch_axis, axis))``). The sequence length must be divisible by the
         axis size, also for a prefill in :func:`generate` (decoding steps are unaffected); ``mesh=None``
         turns it off."""
-        if mesh is not None:
-            from jaxattn.ops._spmd import check_mesh
-
-            check_mesh(mesh, axis, batch_axis)
+        setting = _spmd.layer_setting(mesh, axis, batch_axis)
         for block in self.blocks:
-            block.mixer.sequence_parallel = None if mesh is None else (mesh, axis, batch_axis)
+            block.mixer.sequence_parallel = setting
 
     def __call__(self, tokens: jax.Array, *, states: list[jax.Array] | None = None,
                  offset: jax.Array | int = 0, return_states: bool = False):

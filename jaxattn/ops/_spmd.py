@@ -8,6 +8,8 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from jaxattn.ops import _checks
+
 
 def check_mesh(mesh: Any, axis: str, batch_axis: str | None = None) -> None:
     """Clear errors for a mesh that is not a ``Mesh`` or lacks ``axis`` / ``batch_axis``."""
@@ -20,10 +22,18 @@ def check_mesh(mesh: Any, axis: str, batch_axis: str | None = None) -> None:
         raise ValueError(f"batch_axis and axis must differ, both are {axis!r}")
 
 
+def layer_setting(mesh: Any, axis: str, batch_axis: str | None) -> tuple | None:
+    """What a model's ``enable_sequence_parallel`` stores on its layers: ``(mesh, axis, batch_axis)``
+    after :func:`check_mesh`, or None (off) for ``mesh=None``."""
+    if mesh is None:
+        return None
+    check_mesh(mesh, axis, batch_axis)
+    return mesh, axis, batch_axis
+
+
 def check_split(q: Any, mesh: Mesh, axis: str, batch_axis: str | None = None) -> None:
     """``q [batch, seq, heads, head_dim]``: seq divisible by the ``axis`` size, batch by ``batch_axis``'s."""
-    if getattr(q, "ndim", None) != 4:
-        raise ValueError(f"q must have rank 4 [batch, seq, heads, head_dim], got shape {getattr(q, 'shape', None)}")
+    _checks.check_rank("q", q, 4, "[batch, seq, heads, head_dim]")
     size = mesh.shape[axis]
     if q.shape[1] % size:
         raise ValueError(f"q: sequence length {q.shape[1]} must be divisible by the size {size} of mesh "

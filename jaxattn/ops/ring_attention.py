@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxattn.ops import _spmd
+from jaxattn.ops import _checks, _spmd
 
 __all__ = ["ring_attention", "ring_attention_sp"]
 
@@ -80,9 +80,7 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
     have the same length, divisible by the size of ``axis``."""
     _spmd.check_mesh(mesh, axis, batch_axis)
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape "
-                             f"{getattr(x, 'shape', None)}")
+        _checks.check_rank(name, x, 4, "[batch, seq, heads, head_dim]")
     if k.shape[1] != q.shape[1] or v.shape[1] != q.shape[1]:
         raise ValueError(f"ring attention needs q, k and v of one sequence length, got {q.shape[1]}, "
                          f"{k.shape[1]}, {v.shape[1]}")
