@@ -84,3 +84,60 @@ def test_registry_builds_gpt_variants():
     m = create_model("power-gpt-tiny", rngs=nnx.Rngs(0), attn_impl="xla")
     assert [b.attn.kind for b in m.blocks] == ["power", "power", "power", "full"]
     assert m(jnp.zeros((1, 40), jnp.int32)).shape == (1, 40, 256)
+
+
+GEN_CASES = {
+    "full-gqa-xla": dict(kv_heads=2),
+    "hybrid-xla": dict(layer_types=("power", "window", "sink", "full"), layers=4, sparse_block=16, window=32, sink=16),
+    "hybrid-pallas": dict(layer_types=("power", "full"), kv_heads=1, sparse_block=16, window=32, sink=16,
+                          attn_impl="pallas"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GEN_CASES))
+def test_generate_with_kv_cache_matches_parallel_forward(name):
+    """Greedy decoding through the KV cache (decode_attention / one-row BlockMasks) gives the
+    logits of the parallel forward over the generated text, past the sparse window."""
+    kw = dict(GEN_CASES[name])
+    impl = kw.pop("attn_impl", "xla")
+    cfg = GPTConfig(vocab_size=64, dim=64, layers=kw.pop("layers", 2), heads=2, attn_impl=impl, **kw)
+    m = GPT(cfg, rngs=nnx.Rngs(0))
+    from jaxattn.models import generate
+
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (2, 21), 0, 64)
+    out, logits = generate(m, prompt, 50, temperature=0.0, return_logits=True)
+    assert out.shape == (2, 71) and (out[:, :21] == prompt).all()
+    full = nnx.jit(lambda m, t: m(t))(m, out[:, :-1])
+    np.testing.assert_allclose(logits, full[:, 20:], atol=2e-5, rtol=1e-4)
+    assert (jnp.argmax(logits, -1) == out[:, 21:]).all()
+
+
+def test_cache_prefill_then_chunk_continues_the_sequence():
+    """A prompt prefilled into the cache, then a 5-token chunk at offset 12, equals the
+    parallel forward (multi-query decode_attention with the causal rule)."""
+    m = _model(kv_heads=2)
+    toks = jax.random.randint(jax.random.PRNGKey(4), (2, 17), 0, 64)
+    full = m(toks)
+    _, cache = m.prefill(toks[:, :12], max_len=32)
+    logits, cache = m(toks[:, 12:], cache=cache, offset=jnp.asarray(12, jnp.int32))
+    np.testing.assert_allclose(logits, full[:, 12:], atol=2e-5, rtol=1e-4)
+    assert cache[0][0].shape == (2, 32, 2, 8)
+    assert (cache[0][0][:, 17:] == 0).all() and (cache[0][0][:, :17] != 0).any(axis=(2, 3)).all()
+
+
+def test_generation_errors():
+    from jaxattn.models import LandmarkGPT, create_model, generate
+
+    m = _model()
+    with pytest.raises(ValueError, match="max_len"):
+        m.prefill(jnp.zeros((1, 9), jnp.int32), max_len=8)
+    with pytest.raises(ValueError, match="init_cache"):
+        m.init_cache(0, 8)
+    with pytest.raises(ValueError, match="integer dtype"):
+        generate(m, jnp.zeros((1, 3)), 2)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(m, jnp.zeros((1, 3), jnp.int32), 2, top_k=65)
+    lm = create_model("landmark-gpt-tiny", rngs=nnx.Rngs(0))
+    assert isinstance(lm, LandmarkGPT)
+    with pytest.raises(ValueError, match="no incremental decoding"):
+        generate(lm, jnp.zeros((1, 3), jnp.int32), 2)

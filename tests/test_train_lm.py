@@ -158,12 +158,13 @@ def test_data_parallel_four_devices_equals_one():
     assert "DP-OK 4" in run_on_cpu_devices(DP_SCRIPT)
 
 
-def test_cli_end_to_end_and_generate(tmp_path, capsys):
+@pytest.mark.parametrize("model", ["tnl-tiny", "gpt-tiny"])
+def test_cli_end_to_end_and_generate(tmp_path, capsys, model):
     from jaxattn.generate import main as generate_main
     from jaxattn.train.__main__ import main as train_main
 
     out = tmp_path / "cli"
-    assert train_main(["lm", "--steps", "4", "--seq-len", "32", "--batch-size", "4", "--max-bytes", "100000",
+    assert train_main(["lm", "--model", model, "--steps", "4", "--seq-len", "32", "--batch-size", "4", "--max-bytes", "100000",
                        "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "2", "--out", str(out),
                        "--sample-tokens", "8", "--no-progress"]) == 0
     for name in ("metrics.csv", "loss.png", "config.json"):

@@ -129,8 +129,9 @@ def train(cfg: LMConfig, *, resume: bool = False,
         return result
     summary = {"out": str(out), "final_loss": result["final_loss"],
                "val_losses": [ev["val_loss"] for _, ev in result["history"]], "trainer": trainer}
-    if sample and corpus.vocab_size == 256 and hasattr(trainer.model, "cfg"):
-        from jaxattn.models import generate
+    from jaxattn.models import generate, supports_generation
+
+    if sample and corpus.vocab_size == 256 and supports_generation(trainer.model):
 
         prompt = np.frombuffer(cfg.sample_prompt.encode(), np.uint8).astype(np.int32)[None]
         toks = generate(trainer.eval_model, jnp.asarray(prompt), cfg.sample_tokens, temperature=0.8, top_k=40,

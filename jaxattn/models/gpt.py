@@ -6,6 +6,11 @@ sink + window) through ``jaxattn.block_sparse_attention``. Hybrids mix them, e.g
 
 ``quantized=True`` runs every full-attention layer through ``jaxattn.sage_attention``
 (SageAttention2-style INT8 QK / FP8 PV, inference only).
+
+Decoding keeps a KV cache (``init_cache``; ``prefill`` / ``decode_step`` for
+:func:`jaxattn.models.generate`): full layers read it with :func:`jaxattn.decode_attention`
+(split-KV flash-decoding), block-sparse layers with a one-row ``BlockMask`` at the token's
+position. A quantized model prefills with SageAttention and decodes in the compute dtype.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from flax import nnx
 from jaxattn.ops.attention import attention
 
 LayerType = Literal["full", "power", "window", "sink"]
+KVCache = tuple[jax.Array, jax.Array]  # (k, v) [batch, max_len, kv_heads, head_dim]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,16 +94,18 @@ def _linear(din: int, dout: int, cfg: GPTConfig, rngs: nnx.Rngs, std: float | No
                       dtype=jnp.dtype(cfg.dtype), rngs=rngs)
 
 
-def block_mask_for(cfg: GPTConfig, layer_type: str, seq_len: int):
-    """The ``jaxattn.BlockMask`` of a sparse layer type for ``seq_len`` tokens (causal)."""
+def block_mask_for(cfg: GPTConfig, layer_type: str, seq_len: int, *, kv_len: int | None = None,
+                   q_offset: int | jax.Array | None = None):
+    """The ``jaxattn.BlockMask`` of a sparse layer type for ``seq_len`` queries (causal); for a
+    cache, ``kv_len`` keys with query row 0 at position ``q_offset``."""
     from jaxattn.ops.block_sparse import BlockMask
 
-    b = cfg.sparse_block
+    b, kw = cfg.sparse_block, dict(kv_len=kv_len, q_offset=q_offset)
     if layer_type == "power":
-        return BlockMask.power(seq_len, b, window=cfg.window, sink=cfg.sink)
+        return BlockMask.power(seq_len, b, window=cfg.window, sink=cfg.sink, **kw)
     if layer_type == "window":
-        return BlockMask.sliding_window(seq_len, b, window=cfg.window)
-    return BlockMask.sink_window(seq_len, b, window=cfg.window, sink=cfg.sink)
+        return BlockMask.sliding_window(seq_len, b, window=cfg.window, **kw)
+    return BlockMask.sink_window(seq_len, b, window=cfg.window, sink=cfg.sink, **kw)
 
 
 class Attention(nnx.Module):
@@ -110,11 +118,34 @@ class Attention(nnx.Module):
         self.o = _linear(cfg.dim, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
         self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis): GPT.enable_sequence_parallel
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+                 offset: jax.Array | int = 0) -> jax.Array | tuple[jax.Array, KVCache]:
+        """``x [B, n, dim]`` at ``positions``; with a ``cache`` (k, v ``[B, S, kv_heads, d]``), the
+        new keys/values are written at ``offset`` and the queries attend to the cache (returns
+        ``(out, cache)``)."""
         b, n, _ = x.shape
         q = self.q(x).reshape(b, n, self.cfg.heads, self.head_dim)
         k, v = jnp.split(self.kv(x).reshape(b, n, self.kv_heads, 2 * self.head_dim), 2, axis=-1)
         q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
+        if cache is None:
+            return self._attend(q, k, v)
+        from jaxattn.ops.decode import append_kv, decode_attention
+
+        k_cache, v_cache, lengths = append_kv(*cache, k, v, jnp.asarray(offset, jnp.int32))
+        if isinstance(offset, int) and offset == 0:  # prefill: the prompt alone, as in training
+            return self._attend(q, k, v), (k_cache, v_cache)
+        if self.kind == "full":
+            o = decode_attention(q, k_cache, v_cache, lengths, causal=True, impl=self.cfg.attn_impl)
+        else:
+            from jaxattn.ops.block_sparse import block_sparse_attention
+
+            mask = block_mask_for(self.cfg, self.kind, n, kv_len=k_cache.shape[1], q_offset=offset)
+            o = block_sparse_attention(q, k_cache, v_cache, mask, impl=self.cfg.attn_impl)
+        return self.o(o.reshape(b, n, self.cfg.dim)), (k_cache, v_cache)
+
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """Causal attention of the layer's kind over the ``n`` tokens themselves."""
+        b, n = q.shape[:2]
         impl = self.cfg.attn_impl
         if self.kind != "full":
             from jaxattn.ops.block_sparse import block_sparse_attention
@@ -150,9 +181,13 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
-    def __call__(self, x, positions):
-        x = x + self.attn(self.norm1(x), positions)
-        return x + self.mlp(self.norm2(x))
+    def __call__(self, x, positions, cache: KVCache | None = None, offset: jax.Array | int = 0):
+        if cache is None:
+            x = x + self.attn(self.norm1(x), positions)
+            return x + self.mlp(self.norm2(x))
+        a, cache = self.attn(self.norm1(x), positions, cache, offset)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), cache
 
 
 class GPT(nnx.Module):
@@ -182,14 +217,48 @@ class GPT(nnx.Module):
         for blk in self.blocks:
             blk.attn.sequence_parallel = setting
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape [batch, seq], got {tuple(tokens.shape)}")
+    def __call__(self, tokens: jax.Array, *, cache: list[KVCache] | None = None,
+                 offset: jax.Array | int = 0):
+        """Logits ``[B, n, vocab]`` of ``tokens [B, n]``. With a ``cache`` (``init_cache``), the
+        tokens sit at positions ``offset ..`` and their keys/values are written into it:
+        returns ``(logits, cache)``."""
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must have shape [batch, seq] and an integer dtype, got "
+                             f"{jnp.dtype(tokens.dtype).name} {tuple(tokens.shape)}")
         x = self.embed(tokens).astype(jnp.dtype(self.cfg.dtype))
-        positions = jnp.arange(tokens.shape[1])
-        for blk in self.blocks:
-            x = blk(x, positions)
+        positions = jnp.arange(tokens.shape[1]) + offset
+        new_cache = []
+        for i, blk in enumerate(self.blocks):
+            if cache is None:
+                x = blk(x, positions)
+            else:
+                x, c = blk(x, positions, cache[i], offset)
+                new_cache.append(c)
         x = self.norm(x)
         if self.head is None:
-            return jnp.einsum("bnd,vd->bnv", x.astype(jnp.float32), self.embed.embedding[...])
-        return self.head(x).astype(jnp.float32)
+            logits = jnp.einsum("bnd,vd->bnv", x.astype(jnp.float32), self.embed.embedding[...])
+        else:
+            logits = self.head(x).astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> list[KVCache]:
+        """Zeroed (k, v) caches ``[batch, max_len, kv_heads, head_dim]`` per layer (compute dtype)."""
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
+        kv = self.cfg.kv_heads or self.cfg.heads
+        shape = (batch, max_len, kv, self.cfg.dim // self.cfg.heads)
+        dt = jnp.dtype(dtype or self.cfg.dtype)
+        return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in self.blocks]
+
+    def prefill(self, tokens: jax.Array, max_len: int):
+        """The prompt's parallel forward into a fresh cache of ``max_len`` positions:
+        ``(last logits [B, vocab], cache)`` (for :func:`jaxattn.models.generate`)."""
+        if tokens.shape[1] > max_len:
+            raise ValueError(f"prompt of {tokens.shape[1]} tokens does not fit max_len={max_len}")
+        logits, cache = self(tokens, cache=self.init_cache(tokens.shape[0], max_len), offset=0)
+        return logits[:, -1], cache
+
+    def decode_step(self, token: jax.Array, cache: list[KVCache], position: jax.Array):
+        """One token ``[B]`` at ``position`` against the cache: ``(logits [B, vocab], cache)``."""
+        logits, cache = self(token[:, None], cache=cache, offset=position)
+        return logits[:, 0], cache

@@ -100,6 +100,10 @@ class LandmarkGPT(gpt.GPT):
     """``model(tokens [B, N], top_k=None) -> logits [B, N, vocab]``; ``tokens`` already hold the
     landmark tokens (``insert_landmarks``). ``top_k`` switches to retrieval inference."""
 
+    # No KV-cache decoding (GPT's prefill/decode_step): sample by re-running the model.
+    prefill = None
+    decode_step = None
+
     def __init__(self, cfg: LandmarkGPTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, embedding_init=nnx.initializers.normal(cfg.init_std),

@@ -189,46 +189,13 @@ class TNL(nnx.Module):
         logits = logits.astype(jnp.float32)
         return (logits, new_states) if return_states else logits
 
+    def prefill(self, tokens: jax.Array, max_len: int | None = None):
+        """Parallel forward of a prompt: ``(last logits [B, vocab], states)``, for
+        :func:`jaxattn.models.generate` (the recurrent state has no length limit)."""
+        logits, states = self(tokens, return_states=True)
+        return logits[:, -1], states
 
-@nnx.jit
-def _decode_step(model: TNL, token: jax.Array, states: list[jax.Array], offset: jax.Array):
-    logits, states = model(token[:, None], states=states, offset=offset, return_states=True)
-    return logits[:, 0], states
-
-
-def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
-    if temperature <= 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-def generate(model: TNL, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, key: jax.Array | None = None,
-             return_logits: bool = False):
-    """Samples ``max_new_tokens`` after ``prompt [batch, p]`` (int). The prompt is prefilled
-    with the parallel forward; each new token is one O(1) recurrent step. ``temperature=0``
-    is greedy. Returns ``tokens [batch, p + max_new_tokens]`` (and the per-step logits)."""
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"prompt must be int [batch, p] with p >= 1, got shape {tuple(prompt.shape)}")
-    if top_k is not None and not 1 <= top_k <= model.cfg.vocab_size:
-        raise ValueError(f"top_k must be in 1..{model.cfg.vocab_size}, got {top_k}")
-    key = jax.random.PRNGKey(0) if key is None else key
-    prompt = prompt.astype(jnp.int32)
-    logits, states = nnx.jit(lambda m, t: m(t, return_states=True))(model, prompt)
-    last = logits[:, -1]
-    tokens, all_logits = [prompt], []
-    pos = prompt.shape[1]
-    for i in range(max_new_tokens):
-        all_logits.append(last)
-        key, sub = jax.random.split(key)
-        tok = _sample(last, sub, temperature, top_k)
-        tokens.append(tok[:, None])
-        if i + 1 < max_new_tokens:
-            last, states = _decode_step(model, tok, states, jnp.asarray(pos, jnp.int32))
-            pos += 1
-    out = jnp.concatenate(tokens, axis=1)
-    return (out, jnp.stack(all_logits, axis=1)) if return_logits and all_logits else out
+    def decode_step(self, token: jax.Array, states: list[jax.Array], position: jax.Array):
+        """One token ``[B]`` at ``position``: O(1) recurrent step, ``(logits [B, vocab], states)``."""
+        logits, states = self(token[:, None], states=states, offset=position, return_states=True)
+        return logits[:, 0], states

@@ -3,6 +3,7 @@ and the expected shape or dtype."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -92,3 +93,16 @@ def check_scale(scale: Any) -> float | None:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float, got {scale}")
     return scale
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def no_grad(x: jax.Array, message: str) -> jax.Array:
+    """Identity that raises ``NotImplementedError(message)`` when differentiated (forward-only ops)."""
+    del message
+    return x
+
+
+@no_grad.defjvp
+def _no_grad_jvp(message, primals, tangents):
+    del primals, tangents
+    raise NotImplementedError(message)

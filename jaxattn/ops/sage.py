@@ -71,20 +71,11 @@ def sage_attention(
     return out.astype(q.dtype)
 
 
-@jax.custom_jvp
-def _no_grad(x):
-    return x
-
-
-@_no_grad.defjvp
-def _no_grad_jvp(primals, tangents):
-    del primals, tangents
-    raise NotImplementedError(
-        "sage_attention is inference-only: its quantised forward has no gradient. Differentiate "
-        "jaxattn.attention instead (or wrap the inputs in jax.lax.stop_gradient).")
+_NO_GRAD = ("sage_attention is inference-only: its quantised forward has no gradient. Differentiate "
+            "jaxattn.attention instead (or wrap the inputs in jax.lax.stop_gradient).")
 
 
 def _xla(q, k, v, **kw):
     """The jnp emulation, with the same clear error as the kernel when differentiated."""
-    q, k, v = (_no_grad(x) for x in (q, k, v))
+    q, k, v = (_checks.no_grad(x, _NO_GRAD) for x in (q, k, v))
     return sage_reference(q, k, v, **kw)

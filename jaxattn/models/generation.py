@@ -1,0 +1,82 @@
+"""Autoregressive sampling for the language models: ``generate(model, prompt, n)``.
+
+A model that can be sampled from has two methods (TNL: the recurrent Lightning state, O(1)
+per token; GPT: a KV cache read by :func:`jaxattn.decode_attention`):
+
+- ``prefill(tokens [B, p], max_len) -> (logits [B, vocab], cache)``: the parallel forward of
+  the prompt, the logits of its last position, and a cache with room for ``max_len`` tokens;
+- ``decode_step(token [B], cache, position) -> (logits [B, vocab], cache)``: one new token at
+  ``position`` (an int32 scalar: the same for the whole batch).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def supports_generation(model: nnx.Module) -> bool:
+    """True when ``model`` has the ``prefill``/``decode_step`` pair that :func:`generate` uses."""
+    return callable(getattr(model, "prefill", None)) and callable(getattr(model, "decode_step", None))
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
+    """Samples token ids from ``logits [..., vocab]``: greedy at ``temperature <= 0``, else softmax
+    of ``logits / temperature`` restricted to the ``top_k`` largest (all when None)."""
+    if temperature <= 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@nnx.jit(static_argnames=("max_len",))
+def _prefill(model, prompt, max_len: int):
+    return model.prefill(prompt, max_len)
+
+
+@nnx.jit
+def _decode_step(model, token, cache, position):
+    return model.decode_step(token, cache, position)
+
+
+def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, key: jax.Array | None = None, return_logits: bool = False):
+    """Samples ``max_new_tokens`` after ``prompt [batch, p]`` (int). The prompt is prefilled
+    with the parallel forward; each new token is one incremental step. ``temperature=0`` is
+    greedy. Returns ``tokens [batch, p + max_new_tokens]`` (and the per-step logits
+    ``[batch, max_new_tokens, vocab]``, which equal the parallel forward's)."""
+    if not supports_generation(model):
+        raise ValueError(f"{type(model).__name__} has no incremental decoding (prefill/decode_step); "
+                         "generate() samples from TNL and GPT models")
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be int [batch, p] with p >= 1, got shape {tuple(prompt.shape)}")
+    if not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"prompt must have an integer dtype, got {jnp.dtype(prompt.dtype).name}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    vocab = model.cfg.vocab_size
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k must be in 1..{vocab}, got {top_k}")
+    key = jax.random.PRNGKey(0) if key is None else key
+    prompt = prompt.astype(jnp.int32)
+    tokens, all_logits = [prompt], []
+    if max_new_tokens:
+        pos = prompt.shape[1]
+        last, cache = _prefill(model, prompt, pos + max_new_tokens)
+        for i in range(max_new_tokens):
+            all_logits.append(last)
+            key, sub = jax.random.split(key)
+            tok = sample_logits(last, sub, temperature, top_k)
+            tokens.append(tok[:, None])
+            if i + 1 < max_new_tokens:
+                last, cache = _decode_step(model, tok, cache, jnp.asarray(pos, jnp.int32))
+                pos += 1
+    out = jnp.concatenate(tokens, axis=1)
+    if not return_logits:
+        return out
+    logits = jnp.stack(all_logits, axis=1) if all_logits else jnp.zeros((prompt.shape[0], 0, vocab), jnp.float32)
+    return out, logits

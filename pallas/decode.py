@@ -1,0 +1,216 @@
+"""Flash-decoding on Pallas's Triton backend: attention of a few new queries to a KV cache.
+
+Decoding reads the whole cache for one (or a few) query tokens, so it is bound by memory
+bandwidth and has too little work per (batch, head) to fill a GPU. Two things fix that:
+
+- **GQA packing.** The ``Sq * groups`` query rows that share a kv head form one tile of
+  ``block_m`` rows, so each cache tile is read once per kv head, not once per query head.
+- **Split-KV.** The cache is cut into ``num_splits`` chunks; a program per (chunk, batch,
+  kv head, row tile) runs the online softmax over its chunk and writes its partial result
+  (normalised within the chunk) and log-sum-exp; the chunks are merged exactly by their
+  log-sum-exps afterwards (XLA, tiny).
+
+Each batch row has its own cache length ``lengths[b]``: a program visits only the key blocks
+below it, so a ragged batch costs what its real lengths cost. With ``causal``, query ``i`` of
+``Sq`` sits at position ``lengths[b] - Sq + i`` and sees keys up to it (the new tokens are
+already in the cache); otherwise every query sees all ``lengths[b]`` keys. Rows with no
+visible key give zeros and ``lse = -inf``. Forward only (inference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxattn.pallas import _common
+from jaxattn.pallas._common import dot
+from jaxattn.pallas.flash import LOG2E, NEG_INF, precision_for
+
+MAX_HEAD_DIM = 256
+# Programs to aim for when choosing the split count: a few waves of an H100's 132 SMs.
+TARGET_PROGRAMS = 528
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Tiles and launch parameters: ``block_k`` keys per loop step, at most ``block_m``
+    packed query rows per program."""
+
+    block_k: int = 64
+    block_m: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# (padded head dim, bytes per element) -> config; other pairs fall back to the default.
+CONFIGS: dict[tuple[int, int], DecodeConfig] = {
+    (64, 2): DecodeConfig(128, 64, 4, 3),
+    (128, 2): DecodeConfig(64, 64, 4, 3),
+    (256, 2): DecodeConfig(32, 32, 4, 2),
+    (128, 4): DecodeConfig(32, 32, 4, 2),
+    (256, 4): DecodeConfig(16, 16, 4, 1),
+}
+
+
+def decode_config(head_dim: int, dtype) -> DecodeConfig:
+    d = max(16, _common.next_pow2(head_dim))
+    size = 4 if jnp.dtype(dtype).itemsize >= 4 else 2
+    return CONFIGS.get((d, size), DecodeConfig())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    scale: float
+    causal: bool
+    q_len: int  # Sq (new tokens per batch row)
+    groups: int  # q heads per kv head
+    rows: int  # Sq * groups packed rows
+    block_m: int
+    block_k: int
+    n_rb: int  # row tiles
+    per_split: int  # key blocks per split
+    num_splits: int
+    precision: object
+
+
+def choose_splits(batch: int, kv_heads: int, row_tiles: int, kv_blocks: int) -> int:
+    """Enough splits to launch about ``TARGET_PROGRAMS`` programs, at most one per key block."""
+    base = batch * kv_heads * row_tiles
+    return int(max(1, min(kv_blocks, -(-TARGET_PROGRAMS // base))))
+
+
+def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, st: _Static):
+    split = lax.div(pl.program_id(0), st.n_rb)
+    rb = lax.rem(pl.program_id(0), st.n_rb)
+    length = len_ref[pl.program_id(1)]
+    bm, bk = st.block_m, st.block_k
+
+    rows = rb * bm + jnp.arange(bm)
+    qi = lax.div(rows, st.groups)  # query index of each packed row
+    if st.causal:
+        lim = jnp.minimum(length - st.q_len + qi, length - 1)  # last visible key per row
+        lo_lim = length - st.q_len + lax.div(rb * bm, st.groups)
+        hi_lim = jnp.minimum(length - st.q_len + lax.div(rb * bm + bm - 1, st.groups), length - 1)
+    else:
+        lim = jnp.broadcast_to(length - 1, (bm,))
+        lo_lim = hi_lim = length - 1
+    lo = split * st.per_split
+    hi = jnp.clip(lax.div(jnp.maximum(hi_lim + 1, 0) + bk - 1, bk), lo, lo + st.per_split)
+    n_free = jnp.clip(lax.div(jnp.maximum(lo_lim + 1, 0), bk), lo, hi)  # blocks every row sees whole
+
+    q = q_ref[...]
+
+    def body(j, carry, masked: bool):
+        acc, m, l = carry
+        k_start = pl.multiple_of(j * bk, bk)
+        ks = pl.ds(k_start, bk)
+        k, v = k_ref[ks, :], v_ref[ks, :]
+        s = dot(q, k, trans_b=True, precision=st.precision) * (st.scale * LOG2E)
+        if masked:
+            s = jnp.where((k_start + jnp.arange(bk))[None, :] <= lim[:, None], s, NEG_INF)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+        alpha = jnp.exp2(m - m_safe)
+        p = jnp.exp2(s - m_safe[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=st.precision)
+        return acc, m_new, l
+
+    carry = (jnp.zeros((bm, v_ref.shape[-1]), jnp.float32), jnp.full((bm,), NEG_INF, jnp.float32),
+             jnp.zeros((bm,), jnp.float32))
+    carry = lax.fori_loop(lo, n_free, functools.partial(body, masked=False), carry)
+    acc, m, l = lax.fori_loop(n_free, hi, functools.partial(body, masked=True), carry)
+    empty = l == 0.0
+    o_ref[...] = acc / jnp.where(empty, 1.0, l)[:, None]
+    lse_ref[...] = jnp.where(empty, NEG_INF, (m + jnp.log2(jnp.where(empty, 1.0, l))) / LOG2E)
+
+
+def decode_attention_kernel(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    config: DecodeConfig | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Split-KV decode attention on validated inputs.
+
+    Args:
+      q: ``[B, Sq, Hq, D]`` (Sq small: the new tokens); k: ``[B, S, Hkv, D]``, v:
+        ``[B, S, Hkv, Dv]`` the cache (``Hkv`` divides ``Hq``); one floating dtype.
+      lengths: int ``[B]``, valid cache entries per batch row (clipped to ``[0, S]``).
+      num_splits: KV chunks per (batch, kv head); None picks enough to fill the GPU.
+
+    Returns:
+      ``out [B, Sq, Hq, Dv]`` in q's dtype and ``lse [B, Sq, Hq]`` (fp32, natural log).
+    """
+    batch, q_len, hq, d = q.shape
+    s_max, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = hq // hkv
+    cfg = config or decode_config(max(d, dv), q.dtype)
+    rows = q_len * g
+    bm = min(cfg.block_m, max(16, _common.next_pow2(rows)))
+    n_rb = -(-rows // bm)
+    bk = min(cfg.block_k, max(16, _common.next_pow2(s_max)))
+    n_kb = -(-s_max // bk)
+    splits = num_splits or choose_splits(batch, hkv, n_rb, n_kb)
+    splits = int(max(1, min(splits, n_kb)))
+    per = -(-n_kb // splits)
+    splits = -(-n_kb // per)  # no split without blocks
+    st = _Static(scale=float(1.0 / math.sqrt(d) if scale is None else scale), causal=bool(causal),
+                 q_len=q_len, groups=g, rows=rows, block_m=bm, block_k=bk, n_rb=n_rb, per_split=per,
+                 num_splits=splits, precision=precision_for(q.dtype))
+
+    dp, dvp = max(16, _common.next_pow2(d)), max(16, _common.next_pow2(dv))
+    # pack: [B, Sq, Hkv, g, D] -> [B, Hkv, Sq * g, D], rows padded to the row tiles
+    qg = q.reshape(batch, q_len, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(batch, hkv, rows, d)
+    qg = _common.pad_axis(_common.pad_axis(qg, 2, n_rb * bm), 3, dp)
+    s_pad = n_kb * bk
+    kp = _common.pad_axis(_common.pad_axis(k, 1, s_pad), 3, dp)
+    vp = _common.pad_axis(_common.pad_axis(v, 1, s_pad), 3, dvp)
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, s_max)
+
+    call = _common.pallas_call(
+        functools.partial(_kernel, st=st),
+        out_shape=[jax.ShapeDtypeStruct((batch, splits, hkv, n_rb * bm, dvp), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, splits, hkv, n_rb * bm), jnp.float32)],
+        grid=(splits * n_rb, batch, hkv),
+        in_specs=[
+            pl.BlockSpec((None, None, bm, dp), lambda i, b, h: (b, h, lax.rem(i, n_rb), 0)),
+            pl.BlockSpec((None, s_pad, None, dp), lambda i, b, h: (b, 0, h, 0)),
+            pl.BlockSpec((None, s_pad, None, dvp), lambda i, b, h: (b, 0, h, 0)),
+            pl.BlockSpec((batch,), lambda i, b, h: (0,)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, bm, dvp), lambda i, b, h: (b, lax.div(i, n_rb), h, lax.rem(i, n_rb), 0)),
+            pl.BlockSpec((None, None, None, bm), lambda i, b, h: (b, lax.div(i, n_rb), h, lax.rem(i, n_rb))),
+        ],
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret, name="jaxattn_decode")
+    o_parts, lse_parts = call(qg, kp, vp, lengths)
+    out, lse = merge_splits(o_parts[..., :rows, :dv], lse_parts[..., :rows])
+    # unpack: [B, Hkv, Sq * g, ...] -> [B, Sq, Hq, ...]
+    out = out.reshape(batch, hkv, q_len, g, dv).transpose(0, 2, 1, 3, 4).reshape(batch, q_len, hq, dv)
+    lse = lse.reshape(batch, hkv, q_len, g).transpose(0, 2, 1, 3).reshape(batch, q_len, hq)
+    return out.astype(q.dtype), lse
+
+
+def merge_splits(o_parts: jax.Array, lse_parts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Exact merge of per-chunk results over axis 1: ``o = sum_s exp(lse_s - lse) o_s`` with
+    ``lse = logsumexp_s lse_s``; all chunks empty gives zeros and ``-inf``."""
+    m = jnp.max(lse_parts, axis=1, keepdims=True)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse_parts - m_safe)  # exp(-inf) = 0 for empty chunks
+    total = jnp.sum(w, axis=1)
+    out = jnp.sum(w[..., None] * o_parts, axis=1) / jnp.where(total == 0, 1.0, total)[..., None]
+    lse = jnp.where(total == 0, NEG_INF, m_safe[:, 0] + jnp.log(jnp.where(total == 0, 1.0, total)))
+    return out, lse

@@ -1,0 +1,150 @@
+"""The split-KV decode kernel (interpret mode) against the fp32 oracle and against per-row
+causal attention on the truncated cache; append_kv; errors; CUDA lowering."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn
+from jaxattn.pallas import decode as pdecode
+from jaxattn.pallas import poison_outputs
+from jaxattn.reference.attention import attention_reference
+from jaxattn.reference.decode import decode_reference
+from conftest import TOL, assert_close, count_triton_calls, lower_for_cuda, randn
+
+# (batch, Sq, heads, kv_heads, S, d, dv, causal, num_splits, dtype)
+CASES = [
+    (3, 1, 8, 2, 300, 64, 64, True, None, jnp.float32),
+    (2, 1, 4, 4, 129, 128, 128, True, 3, jnp.bfloat16),
+    (2, 4, 6, 3, 100, 32, 32, True, 2, jnp.float16),
+    (2, 5, 4, 1, 77, 40, 24, False, None, jnp.float32),
+    (1, 40, 8, 1, 50, 64, 64, True, 2, jnp.bfloat16),  # 320 packed rows: several row tiles
+    (4, 1, 2, 1, 1000, 16, 16, True, 7, jnp.float32),
+]
+
+
+def _inputs(case, seed):
+    b, sq, hq, hkv, s, d, dv, _, _, dtype = case
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q, k, v = randn(ks[0], (b, sq, hq, d), dtype), randn(ks[1], (b, s, hkv, d), dtype), randn(ks[2], (b, s, hkv, dv), dtype)
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, s + 1, b)
+    lengths[0] = s  # full cache
+    if b > 1:
+        lengths[-1] = rng.integers(0, sq + 1)  # short row: some (or all) queries see nothing
+    return q, k, v, jnp.asarray(lengths, jnp.int32)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(getattr(x, "__name__", x)) for x in c))
+def test_kernel_matches_oracle(case):
+    causal, splits, dtype = case[7], case[8], case[9]
+    q, k, v, lengths = _inputs(case, seed=len(str(case)))
+    with poison_outputs():
+        out, lse = jaxattn.decode_attention(q, k, v, lengths, causal=causal, impl="pallas", num_splits=splits,
+                                            return_lse=True)
+    ref, ref_lse = decode_reference(q, k, v, lengths, causal=causal)
+    assert out.dtype == q.dtype and out.shape == ref.shape
+    assert_close(out, ref, dtype, "out")
+    assert_close(lse, ref_lse, jnp.float32, "lse", tol={jnp.dtype(jnp.float32): TOL[jnp.dtype(dtype)]})
+
+
+def test_oracle_is_causal_attention_on_each_truncated_cache():
+    """The decode oracle's mask equals ``jaxattn.attention``'s bottom-right causal rule applied to
+    each row's first ``lengths[b]`` keys; the kernel agrees with that too."""
+    case = (3, 3, 4, 2, 90, 32, 32, True, 2, jnp.float32)
+    q, k, v, _ = _inputs(case, seed=7)
+    lengths = jnp.asarray([90, 41, 3], jnp.int32)
+    out = jaxattn.decode_attention(q, k, v, lengths, impl="pallas", num_splits=2)
+    for b, n in enumerate(np.asarray(lengths)):
+        want, _ = attention_reference(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], causal=True)
+        assert_close(out[b:b + 1], want, jnp.float32, f"row {b}")
+
+
+def test_single_token_matches_jax_dot_product_attention_with_lengths():
+    q, k, v, lengths = _inputs((3, 1, 8, 2, 200, 64, 64, True, None, jnp.float32), seed=3)
+    lengths = jnp.maximum(lengths, 1)  # jax's padding mask needs a visible key
+    want = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="xla")
+    assert_close(jaxattn.decode_attention(q, k, v, lengths, impl="pallas"), want, jnp.float32)
+
+
+def test_split_counts_agree_and_empty_rows_are_zero():
+    q, k, v, _ = _inputs((2, 2, 4, 2, 256, 32, 32, True, None, jnp.float32), seed=5)
+    lengths = jnp.asarray([256, 1], jnp.int32)  # row 1: query 0 sits at position -1
+    outs = [jaxattn.decode_attention(q, k, v, lengths, impl="pallas", num_splits=s, return_lse=True)
+            for s in (1, 3, 16)]
+    for o, lse in outs[1:]:
+        assert_close(o, outs[0][0], jnp.float32, "splits")
+    o, lse = outs[0]
+    assert (o[1, 0] == 0).all() and jnp.isneginf(lse[1, 0]).all()
+    assert jnp.isfinite(lse[1, 1]).all()
+
+
+def test_merge_splits_is_exact():
+    rng = np.random.default_rng(0)
+    # two chunks of scores: the merged softmax equals the softmax over the concatenation
+    s = rng.normal(size=(2, 10)).astype(np.float32)
+    v = rng.normal(size=(10, 3)).astype(np.float32)
+    parts = []
+    for c in (slice(0, 4), slice(4, 10)):
+        p = np.exp(s[:, c] - s[:, c].max(1, keepdims=True))
+        parts.append(((p / p.sum(1, keepdims=True)) @ v[c], np.log(np.exp(s[:, c]).sum(1))))
+    o = np.stack([p[0] for p in parts])[None]  # [1, splits, rows, 3]
+    lse = np.stack([p[1] for p in parts])[None]
+    out, merged = pdecode.merge_splits(jnp.asarray(o), jnp.asarray(lse))
+    p = np.exp(s - s.max(1, keepdims=True))
+    np.testing.assert_allclose(out[0], (p / p.sum(1, keepdims=True)) @ v, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(merged[0], np.log(np.exp(s).sum(1)), rtol=1e-6)
+
+
+def test_append_kv_writes_each_row_at_its_length():
+    kc = jnp.zeros((2, 6, 1, 2))
+    new = jnp.arange(2 * 2 * 2, dtype=jnp.float32).reshape(2, 2, 1, 2) + 1
+    k2, v2, n = jaxattn.append_kv(kc, kc, new, -new, jnp.asarray([0, 3]))
+    np.testing.assert_array_equal(n, [2, 5])
+    np.testing.assert_array_equal(k2[0, :2], new[0])
+    np.testing.assert_array_equal(k2[1, 3:5], new[1])
+    assert (k2[0, 2:] == 0).all() and (k2[1, :3] == 0).all() and (k2[1, 5:] == 0).all()
+    np.testing.assert_array_equal(v2, -k2)
+
+
+def test_xla_path_is_differentiable_and_kernel_path_refuses():
+    q, k, v, lengths = _inputs((2, 1, 4, 2, 40, 32, 32, True, None, jnp.float32), seed=1)
+    g = jax.grad(lambda q: jaxattn.decode_attention(q, k, v, lengths, impl="xla").sum())(q)
+    assert jnp.isfinite(g).all() and float(jnp.abs(g).max()) > 0
+    with pytest.raises(NotImplementedError, match="inference-only"):
+        jax.grad(lambda q: jaxattn.decode_attention(q, k, v, lengths, impl="pallas").sum())(q)
+
+
+def test_bad_inputs():
+    q, k, v = jnp.zeros((2, 1, 4, 32)), jnp.zeros((2, 16, 2, 32)), jnp.zeros((2, 16, 2, 32))
+    with pytest.raises(ValueError, match=r"lengths must have shape \[batch\]"):
+        jaxattn.decode_attention(q, k, v, jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match="lengths must have an integer dtype"):
+        jaxattn.decode_attention(q, k, v, jnp.zeros((2,)))
+    with pytest.raises(ValueError, match="num_splits"):
+        jaxattn.decode_attention(q, k, v, num_splits=0)
+    with pytest.raises(ValueError, match="divide"):
+        jaxattn.decode_attention(jnp.zeros((2, 1, 3, 32)), k, v)
+    with pytest.raises(ValueError, match="rank 4"):
+        jaxattn.decode_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        big = jnp.zeros((2, 16, 2, 512))
+        jaxattn.decode_attention(jnp.zeros((2, 1, 4, 512)), big, big, impl="pallas")
+    with pytest.raises(ValueError, match="impl"):
+        jaxattn.decode_attention(q, k, v, impl="cuda")
+    with pytest.raises(ValueError, match="k has shape"):
+        jaxattn.append_kv(k, v, jnp.zeros((2, 1, 3, 32)), jnp.zeros((2, 1, 3, 32)), 0)
+
+
+@pytest.mark.parametrize("d,size", sorted(pdecode.CONFIGS) + [(32, 2), (80, 2)])
+def test_configs_lower_for_cuda(d, size):
+    dtypes = [jnp.float32] if size == 4 else [jnp.bfloat16, jnp.float16]
+    for dtype in dtypes:
+        args = [jax.ShapeDtypeStruct((3, 2, 32, d), dtype), jax.ShapeDtypeStruct((3, 8191, 8, d), dtype),
+                jax.ShapeDtypeStruct((3, 8191, 8, d), dtype), jax.ShapeDtypeStruct((3,), jnp.int32)]
+        text = lower_for_cuda(lambda q, k, v, n: pdecode.decode_attention_kernel(q, k, v, n, interpret=False),
+                              *args)
+        assert count_triton_calls(text) == 1
