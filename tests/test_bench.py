@@ -89,3 +89,19 @@ def test_runner_reports_each_case_and_per_impl_flops():
     for a, b in zip(ours, dense):
         assert a["tflops"] == pytest.approx(1e9 / (a["ms"] * 1e-3) / 1e12)
         assert b["tflops"] == pytest.approx(2e9 / (b["ms"] * 1e-3) / 1e12)
+
+
+def test_decode_smoke_sweep_and_report(tmp_path, capsys):
+    from jaxattn.bench import decode as decode_bench
+    from jaxattn.bench.report import section
+
+    c = decode_bench.Case(2, 1024, 32, 128, 8, "bfloat16")
+    assert c.flops == 4 * 2 * 32 * 1024 * 128 and c.cache_bytes == 2 * 2 * 1024 * 8 * 128 * 2
+    path = tmp_path / "decode.json"
+    assert main(["decode", "--smoke", "--json", str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| jaxattn " in out and "| xla " in out and "cache GB/s" in out
+    data = json.loads(path.read_text())
+    assert all(r.get("ms") for r in data["records"]), [r for r in data["records"] if not r.get("ms")]
+    text, _ = section([data])
+    assert "KV-cache bandwidth" in text and "### decode" in text

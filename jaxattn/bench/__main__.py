@@ -1,4 +1,4 @@
-"""``python -m jaxattn.bench {attention,lightning,halo,l2vit,landmark,sage,sparse,vision,tnl} [options] [--json PATH]``.
+"""``python -m jaxattn.bench {attention,decode,lightning,halo,l2vit,landmark,sage,sparse,vision,tnl} [options] [--json PATH]``.
 
 Without a GPU the default is a tiny smoke sweep in interpret mode (seconds); on a GPU the
 default is the full sweep. Prints a table (ms, TFLOP/s, ns per token, speedup of jaxattn
@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attention", help="softmax flash attention vs XLA, cuDNN, JAX Pallas, PyTorch")
     _common(p, [1024, 2048, 4096, 8192, 16384, 32768], 16384)
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    p = sub.add_parser("decode", help="one-token decode from a KV cache vs XLA, cuDNN, JAX Pallas, flash-attn")
+    p.add_argument("--seqs", type=int, nargs="+", default=[2048, 8192, 32768, 131072], help="cache lengths")
+    p.add_argument("--head-dims", type=int, nargs="+", default=[128])
+    p.add_argument("--tokens", type=int, default=262144, help="batch * cache length per case")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    _sweep(p)
+    p.set_defaults(modes=["fwd"])  # forward only; --modes is ignored
     p = sub.add_parser("lightning", help="Lightning Attention-2 vs dense, scan, softmax flash, fla")
     _common(p, [1024, 2048, 4096, 8192, 16384, 32768, 65536], 65536)
     p = sub.add_parser("sage", help="SageAttention2 INT8/FP8 (inference) vs bf16 flash, cuDNN, sageattention")
@@ -112,6 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
         full = lambda: mod.gpu_cases(args.seqs, args.head_dims, causals, args.dtypes,  # noqa: E731
                                      args.tokens, args.model_dim)
+    elif args.op == "decode":
+        from jaxattn.bench import decode as mod
+
+        full = lambda: mod.gpu_cases(args.seqs, args.head_dims, args.dtypes, args.tokens,  # noqa: E731
+                                     args.heads, args.kv_heads)
     elif args.op == "sparse":
         from jaxattn.bench import sparse as mod
 
@@ -155,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       on_case=save)
     print(f"# {args.op} | {info['device']} | jax {info['jax']} | {info['date']}")
     print(format_table(records))
-    if args.op == "sparse":
+    if args.op in ("sparse", "decode"):
         print("\n" + mod.summary(records))
     extra = {}
     if args.op == "sage" and not args.no_accuracy:

@@ -170,6 +170,10 @@ def section(datas: list[dict]) -> tuple[str, list[Target]]:
         op, info, recs = data["op"], data["info"], data["records"]
         parts.append(f"### {op} | {info['device']} | jax {info['jax']} | {info['date']}\n")
         parts.append(_other_table(recs) if op in ("vision", "tnl") else format_table(recs))
+        if op == "decode":
+            from jaxattn.bench.decode import summary
+
+            parts.append("\nKV-cache bandwidth:\n\n" + summary(recs))
         if op in CHECKS:
             targets += CHECKS[op](recs)
         if data.get("accuracy"):
