@@ -25,3 +25,12 @@ __all__ = [
     "linear_global_attention",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """``jaxattn.layers`` / ``jaxattn.models`` / ``jaxattn.viz`` load on first use (they import Flax)."""
+    if name in ("layers", "models", "viz"):
+        import importlib
+
+        return importlib.import_module(f"jaxattn.{name}")
+    raise AttributeError(f"module 'jaxattn' has no attribute {name!r}")
