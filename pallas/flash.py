@@ -11,6 +11,10 @@ Shapes are padded here to the block sizes (and head dims to a power of two);
 padded keys are masked, padded query rows are sliced off. Rows whose every key
 is masked produce zeros and ``lse = -inf``.
 
+Optional: a local window ``(left, right)`` around each query's position (key blocks outside
+it are skipped, in the forward and in both backward kernels), and a logits soft cap
+``c * tanh(x / c)`` (Gemma 2 style; its derivative enters ``ds``).
+
 The same three kernels run block-sparse attention (``jaxattn.pallas.block_sparse``):
 with ``_Static.sparse`` set, the key loop of the forward/dq kernels walks a per-query-block
 list of key blocks (full blocks first, then partial ones that apply an element mask
@@ -100,6 +104,9 @@ class _Static:
     interpret: bool | None
     precision: Any
     sparse: SparseSpec | None = None  # block-sparse layout (then ``causal`` is False)
+    # (left, right) local window around each query's position (None: unbounded side)
+    window: tuple[int | None, int | None] = (None, None)
+    softcap: float | None = None  # logits -> softcap * tanh(logits / softcap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,14 +128,32 @@ class SparseSpec:
 # ----------------------------------------------------------------------------
 
 
+def _bounds(st: Any, causal: bool | None = None) -> tuple[int | None, int | None]:
+    """``(left, right)``: query at position p sees keys ``p - left .. p + right`` (None: that
+    side unbounded); causal caps ``right`` at 0. Reads ``st.window`` when the static has one
+    (the sage kernel's does not)."""
+    causal = st.causal if causal is None else causal
+    left, right = getattr(st, "window", (None, None))
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
 def _block_mask(st: _Static, q_pos, k_pos, *, causal: bool, length: bool):
     """Boolean [bq, bk] mask from positions, or None when nothing is masked."""
     mask = None
+
+    def both(m, c):
+        return c if m is None else jnp.logical_and(m, c)
+
     if length:
         mask = jnp.broadcast_to(k_pos[None, :] < st.kv_len, (q_pos.shape[0], k_pos.shape[0]))
-    if causal:
-        c = k_pos[None, :] <= q_pos[:, None] + (st.kv_len - st.q_len)
-        mask = c if mask is None else jnp.logical_and(mask, c)
+    pos = q_pos[:, None] + (st.kv_len - st.q_len)  # the query's position among the keys
+    left, right = _bounds(st, causal)
+    if right is not None:
+        mask = both(mask, k_pos[None, :] <= pos + right)
+    if left is not None:
+        mask = both(mask, k_pos[None, :] >= pos - left)
     if st.sparse is not None:  # q_pos are absolute positions here
         keep = jnp.broadcast_to(st.sparse.mask_fn(q_pos[:, None], k_pos[None, :]),
                                 (q_pos.shape[0], k_pos.shape[0]))
@@ -137,8 +162,14 @@ def _block_mask(st: _Static, q_pos, k_pos, *, causal: bool, length: bool):
 
 
 def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask):
-    """Base-2 logits ``log2(e) * (scale * q k^T + bias)`` with masked entries at -inf."""
-    s = dot(q, k, trans_b=True, precision=st.precision) * (st.scale * LOG2E)
+    """Base-2 logits ``log2(e) * (softcap(scale * q k^T) + bias)`` with masked entries at -inf,
+    and the soft cap's ``tanh`` term (None without one) for the backward."""
+    qk = dot(q, k, trans_b=True, precision=st.precision)
+    if st.softcap is None:
+        s, t = qk * (st.scale * LOG2E), None
+    else:
+        t = jnp.tanh(qk * (st.scale / st.softcap))
+        s = t * (st.softcap * LOG2E)
     mask = pos_mask
     if st.bias_kind == "add":
         s = s + bias.astype(jnp.float32) * LOG2E
@@ -150,23 +181,45 @@ def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask):
         mask = same if mask is None else jnp.logical_and(mask, same)
     if mask is not None:
         s = jnp.where(mask, s, NEG_INF)
-    return s
+    return s, t
+
+
+def _softcap_grad(st: _Static, ds, t):
+    """Chain rule through ``c tanh(x / c)``: ``ds * (1 - tanh^2)``."""
+    return ds if t is None else ds * (1.0 - t * t)
 
 
 def _kv_range(st: _Static, q_start, block_q: int, block_k: int):
-    """Key-block ranges for a query block: ``[0, n_full)`` needs no positional
-    mask, ``[n_full, hi)`` does (causal diagonal and/or padded keys)."""
-    n_kv = st.kv_pad // block_k
+    """Key-block ranges for a query block without a left window bound: ``[0, n_full)``
+    needs no positional mask, ``[n_full, hi)`` does (causal diagonal and/or padded keys)."""
+    lo, full_lo, n_full, hi = _kv_blocks(st, q_start, block_q, block_k)
+    return n_full, hi
+
+
+def _kv_blocks(st: _Static, q_start, block_q: int, block_k: int):
+    """Key-block ranges ``lo <= full_lo <= full_hi <= hi`` for a query block: ``[lo, full_lo)``
+    straddles the left window edge (masked), ``[full_lo, full_hi)`` is fully visible to every
+    row, ``[full_hi, hi)`` straddles the causal diagonal / right window edge / padded keys
+    (masked); blocks outside ``[lo, hi)`` are skipped."""
+    n_valid = -(-st.kv_len // block_k)  # blocks holding real keys
     n_valid_full = st.kv_len // block_k  # blocks made only of real keys
-    if not st.causal:
-        return n_valid_full, n_kv if st.kv_len % block_k else n_valid_full
     offset = st.kv_len - st.q_len
-    # keys allowed for the first/last row of the block: k <= row + offset
-    first_row_lim = jnp.maximum(q_start + offset + 1, 0)
-    last_row_lim = jnp.maximum(q_start + block_q + offset, 0)
-    n_full = jnp.minimum(lax.div(first_row_lim, block_k), n_valid_full)
-    hi = jnp.minimum(lax.div(last_row_lim + block_k - 1, block_k), n_kv)
-    return n_full, jnp.maximum(hi, n_full)
+    first, last = q_start + offset, q_start + block_q - 1 + offset  # positions of the block's rows
+    left, right = _bounds(st)
+    if right is None:
+        full_hi, hi = n_valid_full, n_valid
+    else:  # row r sees keys k <= r + right
+        full_hi = jnp.minimum(lax.div(jnp.maximum(first + right + 1, 0), block_k), n_valid_full)
+        hi = jnp.minimum(lax.div(jnp.maximum(last + right + 1, 0) + block_k - 1, block_k), n_valid)
+    if left is None:
+        lo = full_lo = 0
+    else:  # row r sees keys k >= r - left
+        lo = lax.div(jnp.maximum(first - left, 0), block_k)
+        full_lo = lax.div(jnp.maximum(last - left, 0) + block_k - 1, block_k)
+    hi = jnp.maximum(hi, lo)
+    full_lo = jnp.clip(full_lo, lo, hi)
+    full_hi = jnp.clip(full_hi, full_lo, hi)
+    return lo, full_lo, full_hi, hi
 
 
 def _load_bias(st: _Static, bias_ref, q_idx, k_idx):
@@ -195,7 +248,8 @@ def _q_positions(st: _Static, q_start, block_q: int, lists):
 
 
 def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked: bool):
-    """Key block ``j`` for a query tile: returns base-2 logits ``s [bq, bk]``, k and v."""
+    """Key block ``j`` for a query tile: base-2 logits ``s [bq, bk]``, the soft cap's tanh
+    term (or None), k and v."""
     k_start = pl.multiple_of(j * block_k, block_k)
     ks = pl.ds(k_start, block_k)
     k, v = k_ref[ks, :], v_ref[ks, :]
@@ -206,7 +260,8 @@ def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_r
         pos_mask = _block_mask(st, q_pos, k_start + jnp.arange(block_k), causal=st.causal, length=length)
     kseg = kseg_ref[ks] if st.has_seg else None
     bias = _load_bias(st, bias_ref, slice(None), ks) if st.bias_kind else None
-    return _scores(st, q, k, qseg, kseg, bias, pos_mask), k, v
+    s, t = _scores(st, q, k, qseg, kseg, bias, pos_mask)
+    return s, t, k, v
 
 
 def _loop_lists(row, mask_block: int, tile: int, index_ref, blocks_ref, body, carry):
@@ -235,9 +290,11 @@ def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry, list
     if st.sparse is not None:
         row = lax.div(q_start, st.sparse.block_q)
         return _loop_lists(row, st.sparse.block_k, block_k, lists[0], lists[1], body, carry)
-    n_full, hi = _kv_range(st, q_start, block_q, block_k)
-    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-    return lax.fori_loop(n_full, hi, functools.partial(body, masked=True), carry)
+    lo, full_lo, full_hi, hi = _kv_blocks(st, q_start, block_q, block_k)
+    if st.window[0] is not None:  # else lo = full_lo = 0
+        carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
 
 # ----------------------------------------------------------------------------
@@ -255,7 +312,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
     def body(j, carry, masked: bool):
         acc, m, l = carry
-        s, _, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked)
+        s, _, _, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
         alpha = jnp.exp2(m - m_safe)
@@ -352,10 +409,10 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     qseg = qseg_ref[...] if st.has_seg else None
 
     def body(j, dq, masked: bool):
-        s, k, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked)
+        s, t, k, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked)
         p = jnp.exp2(s - lse2[:, None])
         dp = dot(do, v, trans_b=True, precision=st.precision)
-        ds = p * (dp - delta[:, None])
+        ds = _softcap_grad(st, p * (dp - delta[:, None]), t)
         return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
 
     dq = _loop_kv(st, q_start, block_q, block_k, body, jnp.zeros(q.shape, jnp.float32), lists)
@@ -408,18 +465,30 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout):
 
 
 def _q_range(st: _Static, k_start, block_q: int, block_k: int):
-    """Query-block ranges for a key block: ``[lo, first_full)`` needs the causal
-    mask, ``[first_full, n_q)`` does not. Without causal, everything is unmasked."""
+    """Query-block ranges ``lo <= first_full <= last_full <= hi`` for a key block: ``[lo,
+    first_full)`` straddles the causal diagonal / right window edge (masked), ``[first_full,
+    last_full)`` sees the whole block, ``[last_full, hi)`` straddles the left window edge
+    (masked); other query blocks see none of it."""
     n_q = st.q_pad // block_q
-    if not st.causal:
-        return 0, 0, n_q
     offset = st.kv_len - st.q_len
-    # query row i sees key k iff k <= i + offset  <=>  i >= k - offset
-    lo = lax.div(jnp.maximum(k_start - offset, 0), block_q)
-    first_full = lax.div(jnp.maximum(k_start + block_k - 1 - offset, 0) + block_q - 1, block_q)
+    left, right = _bounds(st)
+    first_key, last_key = k_start - offset, k_start + block_k - 1 - offset
+    # query row i sees key k iff k - offset - right <= i <= k - offset + left
+    if right is None:
+        lo = first_full = 0
+    else:
+        lo = lax.div(jnp.maximum(first_key - right, 0), block_q)
+        first_full = lax.div(jnp.maximum(last_key - right, 0) + block_q - 1, block_q)
+    if left is None:
+        last_full = hi = n_q
+    else:
+        last_full = lax.div(jnp.maximum(first_key + left + 1, 0), block_q)
+        hi = lax.div(jnp.maximum(last_key + left + 1, 0) + block_q - 1, block_q)
     lo = jnp.minimum(lo, n_q)
-    first_full = jnp.clip(first_full, lo, n_q)
-    return lo, first_full, n_q
+    hi = jnp.clip(hi, lo, n_q)
+    first_full = jnp.clip(first_full, lo, hi)
+    last_full = jnp.clip(last_full, first_full, hi)
+    return lo, first_full, last_full, hi
 
 
 def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
@@ -442,7 +511,7 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         lse2 = _lse2(lse_ref[g, qs])
         delta = delta_ref[g, qs]
         pos_mask = None
-        if masked:  # causal diagonal, or a partial block of a sparse layout
+        if masked:  # causal diagonal / window edge, or a partial block of a sparse layout
             pos_mask = _block_mask(st, _q_positions(st, q_start, block_q, lists), k_pos,
                                    causal=st.causal, length=False)
         qseg = qseg_ref[qs] if st.has_seg else None
@@ -450,11 +519,11 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         if st.bias_kind:
             gb = g if bias_heads > 1 else 0
             bias = bias_ref[gb, slice(None) if st.bias_bcast[2] else qs, :]
-        s = _scores(st, q, k, qseg, kseg, bias, pos_mask)
+        s, t = _scores(st, q, k, qseg, kseg, bias, pos_mask)
         p = jnp.exp2(s - lse2[:, None])
         dv = dv + dot(p.astype(do.dtype), do, trans_a=True, precision=st.precision)
         dp = dot(do, v, trans_b=True, precision=st.precision)
-        ds = p * (dp - delta[:, None])
+        ds = _softcap_grad(st, p * (dp - delta[:, None]), t)
         dk = dk + dot(ds.astype(q.dtype), q, trans_a=True, precision=st.precision)
         return dk, dv
 
@@ -465,11 +534,14 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
             return _loop_lists(col, st.sparse.block_q, block_q, lists[0], lists[1],
                                functools.partial(body, g=g), carry)
     else:
-        lo, first_full, n_q = _q_range(st, k_start, block_q, block_k)
+        lo, first_full, last_full, hi = _q_range(st, k_start, block_q, block_k)
 
         def group_body(g, carry):
             carry = lax.fori_loop(lo, first_full, functools.partial(body, g=g, masked=True), carry)
-            return lax.fori_loop(first_full, n_q, functools.partial(body, g=g, masked=False), carry)
+            carry = lax.fori_loop(first_full, last_full, functools.partial(body, g=g, masked=False), carry)
+            if st.window[0] is None:  # last_full = hi
+                return carry
+            return lax.fori_loop(last_full, hi, functools.partial(body, g=g, masked=True), carry)
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = lax.fori_loop(0, st.groups, group_body, carry)
@@ -564,6 +636,8 @@ def flash_attention(
     bias: jax.Array | None = None,
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    local_window_size: tuple[int | None, int | None] | None = None,
+    logits_soft_cap: float | None = None,
     config: FlashConfig | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -576,6 +650,9 @@ def flash_attention(
         floating = additive, bool = keep-mask. No gradient flows to it.
       q_segment_ids, kv_segment_ids: int ``[B, Sq]`` / ``[B, Sk]``; keys attend only
         within the same segment.
+      local_window_size: ``(left, right)``: the query at position p (``i + Sk - Sq``) sees keys
+        ``p - left .. p + right`` (None: that side unbounded); key blocks outside are skipped.
+      logits_soft_cap: c > 0 maps the scaled logits x to ``c * tanh(x / c)``.
       config: tile sizes; defaults to the table entry for (head dim, dtype).
       interpret: run in interpret mode; None picks it when no GPU is present.
 
@@ -614,6 +691,8 @@ def flash_attention(
         scale=scale, causal=bool(causal), q_len=q_len, kv_len=kv_len, q_pad=q_pad, kv_pad=kv_pad,
         groups=hq // hkv, has_seg=has_seg, bias_kind=bias_kind, bias_bcast=bcast, cfg=cfg,
         interpret=interpret, precision=precision_for(q.dtype),
+        window=tuple(local_window_size) if local_window_size is not None else (None, None),
+        softcap=None if logits_soft_cap is None else float(logits_soft_cap),
     )
     return run_padded(st, q, k, v, bias, qseg, kseg, None)
 

@@ -23,6 +23,8 @@ def attention(
     segment_ids: SegmentIds | None = None,
     mask: jax.Array | None = None,
     scale: float | None = None,
+    local_window_size: int | tuple[int | None, int | None] | None = None,
+    logits_soft_cap: float | None = None,
     impl: Literal["auto", "pallas", "xla"] = "auto",
     return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -40,6 +42,12 @@ def attention(
       mask: broadcastable to ``[batch, heads, q_len, kv_len]``; bool keeps True
         entries, floating is added to the logits. No gradient flows to it.
       scale: logit scale, default ``1/sqrt(head_dim)``.
+      local_window_size: ``(left, right)`` or one int for both: query i, at position
+        ``p = i + kv_len - q_len``, sees keys ``p - left .. p + right`` (None: that side
+        unbounded; with ``causal`` the right side is 0). The kernel skips key blocks outside
+        the window (sliding-window attention costs O(window), not O(kv_len)).
+      logits_soft_cap: c > 0 caps the scaled logits x as ``c * tanh(x / c)`` (Gemma 2), before
+        the additive mask.
       impl: ``"pallas"`` (the flash kernel; interpret mode without a GPU),
         ``"xla"`` (the dense reference), or ``"auto"`` (the kernel on GPU when the
         head dim is in 32..256, else XLA).
@@ -67,6 +75,13 @@ def attention(
             "mask", mask, (batch, hq, q_len, kv_len), "[batch, heads, q_len, kv_len]")
         mask = mask.reshape(shape)
     scale = _checks.check_scale(scale)
+    window = _check_window(local_window_size)
+    if logits_soft_cap is not None:
+        cap = float(logits_soft_cap)
+        if not (cap > 0 and cap < float("inf")):
+            raise ValueError(f"logits_soft_cap must be a finite float > 0 or None, got {logits_soft_cap!r}")
+        logits_soft_cap = cap
+    extra = dict(local_window_size=window, logits_soft_cap=logits_soft_cap)
 
     lo, hi = _flash.SUPPORTED_HEAD_DIMS
     kernel_ok = lo <= max(d, v.shape[-1]) <= hi and jnp.dtype(q.dtype) in _checks.FLOAT_DTYPES
@@ -81,13 +96,26 @@ def attention(
     if use_kernel:
         out, lse = _flash.flash_attention(
             q, k, v, causal=causal, scale=scale, bias=mask,
-            q_segment_ids=qseg, kv_segment_ids=kvseg)
+            q_segment_ids=qseg, kv_segment_ids=kvseg, **extra)
     else:
         out, lse = attention_reference(
             q, k, v, causal=causal, scale=scale, mask=mask,
-            q_segment_ids=qseg, kv_segment_ids=kvseg)
+            q_segment_ids=qseg, kv_segment_ids=kvseg, **extra)
         out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _check_window(window) -> tuple[int | None, int | None] | None:
+    """``None``, an int w >= 0 (``(w, w)``) or a pair of ints >= 0 / None."""
+    if window is None:
+        return None
+    pair = (window, window) if isinstance(window, int) and not isinstance(window, bool) else window
+    ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+        w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 0) for w in pair)
+    if not ok:
+        raise ValueError("local_window_size must be None, an int >= 0, or a pair (left, right) of ints >= 0 "
+                         f"or None; got {window!r}")
+    return None if tuple(pair) == (None, None) else (pair[0], pair[1])
 
 
 def _segment_pair(segment_ids: SegmentIds, batch: int, q_len: int, kv_len: int):

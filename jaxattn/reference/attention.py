@@ -19,13 +19,17 @@ def attention_reference(
     mask: jax.Array | None = None,
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    local_window_size: tuple[int | None, int | None] | None = None,
+    logits_soft_cap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """``softmax(scale * q k^T + bias) v`` over visible keys, in fp32.
+    """``softmax(softcap(scale * q k^T) + bias) v`` over visible keys, in fp32.
 
     q ``[B, Sq, Hq, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, Dv]`` (Hkv divides Hq).
-    Key j is visible to query i when ``j <= i + Sk - Sq`` (if causal), the
-    segment ids match (if given), and a boolean ``mask`` (broadcastable to
-    ``[B, Hq, Sq, Sk]``) is True; a floating ``mask`` is added to the logits.
+    Query i sits at position ``p = i + Sk - Sq``. Key j is visible when ``j <= p`` (if
+    causal), ``p - left <= j <= p + right`` (``local_window_size = (left, right)``, None for
+    an unbounded side), the segment ids match (if given), and a boolean ``mask``
+    (broadcastable to ``[B, Hq, Sq, Sk]``) is True; a floating ``mask`` is added to the
+    logits. ``logits_soft_cap`` c maps the scaled logits x to ``c * tanh(x / c)`` (before the bias).
     Returns fp32 ``out [B, Sq, Hq, Dv]`` and ``lse [B, Sq, Hq]``; a row with no
     visible key gives zeros and ``lse = -inf``.
     """
@@ -36,6 +40,8 @@ def attention_reference(
     k = jnp.repeat(k, hq // hkv, axis=2)
     v = jnp.repeat(v, hq // hkv, axis=2)
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=lax.Precision.HIGHEST) * scale
+    if logits_soft_cap is not None:
+        s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
     visible = jnp.ones(s.shape, bool)
     if mask is not None:
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
@@ -47,6 +53,14 @@ def attention_reference(
         i = jnp.arange(sq)[:, None]
         j = jnp.arange(sk)[None, :]
         visible = visible & (j <= i + (sk - sq))
+    if local_window_size is not None:
+        left, right = local_window_size
+        pos = jnp.arange(sq)[:, None] + (sk - sq)
+        j = jnp.arange(sk)[None, :]
+        if left is not None:
+            visible = visible & (j >= pos - left)
+        if right is not None:
+            visible = visible & (j <= pos + right)
     if q_segment_ids is not None:
         visible = visible & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
     s = jnp.where(visible, s, -jnp.inf)
