@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax
+import numpy as np
 import pytest
 
 from jaxattn.bench import attention as attention_bench
@@ -105,3 +106,14 @@ def test_decode_smoke_sweep_and_report(tmp_path, capsys):
     assert all(r.get("ms") for r in data["records"]), [r for r in data["records"] if not r.get("ms")]
     text, _ = section([data])
     assert "KV-cache bandwidth" in text and "### decode" in text
+
+
+def test_sparse_window_peer_is_the_same_mask():
+    """bench sparse's flash-window peer (the dense kernel's local_window_size) computes exactly
+    what the block-sparse kernel computes for BlockMask.sliding_window."""
+    from jaxattn.bench import sparse as sparse_bench
+
+    case = sparse_bench.make_case(1, 200, 2, 32, "window", 32, 48, "float32", "fwd")
+    q, k, v, do = sparse_bench.inputs(case)
+    ops = sparse_bench.peers(case, interpret=True)
+    np.testing.assert_allclose(ops["flash-window"](q, k, v, do), ops["jaxattn"](q, k, v, do), atol=2e-5)

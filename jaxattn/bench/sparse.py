@@ -6,6 +6,8 @@ Per case (sequence length, pattern, mode) the impls are:
 * ``jaxattn``: ``jaxattn.block_sparse_attention`` with the pattern's ``BlockMask``;
 * ``flash-full``: ``jaxattn.attention(causal=True)``, the dense kernel on the same inputs
   (its "jaxattn speedup" is the sparse speedup over full attention);
+* ``flash-window`` (window pattern): the dense kernel's own ``local_window_size`` (no block
+  lists: block ranges computed in the kernel);
 * ``flex``: PyTorch FlexAttention (``torch.compile``d) with the same mask as a ``mask_mod``
   and a 128 block mask, when torch with CUDA is importable.
 
@@ -104,6 +106,9 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         "jaxattn": lambda q, k, v: jaxattn.block_sparse_attention(q, k, v, bm, impl="pallas"),
         "flash-full": lambda q, k, v: jaxattn.attention(q, k, v, causal=True, impl="pallas"),
     }
+    if case.pattern == "window":  # BlockMask.sliding_window: the last `window` keys, itself included
+        ops["flash-window"] = lambda q, k, v: jaxattn.attention(
+            q, k, v, causal=True, local_window_size=(case.window - 1, 0), impl="pallas")
     return {name: runner.jax_mode_fn(op, case.mode) for name, op in ops.items()}
 
 
