@@ -117,9 +117,10 @@ def test_cache_prefill_then_chunk_continues_the_sequence():
     parallel forward (multi-query decode_attention with the causal rule)."""
     m = _model(kv_heads=2)
     toks = jax.random.randint(jax.random.PRNGKey(4), (2, 17), 0, 64)
-    full = m(toks)
-    _, cache = m.prefill(toks[:, :12], max_len=32)
-    logits, cache = m(toks[:, 12:], cache=cache, offset=jnp.asarray(12, jnp.int32))
+    full = nnx.jit(lambda m, t: m(t))(m, toks)  # jitted: eager op-by-op dispatch is slow on CPU
+    _, cache = nnx.jit(lambda m, t: m.prefill(t, max_len=32))(m, toks[:, :12])
+    logits, cache = nnx.jit(lambda m, t, c, o: m(t, cache=c, offset=o))(m, toks[:, 12:], cache,
+                                                                      jnp.asarray(12, jnp.int32))
     np.testing.assert_allclose(logits, full[:, 12:], atol=2e-5, rtol=1e-4)
     assert cache[0][0].shape == (2, 32, 2, 8)
     assert (cache[0][0][:, 17:] == 0).all() and (cache[0][0][:, :17] != 0).any(axis=(2, 3)).all()

@@ -158,7 +158,8 @@ def test_data_parallel_four_devices_equals_one():
     assert "DP-OK 4" in run_on_cpu_devices(DP_SCRIPT)
 
 
-@pytest.mark.parametrize("model", ["tnl-tiny", "gpt-tiny"])
+# gpt-tiny: the KV-cache sampling path of train lm / jaxattn.generate (GPT decoding itself is in test_gpt)
+@pytest.mark.parametrize("model", ["tnl-tiny", pytest.param("gpt-tiny", marks=pytest.mark.slow)])
 def test_cli_end_to_end_and_generate(tmp_path, capsys, model):
     from jaxattn.generate import main as generate_main
     from jaxattn.train.__main__ import main as train_main
