@@ -77,6 +77,16 @@ class _Static:
     per_split: int  # key blocks per split
     num_splits: int
     precision: object
+    window: tuple[int | None, int | None] = (None, None)  # (left, right) around each query's position
+    softcap: float | None = None
+
+
+def _flash_bounds(st: _Static) -> tuple[int | None, int | None]:
+    """``(left, right)`` key offsets around each query's position; causal caps ``right`` at 0."""
+    left, right = st.window
+    if st.causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
 
 
 def choose_splits(batch: int, kv_heads: int, row_tiles: int, kv_blocks: int) -> int:
@@ -92,17 +102,24 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, st: _Static):
     bm, bk = st.block_m, st.block_k
 
     rows = rb * bm + jnp.arange(bm)
-    qi = lax.div(rows, st.groups)  # query index of each packed row
-    if st.causal:
-        lim = jnp.minimum(length - st.q_len + qi, length - 1)  # last visible key per row
-        lo_lim = length - st.q_len + lax.div(rb * bm, st.groups)
-        hi_lim = jnp.minimum(length - st.q_len + lax.div(rb * bm + bm - 1, st.groups), length - 1)
-    else:
+    pos = length - st.q_len + lax.div(rows, st.groups)  # position of each packed row's query
+    first = length - st.q_len + lax.div(rb * bm, st.groups)  # positions of the tile's first/last rows
+    last = length - st.q_len + lax.div(rb * bm + bm - 1, st.groups)
+    left, right = _flash_bounds(st)
+    if right is None:  # every row sees up to the end of its cache
         lim = jnp.broadcast_to(length - 1, (bm,))
         lo_lim = hi_lim = length - 1
-    lo = split * st.per_split
-    hi = jnp.clip(lax.div(jnp.maximum(hi_lim + 1, 0) + bk - 1, bk), lo, lo + st.per_split)
-    n_free = jnp.clip(lax.div(jnp.maximum(lo_lim + 1, 0), bk), lo, hi)  # blocks every row sees whole
+    else:
+        lim = jnp.minimum(pos + right, length - 1)  # last visible key per row
+        lo_lim, hi_lim = jnp.minimum(first + right, length - 1), jnp.minimum(last + right, length - 1)
+    s0 = split * st.per_split
+    hi = jnp.clip(lax.div(jnp.maximum(hi_lim + 1, 0) + bk - 1, bk), s0, s0 + st.per_split)
+    if left is None:
+        start = free_lo = s0
+    else:  # row r sees keys >= pos_r - left: skip blocks below the tile's window
+        start = jnp.clip(lax.div(jnp.maximum(first - left, 0), bk), s0, hi)
+        free_lo = jnp.clip(lax.div(jnp.maximum(last - left, 0) + bk - 1, bk), start, hi)
+    n_free = jnp.clip(lax.div(jnp.maximum(lo_lim + 1, 0), bk), free_lo, hi)  # blocks every row sees whole
 
     q = q_ref[...]
 
@@ -111,9 +128,17 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, st: _Static):
         k_start = pl.multiple_of(j * bk, bk)
         ks = pl.ds(k_start, bk)
         k, v = k_ref[ks, :], v_ref[ks, :]
-        s = dot(q, k, trans_b=True, precision=st.precision) * (st.scale * LOG2E)
+        qk = dot(q, k, trans_b=True, precision=st.precision)
+        if st.softcap is None:
+            s = qk * (st.scale * LOG2E)
+        else:
+            s = jnp.tanh(qk * (st.scale / st.softcap)) * (st.softcap * LOG2E)
         if masked:
-            s = jnp.where((k_start + jnp.arange(bk))[None, :] <= lim[:, None], s, NEG_INF)
+            k_pos = (k_start + jnp.arange(bk))[None, :]
+            keep = k_pos <= lim[:, None]
+            if left is not None:
+                keep = jnp.logical_and(keep, k_pos >= pos[:, None] - left)
+            s = jnp.where(keep, s, NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
         alpha = jnp.exp2(m - m_safe)
@@ -124,7 +149,9 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, st: _Static):
 
     carry = (jnp.zeros((bm, v_ref.shape[-1]), jnp.float32), jnp.full((bm,), NEG_INF, jnp.float32),
              jnp.zeros((bm,), jnp.float32))
-    carry = lax.fori_loop(lo, n_free, functools.partial(body, masked=False), carry)
+    if left is not None:
+        carry = lax.fori_loop(start, free_lo, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(free_lo, n_free, functools.partial(body, masked=False), carry)
     acc, m, l = lax.fori_loop(n_free, hi, functools.partial(body, masked=True), carry)
     empty = l == 0.0
     o_ref[...] = acc / jnp.where(empty, 1.0, l)[:, None]
@@ -139,6 +166,8 @@ def decode_attention_kernel(
     *,
     causal: bool = True,
     scale: float | None = None,
+    local_window_size: tuple[int | None, int | None] | None = None,
+    logits_soft_cap: float | None = None,
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
     interpret: bool | None = None,
@@ -149,6 +178,9 @@ def decode_attention_kernel(
       q: ``[B, Sq, Hq, D]`` (Sq small: the new tokens); k: ``[B, S, Hkv, D]``, v:
         ``[B, S, Hkv, Dv]`` the cache (``Hkv`` divides ``Hq``); one floating dtype.
       lengths: int ``[B]``, valid cache entries per batch row (clipped to ``[0, S]``).
+      local_window_size: ``(left, right)`` keys around each query's position (None: unbounded
+        side); cache blocks below the window are skipped.
+      logits_soft_cap: c > 0 maps the scaled logits x to ``c * tanh(x / c)``.
       num_splits: KV chunks per (batch, kv head); None picks enough to fill the GPU.
 
     Returns:
@@ -169,7 +201,9 @@ def decode_attention_kernel(
     splits = -(-n_kb // per)  # no split without blocks
     st = _Static(scale=float(1.0 / math.sqrt(d) if scale is None else scale), causal=bool(causal),
                  q_len=q_len, groups=g, rows=rows, block_m=bm, block_k=bk, n_rb=n_rb, per_split=per,
-                 num_splits=splits, precision=precision_for(q.dtype))
+                 num_splits=splits, precision=precision_for(q.dtype),
+                 window=tuple(local_window_size) if local_window_size is not None else (None, None),
+                 softcap=None if logits_soft_cap is None else float(logits_soft_cap))
 
     dp, dvp = max(16, _common.next_pow2(d)), max(16, _common.next_pow2(dv))
     # pack: [B, Sq, Hkv, g, D] -> [B, Hkv, Sq * g, D], rows padded to the row tiles

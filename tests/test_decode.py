@@ -148,3 +148,50 @@ def test_configs_lower_for_cuda(d, size):
         text = lower_for_cuda(lambda q, k, v, n: pdecode.decode_attention_kernel(q, k, v, n, interpret=False),
                               *args)
         assert count_triton_calls(text) == 1
+
+
+# (batch, Sq, heads, kv_heads, S, d, causal, window, soft cap, num_splits, dtype)
+WINDOW_CASES = [
+    (3, 1, 8, 2, 300, 64, True, (50, None), None, None, jnp.float32),
+    (2, 4, 4, 2, 200, 32, True, (17, 0), 5.0, 3, jnp.bfloat16),
+    (2, 3, 4, 4, 150, 32, False, (30, 1), None, 2, jnp.float16),
+    (2, 1, 4, 1, 120, 64, True, None, 2.0, None, jnp.float32),
+    (1, 40, 8, 1, 90, 32, True, (8, None), 30.0, 2, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: "-".join(str(getattr(x, "__name__", x)) for x in c))
+def test_window_and_soft_cap_match_oracle(case):
+    b, sq, hq, hkv, s, d, causal, window, cap, splits, dtype = case
+    q, k, v, lengths = _inputs((b, sq, hq, hkv, s, d, d, causal, splits, dtype), seed=s + sq)
+    kw = dict(causal=causal, local_window_size=window, logits_soft_cap=cap)
+    with poison_outputs():
+        out, lse = jaxattn.decode_attention(q, k * 3, v, lengths, impl="pallas", num_splits=splits,
+                                            return_lse=True, **kw)
+    ref, ref_lse = decode_reference(q, k * 3, v, lengths, **kw)
+    assert_close(out, ref, dtype, "out")
+    assert_close(lse, ref_lse, jnp.float32, "lse", tol={jnp.dtype(jnp.float32): TOL[jnp.dtype(dtype)]})
+    # the same rule as jaxattn.attention on each row's truncated cache
+    for row, n in enumerate(np.asarray(lengths)):
+        if n:
+            want, _ = attention_reference(q[row:row + 1], (k * 3)[row:row + 1, :n], v[row:row + 1, :n], **kw)
+            assert_close(out[row:row + 1], want, dtype, f"row {row}")
+
+
+def test_window_skips_cache_blocks_below_it():
+    """NaN cache entries far below every query's window must not reach the output."""
+    q, k, v, _ = _inputs((2, 2, 4, 2, 1024, 32, 32, True, None, jnp.float32), seed=11)
+    lengths = jnp.asarray([1024, 700], jnp.int32)
+    k_bad, v_bad = k.at[:, :500].set(jnp.nan), v.at[:, :500].set(jnp.nan)
+    out = jaxattn.decode_attention(q, k_bad, v_bad, lengths, local_window_size=(100, None), impl="pallas",
+                                   num_splits=4)
+    ref, _ = decode_reference(q, k, v, lengths, local_window_size=(100, None))
+    assert_close(out, ref, jnp.float32, "window skip")
+
+
+def test_window_and_cap_lower_for_cuda():
+    args = [jax.ShapeDtypeStruct((3, 4, 32, 128), jnp.bfloat16), jax.ShapeDtypeStruct((3, 8192, 8, 128), jnp.bfloat16),
+            jax.ShapeDtypeStruct((3, 8192, 8, 128), jnp.bfloat16), jax.ShapeDtypeStruct((3,), jnp.int32)]
+    text = lower_for_cuda(lambda q, k, v, n: pdecode.decode_attention_kernel(
+        q, k, v, n, local_window_size=(4095, 0), logits_soft_cap=50.0, interpret=False), *args)
+    assert count_triton_calls(text) == 1

@@ -9,8 +9,8 @@ sink + window) through ``jaxattn.block_sparse_attention``. Hybrids mix them, e.g
 
 Decoding keeps a KV cache (``init_cache``; ``prefill`` / ``decode_step`` for
 :func:`jaxattn.models.generate`): full layers read it with :func:`jaxattn.decode_attention`
-(split-KV flash-decoding), block-sparse layers with a one-row ``BlockMask`` at the token's
-position. A quantized model prefills with SageAttention and decodes in the compute dtype.
+(split-KV flash-decoding; sliding-window layers through its ``local_window_size``), the
+other block-sparse layers with a one-row ``BlockMask`` at the token's position. A quantized model prefills with SageAttention and decodes in the compute dtype.
 """
 
 from __future__ import annotations
@@ -134,8 +134,10 @@ class Attention(nnx.Module):
         k_cache, v_cache, lengths = append_kv(*cache, k, v, jnp.asarray(offset, jnp.int32))
         if isinstance(offset, int) and offset == 0:  # prefill: the prompt alone, as in training
             return self._attend(q, k, v), (k_cache, v_cache)
-        if self.kind == "full":
-            o = decode_attention(q, k_cache, v_cache, lengths, causal=True, impl=self.cfg.attn_impl)
+        if self.kind in ("full", "window"):  # a window layer sees the last `window` keys, itself included
+            window = (self.cfg.window - 1, 0) if self.kind == "window" else None
+            o = decode_attention(q, k_cache, v_cache, lengths, causal=True, local_window_size=window,
+                                 impl=self.cfg.attn_impl)
         else:
             from jaxattn.ops.block_sparse import block_sparse_attention
 

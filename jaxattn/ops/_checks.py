@@ -95,6 +95,29 @@ def check_scale(scale: Any) -> float | None:
     return scale
 
 
+def check_window(window: Any) -> tuple[int | None, int | None] | None:
+    """``local_window_size``: None, an int w >= 0 (``(w, w)``) or a pair of ints >= 0 / None."""
+    if window is None:
+        return None
+    pair = (window, window) if isinstance(window, int) and not isinstance(window, bool) else window
+    ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+        w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 0) for w in pair)
+    if not ok:
+        raise ValueError("local_window_size must be None, an int >= 0, or a pair (left, right) of ints >= 0 "
+                         f"or None; got {window!r}")
+    return None if tuple(pair) == (None, None) else (pair[0], pair[1])
+
+
+def check_soft_cap(cap: Any) -> float | None:
+    """``logits_soft_cap``: None or a finite float > 0."""
+    if cap is None:
+        return None
+    value = float(cap)
+    if not 0 < value < float("inf"):
+        raise ValueError(f"logits_soft_cap must be a finite float > 0 or None, got {cap!r}")
+    return value
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def no_grad(x: jax.Array, message: str) -> jax.Array:
     """Identity that raises ``NotImplementedError(message)`` when differentiated (forward-only ops)."""

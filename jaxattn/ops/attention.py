@@ -75,13 +75,8 @@ def attention(
             "mask", mask, (batch, hq, q_len, kv_len), "[batch, heads, q_len, kv_len]")
         mask = mask.reshape(shape)
     scale = _checks.check_scale(scale)
-    window = _check_window(local_window_size)
-    if logits_soft_cap is not None:
-        cap = float(logits_soft_cap)
-        if not (cap > 0 and cap < float("inf")):
-            raise ValueError(f"logits_soft_cap must be a finite float > 0 or None, got {logits_soft_cap!r}")
-        logits_soft_cap = cap
-    extra = dict(local_window_size=window, logits_soft_cap=logits_soft_cap)
+    extra = dict(local_window_size=_checks.check_window(local_window_size),
+                 logits_soft_cap=_checks.check_soft_cap(logits_soft_cap))
 
     lo, hi = _flash.SUPPORTED_HEAD_DIMS
     kernel_ok = lo <= max(d, v.shape[-1]) <= hi and jnp.dtype(q.dtype) in _checks.FLOAT_DTYPES
@@ -103,19 +98,6 @@ def attention(
             q_segment_ids=qseg, kv_segment_ids=kvseg, **extra)
         out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
-
-
-def _check_window(window) -> tuple[int | None, int | None] | None:
-    """``None``, an int w >= 0 (``(w, w)``) or a pair of ints >= 0 / None."""
-    if window is None:
-        return None
-    pair = (window, window) if isinstance(window, int) and not isinstance(window, bool) else window
-    ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
-        w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 0) for w in pair)
-    if not ok:
-        raise ValueError("local_window_size must be None, an int >= 0, or a pair (left, right) of ints >= 0 "
-                         f"or None; got {window!r}")
-    return None if tuple(pair) == (None, None) else (pair[0], pair[1])
 
 
 def _segment_pair(segment_ids: SegmentIds, batch: int, q_len: int, kv_len: int):

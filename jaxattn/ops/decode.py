@@ -25,6 +25,8 @@ def decode_attention(
     *,
     causal: bool = True,
     scale: float | None = None,
+    local_window_size: int | tuple[int | None, int | None] | None = None,
+    logits_soft_cap: float | None = None,
     impl: Literal["auto", "pallas", "xla"] = "auto",
     num_splits: int | None = None,
     return_lse: bool = False,
@@ -42,6 +44,10 @@ def decode_attention(
       causal: query i sits at position ``lengths[b] - Sq + i`` and sees keys up to it;
         False: every query sees all ``lengths[b]`` keys.
       scale: logit scale, default ``1/sqrt(head_dim)``.
+      local_window_size: ``(left, right)`` or one int, as in :func:`jaxattn.attention`: keys
+        ``p - left .. p + right`` around each query's position p (sliding-window decoding reads
+        only the window's cache blocks).
+      logits_soft_cap: c > 0 caps the scaled logits as ``c * tanh(x / c)``.
       impl: ``"pallas"`` (split-KV kernel; interpret mode without a GPU), ``"xla"`` (the dense
         fp32 reference, differentiable), ``"auto"`` (the kernel on GPU).
       num_splits: KV chunks per (batch, kv head) for the kernel; default: enough to fill the GPU.
@@ -56,6 +62,8 @@ def decode_attention(
     batch, q_len, kv_len, hq, hkv, d = _checks.check_qkv(q, k, v)
     lengths = _check_lengths(lengths, batch, kv_len)
     scale = _checks.check_scale(scale)
+    extra = dict(local_window_size=_checks.check_window(local_window_size),
+                 logits_soft_cap=_checks.check_soft_cap(logits_soft_cap))
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     kernel_ok = max(d, v.shape[-1]) <= _decode.MAX_HEAD_DIM
@@ -65,9 +73,9 @@ def decode_attention(
     if impl == "pallas" or (impl == "auto" and kernel_ok and jax.default_backend() == "gpu"):
         q, k, v = (_checks.no_grad(x, _NO_GRAD) for x in (q, k, v))
         out, lse = _decode.decode_attention_kernel(q, k, v, lengths, causal=causal, scale=scale,
-                                                   num_splits=num_splits)
+                                                   num_splits=num_splits, **extra)
     else:
-        out, lse = decode_reference(q, k, v, lengths, causal=causal, scale=scale)
+        out, lse = decode_reference(q, k, v, lengths, causal=causal, scale=scale, **extra)
         out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
 

@@ -9,21 +9,31 @@ import jax.numpy as jnp
 from jaxattn.reference.attention import attention_reference
 
 
-def decode_mask(lengths: jax.Array, q_len: int, kv_len: int, *, causal: bool) -> jax.Array:
-    """Bool ``[B, 1, q_len, kv_len]``: key j is visible to query i of batch row b iff
-    ``j < lengths[b]`` and, if causal, ``j <= lengths[b] - q_len + i`` (the query's position)."""
+def decode_mask(lengths: jax.Array, q_len: int, kv_len: int, *, causal: bool,
+                local_window_size: tuple[int | None, int | None] | None = None) -> jax.Array:
+    """Bool ``[B, 1, q_len, kv_len]``: query i of batch row b sits at position
+    ``p = lengths[b] - q_len + i``; key j is visible iff ``j < lengths[b]``, ``j <= p`` (if
+    causal) and ``p - left <= j <= p + right`` (``local_window_size``, None: unbounded side)."""
     j = jnp.arange(kv_len)[None, None, :]
     n = lengths.astype(jnp.int32)[:, None, None]
+    p = n - q_len + jnp.arange(q_len)[None, :, None]
     visible = j < n
     if causal:
-        i = jnp.arange(q_len)[None, :, None]
-        visible = visible & (j <= n - q_len + i)
+        visible = visible & (j <= p)
+    left, right = local_window_size or (None, None)
+    if left is not None:
+        visible = visible & (j >= p - left)
+    if right is not None:
+        visible = visible & (j <= p + right)
     return visible[:, None]
 
 
 def decode_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
-                     causal: bool = True, scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+                     causal: bool = True, scale: float | None = None,
+                     local_window_size: tuple[int | None, int | None] | None = None,
+                     logits_soft_cap: float | None = None) -> tuple[jax.Array, jax.Array]:
     """fp32 ``out [B, Sq, Hq, Dv]`` and ``lse [B, Sq, Hq]`` of q against the first
     ``lengths[b]`` cache entries (zeros / ``-inf`` where no key is visible)."""
-    mask = decode_mask(jnp.clip(lengths, 0, k.shape[1]), q.shape[1], k.shape[1], causal=causal)
-    return attention_reference(q, k, v, scale=scale, mask=mask)
+    mask = decode_mask(jnp.clip(lengths, 0, k.shape[1]), q.shape[1], k.shape[1], causal=causal,
+                       local_window_size=local_window_size)
+    return attention_reference(q, k, v, scale=scale, mask=mask, logits_soft_cap=logits_soft_cap)
