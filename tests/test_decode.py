@@ -20,8 +20,8 @@ CASES = [
     (3, 1, 8, 2, 300, 64, 64, True, None, jnp.float32),
     (2, 1, 4, 4, 129, 128, 128, True, 3, jnp.bfloat16),
     (2, 4, 6, 3, 100, 32, 32, True, 2, jnp.float16),
-    (2, 5, 4, 1, 77, 40, 24, False, None, jnp.float32),
     (1, 40, 8, 1, 50, 64, 64, True, 2, jnp.bfloat16),  # 320 packed rows: several row tiles
+    (2, 5, 4, 1, 77, 40, 24, False, None, jnp.float32),
     (4, 1, 2, 1, 1000, 16, 16, True, 7, jnp.float32),
 ]
 
@@ -38,7 +38,12 @@ def _inputs(case, seed):
     return q, k, v, jnp.asarray(lengths, jnp.int32)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(getattr(x, "__name__", x)) for x in c))
+def _some_slow(cases, n_default):
+    """The first ``n_default`` cases run by default, the rest in the slow suite."""
+    return [*cases[:n_default], *(pytest.param(c, marks=pytest.mark.slow) for c in cases[n_default:])]
+
+
+@pytest.mark.parametrize("case", _some_slow(CASES, 4), ids=lambda c: "-".join(str(getattr(x, "__name__", x)) for x in c))
 def test_kernel_matches_oracle(case):
     causal, splits, dtype = case[7], case[8], case[9]
     q, k, v, lengths = _inputs(case, seed=len(str(case)))
@@ -160,7 +165,7 @@ WINDOW_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: "-".join(str(getattr(x, "__name__", x)) for x in c))
+@pytest.mark.parametrize("case", _some_slow(WINDOW_CASES, 3), ids=lambda c: "-".join(str(getattr(x, "__name__", x)) for x in c))
 def test_window_and_soft_cap_match_oracle(case):
     b, sq, hq, hkv, s, d, causal, window, cap, splits, dtype = case
     q, k, v, lengths = _inputs((b, sq, hq, hkv, s, d, d, causal, splits, dtype), seed=s + sq)
