@@ -1,5 +1,6 @@
 """Helpers shared by the Pallas kernels: interpret-mode choice, output poisoning,
-padding, and one ``pallas_call`` wrapper that pins the Triton backend."""
+padding, one ``pallas_call`` wrapper that pins the Triton backend, and the exact merge of
+partial attentions by their log-sum-exps (split-KV decoding, ring attention)."""
 
 from __future__ import annotations
 
@@ -125,3 +126,16 @@ def pad_axis(x: jax.Array, axis: int, size: int, value: Any = 0) -> jax.Array:
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
     return jnp.pad(x, widths, constant_values=value)
+
+
+def merge_partials(o_parts: jax.Array, lse_parts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Exact merge over axis 1 of partial attentions, each normalised over its own keys:
+    ``o = sum_s exp(lse_s - lse) o_s`` with ``lse = logsumexp_s lse_s``; a row whose parts are
+    all empty (``lse_s = -inf``) gives zeros and ``-inf``."""
+    m = jnp.max(lse_parts, axis=1, keepdims=True)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse_parts - m_safe)  # exp(-inf) = 0 for empty chunks
+    total = jnp.sum(w, axis=1)
+    out = jnp.sum(w[..., None] * o_parts, axis=1) / jnp.where(total == 0, 1.0, total)[..., None]
+    lse = jnp.where(total == 0, -jnp.inf, m_safe[:, 0] + jnp.log(jnp.where(total == 0, 1.0, total)))
+    return out, lse

@@ -30,7 +30,8 @@ from jax.experimental import pallas as pl
 
 from jaxattn.pallas import _common
 from jaxattn.pallas._common import dot
-from jaxattn.pallas.flash import LOG2E, NEG_INF, precision_for
+from jaxattn.pallas.flash import (NEG_INF, _bounds, base2_logits, online_softmax_finish, online_softmax_init,
+                                  online_softmax_step, precision_for)
 
 MAX_HEAD_DIM = 256
 # Programs to aim for when choosing the split count: a few waves of an H100's 132 SMs.
@@ -81,14 +82,6 @@ class _Static:
     softcap: float | None = None
 
 
-def _flash_bounds(st: _Static) -> tuple[int | None, int | None]:
-    """``(left, right)`` key offsets around each query's position; causal caps ``right`` at 0."""
-    left, right = st.window
-    if st.causal:
-        right = 0 if right is None else min(right, 0)
-    return left, right
-
-
 def choose_splits(batch: int, kv_heads: int, row_tiles: int, kv_blocks: int) -> int:
     """Enough splits to launch about ``TARGET_PROGRAMS`` programs, at most one per key block."""
     base = batch * kv_heads * row_tiles
@@ -105,7 +98,7 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, st: _Static):
     pos = length - st.q_len + lax.div(rows, st.groups)  # position of each packed row's query
     first = length - st.q_len + lax.div(rb * bm, st.groups)  # positions of the tile's first/last rows
     last = length - st.q_len + lax.div(rb * bm + bm - 1, st.groups)
-    left, right = _flash_bounds(st)
+    left, right = _bounds(st)  # key offsets around each query's position (causal: right <= 0)
     if right is None:  # every row sees up to the end of its cache
         lim = jnp.broadcast_to(length - 1, (bm,))
         lo_lim = hi_lim = length - 1
@@ -124,38 +117,24 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, st: _Static):
     q = q_ref[...]
 
     def body(j, carry, masked: bool):
-        acc, m, l = carry
         k_start = pl.multiple_of(j * bk, bk)
         ks = pl.ds(k_start, bk)
         k, v = k_ref[ks, :], v_ref[ks, :]
-        qk = dot(q, k, trans_b=True, precision=st.precision)
-        if st.softcap is None:
-            s = qk * (st.scale * LOG2E)
-        else:
-            s = jnp.tanh(qk * (st.scale / st.softcap)) * (st.softcap * LOG2E)
+        s, _ = base2_logits(dot(q, k, trans_b=True, precision=st.precision), st.scale, st.softcap)
         if masked:
             k_pos = (k_start + jnp.arange(bk))[None, :]
             keep = k_pos <= lim[:, None]
             if left is not None:
                 keep = jnp.logical_and(keep, k_pos >= pos[:, None] - left)
             s = jnp.where(keep, s, NEG_INF)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-        alpha = jnp.exp2(m - m_safe)
-        p = jnp.exp2(s - m_safe[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=st.precision)
-        return acc, m_new, l
+        return online_softmax_step(carry, s, v, st.precision)
 
-    carry = (jnp.zeros((bm, v_ref.shape[-1]), jnp.float32), jnp.full((bm,), NEG_INF, jnp.float32),
-             jnp.zeros((bm,), jnp.float32))
+    carry = online_softmax_init(bm, v_ref.shape[-1])
     if left is not None:
         carry = lax.fori_loop(start, free_lo, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(free_lo, n_free, functools.partial(body, masked=False), carry)
-    acc, m, l = lax.fori_loop(n_free, hi, functools.partial(body, masked=True), carry)
-    empty = l == 0.0
-    o_ref[...] = acc / jnp.where(empty, 1.0, l)[:, None]
-    lse_ref[...] = jnp.where(empty, NEG_INF, (m + jnp.log2(jnp.where(empty, 1.0, l))) / LOG2E)
+    carry = lax.fori_loop(n_free, hi, functools.partial(body, masked=True), carry)
+    o_ref[...], lse_ref[...] = online_softmax_finish(*carry)
 
 
 def decode_attention_kernel(
@@ -231,20 +210,8 @@ def decode_attention_kernel(
         ],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret, name="jaxattn_decode")
     o_parts, lse_parts = call(qg, kp, vp, lengths)
-    out, lse = merge_splits(o_parts[..., :rows, :dv], lse_parts[..., :rows])
+    out, lse = _common.merge_partials(o_parts[..., :rows, :dv], lse_parts[..., :rows])
     # unpack: [B, Hkv, Sq * g, ...] -> [B, Sq, Hq, ...]
     out = out.reshape(batch, hkv, q_len, g, dv).transpose(0, 2, 1, 3, 4).reshape(batch, q_len, hq, dv)
     lse = lse.reshape(batch, hkv, q_len, g).transpose(0, 2, 1, 3).reshape(batch, q_len, hq)
     return out.astype(q.dtype), lse
-
-
-def merge_splits(o_parts: jax.Array, lse_parts: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Exact merge of per-chunk results over axis 1: ``o = sum_s exp(lse_s - lse) o_s`` with
-    ``lse = logsumexp_s lse_s``; all chunks empty gives zeros and ``-inf``."""
-    m = jnp.max(lse_parts, axis=1, keepdims=True)
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(lse_parts - m_safe)  # exp(-inf) = 0 for empty chunks
-    total = jnp.sum(w, axis=1)
-    out = jnp.sum(w[..., None] * o_parts, axis=1) / jnp.where(total == 0, 1.0, total)[..., None]
-    lse = jnp.where(total == 0, NEG_INF, m_safe[:, 0] + jnp.log(jnp.where(total == 0, 1.0, total)))
-    return out, lse

@@ -164,12 +164,7 @@ def _block_mask(st: _Static, q_pos, k_pos, *, causal: bool, length: bool):
 def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask):
     """Base-2 logits ``log2(e) * (softcap(scale * q k^T) + bias)`` with masked entries at -inf,
     and the soft cap's ``tanh`` term (None without one) for the backward."""
-    qk = dot(q, k, trans_b=True, precision=st.precision)
-    if st.softcap is None:
-        s, t = qk * (st.scale * LOG2E), None
-    else:
-        t = jnp.tanh(qk * (st.scale / st.softcap))
-        s = t * (st.softcap * LOG2E)
+    s, t = base2_logits(dot(q, k, trans_b=True, precision=st.precision), st.scale, st.softcap)
     mask = pos_mask
     if st.bias_kind == "add":
         s = s + bias.astype(jnp.float32) * LOG2E
@@ -182,6 +177,39 @@ def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask):
     if mask is not None:
         s = jnp.where(mask, s, NEG_INF)
     return s, t
+
+
+def base2_logits(qk, scale: float, softcap: float | None):
+    """``log2(e) * softcap(scale * qk)`` and the soft cap's ``tanh`` term (None without one)."""
+    if softcap is None:
+        return qk * (scale * LOG2E), None
+    t = jnp.tanh(qk * (scale / softcap))
+    return t * (softcap * LOG2E), t
+
+
+def online_softmax_step(carry, s, v, precision):
+    """One key block of the online softmax: ``(acc, m, l)`` updated with base-2 logits ``s
+    [rows, bk]`` (``-inf`` where masked) and values ``v [bk, e]``."""
+    acc, m, l = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+    alpha = jnp.exp2(m - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=precision)
+    return acc, m_new, l
+
+
+def online_softmax_init(rows: int, width: int):
+    return (jnp.zeros((rows, width), jnp.float32), jnp.full((rows,), NEG_INF, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def online_softmax_finish(acc, m, l):
+    """``(out [rows, e] fp32, natural-log lse [rows])``; rows that saw no key give 0 and -inf."""
+    empty = l == 0.0
+    out = acc / jnp.where(empty, 1.0, l)[:, None]
+    return out, jnp.where(empty, NEG_INF, (m + jnp.log2(jnp.where(empty, 1.0, l))) / LOG2E)
 
 
 def _softcap_grad(st: _Static, ds, t):
@@ -311,25 +339,13 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     qseg = qseg_ref[...] if st.has_seg else None
 
     def body(j, carry, masked: bool):
-        acc, m, l = carry
         s, _, _, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-        alpha = jnp.exp2(m - m_safe)
-        p = jnp.exp2(s - m_safe[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=st.precision)
-        return acc, m_new, l
+        return online_softmax_step(carry, s, v, st.precision)
 
-    acc = jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32)
-    m = jnp.full((block_q,), NEG_INF, jnp.float32)
-    l = jnp.zeros((block_q,), jnp.float32)
-    acc, m, l = _loop_kv(st, q_start, block_q, block_k, body, (acc, m, l), lists)
-
-    empty = l == 0.0
-    o = acc / jnp.where(empty, 1.0, l)[:, None]
+    carry = _loop_kv(st, q_start, block_q, block_k, body, online_softmax_init(block_q, v_ref.shape[-1]), lists)
+    o, lse = online_softmax_finish(*carry)
     o_ref[...] = o.astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, NEG_INF, (m + jnp.log2(jnp.where(empty, 1.0, l))) / LOG2E)
+    lse_ref[...] = lse
 
 
 def _q_block(st: _Static, i, block_q: int):

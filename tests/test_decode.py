@@ -11,6 +11,7 @@ import pytest
 import jaxattn
 from jaxattn.pallas import decode as pdecode
 from jaxattn.pallas import poison_outputs
+from jaxattn.pallas._common import merge_partials
 from jaxattn.reference.attention import attention_reference
 from jaxattn.reference.decode import decode_reference
 from conftest import TOL, assert_close, count_triton_calls, lower_for_cuda, randn
@@ -87,7 +88,7 @@ def test_split_counts_agree_and_empty_rows_are_zero():
     assert jnp.isfinite(lse[1, 1]).all()
 
 
-def test_merge_splits_is_exact():
+def test_merge_partials_is_exact():
     rng = np.random.default_rng(0)
     # two chunks of scores: the merged softmax equals the softmax over the concatenation
     s = rng.normal(size=(2, 10)).astype(np.float32)
@@ -98,7 +99,7 @@ def test_merge_splits_is_exact():
         parts.append(((p / p.sum(1, keepdims=True)) @ v[c], np.log(np.exp(s[:, c]).sum(1))))
     o = np.stack([p[0] for p in parts])[None]  # [1, splits, rows, 3]
     lse = np.stack([p[1] for p in parts])[None]
-    out, merged = pdecode.merge_splits(jnp.asarray(o), jnp.asarray(lse))
+    out, merged = merge_partials(jnp.asarray(o), jnp.asarray(lse))
     p = np.exp(s - s.max(1, keepdims=True))
     np.testing.assert_allclose(out[0], (p / p.sum(1, keepdims=True)) @ v, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(merged[0], np.log(np.exp(s).sum(1)), rtol=1e-6)

@@ -27,17 +27,14 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxattn.ops import _checks, _spmd
+from jaxattn.pallas._common import merge_partials
 
 __all__ = ["ring_attention", "ring_attention_sp"]
 
 
 def _merge(o_acc, lse_acc, o_r, lse_r):
     """Merges two normalised partial attentions ``o [b, n, h, e]`` with ``lse [b, n, h]``."""
-    lse = jnp.logaddexp(lse_acc, lse_r)
-    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    w_acc = jnp.where(jnp.isfinite(lse_acc), jnp.exp(lse_acc - safe), 0.0)[..., None]
-    w_r = jnp.where(jnp.isfinite(lse_r), jnp.exp(lse_r - safe), 0.0)[..., None]
-    return w_acc * o_acc + w_r * o_r, lse
+    return merge_partials(jnp.stack([o_acc, o_r], 1), jnp.stack([lse_acc, lse_r], 1))
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis: str, causal: bool = False,
