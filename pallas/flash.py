@@ -187,14 +187,14 @@ def base2_logits(qk, scale: float, softcap: float | None):
     return t * (softcap * LOG2E), t
 
 
-def online_softmax_step(carry, s, v, precision):
-    """One key block of the online softmax: ``(acc, m, l)`` updated with base-2 logits ``s
-    [rows, bk]`` (``-inf`` where masked) and values ``v [bk, e]``."""
+def online_softmax_step(carry, s, v, precision, exp: Callable[[jax.Array], jax.Array] = jnp.exp2):
+    """One key block of the online softmax: ``(acc, m, l)`` updated with logits ``s [rows, bk]``
+    (``-inf`` where masked; base 2 unless ``exp=jnp.exp``) and values ``v [bk, e]``."""
     acc, m, l = carry
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-    alpha = jnp.exp2(m - m_safe)
-    p = jnp.exp2(s - m_safe[:, None])
+    alpha = exp(m - m_safe)
+    p = exp(s - m_safe[:, None])
     l = l * alpha + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=precision)
     return acc, m_new, l

@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 
 from jaxattn.pallas import _common
 from jaxattn.pallas._common import dot
+from jaxattn.pallas.flash import online_softmax_init, online_softmax_step
 
 NEG_INF = float("-inf")
 
@@ -99,24 +100,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
     q = q_ref[...]
     P = st.tile
 
-    def update(t, v, carry):
-        acc, m, l = carry
-        m_new = jnp.maximum(m, jnp.max(t, axis=1))
-        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-        alpha = jnp.exp(m - m_safe)
-        p = jnp.exp(t - m_safe[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=st.precision)
-        return acc, m_new, l
+    def update(t, v, carry):  # natural-log logits
+        return online_softmax_step(carry, t, v, st.precision, exp=jnp.exp)
 
     def body(g, carry):
         ks = pl.ds(pl.multiple_of(g * P, P), P)
         t, _ = _earlier_tile(st, _scores(st, q, k_ref[ks, :]))
         return update(t, v_ref[ks, :], carry)
 
-    carry = (jnp.zeros((P, v_ref.shape[-1]), jnp.float32), jnp.full((P,), NEG_INF, jnp.float32),
-             jnp.zeros((P,), jnp.float32))
-    carry = lax.fori_loop(0, c, body, carry)
+    carry = lax.fori_loop(0, c, body, online_softmax_init(P, v_ref.shape[-1]))
     ks = pl.ds(pl.multiple_of(c * P, P), P)
     acc, m, l = update(_own_tile(st, _scores(st, q, k_ref[ks, :]), c), v_ref[ks, :], carry)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)  # every row sees >= 1 key
