@@ -117,3 +117,27 @@ def test_sparse_window_peer_is_the_same_mask():
     q, k, v, do = sparse_bench.inputs(case)
     ops = sparse_bench.peers(case, interpret=True)
     np.testing.assert_allclose(ops["flash-window"](q, k, v, do), ops["jaxattn"](q, k, v, do), atol=2e-5)
+
+
+def test_torch_peers_need_torch_with_cuda(monkeypatch):
+    """runner.cuda_torch gates every bench's PyTorch peers: no torch, or torch without CUDA, means
+    none (checked with a stand-in torch module; this machine has no GPU)."""
+    import sys
+    import types
+
+    from jaxattn.bench import attention, decode, halo, lightning, runner, sage, sparse
+
+    fake = types.ModuleType("torch")
+    fake.bfloat16, fake.float16, fake.float32 = "bf16", "f16", "f32"
+    fake.cuda = types.SimpleNamespace(is_available=lambda: False)
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    assert runner.cuda_torch("bfloat16") is None
+    for mod in (attention, decode, halo, lightning, sage, sparse):
+        assert mod.torch_peers(next(iter(mod.smoke_cases()))) == {}, mod.__name__
+    fake.cuda = types.SimpleNamespace(is_available=lambda: True)
+    assert runner.cuda_torch("bfloat16") == (fake, "bf16")
+    assert runner.cuda_torch("float16") == (fake, "f16")
+    assert runner.cuda_torch("float32") is None  # the peers' kernels are 16-bit only
+    assert runner.cuda_torch() == (fake, None)
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    assert runner.cuda_torch("bfloat16") is None

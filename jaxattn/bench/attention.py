@@ -72,15 +72,14 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
 
 def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
     """PyTorch SDPA with the flash backend, when torch with CUDA is importable."""
+    if (found := runner.cuda_torch(case.dtype)) is None:
+        return {}
+    torch, dt = found
     try:
-        import torch
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except Exception:  # noqa: BLE001
         return {}
-    if not torch.cuda.is_available() or case.dtype == "float32":
-        return {}
-    dt = runner.torch_dtype(torch, case.dtype)
     shape = (case.batch, case.heads, case.seq, case.head_dim)
     q, k, v, do = (torch.randn(shape, device="cuda", dtype=dt, requires_grad=True) for _ in range(4))
 

@@ -81,14 +81,10 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
 
 def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
     """flash-attn's ``flash_attn_with_kvcache`` and PyTorch SDPA, when importable with CUDA."""
-    try:
-        import torch
-        import torch.nn.functional as F
-    except Exception:  # noqa: BLE001
+    if (found := runner.cuda_torch(case.dtype)) is None:
         return {}
-    if not torch.cuda.is_available() or case.dtype == "float32":
-        return {}
-    dt = runner.torch_dtype(torch, case.dtype)
+    torch, dt = found
+    import torch.nn.functional as F
     b, s, h, hkv, d = case.batch, case.seq, case.heads, case.kv_heads, case.head_dim
     out: dict[str, Callable[[], Any]] = {}
     q = torch.randn((b, 1, h, d), device="cuda", dtype=dt)

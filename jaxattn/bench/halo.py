@@ -88,13 +88,13 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
 def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
     """timm ``HaloAttn.forward``'s attention core on CUDA (unfold, ``rel_logits_1d`` via
     timm's ``PosEmbedRel``, softmax, matmul), from already-projected q, k, v."""
+    if (found := runner.cuda_torch()) is None or case.stride != 1:
+        return {}
+    torch = found[0]
     try:
-        import torch
         import torch.nn.functional as F
         from timm.layers.halo_attn import PosEmbedRel
     except Exception:  # noqa: BLE001
-        return {}
-    if not torch.cuda.is_available() or case.stride != 1:
         return {}
     dt = runner.torch_dtype(torch, case.dtype)
     b, hh, heads, bs, halo, win = case.batch, case.size, case.heads, case.block, case.halo, case.win

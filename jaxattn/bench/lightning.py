@@ -65,13 +65,9 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
 def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
     """flash-linear-attention's simple GLA (scalar per-head decay) and OpenNLPLab's
     lightning_attn, when installed with CUDA."""
-    try:
-        import torch
-    except Exception:  # noqa: BLE001
+    if (found := runner.cuda_torch(case.dtype)) is None:
         return {}
-    if not torch.cuda.is_available() or case.dtype == "float32":
-        return {}
-    dt = runner.torch_dtype(torch, case.dtype)
+    torch, dt = found
     b, n, h, d = case.batch, case.seq, case.heads, case.head_dim
     slopes = torch.tensor(tnl_slopes(h), device="cuda", dtype=torch.float32)
     out: dict[str, Callable[[], Any]] = {}

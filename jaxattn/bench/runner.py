@@ -50,6 +50,19 @@ def cudnn_attention(causal: bool, head_dim: int) -> Callable[..., jax.Array]:
                                                         implementation="cudnn")
 
 
+def cuda_torch(dtype: str | None = None) -> tuple[Any, Any] | None:
+    """``(torch, torch dtype of dtype)`` when torch is importable with CUDA and ``dtype`` is a
+    16-bit one (the PyTorch peers' kernels have no fp32 path; ``None``: any dtype, ``(torch,
+    None)``); else None, and the bench runs without its PyTorch peers."""
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - not installed, or a broken install
+        return None
+    if not torch.cuda.is_available() or dtype == "float32":
+        return None
+    return torch, None if dtype is None else torch_dtype(torch, dtype)
+
+
 def torch_dtype(torch: Any, name: str) -> Any:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 

@@ -85,14 +85,13 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
 def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
     """``sageattention.sageattn`` (dispatches by GPU arch; the PyPI 1.x wheels are its Triton
     kernels) and its Triton INT8-QK kernel by name, when importable with CUDA."""
+    if (found := runner.cuda_torch(case.dtype)) is None:
+        return {}
+    torch, dt = found
     try:
-        import torch
         import sageattention
     except Exception:  # noqa: BLE001
         return {}
-    if not torch.cuda.is_available() or case.dtype == "float32":
-        return {}
-    dt = runner.torch_dtype(torch, case.dtype)
     shape = (case.batch, case.seq, case.heads, case.head_dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=dt) for _ in range(3))
     out: dict[str, Callable[[], Any]] = {}

@@ -115,12 +115,12 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
 def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
     """FlexAttention with the pattern's element mask as ``mask_mod`` (the pattern objects
     are written with operators only, so they run on torch tensors too)."""
+    if (found := runner.cuda_torch(case.dtype)) is None:
+        return {}
+    torch, dt = found
     try:
-        import torch
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except Exception:  # noqa: BLE001
-        return {}
-    if not torch.cuda.is_available() or case.dtype == "float32":
         return {}
     try:
         pattern = block_mask(case).mask_fn
@@ -132,7 +132,6 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
             flex_mask = create_block_mask(mask_mod, None, None, case.seq, case.seq, device="cuda",
                                           BLOCK_SIZE=128)
         flex = torch.compile(flex_attention)
-        dt = runner.torch_dtype(torch, case.dtype)
         shape = (case.batch, case.heads, case.seq, case.head_dim)
         q, k, v, do = (torch.randn(shape, device="cuda", dtype=dt, requires_grad=True) for _ in range(4))
     except Exception as e:  # noqa: BLE001 - reported in the table instead of a time
