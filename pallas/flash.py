@@ -60,12 +60,14 @@ class FlashConfig:
 
 
 # The one tuning table: (padded head dim, bytes per element) -> config.
-# Two-byte entries target an H100 (sm90) through Triton; fp32 halves the tiles.
+# Two-byte entries target an H100 (sm90) through Triton; fp32 halves the tiles. Each two-byte
+# entry compiles for sm_90a without register spills (causal or not, with a window and soft cap
+# too) and within shared memory: `python -m jaxattn.bench compile --families flash` shows it.
 CONFIGS: dict[tuple[int, int], FlashConfig] = {
     (32, 2): FlashConfig(128, 64, 4, 3, 128, 64, 64, 128, 8, 2),
-    (64, 2): FlashConfig(128, 64, 4, 3, 128, 64, 64, 128, 8, 2),
-    (128, 2): FlashConfig(128, 64, 8, 3, 128, 64, 64, 128, 8, 2),
-    (256, 2): FlashConfig(64, 32, 4, 2, 64, 32, 32, 64, 4, 1),
+    (64, 2): FlashConfig(128, 64, 4, 3, 128, 64, 32, 128, 8, 2),
+    (128, 2): FlashConfig(128, 64, 8, 3, 128, 64, 32, 64, 8, 2),
+    (256, 2): FlashConfig(64, 32, 8, 2, 64, 32, 32, 32, 8, 2),
     (32, 4): FlashConfig(64, 32, 4, 2, 64, 32, 32, 64, 4, 2),
     (64, 4): FlashConfig(64, 32, 4, 2, 64, 32, 32, 64, 4, 2),
     (128, 4): FlashConfig(64, 32, 4, 2, 64, 32, 32, 64, 4, 1),
@@ -139,40 +141,47 @@ def _bounds(st: Any, causal: bool | None = None) -> tuple[int | None, int | None
     return left, right
 
 
-def _block_mask(st: _Static, q_pos, k_pos, *, causal: bool, length: bool):
-    """Boolean [bq, bk] mask from positions, or None when nothing is masked."""
+def _block_mask(st: _Static, q_pos, k_pos, *, causal: bool, length: bool, transposed: bool = False):
+    """Boolean [bq, bk] mask from positions (``[bk, bq]`` when ``transposed``), or None when
+    nothing is masked."""
     mask = None
+    shape = (k_pos.shape[0], q_pos.shape[0]) if transposed else (q_pos.shape[0], k_pos.shape[0])
+    q_pos, k_pos = (q_pos[None, :], k_pos[:, None]) if transposed else (q_pos[:, None], k_pos[None, :])
 
     def both(m, c):
         return c if m is None else jnp.logical_and(m, c)
 
     if length:
-        mask = jnp.broadcast_to(k_pos[None, :] < st.kv_len, (q_pos.shape[0], k_pos.shape[0]))
-    pos = q_pos[:, None] + (st.kv_len - st.q_len)  # the query's position among the keys
+        mask = jnp.broadcast_to(k_pos < st.kv_len, shape)
+    pos = q_pos + (st.kv_len - st.q_len)  # the query's position among the keys
     left, right = _bounds(st, causal)
     if right is not None:
-        mask = both(mask, k_pos[None, :] <= pos + right)
+        mask = both(mask, k_pos <= pos + right)
     if left is not None:
-        mask = both(mask, k_pos[None, :] >= pos - left)
-    if st.sparse is not None:  # q_pos are absolute positions here
-        keep = jnp.broadcast_to(st.sparse.mask_fn(q_pos[:, None], k_pos[None, :]),
-                                (q_pos.shape[0], k_pos.shape[0]))
-        mask = keep if mask is None else jnp.logical_and(mask, keep)
+        mask = both(mask, k_pos >= pos - left)
+    if st.sparse is not None:  # q_pos are absolute positions here; mask_fn is elementwise
+        mask = both(mask, jnp.broadcast_to(st.sparse.mask_fn(q_pos, k_pos), shape))
     return mask
 
 
-def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask):
+def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask, transposed: bool = False):
     """Base-2 logits ``log2(e) * (softcap(scale * q k^T) + bias)`` with masked entries at -inf,
-    and the soft cap's ``tanh`` term (None without one) for the backward."""
-    s, t = base2_logits(dot(q, k, trans_b=True, precision=st.precision), st.scale, st.softcap)
+    and the soft cap's ``tanh`` term (None without one) for the backward. ``transposed`` gives
+    the ``[bk, bq]`` logits ``k q^T`` (``bias`` still comes as a ``[bq, bk]`` tile, ``pos_mask``
+    as ``[bk, bq]``)."""
+    qk = dot(k, q, trans_b=True, precision=st.precision) if transposed else dot(
+        q, k, trans_b=True, precision=st.precision)
+    s, t = base2_logits(qk, st.scale, st.softcap)
     mask = pos_mask
+    if bias is not None and transposed:
+        bias = bias.T
     if st.bias_kind == "add":
         s = s + bias.astype(jnp.float32) * LOG2E
     elif st.bias_kind == "bool":
         keep = jnp.broadcast_to(bias != 0, s.shape)
         mask = keep if mask is None else jnp.logical_and(mask, keep)
     if qseg is not None:
-        same = qseg[:, None] == kseg[None, :]
+        same = kseg[:, None] == qseg[None, :] if transposed else qseg[:, None] == kseg[None, :]
         mask = same if mask is None else jnp.logical_and(mask, same)
     if mask is not None:
         s = jnp.where(mask, s, NEG_INF)
@@ -529,18 +538,20 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         pos_mask = None
         if masked:  # causal diagonal / window edge, or a partial block of a sparse layout
             pos_mask = _block_mask(st, _q_positions(st, q_start, block_q, lists), k_pos,
-                                   causal=st.causal, length=False)
+                                   causal=st.causal, length=False, transposed=True)
         qseg = qseg_ref[qs] if st.has_seg else None
         bias = None
         if st.bias_kind:
             gb = g if bias_heads > 1 else 0
             bias = bias_ref[gb, slice(None) if st.bias_bcast[2] else qs, :]
-        s, t = _scores(st, q, k, qseg, kseg, bias, pos_mask)
-        p = jnp.exp2(s - lse2[:, None])
-        dv = dv + dot(p.astype(do.dtype), do, trans_a=True, precision=st.precision)
-        dp = dot(do, v, trans_b=True, precision=st.precision)
-        ds = _softcap_grad(st, p * (dp - delta[:, None]), t)
-        dk = dk + dot(ds.astype(q.dtype), q, trans_a=True, precision=st.precision)
+        # Transposed scores [bk, bq] (as Triton's fused-attention backward): every dot below
+        # takes its operands as they are, with no register tile transposed in between.
+        s_t, t_t = _scores(st, q, k, qseg, kseg, bias, pos_mask, transposed=True)
+        p_t = jnp.exp2(s_t - lse2[None, :])
+        dv = dv + dot(p_t.astype(do.dtype), do, precision=st.precision)
+        dp_t = dot(v, do, trans_b=True, precision=st.precision)
+        ds_t = _softcap_grad(st, p_t * (dp_t - delta[None, :]), t_t)
+        dk = dk + dot(ds_t.astype(q.dtype), q, precision=st.precision)
         return dk, dv
 
     if st.sparse is not None:

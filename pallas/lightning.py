@@ -25,19 +25,27 @@ from jaxattn.pallas._common import dot
 
 @dataclasses.dataclass(frozen=True)
 class LightningConfig:
+    """``block`` rows per step of the scan; the value head dim is split into ``block_e``-wide
+    chunks run by separate programs (as the reference kernels do): the ``[d, block_e]`` fp32
+    state fits in registers and ``batch * heads * e / block_e`` programs fill the GPU."""
+
     block: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    block_e: int = 64
 
 
 # (padded max(d, e), bytes per element) -> config; fp32 halves the tile.
+# Chosen by compiling for sm_90a (`python -m jaxattn.bench compile --families lightning`): every
+# entry fits in shared memory (a d=128 state kept whole did not), the two-byte ones spill at most
+# ~100 bytes. Narrow value chunks give more programs (long sequences have few batch x heads).
 CONFIGS: dict[tuple[int, int], LightningConfig] = {
-    (16, 2): LightningConfig(64, 4, 2), (32, 2): LightningConfig(64, 4, 2),
-    (64, 2): LightningConfig(64, 4, 2), (128, 2): LightningConfig(64, 8, 2),
-    (256, 2): LightningConfig(32, 8, 1),
-    (16, 4): LightningConfig(32, 4, 2), (32, 4): LightningConfig(32, 4, 2),
-    (64, 4): LightningConfig(32, 4, 2), (128, 4): LightningConfig(32, 8, 1),
-    (256, 4): LightningConfig(16, 8, 1),
+    (16, 2): LightningConfig(64, 4, 2, 64), (32, 2): LightningConfig(64, 4, 2, 64),
+    (64, 2): LightningConfig(64, 8, 2, 64), (128, 2): LightningConfig(32, 8, 2, 16),
+    (256, 2): LightningConfig(16, 8, 2, 64),
+    (16, 4): LightningConfig(32, 4, 2, 64), (32, 4): LightningConfig(32, 8, 1, 32),
+    (64, 4): LightningConfig(32, 8, 1, 16), (128, 4): LightningConfig(32, 8, 1, 16),
+    (256, 4): LightningConfig(16, 8, 1, 16),
 }
 MAX_HEAD_DIM = 256
 
@@ -162,15 +170,37 @@ def _dkv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, dsf_ref, dk_ref, dv_ref, ds0
     ds0_ref[...] = jnp.exp(-s) * g  # dS0 = lambda * sum_n lambda^n q_n^T dO_n (+ lambda^N dSf)
 
 
+# Grids are (batch, heads, value chunks); a chunk is ``be`` wide.
 def _specs(st: _Static, *dims: int):
-    return [pl.BlockSpec((None, st.n_pad, None, d), lambda b, h: (b, 0, h, 0)) for d in dims]
+    """Whole-sequence blocks of q/k-like inputs (every chunk reads all ``d`` channels)."""
+    return [pl.BlockSpec((None, st.n_pad, None, d), lambda b, h, c: (b, 0, h, 0)) for d in dims]
 
 
-def _state_spec(d: int, e: int):
-    return pl.BlockSpec((None, None, d, e), lambda b, h: (b, h, 0, 0))
+def _chunk_specs(st: _Static, be: int, count: int = 1):
+    """Whole-sequence blocks of one value chunk (v, dO, out, dv)."""
+    return [pl.BlockSpec((None, st.n_pad, None, be), lambda b, h, c: (b, 0, h, c)) for _ in range(count)]
 
 
-_SLOPE_SPEC = pl.BlockSpec((1,), lambda b, h: (h,))
+def _state_spec(d: int, be: int):
+    return pl.BlockSpec((None, None, d, be), lambda b, h, c: (b, h, 0, c))
+
+
+def _partial_spec(st: _Static, d: int):
+    """Per-chunk partial sums ``[chunks, B, N, H, d]`` of dq / dk (summed over chunks outside)."""
+    return pl.BlockSpec((None, None, st.n_pad, None, d), lambda b, h, c: (c, b, 0, h, 0))
+
+
+_SLOPE_SPEC = pl.BlockSpec((1,), lambda b, h, c: (h,))
+
+
+def _chunk(st: _Static, e: int) -> tuple[int, int]:
+    """(chunk width, chunks) for a padded value head dim ``e`` (both powers of two)."""
+    be = min(st.cfg.block_e, e)
+    return be, e // be
+
+
+def _sum_partials(x: jax.Array, dtype) -> jax.Array:
+    return (x[0] if x.shape[0] == 1 else jnp.sum(x, axis=0)).astype(dtype)
 
 
 def _call(kernel, st: _Static, out_shape, in_specs, out_specs, grid, name):
@@ -183,11 +213,12 @@ def _call(kernel, st: _Static, out_shape, in_specs, out_specs, grid, name):
 def _fwd(st: _Static, q, k, v, slope, s0):
     b, _, h, d = q.shape
     e = v.shape[-1]
+    be, ne = _chunk(st, e)
     return _call(
         _fwd_kernel, st,
         [jax.ShapeDtypeStruct((b, st.n_pad, h, e), q.dtype), jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)],
-        [_SLOPE_SPEC, *_specs(st, d, d, e), _state_spec(d, e)],
-        [*_specs(st, e), _state_spec(d, e)], (b, h), "jaxattn_lightning_fwd")(slope, q, k, v, s0)
+        [_SLOPE_SPEC, *_specs(st, d, d), *_chunk_specs(st, be), _state_spec(d, be)],
+        [*_chunk_specs(st, be), _state_spec(d, be)], (b, h, ne), "jaxattn_lightning_fwd")(slope, q, k, v, s0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -206,17 +237,20 @@ def _lightning_bwd(st, res, cts):
     dsf = dsf.astype(jnp.float32)
     b, _, h, d = q.shape
     e = v.shape[-1]
-    (dq,) = _call(_dq_kernel, st, [jax.ShapeDtypeStruct(q.shape, q.dtype)],
-                  [_SLOPE_SPEC, *_specs(st, d, e, e), _state_spec(d, e)], _specs(st, d), (b, h),
-                  "jaxattn_lightning_dq")(slope, k, v, do, s0)
+    be, ne = _chunk(st, e)
+    # dq and dk sum over the value channels: one partial per chunk (fp32 when there are several).
+    part = jax.ShapeDtypeStruct((ne, *q.shape), q.dtype if ne == 1 else jnp.float32)
+    (dq,) = _call(_dq_kernel, st, [part],
+                  [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be, 2), _state_spec(d, be)],
+                  [_partial_spec(st, d)], (b, h, ne), "jaxattn_lightning_dq")(slope, k, v, do, s0)
     dk, dv, ds0 = _call(
         _dkv_kernel, st,
-        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
-         jax.ShapeDtypeStruct(s0.shape, jnp.float32)],
-        [_SLOPE_SPEC, *_specs(st, d, d, e, e), _state_spec(d, e)],
-        [*_specs(st, d, e), _state_spec(d, e)], (b, h), "jaxattn_lightning_dkv")(slope, q, k, v, do, dsf)
+        [part, jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(s0.shape, jnp.float32)],
+        [_SLOPE_SPEC, *_specs(st, d, d), *_chunk_specs(st, be, 2), _state_spec(d, be)],
+        [_partial_spec(st, d), *_chunk_specs(st, be), _state_spec(d, be)], (b, h, ne),
+        "jaxattn_lightning_dkv")(slope, q, k, v, do, dsf)
     # No gradient for the decay rates (fixed ALiBi-style schedules in TNL).
-    return dq, dk, dv, None, ds0
+    return _sum_partials(dq, q.dtype), _sum_partials(dk, k.dtype), dv, None, ds0
 
 
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)

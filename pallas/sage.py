@@ -73,12 +73,12 @@ class SageConfig:
     quant_num_warps: int = 4
 
 
-# padded head dim -> config. Targets an H100 (INT8/FP8 tiles are half the bytes of bf16
-# ones, so block_k = 128 fits beside a 128-row query tile at head dim 128). UNTUNED:
-# this session had no GPU.
+# padded head dim -> config. Targets an H100; K blocks of 64 keys as SageAttention's own
+# per-block quantiser (BLKQ=128, BLKK=64). Not timed on a GPU yet; compiled for sm_90a with
+# `python -m jaxattn.bench compile --families sage` (block_k = 128 spilled registers at d = 128).
 CONFIGS: dict[int, SageConfig] = {
-    64: SageConfig(128, 128, 16, 8, 3),
-    128: SageConfig(128, 128, 16, 8, 3),
+    64: SageConfig(128, 64, 16, 8, 3),
+    128: SageConfig(128, 64, 16, 8, 3),
 }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 # pytest-xdist runs two workers: on a GPU they must not each grab 75% of its memory.
@@ -68,31 +67,14 @@ def rng():
     return np.random.default_rng(0)
 
 
-# Name of the custom call Pallas's Triton backend emits (exported as a constant from jax 0.11).
-try:
-    from jax.experimental.pallas.triton import CUSTOM_CALL_TARGET_NAME as TRITON_CALL
-except ImportError:  # jax < 0.11
-    TRITON_CALL = "__gpu$xla.gpu.triton"
-
-
-def _cuda_target():
-    """Context that makes lowering for CUDA work on a machine without a GPU.
-
-    jax < 0.11 lowers Pallas Triton kernels for sm90 when no GPU is present; jax >= 0.11 asks
-    for a target device, given as an abstract mesh whose abstract device is an H100.
-    """
-    if jax.default_backend() == "gpu":
-        return contextlib.nullcontext()
-    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
-
-    device = AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
-    return use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device))
+from jaxattn.bench.compile import TRITON_CALL  # noqa: E402
 
 
 def lower_for_cuda(fn, *args) -> str:
     """StableHLO text of `jax.jit(fn)` traced on `args` and lowered for CUDA (works without a GPU)."""
-    with _cuda_target():
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    from jaxattn.bench.compile import lower_for_cuda as lower
+
+    return lower(fn, *args).as_text()
 
 
 def count_triton_calls(text: str) -> int:

@@ -1,4 +1,4 @@
-"""``python -m jaxattn.bench {attention,decode,lightning,halo,l2vit,landmark,sage,sparse,vision,tnl} [options] [--json PATH]``.
+"""``python -m jaxattn.bench {attention,decode,lightning,halo,l2vit,landmark,sage,sparse,vision,tnl,compile} [options] [--json PATH]``.
 
 Without a GPU the default is a tiny smoke sweep in interpret mode (seconds); on a GPU the
 default is the full sweep. Prints a table (ms, TFLOP/s, ns per token, speedup of jaxattn
@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", metavar="PATH")
+    p = sub.add_parser("compile", help="compile every kernel for an NVIDIA GPU with the triton package "
+                                       "(no GPU needed): shared memory, registers, spills")
+    p.add_argument("--families", nargs="+", default=None, help="default: all (flash lightning sage "
+                   "block_sparse halo landmark decode)")
+    p.add_argument("--arch", type=int, default=90, help="compute capability: 90 (H100/H200), 89, 80")
+    p.add_argument("--python", default=None, help="an interpreter that has triton (default: this one)")
+    p.add_argument("--json", metavar="PATH")
     return parser
 
 
@@ -102,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     gpu = jax.default_backend() == "gpu"
+    if args.op == "compile":
+        return _compile(args)
     if args.op == "tnl":
         return _tnl(args, gpu)
     if args.op == "vision":
@@ -206,6 +215,26 @@ def _vision(args: argparse.Namespace, gpu: bool) -> int:
         with open(args.json, "w") as f:
             json.dump({"op": "vision", "info": info, "records": recs}, f, indent=1)
     return 0
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from jaxattn.bench import compile as cc
+
+    if not cc.triton_available(args.python):
+        print("the triton package is not importable by " + (args.python or sys.executable)
+              + ": pip install triton (or pass --python PATH)", file=sys.stderr)
+        return 2
+    records = cc.run(args.families, capability=args.arch, python=args.python)
+    info = device_summary()
+    print(f"# Triton compile for sm_{args.arch} | compiled on {info['device']} | jax {info['jax']} | {info['date']}")
+    print(cc.format_records(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"op": "compile", "info": info, "arch": args.arch, "records": records}, f, indent=1)
+    failed = [r for r in records if r["status"].startswith("FAIL")]
+    print(f"\n{len(records)} kernels: {len(failed)} failed, "
+          f"{sum(r['status'] == 'SPILLS' for r in records)} spill registers", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _tnl(args: argparse.Namespace, gpu: bool) -> int:

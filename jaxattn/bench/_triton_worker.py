@@ -1,0 +1,71 @@
+"""Compiles Triton IR files for an NVIDIA target with the ``triton`` package; no GPU needed.
+
+Run as a script (``python _triton_worker.py MANIFEST.json``), not as a module: it imports neither
+jax nor jaxattn, so any Python with ``triton`` installed can run it. The manifest is a JSON list of
+``{"path", "num_warps", "num_stages"}``; the answer, on stdout, is one JSON object per kernel with
+``ok``, ``error``, ``shared`` (bytes), ``registers``, ``spill_stores`` / ``spill_loads`` (bytes),
+``wgmma`` (Hopper warpgroup MMA in the PTX), ``mma`` (any tensor-core MMA) and ``seconds``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+
+
+def _ptxas_report(ptxas: str, ptx_path: str, arch: str) -> dict:
+    """Registers and spills as ``ptxas -v`` prints them (the cubin triton built holds the same)."""
+    run = subprocess.run([ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", ptx_path, "-o", os.devnull],
+                         capture_output=True, text=True, check=False)
+    log = run.stdout + run.stderr
+    out: dict = {}
+    if m := re.search(r"Used (\d+) registers", log):
+        out["registers"] = int(m.group(1))
+    if m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log):
+        out["spill_stores"], out["spill_loads"] = int(m.group(1)), int(m.group(2))
+    return out
+
+
+def main(manifest_path: str, capability: int) -> int:
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    warnings.simplefilter("ignore")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(capability).path
+    except Exception:  # older triton: the bundled binary
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    target = GPUTarget("cuda", capability, 32)
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    for item in manifest:
+        rec = {"path": item["path"], "ok": False}
+        t0 = time.perf_counter()
+        try:
+            kernel = triton.compile(item["path"], target=target,
+                                    options={"num_warps": item["num_warps"], "num_stages": item["num_stages"]})
+            ptx = kernel.asm["ptx"]
+            rec.update(ok=True, shared=int(kernel.metadata.shared), wgmma="wgmma.mma_async" in ptx,
+                       mma="wgmma.mma_async" in ptx or "mma.sync" in ptx)
+            ptx_path = item["path"] + ".ptx"
+            with open(ptx_path, "w") as f:
+                f.write(ptx)
+            rec.update(_ptxas_report(ptxas, ptx_path, arch))
+        except Exception as e:  # a compile error is a result, not a crash of the worker
+            rec["error"] = f"{type(e).__name__}: {e}"[-2000:]
+        rec["seconds"] = round(time.perf_counter() - t0, 2)
+        print(json.dumps(rec), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 90))

@@ -1,0 +1,372 @@
+"""Compile every Pallas kernel for a real NVIDIA GPU on a machine without one.
+
+``python -m jaxattn.bench compile [--arch 90] [--families flash sage ...] [--json PATH]``
+
+Interpret mode checks a kernel's arithmetic and CUDA lowering checks that Pallas can emit its
+Triton IR, but neither runs Triton's GPU compiler, where tile shapes meet the hardware: shared
+memory per program, registers per thread, spills, whether dots become tensor-core (``wgmma``) MMAs.
+This lowers each kernel family at production shapes for CUDA, takes the Triton IR out of the
+StableHLO (jax < 0.11 embeds it in the ``__gpu$xla.gpu.triton`` custom call), and compiles it to a
+cubin with the ``triton`` package (``pip install triton``; its bundled ptxas; no GPU or driver
+needed) in a subprocess, then reports per kernel: shared memory, registers, spill bytes, MMA kind
+and an occupancy estimate. A kernel fails the check when it does not compile or needs more shared
+memory than one program may have on the target (it would fail to launch there).
+
+The compiler that runs on a GPU is XLA's copy of Triton, not the ``triton`` release used here, so
+the numbers are an estimate of it; a failure here is a bug to look at before a GPU session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# The custom call Pallas's Triton backend emits (exported as a constant from jax 0.11).
+try:
+    from jax.experimental.pallas.triton import CUSTOM_CALL_TARGET_NAME as TRITON_CALL
+except ImportError:  # jax < 0.11
+    TRITON_CALL = "__gpu$xla.gpu.triton"
+
+# Shared memory one program (CTA) may use, with the opt-in carve-out, and per SM; registers per SM.
+SMEM_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
+SMEM_PER_SM = {80: 167936, 86: 102400, 89: 102400, 90: 233472, 100: 233472}
+REGISTERS_PER_SM = 65536
+MAX_CTAS_PER_SM = 32
+
+__all__ = ["TRITON_CALL", "TritonKernel", "cuda_lowering_target", "lower_for_cuda", "triton_kernels",
+           "compile_kernels", "check", "family_cases", "FAMILIES", "run", "format_records"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonKernel:
+    """One Triton kernel as Pallas lowered it: its IR as text and its launch parameters."""
+
+    name: str
+    ttir: str
+    num_warps: int
+    num_stages: int
+    grid: tuple[int, int, int]
+
+
+def cuda_lowering_target() -> contextlib.AbstractContextManager:
+    """Context that lets ``lower(lowering_platforms=("cuda",))`` work on a machine without a GPU.
+
+    jax < 0.11 lowers Pallas Triton kernels for sm90 when no GPU is present; jax >= 0.11 asks
+    for a target device, given as an abstract mesh whose abstract device is an H100.
+    """
+    if jax.default_backend() == "gpu":
+        return contextlib.nullcontext()
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+    device = AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
+    return use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device))
+
+
+def lower_for_cuda(fn: Callable, *args: Any) -> Any:
+    """``jax.jit(fn)`` traced on ``args`` (arrays or ``ShapeDtypeStruct``) and lowered for CUDA."""
+    with cuda_lowering_target():
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def _walk(op: Any) -> Iterator[Any]:
+    for region in op.regions:
+        for block in region.blocks:
+            for child in block.operations:
+                yield child.operation
+                yield from _walk(child.operation)
+
+
+def triton_kernels(lowered: Any) -> list[TritonKernel]:
+    """The distinct Triton kernels in a lowered computation, with their IR as text.
+
+    Raises ``RuntimeError`` when the computation has Triton calls but this jax does not embed their
+    IR (jax >= 0.11 compiles it during lowering, which needs a GPU plugin).
+    """
+    from jax._src.lib.mlir import ir
+
+    module = lowered.compiler_ir("stablehlo")
+    kernels: dict[tuple, TritonKernel] = {}
+    calls = 0
+    for op in _walk(module.operation):
+        if op.name != "stablehlo.custom_call":
+            continue
+        if ir.StringAttr(op.attributes["call_target_name"]).value != TRITON_CALL:
+            continue
+        calls += 1
+        attrs = op.attributes
+        if "mhlo.backend_config" not in attrs:
+            continue
+        cfg = ir.DictAttr(attrs["mhlo.backend_config"])
+        if "ir" not in cfg:
+            continue
+        with ir.Context() as ctx:
+            from jax._src.lib import triton as jtriton
+
+            if hasattr(jtriton.dialect, "register_dialect"):
+                jtriton.dialect.register_dialect(ctx)
+            ttir = ir.Module.parse(ir.StringAttr(cfg["ir"]).value_bytes).operation.get_asm()
+
+        def i32(key: str, cfg=cfg) -> int:
+            return ir.IntegerAttr(cfg[key]).value
+
+        k = TritonKernel(name=ir.StringAttr(cfg["name"]).value, ttir=ttir, num_warps=i32("num_warps"),
+                         num_stages=i32("num_stages"), grid=(i32("grid_x"), i32("grid_y"), i32("grid_z")))
+        kernels.setdefault((k.name, k.ttir, k.num_warps, k.num_stages), k)
+    if calls and not kernels:
+        raise RuntimeError(f"this jax ({jax.__version__}) does not embed Triton IR in its custom calls; "
+                           "run the check with jax < 0.11 or on a GPU")
+    return list(kernels.values())
+
+
+def triton_available(python: str | None = None) -> bool:
+    """Whether ``python`` (default: this interpreter) can import the ``triton`` compiler."""
+    run = subprocess.run([python or sys.executable, "-c", "import triton.backends.nvidia.compiler"],
+                         capture_output=True, check=False)
+    return run.returncode == 0
+
+
+def compile_kernels(kernels: Sequence[TritonKernel], *, capability: int = 90,
+                    python: str | None = None, timeout: float = 1800) -> list[dict]:
+    """Compiles ``kernels`` for ``sm_<capability>`` with the ``triton`` package in a subprocess.
+
+    Returns one dict per kernel (see ``_triton_worker``); ``python`` may name another interpreter
+    that has ``triton`` installed (the worker imports neither jax nor jaxattn).
+    """
+    worker = os.path.join(os.path.dirname(__file__), "_triton_worker.py")
+    with tempfile.TemporaryDirectory(prefix="jaxattn-ttir-") as tmp:
+        manifest = []
+        for i, k in enumerate(kernels):
+            path = os.path.join(tmp, f"k{i}_{k.name}.ttir")
+            with open(path, "w") as f:
+                f.write(k.ttir)
+            manifest.append({"path": path, "num_warps": k.num_warps, "num_stages": k.num_stages})
+        mpath = os.path.join(tmp, "manifest.json")
+        with open(mpath, "w") as f:
+            json.dump(manifest, f)
+        run = subprocess.run([python or sys.executable, worker, mpath, str(capability)],
+                             capture_output=True, text=True, timeout=timeout, check=False)
+        recs = {}
+        for line in run.stdout.splitlines():
+            if line.startswith("{"):
+                rec = json.loads(line)
+                recs[rec.pop("path")] = rec
+    out = []
+    for k, item in zip(kernels, manifest):
+        rec = recs.get(item["path"]) or {"ok": False, "error": f"worker gave no result: {run.stderr[-1500:]}"}
+        out.append({"kernel": k.name, "num_warps": k.num_warps, "num_stages": k.num_stages,
+                    "grid": list(k.grid), **rec})
+    return out
+
+
+def check(rec: dict, capability: int = 90) -> str:
+    """``"OK"``, ``"SPILLS"`` (compiles, but registers spill to local memory: slow) or ``"FAIL: why"``."""
+    if not rec.get("ok"):
+        return "FAIL: " + (rec.get("error") or "did not compile").strip().splitlines()[0][:160]
+    limit = SMEM_PER_BLOCK.get(capability, SMEM_PER_BLOCK[90])
+    if rec["shared"] > limit:
+        return f"FAIL: needs {rec['shared']} B of shared memory > {limit} B per program on sm_{capability}"
+    if rec.get("spill_stores", 0) or rec.get("spill_loads", 0):
+        return "SPILLS"
+    return "OK"
+
+
+def occupancy(rec: dict, capability: int = 90) -> int | None:
+    """Programs per SM the registers and shared memory allow (an estimate: allocation granularity
+    and the 1 KiB per-program reserve are approximated)."""
+    if not rec.get("ok") or "registers" not in rec:
+        return None
+    threads = 32 * rec["num_warps"]
+    by_regs = REGISTERS_PER_SM // max(1, -(-rec["registers"] // 8) * 8 * threads)
+    smem = rec["shared"] + 1024
+    by_smem = SMEM_PER_SM.get(capability, SMEM_PER_SM[90]) // smem
+    return min(by_regs, by_smem, MAX_CTAS_PER_SM)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel families at production shapes. Each case returns (function, abstract args); the function
+# runs the kernels with interpret=False and, where a backward exists, differentiates them.
+# ----------------------------------------------------------------------------------------------
+
+def _sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _dtype(size: int) -> Any:
+    return jnp.float32 if size == 4 else jnp.bfloat16
+
+
+def _total(*xs: jax.Array) -> jax.Array:
+    return sum(jnp.sum(jnp.where(jnp.isfinite(x), x, 0).astype(jnp.float32)) for x in xs)
+
+
+def _flash_cases() -> Iterator[tuple[str, Callable, list]]:
+    from jaxattn.pallas import flash
+
+    def case(d, dtype, causal, s=4096, **kw):
+        def loss(q, k, v):
+            return _total(*flash.flash_attention(q, k, v, causal=causal, interpret=False, **kw))
+        return jax.value_and_grad(loss, (0, 1, 2)), [_sds((1, s, 8, d), dtype), _sds((1, s, 2, d), dtype),
+                                                    _sds((1, s, 2, d), dtype)]
+
+    for d, size in sorted(flash.CONFIGS):
+        for causal in (False, True):
+            yield (f"d{d} {jnp.dtype(_dtype(size)).name}{' causal' if causal else ''}",
+                   *case(d, _dtype(size), causal))
+    yield "d128 bf16 causal window+softcap", *case(128, jnp.bfloat16, True, local_window_size=(1023, 0),
+                                                    logits_soft_cap=30.0)
+
+
+def _lightning_cases() -> Iterator[tuple[str, Callable, list]]:
+    from jaxattn.pallas import lightning
+
+    for d, size in sorted(lightning.CONFIGS):
+        dtype = _dtype(size)
+
+        def loss(q, k, v, s, s0):
+            o, st = lightning.lightning_attention_kernel(q, k, v, s, s0, interpret=False)
+            return _total(o, st)
+
+        args = [_sds((1, 4096, 8, d), dtype)] * 3 + [_sds((8,), jnp.float32), _sds((1, 8, d, d), jnp.float32)]
+        yield f"d{d} {jnp.dtype(dtype).name}", jax.grad(loss, (0, 1, 2, 4)), args
+
+
+def _sage_cases() -> Iterator[tuple[str, Callable, list]]:
+    from jaxattn.pallas import sage
+
+    for d in (64, 128):
+        for gran, smooth_q, causal in (("block", False, False), ("warp", True, True)):
+            def f(q, k, v, gran=gran, smooth_q=smooth_q, causal=causal):
+                return sage.sage_attention_kernel(q, k, v, causal=causal, qk_granularity=gran,
+                                                  smooth_q=smooth_q, interpret=False)
+
+            args = [_sds((1, 8192, 8, d), jnp.bfloat16)] + [_sds((1, 8192, 8, d), jnp.bfloat16)] * 2
+            yield f"d{d} {gran}{' smooth_q' if smooth_q else ''}{' causal' if causal else ''}", f, args
+
+
+def _block_sparse_cases() -> Iterator[tuple[str, Callable, list]]:
+    from jaxattn.ops.block_sparse import BlockMask
+    from jaxattn.pallas.block_sparse import block_sparse_attention_kernel
+
+    for label, bm, d, dtype in (("power n=16384 B=256 d128 bf16", BlockMask.power(16384, 256), 128, jnp.bfloat16),
+                                ("sliding window d64 f16", BlockMask.sliding_window(8192, 128, window=2048), 64,
+                                 jnp.float16)):
+        def loss(q, k, v, bm=bm):
+            return _total(*block_sparse_attention_kernel(
+                q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k, kv_index=bm.kv_index,
+                kv_blocks=bm.kv_blocks, q_index=bm.q_index, q_blocks=bm.q_blocks, q_offset=bm.q_offset,
+                interpret=False))
+
+        args = [_sds((1, bm.q_len, 8, d), dtype)] + [_sds((1, bm.kv_len, 8, d), dtype)] * 2
+        yield label, jax.value_and_grad(loss, (0, 1, 2)), args
+
+
+def _halo_cases() -> Iterator[tuple[str, Callable, list]]:
+    from jaxattn.ops import halo
+
+    for hw, d, stride in ((64, 32, 1), (32, 64, 1), (64, 32, 2)):
+        block, hsize, heads = 8, 3, 8
+        win = block + 2 * hsize
+        shapes = [(8, hw // stride, hw // stride, heads, d), (8, hw, hw, heads, d), (8, hw, hw, heads, d),
+                  (2 * win - 1, d), (2 * win - 1, d)]
+
+        def loss(*a, stride=stride, d=d):
+            return _total(halo._halo(*a, block_size=8, halo_size=3, stride=stride, scale=d ** -0.5,
+                                     scale_pos_embed=False, mask_padding=False, use_kernel=True,
+                                     interpret=False))
+
+        yield (f"{hw}x{hw} heads 8 d{d} b8 h3 stride {stride} bf16", jax.grad(loss, argnums=range(5)),
+               [_sds(s, jnp.bfloat16) for s in shapes])
+
+
+def _landmark_cases() -> Iterator[tuple[str, Callable, list]]:
+    from jaxattn.ops.landmark import landmark_attention
+
+    for d, dtype in ((128, jnp.bfloat16), (64, jnp.float32)):
+        def loss(q, k, v):
+            return _total(landmark_attention(q, k, v, block_len=64, impl="pallas", interpret=False))
+
+        args = [_sds((1, 8192, 8, d), dtype)] + [_sds((1, 8192, 2, d), dtype)] * 2
+        yield f"block 64 d{d} {jnp.dtype(dtype).name}", jax.value_and_grad(loss, (0, 1, 2)), args
+
+
+def _decode_cases() -> Iterator[tuple[str, Callable, list]]:
+    from jaxattn.pallas import decode
+
+    for d, size in sorted(decode.CONFIGS):
+        dtype = _dtype(size)
+
+        def f(q, k, v, n):
+            return decode.decode_attention_kernel(q, k, v, n, interpret=False)
+
+        args = [_sds((8, 1, 32, d), dtype), _sds((8, 32768, 8, d), dtype), _sds((8, 32768, 8, d), dtype),
+                _sds((8,), jnp.int32)]
+        yield f"d{d} {jnp.dtype(dtype).name}", f, args
+
+
+FAMILIES: dict[str, Callable[[], Iterable[tuple[str, Callable, list]]]] = {
+    "flash": _flash_cases, "lightning": _lightning_cases, "sage": _sage_cases,
+    "block_sparse": _block_sparse_cases, "halo": _halo_cases, "landmark": _landmark_cases,
+    "decode": _decode_cases,
+}
+
+
+def family_cases(families: Iterable[str] | None = None) -> Iterator[tuple[str, str, Callable, list]]:
+    """(family, case label, function, abstract args) for the named families (default: all)."""
+    for fam in families or FAMILIES:
+        if fam not in FAMILIES:
+            raise ValueError(f"unknown kernel family {fam!r}; expected one of {sorted(FAMILIES)}")
+        for label, fn, args in FAMILIES[fam]():
+            yield fam, label, fn, args
+
+
+def run(families: Iterable[str] | None = None, *, capability: int = 90, python: str | None = None,
+        progress: bool = True) -> list[dict]:
+    """Lowers every case, compiles its distinct kernels in one worker, and returns the records."""
+    kernels: list[TritonKernel] = []
+    owners: list[tuple[str, str]] = []
+    seen: dict[tuple, int] = {}
+    for fam, label, fn, args in family_cases(families):
+        if progress:
+            print(f"lowering {fam}: {label}", file=sys.stderr)
+        for k in triton_kernels(lower_for_cuda(fn, *args)):
+            key = (k.ttir, k.num_warps, k.num_stages)
+            if key in seen:
+                continue
+            seen[key] = len(kernels)
+            kernels.append(k)
+            owners.append((fam, label))
+    if progress:
+        print(f"compiling {len(kernels)} kernels for sm_{capability} ...", file=sys.stderr)
+    records = compile_kernels(kernels, capability=capability, python=python)
+    for rec, (fam, label) in zip(records, owners):
+        rec.update(family=fam, case=label, status=check(rec, capability), ctas_per_sm=occupancy(rec, capability))
+    return records
+
+
+def format_records(records: Sequence[dict]) -> str:
+    """A markdown table, one row per kernel."""
+    head = ("| family | case | kernel | warps | stages | grid | smem KiB | regs | spill B | MMA | CTAs/SM | "
+            "compile s | status |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = [head]
+    for r in records:
+        ok = r.get("ok")
+        spill = r.get("spill_stores", 0) + r.get("spill_loads", 0) if ok else ""
+        mma = ("wgmma" if r.get("wgmma") else "mma" if r.get("mma") else "none") if ok else ""
+        rows.append(
+            f"| {r['family']} | {r['case']} | {r['kernel']} | {r['num_warps']} | {r['num_stages']} | "
+            f"{'x'.join(map(str, r['grid']))} | {r['shared'] / 1024:.1f} | {r.get('registers', '')} | "
+            f"{spill} | {mma} | {r.get('ctas_per_sm') or ''} | {r.get('seconds', '')} | {r['status']} |"
+            if ok else
+            f"| {r['family']} | {r['case']} | {r['kernel']} | {r['num_warps']} | {r['num_stages']} | "
+            f"{'x'.join(map(str, r['grid']))} |  |  |  |  |  | {r.get('seconds', '')} | {r['status']} |")
+    return "\n".join(rows)
