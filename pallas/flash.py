@@ -68,10 +68,12 @@ CONFIGS: dict[tuple[int, int], FlashConfig] = {
     (64, 2): FlashConfig(128, 64, 4, 3, 128, 64, 32, 128, 8, 2),
     (128, 2): FlashConfig(128, 64, 8, 3, 128, 64, 32, 64, 8, 2),
     (256, 2): FlashConfig(64, 32, 8, 2, 64, 32, 32, 32, 8, 2),
-    (32, 4): FlashConfig(64, 32, 4, 2, 64, 32, 32, 64, 4, 2),
-    (64, 4): FlashConfig(64, 32, 4, 2, 64, 32, 32, 64, 4, 2),
-    (128, 4): FlashConfig(64, 32, 4, 2, 64, 32, 32, 64, 4, 1),
-    (256, 4): FlashConfig(32, 32, 4, 1, 32, 32, 32, 32, 4, 1),
+    # fp32 runs IEEE-exact FMA dots (no tensor cores): small tiles keep them in registers
+    # (the halved bf16 tiles spilled 30-140 KB per thread at d >= 128).
+    (32, 4): FlashConfig(64, 32, 4, 2, 64, 32, 32, 32, 8, 1),
+    (64, 4): FlashConfig(64, 16, 4, 2, 32, 32, 32, 32, 8, 1),
+    (128, 4): FlashConfig(32, 16, 4, 2, 32, 16, 16, 32, 4, 2),
+    (256, 4): FlashConfig(16, 16, 4, 2, 16, 16, 16, 16, 4, 2),
 }
 
 SUPPORTED_HEAD_DIMS = (32, 256)  # inclusive range of head dims
