@@ -27,21 +27,26 @@ from jaxattn.pallas._common import dot
 class LightningConfig:
     """``block`` rows per step of the scan; the value head dim is split into ``block_e``-wide
     chunks run by separate programs (as the reference kernels do): the ``[d, block_e]`` fp32
-    state fits in registers and ``batch * heads * e / block_e`` programs fill the GPU."""
+    state fits in registers and ``batch * heads * e / block_e`` programs fill the GPU. The
+    backward's chunks are ``block_e_bwd`` wide (default ``block_e``): dq and dk sum over the value
+    channels, so each chunk writes an fp32 partial that is summed afterwards; wider chunks mean
+    fewer partials."""
 
     block: int = 64
     num_warps: int = 4
     num_stages: int = 2
     block_e: int = 64
+    block_e_bwd: int | None = None
 
 
 # (padded max(d, e), bytes per element) -> config; fp32 halves the tile.
 # Chosen by compiling for sm_90a (`python -m jaxattn.bench compile --families lightning`): every
 # entry fits in shared memory (a d=128 state kept whole did not), the two-byte ones spill at most
-# ~100 bytes. Narrow value chunks give more programs (long sequences have few batch x heads).
+# ~200 bytes. Narrow value chunks give the forward more programs (long sequences have few
+# batch x heads); the backward keeps them wide (fewer fp32 partials of dq and dk to sum).
 CONFIGS: dict[tuple[int, int], LightningConfig] = {
     (16, 2): LightningConfig(64, 4, 2, 64), (32, 2): LightningConfig(64, 4, 2, 64),
-    (64, 2): LightningConfig(64, 8, 2, 64), (128, 2): LightningConfig(32, 8, 2, 16),
+    (64, 2): LightningConfig(64, 8, 2, 64), (128, 2): LightningConfig(32, 8, 2, 16, 64),
     (256, 2): LightningConfig(16, 8, 2, 64),
     (16, 4): LightningConfig(32, 4, 2, 64), (32, 4): LightningConfig(32, 8, 1, 32),
     (64, 4): LightningConfig(32, 8, 1, 16), (128, 4): LightningConfig(32, 8, 1, 16),
@@ -193,9 +198,10 @@ def _partial_spec(st: _Static, d: int):
 _SLOPE_SPEC = pl.BlockSpec((1,), lambda b, h, c: (h,))
 
 
-def _chunk(st: _Static, e: int) -> tuple[int, int]:
+def _chunk(st: _Static, e: int, backward: bool = False) -> tuple[int, int]:
     """(chunk width, chunks) for a padded value head dim ``e`` (both powers of two)."""
-    be = min(st.cfg.block_e, e)
+    width = (st.cfg.block_e_bwd or st.cfg.block_e) if backward else st.cfg.block_e
+    be = min(width, e)
     return be, e // be
 
 
@@ -237,7 +243,7 @@ def _lightning_bwd(st, res, cts):
     dsf = dsf.astype(jnp.float32)
     b, _, h, d = q.shape
     e = v.shape[-1]
-    be, ne = _chunk(st, e)
+    be, ne = _chunk(st, e, backward=True)
     # dq and dk sum over the value channels: one partial per chunk (fp32 when there are several).
     part = jax.ShapeDtypeStruct((ne, *q.shape), q.dtype if ne == 1 else jnp.float32)
     (dq,) = _call(_dq_kernel, st, [part],

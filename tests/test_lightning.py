@@ -32,21 +32,22 @@ def _inputs(seed, b, n, h, d, e, dtype, state=True):
     return q.astype(dtype), k.astype(dtype), v.astype(dtype), s0
 
 
-CASES = [  # block, n, h, d, e, dtype, block_e (value chunk per program; e pads to a power of two)
-    (16, 513, 3, 16, 16, jnp.float32, 64),
-    (32, 913, 12, 32, 48, jnp.float32, 16),  # 4 value chunks
-    (64, 1213, 5, 64, 64, jnp.bfloat16, 64),
-    (128, 513, 20, 128, 32, jnp.float16, 16),  # 2 chunks
-    (16, 40, 1, 24, 100, jnp.float32, 32),  # 4 chunks, the last one mostly padding
-    (64, 1, 2, 16, 16, jnp.bfloat16, 64),
+CASES = [  # block, n, h, d, e, dtype, block_e, block_e_bwd (value chunks per program, forward
+    # and backward; e pads to a power of two)
+    (16, 513, 3, 16, 16, jnp.float32, 64, None),
+    (32, 913, 12, 32, 48, jnp.float32, 16, 32),  # 4 value chunks forward, 2 backward
+    (64, 1213, 5, 64, 64, jnp.bfloat16, 64, None),
+    (128, 513, 20, 128, 32, jnp.float16, 16, None),  # 2 chunks
+    (16, 40, 1, 24, 100, jnp.float32, 32, 64),  # 4 / 2 chunks, the last one mostly padding
+    (64, 1, 2, 16, 16, jnp.bfloat16, 64, 16),
 ]
 
 
-@pytest.mark.parametrize("block,n,h,d,e,dtype,block_e", CASES)
-def test_kernel_matches_oracles(block, n, h, d, e, dtype, block_e):
+@pytest.mark.parametrize("block,n,h,d,e,dtype,block_e,block_e_bwd", CASES)
+def test_kernel_matches_oracles(block, n, h, d, e, dtype, block_e, block_e_bwd):
     q, k, v, s0 = _inputs(block + n, 1, n, h, d, e, dtype)
     slope = tnl_slopes(h).at[0].set(0.0)  # one head without decay
-    cfg = lk.LightningConfig(block, 4, 2, block_e)
+    cfg = lk.LightningConfig(block, 4, 2, block_e, block_e_bwd)
     run = jax.jit(lambda *a: lk.lightning_attention_kernel(*a, config=cfg))
     with poison_outputs():
         out, state = run(q, k, v, slope, s0)

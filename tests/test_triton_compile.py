@@ -109,7 +109,7 @@ TARGETS = {
     "landmark": ("block 64 d128 bfloat16",),
     "decode": ("d128 bfloat16",),
 }
-SPILL_BUDGET = {"lightning": 256, "sage": 512, "landmark": 640, "halo": None}  # None: not checked
+SPILL_BUDGET = {"lightning": 64, "sage": 512, "landmark": 640, "halo": None}  # None: not checked
 DEFAULT_SPILL_BUDGET = 0
 
 
