@@ -49,9 +49,11 @@ def landmark_config(tile: int, head_dim: int, dtype: Any) -> LandmarkConfig:
     """Launch parameters for a (padded block ``tile``, padded head dim, dtype) triple."""
     size = tile * head_dim * jnp.dtype(dtype).itemsize
     big = size >= 128 * 128 * 2
-    # backward: 8 warps from 64 x 128 bf16 tiles on (4 spilled ~2 KB of registers on sm_90a)
+    # backward: 8 warps and 2 stages from 64 x 128 bf16 tiles on (4 warps spilled ~2 KB of
+    # registers per thread on sm_90a, `python -m jaxattn.bench compile --families landmark`)
+    mid = size >= 64 * 128 * 2
     return LandmarkConfig(num_warps=8 if big else 4, num_stages=1 if big else 2,
-                          num_warps_bwd=8 if size >= 64 * 128 * 2 else 4, num_stages_bwd=1)
+                          num_warps_bwd=8 if mid else 4, num_stages_bwd=2 if mid and not big else 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,23 +69,36 @@ class _Static:
     precision: Any
 
 
-def _earlier_tile(st: _Static, s):
+# Tiles are [queries, keys], or [keys, queries] with ``tr`` (the dk/dv kernel's transposed scores).
+def _keys(st: _Static, tr: bool):
+    """Key index within the tile, shaped to broadcast along the tile's key axis."""
+    i = jnp.arange(st.tile)
+    return i[:, None] if tr else i[None, :]
+
+
+def _per_query(x, tr: bool):
+    """A per-query vector broadcast along the key axis."""
+    return x[None, :] if tr else x[:, None]
+
+
+def _earlier_tile(st: _Static, s, tr: bool = False):
     """Effective logits ``t`` and inner softmax ``pi`` of a tile in an earlier block."""
-    cols = jnp.arange(st.tile)[None, :]
+    ax = 0 if tr else 1
+    cols = _keys(st, tr)
     reg = cols < st.block_len - 1
     s_reg = jnp.where(reg, s, NEG_INF)
-    m_in = jnp.max(s_reg, axis=1)
-    lse_in = m_in + jnp.log(jnp.sum(jnp.exp(s_reg - m_in[:, None]), axis=1))
-    s_lm = jnp.sum(jnp.where(cols == st.block_len - 1, s, 0.0), axis=1)
-    t = jnp.where(reg, s + (s_lm - lse_in)[:, None], NEG_INF)
-    pi = jnp.exp(s_reg - lse_in[:, None])
+    m_in = jnp.max(s_reg, axis=ax)
+    lse_in = m_in + jnp.log(jnp.sum(jnp.exp(s_reg - _per_query(m_in, tr)), axis=ax))
+    s_lm = jnp.sum(jnp.where(cols == st.block_len - 1, s, 0.0), axis=ax)
+    t = jnp.where(reg, s + _per_query(s_lm - lse_in, tr), NEG_INF)
+    pi = jnp.exp(s_reg - _per_query(lse_in, tr))
     return t, pi
 
 
-def _own_tile(st: _Static, s, c):
+def _own_tile(st: _Static, s, c, tr: bool = False):
     """Effective logits of the query's own block: regular keys j <= i inside the sequence."""
-    rows = jnp.arange(st.tile)[:, None]
-    cols = jnp.arange(st.tile)[None, :]
+    rows = _per_query(jnp.arange(st.tile), tr)
+    cols = _keys(st, tr)
     keep = (cols < st.block_len - 1) & (cols <= rows) & (c * st.block_len + cols < st.seq_len)
     return jnp.where(keep, s, NEG_INF)
 
@@ -142,20 +157,19 @@ def _fwd_call(st: _Static, q, k, v):
 # ----------------------------------------------------------------------------
 
 
-def _earlier_grads(st: _Static, s, lse, dp, delta):
+def _earlier_grads(st: _Static, s, lse, dp, delta, tr: bool = False):
     """Weights ``w`` and logit cotangents ``ds`` of an earlier-block tile."""
-    t, pi = _earlier_tile(st, s)
-    w = jnp.exp(t - lse[:, None])
-    dt = w * (dp - delta[:, None])
-    r = jnp.sum(dt, axis=1)
-    cols = jnp.arange(st.tile)[None, :]
-    ds = dt - pi * r[:, None] + jnp.where(cols == st.block_len - 1, r[:, None], 0.0)
+    t, pi = _earlier_tile(st, s, tr)
+    w = jnp.exp(t - _per_query(lse, tr))
+    dt = w * (dp - _per_query(delta, tr))
+    r = _per_query(jnp.sum(dt, axis=0 if tr else 1), tr)
+    ds = dt - pi * r + jnp.where(_keys(st, tr) == st.block_len - 1, r, 0.0)
     return w, ds
 
 
-def _own_grads(st: _Static, s, c, lse, dp, delta):
-    w = jnp.exp(_own_tile(st, s, c) - lse[:, None])
-    return w, w * (dp - delta[:, None])
+def _own_grads(st: _Static, s, c, lse, dp, delta, tr: bool = False):
+    w = jnp.exp(_own_tile(st, s, c, tr) - _per_query(lse, tr))
+    return w, w * (dp - _per_query(delta, tr))
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static):
@@ -207,26 +221,28 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
     P = st.tile
     k, v = k_ref[...], v_ref[...]
 
+    # Transposed tiles [keys, queries] (as the flash dk/dv kernel): no register tile is
+    # transposed between the dots (fewer registers on sm_90a).
     def tile(c, gi):
         qs = pl.ds(pl.multiple_of(c * P, P), P)
         q, do = q_ref[qs, gi, :], do_ref[qs, gi, :]
-        s = _scores(st, q, k)
-        dp = dot(do, v, trans_b=True, precision=st.precision)
+        s = _scores(st, k, q)
+        dp = dot(v, do, trans_b=True, precision=st.precision)
         return q, do, s, dp, lse_ref[gi, qs], delta_ref[gi, qs]
 
     def accumulate(carry, q, do, w, ds):
         dk, dv = carry
-        dv = dv + dot(w.astype(do.dtype), do, trans_a=True, precision=st.precision)
-        dk = dk + dot(ds.astype(q.dtype), q, trans_a=True, precision=st.precision)
+        dv = dv + dot(w.astype(do.dtype), do, precision=st.precision)
+        dk = dk + dot(ds.astype(q.dtype), q, precision=st.precision)
         return dk, dv
 
     def group_body(gi, carry):
         q, do, s, dp, lse, delta = tile(j, gi)
-        carry = accumulate(carry, q, do, *_own_grads(st, s, j, lse, dp, delta))
+        carry = accumulate(carry, q, do, *_own_grads(st, s, j, lse, dp, delta, tr=True))
 
         def body(c, carry):
             q, do, s, dp, lse, delta = tile(c, gi)
-            return accumulate(carry, q, do, *_earlier_grads(st, s, lse, dp, delta))
+            return accumulate(carry, q, do, *_earlier_grads(st, s, lse, dp, delta, tr=True))
 
         return lax.fori_loop(j + 1, st.n_blocks, body, carry)
 
