@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -33,6 +34,8 @@ def _ptxas_report(ptxas: str, ptx_path: str, arch: str) -> dict:
 
 def main(manifest_path: str, capability: int) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    # a cache that is always writable (triton's default lives under $HOME)
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxattn-triton-cache"))
     warnings.simplefilter("ignore")
     import triton
     from triton.backends.compiler import GPUTarget
