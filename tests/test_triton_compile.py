@@ -106,22 +106,21 @@ def test_oversized_tiles_fail_the_check():
 # of register-spill bytes per thread: none for flash, block-sparse and decode; the measured spills
 # of the others (lightning's d=128 dk/dv kernel, sage's causal warp-granularity kernel, landmark's
 # dk/dv), as a guard against regressions (the untuned tables spilled 1-7 KB, and a Lightning kernel
-# did not fit in shared memory at all). Halo is not tuned yet (1.5-5 KB; BENCHMARKS.md). Every
-# other case of every family (fp32 too) is compiled by the slow CLI test below.
+# did not fit in shared memory at all). Halo is not tuned yet (1.5-5 KB spilled; BENCHMARKS.md):
+# it and every other case of every family (fp32 too) are compiled by the slow CLI test below.
 TARGETS = {
     "flash": ("d128 bfloat16", "d128 bf16 causal window+softcap"),  # d64 etc.: the slow test
     "lightning": ("d128 bfloat16",),
     "sage": ("d64 block", "d128 block", "d128 warp smooth_q causal"),
     "block_sparse": ("power n=16384 B=256 d128 bf16",),
-    "halo": ("64x64 heads 8 d32 b8 h3 stride 1 bf16",),
     "landmark": ("block 64 d128 bfloat16",),
     "decode": ("d128 bfloat16",),
 }
-SPILL_BUDGET = {"lightning": 64, "sage": 512, "landmark": 640, "halo": None}  # None: not checked
+SPILL_BUDGET = {"lightning": 64, "sage": 512, "landmark": 640}
 DEFAULT_SPILL_BUDGET = 0
 
 
-@pytest.mark.parametrize("family", sorted(cc.FAMILIES))
+@pytest.mark.parametrize("family", sorted(set(cc.FAMILIES) - {"halo"}))  # halo: the slow test
 def test_target_configs_compile_for_sm90(family):
     _needs_triton()
     kernels, owners = [], []
@@ -137,7 +136,7 @@ def test_target_configs_compile_for_sm90(family):
     for label, rec in zip(owners, cc.compile_kernels(kernels)):
         status = cc.check(rec)
         spilled = rec.get("spill_stores", 0) + rec.get("spill_loads", 0)
-        if status.startswith("FAIL") or (budget is not None and spilled > budget):
+        if status.startswith("FAIL") or spilled > budget:
             problems.append(f"{label} {rec['kernel']}: {status} ({rec.get('registers')} regs, "
                             f"{spilled} B spilled, {rec.get('shared')} B smem)")
     assert not problems, "\n".join(problems)

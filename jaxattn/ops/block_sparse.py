@@ -396,8 +396,9 @@ class BlockMask:
     def from_fn(cls, mask_fn: MaskFn, q_len: int, kv_len: int | None = None, block: int = 128, *,
                 q_offset: int | jax.Array | None = None) -> BlockMask:
         """Any predicate ``mask_fn(q_idx, kv_idx) -> bool`` on absolute int32 positions
-        (broadcasting ``[n, 1]`` against ``[1, m]``), written with jnp/operators so it can be
-        traced into the kernel. The block lists come from evaluating it on the whole grid
+        (broadcasting ``[n, 1]`` against ``[1, m]``, or ``[1, n]`` against ``[m, 1]`` in the
+        dk/dv kernel: it must be element-wise), written with jnp/operators so it can be traced
+        into the kernel. The block lists come from evaluating it on the whole grid
         (O(q_len x kv_len) on the host, in chunks). ``mask_fn`` is compared by identity:
         reuse one function object to share compiled kernels."""
         if not callable(mask_fn):
