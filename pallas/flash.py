@@ -60,7 +60,7 @@ class FlashConfig:
 
 
 # The one tuning table: (padded head dim, bytes per element) -> config.
-# Two-byte entries target an H100 (sm90) through Triton; fp32 halves the tiles. Each two-byte
+# Two-byte entries target an H100 (sm90) through Triton. Each two-byte
 # entry compiles for sm_90a without register spills (causal or not, with a window and soft cap
 # too) and within shared memory: `python -m jaxattn.bench compile --families flash` shows it.
 CONFIGS: dict[tuple[int, int], FlashConfig] = {

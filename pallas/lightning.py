@@ -39,7 +39,7 @@ class LightningConfig:
     block_e_bwd: int | None = None
 
 
-# (padded max(d, e), bytes per element) -> config; fp32 halves the tile.
+# (padded max(d, e), bytes per element) -> config.
 # Chosen by compiling for sm_90a (`python -m jaxattn.bench compile --families lightning`): every
 # entry fits in shared memory (a d=128 state kept whole did not), the two-byte ones spill at most
 # ~200 bytes. Narrow value chunks give the forward more programs (long sequences have few

@@ -95,7 +95,7 @@ def triton_kernels(lowered: Any) -> list[TritonKernel]:
     from jax._src.lib.mlir import ir
 
     module = lowered.compiler_ir("stablehlo")
-    kernels: dict[tuple, TritonKernel] = {}
+    kernels: dict[TritonKernel, None] = {}  # distinct kernels, in order
     calls = 0
     for op in _walk(module.operation):
         if op.name != "stablehlo.custom_call":
@@ -119,13 +119,13 @@ def triton_kernels(lowered: Any) -> list[TritonKernel]:
         def i32(key: str, cfg=cfg) -> int:
             return ir.IntegerAttr(cfg[key]).value
 
-        k = TritonKernel(name=ir.StringAttr(cfg["name"]).value, ttir=ttir, num_warps=i32("num_warps"),
-                         num_stages=i32("num_stages"), grid=(i32("grid_x"), i32("grid_y"), i32("grid_z")))
-        kernels.setdefault((k.name, k.ttir, k.num_warps, k.num_stages), k)
+        kernels[TritonKernel(name=ir.StringAttr(cfg["name"]).value, ttir=ttir, num_warps=i32("num_warps"),
+                             num_stages=i32("num_stages"),
+                             grid=(i32("grid_x"), i32("grid_y"), i32("grid_z")))] = None
     if calls and not kernels:
         raise RuntimeError(f"this jax ({jax.__version__}) does not embed Triton IR in its custom calls; "
                            "run the check with jax < 0.11 or on a GPU")
-    return list(kernels.values())
+    return list(kernels)
 
 
 def triton_available(python: str | None = None) -> bool:
@@ -332,23 +332,16 @@ def family_cases(families: Iterable[str] | None = None) -> Iterator[tuple[str, s
 def run(families: Iterable[str] | None = None, *, capability: int = 90, python: str | None = None,
         progress: bool = True) -> list[dict]:
     """Lowers every case, compiles its distinct kernels in one worker, and returns the records."""
-    kernels: list[TritonKernel] = []
-    owners: list[tuple[str, str]] = []
-    seen: dict[tuple, int] = {}
+    kernels: dict[TritonKernel, tuple[str, str]] = {}  # first (family, case) that lowers to each
     for fam, label, fn, args in family_cases(families):
         if progress:
             print(f"lowering {fam}: {label}", file=sys.stderr)
         for k in triton_kernels(lower_for_cuda(fn, *args)):
-            key = (k.ttir, k.num_warps, k.num_stages)
-            if key in seen:
-                continue
-            seen[key] = len(kernels)
-            kernels.append(k)
-            owners.append((fam, label))
+            kernels.setdefault(k, (fam, label))
     if progress:
         print(f"compiling {len(kernels)} kernels for sm_{capability} ...", file=sys.stderr)
-    records = compile_kernels(kernels, capability=capability, python=python)
-    for rec, (fam, label) in zip(records, owners):
+    records = compile_kernels(list(kernels), capability=capability, python=python)
+    for rec, (fam, label) in zip(records, kernels.values()):
         rec.update(family=fam, case=label, status=check(rec, capability), ctas_per_sm=occupancy(rec, capability))
     return records
 
@@ -359,14 +352,13 @@ def format_records(records: Sequence[dict]) -> str:
             "compile s | status |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [head]
     for r in records:
-        ok = r.get("ok")
-        spill = r.get("spill_stores", 0) + r.get("spill_loads", 0) if ok else ""
-        mma = ("wgmma" if r.get("wgmma") else "mma" if r.get("mma") else "none") if ok else ""
-        rows.append(
-            f"| {r['family']} | {r['case']} | {r['kernel']} | {r['num_warps']} | {r['num_stages']} | "
-            f"{'x'.join(map(str, r['grid']))} | {r['shared'] / 1024:.1f} | {r.get('registers', '')} | "
-            f"{spill} | {mma} | {r.get('ctas_per_sm') or ''} | {r.get('seconds', '')} | {r['status']} |"
-            if ok else
-            f"| {r['family']} | {r['case']} | {r['kernel']} | {r['num_warps']} | {r['num_stages']} | "
-            f"{'x'.join(map(str, r['grid']))} |  |  |  |  |  | {r.get('seconds', '')} | {r['status']} |")
+        cells = [r["family"], r["case"], r["kernel"], r["num_warps"], r["num_stages"], "x".join(map(str, r["grid"]))]
+        if r.get("ok"):
+            cells += [f"{r['shared'] / 1024:.1f}", r.get("registers", ""),
+                      r.get("spill_stores", 0) + r.get("spill_loads", 0),
+                      "wgmma" if r.get("wgmma") else "mma" if r.get("mma") else "none", r.get("ctas_per_sm") or ""]
+        else:
+            cells += [""] * 5
+        cells += [r.get("seconds", ""), r["status"]]
+        rows.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(rows)
