@@ -236,11 +236,8 @@ def _lightning_fwd(st, q, k, v, slope, s0):
     return _fwd(st, q, k, v, slope, s0), (q, k, v, slope, s0)
 
 
-def _lightning_bwd(st, res, cts):
-    q, k, v, slope, s0 = res
-    do, dsf = cts
-    do = do.astype(q.dtype)
-    dsf = dsf.astype(jnp.float32)
+def _bwd(st: _Static, q, k, v, slope, s0, do, dsf):
+    """dq, dk, dv and the initial-state cotangent of one kernel call (dO, final-state cotangent)."""
     b, _, h, d = q.shape
     e = v.shape[-1]
     be, ne = _chunk(st, e, backward=True)
@@ -255,32 +252,168 @@ def _lightning_bwd(st, res, cts):
         [_SLOPE_SPEC, *_specs(st, d, d), *_chunk_specs(st, be, 2), _state_spec(d, be)],
         [_partial_spec(st, d), *_chunk_specs(st, be), _state_spec(d, be)], (b, h, ne),
         "jaxattn_lightning_dkv")(slope, q, k, v, do, dsf)
+    return _sum_partials(dq, q.dtype), _sum_partials(dk, k.dtype), dv, ds0
+
+
+def _lightning_bwd(st, res, cts):
+    q, k, v, slope, s0 = res
+    do, dsf = cts
+    dq, dk, dv, ds0 = _bwd(st, q, k, v, slope, s0, do.astype(q.dtype), dsf.astype(jnp.float32))
     # No gradient for the decay rates (fixed ALiBi-style schedules in TNL).
-    return _sum_partials(dq, q.dtype), _sum_partials(dk, k.dtype), dv, None, ds0
+    return dq, dk, dv, None, ds0
 
 
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 
+# ---- Segments: sequence parallelism inside one call -------------------------------------------
+# A program scans its whole sequence, so long sequences with few batch x heads leave most of the
+# GPU idle (S = 64k, batch 1, 16 heads: 32 backward programs for 132 SMs). Splitting the sequence
+# into P segments of L rows multiplies the programs by P at the cost of one extra read of two
+# inputs per pass, done in XLA (batched matmuls over the segments):
+#   forward   Sloc[p] = sum_t lam^(end_p - t) k_t^T v_t  (segment p's own state)
+#             s_in[p] = lam^(L p) S0 + sum_{j<p} lam^(L (p-1-j)) Sloc[j]
+#             then the kernel runs every segment from its s_in;
+#   backward  ds_in[p] = sum_t lam^(t+1) q_t^T dO_t (+ lam^rem dSf for the last segment),
+#             dSloc[j] = sum_{p>j} lam^(L (p-1-j)) ds_in[p] enters the kernel as the segment's
+#             final-state cotangent (which routes it to dk and dv), dS0 = sum_p lam^(L p) ds_in[p].
+SEGMENT_PROGRAMS = 512  # split while batch x heads x backward chunks is below this ...
+MIN_SEGMENT = 1024  # ... and segments stay at least this long
+
+
+def segment_count(batch: int, heads: int, n: int, cfg: LightningConfig, e: int) -> int:
+    """Segments for a sequence of ``n`` rows: enough for ``SEGMENT_PROGRAMS`` backward programs."""
+    ne = _chunk(_Static(n, n, cfg.block, cfg, None, None), max(16, _common.next_pow2(e)), backward=True)[1]
+    want = -(-SEGMENT_PROGRAMS // (batch * heads * ne))
+    return max(1, min(want, n // MIN_SEGMENT))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seg:
+    st: _Static  # one segment's kernel statics (n = n_pad = L)
+    n: int  # true sequence length
+    segments: int
+
+    @property
+    def rem(self) -> int:  # real rows of the last segment
+        return self.n - (self.segments - 1) * self.st.n_pad
+
+
+def _pow(slope, exps):
+    """``lam^exps`` per head: ``exps [...]`` -> ``[..., heads]``."""
+    return jnp.exp(-slope * jnp.asarray(exps, jnp.float32)[..., None])
+
+
+def _carry(sg: _Seg, slope):
+    """``W[p, j] = [j < p] lam^(L (p-1-j))`` -> ``[P, P, heads]``."""
+    i = jnp.arange(sg.segments)
+    gap = i[:, None] - 1 - i[None, :]
+    return jnp.where((gap >= 0)[..., None], _pow(slope, sg.st.n_pad * jnp.maximum(gap, 0)), 0.0)
+
+
+def _seg_einsum(spec, x, y, w, sg: _Seg):
+    """``einsum(spec, (x * w) cast to y's dtype, y)`` in fp32 over ``[B, P, L, H, c]`` views."""
+    xd = (_seg_view(x, sg).astype(jnp.float32) * w[None, ..., None]).astype(y.dtype)
+    hp = lax.Precision.HIGHEST if y.dtype == jnp.float32 else None
+    return jnp.einsum(spec, xd, _seg_view(y, sg), precision=hp, preferred_element_type=jnp.float32)
+
+
+def _seg_view(x, sg: _Seg):
+    return x.reshape(x.shape[0], sg.segments, sg.st.n_pad, *x.shape[2:])
+
+
+def _flat(x):  # [B, P, ...] -> [B * P, ...]
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _seg_inputs(sg: _Seg, q, k, v, slope, s0):
+    """(s_in [B, P, H, d, e], final state) from the segments' own states."""
+    p, length = sg.segments, sg.st.n_pad
+    t = jnp.arange(p * length).reshape(p, length)
+    end = jnp.minimum((jnp.arange(p) + 1) * length, sg.n) - 1
+    own = _seg_einsum("bplhd,bplhe->bphde", k, v, _pow(slope, jnp.maximum(end[:, None] - t, 0)), sg)
+    hp = lax.Precision.HIGHEST
+    s_in = jnp.einsum("pjh,bjhde->bphde", _carry(sg, slope), own, precision=hp)
+    s_in += _pow(slope, length * jnp.arange(p))[None, :, :, None, None] * s0[:, None]
+    final = _pow(slope, sg.rem)[None, :, None, None] * s_in[:, -1] + own[:, -1]
+    return s_in, final
+
+
+def _seg_kernel_args(sg: _Seg, *xs):
+    return [_flat(_seg_view(x, sg)) for x in xs]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _segmented(sg: _Seg, q, k, v, slope, s0):
+    return _segmented_fwd(sg, q, k, v, slope, s0)[0]
+
+
+def _segmented_fwd(sg: _Seg, q, k, v, slope, s0):
+    s_in, final = _seg_inputs(sg, q, k, v, slope, s0)
+    out, _ = _fwd(sg.st, *_seg_kernel_args(sg, q, k, v), slope, _flat(s_in))
+    return (out.reshape(v.shape), final), (q, k, v, slope, s_in)
+
+
+def _segmented_bwd(sg: _Seg, res, cts):
+    q, k, v, slope, s_in = res
+    do, dsf = cts
+    do, dsf = do.astype(q.dtype), dsf.astype(jnp.float32)
+    p, length = sg.segments, sg.st.n_pad
+    hp = lax.Precision.HIGHEST
+    ds_in = _seg_einsum("bplhd,bplhe->bphde", q, do, _pow(slope, jnp.arange(1, length + 1))[None], sg)
+    ds_in = ds_in.at[:, -1].add(_pow(slope, sg.rem)[None, :, None, None] * dsf)
+    ds_own = jnp.einsum("pjh,bphde->bjhde", _carry(sg, slope), ds_in, precision=hp)  # last one: 0
+    ds0 = jnp.einsum("ph,bphde->bhde", _pow(slope, length * jnp.arange(p)), ds_in, precision=hp)
+    dq, dk, dv, _ = _bwd(sg.st, *_seg_kernel_args(sg, q, k, v), slope, _flat(s_in),
+                         *_seg_kernel_args(sg, do), _flat(ds_own))
+    dq, dk, dv = dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+    # dSf through the last segment's own state (its real rows end at n - 1, not at the padded end)
+    last = slice((p - 1) * length, None)
+    t = jnp.arange((p - 1) * length, p * length)
+    w = jnp.where((t < sg.n)[:, None], _pow(slope, jnp.maximum(sg.n - 1 - t, 0)), 0.0)[None, :, :, None]
+    dk_last = w * jnp.einsum("blhe,bhde->blhd", v[:, last].astype(jnp.float32), dsf, precision=hp)
+    dv_last = w * jnp.einsum("blhd,bhde->blhe", k[:, last].astype(jnp.float32), dsf, precision=hp)
+    dk = dk.at[:, last].add(dk_last.astype(dk.dtype))
+    dv = dv.at[:, last].add(dv_last.astype(dv.dtype))
+    return dq, dk, dv, None, ds0
+
+
+_segmented.defvjp(_segmented_fwd, _segmented_bwd)
+
+
 def lightning_attention_kernel(
     q: jax.Array, k: jax.Array, v: jax.Array, slope: jax.Array,
     initial_state: jax.Array | None = None, *,
-    config: LightningConfig | None = None, interpret: bool | None = None,
+    config: LightningConfig | None = None, interpret: bool | None = None, segments: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Kernel entry on validated inputs: q, k ``[B, N, H, d]``, v ``[B, N, H, e]``,
     slope ``[H]`` (>= 0), initial_state ``[B, H, d, e]`` or None.
+    ``segments``: split the sequence into that many segments run in parallel (default
+    :func:`segment_count`: only long sequences with few batch x heads are split).
     Returns ``out [B, N, H, e]`` (input dtype) and the final state (fp32)."""
     b, n, h, d = q.shape
     e = v.shape[-1]
     cfg = config or lightning_config(max(d, e), q.dtype)
-    block = min(cfg.block, max(16, _common.next_pow2(n)))
-    n_pad = _common.round_up(n, block)
+    if segments is None:
+        segments = segment_count(b, h, n, cfg, e)
+    if not 1 <= segments <= n:
+        raise ValueError(f"segments must be in [1, seq] = [1, {n}], got {segments}")
+    length = -(-n // segments)  # rows per segment
+    block = min(cfg.block, max(16, _common.next_pow2(length)))
+    length = _common.round_up(length, block)
+    segments = -(-n // length)  # the last segment holds 1..length real rows
+    n_pad = segments * length
     d_pad, e_pad = max(16, _common.next_pow2(d)), max(16, _common.next_pow2(e))
-    st = _Static(n=n, n_pad=n_pad, block=block, cfg=cfg, interpret=interpret,
-                 precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     pad = lambda x, dim: _common.pad_axis(_common.pad_axis(x, 1, n_pad), 3, dim)  # noqa: E731
     s0 = jnp.zeros((b, h, d_pad, e_pad), jnp.float32)
     if initial_state is not None:
         s0 = jnp.pad(initial_state.astype(jnp.float32), ((0, 0), (0, 0), (0, d_pad - d), (0, e_pad - e)))
-    out, state = _lightning(st, pad(q, d_pad), pad(k, d_pad), pad(v, e_pad), slope.astype(jnp.float32), s0)
+    args = (pad(q, d_pad), pad(k, d_pad), pad(v, e_pad), slope.astype(jnp.float32), s0)
+    if segments == 1:
+        st = _Static(n=n, n_pad=n_pad, block=block, cfg=cfg, interpret=interpret, precision=precision)
+        out, state = _lightning(st, *args)
+    else:
+        st = _Static(n=length, n_pad=length, block=block, cfg=cfg, interpret=interpret, precision=precision)
+        out, state = _segmented(_Seg(st, n, segments), *args)
     return out[:, :n, :, :e], state[:, :, :d, :e]

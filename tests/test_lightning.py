@@ -75,6 +75,65 @@ def test_kernel_matches_oracles(block, n, h, d, e, dtype, block_e, block_e_bwd):
         assert_close(g, rg, dtype, name, tol=GRAD_TOL)
 
 
+SEGMENT_CASES = [  # n, segments, dtype, block, initial state: the sequence split into segments
+    # that run in parallel (the last one ragged except in the second case)
+    (300, 3, jnp.float32, 16, True),
+    (256, 4, jnp.float32, 32, False),
+    (200, 7, jnp.bfloat16, 16, True),
+    (97, 2, jnp.float16, 64, True),
+]
+
+
+@pytest.mark.parametrize("n,segments,dtype,block,state", SEGMENT_CASES)
+def test_segmented_kernel_matches_oracle(n, segments, dtype, block, state):
+    h, d, e = 3, 16, 24
+    q, k, v, s0 = _inputs(n + segments, 2, n, h, d, e, dtype, state=state)
+    slope = tnl_slopes(h).at[0].set(0.0)
+    cfg = lk.LightningConfig(block, 4, 2, 16, 32)
+    seg = lambda *a: lk.lightning_attention_kernel(*a, config=cfg, segments=segments)  # noqa: E731
+    with poison_outputs():
+        out, final = jax.jit(seg)(q, k, v, slope, s0)
+    ref_out, ref_state = jax.jit(lightning_reference)(q, k, v, slope, s0)
+    assert_close(out, ref_out, dtype, "out")
+    assert_close(final, ref_state, dtype, "final state")
+    w_o = jax.random.normal(jax.random.PRNGKey(1), ref_out.shape)
+    w_s = jax.random.normal(jax.random.PRNGKey(2), ref_state.shape)
+
+    def loss(f):
+        def inner(q, k, v, *s0):
+            o, s = f(q, k, v, slope, *s0)
+            return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(s * w_s)
+        return inner
+
+    argnums = (0, 1, 2, 3) if state else (0, 1, 2)
+    args = (q, k, v, s0) if state else (q, k, v)
+    with poison_outputs():
+        grads = jax.jit(jax.grad(loss(seg), argnums))(*args)
+    ref_grads = jax.jit(jax.grad(loss(lightning_reference), argnums))(*args)
+    for name, g, rg in zip(["dq", "dk", "dv", "d_initial_state"], grads, ref_grads):
+        assert_close(g, rg, dtype, name, tol=GRAD_TOL)
+
+
+def test_segment_count_fills_the_gpu_only_when_needed():
+    cfg = lk.lightning_config(128, jnp.bfloat16)
+    assert lk.segment_count(1, 16, 65536, cfg, 128) == 16  # 16 heads x 2 backward chunks x 16
+    assert lk.segment_count(8, 16, 8192, cfg, 128) == 2
+    assert lk.segment_count(32, 16, 2048, cfg, 128) == 1  # already 1024 programs
+    assert lk.segment_count(1, 1, 1500, cfg, 128) == 1  # segments stay >= MIN_SEGMENT rows
+    with pytest.raises(ValueError, match="segments"):
+        lk.lightning_attention_kernel(*_inputs(0, 1, 8, 1, 16, 16, jnp.float32)[:3], jnp.zeros(1), segments=9)
+
+
+def test_segmented_kernel_lowers_for_cuda():
+    args = [jax.ShapeDtypeStruct((1, 4000, 2, 128), jnp.bfloat16)] * 3 + [jax.ShapeDtypeStruct((2,), jnp.float32)]
+
+    def loss(q, k, v, s):
+        o, st = lk.lightning_attention_kernel(q, k, v, s, interpret=False, segments=4)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(st)
+
+    assert count_triton_calls(lower_for_cuda(jax.grad(loss, (0, 1, 2)), *args)) == 3
+
+
 def test_decay_zero_is_plain_causal_linear_attention():
     q, k, v, _ = _inputs(1, 2, 77, 4, 32, 32, jnp.float32, state=False)
     out = jaxattn.lightning_attention(q, k, v, jnp.zeros(4), impl="pallas")

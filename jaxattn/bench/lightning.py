@@ -1,6 +1,7 @@
 """Lightning attention benchmark: the Lightning Attention-2 kernel against the dense
 XLA formula, a ``lax.scan`` recurrence, jaxattn's causal softmax flash kernel on the
-same shapes, and flash-linear-attention / lightning-attn (PyTorch, Triton) when importable.
+same shapes, and flash-linear-attention / lightning-attn (PyTorch, Triton) when importable; where the
+kernel splits the sequence into segments, also the kernel run unsplit (``jaxattn-unsegmented``).
 
 FLOPs (block C = 64): forward ``B*H*N*(C*(d+e) + 4*d*e)`` (causal intra-block products
 plus the inter-block state read and update); forward+backward 3x that.
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import jaxattn
 from jaxattn.bench import runner
 from jaxattn.models.tnl import tnl_slopes
+from jaxattn.pallas import lightning as lk
 from jaxattn.reference.lightning import lightning_recurrent
 
 
@@ -59,6 +61,9 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     }
     if case.seq > 16384:  # O(N^2) memory
         ops.pop("xla-dense")
+    cfg = lk.lightning_config(case.head_dim, case.dtype)
+    if lk.segment_count(case.batch, case.heads, case.seq, cfg, case.head_dim) > 1:  # what segments buy
+        ops["jaxattn-unsegmented"] = lambda q, k, v, s: lk.lightning_attention_kernel(q, k, v, s, segments=1)[0]
     return {name: runner.jax_mode_fn(op, case.mode) for name, op in ops.items()}
 
 
