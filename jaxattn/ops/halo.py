@@ -12,7 +12,7 @@ from jax import lax
 
 from jaxattn.ops import _checks
 from jaxattn.pallas import _common
-from jaxattn.pallas.halo import halo_blocks_kernel
+from jaxattn.pallas.halo import halo_blocks_kernel, relative_map
 
 _HP = lax.Precision.HIGHEST
 
@@ -166,11 +166,12 @@ def _kernel_path(qb, kw, vw, a, c, valid, scale, win, interpret):
     """Pads every tile dim to a power of two (>= 16) and calls the fused kernel."""
     rows = max(16, _common.next_pow2(qb.shape[2]))
     wp = max(16, _common.next_pow2(kw.shape[2]))
-    t = max(16, _common.next_pow2(win))
+    t = max(8, _common.next_pow2(win))
     d, e = max(16, _common.next_pow2(qb.shape[-1])), max(16, _common.next_pow2(vw.shape[-1]))
     pad = _common.pad_axis
+    ab = jnp.concatenate([pad(a, 4, t), pad(c, 4, t)], axis=-1).astype(qb.dtype)  # rel logits in q's dtype
+    emap = jnp.asarray(relative_map(win, t, wp)[None], qb.dtype)
     out = halo_blocks_kernel(
-        pad(pad(qb, 2, rows), 4, d), pad(pad(kw, 2, wp), 4, d), pad(pad(vw, 2, wp), 4, e),
-        pad(pad(a, 2, rows), 4, t), pad(pad(c, 2, rows), 4, t),
-        pad(jnp.asarray(valid, jnp.int8), 1, wp), scale=scale, win=win, interpret=interpret)
+        pad(pad(qb, 2, rows), 4, d), pad(pad(kw, 2, wp), 4, d), pad(pad(vw, 2, wp), 4, e), pad(ab, 2, rows),
+        emap, pad(jnp.asarray(valid, jnp.int8), 1, wp), scale=scale, interpret=interpret)
     return out[:, :, : qb.shape[2], :, : vw.shape[-1]]
