@@ -30,7 +30,10 @@ per-block scale, the 448 cancels with the fp32 row sum ``l`` of the unrounded P)
 added into the fp32 accumulator after its ``exp2(m_old - m_new)`` rescale (two-level
 accumulation: the scale multiply also keeps Triton from folding the add into the MMA
 accumulator). Causal block skipping, bottom-right causal alignment and masked tails
-reuse the flash kernel's helpers.
+reuse the flash kernel's helpers. On sm90 both dots run on WGMMA (``s8`` and ``e4m3``): the FP8
+one only because :mod:`jaxattn.pallas._fp8` lets Triton accumulate it imprecisely inside one
+block, as Triton's own front end does on Hopper (``python -m jaxattn.bench compile --families
+sage`` lists the MMA instructions per kernel).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxattn.pallas import _common
+from jaxattn.pallas import _common, _fp8
 from jaxattn.pallas import flash as _flash
 from jaxattn.pallas._common import dot
 
@@ -58,6 +61,7 @@ P_OFFSET = 8.807
 AMAX_EPS = 1e-7  # floor on an int8 group's amax (an all-zero group must not give NaN)
 FP8_DTYPE = jnp.float8_e4m3fn
 GRANULARITIES = ("block", "warp")
+FP8_WGMMA = _fp8.enable()  # P.V on Hopper FP8 tensor cores (see jaxattn.pallas._fp8)
 MAX_HEAD_DIM = 128
 
 

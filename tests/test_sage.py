@@ -289,3 +289,22 @@ def test_bench_accuracy_table():
     assert "cos_sim" in table and "0.999400" in table and "0.110000" in table
     case = next(sage_bench.smoke_cases())
     assert case.flops == 4 * 128 * 128 * 64 * 2 and case.mode == "fwd"
+
+
+def test_fp8_dot_allows_hopper_wgmma():
+    """The P.V dot carries Triton's sm90 FP8 default (imprecise accumulation allowed), without
+    which Triton runs it as fp16 MMA v2; no other dot is touched."""
+    from jaxattn.bench import compile as cc
+    from jaxattn.pallas import _fp8
+
+    assert sage.FP8_WGMMA, "pallas/_fp8.py could not wrap this jax's Triton lowering"
+    args = [jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)] * 3
+    lowered = cc.lower_for_cuda(lambda q, k, v: sage.sage_attention_kernel(q, k, v, interpret=False), *args)
+    try:
+        kernels = cc.triton_kernels(lowered)
+    except RuntimeError:
+        pytest.skip("this jax compiles Triton IR during lowering (no IR to inspect without a GPU)")
+    [fwd] = [k for k in kernels if k.name == "jaxattn_sage_fwd"]
+    flag = f"maxNumImpreciseAcc = {_fp8.MAX_IMPRECISE_ACC}"
+    dots = [line for line in fwd.ttir.splitlines() if "tt.dot" in line]
+    assert [flag in line for line in dots] == ["f8E4M3FN" in line for line in dots] and any("f8E4M3FN" in d for d in dots)

@@ -118,7 +118,11 @@ TARGETS = {
     "decode": ("d128 bfloat16",),
     "halo": ("32x32 heads 8 d64 b8 h3 stride 1",),
 }
-SPILL_BUDGET = {"lightning": 64, "sage": 512, "landmark": 640}
+SPILL_BUDGET = {"lightning": 64, "landmark": 640}
+# Tensor-core instructions a kernel must use (by A-operand type): SageAttention's point is INT8
+# Q K^T and FP8 P V on Hopper's WGMMA (Pallas alone leaves FP8 dots on fp16 MMA v2; pallas/_fp8.py).
+MMA_TYPES = {"jaxattn_sage_fwd": {"wgmma.s8", "wgmma.e4m3"}, "jaxattn_flash_fwd": {"wgmma.bf16"},
+             "jaxattn_halo_fwd": {"wgmma.bf16"}}
 DEFAULT_SPILL_BUDGET = 0
 
 
@@ -138,9 +142,11 @@ def test_target_configs_compile_for_sm90(family):
     for label, rec in zip(owners, cc.compile_kernels(kernels)):
         status = cc.check(rec)
         spilled = rec.get("spill_stores", 0) + rec.get("spill_loads", 0)
-        if status.startswith("FAIL") or spilled > budget:
+        missing = MMA_TYPES.get(rec["kernel"], set()) - set(rec.get("mma_types", ()))
+        if status.startswith("FAIL") or spilled > budget or missing:
             problems.append(f"{label} {rec['kernel']}: {status} ({rec.get('registers')} regs, "
-                            f"{spilled} B spilled, {rec.get('shared')} B smem)")
+                            f"{spilled} B spilled, {rec.get('shared')} B smem, MMA {rec.get('mma_types')}, "
+                            f"missing {sorted(missing)})")
     assert not problems, "\n".join(problems)
 
 

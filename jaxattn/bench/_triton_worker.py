@@ -4,7 +4,9 @@ Run as a script (``python _triton_worker.py MANIFEST.json``), not as a module: i
 jax nor jaxattn, so any Python with ``triton`` installed can run it. The manifest is a JSON list of
 ``{"path", "num_warps", "num_stages"}``; the answer, on stdout, is one JSON object per kernel with
 ``ok``, ``error``, ``shared`` (bytes), ``registers``, ``spill_stores`` / ``spill_loads`` (bytes),
-``wgmma`` (Hopper warpgroup MMA in the PTX), ``mma`` (any tensor-core MMA) and ``seconds``.
+``wgmma`` (Hopper warpgroup MMA in the PTX), ``mma`` (any tensor-core MMA), ``mma_types`` (the
+distinct MMA instructions by operand type, e.g. ``wgmma.bf16``, ``wgmma.e4m3``, ``mma.f16``) and
+``seconds``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ import sys
 import tempfile
 import time
 import warnings
+
+
+def mma_types(ptx: str) -> list[str]:
+    """``wgmma.<A operand type>`` / ``mma.<A operand type>`` for every MMA instruction in the PTX."""
+    found = set()
+    for m in re.finditer(r"\b(wgmma\.mma_async|mma\.sync)\.[\w.]*?\.(?:f32|f16|s32)\.(\w+?)\.", ptx):
+        found.add(("wgmma." if m.group(1).startswith("wgmma") else "mma.") + m.group(2))
+    return sorted(found)
 
 
 def _ptxas_report(ptxas: str, ptx_path: str, arch: str) -> dict:
@@ -58,7 +68,7 @@ def main(manifest_path: str, capability: int) -> int:
                                     options={"num_warps": item["num_warps"], "num_stages": item["num_stages"]})
             ptx = kernel.asm["ptx"]
             rec.update(ok=True, shared=int(kernel.metadata.shared), wgmma="wgmma.mma_async" in ptx,
-                       mma="wgmma.mma_async" in ptx or "mma.sync" in ptx)
+                       mma="wgmma.mma_async" in ptx or "mma.sync" in ptx, mma_types=mma_types(ptx))
             ptx_path = item["path"] + ".ptx"
             with open(ptx_path, "w") as f:
                 f.write(ptx)

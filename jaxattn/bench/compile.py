@@ -356,7 +356,8 @@ def format_records(records: Sequence[dict]) -> str:
         if r.get("ok"):
             cells += [f"{r['shared'] / 1024:.1f}", r.get("registers", ""),
                       r.get("spill_stores", 0) + r.get("spill_loads", 0),
-                      "wgmma" if r.get("wgmma") else "mma" if r.get("mma") else "none", r.get("ctas_per_sm") or ""]
+                      " ".join(r.get("mma_types") or []) or ("wgmma" if r.get("wgmma") else "mma" if r.get("mma")
+                                                              else "none"), r.get("ctas_per_sm") or ""]
         else:
             cells += [""] * 5
         cells += [r.get("seconds", ""), r["status"]]
