@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -141,3 +142,44 @@ def test_torch_peers_need_torch_with_cuda(monkeypatch):
     assert runner.cuda_torch() == (fake, None)
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
     assert runner.cuda_torch("bfloat16") is None
+
+
+@pytest.mark.parametrize("family", ["flash", "lightning", "sage"])
+def test_tune_smoke_cli(tmp_path, capsys, family):
+    """The tuner's plumbing on CPU: every stage times its current config and candidates, and the
+    best config is one of the timed ones, printed as a table line."""
+    out = tmp_path / "tune.json"
+    assert main(["tune", family, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    timed = [r for r in data["records"] if "ms" in r]
+    assert len({r["stage"] for r in timed}) == {"flash": 3, "lightning": 3, "sage": 1}[family]
+    assert data["best"] in [r["config"] for r in timed]
+    best_ms = min(r["ms"] for r in timed if r["config"] == data["best"])
+    assert all(np.isfinite(r["ms"]) for r in timed) and best_ms > 0
+    assert "best for pallas/" in text and f"Config(block" in text
+
+
+def test_tune_keeps_a_stage_best_and_reports_failures(monkeypatch):
+    """A candidate that raises is recorded with its error; the next stage starts from the best."""
+    from jaxattn.bench import tune
+
+    calls = []
+
+    def fake_make(cfg, extra, mode, causal, inputs):
+        calls.append(cfg)
+        if cfg.num_stages == 4:
+            raise RuntimeError("out of shared memory")
+        return lambda: None
+
+    fam = tune.FAMILIES["flash"]()
+    monkeypatch.setitem(tune.FAMILIES, "flash", lambda: tune.Family(
+        fam.base, lambda: [tune.Stage("a", "fwd", ({"num_stages": 4}, {"num_stages": 2})),
+                           tune.Stage("b", "fwd", ({"num_warps": 8},))], fake_make,
+        lambda *a: (), fam.table))
+    ticks = iter([5.0, 1.0, 3.0, 4.0, 9.0])  # ms of: a/current, a/stages=2, b/current, b/warps=8 (errors skip)
+    monkeypatch.setattr(tune.timing, "time_jax", lambda f, **kw: (f(), type("T", (), {"median_ms": next(ticks)}))[1])
+    res = tune.tune("flash", batch=1, seq=16, heads=1, head_dim=64, progress=False)
+    errors = [r for r in res["records"] if "error" in r]
+    assert len(errors) == 1 and "shared memory" in errors[0]["error"]
+    assert res["best"].num_stages == 2 and res["best"].num_warps == fam.base(64, jnp.bfloat16).num_warps

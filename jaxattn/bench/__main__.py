@@ -1,4 +1,4 @@
-"""``python -m jaxattn.bench {attention,decode,lightning,halo,l2vit,landmark,sage,sparse,vision,tnl,compile} [options] [--json PATH]``.
+"""``python -m jaxattn.bench {attention,decode,lightning,halo,l2vit,landmark,sage,sparse,vision,tnl,compile,tune} [options] [--json PATH]``.
 
 Without a GPU the default is a tiny smoke sweep in interpret mode (seconds); on a GPU the
 default is the full sweep. Prints a table (ms, TFLOP/s, ns per token, speedup of jaxattn
@@ -8,6 +8,7 @@ over each peer) headed by device, jax version and date.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -103,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", type=int, default=90, help="compute capability: 90 (H100/H200), 89, 80")
     p.add_argument("--python", default=None, help="an interpreter that has triton (default: this one)")
     p.add_argument("--json", metavar="PATH")
+    p = sub.add_parser("tune", help="time candidate tile configs of one kernel at a target shape (GPU); "
+                                    "prints the fastest as a table line")
+    p.add_argument("family", choices=["flash", "lightning", "sage"])
+    p.add_argument("--seq", type=int, default=None, help="default: the family's target (8192; lightning 65536)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=None, help="default: 16384 tokens (lightning 65536) / seq")
+    p.add_argument("--heads", type=int, default=None, help="default: 2048 / head dim")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--budget-s", type=float, default=300.0, help="stop and report the best so far")
+    p.add_argument("--smoke", action="store_true", help="tiny case, two candidates a stage (default without a GPU)")
+    p.add_argument("--json", metavar="PATH")
     return parser
 
 
@@ -112,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpu = jax.default_backend() == "gpu"
     if args.op == "compile":
         return _compile(args)
+    if args.op == "tune":
+        return _tune(args, gpu)
     if args.op == "tnl":
         return _tnl(args, gpu)
     if args.op == "vision":
@@ -236,6 +251,32 @@ def _compile(args: argparse.Namespace) -> int:
     print(f"\n{len(records)} kernels: {len(failed)} failed, "
           f"{sum(r['status'] == 'SPILLS' for r in records)} spill registers", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _tune(args: argparse.Namespace, gpu: bool) -> int:
+    from jaxattn.bench import tune
+
+    smoke = args.smoke or not gpu
+    seq, tokens, width = tune.DEFAULT_SHAPES[args.family]
+    if smoke:
+        print("smoke tune" + ("" if gpu else " (no GPU: kernels in interpret mode)"), file=sys.stderr)
+        shape = {"batch": 1, "seq": 128, "heads": 1, "head_dim": 64}
+    else:
+        seq = args.seq or seq
+        shape = {"batch": args.batch or max(1, tokens // seq), "seq": seq,
+                 "heads": args.heads or max(1, width // args.head_dim), "head_dim": args.head_dim}
+    res = tune.tune(args.family, **shape, dtype=args.dtype, causal=args.causal, budget_s=args.budget_s,
+                    smoke=smoke, warmup=1 if smoke else 2, runs=2 if smoke else 10, progress=True)
+    info = device_summary()
+    print(f"# tune {args.family} {shape} {args.dtype} causal={args.causal} | {info['device']} | "
+          f"jax {info['jax']} | {info['date']}")
+    print(tune.format_result(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"op": "tune", "info": info, "shape": shape, "family": args.family,
+                       "best": dataclasses.asdict(res["best"]), "extra": res["extra"],
+                       "records": res["records"]}, f, indent=1)
+    return 0 if any("ms" in r for r in res["records"]) else 1
 
 
 def _tnl(args: argparse.Namespace, gpu: bool) -> int:

@@ -1,0 +1,207 @@
+"""``python -m jaxattn.bench tune {flash,lightning,sage}``: time candidate tile configurations of a
+kernel at one target shape on the GPU and print the fastest as a line for the kernel's table.
+
+The search is greedy by stage (a stage varies the fields one kernel reads, the others stay at the
+best so far), starting from the table entry: flash tunes the forward tiles on the forward, then the
+dk/dv tiles and the backward launch on forward+backward, then the dq tiles; Lightning the forward,
+then the backward, then the segment count; Sage its one kernel. A candidate that fails to compile or
+launch (shared memory, registers) is reported and skipped. ``--budget-s`` stops the search and
+reports the best so far, so a session with little device time can still use it. Without a GPU the
+search runs a tiny smoke case in interpret mode (two candidates per stage), to check the plumbing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.bench import timing
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    mode: str  # "fwd" or "fwd+bwd"
+    candidates: tuple[dict[str, Any], ...]  # field overrides of the config (or "segments")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How to tune one kernel: its table entry, the stages, and a runner for one config."""
+
+    base: Callable[[int, Any], Any]  # (head dim, dtype) -> config
+    stages: Callable[[], list[Stage]]
+    # (config, extra options, mode, causal, inputs) -> callable timed by the tuner
+    make: Callable[..., Callable[[], Any]]
+    inputs: Callable[[int, int, int, int, Any], tuple]  # (batch, seq, heads, head_dim, dtype) -> arrays
+    table: str  # where the result goes
+
+
+def _grid(**axes: Iterable[Any]) -> tuple[dict[str, Any], ...]:
+    keys = list(axes)
+    return tuple(dict(zip(keys, vals)) for vals in itertools.product(*axes.values()))
+
+
+def _normal(b: int, n: int, h: int, d: int, dtype: Any, count: int = 4) -> tuple[jax.Array, ...]:
+    keys = jax.random.split(jax.random.PRNGKey(0), count)
+    return tuple(jax.random.normal(k, (b, n, h, d), jnp.float32).astype(dtype) for k in keys)
+
+
+def _vjp_runner(op: Callable[..., jax.Array], args: tuple, n_diff: int, ct: jax.Array, mode: str):
+    if mode == "fwd":
+        f = jax.jit(op)
+        return lambda: f(*args)
+
+    def fwd_bwd(*a):
+        out, vjp = jax.vjp(lambda *d: op(*d, *a[n_diff:]), *a[:n_diff])
+        return out, vjp(ct)
+
+    f = jax.jit(fwd_bwd)
+    return lambda: f(*args)
+
+
+# ---- flash ---------------------------------------------------------------------------------------
+def _flash_family() -> Family:
+    from jaxattn.pallas import flash
+
+    def stages() -> list[Stage]:
+        return [
+            Stage("forward tiles", "fwd", _grid(block_q=(64, 128), block_k=(32, 64, 128), num_warps=(4, 8),
+                                                num_stages=(2, 3, 4))),
+            Stage("dk/dv tiles + backward launch", "fwd+bwd",
+                  _grid(block_q_dkv=(32, 64, 128), block_k_dkv=(64, 128), num_warps_bwd=(4, 8),
+                        num_stages_bwd=(2, 3))),
+            Stage("dq tiles", "fwd+bwd", _grid(block_q_dq=(64, 128), block_k_dq=(32, 64, 128))),
+        ]
+
+    def make(cfg, extra, mode, causal, inputs):
+        q, k, v, do = inputs
+        op = lambda q, k, v: flash.flash_attention(q, k, v, causal=causal, config=cfg)[0]  # noqa: E731
+        return _vjp_runner(op, (q, k, v), 3, do, mode)
+
+    return Family(flash.flash_config, stages, make, lambda *a: _normal(*a), "pallas/flash.py CONFIGS")
+
+
+# ---- lightning -----------------------------------------------------------------------------------
+def _lightning_family() -> Family:
+    from jaxattn.models.tnl import tnl_slopes
+    from jaxattn.pallas import lightning
+
+    def stages() -> list[Stage]:
+        return [
+            Stage("forward", "fwd", _grid(block=(16, 32, 64), block_e=(16, 32, 64), num_warps=(4, 8),
+                                          num_stages=(1, 2))),
+            Stage("backward chunks", "fwd+bwd", _grid(block_e_bwd=(32, 64, 128))),
+            Stage("segments", "fwd+bwd", _grid(segments=(1, 2, 4, 8, 16, 32))),
+        ]
+
+    def make(cfg, extra, mode, causal, inputs):
+        q, k, v, slope, do = inputs
+        seg = extra.get("segments")
+        op = lambda q, k, v, s: lightning.lightning_attention_kernel(q, k, v, s, config=cfg,  # noqa: E731
+                                                                     segments=seg)[0]
+        return _vjp_runner(op, (q, k, v, slope), 3, do, mode)
+
+    def inputs(b, n, h, d, dtype):
+        q, k, v, do = _normal(b, n, h, d, dtype)
+        scale = d ** -0.5
+        return ((q * scale).astype(dtype), (k * scale).astype(dtype), v,
+                jnp.asarray(tnl_slopes(h), jnp.float32), do)
+
+    return Family(lightning.lightning_config, stages, make, inputs, "pallas/lightning.py CONFIGS")
+
+
+# ---- sage ----------------------------------------------------------------------------------------
+def _sage_family() -> Family:
+    from jaxattn.pallas import sage
+
+    def stages() -> list[Stage]:
+        return [Stage("attention kernel", "fwd", _grid(block_q=(64, 128), block_k=(64, 128), num_warps=(4, 8),
+                                                       num_stages=(2, 3, 4)))]
+
+    def make(cfg, extra, mode, causal, inputs):
+        q, k, v, _ = inputs
+        f = jax.jit(lambda q, k, v: sage.sage_attention_kernel(q, k, v, causal=causal, config=cfg))
+        return lambda: f(q, k, v)
+
+    def base(d, dtype):
+        return sage.sage_config(d)
+
+    return Family(base, stages, make, lambda *a: _normal(*a), "pallas/sage.py CONFIGS")
+
+
+FAMILIES: dict[str, Callable[[], Family]] = {"flash": _flash_family, "lightning": _lightning_family,
+                                             "sage": _sage_family}
+
+
+def _split(cfg: Any, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Config fields go into the config, anything else (``segments``) into the extra options."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    return (dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k in fields}),
+            {k: v for k, v in overrides.items() if k not in fields})
+
+
+def tune(family: str, *, batch: int, seq: int, heads: int, head_dim: int, dtype: str = "bfloat16",
+         causal: bool = False, budget_s: float = 300.0, warmup: int = 2, runs: int = 10,
+         smoke: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Greedy staged search; returns ``{"best": config, "extra": {...}, "records": [...]}``."""
+    fam = FAMILIES[family]()
+    dt = jnp.dtype(dtype)
+    cfg, extra = fam.base(head_dim, dt), {}
+    inputs = fam.inputs(batch, seq, heads, head_dim, dt)
+    deadline = time.perf_counter() + budget_s
+    records: list[dict[str, Any]] = []
+    for stage in fam.stages():
+        cands = stage.candidates[:2] if smoke else stage.candidates
+        best = None
+        # the current config first, so a stage never ends worse than it started
+        for ov in ({}, *cands):
+            if time.perf_counter() > deadline:
+                records.append({"stage": stage.name, "note": "budget spent"})
+                break
+            c, e = _split(cfg, ov)
+            e = {**extra, **e}
+            rec: dict[str, Any] = {"stage": stage.name, "mode": stage.mode, "config": dataclasses.asdict(c), **e}
+            try:
+                run = fam.make(c, e, stage.mode, causal, inputs)
+                t = timing.time_jax(lambda: run(), warmup=warmup, runs=runs)
+                rec["ms"] = t.median_ms
+            except Exception as err:  # noqa: BLE001 - a config that does not compile/launch is a result
+                rec["error"] = f"{type(err).__name__}: {err}"[:200]
+            records.append(rec)
+            if progress:
+                msg = f"{rec['ms']:.3f} ms" if "ms" in rec else rec["error"][:80]
+                print(f"[{stage.name}] {ov or 'current'}: {msg}", flush=True)
+            if "ms" in rec and (best is None or rec["ms"] < best[0]):
+                best = (rec["ms"], c, e)
+        if best is not None:
+            _, cfg, extra = best
+    return {"family": family, "best": cfg, "extra": extra, "records": records, "table": fam.table}
+
+
+def format_result(res: dict[str, Any]) -> str:
+    """The search as a markdown table, then the best configuration as a table line."""
+    rows = ["| stage | mode | config | ms |", "|---|---|---|---|"]
+    for r in res["records"]:
+        if "config" not in r:
+            rows.append(f"| {r['stage']} | | {r['note']} | |")
+            continue
+        desc = " ".join(f"{k}={v}" for k, v in r["config"].items())
+        if "segments" in r:
+            desc += f" segments={r['segments']}"
+        result = f"{r['ms']:.3f}" if "ms" in r else r["error"][:60]
+        rows.append(f"| {r['stage']} | {r['mode']} | {desc} | {result} |")
+    best = res["best"]
+    args = ", ".join(f"{f.name}={getattr(best, f.name)!r}" for f in dataclasses.fields(best))
+    line = f"{type(best).__name__}({args})" + "".join(f"  # {k}={v}" for k, v in res["extra"].items())
+    return "\n".join(rows) + f"\n\nbest for {res['table']}:\n{line}"
+
+
+# target shapes: (seq, batch * seq, heads * head_dim), as the benchmarks' sweeps
+DEFAULT_SHAPES = {"flash": (8192, 16384, 2048), "lightning": (65536, 65536, 2048), "sage": (8192, 16384, 2048)}
