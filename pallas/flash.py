@@ -268,16 +268,61 @@ def _load_bias(st: _Static, bias_ref, q_idx, k_idx):
 
 
 def _optional_refs(st: _Static, rest):
-    """Splits ``(qseg, kseg)?, bias?, (index, blocks, q_offset)?, *outputs`` off the
-    kernel's trailing refs."""
-    qseg_ref = kseg_ref = bias_ref = lists = None
+    """Splits ``(qseg, kseg, segment block ranges)?, bias?, (index, blocks, q_offset)?,
+    *outputs`` off the kernel's trailing refs."""
+    qseg_ref = kseg_ref = range_ref = bias_ref = lists = None
     if st.has_seg:
-        qseg_ref, kseg_ref, *rest = rest
+        qseg_ref, kseg_ref, range_ref, *rest = rest
     if st.bias_kind:
         bias_ref, *rest = rest
     if st.sparse is not None:
         lists, rest = rest[:3], rest[3:]
-    return qseg_ref, kseg_ref, bias_ref, lists, rest
+    return qseg_ref, kseg_ref, range_ref, bias_ref, lists, rest
+
+
+def _clip_range(range_ref, row, lo, a, b, hi):
+    """Intersects block ranges ``lo <= a <= b <= hi`` with the segment range ``range_ref[row]``
+    (blocks outside it hold no key of the tile's segments, so they would be fully masked)."""
+    lo = jnp.maximum(lo, range_ref[row, 0])
+    hi = jnp.maximum(jnp.minimum(hi, range_ref[row, 1]), lo)
+    a = jnp.clip(a, lo, hi)
+    return lo, a, jnp.clip(b, a, hi), hi
+
+
+def segment_block_ranges(q_segment_ids, kv_segment_ids, q_len: int, kv_len: int, block_q: int,
+                         block_k: int, transposed: bool = False) -> jax.Array:
+    """Per query block, the key blocks ``[lo, hi)`` that can hold a key of one of its segments
+    (``transposed``: per key block, the query blocks): int32 ``[B, blocks, 2]``. A block's
+    segments are summarised by their min and max id over its real rows, so the range is exact
+    for packed (sorted) segments and conservative for any other ids; an empty range is
+    ``[n, n)``. Inputs are the padded id arrays ``[B, q_pad]`` / ``[B, kv_pad]``."""
+    big = jnp.iinfo(jnp.int32).max
+
+    def summary(ids, length, block):
+        n = ids.shape[1] // block
+        real = (jnp.arange(ids.shape[1]) < length).reshape(n, block)
+        x = ids.reshape(ids.shape[0], n, block)
+        return (jnp.min(jnp.where(real, x, big), axis=2), jnp.max(jnp.where(real, x, -big), axis=2))
+
+    qmin, qmax = summary(q_segment_ids, q_len, block_q)
+    kmin, kmax = summary(kv_segment_ids, kv_len, block_k)
+    if transposed:
+        (qmin, qmax), (kmin, kmax) = (kmin, kmax), (qmin, qmax)
+    meet = (qmin[:, :, None] <= kmax[:, None, :]) & (kmin[:, None, :] <= qmax[:, :, None])
+    n = meet.shape[2]
+    j = jnp.arange(n)
+    lo = jnp.min(jnp.where(meet, j, n), axis=2)
+    hi = jnp.max(jnp.where(meet, j + 1, 0), axis=2)
+    return jnp.stack([lo, jnp.maximum(hi, lo)], axis=-1).astype(jnp.int32)
+
+
+def _seg_inputs(st: _Static, qseg, kseg, bq: int, bk: int, transposed: bool, q_map, kv_map):
+    """Specs and arrays of the segment ids and their block ranges for one kernel."""
+    if not st.has_seg:
+        return [], []
+    ranges = segment_block_ranges(qseg, kseg, st.q_len, st.kv_len, bq, bk, transposed)
+    return ([q_map, kv_map, pl.BlockSpec((None, *ranges.shape[1:]), lambda i, b, h: (b, 0, 0))],
+            [qseg, kseg, ranges])
 
 
 def _q_positions(st: _Static, q_start, block_q: int, lists):
@@ -322,14 +367,17 @@ def _loop_lists(row, mask_block: int, tile: int, index_ref, blocks_ref, body, ca
     return lax.fori_loop(n_full, n_visit, step(True), carry)
 
 
-def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry, lists=None):
+def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry, lists=None, range_ref=None):
     """Runs ``body(j, carry, masked)`` over the key blocks a query tile sees: unmasked
     blocks first, then those on the causal diagonal or holding padded keys (or, for a
-    sparse layout, the listed full blocks then the partial ones)."""
+    sparse layout, the listed full blocks then the partial ones). With segment ids, only
+    the key blocks whose segments can meet the tile's (``range_ref``) are visited."""
     if st.sparse is not None:
         row = lax.div(q_start, st.sparse.block_q)
         return _loop_lists(row, st.sparse.block_k, block_k, lists[0], lists[1], body, carry)
     lo, full_lo, full_hi, hi = _kv_blocks(st, q_start, block_q, block_k)
+    if range_ref is not None:
+        lo, full_lo, full_hi, hi = _clip_range(range_ref, lax.div(q_start, block_q), lo, full_lo, full_hi, hi)
     if st.window[0] is not None:  # else lo = full_lo = 0
         carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
@@ -343,7 +391,7 @@ def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry, list
 
 def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, *rest = refs
-    qseg_ref, kseg_ref, bias_ref, lists, (o_ref, lse_ref) = _optional_refs(st, rest)
+    qseg_ref, kseg_ref, range_ref, bias_ref, lists, (o_ref, lse_ref) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
     q = q_ref[...]
@@ -353,7 +401,8 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
         s, _, _, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked)
         return online_softmax_step(carry, s, v, st.precision)
 
-    carry = _loop_kv(st, q_start, block_q, block_k, body, online_softmax_init(block_q, v_ref.shape[-1]), lists)
+    carry = _loop_kv(st, q_start, block_q, block_k, body, online_softmax_init(block_q, v_ref.shape[-1]), lists,
+                     range_ref)
     o, lse = online_softmax_finish(*carry)
     o_ref[...] = o.astype(o_ref.dtype)
     lse_ref[...] = lse
@@ -399,10 +448,9 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout):
         pl.BlockSpec((None, st.kv_pad, None, v.shape[-1]), lambda i, b, h: (b, 0, h // g, 0)),
     ]
     args = [q, k, v]
-    if st.has_seg:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
-                     pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0))]
-        args += [qseg, kseg]
+    specs, arrays = _seg_inputs(st, qseg, kseg, bq, bk, False, pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
+                                pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0)))
+    in_specs, args = in_specs + specs, args + arrays
     if st.bias_kind:
         in_specs.append(_bias_spec_fwd(st, bias.shape, bq))
         args.append(bias)
@@ -427,7 +475,7 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout):
 
 def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    qseg_ref, kseg_ref, bias_ref, lists, (dq_ref,) = _optional_refs(st, rest)
+    qseg_ref, kseg_ref, range_ref, bias_ref, lists, (dq_ref,) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
     q, do = q_ref[...], do_ref[...]
@@ -442,7 +490,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
         ds = _softcap_grad(st, p * (dp - delta[:, None]), t)
         return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
 
-    dq = _loop_kv(st, q_start, block_q, block_k, body, jnp.zeros(q.shape, jnp.float32), lists)
+    dq = _loop_kv(st, q_start, block_q, block_k, body, jnp.zeros(q.shape, jnp.float32), lists, range_ref)
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
@@ -467,10 +515,9 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout):
         pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i))),
     ]
     args = [q, k, v, do, lse, delta]
-    if st.has_seg:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
-                     pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0))]
-        args += [qseg, kseg]
+    specs, arrays = _seg_inputs(st, qseg, kseg, bq, bk, False, pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
+                                pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0)))
+    in_specs, args = in_specs + specs, args + arrays
     if st.bias_kind:
         in_specs.append(_bias_spec_fwd(st, bias.shape, bq))
         args.append(bias)
@@ -520,7 +567,7 @@ def _q_range(st: _Static, k_start, block_q: int, block_k: int):
 
 def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    qseg_ref, kseg_ref, bias_ref, lists, (dk_ref, dv_ref) = _optional_refs(st, rest)
+    qseg_ref, kseg_ref, range_ref, bias_ref, lists, (dk_ref, dv_ref) = _optional_refs(st, rest)
 
     k_start = pl.program_id(0) * block_k
     k_pos = k_start + jnp.arange(block_k)
@@ -564,6 +611,8 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
                                functools.partial(body, g=g), carry)
     else:
         lo, first_full, last_full, hi = _q_range(st, k_start, block_q, block_k)
+        if range_ref is not None:
+            lo, first_full, last_full, hi = _clip_range(range_ref, pl.program_id(0), lo, first_full, last_full, hi)
 
         def group_body(g, carry):
             carry = lax.fori_loop(lo, first_full, functools.partial(body, g=g, masked=True), carry)
@@ -593,10 +642,9 @@ def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout):
         pl.BlockSpec((None, g, st.q_pad), lambda j, b, h: (b, h, 0)),
     ]
     args = [q, k, v, do, lse, delta]
-    if st.has_seg:
-        in_specs += [pl.BlockSpec((None, st.q_pad), lambda j, b, h: (b, 0)),
-                     pl.BlockSpec((None, bk), lambda j, b, h: (b, j))]
-        args += [qseg, kseg]
+    specs, arrays = _seg_inputs(st, qseg, kseg, bq, bk, True, pl.BlockSpec((None, st.q_pad), lambda j, b, h: (b, 0)),
+                                pl.BlockSpec((None, bk), lambda j, b, h: (b, j)))
+    in_specs, args = in_specs + specs, args + arrays
     if st.bias_kind:
         bb, bh, bbq, bbk = st.bias_bcast
         blk = (None, 1 if bh else g, 1 if bbq else st.q_pad, 1 if bbk else bk)

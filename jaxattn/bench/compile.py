@@ -224,6 +224,8 @@ def _flash_cases() -> Iterator[tuple[str, Callable, list]]:
                    *case(d, _dtype(size), causal))
     yield "d128 bf16 causal window+softcap", *case(128, jnp.bfloat16, True, local_window_size=(1023, 0),
                                                     logits_soft_cap=30.0)
+    seg = jnp.repeat(jnp.arange(8, dtype=jnp.int32), 512)[None]  # 8 packed documents
+    yield "d128 bf16 causal segments", *case(128, jnp.bfloat16, True, q_segment_ids=seg, kv_segment_ids=seg)
 
 
 def _lightning_cases() -> Iterator[tuple[str, Callable, list]]:
