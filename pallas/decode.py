@@ -15,6 +15,12 @@ below it, so a ragged batch costs what its real lengths cost. With ``causal``, q
 ``Sq`` sits at position ``lengths[b] - Sq + i`` and sees keys up to it (the new tokens are
 already in the cache); otherwise every query sees all ``lengths[b]`` keys. Rows with no
 visible key give zeros and ``lse = -inf``. Forward only (inference).
+
+**Paged caches** (vLLM's layout): keys and values live in a pool of pages ``[num_pages,
+page_size, Hkv, D]`` and ``block_tables[b, i]`` names the page holding row ``b``'s positions
+``i * page_size ...``. The same kernel reads key block ``j`` from page ``block_tables[b, j //
+sub]`` at offset ``(j % sub) * block_k`` (``sub = page_size / block_k``; pages smaller than the
+block size are read one page per step), so nothing is gathered into a dense cache.
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ class _Static:
     precision: object
     window: tuple[int | None, int | None] = (None, None)  # (left, right) around each query's position
     softcap: float | None = None
+    blocks_per_page: int = 0  # paged cache: key blocks per page (0: a dense cache)
 
 
 def choose_splits(batch: int, kv_heads: int, row_tiles: int, kv_blocks: int) -> int:
@@ -88,7 +95,8 @@ def choose_splits(batch: int, kv_heads: int, row_tiles: int, kv_blocks: int) -> 
     return int(max(1, min(kv_blocks, -(-TARGET_PROGRAMS // base))))
 
 
-def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, st: _Static):
+def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
+    table_ref, o_ref, lse_ref = rest if st.blocks_per_page else (None, *rest)
     split = lax.div(pl.program_id(0), st.n_rb)
     rb = lax.rem(pl.program_id(0), st.n_rb)
     length = len_ref[pl.program_id(1)]
@@ -118,8 +126,14 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, st: _Static):
 
     def body(j, carry, masked: bool):
         k_start = pl.multiple_of(j * bk, bk)
-        ks = pl.ds(k_start, bk)
-        k, v = k_ref[ks, :], v_ref[ks, :]
+        if st.blocks_per_page:  # block j: part (j % sub) of page block_tables[b, j // sub]
+            sub = st.blocks_per_page
+            page = table_ref[lax.div(j, sub)]
+            ks = pl.ds(pl.multiple_of(lax.rem(j, sub) * bk, bk), bk)
+            k, v = k_ref[page, ks, :], v_ref[page, ks, :]
+        else:
+            ks = pl.ds(k_start, bk)
+            k, v = k_ref[ks, :], v_ref[ks, :]
         s, _ = base2_logits(dot(q, k, trans_b=True, precision=st.precision), st.scale, st.softcap)
         if masked:
             k_pos = (k_start + jnp.arange(bk))[None, :]
@@ -135,6 +149,64 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, st: _Static):
     carry = lax.fori_loop(free_lo, n_free, functools.partial(body, masked=False), carry)
     carry = lax.fori_loop(n_free, hi, functools.partial(body, masked=True), carry)
     o_ref[...], lse_ref[...] = online_softmax_finish(*carry)
+
+
+def _launch(q, kp, vp, lengths, table, *, hkv: int, d: int, dv: int, s_max: int, cfg: DecodeConfig, bk: int,
+            blocks_per_page: int, causal, scale, local_window_size, logits_soft_cap, num_splits, interpret):
+    """Packs the queries, runs the split-KV kernel over ``s_max`` logical cache rows (dense
+    ``kp``/``vp [B, s_pad, Hkv, *]`` or a page pool with ``table``) and merges the splits."""
+    batch, q_len, hq, _ = q.shape
+    g = hq // hkv
+    rows = q_len * g
+    bm = min(cfg.block_m, max(16, _common.next_pow2(rows)))
+    n_rb = -(-rows // bm)
+    n_kb = -(-s_max // bk)
+    splits = num_splits or choose_splits(batch, hkv, n_rb, n_kb)
+    splits = int(max(1, min(splits, n_kb)))
+    per = -(-n_kb // splits)
+    splits = -(-n_kb // per)  # no split without blocks
+    st = _Static(scale=float(1.0 / math.sqrt(d) if scale is None else scale), causal=bool(causal),
+                 q_len=q_len, groups=g, rows=rows, block_m=bm, block_k=bk, n_rb=n_rb, per_split=per,
+                 num_splits=splits, precision=precision_for(q.dtype),
+                 window=tuple(local_window_size) if local_window_size is not None else (None, None),
+                 softcap=None if logits_soft_cap is None else float(logits_soft_cap),
+                 blocks_per_page=blocks_per_page)
+    dp, dvp = kp.shape[-1], vp.shape[-1]
+    # pack: [B, Sq, Hkv, g, D] -> [B, Hkv, Sq * g, D], rows padded to the row tiles
+    qg = q.reshape(batch, q_len, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(batch, hkv, rows, d)
+    qg = _common.pad_axis(_common.pad_axis(qg, 2, n_rb * bm), 3, dp)
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, s_max)
+    if blocks_per_page:  # the whole pool; programs index pages through the table
+        n_pages, page = kp.shape[:2]
+        kv_specs = [pl.BlockSpec((n_pages, page, None, x), lambda i, b, h: (0, 0, h, 0)) for x in (dp, dvp)]
+        extra_specs = [pl.BlockSpec((None, table.shape[1]), lambda i, b, h: (b, 0))]
+        extra = [table]
+    else:
+        s_pad = kp.shape[1]
+        kv_specs = [pl.BlockSpec((None, s_pad, None, x), lambda i, b, h: (b, 0, h, 0)) for x in (dp, dvp)]
+        extra_specs, extra = [], []
+    call = _common.pallas_call(
+        functools.partial(_kernel, st=st),
+        out_shape=[jax.ShapeDtypeStruct((batch, splits, hkv, n_rb * bm, dvp), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, splits, hkv, n_rb * bm), jnp.float32)],
+        grid=(splits * n_rb, batch, hkv),
+        in_specs=[
+            pl.BlockSpec((None, None, bm, dp), lambda i, b, h: (b, h, lax.rem(i, n_rb), 0)),
+            *kv_specs,
+            pl.BlockSpec((batch,), lambda i, b, h: (0,)),
+            *extra_specs,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, bm, dvp), lambda i, b, h: (b, lax.div(i, n_rb), h, lax.rem(i, n_rb), 0)),
+            pl.BlockSpec((None, None, None, bm), lambda i, b, h: (b, lax.div(i, n_rb), h, lax.rem(i, n_rb))),
+        ],
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret, name="jaxattn_decode")
+    o_parts, lse_parts = call(qg, kp, vp, lengths, *extra)
+    out, lse = _common.merge_partials(o_parts[..., :rows, :dv], lse_parts[..., :rows])
+    # unpack: [B, Hkv, Sq * g, ...] -> [B, Sq, Hq, ...]
+    out = out.reshape(batch, hkv, q_len, g, dv).transpose(0, 2, 1, 3, 4).reshape(batch, q_len, hq, dv)
+    lse = lse.reshape(batch, hkv, q_len, g).transpose(0, 2, 1, 3).reshape(batch, q_len, hq)
+    return out.astype(q.dtype), lse
 
 
 def decode_attention_kernel(
@@ -165,53 +237,46 @@ def decode_attention_kernel(
     Returns:
       ``out [B, Sq, Hq, Dv]`` in q's dtype and ``lse [B, Sq, Hq]`` (fp32, natural log).
     """
-    batch, q_len, hq, d = q.shape
+    d = q.shape[-1]
     s_max, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
-    g = hq // hkv
     cfg = config or decode_config(max(d, dv), q.dtype)
-    rows = q_len * g
-    bm = min(cfg.block_m, max(16, _common.next_pow2(rows)))
-    n_rb = -(-rows // bm)
     bk = min(cfg.block_k, max(16, _common.next_pow2(s_max)))
-    n_kb = -(-s_max // bk)
-    splits = num_splits or choose_splits(batch, hkv, n_rb, n_kb)
-    splits = int(max(1, min(splits, n_kb)))
-    per = -(-n_kb // splits)
-    splits = -(-n_kb // per)  # no split without blocks
-    st = _Static(scale=float(1.0 / math.sqrt(d) if scale is None else scale), causal=bool(causal),
-                 q_len=q_len, groups=g, rows=rows, block_m=bm, block_k=bk, n_rb=n_rb, per_split=per,
-                 num_splits=splits, precision=precision_for(q.dtype),
-                 window=tuple(local_window_size) if local_window_size is not None else (None, None),
-                 softcap=None if logits_soft_cap is None else float(logits_soft_cap))
-
+    s_pad = -(-s_max // bk) * bk
     dp, dvp = max(16, _common.next_pow2(d)), max(16, _common.next_pow2(dv))
-    # pack: [B, Sq, Hkv, g, D] -> [B, Hkv, Sq * g, D], rows padded to the row tiles
-    qg = q.reshape(batch, q_len, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(batch, hkv, rows, d)
-    qg = _common.pad_axis(_common.pad_axis(qg, 2, n_rb * bm), 3, dp)
-    s_pad = n_kb * bk
     kp = _common.pad_axis(_common.pad_axis(k, 1, s_pad), 3, dp)
     vp = _common.pad_axis(_common.pad_axis(v, 1, s_pad), 3, dvp)
-    lengths = jnp.clip(lengths.astype(jnp.int32), 0, s_max)
+    return _launch(q, kp, vp, lengths, None, hkv=hkv, d=d, dv=dv, s_max=s_max, cfg=cfg, bk=bk, blocks_per_page=0,
+                   causal=causal, scale=scale, local_window_size=local_window_size,
+                   logits_soft_cap=logits_soft_cap, num_splits=num_splits, interpret=interpret)
 
-    call = _common.pallas_call(
-        functools.partial(_kernel, st=st),
-        out_shape=[jax.ShapeDtypeStruct((batch, splits, hkv, n_rb * bm, dvp), jnp.float32),
-                   jax.ShapeDtypeStruct((batch, splits, hkv, n_rb * bm), jnp.float32)],
-        grid=(splits * n_rb, batch, hkv),
-        in_specs=[
-            pl.BlockSpec((None, None, bm, dp), lambda i, b, h: (b, h, lax.rem(i, n_rb), 0)),
-            pl.BlockSpec((None, s_pad, None, dp), lambda i, b, h: (b, 0, h, 0)),
-            pl.BlockSpec((None, s_pad, None, dvp), lambda i, b, h: (b, 0, h, 0)),
-            pl.BlockSpec((batch,), lambda i, b, h: (0,)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, bm, dvp), lambda i, b, h: (b, lax.div(i, n_rb), h, lax.rem(i, n_rb), 0)),
-            pl.BlockSpec((None, None, None, bm), lambda i, b, h: (b, lax.div(i, n_rb), h, lax.rem(i, n_rb))),
-        ],
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret, name="jaxattn_decode")
-    o_parts, lse_parts = call(qg, kp, vp, lengths)
-    out, lse = _common.merge_partials(o_parts[..., :rows, :dv], lse_parts[..., :rows])
-    # unpack: [B, Hkv, Sq * g, ...] -> [B, Sq, Hq, ...]
-    out = out.reshape(batch, hkv, q_len, g, dv).transpose(0, 2, 1, 3, 4).reshape(batch, q_len, hq, dv)
-    lse = lse.reshape(batch, hkv, q_len, g).transpose(0, 2, 1, 3).reshape(batch, q_len, hq)
-    return out.astype(q.dtype), lse
+
+def paged_decode_attention_kernel(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    lengths: jax.Array,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    local_window_size: tuple[int | None, int | None] | None = None,
+    logits_soft_cap: float | None = None,
+    num_splits: int | None = None,
+    config: DecodeConfig | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Split-KV decode attention from a paged cache, on validated inputs: k_pages ``[P, page_size,
+    Hkv, D]``, v_pages ``[P, page_size, Hkv, Dv]`` (``page_size`` a power of two >= 16),
+    block_tables int ``[B, max_pages]``, lengths int ``[B]`` (clipped to ``max_pages * page_size``).
+    Entries of a table past a row's length are never read. Same results as
+    :func:`decode_attention_kernel` on the gathered cache."""
+    d = q.shape[-1]
+    page, hkv, dv = k_pages.shape[1], k_pages.shape[2], v_pages.shape[-1]
+    cfg = config or decode_config(max(d, dv), q.dtype)
+    bk = min(cfg.block_k, page)
+    dp, dvp = max(16, _common.next_pow2(d)), max(16, _common.next_pow2(dv))
+    kp, vp = _common.pad_axis(k_pages, 3, dp), _common.pad_axis(v_pages, 3, dvp)
+    return _launch(q, kp, vp, lengths, block_tables.astype(jnp.int32), hkv=hkv, d=d, dv=dv,
+                   s_max=block_tables.shape[1] * page, cfg=cfg, bk=bk, blocks_per_page=page // bk, causal=causal,
+                   scale=scale, local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
+                   num_splits=num_splits, interpret=interpret)

@@ -314,6 +314,15 @@ def _decode_cases() -> Iterator[tuple[str, Callable, list]]:
                 _sds((8,), jnp.int32)]
         yield f"d{d} {jnp.dtype(dtype).name}", f, args
 
+    for page in (16, 128):  # paged cache: a 32k context per row in pages
+        def paged(q, kp, vp, tables, n):
+            return decode.paged_decode_attention_kernel(q, kp, vp, tables, n, interpret=False)
+
+        pool = _sds((8 * 32768 // page, page, 8, 128), jnp.bfloat16)
+        yield (f"paged{page} d128 bfloat16", paged,
+               [_sds((8, 1, 32, 128), jnp.bfloat16), pool, pool, _sds((8, 32768 // page), jnp.int32),
+                _sds((8,), jnp.int32)])
+
 
 FAMILIES: dict[str, Callable[[], Iterable[tuple[str, Callable, list]]]] = {
     "flash": _flash_cases, "lightning": _lightning_cases, "sage": _sage_cases,

@@ -10,6 +10,7 @@ importable with CUDA, ``flash_attn_with_kvcache`` (flash-attn) and PyTorch SDPA 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -58,6 +59,13 @@ def inputs(case: Case) -> tuple:
     return q, k, v, jnp.full((case.batch,), case.seq, jnp.int32)
 
 
+def _paged(q, k, v, n, *, page: int):
+    b, s = k.shape[:2]
+    table = jnp.arange(b * s // page, dtype=jnp.int32).reshape(b, s // page)
+    pool = lambda x: x.reshape(b * s // page, page, *x.shape[2:])  # noqa: E731
+    return jaxattn.paged_decode_attention(q, pool(k), pool(v), table, n, impl="pallas")
+
+
 def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     scale = 1.0 / math.sqrt(case.head_dim)
     ops: dict[str, Callable[..., Any]] = {
@@ -66,6 +74,9 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
                                                               implementation="xla"),
         "jaxattn-flash": lambda q, k, v, n: jaxattn.attention(q, k, v, impl="pallas"),
     }
+    for page in (16, 128):  # the same cache as a page pool (a free reshape; table in page order)
+        if case.seq % page == 0:
+            ops[f"jaxattn-paged{page}"] = functools.partial(_paged, page=page)
     if not interpret:
         ops["cudnn"] = lambda q, k, v, n: jax.nn.dot_product_attention(
             q, k, v, key_value_seq_lengths=n, implementation="cudnn")

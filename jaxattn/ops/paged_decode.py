@@ -1,0 +1,135 @@
+"""``jaxattn.paged_decode_attention``: decode attention from a paged KV cache (vLLM's layout), and
+``jaxattn.append_paged_kv`` to write new tokens into their pages.
+
+A page pool ``k_pages [num_pages, page_size, kv_heads, head_dim]`` (and ``v_pages``) is shared by
+all sequences; ``block_tables [batch, max_pages]`` lists, per batch row, the pages holding its
+positions ``0 .. page_size - 1``, ``page_size ..``, and so on. Sequences grow a page at a time and
+free pages go back to the pool, so memory follows the real lengths instead of ``batch x max_len``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.ops import _checks
+from jaxattn.ops.decode import _NO_GRAD, _check_lengths
+from jaxattn.pallas import decode as _decode
+from jaxattn.reference.decode import decode_reference
+
+PAGES_LAYOUT = "[num_pages, page_size, kv_heads, head_dim]"
+
+
+def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """The dense cache ``[batch, max_pages * page_size, kv_heads, d]`` a table describes."""
+    g = pages[block_tables]  # [batch, max_pages, page_size, kv_heads, d]
+    return g.reshape(g.shape[0], g.shape[1] * g.shape[2], *g.shape[3:])
+
+
+def _check_paged(q, k_pages, v_pages, block_tables) -> tuple[int, int, int]:
+    """Validates shapes and dtypes; returns ``(batch, page_size, max_pages)``."""
+    _checks.check_rank("q", q, 4, "[batch, Sq, heads, head_dim]")
+    _checks.check_rank("k_pages", k_pages, 4, PAGES_LAYOUT)
+    _checks.check_rank("v_pages", v_pages, 4, "[num_pages, page_size, kv_heads, v_head_dim]")
+    _checks.check_float_dtype("q", q)
+    _checks.check_same_dtype(q=q, k_pages=k_pages, v_pages=v_pages)
+    batch, q_len, hq, d = q.shape
+    _checks.check_dim("k_pages", k_pages, 3, d, "head dim", "q")
+    for axis, what in ((0, "num_pages"), (1, "page_size"), (2, "kv_heads")):
+        _checks.check_dim("v_pages", v_pages, axis, k_pages.shape[axis], what, "k_pages")
+    hkv = k_pages.shape[2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"k_pages has {hkv} kv heads, which must divide q's {hq} heads (GQA/MQA)")
+    if q_len == 0 or k_pages.shape[0] == 0 or k_pages.shape[1] == 0:
+        raise ValueError(f"need q_len, num_pages and page_size >= 1; got q {tuple(q.shape)}, "
+                         f"k_pages {tuple(k_pages.shape)}")
+    _checks.check_array("block_tables", block_tables, "[batch, max_pages]")
+    if block_tables.ndim != 2 or block_tables.shape[0] != batch or block_tables.shape[1] == 0:
+        raise ValueError(f"block_tables must have shape [batch, max_pages] with batch = {batch} and "
+                         f"max_pages >= 1, got {tuple(block_tables.shape)}")
+    if not jnp.issubdtype(block_tables.dtype, jnp.integer):
+        raise ValueError(f"block_tables must have an integer dtype, got {jnp.dtype(block_tables.dtype).name}")
+    return batch, k_pages.shape[1], block_tables.shape[1]
+
+
+def paged_decode_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    lengths: jax.Array | int,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    local_window_size: int | tuple[int | None, int | None] | None = None,
+    logits_soft_cap: float | None = None,
+    impl: Literal["auto", "pallas", "xla"] = "auto",
+    num_splits: int | None = None,
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """:func:`jaxattn.decode_attention` with the cache in pages.
+
+    Args:
+      q: ``[batch, Sq, heads, head_dim]``, the new tokens.
+      k_pages: ``[num_pages, page_size, kv_heads, head_dim]``; v_pages: ``[num_pages, page_size,
+        kv_heads, v_head_dim]``. The kernel needs ``page_size`` a power of two >= 16.
+      block_tables: int ``[batch, max_pages]``: page of each batch row's ``i``-th ``page_size``
+        positions; entries past a row's length are ignored (may hold anything in range).
+      lengths: int ``[batch]`` (or one int): valid cache positions per row, the new tokens
+        included (write them first with :func:`append_paged_kv`).
+      causal, scale, local_window_size, logits_soft_cap, num_splits, return_lse: as
+        :func:`jaxattn.decode_attention`.
+      impl: ``"pallas"`` (split-KV kernel reading pages through the table; interpret mode without a
+        GPU), ``"xla"`` (gathers the pages and runs the dense fp32 reference), ``"auto"``.
+
+    Returns ``out [batch, Sq, heads, v_head_dim]`` in q's dtype (and the fp32 ``lse``).
+    """
+    _checks.check_impl(impl)
+    batch, page, max_pages = _check_paged(q, k_pages, v_pages, block_tables)
+    lengths = _check_lengths(lengths, batch, max_pages * page)
+    scale = _checks.check_scale(scale)
+    extra = dict(local_window_size=_checks.check_window(local_window_size),
+                 logits_soft_cap=_checks.check_soft_cap(logits_soft_cap))
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    dims_ok = max(q.shape[-1], v_pages.shape[-1]) <= _decode.MAX_HEAD_DIM
+    page_ok = page >= 16 and page & (page - 1) == 0
+    if impl == "pallas" and not (dims_ok and page_ok):
+        raise ValueError(f"impl='pallas' needs page_size a power of two >= 16 (got {page}) and head dims "
+                         f"<= {_decode.MAX_HEAD_DIM} (got {q.shape[-1]}, {v_pages.shape[-1]})")
+    if impl == "pallas" or (impl == "auto" and dims_ok and page_ok and jax.default_backend() == "gpu"):
+        q, k_pages, v_pages = (_checks.no_grad(x, _NO_GRAD) for x in (q, k_pages, v_pages))
+        out, lse = _decode.paged_decode_attention_kernel(q, k_pages, v_pages, block_tables, lengths, causal=causal,
+                                                         scale=scale, num_splits=num_splits, **extra)
+    else:
+        k, v = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)
+        out, lse = decode_reference(q, k, v, lengths, causal=causal, scale=scale, **extra)
+        out = out.astype(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def append_paged_kv(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array, k: jax.Array,
+                    v: jax.Array, lengths: jax.Array | int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Writes ``k``/``v [batch, n, kv_heads, d]`` at positions ``lengths[b] .. lengths[b] + n`` of
+    each batch row, into the pages its table names; returns the pools and ``lengths + n``. The
+    caller owns the tables (allocating a page before a row crosses into it) and keeps the pages
+    of different rows distinct."""
+    _checks.check_rank("k_pages", k_pages, 4, PAGES_LAYOUT)
+    _checks.check_rank("v_pages", v_pages, 4, "[num_pages, page_size, kv_heads, v_head_dim]")
+    batch, page, max_pages = block_tables.shape[0], k_pages.shape[1], block_tables.shape[1]
+    for name, pool, new in (("k", k_pages, k), ("v", v_pages, v)):
+        _checks.check_rank(name, new, 4, "[batch, n, kv_heads, head_dim]")
+        if new.shape[0] != batch or new.shape[2:] != pool.shape[2:]:
+            raise ValueError(f"{name} has shape {tuple(new.shape)}; expected [batch={batch}, n, kv_heads, head_dim] "
+                             f"matching {name}_pages {tuple(pool.shape)}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must hold the same number of new rows; got {k.shape[1]} and {v.shape[1]}")
+    lengths = _check_lengths(lengths, batch, max_pages * page)
+    pos = lengths[:, None] + jnp.arange(k.shape[1])[None, :]  # [batch, n]
+    pages = jnp.take_along_axis(block_tables.astype(jnp.int32), pos // page, axis=1, mode="clip")
+    slot = pos % page
+    k_pages = k_pages.at[pages, slot].set(k.astype(k_pages.dtype))
+    v_pages = v_pages.at[pages, slot].set(v.astype(v_pages.dtype))
+    return k_pages, v_pages, lengths + k.shape[1]
