@@ -270,7 +270,8 @@ _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 # A program scans its whole sequence, so long sequences with few batch x heads leave most of the
 # GPU idle (S = 64k, batch 1, 16 heads: 32 backward programs for 132 SMs). Splitting the sequence
 # into P segments of L rows multiplies the programs by P at the cost of one extra read of two
-# inputs per pass, done in XLA (batched matmuls over the segments):
+# inputs per pass (the segments' states: a small kernel, ``_outer_kernel``; the scans over
+# segments: XLA on [B, P, H, d, e]):
 #   forward   Sloc[p] = sum_t lam^(end_p - t) k_t^T v_t  (segment p's own state)
 #             s_in[p] = lam^(L p) S0 + sum_{j<p} lam^(L (p-1-j)) Sloc[j]
 #             then the kernel runs every segment from its s_in;
@@ -311,11 +312,36 @@ def _carry(sg: _Seg, slope):
     return jnp.where((gap >= 0)[..., None], _pow(slope, sg.st.n_pad * jnp.maximum(gap, 0)), 0.0)
 
 
-def _seg_einsum(spec, x, y, w, sg: _Seg):
-    """``einsum(spec, (x * w) cast to y's dtype, y)`` in fp32 over ``[B, P, L, H, c]`` views."""
-    xd = (_seg_view(x, sg).astype(jnp.float32) * w[None, ..., None]).astype(y.dtype)
-    hp = lax.Precision.HIGHEST if y.dtype == jnp.float32 else None
-    return jnp.einsum(spec, xd, _seg_view(y, sg), precision=hp, preferred_element_type=jnp.float32)
+def _outer_kernel(s_ref, x_ref, y_ref, o_ref, *, st: _Static, segments: int, n: int, from_end: bool):
+    """``sum_t lam^(e_t) x_t^T y_t`` over one segment: ``e_t = end - t`` (its own state; ``end``
+    the segment's last real row) or ``e_t = t + 1`` (the cotangent of its incoming state)."""
+    s = s_ref[...]
+    if from_end:
+        p = lax.rem(pl.program_id(0), segments)
+        end = (jnp.minimum((p + 1) * st.n_pad, n) - 1 - p * st.n_pad).astype(jnp.float32)
+
+    def body(t, acc):
+        rows = _rows(t, st.block)
+        i = (t * st.block + jnp.arange(st.block)).astype(jnp.float32)
+        w = jnp.exp(-s * (jnp.maximum(end - i, 0.0) if from_end else i + 1.0))
+        x, y = x_ref[rows, :], y_ref[rows, :]
+        xd = (x.astype(jnp.float32) * w[:, None]).astype(y.dtype)
+        return acc + dot(xd, y, trans_a=True, precision=st.precision)
+
+    o_ref[...] = lax.fori_loop(0, st.n_blocks, body, jnp.zeros(o_ref.shape, jnp.float32))
+
+
+def _seg_outer(sg: _Seg, x, y, slope, from_end: bool):
+    """:func:`_outer_kernel` for every (segment, head, value chunk): ``[B, P, H, d, e]`` fp32."""
+    x, y = _seg_kernel_args(sg, x, y)
+    bp, _, h, d = x.shape
+    e = y.shape[-1]
+    be, ne = _chunk(sg.st, e)
+    kernel = functools.partial(_outer_kernel, segments=sg.segments, n=sg.n, from_end=from_end)
+    (out,) = _call(kernel, sg.st, [jax.ShapeDtypeStruct((bp, h, d, e), jnp.float32)],
+                   [_SLOPE_SPEC, *_specs(sg.st, d), *_chunk_specs(sg.st, be)], [_state_spec(d, be)], (bp, h, ne),
+                   "jaxattn_lightning_states")(slope, x, y)
+    return out.reshape(bp // sg.segments, sg.segments, h, d, e)
 
 
 def _seg_view(x, sg: _Seg):
@@ -329,9 +355,7 @@ def _flat(x):  # [B, P, ...] -> [B * P, ...]
 def _seg_inputs(sg: _Seg, q, k, v, slope, s0):
     """(s_in [B, P, H, d, e], final state) from the segments' own states."""
     p, length = sg.segments, sg.st.n_pad
-    t = jnp.arange(p * length).reshape(p, length)
-    end = jnp.minimum((jnp.arange(p) + 1) * length, sg.n) - 1
-    own = _seg_einsum("bplhd,bplhe->bphde", k, v, _pow(slope, jnp.maximum(end[:, None] - t, 0)), sg)
+    own = _seg_outer(sg, k, v, slope, from_end=True)
     hp = lax.Precision.HIGHEST
     s_in = jnp.einsum("pjh,bjhde->bphde", _carry(sg, slope), own, precision=hp)
     s_in += _pow(slope, length * jnp.arange(p))[None, :, :, None, None] * s0[:, None]
@@ -360,7 +384,7 @@ def _segmented_bwd(sg: _Seg, res, cts):
     do, dsf = do.astype(q.dtype), dsf.astype(jnp.float32)
     p, length = sg.segments, sg.st.n_pad
     hp = lax.Precision.HIGHEST
-    ds_in = _seg_einsum("bplhd,bplhe->bphde", q, do, _pow(slope, jnp.arange(1, length + 1))[None], sg)
+    ds_in = _seg_outer(sg, q, do, slope, from_end=False)
     ds_in = ds_in.at[:, -1].add(_pow(slope, sg.rem)[None, :, None, None] * dsf)
     ds_own = jnp.einsum("pjh,bphde->bjhde", _carry(sg, slope), ds_in, precision=hp)  # last one: 0
     ds0 = jnp.einsum("ph,bphde->bhde", _pow(slope, length * jnp.arange(p)), ds_in, precision=hp)
