@@ -51,3 +51,20 @@ def test_gpu_check_script_uses_valid_bench_flags():
         args = [a.replace("$OUT", "/tmp") for a in shlex.split(call)]
         build_parser().parse_args(args)  # SystemExit on an unknown flag
     assert "jaxattn.bench.report" in script.read_text()
+
+
+def test_gpu_tune_script_uses_valid_tune_flags():
+    """``.ci/gpu-tune`` is valid bash and each ``tune`` line parses with the bench CLI (plus the
+    ``--budget-s`` / ``--json`` its helper appends)."""
+    import shlex
+    import subprocess
+
+    from jaxattn.bench.__main__ import build_parser
+
+    script = ROOT / ".ci" / "gpu-tune"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    calls = [shlex.split(line)[3:] for line in script.read_text().splitlines() if line.startswith("tune ")]
+    assert {c[0] for c in calls} == {"flash", "lightning", "sage"}
+    for call in calls:
+        args = build_parser().parse_args(["tune", *call, "--budget-s", "10", "--json", "/tmp/x.json"])
+        assert args.family == call[0]
