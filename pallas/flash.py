@@ -12,8 +12,9 @@ padded keys are masked, padded query rows are sliced off. Rows whose every key
 is masked produce zeros and ``lse = -inf``.
 
 Optional: a local window ``(left, right)`` around each query's position (key blocks outside
-it are skipped, in the forward and in both backward kernels), and a logits soft cap
-``c * tanh(x / c)`` (Gemma 2 style; its derivative enters ``ds``).
+it are skipped, in the forward and in both backward kernels), a logits soft cap
+``c * tanh(x / c)`` (Gemma 2 style; its derivative enters ``ds``), and ALiBi slopes per head
+(``slope * |p - j|`` subtracted in-kernel from positions, no bias tensor).
 
 The same three kernels run block-sparse attention (``jaxattn.pallas.block_sparse``):
 with ``_Static.sparse`` set, the key loop of the forward/dq kernels walks a per-query-block
@@ -111,6 +112,7 @@ class _Static:
     # (left, right) local window around each query's position (None: unbounded side)
     window: tuple[int | None, int | None] = (None, None)
     softcap: float | None = None  # logits -> softcap * tanh(logits / softcap)
+    alibi: bool = False  # per-head slopes: logits -= slope * |query position - key position|
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,14 +168,20 @@ def _block_mask(st: _Static, q_pos, k_pos, *, causal: bool, length: bool, transp
     return mask
 
 
-def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask, transposed: bool = False):
+def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask, transposed: bool = False, alibi=None):
     """Base-2 logits ``log2(e) * (softcap(scale * q k^T) + bias)`` with masked entries at -inf,
     and the soft cap's ``tanh`` term (None without one) for the backward. ``transposed`` gives
     the ``[bk, bq]`` logits ``k q^T`` (``bias`` still comes as a ``[bq, bk]`` tile, ``pos_mask``
-    as ``[bk, bq]``)."""
+    as ``[bk, bq]``). ``alibi = (slope, q_pos, k_pos)`` subtracts ``slope * |p - k_pos|``, ``p`` the
+    query's position ``q_pos + kv_len - q_len``."""
     qk = dot(k, q, trans_b=True, precision=st.precision) if transposed else dot(
         q, k, trans_b=True, precision=st.precision)
     s, t = base2_logits(qk, st.scale, st.softcap)
+    if alibi is not None:
+        slope, q_pos, k_pos = alibi
+        p = q_pos + (st.kv_len - st.q_len)
+        dist = jnp.abs(k_pos[:, None] - p[None, :]) if transposed else jnp.abs(p[:, None] - k_pos[None, :])
+        s = s - dist.astype(jnp.float32) * (slope * LOG2E)
     mask = pos_mask
     if bias is not None and transposed:
         bias = bias.T
@@ -268,16 +276,18 @@ def _load_bias(st: _Static, bias_ref, q_idx, k_idx):
 
 
 def _optional_refs(st: _Static, rest):
-    """Splits ``(qseg, kseg, segment block ranges)?, bias?, (index, blocks, q_offset)?,
-    *outputs`` off the kernel's trailing refs."""
-    qseg_ref = kseg_ref = range_ref = bias_ref = lists = None
+    """Splits ``(qseg, kseg, segment block ranges)?, bias?, alibi slopes?, (index, blocks,
+    q_offset)?, *outputs`` off the kernel's trailing refs."""
+    qseg_ref = kseg_ref = range_ref = bias_ref = alibi_ref = lists = None
     if st.has_seg:
         qseg_ref, kseg_ref, range_ref, *rest = rest
     if st.bias_kind:
         bias_ref, *rest = rest
+    if st.alibi:
+        alibi_ref, *rest = rest
     if st.sparse is not None:
         lists, rest = rest[:3], rest[3:]
-    return qseg_ref, kseg_ref, range_ref, bias_ref, lists, rest
+    return qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, lists, rest
 
 
 def _clip_range(range_ref, row, lo, a, b, hi):
@@ -331,7 +341,8 @@ def _q_positions(st: _Static, q_start, block_q: int, lists):
     return pos + lists[2][0] if st.sparse is not None else pos
 
 
-def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked: bool):
+def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked: bool,
+              slope=None):
     """Key block ``j`` for a query tile: base-2 logits ``s [bq, bk]``, the soft cap's tanh
     term (or None), k and v."""
     k_start = pl.multiple_of(j * block_k, block_k)
@@ -344,7 +355,8 @@ def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_r
         pos_mask = _block_mask(st, q_pos, k_start + jnp.arange(block_k), causal=st.causal, length=length)
     kseg = kseg_ref[ks] if st.has_seg else None
     bias = _load_bias(st, bias_ref, slice(None), ks) if st.bias_kind else None
-    s, t = _scores(st, q, k, qseg, kseg, bias, pos_mask)
+    alibi = (slope, q_pos, k_start + jnp.arange(block_k)) if st.alibi else None
+    s, t = _scores(st, q, k, qseg, kseg, bias, pos_mask, alibi=alibi)
     return s, t, k, v
 
 
@@ -391,14 +403,15 @@ def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry, list
 
 def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, *rest = refs
-    qseg_ref, kseg_ref, range_ref, bias_ref, lists, (o_ref, lse_ref) = _optional_refs(st, rest)
+    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, lists, (o_ref, lse_ref) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
     q = q_ref[...]
     qseg = qseg_ref[...] if st.has_seg else None
+    slope = alibi_ref[pl.program_id(2)] if st.alibi else None
 
     def body(j, carry, masked: bool):
-        s, _, _, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked)
+        s, _, _, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope)
         return online_softmax_step(carry, s, v, st.precision)
 
     carry = _loop_kv(st, q_start, block_q, block_k, body, online_softmax_init(block_q, v_ref.shape[-1]), lists,
@@ -436,7 +449,7 @@ def _list_inputs(st: _Static, layout, transposed: bool):
     return [pl.BlockSpec(x.shape, lambda *_, n=x.ndim: (0,) * n) for x in arrays], arrays
 
 
-def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout):
+def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None):
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q, cfg.block_k)
     batch, _, hq, d = q.shape
@@ -454,6 +467,9 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout):
     if st.bias_kind:
         in_specs.append(_bias_spec_fwd(st, bias.shape, bq))
         args.append(bias)
+    if st.alibi:  # slopes [B, Hq]: one scalar per program's head
+        in_specs.append(pl.BlockSpec((None, alibi.shape[1]), lambda i, b, h: (b, 0)))
+        args.append(alibi)
     specs, arrays = _list_inputs(st, layout, transposed=False)
     in_specs, args = in_specs + specs, args + arrays
     out_shape = [jax.ShapeDtypeStruct((batch, st.q_pad, hq, v.shape[-1]), q.dtype),
@@ -475,16 +491,17 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout):
 
 def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    qseg_ref, kseg_ref, range_ref, bias_ref, lists, (dq_ref,) = _optional_refs(st, rest)
+    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, lists, (dq_ref,) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
     q, do = q_ref[...], do_ref[...]
     lse2 = _lse2(lse_ref[...])
     delta = delta_ref[...]
     qseg = qseg_ref[...] if st.has_seg else None
+    slope = alibi_ref[pl.program_id(2)] if st.alibi else None
 
     def body(j, dq, masked: bool):
-        s, t, k, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked)
+        s, t, k, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope)
         p = jnp.exp2(s - lse2[:, None])
         dp = dot(do, v, trans_b=True, precision=st.precision)
         ds = _softcap_grad(st, p * (dp - delta[:, None]), t)
@@ -499,7 +516,7 @@ def _lse2(lse):
     return jnp.where(lse == NEG_INF, jnp.inf, lse * LOG2E)
 
 
-def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout):
+def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None):
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q_dq, cfg.block_k_dq)
     batch, _, hq, d = q.shape
@@ -521,6 +538,9 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout):
     if st.bias_kind:
         in_specs.append(_bias_spec_fwd(st, bias.shape, bq))
         args.append(bias)
+    if st.alibi:  # slopes [B, Hq]: one scalar per program's head
+        in_specs.append(pl.BlockSpec((None, alibi.shape[1]), lambda i, b, h: (b, 0)))
+        args.append(alibi)
     specs, arrays = _list_inputs(st, layout, transposed=False)
     in_specs, args = in_specs + specs, args + arrays
     call = _common.pallas_call(
@@ -567,7 +587,7 @@ def _q_range(st: _Static, k_start, block_q: int, block_k: int):
 
 def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    qseg_ref, kseg_ref, range_ref, bias_ref, lists, (dk_ref, dv_ref) = _optional_refs(st, rest)
+    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, lists, (dk_ref, dv_ref) = _optional_refs(st, rest)
 
     k_start = pl.program_id(0) * block_k
     k_pos = k_start + jnp.arange(block_k)
@@ -575,6 +595,7 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     v = v_ref[...]
     kseg = kseg_ref[...] if st.has_seg else None
     bias_heads = 1 if st.bias_bcast[1] else st.groups
+    head0 = pl.program_id(2) * st.groups  # first q head of this kv head's group (ALiBi slopes)
 
     def body(i, carry, g, masked: bool):
         dk, dv = carry
@@ -595,7 +616,8 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
             bias = bias_ref[gb, slice(None) if st.bias_bcast[2] else qs, :]
         # Transposed scores [bk, bq] (as Triton's fused-attention backward): every dot below
         # takes its operands as they are, with no register tile transposed in between.
-        s_t, t_t = _scores(st, q, k, qseg, kseg, bias, pos_mask, transposed=True)
+        alibi = (alibi_ref[head0 + g], q_start + jnp.arange(block_q), k_pos) if st.alibi else None
+        s_t, t_t = _scores(st, q, k, qseg, kseg, bias, pos_mask, transposed=True, alibi=alibi)
         p_t = jnp.exp2(s_t - lse2[None, :])
         dv = dv + dot(p_t.astype(do.dtype), do, precision=st.precision)
         dp_t = dot(v, do, trans_b=True, precision=st.precision)
@@ -627,7 +649,7 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout):
+def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None):
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q_dkv, cfg.block_k_dkv)
     batch, _, hkv, d = k.shape
@@ -651,6 +673,9 @@ def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout):
         in_specs.append(pl.BlockSpec(
             blk, lambda j, b, h: (0 if bb else b, 0 if bh else h, 0, 0 if bbk else j)))
         args.append(bias)
+    if st.alibi:  # slopes [B, Hq]: the program's kv head reads its group's
+        in_specs.append(pl.BlockSpec((None, alibi.shape[1]), lambda j, b, h: (b, 0)))
+        args.append(alibi)
     specs, arrays = _list_inputs(st, layout, transposed=True)
     in_specs, args = in_specs + specs, args + arrays
     call = _common.pallas_call(
@@ -678,26 +703,26 @@ def _blocks(st: _Static, block_q: int, block_k: int) -> tuple[int, int]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, bias, qseg, kseg, layout):
-    return _fwd_call(st, q, k, v, bias, qseg, kseg, layout)
+def _flash(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi):
+    return _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi)
 
 
-def _flash_fwd(st, q, k, v, bias, qseg, kseg, layout):
-    o, lse = _fwd_call(st, q, k, v, bias, qseg, kseg, layout)
-    return (o, lse), (q, k, v, bias, qseg, kseg, layout, o, lse)
+def _flash_fwd(st, q, k, v, bias, qseg, kseg, layout, alibi):
+    o, lse = _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi)
+    return (o, lse), (q, k, v, bias, qseg, kseg, layout, alibi, o, lse)
 
 
 def _flash_bwd(st, res, cts):
-    q, k, v, bias, qseg, kseg, layout, o, lse = res
+    q, k, v, bias, qseg, kseg, layout, alibi, o, lse = res
     do, dlse = cts
     # delta_i = sum_d dO_id O_id; an lse cotangent adds p * dlse to ds.
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
     delta = delta - dlse.astype(jnp.float32)
     do = do.astype(q.dtype)
-    dq = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout)
-    dk, dv = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout)
-    # No gradient flows to the bias/mask, the segment ids or the sparse layout.
-    return dq, dk, dv, None, None, None, None
+    dq = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi)
+    dk, dv = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi)
+    # No gradient flows to the bias/mask, the segment ids, the sparse layout or the ALiBi slopes.
+    return dq, dk, dv, None, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -715,6 +740,7 @@ def flash_attention(
     kv_segment_ids: jax.Array | None = None,
     local_window_size: tuple[int | None, int | None] | None = None,
     logits_soft_cap: float | None = None,
+    alibi_slopes: jax.Array | None = None,
     config: FlashConfig | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -730,6 +756,8 @@ def flash_attention(
       local_window_size: ``(left, right)``: the query at position p (``i + Sk - Sq``) sees keys
         ``p - left .. p + right`` (None: that side unbounded); key blocks outside are skipped.
       logits_soft_cap: c > 0 maps the scaled logits x to ``c * tanh(x / c)``.
+      alibi_slopes: ``[Hq]`` or ``[B, Hq]``: ALiBi, ``slope * |p - j|`` subtracted from the
+        (capped) logits of query position p and key j (flash-attn's ``alibi_slopes``).
       config: tile sizes; defaults to the table entry for (head dim, dtype).
       interpret: run in interpret mode; None picks it when no GPU is present.
 
@@ -769,9 +797,12 @@ def flash_attention(
         groups=hq // hkv, has_seg=has_seg, bias_kind=bias_kind, bias_bcast=bcast, cfg=cfg,
         interpret=interpret, precision=precision_for(q.dtype),
         window=tuple(local_window_size) if local_window_size is not None else (None, None),
-        softcap=None if logits_soft_cap is None else float(logits_soft_cap),
+        softcap=None if logits_soft_cap is None else float(logits_soft_cap), alibi=alibi_slopes is not None,
     )
-    return run_padded(st, q, k, v, bias, qseg, kseg, None)
+    alibi = None
+    if alibi_slopes is not None:
+        alibi = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, hq), (batch, hq))
+    return run_padded(st, q, k, v, bias, qseg, kseg, None, alibi)
 
 
 def precision_for(dtype: Any) -> Any:
@@ -779,12 +810,12 @@ def precision_for(dtype: Any) -> Any:
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout) -> tuple[jax.Array, jax.Array]:
+def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None) -> tuple[jax.Array, jax.Array]:
     """Pads q/k/v to ``st.q_pad``/``st.kv_pad`` rows (head dims to a power of two >= 16),
     runs the differentiable kernels and slices back: ``out [B, Sq, Hq, Dv]``, ``lse [B, Sq, Hq]``."""
     d_pad, dv_pad = max(16, _common.next_pow2(q.shape[-1])), max(16, _common.next_pow2(v.shape[-1]))
     qp = _common.pad_axis(_common.pad_axis(q, 1, st.q_pad), 3, d_pad)
     kp = _common.pad_axis(_common.pad_axis(k, 1, st.kv_pad), 3, d_pad)
     vp = _common.pad_axis(_common.pad_axis(v, 1, st.kv_pad), 3, dv_pad)
-    o, lse = _flash(st, qp, kp, vp, bias, qseg, kseg, layout)
+    o, lse = _flash(st, qp, kp, vp, bias, qseg, kseg, layout, alibi)
     return o[:, :st.q_len, :, :v.shape[-1]], jnp.swapaxes(lse[:, :, :st.q_len], 1, 2)

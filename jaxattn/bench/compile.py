@@ -226,6 +226,7 @@ def _flash_cases() -> Iterator[tuple[str, Callable, list]]:
                                                     logits_soft_cap=30.0)
     seg = jnp.repeat(jnp.arange(8, dtype=jnp.int32), 512)[None]  # 8 packed documents
     yield "d128 bf16 causal segments", *case(128, jnp.bfloat16, True, q_segment_ids=seg, kv_segment_ids=seg)
+    yield "d128 bf16 causal alibi", *case(128, jnp.bfloat16, True, alibi_slopes=jnp.geomspace(0.5, 2 ** -8, 8))
 
 
 def _lightning_cases() -> Iterator[tuple[str, Callable, list]]:

@@ -25,6 +25,7 @@ def attention(
     scale: float | None = None,
     local_window_size: int | tuple[int | None, int | None] | None = None,
     logits_soft_cap: float | None = None,
+    alibi_slopes: jax.Array | None = None,
     impl: Literal["auto", "pallas", "xla"] = "auto",
     return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -48,6 +49,9 @@ def attention(
         the window (sliding-window attention costs O(window), not O(kv_len)).
       logits_soft_cap: c > 0 caps the scaled logits x as ``c * tanh(x / c)`` (Gemma 2), before
         the additive mask.
+      alibi_slopes: ``[heads]`` or ``[batch, heads]`` (ALiBi): ``slope * |p - j|`` is subtracted
+        from the (capped) logits of the query at position p and key j, computed in the kernel
+        from positions (no bias tensor), as flash-attn's ``alibi_slopes``. No gradient.
       impl: ``"pallas"`` (the flash kernel; interpret mode without a GPU),
         ``"xla"`` (the dense reference), or ``"auto"`` (the kernel on GPU when the
         head dim is in 32..256, else XLA).
@@ -77,6 +81,14 @@ def attention(
     scale = _checks.check_scale(scale)
     extra = dict(local_window_size=_checks.check_window(local_window_size),
                  logits_soft_cap=_checks.check_soft_cap(logits_soft_cap))
+    if alibi_slopes is not None:
+        _checks.check_array("alibi_slopes", alibi_slopes, "[heads] or [batch, heads]")
+        if tuple(alibi_slopes.shape) not in ((hq,), (batch, hq)):
+            raise ValueError(f"alibi_slopes must have shape [heads] = ({hq},) or [batch, heads] = ({batch}, {hq}), "
+                             f"got {tuple(alibi_slopes.shape)}")
+        if not jnp.issubdtype(alibi_slopes.dtype, jnp.floating):
+            raise ValueError(f"alibi_slopes must be floating, got {jnp.dtype(alibi_slopes.dtype).name}")
+        extra["alibi_slopes"] = jax.lax.stop_gradient(alibi_slopes)
 
     lo, hi = _flash.SUPPORTED_HEAD_DIMS
     kernel_ok = lo <= max(d, v.shape[-1]) <= hi and jnp.dtype(q.dtype) in _checks.FLOAT_DTYPES

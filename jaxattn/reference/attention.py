@@ -21,6 +21,7 @@ def attention_reference(
     kv_segment_ids: jax.Array | None = None,
     local_window_size: tuple[int | None, int | None] | None = None,
     logits_soft_cap: float | None = None,
+    alibi_slopes: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``softmax(softcap(scale * q k^T) + bias) v`` over visible keys, in fp32.
 
@@ -30,6 +31,7 @@ def attention_reference(
     an unbounded side), the segment ids match (if given), and a boolean ``mask``
     (broadcastable to ``[B, Hq, Sq, Sk]``) is True; a floating ``mask`` is added to the
     logits. ``logits_soft_cap`` c maps the scaled logits x to ``c * tanh(x / c)`` (before the bias).
+    ``alibi_slopes`` ``[Hq]`` or ``[B, Hq]`` subtracts ``slope * |p - j|`` (ALiBi, after the cap).
     Returns fp32 ``out [B, Sq, Hq, Dv]`` and ``lse [B, Sq, Hq]``; a row with no
     visible key gives zeros and ``lse = -inf``.
     """
@@ -42,6 +44,10 @@ def attention_reference(
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=lax.Precision.HIGHEST) * scale
     if logits_soft_cap is not None:
         s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+    if alibi_slopes is not None:  # [Hq] or [B, Hq]: - slope * |p - j|, p = i + Sk - Sq
+        slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, hq)[:, :, None, None]
+        dist = jnp.abs(jnp.arange(sq)[:, None] + (sk - sq) - jnp.arange(sk)[None, :])
+        s = s - slopes * dist.astype(jnp.float32)
     visible = jnp.ones(s.shape, bool)
     if mask is not None:
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
