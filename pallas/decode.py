@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 
 from jaxattn.pallas import _common
 from jaxattn.pallas._common import dot
-from jaxattn.pallas.flash import (NEG_INF, _bounds, base2_logits, online_softmax_finish, online_softmax_init,
+from jaxattn.pallas.flash import (LOG2E, NEG_INF, _bounds, base2_logits, online_softmax_finish, online_softmax_init,
                                   online_softmax_step, precision_for)
 
 MAX_HEAD_DIM = 256
@@ -87,6 +87,7 @@ class _Static:
     window: tuple[int | None, int | None] = (None, None)  # (left, right) around each query's position
     softcap: float | None = None
     blocks_per_page: int = 0  # paged cache: key blocks per page (0: a dense cache)
+    alibi: bool = False  # per-row ALiBi slopes: logits -= slope * |position - key position|
 
 
 def choose_splits(batch: int, kv_heads: int, row_tiles: int, kv_blocks: int) -> int:
@@ -96,7 +97,8 @@ def choose_splits(batch: int, kv_heads: int, row_tiles: int, kv_blocks: int) -> 
 
 
 def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
-    table_ref, o_ref, lse_ref = rest if st.blocks_per_page else (None, *rest)
+    table_ref, *rest = rest if st.blocks_per_page else (None, *rest)
+    slope_ref, o_ref, lse_ref = rest if st.alibi else (None, *rest)
     split = lax.div(pl.program_id(0), st.n_rb)
     rb = lax.rem(pl.program_id(0), st.n_rb)
     length = len_ref[pl.program_id(1)]
@@ -123,6 +125,7 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
     n_free = jnp.clip(lax.div(jnp.maximum(lo_lim + 1, 0), bk), free_lo, hi)  # blocks every row sees whole
 
     q = q_ref[...]
+    slope = slope_ref[...] * LOG2E if st.alibi else None  # [bm]: each packed row's head's slope
 
     def body(j, carry, masked: bool):
         k_start = pl.multiple_of(j * bk, bk)
@@ -135,6 +138,9 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
             ks = pl.ds(k_start, bk)
             k, v = k_ref[ks, :], v_ref[ks, :]
         s, _ = base2_logits(dot(q, k, trans_b=True, precision=st.precision), st.scale, st.softcap)
+        if st.alibi:
+            dist = jnp.abs(pos[:, None] - (k_start + jnp.arange(bk))[None, :]).astype(jnp.float32)
+            s = s - dist * slope[:, None]
         if masked:
             k_pos = (k_start + jnp.arange(bk))[None, :]
             keep = k_pos <= lim[:, None]
@@ -152,7 +158,8 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
 
 
 def _launch(q, kp, vp, lengths, table, *, hkv: int, d: int, dv: int, s_max: int, cfg: DecodeConfig, bk: int,
-            blocks_per_page: int, causal, scale, local_window_size, logits_soft_cap, num_splits, interpret):
+            blocks_per_page: int, causal, scale, local_window_size, logits_soft_cap, num_splits, interpret,
+            alibi_slopes=None):
     """Packs the queries, runs the split-KV kernel over ``s_max`` logical cache rows (dense
     ``kp``/``vp [B, s_pad, Hkv, *]`` or a page pool with ``table``) and merges the splits."""
     batch, q_len, hq, _ = q.shape
@@ -170,7 +177,7 @@ def _launch(q, kp, vp, lengths, table, *, hkv: int, d: int, dv: int, s_max: int,
                  num_splits=splits, precision=precision_for(q.dtype),
                  window=tuple(local_window_size) if local_window_size is not None else (None, None),
                  softcap=None if logits_soft_cap is None else float(logits_soft_cap),
-                 blocks_per_page=blocks_per_page)
+                 blocks_per_page=blocks_per_page, alibi=alibi_slopes is not None)
     dp, dvp = kp.shape[-1], vp.shape[-1]
     # pack: [B, Sq, Hkv, g, D] -> [B, Hkv, Sq * g, D], rows padded to the row tiles
     qg = q.reshape(batch, q_len, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(batch, hkv, rows, d)
@@ -185,6 +192,11 @@ def _launch(q, kp, vp, lengths, table, *, hkv: int, d: int, dv: int, s_max: int,
         s_pad = kp.shape[1]
         kv_specs = [pl.BlockSpec((None, s_pad, None, x), lambda i, b, h: (b, 0, h, 0)) for x in (dp, dvp)]
         extra_specs, extra = [], []
+    if alibi_slopes is not None:  # per packed row (row = s * g + head in group): [B, Hkv, rows padded]
+        sl = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, hq), (batch, hq))
+        sl = jnp.broadcast_to(sl.reshape(batch, hkv, 1, g), (batch, hkv, q_len, g)).reshape(batch, hkv, rows)
+        extra_specs.append(pl.BlockSpec((None, None, bm), lambda i, b, h: (b, h, lax.rem(i, n_rb))))
+        extra.append(_common.pad_axis(sl, 2, n_rb * bm))
     call = _common.pallas_call(
         functools.partial(_kernel, st=st),
         out_shape=[jax.ShapeDtypeStruct((batch, splits, hkv, n_rb * bm, dvp), jnp.float32),
@@ -222,6 +234,7 @@ def decode_attention_kernel(
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
     interpret: bool | None = None,
+    alibi_slopes: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Split-KV decode attention on validated inputs.
 
@@ -233,6 +246,7 @@ def decode_attention_kernel(
         side); cache blocks below the window are skipped.
       logits_soft_cap: c > 0 maps the scaled logits x to ``c * tanh(x / c)``.
       num_splits: KV chunks per (batch, kv head); None picks enough to fill the GPU.
+      alibi_slopes: ``[Hq]`` or ``[B, Hq]``: ALiBi, ``slope * |p - j|`` subtracted from the logits.
 
     Returns:
       ``out [B, Sq, Hq, Dv]`` in q's dtype and ``lse [B, Sq, Hq]`` (fp32, natural log).
@@ -247,7 +261,8 @@ def decode_attention_kernel(
     vp = _common.pad_axis(_common.pad_axis(v, 1, s_pad), 3, dvp)
     return _launch(q, kp, vp, lengths, None, hkv=hkv, d=d, dv=dv, s_max=s_max, cfg=cfg, bk=bk, blocks_per_page=0,
                    causal=causal, scale=scale, local_window_size=local_window_size,
-                   logits_soft_cap=logits_soft_cap, num_splits=num_splits, interpret=interpret)
+                   logits_soft_cap=logits_soft_cap, num_splits=num_splits, interpret=interpret,
+                   alibi_slopes=alibi_slopes)
 
 
 def paged_decode_attention_kernel(
@@ -264,6 +279,7 @@ def paged_decode_attention_kernel(
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
     interpret: bool | None = None,
+    alibi_slopes: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Split-KV decode attention from a paged cache, on validated inputs: k_pages ``[P, page_size,
     Hkv, D]``, v_pages ``[P, page_size, Hkv, Dv]`` (``page_size`` a power of two >= 16),
@@ -279,4 +295,4 @@ def paged_decode_attention_kernel(
     return _launch(q, kp, vp, lengths, block_tables.astype(jnp.int32), hkv=hkv, d=d, dv=dv,
                    s_max=block_tables.shape[1] * page, cfg=cfg, bk=bk, blocks_per_page=page // bk, causal=causal,
                    scale=scale, local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
-                   num_splits=num_splits, interpret=interpret)
+                   num_splits=num_splits, interpret=interpret, alibi_slopes=alibi_slopes)

@@ -201,3 +201,25 @@ def test_window_and_cap_lower_for_cuda():
     text = lower_for_cuda(lambda q, k, v, n: pdecode.decode_attention_kernel(
         q, k, v, n, local_window_size=(4095, 0), logits_soft_cap=50.0, interpret=False), *args)
     assert count_triton_calls(text) == 1
+
+
+@pytest.mark.parametrize("sq,causal,dtype", [(1, True, jnp.float32), (3, True, jnp.bfloat16), (2, False, jnp.float32)])
+def test_alibi_matches_attention_on_each_truncated_cache(sq, causal, dtype):
+    """ALiBi decoding (dense and paged kernels, and the XLA path) equals jaxattn.attention with
+    the same slopes on each row's own cache prefix: positions come from lengths, not the cache size."""
+    b, s, hkv, g, d = 3, 96, 2, 2, 32
+    ks = jax.random.split(jax.random.PRNGKey(sq), 3)
+    q = randn(ks[0], (b, sq, hkv * g, d), dtype)
+    k, v = randn(ks[1], (b, s, hkv, d), dtype), randn(ks[2], (b, s, hkv, d), dtype)
+    lengths = jnp.asarray([96, 40, 7])
+    slopes = jnp.asarray(np.stack([2.0 ** (-np.arange(1, hkv * g + 1)) * (i + 1) for i in range(b)]), jnp.float32)
+    kw = dict(causal=causal, alibi_slopes=slopes)
+    outs = {impl: jaxattn.decode_attention(q, k, v, lengths, impl=impl, **kw) for impl in ("pallas", "xla")}
+    table = jnp.arange(b * s // 16, dtype=jnp.int32).reshape(b, s // 16)
+    pool = lambda x: x.reshape(b * s // 16, 16, *x.shape[2:])  # noqa: E731
+    outs["paged"] = jaxattn.paged_decode_attention(q, pool(k), pool(v), table, lengths, impl="pallas", **kw)
+    for i, n in enumerate(lengths.tolist()):
+        ref = jaxattn.attention(q[i:i + 1], k[i:i + 1, :n], v[i:i + 1, :n], causal=causal,
+                                alibi_slopes=slopes[i], impl="xla")
+        for name, out in outs.items():
+            assert_close(out[i:i + 1], ref, dtype, f"{name} row {i}")

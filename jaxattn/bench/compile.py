@@ -315,6 +315,12 @@ def _decode_cases() -> Iterator[tuple[str, Callable, list]]:
                 _sds((8,), jnp.int32)]
         yield f"d{d} {jnp.dtype(dtype).name}", f, args
 
+    def alibi(q, k, v, n):
+        return decode.decode_attention_kernel(q, k, v, n, alibi_slopes=jnp.geomspace(0.5, 2 ** -8, 32),
+                                              interpret=False)
+
+    yield ("alibi d128 bfloat16", alibi, [_sds((8, 1, 32, 128), jnp.bfloat16),
+                                          *[_sds((8, 32768, 8, 128), jnp.bfloat16)] * 2, _sds((8,), jnp.int32)])
     for page in (16, 128):  # paged cache: a 32k context per row in pages
         def paged(q, kp, vp, tables, n):
             return decode.paged_decode_attention_kernel(q, kp, vp, tables, n, interpret=False)

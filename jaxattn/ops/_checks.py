@@ -129,3 +129,16 @@ def no_grad(x: jax.Array, message: str) -> jax.Array:
 def _no_grad_jvp(message, primals, tangents):
     del primals, tangents
     raise NotImplementedError(message)
+
+
+def check_alibi(alibi_slopes: Any, batch: int, heads: int) -> Any:
+    """``None`` or floating slopes of shape ``[heads]`` or ``[batch, heads]`` (gradient stopped)."""
+    if alibi_slopes is None:
+        return None
+    check_array("alibi_slopes", alibi_slopes, "[heads] or [batch, heads]")
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape [heads] = ({heads},) or [batch, heads] = ({batch}, {heads}), "
+                         f"got {tuple(alibi_slopes.shape)}")
+    if not jnp.issubdtype(alibi_slopes.dtype, jnp.floating):
+        raise ValueError(f"alibi_slopes must be floating, got {jnp.dtype(alibi_slopes.dtype).name}")
+    return jax.lax.stop_gradient(alibi_slopes)

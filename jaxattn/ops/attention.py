@@ -82,13 +82,7 @@ def attention(
     extra = dict(local_window_size=_checks.check_window(local_window_size),
                  logits_soft_cap=_checks.check_soft_cap(logits_soft_cap))
     if alibi_slopes is not None:
-        _checks.check_array("alibi_slopes", alibi_slopes, "[heads] or [batch, heads]")
-        if tuple(alibi_slopes.shape) not in ((hq,), (batch, hq)):
-            raise ValueError(f"alibi_slopes must have shape [heads] = ({hq},) or [batch, heads] = ({batch}, {hq}), "
-                             f"got {tuple(alibi_slopes.shape)}")
-        if not jnp.issubdtype(alibi_slopes.dtype, jnp.floating):
-            raise ValueError(f"alibi_slopes must be floating, got {jnp.dtype(alibi_slopes.dtype).name}")
-        extra["alibi_slopes"] = jax.lax.stop_gradient(alibi_slopes)
+        extra["alibi_slopes"] = _checks.check_alibi(alibi_slopes, batch, hq)
 
     lo, hi = _flash.SUPPORTED_HEAD_DIMS
     kernel_ok = lo <= max(d, v.shape[-1]) <= hi and jnp.dtype(q.dtype) in _checks.FLOAT_DTYPES

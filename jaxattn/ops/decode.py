@@ -27,6 +27,7 @@ def decode_attention(
     scale: float | None = None,
     local_window_size: int | tuple[int | None, int | None] | None = None,
     logits_soft_cap: float | None = None,
+    alibi_slopes: jax.Array | None = None,
     impl: Literal["auto", "pallas", "xla"] = "auto",
     num_splits: int | None = None,
     return_lse: bool = False,
@@ -48,6 +49,8 @@ def decode_attention(
         ``p - left .. p + right`` around each query's position p (sliding-window decoding reads
         only the window's cache blocks).
       logits_soft_cap: c > 0 caps the scaled logits as ``c * tanh(x / c)``.
+      alibi_slopes: ``[heads]`` or ``[batch, heads]``: ALiBi, ``slope * |p - j|`` subtracted from
+        the logits of the query at position p (as :func:`jaxattn.attention`).
       impl: ``"pallas"`` (split-KV kernel; interpret mode without a GPU), ``"xla"`` (the dense
         fp32 reference, differentiable), ``"auto"`` (the kernel on GPU).
       num_splits: KV chunks per (batch, kv head) for the kernel; default: enough to fill the GPU.
@@ -63,7 +66,8 @@ def decode_attention(
     lengths = _check_lengths(lengths, batch, kv_len)
     scale = _checks.check_scale(scale)
     extra = dict(local_window_size=_checks.check_window(local_window_size),
-                 logits_soft_cap=_checks.check_soft_cap(logits_soft_cap))
+                 logits_soft_cap=_checks.check_soft_cap(logits_soft_cap),
+                 alibi_slopes=_checks.check_alibi(alibi_slopes, batch, q.shape[2]))
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     kernel_ok = max(d, v.shape[-1]) <= _decode.MAX_HEAD_DIM

@@ -65,6 +65,7 @@ def paged_decode_attention(
     scale: float | None = None,
     local_window_size: int | tuple[int | None, int | None] | None = None,
     logits_soft_cap: float | None = None,
+    alibi_slopes: jax.Array | None = None,
     impl: Literal["auto", "pallas", "xla"] = "auto",
     num_splits: int | None = None,
     return_lse: bool = False,
@@ -79,7 +80,7 @@ def paged_decode_attention(
         positions; entries past a row's length are ignored (may hold anything in range).
       lengths: int ``[batch]`` (or one int): valid cache positions per row, the new tokens
         included (write them first with :func:`append_paged_kv`).
-      causal, scale, local_window_size, logits_soft_cap, num_splits, return_lse: as
+      causal, scale, local_window_size, logits_soft_cap, alibi_slopes, num_splits, return_lse: as
         :func:`jaxattn.decode_attention`.
       impl: ``"pallas"`` (split-KV kernel reading pages through the table; interpret mode without a
         GPU), ``"xla"`` (gathers the pages and runs the dense fp32 reference), ``"auto"``.
@@ -91,7 +92,8 @@ def paged_decode_attention(
     lengths = _check_lengths(lengths, batch, max_pages * page)
     scale = _checks.check_scale(scale)
     extra = dict(local_window_size=_checks.check_window(local_window_size),
-                 logits_soft_cap=_checks.check_soft_cap(logits_soft_cap))
+                 logits_soft_cap=_checks.check_soft_cap(logits_soft_cap),
+                 alibi_slopes=_checks.check_alibi(alibi_slopes, batch, q.shape[2]))
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     dims_ok = max(q.shape[-1], v_pages.shape[-1]) <= _decode.MAX_HEAD_DIM

@@ -31,9 +31,19 @@ def decode_mask(lengths: jax.Array, q_len: int, kv_len: int, *, causal: bool,
 def decode_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
                      causal: bool = True, scale: float | None = None,
                      local_window_size: tuple[int | None, int | None] | None = None,
-                     logits_soft_cap: float | None = None) -> tuple[jax.Array, jax.Array]:
+                     logits_soft_cap: float | None = None,
+                     alibi_slopes: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """fp32 ``out [B, Sq, Hq, Dv]`` and ``lse [B, Sq, Hq]`` of q against the first
-    ``lengths[b]`` cache entries (zeros / ``-inf`` where no key is visible)."""
-    mask = decode_mask(jnp.clip(lengths, 0, k.shape[1]), q.shape[1], k.shape[1], causal=causal,
-                       local_window_size=local_window_size)
+    ``lengths[b]`` cache entries (zeros / ``-inf`` where no key is visible). ``alibi_slopes``
+    ``[Hq]`` or ``[B, Hq]`` subtracts ``slope * |p - j|``, p the query's position
+    ``lengths[b] - Sq + i``."""
+    lengths = jnp.clip(lengths, 0, k.shape[1])
+    mask = decode_mask(lengths, q.shape[1], k.shape[1], causal=causal, local_window_size=local_window_size)
+    if alibi_slopes is not None:
+        b, sq, hq = q.shape[:3]
+        p = lengths.astype(jnp.int32)[:, None, None] - sq + jnp.arange(sq)[None, :, None]  # [B, Sq, 1]
+        dist = jnp.abs(p - jnp.arange(k.shape[1])[None, None, :]).astype(jnp.float32)  # [B, Sq, S]
+        slopes = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, hq), (b, hq))
+        bias = -slopes[:, :, None, None] * dist[:, None]  # [B, Hq, Sq, S]
+        mask = jnp.where(mask, bias, -jnp.inf)
     return attention_reference(q, k, v, scale=scale, mask=mask, logits_soft_cap=logits_soft_cap)
