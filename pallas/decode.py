@@ -88,6 +88,7 @@ class _Static:
     softcap: float | None = None
     blocks_per_page: int = 0  # paged cache: key blocks per page (0: a dense cache)
     alibi: bool = False  # per-row ALiBi slopes: logits -= slope * |position - key position|
+    kv_scales: bool = False  # a quantized cache: k = k_stored * k_scale, v = v_stored * v_scale per kv head
 
 
 def choose_splits(batch: int, kv_heads: int, row_tiles: int, kv_blocks: int) -> int:
@@ -98,7 +99,8 @@ def choose_splits(batch: int, kv_heads: int, row_tiles: int, kv_blocks: int) -> 
 
 def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
     table_ref, *rest = rest if st.blocks_per_page else (None, *rest)
-    slope_ref, o_ref, lse_ref = rest if st.alibi else (None, *rest)
+    slope_ref, *rest = rest if st.alibi else (None, *rest)
+    scale_ref, o_ref, lse_ref = rest if st.kv_scales else (None, *rest)
     split = lax.div(pl.program_id(0), st.n_rb)
     rb = lax.rem(pl.program_id(0), st.n_rb)
     length = len_ref[pl.program_id(1)]
@@ -126,6 +128,7 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
 
     q = q_ref[...]
     slope = slope_ref[...] * LOG2E if st.alibi else None  # [bm]: each packed row's head's slope
+    k_scale = scale_ref[0] if st.kv_scales else None
 
     def body(j, carry, masked: bool):
         k_start = pl.multiple_of(j * bk, bk)
@@ -137,7 +140,12 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
         else:
             ks = pl.ds(k_start, bk)
             k, v = k_ref[ks, :], v_ref[ks, :]
-        s, _ = base2_logits(dot(q, k, trans_b=True, precision=st.precision), st.scale, st.softcap)
+        if st.kv_scales:  # dequantise: the stored values (e.g. fp8) in q's dtype; scales below
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        qk = dot(q, k, trans_b=True, precision=st.precision)
+        if st.kv_scales:
+            qk = qk * k_scale
+        s, _ = base2_logits(qk, st.scale, st.softcap)
         if st.alibi:
             dist = jnp.abs(pos[:, None] - (k_start + jnp.arange(bk))[None, :]).astype(jnp.float32)
             s = s - dist * slope[:, None]
@@ -154,12 +162,13 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
         carry = lax.fori_loop(start, free_lo, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(free_lo, n_free, functools.partial(body, masked=False), carry)
     carry = lax.fori_loop(n_free, hi, functools.partial(body, masked=True), carry)
-    o_ref[...], lse_ref[...] = online_softmax_finish(*carry)
+    o, lse = online_softmax_finish(*carry)
+    o_ref[...], lse_ref[...] = (o * scale_ref[1] if st.kv_scales else o), lse
 
 
 def _launch(q, kp, vp, lengths, table, *, hkv: int, d: int, dv: int, s_max: int, cfg: DecodeConfig, bk: int,
             blocks_per_page: int, causal, scale, local_window_size, logits_soft_cap, num_splits, interpret,
-            alibi_slopes=None):
+            alibi_slopes=None, kv_scale=None):
     """Packs the queries, runs the split-KV kernel over ``s_max`` logical cache rows (dense
     ``kp``/``vp [B, s_pad, Hkv, *]`` or a page pool with ``table``) and merges the splits."""
     batch, q_len, hq, _ = q.shape
@@ -177,7 +186,7 @@ def _launch(q, kp, vp, lengths, table, *, hkv: int, d: int, dv: int, s_max: int,
                  num_splits=splits, precision=precision_for(q.dtype),
                  window=tuple(local_window_size) if local_window_size is not None else (None, None),
                  softcap=None if logits_soft_cap is None else float(logits_soft_cap),
-                 blocks_per_page=blocks_per_page, alibi=alibi_slopes is not None)
+                 blocks_per_page=blocks_per_page, alibi=alibi_slopes is not None, kv_scales=kv_scale is not None)
     dp, dvp = kp.shape[-1], vp.shape[-1]
     # pack: [B, Sq, Hkv, g, D] -> [B, Hkv, Sq * g, D], rows padded to the row tiles
     qg = q.reshape(batch, q_len, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(batch, hkv, rows, d)
@@ -197,6 +206,9 @@ def _launch(q, kp, vp, lengths, table, *, hkv: int, d: int, dv: int, s_max: int,
         sl = jnp.broadcast_to(sl.reshape(batch, hkv, 1, g), (batch, hkv, q_len, g)).reshape(batch, hkv, rows)
         extra_specs.append(pl.BlockSpec((None, None, bm), lambda i, b, h: (b, h, lax.rem(i, n_rb))))
         extra.append(_common.pad_axis(sl, 2, n_rb * bm))
+    if kv_scale is not None:  # [Hkv, 2]: (k scale, v scale) per kv head
+        extra_specs.append(pl.BlockSpec((None, 2), lambda i, b, h: (h, 0)))
+        extra.append(kv_scale)
     call = _common.pallas_call(
         functools.partial(_kernel, st=st),
         out_shape=[jax.ShapeDtypeStruct((batch, splits, hkv, n_rb * bm, dvp), jnp.float32),
@@ -221,6 +233,13 @@ def _launch(q, kp, vp, lengths, table, *, hkv: int, d: int, dv: int, s_max: int,
     return out.astype(q.dtype), lse
 
 
+def _kv_scale(k_scale, v_scale, hkv: int):
+    if k_scale is None and v_scale is None:
+        return None
+    one = lambda x: jnp.broadcast_to(jnp.asarray(1.0 if x is None else x, jnp.float32), (hkv,))  # noqa: E731
+    return jnp.stack([one(k_scale), one(v_scale)], axis=1)
+
+
 def decode_attention_kernel(
     q: jax.Array,
     k: jax.Array,
@@ -235,6 +254,8 @@ def decode_attention_kernel(
     config: DecodeConfig | None = None,
     interpret: bool | None = None,
     alibi_slopes: jax.Array | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Split-KV decode attention on validated inputs.
 
@@ -247,6 +268,9 @@ def decode_attention_kernel(
       logits_soft_cap: c > 0 maps the scaled logits x to ``c * tanh(x / c)``.
       num_splits: KV chunks per (batch, kv head); None picks enough to fill the GPU.
       alibi_slopes: ``[Hq]`` or ``[B, Hq]``: ALiBi, ``slope * |p - j|`` subtracted from the logits.
+      k_scale, v_scale: ``[Hkv]`` (or scalars): a quantized cache (e.g. float8_e4m3fn) holding
+        ``k / k_scale``, ``v / v_scale``; tiles are upcast to q's dtype in the kernel, ``k_scale``
+        scales the logits and ``v_scale`` the output (half the cache bytes of bf16 for FP8).
 
     Returns:
       ``out [B, Sq, Hq, Dv]`` in q's dtype and ``lse [B, Sq, Hq]`` (fp32, natural log).
@@ -262,7 +286,7 @@ def decode_attention_kernel(
     return _launch(q, kp, vp, lengths, None, hkv=hkv, d=d, dv=dv, s_max=s_max, cfg=cfg, bk=bk, blocks_per_page=0,
                    causal=causal, scale=scale, local_window_size=local_window_size,
                    logits_soft_cap=logits_soft_cap, num_splits=num_splits, interpret=interpret,
-                   alibi_slopes=alibi_slopes)
+                   alibi_slopes=alibi_slopes, kv_scale=_kv_scale(k_scale, v_scale, hkv))
 
 
 def paged_decode_attention_kernel(
@@ -280,6 +304,8 @@ def paged_decode_attention_kernel(
     config: DecodeConfig | None = None,
     interpret: bool | None = None,
     alibi_slopes: jax.Array | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Split-KV decode attention from a paged cache, on validated inputs: k_pages ``[P, page_size,
     Hkv, D]``, v_pages ``[P, page_size, Hkv, Dv]`` (``page_size`` a power of two >= 16),
@@ -295,4 +321,5 @@ def paged_decode_attention_kernel(
     return _launch(q, kp, vp, lengths, block_tables.astype(jnp.int32), hkv=hkv, d=d, dv=dv,
                    s_max=block_tables.shape[1] * page, cfg=cfg, bk=bk, blocks_per_page=page // bk, causal=causal,
                    scale=scale, local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
-                   num_splits=num_splits, interpret=interpret, alibi_slopes=alibi_slopes)
+                   num_splits=num_splits, interpret=interpret, alibi_slopes=alibi_slopes,
+                   kv_scale=_kv_scale(k_scale, v_scale, hkv))

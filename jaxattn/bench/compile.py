@@ -321,6 +321,11 @@ def _decode_cases() -> Iterator[tuple[str, Callable, list]]:
 
     yield ("alibi d128 bfloat16", alibi, [_sds((8, 1, 32, 128), jnp.bfloat16),
                                           *[_sds((8, 32768, 8, 128), jnp.bfloat16)] * 2, _sds((8,), jnp.int32)])
+    def fp8(q, k, v, n):
+        return decode.decode_attention_kernel(q, k, v, n, k_scale=jnp.ones(8), v_scale=jnp.ones(8), interpret=False)
+
+    yield ("fp8 cache d128 bfloat16", fp8, [_sds((8, 1, 32, 128), jnp.bfloat16),
+                                            *[_sds((8, 32768, 8, 128), jnp.float8_e4m3fn)] * 2, _sds((8,), jnp.int32)])
     for page in (16, 128):  # paged cache: a 32k context per row in pages
         def paged(q, kp, vp, tables, n):
             return decode.paged_decode_attention_kernel(q, kp, vp, tables, n, interpret=False)

@@ -28,6 +28,8 @@ def decode_attention(
     local_window_size: int | tuple[int | None, int | None] | None = None,
     logits_soft_cap: float | None = None,
     alibi_slopes: jax.Array | None = None,
+    k_scale: jax.Array | float | None = None,
+    v_scale: jax.Array | float | None = None,
     impl: Literal["auto", "pallas", "xla"] = "auto",
     num_splits: int | None = None,
     return_lse: bool = False,
@@ -51,6 +53,9 @@ def decode_attention(
       logits_soft_cap: c > 0 caps the scaled logits as ``c * tanh(x / c)``.
       alibi_slopes: ``[heads]`` or ``[batch, heads]``: ALiBi, ``slope * |p - j|`` subtracted from
         the logits of the query at position p (as :func:`jaxattn.attention`).
+      k_scale, v_scale: ``[kv_heads]`` or scalars, for a quantized cache (float8_e4m3fn,
+        float8_e5m2 or int8, from :func:`quantize_kv`) holding ``k / k_scale``, ``v / v_scale``: the
+        kernel upcasts its tiles and applies the scales (FP8 halves the bytes decoding reads).
       impl: ``"pallas"`` (split-KV kernel; interpret mode without a GPU), ``"xla"`` (the dense
         fp32 reference, differentiable), ``"auto"`` (the kernel on GPU).
       num_splits: KV chunks per (batch, kv head) for the kernel; default: enough to fill the GPU.
@@ -62,12 +67,14 @@ def decode_attention(
       ``out [batch, Sq, heads, v_head_dim]`` in q's dtype (and ``lse``).
     """
     _checks.check_impl(impl)
-    batch, q_len, kv_len, hq, hkv, d = _checks.check_qkv(q, k, v)
+    batch, q_len, kv_len, hq, hkv, d = check_cache_qkv(q, k, v, k_scale, v_scale)
     lengths = _check_lengths(lengths, batch, kv_len)
     scale = _checks.check_scale(scale)
     extra = dict(local_window_size=_checks.check_window(local_window_size),
                  logits_soft_cap=_checks.check_soft_cap(logits_soft_cap),
                  alibi_slopes=_checks.check_alibi(alibi_slopes, batch, q.shape[2]))
+    if k_scale is not None:
+        extra.update(k_scale=check_kv_scale("k_scale", k_scale, hkv), v_scale=check_kv_scale("v_scale", v_scale, hkv))
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     kernel_ok = max(d, v.shape[-1]) <= _decode.MAX_HEAD_DIM
@@ -79,17 +86,78 @@ def decode_attention(
         out, lse = _decode.decode_attention_kernel(q, k, v, lengths, causal=causal, scale=scale,
                                                    num_splits=num_splits, **extra)
     else:
+        k_scale, v_scale = extra.pop("k_scale", None), extra.pop("v_scale", None)
+        k, v = dequantize_kv(k, k_scale, hkv), dequantize_kv(v, v_scale, hkv)
         out, lse = decode_reference(q, k, v, lengths, causal=causal, scale=scale, **extra)
         out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
 
 
+CACHE_DTYPES = (jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.int8)
+_QMAX = {jnp.dtype(jnp.float8_e4m3fn): 448.0, jnp.dtype(jnp.float8_e5m2): 57344.0, jnp.dtype(jnp.int8): 127.0}
+
+
+def check_cache_qkv(q, k, v, k_scale, v_scale) -> tuple[int, int, int, int, int, int]:
+    """:func:`_checks.check_qkv` where k and v may be a quantized cache (then with both scales)."""
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("give both k_scale and v_scale (a quantized cache) or neither")
+    if k_scale is None:
+        for name, x in (("k", k), ("v", v)):
+            if hasattr(x, "dtype") and jnp.dtype(x.dtype) in map(jnp.dtype, CACHE_DTYPES):
+                raise ValueError(f"{name} is {jnp.dtype(x.dtype).name}: a quantized cache needs k_scale and v_scale "
+                                 "(see jaxattn.quantize_kv)")
+        return _checks.check_qkv(q, k, v)
+    _checks.check_same_dtype(k=k, v=v)
+    if jnp.dtype(k.dtype) not in map(jnp.dtype, CACHE_DTYPES) and jnp.dtype(k.dtype) != jnp.dtype(q.dtype):
+        raise ValueError(f"a scaled cache must be float8_e4m3fn, float8_e5m2, int8 or q's dtype, got "
+                         f"{jnp.dtype(k.dtype).name}")
+    like_q = [jax.ShapeDtypeStruct(x.shape, q.dtype) if hasattr(x, "shape") else x for x in (k, v)]
+    return _checks.check_qkv(q, *like_q)
+
+
+def check_kv_scale(name: str, scale, kv_heads: int) -> jax.Array:
+    scale = jnp.asarray(scale)
+    if scale.shape not in ((), (kv_heads,)) or not jnp.issubdtype(scale.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a float or a floating array [kv_heads] = ({kv_heads},), got "
+                         f"{jnp.dtype(scale.dtype).name} {tuple(scale.shape)}")
+    return jnp.broadcast_to(scale.astype(jnp.float32), (kv_heads,))
+
+
+def dequantize_kv(x: jax.Array, scale, kv_heads: int) -> jax.Array:
+    """``x * scale`` in fp32 (``scale`` per kv head, axis 2); ``x`` itself when ``scale`` is None."""
+    if scale is None:
+        return x
+    return x.astype(jnp.float32) * jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (kv_heads,))[:, None]
+
+
+def quantize_kv(x: jax.Array, scale: jax.Array | float | None = None,
+                dtype=jnp.float8_e4m3fn) -> tuple[jax.Array, jax.Array]:
+    """``(x / scale)`` rounded to ``dtype`` (saturating), and the fp32 scale per kv head: from the
+    max magnitude over everything but the heads axis (axis -2) when ``scale`` is None, so that it
+    fills the format's range. ``x``: ``[..., kv_heads, head_dim]`` (a cache, new tokens, or pages).
+    Decode with ``decode_attention(..., k_scale=, v_scale=)``; append with ``append_kv(...,
+    k_scale=, v_scale=)`` (which reuses the scales: new tokens beyond them saturate)."""
+    dtype = jnp.dtype(dtype)
+    if dtype not in _QMAX:
+        raise ValueError(f"dtype must be one of {[d.name for d in _QMAX]}, got {dtype.name}")
+    qmax = _QMAX[dtype]
+    h = x.shape[-2]
+    xf = x.astype(jnp.float32)
+    if scale is None:
+        amax = jnp.max(jnp.abs(xf).reshape(-1, h, x.shape[-1]), axis=(0, 2))
+        scale = jnp.where(amax > 0, amax / qmax, 1.0)
+    scale = check_kv_scale("scale", scale, h)
+    y = jnp.clip(xf / scale[:, None], -qmax, qmax)
+    return (jnp.round(y) if dtype == jnp.dtype(jnp.int8) else y).astype(dtype), scale
+
+
 def append_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
-              lengths: jax.Array | int) -> tuple[jax.Array, jax.Array, jax.Array]:
+              lengths: jax.Array | int, *, k_scale=None, v_scale=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Writes ``k``/``v [batch, n, kv_heads, d]`` into the caches ``[batch, S, kv_heads, d]`` at
     rows ``lengths[b] .. lengths[b] + n`` of each batch row; returns the caches and
     ``lengths + n``. The caller keeps ``lengths + n <= S`` (a traced value cannot be checked:
-    XLA would clamp the write position)."""
+    XLA would clamp the write position). A quantized cache takes its scales (``k_scale``,
+    ``v_scale``, as :func:`quantize_kv` returned them) and gets ``quantize_kv(new, scale)``."""
     for name, cache, new in (("k", k_cache, k), ("v", v_cache, v)):
         _checks.check_rank(f"{name}_cache", cache, 4, "[batch, S, kv_heads, head_dim]")
         _checks.check_rank(name, new, 4, "[batch, n, kv_heads, head_dim]")
@@ -100,6 +168,7 @@ def append_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array
         raise ValueError(f"k and v must hold the same n <= S new rows; got {k.shape[1]} and {v.shape[1]}, "
                          f"S = {k_cache.shape[1]}")
     lengths = _check_lengths(lengths, k_cache.shape[0], k_cache.shape[1])
+    k, v = _quantize_new(k_cache, k, k_scale, "k"), _quantize_new(v_cache, v, v_scale, "v")
 
     def write(cache, new, start):
         return lax.dynamic_update_slice(cache, new.astype(cache.dtype), (start, 0, 0))
@@ -107,6 +176,19 @@ def append_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array
     k_cache = jax.vmap(write)(k_cache, k, lengths)
     v_cache = jax.vmap(write)(v_cache, v, lengths)
     return k_cache, v_cache, lengths + k.shape[1]
+
+
+def _quantize_new(cache: jax.Array, new: jax.Array, scale, name: str) -> jax.Array:
+    """New rows in the cache's representation: quantized with the cache's scale if it is one."""
+    quantized = jnp.dtype(cache.dtype) in map(jnp.dtype, CACHE_DTYPES)
+    if scale is None:
+        if quantized:
+            raise ValueError(f"{name}_cache is {jnp.dtype(cache.dtype).name}: pass {name}_scale (from quantize_kv)")
+        return new
+    if quantized:
+        return quantize_kv(new, scale, cache.dtype)[0]
+    scale = check_kv_scale(f"{name}_scale", scale, new.shape[-2])
+    return (new.astype(jnp.float32) / scale[:, None]).astype(cache.dtype)
 
 
 def _check_lengths(lengths, batch: int, kv_len: int) -> jax.Array:

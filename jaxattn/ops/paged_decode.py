@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.ops import _checks
-from jaxattn.ops.decode import _NO_GRAD, _check_lengths
+from jaxattn.ops.decode import _NO_GRAD, _check_lengths, _quantize_new, check_kv_scale, dequantize_kv
 from jaxattn.pallas import decode as _decode
 from jaxattn.reference.decode import decode_reference
 
@@ -28,13 +28,16 @@ def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
     return g.reshape(g.shape[0], g.shape[1] * g.shape[2], *g.shape[3:])
 
 
-def _check_paged(q, k_pages, v_pages, block_tables) -> tuple[int, int, int]:
+def _check_paged(q, k_pages, v_pages, block_tables, scaled: bool = False) -> tuple[int, int, int]:
     """Validates shapes and dtypes; returns ``(batch, page_size, max_pages)``."""
     _checks.check_rank("q", q, 4, "[batch, Sq, heads, head_dim]")
     _checks.check_rank("k_pages", k_pages, 4, PAGES_LAYOUT)
     _checks.check_rank("v_pages", v_pages, 4, "[num_pages, page_size, kv_heads, v_head_dim]")
     _checks.check_float_dtype("q", q)
-    _checks.check_same_dtype(q=q, k_pages=k_pages, v_pages=v_pages)
+    if scaled:
+        _checks.check_same_dtype(k_pages=k_pages, v_pages=v_pages)
+    else:
+        _checks.check_same_dtype(q=q, k_pages=k_pages, v_pages=v_pages)
     batch, q_len, hq, d = q.shape
     _checks.check_dim("k_pages", k_pages, 3, d, "head dim", "q")
     for axis, what in ((0, "num_pages"), (1, "page_size"), (2, "kv_heads")):
@@ -66,6 +69,8 @@ def paged_decode_attention(
     local_window_size: int | tuple[int | None, int | None] | None = None,
     logits_soft_cap: float | None = None,
     alibi_slopes: jax.Array | None = None,
+    k_scale: jax.Array | float | None = None,
+    v_scale: jax.Array | float | None = None,
     impl: Literal["auto", "pallas", "xla"] = "auto",
     num_splits: int | None = None,
     return_lse: bool = False,
@@ -80,20 +85,25 @@ def paged_decode_attention(
         positions; entries past a row's length are ignored (may hold anything in range).
       lengths: int ``[batch]`` (or one int): valid cache positions per row, the new tokens
         included (write them first with :func:`append_paged_kv`).
-      causal, scale, local_window_size, logits_soft_cap, alibi_slopes, num_splits, return_lse: as
-        :func:`jaxattn.decode_attention`.
+      causal, scale, local_window_size, logits_soft_cap, alibi_slopes, k_scale, v_scale, num_splits,
+        return_lse: as :func:`jaxattn.decode_attention` (quantized pages: :func:`jaxattn.quantize_kv`).
       impl: ``"pallas"`` (split-KV kernel reading pages through the table; interpret mode without a
         GPU), ``"xla"`` (gathers the pages and runs the dense fp32 reference), ``"auto"``.
 
     Returns ``out [batch, Sq, heads, v_head_dim]`` in q's dtype (and the fp32 ``lse``).
     """
     _checks.check_impl(impl)
-    batch, page, max_pages = _check_paged(q, k_pages, v_pages, block_tables)
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("give both k_scale and v_scale (a quantized cache) or neither")
+    batch, page, max_pages = _check_paged(q, k_pages, v_pages, block_tables, scaled=k_scale is not None)
     lengths = _check_lengths(lengths, batch, max_pages * page)
     scale = _checks.check_scale(scale)
     extra = dict(local_window_size=_checks.check_window(local_window_size),
                  logits_soft_cap=_checks.check_soft_cap(logits_soft_cap),
                  alibi_slopes=_checks.check_alibi(alibi_slopes, batch, q.shape[2]))
+    hkv = k_pages.shape[2]
+    if k_scale is not None:
+        extra.update(k_scale=check_kv_scale("k_scale", k_scale, hkv), v_scale=check_kv_scale("v_scale", v_scale, hkv))
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     dims_ok = max(q.shape[-1], v_pages.shape[-1]) <= _decode.MAX_HEAD_DIM
@@ -106,18 +116,21 @@ def paged_decode_attention(
         out, lse = _decode.paged_decode_attention_kernel(q, k_pages, v_pages, block_tables, lengths, causal=causal,
                                                          scale=scale, num_splits=num_splits, **extra)
     else:
-        k, v = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)
+        k_scale, v_scale = extra.pop("k_scale", None), extra.pop("v_scale", None)
+        k = dequantize_kv(gather_pages(k_pages, block_tables), k_scale, hkv)
+        v = dequantize_kv(gather_pages(v_pages, block_tables), v_scale, hkv)
         out, lse = decode_reference(q, k, v, lengths, causal=causal, scale=scale, **extra)
         out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
 
 
 def append_paged_kv(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array, k: jax.Array,
-                    v: jax.Array, lengths: jax.Array | int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                    v: jax.Array, lengths: jax.Array | int, *, k_scale=None,
+                    v_scale=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Writes ``k``/``v [batch, n, kv_heads, d]`` at positions ``lengths[b] .. lengths[b] + n`` of
     each batch row, into the pages its table names; returns the pools and ``lengths + n``. The
     caller owns the tables (allocating a page before a row crosses into it) and keeps the pages
-    of different rows distinct."""
+    of different rows distinct. Quantized pools take their scales (as :func:`jaxattn.append_kv`)."""
     _checks.check_rank("k_pages", k_pages, 4, PAGES_LAYOUT)
     _checks.check_rank("v_pages", v_pages, 4, "[num_pages, page_size, kv_heads, v_head_dim]")
     batch, page, max_pages = block_tables.shape[0], k_pages.shape[1], block_tables.shape[1]
@@ -129,6 +142,7 @@ def append_paged_kv(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Ar
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"k and v must hold the same number of new rows; got {k.shape[1]} and {v.shape[1]}")
     lengths = _check_lengths(lengths, batch, max_pages * page)
+    k, v = _quantize_new(k_pages, k, k_scale, "k"), _quantize_new(v_pages, v, v_scale, "v")
     pos = lengths[:, None] + jnp.arange(k.shape[1])[None, :]  # [batch, n]
     pages = jnp.take_along_axis(block_tables.astype(jnp.int32), pos // page, axis=1, mode="clip")
     slot = pos % page
