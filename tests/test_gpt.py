@@ -91,6 +91,7 @@ GEN_CASES = {
     "hybrid-xla": dict(layer_types=("power", "window", "sink", "full"), layers=4, sparse_block=16, window=32, sink=16),
     "hybrid-pallas": dict(layer_types=("power", "full"), kv_heads=1, sparse_block=16, window=32, sink=16,
                           attn_impl="pallas"),
+    "alibi-gqa-pallas": dict(position="alibi", kv_heads=1, attn_impl="pallas"),
 }
 
 
@@ -142,3 +143,18 @@ def test_generation_errors():
     assert isinstance(lm, LandmarkGPT)
     with pytest.raises(ValueError, match="no incremental decoding"):
         generate(lm, jnp.zeros((1, 3), jnp.int32), 2)
+
+
+def test_alibi_position_is_linear_bias_not_rope():
+    """position='alibi': ALiBi's slopes replace the rotary embedding (a different model from the
+    same weights); layer kinds the kernels cannot bias raise."""
+    m = _model(position="alibi")
+    t = jax.random.randint(jax.random.PRNGKey(2), (1, 16), 0, 64)
+    blk = m.blocks[0].attn
+    assert blk.alibi_slopes().shape == (4,) and float(blk.alibi_slopes()[0]) == 0.25  # 2^(-8/4)
+    rope_m = _model()
+    assert not np.allclose(np.asarray(m(t)), np.asarray(rope_m(t)))
+    with pytest.raises(ValueError, match="alibi"):
+        GPTConfig(position="alibi", layer_types=("power", "full"))
+    with pytest.raises(ValueError, match="position must be"):
+        GPTConfig(position="learned")

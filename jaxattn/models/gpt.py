@@ -41,6 +41,7 @@ class GPTConfig:
     window: int = 256  # sliding window W (tokens) of the power / window / sink patterns
     sink: int = 64  # sink tokens of the power / sink patterns
     rope_theta: float = 10000.0
+    position: Literal["rope", "alibi"] = "rope"  # alibi: per-head linear biases, no rotary embedding
     init_std: float = 0.02
     tie_embeddings: bool = True
     dtype: str = "float32"  # compute dtype; parameters are fp32
@@ -56,6 +57,11 @@ class GPTConfig:
         if bad or not self.layer_types:
             raise ValueError(f"layer_types entries must be 'full', 'power', 'window' or 'sink', got "
                              f"{self.layer_types}")
+        if self.position not in ("rope", "alibi"):
+            raise ValueError(f"position must be 'rope' or 'alibi', got {self.position!r}")
+        if self.position == "alibi" and (set(self.layer_types) != {"full"} or self.quantized):
+            raise ValueError("position='alibi' runs on the flash and decode kernels: it needs layer_types=('full',) "
+                             "and quantized=False")
 
     def layer_type(self, i: int) -> str:
         return self.layer_types[i % len(self.layer_types)]
@@ -126,7 +132,8 @@ class Attention(nnx.Module):
         b, n, _ = x.shape
         q = self.q(x).reshape(b, n, self.cfg.heads, self.head_dim)
         k, v = jnp.split(self.kv(x).reshape(b, n, self.kv_heads, 2 * self.head_dim), 2, axis=-1)
-        q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
+        if self.cfg.position == "rope":
+            q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
         if cache is None:
             return self._attend(q, k, v)
         from jaxattn.ops.decode import append_kv, decode_attention
@@ -137,7 +144,7 @@ class Attention(nnx.Module):
         if self.kind in ("full", "window"):  # a window layer sees the last `window` keys, itself included
             window = (self.cfg.window - 1, 0) if self.kind == "window" else None
             o = decode_attention(q, k_cache, v_cache, lengths, causal=True, local_window_size=window,
-                                 impl=self.cfg.attn_impl)
+                                 alibi_slopes=self.alibi_slopes(), impl=self.cfg.attn_impl)
         else:
             from jaxattn.ops.block_sparse import block_sparse_attention
 
@@ -163,8 +170,16 @@ class Attention(nnx.Module):
             mesh, axis, batch_axis = self.sequence_parallel
             o = ring_attention_sp(q, k, v, mesh=mesh, axis=axis, batch_axis=batch_axis, causal=True, impl=impl)
         else:
-            o = attention(q, k, v, causal=True, impl=impl)
+            o = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes(), impl=impl)
         return self.o(o.reshape(b, n, self.cfg.dim))
+
+    def alibi_slopes(self) -> jax.Array | None:
+        """ALiBi's per-head slopes (a geometric sequence, interleaved for non-powers of two)."""
+        if self.cfg.position != "alibi":
+            return None
+        from jaxattn.models.tnl import tnl_slopes
+
+        return jnp.asarray(tnl_slopes(self.cfg.heads), jnp.float32)
 
 
 class SwiGLU(nnx.Module):
@@ -210,9 +225,9 @@ class GPT(nnx.Module):
         quantized ones) can. ``mesh=None`` turns it off."""
         if mesh is not None:
             bad = sorted({blk.attn.kind for blk in self.blocks if blk.attn.kind != "full"})
-            if bad or self.cfg.quantized:
-                raise ValueError(f"sequence parallelism (ring attention) covers full-attention layers only; "
-                                 f"this model has {bad or 'quantized'} layers")
+            if bad or self.cfg.quantized or self.cfg.position == "alibi":
+                raise ValueError(f"sequence parallelism (ring attention) covers full-attention RoPE layers only; "
+                                 f"this model has {bad or ('quantized' if self.cfg.quantized else 'ALiBi')} layers")
         from jaxattn.ops._spmd import layer_setting
 
         setting = layer_setting(mesh, axis, batch_axis)

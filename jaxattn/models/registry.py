@@ -29,6 +29,7 @@ MODEL_CONFIGS: dict[str, Any] = {
     # GPT-style decoders (byte-level, CPU-sized): full attention, and a PowerAttention hybrid
     # (three PowerAttention layers per full-attention layer; B = 16, W = 64, sink 16 tokens).
     "gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4),
+    "alibi-gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, position="alibi"),  # ALiBi, no RoPE
     # Landmark attention (byte-level + 1 landmark token; a landmark after every 31 bytes).
     "landmark-gpt-tiny": LandmarkGPTConfig(vocab_size=257, landmark_id=256, dim=128, layers=4, heads=4,
                                            mem_freq=31, top_k=4),
