@@ -226,7 +226,7 @@ class GPT(nnx.Module):
         if mesh is not None:
             bad = sorted({blk.attn.kind for blk in self.blocks if blk.attn.kind != "full"})
             if bad or self.cfg.quantized or self.cfg.position == "alibi":
-                raise ValueError(f"sequence parallelism (ring attention) covers full-attention RoPE layers only; "
+                raise ValueError(f"sequence parallelism (ring attention) covers full-attention layers only (RoPE, not ALiBi); "
                                  f"this model has {bad or ('quantized' if self.cfg.quantized else 'ALiBi')} layers")
         from jaxattn.ops._spmd import layer_setting
 
