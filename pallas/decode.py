@@ -21,6 +21,10 @@ page_size, Hkv, D]`` and ``block_tables[b, i]`` names the page holding row ``b``
 ``i * page_size ...``. The same kernel reads key block ``j`` from page ``block_tables[b, j //
 sub]`` at offset ``(j % sub) * block_k`` (``sub = page_size / block_k``; pages smaller than the
 block size are read one page per step), so nothing is gathered into a dense cache.
+
+**Quantized caches** (FP8 / int8 with a scale per kv head): tiles are upcast to q's dtype as they
+are loaded; ``k_scale`` multiplies the logits and ``v_scale`` the output. **ALiBi**: per packed row,
+``slope * |position - key position|`` is subtracted from the logits.
 """
 
 from __future__ import annotations
