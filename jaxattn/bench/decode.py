@@ -4,7 +4,8 @@ Decoding is bound by memory bandwidth (the whole cache is read for one query row
 besides ms and TFLOP/s the summary reports the cache bytes read per second (GB/s). Peers in this
 process: ``jax.nn.dot_product_attention`` with ``key_value_seq_lengths`` (XLA, and cuDNN on GPU),
 JAX's bundled Pallas ``decode_attention.gqa``, our flash kernel with ``q_len = 1``, and, when
-importable with CUDA, ``flash_attn_with_kvcache`` (flash-attn) and PyTorch SDPA (``enable_gqa``).
+importable with CUDA, ``flash_attn_with_kvcache`` (flash-attn) and PyTorch SDPA (``enable_gqa``);
+``jaxattn-fp8`` decodes the same cache quantized to FP8 e4m3 (``jaxattn.quantize_kv``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def inputs(case: Case) -> tuple:
     q = jax.random.normal(ks[0], (case.batch, 1, case.heads, case.head_dim), jnp.float32).astype(dt)
     cache = (case.batch, case.seq, case.kv_heads, case.head_dim)
     k, v = (jax.random.normal(key, cache, jnp.float32).astype(dt) for key in ks[1:])
-    return q, k, v, jnp.full((case.batch,), case.seq, jnp.int32)
+    (k8, k_scale), (v8, v_scale) = jaxattn.quantize_kv(k), jaxattn.quantize_kv(v)  # the FP8 peer's cache
+    return q, k, v, jnp.full((case.batch,), case.seq, jnp.int32), k8, v8, k_scale, v_scale
 
 
 def _paged(q, k, v, n, *, page: int):
@@ -87,7 +89,11 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
             q[:, 0], k, v, kv_seq_len=n, sm_scale=scale, interpret=interpret)
     except Exception:  # noqa: BLE001 - the bundled kernel moved or is missing
         pass
-    return {name: jax.jit(op) for name, op in ops.items()}
+    # every peer gets (q, k, v, lengths, k8, v8, k_scale, v_scale); only the FP8 one reads the last four
+    jitted = {name: jax.jit(lambda q, k, v, n, *_, op=op: op(q, k, v, n)) for name, op in ops.items()}
+    jitted["jaxattn-fp8"] = jax.jit(lambda q, k, v, n, k8, v8, ks, vs: jaxattn.decode_attention(
+        q, k8, v8, n, k_scale=ks, v_scale=vs, impl="pallas"))
+    return jitted
 
 
 def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
@@ -118,7 +124,9 @@ def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True
 
 
 def summary(records: list[dict]) -> str:
-    """Cache bandwidth (GB/s) per case and impl: the number that matters for decoding."""
+    """Cache bandwidth (GB/s) per case and impl: the number that matters for decoding. It counts
+    the case's dtype bytes for every impl, so ``jaxattn-fp8`` (reading half of them) shows the
+    effective bandwidth of its smaller cache."""
     rows = []
     for r in records:
         if not r.get("ms"):
