@@ -31,6 +31,15 @@ KEY_CHUNK = 64  # window keys per step of the kernels' key loop
 
 
 @dataclasses.dataclass(frozen=True)
+class HaloConfig:
+    """Launch parameters of both kernels (``num_warps`` None: 8 from head dim 128, else 4)."""
+
+    key_chunk: int = KEY_CHUNK
+    num_warps: int | None = None
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
 class _Static:
     scale: float
     key_chunk: int  # window keys per step
@@ -166,7 +175,7 @@ def relative_map(win: int, t: int, keys: int) -> np.ndarray:
     return e
 
 
-def halo_blocks_kernel(qb, kw, vw, ab, emap, valid, *, scale: float,
+def halo_blocks_kernel(qb, kw, vw, ab, emap, valid, *, scale: float, config: HaloConfig | None = None,
                        interpret: bool | None = None) -> jax.Array:
     """Fused attention over pre-gathered windows (every tile dim a power of two):
     qb ``[B, nB, R, heads, d]``, kw ``[B, nB, Wp, heads, d]``, vw ``[B, nB, Wp, heads, e]``,
@@ -175,9 +184,11 @@ def halo_blocks_kernel(qb, kw, vw, ab, emap, valid, *, scale: float,
     used). Returns ``[B, nB, R, heads, e]``."""
     if ab.dtype != qb.dtype or emap.dtype != qb.dtype:
         raise ValueError(f"ab and emap must have q's dtype {qb.dtype}, got {ab.dtype}, {emap.dtype}")
-    chunk = min(kw.shape[2], KEY_CHUNK)
+    cfg = config or HaloConfig()
+    chunk = min(kw.shape[2], cfg.key_chunk)
+    warps = cfg.num_warps or (8 if max(qb.shape[-1], vw.shape[-1]) >= 128 else 4)
     st = _Static(scale=float(scale), key_chunk=chunk, chunks=kw.shape[2] // chunk,
-                 num_warps=8 if max(qb.shape[-1], vw.shape[-1]) >= 128 else 4, num_stages=2,
+                 num_warps=warps, num_stages=cfg.num_stages,
                  interpret=interpret,
                  precision=lax.Precision.HIGHEST if qb.dtype == jnp.float32 else None)
     return _halo(st, qb, kw, vw, ab, emap, valid)

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sparse", help="block-sparse PowerAttention / sliding window vs full flash, FlexAttention")
     p.add_argument("--seqs", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
     p.add_argument("--patterns", nargs="+", default=["power", "window", "causal"], choices=["power", "window", "causal"])
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--head-dim", type=int, default=128, help="(halo: 32 at the HaloNet stage shape)")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--block", type=int, default=256, help="PowerAttention block size B")
@@ -106,8 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH")
     p = sub.add_parser("tune", help="time candidate tile configs of one kernel at a target shape (GPU); "
                                     "prints the fastest as a table line")
-    p.add_argument("family", choices=["flash", "lightning", "sage"])
-    p.add_argument("--seq", type=int, default=None, help="default: the family's target (8192; lightning 65536)")
+    from jaxattn.bench.tune import FAMILIES as TUNE_FAMILIES  # imports only jax; kernels load lazily
+
+    p.add_argument("family", choices=sorted(TUNE_FAMILIES))
+    p.add_argument("--seq", type=int, default=None,
+                   help="default: the family's target (8192; lightning 65536; halo: image side 64)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--batch", type=int, default=None, help="default: 16384 tokens (lightning 65536) / seq")
     p.add_argument("--heads", type=int, default=None, help="default: 2048 / head dim")
@@ -260,7 +263,7 @@ def _tune(args: argparse.Namespace, gpu: bool) -> int:
     seq, tokens, width = tune.DEFAULT_SHAPES[args.family]
     if smoke:
         print("smoke tune" + ("" if gpu else " (no GPU: kernels in interpret mode)"), file=sys.stderr)
-        shape = {"batch": 1, "seq": 128, "heads": 1, "head_dim": 64}
+        shape = tune.SMOKE_SHAPES.get(args.family, {"batch": 1, "seq": 128, "heads": 1, "head_dim": 64})
     else:
         seq = args.seq or seq
         shape = {"batch": args.batch or max(1, tokens // seq), "seq": seq,

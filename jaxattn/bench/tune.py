@@ -1,10 +1,11 @@
-"""``python -m jaxattn.bench tune {flash,lightning,sage}``: time candidate tile configurations of a
+"""``python -m jaxattn.bench tune {flash,lightning,sage,halo}``: time candidate tile configurations of a
 kernel at one target shape on the GPU and print the fastest as a line for the kernel's table.
 
 The search is greedy by stage (a stage varies the fields one kernel reads, the others stay at the
 best so far), starting from the table entry: flash tunes the forward tiles on the forward, then the
 dk/dv tiles and the backward launch on forward+backward, then the dq tiles; Lightning the forward,
-then the backward, then the segment count; Sage its one kernel. A candidate that fails to compile or
+then the backward, then the segment count; Sage its one kernel; HaloNet the launch shared by its
+forward and backward kernels on forward+backward (``seq`` is the image side). A candidate that fails to compile or
 launch (shared memory, registers) is reported and skipped. ``--budget-s`` stops the search and
 reports the best so far, so a session with little device time can still use it. Without a GPU the
 search runs a tiny smoke case in interpret mode (two candidates per stage), to check the plumbing.
@@ -136,8 +137,36 @@ def _sage_family() -> Family:
     return Family(base, stages, make, lambda *a: _normal(*a), "pallas/sage.py CONFIGS")
 
 
+# ---- halo ----------------------------------------------------------------------------------------
+def _halo_family() -> Family:
+    """HaloNet attention at a stage shape: ``seq`` is the image side, ``batch`` the images, b=8, h=3."""
+    from jaxattn.ops import halo as halo_op
+    from jaxattn.pallas import halo
+
+    def stages() -> list[Stage]:
+        return [Stage("both kernels", "fwd+bwd", _grid(key_chunk=(32, 64, 128), num_warps=(4, 8),
+                                                       num_stages=(1, 2, 3)))]
+
+    def make(cfg, extra, mode, causal, inputs):
+        q, k, v, rh, rw, do = inputs
+        d = q.shape[-1]
+
+        def op(q, k, v, rh, rw):
+            return halo_op._halo(q, k, v, rh, rw, block_size=8, halo_size=3, stride=1, scale=d ** -0.5,
+                                 scale_pos_embed=False, mask_padding=False, use_kernel=True, config=cfg)
+        return _vjp_runner(op, (q, k, v, rh, rw), 3, do, mode)
+
+    def inputs(b, side, h, d, dtype):
+        keys = jax.random.split(jax.random.PRNGKey(0), 6)
+        img = lambda key: jax.random.normal(key, (b, side, side, h, d), jnp.float32).astype(dtype)  # noqa: E731
+        rel = lambda key: (jax.random.normal(key, (2 * 14 - 1, d), jnp.float32) * 0.02).astype(dtype)  # noqa: E731
+        return img(keys[0]), img(keys[1]), img(keys[2]), rel(keys[3]), rel(keys[4]), img(keys[5])
+
+    return Family(lambda d, dtype: halo.HaloConfig(), stages, make, inputs, "pallas/halo.py HaloConfig defaults")
+
+
 FAMILIES: dict[str, Callable[[], Family]] = {"flash": _flash_family, "lightning": _lightning_family,
-                                             "sage": _sage_family}
+                                             "sage": _sage_family, "halo": _halo_family}
 
 
 def _split(cfg: Any, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -203,5 +232,8 @@ def format_result(res: dict[str, Any]) -> str:
     return "\n".join(rows) + f"\n\nbest for {res['table']}:\n{line}"
 
 
+SMOKE_SHAPES = {"halo": {"batch": 1, "seq": 16, "heads": 1, "head_dim": 32}}  # CPU smoke (default: seq 128)
+
 # target shapes: (seq, batch * seq, heads * head_dim), as the benchmarks' sweeps
-DEFAULT_SHAPES = {"flash": (8192, 16384, 2048), "lightning": (65536, 65536, 2048), "sage": (8192, 16384, 2048)}
+DEFAULT_SHAPES = {"flash": (8192, 16384, 2048), "lightning": (65536, 65536, 2048), "sage": (8192, 16384, 2048),
+                  "halo": (64, 512, 256)}  # halo: 64x64 images, 8 of them, 8 heads x 32

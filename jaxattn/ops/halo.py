@@ -135,7 +135,8 @@ def halo_attention(
 
 
 def _halo(q, k, v, rel_h, rel_w, *, block_size: int, halo_size: int, stride: int, scale: float,
-          scale_pos_embed: bool, mask_padding: bool, use_kernel: bool, interpret: bool | None = None):
+          scale_pos_embed: bool, mask_padding: bool, use_kernel: bool, interpret: bool | None = None,
+          config=None):
     """Validated inputs -> output; ``interpret=False`` forces GPU lowering (tests lower on CPU)."""
     _, hh, ww, _, _ = k.shape
     win = block_size + 2 * halo_size
@@ -149,7 +150,7 @@ def _halo(q, k, v, rel_h, rel_w, *, block_size: int, halo_size: int, stride: int
     valid = window_valid(hh, ww, block_size, halo_size, mask_padding)
 
     if use_kernel:
-        out = _kernel_path(qb, kw, vw, a, c, valid, scale, win, interpret)
+        out = _kernel_path(qb, kw, vw, a, c, valid, scale, win, interpret, config)
     else:
         hp = _HP if q.dtype == jnp.float32 else None  # bf16/fp16: native dots, fp32 accumulation
         s = jnp.einsum("bnihd,bnjhd->bnhij", qb, kw, precision=hp, preferred_element_type=jnp.float32)
@@ -162,7 +163,7 @@ def _halo(q, k, v, rel_h, rel_w, *, block_size: int, halo_size: int, stride: int
     return fold_blocks(out, nby, nbx, bq)
 
 
-def _kernel_path(qb, kw, vw, a, c, valid, scale, win, interpret):
+def _kernel_path(qb, kw, vw, a, c, valid, scale, win, interpret, config=None):
     """Pads every tile dim to a power of two (>= 16) and calls the fused kernel."""
     rows = max(16, _common.next_pow2(qb.shape[2]))
     wp = max(16, _common.next_pow2(kw.shape[2]))
@@ -173,5 +174,5 @@ def _kernel_path(qb, kw, vw, a, c, valid, scale, win, interpret):
     emap = jnp.asarray(relative_map(win, t, wp)[None], qb.dtype)
     out = halo_blocks_kernel(
         pad(pad(qb, 2, rows), 4, d), pad(pad(kw, 2, wp), 4, d), pad(pad(vw, 2, wp), 4, e), pad(ab, 2, rows),
-        emap, pad(jnp.asarray(valid, jnp.int8), 1, wp), scale=scale, interpret=interpret)
+        emap, pad(jnp.asarray(valid, jnp.int8), 1, wp), scale=scale, config=config, interpret=interpret)
     return out[:, :, : qb.shape[2], :, : vw.shape[-1]]
