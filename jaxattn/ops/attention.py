@@ -125,3 +125,56 @@ def _segment_pair(segment_ids: SegmentIds, batch: int, q_len: int, kv_len: int):
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"{name} must have an integer dtype, got {jnp.dtype(x.dtype).name}")
     return qseg, kvseg
+
+
+def varlen_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cu_seqlens_q: jax.Array,
+    cu_seqlens_k: jax.Array | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    local_window_size: int | tuple[int | None, int | None] | None = None,
+    logits_soft_cap: float | None = None,
+    alibi_slopes: jax.Array | None = None,
+    impl: Literal["auto", "pallas", "xla"] = "auto",
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Attention over sequences packed without padding (flash-attn's ``*_varlen_func`` layout).
+
+    Args:
+      q: ``[total_q, heads, head_dim]``; k, v: ``[total_k, kv_heads, head_dim | v_head_dim]``.
+      cu_seqlens_q: int ``[n + 1]``: sequence ``i`` holds query rows ``cu[i] .. cu[i+1]``
+        (``cu[0] = 0``, non-decreasing, ``cu[n] = total_q``).
+      cu_seqlens_k: the same for keys; None: the queries' (self-attention). ``causal`` needs None.
+      causal, scale, local_window_size, logits_soft_cap, alibi_slopes, impl, return_lse: as
+        :func:`attention`, within each sequence (positions count from its first token).
+
+    Runs :func:`attention` on one packed batch row with segment ids, so the kernels visit only
+    blocks inside each sequence. Returns ``out [total_q, heads, v_head_dim]`` (and the lse
+    ``[total_q, heads]``); rows past ``cu_seqlens_q[n]`` attend to nothing and return zeros.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.check_rank(name, x, 3, "[total_tokens, heads, head_dim]")
+    if causal and cu_seqlens_k is not None:
+        raise ValueError("causal varlen attention is self-attention: pass cu_seqlens_k=None (the queries' "
+                         "sequences); bottom-right alignment per sequence pair is not supported")
+    if cu_seqlens_k is None and k.shape[0] != q.shape[0]:
+        raise ValueError(f"without cu_seqlens_k, k must have q's total_q = {q.shape[0]} rows, got {k.shape[0]}")
+
+    def segment_ids(cu, total, name):
+        _checks.check_array(name, cu, "[n_seqs + 1]")
+        if cu.ndim != 1 or cu.shape[0] < 2 or not jnp.issubdtype(cu.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an int array [n_seqs + 1] (0, l0, l0 + l1, ...), got "
+                             f"{jnp.dtype(cu.dtype).name} {tuple(cu.shape)}")
+        ids = jnp.searchsorted(cu.astype(jnp.int32), jnp.arange(total, dtype=jnp.int32), side="right") - 1
+        return jnp.where(jnp.arange(total) < cu[-1], ids, -1 - (name == "cu_seqlens_k"))[None]  # tail: no match
+
+    qs = segment_ids(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+    ks = segment_ids(cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+    res = attention(q[None], k[None], v[None], causal=causal, segment_ids=(qs, ks), scale=scale,
+                    local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
+                    alibi_slopes=alibi_slopes, impl=impl, return_lse=return_lse)
+    return (res[0][0], res[1][0]) if return_lse else res[0]

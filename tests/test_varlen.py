@@ -1,0 +1,57 @@
+"""varlen_attention (flash-attn's packed layout, cu_seqlens) against attention run on each
+sequence alone, forward and gradients, through the kernel (interpret mode) and XLA."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn
+from conftest import GRAD_TOL, assert_close, randn
+from jaxattn.pallas import poison_outputs
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=True, local_window_size=(9, 0)),
+                                dict(causal=False, alibi_slopes=jnp.asarray([0.5, 0.25, 0.125, 0.0625])),
+                                dict(cross=True)], ids=["causal", "window", "alibi", "cross"])
+def test_varlen_equals_each_sequence_alone(impl, kw):
+    kw = dict(kw)
+    cross = kw.pop("cross", False)
+    lens_q = [17, 1, 40, 23]
+    lens_k = [30, 5, 12, 9] if cross else lens_q
+    cu_q, cu_k = np.cumsum([0, *lens_q]), np.cumsum([0, *lens_k])
+    tq, tk = int(cu_q[-1]) + 3, int(cu_k[-1]) + (2 if cross else 3)  # a padded tail past the last sequence
+    ks = jax.random.split(jax.random.PRNGKey(len(kw)), 4)
+    q = randn(ks[0], (tq, 4, 32), jnp.float32)
+    k, v = randn(ks[1], (tk, 2, 32), jnp.float32), randn(ks[2], (tk, 2, 32), jnp.float32)
+    args = (jnp.asarray(cu_q, jnp.int32), jnp.asarray(cu_k, jnp.int32) if cross else None)
+    f = lambda q, k, v: jaxattn.varlen_attention(q, k, v, *args, impl=impl, **kw)  # noqa: E731
+    with poison_outputs():
+        out = jax.jit(f)(q, k, v)
+    assert out.shape == (tq, 4, 32) and (out[int(cu_q[-1]):] == 0).all()
+    w = jax.random.normal(ks[3], out.shape)
+    with poison_outputs():
+        grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * w), (0, 1, 2)))(q, k, v)
+    for i in range(4):
+        sq, sk = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        one = lambda q1, k1, v1: jaxattn.attention(q1[None], k1[None], v1[None], impl="xla", **kw)[0]  # noqa: E731
+        assert_close(out[sq], one(q[sq], k[sk], v[sk]), jnp.float32, f"seq {i}")
+        g1 = jax.grad(lambda *a: jnp.sum(one(*a) * w[sq]), (0, 1, 2))(q[sq], k[sk], v[sk])
+        for name, g, rg, sl in zip("qkv", grads, g1, (sq, sk, sk)):
+            assert_close(g[sl], rg, jnp.float32, f"d{name} seq {i}", tol=GRAD_TOL)
+
+
+def test_varlen_errors():
+    q = jnp.zeros((10, 2, 32))
+    cu = jnp.asarray([0, 4, 10])
+    with pytest.raises(ValueError, match="causal varlen"):
+        jaxattn.varlen_attention(q, q, q, cu, cu, causal=True)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be an int array"):
+        jaxattn.varlen_attention(q, q, q, jnp.asarray([0.0, 10.0]))
+    with pytest.raises(ValueError, match="rank 3"):
+        jaxattn.varlen_attention(q[None], q[None], q[None], cu)
+    with pytest.raises(ValueError, match="total_q"):
+        jaxattn.varlen_attention(q, q[:5], q[:5], cu)
