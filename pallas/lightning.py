@@ -198,9 +198,9 @@ def _partial_spec(st: _Static, d: int):
 _SLOPE_SPEC = pl.BlockSpec((1,), lambda b, h, c: (h,))
 
 
-def _chunk(st: _Static, e: int, backward: bool = False) -> tuple[int, int]:
+def _chunk(cfg: LightningConfig, e: int, backward: bool = False) -> tuple[int, int]:
     """(chunk width, chunks) for a padded value head dim ``e`` (both powers of two)."""
-    width = (st.cfg.block_e_bwd or st.cfg.block_e) if backward else st.cfg.block_e
+    width = (cfg.block_e_bwd or cfg.block_e) if backward else cfg.block_e
     be = min(width, e)
     return be, e // be
 
@@ -219,7 +219,7 @@ def _call(kernel, st: _Static, out_shape, in_specs, out_specs, grid, name):
 def _fwd(st: _Static, q, k, v, slope, s0):
     b, _, h, d = q.shape
     e = v.shape[-1]
-    be, ne = _chunk(st, e)
+    be, ne = _chunk(st.cfg, e)
     return _call(
         _fwd_kernel, st,
         [jax.ShapeDtypeStruct((b, st.n_pad, h, e), q.dtype), jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)],
@@ -240,7 +240,7 @@ def _bwd(st: _Static, q, k, v, slope, s0, do, dsf):
     """dq, dk, dv and the initial-state cotangent of one kernel call (dO, final-state cotangent)."""
     b, _, h, d = q.shape
     e = v.shape[-1]
-    be, ne = _chunk(st, e, backward=True)
+    be, ne = _chunk(st.cfg, e, backward=True)
     # dq and dk sum over the value channels: one partial per chunk (fp32 when there are several).
     part = jax.ShapeDtypeStruct((ne, *q.shape), q.dtype if ne == 1 else jnp.float32)
     (dq,) = _call(_dq_kernel, st, [part],
@@ -284,7 +284,7 @@ MIN_SEGMENT = 1024  # ... and segments stay at least this long
 
 def segment_count(batch: int, heads: int, n: int, cfg: LightningConfig, e: int) -> int:
     """Segments for a sequence of ``n`` rows: enough for ``SEGMENT_PROGRAMS`` backward programs."""
-    ne = _chunk(_Static(n, n, cfg.block, cfg, None, None), max(16, _common.next_pow2(e)), backward=True)[1]
+    ne = _chunk(cfg, max(16, _common.next_pow2(e)), backward=True)[1]
     want = -(-SEGMENT_PROGRAMS // (batch * heads * ne))
     return max(1, min(want, n // MIN_SEGMENT))
 
@@ -336,7 +336,7 @@ def _seg_outer(sg: _Seg, x, y, slope, from_end: bool):
     x, y = _seg_kernel_args(sg, x, y)
     bp, _, h, d = x.shape
     e = y.shape[-1]
-    be, ne = _chunk(sg.st, e)
+    be, ne = _chunk(sg.st.cfg, e)
     kernel = functools.partial(_outer_kernel, segments=sg.segments, n=sg.n, from_end=from_end)
     (out,) = _call(kernel, sg.st, [jax.ShapeDtypeStruct((bp, h, d, e), jnp.float32)],
                    [_SLOPE_SPEC, *_specs(sg.st, d), *_chunk_specs(sg.st, be)], [_state_spec(d, be)], (bp, h, ne),

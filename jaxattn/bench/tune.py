@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxattn.bench import timing
+from jaxattn.bench import runner, timing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,16 +55,10 @@ def _normal(b: int, n: int, h: int, d: int, dtype: Any, count: int = 4) -> tuple
 
 
 def _vjp_runner(op: Callable[..., jax.Array], args: tuple, n_diff: int, ct: jax.Array, mode: str):
-    if mode == "fwd":
-        f = jax.jit(op)
-        return lambda: f(*args)
-
-    def fwd_bwd(*a):
-        out, vjp = jax.vjp(lambda *d: op(*d, *a[n_diff:]), *a[:n_diff])
-        return out, vjp(ct)
-
-    f = jax.jit(fwd_bwd)
-    return lambda: f(*args)
+    """``op(*args)`` jitted as the benchmarks time it (forward, or forward + VJP w.r.t. the first
+    ``n_diff`` args with cotangent ``ct``), as a no-argument callable."""
+    f = runner.jax_mode_fn(op, mode, n_diff)
+    return lambda: f(*args, ct)
 
 
 # ---- flash ---------------------------------------------------------------------------------------

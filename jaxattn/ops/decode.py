@@ -69,28 +69,46 @@ def decode_attention(
     _checks.check_impl(impl)
     batch, q_len, kv_len, hq, hkv, d = check_cache_qkv(q, k, v, k_scale, v_scale)
     lengths = _check_lengths(lengths, batch, kv_len)
-    scale = _checks.check_scale(scale)
-    extra = dict(local_window_size=_checks.check_window(local_window_size),
-                 logits_soft_cap=_checks.check_soft_cap(logits_soft_cap),
-                 alibi_slopes=_checks.check_alibi(alibi_slopes, batch, q.shape[2]))
-    if k_scale is not None:
-        extra.update(k_scale=check_kv_scale("k_scale", k_scale, hkv), v_scale=check_kv_scale("v_scale", v_scale, hkv))
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    extra = decode_options(batch, hq, hkv, scale=scale, local_window_size=local_window_size,
+                           logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale,
+                           v_scale=v_scale, num_splits=num_splits)
     kernel_ok = max(d, v.shape[-1]) <= _decode.MAX_HEAD_DIM
     if impl == "pallas" and not kernel_ok:
         raise ValueError(f"impl='pallas' supports head dims up to {_decode.MAX_HEAD_DIM}; got q/k "
                          f"head_dim={d}, v head_dim={v.shape[-1]}")
     if impl == "pallas" or (impl == "auto" and kernel_ok and jax.default_backend() == "gpu"):
         q, k, v = (_checks.no_grad(x, _NO_GRAD) for x in (q, k, v))
-        out, lse = _decode.decode_attention_kernel(q, k, v, lengths, causal=causal, scale=scale,
-                                                   num_splits=num_splits, **extra)
+        out, lse = _decode.decode_attention_kernel(q, k, v, lengths, causal=causal, **extra)
     else:
-        k_scale, v_scale = extra.pop("k_scale", None), extra.pop("v_scale", None)
-        k, v = dequantize_kv(k, k_scale, hkv), dequantize_kv(v, v_scale, hkv)
-        out, lse = decode_reference(q, k, v, lengths, causal=causal, scale=scale, **extra)
-        out = out.astype(q.dtype)
+        out, lse = reference_on(q, k, v, lengths, causal, extra)
     return (out, lse) if return_lse else out
+
+
+def decode_options(batch: int, heads: int, kv_heads: int, *, scale, local_window_size, logits_soft_cap,
+                   alibi_slopes, k_scale, v_scale, num_splits) -> dict:
+    """The validated keyword options both decode ops pass to their kernel (or the reference)."""
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("give both k_scale and v_scale (a quantized cache) or neither")
+    extra = dict(scale=_checks.check_scale(scale), local_window_size=_checks.check_window(local_window_size),
+                 logits_soft_cap=_checks.check_soft_cap(logits_soft_cap), num_splits=num_splits,
+                 alibi_slopes=_checks.check_alibi(alibi_slopes, batch, heads))
+    if k_scale is not None:
+        extra.update(k_scale=check_kv_scale("k_scale", k_scale, kv_heads),
+                     v_scale=check_kv_scale("v_scale", v_scale, kv_heads))
+    return extra
+
+
+def reference_on(q, k, v, lengths, causal: bool, options: dict) -> tuple[jax.Array, jax.Array]:
+    """The dense fp32 reference on a (dequantized) dense cache with :func:`decode_options`."""
+    opts = dict(options)
+    k_scale, v_scale = opts.pop("k_scale", None), opts.pop("v_scale", None)
+    opts.pop("num_splits")
+    hkv = k.shape[2]
+    k, v = dequantize_kv(k, k_scale, hkv), dequantize_kv(v, v_scale, hkv)
+    out, lse = decode_reference(q, k, v, lengths, causal=causal, **opts)
+    return out.astype(q.dtype), lse
 
 
 CACHE_DTYPES = (jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.int8)

@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.ops import _checks
-from jaxattn.ops.decode import _NO_GRAD, _check_lengths, _quantize_new, check_kv_scale, dequantize_kv
+from jaxattn.ops.decode import _NO_GRAD, _check_lengths, _quantize_new, decode_options, reference_on
 from jaxattn.pallas import decode as _decode
-from jaxattn.reference.decode import decode_reference
 
 PAGES_LAYOUT = "[num_pages, page_size, kv_heads, head_dim]"
 
@@ -93,19 +92,11 @@ def paged_decode_attention(
     Returns ``out [batch, Sq, heads, v_head_dim]`` in q's dtype (and the fp32 ``lse``).
     """
     _checks.check_impl(impl)
-    if (k_scale is None) != (v_scale is None):
-        raise ValueError("give both k_scale and v_scale (a quantized cache) or neither")
     batch, page, max_pages = _check_paged(q, k_pages, v_pages, block_tables, scaled=k_scale is not None)
     lengths = _check_lengths(lengths, batch, max_pages * page)
-    scale = _checks.check_scale(scale)
-    extra = dict(local_window_size=_checks.check_window(local_window_size),
-                 logits_soft_cap=_checks.check_soft_cap(logits_soft_cap),
-                 alibi_slopes=_checks.check_alibi(alibi_slopes, batch, q.shape[2]))
-    hkv = k_pages.shape[2]
-    if k_scale is not None:
-        extra.update(k_scale=check_kv_scale("k_scale", k_scale, hkv), v_scale=check_kv_scale("v_scale", v_scale, hkv))
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    extra = decode_options(batch, q.shape[2], k_pages.shape[2], scale=scale, local_window_size=local_window_size,
+                           logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale,
+                           v_scale=v_scale, num_splits=num_splits)
     dims_ok = max(q.shape[-1], v_pages.shape[-1]) <= _decode.MAX_HEAD_DIM
     page_ok = page >= 16 and page & (page - 1) == 0
     if impl == "pallas" and not (dims_ok and page_ok):
@@ -114,13 +105,10 @@ def paged_decode_attention(
     if impl == "pallas" or (impl == "auto" and dims_ok and page_ok and jax.default_backend() == "gpu"):
         q, k_pages, v_pages = (_checks.no_grad(x, _NO_GRAD) for x in (q, k_pages, v_pages))
         out, lse = _decode.paged_decode_attention_kernel(q, k_pages, v_pages, block_tables, lengths, causal=causal,
-                                                         scale=scale, num_splits=num_splits, **extra)
+                                                         **extra)
     else:
-        k_scale, v_scale = extra.pop("k_scale", None), extra.pop("v_scale", None)
-        k = dequantize_kv(gather_pages(k_pages, block_tables), k_scale, hkv)
-        v = dequantize_kv(gather_pages(v_pages, block_tables), v_scale, hkv)
-        out, lse = decode_reference(q, k, v, lengths, causal=causal, scale=scale, **extra)
-        out = out.astype(q.dtype)
+        k, v = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)
+        out, lse = reference_on(q, k, v, lengths, causal, extra)
     return (out, lse) if return_lse else out
 
 
