@@ -158,3 +158,32 @@ def test_alibi_position_is_linear_bias_not_rope():
         GPTConfig(position="alibi", layer_types=("power", "full"))
     with pytest.raises(ValueError, match="position must be"):
         GPTConfig(position="learned")
+
+
+@pytest.mark.parametrize("cache_dtype", ["float8_e4m3fn", "int8"])
+def test_quantized_kv_cache_generation_tracks_the_full_precision_cache(cache_dtype):
+    """kv_cache_dtype: the prefill sets per-layer scales and stores the cache quantized; teacher-forced
+    decode logits stay close to those of the compute-dtype cache (same weights, same tokens)."""
+    kw = dict(vocab_size=64, dim=64, layers=2, heads=2, kv_heads=1, attn_impl="pallas", layer_types=("full", "window"),
+              window=8)
+    ref_m = GPT(GPTConfig(**kw), rngs=nnx.Rngs(0))
+    q_m = GPT(GPTConfig(**kw, kv_cache_dtype=cache_dtype), rngs=nnx.Rngs(0))
+    toks = jax.random.randint(jax.random.PRNGKey(5), (2, 30), 0, 64)
+    logits = {}
+    for name, m in (("ref", ref_m), ("quant", q_m)):
+        _, cache = nnx.jit(lambda m, t: m.prefill(t, max_len=32))(m, toks[:, :20])
+        step = nnx.jit(lambda m, t, c, p: m.decode_step(t, c, p))
+        out = []
+        for t in range(20, 30):
+            lg, cache = step(m, toks[:, t], cache, jnp.asarray(t, jnp.int32))
+            out.append(lg)
+        logits[name] = jnp.stack(out, 1)
+        if name == "quant":
+            assert cache[0][0].dtype == jnp.dtype(cache_dtype) and len(cache[0]) == 4
+            assert (cache[0][2] != 1.0).all()  # scales came from the prompt
+    ref, got = np.asarray(logits["ref"]), np.asarray(logits["quant"])
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.05, np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    with pytest.raises(ValueError, match="quantized KV cache"):
+        GPTConfig(kv_cache_dtype="int8", layer_types=("power", "full"))
+    with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+        GPTConfig(kv_cache_dtype="float16")

@@ -25,7 +25,11 @@ from flax import nnx
 from jaxattn.ops.attention import attention
 
 LayerType = Literal["full", "power", "window", "sink"]
-KVCache = tuple[jax.Array, jax.Array]  # (k, v) [batch, max_len, kv_heads, head_dim]
+# (k, v) [batch, max_len, kv_heads, head_dim], plus (k_scale, v_scale) [kv_heads] for a quantized cache
+KVCache = tuple[jax.Array, ...]
+# quantized caches: the scales cover this many times the prompt's largest |k|, |v| (FP8 keeps its relative
+# precision over a wide range, so 4x headroom is nearly free; int8 is uniform, so it gets little)
+KV_SCALE_HEADROOM = {"float8_e4m3fn": 4.0, "float8_e5m2": 4.0, "int8": 1.25}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,9 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype; parameters are fp32
     attn_impl: Literal["auto", "pallas", "xla"] = "auto"
     quantized: bool = False
+    # KV cache storage for generation: None (compute dtype) or "float8_e4m3fn" / "float8_e5m2" / "int8"
+    # (scales per layer and kv head from the prompt, with headroom; see jaxattn.quantize_kv)
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self):
         kv = self.kv_heads or self.heads
@@ -57,6 +64,12 @@ class GPTConfig:
         if bad or not self.layer_types:
             raise ValueError(f"layer_types entries must be 'full', 'power', 'window' or 'sink', got "
                              f"{self.layer_types}")
+        if self.kv_cache_dtype not in (None, "float8_e4m3fn", "float8_e5m2", "int8"):
+            raise ValueError(f"kv_cache_dtype must be None, 'float8_e4m3fn', 'float8_e5m2' or 'int8', got "
+                             f"{self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype is not None and set(self.layer_types) - {"full", "window"}:
+            raise ValueError("a quantized KV cache decodes with decode_attention: layer_types may hold only "
+                             f"'full' and 'window', got {self.layer_types}")
         if self.position not in ("rope", "alibi"):
             raise ValueError(f"position must be 'rope' or 'alibi', got {self.position!r}")
         if self.position == "alibi" and (set(self.layer_types) != {"full"} or self.quantized):
@@ -136,21 +149,28 @@ class Attention(nnx.Module):
             q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
         if cache is None:
             return self._attend(q, k, v)
-        from jaxattn.ops.decode import append_kv, decode_attention
+        from jaxattn.ops.decode import append_kv, decode_attention, quantize_kv
 
-        k_cache, v_cache, lengths = append_kv(*cache, k, v, jnp.asarray(offset, jnp.int32))
-        if isinstance(offset, int) and offset == 0:  # prefill: the prompt alone, as in training
-            return self._attend(q, k, v), (k_cache, v_cache)
+        prefill = isinstance(offset, int) and offset == 0
+        k_cache, v_cache, *scales = cache
+        if scales and prefill:  # a quantized cache takes its scales from the prompt, with headroom
+            room = KV_SCALE_HEADROOM[jnp.dtype(k_cache.dtype).name]
+            scales = [quantize_kv(x)[1] * room for x in (k, v)]
+        sc = dict(k_scale=scales[0], v_scale=scales[1]) if scales else {}
+        k_cache, v_cache, lengths = append_kv(k_cache, v_cache, k, v, jnp.asarray(offset, jnp.int32), **sc)
+        new_cache = (k_cache, v_cache, *scales)
+        if prefill:  # the prompt alone, as in training
+            return self._attend(q, k, v), new_cache
         if self.kind in ("full", "window"):  # a window layer sees the last `window` keys, itself included
             window = (self.cfg.window - 1, 0) if self.kind == "window" else None
             o = decode_attention(q, k_cache, v_cache, lengths, causal=True, local_window_size=window,
-                                 alibi_slopes=self.alibi_slopes(), impl=self.cfg.attn_impl)
+                                 alibi_slopes=self.alibi_slopes(), impl=self.cfg.attn_impl, **sc)
         else:
             from jaxattn.ops.block_sparse import block_sparse_attention
 
             mask = block_mask_for(self.cfg, self.kind, n, kv_len=k_cache.shape[1], q_offset=offset)
             o = block_sparse_attention(q, k_cache, v_cache, mask, impl=self.cfg.attn_impl)
-        return self.o(o.reshape(b, n, self.cfg.dim)), (k_cache, v_cache)
+        return self.o(o.reshape(b, n, self.cfg.dim)), new_cache
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """Causal attention of the layer's kind over the ``n`` tokens themselves."""
@@ -259,12 +279,15 @@ class GPT(nnx.Module):
         return logits if cache is None else (logits, new_cache)
 
     def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> list[KVCache]:
-        """Zeroed (k, v) caches ``[batch, max_len, kv_heads, head_dim]`` per layer (compute dtype)."""
+        """Zeroed (k, v) caches ``[batch, max_len, kv_heads, head_dim]`` per layer (compute dtype, or
+        ``cfg.kv_cache_dtype`` with per-kv-head scales that the prefill sets)."""
         if batch < 1 or max_len < 1:
             raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
         kv = self.cfg.kv_heads or self.cfg.heads
         shape = (batch, max_len, kv, self.cfg.dim // self.cfg.heads)
-        dt = jnp.dtype(dtype or self.cfg.dtype)
+        dt = jnp.dtype(dtype or self.cfg.kv_cache_dtype or self.cfg.dtype)
+        if dt in map(jnp.dtype, ("float8_e4m3fn", "float8_e5m2", "int8")):  # + scales (set by the prefill)
+            return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.ones(kv), jnp.ones(kv)) for _ in self.blocks]
         return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in self.blocks]
 
     def prefill(self, tokens: jax.Array, max_len: int):
