@@ -28,8 +28,8 @@ LayerType = Literal["full", "power", "window", "sink"]
 # (k, v) [batch, max_len, kv_heads, head_dim], plus (k_scale, v_scale) [kv_heads] for a quantized cache
 KVCache = tuple[jax.Array, ...]
 # quantized caches: the scales cover this many times the prompt's largest |k|, |v| (FP8 keeps its relative
-# precision over a wide range, so 4x headroom is nearly free; int8 is uniform, so it gets little)
-KV_SCALE_HEADROOM = {"float8_e4m3fn": 4.0, "float8_e5m2": 4.0, "int8": 1.25}
+# precision over a wide range, so 4x headroom is nearly free; int8 is uniform: 2x, a bit per value)
+KV_SCALE_HEADROOM = {"float8_e4m3fn": 4.0, "float8_e5m2": 4.0, "int8": 2.0}
 
 
 @dataclasses.dataclass(frozen=True)
