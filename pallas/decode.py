@@ -170,12 +170,15 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
     o_ref[...], lse_ref[...] = (o * scale_ref[1] if st.kv_scales else o), lse
 
 
-def _launch(q, kp, vp, lengths, table, *, hkv: int, d: int, dv: int, s_max: int, cfg: DecodeConfig, bk: int,
-            blocks_per_page: int, causal, scale, local_window_size, logits_soft_cap, num_splits, interpret,
-            alibi_slopes=None, kv_scale=None):
+def _launch(q, kp, vp, lengths, table, *, dv: int, s_max: int, cfg: DecodeConfig, bk: int, blocks_per_page: int,
+            causal=True, scale=None, local_window_size=None, logits_soft_cap=None, num_splits=None,
+            interpret=None, alibi_slopes=None, k_scale=None, v_scale=None):
     """Packs the queries, runs the split-KV kernel over ``s_max`` logical cache rows (dense
-    ``kp``/``vp [B, s_pad, Hkv, *]`` or a page pool with ``table``) and merges the splits."""
-    batch, q_len, hq, _ = q.shape
+    ``kp``/``vp [B, s_pad, Hkv, *]`` or a page pool with ``table``, head dims padded; ``dv`` the
+    true value head dim) and merges the splits. Options as :func:`decode_attention_kernel`."""
+    batch, q_len, hq, d = q.shape
+    hkv = kp.shape[2]
+    kv_scale = _kv_scale(k_scale, v_scale, hkv)
     g = hq // hkv
     rows = q_len * g
     bm = min(cfg.block_m, max(16, _common.next_pow2(rows)))
@@ -250,12 +253,12 @@ def decode_attention_kernel(
     v: jax.Array,
     lengths: jax.Array,
     *,
+    config: DecodeConfig | None = None,
     causal: bool = True,
     scale: float | None = None,
     local_window_size: tuple[int | None, int | None] | None = None,
     logits_soft_cap: float | None = None,
     num_splits: int | None = None,
-    config: DecodeConfig | None = None,
     interpret: bool | None = None,
     alibi_slopes: jax.Array | None = None,
     k_scale: jax.Array | None = None,
@@ -279,18 +282,17 @@ def decode_attention_kernel(
     Returns:
       ``out [B, Sq, Hq, Dv]`` in q's dtype and ``lse [B, Sq, Hq]`` (fp32, natural log).
     """
-    d = q.shape[-1]
-    s_max, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    d, s_max, dv = q.shape[-1], k.shape[1], v.shape[-1]
     cfg = config or decode_config(max(d, dv), q.dtype)
     bk = min(cfg.block_k, max(16, _common.next_pow2(s_max)))
     s_pad = -(-s_max // bk) * bk
     dp, dvp = max(16, _common.next_pow2(d)), max(16, _common.next_pow2(dv))
     kp = _common.pad_axis(_common.pad_axis(k, 1, s_pad), 3, dp)
     vp = _common.pad_axis(_common.pad_axis(v, 1, s_pad), 3, dvp)
-    return _launch(q, kp, vp, lengths, None, hkv=hkv, d=d, dv=dv, s_max=s_max, cfg=cfg, bk=bk, blocks_per_page=0,
-                   causal=causal, scale=scale, local_window_size=local_window_size,
-                   logits_soft_cap=logits_soft_cap, num_splits=num_splits, interpret=interpret,
-                   alibi_slopes=alibi_slopes, kv_scale=_kv_scale(k_scale, v_scale, hkv))
+    return _launch(q, kp, vp, lengths, None, dv=dv, s_max=s_max, cfg=cfg, bk=bk, blocks_per_page=0, causal=causal,
+                   scale=scale, local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
+                   num_splits=num_splits, interpret=interpret, alibi_slopes=alibi_slopes, k_scale=k_scale,
+                   v_scale=v_scale)
 
 
 def paged_decode_attention_kernel(
@@ -300,30 +302,19 @@ def paged_decode_attention_kernel(
     block_tables: jax.Array,
     lengths: jax.Array,
     *,
-    causal: bool = True,
-    scale: float | None = None,
-    local_window_size: tuple[int | None, int | None] | None = None,
-    logits_soft_cap: float | None = None,
-    num_splits: int | None = None,
     config: DecodeConfig | None = None,
-    interpret: bool | None = None,
-    alibi_slopes: jax.Array | None = None,
-    k_scale: jax.Array | None = None,
-    v_scale: jax.Array | None = None,
+    **options,
 ) -> tuple[jax.Array, jax.Array]:
     """Split-KV decode attention from a paged cache, on validated inputs: k_pages ``[P, page_size,
     Hkv, D]``, v_pages ``[P, page_size, Hkv, Dv]`` (``page_size`` a power of two >= 16),
     block_tables int ``[B, max_pages]``, lengths int ``[B]`` (clipped to ``max_pages * page_size``).
-    Entries of a table past a row's length are never read. Same results as
-    :func:`decode_attention_kernel` on the gathered cache."""
-    d = q.shape[-1]
-    page, hkv, dv = k_pages.shape[1], k_pages.shape[2], v_pages.shape[-1]
+    Entries of a table past a row's length are never read. ``options`` (causal, scale, window, soft
+    cap, splits, ALiBi slopes, cache scales, interpret) as :func:`decode_attention_kernel`; same
+    results as it on the gathered cache."""
+    d, page, dv = q.shape[-1], k_pages.shape[1], v_pages.shape[-1]
     cfg = config or decode_config(max(d, dv), q.dtype)
     bk = min(cfg.block_k, page)
     dp, dvp = max(16, _common.next_pow2(d)), max(16, _common.next_pow2(dv))
     kp, vp = _common.pad_axis(k_pages, 3, dp), _common.pad_axis(v_pages, 3, dvp)
-    return _launch(q, kp, vp, lengths, block_tables.astype(jnp.int32), hkv=hkv, d=d, dv=dv,
-                   s_max=block_tables.shape[1] * page, cfg=cfg, bk=bk, blocks_per_page=page // bk, causal=causal,
-                   scale=scale, local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
-                   num_splits=num_splits, interpret=interpret, alibi_slopes=alibi_slopes,
-                   kv_scale=_kv_scale(k_scale, v_scale, hkv))
+    return _launch(q, kp, vp, lengths, block_tables.astype(jnp.int32), dv=dv, s_max=block_tables.shape[1] * page,
+                   cfg=cfg, bk=bk, blocks_per_page=page // bk, **options)

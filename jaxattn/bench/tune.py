@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -137,6 +137,9 @@ def _halo_family() -> Family:
     from jaxattn.ops import halo as halo_op
     from jaxattn.pallas import halo
 
+    block, size = 8, 3
+    win = block + 2 * size
+
     def stages() -> list[Stage]:
         return [Stage("both kernels", "fwd+bwd", _grid(key_chunk=(32, 64, 128), num_warps=(4, 8),
                                                        num_stages=(1, 2, 3)))]
@@ -146,14 +149,14 @@ def _halo_family() -> Family:
         d = q.shape[-1]
 
         def op(q, k, v, rh, rw):
-            return halo_op._halo(q, k, v, rh, rw, block_size=8, halo_size=3, stride=1, scale=d ** -0.5,
+            return halo_op._halo(q, k, v, rh, rw, block_size=block, halo_size=size, stride=1, scale=d ** -0.5,
                                  scale_pos_embed=False, mask_padding=False, use_kernel=True, config=cfg)
         return _vjp_runner(op, (q, k, v, rh, rw), 3, do, mode)
 
     def inputs(b, side, h, d, dtype):
         keys = jax.random.split(jax.random.PRNGKey(0), 6)
         img = lambda key: jax.random.normal(key, (b, side, side, h, d), jnp.float32).astype(dtype)  # noqa: E731
-        rel = lambda key: (jax.random.normal(key, (2 * 14 - 1, d), jnp.float32) * 0.02).astype(dtype)  # noqa: E731
+        rel = lambda key: (jax.random.normal(key, (2 * win - 1, d), jnp.float32) * 0.02).astype(dtype)  # noqa: E731
         return img(keys[0]), img(keys[1]), img(keys[2]), rel(keys[3]), rel(keys[4]), img(keys[5])
 
     return Family(lambda d, dtype: halo.HaloConfig(), stages, make, inputs, "pallas/halo.py HaloConfig defaults")

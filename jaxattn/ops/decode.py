@@ -116,10 +116,9 @@ _QMAX = {jnp.dtype(jnp.float8_e4m3fn): 448.0, jnp.dtype(jnp.float8_e5m2): 57344.
 
 
 def check_cache_qkv(q, k, v, k_scale, v_scale) -> tuple[int, int, int, int, int, int]:
-    """:func:`_checks.check_qkv` where k and v may be a quantized cache (then with both scales)."""
-    if (k_scale is None) != (v_scale is None):
-        raise ValueError("give both k_scale and v_scale (a quantized cache) or neither")
-    if k_scale is None:
+    """:func:`_checks.check_qkv` where k and v may be a quantized cache (given with its scales;
+    :func:`decode_options` checks that both are)."""
+    if k_scale is None and v_scale is None:
         for name, x in (("k", k), ("v", v)):
             if hasattr(x, "dtype") and jnp.dtype(x.dtype) in map(jnp.dtype, CACHE_DTYPES):
                 raise ValueError(f"{name} is {jnp.dtype(x.dtype).name}: a quantized cache needs k_scale and v_scale "
