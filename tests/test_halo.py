@@ -33,6 +33,7 @@ CASES = [
     (1, 24, 24, 1, 32, 16, 8, 2, 2, True, False),    # strided queries, masked border, e != d
     (1, 12, 8, 3, 8, 24, 4, 1, 1, True, True),       # small blocks, odd heads, scaled rel
     (1, 8, 8, 2, 16, 16, 8, 3, 2, False, True),      # one block, halo all border
+    (1, 12, 16, 1, 16, 16, 4, 3, 1, True, False),     # halo > block / 2: a key in 3x3 windows
 ]
 
 
@@ -107,6 +108,48 @@ def test_errors():
         jaxattn.halo_attention(q, k, v, rh, rw, impl="cuda", **kw)
     with pytest.raises(ValueError, match="dtype"):
         jaxattn.halo_attention(q, k.astype(jnp.bfloat16), v, rh, rw, **kw)
+
+
+@pytest.mark.parametrize("key_chunk", [16, 128])
+def test_kernel_key_chunks(key_chunk):
+    """The window walked one tile row (16 keys) or eight rows (past the window) per step."""
+    from jaxattn.pallas.halo import HaloConfig
+
+    args = _inputs(3, 1, 16, 24, 2, 16, 8, 8, 3, 1)
+    kw = dict(block_size=8, halo_size=3, stride=1, scale=16 ** -0.5, scale_pos_embed=False)
+    for mask in (False, True):
+        def run(*a, mask=mask):
+            return halo_ops._halo(*a, **kw, mask_padding=mask, use_kernel=True, config=HaloConfig(key_chunk=key_chunk))
+        cot = randn(jax.random.PRNGKey(1), args[0].shape[:-1] + (8,), jnp.float32)
+        with poison_outputs():
+            out, vjp = jax.vjp(jax.jit(run), *args)
+            grads = vjp(cot)
+        ref = lambda *a, mask=mask: halo_reference(*a, block_size=8, halo_size=3, mask_padding=mask)  # noqa: E731
+        expected, ref_vjp = jax.vjp(ref, *args)
+        assert_close(out, expected, jnp.float32, f"out mask={mask}")
+        for name, g, r in zip(("dq", "dk", "dv", "drel_h", "drel_w"), grads, ref_vjp(cot)):
+            assert_close(g, r, jnp.float32, f"{name} mask={mask}", tol=GRAD_TOL)
+
+
+@pytest.mark.parametrize("block,halo,height,width", [(8, 3, 16, 24), (4, 3, 12, 8), (4, 0, 8, 8), (2, 1, 6, 4)])
+def test_fold_windows_is_the_gather_adjoint(block, halo, height, width):
+    """The kernels' dk/dv fold is the transpose of gathering each block's window from the
+    zero-padded map (checked against JAX's own vjp of that gather, in the kernel's tile layout)."""
+    from jaxattn.pallas.halo import fold_windows, window_tile
+
+    win, tile = block + 2 * halo, window_tile(block + 2 * halo)
+    keys = tile * -(-win // 4) * 4  # whole chunks of 4 tile rows, rows past the window unused
+    kmap = randn(jax.random.PRNGKey(0), (2, height, width, 3, 5), jnp.float32)
+
+    def gather(x):  # [B, nB, keys, heads, d] in the kernel layout (key j at row j // tile, col j % tile)
+        w = halo_ops.key_windows(x, block, halo).reshape(2, -1, win, win, 3, 5)
+        w = jnp.pad(w, ((0, 0), (0, 0), (0, keys // tile - win), (0, tile - win), (0, 0), (0, 0)))
+        return w.reshape(2, -1, keys, 3, 5)
+
+    windows, vjp = jax.vjp(gather, kmap)
+    cot = randn(jax.random.PRNGKey(1), windows.shape, jnp.float32)
+    folded = fold_windows(cot, block=block, halo=halo, win=win, tile=tile, height=height, width=width)
+    np.testing.assert_allclose(np.asarray(folded), np.asarray(vjp(cot)[0]), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("block,halo,heads,d,dtype,stride", [

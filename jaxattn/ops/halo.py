@@ -12,7 +12,7 @@ from jax import lax
 
 from jaxattn.ops import _checks
 from jaxattn.pallas import _common
-from jaxattn.pallas.halo import halo_blocks_kernel, relative_map
+from jaxattn.pallas.halo import halo_blocks_kernel, window_tile
 
 _HP = lax.Precision.HIGHEST
 
@@ -143,15 +143,15 @@ def _halo(q, k, v, rel_h, rel_w, *, block_size: int, halo_size: int, stride: int
     bq = block_size // stride
     nby, nbx = hh // block_size, ww // block_size
     qb = query_blocks(q, bq)
-    kw, vw = key_windows(k, block_size, halo_size), key_windows(v, block_size, halo_size)
     a, c = rel_projections(qb, rel_h, rel_w, bq, win)
     if scale_pos_embed:
         a, c = a * scale, c * scale
-    valid = window_valid(hh, ww, block_size, halo_size, mask_padding)
 
     if use_kernel:
-        out = _kernel_path(qb, kw, vw, a, c, valid, scale, win, interpret, config)
+        out = _kernel_path(qb, k, v, a, c, block_size, halo_size, mask_padding, scale, interpret, config)
     else:
+        kw, vw = key_windows(k, block_size, halo_size), key_windows(v, block_size, halo_size)
+        valid = window_valid(hh, ww, block_size, halo_size, mask_padding)
         hp = _HP if q.dtype == jnp.float32 else None  # bf16/fp16: native dots, fp32 accumulation
         s = jnp.einsum("bnihd,bnjhd->bnhij", qb, kw, precision=hp, preferred_element_type=jnp.float32)
         rel = (a[..., :, None] + c[..., None, :]).reshape(*a.shape[:-1], win * win)  # [B, nB, i, h, j]
@@ -163,16 +163,15 @@ def _halo(q, k, v, rel_h, rel_w, *, block_size: int, halo_size: int, stride: int
     return fold_blocks(out, nby, nbx, bq)
 
 
-def _kernel_path(qb, kw, vw, a, c, valid, scale, win, interpret, config=None):
-    """Pads every tile dim to a power of two (>= 16) and calls the fused kernel."""
+def _kernel_path(qb, k, v, a, c, block, halo, mask_padding, scale, interpret, config=None):
+    """Pads the query rows and head dims to powers of two (>= 16) and calls the fused kernel, which
+    reads the key/value windows from the maps itself."""
     rows = max(16, _common.next_pow2(qb.shape[2]))
-    wp = max(16, _common.next_pow2(kw.shape[2]))
-    t = max(8, _common.next_pow2(win))
-    d, e = max(16, _common.next_pow2(qb.shape[-1])), max(16, _common.next_pow2(vw.shape[-1]))
+    t = window_tile(block + 2 * halo)
+    d, e = max(16, _common.next_pow2(qb.shape[-1])), max(16, _common.next_pow2(v.shape[-1]))
     pad = _common.pad_axis
     ab = jnp.concatenate([pad(a, 4, t), pad(c, 4, t)], axis=-1).astype(qb.dtype)  # rel logits in q's dtype
-    emap = jnp.asarray(relative_map(win, t, wp)[None], qb.dtype)
-    out = halo_blocks_kernel(
-        pad(pad(qb, 2, rows), 4, d), pad(pad(kw, 2, wp), 4, d), pad(pad(vw, 2, wp), 4, e), pad(ab, 2, rows),
-        emap, pad(jnp.asarray(valid, jnp.int8), 1, wp), scale=scale, config=config, interpret=interpret)
-    return out[:, :, : qb.shape[2], :, : vw.shape[-1]]
+    out = halo_blocks_kernel(pad(pad(qb, 2, rows), 4, d), pad(k, 4, d), pad(v, 4, e), pad(ab, 2, rows),
+                             block=block, halo=halo, scale=scale, mask_padding=mask_padding, config=config,
+                             interpret=interpret)
+    return out[:, :, : qb.shape[2], :, : v.shape[-1]]
