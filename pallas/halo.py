@@ -1,13 +1,15 @@
 """HaloNet blocked local attention on Pallas's Triton backend.
 
-One program per (query block, batch, head). The kernels read each block's ``win x win`` key/value
-window straight from the NHWC maps (``win = block + 2 halo``): window key ``j`` is row
-``jy = j // TW``, column ``jx = j % TW`` of a ``TW``-wide tile (``TW = next_pow2(win)``), loaded by
-gathered row/column indices, clamped into the image and zeroed outside it (timm's zero padding,
-without materialising a padded map or the ``(win / block)^2``-times larger unfolded windows).
-The wrapper (``jaxattn.ops.halo``) gives the query blocks and the per-row relative-position
-projections ``A[i, jy] = q_i . R_h[jy - iy + win - 1]``, ``B[i, jx] = q_i . R_w[jx - ix + win - 1]``
-(JAX differentiates those); the kernel adds them as a second tensor-core dot,
+One program per (query block, batch, head), on the NHWC maps themselves. It gathers its query rows
+(and their relative logits, below) and its ``win x win`` key/value window (``win = block + 2 halo``)
+from the maps by row/column index vectors, and stores its output rows into the output map (rows
+padded to a power of two are idle: loads clamp them, stores mask them). Window key ``j`` is row
+``jy = j // TW``, column ``jx = j % TW`` of a ``TW``-wide tile (``TW = next_pow2(win)``); keys are
+clamped into the image and zeroed outside it (timm's zero padding without a padded copy, and
+without the ``(win / block)^2``-times larger unfolded windows).
+The wrapper (``jaxattn.ops.halo``) gives each query's relative-position projections
+``A[.., jy] = q . R_h[jy - iy + win - 1]``, ``B[.., jx] = q . R_w[jx - ix + win - 1]`` (JAX
+differentiates those); the kernel adds them as a second tensor-core dot,
 ``s = scale q k^T + [A | B] E^T``, with ``E`` the one-hot map from key ``j`` to its row and column
 (built in-kernel from iotas), masked softmax over the window, ``p v``; ``d[A | B] = ds E``.
 Both kernels walk the window in chunks of ``key_chunk`` keys (whole tile rows; an online softmax
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from jaxattn.pallas import _common
 from jaxattn.pallas._common import dot
@@ -49,6 +52,8 @@ class _Static:
     halo: int
     win: int  # block + 2 halo
     tile: int  # TW: window columns per tile row (power of two >= win); also T, the width of A and B
+    qblock: int  # query block side (block // stride)
+    rows: int  # R: query rows per program (power of two >= qblock^2; rows past it are idle)
     height: int  # key map size
     width: int
     blocks_x: int  # query blocks per row
@@ -62,9 +67,33 @@ class _Static:
 
 
 def _origin(st: _Static):
-    """Map row and column of this program's window corner (outside the image by ``halo``)."""
+    """Block row and column of this program's query block."""
     n = pl.program_id(0)
-    return (n // st.blocks_x) * st.block - st.halo, (n % st.blocks_x) * st.block - st.halo
+    return n // st.blocks_x, n % st.blocks_x
+
+
+def _queries(st: _Static, origin, ref):
+    """Index vectors ``[R, 1]`` and ``[1, c]`` of the block's query rows in a ``[Hq, Wq, c]`` map
+    ref for loads (clamped), for stores (idle rows out of bounds; stores also mask them), and the
+    ``[R, 1]`` mask of real rows."""
+    i = lax.broadcasted_iota(jnp.int32, (st.rows, 1), 0)
+    y, x = origin[0] * st.qblock + i // st.qblock, origin[1] * st.qblock + i % st.qblock
+    real = i < st.qblock * st.qblock
+    col = lax.broadcasted_iota(jnp.int32, (1, ref.shape[-1]), 1)
+    load = (jnp.minimum(y, ref.shape[0] - 1), jnp.minimum(x, ref.shape[1] - 1), col)
+    return load, (jnp.where(real, y, ref.shape[0]), x, col), real
+
+
+def _load_rows(st: _Static, origin, ref):
+    """The block's query rows of a map ref; idle rows read as zero."""
+    idx, _, real = _queries(st, origin, ref)
+    t = ref[idx]
+    return jnp.where(real, t, jnp.zeros_like(t))
+
+
+def _store_rows(st: _Static, origin, ref, value):
+    _, idx, real = _queries(st, origin, ref)
+    pltriton.store(ref.at[idx], value.astype(ref.dtype), mask=jnp.broadcast_to(real, value.shape))
 
 
 def _window(st: _Static, origin, c):
@@ -72,7 +101,7 @@ def _window(st: _Static, origin, c):
     lies in the image, whether it takes part in the softmax, and its one-hot relative map."""
     j = c * st.key_chunk + lax.broadcasted_iota(jnp.int32, (st.key_chunk,), 0)
     jy, jx = j // st.tile, j % st.tile
-    y, x = origin[0] + jy, origin[1] + jx
+    y, x = origin[0] * st.block - st.halo + jy, origin[1] * st.block - st.halo + jx
     inside = (y >= 0) & (y < st.height) & (x >= 0) & (x < st.width)
     in_window = (jy < st.win) & (jx < st.win)
     valid = in_window & inside if st.mask_padding else in_window
@@ -96,12 +125,12 @@ def _logits(st: _Static, q, k, ab, emap, valid):
 
 def _fwd_kernel(q_ref, k_ref, v_ref, ab_ref, o_ref, lse_ref, *, st: _Static):
     """Online softmax over key chunks (keeps the live logits tile to ``[R, key_chunk]``)."""
-    q, ab = q_ref[...], ab_ref[...]
+    origin = _origin(st)
+    q, ab = _load_rows(st, origin, q_ref), _load_rows(st, origin, ab_ref)
     rows = q.shape[0]
     m = jnp.full((rows,), -jnp.inf, jnp.float32)
     l = jnp.zeros((rows,), jnp.float32)
     acc = jnp.zeros((rows, o_ref.shape[-1]), jnp.float32)
-    origin = _origin(st)
 
     def body(c, carry):
         m, l, acc = carry
@@ -116,19 +145,20 @@ def _fwd_kernel(q_ref, k_ref, v_ref, ab_ref, o_ref, lse_ref, *, st: _Static):
         return m_new, l, acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=st.precision)
 
     m, l, acc = lax.fori_loop(0, st.chunks, body, (m, l, acc))
-    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    _store_rows(st, origin, o_ref, acc / l[:, None])
     lse_ref[...] = m + jnp.log(l)
 
 
 def _bwd_kernel(q_ref, k_ref, v_ref, ab_ref, o_ref, lse_ref, do_ref,
                 dq_ref, dk_ref, dv_ref, dab_ref, *, st: _Static):
-    """Per key chunk: recompute p, write that chunk's window dk and dv, accumulate dq and d[A | B]."""
-    q, ab, do = q_ref[...], ab_ref[...], do_ref[...]
+    """Per key chunk: recompute p, write that chunk's window dk and dv, accumulate dq and d[A | B].
+    Idle query rows have ``do = 0``, so they add nothing to dk, dv."""
+    origin = _origin(st)
+    q, ab, do = (_load_rows(st, origin, r) for r in (q_ref, ab_ref, do_ref))
     lse = lse_ref[...]
-    delta = jnp.sum(do.astype(jnp.float32) * o_ref[...].astype(jnp.float32), axis=1)
+    delta = jnp.sum(do.astype(jnp.float32) * _load_rows(st, origin, o_ref).astype(jnp.float32), axis=1)
     dq = jnp.zeros(q.shape, jnp.float32)
     dab = jnp.zeros(ab.shape, jnp.float32)
-    origin = _origin(st)
 
     def body(c, carry):
         dq, dab = carry
@@ -143,61 +173,62 @@ def _bwd_kernel(q_ref, k_ref, v_ref, ab_ref, o_ref, lse_ref, do_ref,
         return dq + dot(ds, k, precision=st.precision), dab + dot(ds, emap.astype(ds.dtype), precision=st.precision)
 
     dq, dab = lax.fori_loop(0, st.chunks, body, (dq, dab))
-    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
-    dab_ref[...] = dab.astype(dab_ref.dtype)
+    _store_rows(st, origin, dq_ref, dq * st.scale)
+    _store_rows(st, origin, dab_ref, dab)
 
 
 def _block_spec(shape):
-    """``[B, nB, rows, heads, cols]`` per (block, batch, head), or ``[B, nB, heads, rows]``."""
+    """Per (block, batch, head): ``[B, nB, keys, heads, c]`` windows or ``[B, nB, heads, R]``."""
     if len(shape) == 5:
         return pl.BlockSpec((None, None, shape[2], None, shape[4]), lambda n, b, h: (b, n, 0, h, 0))
     return pl.BlockSpec((None, None, None, shape[3]), lambda n, b, h: (b, n, h, 0))
 
 
 def _map_spec(shape):
-    """A whole ``[B, H, W, heads, d]`` map per (batch, head): the kernels gather the windows."""
+    """A whole ``[B, H, W, heads, c]`` map per (batch, head): the kernels gather their rows."""
     return pl.BlockSpec((None, shape[1], shape[2], None, shape[4]), lambda n, b, h: (b, 0, 0, h, 0))
 
 
-def _call(kernel, st, blocked, maps, outs, name):
-    """``blocked`` and ``outs[i]`` for i not in the window outputs are per block; ``maps`` whole."""
-    qb = blocked[0]
-    batch, nb, _, heads, _ = qb.shape
-    args = [blocked[0], *maps, *blocked[1:]]
-    in_specs = [_block_spec(blocked[0].shape), *(_map_spec(m.shape) for m in maps),
-                *(_block_spec(x.shape) for x in blocked[1:])]
+def _call(kernel, st, args, outs, windows, name):
+    """Inputs: 5-d maps and the 4-d per-block lse; outputs likewise, except ``windows`` (indices of
+    ``[B, nB, keys, heads, c]`` per-block window outputs)."""
+    batch, _, _, heads, _ = args[0].shape
+    nb = (st.height // st.block) * st.blocks_x
+    spec = lambda s: _map_spec(s) if len(s) == 5 else _block_spec(s)  # noqa: E731
     return _common.pallas_call(
-        functools.partial(kernel, st=st), out_shape=outs, grid=(nb, batch, heads), in_specs=in_specs,
-        out_specs=[_block_spec(o.shape) for o in outs], num_warps=st.num_warps, num_stages=st.num_stages,
-        interpret=st.interpret, name=name)(*args)
+        functools.partial(kernel, st=st), out_shape=outs, grid=(nb, batch, heads),
+        in_specs=[spec(x.shape) for x in args],
+        out_specs=[_block_spec(o.shape) if i in windows else spec(o.shape) for i, o in enumerate(outs)],
+        num_warps=st.num_warps, num_stages=st.num_stages, interpret=st.interpret, name=name)(*args)
 
 
-def _fwd(st, qb, k, v, ab):
-    batch, nb, rows, heads, _ = qb.shape
-    outs = [jax.ShapeDtypeStruct((batch, nb, rows, heads, v.shape[-1]), qb.dtype),
-            jax.ShapeDtypeStruct((batch, nb, heads, rows), jnp.float32)]
-    return _call(_fwd_kernel, st, [qb, ab], [k, v], outs, "jaxattn_halo_fwd")
+def _fwd(st, q, k, v, ab):
+    batch, _, _, heads, _ = q.shape
+    nb = (st.height // st.block) * st.blocks_x
+    outs = [jax.ShapeDtypeStruct((*q.shape[:4], v.shape[-1]), q.dtype),
+            jax.ShapeDtypeStruct((batch, nb, heads, st.rows), jnp.float32)]
+    return _call(_fwd_kernel, st, [q, k, v, ab], outs, (), "jaxattn_halo_fwd")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _halo(st, qb, k, v, ab):
-    return _fwd(st, qb, k, v, ab)[0]
+def _halo(st, q, k, v, ab):
+    return _fwd(st, q, k, v, ab)[0]
 
 
-def _halo_fwd(st, qb, k, v, ab):
-    o, lse = _fwd(st, qb, k, v, ab)
-    return o, (qb, k, v, ab, o, lse)
+def _halo_fwd(st, q, k, v, ab):
+    o, lse = _fwd(st, q, k, v, ab)
+    return o, (q, k, v, ab, o, lse)
 
 
 def _halo_bwd(st, res, do):
-    qb, k, v, ab, o, lse = res
-    batch, nb, _, heads, _ = qb.shape
+    q, k, v, ab, o, lse = res
+    batch, nb, heads, _ = lse.shape
     keys = st.chunks * st.key_chunk
-    outs = [jax.ShapeDtypeStruct(qb.shape, qb.dtype),
+    outs = [jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, nb, keys, heads, k.shape[-1]), k.dtype),
             jax.ShapeDtypeStruct((batch, nb, keys, heads, v.shape[-1]), v.dtype),
             jax.ShapeDtypeStruct(ab.shape, ab.dtype)]
-    dq, dkw, dvw, dab = _call(_bwd_kernel, st, [qb, ab, o, lse, do.astype(o.dtype)], [k, v], outs,
+    dq, dkw, dvw, dab = _call(_bwd_kernel, st, [q, k, v, ab, o, lse, do.astype(o.dtype)], outs, (1, 2),
                               "jaxattn_halo_bwd")
     fold = functools.partial(fold_windows, block=st.block, halo=st.halo, win=st.win, tile=st.tile,
                              height=st.height, width=st.width)
@@ -233,28 +264,30 @@ def window_tile(win: int) -> int:
     return max(8, _common.next_pow2(win))
 
 
-def halo_blocks_kernel(qb, k, v, ab, *, block: int, halo: int, scale: float, mask_padding: bool = False,
-                       config: HaloConfig | None = None, interpret: bool | None = None) -> jax.Array:
-    """Fused attention of query blocks over their windows of the key/value maps (tile dims powers
-    of two): qb ``[B, nB, R, heads, d]`` (row-major blocks of the query map), k ``[B, H, W, heads, d]``,
-    v ``[B, H, W, heads, e]``, ab ``[B, nB, R, heads, 2T]`` (q's dtype, ``T = window_tile(win)``):
-    the row and column relative logits ``[A | B]`` (columns past ``win`` ignored). H and W are
-    multiples of ``block``; ``mask_padding`` drops keys outside the image from the softmax (else they
-    take part as zeros). Returns ``[B, nB, R, heads, e]``."""
-    if ab.dtype != qb.dtype:
-        raise ValueError(f"ab must have q's dtype {qb.dtype}, got {ab.dtype}")
+def halo_map_kernel(q, k, v, ab, *, block: int, halo: int, stride: int = 1, scale: float,
+                    mask_padding: bool = False, config: HaloConfig | None = None,
+                    interpret: bool | None = None) -> jax.Array:
+    """Fused HaloNet attention on NHWC maps (head dims powers of two >= 16): q ``[B, H/s, W/s, heads, d]``,
+    k ``[B, H, W, heads, d]``, v ``[B, H, W, heads, e]``, ab ``[B, H/s, W/s, heads, 2T]`` (q's dtype,
+    ``T = window_tile(win)``): each query's row and column relative logits ``[A | B]`` (columns past
+    ``win`` ignored). H and W are multiples of ``block`` (``s`` the stride, dividing ``block``);
+    ``mask_padding`` drops keys outside the image from the softmax (else they take part as zeros).
+    Returns ``[B, H/s, W/s, heads, e]``."""
+    if ab.dtype != q.dtype:
+        raise ValueError(f"ab must have q's dtype {q.dtype}, got {ab.dtype}")
     cfg = config or HaloConfig()
     win = block + 2 * halo
     tile = window_tile(win)
     if ab.shape[-1] != 2 * tile:
         raise ValueError(f"ab must have 2 * window_tile(win) = {2 * tile} columns, got {ab.shape[-1]}")
+    qblock = block // stride
     # whole tile rows per chunk, no more chunks than the window needs
     chunk = min(max(cfg.key_chunk, tile), tile * _common.next_pow2(win))
     rows_per_chunk = chunk // tile
-    warps = cfg.num_warps or (8 if max(qb.shape[-1], v.shape[-1]) >= 128 else 4)
-    st = _Static(scale=float(scale), block=block, halo=halo, win=win, tile=tile, height=k.shape[1],
-                 width=k.shape[2], blocks_x=k.shape[2] // block, key_chunk=chunk,
-                 chunks=-(-win // rows_per_chunk), mask_padding=bool(mask_padding), num_warps=warps,
-                 num_stages=cfg.num_stages, interpret=interpret,
-                 precision=lax.Precision.HIGHEST if qb.dtype == jnp.float32 else None)
-    return _halo(st, qb, k, v, ab)
+    warps = cfg.num_warps or (8 if max(q.shape[-1], v.shape[-1]) >= 128 else 4)
+    st = _Static(scale=float(scale), block=block, halo=halo, win=win, tile=tile, qblock=qblock,
+                 rows=max(16, _common.next_pow2(qblock * qblock)), height=k.shape[1], width=k.shape[2],
+                 blocks_x=k.shape[2] // block, key_chunk=chunk, chunks=-(-win // rows_per_chunk),
+                 mask_padding=bool(mask_padding), num_warps=warps, num_stages=cfg.num_stages,
+                 interpret=interpret, precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
+    return _halo(st, q, k, v, ab)

@@ -34,6 +34,8 @@ CASES = [
     (1, 12, 8, 3, 8, 24, 4, 1, 1, True, True),       # small blocks, odd heads, scaled rel
     (1, 8, 8, 2, 16, 16, 8, 3, 2, False, True),      # one block, halo all border
     (1, 12, 16, 1, 16, 16, 4, 3, 1, True, False),     # halo > block / 2: a key in 3x3 windows
+    (1, 12, 18, 2, 16, 8, 6, 2, 1, False, False),     # 36 query rows per block (28 idle kernel rows)
+    (1, 12, 12, 1, 16, 16, 6, 1, 2, True, False),     # strided, 9 query rows per block
 ]
 
 

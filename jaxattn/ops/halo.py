@@ -12,7 +12,7 @@ from jax import lax
 
 from jaxattn.ops import _checks
 from jaxattn.pallas import _common
-from jaxattn.pallas.halo import halo_blocks_kernel, window_tile
+from jaxattn.pallas.halo import halo_map_kernel, window_tile
 
 _HP = lax.Precision.HIGHEST
 
@@ -41,18 +41,18 @@ def key_windows(k: jax.Array, block: int, halo: int) -> jax.Array:
     return kw.reshape(b, rows.shape[0] * cols.shape[0], win * win, h, d)
 
 
-def rel_projections(qb: jax.Array, rel_h: jax.Array, rel_w: jax.Array, bq: int, win: int):
-    """Per query row ``i = (iy, ix)``: ``A[i, jy] = q_i . R_h[jy - iy + win - 1]`` and
-    ``B[i, jx] = q_i . R_w[jx - ix + win - 1]``, fp32 ``[B, nB, bq*bq, heads, win]``."""
-    i = np.arange(bq * bq)
+def rel_projections(q: jax.Array, rel_h: jax.Array, rel_w: jax.Array, bq: int, win: int):
+    """Per query ``(y, x)`` at in-block offset ``(iy, ix) = (y % bq, x % bq)``:
+    ``A[y, x, jy] = q . R_h[jy - iy + win - 1]`` and ``B[y, x, jx] = q . R_w[jx - ix + win - 1]``,
+    fp32 ``[B, Hq, Wq, heads, win]`` each."""
     t = np.arange(win)
-    idx_h = t[None, :] - (i // bq)[:, None] + win - 1  # [bq*bq, win]
-    idx_w = t[None, :] - (i % bq)[:, None] + win - 1
-    q32 = qb.astype(jnp.float32)
-    a = jnp.einsum("bnihd,rd->bnihr", q32, rel_h.astype(jnp.float32), precision=_HP)
-    c = jnp.einsum("bnihd,rd->bnihr", q32, rel_w.astype(jnp.float32), precision=_HP)
-    take = lambda x, idx: jnp.take_along_axis(x, jnp.asarray(idx)[None, None, :, None, :], axis=-1)  # noqa: E731
-    return take(a, idx_h), take(c, idx_w)
+    idx_h = t[None, :] - (np.arange(q.shape[1]) % bq)[:, None] + win - 1  # [Hq, win]
+    idx_w = t[None, :] - (np.arange(q.shape[2]) % bq)[:, None] + win - 1  # [Wq, win]
+    q32 = q.astype(jnp.float32)
+    a = jnp.einsum("byxhd,rd->byxhr", q32, rel_h.astype(jnp.float32), precision=_HP)
+    c = jnp.einsum("byxhd,rd->byxhr", q32, rel_w.astype(jnp.float32), precision=_HP)
+    return (jnp.take_along_axis(a, jnp.asarray(idx_h)[None, :, None, None, :], axis=-1),
+            jnp.take_along_axis(c, jnp.asarray(idx_w)[None, None, :, None, :], axis=-1))
 
 
 def window_valid(height: int, width: int, block: int, halo: int, mask_padding: bool) -> np.ndarray:
@@ -142,36 +142,34 @@ def _halo(q, k, v, rel_h, rel_w, *, block_size: int, halo_size: int, stride: int
     win = block_size + 2 * halo_size
     bq = block_size // stride
     nby, nbx = hh // block_size, ww // block_size
-    qb = query_blocks(q, bq)
-    a, c = rel_projections(qb, rel_h, rel_w, bq, win)
+    a, c = rel_projections(q, rel_h, rel_w, bq, win)
     if scale_pos_embed:
         a, c = a * scale, c * scale
-
     if use_kernel:
-        out = _kernel_path(qb, k, v, a, c, block_size, halo_size, mask_padding, scale, interpret, config)
-    else:
-        kw, vw = key_windows(k, block_size, halo_size), key_windows(v, block_size, halo_size)
-        valid = window_valid(hh, ww, block_size, halo_size, mask_padding)
-        hp = _HP if q.dtype == jnp.float32 else None  # bf16/fp16: native dots, fp32 accumulation
-        s = jnp.einsum("bnihd,bnjhd->bnhij", qb, kw, precision=hp, preferred_element_type=jnp.float32)
-        rel = (a[..., :, None] + c[..., None, :]).reshape(*a.shape[:-1], win * win)  # [B, nB, i, h, j]
-        s = s * scale + jnp.moveaxis(rel, 3, 2)
-        s = jnp.where(jnp.asarray(valid)[None, :, None, None, :], s, -jnp.inf)
-        p = jax.nn.softmax(s, axis=-1)
-        out = jnp.einsum("bnhij,bnjhe->bnihe", p.astype(vw.dtype), vw, precision=hp,
-                         preferred_element_type=jnp.float32).astype(q.dtype)
+        return _kernel_path(q, k, v, a, c, block_size, halo_size, stride, mask_padding, scale, interpret,
+                            config)
+
+    qb, a, c = query_blocks(q, bq), query_blocks(a, bq), query_blocks(c, bq)
+    kw, vw = key_windows(k, block_size, halo_size), key_windows(v, block_size, halo_size)
+    valid = window_valid(hh, ww, block_size, halo_size, mask_padding)
+    hp = _HP if q.dtype == jnp.float32 else None  # bf16/fp16: native dots, fp32 accumulation
+    s = jnp.einsum("bnihd,bnjhd->bnhij", qb, kw, precision=hp, preferred_element_type=jnp.float32)
+    rel = (a[..., :, None] + c[..., None, :]).reshape(*a.shape[:-1], win * win)  # [B, nB, i, h, j]
+    s = s * scale + jnp.moveaxis(rel, 3, 2)
+    s = jnp.where(jnp.asarray(valid)[None, :, None, None, :], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("bnhij,bnjhe->bnihe", p.astype(vw.dtype), vw, precision=hp,
+                     preferred_element_type=jnp.float32).astype(q.dtype)
     return fold_blocks(out, nby, nbx, bq)
 
 
-def _kernel_path(qb, k, v, a, c, block, halo, mask_padding, scale, interpret, config=None):
-    """Pads the query rows and head dims to powers of two (>= 16) and calls the fused kernel, which
-    reads the key/value windows from the maps itself."""
-    rows = max(16, _common.next_pow2(qb.shape[2]))
+def _kernel_path(q, k, v, a, c, block, halo, stride, mask_padding, scale, interpret, config=None):
+    """Pads the head dims to powers of two (>= 16) and the relative logits to ``[A | B]`` with
+    ``2 window_tile(win)`` columns, in q's dtype, and calls the fused kernel on the maps."""
     t = window_tile(block + 2 * halo)
-    d, e = max(16, _common.next_pow2(qb.shape[-1])), max(16, _common.next_pow2(v.shape[-1]))
+    d, e = max(16, _common.next_pow2(q.shape[-1])), max(16, _common.next_pow2(v.shape[-1]))
     pad = _common.pad_axis
-    ab = jnp.concatenate([pad(a, 4, t), pad(c, 4, t)], axis=-1).astype(qb.dtype)  # rel logits in q's dtype
-    out = halo_blocks_kernel(pad(pad(qb, 2, rows), 4, d), pad(k, 4, d), pad(v, 4, e), pad(ab, 2, rows),
-                             block=block, halo=halo, scale=scale, mask_padding=mask_padding, config=config,
-                             interpret=interpret)
-    return out[:, :, : qb.shape[2], :, : v.shape[-1]]
+    ab = jnp.concatenate([pad(a, 4, t), pad(c, 4, t)], axis=-1).astype(q.dtype)  # rel logits in q's dtype
+    out = halo_map_kernel(pad(q, 4, d), pad(k, 4, d), pad(v, 4, e), ab, block=block, halo=halo, stride=stride,
+                          scale=scale, mask_padding=mask_padding, config=config, interpret=interpret)
+    return out[..., : v.shape[-1]]
