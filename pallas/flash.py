@@ -449,6 +449,22 @@ def _list_inputs(st: _Static, layout, transposed: bool):
     return [pl.BlockSpec(x.shape, lambda *_, n=x.ndim: (0,) * n) for x in arrays], arrays
 
 
+def _row_inputs(st: _Static, qseg, kseg, bias, alibi, layout, bq: int, bk: int):
+    """Specs and arrays of the optional inputs of a kernel with one query tile per program
+    (forward, dq): segment ids (and their block ranges), bias, ALiBi slopes, sparse lists."""
+    qb = functools.partial(_q_block, st, block_q=bq)
+    specs, arrays = _seg_inputs(st, qseg, kseg, bq, bk, False, pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
+                                pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0)))
+    if st.bias_kind:
+        specs.append(_bias_spec_fwd(st, bias.shape, bq))
+        arrays.append(bias)
+    if st.alibi:  # slopes [B, Hq]: one scalar per program's head
+        specs.append(pl.BlockSpec((None, alibi.shape[1]), lambda i, b, h: (b, 0)))
+        arrays.append(alibi)
+    lspecs, larrays = _list_inputs(st, layout, transposed=False)
+    return specs + lspecs, arrays + larrays
+
+
 def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None):
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q, cfg.block_k)
@@ -461,16 +477,7 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None):
         pl.BlockSpec((None, st.kv_pad, None, v.shape[-1]), lambda i, b, h: (b, 0, h // g, 0)),
     ]
     args = [q, k, v]
-    specs, arrays = _seg_inputs(st, qseg, kseg, bq, bk, False, pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
-                                pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0)))
-    in_specs, args = in_specs + specs, args + arrays
-    if st.bias_kind:
-        in_specs.append(_bias_spec_fwd(st, bias.shape, bq))
-        args.append(bias)
-    if st.alibi:  # slopes [B, Hq]: one scalar per program's head
-        in_specs.append(pl.BlockSpec((None, alibi.shape[1]), lambda i, b, h: (b, 0)))
-        args.append(alibi)
-    specs, arrays = _list_inputs(st, layout, transposed=False)
+    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, layout, bq, bk)
     in_specs, args = in_specs + specs, args + arrays
     out_shape = [jax.ShapeDtypeStruct((batch, st.q_pad, hq, v.shape[-1]), q.dtype),
                  jax.ShapeDtypeStruct((batch, hq, st.q_pad), jnp.float32)]
@@ -532,16 +539,7 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, ali
         pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i))),
     ]
     args = [q, k, v, do, lse, delta]
-    specs, arrays = _seg_inputs(st, qseg, kseg, bq, bk, False, pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
-                                pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0)))
-    in_specs, args = in_specs + specs, args + arrays
-    if st.bias_kind:
-        in_specs.append(_bias_spec_fwd(st, bias.shape, bq))
-        args.append(bias)
-    if st.alibi:  # slopes [B, Hq]: one scalar per program's head
-        in_specs.append(pl.BlockSpec((None, alibi.shape[1]), lambda i, b, h: (b, 0)))
-        args.append(alibi)
-    specs, arrays = _list_inputs(st, layout, transposed=False)
+    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, layout, bq, bk)
     in_specs, args = in_specs + specs, args + arrays
     call = _common.pallas_call(
         functools.partial(_dq_kernel, st=st, block_q=bq, block_k=bk),
