@@ -42,19 +42,21 @@ def _sd(module):
     return {k: v.detach().numpy() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("stride,scale_pos_embed,avg_down,qkv_bias", [
-    (1, False, False, False),
-    (1, True, False, True),
-    (2, False, False, False),
-    (2, True, False, False),
-    (2, False, True, True),  # average-pooled downsampling
+@pytest.mark.parametrize("stride,scale_pos_embed,avg_down,qkv_bias,impl", [
+    (1, False, False, False, "xla"),
+    (1, True, False, True, "xla"),
+    (2, False, False, False, "xla"),
+    (2, True, False, False, "xla"),
+    (2, False, True, True, "xla"),  # average-pooled downsampling
+    (1, False, False, True, "pallas"),  # the kernel (interpret mode without a GPU)
+    (2, True, False, False, "pallas"),
 ])
-def test_halo_attn_matches_timm(stride, scale_pos_embed, avg_down, qkv_bias):
+def test_halo_attn_matches_timm(stride, scale_pos_embed, avg_down, qkv_bias, impl):
     dim, hw, kw = 16, 16, dict(num_heads=2, block_size=4, halo_size=1)
     ref = _randomize(TimmHaloAttn(dim, 24, stride=stride, scale_pos_embed=scale_pos_embed, avg_down=avg_down,
                                   qkv_bias=qkv_bias, **kw), 0).eval()
     ours = HaloAttn(dim, 24, stride=stride, scale_pos_embed=scale_pos_embed, avg_down=avg_down,
-                    qkv_bias=qkv_bias, impl="xla", **kw, rngs=nnx.Rngs(0))
+                    qkv_bias=qkv_bias, impl=impl, **kw, rngs=nnx.Rngs(0))
     load_timm_state_dict(ours, _sd(ref))
     x = np.random.default_rng(1).standard_normal((2, hw, hw, dim)).astype(np.float32)
     with torch.no_grad():
