@@ -113,6 +113,7 @@ class _Static:
     window: tuple[int | None, int | None] = (None, None)
     softcap: float | None = None  # logits -> softcap * tanh(logits / softcap)
     alibi: bool = False  # per-head slopes: logits -= slope * |query position - key position|
+    bias_grad: bool = False  # the dq kernel also writes the logits' cotangent (an additive bias's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -498,7 +499,7 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None):
 
 def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, lists, (dq_ref,) = _optional_refs(st, rest)
+    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, lists, (dq_ref, *dbias) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
     q, do = q_ref[...], do_ref[...]
@@ -507,11 +508,23 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     qseg = qseg_ref[...] if st.has_seg else None
     slope = alibi_ref[pl.program_id(2)] if st.alibi else None
 
+    def key_tile(j):
+        return pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+
+    if st.bias_grad:  # zeros where no key block is visited (causal, window, segments)
+        def clear(j, c):
+            dbias[0][:, key_tile(j)] = jnp.zeros((block_q, block_k), dbias[0].dtype)
+            return c
+        lax.fori_loop(0, st.kv_pad // block_k, clear, 0)
+
     def body(j, dq, masked: bool):
         s, t, k, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope)
         p = jnp.exp2(s - lse2[:, None])
         dp = dot(do, v, trans_b=True, precision=st.precision)
-        ds = _softcap_grad(st, p * (dp - delta[:, None]), t)
+        dz = p * (dp - delta[:, None])  # cotangent of the final logits (the bias enters there)
+        if st.bias_grad:
+            dbias[0][:, key_tile(j)] = dz.astype(dbias[0].dtype)
+        ds = _softcap_grad(st, dz, t)
         return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
 
     dq = _loop_kv(st, q_start, block_q, block_k, body, jnp.zeros(q.shape, jnp.float32), lists, range_ref)
@@ -541,14 +554,18 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, ali
     args = [q, k, v, do, lse, delta]
     specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, layout, bq, bk)
     in_specs, args = in_specs + specs, args + arrays
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qb(i), h, 0))]
+    if st.bias_grad:  # fp32 [B, Hq, q_pad, kv_pad]: one query tile's row stripe per program
+        out_shape.append(jax.ShapeDtypeStruct((batch, hq, st.q_pad, st.kv_pad), jnp.float32))
+        out_specs.append(pl.BlockSpec((None, None, bq, st.kv_pad), lambda i, b, h: (b, h, qb(i), 0)))
     call = _common.pallas_call(
         functools.partial(_dq_kernel, st=st, block_q=bq, block_k=bk),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)], grid=(st.q_pad // bq, batch, hq),
-        in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qb(i), h, 0))],
+        out_shape=out_shape, grid=(st.q_pad // bq, batch, hq), in_specs=in_specs, out_specs=out_specs,
         num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd,
         interpret=st.interpret, name="jaxattn_flash_dq")
-    return call(*args)[0]
+    out = call(*args)
+    return out[0], (out[1] if st.bias_grad else None)
 
 
 # ----------------------------------------------------------------------------
@@ -706,24 +723,40 @@ def _flash(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi):
 
 
 def _flash_fwd(st, q, k, v, bias, qseg, kseg, layout, alibi):
+    # symbolic_zeros: every array leaf comes as CustomVJPPrimal(value, perturbed)
+    bias_grad = bias is not None and bias.perturbed and st.bias_kind == "add"
+    q, k, v, bias, qseg, kseg, layout, alibi = jax.tree.map(
+        lambda x: x.value, (q, k, v, bias, qseg, kseg, layout, alibi))
     o, lse = _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi)
-    return (o, lse), (q, k, v, bias, qseg, kseg, layout, alibi, o, lse)
+    # a differentiated additive bias is marked by the residual's structure (a pair, not an array)
+    return (o, lse), (q, k, v, (bias,) if bias_grad else bias, qseg, kseg, layout, alibi, o, lse)
+
+
+def _zero_if_symbolic(ct, like):
+    return jnp.zeros(like.shape, like.dtype) if isinstance(ct, jax.custom_derivatives.SymbolicZero) else ct
 
 
 def _flash_bwd(st, res, cts):
     q, k, v, bias, qseg, kseg, layout, alibi, o, lse = res
-    do, dlse = cts
+    bias_grad = isinstance(bias, tuple)
+    if bias_grad:
+        (bias,), st = bias, dataclasses.replace(st, bias_grad=True)
+    do, dlse = _zero_if_symbolic(cts[0], o), _zero_if_symbolic(cts[1], lse)
     # delta_i = sum_d dO_id O_id; an lse cotangent adds p * dlse to ds.
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
     delta = delta - dlse.astype(jnp.float32)
     do = do.astype(q.dtype)
-    dq = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi)
+    dq, dz = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi)
     dk, dv = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi)
-    # No gradient flows to the bias/mask, the segment ids, the sparse layout or the ALiBi slopes.
-    return dq, dk, dv, None, None, None, None, None
+    dbias = None
+    if bias_grad:  # the logits' cotangent summed over the bias's broadcast dims
+        dbias = jnp.sum(dz, axis=tuple(i for i, b in enumerate(st.bias_bcast) if b), keepdims=True)
+        dbias = dbias.astype(bias.dtype)
+    # No gradient flows to a bool mask, the segment ids, the sparse layout or the ALiBi slopes.
+    return dq, dk, dv, dbias, None, None, None, None
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
 
 
 def flash_attention(
@@ -748,7 +781,9 @@ def flash_attention(
       q: ``[B, Sq, Hq, D]``; k: ``[B, Sk, Hkv, D]``; v: ``[B, Sk, Hkv, Dv]``,
         with ``Hkv`` dividing ``Hq``; one floating dtype.
       bias: rank-4 array broadcastable to ``[B, Hq, Sq, Sk]`` (each dim full or 1);
-        floating = additive, bool = keep-mask. No gradient flows to it.
+        floating = additive (differentiable: when it is differentiated, the dq kernel also writes
+        the logits' cotangent, ``[B, Hq, Sq, Sk]`` fp32, summed over the broadcast dims), bool =
+        keep-mask.
       q_segment_ids, kv_segment_ids: int ``[B, Sq]`` / ``[B, Sk]``; keys attend only
         within the same segment.
       local_window_size: ``(left, right)``: the query at position p (``i + Sk - Sq``) sees keys

@@ -12,7 +12,7 @@ from conftest import count_triton_calls, lower_for_cuda
 
 
 def _lower_fwd_bwd(d, dtype, *, causal, seg, bias_shape=None, bias_dtype=jnp.float32,
-                   sq=200, sk=300, hq=4, hkv=2, dv=None, config=None):
+                   sq=200, sk=300, hq=4, hkv=2, dv=None, config=None, bias_grad=False):
     dv = dv or d
     args = [jax.ShapeDtypeStruct((2, sq, hq, d), dtype), jax.ShapeDtypeStruct((2, sk, hkv, d), dtype),
             jax.ShapeDtypeStruct((2, sk, hkv, dv), dtype)]
@@ -30,7 +30,8 @@ def _lower_fwd_bwd(d, dtype, *, causal, seg, bias_shape=None, bias_dtype=jnp.flo
         o, lse = flash.flash_attention(q, k, v, causal=causal, interpret=False, config=config, **kw)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
-    text = lower_for_cuda(jax.value_and_grad(loss, (0, 1, 2)), *args)
+    argnums = (0, 1, 2, len(args) - 1) if bias_grad else (0, 1, 2)
+    text = lower_for_cuda(jax.value_and_grad(loss, argnums), *args)
     # forward, dq and dk/dv kernels are all Triton custom calls
     assert count_triton_calls(text) >= 3, "expected three Triton kernels"
 
@@ -49,6 +50,9 @@ def test_table_entry_lowers(head_dim, itemsize, causal):
 )
 def test_bias_variants_lower(bias_shape, bias_dtype):
     _lower_fwd_bwd(64, jnp.bfloat16, causal=True, seg=True, bias_shape=bias_shape, bias_dtype=bias_dtype)
+    if bias_dtype != jnp.bool_:  # and the dq kernel that also writes the bias gradient
+        _lower_fwd_bwd(64, jnp.bfloat16, causal=True, seg=True, bias_shape=bias_shape, bias_dtype=bias_dtype,
+                       bias_grad=True)
 
 
 @pytest.mark.parametrize("d,dv,sq,sk", [(80, 80, 77, 1000), (96, 64, 1, 513), (40, 200, 1000, 3)])

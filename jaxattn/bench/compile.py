@@ -228,6 +228,12 @@ def _flash_cases() -> Iterator[tuple[str, Callable, list]]:
     yield "d128 bf16 causal segments", *case(128, jnp.bfloat16, True, q_segment_ids=seg, kv_segment_ids=seg)
     yield "d128 bf16 causal alibi", *case(128, jnp.bfloat16, True, alibi_slopes=jnp.geomspace(0.5, 2 ** -8, 8))
 
+    def bias_loss(q, k, v, bias):  # a learned bias [1, heads, S, S]: the dq kernel also writes its gradient
+        return _total(*flash.flash_attention(q, k, v, causal=True, bias=bias, interpret=False))
+    yield ("d128 bf16 causal bias grad", jax.value_and_grad(bias_loss, (0, 1, 2, 3)),
+           [_sds((1, 2048, 8, 128), jnp.bfloat16), _sds((1, 2048, 2, 128), jnp.bfloat16),
+            _sds((1, 2048, 2, 128), jnp.bfloat16), _sds((1, 8, 2048, 2048), jnp.bfloat16)])
+
 
 def _lightning_cases() -> Iterator[tuple[str, Callable, list]]:
     from jaxattn.pallas import lightning

@@ -41,7 +41,9 @@ def attention(
         ``(q_segment_ids [batch, q_len], kv_segment_ids [batch, kv_len])``;
         queries see only keys of the same segment (packed sequences).
       mask: broadcastable to ``[batch, heads, q_len, kv_len]``; bool keeps True
-        entries, floating is added to the logits. No gradient flows to it.
+        entries, floating is added to the logits (a learned bias: differentiable on both paths;
+        the kernel's dq pass then also writes the fp32 ``[batch, heads, q_len, kv_len]`` logits'
+        cotangent, summed over the mask's broadcast dims, only when the mask is differentiated).
       scale: logit scale, default ``1/sqrt(head_dim)``.
       local_window_size: ``(left, right)`` or one int for both: query i, at position
         ``p = i + kv_len - q_len``, sees keys ``p - left .. p + right`` (None: that side
