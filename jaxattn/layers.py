@@ -11,8 +11,10 @@ the signature of ``flax.nnx.dot_product_attention``, for any module that takes a
 
 Semantics follow ``flax.nnx.dot_product_attention`` (``is_causal`` aligned to the top-left, bool
 masks keep True), with two exceptions: a query row whose every key is masked returns zeros (flax
-gives the mean of the values), and where flax would need attention weights (``dropout_rate > 0``
-while not deterministic, or ``sow_weights``) the call is handed to flax's own implementation.
+gives the mean of the values), and where flax would need attention weights (``sow_weights``)
+the call is handed to flax's own implementation. Attention dropout runs in the kernels
+(``broadcast_dropout`` = one mask for every batch row and head, as flax), with the same keep
+probability and scaling as flax but masks drawn from jaxattn's own hash of the ``dropout_rng``.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def attention_fn(
     ``query [..., q_len, heads, d]``, ``key``/``value [..., kv_len, kv_heads, d]`` (GQA when
     ``kv_heads`` divides ``heads``), ``bias``/``mask`` broadcastable to ``[..., heads, q_len,
     kv_len]``. ``impl`` picks jaxattn's path (bind it with ``functools.partial``)."""
-    if (dropout_rate > 0.0 and not deterministic) or module is not None:
+    if module is not None:
         kw = {} if promote_dtype is None else {"promote_dtype": promote_dtype}
         return nnx.dot_product_attention(query, key, value, bias, mask, broadcast_dropout, dropout_rng,
                                          dropout_rate, deterministic, dtype, precision, module,
@@ -98,7 +100,10 @@ def attention_fn(
         combined = flat_mask(bias, "bias").astype(jnp.float32)
         if keep is not None:
             combined = jnp.where(keep, combined, -jnp.inf)
-    out = attention(flat(query), flat(key), flat(value), causal=causal, mask=combined, impl=impl)
+    rate = 0.0 if deterministic else dropout_rate
+    out = attention(flat(query), flat(key), flat(value), causal=causal, mask=combined, impl=impl,
+                    dropout_rate=rate, dropout_rng=dropout_rng if rate else None,
+                    dropout_broadcast=broadcast_dropout)
     return out.reshape(*batch_shape, *out.shape[1:])
 
 

@@ -88,7 +88,7 @@ def block_sparse_attention_kernel(
     st = _flash._Static(
         scale=float(1.0 / math.sqrt(d) if scale is None else scale), causal=False,
         q_len=q_len, kv_len=kv_len, q_pad=n_qb * block_q, kv_pad=n_kb * block_k,
-        groups=hq // hkv, has_seg=False, bias_kind=None, bias_bcast=(True, True, True, True),
+        groups=hq // hkv, heads=hq, has_seg=False, bias_kind=None, bias_bcast=(True, True, True, True),
         cfg=cfg, interpret=interpret, precision=_flash.precision_for(q.dtype),
         sparse=SparseSpec(mask_fn=mask_fn, block_q=block_q, block_k=block_k),
     )

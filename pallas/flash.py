@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxattn.pallas import _common
+from jaxattn.pallas import _common, _dropout
 from jaxattn.pallas._common import dot
 
 LOG2E = math.log2(math.e)
@@ -102,6 +102,7 @@ class _Static:
     q_pad: int  # padded lengths
     kv_pad: int
     groups: int  # q heads per kv head
+    heads: int  # q heads (dropout's per-head mask)
     has_seg: bool
     bias_kind: str | None  # None, "add" or "bool"
     bias_bcast: tuple[bool, bool, bool, bool]  # which bias dims are broadcast (size 1)
@@ -114,6 +115,8 @@ class _Static:
     softcap: float | None = None  # logits -> softcap * tanh(logits / softcap)
     alibi: bool = False  # per-head slopes: logits -= slope * |query position - key position|
     bias_grad: bool = False  # the dq kernel also writes the logits' cotangent (an additive bias's)
+    dropout: float = 0.0  # attention dropout rate (mask from ``_dropout``, regenerated in every kernel)
+    dropout_shared: bool = False  # one mask for every (batch, head), as flax's broadcast_dropout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,16 +210,18 @@ def base2_logits(qk, scale: float, softcap: float | None):
     return t * (softcap * LOG2E), t
 
 
-def online_softmax_step(carry, s, v, precision, exp: Callable[[jax.Array], jax.Array] = jnp.exp2):
+def online_softmax_step(carry, s, v, precision, exp: Callable[[jax.Array], jax.Array] = jnp.exp2,
+                        drop: Callable[[jax.Array], jax.Array] | None = None):
     """One key block of the online softmax: ``(acc, m, l)`` updated with logits ``s [rows, bk]``
-    (``-inf`` where masked; base 2 unless ``exp=jnp.exp``) and values ``v [bk, e]``."""
+    (``-inf`` where masked; base 2 unless ``exp=jnp.exp``) and values ``v [bk, e]``; ``drop``
+    (dropout) maps the weights that multiply ``v`` (the normaliser sums them undropped)."""
     acc, m, l = carry
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
     alpha = exp(m - m_safe)
     p = exp(s - m_safe[:, None])
     l = l * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=precision)
+    acc = acc * alpha[:, None] + dot((p if drop is None else drop(p)).astype(v.dtype), v, precision=precision)
     return acc, m_new, l
 
 
@@ -277,18 +282,37 @@ def _load_bias(st: _Static, bias_ref, q_idx, k_idx):
 
 
 def _optional_refs(st: _Static, rest):
-    """Splits ``(qseg, kseg, segment block ranges)?, bias?, alibi slopes?, (index, blocks,
-    q_offset)?, *outputs`` off the kernel's trailing refs."""
-    qseg_ref = kseg_ref = range_ref = bias_ref = alibi_ref = lists = None
+    """Splits ``(qseg, kseg, segment block ranges)?, bias?, alibi slopes?, dropout seed?, (index,
+    blocks, q_offset)?, *outputs`` off the kernel's trailing refs."""
+    qseg_ref = kseg_ref = range_ref = bias_ref = alibi_ref = seed_ref = lists = None
     if st.has_seg:
         qseg_ref, kseg_ref, range_ref, *rest = rest
     if st.bias_kind:
         bias_ref, *rest = rest
     if st.alibi:
         alibi_ref, *rest = rest
+    if st.dropout:
+        seed_ref, *rest = rest
     if st.sparse is not None:
         lists, rest = rest[:3], rest[3:]
-    return qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, lists, rest
+    return qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, rest
+
+
+def _batch_head(st: _Static, head):
+    """Dropout's (batch, q head) index of this program (read program ids outside loops)."""
+    return 0 if st.dropout_shared else pl.program_id(1) * st.heads + head
+
+
+def _drop_rows(st: _Static, seed, bh, q_start, block_q: int):
+    """Dropout state of a query tile's rows (None without dropout)."""
+    if not st.dropout:
+        return None
+    return _dropout.row_hash(seed, jnp.asarray(bh, jnp.int32), q_start + jnp.arange(block_q))
+
+
+def _drop(st: _Static, keep, x):
+    """Dropped and rescaled: ``x / (1 - rate)`` where kept, else 0 (``keep`` None: x)."""
+    return x if keep is None else jnp.where(keep, x * (1.0 / (1.0 - st.dropout)), 0.0)
 
 
 def _clip_range(range_ref, row, lo, a, b, hi):
@@ -404,16 +428,21 @@ def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry, list
 
 def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, *rest = refs
-    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, lists, (o_ref, lse_ref) = _optional_refs(st, rest)
+    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (o_ref, lse_ref) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
     q = q_ref[...]
     qseg = qseg_ref[...] if st.has_seg else None
     slope = alibi_ref[pl.program_id(2)] if st.alibi else None
+    rows = _drop_rows(st, seed_ref[0], _batch_head(st, pl.program_id(2)), q_start, block_q) if st.dropout else None
 
     def body(j, carry, masked: bool):
         s, _, _, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope)
-        return online_softmax_step(carry, s, v, st.precision)
+        drop = None
+        if rows is not None:  # the normaliser sums every p; only p v sees the dropped weights
+            keep = _dropout.keep(rows[:, None], j * block_k + jnp.arange(block_k)[None, :], st.dropout)
+            drop = functools.partial(_drop, st, keep)
+        return online_softmax_step(carry, s, v, st.precision, drop=drop)
 
     carry = _loop_kv(st, q_start, block_q, block_k, body, online_softmax_init(block_q, v_ref.shape[-1]), lists,
                      range_ref)
@@ -450,7 +479,7 @@ def _list_inputs(st: _Static, layout, transposed: bool):
     return [pl.BlockSpec(x.shape, lambda *_, n=x.ndim: (0,) * n) for x in arrays], arrays
 
 
-def _row_inputs(st: _Static, qseg, kseg, bias, alibi, layout, bq: int, bk: int):
+def _row_inputs(st: _Static, qseg, kseg, bias, alibi, seed, layout, bq: int, bk: int):
     """Specs and arrays of the optional inputs of a kernel with one query tile per program
     (forward, dq): segment ids (and their block ranges), bias, ALiBi slopes, sparse lists."""
     qb = functools.partial(_q_block, st, block_q=bq)
@@ -462,11 +491,14 @@ def _row_inputs(st: _Static, qseg, kseg, bias, alibi, layout, bq: int, bk: int):
     if st.alibi:  # slopes [B, Hq]: one scalar per program's head
         specs.append(pl.BlockSpec((None, alibi.shape[1]), lambda i, b, h: (b, 0)))
         arrays.append(alibi)
+    if st.dropout:
+        specs.append(pl.BlockSpec((1,), lambda i, b, h: (0,)))
+        arrays.append(seed)
     lspecs, larrays = _list_inputs(st, layout, transposed=False)
     return specs + lspecs, arrays + larrays
 
 
-def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None):
+def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None):
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q, cfg.block_k)
     batch, _, hq, d = q.shape
@@ -478,7 +510,7 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None):
         pl.BlockSpec((None, st.kv_pad, None, v.shape[-1]), lambda i, b, h: (b, 0, h // g, 0)),
     ]
     args = [q, k, v]
-    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, layout, bq, bk)
+    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk)
     in_specs, args = in_specs + specs, args + arrays
     out_shape = [jax.ShapeDtypeStruct((batch, st.q_pad, hq, v.shape[-1]), q.dtype),
                  jax.ShapeDtypeStruct((batch, hq, st.q_pad), jnp.float32)]
@@ -499,7 +531,7 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None):
 
 def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, lists, (dq_ref, *dbias) = _optional_refs(st, rest)
+    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (dq_ref, *dbias) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
     q, do = q_ref[...], do_ref[...]
@@ -507,6 +539,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     delta = delta_ref[...]
     qseg = qseg_ref[...] if st.has_seg else None
     slope = alibi_ref[pl.program_id(2)] if st.alibi else None
+    rows = _drop_rows(st, seed_ref[0], _batch_head(st, pl.program_id(2)), q_start, block_q) if st.dropout else None
 
     def key_tile(j):
         return pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
@@ -521,6 +554,8 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
         s, t, k, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope)
         p = jnp.exp2(s - lse2[:, None])
         dp = dot(do, v, trans_b=True, precision=st.precision)
+        if rows is not None:  # the cotangent of the kept weights, rescaled
+            dp = _drop(st, _dropout.keep(rows[:, None], j * block_k + jnp.arange(block_k)[None, :], st.dropout), dp)
         dz = p * (dp - delta[:, None])  # cotangent of the final logits (the bias enters there)
         if st.bias_grad:
             dbias[0][:, key_tile(j)] = dz.astype(dbias[0].dtype)
@@ -536,7 +571,7 @@ def _lse2(lse):
     return jnp.where(lse == NEG_INF, jnp.inf, lse * LOG2E)
 
 
-def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None):
+def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None):
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q_dq, cfg.block_k_dq)
     batch, _, hq, d = q.shape
@@ -552,7 +587,7 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, ali
         pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i))),
     ]
     args = [q, k, v, do, lse, delta]
-    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, layout, bq, bk)
+    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk)
     in_specs, args = in_specs + specs, args + arrays
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qb(i), h, 0))]
@@ -602,7 +637,7 @@ def _q_range(st: _Static, k_start, block_q: int, block_k: int):
 
 def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, lists, (dk_ref, dv_ref) = _optional_refs(st, rest)
+    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (dk_ref, dv_ref) = _optional_refs(st, rest)
 
     k_start = pl.program_id(0) * block_k
     k_pos = k_start + jnp.arange(block_k)
@@ -611,6 +646,8 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     kseg = kseg_ref[...] if st.has_seg else None
     bias_heads = 1 if st.bias_bcast[1] else st.groups
     head0 = pl.program_id(2) * st.groups  # first q head of this kv head's group (ALiBi slopes)
+    if st.dropout:
+        seed, bh0 = seed_ref[0], _batch_head(st, head0)
 
     def body(i, carry, g, masked: bool):
         dk, dv = carry
@@ -634,8 +671,12 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         alibi = (alibi_ref[head0 + g], q_start + jnp.arange(block_q), k_pos) if st.alibi else None
         s_t, t_t = _scores(st, q, k, qseg, kseg, bias, pos_mask, transposed=True, alibi=alibi)
         p_t = jnp.exp2(s_t - lse2[None, :])
-        dv = dv + dot(p_t.astype(do.dtype), do, precision=st.precision)
-        dp_t = dot(v, do, trans_b=True, precision=st.precision)
+        keep_t = None
+        if st.dropout:  # the forward's mask, transposed: rows are this tile's queries
+            rows = _drop_rows(st, seed, bh0 if st.dropout_shared else bh0 + g, q_start, block_q)
+            keep_t = _dropout.keep(rows[None, :], k_pos[:, None], st.dropout)
+        dv = dv + dot(_drop(st, keep_t, p_t).astype(do.dtype), do, precision=st.precision)
+        dp_t = _drop(st, keep_t, dot(v, do, trans_b=True, precision=st.precision))
         ds_t = _softcap_grad(st, p_t * (dp_t - delta[None, :]), t_t)
         dk = dk + dot(ds_t.astype(q.dtype), q, precision=st.precision)
         return dk, dv
@@ -664,7 +705,7 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None):
+def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None):
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q_dkv, cfg.block_k_dkv)
     batch, _, hkv, d = k.shape
@@ -691,6 +732,9 @@ def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, a
     if st.alibi:  # slopes [B, Hq]: the program's kv head reads its group's
         in_specs.append(pl.BlockSpec((None, alibi.shape[1]), lambda j, b, h: (b, 0)))
         args.append(alibi)
+    if st.dropout:
+        in_specs.append(pl.BlockSpec((1,), lambda j, b, h: (0,)))
+        args.append(seed)
     specs, arrays = _list_inputs(st, layout, transposed=True)
     in_specs, args = in_specs + specs, args + arrays
     call = _common.pallas_call(
@@ -718,18 +762,18 @@ def _blocks(st: _Static, block_q: int, block_k: int) -> tuple[int, int]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi):
-    return _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi)
+def _flash(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi, seed):
+    return _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi, seed)
 
 
-def _flash_fwd(st, q, k, v, bias, qseg, kseg, layout, alibi):
+def _flash_fwd(st, q, k, v, bias, qseg, kseg, layout, alibi, seed):
     # symbolic_zeros: every array leaf comes as CustomVJPPrimal(value, perturbed)
     bias_grad = bias is not None and bias.perturbed and st.bias_kind == "add"
-    q, k, v, bias, qseg, kseg, layout, alibi = jax.tree.map(
-        lambda x: x.value, (q, k, v, bias, qseg, kseg, layout, alibi))
-    o, lse = _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi)
+    q, k, v, bias, qseg, kseg, layout, alibi, seed = jax.tree.map(
+        lambda x: x.value, (q, k, v, bias, qseg, kseg, layout, alibi, seed))
+    o, lse = _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi, seed)
     # a differentiated additive bias is marked by the residual's structure (a pair, not an array)
-    return (o, lse), (q, k, v, (bias,) if bias_grad else bias, qseg, kseg, layout, alibi, o, lse)
+    return (o, lse), (q, k, v, (bias,) if bias_grad else bias, qseg, kseg, layout, alibi, seed, o, lse)
 
 
 def _zero_if_symbolic(ct, like):
@@ -737,7 +781,7 @@ def _zero_if_symbolic(ct, like):
 
 
 def _flash_bwd(st, res, cts):
-    q, k, v, bias, qseg, kseg, layout, alibi, o, lse = res
+    q, k, v, bias, qseg, kseg, layout, alibi, seed, o, lse = res
     bias_grad = isinstance(bias, tuple)
     if bias_grad:
         (bias,), st = bias, dataclasses.replace(st, bias_grad=True)
@@ -746,14 +790,14 @@ def _flash_bwd(st, res, cts):
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
     delta = delta - dlse.astype(jnp.float32)
     do = do.astype(q.dtype)
-    dq, dz = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi)
-    dk, dv = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi)
+    dq, dz = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed)
+    dk, dv = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed)
     dbias = None
     if bias_grad:  # the logits' cotangent summed over the bias's broadcast dims
         dbias = jnp.sum(dz, axis=tuple(i for i, b in enumerate(st.bias_bcast) if b), keepdims=True)
         dbias = dbias.astype(bias.dtype)
-    # No gradient flows to a bool mask, the segment ids, the sparse layout or the ALiBi slopes.
-    return dq, dk, dv, dbias, None, None, None, None
+    # No gradient flows to a bool mask, the segment ids, the sparse layout, the ALiBi slopes or the seed.
+    return dq, dk, dv, dbias, None, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
@@ -772,6 +816,9 @@ def flash_attention(
     local_window_size: tuple[int | None, int | None] | None = None,
     logits_soft_cap: float | None = None,
     alibi_slopes: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_seed: jax.Array | None = None,
+    dropout_shared: bool = False,
     config: FlashConfig | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -791,6 +838,10 @@ def flash_attention(
       logits_soft_cap: c > 0 maps the scaled logits x to ``c * tanh(x / c)``.
       alibi_slopes: ``[Hq]`` or ``[B, Hq]``: ALiBi, ``slope * |p - j|`` subtracted from the
         (capped) logits of query position p and key j (flash-attn's ``alibi_slopes``).
+      dropout_rate: attention dropout in [0, 1): each weight is dropped with this probability
+        and the kept ones scaled by ``1 / (1 - rate)``; the mask (``jaxattn.pallas._dropout``)
+        is a function of ``dropout_seed`` (int32 ``[1]``), (batch, head) (or one mask for all of
+        them with ``dropout_shared``), query row and key, regenerated by the backward kernels.
       config: tile sizes; defaults to the table entry for (head dim, dtype).
       interpret: run in interpret mode; None picks it when no GPU is present.
 
@@ -831,11 +882,17 @@ def flash_attention(
         interpret=interpret, precision=precision_for(q.dtype),
         window=tuple(local_window_size) if local_window_size is not None else (None, None),
         softcap=None if logits_soft_cap is None else float(logits_soft_cap), alibi=alibi_slopes is not None,
+        heads=hq, dropout=float(dropout_rate), dropout_shared=bool(dropout_shared),
     )
+    seed = None
+    if dropout_rate:
+        if dropout_seed is None:
+            raise ValueError("dropout_rate > 0 needs dropout_seed (int32 [1])")
+        seed = jnp.asarray(dropout_seed, jnp.int32).reshape(1)
     alibi = None
     if alibi_slopes is not None:
         alibi = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, hq), (batch, hq))
-    return run_padded(st, q, k, v, bias, qseg, kseg, None, alibi)
+    return run_padded(st, q, k, v, bias, qseg, kseg, None, alibi, seed)
 
 
 def precision_for(dtype: Any) -> Any:
@@ -843,12 +900,12 @@ def precision_for(dtype: Any) -> Any:
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None) -> tuple[jax.Array, jax.Array]:
+def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None) -> tuple[jax.Array, jax.Array]:
     """Pads q/k/v to ``st.q_pad``/``st.kv_pad`` rows (head dims to a power of two >= 16),
     runs the differentiable kernels and slices back: ``out [B, Sq, Hq, Dv]``, ``lse [B, Sq, Hq]``."""
     d_pad, dv_pad = max(16, _common.next_pow2(q.shape[-1])), max(16, _common.next_pow2(v.shape[-1]))
     qp = _common.pad_axis(_common.pad_axis(q, 1, st.q_pad), 3, d_pad)
     kp = _common.pad_axis(_common.pad_axis(k, 1, st.kv_pad), 3, d_pad)
     vp = _common.pad_axis(_common.pad_axis(v, 1, st.kv_pad), 3, dv_pad)
-    o, lse = _flash(st, qp, kp, vp, bias, qseg, kseg, layout, alibi)
+    o, lse = _flash(st, qp, kp, vp, bias, qseg, kseg, layout, alibi, seed)
     return o[:, :st.q_len, :, :v.shape[-1]], jnp.swapaxes(lse[:, :, :st.q_len], 1, 2)

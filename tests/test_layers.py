@@ -1,5 +1,5 @@
 """jaxattn.layers: the drop-in nnx.MultiHeadAttention and attention_fn match flax's own, with the
-same parameters, for self/cross attention, GQA, masks, biases, causal, decode and dropout."""
+same parameters, for self/cross attention, GQA, masks, biases, causal and decode; dropout in the kernel."""
 
 from __future__ import annotations
 
@@ -59,13 +59,38 @@ def test_decode_cache_matches_parallel_causal():
     assert_close(jnp.concatenate(steps, axis=1), full, jnp.float32, "decode")
 
 
-def test_dropout_and_sow_go_to_flax():
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_attention_fn_dropout_in_the_kernel(broadcast):
+    """Dropout runs in jaxattn (kernel and XLA path agree): softmax weights zeroed where jaxattn's
+    keep mask says, the rest scaled by 1 / (1 - rate); flax's broadcast_dropout = one mask for all
+    batch rows and heads. Eval mode (deterministic) is flax's output."""
+    from jaxattn.pallas import _dropout
+
+    ks = jax.random.split(jax.random.PRNGKey(6), 4)
+    q, k, v = (randn(kk, (2, 12, 4, 32), jnp.float32) for kk in ks[:3])
+    kw = dict(dropout_rng=ks[3], dropout_rate=0.4, broadcast_dropout=broadcast)
+    got = {impl: layers.attention_fn(q, k, v, impl=impl, **kw) for impl in ("xla", "pallas")}
+    keep = _dropout.keep_mask(_dropout.seed_from_key(ks[3]), 1 if broadcast else 2, 1 if broadcast else 4, 12, 12, 0.4)
+    w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(32), axis=-1)
+    want = jnp.einsum("bhqk,bkhd->bqhd", jnp.where(keep, w / 0.6, 0.0), v)
+    for impl, out in got.items():
+        assert_close(out, want, jnp.float32, f"dropout {impl}")
+    same_bh = np.asarray(keep[0, 0] == keep[-1, -1]).mean()
+    assert same_bh == 1.0 if broadcast else same_bh < 0.8
+    assert_close(layers.attention_fn(q, k, v, deterministic=True, **kw), nnx.dot_product_attention(q, k, v),
+                 jnp.float32, "eval mode")
+
+
+def test_module_dropout_and_sow():
     x = randn(jax.random.PRNGKey(5), (2, 8, 128), jnp.float32)
     ours, theirs = _pair("xla", dropout_rate=0.5)
     a = ours(x, deterministic=False, rngs=nnx.Rngs(dropout=7))
-    b = theirs(x, deterministic=False, rngs=nnx.Rngs(dropout=7))
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    b = ours(x, deterministic=False, rngs=nnx.Rngs(dropout=8))
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-2  # a fresh mask per key
     assert_close(ours(x, deterministic=True), theirs(x, deterministic=True), jnp.float32, "eval mode")
+    ours_s, theirs_s = _pair("xla")  # sow_weights needs the weights: flax's implementation
+    assert_close(ours_s(x, sow_weights=True), theirs_s(x, sow_weights=True), jnp.float32, "sow")
+    assert jax.tree.leaves(nnx.state(ours_s, nnx.Intermediate))
 
 
 def test_bad_rank():

@@ -170,7 +170,7 @@ def test_registry():
 
 def test_dropout_modes():
     """Dropout / drop-path are random in train mode and off in eval mode (= the same model without them)."""
-    cfg = dataclasses.replace(TINY, dropout=0.2, drop_path=0.3)
+    cfg = dataclasses.replace(TINY, dropout=0.2, drop_path=0.3, attn_drop=0.25)
     model = ViT(cfg, rngs=nnx.Rngs(params=0, dropout=1))
     plain = ViT(TINY, rngs=nnx.Rngs(params=0))
     assert model.blocks[0].drop_path is None and model.blocks[1].drop_path.rate == pytest.approx(0.3)
@@ -181,6 +181,25 @@ def test_dropout_modes():
     np.testing.assert_allclose(model(x), plain(x), atol=1e-6)
     model.train()
     assert not np.allclose(model(x), plain(x))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_attention_dropout(impl):
+    """attn_drop alone: random in train mode (fresh masks per call, gradients flow), the plain
+    model in eval mode."""
+    base = dataclasses.replace(TINY, dim=64, attn_impl=impl)  # head dim 32 (the kernel's smallest)
+    cfg = dataclasses.replace(base, attn_drop=0.3)
+    model = ViT(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+    plain = ViT(base, rngs=nnx.Rngs(params=0))
+    x = _images(cfg)
+    a, b = model(x), model(x)
+    assert not np.allclose(a, b) and not np.allclose(a, plain(x))
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    model.eval()
+    np.testing.assert_allclose(model(x), plain(x), atol=1e-6)
+    with pytest.raises(ValueError, match="attn_drop"):
+        ViTConfig(attn_drop=1.0)
 
 
 def test_timm_layout_roundtrip():

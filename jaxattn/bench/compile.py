@@ -227,6 +227,8 @@ def _flash_cases() -> Iterator[tuple[str, Callable, list]]:
     seg = jnp.repeat(jnp.arange(8, dtype=jnp.int32), 512)[None]  # 8 packed documents
     yield "d128 bf16 causal segments", *case(128, jnp.bfloat16, True, q_segment_ids=seg, kv_segment_ids=seg)
     yield "d128 bf16 causal alibi", *case(128, jnp.bfloat16, True, alibi_slopes=jnp.geomspace(0.5, 2 ** -8, 8))
+    yield "d128 bf16 causal dropout", *case(128, jnp.bfloat16, True, dropout_rate=0.1,
+                                             dropout_seed=jnp.zeros((1,), jnp.int32))
 
     def bias_loss(q, k, v, bias):  # a learned bias [1, heads, S, S]: the dq kernel also writes its gradient
         return _total(*flash.flash_attention(q, k, v, causal=True, bias=bias, interpret=False))

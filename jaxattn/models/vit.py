@@ -7,7 +7,8 @@
 (the class token, or the mean of the patch tokens) -> linear head. LayerNorm eps is 1e-6 and the
 MLP uses exact (erf) GELU, as the original ViT and timm. ``dropout`` is applied where the original
 ViT applies it (after the positional embedding, after the attention projection, after the MLP's
-GELU and after its second linear); ``drop_path`` is stochastic depth, linearly increasing from 0
+GELU and after its second linear), ``attn_drop`` on the softmax weights (inside the attention
+kernel); ``drop_path`` is stochastic depth, linearly increasing from 0
 at the first block to ``drop_path`` at the last (timm's ``drop_path_rate``). Both follow NNX
 modes: active after ``model.train()`` (the default of a fresh model), off after ``model.eval()``.
 They draw keys from the ``dropout`` stream of the ``rngs`` given at construction (falling back to
@@ -71,6 +72,7 @@ class ViTConfig:
     pool: Literal["cls", "mean"] = "cls"
     dropout: float = 0.0  # original-ViT placement, see the module docstring
     drop_path: float = 0.0  # stochastic depth rate of the last block
+    attn_drop: float = 0.0  # attention dropout on the softmax weights (timm's attn_drop_rate), in the kernel
     dtype: str = "float32"  # compute dtype; parameters are fp32
     attn_impl: Literal["auto", "pallas", "xla"] = "auto"
     # Hard-attention / feature-selection gates (jaxattn.models.gates): "features" gates each block's
@@ -97,7 +99,7 @@ class ViTConfig:
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.attn_impl not in _IMPLS:
             raise ValueError(f"attn_impl must be one of {_IMPLS}, got {self.attn_impl!r}")
-        for name in ("dropout", "drop_path"):
+        for name in ("dropout", "drop_path", "attn_drop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         try:
@@ -191,7 +193,7 @@ class Attention(nnx.Module):
     """Multi-head self-attention: ``qkv`` linear -> ``jaxattn.attention`` -> ``proj``, ``[B, N, dim]`` in and out."""
 
     def __init__(self, dim: int, heads: int, *, qkv_bias: bool = True, proj_drop: float = 0.0,
-                 impl: Literal["auto", "pallas", "xla"] = "auto", dtype: Any = jnp.float32,
+                 attn_drop: float = 0.0, impl: Literal["auto", "pallas", "xla"] = "auto", dtype: Any = jnp.float32,
                  quantized: bool = False, rngs: nnx.Rngs):
         if dim % heads:
             raise ValueError(f"dim {dim} must be divisible by heads {heads}")
@@ -201,6 +203,9 @@ class Attention(nnx.Module):
         self.qkv = _linear(dim, 3 * dim, dtype, rngs, bias=qkv_bias)
         self.proj = _linear(dim, dim, dtype, rngs)
         self.proj_drop = _dropout(proj_drop, rngs)
+        # attention dropout inside jaxattn.attention (the flash kernels regenerate its mask)
+        self.attn_drop, self.deterministic = attn_drop, False
+        self.drop_rngs = rngs["dropout"].fork() if attn_drop > 0 else None
 
     def __call__(self, x: jax.Array, *, return_attention: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         """``x [B, N, dim] -> [B, N, dim]``; with ``return_attention`` also the softmax weights
@@ -214,7 +219,8 @@ class Attention(nnx.Module):
 
             o = sage_attention(q, k, v, impl=self.impl)
         else:
-            o = attention(q, k, v, impl=self.impl)
+            rate = 0.0 if self.deterministic else self.attn_drop
+            o = attention(q, k, v, impl=self.impl, dropout_rate=rate, dropout_rng=self.drop_rngs() if rate else None)
         out = _apply(self.proj_drop, self.proj(o.reshape(b, n, -1)))
         if not return_attention:
             return out
@@ -243,7 +249,7 @@ class Block(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         self.norm1 = _layer_norm(cfg.dim, dtype, rngs)
         self.attn = Attention(cfg.dim, cfg.heads, qkv_bias=cfg.qkv_bias, proj_drop=cfg.dropout,
-                              impl=cfg.attn_impl, dtype=dtype, quantized=cfg.quantized, rngs=rngs)
+                              attn_drop=cfg.attn_drop, impl=cfg.attn_impl, dtype=dtype, quantized=cfg.quantized, rngs=rngs)
         self.norm2 = _layer_norm(cfg.dim, dtype, rngs)
         self.mlp = MLP(cfg.dim, cfg.mlp_dim, dropout=cfg.dropout, dtype=dtype, rngs=rngs)
         self.drop_path = DropPath(drop_path, rngs=rngs) if drop_path > 0 else None

@@ -118,6 +118,16 @@ def check_soft_cap(cap: Any) -> float | None:
     return value
 
 
+def check_dropout(rate: Any, rng: Any) -> float:
+    """``dropout_rate`` in [0, 1), with a ``dropout_rng`` PRNG key when it is > 0."""
+    value = float(rate)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {rate!r}")
+    if value > 0.0 and rng is None:
+        raise ValueError("dropout_rate > 0 needs dropout_rng (a PRNG key, e.g. jax.random.key(0))")
+    return value
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def no_grad(x: jax.Array, message: str) -> jax.Array:
     """Identity that raises ``NotImplementedError(message)`` when differentiated (forward-only ops)."""

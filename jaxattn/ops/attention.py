@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.ops import _checks
+from jaxattn.pallas import _dropout
 from jaxattn.pallas import flash as _flash
 from jaxattn.reference.attention import attention_reference
 
@@ -26,6 +27,9 @@ def attention(
     local_window_size: int | tuple[int | None, int | None] | None = None,
     logits_soft_cap: float | None = None,
     alibi_slopes: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    dropout_broadcast: bool = False,
     impl: Literal["auto", "pallas", "xla"] = "auto",
     return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -54,6 +58,12 @@ def attention(
       alibi_slopes: ``[heads]`` or ``[batch, heads]`` (ALiBi): ``slope * |p - j|`` is subtracted
         from the (capped) logits of the query at position p and key j, computed in the kernel
         from positions (no bias tensor), as flash-attn's ``alibi_slopes``. No gradient.
+      dropout_rate: attention dropout (training): each softmax weight is zeroed with this
+        probability and the kept ones scaled by ``1 / (1 - rate)`` (flash-attn's ``dropout_p``).
+        The kernels regenerate the mask from a counter-based hash of (seed from ``dropout_rng``,
+        batch, head, query, key) instead of storing it; both paths use the same mask.
+      dropout_rng: PRNG key, required when ``dropout_rate > 0``.
+      dropout_broadcast: one mask shared by every batch row and head (flax's ``broadcast_dropout``).
       impl: ``"pallas"`` (the flash kernel; interpret mode without a GPU),
         ``"xla"`` (the dense reference), or ``"auto"`` (the kernel on GPU when the
         head dim is in 32..256, else XLA).
@@ -85,6 +95,9 @@ def attention(
                  logits_soft_cap=_checks.check_soft_cap(logits_soft_cap))
     if alibi_slopes is not None:
         extra["alibi_slopes"] = _checks.check_alibi(alibi_slopes, batch, hq)
+    if _checks.check_dropout(dropout_rate, dropout_rng):
+        extra.update(dropout_rate=float(dropout_rate), dropout_seed=_dropout.seed_from_key(dropout_rng),
+                     dropout_shared=bool(dropout_broadcast))
 
     lo, hi = _flash.SUPPORTED_HEAD_DIMS
     kernel_ok = lo <= max(d, v.shape[-1]) <= hi and jnp.dtype(q.dtype) in _checks.FLOAT_DTYPES

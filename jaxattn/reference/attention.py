@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxattn.pallas import _dropout
+
 
 def attention_reference(
     q: jax.Array,
@@ -22,6 +24,9 @@ def attention_reference(
     local_window_size: tuple[int | None, int | None] | None = None,
     logits_soft_cap: float | None = None,
     alibi_slopes: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_seed: jax.Array | None = None,
+    dropout_shared: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """``softmax(softcap(scale * q k^T) + bias) v`` over visible keys, in fp32.
 
@@ -32,6 +37,9 @@ def attention_reference(
     (broadcastable to ``[B, Hq, Sq, Sk]``) is True; a floating ``mask`` is added to the
     logits. ``logits_soft_cap`` c maps the scaled logits x to ``c * tanh(x / c)`` (before the bias).
     ``alibi_slopes`` ``[Hq]`` or ``[B, Hq]`` subtracts ``slope * |p - j|`` (ALiBi, after the cap).
+    ``dropout_rate`` r zeroes each softmax weight where ``jaxattn.pallas._dropout.keep_mask``
+    (from ``dropout_seed``; one mask for every batch and head with ``dropout_shared``) says so and
+    scales the others by ``1 / (1 - r)``; ``lse`` is that of the undropped weights.
     Returns fp32 ``out [B, Sq, Hq, Dv]`` and ``lse [B, Sq, Hq]``; a row with no
     visible key gives zeros and ``lse = -inf``.
     """
@@ -74,7 +82,11 @@ def attention_reference(
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bhqk,bkhd->bqhd", p / jnp.where(l == 0, 1.0, l), v,
-                     precision=lax.Precision.HIGHEST)
+    w = p / jnp.where(l == 0, 1.0, l)
+    if dropout_rate:
+        keep = _dropout.keep_mask(dropout_seed, 1 if dropout_shared else q.shape[0], 1 if dropout_shared else hq,
+                                  sq, sk, dropout_rate)
+        w = jnp.where(keep, w / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bhqk,bkhd->bqhd", w, v, precision=lax.Precision.HIGHEST)
     lse = jnp.where(l[..., 0] == 0, -jnp.inf, m[..., 0] + jnp.log(jnp.where(l[..., 0] == 0, 1.0, l[..., 0])))
     return out, jnp.swapaxes(lse, 1, 2)
