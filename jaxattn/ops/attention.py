@@ -154,6 +154,8 @@ def varlen_attention(
     local_window_size: int | tuple[int | None, int | None] | None = None,
     logits_soft_cap: float | None = None,
     alibi_slopes: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
     impl: Literal["auto", "pallas", "xla"] = "auto",
     return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -164,8 +166,9 @@ def varlen_attention(
       cu_seqlens_q: int ``[n + 1]``: sequence ``i`` holds query rows ``cu[i] .. cu[i+1]``
         (``cu[0] = 0``, non-decreasing, ``cu[n] = total_q``).
       cu_seqlens_k: the same for keys; None: the queries' (self-attention). ``causal`` needs None.
-      causal, scale, local_window_size, logits_soft_cap, alibi_slopes, impl, return_lse: as
-        :func:`attention`, within each sequence (positions count from its first token).
+      causal, scale, local_window_size, logits_soft_cap, alibi_slopes, dropout_rate, dropout_rng,
+        impl, return_lse: as :func:`attention`, within each sequence (positions count from its
+        first token; the dropout mask is indexed by packed rows).
 
     Runs :func:`attention` on one packed batch row with segment ids, so the kernels visit only
     blocks inside each sequence. Returns ``out [total_q, heads, v_head_dim]`` (and the lse
@@ -191,5 +194,6 @@ def varlen_attention(
     ks = segment_ids(cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k, k.shape[0], "cu_seqlens_k")
     res = attention(q[None], k[None], v[None], causal=causal, segment_ids=(qs, ks), scale=scale,
                     local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
-                    alibi_slopes=alibi_slopes, impl=impl, return_lse=return_lse)
+                    alibi_slopes=alibi_slopes, dropout_rate=dropout_rate, dropout_rng=dropout_rng, impl=impl,
+                    return_lse=return_lse)
     return (res[0][0], res[1][0]) if return_lse else res[0]
