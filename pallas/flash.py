@@ -488,14 +488,22 @@ def _row_inputs(st: _Static, qseg, kseg, bias, alibi, seed, layout, bq: int, bk:
     if st.bias_kind:
         specs.append(_bias_spec_fwd(st, bias.shape, bq))
         arrays.append(bias)
-    if st.alibi:  # slopes [B, Hq]: one scalar per program's head
+    sspecs, sarrays = _scalar_inputs(st, alibi, seed)
+    lspecs, larrays = _list_inputs(st, layout, transposed=False)
+    return specs + sspecs + lspecs, arrays + sarrays + larrays
+
+
+def _scalar_inputs(st: _Static, alibi, seed):
+    """Specs and arrays read as scalars by every kernel (grids ``(tile, batch, head)``): the ALiBi
+    slopes ``[B, Hq]`` (a program reads its head's, or its kv head group's) and the dropout seed."""
+    specs, arrays = [], []
+    if st.alibi:
         specs.append(pl.BlockSpec((None, alibi.shape[1]), lambda i, b, h: (b, 0)))
         arrays.append(alibi)
     if st.dropout:
         specs.append(pl.BlockSpec((1,), lambda i, b, h: (0,)))
         arrays.append(seed)
-    lspecs, larrays = _list_inputs(st, layout, transposed=False)
-    return specs + lspecs, arrays + larrays
+    return specs, arrays
 
 
 def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None):
@@ -729,12 +737,8 @@ def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, a
         in_specs.append(pl.BlockSpec(
             blk, lambda j, b, h: (0 if bb else b, 0 if bh else h, 0, 0 if bbk else j)))
         args.append(bias)
-    if st.alibi:  # slopes [B, Hq]: the program's kv head reads its group's
-        in_specs.append(pl.BlockSpec((None, alibi.shape[1]), lambda j, b, h: (b, 0)))
-        args.append(alibi)
-    if st.dropout:
-        in_specs.append(pl.BlockSpec((1,), lambda j, b, h: (0,)))
-        args.append(seed)
+    specs, arrays = _scalar_inputs(st, alibi, seed)
+    in_specs, args = in_specs + specs, args + arrays
     specs, arrays = _list_inputs(st, layout, transposed=True)
     in_specs, args = in_specs + specs, args + arrays
     call = _common.pallas_call(
