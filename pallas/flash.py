@@ -303,10 +303,8 @@ def _batch_head(st: _Static, head):
     return 0 if st.dropout_shared else pl.program_id(1) * st.heads + head
 
 
-def _drop_rows(st: _Static, seed, bh, q_start, block_q: int):
-    """Dropout state of a query tile's rows (None without dropout)."""
-    if not st.dropout:
-        return None
+def _drop_rows(seed, bh, q_start, block_q: int):
+    """Dropout state of a query tile's rows."""
     return _dropout.row_hash(seed, jnp.asarray(bh, jnp.int32), q_start + jnp.arange(block_q))
 
 
@@ -434,7 +432,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q = q_ref[...]
     qseg = qseg_ref[...] if st.has_seg else None
     slope = alibi_ref[pl.program_id(2)] if st.alibi else None
-    rows = _drop_rows(st, seed_ref[0], _batch_head(st, pl.program_id(2)), q_start, block_q) if st.dropout else None
+    rows = _drop_rows(seed_ref[0], _batch_head(st, pl.program_id(2)), q_start, block_q) if st.dropout else None
 
     def body(j, carry, masked: bool):
         s, _, _, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope)
@@ -547,7 +545,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     delta = delta_ref[...]
     qseg = qseg_ref[...] if st.has_seg else None
     slope = alibi_ref[pl.program_id(2)] if st.alibi else None
-    rows = _drop_rows(st, seed_ref[0], _batch_head(st, pl.program_id(2)), q_start, block_q) if st.dropout else None
+    rows = _drop_rows(seed_ref[0], _batch_head(st, pl.program_id(2)), q_start, block_q) if st.dropout else None
 
     def key_tile(j):
         return pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
@@ -681,7 +679,7 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         p_t = jnp.exp2(s_t - lse2[None, :])
         keep_t = None
         if st.dropout:  # the forward's mask, transposed: rows are this tile's queries
-            rows = _drop_rows(st, seed, bh0 if st.dropout_shared else bh0 + g, q_start, block_q)
+            rows = _drop_rows(seed, bh0 if st.dropout_shared else bh0 + g, q_start, block_q)
             keep_t = _dropout.keep(rows[None, :], k_pos[:, None], st.dropout)
         dv = dv + dot(_drop(st, keep_t, p_t).astype(do.dtype), do, precision=st.precision)
         dp_t = _drop(st, keep_t, dot(v, do, trans_b=True, precision=st.precision))
