@@ -48,6 +48,8 @@ def block_sparse_attention_kernel(
     q_blocks: jax.Array,
     q_offset: jax.Array,
     scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_seed: jax.Array | None = None,
     config: FlashConfig | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -63,6 +65,8 @@ def block_sparse_attention_kernel(
       kv_blocks: int32 ``[nnz]``: the key blocks of every query block, full ones first.
       q_index, q_blocks: the transposed lists, ``[ceil(Sk / block_k), 3]`` / ``[nnz']``.
       q_offset: int or int32 scalar: absolute position of query row 0 (what ``mask_fn`` sees).
+      dropout_rate, dropout_seed: attention dropout, as ``flash.flash_attention`` (the mask is
+        indexed by query rows of ``q``, not by ``q_offset`` positions).
       config: tile sizes; defaults to the flash table entry for (head dim, dtype).
 
     A *full* block must be fully visible (and hold no padded key); a *partial* block is
@@ -90,8 +94,9 @@ def block_sparse_attention_kernel(
         q_len=q_len, kv_len=kv_len, q_pad=n_qb * block_q, kv_pad=n_kb * block_k,
         groups=hq // hkv, heads=hq, has_seg=False, bias_kind=None, bias_bcast=(True, True, True, True),
         cfg=cfg, interpret=interpret, precision=_flash.precision_for(q.dtype),
-        sparse=SparseSpec(mask_fn=mask_fn, block_q=block_q, block_k=block_k),
+        sparse=SparseSpec(mask_fn=mask_fn, block_q=block_q, block_k=block_k), dropout=float(dropout_rate),
     )
     layout = tuple(jnp.asarray(x, jnp.int32) for x in (kv_index, kv_blocks, q_index, q_blocks))
     layout += (jnp.asarray(q_offset, jnp.int32).reshape(1),)
-    return _flash.run_padded(st, q, k, v, None, None, None, layout)
+    seed = jnp.asarray(dropout_seed, jnp.int32).reshape(1) if dropout_rate else None
+    return _flash.run_padded(st, q, k, v, None, None, None, layout, None, seed)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.ops import _checks
+from jaxattn.pallas import _dropout
 from jaxattn.pallas import flash as _flash
 from jaxattn.pallas.block_sparse import block_sparse_attention_kernel
 from jaxattn.reference.attention import attention_reference
@@ -470,6 +471,8 @@ def block_sparse_attention(
     block_mask: BlockMask,
     *,
     scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
     impl: Literal["auto", "pallas", "xla"] = "auto",
     return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -481,6 +484,7 @@ def block_sparse_attention(
       v: ``[batch, kv_len, kv_heads, v_head_dim]``.
       block_mask: a ``jaxattn.BlockMask`` built for ``(q_len, kv_len)``.
       scale: logit scale, default ``1/sqrt(head_dim)``.
+      dropout_rate, dropout_rng: attention dropout, as :func:`jaxattn.attention`.
       impl: ``"pallas"`` (the block-sparse flash kernel; interpret mode without a GPU),
         ``"xla"`` (dense masked softmax), or ``"auto"`` (the kernel on GPU when the head
         dims are in 32..256, else XLA).
@@ -496,6 +500,9 @@ def block_sparse_attention(
         raise ValueError(f"block_mask is built for (q_len, kv_len) = {block_mask.shape}; q and k have "
                          f"q_len={q_len} (q axis 1) and kv_len={kv_len} (k axis 1)")
     scale = _checks.check_scale(scale)
+    drop = {}
+    if _checks.check_dropout(dropout_rate, dropout_rng):
+        drop = dict(dropout_rate=float(dropout_rate), dropout_seed=_dropout.seed_from_key(dropout_rng))
 
     lo, hi = _flash.SUPPORTED_HEAD_DIMS
     dv = v.shape[-1]
@@ -510,9 +517,9 @@ def block_sparse_attention(
         out, lse = block_sparse_attention_kernel(
             q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k,
             kv_index=bm.kv_index, kv_blocks=bm.kv_blocks, q_index=bm.q_index, q_blocks=bm.q_blocks,
-            q_offset=bm.q_offset, scale=scale)
+            q_offset=bm.q_offset, scale=scale, **drop)
     else:
-        out, lse = attention_reference(q, k, v, scale=scale, mask=block_mask.dense()[None, None])
+        out, lse = attention_reference(q, k, v, scale=scale, mask=block_mask.dense()[None, None], **drop)
         out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
 
