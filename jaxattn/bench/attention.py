@@ -1,6 +1,7 @@
 """Softmax attention benchmark: jaxattn's flash kernel against its peers.
 
-Peers, all in this process: the XLA reference (``impl="xla"``),
+Peers, all in this process: the XLA reference (``impl="xla"``), our kernel with attention dropout
+(GPU only: what the in-kernel mask costs),
 ``jax.nn.dot_product_attention(implementation="cudnn")``, JAX's bundled Pallas
 ``mha`` and PyTorch ``scaled_dot_product_attention`` (flash backend) when torch
 with CUDA is importable. A peer that cannot run a configuration is reported with
@@ -60,6 +61,9 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     }
     if not interpret:
         ops["cudnn"] = runner.cudnn_attention(c, case.head_dim)
+        rng = jax.random.PRNGKey(0)  # what attention dropout costs (its mask is hashed in-kernel)
+        ops["jaxattn-dropout0.1"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="pallas",
+                                                                      dropout_rate=0.1, dropout_rng=rng)
     try:
         from jax.experimental.pallas.ops.gpu import attention as jax_pallas
 
