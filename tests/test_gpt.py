@@ -187,3 +187,31 @@ def test_quantized_kv_cache_generation_tracks_the_full_precision_cache(cache_dty
         GPTConfig(kv_cache_dtype="int8", layer_types=("power", "full"))
     with pytest.raises(ValueError, match="kv_cache_dtype must be"):
         GPTConfig(kv_cache_dtype="float16")
+
+
+def test_dropout_modes_and_errors():
+    """nanoGPT-style dropout (attention weights in the kernels, residual branches, embeddings) on
+    full and block-sparse layers: random in train mode, off in eval mode (= the same weights without
+    it), gradients finite."""
+    kw = dict(vocab_size=64, dim=32, layers=2, heads=4, attn_impl="xla", layer_types=("full", "power"),
+              sparse_block=16, window=16, sink=16)
+    model = GPT(GPTConfig(dropout=0.2, **kw), rngs=nnx.Rngs(params=0, dropout=1))
+    plain = GPT(GPTConfig(**kw), rngs=nnx.Rngs(params=0))
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 40), 0, 64)
+    a, b = model(tokens), model(tokens)
+    assert not np.allclose(a, b) and not np.allclose(a, plain(tokens))
+    grads = nnx.grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    model.eval()
+    np.testing.assert_allclose(model(tokens), plain(tokens), atol=1e-5)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        GPTConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="inference"):
+        GPTConfig(dropout=0.1, quantized=True)
+    from jaxattn.models import LandmarkGPTConfig
+
+    with pytest.raises(ValueError, match="landmark attention has no dropout"):
+        LandmarkGPTConfig(dropout=0.1)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("seq",))
+    with pytest.raises(ValueError, match="no attention dropout"):
+        GPT(GPTConfig(dropout=0.1, vocab_size=64, dim=32, layers=1, heads=4), rngs=nnx.Rngs(0)).enable_sequence_parallel(mesh)

@@ -107,6 +107,22 @@ def test_resume_after_kill_is_exact(tmp_path):
     assert (tmp_path / "b/run/loss.png").stat().st_size > 1000
 
 
+def test_resume_with_dropout_is_exact(tmp_path):
+    """Dropout's RNG streams (typed PRNG keys in the model state) are checkpointed and restored:
+    the resumed run draws the same masks as the uninterrupted one."""
+    def gpt(rngs):
+        return create_model("gpt-tiny", rngs=rngs, dim=32, layers=2, heads=2, dropout=0.2, attn_impl="xla")
+
+    full = train(cfg(tmp_path / "a", model="gpt-tiny"), model_factory=gpt, progress=False, sample=False)
+    c = cfg(tmp_path / "b", model="gpt-tiny")
+    train(c, model_factory=gpt, stop_after=5, progress=False, sample=False)
+    resumed = train(c, resume=True, model_factory=gpt, progress=False, sample=False)
+    for a, b in zip(params_of(full["trainer"]), params_of(resumed["trainer"])):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert _loss_rows(tmp_path / "a/run/metrics.csv") == _loss_rows(tmp_path / "b/run/metrics.csv")
+    assert jax.tree.leaves(nnx.state(resumed["trainer"].model, nnx.RngState))  # the streams exist
+
+
 DP_SCRIPT = """
     from flax import nnx
     from jaxattn.models import create_model

@@ -220,18 +220,34 @@ class Trainer:
     def save(self, manager, step: int) -> None:
         import orbax.checkpoint as ocp
 
-        leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(self.state))}
+        leaves = {str(i): _to_host(x) for i, x in enumerate(jax.tree.leaves(self.state))}
         manager.save(step, args=ocp.args.StandardSave(leaves))
 
     def restore(self, manager, step: int) -> None:
         import orbax.checkpoint as ocp
 
         leaves, treedef = jax.tree.flatten(self.state)
-        target = {str(i): np.asarray(x) for i, x in enumerate(leaves)}
+        target = {str(i): _to_host(x) for i, x in enumerate(leaves)}
         restored = manager.restore(step, args=ocp.args.StandardRestore(target))
         self.state = jax.device_put(
-            jax.tree.unflatten(treedef, [jnp.asarray(restored[str(i)]) for i in range(len(leaves))]),
+            jax.tree.unflatten(treedef, [_from_host(x, restored[str(i)]) for i, x in enumerate(leaves)]),
             self.replicated)
+
+
+def _is_key(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A state leaf as a NumPy array for Orbax (typed PRNG keys, e.g. dropout streams, as their data)."""
+    return np.asarray(jax.random.key_data(x) if _is_key(x) else x)
+
+
+def _from_host(like: jax.Array, x: Any) -> jax.Array:
+    """Inverse of :func:`_to_host` for a leaf shaped like ``like``."""
+    if _is_key(like):
+        return jax.random.wrap_key_data(jnp.asarray(x), impl=jax.random.key_impl(like))
+    return jnp.asarray(x)
 
 
 def checkpoint_manager(out_dir: Path, max_to_keep: int = 3):

@@ -54,6 +54,9 @@ class GPTConfig:
     # KV cache storage for generation: None (compute dtype) or "float8_e4m3fn" / "float8_e5m2" / "int8"
     # (scales per layer and kv head from the prompt, with headroom; see jaxattn.quantize_kv)
     kv_cache_dtype: str | None = None
+    # nanoGPT-style dropout in train mode: on the attention weights (inside the flash / block-sparse
+    # kernels), on the attention and MLP outputs before the residual add, and on the embeddings
+    dropout: float = 0.0
 
     def __post_init__(self):
         kv = self.kv_heads or self.heads
@@ -70,6 +73,10 @@ class GPTConfig:
         if self.kv_cache_dtype is not None and set(self.layer_types) - {"full", "window"}:
             raise ValueError("a quantized KV cache decodes with decode_attention: layer_types may hold only "
                              f"'full' and 'window', got {self.layer_types}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.dropout and self.quantized:
+            raise ValueError("dropout is for training; quantized=True is an inference path (no gradients)")
         if self.position not in ("rope", "alibi"):
             raise ValueError(f"position must be 'rope' or 'alibi', got {self.position!r}")
         if self.position == "alibi" and (set(self.layer_types) != {"full"} or self.quantized):
@@ -108,6 +115,14 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.weight[...])
 
 
+def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
+    return nnx.Dropout(rate, rngs=rngs) if rate > 0 else None
+
+
+def _apply(mod: nnx.Module | None, x: jax.Array) -> jax.Array:
+    return x if mod is None else mod(x)
+
+
 def _linear(din: int, dout: int, cfg: GPTConfig, rngs: nnx.Rngs, std: float | None = None) -> nnx.Linear:
     return nnx.Linear(din, dout, use_bias=False, kernel_init=nnx.initializers.normal(std or cfg.init_std),
                       dtype=jnp.dtype(cfg.dtype), rngs=rngs)
@@ -135,6 +150,10 @@ class Attention(nnx.Module):
         self.q = _linear(cfg.dim, cfg.dim, cfg, rngs)
         self.kv = _linear(cfg.dim, 2 * self.kv_heads * self.head_dim, cfg, rngs)
         self.o = _linear(cfg.dim, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
+        # attention-weight dropout runs in the kernels (a key per call); resid_drop on the output
+        self.deterministic = False
+        self.drop_rngs = rngs["dropout"].fork() if cfg.dropout > 0 else None
+        self.resid_drop = _dropout(cfg.dropout, rngs)
         self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis): GPT.enable_sequence_parallel
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
@@ -176,10 +195,12 @@ class Attention(nnx.Module):
         """Causal attention of the layer's kind over the ``n`` tokens themselves."""
         b, n = q.shape[:2]
         impl = self.cfg.attn_impl
+        rate = 0.0 if self.deterministic or self.drop_rngs is None else self.cfg.dropout
+        drop = dict(dropout_rate=rate, dropout_rng=self.drop_rngs()) if rate else {}
         if self.kind != "full":
             from jaxattn.ops.block_sparse import block_sparse_attention
 
-            o = block_sparse_attention(q, k, v, block_mask_for(self.cfg, self.kind, n), impl=impl)
+            o = block_sparse_attention(q, k, v, block_mask_for(self.cfg, self.kind, n), impl=impl, **drop)
         elif self.cfg.quantized:
             from jaxattn.ops.sage import sage_attention
 
@@ -190,8 +211,8 @@ class Attention(nnx.Module):
             mesh, axis, batch_axis = self.sequence_parallel
             o = ring_attention_sp(q, k, v, mesh=mesh, axis=axis, batch_axis=batch_axis, causal=True, impl=impl)
         else:
-            o = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes(), impl=impl)
-        return self.o(o.reshape(b, n, self.cfg.dim))
+            o = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes(), impl=impl, **drop)
+        return _apply(self.resid_drop, self.o(o.reshape(b, n, self.cfg.dim)))
 
     def alibi_slopes(self) -> jax.Array | None:
         """ALiBi's per-head slopes (a geometric sequence, interleaved for non-powers of two)."""
@@ -206,10 +227,11 @@ class SwiGLU(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.gate_up = _linear(cfg.dim, 2 * cfg.hidden, cfg, rngs)
         self.down = _linear(cfg.hidden, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
+        self.drop = _dropout(cfg.dropout, rngs)
 
     def __call__(self, x):
         g, u = jnp.split(self.gate_up(x), 2, axis=-1)
-        return self.down(jax.nn.silu(g) * u)
+        return _apply(self.drop, self.down(jax.nn.silu(g) * u))
 
 
 class Block(nnx.Module):
@@ -237,6 +259,7 @@ class GPT(nnx.Module):
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.layers)])
         self.norm = RMSNorm(cfg.dim)
         self.head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
+        self.embed_drop = _dropout(cfg.dropout, rngs)
 
     def enable_sequence_parallel(self, mesh, axis: str = "seq", batch_axis: str | None = None) -> None:
         """Runs every attention layer as ring attention with the sequence split over ``mesh`` axis
@@ -248,6 +271,8 @@ class GPT(nnx.Module):
             if bad or self.cfg.quantized or self.cfg.position == "alibi":
                 raise ValueError(f"sequence parallelism (ring attention) covers full-attention layers only (RoPE, not ALiBi); "
                                  f"this model has {bad or ('quantized' if self.cfg.quantized else 'ALiBi')} layers")
+            if self.cfg.dropout:
+                raise ValueError("sequence parallelism (ring attention) has no attention dropout: use dropout=0")
         from jaxattn.ops._spmd import layer_setting
 
         setting = layer_setting(mesh, axis, batch_axis)
@@ -262,7 +287,7 @@ class GPT(nnx.Module):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must have shape [batch, seq] and an integer dtype, got "
                              f"{jnp.dtype(tokens.dtype).name} {tuple(tokens.shape)}")
-        x = self.embed(tokens).astype(jnp.dtype(self.cfg.dtype))
+        x = _apply(self.embed_drop, self.embed(tokens).astype(jnp.dtype(self.cfg.dtype)))
         positions = jnp.arange(tokens.shape[1]) + offset
         new_cache = []
         for i, blk in enumerate(self.blocks):

@@ -33,6 +33,8 @@ class LandmarkGPTConfig(gpt.GPTConfig):
     memory_positions: str = "contiguous"
 
     def __post_init__(self):
+        if self.dropout:
+            raise ValueError("landmark attention has no dropout: use dropout=0")
         super().__post_init__()
         if self.mem_freq < 1:
             raise ValueError(f"mem_freq must be >= 1, got {self.mem_freq}")
