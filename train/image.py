@@ -50,6 +50,11 @@ class ImageConfig:
     flip: bool | None = None  # None: as the dataset says (off for digits)
     dtype: str = "float32"
     attn_impl: str = "auto"
+    # ViT-family regularisation (None: the model's default): dropout (original-ViT placement), stochastic
+    # depth, and attention dropout on the softmax weights (in the kernel)
+    dropout: float | None = None
+    drop_path: float | None = None
+    attn_drop: float | None = None
     seed: int = 0
     eval_every: int = 100
     eval_batch_size: int = 256
@@ -219,7 +224,8 @@ def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rn
 
     def factory(rngs):
         model = create_model(cfg.model, rngs=rngs, num_classes=data.num_classes, image_size=data.image_size,
-                             in_channels=data.channels, dtype=cfg.dtype, attn_impl=cfg.attn_impl, **extra)
+                             in_channels=data.channels, dtype=cfg.dtype, attn_impl=cfg.attn_impl,
+                             dropout=cfg.dropout, drop_path=cfg.drop_path, attn_drop=cfg.attn_drop, **extra)
         if cfg.rra:
             from jaxattn.models.rra import RBIClassifier
 
