@@ -550,7 +550,8 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     def key_tile(j):
         return pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
 
-    if st.bias_grad:  # zeros where no key block is visited (causal, window, segments)
+    skips = st.causal or st.window != (None, None) or st.has_seg or st.sparse is not None
+    if st.bias_grad and skips:  # zeros where no key block is visited (causal, window, segments)
         def clear(j, c):
             dbias[0][:, key_tile(j)] = jnp.zeros((block_q, block_k), dbias[0].dtype)
             return c
