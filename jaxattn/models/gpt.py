@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn.models.vit import AttentionDropout, _apply, _dropout
 from jaxattn.ops.attention import attention
 
 LayerType = Literal["full", "power", "window", "sink"]
@@ -115,14 +116,6 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.weight[...])
 
 
-def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
-    return nnx.Dropout(rate, rngs=rngs) if rate > 0 else None
-
-
-def _apply(mod: nnx.Module | None, x: jax.Array) -> jax.Array:
-    return x if mod is None else mod(x)
-
-
 def _linear(din: int, dout: int, cfg: GPTConfig, rngs: nnx.Rngs, std: float | None = None) -> nnx.Linear:
     return nnx.Linear(din, dout, use_bias=False, kernel_init=nnx.initializers.normal(std or cfg.init_std),
                       dtype=jnp.dtype(cfg.dtype), rngs=rngs)
@@ -150,9 +143,7 @@ class Attention(nnx.Module):
         self.q = _linear(cfg.dim, cfg.dim, cfg, rngs)
         self.kv = _linear(cfg.dim, 2 * self.kv_heads * self.head_dim, cfg, rngs)
         self.o = _linear(cfg.dim, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
-        # attention-weight dropout runs in the kernels (a key per call); resid_drop on the output
-        self.deterministic = False
-        self.drop_rngs = rngs["dropout"].fork() if cfg.dropout > 0 else None
+        self.attn_drop = AttentionDropout(cfg.dropout, rngs=rngs)  # inside the kernels
         self.resid_drop = _dropout(cfg.dropout, rngs)
         self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis): GPT.enable_sequence_parallel
 
@@ -195,8 +186,7 @@ class Attention(nnx.Module):
         """Causal attention of the layer's kind over the ``n`` tokens themselves."""
         b, n = q.shape[:2]
         impl = self.cfg.attn_impl
-        rate = 0.0 if self.deterministic or self.drop_rngs is None else self.cfg.dropout
-        drop = dict(dropout_rate=rate, dropout_rng=self.drop_rngs()) if rate else {}
+        drop = self.attn_drop()
         if self.kind != "full":
             from jaxattn.ops.block_sparse import block_sparse_attention
 

@@ -153,6 +153,20 @@ def _apply(mod: nnx.Module | None, x: jax.Array) -> jax.Array:
     return x if mod is None else mod(x)
 
 
+class AttentionDropout(nnx.Module):
+    """The dropout keywords of ``jaxattn.attention`` for a layer: ``rate`` with a fresh key per call
+    in train mode, none in eval mode (``deterministic``, set by ``model.train()/eval()``)."""
+
+    def __init__(self, rate: float, *, rngs: nnx.Rngs):
+        self.rate, self.deterministic = rate, False
+        self.rngs = rngs["dropout"].fork() if rate > 0 else None
+
+    def __call__(self) -> dict[str, Any]:
+        if self.deterministic or self.rngs is None:
+            return {}
+        return dict(dropout_rate=self.rate, dropout_rng=self.rngs())
+
+
 class DropPath(nnx.Module):
     """Stochastic depth: drops the whole residual branch per example with probability ``rate``
     (kept branches are scaled by ``1 / (1 - rate)``); identity when ``deterministic``."""
@@ -203,9 +217,7 @@ class Attention(nnx.Module):
         self.qkv = _linear(dim, 3 * dim, dtype, rngs, bias=qkv_bias)
         self.proj = _linear(dim, dim, dtype, rngs)
         self.proj_drop = _dropout(proj_drop, rngs)
-        # attention dropout inside jaxattn.attention (the flash kernels regenerate its mask)
-        self.attn_drop, self.deterministic = attn_drop, False
-        self.drop_rngs = rngs["dropout"].fork() if attn_drop > 0 else None
+        self.attn_drop = AttentionDropout(attn_drop, rngs=rngs)  # inside the kernels
 
     def __call__(self, x: jax.Array, *, return_attention: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         """``x [B, N, dim] -> [B, N, dim]``; with ``return_attention`` also the softmax weights
@@ -219,8 +231,7 @@ class Attention(nnx.Module):
 
             o = sage_attention(q, k, v, impl=self.impl)
         else:
-            rate = 0.0 if self.deterministic else self.attn_drop
-            o = attention(q, k, v, impl=self.impl, dropout_rate=rate, dropout_rng=self.drop_rngs() if rate else None)
+            o = attention(q, k, v, impl=self.impl, **self.attn_drop())
         out = _apply(self.proj_drop, self.proj(o.reshape(b, n, -1)))
         if not return_attention:
             return out
