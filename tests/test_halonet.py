@@ -188,6 +188,27 @@ def test_jitted_train_step_has_finite_grads():
     assert bool(jnp.isfinite(loss2))
 
 
+@pytest.mark.parametrize("dtype", [F32, jnp.bfloat16])
+def test_stem_max_pool_matches_numpy_and_differentiates_under_jit(dtype):
+    # halonet-tiny has no stem pool; the paper configs do (a jitted grad through it once failed)
+    from jaxattn.models.halonet import _max_pool3s2
+    x = jax.random.permutation(jax.random.key(3), jnp.arange(7 * 9 * 3)).reshape(1, 7, 9, 3).astype(dtype)
+    xp = np.pad(np.asarray(x, np.float32), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    want = np.stack([np.stack([xp[:, i:i + 3, j:j + 3].max(axis=(1, 2)) for j in range(0, 9, 2)], 1)
+                     for i in range(0, 7, 2)], 1)
+    out, grad = jax.jit(lambda x: (_max_pool3s2(x), jax.grad(lambda x: _max_pool3s2(x).astype(F32).sum())(x)))(x)
+    assert out.dtype == dtype and out.shape == (1, 4, 5, 3)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), want)
+    # distinct values (exact in bf16 below 256): each window's max gets one count per window it wins
+    counts = np.zeros(xp.shape, np.float32)
+    for i in range(0, 7, 2):
+        for j in range(0, 9, 2):
+            win = xp[:, i:i + 3, j:j + 3]
+            hit = win == win.max(axis=(1, 2), keepdims=True)
+            counts[:, i:i + 3, j:j + 3] += hit
+    np.testing.assert_array_equal(np.asarray(grad, np.float32), counts[:, 1:-1, 1:-1])
+
+
 def test_timm_state_dict_round_trip(tiny):
     a = nnx.clone(tiny)
     b = create_model("halonet-tiny", rngs=nnx.Rngs(1), attn_impl="xla")

@@ -100,8 +100,9 @@ def _avg_pool2(x: jax.Array) -> jax.Array:
 
 def _max_pool3s2(x: jax.Array) -> jax.Array:
     """``nn.MaxPool2d(3, stride=2, padding=1)``."""
-    init = jnp.array(-jnp.inf, x.dtype)
-    return lax.reduce_window(x, init, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+    # The init must be a Python scalar: an array built under jit is not concrete, so JAX would pick
+    # the generic (non-differentiable) reduce_window instead of reduce_window_max.
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                              ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
