@@ -59,8 +59,13 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         "scan": lambda q, k, v, s: lightning_recurrent(q, k, v, s)[0].astype(q.dtype),
         "jaxattn-softmax-flash": lambda q, k, v, s: jaxattn.attention(q, k, v, causal=True, impl="pallas"),
     }
-    if case.seq > 16384:  # O(N^2) memory
+    # At the sweep's fixed B*S the dense form holds B*H*S^2 fp32 scores (34 GB at S = 8k), and the
+    # scan's backward keeps every step's [d, e] state (68 GB at any S): XLA spent a 2-minute time box
+    # autotuning around those allocations on the H200.
+    if case.seq > 8192:
         ops.pop("xla-dense")
+    if case.mode == "fwd+bwd" or case.seq > 8192:
+        ops.pop("scan")
     cfg = lk.lightning_config(case.head_dim, case.dtype)
     if lk.segment_count(case.batch, case.heads, case.seq, cfg, case.head_dim) > 1:  # what segments buy
         ops["jaxattn-unsegmented"] = lambda q, k, v, s: lk.lightning_attention_kernel(q, k, v, s, segments=1)[0]
