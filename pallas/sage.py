@@ -10,9 +10,9 @@ Prologue (quantisation), per call:
   the mean of each query block's (real) rows; the dropped term ``q_bar . K~^T`` is a
   ``[q blocks, keys]`` fp32 correction computed by one small XLA GEMM and added to the
   scores in the kernel.
-* INT8 quantisation of Q~ and K~ by a Pallas kernel (one program per scale group):
-  ``a = max(max|x_g|, 1e-7)``, scale ``s = a / 127``, ``y = x * (127 / a)`` and
-  ``x_int8 = trunc(y + 0.5 sign(y))`` (round half away from zero). K: one scale per key block of the attention kernel.
+* INT8 quantisation of Q~ and K~ (one XLA reduction for the amax, one Pallas program per
+  scale group for the values): ``a = max(max|x_g|, 1e-7)``, scale ``s = a / 127``,
+  ``y = x * (127 / a)`` and ``x_int8 = trunc(y + 0.5 sign(y))`` (round half away from zero). K: one scale per key block of the attention kernel.
   Q: one scale per query block (``"block"``) or per ``warp_rows`` rows inside it
   (``"warp"``: the rows one warp owns in the MMA layout, 16 on sm90). Padded rows are
   zeroed before the amax. ``sm_scale * log2(e)`` is folded into the Q scale afterwards.
@@ -122,21 +122,38 @@ def resolve_blocks(q_len: int, kv_len: int, cfg: SageConfig, granularity: str) -
 # ----------------------------------------------------------------------------
 
 
-def _quant_int8_kernel(*refs, group: int, length: int, has_mean: bool):
+def round_half_away_int(y: jax.Array) -> jax.Array:
+    """``trunc(y + 0.5 sign(y))`` as int32 for ``|y| <= 127``, written without adding to ``y``: a
+    compiler may fuse ``x * inv + 0.5`` into one FMA (Triton does on sm90), which rounds once
+    instead of twice and moves some exact ties. Compares against the integer part instead."""
+    t = y.astype(jnp.int32)  # truncates toward zero
+    up = jnp.abs(y) >= jnp.abs(t).astype(jnp.float32) + 0.5
+    return t + jnp.where(up, jnp.where(y >= 0, 1, -1), 0)
+
+
+def _quant_int8_kernel(*refs, has_mean: bool):
     if has_mean:
-        x_ref, mean_ref, o_ref, s_ref = refs
+        x_ref, mean_ref, inv_ref, o_ref = refs
     else:
-        (x_ref, o_ref, s_ref), mean_ref = refs, None
+        (x_ref, inv_ref, o_ref), mean_ref = refs, None
     x = x_ref[...].astype(jnp.float32)
     if has_mean:
         x = x - mean_ref[...][None, :]
-    rows = pl.program_id(0) * group + jnp.arange(group)
-    x = jnp.where(rows[:, None] < length, x, 0.0)  # padded rows must not move the amax
-    amax = jnp.max(jnp.max(jnp.abs(x), axis=1), axis=0)
-    amax = jnp.maximum(amax, AMAX_EPS)
-    y = x * (INT8_MAX / amax)  # multiply by the reciprocal, as SageAttention's CUDA quantiser
-    o_ref[...] = (y + jnp.where(y >= 0, 0.5, -0.5)).astype(jnp.int8)  # cast truncates
-    s_ref[...] = jnp.full((group,), amax / INT8_MAX, jnp.float32)
+    # padded rows: their inverse scale is 0 (and they were left out of the amax)
+    y = x * inv_ref[...][:, None]  # multiply by the reciprocal, as SageAttention's CUDA quantiser
+    o_ref[...] = round_half_away_int(y).astype(jnp.int8)
+
+
+def _group_amax(x: jax.Array, group: int, length: int, mean: jax.Array | None, mean_rows: int) -> jax.Array:
+    """``max(max |x~_g|, 1e-7)`` per group of rows: ``[B, H, S_pad / group]`` fp32 (one fused XLA
+    reduction over ``x~ = x - mean``, padded rows zeroed)."""
+    batch, s_pad, heads, d = x.shape
+    xf = x.astype(jnp.float32)
+    if mean is not None:
+        xf = xf - jnp.repeat(mean.astype(jnp.float32), mean_rows, axis=1)[:, :s_pad]
+    xf = jnp.where((jnp.arange(s_pad) < length)[None, :, None, None], xf, 0.0)
+    amax = jnp.max(jnp.abs(xf.reshape(batch, s_pad // group, group, heads, d)), axis=(2, 4))
+    return jnp.transpose(jnp.maximum(amax, AMAX_EPS), (0, 2, 1))
 
 
 def quantize_int8_rows(
@@ -154,25 +171,30 @@ def quantize_int8_rows(
     ``mean [B, n, H, d]`` (fp32) is subtracted first, row r using ``mean[:, r // mean_rows]``;
     rows ``>= length`` are zeroed. Returns ``int8 [B, S_pad, H, d]`` and the fp32 scale of
     every row ``[B, H, S_pad]`` (constant over each group; ``[..., ::group]`` is per group).
+    The group amax and its reciprocal ``127 / a`` come from XLA (IEEE division: Triton's fp32
+    ``/`` is ``div.full``, within 2 ulp), the scaling and rounding from a Pallas kernel.
     """
     batch, s_pad, heads, d = x.shape
     if s_pad % group:
         raise ValueError(f"padded length {s_pad} is not a multiple of the group size {group}")
+    rows = mean_rows or s_pad
+    amax = _group_amax(x, group, length, mean, rows)  # [B, H, G]
+    inv = jnp.where((jnp.arange(s_pad) < length)[None, None, :],
+                    jnp.repeat(INT8_MAX / amax, group, axis=2), 0.0)
     in_specs = [pl.BlockSpec((None, group, None, d), lambda i, b, h: (b, i, h, 0))]
     args = [x]
     if mean is not None:
-        rows = mean_rows or s_pad
         in_specs.append(pl.BlockSpec((None, None, None, d), lambda i, b, h: (b, (i * group) // rows, h, 0)))
         args.append(mean.astype(jnp.float32))
-    call = _common.pallas_call(
-        functools.partial(_quant_int8_kernel, group=group, length=length, has_mean=mean is not None),
-        out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.int8),
-                   jax.ShapeDtypeStruct((batch, heads, s_pad), jnp.float32)],
+    in_specs.append(pl.BlockSpec((None, None, group), lambda i, b, h: (b, h, i)))
+    args.append(inv)
+    (x8,) = _common.pallas_call(
+        functools.partial(_quant_int8_kernel, has_mean=mean is not None),
+        out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.int8)],
         grid=(s_pad // group, batch, heads), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, group, None, d), lambda i, b, h: (b, i, h, 0)),
-                   pl.BlockSpec((None, None, group), lambda i, b, h: (b, h, i))],
-        num_warps=num_warps, num_stages=1, interpret=interpret, name="jaxattn_sage_quant_int8")
-    return tuple(call(*args))
+        out_specs=[pl.BlockSpec((None, group, None, d), lambda i, b, h: (b, i, h, 0))],
+        num_warps=num_warps, num_stages=1, interpret=interpret, name="jaxattn_sage_quant_int8")(*args)
+    return x8, jnp.repeat(amax / INT8_MAX, group, axis=2)
 
 
 def quantize_v_fp8(v: jax.Array, kv_pad: int) -> tuple[jax.Array, jax.Array]:

@@ -166,3 +166,20 @@ def test_compile_cli_all_families(tmp_path):
                and "float32" not in r["case"] and r["status"] != "OK"]
     assert not spilled, spilled
     assert "| family | case | kernel |" in run.stdout
+
+
+def test_sage_int8_quantiser_rounds_like_its_emulation_on_gpu():
+    # Bit-exact against the XLA emulation needs IEEE arithmetic in the compiled kernel: Triton
+    # lowers fp32 "/" to div.full (2 ulp) and fuses "x * inv + 0.5" into one FMA; the first H200
+    # run (2026-12-04) had a quantiser with both.
+    _needs_triton()
+    from jaxattn.pallas import sage
+
+    def f(x, mean):
+        return sage.quantize_int8_rows(x, group=64, length=100, mean=mean, mean_rows=128, interpret=False)
+
+    kernels = cc.triton_kernels(cc.lower_for_cuda(f, jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16),
+                                                  jax.ShapeDtypeStruct((1, 1, 2, 64), jnp.float32)))
+    [rec] = [r for r in cc.compile_kernels(kernels) if r["kernel"] == "jaxattn_sage_quant_int8"]
+    assert rec["ok"], rec.get("error")
+    assert not rec["approx_div"] and rec["fma_f32"] == 0, rec

@@ -5,8 +5,9 @@ jax nor jaxattn, so any Python with ``triton`` installed can run it. The manifes
 ``{"path", "num_warps", "num_stages"}``; the answer, on stdout, is one JSON object per kernel with
 ``ok``, ``error``, ``shared`` (bytes), ``registers``, ``spill_stores`` / ``spill_loads`` (bytes),
 ``wgmma`` (Hopper warpgroup MMA in the PTX), ``mma`` (any tensor-core MMA), ``mma_types`` (the
-distinct MMA instructions by operand type, e.g. ``wgmma.bf16``, ``wgmma.e4m3``, ``mma.f16``) and
-``seconds``.
+distinct MMA instructions by operand type, e.g. ``wgmma.bf16``, ``wgmma.e4m3``, ``mma.f16``),
+``approx_div`` (an fp32 division that is not IEEE-rounded: Triton's ``/``), ``fma_f32`` (fused
+multiply-adds; contraction changes rounding) and ``seconds``.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def main(manifest_path: str, capability: int) -> int:
                                     options={"num_warps": item["num_warps"], "num_stages": item["num_stages"]})
             ptx = kernel.asm["ptx"]
             rec.update(ok=True, shared=int(kernel.metadata.shared), wgmma="wgmma.mma_async" in ptx,
-                       mma="wgmma.mma_async" in ptx or "mma.sync" in ptx, mma_types=mma_types(ptx))
+                       mma="wgmma.mma_async" in ptx or "mma.sync" in ptx, mma_types=mma_types(ptx),
+                       approx_div=bool(re.search(r"\bdiv\.(?:full|approx)\.f32", ptx)),
+                       fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)))
             ptx_path = item["path"] + ".ptx"
             with open(ptx_path, "w") as f:
                 f.write(ptx)

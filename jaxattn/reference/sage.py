@@ -48,7 +48,10 @@ def quantize_int8_emulated(x: jax.Array, group: int, length: int | None = None,
     amax = jnp.max(jnp.abs(xg), axis=(2, 4))  # [B, n, H]
     amax = jnp.maximum(amax, AMAX_EPS)
     y = xg * (INT8_MAX / amax)[:, :, None, :, None]
-    xi = jnp.trunc(y + jnp.where(y >= 0, 0.5, -0.5)).astype(jnp.int8)
+    # trunc(y + 0.5 sign(y)), written so that no compiler can fuse the multiply above and an add
+    # into one FMA (XLA and Triton do on GPUs): the integer part, then a comparison.
+    t = jnp.trunc(y)
+    xi = (t + jnp.where(jnp.abs(y) >= jnp.abs(t) + 0.5, jnp.sign(y), 0.0)).astype(jnp.int8)
     return xi.reshape(b, s, h, d), jnp.transpose(amax / INT8_MAX, (0, 2, 1))
 
 
