@@ -78,7 +78,8 @@ def test_border_vs_interior_blocks():
     kw = dict(block_size=8, halo_size=3, impl="xla")
     unmasked = np.asarray(jaxattn.halo_attention(*args, **kw))
     masked = np.asarray(jaxattn.halo_attention(*args, mask_padding=True, **kw))
-    np.testing.assert_array_equal(unmasked[:, 8:16, 8:16], masked[:, 8:16, 8:16])
+    # (to rounding: on a GPU XLA may fuse the masked and unmasked softmax differently)
+    np.testing.assert_allclose(unmasked[:, 8:16, 8:16], masked[:, 8:16, 8:16], rtol=1e-6, atol=1e-6)
     assert np.abs(unmasked[:, :8] - masked[:, :8]).max() > 1e-3
     # the interior block equals full attention over its 14x14 neighbourhood with 2-D rel logits
     q, k, v, rh, rw = (np.asarray(x, np.float64) for x in args)
