@@ -39,6 +39,11 @@ class LightningConfig:
     block_e: int = 64
     block_e_bwd: int | None = None
     num_warps_bwd: int | None = None
+    forward: str = "scan"  # or "chunked": see _fwd_chunked
+
+    def __post_init__(self):
+        if self.forward not in ("scan", "chunked"):
+            raise ValueError(f"LightningConfig.forward must be 'scan' or 'chunked', got {self.forward!r}")
 
 
 # (padded max(d, e), bytes per element) -> config.
@@ -238,6 +243,8 @@ def _call(kernel, st: _Static, out_shape, in_specs, out_specs, grid, name, backw
 
 
 def _fwd(st: _Static, q, k, v, slope, s0):
+    if st.cfg.forward == "chunked":
+        return _fwd_chunked(st, q, k, v, slope, s0)
     b, _, h, d = q.shape
     e = v.shape[-1]
     be, ne = _chunk(st.cfg, e)
@@ -246,6 +253,61 @@ def _fwd(st: _Static, q, k, v, slope, s0):
         [jax.ShapeDtypeStruct((b, st.n_pad, h, e), q.dtype), jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)],
         [_SLOPE_SPEC, *_specs(st, d, d), *_chunk_specs(st, be), _state_spec(d, be)],
         [*_chunk_specs(st, be), _state_spec(d, be)], (b, h, ne), "jaxattn_lightning_fwd")(slope, q, k, v, s0)
+
+
+# ---- Chunked forward (``LightningConfig.forward = "chunked"``) ----------------------------------
+# flash-linear-attention's scheme: a scan that only carries the state and stores the state entering
+# every block (``[B, H, blocks, d, e]``, in the input dtype for two-byte inputs: the fused scan
+# rounds it there for its product anyway), then one independent program per (batch, head, block)
+# for ``O_t = [(Q_t K_t^T) * D] V_t + diag(lambda^(i+1)) Q_t S_t`` over the whole value head dim.
+# No program waits on another's output, and Q K^T is computed once per block (the fused scan
+# recomputes it per value chunk); the cost is writing and reading the states. Same backward.
+
+
+def _states_kernel(s_ref, k_ref, v_ref, s0_ref, hs_ref, sf_ref, *, st: _Static):
+    s = s_ref[...]
+    full, last = _decays(s, st.block, st.block), _decays(s, st.block, st.rem)
+
+    def body(t, state, dec):
+        _, k_dec, _, blk_dec = dec
+        hs_ref[t] = state.astype(hs_ref.dtype)
+        rows = _rows(t, st.block)
+        k, v = k_ref[rows, :], v_ref[rows, :]
+        kd = (k.astype(jnp.float32) * k_dec[:, None]).astype(v.dtype)
+        return state * blk_dec + dot(kd, v, trans_a=True, precision=st.precision)
+
+    state = lax.fori_loop(0, st.n_blocks - 1, functools.partial(body, dec=full), s0_ref[...])
+    sf_ref[...] = body(st.n_blocks - 1, state, last)
+
+
+def _block_out_kernel(s_ref, q_ref, k_ref, v_ref, hs_ref, o_ref, *, st: _Static):
+    q_dec, _, intra, _ = _decays(s_ref[...], st.block, st.block)  # the last block's rows too
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    scores = dot(q, k, trans_b=True, precision=st.precision) * intra
+    o = dot(scores.astype(v.dtype), v, precision=st.precision)
+    o += _row_scaled_dot(q, q_dec, hs_ref[...], st)
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _fwd_chunked(st: _Static, q, k, v, slope, s0):
+    b, _, h, d = q.shape
+    e = v.shape[-1]
+    be, ne = _chunk(st.cfg, e)
+    nb = st.n_blocks
+    hs_dtype = jnp.float32 if q.dtype == jnp.float32 else q.dtype
+    hs, final = _call(
+        _states_kernel, st,
+        [jax.ShapeDtypeStruct((b, h, nb, d, e), hs_dtype), jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)],
+        [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be), _state_spec(d, be)],
+        [pl.BlockSpec((None, None, nb, d, be), lambda i, j, c: (i, j, 0, 0, c)), _state_spec(d, be)],
+        (b, h, ne), "jaxattn_lightning_states_all")(slope, k, v, s0)
+    row_block = lambda width: pl.BlockSpec((None, st.block, None, width), lambda i, j, t: (i, t, j, 0))  # noqa: E731
+    (out,) = _call(
+        _block_out_kernel, st, [jax.ShapeDtypeStruct((b, st.n_pad, h, e), q.dtype)],
+        [_SLOPE_SPEC, row_block(d), row_block(d), row_block(e),
+         pl.BlockSpec((None, None, None, d, e), lambda i, j, t: (i, j, t, 0, 0))],
+        [row_block(e)], (b, h, nb), "jaxattn_lightning_block_out")(slope, q, k, v, hs)
+    return out, final
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

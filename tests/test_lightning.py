@@ -3,6 +3,8 @@ the lax.scan recurrence: forward, final state and gradients (q, k, v, initial st
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -33,21 +35,24 @@ def _inputs(seed, b, n, h, d, e, dtype, state=True):
 
 
 CASES = [  # block, n, h, d, e, dtype, block_e, block_e_bwd (value chunks per program, forward
-    # and backward; e pads to a power of two)
-    (16, 513, 3, 16, 16, jnp.float32, 64, None),
-    (32, 913, 12, 32, 48, jnp.float32, 16, 32),  # 4 value chunks forward, 2 backward
-    (64, 1213, 5, 64, 64, jnp.bfloat16, 64, None),
-    (128, 513, 20, 128, 32, jnp.float16, 16, None),  # 2 chunks
-    (16, 40, 1, 24, 100, jnp.float32, 32, 64),  # 4 / 2 chunks, the last one mostly padding
-    (64, 1, 2, 16, 16, jnp.bfloat16, 64, 16),
+    # and backward; e pads to a power of two), forward scheme (fused scan or chunked)
+    (16, 513, 3, 16, 16, jnp.float32, 64, None, "scan"),
+    (32, 913, 12, 32, 48, jnp.float32, 16, 32, "scan"),  # 4 value chunks forward, 2 backward
+    (64, 1213, 5, 64, 64, jnp.bfloat16, 64, None, "scan"),
+    (128, 513, 20, 128, 32, jnp.float16, 16, None, "scan"),  # 2 chunks
+    (16, 40, 1, 24, 100, jnp.float32, 32, 64, "scan"),  # 4 / 2 chunks, the last one mostly padding
+    (64, 1, 2, 16, 16, jnp.bfloat16, 64, 16, "scan"),
+    (16, 513, 3, 16, 16, jnp.float32, 64, None, "chunked"),
+    (32, 913, 5, 32, 48, jnp.bfloat16, 16, 32, "chunked"),  # states stored in bf16, 4 value chunks
+    (64, 1, 2, 16, 16, jnp.float16, 64, 16, "chunked"),
 ]
 
 
-@pytest.mark.parametrize("block,n,h,d,e,dtype,block_e,block_e_bwd", CASES)
-def test_kernel_matches_oracles(block, n, h, d, e, dtype, block_e, block_e_bwd):
+@pytest.mark.parametrize("block,n,h,d,e,dtype,block_e,block_e_bwd,forward", CASES)
+def test_kernel_matches_oracles(block, n, h, d, e, dtype, block_e, block_e_bwd, forward):
     q, k, v, s0 = _inputs(block + n, 1, n, h, d, e, dtype)
     slope = tnl_slopes(h).at[0].set(0.0)  # one head without decay
-    cfg = lk.LightningConfig(block, 4, 2, block_e, block_e_bwd)
+    cfg = lk.LightningConfig(block, 4, 2, block_e, block_e_bwd, forward=forward)
     run = jax.jit(lambda *a: lk.lightning_attention_kernel(*a, config=cfg))
     with poison_outputs():
         out, state = run(q, k, v, slope, s0)
@@ -77,19 +82,20 @@ def test_kernel_matches_oracles(block, n, h, d, e, dtype, block_e, block_e_bwd):
 
 SEGMENT_CASES = [  # n, segments, dtype, block, initial state: the sequence split into segments
     # that run in parallel (the last one ragged except in the second case)
-    (300, 3, jnp.float32, 16, True),
-    (256, 4, jnp.float32, 32, False),
-    (200, 7, jnp.bfloat16, 16, True),
-    (97, 2, jnp.float16, 64, True),
+    (300, 3, jnp.float32, 16, True, "scan"),
+    (256, 4, jnp.float32, 32, False, "scan"),
+    (200, 7, jnp.bfloat16, 16, True, "scan"),
+    (97, 2, jnp.float16, 64, True, "scan"),
+    (300, 3, jnp.bfloat16, 32, True, "chunked"),
 ]
 
 
-@pytest.mark.parametrize("n,segments,dtype,block,state", SEGMENT_CASES)
-def test_segmented_kernel_matches_oracle(n, segments, dtype, block, state):
+@pytest.mark.parametrize("n,segments,dtype,block,state,forward", SEGMENT_CASES)
+def test_segmented_kernel_matches_oracle(n, segments, dtype, block, state, forward):
     h, d, e = 3, 16, 24
     q, k, v, s0 = _inputs(n + segments, 2, n, h, d, e, dtype, state=state)
     slope = tnl_slopes(h).at[0].set(0.0)
-    cfg = lk.LightningConfig(block, 4, 2, 16, 32)
+    cfg = lk.LightningConfig(block, 4, 2, 16, 32, forward=forward)
     seg = lambda *a: lk.lightning_attention_kernel(*a, config=cfg, segments=segments)  # noqa: E731
     with poison_outputs():
         out, final = jax.jit(seg)(q, k, v, slope, s0)
@@ -112,6 +118,11 @@ def test_segmented_kernel_matches_oracle(n, segments, dtype, block, state):
     ref_grads = jax.jit(jax.grad(loss(lightning_reference), argnums))(*args)
     for name, g, rg in zip(["dq", "dk", "dv", "d_initial_state"], grads, ref_grads):
         assert_close(g, rg, dtype, name, tol=GRAD_TOL)
+
+
+def test_config_rejects_unknown_forward_scheme():
+    with pytest.raises(ValueError, match="forward must be 'scan' or 'chunked'"):
+        lk.LightningConfig(forward="parallel")
 
 
 def test_segment_count_fills_the_gpu_only_when_needed():
@@ -174,20 +185,22 @@ def test_xla_impl_and_auto():
                 jaxattn.lightning_attention(q, k, v, slope, initial_state=s0, impl="xla")).all()
 
 
+@pytest.mark.parametrize("forward", ["scan", "chunked"])
 @pytest.mark.parametrize("key", sorted(lk.CONFIGS))
-def test_every_config_lowers_for_cuda(key):
+def test_every_config_lowers_for_cuda(key, forward):
     dim, size = key
+    cfg = dataclasses.replace(lk.CONFIGS[key], forward=forward)
     dtypes = [jnp.float32] if size == 4 else [jnp.bfloat16, jnp.float16]
     for dtype in dtypes:
         args = [jax.ShapeDtypeStruct((2, 1000, 3, dim), dtype)] * 3 + [
             jax.ShapeDtypeStruct((3,), jnp.float32), jax.ShapeDtypeStruct((2, 3, dim, dim), jnp.float32)]
 
         def loss(q, k, v, s, s0):
-            o, st = lk.lightning_attention_kernel(q, k, v, s, s0, interpret=False)
+            o, st = lk.lightning_attention_kernel(q, k, v, s, s0, config=cfg, interpret=False)
             return jnp.sum(o.astype(jnp.float32)) + jnp.sum(st)
 
         text = lower_for_cuda(jax.grad(loss, (0, 1, 2, 4)), *args)
-        assert count_triton_calls(text) == 3
+        assert count_triton_calls(text) == (3 if forward == "scan" else 4)
 
 
 @pytest.mark.parametrize(
