@@ -6,7 +6,9 @@ Forward, per block t (local rows i, columns j, ``lambda = exp(-slope)``):
 then ``S <- lambda^B S + (diag(lambda^(B-1-j)) K_t)^T V_t``. ``S`` starts at the initial
 state and ends as the final state. Backward: a forward scan for dQ (recomputing
 ``S``) and a reverse scan over ``G = sum_{later n} lambda^(n - block end) q_n^T dO_n``
-for dK, dV and the initial-state gradient. One program per (batch, head).
+for dK, dV and the initial-state gradient. One program per (batch, head, value chunk).
+``LightningConfig.forward / backward = "chunked"`` select flash-linear-attention's scheme instead:
+scans that only store the per-block states, then one program per (batch, head, block).
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ class LightningConfig:
     block_e_bwd: int | None = None
     num_warps_bwd: int | None = None
     forward: str = "scan"  # or "chunked": see _fwd_chunked
+    backward: str = "scan"  # or "chunked": see _bwd_chunked
 
     def __post_init__(self):
-        if self.forward not in ("scan", "chunked"):
-            raise ValueError(f"LightningConfig.forward must be 'scan' or 'chunked', got {self.forward!r}")
+        for name in ("forward", "backward"):
+            if getattr(self, name) not in ("scan", "chunked"):
+                raise ValueError(f"LightningConfig.{name} must be 'scan' or 'chunked', got {getattr(self, name)!r}")
 
 
 # (padded max(d, e), bytes per element) -> config.
@@ -289,25 +293,118 @@ def _block_out_kernel(s_ref, q_ref, k_ref, v_ref, hs_ref, o_ref, *, st: _Static)
     o_ref[...] = o.astype(o_ref.dtype)
 
 
+def _all_states(st: _Static, k, v, slope, s0, backward: bool = False):
+    """(state entering every block ``[B, H, blocks, d, e]``, final state)."""
+    b, _, h, d = k.shape
+    e = v.shape[-1]
+    be, ne = _chunk(st.cfg, e, backward=backward)
+    nb = st.n_blocks
+    return _call(
+        _states_kernel, st,
+        [jax.ShapeDtypeStruct((b, h, nb, d, e), _state_dtype(k)), jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)],
+        [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be), _state_spec(d, be)],
+        [_all_states_spec(nb, d, be), _state_spec(d, be)],
+        (b, h, ne), "jaxattn_lightning_states_all", backward=backward)(slope, k, v, s0)
+
+
+def _state_dtype(x):  # stored states: the input dtype (two-byte products round them there anyway)
+    return jnp.float32 if x.dtype == jnp.float32 else x.dtype
+
+
+def _all_states_spec(nb: int, d: int, be: int):
+    return pl.BlockSpec((None, None, nb, d, be), lambda i, j, c: (i, j, 0, 0, c))
+
+
+def _row_block(st: _Static, width: int):  # one block of rows, grid (batch, head, block)
+    return pl.BlockSpec((None, st.block, None, width), lambda i, j, t: (i, t, j, 0))
+
+
+def _block_state_spec(d: int, e: int):
+    return pl.BlockSpec((None, None, None, d, e), lambda i, j, t: (i, j, t, 0, 0))
+
+
 def _fwd_chunked(st: _Static, q, k, v, slope, s0):
     b, _, h, d = q.shape
     e = v.shape[-1]
-    be, ne = _chunk(st.cfg, e)
-    nb = st.n_blocks
-    hs_dtype = jnp.float32 if q.dtype == jnp.float32 else q.dtype
-    hs, final = _call(
-        _states_kernel, st,
-        [jax.ShapeDtypeStruct((b, h, nb, d, e), hs_dtype), jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)],
-        [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be), _state_spec(d, be)],
-        [pl.BlockSpec((None, None, nb, d, be), lambda i, j, c: (i, j, 0, 0, c)), _state_spec(d, be)],
-        (b, h, ne), "jaxattn_lightning_states_all")(slope, k, v, s0)
-    row_block = lambda width: pl.BlockSpec((None, st.block, None, width), lambda i, j, t: (i, t, j, 0))  # noqa: E731
+    hs, final = _all_states(st, k, v, slope, s0)
     (out,) = _call(
         _block_out_kernel, st, [jax.ShapeDtypeStruct((b, st.n_pad, h, e), q.dtype)],
-        [_SLOPE_SPEC, row_block(d), row_block(d), row_block(e),
-         pl.BlockSpec((None, None, None, d, e), lambda i, j, t: (i, j, t, 0, 0))],
-        [row_block(e)], (b, h, nb), "jaxattn_lightning_block_out")(slope, q, k, v, hs)
+        [_SLOPE_SPEC, _row_block(st, d), _row_block(st, d), _row_block(st, e), _block_state_spec(d, e)],
+        [_row_block(st, e)], (b, h, st.n_blocks), "jaxattn_lightning_block_out")(slope, q, k, v, hs)
     return out, final
+
+
+# Chunked backward (``LightningConfig.backward = "chunked"``): the forward's block states again,
+# a reverse scan that stores ``G_t = sum_{later n} lam^(n - end of block t) q_n^T dO_n`` for every
+# block (the last block's slot holds the final-state cotangent, which reaches its rows with the
+# ragged block's decays), then one program per (batch, head, block) for its dQ, dK and dV over the
+# whole head dims: no fp32 partials over value chunks, no waiting on other blocks.
+
+
+def _dstates_kernel(s_ref, q_ref, do_ref, dsf_ref, gs_ref, ds0_ref, *, st: _Static):
+    s = s_ref[...]
+    q_pow = jnp.exp(-s * jnp.arange(st.block).astype(jnp.float32))  # lambda^i
+    blk_dec = jnp.exp(-s * float(st.block))
+    last = st.n_blocks - 1
+    dsf = dsf_ref[...]
+    gs_ref[last] = dsf.astype(gs_ref.dtype)
+
+    def update(t, g):
+        rows = _rows(t, st.block)
+        q, do = q_ref[rows, :], do_ref[rows, :]
+        qd = (q.astype(jnp.float32) * q_pow[:, None]).astype(do.dtype)
+        return g * blk_dec + dot(qd, do, trans_a=True, precision=st.precision)
+
+    def body(r, g):
+        t = last - 1 - r
+        gs_ref[t] = g.astype(gs_ref.dtype)
+        return update(t, g)
+
+    g = update(last, jnp.zeros(dsf.shape, jnp.float32)) + jnp.exp(-s * float(st.rem - 1)) * dsf
+    ds0_ref[...] = jnp.exp(-s) * lax.fori_loop(0, last, body, g)
+
+
+def _block_grad_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, hs_ref, gs_ref, dq_ref, dk_ref, dv_ref, *,
+                       st: _Static):
+    is_last = pl.program_id(2) == st.n_blocks - 1
+    s = s_ref[...]
+    q_dec, _, intra, _ = _decays(s, st.block, st.block)
+    k_last = _decays(s, st.block, st.rem)[1]
+    k_pow = jnp.exp(-s * (st.block - jnp.arange(st.block).astype(jnp.float32)))  # lambda^(B-j)
+    w = jnp.where(is_last, k_last, k_pow)  # the last block's G slot holds dSf
+    intra_t = intra.T
+    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    g = gs_ref[...]
+    dp = dot(do, v, trans_b=True, precision=st.precision) * intra
+    dq = dot(dp.astype(k.dtype), k, precision=st.precision)
+    dq_ref[...] = (dq + _row_scaled_dot(do, q_dec, hs_ref[...], st, trans_b=True)).astype(dq_ref.dtype)
+    pt = dot(k, q, trans_b=True, precision=st.precision) * intra_t
+    dv = dot(pt.astype(do.dtype), do, precision=st.precision)
+    dv_ref[...] = (dv + _row_scaled_dot(k, w, g, st)).astype(dv_ref.dtype)
+    dk = dot((dp.T).astype(q.dtype), q, precision=st.precision)
+    dk_ref[...] = (dk + _row_scaled_dot(v, w, g, st, trans_b=True)).astype(dk_ref.dtype)
+
+
+def _bwd_chunked(st: _Static, q, k, v, slope, s0, do, dsf):
+    b, _, h, d = q.shape
+    e = v.shape[-1]
+    be, ne = _chunk(st.cfg, e, backward=True)
+    nb = st.n_blocks
+    hs, _ = _all_states(st, k, v, slope, s0, backward=True)
+    gs, ds0 = _call(
+        _dstates_kernel, st,
+        [jax.ShapeDtypeStruct((b, h, nb, d, e), _state_dtype(q)), jax.ShapeDtypeStruct(s0.shape, jnp.float32)],
+        [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be), _state_spec(d, be)],
+        [_all_states_spec(nb, d, be), _state_spec(d, be)], (b, h, ne),
+        "jaxattn_lightning_dstates_all", backward=True)(slope, q, do, dsf)
+    rows_d, rows_e = _row_block(st, d), _row_block(st, e)
+    return (*_call(
+        _block_grad_kernel, st,
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+         jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        [_SLOPE_SPEC, rows_d, rows_d, rows_e, rows_e, _block_state_spec(d, e), _block_state_spec(d, e)],
+        [rows_d, rows_d, rows_e], (b, h, nb), "jaxattn_lightning_block_grad",
+        backward=True)(slope, q, k, v, do, hs, gs), ds0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -321,6 +418,8 @@ def _lightning_fwd(st, q, k, v, slope, s0):
 
 def _bwd(st: _Static, q, k, v, slope, s0, do, dsf):
     """dq, dk, dv and the initial-state cotangent of one kernel call (dO, final-state cotangent)."""
+    if st.cfg.backward == "chunked":
+        return _bwd_chunked(st, q, k, v, slope, s0, do, dsf)
     b, _, h, d = q.shape
     e = v.shape[-1]
     be, ne = _chunk(st.cfg, e, backward=True)

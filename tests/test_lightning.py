@@ -35,24 +35,26 @@ def _inputs(seed, b, n, h, d, e, dtype, state=True):
 
 
 CASES = [  # block, n, h, d, e, dtype, block_e, block_e_bwd (value chunks per program, forward
-    # and backward; e pads to a power of two), forward scheme (fused scan or chunked)
+    # and backward; e pads to a power of two), schemes: "forward/backward" (fused scan or chunked)
     (16, 513, 3, 16, 16, jnp.float32, 64, None, "scan"),
     (32, 913, 12, 32, 48, jnp.float32, 16, 32, "scan"),  # 4 value chunks forward, 2 backward
     (64, 1213, 5, 64, 64, jnp.bfloat16, 64, None, "scan"),
     (128, 513, 20, 128, 32, jnp.float16, 16, None, "scan"),  # 2 chunks
     (16, 40, 1, 24, 100, jnp.float32, 32, 64, "scan"),  # 4 / 2 chunks, the last one mostly padding
     (64, 1, 2, 16, 16, jnp.bfloat16, 64, 16, "scan"),
-    (16, 513, 3, 16, 16, jnp.float32, 64, None, "chunked"),
-    (32, 913, 5, 32, 48, jnp.bfloat16, 16, 32, "chunked"),  # states stored in bf16, 4 value chunks
-    (64, 1, 2, 16, 16, jnp.float16, 64, 16, "chunked"),
+    (16, 513, 3, 16, 16, jnp.float32, 64, None, "chunked/chunked"),
+    (32, 913, 5, 32, 48, jnp.bfloat16, 16, 32, "chunked/chunked"),  # states stored in bf16, 4 value chunks
+    (64, 1, 2, 16, 16, jnp.float16, 64, 16, "chunked/chunked"),
+    (32, 300, 3, 64, 32, jnp.bfloat16, 32, 64, "scan/chunked"),  # ragged last block
 ]
 
 
-@pytest.mark.parametrize("block,n,h,d,e,dtype,block_e,block_e_bwd,forward", CASES)
-def test_kernel_matches_oracles(block, n, h, d, e, dtype, block_e, block_e_bwd, forward):
+@pytest.mark.parametrize("block,n,h,d,e,dtype,block_e,block_e_bwd,schemes", CASES)
+def test_kernel_matches_oracles(block, n, h, d, e, dtype, block_e, block_e_bwd, schemes):
     q, k, v, s0 = _inputs(block + n, 1, n, h, d, e, dtype)
     slope = tnl_slopes(h).at[0].set(0.0)  # one head without decay
-    cfg = lk.LightningConfig(block, 4, 2, block_e, block_e_bwd, forward=forward)
+    fwd, bwd = schemes.split("/") if "/" in schemes else (schemes, schemes)
+    cfg = lk.LightningConfig(block, 4, 2, block_e, block_e_bwd, forward=fwd, backward=bwd)
     run = jax.jit(lambda *a: lk.lightning_attention_kernel(*a, config=cfg))
     with poison_outputs():
         out, state = run(q, k, v, slope, s0)
@@ -86,7 +88,7 @@ SEGMENT_CASES = [  # n, segments, dtype, block, initial state: the sequence spli
     (256, 4, jnp.float32, 32, False, "scan"),
     (200, 7, jnp.bfloat16, 16, True, "scan"),
     (97, 2, jnp.float16, 64, True, "scan"),
-    (300, 3, jnp.bfloat16, 32, True, "chunked"),
+    (300, 3, jnp.bfloat16, 32, True, "chunked"),  # both passes chunked
 ]
 
 
@@ -95,7 +97,7 @@ def test_segmented_kernel_matches_oracle(n, segments, dtype, block, state, forwa
     h, d, e = 3, 16, 24
     q, k, v, s0 = _inputs(n + segments, 2, n, h, d, e, dtype, state=state)
     slope = tnl_slopes(h).at[0].set(0.0)
-    cfg = lk.LightningConfig(block, 4, 2, 16, 32, forward=forward)
+    cfg = lk.LightningConfig(block, 4, 2, 16, 32, forward=forward, backward=forward)
     seg = lambda *a: lk.lightning_attention_kernel(*a, config=cfg, segments=segments)  # noqa: E731
     with poison_outputs():
         out, final = jax.jit(seg)(q, k, v, slope, s0)
@@ -123,6 +125,8 @@ def test_segmented_kernel_matches_oracle(n, segments, dtype, block, state, forwa
 def test_config_rejects_unknown_forward_scheme():
     with pytest.raises(ValueError, match="forward must be 'scan' or 'chunked'"):
         lk.LightningConfig(forward="parallel")
+    with pytest.raises(ValueError, match="backward must be 'scan' or 'chunked'"):
+        lk.LightningConfig(backward="fast")
 
 
 def test_segment_count_fills_the_gpu_only_when_needed():
@@ -189,7 +193,7 @@ def test_xla_impl_and_auto():
 @pytest.mark.parametrize("key", sorted(lk.CONFIGS))
 def test_every_config_lowers_for_cuda(key, forward):
     dim, size = key
-    cfg = dataclasses.replace(lk.CONFIGS[key], forward=forward)
+    cfg = dataclasses.replace(lk.CONFIGS[key], forward=forward, backward=forward)
     dtypes = [jnp.float32] if size == 4 else [jnp.bfloat16, jnp.float16]
     for dtype in dtypes:
         args = [jax.ShapeDtypeStruct((2, 1000, 3, dim), dtype)] * 3 + [
@@ -200,7 +204,7 @@ def test_every_config_lowers_for_cuda(key, forward):
             return jnp.sum(o.astype(jnp.float32)) + jnp.sum(st)
 
         text = lower_for_cuda(jax.grad(loss, (0, 1, 2, 4)), *args)
-        assert count_triton_calls(text) == (3 if forward == "scan" else 4)
+        assert count_triton_calls(text) == (3 if forward == "scan" else 5)
 
 
 @pytest.mark.parametrize(

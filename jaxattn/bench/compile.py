@@ -249,13 +249,13 @@ def _lightning_cases() -> Iterator[tuple[str, Callable, list]]:
 
         args = [_sds((1, 4096, 8, d), dtype)] * 3 + [_sds((8,), jnp.float32), _sds((1, 8, d, d), jnp.float32)]
         yield f"d{d} {jnp.dtype(dtype).name}", jax.grad(loss, (0, 1, 2, 4)), args
-        if (d, size) == (128, 2):  # the chunked forward's two kernels, at the target head dim
-            cfg = dataclasses.replace(lightning.CONFIGS[(d, size)], forward="chunked")
+        if (d, size) == (128, 2):  # the chunked schemes' kernels, at the target head dim
+            cfg = dataclasses.replace(lightning.CONFIGS[(d, size)], forward="chunked", backward="chunked")
 
             def chunked(q, k, v, s, s0, cfg=cfg):
                 return _total(*lightning.lightning_attention_kernel(q, k, v, s, s0, config=cfg, interpret=False))
 
-            yield f"d{d} {jnp.dtype(dtype).name} chunked", chunked, args
+            yield f"d{d} {jnp.dtype(dtype).name} chunked", jax.grad(chunked, (0, 1, 2, 4)), args
 
 
 def _sage_cases() -> Iterator[tuple[str, Callable, list]]:

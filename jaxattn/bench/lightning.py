@@ -2,7 +2,7 @@
 XLA formula, a ``lax.scan`` recurrence, jaxattn's causal softmax flash kernel on the
 same shapes, and flash-linear-attention / lightning-attn (PyTorch, Triton) when importable; where the
 kernel splits the sequence into segments, also the kernel run unsplit (``jaxattn-unsegmented``); the
-kernel with its other forward scheme (``jaxattn-chunked`` or ``jaxattn-scan``, see
+kernel with its other scheme (``jaxattn-chunked`` or ``jaxattn-scan``, forward and backward; see
 ``jaxattn.pallas.lightning``), and at d = 128 bf16 the table entry before 2026-12-04.
 
 FLOPs (block C = 64): forward ``B*H*N*(C*(d+e) + 4*d*e)`` (causal intra-block products
@@ -72,9 +72,9 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     if (case.head_dim, case.dtype) == (128, "bfloat16"):  # the entry the first H200 run timed (2026-12-04)
         ops["jaxattn-prev-config"] = lambda q, k, v, s: lk.lightning_attention_kernel(
             q, k, v, s, config=PREV_D128_CONFIG)[0]
-    other = "chunked" if cfg.forward == "scan" else "scan"  # the other forward scheme, same backward
+    other = "chunked" if cfg.forward == "scan" else "scan"  # the other scheme, forward and backward
     ops[f"jaxattn-{other}"] = lambda q, k, v, s: lk.lightning_attention_kernel(
-        q, k, v, s, config=dataclasses.replace(cfg, forward=other))[0]
+        q, k, v, s, config=dataclasses.replace(cfg, forward=other, backward=other))[0]
     if lk.segment_count(case.batch, case.heads, case.seq, cfg, case.head_dim) > 1:  # what segments buy
         ops["jaxattn-unsegmented"] = lambda q, k, v, s: lk.lightning_attention_kernel(q, k, v, s, segments=1)[0]
     return {name: runner.jax_mode_fn(op, case.mode) for name, op in ops.items()}

@@ -93,6 +93,7 @@ def _lightning_family() -> Family:
             Stage("forward scheme", "fwd", _grid(forward=("scan", "chunked"))),
             Stage("forward", "fwd", _grid(block=(16, 32, 64), block_e=(16, 32, 64), num_warps=(4, 8),
                                           num_stages=(1, 2))),
+            Stage("backward scheme", "fwd+bwd", _grid(backward=("scan", "chunked"))),
             Stage("backward chunks", "fwd+bwd", _grid(block_e_bwd=(32, 64, 128), num_warps_bwd=(4, 8))),
             Stage("segments", "fwd+bwd", _grid(segments=(1, 2, 4, 8, 16, 32))),
         ]
