@@ -139,15 +139,20 @@ def test_segment_count_fills_the_gpu_only_when_needed():
         lk.lightning_attention_kernel(*_inputs(0, 1, 8, 1, 16, 16, jnp.float32)[:3], jnp.zeros(1), segments=9)
 
 
-def test_segmented_kernel_lowers_for_cuda():
+@pytest.mark.parametrize("scheme", ["scan", "chunked"])
+def test_segmented_kernel_lowers_for_cuda(scheme):
     args = [jax.ShapeDtypeStruct((1, 4000, 2, 128), jnp.bfloat16)] * 3 + [jax.ShapeDtypeStruct((2,), jnp.float32)]
+    cfg = dataclasses.replace(lk.lightning_config(128, jnp.bfloat16), forward=scheme, backward=scheme)
 
     def loss(q, k, v, s):
-        o, st = lk.lightning_attention_kernel(q, k, v, s, interpret=False, segments=4)
+        o, st = lk.lightning_attention_kernel(q, k, v, s, config=cfg, interpret=False, segments=4)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(st)
 
-    # forward: segment states + forward kernel; backward: incoming-state cotangents + dq + dk/dv
-    assert count_triton_calls(lower_for_cuda(jax.grad(loss, (0, 1, 2)), *args)) == 5
+    # forward: segment states + the forward kernel (chunked: block states + block outputs);
+    # backward: incoming-state cotangents + dq + dk/dv (chunked: block states + block gradient
+    # states + block gradients)
+    calls = count_triton_calls(lower_for_cuda(jax.grad(loss, (0, 1, 2)), *args))
+    assert calls == (5 if scheme == "scan" else 7)
 
 
 def test_decay_zero_is_plain_causal_linear_attention():
