@@ -44,13 +44,20 @@ def test_gpu_check_script_uses_valid_bench_flags():
 
     script = ROOT / ".ci" / "gpu"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    calls = [line.split("$B", 1)[1] for line in script.read_text().splitlines()
-             if line.startswith("part ") and "$B " in line]
-    assert {shlex.split(c)[0] for c in calls} >= {"attention", "lightning", "sage", "sparse", "halo", "vision", "tnl"}
+    text = script.read_text()
+    calls = [line.split("$B", 1)[1].split(";;")[0] for line in text.splitlines()
+             if " part " in f" {line.strip()}" and "$B " in line]
+    benches = {shlex.split(c)[0] for c in calls}
+    assert benches >= {"attention", "lightning", "sage", "sparse", "halo", "vision", "tnl", "landmark", "decode"}
     for call in calls:
-        args = [a.replace("$OUT", "/tmp") for a in shlex.split(call)]
+        args = [a.replace("$J", "/tmp").replace('"', "") for a in shlex.split(call)]
         build_parser().parse_args(args)  # SystemExit on an unknown flag
-    assert "jaxattn.bench.report" in script.read_text()
+    # the two calls' part lists name only parts the script defines, and together run every bench
+    arms = set(re.findall(r"^\s*([a-z0-9]+)\) part ", text, re.M))
+    lists = re.findall(r"set -- ([a-z0-9 ]+);", text)
+    assert len(lists) == 2 and all(set(lst.split()) <= arms for lst in lists)
+    assert set(" ".join(lists).split()) >= benches | {"tests"}
+    assert "jaxattn.bench.report" in text and "gpu-logs.tgz" in text
 
 
 def test_gpu_tune_script_uses_valid_tune_flags():
