@@ -144,7 +144,7 @@ def test_torch_peers_need_torch_with_cuda(monkeypatch):
     assert runner.cuda_torch("bfloat16") is None
 
 
-@pytest.mark.parametrize("family", ["flash", "lightning", "sage", "halo"])
+@pytest.mark.parametrize("family", ["flash", pytest.param("lightning", marks=pytest.mark.slow), "sage", "halo"])
 def test_tune_smoke_cli(tmp_path, capsys, family):
     """The tuner's plumbing on CPU: every stage times its current config and candidates, and the
     best config is one of the timed ones, printed as a table line."""
