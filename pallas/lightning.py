@@ -268,7 +268,8 @@ def _fwd(st: _Static, q, k, v, slope, s0):
 # rounds it there for its product anyway), then one independent program per (batch, head, block)
 # for ``O_t = [(Q_t K_t^T) * D] V_t + diag(lambda^(i+1)) Q_t S_t`` over the whole value head dim.
 # No program waits on another's output, and Q K^T is computed once per block (the fused scan
-# recomputes it per value chunk); the cost is writing and reading the states. Same backward.
+# recomputes it per value chunk); the cost is writing and reading the states. Either backward
+# (``LightningConfig.backward``) differentiates either forward: both compute the same function.
 
 
 def _states_kernel(s_ref, k_ref, v_ref, s0_ref, hs_ref, sf_ref, *, st: _Static):
