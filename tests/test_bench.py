@@ -68,6 +68,26 @@ def test_vision_inference_quantized_cli(tmp_path, capsys):
     assert all(r["images_per_s"] > 0 for r in recs) and 0.0 <= recs[1]["top1_agreement"] <= 1.0
 
 
+def test_vision_sweep_survives_a_failing_model(tmp_path, capsys, monkeypatch):
+    # the first H200 run lost every vision number to one model that failed to differentiate
+    from jaxattn.bench import vision
+
+    def train(model, **kw):
+        if model == "bad":
+            raise ValueError("Linearization failed")
+        return dict(model=model, mode="train", batch=2, dtype="float32", image_size=8, ms=1.0, images_per_s=2e3)
+
+    monkeypatch.setattr(vision, "train_step_throughput", train)
+    monkeypatch.setattr(vision, "inference_throughput", lambda model, **kw: [
+        dict(model=model, mode="infer", batch=2, dtype="float32", image_size=8, ms=1.0, images_per_s=2e3)])
+    path = tmp_path / "vision.json"
+    assert main(["vision", "--train-models", "bad", "good", "--infer-models", "vit", "--json", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "failed: ValueError: Linearization failed" in out and "| good | train |" in out
+    recs = json.loads(path.read_text())["records"]
+    assert [(r["model"], "error" in r) for r in recs] == [("bad", True), ("good", False), ("vit", False)]
+
+
 def test_runner_reports_each_case_and_per_impl_flops():
     """``on_case`` sees the records after every case (partial JSON survives a time box) and
     ``flops`` overrides the case's FLOPs per impl (dense flash credited with its own work)."""

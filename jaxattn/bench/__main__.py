@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import jax
 
+from jaxattn.bench import runner
 from jaxattn.bench.runner import format_table
 from jaxattn.bench.timing import device_summary
 
@@ -218,22 +219,33 @@ def _vision(args: argparse.Namespace, gpu: bool) -> int:
     train_models = args.train_models if args.train_models is not None else (
         ["halonet-h0", "vit-s16"] if gpu else ["halonet-tiny", "vit-tiny"])
     infer_models = args.infer_models if args.infer_models is not None else (["vit-b16"] if gpu else ["vit-tiny"])
-    recs = [vision.train_step_throughput(m, batch=batch, dtype=dtype, steps=steps, attn_impl=impl)
-            for m in train_models]
-    for m in infer_models:
-        recs += vision.inference_throughput(m, batch=batch, dtype=dtype, steps=steps, attn_impl=impl)
     info = device_summary()
+    recs: list[dict] = []
+    failed = False
+    jobs = [(m, "train", lambda m: [vision.train_step_throughput(m, batch=batch, dtype=dtype, steps=steps,
+                                                                 attn_impl=impl)]) for m in train_models]
+    jobs += [(m, "inference", lambda m: vision.inference_throughput(m, batch=batch, dtype=dtype, steps=steps,
+                                                                    attn_impl=impl)) for m in infer_models]
+    for model, mode, job in jobs:  # one model's failure is a row, not the end of the sweep
+        try:
+            recs += job(model)
+        except Exception as e:  # noqa: BLE001
+            failed = True
+            recs.append(dict(model=model, mode=mode, batch=batch, dtype=dtype, error=runner._error(e)))
+        if args.json:  # after every model, so a time box keeps what was measured
+            with open(args.json, "w") as f:
+                json.dump({"op": "vision", "info": info, "records": recs}, f, indent=1)
     print(f"# vision models | {info['device']} | jax {info['jax']} | {info['date']}")
     print("| model | mode | batch | dtype | image | ms | images/s | top-1 agreement |")
     print("|---|---|---|---|---|---|---|---|")
     for r in recs:
+        if "error" in r:
+            print(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['dtype']} | | failed: {r['error']} | | |")
+            continue
         agree = f"{r['top1_agreement']:.3f}" if "top1_agreement" in r else ""
         print(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['dtype']} | {r['image_size']} | {r['ms']:.2f} | "
               f"{r['images_per_s']:,.1f} | {agree} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"op": "vision", "info": info, "records": recs}, f, indent=1)
-    return 0
+    return 1 if failed else 0
 
 
 def _compile(args: argparse.Namespace) -> int:
