@@ -118,6 +118,18 @@ def _row_scaled_dot(x, w, m, st: "_Static", trans_b: bool = False):
     return dot(x, m.astype(x.dtype), trans_b=trans_b, precision=st.precision) * w[:, None]
 
 
+def _decayed_outer(acc, x, w, y, st: "_Static"):
+    """``acc + (diag(w) x)^T y``: a state (or its cotangent) gaining one block of rows."""
+    xd = (x.astype(jnp.float32) * w[:, None]).astype(y.dtype)
+    return acc + dot(xd, y, trans_a=True, precision=st.precision)
+
+
+def _masked_product(a, b, c, mask, st: "_Static"):
+    """``[(a b^T) * mask] c``: the intra-block term (``mask`` the decay matrix or its transpose)."""
+    p = dot(a, b, trans_b=True, precision=st.precision) * mask
+    return dot(p.astype(c.dtype), c, precision=st.precision)
+
+
 def _rows(t, block: int):
     """Row slice of block ``t`` (a Python int for the peeled last block, else traced)."""
     start = t * block
@@ -133,12 +145,9 @@ def _fwd_kernel(s_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sf_ref, *, st: _Stati
         q_dec, k_dec, intra, blk_dec = dec
         rows = _rows(t, st.block)
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-        scores = dot(q, k, trans_b=True, precision=st.precision) * intra
-        o = dot(scores.astype(v.dtype), v, precision=st.precision)
-        o += _row_scaled_dot(q, q_dec, state, st)
+        o = _masked_product(q, k, v, intra, st) + _row_scaled_dot(q, q_dec, state, st)
         o_ref[rows, :] = o.astype(o_ref.dtype)
-        kd = (k.astype(jnp.float32) * k_dec[:, None]).astype(v.dtype)
-        return state * blk_dec + dot(kd, v, trans_a=True, precision=st.precision)
+        return _decayed_outer(state * blk_dec, k, k_dec, v, st)
 
     state = s0_ref[...]
     state = lax.fori_loop(0, st.n_blocks - 1, functools.partial(body, dec=full), state)
@@ -153,12 +162,9 @@ def _dq_kernel(s_ref, k_ref, v_ref, do_ref, s0_ref, dq_ref, *, st: _Static):
         q_dec, k_dec, intra, blk_dec = full
         rows = _rows(t, st.block)
         k, v, do = k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
-        dp = dot(do, v, trans_b=True, precision=st.precision) * intra
-        dq = dot(dp.astype(k.dtype), k, precision=st.precision)
-        dq += _row_scaled_dot(do, q_dec, state, st, trans_b=True)
+        dq = _masked_product(do, v, k, intra, st) + _row_scaled_dot(do, q_dec, state, st, trans_b=True)
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-        kd = (k.astype(jnp.float32) * k_dec[:, None]).astype(v.dtype)
-        return state * blk_dec + dot(kd, v, trans_a=True, precision=st.precision)
+        return _decayed_outer(state * blk_dec, k, k_dec, v, st)
 
     # the state after the last block is never needed here, so every block uses full decays
     lax.fori_loop(0, st.n_blocks, body, s0_ref[...])
@@ -176,17 +182,13 @@ def _dkv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, dsf_ref, dk_ref, dv_ref, ds0
         rows = _rows(t, st.block)
         q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
         def dv_part():  # intra-block [(Q K^T) * D]^T dO, then later blocks through G (and dSf)
-            pt = dot(k, q, trans_b=True, precision=st.precision) * intra_t
-            dv = dot(pt.astype(do.dtype), do, precision=st.precision)
-            dv += _row_scaled_dot(k, k_pow, g, st)
+            dv = _masked_product(k, q, do, intra_t, st) + _row_scaled_dot(k, k_pow, g, st)
             if dsf_term is not None:  # final-state cotangent, last block only
                 dv += _row_scaled_dot(k, dsf_term[0], dsf_term[1], st)
             dv_ref[rows, :] = dv.astype(dv_ref.dtype)
 
         def dk_part():  # [(dO V^T) * D]^T Q + ...
-            dpt = dot(v, do, trans_b=True, precision=st.precision) * intra_t  # (dO V^T)^T * D^T
-            dk = dot(dpt.astype(q.dtype), q, precision=st.precision)
-            dk += _row_scaled_dot(v, k_pow, g, st, trans_b=True)
+            dk = _masked_product(v, do, q, intra_t, st) + _row_scaled_dot(v, k_pow, g, st, trans_b=True)
             if dsf_term is not None:
                 dk += _row_scaled_dot(v, dsf_term[0], dsf_term[1], st, trans_b=True)
             dk_ref[rows, :] = dk.astype(dk_ref.dtype)
@@ -195,8 +197,7 @@ def _dkv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, dsf_ref, dk_ref, dv_ref, ds0
         # 236 B the other way), fp32 ones spill least with dK first.
         for part in (dk_part, dv_part) if q.dtype == jnp.float32 else (dv_part, dk_part):
             part()
-        qd = (q.astype(jnp.float32) * q_pow[:, None]).astype(do.dtype)
-        return g * blk_dec + dot(qd, do, trans_a=True, precision=st.precision)
+        return _decayed_outer(g * blk_dec, q, q_pow, do, st)
 
     dsf = dsf_ref[...]
     last = st.n_blocks - 1
@@ -280,9 +281,7 @@ def _states_kernel(s_ref, k_ref, v_ref, s0_ref, hs_ref, sf_ref, *, st: _Static):
         _, k_dec, _, blk_dec = dec
         hs_ref[t] = state.astype(hs_ref.dtype)
         rows = _rows(t, st.block)
-        k, v = k_ref[rows, :], v_ref[rows, :]
-        kd = (k.astype(jnp.float32) * k_dec[:, None]).astype(v.dtype)
-        return state * blk_dec + dot(kd, v, trans_a=True, precision=st.precision)
+        return _decayed_outer(state * blk_dec, k_ref[rows, :], k_dec, v_ref[rows, :], st)
 
     state = lax.fori_loop(0, st.n_blocks - 1, functools.partial(body, dec=full), s0_ref[...])
     sf_ref[...] = body(st.n_blocks - 1, state, last)
@@ -291,9 +290,7 @@ def _states_kernel(s_ref, k_ref, v_ref, s0_ref, hs_ref, sf_ref, *, st: _Static):
 def _block_out_kernel(s_ref, q_ref, k_ref, v_ref, hs_ref, o_ref, *, st: _Static):
     q_dec, _, intra, _ = _decays(s_ref[...], st.block, st.block)  # the last block's rows too
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
-    scores = dot(q, k, trans_b=True, precision=st.precision) * intra
-    o = dot(scores.astype(v.dtype), v, precision=st.precision)
-    o += _row_scaled_dot(q, q_dec, hs_ref[...], st)
+    o = _masked_product(q, k, v, intra, st) + _row_scaled_dot(q, q_dec, hs_ref[...], st)
     o_ref[...] = o.astype(o_ref.dtype)
 
 
@@ -355,9 +352,7 @@ def _dstates_kernel(s_ref, q_ref, do_ref, dsf_ref, gs_ref, ds0_ref, *, st: _Stat
 
     def update(t, g):
         rows = _rows(t, st.block)
-        q, do = q_ref[rows, :], do_ref[rows, :]
-        qd = (q.astype(jnp.float32) * q_pow[:, None]).astype(do.dtype)
-        return g * blk_dec + dot(qd, do, trans_a=True, precision=st.precision)
+        return _decayed_outer(g * blk_dec, q_ref[rows, :], q_pow, do_ref[rows, :], st)
 
     def body(r, g):
         t = last - 1 - r
@@ -382,9 +377,8 @@ def _block_grad_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, hs_ref, gs_ref, dq_re
     dp = dot(do, v, trans_b=True, precision=st.precision) * intra
     dq = dot(dp.astype(k.dtype), k, precision=st.precision)
     dq_ref[...] = (dq + _row_scaled_dot(do, q_dec, hs_ref[...], st, trans_b=True)).astype(dq_ref.dtype)
-    pt = dot(k, q, trans_b=True, precision=st.precision) * intra_t
-    dv = dot(pt.astype(do.dtype), do, precision=st.precision)
-    dv_ref[...] = (dv + _row_scaled_dot(k, w, g, st)).astype(dv_ref.dtype)
+    dv = _masked_product(k, q, do, intra_t, st) + _row_scaled_dot(k, w, g, st)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
     dk = dot((dp.T).astype(q.dtype), q, precision=st.precision)
     dk_ref[...] = (dk + _row_scaled_dot(v, w, g, st, trans_b=True)).astype(dk_ref.dtype)
 
@@ -510,9 +504,7 @@ def _outer_kernel(s_ref, x_ref, y_ref, o_ref, *, st: _Static, segments: int, n: 
         rows = _rows(t, st.block)
         i = (t * st.block + jnp.arange(st.block)).astype(jnp.float32)
         w = jnp.exp(-s * (jnp.maximum(end - i, 0.0) if from_end else i + 1.0))
-        x, y = x_ref[rows, :], y_ref[rows, :]
-        xd = (x.astype(jnp.float32) * w[:, None]).astype(y.dtype)
-        return acc + dot(xd, y, trans_a=True, precision=st.precision)
+        return _decayed_outer(acc, x_ref[rows, :], w, y_ref[rows, :], st)
 
     o_ref[...] = lax.fori_loop(0, st.n_blocks, body, jnp.zeros(o_ref.shape, jnp.float32))
 
