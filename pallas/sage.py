@@ -12,7 +12,8 @@ Prologue (quantisation), per call:
   scores in the kernel.
 * INT8 quantisation of Q~ and K~ (one XLA reduction for the amax, one Pallas program per
   scale group for the values): ``a = max(max|x_g|, 1e-7)``, scale ``s = a / 127``,
-  ``y = x * (127 / a)`` and ``x_int8 = trunc(y + 0.5 sign(y))`` (round half away from zero). K: one scale per key block of the attention kernel.
+  ``y = x * (127 / a)`` and ``x_int8 = trunc(y + 0.5 sign(y))`` (round half away from zero).
+  K: one scale per key block of the attention kernel.
   Q: one scale per query block (``"block"``) or per ``warp_rows`` rows inside it
   (``"warp"``: the rows one warp owns in the MMA layout, 16 on sm90). Padded rows are
   zeroed before the amax. ``sm_scale * log2(e)`` is folded into the Q scale afterwards.
@@ -122,7 +123,7 @@ def resolve_blocks(q_len: int, kv_len: int, cfg: SageConfig, granularity: str) -
 # ----------------------------------------------------------------------------
 
 
-def round_half_away_int(y: jax.Array) -> jax.Array:
+def _round_half_away_int(y: jax.Array) -> jax.Array:
     """``trunc(y + 0.5 sign(y))`` as int32 for ``|y| <= 127``, written without adding to ``y``: a
     compiler may fuse ``x * inv + 0.5`` into one FMA (Triton does on sm90), which rounds once
     instead of twice and moves some exact ties. Compares against the integer part instead."""
@@ -141,7 +142,7 @@ def _quant_int8_kernel(*refs, has_mean: bool):
         x = x - mean_ref[...][None, :]
     # padded rows: their inverse scale is 0 (and they were left out of the amax)
     y = x * inv_ref[...][:, None]  # multiply by the reciprocal, as SageAttention's CUDA quantiser
-    o_ref[...] = round_half_away_int(y).astype(jnp.int8)
+    o_ref[...] = _round_half_away_int(y).astype(jnp.int8)
 
 
 def _group_amax(x: jax.Array, group: int, length: int, mean: jax.Array | None, mean_rows: int) -> jax.Array:

@@ -104,10 +104,11 @@ def test_oversized_tiles_fail_the_check():
 
 # The configurations the performance targets run (issues 2-6: bf16, head dims 64 and 128, the
 # benchmarks' shapes) compile for sm_90a within shared memory and with at most the family's budget
-# of register-spill bytes per thread: none for flash, lightning, block-sparse and decode; the measured
-# spills of the others (sage's causal warp-granularity kernel, landmark's dk/dv), as a guard against regressions (the untuned tables spilled 1-7 KB, and a Lightning kernel
-# did not fit in shared memory at all; the one-tile halo kernels spilled 1.5-5 KB). Every other case
-# of every family (fp32 too) is compiled by the slow CLI test below.
+# of register-spill bytes per thread: none for flash, lightning, block-sparse and decode; the
+# measured spills of the others (sage's causal warp-granularity kernel, landmark's dk/dv), as a guard
+# against regressions (the untuned tables spilled 1-7 KB, and a Lightning kernel did not fit in
+# shared memory at all; the one-tile halo kernels spilled 1.5-5 KB). Every other case of every
+# family (fp32 too) is compiled by the slow CLI test below.
 TARGETS = {
     "flash": ("d128 bfloat16", "d128 bf16 causal window+softcap", "d128 bf16 causal segments",
               "d128 bf16 causal alibi"),  # d64 etc.: the slow test

@@ -222,13 +222,12 @@ def _vision(args: argparse.Namespace, gpu: bool) -> int:
     info = device_summary()
     recs: list[dict] = []
     failed = False
-    jobs = [(m, "train", lambda m: [vision.train_step_throughput(m, batch=batch, dtype=dtype, steps=steps,
-                                                                 attn_impl=impl)]) for m in train_models]
-    jobs += [(m, "inference", lambda m: vision.inference_throughput(m, batch=batch, dtype=dtype, steps=steps,
-                                                                    attn_impl=impl)) for m in infer_models]
-    for model, mode, job in jobs:  # one model's failure is a row, not the end of the sweep
+    kw = dict(batch=batch, dtype=dtype, steps=steps, attn_impl=impl)
+    jobs = [(m, "train") for m in train_models] + [(m, "inference") for m in infer_models]
+    for model, mode in jobs:  # one model's failure is a row, not the end of the sweep
         try:
-            recs += job(model)
+            recs += ([vision.train_step_throughput(model, **kw)] if mode == "train"
+                     else vision.inference_throughput(model, **kw))
         except Exception as e:  # noqa: BLE001
             failed = True
             recs.append(dict(model=model, mode=mode, batch=batch, dtype=dtype, error=runner._error(e)))
