@@ -64,10 +64,13 @@ class FlashConfig:
 # Two-byte entries target an H100 (sm90) through Triton. Each two-byte
 # entry compiles for sm_90a without register spills (causal or not, with a window and soft cap
 # too) and within shared memory: `python -m jaxattn.bench compile --families flash` shows it.
+# d=128's dk/dv kernel owns 128 keys (two warpgroups of 64 rows, as FlashAttention-2's d=128
+# backward): spill-free once Triton's TTIR passes fold `acc + dot` into the MMA accumulator, as
+# XLA's pipeline does (the compile report skipped them before 2026-12-04 and showed spills).
 CONFIGS: dict[tuple[int, int], FlashConfig] = {
     (32, 2): FlashConfig(128, 64, 4, 3, 128, 64, 64, 128, 8, 2),
     (64, 2): FlashConfig(128, 64, 4, 3, 128, 64, 32, 128, 8, 2),
-    (128, 2): FlashConfig(128, 64, 8, 3, 128, 64, 32, 64, 8, 2),
+    (128, 2): FlashConfig(128, 64, 8, 3, 128, 64, 32, 128, 8, 2),
     (256, 2): FlashConfig(64, 32, 8, 2, 64, 32, 32, 32, 8, 2),
     # fp32 runs IEEE-exact FMA dots (no tensor cores): small tiles keep them in registers
     # (the halved bf16 tiles spilled 30-140 KB per thread at d >= 128).
@@ -714,7 +717,10 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
 def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None):
     cfg = st.cfg
-    bq, bk = _blocks(st, cfg.block_q_dkv, cfg.block_k_dkv)
+    # a soft cap keeps its tanh tile live until the chain rule: half the query rows per step
+    # keep the d=128 kernel (128 keys) spill-free
+    block_q = cfg.block_q_dkv // 2 if st.softcap is not None and cfg.block_q_dkv > 16 else cfg.block_q_dkv
+    bq, bk = _blocks(st, block_q, cfg.block_k_dkv)
     batch, _, hkv, d = k.shape
     dv_ = v.shape[-1]
     g = st.groups

@@ -140,6 +140,18 @@ def test_sparse_window_peer_is_the_same_mask():
     np.testing.assert_allclose(ops["flash-window"](q, k, v, do), ops["jaxattn"](q, k, v, do), atol=2e-5)
 
 
+def test_attention_prev_config_peer_matches_the_table_entry():
+    """bench attention's jaxattn-prev-config peer (d=128 bf16 fwd+bwd) runs the old tiles and
+    computes what the current table entry computes (same gradients, up to bf16 rounding)."""
+    case = attention_bench.Case(1, 96, 1, 128, True, "bfloat16", "fwd+bwd")
+    ops = attention_bench.peers(case, interpret=True)
+    assert "jaxattn-prev-config" in ops
+    assert attention_bench.PREV_D128_CONFIG != attention_bench.flash.flash_config(128, jnp.bfloat16)
+    q, k, v, do = attention_bench.inputs(case)
+    for a, b in zip(jax.tree.leaves(ops["jaxattn-prev-config"](q, k, v, do)), jax.tree.leaves(ops["jaxattn"](q, k, v, do))):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=3e-2, rtol=3e-2)
+
+
 def test_torch_peers_need_torch_with_cuda(monkeypatch):
     """runner.cuda_torch gates every bench's PyTorch peers: no torch, or torch without CUDA, means
     none (checked with a stand-in torch module; this machine has no GPU)."""

@@ -43,6 +43,28 @@ def _ptxas_report(ptxas: str, ptx_path: str, arch: str) -> dict:
     return out
 
 
+def _run_ttir_passes(path: str, target, options: dict) -> str:
+    """Writes ``path`` through Triton's own TTIR passes (``make_ttir``: canonicalize, combine,
+    CSE, ...) to a new file and returns its path. ``triton.compile`` skips the passes of the
+    stage its IR file is already in, but XLA runs them on Pallas's IR (its ``MakeTTIR``), and
+    they matter: the combine pass folds ``acc + dot(a, b)`` into the dot's accumulator."""
+    from triton._C.libtriton import ir
+    from triton.compiler.compiler import IRSource, make_backend
+
+    backend = make_backend(target)
+    context = ir.context()
+    src = IRSource(path, context, backend)
+    opts = backend.parse_options(dict(options))
+    module = src.make_ir(target, opts, backend.get_codegen_implementation(opts), backend.get_module_map(), context)
+    stages: dict = {}
+    backend.add_stages(stages, opts, src.language)
+    module = stages["ttir"](module, {})
+    out = path[: -len(".ttir")] + ".passes.ttir"
+    with open(out, "w") as f:
+        f.write(str(module))
+    return out
+
+
 def main(manifest_path: str, capability: int) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     # a cache that is always writable (triton's default lives under $HOME)
@@ -64,9 +86,15 @@ def main(manifest_path: str, capability: int) -> int:
     for item in manifest:
         rec = {"path": item["path"], "ok": False}
         t0 = time.perf_counter()
+        options = {"num_warps": item["num_warps"], "num_stages": item["num_stages"]}
         try:
-            kernel = triton.compile(item["path"], target=target,
-                                    options={"num_warps": item["num_warps"], "num_stages": item["num_stages"]})
+            path = item["path"]
+            try:
+                path = _run_ttir_passes(path, target, options)
+                rec["ttir_passes"] = True
+            except Exception:  # another triton's internals: compile the IR as Pallas wrote it
+                rec["ttir_passes"] = False
+            kernel = triton.compile(path, target=target, options=options)
             ptx = kernel.asm["ptx"]
             rec.update(ok=True, shared=int(kernel.metadata.shared), wgmma="wgmma.mma_async" in ptx,
                        mma="wgmma.mma_async" in ptx or "mma.sync" in ptx, mma_types=mma_types(ptx),

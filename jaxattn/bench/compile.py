@@ -8,7 +8,8 @@ memory per program, registers per thread, spills, whether dots become tensor-cor
 This lowers each kernel family at production shapes for CUDA, takes the Triton IR out of the
 StableHLO (jax < 0.11 embeds it in the ``__gpu$xla.gpu.triton`` custom call), and compiles it to a
 cubin with the ``triton`` package (``pip install triton``; its bundled ptxas; no GPU or driver
-needed) in a subprocess, then reports per kernel: shared memory, registers, spill bytes, MMA kind
+needed) in a subprocess, starting with Triton's TTIR passes as XLA's pipeline does (``triton.compile``
+on an IR file would skip them, and without the combine pass ``acc + dot`` keeps a second accumulator), then reports per kernel: shared memory, registers, spill bytes, MMA kind
 and an occupancy estimate. A kernel fails the check when it does not compile or needs more shared
 memory than one program may have on the target (it would fail to launch there).
 
