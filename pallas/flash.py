@@ -61,9 +61,9 @@ class FlashConfig:
 
 
 # The one tuning table: (padded head dim, bytes per element) -> config.
-# Two-byte entries target an H100 (sm90) through Triton. Each two-byte
-# entry compiles for sm_90a without register spills (causal or not, with a window and soft cap
-# too) and within shared memory: `python -m jaxattn.bench compile --families flash` shows it.
+# Two-byte entries target an H100 (sm90) through Triton. Every entry compiles for sm_90a
+# without register spills (causal or not, with a window and soft cap too) and within shared
+# memory: `python -m jaxattn.bench compile --families flash` shows it.
 # d=128's dk/dv kernel owns 128 keys (two warpgroups of 64 rows, as FlashAttention-2's d=128
 # backward): spill-free once Triton's TTIR passes fold `acc + dot` into the MMA accumulator, as
 # XLA's pipeline does (the compile report skipped them before 2026-12-04 and showed spills).
@@ -73,11 +73,12 @@ CONFIGS: dict[tuple[int, int], FlashConfig] = {
     (128, 2): FlashConfig(128, 64, 8, 3, 128, 64, 32, 128, 8, 2),
     (256, 2): FlashConfig(64, 32, 8, 2, 64, 32, 32, 32, 8, 2),
     # fp32 runs IEEE-exact FMA dots (no tensor cores): small tiles keep them in registers
-    # (the halved bf16 tiles spilled 30-140 KB per thread at d >= 128).
+    # (the halved bf16 tiles spilled 30-140 KB per thread at d >= 128), 8 warps at d >= 128
+    # (4 spilled up to 1.3 KB in the causal forward).
     (32, 4): FlashConfig(64, 32, 4, 2, 64, 32, 32, 32, 8, 1),
     (64, 4): FlashConfig(64, 16, 4, 2, 32, 32, 32, 32, 8, 1),
-    (128, 4): FlashConfig(32, 16, 4, 2, 32, 16, 16, 32, 4, 2),
-    (256, 4): FlashConfig(16, 16, 4, 2, 16, 16, 16, 16, 4, 2),
+    (128, 4): FlashConfig(32, 16, 8, 2, 32, 16, 16, 32, 8, 2),
+    (256, 4): FlashConfig(16, 16, 8, 2, 16, 16, 16, 16, 8, 2),
 }
 
 SUPPORTED_HEAD_DIMS = (32, 256)  # inclusive range of head dims

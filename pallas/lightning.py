@@ -53,7 +53,7 @@ class LightningConfig:
 # (padded max(d, e), bytes per element) -> config.
 # Chosen by compiling for sm_90a (`python -m jaxattn.bench compile --families lightning`): every
 # entry fits in shared memory (a d=128 state kept whole did not), the two-byte ones spill at most
-# ~300 bytes. The backward keeps value chunks wide (fewer fp32 partials of dq and dk to sum).
+# ~200 bytes (d=256's dk/dv), the fp32 ones at d <= 128 none (16-row blocks at d=128). The backward keeps value chunks wide (fewer fp32 partials of dq and dk to sum).
 # d=128 two-byte: 64-row blocks (Hopper's warpgroup MMA wants 64 rows; 32-row blocks fell back to
 # mma.sync), 4 warps and 32-wide value chunks in the forward, as the reference kernel runs. The
 # H200 run of 2026-12-04 timed the earlier entry (32-row blocks, 8 warps, 16-wide chunks, 1 CTA/SM)
@@ -65,8 +65,8 @@ CONFIGS: dict[tuple[int, int], LightningConfig] = {
     (64, 2): LightningConfig(64, 8, 2, 64),
     (128, 2): LightningConfig(64, 4, 2, 32, 64, 8, forward="chunked", backward="chunked"),
     (256, 2): LightningConfig(16, 8, 2, 64),
-    (16, 4): LightningConfig(32, 4, 2, 64), (32, 4): LightningConfig(32, 8, 1, 32),
-    (64, 4): LightningConfig(32, 8, 1, 16), (128, 4): LightningConfig(32, 8, 1, 16),
+    (16, 4): LightningConfig(32, 4, 1, 64), (32, 4): LightningConfig(32, 8, 1, 32),
+    (64, 4): LightningConfig(32, 8, 1, 16), (128, 4): LightningConfig(16, 8, 1, 16),
     (256, 4): LightningConfig(16, 8, 1, 16),
 }
 MAX_HEAD_DIM = 256
