@@ -78,13 +78,19 @@ class SageConfig:
     quant_num_warps: int = 4
 
 
-# padded head dim -> config. Targets an H100; K blocks of 64 keys as SageAttention's own
-# per-block quantiser (BLKQ=128, BLKK=64). Not timed on a GPU yet; compiled for sm_90a with
-# `python -m jaxattn.bench compile --families sage` (block_k = 128 spilled registers at d = 128).
+# padded head dim -> config. Targets an H100. d = 64: K blocks of 64 keys as SageAttention's own
+# per-block quantiser (BLKQ=128, BLKK=64). d = 128: 128-key blocks (and K scale groups). Besides
+# the dots, each key block rescales the [block_q, 128] fp32 accumulator and adds its FP8 partial
+# (two-level accumulation), about 4 ops per score element at 64 keys, 2 at 128, on a kernel whose
+# FP8 / INT8 dots run at twice bf16's rate, so the elementwise work is what bounds it. Spill-free
+# for sm_90a (255 registers) once the compile report runs Triton's TTIR passes as XLA does;
+# before that it showed spills and the table kept 64. The first H200 run (2026-12-04) timed the
+# 64-key entry (`bench sage` still times it as jaxattn-prev-config).
 CONFIGS: dict[int, SageConfig] = {
     64: SageConfig(128, 64, 16, 8, 3),
-    128: SageConfig(128, 64, 16, 8, 3),
+    128: SageConfig(128, 128, 16, 8, 3),
 }
+PREV_D128_CONFIG = SageConfig(128, 64, 16, 8, 3)
 
 
 def padded_head_dim(d: int) -> int:

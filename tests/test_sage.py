@@ -280,6 +280,23 @@ def test_bench_smoke(tmp_path, capsys):
     assert all(r.get("ms") for r in data["records"]), [r for r in data["records"] if not r.get("ms")]
 
 
+def test_bench_prev_config_peer_at_d128():
+    """bench sage times the 64-key d=128 entry beside the table's 128-key one: both quantise K per
+    their own key block, so both stay close to fp32 attention."""
+    from jaxattn.bench import sage as sage_bench
+
+    assert sage.PREV_D128_CONFIG.block_k == 64 and sage.sage_config(128).block_k == 128
+    case = sage_bench.Case(1, 300, 1, 128, True, "bfloat16")
+    ops = sage_bench.peers(case, interpret=True)
+    q, k, v, _ = sage_bench.inputs(case)
+    ref = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                       is_causal=True)
+    for name in ("jaxattn", "jaxattn-prev-config"):
+        out = np.asarray(ops[name](q, k, v, None), np.float32)
+        cos = float(np.sum(out * ref) / (np.linalg.norm(out) * np.linalg.norm(ref)))
+        assert cos > 0.999, (name, cos)
+
+
 def test_bench_accuracy_table():
     from jaxattn.bench import sage as sage_bench
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 import jaxattn
 from jaxattn.bench import runner
+from jaxattn.pallas import sage as sage_kernels
 from jaxattn.reference.sage import accuracy_metrics
 
 OUTLIER_CHANNELS = (3, 17, 40, 51)  # channels given a large token-shared offset in K
@@ -79,6 +80,9 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         ops["jaxattn-warp"] = lambda q, k, v: jaxattn.sage_attention(
             q, k, v, causal=c, qk_granularity="warp", impl="pallas")
         ops["cudnn"] = runner.cudnn_attention(c, case.head_dim)
+    if case.head_dim > 64:  # the 64-key table entry the first H200 run timed (2026-12-04)
+        ops["jaxattn-prev-config"] = lambda q, k, v: sage_kernels.sage_attention_kernel(
+            q, k, v, causal=c, config=sage_kernels.PREV_D128_CONFIG, interpret=interpret)
     return {name: runner.jax_mode_fn(op, "fwd") for name, op in ops.items()}
 
 
