@@ -56,9 +56,20 @@ def seed_from_key(rng: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.int32)
 
 
-def keep_mask(seed: jax.Array, batch: int, heads: int, q_len: int, kv_len: int, rate: float) -> jax.Array:
-    """The full ``[batch, heads, q_len, kv_len]`` mask (the XLA path and tests)."""
-    bh = (jnp.arange(batch)[:, None] * heads + jnp.arange(heads)[None, :])[:, :, None, None]
-    rows = jnp.arange(q_len)[None, None, :, None]
+def keep_mask(seed: jax.Array, batch: int, heads: int, q_len: int, kv_len: int, rate: float,
+              offset: tuple = (0, 0, 0)) -> jax.Array:
+    """The ``[batch, heads, q_len, kv_len]`` mask (the XLA path and tests): the block at
+    ``offset = (batch, query row, key)`` of the mask of a larger problem with ``heads`` heads (the
+    mask of one shard, so sharded callers draw the single-device mask)."""
+    b0, q0, k0 = (jnp.asarray(o, jnp.int32) for o in offset)
+    bh = ((b0 + jnp.arange(batch))[:, None] * heads + jnp.arange(heads)[None, :])[:, :, None, None]
+    rows = (q0 + jnp.arange(q_len))[None, None, :, None]
     state = row_hash(jnp.asarray(seed).reshape(()), bh, rows)
-    return keep(state, jnp.arange(kv_len)[None, None, None, :], rate)
+    return keep(state, (k0 + jnp.arange(kv_len))[None, None, None, :], rate)
+
+
+def kernel_seed(seed: jax.Array, heads: int, offset: tuple = (0, 0, 0)) -> jax.Array:
+    """The kernels' int32 ``[4]`` scalars: ``(seed, batch offset * heads, query offset, key
+    offset)`` (see :func:`keep_mask`)."""
+    b0, q0, k0 = (jnp.asarray(o, jnp.int32).reshape(()) for o in offset)
+    return jnp.stack([jnp.asarray(seed, jnp.int32).reshape(()), b0 * heads, q0, k0])

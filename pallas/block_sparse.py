@@ -30,6 +30,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxattn.pallas import _dropout
 from jaxattn.pallas import flash as _flash
 from jaxattn.pallas.flash import FlashConfig, SparseSpec
 
@@ -98,5 +99,5 @@ def block_sparse_attention_kernel(
     )
     layout = tuple(jnp.asarray(x, jnp.int32) for x in (kv_index, kv_blocks, q_index, q_blocks))
     layout += (jnp.asarray(q_offset, jnp.int32).reshape(1),)
-    seed = jnp.asarray(dropout_seed, jnp.int32).reshape(1) if dropout_rate else None
+    seed = _dropout.kernel_seed(dropout_seed, q.shape[2]) if dropout_rate else None
     return _flash.run_padded(st, q, k, v, None, None, None, layout, None, seed)

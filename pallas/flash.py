@@ -307,8 +307,14 @@ def _batch_head(st: _Static, head):
     return 0 if st.dropout_shared else pl.program_id(1) * st.heads + head
 
 
+def _drop_state(st: _Static, seed_ref):
+    """``(seed, batch-head offset, query offset, key offset)`` of the dropout mask (the block of a
+    larger mask this call draws; ``_dropout.kernel_seed``), read once per program."""
+    return seed_ref[0], 0 if st.dropout_shared else seed_ref[1], seed_ref[2], seed_ref[3]
+
+
 def _drop_rows(seed, bh, q_start, block_q: int):
-    """Dropout state of a query tile's rows."""
+    """Dropout state of a query tile's rows (``bh``, ``q_start`` with the offsets added)."""
     return _dropout.row_hash(seed, jnp.asarray(bh, jnp.int32), q_start + jnp.arange(block_q))
 
 
@@ -436,13 +442,16 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q = q_ref[...]
     qseg = qseg_ref[...] if st.has_seg else None
     slope = alibi_ref[pl.program_id(2)] if st.alibi else None
-    rows = _drop_rows(seed_ref[0], _batch_head(st, pl.program_id(2)), q_start, block_q) if st.dropout else None
+    rows = None
+    if st.dropout:
+        seed, bh_off, q_off, k_off = _drop_state(st, seed_ref)
+        rows = _drop_rows(seed, _batch_head(st, pl.program_id(2)) + bh_off, q_off + q_start, block_q)
 
     def body(j, carry, masked: bool):
         s, _, _, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope)
         drop = None
         if rows is not None:  # the normaliser sums every p; only p v sees the dropped weights
-            keep = _dropout.keep(rows[:, None], j * block_k + jnp.arange(block_k)[None, :], st.dropout)
+            keep = _dropout.keep(rows[:, None], k_off + j * block_k + jnp.arange(block_k)[None, :], st.dropout)
             drop = functools.partial(_drop, st, keep)
         return online_softmax_step(carry, s, v, st.precision, drop=drop)
 
@@ -503,7 +512,7 @@ def _scalar_inputs(st: _Static, alibi, seed):
         specs.append(pl.BlockSpec((None, alibi.shape[1]), lambda i, b, h: (b, 0)))
         arrays.append(alibi)
     if st.dropout:
-        specs.append(pl.BlockSpec((1,), lambda i, b, h: (0,)))
+        specs.append(pl.BlockSpec((4,), lambda i, b, h: (0,)))
         arrays.append(seed)
     return specs, arrays
 
@@ -549,7 +558,10 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     delta = delta_ref[...]
     qseg = qseg_ref[...] if st.has_seg else None
     slope = alibi_ref[pl.program_id(2)] if st.alibi else None
-    rows = _drop_rows(seed_ref[0], _batch_head(st, pl.program_id(2)), q_start, block_q) if st.dropout else None
+    rows = None
+    if st.dropout:
+        seed, bh_off, q_off, k_off = _drop_state(st, seed_ref)
+        rows = _drop_rows(seed, _batch_head(st, pl.program_id(2)) + bh_off, q_off + q_start, block_q)
 
     def key_tile(j):
         return pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
@@ -566,7 +578,8 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
         p = jnp.exp2(s - lse2[:, None])
         dp = dot(do, v, trans_b=True, precision=st.precision)
         if rows is not None:  # the cotangent of the kept weights, rescaled
-            dp = _drop(st, _dropout.keep(rows[:, None], j * block_k + jnp.arange(block_k)[None, :], st.dropout), dp)
+            dp = _drop(st, _dropout.keep(rows[:, None], k_off + j * block_k + jnp.arange(block_k)[None, :],
+                                         st.dropout), dp)
         dz = p * (dp - delta[:, None])  # cotangent of the final logits (the bias enters there)
         if st.bias_grad:
             dbias[0][:, key_tile(j)] = dz.astype(dbias[0].dtype)
@@ -658,7 +671,8 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     bias_heads = 1 if st.bias_bcast[1] else st.groups
     head0 = pl.program_id(2) * st.groups  # first q head of this kv head's group (ALiBi slopes)
     if st.dropout:
-        seed, bh0 = seed_ref[0], _batch_head(st, head0)
+        seed, bh_off, q_off, k_off = _drop_state(st, seed_ref)
+        bh0 = _batch_head(st, head0) + bh_off
 
     def body(i, carry, g, masked: bool):
         dk, dv = carry
@@ -684,8 +698,8 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         p_t = jnp.exp2(s_t - lse2[None, :])
         keep_t = None
         if st.dropout:  # the forward's mask, transposed: rows are this tile's queries
-            rows = _drop_rows(seed, bh0 if st.dropout_shared else bh0 + g, q_start, block_q)
-            keep_t = _dropout.keep(rows[None, :], k_pos[:, None], st.dropout)
+            rows = _drop_rows(seed, bh0 if st.dropout_shared else bh0 + g, q_off + q_start, block_q)
+            keep_t = _dropout.keep(rows[None, :], k_off + k_pos[:, None], st.dropout)
         dv = dv + dot(_drop(st, keep_t, p_t).astype(do.dtype), do, precision=st.precision)
         dp_t = _drop(st, keep_t, dot(v, do, trans_b=True, precision=st.precision))
         ds_t = _softcap_grad(st, p_t * (dp_t - delta[None, :]), t_t)
@@ -718,9 +732,10 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
 def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None):
     cfg = st.cfg
-    # a soft cap keeps its tanh tile live until the chain rule: half the query rows per step
-    # keep the d=128 kernel (128 keys) spill-free
-    block_q = cfg.block_q_dkv // 2 if st.softcap is not None and cfg.block_q_dkv > 16 else cfg.block_q_dkv
+    # a soft cap keeps its tanh tile live until the chain rule, dropout its keep mask: half the
+    # query rows per step keep the d=128 kernel (128 keys) spill-free
+    extra_tiles = st.softcap is not None or st.dropout > 0
+    block_q = cfg.block_q_dkv // 2 if extra_tiles and cfg.block_q_dkv > 16 else cfg.block_q_dkv
     bq, bk = _blocks(st, block_q, cfg.block_k_dkv)
     batch, _, hkv, d = k.shape
     dv_ = v.shape[-1]
@@ -829,6 +844,7 @@ def flash_attention(
     dropout_rate: float = 0.0,
     dropout_seed: jax.Array | None = None,
     dropout_shared: bool = False,
+    dropout_offset: tuple = (0, 0, 0),
     config: FlashConfig | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -852,6 +868,8 @@ def flash_attention(
         and the kept ones scaled by ``1 / (1 - rate)``; the mask (``jaxattn.pallas._dropout``)
         is a function of ``dropout_seed`` (int32 ``[1]``), (batch, head) (or one mask for all of
         them with ``dropout_shared``), query row and key, regenerated by the backward kernels.
+      dropout_offset: ``(batch, query row, key)`` of this call's block in a larger problem's mask
+        (ints or int32 scalars; a sequence or batch shard draws its part of the single-device mask).
       config: tile sizes; defaults to the table entry for (head dim, dtype).
       interpret: run in interpret mode; None picks it when no GPU is present.
 
@@ -898,7 +916,7 @@ def flash_attention(
     if dropout_rate:
         if dropout_seed is None:
             raise ValueError("dropout_rate > 0 needs dropout_seed (int32 [1])")
-        seed = jnp.asarray(dropout_seed, jnp.int32).reshape(1)
+        seed = _dropout.kernel_seed(dropout_seed, hq, dropout_offset)
     alibi = None
     if alibi_slopes is not None:
         alibi = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, hq), (batch, hq))

@@ -87,6 +87,48 @@ def test_mask_statistics():
     np.testing.assert_array_equal(m, np.asarray(_dropout.keep_mask(seed, 2, 3, n, n, rate)))
 
 
+def test_offset_draws_a_block_of_the_larger_mask():
+    seed = _dropout.seed_from_key(jax.random.PRNGKey(5))
+    big = np.asarray(_dropout.keep_mask(seed, 3, 2, 40, 50, 0.3))
+    part = np.asarray(_dropout.keep_mask(seed, 2, 2, 24, 30, 0.3, offset=(1, 16, 20)))
+    np.testing.assert_array_equal(part, big[1:3, :, 16:40, 20:50])
+    assert 0 < part.mean() < 1
+
+
+def test_kernel_shard_with_offset_is_part_of_the_whole():
+    """The kernel on a (batch, query) shard with ``dropout_offset`` gives the rows of the whole
+    problem's dropout attention (the oracle on the whole problem), forward and gradients against the
+    oracle with the same offset; a key shard draws its columns (checked on the oracle's mask)."""
+    ks = jax.random.split(jax.random.PRNGKey(6), 5)
+    q, k, v = randn(ks[0], (2, 40, 4, 32), jnp.float32), randn(ks[1], (2, 50, 2, 32), jnp.float32), \
+        randn(ks[2], (2, 50, 2, 32), jnp.float32)
+    kw = dict(dropout_rate=0.3, dropout_rng=ks[3])
+    whole = jaxattn.attention(q, k, v, impl="xla", **kw)
+    with poison_outputs():
+        part = jaxattn.attention(q[1:, 16:], k[1:], v[1:], impl="pallas", dropout_offset=(1, 16, 0), **kw)
+    assert_close(part, whole[1:, 16:], jnp.float32, "shard vs whole")
+    assert float(jnp.max(jnp.abs(part - jaxattn.attention(q[1:, 16:], k[1:], v[1:], impl="xla", **kw)))) > 0.05
+    seed = _dropout.seed_from_key(ks[3])
+    off = (1, 8, 20)
+    w = randn(ks[4], (1, 20, 4, 32), jnp.float32)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v)[0] * w)
+
+    def kernel(q, k, v):
+        return flash.flash_attention(q, k, v, causal=True, dropout_rate=0.3, dropout_seed=seed, dropout_offset=off,
+                                     config=SMALL)
+
+    def oracle(q, k, v):
+        return attention_reference(q, k, v, causal=True, dropout_rate=0.3, dropout_seed=seed, dropout_offset=off)
+
+    args = (q[:1, :20], k[:1, :30], v[:1, :30])
+    assert_close(kernel(*args)[0], oracle(*args)[0], jnp.float32, "offset out")
+    for name, g, r in zip(("dq", "dk", "dv"), jax.grad(loss(kernel), (0, 1, 2))(*args),
+                          jax.grad(loss(oracle), (0, 1, 2))(*args)):
+        assert_close(g, r, jnp.float32, name, tol=GRAD_TOL)
+
+
 def test_unbiased_over_seeds():
     """Averaged over masks, dropout attention is plain attention (XLA path, 400 keys)."""
     ks = jax.random.split(jax.random.PRNGKey(2), 3)
@@ -118,6 +160,10 @@ def test_errors():
         jaxattn.attention(q, q, q, dropout_rate=-0.1, dropout_rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="needs dropout_rng"):
         jaxattn.attention(q, q, q, dropout_rate=0.1)
+    with pytest.raises(ValueError, match="dropout_offset must be three integers"):
+        jaxattn.attention(q, q, q, dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0), dropout_offset=(0, 4))
+    with pytest.raises(ValueError, match="dropout_offset must be three integers"):
+        jaxattn.attention(q, q, q, dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0), dropout_offset=(0, 1.5, 0))
 
 
 @pytest.mark.parametrize("shared", [False, True])

@@ -212,6 +212,13 @@ def test_dropout_modes_and_errors():
 
     with pytest.raises(ValueError, match="landmark attention has no dropout"):
         LandmarkGPTConfig(dropout=0.1)
+    # ring attention layers keep the attention dropout, with the mask the plain layers draw
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("seq",))
-    with pytest.raises(ValueError, match="no attention dropout"):
-        GPT(GPTConfig(dropout=0.1, vocab_size=64, dim=32, layers=1, heads=4), rngs=nnx.Rngs(0)).enable_sequence_parallel(mesh)
+    cfg = GPTConfig(dropout=0.2, vocab_size=64, dim=32, layers=1, heads=4, attn_impl="xla")
+    ring, flat = (GPT(cfg, rngs=nnx.Rngs(params=0, dropout=3)) for _ in range(2))
+    ring.enable_sequence_parallel(mesh)
+    a_ring, a_flat = ring(tokens), flat(tokens)
+    np.testing.assert_allclose(a_ring, a_flat, atol=1e-5)
+    b_ring, b_flat = ring(tokens), flat(tokens)  # the next masks: again the same in both
+    np.testing.assert_allclose(b_ring, b_flat, atol=1e-5)
+    assert not np.allclose(a_ring, b_ring)

@@ -17,27 +17,35 @@ SCRIPT = """
     import jax.numpy as jnp
     from jax.sharding import Mesh
     import jaxattn
+    from jaxattn.pallas import _dropout
     from jaxattn.reference import attention_reference
 
     devs = np.array(jax.devices())
     meshes = {"seq4": (Mesh(devs, ("sp",)), None), "data2xseq2": (Mesh(devs.reshape(2, 2), ("dp", "sp")), "dp")}
 
-    cases = [  # (b, n, hq, hkv, d, dtype, causal, mesh, impl)
-        (1, 64, 4, 2, 32, jnp.float32, True, "seq4", "pallas"),
-        (2, 48, 2, 2, 16, jnp.float32, False, "seq4", "xla"),
-        (2, 40, 3, 1, 32, jnp.float32, True, "data2xseq2", "xla"),
-        (2, 32, 2, 2, 64, jnp.bfloat16, False, "data2xseq2", "pallas"),
+    cases = [  # (b, n, hq, hkv, d, dtype, causal, mesh, impl, dropout rate)
+        (1, 64, 4, 2, 32, jnp.float32, True, "seq4", "pallas", 0.0),
+        (2, 48, 2, 2, 16, jnp.float32, False, "seq4", "xla", 0.0),
+        (2, 40, 3, 1, 32, jnp.float32, True, "data2xseq2", "xla", 0.0),
+        (2, 32, 2, 2, 64, jnp.bfloat16, False, "data2xseq2", "pallas", 0.0),
+        # dropout: every hop draws its block of the single-device mask (batch rows split too)
+        (1, 64, 4, 2, 32, jnp.float32, True, "seq4", "pallas", 0.2),
+        (2, 32, 2, 1, 32, jnp.float32, False, "data2xseq2", "pallas", 0.3),
+        (4, 40, 2, 2, 16, jnp.float32, True, "data2xseq2", "xla", 0.3),
     ]
-    for i, (b, n, hq, hkv, d, dtype, causal, mesh_name, impl) in enumerate(cases):
+    for i, (b, n, hq, hkv, d, dtype, causal, mesh_name, impl, rate) in enumerate(cases):
         mesh, batch_axis = meshes[mesh_name]
         ks = jax.random.split(jax.random.PRNGKey(i), 4)
         q = jax.random.normal(ks[0], (b, n, hq, d)).astype(dtype)
         k = jax.random.normal(ks[1], (b, n, hkv, d)).astype(dtype)
         v = jax.random.normal(ks[2], (b, n, hkv, d)).astype(dtype)
         w = jax.random.normal(ks[3], (b, n, hq, d))
+        rng = jax.random.PRNGKey(100 + i)
         ring = lambda q, k, v: jaxattn.ring_attention_sp(q, k, v, mesh=mesh, axis="sp", batch_axis=batch_axis,
-                                                         causal=causal, impl=impl)
-        ref = lambda q, k, v: attention_reference(q, k, v, causal=causal)[0]
+                                                         causal=causal, impl=impl, dropout_rate=rate,
+                                                         dropout_rng=rng if rate else None)
+        ref = lambda q, k, v: attention_reference(q, k, v, causal=causal, dropout_rate=rate,
+                                                  dropout_seed=_dropout.seed_from_key(rng))[0]
         tol = 2e-5 if dtype == jnp.float32 else 3e-2
         out = jax.jit(ring)(q, k, v)
         assert out.dtype == dtype and out.shape == (b, n, hq, d)
@@ -47,6 +55,9 @@ SCRIPT = """
         rg = jax.grad(loss(ref), (0, 1, 2))(q, k, v)
         for name, a, r in zip("qkv", g, rg):
             check(a, r, 3 * tol, f"case {i} d{name}")
+        if rate:  # the dropout is real
+            plain = attention_reference(q, k, v, causal=causal)[0]
+            assert float(jnp.max(jnp.abs(out - plain))) > 0.05, f"case {i}: no dropout"
         print("case", i, "ok")
     print("RING-OK")
 """

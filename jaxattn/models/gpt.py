@@ -199,7 +199,8 @@ class Attention(nnx.Module):
             from jaxattn.ops.ring_attention import ring_attention_sp
 
             mesh, axis, batch_axis = self.sequence_parallel
-            o = ring_attention_sp(q, k, v, mesh=mesh, axis=axis, batch_axis=batch_axis, causal=True, impl=impl)
+            o = ring_attention_sp(q, k, v, mesh=mesh, axis=axis, batch_axis=batch_axis, causal=True, impl=impl,
+                                  **drop)
         else:
             o = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes(), impl=impl, **drop)
         return _apply(self.resid_drop, self.o(o.reshape(b, n, self.cfg.dim)))
@@ -261,8 +262,6 @@ class GPT(nnx.Module):
             if bad or self.cfg.quantized or self.cfg.position == "alibi":
                 raise ValueError(f"sequence parallelism (ring attention) covers full-attention layers only (RoPE, not ALiBi); "
                                  f"this model has {bad or ('quantized' if self.cfg.quantized else 'ALiBi')} layers")
-            if self.cfg.dropout:
-                raise ValueError("sequence parallelism (ring attention) has no attention dropout: use dropout=0")
         from jaxattn.ops._spmd import layer_setting
 
         setting = layer_setting(mesh, axis, batch_axis)

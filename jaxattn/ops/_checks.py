@@ -128,6 +128,19 @@ def check_dropout(rate: Any, rng: Any) -> float:
     return value
 
 
+def check_dropout_offset(offset: Any) -> tuple:
+    """``dropout_offset``: three integers (or integer scalar arrays) ``(batch, query row, key)``."""
+    try:
+        items = tuple(offset)
+    except TypeError:
+        items = ()
+    if len(items) != 3 or any(jnp.ndim(x) != 0 or not jnp.issubdtype(jnp.result_type(x), jnp.integer)
+                              for x in items):
+        raise ValueError("dropout_offset must be three integers (batch, query row, key), got "
+                         f"{offset!r}")
+    return items
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def no_grad(x: jax.Array, message: str) -> jax.Array:
     """Identity that raises ``NotImplementedError(message)`` when differentiated (forward-only ops)."""

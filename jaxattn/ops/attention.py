@@ -30,6 +30,7 @@ def attention(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     dropout_broadcast: bool = False,
+    dropout_offset: tuple = (0, 0, 0),
     impl: Literal["auto", "pallas", "xla"] = "auto",
     return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -64,6 +65,9 @@ def attention(
         batch, head, query, key) instead of storing it; both paths use the same mask.
       dropout_rng: PRNG key, required when ``dropout_rate > 0``.
       dropout_broadcast: one mask shared by every batch row and head (flax's ``broadcast_dropout``).
+      dropout_offset: ``(batch, query row, key)``, ints or int32 scalars: this call's inputs are
+        the block at that offset of a larger problem, and draw that block of its mask (how
+        :func:`jaxattn.ring_attention` shards reproduce the single-device mask).
       impl: ``"pallas"`` (the flash kernel; interpret mode without a GPU),
         ``"xla"`` (the dense reference), or ``"auto"`` (the kernel on GPU when the
         head dim is in 32..256, else XLA).
@@ -97,7 +101,8 @@ def attention(
         extra["alibi_slopes"] = _checks.check_alibi(alibi_slopes, batch, hq)
     if _checks.check_dropout(dropout_rate, dropout_rng):
         extra.update(dropout_rate=float(dropout_rate), dropout_seed=_dropout.seed_from_key(dropout_rng),
-                     dropout_shared=bool(dropout_broadcast))
+                     dropout_shared=bool(dropout_broadcast),
+                     dropout_offset=_checks.check_dropout_offset(dropout_offset))
 
     lo, hi = _flash.SUPPORTED_HEAD_DIMS
     kernel_ok = lo <= max(d, v.shape[-1]) <= hi and jnp.dtype(q.dtype) in _checks.FLOAT_DTYPES

@@ -27,6 +27,7 @@ def attention_reference(
     dropout_rate: float = 0.0,
     dropout_seed: jax.Array | None = None,
     dropout_shared: bool = False,
+    dropout_offset: tuple = (0, 0, 0),
 ) -> tuple[jax.Array, jax.Array]:
     """``softmax(softcap(scale * q k^T) + bias) v`` over visible keys, in fp32.
 
@@ -39,7 +40,9 @@ def attention_reference(
     ``alibi_slopes`` ``[Hq]`` or ``[B, Hq]`` subtracts ``slope * |p - j|`` (ALiBi, after the cap).
     ``dropout_rate`` r zeroes each softmax weight where ``jaxattn.pallas._dropout.keep_mask``
     (from ``dropout_seed``; one mask for every batch and head with ``dropout_shared``) says so and
-    scales the others by ``1 / (1 - r)``; ``lse`` is that of the undropped weights.
+    scales the others by ``1 / (1 - r)``; ``lse`` is that of the undropped weights. ``dropout_offset``
+    ``(batch, query row, key)`` takes the mask's block at that offset (a shard's part of a larger
+    problem's mask).
     Returns fp32 ``out [B, Sq, Hq, Dv]`` and ``lse [B, Sq, Hq]``; a row with no
     visible key gives zeros and ``lse = -inf``.
     """
@@ -84,8 +87,9 @@ def attention_reference(
     l = jnp.sum(p, axis=-1, keepdims=True)
     w = p / jnp.where(l == 0, 1.0, l)
     if dropout_rate:
+        b0, q0, k0 = dropout_offset
         keep = _dropout.keep_mask(dropout_seed, 1 if dropout_shared else q.shape[0], 1 if dropout_shared else hq,
-                                  sq, sk, dropout_rate)
+                                  sq, sk, dropout_rate, offset=(0 if dropout_shared else b0, q0, k0))
         w = jnp.where(keep, w / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum("bhqk,bkhd->bqhd", w, v, precision=lax.Precision.HIGHEST)
     lse = jnp.where(l[..., 0] == 0, -jnp.inf, m[..., 0] + jnp.log(jnp.where(l[..., 0] == 0, 1.0, l[..., 0])))
