@@ -49,11 +49,12 @@ def landmark_config(tile: int, head_dim: int, dtype: Any) -> LandmarkConfig:
     """Launch parameters for a (padded block ``tile``, padded head dim, dtype) triple."""
     size = tile * head_dim * jnp.dtype(dtype).itemsize
     big = size >= 128 * 128 * 2
-    # backward: 8 warps and 2 stages from 64 x 128 bf16 tiles on (4 warps spilled ~2 KB of
-    # registers per thread on sm_90a, `python -m jaxattn.bench compile --families landmark`)
+    # backward: 8 warps and 2 stages from 64 x 128 bf16 tiles on (sm_90a, `python -m jaxattn.bench
+    # compile --families landmark`: the dk/dv kernel spills ~0.3 KB per thread, ~0.7 KB on 4 warps)
     mid = size >= 64 * 128 * 2
     # fp32 (IEEE FMA dots, no tensor cores): 8 warps, 1 stage cut the forward's spill from 67 KB to
-    # 3.5 KB per thread at 64 x 64 tiles; the backward kernels spill ~6 KB either way
+    # 3.5 KB per thread at 64 x 64 tiles; the backward kernels spill 3-8 KB (dq) and 30-55 KB
+    # (dk/dv) at any launch: fp32 landmark attention is for checking, not speed
     fp32 = jnp.dtype(dtype) == jnp.float32
     return LandmarkConfig(num_warps=8 if big or fp32 else 4, num_stages=1 if big or fp32 else 2,
                           num_warps_bwd=8 if mid else 4, num_stages_bwd=2 if mid and not big else 1)
