@@ -53,7 +53,8 @@ class LightningConfig:
 # (padded max(d, e), bytes per element) -> config.
 # Chosen by compiling for sm_90a (`python -m jaxattn.bench compile --families lightning`): every
 # entry fits in shared memory (a d=128 state kept whole did not), the two-byte ones spill at most
-# ~200 bytes (d=256's dk/dv), the fp32 ones at d <= 128 none (16-row blocks at d=128). The backward keeps value chunks wide (fewer fp32 partials of dq and dk to sum).
+# ~200 bytes (d=256's dk/dv), the fp32 ones at d <= 128 none (16-row blocks at d=128). The
+# backward keeps value chunks wide (fewer fp32 partials of dq and dk to sum).
 # d=128 two-byte: 64-row blocks (Hopper's warpgroup MMA wants 64 rows; 32-row blocks fell back to
 # mma.sync), 4 warps and 32-wide value chunks in the forward, as the reference kernel runs. The
 # H200 run of 2026-12-04 timed the earlier entry (32-row blocks, 8 warps, 16-wide chunks, 1 CTA/SM)

@@ -90,7 +90,6 @@ CONFIGS: dict[int, SageConfig] = {
     64: SageConfig(128, 64, 16, 8, 3),
     128: SageConfig(128, 128, 16, 8, 3),
 }
-PREV_D128_CONFIG = SageConfig(128, 64, 16, 8, 3)
 
 
 def padded_head_dim(d: int) -> int:

@@ -285,7 +285,7 @@ def test_bench_prev_config_peer_at_d128():
     their own key block, so both stay close to fp32 attention."""
     from jaxattn.bench import sage as sage_bench
 
-    assert sage.PREV_D128_CONFIG.block_k == 64 and sage.sage_config(128).block_k == 128
+    assert sage_bench.PREV_D128_CONFIG.block_k == 64 and sage.sage_config(128).block_k == 128
     case = sage_bench.Case(1, 300, 1, 128, True, "bfloat16")
     ops = sage_bench.peers(case, interpret=True)
     q, k, v, _ = sage_bench.inputs(case)
