@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxattn.pallas import _common, _dropout
+from jaxattn.pallas import _common, _dropout, flash_mgpu
 from jaxattn.pallas._common import dot
 
 LOG2E = math.log2(math.e)
@@ -121,6 +121,7 @@ class _Static:
     bias_grad: bool = False  # the dq kernel also writes the logits' cotangent (an additive bias's)
     dropout: float = 0.0  # attention dropout rate (mask from ``_dropout``, regenerated in every kernel)
     dropout_shared: bool = False  # one mask for every (batch, head), as flax's broadcast_dropout
+    mosaic: Any = None  # a flash_mgpu.MosaicConfig: the forward runs on Mosaic GPU (Hopper)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,6 +519,9 @@ def _scalar_inputs(st: _Static, alibi, seed):
 
 
 def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None):
+    if st.mosaic is not None:  # the FlashAttention-3 forward (flash_mgpu); the backward stays here
+        return flash_mgpu.forward(q, k, v, causal=st.causal, scale=st.scale, q_len=st.q_len, kv_len=st.kv_len,
+                                  config=st.mosaic, interpret=_common.resolve_interpret(st.interpret))
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q, cfg.block_k)
     batch, _, hq, d = q.shape
@@ -847,6 +851,8 @@ def flash_attention(
     dropout_offset: tuple = (0, 0, 0),
     config: FlashConfig | None = None,
     interpret: bool | None = None,
+    backend: str = "triton",
+    mosaic_config: flash_mgpu.MosaicConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Flash attention kernel on already-validated inputs.
 
@@ -872,6 +878,10 @@ def flash_attention(
         (ints or int32 scalars; a sequence or batch shard draws its part of the single-device mask).
       config: tile sizes; defaults to the table entry for (head dim, dtype).
       interpret: run in interpret mode; None picks it when no GPU is present.
+      backend: ``"triton"``, or ``"mosaic"``: the forward runs the FlashAttention-3 kernel of
+        :mod:`jaxattn.pallas.flash_mgpu` (Hopper; head dims 64/128, bf16/fp16, causal or not, no
+        bias, segments, window, soft cap, ALiBi or dropout), the backward these Triton kernels.
+      mosaic_config: its tiles; defaults to ``flash_mgpu.CONFIGS[head_dim]``.
 
     Returns:
       ``out [B, Sq, Hq, Dv]`` in the input dtype and ``lse [B, Sq, Hq]`` (fp32,
@@ -885,6 +895,15 @@ def flash_attention(
 
     q_block = min(max(cfg.block_q, cfg.block_q_dq, cfg.block_q_dkv), max(16, _common.next_pow2(q_len)))
     k_block = min(max(cfg.block_k, cfg.block_k_dq, cfg.block_k_dkv), max(16, _common.next_pow2(kv_len)))
+    mosaic = None
+    if backend == "mosaic":
+        _check_mosaic(q, k, v, bias, q_segment_ids, local_window_size, logits_soft_cap, alibi_slopes,
+                      dropout_rate)
+        mosaic = mosaic_config or flash_mgpu.mosaic_config(d)
+        # powers of two: the larger tile is a multiple of the smaller
+        q_block, k_block = max(q_block, 2 * mosaic.block_q), max(k_block, mosaic.block_kv)
+    elif backend != "triton":
+        raise ValueError(f"backend must be 'triton' or 'mosaic', got {backend!r}")
     q_pad, kv_pad = _common.round_up(q_len, q_block), _common.round_up(kv_len, k_block)
 
     has_seg = q_segment_ids is not None
@@ -910,7 +929,7 @@ def flash_attention(
         interpret=interpret, precision=precision_for(q.dtype),
         window=tuple(local_window_size) if local_window_size is not None else (None, None),
         softcap=None if logits_soft_cap is None else float(logits_soft_cap), alibi=alibi_slopes is not None,
-        heads=hq, dropout=float(dropout_rate), dropout_shared=bool(dropout_shared),
+        heads=hq, dropout=float(dropout_rate), dropout_shared=bool(dropout_shared), mosaic=mosaic,
     )
     seed = None
     if dropout_rate:
@@ -921,6 +940,24 @@ def flash_attention(
     if alibi_slopes is not None:
         alibi = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, hq), (batch, hq))
     return run_padded(st, q, k, v, bias, qseg, kseg, None, alibi, seed)
+
+
+def _check_mosaic(q, k, v, bias, q_segment_ids, window, softcap, alibi, dropout_rate) -> None:
+    """What the Mosaic GPU forward runs; anything else raises, naming the argument."""
+    if not flash_mgpu.available():
+        raise ValueError("impl='mosaic' needs jax's Pallas Mosaic GPU backend (jax >= 0.10)")
+    d, dk, dv = q.shape[-1], k.shape[-1], v.shape[-1]
+    if not d == dk == dv or d not in flash_mgpu.HEAD_DIMS:
+        raise ValueError(f"impl='mosaic' needs q, k and v head dims equal and in {flash_mgpu.HEAD_DIMS}; "
+                         f"got q/k head_dim={d}, v head_dim={dv}")
+    if jnp.dtype(q.dtype) not in flash_mgpu.DTYPES:
+        raise ValueError(f"impl='mosaic' needs q, k, v in bfloat16 or float16, got {jnp.dtype(q.dtype).name}")
+    extras = {"mask": bias is not None, "segment_ids": q_segment_ids is not None,
+              "local_window_size": window is not None, "logits_soft_cap": softcap is not None,
+              "alibi_slopes": alibi is not None, "dropout_rate": bool(dropout_rate)}
+    if used := [name for name, on in extras.items() if on]:
+        raise ValueError(f"impl='mosaic' runs plain causal or non-causal attention; {', '.join(used)} "
+                         "need impl='pallas'")
 
 
 def precision_for(dtype: Any) -> Any:

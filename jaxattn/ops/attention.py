@@ -13,6 +13,7 @@ from jaxattn.pallas import flash as _flash
 from jaxattn.reference.attention import attention_reference
 
 SegmentIds = jax.Array | tuple[jax.Array, jax.Array]
+ATTENTION_IMPLS = (*_checks.IMPLS, "mosaic")
 
 
 def attention(
@@ -31,7 +32,7 @@ def attention(
     dropout_rng: jax.Array | None = None,
     dropout_broadcast: bool = False,
     dropout_offset: tuple = (0, 0, 0),
-    impl: Literal["auto", "pallas", "xla"] = "auto",
+    impl: Literal["auto", "pallas", "mosaic", "xla"] = "auto",
     return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Scaled dot-product softmax attention.
@@ -70,7 +71,11 @@ def attention(
         :func:`jaxattn.ring_attention` shards reproduce the single-device mask).
       impl: ``"pallas"`` (the flash kernel; interpret mode without a GPU),
         ``"xla"`` (the dense reference), or ``"auto"`` (the kernel on GPU when the
-        head dim is in 32..256, else XLA).
+        head dim is in 32..256, else XLA). ``"mosaic"``: the forward runs the FlashAttention-3
+        kernel on Pallas's Mosaic GPU backend (Hopper; warp-specialized, TMA, WGMMA, ping-pong
+        softmax; Mosaic GPU's interpret mode without a GPU), the backward the flash kernels;
+        plain causal or non-causal attention with GQA and any lengths, head dims 64 or 128,
+        bf16/fp16 (other features raise a ``ValueError``).
       return_lse: also return the log-sum-exp ``[batch, q_len, heads]`` (fp32).
 
     A query row with no visible key (every key masked by ``causal``,
@@ -81,7 +86,8 @@ def attention(
       ``out [batch, q_len, heads, v_head_dim]`` in the dtype of ``q``, and ``lse``
       if ``return_lse``.
     """
-    _checks.check_impl(impl)
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     batch, q_len, kv_len, hq, hkv, d = _checks.check_qkv(q, k, v, (*_checks.FLOAT_DTYPES, jnp.float64))
 
     qseg = kvseg = None
@@ -106,18 +112,19 @@ def attention(
 
     lo, hi = _flash.SUPPORTED_HEAD_DIMS
     kernel_ok = lo <= max(d, v.shape[-1]) <= hi and jnp.dtype(q.dtype) in _checks.FLOAT_DTYPES
-    if impl == "pallas":
+    if impl in ("pallas", "mosaic"):
         if not lo <= d <= hi or not lo <= v.shape[-1] <= hi:
             raise ValueError(
                 f"impl='pallas' supports head dims {lo}..{hi}; got q/k head_dim={d}, "
                 f"v head_dim={v.shape[-1]}")
         _checks.check_float_dtype("q", q)
-    use_kernel = impl == "pallas" or (impl == "auto" and kernel_ok and jax.default_backend() == "gpu")
+    use_kernel = impl in ("pallas", "mosaic") or (impl == "auto" and kernel_ok and jax.default_backend() == "gpu")
 
     if use_kernel:
         out, lse = _flash.flash_attention(
             q, k, v, causal=causal, scale=scale, bias=mask,
-            q_segment_ids=qseg, kv_segment_ids=kvseg, **extra)
+            q_segment_ids=qseg, kv_segment_ids=kvseg, backend="mosaic" if impl == "mosaic" else "triton",
+            **extra)
     else:
         out, lse = attention_reference(
             q, k, v, causal=causal, scale=scale, mask=mask,
