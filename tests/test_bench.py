@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -152,6 +153,18 @@ def test_attention_prev_config_peer_matches_the_table_entry():
     for name in ("jaxattn", "jaxattn-prev-config"):
         for a, b in zip(jax.tree.leaves(ops[name](q, k, v, do)), expected):
             np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=3e-2, rtol=3e-2)
+
+
+def test_attention_mosaic_peer():
+    """On a GPU bench attention times impl="mosaic" (interpreted here) beside the Triton path; its
+    forward and gradients match the XLA reference peer's."""
+    case = attention_bench.Case(1, 128, 2, 64, True, "bfloat16", "fwd+bwd")
+    ops = attention_bench.peers(case, interpret=False)  # the GPU's peer list (built, not all run)
+    assert "jaxattn-mosaic" in ops
+    q, k, v, do = attention_bench.inputs(case)
+    for a, b in zip(jax.tree.leaves(ops["jaxattn-mosaic"](q, k, v, do)), jax.tree.leaves(ops["xla"](q, k, v, do))):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=3e-2, rtol=3e-2)
+    assert "jaxattn-mosaic" not in attention_bench.peers(dataclasses.replace(case, head_dim=96), interpret=False)
 
 
 def test_torch_peers_need_torch_with_cuda(monkeypatch):

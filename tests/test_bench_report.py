@@ -36,6 +36,18 @@ def test_attention_targets_pass_and_fail_on_the_ratio():
     assert len(fails) == 2 and all("fwd vs JAX Pallas" in k for k in fails), v
 
 
+def test_attention_mosaic_rows_only_with_mosaic_records():
+    data = _attention(pallas_fwd=1.3)
+    for r in list(data["records"]):
+        if r["impl"] == "jaxattn":
+            data["records"].append(dict(r, impl="jaxattn-mosaic", ms=r["ms"] * (0.8 if r["mode"] == "fwd" else 1.2)))
+    v, targets = _verdicts([data])
+    mosaic = {k: x for k, x in v.items() if "impl=mosaic" in k}
+    assert len(targets) == 12 and len(mosaic) == 6, v
+    assert mosaic["flash fwd impl=mosaic vs JAX Pallas mha, S=8192 d=128 bf16 causal"] == "PASS"  # 1.3 / 0.8
+    assert mosaic["flash fwd+bwd impl=mosaic vs JAX Pallas mha, S=8192 d=128 bf16 causal"] == "FAIL"  # 3.3 / 3.6
+
+
 def test_lightning_time_per_token_and_missing_peers():
     recs = []
     for seq, ms in ((2048, 1.0), (8192, 1.1), (65536, 1.4)):  # fixed B*S: 1.4x from 2k to 64k -> FAIL

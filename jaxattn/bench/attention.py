@@ -2,7 +2,9 @@
 
 Peers, all in this process: the XLA reference (``impl="xla"``), our kernel with attention dropout
 (GPU only: what the in-kernel mask costs), our kernel with the table entry the first GPU run timed
-(``jaxattn-prev-config``, d = 128 bf16 forward+backward),
+(``jaxattn-prev-config``, d = 128 bf16 forward+backward), our FlashAttention-3 forward on Mosaic GPU
+(``jaxattn-mosaic``: ``impl="mosaic"``, Hopper) and JAX's bundled one (``jax-pallas-mgpu``,
+``attention_mgpu``, forward only),
 ``jax.nn.dot_product_attention(implementation="cudnn")``, JAX's bundled Pallas
 ``mha`` and PyTorch ``scaled_dot_product_attention`` (flash backend) when torch
 with CUDA is importable. A peer that cannot run a configuration is reported with
@@ -21,7 +23,7 @@ import jax
 
 import jaxattn
 from jaxattn.bench import runner
-from jaxattn.pallas import flash
+from jaxattn.pallas import flash, flash_mgpu
 
 # The d=128 two-byte table entry the first H200 run timed (64-key dk/dv tiles).
 PREV_D128_CONFIG = flash.FlashConfig(128, 64, 8, 3, 128, 64, 32, 64, 8, 2)
@@ -73,6 +75,13 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         # the entry the first H200 run timed (2026-12-04): what the 128-key dk/dv tiles buy
         ops["jaxattn-prev-config"] = lambda q, k, v: flash.flash_attention(
             q, k, v, causal=c, config=PREV_D128_CONFIG, interpret=interpret)[0]
+    if not interpret and case.head_dim in flash_mgpu.HEAD_DIMS and case.dtype in ("bfloat16", "float16"):
+        # our FlashAttention-3 forward on Mosaic GPU (the backward: the Triton kernels)
+        ops["jaxattn-mosaic"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="mosaic")
+        if case.mode == "fwd" and case.seq % 128 == 0:
+            mgpu = _jax_mosaic_attention(c)
+            if mgpu is not None:
+                ops["jax-pallas-mgpu"] = mgpu
     try:
         from jax.experimental.pallas.ops.gpu import attention as jax_pallas
 
@@ -81,6 +90,17 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     except Exception:  # noqa: BLE001 - the bundled kernel moved or is missing
         pass
     return {name: runner.jax_mode_fn(op, case.mode) for name, op in ops.items()}
+
+
+def _jax_mosaic_attention(causal: bool) -> Callable[..., jax.Array] | None:
+    """JAX's bundled FlashAttention-3 forward on Mosaic GPU (``attention_mgpu``), with the tiles
+    of its own benchmark; it takes q pre-scaled, so it is timed without the logit scale."""
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+    except Exception:  # noqa: BLE001 - not in this jax
+        return None
+    cfg = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal)
+    return lambda q, k, v: attention_mgpu.attention(q, k, v, cfg)
 
 
 def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:

@@ -64,6 +64,17 @@ def _attention(recs: list[dict]) -> list[Target]:
             Target(2, f"flash fwd+bwd vs JAX Pallas mha, S=8192 d=128 bf16 {tag}",
                    _ratio(_ms(recs, "jax-pallas", mode="fwd+bwd", **c), ours_b), 1.0),
         ]
+        # impl="mosaic" (the FlashAttention-3 forward on Mosaic GPU), reported beside the Triton path
+        mos_f, mos_b = (_ms(recs, "jaxattn-mosaic", mode=m, **c) for m in ("fwd", "fwd+bwd"))
+        if mos_f or mos_b:
+            out += [
+                Target(2, f"flash fwd impl=mosaic vs JAX Pallas mha, S=8192 d=128 bf16 {tag}",
+                       _ratio(_ms(recs, "jax-pallas", mode="fwd", **c), mos_f), 1.2),
+                Target(2, f"flash fwd impl=mosaic vs cuDNN, S=8192 d=128 bf16 {tag}",
+                       _ratio(_ms(recs, "cudnn", mode="fwd", **c), mos_f), 0.8),
+                Target(2, f"flash fwd+bwd impl=mosaic vs JAX Pallas mha, S=8192 d=128 bf16 {tag}",
+                       _ratio(_ms(recs, "jax-pallas", mode="fwd+bwd", **c), mos_b), 1.0),
+            ]
     return out
 
 
