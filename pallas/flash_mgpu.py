@@ -135,6 +135,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: fl
     if v.shape != k.shape or d not in HEAD_DIMS:
         raise ValueError(f"impl='mosaic' needs q, k, v head dims equal and in {HEAD_DIMS}; "
                          f"got {d}, {k.shape[-1]}, {v.shape[-1]}")
+    if scale <= 0:  # the kernel scales each row's max of the raw scores: keep the scale positive
+        q, scale = (-q, -scale) if scale < 0 else (jnp.zeros_like(q), 1.0)
     groups = hq // hkv
     n_tiles = q_pad // (2 * bq)
     offset = kv_len - q_len

@@ -57,7 +57,7 @@ def test_forward_matches_oracle(seed):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradients_match_oracle(causal):
-    c = dict(batch=1, sq=150, sk=200, hkv=1, hq=2, d=64, causal=causal, dtype=jnp.bfloat16, seed=7)
+    c = dict(batch=1, sq=150, sk=214, hkv=1, hq=2, d=64, causal=causal, dtype=jnp.bfloat16, seed=7)
     q, k, v, do = _inputs(c)
 
     def loss(f):
@@ -80,23 +80,38 @@ def test_rows_without_keys_are_zero():
     assert_close(out, ref, c["dtype"], "out")
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_nonpositive_scale(scale):
+    c = dict(batch=1, sq=70, sk=90, hkv=1, hq=1, d=64, causal=True, dtype=jnp.bfloat16, seed=5)
+    q, k, v, _ = _inputs(c)
+    out = jaxattn.attention(q, k, v, causal=True, scale=scale, impl="mosaic")
+    assert_close(out, attention_reference(q, k, v, causal=True, scale=scale)[0], c["dtype"], "out")
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="a CPU simulation; the GPU runs the compiled kernel")
 @pytest.mark.parametrize("pingpong", [True, False])
 def test_no_data_races(pingpong):
-    """The interpreter's happens-before race detector over the warp-specialized pipeline:
-    a causal tile whose two consumers see different numbers of key blocks, more blocks than
-    ring slots."""
+    """The interpreter's happens-before race detector over the warp-specialized pipeline.
+    Causal offset 64 (kv_len - q_len): in each tile the first consumer needs one key block fewer
+    than the second (it drains that block: waits and releases it), three blocks cycle through
+    two ring slots, and the last block holds padded keys."""
+    q_len, kv_len = 200, 264
     ks = jax.random.split(jax.random.PRNGKey(1), 3)
     q = randn(ks[0], (1, 256, 1, 64), jnp.bfloat16)
-    k = randn(ks[1], (1, 512, 1, 64), jnp.bfloat16)
-    v = randn(ks[2], (1, 512, 1, 64), jnp.bfloat16)
+    k = randn(ks[1], (1, 384, 1, 64), jnp.bfloat16)
+    v = randn(ks[2], (1, 384, 1, 64), jnp.bfloat16)
     cfg = dataclasses.replace(flash_mgpu.CONFIGS[64], stages=2, pingpong=pingpong)
-    out, lse = flash_mgpu.forward(q, k, v, causal=True, scale=0.125, q_len=250, kv_len=500, config=cfg,
+    for tile in (0, 128):  # the consumers' key-block counts differ (hi: 1 vs 2, then 2 vs 3)
+        _, hi0 = flash_mgpu._key_blocks(tile, 64, causal=True, offset=64, kv_len=kv_len, block_kv=128)
+        _, hi1 = flash_mgpu._key_blocks(tile + 64, 64, causal=True, offset=64, kv_len=kv_len, block_kv=128)
+        assert int(hi0) + 1 == int(hi1)
+    out, lse = flash_mgpu.forward(q, k, v, causal=True, scale=0.125, q_len=q_len, kv_len=kv_len, config=cfg,
                                   interpret=flash_mgpu.interpret_params(detect_races=True))
     out.block_until_ready()
     assert not flash_mgpu.races_found()
-    ref, ref_lse = attention_reference(q[:, :250], k[:, :500], v[:, :500], causal=True, scale=0.125)
-    assert_close(out[:, :250], ref, jnp.bfloat16, "out")
+    ref, ref_lse = attention_reference(q[:, :q_len], k[:, :kv_len], v[:, :kv_len], causal=True, scale=0.125)
+    assert_close(out[:, :q_len], ref, jnp.bfloat16, "out")
+    assert_close(jnp.swapaxes(lse, 1, 2)[:, :q_len], ref_lse, jnp.float32, "lse", tol=LSE_TOL)
 
 
 @pytest.mark.parametrize("d,causal,dtype,pingpong", list(itertools.product(
