@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 from typing import Any
 
@@ -55,6 +56,10 @@ class MosaicConfig:
     block_kv: int = 128
     stages: int = 2
     pingpong: bool = True
+    # P V accumulates in place into the output (``pl.run_state``, FlashAttention-3's form) instead
+    # of a fresh accumulator plus an add. GPU only: the interpreter lacks run_state and runs the
+    # fresh-accumulator form (the same sums), so on a CPU only CUDA lowering checks this form.
+    inplace_pv: bool = False
 
     def __post_init__(self):
         if self.block_q != 64:
@@ -83,10 +88,9 @@ def mosaic_config(head_dim: int) -> MosaicConfig:
 def available() -> bool:
     """Whether this jax has Pallas's Mosaic GPU backend."""
     try:
-        from jax.experimental.pallas import mosaic_gpu  # noqa: F401
+        return importlib.util.find_spec("jax.experimental.pallas.mosaic_gpu") is not None
     except Exception:  # noqa: BLE001 - an older or stripped jax
         return False
-    return True
 
 
 def interpret_params(**kw: Any) -> Any:
@@ -221,22 +225,26 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: fl
                 if cfg.pingpong:
                     plgpu.barrier_wait(sched)  # the tensor cores are ours again
 
-                def pv_product(ref):
+                def pv_issue(ref):
                     plgpu.wgmma(ref, p16, v_smem.at[slot])
 
                     @pl.when(j + 1 < hi)
                     def _():  # the next K block, while this product runs
                         plgpu.barrier_wait(loaded_k.at[lax.rem(j + 1, stages)])
 
+                def pv_product(ref):
+                    pv_issue(ref)
                     return ref[...]
 
                 if interpret:  # the interpreter takes WGMMA operands from shared memory only
-                    pv = jnp.dot(p16, v_smem.at[slot][...], preferred_element_type=jnp.float32)
+                    acc = acc + jnp.dot(p16, v_smem.at[slot][...], preferred_element_type=jnp.float32)
                     pl.when(j + 1 < hi)(lambda: plgpu.barrier_wait(loaded_k.at[lax.rem(j + 1, stages)]))
+                elif cfg.inplace_pv:  # accumulate into the rescaled output
+                    acc = pl.run_state(pv_issue)(plgpu.ACC.init(acc))
                 else:
-                    pv = pl.run_scoped(pv_product, plgpu.ACC((bq, d), jnp.float32))
+                    acc = acc + pl.run_scoped(pv_product, plgpu.ACC((bq, d), jnp.float32))
                 plgpu.barrier_arrive(consumed_v.at[slot])
-                return acc + pv, m_new, l
+                return acc, m_new, l
 
             carry = (acc, m, l)
             carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)

@@ -114,14 +114,15 @@ def test_no_data_races(pingpong):
     assert_close(jnp.swapaxes(lse, 1, 2)[:, :q_len], ref_lse, jnp.float32, "lse", tol=LSE_TOL)
 
 
-@pytest.mark.parametrize("d,causal,dtype,pingpong", list(itertools.product(
-    flash_mgpu.HEAD_DIMS, [False, True], ["bfloat16", "float16"], [True, False])))
-def test_lowers_for_cuda(d, causal, dtype, pingpong):
+@pytest.mark.parametrize("d,causal,dtype,pingpong,inplace", [
+    *itertools.product(flash_mgpu.HEAD_DIMS, [False, True], ["bfloat16", "float16"], [True, False], [False]),
+    *itertools.product(flash_mgpu.HEAD_DIMS, [False, True], ["bfloat16"], [True], [True])])
+def test_lowers_for_cuda(d, causal, dtype, pingpong, inplace):
     """Pallas lowers the kernel to a Mosaic GPU custom call (register layouts, WGMMA operand
     shapes and shared-memory transforms are checked here); ragged lengths, GQA."""
     q = jax.ShapeDtypeStruct((2, 512, 4, d), jnp.dtype(dtype))
     kv = jax.ShapeDtypeStruct((2, 384, 2, d), jnp.dtype(dtype))
-    cfg = dataclasses.replace(flash_mgpu.CONFIGS[d], pingpong=pingpong)
+    cfg = dataclasses.replace(flash_mgpu.CONFIGS[d], pingpong=pingpong, inplace_pv=inplace)
     text = lower_for_cuda(lambda q, k, v: flash_mgpu.forward(
         q, k, v, causal=causal, scale=0.1, q_len=500, kv_len=300, config=cfg), q, kv, kv).as_text()
     assert "mosaic_gpu" in text
@@ -157,6 +158,18 @@ def test_unsupported_input_raises(kw, match):
         kw["dropout_rng"] = jax.random.PRNGKey(0)
     with pytest.raises(ValueError, match=match):
         jaxattn.attention(q, q, q, impl="mosaic", **kw)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="pl.run_state: compiled for a GPU only")
+@pytest.mark.parametrize("causal", [False, True])
+def test_inplace_pv_on_gpu(causal):
+    c = dict(batch=2, sq=1000, sk=1100, hkv=2, hq=4, d=128, causal=causal, dtype=jnp.bfloat16, seed=11)
+    q, k, v, _ = _inputs(c)
+    cfg = dataclasses.replace(flash_mgpu.CONFIGS[128], inplace_pv=True)
+    out, lse = flash.flash_attention(q, k, v, causal=causal, backend="mosaic", mosaic_config=cfg)
+    ref, ref_lse = attention_reference(q, k, v, causal=causal)
+    assert_close(out, ref, c["dtype"], "out")
+    assert_close(lse, ref_lse, jnp.float32, "lse", tol=LSE_TOL)
 
 
 def test_config_validation():

@@ -78,6 +78,9 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     if not interpret and case.head_dim in flash_mgpu.HEAD_DIMS and case.dtype in ("bfloat16", "float16"):
         # our FlashAttention-3 forward on Mosaic GPU (the backward: the Triton kernels)
         ops["jaxattn-mosaic"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="mosaic")
+        inplace = dataclasses.replace(flash_mgpu.mosaic_config(case.head_dim), inplace_pv=True)
+        ops["jaxattn-mosaic-inplace"] = lambda q, k, v: flash.flash_attention(
+            q, k, v, causal=c, backend="mosaic", mosaic_config=inplace)[0]
         if case.mode == "fwd" and case.seq % 128 == 0:
             mgpu = _jax_mosaic_attention(c)
             if mgpu is not None:
