@@ -33,7 +33,8 @@ import dataclasses
 import functools
 import importlib.util
 import math
-from typing import Any
+import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,8 @@ from jax.experimental import pallas as pl
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
+FP8_DTYPE = jnp.float8_e4m3fn
+P_OFFSET = 8.807  # SageAttention2: exp2(8.807) ~= 448 puts P in e4m3's range (as pallas.sage)
 
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -101,6 +104,25 @@ def interpret_params(**kw: Any) -> Any:
     return InterpretGPUParams(**kw)
 
 
+def interpreter_threads() -> int:
+    """Threads of XLA's CPU client pool (``NPROC`` if set, else the CPU count), read when JAX
+    starts. The interpreter runs a kernel's three warpgroups as three concurrent CPU executions
+    inside a fourth; a pool smaller than 4 can leave a warpgroup unscheduled while the others
+    wait on its barrier, which hangs."""
+    try:
+        return int(os.environ["NPROC"])
+    except (KeyError, ValueError):
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _check_interpreter_threads() -> None:
+    if interpreter_threads() < 4:
+        raise RuntimeError(
+            f"Mosaic GPU interpret mode needs XLA's CPU thread pool to hold 4 threads (it has "
+            f"{interpreter_threads()}: NPROC or the CPU count), or it can hang: set NPROC=8 in the "
+            "environment before JAX starts (the test suite does), or run impl='pallas'")
+
+
 def races_found() -> bool:
     """Whether the last interpreted kernel run with ``detect_races=True`` found a data race."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
@@ -121,6 +143,17 @@ def _key_blocks(q_first, rows: int, *, causal: bool, offset: int, kv_len: int, b
     return jnp.minimum(jnp.minimum(full, n_kv_full), hi), hi
 
 
+class SageInputs(NamedTuple):
+    """Quantised operands for the SageAttention2 mode (:mod:`jaxattn.pallas.sage`'s prologue)."""
+
+    q8: jax.Array  # int8 [B, Sq, Hq, d]
+    q_rows: jax.Array  # fp32 [B, Hq, Sq]: per-row Q scale * sm_scale * log2(e)
+    k8: jax.Array  # int8 [B, Sk, Hkv, d]
+    k_scale: jax.Array  # fp32 [B, Hkv, Sk / block_kv]: one scale per key block
+    v8t: jax.Array  # float8_e4m3fn [B, Hkv, d, Sk]: V transposed (K-major for the FP8 WGMMA)
+    v_scale: jax.Array  # fp32 [B, Hkv, d]: per-channel V scale
+
+
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: float, q_len: int,
             kv_len: int, config: MosaicConfig | None = None,
             interpret: Any = False) -> tuple[jax.Array, jax.Array]:
@@ -128,30 +161,75 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: fl
     ``2 * block_q``, ``Sk`` of ``block_kv``; true lengths ``q_len``, ``kv_len``) ->
     ``out [B, Sq, Hq, d]`` (input dtype) and the natural-log ``lse [B, Hq, Sq]`` (fp32).
     ``interpret``: False (compile for the GPU), True, or :func:`interpret_params` (the CPU)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    batch, q_pad, hq, d = q.shape
-    kv_pad, hkv = k.shape[1], k.shape[2]
-    cfg = config or mosaic_config(d)
-    bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
-    if q_pad % (2 * bq) or kv_pad % bkv:
-        raise ValueError(f"padded lengths {q_pad}, {kv_pad} must be multiples of {2 * bq} and {bkv}")
+    d = q.shape[-1]
     if v.shape != k.shape or d not in HEAD_DIMS:
         raise ValueError(f"impl='mosaic' needs q, k, v head dims equal and in {HEAD_DIMS}; "
                          f"got {d}, {k.shape[-1]}, {v.shape[-1]}")
     if scale <= 0:  # the kernel scales each row's max of the raw scores: keep the scale positive
         q, scale = (-q, -scale) if scale < 0 else (jnp.zeros_like(q), 1.0)
+    return _attention(q, k, v, None, causal=causal, scale=scale, q_len=q_len, kv_len=kv_len,
+                      cfg=config or mosaic_config(d), out_dtype=q.dtype, interpret=interpret)
+
+
+def sage_forward(x: SageInputs, *, causal: bool, q_len: int, kv_len: int, out_dtype: Any,
+                 config: MosaicConfig | None = None, interpret: Any = False) -> jax.Array:
+    """SageAttention2 on the same pipeline: INT8 ``Q K^T`` on ``s8`` WGMMA (int32 scores times
+    the row and key-block scales, base-2 units), online softmax with the P offset, P cast to e4m3
+    and staged in shared memory (Hopper's FP8 WGMMA takes no register operand that Mosaic GPU
+    emits), one FP8 product per key block into a fresh fp32 tile that is scaled by the per-channel
+    V scale and added to the output (two-level accumulation). Padded as :func:`forward`;
+    returns ``out [B, Sq, Hq, d]`` in ``out_dtype``."""
+    d = x.q8.shape[-1]
+    if d not in HEAD_DIMS:
+        raise ValueError(f"the Mosaic Sage kernel supports head dims {HEAD_DIMS}, got {d}")
+    cfg = config or mosaic_config(d)
+    if x.k_scale.shape[-1] * cfg.block_kv != x.k8.shape[1]:
+        raise ValueError(f"k_scale needs one scale per {cfg.block_kv} keys, got {x.k_scale.shape}")
+    return _attention(x.q8, x.k8, x.v8t, x, causal=causal, scale=1.0, q_len=q_len, kv_len=kv_len, cfg=cfg,
+                      out_dtype=out_dtype, interpret=interpret)[0]
+
+
+def _smem_transforms(plgpu, shape: tuple[int, ...], dtype: Any) -> tuple:
+    """Tiling and swizzle for a tile whose rows are ``shape[-1]`` elements (WGMMA operands)."""
+    row_bytes = shape[-1] * jnp.dtype(dtype).itemsize
+    swizzle = min(128, row_bytes)
+    return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, q_len: int, kv_len: int,
+               cfg: MosaicConfig, out_dtype: Any, interpret: Any) -> tuple[jax.Array, jax.Array]:
+    """The warp-specialized kernel; ``sage``: the quantised mode (``q, k`` int8, ``v`` is V^T
+    e4m3), else 16-bit ``q, k, v``."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    batch, q_pad, hq, d = q.shape
+    kv_pad, hkv = k.shape[1], k.shape[2]
+    bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
+    if q_pad % (2 * bq) or kv_pad % bkv:
+        raise ValueError(f"padded lengths {q_pad}, {kv_pad} must be multiples of {2 * bq} and {bkv}")
+    quant = sage is not None
     groups = hq // hkv
     n_tiles = q_pad // (2 * bq)
     offset = kv_len - q_len
-    dtype = q.dtype
     c = float(scale) * LOG2E
     # Register layouts (WGMMA tiles and their rows) are annotations that the interpreter lacks.
     cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
-    blocks = functools.partial(_key_blocks, causal=causal, offset=offset, kv_len=kv_len, block_kv=bkv)
+    row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
-    def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, loaded_k, loaded_v,
-               loaded_q, consumed_k, consumed_v, sched):
+    def load_vec(ref, layout):  # a vector from global memory, in a WGMMA row/column layout
+        return ref[...] if interpret else plgpu.load(ref, (), layout=layout, optimized=False)
+
+    blocks = functools.partial(_key_blocks, causal=causal, offset=offset, kv_len=kv_len, block_kv=bkv)
+    v_tile = (d, bkv) if quant else (bkv, d)  # V^T blocks in the quantised mode
+
+    def kernel(q_ref, k_ref, v_ref, *refs):
+        if quant:
+            qs_ref, ks_ref, vs_ref, o_ref, lse_ref, q_smem2, o_smem2, p_smem2, *rest = refs
+        else:
+            qs_ref = ks_ref = vs_ref = p_smem2 = None
+            o_ref, lse_ref, q_smem2, *rest = refs
+            o_smem2 = q_smem2  # the output tile reuses Q's
+        k_smem, v_smem, lse_smem2, loaded_k, loaded_v, loaded_q, consumed_k, consumed_v, sched = rest
         b, h = lax.axis_index("batch"), lax.axis_index("heads")
         tile = lax.axis_index("tiles")
         if causal:  # the heaviest query tiles first: balances the tail of the grid
@@ -159,6 +237,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: fl
         wg = lax.axis_index("wg")
         cta_first = tile * (2 * bq)
         _, steps = blocks(cta_first, 2 * bq)  # key blocks the producer streams
+        kvh = lax.div(h, groups)
 
         def sync():
             plgpu.barrier_arrive(sched)
@@ -167,13 +246,16 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: fl
         @pl.when(wg < 2)
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
-            qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+            q_smem, o_smem, lse_smem = q_smem2.at[wg], o_smem2.at[wg], lse_smem2.at[wg]
+            p_smem = p_smem2.at[wg] if quant else None
             q_first = cta_first + wg * bq
             n_full, hi = blocks(q_first, bq)
-            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_first, bq), h], qo_smem, loaded_q.at[wg])
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_first, bq), h], q_smem, loaded_q.at[wg])
+            if quant:
+                q_scale = load_vec(qs_ref.at[b, h, pl.ds(q_first, bq)], row_layout)
+                v_scale = load_vec(vs_ref.at[b, kvh], col_layout)
             plgpu.barrier_wait(loaded_q.at[wg])
 
-            row_layout = plgpu.Layout.WGMMA.reduce(1)
             m = cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
             l = cast(jnp.full((bq,), 0.0, jnp.float32), row_layout)
             acc = cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
@@ -188,21 +270,25 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: fl
             def step(j, carry, masked: bool):
                 acc, m, l = carry
                 slot = lax.rem(j, stages)
+                acc_type = jnp.int32 if quant else jnp.float32  # INT8 products are exact in int32
 
                 def qk_product(ref):
-                    plgpu.wgmma(ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    plgpu.wgmma(ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
                     if cfg.pingpong:
                         sync()  # the other consumer's softmax overlaps this product
                     return ref[...]
 
                 if interpret:  # the interpreter lacks transposed WGMMA operands: the same product
-                    s = lax.dot_general(qo_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
+                    s = lax.dot_general(q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
+                                        preferred_element_type=acc_type)
                     if cfg.pingpong:
                         sync()
                 else:
-                    s = pl.run_scoped(qk_product, plgpu.ACC((bq, bkv), jnp.float32))
+                    s = pl.run_scoped(qk_product, plgpu.ACC((bq, bkv), acc_type))
                 plgpu.barrier_arrive(consumed_k.at[slot])
+                if quant:  # base-2 logits: int32 scores times the row and key-block scales
+                    s = cast(s.astype(jnp.float32), plgpu.Layout.WGMMA)
+                    s = s * lax.broadcast_in_dim(q_scale * ks_ref[b, kvh, j], s.shape, [0])
                 if masked:
                     rows = cast(lax.broadcasted_iota(jnp.int32, (bq, bkv), 0), plgpu.Layout.WGMMA) + q_first
                     keys = cast(lax.broadcasted_iota(jnp.int32, (bq, bkv), 1), plgpu.Layout.WGMMA) + j * bkv
@@ -210,23 +296,31 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: fl
                     if causal:
                         keep = jnp.logical_and(keep, keys <= rows + offset)
                     s = jnp.where(keep, s, -jnp.inf)
-                # online softmax in base 2: m holds the running max of the scaled logits
-                m_new = jnp.maximum(m, s.max(axis=1) * c)
+                # online softmax in base 2: m holds the running max of the scaled logits (Sage: minus
+                # the offset that puts P in e4m3's range (0, 448])
+                m_new = jnp.maximum(m, s.max(axis=1) - P_OFFSET if quant else s.max(axis=1) * c)
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
                 alpha = jnp.exp2(m - m_use)
-                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_use, s.shape, [0]))
+                p = jnp.exp2((s if quant else s * c) - lax.broadcast_in_dim(m_use, s.shape, [0]))
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                p16 = p.astype(dtype)
-                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                if quant:  # the FP8 product's A operand comes from shared memory
+                    p_smem[...] = p.astype(FP8_DTYPE)
+                    plgpu.commit_smem()
+                    acc, l, m_new = lax.optimization_barrier((acc, l, m_new))
+                    p_lo = p_smem
+                else:
+                    p_lo = p.astype(q.dtype)
+                    acc, l, m_new, p_lo = lax.optimization_barrier((acc, l, m_new, p_lo))
                 if cfg.pingpong:
                     plgpu.barrier_arrive(sched)  # softmax done
                 plgpu.barrier_wait(loaded_v.at[slot])
                 if cfg.pingpong:
                     plgpu.barrier_wait(sched)  # the tensor cores are ours again
+                v_op = plgpu.transpose_ref(v_smem.at[slot], (1, 0)) if quant else v_smem.at[slot]
 
                 def pv_issue(ref):
-                    plgpu.wgmma(ref, p16, v_smem.at[slot])
+                    plgpu.wgmma(ref, p_lo, v_op)
 
                     @pl.when(j + 1 < hi)
                     def _():  # the next K block, while this product runs
@@ -237,13 +331,16 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: fl
                     return ref[...]
 
                 if interpret:  # the interpreter takes WGMMA operands from shared memory only
-                    acc = acc + jnp.dot(p16, v_smem.at[slot][...], preferred_element_type=jnp.float32)
+                    pv = lax.dot_general(p_lo[...] if quant else p_lo, v_smem.at[slot][...],
+                                         (((1,), (1 if quant else 0,)), ((), ())), preferred_element_type=jnp.float32)
                     pl.when(j + 1 < hi)(lambda: plgpu.barrier_wait(loaded_k.at[lax.rem(j + 1, stages)]))
-                elif cfg.inplace_pv:  # accumulate into the rescaled output
-                    acc = pl.run_state(pv_issue)(plgpu.ACC.init(acc))
+                elif cfg.inplace_pv and not quant:  # accumulate into the rescaled output
+                    acc, pv = pl.run_state(pv_issue)(plgpu.ACC.init(acc)), None
                 else:
-                    acc = acc + pl.run_scoped(pv_product, plgpu.ACC((bq, d), jnp.float32))
+                    pv = pl.run_scoped(pv_product, plgpu.ACC((bq, d), jnp.float32))
                 plgpu.barrier_arrive(consumed_v.at[slot])
+                if pv is not None:  # Sage: this block's FP8 partial, scaled per channel
+                    acc = acc + (pv * lax.broadcast_in_dim(v_scale, pv.shape, [1]) if quant else pv)
                 return acc, m_new, l
 
             carry = (acc, m, l)
@@ -268,22 +365,22 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: fl
             empty = l == 0.0
             l_safe = jnp.where(empty, 1.0, l)
             out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-            qo_smem[...] = out.astype(dtype)
+            o_smem[...] = out.astype(out_dtype)
             lse_smem[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q_first, bq), h])
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(q_first, bq), h])
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_first, bq)])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
-            kvh = lax.div(h, groups)
 
             def load(j, slot):
-                rows = (b, pl.ds(j * bkv, bkv), kvh)
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], loaded_k.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], loaded_v.at[slot])
+                keys = pl.ds(j * bkv, bkv)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh], k_smem.at[slot], loaded_k.at[slot])
+                v_block = v_ref.at[b, kvh, :, keys] if quant else v_ref.at[b, keys, kvh]
+                plgpu.copy_gmem_to_smem(v_block, v_smem.at[slot], loaded_v.at[slot])
 
             for i in range(min(stages, kv_pad // bkv)):
                 pl.when(i < steps)(functools.partial(load, i, i))
@@ -301,13 +398,15 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: fl
                 plgpu.barrier_wait(consumed_k.at[slot])
                 plgpu.barrier_wait(consumed_v.at[slot])
 
-    tiling = plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize))
-    swizzle = plgpu.SwizzleTransform(128)
-    smem = functools.partial(plgpu.SMEM, transforms=(tiling, swizzle))
-    scratch = [
-        smem((2, bq, d), dtype),  # Q, then O, per consumer
-        smem((stages, bkv, d), dtype),
-        smem((stages, bkv, d), dtype),
+    def smem(shape, dtype):
+        return plgpu.SMEM(shape, dtype, transforms=_smem_transforms(plgpu, shape, dtype))
+
+    scratch = [smem((2, bq, d), q.dtype)]  # Q per consumer (16-bit: then its output tile)
+    if quant:
+        scratch += [smem((2, bq, d), out_dtype), smem((2, bq, bkv), FP8_DTYPE)]  # O, P per consumer
+    scratch += [
+        smem((stages, bkv, d), k.dtype),
+        smem((stages, *v_tile), v.dtype),
         plgpu.SMEM((2, bq), jnp.float32),  # lse per consumer
         plgpu.Barrier(num_barriers=stages),  # K loaded
         plgpu.Barrier(num_barriers=stages),  # V loaded
@@ -316,12 +415,15 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: fl
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # V consumed
         plgpu.Barrier(num_arrivals=2),  # ping-pong schedule
     ]
-    out_type = (jax.ShapeDtypeStruct((batch, q_pad, hq, d), dtype),
+    out_type = (jax.ShapeDtypeStruct((batch, q_pad, hq, d), out_dtype),
                 jax.ShapeDtypeStruct((batch, hq, q_pad), jnp.float32))
+    args = (q, k, v, sage.q_rows, sage.k_scale, sage.v_scale) if quant else (q, k, v)
+    if interpret:
+        _check_interpreter_threads()
     return plgpu.kernel(
         kernel, out_type=out_type, scratch_types=scratch,
         grid=(hq, n_tiles, batch), grid_names=("heads", "tiles", "batch"),
         num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=(interpret if not isinstance(interpret, bool) else interpret_params()) if interpret else None,
-    )(q, k, v)
+    )(*args)

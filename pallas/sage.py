@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxattn.pallas import _common, _fp8
+from jaxattn.pallas import _common, _fp8, flash_mgpu
 from jaxattn.pallas import flash as _flash
 from jaxattn.pallas._common import dot
 
@@ -394,18 +394,37 @@ class _Options(NamedTuple):
     smooth_k: bool
     cfg: SageConfig
     interpret: bool | None
+    backend: str = "triton"
+
+
+def mosaic_blocks(q_len: int, kv_len: int, granularity: str) -> Blocks:
+    """Quantisation groups of the Mosaic GPU kernel: 128-row query blocks (a program's rows),
+    Q groups of 128 or 16 rows, K groups of one 128-key block; lengths padded to 128."""
+    mcfg = flash_mgpu.CONFIGS[128]
+    bq, bk = 2 * mcfg.block_q, mcfg.block_kv
+    group = bq if granularity == "block" else 16
+    return Blocks(bq, bk, group, _common.round_up(q_len, bq), _common.round_up(kv_len, bk))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _sage(opts: _Options, q, k, v):
     q_len, kv_len, hq, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     dv = v.shape[-1]
-    blocks = resolve_blocks(q_len, kv_len, opts.cfg, opts.granularity)
+    mosaic = opts.backend == "mosaic"
+    blocks = (mosaic_blocks if mosaic else functools.partial(resolve_blocks, cfg=opts.cfg))(
+        q_len, kv_len, granularity=opts.granularity)
     dp, dvp = padded_head_dim(d), padded_head_dim(dv)
+    if mosaic:  # one padded head dim for q, k and v (the kernel's tiles share it)
+        dp = dvp = max(dp, dvp)
     qz = quantize(_common.pad_axis(q, 3, dp), _common.pad_axis(k, 3, dp), _common.pad_axis(v, 3, dvp),
                   blocks=blocks, scale=opts.scale, smooth_q=opts.smooth_q, smooth_k=opts.smooth_k,
                   num_warps=opts.cfg.quant_num_warps, interpret=opts.interpret)
     q_rows = jnp.repeat(qz.q_scale, blocks.q_group, axis=-1) * (opts.scale * LOG2E)
+    if mosaic:
+        x = flash_mgpu.SageInputs(qz.q8, q_rows, qz.k8, qz.k_scale, qz.v8, qz.v_scale)
+        out = flash_mgpu.sage_forward(x, causal=opts.causal, q_len=q_len, kv_len=kv_len, out_dtype=q.dtype,
+                                      interpret=_common.resolve_interpret(opts.interpret))
+        return out[:, :q_len, :, :dv]
     st = _Static(causal=opts.causal, q_len=q_len, kv_len=kv_len, q_pad=blocks.q_pad,
                  kv_pad=blocks.kv_pad, groups=hq // k.shape[2], block_q=blocks.block_q,
                  block_k=blocks.block_k, has_corr=opts.smooth_q, cfg=opts.cfg, interpret=opts.interpret)
@@ -433,18 +452,28 @@ def sage_attention_kernel(
     smooth_k: bool = True,
     config: SageConfig | None = None,
     interpret: bool | None = None,
+    backend: str = "triton",
 ) -> jax.Array:
     """Quantised attention on already-validated inputs (forward only).
 
     q ``[B, Sq, Hq, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, Dv]`` (D, Dv <= 128, Hkv
     divides Hq), one floating dtype. Returns ``[B, Sq, Hq, Dv]`` in q's dtype; a query row
-    with no visible key (causal with Sq > Sk) is zero. Differentiating raises.
+    with no visible key (causal with Sq > Sk) is zero. Differentiating raises. ``backend="mosaic"``
+    runs the attention on the Mosaic GPU kernel (:func:`jaxattn.pallas.flash_mgpu.sage_forward`:
+    Hopper, 128-key K groups, no ``smooth_q``) after the same prologue.
     """
     if qk_granularity not in GRANULARITIES:
         raise ValueError(f"qk_granularity must be one of {GRANULARITIES}, got {qk_granularity!r}")
+    if backend not in ("triton", "mosaic"):
+        raise ValueError(f"backend must be 'triton' or 'mosaic', got {backend!r}")
+    if backend == "mosaic":
+        if not flash_mgpu.available():
+            raise ValueError("impl='mosaic' needs jax's Pallas Mosaic GPU backend (jax >= 0.10)")
+        if smooth_q:
+            raise ValueError("impl='mosaic' does not take smooth_q (its q_bar . K^T correction); use impl='pallas'")
     cfg = config or sage_config(max(q.shape[-1], v.shape[-1]))
     scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    opts = _Options(bool(causal), scale, qk_granularity, bool(smooth_q), bool(smooth_k), cfg, interpret)
+    opts = _Options(bool(causal), scale, qk_granularity, bool(smooth_q), bool(smooth_k), cfg, interpret, backend)
     return _sage(opts, q, k, v)
 
 

@@ -6,6 +6,10 @@ import os
 
 # pytest-xdist runs two workers: on a GPU they must not each grab 75% of its memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Mosaic GPU's interpreter runs a kernel's warpgroups as concurrent CPU executions: XLA's CPU
+# client pool (NPROC threads, default the CPU count) must hold 4, or a 2-core machine can hang.
+if int(os.environ.get("NPROC", "0") or 0) < 8:
+    os.environ["NPROC"] = "8"
 
 
 def _has_gpu_plugin() -> bool:

@@ -179,3 +179,77 @@ def test_config_validation():
         flash_mgpu.MosaicConfig(block_kv=96)
     with pytest.raises(ValueError, match="stages"):
         flash_mgpu.MosaicConfig(stages=1)
+
+
+# ----------------------------------------------------------------------------
+# SageAttention2 on the same pipeline: jaxattn.sage_attention(impl="mosaic").
+# ----------------------------------------------------------------------------
+
+SAGE_CASES = [  # (sq, sk, d, causal, granularity, dtype, kind): the causal one drains a block
+    (150, 200, 64, False, "block", jnp.bfloat16, "random"),
+    (200, 264, 128, True, "warp", jnp.float16, "outlier"),
+]
+
+
+def _sage_inputs(sq, sk, d, dtype, kind, seed=0):
+    from test_sage import _inputs as sage_inputs
+
+    return sage_inputs(1, sq, sk, 2, 1, d, dtype, seed=seed, kind=kind)
+
+
+@pytest.mark.parametrize("sq,sk,d,causal,granularity,dtype,kind", SAGE_CASES)
+def test_sage_matches_emulation(sq, sk, d, causal, granularity, dtype, kind):
+    """The INT8/FP8 kernel against the jnp emulation of the same quantisation (same groups:
+    128-row Q blocks or 16-row warps, 128-key K blocks), and against fp32 attention."""
+    from test_sage import _assert_matches_emulation
+
+    from jaxattn.pallas import sage
+    from jaxattn.reference import sage as sage_ref
+
+    q, k, v = _sage_inputs(sq, sk, d, dtype, kind)
+    out = jax.jit(lambda q, k, v: jaxattn.sage_attention(q, k, v, causal=causal, qk_granularity=granularity,
+                                                         impl="mosaic"))(q, k, v)
+    b = sage.mosaic_blocks(sq, sk, granularity)
+    expected = sage_ref.sage_reference(q, k, v, block_q=b.block_q, block_k=b.block_k, q_group=b.q_group,
+                                       causal=causal, scale=d ** -0.5, smooth_q=False, smooth_k=True)
+    _assert_matches_emulation(out, expected, dtype)
+    m = sage_ref.accuracy_metrics(out, attention_reference(q, k, v, causal=causal)[0])
+    assert m["cos_sim"] >= 0.999 and m["rel_l1"] <= 0.05, m
+
+
+def test_sage_offset_matches_the_triton_kernel():
+    from jaxattn.pallas import sage
+
+    assert flash_mgpu.P_OFFSET == sage.P_OFFSET and flash_mgpu.FP8_DTYPE == sage.FP8_DTYPE
+
+
+def test_sage_mosaic_rejects_smooth_q():
+    q = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="smooth_q"):
+        jaxattn.sage_attention(q, q, q, smooth_q=True, impl="mosaic")
+
+
+@pytest.mark.parametrize("d,causal,pingpong", list(itertools.product(flash_mgpu.HEAD_DIMS, [False, True],
+                                                                     [True, False])))
+def test_sage_lowers_for_cuda(d, causal, pingpong):
+    """The quantised mode lowers: s8 WGMMA with a transposed K operand, FP8 WGMMA from the P tile
+    in shared memory and transposed V^T blocks, the scale vectors in WGMMA row/column layouts."""
+    b, sq, sk, hq, hkv = 2, 512, 384, 4, 2
+    f32, i8 = jnp.float32, jnp.int8
+    x = flash_mgpu.SageInputs(
+        jax.ShapeDtypeStruct((b, sq, hq, d), i8), jax.ShapeDtypeStruct((b, hq, sq), f32),
+        jax.ShapeDtypeStruct((b, sk, hkv, d), i8), jax.ShapeDtypeStruct((b, hkv, sk // 128), f32),
+        jax.ShapeDtypeStruct((b, hkv, d, sk), flash_mgpu.FP8_DTYPE), jax.ShapeDtypeStruct((b, hkv, d), f32))
+    cfg = dataclasses.replace(flash_mgpu.CONFIGS[d], pingpong=pingpong)
+    text = lower_for_cuda(lambda *a: flash_mgpu.sage_forward(
+        flash_mgpu.SageInputs(*a), causal=causal, q_len=500, kv_len=300, out_dtype=jnp.bfloat16, config=cfg),
+        *x).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_interpreter_thread_check(monkeypatch):
+    """A CPU pool too small for the interpreter's concurrent warpgroups raises, instead of hanging."""
+    monkeypatch.setenv("NPROC", "2")
+    q = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
+    with pytest.raises(RuntimeError, match="NPROC"):
+        flash_mgpu.forward(q, q, q, causal=False, scale=1.0, q_len=128, kv_len=128, interpret=True)

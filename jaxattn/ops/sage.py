@@ -12,6 +12,7 @@ from jaxattn.pallas import sage as _sage
 from jaxattn.reference.sage import sage_reference
 
 Granularity = Literal["block", "warp"]
+SAGE_IMPLS = (*_checks.IMPLS, "mosaic")
 
 
 def sage_attention(
@@ -24,7 +25,7 @@ def sage_attention(
     qk_granularity: Granularity = "block",
     smooth_q: bool = False,
     smooth_k: bool = True,
-    impl: Literal["auto", "pallas", "xla"] = "auto",
+    impl: Literal["auto", "pallas", "mosaic", "xla"] = "auto",
 ) -> jax.Array:
     """Quantised scaled dot-product attention (SageAttention2, sm90 recipe). Forward only.
 
@@ -46,13 +47,17 @@ def sage_attention(
         keeps outlier channels from eating the INT8 range). Default on.
       impl: ``"pallas"`` (the Triton kernel; interpret mode without a GPU), ``"xla"`` (the
         same quantised math in jnp, fp32), or ``"auto"`` (the kernel on a GPU with FP8
-        dots, compute capability >= 8.9; else XLA).
+        dots, compute capability >= 8.9; else XLA). ``"mosaic"``: the same prologue, then the
+        attention on the warp-specialized Mosaic GPU kernel (Hopper; ``s8`` and ``e4m3`` WGMMA,
+        ping-pong consumers; Mosaic GPU's interpret mode without a GPU); K scale groups of 128
+        keys, no ``smooth_q``.
 
     Returns:
       ``[batch, q_len, heads, v_head_dim]`` in the dtype of ``q``. A query row with no
       visible key is zero. Differentiating raises ``NotImplementedError`` (inference only).
     """
-    _checks.check_impl(impl)
+    if impl not in SAGE_IMPLS:
+        raise ValueError(f"impl must be one of {SAGE_IMPLS}, got {impl!r}")
     if qk_granularity not in _sage.GRANULARITIES:
         raise ValueError(f"qk_granularity must be one of {_sage.GRANULARITIES}, got {qk_granularity!r}")
     batch, q_len, kv_len, hq, hkv, d = _checks.check_qkv(q, k, v)
@@ -61,10 +66,11 @@ def sage_attention(
             raise ValueError(f"{name} has head_dim {dim}; sage_attention supports 1..{_sage.MAX_HEAD_DIM}")
     scale = _checks.check_scale(scale)
 
-    use_kernel = impl == "pallas" or (impl == "auto" and _sage.fp8_supported())
+    use_kernel = impl in ("pallas", "mosaic") or (impl == "auto" and _sage.fp8_supported())
     kw = dict(causal=bool(causal), scale=scale, smooth_q=bool(smooth_q), smooth_k=bool(smooth_k))
     if use_kernel:
-        return _sage.sage_attention_kernel(q, k, v, qk_granularity=qk_granularity, **kw)
+        return _sage.sage_attention_kernel(q, k, v, qk_granularity=qk_granularity,
+                                           backend="mosaic" if impl == "mosaic" else "triton", **kw)
     cfg = _sage.sage_config(max(d, v.shape[-1]))
     blocks = _sage.resolve_blocks(q_len, kv_len, cfg, qk_granularity)
     out = _xla(q, k, v, block_q=blocks.block_q, block_k=blocks.block_k, q_group=blocks.q_group, **kw)
