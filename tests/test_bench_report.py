@@ -48,6 +48,17 @@ def test_attention_mosaic_rows_only_with_mosaic_records():
     assert mosaic["flash fwd+bwd impl=mosaic vs JAX Pallas mha, S=8192 d=128 bf16 causal"] == "FAIL"  # 3.3 / 3.6
 
 
+def test_sage_mosaic_rows():
+    c = dict(causal=False, dtype="bfloat16", mode="fwd")  # _rec: S = 8192, d = 128
+    recs = [_rec("jaxattn", 1.0, **c), _rec("flash-bf16", 1.0, **c)]
+    v, _ = _verdicts([dict(op="sage", info=INFO, records=recs)])
+    assert [k for k in v if "sage fwd" in k] == ["sage fwd vs our bf16 flash, d=128, S>=4k (worst case)"]
+    recs += [_rec("jaxattn-mosaic", 0.5, **c), _rec("flash-mosaic", 0.7, **c)]
+    v, _ = _verdicts([dict(op="sage", info=INFO, records=recs)])
+    assert v["sage fwd impl=mosaic vs our bf16 flash (flash-bf16), d=128, S>=4k (worst case)"] == "PASS"  # 2x
+    assert v["sage fwd impl=mosaic vs our bf16 flash (flash-mosaic), d=128, S>=4k (worst case)"] == "FAIL"  # 1.4x
+
+
 def test_lightning_time_per_token_and_missing_peers():
     recs = []
     for seq, ms in ((2048, 1.0), (8192, 1.1), (65536, 1.4)):  # fixed B*S: 1.4x from 2k to 64k -> FAIL

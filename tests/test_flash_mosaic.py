@@ -253,3 +253,18 @@ def test_interpreter_thread_check(monkeypatch):
     q = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
     with pytest.raises(RuntimeError, match="NPROC"):
         flash_mgpu.forward(q, q, q, causal=False, scale=1.0, q_len=128, kv_len=128, interpret=True)
+
+
+def test_sage_bench_times_the_mosaic_kernels():
+    """On a GPU bench sage times impl="mosaic" (Sage and bf16) beside the Triton kernels; its
+    Mosaic Sage peer runs here (interpreted) and agrees with the Triton Sage kernel."""
+    from jaxattn.bench import sage as sage_bench
+
+    case = sage_bench.Case(1, 128, 2, 64, True, "bfloat16")
+    ops = sage_bench.peers(case, interpret=False)
+    assert {"jaxattn-mosaic", "flash-mosaic"} <= set(ops)
+    assert "jaxattn-mosaic" not in sage_bench.peers(dataclasses.replace(case, dtype="float32"), interpret=False)
+    q, k, v, none = sage_bench.inputs(case)
+    mosaic = np.asarray(ops["jaxattn-mosaic"](q, k, v, none), np.float32)
+    triton = np.asarray(jaxattn.sage_attention(q, k, v, causal=True, impl="pallas"), np.float32)
+    assert np.abs(mosaic - triton).max() <= 0.05 * np.abs(triton).max()  # different K groups: 128 vs 64 keys

@@ -1,7 +1,8 @@
 """SageAttention2 benchmark: the INT8-QK / FP8-PV kernel (forward, inference) against
 jaxattn's bf16 flash kernel, cuDNN (``jax.nn.dot_product_attention``), the dense XLA
 reference, and, when importable with CUDA, the ``sageattention`` PyPI package run in
-PyTorch on the same GPU. A second table reports accuracy against fp32 attention
+PyTorch on the same GPU. On a GPU also both on the Mosaic GPU (Hopper) kernels:
+``jaxattn-mosaic`` (``impl="mosaic"``) and ``flash-mosaic`` (the bf16 one). A second table reports accuracy against fp32 attention
 (cosine similarity, relative L1, RMSE) on random and outlier-heavy inputs, with and
 without K smoothing.
 
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 
 import jaxattn
 from jaxattn.bench import runner
+from jaxattn.pallas import flash_mgpu
 from jaxattn.pallas import sage as sage_kernels
 from jaxattn.reference.sage import accuracy_metrics
 
@@ -83,6 +85,10 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         ops["jaxattn-warp"] = lambda q, k, v: jaxattn.sage_attention(
             q, k, v, causal=c, qk_granularity="warp", impl="pallas")
         ops["cudnn"] = runner.cudnn_attention(c, case.head_dim)
+        if case.head_dim in flash_mgpu.HEAD_DIMS and case.dtype in ("bfloat16", "float16"):
+            # the same quantisation on the warp-specialized Mosaic GPU kernel, and the bf16 one
+            ops["jaxattn-mosaic"] = lambda q, k, v: jaxattn.sage_attention(q, k, v, causal=c, impl="mosaic")
+            ops["flash-mosaic"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="mosaic")
     if case.head_dim > 64:  # the 64-key table entry the first H200 run timed (2026-12-04)
         ops["jaxattn-prev-config"] = lambda q, k, v: sage_kernels.sage_attention_kernel(
             q, k, v, causal=c, config=PREV_D128_CONFIG, interpret=interpret)
