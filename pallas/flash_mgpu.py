@@ -14,17 +14,22 @@ forward and the Triton dq and dk/dv kernels, through the same ``jax.custom_vjp``
   one runs its softmax while the other's matrix products use the tensor cores.
 * **WGMMA** for ``Q K^T`` (K transposed as a shared-memory view) and ``P V`` (P from registers).
   The ``P V`` product goes to a fresh accumulator that is added to the rescaled output (one
-  FADD per element and step; an in-place accumulator needs ``pl.run_state``, which Mosaic GPU's
-  interpret mode lacks, and this kernel keeps one code path for the GPU and the CPU tests).
+  FADD per element and step; ``inplace_pv`` accumulates in place with ``pl.run_state``, which
+  Mosaic GPU's interpret mode lacks, so the CPU tests check the fresh-accumulator form).
 * online softmax in base 2 with the logit scale folded into one FMA; key blocks below the
   causal diagonal run without a mask; the diagonal and the padded tail are masked.
+* :func:`sage_forward`: SageAttention2 on the same pipeline (INT8 scores on ``s8`` WGMMA, P in
+  e4m3 staged in shared memory for the FP8 WGMMA, two-level accumulation).
 
 Rows with no visible key give zeros and ``lse = -inf``, as the Triton kernel. Inputs arrive
 padded (rows to ``2 * block_q``, keys to ``block_kv``); causal alignment is bottom-right, from
 the true lengths. Head dims 64 and 128 (q, k and v alike), bf16 or fp16.
 
 On a CPU the same kernel runs in Mosaic GPU's interpret mode (jax >= 0.10, which simulates the
-warpgroups, barriers and TMA copies), so tests check it against the oracle without a GPU.
+warpgroups, barriers and TMA copies, and has a race detector), so tests check it against the
+oracle without a GPU. The interpreter lacks register layouts and WGMMA's transposed and register
+operands: on that path only, layout casts are identities and the two products are ``jnp`` dots
+of the same shared-memory tiles. It needs XLA's CPU pool to hold 4 threads (``NPROC``).
 """
 
 from __future__ import annotations
