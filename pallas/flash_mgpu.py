@@ -120,6 +120,19 @@ def interpreter_threads() -> int:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _check_device() -> None:
+    """Compiled for a GPU: Mosaic GPU's WGMMA, TMA and setmaxnreg need sm_90 (Hopper) or newer."""
+    dev = jax.devices()[0]
+    cc = str(getattr(dev, "compute_capability", "") or "")
+    try:
+        major = int(cc.split(".")[0])
+    except ValueError:
+        major = None
+    if dev.platform != "gpu" or (major is not None and major < 9):
+        raise ValueError(f"impl='mosaic' compiles for Hopper GPUs (sm_90+); this device is "
+                         f"{dev.device_kind} (compute capability {cc or 'unknown'}): use impl='pallas'")
+
+
 def _check_interpreter_threads() -> None:
     if interpreter_threads() < 4:
         raise RuntimeError(
@@ -425,6 +438,8 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
     args = (q, k, v, sage.q_rows, sage.k_scale, sage.v_scale) if quant else (q, k, v)
     if interpret:
         _check_interpreter_threads()
+    elif jax.default_backend() == "gpu":  # (lowering for CUDA on a CPU, as the tests do, is fine)
+        _check_device()
     return plgpu.kernel(
         kernel, out_type=out_type, scratch_types=scratch,
         grid=(hq, n_tiles, batch), grid_names=("heads", "tiles", "batch"),

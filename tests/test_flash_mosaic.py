@@ -268,3 +268,13 @@ def test_sage_bench_times_the_mosaic_kernels():
     mosaic = np.asarray(ops["jaxattn-mosaic"](q, k, v, none), np.float32)
     triton = np.asarray(jaxattn.sage_attention(q, k, v, causal=True, impl="pallas"), np.float32)
     assert np.abs(mosaic - triton).max() <= 0.05 * np.abs(triton).max()  # different K groups: 128 vs 64 keys
+
+
+def test_pre_hopper_gpu_is_refused(monkeypatch):
+    """On a GPU older than sm_90 the kernel raises instead of failing in Mosaic's compiler."""
+    class Ampere:
+        platform, device_kind, compute_capability = "gpu", "NVIDIA A100", "8.0"
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [Ampere()])
+    with pytest.raises(ValueError, match="Hopper"):
+        flash_mgpu._check_device()
