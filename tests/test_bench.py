@@ -191,7 +191,8 @@ def test_torch_peers_need_torch_with_cuda(monkeypatch):
     assert runner.cuda_torch("bfloat16") is None
 
 
-@pytest.mark.parametrize("family", ["flash", pytest.param("lightning", marks=pytest.mark.slow), "sage", "halo"])
+@pytest.mark.parametrize("family", ["flash", pytest.param("lightning", marks=pytest.mark.slow), "sage", "halo",
+                                    pytest.param("mosaic", marks=pytest.mark.slow)])
 def test_tune_smoke_cli(tmp_path, capsys, family):
     """The tuner's plumbing on CPU: every stage times its current config and candidates, and the
     best config is one of the timed ones, printed as a table line."""
@@ -200,7 +201,7 @@ def test_tune_smoke_cli(tmp_path, capsys, family):
     text = capsys.readouterr().out
     data = json.loads(out.read_text())
     timed = [r for r in data["records"] if "ms" in r]
-    assert len({r["stage"] for r in timed}) == {"flash": 3, "lightning": 5, "sage": 1, "halo": 1}[family]
+    assert len({r["stage"] for r in timed}) == {"flash": 3, "lightning": 5, "sage": 1, "halo": 1, "mosaic": 2}[family]
     assert data["best"] in [r["config"] for r in timed]
     best_ms = min(r["ms"] for r in timed if r["config"] == data["best"])
     assert all(np.isfinite(r["ms"]) for r in timed) and best_ms > 0

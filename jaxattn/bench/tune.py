@@ -1,11 +1,13 @@
-"""``python -m jaxattn.bench tune {flash,lightning,sage,halo}``: time candidate tile configurations of a
+"""``python -m jaxattn.bench tune {flash,lightning,sage,halo,mosaic}``: time candidate tile configurations of a
 kernel at one target shape on the GPU and print the fastest as a line for the kernel's table.
 
 The search is greedy by stage (a stage varies the fields one kernel reads, the others stay at the
 best so far), starting from the table entry: flash tunes the forward tiles on the forward, then the
 dk/dv tiles and the backward launch on forward+backward, then the dq tiles; Lightning the forward,
 then the backward, then the segment count; Sage its one kernel; HaloNet the launch shared by its
-forward and backward kernels on forward+backward (``seq`` is the image side). A candidate that fails to compile or
+forward and backward kernels on forward+backward (``seq`` is the image side); ``mosaic`` (the
+Mosaic GPU forward, ``impl="mosaic"``) its pipeline depth and key block, then ping-pong and in-place
+``P V`` (in-place runs on a GPU only: the interpreter lacks ``pl.run_state``). A candidate that fails to compile or
 launch (shared memory, registers) is reported and skipped. ``--budget-s`` stops the search and
 reports the best so far, so a session with little device time can still use it. Without a GPU the
 search runs a tiny smoke case in interpret mode (two candidates per stage), to check the plumbing.
@@ -133,6 +135,28 @@ def _sage_family() -> Family:
     return Family(base, stages, make, lambda *a: _normal(*a), "pallas/sage.py CONFIGS")
 
 
+# ---- mosaic (the FlashAttention-3 forward on Mosaic GPU) -----------------------------------------
+def _mosaic_family() -> Family:
+    from jaxattn.pallas import flash, flash_mgpu
+
+    def stages() -> list[Stage]:
+        return [
+            Stage("pipeline", "fwd", _grid(stages=(2, 3, 4), block_kv=(64, 128))),
+            Stage("scheduling", "fwd", _grid(pingpong=(True, False), inplace_pv=(False, True))),
+        ]
+
+    def make(cfg, extra, mode, causal, inputs):
+        q, k, v, do = inputs
+        op = lambda q, k, v: flash.flash_attention(q, k, v, causal=causal, backend="mosaic",  # noqa: E731
+                                                   mosaic_config=cfg)[0]
+        return _vjp_runner(op, (q, k, v), 3, do, mode)
+
+    def base(d, dtype):
+        return flash_mgpu.mosaic_config(d)
+
+    return Family(base, stages, make, lambda *a: _normal(*a), "pallas/flash_mgpu.py CONFIGS")
+
+
 # ---- halo ----------------------------------------------------------------------------------------
 def _halo_family() -> Family:
     """HaloNet attention at a stage shape: ``seq`` is the image side, ``batch`` the images, b=8, h=3."""
@@ -165,7 +189,8 @@ def _halo_family() -> Family:
 
 
 FAMILIES: dict[str, Callable[[], Family]] = {"flash": _flash_family, "lightning": _lightning_family,
-                                             "sage": _sage_family, "halo": _halo_family}
+                                             "sage": _sage_family, "halo": _halo_family,
+                                             "mosaic": _mosaic_family}
 
 
 def _split(cfg: Any, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -235,4 +260,4 @@ SMOKE_SHAPES = {"halo": {"batch": 1, "seq": 16, "heads": 1, "head_dim": 32}}  # 
 
 # target shapes: (seq, batch * seq, heads * head_dim), as the benchmarks' sweeps
 DEFAULT_SHAPES = {"flash": (8192, 16384, 2048), "lightning": (65536, 65536, 2048), "sage": (8192, 16384, 2048),
-                  "halo": (64, 512, 256)}  # halo: 64x64 images, 8 of them, 8 heads x 32
+                  "halo": (64, 512, 256), "mosaic": (8192, 16384, 2048)}  # halo: 64x64 images, 8 of them, 8 heads x 32
