@@ -167,6 +167,25 @@ def test_attention_mosaic_peer():
     assert "jaxattn-mosaic" not in attention_bench.peers(dataclasses.replace(case, head_dim=96), interpret=False)
 
 
+def test_failed_mosaic_check_leaves_the_mosaic_peers_out(monkeypatch):
+    from jaxattn.bench import sage as sage_bench
+
+    monkeypatch.setenv("JAXATTN_NO_MOSAIC", "hang")
+    case = attention_bench.Case(1, 128, 2, 64, True, "bfloat16", "fwd")
+    assert not [n for n in attention_bench.peers(case, interpret=False) if "mosaic" in n or "mgpu" in n]
+    assert not [n for n in sage_bench.peers(sage_bench.Case(1, 128, 2, 64, True, "bfloat16"), interpret=False)
+                if "mosaic" in n]
+
+
+@pytest.mark.slow
+def test_mosaic_check_passes_interpreted(capsys):
+    """The quick pre-sweep check of .ci/gpu (here in Mosaic GPU's interpret mode)."""
+    from jaxattn.bench import mosaic_check
+
+    assert mosaic_check.main(["--seq", "130", "--heads", "1"]) == 0
+    assert capsys.readouterr().out.count(" ok") == 4
+
+
 def test_torch_peers_need_torch_with_cuda(monkeypatch):
     """runner.cuda_torch gates every bench's PyTorch peers: no torch, or torch without CUDA, means
     none (checked with a stand-in torch module; this machine has no GPU)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,11 @@ from jaxattn.bench.compile import lower_for_cuda
 from jaxattn.pallas import flash, flash_mgpu
 from jaxattn.reference import attention_reference
 
-pytestmark = pytest.mark.skipif(not flash_mgpu.available(), reason="no Pallas Mosaic GPU backend")
+pytestmark = [
+    pytest.mark.skipif(not flash_mgpu.available(), reason="no Pallas Mosaic GPU backend"),
+    # .ci/gpu's quick check hung on this GPU: the compiled kernel would hang these tests too
+    pytest.mark.skipif(os.environ.get("JAXATTN_NO_MOSAIC") == "hang", reason="the Mosaic kernels hung here"),
+]
 
 LSE_TOL = {jnp.dtype(jnp.float32): (2e-3, 2e-3)}
 attn = jax.jit(jaxattn.attention, static_argnames=("causal", "impl", "return_lse"))
