@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxattn.ops.attention import attention
 
-Impl = Literal["auto", "pallas", "xla"]
+Impl = Literal["auto", "pallas", "mosaic", "xla"]  # "mosaic": Hopper forward (jaxattn.attention)
 
 
 def attention_fn(

@@ -283,3 +283,21 @@ def test_pre_hopper_gpu_is_refused(monkeypatch):
     monkeypatch.setattr(jax, "devices", lambda *a: [Ampere()])
     with pytest.raises(ValueError, match="Hopper"):
         flash_mgpu._check_device()
+
+
+@pytest.mark.slow
+def test_vit_runs_on_the_mosaic_kernels():
+    """``attn_impl="mosaic"``: a bf16 ViT's attention (and, quantized, its Sage attention) on the
+    Mosaic GPU kernels gives the XLA path's logits."""
+    from flax import nnx
+
+    from jaxattn.models.vit import ViT, ViTConfig
+
+    cfg = ViTConfig(image_size=16, patch_size=4, in_channels=1, num_classes=5, dim=128, depth=1, heads=2,
+                    attn_impl="xla", dtype="bfloat16")
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 1))
+    for quantized in (False, True):
+        c = dataclasses.replace(cfg, quantized=quantized)
+        want = np.asarray(ViT(c, rngs=nnx.Rngs(0))(x), np.float32)
+        got = np.asarray(ViT(dataclasses.replace(c, attn_impl="mosaic"), rngs=nnx.Rngs(0))(x), np.float32)
+        assert np.abs(got - want).max() <= 0.05 * np.abs(want).max(), quantized

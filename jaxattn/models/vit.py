@@ -54,7 +54,7 @@ from jaxattn.models.gates import FeatureGate, TokenGate
 from jaxattn.models.timm_weights import load_timm_state_dict, timm_variables, to_timm_state_dict  # noqa: F401
 from jaxattn.ops.attention import attention
 
-_IMPLS = ("auto", "pallas", "xla")
+_IMPLS = ("auto", "pallas", "mosaic", "xla")  # "mosaic": Hopper kernels (bf16/fp16, no attn_drop)
 LN_EPS = 1e-6
 
 
@@ -74,7 +74,7 @@ class ViTConfig:
     drop_path: float = 0.0  # stochastic depth rate of the last block
     attn_drop: float = 0.0  # attention dropout on the softmax weights (timm's attn_drop_rate), in the kernel
     dtype: str = "float32"  # compute dtype; parameters are fp32
-    attn_impl: Literal["auto", "pallas", "xla"] = "auto"
+    attn_impl: Literal["auto", "pallas", "mosaic", "xla"] = "auto"
     # Hard-attention / feature-selection gates (jaxattn.models.gates): "features" gates each block's
     # attention and MLP branch per feature as the reference FSG-ViT; "tokens" also gates every
     # token position after the position embedding.
