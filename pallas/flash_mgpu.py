@@ -289,6 +289,8 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
                 acc, m, l = carry
                 slot = lax.rem(j, stages)
                 acc_type = jnp.int32 if quant else jnp.float32  # INT8 products are exact in int32
+                if quant:  # the key block's scale, read before the product so its latency hides
+                    k_scale = ks_ref[b, kvh, j]
 
                 def qk_product(ref):
                     plgpu.wgmma(ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
@@ -306,7 +308,7 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
                 plgpu.barrier_arrive(consumed_k.at[slot])
                 if quant:  # base-2 logits: int32 scores times the row and key-block scales
                     s = cast(s.astype(jnp.float32), plgpu.Layout.WGMMA)
-                    s = s * lax.broadcast_in_dim(q_scale * ks_ref[b, kvh, j], s.shape, [0])
+                    s = s * lax.broadcast_in_dim(q_scale * k_scale, s.shape, [0])
                 if masked:
                     rows = cast(lax.broadcasted_iota(jnp.int32, (bq, bkv), 0), plgpu.Layout.WGMMA) + q_first
                     keys = cast(lax.broadcasted_iota(jnp.int32, (bq, bkv), 1), plgpu.Layout.WGMMA) + j * bkv
