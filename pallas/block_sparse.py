@@ -30,7 +30,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxattn.pallas import _dropout
+from jaxattn.pallas import _dropout, flash_mgpu
 from jaxattn.pallas import flash as _flash
 from jaxattn.pallas.flash import FlashConfig, SparseSpec
 
@@ -53,6 +53,7 @@ def block_sparse_attention_kernel(
     dropout_seed: jax.Array | None = None,
     config: FlashConfig | None = None,
     interpret: bool | None = None,
+    backend: str = "triton",
 ) -> tuple[jax.Array, jax.Array]:
     """Block-sparse attention on already-validated inputs.
 
@@ -69,6 +70,10 @@ def block_sparse_attention_kernel(
       dropout_rate, dropout_seed: attention dropout, as ``flash.flash_attention`` (the mask is
         indexed by query rows of ``q``, not by ``q_offset`` positions).
       config: tile sizes; defaults to the flash table entry for (head dim, dtype).
+      backend: ``"triton"``, or ``"mosaic"``: the forward on the warp-specialized Mosaic GPU kernel
+        (``flash_mgpu``, Hopper; its producer warpgroup walks the lists and streams the listed blocks
+        with TMA), the backward on the Triton kernels; mask blocks of at least 128 x 128, head dims
+        64/128, bf16/fp16, no dropout.
 
     A *full* block must be fully visible (and hold no padded key); a *partial* block is
     masked element-wise (padded keys included).
@@ -90,12 +95,22 @@ def block_sparse_attention_kernel(
     for name, x in (("kv_blocks", kv_blocks), ("q_blocks", q_blocks)):
         if x.ndim != 1 or x.shape[0] == 0:
             raise ValueError(f"{name} must have shape [nnz] with nnz >= 1, got {tuple(x.shape)}")
+    mosaic = None
+    if backend == "mosaic":
+        _flash.check_mosaic(q, k, v, dropout_rate=dropout_rate)
+        mosaic = flash_mgpu.mosaic_config(d)
+        if block_q % (2 * mosaic.block_q) or block_k % mosaic.block_kv:
+            raise ValueError(f"impl='mosaic' needs mask blocks of a multiple of {2 * mosaic.block_q} query rows "
+                             f"and {mosaic.block_kv} keys; got block_q={block_q}, block_k={block_k}")
+    elif backend != "triton":
+        raise ValueError(f"backend must be 'triton' or 'mosaic', got {backend!r}")
     st = _flash._Static(
         scale=float(1.0 / math.sqrt(d) if scale is None else scale), causal=False,
         q_len=q_len, kv_len=kv_len, q_pad=n_qb * block_q, kv_pad=n_kb * block_k,
         groups=hq // hkv, heads=hq, has_seg=False, bias_kind=None, bias_bcast=(True, True, True, True),
         cfg=cfg, interpret=interpret, precision=_flash.precision_for(q.dtype),
         sparse=SparseSpec(mask_fn=mask_fn, block_q=block_q, block_k=block_k), dropout=float(dropout_rate),
+        mosaic=mosaic,
     )
     layout = tuple(jnp.asarray(x, jnp.int32) for x in (kv_index, kv_blocks, q_index, q_blocks))
     layout += (jnp.asarray(q_offset, jnp.int32).reshape(1),)

@@ -520,8 +520,13 @@ def _scalar_inputs(st: _Static, alibi, seed):
 
 def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None):
     if st.mosaic is not None:  # the FlashAttention-3 forward (flash_mgpu); the backward stays here
+        sparse = None
+        if st.sparse is not None:
+            kv_index, kv_blocks, _, _, q_offset = layout
+            sparse = flash_mgpu.SparseLists(st.sparse.mask_fn, st.sparse.block_q, st.sparse.block_k, kv_index,
+                                            kv_blocks, q_offset)
         return flash_mgpu.forward(q, k, v, causal=st.causal, scale=st.scale, q_len=st.q_len, kv_len=st.kv_len,
-                                  config=st.mosaic, interpret=_common.resolve_interpret(st.interpret))
+                                  config=st.mosaic, sparse=sparse, interpret=_common.resolve_interpret(st.interpret))
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q, cfg.block_k)
     batch, _, hq, d = q.shape
@@ -897,8 +902,8 @@ def flash_attention(
     k_block = min(max(cfg.block_k, cfg.block_k_dq, cfg.block_k_dkv), max(16, _common.next_pow2(kv_len)))
     mosaic = None
     if backend == "mosaic":
-        _check_mosaic(q, k, v, bias, q_segment_ids, local_window_size, logits_soft_cap, alibi_slopes,
-                      dropout_rate)
+        check_mosaic(q, k, v, bias, q_segment_ids, local_window_size, logits_soft_cap, alibi_slopes,
+                     dropout_rate)
         mosaic = mosaic_config or flash_mgpu.mosaic_config(d)
         # powers of two: the larger tile is a multiple of the smaller
         q_block, k_block = max(q_block, 2 * mosaic.block_q), max(k_block, mosaic.block_kv)
@@ -942,7 +947,8 @@ def flash_attention(
     return run_padded(st, q, k, v, bias, qseg, kseg, None, alibi, seed)
 
 
-def _check_mosaic(q, k, v, bias, q_segment_ids, window, softcap, alibi, dropout_rate) -> None:
+def check_mosaic(q, k, v, bias=None, q_segment_ids=None, window=None, softcap=None, alibi=None,
+                 dropout_rate=0.0) -> None:
     """What the Mosaic GPU forward runs; anything else raises, naming the argument."""
     if not flash_mgpu.available():
         raise ValueError("impl='mosaic' needs jax's Pallas Mosaic GPU backend (jax >= 0.10)")

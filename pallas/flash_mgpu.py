@@ -172,12 +172,28 @@ class SageInputs(NamedTuple):
     v_scale: jax.Array  # fp32 [B, Hkv, d]: per-channel V scale
 
 
+class SparseLists(NamedTuple):
+    """A block-sparse layout (``flash.SparseSpec`` and its CSR lists): per query mask block of
+    ``block_q`` rows, ``kv_index[r] = (start, n_full, n_visit)`` into ``kv_blocks``, the key mask
+    blocks to visit (full ones first; partial ones apply ``mask_fn(q_pos, k_pos)``, with
+    ``q_pos`` offset by ``q_offset[0]``)."""
+
+    mask_fn: Any
+    block_q: int
+    block_k: int
+    kv_index: jax.Array  # int32 [n_qb, 3]
+    kv_blocks: jax.Array  # int32 [nnz]
+    q_offset: jax.Array  # int32 [1]
+
+
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: float, q_len: int,
-            kv_len: int, config: MosaicConfig | None = None,
+            kv_len: int, config: MosaicConfig | None = None, sparse: SparseLists | None = None,
             interpret: Any = False) -> tuple[jax.Array, jax.Array]:
     """Padded inputs ``q [B, Sq, Hq, d]``, ``k, v [B, Sk, Hkv, d]`` (``Sq`` a multiple of
     ``2 * block_q``, ``Sk`` of ``block_kv``; true lengths ``q_len``, ``kv_len``) ->
     ``out [B, Sq, Hq, d]`` (input dtype) and the natural-log ``lse [B, Hq, Sq]`` (fp32).
+    ``sparse``: visit only the listed key blocks (block-sparse attention; mask blocks of at least
+    ``2 * block_q`` rows and ``block_kv`` keys); ``causal`` must then be False.
     ``interpret``: False (compile for the GPU), True, or :func:`interpret_params` (the CPU)."""
     d = q.shape[-1]
     if v.shape != k.shape or d not in HEAD_DIMS:
@@ -185,8 +201,13 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: fl
                          f"got {d}, {k.shape[-1]}, {v.shape[-1]}")
     if scale <= 0:  # the kernel scales each row's max of the raw scores: keep the scale positive
         q, scale = (-q, -scale) if scale < 0 else (jnp.zeros_like(q), 1.0)
-    return _attention(q, k, v, None, causal=causal, scale=scale, q_len=q_len, kv_len=kv_len,
-                      cfg=config or mosaic_config(d), out_dtype=q.dtype, interpret=interpret)
+    cfg = config or mosaic_config(d)
+    if sparse is not None and (causal or sparse.block_q % (2 * cfg.block_q) or sparse.block_k % cfg.block_kv):
+        raise ValueError(f"a block-sparse layout on the Mosaic kernel needs causal=False and mask blocks of a "
+                         f"multiple of {2 * cfg.block_q} rows and {cfg.block_kv} keys; got causal={causal}, "
+                         f"blocks {sparse.block_q} x {sparse.block_k}")
+    return _attention(q, k, v, None, causal=causal, scale=scale, q_len=q_len, kv_len=kv_len, cfg=cfg,
+                      out_dtype=q.dtype, interpret=interpret, sparse=sparse)
 
 
 def sage_forward(x: SageInputs, *, causal: bool, q_len: int, kv_len: int, out_dtype: Any,
@@ -215,9 +236,10 @@ def _smem_transforms(plgpu, shape: tuple[int, ...], dtype: Any) -> tuple:
 
 
 def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, q_len: int, kv_len: int,
-               cfg: MosaicConfig, out_dtype: Any, interpret: Any) -> tuple[jax.Array, jax.Array]:
+               cfg: MosaicConfig, out_dtype: Any, interpret: Any,
+               sparse: SparseLists | None = None) -> tuple[jax.Array, jax.Array]:
     """The warp-specialized kernel; ``sage``: the quantised mode (``q, k`` int8, ``v`` is V^T
-    e4m3), else 16-bit ``q, k, v``."""
+    e4m3), else 16-bit ``q, k, v``; ``sparse``: the listed key blocks only."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     batch, q_pad, hq, d = q.shape
@@ -240,7 +262,12 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
     blocks = functools.partial(_key_blocks, causal=causal, offset=offset, kv_len=kv_len, block_kv=bkv)
     v_tile = (d, bkv) if quant else (bkv, d)  # V^T blocks in the quantised mode
 
+    sub = sparse.block_k // bkv if sparse is not None else 1  # kernel key blocks per mask block
+
     def kernel(q_ref, k_ref, v_ref, *refs):
+        index_ref = blocks_ref = qoff_ref = None
+        if sparse is not None:
+            index_ref, blocks_ref, qoff_ref, *refs = refs
         if quant:
             qs_ref, ks_ref, vs_ref, o_ref, lse_ref, q_smem2, o_smem2, p_smem2, *rest = refs
         else:
@@ -250,12 +277,22 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
         k_smem, v_smem, lse_smem2, loaded_k, loaded_v, loaded_q, consumed_k, consumed_v, sched = rest
         b, h = lax.axis_index("batch"), lax.axis_index("heads")
         tile = lax.axis_index("tiles")
-        if causal:  # the heaviest query tiles first: balances the tail of the grid
+        if causal or sparse is not None:  # the heaviest query tiles first: balances the grid's tail
             tile = n_tiles - 1 - tile
         wg = lax.axis_index("wg")
         cta_first = tile * (2 * bq)
-        _, steps = blocks(cta_first, 2 * bq)  # key blocks the producer streams
         kvh = lax.div(h, groups)
+        if sparse is None:
+            _, steps = blocks(cta_first, 2 * bq)  # key blocks the producer streams
+
+            def key_block(j):
+                return j
+        else:  # the program's rows lie in one mask row: its list, in kernel-sized key blocks
+            row = lax.div(cta_first, sparse.block_q)
+            start, steps = index_ref[row, 0], index_ref[row, 2] * sub
+
+            def key_block(j):
+                return blocks_ref[start + lax.div(j, sub)] * sub + lax.rem(j, sub)
 
         def sync():
             plgpu.barrier_arrive(sched)
@@ -267,7 +304,10 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
             q_smem, o_smem, lse_smem = q_smem2.at[wg], o_smem2.at[wg], lse_smem2.at[wg]
             p_smem = p_smem2.at[wg] if quant else None
             q_first = cta_first + wg * bq
-            n_full, hi = blocks(q_first, bq)
+            if sparse is None:
+                n_full, hi = blocks(q_first, bq)
+            else:
+                n_full, hi = index_ref[row, 1] * sub, steps
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_first, bq), h], q_smem, loaded_q.at[wg])
             if quant:
                 q_scale = load_vec(qs_ref.at[b, h, pl.ds(q_first, bq)], row_layout)
@@ -289,8 +329,9 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
                 acc, m, l = carry
                 slot = lax.rem(j, stages)
                 acc_type = jnp.int32 if quant else jnp.float32  # INT8 products are exact in int32
-                if quant:  # the key block's scale, read before the product so its latency hides
-                    k_scale = ks_ref[b, kvh, j]
+                kb = key_block(j)  # read before the product, so the loads' latency hides
+                if quant:  # the key block's scale
+                    k_scale = ks_ref[b, kvh, kb]
 
                 def qk_product(ref):
                     plgpu.wgmma(ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
@@ -311,10 +352,12 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
                     s = s * lax.broadcast_in_dim(q_scale * k_scale, s.shape, [0])
                 if masked:
                     rows = cast(lax.broadcasted_iota(jnp.int32, (bq, bkv), 0), plgpu.Layout.WGMMA) + q_first
-                    keys = cast(lax.broadcasted_iota(jnp.int32, (bq, bkv), 1), plgpu.Layout.WGMMA) + j * bkv
+                    keys = cast(lax.broadcasted_iota(jnp.int32, (bq, bkv), 1), plgpu.Layout.WGMMA) + kb * bkv
                     keep = keys < kv_len
                     if causal:
                         keep = jnp.logical_and(keep, keys <= rows + offset)
+                    if sparse is not None:
+                        keep = jnp.logical_and(keep, sparse.mask_fn(rows + qoff_ref[0], keys))
                     s = jnp.where(keep, s, -jnp.inf)
                 # online softmax in base 2: m holds the running max of the scaled logits (Sage: minus
                 # the offset that puts P in e4m3's range (0, 448])
@@ -397,12 +440,12 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
             plgpu.set_max_registers(40, action="decrease")
 
             def load(j, slot):
-                keys = pl.ds(j * bkv, bkv)
+                keys = pl.ds(key_block(j) * bkv, bkv)
                 plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh], k_smem.at[slot], loaded_k.at[slot])
                 v_block = v_ref.at[b, kvh, :, keys] if quant else v_ref.at[b, keys, kvh]
                 plgpu.copy_gmem_to_smem(v_block, v_smem.at[slot], loaded_v.at[slot])
 
-            for i in range(min(stages, kv_pad // bkv)):
+            for i in range(stages if sparse is not None else min(stages, kv_pad // bkv)):
                 pl.when(i < steps)(functools.partial(load, i, i))
 
             @pl.loop(stages, jnp.maximum(steps, stages))
@@ -437,7 +480,11 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
     ]
     out_type = (jax.ShapeDtypeStruct((batch, q_pad, hq, d), out_dtype),
                 jax.ShapeDtypeStruct((batch, hq, q_pad), jnp.float32))
-    args = (q, k, v, sage.q_rows, sage.k_scale, sage.v_scale) if quant else (q, k, v)
+    args = (q, k, v)
+    if sparse is not None:
+        args += (sparse.kv_index, sparse.kv_blocks, sparse.q_offset)
+    if quant:
+        args += (sage.q_rows, sage.k_scale, sage.v_scale)
     if interpret:
         _check_interpreter_threads()
     elif jax.default_backend() == "gpu":  # (lowering for CUDA on a CPU, as the tests do, is fine)

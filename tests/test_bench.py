@@ -175,6 +175,14 @@ def test_failed_mosaic_check_leaves_the_mosaic_peers_out(monkeypatch):
     assert not [n for n in attention_bench.peers(case, interpret=False) if "mosaic" in n or "mgpu" in n]
     assert not [n for n in sage_bench.peers(sage_bench.Case(1, 128, 2, 64, True, "bfloat16"), interpret=False)
                 if "mosaic" in n]
+    from jaxattn.bench import sparse as sparse_bench
+
+    case = sparse_bench.make_case(1, 1024, 2, 64, "power", 256, 512, "bfloat16", "fwd")
+    assert not [n for n in sparse_bench.peers(case, interpret=False) if "mosaic" in n]
+    monkeypatch.delenv("JAXATTN_NO_MOSAIC")
+    assert {"jaxattn-mosaic", "flash-full-mosaic"} <= set(sparse_bench.peers(case, interpret=False))
+    small = sparse_bench.make_case(1, 1024, 2, 64, "power", 64, 256, "bfloat16", "fwd")  # 64-row mask blocks
+    assert "jaxattn-mosaic" not in sparse_bench.peers(small, interpret=False)
 
 
 @pytest.mark.slow

@@ -80,6 +80,11 @@ def test_sparse_per_block_uses_visited_flops_and_sage_accuracy():
     v, _ = _verdicts([dict(op="sparse", info=INFO, records=recs)])
     assert v["PowerAttention prefill (fwd) vs full flash, S=131072"] == "PASS"  # 5x
     assert v["block-sparse throughput per visited block vs dense flash (worst case)"] == "PASS"  # 0.95
+    assert not [k for k in v if "impl=mosaic" in k]
+    recs += [dict(_rec("jaxattn-mosaic", 1.0, **c), seq=131072, tflops=500.0),
+             dict(_rec("flash-full-mosaic", 4.0, **c), seq=131072, tflops=600.0)]
+    v, _ = _verdicts([dict(op="sparse", info=INFO, records=recs)])
+    assert v["block-sparse impl=mosaic throughput per visited block vs dense flash (worst case)"] == "FAIL"  # 0.83
     acc = [dict(seq=4096, head_dim=128, causal=False, dtype="bfloat16", inputs="outlier", smooth_k=s,
                 cos_sim=cs, rel_l1=l1, rmse=0.01) for s, cs, l1 in ((True, 0.9995, 0.03), (False, 0.9, 0.4))]
     sage = [_rec(i, ms, causal=False, dtype="bfloat16", mode="fwd") for i, ms in (("jaxattn", 1.0), ("flash-bf16", 1.4))]

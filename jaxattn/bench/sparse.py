@@ -28,7 +28,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jaxattn
-from jaxattn.bench import runner
+from jaxattn.bench import mosaic_check, runner
+from jaxattn.pallas import flash_mgpu
 
 PATTERNS = ("power", "window", "causal")
 
@@ -106,6 +107,11 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         "jaxattn": lambda q, k, v: jaxattn.block_sparse_attention(q, k, v, bm, impl="pallas"),
         "flash-full": lambda q, k, v: jaxattn.attention(q, k, v, causal=True, impl="pallas"),
     }
+    if (not interpret and mosaic_check.enabled() and case.head_dim in flash_mgpu.HEAD_DIMS
+            and case.dtype in ("bfloat16", "float16") and min(bm.block_q, bm.block_k) >= 128):
+        # the Mosaic GPU kernel: its producer warpgroup walks the lists; and its dense causal twin
+        ops["jaxattn-mosaic"] = lambda q, k, v: jaxattn.block_sparse_attention(q, k, v, bm, impl="mosaic")
+        ops["flash-full-mosaic"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=True, impl="mosaic")
     if case.pattern == "window":  # BlockMask.sliding_window: the last `window` keys, itself included
         ops["flash-window"] = lambda q, k, v: jaxattn.attention(
             q, k, v, causal=True, local_window_size=(case.window - 1, 0), impl="pallas")
@@ -155,7 +161,7 @@ def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True
     # dense flash is credited with its own (causal) FLOPs, not the visited blocks'
     return runner.run(cases, inputs=inputs, peers=lambda c: peers(c, interpret), torch_peers=torch_peers,
                       warmup=warmup, runs=runs, progress=progress, desc="sparse",
-                      flops=lambda c, impl: c.full_flops if impl == "flash-full" else c.flops, **kw)
+                      flops=lambda c, impl: c.full_flops if impl.startswith("flash-full") else c.flops, **kw)
 
 
 def summary(records: list[dict]) -> str:

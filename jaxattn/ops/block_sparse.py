@@ -473,7 +473,7 @@ def block_sparse_attention(
     scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
-    impl: Literal["auto", "pallas", "xla"] = "auto",
+    impl: Literal["auto", "pallas", "mosaic", "xla"] = "auto",
     return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Softmax attention restricted to the keys a ``BlockMask`` allows.
@@ -487,12 +487,15 @@ def block_sparse_attention(
       dropout_rate, dropout_rng: attention dropout, as :func:`jaxattn.attention`.
       impl: ``"pallas"`` (the block-sparse flash kernel; interpret mode without a GPU),
         ``"xla"`` (dense masked softmax), or ``"auto"`` (the kernel on GPU when the head
-        dims are in 32..256, else XLA).
+        dims are in 32..256, else XLA). ``"mosaic"``: the forward on the warp-specialized Mosaic GPU
+        kernel (Hopper; as ``jaxattn.attention(impl="mosaic")``, its producer warpgroup walks the
+        block lists), the backward on the flash kernels; mask blocks of at least 128 x 128.
       return_lse: also return the log-sum-exp ``[batch, q_len, heads]`` (fp32).
 
     A query row with no visible key returns zeros (``lse = -inf``), never NaN.
     """
-    _checks.check_impl(impl)
+    if impl not in (*_checks.IMPLS, "mosaic"):
+        raise ValueError(f"impl must be one of {(*_checks.IMPLS, 'mosaic')}, got {impl!r}")
     batch, q_len, kv_len, hq, hkv, d = _checks.check_qkv(q, k, v, (*_checks.FLOAT_DTYPES, jnp.float64))
     if not isinstance(block_mask, BlockMask):
         raise ValueError(f"block_mask must be a jaxattn.BlockMask, got {type(block_mask).__name__}")
@@ -512,12 +515,12 @@ def block_sparse_attention(
             raise ValueError(f"impl='pallas' supports head dims {lo}..{hi}; got q/k head_dim={d}, "
                              f"v head_dim={dv}")
         _checks.check_float_dtype("q", q)
-    if impl == "pallas" or (impl == "auto" and kernel_ok and jax.default_backend() == "gpu"):
+    if impl in ("pallas", "mosaic") or (impl == "auto" and kernel_ok and jax.default_backend() == "gpu"):
         bm = block_mask
         out, lse = block_sparse_attention_kernel(
             q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k,
             kv_index=bm.kv_index, kv_blocks=bm.kv_blocks, q_index=bm.q_index, q_blocks=bm.q_blocks,
-            q_offset=bm.q_offset, scale=scale, **drop)
+            q_offset=bm.q_offset, scale=scale, backend="mosaic" if impl == "mosaic" else "triton", **drop)
     else:
         out, lse = attention_reference(q, k, v, scale=scale, mask=block_mask.dense()[None, None], **drop)
         out = out.astype(q.dtype)
@@ -534,7 +537,7 @@ def power_attention(
     sink: int | None = None,
     q_offset: int | jax.Array | None = None,
     scale: float | None = None,
-    impl: Literal["auto", "pallas", "xla"] = "auto",
+    impl: Literal["auto", "pallas", "mosaic", "xla"] = "auto",
     return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """PowerAttention: ``block_sparse_attention`` with ``BlockMask.power(q_len, block, window,
