@@ -48,7 +48,8 @@ def _inputs(c: dict):
     return q, k, v, randn(ks[3], q.shape, c["dtype"])
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow),
+                                  3])  # 0: bf16 non-causal, 3: fp16 causal; 1, 2 the other pairs
 def test_forward_matches_oracle(seed):
     c = _case(seed)
     q, k, v, _ = _inputs(c)
