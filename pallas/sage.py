@@ -397,10 +397,10 @@ class _Options(NamedTuple):
     backend: str = "triton"
 
 
-def mosaic_blocks(q_len: int, kv_len: int, granularity: str) -> Blocks:
-    """Quantisation groups of the Mosaic GPU kernel: 128-row query blocks (a program's rows),
-    Q groups of 128 or 16 rows, K groups of one 128-key block; lengths padded to 128."""
-    mcfg = flash_mgpu.CONFIGS[128]
+def mosaic_blocks(q_len: int, kv_len: int, granularity: str, head_dim: int = 128) -> Blocks:
+    """Quantisation groups of the Mosaic GPU kernel for a padded ``head_dim``: query blocks of a
+    program's rows (128), Q groups of those or of 16 rows, K groups of one key block (128)."""
+    mcfg = flash_mgpu.mosaic_config(head_dim)
     bq, bk = 2 * mcfg.block_q, mcfg.block_kv
     group = bq if granularity == "block" else 16
     return Blocks(bq, bk, group, _common.round_up(q_len, bq), _common.round_up(kv_len, bk))
@@ -411,11 +411,12 @@ def _sage(opts: _Options, q, k, v):
     q_len, kv_len, hq, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     dv = v.shape[-1]
     mosaic = opts.backend == "mosaic"
-    blocks = (mosaic_blocks if mosaic else functools.partial(resolve_blocks, cfg=opts.cfg))(
-        q_len, kv_len, granularity=opts.granularity)
     dp, dvp = padded_head_dim(d), padded_head_dim(dv)
     if mosaic:  # one padded head dim for q, k and v (the kernel's tiles share it)
         dp = dvp = max(dp, dvp)
+        blocks = mosaic_blocks(q_len, kv_len, opts.granularity, dp)
+    else:
+        blocks = resolve_blocks(q_len, kv_len, opts.cfg, opts.granularity)
     qz = quantize(_common.pad_axis(q, 3, dp), _common.pad_axis(k, 3, dp), _common.pad_axis(v, 3, dvp),
                   blocks=blocks, scale=opts.scale, smooth_q=opts.smooth_q, smooth_k=opts.smooth_k,
                   num_warps=opts.cfg.quant_num_warps, interpret=opts.interpret)

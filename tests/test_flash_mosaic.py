@@ -215,7 +215,7 @@ def test_sage_matches_emulation(sq, sk, d, causal, granularity, dtype, kind):
     q, k, v = _sage_inputs(sq, sk, d, dtype, kind)
     out = jax.jit(lambda q, k, v: jaxattn.sage_attention(q, k, v, causal=causal, qk_granularity=granularity,
                                                          impl="mosaic"))(q, k, v)
-    b = sage.mosaic_blocks(sq, sk, granularity)
+    b = sage.mosaic_blocks(sq, sk, granularity, d)
     expected = sage_ref.sage_reference(q, k, v, block_q=b.block_q, block_k=b.block_k, q_group=b.q_group,
                                        causal=causal, scale=d ** -0.5, smooth_q=False, smooth_k=True)
     _assert_matches_emulation(out, expected, dtype)
