@@ -75,8 +75,7 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         # the entry the first H200 run timed (2026-12-04): what the 128-key dk/dv tiles buy
         ops["jaxattn-prev-config"] = lambda q, k, v: flash.flash_attention(
             q, k, v, causal=c, config=PREV_D128_CONFIG, interpret=interpret)[0]
-    if (not interpret and mosaic_check.enabled() and case.head_dim in flash_mgpu.HEAD_DIMS
-            and case.dtype in ("bfloat16", "float16")):
+    if mosaic_check.peers_apply(case.head_dim, case.dtype, interpret):
         # our FlashAttention-3 forward on Mosaic GPU (the backward: the Triton kernels)
         ops["jaxattn-mosaic"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="mosaic")
         inplace = dataclasses.replace(flash_mgpu.mosaic_config(case.head_dim), inplace_pv=True)

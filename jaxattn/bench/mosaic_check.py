@@ -21,6 +21,15 @@ def enabled() -> bool:
     return not os.environ.get(ENV_SKIP)
 
 
+def peers_apply(head_dim: int, dtype: str, interpret: bool) -> bool:
+    """Whether a sweep case gets Mosaic GPU peers: on a GPU, check passed, a head dim and dtype
+    the kernels take."""
+    from jaxattn.pallas import flash_mgpu
+
+    return (not interpret and enabled() and head_dim in flash_mgpu.HEAD_DIMS
+            and jnp.dtype(dtype) in flash_mgpu.DTYPES)
+
+
 def _rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return float(np.abs(a - b).max() / max(1e-6, np.abs(b).max()))

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 
 import jaxattn
 from jaxattn.bench import mosaic_check, runner
-from jaxattn.pallas import flash_mgpu
 from jaxattn.pallas import sage as sage_kernels
 from jaxattn.reference.sage import accuracy_metrics
 
@@ -85,7 +84,7 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         ops["jaxattn-warp"] = lambda q, k, v: jaxattn.sage_attention(
             q, k, v, causal=c, qk_granularity="warp", impl="pallas")
         ops["cudnn"] = runner.cudnn_attention(c, case.head_dim)
-        if mosaic_check.enabled() and case.head_dim in flash_mgpu.HEAD_DIMS and case.dtype in ("bfloat16", "float16"):
+        if mosaic_check.peers_apply(case.head_dim, case.dtype, interpret):
             # the same quantisation on the warp-specialized Mosaic GPU kernel, and the bf16 one
             ops["jaxattn-mosaic"] = lambda q, k, v: jaxattn.sage_attention(q, k, v, causal=c, impl="mosaic")
             ops["flash-mosaic"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="mosaic")

@@ -29,7 +29,6 @@ from typing import Any
 
 import jaxattn
 from jaxattn.bench import mosaic_check, runner
-from jaxattn.pallas import flash_mgpu
 
 PATTERNS = ("power", "window", "causal")
 
@@ -107,8 +106,7 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         "jaxattn": lambda q, k, v: jaxattn.block_sparse_attention(q, k, v, bm, impl="pallas"),
         "flash-full": lambda q, k, v: jaxattn.attention(q, k, v, causal=True, impl="pallas"),
     }
-    if (not interpret and mosaic_check.enabled() and case.head_dim in flash_mgpu.HEAD_DIMS
-            and case.dtype in ("bfloat16", "float16") and min(bm.block_q, bm.block_k) >= 128):
+    if mosaic_check.peers_apply(case.head_dim, case.dtype, interpret) and min(bm.block_q, bm.block_k) >= 128:
         # the Mosaic GPU kernel: its producer warpgroup walks the lists; and its dense causal twin
         ops["jaxattn-mosaic"] = lambda q, k, v: jaxattn.block_sparse_attention(q, k, v, bm, impl="mosaic")
         ops["flash-full-mosaic"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=True, impl="mosaic")

@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 
 IMPLS = ("auto", "pallas", "xla")
+MOSAIC_IMPLS = (*IMPLS, "mosaic")  # ops with a Mosaic GPU (Hopper) forward as well
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def check_impl(impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+def check_impl(impl: str, allowed: Sequence[str] = IMPLS) -> None:
+    if impl not in allowed:
+        raise ValueError(f"impl must be one of {tuple(allowed)}, got {impl!r}")
 
 
 def check_array(name: str, x: Any, layout: str) -> None:

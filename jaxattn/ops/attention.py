@@ -13,7 +13,6 @@ from jaxattn.pallas import flash as _flash
 from jaxattn.reference.attention import attention_reference
 
 SegmentIds = jax.Array | tuple[jax.Array, jax.Array]
-ATTENTION_IMPLS = (*_checks.IMPLS, "mosaic")
 
 
 def attention(
@@ -86,8 +85,7 @@ def attention(
       ``out [batch, q_len, heads, v_head_dim]`` in the dtype of ``q``, and ``lse``
       if ``return_lse``.
     """
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    _checks.check_impl(impl, _checks.MOSAIC_IMPLS)
     batch, q_len, kv_len, hq, hkv, d = _checks.check_qkv(q, k, v, (*_checks.FLOAT_DTYPES, jnp.float64))
 
     qseg = kvseg = None

@@ -494,8 +494,7 @@ def block_sparse_attention(
 
     A query row with no visible key returns zeros (``lse = -inf``), never NaN.
     """
-    if impl not in (*_checks.IMPLS, "mosaic"):
-        raise ValueError(f"impl must be one of {(*_checks.IMPLS, 'mosaic')}, got {impl!r}")
+    _checks.check_impl(impl, _checks.MOSAIC_IMPLS)
     batch, q_len, kv_len, hq, hkv, d = _checks.check_qkv(q, k, v, (*_checks.FLOAT_DTYPES, jnp.float64))
     if not isinstance(block_mask, BlockMask):
         raise ValueError(f"block_mask must be a jaxattn.BlockMask, got {type(block_mask).__name__}")

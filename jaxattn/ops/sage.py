@@ -12,7 +12,6 @@ from jaxattn.pallas import sage as _sage
 from jaxattn.reference.sage import sage_reference
 
 Granularity = Literal["block", "warp"]
-SAGE_IMPLS = (*_checks.IMPLS, "mosaic")
 
 
 def sage_attention(
@@ -56,8 +55,7 @@ def sage_attention(
       ``[batch, q_len, heads, v_head_dim]`` in the dtype of ``q``. A query row with no
       visible key is zero. Differentiating raises ``NotImplementedError`` (inference only).
     """
-    if impl not in SAGE_IMPLS:
-        raise ValueError(f"impl must be one of {SAGE_IMPLS}, got {impl!r}")
+    _checks.check_impl(impl, _checks.MOSAIC_IMPLS)
     if qk_granularity not in _sage.GRANULARITIES:
         raise ValueError(f"qk_granularity must be one of {_sage.GRANULARITIES}, got {qk_granularity!r}")
     batch, q_len, kv_len, hq, hkv, d = _checks.check_qkv(q, k, v)
