@@ -133,6 +133,46 @@ def _check_device() -> None:
                          f"{dev.device_kind} (compute capability {cc or 'unknown'}): use impl='pallas'")
 
 
+def cuda_runtime_version() -> int | None:
+    """The CUDA runtime that jaxlib bundles (e.g. 12090 for 12.9.0), or None (no CUDA jaxlib)."""
+    try:
+        from jax._src.lib import cuda_versions  # private; None in a CPU-only jaxlib
+        return int(cuda_versions.cuda_runtime_get_version()) if cuda_versions is not None else None
+    except Exception:  # noqa: BLE001 - an older or newer jaxlib without this helper
+        return None
+
+
+# ptxas of CUDA 12.8.0 up to (not including) 12.9.1 miscompiles causal masking in the FA3-style
+# Mosaic GPU forward: jax's bundled attention_mgpu refuses causal=True there, and so do we.
+PTXAS_CAUSAL_BUG = (12080, 12091)
+
+
+def causal_supported() -> bool:
+    """Whether this CUDA runtime compiles the causal Mosaic forward correctly (see PTXAS_CAUSAL_BUG)."""
+    version = cuda_runtime_version()
+    return version is None or not PTXAS_CAUSAL_BUG[0] <= version < PTXAS_CAUSAL_BUG[1]
+
+
+def _check_causal() -> None:
+    if not causal_supported():
+        v = cuda_runtime_version()
+        raise ValueError(f"impl='mosaic' with causal=True: this jaxlib's CUDA runtime {v // 1000}.{v % 1000 // 10} "
+                         "has a ptxas miscompilation of causal masking (CUDA 12.8.0 to 12.9.0, as jax's bundled "
+                         "attention_mgpu notes); use impl='pallas', or a jaxlib built with CUDA >= 12.9.1")
+
+
+def _load_vector(plgpu, ref, layout):
+    """``plgpu.load`` of a whole ref (jax 0.10 takes an index argument, later ones deprecate it)."""
+    try:
+        import inspect
+
+        takes_idx = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+    except (KeyError, TypeError, ValueError):
+        takes_idx = False
+    return plgpu.load(ref, (), layout=layout, optimized=False) if takes_idx else \
+        plgpu.load(ref, layout=layout, optimized=False)
+
+
 def _check_interpreter_threads() -> None:
     if interpreter_threads() < 4:
         raise RuntimeError(
@@ -257,7 +297,7 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
     row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
     def load_vec(ref, layout):  # a vector from global memory, in a WGMMA row/column layout
-        return ref[...] if interpret else plgpu.load(ref, (), layout=layout, optimized=False)
+        return ref[...] if interpret else _load_vector(plgpu, ref, layout)
 
     blocks = functools.partial(_key_blocks, causal=causal, offset=offset, kv_len=kv_len, block_kv=bkv)
     v_tile = (d, bkv) if quant else (bkv, d)  # V^T blocks in the quantised mode
@@ -489,6 +529,8 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
         _check_interpreter_threads()
     elif jax.default_backend() == "gpu":  # (lowering for CUDA on a CPU, as the tests do, is fine)
         _check_device()
+        if causal:
+            _check_causal()
     return plgpu.kernel(
         kernel, out_type=out_type, scratch_types=scratch,
         grid=(hq, n_tiles, batch), grid_names=("heads", "tiles", "batch"),

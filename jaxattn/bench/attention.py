@@ -75,7 +75,7 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         # the entry the first H200 run timed (2026-12-04): what the 128-key dk/dv tiles buy
         ops["jaxattn-prev-config"] = lambda q, k, v: flash.flash_attention(
             q, k, v, causal=c, config=PREV_D128_CONFIG, interpret=interpret)[0]
-    if mosaic_check.peers_apply(case.head_dim, case.dtype, interpret):
+    if mosaic_check.peers_apply(case.head_dim, case.dtype, interpret, causal=c):
         # our FlashAttention-3 forward on Mosaic GPU (the backward: the Triton kernels)
         ops["jaxattn-mosaic"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="mosaic")
         inplace = dataclasses.replace(flash_mgpu.mosaic_config(case.head_dim), inplace_pv=True)
@@ -85,6 +85,8 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
             mgpu = _jax_mosaic_attention(c)
             if mgpu is not None:
                 ops["jax-pallas-mgpu"] = mgpu
+    if not interpret:
+        ops.update(_tokamax_peers(c))
     try:
         from jax.experimental.pallas.ops.gpu import attention as jax_pallas
 
@@ -93,6 +95,21 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     except Exception:  # noqa: BLE001 - the bundled kernel moved or is missing
         pass
     return {name: runner.jax_mode_fn(op, case.mode) for name, op in ops.items()}
+
+
+def _tokamax_peers(causal: bool) -> dict[str, Callable[..., jax.Array]]:
+    """tokamax's FlashAttention (the kernel library that jax's deprecated bundled Pallas ops point
+    to): its Mosaic GPU kernels (sm90 forward and backward) and its Pallas Triton ones, when
+    tokamax is importable (``.ci/peer-wheels`` carries it to the device)."""
+    try:
+        import tokamax
+    except Exception:  # noqa: BLE001 - not installed, or not for this jax
+        return {}
+
+    def peer(impl: str) -> Callable[..., jax.Array]:
+        return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+
+    return {f"tokamax-{impl}": peer(impl) for impl in ("mosaic", "triton")}
 
 
 def _jax_mosaic_attention(causal: bool) -> Callable[..., jax.Array] | None:

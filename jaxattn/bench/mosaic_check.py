@@ -21,13 +21,13 @@ def enabled() -> bool:
     return not os.environ.get(ENV_SKIP)
 
 
-def peers_apply(head_dim: int, dtype: str, interpret: bool) -> bool:
+def peers_apply(head_dim: int, dtype: str, interpret: bool, causal: bool = False) -> bool:
     """Whether a sweep case gets Mosaic GPU peers: on a GPU, check passed, a head dim and dtype
-    the kernels take."""
+    the kernels take (and, when ``causal``, a CUDA whose ptxas compiles the causal mask)."""
     from jaxattn.pallas import flash_mgpu
 
     return (not interpret and enabled() and head_dim in flash_mgpu.HEAD_DIMS
-            and jnp.dtype(dtype) in flash_mgpu.DTYPES)
+            and jnp.dtype(dtype) in flash_mgpu.DTYPES and (not causal or flash_mgpu.causal_supported()))
 
 
 def _rel_err(a, b) -> float:
@@ -46,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ok = True
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    from jaxattn.pallas import flash_mgpu
+
     for causal in (False, True):
+        if causal and not flash_mgpu.causal_supported():  # refused by the kernel (a ptxas bug): not a failure
+            print(f"mosaic causal: skipped, CUDA runtime {flash_mgpu.cuda_runtime_version()} miscompiles it "
+                  "(impl='mosaic' raises for causal=True here)", flush=True)
+            continue
         q, k, v = (jax.random.normal(key, (2, args.seq, args.heads, 128), jnp.bfloat16) for key in keys)
         ref = jaxattn.attention(q, k, v, causal=causal, impl="xla")
         for name, f in (("flash", lambda: jaxattn.attention(q, k, v, causal=causal, impl="mosaic")),

@@ -84,7 +84,7 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         ops["jaxattn-warp"] = lambda q, k, v: jaxattn.sage_attention(
             q, k, v, causal=c, qk_granularity="warp", impl="pallas")
         ops["cudnn"] = runner.cudnn_attention(c, case.head_dim)
-        if mosaic_check.peers_apply(case.head_dim, case.dtype, interpret):
+        if mosaic_check.peers_apply(case.head_dim, case.dtype, interpret, causal=c):
             # the same quantisation on the warp-specialized Mosaic GPU kernel, and the bf16 one
             ops["jaxattn-mosaic"] = lambda q, k, v: jaxattn.sage_attention(q, k, v, causal=c, impl="mosaic")
             ops["flash-mosaic"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="mosaic")

@@ -109,7 +109,8 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     if mosaic_check.peers_apply(case.head_dim, case.dtype, interpret) and min(bm.block_q, bm.block_k) >= 128:
         # the Mosaic GPU kernel: its producer warpgroup walks the lists; and its dense causal twin
         ops["jaxattn-mosaic"] = lambda q, k, v: jaxattn.block_sparse_attention(q, k, v, bm, impl="mosaic")
-        ops["flash-full-mosaic"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=True, impl="mosaic")
+        if mosaic_check.peers_apply(case.head_dim, case.dtype, interpret, causal=True):
+            ops["flash-full-mosaic"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=True, impl="mosaic")
     if case.pattern == "window":  # BlockMask.sliding_window: the last `window` keys, itself included
         ops["flash-window"] = lambda q, k, v: jaxattn.attention(
             q, k, v, causal=True, local_window_size=(case.window - 1, 0), impl="pallas")
