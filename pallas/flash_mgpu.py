@@ -531,6 +531,7 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
         _check_device()
         if causal:
             _check_causal()
+    kernel.__name__ = f"jaxattn_mosaic_{'sage' if quant else 'flash' if sparse is None else 'sparse'}_fwd"
     return plgpu.kernel(
         kernel, out_type=out_type, scratch_types=scratch,
         grid=(hq, n_tiles, batch), grid_names=("heads", "tiles", "batch"),

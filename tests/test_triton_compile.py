@@ -127,7 +127,7 @@ MMA_TYPES = {"jaxattn_sage_fwd": {"wgmma.s8", "wgmma.e4m3"}, "jaxattn_flash_fwd"
 DEFAULT_SPILL_BUDGET = 0
 
 
-@pytest.mark.parametrize("family", sorted(cc.FAMILIES))
+@pytest.mark.parametrize("family", sorted(set(cc.FAMILIES) - {"mosaic"}))  # Mosaic: tests/test_aot_compile.py
 def test_target_configs_compile_for_sm90(family):
     _needs_triton()
     kernels, owners = [], []
@@ -159,11 +159,11 @@ def test_compile_cli_all_families(tmp_path):
     """``python -m jaxattn.bench compile`` over every family (fp32 too) exits 0 and writes JSON."""
     _needs_triton()
     out = tmp_path / "compile.json"
-    run = subprocess.run([sys.executable, "-m", "jaxattn.bench", "compile", "--json", str(out)],
+    run = subprocess.run([sys.executable, "-m", "jaxattn.bench", "compile", "--compiler", "triton", "--json", str(out)],
                          capture_output=True, text=True, timeout=3000)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     recs = json.loads(out.read_text())["records"]
-    assert {r["family"] for r in recs} == set(cc.FAMILIES)
+    assert {r["family"] for r in recs} >= set(cc.FAMILIES) - {"mosaic"}  # (its Triton kernels may be others')
     assert all(not r["status"].startswith("FAIL") for r in recs)
     # pallas/flash.py's table promises spill-free entries at every head dim and dtype; halo's and
     # block-sparse's two-byte cases are spill-free too

@@ -97,12 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", metavar="PATH")
-    p = sub.add_parser("compile", help="compile every kernel for an NVIDIA GPU with the triton package "
-                                       "(no GPU needed): shared memory, registers, spills")
+    p = sub.add_parser("compile", help="compile every kernel for an NVIDIA GPU without one (XLA's compiler "
+                                       "with jaxlib's CUDA plugin, or the triton package): registers, spills")
     from jaxattn.bench.compile import FAMILIES  # imports only jax; the kernels load lazily
 
     p.add_argument("--families", nargs="+", default=None, choices=sorted(FAMILIES), help="default: all")
-    p.add_argument("--arch", type=int, default=90, help="compute capability: 90 (H100/H200), 89, 80")
+    p.add_argument("--compiler", choices=["auto", "xla", "triton"], default="auto",
+                   help="xla: XLA's own GPU compiler for a compile-only H100 (Triton and Mosaic GPU kernels; "
+                        "needs pip install -e '.[aot]'); triton: the triton package on the Triton IR (any "
+                        "--arch; no Mosaic kernels); auto: xla when the CUDA plugin is installed")
+    p.add_argument("--arch", type=int, default=90, help="compute capability for --compiler triton: 90, 89, 80")
     p.add_argument("--python", default=None, help="an interpreter that has triton (default: this one)")
     p.add_argument("--json", metavar="PATH")
     p = sub.add_parser("tune", help="time candidate tile configs of one kernel at a target shape (GPU); "
@@ -248,8 +252,26 @@ def _vision(args: argparse.Namespace, gpu: bool) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
+    from jaxattn.bench import aot
     from jaxattn.bench import compile as cc
 
+    why_not_xla = aot.available()
+    if args.compiler == "xla" and why_not_xla:
+        print(why_not_xla, file=sys.stderr)
+        return 2
+    if args.compiler == "xla" or (args.compiler == "auto" and not why_not_xla):
+        records = aot.run(args.families)
+        info = device_summary()
+        print(f"# XLA compile for a compile-only H100 (sm_90a) | compiled on {info['device']} | jax {info['jax']} "
+              f"| {info['date']}")
+        print(aot.format_records(records))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"op": "compile", "compiler": "xla", "info": info, "records": records}, f, indent=1)
+        failed = [r for r in records if r["status"].startswith("FAIL")]
+        print(f"\n{len(records)} kernels: {len(failed)} failed, "
+              f"{sum(r['status'] == 'SPILLS' for r in records)} spill registers", file=sys.stderr)
+        return 1 if failed else 0
     if not cc.triton_available(args.python):
         print("the triton package is not importable by " + (args.python or sys.executable)
               + ": pip install triton (or pass --python PATH)", file=sys.stderr)

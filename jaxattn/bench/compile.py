@@ -352,10 +352,53 @@ def _decode_cases() -> Iterator[tuple[str, Callable, list]]:
                 _sds((8,), jnp.int32)])
 
 
+def _mosaic_cases() -> Iterator[tuple[str, Callable, list]]:
+    """The Mosaic GPU forwards (``impl="mosaic"``): every table config, causal or not, the in-place
+    P V form, Sage and block-sparse modes, and one differentiated case (its Triton backward).
+    Only ``--compiler xla`` compiles Mosaic kernels (the ``triton`` path sees the backward only)."""
+    from jaxattn.ops.block_sparse import BlockMask
+    from jaxattn.pallas import flash, flash_mgpu, sage
+
+    for d in sorted(flash_mgpu.CONFIGS):
+        for causal in (False, True):
+            for inplace in (False, True):
+                cfg = dataclasses.replace(flash_mgpu.CONFIGS[d], inplace_pv=inplace)
+
+                def f(q, k, v, causal=causal, cfg=cfg):
+                    return flash.flash_attention(q, k, v, causal=causal, backend="mosaic", mosaic_config=cfg,
+                                                 interpret=False)[0]
+
+                args = [_sds((1, 8192, 8, d), jnp.bfloat16)] + [_sds((1, 8192, 2, d), jnp.bfloat16)] * 2
+                yield f"d{d} bf16{' causal' if causal else ''}{' in-place PV' if inplace else ''}", f, args
+
+    def loss(q, k, v):
+        return _total(flash.flash_attention(q, k, v, causal=True, backend="mosaic", interpret=False)[0])
+
+    yield ("d128 bf16 causal fwd+bwd", jax.value_and_grad(loss, (0, 1, 2)),
+           [_sds((1, 8192, 8, 128), jnp.bfloat16)] + [_sds((1, 8192, 2, 128), jnp.bfloat16)] * 2)
+    for d in sorted(flash_mgpu.CONFIGS):
+        for causal in (False, True):
+            def sg(q, k, v, causal=causal):
+                return sage.sage_attention_kernel(q, k, v, causal=causal, backend="mosaic", interpret=False)
+
+            yield f"sage d{d}{' causal' if causal else ''}", sg, [_sds((1, 8192, 8, d), jnp.bfloat16)] * 3
+    bm = BlockMask.power(16384, 256)
+
+    def sparse(q, k, v):
+        from jaxattn.pallas.block_sparse import block_sparse_attention_kernel
+
+        return block_sparse_attention_kernel(
+            q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k, kv_index=bm.kv_index,
+            kv_blocks=bm.kv_blocks, q_index=bm.q_index, q_blocks=bm.q_blocks, q_offset=bm.q_offset,
+            backend="mosaic", interpret=False)[0]
+
+    yield "block-sparse power n=16384 B=256 d128", sparse, [_sds((1, 16384, 8, 128), jnp.bfloat16)] * 3
+
+
 FAMILIES: dict[str, Callable[[], Iterable[tuple[str, Callable, list]]]] = {
     "flash": _flash_cases, "lightning": _lightning_cases, "sage": _sage_cases,
     "block_sparse": _block_sparse_cases, "halo": _halo_cases, "landmark": _landmark_cases,
-    "decode": _decode_cases,
+    "decode": _decode_cases, "mosaic": _mosaic_cases,
 }
 
 

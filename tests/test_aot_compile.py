@@ -1,0 +1,82 @@
+"""Every Mosaic GPU kernel (``impl="mosaic"``) and the flash kernels' Triton forward and backward
+compile for an H100 (sm_90a) with XLA's own GPU compiler on this CPU-only machine
+(:mod:`jaxattn.bench.aot`: jaxlib's CUDA plugin, the ``aot`` extra): Mosaic's LLVM pipeline and
+ptxas accept them, they use WGMMA, fit one program's shared memory, and spill no registers.
+Interpret mode checks the kernels' arithmetic; this checks what only a GPU compiler can."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxattn.bench import aot
+from jaxattn.bench import compile as cc
+
+pytestmark = pytest.mark.skipif(aot.available() is not None,
+                                reason=str(aot.available()) + " (pip install -e '.[aot]')")
+
+MOSAIC_CASES = list(cc.FAMILIES["mosaic"]())
+
+
+@pytest.mark.parametrize("label,fn,args", MOSAIC_CASES, ids=[c[0] for c in MOSAIC_CASES])
+def test_mosaic_kernels_compile_for_h100(label, fn, args):
+    res = aot.compile_case(fn, args)
+    assert res["ok"], res.get("error")
+    mosaic = [k for k in res["kernels"] if k["backend"] == "mosaic"]
+    assert len(mosaic) == 1, res["kernels"]
+    k = mosaic[0]
+    assert k["kernel"].startswith("jaxattn_mosaic_"), k
+    assert aot.check(k) == "OK", k
+    assert k["wgmma"] and 0 < k["shared"] <= aot.SMEM_PER_BLOCK, k
+    # three warpgroups of 128 threads share the register file at launch (setmaxnreg rebalances it)
+    assert 3 * 128 * k["registers"] <= aot.REGISTERS_PER_BLOCK, k
+    for t in res["kernels"]:  # the Triton kernels the case also runs (quantisation, backward)
+        assert t["backend"] == "mosaic" or aot.check(t) == "OK", t
+
+
+def test_flash_triton_kernels_compile_for_h100():
+    """The flash forward, dq and dk/dv kernels at the target configuration (d128, bf16, causal):
+    XLA's Triton emits WGMMA and no kernel spills."""
+    from jaxattn.pallas import flash
+
+    def loss(q, k, v):
+        return jnp.sum(flash.flash_attention(q, k, v, causal=True, interpret=False)[0].astype(jnp.float32))
+
+    q = jax.ShapeDtypeStruct((1, 4096, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 4096, 2, 128), jnp.bfloat16)
+    with jax.default_matmul_precision("default"):
+        res = aot.compile_case(jax.grad(loss, (0, 1, 2)), [q, kv, kv])
+    assert res["ok"], res.get("error")
+    kernels = {k["kernel"]: k for k in res["kernels"]}
+    assert set(kernels) == {"jaxattn_flash_fwd", "jaxattn_flash_dq", "jaxattn_flash_dkdv"}, kernels
+    for k in kernels.values():
+        assert k["wgmma"], k
+        if "registers" in k:  # (a ptxas that reads XLA's PTX: the triton package's)
+            assert aot.check(k) == "OK", k
+
+
+def test_a_kernel_that_cannot_fit_fails():
+    """The check can fail: a Mosaic config whose K/V ring exceeds shared memory does not compile."""
+    import dataclasses
+
+    from jaxattn.pallas import flash, flash_mgpu
+
+    cfg = dataclasses.replace(flash_mgpu.CONFIGS[128], block_kv=256, stages=4)  # 4 x 2 x 64 KiB
+
+    def f(q, k, v):
+        return flash.flash_attention(q, k, v, backend="mosaic", mosaic_config=cfg, interpret=False)[0]
+
+    q = jax.ShapeDtypeStruct((1, 4096, 4, 128), jnp.bfloat16)
+    res = aot.compile_case(f, [q, q, q])
+    assert not res["ok"] or any(aot.check(k) != "OK" for k in res["kernels"]), res
+
+
+def test_parse_ptxas():
+    text = """ptxas info    : Compiling entry function 'k1' for 'sm_90a'
+ptxas info    : Function properties for k1
+    8 bytes stack frame, 16 bytes spill stores, 24 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers"""
+    assert aot.parse_ptxas(text) == {"k1": {"stack": 8, "spill_stores": 16, "spill_loads": 24, "registers": 255}}
+    assert aot.check({"spill_stores": 16}) == "SPILLS"
+    assert aot.check({"shared": aot.SMEM_PER_BLOCK + 1}).startswith("FAIL")
