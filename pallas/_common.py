@@ -21,9 +21,29 @@ _state = threading.local()
 dot = getattr(pltriton, "dot", None) or pl.dot
 
 
+def targets_gpu() -> bool:
+    """True when kernels are built for a GPU: the default backend is one, or the trace runs inside
+    :func:`compile_for_gpu` (compiling for a compile-only GPU from a CPU-only machine)."""
+    return jax.default_backend() == "gpu" or getattr(_state, "compile_for_gpu", False)
+
+
+@contextlib.contextmanager
+def compile_for_gpu() -> Iterator[None]:
+    """Within this context, traces build the GPU kernels (``impl="auto"`` picks them, nothing runs
+    interpreted) whatever the default backend: for ``.lower(lowering_platforms=("cuda",))`` and
+    compiling for a compile-only GPU (:mod:`jaxattn.bench.aot`). Read at trace time, which jit's
+    cache does not see: trace fresh functions inside it."""
+    old = getattr(_state, "compile_for_gpu", False)
+    _state.compile_for_gpu = True
+    try:
+        yield
+    finally:
+        _state.compile_for_gpu = old
+
+
 def interpret_default() -> bool:
     """True when no GPU backend is present, so kernels must run interpreted."""
-    return jax.default_backend() != "gpu"
+    return not targets_gpu()
 
 
 def resolve_interpret(interpret: bool | None) -> bool:

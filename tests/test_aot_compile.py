@@ -13,12 +13,13 @@ import pytest
 from jaxattn.bench import aot
 from jaxattn.bench import compile as cc
 
-pytestmark = pytest.mark.skipif(aot.available() is not None,
-                                reason=str(aot.available()) + " (pip install -e '.[aot]')")
+needs_aot = pytest.mark.skipif(aot.available() is not None,
+                               reason=str(aot.available()) + " (pip install -e '.[aot]')")
 
 MOSAIC_CASES = list(cc.FAMILIES["mosaic"]())
 
 
+@needs_aot
 @pytest.mark.parametrize("label,fn,args", MOSAIC_CASES, ids=[c[0] for c in MOSAIC_CASES])
 def test_mosaic_kernels_compile_for_h100(label, fn, args):
     res = aot.compile_case(fn, args)
@@ -35,6 +36,7 @@ def test_mosaic_kernels_compile_for_h100(label, fn, args):
         assert t["backend"] == "mosaic" or aot.check(t) == "OK", t
 
 
+@needs_aot
 def test_flash_triton_kernels_compile_for_h100():
     """The flash forward, dq and dk/dv kernels at the target configuration (d128, bf16, causal):
     XLA's Triton emits WGMMA and no kernel spills."""
@@ -56,6 +58,7 @@ def test_flash_triton_kernels_compile_for_h100():
             assert aot.check(k) == "OK", k
 
 
+@needs_aot
 def test_a_kernel_that_cannot_fit_fails():
     """The check can fail: a Mosaic config whose K/V ring exceeds shared memory does not compile."""
     import dataclasses
@@ -80,3 +83,39 @@ ptxas info    : Used 255 registers, used 1 barriers"""
     assert aot.parse_ptxas(text) == {"k1": {"stack": 8, "spill_stores": 16, "spill_loads": 24, "registers": 255}}
     assert aot.check({"spill_stores": 16}) == "SPILLS"
     assert aot.check({"shared": aot.SMEM_PER_BLOCK + 1}).startswith("FAIL")
+
+
+def test_compile_for_gpu_builds_the_gpu_kernels_on_a_cpu():
+    """Inside ``compile_for_gpu()`` a trace builds the GPU kernels (impl="auto" picks them, none
+    interpreted), as the compile-only sweeps need; outside, on a CPU, auto stays on XLA."""
+    import jaxattn
+    from jaxattn.bench.compile import lower_for_cuda
+    from jaxattn.pallas import _common
+
+    q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+
+    def f(q, k, v):
+        return jaxattn.attention(q, k, v, causal=True)
+
+    with _common.compile_for_gpu():
+        assert _common.targets_gpu() and not _common.interpret_default()
+        text = lower_for_cuda(f, q, q, q).as_text()
+    assert "__gpu$xla.gpu.triton" in text
+    if jax.default_backend() != "gpu":  # (a fresh function: jit caches traces by function)
+        assert "__gpu$xla.gpu.triton" not in lower_for_cuda(lambda *a: f(*a), q, q, q).as_text()
+        assert _common.interpret_default()
+
+
+@needs_aot
+def test_sweep_compile_only_mode():
+    """``bench attention --compile-only``: every JAX peer of a GPU case is compiled for the
+    compile-only H100 instead of timed (cuDNN may be missing here); none is timed."""
+    from jaxattn.bench import attention
+
+    case = attention.Case(1, 1024, 4, 128, True, "bfloat16", "fwd")
+    recs = {r["impl"]: r for r in attention.run([case], warmup=0, runs=1, interpret=False, progress=False,
+                                                 compile_only=True)}
+    assert {"jaxattn", "xla", "jaxattn-mosaic", "jax-pallas"} <= set(recs), recs
+    for name, r in recs.items():
+        assert r["ms"] is None
+        assert "compile_s" in r or "cuDNN" in r.get("error", ""), (name, r)

@@ -30,6 +30,9 @@ def _sweep(p: argparse.ArgumentParser, warmup: int = 3, runs: int = 20) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny sweep (the default without a GPU)")
     p.add_argument("--json", metavar="PATH", help="also write the records and device info as JSON")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compile-only", action="store_true",
+                   help="no GPU needed: compile the GPU sweep's JAX peers for a compile-only H100 instead of "
+                        "timing them (XLA's compiler; pip install -e '.[aot]'), to find what would fail there")
 
 
 def _common(p: argparse.ArgumentParser, seqs: list[int], tokens: int) -> None:
@@ -140,7 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.op == "vision":
         return _vision(args, gpu)
 
-    smoke = args.smoke or not gpu
+    compile_only = getattr(args, "compile_only", False)
+    if compile_only:
+        from jaxattn.bench import aot
+
+        if why := aot.available():
+            print(why, file=sys.stderr)
+            return 2
+    smoke = args.smoke or not (gpu or compile_only)
     if args.op == "attention":
         from jaxattn.bench import attention as mod
 
@@ -184,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         full = lambda: mod.gpu_cases(args.seqs, args.head_dims, args.dtypes, args.modes,  # noqa: E731
                                      args.tokens, args.model_dim)
-    if smoke:
+    if smoke and not compile_only:
         print("smoke sweep" + ("" if gpu else " (no GPU: kernels in interpret mode)"), file=sys.stderr)
         cases, warmup, runs = mod.smoke_cases(), 1, 3
     else:
@@ -197,14 +207,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 json.dump({"op": args.op, "info": info, "records": records, **extra}, f, indent=1)
 
-    records = mod.run(cases, warmup=warmup, runs=runs, interpret=not gpu, progress=not args.no_progress,
-                      on_case=save)
+    if compile_only:  # the GPU sweep (or the GPU smoke cases), compiled instead of timed
+        info["device"] = "compile-only NVIDIA H100 (sm_90a), on " + info["device"]
+        records = mod.run(cases, warmup=warmup, runs=runs, interpret=False, progress=not args.no_progress,
+                          on_case=save, compile_only=True)
+    else:
+        records = mod.run(cases, warmup=warmup, runs=runs, interpret=not gpu, progress=not args.no_progress,
+                          on_case=save)
     print(f"# {args.op} | {info['device']} | jax {info['jax']} | {info['date']}")
     print(format_table(records))
     if args.op in ("sparse", "decode"):
         print("\n" + mod.summary(records))
     extra = {}
-    if args.op == "sage" and not args.no_accuracy:
+    if args.op == "sage" and not args.no_accuracy and not compile_only:
         extra["accuracy"] = mod.accuracy(cases)
         print(f"\n# sage accuracy vs fp32 attention\n{mod.format_accuracy(extra['accuracy'])}")
     if args.json:

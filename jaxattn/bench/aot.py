@@ -207,6 +207,8 @@ def compile_case(fn: Callable, args: Sequence[Any]) -> dict:
 
     Returns ``{"ok", "seconds", "error"?, "kernels": [...]}``; each kernel: name, backend
     (``"mosaic"`` or ``"triton"``), registers, spill bytes, wgmma, shared bytes (Mosaic)."""
+    from jaxattn.pallas import _common
+
     sharding = compile_only_sharding()
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
     t0 = time.perf_counter()
@@ -214,7 +216,7 @@ def compile_case(fn: Callable, args: Sequence[Any]) -> dict:
         mosaic_dump, xla_dump = os.path.join(tmp, "mosaic"), os.path.join(tmp, "xla")
         os.makedirs(mosaic_dump)  # (Mosaic GPU dumps to stdout when the directory is missing)
         try:  # Mosaic GPU reads its dump options when it lowers a kernel and when it compiles one
-            with _env(MOSAIC_GPU_DUMP_TO=mosaic_dump):
+            with _env(MOSAIC_GPU_DUMP_TO=mosaic_dump), _common.compile_for_gpu():
                 lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
                 # (the production LLVM level, whatever XLA_FLAGS says: the test suite lowers it for speed)
                 lowered.compile(compiler_options={"xla_dump_to": xla_dump, "xla_backend_optimization_level": 3})

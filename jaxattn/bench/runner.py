@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxattn.bench.timing import Timing, time_jax, time_torch
+from jaxattn.bench.timing import time_jax, time_torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,29 +83,39 @@ def run(
     desc: str = "bench",
     flops: Callable[[Any, str], float] | None = None,
     on_case: Callable[[list[dict]], None] | None = None,
+    compile_only: bool = False,
 ) -> list[dict]:
     """``peers(case)`` gives jitted JAX callables on ``inputs(case)``; ``torch_peers(case)``
     gives argument-less CUDA callables. Failures are recorded with their reason.
     ``flops(case, impl)`` overrides ``case.flops`` for TFLOP/s; ``on_case(records)`` runs after
-    every case (the CLI saves partial JSON there, so a time-boxed sweep keeps what it measured)."""
+    every case (the CLI saves partial JSON there, so a time-boxed sweep keeps what it measured).
+    ``compile_only``: compile every JAX peer for a compile-only H100 instead of timing it
+    (:mod:`jaxattn.bench.aot`; records get ``compile_s``, or the error; PyTorch peers are left out):
+    a GPU session's sweep, checked on a CPU before it spends device time."""
     from tqdm import tqdm
 
     records = []
     for case in tqdm(list(cases), desc=desc, disable=not progress, unit="case"):
-        args = inputs(case)
-        timers: list[tuple[str, Callable[[], Timing]]] = [
-            (name, lambda fn=fn, args=args: time_jax(fn, *args, warmup=warmup, runs=runs))
-            for name, fn in peers(case).items()
-        ]
-        if torch_peers is not None:
-            timers += [(name, lambda fn=fn: time_torch(fn, warmup=warmup, runs=runs))
-                       for name, fn in torch_peers(case).items()]
+        if compile_only:
+            args = _abstract_inputs(inputs, case)
+            timers: list[tuple[str, Callable[[], Any]]] = [
+                (name, lambda fn=fn, args=args: _compile_for_gpu(fn, args)) for name, fn in peers(case).items()]
+        else:
+            args = inputs(case)
+            timers = [(name, lambda fn=fn, args=args: time_jax(fn, *args, warmup=warmup, runs=runs))
+                      for name, fn in peers(case).items()]
+            if torch_peers is not None:
+                timers += [(name, lambda fn=fn: time_torch(fn, warmup=warmup, runs=runs))
+                           for name, fn in torch_peers(case).items()]
         for name, timer in timers:
             rec = {**dataclasses.asdict(case), "impl": name}
             try:
                 t = timer()
-                f = flops(case, name) if flops is not None else case.flops
-                rec.update(ms=t.median_ms, tflops=f / (t.median_ms * 1e-3) / 1e12)
+                if compile_only:
+                    rec.update(ms=None, tflops=None, compile_s=t)
+                else:
+                    f = flops(case, name) if flops is not None else case.flops
+                    rec.update(ms=t.median_ms, tflops=f / (t.median_ms * 1e-3) / 1e12)
             except Exception as e:  # noqa: BLE001 - a peer that cannot run this case
                 rec.update(ms=None, tflops=None, error=_error(e))
             records.append(rec)
@@ -115,7 +125,29 @@ def run(
     return records
 
 
-_FIXED = ("impl", "ms", "tflops", "error")
+def _abstract_inputs(inputs: Callable[[Any], tuple], case: Any) -> tuple:
+    """``inputs(case)`` as shapes on the compile-only GPU (nothing is computed or allocated)."""
+    from jaxattn.bench import aot
+
+    sharding = aot.compile_only_sharding()
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        jax.eval_shape(lambda: inputs(case)))
+
+
+def _compile_for_gpu(fn: Callable[..., Any], args: tuple) -> float:
+    """Seconds to lower and compile ``fn(*args)`` for the compile-only GPU."""
+    import time
+
+    from jaxattn.pallas import _common
+
+    fn = fn if hasattr(fn, "trace") else jax.jit(fn)
+    t0 = time.perf_counter()
+    with _common.compile_for_gpu():  # the GPU kernels, not their interpret-mode form
+        fn.trace(*args).lower(lowering_platforms=("cuda",)).compile()
+    return round(time.perf_counter() - t0, 2)
+
+
+_FIXED = ("impl", "ms", "tflops", "error", "compile_s")
 
 
 def case_key(r: dict) -> tuple:
@@ -125,7 +157,7 @@ def case_key(r: dict) -> tuple:
 
 def markdown_table(cols: list[str], rows: list[list[str]]) -> str:
     """A padded markdown table."""
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    widths = [max([len(c), *(len(row[i]) for row in rows)]) for i, c in enumerate(cols)]
 
     def line(vals):
         return "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
@@ -145,7 +177,7 @@ def format_table(records: list[dict]) -> str:
         ms, ref = r.get("ms"), base.get(case_key(r))
         tokens = r.get("batch", 1) * r.get("seq", 1)
         rows.append([*(str(r[c]) for c in case_cols), r["impl"],
-                     f"{ms:.3f}" if ms else "n/a",
+                     f"{ms:.3f}" if ms else ("compiled" if "compile_s" in r else "n/a"),
                      f"{r['tflops']:.3g}" if ms else r.get("error", "")[:60],
                      f"{ms * 1e6 / tokens:.3g}" if ms else "",
                      f"{ms / ref:.2f}x" if ms and ref else ""])

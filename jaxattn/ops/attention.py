@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxattn.ops import _checks
 from jaxattn.pallas import _dropout
 from jaxattn.pallas import flash as _flash
+from jaxattn.pallas._common import targets_gpu as _targets_gpu
 from jaxattn.reference.attention import attention_reference
 
 SegmentIds = jax.Array | tuple[jax.Array, jax.Array]
@@ -116,7 +117,7 @@ def attention(
                 f"impl='pallas' supports head dims {lo}..{hi}; got q/k head_dim={d}, "
                 f"v head_dim={v.shape[-1]}")
         _checks.check_float_dtype("q", q)
-    use_kernel = impl in ("pallas", "mosaic") or (impl == "auto" and kernel_ok and jax.default_backend() == "gpu")
+    use_kernel = impl in ("pallas", "mosaic") or (impl == "auto" and kernel_ok and _targets_gpu())
 
     if use_kernel:
         out, lse = _flash.flash_attention(

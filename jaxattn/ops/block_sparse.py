@@ -38,6 +38,7 @@ import numpy as np
 from jaxattn.ops import _checks
 from jaxattn.pallas import _dropout
 from jaxattn.pallas import flash as _flash
+from jaxattn.pallas._common import targets_gpu as _targets_gpu
 from jaxattn.pallas.block_sparse import block_sparse_attention_kernel
 from jaxattn.reference.attention import attention_reference
 
@@ -514,7 +515,7 @@ def block_sparse_attention(
             raise ValueError(f"impl='pallas' supports head dims {lo}..{hi}; got q/k head_dim={d}, "
                              f"v head_dim={dv}")
         _checks.check_float_dtype("q", q)
-    if impl in ("pallas", "mosaic") or (impl == "auto" and kernel_ok and jax.default_backend() == "gpu"):
+    if impl in ("pallas", "mosaic") or (impl == "auto" and kernel_ok and _targets_gpu()):
         bm = block_mask
         out, lse = block_sparse_attention_kernel(
             q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k,

@@ -11,6 +11,7 @@ from jax import lax
 
 from jaxattn.ops import _checks
 from jaxattn.pallas import decode as _decode
+from jaxattn.pallas._common import targets_gpu as _targets_gpu
 from jaxattn.reference.decode import decode_reference
 
 _NO_GRAD = ("decode_attention's kernel is inference-only (no gradient). Differentiate "
@@ -76,7 +77,7 @@ def decode_attention(
     if impl == "pallas" and not kernel_ok:
         raise ValueError(f"impl='pallas' supports head dims up to {_decode.MAX_HEAD_DIM}; got q/k "
                          f"head_dim={d}, v head_dim={v.shape[-1]}")
-    if impl == "pallas" or (impl == "auto" and kernel_ok and jax.default_backend() == "gpu"):
+    if impl == "pallas" or (impl == "auto" and kernel_ok and _targets_gpu()):
         q, k, v = (_checks.no_grad(x, _NO_GRAD) for x in (q, k, v))
         out, lse = _decode.decode_attention_kernel(q, k, v, lengths, causal=causal, **extra)
     else:

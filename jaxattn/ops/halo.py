@@ -128,7 +128,7 @@ def halo_attention(
             raise ValueError(f"{name} must have shape [2 * win - 1, head_dim] = {(2 * win - 1, d)}, "
                              f"got {tuple(r.shape)}")
 
-    use_kernel = impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu")
+    use_kernel = impl == "pallas" or (impl == "auto" and _common.targets_gpu())
     return _halo(q, k, v, rel_h, rel_w, block_size=block_size, halo_size=halo_size, stride=stride,
                  scale=d ** -0.5 if scale is None else float(scale), scale_pos_embed=scale_pos_embed,
                  mask_padding=mask_padding, use_kernel=use_kernel)

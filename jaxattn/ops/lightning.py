@@ -12,6 +12,7 @@ from jax import lax
 
 from jaxattn.ops import _checks
 from jaxattn.pallas import lightning as _kernel
+from jaxattn.pallas._common import targets_gpu as _targets_gpu
 from jaxattn.reference.lightning import lightning_reference
 
 
@@ -92,7 +93,7 @@ def lightning_attention(
         _check_state(initial_state, (b, h, d, e), "initial_state")
 
     local_state = None if sequence_axis is not None else initial_state
-    if impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu"):
+    if impl == "pallas" or (impl == "auto" and _targets_gpu()):
         out, state = _kernel.lightning_attention_kernel(q, k, v, slope, local_state)
     else:
         out, state = lightning_reference(q, k, v, lax.stop_gradient(slope), local_state)

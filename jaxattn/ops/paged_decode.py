@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxattn.ops import _checks
 from jaxattn.ops.decode import _NO_GRAD, _check_lengths, _quantize_new, decode_options, reference_on
 from jaxattn.pallas import decode as _decode
+from jaxattn.pallas._common import targets_gpu as _targets_gpu
 
 PAGES_LAYOUT = "[num_pages, page_size, kv_heads, head_dim]"
 
@@ -102,7 +103,7 @@ def paged_decode_attention(
     if impl == "pallas" and not (dims_ok and page_ok):
         raise ValueError(f"impl='pallas' needs page_size a power of two >= 16 (got {page}) and head dims "
                          f"<= {_decode.MAX_HEAD_DIM} (got {q.shape[-1]}, {v_pages.shape[-1]})")
-    if impl == "pallas" or (impl == "auto" and dims_ok and page_ok and jax.default_backend() == "gpu"):
+    if impl == "pallas" or (impl == "auto" and dims_ok and page_ok and _targets_gpu()):
         q, k_pages, v_pages = (_checks.no_grad(x, _NO_GRAD) for x in (q, k_pages, v_pages))
         out, lse = _decode.paged_decode_attention_kernel(q, k_pages, v_pages, block_tables, lengths, causal=causal,
                                                          **extra)
