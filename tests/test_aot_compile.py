@@ -119,3 +119,41 @@ def test_sweep_compile_only_mode():
     for name, r in recs.items():
         assert r["ms"] is None
         assert "compile_s" in r or "cuDNN" in r.get("error", ""), (name, r)
+
+
+@needs_aot
+def test_model_steps_compile_only(tmp_path, capsys):
+    """``bench tnl`` / ``bench vision`` with ``--compile-only``: the jitted training and inference
+    steps of whole models (abstract weights: nothing allocated) compile for the H100."""
+    import json
+
+    from jaxattn.bench.__main__ import main
+
+    out = tmp_path / "tnl.json"
+    assert main(["tnl", "--model", "tnl-tiny", "--batch", "2", "--seq", "256", "--compile-only",
+                 "--json", str(out)]) == 0
+    [rec] = json.loads(out.read_text())["records"]
+    assert rec["compile_s"] > 0 and "ms" not in rec
+    out = tmp_path / "vision.json"
+    assert main(["vision", "--train-models", "vit-tiny", "--infer-models", "vit-tiny", "--batch", "2",
+                 "--compile-only", "--json", str(out)]) == 0
+    recs = json.loads(out.read_text())["records"]
+    assert [r["mode"] for r in recs] == ["train", "infer", "infer-quantized"]
+    assert all(r.get("compile_s", 0) > 0 for r in recs), recs
+    assert "compiled in" in capsys.readouterr().out
+
+
+@needs_aot
+@pytest.mark.slow
+def test_gpu_dry_run(tmp_path):
+    """``.ci/gpu-dry``: every sweep ``.ci/gpu`` runs compiles for the compile-only H100 (cuDNN aside)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(["bash", str(root / ".ci" / "gpu-dry")], capture_output=True, text=True, timeout=2400,
+                         env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "no failures" in run.stdout

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--compile-only", action="store_true", help="compile the GPU models' steps for a "
+                                                               "compile-only H100 instead of timing them")
     p = sub.add_parser("tnl", help="TNL training tokens/s (one jitted AdamW step)")
     p.add_argument("--model", default=None, help="default: tnl-385m on GPU, tnl-tiny on CPU")
     p.add_argument("--batch", type=int, default=None)
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--compile-only", action="store_true", help="compile the GPU step for a compile-only H100 "
+                                                               "instead of timing it (no GPU needed)")
     p = sub.add_parser("compile", help="compile every kernel for an NVIDIA GPU without one (XLA's compiler "
                                        "with jaxlib's CUDA plugin, or the triton package): registers, spills")
     from jaxattn.bench.compile import FAMILIES  # imports only jax; the kernels load lazily
@@ -138,11 +142,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _compile(args)
     if args.op == "tune":
         return _tune(args, gpu)
-    if args.op == "tnl":
-        return _tnl(args, gpu)
-    if args.op == "vision":
-        return _vision(args, gpu)
-
     compile_only = getattr(args, "compile_only", False)
     if compile_only:
         from jaxattn.bench import aot
@@ -150,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if why := aot.available():
             print(why, file=sys.stderr)
             return 2
+    if args.op == "tnl":
+        return _tnl(args, gpu or compile_only)
+    if args.op == "vision":
+        return _vision(args, gpu or compile_only)
     smoke = args.smoke or not (gpu or compile_only)
     if args.op == "attention":
         from jaxattn.bench import attention as mod
@@ -241,7 +244,9 @@ def _vision(args: argparse.Namespace, gpu: bool) -> int:
     info = device_summary()
     recs: list[dict] = []
     failed = False
-    kw = dict(batch=batch, dtype=dtype, steps=steps, attn_impl=impl)
+    kw = dict(batch=batch, dtype=dtype, steps=steps, attn_impl=impl, compile_only=args.compile_only)
+    if args.compile_only:
+        info["device"] = "compile-only NVIDIA H100 (sm_90a), on " + info["device"]
     jobs = [(m, "train") for m in train_models] + [(m, "inference") for m in infer_models]
     for model, mode in jobs:  # one model's failure is a row, not the end of the sweep
         try:
@@ -259,6 +264,10 @@ def _vision(args: argparse.Namespace, gpu: bool) -> int:
     for r in recs:
         if "error" in r:
             print(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['dtype']} | | failed: {r['error']} | | |")
+            continue
+        if "compile_s" in r:
+            print(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['dtype']} | {r['image_size']} | compiled in "
+                  f"{r['compile_s']} s | | |")
             continue
         agree = f"{r['top1_agreement']:.3f}" if "top1_agreement" in r else ""
         print(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['dtype']} | {r['image_size']} | {r['ms']:.2f} | "
@@ -336,11 +345,15 @@ def _tnl(args: argparse.Namespace, gpu: bool) -> int:
     rec = train_step_throughput(
         args.model or ("tnl-385m" if gpu else "tnl-tiny"), batch=args.batch or (8 if gpu else 2),
         seq=args.seq or (2048 if gpu else 64), dtype=args.dtype or ("bfloat16" if gpu else "float32"),
-        steps=args.steps if gpu else min(args.steps, 3))
+        steps=args.steps if gpu else min(args.steps, 3), compile_only=args.compile_only)
     info = device_summary()
+    if args.compile_only:
+        info["device"] = "compile-only NVIDIA H100 (sm_90a), on " + info["device"]
     print(f"# tnl training | {info['device']} | jax {info['jax']} | {info['date']}")
+    what = (f"compiled in {rec['compile_s']} s" if args.compile_only else
+            f"{rec['ms']:.1f} ms/step, {rec['tokens_per_s']:,.0f} tokens/s")
     print(f"{rec['model']} ({rec['params'] / 1e6:.1f}M params) batch {rec['batch']} x seq {rec['seq']} "
-          f"{rec['dtype']}: {rec['ms']:.1f} ms/step, {rec['tokens_per_s']:,.0f} tokens/s")
+          f"{rec['dtype']}: {what}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"op": "tnl", "info": info, "records": [rec]}, f, indent=1)

@@ -99,7 +99,7 @@ def run(
         if compile_only:
             args = _abstract_inputs(inputs, case)
             timers: list[tuple[str, Callable[[], Any]]] = [
-                (name, lambda fn=fn, args=args: _compile_for_gpu(fn, args)) for name, fn in peers(case).items()]
+                (name, lambda fn=fn, args=args: compile_for_gpu(fn, args)) for name, fn in peers(case).items()]
         else:
             args = inputs(case)
             timers = [(name, lambda fn=fn, args=args: time_jax(fn, *args, warmup=warmup, runs=runs))
@@ -125,17 +125,22 @@ def run(
     return records
 
 
-def _abstract_inputs(inputs: Callable[[Any], tuple], case: Any) -> tuple:
-    """``inputs(case)`` as shapes on the compile-only GPU (nothing is computed or allocated)."""
+def on_compile_only_gpu(tree: Any) -> Any:
+    """Arrays or shapes as ShapeDtypeStructs placed on the compile-only H100 (:mod:`jaxattn.bench.aot`)."""
     from jaxattn.bench import aot
 
     sharding = aot.compile_only_sharding()
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                        jax.eval_shape(lambda: inputs(case)))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
-def _compile_for_gpu(fn: Callable[..., Any], args: tuple) -> float:
-    """Seconds to lower and compile ``fn(*args)`` for the compile-only GPU."""
+def _abstract_inputs(inputs: Callable[[Any], tuple], case: Any) -> tuple:
+    """``inputs(case)`` as shapes on the compile-only GPU (nothing is computed or allocated)."""
+    return on_compile_only_gpu(jax.eval_shape(lambda: inputs(case)))
+
+
+def compile_for_gpu(fn: Callable[..., Any], args: tuple) -> float:
+    """Seconds to lower and compile ``fn(*args)`` (``args``: :func:`on_compile_only_gpu` shapes)
+    for the compile-only GPU, with the GPU kernels (not their interpret-mode form)."""
     import time
 
     from jaxattn.pallas import _common

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -12,11 +13,15 @@ from jaxattn.models import create_model
 
 
 def train_step_throughput(model_name: str, *, batch: int, seq: int, dtype: str, steps: int,
-                          warmup: int = 2, attn_impl: str = "auto") -> dict:
-    """Median step time and tokens/s for ``model_name`` on random tokens."""
-    model = create_model(model_name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl)
+                          warmup: int = 2, attn_impl: str = "auto", compile_only: bool = False) -> dict:
+    """Median step time and tokens/s for ``model_name`` on random tokens. ``compile_only``: compile
+    the step for a compile-only H100 instead (abstract weights, nothing allocated; ``compile_s``)."""
+    def build():
+        model = create_model(model_name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl)
+        return model, nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+
+    model, optimizer = nnx.eval_shape(build) if compile_only else build()
     vocab = model.cfg.vocab_size
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
 
     @jax.jit
@@ -31,6 +36,14 @@ def train_step_throughput(model_name: str, *, batch: int, seq: int, dtype: str, 
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), loss
 
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    if compile_only:
+        from jaxattn.bench import runner
+
+        secs = runner.compile_for_gpu(step, runner.on_compile_only_gpu(
+            (state, jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32))))
+        return dict(model=model_name, batch=batch, seq=seq, dtype=dtype, params=int(n_params), impl="jaxattn",
+                    compile_s=secs)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq + 1), 0, vocab)
     for _ in range(max(1, warmup)):
         state, loss = step(state, tokens)
@@ -43,6 +56,5 @@ def train_step_throughput(model_name: str, *, batch: int, seq: int, dtype: str, 
         times.append(time.perf_counter() - t0)
     times.sort()
     ms = times[len(times) // 2] * 1e3
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return dict(model=model_name, batch=batch, seq=seq, dtype=dtype, params=int(n_params), impl="jaxattn",
                 ms=ms, tokens_per_s=batch * seq / (ms * 1e-3), loss=float(loss))

@@ -33,16 +33,20 @@ def _images(model, batch: int, image_size: int | None):
 
 
 def train_step_throughput(name: str, *, batch: int, dtype: str, steps: int, warmup: int = 2,
-                          attn_impl: str = "auto", image_size: int | None = None) -> dict:
-    """Median ms and images/s of forward + backward + AdamW update on random images."""
-    model = create_model(name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl)
-    x = _images(model, batch, image_size)
-    y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, model.cfg.num_classes)
-    opt = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
-    graphdef, state = nnx.split((model, opt))
+                          attn_impl: str = "auto", image_size: int | None = None,
+                          compile_only: bool = False) -> dict:
+    """Median ms and images/s of forward + backward + AdamW update on random images.
+    ``compile_only``: compile the step for a compile-only H100 instead (``compile_s``)."""
+    def build():
+        model = create_model(name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl)
+        return model, nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
 
-    @jax.jit
-    def step(state):
+    model, opt = nnx.eval_shape(build) if compile_only else build()
+    graphdef, state = nnx.split((model, opt))
+    params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    size = image_size or model.cfg.image_size
+
+    def loss_step(state, x, y):
         m, o = nnx.merge(graphdef, state)
         m.train()
         loss, grads = nnx.value_and_grad(
@@ -50,6 +54,17 @@ def train_step_throughput(name: str, *, batch: int, dtype: str, steps: int, warm
         o.update(m, grads)
         return nnx.state((m, o)), loss
 
+    if compile_only:
+        from jaxattn.bench import runner
+
+        x = jax.ShapeDtypeStruct((batch, size, size, model.cfg.in_channels), jnp.float32)
+        secs = runner.compile_for_gpu(jax.jit(loss_step), runner.on_compile_only_gpu(
+            (state, x, jax.ShapeDtypeStruct((batch,), jnp.int32))))
+        return dict(model=name, mode="train", batch=batch, dtype=dtype, image_size=size, params=int(params),
+                    compile_s=secs)
+    x = _images(model, batch, image_size)
+    y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, model.cfg.num_classes)
+    step = jax.jit(lambda state: loss_step(state, x, y))
     box = [state]
 
     def run():
@@ -57,24 +72,39 @@ def train_step_throughput(name: str, *, batch: int, dtype: str, steps: int, warm
         return loss
 
     ms = _median_ms(run, steps, warmup)
-    params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return dict(model=name, mode="train", batch=batch, dtype=dtype, image_size=int(x.shape[1]),
                 params=int(params), ms=ms, images_per_s=batch / (ms * 1e-3))
 
 
 def inference_throughput(name: str, *, batch: int, dtype: str, steps: int, warmup: int = 2,
-                         attn_impl: str = "auto", image_size: int | None = None) -> list[dict]:
-    """Inference images/s with ``quantized`` off and on (same weights), and top-1 agreement."""
+                         attn_impl: str = "auto", image_size: int | None = None,
+                         compile_only: bool = False) -> list[dict]:
+    """Inference images/s with ``quantized`` off and on (same weights), and top-1 agreement.
+    ``compile_only``: compile both for a compile-only H100 instead (``compile_s``)."""
     recs, preds = [], {}
     for quantized in (False, True):
-        model = create_model(name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl, quantized=quantized)
-        model.eval()
-        x = _images(model, batch, image_size)
+        def build():
+            model = create_model(name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl, quantized=quantized)
+            model.eval()
+            return model
+
+        model = nnx.eval_shape(build) if compile_only else build()
         graphdef, state = nnx.split(model)
         fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+        mode = "infer-quantized" if quantized else "infer"
+        if compile_only:
+            from jaxattn.bench import runner
+
+            size = image_size or model.cfg.image_size
+            x = jax.ShapeDtypeStruct((batch, size, size, model.cfg.in_channels), jnp.float32)
+            recs.append(dict(model=name, mode=mode, batch=batch, dtype=dtype, image_size=size,
+                             compile_s=runner.compile_for_gpu(fwd, runner.on_compile_only_gpu((state, x)))))
+            continue
+        x = _images(model, batch, image_size)
         ms = _median_ms(lambda: fwd(state, x), steps, warmup)
         preds[quantized] = np.asarray(fwd(state, x)).argmax(-1)
-        recs.append(dict(model=name, mode="infer-quantized" if quantized else "infer", batch=batch, dtype=dtype,
+        recs.append(dict(model=name, mode=mode, batch=batch, dtype=dtype,
                          image_size=int(x.shape[1]), ms=ms, images_per_s=batch / (ms * 1e-3)))
-    recs[1]["top1_agreement"] = float((preds[True] == preds[False]).mean())
+    if not compile_only:
+        recs[1]["top1_agreement"] = float((preds[True] == preds[False]).mean())
     return recs
