@@ -258,3 +258,26 @@ def test_tune_keeps_a_stage_best_and_reports_failures(monkeypatch):
     errors = [r for r in res["records"] if "error" in r]
     assert len(errors) == 1 and "shared memory" in errors[0]["error"]
     assert res["best"].num_stages == 2 and res["best"].num_warps == fam.base(64, jnp.bfloat16).num_warps
+
+
+def test_tune_rejects_a_fast_wrong_config(monkeypatch):
+    """A candidate whose outputs differ from the current config's beyond the family's tolerance
+    (or hold NaN) is recorded as wrong and cannot win, however fast."""
+    from jaxattn.bench import tune
+
+    def fake_make(cfg, extra, mode, causal, inputs):
+        out = {2: 1.0, 3: 1.001, 4: 1.5}.get(cfg.num_stages, 1.0)
+        return lambda: (jnp.full((4,), out), jnp.array([jnp.nan if cfg.num_warps == 2 else 2.0]))
+
+    fam = tune.FAMILIES["flash"]()
+    monkeypatch.setitem(tune.FAMILIES, "flash", lambda: tune.Family(
+        fam.base, lambda: [tune.Stage("a", "fwd", ({"num_stages": 4}, {"num_stages": 3}, {"num_warps": 2}))],
+        fake_make, lambda *a: (), fam.table))
+    ticks = iter([5.0, 3.0])  # ms of a/current and a/stages=3 (the wrong ones are not timed)
+    monkeypatch.setattr(tune.timing, "time_jax", lambda f, **kw: type("T", (), {"median_ms": next(ticks)}))
+    res = tune.tune("flash", batch=1, seq=16, heads=1, head_dim=64, progress=False)
+    wrong = [r for r in res["records"] if "wrong result" in r.get("error", "")]
+    assert len(wrong) == 2, res["records"]
+    assert res["best"].num_stages == 3
+    assert tune.max_rel_err((jnp.ones(3),), (jnp.ones(3) * 2,)) == pytest.approx(0.5)
+    assert tune.max_rel_err(jnp.array([jnp.inf]), jnp.ones(1)) == float("inf")
