@@ -947,6 +947,21 @@ def flash_attention(
     return run_padded(st, q, k, v, bias, qseg, kseg, None, alibi, seed)
 
 
+def mosaic_auto(q, k, v, causal: bool, bias=None, q_segment_ids=None, window=None, softcap=None, alibi=None,
+                dropout_rate=0.0) -> bool:
+    """Whether ``impl="auto"`` runs the Mosaic GPU forward for these inputs: switched on
+    (``flash_mgpu.AUTO_ON_HOPPER``), a Hopper GPU, and inputs it takes (``check_mosaic``)."""
+    if not flash_mgpu.AUTO_ON_HOPPER or not flash_mgpu.on_hopper():
+        return False
+    if causal and not flash_mgpu.causal_supported():
+        return False
+    try:
+        check_mosaic(q, k, v, bias, q_segment_ids, window, softcap, alibi, dropout_rate)
+    except ValueError:
+        return False
+    return True
+
+
 def check_mosaic(q, k, v, bias=None, q_segment_ids=None, window=None, softcap=None, alibi=None,
                  dropout_rate=0.0) -> None:
     """What the Mosaic GPU forward runs; anything else raises, naming the argument."""

@@ -120,16 +120,37 @@ def interpreter_threads() -> int:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _check_device() -> None:
-    """Compiled for a GPU: Mosaic GPU's WGMMA, TMA and setmaxnreg need sm_90 (Hopper) or newer."""
+# impl="auto" runs this forward instead of the Triton one on a Hopper GPU, for the inputs it takes
+# (plain causal or non-causal attention, d 64/128, 16-bit), once a GPU run has shown it faster
+# (BENCHMARKS.md, the jaxattn-mosaic peer vs jaxattn): False until then.
+AUTO_ON_HOPPER = False
+
+
+def _compute_capability() -> tuple[int | None, str]:
     dev = jax.devices()[0]
     cc = str(getattr(dev, "compute_capability", "") or "")
     try:
-        major = int(cc.split(".")[0])
+        return int(cc.split(".")[0]), cc
     except ValueError:
-        major = None
-    if dev.platform != "gpu" or (major is not None and major < 9):
-        raise ValueError(f"impl='mosaic' compiles for Hopper GPUs (sm_90+); this device is "
+        return None, cc
+
+
+def on_hopper() -> bool:
+    """Kernels are built for a Hopper GPU (sm_90): the device is one, or a compile-only H100."""
+    from jaxattn.pallas import _common
+
+    if jax.default_backend() != "gpu":
+        return _common.targets_gpu()  # (compiling for the compile-only H100 of jaxattn.bench.aot)
+    return _compute_capability()[0] == 9
+
+
+def _check_device() -> None:
+    """Compiled for a GPU: the kernels are Hopper's (WGMMA, TMA, setmaxnreg: sm_90a; Blackwell's
+    tensor cores take tcgen05, not WGMMA)."""
+    dev = jax.devices()[0]
+    major, cc = _compute_capability()
+    if dev.platform != "gpu" or (major is not None and major != 9):
+        raise ValueError(f"impl='mosaic' compiles for Hopper GPUs (sm_90); this device is "
                          f"{dev.device_kind} (compute capability {cc or 'unknown'}): use impl='pallas'")
 
 

@@ -395,3 +395,20 @@ def test_block_sparse_mosaic_needs_large_mask_blocks():
     q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="mask blocks"):
         jaxattn.block_sparse_attention(q, q, q, jaxattn.BlockMask.causal(256, block=64), impl="mosaic")
+
+
+@pytest.mark.parametrize("switched_on", [False, True])
+def test_auto_picks_mosaic_on_hopper_only_when_switched_on(monkeypatch, switched_on):
+    """``impl="auto"`` on a Hopper GPU (here: compiling for one) runs the Mosaic forward when
+    ``AUTO_ON_HOPPER`` is set and the inputs are ones it takes; the Triton kernel otherwise."""
+    from jaxattn.bench.compile import lower_for_cuda
+    from jaxattn.pallas import _common
+
+    monkeypatch.setattr(flash_mgpu, "AUTO_ON_HOPPER", switched_on)
+    q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    mask = jnp.ones((1, 1, 256, 256), bool)
+    with _common.compile_for_gpu():  # (fresh functions: jit caches traces by function)
+        plain = lower_for_cuda(lambda q, k, v: jaxattn.attention(q, k, v, causal=True), q, q, q).as_text()
+        masked = lower_for_cuda(lambda q, k, v: jaxattn.attention(q, k, v, mask=mask), q, q, q).as_text()
+    assert ("mosaic_gpu" in plain) is switched_on and ("__gpu$xla.gpu.triton" in plain) is not switched_on
+    assert "mosaic_gpu" not in masked and "__gpu$xla.gpu.triton" in masked

@@ -120,10 +120,12 @@ def attention(
     use_kernel = impl in ("pallas", "mosaic") or (impl == "auto" and kernel_ok and _targets_gpu())
 
     if use_kernel:
+        mosaic = impl == "mosaic" or (impl == "auto" and _flash.mosaic_auto(
+            q, k, v, causal, mask, qseg, extra["local_window_size"], extra["logits_soft_cap"],
+            extra.get("alibi_slopes"), extra.get("dropout_rate", 0.0)))
         out, lse = _flash.flash_attention(
             q, k, v, causal=causal, scale=scale, bias=mask,
-            q_segment_ids=qseg, kv_segment_ids=kvseg, backend="mosaic" if impl == "mosaic" else "triton",
-            **extra)
+            q_segment_ids=qseg, kv_segment_ids=kvseg, backend="mosaic" if mosaic else "triton", **extra)
     else:
         out, lse = attention_reference(
             q, k, v, causal=causal, scale=scale, mask=mask,
