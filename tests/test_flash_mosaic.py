@@ -303,14 +303,20 @@ def test_sage_bench_times_the_mosaic_kernels():
     assert np.abs(mosaic - triton).max() <= 0.05 * np.abs(triton).max()  # different K groups: 128 vs 64 keys
 
 
-def test_pre_hopper_gpu_is_refused(monkeypatch):
-    """On a GPU older than sm_90 the kernel raises instead of failing in Mosaic's compiler."""
-    class Ampere:
-        platform, device_kind, compute_capability = "gpu", "NVIDIA A100", "8.0"
+@pytest.mark.parametrize("kind,cc,ok", [("NVIDIA A100", "8.0", False), ("NVIDIA H100", "9.0", True),
+                                        ("NVIDIA B200", "10.0", False)])
+def test_only_hopper_gpus_run_it(monkeypatch, kind, cc, ok):
+    """On a GPU other than sm_90 (older, or Blackwell: no WGMMA) the kernel raises instead of
+    failing in Mosaic's compiler."""
+    class Device:
+        platform, device_kind, compute_capability = "gpu", kind, cc
 
-    monkeypatch.setattr(jax, "devices", lambda *a: [Ampere()])
-    with pytest.raises(ValueError, match="Hopper"):
+    monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
+    if ok:
         flash_mgpu._check_device()
+    else:
+        with pytest.raises(ValueError, match="Hopper"):
+            flash_mgpu._check_device()
 
 
 @pytest.mark.slow
