@@ -33,12 +33,19 @@ def compile_for_gpu() -> Iterator[None]:
     interpreted) whatever the default backend: for ``.lower(lowering_platforms=("cuda",))`` and
     compiling for a compile-only GPU (:mod:`jaxattn.bench.aot`). Read at trace time, which jit's
     cache does not see: trace fresh functions inside it."""
-    old = getattr(_state, "compile_for_gpu", False)
-    _state.compile_for_gpu = True
+    with _flag("compile_for_gpu", True):
+        yield
+
+
+@contextlib.contextmanager
+def _flag(name: str, value: bool) -> Iterator[None]:
+    """Sets a thread-local trace-time flag for the duration of the context."""
+    prev = getattr(_state, name, False)
+    setattr(_state, name, value)
     try:
         yield
     finally:
-        _state.compile_for_gpu = old
+        setattr(_state, name, prev)
 
 
 def interpret_default() -> bool:
@@ -58,12 +65,8 @@ def poison_outputs(enabled: bool = True) -> Iterator[None]:
     kernel forgets to write shows up as NaN on a GPU as well as in interpret mode.
     The flag is read at trace time: use it around un-jitted calls or fresh traces.
     """
-    prev = getattr(_state, "poison", False)
-    _state.poison = enabled
-    try:
+    with _flag("poison", enabled):
         yield
-    finally:
-        _state.poison = prev
 
 
 def _poison_value(dtype: Any) -> Any:
