@@ -136,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.op == "compile" or getattr(args, "compile_only", False):
+        from jaxattn.bench import aot
 
+        aot.available()  # before JAX starts its backends: on a machine without a GPU, stay on the CPU client
     gpu = jax.default_backend() == "gpu"
     if args.op == "compile":
         return _compile(args)

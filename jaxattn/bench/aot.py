@@ -60,17 +60,28 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 SMEM_PER_BLOCK = 232448  # bytes one program may use on sm_90 (opt-in)
 REGISTERS_PER_BLOCK = 65536
 
-__all__ = ["available", "compile_only_sharding", "compile_case", "run", "check", "parse_ptxas"]
+__all__ = ["available", "compile_only_sharding", "compile_case", "run", "check", "parse_ptxas", "format_records"]
+
+
+def _no_gpu_here() -> bool:
+    return not (glob.glob("/dev/nvidia[0-9]*") or shutil.which("nvidia-smi"))
 
 
 def available() -> str | None:
-    """None when this jax can compile for a GPU without one, else why not."""
+    """None when this jax can compile for a GPU without one, else why not.
+
+    On a machine without a GPU, call it before anything starts JAX's backends: it keeps JAX on
+    its CPU client (``JAX_PLATFORMS=cpu``), as the CUDA plugin cannot start a GPU client there
+    (and without cuDNN installed would refuse to load at all)."""
     try:
         from jax._src import xla_bridge as xb
 
+        if _no_gpu_here() and not os.environ.get("JAX_PLATFORMS") and not xb.backends_are_initialized():
+            jax.config.update("jax_platforms", "cpu")
         xb._discover_and_register_pjrt_plugins()
         if "cuda" not in xb._topology_factories:
-            return "jaxlib's CUDA plugin is not installed: pip install -e '.[aot]' (jax[cuda13-local])"
+            return ("jaxlib's CUDA plugin is not installed (or failed to load: run with JAX_PLATFORMS=cpu on a "
+                    "machine without a GPU): pip install -e '.[aot]' (jax[cuda13-local])")
     except Exception as e:  # noqa: BLE001 - a jax without these internals
         return f"this jax cannot build compile-only GPU topologies ({type(e).__name__}: {e})"
     return None
