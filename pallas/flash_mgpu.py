@@ -231,6 +231,9 @@ class SageInputs(NamedTuple):
     k_scale: jax.Array  # fp32 [B, Hkv, Sk / block_kv]: one scale per key block
     v8t: jax.Array  # float8_e4m3fn [B, Hkv, d, Sk]: V transposed (K-major for the FP8 WGMMA)
     v_scale: jax.Array  # fp32 [B, Hkv, d]: per-channel V scale
+    # smooth_q: fp32 [B, Hq, Sq / (2 * block_q), Sk], the exact q_bar . K^T term of each program's
+    # query block, in base-2 units (added to the scores); None without Q smoothing
+    correction: jax.Array | None = None
 
 
 class SparseLists(NamedTuple):
@@ -285,6 +288,11 @@ def sage_forward(x: SageInputs, *, causal: bool, q_len: int, kv_len: int, out_dt
     cfg = config or mosaic_config(d)
     if x.k_scale.shape[-1] * cfg.block_kv != x.k8.shape[1]:
         raise ValueError(f"k_scale needs one scale per {cfg.block_kv} keys, got {x.k_scale.shape}")
+    batch, q_pad, hq, _ = x.q8.shape
+    want = (batch, hq, q_pad // (2 * cfg.block_q), x.k8.shape[1])
+    if x.correction is not None and tuple(x.correction.shape) != want:
+        raise ValueError(f"correction must have shape {want} (one row per {2 * cfg.block_q} queries), "
+                         f"got {tuple(x.correction.shape)}")
     return _attention(x.q8, x.k8, x.v8t, x, causal=causal, scale=1.0, q_len=q_len, kv_len=kv_len, cfg=cfg,
                       out_dtype=out_dtype, interpret=interpret)[0]
 
@@ -317,6 +325,11 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
     cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
     row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
+    def iota(dim):  # positions in a score tile, in its WGMMA register layout
+        if interpret:
+            return lax.broadcasted_iota(jnp.int32, (bq, bkv), dim)
+        return plgpu.broadcasted_iota(jnp.int32, (bq, bkv), dim, layout=plgpu.Layout.WGMMA)
+
     def load_vec(ref, layout):  # a vector from global memory, in a WGMMA row/column layout
         return ref[...] if interpret else _load_vector(plgpu, ref, layout)
 
@@ -329,6 +342,9 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
         index_ref = blocks_ref = qoff_ref = None
         if sparse is not None:
             index_ref, blocks_ref, qoff_ref, *refs = refs
+        corr_ref = None
+        if quant and sage.correction is not None:
+            corr_ref, *refs = refs
         if quant:
             qs_ref, ks_ref, vs_ref, o_ref, lse_ref, q_smem2, o_smem2, p_smem2, *rest = refs
         else:
@@ -411,9 +427,12 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
                 if quant:  # base-2 logits: int32 scores times the row and key-block scales
                     s = cast(s.astype(jnp.float32), plgpu.Layout.WGMMA)
                     s = s * lax.broadcast_in_dim(q_scale * k_scale, s.shape, [0])
+                    if corr_ref is not None:  # smooth_q: this query block's q_bar . K^T, per key
+                        corr = load_vec(corr_ref.at[b, h, tile, pl.ds(kb * bkv, bkv)], col_layout)
+                        s = s + lax.broadcast_in_dim(corr, s.shape, [1])
                 if masked:
-                    rows = cast(lax.broadcasted_iota(jnp.int32, (bq, bkv), 0), plgpu.Layout.WGMMA) + q_first
-                    keys = cast(lax.broadcasted_iota(jnp.int32, (bq, bkv), 1), plgpu.Layout.WGMMA) + kb * bkv
+                    rows = iota(0) + q_first
+                    keys = iota(1) + kb * bkv
                     keep = keys < kv_len
                     if causal:
                         keep = jnp.logical_and(keep, keys <= rows + offset)
@@ -545,6 +564,8 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
     if sparse is not None:
         args += (sparse.kv_index, sparse.kv_blocks, sparse.q_offset)
     if quant:
+        if sage.correction is not None:
+            args += (sage.correction,)
         args += (sage.q_rows, sage.k_scale, sage.v_scale)
     if interpret:
         _check_interpreter_threads()

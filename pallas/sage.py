@@ -422,7 +422,7 @@ def _sage(opts: _Options, q, k, v):
                   num_warps=opts.cfg.quant_num_warps, interpret=opts.interpret)
     q_rows = jnp.repeat(qz.q_scale, blocks.q_group, axis=-1) * (opts.scale * LOG2E)
     if mosaic:
-        x = flash_mgpu.SageInputs(qz.q8, q_rows, qz.k8, qz.k_scale, qz.v8, qz.v_scale)
+        x = flash_mgpu.SageInputs(qz.q8, q_rows, qz.k8, qz.k_scale, qz.v8, qz.v_scale, qz.correction)
         out = flash_mgpu.sage_forward(x, causal=opts.causal, q_len=q_len, kv_len=kv_len, out_dtype=q.dtype,
                                       interpret=_common.resolve_interpret(opts.interpret))
         return out[:, :q_len, :, :dv]
@@ -461,7 +461,7 @@ def sage_attention_kernel(
     divides Hq), one floating dtype. Returns ``[B, Sq, Hq, Dv]`` in q's dtype; a query row
     with no visible key (causal with Sq > Sk) is zero. Differentiating raises. ``backend="mosaic"``
     runs the attention on the Mosaic GPU kernel (:func:`jaxattn.pallas.flash_mgpu.sage_forward`:
-    Hopper, 128-key K groups, no ``smooth_q``) after the same prologue.
+    Hopper, 128-key K groups; ``smooth_q`` per 128-row program tile) after the same prologue.
     """
     if qk_granularity not in GRANULARITIES:
         raise ValueError(f"qk_granularity must be one of {GRANULARITIES}, got {qk_granularity!r}")
@@ -470,8 +470,6 @@ def sage_attention_kernel(
     if backend == "mosaic":
         if not flash_mgpu.available():
             raise ValueError("impl='mosaic' needs jax's Pallas Mosaic GPU backend (jax >= 0.10)")
-        if smooth_q:
-            raise ValueError("impl='mosaic' does not take smooth_q (its q_bar . K^T correction); use impl='pallas'")
     cfg = config or sage_config(max(q.shape[-1], v.shape[-1]))
     scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     opts = _Options(bool(causal), scale, qk_granularity, bool(smooth_q), bool(smooth_k), cfg, interpret, backend)

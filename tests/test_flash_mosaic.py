@@ -217,9 +217,10 @@ def test_config_validation():
 # SageAttention2 on the same pipeline: jaxattn.sage_attention(impl="mosaic").
 # ----------------------------------------------------------------------------
 
-SAGE_CASES = [  # (sq, sk, d, causal, granularity, dtype, kind): the causal one drains a block
-    (150, 200, 64, False, "block", jnp.bfloat16, "random"),
-    (200, 264, 128, True, "warp", jnp.float16, "outlier"),
+SAGE_CASES = [  # (sq, sk, d, causal, granularity, dtype, kind, smooth_q): the causal one drains a block
+    (150, 200, 64, False, "block", jnp.bfloat16, "random", False),
+    (200, 264, 128, True, "warp", jnp.float16, "outlier", False),
+    (200, 150, 64, False, "warp", jnp.bfloat16, "outlier", True),  # q_bar . K^T added per key block
 ]
 
 
@@ -229,8 +230,8 @@ def _sage_inputs(sq, sk, d, dtype, kind, seed=0):
     return sage_inputs(1, sq, sk, 2, 1, d, dtype, seed=seed, kind=kind)
 
 
-@pytest.mark.parametrize("sq,sk,d,causal,granularity,dtype,kind", SAGE_CASES)
-def test_sage_matches_emulation(sq, sk, d, causal, granularity, dtype, kind):
+@pytest.mark.parametrize("sq,sk,d,causal,granularity,dtype,kind,smooth_q", SAGE_CASES)
+def test_sage_matches_emulation(sq, sk, d, causal, granularity, dtype, kind, smooth_q):
     """The INT8/FP8 kernel against the jnp emulation of the same quantisation (same groups:
     128-row Q blocks or 16-row warps, 128-key K blocks), and against fp32 attention."""
     from test_sage import _assert_matches_emulation
@@ -241,10 +242,10 @@ def test_sage_matches_emulation(sq, sk, d, causal, granularity, dtype, kind):
     _skip_causal_on_buggy_ptxas(causal)
     q, k, v = _sage_inputs(sq, sk, d, dtype, kind)
     out = jax.jit(lambda q, k, v: jaxattn.sage_attention(q, k, v, causal=causal, qk_granularity=granularity,
-                                                         impl="mosaic"))(q, k, v)
+                                                         smooth_q=smooth_q, impl="mosaic"))(q, k, v)
     b = sage.mosaic_blocks(sq, sk, granularity, d)
     expected = sage_ref.sage_reference(q, k, v, block_q=b.block_q, block_k=b.block_k, q_group=b.q_group,
-                                       causal=causal, scale=d ** -0.5, smooth_q=False, smooth_k=True)
+                                       causal=causal, scale=d ** -0.5, smooth_q=smooth_q, smooth_k=True)
     _assert_matches_emulation(out, expected, dtype)
     m = sage_ref.accuracy_metrics(out, attention_reference(q, k, v, causal=causal)[0])
     assert m["cos_sim"] >= 0.999 and m["rel_l1"] <= 0.05, m
@@ -256,10 +257,13 @@ def test_sage_offset_matches_the_triton_kernel():
     assert flash_mgpu.P_OFFSET == sage.P_OFFSET and flash_mgpu.FP8_DTYPE == sage.FP8_DTYPE
 
 
-def test_sage_mosaic_rejects_smooth_q():
-    q = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)
-    with pytest.raises(ValueError, match="smooth_q"):
-        jaxattn.sage_attention(q, q, q, smooth_q=True, impl="mosaic")
+def test_sage_mosaic_checks_its_correction_shape():
+    q8 = jnp.zeros((1, 128, 2, 64), jnp.int8)
+    x = flash_mgpu.SageInputs(q8, jnp.zeros((1, 2, 128)), q8, jnp.zeros((1, 2, 1)),
+                              jnp.zeros((1, 2, 64, 128), flash_mgpu.FP8_DTYPE), jnp.zeros((1, 2, 64)),
+                              correction=jnp.zeros((1, 2, 2, 128)))
+    with pytest.raises(ValueError, match="correction must have shape"):
+        flash_mgpu.sage_forward(x, causal=False, q_len=128, kv_len=128, out_dtype=jnp.bfloat16)
 
 
 @pytest.mark.parametrize("d,causal,pingpong", list(itertools.product(flash_mgpu.HEAD_DIMS, [False, True],

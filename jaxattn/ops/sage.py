@@ -49,7 +49,7 @@ def sage_attention(
         dots, compute capability >= 8.9; else XLA). ``"mosaic"``: the same prologue, then the
         attention on the warp-specialized Mosaic GPU kernel (Hopper; ``s8`` and ``e4m3`` WGMMA,
         ping-pong consumers; Mosaic GPU's interpret mode without a GPU); K scale groups of 128
-        keys, no ``smooth_q``.
+        keys (``smooth_q``: per 128-row query block, as ``"block"``).
 
     Returns:
       ``[batch, q_len, heads, v_head_dim]`` in the dtype of ``q``. A query row with no
