@@ -104,8 +104,11 @@ def _tokamax_peers(causal: bool) -> dict[str, Callable[..., jax.Array]]:
     tokamax is importable (``.ci/peer-wheels`` carries it to the device)."""
     try:
         import tokamax
+        from absl import flags
     except Exception:  # noqa: BLE001 - not installed, or not for this jax
         return {}
+    if not flags.FLAGS.is_parsed():  # tokamax reads absl flags, which would parse our CLI's argv and fail
+        flags.FLAGS.mark_as_parsed()
 
     def peer(impl: str) -> Callable[..., jax.Array]:
         return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
