@@ -60,7 +60,8 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 SMEM_PER_BLOCK = 232448  # bytes one program may use on sm_90 (opt-in)
 REGISTERS_PER_BLOCK = 65536
 
-__all__ = ["available", "compile_only_sharding", "compile_case", "run", "check", "parse_ptxas", "format_records"]
+__all__ = ["available", "compile_only_sharding", "on_compile_only_gpu", "lower_and_compile", "compile_case", "run",
+           "check", "parse_ptxas", "format_records"]
 
 
 def _no_gpu_here() -> bool:
@@ -95,6 +96,25 @@ def compile_only_sharding() -> jax.sharding.NamedSharding:
     topo = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET, topology="1x1x1")
     mesh = topologies.make_mesh(topo, (1,), ("x",))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def on_compile_only_gpu(tree: Any) -> Any:
+    """Arrays or shapes as ShapeDtypeStructs placed on the compile-only H100."""
+    sharding = compile_only_sharding()
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def lower_and_compile(fn: Callable, args: Sequence[Any], compiler_options: dict | None = None) -> Any:
+    """``fn`` (jitted or not) traced on ``args`` (:func:`on_compile_only_gpu` shapes), lowered and
+    compiled for the compile-only H100, with the GPU kernels (not their interpret-mode form) and
+    the H100 as default device (for code that looks at it); returns the lowering."""
+    from jaxattn.pallas import _common
+
+    fn = fn if hasattr(fn, "trace") else jax.jit(fn)
+    with _common.compile_for_gpu(), jax.default_device(next(iter(compile_only_sharding().device_set))):
+        lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
+        lowered.compile(compiler_options=compiler_options)
+    return lowered
 
 
 @contextlib.contextmanager
@@ -218,19 +238,15 @@ def compile_case(fn: Callable, args: Sequence[Any]) -> dict:
 
     Returns ``{"ok", "seconds", "error"?, "kernels": [...]}``; each kernel: name, backend
     (``"mosaic"`` or ``"triton"``), registers, spill bytes, wgmma, shared bytes (Mosaic)."""
-    from jaxattn.pallas import _common
-
-    sharding = compile_only_sharding()
-    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
+    args = on_compile_only_gpu(list(args))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="jaxattn-aot-") as tmp:
         mosaic_dump, xla_dump = os.path.join(tmp, "mosaic"), os.path.join(tmp, "xla")
         os.makedirs(mosaic_dump)  # (Mosaic GPU dumps to stdout when the directory is missing)
         try:  # Mosaic GPU reads its dump options when it lowers a kernel and when it compiles one
-            with _env(MOSAIC_GPU_DUMP_TO=mosaic_dump), _common.compile_for_gpu():
-                lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+            with _env(MOSAIC_GPU_DUMP_TO=mosaic_dump):
                 # (the production LLVM level, whatever XLA_FLAGS says: the test suite lowers it for speed)
-                lowered.compile(compiler_options={"xla_dump_to": xla_dump, "xla_backend_optimization_level": 3})
+                lowered = lower_and_compile(fn, args, {"xla_dump_to": xla_dump, "xla_backend_optimization_level": 3})
         except Exception as e:  # noqa: BLE001 - the failure is the result
             return {"ok": False, "seconds": round(time.perf_counter() - t0, 1),
                     "error": f"{type(e).__name__}: {e}"[:2000], "kernels": []}

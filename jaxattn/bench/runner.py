@@ -125,33 +125,22 @@ def run(
     return records
 
 
-def on_compile_only_gpu(tree: Any) -> Any:
-    """Arrays or shapes as ShapeDtypeStructs placed on the compile-only H100 (:mod:`jaxattn.bench.aot`)."""
-    from jaxattn.bench import aot
-
-    sharding = aot.compile_only_sharding()
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
-
-
 def _abstract_inputs(inputs: Callable[[Any], tuple], case: Any) -> tuple:
     """``inputs(case)`` as shapes on the compile-only GPU (nothing is computed or allocated)."""
-    return on_compile_only_gpu(jax.eval_shape(lambda: inputs(case)))
+    from jaxattn.bench import aot
+
+    return aot.on_compile_only_gpu(jax.eval_shape(lambda: inputs(case)))
 
 
 def compile_for_gpu(fn: Callable[..., Any], args: tuple) -> float:
-    """Seconds to lower and compile ``fn(*args)`` (``args``: :func:`on_compile_only_gpu` shapes)
-    for the compile-only GPU, with the GPU kernels (not their interpret-mode form)."""
+    """Seconds to lower and compile ``fn(*args)`` for the compile-only H100
+    (:func:`jaxattn.bench.aot.lower_and_compile`)."""
     import time
 
     from jaxattn.bench import aot
-    from jaxattn.pallas import _common
 
-    fn = fn if hasattr(fn, "trace") else jax.jit(fn)
     t0 = time.perf_counter()
-    device = next(iter(aot.compile_only_sharding().device_set))
-    # the GPU kernels, not their interpret-mode form; peers that look at the default device see the H100
-    with _common.compile_for_gpu(), jax.default_device(device):
-        fn.trace(*args).lower(lowering_platforms=("cuda",)).compile()
+    aot.lower_and_compile(fn, args)
     return round(time.perf_counter() - t0, 2)
 
 

@@ -38,9 +38,9 @@ def train_step_throughput(model_name: str, *, batch: int, seq: int, dtype: str, 
 
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     if compile_only:
-        from jaxattn.bench import runner
+        from jaxattn.bench import aot, runner
 
-        secs = runner.compile_for_gpu(step, runner.on_compile_only_gpu(
+        secs = runner.compile_for_gpu(step, aot.on_compile_only_gpu(
             (state, jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32))))
         return dict(model=model_name, batch=batch, seq=seq, dtype=dtype, params=int(n_params), impl="jaxattn",
                     compile_s=secs)

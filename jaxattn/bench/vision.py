@@ -55,10 +55,10 @@ def train_step_throughput(name: str, *, batch: int, dtype: str, steps: int, warm
         return nnx.state((m, o)), loss
 
     if compile_only:
-        from jaxattn.bench import runner
+        from jaxattn.bench import aot, runner
 
         x = jax.ShapeDtypeStruct((batch, size, size, model.cfg.in_channels), jnp.float32)
-        secs = runner.compile_for_gpu(jax.jit(loss_step), runner.on_compile_only_gpu(
+        secs = runner.compile_for_gpu(jax.jit(loss_step), aot.on_compile_only_gpu(
             (state, x, jax.ShapeDtypeStruct((batch,), jnp.int32))))
         return dict(model=name, mode="train", batch=batch, dtype=dtype, image_size=size, params=int(params),
                     compile_s=secs)
@@ -93,12 +93,12 @@ def inference_throughput(name: str, *, batch: int, dtype: str, steps: int, warmu
         fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
         mode = "infer-quantized" if quantized else "infer"
         if compile_only:
-            from jaxattn.bench import runner
+            from jaxattn.bench import aot, runner
 
             size = image_size or model.cfg.image_size
             x = jax.ShapeDtypeStruct((batch, size, size, model.cfg.in_channels), jnp.float32)
             recs.append(dict(model=name, mode=mode, batch=batch, dtype=dtype, image_size=size,
-                             compile_s=runner.compile_for_gpu(fwd, runner.on_compile_only_gpu((state, x)))))
+                             compile_s=runner.compile_for_gpu(fwd, aot.on_compile_only_gpu((state, x)))))
             continue
         x = _images(model, batch, image_size)
         ms = _median_ms(lambda: fwd(state, x), steps, warmup)
