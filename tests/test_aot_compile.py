@@ -72,7 +72,7 @@ def test_a_kernel_that_cannot_fit_fails():
 
     q = jax.ShapeDtypeStruct((1, 4096, 4, 128), jnp.bfloat16)
     res = aot.compile_case(f, [q, q, q])
-    assert not res["ok"] or any(aot.check(k) != "OK" for k in res["kernels"]), res
+    assert not res["ok"] and "shared memory" in res["error"], res
 
 
 def test_parse_ptxas():
