@@ -21,6 +21,8 @@ from jaxattn.bench.timing import device_summary
 
 __all__ = ["format_table", "main"]
 
+COMPILE_ONLY_DEVICE = "compile-only NVIDIA H100 (sm_90a), on "  # (--compile-only: the device line's prefix)
+
 def _sweep(p: argparse.ArgumentParser, warmup: int = 3, runs: int = 20) -> None:
     """Options of every sweep: dtypes, modes, timing, smoke, JSON, progress."""
     p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
@@ -214,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 json.dump({"op": args.op, "info": info, "records": records, **extra}, f, indent=1)
 
     if compile_only:  # the GPU sweep (or the GPU smoke cases), compiled instead of timed
-        info["device"] = "compile-only NVIDIA H100 (sm_90a), on " + info["device"]
+        info["device"] = COMPILE_ONLY_DEVICE + info["device"]
         records = mod.run(cases, warmup=warmup, runs=runs, interpret=False, progress=not args.no_progress,
                           on_case=save, compile_only=True)
     else:
@@ -249,7 +251,7 @@ def _vision(args: argparse.Namespace, gpu: bool) -> int:
     failed = False
     kw = dict(batch=batch, dtype=dtype, steps=steps, attn_impl=impl, compile_only=args.compile_only)
     if args.compile_only:
-        info["device"] = "compile-only NVIDIA H100 (sm_90a), on " + info["device"]
+        info["device"] = COMPILE_ONLY_DEVICE + info["device"]
     jobs = [(m, "train") for m in train_models] + [(m, "inference") for m in infer_models]
     for model, mode in jobs:  # one model's failure is a row, not the end of the sweep
         try:
@@ -286,30 +288,23 @@ def _compile(args: argparse.Namespace) -> int:
     if args.compiler == "xla" and why_not_xla:
         print(why_not_xla, file=sys.stderr)
         return 2
+    info = device_summary()
     if args.compiler == "xla" or (args.compiler == "auto" and not why_not_xla):
         records = aot.run(args.families)
-        info = device_summary()
-        print(f"# XLA compile for a compile-only H100 (sm_90a) | compiled on {info['device']} | jax {info['jax']} "
-              f"| {info['date']}")
-        print(aot.format_records(records))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"op": "compile", "compiler": "xla", "info": info, "records": records}, f, indent=1)
-        failed = [r for r in records if r["status"].startswith("FAIL")]
-        print(f"\n{len(records)} kernels: {len(failed)} failed, "
-              f"{sum(r['status'] == 'SPILLS' for r in records)} spill registers", file=sys.stderr)
-        return 1 if failed else 0
-    if not cc.triton_available(args.python):
-        print("the triton package is not importable by " + (args.python or sys.executable)
-              + ": pip install triton (or pass --python PATH)", file=sys.stderr)
-        return 2
-    records = cc.run(args.families, capability=args.arch, python=args.python)
-    info = device_summary()
-    print(f"# Triton compile for sm_{args.arch} | compiled on {info['device']} | jax {info['jax']} | {info['date']}")
-    print(cc.format_records(records))
+        title, table, meta = "XLA compile for a compile-only H100 (sm_90a)", aot.format_records(records), {
+            "compiler": "xla"}
+    else:
+        if not cc.triton_available(args.python):
+            print("the triton package is not importable by " + (args.python or sys.executable)
+                  + ": pip install triton (or pass --python PATH)", file=sys.stderr)
+            return 2
+        records = cc.run(args.families, capability=args.arch, python=args.python)
+        title, table, meta = f"Triton compile for sm_{args.arch}", cc.format_records(records), {"arch": args.arch}
+    print(f"# {title} | compiled on {info['device']} | jax {info['jax']} | {info['date']}")
+    print(table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"op": "compile", "info": info, "arch": args.arch, "records": records}, f, indent=1)
+            json.dump({"op": "compile", **meta, "info": info, "records": records}, f, indent=1)
     failed = [r for r in records if r["status"].startswith("FAIL")]
     print(f"\n{len(records)} kernels: {len(failed)} failed, "
           f"{sum(r['status'] == 'SPILLS' for r in records)} spill registers", file=sys.stderr)
@@ -351,7 +346,7 @@ def _tnl(args: argparse.Namespace, gpu: bool) -> int:
         steps=args.steps if gpu else min(args.steps, 3), compile_only=args.compile_only)
     info = device_summary()
     if args.compile_only:
-        info["device"] = "compile-only NVIDIA H100 (sm_90a), on " + info["device"]
+        info["device"] = COMPILE_ONLY_DEVICE + info["device"]
     print(f"# tnl training | {info['device']} | jax {info['jax']} | {info['date']}")
     what = (f"compiled in {rec['compile_s']} s" if args.compile_only else
             f"{rec['ms']:.1f} ms/step, {rec['tokens_per_s']:,.0f} tokens/s")
