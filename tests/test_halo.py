@@ -61,14 +61,31 @@ def test_matches_oracle_fwd_and_grads(case, impl):
         assert_close(g, r, jnp.float32, name, tol=GRAD_TOL)
 
 
+@pytest.mark.parametrize("spe", [False, True], ids=["rel", "scaled-rel"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_half_precision_kernel(dtype):
+def test_half_precision_kernel(dtype, spe):
+    """Two-byte inputs, forward and gradients (the relative tables' too) on both paths, against
+    the fp32 oracle on the same (rounded) inputs; with ``scale_pos_embed`` the relative logits are
+    projected in fp32, without it in the input dtype."""
     args = _inputs(1, 1, 16, 16, 2, 32, 32, 8, 2, 1, dtype)
-    kw = dict(block_size=8, halo_size=2)
-    out = jaxattn.halo_attention(*args, impl="pallas", **kw)
-    assert out.dtype == dtype
-    assert_close(out, halo_reference(*args, **kw), dtype, "out")
-    assert_close(jaxattn.halo_attention(*args, impl="xla", **kw), halo_reference(*args, **kw), dtype, "xla")
+    kw = dict(block_size=8, halo_size=2, scale_pos_embed=spe)
+    up = [a.astype(jnp.float32) for a in args]
+    cot = randn(jax.random.PRNGKey(3), args[0].shape, jnp.float32)
+
+    def loss(fn, *a):
+        return jnp.sum(fn(*a).astype(jnp.float32) * cot)
+
+    ref_grads = jax.grad(lambda *a: loss(lambda *b: halo_reference(*b, **kw), *a), argnums=range(5))(*up)
+    for impl in ("pallas", "xla"):
+        with poison_outputs():
+            out = jax.jit(lambda *a: jaxattn.halo_attention(*a, impl=impl, **kw))(*args)
+            grads = jax.jit(jax.grad(lambda *a: loss(lambda *b: jaxattn.halo_attention(*b, impl=impl, **kw), *a),
+                                     argnums=range(5)))(*args)
+        assert out.dtype == dtype
+        assert_close(out, halo_reference(*up, **kw), dtype, f"{impl} out")
+        for name, g, r in zip(("dq", "dk", "dv", "drel_h", "drel_w"), grads, ref_grads):
+            assert g.dtype == dtype, f"{impl} {name} dtype {g.dtype}"
+            assert_close(g, r, dtype, f"{impl} {name}", tol=GRAD_TOL)
 
 
 def test_border_vs_interior_blocks():

@@ -41,18 +41,34 @@ def key_windows(k: jax.Array, block: int, halo: int) -> jax.Array:
     return kw.reshape(b, rows.shape[0] * cols.shape[0], win * win, h, d)
 
 
-def rel_projections(q: jax.Array, rel_h: jax.Array, rel_w: jax.Array, bq: int, win: int):
+def skewed_table(rel: jax.Array, bq: int, win: int, width: int) -> jax.Array:
+    """``[2 win - 1, d]`` relative table -> ``[bq, width, d]``: row ``i``, column ``t`` holds
+    ``rel[t - i + win - 1]`` (zero for ``t >= win``): the table a query at in-block offset ``i``
+    reads for window row (or column) ``t``."""
+    t = np.arange(width)
+    idx = np.minimum(t[None, :] - np.arange(bq)[:, None] + win - 1, 2 * win - 2)  # >= win - bq >= 0
+    return jnp.where(jnp.asarray(t < win)[None, :, None], rel[idx], jnp.zeros((), rel.dtype))
+
+
+def rel_projections(q: jax.Array, rel_h: jax.Array, rel_w: jax.Array, bq: int, win: int,
+                    width: int | None = None, fp32: bool = True) -> tuple[jax.Array, jax.Array]:
     """Per query ``(y, x)`` at in-block offset ``(iy, ix) = (y % bq, x % bq)``:
     ``A[y, x, jy] = q . R_h[jy - iy + win - 1]`` and ``B[y, x, jx] = q . R_w[jx - ix + win - 1]``,
-    fp32 ``[B, Hq, Wq, heads, win]`` each."""
-    t = np.arange(win)
-    idx_h = t[None, :] - (np.arange(q.shape[1]) % bq)[:, None] + win - 1  # [Hq, win]
-    idx_w = t[None, :] - (np.arange(q.shape[2]) % bq)[:, None] + win - 1  # [Wq, win]
-    q32 = q.astype(jnp.float32)
-    a = jnp.einsum("byxhd,rd->byxhr", q32, rel_h.astype(jnp.float32), precision=_HP)
-    c = jnp.einsum("byxhd,rd->byxhr", q32, rel_w.astype(jnp.float32), precision=_HP)
-    return (jnp.take_along_axis(a, jnp.asarray(idx_h)[None, :, None, None, :], axis=-1),
-            jnp.take_along_axis(c, jnp.asarray(idx_w)[None, None, :, None, :], axis=-1))
+    ``[B, Hq, Wq, heads, width]`` each (``width >= win``; columns past ``win`` are zero), fp32, or
+    with ``fp32=False`` the inputs' dtype (two-byte dots then run in that dtype both ways).
+
+    Two dots against the ``[bq, width, d]`` skewed tables, batched over the in-block offset, on
+    the blocked view of q (a free reshape): no gather over the map, so no scatter in the backward."""
+    width = width or win
+    b, hq, wq, h, d = q.shape
+    qb = q.reshape(b, hq // bq, bq, wq // bq, bq, h, d)
+    th, tw = skewed_table(rel_h, bq, win, width), skewed_table(rel_w, bq, win, width)
+    # fp32 anywhere: exact fp32 dots; two-byte q and tables: products are exact, sums in fp32
+    hp = _HP if jnp.float32 in (jnp.result_type(q, th), jnp.result_type(q, tw)) else None
+    pet = jnp.float32 if fp32 else None
+    a = jnp.einsum("byixjhd,itd->byixjht", qb, th, precision=hp, preferred_element_type=pet)
+    c = jnp.einsum("byixjhd,jtd->byixjht", qb, tw, precision=hp, preferred_element_type=pet)
+    return a.reshape(b, hq, wq, h, width), c.reshape(b, hq, wq, h, width)
 
 
 def window_valid(height: int, width: int, block: int, halo: int, mask_padding: bool) -> np.ndarray:
@@ -142,7 +158,9 @@ def _halo(q, k, v, rel_h, rel_w, *, block_size: int, halo_size: int, stride: int
     win = block_size + 2 * halo_size
     bq = block_size // stride
     nby, nbx = hh // block_size, ww // block_size
-    a, c = rel_projections(q, rel_h, rel_w, bq, win)
+    # the kernel takes [A | B] in q's dtype, padded to its window tile width
+    a, c = rel_projections(q, rel_h, rel_w, bq, win, window_tile(win) if use_kernel else win,
+                           fp32=scale_pos_embed or not use_kernel)
     if scale_pos_embed:
         a, c = a * scale, c * scale
     if use_kernel:
@@ -164,12 +182,11 @@ def _halo(q, k, v, rel_h, rel_w, *, block_size: int, halo_size: int, stride: int
 
 
 def _kernel_path(q, k, v, a, c, block, halo, stride, mask_padding, scale, interpret, config=None):
-    """Pads the head dims to powers of two (>= 16) and the relative logits to ``[A | B]`` with
-    ``2 window_tile(win)`` columns, in q's dtype, and calls the fused kernel on the maps."""
-    t = window_tile(block + 2 * halo)
+    """Pads the head dims to powers of two (>= 16), joins the relative logits (``window_tile(win)``
+    columns each) to ``[A | B]`` in q's dtype, and calls the fused kernel on the maps."""
     d, e = max(16, _common.next_pow2(q.shape[-1])), max(16, _common.next_pow2(v.shape[-1]))
     pad = _common.pad_axis
-    ab = jnp.concatenate([pad(a, 4, t), pad(c, 4, t)], axis=-1).astype(q.dtype)  # rel logits in q's dtype
+    ab = jnp.concatenate([a, c], axis=-1).astype(q.dtype)  # rel logits in q's dtype
     out = halo_map_kernel(pad(q, 4, d), pad(k, 4, d), pad(v, 4, e), ab, block=block, halo=halo, stride=stride,
                           scale=scale, mask_padding=mask_padding, config=config, interpret=interpret)
     return out[..., : v.shape[-1]]
