@@ -1,17 +1,21 @@
 """HaloNet blocked local attention on Pallas's Triton backend.
 
 One program per (query block, batch, head), on the NHWC maps themselves. It gathers its query rows
-(and their relative logits, below) and its ``win x win`` key/value window (``win = block + 2 halo``)
+and its ``win x win`` key/value window (``win = block + 2 halo``)
 from the maps by row/column index vectors, and stores its output rows into the output map (rows
 padded to a power of two are idle: loads clamp them, stores mask them). Window key ``j`` is row
 ``jy = j // TW``, column ``jx = j % TW`` of a ``TW``-wide tile (``TW = next_pow2(win)``); keys are
 clamped into the image and zeroed outside it (timm's zero padding without a padded copy, and
 without the ``(win / block)^2``-times larger unfolded windows).
-The wrapper (``jaxattn.ops.halo``) gives each query's relative-position projections
-``A[.., jy] = q . R_h[jy - iy + win - 1]``, ``B[.., jx] = q . R_w[jx - ix + win - 1]`` (JAX
-differentiates those); the kernel adds them as a second tensor-core dot,
-``s = scale q k^T + [A | B] E^T``, with ``E`` the one-hot map from key ``j`` to its row and column
-(built in-kernel from iotas), masked softmax over the window, ``p v``; ``d[A | B] = ds E``.
+The relative-position logits ``A[.., jy] = q . R_h[jy - iy + win - 1]``,
+``B[.., jx] = q . R_w[jx - ix + win - 1]`` come from the wrapper's skewed tables
+``tab[0][iy, t] = R_h[t - iy + win - 1]``, ``tab[1][ix, t] = R_w[..]`` (``[QB * T, d]`` each):
+the kernel projects its rows on a whole table in one dot and keeps, per row, the slice of its
+own in-block offset (a mask and a one-hot selection dot), so ``[A | B]`` never goes through HBM.
+It adds them as a second tensor-core dot, ``s = scale q k^T + [A | B] E^T``, with ``E`` the
+one-hot map from key ``j`` to its row and column (built in-kernel from iotas), masked softmax
+over the window, ``p v``; the backward writes ``d[A | B] = ds E`` and leaves the two small
+projections' adjoints to XLA.
 Both kernels walk the window in chunks of ``key_chunk`` keys (whole tile rows; an online softmax
 in the forward; the backward recomputes ``p`` from the saved log-sum-exp), so the live fp32 tiles
 are ``[R, key_chunk]``. The backward writes dk, dv per window; :func:`fold_windows` adds the
@@ -53,6 +57,8 @@ class _Static:
     win: int  # block + 2 halo
     tile: int  # TW: window columns per tile row (power of two >= win); also T, the width of A and B
     qblock: int  # query block side (block // stride)
+    qpow: int  # QB: rows per skewed table (power of two >= qblock)
+    rel_scale: float  # factor on [A | B] (the logit scale with scale_pos_embed, else 1)
     rows: int  # R: query rows per program (power of two >= qblock^2; rows past it are idle)
     height: int  # key map size
     width: int
@@ -116,6 +122,27 @@ def _load(ref, y, x, inside):
     return jnp.where(inside[:, None], t, jnp.zeros_like(t))
 
 
+def rel_logits(st: _Static, q, tab_ref):
+    """``[A | B]`` (``[R, 2T]``, q's dtype) of the block's query rows: row ``i`` at in-block
+    offset ``(iy, ix)`` reads table rows ``iy`` (A) and ``ix`` (B). Per table, one dot projects
+    the rows on all ``QB`` offsets; a mask keeps each row's own ``T`` columns, and a one-hot dot
+    moves them to ``[A | B]``'s columns (values in q's dtype, as the exact selection of the
+    rounded projections)."""
+    rows, width = q.shape[0], st.qpow * st.tile
+    i = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+    c = lax.broadcasted_iota(jnp.int32, (1, width), 1)
+    sc = lax.broadcasted_iota(jnp.int32, (width, 2 * st.tile), 0)
+    su = lax.broadcasted_iota(jnp.int32, (width, 2 * st.tile), 1)
+    ab = None
+    for half, offset in enumerate((i // st.qblock, i % st.qblock)):
+        proj = dot(q, tab_ref[half], trans_b=True, precision=st.precision) * st.rel_scale  # [R, QB T]
+        own = jnp.where(c // st.tile == offset, proj, 0.0).astype(q.dtype)
+        sel = (su == half * st.tile + sc % st.tile).astype(q.dtype)
+        part = dot(own, sel, precision=st.precision)
+        ab = part if ab is None else ab + part
+    return ab.astype(q.dtype)
+
+
 def _logits(st: _Static, q, k, ab, emap, valid):
     # the relative term is a second dot accumulated onto the first (one fp32 tile live)
     s = dot(q, k, trans_b=True, precision=st.precision) * st.scale
@@ -123,10 +150,11 @@ def _logits(st: _Static, q, k, ab, emap, valid):
     return jnp.where(valid[None, :], s, -jnp.inf)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, ab_ref, o_ref, lse_ref, *, st: _Static):
+def _fwd_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static):
     """Online softmax over key chunks (keeps the live logits tile to ``[R, key_chunk]``)."""
     origin = _origin(st)
-    q, ab = _load_rows(st, origin, q_ref), _load_rows(st, origin, ab_ref)
+    q = _load_rows(st, origin, q_ref)
+    ab = rel_logits(st, q, tab_ref)
     rows = q.shape[0]
     m = jnp.full((rows,), -jnp.inf, jnp.float32)
     l = jnp.zeros((rows,), jnp.float32)
@@ -149,12 +177,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, ab_ref, o_ref, lse_ref, *, st: _Static):
     lse_ref[...] = m + jnp.log(l)
 
 
-def _bwd_kernel(q_ref, k_ref, v_ref, ab_ref, o_ref, lse_ref, do_ref,
+def _bwd_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, do_ref,
                 dq_ref, dk_ref, dv_ref, dab_ref, *, st: _Static):
     """Per key chunk: recompute p, write that chunk's window dk and dv, accumulate dq and d[A | B].
     Idle query rows have ``do = 0``, so they add nothing to dk, dv."""
     origin = _origin(st)
-    q, ab, do = (_load_rows(st, origin, r) for r in (q_ref, ab_ref, do_ref))
+    q, do = _load_rows(st, origin, q_ref), _load_rows(st, origin, do_ref)
+    ab = rel_logits(st, q, tab_ref)
     lse = lse_ref[...]
     delta = jnp.sum(do.astype(jnp.float32) * _load_rows(st, origin, o_ref).astype(jnp.float32), axis=1)
     dq = jnp.zeros(q.shape, jnp.float32)
@@ -190,11 +219,15 @@ def _map_spec(shape):
 
 
 def _call(kernel, st, args, outs, windows, name):
-    """Inputs: 5-d maps and the 4-d per-block lse; outputs likewise, except ``windows`` (indices of
-    ``[B, nB, keys, heads, c]`` per-block window outputs)."""
+    """Inputs: 5-d maps, the 3-d skewed tables and the 4-d per-block lse; outputs likewise, except
+    ``windows`` (indices of ``[B, nB, keys, heads, c]`` per-block window outputs)."""
     batch, _, _, heads, _ = args[0].shape
     nb = (st.height // st.block) * st.blocks_x
-    spec = lambda s: _map_spec(s) if len(s) == 5 else _block_spec(s)  # noqa: E731
+    def spec(shape):
+        if len(shape) == 3:  # the skewed tables, whole, in every program
+            return pl.BlockSpec(shape, lambda n, b, h: (0, 0, 0))
+        return _map_spec(shape) if len(shape) == 5 else _block_spec(shape)
+
     return _common.pallas_call(
         functools.partial(kernel, st=st), out_shape=outs, grid=(nb, batch, heads),
         in_specs=[spec(x.shape) for x in args],
@@ -202,37 +235,51 @@ def _call(kernel, st, args, outs, windows, name):
         num_warps=st.num_warps, num_stages=st.num_stages, interpret=st.interpret, name=name)(*args)
 
 
-def _fwd(st, q, k, v, ab):
+def _fwd(st, q, k, v, tab):
     batch, _, _, heads, _ = q.shape
     nb = (st.height // st.block) * st.blocks_x
     outs = [jax.ShapeDtypeStruct((*q.shape[:4], v.shape[-1]), q.dtype),
             jax.ShapeDtypeStruct((batch, nb, heads, st.rows), jnp.float32)]
-    return _call(_fwd_kernel, st, [q, k, v, ab], outs, (), "jaxattn_halo_fwd")
+    return _call(_fwd_kernel, st, [q, k, v, tab], outs, (), "jaxattn_halo_fwd")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _halo(st, q, k, v, ab):
-    return _fwd(st, q, k, v, ab)[0]
+def _halo(st, q, k, v, tab):
+    return _fwd(st, q, k, v, tab)[0]
 
 
-def _halo_fwd(st, q, k, v, ab):
-    o, lse = _fwd(st, q, k, v, ab)
-    return o, (q, k, v, ab, o, lse)
+def _halo_fwd(st, q, k, v, tab):
+    o, lse = _fwd(st, q, k, v, tab)
+    return o, (q, k, v, tab, o, lse)
+
+
+def rel_logits_xla(st: _Static, q: jax.Array, tab: jax.Array) -> jax.Array:
+    """What :func:`rel_logits` computes, on the whole map in XLA (``[B, Hq, Wq, heads, 2T]``, q's
+    dtype): the backward takes the adjoints of q and of the tables from it (dots in q's dtype)."""
+    b, hq, wq, h, d = q.shape
+    qb = q.reshape(b, hq // st.qblock, st.qblock, wq // st.qblock, st.qblock, h, d)
+    t = tab.reshape(2, st.qpow, st.tile, d)[:, : st.qblock]
+    a = jnp.einsum("byixjhd,itd->byixjht", qb, t[0], precision=st.precision)
+    c = jnp.einsum("byixjhd,jtd->byixjht", qb, t[1], precision=st.precision)
+    return jnp.concatenate([a, c], axis=-1).reshape(b, hq, wq, h, 2 * st.tile) * jnp.asarray(st.rel_scale, q.dtype)
 
 
 def _halo_bwd(st, res, do):
-    q, k, v, ab, o, lse = res
+    q, k, v, tab, o, lse = res
     batch, nb, heads, _ = lse.shape
     keys = st.chunks * st.key_chunk
     outs = [jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, nb, keys, heads, k.shape[-1]), k.dtype),
             jax.ShapeDtypeStruct((batch, nb, keys, heads, v.shape[-1]), v.dtype),
-            jax.ShapeDtypeStruct(ab.shape, ab.dtype)]
-    dq, dkw, dvw, dab = _call(_bwd_kernel, st, [q, k, v, ab, o, lse, do.astype(o.dtype)], outs, (1, 2),
+            jax.ShapeDtypeStruct((*q.shape[:4], 2 * st.tile), q.dtype)]
+    dq, dkw, dvw, dab = _call(_bwd_kernel, st, [q, k, v, tab, o, lse, do.astype(o.dtype)], outs, (1, 2),
                               "jaxattn_halo_bwd")
     fold = functools.partial(fold_windows, block=st.block, halo=st.halo, win=st.win, tile=st.tile,
                              height=st.height, width=st.width)
-    return dq, fold(dkw).astype(k.dtype), fold(dvw).astype(v.dtype), dab
+    # the relative logits are linear in q and in the tables: XLA transposes the two projections
+    _, rel_vjp = jax.vjp(functools.partial(rel_logits_xla, st), q, tab)
+    dq_rel, dtab = rel_vjp(dab)
+    return (dq + dq_rel).astype(q.dtype), fold(dkw).astype(k.dtype), fold(dvw).astype(v.dtype), dtab
 
 
 _halo.defvjp(_halo_fwd, _halo_bwd)
@@ -264,30 +311,35 @@ def window_tile(win: int) -> int:
     return max(8, _common.next_pow2(win))
 
 
-def halo_map_kernel(q, k, v, ab, *, block: int, halo: int, stride: int = 1, scale: float,
-                    mask_padding: bool = False, config: HaloConfig | None = None,
+def halo_map_kernel(q, k, v, tab, *, block: int, halo: int, stride: int = 1, scale: float,
+                    rel_scale: float = 1.0, mask_padding: bool = False, config: HaloConfig | None = None,
                     interpret: bool | None = None) -> jax.Array:
     """Fused HaloNet attention on NHWC maps (head dims powers of two >= 16): q ``[B, H/s, W/s, heads, d]``,
-    k ``[B, H, W, heads, d]``, v ``[B, H, W, heads, e]``, ab ``[B, H/s, W/s, heads, 2T]`` (q's dtype,
-    ``T = window_tile(win)``): each query's row and column relative logits ``[A | B]`` (columns past
-    ``win`` ignored). H and W are multiples of ``block`` (``s`` the stride, dividing ``block``);
-    ``mask_padding`` drops keys outside the image from the softmax (else they take part as zeros).
-    Returns ``[B, H/s, W/s, heads, e]``."""
-    if ab.dtype != q.dtype:
-        raise ValueError(f"ab must have q's dtype {q.dtype}, got {ab.dtype}")
+    k ``[B, H, W, heads, d]``, v ``[B, H, W, heads, e]``, tab ``[2, QB * T, d]`` (q's dtype;
+    ``T = window_tile(win)``, ``QB = next_pow2(block // s)``): the skewed relative tables,
+    ``tab[0][iy * T + t] = R_h[t - iy + win - 1]`` and ``tab[1][ix * T + t] = R_w[..]`` for
+    ``t < win`` (:func:`jaxattn.ops.halo.skewed_table`; other rows ignored or zero). Logits are
+    ``scale q.k + rel_scale (A + B)``. H and W are multiples of ``block`` (``s`` the stride,
+    dividing ``block``); ``mask_padding`` drops keys outside the image from the softmax (else they
+    take part as zeros). Returns ``[B, H/s, W/s, heads, e]``."""
+    if tab.dtype != q.dtype:
+        raise ValueError(f"tab must have q's dtype {q.dtype}, got {tab.dtype}")
     cfg = config or HaloConfig()
     win = block + 2 * halo
     tile = window_tile(win)
-    if ab.shape[-1] != 2 * tile:
-        raise ValueError(f"ab must have 2 * window_tile(win) = {2 * tile} columns, got {ab.shape[-1]}")
     qblock = block // stride
+    qpow = _common.next_pow2(qblock)
+    if tab.shape != (2, qpow * tile, q.shape[-1]):
+        raise ValueError(f"tab must have shape [2, next_pow2(block // stride) * window_tile(win), d] = "
+                         f"{(2, qpow * tile, q.shape[-1])}, got {tab.shape}")
     # whole tile rows per chunk, no more chunks than the window needs
     chunk = min(max(cfg.key_chunk, tile), tile * _common.next_pow2(win))
     rows_per_chunk = chunk // tile
     warps = cfg.num_warps or (8 if max(q.shape[-1], v.shape[-1]) >= 128 else 4)
-    st = _Static(scale=float(scale), block=block, halo=halo, win=win, tile=tile, qblock=qblock,
-                 rows=max(16, _common.next_pow2(qblock * qblock)), height=k.shape[1], width=k.shape[2],
+    st = _Static(scale=float(scale), block=block, halo=halo, win=win, tile=tile, qblock=qblock, qpow=qpow,
+                 rel_scale=float(rel_scale), rows=max(16, _common.next_pow2(qblock * qblock)),
+                 height=k.shape[1], width=k.shape[2],
                  blocks_x=k.shape[2] // block, key_chunk=chunk, chunks=-(-win // rows_per_chunk),
                  mask_padding=bool(mask_padding), num_warps=warps, num_stages=cfg.num_stages,
                  interpret=interpret, precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
-    return _halo(st, q, k, v, ab)
+    return _halo(st, q, k, v, tab)

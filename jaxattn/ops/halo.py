@@ -50,25 +50,21 @@ def skewed_table(rel: jax.Array, bq: int, win: int, width: int) -> jax.Array:
     return jnp.where(jnp.asarray(t < win)[None, :, None], rel[idx], jnp.zeros((), rel.dtype))
 
 
-def rel_projections(q: jax.Array, rel_h: jax.Array, rel_w: jax.Array, bq: int, win: int,
-                    width: int | None = None, fp32: bool = True) -> tuple[jax.Array, jax.Array]:
+def rel_projections(q: jax.Array, rel_h: jax.Array, rel_w: jax.Array, bq: int,
+                    win: int) -> tuple[jax.Array, jax.Array]:
     """Per query ``(y, x)`` at in-block offset ``(iy, ix) = (y % bq, x % bq)``:
     ``A[y, x, jy] = q . R_h[jy - iy + win - 1]`` and ``B[y, x, jx] = q . R_w[jx - ix + win - 1]``,
-    ``[B, Hq, Wq, heads, width]`` each (``width >= win``; columns past ``win`` are zero), fp32, or
-    with ``fp32=False`` the inputs' dtype (two-byte dots then run in that dtype both ways).
-
-    Two dots against the ``[bq, width, d]`` skewed tables, batched over the in-block offset, on
-    the blocked view of q (a free reshape): no gather over the map, so no scatter in the backward."""
-    width = width or win
+    fp32 ``[B, Hq, Wq, heads, win]`` each: two dots against the :func:`skewed_table` s, batched
+    over the in-block offset, on the blocked view of q (a free reshape; no gather over the map,
+    so no scatter in the backward)."""
     b, hq, wq, h, d = q.shape
     qb = q.reshape(b, hq // bq, bq, wq // bq, bq, h, d)
-    th, tw = skewed_table(rel_h, bq, win, width), skewed_table(rel_w, bq, win, width)
+    th, tw = skewed_table(rel_h, bq, win, win), skewed_table(rel_w, bq, win, win)
     # fp32 anywhere: exact fp32 dots; two-byte q and tables: products are exact, sums in fp32
     hp = _HP if jnp.float32 in (jnp.result_type(q, th), jnp.result_type(q, tw)) else None
-    pet = jnp.float32 if fp32 else None
-    a = jnp.einsum("byixjhd,itd->byixjht", qb, th, precision=hp, preferred_element_type=pet)
-    c = jnp.einsum("byixjhd,jtd->byixjht", qb, tw, precision=hp, preferred_element_type=pet)
-    return a.reshape(b, hq, wq, h, width), c.reshape(b, hq, wq, h, width)
+    a = jnp.einsum("byixjhd,itd->byixjht", qb, th, precision=hp, preferred_element_type=jnp.float32)
+    c = jnp.einsum("byixjhd,jtd->byixjht", qb, tw, precision=hp, preferred_element_type=jnp.float32)
+    return a.reshape(b, hq, wq, h, win), c.reshape(b, hq, wq, h, win)
 
 
 def window_valid(height: int, width: int, block: int, halo: int, mask_padding: bool) -> np.ndarray:
@@ -158,14 +154,12 @@ def _halo(q, k, v, rel_h, rel_w, *, block_size: int, halo_size: int, stride: int
     win = block_size + 2 * halo_size
     bq = block_size // stride
     nby, nbx = hh // block_size, ww // block_size
-    # the kernel takes [A | B] in q's dtype, padded to its window tile width
-    a, c = rel_projections(q, rel_h, rel_w, bq, win, window_tile(win) if use_kernel else win,
-                           fp32=scale_pos_embed or not use_kernel)
+    if use_kernel:
+        return _kernel_path(q, k, v, rel_h, rel_w, block_size, halo_size, stride, mask_padding, scale,
+                            scale if scale_pos_embed else 1.0, interpret, config)
+    a, c = rel_projections(q, rel_h, rel_w, bq, win)
     if scale_pos_embed:
         a, c = a * scale, c * scale
-    if use_kernel:
-        return _kernel_path(q, k, v, a, c, block_size, halo_size, stride, mask_padding, scale, interpret,
-                            config)
 
     qb, a, c = query_blocks(q, bq), query_blocks(a, bq), query_blocks(c, bq)
     kw, vw = key_windows(k, block_size, halo_size), key_windows(v, block_size, halo_size)
@@ -181,12 +175,17 @@ def _halo(q, k, v, rel_h, rel_w, *, block_size: int, halo_size: int, stride: int
     return fold_blocks(out, nby, nbx, bq)
 
 
-def _kernel_path(q, k, v, a, c, block, halo, stride, mask_padding, scale, interpret, config=None):
-    """Pads the head dims to powers of two (>= 16), joins the relative logits (``window_tile(win)``
-    columns each) to ``[A | B]`` in q's dtype, and calls the fused kernel on the maps."""
+def _kernel_path(q, k, v, rel_h, rel_w, block, halo, stride, mask_padding, scale, rel_scale, interpret,
+                 config=None):
+    """Pads the head dims to powers of two (>= 16), builds the kernel's skewed relative tables
+    (``[2, QB * T, d]`` in q's dtype) and calls the fused kernel on the maps."""
+    win, bq = block + 2 * halo, block // stride
+    t, qpow = window_tile(win), _common.next_pow2(bq)
     d, e = max(16, _common.next_pow2(q.shape[-1])), max(16, _common.next_pow2(v.shape[-1]))
     pad = _common.pad_axis
-    ab = jnp.concatenate([a, c], axis=-1).astype(q.dtype)  # rel logits in q's dtype
-    out = halo_map_kernel(pad(q, 4, d), pad(k, 4, d), pad(v, 4, e), ab, block=block, halo=halo, stride=stride,
-                          scale=scale, mask_padding=mask_padding, config=config, interpret=interpret)
+    tab = jnp.stack([pad(pad(skewed_table(r, bq, win, t), 0, qpow), 2, d).reshape(qpow * t, d)
+                     for r in (rel_h, rel_w)]).astype(q.dtype)
+    out = halo_map_kernel(pad(q, 4, d), pad(k, 4, d), pad(v, 4, e), tab, block=block, halo=halo, stride=stride,
+                          scale=scale, rel_scale=rel_scale, mask_padding=mask_padding, config=config,
+                          interpret=interpret)
     return out[..., : v.shape[-1]]
