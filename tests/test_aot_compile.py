@@ -58,6 +58,24 @@ def test_flash_triton_kernels_compile_for_h100():
             assert aot.check(k) == "OK", k
 
 
+LINEAR_GLOBAL_CASES = list(cc.FAMILIES["linear_global"]())
+
+
+@needs_aot
+@pytest.mark.parametrize("label,fn,args", LINEAR_GLOBAL_CASES, ids=[c[0] for c in LINEAR_GLOBAL_CASES])
+def test_linear_global_kernels_compile_for_h100(label, fn, args):
+    """L2ViT's four kernels at every table entry impl="auto" runs: no spills; two-byte ones on WGMMA."""
+    res = aot.compile_case(fn, args)
+    assert res["ok"], res.get("error")
+    kernels = {k["kernel"]: k for k in res["kernels"]}
+    assert {"jaxattn_l2vit_state", "jaxattn_l2vit_out"} <= set(kernels), kernels
+    for k in kernels.values():
+        if "registers" in k:
+            assert aot.check(k) == "OK", k
+    if "bfloat16" in label:
+        assert kernels["jaxattn_l2vit_out"]["wgmma"], kernels
+
+
 @needs_aot
 def test_a_kernel_that_cannot_fit_fails():
     """The check can fail: a Mosaic config whose K/V ring exceeds shared memory does not compile."""

@@ -118,6 +118,7 @@ TARGETS = {
     "landmark": ("block 64 d128 bfloat16",),
     "decode": ("d128 bfloat16",),
     "halo": ("32x32 heads 8 d64 b8 h3 stride 1",),
+    "linear_global": ("n=4096 heads 32 d64 bfloat16",),
 }
 SPILL_BUDGET = {"landmark": 640}
 # Tensor-core instructions a kernel must use (by A-operand type): SageAttention's point is INT8

@@ -398,10 +398,27 @@ def _mosaic_cases() -> Iterator[tuple[str, Callable, list]]:
     yield "block-sparse power n=16384 B=256 d128", sparse, [_sds((1, 16384, 8, 128), jnp.bfloat16)] * 3
 
 
+def _linear_global_cases() -> Iterator[tuple[str, Callable, list]]:
+    """The L2ViT kernels (forward and backward) at the table entries ``impl="auto"`` runs."""
+    from jaxattn.pallas.linear_global import AUTO_MAX_HEAD_DIM, CONFIGS, linear_global_kernel
+
+    for d, nbytes in sorted(CONFIGS):
+        dtype = jnp.float32 if nbytes == 4 else jnp.bfloat16
+        if d < 32 or d > AUTO_MAX_HEAD_DIM[nbytes]:
+            continue
+
+        def loss(q, k, v, tau):
+            return _total(linear_global_kernel(q, k, v, tau, clamp=100.0, interpret=False))
+
+        heads = max(1, 2048 // d)  # L2ViT-like width: 2048 channels
+        yield (f"n=4096 heads {heads} d{d} {jnp.dtype(dtype).name}", jax.value_and_grad(loss, (0, 1, 2, 3)),
+               [_sds((4, 4096, heads, d), dtype)] * 3 + [_sds((heads,), jnp.float32)])
+
+
 FAMILIES: dict[str, Callable[[], Iterable[tuple[str, Callable, list]]]] = {
     "flash": _flash_cases, "lightning": _lightning_cases, "sage": _sage_cases,
     "block_sparse": _block_sparse_cases, "halo": _halo_cases, "landmark": _landmark_cases,
-    "decode": _decode_cases, "mosaic": _mosaic_cases,
+    "decode": _decode_cases, "mosaic": _mosaic_cases, "linear_global": _linear_global_cases,
 }
 
 

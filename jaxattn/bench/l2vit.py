@@ -1,5 +1,6 @@
-"""L²ViT linear global attention benchmark: the fused KV-first XLA op
-(``jaxattn.linear_global_attention``, the "jaxattn" row) against the quadratic form of the same
+"""L²ViT linear global attention benchmark: the Pallas kernels
+(``jaxattn.linear_global_attention(impl="pallas")``, the "jaxattn" row) against the same op's
+fused KV-first XLA graph (``impl="xla"``, the "xla" row), the quadratic form of the same
 attention (``jaxattn.reference.linear_global``, materialises ``N x N``) and softmax attention
 (``jaxattn.attention``, flash kernel on GPU) at the same shapes, across sequence lengths.
 
@@ -61,7 +62,8 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     tau = case.head_dim ** -0.5
     softmax_impl = "xla" if interpret else "auto"
     ops = {
-        "jaxattn": lambda q, k, v: jaxattn.linear_global_attention(q, k, v, temperature=tau),
+        "jaxattn": lambda q, k, v: jaxattn.linear_global_attention(q, k, v, temperature=tau, impl="pallas"),
+        "xla": lambda q, k, v: jaxattn.linear_global_attention(q, k, v, temperature=tau, impl="xla"),
         "softmax": lambda q, k, v: jaxattn.attention(q, k, v, impl=softmax_impl),
     }
     if case.batch * case.heads * case.seq ** 2 * 4 <= QUADRATIC_MAX_BYTES:

@@ -13,9 +13,10 @@ fused XLA graph (residuals are linear in N). The clamp (``torch.clamp(min=100)``
 reference code) keeps the normaliser away from zero when few query/key features are active;
 ``jnp.maximum`` splits the gradient evenly at an exact tie, where PyTorch's clamp passes it all.
 
-There is no Pallas kernel: the graph is two batched matmuls with a ``[D, E]`` state plus
-elementwise work. ``python -m jaxattn.bench l2vit`` times it against the quadratic form and
-softmax attention (measured on CPU only so far).
+``impl="pallas"`` runs the kernels of :mod:`jaxattn.pallas.linear_global` (the same KV-first
+computation on the ``[batch, seq, heads, dim]`` layout, without the transposed copies and fp32
+temporaries XLA makes of this graph, and a kernel backward); ``"auto"`` picks them on a GPU.
+``python -m jaxattn.bench l2vit`` times both against the quadratic form and softmax attention.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.ops import _checks
+from jaxattn.pallas import _common
+from jaxattn.pallas.linear_global import AUTO_MAX_HEAD_DIM, MAX_HEAD_DIM, linear_global_kernel
 
-_IMPLS = ("auto", "xla")
+_IMPLS = ("auto", "pallas", "xla")
 
 
 def _check_temperature(temperature: jax.Array | float, heads: int) -> jax.Array:
@@ -47,7 +50,7 @@ def linear_global_attention(
     *,
     temperature: jax.Array | float,
     clamp: float = 100.0,
-    impl: Literal["auto", "xla"] = "auto",
+    impl: Literal["auto", "pallas", "xla"] = "auto",
 ) -> jax.Array:
     """L²ViT linear global attention, ``[batch, seq, heads, head_dim]`` layout.
 
@@ -58,12 +61,12 @@ def linear_global_attention(
       temperature: the per-head output scale τ, a scalar or ``[heads]`` (L²ViT learns it,
         initialised to ``head_dim ** -0.5``); differentiable.
       clamp: lower bound of the normaliser ``φ(q_i) · Σ_j φ(k_j)``, finite and > 0 (100 in L²ViT).
-      impl: ``"xla"`` (the fused KV-first graph) or ``"auto"`` (the same; there is no kernel).
+      impl: ``"pallas"`` (the Triton kernels; interpret mode without a GPU; head dims up to 128),
+        ``"xla"`` (the fused KV-first graph) or ``"auto"`` (the kernels on a GPU, for head dims up
+        to 128 in bf16/fp16 and 64 in fp32, where they compile without register spills; else XLA).
 
     Returns ``[batch, q_len, heads, v_head_dim]`` in q's dtype.
     """
-    if impl == "pallas":
-        raise ValueError("impl='pallas': linear_global_attention has no Pallas kernel; use 'xla' or 'auto'")
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     _, _, _, hq, hkv, _ = _checks.check_qkv(q, k, v)
@@ -76,6 +79,13 @@ def linear_global_attention(
     if not math.isfinite(c) or c <= 0:
         raise ValueError(f"clamp must be a static finite float > 0, got {clamp!r}")
     tau = _check_temperature(temperature, hq)
+    width = max(q.shape[-1], v.shape[-1])
+    if impl == "pallas" and width > MAX_HEAD_DIM:
+        raise ValueError(f"impl='pallas' takes head dims up to {MAX_HEAD_DIM}, got q {q.shape[-1]}, "
+                         f"v {v.shape[-1]}; use impl='xla'")
+    fast = width <= AUTO_MAX_HEAD_DIM[min(jnp.dtype(q.dtype).itemsize, 4)]
+    if impl == "pallas" or (impl == "auto" and fast and _common.targets_gpu()):
+        return linear_global_kernel(q, k, v, tau, clamp=c)
     return _linear_global_xla(q, k, v, tau, c)
 
 
