@@ -77,6 +77,41 @@ def test_linear_global_kernels_compile_for_h100(label, fn, args):
 
 
 @needs_aot
+@pytest.mark.parametrize("op", ["attention", "halo", "linear_global"])
+def test_ops_run_no_xla_work_around_their_forward_kernels(op):
+    """``bench traffic``: the forward of these ops is their kernels alone (halo: the relative
+    logits are projected in-kernel; L2ViT: only the small [d, e] state's hi/lo split, < 5 % of the
+    kernels' bytes), and the count can fail: XLA's own graph of the same op writes far more."""
+    from jaxattn.bench import traffic
+
+    fwd = {r["mode"]: r for r in traffic.run([op], progress=False)}["fwd"]
+    assert fwd["kernels"] >= 1, fwd
+    assert fwd["xla_bytes"] <= 0.05 * fwd["kernel_bytes"], fwd
+    if op == "linear_global":
+        import jaxattn
+
+        xla = traffic.summarize(traffic.compiled_ops(
+            lambda q, k, v, t: jaxattn.linear_global_attention(q, k, v, temperature=t, impl="xla"),
+            [jax.ShapeDtypeStruct((16, 4096, 32, 64), jnp.bfloat16)] * 3 + [jax.ShapeDtypeStruct((32,), jnp.float32)]))
+        assert xla["kernels"] == 0 and xla["xla_bytes"] > 4 * fwd["kernel_bytes"], xla
+
+
+def test_hlo_op_bytes():
+    from jaxattn.bench.traffic import hlo_ops, shape_bytes
+
+    assert shape_bytes("(bf16[2,8]{1,0}, f32[3]{0})") == 2 * 16 + 12
+    hlo = """HloModule m
+ENTRY %main (p: bf16[4,4]) -> bf16[4,4] {
+  %p = bf16[4,4]{1,0} parameter(0)
+  %fusion.1 = f32[4,4]{1,0} fusion(%p), kind=kLoop, calls=%c
+  ROOT %k = bf16[4,4]{1,0} custom-call(%fusion.1), custom_call_target="__gpu$xla.gpu.triton", backend_config={name = "jaxattn_x"}
+}
+"""
+    ops = hlo_ops(hlo)
+    assert [(o["name"], o["bytes"], o.get("kernel")) for o in ops] == [("fusion.1", 64, None), ("k", 32, "jaxattn_x")]
+
+
+@needs_aot
 def test_a_kernel_that_cannot_fit_fails():
     """The check can fail: a Mosaic config whose K/V ring exceeds shared memory does not compile."""
     import dataclasses

@@ -1,4 +1,4 @@
-"""``python -m jaxattn.bench {attention,decode,lightning,halo,l2vit,landmark,sage,sparse,vision,tnl,compile,tune} [options] [--json PATH]``.
+"""``python -m jaxattn.bench {attention,decode,lightning,halo,l2vit,landmark,sage,sparse,vision,tnl,compile,traffic,tune} [options] [--json PATH]``.
 
 Without a GPU the default is a tiny smoke sweep in interpret mode (seconds); on a GPU the
 default is the full sweep. Prints a table (ms, TFLOP/s, ns per token, speedup of jaxattn
@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", type=int, default=90, help="compute capability for --compiler triton: 90, 89, 80")
     p.add_argument("--python", default=None, help="an interpreter that has triton (default: this one)")
     p.add_argument("--json", metavar="PATH")
+    p = sub.add_parser("traffic", help="what XLA runs around each op's kernels, compiled for a compile-only "
+                                       "H100: XLA ops and the bytes they write, beside the kernels'")
+    from jaxattn.bench.traffic import OPS as TRAFFIC_OPS
+
+    p.add_argument("--ops", nargs="+", default=None, choices=TRAFFIC_OPS, help="default: all")
+    p.add_argument("--json", metavar="PATH")
     p = sub.add_parser("tune", help="time candidate tile configs of one kernel at a target shape (GPU); "
                                     "prints the fastest as a table line")
     from jaxattn.bench.tune import FAMILIES as TUNE_FAMILIES  # imports only jax; kernels load lazily
@@ -138,13 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.op == "compile" or getattr(args, "compile_only", False):
+    if args.op in ("compile", "traffic") or getattr(args, "compile_only", False):
         from jaxattn.bench import aot
 
         aot.available()  # before JAX starts its backends: on a machine without a GPU, stay on the CPU client
     gpu = jax.default_backend() == "gpu"
     if args.op == "compile":
         return _compile(args)
+    if args.op == "traffic":
+        return _traffic(args)
     if args.op == "tune":
         return _tune(args, gpu)
     compile_only = getattr(args, "compile_only", False)
@@ -278,6 +286,23 @@ def _vision(args: argparse.Namespace, gpu: bool) -> int:
         print(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['dtype']} | {r['image_size']} | {r['ms']:.2f} | "
               f"{r['images_per_s']:,.1f} | {agree} |")
     return 1 if failed else 0
+
+
+def _traffic(args: argparse.Namespace) -> int:
+    from jaxattn.bench import aot, traffic
+
+    if why := aot.available():
+        print(why, file=sys.stderr)
+        return 2
+    info = device_summary()
+    records = traffic.run(args.ops)
+    print(f"# XLA ops around the kernels, compiled for a compile-only H100 | on {info['device']} | "
+          f"jax {info['jax']} | {info['date']}")
+    print(traffic.format_records(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"op": "traffic", "info": info, "records": records}, f, indent=1)
+    return 0
 
 
 def _compile(args: argparse.Namespace) -> int:
