@@ -476,6 +476,7 @@ class _Seg:
     st: _Static  # one segment's kernel statics (n = n_pad = L)
     n: int  # true sequence length
     segments: int
+    final_state: bool = True  # False: the caller drops the final state (its cotangent is zero)
 
     @property
     def rem(self) -> int:  # real rows of the last segment
@@ -565,12 +566,15 @@ def _segmented_bwd(sg: _Seg, res, cts):
     p, length = sg.segments, sg.st.n_pad
     hp = lax.Precision.HIGHEST
     ds_in = _seg_outer(sg, q, do, slope, from_end=False)
-    ds_in = ds_in.at[:, -1].add(_pow(slope, sg.rem)[None, :, None, None] * dsf)
+    if sg.final_state:
+        ds_in = ds_in.at[:, -1].add(_pow(slope, sg.rem)[None, :, None, None] * dsf)
     ds_own = jnp.einsum("pjh,bphde->bjhde", _carry(sg, slope), ds_in, precision=hp)  # last one: 0
     ds0 = jnp.einsum("ph,bphde->bhde", _pow(slope, length * jnp.arange(p)), ds_in, precision=hp)
     dq, dk, dv, _ = _bwd(sg.st, *_seg_kernel_args(sg, q, k, v), slope, _flat(s_in),
                          *_seg_kernel_args(sg, do), _flat(ds_own))
     dq, dk, dv = dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+    if not sg.final_state:  # (else two einsums over the last segment and two copies of dk, dv)
+        return dq, dk, dv, None, ds0
     # dSf through the last segment's own state (its real rows end at n - 1, not at the padded end)
     last = slice((p - 1) * length, None)
     t = jnp.arange((p - 1) * length, p * length)
@@ -589,12 +593,14 @@ def lightning_attention_kernel(
     q: jax.Array, k: jax.Array, v: jax.Array, slope: jax.Array,
     initial_state: jax.Array | None = None, *,
     config: LightningConfig | None = None, interpret: bool | None = None, segments: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    final_state: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
     """Kernel entry on validated inputs: q, k ``[B, N, H, d]``, v ``[B, N, H, e]``,
     slope ``[H]`` (>= 0), initial_state ``[B, H, d, e]`` or None.
     ``segments``: split the sequence into that many segments run in parallel (default
     :func:`segment_count`: only long sequences with few batch x heads are split).
-    Returns ``out [B, N, H, e]`` (input dtype) and the final state (fp32)."""
+    Returns ``out [B, N, H, e]`` (input dtype) and the final state (fp32), or None with
+    ``final_state=False`` (the backward then skips the final state's terms)."""
     b, n, h, d = q.shape
     e = v.shape[-1]
     cfg = config or lightning_config(max(d, e), q.dtype)
@@ -619,5 +625,5 @@ def lightning_attention_kernel(
         out, state = _lightning(st, *args)
     else:
         st = _Static(n=length, n_pad=length, block=block, cfg=cfg, interpret=interpret, precision=precision)
-        out, state = _segmented(_Seg(st, n, segments), *args)
-    return out[:, :n, :, :e], state[:, :, :d, :e]
+        out, state = _segmented(_Seg(st, n, segments, final_state), *args)
+    return out[:, :n, :, :e], (state[:, :, :d, :e] if final_state else None)

@@ -122,6 +122,29 @@ def test_segmented_kernel_matches_oracle(n, segments, dtype, block, state, forwa
         assert_close(g, rg, dtype, name, tol=GRAD_TOL)
 
 
+@pytest.mark.parametrize("segments", [1, 3])
+def test_without_final_state_output_and_gradients_are_unchanged(segments):
+    """``final_state=False`` (the op without ``return_state``; TNL training) skips the final
+    state's backward terms: the output and gradients equal the oracle's with the state unused."""
+    h, d, e, n = 3, 16, 24, 300
+    q, k, v, s0 = _inputs(5, 2, n, h, d, e, jnp.float32, state=True)
+    slope = tnl_slopes(h)
+    cfg = lk.LightningConfig(32, 4, 2, 16, 32)
+    w_o = jax.random.normal(jax.random.PRNGKey(1), (2, n, h, e))
+
+    def run(q, k, v, s0):
+        out, final = lk.lightning_attention_kernel(q, k, v, slope, s0, config=cfg, segments=segments,
+                                                   final_state=False)
+        assert final is None
+        return jnp.sum(out * w_o)
+
+    grads = jax.jit(jax.grad(run, (0, 1, 2, 3)))(q, k, v, s0)
+    ref = jax.jit(jax.grad(lambda *a: jnp.sum(lightning_reference(a[0], a[1], a[2], slope, a[3])[0] * w_o),
+                           (0, 1, 2, 3)))(q, k, v, s0)
+    for name, g, r in zip(["dq", "dk", "dv", "d_initial_state"], grads, ref):
+        assert_close(g, r, jnp.float32, name, tol=GRAD_TOL)
+
+
 def test_config_rejects_unknown_forward_scheme():
     with pytest.raises(ValueError, match="forward must be 'scan' or 'chunked'"):
         lk.LightningConfig(forward="parallel")

@@ -19,6 +19,7 @@ from flax import nnx
 from jaxattn.train import loop
 from jaxattn.train.data import Corpus, get_batch, load_corpus
 from jaxattn.train.loop import adamw, warmup_cosine
+from jaxattn.train.losses import cross_entropy_with_integer_labels
 from jaxattn.train.metrics import FIELDS
 
 
@@ -66,7 +67,7 @@ def make_optimizer(cfg: LMConfig) -> optax.GradientTransformation:
 def lm_loss(model: nnx.Module, tokens: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy (nats) over ``tokens [batch, seq + 1]``."""
     logits = model(tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:]).mean()
+    return cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
 class Trainer(loop.Trainer):

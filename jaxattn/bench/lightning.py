@@ -71,12 +71,13 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     cfg = lk.lightning_config(case.head_dim, case.dtype)
     if (case.head_dim, case.dtype) == (128, "bfloat16"):  # the entry the first H200 run timed (2026-12-04)
         ops["jaxattn-prev-config"] = lambda q, k, v, s: lk.lightning_attention_kernel(
-            q, k, v, s, config=PREV_D128_CONFIG)[0]
+            q, k, v, s, config=PREV_D128_CONFIG, final_state=False)[0]
     other = "chunked" if cfg.forward == "scan" else "scan"  # the other scheme, forward and backward
     ops[f"jaxattn-{other}"] = lambda q, k, v, s: lk.lightning_attention_kernel(
-        q, k, v, s, config=dataclasses.replace(cfg, forward=other, backward=other))[0]
+        q, k, v, s, config=dataclasses.replace(cfg, forward=other, backward=other), final_state=False)[0]
     if lk.segment_count(case.batch, case.heads, case.seq, cfg, case.head_dim) > 1:  # what segments buy
-        ops["jaxattn-unsegmented"] = lambda q, k, v, s: lk.lightning_attention_kernel(q, k, v, s, segments=1)[0]
+        ops["jaxattn-unsegmented"] = lambda q, k, v, s: lk.lightning_attention_kernel(q, k, v, s, segments=1,
+                                                                                     final_state=False)[0]
     return {name: runner.jax_mode_fn(op, case.mode) for name, op in ops.items()}
 
 

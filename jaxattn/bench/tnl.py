@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 
 from jaxattn.models import create_model
+from jaxattn.train.lm import lm_loss
 
 
 def train_step_throughput(model_name: str, *, batch: int, seq: int, dtype: str, steps: int,
@@ -28,9 +29,8 @@ def train_step_throughput(model_name: str, *, batch: int, seq: int, dtype: str, 
     def step(state, tokens):
         model, optimizer = nnx.merge(graphdef, state)
 
-        def loss_fn(m):
-            logits = m(tokens[:, :-1])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        def loss_fn(m):  # the LM trainer's loss (jaxattn.train.lm.lm_loss)
+            return lm_loss(m, tokens)
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         optimizer.update(model, grads)

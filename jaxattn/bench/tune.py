@@ -107,7 +107,7 @@ def _lightning_family() -> Family:
         q, k, v, slope, do = inputs
         seg = extra.get("segments")
         op = lambda q, k, v, s: lightning.lightning_attention_kernel(q, k, v, s, config=cfg,  # noqa: E731
-                                                                     segments=seg)[0]
+                                                                     segments=seg, final_state=False)[0]
         return _vjp_runner(op, (q, k, v, slope), 3, do, mode)
 
     def inputs(b, n, h, d, dtype):

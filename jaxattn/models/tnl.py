@@ -105,7 +105,9 @@ class NormLinearAttention(nnx.Module):
         self.slope = nnx.Variable(layer_slopes(cfg.heads, layer, cfg.layers))  # fixed, not trained
         self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis): see TNL.enable_sequence_parallel
 
-    def __call__(self, x, state=None, offset=0):
+    def __call__(self, x, state=None, offset=0, return_state=True):
+        """``(out, state after the last token)``; with ``return_state=False`` the state is None
+        (training: the kernel's backward then skips the final state's terms)."""
         b, n, _ = x.shape
         q, k, v, u = jnp.split(self.qkvu(x), 4, axis=-1)
         q, k, v = (t.reshape(b, n, self.cfg.heads, self.head_dim) for t in (q, k, v))
@@ -120,9 +122,11 @@ class NormLinearAttention(nnx.Module):
             mesh, axis, batch_axis = self.sequence_parallel
             o, state = lightning_attention_sp(q, k, v, slope, mesh=mesh, axis=axis, batch_axis=batch_axis,
                                               initial_state=state, return_state=True, impl=self.cfg.attn_impl)
-        else:
+        elif return_state:
             o, state = lightning_attention(q, k, v, slope, initial_state=state, return_state=True,
                                            impl=self.cfg.attn_impl)
+        else:
+            o, state = lightning_attention(q, k, v, slope, initial_state=state, impl=self.cfg.attn_impl), None
         o = srms_norm(o.reshape(b, n, self.cfg.width)) * u
         return self.out_proj(o), state
 
@@ -144,8 +148,8 @@ class TNLBlock(nnx.Module):
         self.mixer = NormLinearAttention(cfg, layer, rngs=rngs)
         self.glu = SGLU(cfg, rngs=rngs)
 
-    def __call__(self, x, state=None, offset=0):
-        h, state = self.mixer(srms_norm(x), state, offset)
+    def __call__(self, x, state=None, offset=0, return_state=True):
+        h, state = self.mixer(srms_norm(x), state, offset, return_state)
         x = x + h
         return x + self.glu(srms_norm(x)), state
 
@@ -182,7 +186,7 @@ class TNL(nnx.Module):
         x = self.embed(tokens) * self.embed_scale
         new_states = []
         for i, block in enumerate(self.blocks):
-            x, st = block(x, None if states is None else states[i], offset)
+            x, st = block(x, None if states is None else states[i], offset, return_states)
             new_states.append(st)
         x = srms_norm(x)
         logits = self.embed.attend(x) if self.head is None else self.head(x)

@@ -94,7 +94,9 @@ def lightning_attention(
 
     local_state = None if sequence_axis is not None else initial_state
     if impl == "pallas" or (impl == "auto" and _targets_gpu()):
-        out, state = _kernel.lightning_attention_kernel(q, k, v, slope, local_state)
+        # (without return_state the final state's cotangent is zero: the backward skips its terms)
+        out, state = _kernel.lightning_attention_kernel(q, k, v, slope, local_state,
+                                                        final_state=return_state or sequence_axis is not None)
     else:
         out, state = lightning_reference(q, k, v, lax.stop_gradient(slope), local_state)
         out = out.astype(q.dtype)
