@@ -96,6 +96,23 @@ def test_ops_run_no_xla_work_around_their_forward_kernels(op):
         assert xla["kernels"] == 0 and xla["xla_bytes"] > 4 * fwd["kernel_bytes"], xla
 
 
+@needs_aot
+def test_lm_step_traffic():
+    """``bench traffic --lm-step``: a TNL training step compiled for the H100 runs the Lightning
+    kernels, and no XLA op writes a logits-sized scatter-add (the fused cross-entropy's point)."""
+    from jaxattn.bench import traffic
+    from jaxattn.models import MODEL_CONFIGS
+
+    ops = traffic.lm_step_ops("tnl-tiny", batch=2, seq=64)
+    kernels = {o["kernel"] for o in ops if "kernel" in o}
+    assert any(k.startswith("jaxattn_lightning") for k in kernels), kernels
+    logits_bytes = 2 * 64 * MODEL_CONFIGS["tnl-tiny"].vocab_size * 4
+    # (the embedding's gradient is a scatter too, of [vocab, dim]: smaller here)
+    assert not [o for o in ops if "scatter" in o["source"] and o["bytes"] >= logits_bytes], ops
+    groups = traffic.by_source(ops)
+    assert groups and groups == sorted(groups, key=lambda g: -g["bytes"])
+
+
 def test_hlo_op_bytes():
     from jaxattn.bench.traffic import hlo_ops, shape_bytes
 

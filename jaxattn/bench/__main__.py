@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxattn.bench.traffic import OPS as TRAFFIC_OPS
 
     p.add_argument("--ops", nargs="+", default=None, choices=TRAFFIC_OPS, help="default: all")
+    p.add_argument("--lm-step", metavar="MODEL", default=None,
+                   help="instead: one training step of this language model (e.g. tnl-385m), grouped by JAX operation")
+    p.add_argument("--batch", type=int, default=8, help="--lm-step batch (default 8)")
+    p.add_argument("--seq", type=int, default=2048, help="--lm-step sequence length (default 2048)")
     p.add_argument("--json", metavar="PATH")
     p = sub.add_parser("tune", help="time candidate tile configs of one kernel at a target shape (GPU); "
                                     "prints the fastest as a table line")
@@ -295,10 +299,19 @@ def _traffic(args: argparse.Namespace) -> int:
         print(why, file=sys.stderr)
         return 2
     info = device_summary()
-    records = traffic.run(args.ops)
-    print(f"# XLA ops around the kernels, compiled for a compile-only H100 | on {info['device']} | "
-          f"jax {info['jax']} | {info['date']}")
-    print(traffic.format_records(records))
+    head = f"compiled for a compile-only H100 | on {info['device']} | jax {info['jax']} | {info['date']}"
+    if args.lm_step:
+        ops = traffic.lm_step_ops(args.lm_step, batch=args.batch, seq=args.seq)
+        total = traffic.summarize(ops)
+        records = traffic.by_source(ops)
+        print(f"# {args.lm_step} training step, batch {args.batch} x {args.seq}, {head}")
+        print(f"kernels write {total['kernel_bytes'] / 2**30:.1f} GiB, XLA ops {total['xla_bytes'] / 2**30:.1f} GiB "
+              f"({total['xla_ops']} ops); largest groups:")
+        print(traffic.format_groups(records))
+    else:
+        records = traffic.run(args.ops)
+        print(f"# XLA ops around the kernels, {head}")
+        print(traffic.format_records(records))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"op": "traffic", "info": info, "records": records}, f, indent=1)

@@ -3,6 +3,8 @@ HLO split into the Pallas kernels and everything else (XLA's fusions, copies, tr
 the bytes each writes.
 
 ``python -m jaxattn.bench traffic [--ops halo linear_global ...] [--json PATH]``
+``python -m jaxattn.bench traffic --lm-step tnl-385m [--batch 8 --seq 2048]``: one training step of
+a language model instead, its XLA ops grouped by the JAX operation they come from.
 
 A kernel that reads its inputs in place needs no XLA work around it; layout copies, padding,
 casts and gathers in an op's wrapper show up here as XLA ops writing tensors the size of the
@@ -40,8 +42,9 @@ def shape_bytes(text: str) -> int:
 
 
 def hlo_ops(hlo: str) -> list[dict]:
-    """The entry computation's ops that write memory: name, op, bytes written, and for kernels
-    their name (``kernel``); bitcasts, tuples and parameters are free and left out."""
+    """The entry computation's ops that write memory: name, op, bytes written, the JAX operation
+    they come from (``source``, from the metadata) and for kernels their name (``kernel``);
+    bitcasts, tuples and parameters are free and left out."""
     entry = hlo[hlo.index("ENTRY"):]
     entry = entry[: entry.find("\n}") + 1 or None]
     ops = []
@@ -50,7 +53,8 @@ def hlo_ops(hlo: str) -> list[dict]:
         if not m:
             continue
         name, result, op = m.groups()
-        rec = {"name": name, "op": op, "bytes": shape_bytes(result)}
+        source = re.search(r'op_name="([^"]*)"', line)
+        rec = {"name": name, "op": op, "bytes": shape_bytes(result), "source": source.group(1) if source else ""}
         if op == "custom-call":
             target = re.search(r'custom_call_target="([^"]+)"', line)
             if target and target.group(1).startswith(_KERNEL_TARGETS):
@@ -121,6 +125,41 @@ def _with_grad(fn: Callable, n_diff: int) -> Callable:
     return run
 
 
+def by_source(ops: list[dict], top: int = 20) -> list[dict]:
+    """Ops grouped by kernel name (kernels) or JAX source operation (XLA ops), largest total first."""
+    groups: dict[tuple[str, str], dict] = {}
+    for o in ops:
+        key = (o.get("kernel", "xla"), o["source"] if "kernel" not in o else "")
+        g = groups.setdefault(key, {"what": key[0], "source": key[1], "count": 0, "bytes": 0})
+        g["count"] += 1
+        g["bytes"] += o["bytes"]
+    return sorted(groups.values(), key=lambda g: -g["bytes"])[:top]
+
+
+def lm_step_ops(model: str, *, batch: int, seq: int, dtype: str = "bfloat16") -> list[dict]:
+    """:func:`hlo_ops` of one training step of a language model (the LM trainer's loss, AdamW),
+    compiled for the compile-only H100 with abstract weights (nothing allocated)."""
+    import optax
+    from flax import nnx
+
+    from jaxattn.models import create_model
+    from jaxattn.train.lm import lm_loss
+
+    def build():
+        m = create_model(model, rngs=nnx.Rngs(0), dtype=dtype)
+        return m, nnx.Optimizer(m, optax.adamw(1e-4), wrt=nnx.Param)
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+
+    def step(state, tokens):
+        m, opt = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(lambda m: lm_loss(m, tokens))(m)
+        opt.update(m, grads)
+        return nnx.state((m, opt)), loss
+
+    return compiled_ops(step, [state, jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)])
+
+
 def run(ops: list[str] | None = None, *, progress: bool = True) -> list[dict]:
     records = []
     for op, label, fn, args, n_diff in _cases():
@@ -137,6 +176,13 @@ def run(ops: list[str] | None = None, *, progress: bool = True) -> list[dict]:
                 f, a = _with_grad(fn, n_diff), [*args, _sds(out.shape, out.dtype)]
             records.append({"op": op, "case": label, "mode": mode, **summarize(compiled_ops(f, a))})
     return records
+
+
+def format_groups(groups: list[dict]) -> str:
+    lines = ["| writes | MiB | ops | JAX operation |", "|---|---|---|---|"]
+    for g in groups:
+        lines.append(f"| {g['what']} | {g['bytes'] / 2**20:,.0f} | {g['count']} | {g['source'][-100:]} |")
+    return "\n".join(lines)
 
 
 def format_records(records: list[dict]) -> str:
