@@ -16,10 +16,14 @@ It adds them as a second tensor-core dot, ``s = scale q k^T + [A | B] E^T``, wit
 one-hot map from key ``j`` to its row and column (built in-kernel from iotas), masked softmax
 over the window, ``p v``; the backward writes ``d[A | B] = ds E`` and leaves the two small
 projections' adjoints to XLA.
-Both kernels walk the window in chunks of ``key_chunk`` keys (whole tile rows; an online softmax
-in the forward; the backward recomputes ``p`` from the saved log-sum-exp), so the live fp32 tiles
-are ``[R, key_chunk]``. The backward writes dk, dv per window; :func:`fold_windows` adds the
-overlapping windows back onto the map with ``ceil(win / block)^2`` shifted dense adds (no scatter).
+The forward and the dq kernel walk the window in chunks of ``key_chunk`` keys (whole tile rows; an
+online softmax in the forward; dq recomputes ``p`` from the saved log-sum-exp), so the live fp32
+tiles are ``[R, key_chunk]``. dk and dv come from a second backward kernel, one program per key
+block: it visits the query blocks whose windows hold its keys (``(2 ceil(halo / block) + 1)^2`` of
+them, 9 for HaloNet's block 8, halo 3) and writes its rows of the dk, dv maps once, so no
+per-window copies (``(win / block)^2`` times the map) go through HBM and nothing is summed after.
+``HaloConfig(backward="windows")`` keeps the earlier scheme: the dq kernel writes each window's dk,
+dv and :func:`fold_windows` adds the overlapping windows back onto the maps.
 """
 
 from __future__ import annotations
@@ -42,11 +46,20 @@ KEY_CHUNK = 64  # window keys per step of the kernels' key loop
 
 @dataclasses.dataclass(frozen=True)
 class HaloConfig:
-    """Launch parameters of both kernels (``num_warps`` None: 8 from head dim 128, else 4)."""
+    """Launch parameters of the kernels (``num_warps`` None: 8 from head dim 128, else 4) and the
+    backward scheme: ``"keys"`` (a dk/dv kernel per key block over the query blocks that see it) or
+    ``"windows"`` (the dq kernel also writes each window's dk, dv, which :func:`fold_windows` sums
+    onto the maps: (win / block)^2 times the map's bytes written and read again, for ~2.5x fewer
+    tensor-core products; which is faster is for a GPU to say: ``bench halo`` times both)."""
 
     key_chunk: int = KEY_CHUNK
     num_warps: int | None = None
     num_stages: int = 2
+    backward: str = "keys"
+
+    def __post_init__(self):
+        if self.backward not in ("keys", "windows"):
+            raise ValueError(f"HaloConfig.backward must be 'keys' or 'windows', got {self.backward!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +73,14 @@ class _Static:
     qpow: int  # QB: rows per skewed table (power of two >= qblock)
     rel_scale: float  # factor on [A | B] (the logit scale with scale_pos_embed, else 1)
     rows: int  # R: query rows per program (power of two >= qblock^2; rows past it are idle)
+    key_rows: int  # KB: key rows per dk/dv program (power of two >= block^2)
     height: int  # key map size
     width: int
     blocks_x: int  # query blocks per row
     key_chunk: int  # window keys per step: key_chunk // tile whole tile rows
     chunks: int
     mask_padding: bool
+    windows: bool  # the "windows" backward scheme
     num_warps: int
     num_stages: int
     interpret: bool | None
@@ -177,13 +192,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static):
     lse_ref[...] = m + jnp.log(l)
 
 
-def _bwd_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, do_ref,
-                dq_ref, dk_ref, dv_ref, dab_ref, *, st: _Static):
-    """Per key chunk: recompute p, write that chunk's window dk and dv, accumulate dq and d[A | B].
-    Idle query rows have ``do = 0``, so they add nothing to dk, dv."""
+def _dq_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, do_ref, dq_ref, dab_ref, *outs, st: _Static):
+    """Per key chunk of the window: recompute p, accumulate dq and d[A | B]. ``outs``: the rows'
+    ``[A | B]`` for the dk/dv kernel (which reads each query block's nine times), or with the
+    "windows" scheme the window's dk and dv (idle query rows have ``dO = 0``: they add nothing)."""
     origin = _origin(st)
     q, do = _load_rows(st, origin, q_ref), _load_rows(st, origin, do_ref)
     ab = rel_logits(st, q, tab_ref)
+    if not st.windows:
+        _store_rows(st, origin, outs[0], ab)
     lse = lse_ref[...]
     delta = jnp.sum(do.astype(jnp.float32) * _load_rows(st, origin, o_ref).astype(jnp.float32), axis=1)
     dq = jnp.zeros(q.shape, jnp.float32)
@@ -191,19 +208,77 @@ def _bwd_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, do_ref,
 
     def body(c, carry):
         dq, dab = carry
-        keys = pl.ds(pl.multiple_of(c * st.key_chunk, st.key_chunk), st.key_chunk)
         y, x, inside, valid, emap = _window(st, origin, c)
         k, v = _load(k_ref, y, x, inside), _load(v_ref, y, x, inside)
         p = jnp.exp(_logits(st, q, k, ab, emap, valid) - lse[:, None])
-        dv_ref[keys, :] = dot(p.astype(do.dtype), do, trans_a=True, precision=st.precision).astype(dv_ref.dtype)
         dp = dot(do, v, trans_b=True, precision=st.precision)
         ds = (p * (dp - delta[:, None])).astype(q.dtype)
-        dk_ref[keys, :] = (dot(ds, q, trans_a=True, precision=st.precision) * st.scale).astype(dk_ref.dtype)
+        if st.windows:
+            dk_ref, dv_ref = outs
+            keys = pl.ds(pl.multiple_of(c * st.key_chunk, st.key_chunk), st.key_chunk)
+            dv_ref[keys, :] = dot(p.astype(do.dtype), do, trans_a=True, precision=st.precision).astype(dv_ref.dtype)
+            dk_ref[keys, :] = (dot(ds, q, trans_a=True, precision=st.precision) * st.scale).astype(dk_ref.dtype)
         return dq + dot(ds, k, precision=st.precision), dab + dot(ds, emap.astype(ds.dtype), precision=st.precision)
 
     dq, dab = lax.fori_loop(0, st.chunks, body, (dq, dab))
     _store_rows(st, origin, dq_ref, dq * st.scale)
     _store_rows(st, origin, dab_ref, dab)
+
+
+def _keys(st: _Static, ref):
+    """This program's ``block x block`` key block (``KB`` rows, a power of two; idle rows past
+    ``block^2``): its map rows and columns, index vectors for loads (clamped) and stores (idle rows
+    out of bounds) of a ``[H, W, c]`` map ref, and the ``[KB]`` mask of real rows."""
+    ky, kx = _origin(st)
+    j = lax.broadcasted_iota(jnp.int32, (st.key_rows, 1), 0)
+    y, x = ky * st.block + j // st.block, kx * st.block + j % st.block
+    real = j < st.block * st.block
+    col = lax.broadcasted_iota(jnp.int32, (1, ref.shape[-1]), 1)
+    load = (jnp.minimum(y, ref.shape[0] - 1), jnp.minimum(x, ref.shape[1] - 1), col)
+    return y[:, 0], x[:, 0], real[:, 0], load, (jnp.where(real, y, ref.shape[0]), x, col)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, ab_ref, o_ref, lse_ref, do_ref, dk_ref, dv_ref, *, st: _Static):
+    """dk, dv of one key block, from the query blocks whose windows hold it: the
+    ``(2m + 1)^2`` blocks around it, ``m = ceil(halo / block)`` (those off the map add nothing).
+    Per query block: its rows' p over this block's keys (recomputed from the saved log-sum-exp,
+    with the relative logits of each key's place in that block's window), then
+    ``dv += p^T dO`` and ``dk += scale (p (dO v^T - delta))^T q``. Idle query rows have ``dO = 0``."""
+    y, x, real, load, store = _keys(st, k_ref)
+    k, v = k_ref[load], v_ref[load[0], load[1], lax.broadcasted_iota(jnp.int32, (1, v_ref.shape[-1]), 1)]
+    ky, kx = _origin(st)
+    nby = st.height // st.block
+    m = -(-st.halo // st.block)
+    side = 2 * m + 1
+    col = lax.broadcasted_iota(jnp.int32, (st.key_rows, 2 * st.tile), 1)
+
+    def body(t, carry):
+        dk, dv = carry
+        ty = lax.div(t, jnp.int32(side))
+        by, bx = ky + ty - m, kx + (t - ty * side) - m
+        on_map = (by >= 0) & (by < nby) & (bx >= 0) & (bx < st.blocks_x)
+        by, bx = jnp.clip(by, 0, nby - 1), jnp.clip(bx, 0, st.blocks_x - 1)
+        origin = (by, bx)
+        q, do = _load_rows(st, origin, q_ref), _load_rows(st, origin, do_ref)
+        delta = jnp.sum(do.astype(jnp.float32) * _load_rows(st, origin, o_ref).astype(jnp.float32), axis=1)
+        lse = lse_ref[by * st.blocks_x + bx, :]
+        ab = _load_rows(st, origin, ab_ref)
+        jy, jx = y - (by * st.block - st.halo), x - (bx * st.block - st.halo)  # place in that window
+        seen = real & on_map & (jy >= 0) & (jy < st.win) & (jx >= 0) & (jx < st.win)
+        emap = (col == jy[:, None]) | (col == st.tile + jx[:, None])
+        s = dot(q, k, trans_b=True, precision=st.precision) * st.scale
+        s = s + dot(ab, emap.astype(ab.dtype), trans_b=True, precision=st.precision)
+        p = jnp.where(seen[None, :], jnp.exp(s - lse[:, None]), 0.0)
+        dv = dv + dot(p.astype(do.dtype), do, trans_a=True, precision=st.precision)
+        dp = dot(do, v, trans_b=True, precision=st.precision)
+        ds = (p * (dp - delta[:, None])).astype(q.dtype)
+        return dk + dot(ds, q, trans_a=True, precision=st.precision), dv
+
+    dk, dv = lax.fori_loop(0, side * side, body, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
+    mask = real[:, None]
+    pltriton.store(dk_ref.at[store], (dk * st.scale).astype(dk_ref.dtype), mask=jnp.broadcast_to(mask, dk.shape))
+    vstore = (store[0], store[1], lax.broadcasted_iota(jnp.int32, (1, dv_ref.shape[-1]), 1))
+    pltriton.store(dv_ref.at[vstore], dv.astype(dv_ref.dtype), mask=jnp.broadcast_to(mask, dv.shape))
 
 
 def _block_spec(shape):
@@ -213,24 +288,33 @@ def _block_spec(shape):
     return pl.BlockSpec((None, None, None, shape[3]), lambda n, b, h: (b, n, h, 0))
 
 
+def _all_blocks_spec(shape):
+    """Every block's slice of a ``[B, nB, heads, R]`` array, per (batch, head)."""
+    return pl.BlockSpec((None, shape[1], None, shape[3]), lambda n, b, h: (b, 0, h, 0))
+
+
 def _map_spec(shape):
     """A whole ``[B, H, W, heads, c]`` map per (batch, head): the kernels gather their rows."""
     return pl.BlockSpec((None, shape[1], shape[2], None, shape[4]), lambda n, b, h: (b, 0, 0, h, 0))
 
 
-def _call(kernel, st, args, outs, windows, name):
-    """Inputs: 5-d maps, the 3-d skewed tables and the 4-d per-block lse; outputs likewise, except
-    ``windows`` (indices of ``[B, nB, keys, heads, c]`` per-block window outputs)."""
+def _call(kernel, st, args, outs, name, lse_all: bool = False, windows: tuple[int, ...] = ()):
+    """Inputs: 5-d maps, the 3-d skewed tables and the 4-d per-block lse (``lse_all``: every
+    block's, for each (batch, head)); outputs: maps and the per-block lse, except ``windows``
+    (indices of ``[B, nB, keys, heads, c]`` per-block window outputs)."""
     batch, _, _, heads, _ = args[0].shape
     nb = (st.height // st.block) * st.blocks_x
-    def spec(shape):
+
+    def spec(shape, is_input=False):
         if len(shape) == 3:  # the skewed tables, whole, in every program
             return pl.BlockSpec(shape, lambda n, b, h: (0, 0, 0))
-        return _map_spec(shape) if len(shape) == 5 else _block_spec(shape)
+        if len(shape) == 4:
+            return _all_blocks_spec(shape) if is_input and lse_all else _block_spec(shape)
+        return _map_spec(shape)
 
     return _common.pallas_call(
         functools.partial(kernel, st=st), out_shape=outs, grid=(nb, batch, heads),
-        in_specs=[spec(x.shape) for x in args],
+        in_specs=[spec(x.shape, True) for x in args],
         out_specs=[_block_spec(o.shape) if i in windows else spec(o.shape) for i, o in enumerate(outs)],
         num_warps=st.num_warps, num_stages=st.num_stages, interpret=st.interpret, name=name)(*args)
 
@@ -240,7 +324,7 @@ def _fwd(st, q, k, v, tab):
     nb = (st.height // st.block) * st.blocks_x
     outs = [jax.ShapeDtypeStruct((*q.shape[:4], v.shape[-1]), q.dtype),
             jax.ShapeDtypeStruct((batch, nb, heads, st.rows), jnp.float32)]
-    return _call(_fwd_kernel, st, [q, k, v, tab], outs, (), "jaxattn_halo_fwd")
+    return _call(_fwd_kernel, st, [q, k, v, tab], outs, "jaxattn_halo_fwd")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -266,20 +350,28 @@ def rel_logits_xla(st: _Static, q: jax.Array, tab: jax.Array) -> jax.Array:
 
 def _halo_bwd(st, res, do):
     q, k, v, tab, o, lse = res
-    batch, nb, heads, _ = lse.shape
-    keys = st.chunks * st.key_chunk
-    outs = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((batch, nb, keys, heads, k.shape[-1]), k.dtype),
-            jax.ShapeDtypeStruct((batch, nb, keys, heads, v.shape[-1]), v.dtype),
-            jax.ShapeDtypeStruct((*q.shape[:4], 2 * st.tile), q.dtype)]
-    dq, dkw, dvw, dab = _call(_bwd_kernel, st, [q, k, v, tab, o, lse, do.astype(o.dtype)], outs, (1, 2),
-                              "jaxattn_halo_bwd")
-    fold = functools.partial(fold_windows, block=st.block, halo=st.halo, win=st.win, tile=st.tile,
-                             height=st.height, width=st.width)
+    do = do.astype(o.dtype)
+    ab_shape = jax.ShapeDtypeStruct((*q.shape[:4], 2 * st.tile), q.dtype)
+    outs = [jax.ShapeDtypeStruct(q.shape, q.dtype), ab_shape]
+    if st.windows:
+        batch, nb, heads, _ = lse.shape
+        keys = st.chunks * st.key_chunk
+        outs += [jax.ShapeDtypeStruct((batch, nb, keys, heads, k.shape[-1]), k.dtype),
+                 jax.ShapeDtypeStruct((batch, nb, keys, heads, v.shape[-1]), v.dtype)]
+        dq, dab, dkw, dvw = _call(_dq_kernel, st, [q, k, v, tab, o, lse, do], outs, "jaxattn_halo_bwd",
+                                  windows=(2, 3))
+        fold = functools.partial(fold_windows, block=st.block, halo=st.halo, win=st.win, tile=st.tile,
+                                 height=st.height, width=st.width)
+        dk, dv = fold(dkw).astype(k.dtype), fold(dvw).astype(v.dtype)
+    else:
+        dq, dab, ab = _call(_dq_kernel, st, [q, k, v, tab, o, lse, do], outs + [ab_shape], "jaxattn_halo_dq")
+        dk, dv = _call(_dkv_kernel, st, [q, k, v, ab, o, lse, do],
+                       [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                       "jaxattn_halo_dkv", lse_all=True)
     # the relative logits are linear in q and in the tables: XLA transposes the two projections
     _, rel_vjp = jax.vjp(functools.partial(rel_logits_xla, st), q, tab)
     dq_rel, dtab = rel_vjp(dab)
-    return (dq + dq_rel).astype(q.dtype), fold(dkw).astype(k.dtype), fold(dvw).astype(v.dtype), dtab
+    return (dq + dq_rel).astype(q.dtype), dk, dv, dtab
 
 
 _halo.defvjp(_halo_fwd, _halo_bwd)
@@ -338,8 +430,9 @@ def halo_map_kernel(q, k, v, tab, *, block: int, halo: int, stride: int = 1, sca
     warps = cfg.num_warps or (8 if max(q.shape[-1], v.shape[-1]) >= 128 else 4)
     st = _Static(scale=float(scale), block=block, halo=halo, win=win, tile=tile, qblock=qblock, qpow=qpow,
                  rel_scale=float(rel_scale), rows=max(16, _common.next_pow2(qblock * qblock)),
+                 key_rows=max(16, _common.next_pow2(block * block)),
                  height=k.shape[1], width=k.shape[2],
                  blocks_x=k.shape[2] // block, key_chunk=chunk, chunks=-(-win // rows_per_chunk),
-                 mask_padding=bool(mask_padding), num_warps=warps, num_stages=cfg.num_stages,
+                 mask_padding=bool(mask_padding), windows=cfg.backward == "windows", num_warps=warps, num_stages=cfg.num_stages,
                  interpret=interpret, precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
     return _halo(st, q, k, v, tab)

@@ -36,6 +36,7 @@ CASES = [
     (1, 12, 16, 1, 16, 16, 4, 3, 1, True, False),     # halo > block / 2: a key in 3x3 windows
     (1, 12, 18, 2, 16, 8, 6, 2, 1, False, False),     # 36 query rows per block (28 idle kernel rows)
     (1, 12, 12, 1, 16, 16, 6, 1, 2, True, False),     # strided, 9 query rows per block
+    (1, 8, 10, 2, 16, 16, 2, 3, 1, False, False),     # halo > block: a key block in 5x5 blocks' windows
 ]
 
 
@@ -170,6 +171,32 @@ def test_fold_windows_is_the_gather_adjoint(block, halo, height, width):
     cot = randn(jax.random.PRNGKey(1), windows.shape, jnp.float32)
     folded = fold_windows(cot, block=block, halo=halo, win=win, tile=tile, height=height, width=width)
     np.testing.assert_allclose(np.asarray(folded), np.asarray(vjp(cot)[0]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES[:2] + CASES[4:6], ids=lambda c: "b{6}h{7}s{8}m{9}p{10}".format(*c))
+def test_windows_backward_scheme_matches_oracle(case):
+    """``HaloConfig(backward="windows")`` (per-window dk, dv folded onto the maps): the same
+    gradients as the oracle's (the default "keys" scheme: test_matches_oracle_fwd_and_grads)."""
+    from jaxattn.pallas.halo import HaloConfig
+
+    batch, hh, ww, heads, d, e, block, halo, stride, mask, spe = case
+    args = _inputs(0, batch, hh, ww, heads, d, e, block, halo, stride)
+    kw = dict(block_size=block, halo_size=halo, stride=stride, mask_padding=mask, scale_pos_embed=spe)
+    cot = randn(jax.random.PRNGKey(7), (batch, hh // stride, ww // stride, heads, e), jnp.float32)
+
+    def loss(fn, *a):
+        return jnp.sum(fn(*a).astype(jnp.float32) * cot)
+
+    def windows(*a):
+        return halo_ops._halo(*a, block_size=block, halo_size=halo, stride=stride, scale=d ** -0.5,
+                              scale_pos_embed=spe, mask_padding=mask, use_kernel=True,
+                              config=HaloConfig(backward="windows"))
+
+    with poison_outputs():
+        grads = jax.jit(jax.grad(lambda *a: loss(windows, *a), argnums=range(5)))(*args)
+    ref = jax.jit(jax.grad(lambda *a: loss(lambda *b: halo_reference(*b, **kw), *a), argnums=range(5)))(*args)
+    for name, g, r in zip(("dq", "dk", "dv", "drel_h", "drel_w"), grads, ref):
+        assert_close(g, r, jnp.float32, name, tol=GRAD_TOL)
 
 
 @pytest.mark.parametrize("block,halo,heads,d,dtype,stride", [

@@ -291,20 +291,22 @@ def _block_sparse_cases() -> Iterator[tuple[str, Callable, list]]:
 
 def _halo_cases() -> Iterator[tuple[str, Callable, list]]:
     from jaxattn.ops import halo
+    from jaxattn.pallas.halo import HaloConfig
 
-    for hw, d, stride in ((64, 32, 1), (32, 64, 1), (64, 32, 2)):
+    for hw, d, stride, scheme in ((64, 32, 1, "keys"), (32, 64, 1, "keys"), (64, 32, 2, "keys"),
+                                  (64, 32, 1, "windows")):
         block, hsize, heads = 8, 3, 8
         win = block + 2 * hsize
         shapes = [(8, hw // stride, hw // stride, heads, d), (8, hw, hw, heads, d), (8, hw, hw, heads, d),
                   (2 * win - 1, d), (2 * win - 1, d)]
 
-        def loss(*a, stride=stride, d=d):
+        def loss(*a, stride=stride, d=d, scheme=scheme):
             return _total(halo._halo(*a, block_size=8, halo_size=3, stride=stride, scale=d ** -0.5,
                                      scale_pos_embed=False, mask_padding=False, use_kernel=True,
-                                     interpret=False))
+                                     interpret=False, config=HaloConfig(backward=scheme)))
 
-        yield (f"{hw}x{hw} heads 8 d{d} b8 h3 stride {stride} bf16", jax.grad(loss, argnums=range(5)),
-               [_sds(s, jnp.bfloat16) for s in shapes])
+        label = f"{hw}x{hw} heads 8 d{d} b8 h3 stride {stride} bf16" + (" windows bwd" if scheme == "windows" else "")
+        yield label, jax.grad(loss, argnums=range(5)), [_sds(s, jnp.bfloat16) for s in shapes]
 
 
 def _landmark_cases() -> Iterator[tuple[str, Callable, list]]:

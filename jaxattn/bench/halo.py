@@ -20,6 +20,8 @@ import jax.numpy as jnp
 
 import jaxattn
 from jaxattn.bench import runner
+from jaxattn.ops import halo as halo_ops
+from jaxattn.pallas.halo import HaloConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +84,11 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         "jaxattn": lambda q, k, v, rh, rw: jaxattn.halo_attention(q, k, v, rh, rw, impl="pallas", **kw),
         "xla-unfold": lambda q, k, v, rh, rw: jaxattn.halo_attention(q, k, v, rh, rw, impl="xla", **kw),
     }
+    if case.mode == "fwd+bwd":  # the other backward scheme (per-window dk, dv folded by XLA)
+        d = case.dim // case.heads
+        ops["jaxattn-windows"] = lambda q, k, v, rh, rw: halo_ops._halo(
+            q, k, v, rh, rw, block_size=case.block, halo_size=case.halo, stride=case.stride, scale=d ** -0.5,
+            scale_pos_embed=False, mask_padding=False, use_kernel=True, config=HaloConfig(backward="windows"))
     return {name: runner.jax_mode_fn(op, case.mode, n_diff=5) for name, op in ops.items()}
 
 

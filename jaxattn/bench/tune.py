@@ -171,8 +171,9 @@ def _halo_family() -> Family:
     win = block + 2 * size
 
     def stages() -> list[Stage]:
-        return [Stage("both kernels", "fwd+bwd", _grid(key_chunk=(32, 64, 128), num_warps=(4, 8),
-                                                       num_stages=(1, 2, 3)))]
+        return [Stage("backward scheme", "fwd+bwd", _grid(backward=("keys", "windows"))),
+                Stage("all kernels", "fwd+bwd", _grid(key_chunk=(32, 64, 128), num_warps=(4, 8),
+                                                      num_stages=(1, 2, 3)))]
 
     def make(cfg, extra, mode, causal, inputs):
         q, k, v, rh, rw, do = inputs
