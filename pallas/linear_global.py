@@ -126,11 +126,8 @@ def split_state(m: jax.Array, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
     ``amax [B, H, 1]`` (fp32 inputs: the state itself, zeros and ones)."""
     if jnp.dtype(dtype) == jnp.float32:
         return m, jnp.zeros_like(m), jnp.ones((*m.shape[:2], 1), jnp.float32)
-    amax = jnp.max(jnp.abs(m), axis=(2, 3))
-    amax = jnp.where(amax > 0, amax, 1.0)
-    u = m / amax[..., None, None]
-    hi = u.astype(dtype)
-    return hi, (u - hi.astype(jnp.float32)).astype(dtype), amax[..., None]
+    hi, lo, amax = jax.vmap(jax.vmap(functools.partial(_split, dtype=dtype)))(m)
+    return hi, lo, amax[..., None]
 
 
 def _dot_pair(st: _Static, x, hi, lo, amax, trans_a: bool = False, trans_b: bool = False):
