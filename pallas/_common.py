@@ -137,6 +137,20 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def table_key(head_dim: int, dtype: Any, min_dim: int = 16) -> tuple[int, int]:
+    """A config table's key: the head dim padded to a power of two (at least ``min_dim``) and the
+    bytes per element (4, or 2 for the two-byte dtypes)."""
+    return max(min_dim, next_pow2(head_dim)), 4 if jnp.dtype(dtype).itemsize >= 4 else 2
+
+
+def table_entry(table: dict, head_dim: int, dtype: Any, what: str, min_dim: int = 16) -> Any:
+    """``table[table_key(...)]``, or a ``ValueError`` naming the kernel, head dim and dtype."""
+    try:
+        return table[table_key(head_dim, dtype, min_dim)]
+    except KeyError:
+        raise ValueError(f"no {what} config for head_dim={head_dim}, dtype={jnp.dtype(dtype).name}") from None
+
+
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 

@@ -70,9 +70,7 @@ CONFIGS: dict[tuple[int, int], DecodeConfig] = {
 
 
 def decode_config(head_dim: int, dtype) -> DecodeConfig:
-    d = max(16, _common.next_pow2(head_dim))
-    size = 4 if jnp.dtype(dtype).itemsize >= 4 else 2
-    return CONFIGS.get((d, size), DecodeConfig())
+    return CONFIGS.get(_common.table_key(head_dim, dtype), DecodeConfig())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,12 +87,7 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 def flash_config(head_dim: int, dtype: Any) -> FlashConfig:
     """The table entry for ``head_dim`` (padded to a power of two) and ``dtype``."""
-    d = max(32, _common.next_pow2(head_dim))
-    size = 4 if jnp.dtype(dtype).itemsize >= 4 else 2
-    try:
-        return CONFIGS[(d, size)]
-    except KeyError:
-        raise ValueError(f"no flash config for head_dim={head_dim}, dtype={jnp.dtype(dtype).name}") from None
+    return _common.table_entry(CONFIGS, head_dim, dtype, "flash", min_dim=32)
 
 
 @dataclasses.dataclass(frozen=True)

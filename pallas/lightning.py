@@ -74,11 +74,7 @@ MAX_HEAD_DIM = 256
 
 
 def lightning_config(head_dim: int, dtype) -> LightningConfig:
-    d = max(16, _common.next_pow2(head_dim))
-    try:
-        return CONFIGS[(d, 4 if jnp.dtype(dtype).itemsize >= 4 else 2)]
-    except KeyError:
-        raise ValueError(f"no lightning config for head_dim={head_dim}") from None
+    return _common.table_entry(CONFIGS, head_dim, dtype, "lightning")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,11 +76,7 @@ AUTO_MAX_HEAD_DIM = {2: 128, 4: 64}  # bytes per element -> widest head dim impl
 
 
 def linear_global_config(head_dim: int, dtype) -> LinearGlobalConfig:
-    d = max(16, _common.next_pow2(head_dim))
-    try:
-        return CONFIGS[(d, 4 if jnp.dtype(dtype).itemsize >= 4 else 2)]
-    except KeyError:
-        raise ValueError(f"no linear_global config for head dim {head_dim} (at most {MAX_HEAD_DIM})") from None
+    return _common.table_entry(CONFIGS, head_dim, dtype, "linear_global")
 
 
 @dataclasses.dataclass(frozen=True)
