@@ -194,15 +194,17 @@ def _fwd_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static):
 
 def _dq_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, do_ref, dq_ref, dab_ref, *outs, st: _Static):
     """Per key chunk of the window: recompute p, accumulate dq and d[A | B]. ``outs``: the rows'
-    ``[A | B]`` for the dk/dv kernel (which reads each query block's nine times), or with the
-    "windows" scheme the window's dk and dv (idle query rows have ``dO = 0``: they add nothing)."""
+    ``[A | B]`` and ``delta = rowsum(dO * O)`` for the dk/dv kernel (which reads each query block's
+    nine times), or with the "windows" scheme the window's dk and dv (idle query rows have
+    ``dO = 0``: they add nothing)."""
     origin = _origin(st)
     q, do = _load_rows(st, origin, q_ref), _load_rows(st, origin, do_ref)
     ab = rel_logits(st, q, tab_ref)
-    if not st.windows:
-        _store_rows(st, origin, outs[0], ab)
     lse = lse_ref[...]
     delta = jnp.sum(do.astype(jnp.float32) * _load_rows(st, origin, o_ref).astype(jnp.float32), axis=1)
+    if not st.windows:
+        _store_rows(st, origin, outs[0], ab)
+        outs[1][...] = delta
     dq = jnp.zeros(q.shape, jnp.float32)
     dab = jnp.zeros(ab.shape, jnp.float32)
 
@@ -225,27 +227,33 @@ def _dq_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, do_ref, dq_ref, dab
     _store_rows(st, origin, dab_ref, dab)
 
 
-def _keys(st: _Static, ref):
-    """This program's ``block x block`` key block (``KB`` rows, a power of two; idle rows past
-    ``block^2``): its map rows and columns, index vectors for loads (clamped) and stores (idle rows
-    out of bounds) of a ``[H, W, c]`` map ref, and the ``[KB]`` mask of real rows."""
+def _keys(st: _Static):
+    """This program's ``block x block`` key block, ``KB`` rows (a power of two; idle rows past
+    ``block^2``): ``[KB, 1]`` map rows, columns and the mask of real rows."""
     ky, kx = _origin(st)
     j = lax.broadcasted_iota(jnp.int32, (st.key_rows, 1), 0)
-    y, x = ky * st.block + j // st.block, kx * st.block + j % st.block
-    real = j < st.block * st.block
+    return ky * st.block + j // st.block, kx * st.block + j % st.block, j < st.block * st.block
+
+
+def _key_index(ref, y, x, real=None):
+    """Index vectors of the key rows in a ``[H, W, c]`` map ref: for loads (clamped into the map),
+    or with ``real`` for stores (idle rows out of bounds; stores also mask them)."""
     col = lax.broadcasted_iota(jnp.int32, (1, ref.shape[-1]), 1)
-    load = (jnp.minimum(y, ref.shape[0] - 1), jnp.minimum(x, ref.shape[1] - 1), col)
-    return y[:, 0], x[:, 0], real[:, 0], load, (jnp.where(real, y, ref.shape[0]), x, col)
+    if real is None:
+        return jnp.minimum(y, ref.shape[0] - 1), jnp.minimum(x, ref.shape[1] - 1), col
+    return jnp.where(real, y, ref.shape[0]), x, col
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, ab_ref, o_ref, lse_ref, do_ref, dk_ref, dv_ref, *, st: _Static):
+def _dkv_kernel(q_ref, k_ref, v_ref, ab_ref, lse_ref, delta_ref, do_ref, dk_ref, dv_ref, *, st: _Static):
     """dk, dv of one key block, from the query blocks whose windows hold it: the
     ``(2m + 1)^2`` blocks around it, ``m = ceil(halo / block)`` (those off the map add nothing).
     Per query block: its rows' p over this block's keys (recomputed from the saved log-sum-exp,
-    with the relative logits of each key's place in that block's window), then
-    ``dv += p^T dO`` and ``dk += scale (p (dO v^T - delta))^T q``. Idle query rows have ``dO = 0``."""
-    y, x, real, load, store = _keys(st, k_ref)
-    k, v = k_ref[load], v_ref[load[0], load[1], lax.broadcasted_iota(jnp.int32, (1, v_ref.shape[-1]), 1)]
+    with the relative logits of each key's place in that block's window, both stored per block by
+    the dq kernel with ``delta = rowsum(dO * O)``), then ``dv += p^T dO`` and
+    ``dk += scale (p (dO v^T - delta))^T q``. Idle query rows have ``dO = 0``."""
+    y, x, real = _keys(st)
+    k, v = k_ref[_key_index(k_ref, y, x)], v_ref[_key_index(v_ref, y, x)]
+    y, x, real = y[:, 0], x[:, 0], real[:, 0]
     ky, kx = _origin(st)
     nby = st.height // st.block
     m = -(-st.halo // st.block)
@@ -254,15 +262,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, ab_ref, o_ref, lse_ref, do_ref, dk_ref, dv_
 
     def body(t, carry):
         dk, dv = carry
-        ty = lax.div(t, jnp.int32(side))
+        ty = lax.div(t, jnp.int32(side))  # (not t // side: Pallas's Triton lowering rejects it here)
         by, bx = ky + ty - m, kx + (t - ty * side) - m
         on_map = (by >= 0) & (by < nby) & (bx >= 0) & (bx < st.blocks_x)
         by, bx = jnp.clip(by, 0, nby - 1), jnp.clip(bx, 0, st.blocks_x - 1)
         origin = (by, bx)
-        q, do = _load_rows(st, origin, q_ref), _load_rows(st, origin, do_ref)
-        delta = jnp.sum(do.astype(jnp.float32) * _load_rows(st, origin, o_ref).astype(jnp.float32), axis=1)
-        lse = lse_ref[by * st.blocks_x + bx, :]
-        ab = _load_rows(st, origin, ab_ref)
+        q, do, ab = (_load_rows(st, origin, r) for r in (q_ref, do_ref, ab_ref))
+        lse, delta = lse_ref[by * st.blocks_x + bx, :], delta_ref[by * st.blocks_x + bx, :]
         jy, jx = y - (by * st.block - st.halo), x - (bx * st.block - st.halo)  # place in that window
         seen = real & on_map & (jy >= 0) & (jy < st.win) & (jx >= 0) & (jx < st.win)
         emap = (col == jy[:, None]) | (col == st.tile + jx[:, None])
@@ -275,10 +281,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, ab_ref, o_ref, lse_ref, do_ref, dk_ref, dv_
         return dk + dot(ds, q, trans_a=True, precision=st.precision), dv
 
     dk, dv = lax.fori_loop(0, side * side, body, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
-    mask = real[:, None]
-    pltriton.store(dk_ref.at[store], (dk * st.scale).astype(dk_ref.dtype), mask=jnp.broadcast_to(mask, dk.shape))
-    vstore = (store[0], store[1], lax.broadcasted_iota(jnp.int32, (1, dv_ref.shape[-1]), 1))
-    pltriton.store(dv_ref.at[vstore], dv.astype(dv_ref.dtype), mask=jnp.broadcast_to(mask, dv.shape))
+    y, x, real = _keys(st)
+    for ref, val in ((dk_ref, dk * st.scale), (dv_ref, dv)):
+        pltriton.store(ref.at[_key_index(ref, y, x, real)], val.astype(ref.dtype), mask=jnp.broadcast_to(real, val.shape))
 
 
 def _block_spec(shape):
@@ -299,8 +304,8 @@ def _map_spec(shape):
 
 
 def _call(kernel, st, args, outs, name, lse_all: bool = False, windows: tuple[int, ...] = ()):
-    """Inputs: 5-d maps, the 3-d skewed tables and the 4-d per-block lse (``lse_all``: every
-    block's, for each (batch, head)); outputs: maps and the per-block lse, except ``windows``
+    """Inputs: 5-d maps, the 3-d skewed tables and 4-d per-block rows (lse, delta; ``lse_all``:
+    every block's, for each (batch, head)); outputs: maps and per-block rows, except ``windows``
     (indices of ``[B, nB, keys, heads, c]`` per-block window outputs)."""
     batch, _, _, heads, _ = args[0].shape
     nb = (st.height // st.block) * st.blocks_x
@@ -364,8 +369,9 @@ def _halo_bwd(st, res, do):
                                  height=st.height, width=st.width)
         dk, dv = fold(dkw).astype(k.dtype), fold(dvw).astype(v.dtype)
     else:
-        dq, dab, ab = _call(_dq_kernel, st, [q, k, v, tab, o, lse, do], outs + [ab_shape], "jaxattn_halo_dq")
-        dk, dv = _call(_dkv_kernel, st, [q, k, v, ab, o, lse, do],
+        dq, dab, ab, delta = _call(_dq_kernel, st, [q, k, v, tab, o, lse, do],
+                                   outs + [ab_shape, jax.ShapeDtypeStruct(lse.shape, jnp.float32)], "jaxattn_halo_dq")
+        dk, dv = _call(_dkv_kernel, st, [q, k, v, ab, lse, delta, do],
                        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
                        "jaxattn_halo_dkv", lse_all=True)
     # the relative logits are linear in q and in the tables: XLA transposes the two projections
