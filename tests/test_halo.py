@@ -62,8 +62,7 @@ def test_matches_oracle_fwd_and_grads(case, impl):
         assert_close(g, r, jnp.float32, name, tol=GRAD_TOL)
 
 
-@pytest.mark.parametrize("spe", [False, True], ids=["rel", "scaled-rel"])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("dtype,spe", [(jnp.bfloat16, False), (jnp.float16, True)], ids=["bf16-rel", "fp16-scaled-rel"])
 def test_half_precision_kernel(dtype, spe):
     """Two-byte inputs, forward and gradients (the relative tables' too) on both paths, against
     the fp32 oracle on the same (rounded) inputs; with ``scale_pos_embed`` the relative logits are
