@@ -342,15 +342,27 @@ def _halo_fwd(st, q, k, v, tab):
     return o, (q, k, v, tab, o, lse)
 
 
+def skewed_projections(q: jax.Array, th: jax.Array, tw: jax.Array, precision=None,
+                       preferred_element_type=None) -> tuple[jax.Array, jax.Array]:
+    """q ``[B, Hq, Wq, heads, d]`` against skewed tables ``[bq, T, d]`` (:func:`jaxattn.ops.halo.skewed_table`):
+    ``A[y, x, t] = q[y, x] . th[y % bq, t]``, ``B[y, x, t] = q[y, x] . tw[x % bq, t]``, each
+    ``[B, Hq, Wq, heads, T]``: dots batched over the in-block offset, on the blocked view of q (a
+    free reshape; no gather over the map, so no scatter in the backward)."""
+    b, hq, wq, h, d = q.shape
+    bq, width = th.shape[:2]
+    qb = q.reshape(b, hq // bq, bq, wq // bq, bq, h, d)
+    kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+    a = jnp.einsum("byixjhd,itd->byixjht", qb, th, **kw)
+    c = jnp.einsum("byixjhd,jtd->byixjht", qb, tw, **kw)
+    return a.reshape(b, hq, wq, h, width), c.reshape(b, hq, wq, h, width)
+
+
 def rel_logits_xla(st: _Static, q: jax.Array, tab: jax.Array) -> jax.Array:
     """What :func:`rel_logits` computes, on the whole map in XLA (``[B, Hq, Wq, heads, 2T]``, q's
     dtype): the backward takes the adjoints of q and of the tables from it (dots in q's dtype)."""
-    b, hq, wq, h, d = q.shape
-    qb = q.reshape(b, hq // st.qblock, st.qblock, wq // st.qblock, st.qblock, h, d)
-    t = tab.reshape(2, st.qpow, st.tile, d)[:, : st.qblock]
-    a = jnp.einsum("byixjhd,itd->byixjht", qb, t[0], precision=st.precision)
-    c = jnp.einsum("byixjhd,jtd->byixjht", qb, t[1], precision=st.precision)
-    return jnp.concatenate([a, c], axis=-1).reshape(b, hq, wq, h, 2 * st.tile) * jnp.asarray(st.rel_scale, q.dtype)
+    t = tab.reshape(2, st.qpow, st.tile, q.shape[-1])[:, : st.qblock]
+    a, c = skewed_projections(q, t[0], t[1], st.precision)
+    return jnp.concatenate([a, c], axis=-1) * jnp.asarray(st.rel_scale, q.dtype)
 
 
 def _halo_bwd(st, res, do):

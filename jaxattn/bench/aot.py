@@ -107,14 +107,14 @@ def on_compile_only_gpu(tree: Any) -> Any:
 def lower_and_compile(fn: Callable, args: Sequence[Any], compiler_options: dict | None = None) -> Any:
     """``fn`` (jitted or not) traced on ``args`` (:func:`on_compile_only_gpu` shapes), lowered and
     compiled for the compile-only H100, with the GPU kernels (not their interpret-mode form) and
-    the H100 as default device (for code that looks at it); returns the lowering."""
+    the H100 as default device (for code that looks at it); returns the lowering and the compiled
+    executable (its ``as_text()`` is XLA's optimized HLO)."""
     from jaxattn.pallas import _common
 
     fn = fn if hasattr(fn, "trace") else jax.jit(fn)
     with _common.compile_for_gpu(), jax.default_device(next(iter(compile_only_sharding().device_set))):
         lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
-        lowered.compile(compiler_options=compiler_options)
-    return lowered
+        return lowered, lowered.compile(compiler_options=compiler_options)
 
 
 @contextlib.contextmanager
@@ -246,7 +246,7 @@ def compile_case(fn: Callable, args: Sequence[Any]) -> dict:
         try:  # Mosaic GPU reads its dump options when it lowers a kernel and when it compiles one
             with _env(MOSAIC_GPU_DUMP_TO=mosaic_dump):
                 # (the production LLVM level, whatever XLA_FLAGS says: the test suite lowers it for speed)
-                lowered = lower_and_compile(fn, args, {"xla_dump_to": xla_dump, "xla_backend_optimization_level": 3})
+                lowered, _ = lower_and_compile(fn, args, {"xla_dump_to": xla_dump, "xla_backend_optimization_level": 3})
         except Exception as e:  # noqa: BLE001 - the failure is the result
             return {"ok": False, "seconds": round(time.perf_counter() - t0, 1),
                     "error": f"{type(e).__name__}: {e}"[:2000], "kernels": []}

@@ -13,28 +13,33 @@ from jaxattn.models import create_model
 from jaxattn.train.lm import lm_loss
 
 
-def train_step_throughput(model_name: str, *, batch: int, seq: int, dtype: str, steps: int,
-                          warmup: int = 2, attn_impl: str = "auto", compile_only: bool = False) -> dict:
-    """Median step time and tokens/s for ``model_name`` on random tokens. ``compile_only``: compile
-    the step for a compile-only H100 instead (abstract weights, nothing allocated; ``compile_s``)."""
+def lm_train_step(model_name: str, *, dtype: str, attn_impl: str = "auto", abstract: bool = False):
+    """``(model, step, state)``: one jitted AdamW step of the LM trainer's loss
+    (:func:`jaxattn.train.lm.lm_loss`), ``step(state, tokens [B, seq + 1]) -> (state, loss)``;
+    ``abstract``: weights as shapes only (nothing allocated, for a compile-only device)."""
     def build():
         model = create_model(model_name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl)
         return model, nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
 
-    model, optimizer = nnx.eval_shape(build) if compile_only else build()
-    vocab = model.cfg.vocab_size
+    model, optimizer = nnx.eval_shape(build) if abstract else build()
     graphdef, state = nnx.split((model, optimizer))
 
     @jax.jit
     def step(state, tokens):
         model, optimizer = nnx.merge(graphdef, state)
-
-        def loss_fn(m):  # the LM trainer's loss (jaxattn.train.lm.lm_loss)
-            return lm_loss(m, tokens)
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        loss, grads = nnx.value_and_grad(lambda m: lm_loss(m, tokens))(model)
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), loss
+
+    return model, step, state
+
+
+def train_step_throughput(model_name: str, *, batch: int, seq: int, dtype: str, steps: int,
+                          warmup: int = 2, attn_impl: str = "auto", compile_only: bool = False) -> dict:
+    """Median step time and tokens/s for ``model_name`` on random tokens. ``compile_only``: compile
+    the step for a compile-only H100 instead (abstract weights, nothing allocated; ``compile_s``)."""
+    model, step, state = lm_train_step(model_name, dtype=dtype, attn_impl=attn_impl, abstract=compile_only)
+    vocab = model.cfg.vocab_size
 
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     if compile_only:

@@ -9,8 +9,9 @@ a language model instead, its XLA ops grouped by the JAX operation they come fro
 A kernel that reads its inputs in place needs no XLA work around it; layout copies, padding,
 casts and gathers in an op's wrapper show up here as XLA ops writing tensors the size of the
 inputs, each one more trip through HBM and one more launch, without a GPU to time them. Output
-bytes stand in for traffic (every op also reads at least that much). Forward+backward runs
-``grad(sum(op(...) * ct))`` with the cotangent ``ct`` an input (no broadcast of ones).
+bytes stand in for traffic (every op also reads at least that much). Forward+backward runs the
+benchmarks' forward + VJP (:func:`jaxattn.bench.runner.jax_mode_fn`) with the cotangent an input
+(no broadcast of ones).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+
+from jaxattn.bench import runner
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2,
           "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
@@ -67,12 +70,8 @@ def hlo_ops(hlo: str) -> list[dict]:
 def compiled_ops(fn: Callable, args: list) -> list[dict]:
     """:func:`hlo_ops` of ``fn(*args)`` compiled for the compile-only H100 (``args``: shapes)."""
     from jaxattn.bench import aot
-    from jaxattn.pallas import _common
 
-    sds = aot.on_compile_only_gpu(list(args))
-    device = next(iter(aot.compile_only_sharding().device_set))
-    with _common.compile_for_gpu(), jax.default_device(device):
-        compiled = jax.jit(fn).trace(*sds).lower(lowering_platforms=("cuda",)).compile()
+    _, compiled = aot.lower_and_compile(fn, aot.on_compile_only_gpu(list(args)))
     return hlo_ops(compiled.as_text())
 
 
@@ -116,15 +115,6 @@ def _cases() -> Iterator[tuple[str, str, Callable, list, int]]:
 OPS = ("attention", "sage", "landmark", "block_sparse", "lightning", "halo", "linear_global")
 
 
-def _with_grad(fn: Callable, n_diff: int) -> Callable:
-    """``(*args, ct) -> grads`` of ``sum(fn(*args) * ct)`` over the first ``n_diff`` args."""
-    def run(*a):
-        *args, ct = a
-        return jax.grad(lambda *x: jnp.sum(fn(*x, *args[n_diff:]).astype(jnp.float32) * ct),
-                        argnums=tuple(range(n_diff)))(*args[:n_diff])
-    return run
-
-
 def by_source(ops: list[dict], top: int = 20) -> list[dict]:
     """Ops grouped by kernel name (kernels) or JAX source operation (XLA ops), largest total first."""
     groups: dict[tuple[str, str], dict] = {}
@@ -137,26 +127,11 @@ def by_source(ops: list[dict], top: int = 20) -> list[dict]:
 
 
 def lm_step_ops(model: str, *, batch: int, seq: int, dtype: str = "bfloat16") -> list[dict]:
-    """:func:`hlo_ops` of one training step of a language model (the LM trainer's loss, AdamW),
-    compiled for the compile-only H100 with abstract weights (nothing allocated)."""
-    import optax
-    from flax import nnx
+    """:func:`hlo_ops` of one training step of a language model (the LM trainer's loss, AdamW: the
+    step ``bench tnl`` times), compiled for the compile-only H100 with abstract weights."""
+    from jaxattn.bench.tnl import lm_train_step
 
-    from jaxattn.models import create_model
-    from jaxattn.train.lm import lm_loss
-
-    def build():
-        m = create_model(model, rngs=nnx.Rngs(0), dtype=dtype)
-        return m, nnx.Optimizer(m, optax.adamw(1e-4), wrt=nnx.Param)
-
-    graphdef, state = nnx.split(nnx.eval_shape(build))
-
-    def step(state, tokens):
-        m, opt = nnx.merge(graphdef, state)
-        loss, grads = nnx.value_and_grad(lambda m: lm_loss(m, tokens))(m)
-        opt.update(m, grads)
-        return nnx.state((m, opt)), loss
-
+    _, step, state = lm_train_step(model, dtype=dtype, abstract=True)
     return compiled_ops(step, [state, jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)])
 
 
@@ -169,12 +144,10 @@ def run(ops: list[str] | None = None, *, progress: bool = True) -> list[dict]:
         for mode in modes:
             if progress:
                 print(f"compiling {op} {mode}: {label}", flush=True)
-            if mode == "fwd":
-                f, a = fn, args
-            else:
-                out = jax.eval_shape(fn, *args)
-                f, a = _with_grad(fn, n_diff), [*args, _sds(out.shape, out.dtype)]
-            records.append({"op": op, "case": label, "mode": mode, **summarize(compiled_ops(f, a))})
+            out = jax.eval_shape(fn, *args)  # the cotangent is an input (no broadcast of ones)
+            f = runner.jax_mode_fn(fn, mode, n_diff)
+            records.append({"op": op, "case": label, "mode": mode,
+                            **summarize(compiled_ops(f, [*args, _sds(out.shape, out.dtype)]))})
     return records
 
 
