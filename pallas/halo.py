@@ -14,8 +14,9 @@ the kernel projects its rows on a whole table in one dot and keeps, per row, the
 own in-block offset (a mask and a one-hot selection dot), so ``[A | B]`` never goes through HBM.
 It adds them as a second tensor-core dot, ``s = scale q k^T + [A | B] E^T``, with ``E`` the
 one-hot map from key ``j`` to its row and column (built in-kernel from iotas), masked softmax
-over the window, ``p v``; the backward writes ``d[A | B] = ds E`` and leaves the two small
-projections' adjoints to XLA.
+over the window, ``p v``; the dq kernel also takes q's part of ``d[A | B] = ds E`` back through
+the tables (:func:`rel_logits_grad_q`) and writes ``d[A | B]``, from which a small kernel sums
+the tables' cotangent over the query blocks (no transposed copies of q for XLA's batched dots).
 The forward and the dq kernel walk the window in chunks of ``key_chunk`` keys (whole tile rows; an
 online softmax in the forward; dq recomputes ``p`` from the saved log-sum-exp), so the live fp32
 tiles are ``[R, key_chunk]``. dk and dv come from a second backward kernel, one program per key
@@ -143,19 +144,38 @@ def rel_logits(st: _Static, q, tab_ref):
     the rows on all ``QB`` offsets; a mask keeps each row's own ``T`` columns, and a one-hot dot
     moves them to ``[A | B]``'s columns (values in q's dtype, as the exact selection of the
     rounded projections)."""
-    rows, width = q.shape[0], st.qpow * st.tile
+    ab = None
+    for half, own_columns, sel in _rel_selection(st, q.shape[0], q.dtype):
+        proj = dot(q, tab_ref[half], trans_b=True, precision=st.precision) * st.rel_scale  # [R, QB T]
+        own = jnp.where(own_columns, proj, 0.0).astype(q.dtype)
+        part = dot(own, sel, precision=st.precision)
+        ab = part if ab is None else ab + part
+    return ab.astype(q.dtype)
+
+
+def rel_logits_grad_q(st: _Static, dab, tab_ref):
+    """q's cotangent through :func:`rel_logits` (``[R, d]`` fp32) from ``d[A | B]`` (``[R, 2T]``,
+    q's dtype): the selection dot transposed spreads each row's ``T`` columns back to its own
+    offset's slice of the ``[R, QB T]`` projection, which the table maps back to ``d`` channels."""
+    dq = None
+    for half, own_columns, sel in _rel_selection(st, dab.shape[0], dab.dtype):
+        d_own = jnp.where(own_columns, dot(dab, sel, trans_b=True, precision=st.precision), 0.0)
+        part = dot(d_own.astype(dab.dtype), tab_ref[half], precision=st.precision)
+        dq = part if dq is None else dq + part
+    return dq * st.rel_scale
+
+
+def _rel_selection(st: _Static, rows: int, dtype):
+    """Per table (``half`` 0: rows' in-block row offsets ``iy`` against ``R_h``, 1: ``ix``, ``R_w``):
+    which of the ``[R, QB T]`` projection's columns are row ``i``'s own (``[R, QB T]`` bool) and
+    the one-hot ``[QB T, 2T]`` map from them to ``[A | B]``'s columns."""
+    width = st.qpow * st.tile
     i = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
     c = lax.broadcasted_iota(jnp.int32, (1, width), 1)
     sc = lax.broadcasted_iota(jnp.int32, (width, 2 * st.tile), 0)
     su = lax.broadcasted_iota(jnp.int32, (width, 2 * st.tile), 1)
-    ab = None
     for half, offset in enumerate((i // st.qblock, i % st.qblock)):
-        proj = dot(q, tab_ref[half], trans_b=True, precision=st.precision) * st.rel_scale  # [R, QB T]
-        own = jnp.where(c // st.tile == offset, proj, 0.0).astype(q.dtype)
-        sel = (su == half * st.tile + sc % st.tile).astype(q.dtype)
-        part = dot(own, sel, precision=st.precision)
-        ab = part if ab is None else ab + part
-    return ab.astype(q.dtype)
+        yield half, c // st.tile == offset, (su == half * st.tile + sc % st.tile).astype(dtype)
 
 
 def _logits(st: _Static, q, k, ab, emap, valid):
@@ -223,7 +243,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, do_ref, dq_ref, dab
         return dq + dot(ds, k, precision=st.precision), dab + dot(ds, emap.astype(ds.dtype), precision=st.precision)
 
     dq, dab = lax.fori_loop(0, st.chunks, body, (dq, dab))
-    _store_rows(st, origin, dq_ref, dq * st.scale)
+    dab = dab.astype(dab_ref.dtype)  # (q's dtype: the relative logits' cotangent as the tables' adjoint reads it)
+    _store_rows(st, origin, dq_ref, dq * st.scale + rel_logits_grad_q(st, dab, tab_ref))
     _store_rows(st, origin, dab_ref, dab)
 
 
@@ -357,12 +378,49 @@ def skewed_projections(q: jax.Array, th: jax.Array, tw: jax.Array, precision=Non
     return a.reshape(b, hq, wq, h, width), c.reshape(b, hq, wq, h, width)
 
 
-def rel_logits_xla(st: _Static, q: jax.Array, tab: jax.Array) -> jax.Array:
-    """What :func:`rel_logits` computes, on the whole map in XLA (``[B, Hq, Wq, heads, 2T]``, q's
-    dtype): the backward takes the adjoints of q and of the tables from it (dots in q's dtype)."""
-    t = tab.reshape(2, st.qpow, st.tile, q.shape[-1])[:, : st.qblock]
-    a, c = skewed_projections(q, t[0], t[1], st.precision)
-    return jnp.concatenate([a, c], axis=-1) * jnp.asarray(st.rel_scale, q.dtype)
+def _table_grad_kernel(q_ref, dab_ref, dtab_ref, *, st: _Static, per: int):
+    """The skewed tables' cotangent from ``per`` query blocks of one (batch, head): per table,
+    ``sum_rows d_own^T q`` (``[QB T, d]``, fp32), ``d_own`` the rows' ``d[A | B]`` spread back to
+    their own offsets' columns as in :func:`rel_logits_grad_q`."""
+    nb = (st.height // st.block) * st.blocks_x
+    first = pl.program_id(0) * per
+    width, d = st.qpow * st.tile, q_ref.shape[-1]
+    selections = list(_rel_selection(st, st.rows, q_ref.dtype))
+
+    def body(n, acc):
+        origin = (lax.div(n, st.blocks_x), lax.rem(n, st.blocks_x))
+        q, dab = _load_rows(st, origin, q_ref), _load_rows(st, origin, dab_ref)
+        out = []
+        for (_, own_columns, sel), a in zip(selections, acc):
+            d_own = jnp.where(own_columns, dot(dab, sel, trans_b=True, precision=st.precision), 0.0)
+            out.append(a + dot(d_own.astype(q.dtype), q, trans_a=True, precision=st.precision))
+        return tuple(out)
+
+    zeros = jnp.zeros((width, d), jnp.float32)
+    acc = lax.fori_loop(first, jnp.minimum(first + per, nb), body, (zeros, zeros))
+    for half in range(2):
+        dtab_ref[half] = acc[half] * st.rel_scale
+
+
+TABLE_GRAD_PROGRAMS = 128  # split each (batch, head)'s query blocks until about this many programs
+
+
+def _table_grad(st: _Static, q, dab, tab):
+    """The cotangent of the skewed tables ``tab [2, QB T, d]`` (its dtype): per-program fp32
+    partials over a share of the query blocks, summed by XLA (a few KiB each)."""
+    batch, _, _, heads, d = q.shape
+    nb = (st.height // st.block) * st.blocks_x
+    split = min(nb, max(1, -(-TABLE_GRAD_PROGRAMS // (batch * heads))))
+    per = -(-nb // split)
+    split = -(-nb // per)
+    width = st.qpow * st.tile
+    (parts,) = _common.pallas_call(
+        functools.partial(_table_grad_kernel, st=st, per=per),
+        out_shape=[jax.ShapeDtypeStruct((split, batch, heads, 2, width, d), jnp.float32)],
+        grid=(split, batch, heads), in_specs=[_map_spec(q.shape), _map_spec(dab.shape)],
+        out_specs=[pl.BlockSpec((None, None, None, 2, width, d), lambda s, b, h: (s, b, h, 0, 0, 0))],
+        num_warps=4, num_stages=st.num_stages, interpret=st.interpret, name="jaxattn_halo_dtab")(q, dab)
+    return jnp.sum(parts, axis=(0, 1, 2)).astype(tab.dtype)
 
 
 def _halo_bwd(st, res, do):
@@ -386,10 +444,8 @@ def _halo_bwd(st, res, do):
         dk, dv = _call(_dkv_kernel, st, [q, k, v, ab, lse, delta, do],
                        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
                        "jaxattn_halo_dkv", lse_all=True)
-    # the relative logits are linear in q and in the tables: XLA transposes the two projections
-    _, rel_vjp = jax.vjp(functools.partial(rel_logits_xla, st), q, tab)
-    dq_rel, dtab = rel_vjp(dab)
-    return (dq + dq_rel).astype(q.dtype), dk, dv, dtab
+    # (q's part of the relative logits' cotangent is already in dq: rel_logits_grad_q)
+    return dq, dk, dv, _table_grad(st, q, dab, tab)
 
 
 _halo.defvjp(_halo_fwd, _halo_bwd)

@@ -85,6 +85,13 @@ class _Static:
     cfg: LightningConfig
     interpret: bool | None
     precision: object
+    # Which state tensors a call moves (each [B, H, d, e] fp32): without an initial state the
+    # kernels start from zeros instead of reading them, and no caller wants its cotangent;
+    # without a final state nothing writes it and its cotangent (zero) is not read.
+    initial: bool = True  # kernels read s0
+    initial_grad: bool = True  # the backward writes dS0
+    final: bool = True  # the forward writes the final state
+    final_grad: bool = True  # the backward reads its cotangent dSf
 
     @property
     def n_blocks(self) -> int:
@@ -127,31 +134,49 @@ def _masked_product(a, b, c, mask, st: "_Static"):
     return dot(p.astype(c.dtype), c, precision=st.precision)
 
 
+def _optional_refs(refs, *present: bool):
+    """``refs`` split in order, with None for each ref whose flag is False (absent from the call)."""
+    refs, out = list(refs), []
+    for flag in present:
+        out.append(refs.pop(0) if flag else None)
+    assert not refs, refs
+    return out
+
+
+def _load_or_zeros(ref, shape):
+    """An fp32 state tile from ``ref``, or zeros when the call has no such input."""
+    return jnp.zeros(shape, jnp.float32) if ref is None else ref[...]
+
+
 def _rows(t, block: int):
     """Row slice of block ``t`` (a Python int for the peeled last block, else traced)."""
     start = t * block
     return pl.ds(start if isinstance(start, int) else pl.multiple_of(start, block), block)
 
 
-def _fwd_kernel(s_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sf_ref, *, st: _Static):
+def _fwd_kernel(s_ref, q_ref, k_ref, v_ref, *refs, st: _Static):
+    s0_ref, o_ref, sf_ref = _optional_refs(refs, st.initial, True, st.final)
     s = s_ref[...]  # (1,)
     full = _decays(s, st.block, st.block)
     last = _decays(s, st.block, st.rem)
 
-    def body(t, state, dec):
+    def body(t, state, dec, update: bool = True):
         q_dec, k_dec, intra, blk_dec = dec
         rows = _rows(t, st.block)
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
         o = _masked_product(q, k, v, intra, st) + _row_scaled_dot(q, q_dec, state, st)
         o_ref[rows, :] = o.astype(o_ref.dtype)
-        return _decayed_outer(state * blk_dec, k, k_dec, v, st)
+        return _decayed_outer(state * blk_dec, k, k_dec, v, st) if update else None
 
-    state = s0_ref[...]
+    state = _load_or_zeros(s0_ref, (q_ref.shape[-1], v_ref.shape[-1]))
     state = lax.fori_loop(0, st.n_blocks - 1, functools.partial(body, dec=full), state)
-    sf_ref[...] = body(st.n_blocks - 1, state, last)
+    final = body(st.n_blocks - 1, state, last, update=sf_ref is not None)
+    if sf_ref is not None:
+        sf_ref[...] = final
 
 
-def _dq_kernel(s_ref, k_ref, v_ref, do_ref, s0_ref, dq_ref, *, st: _Static):
+def _dq_kernel(s_ref, k_ref, v_ref, do_ref, *refs, st: _Static):
+    s0_ref, dq_ref = _optional_refs(refs, st.initial, True)
     s = s_ref[...]
     full = _decays(s, st.block, st.block)
 
@@ -164,10 +189,11 @@ def _dq_kernel(s_ref, k_ref, v_ref, do_ref, s0_ref, dq_ref, *, st: _Static):
         return _decayed_outer(state * blk_dec, k, k_dec, v, st)
 
     # the state after the last block is never needed here, so every block uses full decays
-    lax.fori_loop(0, st.n_blocks, body, s0_ref[...])
+    lax.fori_loop(0, st.n_blocks, body, _load_or_zeros(s0_ref, (k_ref.shape[-1], v_ref.shape[-1])))
 
 
-def _dkv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, dsf_ref, dk_ref, dv_ref, ds0_ref, *, st: _Static):
+def _dkv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, *refs, st: _Static):
+    dsf_ref, dk_ref, dv_ref, ds0_ref = _optional_refs(refs, st.final_grad, True, True, st.initial_grad)
     s = s_ref[...]
     f = jnp.arange(st.block).astype(jnp.float32)
     intra_t = _decays(s, st.block, st.block)[2].T  # D^T
@@ -197,13 +223,17 @@ def _dkv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, dsf_ref, dk_ref, dv_ref, ds0
             part()
         return _decayed_outer(g * blk_dec, q, q_pow, do, st)
 
-    dsf = dsf_ref[...]
     last = st.n_blocks - 1
-    _, k_dec, _, _ = _decays(s, st.block, st.rem)
-    g = jnp.zeros(dsf.shape, jnp.float32)
-    g = body(last, g, (k_dec, dsf)) + jnp.exp(-s * float(st.rem - 1)) * dsf
+    g = jnp.zeros((q_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
+    if dsf_ref is None:
+        g = body(last, g, None)
+    else:
+        dsf = dsf_ref[...]
+        _, k_dec, _, _ = _decays(s, st.block, st.rem)
+        g = body(last, g, (k_dec, dsf)) + jnp.exp(-s * float(st.rem - 1)) * dsf
     g = lax.fori_loop(0, last, lambda r, g: body(last - 1 - r, g, None), g)
-    ds0_ref[...] = jnp.exp(-s) * g  # dS0 = lambda * sum_n lambda^n q_n^T dO_n (+ lambda^N dSf)
+    if ds0_ref is not None:
+        ds0_ref[...] = jnp.exp(-s) * g  # dS0 = lambda * sum_n lambda^n q_n^T dO_n (+ lambda^N dSf)
 
 
 # Grids are (batch, heads, value chunks); a chunk is ``be`` wide.
@@ -254,11 +284,13 @@ def _fwd(st: _Static, q, k, v, slope, s0):
     b, _, h, d = q.shape
     e = v.shape[-1]
     be, ne = _chunk(st.cfg, e)
-    return _call(
+    out = _call(
         _fwd_kernel, st,
-        [jax.ShapeDtypeStruct((b, st.n_pad, h, e), q.dtype), jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)],
-        [_SLOPE_SPEC, *_specs(st, d, d), *_chunk_specs(st, be), _state_spec(d, be)],
-        [*_chunk_specs(st, be), _state_spec(d, be)], (b, h, ne), "jaxattn_lightning_fwd")(slope, q, k, v, s0)
+        [jax.ShapeDtypeStruct((b, st.n_pad, h, e), q.dtype), *[jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)] * st.final],
+        [_SLOPE_SPEC, *_specs(st, d, d), *_chunk_specs(st, be), *[_state_spec(d, be)] * st.initial],
+        [*_chunk_specs(st, be), *[_state_spec(d, be)] * st.final], (b, h, ne),
+        "jaxattn_lightning_fwd")(slope, q, k, v, *_present(s0))
+    return out[0], (out[1] if st.final else None)
 
 
 # ---- Chunked forward (``LightningConfig.forward = "chunked"``) ----------------------------------
@@ -271,18 +303,22 @@ def _fwd(st: _Static, q, k, v, slope, s0):
 # (``LightningConfig.backward``) differentiates either forward: both compute the same function.
 
 
-def _states_kernel(s_ref, k_ref, v_ref, s0_ref, hs_ref, sf_ref, *, st: _Static):
+def _states_kernel(s_ref, k_ref, v_ref, *refs, st: _Static, final: bool):
+    s0_ref, hs_ref, sf_ref = _optional_refs(refs, st.initial, True, final)
     s = s_ref[...]
     full, last = _decays(s, st.block, st.block), _decays(s, st.block, st.rem)
 
-    def body(t, state, dec):
+    def body(t, state, dec, update: bool = True):
         _, k_dec, _, blk_dec = dec
         hs_ref[t] = state.astype(hs_ref.dtype)
         rows = _rows(t, st.block)
-        return _decayed_outer(state * blk_dec, k_ref[rows, :], k_dec, v_ref[rows, :], st)
+        return _decayed_outer(state * blk_dec, k_ref[rows, :], k_dec, v_ref[rows, :], st) if update else None
 
-    state = lax.fori_loop(0, st.n_blocks - 1, functools.partial(body, dec=full), s0_ref[...])
-    sf_ref[...] = body(st.n_blocks - 1, state, last)
+    state = _load_or_zeros(s0_ref, (k_ref.shape[-1], v_ref.shape[-1]))
+    state = lax.fori_loop(0, st.n_blocks - 1, functools.partial(body, dec=full), state)
+    state = body(st.n_blocks - 1, state, last, update=final)
+    if final:
+        sf_ref[...] = state
 
 
 def _block_out_kernel(s_ref, q_ref, k_ref, v_ref, hs_ref, o_ref, *, st: _Static):
@@ -293,17 +329,26 @@ def _block_out_kernel(s_ref, q_ref, k_ref, v_ref, hs_ref, o_ref, *, st: _Static)
 
 
 def _all_states(st: _Static, k, v, slope, s0, backward: bool = False):
-    """(state entering every block ``[B, H, blocks, d, e]``, final state)."""
+    """(state entering every block ``[B, H, blocks, d, e]``, final state or None: the backward's
+    recomputation and a call without ``st.final`` do not write it)."""
     b, _, h, d = k.shape
     e = v.shape[-1]
     be, ne = _chunk(st.cfg, e, backward=backward)
     nb = st.n_blocks
-    return _call(
-        _states_kernel, st,
-        [jax.ShapeDtypeStruct((b, h, nb, d, e), _state_dtype(k)), jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)],
-        [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be), _state_spec(d, be)],
-        [_all_states_spec(nb, d, be), _state_spec(d, be)],
-        (b, h, ne), "jaxattn_lightning_states_all", backward=backward)(slope, k, v, s0)
+    final = st.final and not backward
+    out = _call(
+        functools.partial(_states_kernel, final=final), st,
+        [jax.ShapeDtypeStruct((b, h, nb, d, e), _state_dtype(k)),
+         *[jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)] * final],
+        [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be), *[_state_spec(d, be)] * st.initial],
+        [_all_states_spec(nb, d, be), *[_state_spec(d, be)] * final],
+        (b, h, ne), "jaxattn_lightning_states_all", backward=backward)(slope, k, v, *_present(s0))
+    return out[0], (out[1] if final else None)
+
+
+def _present(*xs):
+    """The arrays among ``xs`` that are not None (a kernel's optional inputs, in order)."""
+    return [x for x in xs if x is not None]
 
 
 def _state_dtype(x):  # stored states: the input dtype (two-byte products round them there anyway)
@@ -340,12 +385,13 @@ def _fwd_chunked(st: _Static, q, k, v, slope, s0):
 # whole head dims: no fp32 partials over value chunks, no waiting on other blocks.
 
 
-def _dstates_kernel(s_ref, q_ref, do_ref, dsf_ref, gs_ref, ds0_ref, *, st: _Static):
+def _dstates_kernel(s_ref, q_ref, do_ref, *refs, st: _Static):
+    dsf_ref, gs_ref, ds0_ref = _optional_refs(refs, st.final_grad, True, st.initial_grad)
     s = s_ref[...]
     q_pow = jnp.exp(-s * jnp.arange(st.block).astype(jnp.float32))  # lambda^i
     blk_dec = jnp.exp(-s * float(st.block))
     last = st.n_blocks - 1
-    dsf = dsf_ref[...]
+    dsf = _load_or_zeros(dsf_ref, (q_ref.shape[-1], do_ref.shape[-1]))
     gs_ref[last] = dsf.astype(gs_ref.dtype)
 
     def update(t, g):
@@ -357,8 +403,12 @@ def _dstates_kernel(s_ref, q_ref, do_ref, dsf_ref, gs_ref, ds0_ref, *, st: _Stat
         gs_ref[t] = g.astype(gs_ref.dtype)
         return update(t, g)
 
-    g = update(last, jnp.zeros(dsf.shape, jnp.float32)) + jnp.exp(-s * float(st.rem - 1)) * dsf
-    ds0_ref[...] = jnp.exp(-s) * lax.fori_loop(0, last, body, g)
+    g = update(last, jnp.zeros(dsf.shape, jnp.float32))
+    if dsf_ref is not None:
+        g += jnp.exp(-s * float(st.rem - 1)) * dsf
+    g = lax.fori_loop(0, last, body, g)
+    if ds0_ref is not None:
+        ds0_ref[...] = jnp.exp(-s) * g
 
 
 def _block_grad_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, hs_ref, gs_ref, dq_ref, dk_ref, dv_ref, *,
@@ -387,12 +437,13 @@ def _bwd_chunked(st: _Static, q, k, v, slope, s0, do, dsf):
     be, ne = _chunk(st.cfg, e, backward=True)
     nb = st.n_blocks
     hs, _ = _all_states(st, k, v, slope, s0, backward=True)
-    gs, ds0 = _call(
+    gs, *ds0 = _call(
         _dstates_kernel, st,
-        [jax.ShapeDtypeStruct((b, h, nb, d, e), _state_dtype(q)), jax.ShapeDtypeStruct(s0.shape, jnp.float32)],
-        [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be), _state_spec(d, be)],
-        [_all_states_spec(nb, d, be), _state_spec(d, be)], (b, h, ne),
-        "jaxattn_lightning_dstates_all", backward=True)(slope, q, do, dsf)
+        [jax.ShapeDtypeStruct((b, h, nb, d, e), _state_dtype(q)),
+         *[jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)] * st.initial_grad],
+        [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be), *[_state_spec(d, be)] * st.final_grad],
+        [_all_states_spec(nb, d, be), *[_state_spec(d, be)] * st.initial_grad], (b, h, ne),
+        "jaxattn_lightning_dstates_all", backward=True)(slope, q, do, *_present(dsf))
     rows_d, rows_e = _row_block(st, d), _row_block(st, e)
     return (*_call(
         _block_grad_kernel, st,
@@ -400,7 +451,7 @@ def _bwd_chunked(st: _Static, q, k, v, slope, s0, do, dsf):
          jax.ShapeDtypeStruct(v.shape, v.dtype)],
         [_SLOPE_SPEC, rows_d, rows_d, rows_e, rows_e, _block_state_spec(d, e), _block_state_spec(d, e)],
         [rows_d, rows_d, rows_e], (b, h, nb), "jaxattn_lightning_block_grad",
-        backward=True)(slope, q, k, v, do, hs, gs), ds0)
+        backward=True)(slope, q, k, v, do, hs, gs), ds0[0] if ds0 else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -422,21 +473,24 @@ def _bwd(st: _Static, q, k, v, slope, s0, do, dsf):
     # dq and dk sum over the value channels: one partial per chunk (fp32 when there are several).
     part = jax.ShapeDtypeStruct((ne, *q.shape), q.dtype if ne == 1 else jnp.float32)
     (dq,) = _call(_dq_kernel, st, [part],
-                  [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be, 2), _state_spec(d, be)],
-                  [_partial_spec(st, d)], (b, h, ne), "jaxattn_lightning_dq", backward=True)(slope, k, v, do, s0)
-    dk, dv, ds0 = _call(
+                  [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be, 2), *[_state_spec(d, be)] * st.initial],
+                  [_partial_spec(st, d)], (b, h, ne), "jaxattn_lightning_dq",
+                  backward=True)(slope, k, v, do, *_present(s0))
+    dk, dv, *ds0 = _call(
         _dkv_kernel, st,
-        [part, jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(s0.shape, jnp.float32)],
-        [_SLOPE_SPEC, *_specs(st, d, d), *_chunk_specs(st, be, 2), _state_spec(d, be)],
-        [_partial_spec(st, d), *_chunk_specs(st, be), _state_spec(d, be)], (b, h, ne),
-        "jaxattn_lightning_dkv", backward=True)(slope, q, k, v, do, dsf)
-    return _sum_partials(dq, q.dtype), _sum_partials(dk, k.dtype), dv, ds0
+        [part, jax.ShapeDtypeStruct(v.shape, v.dtype),
+         *[jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)] * st.initial_grad],
+        [_SLOPE_SPEC, *_specs(st, d, d), *_chunk_specs(st, be, 2), *[_state_spec(d, be)] * st.final_grad],
+        [_partial_spec(st, d), *_chunk_specs(st, be), *[_state_spec(d, be)] * st.initial_grad], (b, h, ne),
+        "jaxattn_lightning_dkv", backward=True)(slope, q, k, v, do, *_present(dsf))
+    return _sum_partials(dq, q.dtype), _sum_partials(dk, k.dtype), dv, (ds0[0] if ds0 else None)
 
 
 def _lightning_bwd(st, res, cts):
     q, k, v, slope, s0 = res
     do, dsf = cts
-    dq, dk, dv, ds0 = _bwd(st, q, k, v, slope, s0, do.astype(q.dtype), dsf.astype(jnp.float32))
+    dsf = dsf.astype(jnp.float32) if st.final_grad else None
+    dq, dk, dv, ds0 = _bwd(st, q, k, v, slope, s0, do.astype(q.dtype), dsf)
     # No gradient for the decay rates (fixed ALiBi-style schedules in TNL).
     return dq, dk, dv, None, ds0
 
@@ -473,6 +527,7 @@ class _Seg:
     n: int  # true sequence length
     segments: int
     final_state: bool = True  # False: the caller drops the final state (its cotangent is zero)
+    initial: bool = True  # False: no initial state (zero), and no cotangent for it
 
     @property
     def rem(self) -> int:  # real rows of the last segment
@@ -535,7 +590,8 @@ def _seg_inputs(sg: _Seg, q, k, v, slope, s0):
     own = _seg_outer(sg, k, v, slope, from_end=True)
     hp = lax.Precision.HIGHEST
     s_in = jnp.einsum("pjh,bjhde->bphde", _carry(sg, slope), own, precision=hp)
-    s_in += _pow(slope, length * jnp.arange(p))[None, :, :, None, None] * s0[:, None]
+    if s0 is not None:
+        s_in += _pow(slope, length * jnp.arange(p))[None, :, :, None, None] * s0[:, None]
     final = _pow(slope, sg.rem)[None, :, None, None] * s_in[:, -1] + own[:, -1]
     return s_in, final
 
@@ -551,7 +607,7 @@ def _segmented(sg: _Seg, q, k, v, slope, s0):
 
 def _segmented_fwd(sg: _Seg, q, k, v, slope, s0):
     s_in, final = _seg_inputs(sg, q, k, v, slope, s0)
-    out, _ = _fwd(sg.st, *_seg_kernel_args(sg, q, k, v), slope, _flat(s_in))
+    out, _ = _fwd(sg.st, *_seg_kernel_args(sg, q, k, v), slope, _flat(s_in))  # (sg.st.final is False)
     return (out.reshape(v.shape), final), (q, k, v, slope, s_in)
 
 
@@ -565,7 +621,9 @@ def _segmented_bwd(sg: _Seg, res, cts):
     if sg.final_state:
         ds_in = ds_in.at[:, -1].add(_pow(slope, sg.rem)[None, :, None, None] * dsf)
     ds_own = jnp.einsum("pjh,bphde->bjhde", _carry(sg, slope), ds_in, precision=hp)  # last one: 0
-    ds0 = jnp.einsum("ph,bphde->bhde", _pow(slope, length * jnp.arange(p)), ds_in, precision=hp)
+    ds0 = None
+    if sg.initial:
+        ds0 = jnp.einsum("ph,bphde->bhde", _pow(slope, length * jnp.arange(p)), ds_in, precision=hp)
     dq, dk, dv, _ = _bwd(sg.st, *_seg_kernel_args(sg, q, k, v), slope, _flat(s_in),
                          *_seg_kernel_args(sg, do), _flat(ds_own))
     dq, dk, dv = dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
@@ -612,14 +670,17 @@ def lightning_attention_kernel(
     d_pad, e_pad = max(16, _common.next_pow2(d)), max(16, _common.next_pow2(e))
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     pad = lambda x, dim: _common.pad_axis(_common.pad_axis(x, 1, n_pad), 3, dim)  # noqa: E731
-    s0 = jnp.zeros((b, h, d_pad, e_pad), jnp.float32)
+    s0 = None  # no initial state: the kernels start from zeros (none are materialized)
     if initial_state is not None:
         s0 = jnp.pad(initial_state.astype(jnp.float32), ((0, 0), (0, 0), (0, d_pad - d), (0, e_pad - e)))
     args = (pad(q, d_pad), pad(k, d_pad), pad(v, e_pad), slope.astype(jnp.float32), s0)
     if segments == 1:
-        st = _Static(n=n, n_pad=n_pad, block=block, cfg=cfg, interpret=interpret, precision=precision)
+        given = s0 is not None
+        st = _Static(n=n, n_pad=n_pad, block=block, cfg=cfg, interpret=interpret, precision=precision,
+                     initial=given, initial_grad=given, final=final_state, final_grad=final_state)
         out, state = _lightning(st, *args)
-    else:
-        st = _Static(n=length, n_pad=length, block=block, cfg=cfg, interpret=interpret, precision=precision)
-        out, state = _segmented(_Seg(st, n, segments, final_state), *args)
+    else:  # each segment starts from its s_in; the segments' own states and dS0 come from XLA
+        st = _Static(n=length, n_pad=length, block=block, cfg=cfg, interpret=interpret, precision=precision,
+                     initial=True, initial_grad=False, final=False, final_grad=True)
+        out, state = _segmented(_Seg(st, n, segments, final_state, s0 is not None), *args)
     return out[:, :n, :, :e], (state[:, :, :d, :e] if final_state else None)

@@ -132,12 +132,14 @@ def test_errors():
 
 @pytest.mark.parametrize("key_chunk", [16, 128])
 def test_kernel_key_chunks(key_chunk):
-    """The window walked one tile row (16 keys) or eight rows (past the window) per step."""
+    """The window walked one tile row (16 keys) or eight rows (past the window) per step. (One
+    row per step meets chunks of padding keys only, the window's tile rows past ``win``, in both
+    modes; the masked one also masks keys outside the image.)"""
     from jaxattn.pallas.halo import HaloConfig
 
     args = _inputs(3, 1, 16, 24, 2, 16, 8, 8, 3, 1)
     kw = dict(block_size=8, halo_size=3, stride=1, scale=16 ** -0.5, scale_pos_embed=False)
-    for mask in (False, True):
+    for mask in (True,) if key_chunk == 16 else (False, True):
         def run(*a, mask=mask):
             return halo_ops._halo(*a, **kw, mask_padding=mask, use_kernel=True, config=HaloConfig(key_chunk=key_chunk))
         cot = randn(jax.random.PRNGKey(1), args[0].shape[:-1] + (8,), jnp.float32)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 import jaxattn
-from conftest import GRAD_TOL, assert_close, count_triton_calls, lower_for_cuda, randn
+from conftest import GRAD_TOL, TRITON_CALL, assert_close, count_triton_calls, lower_for_cuda, randn
 from jaxattn.pallas import lightning as lk
 from jaxattn.pallas._common import poison_outputs
 from jaxattn.reference import lightning_recurrent, lightning_reference
@@ -122,27 +122,50 @@ def test_segmented_kernel_matches_oracle(n, segments, dtype, block, state, forwa
         assert_close(g, rg, dtype, name, tol=GRAD_TOL)
 
 
-@pytest.mark.parametrize("segments", [1, 3])
-def test_without_final_state_output_and_gradients_are_unchanged(segments):
-    """``final_state=False`` (the op without ``return_state``; TNL training) skips the final
-    state's backward terms: the output and gradients equal the oracle's with the state unused."""
+@pytest.mark.parametrize("segments,initial,final,scheme", [
+    (1, True, False, "scan"), (3, True, False, "scan"), (1, False, False, "chunked"),
+    (1, False, True, "scan"), (3, False, False, "chunked"), (1, True, False, "chunked"),
+])
+def test_without_initial_or_final_state(segments, initial, final, scheme):
+    """Without an initial state the kernels start from zeros (no zero tensor is made or read, no
+    dS0 written); ``final_state=False`` (the op without ``return_state``; TNL training) writes no
+    final state and skips its backward terms. Output, final state and gradients equal the
+    oracle's, and the kernel calls take and return only the state tensors asked for."""
     h, d, e, n = 3, 16, 24, 300
-    q, k, v, s0 = _inputs(5, 2, n, h, d, e, jnp.float32, state=True)
+    q, k, v, s0 = _inputs(5, 2, n, h, d, e, jnp.float32, state=initial)
     slope = tnl_slopes(h)
-    cfg = lk.LightningConfig(32, 4, 2, 16, 32)
+    cfg = lk.LightningConfig(32, 4, 2, 16, 32, forward=scheme, backward=scheme)
     w_o = jax.random.normal(jax.random.PRNGKey(1), (2, n, h, e))
+    w_s = jax.random.normal(jax.random.PRNGKey(2), (2, h, d, e))
+    states = (s0,) if initial else ()
 
-    def run(q, k, v, s0):
-        out, final = lk.lightning_attention_kernel(q, k, v, slope, s0, config=cfg, segments=segments,
-                                                   final_state=False)
-        assert final is None
-        return jnp.sum(out * w_o)
+    def loss(f):
+        def inner(q, k, v, *s0):
+            out, st = f(q, k, v, slope, *s0)
+            return jnp.sum(out * w_o) + (jnp.sum(st * w_s) if final else 0.0)
+        return inner
 
-    grads = jax.jit(jax.grad(run, (0, 1, 2, 3)))(q, k, v, s0)
-    ref = jax.jit(jax.grad(lambda *a: jnp.sum(lightning_reference(a[0], a[1], a[2], slope, a[3])[0] * w_o),
-                           (0, 1, 2, 3)))(q, k, v, s0)
+    def kernel(*a):
+        out, st = lk.lightning_attention_kernel(*a, config=cfg, segments=segments, final_state=final)
+        assert (st is None) == (not final)
+        return out, st
+
+    args, argnums = (q, k, v, *states), tuple(range(3 + initial))
+    with poison_outputs():
+        grads = jax.jit(jax.grad(loss(kernel), argnums))(*args)
+    ref = jax.jit(jax.grad(loss(lightning_reference), argnums))(*args)
     for name, g, r in zip(["dq", "dk", "dv", "d_initial_state"], grads, ref):
         assert_close(g, r, jnp.float32, name, tol=GRAD_TOL)
+    if segments == 1:  # the kernels take and return state tensors ([2, h, d, e pad 32] fp32) only if asked
+        def gpu(*a):
+            out, st = lk.lightning_attention_kernel(*a, config=cfg, segments=1, final_state=final, interpret=False)
+            return out, st
+
+        text = lower_for_cuda(jax.grad(loss(gpu), argnums), *args)
+        calls = [line for line in text.splitlines() if TRITON_CALL in line]
+        assert len(calls) == (3 if scheme == "scan" else 5), calls  # (fwd, dq, dkv / 2 states, out, dstates, grads)
+        # s0 read twice and dS0 written; the final state written and its cotangent read
+        assert sum(line.count(f"tensor<2x{h}x{d}x32xf32>") for line in calls) == 3 * initial + 2 * final, calls
 
 
 def test_config_rejects_unknown_forward_scheme():
