@@ -30,9 +30,22 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxattn.pallas import _dropout, flash_mgpu
+from jaxattn.pallas import _common, _dropout, flash_mgpu
 from jaxattn.pallas import flash as _flash
 from jaxattn.pallas.flash import FlashConfig, SparseSpec
+
+# Block-sparse entries that differ from the flash table's, (padded head dim, bytes) -> FlashConfig
+# (``python -m jaxattn.bench tune sparse`` on a GPU). Empty: every layout runs flash's tiles. A
+# sparse layout's listed key blocks are scattered (PowerAttention's power-of-two distances), so
+# fewer of its loads hit L2 than the dense kernel's sequential walk: the H200 run of 2026-12-04
+# spent 1.5x the dense kernel's time per visited block, which deeper pipelines may hide.
+CONFIGS: dict[tuple[int, int], FlashConfig] = {}
+
+
+def sparse_config(head_dim: int, dtype) -> FlashConfig:
+    """The block-sparse kernel's tiles for ``head_dim`` and ``dtype``: :data:`CONFIGS`, else flash's."""
+    key = _common.table_key(head_dim, dtype, min_dim=32)
+    return CONFIGS[key] if key in CONFIGS else _flash.flash_config(head_dim, dtype)
 
 
 def block_sparse_attention_kernel(
@@ -69,7 +82,8 @@ def block_sparse_attention_kernel(
       q_offset: int or int32 scalar: absolute position of query row 0 (what ``mask_fn`` sees).
       dropout_rate, dropout_seed: attention dropout, as ``flash.flash_attention`` (the mask is
         indexed by query rows of ``q``, not by ``q_offset`` positions).
-      config: tile sizes; defaults to the flash table entry for (head dim, dtype).
+      config: tile sizes; defaults to :func:`sparse_config` (the flash table's entry for (head
+        dim, dtype) unless :data:`CONFIGS` has one).
       backend: ``"triton"``, or ``"mosaic"``: the forward on the warp-specialized Mosaic GPU kernel
         (``flash_mgpu``, Hopper; its producer warpgroup walks the lists and streams the listed blocks
         with TMA), the backward on the Triton kernels; mask blocks of at least 128 x 128, head dims
@@ -87,7 +101,7 @@ def block_sparse_attention_kernel(
             raise ValueError(f"{name} must be a power of two >= 16, got {b}")
     _, q_len, hq, d = q.shape
     kv_len, hkv = k.shape[1], k.shape[2]
-    cfg = config or _flash.flash_config(max(d, v.shape[-1]), q.dtype)
+    cfg = config or sparse_config(max(d, v.shape[-1]), q.dtype)
     n_qb, n_kb = -(-q_len // block_q), -(-kv_len // block_k)
     for name, x, rows in (("kv_index", kv_index, n_qb), ("q_index", q_index, n_kb)):
         if tuple(x.shape) != (rows, 3):

@@ -6,6 +6,8 @@ Interpret mode checks the kernels' arithmetic; this checks what only a GPU compi
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -232,3 +234,18 @@ def test_gpu_dry_run(tmp_path):
                          env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "no failures" in run.stdout
+
+
+@needs_aot
+def test_image_step_traffic_cli(capsys, tmp_path):
+    """``bench traffic --image-step``: a HaloNet training step compiled for the H100 runs all four
+    halo kernels (forward, dq, dk/dv, the tables' gradient) and prints the grouped table."""
+    from jaxattn.bench.__main__ import main
+
+    path = tmp_path / "t.json"
+    assert main(["traffic", "--image-step", "halonet-tiny", "--batch", "2", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "halonet-tiny training step, batch 2" in out and "jaxattn_halo_dq" in out, out
+    kernels = {r["what"] for r in json.loads(path.read_text())["records"]}
+    assert {"jaxattn_halo_fwd", "jaxattn_halo_dq", "jaxattn_halo_dkv", "jaxattn_halo_dtab"} <= kernels, kernels
+    assert main(["traffic", "--image-step", "halonet-tiny", "--lm-step", "tnl-tiny"]) == 2

@@ -219,7 +219,8 @@ def test_torch_peers_need_torch_with_cuda(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["flash", pytest.param("lightning", marks=pytest.mark.slow), "sage", "halo",
-                                    pytest.param("mosaic", marks=pytest.mark.slow)])
+                                    pytest.param("mosaic", marks=pytest.mark.slow),
+                                    pytest.param("sparse", marks=pytest.mark.slow)])
 def test_tune_smoke_cli(tmp_path, capsys, family):
     """The tuner's plumbing on CPU: every stage times its current config and candidates, and the
     best config is one of the timed ones, printed as a table line."""
@@ -228,7 +229,7 @@ def test_tune_smoke_cli(tmp_path, capsys, family):
     text = capsys.readouterr().out
     data = json.loads(out.read_text())
     timed = [r for r in data["records"] if "ms" in r]
-    assert len({r["stage"] for r in timed}) == {"flash": 3, "lightning": 5, "sage": 1, "halo": 2, "mosaic": 2}[family]
+    assert len({r["stage"] for r in timed}) == {"flash": 3, "lightning": 5, "sage": 1, "halo": 2, "mosaic": 2, "sparse": 3}[family]
     assert data["best"] in [r["config"] for r in timed]
     best_ms = min(r["ms"] for r in timed if r["config"] == data["best"])
     assert all(np.isfinite(r["ms"]) for r in timed) and best_ms > 0

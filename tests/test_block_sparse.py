@@ -167,6 +167,24 @@ def test_power_ragged_gqa_fp32():
     _check(bm, ref.power_mask(200, block=32, window_blocks=2, sink=32), hq=4, hkv=2)
 
 
+def test_sparse_config_table_overrides_the_flash_table(monkeypatch):
+    """``pallas.block_sparse.CONFIGS`` (what ``bench tune sparse`` fills) wins over the flash table
+    for its key, and the kernel runs it (here 16-row tiles, one pipeline stage: still exact)."""
+    from jaxattn.pallas import block_sparse as pbs
+
+    assert pbs.sparse_config(100, jnp.float32) == flash.flash_config(100, jnp.float32)
+    own = flash.FlashConfig(16, 16, 4, 1, 16, 16, 16, 16, 4, 1)
+    monkeypatch.setitem(pbs.CONFIGS, (128, 4), own)
+    assert pbs.sparse_config(100, jnp.float32) is own
+    assert pbs.sparse_config(64, jnp.float32) == flash.flash_config(64, jnp.float32)
+    seen = []
+    run = flash.run_padded
+    monkeypatch.setattr(flash, "run_padded", lambda st, *a: seen.append(st.cfg) or run(st, *a))
+    bm = BlockMask.power(96, 16, window=32, sink=16)
+    _check(bm, ref.power_mask(96, block=16, window_blocks=2, sink=16), d=100, hq=2, hkv=1)
+    assert seen and all(c is own for c in seen)
+
+
 def test_sliding_window_bf16():
     bm = BlockMask.sliding_window(160, 32, window=48)
     _check(bm, ref.sliding_window_mask(160, window=48), dtype=jnp.bfloat16, hq=2, hkv=2, seed=1)

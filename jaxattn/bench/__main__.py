@@ -125,8 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", nargs="+", default=None, choices=TRAFFIC_OPS, help="default: all")
     p.add_argument("--lm-step", metavar="MODEL", default=None,
                    help="instead: one training step of this language model (e.g. tnl-385m), grouped by JAX operation")
-    p.add_argument("--batch", type=int, default=8, help="--lm-step batch (default 8)")
+    p.add_argument("--image-step", metavar="MODEL", default=None,
+                   help="instead: one training step of this image classifier (e.g. halonet-h0)")
+    p.add_argument("--batch", type=int, default=None, help="--lm-step / --image-step batch (default 8 / 64)")
     p.add_argument("--seq", type=int, default=2048, help="--lm-step sequence length (default 2048)")
+    p.add_argument("--image-size", type=int, default=None, help="--image-step image size (default: the model's)")
     p.add_argument("--json", metavar="PATH")
     p = sub.add_parser("tune", help="time candidate tile configs of one kernel at a target shape (GPU); "
                                     "prints the fastest as a table line")
@@ -300,11 +303,22 @@ def _traffic(args: argparse.Namespace) -> int:
         return 2
     info = device_summary()
     head = f"compiled for a compile-only H100 | on {info['device']} | jax {info['jax']} | {info['date']}"
-    if args.lm_step:
-        ops = traffic.lm_step_ops(args.lm_step, batch=args.batch, seq=args.seq)
+    if args.lm_step and args.image_step:
+        print("traffic: give --lm-step or --image-step, not both", file=sys.stderr)
+        return 2
+    if args.lm_step or args.image_step:
+        if args.lm_step:
+            batch = args.batch or 8
+            ops = traffic.lm_step_ops(args.lm_step, batch=batch, seq=args.seq)
+            what = f"{args.lm_step} training step, batch {batch} x {args.seq}"
+        else:
+            batch = args.batch or 64
+            ops = traffic.image_step_ops(args.image_step, batch=batch, image_size=args.image_size)
+            what = f"{args.image_step} training step, batch {batch}" + (
+                f" at {args.image_size}px" if args.image_size else "")
         total = traffic.summarize(ops)
         records = traffic.by_source(ops)
-        print(f"# {args.lm_step} training step, batch {args.batch} x {args.seq}, {head}")
+        print(f"# {what}, {head}")
         print(f"kernels write {total['kernel_bytes'] / 2**30:.1f} GiB, XLA ops {total['xla_bytes'] / 2**30:.1f} GiB "
               f"({total['xla_ops']} ops); largest groups:")
         print(traffic.format_groups(records))

@@ -4,7 +4,8 @@ the bytes each writes.
 
 ``python -m jaxattn.bench traffic [--ops halo linear_global ...] [--json PATH]``
 ``python -m jaxattn.bench traffic --lm-step tnl-385m [--batch 8 --seq 2048]``: one training step of
-a language model instead, its XLA ops grouped by the JAX operation they come from.
+a language model instead, its XLA ops grouped by the JAX operation they come from;
+``--image-step halonet-h0 [--batch 64 --image-size 256]`` the same for an image classifier.
 
 A kernel that reads its inputs in place needs no XLA work around it; layout copies, padding,
 casts and gathers in an op's wrapper show up here as XLA ops writing tensors the size of the
@@ -133,6 +134,17 @@ def lm_step_ops(model: str, *, batch: int, seq: int, dtype: str = "bfloat16") ->
 
     _, step, state = lm_train_step(model, dtype=dtype, abstract=True)
     return compiled_ops(step, [state, jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)])
+
+
+def image_step_ops(model: str, *, batch: int, image_size: int | None = None, dtype: str = "bfloat16") -> list[dict]:
+    """:func:`hlo_ops` of one training step of an image classifier (the step ``bench vision``
+    times: softmax cross-entropy, AdamW), compiled for the compile-only H100 with abstract weights."""
+    from jaxattn.bench.vision import image_train_step
+
+    m, step, state = image_train_step(model, dtype=dtype, abstract=True)
+    size = image_size or m.cfg.image_size
+    return compiled_ops(step, [state, jax.ShapeDtypeStruct((batch, size, size, m.cfg.in_channels), jnp.float32),
+                               jax.ShapeDtypeStruct((batch,), jnp.int32)])
 
 
 def run(ops: list[str] | None = None, *, progress: bool = True) -> list[dict]:

@@ -1,4 +1,4 @@
-"""``python -m jaxattn.bench tune {flash,lightning,sage,halo,mosaic}``: time candidate tile configurations of a
+"""``python -m jaxattn.bench tune {flash,lightning,sage,halo,mosaic,sparse}``: time candidate tile configurations of a
 kernel at one target shape on the GPU and print the fastest as a line for the kernel's table.
 
 The search is greedy by stage (a stage varies the fields one kernel reads, the others stay at the
@@ -7,7 +7,8 @@ dk/dv tiles and the backward launch on forward+backward, then the dq tiles; Ligh
 then the backward, then the segment count; Sage its one kernel; HaloNet the launch shared by its
 forward and backward kernels on forward+backward (``seq`` is the image side); ``mosaic`` (the
 Mosaic GPU forward, ``impl="mosaic"``) its pipeline depth and key block, then ping-pong and in-place
-``P V`` (in-place runs on a GPU only: the interpreter lacks ``pl.run_state``). A candidate that fails to compile or
+``P V`` (in-place runs on a GPU only: the interpreter lacks ``pl.run_state``); ``sparse`` (the
+block-sparse kernel on a PowerAttention layout) the flash stages with deeper pipelines. A candidate that fails to compile or
 launch (shared memory, registers) is reported and skipped. ``--budget-s`` stops the search and
 reports the best so far, so a session with little device time can still use it. Without a GPU the
 search runs a tiny smoke case in interpret mode (two candidates per stage), to check the plumbing.
@@ -161,6 +162,42 @@ def _mosaic_family() -> Family:
     return Family(base, stages, make, lambda *a: _normal(*a), "pallas/flash_mgpu.py CONFIGS")
 
 
+# ---- sparse (the block-sparse kernel on a PowerAttention layout) ---------------------------------
+def _sparse_family() -> Family:
+    """PowerAttention (block 256, the paper's window of 5 blocks and one sink block) at the target
+    length: the visited key blocks are scattered, so the stages try deeper pipelines and other
+    tiles than the dense flash table's."""
+    from jaxattn.ops.block_sparse import BlockMask
+    from jaxattn.pallas import block_sparse
+
+    def stages() -> list[Stage]:
+        return [
+            Stage("forward tiles", "fwd", _grid(block_k=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4, 5))),
+            Stage("dk/dv tiles + backward launch", "fwd+bwd",
+                  _grid(block_q_dkv=(32, 64, 128), block_k_dkv=(64, 128), num_stages_bwd=(2, 3, 4))),
+            Stage("dq tiles", "fwd+bwd", _grid(block_k_dq=(32, 64, 128))),
+        ]
+
+    masks: dict[int, BlockMask] = {}
+
+    def make(cfg, extra, mode, causal, inputs):
+        q, k, v, do = inputs
+        n = q.shape[1]
+        if n not in masks:
+            masks[n] = BlockMask.power(n, 256 if n >= 1024 else 16)
+        bm = masks[n]
+
+        def op(q, k, v):
+            return block_sparse.block_sparse_attention_kernel(
+                q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k, kv_index=bm.kv_index,
+                kv_blocks=bm.kv_blocks, q_index=bm.q_index, q_blocks=bm.q_blocks, q_offset=bm.q_offset,
+                config=cfg)[0]
+        return _vjp_runner(op, (q, k, v), 3, do, mode)
+
+    return Family(block_sparse.sparse_config, stages, make, lambda *a: _normal(*a),
+                  "pallas/block_sparse.py CONFIGS")
+
+
 # ---- halo ----------------------------------------------------------------------------------------
 def _halo_family() -> Family:
     """HaloNet attention at a stage shape: ``seq`` is the image side, ``batch`` the images, b=8, h=3."""
@@ -195,7 +232,7 @@ def _halo_family() -> Family:
 
 FAMILIES: dict[str, Callable[[], Family]] = {"flash": _flash_family, "lightning": _lightning_family,
                                              "sage": _sage_family, "halo": _halo_family,
-                                             "mosaic": _mosaic_family}
+                                             "mosaic": _mosaic_family, "sparse": _sparse_family}
 
 
 def max_rel_err(got: Any, want: Any) -> float:
@@ -286,4 +323,5 @@ SMOKE_SHAPES = {"halo": {"batch": 1, "seq": 16, "heads": 1, "head_dim": 32}}  # 
 
 # target shapes: (seq, batch * seq, heads * head_dim), as the benchmarks' sweeps
 DEFAULT_SHAPES = {"flash": (8192, 16384, 2048), "lightning": (65536, 65536, 2048), "sage": (8192, 16384, 2048),
-                  "halo": (64, 512, 256), "mosaic": (8192, 16384, 2048)}  # halo: 64x64 images, 8 of them, 8 heads x 32
+                  "halo": (64, 512, 256), "mosaic": (8192, 16384, 2048),
+                  "sparse": (131072, 131072, 2048)}  # halo: 64x64 images, 8 of them, 8 heads x 32

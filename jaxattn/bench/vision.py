@@ -32,27 +32,36 @@ def _images(model, batch: int, image_size: int | None):
     return jax.random.normal(jax.random.PRNGKey(1), (batch, size, size, model.cfg.in_channels), jnp.float32)
 
 
-def train_step_throughput(name: str, *, batch: int, dtype: str, steps: int, warmup: int = 2,
-                          attn_impl: str = "auto", image_size: int | None = None,
-                          compile_only: bool = False) -> dict:
-    """Median ms and images/s of forward + backward + AdamW update on random images.
-    ``compile_only``: compile the step for a compile-only H100 instead (``compile_s``)."""
+def image_train_step(name: str, *, dtype: str, attn_impl: str = "auto", abstract: bool = False):
+    """``(model, step, state)``: one AdamW step of softmax cross-entropy on an image classifier,
+    ``step(state, images [B, H, W, C] fp32, labels [B]) -> (state, loss)`` (not jitted);
+    ``abstract``: weights as shapes only (nothing allocated, for a compile-only device)."""
     def build():
         model = create_model(name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl)
         return model, nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
 
-    model, opt = nnx.eval_shape(build) if compile_only else build()
+    model, opt = nnx.eval_shape(build) if abstract else build()
     graphdef, state = nnx.split((model, opt))
-    params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    size = image_size or model.cfg.image_size
 
-    def loss_step(state, x, y):
+    def step(state, x, y):
         m, o = nnx.merge(graphdef, state)
         m.train()
         loss, grads = nnx.value_and_grad(
             lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean())(m)
         o.update(m, grads)
         return nnx.state((m, o)), loss
+
+    return model, step, state
+
+
+def train_step_throughput(name: str, *, batch: int, dtype: str, steps: int, warmup: int = 2,
+                          attn_impl: str = "auto", image_size: int | None = None,
+                          compile_only: bool = False) -> dict:
+    """Median ms and images/s of forward + backward + AdamW update on random images.
+    ``compile_only``: compile the step for a compile-only H100 instead (``compile_s``)."""
+    model, loss_step, state = image_train_step(name, dtype=dtype, attn_impl=attn_impl, abstract=compile_only)
+    params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    size = image_size or model.cfg.image_size
 
     if compile_only:
         from jaxattn.bench import aot, runner
