@@ -82,6 +82,7 @@ class _Static:
     chunks: int
     mask_padding: bool
     windows: bool  # the "windows" backward scheme
+    packed: bool  # k and v are the halves of one [B, H, W, heads, 2d] map (read and differentiated in place)
     num_warps: int
     num_stages: int
     interpret: bool | None
@@ -102,13 +103,16 @@ def _queries(st: _Static, origin, ref):
     y, x = origin[0] * st.qblock + i // st.qblock, origin[1] * st.qblock + i % st.qblock
     real = i < st.qblock * st.qblock
     col = lax.broadcasted_iota(jnp.int32, (1, ref.shape[-1]), 1)
-    load = (jnp.minimum(y, ref.shape[0] - 1), jnp.minimum(x, ref.shape[1] - 1), col)
-    return load, (jnp.where(real, y, ref.shape[0]), x, col), real
+    load = (jnp.minimum(y, ref.shape[-3] - 1), jnp.minimum(x, ref.shape[-2] - 1), col)
+    return load, (jnp.where(real, y, ref.shape[-3]), x, col), real
 
 
-def _load_rows(st: _Static, origin, ref):
-    """The block's query rows of a map ref; idle rows read as zero."""
+def _load_rows(st: _Static, origin, ref, image=None):
+    """The block's query rows of a map ref (``[Hq, Wq, c]``, or ``[B, Hq, Wq, c]`` read at
+    ``image``); idle rows read as zero."""
     idx, _, real = _queries(st, origin, ref)
+    if image is not None:  # (one gather: a Triton ref takes a single indexer)
+        idx = (jnp.full(idx[0].shape, image, jnp.int32), *idx)
     t = ref[idx]
     return jnp.where(real, t, jnp.zeros_like(t))
 
@@ -256,16 +260,17 @@ def _keys(st: _Static):
     return ky * st.block + j // st.block, kx * st.block + j % st.block, j < st.block * st.block
 
 
-def _key_index(ref, y, x, real=None):
+def _key_index(ref, y, x, real=None, width: int | None = None, offset: int = 0):
     """Index vectors of the key rows in a ``[H, W, c]`` map ref: for loads (clamped into the map),
-    or with ``real`` for stores (idle rows out of bounds; stores also mask them)."""
-    col = lax.broadcasted_iota(jnp.int32, (1, ref.shape[-1]), 1)
+    or with ``real`` for stores (idle rows out of bounds; stores also mask them); ``width`` channels
+    from ``offset`` (default: all ``c``)."""
+    col = lax.broadcasted_iota(jnp.int32, (1, width or ref.shape[-1]), 1) + offset
     if real is None:
         return jnp.minimum(y, ref.shape[0] - 1), jnp.minimum(x, ref.shape[1] - 1), col
     return jnp.where(real, y, ref.shape[0]), x, col
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, ab_ref, lse_ref, delta_ref, do_ref, dk_ref, dv_ref, *, st: _Static):
+def _dkv_kernel(q_ref, k_ref, v_ref, ab_ref, lse_ref, delta_ref, do_ref, *outs, st: _Static):
     """dk, dv of one key block, from the query blocks whose windows hold it: the
     ``(2m + 1)^2`` blocks around it, ``m = ceil(halo / block)`` (those off the map add nothing).
     Per query block: its rows' p over this block's keys (recomputed from the saved log-sum-exp,
@@ -303,8 +308,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, ab_ref, lse_ref, delta_ref, do_ref, dk_ref,
 
     dk, dv = lax.fori_loop(0, side * side, body, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
     y, x, real = _keys(st)
-    for ref, val in ((dk_ref, dk * st.scale), (dv_ref, dv)):
-        pltriton.store(ref.at[_key_index(ref, y, x, real)], val.astype(ref.dtype), mask=jnp.broadcast_to(real, val.shape))
+    # (packed: dk into channels [0, d) and dv into [d, 2d) of the one [H, W, 2d] cotangent map)
+    dk_ref, dv_ref = (outs[0], outs[0]) if st.packed else outs
+    for ref, val, offset in ((dk_ref, dk * st.scale, 0), (dv_ref, dv, dk.shape[-1] if st.packed else 0)):
+        idx = _key_index(ref, y, x, real, val.shape[-1], offset)
+        pltriton.store(ref.at[idx], val.astype(ref.dtype), mask=jnp.broadcast_to(real, val.shape))
 
 
 def _block_spec(shape):
@@ -324,12 +332,33 @@ def _map_spec(shape):
     return pl.BlockSpec((None, shape[1], shape[2], None, shape[4]), lambda n, b, h: (b, 0, 0, h, 0))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Half:
+    """Half ``index`` (0: keys, 1: values) of the channels of a packed ``[B, H, W, heads, 2d]`` map,
+    as a kernel input: the program's block is that half of its (batch, head) map, read in place."""
+
+    kv: jax.Array
+    index: int
+
+
+def _kv_inputs(st: _Static, k, v) -> list:
+    return [_Half(k, 0), _Half(k, 1)] if st.packed else [k, v]
+
+
 def _call(kernel, st, args, outs, name, lse_all: bool = False, windows: tuple[int, ...] = ()):
-    """Inputs: 5-d maps, the 3-d skewed tables and 4-d per-block rows (lse, delta; ``lse_all``:
-    every block's, for each (batch, head)); outputs: maps and per-block rows, except ``windows``
-    (indices of ``[B, nB, keys, heads, c]`` per-block window outputs)."""
+    """Inputs: 5-d maps (or :class:`_Half` of a packed one), the 3-d skewed tables and 4-d
+    per-block rows (lse, delta; ``lse_all``: every block's, for each (batch, head)); outputs: maps
+    and per-block rows, except ``windows`` (indices of ``[B, nB, keys, heads, c]`` per-block window
+    outputs)."""
     batch, _, _, heads, _ = args[0].shape
     nb = (st.height // st.block) * st.blocks_x
+
+    def in_spec(x):
+        if isinstance(x, _Half):
+            shape = x.kv.shape
+            return pl.BlockSpec((None, shape[1], shape[2], None, shape[4] // 2),
+                                lambda n, b, h, i=x.index: (b, 0, 0, h, i))
+        return spec(x.shape, True)
 
     def spec(shape, is_input=False):
         if len(shape) == 3:  # the skewed tables, whole, in every program
@@ -340,17 +369,22 @@ def _call(kernel, st, args, outs, name, lse_all: bool = False, windows: tuple[in
 
     return _common.pallas_call(
         functools.partial(kernel, st=st), out_shape=outs, grid=(nb, batch, heads),
-        in_specs=[spec(x.shape, True) for x in args],
+        in_specs=[in_spec(x) for x in args],
         out_specs=[_block_spec(o.shape) if i in windows else spec(o.shape) for i, o in enumerate(outs)],
-        num_warps=st.num_warps, num_stages=st.num_stages, interpret=st.interpret, name=name)(*args)
+        num_warps=st.num_warps, num_stages=st.num_stages, interpret=st.interpret,
+        name=name)(*[x.kv if isinstance(x, _Half) else x for x in args])
+
+
+def _value_dim(st: _Static, k, v) -> int:
+    return k.shape[-1] // 2 if st.packed else v.shape[-1]
 
 
 def _fwd(st, q, k, v, tab):
     batch, _, _, heads, _ = q.shape
     nb = (st.height // st.block) * st.blocks_x
-    outs = [jax.ShapeDtypeStruct((*q.shape[:4], v.shape[-1]), q.dtype),
+    outs = [jax.ShapeDtypeStruct((*q.shape[:4], _value_dim(st, k, v)), q.dtype),
             jax.ShapeDtypeStruct((batch, nb, heads, st.rows), jnp.float32)]
-    return _call(_fwd_kernel, st, [q, k, v, tab], outs, "jaxattn_halo_fwd")
+    return _call(_fwd_kernel, st, [q, *_kv_inputs(st, k, v), tab], outs, "jaxattn_halo_fwd")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -378,18 +412,20 @@ def skewed_projections(q: jax.Array, th: jax.Array, tw: jax.Array, precision=Non
     return a.reshape(b, hq, wq, h, width), c.reshape(b, hq, wq, h, width)
 
 
-def _table_grad_kernel(q_ref, dab_ref, dtab_ref, *, st: _Static, per: int):
-    """The skewed tables' cotangent from ``per`` query blocks of one (batch, head): per table,
-    ``sum_rows d_own^T q`` (``[QB T, d]``, fp32), ``d_own`` the rows' ``d[A | B]`` spread back to
-    their own offsets' columns as in :func:`rel_logits_grad_q`."""
+def _table_grad_kernel(q_ref, dab_ref, dtab_ref, *, st: _Static, per: int, units: int):
+    """The skewed tables' cotangent from ``per`` query blocks of one head (units ``batch * blocks
+    + block`` over the whole batch): per table, ``sum_rows d_own^T q`` (``[QB T, d]``, fp32),
+    ``d_own`` the rows' ``d[A | B]`` spread back to their own offsets' columns as in
+    :func:`rel_logits_grad_q`."""
     nb = (st.height // st.block) * st.blocks_x
     first = pl.program_id(0) * per
     width, d = st.qpow * st.tile, q_ref.shape[-1]
     selections = list(_rel_selection(st, st.rows, q_ref.dtype))
 
-    def body(n, acc):
+    def body(u, acc):
+        b, n = lax.div(u, nb), lax.rem(u, nb)
         origin = (lax.div(n, st.blocks_x), lax.rem(n, st.blocks_x))
-        q, dab = _load_rows(st, origin, q_ref), _load_rows(st, origin, dab_ref)
+        q, dab = _load_rows(st, origin, q_ref, b), _load_rows(st, origin, dab_ref, b)
         out = []
         for (_, own_columns, sel), a in zip(selections, acc):
             d_own = jnp.where(own_columns, dot(dab, sel, trans_b=True, precision=st.precision), 0.0)
@@ -397,53 +433,66 @@ def _table_grad_kernel(q_ref, dab_ref, dtab_ref, *, st: _Static, per: int):
         return tuple(out)
 
     zeros = jnp.zeros((width, d), jnp.float32)
-    acc = lax.fori_loop(first, jnp.minimum(first + per, nb), body, (zeros, zeros))
+    acc = lax.fori_loop(first, jnp.minimum(first + per, units), body, (zeros, zeros))
     for half in range(2):
         dtab_ref[half] = acc[half] * st.rel_scale
 
 
-TABLE_GRAD_PROGRAMS = 128  # split each (batch, head)'s query blocks until about this many programs
+TABLE_GRAD_PROGRAMS = 128  # programs (heads x shares of the batch's query blocks) for the tables' cotangent
 
 
 def _table_grad(st: _Static, q, dab, tab):
-    """The cotangent of the skewed tables ``tab [2, QB T, d]`` (its dtype): per-program fp32
-    partials over a share of the query blocks, summed by XLA (a few KiB each)."""
-    batch, _, _, heads, d = q.shape
-    nb = (st.height // st.block) * st.blocks_x
-    split = min(nb, max(1, -(-TABLE_GRAD_PROGRAMS // (batch * heads))))
-    per = -(-nb // split)
-    split = -(-nb // per)
+    """The cotangent of the skewed tables ``tab [2, QB T, d]`` (its dtype): per head, the batch's
+    query blocks are split into shares, one program each, for about ``TABLE_GRAD_PROGRAMS``
+    programs; their fp32 partials (32 KiB each at d = 32) are summed by XLA."""
+    batch, hq, wq, heads, d = q.shape
+    units = batch * (st.height // st.block) * st.blocks_x
+    split = min(units, max(1, -(-TABLE_GRAD_PROGRAMS // heads)))
+    per = -(-units // split)
+    split = -(-units // per)
     width = st.qpow * st.tile
+
+    def whole_batch(c):  # every image of one head: the kernel gathers its rows
+        return pl.BlockSpec((batch, hq, wq, None, c), lambda s, h: (0, 0, 0, h, 0))
+
     (parts,) = _common.pallas_call(
-        functools.partial(_table_grad_kernel, st=st, per=per),
-        out_shape=[jax.ShapeDtypeStruct((split, batch, heads, 2, width, d), jnp.float32)],
-        grid=(split, batch, heads), in_specs=[_map_spec(q.shape), _map_spec(dab.shape)],
-        out_specs=[pl.BlockSpec((None, None, None, 2, width, d), lambda s, b, h: (s, b, h, 0, 0, 0))],
+        functools.partial(_table_grad_kernel, st=st, per=per, units=units),
+        out_shape=[jax.ShapeDtypeStruct((split, heads, 2, width, d), jnp.float32)],
+        grid=(split, heads), in_specs=[whole_batch(d), whole_batch(dab.shape[-1])],
+        out_specs=[pl.BlockSpec((None, None, 2, width, d), lambda s, h: (s, h, 0, 0, 0))],
         num_warps=4, num_stages=st.num_stages, interpret=st.interpret, name="jaxattn_halo_dtab")(q, dab)
-    return jnp.sum(parts, axis=(0, 1, 2)).astype(tab.dtype)
+    return jnp.sum(parts, axis=(0, 1)).astype(tab.dtype)
 
 
 def _halo_bwd(st, res, do):
+    """dq, dk, dv (packed: one ``[B, H, W, heads, 2d]`` cotangent of the kv map and None) and the
+    skewed tables' cotangent."""
     q, k, v, tab, o, lse = res
     do = do.astype(o.dtype)
+    kv = _kv_inputs(st, k, v)
+    d, e = q.shape[-1], _value_dim(st, k, v)
+    key_map = (*k.shape[:4], d)
     ab_shape = jax.ShapeDtypeStruct((*q.shape[:4], 2 * st.tile), q.dtype)
     outs = [jax.ShapeDtypeStruct(q.shape, q.dtype), ab_shape]
     if st.windows:
         batch, nb, heads, _ = lse.shape
         keys = st.chunks * st.key_chunk
-        outs += [jax.ShapeDtypeStruct((batch, nb, keys, heads, k.shape[-1]), k.dtype),
-                 jax.ShapeDtypeStruct((batch, nb, keys, heads, v.shape[-1]), v.dtype)]
-        dq, dab, dkw, dvw = _call(_dq_kernel, st, [q, k, v, tab, o, lse, do], outs, "jaxattn_halo_bwd",
+        outs += [jax.ShapeDtypeStruct((batch, nb, keys, heads, d), k.dtype),
+                 jax.ShapeDtypeStruct((batch, nb, keys, heads, e), k.dtype)]
+        dq, dab, dkw, dvw = _call(_dq_kernel, st, [q, *kv, tab, o, lse, do], outs, "jaxattn_halo_bwd",
                                   windows=(2, 3))
         fold = functools.partial(fold_windows, block=st.block, halo=st.halo, win=st.win, tile=st.tile,
                                  height=st.height, width=st.width)
-        dk, dv = fold(dkw).astype(k.dtype), fold(dvw).astype(v.dtype)
+        dk, dv = fold(dkw).astype(k.dtype), fold(dvw).astype(k.dtype)
+        if st.packed:
+            dk, dv = jnp.concatenate([dk, dv], axis=-1), None
     else:
-        dq, dab, ab, delta = _call(_dq_kernel, st, [q, k, v, tab, o, lse, do],
+        dq, dab, ab, delta = _call(_dq_kernel, st, [q, *kv, tab, o, lse, do],
                                    outs + [ab_shape, jax.ShapeDtypeStruct(lse.shape, jnp.float32)], "jaxattn_halo_dq")
-        dk, dv = _call(_dkv_kernel, st, [q, k, v, ab, lse, delta, do],
-                       [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                       "jaxattn_halo_dkv", lse_all=True)
+        grads = ([jax.ShapeDtypeStruct(k.shape, k.dtype)] if st.packed else
+                 [jax.ShapeDtypeStruct(key_map, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)])
+        dk, *dv = _call(_dkv_kernel, st, [q, *kv, ab, lse, delta, do], grads, "jaxattn_halo_dkv", lse_all=True)
+        dv = dv[0] if dv else None
     # (q's part of the relative logits' cotangent is already in dq: rel_logits_grad_q)
     return dq, dk, dv, _table_grad(st, q, dab, tab)
 
@@ -487,9 +536,19 @@ def halo_map_kernel(q, k, v, tab, *, block: int, halo: int, stride: int = 1, sca
     ``t < win`` (:func:`jaxattn.ops.halo.skewed_table`; other rows ignored or zero). Logits are
     ``scale q.k + rel_scale (A + B)``. H and W are multiples of ``block`` (``s`` the stride,
     dividing ``block``); ``mask_padding`` drops keys outside the image from the softmax (else they
-    take part as zeros). Returns ``[B, H/s, W/s, heads, e]``."""
+    take part as zeros). Returns ``[B, H/s, W/s, heads, e]``.
+
+    ``v=None``: ``k`` is one packed ``[B, H, W, heads, 2d]`` map, each head's ``d`` key channels then
+    its ``d`` value channels (a kv projection's output as timm's ``HaloAttn`` lays it out). The
+    kernels read both halves in place and the backward writes one packed cotangent (its gradient
+    w.r.t. ``k``; none w.r.t. ``v``), so no slice or concatenation of the map goes through HBM."""
     if tab.dtype != q.dtype:
         raise ValueError(f"tab must have q's dtype {q.dtype}, got {tab.dtype}")
+    packed = v is None
+    if packed and k.shape[-1] != 2 * q.shape[-1]:
+        raise ValueError(f"with v=None, k must be the packed [B, H, W, heads, 2 * d] = [..., {2 * q.shape[-1]}] "
+                         f"kv map, got {tuple(k.shape)}")
+    e = k.shape[-1] // 2 if packed else v.shape[-1]
     cfg = config or HaloConfig()
     win = block + 2 * halo
     tile = window_tile(win)
@@ -501,12 +560,13 @@ def halo_map_kernel(q, k, v, tab, *, block: int, halo: int, stride: int = 1, sca
     # whole tile rows per chunk, no more chunks than the window needs
     chunk = min(max(cfg.key_chunk, tile), tile * _common.next_pow2(win))
     rows_per_chunk = chunk // tile
-    warps = cfg.num_warps or (8 if max(q.shape[-1], v.shape[-1]) >= 128 else 4)
+    warps = cfg.num_warps or (8 if max(q.shape[-1], e) >= 128 else 4)
     st = _Static(scale=float(scale), block=block, halo=halo, win=win, tile=tile, qblock=qblock, qpow=qpow,
                  rel_scale=float(rel_scale), rows=max(16, _common.next_pow2(qblock * qblock)),
                  key_rows=max(16, _common.next_pow2(block * block)),
                  height=k.shape[1], width=k.shape[2],
                  blocks_x=k.shape[2] // block, key_chunk=chunk, chunks=-(-win // rows_per_chunk),
-                 mask_padding=bool(mask_padding), windows=cfg.backward == "windows", num_warps=warps, num_stages=cfg.num_stages,
+                 mask_padding=bool(mask_padding), windows=cfg.backward == "windows", packed=packed,
+                 num_warps=warps, num_stages=cfg.num_stages,
                  interpret=interpret, precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
     return _halo(st, q, k, v, tab)

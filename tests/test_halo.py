@@ -218,3 +218,66 @@ def test_lowers_for_cuda(block, halo, heads, d, dtype, stride):
 
     text = lower_for_cuda(jax.grad(loss, argnums=range(5)), *args)
     assert count_triton_calls(text) >= 2, "expected forward and backward Triton kernels"
+
+
+# (H, W, heads, d, e, block, halo, stride, mask_padding, scale_pos_embed, backward scheme)
+KV_CASES = [
+    (16, 24, 2, 16, 16, 8, 3, 1, False, False, "keys"),   # packed: the kernel reads kv in place
+    (16, 16, 1, 32, 32, 8, 2, 2, True, True, "keys"),     # packed, strided queries
+    (12, 8, 2, 16, 16, 4, 3, 1, True, False, "windows"),  # packed, the windows backward
+    (12, 12, 1, 16, 8, 4, 1, 1, False, False, "keys"),    # e != d: k and v sliced out first
+]
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+@pytest.mark.parametrize("case", KV_CASES, ids=lambda c: "d{3}e{4}b{5}h{6}s{7}{10}".format(*c))
+def test_packed_kv_matches_oracle(case, impl):
+    """``halo_attention_kv`` on a packed ``[.., heads, d + e]`` map (timm's kv projection layout)
+    against the oracle on its k and v halves: output and the gradients of q, the whole kv map (its
+    key channels k's, its value channels v's) and the tables."""
+    from jaxattn.pallas.halo import HaloConfig
+
+    hh, ww, heads, d, e, block, halo, stride, mask, spe, scheme = case
+    q, k, v, rh, rw = _inputs(4, 2, hh, ww, heads, d, e, block, halo, stride)
+    kv = jnp.concatenate([k, v], axis=-1)
+    kw = dict(block_size=block, halo_size=halo, stride=stride, mask_padding=mask, scale_pos_embed=spe)
+    cot = randn(jax.random.PRNGKey(3), (*q.shape[:4], e), jnp.float32)
+
+    def run(q, kv, rh, rw):
+        if impl == "xla":
+            return jaxattn.halo_attention_kv(q, kv, rh, rw, value_dim=e, impl="xla", **kw)
+        return halo_ops._halo(q, kv[..., :d], kv[..., d:], rh, rw, scale=d ** -0.5, use_kernel=True,
+                              config=HaloConfig(backward=scheme), packed_kv=kv if d == e else None,
+                              **{x: y for x, y in kw.items()})
+
+    def oracle(q, kv, rh, rw):
+        return halo_reference(q, kv[..., :d], kv[..., d:], rh, rw, **kw)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cot)
+
+    with poison_outputs():
+        out = jax.jit(run)(q, kv, rh, rw)
+        grads = jax.jit(jax.grad(loss(run), argnums=range(4)))(q, kv, rh, rw)
+    assert_close(out, jax.jit(oracle)(q, kv, rh, rw), jnp.float32, "out")
+    for name, g, r in zip(("dq", "dkv", "drel_h", "drel_w"), grads,
+                          jax.jit(jax.grad(loss(oracle), argnums=range(4)))(q, kv, rh, rw)):
+        assert_close(g, r, jnp.float32, name, tol=GRAD_TOL)
+    if impl == "pallas":  # the public op takes the same path (the kernel on the packed map when d == e)
+        pub = jax.jit(lambda *a: jaxattn.halo_attention_kv(*a, value_dim=e, impl="pallas", **kw))(q, kv, rh, rw)
+        assert_close(pub, out, jnp.float32, "public op")
+
+
+def test_packed_kv_errors():
+    q, k, v, rh, rw = _inputs(0, 1, 8, 8, 1, 16, 16, 4, 1, 1)
+    kv = jnp.concatenate([k, v], axis=-1)
+    with pytest.raises(ValueError, match="d \\+ value_dim"):
+        jaxattn.halo_attention_kv(q, kv, rh, rw, block_size=4, halo_size=1, value_dim=8)
+    with pytest.raises(ValueError, match="kv must have rank 5"):
+        jaxattn.halo_attention_kv(q, kv[0], rh, rw, block_size=4, halo_size=1)
+    with pytest.raises(ValueError, match="multiples of block_size"):
+        jaxattn.halo_attention_kv(q, kv, rh, rw, block_size=3, halo_size=1)
+    from jaxattn.pallas.halo import halo_map_kernel
+
+    with pytest.raises(ValueError, match="packed"):
+        halo_map_kernel(q, k, None, jnp.zeros((2, 64, 16)), block=4, halo=1, scale=1.0)

@@ -109,11 +109,14 @@ def _cases() -> Iterator[tuple[str, str, Callable, list, int]]:
     yield "halo", "B8 64x64 H8 d32 b8 h3", lambda q, k, v, rh, rw: jaxattn.halo_attention(
         q, k, v, rh, rw, block_size=8, halo_size=3, impl="pallas"), \
         [_sds((8, 64, 64, 8, 32))] * 3 + [_sds((27, 32))] * 2, 5
+    yield "halo_kv", "B8 64x64 H8 d32 b8 h3, packed kv", lambda q, kv, rh, rw: jaxattn.halo_attention_kv(
+        q, kv, rh, rw, block_size=8, halo_size=3, impl="pallas"), \
+        [_sds((8, 64, 64, 8, 32)), _sds((8, 64, 64, 8, 64))] + [_sds((27, 32))] * 2, 4
     yield "linear_global", "B16 S4096 H32 d64", lambda q, k, v, t: jaxattn.linear_global_attention(
         q, k, v, temperature=t, impl="pallas"), [_sds((16, 4096, 32, 64))] * 3 + [_sds((32,), jnp.float32)], 4
 
 
-OPS = ("attention", "sage", "landmark", "block_sparse", "lightning", "halo", "linear_global")
+OPS = ("attention", "sage", "landmark", "block_sparse", "lightning", "halo", "halo_kv", "linear_global")
 
 
 def by_source(ops: list[dict], top: int = 20) -> list[dict]:

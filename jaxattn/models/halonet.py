@@ -1,4 +1,4 @@
-"""HaloNet in Flax NNX (NHWC), on ``jaxattn.halo_attention``.
+"""HaloNet in Flax NNX (NHWC), on ``jaxattn.halo_attention_kv``.
 
 ``HaloAttn`` is timm's ``HaloAttn`` layer (``timm.layers.halo_attn``): a 1x1 conv ``q``
 (strided when the layer strides), a 1x1 conv ``kv`` whose output channels are per head
@@ -52,7 +52,7 @@ from jax import lax
 
 from jaxattn.models.gates import FeatureGate
 from jaxattn.models.timm_weights import load_timm_state_dict, timm_variables, to_timm_state_dict  # noqa: F401
-from jaxattn.ops.halo import halo_attention
+from jaxattn.ops.halo import halo_attention_kv
 
 _IMPLS = ("auto", "pallas", "xla")
 _ACTS = {"relu": jax.nn.relu, "silu": jax.nn.silu}
@@ -121,7 +121,7 @@ class HaloAttn(nnx.Module):
 
     ``dim_head`` (q/k width per head) defaults to ``make_divisible(dim_out * qk_ratio) // num_heads``;
     the value width per head is ``dim_out // num_heads``. ``feat_size`` is accepted and unused
-    (timm's argument compatibility). ``impl`` selects ``jaxattn.halo_attention``'s path; ``dtype``
+    (timm's argument compatibility). ``impl`` selects ``jaxattn.halo_attention_kv``'s path; ``dtype``
     is the compute dtype (parameters are fp32).
     """
 
@@ -173,11 +173,10 @@ class HaloAttn(nnx.Module):
             kv = jnp.pad(kv, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
             q = jnp.pad(q, ((0, 0), (0, hp // s - hq), (0, wp // s - wq), (0, 0)))
         q = q.reshape(b, hp // s, wp // s, heads, self.dim_head_qk)
-        kv = kv.reshape(b, hp, wp, heads, self.dim_head_qk + self.dim_head_v)
-        k, v = kv[..., : self.dim_head_qk], kv[..., self.dim_head_qk:]
-        o = halo_attention(q, k, v, self.pos_embed.height_rel[...], self.pos_embed.width_rel[...],
-                           block_size=bs, halo_size=self.halo_size, stride=s, scale=self.scale,
-                           scale_pos_embed=self.scale_pos_embed, impl=self.impl)
+        kv = kv.reshape(b, hp, wp, heads, self.dim_head_qk + self.dim_head_v)  # each head: its k, then its v
+        o = halo_attention_kv(q, kv, self.pos_embed.height_rel[...], self.pos_embed.width_rel[...],
+                              block_size=bs, halo_size=self.halo_size, value_dim=self.dim_head_v, stride=s,
+                              scale=self.scale, scale_pos_embed=self.scale_pos_embed, impl=self.impl)
         o = o[:, :hq, :wq].reshape(b, hq, wq, self.dim_out_v)
         return _avg_pool2(o) if self.use_avg_pool else o
 

@@ -107,6 +107,14 @@ def halo_attention(
 
     Returns ``[B, H/stride, W/stride, heads, e]`` in q's dtype.
     """
+    use_kernel = _check_inputs(q, k, v, rel_h, rel_w, block_size, halo_size, stride, impl)
+    return _halo(q, k, v, rel_h, rel_w, block_size=block_size, halo_size=halo_size, stride=stride,
+                 scale=q.shape[-1] ** -0.5 if scale is None else float(scale), scale_pos_embed=scale_pos_embed,
+                 mask_padding=mask_padding, use_kernel=use_kernel)
+
+
+def _check_inputs(q, k, v, rel_h, rel_w, block_size: int, halo_size: int, stride: int, impl: str) -> bool:
+    """Raises a ValueError naming the bad argument; returns whether the kernel runs."""
     _checks.check_impl(impl)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _checks.check_rank(name, x, 5, "[batch, height, width, heads, head_dim]")
@@ -134,22 +142,59 @@ def halo_attention(
         if tuple(r.shape) != (2 * win - 1, d):
             raise ValueError(f"{name} must have shape [2 * win - 1, head_dim] = {(2 * win - 1, d)}, "
                              f"got {tuple(r.shape)}")
+    return impl == "pallas" or (impl == "auto" and _common.targets_gpu())
 
-    use_kernel = impl == "pallas" or (impl == "auto" and _common.targets_gpu())
+
+def halo_attention_kv(
+    q: jax.Array,
+    kv: jax.Array,
+    rel_h: jax.Array,
+    rel_w: jax.Array,
+    *,
+    block_size: int,
+    halo_size: int,
+    value_dim: int | None = None,
+    stride: int = 1,
+    scale: float | None = None,
+    scale_pos_embed: bool = False,
+    mask_padding: bool = False,
+    impl: Literal["auto", "pallas", "xla"] = "auto",
+) -> jax.Array:
+    """:func:`halo_attention` on a packed key/value map, as a kv projection writes it (timm's
+    ``HaloAttn`` layout): ``kv [B, H, W, heads, d + e]``, each head's ``d`` key channels (``d`` =
+    q's head dim) then its ``e = value_dim`` value channels (default ``d``). With ``e == d`` a power
+    of two >= 16 the kernel reads both halves of the map in place and its backward writes the
+    map's cotangent whole: no slices of k and v, no concatenation of their gradients (a full pass
+    over the map each, per layer); otherwise k and v are sliced out first. Other arguments and the
+    result as :func:`halo_attention`."""
+    _checks.check_rank("kv", kv, 5, "[batch, height, width, heads, d + e]")
+    _checks.check_rank("q", q, 5, "[batch, height, width, heads, head_dim]")
+    d = q.shape[-1]
+    e = d if value_dim is None else int(value_dim)
+    if e < 1 or kv.shape[-1] != d + e:
+        raise ValueError(f"kv must have shape [batch, height, width, heads, d + value_dim] with d = q's head dim "
+                         f"{d} and value_dim {e}: last dim {d + e}, got {tuple(kv.shape)}")
+    k, v = kv[..., :d], kv[..., d:]  # (views for the checks and the XLA path; sliced only if used)
+    use_kernel = _check_inputs(q, k, v, rel_h, rel_w, block_size, halo_size, stride, impl)
+    packed = use_kernel and e == d and d >= 16 and d == _common.next_pow2(d)
     return _halo(q, k, v, rel_h, rel_w, block_size=block_size, halo_size=halo_size, stride=stride,
                  scale=d ** -0.5 if scale is None else float(scale), scale_pos_embed=scale_pos_embed,
-                 mask_padding=mask_padding, use_kernel=use_kernel)
+                 mask_padding=mask_padding, use_kernel=use_kernel, packed_kv=kv if packed else None)
 
 
 def _halo(q, k, v, rel_h, rel_w, *, block_size: int, halo_size: int, stride: int, scale: float,
           scale_pos_embed: bool, mask_padding: bool, use_kernel: bool, interpret: bool | None = None,
-          config=None):
-    """Validated inputs -> output; ``interpret=False`` forces GPU lowering (tests lower on CPU)."""
+          config=None, packed_kv: jax.Array | None = None):
+    """Validated inputs -> output; ``interpret=False`` forces GPU lowering (tests lower on CPU);
+    ``packed_kv``: the ``[..., 2d]`` map k and v are the halves of (``d`` a power of two >= 16),
+    which the kernel then reads in place."""
     _, hh, ww, _, _ = k.shape
     win = block_size + 2 * halo_size
     bq = block_size // stride
     nby, nbx = hh // block_size, ww // block_size
     if use_kernel:
+        if packed_kv is not None:
+            k, v = packed_kv, None
         return _kernel_path(q, k, v, rel_h, rel_w, block_size, halo_size, stride, mask_padding, scale,
                             scale if scale_pos_embed else 1.0, interpret, config)
     a, c = rel_projections(q, rel_h, rel_w, bq, win)
@@ -173,14 +218,17 @@ def _halo(q, k, v, rel_h, rel_w, *, block_size: int, halo_size: int, stride: int
 def _kernel_path(q, k, v, rel_h, rel_w, block, halo, stride, mask_padding, scale, rel_scale, interpret,
                  config=None):
     """Pads the head dims to powers of two (>= 16), builds the kernel's skewed relative tables
-    (``[2, QB * T, d]`` in q's dtype) and calls the fused kernel on the maps."""
+    (``[2, QB * T, d]`` in q's dtype) and calls the fused kernel on the maps (``v=None``: ``k`` is
+    the packed kv map, head dims already powers of two)."""
     win, bq = block + 2 * halo, block // stride
     t, qpow = window_tile(win), _common.next_pow2(bq)
-    d, e = max(16, _common.next_pow2(q.shape[-1])), max(16, _common.next_pow2(v.shape[-1]))
+    value_dim = q.shape[-1] if v is None else v.shape[-1]
+    d, e = max(16, _common.next_pow2(q.shape[-1])), max(16, _common.next_pow2(value_dim))
     pad = _common.pad_axis
     tab = jnp.stack([pad(pad(skewed_table(r, bq, win, t), 0, qpow), 2, d).reshape(qpow * t, d)
                      for r in (rel_h, rel_w)]).astype(q.dtype)
-    out = halo_map_kernel(pad(q, 4, d), pad(k, 4, d), pad(v, 4, e), tab, block=block, halo=halo, stride=stride,
+    k, v = (k, None) if v is None else (pad(k, 4, d), pad(v, 4, e))
+    out = halo_map_kernel(pad(q, 4, d), k, v, tab, block=block, halo=halo, stride=stride,
                           scale=scale, rel_scale=rel_scale, mask_padding=mask_padding, config=config,
                           interpret=interpret)
-    return out[..., : v.shape[-1]]
+    return out[..., :value_dim]
