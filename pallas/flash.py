@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from jaxattn.pallas import _common, _dropout, flash_mgpu
 from jaxattn.pallas._common import dot
@@ -364,6 +365,36 @@ def _seg_inputs(st: _Static, qseg, kseg, bq: int, bk: int, transposed: bool, q_m
             [qseg, kseg, ranges])
 
 
+def _seq_load(ref, idx, first, length: int, ragged: bool):
+    """``ref[idx]``: a tile whose leading axis is sequence rows from ``first``. q, k, v and dO are
+    not padded to the tiles (``ragged``: the sequence is not a multiple of them), so rows at or past
+    ``length`` are not read; they load as zero (padded rows of a padded copy would be zeros too)."""
+    if not ragged:
+        return ref[idx]
+    view = ref.at[idx]
+    rows = first + lax.broadcasted_iota(jnp.int32, view.shape, 0)
+    return pltriton.load(view, mask=rows < length, other=0)
+
+
+def _seq_store(ref, value, first, length: int, ragged: bool):
+    """``ref[...] = value`` for an output tile of sequence rows from ``first``; only the rows
+    before ``length`` exist in the (unpadded) output."""
+    if not ragged:
+        ref[...] = value.astype(ref.dtype)
+        return
+    view = ref.at[tuple(slice(None) for _ in ref.shape)]
+    rows = first + lax.broadcasted_iota(jnp.int32, value.shape, 0)
+    pltriton.store(view, value.astype(ref.dtype), mask=rows < length)
+
+
+def _q_ragged(st: _Static) -> bool:
+    return st.q_len != st.q_pad
+
+
+def _kv_ragged(st: _Static) -> bool:
+    return st.kv_len != st.kv_pad
+
+
 def _q_positions(st: _Static, q_start, block_q: int, lists):
     """Query positions of a tile: absolute (``q_offset`` added) for a sparse mask_fn."""
     pos = q_start + jnp.arange(block_q)
@@ -376,7 +407,10 @@ def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_r
     term (or None), k and v."""
     k_start = pl.multiple_of(j * block_k, block_k)
     ks = pl.ds(k_start, block_k)
-    k, v = k_ref[ks, :], v_ref[ks, :]
+    # (tiles holding keys past kv_len are always among the masked ones)
+    ragged = masked and _kv_ragged(st)
+    k = _seq_load(k_ref, (ks, slice(None)), k_start, st.kv_len, ragged)
+    v = _seq_load(v_ref, (ks, slice(None)), k_start, st.kv_len, ragged)
     pos_mask = None
     if masked:
         # a sparse layout pads keys to its mask block: a listed tile may be all padding
@@ -435,7 +469,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (o_ref, lse_ref) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
-    q = q_ref[...]
+    q = _seq_load(q_ref, (slice(None), slice(None)), q_start, st.q_len, _q_ragged(st))
     qseg = qseg_ref[...] if st.has_seg else None
     slope = alibi_ref[pl.program_id(2)] if st.alibi else None
     rows = None
@@ -454,7 +488,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     carry = _loop_kv(st, q_start, block_q, block_k, body, online_softmax_init(block_q, v_ref.shape[-1]), lists,
                      range_ref)
     o, lse = online_softmax_finish(*carry)
-    o_ref[...] = o.astype(o_ref.dtype)
+    _seq_store(o_ref, o, q_start, st.q_len, _q_ragged(st))
     lse_ref[...] = lse
 
 
@@ -535,7 +569,7 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=N
     args = [q, k, v]
     specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk)
     in_specs, args = in_specs + specs, args + arrays
-    out_shape = [jax.ShapeDtypeStruct((batch, st.q_pad, hq, v.shape[-1]), q.dtype),
+    out_shape = [jax.ShapeDtypeStruct((*q.shape[:3], v.shape[-1]), q.dtype),  # (rows as q: not padded)
                  jax.ShapeDtypeStruct((batch, hq, st.q_pad), jnp.float32)]
     out_specs = [pl.BlockSpec((None, bq, None, v.shape[-1]), lambda i, b, h: (b, qb(i), h, 0)),
                  pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i)))]
@@ -557,7 +591,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (dq_ref, *dbias) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
-    q, do = q_ref[...], do_ref[...]
+    q, do = (_seq_load(r, (slice(None), slice(None)), q_start, st.q_len, _q_ragged(st)) for r in (q_ref, do_ref))
     lse2 = _lse2(lse_ref[...])
     delta = delta_ref[...]
     qseg = qseg_ref[...] if st.has_seg else None
@@ -591,7 +625,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
         return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
 
     dq = _loop_kv(st, q_start, block_q, block_k, body, jnp.zeros(q.shape, jnp.float32), lists, range_ref)
-    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+    _seq_store(dq_ref, dq * st.scale, q_start, st.q_len, _q_ragged(st))
 
 
 def _lse2(lse):
@@ -669,8 +703,7 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
     k_start = pl.program_id(0) * block_k
     k_pos = k_start + jnp.arange(block_k)
-    k = k_ref[...]
-    v = v_ref[...]
+    k, v = (_seq_load(r, (slice(None), slice(None)), k_start, st.kv_len, _kv_ragged(st)) for r in (k_ref, v_ref))
     kseg = kseg_ref[...] if st.has_seg else None
     bias_heads = 1 if st.bias_bcast[1] else st.groups
     head0 = pl.program_id(2) * st.groups  # first q head of this kv head's group (ALiBi slopes)
@@ -682,8 +715,7 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         dk, dv = carry
         q_start = pl.multiple_of(i * block_q, block_q)
         qs = pl.ds(q_start, block_q)
-        q = q_ref[qs, g, :]
-        do = do_ref[qs, g, :]
+        q, do = (_seq_load(r, (qs, g, slice(None)), q_start, st.q_len, _q_ragged(st)) for r in (q_ref, do_ref))
         lse2 = _lse2(lse_ref[g, qs])
         delta = delta_ref[g, qs]
         pos_mask = None
@@ -730,8 +762,8 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = lax.fori_loop(0, st.groups, group_body, carry)
-    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    _seq_store(dk_ref, dk * st.scale, k_start, st.kv_len, _kv_ragged(st))
+    _seq_store(dv_ref, dv, k_start, st.kv_len, _kv_ragged(st))
 
 
 def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None):
@@ -817,7 +849,7 @@ def _flash_bwd(st, res, cts):
     do, dlse = _zero_if_symbolic(cts[0], o), _zero_if_symbolic(cts[1], lse)
     # delta_i = sum_d dO_id O_id; an lse cotangent adds p * dlse to ds.
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
-    delta = delta - dlse.astype(jnp.float32)
+    delta = _common.pad_axis(delta, 2, st.q_pad) - dlse.astype(jnp.float32)  # (the kernels read q_pad rows)
     do = do.astype(q.dtype)
     dq, dz = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed)
     dk, dv = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed)
@@ -982,11 +1014,15 @@ def precision_for(dtype: Any) -> Any:
 
 
 def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None) -> tuple[jax.Array, jax.Array]:
-    """Pads q/k/v to ``st.q_pad``/``st.kv_pad`` rows (head dims to a power of two >= 16),
-    runs the differentiable kernels and slices back: ``out [B, Sq, Hq, Dv]``, ``lse [B, Sq, Hq]``."""
+    """Pads the head dims to a power of two >= 16 (a copy only when they are not), runs the
+    differentiable kernels and slices back: ``out [B, Sq, Hq, Dv]``, ``lse [B, Sq, Hq]``. The
+    sequences are not padded to the tiles: the Triton kernels load and store their ragged last
+    tiles masked (no padded copies of q, k, v, dO and the outputs); only the Mosaic GPU forward
+    takes q, k, v padded to ``st.q_pad``/``st.kv_pad`` rows."""
     d_pad, dv_pad = max(16, _common.next_pow2(q.shape[-1])), max(16, _common.next_pow2(v.shape[-1]))
-    qp = _common.pad_axis(_common.pad_axis(q, 1, st.q_pad), 3, d_pad)
-    kp = _common.pad_axis(_common.pad_axis(k, 1, st.kv_pad), 3, d_pad)
-    vp = _common.pad_axis(_common.pad_axis(v, 1, st.kv_pad), 3, dv_pad)
+    rows = st.mosaic is not None  # (its TMA copies read whole tiles)
+    qp = _common.pad_axis(_common.pad_axis(q, 1, st.q_pad) if rows else q, 3, d_pad)
+    kp = _common.pad_axis(_common.pad_axis(k, 1, st.kv_pad) if rows else k, 3, d_pad)
+    vp = _common.pad_axis(_common.pad_axis(v, 1, st.kv_pad) if rows else v, 3, dv_pad)
     o, lse = _flash(st, qp, kp, vp, bias, qseg, kseg, layout, alibi, seed)
     return o[:, :st.q_len, :, :v.shape[-1]], jnp.swapaxes(lse[:, :, :st.q_len], 1, 2)

@@ -251,3 +251,5 @@ def test_image_step_traffic_cli(capsys, tmp_path):
     kernels = {r["what"] for r in json.loads(path.read_text())["records"]}
     assert {"jaxattn_halo_fwd", "jaxattn_halo_dq", "jaxattn_halo_dkv", "jaxattn_halo_dtab"} <= kernels, kernels
     assert main(["traffic", "--image-step", "halonet-tiny", "--lm-step", "tnl-tiny"]) == 2
+    assert main(["traffic", "--image-step", "vit-s"]) == 2
+    assert "unknown model 'vit-s'" in capsys.readouterr().err

@@ -306,6 +306,11 @@ def _traffic(args: argparse.Namespace) -> int:
     if args.lm_step and args.image_step:
         print("traffic: give --lm-step or --image-step, not both", file=sys.stderr)
         return 2
+    from jaxattn.models import MODEL_CONFIGS
+
+    if (name := args.lm_step or args.image_step) and name not in MODEL_CONFIGS:
+        print(f"traffic: unknown model {name!r}; choose one of {sorted(MODEL_CONFIGS)}", file=sys.stderr)
+        return 2
     if args.lm_step or args.image_step:
         if args.lm_step:
             batch = args.batch or 8
