@@ -88,14 +88,21 @@ def pallas_call(
     num_stages: int,
     interpret: bool | None,
     name: str,
+    out_init: Sequence[Any] | None = None,
 ) -> Callable[..., tuple[jax.Array, ...]]:
-    """``pl.pallas_call`` on the Triton backend, with optional output poisoning."""
+    """``pl.pallas_call`` on the Triton backend, with optional output poisoning. ``out_init``: per
+    output, an array it starts from (the kernel writes only some of its blocks or slots; the call
+    takes it as an extra trailing argument, aliased to the output), or None."""
     out_shape = tuple(out_shape)
     out_specs = tuple(out_specs)
     in_specs = tuple(in_specs)
+    init = tuple(out_init) if out_init is not None else (None,) * len(out_shape)
     params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     interp = resolve_interpret(interpret)
-    if not getattr(_state, "poison", False):
+    poison = getattr(_state, "poison", False)
+    # outputs that start from given contents, or from the poison value, are aliased inputs
+    aliased = [i for i, x in enumerate(init) if x is not None or poison]
+    if not aliased:
         return pl.pallas_call(
             kernel,
             out_shape=out_shape,
@@ -107,28 +114,29 @@ def pallas_call(
             name=name,
         )
 
-    n_in, n_out = len(in_specs), len(out_shape)
+    n_in = len(in_specs)
 
-    def poisoned_kernel(*refs: Any) -> None:
-        # refs: inputs, poison inputs (aliased, unused), outputs.
-        kernel(*refs[:n_in], *refs[n_in + n_out :])
+    def aliased_kernel(*refs: Any) -> None:
+        # refs: inputs, the aliased initial outputs (unused: the outputs are the same buffers), outputs.
+        kernel(*refs[:n_in], *refs[n_in + len(aliased):])
 
     call = pl.pallas_call(
-        poisoned_kernel,
+        aliased_kernel,
         out_shape=out_shape,
         grid=grid,
-        in_specs=in_specs + out_specs,
+        in_specs=in_specs + tuple(out_specs[i] for i in aliased),
         out_specs=out_specs,
         compiler_params=params,
         interpret=interp,
         name=name,
-        input_output_aliases={n_in + i: i for i in range(n_out)},
+        input_output_aliases={n_in + j: i for j, i in enumerate(aliased)},
     )
 
     @functools.wraps(call)
     def run(*args: jax.Array) -> tuple[jax.Array, ...]:
-        poison = [jnp.full(s.shape, _poison_value(s.dtype), s.dtype) for s in out_shape]
-        return call(*args, *poison)
+        extra = [init[i] if init[i] is not None else
+                 jnp.full(out_shape[i].shape, _poison_value(out_shape[i].dtype), out_shape[i].dtype) for i in aliased]
+        return call(*args, *extra)
 
     return run
 

@@ -118,6 +118,9 @@ class _Static:
     dropout: float = 0.0  # attention dropout rate (mask from ``_dropout``, regenerated in every kernel)
     dropout_shared: bool = False  # one mask for every (batch, head), as flax's broadcast_dropout
     mosaic: Any = None  # a flash_mgpu.MosaicConfig: the forward runs on Mosaic GPU (Hopper)
+    # q, k, v are slots 0, 1, 2 of one [B, S, 3, H, D] array (passed as q; k and v None): the
+    # kernels read them in place and the backward writes one [B, S, 3, H, D] cotangent
+    packed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,6 +368,29 @@ def _seg_inputs(st: _Static, qseg, kseg, bq: int, bk: int, transposed: bool, q_m
             [qseg, kseg, ranges])
 
 
+def _qkv_spec(st: _Static, slot: int, rows: int, heads: int | None, width: int, index) -> pl.BlockSpec:
+    """Block spec of q (``slot`` 0), k (1) or v (2): ``rows x heads x width`` blocks (``heads`` None:
+    one head, squeezed) at ``index(i, b, h) -> (batch, row block, head block)``; packed, the same
+    block of that slot of the ``[B, S, 3, H, D]`` array."""
+    if not st.packed:
+        return pl.BlockSpec((None, rows, heads, width), lambda i, b, h: (*index(i, b, h), 0))
+    return pl.BlockSpec((None, rows, None, heads, width),
+                        lambda i, b, h: (*index(i, b, h)[:2], slot, index(i, b, h)[2], 0))
+
+
+def _packed_grad_spec(rows: int, width: int, index) -> pl.BlockSpec:
+    """All three slots of a ``[B, S, 3, H, D]`` cotangent, ``rows`` rows of one head."""
+    return pl.BlockSpec((None, rows, 3, None, width), lambda i, b, h: (*index(i, b, h)[:2], 0, index(i, b, h)[2], 0))
+
+
+def _dims(st: _Static, q, v) -> tuple[int, int, int, int]:
+    """(batch, q heads, q/k head dim, v head dim) of the kernel inputs."""
+    if st.packed:
+        batch, _, _, hq, d = q.shape
+        return batch, hq, d, d
+    return q.shape[0], q.shape[2], q.shape[3], v.shape[-1]
+
+
 def _seq_load(ref, idx, first, length: int, ragged: bool):
     """``ref[idx]``: a tile whose leading axis is sequence rows from ``first``. q, k, v and dO are
     not padded to the tiles (``ragged``: the sequence is not a multiple of them), so rows at or past
@@ -376,15 +402,18 @@ def _seq_load(ref, idx, first, length: int, ragged: bool):
     return pltriton.load(view, mask=rows < length, other=0)
 
 
-def _seq_store(ref, value, first, length: int, ragged: bool):
-    """``ref[...] = value`` for an output tile of sequence rows from ``first``; only the rows
-    before ``length`` exist in the (unpadded) output."""
+def _seq_store(ref, value, first, length: int, ragged: bool, slot: int | None = None):
+    """``ref[...] = value`` for an output tile of sequence rows from ``first`` (``slot``: into
+    ``ref[:, slot, :]`` of a packed ``[rows, 3, d]`` cotangent tile); only the rows before
+    ``length`` exist in the (unpadded) output."""
+    idx = (slice(None), slice(None))
+    if slot is not None:  # (a [rows, 1, d] window of the slot: interpret mode takes no int index here)
+        idx, value = (slice(None), pl.ds(slot, 1), slice(None)), value[:, None, :]
     if not ragged:
-        ref[...] = value.astype(ref.dtype)
+        ref[idx] = value.astype(ref.dtype)
         return
-    view = ref.at[tuple(slice(None) for _ in ref.shape)]
     rows = first + lax.broadcasted_iota(jnp.int32, value.shape, 0)
-    pltriton.store(view, value.astype(ref.dtype), mask=rows < length)
+    pltriton.store(ref.at[idx], value.astype(ref.dtype), mask=rows < length)
 
 
 def _q_ragged(st: _Static) -> bool:
@@ -558,20 +587,20 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=N
                                   config=st.mosaic, sparse=sparse, interpret=_common.resolve_interpret(st.interpret))
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q, cfg.block_k)
-    batch, _, hq, d = q.shape
+    batch, hq, d, dv = _dims(st, q, v)
     g = st.groups
     qb = functools.partial(_q_block, st, block_q=bq)
     in_specs = [
-        pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qb(i), h, 0)),
-        pl.BlockSpec((None, st.kv_pad, None, d), lambda i, b, h: (b, 0, h // g, 0)),
-        pl.BlockSpec((None, st.kv_pad, None, v.shape[-1]), lambda i, b, h: (b, 0, h // g, 0)),
+        _qkv_spec(st, 0, bq, None, d, lambda i, b, h: (b, qb(i), h)),
+        _qkv_spec(st, 1, st.kv_pad, None, d, lambda i, b, h: (b, 0, h // g)),
+        _qkv_spec(st, 2, st.kv_pad, None, dv, lambda i, b, h: (b, 0, h // g)),
     ]
-    args = [q, k, v]
+    args = [q, q, q] if st.packed else [q, k, v]
     specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk)
     in_specs, args = in_specs + specs, args + arrays
-    out_shape = [jax.ShapeDtypeStruct((*q.shape[:3], v.shape[-1]), q.dtype),  # (rows as q: not padded)
+    out_shape = [jax.ShapeDtypeStruct((batch, q.shape[1], hq, dv), q.dtype),  # (rows as q: not padded)
                  jax.ShapeDtypeStruct((batch, hq, st.q_pad), jnp.float32)]
-    out_specs = [pl.BlockSpec((None, bq, None, v.shape[-1]), lambda i, b, h: (b, qb(i), h, 0)),
+    out_specs = [pl.BlockSpec((None, bq, None, dv), lambda i, b, h: (b, qb(i), h, 0)),
                  pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i)))]
     call = _common.pallas_call(
         functools.partial(_fwd_kernel, st=st, block_q=bq, block_k=bk),
@@ -625,7 +654,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
         return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
 
     dq = _loop_kv(st, q_start, block_q, block_k, body, jnp.zeros(q.shape, jnp.float32), lists, range_ref)
-    _seq_store(dq_ref, dq * st.scale, q_start, st.q_len, _q_ragged(st))
+    _seq_store(dq_ref, dq * st.scale, q_start, st.q_len, _q_ragged(st), 0 if st.packed else None)
 
 
 def _lse2(lse):
@@ -633,26 +662,31 @@ def _lse2(lse):
     return jnp.where(lse == NEG_INF, jnp.inf, lse * LOG2E)
 
 
-def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None):
+def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None,
+             dqkv=None):
+    """dq (and the logits' cotangent with ``st.bias_grad``); packed, slot 0 of ``dqkv`` (the dk/dv
+    kernel's packed cotangent, updated in place)."""
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q_dq, cfg.block_k_dq)
-    batch, _, hq, d = q.shape
-    dv_ = v.shape[-1]
+    batch, hq, d, dv_ = _dims(st, q, v)
     g = st.groups
     qb = functools.partial(_q_block, st, block_q=bq)
     in_specs = [
-        pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qb(i), h, 0)),
-        pl.BlockSpec((None, st.kv_pad, None, d), lambda i, b, h: (b, 0, h // g, 0)),
-        pl.BlockSpec((None, st.kv_pad, None, dv_), lambda i, b, h: (b, 0, h // g, 0)),
+        _qkv_spec(st, 0, bq, None, d, lambda i, b, h: (b, qb(i), h)),
+        _qkv_spec(st, 1, st.kv_pad, None, d, lambda i, b, h: (b, 0, h // g)),
+        _qkv_spec(st, 2, st.kv_pad, None, dv_, lambda i, b, h: (b, 0, h // g)),
         pl.BlockSpec((None, bq, None, dv_), lambda i, b, h: (b, qb(i), h, 0)),
         pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i))),
         pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i))),
     ]
-    args = [q, k, v, do, lse, delta]
+    args = [q, q, q, do, lse, delta] if st.packed else [q, k, v, do, lse, delta]
     specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk)
     in_specs, args = in_specs + specs, args + arrays
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qb(i), h, 0))]
+    if st.packed:
+        out_specs = [_packed_grad_spec(bq, d, lambda i, b, h: (b, qb(i), h))]
+    else:
+        out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qb(i), h, 0))]
     if st.bias_grad:  # fp32 [B, Hq, q_pad, kv_pad]: one query tile's row stripe per program
         out_shape.append(jax.ShapeDtypeStruct((batch, hq, st.q_pad, st.kv_pad), jnp.float32))
         out_specs.append(pl.BlockSpec((None, None, bq, st.kv_pad), lambda i, b, h: (b, h, qb(i), 0)))
@@ -660,7 +694,7 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, ali
         functools.partial(_dq_kernel, st=st, block_q=bq, block_k=bk),
         out_shape=out_shape, grid=(st.q_pad // bq, batch, hq), in_specs=in_specs, out_specs=out_specs,
         num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd,
-        interpret=st.interpret, name="jaxattn_flash_dq")
+        interpret=st.interpret, name="jaxattn_flash_dq", out_init=[dqkv] + [None] * (len(out_shape) - 1))
     out = call(*args)
     return out[0], (out[1] if st.bias_grad else None)
 
@@ -699,7 +733,7 @@ def _q_range(st: _Static, k_start, block_q: int, block_k: int):
 
 def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (dk_ref, dv_ref) = _optional_refs(st, rest)
+    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, outs = _optional_refs(st, rest)
 
     k_start = pl.program_id(0) * block_k
     k_pos = k_start + jnp.arange(block_k)
@@ -762,8 +796,12 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = lax.fori_loop(0, st.groups, group_body, carry)
-    _seq_store(dk_ref, dk * st.scale, k_start, st.kv_len, _kv_ragged(st))
-    _seq_store(dv_ref, dv, k_start, st.kv_len, _kv_ragged(st))
+    if st.packed:  # one [bk, 3, d] tile of the packed cotangent: dk, dv into slots 1, 2 (dq's kernel fills 0)
+        _seq_store(outs[0], dk * st.scale, k_start, st.kv_len, _kv_ragged(st), 1)
+        _seq_store(outs[0], dv, k_start, st.kv_len, _kv_ragged(st), 2)
+    else:
+        _seq_store(outs[0], dk * st.scale, k_start, st.kv_len, _kv_ragged(st))
+        _seq_store(outs[1], dv, k_start, st.kv_len, _kv_ragged(st))
 
 
 def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None):
@@ -773,18 +811,18 @@ def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, a
     extra_tiles = st.softcap is not None or st.dropout > 0
     block_q = cfg.block_q_dkv // 2 if extra_tiles and cfg.block_q_dkv > 16 else cfg.block_q_dkv
     bq, bk = _blocks(st, block_q, cfg.block_k_dkv)
-    batch, _, hkv, d = k.shape
-    dv_ = v.shape[-1]
+    batch, hq, d, dv_ = _dims(st, q, v)
     g = st.groups
+    hkv = hq // g
     in_specs = [
-        pl.BlockSpec((None, st.q_pad, g, d), lambda j, b, h: (b, 0, h, 0)),
-        pl.BlockSpec((None, bk, None, d), lambda j, b, h: (b, j, h, 0)),
-        pl.BlockSpec((None, bk, None, dv_), lambda j, b, h: (b, j, h, 0)),
+        _qkv_spec(st, 0, st.q_pad, g, d, lambda j, b, h: (b, 0, h)),
+        _qkv_spec(st, 1, bk, None, d, lambda j, b, h: (b, j, h)),
+        _qkv_spec(st, 2, bk, None, dv_, lambda j, b, h: (b, j, h)),
         pl.BlockSpec((None, st.q_pad, g, dv_), lambda j, b, h: (b, 0, h, 0)),
         pl.BlockSpec((None, g, st.q_pad), lambda j, b, h: (b, h, 0)),
         pl.BlockSpec((None, g, st.q_pad), lambda j, b, h: (b, h, 0)),
     ]
-    args = [q, k, v, do, lse, delta]
+    args = [q, q, q, do, lse, delta] if st.packed else [q, k, v, do, lse, delta]
     specs, arrays = _seg_inputs(st, qseg, kseg, bq, bk, True, pl.BlockSpec((None, st.q_pad), lambda j, b, h: (b, 0)),
                                 pl.BlockSpec((None, bk), lambda j, b, h: (b, j)))
     in_specs, args = in_specs + specs, args + arrays
@@ -798,12 +836,16 @@ def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, a
     in_specs, args = in_specs + specs, args + arrays
     specs, arrays = _list_inputs(st, layout, transposed=True)
     in_specs, args = in_specs + specs, args + arrays
+    if st.packed:  # (slot 0, dq, comes from the dq kernel afterwards)
+        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+        out_specs = [_packed_grad_spec(bk, d, lambda j, b, h: (b, j, h))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+        out_specs = [pl.BlockSpec((None, bk, None, d), lambda j, b, h: (b, j, h, 0)),
+                     pl.BlockSpec((None, bk, None, dv_), lambda j, b, h: (b, j, h, 0))]
     call = _common.pallas_call(
         functools.partial(_dkdv_kernel, st=st, block_q=bq, block_k=bk),
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        grid=(st.kv_pad // bk, batch, hkv), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bk, None, d), lambda j, b, h: (b, j, h, 0)),
-                   pl.BlockSpec((None, bk, None, dv_), lambda j, b, h: (b, j, h, 0))],
+        out_shape=out_shape, grid=(st.kv_pad // bk, batch, hkv), in_specs=in_specs, out_specs=out_specs,
         num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd,
         interpret=st.interpret, name="jaxattn_flash_dkdv")
     return call(*args)
@@ -851,8 +893,12 @@ def _flash_bwd(st, res, cts):
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
     delta = _common.pad_axis(delta, 2, st.q_pad) - dlse.astype(jnp.float32)  # (the kernels read q_pad rows)
     do = do.astype(q.dtype)
-    dq, dz = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed)
-    dk, dv = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed)
+    if st.packed:  # one [B, S, 3, H, D] cotangent: dk, dv into slots 1, 2, then dq into slot 0 in place
+        (dqkv,) = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed)
+        (dq, dz), dk, dv = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed, dqkv), None, None
+    else:
+        dq, dz = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed)
+        dk, dv = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed)
     dbias = None
     if bias_grad:  # the logits' cotangent summed over the bias's broadcast dims
         dbias = jnp.sum(dz, axis=tuple(i for i, b in enumerate(st.bias_bcast) if b), keepdims=True)
@@ -866,8 +912,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
 
 def flash_attention(
     q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    k: jax.Array | None,
+    v: jax.Array | None,
     *,
     causal: bool = False,
     scale: float | None = None,
@@ -890,7 +936,9 @@ def flash_attention(
 
     Args:
       q: ``[B, Sq, Hq, D]``; k: ``[B, Sk, Hkv, D]``; v: ``[B, Sk, Hkv, Dv]``,
-        with ``Hkv`` dividing ``Hq``; one floating dtype.
+        with ``Hkv`` dividing ``Hq``; one floating dtype. Or ``q`` packed ``[B, S, 3, H, D]`` (q, k,
+        v in slots 0, 1, 2; ``D`` a power of two >= 16) with ``k = v = None``: the kernels read the
+        slots in place and the gradient is one ``[B, S, 3, H, D]`` array (triton backend only).
       bias: rank-4 array broadcastable to ``[B, Hq, Sq, Sk]`` (each dim full or 1);
         floating = additive (differentiable: when it is differentiated, the dq kernel also writes
         the logits' cotangent, ``[B, Hq, Sq, Sk]`` fp32, summed over the broadcast dims), bool =
@@ -919,9 +967,19 @@ def flash_attention(
       ``out [B, Sq, Hq, Dv]`` in the input dtype and ``lse [B, Sq, Hq]`` (fp32,
       natural log, ``-inf`` for rows with no visible key, whose output is zero).
     """
-    batch, q_len, hq, d = q.shape
-    kv_len, hkv = k.shape[1], k.shape[2]
-    dv = v.shape[-1]
+    packed = k is None
+    if packed:
+        if v is not None or q.ndim != 5 or q.shape[2] != 3 or q.shape[-1] != max(16, _common.next_pow2(q.shape[-1])):
+            raise ValueError(f"packed qkv (k = v = None) must be [B, S, 3, H, D] with D a power of two >= 16 "
+                             f"and v None; got q {tuple(q.shape)}")
+        if backend != "triton":
+            raise ValueError("packed qkv runs on the triton backend only")
+        batch, q_len, _, hq, d = q.shape
+        kv_len, hkv, dv = q_len, hq, d
+    else:
+        batch, q_len, hq, d = q.shape
+        kv_len, hkv = k.shape[1], k.shape[2]
+        dv = v.shape[-1]
     cfg = config or flash_config(max(d, dv), q.dtype)
     scale = float(1.0 / math.sqrt(d) if scale is None else scale)
 
@@ -962,6 +1020,7 @@ def flash_attention(
         window=tuple(local_window_size) if local_window_size is not None else (None, None),
         softcap=None if logits_soft_cap is None else float(logits_soft_cap), alibi=alibi_slopes is not None,
         heads=hq, dropout=float(dropout_rate), dropout_shared=bool(dropout_shared), mosaic=mosaic,
+        packed=packed,
     )
     seed = None
     if dropout_rate:
@@ -1019,6 +1078,9 @@ def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=
     sequences are not padded to the tiles: the Triton kernels load and store their ragged last
     tiles masked (no padded copies of q, k, v, dO and the outputs); only the Mosaic GPU forward
     takes q, k, v padded to ``st.q_pad``/``st.kv_pad`` rows."""
+    if st.packed:  # (head dim already a power of two, no Mosaic forward)
+        o, lse = _flash(st, q, None, None, bias, qseg, kseg, layout, alibi, seed)
+        return o, jnp.swapaxes(lse[:, :, :st.q_len], 1, 2)
     d_pad, dv_pad = max(16, _common.next_pow2(q.shape[-1])), max(16, _common.next_pow2(v.shape[-1]))
     rows = st.mosaic is not None  # (its TMA copies read whole tiles)
     qp = _common.pad_axis(_common.pad_axis(q, 1, st.q_pad) if rows else q, 3, d_pad)

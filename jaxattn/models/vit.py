@@ -52,7 +52,7 @@ from flax import nnx
 
 from jaxattn.models.gates import FeatureGate, TokenGate
 from jaxattn.models.timm_weights import load_timm_state_dict, timm_variables, to_timm_state_dict  # noqa: F401
-from jaxattn.ops.attention import attention
+from jaxattn.ops.attention import attention_qkvpacked
 
 _IMPLS = ("auto", "pallas", "mosaic", "xla")  # "mosaic": Hopper kernels (bf16/fp16, no attn_drop)
 LN_EPS = 1e-6
@@ -230,8 +230,8 @@ class Attention(nnx.Module):
             from jaxattn.ops.sage import sage_attention
 
             o = sage_attention(q, k, v, impl=self.impl)
-        else:
-            o = attention(q, k, v, impl=self.impl, **self.attn_drop())
+        else:  # (the kernels read the packed qkv in place: no q/k/v copies, one packed gradient)
+            o = attention_qkvpacked(qkv, impl=self.impl, **self.attn_drop())
         out = _apply(self.proj_drop, self.proj(o.reshape(b, n, -1)))
         if not return_attention:
             return out

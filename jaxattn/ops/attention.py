@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.ops import _checks
-from jaxattn.pallas import _dropout
+from jaxattn.pallas import _common, _dropout
 from jaxattn.pallas import flash as _flash
 from jaxattn.pallas._common import targets_gpu as _targets_gpu
 from jaxattn.reference.attention import attention_reference
@@ -34,6 +34,7 @@ def attention(
     dropout_offset: tuple = (0, 0, 0),
     impl: Literal["auto", "pallas", "mosaic", "xla"] = "auto",
     return_lse: bool = False,
+    _packed_qkv: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Scaled dot-product softmax attention.
 
@@ -77,6 +78,8 @@ def attention(
         plain causal or non-causal attention with GQA and any lengths, head dims 64 or 128,
         bf16/fp16 (other features raise a ``ValueError``).
       return_lse: also return the log-sum-exp ``[batch, q_len, heads]`` (fp32).
+      _packed_qkv: internal (:func:`attention_qkvpacked`): the ``[B, S, 3, H, D]`` array q, k, v
+        are the slots of; the Triton kernels then read it in place.
 
     A query row with no visible key (every key masked by ``causal``,
     ``segment_ids``, a bool ``mask`` or ``-inf`` bias) returns zeros, with
@@ -123,8 +126,10 @@ def attention(
         mosaic = impl == "mosaic" or (impl == "auto" and _flash.mosaic_auto(
             q, k, v, causal, mask, qseg, extra["local_window_size"], extra["logits_soft_cap"],
             extra.get("alibi_slopes"), extra.get("dropout_rate", 0.0)))
+        packed = (_packed_qkv is not None and not mosaic and d == v.shape[-1]
+                  and d == max(16, _common.next_pow2(d)))
         out, lse = _flash.flash_attention(
-            q, k, v, causal=causal, scale=scale, bias=mask,
+            *((_packed_qkv, None, None) if packed else (q, k, v)), causal=causal, scale=scale, bias=mask,
             q_segment_ids=qseg, kv_segment_ids=kvseg, backend="mosaic" if mosaic else "triton", **extra)
     else:
         out, lse = attention_reference(
@@ -132,6 +137,21 @@ def attention(
             q_segment_ids=qseg, kv_segment_ids=kvseg, **extra)
         out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def attention_qkvpacked(qkv: jax.Array, **kwargs) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """:func:`attention` (self-attention; same keyword arguments) on q, k, v packed as one
+    ``[batch, seq, 3, heads, head_dim]`` array, as a fused qkv projection writes it (timm's
+    ``qkv(x).reshape(B, N, 3, heads, head_dim)``; flash-attn's ``qkvpacked`` layout). On the Triton
+    kernels with a power-of-two head dim the kernels read the three slots in place and the
+    backward writes the packed gradient whole: no slices of q, k, v and no concatenation of their
+    gradients go through memory. Returns ``[batch, seq, heads, head_dim]`` (and the lse)."""
+    _checks.check_rank("qkv", qkv, 5, "[batch, seq, 3, heads, head_dim]")
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape [batch, seq, 3, heads, head_dim]: axis 2 of size 3, got {tuple(qkv.shape)}")
+    if "_packed_qkv" in kwargs:
+        raise TypeError("attention_qkvpacked() got an unexpected keyword argument '_packed_qkv'")
+    return attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], **kwargs, _packed_qkv=qkv)
 
 
 def _segment_pair(segment_ids: SegmentIds, batch: int, q_len: int, kv_len: int):
