@@ -145,6 +145,12 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def unpadded_width(d: int) -> bool:
+    """Whether the kernels take a head dim ``d`` as it is (a power of two >= 16): no padded copy,
+    so an input can be read in place (packed layouts)."""
+    return d >= 16 and d == next_pow2(d)
+
+
 def table_key(head_dim: int, dtype: Any, min_dim: int = 16) -> tuple[int, int]:
     """A config table's key: the head dim padded to a power of two (at least ``min_dim``) and the
     bytes per element (4, or 2 for the two-byte dtypes)."""

@@ -378,6 +378,16 @@ def _qkv_spec(st: _Static, slot: int, rows: int, heads: int | None, width: int, 
                         lambda i, b, h: (*index(i, b, h)[:2], slot, index(i, b, h)[2], 0))
 
 
+def _qkv_inputs(st: _Static, q, k, v, d: int, dv: int, q_rows: int, q_heads: int | None, q_index, kv_rows: int,
+                kv_index) -> tuple[list, list]:
+    """(specs, arrays) of a kernel's q, k, v inputs: ``q_rows x q_heads`` query blocks at ``q_index``,
+    ``kv_rows``-row key/value blocks of one kv head at ``kv_index`` (:func:`_qkv_spec`); packed, the
+    one array three times."""
+    specs = [_qkv_spec(st, 0, q_rows, q_heads, d, q_index), _qkv_spec(st, 1, kv_rows, None, d, kv_index),
+             _qkv_spec(st, 2, kv_rows, None, dv, kv_index)]
+    return specs, [q, q, q] if st.packed else [q, k, v]
+
+
 def _packed_grad_spec(rows: int, width: int, index) -> pl.BlockSpec:
     """All three slots of a ``[B, S, 3, H, D]`` cotangent, ``rows`` rows of one head."""
     return pl.BlockSpec((None, rows, 3, None, width), lambda i, b, h: (*index(i, b, h)[:2], 0, index(i, b, h)[2], 0))
@@ -590,12 +600,8 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=N
     batch, hq, d, dv = _dims(st, q, v)
     g = st.groups
     qb = functools.partial(_q_block, st, block_q=bq)
-    in_specs = [
-        _qkv_spec(st, 0, bq, None, d, lambda i, b, h: (b, qb(i), h)),
-        _qkv_spec(st, 1, st.kv_pad, None, d, lambda i, b, h: (b, 0, h // g)),
-        _qkv_spec(st, 2, st.kv_pad, None, dv, lambda i, b, h: (b, 0, h // g)),
-    ]
-    args = [q, q, q] if st.packed else [q, k, v]
+    in_specs, args = _qkv_inputs(st, q, k, v, d, dv, bq, None, lambda i, b, h: (b, qb(i), h),
+                                 st.kv_pad, lambda i, b, h: (b, 0, h // g))
     specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk)
     in_specs, args = in_specs + specs, args + arrays
     out_shape = [jax.ShapeDtypeStruct((batch, q.shape[1], hq, dv), q.dtype),  # (rows as q: not padded)
@@ -671,15 +677,14 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, ali
     batch, hq, d, dv_ = _dims(st, q, v)
     g = st.groups
     qb = functools.partial(_q_block, st, block_q=bq)
-    in_specs = [
-        _qkv_spec(st, 0, bq, None, d, lambda i, b, h: (b, qb(i), h)),
-        _qkv_spec(st, 1, st.kv_pad, None, d, lambda i, b, h: (b, 0, h // g)),
-        _qkv_spec(st, 2, st.kv_pad, None, dv_, lambda i, b, h: (b, 0, h // g)),
+    in_specs, args = _qkv_inputs(st, q, k, v, d, dv_, bq, None, lambda i, b, h: (b, qb(i), h),
+                                 st.kv_pad, lambda i, b, h: (b, 0, h // g))
+    in_specs += [
         pl.BlockSpec((None, bq, None, dv_), lambda i, b, h: (b, qb(i), h, 0)),
         pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i))),
         pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i))),
     ]
-    args = [q, q, q, do, lse, delta] if st.packed else [q, k, v, do, lse, delta]
+    args += [do, lse, delta]
     specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk)
     in_specs, args = in_specs + specs, args + arrays
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
@@ -814,15 +819,14 @@ def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, a
     batch, hq, d, dv_ = _dims(st, q, v)
     g = st.groups
     hkv = hq // g
-    in_specs = [
-        _qkv_spec(st, 0, st.q_pad, g, d, lambda j, b, h: (b, 0, h)),
-        _qkv_spec(st, 1, bk, None, d, lambda j, b, h: (b, j, h)),
-        _qkv_spec(st, 2, bk, None, dv_, lambda j, b, h: (b, j, h)),
+    in_specs, args = _qkv_inputs(st, q, k, v, d, dv_, st.q_pad, g, lambda j, b, h: (b, 0, h),
+                                 bk, lambda j, b, h: (b, j, h))
+    in_specs += [
         pl.BlockSpec((None, st.q_pad, g, dv_), lambda j, b, h: (b, 0, h, 0)),
         pl.BlockSpec((None, g, st.q_pad), lambda j, b, h: (b, h, 0)),
         pl.BlockSpec((None, g, st.q_pad), lambda j, b, h: (b, h, 0)),
     ]
-    args = [q, q, q, do, lse, delta] if st.packed else [q, k, v, do, lse, delta]
+    args += [do, lse, delta]
     specs, arrays = _seg_inputs(st, qseg, kseg, bq, bk, True, pl.BlockSpec((None, st.q_pad), lambda j, b, h: (b, 0)),
                                 pl.BlockSpec((None, bk), lambda j, b, h: (b, j)))
     in_specs, args = in_specs + specs, args + arrays
@@ -969,7 +973,7 @@ def flash_attention(
     """
     packed = k is None
     if packed:
-        if v is not None or q.ndim != 5 or q.shape[2] != 3 or q.shape[-1] != max(16, _common.next_pow2(q.shape[-1])):
+        if v is not None or q.ndim != 5 or q.shape[2] != 3 or not _common.unpadded_width(q.shape[-1]):
             raise ValueError(f"packed qkv (k = v = None) must be [B, S, 3, H, D] with D a power of two >= 16 "
                              f"and v None; got q {tuple(q.shape)}")
         if backend != "triton":
@@ -1078,13 +1082,14 @@ def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=
     sequences are not padded to the tiles: the Triton kernels load and store their ragged last
     tiles masked (no padded copies of q, k, v, dO and the outputs); only the Mosaic GPU forward
     takes q, k, v padded to ``st.q_pad``/``st.kv_pad`` rows."""
-    if st.packed:  # (head dim already a power of two, no Mosaic forward)
-        o, lse = _flash(st, q, None, None, bias, qseg, kseg, layout, alibi, seed)
-        return o, jnp.swapaxes(lse[:, :, :st.q_len], 1, 2)
-    d_pad, dv_pad = max(16, _common.next_pow2(q.shape[-1])), max(16, _common.next_pow2(v.shape[-1]))
-    rows = st.mosaic is not None  # (its TMA copies read whole tiles)
-    qp = _common.pad_axis(_common.pad_axis(q, 1, st.q_pad) if rows else q, 3, d_pad)
-    kp = _common.pad_axis(_common.pad_axis(k, 1, st.kv_pad) if rows else k, 3, d_pad)
-    vp = _common.pad_axis(_common.pad_axis(v, 1, st.kv_pad) if rows else v, 3, dv_pad)
-    o, lse = _flash(st, qp, kp, vp, bias, qseg, kseg, layout, alibi, seed)
-    return o[:, :st.q_len, :, :v.shape[-1]], jnp.swapaxes(lse[:, :, :st.q_len], 1, 2)
+    if st.packed:  # (head dim already a power of two, no Mosaic forward: nothing to pad)
+        dv, args = q.shape[-1], (q, None, None)
+    else:
+        d_pad, dv_pad = max(16, _common.next_pow2(q.shape[-1])), max(16, _common.next_pow2(v.shape[-1]))
+        rows = st.mosaic is not None  # (its TMA copies read whole tiles)
+        qp = _common.pad_axis(_common.pad_axis(q, 1, st.q_pad) if rows else q, 3, d_pad)
+        kp = _common.pad_axis(_common.pad_axis(k, 1, st.kv_pad) if rows else k, 3, d_pad)
+        vp = _common.pad_axis(_common.pad_axis(v, 1, st.kv_pad) if rows else v, 3, dv_pad)
+        dv, args = v.shape[-1], (qp, kp, vp)
+    o, lse = _flash(st, *args, bias, qseg, kseg, layout, alibi, seed)
+    return o[:, :st.q_len, :, :dv], jnp.swapaxes(lse[:, :, :st.q_len], 1, 2)

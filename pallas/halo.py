@@ -163,10 +163,15 @@ def rel_logits_grad_q(st: _Static, dab, tab_ref):
     offset's slice of the ``[R, QB T]`` projection, which the table maps back to ``d`` channels."""
     dq = None
     for half, own_columns, sel in _rel_selection(st, dab.shape[0], dab.dtype):
-        d_own = jnp.where(own_columns, dot(dab, sel, trans_b=True, precision=st.precision), 0.0)
-        part = dot(d_own.astype(dab.dtype), tab_ref[half], precision=st.precision)
+        part = dot(_spread_back(st, dab, own_columns, sel), tab_ref[half], precision=st.precision)
         dq = part if dq is None else dq + part
     return dq * st.rel_scale
+
+
+def _spread_back(st: _Static, dab, own_columns, sel):
+    """``d[A | B]`` (``[R, 2T]``) back onto one table's ``[R, QB T]`` projection: the selection dot
+    transposed, each row kept to its own offset's columns (in ``dab``'s dtype)."""
+    return jnp.where(own_columns, dot(dab, sel, trans_b=True, precision=st.precision), 0.0).astype(dab.dtype)
 
 
 def _rel_selection(st: _Static, rows: int, dtype):
@@ -277,9 +282,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, ab_ref, lse_ref, delta_ref, do_ref, *outs, 
     with the relative logits of each key's place in that block's window, both stored per block by
     the dq kernel with ``delta = rowsum(dO * O)``), then ``dv += p^T dO`` and
     ``dk += scale (p (dO v^T - delta))^T q``. Idle query rows have ``dO = 0``."""
-    y, x, real = _keys(st)
-    k, v = k_ref[_key_index(k_ref, y, x)], v_ref[_key_index(v_ref, y, x)]
-    y, x, real = y[:, 0], x[:, 0], real[:, 0]
+    key_y, key_x, key_real = _keys(st)  # [KB, 1]
+    k, v = k_ref[_key_index(k_ref, key_y, key_x)], v_ref[_key_index(v_ref, key_y, key_x)]
+    y, x, real = key_y[:, 0], key_x[:, 0], key_real[:, 0]
     ky, kx = _origin(st)
     nby = st.height // st.block
     m = -(-st.halo // st.block)
@@ -307,12 +312,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, ab_ref, lse_ref, delta_ref, do_ref, *outs, 
         return dk + dot(ds, q, trans_a=True, precision=st.precision), dv
 
     dk, dv = lax.fori_loop(0, side * side, body, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
-    y, x, real = _keys(st)
     # (packed: dk into channels [0, d) and dv into [d, 2d) of the one [H, W, 2d] cotangent map)
     dk_ref, dv_ref = (outs[0], outs[0]) if st.packed else outs
     for ref, val, offset in ((dk_ref, dk * st.scale, 0), (dv_ref, dv, dk.shape[-1] if st.packed else 0)):
-        idx = _key_index(ref, y, x, real, val.shape[-1], offset)
-        pltriton.store(ref.at[idx], val.astype(ref.dtype), mask=jnp.broadcast_to(real, val.shape))
+        idx = _key_index(ref, key_y, key_x, key_real, val.shape[-1], offset)
+        pltriton.store(ref.at[idx], val.astype(ref.dtype), mask=jnp.broadcast_to(key_real, val.shape))
 
 
 def _block_spec(shape):
@@ -397,26 +401,11 @@ def _halo_fwd(st, q, k, v, tab):
     return o, (q, k, v, tab, o, lse)
 
 
-def skewed_projections(q: jax.Array, th: jax.Array, tw: jax.Array, precision=None,
-                       preferred_element_type=None) -> tuple[jax.Array, jax.Array]:
-    """q ``[B, Hq, Wq, heads, d]`` against skewed tables ``[bq, T, d]`` (:func:`jaxattn.ops.halo.skewed_table`):
-    ``A[y, x, t] = q[y, x] . th[y % bq, t]``, ``B[y, x, t] = q[y, x] . tw[x % bq, t]``, each
-    ``[B, Hq, Wq, heads, T]``: dots batched over the in-block offset, on the blocked view of q (a
-    free reshape; no gather over the map, so no scatter in the backward)."""
-    b, hq, wq, h, d = q.shape
-    bq, width = th.shape[:2]
-    qb = q.reshape(b, hq // bq, bq, wq // bq, bq, h, d)
-    kw = dict(precision=precision, preferred_element_type=preferred_element_type)
-    a = jnp.einsum("byixjhd,itd->byixjht", qb, th, **kw)
-    c = jnp.einsum("byixjhd,jtd->byixjht", qb, tw, **kw)
-    return a.reshape(b, hq, wq, h, width), c.reshape(b, hq, wq, h, width)
-
-
 def _table_grad_kernel(q_ref, dab_ref, dtab_ref, *, st: _Static, per: int, units: int):
     """The skewed tables' cotangent from ``per`` query blocks of one head (units ``batch * blocks
     + block`` over the whole batch): per table, ``sum_rows d_own^T q`` (``[QB T, d]``, fp32),
-    ``d_own`` the rows' ``d[A | B]`` spread back to their own offsets' columns as in
-    :func:`rel_logits_grad_q`."""
+    ``d_own`` the rows' ``d[A | B]`` spread back to their own offsets' columns
+    (:func:`_spread_back`, as in :func:`rel_logits_grad_q`)."""
     nb = (st.height // st.block) * st.blocks_x
     first = pl.program_id(0) * per
     width, d = st.qpow * st.tile, q_ref.shape[-1]
@@ -428,8 +417,7 @@ def _table_grad_kernel(q_ref, dab_ref, dtab_ref, *, st: _Static, per: int, units
         q, dab = _load_rows(st, origin, q_ref, b), _load_rows(st, origin, dab_ref, b)
         out = []
         for (_, own_columns, sel), a in zip(selections, acc):
-            d_own = jnp.where(own_columns, dot(dab, sel, trans_b=True, precision=st.precision), 0.0)
-            out.append(a + dot(d_own.astype(q.dtype), q, trans_a=True, precision=st.precision))
+            out.append(a + dot(_spread_back(st, dab, own_columns, sel), q, trans_a=True, precision=st.precision))
         return tuple(out)
 
     zeros = jnp.zeros((width, d), jnp.float32)
@@ -471,7 +459,6 @@ def _halo_bwd(st, res, do):
     do = do.astype(o.dtype)
     kv = _kv_inputs(st, k, v)
     d, e = q.shape[-1], _value_dim(st, k, v)
-    key_map = (*k.shape[:4], d)
     ab_shape = jax.ShapeDtypeStruct((*q.shape[:4], 2 * st.tile), q.dtype)
     outs = [jax.ShapeDtypeStruct(q.shape, q.dtype), ab_shape]
     if st.windows:
@@ -489,8 +476,8 @@ def _halo_bwd(st, res, do):
     else:
         dq, dab, ab, delta = _call(_dq_kernel, st, [q, *kv, tab, o, lse, do],
                                    outs + [ab_shape, jax.ShapeDtypeStruct(lse.shape, jnp.float32)], "jaxattn_halo_dq")
-        grads = ([jax.ShapeDtypeStruct(k.shape, k.dtype)] if st.packed else
-                 [jax.ShapeDtypeStruct(key_map, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)])
+        # (packed: k is the kv map, and its cotangent the one output)
+        grads = [jax.ShapeDtypeStruct(k.shape, k.dtype)] + ([] if st.packed else [jax.ShapeDtypeStruct(v.shape, v.dtype)])
         dk, *dv = _call(_dkv_kernel, st, [q, *kv, ab, lse, delta, do], grads, "jaxattn_halo_dkv", lse_all=True)
         dv = dv[0] if dv else None
     # (q's part of the relative logits' cotangent is already in dq: rel_logits_grad_q)

@@ -36,6 +36,35 @@ def jax_mode_fn(op: Callable[..., Any], mode: str, n_diff: int = 3) -> Callable[
     return jax.jit(fwd_bwd)
 
 
+def adamw_train_step(model_name: str, loss: Callable[..., jax.Array], *, dtype: str, attn_impl: str = "auto",
+                     abstract: bool = False, train_mode: bool = False):
+    """``(model, step, state)`` of one AdamW update of ``loss(model, *batch)`` on
+    ``create_model(model_name)``: ``step(state, *batch) -> (state, loss)`` (not jitted;
+    ``train_mode``: the model in training mode); ``abstract``: weights as shapes only (nothing
+    allocated, for a compile-only device)."""
+    import optax
+    from flax import nnx
+
+    from jaxattn.models import create_model
+
+    def build():
+        model = create_model(model_name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl)
+        return model, nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+
+    model, optimizer = nnx.eval_shape(build) if abstract else build()
+    graphdef, state = nnx.split((model, optimizer))
+
+    def step(state, *batch):
+        m, opt = nnx.merge(graphdef, state)
+        if train_mode:
+            m.train()
+        value, grads = nnx.value_and_grad(lambda m: loss(m, *batch))(m)
+        opt.update(m, grads)
+        return nnx.state((m, opt)), value
+
+    return model, step, state
+
+
 def normal_inputs(case: Any, n: int = 4) -> tuple[jax.Array, ...]:
     """``n`` standard-normal ``[batch, seq, heads, head_dim]`` arrays in ``case.dtype`` (q, k, v, dO)."""
     shape = (case.batch, case.seq, case.heads, case.head_dim)

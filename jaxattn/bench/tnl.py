@@ -6,10 +6,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from jaxattn.models import create_model
+from jaxattn.bench.runner import adamw_train_step
 from jaxattn.train.lm import lm_loss
 
 
@@ -17,21 +16,8 @@ def lm_train_step(model_name: str, *, dtype: str, attn_impl: str = "auto", abstr
     """``(model, step, state)``: one jitted AdamW step of the LM trainer's loss
     (:func:`jaxattn.train.lm.lm_loss`), ``step(state, tokens [B, seq + 1]) -> (state, loss)``;
     ``abstract``: weights as shapes only (nothing allocated, for a compile-only device)."""
-    def build():
-        model = create_model(model_name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl)
-        return model, nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
-
-    model, optimizer = nnx.eval_shape(build) if abstract else build()
-    graphdef, state = nnx.split((model, optimizer))
-
-    @jax.jit
-    def step(state, tokens):
-        model, optimizer = nnx.merge(graphdef, state)
-        loss, grads = nnx.value_and_grad(lambda m: lm_loss(m, tokens))(model)
-        optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss
-
-    return model, step, state
+    model, step, state = adamw_train_step(model_name, lm_loss, dtype=dtype, attn_impl=attn_impl, abstract=abstract)
+    return model, jax.jit(step), state
 
 
 def train_step_throughput(model_name: str, *, batch: int, seq: int, dtype: str, steps: int,

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxattn.bench.runner import adamw_train_step
 from jaxattn.models import create_model
 
 
@@ -36,22 +37,10 @@ def image_train_step(name: str, *, dtype: str, attn_impl: str = "auto", abstract
     """``(model, step, state)``: one AdamW step of softmax cross-entropy on an image classifier,
     ``step(state, images [B, H, W, C] fp32, labels [B]) -> (state, loss)`` (not jitted);
     ``abstract``: weights as shapes only (nothing allocated, for a compile-only device)."""
-    def build():
-        model = create_model(name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl)
-        return model, nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+    def loss(m, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
 
-    model, opt = nnx.eval_shape(build) if abstract else build()
-    graphdef, state = nnx.split((model, opt))
-
-    def step(state, x, y):
-        m, o = nnx.merge(graphdef, state)
-        m.train()
-        loss, grads = nnx.value_and_grad(
-            lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean())(m)
-        o.update(m, grads)
-        return nnx.state((m, o)), loss
-
-    return model, step, state
+    return adamw_train_step(name, loss, dtype=dtype, attn_impl=attn_impl, abstract=abstract, train_mode=True)
 
 
 def train_step_throughput(name: str, *, batch: int, dtype: str, steps: int, warmup: int = 2,

@@ -12,7 +12,7 @@ from jax import lax
 
 from jaxattn.ops import _checks
 from jaxattn.pallas import _common
-from jaxattn.pallas.halo import halo_map_kernel, skewed_projections, window_tile
+from jaxattn.pallas.halo import halo_map_kernel, window_tile
 
 _HP = lax.Precision.HIGHEST
 
@@ -54,12 +54,17 @@ def rel_projections(q: jax.Array, rel_h: jax.Array, rel_w: jax.Array, bq: int,
                     win: int) -> tuple[jax.Array, jax.Array]:
     """Per query ``(y, x)`` at in-block offset ``(iy, ix) = (y % bq, x % bq)``:
     ``A[y, x, jy] = q . R_h[jy - iy + win - 1]`` and ``B[y, x, jx] = q . R_w[jx - ix + win - 1]``,
-    fp32 ``[B, Hq, Wq, heads, win]`` each (:func:`jaxattn.pallas.halo.skewed_projections` on the
-    :func:`skewed_table` s)."""
+    fp32 ``[B, Hq, Wq, heads, win]`` each: two dots against the :func:`skewed_table` s, batched
+    over the in-block offset, on the blocked view of q (a free reshape; no gather over the map,
+    so no scatter in the backward)."""
+    b, hq, wq, h, d = q.shape
+    qb = q.reshape(b, hq // bq, bq, wq // bq, bq, h, d)
     th, tw = skewed_table(rel_h, bq, win, win), skewed_table(rel_w, bq, win, win)
     # fp32 anywhere: exact fp32 dots; two-byte q and tables: products are exact, sums in fp32
     hp = _HP if jnp.float32 in (jnp.result_type(q, th), jnp.result_type(q, tw)) else None
-    return skewed_projections(q, th, tw, hp, jnp.float32)
+    a = jnp.einsum("byixjhd,itd->byixjht", qb, th, precision=hp, preferred_element_type=jnp.float32)
+    c = jnp.einsum("byixjhd,jtd->byixjht", qb, tw, precision=hp, preferred_element_type=jnp.float32)
+    return a.reshape(b, hq, wq, h, win), c.reshape(b, hq, wq, h, win)
 
 
 def window_valid(height: int, width: int, block: int, halo: int, mask_padding: bool) -> np.ndarray:
@@ -176,7 +181,7 @@ def halo_attention_kv(
                          f"{d} and value_dim {e}: last dim {d + e}, got {tuple(kv.shape)}")
     k, v = kv[..., :d], kv[..., d:]  # (views for the checks and the XLA path; sliced only if used)
     use_kernel = _check_inputs(q, k, v, rel_h, rel_w, block_size, halo_size, stride, impl)
-    packed = use_kernel and e == d and d >= 16 and d == _common.next_pow2(d)
+    packed = use_kernel and e == d and _common.unpadded_width(d)
     return _halo(q, k, v, rel_h, rel_w, block_size=block_size, halo_size=halo_size, stride=stride,
                  scale=d ** -0.5 if scale is None else float(scale), scale_pos_embed=scale_pos_embed,
                  mask_padding=mask_padding, use_kernel=use_kernel, packed_kv=kv if packed else None)
