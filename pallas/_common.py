@@ -145,6 +145,47 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def tile_width(d: int) -> int:
+    """A kernel tile's width for head dim ``d``: a power of two >= 16 (Triton's tiles are powers
+    of two; :func:`load_tile` / :func:`store_tile` mask the columns past ``d``)."""
+    return max(16, next_pow2(d))
+
+
+def tile_mask(shape: tuple[int, ...], first, length: int, ragged: bool, width: int) -> jax.Array | None:
+    """Which elements of a ``shape`` tile (sequence rows from ``first`` on axis 0, head-dim
+    columns on the last axis) exist in an array of ``length`` rows (checked when ``ragged``) and
+    ``width`` columns; None when all do."""
+    mask = None
+    if ragged:
+        mask = first + jax.lax.broadcasted_iota(jnp.int32, shape, 0) < length
+    if width != shape[-1]:
+        cols = jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1) < width
+        mask = cols if mask is None else mask & cols
+    return mask
+
+
+def load_tile(ref, idx, first, length: int, ragged: bool, width: int) -> jax.Array:
+    """``ref[idx]``: a tile whose leading axis is sequence rows from ``first`` and last axis the
+    head dim, from an array that is not padded to the tiles: rows at or past ``length``
+    (``ragged``: the sequence is not a multiple of the tiles) and columns at or past ``width`` (a
+    head dim that is not a power of two) are not read; they load as zero, as a zero-padded copy's
+    would. (Interpret mode fills a block's rows and columns past the array with NaN, so a missing
+    mask shows in the tests.)"""
+    view = ref.at[idx]
+    mask = tile_mask(view.shape, first, length, ragged, width)
+    return ref[idx] if mask is None else pltriton.load(view, mask=mask, other=0)
+
+
+def store_tile(ref, idx, value: jax.Array, first, length: int, ragged: bool, width: int) -> None:
+    """``ref[idx] = value`` for an output tile of sequence rows from ``first``: only the rows before
+    ``length`` and the columns before ``width`` exist in the (unpadded) output."""
+    mask = tile_mask(value.shape, first, length, ragged, width)
+    if mask is None:
+        ref[idx] = value.astype(ref.dtype)
+    else:
+        pltriton.store(ref.at[idx], value.astype(ref.dtype), mask=mask)
+
+
 def unpadded_width(d: int) -> bool:
     """Whether the kernels take a head dim ``d`` as it is (a power of two >= 16): no padded copy,
     so an input can be read in place (packed layouts)."""

@@ -91,6 +91,11 @@ class _Static:
     blocks_per_page: int = 0  # paged cache: key blocks per page (0: a dense cache)
     alibi: bool = False  # per-row ALiBi slopes: logits -= slope * |position - key position|
     kv_scales: bool = False  # a quantized cache: k = k_stored * k_scale, v = v_stored * v_scale per kv head
+    # the cache as it is (no padded copy): its rows (a dense cache's last key block may run past
+    # them) and head dims; the tiles are powers of two as wide, their extra columns masked
+    cache_rows: int = 0
+    head_dim: int = 0
+    value_dim: int = 0
 
 
 def choose_splits(batch: int, kv_heads: int, row_tiles: int, kv_blocks: int) -> int:
@@ -137,11 +142,13 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
         if st.blocks_per_page:  # block j: part (j % sub) of page block_tables[b, j // sub]
             sub = st.blocks_per_page
             page = table_ref[lax.div(j, sub)]
-            ks = pl.ds(pl.multiple_of(lax.rem(j, sub) * bk, bk), bk)
-            k, v = k_ref[page, ks, :], v_ref[page, ks, :]
-        else:
-            ks = pl.ds(k_start, bk)
-            k, v = k_ref[ks, :], v_ref[ks, :]
+            first = pl.multiple_of(lax.rem(j, sub) * bk, bk)
+            idx, ragged = (page, pl.ds(first, bk), slice(None)), False  # (pages hold whole key blocks)
+        else:  # (blocks past the cache's rows are always masked ones)
+            first = k_start
+            idx, ragged = (pl.ds(k_start, bk), slice(None)), masked and st.cache_rows % bk != 0
+        k = _common.load_tile(k_ref, idx, first, st.cache_rows, ragged, st.head_dim)
+        v = _common.load_tile(v_ref, idx, first, st.cache_rows, ragged, st.value_dim)
         if st.kv_scales:  # dequantise: the stored values (e.g. fp8) in q's dtype; scales below
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         qk = dot(q, k, trans_b=True, precision=st.precision)
@@ -168,14 +175,14 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
     o_ref[...], lse_ref[...] = (o * scale_ref[1] if st.kv_scales else o), lse
 
 
-def _launch(q, kp, vp, lengths, table, *, dv: int, s_max: int, cfg: DecodeConfig, bk: int, blocks_per_page: int,
+def _launch(q, k, v, lengths, table, *, s_max: int, cfg: DecodeConfig, bk: int, blocks_per_page: int,
             causal=True, scale=None, local_window_size=None, logits_soft_cap=None, num_splits=None,
             interpret=None, alibi_slopes=None, k_scale=None, v_scale=None):
-    """Packs the queries, runs the split-KV kernel over ``s_max`` logical cache rows (dense
-    ``kp``/``vp [B, s_pad, Hkv, *]`` or a page pool with ``table``, head dims padded; ``dv`` the
-    true value head dim) and merges the splits. Options as :func:`decode_attention_kernel`."""
+    """Packs the queries, runs the split-KV kernel over ``s_max`` logical cache rows (the dense
+    cache ``k``/``v [B, s_max, Hkv, *]`` or a page pool with ``table``, both read as they are) and
+    merges the splits. Options as :func:`decode_attention_kernel`."""
     batch, q_len, hq, d = q.shape
-    hkv = kp.shape[2]
+    hkv, dv = k.shape[2], v.shape[-1]
     kv_scale = _kv_scale(k_scale, v_scale, hkv)
     g = hq // hkv
     rows = q_len * g
@@ -191,19 +198,20 @@ def _launch(q, kp, vp, lengths, table, *, dv: int, s_max: int, cfg: DecodeConfig
                  num_splits=splits, precision=precision_for(q.dtype),
                  window=tuple(local_window_size) if local_window_size is not None else (None, None),
                  softcap=None if logits_soft_cap is None else float(logits_soft_cap),
-                 blocks_per_page=blocks_per_page, alibi=alibi_slopes is not None, kv_scales=kv_scale is not None)
-    dp, dvp = kp.shape[-1], vp.shape[-1]
+                 blocks_per_page=blocks_per_page, alibi=alibi_slopes is not None, kv_scales=kv_scale is not None,
+                 cache_rows=0 if blocks_per_page else k.shape[1], head_dim=d, value_dim=dv)
+    dp, dvp = _common.tile_width(d), _common.tile_width(dv)
     # pack: [B, Sq, Hkv, g, D] -> [B, Hkv, Sq * g, D], rows padded to the row tiles
     qg = q.reshape(batch, q_len, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(batch, hkv, rows, d)
     qg = _common.pad_axis(_common.pad_axis(qg, 2, n_rb * bm), 3, dp)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, s_max)
     if blocks_per_page:  # the whole pool; programs index pages through the table
-        n_pages, page = kp.shape[:2]
+        n_pages, page = k.shape[:2]
         kv_specs = [pl.BlockSpec((n_pages, page, None, x), lambda i, b, h: (0, 0, h, 0)) for x in (dp, dvp)]
         extra_specs = [pl.BlockSpec((None, table.shape[1]), lambda i, b, h: (b, 0))]
         extra = [table]
     else:
-        s_pad = kp.shape[1]
+        s_pad = n_kb * bk  # (whole key blocks: the last may run past the cache's rows)
         kv_specs = [pl.BlockSpec((None, s_pad, None, x), lambda i, b, h: (b, 0, h, 0)) for x in (dp, dvp)]
         extra_specs, extra = [], []
     if alibi_slopes is not None:  # per packed row (row = s * g + head in group): [B, Hkv, rows padded]
@@ -230,7 +238,7 @@ def _launch(q, kp, vp, lengths, table, *, dv: int, s_max: int, cfg: DecodeConfig
             pl.BlockSpec((None, None, None, bm), lambda i, b, h: (b, lax.div(i, n_rb), h, lax.rem(i, n_rb))),
         ],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret, name="jaxattn_decode")
-    o_parts, lse_parts = call(qg, kp, vp, lengths, *extra)
+    o_parts, lse_parts = call(qg, k, v, lengths, *extra)
     out, lse = _common.merge_partials(o_parts[..., :rows, :dv], lse_parts[..., :rows])
     # unpack: [B, Hkv, Sq * g, ...] -> [B, Sq, Hq, ...]
     out = out.reshape(batch, hkv, q_len, g, dv).transpose(0, 2, 1, 3, 4).reshape(batch, q_len, hq, dv)
@@ -283,11 +291,7 @@ def decode_attention_kernel(
     d, s_max, dv = q.shape[-1], k.shape[1], v.shape[-1]
     cfg = config or decode_config(max(d, dv), q.dtype)
     bk = min(cfg.block_k, max(16, _common.next_pow2(s_max)))
-    s_pad = -(-s_max // bk) * bk
-    dp, dvp = max(16, _common.next_pow2(d)), max(16, _common.next_pow2(dv))
-    kp = _common.pad_axis(_common.pad_axis(k, 1, s_pad), 3, dp)
-    vp = _common.pad_axis(_common.pad_axis(v, 1, s_pad), 3, dvp)
-    return _launch(q, kp, vp, lengths, None, dv=dv, s_max=s_max, cfg=cfg, bk=bk, blocks_per_page=0, causal=causal,
+    return _launch(q, k, v, lengths, None, s_max=s_max, cfg=cfg, bk=bk, blocks_per_page=0, causal=causal,
                    scale=scale, local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
                    num_splits=num_splits, interpret=interpret, alibi_slopes=alibi_slopes, k_scale=k_scale,
                    v_scale=v_scale)
@@ -312,7 +316,5 @@ def paged_decode_attention_kernel(
     d, page, dv = q.shape[-1], k_pages.shape[1], v_pages.shape[-1]
     cfg = config or decode_config(max(d, dv), q.dtype)
     bk = min(cfg.block_k, page)
-    dp, dvp = max(16, _common.next_pow2(d)), max(16, _common.next_pow2(dv))
-    kp, vp = _common.pad_axis(k_pages, 3, dp), _common.pad_axis(v_pages, 3, dvp)
-    return _launch(q, kp, vp, lengths, block_tables.astype(jnp.int32), dv=dv, s_max=block_tables.shape[1] * page,
+    return _launch(q, k_pages, v_pages, lengths, block_tables.astype(jnp.int32), s_max=block_tables.shape[1] * page,
                    cfg=cfg, bk=bk, blocks_per_page=page // bk, **options)

@@ -7,9 +7,10 @@ returns the natural-log log-sum-exp. The backward follows FlashAttention-2:
 for dq (a program per query block) and one for dk/dv (a program per key block,
 looping over the query heads of its GQA group). ``jax.custom_vjp`` wires them.
 
-Shapes are padded here to the block sizes (and head dims to a power of two);
-padded keys are masked, padded query rows are sliced off. Rows whose every key
-is masked produce zeros and ``lse = -inf``.
+Nothing is padded: the tiles are powers of two (head dims round up to one >= 16) and the
+kernels load and store the ragged last tile of a sequence and the columns past a head dim
+masked (keys past the sequence are masked out of the softmax). Rows whose every key is
+masked produce zeros and ``lse = -inf``.
 
 Optional: a local window ``(left, right)`` around each query's position (key blocks outside
 it are skipped, in the forward and in both backward kernels), a logits soft cap
@@ -34,7 +35,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from jaxattn.pallas import _common, _dropout, flash_mgpu
 from jaxattn.pallas._common import dot
@@ -121,6 +121,10 @@ class _Static:
     # q, k, v are slots 0, 1, 2 of one [B, S, 3, H, D] array (passed as q; k and v None): the
     # kernels read them in place and the backward writes one [B, S, 3, H, D] cotangent
     packed: bool = False
+    # the arrays' head dims (q/k, v; set by run_padded): tiles are powers of two >= 16 as wide,
+    # their columns past these are loaded as zeros and not stored (no padded copies)
+    head_dim: int = 0
+    value_dim: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,37 +397,25 @@ def _packed_grad_spec(rows: int, width: int, index) -> pl.BlockSpec:
     return pl.BlockSpec((None, rows, 3, None, width), lambda i, b, h: (*index(i, b, h)[:2], 0, index(i, b, h)[2], 0))
 
 
-def _dims(st: _Static, q, v) -> tuple[int, int, int, int]:
-    """(batch, q heads, q/k head dim, v head dim) of the kernel inputs."""
-    if st.packed:
-        batch, _, _, hq, d = q.shape
-        return batch, hq, d, d
-    return q.shape[0], q.shape[2], q.shape[3], v.shape[-1]
+def _dims(st: _Static, q) -> tuple[int, int, int, int]:
+    """(batch, q heads, q/k tile width, v tile width) of the kernel inputs."""
+    batch, hq = q.shape[0], q.shape[-2]
+    return batch, hq, _common.tile_width(st.head_dim), _common.tile_width(st.value_dim)
 
 
-def _seq_load(ref, idx, first, length: int, ragged: bool):
-    """``ref[idx]``: a tile whose leading axis is sequence rows from ``first``. q, k, v and dO are
-    not padded to the tiles (``ragged``: the sequence is not a multiple of them), so rows at or past
-    ``length`` are not read; they load as zero (padded rows of a padded copy would be zeros too)."""
-    if not ragged:
-        return ref[idx]
-    view = ref.at[idx]
-    rows = first + lax.broadcasted_iota(jnp.int32, view.shape, 0)
-    return pltriton.load(view, mask=rows < length, other=0)
+def _seq_load(ref, idx, first, length: int, ragged: bool, width: int):
+    """A q, k, v or dO tile (:func:`_common.load_tile`: ragged rows and columns past the head dim
+    masked, as the arrays are not padded)."""
+    return _common.load_tile(ref, idx, first, length, ragged, width)
 
 
-def _seq_store(ref, value, first, length: int, ragged: bool, slot: int | None = None):
-    """``ref[...] = value`` for an output tile of sequence rows from ``first`` (``slot``: into
-    ``ref[:, slot, :]`` of a packed ``[rows, 3, d]`` cotangent tile); only the rows before
-    ``length`` exist in the (unpadded) output."""
+def _seq_store(ref, value, first, length: int, ragged: bool, width: int, slot: int | None = None):
+    """An output tile of sequence rows from ``first`` (``slot``: into ``ref[:, slot, :]`` of a packed
+    ``[rows, 3, d]`` cotangent tile), masked as :func:`_common.store_tile`."""
     idx = (slice(None), slice(None))
     if slot is not None:  # (a [rows, 1, d] window of the slot: interpret mode takes no int index here)
         idx, value = (slice(None), pl.ds(slot, 1), slice(None)), value[:, None, :]
-    if not ragged:
-        ref[idx] = value.astype(ref.dtype)
-        return
-    rows = first + lax.broadcasted_iota(jnp.int32, value.shape, 0)
-    pltriton.store(ref.at[idx], value.astype(ref.dtype), mask=rows < length)
+    _common.store_tile(ref, idx, value, first, length, ragged, width)
 
 
 def _q_ragged(st: _Static) -> bool:
@@ -448,8 +440,8 @@ def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_r
     ks = pl.ds(k_start, block_k)
     # (tiles holding keys past kv_len are always among the masked ones)
     ragged = masked and _kv_ragged(st)
-    k = _seq_load(k_ref, (ks, slice(None)), k_start, st.kv_len, ragged)
-    v = _seq_load(v_ref, (ks, slice(None)), k_start, st.kv_len, ragged)
+    k = _seq_load(k_ref, (ks, slice(None)), k_start, st.kv_len, ragged, st.head_dim)
+    v = _seq_load(v_ref, (ks, slice(None)), k_start, st.kv_len, ragged, st.value_dim)
     pos_mask = None
     if masked:
         # a sparse layout pads keys to its mask block: a listed tile may be all padding
@@ -508,7 +500,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (o_ref, lse_ref) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
-    q = _seq_load(q_ref, (slice(None), slice(None)), q_start, st.q_len, _q_ragged(st))
+    q = _seq_load(q_ref, (slice(None), slice(None)), q_start, st.q_len, _q_ragged(st), st.head_dim)
     qseg = qseg_ref[...] if st.has_seg else None
     slope = alibi_ref[pl.program_id(2)] if st.alibi else None
     rows = None
@@ -527,7 +519,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     carry = _loop_kv(st, q_start, block_q, block_k, body, online_softmax_init(block_q, v_ref.shape[-1]), lists,
                      range_ref)
     o, lse = online_softmax_finish(*carry)
-    _seq_store(o_ref, o, q_start, st.q_len, _q_ragged(st))
+    _seq_store(o_ref, o, q_start, st.q_len, _q_ragged(st), st.value_dim)
     lse_ref[...] = lse
 
 
@@ -597,14 +589,14 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=N
                                   config=st.mosaic, sparse=sparse, interpret=_common.resolve_interpret(st.interpret))
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q, cfg.block_k)
-    batch, hq, d, dv = _dims(st, q, v)
+    batch, hq, d, dv = _dims(st, q)
     g = st.groups
     qb = functools.partial(_q_block, st, block_q=bq)
     in_specs, args = _qkv_inputs(st, q, k, v, d, dv, bq, None, lambda i, b, h: (b, qb(i), h),
                                  st.kv_pad, lambda i, b, h: (b, 0, h // g))
     specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk)
     in_specs, args = in_specs + specs, args + arrays
-    out_shape = [jax.ShapeDtypeStruct((batch, q.shape[1], hq, dv), q.dtype),  # (rows as q: not padded)
+    out_shape = [jax.ShapeDtypeStruct((batch, q.shape[1], hq, st.value_dim), q.dtype),  # (as q's rows: not padded)
                  jax.ShapeDtypeStruct((batch, hq, st.q_pad), jnp.float32)]
     out_specs = [pl.BlockSpec((None, bq, None, dv), lambda i, b, h: (b, qb(i), h, 0)),
                  pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i)))]
@@ -626,7 +618,8 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (dq_ref, *dbias) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
-    q, do = (_seq_load(r, (slice(None), slice(None)), q_start, st.q_len, _q_ragged(st)) for r in (q_ref, do_ref))
+    q, do = (_seq_load(r, (slice(None), slice(None)), q_start, st.q_len, _q_ragged(st), w)
+             for r, w in ((q_ref, st.head_dim), (do_ref, st.value_dim)))
     lse2 = _lse2(lse_ref[...])
     delta = delta_ref[...]
     qseg = qseg_ref[...] if st.has_seg else None
@@ -660,7 +653,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
         return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
 
     dq = _loop_kv(st, q_start, block_q, block_k, body, jnp.zeros(q.shape, jnp.float32), lists, range_ref)
-    _seq_store(dq_ref, dq * st.scale, q_start, st.q_len, _q_ragged(st), 0 if st.packed else None)
+    _seq_store(dq_ref, dq * st.scale, q_start, st.q_len, _q_ragged(st), st.head_dim, 0 if st.packed else None)
 
 
 def _lse2(lse):
@@ -674,7 +667,7 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, ali
     kernel's packed cotangent, updated in place)."""
     cfg = st.cfg
     bq, bk = _blocks(st, cfg.block_q_dq, cfg.block_k_dq)
-    batch, hq, d, dv_ = _dims(st, q, v)
+    batch, hq, d, dv_ = _dims(st, q)
     g = st.groups
     qb = functools.partial(_q_block, st, block_q=bq)
     in_specs, args = _qkv_inputs(st, q, k, v, d, dv_, bq, None, lambda i, b, h: (b, qb(i), h),
@@ -742,7 +735,8 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
     k_start = pl.program_id(0) * block_k
     k_pos = k_start + jnp.arange(block_k)
-    k, v = (_seq_load(r, (slice(None), slice(None)), k_start, st.kv_len, _kv_ragged(st)) for r in (k_ref, v_ref))
+    k, v = (_seq_load(r, (slice(None), slice(None)), k_start, st.kv_len, _kv_ragged(st), w)
+            for r, w in ((k_ref, st.head_dim), (v_ref, st.value_dim)))
     kseg = kseg_ref[...] if st.has_seg else None
     bias_heads = 1 if st.bias_bcast[1] else st.groups
     head0 = pl.program_id(2) * st.groups  # first q head of this kv head's group (ALiBi slopes)
@@ -754,7 +748,8 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         dk, dv = carry
         q_start = pl.multiple_of(i * block_q, block_q)
         qs = pl.ds(q_start, block_q)
-        q, do = (_seq_load(r, (qs, g, slice(None)), q_start, st.q_len, _q_ragged(st)) for r in (q_ref, do_ref))
+        q, do = (_seq_load(r, (qs, g, slice(None)), q_start, st.q_len, _q_ragged(st), w)
+                 for r, w in ((q_ref, st.head_dim), (do_ref, st.value_dim)))
         lse2 = _lse2(lse_ref[g, qs])
         delta = delta_ref[g, qs]
         pos_mask = None
@@ -802,11 +797,11 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = lax.fori_loop(0, st.groups, group_body, carry)
     if st.packed:  # one [bk, 3, d] tile of the packed cotangent: dk, dv into slots 1, 2 (dq's kernel fills 0)
-        _seq_store(outs[0], dk * st.scale, k_start, st.kv_len, _kv_ragged(st), 1)
-        _seq_store(outs[0], dv, k_start, st.kv_len, _kv_ragged(st), 2)
+        _seq_store(outs[0], dk * st.scale, k_start, st.kv_len, _kv_ragged(st), st.head_dim, 1)
+        _seq_store(outs[0], dv, k_start, st.kv_len, _kv_ragged(st), st.value_dim, 2)
     else:
-        _seq_store(outs[0], dk * st.scale, k_start, st.kv_len, _kv_ragged(st))
-        _seq_store(outs[1], dv, k_start, st.kv_len, _kv_ragged(st))
+        _seq_store(outs[0], dk * st.scale, k_start, st.kv_len, _kv_ragged(st), st.head_dim)
+        _seq_store(outs[1], dv, k_start, st.kv_len, _kv_ragged(st), st.value_dim)
 
 
 def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None):
@@ -816,7 +811,7 @@ def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, a
     extra_tiles = st.softcap is not None or st.dropout > 0
     block_q = cfg.block_q_dkv // 2 if extra_tiles and cfg.block_q_dkv > 16 else cfg.block_q_dkv
     bq, bk = _blocks(st, block_q, cfg.block_k_dkv)
-    batch, hq, d, dv_ = _dims(st, q, v)
+    batch, hq, d, dv_ = _dims(st, q)
     g = st.groups
     hkv = hq // g
     in_specs, args = _qkv_inputs(st, q, k, v, d, dv_, st.q_pad, g, lambda j, b, h: (b, 0, h),
@@ -941,7 +936,7 @@ def flash_attention(
     Args:
       q: ``[B, Sq, Hq, D]``; k: ``[B, Sk, Hkv, D]``; v: ``[B, Sk, Hkv, Dv]``,
         with ``Hkv`` dividing ``Hq``; one floating dtype. Or ``q`` packed ``[B, S, 3, H, D]`` (q, k,
-        v in slots 0, 1, 2; ``D`` a power of two >= 16) with ``k = v = None``: the kernels read the
+        v in slots 0, 1, 2) with ``k = v = None``: the kernels read the
         slots in place and the gradient is one ``[B, S, 3, H, D]`` array (triton backend only).
       bias: rank-4 array broadcastable to ``[B, Hq, Sq, Sk]`` (each dim full or 1);
         floating = additive (differentiable: when it is differentiated, the dq kernel also writes
@@ -973,9 +968,8 @@ def flash_attention(
     """
     packed = k is None
     if packed:
-        if v is not None or q.ndim != 5 or q.shape[2] != 3 or not _common.unpadded_width(q.shape[-1]):
-            raise ValueError(f"packed qkv (k = v = None) must be [B, S, 3, H, D] with D a power of two >= 16 "
-                             f"and v None; got q {tuple(q.shape)}")
+        if v is not None or q.ndim != 5 or q.shape[2] != 3:
+            raise ValueError(f"packed qkv (k = v = None) must be [B, S, 3, H, D] and v None; got q {tuple(q.shape)}")
         if backend != "triton":
             raise ValueError("packed qkv runs on the triton backend only")
         batch, q_len, _, hq, d = q.shape
@@ -1077,19 +1071,18 @@ def precision_for(dtype: Any) -> Any:
 
 
 def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None) -> tuple[jax.Array, jax.Array]:
-    """Pads the head dims to a power of two >= 16 (a copy only when they are not), runs the
-    differentiable kernels and slices back: ``out [B, Sq, Hq, Dv]``, ``lse [B, Sq, Hq]``. The
-    sequences are not padded to the tiles: the Triton kernels load and store their ragged last
-    tiles masked (no padded copies of q, k, v, dO and the outputs); only the Mosaic GPU forward
-    takes q, k, v padded to ``st.q_pad``/``st.kv_pad`` rows."""
-    if st.packed:  # (head dim already a power of two, no Mosaic forward: nothing to pad)
-        dv, args = q.shape[-1], (q, None, None)
+    """Runs the differentiable kernels: ``out [B, Sq, Hq, Dv]``, ``lse [B, Sq, Hq]``. Neither the
+    sequences nor the head dims are padded: the Triton kernels load and store the ragged last
+    tiles and the columns past a head dim that is not a power of two masked (no padded copies of
+    q, k, v, dO and the outputs); only the Mosaic GPU forward (head dims 64 or 128) takes q, k, v
+    padded to ``st.q_pad``/``st.kv_pad`` rows."""
+    if st.packed:
+        st = dataclasses.replace(st, head_dim=q.shape[-1], value_dim=q.shape[-1])
+        args = (q, None, None)
     else:
-        d_pad, dv_pad = max(16, _common.next_pow2(q.shape[-1])), max(16, _common.next_pow2(v.shape[-1]))
-        rows = st.mosaic is not None  # (its TMA copies read whole tiles)
-        qp = _common.pad_axis(_common.pad_axis(q, 1, st.q_pad) if rows else q, 3, d_pad)
-        kp = _common.pad_axis(_common.pad_axis(k, 1, st.kv_pad) if rows else k, 3, d_pad)
-        vp = _common.pad_axis(_common.pad_axis(v, 1, st.kv_pad) if rows else v, 3, dv_pad)
-        dv, args = v.shape[-1], (qp, kp, vp)
+        st = dataclasses.replace(st, head_dim=q.shape[-1], value_dim=v.shape[-1])
+        if st.mosaic is not None:  # (its TMA copies read whole tiles)
+            q, k, v = (_common.pad_axis(x, 1, n) for x, n in ((q, st.q_pad), (k, st.kv_pad), (v, st.kv_pad)))
+        args = (q, k, v)
     o, lse = _flash(st, *args, bias, qseg, kseg, layout, alibi, seed)
-    return o[:, :st.q_len, :, :dv], jnp.swapaxes(lse[:, :, :st.q_len], 1, 2)
+    return o[:, :st.q_len], jnp.swapaxes(lse[:, :, :st.q_len], 1, 2)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxattn.pallas import flash
-from conftest import count_triton_calls, lower_for_cuda
+from conftest import TRITON_CALL, count_triton_calls, lower_for_cuda
 
 
 def _lower_fwd_bwd(d, dtype, *, causal, seg, bias_shape=None, bias_dtype=jnp.float32,
@@ -34,6 +34,7 @@ def _lower_fwd_bwd(d, dtype, *, causal, seg, bias_shape=None, bias_dtype=jnp.flo
     text = lower_for_cuda(jax.value_and_grad(loss, argnums), *args)
     # forward, dq and dk/dv kernels are all Triton custom calls
     assert count_triton_calls(text) >= 3, "expected three Triton kernels"
+    return text
 
 
 @pytest.mark.parametrize("head_dim,itemsize", sorted(flash.CONFIGS))
@@ -56,5 +57,16 @@ def test_bias_variants_lower(bias_shape, bias_dtype):
 
 
 @pytest.mark.parametrize("d,dv,sq,sk", [(80, 80, 77, 1000), (96, 64, 1, 513), (40, 200, 1000, 3)])
-def test_padded_shapes_lower(d, dv, sq, sk):
-    _lower_fwd_bwd(d, jnp.float16, causal=True, seg=False, dv=dv, sq=sq, sk=sk, hq=3, hkv=1)
+def test_ragged_shapes_lower_with_no_padded_copies(d, dv, sq, sk):
+    """Lengths off the tiles and head dims off the powers of two: the three kernels take q, k, v
+    (and dO) as they are and return the outputs unpadded (masked loads and stores in the kernels);
+    the only pads left are of the small per-row delta and lse cotangent ``[B, H, Sq]``."""
+    text = _lower_fwd_bwd(d, jnp.float16, causal=True, seg=False, dv=dv, sq=sq, sk=sk, hq=3, hkv=1)
+    qkv = f"(tensor<2x{sq}x3x{d}xf16>, tensor<2x{sk}x1x{d}xf16>, tensor<2x{sk}x1x{dv}xf16>"
+    calls = [line for line in text.splitlines() if TRITON_CALL in line]
+    assert len(calls) == 3 and all(qkv in line for line in calls), calls
+    assert f"-> (tensor<2x{sq}x3x{dv}xf16>, " in calls[0]  # the forward's output
+    assert f"-> tensor<2x{sq}x3x{d}xf16>" in calls[1]  # dq
+    assert f"-> (tensor<2x{sk}x1x{d}xf16>, tensor<2x{sk}x1x{dv}xf16>)" in calls[2]  # dk, dv
+    pads = [line for line in text.splitlines() if "stablehlo.pad" in line]
+    assert all(f"(tensor<2x3x{sq}xf32>" in line for line in pads), pads

@@ -44,6 +44,7 @@ CASES = [  # seed, lengths, page_size, kv heads, groups, d, dv, Sq, dtype, extra
     (2, [75, 200, 16], 32, 2, 2, 64, 32, 3, jnp.float32, {}),  # speculative: 3 new tokens
     (3, [300, 41], 16, 2, 1, 32, 32, 2, jnp.float32, {"local_window_size": (40, 0), "logits_soft_cap": 20.0}),
     (4, [90, 5], 128, 1, 4, 64, 64, 1, jnp.bfloat16, {"causal": False, "num_splits": 3}),
+    (5, [70, 33], 16, 2, 2, 48, 40, 1, jnp.float32, {}),  # head dims off the powers of two: the pool unpadded
 ]
 
 

@@ -231,6 +231,12 @@ def _flash_cases() -> Iterator[tuple[str, Callable, list]]:
     yield "d128 bf16 causal dropout", *case(128, jnp.bfloat16, True, dropout_rate=0.1,
                                              dropout_seed=jnp.zeros((1,), jnp.int32))
 
+    def ragged_loss(q, k, v):  # lengths off the tiles, head dims off the powers of two: masked tiles
+        return _total(*flash.flash_attention(q, k, v, causal=True, interpret=False))
+    yield ("d96/80 bf16 causal S=4001", jax.value_and_grad(ragged_loss, (0, 1, 2)),
+           [_sds((1, 4001, 8, 96), jnp.bfloat16), _sds((1, 4001, 2, 96), jnp.bfloat16),
+            _sds((1, 4001, 2, 80), jnp.bfloat16)])
+
     def bias_loss(q, k, v, bias):  # a learned bias [1, heads, S, S]: the dq kernel also writes its gradient
         return _total(*flash.flash_attention(q, k, v, causal=True, bias=bias, interpret=False))
     yield ("d128 bf16 causal bias grad", jax.value_and_grad(bias_loss, (0, 1, 2, 3)),
@@ -332,6 +338,9 @@ def _decode_cases() -> Iterator[tuple[str, Callable, list]]:
         args = [_sds((8, 1, 32, d), dtype), _sds((8, 32768, 8, d), dtype), _sds((8, 32768, 8, d), dtype),
                 _sds((8,), jnp.int32)]
         yield f"d{d} {jnp.dtype(dtype).name}", f, args
+
+    yield ("d80 bfloat16 cache 32767 rows", lambda q, k, v, n: decode.decode_attention_kernel(q, k, v, n, interpret=False),
+           [_sds((8, 1, 32, 80), jnp.bfloat16), *[_sds((8, 32767, 8, 80), jnp.bfloat16)] * 2, _sds((8,), jnp.int32)])
 
     def alibi(q, k, v, n):
         return decode.decode_attention_kernel(q, k, v, n, alibi_slopes=jnp.geomspace(0.5, 2 ** -8, 32),

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.ops import _checks
-from jaxattn.pallas import _common, _dropout
+from jaxattn.pallas import _dropout
 from jaxattn.pallas import flash as _flash
 from jaxattn.pallas._common import targets_gpu as _targets_gpu
 from jaxattn.reference.attention import attention_reference
@@ -126,7 +126,7 @@ def attention(
         mosaic = impl == "mosaic" or (impl == "auto" and _flash.mosaic_auto(
             q, k, v, causal, mask, qseg, extra["local_window_size"], extra["logits_soft_cap"],
             extra.get("alibi_slopes"), extra.get("dropout_rate", 0.0)))
-        packed = _packed_qkv is not None and not mosaic and d == v.shape[-1] and _common.unpadded_width(d)
+        packed = _packed_qkv is not None and not mosaic
         out, lse = _flash.flash_attention(
             *((_packed_qkv, None, None) if packed else (q, k, v)), causal=causal, scale=scale, bias=mask,
             q_segment_ids=qseg, kv_segment_ids=kvseg, backend="mosaic" if mosaic else "triton", **extra)
