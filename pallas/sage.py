@@ -137,12 +137,16 @@ def _round_half_away_int(y: jax.Array) -> jax.Array:
     return t + jnp.where(up, jnp.where(y >= 0, 1, -1), 0)
 
 
-def _quant_int8_kernel(*refs, has_mean: bool):
+def _quant_int8_kernel(*refs, has_mean: bool, length: int, ragged: bool, width: int):
     if has_mean:
         x_ref, mean_ref, inv_ref, o_ref = refs
     else:
         (x_ref, inv_ref, o_ref), mean_ref = refs, None
-    x = x_ref[...].astype(jnp.float32)
+    group = o_ref.shape[0]
+    # x is not padded: its rows past ``length`` and columns past ``width`` load as 0 (their
+    # quantised values are 0: padded rows have inverse scale 0, padded channels mean 0)
+    x = _common.load_tile(x_ref, (slice(None), slice(None)), pl.program_id(0) * group, length, ragged,
+                          width).astype(jnp.float32)
     if has_mean:
         x = x - mean_ref[...][None, :]
     # padded rows: their inverse scale is 0 (and they were left out of the amax)
@@ -150,15 +154,15 @@ def _quant_int8_kernel(*refs, has_mean: bool):
     o_ref[...] = _round_half_away_int(y).astype(jnp.int8)
 
 
-def _group_amax(x: jax.Array, group: int, length: int, mean: jax.Array | None, mean_rows: int) -> jax.Array:
-    """``max(max |x~_g|, 1e-7)`` per group of rows: ``[B, H, S_pad / group]`` fp32 (one fused XLA
-    reduction over ``x~ = x - mean``, padded rows zeroed)."""
-    batch, s_pad, heads, d = x.shape
-    xf = x.astype(jnp.float32)
+def _group_amax(x: jax.Array, group: int, rows: int, mean: jax.Array | None, mean_rows: int) -> jax.Array:
+    """``max(max |x~_g|, 1e-7)`` per group of rows: ``[B, H, rows / group]`` fp32 (one fused XLA
+    reduction over ``x~ = x - mean``, the rows past x's zeroed)."""
+    batch, length, heads, d = x.shape
+    xf = _common.pad_axis(x.astype(jnp.float32), 1, rows)
     if mean is not None:
-        xf = xf - jnp.repeat(mean.astype(jnp.float32), mean_rows, axis=1)[:, :s_pad]
-    xf = jnp.where((jnp.arange(s_pad) < length)[None, :, None, None], xf, 0.0)
-    amax = jnp.max(jnp.abs(xf.reshape(batch, s_pad // group, group, heads, d)), axis=(2, 4))
+        xf = xf - jnp.repeat(mean.astype(jnp.float32), mean_rows, axis=1)[:, :rows]
+    xf = jnp.where((jnp.arange(rows) < length)[None, :, None, None], xf, 0.0)
+    amax = jnp.max(jnp.abs(xf.reshape(batch, rows // group, group, heads, d)), axis=(2, 4))
     return jnp.transpose(jnp.maximum(amax, AMAX_EPS), (0, 2, 1))
 
 
@@ -166,55 +170,61 @@ def quantize_int8_rows(
     x: jax.Array,
     *,
     group: int,
-    length: int,
+    rows: int | None = None,
+    width: int | None = None,
     mean: jax.Array | None = None,
     mean_rows: int | None = None,
     num_warps: int = 4,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """INT8 quantisation of ``x [B, S_pad, H, d]`` in groups of ``group`` rows.
+    """INT8 quantisation of ``x [B, S, H, d]`` in groups of ``group`` rows, into ``rows`` rows
+    (default S; a multiple of ``group``) and ``width`` channels (default d): the rows and
+    channels past x's are zeros (x itself is read unpadded).
 
-    ``mean [B, n, H, d]`` (fp32) is subtracted first, row r using ``mean[:, r // mean_rows]``;
-    rows ``>= length`` are zeroed. Returns ``int8 [B, S_pad, H, d]`` and the fp32 scale of
-    every row ``[B, H, S_pad]`` (constant over each group; ``[..., ::group]`` is per group).
-    The group amax and its reciprocal ``127 / a`` come from XLA (IEEE division: Triton's fp32
-    ``/`` is ``div.full``, within 2 ulp), the scaling and rounding from a Pallas kernel.
+    ``mean [B, n, H, d]`` (fp32) is subtracted first, row r using ``mean[:, r // mean_rows]``.
+    Returns ``int8 [B, rows, H, width]`` and the fp32 scale of every row ``[B, H, rows]``
+    (constant over each group; ``[..., ::group]`` is per group). The group amax and its
+    reciprocal ``127 / a`` come from XLA (IEEE division: Triton's fp32 ``/`` is ``div.full``,
+    within 2 ulp), the scaling and rounding from a Pallas kernel.
     """
-    batch, s_pad, heads, d = x.shape
-    if s_pad % group:
-        raise ValueError(f"padded length {s_pad} is not a multiple of the group size {group}")
-    rows = mean_rows or s_pad
-    amax = _group_amax(x, group, length, mean, rows)  # [B, H, G]
-    inv = jnp.where((jnp.arange(s_pad) < length)[None, None, :],
+    batch, length, heads, d = x.shape
+    rows, width = rows or length, width or d
+    if rows % group or rows < length:
+        raise ValueError(f"rows={rows} must be a multiple of the group size {group} and >= seq={length}")
+    if width < d:
+        raise ValueError(f"width={width} must be >= the head dim {d}")
+    mrows = mean_rows or rows
+    amax = _group_amax(x, group, rows, mean, mrows)  # [B, H, G]
+    inv = jnp.where((jnp.arange(rows) < length)[None, None, :],
                     jnp.repeat(INT8_MAX / amax, group, axis=2), 0.0)
-    in_specs = [pl.BlockSpec((None, group, None, d), lambda i, b, h: (b, i, h, 0))]
+    in_specs = [pl.BlockSpec((None, group, None, width), lambda i, b, h: (b, i, h, 0))]
     args = [x]
     if mean is not None:
-        in_specs.append(pl.BlockSpec((None, None, None, d), lambda i, b, h: (b, (i * group) // rows, h, 0)))
-        args.append(mean.astype(jnp.float32))
+        in_specs.append(pl.BlockSpec((None, None, None, width), lambda i, b, h: (b, (i * group) // mrows, h, 0)))
+        args.append(_common.pad_axis(mean.astype(jnp.float32), 3, width))
     in_specs.append(pl.BlockSpec((None, None, group), lambda i, b, h: (b, h, i)))
     args.append(inv)
     (x8,) = _common.pallas_call(
-        functools.partial(_quant_int8_kernel, has_mean=mean is not None),
-        out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.int8)],
-        grid=(s_pad // group, batch, heads), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, group, None, d), lambda i, b, h: (b, i, h, 0))],
+        functools.partial(_quant_int8_kernel, has_mean=mean is not None, length=length, ragged=rows != length,
+                          width=d),
+        out_shape=[jax.ShapeDtypeStruct((batch, rows, heads, width), jnp.int8)],
+        grid=(rows // group, batch, heads), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, group, None, width), lambda i, b, h: (b, i, h, 0))],
         num_warps=num_warps, num_stages=1, interpret=interpret, name="jaxattn_sage_quant_int8")(*args)
     return x8, jnp.repeat(amax / INT8_MAX, group, axis=2)
 
 
-def quantize_v_fp8(v: jax.Array, kv_pad: int) -> tuple[jax.Array, jax.Array]:
+def quantize_v_fp8(v: jax.Array, kv_pad: int, width: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Per-channel e4m3 quantisation of ``v [B, Sk, Hkv, dv]`` (XLA: one reduction and one
-    fused scale/convert/transpose). Returns ``v_fp8 [B, Hkv, dv, kv_pad]`` (padded keys 0)
-    and ``v_scale [B, Hkv, dv]`` fp32."""
-    vf = v.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(vf), axis=1)  # [B, Hkv, dv]
+    fused pad/scale/convert/transpose). Returns ``v_fp8 [B, Hkv, width, kv_pad]`` (``width``
+    default dv; padded keys and channels 0) and ``v_scale [B, Hkv, width]`` fp32 (1 for a padded or
+    all-zero channel)."""
+    vf = _common.pad_axis(_common.pad_axis(v.astype(jnp.float32), 1, kv_pad), 3, width or v.shape[-1])
+    amax = jnp.max(jnp.abs(vf), axis=1)  # [B, Hkv, width]
     nz = amax > 0
     inv = jnp.where(nz, FP8_MAX / jnp.where(nz, amax, 1.0), 1.0)
     scale = jnp.where(nz, amax / FP8_MAX, 1.0)
-    v8 = (vf * inv[:, None]).astype(FP8_DTYPE)
-    v8 = _common.pad_axis(v8, 1, kv_pad)
-    return jnp.transpose(v8, (0, 2, 3, 1)), scale
+    return jnp.transpose((vf * inv[:, None]).astype(FP8_DTYPE), (0, 2, 3, 1)), scale
 
 
 def token_mean(x: jax.Array) -> jax.Array:
@@ -266,26 +276,29 @@ def quantize(
     scale: float,
     smooth_q: bool,
     smooth_k: bool,
+    width: int | None = None,
+    value_width: int | None = None,
     num_warps: int = 4,
     interpret: bool | None = None,
 ) -> Quantized:
-    """The quantisation prologue on head-dim-padded ``q, k, v`` (true sequence lengths)."""
-    q_len, kv_len = q.shape[1], k.shape[1]
+    """The quantisation prologue on ``q, k, v`` as they are (true lengths and head dims): the
+    quantised arrays come out padded to the blocks' lengths and to ``width`` (q, k) and
+    ``value_width`` (v) channels (defaults: the head dims), the padding zeros."""
+    width, value_width = width or q.shape[-1], value_width or v.shape[-1]
     k_mean = token_mean(k) if smooth_k else None
     q_mean = block_means(q, blocks.block_q) if smooth_q else None
-    qp = _common.pad_axis(q, 1, blocks.q_pad)
-    kp = _common.pad_axis(k, 1, blocks.kv_pad)
-    q8, q_rows = quantize_int8_rows(qp, group=blocks.q_group, length=q_len, mean=q_mean,
+    q8, q_rows = quantize_int8_rows(q, group=blocks.q_group, rows=blocks.q_pad, width=width, mean=q_mean,
                                     mean_rows=blocks.block_q, num_warps=num_warps, interpret=interpret)
-    k8, k_rows = quantize_int8_rows(kp, group=blocks.block_k, length=kv_len, mean=k_mean,
+    k8, k_rows = quantize_int8_rows(k, group=blocks.block_k, rows=blocks.kv_pad, width=width, mean=k_mean,
                                     num_warps=num_warps, interpret=interpret)
-    v8, v_scale = quantize_v_fp8(v, blocks.kv_pad)
+    v8, v_scale = quantize_v_fp8(v, blocks.kv_pad, value_width)
     correction = None
     if smooth_q:
         k_s = k.astype(jnp.float32) - (k_mean if smooth_k else 0.0)
         correction = smoothing_correction(q_mean, k_s, scale * LOG2E, blocks.kv_pad)
+    pad = functools.partial(_common.pad_axis, axis=3, size=width)
     return Quantized(q8, q_rows[..., ::blocks.q_group], k8, k_rows[..., ::blocks.block_k], v8, v_scale,
-                     k_mean, q_mean, correction)
+                     None if k_mean is None else pad(k_mean), None if q_mean is None else pad(q_mean), correction)
 
 
 # ----------------------------------------------------------------------------
@@ -309,6 +322,7 @@ class _Static:
     has_corr: bool
     cfg: SageConfig
     interpret: bool | None
+    value_dim: int  # v's head dim: the output is [B, q_len, Hq, value_dim], stored unpadded
     sparse: None = None  # flash's block-sparse layout: never used here
 
 
@@ -355,7 +369,8 @@ def _attn_kernel(*refs, st: _Static):
     n_full, hi = _flash._kv_range(st, q_start, bq, bk)
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), (acc, m, l))
     acc, m, l = lax.fori_loop(n_full, hi, functools.partial(body, masked=True), carry)
-    o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+    out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+    _common.store_tile(o_ref, (slice(None), slice(None)), out, q_start, st.q_len, st.q_len != st.q_pad, st.value_dim)
 
 
 def _attn_call(st: _Static, qz: Quantized, q_row_scale: jax.Array, out_dtype) -> jax.Array:
@@ -378,7 +393,7 @@ def _attn_call(st: _Static, qz: Quantized, q_row_scale: jax.Array, out_dtype) ->
         args.append(qz.correction)
     call = _common.pallas_call(
         functools.partial(_attn_kernel, st=st),
-        out_shape=[jax.ShapeDtypeStruct((batch, st.q_pad, hq, dv), out_dtype)],
+        out_shape=[jax.ShapeDtypeStruct((batch, st.q_len, hq, st.value_dim), out_dtype)],  # (unpadded)
         grid=(st.q_pad // bq, batch, hq), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, bq, None, dv), lambda i, b, h: (b, qb(i), h, 0))],
         num_warps=st.cfg.num_warps, num_stages=st.cfg.num_stages,
@@ -417,9 +432,8 @@ def _sage(opts: _Options, q, k, v):
         blocks = mosaic_blocks(q_len, kv_len, opts.granularity, dp)
     else:
         blocks = resolve_blocks(q_len, kv_len, opts.cfg, opts.granularity)
-    qz = quantize(_common.pad_axis(q, 3, dp), _common.pad_axis(k, 3, dp), _common.pad_axis(v, 3, dvp),
-                  blocks=blocks, scale=opts.scale, smooth_q=opts.smooth_q, smooth_k=opts.smooth_k,
-                  num_warps=opts.cfg.quant_num_warps, interpret=opts.interpret)
+    qz = quantize(q, k, v, blocks=blocks, scale=opts.scale, smooth_q=opts.smooth_q, smooth_k=opts.smooth_k,
+                  width=dp, value_width=dvp, num_warps=opts.cfg.quant_num_warps, interpret=opts.interpret)
     q_rows = jnp.repeat(qz.q_scale, blocks.q_group, axis=-1) * (opts.scale * LOG2E)
     if mosaic:
         x = flash_mgpu.SageInputs(qz.q8, q_rows, qz.k8, qz.k_scale, qz.v8, qz.v_scale, qz.correction)
@@ -428,9 +442,9 @@ def _sage(opts: _Options, q, k, v):
         return out[:, :q_len, :, :dv]
     st = _Static(causal=opts.causal, q_len=q_len, kv_len=kv_len, q_pad=blocks.q_pad,
                  kv_pad=blocks.kv_pad, groups=hq // k.shape[2], block_q=blocks.block_q,
-                 block_k=blocks.block_k, has_corr=opts.smooth_q, cfg=opts.cfg, interpret=opts.interpret)
-    out = _attn_call(st, qz, q_rows, q.dtype)
-    return out[:, :q_len, :, :dv]
+                 block_k=blocks.block_k, has_corr=opts.smooth_q, cfg=opts.cfg, interpret=opts.interpret,
+                 value_dim=dv)
+    return _attn_call(st, qz, q_rows, q.dtype)
 
 
 @_sage.defjvp

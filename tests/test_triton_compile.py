@@ -182,9 +182,9 @@ def test_sage_int8_quantiser_rounds_like_its_emulation_on_gpu():
     from jaxattn.pallas import sage
 
     def f(x, mean):
-        return sage.quantize_int8_rows(x, group=64, length=100, mean=mean, mean_rows=128, interpret=False)
+        return sage.quantize_int8_rows(x, group=64, rows=128, mean=mean, mean_rows=128, interpret=False)
 
-    kernels = cc.triton_kernels(cc.lower_for_cuda(f, jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16),
+    kernels = cc.triton_kernels(cc.lower_for_cuda(f, jax.ShapeDtypeStruct((1, 100, 2, 64), jnp.bfloat16),
                                                   jax.ShapeDtypeStruct((1, 1, 2, 64), jnp.float32)))
     [rec] = [r for r in cc.compile_kernels(kernels) if r["kernel"] == "jaxattn_sage_quant_int8"]
     assert rec["ok"], rec.get("error")
