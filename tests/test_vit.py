@@ -267,3 +267,29 @@ def test_quantized_switch_agrees_with_full_precision():
     assert not np.array_equal(a, b)  # the quantized path really ran
     cos = (a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b)
     assert cos > 0.99, cos
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mlp_recomputed_gelu_matches_plain_formula(dtype):
+    """The MLP's first layer (``activated_linear``: GELU recomputed in the backward) gives
+    ``fc2(gelu(fc1(x)))`` as nnx.Linear computes it, value and gradients (parameters and input),
+    and its jaxpr recomputes (a checkpoint) instead of keeping GELU's intermediates."""
+    from jaxattn.models.vit import MLP
+
+    mlp = MLP(12, 40, dtype=dtype, rngs=nnx.Rngs(0))
+    graph, params = nnx.split(mlp)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 12))
+
+    def loss(params, x, plain):
+        m = nnx.merge(graph, params)
+        y = m.fc2(jax.nn.gelu(m.fc1(x), approximate=False)) if plain else m(x)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+    got = jax.value_and_grad(loss, (0, 1))(params, x, False)
+    want = jax.value_and_grad(loss, (0, 1))(params, x, True)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+    jaxpr = str(jax.make_jaxpr(lambda p, x: loss(p, x, False))(params, x))
+    assert "checkpoint" in jaxpr or "remat" in jaxpr, jaxpr
