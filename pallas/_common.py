@@ -145,6 +145,19 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def fma(a: jax.Array, b: Any, c: Any, *, interpret: bool) -> jax.Array:
+    """``a * b + c`` in fp32 rounded once: one ``fma.rn.f32`` per element in a GPU kernel (inline
+    PTX: XLA's Triton pipeline marks ``*`` and ``+`` ``.rn``, which ptxas never contracts), the
+    two operations when interpreted (no PTX to run). ``b`` and ``c`` broadcast to ``a``'s shape."""
+    if interpret:
+        return a * b + c
+    f32 = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), a.shape)  # noqa: E731
+    (out,) = pltriton.elementwise_inline_asm(
+        "fma.rn.f32 $0, $1, $2, $3;", args=[f32(a), f32(b), f32(c)], constraints="=r,r,r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])
+    return out
+
+
 def tile_width(d: int) -> int:
     """A kernel tile's width for head dim ``d``: a power of two >= 16 (Triton's tiles are powers
     of two; :func:`load_tile` / :func:`store_tile` mask the columns past ``d``)."""

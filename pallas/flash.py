@@ -180,15 +180,28 @@ def _block_mask(st: _Static, q_pos, k_pos, *, causal: bool, length: bool, transp
     return mask
 
 
-def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask, transposed: bool = False, alibi=None):
+def _raw_logits(st: _Static) -> bool:
+    """Whether the forward's base-2 logits are ``q k^T`` times the positive constant
+    :func:`_logit_scale` (no soft cap, ALiBi or additive bias): then the online softmax scales
+    them itself, one FMA per score with the running max (``online_softmax_step(scale=)``)."""
+    return st.softcap is None and not st.alibi and st.bias_kind != "add" and st.scale > 0
+
+
+def _logit_scale(st: _Static) -> float:
+    return st.scale * LOG2E
+
+
+def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask, transposed: bool = False, alibi=None,
+            raw: bool = False):
     """Base-2 logits ``log2(e) * (softcap(scale * q k^T) + bias)`` with masked entries at -inf,
     and the soft cap's ``tanh`` term (None without one) for the backward. ``transposed`` gives
     the ``[bk, bq]`` logits ``k q^T`` (``bias`` still comes as a ``[bq, bk]`` tile, ``pos_mask``
     as ``[bk, bq]``). ``alibi = (slope, q_pos, k_pos)`` subtracts ``slope * |p - k_pos|``, ``p`` the
-    query's position ``q_pos + kv_len - q_len``."""
+    query's position ``q_pos + kv_len - q_len``. ``raw`` (:func:`_raw_logits` holds): ``q k^T``
+    masked, not yet multiplied by :func:`_logit_scale`."""
     qk = dot(k, q, trans_b=True, precision=st.precision) if transposed else dot(
         q, k, trans_b=True, precision=st.precision)
-    s, t = base2_logits(qk, st.scale, st.softcap)
+    s, t = (qk, None) if raw else base2_logits(qk, st.scale, st.softcap)
     if alibi is not None:
         slope, q_pos, k_pos = alibi
         p = q_pos + (st.kv_len - st.q_len)
@@ -219,15 +232,23 @@ def base2_logits(qk, scale: float, softcap: float | None):
 
 
 def online_softmax_step(carry, s, v, precision, exp: Callable[[jax.Array], jax.Array] = jnp.exp2,
-                        drop: Callable[[jax.Array], jax.Array] | None = None):
+                        drop: Callable[[jax.Array], jax.Array] | None = None, scale: float | None = None,
+                        interpret: bool = True):
     """One key block of the online softmax: ``(acc, m, l)`` updated with logits ``s [rows, bk]``
     (``-inf`` where masked; base 2 unless ``exp=jnp.exp``) and values ``v [bk, e]``; ``drop``
-    (dropout) maps the weights that multiply ``v`` (the normaliser sums them undropped)."""
+    (dropout) maps the weights that multiply ``v`` (the normaliser sums them undropped).
+    ``scale > 0``: the logits are ``scale * s``; the row max is taken on ``s`` and scaled, and
+    each weight is ``exp(fma(s, scale, -m))``, one FMA per score on a GPU (``interpret=False``)
+    instead of a multiply and a subtract (as FlashAttention's kernels do)."""
     acc, m, l = carry
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    row_max = jnp.max(s, axis=1)
+    m_new = jnp.maximum(m, row_max if scale is None else row_max * scale)
     m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
     alpha = exp(m - m_safe)
-    p = exp(s - m_safe[:, None])
+    if scale is None:
+        p = exp(s - m_safe[:, None])
+    else:
+        p = exp(_common.fma(s, scale, -m_safe[:, None], interpret=interpret))
     l = l * alpha + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + dot((p if drop is None else drop(p)).astype(v.dtype), v, precision=precision)
     return acc, m_new, l
@@ -433,9 +454,9 @@ def _q_positions(st: _Static, q_start, block_q: int, lists):
 
 
 def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked: bool,
-              slope=None):
-    """Key block ``j`` for a query tile: base-2 logits ``s [bq, bk]``, the soft cap's tanh
-    term (or None), k and v."""
+              slope=None, raw: bool = False):
+    """Key block ``j`` for a query tile: base-2 logits ``s [bq, bk]`` (``raw``: not yet scaled, see
+    :func:`_scores`), the soft cap's tanh term (or None), k and v."""
     k_start = pl.multiple_of(j * block_k, block_k)
     ks = pl.ds(k_start, block_k)
     # (tiles holding keys past kv_len are always among the masked ones)
@@ -450,7 +471,7 @@ def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_r
     kseg = kseg_ref[ks] if st.has_seg else None
     bias = _load_bias(st, bias_ref, slice(None), ks) if st.bias_kind else None
     alibi = (slope, q_pos, k_start + jnp.arange(block_k)) if st.alibi else None
-    s, t = _scores(st, q, k, qseg, kseg, bias, pos_mask, alibi=alibi)
+    s, t = _scores(st, q, k, qseg, kseg, bias, pos_mask, alibi=alibi, raw=raw)
     return s, t, k, v
 
 
@@ -508,13 +529,17 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
         seed, bh_off, q_off, k_off = _drop_state(st, seed_ref)
         rows = _drop_rows(seed, _batch_head(st, pl.program_id(2)) + bh_off, q_off + q_start, block_q)
 
+    raw = _raw_logits(st)
+
     def body(j, carry, masked: bool):
-        s, _, _, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope)
+        s, _, _, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope,
+                               raw=raw)
         drop = None
         if rows is not None:  # the normaliser sums every p; only p v sees the dropped weights
             keep = _dropout.keep(rows[:, None], k_off + j * block_k + jnp.arange(block_k)[None, :], st.dropout)
             drop = functools.partial(_drop, st, keep)
-        return online_softmax_step(carry, s, v, st.precision, drop=drop)
+        return online_softmax_step(carry, s, v, st.precision, drop=drop, scale=_logit_scale(st) if raw else None,
+                                   interpret=_common.resolve_interpret(st.interpret))
 
     carry = _loop_kv(st, q_start, block_q, block_k, body, online_softmax_init(block_q, v_ref.shape[-1]), lists,
                      range_ref)
