@@ -323,7 +323,21 @@ class _Static:
     cfg: SageConfig
     interpret: bool | None
     value_dim: int  # v's head dim: the output is [B, q_len, Hq, value_dim], stored unpadded
+    positive_scale: bool = True  # sm_scale > 0: the row scales are positive (see _attn_kernel)
     sparse: None = None  # flash's block-sparse layout: never used here
+
+
+# 1.5 * 2^23 as an int32 bit pattern and as a float: ``bitcast(x + MAGIC_BITS) - MAGIC`` is x as a float,
+# exactly, for |x| < 2^22 (the float lies in [2^23, 2^24), where its ulp is 1).
+MAGIC_BITS = 0x4B400000
+MAGIC = 12582912.0
+
+
+def exact_float(x: jax.Array) -> jax.Array:
+    """int32 scores to fp32, exactly for ``|x| < 2^22`` (``127^2 * 128`` is about 2^21): one integer
+    add and one float subtract on the full-rate pipes instead of ``cvt.rn.f32.s32``, which Hopper
+    runs at exp2's rate (16 per clock and SM), the same count per score as the softmax's exp2."""
+    return lax.bitcast_convert_type(x + MAGIC_BITS, jnp.float32) - MAGIC
 
 
 def _attn_kernel(*refs, st: _Static):
@@ -339,26 +353,34 @@ def _attn_kernel(*refs, st: _Static):
     qs = qs_ref[...]  # fp32 [bq]: per-row Q scale * sm_scale * log2(e)
     vs = vs_ref[...]  # fp32 [dv]
 
+    interpret = _common.resolve_interpret(st.interpret)
+    fma = functools.partial(_common.fma, interpret=interpret)
+    # Without the smoothing correction and with sm_scale > 0, the logits are the integer scores
+    # times a positive row scale r: the row max is taken on the scores and scaled (exactly the max
+    # of the scaled scores: rounding is monotonic), and each exponent is one FMA.
+    raw = not st.has_corr and st.positive_scale
+
     def body(j, carry, masked: bool):
         acc, m, l = carry
         k_start = pl.multiple_of(j * bk, bk)
         ks = pl.ds(k_start, bk)
-        s_int = dot(q, k_ref[ks, :], trans_b=True)  # int32, exact
-        s = s_int.astype(jnp.float32) * (qs * ks_ref[j])[:, None]
-        if st.has_corr:
-            s = s + corr_ref[ks][None, :]
+        s = exact_float(dot(q, k_ref[ks, :], trans_b=True))  # int32 scores, exact, as fp32
+        r = qs * ks_ref[j]  # [bq] the row scales of this key block
+        if not raw:
+            s = fma(s, r[:, None], corr_ref[ks][None, :]) if st.has_corr else s * r[:, None]
         if masked:
             mask = _flash._block_mask(st, q_pos, k_start + jnp.arange(bk), causal=st.causal,
                                       length=st.kv_len % bk != 0)
             if mask is not None:
                 s = jnp.where(mask, s, NEG_INF)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1) - P_OFFSET)
+        row_max = jnp.max(s, axis=1)
+        m_new = jnp.maximum(m, (row_max * r if raw else row_max) - P_OFFSET)
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
         alpha = jnp.exp2(m - m_safe)
-        p = jnp.exp2(s - m_safe[:, None])  # (0, 448]
+        p = jnp.exp2(fma(s, r[:, None], -m_safe[:, None]) if raw else s - m_safe[:, None])  # (0, 448]
         l = l * alpha + jnp.sum(p, axis=1)
         pv = dot(p.astype(FP8_DTYPE), v_ref[:, ks], trans_b=True)  # fp8 x fp8 -> fp32, this block only
-        acc = acc * alpha[:, None] + pv * vs[None, :]
+        acc = fma(pv, vs[None, :], acc * alpha[:, None])
         return acc, m_new, l
 
     acc = jnp.zeros((bq, v_ref.shape[0]), jnp.float32)
@@ -443,7 +465,7 @@ def _sage(opts: _Options, q, k, v):
     st = _Static(causal=opts.causal, q_len=q_len, kv_len=kv_len, q_pad=blocks.q_pad,
                  kv_pad=blocks.kv_pad, groups=hq // k.shape[2], block_q=blocks.block_q,
                  block_k=blocks.block_k, has_corr=opts.smooth_q, cfg=opts.cfg, interpret=opts.interpret,
-                 value_dim=dv)
+                 value_dim=dv, positive_scale=opts.scale > 0)
     return _attn_call(st, qz, q_rows, q.dtype)
 
 

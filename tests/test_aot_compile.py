@@ -64,6 +64,23 @@ def test_flash_triton_kernels_compile_for_h100():
     assert kernels["jaxattn_flash_fwd"]["fma_f32"] >= per_thread, kernels["jaxattn_flash_fwd"]
 
 
+@needs_aot
+def test_sage_kernel_softmax_instructions():
+    """The Sage attention kernel (d128, bf16): WGMMA for both dots, the int32 scores converted
+    without ``cvt.rn.f32.s32`` (exp2's rate on Hopper; ``sage.exact_float``), and one FMA per score
+    for the exponent and per accumulator element for the FP8 partial."""
+    from jaxattn.pallas import sage
+
+    x = jax.ShapeDtypeStruct((1, 4096, 8, 128), jnp.bfloat16)
+    with jax.default_matmul_precision("default"):
+        res = aot.compile_case(lambda q, k, v: sage.sage_attention_kernel(q, k, v, interpret=False), [x, x, x])
+    assert res["ok"], res.get("error")
+    [k] = [k for k in res["kernels"] if k["kernel"] == "jaxattn_sage_fwd"]
+    cfg = sage.sage_config(128)
+    per_thread = cfg.block_q * cfg.block_k // (32 * cfg.num_warps)
+    assert k["wgmma"] and k["i2f"] == 0 and k["fma_f32"] >= 2 * per_thread, k
+
+
 LINEAR_GLOBAL_CASES = list(cc.FAMILIES["linear_global"]())
 
 

@@ -349,3 +349,12 @@ def test_fp8_dot_allows_hopper_wgmma():
     flag = f"maxNumImpreciseAcc = {_fp8.MAX_IMPRECISE_ACC}"
     dots = [line for line in fwd.ttir.splitlines() if "tt.dot" in line]
     assert [flag in line for line in dots] == ["f8E4M3FN" in line for line in dots] and any("f8E4M3FN" in d for d in dots)
+
+
+def test_exact_float_is_the_int32_to_float_conversion():
+    """The kernel's int32 -> fp32 conversion of the scores (an integer add and a float subtract)
+    equals the conversion for every score an int8 x int8 dot over 128 channels can make."""
+    bound = 127 * 127 * sage.MAX_HEAD_DIM
+    x = jnp.concatenate([jnp.array([0, 1, -1, bound, -bound, 2 ** 22 - 1, -(2 ** 22)], jnp.int32),
+                         jax.random.randint(jax.random.PRNGKey(0), (4096,), -bound, bound + 1, jnp.int32)])
+    np.testing.assert_array_equal(np.asarray(sage.exact_float(x)), np.asarray(x, np.float32))

@@ -215,7 +215,8 @@ def _triton_kernels(dump: str, names: set[str]) -> list[dict]:
         info = _ptxas_report(path, target.group(1) if target else "sm_90a")
         for name in entries:
             recs.append({"kernel": name, "backend": "triton", "wgmma": "wgmma.mma_async" in bodies[name],
-                         "fma_f32": len(re.findall(r"\bfma\.rn\.f32\b", bodies[name])), **info.get(name, {})})
+                         "fma_f32": len(re.findall(r"\bfma\.rn\.f32\b", bodies[name])),
+                         "i2f": len(re.findall(r"\bcvt\.rn\.f32\.s32\b", bodies[name])), **info.get(name, {})})
     return recs
 
 
