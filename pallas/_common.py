@@ -158,6 +158,19 @@ def fma(a: jax.Array, b: Any, c: Any, *, interpret: bool) -> jax.Array:
     return out
 
 
+# 1.5 * 2^23 as an int32 bit pattern and as a float: ``bitcast(x + MAGIC_BITS) - MAGIC`` is x as a float,
+# exactly, for |x| < 2^22 (the float lies in [2^23, 2^24), where its ulp is 1).
+MAGIC_BITS = 0x4B400000
+MAGIC = 12582912.0
+
+
+def exact_float(x: jax.Array) -> jax.Array:
+    """int32 to fp32, exactly for ``|x| < 2^22`` (INT8 attention scores: ``127^2 * 128`` is about
+    2^21): one integer add and one float subtract on the full-rate pipes instead of
+    ``cvt.rn.f32.s32``, which Hopper runs at exp2's rate (16 per clock and SM), one per score."""
+    return jax.lax.bitcast_convert_type(x + MAGIC_BITS, jnp.float32) - MAGIC
+
+
 def tile_width(d: int) -> int:
     """A kernel tile's width for head dim ``d``: a power of two >= 16 (Triton's tiles are powers
     of two; :func:`load_tile` / :func:`store_tile` mask the columns past ``d``)."""

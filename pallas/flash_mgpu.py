@@ -46,6 +46,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxattn.pallas import _common
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 FP8_DTYPE = jnp.float8_e4m3fn
@@ -425,7 +427,7 @@ def _attention(q, k, v, sage: SageInputs | None, *, causal: bool, scale: float, 
                     s = pl.run_scoped(qk_product, plgpu.ACC((bq, bkv), acc_type))
                 plgpu.barrier_arrive(consumed_k.at[slot])
                 if quant:  # base-2 logits: int32 scores times the row and key-block scales
-                    s = cast(s.astype(jnp.float32), plgpu.Layout.WGMMA)
+                    s = cast(_common.exact_float(s), plgpu.Layout.WGMMA)  # (no cvt.rn.f32.s32)
                     s = s * lax.broadcast_in_dim(q_scale * k_scale, s.shape, [0])
                     if corr_ref is not None:  # smooth_q: this query block's q_bar . K^T, per key
                         corr = load_vec(corr_ref.at[b, h, tile, pl.ds(kb * bkv, bkv)], col_layout)

@@ -51,7 +51,7 @@ from jax.experimental import pallas as pl
 
 from jaxattn.pallas import _common, _fp8, flash_mgpu
 from jaxattn.pallas import flash as _flash
-from jaxattn.pallas._common import dot
+from jaxattn.pallas._common import dot, exact_float  # noqa: F401 (exact_float: also sage's API)
 
 LOG2E = math.log2(math.e)
 NEG_INF = float("-inf")
@@ -325,19 +325,6 @@ class _Static:
     value_dim: int  # v's head dim: the output is [B, q_len, Hq, value_dim], stored unpadded
     positive_scale: bool = True  # sm_scale > 0: the row scales are positive (see _attn_kernel)
     sparse: None = None  # flash's block-sparse layout: never used here
-
-
-# 1.5 * 2^23 as an int32 bit pattern and as a float: ``bitcast(x + MAGIC_BITS) - MAGIC`` is x as a float,
-# exactly, for |x| < 2^22 (the float lies in [2^23, 2^24), where its ulp is 1).
-MAGIC_BITS = 0x4B400000
-MAGIC = 12582912.0
-
-
-def exact_float(x: jax.Array) -> jax.Array:
-    """int32 scores to fp32, exactly for ``|x| < 2^22`` (``127^2 * 128`` is about 2^21): one integer
-    add and one float subtract on the full-rate pipes instead of ``cvt.rn.f32.s32``, which Hopper
-    runs at exp2's rate (16 per clock and SM), the same count per score as the softmax's exp2."""
-    return lax.bitcast_convert_type(x + MAGIC_BITS, jnp.float32) - MAGIC
 
 
 def _attn_kernel(*refs, st: _Static):
