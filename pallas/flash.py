@@ -181,9 +181,10 @@ def _block_mask(st: _Static, q_pos, k_pos, *, causal: bool, length: bool, transp
 
 
 def _raw_logits(st: _Static) -> bool:
-    """Whether the forward's base-2 logits are ``q k^T`` times the positive constant
-    :func:`_logit_scale` (no soft cap, ALiBi or additive bias): then the online softmax scales
-    them itself, one FMA per score with the running max (``online_softmax_step(scale=)``)."""
+    """Whether the base-2 logits are ``q k^T`` times the positive constant :func:`_logit_scale` (no
+    soft cap, ALiBi or additive bias): then the kernels scale them inside each weight's exponent,
+    one FMA per score (the forward with the running max, ``online_softmax_step(scale=)``; the
+    backward with the lse)."""
     return st.softcap is None and not st.alibi and st.bias_kind != "add" and st.scale > 0
 
 
@@ -664,9 +665,12 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
             return c
         lax.fori_loop(0, st.kv_pad // block_k, clear, 0)
 
+    raw, fma = _raw_logits(st), functools.partial(_common.fma, interpret=_common.resolve_interpret(st.interpret))
+
     def body(j, dq, masked: bool):
-        s, t, k, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope)
-        p = jnp.exp2(s - lse2[:, None])
+        s, t, k, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope,
+                               raw=raw)
+        p = jnp.exp2(fma(s, _logit_scale(st), -lse2[:, None]) if raw else s - lse2[:, None])
         dp = dot(do, v, trans_b=True, precision=st.precision)
         if rows is not None:  # the cotangent of the kept weights, rescaled
             dp = _drop(st, _dropout.keep(rows[:, None], k_off + j * block_k + jnp.arange(block_k)[None, :],
@@ -769,6 +773,8 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         seed, bh_off, q_off, k_off = _drop_state(st, seed_ref)
         bh0 = _batch_head(st, head0) + bh_off
 
+    raw, fma = _raw_logits(st), functools.partial(_common.fma, interpret=_common.resolve_interpret(st.interpret))
+
     def body(i, carry, g, masked: bool):
         dk, dv = carry
         q_start = pl.multiple_of(i * block_q, block_q)
@@ -789,8 +795,8 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         # Transposed scores [bk, bq] (as Triton's fused-attention backward): every dot below
         # takes its operands as they are, with no register tile transposed in between.
         alibi = (alibi_ref[head0 + g], q_start + jnp.arange(block_q), k_pos) if st.alibi else None
-        s_t, t_t = _scores(st, q, k, qseg, kseg, bias, pos_mask, transposed=True, alibi=alibi)
-        p_t = jnp.exp2(s_t - lse2[None, :])
+        s_t, t_t = _scores(st, q, k, qseg, kseg, bias, pos_mask, transposed=True, alibi=alibi, raw=raw)
+        p_t = jnp.exp2(fma(s_t, _logit_scale(st), -lse2[None, :]) if raw else s_t - lse2[None, :])
         keep_t = None
         if st.dropout:  # the forward's mask, transposed: rows are this tile's queries
             rows = _drop_rows(seed, bh0 if st.dropout_shared else bh0 + g, q_off + q_start, block_q)

@@ -41,8 +41,9 @@ def test_mosaic_kernels_compile_for_h100(label, fn, args):
 @needs_aot
 def test_flash_triton_kernels_compile_for_h100():
     """The flash forward, dq and dk/dv kernels at the target configuration (d128, bf16, causal):
-    XLA's Triton emits WGMMA and no kernel spills; the forward's softmax takes each weight's
-    exponent with one FMA per score (``_common.fma``: at least a score tile's share per thread)."""
+    XLA's Triton emits WGMMA and no kernel spills; each softmax weight's exponent is one FMA per
+    score in the forward and both backward kernels (``_common.fma``: at
+    least a score tile's share per thread)."""
     from jaxattn.pallas import flash
 
     def loss(q, k, v):
@@ -60,8 +61,10 @@ def test_flash_triton_kernels_compile_for_h100():
         if "registers" in k:  # (a ptxas that reads XLA's PTX: the triton package's)
             assert aot.check(k) == "OK", k
     cfg = flash.flash_config(128, jnp.bfloat16)
-    per_thread = cfg.block_q * cfg.block_k // (32 * cfg.num_warps)
-    assert kernels["jaxattn_flash_fwd"]["fma_f32"] >= per_thread, kernels["jaxattn_flash_fwd"]
+    for name, tile, warps in (("fwd", cfg.block_q * cfg.block_k, cfg.num_warps),
+                              ("dq", cfg.block_q_dq * cfg.block_k_dq, cfg.num_warps_bwd),
+                              ("dkdv", cfg.block_q_dkv * cfg.block_k_dkv, cfg.num_warps_bwd)):
+        assert kernels[f"jaxattn_flash_{name}"]["fma_f32"] >= tile // (32 * warps), kernels[f"jaxattn_flash_{name}"]
 
 
 @needs_aot
