@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,8 @@ from jax.experimental import pallas as pl
 
 from jaxattn.pallas import _common
 from jaxattn.pallas._common import dot
+
+LOG2E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,15 +105,23 @@ class _Static:
         return self.n - (self.n_blocks - 1) * self.block
 
 
+def _decay_matrix(s, block: int, transposed: bool = False):
+    """``D [block, block]``, ``D[i, j] = lambda^(i - j)`` for ``i >= j``, else 0 (``transposed``: D^T).
+    The offsets come from float position vectors (an int -> float conversion per element would
+    run at exp2's rate) and the powers from ``exp2`` with ``s log2(e)`` folded in (``exp`` adds a
+    range reduction per element)."""
+    f = _common.exact_float(jnp.arange(block))  # (no cvt.rn.f32.s32 for each position either)
+    diff = f[None, :] - f[:, None] if transposed else f[:, None] - f[None, :]
+    return jnp.where(diff >= 0, jnp.exp2((-s * LOG2E) * jnp.maximum(diff, 0.0)), 0.0)
+
+
 def _decays(s, block: int, rem: int):
     """Decay vectors/matrix for one block holding ``rem`` valid rows."""
     i = jnp.arange(block)
-    f = i.astype(jnp.float32)
+    f = _common.exact_float(i)
     q_dec = jnp.exp(-s * (f + 1.0))  # lambda^(i+1)
     k_dec = jnp.where(i < rem, jnp.exp(-s * jnp.maximum(rem - 1 - f, 0.0)), 0.0)  # lambda^(rem-1-j)
-    diff = (i[:, None] - i[None, :]).astype(jnp.float32)
-    intra = jnp.where(diff >= 0, jnp.exp(-s * jnp.maximum(diff, 0.0)), 0.0)
-    return q_dec, k_dec, intra, jnp.exp(-s * float(rem))
+    return q_dec, k_dec, _decay_matrix(s, block), jnp.exp(-s * float(rem))
 
 
 def _row_scaled_dot(x, w, m, st: "_Static", trans_b: bool = False):
@@ -196,7 +207,7 @@ def _dkv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, *refs, st: _Static):
     dsf_ref, dk_ref, dv_ref, ds0_ref = _optional_refs(refs, st.final_grad, True, True, st.initial_grad)
     s = s_ref[...]
     f = jnp.arange(st.block).astype(jnp.float32)
-    intra_t = _decays(s, st.block, st.block)[2].T  # D^T
+    intra_t = _decay_matrix(s, st.block, transposed=True)  # D^T
     q_pow = jnp.exp(-s * f)  # lambda^i
     k_pow = jnp.exp(-s * (st.block - f))  # lambda^(B-j)
     blk_dec = jnp.exp(-s * float(st.block))
@@ -419,7 +430,7 @@ def _block_grad_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, hs_ref, gs_ref, dq_re
     k_last = _decays(s, st.block, st.rem)[1]
     k_pow = jnp.exp(-s * (st.block - jnp.arange(st.block).astype(jnp.float32)))  # lambda^(B-j)
     w = jnp.where(is_last, k_last, k_pow)  # the last block's G slot holds dSf
-    intra_t = intra.T
+    intra_t = _decay_matrix(s, st.block, transposed=True)  # (computed, not a register transpose)
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     g = gs_ref[...]
     dp = dot(do, v, trans_b=True, precision=st.precision) * intra
