@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxattn.pallas import _common
 from jaxattn.pallas._common import dot
+
+LOG2E = math.log2(math.e)
 
 
 KEY_CHUNK = 64  # window keys per step of the kernels' key loop
@@ -187,6 +190,12 @@ def _rel_selection(st: _Static, rows: int, dtype):
         yield half, c // st.tile == offset, (su == half * st.tile + sc % st.tile).astype(dtype)
 
 
+def _exp_minus(st: _Static, s, row):
+    """``exp(s - row[:, None])`` as ``exp2(fma(s, log2(e), -row log2(e)))``: one FMA and one ``ex2``
+    per score (``exp`` spends a subtract and a range-reducing ``fma.rm`` besides its ``ex2``)."""
+    return jnp.exp2(_common.fma(s, LOG2E, -(row * LOG2E)[:, None], interpret=_common.resolve_interpret(st.interpret)))
+
+
 def _logits(st: _Static, q, k, ab, emap, valid):
     # the relative term is a second dot accumulated onto the first (one fp32 tile live)
     s = dot(q, k, trans_b=True, precision=st.precision) * st.scale
@@ -212,7 +221,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static):
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a chunk of padding keys only
         alpha = jnp.exp(m - m_safe)
-        p = jnp.exp(s - m_safe[:, None])
+        p = _exp_minus(st, s, m_safe)
         l = l * alpha + jnp.sum(p, axis=1)
         return m_new, l, acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=st.precision)
 
@@ -241,7 +250,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, do_ref, dq_ref, dab
         dq, dab = carry
         y, x, inside, valid, emap = _window(st, origin, c)
         k, v = _load(k_ref, y, x, inside), _load(v_ref, y, x, inside)
-        p = jnp.exp(_logits(st, q, k, ab, emap, valid) - lse[:, None])
+        p = _exp_minus(st, _logits(st, q, k, ab, emap, valid), lse)
         dp = dot(do, v, trans_b=True, precision=st.precision)
         ds = (p * (dp - delta[:, None])).astype(q.dtype)
         if st.windows:
@@ -305,7 +314,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, ab_ref, lse_ref, delta_ref, do_ref, *outs, 
         emap = (col == jy[:, None]) | (col == st.tile + jx[:, None])
         s = dot(q, k, trans_b=True, precision=st.precision) * st.scale
         s = s + dot(ab, emap.astype(ab.dtype), trans_b=True, precision=st.precision)
-        p = jnp.where(seen[None, :], jnp.exp(s - lse[:, None]), 0.0)
+        p = jnp.where(seen[None, :], _exp_minus(st, s, lse), 0.0)
         dv = dv + dot(p.astype(do.dtype), do, trans_a=True, precision=st.precision)
         dp = dot(do, v, trans_b=True, precision=st.precision)
         ds = (p * (dp - delta[:, None])).astype(q.dtype)
