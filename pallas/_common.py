@@ -1,6 +1,8 @@
 """Helpers shared by the Pallas kernels: interpret-mode choice, output poisoning,
-padding, one ``pallas_call`` wrapper that pins the Triton backend, and the exact merge of
-partial attentions by their log-sum-exps (split-KV decoding, ring attention)."""
+padding, one ``pallas_call`` wrapper that pins the Triton backend, masked loads and stores of
+tiles from unpadded arrays, an FMA and an exact int32 -> fp32 conversion that stay off Hopper's
+slow paths, and the exact merge of partial attentions by their log-sum-exps (split-KV decoding,
+ring attention)."""
 
 from __future__ import annotations
 
@@ -213,8 +215,9 @@ def store_tile(ref, idx, value: jax.Array, first, length: int, ragged: bool, wid
 
 
 def unpadded_width(d: int) -> bool:
-    """Whether the kernels take a head dim ``d`` as it is (a power of two >= 16): no padded copy,
-    so an input can be read in place (packed layouts)."""
+    """Whether a kernel that pads head dims (HaloNet's) takes ``d`` as it is (a power of two >= 16):
+    no padded copy, so an input can be read in place (packed layouts). The flash, decode and Sage
+    kernels take any head dim as it is (:func:`load_tile`)."""
     return d >= 16 and d == next_pow2(d)
 
 
