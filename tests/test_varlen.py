@@ -13,10 +13,16 @@ from conftest import GRAD_TOL, assert_close, randn
 from jaxattn.pallas import poison_outputs
 
 
-@pytest.mark.parametrize("impl", ["pallas", "xla"])
-@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=True, local_window_size=(9, 0)),
-                                dict(causal=False, alibi_slopes=jnp.asarray([0.5, 0.25, 0.125, 0.0625])),
-                                dict(cross=True)], ids=["causal", "window", "alibi", "cross"])
+_VARLEN_KW = {"causal": dict(causal=True), "window": dict(causal=True, local_window_size=(9, 0)),
+              "alibi": dict(causal=False, alibi_slopes=jnp.asarray([0.5, 0.25, 0.125, 0.0625])),
+              "cross": dict(cross=True)}
+
+
+@pytest.mark.parametrize("impl,kw", [
+    *[pytest.param("pallas", kw, id=f"{name}-pallas") for name, kw in _VARLEN_KW.items()],
+    *[pytest.param("xla", kw, id=f"{name}-xla", marks=[] if name == "causal" else pytest.mark.slow)
+      for name, kw in _VARLEN_KW.items()],
+])
 def test_varlen_equals_each_sequence_alone(impl, kw):
     kw = dict(kw)
     cross = kw.pop("cross", False)
