@@ -425,12 +425,6 @@ def _dims(st: _Static, q) -> tuple[int, int, int, int]:
     return batch, hq, _common.tile_width(st.head_dim), _common.tile_width(st.value_dim)
 
 
-def _seq_load(ref, idx, first, length: int, ragged: bool, width: int):
-    """A q, k, v or dO tile (:func:`_common.load_tile`: ragged rows and columns past the head dim
-    masked, as the arrays are not padded)."""
-    return _common.load_tile(ref, idx, first, length, ragged, width)
-
-
 def _seq_store(ref, value, first, length: int, ragged: bool, width: int, slot: int | None = None):
     """An output tile of sequence rows from ``first`` (``slot``: into ``ref[:, slot, :]`` of a packed
     ``[rows, 3, d]`` cotangent tile), masked as :func:`_common.store_tile`."""
@@ -462,8 +456,8 @@ def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_r
     ks = pl.ds(k_start, block_k)
     # (tiles holding keys past kv_len are always among the masked ones)
     ragged = masked and _kv_ragged(st)
-    k = _seq_load(k_ref, (ks, slice(None)), k_start, st.kv_len, ragged, st.head_dim)
-    v = _seq_load(v_ref, (ks, slice(None)), k_start, st.kv_len, ragged, st.value_dim)
+    k = _common.load_tile(k_ref, (ks, slice(None)), k_start, st.kv_len, ragged, st.head_dim)
+    v = _common.load_tile(v_ref, (ks, slice(None)), k_start, st.kv_len, ragged, st.value_dim)
     pos_mask = None
     if masked:
         # a sparse layout pads keys to its mask block: a listed tile may be all padding
@@ -522,7 +516,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (o_ref, lse_ref) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
-    q = _seq_load(q_ref, (slice(None), slice(None)), q_start, st.q_len, _q_ragged(st), st.head_dim)
+    q = _common.load_tile(q_ref, (slice(None), slice(None)), q_start, st.q_len, _q_ragged(st), st.head_dim)
     qseg = qseg_ref[...] if st.has_seg else None
     slope = alibi_ref[pl.program_id(2)] if st.alibi else None
     rows = None
@@ -644,7 +638,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (dq_ref, *dbias) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
-    q, do = (_seq_load(r, (slice(None), slice(None)), q_start, st.q_len, _q_ragged(st), w)
+    q, do = (_common.load_tile(r, (slice(None), slice(None)), q_start, st.q_len, _q_ragged(st), w)
              for r, w in ((q_ref, st.head_dim), (do_ref, st.value_dim)))
     lse2 = _lse2(lse_ref[...])
     delta = delta_ref[...]
@@ -665,12 +659,10 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
             return c
         lax.fori_loop(0, st.kv_pad // block_k, clear, 0)
 
-    raw, fma = _raw_logits(st), functools.partial(_common.fma, interpret=_common.resolve_interpret(st.interpret))
-
     def body(j, dq, masked: bool):
         s, t, k, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope,
-                               raw=raw)
-        p = jnp.exp2(fma(s, _logit_scale(st), -lse2[:, None]) if raw else s - lse2[:, None])
+                               raw=_raw_logits(st))
+        p = _weights(st, s, lse2[:, None])
         dp = dot(do, v, trans_b=True, precision=st.precision)
         if rows is not None:  # the cotangent of the kept weights, rescaled
             dp = _drop(st, _dropout.keep(rows[:, None], k_off + j * block_k + jnp.arange(block_k)[None, :],
@@ -683,6 +675,14 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
     dq = _loop_kv(st, q_start, block_q, block_k, body, jnp.zeros(q.shape, jnp.float32), lists, range_ref)
     _seq_store(dq_ref, dq * st.scale, q_start, st.q_len, _q_ragged(st), st.head_dim, 0 if st.packed else None)
+
+
+def _weights(st: _Static, s, lse2):
+    """``exp2(logits - lse2)`` for logits from :func:`_scores` (``raw`` when :func:`_raw_logits`
+    holds: then scaled inside the exponent, one FMA per score on a GPU); ``lse2`` broadcasts."""
+    if not _raw_logits(st):
+        return jnp.exp2(s - lse2)
+    return jnp.exp2(_common.fma(s, _logit_scale(st), -lse2, interpret=_common.resolve_interpret(st.interpret)))
 
 
 def _lse2(lse):
@@ -764,7 +764,7 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
     k_start = pl.program_id(0) * block_k
     k_pos = k_start + jnp.arange(block_k)
-    k, v = (_seq_load(r, (slice(None), slice(None)), k_start, st.kv_len, _kv_ragged(st), w)
+    k, v = (_common.load_tile(r, (slice(None), slice(None)), k_start, st.kv_len, _kv_ragged(st), w)
             for r, w in ((k_ref, st.head_dim), (v_ref, st.value_dim)))
     kseg = kseg_ref[...] if st.has_seg else None
     bias_heads = 1 if st.bias_bcast[1] else st.groups
@@ -773,13 +773,11 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         seed, bh_off, q_off, k_off = _drop_state(st, seed_ref)
         bh0 = _batch_head(st, head0) + bh_off
 
-    raw, fma = _raw_logits(st), functools.partial(_common.fma, interpret=_common.resolve_interpret(st.interpret))
-
     def body(i, carry, g, masked: bool):
         dk, dv = carry
         q_start = pl.multiple_of(i * block_q, block_q)
         qs = pl.ds(q_start, block_q)
-        q, do = (_seq_load(r, (qs, g, slice(None)), q_start, st.q_len, _q_ragged(st), w)
+        q, do = (_common.load_tile(r, (qs, g, slice(None)), q_start, st.q_len, _q_ragged(st), w)
                  for r, w in ((q_ref, st.head_dim), (do_ref, st.value_dim)))
         lse2 = _lse2(lse_ref[g, qs])
         delta = delta_ref[g, qs]
@@ -795,8 +793,9 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         # Transposed scores [bk, bq] (as Triton's fused-attention backward): every dot below
         # takes its operands as they are, with no register tile transposed in between.
         alibi = (alibi_ref[head0 + g], q_start + jnp.arange(block_q), k_pos) if st.alibi else None
-        s_t, t_t = _scores(st, q, k, qseg, kseg, bias, pos_mask, transposed=True, alibi=alibi, raw=raw)
-        p_t = jnp.exp2(fma(s_t, _logit_scale(st), -lse2[None, :]) if raw else s_t - lse2[None, :])
+        s_t, t_t = _scores(st, q, k, qseg, kseg, bias, pos_mask, transposed=True, alibi=alibi,
+                           raw=_raw_logits(st))
+        p_t = _weights(st, s_t, lse2[None, :])
         keep_t = None
         if st.dropout:  # the forward's mask, transposed: rows are this tile's queries
             rows = _drop_rows(seed, bh0 if st.dropout_shared else bh0 + g, q_off + q_start, block_q)

@@ -51,7 +51,7 @@ from jax.experimental import pallas as pl
 
 from jaxattn.pallas import _common, _fp8, flash_mgpu
 from jaxattn.pallas import flash as _flash
-from jaxattn.pallas._common import dot, exact_float  # noqa: F401 (exact_float: also sage's API)
+from jaxattn.pallas._common import dot, exact_float
 
 LOG2E = math.log2(math.e)
 NEG_INF = float("-inf")
@@ -262,8 +262,8 @@ class Quantized(NamedTuple):
     k_scale: jax.Array  # fp32 [B, Hkv, kv_pad / block_k]
     v8: jax.Array  # e4m3 [B, Hkv, dvp, kv_pad]
     v_scale: jax.Array  # fp32 [B, Hkv, dvp]
-    k_mean: jax.Array | None  # fp32 [B, 1, Hkv, dp] (smooth_k)
-    q_mean: jax.Array | None  # fp32 [B, q_pad / block_q, Hq, dp] (smooth_q)
+    k_mean: jax.Array | None  # fp32 [B, 1, Hkv, d] (smooth_k)
+    q_mean: jax.Array | None  # fp32 [B, q_pad / block_q, Hq, d] (smooth_q)
     correction: jax.Array | None  # fp32 [B, Hq, q_pad / block_q, kv_pad], base-2 units (smooth_q)
 
 
@@ -296,9 +296,8 @@ def quantize(
     if smooth_q:
         k_s = k.astype(jnp.float32) - (k_mean if smooth_k else 0.0)
         correction = smoothing_correction(q_mean, k_s, scale * LOG2E, blocks.kv_pad)
-    pad = functools.partial(_common.pad_axis, axis=3, size=width)
     return Quantized(q8, q_rows[..., ::blocks.q_group], k8, k_rows[..., ::blocks.block_k], v8, v_scale,
-                     None if k_mean is None else pad(k_mean), None if q_mean is None else pad(q_mean), correction)
+                     k_mean, q_mean, correction)
 
 
 # ----------------------------------------------------------------------------

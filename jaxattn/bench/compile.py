@@ -329,18 +329,17 @@ def _landmark_cases() -> Iterator[tuple[str, Callable, list]]:
 def _decode_cases() -> Iterator[tuple[str, Callable, list]]:
     from jaxattn.pallas import decode
 
+    def f(q, k, v, n):
+        return decode.decode_attention_kernel(q, k, v, n, interpret=False)
+
     for d, size in sorted(decode.CONFIGS):
         dtype = _dtype(size)
-
-        def f(q, k, v, n):
-            return decode.decode_attention_kernel(q, k, v, n, interpret=False)
-
         args = [_sds((8, 1, 32, d), dtype), _sds((8, 32768, 8, d), dtype), _sds((8, 32768, 8, d), dtype),
                 _sds((8,), jnp.int32)]
         yield f"d{d} {jnp.dtype(dtype).name}", f, args
 
-    yield ("d80 bfloat16 cache 32767 rows", lambda q, k, v, n: decode.decode_attention_kernel(q, k, v, n, interpret=False),
-           [_sds((8, 1, 32, 80), jnp.bfloat16), *[_sds((8, 32767, 8, 80), jnp.bfloat16)] * 2, _sds((8,), jnp.int32)])
+    yield ("d80 bfloat16 cache 32767 rows", f, [_sds((8, 1, 32, 80), jnp.bfloat16),
+                                                *[_sds((8, 32767, 8, 80), jnp.bfloat16)] * 2, _sds((8,), jnp.int32)])
 
     def alibi(q, k, v, n):
         return decode.decode_attention_kernel(q, k, v, n, alibi_slopes=jnp.geomspace(0.5, 2 ** -8, 32),
