@@ -214,6 +214,22 @@ def store_tile(ref, idx, value: jax.Array, first, length: int, ragged: bool, wid
         pltriton.store(ref.at[idx], value.astype(ref.dtype), mask=mask)
 
 
+def listed_loop(lo, hi, read: Callable[[Any], Any], body: Callable[[Any, Any, Any], Any], carry: Any) -> Any:
+    """``for it in range(lo, hi): carry = body(it, read(it), carry)`` where ``read`` is a scalar
+    load from a list (a key block id, a cache page) that tells which tile iteration ``it`` loads.
+
+    Each iteration reads the *next* one's value and carries it, as FlexAttention's kernel does.
+    Had the tile's own id been read in the iteration that loads the tile, Triton's software
+    pipeline would spend one of its ``num_stages`` on that read (a three-stage loop then kept one
+    tile's copies in flight instead of two; ``aot.loop_waits`` shows it). ``read(hi)`` is called
+    and its value dropped: it must not read outside the list (clamp the index)."""
+    def step(it, c):
+        c, value = c
+        return body(it, value, c), read(it + 1)
+
+    return jax.lax.fori_loop(lo, hi, step, (carry, read(lo)))[0]
+
+
 def unpadded_width(d: int) -> bool:
     """Whether a kernel that pads head dims (HaloNet's) takes ``d`` as it is (a power of two >= 16):
     no padded copy, so an input can be read in place (packed layouts). The flash, decode and Sage

@@ -137,12 +137,10 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
     slope = slope_ref[...] * LOG2E if st.alibi else None  # [bm]: each packed row's head's slope
     k_scale = scale_ref[0] if st.kv_scales else None
 
-    def body(j, carry, masked: bool):
+    def body(j, page, carry, masked: bool):
         k_start = pl.multiple_of(j * bk, bk)
         if st.blocks_per_page:  # block j: part (j % sub) of page block_tables[b, j // sub]
-            sub = st.blocks_per_page
-            page = table_ref[lax.div(j, sub)]
-            first = pl.multiple_of(lax.rem(j, sub) * bk, bk)
+            first = pl.multiple_of(lax.rem(j, st.blocks_per_page) * bk, bk)
             idx, ragged = (page, pl.ds(first, bk), slice(None)), False  # (pages hold whole key blocks)
         else:  # (blocks past the cache's rows are always masked ones)
             first = k_start
@@ -166,11 +164,19 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
             s = jnp.where(keep, s, NEG_INF)
         return online_softmax_step(carry, s, v, st.precision)
 
+    def loop(lo, hi_, carry, masked: bool):
+        if not st.blocks_per_page:
+            return lax.fori_loop(lo, hi_, lambda j, c: body(j, None, c, masked), carry)
+        # the page of each block read one iteration ahead (_common.listed_loop)
+        last = table_ref.shape[0] - 1
+        return _common.listed_loop(lo, hi_, lambda j: table_ref[jnp.minimum(lax.div(j, st.blocks_per_page), last)],
+                                   functools.partial(body, masked=masked), carry)
+
     carry = online_softmax_init(bm, v_ref.shape[-1])
     if left is not None:
-        carry = lax.fori_loop(start, free_lo, functools.partial(body, masked=True), carry)
-    carry = lax.fori_loop(free_lo, n_free, functools.partial(body, masked=False), carry)
-    carry = lax.fori_loop(n_free, hi, functools.partial(body, masked=True), carry)
+        carry = loop(start, free_lo, carry, masked=True)
+    carry = loop(free_lo, n_free, carry, masked=False)
+    carry = loop(n_free, hi, carry, masked=True)
     o, lse = online_softmax_finish(*carry)
     o_ref[...], lse_ref[...] = (o * scale_ref[1] if st.kv_scales else o), lse
 

@@ -474,19 +474,17 @@ def _loop_lists(row, mask_block: int, tile: int, index_ref, blocks_ref, body, ca
     """Block-sparse loop: ``body(j, carry, masked)`` over the ``tile``-sized sub-tiles ``j``
     of the mask blocks listed for ``row`` (``blocks_ref[start : start + n_visit]``, with
     ``(start, n_full, n_visit) = index_ref[row]``): full blocks unmasked, then partial
-    ones masked."""
+    ones masked (each iteration reads the next one's block id: ``_common.listed_loop``)."""
     sub = mask_block // tile  # static power of two
     start = index_ref[row, 0]
+    last = blocks_ref.shape[0] - 1
 
-    def step(masked: bool):
-        def f(it, c):
-            j = blocks_ref[start + lax.div(it, sub)] * sub + lax.rem(it, sub)
-            return body(j, c, masked=masked)
-        return f
+    def tile_at(it):
+        return blocks_ref[jnp.minimum(start + lax.div(it, sub), last)] * sub + lax.rem(it, sub)
 
     n_full, n_visit = index_ref[row, 1] * sub, index_ref[row, 2] * sub
-    carry = lax.fori_loop(0, n_full, step(False), carry)
-    return lax.fori_loop(n_full, n_visit, step(True), carry)
+    carry = _common.listed_loop(0, n_full, tile_at, lambda _, j, c: body(j, c, masked=False), carry)
+    return _common.listed_loop(n_full, n_visit, tile_at, lambda _, j, c: body(j, c, masked=True), carry)
 
 
 def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry, lists=None, range_ref=None):

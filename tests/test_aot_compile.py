@@ -68,6 +68,55 @@ def test_flash_triton_kernels_compile_for_h100():
 
 
 @needs_aot
+def test_block_sparse_kernels_pipeline_as_deep_as_dense():
+    """The block-sparse kernels read their key-block ids from a list; each loop iteration reads
+    the next tile's id (``flash._loop_lists``), so Triton's software pipeline keeps as many K/V
+    copies in flight in every loop as in the dense kernels' (reading the tile's own id, the
+    forward's full-block loop lost a stage to that read: wait_group 0 where dense has 2)."""
+    from jaxattn.ops.block_sparse import BlockMask
+    from jaxattn.pallas import block_sparse, flash
+
+    bm = BlockMask.power(4096, 256)
+
+    def sparse(q, k, v):
+        return jnp.sum(block_sparse.block_sparse_attention_kernel(
+            q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k, kv_index=bm.kv_index,
+            kv_blocks=bm.kv_blocks, q_index=bm.q_index, q_blocks=bm.q_blocks, q_offset=bm.q_offset,
+            interpret=False)[0].astype(jnp.float32))
+
+    def dense(q, k, v):
+        return jnp.sum(flash.flash_attention(q, k, v, interpret=False)[0].astype(jnp.float32))
+
+    x = jax.ShapeDtypeStruct((1, 4096, 4, 128), jnp.bfloat16)
+    waits = {}
+    for name, fn in (("sparse", sparse), ("dense", dense)):
+        res = aot.compile_case(jax.grad(fn, (0, 1, 2)), [x, x, x])
+        assert res["ok"], res.get("error")
+        waits[name] = {k["kernel"]: k["loop_waits"] for k in res["kernels"]}
+    for kernel in ("jaxattn_flash_fwd", "jaxattn_flash_dq", "jaxattn_flash_dkdv"):
+        [dense_wait] = set(waits["dense"][kernel])
+        # full blocks, then partial ones (the dk/dv kernel: per GQA group member too)
+        assert waits["sparse"][kernel] and set(waits["sparse"][kernel]) == {dense_wait}, (kernel, waits)
+    assert waits["dense"]["jaxattn_flash_fwd"][0] > 0, waits  # (bf16 d128: three stages)
+
+
+@needs_aot
+def test_paged_decode_pipelines_as_deep_as_dense():
+    """The paged decode kernel reads each key block's page from the block table one iteration
+    ahead (``_common.listed_loop``): its loops keep as many copies in flight as the dense-cache
+    kernel's (reading the page in the iteration that loads it, they kept none: 0 against 2)."""
+    cases = {label: (fn, args) for _, label, fn, args in cc.family_cases(["decode"])}
+    waits = {}
+    for label in ("d128 bfloat16", "paged16 d128 bfloat16", "paged128 d128 bfloat16"):
+        res = aot.compile_case(*cases[label])
+        assert res["ok"], res.get("error")
+        [k] = [k for k in res["kernels"] if k["kernel"] == "jaxattn_decode"]
+        waits[label] = k["loop_waits"]
+    assert waits["d128 bfloat16"] and min(waits["d128 bfloat16"]) > 0, waits
+    assert waits["paged16 d128 bfloat16"] == waits["paged128 d128 bfloat16"] == waits["d128 bfloat16"], waits
+
+
+@needs_aot
 def test_sage_kernel_softmax_instructions():
     """The Sage attention kernel (d128, bf16): WGMMA for both dots, the int32 scores converted
     without ``cvt.rn.f32.s32`` (exp2's rate on Hopper; ``sage.exact_float``), and one FMA per score
