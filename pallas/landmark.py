@@ -10,7 +10,10 @@ softmax is rewritten as a plain softmax over *effective logits*::
 
 since ``sum_{j in g} exp(t_ij) = exp(s_{i,L_g})``, ``softmax_j(t_i)`` equals the landmark weights
 ``w_ij``. The inner per-block log-sum-exp is computed inside the tile, the outer softmax is an
-online (flash) softmax over the tiles. Backward: with ``dt = w * (dO v^T - delta)`` (delta =
+online (flash) softmax over the tiles. One exponent per score, as flash attention: with ``e_ij =
+exp(s_ij - max_g s)`` on an earlier tile's regular keys (``Z = sum e``), ``t``'s row max is ``s_{i,L_g}
+- log Z``, the inner softmax is ``pi = e / Z`` and every weight is ``e`` times a per-row factor;
+the kernels work in base 2 (``exp2`` of one FMA on the unscaled ``q k^T``). Backward: with ``dt = w * (dO v^T - delta)`` (delta =
 rowsum(dO * O)), the chain rule through ``t`` gives, per earlier tile, ``ds = dt - pi * r`` on
 regular keys and ``ds = r`` on the landmark, where ``r = rowsum(dt)`` and ``pi`` is the inner
 softmax; in the own tile ``ds = dt``. dq/dk follow from ``ds``, dv from ``w``.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -35,6 +39,8 @@ from jaxattn.pallas._common import dot
 from jaxattn.pallas.flash import online_softmax_init, online_softmax_step
 
 NEG_INF = float("-inf")
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +56,7 @@ def landmark_config(tile: int, head_dim: int, dtype: Any) -> LandmarkConfig:
     size = tile * head_dim * jnp.dtype(dtype).itemsize
     big = size >= 128 * 128 * 2
     # backward: 8 warps and 2 stages from 64 x 128 bf16 tiles on (sm_90a, `python -m jaxattn.bench
-    # compile --families landmark`: the dk/dv kernel spills ~0.3 KB per thread, ~0.7 KB on 4 warps)
+    # compile --families landmark`: the dk/dv kernel spills ~0.4 KB per thread, ~0.7 KB on 4 warps)
     mid = size >= 64 * 128 * 2
     # fp32 (IEEE FMA dots, no tensor cores): 8 warps, 1 stage cut the forward's spill from 67 KB to
     # 3.5 KB per thread at 64 x 64 tiles; the backward kernels spill 3-8 KB (dq) and 30-55 KB
@@ -85,30 +91,39 @@ def _per_query(x, tr: bool):
     return x[None, :] if tr else x[:, None]
 
 
-def _earlier_tile(st: _Static, s, tr: bool = False):
-    """Effective logits ``t`` and inner softmax ``pi`` of a tile in an earlier block."""
+def _logits(st: _Static, a, b):
+    """``(x, c)``: a tile's base-2 logits are ``c * x`` with ``c > 0``: ``x = a b^T`` unscaled (so
+    each exponent is one FMA, ``exp2(fma(x, c, -m))``) unless the scale is not positive."""
+    x = dot(a, b, trans_b=True, precision=st.precision)
+    c = st.scale * LOG2E
+    return (x, c) if c > 0 else (x * c, 1.0)
+
+
+def _exp2_minus(st: _Static, x, c: float, m, tr: bool):
+    """``exp2(c x - m)`` (``m`` per query) as one FMA and one ``ex2`` per score on a GPU."""
+    return jnp.exp2(_common.fma(x, c, -_per_query(m, tr), interpret=_common.resolve_interpret(st.interpret)))
+
+
+def _earlier_tile(st: _Static, x, c: float, tr: bool = False):
+    """An earlier block's tile from its logits ``c * x``: ``e`` (``exp2`` of the regular keys' logits
+    less their row max, 0 elsewhere), its row sum ``z`` and ``t``'s base-2 row max ``s_L - log2 z``
+    (``s_L`` the landmark's logit); the effective logits are ``t = log2(e) + t_max`` (see the
+    module docstring), the inner softmax ``pi = e / z``."""
     ax = 0 if tr else 1
     cols = _keys(st, tr)
-    reg = cols < st.block_len - 1
-    s_reg = jnp.where(reg, s, NEG_INF)
-    m_in = jnp.max(s_reg, axis=ax)
-    lse_in = m_in + jnp.log(jnp.sum(jnp.exp(s_reg - _per_query(m_in, tr)), axis=ax))
-    s_lm = jnp.sum(jnp.where(cols == st.block_len - 1, s, 0.0), axis=ax)
-    t = jnp.where(reg, s + _per_query(s_lm - lse_in, tr), NEG_INF)
-    pi = jnp.exp(s_reg - _per_query(lse_in, tr))
-    return t, pi
+    x_reg = jnp.where(cols < st.block_len - 1, x, NEG_INF)  # (an earlier block is whole: >= 1 key)
+    e = _exp2_minus(st, x_reg, c, jnp.max(x_reg, axis=ax) * c, tr)
+    z = jnp.sum(e, axis=ax)
+    s_lm = jnp.sum(jnp.where(cols == st.block_len - 1, x, 0.0), axis=ax) * c
+    return e, z, s_lm - jnp.log2(z)
 
 
-def _own_tile(st: _Static, s, c, tr: bool = False):
-    """Effective logits of the query's own block: regular keys j <= i inside the sequence."""
+def _own_tile(st: _Static, x, blk, tr: bool = False):
+    """Logits ``x`` of the query's own block ``blk``, -inf but on regular keys j <= i inside the sequence."""
     rows = _per_query(jnp.arange(st.tile), tr)
     cols = _keys(st, tr)
-    keep = (cols < st.block_len - 1) & (cols <= rows) & (c * st.block_len + cols < st.seq_len)
-    return jnp.where(keep, s, NEG_INF)
-
-
-def _scores(st: _Static, q, k):
-    return dot(q, k, trans_b=True, precision=st.precision) * st.scale
+    keep = (cols < st.block_len - 1) & (cols <= rows) & (blk * st.block_len + cols < st.seq_len)
+    return jnp.where(keep, x, NEG_INF)
 
 
 # ----------------------------------------------------------------------------
@@ -117,23 +132,28 @@ def _scores(st: _Static, q, k):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
-    c = st.n_blocks - 1 - pl.program_id(0)  # heaviest query blocks first
+    blk = st.n_blocks - 1 - pl.program_id(0)  # heaviest query blocks first
     q = q_ref[...]
     P = st.tile
 
-    def update(t, v, carry):  # natural-log logits
-        return online_softmax_step(carry, t, v, st.precision, exp=jnp.exp)
-
-    def body(g, carry):
+    def body(g, carry):  # an earlier block: t = log2(e) + t_max, t_max its row max
+        acc, m, l = carry
         ks = pl.ds(pl.multiple_of(g * P, P), P)
-        t, _ = _earlier_tile(st, _scores(st, q, k_ref[ks, :]))
-        return update(t, v_ref[ks, :], carry)
+        e, z, t_max = _earlier_tile(st, *_logits(st, q, k_ref[ks, :]))
+        m_new = jnp.maximum(m, t_max)
+        alpha = jnp.exp2(m - m_new)
+        f = jnp.exp2(t_max - m_new)  # per row: the weights are e * f
+        v = v_ref[ks, :]
+        acc = acc * alpha[:, None] + dot((e * f[:, None]).astype(v.dtype), v, precision=st.precision)
+        return acc, m_new, l * alpha + z * f
 
-    carry = lax.fori_loop(0, c, body, online_softmax_init(P, v_ref.shape[-1]))
-    ks = pl.ds(pl.multiple_of(c * P, P), P)
-    acc, m, l = update(_own_tile(st, _scores(st, q, k_ref[ks, :]), c), v_ref[ks, :], carry)
+    carry = lax.fori_loop(0, blk, body, online_softmax_init(P, v_ref.shape[-1]))
+    ks = pl.ds(pl.multiple_of(blk * P, P), P)
+    x, c = _logits(st, q, k_ref[ks, :])
+    acc, m, l = online_softmax_step(carry, _own_tile(st, x, blk), v_ref[ks, :], st.precision, scale=c,
+                                    interpret=_common.resolve_interpret(st.interpret))
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)  # every row sees >= 1 key
-    lse_ref[...] = m + jnp.log(l)
+    lse_ref[...] = (m + jnp.log2(l)) * LN2
 
 
 def _fwd_call(st: _Static, q, k, v):
@@ -161,40 +181,42 @@ def _fwd_call(st: _Static, q, k, v):
 # ----------------------------------------------------------------------------
 
 
-def _earlier_grads(st: _Static, s, lse, dp, delta, tr: bool = False):
-    """Weights ``w`` and logit cotangents ``ds`` of an earlier-block tile."""
-    t, pi = _earlier_tile(st, s, tr)
-    w = jnp.exp(t - _per_query(lse, tr))
+def _earlier_grads(st: _Static, x, c: float, lse2, dp, delta, tr: bool = False):
+    """Weights ``w`` and logit cotangents ``ds`` of an earlier-block tile (``lse2``: base 2)."""
+    e, z, t_max = _earlier_tile(st, x, c, tr)
+    f = jnp.exp2(t_max - lse2)  # w = e * f (base 2: t - lse = log2(e) + t_max - lse)
+    w = e * _per_query(f, tr)
     dt = w * (dp - _per_query(delta, tr))
-    r = _per_query(jnp.sum(dt, axis=0 if tr else 1), tr)
-    ds = dt - pi * r + jnp.where(_keys(st, tr) == st.block_len - 1, r, 0.0)
+    r = jnp.sum(dt, axis=0 if tr else 1)
+    # ds = dt - pi r on regular keys (pi = e / z; e is 0 elsewhere), r on the landmark
+    ds = dt - e * _per_query(r / z, tr) + jnp.where(_keys(st, tr) == st.block_len - 1, _per_query(r, tr), 0.0)
     return w, ds
 
 
-def _own_grads(st: _Static, s, c, lse, dp, delta, tr: bool = False):
-    w = jnp.exp(_own_tile(st, s, c, tr) - _per_query(lse, tr))
+def _own_grads(st: _Static, x, c: float, blk, lse2, dp, delta, tr: bool = False):
+    w = _exp2_minus(st, _own_tile(st, x, blk, tr), c, lse2, tr)
     return w, w * (dp - _per_query(delta, tr))
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static):
-    c = st.n_blocks - 1 - pl.program_id(0)
     P = st.tile
     q, do = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
+    lse2, delta = lse_ref[...] * LOG2E, delta_ref[...]
 
     def tile(g):
         ks = pl.ds(pl.multiple_of(g * P, P), P)
         k, v = k_ref[ks, :], v_ref[ks, :]
-        return _scores(st, q, k), k, dot(do, v, trans_b=True, precision=st.precision)
+        return _logits(st, q, k), k, dot(do, v, trans_b=True, precision=st.precision)
 
     def body(g, dq):
-        s, k, dp = tile(g)
-        _, ds = _earlier_grads(st, s, lse, dp, delta)
+        (x, c), k, dp = tile(g)
+        _, ds = _earlier_grads(st, x, c, lse2, dp, delta)
         return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
 
-    dq = lax.fori_loop(0, c, body, jnp.zeros(q.shape, jnp.float32))
-    s, k, dp = tile(c)
-    _, ds = _own_grads(st, s, c, lse, dp, delta)
+    blk = st.n_blocks - 1 - pl.program_id(0)
+    dq = lax.fori_loop(0, blk, body, jnp.zeros(q.shape, jnp.float32))
+    (x, c), k, dp = tile(blk)
+    _, ds = _own_grads(st, x, c, blk, lse2, dp, delta)
     dq = dq + dot(ds.astype(k.dtype), k, precision=st.precision)
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
@@ -227,12 +249,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
 
     # Transposed tiles [keys, queries] (as the flash dk/dv kernel): no register tile is
     # transposed between the dots (fewer registers on sm_90a).
-    def tile(c, gi):
-        qs = pl.ds(pl.multiple_of(c * P, P), P)
+    def tile(blk, gi):
+        qs = pl.ds(pl.multiple_of(blk * P, P), P)
         q, do = q_ref[qs, gi, :], do_ref[qs, gi, :]
-        s = _scores(st, k, q)
+        x, c = _logits(st, k, q)
         dp = dot(v, do, trans_b=True, precision=st.precision)
-        return q, do, s, dp, lse_ref[gi, qs], delta_ref[gi, qs]
+        return q, do, x, c, dp, lse_ref[gi, qs] * LOG2E, delta_ref[gi, qs]
 
     def accumulate(carry, q, do, w, ds):
         dk, dv = carry
@@ -241,12 +263,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
         return dk, dv
 
     def group_body(gi, carry):
-        q, do, s, dp, lse, delta = tile(j, gi)
-        carry = accumulate(carry, q, do, *_own_grads(st, s, j, lse, dp, delta, tr=True))
+        q, do, x, c, dp, lse2, delta = tile(j, gi)
+        carry = accumulate(carry, q, do, *_own_grads(st, x, c, j, lse2, dp, delta, tr=True))
 
-        def body(c, carry):
-            q, do, s, dp, lse, delta = tile(c, gi)
-            return accumulate(carry, q, do, *_earlier_grads(st, s, lse, dp, delta, tr=True))
+        def body(blk, carry):
+            q, do, x, c, dp, lse2, delta = tile(blk, gi)
+            return accumulate(carry, q, do, *_earlier_grads(st, x, c, lse2, dp, delta, tr=True))
 
         return lax.fori_loop(j + 1, st.n_blocks, body, carry)
 

@@ -117,6 +117,29 @@ def test_paged_decode_pipelines_as_deep_as_dense():
 
 
 @needs_aot
+def test_landmark_kernels_one_exponent_per_score():
+    """Landmark attention's kernels (block 64, d128, bf16) take one base-2 exponent per score, as
+    flash attention: no natural ``exp`` (its range reduction is an ``fma.rm``) and, in every loop,
+    ``ex2`` per WGMMA below what a second exponent per score would give. Per earlier-block tile,
+    the forward issues 12 WGMMAs (m64, two dots) for 32 scores per thread (4 warps), the dq kernel
+    20 for 16 (8 warps), the dk/dv kernel 20 for 16; the kernels before 2026-12-05 took 2 (forward)
+    and 3 (backward) exponents per score: 5.5, 2.7 and 2.4 ex2 per WGMMA."""
+    cases = [c for c in cc.FAMILIES["landmark"]() if c[0] == "block 64 d128 bfloat16"]
+    assert len(cases) == 1, cc.FAMILIES["landmark"]()
+    with jax.default_matmul_precision("default"):
+        res = aot.compile_case(*cases[0][1:])
+    assert res["ok"], res.get("error")
+    kernels = {k["kernel"]: k for k in res["kernels"]}
+    bounds = {"jaxattn_landmark_fwd": 4.0, "jaxattn_landmark_dq": 1.5, "jaxattn_landmark_dkdv": 1.5}
+    assert set(bounds) <= set(kernels), kernels
+    for name, bound in bounds.items():
+        k = kernels[name]
+        assert k["natural_exp"] == 0, k
+        loops = [lp for lp in k["loops"] if lp["wgmma"]]
+        assert loops and all(lp["ex2"] <= bound * lp["wgmma"] for lp in loops), (name, loops)
+
+
+@needs_aot
 def test_sage_kernel_softmax_instructions():
     """The Sage attention kernel (d128, bf16): WGMMA for both dots, the int32 scores converted
     without ``cvt.rn.f32.s32`` (exp2's rate on Hopper; ``sage.exact_float``), and one FMA per score

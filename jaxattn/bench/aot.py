@@ -217,26 +217,35 @@ def _triton_kernels(dump: str, names: set[str]) -> list[dict]:
             recs.append({"kernel": name, "backend": "triton", "wgmma": "wgmma.mma_async" in bodies[name],
                          "fma_f32": len(re.findall(r"\bfma\.rn\.f32\b", bodies[name])),
                          "i2f": len(re.findall(r"\bcvt\.rn\.f32\.s32\b", bodies[name])),
-                         "loop_waits": loop_waits(bodies[name]), **info.get(name, {})})
+                         "natural_exp": len(re.findall(r"\bfma\.rm\.f32\b", bodies[name])),
+                         "loop_waits": loop_waits(bodies[name]), "loops": loop_stats(bodies[name]),
+                         **info.get(name, {})})
     return recs
 
 
-def loop_waits(ptx: str) -> list[int]:
-    """Per loop of one kernel's PTX (a block that a later branch jumps back to), the ``N`` of its
-    first ``cp.async.wait_group N``: how many groups of asynchronous copies Triton's software
-    pipeline leaves in flight when an iteration starts (0: only copies issued in the previous
-    iteration were overlapped with compute; the deeper the pipeline, the larger). A loop with no
-    asynchronous copies is left out."""
+def loop_stats(ptx: str) -> list[dict]:
+    """Per loop of one kernel's PTX (a block that a later branch jumps back to; an outer loop spans
+    its inner ones): ``wait``, the ``N`` of its first ``cp.async.wait_group N`` (None without one),
+    and its ``ex2`` (``ex2.approx``: exponents) and ``wgmma`` (``wgmma.mma_async``) counts."""
     lines = ptx.splitlines()
     heads = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\$L__BB\w+):", line))}
-    waits = []
+    stats = []
     for i, line in enumerate(lines):
         m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\w+);", line)
         if m and heads.get(m.group(1), i) < i:
-            w = re.search(r"cp\.async\.wait_group\s+(\d+)", "\n".join(lines[heads[m.group(1)]:i]))
-            if w:
-                waits.append(int(w.group(1)))
-    return waits
+            body = "\n".join(lines[heads[m.group(1)]:i])
+            w = re.search(r"cp\.async\.wait_group\s+(\d+)", body)
+            stats.append({"wait": int(w.group(1)) if w else None, "ex2": len(re.findall(r"\bex2\.approx", body)),
+                          "wgmma": len(re.findall(r"\bwgmma\.mma_async", body))})
+    return stats
+
+
+def loop_waits(ptx: str) -> list[int]:
+    """The ``wait`` of each loop (:func:`loop_stats`) that has one: how many groups of asynchronous
+    copies Triton's software pipeline leaves in flight when an iteration starts (0: only copies
+    issued in the previous iteration were overlapped with compute; the deeper the pipeline, the
+    larger)."""
+    return [s["wait"] for s in loop_stats(ptx) if s["wait"] is not None]
 
 
 def _triton_names(lowered: Any) -> set[str]:
