@@ -35,10 +35,11 @@ from jaxattn.pallas import flash as _flash
 from jaxattn.pallas.flash import FlashConfig, SparseSpec
 
 # Block-sparse entries that differ from the flash table's, (padded head dim, bytes) -> FlashConfig
-# (``python -m jaxattn.bench tune sparse`` on a GPU). Empty: every layout runs flash's tiles. A
-# sparse layout's listed key blocks are scattered (PowerAttention's power-of-two distances), so
-# fewer of its loads hit L2 than the dense kernel's sequential walk: the H200 run of 2026-12-04
-# spent 1.5x the dense kernel's time per visited block, which deeper pipelines may hide.
+# (``python -m jaxattn.bench tune sparse`` on a GPU). Empty: every layout runs flash's tiles. The
+# H200 run of 2026-12-04 spent 1.5x the dense kernel's time per visited block; its full-block loop
+# then kept one K/V tile in flight where the dense loop keeps two (the block-id read took a pipeline
+# stage; fixed by ``_common.listed_loop``). Scattered blocks (PowerAttention's power-of-two
+# distances) may also hit L2 less often than the dense kernel's sequential walk.
 CONFIGS: dict[tuple[int, int], FlashConfig] = {}
 
 
