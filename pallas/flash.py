@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from jaxattn.pallas import _common, _dropout, flash_mgpu
 from jaxattn.pallas._common import dot
@@ -305,10 +306,26 @@ def _kv_blocks(st: _Static, q_start, block_q: int, block_k: int):
     return lo, full_lo, full_hi, hi
 
 
-def _load_bias(st: _Static, bias_ref, q_idx, k_idx):
-    """Loads a bias tile; ``q_idx``/``k_idx`` are slices, dropped on broadcast dims."""
+def _bias_mask(st: _Static, shape, q_pos, k_pos, ragged_k: bool):
+    """Which elements of a bias tile exist in the (unpadded) bias: rows of queries before ``q_len``
+    and (``ragged_k``: the tile may hold keys past the end) columns of keys before ``kv_len``; None
+    when all do. Broadcast dims (size 1) are not masked."""
     _, _, bq, bk = st.bias_bcast
-    return bias_ref[slice(None) if bq else q_idx, slice(None) if bk else k_idx]
+    rows = None if bq or not _q_ragged(st) else (q_pos < st.q_len)[:, None]
+    cols = None if bk or not ragged_k else (k_pos < st.kv_len)[None, :]
+    mask = rows if cols is None else cols if rows is None else rows & cols
+    return None if mask is None else jnp.broadcast_to(mask, shape)
+
+
+def _load_bias(st: _Static, bias_ref, lead: tuple, q_idx, k_idx, q_pos, k_pos, ragged_k: bool):
+    """A bias tile ``bias_ref[*lead, q_idx, k_idx]`` (``q_idx``/``k_idx`` dropped on broadcast
+    dims), for queries ``q_pos`` and keys ``k_pos``. The bias is not padded to the tiles: elements
+    past ``q_len`` / ``kv_len`` load as 0 (:func:`_bias_mask`), as a zero-padded copy's would."""
+    _, _, bq, bk = st.bias_bcast
+    idx = (*lead, slice(None) if bq else q_idx, slice(None) if bk else k_idx)
+    view = bias_ref.at[idx]
+    mask = _bias_mask(st, view.shape, q_pos, k_pos, ragged_k)
+    return bias_ref[idx] if mask is None else pltriton.load(view, mask=mask, other=0)
 
 
 def _optional_refs(st: _Static, rest):
@@ -464,7 +481,8 @@ def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_r
         length = st.kv_len % block_k != 0 or (st.sparse is not None and st.kv_len != st.kv_pad)
         pos_mask = _block_mask(st, q_pos, k_start + jnp.arange(block_k), causal=st.causal, length=length)
     kseg = kseg_ref[ks] if st.has_seg else None
-    bias = _load_bias(st, bias_ref, slice(None), ks) if st.bias_kind else None
+    k_pos = k_start + jnp.arange(block_k)
+    bias = _load_bias(st, bias_ref, (), slice(None), ks, q_pos, k_pos, ragged) if st.bias_kind else None
     alibi = (slope, q_pos, k_start + jnp.arange(block_k)) if st.alibi else None
     s, t = _scores(st, q, k, qseg, kseg, bias, pos_mask, alibi=alibi, raw=raw)
     return s, t, k, v
@@ -548,9 +566,11 @@ def _q_block(st: _Static, i, block_q: int):
     return st.q_pad // block_q - 1 - i if st.causal or st.sparse is not None else i
 
 
-def _bias_spec_fwd(st: _Static, bias_shape, block_q: int):
+def _bias_spec_fwd(st: _Static, block_q: int):
+    """One query tile's row stripe of the bias (over ``kv_pad`` columns: the bias is not padded,
+    :func:`_load_bias` masks)."""
     bb, bh, bq, bk = st.bias_bcast
-    blk = (None, None, 1 if bq else block_q, 1 if bk else bias_shape[3])
+    blk = (None, None, 1 if bq else block_q, 1 if bk else st.kv_pad)
 
     def index_map(i, b, h):
         return (0 if bb else b, 0 if bh else h, 0 if bq else _q_block(st, i, block_q), 0)
@@ -576,7 +596,7 @@ def _row_inputs(st: _Static, qseg, kseg, bias, alibi, seed, layout, bq: int, bk:
     specs, arrays = _seg_inputs(st, qseg, kseg, bq, bk, False, pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
                                 pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0)))
     if st.bias_kind:
-        specs.append(_bias_spec_fwd(st, bias.shape, bq))
+        specs.append(_bias_spec_fwd(st, bq))
         arrays.append(bias)
     sspecs, sarrays = _scalar_inputs(st, alibi, seed)
     lspecs, larrays = _list_inputs(st, layout, transposed=False)
@@ -651,9 +671,18 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
         return pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
 
     skips = st.causal or st.window != (None, None) or st.has_seg or st.sparse is not None
+    def store_dz(j, dz):  # the logits' cotangent, [B, Hq, q_len, kv_len] (unpadded: masked)
+        view = dbias[0].at[:, key_tile(j)]
+        mask = _bias_mask(dataclasses.replace(st, bias_bcast=(False,) * 4), view.shape, q_pos,
+                          j * block_k + jnp.arange(block_k), _kv_ragged(st))
+        if mask is None:
+            dbias[0][:, key_tile(j)] = dz.astype(dbias[0].dtype)
+        else:
+            pltriton.store(view, dz.astype(dbias[0].dtype), mask=mask)
+
     if st.bias_grad and skips:  # zeros where no key block is visited (causal, window, segments)
         def clear(j, c):
-            dbias[0][:, key_tile(j)] = jnp.zeros((block_q, block_k), dbias[0].dtype)
+            store_dz(j, jnp.zeros((block_q, block_k), jnp.float32))
             return c
         lax.fori_loop(0, st.kv_pad // block_k, clear, 0)
 
@@ -667,7 +696,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
                                          st.dropout), dp)
         dz = p * (dp - delta[:, None])  # cotangent of the final logits (the bias enters there)
         if st.bias_grad:
-            dbias[0][:, key_tile(j)] = dz.astype(dbias[0].dtype)
+            store_dz(j, dz)
         ds = _softcap_grad(st, dz, t)
         return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
 
@@ -712,8 +741,8 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, ali
         out_specs = [_packed_grad_spec(bq, d, lambda i, b, h: (b, qb(i), h))]
     else:
         out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qb(i), h, 0))]
-    if st.bias_grad:  # fp32 [B, Hq, q_pad, kv_pad]: one query tile's row stripe per program
-        out_shape.append(jax.ShapeDtypeStruct((batch, hq, st.q_pad, st.kv_pad), jnp.float32))
+    if st.bias_grad:  # fp32 [B, Hq, q_len, kv_len]: one query tile's row stripe per program
+        out_shape.append(jax.ShapeDtypeStruct((batch, hq, st.q_len, st.kv_len), jnp.float32))
         out_specs.append(pl.BlockSpec((None, None, bq, st.kv_pad), lambda i, b, h: (b, h, qb(i), 0)))
     call = _common.pallas_call(
         functools.partial(_dq_kernel, st=st, block_q=bq, block_k=bk),
@@ -786,8 +815,9 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         qseg = qseg_ref[qs] if st.has_seg else None
         bias = None
         if st.bias_kind:
-            gb = g if bias_heads > 1 else 0
-            bias = bias_ref[gb, slice(None) if st.bias_bcast[2] else qs, :]
+            gb = g if bias_heads > 1 else jnp.int32(0)  # (an int index fails interpret mode's masked load)
+            bias = _load_bias(st, bias_ref, (gb,), qs, slice(None), q_start + jnp.arange(block_q), k_pos,
+                              _kv_ragged(st))
         # Transposed scores [bk, bq] (as Triton's fused-attention backward): every dot below
         # takes its operands as they are, with no register tile transposed in between.
         alibi = (alibi_ref[head0 + g], q_start + jnp.arange(block_q), k_pos) if st.alibi else None
@@ -1033,11 +1063,7 @@ def flash_attention(
         bias_kind = "bool" if bias.dtype == jnp.bool_ else "add"
         if bias_kind == "bool":
             bias = bias.astype(jnp.int8)
-        bcast = tuple(s == 1 for s in bias.shape)
-        if not bcast[2]:
-            bias = _common.pad_axis(bias, 2, q_pad)
-        if not bcast[3]:
-            bias = _common.pad_axis(bias, 3, kv_pad)
+        bcast = tuple(s == 1 for s in bias.shape)  # (read unpadded: the kernels mask its ragged tiles)
 
     st = _Static(
         scale=scale, causal=bool(causal), q_len=q_len, kv_len=kv_len, q_pad=q_pad, kv_pad=kv_pad,
