@@ -334,14 +334,16 @@ def run(families: Sequence[str] | None = None, *, progress: bool = True) -> list
 
 
 def format_records(records: Sequence[dict]) -> str:
-    """A markdown table, one row per kernel."""
-    rows = ["| family | case | kernel | backend | regs | spill B | smem KiB | wgmma | compile s | status |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    """A markdown table, one row per kernel ("copies in flight": per loop of a Triton kernel, the copy
+    groups its software pipeline leaves in flight, :func:`loop_waits`)."""
+    rows = ["| family | case | kernel | backend | regs | spill B | smem KiB | wgmma | copies in flight | compile s "
+            "| status |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         smem = r.get("shared")
         cells = [r["family"], r["case"], r.get("kernel", ""), r.get("backend", ""), r.get("registers", ""),
                  (r.get("spill_stores") or 0) + (r.get("spill_loads") or 0) if "registers" in r else "",
                  f"{smem / 1024:.1f}" if smem else "", {True: "yes", False: "no"}.get(r.get("wgmma"), ""),
-                 r.get("seconds", ""), r["status"]]
+                 " ".join(map(str, r.get("loop_waits") or [])), r.get("seconds", ""), r["status"]]
         rows.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(rows)
