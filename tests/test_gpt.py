@@ -198,12 +198,13 @@ def test_dropout_modes_and_errors():
     model = GPT(GPTConfig(dropout=0.2, **kw), rngs=nnx.Rngs(params=0, dropout=1))
     plain = GPT(GPTConfig(**kw), rngs=nnx.Rngs(params=0))
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 40), 0, 64)
-    a, b = model(tokens), model(tokens)
-    assert not np.allclose(a, b) and not np.allclose(a, plain(tokens))
-    grads = nnx.grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
+    run = nnx.jit(lambda m, t: m(t))  # (jitted: eager dispatch made this test the suite's slowest)
+    a, b = run(model, tokens), run(model, tokens)
+    assert not np.allclose(a, b) and not np.allclose(a, run(plain, tokens))
+    grads = nnx.jit(nnx.grad(lambda m: jnp.mean(m(tokens) ** 2)))(model)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     model.eval()
-    np.testing.assert_allclose(model(tokens), plain(tokens), atol=1e-5)
+    np.testing.assert_allclose(run(model, tokens), run(plain, tokens), atol=1e-5)
     with pytest.raises(ValueError, match="dropout must be in"):
         GPTConfig(dropout=1.0)
     with pytest.raises(ValueError, match="inference"):
@@ -217,8 +218,8 @@ def test_dropout_modes_and_errors():
     cfg = GPTConfig(dropout=0.2, vocab_size=64, dim=32, layers=1, heads=4, attn_impl="xla")
     ring, flat = (GPT(cfg, rngs=nnx.Rngs(params=0, dropout=3)) for _ in range(2))
     ring.enable_sequence_parallel(mesh)
-    a_ring, a_flat = ring(tokens), flat(tokens)
+    a_ring, a_flat = run(ring, tokens), run(flat, tokens)
     np.testing.assert_allclose(a_ring, a_flat, atol=1e-5)
-    b_ring, b_flat = ring(tokens), flat(tokens)  # the next masks: again the same in both
+    b_ring, b_flat = run(ring, tokens), run(flat, tokens)  # the next masks: again the same in both
     np.testing.assert_allclose(b_ring, b_flat, atol=1e-5)
     assert not np.allclose(a_ring, b_ring)
