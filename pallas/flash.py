@@ -306,25 +306,25 @@ def _kv_blocks(st: _Static, q_start, block_q: int, block_k: int):
     return lo, full_lo, full_hi, hi
 
 
-def _bias_mask(st: _Static, shape, q_pos, k_pos, ragged_k: bool):
-    """Which elements of a bias tile exist in the (unpadded) bias: rows of queries before ``q_len``
-    and (``ragged_k``: the tile may hold keys past the end) columns of keys before ``kv_len``; None
-    when all do. Broadcast dims (size 1) are not masked."""
-    _, _, bq, bk = st.bias_bcast
-    rows = None if bq or not _q_ragged(st) else (q_pos < st.q_len)[:, None]
-    cols = None if bk or not ragged_k else (k_pos < st.kv_len)[None, :]
+def _pair_mask(st: _Static, shape, q_pos, k_pos, rows: bool, cols: bool):
+    """Which elements of a ``[queries, keys]`` tile of an unpadded ``[..., q_len, kv_len]`` array
+    (a bias, the logits' cotangent) exist: with ``rows``, queries before ``q_len`` (when the
+    queries are ragged); with ``cols``, keys before ``kv_len``. None when all do."""
+    rows = (q_pos < st.q_len)[:, None] if rows and _q_ragged(st) else None
+    cols = (k_pos < st.kv_len)[None, :] if cols else None
     mask = rows if cols is None else cols if rows is None else rows & cols
     return None if mask is None else jnp.broadcast_to(mask, shape)
 
 
 def _load_bias(st: _Static, bias_ref, lead: tuple, q_idx, k_idx, q_pos, k_pos, ragged_k: bool):
     """A bias tile ``bias_ref[*lead, q_idx, k_idx]`` (``q_idx``/``k_idx`` dropped on broadcast
-    dims), for queries ``q_pos`` and keys ``k_pos``. The bias is not padded to the tiles: elements
-    past ``q_len`` / ``kv_len`` load as 0 (:func:`_bias_mask`), as a zero-padded copy's would."""
+    dims), for queries ``q_pos`` and keys ``k_pos`` (``ragged_k``: the tile may hold keys past the
+    end). The bias is not padded to the tiles: elements past ``q_len`` / ``kv_len`` load as 0
+    (:func:`_pair_mask`; broadcast dims are not masked), as a zero-padded copy's would."""
     _, _, bq, bk = st.bias_bcast
     idx = (*lead, slice(None) if bq else q_idx, slice(None) if bk else k_idx)
     view = bias_ref.at[idx]
-    mask = _bias_mask(st, view.shape, q_pos, k_pos, ragged_k)
+    mask = _pair_mask(st, view.shape, q_pos, k_pos, rows=not bq, cols=ragged_k and not bk)
     return bias_ref[idx] if mask is None else pltriton.load(view, mask=mask, other=0)
 
 
@@ -471,6 +471,7 @@ def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_r
     :func:`_scores`), the soft cap's tanh term (or None), k and v."""
     k_start = pl.multiple_of(j * block_k, block_k)
     ks = pl.ds(k_start, block_k)
+    k_pos = k_start + jnp.arange(block_k)
     # (tiles holding keys past kv_len are always among the masked ones)
     ragged = masked and _kv_ragged(st)
     k = _common.load_tile(k_ref, (ks, slice(None)), k_start, st.kv_len, ragged, st.head_dim)
@@ -479,11 +480,10 @@ def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_r
     if masked:
         # a sparse layout pads keys to its mask block: a listed tile may be all padding
         length = st.kv_len % block_k != 0 or (st.sparse is not None and st.kv_len != st.kv_pad)
-        pos_mask = _block_mask(st, q_pos, k_start + jnp.arange(block_k), causal=st.causal, length=length)
+        pos_mask = _block_mask(st, q_pos, k_pos, causal=st.causal, length=length)
     kseg = kseg_ref[ks] if st.has_seg else None
-    k_pos = k_start + jnp.arange(block_k)
     bias = _load_bias(st, bias_ref, (), slice(None), ks, q_pos, k_pos, ragged) if st.bias_kind else None
-    alibi = (slope, q_pos, k_start + jnp.arange(block_k)) if st.alibi else None
+    alibi = (slope, q_pos, k_pos) if st.alibi else None
     s, t = _scores(st, q, k, qseg, kseg, bias, pos_mask, alibi=alibi, raw=raw)
     return s, t, k, v
 
@@ -671,10 +671,11 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
         return pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
 
     skips = st.causal or st.window != (None, None) or st.has_seg or st.sparse is not None
+
     def store_dz(j, dz):  # the logits' cotangent, [B, Hq, q_len, kv_len] (unpadded: masked)
         view = dbias[0].at[:, key_tile(j)]
-        mask = _bias_mask(dataclasses.replace(st, bias_bcast=(False,) * 4), view.shape, q_pos,
-                          j * block_k + jnp.arange(block_k), _kv_ragged(st))
+        mask = _pair_mask(st, view.shape, q_pos, j * block_k + jnp.arange(block_k), rows=True,
+                          cols=_kv_ragged(st))
         if mask is None:
             dbias[0][:, key_tile(j)] = dz.astype(dbias[0].dtype)
         else:

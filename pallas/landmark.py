@@ -11,12 +11,13 @@ softmax is rewritten as a plain softmax over *effective logits*::
 since ``sum_{j in g} exp(t_ij) = exp(s_{i,L_g})``, ``softmax_j(t_i)`` equals the landmark weights
 ``w_ij``. The inner per-block log-sum-exp is computed inside the tile, the outer softmax is an
 online (flash) softmax over the tiles. One exponent per score, as flash attention: with ``e_ij =
-exp(s_ij - max_g s)`` on an earlier tile's regular keys (``Z = sum e``), ``t``'s row max is ``s_{i,L_g}
-- log Z``, the inner softmax is ``pi = e / Z`` and every weight is ``e`` times a per-row factor;
-the kernels work in base 2 (``exp2`` of one FMA on the unscaled ``q k^T``). Backward: with ``dt = w * (dO v^T - delta)`` (delta =
-rowsum(dO * O)), the chain rule through ``t`` gives, per earlier tile, ``ds = dt - pi * r`` on
-regular keys and ``ds = r`` on the landmark, where ``r = rowsum(dt)`` and ``pi`` is the inner
-softmax; in the own tile ``ds = dt``. dq/dk follow from ``ds``, dv from ``w``.
+exp(s_ij - max_g s)`` on an earlier tile's regular keys (``Z = sum e``), ``t``'s row max is
+``s_{i,L_g} - log Z``, the inner softmax is ``pi = e / Z`` and every weight is ``e`` times a
+per-row factor; the kernels work in base 2 (``exp2`` of one FMA on the unscaled ``q k^T``).
+Backward: with ``dt = w * (dO v^T - delta)`` (delta = rowsum(dO * O)), the chain rule through
+``t`` gives, per earlier tile, ``ds = dt - pi * r`` on regular keys and ``ds = r`` on the
+landmark, where ``r = rowsum(dt)`` and ``pi`` is the inner softmax; in the own tile ``ds = dt``.
+dq/dk follow from ``ds``, dv from ``w``.
 
 Entry point ``landmark_attention_padded`` takes inputs already re-laid-out to ``[B, n_blocks * P,
 H, D]`` (see ``jaxattn.ops.landmark``).
@@ -36,10 +37,9 @@ from jax.experimental import pallas as pl
 
 from jaxattn.pallas import _common
 from jaxattn.pallas._common import dot
-from jaxattn.pallas.flash import online_softmax_init, online_softmax_step
+from jaxattn.pallas.flash import LOG2E, online_softmax_init, online_softmax_step
 
 NEG_INF = float("-inf")
-LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
 

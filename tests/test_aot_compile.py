@@ -92,7 +92,7 @@ def test_block_sparse_kernels_pipeline_as_deep_as_dense():
     for name, fn in (("sparse", sparse), ("dense", dense)):
         res = aot.compile_case(jax.grad(fn, (0, 1, 2)), [x, x, x])
         assert res["ok"], res.get("error")
-        waits[name] = {k["kernel"]: k["loop_waits"] for k in res["kernels"]}
+        waits[name] = {k["kernel"]: aot.loop_waits(k) for k in res["kernels"]}
     for kernel in ("jaxattn_flash_fwd", "jaxattn_flash_dq", "jaxattn_flash_dkdv"):
         [dense_wait] = set(waits["dense"][kernel])
         # full blocks, then partial ones (the dk/dv kernel: per GQA group member too)
@@ -111,7 +111,7 @@ def test_paged_decode_pipelines_as_deep_as_dense():
         res = aot.compile_case(*cases[label])
         assert res["ok"], res.get("error")
         [k] = [k for k in res["kernels"] if k["kernel"] == "jaxattn_decode"]
-        waits[label] = k["loop_waits"]
+        waits[label] = aot.loop_waits(k)
     assert waits["d128 bfloat16"] and min(waits["d128 bfloat16"]) > 0, waits
     assert waits["paged16 d128 bfloat16"] == waits["paged128 d128 bfloat16"] == waits["d128 bfloat16"], waits
 

@@ -218,7 +218,7 @@ def _triton_kernels(dump: str, names: set[str]) -> list[dict]:
                          "fma_f32": len(re.findall(r"\bfma\.rn\.f32\b", bodies[name])),
                          "i2f": len(re.findall(r"\bcvt\.rn\.f32\.s32\b", bodies[name])),
                          "natural_exp": len(re.findall(r"\bfma\.rm\.f32\b", bodies[name])),
-                         "loop_waits": loop_waits(bodies[name]), "loops": loop_stats(bodies[name]),
+                         "loops": loop_stats(bodies[name]),
                          **info.get(name, {})})
     return recs
 
@@ -240,12 +240,12 @@ def loop_stats(ptx: str) -> list[dict]:
     return stats
 
 
-def loop_waits(ptx: str) -> list[int]:
-    """The ``wait`` of each loop (:func:`loop_stats`) that has one: how many groups of asynchronous
-    copies Triton's software pipeline leaves in flight when an iteration starts (0: only copies
-    issued in the previous iteration were overlapped with compute; the deeper the pipeline, the
-    larger)."""
-    return [s["wait"] for s in loop_stats(ptx) if s["wait"] is not None]
+def loop_waits(kernel: dict) -> list[int]:
+    """The ``wait`` of each loop of a kernel record (its ``loops``, :func:`loop_stats`) that has one:
+    how many groups of asynchronous copies Triton's software pipeline leaves in flight when an
+    iteration starts (0: only copies issued in the previous iteration were overlapped with compute;
+    the deeper the pipeline, the larger)."""
+    return [lp["wait"] for lp in kernel.get("loops", []) if lp["wait"] is not None]
 
 
 def _triton_names(lowered: Any) -> set[str]:
@@ -344,6 +344,6 @@ def format_records(records: Sequence[dict]) -> str:
         cells = [r["family"], r["case"], r.get("kernel", ""), r.get("backend", ""), r.get("registers", ""),
                  (r.get("spill_stores") or 0) + (r.get("spill_loads") or 0) if "registers" in r else "",
                  f"{smem / 1024:.1f}" if smem else "", {True: "yes", False: "no"}.get(r.get("wgmma"), ""),
-                 " ".join(map(str, r.get("loop_waits") or [])), r.get("seconds", ""), r["status"]]
+                 " ".join(map(str, loop_waits(r))), r.get("seconds", ""), r["status"]]
         rows.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(rows)
