@@ -90,3 +90,44 @@ def test_bad_segment_ids(seg, sk, match):
 def test_bad_scale():
     with pytest.raises(ValueError, match=r"scale must be a finite float"):
         jaxattn.attention(*_qkv(), scale=float("nan"))
+
+
+def _empty_batch_calls():
+    """(name, call(impl), differentiable): every public op on inputs with batch 0."""
+    import jax
+
+    q = jnp.zeros((0, 40, 4, 32), jnp.float32)
+    qb, s = q.astype(jnp.bfloat16), jnp.full((4,), 0.1)
+    m = jnp.zeros((0, 16, 16, 2, 32))
+    rel = jnp.zeros((2 * 14 - 1, 32))
+    pages, table = jnp.zeros((4, 16, 4, 32)), jnp.zeros((0, 4), jnp.int32)
+    lengths = jnp.zeros((0,), jnp.int32)
+    return [
+        ("attention", lambda impl, x: jaxattn.attention(x, x, x, causal=True, impl=impl), True),
+        ("attention lse", lambda impl, x: jaxattn.attention(x, x, x, impl=impl, return_lse=True)[1], True),
+        ("power", lambda impl, x: jaxattn.power_attention(x, x, x, block=16, impl=impl), True),
+        ("lightning", lambda impl, x: jaxattn.lightning_attention(x, x, x, s, impl=impl), True),
+        ("landmark", lambda impl, x: jaxattn.landmark_attention(x, x, x, block_len=16, impl=impl), True),
+        ("linear_global", lambda impl, x: jaxattn.linear_global_attention(x, x, x, temperature=1.0, impl=impl),
+         True),
+        ("decode", lambda impl, x: jaxattn.decode_attention(x[:, :1], x, x, lengths, impl=impl), False),
+        ("paged_decode", lambda impl, x: jaxattn.paged_decode_attention(x[:, :1], pages, pages, table, lengths,
+                                                                        impl=impl), False),
+        ("sage", lambda impl, x: jaxattn.sage_attention(x.astype(jnp.bfloat16), qb, qb, impl=impl), False),
+        ("halo", lambda impl, x: jaxattn.halo_attention(m + x.sum(), m, m, rel, rel, block_size=8, halo_size=3,
+                                                        impl=impl), True),
+    ], q, jax
+
+
+@pytest.mark.parametrize("name", [c[0] for c in _empty_batch_calls()[0]])
+def test_empty_batch_on_kernel_path(name):
+    """An empty batch gives the empty result (and gradients) on the kernel path too, as on XLA's
+    (before: an opaque slice error from inside the kernel wrapper, or a division by zero)."""
+    calls, q, jax = _empty_batch_calls()
+    _, call, differentiable = next(c for c in calls if c[0] == name)
+    ref = call("xla", q)
+    out = call("pallas", q)
+    assert out.shape == ref.shape and out.dtype == ref.dtype and out.size == 0
+    if differentiable:
+        g = jax.grad(lambda x: call("pallas", x).astype(jnp.float32).sum())(q)
+        assert g.shape == q.shape

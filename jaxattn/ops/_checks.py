@@ -21,6 +21,12 @@ def check_impl(impl: str, allowed: Sequence[str] = IMPLS) -> None:
         raise ValueError(f"impl must be one of {tuple(allowed)}, got {impl!r}")
 
 
+def empty(*arrays: jax.Array) -> bool:
+    """Whether any array has no elements (an empty batch): the ops then run their XLA path, which
+    returns the empty result (and gradients) without launching a kernel."""
+    return any(math.prod(x.shape) == 0 for x in arrays)
+
+
 def check_array(name: str, x: Any, layout: str) -> None:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise ValueError(f"{name} must be an array of shape {layout}, got {type(x).__name__}")

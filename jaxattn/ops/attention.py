@@ -121,6 +121,7 @@ def attention(
                 f"v head_dim={v.shape[-1]}")
         _checks.check_float_dtype("q", q)
     use_kernel = impl in ("pallas", "mosaic") or (impl == "auto" and kernel_ok and _targets_gpu())
+    use_kernel = use_kernel and not _checks.empty(q, k, v)  # an empty batch: XLA returns it
 
     if use_kernel:
         mosaic = impl == "mosaic" or (impl == "auto" and _flash.mosaic_auto(

@@ -515,7 +515,8 @@ def block_sparse_attention(
             raise ValueError(f"impl='pallas' supports head dims {lo}..{hi}; got q/k head_dim={d}, "
                              f"v head_dim={dv}")
         _checks.check_float_dtype("q", q)
-    if impl in ("pallas", "mosaic") or (impl == "auto" and kernel_ok and _targets_gpu()):
+    kernel = impl in ("pallas", "mosaic") or (impl == "auto" and kernel_ok and _targets_gpu())
+    if kernel and not _checks.empty(q, k, v):
         bm = block_mask
         out, lse = block_sparse_attention_kernel(
             q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k,

@@ -77,7 +77,7 @@ def decode_attention(
     if impl == "pallas" and not kernel_ok:
         raise ValueError(f"impl='pallas' supports head dims up to {_decode.MAX_HEAD_DIM}; got q/k "
                          f"head_dim={d}, v head_dim={v.shape[-1]}")
-    if impl == "pallas" or (impl == "auto" and kernel_ok and _targets_gpu()):
+    if (impl == "pallas" or (impl == "auto" and kernel_ok and _targets_gpu())) and not _checks.empty(q, k, v):
         q, k, v = (_checks.no_grad(x, _NO_GRAD) for x in (q, k, v))
         out, lse = _decode.decode_attention_kernel(q, k, v, lengths, causal=causal, **extra)
     else:

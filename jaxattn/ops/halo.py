@@ -147,7 +147,7 @@ def _check_inputs(q, k, v, rel_h, rel_w, block_size: int, halo_size: int, stride
         if tuple(r.shape) != (2 * win - 1, d):
             raise ValueError(f"{name} must have shape [2 * win - 1, head_dim] = {(2 * win - 1, d)}, "
                              f"got {tuple(r.shape)}")
-    return impl == "pallas" or (impl == "auto" and _common.targets_gpu())
+    return (impl == "pallas" or (impl == "auto" and _common.targets_gpu())) and not _checks.empty(q, k, v)
 
 
 def halo_attention_kv(

@@ -65,7 +65,7 @@ def landmark_attention(
     block_len = _check_block_len(block_len)
     scale = _checks.check_scale(scale)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    use_kernel = impl == "pallas" or (impl == "auto" and _common.targets_gpu())
+    use_kernel = (impl == "pallas" or (impl == "auto" and _common.targets_gpu())) and not _checks.empty(q, k, v)
     if use_kernel:
         return _pallas_path(q, k, v, block_len, scale, interpret)
     return _xla_path(q, k, v, block_len, scale)

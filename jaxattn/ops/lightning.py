@@ -93,7 +93,7 @@ def lightning_attention(
         _check_state(initial_state, (b, h, d, e), "initial_state")
 
     local_state = None if sequence_axis is not None else initial_state
-    if impl == "pallas" or (impl == "auto" and _targets_gpu()):
+    if (impl == "pallas" or (impl == "auto" and _targets_gpu())) and not _checks.empty(q, k, v):
         # (without return_state the final state's cotangent is zero: the backward skips its terms)
         out, state = _kernel.lightning_attention_kernel(q, k, v, slope, local_state,
                                                         final_state=return_state or sequence_axis is not None)

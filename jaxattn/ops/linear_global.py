@@ -84,7 +84,7 @@ def linear_global_attention(
         raise ValueError(f"impl='pallas' takes head dims up to {MAX_HEAD_DIM}, got q {q.shape[-1]}, "
                          f"v {v.shape[-1]}; use impl='xla'")
     fast = width <= AUTO_MAX_HEAD_DIM[min(jnp.dtype(q.dtype).itemsize, 4)]
-    if impl == "pallas" or (impl == "auto" and fast and _common.targets_gpu()):
+    if (impl == "pallas" or (impl == "auto" and fast and _common.targets_gpu())) and not _checks.empty(q, k, v):
         return linear_global_kernel(q, k, v, tau, clamp=c)
     return _linear_global_xla(q, k, v, tau, c)
 

@@ -103,7 +103,8 @@ def paged_decode_attention(
     if impl == "pallas" and not (dims_ok and page_ok):
         raise ValueError(f"impl='pallas' needs page_size a power of two >= 16 (got {page}) and head dims "
                          f"<= {_decode.MAX_HEAD_DIM} (got {q.shape[-1]}, {v_pages.shape[-1]})")
-    if impl == "pallas" or (impl == "auto" and dims_ok and page_ok and _targets_gpu()):
+    kernel = impl == "pallas" or (impl == "auto" and dims_ok and page_ok and _targets_gpu())
+    if kernel and not _checks.empty(q, block_tables):
         q, k_pages, v_pages = (_checks.no_grad(x, _NO_GRAD) for x in (q, k_pages, v_pages))
         out, lse = _decode.paged_decode_attention_kernel(q, k_pages, v_pages, block_tables, lengths, causal=causal,
                                                          **extra)
