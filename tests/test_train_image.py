@@ -306,6 +306,16 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["image", "--model", "no-such-model", "--out", str(tmp_path / "x")])
     assert "--model 'no-such-model' is not a registered model" in capsys.readouterr().err
+    # a model of the other task is named as such, with the task's own models (not a config error)
+    with pytest.raises(SystemExit):
+        main(["image", "--model", "tnl-tiny", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert "--model 'tnl-tiny' is a language model; `image` trains one of" in err and "'vit-tiny'" in err
+    with pytest.raises(SystemExit):
+        main(["lm", "--model", "vit-tiny", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert "--model 'vit-tiny' is an image model; `lm` trains one of" in err and "'tnl-tiny'" in err
+    assert "'vit-tiny'" not in err.split("trains one of")[1]
     with pytest.raises(SystemExit):
         main(["image", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
     assert "no such file or folder" in capsys.readouterr().err

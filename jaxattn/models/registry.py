@@ -47,6 +47,13 @@ MODEL_CONFIGS: dict[str, Any] = {
 }
 
 
+def models_of_kind(kind: str) -> list[str]:
+    """Registered names of one kind: ``"lm"`` (token models, with a ``vocab_size``) or ``"image"``."""
+    if kind not in ("lm", "image"):
+        raise ValueError(f"kind must be 'lm' or 'image', got {kind!r}")
+    return sorted(n for n, c in MODEL_CONFIGS.items() if hasattr(c, "vocab_size") == (kind == "lm"))
+
+
 def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> nnx.Module:
     """Builds a registered model; ``overrides`` replace config fields (e.g. ``vocab_size=256``)."""
     if name not in MODEL_CONFIGS:
