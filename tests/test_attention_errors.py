@@ -131,3 +131,21 @@ def test_empty_batch_on_kernel_path(name):
     if differentiable:
         g = jax.grad(lambda x: call("pallas", x).astype(jnp.float32).sum())(q)
         assert g.shape == q.shape
+
+
+@pytest.mark.parametrize("option,value", [("scale", 0.3), ("logits_soft_cap", 3.0), ("dropout_rate", 0.1),
+                                          ("local_window_size", 4), ("causal", True)])
+def test_traced_static_option_says_how_to_fix(option, value):
+    """Options compiled into the kernels, given as arguments of a jitted function, raise a
+    ValueError naming the option and the fix (before: JAX's generic concretization errors)."""
+    import jax
+
+    q = jnp.zeros((1, 8, 2, 32))
+    extra = {"dropout_rng": jax.random.PRNGKey(0)} if option == "dropout_rate" else {}
+    f = jax.jit(lambda x, o: jaxattn.attention(x, x, x, impl="xla", **{option: o}, **extra))
+    with pytest.raises(ValueError, match=rf"{option} must be static .*static_argnames"):
+        f(q, value)
+    if option == "causal":
+        g = jax.jit(lambda x, o: jaxattn.decode_attention(x, x, x, causal=o, impl="xla"))
+        with pytest.raises(ValueError, match=r"causal must be static"):
+            g(q, value)

@@ -281,6 +281,22 @@ def test_bad_input(kwargs, match):
         jaxattn.lightning_attention(**args)
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_traced_bad_slope_gives_nan(impl):
+    """Under jit the slope's values cannot be checked: a negative or non-finite entry makes that
+    head's output NaN (the other heads stay finite), for the op and the decode step."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 20, 3, 16))
+    slope = jnp.array([0.1, -0.1, 0.0])
+    out = jax.jit(lambda s: jaxattn.lightning_attention(x, x, x, s, impl=impl))(slope)
+    assert bool(jnp.isnan(out[:, :, 1]).all()) and bool(jnp.isfinite(out[:, :, ::2]).all())
+    assert bool(jnp.isfinite(jax.jit(lambda s: jaxattn.lightning_attention(x, x, x, s, impl=impl))(
+        jnp.abs(slope))).all())
+    st = jnp.zeros((1, 3, 16, 16))
+    o, _ = jax.jit(lambda s: jaxattn.lightning_attention_step(x[:, 0], x[:, 0], x[:, 0], s, st))(
+        jnp.abs(slope).at[0].set(jnp.inf))
+    assert bool(jnp.isnan(o[:, 0]).all()) and bool(jnp.isfinite(o[:, 1:]).all())
+
+
 def test_bad_decode_state():
     q = jnp.zeros((2, 4, 16))
     with pytest.raises(ValueError, match=r"state must have shape"):

@@ -92,11 +92,34 @@ def check_qkv(q: Any, k: Any, v: Any, dtypes: Sequence[Any] = FLOAT_DTYPES) -> t
     return batch, q_len, kv_len, hq, hkv, d
 
 
+def _traced(value: Any) -> bool:
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    return any(isinstance(x, jax.core.Tracer) for x in items)
+
+
+def static_number(name: str, value: Any, kind: type = float) -> Any:
+    """``kind(value)`` for an option that is compiled into the kernels: a traced value (an argument
+    of a jitted function) raises a ValueError saying how to make it static."""
+    if _traced(value):
+        raise ValueError(f"{name} must be static (Python {kind.__name__}s): it is compiled into the kernels, but "
+                         "got a traced value (an argument of a jitted function); close over it or pass it in "
+                         "jax.jit's static_argnames")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a Python {kind.__name__}, got {value!r}") from None
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """A static bool option (``causal``, ...)."""
+    return static_number(name, value, bool)
+
+
 def check_scale(scale: Any) -> float | None:
     """``None`` or a finite float."""
     if scale is None:
         return None
-    scale = float(scale)
+    scale = static_number("scale", scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float, got {scale}")
     return scale
@@ -106,6 +129,8 @@ def check_window(window: Any) -> tuple[int | None, int | None] | None:
     """``local_window_size``: None, an int w >= 0 (``(w, w)``) or a pair of ints >= 0 / None."""
     if window is None:
         return None
+    if _traced(window):
+        static_number("local_window_size", window, int)  # raises: say how to make it static
     pair = (window, window) if isinstance(window, int) and not isinstance(window, bool) else window
     ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
         w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 0) for w in pair)
@@ -119,7 +144,7 @@ def check_soft_cap(cap: Any) -> float | None:
     """``logits_soft_cap``: None or a finite float > 0."""
     if cap is None:
         return None
-    value = float(cap)
+    value = static_number("logits_soft_cap", cap)
     if not 0 < value < float("inf"):
         raise ValueError(f"logits_soft_cap must be a finite float > 0 or None, got {cap!r}")
     return value
@@ -127,7 +152,7 @@ def check_soft_cap(cap: Any) -> float | None:
 
 def check_dropout(rate: Any, rng: Any) -> float:
     """``dropout_rate`` in [0, 1), with a ``dropout_rng`` PRNG key when it is > 0."""
-    value = float(rate)
+    value = static_number("dropout_rate", rate)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {rate!r}")
     if value > 0.0 and rng is None:

@@ -90,6 +90,7 @@ def attention(
       if ``return_lse``.
     """
     _checks.check_impl(impl, _checks.MOSAIC_IMPLS)
+    causal = _checks.check_flag("causal", causal)
     batch, q_len, kv_len, hq, hkv, d = _checks.check_qkv(q, k, v, (*_checks.FLOAT_DTYPES, jnp.float64))
 
     qseg = kvseg = None

@@ -68,6 +68,7 @@ def decode_attention(
       ``out [batch, Sq, heads, v_head_dim]`` in q's dtype (and ``lse``).
     """
     _checks.check_impl(impl)
+    causal = _checks.check_flag("causal", causal)
     batch, q_len, kv_len, hq, hkv, d = check_cache_qkv(q, k, v, k_scale, v_scale)
     lengths = _check_lengths(lengths, batch, kv_len)
     extra = decode_options(batch, hq, hkv, scale=scale, local_window_size=local_window_size,

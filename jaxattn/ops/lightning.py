@@ -16,7 +16,10 @@ from jaxattn.pallas._common import targets_gpu as _targets_gpu
 from jaxattn.reference.lightning import lightning_reference
 
 
-def _check_slope(slope: jax.Array, heads: int) -> None:
+def _check_slope(slope: jax.Array, heads: int) -> jax.Array:
+    """The validated slope; a traced one (values unknown here) has its negative or non-finite
+    entries made NaN, so a bad slope under ``jit`` shows as NaN outputs, not as a silently
+    growing "decay"."""
     _checks.check_array("slope", slope, "[heads]")
     if tuple(slope.shape) != (heads,):
         raise ValueError(f"slope must have shape [heads] = ({heads},), got {tuple(slope.shape)}")
@@ -25,9 +28,10 @@ def _check_slope(slope: jax.Array, heads: int) -> None:
     try:
         s = np.asarray(slope, np.float32)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return  # traced under jit: values unknown here
+        return jnp.where((slope >= 0) & jnp.isfinite(slope), slope, jnp.nan)
     if not (np.isfinite(s).all() and (s >= 0).all()):
         raise ValueError(f"slope must be finite and >= 0 (decay = exp(-slope) <= 1), got {s.tolist()}")
+    return slope
 
 
 def _check_state(state: jax.Array, shape: tuple[int, ...], name: str) -> None:
@@ -88,7 +92,7 @@ def lightning_attention(
         raise ValueError("q needs at least one position, got seq = 0")
     if max(d, e) > _kernel.MAX_HEAD_DIM:
         raise ValueError(f"head dims must be <= {_kernel.MAX_HEAD_DIM}, got head_dim={d}, v_head_dim={e}")
-    _check_slope(slope, h)
+    slope = _check_slope(slope, h)
     if initial_state is not None:
         _check_state(initial_state, (b, h, d, e), "initial_state")
 
@@ -125,7 +129,7 @@ def lightning_attention_step(
     _checks.check_dim("k", k, 2, d, "head dim", "q")
     _checks.check_dim("v", v, 0, b, "batch size", "q")
     _checks.check_dim("v", v, 1, h, "heads", "q")
-    _check_slope(slope, h)
+    slope = _check_slope(slope, h)
     _check_state(state, (b, h, d, v.shape[-1]), "state")
     lam = jnp.exp(-slope.astype(jnp.float32))[None, :, None, None]
     hp = lax.Precision.HIGHEST

@@ -93,6 +93,7 @@ def paged_decode_attention(
     Returns ``out [batch, Sq, heads, v_head_dim]`` in q's dtype (and the fp32 ``lse``).
     """
     _checks.check_impl(impl)
+    causal = _checks.check_flag("causal", causal)
     batch, page, max_pages = _check_paged(q, k_pages, v_pages, block_tables, scaled=k_scale is not None)
     lengths = _check_lengths(lengths, batch, max_pages * page)
     extra = decode_options(batch, q.shape[2], k_pages.shape[2], scale=scale, local_window_size=local_window_size,
