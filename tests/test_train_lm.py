@@ -107,6 +107,26 @@ def test_resume_after_kill_is_exact(tmp_path):
     assert (tmp_path / "b/run/loss.png").stat().st_size > 1000
 
 
+def test_resume_names_config_changes(tmp_path, capsys):
+    """--resume with changed settings says which (the run no longer reproduces an uninterrupted
+    one); a checkpoint of another model raises a ValueError naming the change (before: Orbax's
+    'truth value of an array' error)."""
+    c = cfg(tmp_path, steps=3, eval_every=0)
+    train(c, model_factory=small_model, progress=False, sample=False)
+    train(cfg(tmp_path, steps=3, eval_every=0), resume=True, model_factory=small_model, progress=False, sample=False)
+    assert "changed config" not in capsys.readouterr().out
+    train(cfg(tmp_path, steps=4, eval_every=0, lr=1e-3), resume=True, model_factory=small_model, progress=False,
+          sample=False)
+    assert "--resume with a changed config (lr 0.003 -> 0.001, steps 3 -> 4)" in capsys.readouterr().out
+
+    def gpt(rngs):
+        return create_model("gpt-tiny", rngs=rngs, dim=32, layers=2, heads=2, attn_impl="xla")
+
+    with pytest.raises(ValueError, match=r"does not fit this model \(changed: .*model 'tnl-tiny' -> 'gpt-tiny'"):
+        train(cfg(tmp_path, steps=5, eval_every=0, lr=1e-3, model="gpt-tiny"), resume=True, model_factory=gpt,
+              progress=False, sample=False)
+
+
 def test_resume_with_dropout_is_exact(tmp_path):
     """Dropout's RNG streams (typed PRNG keys in the model state) are checkpointed and restored:
     the resumed run draws the same masks as the uninterrupted one."""

@@ -250,6 +250,20 @@ def _from_host(like: jax.Array, x: Any) -> jax.Array:
     return jnp.asarray(x)
 
 
+def _config_changes(out: Path, config: dict | None) -> list[str]:
+    """``key old -> new`` for the settings that differ from the run's saved ``config.json``."""
+    path = out / "config.json"
+    if config is None or not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    new = json.loads(json.dumps(config, default=str))
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
 def checkpoint_manager(out_dir: Path, max_to_keep: int = 3):
     """Orbax manager for ``out_dir/checkpoints``."""
     import orbax.checkpoint as ocp
@@ -293,8 +307,17 @@ def fit(trainer: Trainer, batch_fn: Callable[[int], Batch], *, steps: int, out_d
     start = 0
     if resume and manager.latest_step() is not None:
         start = int(manager.latest_step())
-        trainer.restore(manager, start)
+        changed = _config_changes(out, config)
+        try:
+            trainer.restore(manager, start)
+        except Exception as e:  # another model's checkpoint: Orbax's own error names no cause
+            why = f"changed: {', '.join(changed)}" if changed else f"Orbax: {str(e).splitlines()[0][:300]}"
+            raise ValueError(f"--resume: the checkpoint at step {start} in {out / 'checkpoints'} does not fit this "
+                             f"model ({why})") from e
         print(f"resumed from step {start} in {out / 'checkpoints'}")
+        if changed:
+            print(f"--resume with a changed config ({', '.join(changed)}): the run does not reproduce an "
+                  "uninterrupted one")
     elif resume:
         print(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from scratch")
     if config is not None:
