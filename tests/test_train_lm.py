@@ -127,6 +127,22 @@ def test_resume_names_config_changes(tmp_path, capsys):
               progress=False, sample=False)
 
 
+def test_fresh_run_sets_aside_an_earlier_one(tmp_path, capsys):
+    """A run without --resume in an --out that holds a longer earlier run: before, Orbax kept the old
+    run's later steps as the latest and dropped the new run's own checkpoints (a later --resume or
+    generate loaded the old weights); now the earlier run moves to out/previous-*."""
+    from jaxattn.train.loop import checkpoint_manager
+
+    train(cfg(tmp_path, steps=4, ckpt_every=2, eval_every=0), model_factory=small_model, progress=False, sample=False)
+    new = train(cfg(tmp_path, steps=2, ckpt_every=2, eval_every=0, lr=1e-2), model_factory=small_model,
+                progress=False, sample=False)
+    assert "moved the earlier run there (checkpoints up to step 4" in capsys.readouterr().out
+    run = tmp_path / "run"
+    (prev,) = run.glob("previous-*")
+    assert checkpoint_manager(prev).latest_step() == 4 and (prev / "metrics.csv").exists()
+    assert checkpoint_manager(run).latest_step() == 2 and new["final_loss"] > 0
+
+
 def test_resume_with_dropout_is_exact(tmp_path):
     """Dropout's RNG streams (typed PRNG keys in the model state) are checkpointed and restored:
     the resumed run draws the same masks as the uninterrupted one."""
