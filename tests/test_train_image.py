@@ -134,6 +134,30 @@ def test_image_folder_tree_and_single_root(tmp_path, monkeypatch):
         load_images(str(flat))
 
 
+def test_image_folder_modes_and_unreadable_files(tmp_path, capsys):
+    """Any Pillow mode becomes 8-bit RGB (16-bit grey scaled, not clipped white; palette, grey+alpha,
+    CMYK JPEG); a file that is not an image is skipped and named, not a crash mid-load."""
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    Image.fromarray(np.full((6, 6), 32768, np.uint16)).save(root / "a" / "grey16.png")
+    Image.fromarray(np.full((6, 6, 3), (10, 200, 30), np.uint8)).convert("P", palette=Image.ADAPTIVE).save(
+        root / "a" / "pal.png")
+    Image.fromarray(np.full((6, 6, 3), 90, np.uint8)).convert("LA").save(root / "b" / "la.png")
+    Image.fromarray(np.full((6, 6, 3), 90, np.uint8)).convert("CMYK").save(root / "b" / "cmyk.jpg")
+    (root / "b" / "broken.png").write_bytes(b"not a png")
+    d = load_images(str(root), image_size=6, val_fraction=0.25)
+    x = np.concatenate([d.x_train, d.x_test])
+    y = np.concatenate([d.y_train, d.y_test])
+    assert x.shape == (4, 6, 6, 3) and sorted(y.tolist()) == [0, 0, 1, 1]
+    assert "skipped 1 unreadable image file(s):" in capsys.readouterr().out
+    grey = x[np.flatnonzero((x == 128).all(axis=(1, 2, 3)))]
+    assert len(grey) == 1  # 32768 / 65535 of full scale (Pillow's own conversion gives 255)
+    assert any((im == (10, 200, 30)).all() for im in x)
+
+
 def test_digits_split_normalisation_and_batches(digits16):
     d = digits16
     assert d.x_train.shape == (1437, 16, 16, 1) and d.x_test.shape == (360, 16, 16, 1)

@@ -259,21 +259,41 @@ def _read_class_tree(root: Path, image_size: int, classes: list[str] | None = No
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise ValueError(f"{root}: classes {unknown} are not in the training split's {classes}")
-    xs, ys = [], []
-    for label, name in enumerate(classes):
-        d = root / name
-        if not d.is_dir():
-            continue
-        for f in sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    from tqdm import tqdm
+
+    files = [(f, label) for label, name in enumerate(classes) if (root / name).is_dir()
+             for f in sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)]
+    xs, ys, bad = [], [], []
+    for f, label in tqdm(files, desc=f"reading {root.name}", unit="img", disable=None, leave=False):
+        try:
             with Image.open(f) as im:
-                im = im.convert("RGB")
+                im = _to_rgb(im)
                 if im.size != (image_size, image_size):
                     im = im.resize((image_size, image_size), Image.BILINEAR)
                 xs.append(np.asarray(im, np.uint8))
-            ys.append(label)
+        except (OSError, ValueError) as e:  # a truncated or non-image file: skipped, and said so below
+            bad.append(f"{f} ({e})")
+            continue
+        ys.append(label)
+    if bad:
+        print(f"{root}: skipped {len(bad)} unreadable image file(s): {'; '.join(bad[:3])}"
+              + (" ..." if len(bad) > 3 else ""))
     if not xs:
         raise ValueError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in class folders")
     return np.stack(xs), np.asarray(ys, np.int32), classes
+
+
+def _to_rgb(im):
+    """8-bit RGB from any Pillow mode. 16-bit grey (``I;16``) is scaled by 255/65535, 32-bit integer
+    or float grey (``I``, ``F``: no standard range) by its own maximum (Pillow's conversion clips
+    them to 255, turning them white)."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()) if a.size else 0.0, 1e-12)
+        im = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
 
 
 def load_image_folder(path: str | Path, image_size: int = 32, *, val_fraction: float = 0.2,
