@@ -56,7 +56,8 @@ def test_other_data_sources(tmp_path):
     assert load_corpus(str(tmp_path)).vocab_size == 256
     np.save(tmp_path / "t.npy", np.arange(500) % 37)
     c = load_corpus(str(tmp_path / "t.npy"))
-    assert c.vocab_size == 37 and c.train.dtype == np.int32
+    assert c.vocab_size == 37 and isinstance(c.train.base, np.memmap)  # memory-mapped, not loaded
+    assert get_batch(c.train, seed=0, step=0, batch=2, seq_len=8).dtype == np.int32
     with pytest.raises(ValueError, match="no such file"):
         load_corpus(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="--vocab-size 10 is smaller"):
@@ -64,6 +65,25 @@ def test_other_data_sources(tmp_path):
     np.save(tmp_path / "bad.npy", np.ones((3, 3)))
     with pytest.raises(ValueError, match="1-D integer"):
         load_corpus(str(tmp_path / "bad.npy"))
+
+
+def test_nanogpt_bin_token_files(tmp_path):
+    """nanoGPT's raw uint16 train.bin / val.bin (a folder) or one .bin file, memory-mapped."""
+    (tmp_path / "d").mkdir()
+    train_ids, val_ids = np.arange(3000) + 50257 - 3000, np.arange(400)  # ids up to 50256 (GPT-2)
+    train_ids.astype(np.uint16).tofile(tmp_path / "d" / "train.bin")
+    val_ids.astype(np.uint16).tofile(tmp_path / "d" / "val.bin")
+    c = load_corpus(str(tmp_path / "d"))
+    assert c.vocab_size == 50257 and len(c.train) == 3000 and len(c.val) == 400
+    np.testing.assert_array_equal(c.val, val_ids)
+    assert isinstance(c.train, np.memmap)
+    one = load_corpus(str(tmp_path / "d" / "train.bin"), val_fraction=0.1)
+    assert len(one.val) == 300 and one.vocab_size == 50257
+    x = get_batch(c.train, seed=0, step=0, batch=2, seq_len=16)
+    assert x.dtype == np.int32 and (np.diff(x, axis=1) == 1).all() and x.max() <= 50256
+    (tmp_path / "odd.bin").write_bytes(b"abc")
+    with pytest.raises(ValueError, match="uint16 tokens .* odd size"):
+        load_corpus(str(tmp_path / "odd.bin"))
 
 
 def test_lr_schedule_warmup_then_cosine(tmp_path):

@@ -23,7 +23,8 @@ def _add_lm(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_args(p, LMConfig, choices=COMPUTE, help={
         "model": "a name from jaxattn.models.MODEL_CONFIGS",
-        "data": "text file or folder (bytes), or .npy tokens; default: the Python stdlib sources",
+        "data": "text file or folder (bytes), or token files (.npy, nanoGPT's uint16 .bin; a folder with train/val "
+                "files); default: the Python stdlib sources",
         "seq_parallel": "devices that share each sequence (TNL: sequence-parallel Lightning attention, GPT: "
                         "ring attention); the other devices split the batch"})
     _common(p)
