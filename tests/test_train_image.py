@@ -158,6 +158,17 @@ def test_image_folder_modes_and_unreadable_files(tmp_path, capsys):
     assert any((im == (10, 200, 30)).all() for im in x)
 
 
+def test_channel_stats_in_chunks_equal_numpy():
+    from jaxattn.train.images import channel_stats
+
+    x = np.random.default_rng(0).integers(0, 256, (2500, 5, 6, 3), dtype=np.uint8)
+    x[:, :, :, 2] //= 7  # channels with different statistics
+    mean, std = channel_stats(x, chunk=1000)  # two full chunks and a ragged one
+    f = x.reshape(-1, 3).astype(np.float64) / 255
+    np.testing.assert_allclose(mean, f.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(std, f.std(0), rtol=1e-5)
+
+
 def test_digits_split_normalisation_and_batches(digits16):
     d = digits16
     assert d.x_train.shape == (1437, 16, 16, 1) and d.x_test.shape == (360, 16, 16, 1)
