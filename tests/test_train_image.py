@@ -148,7 +148,7 @@ def test_image_folder_modes_and_unreadable_files(tmp_path, capsys):
     Image.fromarray(np.full((6, 6, 3), 90, np.uint8)).convert("LA").save(root / "b" / "la.png")
     Image.fromarray(np.full((6, 6, 3), 90, np.uint8)).convert("CMYK").save(root / "b" / "cmyk.jpg")
     (root / "b" / "broken.png").write_bytes(b"not a png")
-    d = load_images(str(root), image_size=6, val_fraction=0.25)
+    d = load_images(str(root), image_size=6, val_fraction=0.5)
     x = np.concatenate([d.x_train, d.x_test])
     y = np.concatenate([d.y_train, d.y_test])
     assert x.shape == (4, 6, 6, 3) and sorted(y.tolist()) == [0, 0, 1, 1]
@@ -156,6 +156,33 @@ def test_image_folder_modes_and_unreadable_files(tmp_path, capsys):
     grey = x[np.flatnonzero((x == 128).all(axis=(1, 2, 3)))]
     assert len(grey) == 1  # 32768 / 65535 of full scale (Pillow's own conversion gives 255)
     assert any((im == (10, 200, 30)).all() for im in x)
+
+
+def test_image_folder_cache_decodes_once(tmp_path, monkeypatch):
+    """Large folders are decoded once into a memory-mapped cache (here: any size); a second load maps
+    it (same arrays, no decoding), and a changed file makes a new cache."""
+    import jaxattn.train.images as images
+
+    monkeypatch.setattr(images, "CACHE_MIN_IMAGES", 1)
+    monkeypatch.setenv("JAXATTN_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "imgs"
+    for c, color in (("a", (200, 0, 0)), ("b", (0, 0, 100))):
+        for i in range(4):
+            _png(root / c / f"{i}.png", (color[0], i * 20, color[2]))
+    (root / "b" / "broken.png").write_bytes(b"x")
+    d1 = load_images(str(root), image_size=8, val_fraction=0.25)
+    assert isinstance(d1.x_train, np.memmap) and len(d1.x_train) + len(d1.x_test) == 8
+    assert len(list((tmp_path / "cache" / "images").glob("*/labels.npy"))) == 2  # both splits
+    monkeypatch.setattr(images, "_to_rgb", None)  # no decoding on the second load
+    d2 = load_images(str(root), image_size=8, val_fraction=0.25)
+    np.testing.assert_array_equal(d1.x_train, d2.x_train)
+    np.testing.assert_array_equal(d1.y_test, d2.y_test)
+    monkeypatch.undo()
+    monkeypatch.setattr(images, "CACHE_MIN_IMAGES", 1)
+    monkeypatch.setenv("JAXATTN_CACHE", str(tmp_path / "cache"))
+    _png(root / "a" / "0.png", (1, 2, 3))  # changed content (and size / time): decoded again
+    d3 = load_images(str(root), image_size=8, val_fraction=0.25)
+    assert any((im == (1, 2, 3)).all() for im in np.concatenate([d3.x_train, d3.x_test]))
 
 
 def test_channel_stats_in_chunks_equal_numpy():

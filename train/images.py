@@ -7,7 +7,10 @@
   ``data_batch_1..5``, ``test_batch``, ``batches.meta``; ``cifar-100-python/``: ``train``, ``test``,
   ``meta``, fine labels).
 * An image folder: ``root/{train,val|test}/<class>/*.png|jpg`` or ``root/<class>/*`` split by seed
-  (read with Pillow, converted to RGB, resized to ``image_size``).
+  (read with Pillow, converted to RGB, resized to ``image_size``). Folders of ``CACHE_MIN_IMAGES``
+  images or more are decoded once into a memory-mapped ``uint8`` file under ``$JAXATTN_CACHE``
+  (default ``~/.cache/jaxattn``), keyed by the files' paths, sizes and times and the image size:
+  later runs map it instead of decoding again, and it need not fit in memory.
 
 Images are held as ``uint8 [N, H, W, C]``; batches are a pure function of ``(seed, step)``
 (a fresh permutation per epoch). Normalisation (per-channel mean/std of the training split) and the
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+CACHE_MIN_IMAGES = 5000  # image folders at least this large are decoded once into a memory-mapped cache
 DATASETS = ["auto", "digits", "cifar10", "cifar100", "folder"]
 
 
@@ -262,38 +268,81 @@ def cifar_kind(root: Path) -> str | None:
     return None
 
 
-def _read_class_tree(root: Path, image_size: int, classes: list[str] | None = None):
-    try:
-        from PIL import Image
-    except ImportError:
-        raise ValueError("reading an image folder needs Pillow: pip install pillow") from None
+def _class_files(root: Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """``[(file, label)]`` of a ``root/<class>/*`` tree (sorted) and its class names."""
     found = sorted(p.name for p in root.iterdir() if p.is_dir())
     classes = classes or found
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise ValueError(f"{root}: classes {unknown} are not in the training split's {classes}")
-    from tqdm import tqdm
-
     files = [(f, label) for label, name in enumerate(classes) if (root / name).is_dir()
              for f in sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)]
-    xs, ys, bad = [], [], []
-    for f, label in tqdm(files, desc=f"reading {root.name}", unit="img", disable=None, leave=False):
+    if not files:
+        raise ValueError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in class folders")
+    return files, classes
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("JAXATTN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "jaxattn")
+
+
+def _read_images(files: list[tuple[Path, int]], image_size: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(uint8 [n, S, S, 3], int32 labels [n])`` of the readable files, in order. Unreadable files are
+    skipped and named. ``CACHE_MIN_IMAGES`` files or more: decoded once into a memory-mapped file
+    under :func:`_cache_root` (written row by row, so the set need not fit in memory)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ValueError("reading an image folder needs Pillow: pip install pillow") from None
+    from tqdm import tqdm
+
+    cache = None
+    if len(files) >= CACHE_MIN_IMAGES:
+        h = hashlib.sha1(f"v1 {image_size}".encode())
+        for f, label in files:
+            st = f.stat()
+            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{label}\n".encode())
+        cache = _cache_root() / "images" / h.hexdigest()
+        if (cache / "labels.npy").is_file():
+            return np.load(cache / "images.npy", mmap_mode="r"), np.load(cache / "labels.npy")
+        cache.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(cache / "images.tmp.npy", "w+", np.uint8, (len(files), image_size, image_size, 3))
+    else:
+        out = np.empty((len(files), image_size, image_size, 3), np.uint8)
+    kept, bad = np.zeros(len(files), bool), []
+    for i, (f, _) in enumerate(tqdm(files, desc=desc, unit="img", disable=None, leave=False)):
         try:
             with Image.open(f) as im:
                 im = _to_rgb(im)
                 if im.size != (image_size, image_size):
                     im = im.resize((image_size, image_size), Image.BILINEAR)
-                xs.append(np.asarray(im, np.uint8))
+                out[i] = np.asarray(im, np.uint8)
+            kept[i] = True
         except (OSError, ValueError) as e:  # a truncated or non-image file: skipped, and said so below
             bad.append(f"{f} ({e})")
-            continue
-        ys.append(label)
     if bad:
-        print(f"{root}: skipped {len(bad)} unreadable image file(s): {'; '.join(bad[:3])}"
+        print(f"{desc}: skipped {len(bad)} unreadable image file(s): {'; '.join(bad[:3])}"
               + (" ..." if len(bad) > 3 else ""))
-    if not xs:
-        raise ValueError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in class folders")
-    return np.stack(xs), np.asarray(ys, np.int32), classes
+    if not kept.any():
+        raise ValueError(f"{desc}: none of the {len(files)} image files could be read")
+    labels = np.asarray([label for (_, label), k in zip(files, kept) if k], np.int32)
+    if cache is None:
+        return out[kept], labels
+    if not kept.all():  # compact the rows of the readable files, a chunk at a time
+        rows = np.flatnonzero(kept)
+        dense = np.lib.format.open_memmap(cache / "images.dense.npy", "w+", np.uint8, (len(rows), *out.shape[1:]))
+        for j in range(0, len(rows), 4096):
+            dense[j:j + 4096] = out[rows[j:j + 4096]]
+        dense.flush()
+        del out, dense
+        os.replace(cache / "images.dense.npy", cache / "images.tmp.npy")
+    else:
+        out.flush()
+        del out
+    os.replace(cache / "images.tmp.npy", cache / "images.npy")
+    np.save(cache / "labels.npy", labels)  # last: its presence marks a complete cache
+    return np.load(cache / "images.npy", mmap_mode="r"), labels
 
 
 def _to_rgb(im):
@@ -312,23 +361,25 @@ def _to_rgb(im):
 def load_image_folder(path: str | Path, image_size: int = 32, *, val_fraction: float = 0.2,
                       split_seed: int = 0) -> ImageData:
     """``root/train/<class>/*`` with ``root/val`` (or ``root/test``) of the same classes, or a single
-    ``root/<class>/*`` tree whose images are split by ``split_seed`` (``val_fraction`` held out)."""
+    ``root/<class>/*`` tree whose files are split by ``split_seed`` (``val_fraction`` held out)."""
     root = Path(path)
     val = next((root / v for v in ("val", "test") if (root / v).is_dir()), None)
     if (root / "train").is_dir() and val is not None:
-        x_tr, y_tr, classes = _read_class_tree(root / "train", image_size)
-        x_te, y_te, _ = _read_class_tree(val, image_size, classes)
+        files, classes = _class_files(root / "train")
+        x_tr, y_tr = _read_images(files, image_size, f"{root / 'train'}")
+        x_te, y_te = _read_images(_class_files(val, classes)[0], image_size, f"{val}")
     else:
         if not any(p.is_dir() for p in root.iterdir()):
             raise ValueError(f"--data {root}: expected class folders (root/<class>/*.png) or "
                              "root/train/<class>/ and root/val/<class>/")
-        x, y, classes = _read_class_tree(root, image_size)
-        perm = np.random.default_rng(split_seed).permutation(len(x))
-        n_te = max(1, int(round(len(x) * val_fraction)))
-        if n_te >= len(x):
-            raise ValueError(f"--data {root}: {len(x)} images are too few to hold out {val_fraction:.0%}")
-        te, tr = np.sort(perm[:n_te]), np.sort(perm[n_te:])
-        x_tr, y_tr, x_te, y_te = x[tr], y[tr], x[te], y[te]
+        files, classes = _class_files(root)
+        perm = np.random.default_rng(split_seed).permutation(len(files))
+        n_te = max(1, int(round(len(files) * val_fraction)))
+        if n_te >= len(files):
+            raise ValueError(f"--data {root}: {len(files)} images are too few to hold out {val_fraction:.0%}")
+        te, tr = np.sort(perm[:n_te]), np.sort(perm[n_te:])  # each split read (and cached) on its own
+        x_tr, y_tr = _read_images([files[i] for i in tr], image_size, f"{root} (train split)")
+        x_te, y_te = _read_images([files[i] for i in te], image_size, f"{root} (held-out split)")
     return ImageData(x_tr, y_tr, x_te, y_te, classes, str(root), flip=True)
 
 
