@@ -1,4 +1,5 @@
-"""``python -m jaxattn.generate --checkpoint DIR --prompt "..."``: sample bytes from a trained LM."""
+"""``python -m jaxattn.generate --checkpoint DIR --prompt "..."``: sample from a trained LM: text for
+byte-level runs, or token ids (``--prompt-ids 1,2,3``) for runs on token files."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def load_trained(run_dir: str | Path):
     raw = json.loads(conf_path.read_text())
     vocab = raw.pop("vocab_size")
     raw.pop("source", None)
+    byte_level = raw.pop("byte_level", vocab == 256)  # (runs before the field: byte-level iff 256 ids)
     cfg = LMConfig(**{k: v for k, v in raw.items() if k in LMConfig.__dataclass_fields__})
     cfg.vocab_size = vocab
     cfg.seq_parallel = 1  # sampling runs on one device
@@ -33,7 +35,18 @@ def load_trained(run_dir: str | Path):
     if step is None:
         raise ValueError(f"--checkpoint {run_dir}: no checkpoint found in {run_dir / 'checkpoints'}")
     trainer.restore(manager, step)
+    cfg.byte_level = bool(byte_level)
     return trainer.model, cfg, int(step)
+
+
+def _ids(text: str, vocab: int) -> np.ndarray:
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be integers separated by commas or spaces, got {text!r}") from None
+    if not ids or min(ids) < 0 or max(ids) >= vocab:
+        raise ValueError(f"--prompt-ids must be one or more ids in [0, {vocab}), got {text!r}")
+    return np.asarray(ids, np.int32)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m jaxattn.generate", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="a training --out folder")
-    p.add_argument("--prompt", default="def ")
+    p.add_argument("--prompt", default=None, help='text, for byte-level runs (default "def ")')
+    p.add_argument("--prompt-ids", default=None, help="token ids such as 464,2068 (runs on token files)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40)
@@ -51,12 +65,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, cfg, step = load_trained(a.checkpoint)
     except ValueError as e:
         p.error(str(e))
-    if not a.prompt:
-        p.error("--prompt must not be empty")
-    prompt = np.frombuffer(a.prompt.encode(), np.uint8).astype(np.int32)[None]
-    toks = generate(model, jnp.asarray(prompt), a.max_new_tokens, temperature=a.temperature,
+    if a.prompt is not None and a.prompt_ids is not None:
+        p.error("give --prompt (text) or --prompt-ids (token ids), not both")
+    if a.prompt_ids is not None:
+        try:
+            prompt = _ids(a.prompt_ids, cfg.vocab_size)
+        except ValueError as e:
+            p.error(str(e))
+    elif not cfg.byte_level:
+        p.error(f"{a.checkpoint} was trained on token ids ({cfg.vocab_size} of them), not bytes: give the "
+                "prompt as --prompt-ids 1,2,3 (ids of its tokenizer)")
+    else:
+        text = "def " if a.prompt is None else a.prompt
+        if not text:
+            p.error("--prompt must not be empty")
+        prompt = np.frombuffer(text.encode(), np.uint8).astype(np.int32)
+    toks = generate(model, jnp.asarray(prompt)[None], a.max_new_tokens, temperature=a.temperature,
                     top_k=a.top_k or None, key=jax.random.PRNGKey(a.seed))
-    print(bytes(np.asarray(toks[0]).clip(0, 255).astype(np.uint8)).decode("utf-8", errors="replace"))
+    out = np.asarray(toks[0])
+    if cfg.byte_level:
+        print(bytes(out.clip(0, 255).astype(np.uint8)).decode("utf-8", errors="replace"))
+    else:
+        print(" ".join(map(str, out.tolist())))
     print(f"[{cfg.model}, step {step}]", file=sys.stderr)
     return 0
 

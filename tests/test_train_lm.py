@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import sys
 
@@ -249,6 +250,28 @@ def test_cli_end_to_end_and_generate(tmp_path, capsys, model):
         generate_main(["--checkpoint", str(tmp_path / "nothing")])
     with pytest.raises(SystemExit):
         train_main(["lm", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")])
+
+
+def test_token_file_run_generates_token_ids(tmp_path, capsys):
+    """A run on token ids (not bytes) samples no text at the end; generate takes --prompt-ids and
+    prints ids (before: the prompt was read as bytes and ids >= 256 printed as clipped bytes)."""
+    from jaxattn.generate import main as generate_main
+    from jaxattn.train.__main__ import main as train_main
+
+    (np.arange(4000) % 300).astype(np.uint16).tofile(tmp_path / "t.bin")
+    out = tmp_path / "run"
+    assert train_main(["lm", "--model", "tnl-tiny", "--data", str(tmp_path / "t.bin"), "--steps", "2",
+                       "--seq-len", "16", "--batch-size", "2", "--eval-every", "0", "--out", str(out),
+                       "--no-progress"]) == 0
+    assert "sample:" not in capsys.readouterr().out
+    assert generate_main(["--checkpoint", str(out), "--prompt-ids", "5, 290", "--max-new-tokens", "3"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert ids[:2] == ["5", "290"] and len(ids) == 5 and all(0 <= int(i) < 300 for i in ids)
+    for bad, match in ((["--prompt", "hi"], "trained on token ids"), (["--prompt-ids", "1,300"], r"in \[0, 300\)"),
+                       (["--prompt-ids", "a"], "integers")):
+        with pytest.raises(SystemExit):
+            generate_main(["--checkpoint", str(out), *bad])
+        assert re.search(match, capsys.readouterr().err), bad
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ class Corpus:
     val: np.ndarray
     vocab_size: int
     source: str
+    byte_level: bool = True  # tokens are the text's bytes (False: ids from a token file)
 
 
 def stdlib_bytes(max_bytes: int) -> bytes:
@@ -99,7 +100,7 @@ def load_corpus(data: str | None = None, *, max_bytes: int = 8_000_000, val_frac
                 vocab_size: int | None = None) -> Corpus:
     """Loads and splits a corpus: the last ``val_fraction`` of the tokens is validation, unless
     ``data`` is a folder with ``train`` and ``val`` token files. ``max_bytes`` caps text corpora."""
-    val = None
+    val, byte_level = None, True
     if data is None:
         tokens, vocab, source = np.frombuffer(stdlib_bytes(max_bytes), np.uint8), 256, "python-stdlib"
     else:
@@ -109,10 +110,10 @@ def load_corpus(data: str | None = None, *, max_bytes: int = 8_000_000, val_frac
         split = _split_files(path) if path.is_dir() else None
         if split is not None:
             tokens, val = (token_file(p) for p in split)
-            vocab, source = _vocab(path, tokens, val), str(path)
+            vocab, source, byte_level = _vocab(path, tokens, val), str(path), False
         elif path.suffix in TOKEN_SUFFIXES:
             tokens = token_file(path)
-            vocab, source = _vocab(path, tokens), str(path)
+            vocab, source, byte_level = _vocab(path, tokens), str(path), False
         else:
             tokens, vocab, source = np.frombuffer(_text_bytes(path, max_bytes), np.uint8), 256, str(path)
     if vocab_size is not None:
@@ -124,7 +125,7 @@ def load_corpus(data: str | None = None, *, max_bytes: int = 8_000_000, val_frac
         tokens, val = tokens[:-n_val], tokens[-n_val:]
     if len(tokens) < 2 or len(val) < 1:
         raise ValueError(f"corpus {source} has only {len(tokens)} training and {len(val)} validation tokens")
-    return Corpus(tokens, val, vocab, source)
+    return Corpus(tokens, val, vocab, source, byte_level)
 
 
 def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch: int, seq_len: int) -> np.ndarray:

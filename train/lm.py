@@ -124,7 +124,8 @@ def train(cfg: LMConfig, *, resume: bool = False,
         steps=cfg.steps, out_dir=out, resume=resume, evaluate=evaluate, eval_every=cfg.eval_every,
         ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, lr_schedule=lr_schedule(cfg),
         throughput=("tokens_per_s", lambda b: b.shape[0] * cfg.seq_len),
-        config={**dataclasses.asdict(cfg), "vocab_size": corpus.vocab_size, "source": corpus.source},
+        config={**dataclasses.asdict(cfg), "vocab_size": corpus.vocab_size, "source": corpus.source,
+                "byte_level": corpus.byte_level},
         plot="loss.png", plot_title=f"{cfg.model} on {corpus.source}", fields=FIELDS,
         desc=f"train {cfg.model}", stop_after=stop_after, progress=progress)
     if "stopped_at" in result:
@@ -133,7 +134,7 @@ def train(cfg: LMConfig, *, resume: bool = False,
                "val_losses": [ev["val_loss"] for _, ev in result["history"]], "trainer": trainer}
     from jaxattn.models import generate, supports_generation
 
-    if sample and corpus.vocab_size == 256 and supports_generation(trainer.model):
+    if sample and corpus.byte_level and supports_generation(trainer.model):
 
         prompt = np.frombuffer(cfg.sample_prompt.encode(), np.uint8).astype(np.int32)[None]
         toks = generate(trainer.eval_model, jnp.asarray(prompt), cfg.sample_tokens, temperature=0.8, top_k=40,
