@@ -278,8 +278,11 @@ def test_errors(tmp_path, capsys):
         probe_task.ProbeConfig(tokens="cls")
     # command line
     from jaxattn.train.__main__ import main
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "config.json").write_text('{"model": "tnl-tiny"}')
     for argv, msg in ((["--probe", "nope"], "invalid choice"), (["--steps", "0"], "--steps must be >= 1"),
-                      (["--backbone-ckpt", str(tmp_path / "missing")], "no config.json")):
+                      (["--backbone-ckpt", str(tmp_path / "missing")], "no config.json"),
+                      (["--backbone-ckpt", str(tmp_path / "lm")], "a run of 'tnl-tiny', not of an image model")):
         with pytest.raises(SystemExit):
             main(["probe", *argv, "--out", str(tmp_path / "cli"), "--no-progress"])
         assert msg in capsys.readouterr().err

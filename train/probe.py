@@ -98,6 +98,11 @@ def load_backbone(ckpt_dir: str | Path, data: ImageData | None = None) -> tuple[
         raise ValueError(f"--backbone-ckpt {ckpt_dir}: no config.json (expected an image-task run directory, "
                          f"e.g. runs/image-vit-tiny)")
     raw = json.loads(cfg_file.read_text())
+    from jaxattn.models.registry import models_of_kind
+
+    if raw.get("model") not in models_of_kind("image"):
+        raise ValueError(f"--backbone-ckpt {ckpt_dir}: a run of {raw.get('model')!r}, not of an image model "
+                         "(expected an image-task run directory of a ViT, e.g. runs/image-vit-tiny)")
     names = {f.name for f in dataclasses.fields(ImageConfig)}
     icfg = ImageConfig(**{k: v for k, v in raw.items() if k in names})
     if data is None:
