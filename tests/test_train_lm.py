@@ -106,6 +106,26 @@ def test_grad_accumulation_equals_big_batch(tmp_path):
             np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["tnl-tiny", "gpt-tiny"])
+def test_remat_gives_the_same_step(tmp_path, name):
+    """--remat (activation checkpointing per block) changes memory, not the math: one AdamW step
+    with and without it gives the same loss and parameters (GPT with dropout: the recomputed
+    forward draws the same masks)."""
+    batch = get_batch(load_corpus(max_bytes=50_000).train, seed=0, step=0, batch=4, seq_len=32)
+    extra = {"dropout": 0.2, "attn_impl": "xla"} if name == "gpt-tiny" else {}
+    runs = []
+    for remat in (False, True):
+        def factory(rngs, remat=remat):
+            return create_model(name, rngs=rngs, dim=32, layers=2, heads=2, remat=remat, **extra)
+
+        t = Trainer(cfg(tmp_path, model=name), factory)
+        assert t.model.cfg.remat is remat
+        runs.append((float(t.step(batch)), params_of(t)))
+    np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-6)
+    for a, b in zip(runs[1][1], runs[0][1]):
+        np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5)
+
+
 def test_batch_must_divide(tmp_path):
     with pytest.raises(ValueError, match="--batch-size 4 must be divisible by --grad-accum 3"):
         Trainer(cfg(tmp_path, grad_accum=3), small_model)

@@ -23,6 +23,7 @@ def _add_lm(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_args(p, LMConfig, choices=COMPUTE, help={
         "model": "a name from jaxattn.models.MODEL_CONFIGS",
+        "remat": "activation checkpointing: recompute each block in the backward (less memory, ~1/3 more compute)",
         "data": "text file or folder (bytes), or token files (.npy, nanoGPT's uint16 .bin; a folder with train/val "
                 "files); default: the Python stdlib sources",
         "seq_parallel": "devices that share each sequence (TNL: sequence-parallel Lightning attention, GPT: "

@@ -42,6 +42,7 @@ class LMConfig:
     dtype: str = "float32"  # compute dtype; parameters stay fp32
     attn_impl: str = "auto"
     dropout: float | None = None  # GPT models: nanoGPT-style dropout (attention weights in-kernel, residuals, embeddings)
+    remat: bool = False  # activation checkpointing: each block recomputed in the backward (less memory)
     seed: int = 0
     eval_every: int = 50
     eval_batches: int = 8
@@ -97,7 +98,7 @@ def default_model_factory(cfg: LMConfig, vocab_size: int) -> Callable[[nnx.Rngs]
     from jaxattn.models import create_model
 
     return lambda rngs: create_model(cfg.model, rngs=rngs, vocab_size=vocab_size, dtype=cfg.dtype,
-                                     attn_impl=cfg.attn_impl, dropout=cfg.dropout)
+                                     attn_impl=cfg.attn_impl, dropout=cfg.dropout, remat=cfg.remat or None)
 
 
 def train(cfg: LMConfig, *, resume: bool = False,

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--compile-only", action="store_true", help="compile the GPU step for a compile-only H100 "
                                                                "instead of timing it (no GPU needed)")
+    p.add_argument("--remat", choices=["no", "yes", "both"], default="no",
+                   help="activation checkpointing per block (yes), or the step both ways")
     p = sub.add_parser("compile", help="compile every kernel for an NVIDIA GPU without one (XLA's compiler "
                                        "with jaxlib's CUDA plugin, or the triton package): registers, spills")
     from jaxattn.bench.compile import FAMILIES  # imports only jax; the kernels load lazily
@@ -397,21 +399,25 @@ def _tune(args: argparse.Namespace, gpu: bool) -> int:
 def _tnl(args: argparse.Namespace, gpu: bool) -> int:
     from jaxattn.bench.tnl import train_step_throughput
 
-    rec = train_step_throughput(
-        args.model or ("tnl-385m" if gpu else "tnl-tiny"), batch=args.batch or (8 if gpu else 2),
-        seq=args.seq or (2048 if gpu else 64), dtype=args.dtype or ("bfloat16" if gpu else "float32"),
-        steps=args.steps if gpu else min(args.steps, 3), compile_only=args.compile_only)
     info = device_summary()
     if args.compile_only:
         info["device"] = COMPILE_ONLY_DEVICE + info["device"]
     print(f"# tnl training | {info['device']} | jax {info['jax']} | {info['date']}")
-    what = (f"compiled in {rec['compile_s']} s" if args.compile_only else
-            f"{rec['ms']:.1f} ms/step, {rec['tokens_per_s']:,.0f} tokens/s")
-    print(f"{rec['model']} ({rec['params'] / 1e6:.1f}M params) batch {rec['batch']} x seq {rec['seq']} "
-          f"{rec['dtype']}: {what}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"op": "tnl", "info": info, "records": [rec]}, f, indent=1)
+    records = []
+    for remat in {"no": [False], "yes": [True], "both": [False, True]}[args.remat]:
+        rec = train_step_throughput(
+            args.model or ("tnl-385m" if gpu else "tnl-tiny"), batch=args.batch or (8 if gpu else 2),
+            seq=args.seq or (2048 if gpu else 64), dtype=args.dtype or ("bfloat16" if gpu else "float32"),
+            steps=args.steps if gpu else min(args.steps, 3), compile_only=args.compile_only, remat=remat)
+        what = (f"compiled in {rec['compile_s']} s" if args.compile_only else
+                f"{rec['ms']:.1f} ms/step, {rec['tokens_per_s']:,.0f} tokens/s")
+        mem = "" if rec["temp_gib"] is None else f", {rec['temp_gib']:.2f} GiB scratch"
+        print(f"{rec['model']} ({rec['params'] / 1e6:.1f}M params) batch {rec['batch']} x seq {rec['seq']} "
+              f"{rec['dtype']}{' remat' if remat else ''}: {what}{mem}")
+        records.append(rec)
+        if args.json:  # after every record, as the other benches
+            with open(args.json, "w") as f:
+                json.dump({"op": "tnl", "info": info, "records": records}, f, indent=1)
     return 0
 
 

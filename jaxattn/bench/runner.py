@@ -37,9 +37,9 @@ def jax_mode_fn(op: Callable[..., Any], mode: str, n_diff: int = 3) -> Callable[
 
 
 def adamw_train_step(model_name: str, loss: Callable[..., jax.Array], *, dtype: str, attn_impl: str = "auto",
-                     abstract: bool = False, train_mode: bool = False):
+                     abstract: bool = False, train_mode: bool = False, **overrides: Any):
     """``(model, step, state)`` of one AdamW update of ``loss(model, *batch)`` on
-    ``create_model(model_name)``: ``step(state, *batch) -> (state, loss)`` (not jitted;
+    ``create_model(model_name, **overrides)``: ``step(state, *batch) -> (state, loss)`` (not jitted;
     ``train_mode``: the model in training mode); ``abstract``: weights as shapes only (nothing
     allocated, for a compile-only device)."""
     import optax
@@ -48,7 +48,7 @@ def adamw_train_step(model_name: str, loss: Callable[..., jax.Array], *, dtype: 
     from jaxattn.models import create_model
 
     def build():
-        model = create_model(model_name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl)
+        model = create_model(model_name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl, **overrides)
         return model, nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
 
     model, optimizer = nnx.eval_shape(build) if abstract else build()

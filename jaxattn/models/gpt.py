@@ -58,6 +58,9 @@ class GPTConfig:
     # nanoGPT-style dropout in train mode: on the attention weights (inside the flash / block-sparse
     # kernels), on the attention and MLP outputs before the residual add, and on the embeddings
     dropout: float = 0.0
+    # activation checkpointing (training): each block's activations are recomputed in the backward
+    # instead of kept, so memory holds one block's, not every layer's (about a third more compute)
+    remat: bool = False
 
     def __post_init__(self):
         kv = self.kv_heads or self.heads
@@ -96,6 +99,11 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6) -> jax.Array:
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return (y * weight).astype(x.dtype)
+
+
+def remat_blocks(remat: bool, call):
+    """``call(block, x)``, under ``nnx.remat`` when ``remat`` (activation checkpointing per block)."""
+    return nnx.remat(call) if remat else call
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -279,9 +287,10 @@ class GPT(nnx.Module):
         x = _apply(self.embed_drop, self.embed(tokens).astype(jnp.dtype(self.cfg.dtype)))
         positions = jnp.arange(tokens.shape[1]) + offset
         new_cache = []
+        run = remat_blocks(self.cfg.remat and cache is None, lambda blk, x: blk(x, positions))
         for i, blk in enumerate(self.blocks):
             if cache is None:
-                x = blk(x, positions)
+                x = run(blk, x)
             else:
                 x, c = blk(x, positions, cache[i], offset)
                 new_cache.append(c)

@@ -119,8 +119,9 @@ class LandmarkGPT(gpt.GPT):
             raise ValueError(f"tokens must have shape [batch, seq], got {tuple(tokens.shape)}")
         x = self.embed(tokens).astype(jnp.dtype(self.cfg.dtype))
         positions = jnp.arange(tokens.shape[1])
+        run = gpt.remat_blocks(self.cfg.remat and top_k is None, lambda blk, x: blk(x, positions, top_k))
         for blk in self.blocks:
-            x = blk(x, positions, top_k)
+            x = run(blk, x)
         x = self.norm(x)
         if self.head is None:
             return jnp.einsum("bnd,vd->bnv", x.astype(jnp.float32), self.embed.embedding[...])

@@ -41,6 +41,7 @@ class TNLConfig:
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype; parameters are fp32
     attn_impl: Literal["auto", "pallas", "xla"] = "auto"
+    remat: bool = False  # activation checkpointing per block in training (recomputed in the backward)
 
     @property
     def width(self) -> int:
@@ -185,9 +186,17 @@ class TNL(nnx.Module):
             raise ValueError(f"tokens must be int [batch, seq], got {tokens.dtype} {tuple(tokens.shape)}")
         x = self.embed(tokens) * self.embed_scale
         new_states = []
-        for i, block in enumerate(self.blocks):
-            x, st = block(x, None if states is None else states[i], offset, return_states)
-            new_states.append(st)
+        if self.cfg.remat and states is None and not return_states:  # training: no states in or out
+            from jaxattn.models.gpt import remat_blocks
+
+            run = remat_blocks(True, lambda block, x: block(x, None, offset, False)[0])
+            for block in self.blocks:
+                x = run(block, x)
+                new_states.append(None)
+        else:
+            for i, block in enumerate(self.blocks):
+                x, st = block(x, None if states is None else states[i], offset, return_states)
+                new_states.append(st)
         x = srms_norm(x)
         logits = self.embed.attend(x) if self.head is None else self.head(x)
         logits = logits.astype(jnp.float32)
