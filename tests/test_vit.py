@@ -293,3 +293,24 @@ def test_mlp_recomputed_gelu_matches_plain_formula(dtype):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
     jaxpr = str(jax.make_jaxpr(lambda p, x: loss(p, x, False))(params, x))
     assert "checkpoint" in jaxpr or "remat" in jaxpr, jaxpr
+
+
+@pytest.mark.slow
+def test_remat_same_loss_and_grads_with_dropout():
+    """``ViTConfig(remat=True)`` recomputes each block in the backward: same loss and gradients in
+    train mode (dropout, stochastic depth and attention dropout draw the same masks)."""
+    from flax import nnx
+
+    from jaxattn.models import create_model
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 1))
+    out = []
+    for remat in (False, True):
+        m = create_model("vit-tiny", rngs=nnx.Rngs(0), remat=remat, dropout=0.1, drop_path=0.1, attn_drop=0.1,
+                         attn_impl="xla")
+        m.train()
+        loss, g = nnx.jit(nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2)))(m)
+        out.append((float(loss), jax.tree.leaves(nnx.state(g, nnx.Param))))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
+    for a, b in zip(out[0][1], out[1][1]):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)

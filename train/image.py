@@ -55,6 +55,7 @@ class ImageConfig:
     dropout: float | None = None
     drop_path: float | None = None
     attn_drop: float | None = None
+    remat: bool = False  # ViT: activation checkpointing per block (less memory, ~1/3 more compute)
     seed: int = 0
     eval_every: int = 100
     eval_batch_size: int = 256
@@ -216,6 +217,10 @@ def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rn
     from jaxattn.models import MODEL_CONFIGS
 
     extra = {}
+    if cfg.remat:
+        if not hasattr(MODEL_CONFIGS.get(cfg.model), "remat"):
+            raise ValueError(f"--remat: {cfg.model} has no activation checkpointing (the ViT models have)")
+        extra["remat"] = True
     if cfg.gates != "none":
         if not hasattr(MODEL_CONFIGS.get(cfg.model), "gates"):
             raise ValueError(f"--model {cfg.model} has no gates; use a ViT or HaloNet model or --gates none")

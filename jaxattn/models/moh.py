@@ -275,6 +275,8 @@ class MoHViTConfig(ViTConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.remat:
+            raise ValueError("remat (activation checkpointing) is not implemented for MoH-ViT; use remat=False")
         if self.quantized:
             raise ValueError("quantized=True is not supported by MoH-ViT")
         if self.balance_loss_weight < 0:

@@ -68,6 +68,8 @@ class SparsifinerConfig(ViTConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.remat:
+            raise ValueError("remat (activation checkpointing) is not implemented for Sparsifiner; use remat=False")
         if not 0.0 < self.attn_keep_rate <= 1.0:
             raise ValueError(f"attn_keep_rate must be in (0, 1], got {self.attn_keep_rate}")
         for name in ("reduce_n_factor", "reduce_c_factor", "basis_topk"):

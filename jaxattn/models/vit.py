@@ -82,6 +82,7 @@ class ViTConfig:
     # token position after the position embedding.
     gates: Literal["none", "features", "tokens"] = "none"
     quantized: bool = False  # inference through jaxattn.sage_attention (INT8 QK, FP8 PV)
+    remat: bool = False  # training: each block recomputed in the backward (activation checkpointing)
 
     def __post_init__(self):
         if self.gates not in ("none", "features", "tokens"):
@@ -355,12 +356,13 @@ class ViT(nnx.Module):
             x = jnp.concatenate([cls, x], axis=1)
         x = _apply(self.token_gate, _apply(self.pos_drop, x + self.pos_embed[...].astype(dtype)))
         weights = []
+        run = nnx.remat(lambda block, x: block(x)) if self.cfg.remat else (lambda block, x: block(x))
         for block in self.blocks:
             if return_attention:
                 x, w = block(x, return_attention=True)
                 weights.append(w)
             else:
-                x = block(x)
+                x = run(block, x)
         return self.norm(x), weights
 
     def features(self, images: jax.Array) -> jax.Array:
