@@ -255,3 +255,21 @@ def test_bad_inputs_and_configs_raise_clearly(tiny):
     with pytest.raises(ValueError, match="num_heads"):
         dataclasses.replace(MODEL_CONFIGS["halonet-h0"], num_heads=(4, 8))
     assert isinstance(MODEL_CONFIGS["halonet26t"], HaloNetConfig)
+
+
+@pytest.mark.slow
+def test_remat_same_loss_grads_and_batch_stats():
+    """``HaloNetConfig(remat=True)`` recomputes each block in the backward: the same loss, gradients
+    and BatchNorm running statistics (updated once, not again by the recomputation)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 1))
+    out = []
+    for remat in (False, True):
+        m = create_model("halonet-tiny", rngs=nnx.Rngs(0), remat=remat, attn_impl="xla")
+        m.train()
+        loss, g = nnx.jit(nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2)))(m)
+        out.append((float(loss), jax.tree.leaves(nnx.state(g, nnx.Param)),
+                    jax.tree.leaves(nnx.state(m, nnx.BatchStat))))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
+    for a, b in zip(out[0][1] + out[0][2], out[1][1] + out[1][2]):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert len(out[1][2]) > 10  # the running statistics were compared

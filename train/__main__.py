@@ -53,7 +53,7 @@ def _add_image(sub) -> None:
         "gate_mode": "routed: gradient routing (gate pass, then backbone pass); joint: one multi_transform step",
         "gate_lr": "Adam learning rate of the gate parameters",
         "rra": "train with Residual Relationship Attention + RPE over the batch (bypassed at eval)",
-        "remat": "ViT models: activation checkpointing per block (less memory, ~1/3 more compute)"})
+        "remat": "ViT and HaloNet models: activation checkpointing per block (less memory, ~1/3 more compute)"})
     _common(p)
 
 

@@ -55,7 +55,7 @@ class ImageConfig:
     dropout: float | None = None
     drop_path: float | None = None
     attn_drop: float | None = None
-    remat: bool = False  # ViT: activation checkpointing per block (less memory, ~1/3 more compute)
+    remat: bool = False  # ViT, HaloNet: activation checkpointing per block (less memory, ~1/3 more compute)
     seed: int = 0
     eval_every: int = 100
     eval_batch_size: int = 256
@@ -219,7 +219,7 @@ def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rn
     extra = {}
     if cfg.remat:
         if not hasattr(MODEL_CONFIGS.get(cfg.model), "remat"):
-            raise ValueError(f"--remat: {cfg.model} has no activation checkpointing (the ViT models have)")
+            raise ValueError(f"--remat: {cfg.model} has no activation checkpointing (ViT and HaloNet models have)")
         extra["remat"] = True
     if cfg.gates != "none":
         if not hasattr(MODEL_CONFIGS.get(cfg.model), "gates"):

@@ -217,6 +217,7 @@ class HaloNetConfig:
     attn_impl: Literal["auto", "pallas", "xla"] = "auto"
     zero_init_last: bool = True  # zero the last BN scale of each residual branch (timm default)
     gates: bool = False  # feature-selection gates on each stage's output channels (jaxattn.models.gates)
+    remat: bool = False  # training: each block recomputed in the backward (activation checkpointing)
 
     def __post_init__(self):
         n = len(self.layout)
@@ -398,9 +399,10 @@ class HaloNet(nnx.Module):
         if not jnp.issubdtype(images.dtype, jnp.floating):
             raise ValueError(f"images must be a float array (normalise first), got {images.dtype}")
         x = self.stem(images.astype(cfg.dtype))
+        run = nnx.remat(lambda block, x: block(x)) if cfg.remat else (lambda block, x: block(x))
         for i, stage in enumerate(self.stages):
             for block in stage:
-                x = block(x)
+                x = run(block, x)
             if self.gates is not None:
                 x = self.gates[i](x)
         return x if self.final_conv is None else self.final_conv(x)
