@@ -307,7 +307,8 @@ def _read_images(files: list[tuple[Path, int]], image_size: int, desc: str) -> t
         if (cache / "labels.npy").is_file():
             return np.load(cache / "images.npy", mmap_mode="r"), np.load(cache / "labels.npy")
         cache.mkdir(parents=True, exist_ok=True)
-        out = np.lib.format.open_memmap(cache / "images.tmp.npy", "w+", np.uint8, (len(files), image_size, image_size, 3))
+        tmp = cache / f"images.{os.getpid()}.tmp.npy"  # (per process: two runs may fill the cache at once)
+        out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(files), image_size, image_size, 3))
     else:
         out = np.empty((len(files), image_size, image_size, 3), np.uint8)
     kept, bad = np.zeros(len(files), bool), []
@@ -328,19 +329,20 @@ def _read_images(files: list[tuple[Path, int]], image_size: int, desc: str) -> t
         raise ValueError(f"{desc}: none of the {len(files)} image files could be read")
     labels = np.asarray([label for (_, label), k in zip(files, kept) if k], np.int32)
     if cache is None:
-        return out[kept], labels
+        return (out if kept.all() else out[kept]), labels
     if not kept.all():  # compact the rows of the readable files, a chunk at a time
         rows = np.flatnonzero(kept)
-        dense = np.lib.format.open_memmap(cache / "images.dense.npy", "w+", np.uint8, (len(rows), *out.shape[1:]))
+        dense_path = tmp.with_suffix(".dense.npy")
+        dense = np.lib.format.open_memmap(dense_path, "w+", np.uint8, (len(rows), *out.shape[1:]))
         for j in range(0, len(rows), 4096):
             dense[j:j + 4096] = out[rows[j:j + 4096]]
         dense.flush()
         del out, dense
-        os.replace(cache / "images.dense.npy", cache / "images.tmp.npy")
+        os.replace(dense_path, tmp)
     else:
         out.flush()
         del out
-    os.replace(cache / "images.tmp.npy", cache / "images.npy")
+    os.replace(tmp, cache / "images.npy")
     np.save(cache / "labels.npy", labels)  # last: its presence marks a complete cache
     return np.load(cache / "images.npy", mmap_mode="r"), labels
 
