@@ -15,7 +15,8 @@ import numpy as np
 
 
 def load_trained(run_dir: str | Path):
-    """Rebuilds the model from ``DIR/config.json`` and restores the latest checkpoint."""
+    """Rebuilds the model from ``DIR/config.json`` and restores the latest checkpoint: ``(model,
+    LMConfig, step, byte_level)`` (``byte_level``: the run's tokens are bytes, not a token file's ids)."""
     from jaxattn.train.lm import LMConfig, Trainer, _manager, default_model_factory
 
     run_dir = Path(run_dir)
@@ -35,8 +36,7 @@ def load_trained(run_dir: str | Path):
     if step is None:
         raise ValueError(f"--checkpoint {run_dir}: no checkpoint found in {run_dir / 'checkpoints'}")
     trainer.restore(manager, step)
-    cfg.byte_level = bool(byte_level)
-    return trainer.model, cfg, int(step)
+    return trainer.model, cfg, int(step), bool(byte_level)
 
 
 def _ids(text: str, vocab: int) -> np.ndarray:
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     try:
-        model, cfg, step = load_trained(a.checkpoint)
+        model, cfg, step, byte_level = load_trained(a.checkpoint)
     except ValueError as e:
         p.error(str(e))
     if a.prompt is not None and a.prompt_ids is not None:
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompt = _ids(a.prompt_ids, cfg.vocab_size)
         except ValueError as e:
             p.error(str(e))
-    elif not cfg.byte_level:
+    elif not byte_level:
         p.error(f"{a.checkpoint} was trained on token ids ({cfg.vocab_size} of them), not bytes: give the "
                 "prompt as --prompt-ids 1,2,3 (ids of its tokenizer)")
     else:
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     toks = generate(model, jnp.asarray(prompt)[None], a.max_new_tokens, temperature=a.temperature,
                     top_k=a.top_k or None, key=jax.random.PRNGKey(a.seed))
     out = np.asarray(toks[0])
-    if cfg.byte_level:
+    if byte_level:
         print(bytes(out.clip(0, 255).astype(np.uint8)).decode("utf-8", errors="replace"))
     else:
         print(" ".join(map(str, out.tolist())))

@@ -80,14 +80,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return main_from_args(args)
         except ValueError as e:
             parser.error(str(e))
-    if task in ("lm", "image"):
-        from jaxattn.models.registry import MODEL_CONFIGS, models_of_kind
-
-        fit = models_of_kind(task)
-        if args["model"] not in fit:
-            what = ("an image model" if task == "lm" else "a language model") if args["model"] in MODEL_CONFIGS \
-                else "not a registered model"
-            parser.error(f"--model {args['model']!r} is {what}; `{task}` trains one of {fit}")
     resume, no_progress = args.pop("resume"), args.pop("no_progress")
     if task == "probe":
         from jaxattn.train.probe import run_cli, train

@@ -241,11 +241,10 @@ def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rn
 
 
 def check_model(cfg: ImageConfig) -> None:
-    """A clear error for a model name that is not registered (before any data is read)."""
-    from jaxattn.models import MODEL_CONFIGS
+    """A clear error for a model name that is not a registered image model (before any data is read)."""
+    from jaxattn.models.registry import check_model_kind
 
-    if cfg.model not in MODEL_CONFIGS:
-        raise ValueError(f"--model {cfg.model!r} is not a registered model; choose one of {sorted(MODEL_CONFIGS)}")
+    check_model_kind(cfg.model, "image")
 
 
 def train(cfg: ImageConfig, *, resume: bool = False,

@@ -106,6 +106,10 @@ def train(cfg: LMConfig, *, resume: bool = False,
           stop_after: int | None = None, progress: bool = True, sample: bool = True) -> dict:
     """Runs (or resumes) training; returns a summary. ``stop_after`` ends the process-side
     loop after that step without a final checkpoint, as a kill would (for tests)."""
+    if model_factory is None:  # a clear error before any data is read
+        from jaxattn.models.registry import check_model_kind
+
+        check_model_kind(cfg.model, "lm")
     corpus = load_corpus(cfg.data, max_bytes=cfg.max_bytes, vocab_size=cfg.vocab_size)
     if len(corpus.val) < cfg.seq_len + 1:
         raise ValueError(f"--seq-len {cfg.seq_len} is longer than the validation split "

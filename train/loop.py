@@ -264,12 +264,7 @@ def _config_changes(out: Path, config: dict | None) -> list[str]:
             if old.get(k) != new.get(k)]
 
 
-def _checkpoint_steps(out: Path) -> list[int]:
-    ckpt = out / "checkpoints"
-    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
-
-
-def set_aside_earlier_run(out: Path) -> Path:
+def _set_aside_earlier_run(out: Path) -> Path:
     """Moves an earlier run's checkpoints, metrics and config in ``out`` to ``out/previous-<time>``
     (a fresh run would otherwise leave its checkpoints beside the old run's, whose later steps Orbax
     keeps as the latest, and drop its own)."""
@@ -323,12 +318,14 @@ def fit(trainer: Trainer, batch_fn: Callable[[int], Batch], *, steps: int, out_d
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    earlier = _checkpoint_steps(out)
-    if earlier and not resume:  # else Orbax would keep the old run's later steps as the "latest"
-        moved = set_aside_earlier_run(out)
-        print(f"a fresh run in {out}: moved the earlier run there (checkpoints up to step {earlier[-1]}, metrics, "
-              f"config) to {moved}; pass --resume to continue a run instead")
     manager = checkpoint_manager(out)
+    earlier = manager.latest_step()
+    if earlier is not None and not resume:  # else Orbax would keep the old run's later steps as the "latest"
+        manager.close()
+        moved = _set_aside_earlier_run(out)
+        print(f"a fresh run in {out}: moved the earlier run there (checkpoints up to step {earlier}, metrics, "
+              f"config) to {moved}; pass --resume to continue a run instead")
+        manager = checkpoint_manager(out)
     start = 0
     if resume and manager.latest_step() is not None:
         start = int(manager.latest_step())

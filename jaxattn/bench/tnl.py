@@ -19,7 +19,7 @@ def lm_train_step(model_name: str, *, dtype: str, attn_impl: str = "auto", abstr
     ``abstract``: weights as shapes only (nothing allocated, for a compile-only device); ``remat``:
     activation checkpointing per block."""
     model, step, state = adamw_train_step(model_name, lm_loss, dtype=dtype, attn_impl=attn_impl, abstract=abstract,
-                                          **({"remat": True} if remat else {}))
+                                          remat=remat)
     return model, jax.jit(step), state
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn.models._remat import remat_blocks
 from jaxattn.models.vit import AttentionDropout, _apply, _dropout
 from jaxattn.ops.attention import attention
 
@@ -99,11 +100,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6) -> jax.Array:
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return (y * weight).astype(x.dtype)
-
-
-def remat_blocks(remat: bool, call):
-    """``call(block, x)``, under ``nnx.remat`` when ``remat`` (activation checkpointing per block)."""
-    return nnx.remat(call) if remat else call
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

@@ -50,6 +50,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from jaxattn.models._remat import remat_blocks
 from jaxattn.models.gates import FeatureGate
 from jaxattn.models.timm_weights import load_timm_state_dict, timm_variables, to_timm_state_dict  # noqa: F401
 from jaxattn.ops.halo import halo_attention_kv
@@ -399,7 +400,7 @@ class HaloNet(nnx.Module):
         if not jnp.issubdtype(images.dtype, jnp.floating):
             raise ValueError(f"images must be a float array (normalise first), got {images.dtype}")
         x = self.stem(images.astype(cfg.dtype))
-        run = nnx.remat(lambda block, x: block(x)) if cfg.remat else (lambda block, x: block(x))
+        run = remat_blocks(cfg.remat, lambda block, x: block(x))
         for i, stage in enumerate(self.stages):
             for block in stage:
                 x = run(block, x)

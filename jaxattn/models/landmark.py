@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxattn.models import gpt
+from jaxattn.models._remat import remat_blocks
 from jaxattn.ops.landmark import landmark_attention, landmark_retrieval_attention
 
 
@@ -119,7 +120,7 @@ class LandmarkGPT(gpt.GPT):
             raise ValueError(f"tokens must have shape [batch, seq], got {tuple(tokens.shape)}")
         x = self.embed(tokens).astype(jnp.dtype(self.cfg.dtype))
         positions = jnp.arange(tokens.shape[1])
-        run = gpt.remat_blocks(self.cfg.remat and top_k is None, lambda blk, x: blk(x, positions, top_k))
+        run = remat_blocks(self.cfg.remat and top_k is None, lambda blk, x: blk(x, positions, top_k))
         for blk in self.blocks:
             x = run(blk, x)
         x = self.norm(x)

@@ -54,6 +54,16 @@ def models_of_kind(kind: str) -> list[str]:
     return sorted(n for n, c in MODEL_CONFIGS.items() if hasattr(c, "vocab_size") == (kind == "lm"))
 
 
+def check_model_kind(name: str, kind: str) -> None:
+    """A ValueError naming what ``name`` is when it is not a registered model of ``kind`` (the task
+    ``lm`` or ``image``), with the task's own models."""
+    fit = models_of_kind(kind)
+    if name not in fit:
+        what = ("an image model" if kind == "lm" else "a language model") if name in MODEL_CONFIGS \
+            else "not a registered model"
+        raise ValueError(f"--model {name!r} is {what}; `{kind}` trains one of {fit}")
+
+
 def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> nnx.Module:
     """Builds a registered model; ``overrides`` replace config fields (e.g. ``vocab_size=256``)."""
     if name not in MODEL_CONFIGS:

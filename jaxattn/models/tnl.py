@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxattn.models._remat import remat_blocks
 from jaxattn.ops import _spmd
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
 from jaxattn.ops.lightning_sp import lightning_attention_sp
@@ -186,17 +187,11 @@ class TNL(nnx.Module):
             raise ValueError(f"tokens must be int [batch, seq], got {tokens.dtype} {tuple(tokens.shape)}")
         x = self.embed(tokens) * self.embed_scale
         new_states = []
-        if self.cfg.remat and states is None and not return_states:  # training: no states in or out
-            from jaxattn.models.gpt import remat_blocks
-
-            run = remat_blocks(True, lambda block, x: block(x, None, offset, False)[0])
-            for block in self.blocks:
-                x = run(block, x)
-                new_states.append(None)
-        else:
-            for i, block in enumerate(self.blocks):
-                x, st = block(x, None if states is None else states[i], offset, return_states)
-                new_states.append(st)
+        run = remat_blocks(self.cfg.remat and states is None and not return_states,  # (training)
+                           lambda block, x, st: block(x, st, offset, return_states))
+        for i, block in enumerate(self.blocks):
+            x, st = run(block, x, None if states is None else states[i])
+            new_states.append(st)
         x = srms_norm(x)
         logits = self.embed.attend(x) if self.head is None else self.head(x)
         logits = logits.astype(jnp.float32)

@@ -52,6 +52,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
+from jaxattn.models._remat import remat_blocks
 from jaxattn.models.gates import FeatureGate, TokenGate
 from jaxattn.models.timm_weights import load_timm_state_dict, timm_variables, to_timm_state_dict  # noqa: F401
 from jaxattn.ops.attention import attention_qkvpacked
@@ -356,7 +357,7 @@ class ViT(nnx.Module):
             x = jnp.concatenate([cls, x], axis=1)
         x = _apply(self.token_gate, _apply(self.pos_drop, x + self.pos_embed[...].astype(dtype)))
         weights = []
-        run = nnx.remat(lambda block, x: block(x)) if self.cfg.remat else (lambda block, x: block(x))
+        run = remat_blocks(self.cfg.remat, lambda block, x: block(x))
         for block in self.blocks:
             if return_attention:
                 x, w = block(x, return_attention=True)

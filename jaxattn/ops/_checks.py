@@ -92,18 +92,19 @@ def check_qkv(q: Any, k: Any, v: Any, dtypes: Sequence[Any] = FLOAT_DTYPES) -> t
     return batch, q_len, kv_len, hq, hkv, d
 
 
-def _traced(value: Any) -> bool:
+def require_static(name: str, value: Any, kind: type) -> None:
+    """A ValueError saying how to make an option static when ``value`` (or an item of a tuple) is
+    traced (an argument of a jitted function): the option is compiled into the kernels."""
     items = value if isinstance(value, (tuple, list)) else (value,)
-    return any(isinstance(x, jax.core.Tracer) for x in items)
-
-
-def static_number(name: str, value: Any, kind: type = float) -> Any:
-    """``kind(value)`` for an option that is compiled into the kernels: a traced value (an argument
-    of a jitted function) raises a ValueError saying how to make it static."""
-    if _traced(value):
+    if any(isinstance(x, jax.core.Tracer) for x in items):
         raise ValueError(f"{name} must be static (Python {kind.__name__}s): it is compiled into the kernels, but "
                          "got a traced value (an argument of a jitted function); close over it or pass it in "
                          "jax.jit's static_argnames")
+
+
+def static_number(name: str, value: Any, kind: type = float) -> Any:
+    """``kind(value)`` for an option that is compiled into the kernels (:func:`require_static`)."""
+    require_static(name, value, kind)
     try:
         return kind(value)
     except (TypeError, ValueError):
@@ -129,8 +130,7 @@ def check_window(window: Any) -> tuple[int | None, int | None] | None:
     """``local_window_size``: None, an int w >= 0 (``(w, w)``) or a pair of ints >= 0 / None."""
     if window is None:
         return None
-    if _traced(window):
-        static_number("local_window_size", window, int)  # raises: say how to make it static
+    require_static("local_window_size", window, int)
     pair = (window, window) if isinstance(window, int) and not isinstance(window, bool) else window
     ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
         w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 0) for w in pair)

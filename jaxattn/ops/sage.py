@@ -66,8 +66,8 @@ def sage_attention(
 
     use_kernel = impl in ("pallas", "mosaic") or (impl == "auto" and _sage.fp8_supported())
     use_kernel = use_kernel and not _checks.empty(q, k, v)  # an empty batch: XLA returns it
-    kw = dict(causal=_checks.check_flag("causal", causal), scale=scale, smooth_q=_checks.check_flag("smooth_q", smooth_q),
-              smooth_k=_checks.check_flag("smooth_k", smooth_k))
+    kw = dict(scale=scale, **{name: _checks.check_flag(name, flag) for name, flag in
+                              (("causal", causal), ("smooth_q", smooth_q), ("smooth_k", smooth_k))})
     if use_kernel:
         return _sage.sage_attention_kernel(q, k, v, qk_granularity=qk_granularity,
                                            backend="mosaic" if impl == "mosaic" else "triton", **kw)
