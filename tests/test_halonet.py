@@ -209,10 +209,14 @@ def test_stem_max_pool_matches_numpy_and_differentiates_under_jit(dtype):
     np.testing.assert_array_equal(np.asarray(grad, np.float32), counts[:, 1:-1, 1:-1])
 
 
-def test_timm_state_dict_round_trip(tiny):
+def test_timm_state_dict_round_trip(tiny, tmp_path):
+    """Through a .safetensors file (as timm's hub checkpoints are stored), read without torch."""
+    from jaxattn.models.safetensors_io import read_state_dict, write_safetensors
+
     a = nnx.clone(tiny)
     b = create_model("halonet-tiny", rngs=nnx.Rngs(1), attn_impl="xla")
-    sd = to_timm_state_dict(a)
+    write_safetensors(tmp_path / "model.safetensors", to_timm_state_dict(a))
+    sd = read_state_dict(tmp_path)
     assert sd["stages.1.1.self_attn.kv.weight"].shape == (64 + 64, 64, 1, 1)  # OIHW
     assert sd["stages.1.1.self_attn.pos_embed.height_rel"].shape == (2 * 6 - 1, 16)
     assert sd["head.fc.weight"].shape == (10, 256) and sd["stem.conv1.conv.weight"].shape == (12, 1, 3, 3)

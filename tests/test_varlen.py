@@ -19,7 +19,9 @@ _VARLEN_KW = {"causal": dict(causal=True), "window": dict(causal=True, local_win
 
 
 @pytest.mark.parametrize("impl,kw", [
-    *[pytest.param("pallas", kw, id=f"{name}-pallas") for name, kw in _VARLEN_KW.items()],
+    # (ALiBi with segment ids is also in the default suite's tests/test_flash_alibi.py)
+    *[pytest.param("pallas", kw, id=f"{name}-pallas", marks=pytest.mark.slow if name == "alibi" else [])
+      for name, kw in _VARLEN_KW.items()],
     *[pytest.param("xla", kw, id=f"{name}-xla", marks=[] if name == "causal" else pytest.mark.slow)
       for name, kw in _VARLEN_KW.items()],
 ])

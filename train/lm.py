@@ -53,7 +53,7 @@ class LMConfig:
     sample_tokens: int = 200
 
     def out_dir(self) -> Path:
-        return Path(self.out or f"runs/lm-{self.model}")
+        return Path(self.out or f"runs/lm-{Path(self.model).name}")
 
 
 def lr_schedule(cfg: LMConfig) -> optax.Schedule:
@@ -95,8 +95,13 @@ def _manager(out_dir: Path):
 
 
 def default_model_factory(cfg: LMConfig, vocab_size: int) -> Callable[[nnx.Rngs], nnx.Module]:
+    """The registered model ``cfg.model``, or the pretrained TNL in the Hugging Face folder ``cfg.model``."""
     from jaxattn.models import create_model
+    from jaxattn.models.tnl_hf import is_tnl_folder, load_pretrained
 
+    if is_tnl_folder(cfg.model):
+        return lambda rngs: load_pretrained(cfg.model, dtype=cfg.dtype, attn_impl=cfg.attn_impl, remat=cfg.remat,
+                                            **({} if cfg.dropout is None else {"dropout": cfg.dropout}))
     return lambda rngs: create_model(cfg.model, rngs=rngs, vocab_size=vocab_size, dtype=cfg.dtype,
                                      attn_impl=cfg.attn_impl, dropout=cfg.dropout, remat=cfg.remat or None)
 
@@ -106,11 +111,24 @@ def train(cfg: LMConfig, *, resume: bool = False,
           stop_after: int | None = None, progress: bool = True, sample: bool = True) -> dict:
     """Runs (or resumes) training; returns a summary. ``stop_after`` ends the process-side
     loop after that step without a final checkpoint, as a kill would (for tests)."""
+    from jaxattn.models.tnl_hf import is_tnl_folder, read_config
+
+    pretrained = None
     if model_factory is None:  # a clear error before any data is read
         from jaxattn.models.registry import check_model_kind
 
-        check_model_kind(cfg.model, "lm")
+        if is_tnl_folder(cfg.model):  # fine-tuning a released TransNormerLLM
+            pretrained = read_config(cfg.model)
+            cfg = dataclasses.replace(cfg, model=str(Path(cfg.model).resolve()))  # generate finds it from anywhere
+            if cfg.data is None:
+                raise ValueError(f"--model {cfg.model} is a pretrained model: give --data token files (.npy, "
+                                 "nanoGPT .bin) made with its tokenizer, not the default byte corpus")
+        else:
+            check_model_kind(cfg.model, "lm")
     corpus = load_corpus(cfg.data, max_bytes=cfg.max_bytes, vocab_size=cfg.vocab_size)
+    if pretrained is not None and (corpus.byte_level or corpus.vocab_size > pretrained.vocab_size):
+        raise ValueError(f"--model {cfg.model} reads its tokenizer's {pretrained.vocab_size} ids; --data "
+                         f"{cfg.data} holds " + ("bytes" if corpus.byte_level else f"ids up to {corpus.vocab_size - 1}"))
     if len(corpus.val) < cfg.seq_len + 1:
         raise ValueError(f"--seq-len {cfg.seq_len} is longer than the validation split "
                          f"({len(corpus.val)} tokens); use more data or a shorter --seq-len")

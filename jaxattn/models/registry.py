@@ -19,11 +19,13 @@ from jaxattn.models.vit import VIT_CONFIGS, ViT, ViTConfig
 MODEL_CONFIGS: dict[str, Any] = {
     # CPU-sized, for tests and the README's main job.
     "tnl-tiny": TNLConfig(vocab_size=256, dim=128, layers=4, heads=4, glu_dim=256),
-    # TransNormerLLM paper sizes (vocab of the released tokenizer).
-    "tnl-385m": TNLConfig(vocab_size=64000, dim=1024, layers=24, heads=8, glu_dim=2816),
-    "tnl-1b": TNLConfig(vocab_size=64000, dim=2048, layers=16, heads=16, glu_dim=5632),
+    # TransNormerLLM paper sizes (vocab of the released tokenizer). The LM head is tied to the embedding,
+    # as in the reference TransnormerForCausalLM (Hugging Face's tie_word_embeddings default); released
+    # checkpoints load with jaxattn.models.tnl_hf.load_pretrained, which reads their own config.json.
+    "tnl-385m": TNLConfig(vocab_size=64000, dim=1024, layers=24, heads=8, glu_dim=2816, tie_embeddings=True),
+    "tnl-1b": TNLConfig(vocab_size=64000, dim=2048, layers=16, heads=16, glu_dim=5632, tie_embeddings=True),
     # 7B: 4096/30/32 as the released config is read; glu 11008 UNCONFIRMED.
-    "tnl-7b": TNLConfig(vocab_size=64000, dim=4096, layers=30, heads=32, glu_dim=11008),
+    "tnl-7b": TNLConfig(vocab_size=64000, dim=4096, layers=30, heads=32, glu_dim=11008, tie_embeddings=True),
     # HaloNet: halonet-tiny, halonet-h0..h7 (paper), halonet26t / sehalonet33ts (timm); see halonet.py.
     **HALONET_CONFIGS,
     # GPT-style decoders (byte-level, CPU-sized): full attention, and a PowerAttention hybrid
