@@ -1,7 +1,8 @@
 """``python -m jaxattn.generate --checkpoint DIR --prompt "..."``: sample from a trained LM: text for
 byte-level runs, or token ids (``--prompt-ids 1,2,3``) for runs on token files. ``DIR`` may also be a
-Hugging Face TransNormerLLM folder (``config.json`` + weights, e.g. ``OpenNLPLab/TransNormerLLM-385M``
-downloaded beforehand); text prompts there need ``sentencepiece`` and the folder's ``tokenizer.model``."""
+Hugging Face model folder jaxattn converts (TransNormerLLM, LLaMA, Qwen2: ``config.json`` + weights,
+downloaded beforehand); text prompts there need its tokenizer's library (``sentencepiece`` for a
+``tokenizer.model``, ``tokenizers`` for a ``tokenizer.json``)."""
 
 from __future__ import annotations
 
@@ -41,38 +42,6 @@ def load_trained(run_dir: str | Path):
     return trainer.model, cfg, int(step), bool(byte_level)
 
 
-class _SentencePiece:
-    """The reference folder's SentencePiece tokenizer (``tokenizer.model``), when ``sentencepiece`` is installed."""
-
-    def __init__(self, folder: Path, bos: int | None):
-        import sentencepiece
-
-        self.sp, self.bos = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")), bos
-
-    def encode(self, text: str) -> np.ndarray:
-        ids = self.sp.encode(text)
-        return np.asarray(([self.bos] if self.bos is not None else []) + ids, np.int32)
-
-    def decode(self, ids: np.ndarray) -> str:
-        return self.sp.decode([int(i) for i in ids if i != self.bos])
-
-
-def load_reference_tnl(folder: str | Path, dtype: str | None = None):
-    """A Hugging Face TransNormerLLM folder: ``(model, tokenizer or None)``."""
-    from jaxattn.models.tnl_hf import load_pretrained
-
-    folder = Path(folder)
-    model = load_pretrained(folder, **({"dtype": dtype} if dtype else {}))
-    tokenizer = None
-    if (folder / "tokenizer.model").is_file():
-        try:
-            raw = json.loads((folder / "config.json").read_text())
-            tokenizer = _SentencePiece(folder, raw.get("bos_token_id") if raw.get("add_bos_token") else None)
-        except ImportError:
-            pass
-    return model, tokenizer
-
-
 def _ids(text: str, vocab: int) -> np.ndarray:
     try:
         ids = [int(t) for t in text.replace(",", " ").split()]
@@ -88,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m jaxattn.generate", description=__doc__)
     p.add_argument("--checkpoint", required=True,
-                   help="a training --out folder, or a Hugging Face TransNormerLLM folder")
+                   help="a training --out folder, or a Hugging Face TransNormerLLM / LLaMA / Qwen2 folder")
     p.add_argument("--prompt", default=None, help='text, for byte-level runs (default "def ")')
     p.add_argument("--prompt-ids", default=None, help="token ids such as 464,2068 (runs on token files)")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -98,15 +67,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype of a Hugging Face folder's model (default float32)")
     a = p.parse_args(argv)
-    from jaxattn.models.tnl_hf import is_tnl_folder
+    from jaxattn.models import hf
 
     if a.prompt is not None and a.prompt_ids is not None:
         p.error("give --prompt (text) or --prompt-ids (token ids), not both")
     tokenizer = None
     try:
-        if is_tnl_folder(a.checkpoint):
-            model, tokenizer = load_reference_tnl(a.checkpoint, a.dtype)
-            vocab, byte_level, what = model.cfg.vocab_size, False, f"TransNormerLLM {Path(a.checkpoint).name}"
+        kind = hf.hf_model_type(a.checkpoint)
+        if kind is not None:
+            model = hf.load_pretrained(a.checkpoint, **({"dtype": a.dtype} if a.dtype else {}))
+            tokenizer = hf.load_tokenizer(a.checkpoint)
+            vocab, byte_level, what = model.cfg.vocab_size, False, f"{kind} {Path(a.checkpoint).name}"
         else:
             model, cfg, step, byte_level = load_trained(a.checkpoint)
             vocab, what = cfg.vocab_size, f"{cfg.model}, step {step}"
@@ -123,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error("--prompt must not be empty")
     elif not byte_level:
         p.error(f"{a.checkpoint} was trained on token ids ({vocab} of them), not bytes: give the prompt as "
-                "--prompt-ids 1,2,3 (ids of its tokenizer; a folder with tokenizer.model and sentencepiece "
-                "installed takes text)")
+                "--prompt-ids 1,2,3 (ids of its tokenizer; a Hugging Face folder takes text when its "
+                "tokenizer's library is installed)")
     else:
         text = "def " if a.prompt is None else a.prompt
         if not text:

@@ -12,8 +12,8 @@ from flax import nnx
 
 from jaxattn.models.safetensors_io import read_safetensors, read_state_dict, write_safetensors
 from jaxattn.models.tnl import TNL, TNLConfig
-from jaxattn.models.tnl_hf import (hf_config, is_tnl_folder, load_hf_state_dict, load_pretrained, save_pretrained,
-                                   tnl_config_from_hf, to_hf_state_dict)
+from jaxattn.models.hf import hf_model_type, load_pretrained, save_pretrained
+from jaxattn.models.tnl_hf import hf_config, load_hf_state_dict, tnl_config_from_hf, to_hf_state_dict
 
 HF = {"model_type": "transnormer", "vocab_size": 61, "decoder_embed_dim": 24, "decoder_layers": 3,
       "decoder_attention_heads": 3, "hidden_dim": 24, "glu_dim": 40, "linear_use_lrpe_list": [1, 0, 1],
@@ -102,7 +102,7 @@ def test_save_and_load_pretrained_folder(tmp_path):
                     attn_impl="xla")
     model = TNL(cfg, rngs=nnx.Rngs(3))
     save_pretrained(model, tmp_path)
-    assert is_tnl_folder(tmp_path) and not is_tnl_folder(tmp_path / "nothing")
+    assert hf_model_type(tmp_path) == "transnormer" and hf_model_type(tmp_path / "nothing") is None
     raw = json.loads((tmp_path / "config.json").read_text())
     assert raw["linear_use_lrpe_list"] == [0, 1, 0] and raw["tie_word_embeddings"] is False
     assert tnl_config_from_hf(raw, attn_impl="xla") == cfg
@@ -175,7 +175,7 @@ def test_bad_configs_and_state_dicts(tmp_path):
     sd = random_hf_state_dict(hf)
     model = TNL(tnl_config_from_hf(hf), rngs=nnx.Rngs(0))
     wrong = {**sd, "model.layers.1.channel_mixer.l3.weight": np.zeros((24, 41), np.float32)}
-    with pytest.raises(ValueError, match=r"model.layers.1.channel_mixer.l3.weight: checkpoint shape \(24, 41\)"):
+    with pytest.raises(ValueError, match=r"checkpoint shape model.layers.1.channel_mixer.l3.weight \(24, 41\)"):
         load_hf_state_dict(model, wrong)
     partial = {k: v for k, v in sd.items() if "layers.2." not in k}
     with pytest.raises(ValueError, match="missing.*model.layers.2"):
@@ -208,7 +208,7 @@ def test_generate_cli_on_a_reference_folder(tmp_path, capsys):
     out = capsys.readouterr()
     ids = [int(t) for t in out.out.split()]
     assert len(ids) == 6 and ids[:2] == [5, 9] and all(0 <= t < 61 for t in ids), out.out
-    assert "TransNormerLLM" in out.err
+    assert "transnormer" in out.err
     with pytest.raises(SystemExit):  # no tokenizer.model in the folder: text prompts are refused clearly
         generate_main(["--checkpoint", str(tmp_path), "--prompt", "hello"])
     assert "--prompt-ids" in capsys.readouterr().err
@@ -262,3 +262,36 @@ def test_generate_text_with_the_folders_tokenizer(tmp_path, capsys):
                           "--seed", "1"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("the quick"), text
+
+
+def test_matches_the_reference_modeling_code(tmp_path):
+    """The reference TransnormerForCausalLM itself (weigao266/TNL-MoE ``smoe/models/tnl``, not shipped here):
+    set ``JAXATTN_TNL_REFERENCE`` to a folder holding that package as ``tnl/`` (needs torch, transformers,
+    einops). Its training and inference paths both give our logits."""
+    import os
+    import sys
+
+    where = os.environ.get("JAXATTN_TNL_REFERENCE")
+    if not where:
+        pytest.skip("JAXATTN_TNL_REFERENCE not set")
+    torch = pytest.importorskip("torch")
+    os.environ.setdefault("use_triton", "False")
+    sys.path.insert(0, where)
+    try:
+        from tnl import TransnormerConfig, TransnormerForCausalLM
+    finally:
+        sys.path.remove(where)
+    kw = {k: v for k, v in HF.items() if k != "model_type"}
+    torch.manual_seed(0)
+    ref = TransnormerForCausalLM(TransnormerConfig(**kw))
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.3)
+    tied = ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()
+    write_safetensors(tmp_path / "model.safetensors", {k: v.detach().numpy() for k, v in ref.state_dict().items()})
+    (tmp_path / "config.json").write_text(json.dumps({**HF, "tie_word_embeddings": tied}))
+    got = np.asarray(load_pretrained(tmp_path, attn_impl="xla")(jnp.asarray(TOKENS)))
+    for mode in (ref.train, ref.eval):
+        mode()
+        with torch.no_grad():
+            want = ref(torch.as_tensor(TOKENS)).logits.float().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

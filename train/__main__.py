@@ -22,8 +22,8 @@ def _add_lm(sub) -> None:
     p = sub.add_parser("lm", help="language modelling (default: TNL on the Python stdlib's bytes)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_args(p, LMConfig, choices=COMPUTE, help={
-        "model": "a name from jaxattn.models.MODEL_CONFIGS, or a Hugging Face TransNormerLLM folder to fine-tune "
-                 "(with --data token files of its tokenizer)",
+        "model": "a name from jaxattn.models.MODEL_CONFIGS, or a Hugging Face TransNormerLLM / LLaMA / Qwen2 "
+                 "folder to fine-tune (with --data token files of its tokenizer)",
         "remat": "activation checkpointing: recompute each block in the backward (less memory, ~1/3 more compute)",
         "data": "text file or folder (bytes), or token files (.npy, nanoGPT's uint16 .bin; a folder with train/val "
                 "files); default: the Python stdlib sources",

@@ -95,13 +95,12 @@ def _manager(out_dir: Path):
 
 
 def default_model_factory(cfg: LMConfig, vocab_size: int) -> Callable[[nnx.Rngs], nnx.Module]:
-    """The registered model ``cfg.model``, or the pretrained TNL in the Hugging Face folder ``cfg.model``."""
-    from jaxattn.models import create_model
-    from jaxattn.models.tnl_hf import is_tnl_folder, load_pretrained
+    """The registered model ``cfg.model``, or the pretrained model in the Hugging Face folder ``cfg.model``."""
+    from jaxattn.models import create_model, hf
 
-    if is_tnl_folder(cfg.model):
-        return lambda rngs: load_pretrained(cfg.model, dtype=cfg.dtype, attn_impl=cfg.attn_impl, remat=cfg.remat,
-                                            **({} if cfg.dropout is None else {"dropout": cfg.dropout}))
+    if hf.hf_model_type(cfg.model) is not None:
+        return lambda rngs: hf.load_pretrained(cfg.model, dtype=cfg.dtype, attn_impl=cfg.attn_impl, remat=cfg.remat,
+                                               **({} if cfg.dropout is None else {"dropout": cfg.dropout}))
     return lambda rngs: create_model(cfg.model, rngs=rngs, vocab_size=vocab_size, dtype=cfg.dtype,
                                      attn_impl=cfg.attn_impl, dropout=cfg.dropout, remat=cfg.remat or None)
 
@@ -111,14 +110,14 @@ def train(cfg: LMConfig, *, resume: bool = False,
           stop_after: int | None = None, progress: bool = True, sample: bool = True) -> dict:
     """Runs (or resumes) training; returns a summary. ``stop_after`` ends the process-side
     loop after that step without a final checkpoint, as a kill would (for tests)."""
-    from jaxattn.models.tnl_hf import is_tnl_folder, read_config
+    from jaxattn.models import hf
 
     pretrained = None
     if model_factory is None:  # a clear error before any data is read
         from jaxattn.models.registry import check_model_kind
 
-        if is_tnl_folder(cfg.model):  # fine-tuning a released TransNormerLLM
-            pretrained = read_config(cfg.model)
+        if hf.hf_model_type(cfg.model) is not None:  # fine-tuning a released model (TNL, LLaMA, Qwen2)
+            pretrained = hf.read_config(cfg.model)
             cfg = dataclasses.replace(cfg, model=str(Path(cfg.model).resolve()))  # generate finds it from anywhere
             if cfg.data is None:
                 raise ValueError(f"--model {cfg.model} is a pretrained model: give --data token files (.npy, "

@@ -47,6 +47,8 @@ class GPTConfig:
     window: int = 256  # sliding window W (tokens) of the power / window / sink patterns
     sink: int = 64  # sink tokens of the power / sink patterns
     rope_theta: float = 10000.0
+    norm_eps: float = 1e-6  # RMSNorm epsilon (LLaMA: 1e-5, Qwen2: 1e-6)
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
     position: Literal["rope", "alibi"] = "rope"  # alibi: per-head linear biases, no rotary embedding
     init_std: float = 0.02
     tie_embeddings: bool = True
@@ -113,15 +115,17 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, eps: float = 1e-6):
         self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
 
     def __call__(self, x):
-        return rms_norm(x, self.weight[...])
+        return rms_norm(x, self.weight[...], self.eps)
 
 
-def _linear(din: int, dout: int, cfg: GPTConfig, rngs: nnx.Rngs, std: float | None = None) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=False, kernel_init=nnx.initializers.normal(std or cfg.init_std),
+def _linear(din: int, dout: int, cfg: GPTConfig, rngs: nnx.Rngs, std: float | None = None,
+            bias: bool = False) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=bias, kernel_init=nnx.initializers.normal(std or cfg.init_std),
                       dtype=jnp.dtype(cfg.dtype), rngs=rngs)
 
 
@@ -144,8 +148,9 @@ class Attention(nnx.Module):
         self.cfg, self.kind = cfg, cfg.layer_type(layer)
         self.kv_heads = cfg.kv_heads or cfg.heads
         self.head_dim = cfg.dim // cfg.heads
-        self.q = _linear(cfg.dim, cfg.dim, cfg, rngs)
-        self.kv = _linear(cfg.dim, 2 * self.kv_heads * self.head_dim, cfg, rngs)
+        self.q = _linear(cfg.dim, cfg.dim, cfg, rngs, bias=cfg.qkv_bias)
+        # k and v per kv head side by side: columns [k_0 | v_0 | k_1 | v_1 | ...], head_dim each
+        self.kv = _linear(cfg.dim, 2 * self.kv_heads * self.head_dim, cfg, rngs, bias=cfg.qkv_bias)
         self.o = _linear(cfg.dim, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
         self.attn_drop = AttentionDropout(cfg.dropout, rngs=rngs)  # inside the kernels
         self.resid_drop = _dropout(cfg.dropout, rngs)
@@ -231,7 +236,7 @@ class SwiGLU(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: GPTConfig, layer: int, *, rngs: nnx.Rngs):
-        self.norm1, self.norm2 = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
+        self.norm1, self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps), RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
@@ -252,7 +257,7 @@ class GPT(nnx.Module):
         self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, embedding_init=nnx.initializers.normal(cfg.init_std),
                                rngs=rngs)
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.layers)])
-        self.norm = RMSNorm(cfg.dim)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
         self.embed_drop = _dropout(cfg.dropout, rngs)
 

@@ -90,7 +90,7 @@ class LandmarkAttention(gpt.Attention):
 
 class LandmarkBlock(gpt.Block):
     def __init__(self, cfg: LandmarkGPTConfig, layer: int, *, rngs: nnx.Rngs):
-        self.norm1, self.norm2 = gpt.RMSNorm(cfg.dim), gpt.RMSNorm(cfg.dim)
+        self.norm1, self.norm2 = gpt.RMSNorm(cfg.dim, cfg.norm_eps), gpt.RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = LandmarkAttention(cfg, layer, rngs=rngs)
         self.mlp = gpt.SwiGLU(cfg, rngs=rngs)
 
@@ -112,7 +112,7 @@ class LandmarkGPT(gpt.GPT):
         self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, embedding_init=nnx.initializers.normal(cfg.init_std),
                                rngs=rngs)
         self.blocks = nnx.List([LandmarkBlock(cfg, i, rngs=rngs) for i in range(cfg.layers)])
-        self.norm = gpt.RMSNorm(cfg.dim)
+        self.norm = gpt.RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else gpt._linear(cfg.dim, cfg.vocab_size, cfg, rngs)
 
     def __call__(self, tokens: jax.Array, top_k: int | None = None) -> jax.Array:

@@ -1,0 +1,161 @@
+"""LLaMA-family checkpoints in the Hugging Face layout (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
+``MistralForCausalLM`` without a sliding window) <-> :class:`GPT`, whose blocks are the same
+architecture: pre-RMSNorm, RoPE (rotated halves), GQA, SwiGLU, no biases except Qwen2's q/k/v.
+
+``jaxattn.models.hf.load_pretrained(folder, layer_types=("power", "power", "power", "full"))`` runs a
+pretrained model with another attention pattern (PowerAttention, sliding window, ...) for continued
+pretraining as in the PowerAttention paper; ``quantized=True`` runs it with SageAttention.
+
+==================================================  ========================================  ==========
+Hugging Face key                                    jaxattn variable                          layout
+==================================================  ========================================  ==========
+``model.embed_tokens.weight``                       ``embed.embedding``                       same
+``model.layers.i.input_layernorm.weight``           ``blocks.i.norm1.weight``                 same
+``model.layers.i.self_attn.q_proj`` (+ bias)         ``blocks.i.attn.q``                       transposed
+``model.layers.i.self_attn.k_proj`` + ``v_proj``    ``blocks.i.attn.kv`` (per kv head k | v)   transposed, interleaved
+``model.layers.i.self_attn.o_proj``                 ``blocks.i.attn.o``                       transposed
+``model.layers.i.post_attention_layernorm.weight``  ``blocks.i.norm2.weight``                 same
+``model.layers.i.mlp.gate_proj`` + ``up_proj``      ``blocks.i.mlp.gate_up`` (gate | up)      transposed, concatenated
+``model.layers.i.mlp.down_proj``                    ``blocks.i.mlp.down``                     transposed
+``model.norm.weight``                               ``norm.weight``                           same
+``lm_head.weight``                                  ``head.kernel`` (untied configs only)     transposed
+==================================================  ========================================  ==========
+
+What :class:`GPT` cannot represent raises ``ValueError`` (RoPE scaling, an activation other than SiLU,
+MLP or output biases, a head dim other than ``hidden_size / heads``, Mistral/Qwen2 sliding windows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from jaxattn.models import hf
+from jaxattn.models.gpt import GPT, GPTConfig
+
+__all__ = ["config_from_hf", "entries", "hf_config", "load_hf_state_dict", "to_hf_state_dict"]
+
+_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
+    """A :class:`GPTConfig` from a LLaMA / Qwen2 / Mistral ``config.json`` dict; ``overrides`` set
+    jaxattn-only fields (``dtype``, ``attn_impl``, ``layer_types``, ``window``, ``quantized``, ...)."""
+    kind = raw.get("model_type")
+    if kind not in _ARCH:
+        raise ValueError(f"config.json: model_type {kind!r}: expected one of {sorted(_ARCH)}")
+
+    def bad(field: str, want: str) -> ValueError:
+        return ValueError(f"config.json: {field} = {raw.get(field)!r}: jaxattn's GPT supports {want} only")
+
+    if raw.get("hidden_act", "silu") != "silu":
+        raise bad("hidden_act", '"silu"')
+    # RoPE: transformers >= 5 writes rope_parameters {rope_type, rope_theta, ...}; older configs rope_theta
+    # and rope_scaling at the top level
+    rope = raw.get("rope_parameters") or {}
+    if raw.get("rope_scaling"):
+        raise bad("rope_scaling", "null (plain RoPE)")
+    if rope.get("rope_type", "default") != "default":
+        raise bad("rope_parameters", 'rope_type "default" (plain RoPE)')
+    if float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise bad("partial_rotary_factor", "1.0")
+    if raw.get("mlp_bias", False):
+        raise bad("mlp_bias", "false")
+    if kind == "mistral" and raw.get("sliding_window") is not None:
+        raise bad("sliding_window", "null (for a windowed model pass layer_types=('window',), window=W)")
+    if kind == "qwen2" and raw.get("use_sliding_window", False):
+        raise bad("use_sliding_window", "false")
+    dim, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+    if raw.get("head_dim") not in (None, dim // heads):
+        raise bad("head_dim", f"hidden_size / num_attention_heads = {dim // heads}")
+    fields = dict(
+        vocab_size=int(raw["vocab_size"]), dim=dim, layers=int(raw["num_hidden_layers"]), heads=heads,
+        kv_heads=int(raw.get("num_key_value_heads") or heads), mlp_dim=int(raw["intermediate_size"]),
+        rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))), norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        qkv_bias=kind == "qwen2" or bool(raw.get("attention_bias", False)),
+        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        init_std=float(raw.get("initializer_range", 0.02)))
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(GPTConfig)})
+    if unknown:
+        raise ValueError(f"unknown GPTConfig fields {unknown}")
+    return GPTConfig(**{**fields, **overrides})
+
+
+def hf_config(cfg: GPTConfig) -> dict[str, Any]:
+    """A ``config.json`` for ``cfg`` (``qwen2`` when it has q/k/v biases, else ``llama``)."""
+    if cfg.position != "rope":
+        raise ValueError("only RoPE GPT models have a LLaMA / Qwen2 layout (this one has ALiBi)")
+    kind = "qwen2" if cfg.qkv_bias else "llama"
+    return {"architectures": [_ARCH[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.dim, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+            "num_key_value_heads": cfg.kv_heads or cfg.heads, "intermediate_size": cfg.hidden,
+            "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,  # (transformers < 5)
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
+            "max_position_embeddings": 4096}
+
+
+def _kv(kv_heads: int):
+    """HF's separate k, v ``[kv_heads * d, ...]`` <-> our per-head ``[k_h | v_h]`` columns (kernels ``[in, out]``
+    after the transpose, biases 1-D)."""
+    def join(k, v):
+        if k.ndim == 2:
+            k, v = k.T, v.T
+        kk, vv = k.reshape(*k.shape[:-1], kv_heads, -1), v.reshape(*v.shape[:-1], kv_heads, -1)
+        return np.concatenate([kk, vv], axis=-1).reshape(*k.shape[:-1], -1)
+
+    def split(a):
+        a = a.reshape(*a.shape[:-1], kv_heads, 2, -1)
+        k, v = a[..., 0, :].reshape(*a.shape[:-3], -1), a[..., 1, :].reshape(*a.shape[:-3], -1)
+        return (k.T, v.T) if k.ndim == 2 else (k, v)
+
+    return join, split
+
+
+def entries(model: GPT) -> list[hf.Entry]:
+    cfg = model.cfg
+    join_kv, split_kv = _kv(cfg.kv_heads or cfg.heads)
+    out = [hf.same("model.embed_tokens.weight", model.embed.embedding)]
+    for i, blk in enumerate(model.blocks):
+        pre, attn = f"model.layers.{i}.", blk.attn
+        out += [hf.same(pre + "input_layernorm.weight", blk.norm1.weight),
+                hf.linear(pre + "self_attn.q_proj.weight", attn.q.kernel),
+                hf.Entry((pre + "self_attn.k_proj.weight", pre + "self_attn.v_proj.weight"), attn.kv.kernel,
+                         join_kv, split_kv),
+                hf.linear(pre + "self_attn.o_proj.weight", attn.o.kernel),
+                hf.same(pre + "post_attention_layernorm.weight", blk.norm2.weight),
+                hf.Entry((pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"), blk.mlp.gate_up.kernel,
+                         lambda g, u: np.concatenate([g.T, u.T], axis=1), lambda a: tuple(np.split(a.T, 2, axis=0))),
+                hf.linear(pre + "mlp.down_proj.weight", blk.mlp.down.kernel)]
+        if cfg.qkv_bias:
+            out += [hf.same(pre + "self_attn.q_proj.bias", attn.q.bias),
+                    hf.Entry((pre + "self_attn.k_proj.bias", pre + "self_attn.v_proj.bias"), attn.kv.bias,
+                             join_kv, split_kv)]
+    out.append(hf.same("model.norm.weight", model.norm.weight))
+    if model.head is not None:
+        out.append(hf.linear("lm_head.weight", model.head.kernel))
+    return out
+
+
+def _ignore(cfg: GPTConfig):
+    """RoPE buffers some checkpoints store, and a tied model's ``lm_head.weight``."""
+    return lambda key: key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.tie_embeddings)
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
+    """The model's weights under Hugging Face's keys and layouts (fp32 numpy)."""
+    return hf.to_state_dict(entries(model))
+
+
+def load_hf_state_dict(model: GPT, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
+    """Copies a Hugging Face ``state_dict`` into ``model`` in place."""
+    hf.load_state_dict(entries(model), state_dict, strict=strict, ignore=_ignore(model.cfg))
+
+
+def load(cfg: GPTConfig, state_dict: Mapping[str, Any], *, strict: bool, where: str) -> GPT:
+    return hf.fill_abstract(lambda: GPT(cfg, rngs=nnx.Rngs(0)), entries, state_dict, strict=strict,
+                            ignore=_ignore(cfg), where=where)

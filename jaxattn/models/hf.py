@@ -1,0 +1,229 @@
+"""Hugging Face checkpoint folders <-> jaxattn models: the shared machinery and the dispatch.
+
+A folder holds ``config.json`` and weights (``model.safetensors``, ``pytorch_model.bin``, or their shards).
+``model_type`` picks the converter: ``"transnormer"`` -> :class:`~jaxattn.models.TNL`
+(:mod:`jaxattn.models.tnl_hf`); ``"llama"``, ``"qwen2"``, ``"mistral"`` -> :class:`~jaxattn.models.GPT`
+(:mod:`jaxattn.models.gpt_hf`). ``load_pretrained(folder, **overrides)`` builds the model (without a random
+initialisation to overwrite) and copies the weights in; ``overrides`` set jaxattn-only config fields
+(``dtype``, ``attn_impl``, ``remat``; for GPT also ``layer_types``, ``window``, ``quantized``, ...).
+
+A converter describes each model variable by an :class:`Entry`: the checkpoint keys it comes from and the
+two layout maps. The generic code here checks shapes, reports missing and unexpected keys, and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxattn.models.safetensors_io import read_state_dict, write_safetensors
+
+__all__ = ["Entry", "hf_model_type", "load_pretrained", "load_state_dict", "load_tokenizer", "read_config",
+           "save_pretrained", "to_state_dict"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One model variable: ``keys`` in the checkpoint, ``join(*arrays) -> ours`` and ``split(ours) -> arrays``."""
+    keys: tuple[str, ...]
+    var: nnx.Variable
+    join: Callable[..., np.ndarray]
+    split: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+
+
+def linear(key: str, var: nnx.Variable) -> Entry:
+    """A ``torch.nn.Linear`` weight ``[out, in]`` <-> an NNX kernel ``[in, out]``."""
+    return Entry((key,), var, lambda w: w.T, lambda k: (k.T,))
+
+
+def same(key: str, var: nnx.Variable) -> Entry:
+    return Entry((key,), var, lambda w: w, lambda a: (a,))
+
+
+def _set(var: nnx.Variable, value: jax.Array) -> None:
+    """Replaces a variable's value, also an abstract one (``nnx.eval_shape``); older Flax has no set_value."""
+    if hasattr(var, "set_value"):
+        var.set_value(value)
+    else:
+        var.value = value
+
+
+def _is_abstract(var: nnx.Variable) -> bool:
+    return isinstance(var.get_value() if hasattr(var, "get_value") else var.value, jax.ShapeDtypeStruct)
+
+
+def to_state_dict(entries: Iterable[Entry]) -> dict[str, np.ndarray]:
+    """The variables under their checkpoint keys and layouts (fp32 numpy)."""
+    sd = {}
+    for e in entries:
+        sd.update(zip(e.keys, e.split(np.asarray(e.var[...], np.float32))))
+    return sd
+
+
+def load_state_dict(entries: Iterable[Entry], state_dict: Mapping[str, Any], *, strict: bool = True,
+                    ignore: Callable[[str], bool] = lambda key: False) -> None:
+    """Copies a checkpoint's arrays (numpy, bf16 included, or anything ``np.asarray`` takes) into the
+    variables, in place. ``strict``: every variable present and every key not ``ignore``d used."""
+    used, missing = set(), []
+    for e in entries:
+        absent = [k for k in e.keys if k not in state_dict]
+        if absent:
+            missing += absent
+            continue
+        a = e.join(*(np.asarray(state_dict[k]) for k in e.keys))
+        if a.shape != tuple(e.var.shape):
+            shapes = ", ".join(f"{k} {tuple(np.shape(state_dict[k]))}" for k in e.keys)
+            raise ValueError(f"checkpoint shape {shapes} does not fit the model's {tuple(e.var.shape)} "
+                             "(config.json and weights disagree?)")
+        _set(e.var, jnp.asarray(a.astype(np.float32), e.var.dtype))
+        used.update(e.keys)
+    unexpected = sorted(k for k in set(state_dict) - used if not ignore(k))
+    if strict and (missing or unexpected):
+        raise ValueError(f"state_dict mismatch: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+
+
+def _value(var: nnx.Variable):
+    return var.get_value() if hasattr(var, "get_value") else var.value
+
+
+def _variables(model: nnx.Module) -> list[nnx.Variable]:
+    return [v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)]
+
+
+def fill_abstract(build: Callable[[], nnx.Module], entries: Callable[[nnx.Module], list[Entry]],
+                  state_dict: Mapping[str, Any], *, strict: bool, ignore: Callable[[str], bool],
+                  where: str) -> nnx.Module:
+    """``build()`` traced abstractly (no random weights to overwrite), its entries filled from
+    ``state_dict``; the variables without an entry (buffers computed from the config, RNG streams) get
+    the values ``build`` gives them, from one jitted ``build`` whose unused weights XLA never computes."""
+    model = nnx.eval_shape(build)
+    es = entries(model)
+    load_state_dict(es, state_dict, strict=strict, ignore=ignore)
+    unset = [e.keys[0] for e in es if isinstance(_value(e.var), jax.ShapeDtypeStruct)]
+    if unset:
+        raise ValueError(f"{where}: the checkpoint has no {unset[:8]}{'...' if len(unset) > 8 else ''}")
+    covered = {id(e.var) for e in es}
+    rest = [i for i, v in enumerate(_variables(model)) if id(v) not in covered]
+    if rest:
+        values = jax.jit(lambda: [_value(v) for i, v in enumerate(_variables(build())) if i in set(rest)])()
+        variables = _variables(model)
+        for i, x in zip(rest, values):
+            _set(variables[i], x)
+    return model
+
+
+# -- folders ------------------------------------------------------------------------------------------------
+
+def _converter(model_type: str):
+    if model_type == "transnormer":
+        from jaxattn.models import tnl_hf
+
+        return tnl_hf
+    if model_type in ("llama", "qwen2", "mistral"):
+        from jaxattn.models import gpt_hf
+
+        return gpt_hf
+    raise ValueError(f"config.json: model_type {model_type!r} is not one jaxattn converts "
+                     "(transnormer, llama, qwen2, mistral)")
+
+
+def _raw_config(folder: str | Path) -> dict:
+    conf = Path(folder) / "config.json"
+    if not conf.is_file():
+        raise ValueError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    raw = json.loads(conf.read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{conf}: expected a JSON object")
+    if "model_type" not in raw and "decoder_embed_dim" in raw:  # TransNormerLLM configs saved without it
+        raw["model_type"] = "transnormer"
+    return raw
+
+
+def hf_model_type(folder: str | Path) -> str | None:
+    """The ``model_type`` of a Hugging Face folder that jaxattn converts, else None."""
+    try:
+        kind = _raw_config(folder).get("model_type")
+        _converter(kind)
+    except (ValueError, OSError):
+        return None
+    return kind
+
+
+def read_config(folder: str | Path, **overrides: Any):
+    """The jaxattn config (:class:`TNLConfig` / :class:`GPTConfig`) of a folder's ``config.json``."""
+    raw = _raw_config(folder)
+    return _converter(raw.get("model_type")).config_from_hf(raw, **overrides)
+
+
+def load_pretrained(folder: str | Path, *, strict: bool = True, **overrides: Any) -> nnx.Module:
+    """The model of a Hugging Face folder with its weights (fp32 parameters, as in training)."""
+    raw = _raw_config(folder)
+    conv = _converter(raw.get("model_type"))
+    cfg = conv.config_from_hf(raw, **overrides)
+    return conv.load(cfg, read_state_dict(folder), strict=strict, where=str(folder))
+
+
+def save_pretrained(model: nnx.Module, folder: str | Path) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` (fp32) that the original code loads."""
+    from jaxattn.models import gpt_hf, tnl_hf
+    from jaxattn.models.gpt import GPT
+    from jaxattn.models.tnl import TNL
+
+    if isinstance(model, TNL):
+        conv = tnl_hf
+    elif type(model) is GPT:
+        conv = gpt_hf
+    else:
+        raise ValueError(f"save_pretrained takes a TNL or GPT model, got {type(model).__name__}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(conv.hf_config(model.cfg), indent=2) + "\n")
+    write_safetensors(folder / "model.safetensors", to_state_dict(conv.entries(model)), metadata={"format": "pt"})
+
+
+class Tokenizer:
+    """A folder's tokenizer: ``tokenizer.model`` through ``sentencepiece``, or ``tokenizer.json`` through
+    ``tokenizers``; ``bos`` (an id or None) is prepended when encoding and dropped when decoding."""
+
+    def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str], bos: int | None):
+        self._encode, self._decode, self.bos = encode, decode, bos
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(([self.bos] if self.bos is not None else []) + list(self._encode(text)), np.int32)
+
+    def decode(self, ids) -> str:
+        return self._decode([int(i) for i in ids if int(i) != self.bos])
+
+
+def load_tokenizer(folder: str | Path) -> Tokenizer | None:
+    """The folder's tokenizer, or None when it has none or its library is not installed."""
+    folder = Path(folder)
+    raw = _raw_config(folder)
+    tok_cfg = folder / "tokenizer_config.json"
+    extra = json.loads(tok_cfg.read_text()) if tok_cfg.is_file() else {}
+    add_bos = extra.get("add_bos_token", raw.get("add_bos_token", False))
+    bos = raw.get("bos_token_id") if add_bos else None
+    if (folder / "tokenizer.model").is_file():
+        try:
+            import sentencepiece
+        except ImportError:
+            return None
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        return Tokenizer(sp.encode, sp.decode, bos)
+    if (folder / "tokenizer.json").is_file():
+        try:
+            import tokenizers
+        except ImportError:
+            return None
+        tk = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        return Tokenizer(lambda t: tk.encode(t, add_special_tokens=False).ids, tk.decode, bos)
+    return None

@@ -1,0 +1,172 @@
+"""LLaMA / Qwen2 checkpoints in the Hugging Face layout -> GPT: a numpy forward written from the
+transformers modeling math on the Hugging Face state_dict is the oracle; with transformers installed,
+its own LlamaForCausalLM too."""
+
+import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxattn.models.gpt import GPT, GPTConfig
+from jaxattn.models.gpt_hf import config_from_hf, hf_config, load_hf_state_dict, to_hf_state_dict
+from jaxattn.models.hf import hf_model_type, load_pretrained, read_config, save_pretrained
+from jaxattn.models.safetensors_io import write_safetensors
+
+LLAMA = {"model_type": "llama", "vocab_size": 67, "hidden_size": 32, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48, "hidden_act": "silu",
+         "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False}
+QWEN2 = {**LLAMA, "model_type": "qwen2", "num_key_value_heads": 1, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+         "tie_word_embeddings": True}
+TOKENS = np.asarray([[3, 17, 59, 0, 8, 8, 41, 22, 5, 33, 66, 1, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
+
+
+def random_hf_state_dict(raw, seed=0):
+    rng = np.random.default_rng(seed)
+    d, h, kv = raw["hidden_size"], raw["num_attention_heads"], raw["num_key_value_heads"]
+    hd, f, v = d // h, raw["intermediate_size"], raw["vocab_size"]
+
+    def w(*shape, s=0.3):
+        return rng.normal(0, s, shape).astype(np.float32)
+
+    sd = {"model.embed_tokens.weight": w(v, d), "model.norm.weight": 1 + w(d, s=0.1)}
+    for i in range(raw["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        sd.update({p + "input_layernorm.weight": 1 + w(d, s=0.1), p + "post_attention_layernorm.weight": 1 + w(d, s=0.1),
+                   p + "self_attn.q_proj.weight": w(h * hd, d), p + "self_attn.k_proj.weight": w(kv * hd, d),
+                   p + "self_attn.v_proj.weight": w(kv * hd, d), p + "self_attn.o_proj.weight": w(d, h * hd),
+                   p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d),
+                   p + "mlp.down_proj.weight": w(d, f)})
+        if raw["model_type"] == "qwen2":
+            sd.update({p + "self_attn.q_proj.bias": w(h * hd), p + "self_attn.k_proj.bias": w(kv * hd),
+                       p + "self_attn.v_proj.bias": w(kv * hd)})
+    if not raw["tie_word_embeddings"]:
+        sd["lm_head.weight"] = w(v, d)
+    return sd
+
+
+def reference_logits(sd, raw, tokens):
+    """float64 numpy LlamaForCausalLM / Qwen2ForCausalLM forward."""
+    W = {k: v.astype(np.float64) for k, v in sd.items()}
+    d, h, kv = raw["hidden_size"], raw["num_attention_heads"], raw["num_key_value_heads"]
+    hd, eps, b, n = d // h, raw["rms_norm_eps"], *tokens.shape
+
+    def norm(x, w):
+        return w * (x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps))
+
+    def proj(x, name):
+        y = x @ W[name + ".weight"].T
+        return y + W[name + ".bias"] if name + ".bias" in W else y
+
+    inv_freq = 1.0 / raw["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+    emb = np.concatenate([np.arange(n)[:, None] * inv_freq] * 2, axis=-1)  # [n, hd]
+    cos, sin = np.cos(emb)[None, None], np.sin(emb)[None, None]
+
+    def rotate(x):  # [b, heads, n, hd]
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return x * cos + np.concatenate([-x2, x1], -1) * sin
+
+    x = W["model.embed_tokens.weight"][tokens]
+    causal = np.tril(np.ones((n, n), bool))
+    for i in range(raw["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        y = norm(x, W[p + "input_layernorm.weight"])
+        q = proj(y, p + "self_attn.q_proj").reshape(b, n, h, hd).transpose(0, 2, 1, 3)
+        k = proj(y, p + "self_attn.k_proj").reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
+        v = proj(y, p + "self_attn.v_proj").reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
+        q, k = rotate(q), rotate(k)
+        k, v = np.repeat(k, h // kv, axis=1), np.repeat(v, h // kv, axis=1)  # repeat_kv
+        s = np.where(causal, q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd), -np.inf)
+        pr = np.exp(s - s.max(-1, keepdims=True))
+        o = (pr / pr.sum(-1, keepdims=True)) @ v
+        x = x + proj(o.transpose(0, 2, 1, 3).reshape(b, n, d), p + "self_attn.o_proj")
+        y = norm(x, W[p + "post_attention_layernorm.weight"])
+        g = proj(y, p + "mlp.gate_proj")
+        x = x + proj(g / (1 + np.exp(-g)) * proj(y, p + "mlp.up_proj"), p + "mlp.down_proj")
+    x = norm(x, W["model.norm.weight"])
+    head = W["model.embed_tokens.weight"] if raw["tie_word_embeddings"] else W["lm_head.weight"]
+    return x @ head.T
+
+
+@pytest.mark.parametrize("raw", [LLAMA, QWEN2], ids=["llama-gqa-untied", "qwen2-bias-tied"])
+def test_state_dict_gives_the_reference_logits(raw):
+    sd = random_hf_state_dict(raw)
+    cfg = config_from_hf(raw, attn_impl="xla")
+    assert (cfg.kv_heads, cfg.norm_eps, cfg.qkv_bias, cfg.tie_embeddings) == (
+        raw["num_key_value_heads"], raw["rms_norm_eps"], raw["model_type"] == "qwen2", raw["tie_word_embeddings"])
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    load_hf_state_dict(model, {**sd, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)})
+    want = reference_logits(sd, raw, TOKENS)
+    got = np.asarray(model(jnp.asarray(TOKENS)))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    back = to_hf_state_dict(model)
+    assert set(back) == set(sd)
+    for key in sd:
+        np.testing.assert_array_equal(back[key], sd[key], err_msg=key)
+
+
+def test_folder_round_trip_other_attention_patterns_and_dropout(tmp_path):
+    """save_pretrained / load_pretrained; overrides swap the attention pattern (PowerAttention with a
+    window past the sequence is full causal attention) and keep the dropout streams working."""
+    raw = {**QWEN2, "tie_word_embeddings": False}
+    sd = random_hf_state_dict(raw, seed=4)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    write_safetensors(tmp_path / "model.safetensors", sd)
+    assert hf_model_type(tmp_path) == "qwen2" and read_config(tmp_path).qkv_bias
+    model = load_pretrained(tmp_path, attn_impl="xla")
+    want = reference_logits(sd, raw, TOKENS)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), want, rtol=2e-4,
+                               atol=2e-4 * np.abs(want).max())
+    power = load_pretrained(tmp_path, attn_impl="xla", layer_types=("power", "full"), sparse_block=4, window=16,
+                            sink=4)
+    np.testing.assert_allclose(np.asarray(power(jnp.asarray(TOKENS))), want, rtol=2e-4,
+                               atol=2e-4 * np.abs(want).max())
+    drop = load_pretrained(tmp_path, attn_impl="xla", dropout=0.5)
+    drop.train()
+    a, b = drop(jnp.asarray(TOKENS)), drop(jnp.asarray(TOKENS))
+    assert np.isfinite(np.asarray(a)).all() and not np.allclose(a, b)  # fresh masks per call
+    save_pretrained(model, tmp_path / "out")
+    again = load_pretrained(tmp_path / "out", attn_impl="xla")
+    np.testing.assert_array_equal(np.asarray(again(jnp.asarray(TOKENS))), np.asarray(model(jnp.asarray(TOKENS))))
+    assert config_from_hf(hf_config(model.cfg), attn_impl="xla") == model.cfg
+
+
+def test_bad_configs():
+    for change, match in [({"rope_scaling": {"type": "llama3", "factor": 8.0}}, "rope_scaling"),
+                          ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters"),
+                          ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+                          ({"hidden_act": "gelu"}, "hidden_act"), ({"mlp_bias": True}, "mlp_bias"),
+                          ({"head_dim": 16}, "head_dim"), ({"model_type": "gpt2"}, "model_type"),
+                          ({"model_type": "mistral", "sliding_window": 4096}, "sliding_window")]:
+        with pytest.raises(ValueError, match=match):
+            config_from_hf({**LLAMA, **change})
+    assert config_from_hf({**LLAMA, "model_type": "mistral", "sliding_window": None}).kv_heads == 2
+    # transformers >= 5 keeps the RoPE base in rope_parameters
+    new_style = {k: v for k, v in LLAMA.items() if k != "rope_theta"}
+    assert config_from_hf({**new_style, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}).rope_theta == 1e6
+    with pytest.raises(ValueError, match="unknown GPTConfig fields"):
+        config_from_hf(LLAMA, layer_type="power")
+    model = GPT(config_from_hf(LLAMA), rngs=nnx.Rngs(0))
+    sd = random_hf_state_dict(LLAMA)
+    with pytest.raises(ValueError, match=r"k_proj.weight \(8, 32\), .*v_proj.weight \(8, 32\) does not fit the model.s \(32, 32\)"):
+        load_hf_state_dict(model, {**sd, "model.layers.1.self_attn.k_proj.weight": np.zeros((8, 32), np.float32),
+                                   "model.layers.1.self_attn.v_proj.weight": np.zeros((8, 32), np.float32)})
+
+
+@pytest.mark.parametrize("raw", [LLAMA, QWEN2], ids=["llama", "qwen2"])
+def test_matches_transformers(tmp_path, raw):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config_cls = transformers.LlamaConfig if raw["model_type"] == "llama" else transformers.Qwen2Config
+    model_cls = transformers.LlamaForCausalLM if raw["model_type"] == "llama" else transformers.Qwen2ForCausalLM
+    torch.manual_seed(0)
+    ref = model_cls(config_cls(**{k: v for k, v in raw.items() if k != "model_type"})).eval()
+    for p in ref.parameters():  # larger than the default init, so that every term shows
+        torch.nn.init.normal_(p, 0.0, 0.3)
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    with torch.no_grad():
+        want = ref(torch.as_tensor(TOKENS)).logits.numpy()
+    got = np.asarray(load_pretrained(tmp_path, attn_impl="xla")(jnp.asarray(TOKENS)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
