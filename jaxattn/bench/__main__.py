@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sweep(p, warmup=2, runs=10)
     p = sub.add_parser("vision", help="images/s: training step (HaloNet-H0, ViT-S), inference quantized vs not")
     p.add_argument("--train-models", nargs="*", default=None, help="default: halonet-h0 vit-s16 (GPU), tiny (CPU)")
-    p.add_argument("--infer-models", nargs="*", default=None, help="default: vit-b16 (GPU), vit-tiny (CPU)")
+    p.add_argument("--infer-models", nargs="*", default=None, help="default: vit-b16 (GPU), vit-tiny (CPU); a timm hub folder runs its pretrained weights")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
     p.add_argument("--steps", type=int, default=10)

@@ -77,12 +77,18 @@ def train_step_throughput(name: str, *, batch: int, dtype: str, steps: int, warm
 def inference_throughput(name: str, *, batch: int, dtype: str, steps: int, warmup: int = 2,
                          attn_impl: str = "auto", image_size: int | None = None,
                          compile_only: bool = False) -> list[dict]:
-    """Inference images/s with ``quantized`` off and on (same weights), and top-1 agreement.
+    """Inference images/s with ``quantized`` off and on (same weights), and top-1 agreement. ``name``: a
+    registered model (random weights) or a timm hub folder (its pretrained weights).
     ``compile_only``: compile both for a compile-only H100 instead (``compile_s``)."""
+    from jaxattn.models import hf
+
     recs, preds = [], {}
+    pretrained = hf.hf_model_type(name) == "timm"
     for quantized in (False, True):
         def build():
-            model = create_model(name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl, quantized=quantized)
+            kw = dict(dtype=dtype, attn_impl=attn_impl, quantized=quantized)
+            # a timm hub folder (e.g. a downloaded timm/vit_base_patch16_224.augreg2_in21k_ft_in1k): its weights
+            model = hf.load_pretrained(name, **kw) if pretrained else create_model(name, rngs=nnx.Rngs(0), **kw)
             model.eval()
             return model
 
@@ -101,7 +107,7 @@ def inference_throughput(name: str, *, batch: int, dtype: str, steps: int, warmu
         x = _images(model, batch, image_size)
         ms = _median_ms(lambda: fwd(state, x), steps, warmup)
         preds[quantized] = np.asarray(fwd(state, x)).argmax(-1)
-        recs.append(dict(model=name, mode=mode, batch=batch, dtype=dtype,
+        recs.append(dict(model=name, mode=mode, batch=batch, dtype=dtype, weights="pretrained" if pretrained else "random",
                          image_size=int(x.shape[1]), ms=ms, images_per_s=batch / (ms * 1e-3)))
     if not compile_only:
         recs[1]["top1_agreement"] = float((preds[True] == preds[False]).mean())

@@ -3,7 +3,8 @@
 A folder holds ``config.json`` and weights (``model.safetensors``, ``pytorch_model.bin``, or their shards).
 ``model_type`` picks the converter: ``"transnormer"`` -> :class:`~jaxattn.models.TNL`
 (:mod:`jaxattn.models.tnl_hf`); ``"llama"``, ``"qwen2"``, ``"mistral"`` -> :class:`~jaxattn.models.GPT`
-(:mod:`jaxattn.models.gpt_hf`). ``load_pretrained(folder, **overrides)`` builds the model (without a random
+(:mod:`jaxattn.models.gpt_hf`); timm's hub folders (``architecture`` instead of ``model_type``) ->
+:class:`~jaxattn.models.ViT` / :class:`~jaxattn.models.HaloNet` (:mod:`jaxattn.models.timm_hub`). ``load_pretrained(folder, **overrides)`` builds the model (without a random
 initialisation to overwrite) and copies the weights in; ``overrides`` set jaxattn-only config fields
 (``dtype``, ``attn_impl``, ``remat``; for GPT also ``layer_types``, ``window``, ``quantized``, ...).
 
@@ -132,8 +133,12 @@ def _converter(model_type: str):
         from jaxattn.models import gpt_hf
 
         return gpt_hf
+    if model_type == "timm":
+        from jaxattn.models import timm_hub
+
+        return timm_hub
     raise ValueError(f"config.json: model_type {model_type!r} is not one jaxattn converts "
-                     "(transnormer, llama, qwen2, mistral)")
+                     "(transnormer, llama, qwen2, mistral, or a timm folder)")
 
 
 def _raw_config(folder: str | Path) -> dict:
@@ -145,6 +150,8 @@ def _raw_config(folder: str | Path) -> dict:
         raise ValueError(f"{conf}: expected a JSON object")
     if "model_type" not in raw and "decoder_embed_dim" in raw:  # TransNormerLLM configs saved without it
         raw["model_type"] = "transnormer"
+    if "model_type" not in raw and "architecture" in raw:  # timm's hub layout
+        raw["model_type"] = "timm"
     return raw
 
 

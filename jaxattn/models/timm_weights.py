@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxattn.models import hf
 from jaxattn.models.gates import GateParam
 
 _LEAF_TO_TIMM = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
@@ -38,32 +38,29 @@ def timm_variables(model: nnx.Module) -> list[tuple[str, nnx.Variable, str]]:
     return out
 
 
+def timm_entries(model: nnx.Module) -> list[hf.Entry]:
+    """Every parameter and BatchNorm statistic under its timm key: conv OIHW <-> HWIO, linear transposed."""
+    out = []
+    for key, var, kind in timm_variables(model):
+        if kind == "conv":
+            out.append(hf.Entry((key,), var, lambda w: w.transpose(2, 3, 1, 0), lambda k: (k.transpose(3, 2, 0, 1),)))
+        else:
+            out.append(hf.linear(key, var) if kind == "linear" else hf.same(key, var))
+    return out
+
+
+def ignore(key: str) -> bool:
+    """Checkpoint keys with no counterpart: BatchNorm's ``num_batches_tracked``."""
+    return key.endswith("num_batches_tracked")
+
+
 def to_timm_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's variables under timm's ``state_dict`` keys and layouts (numpy, as stored)."""
-    sd = {}
-    for key, var, kind in timm_variables(model):
-        a = np.asarray(var[...])
-        sd[key] = a.transpose(3, 2, 0, 1) if kind == "conv" else a.T if kind == "linear" else a
-    return sd
+    return hf.to_state_dict(timm_entries(model))
 
 
 def load_timm_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
     """Copies a timm ``state_dict`` (values: numpy arrays or anything ``np.asarray`` takes, e.g.
     ``t.detach().numpy()``) into ``model`` in place. ``strict``: every model variable must be
     present and every checkpoint key used."""
-    sd = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
-    used, missing = set(), []
-    for key, var, kind in timm_variables(model):
-        if key not in sd:
-            missing.append(key)
-            continue
-        a = np.asarray(sd[key], dtype=np.float32)
-        a = a.transpose(2, 3, 1, 0) if kind == "conv" else a.T if kind == "linear" else a
-        if a.shape != tuple(var.shape):
-            raise ValueError(f"{key}: checkpoint shape {a.shape} (converted) != model shape {tuple(var.shape)}")
-        var[...] = jnp.asarray(a, var[...].dtype)
-        used.add(key)
-    unexpected = sorted(set(sd) - used)
-    if strict and (missing or unexpected):
-        raise ValueError(f"state_dict mismatch: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    hf.load_state_dict(timm_entries(model), state_dict, strict=strict, ignore=ignore)

@@ -1,0 +1,116 @@
+"""timm's Hugging Face hub folders (``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``, ``timm/halonet26t...``:
+``config.json`` with ``architecture`` / ``model_args`` / ``pretrained_cfg``, and ``model.safetensors`` or
+``pytorch_model.bin``) -> :class:`ViT` / :class:`HaloNet`, through :func:`jaxattn.models.hf.load_pretrained`.
+
+Architectures: ``vit_{tiny,small,base,large,huge}_patch{P}_{S}`` (class token pooling, or ``global_pool="avg"``
+with ``class_token=False, fc_norm=False``), ``halonet26t``, ``sehalonet33ts``; ``model_args`` that timm records
+(depth, img_size, patch_size, embed_dim, num_heads, mlp_ratio, qkv_bias, in_chans, num_classes, ...) apply.
+What the models here do not have (register tokens, layer scale, ``fc_norm``, ``qk_norm``, ...) raises
+``ValueError``. :func:`preprocessing` gives the checkpoint's input size, mean, std and crop.
+The key and layout maps are :mod:`jaxattn.models.timm_weights`'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from jaxattn.models import hf
+from jaxattn.models.halonet import HALONET_CONFIGS, HaloNet, HaloNetConfig
+from jaxattn.models.timm_weights import ignore, timm_entries as entries
+from jaxattn.models.vit import ViT, ViTConfig
+
+__all__ = ["config_from_hf", "entries", "preprocessing", "to_state_dict"]
+
+_VIT = re.compile(r"vit_(tiny|small|base|large|huge)_patch(\d+)_(\d+)")
+_VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
+              "huge": (1280, 32, 16)}
+# model_args a checkpoint may record with the value the models here implement (others: refused)
+_VIT_FIXED = {"reg_tokens": 0, "no_embed_class": False, "fc_norm": False, "init_values": None, "pre_norm": False,
+              "qk_norm": False, "final_norm": True, "dynamic_img_size": False, "pos_embed": "learn",
+              "weight_init": "", "drop_rate": 0.0, "pos_drop_rate": 0.0,
+              "proj_drop_rate": 0.0, "attn_drop_rate": 0.0, "drop_path_rate": 0.0}
+
+
+def _size(value: Any, what: str) -> int:
+    """timm's int or (h, w) image size; square only."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"config.json: {what} {list(value)}: only square images are supported")
+        value = value[0]
+    return int(value)
+
+
+def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> ViTConfig | HaloNetConfig:
+    """The model config of a timm ``config.json``; ``overrides`` set jaxattn-only fields (``dtype``,
+    ``attn_impl``, ``quantized``, ...)."""
+    arch = str(raw.get("architecture", "")).split(".")[0]
+    args = dict(raw.get("model_args") or {})
+    pre = raw.get("pretrained_cfg") or {}
+    num_classes = int(args.pop("num_classes", raw.get("num_classes", pre.get("num_classes", 1000))))
+    in_chans = int(args.pop("in_chans", (pre.get("input_size") or [3])[0]))
+    pool = args.pop("global_pool", raw.get("global_pool"))
+    if arch in ("halonet26t", "sehalonet33ts"):
+        if pool not in (None, "avg"):
+            raise ValueError(f"config.json: global_pool {pool!r}: {arch} here pools by averaging ('avg')")
+        size = _size(args.pop("img_size", (pre.get("input_size") or [3, 256])[1:]), "img_size")
+        if args:
+            raise ValueError(f"config.json: model_args {sorted(args)} are not supported for {arch}")
+        cfg = dataclasses.replace(HALONET_CONFIGS[arch], num_classes=num_classes, in_channels=in_chans,
+                                  image_size=size)
+    elif m := _VIT.fullmatch(arch):
+        dim, depth, heads = _VIT_SIZES[m.group(1)]
+        class_token = bool(args.pop("class_token", True))
+        if (pool or "token") == "token" and class_token:
+            vit_pool = "cls"
+        elif pool == "avg" and not class_token and args.get("fc_norm") is False:
+            vit_pool = "mean"
+        else:
+            raise ValueError(f"config.json: global_pool {pool!r} with class_token={class_token}: supported are "
+                             "'token' with a class token, and 'avg' with class_token=False and fc_norm=False")
+        if vit_pool == "mean":
+            args.pop("fc_norm")  # (False, checked above)
+        bad = {k: v for k, v in args.items() if k in _VIT_FIXED and v != _VIT_FIXED[k]}
+        unknown = sorted(set(args) - set(_VIT_FIXED) - {"depth", "img_size", "patch_size", "embed_dim", "num_heads",
+                                                         "mlp_ratio", "qkv_bias"})
+        if bad or unknown:
+            raise ValueError(f"config.json: model_args {bad or unknown} are not supported by jaxattn's ViT")
+        cfg = ViTConfig(image_size=_size(args.get("img_size", int(m.group(3))), "img_size"),
+                        patch_size=int(args.get("patch_size", int(m.group(2)))), in_channels=in_chans,
+                        num_classes=num_classes, dim=int(args.get("embed_dim", dim)),
+                        depth=int(args.get("depth", depth)), heads=int(args.get("num_heads", heads)),
+                        mlp_ratio=float(args.get("mlp_ratio", 4.0)), qkv_bias=bool(args.get("qkv_bias", True)),
+                        pool=vit_pool)
+    else:
+        raise ValueError(f"config.json: timm architecture {arch!r} is not one jaxattn converts "
+                         "(vit_{tiny,small,base,large,huge}_patch{P}_{S}, halonet26t, sehalonet33ts)")
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    if set(overrides) - fields:
+        raise ValueError(f"unknown {type(cfg).__name__} fields {sorted(set(overrides) - fields)}")
+    return dataclasses.replace(cfg, **overrides)
+
+
+def preprocessing(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's evaluation preprocessing: ``input_size`` (C, H, W), ``mean``, ``std``, ``crop_pct``,
+    ``interpolation`` (timm's ``pretrained_cfg``; ImageNet statistics when absent)."""
+    pre = raw.get("pretrained_cfg") or {}
+    return {"input_size": tuple(pre.get("input_size", (3, 224, 224))),
+            "mean": tuple(pre.get("mean", (0.485, 0.456, 0.406))), "std": tuple(pre.get("std", (0.229, 0.224, 0.225))),
+            "crop_pct": float(pre.get("crop_pct", 0.875)), "interpolation": pre.get("interpolation", "bicubic")}
+
+
+def load(cfg: ViTConfig | HaloNetConfig, state_dict: Mapping[str, Any], *, strict: bool, where: str):
+    build = (lambda: HaloNet(cfg, rngs=nnx.Rngs(0))) if isinstance(cfg, HaloNetConfig) \
+        else (lambda: ViT(cfg, rngs=nnx.Rngs(0)))
+    model = hf.fill_abstract(build, entries, state_dict, strict=strict, ignore=ignore, where=where)
+    model.eval()  # a pretrained classifier: BatchNorm running statistics, no dropout
+    return model
+
+
+def to_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    return hf.to_state_dict(entries(model))

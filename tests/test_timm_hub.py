@@ -1,0 +1,113 @@
+"""timm's hub folders (config.json with architecture / model_args / pretrained_cfg, and weights) ->
+ViT / HaloNet through jaxattn.models.hf; with timm installed, against timm's own models."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxattn.models import create_model, hf
+from jaxattn.models.safetensors_io import write_safetensors
+from jaxattn.models.timm_hub import config_from_hf, preprocessing
+from jaxattn.models.timm_weights import to_timm_state_dict
+from jaxattn.models.vit import ViT
+
+PRE = {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.9,
+       "interpolation": "bicubic", "num_classes": 7}
+VIT_TINY = {"architecture": "vit_tiny_patch16_224", "num_classes": 7, "num_features": 192, "global_pool": "token",
+            "model_args": {"depth": 2, "img_size": [32, 32], "patch_size": 8, "num_classes": 7, "in_chans": 3,
+                           "global_pool": "token"}, "pretrained_cfg": PRE}
+
+
+def _folder(tmp_path, raw, sd):
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    write_safetensors(tmp_path / "model.safetensors", {**sd, "norm.num_batches_tracked": np.zeros((), np.int64)}
+                      if "stem.conv1.bn.weight" in sd else sd)
+    return tmp_path
+
+
+def test_vit_folder(tmp_path):
+    cfg = config_from_hf(VIT_TINY, attn_impl="xla")
+    assert (cfg.dim, cfg.depth, cfg.heads, cfg.patch_size, cfg.image_size, cfg.num_classes, cfg.pool) == (
+        192, 2, 3, 8, 32, 7, "cls")
+    src = ViT(cfg, rngs=nnx.Rngs(2))
+    src.eval()
+    folder = _folder(tmp_path, VIT_TINY, to_timm_state_dict(src))
+    assert hf.hf_model_type(folder) == "timm"
+    model = hf.load_pretrained(folder, attn_impl="xla")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(src(x)))
+    assert preprocessing(VIT_TINY)["mean"] == (0.5, 0.5, 0.5)
+    quant = hf.load_pretrained(folder, attn_impl="xla", quantized=True)  # overrides reach the model
+    assert quant.cfg.quantized
+
+
+def test_halonet_folder_keeps_batchnorm_statistics(tmp_path):
+    src = create_model("halonet26t", rngs=nnx.Rngs(0), num_classes=5, attn_impl="xla")
+    sd = to_timm_state_dict(src)
+    rng = np.random.default_rng(0)
+    sd = {k: (rng.uniform(0.5, 2.0, v.shape).astype(np.float32) if k.endswith("running_var") else v)
+          for k, v in sd.items()}  # statistics that differ from a fresh model's
+    raw = {"architecture": "halonet26t", "num_classes": 5, "global_pool": "avg",
+           "model_args": {"num_classes": 5, "in_chans": 3, "global_pool": "avg"},
+           "pretrained_cfg": {**PRE, "input_size": [3, 256, 256]}}
+    folder = _folder(tmp_path, raw, sd)
+    model = hf.load_pretrained(folder, attn_impl="xla")
+    assert model.cfg.num_classes == 5 and model.cfg.image_size == 256
+    np.testing.assert_array_equal(np.asarray(model.stem.conv1.bn.var[...]), sd["stem.conv1.bn.running_var"])
+    from jaxattn.models.timm_weights import load_timm_state_dict
+
+    load_timm_state_dict(src, sd)
+    src.eval()
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 64, 64, 3))
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(src(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_unsupported_timm_configs():
+    for change, match in [({"architecture": "vit_base_patch16_clip_224"}, "not one jaxattn converts"),
+                          ({"model_args": {"reg_tokens": 4}}, "reg_tokens"),
+                          ({"model_args": {"init_values": 1e-5}}, "init_values"),
+                          ({"model_args": {"qk_norm": True}}, "qk_norm"),
+                          ({"global_pool": "avg", "model_args": {}}, "global_pool 'avg'"),
+                          ({"model_args": {"img_size": [32, 48]}}, "only square"),
+                          ({"model_args": {"something_new": 1}}, "something_new")]:
+        with pytest.raises(ValueError, match=match):
+            config_from_hf({**VIT_TINY, **change})
+    gap = config_from_hf({**VIT_TINY, "global_pool": "avg", "model_args": {"class_token": False, "fc_norm": False,
+                                                                           "global_pool": "avg"}})
+    assert gap.pool == "mean"
+    with pytest.raises(ValueError, match="unknown ViTConfig fields"):
+        config_from_hf(VIT_TINY, quantize=True)
+    with pytest.raises(ValueError, match="halonet26t"):
+        config_from_hf({"architecture": "halonet26t", "model_args": {"block_size": 4}})
+
+
+@pytest.mark.parametrize("arch,kwargs,size", [("vit_tiny_patch16_224", dict(depth=2, img_size=32, patch_size=8), 32),
+                                              ("halonet26t", {}, 256)])
+def test_matches_timm(tmp_path, arch, kwargs, size):
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(0)
+    ref = timm.create_model(arch, num_classes=7, **kwargs).eval()
+    save_for_hf(ref, tmp_path, safe_serialization=True)
+    x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.as_tensor(x).permute(0, 3, 1, 2)).numpy()
+    got = np.asarray(hf.load_pretrained(tmp_path, attn_impl="xla")(jnp.asarray(x)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_bench_vision_runs_a_timm_folder(tmp_path):
+    """bench vision --infer-models FOLDER: the pretrained weights, quantized and not."""
+    from jaxattn.bench import vision
+
+    src = ViT(config_from_hf(VIT_TINY), rngs=nnx.Rngs(2))
+    folder = _folder(tmp_path, VIT_TINY, to_timm_state_dict(src))
+    recs = vision.inference_throughput(str(folder), batch=2, dtype="float32", steps=1, warmup=1, attn_impl="xla")
+    assert [(r["mode"], r["weights"]) for r in recs] == [("infer", "pretrained"), ("infer-quantized", "pretrained")]
+    assert 0.0 <= recs[1]["top1_agreement"] <= 1.0 and recs[0]["image_size"] == 32
