@@ -73,8 +73,13 @@ def load_state_dict(entries: Iterable[Entry], state_dict: Mapping[str, Any], *, 
                     ignore: Callable[[str], bool] = lambda key: False) -> None:
     """Copies a checkpoint's arrays (numpy, bf16 included, or anything ``np.asarray`` takes) into the
     variables, in place. ``strict``: every variable present and every key not ``ignore``d used."""
+    from tqdm import tqdm
+
+    entries = list(entries)
     used, missing = set(), []
-    for e in entries:
+    # a bar for large checkpoints (tqdm shows it on a terminal only)
+    for e in tqdm(entries, desc="loading weights", unit="tensor", disable=None if len(entries) > 100 else True,
+                  leave=False):
         absent = [k for k in e.keys if k not in state_dict]
         if absent:
             missing += absent
