@@ -76,6 +76,10 @@ def test_unsupported_timm_configs():
                           ({"model_args": {"something_new": 1}}, "something_new")]:
         with pytest.raises(ValueError, match=match):
             config_from_hf({**VIT_TINY, **change})
+    for arch in ("deit3_base_patch16_224", "deit_base_distilled_patch16_224", "vit_base_patch16_224_miil"):
+        with pytest.raises(ValueError, match="not one jaxattn converts"):
+            config_from_hf({**VIT_TINY, "architecture": arch})
+    assert config_from_hf({**VIT_TINY, "architecture": "deit_small_patch16_224.fb_in1k", "model_args": {}}).heads == 6
     gap = config_from_hf({**VIT_TINY, "global_pool": "avg", "model_args": {"class_token": False, "fc_norm": False,
                                                                            "global_pool": "avg"}})
     assert gap.pool == "mean"
@@ -86,6 +90,7 @@ def test_unsupported_timm_configs():
 
 
 @pytest.mark.parametrize("arch,kwargs,size", [("vit_tiny_patch16_224", dict(depth=2, img_size=32, patch_size=8), 32),
+                                              ("deit_small_patch16_224", dict(depth=2, img_size=32, patch_size=8), 32),
                                               ("halonet26t", {}, 256)])
 def test_matches_timm(tmp_path, arch, kwargs, size):
     torch = pytest.importorskip("torch")

@@ -213,6 +213,13 @@ DP_SCRIPT = """
         t = Trainer(cfg, model, devices=devices)
         losses = [float(t.step(get_batch(toks, seed=0, step=s, batch=8, seq_len=32))) for s in range(2)]
         out.append((losses, jax.tree.leaves(nnx.state(t.model, nnx.Param))))
+    # FSDP: parameters and AdamW moments split over the 4 data devices (the big ones), the same steps
+    t = Trainer(LMConfig(seq_len=32, batch_size=8, warmup=1, steps=4, fsdp=True), model, devices=jax.devices())
+    split = [x for x in jax.tree.leaves(t.state) if "data" in tuple(x.sharding.spec)]
+    assert len(split) >= 3 * 6, len(split)  # (embedding, per layer qkvu, out, l1-l3, head) x (param, mu, nu)
+    assert all(x.addressable_shards[0].data.size * 4 == x.size for x in split)
+    losses = [float(t.step(get_batch(toks, seed=0, step=s, batch=8, seq_len=32))) for s in range(2)]
+    out.append((losses, jax.tree.leaves(nnx.state(t.model, nnx.Param))))
     # sequence parallel: 2 data x 2 seq devices (TNL's Lightning attention split over the sequence)
     sp_cfg = LMConfig(seq_len=32, batch_size=8, warmup=1, steps=4, seq_parallel=2)
     t = Trainer(sp_cfg, model, devices=jax.devices())

@@ -28,7 +28,9 @@ def _add_lm(sub) -> None:
         "data": "text file or folder (bytes), or token files (.npy, nanoGPT's uint16 .bin; a folder with train/val "
                 "files); default: the Python stdlib sources",
         "seq_parallel": "devices that share each sequence (TNL: sequence-parallel Lightning attention, GPT: "
-                        "ring attention); the other devices split the batch"})
+                        "ring attention); the other devices split the batch",
+        "fsdp": "shard parameters and optimizer state over the data-parallel devices (FSDP / ZeRO-3): each holds "
+                "about 1/N of them, for models whose AdamW state does not fit one device; same steps"})
     _common(p)
 
 

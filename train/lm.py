@@ -33,6 +33,7 @@ class LMConfig:
     batch_size: int = 16  # global batch per optimizer step (all devices, all micro-batches)
     grad_accum: int = 1
     seq_parallel: int = 1  # devices per sequence (TNL: sequence-parallel Lightning attention); the rest: data
+    fsdp: bool = False  # shard parameters and optimizer state over the data devices (ZeRO-3); same steps
     steps: int = 300
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -79,7 +80,7 @@ class Trainer(loop.Trainer):
         self.cfg = cfg
         super().__init__(model_factory, make_optimizer(cfg), lambda model, tokens, rng: lm_loss(model, tokens),
                          eval_fn=lm_loss, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                         seed=cfg.seed, devices=devices, seq_parallel=cfg.seq_parallel)
+                         seed=cfg.seed, devices=devices, seq_parallel=cfg.seq_parallel, shard_state=cfg.fsdp)
 
     def evaluate(self, corpus: Corpus) -> float:
         """Mean validation loss over ``eval_batches`` fixed batches of the validation split."""

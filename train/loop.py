@@ -81,8 +81,8 @@ def apply_augment(augment: Callable[[Any, jax.Array], Any], batch: Batch, key: j
 
 # -- the trainer --------------------------------------------------------------------------
 class Trainer:
-    """Holds ``(model, optimizer)`` state as one pytree, replicated over a ``[data, seq]`` mesh of
-    ``devices``, and jitted train/eval steps with the batch sharded over ``data``.
+    """Holds ``(model, optimizer)`` state as one pytree, replicated (or, ``shard_state``, split) over a
+    ``[data, seq]`` mesh of ``devices``, and jitted train/eval steps with the batch sharded over ``data``.
 
     ``seq_parallel`` devices share each sequence (``seq`` axis; the model must have
     ``enable_sequence_parallel``, e.g. TNL); the other factor of the device count is ``data``.
@@ -90,16 +90,24 @@ class Trainer:
     must be divisible by ``grad_accum * len(devices) / seq_parallel``. Gradients (and the loss and
     metrics) are averaged over the ``grad_accum`` micro-batches.
 
+    ``shard_state`` (FSDP / ZeRO-3): each parameter and optimizer-state array of at least
+    ``fsdp_min_size`` elements is split over the ``data`` devices along its largest divisible axis, so
+    a device holds about ``1/data`` of the state; XLA gathers each weight where it is used and
+    reduce-scatters its gradient. The steps are the same as replicated ones.
+
     To change how gradients are computed (e.g. routed gradients for gate parameters), subclass and
     override :meth:`grads`.
     """
+
+    fsdp_min_size = 1024  # smaller arrays (norm weights, biases, slopes) stay replicated
 
     def __init__(self, model_factory: Callable[[nnx.Rngs], nnx.Module],
                  optimizer: optax.GradientTransformation | Callable[[nnx.Module], optax.GradientTransformation],
                  loss_fn: LossFn, *, batch_size: int, grad_accum: int = 1, seed: int = 0,
                  augment: Callable[[Any, jax.Array], Any] | None = None,
                  eval_fn: Callable[[nnx.Module, Batch], Any] | None = None,
-                 devices: Sequence[Any] | None = None, wrt: Any = nnx.Param, seq_parallel: int = 1):
+                 devices: Sequence[Any] | None = None, wrt: Any = nnx.Param, seq_parallel: int = 1,
+                 shard_state: bool = False):
         devices = list(devices or jax.local_devices())
         if seq_parallel < 1 or len(devices) % seq_parallel:
             raise ValueError(f"--seq-parallel {seq_parallel} must divide the {len(devices)} devices")
@@ -126,10 +134,21 @@ class Trainer:
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(None, "data"))  # [accum, micro, ...]
         self.eval_sharding = NamedSharding(self.mesh, P("data"))
-        self.state = jax.device_put(state, self.replicated)
+        self.state_sharding = jax.tree.map(self._fsdp_sharding if shard_state else lambda _: self.replicated, state)
+        self.state = jax.device_put(state, self.state_sharding)
         self._train = jax.jit(self._train_step, donate_argnums=0,
-                              out_shardings=(self.replicated, self.replicated))
+                              out_shardings=(self.state_sharding, self.replicated))
         self._eval = jax.jit(self._eval_step)
+
+    def _fsdp_sharding(self, x: Any) -> NamedSharding:
+        """``x`` split over ``data`` along its largest axis that the data devices divide, else replicated."""
+        n = self.n_devices
+        if n == 1 or _is_key(x) or x.ndim == 0 or x.size < self.fsdp_min_size:
+            return self.replicated
+        for axis in sorted(range(x.ndim), key=lambda a: -x.shape[a]):
+            if x.shape[axis] % n == 0:
+                return NamedSharding(self.mesh, P(*[("data" if a == axis else None) for a in range(x.ndim)]))
+        return self.replicated
 
     # -- views of the state ----------------------------------------------------------------
     @property
@@ -231,7 +250,7 @@ class Trainer:
         restored = manager.restore(step, args=ocp.args.StandardRestore(target))
         self.state = jax.device_put(
             jax.tree.unflatten(treedef, [_from_host(x, restored[str(i)]) for i, x in enumerate(leaves)]),
-            self.replicated)
+            self.state_sharding)
 
 
 def _is_key(x: Any) -> bool:

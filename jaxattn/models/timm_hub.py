@@ -2,7 +2,8 @@
 ``config.json`` with ``architecture`` / ``model_args`` / ``pretrained_cfg``, and ``model.safetensors`` or
 ``pytorch_model.bin``) -> :class:`ViT` / :class:`HaloNet`, through :func:`jaxattn.models.hf.load_pretrained`.
 
-Architectures: ``vit_{tiny,small,base,large,huge}_patch{P}_{S}`` (class token pooling, or ``global_pool="avg"``
+Architectures: ``vit_{tiny,small,base,large,huge}_patch{P}_{S}`` and DeiT's ``deit_{tiny,small,base}_patch16_{S}``
+(not the distilled or DeiT III ones) (class token pooling, or ``global_pool="avg"``
 with ``class_token=False, fc_norm=False``), ``halonet26t``, ``sehalonet33ts``; ``model_args`` that timm records
 (depth, img_size, patch_size, embed_dim, num_heads, mlp_ratio, qkv_bias, in_chans, num_classes, ...) apply.
 What the models here do not have (register tokens, layer scale, ``fc_norm``, ``qk_norm``, ...) raises
@@ -27,7 +28,7 @@ from jaxattn.models.vit import ViT, ViTConfig
 
 __all__ = ["config_from_hf", "entries", "preprocessing", "to_state_dict"]
 
-_VIT = re.compile(r"vit_(tiny|small|base|large|huge)_patch(\d+)_(\d+)")
+_VIT = re.compile(r"(?:vit|deit)_(tiny|small|base|large|huge)_patch(\d+)_(\d+)")  # DeiT: ViT weights, same model
 _VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
               "huge": (1280, 32, 16)}
 # model_args a checkpoint may record with the value the models here implement (others: refused)
@@ -88,7 +89,7 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> ViTConfig | Halo
                         pool=vit_pool)
     else:
         raise ValueError(f"config.json: timm architecture {arch!r} is not one jaxattn converts "
-                         "(vit_{tiny,small,base,large,huge}_patch{P}_{S}, halonet26t, sehalonet33ts)")
+                         "(vit_/deit_{tiny,small,base,large,huge}_patch{P}_{S}, halonet26t, sehalonet33ts)")
     fields = {f.name for f in dataclasses.fields(cfg)}
     if set(overrides) - fields:
         raise ValueError(f"unknown {type(cfg).__name__} fields {sorted(set(overrides) - fields)}")
