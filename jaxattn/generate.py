@@ -62,7 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompt-ids", default=None, help="token ids such as 464,2068 (runs on token files)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-k", type=int, default=40, help="0: no top-k cut")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the most likely tokens "
+                   "whose probability reaches this")
+    p.add_argument("--eos-id", type=int, default=None, help="stop at this token id (default: a Hugging Face "
+                   "folder's eos_token_id; none for training runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype of a Hugging Face folder's model (default float32)")
@@ -101,8 +105,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not text:
             p.error("--prompt must not be empty")
         prompt = np.frombuffer(text.encode(), np.uint8).astype(np.int32)
-    toks = generate(model, jnp.asarray(prompt)[None], a.max_new_tokens, temperature=a.temperature,
-                    top_k=a.top_k or None, key=jax.random.PRNGKey(a.seed))
+    eos = a.eos_id
+    if eos is None and kind is not None:
+        eos = json.loads((Path(a.checkpoint) / "config.json").read_text()).get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos  # (some configs list several)
+        eos = eos if isinstance(eos, int) and 0 <= eos < vocab else None
+    try:
+        toks = generate(model, jnp.asarray(prompt)[None], a.max_new_tokens, temperature=a.temperature,
+                        top_k=a.top_k or None, top_p=a.top_p, eos_id=eos, key=jax.random.PRNGKey(a.seed))
+    except ValueError as e:
+        p.error(str(e))
     out = np.asarray(toks[0])
     if byte_level:
         print(bytes(out.clip(0, 255).astype(np.uint8)).decode("utf-8", errors="replace"))

@@ -44,6 +44,32 @@ def test_generate_logits_match_parallel_forward():
     assert sampled.shape == (2, 14) and int(sampled.max()) < 64
 
 
+def test_top_p_and_eos():
+    from jaxattn.models import sample_logits
+
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.PRNGKey(0), 400)
+    draws = jax.vmap(lambda k, p: sample_logits(logits, k, 1.0, None, p), in_axes=(0, None))
+    for top_p, want in ((0.4, {0}), (0.7, {0, 1}), (0.85, {0, 1, 2}), (1.0, {0, 1, 2, 3})):
+        assert set(np.asarray(draws(keys, top_p)).ravel().tolist()) == want, top_p
+    m = _tiny()
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 64)
+    greedy = np.asarray(generate(m, prompt, 8, temperature=0.0))
+    eos = int(greedy[0, 11])  # row 0's third new token
+    out = np.asarray(generate(m, prompt, 8, temperature=0.0, eos_id=eos))
+    first = [int(np.argmax(r[9:] == eos)) if (r[9:] == eos).any() else None for r in greedy]
+    stop = max(f if f is not None else 7 for f in first) + 1  # every row done (or the budget used)
+    assert out.shape == (2, 9 + stop)
+    for r, f in enumerate(first):
+        end = 9 + (stop if f is None else f + 1)
+        np.testing.assert_array_equal(out[r, :end], greedy[r, :end])  # as greedy up to its eos
+        assert (out[r, end:] == eos).all()  # then eos only
+    with pytest.raises(ValueError, match="top_p"):
+        generate(m, prompt, 2, top_p=0.0)
+    with pytest.raises(ValueError, match="eos_id"):
+        generate(m, prompt, 2, eos_id=64)
+
+
 def test_prefill_states_continue_the_sequence():
     m = _tiny()
     toks = jax.random.randint(jax.random.PRNGKey(2), (1, 30), 0, 64)

@@ -21,15 +21,24 @@ def supports_generation(model: nnx.Module) -> bool:
     return callable(getattr(model, "prefill", None)) and callable(getattr(model, "decode_step", None))
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
+                  top_p: float | None = None) -> jax.Array:
     """Samples token ids from ``logits [..., vocab]``: greedy at ``temperature <= 0``, else softmax
-    of ``logits / temperature`` restricted to the ``top_k`` largest (all when None)."""
+    of ``logits / temperature`` restricted to the ``top_k`` largest (all when None) and then to the
+    smallest set of most likely tokens whose probability reaches ``top_p`` (nucleus sampling; the most
+    likely token always stays)."""
     if temperature <= 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
+    logits = logits.astype(jnp.float32) / temperature
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+        cutoff = jnp.min(jnp.where(before < top_p, desc, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
@@ -44,11 +53,14 @@ def _decode_step(model, token, cache, position):
 
 
 def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, key: jax.Array | None = None, return_logits: bool = False):
-    """Samples ``max_new_tokens`` after ``prompt [batch, p]`` (int). The prompt is prefilled
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             key: jax.Array | None = None, return_logits: bool = False):
+    """Samples up to ``max_new_tokens`` after ``prompt [batch, p]`` (int). The prompt is prefilled
     with the parallel forward; each new token is one incremental step. ``temperature=0`` is
-    greedy. Returns ``tokens [batch, p + max_new_tokens]`` (and the per-step logits
-    ``[batch, max_new_tokens, vocab]``, which equal the parallel forward's)."""
+    greedy; ``top_k`` / ``top_p`` restrict sampling (:func:`sample_logits`). With ``eos_id`` a row that
+    has emitted it continues with ``eos_id`` only, and generation stops once every row has. Returns
+    ``tokens [batch, p + n]``, ``n <= max_new_tokens`` the steps taken (and the per-step logits
+    ``[batch, n, vocab]``, which equal the parallel forward's)."""
     if not supports_generation(model):
         raise ValueError(f"{type(model).__name__} has no incremental decoding (prefill/decode_step); "
                          "generate() samples from TNL and GPT models")
@@ -61,17 +73,27 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, tempe
     vocab = model.cfg.vocab_size
     if top_k is not None and not 1 <= top_k <= vocab:
         raise ValueError(f"top_k must be in 1..{vocab}, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if eos_id is not None and not 0 <= eos_id < vocab:
+        raise ValueError(f"eos_id must be in 0..{vocab - 1}, got {eos_id}")
     key = jax.random.PRNGKey(0) if key is None else key
     prompt = prompt.astype(jnp.int32)
     tokens, all_logits = [prompt], []
     if max_new_tokens:
         pos = prompt.shape[1]
         last, cache = _prefill(model, prompt, pos + max_new_tokens)
+        done = jnp.zeros((prompt.shape[0],), bool)
         for i in range(max_new_tokens):
             all_logits.append(last)
             key, sub = jax.random.split(key)
-            tok = sample_logits(last, sub, temperature, top_k)
+            tok = sample_logits(last, sub, temperature, top_k, top_p)
+            if eos_id is not None:
+                tok = jnp.where(done, eos_id, tok)
+                done = done | (tok == eos_id)
             tokens.append(tok[:, None])
+            if eos_id is not None and bool(done.all()):
+                break
             if i + 1 < max_new_tokens:
                 last, cache = _decode_step(model, tok, cache, jnp.asarray(pos, jnp.int32))
                 pos += 1
