@@ -48,7 +48,7 @@ def random_hf_state_dict(raw, seed=0):
 
 
 def reference_logits(sd, raw, tokens):
-    """float64 numpy LlamaForCausalLM / Qwen2ForCausalLM forward."""
+    """float64 numpy LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM forward."""
     W = {k: v.astype(np.float64) for k, v in sd.items()}
     d, h, kv = raw["hidden_size"], raw["num_attention_heads"], raw["num_key_value_heads"]
     hd, eps, b, n = d // h, raw["rms_norm_eps"], *tokens.shape
@@ -70,6 +70,8 @@ def reference_logits(sd, raw, tokens):
 
     x = W["model.embed_tokens.weight"][tokens]
     causal = np.tril(np.ones((n, n), bool))
+    if raw.get("sliding_window"):  # Mistral: key j visible to query i iff i - W < j <= i
+        causal &= np.arange(n)[None, :] > np.arange(n)[:, None] - raw["sliding_window"]
     for i in range(raw["num_hidden_layers"]):
         p = f"model.layers.{i}."
         y = norm(x, W[p + "input_layernorm.weight"])
@@ -90,7 +92,10 @@ def reference_logits(sd, raw, tokens):
     return x @ head.T
 
 
-@pytest.mark.parametrize("raw", [LLAMA, QWEN2], ids=["llama-gqa-untied", "qwen2-bias-tied"])
+MISTRAL = {**LLAMA, "model_type": "mistral", "sliding_window": 5}
+
+
+@pytest.mark.parametrize("raw", [LLAMA, QWEN2, MISTRAL], ids=["llama-gqa-untied", "qwen2-bias-tied", "mistral-window"])
 def test_state_dict_gives_the_reference_logits(raw):
     sd = random_hf_state_dict(raw)
     cfg = config_from_hf(raw, attn_impl="xla")
@@ -139,10 +144,11 @@ def test_bad_configs():
                           ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
                           ({"hidden_act": "gelu"}, "hidden_act"), ({"mlp_bias": True}, "mlp_bias"),
                           ({"head_dim": 16}, "head_dim"), ({"model_type": "gpt2"}, "model_type"),
-                          ({"model_type": "mistral", "sliding_window": 4096}, "sliding_window")]:
+                          ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window")]:
         with pytest.raises(ValueError, match=match):
             config_from_hf({**LLAMA, **change})
-    assert config_from_hf({**LLAMA, "model_type": "mistral", "sliding_window": None}).kv_heads == 2
+    assert config_from_hf({**LLAMA, "model_type": "mistral", "sliding_window": None}).layer_types == ("full",)
+    assert config_from_hf(MISTRAL, layer_types=("full",)).layer_types == ("full",)  # override
     # transformers >= 5 keeps the RoPE base in rope_parameters
     new_style = {k: v for k, v in LLAMA.items() if k != "rope_theta"}
     assert config_from_hf({**new_style, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}).rope_theta == 1e6
@@ -155,12 +161,12 @@ def test_bad_configs():
                                    "model.layers.1.self_attn.v_proj.weight": np.zeros((8, 32), np.float32)})
 
 
-@pytest.mark.parametrize("raw", [LLAMA, QWEN2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("raw", [LLAMA, QWEN2, MISTRAL], ids=["llama", "qwen2", "mistral"])
 def test_matches_transformers(tmp_path, raw):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    config_cls = transformers.LlamaConfig if raw["model_type"] == "llama" else transformers.Qwen2Config
-    model_cls = transformers.LlamaForCausalLM if raw["model_type"] == "llama" else transformers.Qwen2ForCausalLM
+    kind = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[raw["model_type"]]
+    config_cls, model_cls = getattr(transformers, kind + "Config"), getattr(transformers, kind + "ForCausalLM")
     torch.manual_seed(0)
     ref = model_cls(config_cls(**{k: v for k, v in raw.items() if k != "model_type"})).eval()
     for p in ref.parameters():  # larger than the default init, so that every term shows

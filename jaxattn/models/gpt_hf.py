@@ -1,6 +1,8 @@
 """LLaMA-family checkpoints in the Hugging Face layout (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
-``MistralForCausalLM`` without a sliding window) <-> :class:`GPT`, whose blocks are the same
-architecture: pre-RMSNorm, RoPE (rotated halves), GQA, SwiGLU, no biases except Qwen2's q/k/v.
+``MistralForCausalLM``) <-> :class:`GPT`, whose blocks are the same architecture: pre-RMSNorm, RoPE
+(rotated halves), GQA, SwiGLU, no biases except Qwen2's q/k/v. Mistral's ``sliding_window`` becomes
+``layer_types=("window",)`` with that window (token-exact, as Mistral's mask); pass
+``layer_types=("full",)`` to run full attention where every context fits the window.
 
 ``jaxattn.models.hf.load_pretrained(folder, layer_types=("power", "power", "power", "full"))`` runs a
 pretrained model with another attention pattern (PowerAttention, sliding window, ...) for continued
@@ -22,7 +24,7 @@ Hugging Face key                                    jaxattn variable            
 ==================================================  ========================================  ==========
 
 What :class:`GPT` cannot represent raises ``ValueError`` (RoPE scaling, an activation other than SiLU,
-MLP or output biases, a head dim other than ``hidden_size / heads``, Mistral/Qwen2 sliding windows).
+MLP or output biases, a head dim other than ``hidden_size / heads``, Qwen2's sliding windows).
 """
 
 from __future__ import annotations
@@ -65,8 +67,7 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         raise bad("partial_rotary_factor", "1.0")
     if raw.get("mlp_bias", False):
         raise bad("mlp_bias", "false")
-    if kind == "mistral" and raw.get("sliding_window") is not None:
-        raise bad("sliding_window", "null (for a windowed model pass layer_types=('window',), window=W)")
+    window = raw.get("sliding_window") if kind == "mistral" else None
     if kind == "qwen2" and raw.get("use_sliding_window", False):
         raise bad("use_sliding_window", "false")
     dim, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
@@ -79,6 +80,8 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         qkv_bias=kind == "qwen2" or bool(raw.get("attention_bias", False)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         init_std=float(raw.get("initializer_range", 0.02)))
+    if window is not None:  # Mistral: every layer sees its last `sliding_window` keys (itself included)
+        fields.update(layer_types=("window",), window=int(window))
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(GPTConfig)})
     if unknown:
         raise ValueError(f"unknown GPTConfig fields {unknown}")

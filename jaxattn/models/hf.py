@@ -57,10 +57,6 @@ def _set(var: nnx.Variable, value: jax.Array) -> None:
         var.value = value
 
 
-def _is_abstract(var: nnx.Variable) -> bool:
-    return isinstance(var.get_value() if hasattr(var, "get_value") else var.value, jax.ShapeDtypeStruct)
-
-
 def to_state_dict(entries: Iterable[Entry]) -> dict[str, np.ndarray]:
     """The variables under their checkpoint keys and layouts (fp32 numpy)."""
     sd = {}
@@ -120,7 +116,8 @@ def fill_abstract(build: Callable[[], nnx.Module], entries: Callable[[nnx.Module
     covered = {id(e.var) for e in es}
     rest = [i for i, v in enumerate(_variables(model)) if id(v) not in covered]
     if rest:
-        values = jax.jit(lambda: [_value(v) for i, v in enumerate(_variables(build())) if i in set(rest)])()
+        wanted = set(rest)
+        values = jax.jit(lambda: [_value(v) for i, v in enumerate(_variables(build())) if i in wanted])()
         variables = _variables(model)
         for i, x in zip(rest, values):
             _set(variables[i], x)
