@@ -23,6 +23,7 @@ VIT_TINY = {"architecture": "vit_tiny_patch16_224", "num_classes": 7, "num_featu
 
 
 def _folder(tmp_path, raw, sd):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "config.json").write_text(json.dumps(raw))
     write_safetensors(tmp_path / "model.safetensors", {**sd, "norm.num_batches_tracked": np.zeros((), np.int64)}
                       if "stem.conv1.bn.weight" in sd else sd)
@@ -116,3 +117,51 @@ def test_bench_vision_runs_a_timm_folder(tmp_path):
     recs = vision.inference_throughput(str(folder), batch=2, dtype="float32", steps=1, warmup=1, attn_impl="xla")
     assert [(r["mode"], r["weights"]) for r in recs] == [("infer", "pretrained"), ("infer-quantized", "pretrained")]
     assert 0.0 <= recs[1]["top1_agreement"] <= 1.0 and recs[0]["image_size"] == 32
+
+
+def test_adapt_fits_another_task(tmp_path):
+    """Other classes, channels and image size: fresh head, summed first conv, resampled position grid."""
+    from jaxattn.models.timm_hub import adapt
+
+    cfg = config_from_hf(VIT_TINY)
+    sd = to_timm_state_dict(ViT(cfg, rngs=nnx.Rngs(2)))
+    new = config_from_hf(VIT_TINY, num_classes=10, in_channels=1, image_size=16)
+    out, fresh = adapt(new, sd)
+    assert fresh == ["head.weight", "head.bias"] and "head.weight" not in out
+    np.testing.assert_allclose(out["patch_embed.proj.weight"], sd["patch_embed.proj.weight"].sum(1, keepdims=True),
+                               rtol=1e-6)
+    assert out["pos_embed"].shape == (1, 1 + 4, 192)  # class token + 2 x 2 patches of 8 px
+    np.testing.assert_array_equal(out["pos_embed"][:, 0], sd["pos_embed"][:, 0])
+    same, none = adapt(cfg, sd)  # nothing to fit: unchanged
+    assert none == [] and all(np.array_equal(same[k], sd[k]) for k in sd)
+    rgb4, _ = adapt(config_from_hf(VIT_TINY, in_channels=4), sd)
+    assert rgb4["patch_embed.proj.weight"].shape[1] == 4
+    const = {**sd, "pos_embed": np.full_like(sd["pos_embed"], 0.25)}  # resampling keeps a constant grid
+    np.testing.assert_allclose(adapt(new, const)[0]["pos_embed"], 0.25, rtol=1e-5)
+
+
+def test_fine_tune_a_timm_folder_on_digits(tmp_path):
+    """train image --model FOLDER: the pretrained blocks load (lr 0 keeps them), the classifier is new."""
+    from jaxattn.train.__main__ import main as train_main
+
+    src = ViT(config_from_hf(VIT_TINY), rngs=nnx.Rngs(2))
+    folder = _folder(tmp_path / "vit", VIT_TINY, to_timm_state_dict(src))
+    out = tmp_path / "run"
+    assert train_main(["image", "--model", str(folder), "--steps", "2", "--batch-size", "8", "--lr", "0",
+                       "--eval-every", "0", "--out", str(out), "--no-progress", "--attn-impl", "xla"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"] == str(folder.resolve())
+    from jaxattn.train.image import ImageConfig, default_model_factory, make_image_trainer
+    from jaxattn.train.images import load_images
+
+    data = load_images(None, image_size=32)
+    icfg = ImageConfig(**{k: v for k, v in cfg.items() if k in ImageConfig.__dataclass_fields__})
+    trainer = make_image_trainer(icfg, data, default_model_factory(icfg, data))
+    from jaxattn.train import loop
+
+    manager = loop.checkpoint_manager(out)
+    trainer.restore(manager, manager.latest_step())  # the run's own weights after its 2 steps
+    model = trainer.model
+    assert model.cfg.in_channels == 1 and model.cfg.num_classes == 10
+    np.testing.assert_array_equal(np.asarray(model.blocks[1].mlp.fc2.kernel[...]),
+                                  np.asarray(src.blocks[1].mlp.fc2.kernel[...]))

@@ -41,7 +41,8 @@ def _add_image(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_args(p, ImageConfig, choices={**COMPUTE, "dataset": DATASETS, "gates": ["none", "features", "tokens"],
                                              "gate_mode": ["routed", "joint", "none"]}, help={
-        "model": "an image model from jaxattn.models.MODEL_CONFIGS (vit-tiny, halonet-tiny, ...)",
+        "model": "an image model from jaxattn.models.MODEL_CONFIGS (vit-tiny, halonet-tiny, ...), or a timm hub "
+                 "folder to fine-tune (ViT / DeiT / HaloNet; classifier, input channels and position grid adapted)",
         "data": "cifar-10-batches-py/ or cifar-100-python/ folder, or an image folder "
                 "(root/{train,val}/<class>/*.png|jpg, or root/<class>/* split by --val-fraction); "
                 "default: scikit-learn's bundled digits",

@@ -73,7 +73,7 @@ class ImageConfig:
     rra: bool = False
 
     def out_dir(self) -> Path:
-        return Path(self.out or f"runs/image-{self.model}")
+        return Path(self.out or f"runs/image-{Path(self.model).name}")
 
     def __post_init__(self):
         if self.gates not in ("none", "features", "tokens"):
@@ -211,26 +211,36 @@ def plot_attention_examples(model: nnx.Module, data: ImageData, path: Path, n: i
                                 titles=titles, suptitle=f"{title}: label -> prediction; attention over patches")
 
 
+def _pretrained(name: str) -> bool:
+    """Whether ``name`` is a timm hub folder (fine-tuning) rather than a registered model."""
+    from jaxattn.models import hf
+
+    return hf.hf_model_type(name) == "timm"
+
+
 def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rngs], nnx.Module]:
-    from jaxattn.models import create_model
+    """The registered model ``cfg.model`` for ``data``, or the pretrained one in the timm folder ``cfg.model``
+    fitted to it (fresh classifier, first conv and position grid adapted as timm does)."""
+    from jaxattn.models import MODEL_CONFIGS, create_model, hf
 
-    from jaxattn.models import MODEL_CONFIGS
-
+    base = hf.read_config(cfg.model) if _pretrained(cfg.model) else MODEL_CONFIGS.get(cfg.model)
     extra = {}
     if cfg.remat:
-        if not hasattr(MODEL_CONFIGS.get(cfg.model), "remat"):
+        if not hasattr(base, "remat"):
             raise ValueError(f"--remat: {cfg.model} has no activation checkpointing (ViT and HaloNet models have)")
         extra["remat"] = True
     if cfg.gates != "none":
-        if not hasattr(MODEL_CONFIGS.get(cfg.model), "gates"):
+        if not hasattr(base, "gates"):
             raise ValueError(f"--model {cfg.model} has no gates; use a ViT or HaloNet model or --gates none")
-        field = MODEL_CONFIGS[cfg.model].gates
-        extra["gates"] = True if isinstance(field, bool) else cfg.gates
+        extra["gates"] = True if isinstance(base.gates, bool) else cfg.gates
+    kw = dict(num_classes=data.num_classes, image_size=data.image_size, in_channels=data.channels, dtype=cfg.dtype,
+              attn_impl=cfg.attn_impl, dropout=cfg.dropout, drop_path=cfg.drop_path, attn_drop=cfg.attn_drop, **extra)
 
     def factory(rngs):
-        model = create_model(cfg.model, rngs=rngs, num_classes=data.num_classes, image_size=data.image_size,
-                             in_channels=data.channels, dtype=cfg.dtype, attn_impl=cfg.attn_impl,
-                             dropout=cfg.dropout, drop_path=cfg.drop_path, attn_drop=cfg.attn_drop, **extra)
+        if _pretrained(cfg.model):
+            model = hf.load_pretrained(cfg.model, **{k: v for k, v in kw.items() if v is not None})
+        else:
+            model = create_model(cfg.model, rngs=rngs, **kw)
         if cfg.rra:
             from jaxattn.models.rra import RBIClassifier
 
@@ -244,7 +254,8 @@ def check_model(cfg: ImageConfig) -> None:
     """A clear error for a model name that is not a registered image model (before any data is read)."""
     from jaxattn.models.registry import check_model_kind
 
-    check_model_kind(cfg.model, "image")
+    if not _pretrained(cfg.model):
+        check_model_kind(cfg.model, "image")
 
 
 def train(cfg: ImageConfig, *, resume: bool = False,
@@ -258,6 +269,8 @@ def train(cfg: ImageConfig, *, resume: bool = False,
         check_data_args(cfg.data, cfg.dataset)
     if model_factory is None:
         check_model(cfg)
+        if _pretrained(cfg.model):  # the run's config.json finds the folder from anywhere
+            cfg = dataclasses.replace(cfg, model=str(Path(cfg.model).resolve()))
     if data is None:
         data = load_images(cfg.data, dataset=cfg.dataset, image_size=cfg.image_size,
                            val_fraction=cfg.val_fraction)

@@ -7,17 +7,21 @@ Architectures: ``vit_{tiny,small,base,large,huge}_patch{P}_{S}`` and DeiT's ``de
 with ``class_token=False, fc_norm=False``), ``halonet26t``, ``sehalonet33ts``; ``model_args`` that timm records
 (depth, img_size, patch_size, embed_dim, num_heads, mlp_ratio, qkv_bias, in_chans, num_classes, ...) apply.
 What the models here do not have (register tokens, layer scale, ``fc_norm``, ``qk_norm``, ...) raises
-``ValueError``. :func:`preprocessing` gives the checkpoint's input size, mean, std and crop.
+``ValueError``. Overriding ``num_classes``, ``in_channels`` or ``image_size`` fits the weights as timm's
+``pretrained=True`` does (:func:`adapt`: fresh classifier, adapted first conv, resampled position grid). :func:`preprocessing` gives the checkpoint's input size, mean, std and crop.
 The key and layout maps are :mod:`jaxattn.models.timm_weights`'.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -105,11 +109,47 @@ def preprocessing(raw: Mapping[str, Any]) -> dict[str, Any]:
             "crop_pct": float(pre.get("crop_pct", 0.875)), "interpolation": pre.get("interpolation", "bicubic")}
 
 
+def adapt(cfg: ViTConfig | HaloNetConfig, state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The checkpoint fitted to ``cfg`` as timm's ``pretrained=True`` loading does, for fine-tuning:
+    another ``num_classes`` drops the classifier (a fresh one is initialised), another ``in_channels``
+    adapts the first conv (one channel: the sum over RGB; more: RGB repeated, scaled by 3 / channels),
+    another ViT image size resamples the position-embedding grid (bicubic). Returns the adapted dict
+    and the keys left out (to initialise)."""
+    sd = dict(state_dict)
+    halo = isinstance(cfg, HaloNetConfig)
+    conv, head = ("stem.conv1.conv.weight", "head.fc") if halo else ("patch_embed.proj.weight", "head")
+    fresh = []
+    if head + ".weight" in sd and np.shape(sd[head + ".weight"])[0] != cfg.num_classes:
+        fresh = [k for k in (head + ".weight", head + ".bias") if sd.pop(k, None) is not None]
+    if conv in sd and np.shape(sd[conv])[1] != cfg.in_channels:
+        w = np.asarray(sd[conv], np.float32)  # [out, in, kh, kw]
+        if cfg.in_channels == 1:
+            w = w.sum(1, keepdims=True)
+        else:
+            reps = -(-cfg.in_channels // w.shape[1])
+            w = np.tile(w, (1, reps, 1, 1))[:, :cfg.in_channels] * (w.shape[1] / cfg.in_channels)
+        sd[conv] = w
+    if not halo and "pos_embed" in sd:
+        pos = np.asarray(sd["pos_embed"], np.float32)
+        prefix = 1 if cfg.pool == "cls" else 0
+        old, new = math.isqrt(pos.shape[1] - prefix), cfg.image_size // cfg.patch_size
+        if old * old == pos.shape[1] - prefix and old != new:
+            grid = pos[0, prefix:].reshape(old, old, -1)
+            grid = np.asarray(jax.image.resize(jnp.asarray(grid), (new, new, grid.shape[-1]), "cubic"))
+            sd["pos_embed"] = np.concatenate([pos[:, :prefix], grid.reshape(1, new * new, -1)], axis=1)
+    return sd, fresh
+
+
 def load(cfg: ViTConfig | HaloNetConfig, state_dict: Mapping[str, Any], *, strict: bool, where: str):
     build = (lambda: HaloNet(cfg, rngs=nnx.Rngs(0))) if isinstance(cfg, HaloNetConfig) \
         else (lambda: ViT(cfg, rngs=nnx.Rngs(0)))
-    model = hf.fill_abstract(build, entries, state_dict, strict=strict, ignore=ignore, where=where)
-    model.eval()  # a pretrained classifier: BatchNorm running statistics, no dropout
+    sd, fresh = adapt(cfg, state_dict)
+
+    def kept(model):  # a fresh classifier keeps the model's own initialisation
+        return [e for e in entries(model) if not set(e.keys) & set(fresh)]
+
+    model = hf.fill_abstract(build, kept, sd, strict=strict, ignore=ignore, where=where)
+    model.eval()  # a pretrained classifier: BatchNorm running statistics, no dropout (train() to fine-tune)
     return model
 
 
