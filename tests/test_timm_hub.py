@@ -165,3 +165,23 @@ def test_fine_tune_a_timm_folder_on_digits(tmp_path):
     assert model.cfg.in_channels == 1 and model.cfg.num_classes == 10
     np.testing.assert_array_equal(np.asarray(model.blocks[1].mlp.fc2.kernel[...]),
                                   np.asarray(src.blocks[1].mlp.fc2.kernel[...]))
+
+
+def test_probe_a_timm_backbone(tmp_path):
+    """train probe --backbone-ckpt FOLDER: the frozen backbone is the checkpoint's (no head), fitted to
+    the data; 3-channel data is normalised with the checkpoint's mean and std."""
+    from jaxattn.train import probe as probe_task
+    from jaxattn.train.image import use_pretrained_stats
+    from jaxattn.train.images import ImageData
+
+    src = ViT(config_from_hf(VIT_TINY), rngs=nnx.Rngs(2))
+    folder = _folder(tmp_path / "vit", VIT_TINY, to_timm_state_dict(src))
+    prep = probe_task.prepare(probe_task.ProbeConfig(backbone_ckpt=str(folder), image_size=32), progress=False)
+    backbone = prep["backbone"]
+    assert backbone.cfg.num_classes == 0 and backbone.cfg.in_channels == prep["data"].channels == 1
+    np.testing.assert_array_equal(np.asarray(backbone.blocks[0].attn.qkv.kernel[...]),
+                                  np.asarray(src.blocks[0].attn.qkv.kernel[...]))
+    rgb = ImageData(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(2, np.int32), np.zeros((2, 32, 32, 3), np.uint8),
+                    np.zeros(2, np.int32), ["a"], "test", flip=False)
+    use_pretrained_stats(rgb, str(folder))
+    assert rgb.mean.tolist() == [0.5, 0.5, 0.5] and rgb.std.tolist() == [0.5, 0.5, 0.5]

@@ -218,6 +218,17 @@ def _pretrained(name: str) -> bool:
     return hf.hf_model_type(name) == "timm"
 
 
+def use_pretrained_stats(data: ImageData, folder: str) -> None:
+    """Normalise ``data`` as the timm ``folder``'s checkpoint was trained (its ``pretrained_cfg`` mean and std)
+    when both have the same channels; other data keeps its own statistics."""
+    from jaxattn.models import hf
+    from jaxattn.models.timm_hub import preprocessing
+
+    pre = preprocessing(hf.raw_config(folder))
+    if len(pre["mean"]) == data.channels:
+        data.mean, data.std = np.asarray(pre["mean"], np.float32), np.asarray(pre["std"], np.float32)
+
+
 def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rngs], nnx.Module]:
     """The registered model ``cfg.model`` for ``data``, or the pretrained one in the timm folder ``cfg.model``
     fitted to it (fresh classifier, first conv and position grid adapted as timm does)."""
@@ -276,6 +287,8 @@ def train(cfg: ImageConfig, *, resume: bool = False,
                            val_fraction=cfg.val_fraction)
     if data.image_size != cfg.image_size:
         raise ValueError(f"data images are {data.image_size}px but --image-size is {cfg.image_size}")
+    if model_factory is None and _pretrained(cfg.model):
+        use_pretrained_stats(data, cfg.model)
     out = cfg.out_dir()
     try:
         trainer = make_image_trainer(cfg, data, model_factory or default_model_factory(cfg, data),

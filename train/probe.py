@@ -2,7 +2,9 @@
 ``python -m jaxattn.train probe [--backbone-ckpt DIR] --probe {linear,attentive,efficient}``.
 
 The backbone is a :class:`jaxattn.models.vit.ViT`: restored from an image-task run directory
-(``--backbone-ckpt runs/image-vit-tiny``: its ``config.json`` and latest checkpoint), or trained first
+(``--backbone-ckpt runs/image-vit-tiny``: its ``config.json`` and latest checkpoint), loaded from a
+pretrained timm hub folder (``--backbone-ckpt vit_small_patch16_224.augreg_in21k``: fitted to the probe
+data's channels and image size, normalised with the checkpoint's mean and std), or trained first
 with the image task (``--backbone-steps`` steps of ``--backbone-model`` on the probe's data, into
 ``OUT/backbone``). Its tokens (``ViT.features``: after the final LayerNorm, class token first) are
 extracted once (``--features cached``, the default: the probe trains on stored fp32 tokens) or
@@ -36,7 +38,7 @@ from flax import nnx
 from jaxattn.models.probing import PROBES, count_params, create_probe
 from jaxattn.models.vit import ViT
 from jaxattn.train import loop
-from jaxattn.train.image import ImageConfig, default_model_factory, evaluate, make_image_trainer
+from jaxattn.train.image import ImageConfig, _pretrained, default_model_factory, evaluate, make_image_trainer
 from jaxattn.train.images import (ImageData, check_data_args, load_images, normalize, padded_batches,
                                   stream_indices)
 
@@ -93,6 +95,17 @@ def load_backbone(ckpt_dir: str | Path, data: ImageData | None = None) -> tuple[
     """``(backbone in eval mode, its ImageConfig, data)`` from an image-task run directory (its
     ``config.json`` and latest Orbax checkpoint); ``data`` defaults to the run's own data."""
     ckpt_dir = Path(ckpt_dir)
+    from jaxattn.models import hf
+    from jaxattn.train.image import use_pretrained_stats
+
+    if _pretrained(str(ckpt_dir)):  # a pretrained timm ViT folder, fitted to the data's channels and size
+        if data is None:
+            raise ValueError(f"--backbone-ckpt {ckpt_dir} is a timm folder: it needs the probe's data")
+        use_pretrained_stats(data, str(ckpt_dir))
+        model = hf.load_pretrained(ckpt_dir, num_classes=0, in_channels=data.channels, image_size=data.image_size)
+        if not isinstance(model, ViT):
+            raise ValueError(f"--backbone-ckpt {ckpt_dir}: {type(model).__name__} is not a ViT")
+        return model, ImageConfig(model=str(ckpt_dir.resolve()), image_size=data.image_size, steps=0), data
     cfg_file = ckpt_dir / "config.json"
     if not cfg_file.exists():
         raise ValueError(f"--backbone-ckpt {ckpt_dir}: no config.json (expected an image-task run directory, "
@@ -100,7 +113,7 @@ def load_backbone(ckpt_dir: str | Path, data: ImageData | None = None) -> tuple[
     raw = json.loads(cfg_file.read_text())
     from jaxattn.models.registry import models_of_kind
 
-    if raw.get("model") not in models_of_kind("image"):
+    if raw.get("model") not in models_of_kind("image") and not _pretrained(str(raw.get("model"))):
         raise ValueError(f"--backbone-ckpt {ckpt_dir}: a run of {raw.get('model')!r}, not of an image model "
                          "(expected an image-task run directory of a ViT, e.g. runs/image-vit-tiny)")
     names = {f.name for f in dataclasses.fields(ImageConfig)}
@@ -273,7 +286,7 @@ def prepare(cfg: ProbeConfig, progress: bool = True) -> dict:
         check_data_args(cfg.data, cfg.dataset)
     if cfg.backbone_ckpt is not None:
         data = None
-        if cfg.data is not None:
+        if cfg.data is not None or _pretrained(str(cfg.backbone_ckpt)):
             data = load_images(cfg.data, dataset=cfg.dataset, image_size=cfg.image_size,
                                val_fraction=cfg.val_fraction)
         backbone, icfg, data = load_backbone(cfg.backbone_ckpt, data)

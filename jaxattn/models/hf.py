@@ -27,8 +27,8 @@ from flax import nnx
 
 from jaxattn.models.safetensors_io import read_state_dict, write_safetensors
 
-__all__ = ["Entry", "hf_model_type", "load_pretrained", "load_state_dict", "load_tokenizer", "read_config",
-           "save_pretrained", "to_state_dict"]
+__all__ = ["Entry", "hf_model_type", "load_pretrained", "load_state_dict", "load_tokenizer", "raw_config",
+           "read_config", "save_pretrained", "to_state_dict"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +143,8 @@ def _converter(model_type: str):
                      "(transnormer, llama, qwen2, mistral, or a timm folder)")
 
 
-def _raw_config(folder: str | Path) -> dict:
+def raw_config(folder: str | Path) -> dict:
+    """A folder's ``config.json`` as a dict (``model_type`` filled in for TransNormerLLM and timm folders)."""
     conf = Path(folder) / "config.json"
     if not conf.is_file():
         raise ValueError(f"{folder}: no config.json (expected a Hugging Face model folder)")
@@ -160,7 +161,7 @@ def _raw_config(folder: str | Path) -> dict:
 def hf_model_type(folder: str | Path) -> str | None:
     """The ``model_type`` of a Hugging Face folder that jaxattn converts, else None."""
     try:
-        kind = _raw_config(folder).get("model_type")
+        kind = raw_config(folder).get("model_type")
         _converter(kind)
     except (ValueError, OSError):
         return None
@@ -169,13 +170,13 @@ def hf_model_type(folder: str | Path) -> str | None:
 
 def read_config(folder: str | Path, **overrides: Any):
     """The jaxattn config (:class:`TNLConfig` / :class:`GPTConfig`) of a folder's ``config.json``."""
-    raw = _raw_config(folder)
+    raw = raw_config(folder)
     return _converter(raw.get("model_type")).config_from_hf(raw, **overrides)
 
 
 def load_pretrained(folder: str | Path, *, strict: bool = True, **overrides: Any) -> nnx.Module:
     """The model of a Hugging Face folder with its weights (fp32 parameters, as in training)."""
-    raw = _raw_config(folder)
+    raw = raw_config(folder)
     conv = _converter(raw.get("model_type"))
     cfg = conv.config_from_hf(raw, **overrides)
     return conv.load(cfg, read_state_dict(folder), strict=strict, where=str(folder))
@@ -216,7 +217,7 @@ class Tokenizer:
 def load_tokenizer(folder: str | Path) -> Tokenizer | None:
     """The folder's tokenizer, or None when it has none or its library is not installed."""
     folder = Path(folder)
-    raw = _raw_config(folder)
+    raw = raw_config(folder)
     tok_cfg = folder / "tokenizer_config.json"
     extra = json.loads(tok_cfg.read_text()) if tok_cfg.is_file() else {}
     add_bos = extra.get("add_bos_token", raw.get("add_bos_token", False))
