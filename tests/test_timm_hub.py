@@ -1,6 +1,7 @@
 """timm's hub folders (config.json with architecture / model_args / pretrained_cfg, and weights) ->
 ViT / HaloNet through jaxattn.models.hf; with timm installed, against timm's own models."""
 
+import dataclasses
 import json
 
 import jax
@@ -185,3 +186,44 @@ def test_probe_a_timm_backbone(tmp_path):
                     np.zeros(2, np.int32), ["a"], "test", flip=False)
     use_pretrained_stats(rgb, str(folder))
     assert rgb.mean.tolist() == [0.5, 0.5, 0.5] and rgb.std.tolist() == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_export_a_vit_as_a_timm_folder(tmp_path, pool):
+    """save_pretrained(ViT): timm.create_model(architecture, **model_args) with its weights (timm installed),
+    and our own loader, give the model's logits."""
+    from jaxattn.models.vit import ViTConfig
+
+    cfg = ViTConfig(image_size=32, patch_size=8, in_channels=3, num_classes=5, dim=64, depth=2, heads=4,
+                    mlp_ratio=3.0, pool=pool, attn_impl="xla")
+    model = ViT(cfg, rngs=nnx.Rngs(4))
+    model.eval()
+    hf.save_pretrained(model, tmp_path)
+    x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    want = np.asarray(model(jnp.asarray(x)))
+    np.testing.assert_array_equal(np.asarray(hf.load_pretrained(tmp_path, attn_impl="xla")(jnp.asarray(x))), want)
+    with pytest.raises(ValueError, match="save_pretrained takes"):
+        hf.save_pretrained(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), tmp_path / "x")
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    from jaxattn.models.safetensors_io import read_state_dict
+
+    raw = json.loads((tmp_path / "config.json").read_text())
+    ref = timm.create_model(raw["architecture"], **raw["model_args"]).eval()
+    ref.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in read_state_dict(tmp_path).items()})
+    with torch.no_grad():
+        got = ref(torch.as_tensor(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_export_refuses_what_timm_lacks():
+    from jaxattn.models.timm_hub import hf_config
+    from jaxattn.models.vit import ViTConfig
+
+    with pytest.raises(ValueError, match="gates"):
+        hf_config(ViTConfig(gates="features"))
+    from jaxattn.models import MODEL_CONFIGS
+
+    with pytest.raises(ValueError, match="timm's layouts"):
+        hf_config(MODEL_CONFIGS["halonet-tiny"])
+    assert hf_config(dataclasses.replace(MODEL_CONFIGS["halonet26t"], num_classes=3))["architecture"] == "halonet26t"

@@ -183,17 +183,22 @@ def load_pretrained(folder: str | Path, *, strict: bool = True, **overrides: Any
 
 
 def save_pretrained(model: nnx.Module, folder: str | Path) -> None:
-    """Writes ``config.json`` and ``model.safetensors`` (fp32) that the original code loads."""
-    from jaxattn.models import gpt_hf, tnl_hf
+    """Writes ``config.json`` and ``model.safetensors`` (fp32) that the original code loads (ViT and
+    HaloNet: a timm hub folder, ``timm.create_model(architecture, **model_args)`` plus its weights)."""
+    from jaxattn.models import gpt_hf, timm_hub, tnl_hf
     from jaxattn.models.gpt import GPT
+    from jaxattn.models.halonet import HaloNet
     from jaxattn.models.tnl import TNL
+    from jaxattn.models.vit import ViT
 
     if isinstance(model, TNL):
         conv = tnl_hf
     elif type(model) is GPT:
         conv = gpt_hf
+    elif type(model) in (ViT, HaloNet):
+        conv = timm_hub
     else:
-        raise ValueError(f"save_pretrained takes a TNL or GPT model, got {type(model).__name__}")
+        raise ValueError(f"save_pretrained takes a TNL, GPT, ViT or HaloNet model, got {type(model).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(conv.hf_config(model.cfg), indent=2) + "\n")

@@ -30,7 +30,7 @@ from jaxattn.models.halonet import HALONET_CONFIGS, HaloNet, HaloNetConfig
 from jaxattn.models.timm_weights import ignore, timm_entries as entries
 from jaxattn.models.vit import ViT, ViTConfig
 
-__all__ = ["config_from_hf", "entries", "preprocessing", "to_state_dict"]
+__all__ = ["adapt", "config_from_hf", "entries", "hf_config", "preprocessing", "to_state_dict"]
 
 _VIT = re.compile(r"(?:vit|deit)_(tiny|small|base|large|huge)_patch(\d+)_(\d+)")  # DeiT: ViT weights, same model
 _VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
@@ -98,6 +98,33 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> ViTConfig | Halo
     if set(overrides) - fields:
         raise ValueError(f"unknown {type(cfg).__name__} fields {sorted(set(overrides) - fields)}")
     return dataclasses.replace(cfg, **overrides)
+
+
+def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
+    """timm's hub ``config.json`` for ``cfg``: ``timm.create_model(architecture, **model_args)`` builds the model
+    (a HaloNet must be one of timm's layouts; a ViT of any size is a ``vit_*`` architecture with its sizes)."""
+    pre = {"input_size": [cfg.in_channels, cfg.image_size, cfg.image_size], "interpolation": "bicubic",
+           "crop_pct": 0.9, "mean": [0.5] * cfg.in_channels, "std": [0.5] * cfg.in_channels,
+           "num_classes": cfg.num_classes}
+    args: dict[str, Any] = {"num_classes": cfg.num_classes, "in_chans": cfg.in_channels}
+    if isinstance(cfg, HaloNetConfig):
+        task = {"num_classes", "in_channels", "image_size", "dtype", "attn_impl", "remat"}
+        arch = next((n for n in ("halonet26t", "sehalonet33ts") if all(
+            getattr(cfg, f.name) == getattr(HALONET_CONFIGS[n], f.name)
+            for f in dataclasses.fields(cfg) if f.name not in task)), None)
+        if arch is None:
+            raise ValueError("only HaloNets with timm's layouts (halonet26t, sehalonet33ts) export to timm")
+        args["global_pool"] = "avg"
+    else:
+        if cfg.gates != "none":
+            raise ValueError("a ViT with gates has no timm counterpart")
+        arch = "vit_base_patch16_224"  # a name timm registers; model_args give every size
+        args.update(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.dim, depth=cfg.depth,
+                    num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+                    **({"global_pool": "token"} if cfg.pool == "cls" else
+                       {"global_pool": "avg", "class_token": False, "fc_norm": False}))
+    return {"architecture": arch, "num_classes": cfg.num_classes, "global_pool": args["global_pool"],
+            "model_args": args, "pretrained_cfg": pre}
 
 
 def preprocessing(raw: Mapping[str, Any]) -> dict[str, Any]:
