@@ -47,6 +47,7 @@ def test_vit_folder(tmp_path):
     assert quant.cfg.quantized
 
 
+@pytest.mark.slow  # a whole halonet26t (the folder path itself is the ViT one's; test_halonet checks the keys)
 def test_halonet_folder_keeps_batchnorm_statistics(tmp_path):
     src = create_model("halonet26t", rngs=nnx.Rngs(0), num_classes=5, attn_impl="xla")
     sd = to_timm_state_dict(src)
