@@ -142,33 +142,6 @@ def test_adapt_fits_another_task(tmp_path):
     np.testing.assert_allclose(adapt(new, const)[0]["pos_embed"], 0.25, rtol=1e-5)
 
 
-def test_fine_tune_a_timm_folder_on_digits(tmp_path):
-    """train image --model FOLDER: the pretrained blocks load (lr 0 keeps them), the classifier is new."""
-    from jaxattn.train.__main__ import main as train_main
-
-    src = ViT(config_from_hf(VIT_TINY), rngs=nnx.Rngs(2))
-    folder = _folder(tmp_path / "vit", VIT_TINY, to_timm_state_dict(src))
-    out = tmp_path / "run"
-    assert train_main(["image", "--model", str(folder), "--steps", "2", "--batch-size", "8", "--lr", "0",
-                       "--eval-every", "0", "--out", str(out), "--no-progress", "--attn-impl", "xla"]) == 0
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model"] == str(folder.resolve())
-    from jaxattn.train.image import ImageConfig, default_model_factory, make_image_trainer
-    from jaxattn.train.images import load_images
-
-    data = load_images(None, image_size=32)
-    icfg = ImageConfig(**{k: v for k, v in cfg.items() if k in ImageConfig.__dataclass_fields__})
-    trainer = make_image_trainer(icfg, data, default_model_factory(icfg, data))
-    from jaxattn.train import loop
-
-    manager = loop.checkpoint_manager(out)
-    trainer.restore(manager, manager.latest_step())  # the run's own weights after its 2 steps
-    model = trainer.model
-    assert model.cfg.in_channels == 1 and model.cfg.num_classes == 10
-    np.testing.assert_array_equal(np.asarray(model.blocks[1].mlp.fc2.kernel[...]),
-                                  np.asarray(src.blocks[1].mlp.fc2.kernel[...]))
-
-
 def test_probe_a_timm_backbone(tmp_path):
     """train probe --backbone-ckpt FOLDER: the frozen backbone is the checkpoint's (no head), fitted to
     the data; 3-channel data is normalised with the checkpoint's mean and std."""
@@ -228,3 +201,33 @@ def test_export_refuses_what_timm_lacks():
     with pytest.raises(ValueError, match="timm's layouts"):
         hf_config(MODEL_CONFIGS["halonet-tiny"])
     assert hf_config(dataclasses.replace(MODEL_CONFIGS["halonet26t"], num_classes=3))["architecture"] == "halonet26t"
+
+
+def test_fine_tune_a_timm_folder_then_export_the_run(tmp_path):
+    """train image --model FOLDER: the pretrained blocks load (lr 0 keeps them through the run), the
+    classifier is new, dropout streams checkpoint, attention maps plot; python -m jaxattn.export writes
+    the run as a timm folder with its normalisation, which loads back to the run's logits."""
+    from jaxattn.export import main as export_main
+    from jaxattn.train.__main__ import main as train_main
+    from jaxattn.train.image import load_trained
+
+    src = ViT(config_from_hf(VIT_TINY), rngs=nnx.Rngs(2))
+    folder = _folder(tmp_path / "vit", VIT_TINY, to_timm_state_dict(src))
+    out = tmp_path / "run"
+    assert train_main(["image", "--model", str(folder), "--steps", "2", "--batch-size", "8", "--lr", "0",
+                       "--eval-every", "2", "--eval-batch-size", "128", "--dropout", "0.1", "--drop-path", "0.1",
+                       "--attn-drop", "0.1", "--out", str(out), "--no-progress", "--attn-impl", "xla"]) == 0
+    assert json.loads((out / "config.json").read_text())["model"] == str(folder.resolve())
+    assert (out / "attention.png").stat().st_size > 2000
+    model, _, data, step = load_trained(out)  # the run's own weights after its 2 steps
+    assert step == 2 and model.cfg.in_channels == 1 and model.cfg.num_classes == 10
+    np.testing.assert_array_equal(np.asarray(model.blocks[1].mlp.fc2.kernel[...]),
+                                  np.asarray(src.blocks[1].mlp.fc2.kernel[...]))
+    assert export_main([str(out), str(tmp_path / "exported")]) == 0
+    raw = json.loads((tmp_path / "exported" / "config.json").read_text())
+    np.testing.assert_allclose(raw["pretrained_cfg"]["mean"], data.mean, rtol=1e-6)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 1))
+    np.testing.assert_allclose(np.asarray(hf.load_pretrained(tmp_path / "exported", attn_impl="xla")(x)),
+                               np.asarray(model(x)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(SystemExit):
+        export_main([str(tmp_path / "missing"), str(tmp_path / "x")])

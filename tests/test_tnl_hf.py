@@ -233,6 +233,12 @@ def test_fine_tune_a_reference_folder(tmp_path, capsys):
     want = read_state_dict(folder)
     for key, a in to_hf_state_dict(model).items():
         np.testing.assert_array_equal(a, want[key], err_msg=key)
+    from jaxattn.export import main as export_main  # the run back as a reference folder
+
+    assert export_main([str(out), str(tmp_path / "exported")]) == 0
+    toks = jnp.asarray([[1, 2, 3, 4, 5]])
+    np.testing.assert_array_equal(np.asarray(load_pretrained(tmp_path / "exported", attn_impl="xla")(toks)),
+                                  np.asarray(model(toks)))
     capsys.readouterr()
     (np.arange(3000) % 70).astype(np.uint16).tofile(tmp_path / "big.bin")
     (tmp_path / "text.txt").write_text("bytes, not token ids " * 100)

@@ -392,6 +392,7 @@ def test_cli_errors(tmp_path, capsys):
     assert "tnl-tiny" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the ViT image CLI with dropout streams and attention maps: also test_timm_hub's fine-tune run
 def test_vit_tiny_cli_runs(tmp_path):
     from jaxattn.models import MODEL_CONFIGS
     from jaxattn.train.__main__ import main

@@ -323,3 +323,37 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     subprocess.run([*cmd, "--out", str(tmp_path / "killed"), "--resume"], check=True, capture_output=True,
                    timeout=600)
     assert _loss_rows(tmp_path / "full/metrics.csv") == _loss_rows(tmp_path / "killed/metrics.csv")
+
+
+def test_model_args_parse_by_field_type():
+    from jaxattn.models import MODEL_CONFIGS
+    from jaxattn.train.loop import parse_model_args
+
+    gpt = MODEL_CONFIGS["gpt-tiny"]
+    got = parse_model_args("layers=2 layer_types=power,full window=32 rope_theta=500000 kv_heads=none "
+                           "tie_embeddings=false attn_impl=xla", gpt)
+    assert got == {"layers": 2, "layer_types": ("power", "full"), "window": 32, "rope_theta": 500000.0,
+                   "kv_heads": None, "tie_embeddings": False, "attn_impl": "xla"}
+    assert parse_model_args("lrpe_layers=0,2", MODEL_CONFIGS["tnl-tiny"]) == {"lrpe_layers": (0, 2)}
+    assert parse_model_args(None, gpt) == {} and parse_model_args("", gpt) == {}
+    for text, match in (("layers", "key=value"), ("depth=2", "no field 'depth'"), ("layers=two", "layers=two"),
+                        ("tie_embeddings=maybe", "true or false"), ("attn_impl=cuda", "one of"),
+                        ("dtype=bfloat16", "set by --dtype")):
+        with pytest.raises(ValueError, match=match):
+            parse_model_args(text, gpt, reserved={"dtype": "--dtype"})
+
+
+def test_model_args_cli_builds_and_reloads_the_model(tmp_path, capsys):
+    from jaxattn.generate import load_trained
+    from jaxattn.train.__main__ import main as train_main
+
+    out = tmp_path / "run"
+    args = "layers=2 layer_types=power,full sparse_block=16 window=32 sink=16"
+    assert train_main(["lm", "--model", "gpt-tiny", "--model-args", args, "--steps", "2", "--seq-len", "32",
+                       "--batch-size", "2", "--max-bytes", "50000", "--eval-every", "0", "--out", str(out),
+                       "--sample-tokens", "4", "--no-progress", "--attn-impl", "xla"]) == 0
+    model, cfg, step, _ = load_trained(out)
+    assert (model.cfg.layers, model.cfg.layer_types, model.cfg.window) == (2, ("power", "full"), 32)
+    with pytest.raises(SystemExit):
+        train_main(["lm", "--model", "gpt-tiny", "--model-args", "vocab_size=300", "--out", str(tmp_path / "x")])
+    assert "vocab_size is set by the data" in capsys.readouterr().err

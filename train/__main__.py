@@ -30,7 +30,9 @@ def _add_lm(sub) -> None:
         "seq_parallel": "devices that share each sequence (TNL: sequence-parallel Lightning attention, GPT: "
                         "ring attention); the other devices split the batch",
         "fsdp": "shard parameters and optimizer state over the data-parallel devices (FSDP / ZeRO-3): each holds "
-                "about 1/N of them, for models whose AdamW state does not fit one device; same steps"})
+                "about 1/N of them, for models whose AdamW state does not fit one device; same steps",
+        "model_args": "model config fields as 'key=value ...' (tuples comma-separated), e.g. "
+                      "'layers=8 dim=256' or, on a pretrained GPT, 'layer_types=power,power,power,full window=1024'"})
     _common(p)
 
 
@@ -57,7 +59,8 @@ def _add_image(sub) -> None:
         "gate_mode": "routed: gradient routing (gate pass, then backbone pass); joint: one multi_transform step",
         "gate_lr": "Adam learning rate of the gate parameters",
         "rra": "train with Residual Relationship Attention + RPE over the batch (bypassed at eval)",
-        "remat": "ViT and HaloNet models: activation checkpointing per block (less memory, ~1/3 more compute)"})
+        "remat": "ViT and HaloNet models: activation checkpointing per block (less memory, ~1/3 more compute)",
+        "model_args": "model config fields as 'key=value ...' (tuples comma-separated), e.g. 'depth=6 heads=8'"})
     _common(p)
 
 

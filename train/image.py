@@ -56,6 +56,7 @@ class ImageConfig:
     drop_path: float | None = None
     attn_drop: float | None = None
     remat: bool = False  # ViT, HaloNet: activation checkpointing per block (less memory, ~1/3 more compute)
+    model_args: str | None = None  # model config fields, "key=value key=a,b" (e.g. "depth=6 heads=8")
     seed: int = 0
     eval_every: int = 100
     eval_batch_size: int = 256
@@ -229,13 +230,18 @@ def use_pretrained_stats(data: ImageData, folder: str) -> None:
         data.mean, data.std = np.asarray(pre["mean"], np.float32), np.asarray(pre["std"], np.float32)
 
 
+_RESERVED = {"num_classes": "the data", "image_size": "--image-size", "in_channels": "the data", "dtype": "--dtype",
+             "attn_impl": "--attn-impl", "dropout": "--dropout", "drop_path": "--drop-path",
+             "attn_drop": "--attn-drop", "remat": "--remat", "gates": "--gates"}
+
+
 def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rngs], nnx.Module]:
     """The registered model ``cfg.model`` for ``data``, or the pretrained one in the timm folder ``cfg.model``
     fitted to it (fresh classifier, first conv and position grid adapted as timm does)."""
     from jaxattn.models import MODEL_CONFIGS, create_model, hf
 
     base = hf.read_config(cfg.model) if _pretrained(cfg.model) else MODEL_CONFIGS.get(cfg.model)
-    extra = {}
+    extra = loop.parse_model_args(cfg.model_args, base, reserved=_RESERVED) if base is not None else {}
     if cfg.remat:
         if not hasattr(base, "remat"):
             raise ValueError(f"--remat: {cfg.model} has no activation checkpointing (ViT and HaloNet models have)")
@@ -261,12 +267,45 @@ def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rn
     return factory
 
 
+def load_trained(run_dir: str | Path, data: ImageData | None = None, *, flag: str = "--checkpoint"):
+    """``(model in eval mode, ImageConfig, data, step)`` of an image-task run directory (its ``config.json``
+    and latest checkpoint); ``data`` defaults to the run's own (its model's shapes and normalisation)."""
+    from jaxattn.models.registry import models_of_kind
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise ValueError(f"{flag} {run_dir}: no config.json (expected an image-task run directory, "
+                         "e.g. runs/image-vit-tiny)")
+    raw = json.loads((run_dir / "config.json").read_text())
+    if raw.get("model") not in models_of_kind("image") and not _pretrained(str(raw.get("model"))):
+        raise ValueError(f"{flag} {run_dir}: a run of {raw.get('model')!r}, not of an image model "
+                         "(expected an image-task run directory, e.g. runs/image-vit-tiny)")
+    icfg = ImageConfig(**{k: v for k, v in raw.items() if k in {f.name for f in dataclasses.fields(ImageConfig)}})
+    if data is None:
+        data = load_images(icfg.data, dataset=icfg.dataset, image_size=icfg.image_size,
+                           val_fraction=icfg.val_fraction)
+    if _pretrained(icfg.model):
+        use_pretrained_stats(data, icfg.model)
+    trainer = make_image_trainer(icfg, data, default_model_factory(icfg, data))
+    manager = loop.checkpoint_manager(run_dir)
+    step = manager.latest_step()
+    if step is None:
+        raise ValueError(f"{flag} {run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
+    trainer.restore(manager, step)
+    return trainer.eval_model, icfg, data, int(step)
+
+
 def check_model(cfg: ImageConfig) -> None:
     """A clear error for a model name that is not a registered image model (before any data is read)."""
     from jaxattn.models.registry import check_model_kind
 
     if not _pretrained(cfg.model):
         check_model_kind(cfg.model, "image")
+    if cfg.model_args:
+        from jaxattn.models import MODEL_CONFIGS, hf
+
+        base = hf.read_config(cfg.model) if _pretrained(cfg.model) else MODEL_CONFIGS[cfg.model]
+        loop.parse_model_args(cfg.model_args, base, reserved=_RESERVED)
 
 
 def train(cfg: ImageConfig, *, resume: bool = False,

@@ -34,6 +34,7 @@ class LMConfig:
     grad_accum: int = 1
     seq_parallel: int = 1  # devices per sequence (TNL: sequence-parallel Lightning attention); the rest: data
     fsdp: bool = False  # shard parameters and optimizer state over the data devices (ZeRO-3); same steps
+    model_args: str | None = None  # model config fields, "key=value key=a,b" (e.g. "layer_types=power,full window=1024")
     steps: int = 300
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -95,15 +96,33 @@ def _manager(out_dir: Path):
     return loop.checkpoint_manager(out_dir)
 
 
+_RESERVED = {"vocab_size": "the data (--vocab-size)", "dtype": "--dtype", "attn_impl": "--attn-impl",
+             "dropout": "--dropout", "remat": "--remat"}
+
+
+def model_overrides(cfg: LMConfig) -> dict[str, Any]:
+    """``--model-args`` parsed against the model's config (a clear error for unknown fields or values)."""
+    from jaxattn.models import MODEL_CONFIGS, hf
+
+    if not cfg.model_args:
+        return {}
+    base = hf.read_config(cfg.model) if hf.hf_model_type(cfg.model) is not None else MODEL_CONFIGS.get(cfg.model)
+    if base is None:
+        raise ValueError(f"--model {cfg.model!r} is not a registered model or a Hugging Face folder")
+    return loop.parse_model_args(cfg.model_args, base, reserved=_RESERVED)
+
+
 def default_model_factory(cfg: LMConfig, vocab_size: int) -> Callable[[nnx.Rngs], nnx.Module]:
-    """The registered model ``cfg.model``, or the pretrained model in the Hugging Face folder ``cfg.model``."""
+    """The registered model ``cfg.model``, or the pretrained model in the Hugging Face folder ``cfg.model``,
+    with ``--model-args``."""
     from jaxattn.models import create_model, hf
 
+    extra = model_overrides(cfg)
     if hf.hf_model_type(cfg.model) is not None:
         return lambda rngs: hf.load_pretrained(cfg.model, dtype=cfg.dtype, attn_impl=cfg.attn_impl, remat=cfg.remat,
-                                               **({} if cfg.dropout is None else {"dropout": cfg.dropout}))
+                                               **({} if cfg.dropout is None else {"dropout": cfg.dropout}), **extra)
     return lambda rngs: create_model(cfg.model, rngs=rngs, vocab_size=vocab_size, dtype=cfg.dtype,
-                                     attn_impl=cfg.attn_impl, dropout=cfg.dropout, remat=cfg.remat or None)
+                                     attn_impl=cfg.attn_impl, dropout=cfg.dropout, remat=cfg.remat or None, **extra)
 
 
 def train(cfg: LMConfig, *, resume: bool = False,
@@ -125,6 +144,7 @@ def train(cfg: LMConfig, *, resume: bool = False,
                                  "nanoGPT .bin) made with its tokenizer, not the default byte corpus")
         else:
             check_model_kind(cfg.model, "lm")
+        model_overrides(cfg)  # (its errors before any data is read)
     corpus = load_corpus(cfg.data, max_bytes=cfg.max_bytes, vocab_size=cfg.vocab_size)
     if pretrained is not None and (corpus.byte_level or corpus.vocab_size > pretrained.vocab_size):
         raise ValueError(f"--model {cfg.model} reads its tokenizer's {pretrained.vocab_size} ids; --data "

@@ -134,11 +134,17 @@ class Trainer:
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(None, "data"))  # [accum, micro, ...]
         self.eval_sharding = NamedSharding(self.mesh, P("data"))
-        self.state_sharding = jax.tree.map(self._fsdp_sharding if shard_state else lambda _: self.replicated, state)
-        self.state = jax.device_put(state, self.state_sharding)
-        self._train = jax.jit(self._train_step, donate_argnums=0,
-                              out_shardings=(self.state_sharding, self.replicated))
+        self.shard_state = shard_state
+        self._set_state(state)
         self._eval = jax.jit(self._eval_step)
+
+    def _set_state(self, state: Any) -> None:
+        """Places ``state`` (replicated, or split with ``shard_state``) and jits the step for its layout
+        (subclasses that add to the state call this again)."""
+        self.state_sharding = jax.tree.map(self._fsdp_sharding if self.shard_state else lambda _: self.replicated,
+                                           state)
+        self.state = jax.device_put(state, self.state_sharding)
+        self._train = jax.jit(self._train_step, donate_argnums=0, out_shardings=(self.state_sharding, self.replicated))
 
     def _fsdp_sharding(self, x: Any) -> NamedSharding:
         """``x`` split over ``data`` along its largest axis that the data devices divide, else replicated."""
@@ -421,6 +427,49 @@ def _field_type(hint) -> tuple[type, bool]:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return (args[0] if len(args) == 1 else str), True
     return hint, False
+
+
+def parse_model_args(text: str | None, config: Any, *, reserved: dict[str, str] | None = None) -> dict[str, Any]:
+    """``--model-args "layer_types=power,full window=1024"``: whitespace-separated ``key=value`` items
+    naming fields of the model ``config`` (a dataclass), typed by its field types (tuples comma-separated,
+    ``none`` for an optional field). ``reserved``: fields set by another flag (field -> flag)."""
+    if not text:
+        return {}
+    hints, reserved = typing.get_type_hints(type(config)), reserved or {}
+    names = [f.name for f in dataclasses.fields(config)]
+    out: dict[str, Any] = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model-args: expected key=value items, got {item!r}")
+        if key not in names:
+            raise ValueError(f"--model-args: {type(config).__name__} has no field {key!r}; its fields: {names}")
+        if key in reserved:
+            raise ValueError(f"--model-args: {key} is set by {reserved[key]}")
+        out[key] = _parse_field(key, value, hints[key], getattr(config, key))
+    return out
+
+
+def _parse_field(key: str, text: str, hint: Any, current: Any) -> Any:
+    typ, optional = _field_type(hint)
+    if optional and text.lower() == "none":
+        return None
+    try:
+        if typ is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError("expected true or false")
+            return text.lower() in ("true", "1", "yes")
+        if typing.get_origin(typ) is tuple or isinstance(current, tuple):
+            args = [a for a in typing.get_args(typ) if a is not Ellipsis]
+            elem = args[0] if args and args[0] in (int, float, str) else str
+            return tuple(elem(x) for x in text.split(",") if x)
+        if typing.get_origin(typ) is typing.Literal:
+            if text not in typing.get_args(typ):
+                raise ValueError(f"expected one of {list(typing.get_args(typ))}")
+            return text
+        return typ(text) if typ in (int, float, str) else text
+    except ValueError as e:
+        raise ValueError(f"--model-args {key}={text}: {e}") from None
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[str] = (),

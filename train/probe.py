@@ -38,7 +38,7 @@ from flax import nnx
 from jaxattn.models.probing import PROBES, count_params, create_probe
 from jaxattn.models.vit import ViT
 from jaxattn.train import loop
-from jaxattn.train.image import ImageConfig, _pretrained, default_model_factory, evaluate, make_image_trainer
+from jaxattn.train.image import ImageConfig, _pretrained, evaluate
 from jaxattn.train.images import (ImageData, check_data_args, load_images, normalize, padded_batches,
                                   stream_indices)
 
@@ -96,7 +96,7 @@ def load_backbone(ckpt_dir: str | Path, data: ImageData | None = None) -> tuple[
     ``config.json`` and latest Orbax checkpoint); ``data`` defaults to the run's own data."""
     ckpt_dir = Path(ckpt_dir)
     from jaxattn.models import hf
-    from jaxattn.train.image import use_pretrained_stats
+    from jaxattn.train.image import load_trained, use_pretrained_stats
 
     if _pretrained(str(ckpt_dir)):  # a pretrained timm ViT folder, fitted to the data's channels and size
         if data is None:
@@ -106,28 +106,7 @@ def load_backbone(ckpt_dir: str | Path, data: ImageData | None = None) -> tuple[
         if not isinstance(model, ViT):
             raise ValueError(f"--backbone-ckpt {ckpt_dir}: {type(model).__name__} is not a ViT")
         return model, ImageConfig(model=str(ckpt_dir.resolve()), image_size=data.image_size, steps=0), data
-    cfg_file = ckpt_dir / "config.json"
-    if not cfg_file.exists():
-        raise ValueError(f"--backbone-ckpt {ckpt_dir}: no config.json (expected an image-task run directory, "
-                         f"e.g. runs/image-vit-tiny)")
-    raw = json.loads(cfg_file.read_text())
-    from jaxattn.models.registry import models_of_kind
-
-    if raw.get("model") not in models_of_kind("image") and not _pretrained(str(raw.get("model"))):
-        raise ValueError(f"--backbone-ckpt {ckpt_dir}: a run of {raw.get('model')!r}, not of an image model "
-                         "(expected an image-task run directory of a ViT, e.g. runs/image-vit-tiny)")
-    names = {f.name for f in dataclasses.fields(ImageConfig)}
-    icfg = ImageConfig(**{k: v for k, v in raw.items() if k in names})
-    if data is None:
-        data = load_images(icfg.data, dataset=icfg.dataset, image_size=icfg.image_size,
-                           val_fraction=icfg.val_fraction)
-    trainer = make_image_trainer(icfg, data, default_model_factory(icfg, data))
-    manager = loop.checkpoint_manager(ckpt_dir)
-    step = manager.latest_step()
-    if step is None:
-        raise ValueError(f"--backbone-ckpt {ckpt_dir}: no checkpoint in {ckpt_dir / 'checkpoints'}")
-    trainer.restore(manager, step)
-    model = trainer.eval_model
+    model, icfg, data, _ = load_trained(ckpt_dir, data, flag="--backbone-ckpt")
     if not isinstance(model, ViT):
         raise ValueError(f"--backbone-ckpt {ckpt_dir}: model {icfg.model!r} is not a ViT")
     return model, icfg, data

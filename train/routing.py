@@ -56,7 +56,7 @@ class RoutedTrainer(Trainer):
                              "gates enabled")
         gate_opt = nnx.Optimizer(model, gate_optimizer or optax.adam(1e-2), wrt=GateParam)
         self.graphdef, state = nnx.split((model, opt, gate_opt))
-        self.state = jax.device_put(state, self.replicated)
+        self._set_state(state)
 
     def _pass(self, model, wrt, loss_fn, batch, key):
         """Gradients of ``loss_fn`` w.r.t. the ``wrt`` variables, averaged over micro-batches;
