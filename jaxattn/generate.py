@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokenizer = None
     try:
         kind = hf.hf_model_type(a.checkpoint)
+        if kind == "timm":
+            raise ValueError(f"--checkpoint {a.checkpoint} is a timm image model, not a language model")
         if kind is not None:
             model = hf.load_pretrained(a.checkpoint, **({"dtype": a.dtype} if a.dtype else {}))
             tokenizer = hf.load_tokenizer(a.checkpoint)

@@ -142,7 +142,7 @@ def test_bad_configs():
     for change, match in [({"rope_scaling": {"type": "llama3", "factor": 8.0}}, "rope_scaling"),
                           ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters"),
                           ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
-                          ({"hidden_act": "gelu"}, "hidden_act"), ({"mlp_bias": True}, "mlp_bias"),
+                          ({"hidden_act": "gelu"}, "hidden_act"), ({"attention_bias": True}, "attention_bias"), ({"mlp_bias": True}, "mlp_bias"),
                           ({"head_dim": 16}, "head_dim"), ({"model_type": "gpt2"}, "model_type"),
                           ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window")]:
         with pytest.raises(ValueError, match=match):

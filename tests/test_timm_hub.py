@@ -31,7 +31,7 @@ def _folder(tmp_path, raw, sd):
     return tmp_path
 
 
-def test_vit_folder(tmp_path):
+def test_vit_folder(tmp_path, capsys):
     cfg = config_from_hf(VIT_TINY, attn_impl="xla")
     assert (cfg.dim, cfg.depth, cfg.heads, cfg.patch_size, cfg.image_size, cfg.num_classes, cfg.pool) == (
         192, 2, 3, 8, 32, 7, "cls")
@@ -45,6 +45,14 @@ def test_vit_folder(tmp_path):
     assert preprocessing(VIT_TINY)["mean"] == (0.5, 0.5, 0.5)
     quant = hf.load_pretrained(folder, attn_impl="xla", quantized=True)  # overrides reach the model
     assert quant.cfg.quantized
+    from jaxattn.generate import main as generate_main
+    from jaxattn.train.__main__ import main as train_main
+
+    for run in (lambda: generate_main(["--checkpoint", str(folder), "--prompt-ids", "1"]),
+                lambda: train_main(["lm", "--model", str(folder), "--out", str(tmp_path / "x")])):
+        with pytest.raises(SystemExit):  # an image model where a language model is wanted: said so
+            run()
+        assert "timm image model" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a whole halonet26t (the folder path itself is the ViT one's; test_halonet checks the keys)
@@ -83,6 +91,7 @@ def test_unsupported_timm_configs():
         with pytest.raises(ValueError, match="not one jaxattn converts"):
             config_from_hf({**VIT_TINY, "architecture": arch})
     assert config_from_hf({**VIT_TINY, "architecture": "deit_small_patch16_224.fb_in1k", "model_args": {}}).heads == 6
+    assert config_from_hf({**VIT_TINY, "model_args": {"drop_path_rate": 0.1, "fc_norm": None}}).pool == "cls"
     gap = config_from_hf({**VIT_TINY, "global_pool": "avg", "model_args": {"class_token": False, "fc_norm": False,
                                                                            "global_pool": "avg"}})
     assert gap.pool == "mean"

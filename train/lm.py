@@ -136,7 +136,10 @@ def train(cfg: LMConfig, *, resume: bool = False,
     if model_factory is None:  # a clear error before any data is read
         from jaxattn.models.registry import check_model_kind
 
-        if hf.hf_model_type(cfg.model) is not None:  # fine-tuning a released model (TNL, LLaMA, Qwen2)
+        kind = hf.hf_model_type(cfg.model)
+        if kind == "timm":
+            raise ValueError(f"--model {cfg.model} is a timm image model; `lm` trains language models")
+        if kind is not None:  # fine-tuning a released model (TNL, LLaMA, Qwen2)
             pretrained = hf.read_config(cfg.model)
             cfg = dataclasses.replace(cfg, model=str(Path(cfg.model).resolve()))  # generate finds it from anywhere
             if cfg.data is None:

@@ -67,6 +67,8 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         raise bad("partial_rotary_factor", "1.0")
     if raw.get("mlp_bias", False):
         raise bad("mlp_bias", "false")
+    if kind != "qwen2" and raw.get("attention_bias", False):  # (LLaMA's also puts one on o_proj)
+        raise bad("attention_bias", "false (Qwen2's q/k/v biases are supported)")
     window = raw.get("sliding_window") if kind == "mistral" else None
     if kind == "qwen2" and raw.get("use_sliding_window", False):
         raise bad("use_sliding_window", "false")
@@ -77,7 +79,7 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         vocab_size=int(raw["vocab_size"]), dim=dim, layers=int(raw["num_hidden_layers"]), heads=heads,
         kv_heads=int(raw.get("num_key_value_heads") or heads), mlp_dim=int(raw["intermediate_size"]),
         rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))), norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        qkv_bias=kind == "qwen2" or bool(raw.get("attention_bias", False)),
+        qkv_bias=kind == "qwen2",
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         init_std=float(raw.get("initializer_range", 0.02)))
     if window is not None:  # Mistral: every layer sees its last `sliding_window` keys (itself included)

@@ -38,8 +38,9 @@ _VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)
 # model_args a checkpoint may record with the value the models here implement (others: refused)
 _VIT_FIXED = {"reg_tokens": 0, "no_embed_class": False, "fc_norm": False, "init_values": None, "pre_norm": False,
               "qk_norm": False, "final_norm": True, "dynamic_img_size": False, "pos_embed": "learn",
-              "weight_init": "", "drop_rate": 0.0, "pos_drop_rate": 0.0,
-              "proj_drop_rate": 0.0, "attn_drop_rate": 0.0, "drop_path_rate": 0.0}
+              "weight_init": ""}
+# training-time regularisation a checkpoint may record: no effect on the weights (fine-tuning sets its own)
+_VIT_IGNORED = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
 
 
 def _size(value: Any, what: str) -> int:
@@ -71,6 +72,10 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> ViTConfig | Halo
     elif m := _VIT.fullmatch(arch):
         dim, depth, heads = _VIT_SIZES[m.group(1)]
         class_token = bool(args.pop("class_token", True))
+        for k in _VIT_IGNORED:
+            args.pop(k, None)
+        if args.get("fc_norm", False) is None and (pool or "token") == "token":
+            args.pop("fc_norm")  # timm's "auto": no fc_norm for token pooling
         if (pool or "token") == "token" and class_token:
             vit_pool = "cls"
         elif pool == "avg" and not class_token and args.get("fc_norm") is False:
