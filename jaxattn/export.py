@@ -37,7 +37,7 @@ def export(run_dir: str | Path, out_dir: str | Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxattn.export", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m jaxattn.export", description=__doc__)
     p.add_argument("run", help="a training --out folder (lm or image task)")
     p.add_argument("out", help="the folder to write")
     a = p.parse_args(argv)
