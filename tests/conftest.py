@@ -64,6 +64,13 @@ def assert_close(actual, expected, dtype, what: str = "", tol=None) -> None:
     assert worst <= (atol + rtol) * scale, f"{what}: max error {worst:.3g} > {(atol + rtol) * scale:.3g}"
 
 
+def assert_same_state_dict(actual: dict, expected: dict) -> None:
+    """A converter's ``state_dict`` written back: the same keys, each array equal."""
+    assert set(actual) == set(expected), sorted(set(actual) ^ set(expected))
+    for key in expected:
+        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+
 def randn(key, shape, dtype):
     return jax.random.normal(key, shape, jnp.float32).astype(dtype)
 

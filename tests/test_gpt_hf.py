@@ -10,10 +10,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxattn.models.gpt import GPT, GPTConfig
+from jaxattn.models.gpt import GPT
 from jaxattn.models.gpt_hf import config_from_hf, hf_config, load_hf_state_dict, to_hf_state_dict
 from jaxattn.models.hf import hf_model_type, load_pretrained, read_config, save_pretrained
 from jaxattn.models.safetensors_io import write_safetensors
+from conftest import assert_close, assert_same_state_dict
+
+F32 = jnp.float32
+LOGITS_TOL = {jnp.dtype(F32): (2e-4, 2e-4)}  # float32 model against the float64 oracle, of the logits' scale
 
 LLAMA = {"model_type": "llama", "vocab_size": 67, "hidden_size": 32, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48, "hidden_act": "silu",
@@ -104,12 +108,8 @@ def test_state_dict_gives_the_reference_logits(raw):
     model = GPT(cfg, rngs=nnx.Rngs(0))
     load_hf_state_dict(model, {**sd, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)})
     want = reference_logits(sd, raw, TOKENS)
-    got = np.asarray(model(jnp.asarray(TOKENS)))
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
-    back = to_hf_state_dict(model)
-    assert set(back) == set(sd)
-    for key in sd:
-        np.testing.assert_array_equal(back[key], sd[key], err_msg=key)
+    assert_close(model(jnp.asarray(TOKENS)), want, F32, "logits", tol=LOGITS_TOL)
+    assert_same_state_dict(to_hf_state_dict(model), sd)
 
 
 def test_folder_round_trip_other_attention_patterns_and_dropout(tmp_path):
@@ -122,12 +122,10 @@ def test_folder_round_trip_other_attention_patterns_and_dropout(tmp_path):
     assert hf_model_type(tmp_path) == "qwen2" and read_config(tmp_path).qkv_bias
     model = load_pretrained(tmp_path, attn_impl="xla")
     want = reference_logits(sd, raw, TOKENS)
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), want, rtol=2e-4,
-                               atol=2e-4 * np.abs(want).max())
+    assert_close(model(jnp.asarray(TOKENS)), want, F32, "model logits", tol=LOGITS_TOL)
     power = load_pretrained(tmp_path, attn_impl="xla", layer_types=("power", "full"), sparse_block=4, window=16,
                             sink=4)
-    np.testing.assert_allclose(np.asarray(power(jnp.asarray(TOKENS))), want, rtol=2e-4,
-                               atol=2e-4 * np.abs(want).max())
+    assert_close(power(jnp.asarray(TOKENS)), want, F32, "power logits", tol=LOGITS_TOL)
     drop = load_pretrained(tmp_path, attn_impl="xla", dropout=0.5)
     drop.train()
     a, b = drop(jnp.asarray(TOKENS)), drop(jnp.asarray(TOKENS))
@@ -175,4 +173,4 @@ def test_matches_transformers(tmp_path, raw):
     with torch.no_grad():
         want = ref(torch.as_tensor(TOKENS)).logits.numpy()
     got = np.asarray(load_pretrained(tmp_path, attn_impl="xla")(jnp.asarray(TOKENS)))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert_close(got, want, F32, "logits vs transformers", tol={jnp.dtype(F32): (1e-4, 1e-4)})

@@ -15,6 +15,7 @@ from jaxattn.models.safetensors_io import write_safetensors
 from jaxattn.models.timm_hub import config_from_hf, preprocessing
 from jaxattn.models.timm_weights import to_timm_state_dict
 from jaxattn.models.vit import ViT
+from conftest import assert_close
 
 PRE = {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.9,
        "interpolation": "bicubic", "num_classes": 7}
@@ -116,7 +117,7 @@ def test_matches_timm(tmp_path, arch, kwargs, size):
     with torch.no_grad():
         want = ref(torch.as_tensor(x).permute(0, 3, 1, 2)).numpy()
     got = np.asarray(hf.load_pretrained(tmp_path, attn_impl="xla")(jnp.asarray(x)))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert_close(got, want, jnp.float32, "logits vs timm", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
 
 
 def test_bench_vision_runs_a_timm_folder(tmp_path):
@@ -196,7 +197,7 @@ def test_export_a_vit_as_a_timm_folder(tmp_path, pool):
     ref.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in read_state_dict(tmp_path).items()})
     with torch.no_grad():
         got = ref(torch.as_tensor(x).permute(0, 3, 1, 2)).numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert_close(got, want, jnp.float32, "logits vs timm", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
 
 
 def test_export_refuses_what_timm_lacks():

@@ -13,7 +13,11 @@ from flax import nnx
 from jaxattn.models.safetensors_io import read_safetensors, read_state_dict, write_safetensors
 from jaxattn.models.tnl import TNL, TNLConfig
 from jaxattn.models.hf import hf_model_type, load_pretrained, save_pretrained
-from jaxattn.models.tnl_hf import hf_config, load_hf_state_dict, tnl_config_from_hf, to_hf_state_dict
+from jaxattn.models.tnl_hf import config_from_hf, hf_config, load_hf_state_dict, to_hf_state_dict
+from conftest import assert_close, assert_same_state_dict
+
+F32 = jnp.float32
+LOGITS_TOL = {jnp.dtype(F32): (2e-4, 2e-4)}  # float32 model against the float64 oracle, of the logits' scale
 
 HF = {"model_type": "transnormer", "vocab_size": 61, "decoder_embed_dim": 24, "decoder_layers": 3,
       "decoder_attention_heads": 3, "hidden_dim": 24, "glu_dim": 40, "linear_use_lrpe_list": [1, 0, 1],
@@ -84,17 +88,13 @@ TOKENS = np.asarray([[3, 17, 59, 0, 8, 8, 41, 22, 5, 33, 60], [1, 2, 3, 4, 5, 6,
 def test_reference_state_dict_gives_the_reference_logits(tied):
     hf = {**HF, "tie_word_embeddings": tied}
     sd = random_hf_state_dict(hf, tied=tied)
-    cfg = tnl_config_from_hf(hf, attn_impl="xla")
+    cfg = config_from_hf(hf, attn_impl="xla")
     assert (cfg.lrpe_layers, cfg.tie_embeddings, cfg.hidden_dim, cfg.glu_dim) == ((0, 2), tied, None, 40)
     model = TNL(cfg, rngs=nnx.Rngs(0))
     load_hf_state_dict(model, sd)
     want = reference_logits(sd, hf, TOKENS)
-    got = np.asarray(model(jnp.asarray(TOKENS)))
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
-    back = to_hf_state_dict(model)
-    assert set(back) == set(sd)
-    for key in sd:
-        np.testing.assert_array_equal(back[key], sd[key], err_msg=key)
+    assert_close(model(jnp.asarray(TOKENS)), want, F32, "logits", tol=LOGITS_TOL)
+    assert_same_state_dict(to_hf_state_dict(model), sd)
 
 
 def test_save_and_load_pretrained_folder(tmp_path):
@@ -105,13 +105,12 @@ def test_save_and_load_pretrained_folder(tmp_path):
     assert hf_model_type(tmp_path) == "transnormer" and hf_model_type(tmp_path / "nothing") is None
     raw = json.loads((tmp_path / "config.json").read_text())
     assert raw["linear_use_lrpe_list"] == [0, 1, 0] and raw["tie_word_embeddings"] is False
-    assert tnl_config_from_hf(raw, attn_impl="xla") == cfg
+    assert config_from_hf(raw, attn_impl="xla") == cfg
     loaded = load_pretrained(tmp_path, attn_impl="xla")
     np.testing.assert_array_equal(np.asarray(loaded(jnp.asarray(TOKENS))), np.asarray(model(jnp.asarray(TOKENS))))
     # The reference's own numbers from the saved file.
     want = reference_logits(read_state_dict(tmp_path), raw, TOKENS)
-    np.testing.assert_allclose(np.asarray(loaded(jnp.asarray(TOKENS))), want, rtol=2e-4,
-                               atol=2e-4 * np.abs(want).max())
+    assert_close(loaded(jnp.asarray(TOKENS)), want, F32, "logits", tol=LOGITS_TOL)
 
 
 def test_bf16_sharded_checkpoint(tmp_path):
@@ -126,8 +125,7 @@ def test_bf16_sharded_checkpoint(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "config.json").write_text(json.dumps(hf))
     model = load_pretrained(tmp_path, attn_impl="xla")
-    for key, a in to_hf_state_dict(model).items():
-        np.testing.assert_array_equal(a, sd[key].astype(np.float32), err_msg=key)
+    assert_same_state_dict(to_hf_state_dict(model), {k: v.astype(np.float32) for k, v in sd.items()})
 
 
 def test_safetensors_round_trip_and_corrupt_files(tmp_path):
@@ -159,21 +157,21 @@ def test_torch_bin_checkpoint(tmp_path):
     torch.save({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in sd.items()}, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps(hf))
     model = load_pretrained(tmp_path, attn_impl="xla")
-    for key, a in to_hf_state_dict(model).items():
-        np.testing.assert_array_equal(a, sd[key].astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=key)
+    assert_same_state_dict(to_hf_state_dict(model),
+                           {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in sd.items()})
 
 
 def test_bad_configs_and_state_dicts(tmp_path):
     for field, value in [("norm_type", "layernorm"), ("linear_act_fun", "relu"), ("bias", True)]:
         with pytest.raises(ValueError, match=field):
-            tnl_config_from_hf({**HF, field: value})
+            config_from_hf({**HF, field: value})
     with pytest.raises(ValueError, match="3 flags for 4 decoder_layers"):
-        tnl_config_from_hf({**HF, "decoder_layers": 4})
+        config_from_hf({**HF, "decoder_layers": 4})
     with pytest.raises(ValueError, match="unknown TNLConfig fields"):
-        tnl_config_from_hf(HF, attn="xla")
+        config_from_hf(HF, attn="xla")
     hf = {**HF, "tie_word_embeddings": True}
     sd = random_hf_state_dict(hf)
-    model = TNL(tnl_config_from_hf(hf), rngs=nnx.Rngs(0))
+    model = TNL(config_from_hf(hf), rngs=nnx.Rngs(0))
     wrong = {**sd, "model.layers.1.channel_mixer.l3.weight": np.zeros((24, 41), np.float32)}
     with pytest.raises(ValueError, match=r"checkpoint shape model.layers.1.channel_mixer.l3.weight \(24, 41\)"):
         load_hf_state_dict(model, wrong)
@@ -194,9 +192,9 @@ def test_bad_configs_and_state_dicts(tmp_path):
 def test_hf_config_round_trip():
     cfg = TNLConfig(vocab_size=100, dim=32, layers=2, heads=4, hidden_dim=48, glu_dim=64, lrpe_layers=(),
                     no_scale_embedding=True, tie_embeddings=True)
-    assert tnl_config_from_hf(hf_config(cfg)) == cfg
-    assert tnl_config_from_hf({**HF, "glu_dim": -1}).glu_dim == HF["decoder_embed_dim"]
-    assert tnl_config_from_hf(HF).tie_embeddings  # Hugging Face's default when config.json is silent
+    assert config_from_hf(hf_config(cfg)) == cfg
+    assert config_from_hf({**HF, "glu_dim": -1}).glu_dim == HF["decoder_embed_dim"]
+    assert config_from_hf(HF).tie_embeddings  # Hugging Face's default when config.json is silent
 
 
 def test_generate_cli_on_a_reference_folder(tmp_path, capsys):
@@ -231,8 +229,7 @@ def test_fine_tune_a_reference_folder(tmp_path, capsys):
     model, lm_cfg, step, byte_level = load_trained(out)
     assert step == 2 and not byte_level and lm_cfg.model == str(folder.resolve())
     want = read_state_dict(folder)
-    for key, a in to_hf_state_dict(model).items():
-        np.testing.assert_array_equal(a, want[key], err_msg=key)
+    assert_same_state_dict(to_hf_state_dict(model), want)
     from jaxattn.export import main as export_main  # the run back as a reference folder
 
     assert export_main([str(out), str(tmp_path / "exported")]) == 0
@@ -300,4 +297,4 @@ def test_matches_the_reference_modeling_code(tmp_path):
         mode()
         with torch.no_grad():
             want = ref(torch.as_tensor(TOKENS)).logits.float().numpy()
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        assert_close(got, want, F32, f"logits ({mode.__name__} mode)", tol={jnp.dtype(F32): (1e-5, 1e-4)})

@@ -219,13 +219,15 @@ def _pretrained(name: str) -> bool:
     return hf.hf_model_type(name) == "timm"
 
 
-def use_pretrained_stats(data: ImageData, folder: str) -> None:
-    """Normalise ``data`` as the timm ``folder``'s checkpoint was trained (its ``pretrained_cfg`` mean and std)
-    when both have the same channels; other data keeps its own statistics."""
+def use_pretrained_stats(data: ImageData, model: str) -> None:
+    """When ``model`` is a timm folder, normalise ``data`` as its checkpoint was trained (its
+    ``pretrained_cfg`` mean and std) if both have the same channels; otherwise ``data`` keeps its own."""
     from jaxattn.models import hf
     from jaxattn.models.timm_hub import preprocessing
 
-    pre = preprocessing(hf.raw_config(folder))
+    if not _pretrained(model):
+        return
+    pre = preprocessing(hf.raw_config(model))
     if len(pre["mean"]) == data.channels:
         data.mean, data.std = np.asarray(pre["mean"], np.float32), np.asarray(pre["std"], np.float32)
 
@@ -238,9 +240,10 @@ _RESERVED = {"num_classes": "the data", "image_size": "--image-size", "in_channe
 def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rngs], nnx.Module]:
     """The registered model ``cfg.model`` for ``data``, or the pretrained one in the timm folder ``cfg.model``
     fitted to it (fresh classifier, first conv and position grid adapted as timm does)."""
-    from jaxattn.models import MODEL_CONFIGS, create_model, hf
+    from jaxattn.models import create_model
+    from jaxattn.models.registry import model_config
 
-    base = hf.read_config(cfg.model) if _pretrained(cfg.model) else MODEL_CONFIGS.get(cfg.model)
+    base = model_config(cfg.model)
     extra = loop.parse_model_args(cfg.model_args, base, reserved=_RESERVED) if base is not None else {}
     if cfg.remat:
         if not hasattr(base, "remat"):
@@ -254,10 +257,7 @@ def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rn
               attn_impl=cfg.attn_impl, dropout=cfg.dropout, drop_path=cfg.drop_path, attn_drop=cfg.attn_drop, **extra)
 
     def factory(rngs):
-        if _pretrained(cfg.model):
-            model = hf.load_pretrained(cfg.model, **{k: v for k, v in kw.items() if v is not None})
-        else:
-            model = create_model(cfg.model, rngs=rngs, **kw)
+        model = create_model(cfg.model, rngs=rngs, **kw)
         if cfg.rra:
             from jaxattn.models.rra import RBIClassifier
 
@@ -270,22 +270,22 @@ def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rn
 def load_trained(run_dir: str | Path, data: ImageData | None = None, *, flag: str = "--checkpoint"):
     """``(model in eval mode, ImageConfig, data, step)`` of an image-task run directory (its ``config.json``
     and latest checkpoint); ``data`` defaults to the run's own (its model's shapes and normalisation)."""
-    from jaxattn.models.registry import models_of_kind
+    from jaxattn.models.registry import model_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise ValueError(f"{flag} {run_dir}: no config.json (expected an image-task run directory, "
                          "e.g. runs/image-vit-tiny)")
     raw = json.loads((run_dir / "config.json").read_text())
-    if raw.get("model") not in models_of_kind("image") and not _pretrained(str(raw.get("model"))):
+    base = model_config(str(raw.get("model")))
+    if base is None or hasattr(base, "vocab_size"):  # (not a registered or pretrained image model)
         raise ValueError(f"{flag} {run_dir}: a run of {raw.get('model')!r}, not of an image model "
                          "(expected an image-task run directory, e.g. runs/image-vit-tiny)")
     icfg = ImageConfig(**{k: v for k, v in raw.items() if k in {f.name for f in dataclasses.fields(ImageConfig)}})
     if data is None:
         data = load_images(icfg.data, dataset=icfg.dataset, image_size=icfg.image_size,
                            val_fraction=icfg.val_fraction)
-    if _pretrained(icfg.model):
-        use_pretrained_stats(data, icfg.model)
+    use_pretrained_stats(data, icfg.model)
     trainer = make_image_trainer(icfg, data, default_model_factory(icfg, data))
     manager = loop.checkpoint_manager(run_dir)
     step = manager.latest_step()
@@ -297,15 +297,10 @@ def load_trained(run_dir: str | Path, data: ImageData | None = None, *, flag: st
 
 def check_model(cfg: ImageConfig) -> None:
     """A clear error for a model name that is not a registered image model (before any data is read)."""
-    from jaxattn.models.registry import check_model_kind
+    from jaxattn.models.registry import check_model_kind, model_config
 
-    if not _pretrained(cfg.model):
-        check_model_kind(cfg.model, "image")
-    if cfg.model_args:
-        from jaxattn.models import MODEL_CONFIGS, hf
-
-        base = hf.read_config(cfg.model) if _pretrained(cfg.model) else MODEL_CONFIGS[cfg.model]
-        loop.parse_model_args(cfg.model_args, base, reserved=_RESERVED)
+    check_model_kind(cfg.model, "image")
+    loop.parse_model_args(cfg.model_args, model_config(cfg.model), reserved=_RESERVED)
 
 
 def train(cfg: ImageConfig, *, resume: bool = False,
@@ -326,7 +321,7 @@ def train(cfg: ImageConfig, *, resume: bool = False,
                            val_fraction=cfg.val_fraction)
     if data.image_size != cfg.image_size:
         raise ValueError(f"data images are {data.image_size}px but --image-size is {cfg.image_size}")
-    if model_factory is None and _pretrained(cfg.model):
+    if model_factory is None:
         use_pretrained_stats(data, cfg.model)
     out = cfg.out_dir()
     try:

@@ -102,11 +102,11 @@ _RESERVED = {"vocab_size": "the data (--vocab-size)", "dtype": "--dtype", "attn_
 
 def model_overrides(cfg: LMConfig) -> dict[str, Any]:
     """``--model-args`` parsed against the model's config (a clear error for unknown fields or values)."""
-    from jaxattn.models import MODEL_CONFIGS, hf
+    from jaxattn.models.registry import model_config
 
     if not cfg.model_args:
         return {}
-    base = hf.read_config(cfg.model) if hf.hf_model_type(cfg.model) is not None else MODEL_CONFIGS.get(cfg.model)
+    base = model_config(cfg.model)
     if base is None:
         raise ValueError(f"--model {cfg.model!r} is not a registered model or a Hugging Face folder")
     return loop.parse_model_args(cfg.model_args, base, reserved=_RESERVED)
@@ -118,9 +118,8 @@ def default_model_factory(cfg: LMConfig, vocab_size: int) -> Callable[[nnx.Rngs]
     from jaxattn.models import create_model, hf
 
     extra = model_overrides(cfg)
-    if hf.hf_model_type(cfg.model) is not None:
-        return lambda rngs: hf.load_pretrained(cfg.model, dtype=cfg.dtype, attn_impl=cfg.attn_impl, remat=cfg.remat,
-                                               **({} if cfg.dropout is None else {"dropout": cfg.dropout}), **extra)
+    if hf.hf_model_type(cfg.model) is not None:  # a pretrained model keeps its tokenizer's vocabulary
+        vocab_size = None
     return lambda rngs: create_model(cfg.model, rngs=rngs, vocab_size=vocab_size, dtype=cfg.dtype,
                                      attn_impl=cfg.attn_impl, dropout=cfg.dropout, remat=cfg.remat or None, **extra)
 
@@ -136,17 +135,13 @@ def train(cfg: LMConfig, *, resume: bool = False,
     if model_factory is None:  # a clear error before any data is read
         from jaxattn.models.registry import check_model_kind
 
-        kind = hf.hf_model_type(cfg.model)
-        if kind == "timm":
-            raise ValueError(f"--model {cfg.model} is a timm image model; `lm` trains language models")
-        if kind is not None:  # fine-tuning a released model (TNL, LLaMA, Qwen2)
+        check_model_kind(cfg.model, "lm")
+        if hf.hf_model_type(cfg.model) is not None:  # fine-tuning a released model (TNL, LLaMA, Qwen2)
             pretrained = hf.read_config(cfg.model)
             cfg = dataclasses.replace(cfg, model=str(Path(cfg.model).resolve()))  # generate finds it from anywhere
             if cfg.data is None:
                 raise ValueError(f"--model {cfg.model} is a pretrained model: give --data token files (.npy, "
                                  "nanoGPT .bin) made with its tokenizer, not the default byte corpus")
-        else:
-            check_model_kind(cfg.model, "lm")
         model_overrides(cfg)  # (its errors before any data is read)
     corpus = load_corpus(cfg.data, max_bytes=cfg.max_bytes, vocab_size=cfg.vocab_size)
     if pretrained is not None and (corpus.byte_level or corpus.vocab_size > pretrained.vocab_size):

@@ -86,9 +86,8 @@ def inference_throughput(name: str, *, batch: int, dtype: str, steps: int, warmu
     pretrained = hf.hf_model_type(name) == "timm"
     for quantized in (False, True):
         def build():
-            kw = dict(dtype=dtype, attn_impl=attn_impl, quantized=quantized)
-            # a timm hub folder (e.g. a downloaded timm/vit_base_patch16_224.augreg2_in21k_ft_in1k): its weights
-            model = hf.load_pretrained(name, **kw) if pretrained else create_model(name, rngs=nnx.Rngs(0), **kw)
+            # (a timm hub folder, e.g. a downloaded timm/vit_base_patch16_224.augreg2_in21k_ft_in1k: its weights)
+            model = create_model(name, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl, quantized=quantized)
             model.eval()
             return model
 

@@ -29,7 +29,6 @@ MLP or output biases, a head dim other than ``hidden_size / heads``, Qwen2's sli
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,16 +77,14 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     fields = dict(
         vocab_size=int(raw["vocab_size"]), dim=dim, layers=int(raw["num_hidden_layers"]), heads=heads,
         kv_heads=int(raw.get("num_key_value_heads") or heads), mlp_dim=int(raw["intermediate_size"]),
-        rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))), norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
+        norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         qkv_bias=kind == "qwen2",
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         init_std=float(raw.get("initializer_range", 0.02)))
     if window is not None:  # Mistral: every layer sees its last `sliding_window` keys (itself included)
         fields.update(layer_types=("window",), window=int(window))
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(GPTConfig)})
-    if unknown:
-        raise ValueError(f"unknown GPTConfig fields {unknown}")
-    return GPTConfig(**{**fields, **overrides})
+    return hf.with_overrides(GPTConfig(**fields), overrides)
 
 
 def hf_config(cfg: GPTConfig) -> dict[str, Any]:

@@ -4,9 +4,10 @@ A folder holds ``config.json`` and weights (``model.safetensors``, ``pytorch_mod
 ``model_type`` picks the converter: ``"transnormer"`` -> :class:`~jaxattn.models.TNL`
 (:mod:`jaxattn.models.tnl_hf`); ``"llama"``, ``"qwen2"``, ``"mistral"`` -> :class:`~jaxattn.models.GPT`
 (:mod:`jaxattn.models.gpt_hf`); timm's hub folders (``architecture`` instead of ``model_type``) ->
-:class:`~jaxattn.models.ViT` / :class:`~jaxattn.models.HaloNet` (:mod:`jaxattn.models.timm_hub`). ``load_pretrained(folder, **overrides)`` builds the model (without a random
-initialisation to overwrite) and copies the weights in; ``overrides`` set jaxattn-only config fields
-(``dtype``, ``attn_impl``, ``remat``; for GPT also ``layer_types``, ``window``, ``quantized``, ...).
+:class:`~jaxattn.models.ViT` / :class:`~jaxattn.models.HaloNet` (:mod:`jaxattn.models.timm_hub`).
+``load_pretrained(folder, **overrides)`` builds the model (without a random initialisation to overwrite)
+and copies the weights in; ``overrides`` set jaxattn-only config fields (``dtype``, ``attn_impl``,
+``remat``; for GPT also ``layer_types``, ``window``, ``quantized``, ...).
 
 A converter describes each model variable by an :class:`Entry`: the checkpoint keys it comes from and the
 two layout maps. The generic code here checks shapes, reports missing and unexpected keys, and writes.
@@ -27,8 +28,8 @@ from flax import nnx
 
 from jaxattn.models.safetensors_io import read_state_dict, write_safetensors
 
-__all__ = ["Entry", "hf_model_type", "load_pretrained", "load_state_dict", "load_tokenizer", "raw_config",
-           "read_config", "save_pretrained", "to_state_dict"]
+__all__ = ["Entry", "entry_shapes", "hf_model_type", "load_pretrained", "load_state_dict", "load_tokenizer",
+           "raw_config", "read_config", "save_pretrained", "to_state_dict", "with_overrides"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,16 +46,31 @@ def linear(key: str, var: nnx.Variable) -> Entry:
     return Entry((key,), var, lambda w: w.T, lambda k: (k.T,))
 
 
+def conv(key: str, var: nnx.Variable) -> Entry:
+    """A PyTorch conv weight OIHW <-> an NNX conv kernel HWIO."""
+    return Entry((key,), var, lambda w: w.transpose(2, 3, 1, 0), lambda k: (k.transpose(3, 2, 0, 1),))
+
+
 def same(key: str, var: nnx.Variable) -> Entry:
     return Entry((key,), var, lambda w: w, lambda a: (a,))
 
 
-def _set(var: nnx.Variable, value: jax.Array) -> None:
-    """Replaces a variable's value, also an abstract one (``nnx.eval_shape``); older Flax has no set_value."""
-    if hasattr(var, "set_value"):
-        var.set_value(value)
-    else:
-        var.value = value
+def with_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
+    """``cfg`` (a model config dataclass) with ``overrides`` (jaxattn-only fields such as ``dtype``);
+    a ``ValueError`` names fields it does not have."""
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cfg)})
+    if unknown:
+        raise ValueError(f"unknown {type(cfg).__name__} fields {unknown}")
+    return dataclasses.replace(cfg, **overrides)
+
+
+def entry_shapes(entries: Iterable[Entry]) -> dict[str, tuple[int, ...]]:
+    """The checkpoint keys and shapes the entries read and write (works on an abstract model)."""
+    out = {}
+    for e in entries:
+        arrays = e.split(np.broadcast_to(np.float32(0), tuple(e.var.shape)))  # (a view: nothing allocated)
+        out.update((k, tuple(a.shape)) for k, a in zip(e.keys, arrays))
+    return out
 
 
 def to_state_dict(entries: Iterable[Entry]) -> dict[str, np.ndarray]:
@@ -85,16 +101,12 @@ def load_state_dict(entries: Iterable[Entry], state_dict: Mapping[str, Any], *, 
             shapes = ", ".join(f"{k} {tuple(np.shape(state_dict[k]))}" for k in e.keys)
             raise ValueError(f"checkpoint shape {shapes} does not fit the model's {tuple(e.var.shape)} "
                              "(config.json and weights disagree?)")
-        _set(e.var, jnp.asarray(a.astype(np.float32), e.var.dtype))
+        e.var.set_value(jnp.asarray(a.astype(np.float32), e.var.dtype))  # (also fills an abstract model)
         used.update(e.keys)
     unexpected = sorted(k for k in set(state_dict) - used if not ignore(k))
     if strict and (missing or unexpected):
         raise ValueError(f"state_dict mismatch: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                          f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-
-
-def _value(var: nnx.Variable):
-    return var.get_value() if hasattr(var, "get_value") else var.value
 
 
 def _variables(model: nnx.Module) -> list[nnx.Variable]:
@@ -110,17 +122,17 @@ def fill_abstract(build: Callable[[], nnx.Module], entries: Callable[[nnx.Module
     model = nnx.eval_shape(build)
     es = entries(model)
     load_state_dict(es, state_dict, strict=strict, ignore=ignore)
-    unset = [e.keys[0] for e in es if isinstance(_value(e.var), jax.ShapeDtypeStruct)]
+    unset = [e.keys[0] for e in es if isinstance(e.var.get_value(), jax.ShapeDtypeStruct)]
     if unset:
         raise ValueError(f"{where}: the checkpoint has no {unset[:8]}{'...' if len(unset) > 8 else ''}")
     covered = {id(e.var) for e in es}
     rest = [i for i, v in enumerate(_variables(model)) if id(v) not in covered]
     if rest:
         wanted = set(rest)
-        values = jax.jit(lambda: [_value(v) for i, v in enumerate(_variables(build())) if i in wanted])()
+        values = jax.jit(lambda: [v.get_value() for i, v in enumerate(_variables(build())) if i in wanted])()
         variables = _variables(model)
         for i, x in zip(rest, values):
-            _set(variables[i], x)
+            variables[i].set_value(x)
     return model
 
 

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxattn.models import hf
 from jaxattn.models.halonet import _bn, param_count
 from jaxattn.models.vit import MLP, DropPath, _linear
 from jaxattn.ops.attention import attention
@@ -321,10 +322,9 @@ _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running
 _STEM = {"conv1": "proj.proj.0", "bn1": "proj.proj.1", "conv2": "proj.proj.3", "bn2": "proj.proj.4"}
 
 
-def _reference_variables(model: L2ViT) -> list[tuple[str, nnx.Variable, str]]:
-    """(reference key, variable, kind) for every parameter and BatchNorm statistic; kind is
-    ``conv`` (HWIO <-> OIHW), ``linear`` ([in, out] <-> [out, in]), ``temperature`` ([h] <-> [h, 1, 1])
-    or ``plain``."""
+def _reference_entries(model: L2ViT) -> list[hf.Entry]:
+    """Every parameter and BatchNorm statistic under its reference key: conv HWIO <-> OIHW, linear
+    [in, out] <-> [out, in], temperature [h] <-> [h, 1, 1]."""
     out = []
     for path, node in nnx.iter_graph(model):
         if not isinstance(node, (nnx.Param, nnx.BatchStat)):
@@ -334,48 +334,27 @@ def _reference_variables(model: L2ViT) -> list[tuple[str, nnx.Variable, str]]:
             names[2] = _STEM[names[2]]
         leaf = names[-1]
         key = ".".join(names[:-1] + [_LEAF[leaf]])
-        kind = ("conv" if node.ndim == 4 else "linear") if leaf == "kernel" else leaf if leaf == "temperature" else "plain"
-        out.append((key, node, kind))
+        if leaf == "kernel":
+            out.append((hf.conv if node.ndim == 4 else hf.linear)(key, node))
+        elif leaf == "temperature":
+            out.append(hf.Entry((key,), node, lambda t: t.reshape(-1), lambda t: (t[:, None, None],)))
+        else:
+            out.append(hf.same(key, node))
     return out
 
 
 def reference_shapes(model: L2ViT) -> dict[str, tuple[int, ...]]:
     """Reference ``state_dict`` keys and shapes (works on an abstract ``nnx.eval_shape`` model)."""
-    out = {}
-    for key, var, kind in _reference_variables(model):
-        shape = tuple(var.shape)
-        out[key] = ((shape[3], shape[2], shape[0], shape[1]) if kind == "conv" else shape[::-1] if kind == "linear"
-                    else (*shape, 1, 1) if kind == "temperature" else shape)
-    return out
+    return hf.entry_shapes(_reference_entries(model))
 
 
 def to_reference_state_dict(model: L2ViT) -> dict[str, np.ndarray]:
     """The model's variables under the reference ``state_dict`` keys and layouts (numpy)."""
-    sd = {}
-    for key, var, kind in _reference_variables(model):
-        a = np.asarray(var[...])
-        sd[key] = (a.transpose(3, 2, 0, 1) if kind == "conv" else a.T if kind == "linear"
-                   else a[:, None, None] if kind == "temperature" else a)
-    return sd
+    return hf.to_state_dict(_reference_entries(model))
 
 
 def load_reference_state_dict(model: L2ViT, state_dict: dict[str, Any]) -> None:
     """Copies a reference ``state_dict`` (numpy arrays or anything ``np.asarray`` takes) into
     ``model`` in place; every model variable must be present and every key used
     (``num_batches_tracked`` is ignored)."""
-    sd = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
-    used, missing = set(), []
-    for key, var, kind in _reference_variables(model):
-        if key not in sd:
-            missing.append(key)
-            continue
-        a = np.asarray(sd[key], dtype=np.float32)
-        a = (a.transpose(2, 3, 1, 0) if kind == "conv" else a.T if kind == "linear"
-             else a.reshape(-1) if kind == "temperature" else a)
-        if a.shape != tuple(var.shape):
-            raise ValueError(f"{key}: checkpoint shape {a.shape} (converted) != model shape {tuple(var.shape)}")
-        var.set_value(jnp.asarray(a, jnp.float32))  # also fills an abstract (nnx.eval_shape) model
-        used.add(key)
-    unexpected = sorted(set(sd) - used)
-    if missing or unexpected:
-        raise ValueError(f"state_dict mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    hf.load_state_dict(_reference_entries(model), state_dict, ignore=lambda k: k.endswith("num_batches_tracked"))

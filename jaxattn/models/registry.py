@@ -21,7 +21,7 @@ MODEL_CONFIGS: dict[str, Any] = {
     "tnl-tiny": TNLConfig(vocab_size=256, dim=128, layers=4, heads=4, glu_dim=256),
     # TransNormerLLM paper sizes (vocab of the released tokenizer). The LM head is tied to the embedding,
     # as in the reference TransnormerForCausalLM (Hugging Face's tie_word_embeddings default); released
-    # checkpoints load with jaxattn.models.tnl_hf.load_pretrained, which reads their own config.json.
+    # checkpoints load with jaxattn.models.hf.load_pretrained, which reads their own config.json.
     "tnl-385m": TNLConfig(vocab_size=64000, dim=1024, layers=24, heads=8, glu_dim=2816, tie_embeddings=True),
     "tnl-1b": TNLConfig(vocab_size=64000, dim=2048, layers=16, heads=16, glu_dim=5632, tie_embeddings=True),
     # 7B: 4096/30/32 as the released config is read; glu 11008 UNCONFIRMED.
@@ -56,22 +56,51 @@ def models_of_kind(kind: str) -> list[str]:
     return sorted(n for n, c in MODEL_CONFIGS.items() if hasattr(c, "vocab_size") == (kind == "lm"))
 
 
+def _folder_type(name: str) -> str | None:
+    """The ``model_type`` when ``name`` is a Hugging Face / timm folder jaxattn converts, else None."""
+    from jaxattn.models import hf
+
+    return hf.hf_model_type(name)
+
+
+def model_config(name: str) -> Any:
+    """The config of a registered model, or of the model in a Hugging Face / timm folder; None for neither."""
+    if name in MODEL_CONFIGS:
+        return MODEL_CONFIGS[name]
+    if _folder_type(name) is None:
+        return None
+    from jaxattn.models import hf
+
+    return hf.read_config(name)
+
+
 def check_model_kind(name: str, kind: str) -> None:
-    """A ValueError naming what ``name`` is when it is not a registered model of ``kind`` (the task
-    ``lm`` or ``image``), with the task's own models."""
-    fit = models_of_kind(kind)
-    if name not in fit:
+    """A ValueError naming what ``name`` is when it is not a model of ``kind`` (the task ``lm`` or
+    ``image``): a registered name or a Hugging Face / timm folder; the error lists the task's models."""
+    folder = _folder_type(name)
+    is_lm = hasattr(model_config(name), "vocab_size") if folder or name in MODEL_CONFIGS else None
+    if is_lm == (kind == "lm"):
+        return
+    if folder:
+        what = "a timm image model" if folder == "timm" else f"a {folder} language model"
+    else:
         what = ("an image model" if kind == "lm" else "a language model") if name in MODEL_CONFIGS \
-            else "not a registered model"
-        raise ValueError(f"--model {name!r} is {what}; `{kind}` trains one of {fit}")
+            else "not a registered model or a Hugging Face folder"
+    raise ValueError(f"--model {name!r} is {what}; `{kind}` trains one of {models_of_kind(kind)} (or a folder)")
 
 
 def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> nnx.Module:
-    """Builds a registered model; ``overrides`` replace config fields (e.g. ``vocab_size=256``)."""
-    if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_CONFIGS)}")
-    cfg = MODEL_CONFIGS[name]
+    """Builds a registered model, or loads the pretrained one of a Hugging Face / timm folder
+    (:func:`jaxattn.models.hf.load_pretrained`); ``overrides`` replace config fields (e.g.
+    ``vocab_size=256``; None: keep the config's)."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if name not in MODEL_CONFIGS and _folder_type(name) is not None:
+        from jaxattn.models import hf
+
+        return hf.load_pretrained(name, **overrides)
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_CONFIGS)} or a Hugging Face folder")
+    cfg = MODEL_CONFIGS[name]
     try:
         cfg = dataclasses.replace(cfg, **overrides)
     except TypeError as e:

@@ -8,7 +8,8 @@ with ``class_token=False, fc_norm=False``), ``halonet26t``, ``sehalonet33ts``; `
 (depth, img_size, patch_size, embed_dim, num_heads, mlp_ratio, qkv_bias, in_chans, num_classes, ...) apply.
 What the models here do not have (register tokens, layer scale, ``fc_norm``, ``qk_norm``, ...) raises
 ``ValueError``. Overriding ``num_classes``, ``in_channels`` or ``image_size`` fits the weights as timm's
-``pretrained=True`` does (:func:`adapt`: fresh classifier, adapted first conv, resampled position grid). :func:`preprocessing` gives the checkpoint's input size, mean, std and crop.
+``pretrained=True`` does (:func:`adapt`: fresh classifier, adapted first conv, resampled position grid).
+:func:`preprocessing` gives the checkpoint's input size, mean, std and crop.
 The key and layout maps are :mod:`jaxattn.models.timm_weights`'.
 """
 
@@ -30,7 +31,7 @@ from jaxattn.models.halonet import HALONET_CONFIGS, HaloNet, HaloNetConfig
 from jaxattn.models.timm_weights import ignore, timm_entries as entries
 from jaxattn.models.vit import ViT, ViTConfig
 
-__all__ = ["adapt", "config_from_hf", "entries", "hf_config", "preprocessing", "to_state_dict"]
+__all__ = ["adapt", "config_from_hf", "entries", "hf_config", "preprocessing"]
 
 _VIT = re.compile(r"(?:vit|deit)_(tiny|small|base|large|huge)_patch(\d+)_(\d+)")  # DeiT: ViT weights, same model
 _VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
@@ -99,10 +100,7 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> ViTConfig | Halo
     else:
         raise ValueError(f"config.json: timm architecture {arch!r} is not one jaxattn converts "
                          "(vit_/deit_{tiny,small,base,large,huge}_patch{P}_{S}, halonet26t, sehalonet33ts)")
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    if set(overrides) - fields:
-        raise ValueError(f"unknown {type(cfg).__name__} fields {sorted(set(overrides) - fields)}")
-    return dataclasses.replace(cfg, **overrides)
+    return hf.with_overrides(cfg, overrides)
 
 
 def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
@@ -183,7 +181,3 @@ def load(cfg: ViTConfig | HaloNetConfig, state_dict: Mapping[str, Any], *, stric
     model = hf.fill_abstract(build, kept, sd, strict=strict, ignore=ignore, where=where)
     model.eval()  # a pretrained classifier: BatchNorm running statistics, no dropout (train() to fine-tune)
     return model
-
-
-def to_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-    return hf.to_state_dict(entries(model))

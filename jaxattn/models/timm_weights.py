@@ -40,13 +40,8 @@ def timm_variables(model: nnx.Module) -> list[tuple[str, nnx.Variable, str]]:
 
 def timm_entries(model: nnx.Module) -> list[hf.Entry]:
     """Every parameter and BatchNorm statistic under its timm key: conv OIHW <-> HWIO, linear transposed."""
-    out = []
-    for key, var, kind in timm_variables(model):
-        if kind == "conv":
-            out.append(hf.Entry((key,), var, lambda w: w.transpose(2, 3, 1, 0), lambda k: (k.transpose(3, 2, 0, 1),)))
-        else:
-            out.append(hf.linear(key, var) if kind == "linear" else hf.same(key, var))
-    return out
+    make = {"conv": hf.conv, "linear": hf.linear, "plain": hf.same}
+    return [make[kind](key, var) for key, var, kind in timm_variables(model)]
 
 
 def ignore(key: str) -> bool:

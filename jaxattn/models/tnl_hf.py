@@ -27,7 +27,6 @@ raise ``ValueError``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,13 +65,7 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> TNLConfig:
         glu_dim=dim if glu == -1 else glu, lrpe_layers=tuple(i for i, f in enumerate(lrpe) if f),
         no_scale_embedding=bool(raw.get("no_scale_embedding", False)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", True)), init_std=float(raw.get("init_std", 0.02)))
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TNLConfig)})
-    if unknown:
-        raise ValueError(f"unknown TNLConfig fields {unknown}")
-    return TNLConfig(**{**fields, **overrides})
-
-
-tnl_config_from_hf = config_from_hf
+    return hf.with_overrides(TNLConfig(**fields), overrides)
 
 
 def hf_config(cfg: TNLConfig) -> dict[str, Any]:
