@@ -3,6 +3,7 @@ ViT / HaloNet through jaxattn.models.hf; with timm installed, against timm's own
 
 import dataclasses
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -80,22 +81,130 @@ def test_halonet_folder_keeps_batchnorm_statistics(tmp_path):
 
 def test_unsupported_timm_configs():
     for change, match in [({"architecture": "vit_base_patch16_clip_224"}, "not one jaxattn converts"),
-                          ({"model_args": {"reg_tokens": 4}}, "reg_tokens"),
-                          ({"model_args": {"init_values": 1e-5}}, "init_values"),
                           ({"model_args": {"qk_norm": True}}, "qk_norm"),
-                          ({"global_pool": "avg", "model_args": {}}, "global_pool 'avg'"),
+                          ({"model_args": {"global_pool": "map"}}, "global_pool 'map'"),
+                          ({"model_args": {"class_token": False}}, "needs class_token"),
                           ({"model_args": {"img_size": [32, 48]}}, "only square"),
                           ({"model_args": {"something_new": 1}}, "something_new")]:
         with pytest.raises(ValueError, match=match):
             config_from_hf({**VIT_TINY, **change})
-    for arch in ("deit3_base_patch16_224", "deit_base_distilled_patch16_224", "vit_base_patch16_224_miil"):
+    for arch in ("deit_base_distilled_patch16_224", "vit_giant_patch14_dinov2", "vit_dwee_patch16_reg1_gap_256"):
         with pytest.raises(ValueError, match="not one jaxattn converts"):
             config_from_hf({**VIT_TINY, "architecture": arch})
     assert config_from_hf({**VIT_TINY, "architecture": "deit_small_patch16_224.fb_in1k", "model_args": {}}).heads == 6
     assert config_from_hf({**VIT_TINY, "model_args": {"drop_path_rate": 0.1, "fc_norm": None}}).pool == "cls"
     gap = config_from_hf({**VIT_TINY, "global_pool": "avg", "model_args": {"class_token": False, "fc_norm": False,
                                                                            "global_pool": "avg"}})
-    assert gap.pool == "mean"
+    assert (gap.pool, gap.has_class_token, gap.fc_norm) == ("mean", False, False)
+    mae = config_from_hf({**VIT_TINY, "global_pool": "avg", "model_args": {}})  # class token kept, fc_norm (timm: auto)
+    assert (mae.pool, mae.has_class_token, mae.fc_norm) == ("mean", True, True)
+
+
+def _arch(arch):
+    return config_from_hf({"architecture": arch + ".some_tag", "num_classes": 0})
+
+
+def test_timm_architecture_arguments():
+    """The families' timm arguments (as timm's registry functions give them)."""
+    c = _arch("deit3_small_patch16_384")
+    assert (c.dim, c.heads, c.image_size, c.no_embed_class, c.layer_scale, c.reg_tokens, c.pool) == (
+        384, 6, 384, True, 1e-6, 0, "cls")
+    c = _arch("vit_large_patch14_reg4_dinov2")
+    assert (c.dim, c.depth, c.patch_size, c.image_size, c.reg_tokens, c.no_embed_class, c.layer_scale) == (
+        1024, 24, 14, 518, 4, True, 1e-5)
+    assert (c.num_tokens, c.pos_embed_len, c.num_classes) == (1 + 4 + 37 * 37, 37 * 37, 0)
+    c = _arch("vit_base_patch14_dinov2")
+    assert (c.reg_tokens, c.no_embed_class, c.pos_embed_len) == (0, False, 1 + 37 * 37)
+    c = _arch("vit_medium_patch16_gap_256")
+    assert (c.dim, c.heads, c.qkv_bias, c.pool, c.has_class_token, c.fc_norm, c.layer_scale) == (
+        512, 8, False, "mean", False, False, 1e-6)
+    c = _arch("vit_base_patch16_gap_224")
+    assert (c.heads, c.fc_norm, c.layer_scale) == (16, False, None)
+    c = _arch("vit_betwixt_patch16_reg4_gap_256")
+    assert (c.dim, c.heads, c.reg_tokens, c.fc_norm, c.has_class_token, c.layer_scale, c.num_prefix_tokens) == (
+        640, 10, 4, True, False, 1e-5, 4)
+    c = _arch("vit_base_patch16_reg4_gap_256")
+    assert (c.layer_scale, c.fc_norm, c.image_size) == (None, True, 256)
+    c = _arch("vit_little_patch16_reg1_gap_256")
+    assert (c.dim, c.depth, c.heads, c.mlp_ratio, c.reg_tokens) == (320, 14, 5, 5.6, 1)
+    assert _arch("vit_base_patch16_224_miil").qkv_bias is False
+
+
+def _ln(x, w, b):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * w + b
+
+
+def timm_vit_forward(sd, args, images):
+    """timm's ``VisionTransformer.forward`` (timm 1.0 ``vision_transformer.py``) in float64 numpy on its own
+    ``state_dict`` and constructor arguments: patch conv, class / register tokens and position embedding
+    (``_pos_embed``, with ``no_embed_class``), blocks with LayerScale ``ls1``/``ls2``, ``norm``, ``pool``
+    ('token' / 'avg' after the prefix tokens), ``fc_norm``, ``head``."""
+    w = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+    p, heads = args["patch_size"], args["num_heads"]
+    pool, class_token = args.get("global_pool", "token"), args.get("class_token", True)
+    fc_norm = pool == "avg" if args.get("fc_norm") is None else args["fc_norm"]
+    x = np.asarray(images, np.float64)  # NHWC
+    b, hh, ww, c = x.shape
+    patches = x.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 5, 2, 4).reshape(b, -1, c * p * p)
+    x = patches @ w["patch_embed.proj.weight"].reshape(len(w["patch_embed.proj.weight"]), -1).T \
+        + w["patch_embed.proj.bias"]
+    prefix = ([np.broadcast_to(w["cls_token"], (b, 1, x.shape[-1]))] if class_token else []) + \
+             ([np.broadcast_to(w["reg_token"], (b,) + w["reg_token"].shape[1:])] if args.get("reg_tokens") else [])
+    if args.get("no_embed_class"):
+        x = np.concatenate(prefix + [x + w["pos_embed"]], 1)
+    else:
+        x = np.concatenate(prefix + [x], 1) + w["pos_embed"]
+    n, dim = x.shape[1], x.shape[2]
+    for i in range(args["depth"]):
+        g = lambda k: w[f"blocks.{i}.{k}"]  # noqa: E731
+        h = _ln(x, g("norm1.weight"), g("norm1.bias"))
+        qkv = h @ g("attn.qkv.weight").T + (g("attn.qkv.bias") if f"blocks.{i}.attn.qkv.bias" in w else 0)
+        q, k, v = qkv.reshape(b, n, 3, heads, dim // heads).transpose(2, 0, 3, 1, 4)
+        s = q @ k.transpose(0, 1, 3, 2) * (dim // heads) ** -0.5
+        a = np.exp(s - s.max(-1, keepdims=True))
+        o = (a / a.sum(-1, keepdims=True)) @ v
+        h = o.transpose(0, 2, 1, 3).reshape(b, n, dim) @ g("attn.proj.weight").T + g("attn.proj.bias")
+        x = x + h * (g("ls1.gamma") if f"blocks.{i}.ls1.gamma" in w else 1)
+        h = _ln(x, g("norm2.weight"), g("norm2.bias")) @ g("mlp.fc1.weight").T + g("mlp.fc1.bias")
+        h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+        h = h @ g("mlp.fc2.weight").T + g("mlp.fc2.bias")
+        x = x + h * (g("ls2.gamma") if f"blocks.{i}.ls2.gamma" in w else 1)
+    if not fc_norm:
+        x = _ln(x, w["norm.weight"], w["norm.bias"])
+    num_prefix = int(class_token) + args.get("reg_tokens", 0)
+    x = x[:, 0] if pool == "token" else x[:, num_prefix:].mean(1)
+    if fc_norm:
+        x = _ln(x, w["fc_norm.weight"], w["fc_norm.bias"])
+    return x @ w["head.weight"].T + w["head.bias"]
+
+
+# small timm configs of each family's options; the arch names give the rest (layer scale, registers, ...)
+FAMILIES = {"deit3_small_patch16_224": {},  # layer scale, position embedding on the patches only
+            "vit_small_patch14_reg4_dinov2": {},  # + register tokens
+            "vit_small_patch14_dinov2": {},
+            "vit_medium_patch16_reg4_gap_256": {},  # no class token, registers, mean pooling, fc_norm
+            "vit_small_patch16_224": {"global_pool": "avg"}}  # MAE-style: class token kept, mean pooling, fc_norm
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_timm_families_match_numpy_timm(tmp_path, arch):
+    """Each family's folder loads and matches timm's forward written in float64 numpy on the state_dict
+    (layer scale, register tokens and fc_norm given random values, so each one counts)."""
+    small = {"depth": 2, "img_size": 28 if "patch14" in arch else 32, "num_classes": 5, **FAMILIES[arch]}
+    raw = {"architecture": arch, "num_classes": 5, "model_args": small,
+           "pretrained_cfg": {**PRE, "input_size": [3, small["img_size"], small["img_size"]]}}
+    cfg = config_from_hf(raw, attn_impl="xla")
+    rng = np.random.default_rng(0)
+    sd = {k: (v + rng.normal(0, 0.5, v.shape)).astype(np.float32) if k.endswith(("gamma", "token", "norm.weight"))
+          else v for k, v in to_timm_state_dict(ViT(cfg, rngs=nnx.Rngs(1))).items()}
+    model = hf.load_pretrained(_folder(tmp_path, raw, sd), attn_impl="xla")
+    x = rng.normal(size=(2, small["img_size"], small["img_size"], 3)).astype(np.float32)
+    from jaxattn.models.timm_hub import vit_arch_args
+
+    want = timm_vit_forward(sd, {**vit_arch_args(arch), **small}, x)
+    assert_close(np.asarray(model(jnp.asarray(x))), want, jnp.float32, f"{arch} logits vs numpy timm",
+                 tol={jnp.dtype(jnp.float32): (2e-5, 2e-5)})
     with pytest.raises(ValueError, match="unknown ViTConfig fields"):
         config_from_hf(VIT_TINY, quantize=True)
     with pytest.raises(ValueError, match="halonet26t"):
@@ -104,6 +213,10 @@ def test_unsupported_timm_configs():
 
 @pytest.mark.parametrize("arch,kwargs,size", [("vit_tiny_patch16_224", dict(depth=2, img_size=32, patch_size=8), 32),
                                               ("deit_small_patch16_224", dict(depth=2, img_size=32, patch_size=8), 32),
+                                              ("deit3_small_patch16_224", dict(depth=2, img_size=32), 32),
+                                              ("vit_small_patch14_reg4_dinov2", dict(depth=2, img_size=28), 28),
+                                              ("vit_medium_patch16_reg4_gap_256", dict(depth=2, img_size=32), 32),
+                                              ("vit_small_patch16_224", dict(depth=2, img_size=32, global_pool="avg"), 32),
                                               ("halonet26t", {}, 256)])
 def test_matches_timm(tmp_path, arch, kwargs, size):
     torch = pytest.importorskip("torch")
@@ -112,6 +225,10 @@ def test_matches_timm(tmp_path, arch, kwargs, size):
 
     torch.manual_seed(0)
     ref = timm.create_model(arch, num_classes=7, **kwargs).eval()
+    with torch.no_grad():
+        for name, param in ref.named_parameters():  # layer scales and prefix tokens far from their init
+            if name.endswith(("gamma", "_token")):
+                param.normal_()
     save_for_hf(ref, tmp_path, safe_serialization=True)
     x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
     with torch.no_grad():
@@ -172,14 +289,16 @@ def test_probe_a_timm_backbone(tmp_path):
     assert rgb.mean.tolist() == [0.5, 0.5, 0.5] and rgb.std.tolist() == [0.5, 0.5, 0.5]
 
 
-@pytest.mark.parametrize("pool", ["cls", "mean"])
-def test_export_a_vit_as_a_timm_folder(tmp_path, pool):
+@pytest.mark.parametrize("pool,options", [("cls", {}), ("mean", {}),
+                                          ("cls", dict(reg_tokens=2, no_embed_class=True, layer_scale=0.5)),
+                                          ("mean", dict(class_token=True, fc_norm=True, layer_scale=0.5))])
+def test_export_a_vit_as_a_timm_folder(tmp_path, pool, options):
     """save_pretrained(ViT): timm.create_model(architecture, **model_args) with its weights (timm installed),
     and our own loader, give the model's logits."""
     from jaxattn.models.vit import ViTConfig
 
     cfg = ViTConfig(image_size=32, patch_size=8, in_channels=3, num_classes=5, dim=64, depth=2, heads=4,
-                    mlp_ratio=3.0, pool=pool, attn_impl="xla")
+                    mlp_ratio=3.0, pool=pool, attn_impl="xla", **options)
     model = ViT(cfg, rngs=nnx.Rngs(4))
     model.eval()
     hf.save_pretrained(model, tmp_path)

@@ -57,6 +57,35 @@ def test_shapes(pool):
     np.testing.assert_array_equal(model(x), model.pool_features(x))
 
 
+def test_prefix_tokens_and_layer_scale():
+    """Registers and a class token before the patches (position embedding on the patches only), mean
+    pooling over the patches alone, fc_norm after it; attention maps cover every token; LayerScale
+    at its initial value scales each branch (an initial scale of 1 is the plain block)."""
+    cfg = dataclasses.replace(TINY, pool="mean", class_token=True, reg_tokens=2, no_embed_class=True, fc_norm=True,
+                              layer_scale=1.0, attn_impl="xla")
+    assert (cfg.num_prefix_tokens, cfg.num_tokens, cfg.pos_embed_len) == (3, 7, 4)
+    model = ViT(cfg, rngs=nnx.Rngs(0))
+    model.eval()
+    x = _images(cfg)
+    assert model.pos_embed.shape == (1, 4, 32) and model.reg_token.shape == (1, 2, 32) and model.norm is None
+    tokens = model.features(x)
+    assert tokens.shape == (2, 7, 32)
+    pooled = model.fc_norm(tokens[:, 3:].mean(1))
+    np.testing.assert_allclose(model.pool_features(x), pooled, atol=1e-6)
+    logits, weights = model(x, return_attention=True)
+    assert weights[0].shape == (2, 2, 7, 7)
+    plain = ViT(dataclasses.replace(cfg, layer_scale=None), rngs=nnx.Rngs(0))
+    plain.eval()
+    np.testing.assert_allclose(plain(x), logits, atol=1e-6)  # same draws; gamma = 1
+    for blk in model.blocks:
+        blk.ls1.gamma[...] = jnp.zeros_like(blk.ls1.gamma[...])
+        blk.ls2.gamma[...] = jnp.zeros_like(blk.ls2.gamma[...])
+    gone = model.features(x)  # zero scales: the blocks add nothing
+    prefix = jnp.concatenate([model.cls_token[...], model.reg_token[...]], 1)
+    embedded = jnp.concatenate([jnp.broadcast_to(prefix, (2, 3, 32)), model.patch_embed(x) + model.pos_embed[...]], 1)
+    np.testing.assert_allclose(gone, embedded, atol=1e-6)
+
+
 def test_attention_weights_and_logits_unchanged():
     model = ViT(TINY, rngs=nnx.Rngs(0))
     x = _images(TINY)
@@ -138,6 +167,10 @@ def test_input_errors():
         dataclasses.replace(TINY, attn_impl="cuda")
     with pytest.raises(ValueError, match="dtype"):
         dataclasses.replace(TINY, dtype="int32")
+    for bad, msg in [(dict(class_token=False), "pool='cls' needs the class token"),
+                     (dict(reg_tokens=-1), "reg_tokens must be >= 0"), (dict(layer_scale=0.0), "layer_scale")]:
+        with pytest.raises(ValueError, match=msg):
+            dataclasses.replace(TINY, **bad)
     with pytest.raises(ValueError, match="bad override"):
         create_model("vit-tiny", rngs=nnx.Rngs(0), vocab_size=3)
 

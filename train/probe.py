@@ -149,13 +149,14 @@ def extract_tokens(backbone: ViT, images: np.ndarray, mean, std, batch_size: int
     return np.concatenate(out)
 
 
-def select_tokens(tokens: jax.Array, which: str, has_cls: bool) -> jax.Array:
-    """``tokens [B, T, C]`` (class token first when ``has_cls``) -> what a probe reads: ``"all"``,
-    ``"patch"`` (without the class token), ``"cls"`` (``[B, 1, C]``)."""
+def select_tokens(tokens: jax.Array, which: str, has_cls: bool, num_prefix_tokens: int | None = None) -> jax.Array:
+    """``tokens [B, T, C]`` (class token first when ``has_cls``, then any register tokens:
+    ``num_prefix_tokens`` in all, default ``int(has_cls)``) -> what a probe reads: ``"all"``,
+    ``"patch"`` (the patch tokens only), ``"cls"`` (``[B, 1, C]``)."""
     if which == "all":
         return tokens
     if which == "patch":
-        return tokens[:, 1:] if has_cls else tokens
+        return tokens[:, int(has_cls) if num_prefix_tokens is None else num_prefix_tokens:]
     if which == "cls":
         if not has_cls:
             raise ValueError("the class token was asked for but the backbone has none (pool='mean')")
@@ -163,10 +164,11 @@ def select_tokens(tokens: jax.Array, which: str, has_cls: bool) -> jax.Array:
     raise ValueError(f"token selection must be 'all', 'patch' or 'cls', got {which!r}")
 
 
-def probe_tokens(cfg: ProbeConfig, has_cls: bool) -> tuple[str, dict[str, Any]]:
-    """``(token selection, probe keywords)`` of ``cfg`` for a backbone with/without a class token."""
+def probe_tokens(cfg: ProbeConfig, has_cls: bool, backbone_pool: str | None = None) -> tuple[str, dict[str, Any]]:
+    """``(token selection, probe keywords)`` of ``cfg`` for a backbone with/without a class token
+    (``backbone_pool``: its own pooling, what ``linear_pool="auto"`` uses; default: cls iff ``has_cls``)."""
     if cfg.probe == "linear":
-        pool = cfg.linear_pool if cfg.linear_pool != "auto" else ("cls" if has_cls else "mean")
+        pool = cfg.linear_pool if cfg.linear_pool != "auto" else (backbone_pool or ("cls" if has_cls else "mean"))
         return ("cls", {"pool": "cls"}) if pool == "cls" else ("patch", {"pool": "mean"})
     if cfg.probe == "attentive":
         return cfg.tokens, {"heads": cfg.heads, "num_queries": cfg.num_queries}
@@ -180,7 +182,7 @@ class FrozenBackboneProbe(nnx.Module):
 
     def __init__(self, backbone: ViT, probe: nnx.Module, which: str):
         self.backbone, self.probe, self.which = backbone, probe, which
-        self.has_cls = backbone.cfg.pool == "cls"
+        self.has_cls, self.prefix = backbone.cfg.has_class_token, backbone.cfg.num_prefix_tokens
 
     def train(self, **attributes):  # keep the frozen backbone in eval mode (dropout / drop path off)
         super().train(**attributes)
@@ -188,7 +190,7 @@ class FrozenBackboneProbe(nnx.Module):
 
     def __call__(self, images: jax.Array) -> jax.Array:
         tokens = jax.lax.stop_gradient(self.backbone.features(images))
-        return self.probe(select_tokens(tokens, self.which, self.has_cls))
+        return self.probe(select_tokens(tokens, self.which, self.has_cls, self.prefix))
 
 
 PROBE_PARAMS = nnx.All(nnx.Param, nnx.PathContains("probe"))
@@ -287,15 +289,15 @@ def train(cfg: ProbeConfig, *, resume: bool = False, prepared: dict | None = Non
     backbone and one extraction."""
     prepared = prepared or prepare(cfg, progress=progress)
     backbone, data = prepared["backbone"], prepared["data"]
-    has_cls = backbone.cfg.pool == "cls"
-    which, kw = probe_tokens(cfg, has_cls)
+    has_cls, prefix = backbone.cfg.has_class_token, backbone.cfg.num_prefix_tokens
+    which, kw = probe_tokens(cfg, has_cls, backbone.cfg.pool)
     dim, nc = backbone.cfg.dim, data.num_classes
 
     if cfg.features == "cached":
         if tokens is None:
             tokens = {"train": extract_tokens(backbone, data.x_train, data.mean, data.std, cfg.eval_batch_size),
                       "test": extract_tokens(backbone, data.x_test, data.mean, data.std, cfg.eval_batch_size)}
-        sel = lambda t: np.ascontiguousarray(np.asarray(select_tokens(t, which, has_cls)))  # noqa: E731
+        sel = lambda t: np.ascontiguousarray(np.asarray(select_tokens(t, which, has_cls, prefix)))  # noqa: E731
         feed = TokenData(sel(tokens["train"]), data.y_train, sel(tokens["test"]), data.y_test, nc)
         trainer = make_probe_trainer(cfg, lambda rngs: create_probe(cfg.probe, dim, nc, rngs=rngs, **kw))
         probe_of = lambda m: m  # noqa: E731

@@ -2,12 +2,14 @@
 ``config.json`` with ``architecture`` / ``model_args`` / ``pretrained_cfg``, and ``model.safetensors`` or
 ``pytorch_model.bin``) -> :class:`ViT` / :class:`HaloNet`, through :func:`jaxattn.models.hf.load_pretrained`.
 
-Architectures: ``vit_{tiny,small,base,large,huge}_patch{P}_{S}`` and DeiT's ``deit_{tiny,small,base}_patch16_{S}``
-(not the distilled or DeiT III ones) (class token pooling, or ``global_pool="avg"``
-with ``class_token=False, fc_norm=False``), ``halonet26t``, ``sehalonet33ts``; ``model_args`` that timm records
-(depth, img_size, patch_size, embed_dim, num_heads, mlp_ratio, qkv_bias, in_chans, num_classes, ...) apply.
-What the models here do not have (register tokens, layer scale, ``fc_norm``, ``qk_norm``, ...) raises
-``ValueError``. Overriding ``num_classes``, ``in_channels`` or ``image_size`` fits the weights as timm's
+Architectures (:func:`vit_arch_args` knows their timm arguments): the original ViT / AugReg
+``vit_{size}_patch{P}_{S}``, DeiT ``deit_*`` (not the distilled ones), DeiT III ``deit3_*`` (layer scale,
+position embedding on the patches only), DINOv2 ``vit_{size}_patch14_dinov2`` and ``..._reg4_dinov2``
+(layer scale, register tokens), timm's mean-pooled ``vit_*_gap_{S}`` and register ``vit_*_reg{R}_gap_{S}``
+(``fc_norm``), for sizes tiny ... huge (not giant: SwiGLU MLP), and ``halonet26t``, ``sehalonet33ts``.
+``model_args`` that timm records (depth, img_size, patch_size, embed_dim, num_heads, mlp_ratio, qkv_bias,
+class_token, global_pool, reg_tokens, no_embed_class, init_values, fc_norm, in_chans, num_classes) apply;
+what the models here do not have (``qk_norm``, ``pre_norm``, attention pooling, ...) raises ``ValueError``. Overriding ``num_classes``, ``in_channels`` or ``image_size`` fits the weights as timm's
 ``pretrained=True`` does (:func:`adapt`: fresh classifier, adapted first conv, resampled position grid).
 :func:`preprocessing` gives the checkpoint's input size, mean, std and crop.
 The key and layout maps are :mod:`jaxattn.models.timm_weights`'.
@@ -31,17 +33,52 @@ from jaxattn.models.halonet import HALONET_CONFIGS, HaloNet, HaloNetConfig
 from jaxattn.models.timm_weights import ignore, timm_entries as entries
 from jaxattn.models.vit import ViT, ViTConfig
 
-__all__ = ["adapt", "config_from_hf", "entries", "hf_config", "preprocessing"]
+__all__ = ["adapt", "config_from_hf", "entries", "hf_config", "preprocessing", "vit_arch_args"]
 
-_VIT = re.compile(r"(?:vit|deit)_(tiny|small|base|large|huge)_patch(\d+)_(\d+)")  # DeiT: ViT weights, same model
-_VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
-              "huge": (1280, 32, 16)}
+_VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "medium": (512, 12, 8), "mediumd": (512, 20, 8),
+              "betwixt": (640, 12, 10), "base": (768, 12, 12), "large": (1024, 24, 16), "huge": (1280, 32, 16),
+              "little": (320, 14, 5), "wee": (256, 14, 4)}
+_VIT_MLP_RATIO = {"little": 5.6, "wee": 5.0}
+_S = "(?P<size>" + "|".join(_VIT_SIZES) + ")"
+_P, _I, _R = r"_patch(?P<patch>\d+)", r"_(?P<img>\d+)", r"_reg(?P<reg>\d+)"
+_GAP = {"class_token": False, "global_pool": "avg"}
+# timm's ViT architectures (the model_args of their registry functions, by family): pattern, extra args
+_VIT_ARCHS: list[tuple[re.Pattern, dict[str, Any]]] = [(re.compile(p), a) for p, a in [
+    (rf"(?:vit|deit)_{_S}{_P}{_I}", {}),  # original ViT / AugReg / DeiT (not distilled)
+    (rf"vit_{_S}{_P}{_I}_miil", {"qkv_bias": False}),
+    (rf"deit3_{_S}{_P}{_I}", {"no_embed_class": True, "init_values": 1e-6}),  # DeiT III
+    (rf"vit_{_S}{_P}(?:{_R})?_dinov2", {"init_values": 1e-5, "img_size": 518}),  # DINOv2 (with registers: reg4)
+    (rf"vit_(?P<size>medium|betwixt){_P}_gap{_I}", {**_GAP, "qkv_bias": False, "init_values": 1e-6, "fc_norm": False}),
+    (rf"vit_(?P<size>base|huge){_P}_gap{_I}", {**_GAP, "fc_norm": False}),
+    (rf"vit_{_S}{_P}{_R}_gap{_I}", {**_GAP, "no_embed_class": True, "init_values": 1e-5}),  # register ViTs
+]]
 # model_args a checkpoint may record with the value the models here implement (others: refused)
-_VIT_FIXED = {"reg_tokens": 0, "no_embed_class": False, "fc_norm": False, "init_values": None, "pre_norm": False,
-              "qk_norm": False, "final_norm": True, "dynamic_img_size": False, "pos_embed": "learn",
+_VIT_FIXED = {"pre_norm": False, "qk_norm": False, "final_norm": True, "dynamic_img_size": False, "pos_embed": "learn",
               "weight_init": ""}
+_VIT_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "class_token",
+             "global_pool", "reg_tokens", "no_embed_class", "init_values", "fc_norm")
 # training-time regularisation a checkpoint may record: no effect on the weights (fine-tuning sets its own)
 _VIT_IGNORED = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
+
+
+def vit_arch_args(arch: str) -> dict[str, Any] | None:
+    """timm's ``model_args`` of the ViT architecture ``arch`` (None: not one converted here)."""
+    for pattern, extra in _VIT_ARCHS:
+        if m := pattern.fullmatch(arch):
+            g = m.groupdict()
+            dim, depth, heads = _VIT_SIZES[g["size"]]
+            if arch == "vit_base_patch16_gap_224":
+                heads = 16  # as timm registers it
+            args = {"patch_size": int(g["patch"]), "embed_dim": dim, "depth": depth, "num_heads": heads,
+                    "mlp_ratio": _VIT_MLP_RATIO.get(g["size"], 4.0), **extra}
+            if g.get("img"):
+                args["img_size"] = int(g["img"])
+            if g.get("reg"):
+                args.update(reg_tokens=int(g["reg"]), no_embed_class=True)
+            if g["size"] == "base" and g.get("reg"):
+                args.pop("init_values", None)  # vit_base_patch16_reg4_gap_256 has no layer scale
+            return args
+    return None
 
 
 def _size(value: Any, what: str) -> int:
@@ -70,37 +107,42 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> ViTConfig | Halo
             raise ValueError(f"config.json: model_args {sorted(args)} are not supported for {arch}")
         cfg = dataclasses.replace(HALONET_CONFIGS[arch], num_classes=num_classes, in_channels=in_chans,
                                   image_size=size)
-    elif m := _VIT.fullmatch(arch):
-        dim, depth, heads = _VIT_SIZES[m.group(1)]
-        class_token = bool(args.pop("class_token", True))
-        for k in _VIT_IGNORED:
-            args.pop(k, None)
-        if args.get("fc_norm", False) is None and (pool or "token") == "token":
-            args.pop("fc_norm")  # timm's "auto": no fc_norm for token pooling
-        if (pool or "token") == "token" and class_token:
-            vit_pool = "cls"
-        elif pool == "avg" and not class_token and args.get("fc_norm") is False:
-            vit_pool = "mean"
-        else:
-            raise ValueError(f"config.json: global_pool {pool!r} with class_token={class_token}: supported are "
-                             "'token' with a class token, and 'avg' with class_token=False and fc_norm=False")
-        if vit_pool == "mean":
-            args.pop("fc_norm")  # (False, checked above)
-        bad = {k: v for k, v in args.items() if k in _VIT_FIXED and v != _VIT_FIXED[k]}
-        unknown = sorted(set(args) - set(_VIT_FIXED) - {"depth", "img_size", "patch_size", "embed_dim", "num_heads",
-                                                         "mlp_ratio", "qkv_bias"})
-        if bad or unknown:
-            raise ValueError(f"config.json: model_args {bad or unknown} are not supported by jaxattn's ViT")
-        cfg = ViTConfig(image_size=_size(args.get("img_size", int(m.group(3))), "img_size"),
-                        patch_size=int(args.get("patch_size", int(m.group(2)))), in_channels=in_chans,
-                        num_classes=num_classes, dim=int(args.get("embed_dim", dim)),
-                        depth=int(args.get("depth", depth)), heads=int(args.get("num_heads", heads)),
-                        mlp_ratio=float(args.get("mlp_ratio", 4.0)), qkv_bias=bool(args.get("qkv_bias", True)),
-                        pool=vit_pool)
+    elif (arch_args := vit_arch_args(arch)) is not None:
+        if pool is not None:
+            arch_args["global_pool"] = pool
+        arch_args.update(args)
+        cfg = _vit_config(arch_args, num_classes, in_chans, (pre.get("input_size") or [3, 224, 224])[1:])
     else:
         raise ValueError(f"config.json: timm architecture {arch!r} is not one jaxattn converts "
-                         "(vit_/deit_{tiny,small,base,large,huge}_patch{P}_{S}, halonet26t, sehalonet33ts)")
+                         "(ViT: vit_ / deit_ / deit3_{size}_patch{P}_{S}, vit_*_dinov2, vit_*_gap_{S}, vit_*_reg{R}_gap_{S}; "
+                         "halonet26t, sehalonet33ts)")
     return hf.with_overrides(cfg, overrides)
+
+
+def _vit_config(args: dict[str, Any], num_classes: int, in_chans: int, input_size: Any) -> ViTConfig:
+    """A :class:`ViTConfig` from timm ``VisionTransformer`` arguments (its defaults where absent)."""
+    args = {k: v for k, v in args.items() if k not in _VIT_IGNORED}
+    bad = {k: v for k, v in args.items() if k in _VIT_FIXED and v != _VIT_FIXED[k]}
+    unknown = sorted(set(args) - set(_VIT_FIXED) - set(_VIT_ARGS))
+    if bad or unknown:
+        raise ValueError(f"config.json: model_args {bad or unknown} are not supported by jaxattn's ViT")
+    class_token, pool = bool(args.get("class_token", True)), args.get("global_pool", "token")
+    if pool not in ("token", "avg"):
+        raise ValueError(f"config.json: global_pool {pool!r}: jaxattn's ViT pools by the class token ('token') "
+                         "or the mean of the patch tokens ('avg')")
+    if pool == "token" and not class_token:
+        raise ValueError("config.json: global_pool 'token' needs class_token=True")
+    fc_norm = args.get("fc_norm")
+    init_values = args.get("init_values")
+    return ViTConfig(image_size=_size(args.get("img_size", input_size or 224), "img_size"),
+                     patch_size=int(args.get("patch_size", 16)), in_channels=in_chans, num_classes=num_classes,
+                     dim=int(args.get("embed_dim", 768)), depth=int(args.get("depth", 12)),
+                     heads=int(args.get("num_heads", 12)), mlp_ratio=float(args.get("mlp_ratio", 4.0)),
+                     qkv_bias=bool(args.get("qkv_bias", True)), pool="cls" if pool == "token" else "mean",
+                     class_token=None if class_token == (pool == "token") else class_token,
+                     reg_tokens=int(args.get("reg_tokens", 0)), no_embed_class=bool(args.get("no_embed_class", False)),
+                     layer_scale=None if init_values is None else float(init_values),
+                     fc_norm=pool == "avg" if fc_norm is None else bool(fc_norm))  # timm: None = on for 'avg'
 
 
 def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
@@ -124,8 +166,9 @@ def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
         arch = "vit_base_patch16_224"  # a name timm registers; model_args give every size
         args.update(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.dim, depth=cfg.depth,
                     num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-                    **({"global_pool": "token"} if cfg.pool == "cls" else
-                       {"global_pool": "avg", "class_token": False, "fc_norm": False}))
+                    global_pool="token" if cfg.pool == "cls" else "avg", class_token=cfg.has_class_token,
+                    reg_tokens=cfg.reg_tokens, no_embed_class=cfg.no_embed_class, init_values=cfg.layer_scale,
+                    fc_norm=cfg.fc_norm)
     return {"architecture": arch, "num_classes": cfg.num_classes, "global_pool": args["global_pool"],
             "model_args": args, "pretrained_cfg": pre}
 
@@ -161,7 +204,7 @@ def adapt(cfg: ViTConfig | HaloNetConfig, state_dict: Mapping[str, Any]) -> tupl
         sd[conv] = w
     if not halo and "pos_embed" in sd:
         pos = np.asarray(sd["pos_embed"], np.float32)
-        prefix = 1 if cfg.pool == "cls" else 0
+        prefix = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
         old, new = math.isqrt(pos.shape[1] - prefix), cfg.image_size // cfg.patch_size
         if old * old == pos.shape[1] - prefix and old != new:
             grid = pos[0, prefix:].reshape(old, old, -1)

@@ -1,9 +1,11 @@
 """Vision Transformer (ViT, Dosovitskiy et al. 2021) in Flax NNX, on ``jaxattn.attention``.
 
 ``images [B, H, W, C]`` (NHWC, float) -> ``PatchEmbed`` (a ``patch x patch`` conv with stride
-``patch``, flattened row-major to ``[B, (H/p)(W/p), dim]``) -> class token prepended (``pool="cls"``)
--> learned positional embedding added -> ``depth`` pre-norm blocks
-``x += DropPath(Attn(LN(x)))``, ``x += DropPath(MLP(LN(x)))`` -> final LayerNorm -> pooling
+``patch``, flattened row-major to ``[B, (H/p)(W/p), dim]``) -> class token prepended (``pool="cls"``,
+or ``class_token=True``), then ``reg_tokens`` register tokens -> learned positional embedding added
+(to every token, or to the patches only with ``no_embed_class``) -> ``depth`` pre-norm blocks
+``x += DropPath(LS(Attn(LN(x))))``, ``x += DropPath(LS(MLP(LN(x))))`` (``LS``: LayerScale when
+``layer_scale`` is set) -> final LayerNorm (or ``fc_norm`` after the pooling) -> pooling
 (the class token, or the mean of the patch tokens) -> linear head. LayerNorm eps is 1e-6 and the
 MLP uses exact (erf) GELU, as the original ViT and timm. ``dropout`` is applied where the original
 ViT applies it (after the positional embedding, after the attention projection, after the MLP's
@@ -15,22 +17,24 @@ They draw keys from the ``dropout`` stream of the ``rngs`` given at construction
 ``default``) and are only built when their rate is > 0.
 
 timm checkpoint conventions (``timm.models.vision_transformer.VisionTransformer``; ``pool="cls"`` is
-timm's default ``class_token=True, global_pool='token'``, ``pool="mean"`` is ``class_token=False,
-global_pool='avg', fc_norm=False``, e.g. ``vit_medium_patch16_gap``): module paths are
-timm's ``state_dict`` keys (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
-``blocks.{i}.norm1``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``, ``blocks.{i}.norm2``,
-``blocks.{i}.mlp.fc1``, ``blocks.{i}.mlp.fc2``, ``norm``, ``head``) with NNX leaf names:
+timm's ``global_pool='token'``, ``pool="mean"`` its ``'avg'`` (the mean of the patch tokens, after the
+prefix tokens); ``class_token``, ``reg_tokens``, ``no_embed_class``, ``fc_norm`` are timm's arguments of
+those names and ``layer_scale`` its ``init_values``): module paths are
+timm's ``state_dict`` keys (``patch_embed.proj``, ``cls_token``, ``reg_token``, ``pos_embed``,
+``blocks.{i}.norm1``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``, ``blocks.{i}.ls1.gamma``,
+``blocks.{i}.norm2``, ``blocks.{i}.mlp.fc1``, ``blocks.{i}.mlp.fc2``, ``blocks.{i}.ls2.gamma``, ``norm``,
+``fc_norm``, ``head``) with NNX leaf names:
 ``X.weight`` of a Linear (PyTorch ``[out, in]``) is ``X.kernel`` ``[in, out]`` (``w.T``); the patch
 conv ``patch_embed.proj.weight`` (PyTorch OIHW ``[dim, C, p, p]``) is ``patch_embed.proj.kernel``
 in HWIO ``[p, p, C, dim]`` (``w.permute(2, 3, 1, 0)``); LayerNorm ``weight`` is ``scale``;
 biases, ``cls_token [1, 1, dim]`` and ``pos_embed [1, N(+1), dim]`` are copied as is. The fused
 ``qkv`` output is ``[3, heads, head_dim]`` (q, k, v; head-major), as in timm, so it needs no
 reordering, and patches are flattened row-major as timm's ``flatten(2)``. Not implemented: timm's
-``fc_norm`` (the default of ``global_pool='avg'``: LayerNorm after pooling, ``norm`` = identity),
-mean pooling with a class token, register tokens, layer scale, position-embedding resampling.
+``dynamic_img_size`` (a checkpoint's position grid is resampled once, on load, by
+``jaxattn.models.timm_hub.adapt``), ``qk_norm``, ``pre_norm``, attention pooling, SwiGLU MLPs.
 ``to_timm_state_dict`` / ``load_timm_state_dict`` do the conversion on numpy arrays (no torch
-import); with them the forward matches timm's in fp32 to ~1e-6 (checked once for both poolings
-against timm's ``VisionTransformer`` with random weights, not part of the test suite).
+import); tests/test_timm_hub.py checks the forward against timm's written in float64 numpy, and
+against timm itself when installed.
 
 Initialisation (timm's default ``init_weights`` scheme, not its draws): ``pos_embed`` truncated
 normal std 0.02; ``cls_token`` normal std 1e-6 (timm); every Linear (qkv, proj, fc1, fc2, head)
@@ -84,6 +88,12 @@ class ViTConfig:
     gates: Literal["none", "features", "tokens"] = "none"
     quantized: bool = False  # inference through jaxattn.sage_attention (INT8 QK, FP8 PV)
     remat: bool = False  # training: each block recomputed in the backward (activation checkpointing)
+    # timm options of later ViT recipes (DeiT III, DINOv2, register ViTs, MAE fine-tunes; timm's names):
+    class_token: bool | None = None  # None: a class token iff pool="cls"; True with pool="mean": kept, not pooled
+    reg_tokens: int = 0  # register tokens after the class token (Darcet et al. 2024), dropped by the pooling
+    no_embed_class: bool = False  # the position embedding covers the patches only (DeiT III, registers)
+    layer_scale: float | None = None  # LayerScale: per-channel residual-branch scales, initialised to this
+    fc_norm: bool = False  # the final LayerNorm after the pooling (timm's fc_norm) instead of on every token
 
     def __post_init__(self):
         if self.gates not in ("none", "features", "tokens"):
@@ -101,6 +111,12 @@ class ViTConfig:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pool == "cls" and self.class_token is False:
+            raise ValueError("pool='cls' needs the class token: class_token must be True or None")
+        if self.reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be >= 0, got {self.reg_tokens}")
+        if self.layer_scale is not None and not self.layer_scale > 0:
+            raise ValueError(f"layer_scale must be None or an initial scale > 0, got {self.layer_scale}")
         if self.attn_impl not in _IMPLS:
             raise ValueError(f"attn_impl must be one of {_IMPLS}, got {self.attn_impl!r}")
         for name in ("dropout", "drop_path", "attn_drop"):
@@ -123,9 +139,23 @@ class ViTConfig:
         return self.grid ** 2
 
     @property
+    def has_class_token(self) -> bool:
+        return self.pool == "cls" if self.class_token is None else self.class_token
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: the class token (if any), then the register tokens."""
+        return int(self.has_class_token) + self.reg_tokens
+
+    @property
     def num_tokens(self) -> int:
-        """Sequence length seen by the blocks (patches, plus the class token when ``pool="cls"``)."""
-        return self.num_patches + (self.pool == "cls")
+        """Sequence length seen by the blocks (prefix tokens, then the patches)."""
+        return self.num_patches + self.num_prefix_tokens
+
+    @property
+    def pos_embed_len(self) -> int:
+        """Rows of ``pos_embed``: every token, or only the patches with ``no_embed_class``."""
+        return self.num_patches if self.no_embed_class else self.num_tokens
 
     @property
     def head_dim(self) -> int:
@@ -276,8 +306,19 @@ class MLP(nnx.Module):
         return _apply(self.drop2, self.fc2(x))
 
 
+class LayerScale(nnx.Module):
+    """``x * gamma``: a learned per-channel scale of a residual branch (CaiT / DeiT III; timm's ``ls1``/``ls2``)."""
+
+    def __init__(self, dim: int, init: float):
+        self.gamma = nnx.Param(jnp.full((dim,), init, jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x * self.gamma[...].astype(x.dtype)
+
+
 class Block(nnx.Module):
-    """Pre-norm transformer block: ``x += attn(norm1(x))``, ``x += mlp(norm2(x))`` (with stochastic depth)."""
+    """Pre-norm transformer block: ``x += attn(norm1(x))``, ``x += mlp(norm2(x))`` (with stochastic depth,
+    and LayerScale ``ls1``/``ls2`` on the branches when ``layer_scale`` is set)."""
 
     def __init__(self, cfg: ViTConfig, drop_path: float = 0.0, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
@@ -287,6 +328,9 @@ class Block(nnx.Module):
         self.norm2 = _layer_norm(cfg.dim, dtype, rngs)
         self.mlp = MLP(cfg.dim, cfg.mlp_dim, dropout=cfg.dropout, dtype=dtype, rngs=rngs)
         self.drop_path = DropPath(drop_path, rngs=rngs) if drop_path > 0 else None
+        scaled = cfg.layer_scale is not None
+        self.ls1 = LayerScale(cfg.dim, cfg.layer_scale) if scaled else None
+        self.ls2 = LayerScale(cfg.dim, cfg.layer_scale) if scaled else None
         gated = cfg.gates != "none"
         self.gate1 = FeatureGate(cfg.dim, rngs=rngs) if gated else None
         self.gate2 = FeatureGate(cfg.dim, rngs=rngs) if gated else None
@@ -294,8 +338,8 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, *, return_attention: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         h = self.attn(self.norm1(x), return_attention=return_attention)
         h, w = h if return_attention else (h, None)
-        x = x + _apply(self.drop_path, _apply(self.gate1, h))
-        x = x + _apply(self.drop_path, _apply(self.gate2, self.mlp(self.norm2(x))))
+        x = x + _apply(self.drop_path, _apply(self.gate1, _apply(self.ls1, h)))
+        x = x + _apply(self.drop_path, _apply(self.gate2, _apply(self.ls2, self.mlp(self.norm2(x)))))
         return (x, w) if return_attention else x
 
 
@@ -312,13 +356,16 @@ class ViT(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.dim, dtype=dtype, rngs=rngs)
         self.cls_token = (nnx.Param(nnx.initializers.normal(1e-6)(rngs.params(), (1, 1, cfg.dim)))
-                          if cfg.pool == "cls" else None)
-        self.pos_embed = nnx.Param(_trunc02(rngs.params(), (1, cfg.num_tokens, cfg.dim)))
+                          if cfg.has_class_token else None)
+        self.reg_token = (nnx.Param(nnx.initializers.normal(1e-6)(rngs.params(), (1, cfg.reg_tokens, cfg.dim)))
+                          if cfg.reg_tokens else None)
+        self.pos_embed = nnx.Param(_trunc02(rngs.params(), (1, cfg.pos_embed_len, cfg.dim)))
         self.pos_drop = _dropout(cfg.dropout, rngs)
         self.token_gate = TokenGate(cfg.num_tokens, rngs=rngs) if cfg.gates == "tokens" else None
         rates = np.linspace(0.0, cfg.drop_path, cfg.depth)  # as timm (depth 1: rate 0)
         self.blocks = nnx.List([Block(cfg, float(r), rngs=rngs) for r in rates])
-        self.norm = _layer_norm(cfg.dim, dtype, rngs)
+        self.norm = None if cfg.fc_norm else _layer_norm(cfg.dim, dtype, rngs)
+        self.fc_norm = _layer_norm(cfg.dim, dtype, rngs) if cfg.fc_norm else None
         self.head = _linear(cfg.dim, cfg.num_classes, dtype, rngs) if cfg.num_classes > 0 else None
 
     def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs) -> None:
@@ -352,10 +399,14 @@ class ViT(nnx.Module):
         self._check_images(images)
         dtype = jnp.dtype(self.cfg.dtype)
         x = self.patch_embed(images.astype(dtype))
-        if self.cls_token is not None:
-            cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (x.shape[0], 1, x.shape[-1]))
-            x = jnp.concatenate([cls, x], axis=1)
-        x = _apply(self.token_gate, _apply(self.pos_drop, x + self.pos_embed[...].astype(dtype)))
+        prefix = [jnp.broadcast_to(t[...].astype(dtype), (x.shape[0],) + t.shape[1:])
+                  for t in (self.cls_token, self.reg_token) if t is not None]
+        pos = self.pos_embed[...].astype(dtype)
+        if self.cfg.no_embed_class:  # timm: add to the patches, then prepend the prefix tokens
+            x = jnp.concatenate(prefix + [x + pos], axis=1)
+        else:
+            x = jnp.concatenate(prefix + [x], axis=1) + pos
+        x = _apply(self.token_gate, _apply(self.pos_drop, x))
         weights = []
         run = remat_blocks(self.cfg.remat, lambda block, x: block(x))
         for block in self.blocks:
@@ -364,17 +415,21 @@ class ViT(nnx.Module):
                 weights.append(w)
             else:
                 x = run(block, x)
-        return self.norm(x), weights
+        return _apply(self.norm, x), weights
 
     def features(self, images: jax.Array) -> jax.Array:
-        """Tokens after the final norm, ``[B, N(+1), dim]`` in the compute dtype."""
+        """Tokens after the final norm (none with ``fc_norm``), ``[B, prefix + N, dim]`` in the compute dtype."""
         return self._tokens(images, False)[0]
 
     def pool(self, tokens: jax.Array) -> jax.Array:
-        """``[B, N(+1), dim] -> [B, dim]``: the class token, or the mean over the patch tokens."""
+        """``[B, prefix + N, dim] -> [B, dim]``: the class token, or the mean over the patch tokens;
+        then ``fc_norm`` when configured."""
         if self.cfg.pool == "cls":
-            return tokens[:, 0]
-        return jnp.mean(tokens.astype(jnp.float32), axis=1).astype(tokens.dtype)
+            pooled = tokens[:, 0]
+        else:
+            patches = tokens[:, self.cfg.num_prefix_tokens:]
+            pooled = jnp.mean(patches.astype(jnp.float32), axis=1).astype(tokens.dtype)
+        return _apply(self.fc_norm, pooled)
 
     def pool_features(self, images: jax.Array) -> jax.Array:
         """Pooled features ``[B, dim]`` (the head's input)."""
