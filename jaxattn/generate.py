@@ -69,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "folder's eos_token_id; none for training runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="compute dtype of a Hugging Face folder's model (default float32)")
+                   help="a Hugging Face folder's model in this dtype, compute and parameters (bfloat16: half "
+                   "the memory of float32 parameters; default float32)")
     a = p.parse_args(argv)
     from jaxattn.models import hf
 
@@ -81,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if kind == "timm":
             raise ValueError(f"--checkpoint {a.checkpoint} is a timm image model, not a language model")
         if kind is not None:
-            model = hf.load_pretrained(a.checkpoint, **({"dtype": a.dtype} if a.dtype else {}))
+            model = hf.load_pretrained(a.checkpoint, **({"dtype": a.dtype, "param_dtype": a.dtype} if a.dtype else {}))
             tokenizer = hf.load_tokenizer(a.checkpoint)
             vocab, byte_level, what = model.cfg.vocab_size, False, f"{kind} {Path(a.checkpoint).name}"
         else:

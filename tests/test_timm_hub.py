@@ -45,6 +45,10 @@ def test_vit_folder(tmp_path, capsys):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(src(x)))
     assert preprocessing(VIT_TINY)["mean"] == (0.5, 0.5, 0.5)
+    half = hf.load_pretrained(folder, attn_impl="xla", dtype="bfloat16", param_dtype="bfloat16")
+    assert half.blocks[0].attn.qkv.kernel[...].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(half(x)), np.asarray(
+        hf.load_pretrained(folder, attn_impl="xla", dtype="bfloat16")(x)))  # bf16 matmuls cast the weights anyway
     quant = hf.load_pretrained(folder, attn_impl="xla", quantized=True)  # overrides reach the model
     assert quant.cfg.quantized
     from jaxattn.generate import main as generate_main

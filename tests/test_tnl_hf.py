@@ -13,6 +13,7 @@ from flax import nnx
 from jaxattn.models.safetensors_io import read_safetensors, read_state_dict, write_safetensors
 from jaxattn.models.tnl import TNL, TNLConfig
 from jaxattn.models.hf import hf_model_type, load_pretrained, save_pretrained
+from jaxattn.models import generate, tnl_hf
 from jaxattn.models.tnl_hf import config_from_hf, hf_config, load_hf_state_dict, to_hf_state_dict
 from conftest import assert_close, assert_same_state_dict
 
@@ -126,6 +127,21 @@ def test_bf16_sharded_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf))
     model = load_pretrained(tmp_path, attn_impl="xla")
     assert_same_state_dict(to_hf_state_dict(model), {k: v.astype(np.float32) for k, v in sd.items()})
+    # bf16 parameter storage for inference: the checkpoint's parameters as stored, the decay rates (not in
+    # the checkpoint) fp32; the same logits and greedy generation as fp32 parameters under bf16 compute
+    half = load_pretrained(tmp_path, attn_impl="xla", dtype="bfloat16", param_dtype="bfloat16")
+    full = load_pretrained(tmp_path, attn_impl="xla", dtype="bfloat16")
+    stored = {e.keys[0]: e.var.get_value() for e in tnl_hf.entries(half)}
+    assert {v.dtype for v in stored.values()} == {jnp.dtype(jnp.bfloat16)}
+    np.testing.assert_array_equal(np.asarray(stored["model.embed_tokens.weight"]), sd["model.embed_tokens.weight"])
+    assert half.blocks[0].mixer.slope[...].dtype == jnp.float32
+    prompt = jnp.asarray(TOKENS[:, :5])
+    got = generate(half, prompt, 4, temperature=0.0, return_logits=True)
+    want = generate(full, prompt, 4, temperature=0.0, return_logits=True)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    with pytest.raises(ValueError, match="param_dtype must be a floating dtype"):
+        load_pretrained(tmp_path, param_dtype="int8")
 
 
 def test_safetensors_round_trip_and_corrupt_files(tmp_path):
@@ -202,7 +218,8 @@ def test_generate_cli_on_a_reference_folder(tmp_path, capsys):
 
     cfg = TNLConfig(vocab_size=61, dim=24, layers=2, heads=3, glu_dim=40, tie_embeddings=True, attn_impl="xla")
     save_pretrained(TNL(cfg, rngs=nnx.Rngs(0)), tmp_path)
-    assert generate_main(["--checkpoint", str(tmp_path), "--prompt-ids", "5 9", "--max-new-tokens", "4"]) == 0
+    assert generate_main(["--checkpoint", str(tmp_path), "--prompt-ids", "5 9", "--max-new-tokens", "4",
+                          "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr()
     ids = [int(t) for t in out.out.split()]
     assert len(ids) == 6 and ids[:2] == [5, 9] and all(0 <= t < 61 for t in ids), out.out

@@ -158,6 +158,6 @@ def load_hf_state_dict(model: GPT, state_dict: Mapping[str, Any], *, strict: boo
     hf.load_state_dict(entries(model), state_dict, strict=strict, ignore=_ignore(model.cfg))
 
 
-def load(cfg: GPTConfig, state_dict: Mapping[str, Any], *, strict: bool, where: str) -> GPT:
+def load(cfg: GPTConfig, state_dict: Mapping[str, Any], *, strict: bool, where: str, param_dtype: Any = None) -> GPT:
     return hf.fill_abstract(lambda: GPT(cfg, rngs=nnx.Rngs(0)), entries, state_dict, strict=strict,
-                            ignore=_ignore(cfg), where=where)
+                            ignore=_ignore(cfg), where=where, param_dtype=param_dtype)

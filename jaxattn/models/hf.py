@@ -82,9 +82,10 @@ def to_state_dict(entries: Iterable[Entry]) -> dict[str, np.ndarray]:
 
 
 def load_state_dict(entries: Iterable[Entry], state_dict: Mapping[str, Any], *, strict: bool = True,
-                    ignore: Callable[[str], bool] = lambda key: False) -> None:
+                    ignore: Callable[[str], bool] = lambda key: False, param_dtype: Any = None) -> None:
     """Copies a checkpoint's arrays (numpy, bf16 included, or anything ``np.asarray`` takes) into the
-    variables, in place. ``strict``: every variable present and every key not ``ignore``d used."""
+    variables, in place. ``strict``: every variable present and every key not ``ignore``d used.
+    ``param_dtype``: the floating parameters (``nnx.Param``) are stored in it (default: the variable's)."""
     from tqdm import tqdm
 
     entries = list(entries)
@@ -101,7 +102,10 @@ def load_state_dict(entries: Iterable[Entry], state_dict: Mapping[str, Any], *, 
             shapes = ", ".join(f"{k} {tuple(np.shape(state_dict[k]))}" for k in e.keys)
             raise ValueError(f"checkpoint shape {shapes} does not fit the model's {tuple(e.var.shape)} "
                              "(config.json and weights disagree?)")
-        e.var.set_value(jnp.asarray(a.astype(np.float32), e.var.dtype))  # (also fills an abstract model)
+        dtype = e.var.dtype
+        if param_dtype is not None and isinstance(e.var, nnx.Param) and jnp.issubdtype(dtype, jnp.floating):
+            dtype = param_dtype
+        e.var.set_value(jnp.asarray(a if a.dtype == dtype else a.astype(np.float32), dtype))  # (fills an abstract model too)
         used.update(e.keys)
     unexpected = sorted(k for k in set(state_dict) - used if not ignore(k))
     if strict and (missing or unexpected):
@@ -115,13 +119,13 @@ def _variables(model: nnx.Module) -> list[nnx.Variable]:
 
 def fill_abstract(build: Callable[[], nnx.Module], entries: Callable[[nnx.Module], list[Entry]],
                   state_dict: Mapping[str, Any], *, strict: bool, ignore: Callable[[str], bool],
-                  where: str) -> nnx.Module:
+                  where: str, param_dtype: Any = None) -> nnx.Module:
     """``build()`` traced abstractly (no random weights to overwrite), its entries filled from
     ``state_dict``; the variables without an entry (buffers computed from the config, RNG streams) get
     the values ``build`` gives them, from one jitted ``build`` whose unused weights XLA never computes."""
     model = nnx.eval_shape(build)
     es = entries(model)
-    load_state_dict(es, state_dict, strict=strict, ignore=ignore)
+    load_state_dict(es, state_dict, strict=strict, ignore=ignore, param_dtype=param_dtype)
     unset = [e.keys[0] for e in es if isinstance(e.var.get_value(), jax.ShapeDtypeStruct)]
     if unset:
         raise ValueError(f"{where}: the checkpoint has no {unset[:8]}{'...' if len(unset) > 8 else ''}")
@@ -186,12 +190,22 @@ def read_config(folder: str | Path, **overrides: Any):
     return _converter(raw.get("model_type")).config_from_hf(raw, **overrides)
 
 
-def load_pretrained(folder: str | Path, *, strict: bool = True, **overrides: Any) -> nnx.Module:
-    """The model of a Hugging Face folder with its weights (fp32 parameters, as in training)."""
+def load_pretrained(folder: str | Path, *, strict: bool = True, param_dtype: Any = None, **overrides: Any) -> nnx.Module:
+    """The model of a Hugging Face folder with its weights. Parameters are fp32 (as in training) unless
+    ``param_dtype`` (e.g. ``"bfloat16"``: half the memory, for inference with ``dtype="bfloat16"``, whose
+    matmuls cast the weights to bf16 anyway); variables the checkpoint does not hold (TNL's decay rates,
+    BatchNorm statistics, ...) keep their own dtype."""
+    if param_dtype is not None:
+        try:
+            param_dtype = jnp.dtype(param_dtype)
+        except TypeError:
+            param_dtype = None
+        if param_dtype is None or not jnp.issubdtype(param_dtype, jnp.floating):
+            raise ValueError("param_dtype must be a floating dtype name such as 'bfloat16', 'float16' or 'float32'")
     raw = raw_config(folder)
     conv = _converter(raw.get("model_type"))
     cfg = conv.config_from_hf(raw, **overrides)
-    return conv.load(cfg, read_state_dict(folder), strict=strict, where=str(folder))
+    return conv.load(cfg, read_state_dict(folder), strict=strict, where=str(folder), param_dtype=param_dtype)
 
 
 def save_pretrained(model: nnx.Module, folder: str | Path) -> None:

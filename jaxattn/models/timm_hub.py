@@ -213,7 +213,8 @@ def adapt(cfg: ViTConfig | HaloNetConfig, state_dict: Mapping[str, Any]) -> tupl
     return sd, fresh
 
 
-def load(cfg: ViTConfig | HaloNetConfig, state_dict: Mapping[str, Any], *, strict: bool, where: str):
+def load(cfg: ViTConfig | HaloNetConfig, state_dict: Mapping[str, Any], *, strict: bool, where: str,
+         param_dtype: Any = None):
     build = (lambda: HaloNet(cfg, rngs=nnx.Rngs(0))) if isinstance(cfg, HaloNetConfig) \
         else (lambda: ViT(cfg, rngs=nnx.Rngs(0)))
     sd, fresh = adapt(cfg, state_dict)
@@ -221,6 +222,6 @@ def load(cfg: ViTConfig | HaloNetConfig, state_dict: Mapping[str, Any], *, stric
     def kept(model):  # a fresh classifier keeps the model's own initialisation
         return [e for e in entries(model) if not set(e.keys) & set(fresh)]
 
-    model = hf.fill_abstract(build, kept, sd, strict=strict, ignore=ignore, where=where)
+    model = hf.fill_abstract(build, kept, sd, strict=strict, ignore=ignore, where=where, param_dtype=param_dtype)
     model.eval()  # a pretrained classifier: BatchNorm running statistics, no dropout (train() to fine-tune)
     return model

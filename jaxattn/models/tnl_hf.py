@@ -112,6 +112,6 @@ def load_hf_state_dict(model: TNL, state_dict: Mapping[str, Any], *, strict: boo
     hf.load_state_dict(entries(model), state_dict, strict=strict, ignore=_ignore(model.cfg))
 
 
-def load(cfg: TNLConfig, state_dict: Mapping[str, Any], *, strict: bool, where: str) -> TNL:
+def load(cfg: TNLConfig, state_dict: Mapping[str, Any], *, strict: bool, where: str, param_dtype: Any = None) -> TNL:
     return hf.fill_abstract(lambda: TNL(cfg, rngs=nnx.Rngs(0)), entries, state_dict, strict=strict,
-                            ignore=_ignore(cfg), where=where)
+                            ignore=_ignore(cfg), where=where, param_dtype=param_dtype)
