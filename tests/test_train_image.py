@@ -251,6 +251,75 @@ def test_augmentations():
     np.testing.assert_array_equal(random_crop_flip(x[0], key, padding=0, flip=False), x[0])
 
 
+def test_mixup_and_cutmix():
+    """timm's batch-mode Mixup / CutMix: blend or paste with the mirrored batch, lam the kept share;
+    the target lam * y + (1 - lam) * y_partner (label-smoothed) in the loss; a pure function of the key."""
+    from jaxattn.train.image import classification_loss
+    from jaxattn.train.images import mix_batch
+
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (6, 10, 8, 3)), jnp.uint8)
+    y = jnp.arange(6) % 4
+    xf = np.asarray(x, np.float32)
+    lams = []
+    for i in range(40):
+        key = jax.random.key(i)
+        m, partner, lam = mix_batch(x, y, key, mixup=0.8)
+        np.testing.assert_array_equal(partner, np.asarray(y)[::-1])
+        np.testing.assert_allclose(m, float(lam) * xf + (1 - float(lam)) * xf[::-1], rtol=1e-5, atol=1e-3)
+        lams.append(float(lam))
+        c, _, lam_c = mix_batch(x, y, key, cutmix=1.0)
+        from_partner = (np.asarray(c) == xf[::-1]).all(-1) & ~(xf == xf[::-1]).all(-1)
+        assert ((np.asarray(c) == xf) | (np.asarray(c) == xf[::-1])).all()  # each pixel from one image
+        frac = from_partner[0].mean()  # one box for the whole batch
+        assert all((f == from_partner[0]).all() for f in from_partner[:3])
+        np.testing.assert_allclose(1 - float(lam_c), frac, atol=1e-6)
+    assert 0.3 < np.mean(lams) < 0.7 and min(lams) < 0.2 and max(lams) > 0.8  # Beta(0.8, 0.8)
+    np.testing.assert_array_equal(mix_batch(x, y, jax.random.key(3), mixup=0.8, cutmix=1.0)[0],
+                                  mix_batch(x, y, jax.random.key(3), mixup=0.8, cutmix=1.0)[0])
+    kinds = set()
+    for i in range(30):  # both on: some batches cut, some blended
+        m, _, lam = mix_batch(x, y, jax.random.key(100 + i), mixup=0.8, cutmix=1.0)
+        kinds.add(bool(((np.asarray(m) == xf) | (np.asarray(m) == xf[::-1])).all()))
+    assert kinds == {True, False}
+    off, _, lam = mix_batch(x, y, jax.random.key(0), mixup=0.8, prob=0.0)
+    np.testing.assert_array_equal(off, xf)
+    assert float(lam) == 1.0
+    with pytest.raises(ValueError, match="one of them > 0"):
+        mix_batch(x, y, jax.random.key(0))
+
+    class Fixed(nnx.Module):  # logits that ignore the input
+        def __call__(self, images):
+            return jnp.tile(jnp.asarray([[2.0, -1.0, 0.5, 0.0]]), (images.shape[0], 1))
+
+    lam = 0.3
+    batch = {"image": x, "label": y, "mix_label": y[::-1], "mix_lam": jnp.float32(lam)}
+    loss, _ = classification_loss(Fixed(), batch, 0.0, 1.0, num_classes=4, label_smoothing=0.1)
+    logp = np.asarray(jax.nn.log_softmax(jnp.asarray([2.0, -1.0, 0.5, 0.0])))
+    smooth = lambda t: np.eye(4)[t] * 0.9 + 0.1 / 4  # noqa: E731
+    target = lam * smooth(np.asarray(y)) + (1 - lam) * smooth(np.asarray(y)[::-1])
+    np.testing.assert_allclose(float(loss), -(target * logp).sum(-1).mean(), rtol=1e-6)
+
+
+def test_trainer_mixes_batches_with_the_step_key(tmp_path, digits16):
+    """--mixup / --cutmix reach the training loss: the trainer's loss is the loss of the batch mixed with
+    the key it is given (and differs from the unmixed loss)."""
+    from jaxattn.train.image import ImageTrainer, classification_loss
+    from jaxattn.train.images import mix_batch
+
+    d = small(digits16, n_train=32)
+    trainer = ImageTrainer(icfg(tmp_path, mixup=0.8, cutmix=1.0), d, SmallCNN)
+    model = trainer.model
+    batch = {"image": jnp.asarray(d.x_train[:16]), "label": jnp.asarray(d.y_train[:16])}
+    key = jax.random.key(7)
+    got, _ = trainer.loss_fn(model, batch, key)
+    image, partner, lam = mix_batch(batch["image"], batch["label"], key, mixup=0.8, cutmix=1.0)
+    want, _ = classification_loss(model, {**batch, "image": image, "mix_label": partner, "mix_lam": lam},
+                                  d.mean, d.std, num_classes=d.num_classes)
+    plain, _ = classification_loss(model, batch, d.mean, d.std, num_classes=d.num_classes)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    assert abs(float(got) - float(plain)) > 1e-4
+
+
 def test_classification_scores_match_sklearn():
     from sklearn.metrics import f1_score
 
@@ -346,7 +415,7 @@ def test_training_improves_batchnorm_and_artifacts(tmp_path, digits16):
 def test_resume_is_bit_identical(tmp_path, digits16):
     d = small(digits16)
     kw = dict(model_factory=SmallCNN, data=d, progress=False)
-    aug = dict(crop_padding=2, flip=True)  # augmentation randomness must resume exactly too
+    aug = dict(crop_padding=2, flip=True, mixup=0.8, cutmix=1.0)  # augmentation randomness must resume exactly too
     full = train(icfg(tmp_path / "a", **aug), **kw)
     c = icfg(tmp_path / "b", **aug)
     assert train(c, stop_after=5, **kw)["stopped_at"] == 5  # step 3 is the last checkpoint

@@ -21,7 +21,8 @@ import optax
 from flax import nnx
 
 from jaxattn.train import loop
-from jaxattn.train.images import DATASETS, ImageData, check_data_args, load_images, make_augment, normalize
+from jaxattn.train.images import (DATASETS, ImageData, check_data_args, load_images, make_augment, mix_batch,
+                                  normalize)
 from jaxattn.train.metrics import classification_scores, confusion_matrix, plot_confusion
 from jaxattn.train.routing import RoutedTrainer, joint_optimizer
 
@@ -46,6 +47,12 @@ class ImageConfig:
     weight_decay: float = 0.05
     clip: float = 1.0
     label_smoothing: float = 0.0
+    # Mixup / CutMix (timm's Mixup, "batch" mode): Beta parameters (0: off), the probability of mixing a
+    # batch, and of CutMix rather than Mixup when both are on (DeiT's recipe: 0.8, 1.0, 1.0, 0.5)
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
     crop_padding: int | None = None  # None: image_size // 8 (0 for digits)
     flip: bool | None = None  # None: as the dataset says (off for digits)
     dtype: str = "float32"
@@ -81,6 +88,12 @@ class ImageConfig:
             raise ValueError(f"--gates must be 'none', 'features' or 'tokens', got {self.gates!r}")
         if self.gate_mode not in ("routed", "joint", "none"):
             raise ValueError(f"--gate-mode must be 'routed', 'joint' or 'none', got {self.gate_mode!r}")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0 (a Beta parameter; 0: off), got {getattr(self, name)}")
+        for name in ("mix_prob", "mix_switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
 
 
 def lr_schedule(cfg: ImageConfig) -> optax.Schedule:
@@ -114,6 +127,10 @@ def classification_loss(model: nnx.Module, batch: dict, mean, std, *, num_classe
     logits = logits.astype(jnp.float32)
     labels = batch["label"]
     target = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    if "mix_label" in batch:  # Mixup / CutMix (mix_batch): lam * y + (1 - lam) * y_partner
+        lam = batch["mix_lam"]
+        target = lam * target + (1.0 - lam) * optax.smooth_labels(jax.nn.one_hot(batch["mix_label"], num_classes),
+                                                                  label_smoothing)
     loss = optax.softmax_cross_entropy(logits, target).mean()
     metrics = {"acc": (logits.argmax(-1) == labels).mean()}
     if aux is not None:
@@ -133,7 +150,12 @@ class ImageTrainer(loop.Trainer):
         flip = data.flip if cfg.flip is None else cfg.flip
         self.padding, self.flip = padding, flip
 
+        mixing = dict(mixup=cfg.mixup, cutmix=cfg.cutmix, prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob)
+
         def loss_fn(model, batch, rng):
+            if cfg.mixup or cfg.cutmix:  # per micro-batch, from the step's loss key
+                image, partner, lam = mix_batch(batch["image"], batch["label"], rng, **mixing)
+                batch = {**batch, "image": image, "mix_label": partner, "mix_lam": lam}
             return classification_loss(model, batch, mean, std, num_classes=nc, label_smoothing=ls)
 
         def eval_fn(model, batch):

@@ -170,6 +170,40 @@ def make_augment(padding: int, flip: bool):
     return augment
 
 
+def mix_batch(images: jax.Array, labels: jax.Array, key: jax.Array, *, mixup: float = 0.0, cutmix: float = 0.0,
+              prob: float = 1.0, switch_prob: float = 0.5) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mixup / CutMix over a batch, as timm's ``Mixup`` in its default ``"batch"`` mode: every image is
+    mixed with the image at the mirrored batch position (``x[::-1]``) by one ``lam ~ Beta(a, a)``.
+    Mixup (``a = mixup``) blends whole images, ``lam * x + (1 - lam) * x[::-1]``; CutMix (``a = cutmix``)
+    pastes a box of relative side ``sqrt(1 - lam)`` centred at a uniform pixel (clipped at the border)
+    and ``lam`` becomes the kept area. With both on, CutMix is chosen with ``switch_prob``; with
+    ``1 - prob`` the batch is left as is (``lam = 1``). Returns float32 images (``[0, 255]`` scale
+    when given uint8), the partner labels ``labels[::-1]`` and ``lam``: the target is
+    ``lam * y + (1 - lam) * y[::-1]`` (:func:`jaxattn.train.image.classification_loss`)."""
+    if mixup < 0 or cutmix < 0 or not (mixup or cutmix):
+        raise ValueError(f"mixup and cutmix are Beta parameters >= 0, one of them > 0; got {mixup}, {cutmix}")
+    b, h, w = images.shape[:3]
+    k_apply, k_switch, k_lam, k_y, k_x = jax.random.split(key, 5)
+    x = images.astype(jnp.float32)
+    partner = x[::-1]
+    use_cut = (jax.random.bernoulli(k_switch, switch_prob) if mixup and cutmix else jnp.asarray(bool(cutmix)))
+    alpha = jnp.where(use_cut, cutmix or 1.0, mixup or 1.0)
+    lam = jax.random.beta(k_lam, alpha, alpha)
+    # CutMix box (timm's rand_bbox): sides int(H * sqrt(1 - lam)), centre uniform, clipped
+    cut = jnp.sqrt(1.0 - lam)
+    ch, cw = (h * cut).astype(jnp.int32), (w * cut).astype(jnp.int32)
+    cy, cx = jax.random.randint(k_y, (), 0, h), jax.random.randint(k_x, (), 0, w)
+    y0, y1 = jnp.clip(cy - ch // 2, 0, h), jnp.clip(cy + ch // 2, 0, h)
+    x0, x1 = jnp.clip(cx - cw // 2, 0, w), jnp.clip(cx + cw // 2, 0, w)
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+    lam_cut = 1.0 - ((y1 - y0) * (x1 - x0)).astype(jnp.float32) / (h * w)
+    mixed = jnp.where(use_cut, jnp.where(box[None, :, :, None], partner, x), lam * x + (1.0 - lam) * partner)
+    lam = jnp.where(use_cut, lam_cut, lam)
+    applied = jax.random.bernoulli(k_apply, prob)
+    return jnp.where(applied, mixed, x), labels[::-1], jnp.where(applied, lam, 1.0).astype(jnp.float32)
+
+
 def augment_batch(images: jax.Array, key: jax.Array, *, padding: int = 4, flip: bool = True) -> jax.Array:
     """:func:`random_crop_flip` over ``images [B, H, W, C]`` with keys ``split(key, B)``, as the
     training step applies it (with the step's key from :func:`jaxattn.train.loop.step_keys`)."""
