@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def export(run_dir: str | Path, out_dir: str | Path) -> str:
-    """Writes ``run_dir``'s model into ``out_dir``; returns a one-line description."""
+def export(run_dir: str | Path, out_dir: str | Path, *, ema: bool = False) -> str:
+    """Writes ``run_dir``'s model into ``out_dir`` (``ema``: the weights' moving average of an image run
+    trained with ``--ema-decay``); returns a one-line description."""
     from jaxattn.models import hf
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -21,6 +22,8 @@ def export(run_dir: str | Path, out_dir: str | Path) -> str:
     if not conf.exists():
         raise ValueError(f"{run_dir}: no config.json (expected a training --out folder)")
     if "byte_level" in json.loads(conf.read_text()):  # a language-model run
+        if ema:
+            raise ValueError("--ema: language-model runs keep no EMA weights")
         from jaxattn.generate import load_trained
 
         model, cfg, step, _ = load_trained(run_dir)
@@ -28,21 +31,22 @@ def export(run_dir: str | Path, out_dir: str | Path) -> str:
         return f"{cfg.model} step {step} -> {out_dir}"
     from jaxattn.train.image import load_trained as load_image_run
 
-    model, icfg, data, step = load_image_run(run_dir)
+    model, icfg, data, step = load_image_run(run_dir, ema=ema)
     hf.save_pretrained(model, out_dir)
     raw = json.loads((out_dir / "config.json").read_text())  # the run's own normalisation
     raw["pretrained_cfg"].update(mean=[float(x) for x in data.mean], std=[float(x) for x in data.std])
     (out_dir / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    return f"{icfg.model} step {step} -> {out_dir}"
+    return f"{icfg.model} step {step}{' (EMA weights)' if ema else ''} -> {out_dir}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxattn.export", description=__doc__)
     p.add_argument("run", help="a training --out folder (lm or image task)")
     p.add_argument("out", help="the folder to write")
+    p.add_argument("--ema", action="store_true", help="the weights' moving average (image runs with --ema-decay)")
     a = p.parse_args(argv)
     try:
-        print(export(a.run, a.out))
+        print(export(a.run, a.out, ema=a.ema))
     except ValueError as e:
         p.error(str(e))
     return 0

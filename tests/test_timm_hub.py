@@ -349,7 +349,8 @@ def test_fine_tune_a_timm_folder_then_export_the_run(tmp_path):
     out = tmp_path / "run"
     assert train_main(["image", "--model", str(folder), "--steps", "2", "--batch-size", "8", "--lr", "0",
                        "--eval-every", "2", "--eval-batch-size", "128", "--dropout", "0.1", "--drop-path", "0.1",
-                       "--attn-drop", "0.1", "--out", str(out), "--no-progress", "--attn-impl", "xla"]) == 0
+                       "--attn-drop", "0.1", "--out", str(out), "--no-progress", "--attn-impl", "xla",
+                       "--ema-decay", "0.5"]) == 0
     assert json.loads((out / "config.json").read_text())["model"] == str(folder.resolve())
     assert (out / "attention.png").stat().st_size > 2000
     model, _, data, step = load_trained(out)  # the run's own weights after its 2 steps
@@ -362,5 +363,8 @@ def test_fine_tune_a_timm_folder_then_export_the_run(tmp_path):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 1))
     np.testing.assert_allclose(np.asarray(hf.load_pretrained(tmp_path / "exported", attn_impl="xla")(x)),
                                np.asarray(model(x)), rtol=1e-5, atol=1e-5)
+    assert export_main([str(out), str(tmp_path / "ema"), "--ema"]) == 0  # (lr 0: the average is the weights)
+    np.testing.assert_allclose(np.asarray(hf.load_pretrained(tmp_path / "ema", attn_impl="xla")(x)),
+                               np.asarray(load_trained(out, ema=True)[0](x)), rtol=1e-5, atol=1e-5)
     with pytest.raises(SystemExit):
         export_main([str(tmp_path / "missing"), str(tmp_path / "x")])

@@ -320,6 +320,43 @@ def test_trainer_mixes_batches_with_the_step_key(tmp_path, digits16):
     assert abs(float(got) - float(plain)) > 1e-4
 
 
+def test_weight_ema(tmp_path, digits16):
+    """loop.with_ema: the moving average d * ema + (1 - d) * params with d = min(decay, (1 + n) / (10 + n)),
+    kept in the optimizer state; ema_model / eval_step(ema=True) evaluate it, BatchNorm statistics as trained."""
+    from jaxattn.train.image import classification_loss
+
+    d = small(digits16, n_train=64)
+    mean, std = d.mean, d.std
+
+    def loss_fn(model, batch, rng):
+        return classification_loss(model, batch, mean, std, num_classes=10)
+
+    def eval_fn(model, batch):
+        return {"loss": loss_fn(model, batch, None)[0]}
+
+    t = loop.Trainer(SmallCNN, loop.with_ema(optax.sgd(0.5), 0.6), loss_fn, batch_size=16, eval_fn=eval_fn)
+    ema = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(t.model, nnx.Param))}
+    for n in range(1, 5):
+        s = slice(16 * (n - 1), 16 * n)
+        t.train_step({"image": d.x_train[s], "label": d.y_train[s]})
+        dec = min(0.6, (1 + n) / (10 + n))
+        ema = {k: dec * e + (1 - dec) * np.asarray(v)
+               for (k, e), (_, v) in zip(ema.items(), nnx.to_flat_state(nnx.state(t.model, nnx.Param)))}
+    got = dict(nnx.to_flat_state(nnx.state(t.ema_model, nnx.Param)))
+    for k, want in ema.items():
+        np.testing.assert_allclose(np.asarray(got[k]), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(t.ema_model.bn1.mean[...], t.model.bn1.mean[...])
+    batch = {"image": d.x_test[:32], "label": d.y_test[:32]}
+    np.testing.assert_allclose(float(t.eval_step(batch, ema=True)["loss"]), float(eval_fn(t.ema_model, batch)["loss"]),
+                               rtol=1e-5)
+    assert abs(float(t.eval_step(batch, ema=True)["loss"]) - float(t.eval_step(batch)["loss"])) > 1e-4
+    plain = loop.Trainer(SmallCNN, optax.sgd(0.5), loss_fn, batch_size=16)
+    with pytest.raises(ValueError, match="no parameter EMA"):
+        plain.eval_step(batch, ema=True)
+    with pytest.raises(ValueError, match="EMA decay"):
+        loop.with_ema(optax.sgd(0.1), 1.0)
+
+
 def test_classification_scores_match_sklearn():
     from sklearn.metrics import f1_score
 
@@ -415,7 +452,8 @@ def test_training_improves_batchnorm_and_artifacts(tmp_path, digits16):
 def test_resume_is_bit_identical(tmp_path, digits16):
     d = small(digits16)
     kw = dict(model_factory=SmallCNN, data=d, progress=False)
-    aug = dict(crop_padding=2, flip=True, mixup=0.8, cutmix=1.0)  # augmentation randomness must resume exactly too
+    # augmentation randomness and the weights' EMA must resume exactly too
+    aug = dict(crop_padding=2, flip=True, mixup=0.8, cutmix=1.0, ema_decay=0.9)
     full = train(icfg(tmp_path / "a", **aug), **kw)
     c = icfg(tmp_path / "b", **aug)
     assert train(c, stop_after=5, **kw)["stopped_at"] == 5  # step 3 is the last checkpoint
@@ -429,6 +467,7 @@ def test_resume_is_bit_identical(tmp_path, digits16):
         return [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(tmp_path / run / "run/metrics.csv")]
 
     assert logged("a") == logged("b") and len(logged("a")) == 7
+    assert logged("a")[-1]["test_acc_ema"] != "" and "test_acc_ema" in full
 
 
 def test_cli_errors(tmp_path, capsys):

@@ -29,6 +29,7 @@ from jaxattn.train.routing import RoutedTrainer, joint_optimizer
 __all__ = ["DATASETS", "ImageConfig", "ImageTrainer", "RoutedImageTrainer", "make_image_trainer", "classification_loss", "evaluate", "train"]
 
 FIELDS = ["step", "loss", "train_acc", "lr", "images_per_s", "test_loss", "test_acc", "test_f1"]
+EMA_FIELDS = ["test_loss_ema", "test_acc_ema", "test_f1_ema"]
 
 
 @dataclasses.dataclass
@@ -53,6 +54,7 @@ class ImageConfig:
     cutmix: float = 0.0
     mix_prob: float = 1.0
     mix_switch_prob: float = 0.5
+    ema_decay: float = 0.0  # > 0: also keep (and evaluate) a moving average of the weights (timm: 0.9998)
     crop_padding: int | None = None  # None: image_size // 8 (0 for digits)
     flip: bool | None = None  # None: as the dataset says (off for digits)
     dtype: str = "float32"
@@ -91,6 +93,8 @@ class ImageConfig:
         for name in ("mixup", "cutmix"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0 (a Beta parameter; 0: off), got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
         for name in ("mix_prob", "mix_switch_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
@@ -177,6 +181,10 @@ def make_image_trainer(cfg: ImageConfig, data: ImageData, model_factory, *, opti
     """The trainer for ``cfg``'s gate setting: plain, joint (``optax.multi_transform``: Adam at
     ``gate_lr`` on the gates, AdamW on the rest, one pass) or routed (two passes)."""
     tx = optimizer or make_optimizer(cfg)
+    ema = (lambda t: loop.with_ema(t, cfg.ema_decay)) if cfg.ema_decay else (lambda t: t)
+    if cfg.ema_decay:
+        tx = (lambda m, f=tx: ema(f(m))) if callable(tx) and not isinstance(tx, optax.GradientTransformation) \
+            else ema(tx)
     gated = cfg.gates != "none" and cfg.gate_mode != "none"
     if gated and cfg.gate_mode == "routed":
         return RoutedImageTrainer(cfg, data, model_factory, optimizer=tx, devices=devices,
@@ -184,16 +192,20 @@ def make_image_trainer(cfg: ImageConfig, data: ImageData, model_factory, *, opti
     if gated:  # joint
         if not isinstance(tx, optax.GradientTransformation):
             raise ValueError("gate_mode='joint' needs a plain optax optimizer")
+        if cfg.ema_decay:
+            raise ValueError("--ema-decay with --gate-mode joint is not supported; use --gate-mode routed")
         return ImageTrainer(cfg, data, model_factory, devices=devices,
                             optimizer=lambda m: joint_optimizer(m, tx, optax.adam(cfg.gate_lr)))
     return ImageTrainer(cfg, data, model_factory, optimizer=tx, devices=devices)
 
 
-def evaluate(trainer: loop.Trainer, data: ImageData, batch_size: int) -> tuple[dict[str, float], np.ndarray]:
-    """``({"test_loss", "test_acc", "test_f1"}, confusion matrix)`` over the whole test split."""
+def evaluate(trainer: loop.Trainer, data: ImageData, batch_size: int, *, ema: bool = False
+             ) -> tuple[dict[str, float], np.ndarray]:
+    """``({"test_loss", "test_acc", "test_f1"}, confusion matrix)`` over the whole test split (``ema``: of
+    the weights' moving average)."""
     preds, losses = [], []
     for batch, k in data.test_batches(batch_size):
-        out = jax.device_get(trainer.eval_step(batch))
+        out = jax.device_get(trainer.eval_step(batch, ema=ema))
         preds.append(out["pred"][:k])
         losses.append(out["loss"][:k])
     cm = confusion_matrix(data.y_test, np.concatenate(preds), data.num_classes)
@@ -289,9 +301,11 @@ def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rn
     return factory
 
 
-def load_trained(run_dir: str | Path, data: ImageData | None = None, *, flag: str = "--checkpoint"):
+def load_trained(run_dir: str | Path, data: ImageData | None = None, *, flag: str = "--checkpoint",
+                 ema: bool = False):
     """``(model in eval mode, ImageConfig, data, step)`` of an image-task run directory (its ``config.json``
-    and latest checkpoint); ``data`` defaults to the run's own (its model's shapes and normalisation)."""
+    and latest checkpoint); ``data`` defaults to the run's own (its model's shapes and normalisation).
+    ``ema``: the weights' moving average of a run trained with ``--ema-decay``."""
     from jaxattn.models.registry import model_config
 
     run_dir = Path(run_dir)
@@ -314,7 +328,9 @@ def load_trained(run_dir: str | Path, data: ImageData | None = None, *, flag: st
     if step is None:
         raise ValueError(f"{flag} {run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
     trainer.restore(manager, step)
-    return trainer.eval_model, icfg, data, int(step)
+    if ema and not trainer.has_ema:
+        raise ValueError(f"{run_dir}: the run kept no EMA weights (train it with --ema-decay)")
+    return (trainer.ema_model if ema else trainer.eval_model), icfg, data, int(step)
 
 
 def check_model(cfg: ImageConfig) -> None:
@@ -356,6 +372,8 @@ def train(cfg: ImageConfig, *, resume: bool = False,
     def run_eval(step: int) -> dict[str, float]:
         scores, cm = evaluate(trainer, data, cfg.eval_batch_size)
         last_cm[:] = [cm]
+        if trainer.has_ema:
+            scores.update({f"{k}_ema": v for k, v in evaluate(trainer, data, cfg.eval_batch_size, ema=True)[0].items()})
         return scores
 
     config = {**dataclasses.asdict(cfg), "source": data.source, "num_classes": data.num_classes,
@@ -366,7 +384,8 @@ def train(cfg: ImageConfig, *, resume: bool = False,
         resume=resume, evaluate=run_eval, eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every,
         log_every=cfg.log_every, lr_schedule=lr_schedule(cfg), throughput=("images_per_s", lambda b: len(b["label"])),
         config=config, plot="curves.png", plot_title=f"{cfg.model} on {Path(data.source).name}",
-        plot_metrics=("train_acc", "test_acc", "test_f1"), fields=FIELDS, desc=f"train {cfg.model}",
+        plot_metrics=("train_acc", "test_acc", "test_f1") + (("test_acc_ema",) if trainer.has_ema else ()),
+        fields=FIELDS + (EMA_FIELDS if trainer.has_ema else []), desc=f"train {cfg.model}",
         stop_after=stop_after, progress=progress)
     if "stopped_at" in result:
         return result
@@ -381,7 +400,8 @@ def train(cfg: ImageConfig, *, resume: bool = False,
     plots = [out / "curves.png", out / "confusion.png"]
     if plot_attention_examples(trainer.eval_model, data, out / "attention.png", title=cfg.model):
         plots.append(out / "attention.png")
-    print(f"test accuracy {scores['test_acc']:.2%}  macro F1 {scores['test_f1']:.4f}\n"
+    ema_note = f" (EMA weights: {scores['test_acc_ema']:.2%}, {scores['test_f1_ema']:.4f})" if trainer.has_ema else ""
+    print(f"test accuracy {scores['test_acc']:.2%}  macro F1 {scores['test_f1']:.4f}{ema_note}\n"
           f"metrics: {result['metrics_csv']}  plots: {', '.join(map(str, plots))}  "
           f"checkpoints: {out / 'checkpoints'}")
     return {**result, **scores, "confusion": last_cm[0], "data": data}

@@ -59,6 +59,48 @@ def adamw(schedule: optax.Schedule | float, *, weight_decay: float = 0.1, clip: 
     return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
 
 
+class EmaState(typing.NamedTuple):
+    """State of :func:`with_ema`: the wrapped optimizer's, the parameters' moving average (fp32), the count."""
+    inner: Any
+    ema: Any
+    count: jax.Array
+
+
+def with_ema(tx: optax.GradientTransformation, decay: float) -> optax.GradientTransformationExtraArgs:
+    """``tx`` that also keeps an exponential moving average of the parameters it updates (model EMA, as
+    timm's ``ModelEma``): after each update ``ema = d * ema + (1 - d) * params`` with
+    ``d = min(decay, (1 + n) / (10 + n))`` at update ``n`` (TensorFlow's warm-up, so early averages are
+    not dominated by the initialisation). It lives in the optimizer state, so checkpoints, exact resume
+    and ``--fsdp`` sharding carry it as they carry the Adam moments; :meth:`Trainer.ema_model` reads it."""
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+
+    def init(params):
+        return EmaState(tx.init(params), jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params),
+                        jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None, **extra):
+        if params is None:
+            raise ValueError("with_ema needs the parameters in update()")
+        updates, inner = tx.update(updates, state.inner, params, **extra)
+        count = state.count + 1
+        d = jnp.minimum(decay, (1.0 + count) / (10.0 + count)).astype(jnp.float32)
+        ema = jax.tree.map(lambda e, p, u: d * e + (1.0 - d) * (p + u).astype(jnp.float32), state.ema, params, updates)
+        return updates, EmaState(inner, ema, count)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _use_ema(model: nnx.Module, opt: nnx.Optimizer) -> None:
+    """Puts ``opt``'s moving averages (:func:`with_ema`) into ``model``'s parameters, in their dtypes."""
+    def value(v):
+        return v.get_value() if isinstance(v, nnx.Variable) else v
+
+    current = {path: value(v) for path, v in nnx.to_flat_state(nnx.state(model))}
+    nnx.update(model, nnx.from_flat_state({path: jnp.asarray(value(v), current[path].dtype)
+                                                for path, v in nnx.to_flat_state(opt.opt_state.ema)}))
+
+
 def step_keys(seed: int, step) -> tuple[jax.Array, jax.Array]:
     """``(augment_key, loss_key)`` of a step: a pure function of ``(seed, step)``."""
     k = jax.random.fold_in(jax.random.key(seed), step)
@@ -135,8 +177,10 @@ class Trainer:
         self.batch_sharding = NamedSharding(self.mesh, P(None, "data"))  # [accum, micro, ...]
         self.eval_sharding = NamedSharding(self.mesh, P("data"))
         self.shard_state = shard_state
+        self.has_ema = isinstance(opt.opt_state, EmaState)  # (with_ema): the EMA weights can be evaluated
         self._set_state(state)
         self._eval = jax.jit(self._eval_step)
+        self._eval_ema = jax.jit(lambda state, batch: self._eval_step(state, batch, ema=True))
 
     def _set_state(self, state: Any) -> None:
         """Places ``state`` (replicated, or split with ``shard_state``) and jits the step for its layout
@@ -169,6 +213,17 @@ class Trainer:
         m = self.model
         m.eval()
         return m
+
+    @property
+    def ema_model(self) -> nnx.Module:
+        """The model in eval mode with the parameters' moving averages (an optimizer built with
+        :func:`with_ema`); other variables (BatchNorm statistics) are the current ones."""
+        if not self.has_ema:
+            raise ValueError("this trainer keeps no parameter EMA (build its optimizer with loop.with_ema)")
+        merged = nnx.merge(self.graphdef, self.state, copy=True)
+        _use_ema(merged[0], merged[1])
+        merged[0].eval()
+        return merged[0]
 
     @property
     def step_count(self) -> int:
@@ -216,8 +271,11 @@ class Trainer:
         loss, metrics = out if isinstance(out, tuple) else (out, {})
         return {"loss": loss, **metrics}
 
-    def _eval_step(self, state, batch):
-        model = nnx.merge(self.graphdef, state)[0]
+    def _eval_step(self, state, batch, ema: bool = False):
+        merged = nnx.merge(self.graphdef, state)
+        model = merged[0]
+        if ema:
+            _use_ema(model, merged[1])
         model.eval()
         return self.eval_fn(model, batch)
 
@@ -234,12 +292,14 @@ class Trainer:
         """:meth:`train_step`'s loss."""
         return self.train_step(batch)["loss"]
 
-    def eval_step(self, batch: Batch) -> Any:
-        """``eval_fn(model in eval mode, batch)`` (jitted); the batch is sharded over devices when its
-        size divides evenly, else replicated."""
+    def eval_step(self, batch: Batch, *, ema: bool = False) -> Any:
+        """``eval_fn(model in eval mode, batch)`` (jitted; with ``ema`` on the parameters' moving averages);
+        the batch is sharded over devices when its size divides evenly, else replicated."""
+        if ema and not self.has_ema:
+            raise ValueError("eval_step(ema=True): this trainer keeps no parameter EMA")
         n = jax.tree.leaves(batch)[0].shape[0]
         batch = jax.device_put(batch, self.eval_sharding if n % self.n_devices == 0 else self.replicated)
-        return self._eval(self.state, batch)
+        return (self._eval_ema if ema else self._eval)(self.state, batch)
 
     # -- checkpoints: the state's leaves in order -----------------------------------------
     def save(self, manager, step: int) -> None:
