@@ -363,8 +363,93 @@ def test_fine_tune_a_timm_folder_then_export_the_run(tmp_path):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 1))
     np.testing.assert_allclose(np.asarray(hf.load_pretrained(tmp_path / "exported", attn_impl="xla")(x)),
                                np.asarray(model(x)), rtol=1e-5, atol=1e-5)
+    from jaxattn.classify import main as classify_main  # a run classifies images too (its own resize, grey)
+
+    png = _png(tmp_path / "digit.png", (20, 24), 5)
+    assert classify_main([str(out), str(png), "--json", str(tmp_path / "p.json"), "--attn-impl", "xla"]) == 0
+    from PIL import Image
+
+    with Image.open(png) as im:
+        x1 = (np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR).convert("L"), np.float32)[..., None]
+              / 255.0 - data.mean) / data.std
+    top = json.loads((tmp_path / "p.json").read_text())["predictions"][0]["top"][0]
+    assert top["name"] == data.classes[int(np.argmax(np.asarray(model(jnp.asarray(x1[None], jnp.float32)))))]
     assert export_main([str(out), str(tmp_path / "ema"), "--ema"]) == 0  # (lr 0: the average is the weights)
     np.testing.assert_allclose(np.asarray(hf.load_pretrained(tmp_path / "ema", attn_impl="xla")(x)),
                                np.asarray(load_trained(out, ema=True)[0](x)), rtol=1e-5, atol=1e-5)
     with pytest.raises(SystemExit):
         export_main([str(tmp_path / "missing"), str(tmp_path / "x")])
+
+
+def _png(path, size, seed, mode="RGB"):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(a).convert(mode).save(path)
+    return path
+
+
+def test_classify_cli_scores_a_class_folder_tree(tmp_path, capsys):
+    """python -m jaxattn.classify FOLDER IMAGES: timm's evaluation preprocessing (shorter side to
+    floor(size / crop_pct), bicubic, centre crop, mean/std), the model's top classes by its label names,
+    top-1 of a class-folder tree, the quantized path's agreement."""
+    from PIL import Image
+
+    from jaxattn.classify import main as classify_main
+
+    names = ["cat", "dog", "emu"]
+    pre = {**PRE, "num_classes": 3, "crop_pct": 0.875, "label_names": names}
+    raw = {**VIT_TINY, "num_classes": 3, "model_args": {**VIT_TINY["model_args"], "num_classes": 3}, "pretrained_cfg": pre}
+    src = ViT(config_from_hf(raw, attn_impl="xla"), rngs=nnx.Rngs(2))
+    src.eval()
+    folder = _folder(tmp_path / "vit", raw, to_timm_state_dict(src))
+    files = [_png(tmp_path / "val" / "cat" / "a.png", (40, 50), 0), _png(tmp_path / "val" / "emu" / "b.png", (64, 48), 1),
+             _png(tmp_path / "val" / "emu" / "c.png", (33, 33), 2, "L"), _png(tmp_path / "val" / "loose.png", (50, 40), 3)]
+
+    def prepared(f):  # written out: the shorter side to floor(32 / 0.875) = 36, bicubic, centre 32 x 32
+        with Image.open(f) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            new = (36, int(36 * h / w)) if w <= h else (int(36 * w / h), 36)
+            im = im.resize(new, Image.BICUBIC)
+            left, top = int(round((new[0] - 32) / 2)), int(round((new[1] - 32) / 2))
+            x = np.asarray(im.crop((left, top, left + 32, top + 32)), np.float32) / 255.0
+        return (x - 0.5) / 0.5
+
+    probs = np.asarray(jax.nn.softmax(src(jnp.asarray(np.stack([prepared(f) for f in files]))), -1))
+    out = tmp_path / "pred.json"
+    assert classify_main([str(folder), str(tmp_path / "val"), "--json", str(out), "--quantized", "--attn-impl", "xla",
+                          "--top", "2", "--batch-size", "3"]) == 0
+    got = json.loads(out.read_text())
+    assert [p["file"] for p in got["predictions"]] == list(map(str, files))
+    for p, want in zip(got["predictions"], probs):
+        assert [c["name"] for c in p["top"]] == [names[i] for i in np.argsort(-want)[:2]]
+        np.testing.assert_allclose([c["prob"] for c in p["top"]], np.sort(want)[::-1][:2], rtol=1e-4, atol=1e-5)
+    assert [p.get("label") for p in got["predictions"]] == [0, 2, 2, None]
+    s = got["summary"]
+    assert s["scored"] == 3 and s["top1"] == float(np.mean(probs[:3].argmax(1) == [0, 2, 2]))
+    assert 0.0 <= s["quantized_top1_agreement"] <= 1.0
+    assert "loose.png: " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        classify_main([str(folder), str(tmp_path / "nothing")])
+    assert "no such image file or folder" in capsys.readouterr().err
+
+
+def test_preprocessing_matches_timm_transforms(tmp_path):
+    """The same input as timm's own evaluation transform (when timm is installed)."""
+    pytest.importorskip("torch")
+    timm_data = pytest.importorskip("timm.data")
+    from PIL import Image
+
+    from jaxattn.classify import timm_preprocess
+
+    for size, crop_pct, mode, interp, shape in [(32, 0.875, "center", "bicubic", (40, 57)),
+                                                (48, 0.9, "squash", "bilinear", (70, 50)), (24, 1.0, "center", "bicubic", (24, 31))]:
+        pre = {"input_size": [3, size, size], "crop_pct": crop_pct, "crop_mode": mode, "interpolation": interp,
+               "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
+        im = Image.open(_png(tmp_path / f"{size}.png", shape, size))
+        want = timm_data.create_transform(input_size=(3, size, size), crop_pct=crop_pct, crop_mode=mode,
+                                          interpolation=interp, mean=pre["mean"], std=pre["std"])(im)
+        got = timm_preprocess({"pretrained_cfg": pre})(im)
+        np.testing.assert_allclose(got, want.permute(1, 2, 0).numpy(), atol=1e-5)

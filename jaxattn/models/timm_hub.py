@@ -175,11 +175,12 @@ def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
 
 def preprocessing(raw: Mapping[str, Any]) -> dict[str, Any]:
     """The checkpoint's evaluation preprocessing: ``input_size`` (C, H, W), ``mean``, ``std``, ``crop_pct``,
-    ``interpolation`` (timm's ``pretrained_cfg``; ImageNet statistics when absent)."""
+    ``crop_mode``, ``interpolation`` (timm's ``pretrained_cfg``; ImageNet statistics when absent)."""
     pre = raw.get("pretrained_cfg") or {}
     return {"input_size": tuple(pre.get("input_size", (3, 224, 224))),
             "mean": tuple(pre.get("mean", (0.485, 0.456, 0.406))), "std": tuple(pre.get("std", (0.229, 0.224, 0.225))),
-            "crop_pct": float(pre.get("crop_pct", 0.875)), "interpolation": pre.get("interpolation", "bicubic")}
+            "crop_pct": float(pre.get("crop_pct", 0.875)), "crop_mode": pre.get("crop_mode") or "center",
+            "interpolation": pre.get("interpolation", "bicubic")}
 
 
 def adapt(cfg: ViTConfig | HaloNetConfig, state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
