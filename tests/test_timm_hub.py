@@ -209,6 +209,11 @@ def test_timm_families_match_numpy_timm(tmp_path, arch):
     want = timm_vit_forward(sd, {**vit_arch_args(arch), **small}, x)
     assert_close(np.asarray(model(jnp.asarray(x))), want, jnp.float32, f"{arch} logits vs numpy timm",
                  tol={jnp.dtype(jnp.float32): (2e-5, 2e-5)})
+    p = cfg.patch_size
+    bigger = hf.load_pretrained(tmp_path, attn_impl="xla", image_size=small["img_size"] + p)  # the grid resampled
+    grid = (small["img_size"] + p) // p
+    assert bigger.pos_embed.shape[1] == grid * grid + (0 if cfg.no_embed_class else cfg.num_prefix_tokens)
+    assert bigger(jnp.asarray(rng.normal(size=(1, grid * p, grid * p, 3)), jnp.float32)).shape == (1, 5)
     with pytest.raises(ValueError, match="unknown ViTConfig fields"):
         config_from_hf(VIT_TINY, quantize=True)
     with pytest.raises(ValueError, match="halonet26t"):
