@@ -300,19 +300,47 @@ def test_mixup_and_cutmix():
     np.testing.assert_allclose(float(loss), -(target * logp).sum(-1).mean(), rtol=1e-6)
 
 
+def test_random_erasing():
+    """timm's RandomErasing (pixel mode): one box of 2-33 % of the image, aspect in [0.3, 3.3], filled with
+    noise that is N(0, 1) after normalisation; untouched elsewhere; nothing with probability 0."""
+    from jaxattn.train.images import random_erase
+
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3)), jnp.uint8)
+    mean, std = np.asarray([0.4, 0.5, 0.6], np.float32), np.asarray([0.2, 0.25, 0.3], np.float32)
+    fills = []
+    for i in range(30):
+        out = np.asarray(random_erase(x, jax.random.key(i), mean, std, prob=1.0))
+        changed = (out != np.asarray(x, np.float32)).any(-1)
+        rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
+        h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert changed.sum() == h * w  # one rectangle
+        assert 0.015 <= h * w / (40 * 30) <= 0.36 and 0.25 <= h / w <= 4.0
+        fills.append((out[changed] / 255.0 - mean) / std)
+    fills = np.concatenate(fills)
+    assert abs(fills.mean()) < 0.05 and abs(fills.std() - 1.0) < 0.05
+    np.testing.assert_array_equal(random_erase(x, jax.random.key(1), mean, std, prob=0.0), np.asarray(x, np.float32))
+    np.testing.assert_array_equal(random_erase(x, jax.random.key(1), mean, std), random_erase(x, jax.random.key(1), mean, std))
+    hits = [bool((np.asarray(random_erase(x, jax.random.key(i), mean, std, prob=0.25)) != np.asarray(x)).any())
+            for i in range(200)]
+    assert 0.15 < np.mean(hits) < 0.35
+
+
 def test_trainer_mixes_batches_with_the_step_key(tmp_path, digits16):
-    """--mixup / --cutmix reach the training loss: the trainer's loss is the loss of the batch mixed with
-    the key it is given (and differs from the unmixed loss)."""
+    """--erase-prob, --mixup / --cutmix reach the training loss: the trainer's loss is the loss of the batch
+    erased and mixed with the key it is given (and differs from the plain loss)."""
     from jaxattn.train.image import ImageTrainer, classification_loss
-    from jaxattn.train.images import mix_batch
+    from jaxattn.train.images import mix_batch, random_erase
 
     d = small(digits16, n_train=32)
-    trainer = ImageTrainer(icfg(tmp_path, mixup=0.8, cutmix=1.0), d, SmallCNN)
+    trainer = ImageTrainer(icfg(tmp_path, mixup=0.8, cutmix=1.0, erase_prob=0.5), d, SmallCNN)
     model = trainer.model
     batch = {"image": jnp.asarray(d.x_train[:16]), "label": jnp.asarray(d.y_train[:16])}
     key = jax.random.key(7)
     got, _ = trainer.loss_fn(model, batch, key)
-    image, partner, lam = mix_batch(batch["image"], batch["label"], key, mixup=0.8, cutmix=1.0)
+    keys = jax.random.split(jax.random.fold_in(key, 1), 16)  # erasing per image, then mixing
+    erased = jnp.stack([random_erase(im, k, d.mean, d.std, prob=0.5) for im, k in zip(batch["image"], keys)])
+    assert not np.array_equal(erased, np.asarray(batch["image"], np.float32))
+    image, partner, lam = mix_batch(erased, batch["label"], key, mixup=0.8, cutmix=1.0)
     want, _ = classification_loss(model, {**batch, "image": image, "mix_label": partner, "mix_lam": lam},
                                   d.mean, d.std, num_classes=d.num_classes)
     plain, _ = classification_loss(model, batch, d.mean, d.std, num_classes=d.num_classes)
@@ -453,7 +481,7 @@ def test_resume_is_bit_identical(tmp_path, digits16):
     d = small(digits16)
     kw = dict(model_factory=SmallCNN, data=d, progress=False)
     # augmentation randomness and the weights' EMA must resume exactly too
-    aug = dict(crop_padding=2, flip=True, mixup=0.8, cutmix=1.0, ema_decay=0.9)
+    aug = dict(crop_padding=2, flip=True, mixup=0.8, cutmix=1.0, erase_prob=0.25, ema_decay=0.9)
     full = train(icfg(tmp_path / "a", **aug), **kw)
     c = icfg(tmp_path / "b", **aug)
     assert train(c, stop_after=5, **kw)["stopped_at"] == 5  # step 3 is the last checkpoint

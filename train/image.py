@@ -22,7 +22,7 @@ from flax import nnx
 
 from jaxattn.train import loop
 from jaxattn.train.images import (DATASETS, ImageData, check_data_args, load_images, make_augment, mix_batch,
-                                  normalize)
+                                  normalize, random_erase)
 from jaxattn.train.metrics import classification_scores, confusion_matrix, plot_confusion
 from jaxattn.train.routing import RoutedTrainer, joint_optimizer
 
@@ -54,6 +54,7 @@ class ImageConfig:
     cutmix: float = 0.0
     mix_prob: float = 1.0
     mix_switch_prob: float = 0.5
+    erase_prob: float = 0.0  # timm's RandomErasing (pixel mode, one box) per image; DeiT: 0.25
     ema_decay: float = 0.0  # > 0: also keep (and evaluate) a moving average of the weights (timm: 0.9998)
     crop_padding: int | None = None  # None: image_size // 8 (0 for digits)
     flip: bool | None = None  # None: as the dataset says (off for digits)
@@ -95,7 +96,7 @@ class ImageConfig:
                 raise ValueError(f"--{name} must be >= 0 (a Beta parameter; 0: off), got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
-        for name in ("mix_prob", "mix_switch_prob"):
+        for name in ("mix_prob", "mix_switch_prob", "erase_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
 
@@ -157,6 +158,10 @@ class ImageTrainer(loop.Trainer):
         mixing = dict(mixup=cfg.mixup, cutmix=cfg.cutmix, prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob)
 
         def loss_fn(model, batch, rng):
+            if cfg.erase_prob:  # per image (as timm's data pipeline), before mixing
+                keys = jax.random.split(jax.random.fold_in(rng, 1), batch["image"].shape[0])
+                erase = lambda im, k: random_erase(im, k, mean, std, prob=cfg.erase_prob)  # noqa: E731
+                batch = {**batch, "image": jax.vmap(erase)(batch["image"], keys)}
             if cfg.mixup or cfg.cutmix:  # per micro-batch, from the step's loss key
                 image, partner, lam = mix_batch(batch["image"], batch["label"], rng, **mixing)
                 batch = {**batch, "image": image, "mix_label": partner, "mix_lam": lam}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 import pickle
 from collections.abc import Iterator
@@ -168,6 +169,32 @@ def make_augment(padding: int, flip: bool):
         return {**example, "image": random_crop_flip(example["image"], key, padding=padding, flip=flip)}
 
     return augment
+
+
+def random_erase(image: jax.Array, key: jax.Array, mean, std, *, prob: float = 0.25, min_area: float = 0.02,
+                 max_area: float = 1 / 3, min_aspect: float = 0.3) -> jax.Array:
+    """timm's ``RandomErasing`` (``mode="pixel"``, one box) on one image ``[H, W, C]`` in pixel scale:
+    with probability ``prob`` a box of area ``U(min_area, max_area) * H * W`` and aspect ratio log-uniform
+    in ``[min_aspect, 1 / min_aspect]`` (the first of 10 draws that fits), at a uniform position, is filled
+    with per-pixel noise that is ``N(0, 1)`` after normalisation by ``mean`` / ``std`` (timm erases the
+    normalised tensor). Returns float32 in pixel scale (``[0, 255]`` for uint8 input, noise beyond it)."""
+    h, w, c = image.shape
+    k_apply, k_area, k_aspect, k_y, k_x, k_noise = jax.random.split(key, 6)
+    tries = 10
+    area = jax.random.uniform(k_area, (tries,), minval=min_area, maxval=max_area) * (h * w)
+    aspect = jnp.exp(jax.random.uniform(k_aspect, (tries,), minval=math.log(min_aspect), maxval=-math.log(min_aspect)))
+    bh = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+    bw = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+    fits = (bh < h) & (bw < w)
+    first = jnp.argmax(fits)
+    bh, bw = bh[first], bw[first]
+    top = jax.random.randint(k_y, (), 0, jnp.maximum(h - bh, 1))
+    left = jax.random.randint(k_x, (), 0, jnp.maximum(w - bw, 1))
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    box = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
+    box &= fits.any() & jax.random.bernoulli(k_apply, prob)
+    noise = (jax.random.normal(k_noise, (h, w, c)) * jnp.asarray(std, jnp.float32) + jnp.asarray(mean, jnp.float32)) * 255.0
+    return jnp.where(box[:, :, None], noise, image.astype(jnp.float32))
 
 
 def mix_batch(images: jax.Array, labels: jax.Array, key: jax.Array, *, mixup: float = 0.0, cutmix: float = 0.0,
