@@ -249,6 +249,15 @@ def test_augmentations():
     nested = loop.apply_augment(aug, {"image": x.reshape(2, 4, 6, 5, 3)}, a1, lead_dims=2)["image"]
     np.testing.assert_array_equal(flat, np.asarray(nested).reshape(x.shape))
     np.testing.assert_array_equal(random_crop_flip(x[0], key, padding=0, flip=False), x[0])
+    # RandAugment after the crop / flip, per example, uint8 (its ops: tests/test_randaugment.py)
+    from jaxattn.train.randaugment import rand_augment
+
+    ra = make_augment(0, False, dict(num_ops=2, prob=1.0))
+    got = np.asarray(loop.apply_augment(ra, {"image": x}, a1)["image"])
+    keys = jax.random.split(a1, 8)
+    want = [np.asarray(rand_augment(x[i], jax.random.split(keys[i])[1], num_ops=2, prob=1.0)) for i in range(8)]
+    np.testing.assert_array_equal(got, np.stack(want))
+    assert got.dtype == np.uint8 and not np.array_equal(got, x)
 
 
 def test_mixup_and_cutmix():
@@ -481,7 +490,7 @@ def test_resume_is_bit_identical(tmp_path, digits16):
     d = small(digits16)
     kw = dict(model_factory=SmallCNN, data=d, progress=False)
     # augmentation randomness and the weights' EMA must resume exactly too
-    aug = dict(crop_padding=2, flip=True, mixup=0.8, cutmix=1.0, erase_prob=0.25, ema_decay=0.9)
+    aug = dict(crop_padding=2, flip=True, randaug_ops=2, mixup=0.8, cutmix=1.0, erase_prob=0.25, ema_decay=0.9)
     full = train(icfg(tmp_path / "a", **aug), **kw)
     c = icfg(tmp_path / "b", **aug)
     assert train(c, stop_after=5, **kw)["stopped_at"] == 5  # step 3 is the last checkpoint

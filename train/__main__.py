@@ -57,6 +57,9 @@ def _add_image(sub) -> None:
         "mix_prob": "probability that a batch is mixed (Mixup or CutMix)",
         "mix_switch_prob": "with both on: probability of CutMix rather than Mixup for a batch",
         "erase_prob": "random erasing (timm's RandomErasing, pixel mode): probability per image (DeiT: 0.25)",
+        "randaug_ops": "RandAugment: ops per image (0: off; DeiT: 2), each applied with probability 0.5",
+        "randaug_magnitude": "RandAugment magnitude (0-10; DeiT: 9)",
+        "randaug_std": "RandAugment magnitude noise std (DeiT: 0.5)",
         "ema_decay": "keep a moving average of the weights with this decay and evaluate it too (test_acc_ema; "
                      "0: off; timm's ImageNet default 0.9998); export --ema writes it",
         "crop_padding": "random-crop padding in pixels (default: image_size // 8 for CIFAR and folders, 0 for digits)",

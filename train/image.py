@@ -55,6 +55,10 @@ class ImageConfig:
     mix_prob: float = 1.0
     mix_switch_prob: float = 0.5
     erase_prob: float = 0.0  # timm's RandomErasing (pixel mode, one box) per image; DeiT: 0.25
+    # RandAugment (timm's rand-m9-mstd0.5-inc1 for DeiT: 2 ops, magnitude 9, std 0.5): ops per image (0: off)
+    randaug_ops: int = 0
+    randaug_magnitude: float = 9.0
+    randaug_std: float = 0.5
     ema_decay: float = 0.0  # > 0: also keep (and evaluate) a moving average of the weights (timm: 0.9998)
     crop_padding: int | None = None  # None: image_size // 8 (0 for digits)
     flip: bool | None = None  # None: as the dataset says (off for digits)
@@ -96,6 +100,9 @@ class ImageConfig:
                 raise ValueError(f"--{name} must be >= 0 (a Beta parameter; 0: off), got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
+        if self.randaug_ops < 0 or not 0.0 <= self.randaug_magnitude <= 10.0 or self.randaug_std < 0:
+            raise ValueError("--randaug-ops must be >= 0, --randaug-magnitude in [0, 10], --randaug-std >= 0; got "
+                             f"{self.randaug_ops}, {self.randaug_magnitude}, {self.randaug_std}")
         for name in ("mix_prob", "mix_switch_prob", "erase_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
@@ -154,6 +161,9 @@ class ImageTrainer(loop.Trainer):
         padding = (cfg.image_size // 8 if data.crop else 0) if cfg.crop_padding is None else cfg.crop_padding
         flip = data.flip if cfg.flip is None else cfg.flip
         self.padding, self.flip = padding, flip
+        randaug = (dict(num_ops=cfg.randaug_ops, magnitude=cfg.randaug_magnitude, magnitude_std=cfg.randaug_std,
+                        fill=tuple(float(m) * 255.0 for m in np.resize(mean, 3)))  # timm: the data mean
+                   if cfg.randaug_ops else None)
 
         mixing = dict(mixup=cfg.mixup, cutmix=cfg.cutmix, prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob)
 
@@ -173,7 +183,7 @@ class ImageTrainer(loop.Trainer):
             return {"pred": logits.argmax(-1).astype(jnp.int32), "loss": losses}
 
         super().__init__(model_factory, optimizer or make_optimizer(cfg), loss_fn,
-                         augment=make_augment(padding, flip), eval_fn=eval_fn, batch_size=cfg.batch_size,
+                         augment=make_augment(padding, flip, randaug), eval_fn=eval_fn, batch_size=cfg.batch_size,
                          grad_accum=cfg.grad_accum, seed=cfg.seed, devices=devices, **trainer_kw)
 
 

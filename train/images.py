@@ -159,14 +159,21 @@ def random_crop_flip(image: jax.Array, key: jax.Array, *, padding: int = 4, flip
     return image
 
 
-def make_augment(padding: int, flip: bool):
-    """``augment(example, key)`` for the training loop: crop/flip ``example["image"]``; ``None``
-    when both are off."""
-    if not padding and not flip:
+def make_augment(padding: int, flip: bool, rand_augment: dict | None = None):
+    """``augment(example, key)`` for the training loop: crop/flip ``example["image"]``, then RandAugment
+    with the keywords ``rand_augment`` of :func:`jaxattn.train.randaugment.rand_augment` (uint8 images);
+    ``None`` when all are off."""
+    if not padding and not flip and not rand_augment:
         return None
 
     def augment(example, key):
-        return {**example, "image": random_crop_flip(example["image"], key, padding=padding, flip=flip)}
+        k_crop, k_ra = jax.random.split(key) if rand_augment else (key, None)  # (crops as before without it)
+        image = random_crop_flip(example["image"], k_crop, padding=padding, flip=flip)
+        if rand_augment:
+            from jaxattn.train.randaugment import rand_augment as randaug
+
+            image = randaug(image, k_ra, **rand_augment)
+        return {**example, "image": image}
 
     return augment
 
