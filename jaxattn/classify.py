@@ -172,16 +172,11 @@ def predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
     import jax.numpy as jnp
     from flax import nnx
 
+    from jaxattn.train.images import map_batches
+
     gdef, state = nnx.split(model)
     step = jax.jit(lambda st, x: jax.nn.softmax(nnx.merge(gdef, st)(x).astype(jnp.float32), -1))
-    out = []
-    for s in range(0, len(images), batch_size):
-        x = images[s:s + batch_size]
-        k = len(x)
-        if k < batch_size:
-            x = np.concatenate([x, np.repeat(x[:1], batch_size - k, 0)])
-        out.append(np.asarray(step(state, jnp.asarray(x)))[:k])
-    return np.concatenate(out)
+    return map_batches(lambda x: step(state, jnp.asarray(x)), images, batch_size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

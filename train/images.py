@@ -25,8 +25,9 @@ import hashlib
 import math
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -130,12 +131,20 @@ def padded_batches(x_all: np.ndarray, y_all: np.ndarray, batch_size: int,
     """``({key: x, "label": y}, n_valid)`` in order; the last batch is padded with copies of the
     first example to ``batch_size``."""
     for s in range(0, len(x_all), batch_size):
-        x, y = x_all[s:s + batch_size], y_all[s:s + batch_size]
-        k = len(x)
-        if k < batch_size:
-            x = np.concatenate([x, np.repeat(x_all[:1], batch_size - k, 0)])
-            y = np.concatenate([y, np.repeat(y_all[:1], batch_size - k, 0)])
-        yield {key: x, "label": y}, k
+        yield {key: _padded(x_all, s, batch_size), "label": _padded(y_all, s, batch_size)}, min(batch_size, len(x_all) - s)
+
+
+def _padded(a: np.ndarray, start: int, batch_size: int) -> np.ndarray:
+    """``a[start:start + batch_size]``, padded with copies of ``a[0]`` to ``batch_size`` rows."""
+    x = a[start:start + batch_size]
+    return x if len(x) == batch_size else np.concatenate([x, np.repeat(a[:1], batch_size - len(x), 0)])
+
+
+def map_batches(fn: Callable[[np.ndarray], Any], x_all: np.ndarray, batch_size: int) -> np.ndarray:
+    """``fn`` over ``x_all`` in batches of exactly ``batch_size`` (the last padded, so a jitted ``fn``
+    compiles once), its rows for the real examples concatenated."""
+    return np.concatenate([np.asarray(fn(_padded(x_all, s, batch_size)))[:min(batch_size, len(x_all) - s)]
+                           for s in range(0, len(x_all), batch_size)])
 
 
 # -- JAX transforms ------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from jaxattn.models.probing import PROBES, count_params, create_probe
 from jaxattn.models.vit import ViT
 from jaxattn.train import loop
 from jaxattn.train.image import ImageConfig, _pretrained, evaluate
-from jaxattn.train.images import (ImageData, check_data_args, load_images, normalize, padded_batches,
+from jaxattn.train.images import (ImageData, check_data_args, load_images, map_batches, normalize, padded_batches,
                                   stream_indices)
 
 __all__ = ["ProbeConfig", "FrozenBackboneProbe", "TokenData", "load_backbone", "train_backbone",
@@ -139,14 +139,7 @@ def extract_tokens(backbone: ViT, images: np.ndarray, mean, std, batch_size: int
         m.eval()
         return m.features(normalize(x, mean, std)).astype(jnp.float32)
 
-    out = []
-    for s in range(0, len(images), batch_size):
-        x = images[s:s + batch_size]
-        k = len(x)
-        if k < batch_size:
-            x = np.concatenate([x, np.repeat(x[:1], batch_size - k, 0)])
-        out.append(np.asarray(feats(state, x))[:k])
-    return np.concatenate(out)
+    return map_batches(lambda x: feats(state, x), images, batch_size)
 
 
 def select_tokens(tokens: jax.Array, which: str, has_cls: bool, num_prefix_tokens: int | None = None) -> jax.Array:
