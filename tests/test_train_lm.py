@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import subprocess
 import sys
@@ -273,6 +274,11 @@ def test_cli_end_to_end_and_generate(tmp_path, capsys, model):
     assert "sample:" in capsys.readouterr().out
     assert generate_main(["--checkpoint", str(out), "--prompt", "import ", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("import ")
+    from jaxattn.perplexity import main as ppl_main  # the run scored on its own validation split
+
+    assert ppl_main([str(out), "--context", "32", "--max-tokens", "300", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["tokens_scored"] == 299 and 0 < res["bits_per_byte"] < 9 and res["data"] == "the run's validation split"
     with pytest.raises(SystemExit):
         generate_main(["--checkpoint", str(tmp_path / "nothing")])
     with pytest.raises(SystemExit):
