@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -166,17 +167,60 @@ def _class_index(classes: list[str], names: list[str] | None, root: Path, notes:
     return {c: i for i, c in enumerate(classes)}
 
 
-def predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Softmax probabilities ``[n, classes]`` (fp32) of prepared images, in fixed-size jitted batches."""
+def top_classes(model, batch_size: int, k: int):
+    """A function ``images [batch_size, S, S, C] -> (probabilities [batch_size, k], classes [batch_size, k])``
+    (jitted; the model's softmax, its ``k`` most likely classes)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxattn.train.images import map_batches
-
     gdef, state = nnx.split(model)
-    step = jax.jit(lambda st, x: jax.nn.softmax(nnx.merge(gdef, st)(x).astype(jnp.float32), -1))
-    return map_batches(lambda x: step(state, jnp.asarray(x)), images, batch_size)
+    k = min(k, model.cfg.num_classes)
+    step = jax.jit(lambda st, x: jax.lax.top_k(jax.nn.softmax(nnx.merge(gdef, st)(x).astype(jnp.float32), -1), k))
+    return lambda x: tuple(np.asarray(a) for a in step(state, jnp.asarray(x)))
+
+
+def classify(model, pre: Preprocess, files: Sequence[Path], *, batch_size: int = 32, k: int = 5, quantized=None,
+             progress: bool = True) -> dict[str, Any]:
+    """Streams ``files`` through ``pre`` and ``model`` a batch at a time (memory: one batch of images):
+    ``{"kept": indices of the readable files, "prob" / "cls": [n, k] top classes, "quantized_cls": [n] (the
+    quantized model's top class, with ``quantized``), "bad": unreadable files, "seconds"}``."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from jaxattn.train.images import _padded
+
+    run = top_classes(model, batch_size, k)
+    qrun = top_classes(quantized, batch_size, 1) if quantized is not None else None
+    kept, probs, classes, qcls, bad = [], [], [], [], []
+    seconds = 0.0
+    bar = tqdm(total=len(files), desc="classify", unit="img", disable=None if progress else True, leave=False)
+    for s in range(0, len(files), batch_size):
+        images = []
+        for i in range(s, min(s + batch_size, len(files))):
+            try:
+                with Image.open(files[i]) as im:
+                    images.append(pre(im))
+                kept.append(i)
+            except (OSError, ValueError) as e:
+                bad.append(f"{files[i]} ({e})")
+        bar.update(min(batch_size, len(files) - s))
+        if not images:
+            continue
+        n = len(images)
+        x = _padded(np.stack(images), 0, batch_size)  # (one compiled shape)
+        t0 = time.perf_counter()
+        p, c = run(x)
+        if qrun is not None:
+            qcls.append(qrun(x)[1][:n, 0])
+        seconds += time.perf_counter() - t0
+        probs.append(p[:n])
+        classes.append(c[:n])
+    bar.close()
+    if not kept:
+        raise ValueError("none of the images could be read")
+    return {"kept": kept, "prob": np.concatenate(probs), "cls": np.concatenate(classes),
+            "quantized_cls": np.concatenate(qcls) if qcls else None, "bad": bad, "seconds": seconds}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,9 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.top < 1 or a.batch_size < 1:
         p.error("--top and --batch-size must be >= 1")
     overrides = {k: v for k, v in (("dtype", a.dtype), ("attn_impl", a.attn_impl)) if v is not None}
-    try:
-        from PIL import Image
-    except ImportError:
+    if importlib.util.find_spec("PIL") is None:
         p.error("reading images needs Pillow: pip install pillow")
     try:
         model, pre, names, what = load(a.model, **overrides)
@@ -208,46 +250,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(str(e))
     for n in notes:
         print(n, file=sys.stderr)
-    from tqdm import tqdm
-
-    kept, images, bad = [], [], []
-    for i, f in enumerate(tqdm(files, desc="reading", unit="img", disable=None, leave=False)):
-        try:
-            with Image.open(f) as im:
-                images.append(pre(im))
-            kept.append(i)
-        except (OSError, ValueError) as e:
-            bad.append(f"{f} ({e})")
-    if bad:
+    k = max(a.top, 5)
+    try:
+        res = classify(model, pre, files, batch_size=a.batch_size, k=k, quantized=quant)
+    except ValueError as e:
+        p.error(str(e))
+    if res["bad"]:
+        bad = res["bad"]
         print(f"skipped {len(bad)} unreadable file(s): {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}",
               file=sys.stderr)
-    if not images:
-        p.error("none of the images could be read")
-    files, labels = [files[i] for i in kept], [labels[i] for i in kept]
-    x = np.stack(images)
-    t0 = time.perf_counter()
-    probs = predict(model, x, a.batch_size)
-    rate = len(x) / (time.perf_counter() - t0)
+    files, labels = [files[i] for i in res["kept"]], [labels[i] for i in res["kept"]]
+    n = len(files)
+    probs, cls = res["prob"][:n], res["cls"][:n]
     name = (lambda c: names[c]) if names else str
-    top = np.argsort(-probs, axis=1)[:, :a.top]
-    records = [{"file": str(f), "top": [{"class": int(c), "name": name(int(c)), "prob": float(pr[c])} for c in t],
-                **({"label": lab} if lab is not None else {})} for f, pr, t, lab in zip(files, probs, top, labels)]
+    records = [{"file": str(f), "top": [{"class": int(c), "name": name(int(c)), "prob": float(pr)}
+                                        for c, pr in zip(cs[:a.top], ps[:a.top])],
+                **({"label": lab} if lab is not None else {})} for f, ps, cs, lab in zip(files, probs, cls, labels)]
     if not a.quiet:
         for r in records:
             print(f"{r['file']}: " + ", ".join(f"{c['name']} {c['prob']:.3f}" for c in r["top"]))
-    summary = {"model": what, "images": len(x), "images_per_s": rate}
+    summary = {"model": what, "images": n, "images_per_s": n / max(res["seconds"], 1e-9)}
     scored = [i for i, lab in enumerate(labels) if lab is not None]
     if scored:
         y = np.asarray([labels[i] for i in scored])
-        ranks = np.argsort(-probs[scored], axis=1)
-        summary.update(scored=len(scored), top1=float((ranks[:, 0] == y).mean()),
-                       top5=float((ranks[:, :5] == y[:, None]).any(1).mean()))
+        summary.update(scored=len(scored), top1=float((cls[scored, 0] == y).mean()),
+                       top5=float((cls[scored, :5] == y[:, None]).any(1).mean()))
     if quant is not None:
-        qprobs = predict(quant, x, a.batch_size)
-        agree = qprobs.argmax(1) == probs.argmax(1)
-        summary["quantized_top1_agreement"] = float(agree.mean())
+        q = res["quantized_cls"]
+        summary["quantized_top1_agreement"] = float((q == cls[:, 0]).mean())
         if scored:
-            summary["quantized_top1"] = float((qprobs[scored].argmax(1) == y).mean())
+            summary["quantized_top1"] = float((q[scored] == y).mean())
     print(json.dumps(summary))
     if a.json:
         Path(a.json).write_text(json.dumps({"summary": summary, "predictions": records}, indent=1))
