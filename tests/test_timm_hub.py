@@ -458,3 +458,32 @@ def test_preprocessing_matches_timm_transforms(tmp_path):
                                           interpolation=interp, mean=pre["mean"], std=pre["std"])(im)
         got = timm_preprocess({"pretrained_cfg": pre})(im)
         np.testing.assert_allclose(got, want.permute(1, 2, 0).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["vit_small_patch14_reg4_dinov2", "vit_small_patch16_224"])
+def test_dynamic_image_size(tmp_path, arch):
+    """dynamic_img_size: any H x W of whole patches, the position grid resampled per call around the prefix
+    tokens; at the configured size the plain forward, at another square size the model loaded for it."""
+    p = 14 if "patch14" in arch else 16
+    raw = {"architecture": arch, "num_classes": 5, "model_args": {"depth": 2, "img_size": 2 * p, "num_classes": 5},
+           "pretrained_cfg": {**PRE, "input_size": [3, 2 * p, 2 * p]}}
+    cfg = config_from_hf(raw, attn_impl="xla")
+    folder = _folder(tmp_path, raw, to_timm_state_dict(ViT(cfg, rngs=nnx.Rngs(3))))
+    dyn = hf.load_pretrained(folder, attn_impl="xla", dynamic_img_size=True)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 2 * p, 2 * p, 3)), jnp.float32)
+    np.testing.assert_array_equal(dyn(x), hf.load_pretrained(folder, attn_impl="xla")(x))
+    big = jnp.asarray(rng.normal(size=(2, 3 * p, 3 * p, 3)), jnp.float32)
+    assert_close(dyn(big), hf.load_pretrained(folder, attn_impl="xla", image_size=3 * p)(big), jnp.float32, "resized",
+                 tol={jnp.dtype(jnp.float32): (1e-6, 1e-6)})
+    assert dyn(jnp.zeros((1, 3 * p, 2 * p, 3))).shape == (1, 5)  # not square
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        dyn(jnp.zeros((1, 3 * p + 1, 2 * p, 3)))
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    ref = timm.create_model(arch, num_classes=5, depth=2, img_size=2 * p, dynamic_img_size=True).eval()
+    ref.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in to_timm_state_dict(dyn).items()})
+    x = rng.normal(size=(2, 3 * p, 4 * p, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.as_tensor(x).permute(0, 3, 1, 2)).numpy()
+    assert_close(dyn(jnp.asarray(x)), want, jnp.float32, "logits vs timm", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})

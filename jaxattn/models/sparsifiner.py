@@ -79,9 +79,9 @@ class SparsifinerConfig(ViTConfig):
             raise ValueError(f"basis_threshold must be >= 0, got {self.basis_threshold}")
         if self.quantized:
             raise ValueError("quantized=True is not supported by Sparsifiner (masked attention)")
-        if self.reg_tokens or self.class_token is not None:
-            raise ValueError("Sparsifiner keeps a class token exactly when pool='cls': reg_tokens must be 0 "
-                             "and class_token None")
+        if self.reg_tokens or self.class_token is not None or self.dynamic_img_size:
+            raise ValueError("Sparsifiner has a fixed token layout (a class token exactly when pool='cls'): "
+                             "reg_tokens must be 0, class_token None and dynamic_img_size False")
         if self.head_dim // self.reduce_c_factor < 1:
             raise ValueError(f"head_dim {self.head_dim} // reduce_c_factor {self.reduce_c_factor} must be >= 1")
         if self.num_tokens // self.reduce_n_factor < 1:

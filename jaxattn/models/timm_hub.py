@@ -18,12 +18,10 @@ The key and layout maps are :mod:`jaxattn.models.timm_weights`'.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -31,7 +29,7 @@ from flax import nnx
 from jaxattn.models import hf
 from jaxattn.models.halonet import HALONET_CONFIGS, HaloNet, HaloNetConfig
 from jaxattn.models.timm_weights import ignore, timm_entries as entries
-from jaxattn.models.vit import ViT, ViTConfig
+from jaxattn.models.vit import ViT, ViTConfig, resample_pos_embed
 
 __all__ = ["adapt", "config_from_hf", "entries", "hf_config", "preprocessing", "vit_arch_args"]
 
@@ -53,10 +51,9 @@ _VIT_ARCHS: list[tuple[re.Pattern, dict[str, Any]]] = [(re.compile(p), a) for p,
     (rf"vit_{_S}{_P}{_R}_gap{_I}", {**_GAP, "no_embed_class": True, "init_values": 1e-5}),  # register ViTs
 ]]
 # model_args a checkpoint may record with the value the models here implement (others: refused)
-_VIT_FIXED = {"pre_norm": False, "qk_norm": False, "final_norm": True, "dynamic_img_size": False, "pos_embed": "learn",
-              "weight_init": ""}
+_VIT_FIXED = {"pre_norm": False, "qk_norm": False, "final_norm": True, "pos_embed": "learn", "weight_init": ""}
 _VIT_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "class_token",
-             "global_pool", "reg_tokens", "no_embed_class", "init_values", "fc_norm")
+             "global_pool", "reg_tokens", "no_embed_class", "init_values", "fc_norm", "dynamic_img_size")
 # training-time regularisation a checkpoint may record: no effect on the weights (fine-tuning sets its own)
 _VIT_IGNORED = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
 
@@ -142,7 +139,8 @@ def _vit_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
                      class_token=None if class_token == (pool == "token") else class_token,
                      reg_tokens=int(args.get("reg_tokens", 0)), no_embed_class=bool(args.get("no_embed_class", False)),
                      layer_scale=None if init_values is None else float(init_values),
-                     fc_norm=pool == "avg" if fc_norm is None else bool(fc_norm))  # timm: None = on for 'avg'
+                     fc_norm=pool == "avg" if fc_norm is None else bool(fc_norm),  # timm: None = on for 'avg'
+                     dynamic_img_size=bool(args.get("dynamic_img_size", False)))
 
 
 def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
@@ -168,7 +166,7 @@ def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
                     num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
                     global_pool="token" if cfg.pool == "cls" else "avg", class_token=cfg.has_class_token,
                     reg_tokens=cfg.reg_tokens, no_embed_class=cfg.no_embed_class, init_values=cfg.layer_scale,
-                    fc_norm=cfg.fc_norm)
+                    fc_norm=cfg.fc_norm, dynamic_img_size=cfg.dynamic_img_size)
     return {"architecture": arch, "num_classes": cfg.num_classes, "global_pool": args["global_pool"],
             "model_args": args, "pretrained_cfg": pre}
 
@@ -187,7 +185,7 @@ def adapt(cfg: ViTConfig | HaloNetConfig, state_dict: Mapping[str, Any]) -> tupl
     """The checkpoint fitted to ``cfg`` as timm's ``pretrained=True`` loading does, for fine-tuning:
     another ``num_classes`` drops the classifier (a fresh one is initialised), another ``in_channels``
     adapts the first conv (one channel: the sum over RGB; more: RGB repeated, scaled by 3 / channels),
-    another ViT image size resamples the position-embedding grid (bicubic). Returns the adapted dict
+    another ViT image size resamples the position-embedding grid (bicubic, antialiased: as timm). Returns the adapted dict
     and the keys left out (to initialise)."""
     sd = dict(state_dict)
     halo = isinstance(cfg, HaloNetConfig)
@@ -203,14 +201,10 @@ def adapt(cfg: ViTConfig | HaloNetConfig, state_dict: Mapping[str, Any]) -> tupl
             reps = -(-cfg.in_channels // w.shape[1])
             w = np.tile(w, (1, reps, 1, 1))[:, :cfg.in_channels] * (w.shape[1] / cfg.in_channels)
         sd[conv] = w
-    if not halo and "pos_embed" in sd:
-        pos = np.asarray(sd["pos_embed"], np.float32)
+    if not halo and "pos_embed" in sd and np.shape(sd["pos_embed"])[1] != cfg.pos_embed_len:
         prefix = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
-        old, new = math.isqrt(pos.shape[1] - prefix), cfg.image_size // cfg.patch_size
-        if old * old == pos.shape[1] - prefix and old != new:
-            grid = pos[0, prefix:].reshape(old, old, -1)
-            grid = np.asarray(jax.image.resize(jnp.asarray(grid), (new, new, grid.shape[-1]), "cubic"))
-            sd["pos_embed"] = np.concatenate([pos[:, :prefix], grid.reshape(1, new * new, -1)], axis=1)
+        sd["pos_embed"] = np.asarray(resample_pos_embed(jnp.asarray(sd["pos_embed"], jnp.float32), (cfg.grid, cfg.grid),
+                                                        prefix))
     return sd, fresh
 
 

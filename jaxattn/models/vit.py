@@ -47,6 +47,7 @@ LayerNorm scale 1, bias 0. Parameters are fp32; ``dtype`` is the compute dtype; 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -94,6 +95,7 @@ class ViTConfig:
     no_embed_class: bool = False  # the position embedding covers the patches only (DeiT III, registers)
     layer_scale: float | None = None  # LayerScale: per-channel residual-branch scales, initialised to this
     fc_norm: bool = False  # the final LayerNorm after the pooling (timm's fc_norm) instead of on every token
+    dynamic_img_size: bool = False  # any H x W (multiples of the patch): position grid resampled per call (timm's)
 
     def __post_init__(self):
         if self.gates not in ("none", "features", "tokens"):
@@ -115,6 +117,8 @@ class ViTConfig:
             raise ValueError("pool='cls' needs the class token: class_token must be True or None")
         if self.reg_tokens < 0:
             raise ValueError(f"reg_tokens must be >= 0, got {self.reg_tokens}")
+        if self.dynamic_img_size and self.gates == "tokens":
+            raise ValueError("dynamic_img_size needs a fixed token count; gates='tokens' gates each position")
         if self.layer_scale is not None and not self.layer_scale > 0:
             raise ValueError(f"layer_scale must be None or an initial scale > 0, got {self.layer_scale}")
         if self.attn_impl not in _IMPLS:
@@ -306,6 +310,20 @@ class MLP(nnx.Module):
         return _apply(self.drop2, self.fc2(x))
 
 
+def resample_pos_embed(pos: jax.Array, grid: tuple[int, int], num_prefix: int) -> jax.Array:
+    """``pos [1, prefix + g*g, dim]`` with its square patch grid resized to ``grid`` (bicubic, antialiased:
+    the same numbers as timm's ``resample_abs_pos_embed``, torch's ``bicubic`` with ``antialias=True``);
+    the first ``num_prefix`` rows (class / register tokens) are kept."""
+    prefix, patches = pos[:, :num_prefix], pos[:, num_prefix:]
+    g = math.isqrt(patches.shape[1])
+    if g * g != patches.shape[1]:
+        raise ValueError(f"position embedding of {patches.shape[1]} patch rows is not a square grid")
+    if (g, g) == tuple(grid):
+        return pos
+    out = jax.image.resize(patches.reshape(g, g, -1).astype(jnp.float32), (*grid, patches.shape[-1]), "cubic")
+    return jnp.concatenate([prefix, out.reshape(1, -1, patches.shape[-1]).astype(pos.dtype)], axis=1)
+
+
 class LayerScale(nnx.Module):
     """``x * gamma``: a learned per-channel scale of a residual branch (CaiT / DeiT III; timm's ``ls1``/``ls2``)."""
 
@@ -386,7 +404,7 @@ class ViT(nnx.Module):
         if h % c.patch_size or w % c.patch_size:
             raise ValueError(f"images height and width must be divisible by patch_size {c.patch_size}; "
                              f"expected shape {want}, got {tuple(images.shape)}")
-        if (h, w) != (c.image_size, c.image_size):
+        if (h, w) != (c.image_size, c.image_size) and not c.dynamic_img_size:
             raise ValueError(f"images must be {c.image_size}x{c.image_size} as configured (image_size="
                              f"{c.image_size}): expected shape {want}, got {tuple(images.shape)}")
         if ch != c.in_channels:
@@ -402,6 +420,9 @@ class ViT(nnx.Module):
         prefix = [jnp.broadcast_to(t[...].astype(dtype), (x.shape[0],) + t.shape[1:])
                   for t in (self.cls_token, self.reg_token) if t is not None]
         pos = self.pos_embed[...].astype(dtype)
+        grid = (images.shape[1] // self.cfg.patch_size, images.shape[2] // self.cfg.patch_size)
+        if grid != (self.cfg.grid, self.cfg.grid):  # (dynamic_img_size)
+            pos = resample_pos_embed(pos, grid, 0 if self.cfg.no_embed_class else self.cfg.num_prefix_tokens)
         if self.cfg.no_embed_class:  # timm: add to the patches, then prepend the prefix tokens
             x = jnp.concatenate(prefix + [x + pos], axis=1)
         else:
