@@ -276,6 +276,17 @@ def test_adapt_fits_another_task(tmp_path):
     assert rgb4["patch_embed.proj.weight"].shape[1] == 4
     const = {**sd, "pos_embed": np.full_like(sd["pos_embed"], 0.25)}  # resampling keeps a constant grid
     np.testing.assert_allclose(adapt(new, const)[0]["pos_embed"], 0.25, rtol=1e-5)
+    # a features-only checkpoint (DINOv2's: no head) fine-tunes with a fresh classifier; num_classes=0 drops one
+    bare = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    assert adapt(cfg, bare)[1] == ["head.weight", "head.bias"]
+    headless, fresh0 = adapt(config_from_hf(VIT_TINY, num_classes=0), sd)
+    assert fresh0 == [] and "head.weight" not in headless
+    raw0 = {**VIT_TINY, "num_classes": 0, "model_args": {**VIT_TINY["model_args"], "num_classes": 0}}
+    folder = _folder(tmp_path, raw0, bare)
+    tuned = hf.load_pretrained(folder, num_classes=4, attn_impl="xla")
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 32, 32, 3))
+    np.testing.assert_array_equal(tuned.pool_features(x), hf.load_pretrained(folder, attn_impl="xla")(x))
+    assert tuned(x).shape == (1, 4)
 
 
 def test_probe_a_timm_backbone(tmp_path):

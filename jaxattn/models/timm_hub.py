@@ -183,16 +183,19 @@ def preprocessing(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 def adapt(cfg: ViTConfig | HaloNetConfig, state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The checkpoint fitted to ``cfg`` as timm's ``pretrained=True`` loading does, for fine-tuning:
-    another ``num_classes`` drops the classifier (a fresh one is initialised), another ``in_channels``
+    another ``num_classes`` drops the classifier (a fresh one is initialised, also for a features-only
+    checkpoint such as DINOv2's; ``num_classes=0`` drops it), another ``in_channels``
     adapts the first conv (one channel: the sum over RGB; more: RGB repeated, scaled by 3 / channels),
     another ViT image size resamples the position-embedding grid (bicubic, antialiased: as timm). Returns the adapted dict
     and the keys left out (to initialise)."""
     sd = dict(state_dict)
     halo = isinstance(cfg, HaloNetConfig)
     conv, head = ("stem.conv1.conv.weight", "head.fc") if halo else ("patch_embed.proj.weight", "head")
-    fresh = []
-    if head + ".weight" in sd and np.shape(sd[head + ".weight"])[0] != cfg.num_classes:
-        fresh = [k for k in (head + ".weight", head + ".bias") if sd.pop(k, None) is not None]
+    head_keys = (head + ".weight", head + ".bias")
+    if head_keys[0] in sd and np.shape(sd[head_keys[0]])[0] != cfg.num_classes:  # another task (or none): dropped
+        for k in head_keys:
+            sd.pop(k, None)
+    fresh = list(head_keys) if cfg.num_classes and head_keys[0] not in sd else []  # a new classifier
     if conv in sd and np.shape(sd[conv])[1] != cfg.in_channels:
         w = np.asarray(sd[conv], np.float32)  # [out, in, kh, kw]
         if cfg.in_channels == 1:
