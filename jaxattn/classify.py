@@ -101,6 +101,9 @@ def load(model_dir: str | Path, **overrides: Any):
     if kind == "timm":
         raw = hf.raw_config(model_dir)
         model = hf.load_pretrained(model_dir, **overrides)
+        if not model.cfg.num_classes:
+            raise ValueError(f"{model_dir} has no classifier (num_classes 0: a feature extractor such as DINOv2's); "
+                             "fine-tune one with train image --model FOLDER, or probe it with train probe")
         return model, timm_preprocess(raw), label_names(raw, model.cfg.num_classes), Path(model_dir).name
     if kind is not None:
         raise ValueError(f"{model_dir} is a {kind} language model, not an image classifier")

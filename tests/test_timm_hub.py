@@ -450,6 +450,12 @@ def test_classify_cli_scores_a_class_folder_tree(tmp_path, capsys):
     with pytest.raises(SystemExit):
         classify_main([str(folder), str(tmp_path / "nothing")])
     assert "no such image file or folder" in capsys.readouterr().err
+    raw0 = {**raw, "num_classes": 0, "model_args": {**raw["model_args"], "num_classes": 0}}
+    headless = _folder(tmp_path / "features", raw0, {k: v for k, v in to_timm_state_dict(src).items()
+                                                     if not k.startswith("head.")})
+    with pytest.raises(SystemExit):
+        classify_main([str(headless), str(files[0])])
+    assert "has no classifier" in capsys.readouterr().err
 
 
 def test_preprocessing_matches_timm_transforms(tmp_path):
