@@ -196,10 +196,9 @@ def make_image_trainer(cfg: ImageConfig, data: ImageData, model_factory, *, opti
     """The trainer for ``cfg``'s gate setting: plain, joint (``optax.multi_transform``: Adam at
     ``gate_lr`` on the gates, AdamW on the rest, one pass) or routed (two passes)."""
     tx = optimizer or make_optimizer(cfg)
-    ema = (lambda t: loop.with_ema(t, cfg.ema_decay)) if cfg.ema_decay else (lambda t: t)
-    if cfg.ema_decay:
-        tx = (lambda m, f=tx: ema(f(m))) if callable(tx) and not isinstance(tx, optax.GradientTransformation) \
-            else ema(tx)
+    if cfg.ema_decay:  # (an optimizer factory is wrapped around what it builds)
+        tx = (loop.with_ema(tx, cfg.ema_decay) if isinstance(tx, optax.GradientTransformation)
+              else lambda m, f=tx: loop.with_ema(f(m), cfg.ema_decay))
     gated = cfg.gates != "none" and cfg.gate_mode != "none"
     if gated and cfg.gate_mode == "routed":
         return RoutedImageTrainer(cfg, data, model_factory, optimizer=tx, devices=devices,

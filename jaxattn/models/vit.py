@@ -29,9 +29,9 @@ conv ``patch_embed.proj.weight`` (PyTorch OIHW ``[dim, C, p, p]``) is ``patch_em
 in HWIO ``[p, p, C, dim]`` (``w.permute(2, 3, 1, 0)``); LayerNorm ``weight`` is ``scale``;
 biases, ``cls_token [1, 1, dim]`` and ``pos_embed [1, N(+1), dim]`` are copied as is. The fused
 ``qkv`` output is ``[3, heads, head_dim]`` (q, k, v; head-major), as in timm, so it needs no
-reordering, and patches are flattened row-major as timm's ``flatten(2)``. Not implemented: timm's
-``dynamic_img_size`` (a checkpoint's position grid is resampled once, on load, by
-``jaxattn.models.timm_hub.adapt``), ``qk_norm``, ``pre_norm``, attention pooling, SwiGLU MLPs.
+reordering, and patches are flattened row-major as timm's ``flatten(2)``. ``dynamic_img_size`` resamples
+the position grid per call as timm does (:func:`resample_pos_embed`, also what loading at another
+``image_size`` uses once). Not implemented: timm's ``qk_norm``, ``pre_norm``, attention pooling, SwiGLU MLPs.
 ``to_timm_state_dict`` / ``load_timm_state_dict`` do the conversion on numpy arrays (no torch
 import); tests/test_timm_hub.py checks the forward against timm's written in float64 numpy, and
 against timm itself when installed.
