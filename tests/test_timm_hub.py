@@ -119,6 +119,8 @@ def test_timm_architecture_arguments():
     assert (c.num_tokens, c.pos_embed_len, c.num_classes) == (1 + 4 + 37 * 37, 37 * 37, 0)
     c = _arch("vit_base_patch14_dinov2")
     assert (c.reg_tokens, c.no_embed_class, c.pos_embed_len) == (0, False, 1 + 37 * 37)
+    c = _arch("vit_base_patch14_reg4_dinov2")
+    assert (c.dim, c.reg_tokens, c.layer_scale) == (768, 4, 1e-5)
     c = _arch("vit_medium_patch16_gap_256")
     assert (c.dim, c.heads, c.qkv_bias, c.pool, c.has_class_token, c.fc_norm, c.layer_scale) == (
         512, 8, False, "mean", False, False, 1e-6)
@@ -132,6 +134,32 @@ def test_timm_architecture_arguments():
     c = _arch("vit_little_patch16_reg1_gap_256")
     assert (c.dim, c.depth, c.heads, c.mlp_ratio, c.reg_tokens) == (320, 14, 5, 5.6, 1)
     assert _arch("vit_base_patch16_224_miil").qkv_bias is False
+
+
+def test_architecture_table_matches_timm():
+    """Every timm ViT architecture the table accepts builds (on torch's meta device) the model our config
+    describes: sizes, tokens, position embedding, layer scale, norms, pooling, block types (timm installed)."""
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    from timm.layers import LayerScale
+
+    from jaxattn.models.timm_hub import _vit_config, vit_arch_args
+
+    names = [n for n in timm.list_models(["vit_*", "deit_*", "deit3_*"]) if vit_arch_args(n) is not None]
+    assert len(names) > 40
+    for n in names:
+        with torch.device("meta"):
+            m = timm.create_model(n)
+        c, blk = _vit_config(vit_arch_args(n), 1000, 3, None), m.blocks[0]
+        got = (type(m).__name__, type(blk).__name__, type(blk.attn).__name__, type(blk.mlp).__name__, m.embed_dim,
+               len(m.blocks), blk.attn.num_heads, blk.mlp.fc1.out_features, blk.attn.qkv.bias is not None,
+               m.cls_token is not None, m.num_reg_tokens, m.no_embed_class, isinstance(blk.ls1, LayerScale),
+               type(m.fc_norm).__name__ == "LayerNorm", m.global_pool, m.patch_embed.patch_size[0],
+               m.patch_embed.img_size[0], type(m.norm_pre).__name__, type(blk.attn.q_norm).__name__, blk.norm1.eps)
+        want = ("VisionTransformer", "Block", "Attention", "Mlp", c.dim, c.depth, c.heads, c.mlp_dim, c.qkv_bias,
+                c.has_class_token, c.reg_tokens, c.no_embed_class, c.layer_scale is not None, c.fc_norm,
+                {"cls": "token", "mean": "avg"}[c.pool], c.patch_size, c.image_size, "Identity", "Identity", 1e-6)
+        assert got == want, n
 
 
 def _ln(x, w, b):

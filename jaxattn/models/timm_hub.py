@@ -48,6 +48,7 @@ _VIT_ARCHS: list[tuple[re.Pattern, dict[str, Any]]] = [(re.compile(p), a) for p,
     (rf"vit_{_S}{_P}(?:{_R})?_dinov2", {"init_values": 1e-5, "img_size": 518}),  # DINOv2 (with registers: reg4)
     (rf"vit_(?P<size>medium|betwixt){_P}_gap{_I}", {**_GAP, "qkv_bias": False, "init_values": 1e-6, "fc_norm": False}),
     (rf"vit_(?P<size>base|huge){_P}_gap{_I}", {**_GAP, "fc_norm": False}),
+    (rf"vit_(?P<size>base){_P}{_R}_gap{_I}", {**_GAP, "no_embed_class": True}),  # (no layer scale)
     (rf"vit_{_S}{_P}{_R}_gap{_I}", {**_GAP, "no_embed_class": True, "init_values": 1e-5}),  # register ViTs
 ]]
 # model_args a checkpoint may record with the value the models here implement (others: refused)
@@ -72,8 +73,6 @@ def vit_arch_args(arch: str) -> dict[str, Any] | None:
                 args["img_size"] = int(g["img"])
             if g.get("reg"):
                 args.update(reg_tokens=int(g["reg"]), no_embed_class=True)
-            if g["size"] == "base" and g.get("reg"):
-                args.pop("init_values", None)  # vit_base_patch16_reg4_gap_256 has no layer scale
             return args
     return None
 
