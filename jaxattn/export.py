@@ -13,8 +13,8 @@ from pathlib import Path
 
 
 def export(run_dir: str | Path, out_dir: str | Path, *, ema: bool = False) -> str:
-    """Writes ``run_dir``'s model into ``out_dir`` (``ema``: the weights' moving average of an image run
-    trained with ``--ema-decay``); returns a one-line description."""
+    """Writes ``run_dir``'s model into ``out_dir`` (``ema``: the weights' moving average of a run trained
+    with ``--ema-decay``); returns a one-line description."""
     from jaxattn.models import hf
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -22,13 +22,11 @@ def export(run_dir: str | Path, out_dir: str | Path, *, ema: bool = False) -> st
     if not conf.exists():
         raise ValueError(f"{run_dir}: no config.json (expected a training --out folder)")
     if "byte_level" in json.loads(conf.read_text()):  # a language-model run
-        if ema:
-            raise ValueError("--ema: language-model runs keep no EMA weights")
         from jaxattn.generate import load_trained
 
-        model, cfg, step, _ = load_trained(run_dir)
+        model, cfg, step, _ = load_trained(run_dir, ema=ema)
         hf.save_pretrained(model, out_dir)
-        return f"{cfg.model} step {step} -> {out_dir}"
+        return f"{cfg.model} step {step}{' (EMA weights)' if ema else ''} -> {out_dir}"
     from jaxattn.train.image import load_trained as load_image_run
 
     model, icfg, data, step = load_image_run(run_dir, ema=ema)
@@ -43,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxattn.export", description=__doc__)
     p.add_argument("run", help="a training --out folder (lm or image task)")
     p.add_argument("out", help="the folder to write")
-    p.add_argument("--ema", action="store_true", help="the weights' moving average (image runs with --ema-decay)")
+    p.add_argument("--ema", action="store_true", help="the weights' moving average (runs trained with --ema-decay)")
     a = p.parse_args(argv)
     try:
         print(export(a.run, a.out, ema=a.ema))

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def load_trained(run_dir: str | Path):
+def load_trained(run_dir: str | Path, *, ema: bool = False):
     """Rebuilds the model from ``DIR/config.json`` and restores the latest checkpoint: ``(model,
-    LMConfig, step, byte_level)`` (``byte_level``: the run's tokens are bytes, not a token file's ids)."""
+    LMConfig, step, byte_level)`` (``byte_level``: the run's tokens are bytes, not a token file's ids;
+    ``ema``: the weights' moving average of a run trained with ``--ema-decay``)."""
     from jaxattn.train.lm import LMConfig, Trainer, _manager, default_model_factory
 
     run_dir = Path(run_dir)
@@ -39,7 +40,9 @@ def load_trained(run_dir: str | Path):
     if step is None:
         raise ValueError(f"--checkpoint {run_dir}: no checkpoint found in {run_dir / 'checkpoints'}")
     trainer.restore(manager, step)
-    return trainer.model, cfg, int(step), bool(byte_level)
+    if ema and not trainer.has_ema:
+        raise ValueError(f"{run_dir}: the run kept no EMA weights (train it with --ema-decay)")
+    return (trainer.ema_model if ema else trainer.model), cfg, int(step), bool(byte_level)
 
 
 def _ids(text: str, vocab: int) -> np.ndarray:
@@ -68,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eos-id", type=int, default=None, help="stop at this token id (default: a Hugging Face "
                    "folder's eos_token_id; none for training runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema", action="store_true", help="a run's moving average of the weights (--ema-decay)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="a Hugging Face folder's model in this dtype, compute and parameters (bfloat16: half "
                    "the memory of float32 parameters; default float32)")
@@ -86,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokenizer = hf.load_tokenizer(a.checkpoint)
             vocab, byte_level, what = model.cfg.vocab_size, False, f"{kind} {Path(a.checkpoint).name}"
         else:
-            model, cfg, step, byte_level = load_trained(a.checkpoint)
+            model, cfg, step, byte_level = load_trained(a.checkpoint, ema=a.ema)
             vocab, what = cfg.vocab_size, f"{cfg.model}, step {step}"
     except ValueError as e:
         p.error(str(e))

@@ -134,18 +134,21 @@ def test_batch_must_divide(tmp_path):
 
 def _loss_rows(path):
     with open(path) as f:
-        return [(r["step"], r["loss"], r["val_loss"]) for r in csv.DictReader(f)]
+        return [(r["step"], r["loss"], r["val_loss"], r.get("val_loss_ema")) for r in csv.DictReader(f)]
 
 
 def test_resume_after_kill_is_exact(tmp_path):
-    full = train(cfg(tmp_path / "a"), model_factory=small_model, progress=False, sample=False)
-    c = cfg(tmp_path / "b")
+    """(with a weight EMA, which lives in the optimizer state: its validation loss resumes exactly too)"""
+    full = train(cfg(tmp_path / "a", ema_decay=0.8), model_factory=small_model, progress=False, sample=False)
+    assert full["trainer"].has_ema
+    c = cfg(tmp_path / "b", ema_decay=0.8)
     killed = train(c, model_factory=small_model, stop_after=5, progress=False, sample=False)
     assert killed["stopped_at"] == 5  # the step-5 update is lost; step 3 is the last checkpoint
     resumed = train(c, resume=True, model_factory=small_model, progress=False, sample=False)
     for a, b in zip(params_of(full["trainer"]), params_of(resumed["trainer"])):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
-    assert _loss_rows(tmp_path / "a/run/metrics.csv") == _loss_rows(tmp_path / "b/run/metrics.csv")
+    rows = _loss_rows(tmp_path / "a/run/metrics.csv")
+    assert rows == _loss_rows(tmp_path / "b/run/metrics.csv") and rows[-1][3] not in ("", None, rows[-1][2])
     assert (tmp_path / "b/run/loss.png").stat().st_size > 1000
 
 
@@ -268,11 +271,13 @@ def test_cli_end_to_end_and_generate(tmp_path, capsys, model):
     out = tmp_path / "cli"
     assert train_main(["lm", "--model", model, "--steps", "4", "--seq-len", "32", "--batch-size", "4", "--max-bytes", "100000",
                        "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "2", "--out", str(out),
-                       "--sample-tokens", "8", "--no-progress"]) == 0
+                       "--sample-tokens", "8", "--no-progress", "--ema-decay", "0.5"]) == 0
     for name in ("metrics.csv", "loss.png", "config.json"):
         assert (out / name).exists(), name
     assert "sample:" in capsys.readouterr().out
     assert generate_main(["--checkpoint", str(out), "--prompt", "import ", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("import ")
+    assert generate_main(["--checkpoint", str(out), "--prompt", "import ", "--max-new-tokens", "5", "--ema"]) == 0
     assert capsys.readouterr().out.startswith("import ")
     from jaxattn.perplexity import main as ppl_main  # the run scored on its own validation split
 

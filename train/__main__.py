@@ -25,6 +25,8 @@ def _add_lm(sub) -> None:
         "model": "a name from jaxattn.models.MODEL_CONFIGS, or a Hugging Face TransNormerLLM / LLaMA / Qwen2 "
                  "folder to fine-tune (with --data token files of its tokenizer)",
         "remat": "activation checkpointing: recompute each block in the backward (less memory, ~1/3 more compute)",
+        "ema_decay": "keep a moving average of the weights with this decay and evaluate it too (val_loss_ema; 0: "
+                     "off); generate / export --ema use it",
         "data": "text file or folder (bytes), or token files (.npy, nanoGPT's uint16 .bin; a folder with train/val "
                 "files); default: the Python stdlib sources",
         "seq_parallel": "devices that share each sequence (TNL: sequence-parallel Lightning attention, GPT: "

@@ -45,6 +45,7 @@ class LMConfig:
     attn_impl: str = "auto"
     dropout: float | None = None  # GPT models: nanoGPT-style dropout (attention weights in-kernel, residuals, embeddings)
     remat: bool = False  # activation checkpointing: each block recomputed in the backward (less memory)
+    ema_decay: float = 0.0  # > 0: also keep (and evaluate: val_loss_ema) a moving average of the weights
     seed: int = 0
     eval_every: int = 50
     eval_batches: int = 8
@@ -64,7 +65,8 @@ def lr_schedule(cfg: LMConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: LMConfig) -> optax.GradientTransformation:
-    return adamw(lr_schedule(cfg), weight_decay=cfg.weight_decay, clip=cfg.clip)
+    tx = adamw(lr_schedule(cfg), weight_decay=cfg.weight_decay, clip=cfg.clip)
+    return loop.with_ema(tx, cfg.ema_decay) if cfg.ema_decay else tx
 
 
 def lm_loss(model: nnx.Module, tokens: jax.Array) -> jax.Array:
@@ -83,11 +85,12 @@ class Trainer(loop.Trainer):
                          eval_fn=lm_loss, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                          seed=cfg.seed, devices=devices, seq_parallel=cfg.seq_parallel, shard_state=cfg.fsdp)
 
-    def evaluate(self, corpus: Corpus) -> float:
-        """Mean validation loss over ``eval_batches`` fixed batches of the validation split."""
+    def evaluate(self, corpus: Corpus, *, ema: bool = False) -> float:
+        """Mean validation loss over ``eval_batches`` fixed batches of the validation split (``ema``: of
+        the weights' moving average)."""
         c = self.cfg
         losses = [self.eval_step(get_batch(corpus.val, seed=10_000 + c.seed, step=i,
-                                           batch=c.batch_size, seq_len=c.seq_len))
+                                           batch=c.batch_size, seq_len=c.seq_len), ema=ema)
                   for i in range(c.eval_batches)]
         return float(np.mean(jax.device_get(losses)))
 
@@ -157,7 +160,10 @@ def train(cfg: LMConfig, *, resume: bool = False,
 
     def evaluate(step: int) -> dict[str, float]:
         val = trainer.evaluate(corpus)
-        return {"val_loss": val, "val_ppl": math.exp(val)}
+        out = {"val_loss": val, "val_ppl": math.exp(val)}
+        if trainer.has_ema:
+            out["val_loss_ema"] = trainer.evaluate(corpus, ema=True)
+        return out
 
     result = loop.fit(
         trainer, lambda step: get_batch(corpus.train, seed=cfg.seed, step=step, batch=cfg.batch_size,
@@ -167,7 +173,8 @@ def train(cfg: LMConfig, *, resume: bool = False,
         throughput=("tokens_per_s", lambda b: b.shape[0] * cfg.seq_len),
         config={**dataclasses.asdict(cfg), "vocab_size": corpus.vocab_size, "source": corpus.source,
                 "byte_level": corpus.byte_level},
-        plot="loss.png", plot_title=f"{cfg.model} on {corpus.source}", fields=FIELDS,
+        plot="loss.png", plot_title=f"{cfg.model} on {corpus.source}",
+        fields=FIELDS + (["val_loss_ema"] if trainer.has_ema else []),
         desc=f"train {cfg.model}", stop_after=stop_after, progress=progress)
     if "stopped_at" in result:
         return result
