@@ -84,7 +84,7 @@ def test_halonet_folder_keeps_batchnorm_statistics(tmp_path):
 
 
 def test_unsupported_timm_configs():
-    for change, match in [({"architecture": "vit_base_patch16_clip_224"}, "not one jaxattn converts"),
+    for change, match in [({"architecture": "vit_base_patch16_siglip_224"}, "not one jaxattn converts"),
                           ({"model_args": {"qk_norm": True}}, "qk_norm"),
                           ({"model_args": {"global_pool": "map"}}, "global_pool 'map'"),
                           ({"model_args": {"class_token": False}}, "needs class_token"),
@@ -155,24 +155,30 @@ def test_architecture_table_matches_timm():
                len(m.blocks), blk.attn.num_heads, blk.mlp.fc1.out_features, blk.attn.qkv.bias is not None,
                m.cls_token is not None, m.num_reg_tokens, m.no_embed_class, isinstance(blk.ls1, LayerScale),
                type(m.fc_norm).__name__ == "LayerNorm", m.global_pool, m.patch_embed.patch_size[0],
-               m.patch_embed.img_size[0], type(m.norm_pre).__name__, type(blk.attn.q_norm).__name__, blk.norm1.eps)
+               m.patch_embed.img_size[0], type(m.norm_pre).__name__, type(blk.attn.q_norm).__name__, blk.norm1.eps,
+               type(blk.mlp.act).__name__, m.patch_embed.proj.bias is not None)
         want = ("VisionTransformer", "Block", "Attention", "Mlp", c.dim, c.depth, c.heads, c.mlp_dim, c.qkv_bias,
                 c.has_class_token, c.reg_tokens, c.no_embed_class, c.layer_scale is not None, c.fc_norm,
-                {"cls": "token", "mean": "avg"}[c.pool], c.patch_size, c.image_size, "Identity", "Identity", 1e-6)
+                {"cls": "token", "mean": "avg"}[c.pool], c.patch_size, c.image_size,
+                "LayerNorm" if c.pre_norm else "Identity", "Identity", c.norm_eps,
+                {"gelu": "GELU", "quick_gelu": "QuickGELU"}[c.mlp_act], not c.pre_norm)
         assert got == want, n
 
 
-def _ln(x, w, b):
+def _ln(x, w, b, eps=1e-6):
     mu = x.mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * w + b
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
 
 
 def timm_vit_forward(sd, args, images):
     """timm's ``VisionTransformer.forward`` (timm 1.0 ``vision_transformer.py``) in float64 numpy on its own
     ``state_dict`` and constructor arguments: patch conv, class / register tokens and position embedding
     (``_pos_embed``, with ``no_embed_class``), blocks with LayerScale ``ls1``/``ls2``, ``norm``, ``pool``
-    ('token' / 'avg' after the prefix tokens), ``fc_norm``, ``head``."""
+    ('token' / 'avg' after the prefix tokens), ``fc_norm``, ``head``; CLIP's ``norm_pre``, LayerNorm eps 1e-5
+    (``norm_eps``, timm's ``norm_layer``) and quick GELU (``act_layer``)."""
     w = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+    eps = args.get("norm_eps", 1e-6)
+    ln = lambda x, name: _ln(x, w[name + ".weight"], w[name + ".bias"], eps)  # noqa: E731
     p, heads = args["patch_size"], args["num_heads"]
     pool, class_token = args.get("global_pool", "token"), args.get("class_token", True)
     fc_norm = pool == "avg" if args.get("fc_norm") is None else args["fc_norm"]
@@ -180,17 +186,19 @@ def timm_vit_forward(sd, args, images):
     b, hh, ww, c = x.shape
     patches = x.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 5, 2, 4).reshape(b, -1, c * p * p)
     x = patches @ w["patch_embed.proj.weight"].reshape(len(w["patch_embed.proj.weight"]), -1).T \
-        + w["patch_embed.proj.bias"]
+        + w.get("patch_embed.proj.bias", 0.0)  # (none with CLIP's pre_norm)
     prefix = ([np.broadcast_to(w["cls_token"], (b, 1, x.shape[-1]))] if class_token else []) + \
              ([np.broadcast_to(w["reg_token"], (b,) + w["reg_token"].shape[1:])] if args.get("reg_tokens") else [])
     if args.get("no_embed_class"):
         x = np.concatenate(prefix + [x + w["pos_embed"]], 1)
     else:
         x = np.concatenate(prefix + [x], 1) + w["pos_embed"]
+    if args.get("pre_norm"):
+        x = ln(x, "norm_pre")
     n, dim = x.shape[1], x.shape[2]
     for i in range(args["depth"]):
         g = lambda k: w[f"blocks.{i}.{k}"]  # noqa: E731
-        h = _ln(x, g("norm1.weight"), g("norm1.bias"))
+        h = ln(x, f"blocks.{i}.norm1")
         qkv = h @ g("attn.qkv.weight").T + (g("attn.qkv.bias") if f"blocks.{i}.attn.qkv.bias" in w else 0)
         q, k, v = qkv.reshape(b, n, 3, heads, dim // heads).transpose(2, 0, 3, 1, 4)
         s = q @ k.transpose(0, 1, 3, 2) * (dim // heads) ** -0.5
@@ -198,16 +206,19 @@ def timm_vit_forward(sd, args, images):
         o = (a / a.sum(-1, keepdims=True)) @ v
         h = o.transpose(0, 2, 1, 3).reshape(b, n, dim) @ g("attn.proj.weight").T + g("attn.proj.bias")
         x = x + h * (g("ls1.gamma") if f"blocks.{i}.ls1.gamma" in w else 1)
-        h = _ln(x, g("norm2.weight"), g("norm2.bias")) @ g("mlp.fc1.weight").T + g("mlp.fc1.bias")
-        h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+        h = ln(x, f"blocks.{i}.norm2") @ g("mlp.fc1.weight").T + g("mlp.fc1.bias")
+        if args.get("act_layer") == "quick_gelu":
+            h = h / (1 + np.exp(-1.702 * h))
+        else:
+            h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
         h = h @ g("mlp.fc2.weight").T + g("mlp.fc2.bias")
         x = x + h * (g("ls2.gamma") if f"blocks.{i}.ls2.gamma" in w else 1)
     if not fc_norm:
-        x = _ln(x, w["norm.weight"], w["norm.bias"])
+        x = ln(x, "norm")
     num_prefix = int(class_token) + args.get("reg_tokens", 0)
     x = x[:, 0] if pool == "token" else x[:, num_prefix:].mean(1)
     if fc_norm:
-        x = _ln(x, w["fc_norm.weight"], w["fc_norm.bias"])
+        x = ln(x, "fc_norm")
     return x @ w["head.weight"].T + w["head.bias"]
 
 
@@ -216,7 +227,9 @@ FAMILIES = {"deit3_small_patch16_224": {},  # layer scale, position embedding on
             "vit_small_patch14_reg4_dinov2": {},  # + register tokens
             "vit_small_patch14_dinov2": {},
             "vit_medium_patch16_reg4_gap_256": {},  # no class token, registers, mean pooling, fc_norm
-            "vit_small_patch16_224": {"global_pool": "avg"}}  # MAE-style: class token kept, mean pooling, fc_norm
+            "vit_small_patch16_224": {"global_pool": "avg"},  # MAE-style: class token kept, mean pooling, fc_norm
+            "vit_base_patch16_clip_224": {},  # CLIP: norm_pre, LayerNorm eps 1e-5
+            "vit_base_patch16_clip_quickgelu_224": {}}  # + quick GELU
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
@@ -228,7 +241,8 @@ def test_timm_families_match_numpy_timm(tmp_path, arch):
            "pretrained_cfg": {**PRE, "input_size": [3, small["img_size"], small["img_size"]]}}
     cfg = config_from_hf(raw, attn_impl="xla")
     rng = np.random.default_rng(0)
-    sd = {k: (v + rng.normal(0, 0.5, v.shape)).astype(np.float32) if k.endswith(("gamma", "token", "norm.weight"))
+    sd = {k: (v + rng.normal(0, 0.5, v.shape)).astype(np.float32) if k.endswith(("gamma", "token", "norm.weight",
+                                                                                   "norm_pre.weight", "norm_pre.bias"))
           else v for k, v in to_timm_state_dict(ViT(cfg, rngs=nnx.Rngs(1))).items()}
     model = hf.load_pretrained(_folder(tmp_path, raw, sd), attn_impl="xla")
     x = rng.normal(size=(2, small["img_size"], small["img_size"], 3)).astype(np.float32)
@@ -254,6 +268,7 @@ def test_timm_families_match_numpy_timm(tmp_path, arch):
                                               ("vit_small_patch14_reg4_dinov2", dict(depth=2, img_size=28), 28),
                                               ("vit_medium_patch16_reg4_gap_256", dict(depth=2, img_size=32), 32),
                                               ("vit_small_patch16_224", dict(depth=2, img_size=32, global_pool="avg"), 32),
+                                              ("vit_base_patch16_clip_quickgelu_224", dict(depth=2, img_size=32), 32),
                                               ("halonet26t", {}, 256)])
 def test_matches_timm(tmp_path, arch, kwargs, size):
     torch = pytest.importorskip("torch")
@@ -339,7 +354,8 @@ def test_probe_a_timm_backbone(tmp_path):
 
 @pytest.mark.parametrize("pool,options", [("cls", {}), ("mean", {}),
                                           ("cls", dict(reg_tokens=2, no_embed_class=True, layer_scale=0.5)),
-                                          ("mean", dict(class_token=True, fc_norm=True, layer_scale=0.5))])
+                                          ("mean", dict(class_token=True, fc_norm=True, layer_scale=0.5)),
+                                          ("cls", dict(pre_norm=True, norm_eps=1e-5, mlp_act="quick_gelu"))])
 def test_export_a_vit_as_a_timm_folder(tmp_path, pool, options):
     """save_pretrained(ViT): timm.create_model(architecture, **model_args) with its weights (timm installed),
     and our own loader, give the model's logits."""

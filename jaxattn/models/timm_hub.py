@@ -40,6 +40,7 @@ _VIT_MLP_RATIO = {"little": 5.6, "wee": 5.0}
 _S = "(?P<size>" + "|".join(_VIT_SIZES) + ")"
 _P, _I, _R = r"_patch(?P<patch>\d+)", r"_(?P<img>\d+)", r"_reg(?P<reg>\d+)"
 _GAP = {"class_token": False, "global_pool": "avg"}
+_CLIP = {"pre_norm": True, "norm_eps": 1e-5}  # ("norm_eps": timm's norm_layer=partial(LayerNorm, eps=1e-5))
 # timm's ViT architectures (the model_args of their registry functions, by family): pattern, extra args
 _VIT_ARCHS: list[tuple[re.Pattern, dict[str, Any]]] = [(re.compile(p), a) for p, a in [
     (rf"(?:vit|deit)_{_S}{_P}{_I}", {}),  # original ViT / AugReg / DeiT (not distilled)
@@ -48,13 +49,16 @@ _VIT_ARCHS: list[tuple[re.Pattern, dict[str, Any]]] = [(re.compile(p), a) for p,
     (rf"vit_{_S}{_P}(?:{_R})?_dinov2", {"init_values": 1e-5, "img_size": 518}),  # DINOv2 (with registers: reg4)
     (rf"vit_(?P<size>medium|betwixt){_P}_gap{_I}", {**_GAP, "qkv_bias": False, "init_values": 1e-6, "fc_norm": False}),
     (rf"vit_(?P<size>base|huge){_P}_gap{_I}", {**_GAP, "fc_norm": False}),
+    (rf"vit_{_S}{_P}_clip{_I}", _CLIP),  # CLIP image towers (OpenAI, LAION, DFN, MetaCLIP; and their fine-tunes)
+    (rf"vit_{_S}{_P}_clip_quickgelu{_I}", {**_CLIP, "act_layer": "quick_gelu"}),
     (rf"vit_(?P<size>base){_P}{_R}_gap{_I}", {**_GAP, "no_embed_class": True}),  # (no layer scale)
     (rf"vit_{_S}{_P}{_R}_gap{_I}", {**_GAP, "no_embed_class": True, "init_values": 1e-5}),  # register ViTs
 ]]
 # model_args a checkpoint may record with the value the models here implement (others: refused)
-_VIT_FIXED = {"pre_norm": False, "qk_norm": False, "final_norm": True, "pos_embed": "learn", "weight_init": ""}
+_VIT_FIXED = {"qk_norm": False, "final_norm": True, "pos_embed": "learn", "weight_init": ""}
 _VIT_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "class_token",
-             "global_pool", "reg_tokens", "no_embed_class", "init_values", "fc_norm", "dynamic_img_size")
+             "global_pool", "reg_tokens", "no_embed_class", "init_values", "fc_norm", "dynamic_img_size", "pre_norm",
+             "norm_eps", "act_layer")
 # training-time regularisation a checkpoint may record: no effect on the weights (fine-tuning sets its own)
 _VIT_IGNORED = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
 
@@ -129,6 +133,9 @@ def _vit_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
     if pool == "token" and not class_token:
         raise ValueError("config.json: global_pool 'token' needs class_token=True")
     fc_norm = args.get("fc_norm")
+    act = {"gelu": "gelu", "quick_gelu": "quick_gelu"}.get(args.get("act_layer") or "gelu")
+    if act is None:
+        raise ValueError(f"config.json: act_layer {args['act_layer']!r}: jaxattn's ViT has gelu and quick_gelu")
     init_values = args.get("init_values")
     return ViTConfig(image_size=_size(args.get("img_size", input_size or 224), "img_size"),
                      patch_size=int(args.get("patch_size", 16)), in_channels=in_chans, num_classes=num_classes,
@@ -139,7 +146,8 @@ def _vit_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
                      reg_tokens=int(args.get("reg_tokens", 0)), no_embed_class=bool(args.get("no_embed_class", False)),
                      layer_scale=None if init_values is None else float(init_values),
                      fc_norm=pool == "avg" if fc_norm is None else bool(fc_norm),  # timm: None = on for 'avg'
-                     dynamic_img_size=bool(args.get("dynamic_img_size", False)))
+                     dynamic_img_size=bool(args.get("dynamic_img_size", False)), pre_norm=bool(args.get("pre_norm", False)),
+                     norm_eps=float(args.get("norm_eps", 1e-6)), mlp_act=act)
 
 
 def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
@@ -160,12 +168,17 @@ def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
     else:
         if cfg.gates != "none":
             raise ValueError("a ViT with gates has no timm counterpart")
-        arch = "vit_base_patch16_224"  # a name timm registers; model_args give every size
+        # a name timm registers whose norm layer is the model's (model_args give every size and option)
+        eps_arch = {1e-6: "vit_base_patch16_224", 1e-5: "vit_base_patch16_clip_224"}
+        if cfg.norm_eps not in eps_arch:
+            raise ValueError(f"norm_eps {cfg.norm_eps}: timm's ViTs have 1e-6 (or 1e-5, CLIP's)")
+        arch = eps_arch[cfg.norm_eps]
         args.update(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.dim, depth=cfg.depth,
                     num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
                     global_pool="token" if cfg.pool == "cls" else "avg", class_token=cfg.has_class_token,
                     reg_tokens=cfg.reg_tokens, no_embed_class=cfg.no_embed_class, init_values=cfg.layer_scale,
-                    fc_norm=cfg.fc_norm, dynamic_img_size=cfg.dynamic_img_size)
+                    fc_norm=cfg.fc_norm, dynamic_img_size=cfg.dynamic_img_size, pre_norm=cfg.pre_norm,
+                    act_layer=cfg.mlp_act)
     return {"architecture": arch, "num_classes": cfg.num_classes, "global_pool": args["global_pool"],
             "model_args": args, "pretrained_cfg": pre}
 

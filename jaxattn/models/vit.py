@@ -3,7 +3,8 @@
 ``images [B, H, W, C]`` (NHWC, float) -> ``PatchEmbed`` (a ``patch x patch`` conv with stride
 ``patch``, flattened row-major to ``[B, (H/p)(W/p), dim]``) -> class token prepended (``pool="cls"``,
 or ``class_token=True``), then ``reg_tokens`` register tokens -> learned positional embedding added
-(to every token, or to the patches only with ``no_embed_class``) -> ``depth`` pre-norm blocks
+(to every token, or to the patches only with ``no_embed_class``) -> (``pre_norm``: a LayerNorm, CLIP's)
+-> ``depth`` pre-norm blocks
 ``x += DropPath(LS(Attn(LN(x))))``, ``x += DropPath(LS(MLP(LN(x))))`` (``LS``: LayerScale when
 ``layer_scale`` is set) -> final LayerNorm (or ``fc_norm`` after the pooling) -> pooling
 (the class token, or the mean of the patch tokens) -> linear head. LayerNorm eps is 1e-6 and the
@@ -19,11 +20,12 @@ They draw keys from the ``dropout`` stream of the ``rngs`` given at construction
 timm checkpoint conventions (``timm.models.vision_transformer.VisionTransformer``; ``pool="cls"`` is
 timm's ``global_pool='token'``, ``pool="mean"`` its ``'avg'`` (the mean of the patch tokens, after the
 prefix tokens); ``class_token``, ``reg_tokens``, ``no_embed_class``, ``fc_norm`` are timm's arguments of
-those names and ``layer_scale`` its ``init_values``): module paths are
+those names, ``layer_scale`` its ``init_values``, ``norm_eps`` / ``mlp_act`` its ``norm_layer`` /
+``act_layer`` of CLIP's ViTs): module paths are
 timm's ``state_dict`` keys (``patch_embed.proj``, ``cls_token``, ``reg_token``, ``pos_embed``,
 ``blocks.{i}.norm1``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``, ``blocks.{i}.ls1.gamma``,
 ``blocks.{i}.norm2``, ``blocks.{i}.mlp.fc1``, ``blocks.{i}.mlp.fc2``, ``blocks.{i}.ls2.gamma``, ``norm``,
-``fc_norm``, ``head``) with NNX leaf names:
+``fc_norm``, ``norm_pre``, ``head``) with NNX leaf names:
 ``X.weight`` of a Linear (PyTorch ``[out, in]``) is ``X.kernel`` ``[in, out]`` (``w.T``); the patch
 conv ``patch_embed.proj.weight`` (PyTorch OIHW ``[dim, C, p, p]``) is ``patch_embed.proj.kernel``
 in HWIO ``[p, p, C, dim]`` (``w.permute(2, 3, 1, 0)``); LayerNorm ``weight`` is ``scale``;
@@ -31,7 +33,7 @@ biases, ``cls_token [1, 1, dim]`` and ``pos_embed [1, N(+1), dim]`` are copied a
 ``qkv`` output is ``[3, heads, head_dim]`` (q, k, v; head-major), as in timm, so it needs no
 reordering, and patches are flattened row-major as timm's ``flatten(2)``. ``dynamic_img_size`` resamples
 the position grid per call as timm does (:func:`resample_pos_embed`, also what loading at another
-``image_size`` uses once). Not implemented: timm's ``qk_norm``, ``pre_norm``, attention pooling, SwiGLU MLPs.
+``image_size`` uses once). Not implemented: timm's ``qk_norm``, attention pooling, SwiGLU MLPs.
 ``to_timm_state_dict`` / ``load_timm_state_dict`` do the conversion on numpy arrays (no torch
 import); tests/test_timm_hub.py checks the forward against timm's written in float64 numpy, and
 against timm itself when installed.
@@ -96,6 +98,9 @@ class ViTConfig:
     layer_scale: float | None = None  # LayerScale: per-channel residual-branch scales, initialised to this
     fc_norm: bool = False  # the final LayerNorm after the pooling (timm's fc_norm) instead of on every token
     dynamic_img_size: bool = False  # any H x W (multiples of the patch): position grid resampled per call (timm's)
+    pre_norm: bool = False  # a LayerNorm before the blocks (CLIP's ln_pre, timm's norm_pre); no patch-embed bias
+    norm_eps: float = LN_EPS  # every LayerNorm's epsilon (CLIP: 1e-5)
+    mlp_act: Literal["gelu", "quick_gelu"] = "gelu"  # exact GELU, or CLIP's x * sigmoid(1.702 x)
 
     def __post_init__(self):
         if self.gates not in ("none", "features", "tokens"):
@@ -119,6 +124,10 @@ class ViTConfig:
             raise ValueError(f"reg_tokens must be >= 0, got {self.reg_tokens}")
         if self.dynamic_img_size and self.gates == "tokens":
             raise ValueError("dynamic_img_size needs a fixed token count; gates='tokens' gates each position")
+        if self.mlp_act not in ACTIVATIONS:
+            raise ValueError(f"mlp_act must be one of {sorted(ACTIVATIONS)}, got {self.mlp_act!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         if self.layer_scale is not None and not self.layer_scale > 0:
             raise ValueError(f"layer_scale must be None or an initial scale > 0, got {self.layer_scale}")
         if self.attn_impl not in _IMPLS:
@@ -179,8 +188,8 @@ def _linear(din: int, dout: int, dtype: Any, rngs: nnx.Rngs, *, bias: bool = Tru
                       dtype=dtype, rngs=rngs)
 
 
-def _layer_norm(dim: int, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+def _layer_norm(dim: int, dtype: Any, rngs: nnx.Rngs, eps: float = LN_EPS) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
 
 
 def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
@@ -226,11 +235,11 @@ class PatchEmbed(nnx.Module):
     """``[B, H, W, C] -> [B, (H/p)(W/p), dim]`` with a ``p x p`` stride-``p`` conv (``proj``)."""
 
     def __init__(self, patch_size: int, in_channels: int, dim: int, *, dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs):
+                 bias: bool = True, rngs: nnx.Rngs):
         self.patch_size = patch_size
         self.proj = nnx.Conv(in_channels, dim, (patch_size, patch_size), strides=patch_size, padding="VALID",
-                             kernel_init=_torch_conv_init, bias_init=nnx.initializers.zeros, dtype=dtype,
-                             rngs=rngs)
+                             kernel_init=_torch_conv_init, bias_init=nnx.initializers.zeros, use_bias=bias,
+                             dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         p = self.patch_size
@@ -295,18 +304,27 @@ def _exact_gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
-class MLP(nnx.Module):
-    """``fc2(drop(GELU(fc1(x))))`` with exact GELU (recomputed in the backward:
-    :func:`activated_linear`)."""
+def _quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
 
-    def __init__(self, dim: int, hidden: int, *, dropout: float = 0.0, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+
+ACTIVATIONS = {"gelu": _exact_gelu, "quick_gelu": _quick_gelu}
+
+
+class MLP(nnx.Module):
+    """``fc2(drop(act(fc1(x))))`` with exact GELU (or CLIP's quick GELU: ``act="quick_gelu"``), recomputed
+    in the backward (:func:`activated_linear`)."""
+
+    def __init__(self, dim: int, hidden: int, *, dropout: float = 0.0, dtype: Any = jnp.float32, act: str = "gelu",
+                 rngs: nnx.Rngs):
+        self.act = act
         self.fc1 = _linear(dim, hidden, dtype, rngs)
         self.fc2 = _linear(hidden, dim, dtype, rngs)
         self.drop1 = _dropout(dropout, rngs)
         self.drop2 = _dropout(dropout, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _apply(self.drop1, activated_linear(self.fc1, x, _exact_gelu))
+        x = _apply(self.drop1, activated_linear(self.fc1, x, ACTIVATIONS[self.act]))
         return _apply(self.drop2, self.fc2(x))
 
 
@@ -340,11 +358,11 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ViTConfig, drop_path: float = 0.0, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
-        self.norm1 = _layer_norm(cfg.dim, dtype, rngs)
+        self.norm1 = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps)
         self.attn = Attention(cfg.dim, cfg.heads, qkv_bias=cfg.qkv_bias, proj_drop=cfg.dropout,
                               attn_drop=cfg.attn_drop, impl=cfg.attn_impl, dtype=dtype, quantized=cfg.quantized, rngs=rngs)
-        self.norm2 = _layer_norm(cfg.dim, dtype, rngs)
-        self.mlp = MLP(cfg.dim, cfg.mlp_dim, dropout=cfg.dropout, dtype=dtype, rngs=rngs)
+        self.norm2 = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps)
+        self.mlp = MLP(cfg.dim, cfg.mlp_dim, dropout=cfg.dropout, dtype=dtype, act=cfg.mlp_act, rngs=rngs)
         self.drop_path = DropPath(drop_path, rngs=rngs) if drop_path > 0 else None
         scaled = cfg.layer_scale is not None
         self.ls1 = LayerScale(cfg.dim, cfg.layer_scale) if scaled else None
@@ -372,18 +390,20 @@ class ViT(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         dtype = jnp.dtype(cfg.dtype)
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.dim, dtype=dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.dim, dtype=dtype,
+                                      bias=not cfg.pre_norm, rngs=rngs)  # (timm: no patch bias with pre_norm)
         self.cls_token = (nnx.Param(nnx.initializers.normal(1e-6)(rngs.params(), (1, 1, cfg.dim)))
                           if cfg.has_class_token else None)
         self.reg_token = (nnx.Param(nnx.initializers.normal(1e-6)(rngs.params(), (1, cfg.reg_tokens, cfg.dim)))
                           if cfg.reg_tokens else None)
         self.pos_embed = nnx.Param(_trunc02(rngs.params(), (1, cfg.pos_embed_len, cfg.dim)))
         self.pos_drop = _dropout(cfg.dropout, rngs)
+        self.norm_pre = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps) if cfg.pre_norm else None
         self.token_gate = TokenGate(cfg.num_tokens, rngs=rngs) if cfg.gates == "tokens" else None
         rates = np.linspace(0.0, cfg.drop_path, cfg.depth)  # as timm (depth 1: rate 0)
         self.blocks = nnx.List([Block(cfg, float(r), rngs=rngs) for r in rates])
-        self.norm = None if cfg.fc_norm else _layer_norm(cfg.dim, dtype, rngs)
-        self.fc_norm = _layer_norm(cfg.dim, dtype, rngs) if cfg.fc_norm else None
+        self.norm = None if cfg.fc_norm else _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps)
+        self.fc_norm = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps) if cfg.fc_norm else None
         self.head = _linear(cfg.dim, cfg.num_classes, dtype, rngs) if cfg.num_classes > 0 else None
 
     def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs) -> None:
@@ -427,7 +447,7 @@ class ViT(nnx.Module):
             x = jnp.concatenate(prefix + [x + pos], axis=1)
         else:
             x = jnp.concatenate(prefix + [x], axis=1) + pos
-        x = _apply(self.token_gate, _apply(self.pos_drop, x))
+        x = _apply(self.token_gate, _apply(self.norm_pre, _apply(self.pos_drop, x)))
         weights = []
         run = remat_blocks(self.cfg.remat, lambda block, x: block(x))
         for block in self.blocks:
