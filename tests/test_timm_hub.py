@@ -353,10 +353,16 @@ def test_probe_a_timm_backbone(tmp_path):
     assert rgb.mean.tolist() == [0.5, 0.5, 0.5] and rgb.std.tolist() == [0.5, 0.5, 0.5]
 
 
+_SLOW = pytest.mark.slow  # (the options' forward is checked in the default suite by the families' numpy oracle)
+
+
 @pytest.mark.parametrize("pool,options", [("cls", {}), ("mean", {}),
-                                          ("cls", dict(reg_tokens=2, no_embed_class=True, layer_scale=0.5)),
-                                          ("mean", dict(class_token=True, fc_norm=True, layer_scale=0.5)),
-                                          ("cls", dict(pre_norm=True, norm_eps=1e-5, mlp_act="quick_gelu"))])
+                                          pytest.param("cls", dict(reg_tokens=2, no_embed_class=True, layer_scale=0.5),
+                                                       marks=_SLOW),
+                                          pytest.param("mean", dict(class_token=True, fc_norm=True, layer_scale=0.5),
+                                                       marks=_SLOW),
+                                          pytest.param("cls", dict(pre_norm=True, norm_eps=1e-5, mlp_act="quick_gelu"),
+                                                       marks=_SLOW)])
 def test_export_a_vit_as_a_timm_folder(tmp_path, pool, options):
     """save_pretrained(ViT): timm.create_model(architecture, **model_args) with its weights (timm installed),
     and our own loader, give the model's logits."""
@@ -522,7 +528,7 @@ def test_preprocessing_matches_timm_transforms(tmp_path):
         np.testing.assert_allclose(got, want.permute(1, 2, 0).numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["vit_small_patch14_reg4_dinov2",
+@pytest.mark.parametrize("arch", [pytest.param("vit_small_patch14_reg4_dinov2", marks=pytest.mark.slow),
                                   pytest.param("vit_small_patch16_224", marks=pytest.mark.slow)])
 def test_dynamic_image_size(tmp_path, arch):
     """dynamic_img_size: any H x W of whole patches, the position grid resampled per call around the prefix

@@ -80,6 +80,15 @@ def test_prefix_tokens_and_layer_scale():
     for blk in model.blocks:
         blk.ls1.gamma[...] = jnp.zeros_like(blk.ls1.gamma[...])
         blk.ls2.gamma[...] = jnp.zeros_like(blk.ls2.gamma[...])
+    dyn = ViT(dataclasses.replace(cfg, dynamic_img_size=True), rngs=nnx.Rngs(0))  # (same draws as `model`'s)
+    dyn.eval()
+    ref = ViT(cfg, rngs=nnx.Rngs(0))
+    ref.eval()
+    np.testing.assert_array_equal(dyn(x), ref(x))
+    wide = jax.random.normal(jax.random.PRNGKey(5), (2, 8, 16, 3))  # 2 x 4 patches: the 2 x 2 grid resampled
+    assert dyn(wide).shape == (2, 5) and np.isfinite(np.asarray(dyn(wide))).all()
+    with pytest.raises(ValueError, match="images must be 8x8"):
+        model(wide)
     gone = model.features(x)  # zero scales: the blocks add nothing
     prefix = jnp.concatenate([model.cls_token[...], model.reg_token[...]], 1)
     embedded = jnp.concatenate([jnp.broadcast_to(prefix, (2, 3, 32)), model.patch_embed(x) + model.pos_embed[...]], 1)
