@@ -45,6 +45,27 @@ def load_trained(run_dir: str | Path, *, ema: bool = False):
     return (trainer.ema_model if ema else trainer.model), cfg, int(step), bool(byte_level)
 
 
+def load_language_model(path: str | Path, *, dtype: str | None = None, model_args: str | None = None,
+                        ema: bool = False, flag: str = "--checkpoint"):
+    """``(model, tokenizer or None, byte_level, the run's LMConfig or None, description)`` of a Hugging Face
+    folder (``dtype``: its compute and parameter dtype; ``model_args``: its config fields, ``key=value ...``)
+    or of an lm training run (``ema``: the weights' moving average)."""
+    from jaxattn.models import hf
+
+    kind = hf.hf_model_type(path)
+    if kind == "timm":
+        raise ValueError(f"{flag} {path} is a timm image model, not a language model".lstrip())
+    if kind is None:
+        model, cfg, step, byte_level = load_trained(path, ema=ema)
+        return model, None, byte_level, cfg, f"{cfg.model}, step {step}"
+    from jaxattn.train.loop import parse_model_args
+
+    extra = parse_model_args(model_args, hf.read_config(path))
+    if dtype:
+        extra.update(dtype=dtype, param_dtype=dtype)
+    return hf.load_pretrained(path, **extra), hf.load_tokenizer(path), False, None, f"{kind} {Path(path).name}"
+
+
 def _ids(text: str, vocab: int) -> np.ndarray:
     try:
         ids = [int(t) for t in text.replace(",", " ").split()]
@@ -76,24 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="a Hugging Face folder's model in this dtype, compute and parameters (bfloat16: half "
                    "the memory of float32 parameters; default float32)")
     a = p.parse_args(argv)
-    from jaxattn.models import hf
-
     if a.prompt is not None and a.prompt_ids is not None:
         p.error("give --prompt (text) or --prompt-ids (token ids), not both")
-    tokenizer = None
     try:
-        kind = hf.hf_model_type(a.checkpoint)
-        if kind == "timm":
-            raise ValueError(f"--checkpoint {a.checkpoint} is a timm image model, not a language model")
-        if kind is not None:
-            model = hf.load_pretrained(a.checkpoint, **({"dtype": a.dtype, "param_dtype": a.dtype} if a.dtype else {}))
-            tokenizer = hf.load_tokenizer(a.checkpoint)
-            vocab, byte_level, what = model.cfg.vocab_size, False, f"{kind} {Path(a.checkpoint).name}"
-        else:
-            model, cfg, step, byte_level = load_trained(a.checkpoint, ema=a.ema)
-            vocab, what = cfg.vocab_size, f"{cfg.model}, step {step}"
+        model, tokenizer, byte_level, run_cfg, what = load_language_model(a.checkpoint, dtype=a.dtype, ema=a.ema)
     except ValueError as e:
         p.error(str(e))
+    folder = run_cfg is None  # a Hugging Face folder
+    vocab = model.cfg.vocab_size
     if a.prompt_ids is not None:
         try:
             prompt = _ids(a.prompt_ids, vocab)
@@ -113,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error("--prompt must not be empty")
         prompt = np.frombuffer(text.encode(), np.uint8).astype(np.int32)
     eos = a.eos_id
-    if eos is None and kind is not None:
+    if eos is None and folder:
         eos = json.loads((Path(a.checkpoint) / "config.json").read_text()).get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) and eos else eos  # (some configs list several)
         eos = eos if isinstance(eos, int) and 0 <= eos < vocab else None

@@ -74,28 +74,20 @@ def token_nll(model, tokens: np.ndarray, *, context: int, stride: int, batch_siz
 
 def _load(model_dir: str, model_args: str | None, dtype: str | None):
     """``(model, tokenizer or None, byte_level, run's validation tokens or None, description)``."""
+    from jaxattn.generate import load_language_model
     from jaxattn.models import hf
 
-    kind = hf.hf_model_type(model_dir)
-    if kind == "timm":
-        raise ValueError(f"{model_dir} is a timm image model, not a language model")
-    if kind is not None:
-        from jaxattn.train.loop import parse_model_args
-
-        extra = parse_model_args(model_args, hf.read_config(model_dir))
-        if dtype:
-            extra.update(dtype=dtype, param_dtype=dtype)
-        model = hf.load_pretrained(model_dir, **extra)
-        return model, hf.load_tokenizer(model_dir), False, None, f"{kind} {Path(model_dir).name}"
-    if model_args or dtype:
+    if (model_args or dtype) and hf.hf_model_type(model_dir) is None:
         raise ValueError("--model-args and --dtype apply to Hugging Face folders; a run keeps its own config")
-    from jaxattn.generate import load_trained
+    model, tokenizer, byte_level, cfg, what = load_language_model(model_dir, dtype=dtype, model_args=model_args,
+                                                                  flag="")
+    if cfg is None:
+        return model, tokenizer, byte_level, None, what
     from jaxattn.train.data import load_corpus
 
-    model, cfg, step, byte_level = load_trained(model_dir)
     model.eval()
     own_val = lambda: load_corpus(cfg.data, max_bytes=cfg.max_bytes, vocab_size=cfg.vocab_size).val  # noqa: E731
-    return model, None, byte_level, own_val, f"{cfg.model}, step {step}"
+    return model, None, byte_level, own_val, what
 
 
 def _tokens(data: str | None, tokenizer, byte_level: bool, own_val, max_tokens: int | None) -> tuple[np.ndarray, str]:

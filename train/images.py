@@ -187,6 +187,12 @@ def make_augment(padding: int, flip: bool, rand_augment: dict | None = None):
     return augment
 
 
+def _box(h: int, w: int, y0, y1, x0, x1) -> jax.Array:
+    """Bool ``[h, w]``: rows ``y0 <= y < y1`` and columns ``x0 <= x < x1`` (traced bounds)."""
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    return (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+
+
 def random_erase(image: jax.Array, key: jax.Array, mean, std, *, prob: float = 0.25, min_area: float = 0.02,
                  max_area: float = 1 / 3, min_aspect: float = 0.3) -> jax.Array:
     """timm's ``RandomErasing`` (``mode="pixel"``, one box) on one image ``[H, W, C]`` in pixel scale:
@@ -206,9 +212,7 @@ def random_erase(image: jax.Array, key: jax.Array, mean, std, *, prob: float = 0
     bh, bw = bh[first], bw[first]
     top = jax.random.randint(k_y, (), 0, jnp.maximum(h - bh, 1))
     left = jax.random.randint(k_x, (), 0, jnp.maximum(w - bw, 1))
-    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
-    box = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
-    box &= fits.any() & jax.random.bernoulli(k_apply, prob)
+    box = _box(h, w, top, top + bh, left, left + bw) & fits.any() & jax.random.bernoulli(k_apply, prob)
     noise = (jax.random.normal(k_noise, (h, w, c)) * jnp.asarray(std, jnp.float32) + jnp.asarray(mean, jnp.float32)) * 255.0
     return jnp.where(box[:, :, None], noise, image.astype(jnp.float32))
 
@@ -238,8 +242,7 @@ def mix_batch(images: jax.Array, labels: jax.Array, key: jax.Array, *, mixup: fl
     cy, cx = jax.random.randint(k_y, (), 0, h), jax.random.randint(k_x, (), 0, w)
     y0, y1 = jnp.clip(cy - ch // 2, 0, h), jnp.clip(cy + ch // 2, 0, h)
     x0, x1 = jnp.clip(cx - cw // 2, 0, w), jnp.clip(cx + cw // 2, 0, w)
-    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
-    box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+    box = _box(h, w, y0, y1, x0, x1)
     lam_cut = 1.0 - ((y1 - y0) * (x1 - x0)).astype(jnp.float32) / (h * w)
     mixed = jnp.where(use_cut, jnp.where(box[None, :, :, None], partner, x), lam * x + (1.0 - lam) * partner)
     lam = jnp.where(use_cut, lam_cut, lam)

@@ -29,7 +29,7 @@ from flax import nnx
 from jaxattn.models import hf
 from jaxattn.models.halonet import HALONET_CONFIGS, HaloNet, HaloNetConfig
 from jaxattn.models.timm_weights import ignore, timm_entries as entries
-from jaxattn.models.vit import ViT, ViTConfig, resample_pos_embed
+from jaxattn.models.vit import ACTIVATIONS, ViT, ViTConfig, resample_pos_embed
 
 __all__ = ["adapt", "config_from_hf", "entries", "hf_config", "preprocessing", "vit_arch_args"]
 
@@ -48,6 +48,7 @@ _VIT_ARCHS: list[tuple[re.Pattern, dict[str, Any]]] = [(re.compile(p), a) for p,
     (rf"deit3_{_S}{_P}{_I}", {"no_embed_class": True, "init_values": 1e-6}),  # DeiT III
     (rf"vit_{_S}{_P}(?:{_R})?_dinov2", {"init_values": 1e-5, "img_size": 518}),  # DINOv2 (with registers: reg4)
     (rf"vit_(?P<size>medium|betwixt){_P}_gap{_I}", {**_GAP, "qkv_bias": False, "init_values": 1e-6, "fc_norm": False}),
+    (r"vit_(?P<size>base)_patch(?P<patch>16)_gap_(?P<img>224)", {**_GAP, "fc_norm": False, "num_heads": 16}),
     (rf"vit_(?P<size>base|huge){_P}_gap{_I}", {**_GAP, "fc_norm": False}),
     (rf"vit_{_S}{_P}_clip{_I}", _CLIP),  # CLIP image towers (OpenAI, LAION, DFN, MetaCLIP; and their fine-tunes)
     (rf"vit_{_S}{_P}_clip_quickgelu{_I}", {**_CLIP, "act_layer": "quick_gelu"}),
@@ -69,8 +70,6 @@ def vit_arch_args(arch: str) -> dict[str, Any] | None:
         if m := pattern.fullmatch(arch):
             g = m.groupdict()
             dim, depth, heads = _VIT_SIZES[g["size"]]
-            if arch == "vit_base_patch16_gap_224":
-                heads = 16  # as timm registers it
             args = {"patch_size": int(g["patch"]), "embed_dim": dim, "depth": depth, "num_heads": heads,
                     "mlp_ratio": _VIT_MLP_RATIO.get(g["size"], 4.0), **extra}
             if g.get("img"):
@@ -133,8 +132,8 @@ def _vit_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
     if pool == "token" and not class_token:
         raise ValueError("config.json: global_pool 'token' needs class_token=True")
     fc_norm = args.get("fc_norm")
-    act = {"gelu": "gelu", "quick_gelu": "quick_gelu"}.get(args.get("act_layer") or "gelu")
-    if act is None:
+    act = args.get("act_layer") or "gelu"
+    if act not in ACTIVATIONS:
         raise ValueError(f"config.json: act_layer {args['act_layer']!r}: jaxattn's ViT has gelu and quick_gelu")
     init_values = args.get("init_values")
     return ViTConfig(image_size=_size(args.get("img_size", input_size or 224), "img_size"),
