@@ -84,15 +84,16 @@ def test_halonet_folder_keeps_batchnorm_statistics(tmp_path):
 
 
 def test_unsupported_timm_configs():
-    for change, match in [({"architecture": "vit_base_patch16_siglip_224"}, "not one jaxattn converts"),
-                          ({"model_args": {"qk_norm": True}}, "qk_norm"),
-                          ({"model_args": {"global_pool": "map"}}, "global_pool 'map'"),
+    for change, match in [({"architecture": "vit_base_patch16_rope_224"}, "not one jaxattn converts"),
+                          ({"model_args": {"mlp_layer": "SwiGLU"}}, "mlp_layer 'SwiGLU'"),
+                          ({"model_args": {"global_pool": "prr"}}, "global_pool 'prr'"),
+                          ({"model_args": {"pos_embed": "none"}}, "pos_embed"),
                           ({"model_args": {"class_token": False}}, "needs class_token"),
                           ({"model_args": {"img_size": [32, 48]}}, "only square"),
                           ({"model_args": {"something_new": 1}}, "something_new")]:
         with pytest.raises(ValueError, match=match):
             config_from_hf({**VIT_TINY, **change})
-    for arch in ("deit_base_distilled_patch16_224", "vit_giant_patch14_dinov2", "vit_dwee_patch16_reg1_gap_256"):
+    for arch in ("deit_base_distilled_patch16_224", "vit_giant_patch14_reg1_tipsv2", "vit_dwee_patch16_reg1_gap_256"):
         with pytest.raises(ValueError, match="not one jaxattn converts"):
             config_from_hf({**VIT_TINY, "architecture": arch})
     assert config_from_hf({**VIT_TINY, "architecture": "deit_small_patch16_224.fb_in1k", "model_args": {}}).heads == 6
@@ -134,6 +135,20 @@ def test_timm_architecture_arguments():
     c = _arch("vit_little_patch16_reg1_gap_256")
     assert (c.dim, c.depth, c.heads, c.mlp_ratio, c.reg_tokens) == (320, 14, 5, 5.6, 1)
     assert _arch("vit_base_patch16_224_miil").qkv_bias is False
+    c = _arch("vit_giant_patch14_reg4_dinov2")  # SwiGLU: fc1 8192 wide, act(first half) * second half
+    assert (c.dim, c.depth, c.heads, c.mlp_dim, c.glu_mlp, c.mlp_act, c.reg_tokens, c.layer_scale) == (
+        1536, 40, 24, 8192, True, "silu", 4, 1e-5)
+    c = _arch("vit_so400m_patch14_siglip_384")
+    assert (c.dim, c.depth, c.heads, c.mlp_dim, c.pool, c.has_class_token, c.fc_norm, c.mlp_act, c.image_size) == (
+        1152, 27, 16, 4304, "map", False, False, "gelu", 384)
+    c = _arch("vit_so400m_patch16_siglip_gap_256")
+    assert (c.pool, c.has_class_token, c.fc_norm, c.mlp_act) == ("mean", False, False, "gelu_tanh")
+    assert [_arch(f"vit_{n}").mlp_act for n in ("base_patch32_siglip_256", "base_patch16_siglip_256",
+                                                "large_patch16_siglip_512", "large_patch16_siglip_gap_384",
+                                                "giantopt_patch16_siglip_384")] == [
+        "gelu_tanh", "gelu", "gelu_tanh", "gelu", "gelu_tanh"]
+    c = _arch("vit_giant_patch14_clip_224")
+    assert (c.dim, c.depth, c.heads, c.mlp_dim, c.pre_norm, c.glu_mlp) == (1408, 40, 16, 6144, True, False)
 
 
 def test_architecture_table_matches_timm():
@@ -157,11 +172,12 @@ def test_architecture_table_matches_timm():
                type(m.fc_norm).__name__ == "LayerNorm", m.global_pool, m.patch_embed.patch_size[0],
                m.patch_embed.img_size[0], type(m.norm_pre).__name__, type(blk.attn.q_norm).__name__, blk.norm1.eps,
                type(blk.mlp.act).__name__, m.patch_embed.proj.bias is not None)
-        want = ("VisionTransformer", "Block", "Attention", "Mlp", c.dim, c.depth, c.heads, c.mlp_dim, c.qkv_bias,
+        want = ("VisionTransformer", "Block", "Attention", "GluMlp" if c.glu_mlp else "Mlp", c.dim, c.depth, c.heads, c.mlp_dim, c.qkv_bias,
                 c.has_class_token, c.reg_tokens, c.no_embed_class, c.layer_scale is not None, c.fc_norm,
-                {"cls": "token", "mean": "avg"}[c.pool], c.patch_size, c.image_size,
-                "LayerNorm" if c.pre_norm else "Identity", "Identity", c.norm_eps,
-                {"gelu": "GELU", "quick_gelu": "QuickGELU"}[c.mlp_act], not c.pre_norm)
+                {"cls": "token", "mean": "avg", "map": "map"}[c.pool], c.patch_size, c.image_size,
+                "LayerNorm" if c.pre_norm else "Identity", "LayerNorm" if c.qk_norm else "Identity", c.norm_eps,
+                {"gelu": "GELU", "quick_gelu": "QuickGELU", "gelu_tanh": "GELUTanh", "silu": "SiLU"}[c.mlp_act],
+                not c.pre_norm)
         assert got == want, n
 
 
@@ -174,8 +190,9 @@ def timm_vit_forward(sd, args, images):
     """timm's ``VisionTransformer.forward`` (timm 1.0 ``vision_transformer.py``) in float64 numpy on its own
     ``state_dict`` and constructor arguments: patch conv, class / register tokens and position embedding
     (``_pos_embed``, with ``no_embed_class``), blocks with LayerScale ``ls1``/``ls2``, ``norm``, ``pool``
-    ('token' / 'avg' after the prefix tokens), ``fc_norm``, ``head``; CLIP's ``norm_pre``, LayerNorm eps 1e-5
-    (``norm_eps``, timm's ``norm_layer``) and quick GELU (``act_layer``)."""
+    ('token' / 'avg' after the prefix tokens / 'map': ``AttentionPoolLatent``), ``fc_norm``, ``head``; CLIP's
+    ``norm_pre``, LayerNorm eps 1e-5 (``norm_eps``, timm's ``norm_layer``), ``act_layer`` (quick GELU, tanh GELU,
+    SiLU), ``qk_norm``, and ``mlp_layer=SwiGLUPacked`` (``GluMlp`` with the gate first)."""
     w = {k: np.asarray(v, np.float64) for k, v in sd.items()}
     eps = args.get("norm_eps", 1e-6)
     ln = lambda x, name: _ln(x, w[name + ".weight"], w[name + ".bias"], eps)  # noqa: E731
@@ -196,59 +213,84 @@ def timm_vit_forward(sd, args, images):
     if args.get("pre_norm"):
         x = ln(x, "norm_pre")
     n, dim = x.shape[1], x.shape[2]
+    act = {"gelu": lambda h: 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2))),
+           "quick_gelu": lambda h: h / (1 + np.exp(-1.702 * h)),
+           "gelu_tanh": lambda h: 0.5 * h * (1 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3))),
+           "silu": lambda h: h / (1 + np.exp(-h))}[args.get("act_layer") or "gelu"]
+
+    def mlp(h, name, glu=False):
+        h = h @ w[name + ".fc1.weight"].T + w[name + ".fc1.bias"]
+        h = act(h[..., :h.shape[-1] // 2]) * h[..., h.shape[-1] // 2:] if glu else act(h)
+        return h @ w[name + ".fc2.weight"].T + w[name + ".fc2.bias"]
+
+    def softmax_attention(q, k, v):  # [b, heads, n, hd]
+        s = q @ k.transpose(0, 1, 3, 2) * q.shape[-1] ** -0.5
+        a = np.exp(s - s.max(-1, keepdims=True))
+        return (a / a.sum(-1, keepdims=True)) @ v
+
     for i in range(args["depth"]):
         g = lambda k: w[f"blocks.{i}.{k}"]  # noqa: E731
         h = ln(x, f"blocks.{i}.norm1")
         qkv = h @ g("attn.qkv.weight").T + (g("attn.qkv.bias") if f"blocks.{i}.attn.qkv.bias" in w else 0)
         q, k, v = qkv.reshape(b, n, 3, heads, dim // heads).transpose(2, 0, 3, 1, 4)
-        s = q @ k.transpose(0, 1, 3, 2) * (dim // heads) ** -0.5
-        a = np.exp(s - s.max(-1, keepdims=True))
-        o = (a / a.sum(-1, keepdims=True)) @ v
+        if args.get("qk_norm"):
+            q, k = ln(q, f"blocks.{i}.attn.q_norm"), ln(k, f"blocks.{i}.attn.k_norm")
+        o = softmax_attention(q, k, v)
         h = o.transpose(0, 2, 1, 3).reshape(b, n, dim) @ g("attn.proj.weight").T + g("attn.proj.bias")
         x = x + h * (g("ls1.gamma") if f"blocks.{i}.ls1.gamma" in w else 1)
-        h = ln(x, f"blocks.{i}.norm2") @ g("mlp.fc1.weight").T + g("mlp.fc1.bias")
-        if args.get("act_layer") == "quick_gelu":
-            h = h / (1 + np.exp(-1.702 * h))
-        else:
-            h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
-        h = h @ g("mlp.fc2.weight").T + g("mlp.fc2.bias")
+        h = mlp(ln(x, f"blocks.{i}.norm2"), f"blocks.{i}.mlp", args.get("mlp_layer") == "SwiGLUPacked")
         x = x + h * (g("ls2.gamma") if f"blocks.{i}.ls2.gamma" in w else 1)
     if not fc_norm:
         x = ln(x, "norm")
     num_prefix = int(class_token) + args.get("reg_tokens", 0)
-    x = x[:, 0] if pool == "token" else x[:, num_prefix:].mean(1)
+    if pool == "map":
+        t, hd = x[:, num_prefix:], dim // heads
+        q = (w["attn_pool.latent"] @ w["attn_pool.q.weight"].T + w["attn_pool.q.bias"]).reshape(1, heads, 1, hd)
+        kv = t @ w["attn_pool.kv.weight"].T + w["attn_pool.kv.bias"]
+        k, v = kv.reshape(b, t.shape[1], 2, heads, hd).transpose(2, 0, 3, 1, 4)
+        o = softmax_attention(np.broadcast_to(q, (b, heads, 1, hd)), k, v).transpose(0, 2, 1, 3).reshape(b, 1, dim)
+        y = o @ w["attn_pool.proj.weight"].T + w["attn_pool.proj.bias"]
+        x = (y + mlp(ln(y, "attn_pool.norm"), "attn_pool.mlp"))[:, 0]
+    else:
+        x = x[:, 0] if pool == "token" else x[:, num_prefix:].mean(1)
     if fc_norm:
         x = ln(x, "fc_norm")
     return x @ w["head.weight"].T + w["head.bias"]
 
 
 # small timm configs of each family's options; the arch names give the rest (layer scale, registers, ...)
-FAMILIES = {"deit3_small_patch16_224": {},  # layer scale, position embedding on the patches only
-            "vit_small_patch14_reg4_dinov2": {},  # + register tokens
-            "vit_small_patch14_dinov2": {},
-            "vit_medium_patch16_reg4_gap_256": {},  # no class token, registers, mean pooling, fc_norm
-            "vit_small_patch16_224": {"global_pool": "avg"},  # MAE-style: class token kept, mean pooling, fc_norm
-            "vit_base_patch16_clip_224": {},  # CLIP: norm_pre, LayerNorm eps 1e-5
-            "vit_base_patch16_clip_quickgelu_224": {}}  # + quick GELU
+FAMILIES = [("deit3_small_patch16_224", {}),  # layer scale, position embedding on the patches only
+            ("vit_small_patch14_reg4_dinov2", {}),  # + register tokens
+            ("vit_small_patch14_dinov2", {}),
+            ("vit_giant_patch14_dinov2", {"mlp_ratio": 4.0}),  # SwiGLU MLP (SiLU)
+            ("vit_medium_patch16_reg4_gap_256", {}),  # no class token, registers, mean pooling, fc_norm
+            ("vit_small_patch16_224", {"global_pool": "avg"}),  # MAE-style: class token kept, mean pooling, fc_norm
+            ("vit_small_patch16_224", {"qk_norm": True, "global_pool": "map"}),  # (map over the patches only)
+            ("vit_base_patch16_clip_224", {}),  # CLIP: norm_pre, LayerNorm eps 1e-5
+            ("vit_base_patch16_clip_quickgelu_224", {}),  # + quick GELU
+            ("vit_base_patch16_siglip_224", {}),  # SigLIP: no class token, attention pooling
+            ("vit_base_patch32_siglip_gap_256", {})]  # mean pooling without fc_norm, tanh GELU
 
 
-@pytest.mark.parametrize("arch", list(FAMILIES))
-def test_timm_families_match_numpy_timm(tmp_path, arch):
+@pytest.mark.parametrize("arch,extra", FAMILIES, ids=[a + "".join(f"-{k}" for k in e) for a, e in FAMILIES])
+def test_timm_families_match_numpy_timm(tmp_path, arch, extra):
     """Each family's folder loads and matches timm's forward written in float64 numpy on the state_dict
-    (layer scale, register tokens and fc_norm given random values, so each one counts)."""
-    small = {"depth": 2, "embed_dim": 64, "num_heads": 4, "img_size": 28 if "patch14" in arch else 32, "num_classes": 5,
-             **FAMILIES[arch]}  # (the family's own options come from its architecture name)
+    (layer scale, register tokens, norms, the latent query and the MLP's input weights given random values, so
+    each one counts)."""
+    from jaxattn.models.timm_hub import vit_arch_args
+
+    small = {"depth": 2, "embed_dim": 64, "num_heads": 4, "img_size": 2 * vit_arch_args(arch)["patch_size"],
+             "num_classes": 5, **extra}  # (the family's own options come from its architecture name)
     raw = {"architecture": arch, "num_classes": 5, "model_args": small,
            "pretrained_cfg": {**PRE, "input_size": [3, small["img_size"], small["img_size"]]}}
     cfg = config_from_hf(raw, attn_impl="xla")
     rng = np.random.default_rng(0)
-    sd = {k: (v + rng.normal(0, 0.5, v.shape)).astype(np.float32) if k.endswith(("gamma", "token", "norm.weight",
-                                                                                   "norm_pre.weight", "norm_pre.bias"))
+    noisy = ("gamma", "token", "norm.weight", "norm_pre.weight", "norm_pre.bias", "latent", "fc1.weight",
+             "fc2.weight", "head.weight")
+    sd = {k: (v + rng.normal(0, 0.5, v.shape)).astype(np.float32) if k.endswith(noisy)
           else v for k, v in to_timm_state_dict(ViT(cfg, rngs=nnx.Rngs(1))).items()}
     model = hf.load_pretrained(_folder(tmp_path, raw, sd), attn_impl="xla")
     x = rng.normal(size=(2, small["img_size"], small["img_size"], 3)).astype(np.float32)
-    from jaxattn.models.timm_hub import vit_arch_args
-
     want = timm_vit_forward(sd, {**vit_arch_args(arch), **small}, x)
     assert_close(np.asarray(model(jnp.asarray(x))), want, jnp.float32, f"{arch} logits vs numpy timm",
                  tol={jnp.dtype(jnp.float32): (2e-5, 2e-5)})
@@ -270,6 +312,12 @@ def test_timm_families_match_numpy_timm(tmp_path, arch):
                                               ("vit_medium_patch16_reg4_gap_256", dict(depth=2, img_size=32), 32),
                                               ("vit_small_patch16_224", dict(depth=2, img_size=32, global_pool="avg"), 32),
                                               ("vit_base_patch16_clip_quickgelu_224", dict(depth=2, img_size=32), 32),
+                                              ("vit_base_patch16_siglip_224", dict(depth=2, img_size=32), 32),
+                                              ("vit_base_patch32_siglip_gap_256", dict(depth=2, img_size=64), 64),
+                                              ("vit_small_patch16_224", dict(depth=2, img_size=32, qk_norm=True,
+                                                                             global_pool="map"), 32),
+                                              ("vit_giant_patch14_dinov2", dict(depth=2, img_size=28, embed_dim=96,
+                                                                                num_heads=4, mlp_ratio=4.0), 28),
                                               ("halonet26t", {}, 256)])
 def test_matches_timm(tmp_path, arch, kwargs, size):
     torch = pytest.importorskip("torch")
@@ -280,7 +328,7 @@ def test_matches_timm(tmp_path, arch, kwargs, size):
     ref = timm.create_model(arch, num_classes=7, **kwargs).eval()
     with torch.no_grad():
         for name, param in ref.named_parameters():  # layer scales and prefix tokens far from their init
-            if name.endswith(("gamma", "_token")):
+            if name.endswith(("gamma", "_token", "latent", "norm.weight")):
                 param.normal_()
     save_for_hf(ref, tmp_path, safe_serialization=True)
     x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
@@ -362,7 +410,8 @@ _SLOW = pytest.mark.slow  # (the options' forward is checked in the default suit
                                           pytest.param("mean", dict(class_token=True, fc_norm=True, layer_scale=0.5),
                                                        marks=_SLOW),
                                           pytest.param("cls", dict(pre_norm=True, norm_eps=1e-5, mlp_act="quick_gelu"),
-                                                       marks=_SLOW)])
+                                                       marks=_SLOW),
+                                          ("map", dict(qk_norm=True, glu_mlp=True, mlp_act="silu"))])
 def test_export_a_vit_as_a_timm_folder(tmp_path, pool, options):
     """save_pretrained(ViT): timm.create_model(architecture, **model_args) with its weights (timm installed),
     and our own loader, give the model's logits."""
@@ -396,6 +445,8 @@ def test_export_refuses_what_timm_lacks():
 
     with pytest.raises(ValueError, match="gates"):
         hf_config(ViTConfig(gates="features"))
+    with pytest.raises(ValueError, match="norm_eps 1e-05 .glu_mlp=True."):
+        hf_config(ViTConfig(glu_mlp=True, norm_eps=1e-5))
     from jaxattn.models import MODEL_CONFIGS
 
     with pytest.raises(ValueError, match="timm's layouts"):

@@ -153,11 +153,21 @@ def test_bf16_compute_fp32_params():
     np.testing.assert_allclose(logits, ref(x), atol=5e-2, rtol=5e-2)
 
 
+def test_image_size_not_divisible_by_the_patch_drops_the_remainder():
+    """As timm (vit_so400m_patch14_siglip_384: 384 px, 14 px patches): the last rows and columns are dropped."""
+    m8 = ViT(TINY, rngs=nnx.Rngs(0))
+    m10 = ViT(dataclasses.replace(TINY, image_size=10), rngs=nnx.Rngs(0))
+    assert m10.cfg.grid == 2 and m10.pos_embed.shape == m8.pos_embed.shape
+    x = jax.random.normal(jax.random.key(1), (2, 10, 10, 3))
+    np.testing.assert_array_equal(m10(x), m8(x[:, :8, :8]))
+    with pytest.raises(ValueError, match=r"images must be 10x10"):
+        m10(x[:, :8, :8])
+
+
 def test_input_errors():
     model = ViT(TINY, rngs=nnx.Rngs(0))
     bad = [
         (jnp.zeros((2, 12, 12, 3)), r"images must be 8x8 .*\[batch, 8, 8, 3\].*\(2, 12, 12, 3\)"),
-        (jnp.zeros((2, 10, 10, 3)), r"divisible by patch_size 4.*\(2, 10, 10, 3\)"),
         (jnp.zeros((8, 8, 3)), r"images must have rank 4 \[batch, 8, 8, 3\].*\(8, 8, 3\)"),
         (jnp.zeros((2, 8, 8, 1)), r"images must have 3 channels.*\(2, 8, 8, 1\)"),
         (jnp.zeros((2, 8, 8, 3), jnp.uint8), r"floating point.*uint8"),
@@ -166,8 +176,10 @@ def test_input_errors():
     for x, msg in bad:
         with pytest.raises(ValueError, match=msg):
             model(x)
-    with pytest.raises(ValueError, match="image_size 30 must be divisible by patch_size 4"):
-        dataclasses.replace(TINY, image_size=30)
+    with pytest.raises(ValueError, match=r"divisible by patch_size 4.*\(2, 10, 10, 3\)"):  # another size: whole patches
+        ViT(dataclasses.replace(TINY, dynamic_img_size=True), rngs=nnx.Rngs(0))(jnp.zeros((2, 10, 10, 3)))
+    with pytest.raises(ValueError, match="image_size 3 must be >= patch_size 4"):
+        dataclasses.replace(TINY, image_size=3)
     with pytest.raises(ValueError, match="divisible by heads"):
         dataclasses.replace(TINY, heads=3)
     with pytest.raises(ValueError, match="pool must be"):

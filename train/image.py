@@ -251,7 +251,8 @@ def plot_attention_examples(model: nnx.Module, data: ImageData, path: Path, n: i
         return False
     logits, weights = got
     cfg = getattr(model, "cfg", None)
-    pool, patch = getattr(cfg, "pool", "cls"), getattr(cfg, "patch_size", None)
+    patch = getattr(cfg, "patch_size", None)
+    pool = "cls" if getattr(cfg, "pool", "cls") == "cls" else "mean"  # (attention pooling: every query row)
     # tokens before the patch grid (class token, registers): all but (H/p)*(W/p)
     prefix = weights[0].shape[-1] - (images.shape[1] // patch) * (images.shape[2] // patch) if patch else None
     preds = np.asarray(jnp.argmax(logits, -1))

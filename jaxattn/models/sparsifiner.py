@@ -82,6 +82,9 @@ class SparsifinerConfig(ViTConfig):
         if self.reg_tokens or self.class_token is not None or self.dynamic_img_size:
             raise ValueError("Sparsifiner has a fixed token layout (a class token exactly when pool='cls'): "
                              "reg_tokens must be 0, class_token None and dynamic_img_size False")
+        if self.pool == "map" or self.qk_norm or self.glu_mlp:
+            raise ValueError("Sparsifiner's blocks have plain attention and MLPs and pool by 'cls' or 'mean': "
+                             "pool='map', qk_norm and glu_mlp are not supported")
         if self.head_dim // self.reduce_c_factor < 1:
             raise ValueError(f"head_dim {self.head_dim} // reduce_c_factor {self.reduce_c_factor} must be >= 1")
         if self.num_tokens // self.reduce_n_factor < 1:

@@ -5,11 +5,14 @@
 Architectures (:func:`vit_arch_args` knows their timm arguments): the original ViT / AugReg
 ``vit_{size}_patch{P}_{S}``, DeiT ``deit_*`` (not the distilled ones), DeiT III ``deit3_*`` (layer scale,
 position embedding on the patches only), DINOv2 ``vit_{size}_patch14_dinov2`` and ``..._reg4_dinov2``
-(layer scale, register tokens), timm's mean-pooled ``vit_*_gap_{S}`` and register ``vit_*_reg{R}_gap_{S}``
-(``fc_norm``), for sizes tiny ... huge (not giant: SwiGLU MLP), and ``halonet26t``, ``sehalonet33ts``.
+(layer scale, register tokens; ViT-g with its SwiGLU MLP), timm's mean-pooled ``vit_*_gap_{S}`` and register
+``vit_*_reg{R}_gap_{S}`` (``fc_norm``), CLIP image towers ``vit_*_clip_*`` (pre-norm, quick GELU), SigLIP image
+towers ``vit_*_siglip_{S}`` (no class token, attention pooling; tanh GELU where timm has it) and
+``vit_*_siglip_gap_{S}``, for sizes tiny ... gigantic, so400m, giantopt; and ``halonet26t``, ``sehalonet33ts``.
 ``model_args`` that timm records (depth, img_size, patch_size, embed_dim, num_heads, mlp_ratio, qkv_bias,
-class_token, global_pool, reg_tokens, no_embed_class, init_values, fc_norm, in_chans, num_classes) apply;
-what the models here do not have (``qk_norm``, ``pre_norm``, attention pooling, ...) raises ``ValueError``. Overriding ``num_classes``, ``in_channels`` or ``image_size`` fits the weights as timm's
+class_token, global_pool, reg_tokens, no_embed_class, init_values, fc_norm, qk_norm, act_layer, in_chans,
+num_classes, ...) apply; what the models here do not have (RMSNorm, parallel blocks, ...) raises ``ValueError``.
+Overriding ``num_classes``, ``in_channels`` or ``image_size`` fits the weights as timm's
 ``pretrained=True`` does (:func:`adapt`: fresh classifier, adapted first conv, resampled position grid).
 :func:`preprocessing` gives the checkpoint's input size, mean, std and crop.
 The key and layout maps are :mod:`jaxattn.models.timm_weights`'.
@@ -35,17 +38,25 @@ __all__ = ["adapt", "config_from_hf", "entries", "hf_config", "preprocessing", "
 
 _VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "medium": (512, 12, 8), "mediumd": (512, 20, 8),
               "betwixt": (640, 12, 10), "base": (768, 12, 12), "large": (1024, 24, 16), "huge": (1280, 32, 16),
-              "little": (320, 14, 5), "wee": (256, 14, 4)}
-_VIT_MLP_RATIO = {"little": 5.6, "wee": 5.0}
+              "little": (320, 14, 5), "wee": (256, 14, 4), "giant": (1408, 40, 16), "gigantic": (1664, 48, 16),
+              "so400m": (1152, 27, 16), "giantopt": (1536, 40, 16)}
+_VIT_MLP_RATIO = {"little": 5.6, "wee": 5.0, "giant": 48 / 11, "gigantic": 64 / 13, "so400m": 3.7362}
 _S = "(?P<size>" + "|".join(_VIT_SIZES) + ")"
 _P, _I, _R = r"_patch(?P<patch>\d+)", r"_(?P<img>\d+)", r"_reg(?P<reg>\d+)"
 _GAP = {"class_token": False, "global_pool": "avg"}
 _CLIP = {"pre_norm": True, "norm_eps": 1e-5}  # ("norm_eps": timm's norm_layer=partial(LayerNorm, eps=1e-5))
+_SIGLIP = {"class_token": False, "global_pool": "map"}  # attention pooling (timm's AttentionPoolLatent)
+_SIGLIP_GAP = {"class_token": False, "global_pool": "avg", "fc_norm": False}  # SigLIP towers without the MAP head
+_TANH = {"act_layer": "gelu_tanh"}
+# DINOv2's ViT-g: 1536 wide, 24 heads, SwiGLU MLP (fc1 of 2 x 4096 outputs: timm's SwiGLUPacked)
+_DINOV2_G = {"embed_dim": 1536, "num_heads": 24, "mlp_ratio": 2.66667 * 2, "mlp_layer": "SwiGLUPacked",
+             "act_layer": "silu"}
 # timm's ViT architectures (the model_args of their registry functions, by family): pattern, extra args
 _VIT_ARCHS: list[tuple[re.Pattern, dict[str, Any]]] = [(re.compile(p), a) for p, a in [
     (rf"(?:vit|deit)_{_S}{_P}{_I}", {}),  # original ViT / AugReg / DeiT (not distilled)
     (rf"vit_{_S}{_P}{_I}_miil", {"qkv_bias": False}),
     (rf"deit3_{_S}{_P}{_I}", {"no_embed_class": True, "init_values": 1e-6}),  # DeiT III
+    (rf"vit_(?P<size>giant){_P}(?:{_R})?_dinov2", {"init_values": 1e-5, "img_size": 518, **_DINOV2_G}),
     (rf"vit_{_S}{_P}(?:{_R})?_dinov2", {"init_values": 1e-5, "img_size": 518}),  # DINOv2 (with registers: reg4)
     (rf"vit_(?P<size>medium|betwixt){_P}_gap{_I}", {**_GAP, "qkv_bias": False, "init_values": 1e-6, "fc_norm": False}),
     (r"vit_(?P<size>base)_patch(?P<patch>16)_gap_(?P<img>224)", {**_GAP, "fc_norm": False, "num_heads": 16}),
@@ -54,12 +65,18 @@ _VIT_ARCHS: list[tuple[re.Pattern, dict[str, Any]]] = [(re.compile(p), a) for p,
     (rf"vit_{_S}{_P}_clip_quickgelu{_I}", {**_CLIP, "act_layer": "quick_gelu"}),
     (rf"vit_(?P<size>base){_P}{_R}_gap{_I}", {**_GAP, "no_embed_class": True}),  # (no layer scale)
     (rf"vit_{_S}{_P}{_R}_gap{_I}", {**_GAP, "no_embed_class": True, "init_values": 1e-5}),  # register ViTs
+    *[entry for pool, kind in (("", _SIGLIP), ("_gap", _SIGLIP_GAP)) for entry in [  # SigLIP image towers
+        (rf"vit_(?P<size>base)_patch(?P<patch>32)_siglip{pool}{_I}", {**kind, **_TANH}),
+        (rf"vit_(?P<size>large)_patch(?P<patch>16)_siglip{pool}_(?P<img>512)", {**kind, **_TANH}),
+        (rf"vit_(?P<size>so400m|giantopt)_patch(?P<patch>16)_siglip{pool}{_I}", {**kind, **_TANH}),
+        (rf"vit_{_S}{_P}_siglip{pool}{_I}", kind)]],
 ]]
 # model_args a checkpoint may record with the value the models here implement (others: refused)
-_VIT_FIXED = {"qk_norm": False, "final_norm": True, "pos_embed": "learn", "weight_init": ""}
+_VIT_FIXED = {"final_norm": True, "pos_embed": "learn", "weight_init": ""}
+_MLP_LAYERS = {"Mlp": False, "SwiGLUPacked": True}  # timm's mlp_layer (by name) -> ViTConfig.glu_mlp
 _VIT_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "class_token",
              "global_pool", "reg_tokens", "no_embed_class", "init_values", "fc_norm", "dynamic_img_size", "pre_norm",
-             "norm_eps", "act_layer")
+             "norm_eps", "act_layer", "qk_norm", "mlp_layer")
 # training-time regularisation a checkpoint may record: no effect on the weights (fine-tuning sets its own)
 _VIT_IGNORED = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
 
@@ -113,7 +130,8 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> ViTConfig | Halo
         cfg = _vit_config(arch_args, num_classes, in_chans, (pre.get("input_size") or [3, 224, 224])[1:])
     else:
         raise ValueError(f"config.json: timm architecture {arch!r} is not one jaxattn converts "
-                         "(ViT: vit_ / deit_ / deit3_{size}_patch{P}_{S}, vit_*_dinov2, vit_*_gap_{S}, vit_*_reg{R}_gap_{S}; "
+                         "(ViT: vit_ / deit_ / deit3_{size}_patch{P}_{S}, vit_*_dinov2, vit_*_gap_{S}, vit_*_reg{R}_gap_{S}, "
+                         "vit_*_clip_{S}, vit_*_siglip(_gap)_{S}; "
                          "halonet26t, sehalonet33ts)")
     return hf.with_overrides(cfg, overrides)
 
@@ -126,27 +144,31 @@ def _vit_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
     if bad or unknown:
         raise ValueError(f"config.json: model_args {bad or unknown} are not supported by jaxattn's ViT")
     class_token, pool = bool(args.get("class_token", True)), args.get("global_pool", "token")
-    if pool not in ("token", "avg"):
-        raise ValueError(f"config.json: global_pool {pool!r}: jaxattn's ViT pools by the class token ('token') "
-                         "or the mean of the patch tokens ('avg')")
+    if pool not in ("token", "avg", "map"):
+        raise ValueError(f"config.json: global_pool {pool!r}: jaxattn's ViT pools by the class token ('token'), "
+                         "the mean of the patch tokens ('avg') or attention pooling ('map')")
     if pool == "token" and not class_token:
         raise ValueError("config.json: global_pool 'token' needs class_token=True")
     fc_norm = args.get("fc_norm")
     act = args.get("act_layer") or "gelu"
     if act not in ACTIVATIONS:
         raise ValueError(f"config.json: act_layer {args['act_layer']!r}: jaxattn's ViT has gelu and quick_gelu")
+    mlp_layer = args.get("mlp_layer") or "Mlp"
+    if mlp_layer not in _MLP_LAYERS:
+        raise ValueError(f"config.json: mlp_layer {mlp_layer!r}: jaxattn's ViT has {sorted(_MLP_LAYERS)}")
     init_values = args.get("init_values")
     return ViTConfig(image_size=_size(args.get("img_size", input_size or 224), "img_size"),
                      patch_size=int(args.get("patch_size", 16)), in_channels=in_chans, num_classes=num_classes,
                      dim=int(args.get("embed_dim", 768)), depth=int(args.get("depth", 12)),
                      heads=int(args.get("num_heads", 12)), mlp_ratio=float(args.get("mlp_ratio", 4.0)),
-                     qkv_bias=bool(args.get("qkv_bias", True)), pool="cls" if pool == "token" else "mean",
+                     qkv_bias=bool(args.get("qkv_bias", True)), pool={"token": "cls", "avg": "mean", "map": "map"}[pool],
                      class_token=None if class_token == (pool == "token") else class_token,
                      reg_tokens=int(args.get("reg_tokens", 0)), no_embed_class=bool(args.get("no_embed_class", False)),
-                     layer_scale=None if init_values is None else float(init_values),
+                     layer_scale=float(init_values) if init_values else None,  # (timm: 0 = none)
                      fc_norm=pool == "avg" if fc_norm is None else bool(fc_norm),  # timm: None = on for 'avg'
                      dynamic_img_size=bool(args.get("dynamic_img_size", False)), pre_norm=bool(args.get("pre_norm", False)),
-                     norm_eps=float(args.get("norm_eps", 1e-6)), mlp_act=act)
+                     norm_eps=float(args.get("norm_eps", 1e-6)), mlp_act=act, qk_norm=bool(args.get("qk_norm", False)),
+                     glu_mlp=_MLP_LAYERS[mlp_layer])
 
 
 def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
@@ -156,6 +178,7 @@ def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
            "crop_pct": 0.9, "mean": [0.5] * cfg.in_channels, "std": [0.5] * cfg.in_channels,
            "num_classes": cfg.num_classes}
     args: dict[str, Any] = {"num_classes": cfg.num_classes, "in_chans": cfg.in_channels}
+    # (timm.create_model drops None arguments, so "none" is written as a value the architecture cannot override)
     if isinstance(cfg, HaloNetConfig):
         task = {"num_classes", "in_channels", "image_size", "dtype", "attn_impl", "remat"}
         arch = next((n for n in ("halonet26t", "sehalonet33ts") if all(
@@ -167,17 +190,20 @@ def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
     else:
         if cfg.gates != "none":
             raise ValueError("a ViT with gates has no timm counterpart")
-        # a name timm registers whose norm layer is the model's (model_args give every size and option)
-        eps_arch = {1e-6: "vit_base_patch16_224", 1e-5: "vit_base_patch16_clip_224"}
-        if cfg.norm_eps not in eps_arch:
-            raise ValueError(f"norm_eps {cfg.norm_eps}: timm's ViTs have 1e-6 (or 1e-5, CLIP's)")
-        arch = eps_arch[cfg.norm_eps]
+        # a name timm registers whose norm layer and MLP type are the model's (model_args give every size
+        # and option; timm's mlp_layer is a class, so it comes from the architecture)
+        archs = {(1e-6, False): "vit_base_patch16_224", (1e-5, False): "vit_base_patch16_clip_224",
+                 (1e-6, True): "vit_giant_patch14_dinov2"}
+        if (cfg.norm_eps, cfg.glu_mlp) not in archs:
+            raise ValueError(f"norm_eps {cfg.norm_eps} (glu_mlp={cfg.glu_mlp}): timm's ViTs have 1e-6 (or 1e-5, "
+                             "CLIP's, with a plain MLP)")
+        arch = archs[cfg.norm_eps, cfg.glu_mlp]
         args.update(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.dim, depth=cfg.depth,
                     num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-                    global_pool="token" if cfg.pool == "cls" else "avg", class_token=cfg.has_class_token,
-                    reg_tokens=cfg.reg_tokens, no_embed_class=cfg.no_embed_class, init_values=cfg.layer_scale,
+                    global_pool={"cls": "token", "mean": "avg", "map": "map"}[cfg.pool], class_token=cfg.has_class_token,
+                    reg_tokens=cfg.reg_tokens, no_embed_class=cfg.no_embed_class, init_values=cfg.layer_scale or 0.0,
                     fc_norm=cfg.fc_norm, dynamic_img_size=cfg.dynamic_img_size, pre_norm=cfg.pre_norm,
-                    act_layer=cfg.mlp_act)
+                    act_layer=cfg.mlp_act, qk_norm=cfg.qk_norm)
     return {"architecture": arch, "num_classes": cfg.num_classes, "global_pool": args["global_pool"],
             "model_args": args, "pretrained_cfg": pre}
 

@@ -7,7 +7,8 @@ or ``class_token=True``), then ``reg_tokens`` register tokens -> learned positio
 -> ``depth`` pre-norm blocks
 ``x += DropPath(LS(Attn(LN(x))))``, ``x += DropPath(LS(MLP(LN(x))))`` (``LS``: LayerScale when
 ``layer_scale`` is set) -> final LayerNorm (or ``fc_norm`` after the pooling) -> pooling
-(the class token, or the mean of the patch tokens) -> linear head. LayerNorm eps is 1e-6 and the
+(the class token, the mean of the patch tokens, or attention pooling: one learned query attending over
+the patch tokens, then an MLP, as SigLIP) -> linear head. LayerNorm eps is 1e-6 and the
 MLP uses exact (erf) GELU, as the original ViT and timm. ``dropout`` is applied where the original
 ViT applies it (after the positional embedding, after the attention projection, after the MLP's
 GELU and after its second linear), ``attn_drop`` on the softmax weights (inside the attention
@@ -21,11 +22,13 @@ timm checkpoint conventions (``timm.models.vision_transformer.VisionTransformer`
 timm's ``global_pool='token'``, ``pool="mean"`` its ``'avg'`` (the mean of the patch tokens, after the
 prefix tokens); ``class_token``, ``reg_tokens``, ``no_embed_class``, ``fc_norm`` are timm's arguments of
 those names, ``layer_scale`` its ``init_values``, ``norm_eps`` / ``mlp_act`` its ``norm_layer`` /
-``act_layer`` of CLIP's ViTs): module paths are
+``act_layer`` of CLIP's ViTs; ``qk_norm`` and ``glu_mlp`` (``mlp_layer=SwiGLUPacked``) theirs; ``pool="map"``
+is SigLIP's ``global_pool='map'``, timm's ``AttentionPoolLatent``): module paths are
 timm's ``state_dict`` keys (``patch_embed.proj``, ``cls_token``, ``reg_token``, ``pos_embed``,
 ``blocks.{i}.norm1``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``, ``blocks.{i}.ls1.gamma``,
 ``blocks.{i}.norm2``, ``blocks.{i}.mlp.fc1``, ``blocks.{i}.mlp.fc2``, ``blocks.{i}.ls2.gamma``, ``norm``,
-``fc_norm``, ``norm_pre``, ``head``) with NNX leaf names:
+``blocks.{i}.attn.q_norm``, ``blocks.{i}.attn.k_norm``, ``fc_norm``, ``norm_pre``, ``attn_pool.{latent, q, kv, proj,
+norm, mlp.fc1, mlp.fc2}``, ``head``) with NNX leaf names:
 ``X.weight`` of a Linear (PyTorch ``[out, in]``) is ``X.kernel`` ``[in, out]`` (``w.T``); the patch
 conv ``patch_embed.proj.weight`` (PyTorch OIHW ``[dim, C, p, p]``) is ``patch_embed.proj.kernel``
 in HWIO ``[p, p, C, dim]`` (``w.permute(2, 3, 1, 0)``); LayerNorm ``weight`` is ``scale``;
@@ -62,7 +65,7 @@ from flax.nnx.nn.dtypes import promote_dtype
 from jaxattn.models._remat import remat_blocks
 from jaxattn.models.gates import FeatureGate, TokenGate
 from jaxattn.models.timm_weights import load_timm_state_dict, timm_variables, to_timm_state_dict  # noqa: F401
-from jaxattn.ops.attention import attention_qkvpacked
+from jaxattn.ops.attention import attention, attention_qkvpacked
 
 _IMPLS = ("auto", "pallas", "mosaic", "xla")  # "mosaic": Hopper kernels (bf16/fp16, no attn_drop)
 LN_EPS = 1e-6
@@ -79,7 +82,7 @@ class ViTConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
-    pool: Literal["cls", "mean"] = "cls"
+    pool: Literal["cls", "mean", "map"] = "cls"  # class token, mean of the patches, attention pooling (SigLIP)
     dropout: float = 0.0  # original-ViT placement, see the module docstring
     drop_path: float = 0.0  # stochastic depth rate of the last block
     attn_drop: float = 0.0  # attention dropout on the softmax weights (timm's attn_drop_rate), in the kernel
@@ -100,7 +103,9 @@ class ViTConfig:
     dynamic_img_size: bool = False  # any H x W (multiples of the patch): position grid resampled per call (timm's)
     pre_norm: bool = False  # a LayerNorm before the blocks (CLIP's ln_pre, timm's norm_pre); no patch-embed bias
     norm_eps: float = LN_EPS  # every LayerNorm's epsilon (CLIP: 1e-5)
-    mlp_act: Literal["gelu", "quick_gelu"] = "gelu"  # exact GELU, or CLIP's x * sigmoid(1.702 x)
+    mlp_act: Literal["gelu", "quick_gelu", "gelu_tanh", "silu"] = "gelu"  # exact GELU, CLIP's, SigLIP's, SwiGLU's
+    qk_norm: bool = False  # LayerNorm of each head's queries and keys before the attention (timm's qk_norm)
+    glu_mlp: bool = False  # gated MLP: fc1 -> [a, b] halves -> act(a) * b -> fc2 (silu: DINOv2-giant's SwiGLU)
 
     def __post_init__(self):
         if self.gates not in ("none", "features", "tokens"):
@@ -110,14 +115,16 @@ class ViTConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0: no head), got {self.num_classes}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
+        if self.image_size < self.patch_size:  # (not divisible: the last rows and columns are dropped, as timm)
+            raise ValueError(f"image_size {self.image_size} must be >= patch_size {self.patch_size}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if self.pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pool not in ("cls", "mean", "map"):
+            raise ValueError(f"pool must be 'cls', 'mean' or 'map', got {self.pool!r}")
+        if self.glu_mlp and self.mlp_dim % 2:
+            raise ValueError(f"glu_mlp needs an even hidden width int(dim * mlp_ratio), got {self.mlp_dim}")
         if self.pool == "cls" and self.class_token is False:
             raise ValueError("pool='cls' needs the class token: class_token must be True or None")
         if self.reg_tokens < 0:
@@ -232,7 +239,8 @@ class DropPath(nnx.Module):
 
 
 class PatchEmbed(nnx.Module):
-    """``[B, H, W, C] -> [B, (H/p)(W/p), dim]`` with a ``p x p`` stride-``p`` conv (``proj``)."""
+    """``[B, H, W, C] -> [B, (H//p)(W//p), dim]`` with a ``p x p`` stride-``p`` conv (``proj``; rows and columns
+    past the last whole patch are dropped, as torch's conv does for timm's ``vit_so400m_patch14_siglip_384``)."""
 
     def __init__(self, patch_size: int, in_channels: int, dim: int, *, dtype: Any = jnp.float32,
                  bias: bool = True, rngs: nnx.Rngs):
@@ -243,25 +251,28 @@ class PatchEmbed(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         p = self.patch_size
-        if x.ndim != 4 or x.shape[1] % p or x.shape[2] % p:
-            raise ValueError(f"patch_embed input must be [batch, H, W, C] with H and W divisible by the patch "
-                             f"size {p}, got shape {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] < p or x.shape[2] < p:
+            raise ValueError(f"patch_embed input must be [batch, H, W, C] with H and W >= the patch size {p}, "
+                             f"got shape {tuple(x.shape)}")
         y = self.proj(x)
         return y.reshape(y.shape[0], -1, y.shape[-1])
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention: ``qkv`` linear -> ``jaxattn.attention`` -> ``proj``, ``[B, N, dim]`` in and out."""
+    """Multi-head self-attention: ``qkv`` linear -> (``qk_norm``: a LayerNorm over each head's queries and
+    keys, ``q_norm`` / ``k_norm``) -> ``jaxattn.attention`` -> ``proj``, ``[B, N, dim]`` in and out."""
 
     def __init__(self, dim: int, heads: int, *, qkv_bias: bool = True, proj_drop: float = 0.0,
                  attn_drop: float = 0.0, impl: Literal["auto", "pallas", "xla"] = "auto", dtype: Any = jnp.float32,
-                 quantized: bool = False, rngs: nnx.Rngs):
+                 quantized: bool = False, qk_norm: bool = False, norm_eps: float = LN_EPS, rngs: nnx.Rngs):
         if dim % heads:
             raise ValueError(f"dim {dim} must be divisible by heads {heads}")
         self.heads = heads
         self.head_dim = dim // heads
         self.impl, self.quantized = impl, quantized
         self.qkv = _linear(dim, 3 * dim, dtype, rngs, bias=qkv_bias)
+        self.q_norm = _layer_norm(self.head_dim, dtype, rngs, norm_eps) if qk_norm else None
+        self.k_norm = _layer_norm(self.head_dim, dtype, rngs, norm_eps) if qk_norm else None
         self.proj = _linear(dim, dim, dtype, rngs)
         self.proj_drop = _dropout(proj_drop, rngs)
         self.attn_drop = AttentionDropout(attn_drop, rngs=rngs)  # inside the kernels
@@ -273,10 +284,14 @@ class Attention(nnx.Module):
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.quantized:  # SageAttention2-style INT8 QK / FP8 PV (inference only)
             from jaxattn.ops.sage import sage_attention
 
             o = sage_attention(q, k, v, impl=self.impl)
+        elif self.q_norm is not None:
+            o = attention(q, k, v, impl=self.impl, **self.attn_drop())
         else:  # (the kernels read the packed qkv in place: no q/k/v copies, one packed gradient)
             o = attention_qkvpacked(qkv, impl=self.impl, **self.attn_drop())
         out = _apply(self.proj_drop, self.proj(o.reshape(b, n, -1)))
@@ -308,24 +323,69 @@ def _quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"gelu": _exact_gelu, "quick_gelu": _quick_gelu}
+def _tanh_gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# timm's act_layer names: exact GELU, CLIP's quick GELU, SigLIP's tanh-approximated GELU, SiLU (SwiGLU)
+ACTIVATIONS = {"gelu": _exact_gelu, "quick_gelu": _quick_gelu, "gelu_tanh": _tanh_gelu, "silu": jax.nn.silu}
 
 
 class MLP(nnx.Module):
-    """``fc2(drop(act(fc1(x))))`` with exact GELU (or CLIP's quick GELU: ``act="quick_gelu"``), recomputed
-    in the backward (:func:`activated_linear`)."""
+    """``fc2(drop(act(fc1(x))))`` with the activation ``act`` (a name of :data:`ACTIVATIONS`: exact GELU by
+    default), recomputed in the backward (:func:`activated_linear`). ``glu``: timm's ``GluMlp`` with the gate
+    first (``SwiGLUPacked`` with ``act="silu"``): ``fc1``'s ``hidden`` outputs split into halves ``[a, b]``,
+    ``act(a) * b`` goes to ``fc2`` (``hidden / 2`` inputs); ``b``'s weights start near 0 and its bias at 1, as timm's."""
 
     def __init__(self, dim: int, hidden: int, *, dropout: float = 0.0, dtype: Any = jnp.float32, act: str = "gelu",
-                 rngs: nnx.Rngs):
-        self.act = act
+                 glu: bool = False, rngs: nnx.Rngs):
+        if glu and hidden % 2:
+            raise ValueError(f"a gated MLP needs an even hidden width, got {hidden}")
+        self.act, self.glu = act, glu
         self.fc1 = _linear(dim, hidden, dtype, rngs)
-        self.fc2 = _linear(hidden, dim, dtype, rngs)
+        self.fc2 = _linear(hidden // 2 if glu else hidden, dim, dtype, rngs)
+        if glu:  # timm's GluMlp.init_weights
+            half = hidden // 2
+            self.fc1.kernel[...] = self.fc1.kernel[...].at[:, half:].set(
+                nnx.initializers.normal(1e-6)(rngs.params(), (dim, hidden - half)))
+            self.fc1.bias[...] = self.fc1.bias[...].at[half:].set(1.0)
         self.drop1 = _dropout(dropout, rngs)
         self.drop2 = _dropout(dropout, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _apply(self.drop1, activated_linear(self.fc1, x, ACTIVATIONS[self.act]))
-        return _apply(self.drop2, self.fc2(x))
+        act = ACTIVATIONS[self.act]
+        if self.glu:
+            half = self.fc2.in_features
+            x = activated_linear(self.fc1, x, lambda y: act(y[..., :half]) * y[..., half:])
+        else:
+            x = activated_linear(self.fc1, x, act)
+        return _apply(self.drop2, self.fc2(_apply(self.drop1, x)))
+
+
+class AttentionPool(nnx.Module):
+    """Attention pooling (multihead attention pooling, MAP: SigLIP's head; timm's ``AttentionPoolLatent``):
+    a learned ``latent`` query, projected by ``q``, attends over the tokens' ``kv`` projection (``heads``
+    heads, through ``jaxattn.attention``); then ``proj`` and a pre-norm MLP residual ``x + mlp(norm(x))``.
+    ``[B, N, dim] -> [B, dim]``."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        dtype, dim = jnp.dtype(cfg.dtype), cfg.dim
+        self.heads, self.impl = cfg.heads, cfg.attn_impl
+        self.latent = nnx.Param(nnx.initializers.truncated_normal(dim ** -0.5)(rngs.params(), (1, 1, dim)))
+        self.q = _linear(dim, dim, dtype, rngs)  # (timm: biased whatever the blocks' qkv_bias)
+        self.kv = _linear(dim, 2 * dim, dtype, rngs)
+        self.proj = _linear(dim, dim, dtype, rngs)
+        self.norm = _layer_norm(dim, dtype, rngs, cfg.norm_eps)
+        self.mlp = MLP(dim, cfg.mlp_dim, dtype=dtype, act=cfg.mlp_act, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, dim = x.shape
+        hd = dim // self.heads
+        q = self.q(jnp.broadcast_to(self.latent[...].astype(x.dtype), (b, 1, dim))).reshape(b, 1, self.heads, hd)
+        kv = self.kv(x).reshape(b, n, 2, self.heads, hd)
+        o = attention(q, kv[:, :, 0], kv[:, :, 1], impl=self.impl)
+        y = self.proj(o.reshape(b, 1, dim))
+        return (y + self.mlp(self.norm(y)))[:, 0]
 
 
 def resample_pos_embed(pos: jax.Array, grid: tuple[int, int], num_prefix: int) -> jax.Array:
@@ -360,9 +420,11 @@ class Block(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         self.norm1 = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps)
         self.attn = Attention(cfg.dim, cfg.heads, qkv_bias=cfg.qkv_bias, proj_drop=cfg.dropout,
-                              attn_drop=cfg.attn_drop, impl=cfg.attn_impl, dtype=dtype, quantized=cfg.quantized, rngs=rngs)
+                              attn_drop=cfg.attn_drop, impl=cfg.attn_impl, dtype=dtype, quantized=cfg.quantized,
+                              qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, rngs=rngs)
         self.norm2 = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps)
-        self.mlp = MLP(cfg.dim, cfg.mlp_dim, dropout=cfg.dropout, dtype=dtype, act=cfg.mlp_act, rngs=rngs)
+        self.mlp = MLP(cfg.dim, cfg.mlp_dim, dropout=cfg.dropout, dtype=dtype, act=cfg.mlp_act, glu=cfg.glu_mlp,
+                       rngs=rngs)
         self.drop_path = DropPath(drop_path, rngs=rngs) if drop_path > 0 else None
         scaled = cfg.layer_scale is not None
         self.ls1 = LayerScale(cfg.dim, cfg.layer_scale) if scaled else None
@@ -403,6 +465,7 @@ class ViT(nnx.Module):
         rates = np.linspace(0.0, cfg.drop_path, cfg.depth)  # as timm (depth 1: rate 0)
         self.blocks = nnx.List([Block(cfg, float(r), rngs=rngs) for r in rates])
         self.norm = None if cfg.fc_norm else _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps)
+        self.attn_pool = AttentionPool(cfg, rngs=rngs) if cfg.pool == "map" else None
         self.fc_norm = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps) if cfg.fc_norm else None
         self.head = _linear(cfg.dim, cfg.num_classes, dtype, rngs) if cfg.num_classes > 0 else None
 
@@ -421,7 +484,7 @@ class ViT(nnx.Module):
         if images.ndim != 4:
             raise ValueError(f"images must have rank 4 {want}, got shape {tuple(images.shape)}")
         _, h, w, ch = images.shape
-        if h % c.patch_size or w % c.patch_size:
+        if (h, w) != (c.image_size, c.image_size) and (h % c.patch_size or w % c.patch_size):
             raise ValueError(f"images height and width must be divisible by patch_size {c.patch_size}; "
                              f"expected shape {want}, got {tuple(images.shape)}")
         if (h, w) != (c.image_size, c.image_size) and not c.dynamic_img_size:
@@ -463,10 +526,12 @@ class ViT(nnx.Module):
         return self._tokens(images, False)[0]
 
     def pool(self, tokens: jax.Array) -> jax.Array:
-        """``[B, prefix + N, dim] -> [B, dim]``: the class token, or the mean over the patch tokens;
-        then ``fc_norm`` when configured."""
+        """``[B, prefix + N, dim] -> [B, dim]``: the class token, the mean over the patch tokens, or their
+        attention pooling (``pool="map"``); then ``fc_norm`` when configured."""
         if self.cfg.pool == "cls":
             pooled = tokens[:, 0]
+        elif self.cfg.pool == "map":
+            pooled = self.attn_pool(tokens[:, self.cfg.num_prefix_tokens:])
         else:
             patches = tokens[:, self.cfg.num_prefix_tokens:]
             pooled = jnp.mean(patches.astype(jnp.float32), axis=1).astype(tokens.dtype)
