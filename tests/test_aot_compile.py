@@ -319,6 +319,7 @@ def test_model_steps_compile_only(tmp_path, capsys):
 
 
 @needs_aot
+@pytest.mark.slow
 def test_remat_step_keeps_less_for_the_backward():
     """The LM trainer's --remat, compiled for the H100: the step's scratch memory (the activations
     kept for the backward) shrinks (tnl-385m at batch 8 x 2048: 17.6 -> 2.9 GiB)."""

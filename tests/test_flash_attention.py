@@ -67,7 +67,7 @@ def _loss(fn, w_o, w_l):
     return loss
 
 
-@pytest.mark.parametrize("seed", range(18))
+@pytest.mark.parametrize("seed", [*range(12), *(pytest.param(s, marks=pytest.mark.slow) for s in range(12, 18))])
 def test_random_shapes_forward_and_grads(seed):
     c = _case(seed)
     q, k, v, seg, key = _inputs(c)

@@ -84,6 +84,7 @@ def test_gradients_match_oracle(causal):
         assert_close(g, w, c["dtype"], f"d{name}", tol=GRAD_TOL)
 
 
+@pytest.mark.slow
 def test_rows_without_keys_are_zero():
     """Causal with more queries than keys: the first rows see no key (bottom-right alignment)."""
     _skip_causal_on_buggy_ptxas(True)
@@ -292,6 +293,7 @@ def test_interpreter_thread_check(monkeypatch):
         flash_mgpu.forward(q, q, q, causal=False, scale=1.0, q_len=128, kv_len=128, interpret=True)
 
 
+@pytest.mark.slow
 def test_sage_bench_times_the_mosaic_kernels():
     """On a GPU bench sage times impl="mosaic" (Sage and bf16) beside the Triton kernels; its
     Mosaic Sage peer runs here (interpreted) and agrees with the Triton Sage kernel."""
@@ -353,6 +355,7 @@ def _power_case():
     return bm, c, _inputs(c)
 
 
+@pytest.mark.slow
 def test_block_sparse_matches_oracle():
     """PowerAttention lists (sink, window, power-of-two distances; partial blocks masked by the
     pattern, ragged tail): forward and lse against the dense masked oracle."""

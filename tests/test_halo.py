@@ -62,7 +62,8 @@ def test_matches_oracle_fwd_and_grads(case, impl):
         assert_close(g, r, jnp.float32, name, tol=GRAD_TOL)
 
 
-@pytest.mark.parametrize("dtype,spe", [(jnp.bfloat16, False), (jnp.float16, True)], ids=["bf16-rel", "fp16-scaled-rel"])
+@pytest.mark.parametrize("dtype,spe", [pytest.param(jnp.bfloat16, False, marks=pytest.mark.slow), (jnp.float16, True)],
+                         ids=["bf16-rel", "fp16-scaled-rel"])
 def test_half_precision_kernel(dtype, spe):
     """Two-byte inputs, forward and gradients (the relative tables' too) on both paths, against
     the fp32 oracle on the same (rounded) inputs; with ``scale_pos_embed`` the relative logits are
@@ -130,7 +131,7 @@ def test_errors():
         jaxattn.halo_attention(q, k.astype(jnp.bfloat16), v, rh, rw, **kw)
 
 
-@pytest.mark.parametrize("key_chunk", [16, 128])
+@pytest.mark.parametrize("key_chunk", [16, pytest.param(128, marks=pytest.mark.slow)])
 def test_kernel_key_chunks(key_chunk):
     """The window walked one tile row (16 keys) or eight rows (past the window) per step. (One
     row per step meets chunks of padding keys only, the window's tile rows past ``win``, in both

@@ -20,7 +20,7 @@ _VARLEN_KW = {"causal": dict(causal=True), "window": dict(causal=True, local_win
 
 @pytest.mark.parametrize("impl,kw", [
     # (ALiBi and cross-attention with segment ids are also in the default suite's flash tests)
-    *[pytest.param("pallas", kw, id=f"{name}-pallas", marks=pytest.mark.slow if name in ("alibi", "cross") else [])
+    *[pytest.param("pallas", kw, id=f"{name}-pallas", marks=pytest.mark.slow if name in ("alibi", "cross", "window") else [])
       for name, kw in _VARLEN_KW.items()],
     *[pytest.param("xla", kw, id=f"{name}-xla", marks=[] if name == "causal" else pytest.mark.slow)
       for name, kw in _VARLEN_KW.items()],
