@@ -338,6 +338,33 @@ def test_matches_timm(tmp_path, arch, kwargs, size):
     assert_close(got, want, jnp.float32, "logits vs timm", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
 
 
+def test_intermediates_match_timm():
+    """ViT.intermediates = timm's forward_intermediates(intermediates_only=True) (NCHW there, NHWC here)."""
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=0, depth=3, img_size=28).eval()
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if name.endswith(("gamma", "_token", "norm.weight")):
+                param.normal_()
+    cfg = config_from_hf({"architecture": "vit_small_patch14_reg4_dinov2", "num_classes": 0,
+                          "model_args": {"depth": 3, "img_size": 28}}, attn_impl="xla")
+    model = ViT(cfg, rngs=nnx.Rngs(0))
+    from jaxattn.models.timm_weights import load_timm_state_dict
+
+    load_timm_state_dict(model, {k: v.numpy() for k, v in ref.state_dict().items()})
+    x = np.random.default_rng(0).normal(size=(2, 28, 28, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = ref.forward_intermediates(torch.as_tensor(x).permute(0, 3, 1, 2), indices=[0, 2], norm=True,
+                                         return_prefix_tokens=True, intermediates_only=True)
+    got = model.intermediates(jnp.asarray(x), [0, 2], norm=True, return_prefix_tokens=True)
+    for (gp, gx), (wp, wx) in zip(got, want):
+        assert_close(np.asarray(gp), wp.permute(0, 2, 3, 1).numpy(), jnp.float32, "patches",
+                     tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
+        assert_close(np.asarray(gx), wx.numpy(), jnp.float32, "prefix", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
+
+
 def test_bench_vision_runs_a_timm_folder(tmp_path):
     """bench vision --infer-models FOLDER: the pretrained weights, quantized and not."""
     from jaxattn.bench import vision

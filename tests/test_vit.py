@@ -57,6 +57,49 @@ def test_shapes(pool):
     np.testing.assert_array_equal(model(x), model.pool_features(x))
 
 
+def test_intermediates():
+    """Block outputs (timm's forward_intermediates): the last one normalised is features(); earlier ones are the
+    block chain's own outputs; index forms and layouts; errors name the argument."""
+    cfg = dataclasses.replace(TINY, image_size=12, depth=3, reg_tokens=2)
+    model = ViT(cfg, rngs=nnx.Rngs(0))
+    _randomize_biases(model)
+    x = _images(cfg)
+    (last, prefix), = model.intermediates(x, 1, norm=True, return_prefix_tokens=True)
+    tokens = model.features(x)
+    assert last.shape == (2, 3, 3, 32) and prefix.shape == (2, 3, 32)
+    np.testing.assert_allclose(last.reshape(2, 9, 32), tokens[:, 3:], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(prefix, tokens[:, :3], rtol=1e-6, atol=1e-6)
+    h = model._embed(x)
+    chain = []
+    for block in model.blocks:
+        h = block(h)
+        chain.append(h[:, 3:])
+    got = model.intermediates(x, [-1, 0], output_fmt="NLC")  # block order, not normalised
+    assert len(got) == 2 and got[0].shape == (2, 9, 32)
+    for g, want in zip(got, [chain[0], chain[2]]):
+        np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-6)
+    assert len(model.intermediates(x)) == 3
+    for bad, match in [(dict(indices=4), "1 <= n <= depth 3"), (dict(indices=[3]), r"\[-3, 3\)"),
+                       (dict(output_fmt="NCHW"), "output_fmt")]:
+        with pytest.raises(ValueError, match=match):
+            model.intermediates(x, **bad)
+
+
+def test_timm_architecture_names_build_fresh_models():
+    from jaxattn.models.registry import check_model_kind, model_config
+
+    cfg = model_config("vit_so400m_patch14_siglip_384.webli")  # (the tag is ignored)
+    assert (cfg.dim, cfg.depth, cfg.pool, cfg.image_size, cfg.grid) == (1152, 27, "map", 384, 27)
+    m = create_model("vit_base_patch16_siglip_224", rngs=nnx.Rngs(0), depth=1, dim=64, heads=4, image_size=32,
+                     num_classes=3, attn_impl="xla")
+    assert m.attn_pool is not None and not m.cfg.has_class_token and m(jnp.zeros((1, 32, 32, 3))).shape == (1, 3)
+    check_model_kind("deit3_small_patch16_224", "image")
+    with pytest.raises(ValueError, match="is an image model"):
+        check_model_kind("vit_small_patch16_224", "lm")
+    with pytest.raises(ValueError, match="a timm ViT architecture"):
+        create_model("vit_nonexistent_patch16_224", rngs=nnx.Rngs(0))
+
+
 def test_prefix_tokens_and_layer_scale():
     """Registers and a class token before the patches (position embedding on the patches only), mean
     pooling over the patches alone, fc_norm after it; attention maps cover every token; LayerScale

@@ -63,12 +63,24 @@ def _folder_type(name: str) -> str | None:
     return hf.hf_model_type(name)
 
 
+def timm_architecture(name: str) -> Any:
+    """The :class:`ViTConfig` of a timm ViT architecture name (``vit_base_patch16_siglip_224``,
+    ``deit3_small_patch16_224``, ...; a ``.tag`` is ignored) as ``timm.create_model(name)`` builds it; None when
+    ``name`` is not one (:func:`jaxattn.models.timm_hub.vit_arch_args`)."""
+    from jaxattn.models.timm_hub import config_from_hf, vit_arch_args
+
+    if not isinstance(name, str) or vit_arch_args(name.split(".")[0]) is None:
+        return None
+    return config_from_hf({"architecture": name})
+
+
 def model_config(name: str) -> Any:
-    """The config of a registered model, or of the model in a Hugging Face / timm folder; None for neither."""
+    """The config of a registered model, of the model in a Hugging Face / timm folder, or of a timm ViT
+    architecture name; None for none of them."""
     if name in MODEL_CONFIGS:
         return MODEL_CONFIGS[name]
     if _folder_type(name) is None:
-        return None
+        return timm_architecture(name)
     from jaxattn.models import hf
 
     return hf.read_config(name)
@@ -78,29 +90,31 @@ def check_model_kind(name: str, kind: str) -> None:
     """A ValueError naming what ``name`` is when it is not a model of ``kind`` (the task ``lm`` or
     ``image``): a registered name or a Hugging Face / timm folder; the error lists the task's models."""
     folder = _folder_type(name)
-    is_lm = hasattr(model_config(name), "vocab_size") if folder or name in MODEL_CONFIGS else None
+    known = folder or name in MODEL_CONFIGS or timm_architecture(name) is not None
+    is_lm = hasattr(model_config(name), "vocab_size") if known else None
     if is_lm == (kind == "lm"):
         return
     if folder:
         what = "a timm image model" if folder == "timm" else f"a {folder} language model"
     else:
-        what = ("an image model" if kind == "lm" else "a language model") if name in MODEL_CONFIGS \
-            else "not a registered model or a Hugging Face folder"
+        what = ("an image model" if kind == "lm" else "a language model") if known \
+            else "not a registered model, a timm ViT architecture or a Hugging Face folder"
     raise ValueError(f"--model {name!r} is {what}; `{kind}` trains one of {models_of_kind(kind)} (or a folder)")
 
 
 def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> nnx.Module:
-    """Builds a registered model, or loads the pretrained one of a Hugging Face / timm folder
-    (:func:`jaxattn.models.hf.load_pretrained`); ``overrides`` replace config fields (e.g.
-    ``vocab_size=256``; None: keep the config's)."""
+    """Builds a registered model or a timm ViT architecture (``vit_so400m_patch14_siglip_384``: fresh weights),
+    or loads the pretrained one of a Hugging Face / timm folder (:func:`jaxattn.models.hf.load_pretrained`);
+    ``overrides`` replace config fields (e.g. ``vocab_size=256``; None: keep the config's)."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if name not in MODEL_CONFIGS and _folder_type(name) is not None:
         from jaxattn.models import hf
 
         return hf.load_pretrained(name, **overrides)
-    if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_CONFIGS)} or a Hugging Face folder")
-    cfg = MODEL_CONFIGS[name]
+    cfg = MODEL_CONFIGS.get(name) or timm_architecture(name)
+    if cfg is None:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_CONFIGS)}, a timm ViT architecture "
+                         "(e.g. vit_base_patch16_224) or a Hugging Face folder")
     try:
         cfg = dataclasses.replace(cfg, **overrides)
     except TypeError as e:

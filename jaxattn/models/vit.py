@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -496,7 +496,8 @@ class ViT(nnx.Module):
         if not jnp.issubdtype(images.dtype, jnp.floating):
             raise ValueError(f"images must be floating point (normalised), got dtype {jnp.dtype(images.dtype).name}")
 
-    def _tokens(self, images: jax.Array, return_attention: bool) -> tuple[jax.Array, list[jax.Array]]:
+    def _embed(self, images: jax.Array) -> jax.Array:
+        """The blocks' input: patch tokens, prefix tokens, position embedding (``norm_pre``, token gates)."""
         self._check_images(images)
         dtype = jnp.dtype(self.cfg.dtype)
         x = self.patch_embed(images.astype(dtype))
@@ -510,7 +511,10 @@ class ViT(nnx.Module):
             x = jnp.concatenate(prefix + [x + pos], axis=1)
         else:
             x = jnp.concatenate(prefix + [x], axis=1) + pos
-        x = _apply(self.token_gate, _apply(self.norm_pre, _apply(self.pos_drop, x)))
+        return _apply(self.token_gate, _apply(self.norm_pre, _apply(self.pos_drop, x)))
+
+    def _tokens(self, images: jax.Array, return_attention: bool) -> tuple[jax.Array, list[jax.Array]]:
+        x = self._embed(images)
         weights = []
         run = remat_blocks(self.cfg.remat, lambda block, x: block(x))
         for block in self.blocks:
@@ -520,6 +524,41 @@ class ViT(nnx.Module):
             else:
                 x = run(block, x)
         return _apply(self.norm, x), weights
+
+    def intermediates(self, images: jax.Array, indices: int | Sequence[int] | None = None, *, norm: bool = False,
+                      return_prefix_tokens: bool = False, output_fmt: Literal["NHWC", "NLC"] = "NHWC") -> list[Any]:
+        """Block outputs for dense tasks and multi-layer probes (timm's ``forward_intermediates`` with
+        ``intermediates_only=True``): ``indices`` an int ``n`` takes the last ``n`` blocks, a sequence those
+        blocks (negative: from the end), None every block; in block order. ``norm`` applies the final norm.
+        Each item is the patch tokens as a grid ``[B, H/p, W/p, dim]`` (NHWC; ``output_fmt="NLC"``:
+        ``[B, (H/p)(W/p), dim]``), or ``(patches, prefix)`` with ``return_prefix_tokens`` (``prefix
+        [B, num_prefix_tokens, dim]``: class and register tokens). Blocks after the last one taken are not run."""
+        depth = len(self.blocks)
+        if indices is None:
+            take = list(range(depth))
+        elif isinstance(indices, (int, np.integer)):
+            if not 0 < indices <= depth:
+                raise ValueError(f"indices: an int takes the last n blocks, 1 <= n <= depth {depth}, got {indices}")
+            take = list(range(depth - int(indices), depth))
+        else:
+            take = sorted({int(i) + depth if int(i) < 0 else int(i) for i in indices})
+            if not take or take[0] < 0 or take[-1] >= depth:
+                raise ValueError(f"indices must be block numbers in [-{depth}, {depth}) (depth {depth}), got {indices}")
+        if output_fmt not in ("NHWC", "NLC"):
+            raise ValueError(f"output_fmt must be 'NHWC' or 'NLC', got {output_fmt!r}")
+        x, out, prefix = self._embed(images), [], self.cfg.num_prefix_tokens
+        grid = (images.shape[1] // self.cfg.patch_size, images.shape[2] // self.cfg.patch_size)
+        for i, block in enumerate(self.blocks):
+            if i > take[-1]:
+                break
+            x = block(x)
+            if i in take:
+                y = _apply(self.norm, x) if norm else x
+                patches = y[:, prefix:]
+                if output_fmt == "NHWC":
+                    patches = patches.reshape(y.shape[0], *grid, y.shape[-1])
+                out.append((patches, y[:, :prefix]) if return_prefix_tokens else patches)
+        return out
 
     def features(self, images: jax.Array) -> jax.Array:
         """Tokens after the final norm (none with ``fc_norm``), ``[B, prefix + N, dim]`` in the compute dtype."""
