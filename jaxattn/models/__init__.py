@@ -1,5 +1,6 @@
 """Flax NNX models built on jaxattn's ops."""
 
+from jaxattn.models.eva import Eva, EvaConfig
 from jaxattn.models.halonet import HaloAttn, HaloNet, HaloNetConfig, load_timm_state_dict, to_timm_state_dict
 from jaxattn.models.gpt import GPT, GPTConfig
 from jaxattn.models.landmark import LandmarkGPT, LandmarkGPTConfig
@@ -13,7 +14,7 @@ from jaxattn.models.tnl import TNL, TNLConfig, tnl_slopes
 from jaxattn.models.vit import ViT, ViTConfig
 
 __all__ = [
-    "HaloAttn", "HaloNet", "HaloNetConfig", "load_timm_state_dict", "to_timm_state_dict",
+    "Eva", "EvaConfig", "HaloAttn", "HaloNet", "HaloNetConfig", "load_timm_state_dict", "to_timm_state_dict",
     "AttentiveProbe", "EfficientProbe", "LinearProbe",
     "MoHAttention", "MoHViT", "MoHViTConfig",
     "GPT", "GPTConfig", "LandmarkGPT", "LandmarkGPTConfig", "L2ViT", "L2ViTConfig", "MODEL_CONFIGS", "Sparsifiner", "SparsifinerConfig", "TNL", "TNLConfig", "create_model", "generate", "sample_logits", "supports_generation", "tnl_slopes", "ViT", "ViTConfig"]

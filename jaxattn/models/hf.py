@@ -216,15 +216,16 @@ def save_pretrained(model: nnx.Module, folder: str | Path) -> None:
     from jaxattn.models.halonet import HaloNet
     from jaxattn.models.tnl import TNL
     from jaxattn.models.vit import ViT
+    from jaxattn.models.eva import Eva
 
     if isinstance(model, TNL):
         conv = tnl_hf
     elif type(model) is GPT:
         conv = gpt_hf
-    elif type(model) in (ViT, HaloNet):
+    elif type(model) in (ViT, Eva, HaloNet):
         conv = timm_hub
     else:
-        raise ValueError(f"save_pretrained takes a TNL, GPT, ViT or HaloNet model, got {type(model).__name__}")
+        raise ValueError(f"save_pretrained takes a TNL, GPT, ViT, Eva or HaloNet model, got {type(model).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(conv.hf_config(model.cfg), indent=2) + "\n")

@@ -7,6 +7,7 @@ from typing import Any
 
 from flax import nnx
 
+from jaxattn.models.eva import EVA_CONFIGS, Eva, EvaConfig
 from jaxattn.models.halonet import HALONET_CONFIGS, HaloNet, HaloNetConfig
 from jaxattn.models.gpt import GPT, GPTConfig
 from jaxattn.models.landmark import LandmarkGPT, LandmarkGPTConfig
@@ -40,6 +41,8 @@ MODEL_CONFIGS: dict[str, Any] = {
                                 sink=16),
     # ViT: vit-tiny (CPU, 32x32 grey digits), vit-ti16 / vit-s16 / vit-b16 (paper / timm); see vit.py.
     **VIT_CONFIGS,
+    # EVA-02: rotary attention, SwiGLU MLP (eva02-tiny: CPU-sized; timm's EVA-02 folders load); see eva.py.
+    **EVA_CONFIGS,
     # Sparsifiner: vit-tiny with a learned top-k connectivity predictor; see sparsifiner.py.
     **SPARSIFINER_CONFIGS,
     # MoH-ViT: ViT with Mixture-of-Head attention: moh-vit-tiny (CPU), moh-vit-s / moh-vit-b; see moh.py.
@@ -67,9 +70,10 @@ def timm_architecture(name: str) -> Any:
     """The :class:`ViTConfig` of a timm ViT architecture name (``vit_base_patch16_siglip_224``,
     ``deit3_small_patch16_224``, ...; a ``.tag`` is ignored) as ``timm.create_model(name)`` builds it; None when
     ``name`` is not one (:func:`jaxattn.models.timm_hub.vit_arch_args`)."""
-    from jaxattn.models.timm_hub import config_from_hf, vit_arch_args
+    from jaxattn.models.timm_hub import config_from_hf, eva_arch_args, vit_arch_args
 
-    if not isinstance(name, str) or vit_arch_args(name.split(".")[0]) is None:
+    if not isinstance(name, str) or (vit_arch_args(name.split(".")[0]) is None
+                                     and eva_arch_args(name.split(".")[0]) is None):
         return None
     return config_from_hf({"architecture": name})
 
@@ -129,6 +133,8 @@ def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> nnx.Module:
         return HaloNet(cfg, rngs=rngs)
     if isinstance(cfg, MoHViTConfig):  # before ViTConfig: it is a subclass
         return MoHViT(cfg, rngs=rngs)
+    if isinstance(cfg, EvaConfig):  # before ViTConfig: it is a subclass
+        return Eva(cfg, rngs=rngs)
     if isinstance(cfg, SparsifinerConfig):  # before ViTConfig: it is a subclass
         return Sparsifiner(cfg, rngs=rngs)
     if isinstance(cfg, ViTConfig):

@@ -1,6 +1,6 @@
 """timm's Hugging Face hub folders (``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``, ``timm/halonet26t...``:
 ``config.json`` with ``architecture`` / ``model_args`` / ``pretrained_cfg``, and ``model.safetensors`` or
-``pytorch_model.bin``) -> :class:`ViT` / :class:`HaloNet`, through :func:`jaxattn.models.hf.load_pretrained`.
+``pytorch_model.bin``) -> :class:`ViT` / :class:`Eva` / :class:`HaloNet`, through :func:`jaxattn.models.hf.load_pretrained`.
 
 Architectures (:func:`vit_arch_args` knows their timm arguments): the original ViT / AugReg
 ``vit_{size}_patch{P}_{S}``, DeiT ``deit_*`` (not the distilled ones), DeiT III ``deit3_*`` (layer scale,
@@ -8,7 +8,8 @@ position embedding on the patches only), DINOv2 ``vit_{size}_patch14_dinov2`` an
 (layer scale, register tokens; ViT-g with its SwiGLU MLP), timm's mean-pooled ``vit_*_gap_{S}`` and register
 ``vit_*_reg{R}_gap_{S}`` (``fc_norm``), CLIP image towers ``vit_*_clip_*`` (pre-norm, quick GELU), SigLIP image
 towers ``vit_*_siglip_{S}`` (no class token, attention pooling; tanh GELU where timm has it) and
-``vit_*_siglip_gap_{S}``, for sizes tiny ... gigantic, so400m, giantopt; and ``halonet26t``, ``sehalonet33ts``.
+``vit_*_siglip_gap_{S}``, for sizes tiny ... gigantic, so400m, giantopt; EVA-02 ``eva02_{size}_patch14_{S}``
+(:func:`eva_arch_args`, into :class:`Eva`); and ``halonet26t``, ``sehalonet33ts``.
 ``model_args`` that timm records (depth, img_size, patch_size, embed_dim, num_heads, mlp_ratio, qkv_bias,
 class_token, global_pool, reg_tokens, no_embed_class, init_values, fc_norm, qk_norm, act_layer, in_chans,
 num_classes, ...) apply; what the models here do not have (RMSNorm, parallel blocks, ...) raises ``ValueError``.
@@ -30,11 +31,12 @@ import numpy as np
 from flax import nnx
 
 from jaxattn.models import hf
+from jaxattn.models.eva import Eva, EvaConfig
 from jaxattn.models.halonet import HALONET_CONFIGS, HaloNet, HaloNetConfig
 from jaxattn.models.timm_weights import ignore, timm_entries as entries
 from jaxattn.models.vit import ACTIVATIONS, ViT, ViTConfig, resample_pos_embed
 
-__all__ = ["adapt", "config_from_hf", "entries", "hf_config", "preprocessing", "vit_arch_args"]
+__all__ = ["adapt", "config_from_hf", "entries", "eva_arch_args", "hf_config", "preprocessing", "vit_arch_args"]
 
 _VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "medium": (512, 12, 8), "mediumd": (512, 20, 8),
               "betwixt": (640, 12, 10), "base": (768, 12, 12), "large": (1024, 24, 16), "huge": (1280, 32, 16),
@@ -97,6 +99,61 @@ def vit_arch_args(arch: str) -> dict[str, Any] | None:
     return None
 
 
+_EVA_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+_EVA_ARCH = re.compile(r"eva02_(?P<size>tiny|small|base|large)_patch(?P<patch>14)_(?P<img>\d+)")
+# timm Eva arguments with the value EvaConfig implements (others: refused), and what they map to
+_EVA_FIXED = {"swiglu_mlp": True, "use_rot_pos_emb": True, "use_abs_pos_emb": True, "rope_type": "cat",
+              "rope_grid_indexing": "ij", "rope_grid_offset": 0.0, "rope_rotate_half": False, "scale_attn_inner": False,
+              "use_post_norm": False, "attn_type": "eva", "swiglu_align_to": 0, "use_pre_transformer_norm": False,
+              "attn_only_layer_scale": False, "init_values": None, "use_post_transformer_norm": None,
+              "num_kv_heads": None, "gated_attn": False, "attn_head_dim": None}
+_EVA_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qkv_fused",
+             "scale_mlp", "ref_feat_shape", "global_pool", "class_token", "use_fc_norm", "num_reg_tokens",
+             "no_embed_class", "dynamic_img_size", "qk_norm", "rope_temperature", "head_init_scale")
+
+
+def eva_arch_args(arch: str) -> dict[str, Any] | None:
+    """timm's ``model_args`` of the EVA-02 architecture ``arch`` (``eva02_{size}_patch14_{S}``; None: not one)."""
+    if not (m := _EVA_ARCH.fullmatch(arch)):
+        return None
+    dim, depth, heads = _EVA_SIZES[m["size"]]
+    args = {"img_size": int(m["img"]), "patch_size": int(m["patch"]), "embed_dim": dim, "depth": depth,
+            "num_heads": heads, "mlp_ratio": 4 * 2 / 3, "swiglu_mlp": True, "use_rot_pos_emb": True,
+            "ref_feat_shape": (16, 16)}
+    if m["size"] in ("base", "large"):  # split q / k / v projections, LayerNorm inside the SwiGLU
+        args.update(qkv_fused=False, scale_mlp=True)
+    return args
+
+
+def _eva_config(args: dict[str, Any], num_classes: int, in_chans: int, input_size: Any) -> EvaConfig:
+    """An :class:`EvaConfig` from timm ``Eva`` arguments (its defaults where absent)."""
+    args = {k: v for k, v in args.items() if k not in _VIT_IGNORED}
+    bad = {k: v for k, v in args.items() if k in _EVA_FIXED and v != _EVA_FIXED[k]
+           and not (k == "init_values" and not v)}
+    unknown = sorted(set(args) - set(_EVA_FIXED) - set(_EVA_ARGS))
+    if bad or unknown:
+        raise ValueError(f"config.json: model_args {bad or unknown} are not supported by jaxattn's EVA-02")
+    pool, class_token = args.get("global_pool", "avg"), bool(args.get("class_token", True))
+    if pool not in ("avg", "token"):
+        raise ValueError(f"config.json: global_pool {pool!r}: jaxattn's EVA-02 pools by 'avg' or 'token'")
+    if pool == "token" and not class_token:
+        raise ValueError("config.json: global_pool 'token' needs class_token=True")
+    ref = args.get("ref_feat_shape")
+    fc_norm = args.get("use_fc_norm")
+    return EvaConfig(image_size=_size(args.get("img_size", input_size or 224), "img_size"),
+                     patch_size=int(args.get("patch_size", 16)), in_channels=in_chans, num_classes=num_classes,
+                     dim=int(args.get("embed_dim", 768)), depth=int(args.get("depth", 12)),
+                     heads=int(args.get("num_heads", 12)), mlp_ratio=float(args.get("mlp_ratio", 4.0)),
+                     qkv_bias=bool(args.get("qkv_bias", True)), pool="cls" if pool == "token" else "mean",
+                     class_token=class_token, reg_tokens=int(args.get("num_reg_tokens", 0)),
+                     no_embed_class=bool(args.get("no_embed_class", False)),
+                     fc_norm=pool == "avg" if fc_norm is None else bool(fc_norm),
+                     dynamic_img_size=bool(args.get("dynamic_img_size", False)), qk_norm=bool(args.get("qk_norm", False)),
+                     rope_ref_grid=None if ref is None else _size(ref, "ref_feat_shape"),
+                     rope_temperature=float(args.get("rope_temperature", 10000.0)),
+                     qkv_split=not args.get("qkv_fused", True), mlp_norm=bool(args.get("scale_mlp", False)))
+
+
 def _size(value: Any, what: str) -> int:
     """timm's int or (h, w) image size; square only."""
     if isinstance(value, (list, tuple)):
@@ -106,7 +163,7 @@ def _size(value: Any, what: str) -> int:
     return int(value)
 
 
-def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> ViTConfig | HaloNetConfig:
+def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> ViTConfig | EvaConfig | HaloNetConfig:
     """The model config of a timm ``config.json``; ``overrides`` set jaxattn-only fields (``dtype``,
     ``attn_impl``, ``quantized``, ...)."""
     arch = str(raw.get("architecture", "")).split(".")[0]
@@ -128,10 +185,15 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> ViTConfig | Halo
             arch_args["global_pool"] = pool
         arch_args.update(args)
         cfg = _vit_config(arch_args, num_classes, in_chans, (pre.get("input_size") or [3, 224, 224])[1:])
+    elif (arch_args := eva_arch_args(arch)) is not None:
+        if pool is not None:
+            arch_args["global_pool"] = pool
+        arch_args.update(args)
+        cfg = _eva_config(arch_args, num_classes, in_chans, (pre.get("input_size") or [3, 224, 224])[1:])
     else:
         raise ValueError(f"config.json: timm architecture {arch!r} is not one jaxattn converts "
                          "(ViT: vit_ / deit_ / deit3_{size}_patch{P}_{S}, vit_*_dinov2, vit_*_gap_{S}, vit_*_reg{R}_gap_{S}, "
-                         "vit_*_clip_{S}, vit_*_siglip(_gap)_{S}; "
+                         "vit_*_clip_{S}, vit_*_siglip(_gap)_{S}; eva02_{size}_patch14_{S}; "
                          "halonet26t, sehalonet33ts)")
     return hf.with_overrides(cfg, overrides)
 
@@ -179,6 +241,8 @@ def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
            "num_classes": cfg.num_classes}
     args: dict[str, Any] = {"num_classes": cfg.num_classes, "in_chans": cfg.in_channels}
     # (timm.create_model drops None arguments, so "none" is written as a value the architecture cannot override)
+    if isinstance(cfg, EvaConfig):
+        return _eva_hf_config(cfg, pre)
     if isinstance(cfg, HaloNetConfig):
         task = {"num_classes", "in_channels", "image_size", "dtype", "attn_impl", "remat"}
         arch = next((n for n in ("halonet26t", "sehalonet33ts") if all(
@@ -205,6 +269,26 @@ def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
                     fc_norm=cfg.fc_norm, dynamic_img_size=cfg.dynamic_img_size, pre_norm=cfg.pre_norm,
                     act_layer=cfg.mlp_act, qk_norm=cfg.qk_norm)
     return {"architecture": arch, "num_classes": cfg.num_classes, "global_pool": args["global_pool"],
+            "model_args": args, "pretrained_cfg": pre}
+
+
+def _eva_hf_config(cfg: EvaConfig, pre: dict[str, Any]) -> dict[str, Any]:
+    """timm's ``config.json`` of an :class:`EvaConfig` (every option in ``model_args``: any combination builds)."""
+    if cfg.norm_eps != 1e-6 or cfg.pre_norm or cfg.mlp_act != "silu":
+        raise ValueError("an EVA-02 exports to timm with LayerNorm eps 1e-6, no pre_norm and SiLU (timm's Eva)")
+    if cfg.rope_ref_grid is None and cfg.dynamic_img_size:
+        raise ValueError("rope_ref_grid=None with dynamic_img_size has no timm counterpart (timm's None is "
+                         "dropped by create_model; set rope_ref_grid)")
+    ref = cfg.rope_ref_grid or cfg.grid  # (positions scaled to the grid itself: the patch indices)
+    pool = "token" if cfg.pool == "cls" else "avg"
+    args = {"num_classes": cfg.num_classes, "in_chans": cfg.in_channels, "img_size": cfg.image_size,
+            "patch_size": cfg.patch_size, "embed_dim": cfg.dim, "depth": cfg.depth, "num_heads": cfg.heads,
+            "mlp_ratio": cfg.mlp_ratio, "qkv_bias": cfg.qkv_bias, "qkv_fused": not cfg.qkv_split,
+            "scale_mlp": cfg.mlp_norm, "ref_feat_shape": [ref, ref], "global_pool": pool,
+            "class_token": cfg.has_class_token, "use_fc_norm": cfg.fc_norm, "num_reg_tokens": cfg.reg_tokens,
+            "no_embed_class": cfg.no_embed_class, "dynamic_img_size": cfg.dynamic_img_size, "qk_norm": cfg.qk_norm,
+            "rope_temperature": cfg.rope_temperature}
+    return {"architecture": "eva02_base_patch14_224", "num_classes": cfg.num_classes, "global_pool": pool,
             "model_args": args, "pretrained_cfg": pre}
 
 
@@ -250,8 +334,10 @@ def adapt(cfg: ViTConfig | HaloNetConfig, state_dict: Mapping[str, Any]) -> tupl
 
 def load(cfg: ViTConfig | HaloNetConfig, state_dict: Mapping[str, Any], *, strict: bool, where: str,
          param_dtype: Any = None):
-    build = (lambda: HaloNet(cfg, rngs=nnx.Rngs(0))) if isinstance(cfg, HaloNetConfig) \
-        else (lambda: ViT(cfg, rngs=nnx.Rngs(0)))
+    model_class = HaloNet if isinstance(cfg, HaloNetConfig) else Eva if isinstance(cfg, EvaConfig) else ViT
+
+    def build():
+        return model_class(cfg, rngs=nnx.Rngs(0))
     sd, fresh = adapt(cfg, state_dict)
 
     def kept(model):  # a fresh classifier keeps the model's own initialisation

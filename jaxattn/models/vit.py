@@ -463,11 +463,17 @@ class ViT(nnx.Module):
         self.norm_pre = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps) if cfg.pre_norm else None
         self.token_gate = TokenGate(cfg.num_tokens, rngs=rngs) if cfg.gates == "tokens" else None
         rates = np.linspace(0.0, cfg.drop_path, cfg.depth)  # as timm (depth 1: rate 0)
-        self.blocks = nnx.List([Block(cfg, float(r), rngs=rngs) for r in rates])
+        self.blocks = nnx.List([self.block_class(cfg, float(r), rngs=rngs) for r in rates])
         self.norm = None if cfg.fc_norm else _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps)
         self.attn_pool = AttentionPool(cfg, rngs=rngs) if cfg.pool == "map" else None
         self.fc_norm = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps) if cfg.fc_norm else None
         self.head = _linear(cfg.dim, cfg.num_classes, dtype, rngs) if cfg.num_classes > 0 else None
+
+    block_class = Block  # (a subclass's blocks: jaxattn.models.eva)
+
+    def _block_extras(self, grid: tuple[int, int]) -> dict[str, Any]:
+        """Keyword arguments every block gets for a patch grid (none here; rotary embeddings in :class:`Eva`)."""
+        return {}
 
     def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs) -> None:
         """Replaces the head by a fresh one with ``num_classes`` outputs (0: none)."""
@@ -504,7 +510,7 @@ class ViT(nnx.Module):
         prefix = [jnp.broadcast_to(t[...].astype(dtype), (x.shape[0],) + t.shape[1:])
                   for t in (self.cls_token, self.reg_token) if t is not None]
         pos = self.pos_embed[...].astype(dtype)
-        grid = (images.shape[1] // self.cfg.patch_size, images.shape[2] // self.cfg.patch_size)
+        grid = self._grid(images)
         if grid != (self.cfg.grid, self.cfg.grid):  # (dynamic_img_size)
             pos = resample_pos_embed(pos, grid, 0 if self.cfg.no_embed_class else self.cfg.num_prefix_tokens)
         if self.cfg.no_embed_class:  # timm: add to the patches, then prepend the prefix tokens
@@ -513,13 +519,16 @@ class ViT(nnx.Module):
             x = jnp.concatenate(prefix + [x], axis=1) + pos
         return _apply(self.token_gate, _apply(self.norm_pre, _apply(self.pos_drop, x)))
 
+    def _grid(self, images: jax.Array) -> tuple[int, int]:
+        return images.shape[1] // self.cfg.patch_size, images.shape[2] // self.cfg.patch_size
+
     def _tokens(self, images: jax.Array, return_attention: bool) -> tuple[jax.Array, list[jax.Array]]:
         x = self._embed(images)
-        weights = []
-        run = remat_blocks(self.cfg.remat, lambda block, x: block(x))
+        weights, extras = [], self._block_extras(self._grid(images))
+        run = remat_blocks(self.cfg.remat, lambda block, x: block(x, **extras))
         for block in self.blocks:
             if return_attention:
-                x, w = block(x, return_attention=True)
+                x, w = block(x, return_attention=True, **extras)
                 weights.append(w)
             else:
                 x = run(block, x)
@@ -547,11 +556,12 @@ class ViT(nnx.Module):
         if output_fmt not in ("NHWC", "NLC"):
             raise ValueError(f"output_fmt must be 'NHWC' or 'NLC', got {output_fmt!r}")
         x, out, prefix = self._embed(images), [], self.cfg.num_prefix_tokens
-        grid = (images.shape[1] // self.cfg.patch_size, images.shape[2] // self.cfg.patch_size)
+        grid = self._grid(images)
+        extras = self._block_extras(grid)
         for i, block in enumerate(self.blocks):
             if i > take[-1]:
                 break
-            x = block(x)
+            x = block(x, **extras)
             if i in take:
                 y = _apply(self.norm, x) if norm else x
                 patches = y[:, prefix:]

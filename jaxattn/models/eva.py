@@ -1,0 +1,216 @@
+"""EVA-02 (Fang et al. 2024, "EVA-02: A Visual Representation for Neon Genesis") in Flax NNX: a ViT whose
+attention rotates queries and keys with 2-D axial rotary position embeddings and whose MLP is a SwiGLU.
+
+:class:`Eva` is a :class:`ViT` (same patch embedding, class token, learned absolute position embedding,
+pre-norm blocks, pooling, head, ``intermediates``, ``dynamic_img_size``) with :class:`EvaBlock` blocks, as
+timm's ``Eva`` builds EVA-02 (``eva02_{tiny,small,base,large}_patch14_{224,336,448}``):
+
+* rotary embeddings (timm's ``RotaryEmbeddingCat``, interleaved pairs): head dim ``d``, ``d / 4`` frequencies
+  ``1 / temperature^(i / (d/4))``; patch ``(r, c)`` of an ``h x w`` grid sits at ``(r * ref / h, c * ref / w)``
+  (``rope_ref_grid``: EVA's ``ref_feat_shape``, the pretraining grid, so that a fine-tune at another size
+  sees the positions it was trained on; None: ``(r, c)``); the angles are ``[r f_0 .. r f_{d/4-1},
+  c f_0 .. c f_{d/4-1}]``, each repeated twice, and ``x -> x cos + rot(x) sin`` with
+  ``rot([x0, x1, ...]) = [-x1, x0, -x3, x2, ...]`` on the patch tokens' queries and keys (not the prefix
+  tokens'); computed in fp32 for the images' grid on every call;
+* attention projections: one ``qkv`` linear without bias plus ``q_bias`` / ``v_bias`` parameters (keys have
+  no bias; EVA-02 Ti/S), or ``q_proj`` / ``k_proj`` (no bias) / ``v_proj`` (``qkv_split``, EVA-02 B/L);
+* MLP: SwiGLU ``fc2(act(g) * x)`` with ``mlp_dim = int(dim * mlp_ratio)`` hidden units: packed (``fc1``
+  gives ``[g, x]``; ViT's ``glu_mlp``, EVA-02 Ti/S) or split into ``fc1_g`` / ``fc1_x`` with a LayerNorm on
+  the hidden units (``mlp_norm``, timm's ``scale_mlp``, EVA-02 B/L).
+
+Module paths are timm's ``state_dict`` keys (``blocks.{i}.attn.qkv``, ``.q_bias``, ``.v_bias``, ``.q_proj``,
+``.k_proj``, ``.v_proj``, ``.proj``, ``blocks.{i}.mlp.fc1_g``, ``.fc1_x``, ``.norm``, ``.fc2``, ``fc_norm``,
+``head``, ...); timm hub folders load through :func:`jaxattn.models.hf.load_pretrained`. Initialisation as
+timm's: the ViT's, with each block's ``attn.proj`` and ``mlp.fc2`` divided by ``sqrt(2 * (i + 1))``, the
+SwiGLU's value half (packed) or gate (split) near zero with bias 1, the head scaled by 0.001.
+Not implemented: timm's other ``Eva`` models (EVA-02 CLIP's inner attention norm, DINOv3 and RoPE-ViT
+embeddings, post-norm blocks, layer scale).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxattn.models.vit import (ACTIVATIONS, MLP, AttentionDropout, DropPath, ViT, ViTConfig, _apply, _dropout,
+                                _layer_norm, _linear, activated_linear)
+from jaxattn.ops.attention import attention
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaConfig(ViTConfig):
+    """:class:`ViTConfig` plus EVA-02's attention and MLP options (defaults: EVA-02 B/L; timm's ``Eva``
+    defaults are mean pooling with ``fc_norm`` and the class token kept)."""
+
+    pool: Literal["cls", "mean", "map"] = "mean"
+    class_token: bool | None = True
+    fc_norm: bool = True
+    mlp_ratio: float = 4 * 2 / 3  # the SwiGLU's hidden width (packed: fc1 gives twice as many)
+    mlp_act: Literal["gelu", "quick_gelu", "gelu_tanh", "silu"] = "silu"
+    rope_ref_grid: int | None = 16  # EVA's ref_feat_shape (the pretraining grid); None: patch indices
+    rope_temperature: float = 10000.0
+    qkv_split: bool = True  # q_proj / k_proj / v_proj (EVA-02 B/L); False: one qkv plus q_bias / v_bias
+    mlp_norm: bool = True  # split SwiGLU with a LayerNorm on its hidden units (EVA-02 B/L); False: packed
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.pool == "map" or self.gates != "none" or self.layer_scale is not None or self.glu_mlp:
+            raise ValueError("EvaConfig: pool='map', gates, layer_scale and glu_mlp are not EVA-02 options (its MLP "
+                             "is always a SwiGLU: packed with mlp_norm=False, split with mlp_norm=True)")
+        if self.head_dim % 4:
+            raise ValueError(f"EvaConfig: 2-D rotary embeddings need a head dim divisible by 4, got {self.head_dim}")
+        if self.rope_ref_grid is not None and self.rope_ref_grid < 1:
+            raise ValueError(f"rope_ref_grid must be None or >= 1, got {self.rope_ref_grid}")
+        if not self.rope_temperature > 0:
+            raise ValueError(f"rope_temperature must be > 0, got {self.rope_temperature}")
+
+
+def rope_sin_cos(grid: tuple[int, int], head_dim: int, ref_grid: int | None = None,
+                 temperature: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+    """EVA's 2-D rotary embedding of an ``h x w`` patch grid (row-major): ``(sin, cos)``, each
+    ``[h * w, head_dim]`` fp32 in the interleaved layout (module docstring)."""
+    bands = 1.0 / temperature ** (jnp.arange(head_dim // 4, dtype=jnp.float32) / (head_dim // 4))
+    t = [jnp.arange(n, dtype=jnp.float32) * (1.0 if ref_grid is None else ref_grid / n) for n in grid]
+    rows, cols = jnp.meshgrid(*t, indexing="ij")
+    angles = jnp.concatenate([rows.reshape(-1, 1) * bands, cols.reshape(-1, 1) * bands], axis=-1)
+    angles = jnp.repeat(angles, 2, axis=-1)  # [f0, f0, f1, f1, ...]
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array], num_prefix: int) -> jax.Array:
+    """``x [B, prefix + N, heads, d]``: the patch tokens rotated (``x cos + rot(x) sin``, fp32), the prefix kept."""
+    sin, cos = (r[None, :, None, :] for r in rope)
+    p = x[:, num_prefix:].astype(jnp.float32)
+    rot = jnp.stack([-p[..., 1::2], p[..., 0::2]], axis=-1).reshape(p.shape)
+    return jnp.concatenate([x[:, :num_prefix], (p * cos + rot * sin).astype(x.dtype)], axis=1)
+
+
+class EvaAttention(nnx.Module):
+    """Multi-head self-attention with rotary queries and keys on ``jaxattn.attention``; ``[B, N, dim]`` in and out."""
+
+    def __init__(self, cfg: EvaConfig, *, rngs: nnx.Rngs):
+        dtype, dim = jnp.dtype(cfg.dtype), cfg.dim
+        self.heads, self.head_dim, self.impl = cfg.heads, cfg.head_dim, cfg.attn_impl
+        self.num_prefix, self.quantized = cfg.num_prefix_tokens, cfg.quantized
+        if cfg.qkv_split:
+            self.q_proj = _linear(dim, dim, dtype, rngs, bias=cfg.qkv_bias)
+            self.k_proj = _linear(dim, dim, dtype, rngs, bias=False)
+            self.v_proj = _linear(dim, dim, dtype, rngs, bias=cfg.qkv_bias)
+        else:
+            self.qkv = _linear(dim, 3 * dim, dtype, rngs, bias=False)
+            self.q_bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if cfg.qkv_bias else None
+            self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if cfg.qkv_bias else None
+        self.qkv_split = cfg.qkv_split
+        self.q_norm = _layer_norm(cfg.head_dim, dtype, rngs, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = _layer_norm(cfg.head_dim, dtype, rngs, cfg.norm_eps) if cfg.qk_norm else None
+        self.proj = _linear(dim, dim, dtype, rngs)
+        self.proj_drop = _dropout(cfg.dropout, rngs)
+        self.attn_drop = AttentionDropout(cfg.attn_drop, rngs=rngs)
+
+    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        b, n, _ = x.shape
+        split = (b, n, self.heads, self.head_dim)
+        if self.qkv_split:
+            return tuple(p(x).reshape(split) for p in (self.q_proj, self.k_proj, self.v_proj))
+        qkv = self.qkv(x)
+        if self.q_bias is not None:  # (keys have no bias)
+            zeros = jnp.zeros_like(self.q_bias[...])
+            qkv = qkv + jnp.concatenate([self.q_bias[...], zeros, self.v_bias[...]]).astype(qkv.dtype)
+        qkv = qkv.reshape(b, n, 3, self.heads, self.head_dim)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+    def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array], return_attention: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        b, n, _ = x.shape
+        q, k, v = self._qkv(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, rope, self.num_prefix), apply_rope(k, rope, self.num_prefix)
+        if self.quantized:
+            from jaxattn.ops.sage import sage_attention
+
+            o = sage_attention(q, k, v, impl=self.impl)
+        else:
+            o = attention(q, k, v, impl=self.impl, **self.attn_drop())
+        out = _apply(self.proj_drop, self.proj(o.reshape(b, n, -1)))
+        if not return_attention:
+            return out
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+        return out, jax.nn.softmax(logits * self.head_dim ** -0.5, axis=-1)
+
+
+class SwiGLU(nnx.Module):
+    """timm's split ``SwiGLU``: ``fc2(norm(act(fc1_g(x)) * fc1_x(x)))`` (``norm``: a LayerNorm on the hidden units)."""
+
+    def __init__(self, dim: int, hidden: int, *, act: str, norm: bool, eps: float, dropout: float, dtype: Any,
+                 rngs: nnx.Rngs):
+        self.act = act
+        self.fc1_g = _linear(dim, hidden, dtype, rngs)
+        self.fc1_x = _linear(dim, hidden, dtype, rngs)
+        self.fc1_g.kernel[...] = nnx.initializers.normal(1e-6)(rngs.params(), (dim, hidden))  # timm's init_weights
+        self.fc1_g.bias[...] = jnp.ones((hidden,), jnp.float32)
+        self.norm = _layer_norm(hidden, dtype, rngs, eps) if norm else None
+        self.fc2 = _linear(hidden, dim, dtype, rngs)
+        self.drop1 = _dropout(dropout, rngs)
+        self.drop2 = _dropout(dropout, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = activated_linear(self.fc1_g, x, ACTIVATIONS[self.act]) * self.fc1_x(x)
+        return _apply(self.drop2, self.fc2(_apply(self.norm, _apply(self.drop1, h))))
+
+
+class EvaBlock(nnx.Module):
+    """Pre-norm block ``x += attn(norm1(x), rope)``, ``x += mlp(norm2(x))`` (stochastic depth on both)."""
+
+    def __init__(self, cfg: EvaConfig, drop_path: float = 0.0, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        self.norm1 = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps)
+        self.attn = EvaAttention(cfg, rngs=rngs)
+        self.norm2 = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps)
+        if cfg.mlp_norm:
+            self.mlp = SwiGLU(cfg.dim, cfg.mlp_dim, act=cfg.mlp_act, norm=True, eps=cfg.norm_eps, dropout=cfg.dropout,
+                              dtype=dtype, rngs=rngs)
+        else:  # packed: fc1 gives [gate, value] (timm's GluMlp, gate first)
+            self.mlp = MLP(cfg.dim, 2 * cfg.mlp_dim, dropout=cfg.dropout, dtype=dtype, act=cfg.mlp_act, glu=True,
+                           rngs=rngs)
+        self.drop_path = DropPath(drop_path, rngs=rngs) if drop_path > 0 else None
+
+    def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array], return_attention: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        h = self.attn(self.norm1(x), rope=rope, return_attention=return_attention)
+        h, w = h if return_attention else (h, None)
+        x = x + _apply(self.drop_path, h)
+        x = x + _apply(self.drop_path, self.mlp(self.norm2(x)))
+        return (x, w) if return_attention else x
+
+
+class Eva(ViT):
+    """EVA-02 image classifier: :class:`ViT` with :class:`EvaBlock` blocks (rotary attention, SwiGLU MLP)."""
+
+    block_class = EvaBlock
+
+    def __init__(self, cfg: EvaConfig, *, rngs: nnx.Rngs):
+        if not isinstance(cfg, EvaConfig):
+            raise ValueError(f"Eva needs an EvaConfig, got {type(cfg).__name__}")
+        super().__init__(cfg, rngs=rngs)
+        for i, block in enumerate(self.blocks):  # timm's fix_init_weight
+            scale = math.sqrt(2.0 * (i + 1))
+            block.attn.proj.kernel[...] = block.attn.proj.kernel[...] / scale
+            block.mlp.fc2.kernel[...] = block.mlp.fc2.kernel[...] / scale
+        if self.head is not None:  # timm's head_init_scale
+            self.head.kernel[...] = self.head.kernel[...] * 1e-3
+
+    def _block_extras(self, grid: tuple[int, int]) -> dict[str, Any]:
+        return {"rope": rope_sin_cos(grid, self.cfg.head_dim, self.cfg.rope_ref_grid, self.cfg.rope_temperature)}
+
+
+# CPU-sized (tests, the image trainer on digits); the paper's sizes load from timm hub folders (timm_hub).
+EVA_CONFIGS: dict[str, EvaConfig] = {
+    "eva02-tiny": EvaConfig(image_size=32, patch_size=4, in_channels=1, num_classes=10, dim=128, depth=4, heads=4,
+                            rope_ref_grid=None),
+}

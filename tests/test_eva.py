@@ -1,0 +1,213 @@
+"""EVA-02 (jaxattn.models.eva): timm's Eva forward written in float64 numpy for both layouts (fused qkv with a
+packed SwiGLU: EVA-02 Ti/S; split q/k/v with a normalised split SwiGLU: B/L) through timm hub folders; rotary
+embedding properties; timm parity, architecture table and export when torch and timm are installed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import assert_close
+from jaxattn.models import Eva, EvaConfig, create_model, hf
+from jaxattn.models.eva import apply_rope, rope_sin_cos
+from jaxattn.models.safetensors_io import write_safetensors
+from jaxattn.models.timm_hub import config_from_hf, eva_arch_args
+from jaxattn.models.timm_weights import to_timm_state_dict
+
+F32 = {jnp.dtype(jnp.float32): (2e-5, 2e-5)}
+PRE = {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.9, "interpolation": "bicubic"}
+
+
+def _ln(x, w, b, eps=1e-6):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
+
+
+def timm_eva_forward(sd, args, images):
+    """timm's ``Eva.forward`` (timm 1.0 ``eva.py``, EVA-02 options) in float64 numpy on its ``state_dict``: patch
+    conv, class token + position embedding, blocks (``EvaAttention`` with ``RotaryEmbeddingCat``'s interleaved
+    rotation of the patch tokens' q and k, positions scaled to ``ref_feat_shape``; fused ``qkv`` + ``q_bias`` /
+    ``v_bias`` or ``q_proj`` / ``k_proj`` / ``v_proj``; ``GluMlp`` (gate first) or ``SwiGLU`` with ``norm``),
+    mean pooling after the class token, ``fc_norm``, ``head``."""
+    w = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+    ln = lambda x, name: _ln(x, w[name + ".weight"], w[name + ".bias"])  # noqa: E731
+    silu = lambda h: h / (1 + np.exp(-h))  # noqa: E731
+    p, heads = args["patch_size"], args["num_heads"]
+    x = np.asarray(images, np.float64)
+    b, hh, ww, c = x.shape
+    grid = (hh // p, ww // p)
+    patches = x.reshape(b, grid[0], p, grid[1], p, c).transpose(0, 1, 3, 5, 2, 4).reshape(b, -1, c * p * p)
+    x = patches @ w["patch_embed.proj.weight"].reshape(len(w["patch_embed.proj.weight"]), -1).T \
+        + w["patch_embed.proj.bias"]
+    x = np.concatenate([np.broadcast_to(w["cls_token"], (b, 1, x.shape[-1])), x], 1) + w["pos_embed"]
+    n, dim = x.shape[1], x.shape[2]
+    d = dim // heads
+    nb = d // 4  # rotary embedding (RotaryEmbeddingCat, in_pixels=False)
+    bands = 1.0 / 10000.0 ** (np.arange(nb) / nb)
+    ref = args["ref_feat_shape"]
+    t = [np.arange(s) / s * r for s, r in zip(grid, ref)]
+    pos = np.stack(np.meshgrid(*t, indexing="ij"), -1)[..., None] * bands  # [h, w, 2, nb]
+    sin, cos = (np.repeat(f(pos).reshape(-1, 2 * nb), 2, -1) for f in (np.sin, np.cos))
+
+    def rope(z):  # [b, heads, n, d]: the class token kept
+        y = z[:, :, 1:]
+        r = np.stack([-y[..., 1::2], y[..., 0::2]], -1).reshape(y.shape)
+        return np.concatenate([z[:, :, :1], y * cos + r * sin], 2)
+
+    for i in range(args["depth"]):
+        g = lambda k: w[f"blocks.{i}.{k}"]  # noqa: E731
+        h = ln(x, f"blocks.{i}.norm1")
+        split = lambda y: y.reshape(b, n, heads, d).transpose(0, 2, 1, 3)  # noqa: E731
+        if f"blocks.{i}.attn.qkv.weight" in w:
+            qkv = h @ g("attn.qkv.weight").T + np.concatenate([g("attn.q_bias"), np.zeros(dim), g("attn.v_bias")])
+            q, k, v = (split(y) for y in np.split(qkv, 3, -1))
+        else:
+            q = split(h @ g("attn.q_proj.weight").T + g("attn.q_proj.bias"))
+            k = split(h @ g("attn.k_proj.weight").T)
+            v = split(h @ g("attn.v_proj.weight").T + g("attn.v_proj.bias"))
+        q, k = rope(q), rope(k)
+        s = q @ k.transpose(0, 1, 3, 2) * d ** -0.5
+        a = np.exp(s - s.max(-1, keepdims=True))
+        o = ((a / a.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(b, n, dim)
+        x = x + o @ g("attn.proj.weight").T + g("attn.proj.bias")
+        h = ln(x, f"blocks.{i}.norm2")
+        if f"blocks.{i}.mlp.fc1_g.weight" in w:
+            h = silu(h @ g("mlp.fc1_g.weight").T + g("mlp.fc1_g.bias")) * (h @ g("mlp.fc1_x.weight").T + g("mlp.fc1_x.bias"))
+            h = ln(h, f"blocks.{i}.mlp.norm")
+        else:
+            h = h @ g("mlp.fc1.weight").T + g("mlp.fc1.bias")
+            h = silu(h[..., :h.shape[-1] // 2]) * h[..., h.shape[-1] // 2:]
+        x = x + h @ g("mlp.fc2.weight").T + g("mlp.fc2.bias")
+    x = ln(x[:, 1:].mean(1), "fc_norm")
+    return x @ w["head.weight"].T + w["head.bias"]
+
+
+SMALL = {"depth": 2, "embed_dim": 64, "num_heads": 4, "img_size": 56, "num_classes": 5}
+
+
+def _folder(tmp_path, raw, sd):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    write_safetensors(tmp_path / "model.safetensors", sd)
+    return tmp_path
+
+
+@pytest.mark.parametrize("arch", ["eva02_tiny_patch14_224", "eva02_base_patch14_224"])
+def test_folder_matches_numpy_timm(tmp_path, arch):
+    """A timm folder of each layout loads (hf.load_pretrained) and matches timm's forward in float64 numpy;
+    biases, norms and the SwiGLU gates are randomised so that each one counts."""
+    raw = {"architecture": arch + ".mim_in22k_ft_in1k", "num_classes": 5, "model_args": SMALL,
+           "pretrained_cfg": {**PRE, "input_size": [3, 56, 56]}}
+    cfg = config_from_hf(raw, attn_impl="xla")
+    assert isinstance(cfg, EvaConfig) and cfg.qkv_split == (arch == "eva02_base_patch14_224") == cfg.mlp_norm
+    rng = np.random.default_rng(0)
+    sd = {k: (v + rng.normal(0, 0.5, v.shape)).astype(np.float32) if k.endswith(("bias", "norm.weight", "fc1_g.weight",
+                                                                                   "fc1.weight", "head.weight"))
+          else v for k, v in to_timm_state_dict(Eva(cfg, rngs=nnx.Rngs(1))).items()}
+    assert ("blocks.0.attn.q_bias" in sd) != cfg.qkv_split and "blocks.0.attn.k_proj.bias" not in sd
+    model = hf.load_pretrained(_folder(tmp_path, raw, sd), attn_impl="xla")
+    assert type(model) is Eva
+    x = rng.normal(size=(2, 56, 56, 3)).astype(np.float32)
+    want = timm_eva_forward(sd, {**eva_arch_args(arch), **SMALL}, x)
+    assert_close(np.asarray(model(jnp.asarray(x))), want, jnp.float32, f"{arch} logits vs numpy timm", tol=F32)
+    (last,) = model.intermediates(jnp.asarray(x), 1)
+    assert last.shape == (2, 4, 4, 64)
+
+
+def test_rotary_scores_depend_on_the_offset_only():
+    """q . k after the rotation depends on the two patches' grid offset, not their positions (ref grid None)."""
+    sin, cos = rope_sin_cos((5, 6), 8)
+    q = jnp.broadcast_to(jax.random.normal(jax.random.key(0), (8,)), (1, 30, 1, 8))
+    k = jnp.broadcast_to(jax.random.normal(jax.random.key(1), (8,)), (1, 30, 1, 8))
+    qr, kr = apply_rope(q, (sin, cos), 0)[0, :, 0], apply_rope(k, (sin, cos), 0)[0, :, 0]
+    at = lambda r, c: r * 6 + c  # noqa: E731
+    np.testing.assert_allclose(qr[at(1, 1)] @ kr[at(2, 3)], qr[at(3, 2)] @ kr[at(4, 4)], rtol=1e-5)
+    assert abs(float(qr[at(1, 1)] @ kr[at(2, 3)] - qr[at(1, 1)] @ kr[at(3, 2)])) > 1e-3
+    prefixed = apply_rope(jnp.concatenate([q[:, :2], q], 1), (sin, cos), 2)
+    np.testing.assert_array_equal(prefixed[:, :2], q[:, :2])  # prefix tokens are not rotated
+    half, _ = rope_sin_cos((8, 8), 8, ref_grid=4)  # positions scaled to a 4 x 4 pretraining grid
+    np.testing.assert_allclose(half[2 * 8 + 2], rope_sin_cos((4, 4), 8)[0][1 * 4 + 1], rtol=1e-6)
+
+
+def test_cpu_config_trains_and_checks_its_options():
+    model = create_model("eva02-tiny", rngs=nnx.Rngs(0), attn_impl="xla")
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
+    loss = lambda m: jnp.mean(m(x) ** 2)  # noqa: E731
+    grads = nnx.grad(loss)(model)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(nnx.state(grads)))
+    assert float(jnp.abs(grads.blocks[0].attn.q_proj.kernel[...]).max()) > 0
+    for bad, match in [(dict(dim=120), "divisible by 4"), (dict(layer_scale=0.1), "not EVA-02 options"),
+                       (dict(rope_ref_grid=0), "rope_ref_grid")]:
+        with pytest.raises(ValueError, match=match):
+            create_model("eva02-tiny", rngs=nnx.Rngs(0), **bad)
+    with pytest.raises(ValueError, match="not supported by jaxattn's EVA-02"):
+        config_from_hf({"architecture": "eva02_base_patch14_224", "model_args": {"scale_attn_inner": True}})
+
+
+def test_export_round_trip(tmp_path):
+    """save_pretrained(Eva): our loader gives the same logits; with timm installed, timm.create_model(
+    architecture, **model_args) with its weights too."""
+    cfg = EvaConfig(image_size=28, patch_size=7, num_classes=3, dim=32, depth=2, heads=2, qkv_split=False,
+                    mlp_norm=False, rope_ref_grid=None, attn_impl="xla")
+    model = Eva(cfg, rngs=nnx.Rngs(3))
+    model.eval()
+    hf.save_pretrained(model, tmp_path)
+    x = np.random.default_rng(1).normal(size=(2, 28, 28, 3)).astype(np.float32)
+    want = np.asarray(model(jnp.asarray(x)))
+    np.testing.assert_array_equal(np.asarray(hf.load_pretrained(tmp_path, attn_impl="xla")(jnp.asarray(x))), want)
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    from jaxattn.models.safetensors_io import read_state_dict
+
+    raw = json.loads((tmp_path / "config.json").read_text())
+    ref = timm.create_model(raw["architecture"], **raw["model_args"]).eval()
+    ref.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in read_state_dict(tmp_path).items()})
+    with torch.no_grad():
+        got = ref(torch.as_tensor(x).permute(0, 3, 1, 2)).numpy()
+    assert_close(got, want, jnp.float32, "logits vs timm", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
+
+
+@pytest.mark.parametrize("arch,size", [("eva02_tiny_patch14_224", 56), ("eva02_base_patch14_224", 42)])
+def test_matches_timm(tmp_path, arch, size):
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(0)
+    ref = timm.create_model(arch, num_classes=7, depth=2, img_size=size).eval()
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if name.endswith(("bias", "norm.weight")):
+                param.normal_()
+    save_for_hf(ref, tmp_path, safe_serialization=True)
+    x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.as_tensor(x).permute(0, 3, 1, 2)).numpy()
+    got = np.asarray(hf.load_pretrained(tmp_path, attn_impl="xla")(jnp.asarray(x)))
+    assert_close(got, want, jnp.float32, "logits vs timm", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
+
+
+def test_architecture_table_matches_timm():
+    """Every timm EVA-02 architecture eva_arch_args accepts builds (torch's meta device) what our config describes."""
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    from jaxattn.models.timm_hub import _eva_config
+
+    names = [n for n in timm.list_models("eva02_*") if eva_arch_args(n) is not None]
+    assert len(names) == 8, names
+    for n in names:
+        with torch.device("meta"):
+            m = timm.create_model(n)
+        c, blk = _eva_config(eva_arch_args(n), 1000, 3, None), m.blocks[0]
+        got = (m.embed_dim, len(m.blocks), blk.attn.num_heads, blk.attn.qkv is None, type(blk.mlp).__name__,
+               m.patch_embed.patch_size[0], m.patch_embed.img_size[0], tuple(m.rope.ref_feat_shape), m.global_pool,
+               type(m.fc_norm).__name__, math.isclose(m.rope.temperature, c.rope_temperature))
+        want = (c.dim, c.depth, c.heads, c.qkv_split, "SwiGLU" if c.mlp_norm else "GluMlp", c.patch_size, c.image_size,
+                (c.rope_ref_grid,) * 2, "avg", "LayerNorm", True)
+        assert got == want, n
