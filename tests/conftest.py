@@ -123,3 +123,27 @@ def run_on_cpu_devices(script: str, n: int = 4, timeout: int = 600) -> str:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r.stdout
+
+
+def check_timm_folder_matches_timm(folder, arch: str, size: int, noisy: tuple[str, ...], **kwargs) -> None:
+    """timm's ``arch`` (built with ``kwargs``; parameters ending in ``noisy`` redrawn N(0, 1) so that each one
+    counts) saved as a hub folder by timm's ``save_for_hf``: our loader gives timm's logits (skipped without
+    torch and timm)."""
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    from timm.models._hub import save_for_hf
+
+    from jaxattn.models import hf
+
+    torch.manual_seed(0)
+    ref = timm.create_model(arch, num_classes=7, **kwargs).eval()
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if name.endswith(noisy):
+                param.normal_()
+    save_for_hf(ref, folder, safe_serialization=True)
+    x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.as_tensor(x).permute(0, 3, 1, 2)).numpy()
+    got = np.asarray(hf.load_pretrained(folder, attn_impl="xla")(jnp.asarray(x)))
+    assert_close(got, want, jnp.float32, f"{arch} logits vs timm", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})

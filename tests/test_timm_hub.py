@@ -16,7 +16,7 @@ from jaxattn.models.safetensors_io import write_safetensors
 from jaxattn.models.timm_hub import config_from_hf, preprocessing
 from jaxattn.models.timm_weights import to_timm_state_dict
 from jaxattn.models.vit import ViT
-from conftest import assert_close
+from conftest import assert_close, check_timm_folder_matches_timm
 
 PRE = {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.9,
        "interpolation": "bicubic", "num_classes": 7}
@@ -320,22 +320,8 @@ def test_timm_families_match_numpy_timm(tmp_path, arch, extra):
                                                                                 num_heads=4, mlp_ratio=4.0), 28),
                                               ("halonet26t", {}, 256)])
 def test_matches_timm(tmp_path, arch, kwargs, size):
-    torch = pytest.importorskip("torch")
-    timm = pytest.importorskip("timm")
-    from timm.models._hub import save_for_hf
-
-    torch.manual_seed(0)
-    ref = timm.create_model(arch, num_classes=7, **kwargs).eval()
-    with torch.no_grad():
-        for name, param in ref.named_parameters():  # layer scales and prefix tokens far from their init
-            if name.endswith(("gamma", "_token", "latent", "norm.weight")):
-                param.normal_()
-    save_for_hf(ref, tmp_path, safe_serialization=True)
-    x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
-    with torch.no_grad():
-        want = ref(torch.as_tensor(x).permute(0, 3, 1, 2)).numpy()
-    got = np.asarray(hf.load_pretrained(tmp_path, attn_impl="xla")(jnp.asarray(x)))
-    assert_close(got, want, jnp.float32, "logits vs timm", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
+    """(layer scales, prefix tokens, the latent query and norms far from their init)"""
+    check_timm_folder_matches_timm(tmp_path, arch, size, ("gamma", "_token", "latent", "norm.weight"), **kwargs)
 
 
 def test_intermediates_match_timm():

@@ -1,5 +1,6 @@
-"""EVA-02 (Fang et al. 2024, "EVA-02: A Visual Representation for Neon Genesis") in Flax NNX: a ViT whose
-attention rotates queries and keys with 2-D axial rotary position embeddings and whose MLP is a SwiGLU.
+"""EVA-02 (Fang et al. 2024, "EVA-02: A Visual Representation for Neon Genesis") and DINOv3 (Simeoni et al.
+2025) in Flax NNX: ViTs whose attention rotates queries and keys with 2-D axial rotary position embeddings
+(timm's ``Eva`` class builds both).
 
 :class:`Eva` is a :class:`ViT` (same patch embedding, class token, learned absolute position embedding,
 pre-norm blocks, pooling, head, ``intermediates``, ``dynamic_img_size``) with :class:`EvaBlock` blocks, as
@@ -11,20 +12,27 @@ timm's ``Eva`` builds EVA-02 (``eva02_{tiny,small,base,large}_patch14_{224,336,4
   sees the positions it was trained on; None: ``(r, c)``); the angles are ``[r f_0 .. r f_{d/4-1},
   c f_0 .. c f_{d/4-1}]``, each repeated twice, and ``x -> x cos + rot(x) sin`` with
   ``rot([x0, x1, ...]) = [-x1, x0, -x3, x2, ...]`` on the patch tokens' queries and keys (not the prefix
-  tokens'); computed in fp32 for the images' grid on every call;
+  tokens'); computed in fp32 for the images' grid on every call. DINOv3's (``rope_kind="dinov3"``, timm's
+  ``RotaryEmbeddingDinoV3``): the same frequencies, patch ``(r, c)`` at ``(2 (r + 1/2) / h - 1, 2 (c + 1/2) / w - 1)``
+  (centred in [-1, 1]), angles times ``2 pi``; ``rope_half``: the half layout (angles ``[a, a]``,
+  ``rot(x) = [-x_hi, x_lo]``, timm's ``rope_rotate_half``);
 * attention projections: one ``qkv`` linear without bias plus ``q_bias`` / ``v_bias`` parameters (keys have
   no bias; EVA-02 Ti/S), or ``q_proj`` / ``k_proj`` (no bias) / ``v_proj`` (``qkv_split``, EVA-02 B/L);
 * MLP: SwiGLU ``fc2(act(g) * x)`` with ``mlp_dim = int(dim * mlp_ratio)`` hidden units: packed (``fc1``
   gives ``[g, x]``; ViT's ``glu_mlp``, EVA-02 Ti/S) or split into ``fc1_g`` / ``fc1_x`` with a LayerNorm on
-  the hidden units (``mlp_norm``, timm's ``scale_mlp``, EVA-02 B/L).
+  the hidden units (``mlp_norm``, timm's ``scale_mlp``, EVA-02 B/L); or the ViT's plain MLP (``swiglu=False``,
+  DINOv3 S/B/L);
+* DINOv3 also: no absolute position embedding (``abs_pos_embed=False``), four register tokens, layer scale
+  (``gamma_1`` / ``gamma_2``), LayerNorm eps 1e-5, mean pooling after the final norm
+  (``vit_{small,base,large}_patch16_dinov3[_qkvb]``, ``vit_tiny_patch16_dinov3_qkvb``).
 
 Module paths are timm's ``state_dict`` keys (``blocks.{i}.attn.qkv``, ``.q_bias``, ``.v_bias``, ``.q_proj``,
-``.k_proj``, ``.v_proj``, ``.proj``, ``blocks.{i}.mlp.fc1_g``, ``.fc1_x``, ``.norm``, ``.fc2``, ``fc_norm``,
+``.k_proj``, ``.v_proj``, ``.proj``, ``blocks.{i}.gamma_1``, ``blocks.{i}.mlp.fc1_g``, ``.fc1_x``, ``.norm``, ``.fc2``, ``fc_norm``,
 ``head``, ...); timm hub folders load through :func:`jaxattn.models.hf.load_pretrained`. Initialisation as
 timm's: the ViT's, with each block's ``attn.proj`` and ``mlp.fc2`` divided by ``sqrt(2 * (i + 1))``, the
 SwiGLU's value half (packed) or gate (split) near zero with bias 1, the head scaled by 0.001.
-Not implemented: timm's other ``Eva`` models (EVA-02 CLIP's inner attention norm, DINOv3 and RoPE-ViT
-embeddings, post-norm blocks, layer scale).
+Not implemented: timm's other ``Eva`` models (EVA-02 CLIP's inner attention norm, RoPE-ViT's mixed
+embeddings, post-norm blocks, aligned SwiGLU widths of DINOv3 S+/H+/7B, PE).
 """
 
 from __future__ import annotations
@@ -54,14 +62,22 @@ class EvaConfig(ViTConfig):
     mlp_act: Literal["gelu", "quick_gelu", "gelu_tanh", "silu"] = "silu"
     rope_ref_grid: int | None = 16  # EVA's ref_feat_shape (the pretraining grid); None: patch indices
     rope_temperature: float = 10000.0
+    rope_kind: Literal["eva", "dinov3"] = "eva"  # positions: (scaled) patch indices, or DINOv3's centred [-1, 1]
+    rope_half: bool = False  # the half layout of the rotation (timm's rope_rotate_half); False: interleaved pairs
+    abs_pos_embed: bool = True  # a learned absolute position embedding besides the rotary one (not DINOv3's)
     qkv_split: bool = True  # q_proj / k_proj / v_proj (EVA-02 B/L); False: one qkv plus q_bias / v_bias
+    swiglu: bool = True  # a SwiGLU MLP; False: the ViT's plain MLP (with mlp_act; DINOv3 S/B/L)
     mlp_norm: bool = True  # split SwiGLU with a LayerNorm on its hidden units (EVA-02 B/L); False: packed
 
     def __post_init__(self):
         super().__post_init__()
-        if self.pool == "map" or self.gates != "none" or self.layer_scale is not None or self.glu_mlp:
-            raise ValueError("EvaConfig: pool='map', gates, layer_scale and glu_mlp are not EVA-02 options (its MLP "
-                             "is always a SwiGLU: packed with mlp_norm=False, split with mlp_norm=True)")
+        if self.pool == "map" or self.gates != "none" or self.glu_mlp:
+            raise ValueError("EvaConfig: pool='map', gates and glu_mlp are not EVA-02 options (its SwiGLU: swiglu, "
+                             "packed with mlp_norm=False, split with mlp_norm=True)")
+        if self.mlp_norm and not self.swiglu:
+            raise ValueError("EvaConfig: mlp_norm is the split SwiGLU's LayerNorm; it needs swiglu=True")
+        if self.rope_kind not in ("eva", "dinov3"):
+            raise ValueError(f"rope_kind must be 'eva' or 'dinov3', got {self.rope_kind!r}")
         if self.head_dim % 4:
             raise ValueError(f"EvaConfig: 2-D rotary embeddings need a head dim divisible by 4, got {self.head_dim}")
         if self.rope_ref_grid is not None and self.rope_ref_grid < 1:
@@ -70,23 +86,33 @@ class EvaConfig(ViTConfig):
             raise ValueError(f"rope_temperature must be > 0, got {self.rope_temperature}")
 
 
-def rope_sin_cos(grid: tuple[int, int], head_dim: int, ref_grid: int | None = None,
-                 temperature: float = 10000.0) -> tuple[jax.Array, jax.Array]:
-    """EVA's 2-D rotary embedding of an ``h x w`` patch grid (row-major): ``(sin, cos)``, each
-    ``[h * w, head_dim]`` fp32 in the interleaved layout (module docstring)."""
+def rope_sin_cos(grid: tuple[int, int], head_dim: int, ref_grid: int | None = None, temperature: float = 10000.0,
+                 kind: Literal["eva", "dinov3"] = "eva", half: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The 2-D rotary embedding of an ``h x w`` patch grid (row-major): ``(sin, cos)``, each ``[h * w, head_dim]``
+    fp32, interleaved (or ``half``) layout; EVA's positions or DINOv3's (module docstring)."""
     bands = 1.0 / temperature ** (jnp.arange(head_dim // 4, dtype=jnp.float32) / (head_dim // 4))
-    t = [jnp.arange(n, dtype=jnp.float32) * (1.0 if ref_grid is None else ref_grid / n) for n in grid]
+    if kind == "dinov3":  # centred, normalised to [-1, 1] per axis; angles 2 pi * position / period
+        t = [((jnp.arange(n, dtype=jnp.float32) + 0.5) / n) * 2.0 - 1.0 for n in grid]
+        bands = bands * (2.0 * math.pi)
+    else:
+        t = [jnp.arange(n, dtype=jnp.float32) * (1.0 if ref_grid is None else ref_grid / n) for n in grid]
     rows, cols = jnp.meshgrid(*t, indexing="ij")
     angles = jnp.concatenate([rows.reshape(-1, 1) * bands, cols.reshape(-1, 1) * bands], axis=-1)
-    angles = jnp.repeat(angles, 2, axis=-1)  # [f0, f0, f1, f1, ...]
+    # interleaved [a0, a0, a1, a1, ...] or half [a0, a1, ..., a0, a1, ...]
+    angles = jnp.concatenate([angles, angles], axis=-1) if half else jnp.repeat(angles, 2, axis=-1)
     return jnp.sin(angles), jnp.cos(angles)
 
 
-def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array], num_prefix: int) -> jax.Array:
-    """``x [B, prefix + N, heads, d]``: the patch tokens rotated (``x cos + rot(x) sin``, fp32), the prefix kept."""
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array], num_prefix: int, half: bool = False) -> jax.Array:
+    """``x [B, prefix + N, heads, d]``: the patch tokens rotated (``x cos + rot(x) sin``, fp32), the prefix kept;
+    ``rot`` pairs neighbours (``[-x1, x0, -x3, x2, ...]``) or, with ``half``, the halves (``[-x_hi, x_lo]``)."""
     sin, cos = (r[None, :, None, :] for r in rope)
     p = x[:, num_prefix:].astype(jnp.float32)
-    rot = jnp.stack([-p[..., 1::2], p[..., 0::2]], axis=-1).reshape(p.shape)
+    if half:
+        lo, hi = jnp.split(p, 2, axis=-1)
+        rot = jnp.concatenate([-hi, lo], axis=-1)
+    else:
+        rot = jnp.stack([-p[..., 1::2], p[..., 0::2]], axis=-1).reshape(p.shape)
     return jnp.concatenate([x[:, :num_prefix], (p * cos + rot * sin).astype(x.dtype)], axis=1)
 
 
@@ -96,7 +122,7 @@ class EvaAttention(nnx.Module):
     def __init__(self, cfg: EvaConfig, *, rngs: nnx.Rngs):
         dtype, dim = jnp.dtype(cfg.dtype), cfg.dim
         self.heads, self.head_dim, self.impl = cfg.heads, cfg.head_dim, cfg.attn_impl
-        self.num_prefix, self.quantized = cfg.num_prefix_tokens, cfg.quantized
+        self.num_prefix, self.quantized, self.half = cfg.num_prefix_tokens, cfg.quantized, cfg.rope_half
         if cfg.qkv_split:
             self.q_proj = _linear(dim, dim, dtype, rngs, bias=cfg.qkv_bias)
             self.k_proj = _linear(dim, dim, dtype, rngs, bias=False)
@@ -130,7 +156,7 @@ class EvaAttention(nnx.Module):
         q, k, v = self._qkv(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope, self.num_prefix), apply_rope(k, rope, self.num_prefix)
+        q, k = (apply_rope(t, rope, self.num_prefix, self.half) for t in (q, k))
         if self.quantized:
             from jaxattn.ops.sage import sage_attention
 
@@ -165,27 +191,36 @@ class SwiGLU(nnx.Module):
 
 
 class EvaBlock(nnx.Module):
-    """Pre-norm block ``x += attn(norm1(x), rope)``, ``x += mlp(norm2(x))`` (stochastic depth on both)."""
+    """Pre-norm block ``x += gamma_1 * attn(norm1(x), rope)``, ``x += gamma_2 * mlp(norm2(x))`` (``gamma``: layer
+    scale when ``layer_scale`` is set; stochastic depth on both)."""
 
     def __init__(self, cfg: EvaConfig, drop_path: float = 0.0, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
         self.norm1 = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps)
         self.attn = EvaAttention(cfg, rngs=rngs)
         self.norm2 = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps)
-        if cfg.mlp_norm:
+        if not cfg.swiglu:
+            self.mlp = MLP(cfg.dim, cfg.mlp_dim, dropout=cfg.dropout, dtype=dtype, act=cfg.mlp_act, rngs=rngs)
+        elif cfg.mlp_norm:
             self.mlp = SwiGLU(cfg.dim, cfg.mlp_dim, act=cfg.mlp_act, norm=True, eps=cfg.norm_eps, dropout=cfg.dropout,
                               dtype=dtype, rngs=rngs)
         else:  # packed: fc1 gives [gate, value] (timm's GluMlp, gate first)
             self.mlp = MLP(cfg.dim, 2 * cfg.mlp_dim, dropout=cfg.dropout, dtype=dtype, act=cfg.mlp_act, glu=True,
                            rngs=rngs)
         self.drop_path = DropPath(drop_path, rngs=rngs) if drop_path > 0 else None
+        scaled = cfg.layer_scale is not None
+        self.gamma_1 = nnx.Param(jnp.full((cfg.dim,), cfg.layer_scale, jnp.float32)) if scaled else None
+        self.gamma_2 = nnx.Param(jnp.full((cfg.dim,), cfg.layer_scale, jnp.float32)) if scaled else None
+
+    def _scaled(self, gamma: nnx.Param | None, h: jax.Array) -> jax.Array:
+        return h if gamma is None else h * gamma[...].astype(h.dtype)
 
     def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array], return_attention: bool = False
                  ) -> jax.Array | tuple[jax.Array, jax.Array]:
         h = self.attn(self.norm1(x), rope=rope, return_attention=return_attention)
         h, w = h if return_attention else (h, None)
-        x = x + _apply(self.drop_path, h)
-        x = x + _apply(self.drop_path, self.mlp(self.norm2(x)))
+        x = x + _apply(self.drop_path, self._scaled(self.gamma_1, h))
+        x = x + _apply(self.drop_path, self._scaled(self.gamma_2, self.mlp(self.norm2(x))))
         return (x, w) if return_attention else x
 
 
@@ -198,6 +233,8 @@ class Eva(ViT):
         if not isinstance(cfg, EvaConfig):
             raise ValueError(f"Eva needs an EvaConfig, got {type(cfg).__name__}")
         super().__init__(cfg, rngs=rngs)
+        if not cfg.abs_pos_embed:
+            self.pos_embed = None
         for i, block in enumerate(self.blocks):  # timm's fix_init_weight
             scale = math.sqrt(2.0 * (i + 1))
             block.attn.proj.kernel[...] = block.attn.proj.kernel[...] / scale
@@ -206,7 +243,8 @@ class Eva(ViT):
             self.head.kernel[...] = self.head.kernel[...] * 1e-3
 
     def _block_extras(self, grid: tuple[int, int]) -> dict[str, Any]:
-        return {"rope": rope_sin_cos(grid, self.cfg.head_dim, self.cfg.rope_ref_grid, self.cfg.rope_temperature)}
+        c = self.cfg
+        return {"rope": rope_sin_cos(grid, c.head_dim, c.rope_ref_grid, c.rope_temperature, c.rope_kind, c.rope_half)}
 
 
 # CPU-sized (tests, the image trainer on digits); the paper's sizes load from timm hub folders (timm_hub).

@@ -101,19 +101,29 @@ def vit_arch_args(arch: str) -> dict[str, Any] | None:
 
 _EVA_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 _EVA_ARCH = re.compile(r"eva02_(?P<size>tiny|small|base|large)_patch(?P<patch>14)_(?P<img>\d+)")
-# timm Eva arguments with the value EvaConfig implements (others: refused), and what they map to
-_EVA_FIXED = {"swiglu_mlp": True, "use_rot_pos_emb": True, "use_abs_pos_emb": True, "rope_type": "cat",
-              "rope_grid_indexing": "ij", "rope_grid_offset": 0.0, "rope_rotate_half": False, "scale_attn_inner": False,
+_DINOV3_ARCH = re.compile(r"vit_(?:(?P<size>small|base|large)_patch16_dinov3(?P<qkvb>_qkvb)?"
+                          r"|(?P<tiny>tiny)_patch16_dinov3_qkvb)")
+# timm Eva arguments with the value EvaConfig implements (others: refused)
+_EVA_FIXED = {"use_rot_pos_emb": True, "rope_grid_indexing": "ij", "rope_grid_offset": 0.0, "scale_attn_inner": False,
               "use_post_norm": False, "attn_type": "eva", "swiglu_align_to": 0, "use_pre_transformer_norm": False,
-              "attn_only_layer_scale": False, "init_values": None, "use_post_transformer_norm": None,
-              "num_kv_heads": None, "gated_attn": False, "attn_head_dim": None}
+              "attn_only_layer_scale": False, "use_post_transformer_norm": None, "num_kv_heads": None,
+              "gated_attn": False, "attn_head_dim": None}
 _EVA_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qkv_fused",
-             "scale_mlp", "ref_feat_shape", "global_pool", "class_token", "use_fc_norm", "num_reg_tokens",
-             "no_embed_class", "dynamic_img_size", "qk_norm", "rope_temperature", "head_init_scale")
+             "swiglu_mlp", "scale_mlp", "ref_feat_shape", "global_pool", "class_token", "use_fc_norm", "num_reg_tokens",
+             "no_embed_class", "dynamic_img_size", "qk_norm", "rope_type", "rope_temperature", "rope_rotate_half",
+             "use_abs_pos_emb", "init_values", "norm_eps", "head_init_scale")
 
 
 def eva_arch_args(arch: str) -> dict[str, Any] | None:
-    """timm's ``model_args`` of the EVA-02 architecture ``arch`` (``eva02_{size}_patch14_{S}``; None: not one)."""
+    """timm's ``model_args`` of the EVA-02 (``eva02_{size}_patch14_{S}``) or DINOv3
+    (``vit_{size}_patch16_dinov3[_qkvb]``) architecture ``arch``; None: not one. (``norm_eps``: timm's
+    ``norm_layer=partial(LayerNorm, eps=1e-5)``.)"""
+    if m := _DINOV3_ARCH.fullmatch(arch):
+        dim, depth, heads = _EVA_SIZES[m["size"] or m["tiny"]]
+        return {"img_size": 256, "patch_size": 16, "dynamic_img_size": True, "embed_dim": dim, "depth": depth, "num_heads": heads,
+                "qkv_bias": bool(m["qkvb"] or m["tiny"]), "init_values": 1e-5, "rope_type": "dinov3",
+                "rope_temperature": 100, "rope_rotate_half": True, "use_rot_pos_emb": True, "use_abs_pos_emb": False,
+                "num_reg_tokens": 4, "use_fc_norm": False, "norm_eps": 1e-5}
     if not (m := _EVA_ARCH.fullmatch(arch)):
         return None
     dim, depth, heads = _EVA_SIZES[m["size"]]
@@ -128,8 +138,12 @@ def eva_arch_args(arch: str) -> dict[str, Any] | None:
 def _eva_config(args: dict[str, Any], num_classes: int, in_chans: int, input_size: Any) -> EvaConfig:
     """An :class:`EvaConfig` from timm ``Eva`` arguments (its defaults where absent)."""
     args = {k: v for k, v in args.items() if k not in _VIT_IGNORED}
-    bad = {k: v for k, v in args.items() if k in _EVA_FIXED and v != _EVA_FIXED[k]
-           and not (k == "init_values" and not v)}
+    bad = {k: v for k, v in args.items() if k in _EVA_FIXED and v != _EVA_FIXED[k]}
+    rope = args.get("rope_type", "cat")
+    if rope not in ("cat", "dinov3"):
+        bad["rope_type"] = rope
+    if args.get("scale_mlp") and not args.get("swiglu_mlp"):
+        bad["scale_mlp"] = "with a plain MLP"
     unknown = sorted(set(args) - set(_EVA_FIXED) - set(_EVA_ARGS))
     if bad or unknown:
         raise ValueError(f"config.json: model_args {bad or unknown} are not supported by jaxattn's EVA-02")
@@ -138,8 +152,8 @@ def _eva_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
         raise ValueError(f"config.json: global_pool {pool!r}: jaxattn's EVA-02 pools by 'avg' or 'token'")
     if pool == "token" and not class_token:
         raise ValueError("config.json: global_pool 'token' needs class_token=True")
-    ref = args.get("ref_feat_shape")
-    fc_norm = args.get("use_fc_norm")
+    ref = args.get("ref_feat_shape") if rope == "cat" else None  # (timm's DINOv3 embedding ignores it)
+    fc_norm, swiglu, init_values = args.get("use_fc_norm"), bool(args.get("swiglu_mlp", False)), args.get("init_values")
     return EvaConfig(image_size=_size(args.get("img_size", input_size or 224), "img_size"),
                      patch_size=int(args.get("patch_size", 16)), in_channels=in_chans, num_classes=num_classes,
                      dim=int(args.get("embed_dim", 768)), depth=int(args.get("depth", 12)),
@@ -151,7 +165,11 @@ def _eva_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
                      dynamic_img_size=bool(args.get("dynamic_img_size", False)), qk_norm=bool(args.get("qk_norm", False)),
                      rope_ref_grid=None if ref is None else _size(ref, "ref_feat_shape"),
                      rope_temperature=float(args.get("rope_temperature", 10000.0)),
-                     qkv_split=not args.get("qkv_fused", True), mlp_norm=bool(args.get("scale_mlp", False)))
+                     rope_kind="eva" if rope == "cat" else "dinov3", rope_half=bool(args.get("rope_rotate_half", False)),
+                     abs_pos_embed=bool(args.get("use_abs_pos_emb", True)), layer_scale=None if init_values is None
+                     else float(init_values), norm_eps=float(args.get("norm_eps", 1e-6)),
+                     qkv_split=not args.get("qkv_fused", True), swiglu=swiglu, mlp_act="silu" if swiglu else "gelu",
+                     mlp_norm=bool(args.get("scale_mlp", False)))
 
 
 def _size(value: Any, what: str) -> int:
@@ -273,10 +291,17 @@ def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
 
 
 def _eva_hf_config(cfg: EvaConfig, pre: dict[str, Any]) -> dict[str, Any]:
-    """timm's ``config.json`` of an :class:`EvaConfig` (every option in ``model_args``: any combination builds)."""
-    if cfg.norm_eps != 1e-6 or cfg.pre_norm or cfg.mlp_act != "silu":
-        raise ValueError("an EVA-02 exports to timm with LayerNorm eps 1e-6, no pre_norm and SiLU (timm's Eva)")
-    if cfg.rope_ref_grid is None and cfg.dynamic_img_size:
+    """timm's ``config.json`` of an :class:`EvaConfig`: every option in ``model_args``; the architecture gives
+    what JSON cannot (the norm layer: eps 1e-6 EVA-02's, 1e-5 DINOv3's, which also has layer scale, and
+    timm drops None arguments)."""
+    arch = {1e-6: "eva02_base_patch14_224", 1e-5: "vit_small_patch16_dinov3"}.get(cfg.norm_eps)
+    if arch is None or cfg.pre_norm or cfg.mlp_act != ("silu" if cfg.swiglu else "gelu"):
+        raise ValueError("an Eva exports to timm with LayerNorm eps 1e-6 or 1e-5, no pre_norm, and timm's Eva MLP "
+                         "activations (SiLU in a SwiGLU, else GELU)")
+    if arch == "vit_small_patch16_dinov3" and cfg.layer_scale is None:
+        raise ValueError("an Eva with LayerNorm eps 1e-5 exports as timm's DINOv3, which has layer scale: "
+                         "set layer_scale")
+    if cfg.rope_kind == "eva" and cfg.rope_ref_grid is None and cfg.dynamic_img_size:
         raise ValueError("rope_ref_grid=None with dynamic_img_size has no timm counterpart (timm's None is "
                          "dropped by create_model; set rope_ref_grid)")
     ref = cfg.rope_ref_grid or cfg.grid  # (positions scaled to the grid itself: the patch indices)
@@ -287,8 +312,12 @@ def _eva_hf_config(cfg: EvaConfig, pre: dict[str, Any]) -> dict[str, Any]:
             "scale_mlp": cfg.mlp_norm, "ref_feat_shape": [ref, ref], "global_pool": pool,
             "class_token": cfg.has_class_token, "use_fc_norm": cfg.fc_norm, "num_reg_tokens": cfg.reg_tokens,
             "no_embed_class": cfg.no_embed_class, "dynamic_img_size": cfg.dynamic_img_size, "qk_norm": cfg.qk_norm,
-            "rope_temperature": cfg.rope_temperature}
-    return {"architecture": "eva02_base_patch14_224", "num_classes": cfg.num_classes, "global_pool": pool,
+            "rope_temperature": cfg.rope_temperature, "rope_type": "cat" if cfg.rope_kind == "eva" else "dinov3",
+            "rope_rotate_half": cfg.rope_half, "use_abs_pos_emb": cfg.abs_pos_embed, "swiglu_mlp": cfg.swiglu,
+            "init_values": cfg.layer_scale}
+    if cfg.layer_scale is None:
+        del args["init_values"]  # (eva02's default: none)
+    return {"architecture": arch, "num_classes": cfg.num_classes, "global_pool": pool,
             "model_args": args, "pretrained_cfg": pre}
 
 

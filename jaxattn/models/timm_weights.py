@@ -20,7 +20,8 @@ from jaxattn.models.gates import GateParam
 _LEAF_TO_TIMM = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
                  "var": "running_var", "height_rel": "height_rel", "width_rel": "width_rel",
                  "cls_token": "cls_token", "reg_token": "reg_token", "pos_embed": "pos_embed", "gamma": "gamma",
-                 "latent": "latent", "q_bias": "q_bias", "v_bias": "v_bias"}
+                 "latent": "latent", "q_bias": "q_bias", "v_bias": "v_bias",
+                 "gamma_1": "gamma_1", "gamma_2": "gamma_2"}
 
 
 def timm_variables(model: nnx.Module) -> list[tuple[str, nnx.Variable, str]]:

@@ -509,6 +509,8 @@ class ViT(nnx.Module):
         x = self.patch_embed(images.astype(dtype))
         prefix = [jnp.broadcast_to(t[...].astype(dtype), (x.shape[0],) + t.shape[1:])
                   for t in (self.cls_token, self.reg_token) if t is not None]
+        if self.pos_embed is None:  # (no absolute position embedding: Eva's DINOv3)
+            return _apply(self.token_gate, _apply(self.norm_pre, _apply(self.pos_drop, jnp.concatenate(prefix + [x], 1))))
         pos = self.pos_embed[...].astype(dtype)
         grid = self._grid(images)
         if grid != (self.cfg.grid, self.cfg.grid):  # (dynamic_img_size)
