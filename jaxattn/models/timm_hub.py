@@ -8,8 +8,8 @@ position embedding on the patches only), DINOv2 ``vit_{size}_patch14_dinov2`` an
 (layer scale, register tokens; ViT-g with its SwiGLU MLP), timm's mean-pooled ``vit_*_gap_{S}`` and register
 ``vit_*_reg{R}_gap_{S}`` (``fc_norm``), CLIP image towers ``vit_*_clip_*`` (pre-norm, quick GELU), SigLIP image
 towers ``vit_*_siglip_{S}`` (no class token, attention pooling; tanh GELU where timm has it) and
-``vit_*_siglip_gap_{S}``, for sizes tiny ... gigantic, so400m, giantopt; EVA-02 ``eva02_{size}_patch14_{S}``
-(:func:`eva_arch_args`, into :class:`Eva`); and ``halonet26t``, ``sehalonet33ts``.
+``vit_*_siglip_gap_{S}``, for sizes tiny ... gigantic, so400m, giantopt; EVA-02 ``eva02_{size}_patch14_{S}`` and
+DINOv3 ``vit_{size}_patch16_dinov3[_qkvb]`` (:func:`eva_arch_args`, into :class:`Eva`); and ``halonet26t``, ``sehalonet33ts``.
 ``model_args`` that timm records (depth, img_size, patch_size, embed_dim, num_heads, mlp_ratio, qkv_bias,
 class_token, global_pool, reg_tokens, no_embed_class, init_values, fc_norm, qk_norm, act_layer, in_chans,
 num_classes, ...) apply; what the models here do not have (RMSNorm, parallel blocks, ...) raises ``ValueError``.
