@@ -94,7 +94,7 @@ def timm_eva_forward(sd, args, images):
         h = ln(x, f"blocks.{i}.norm2")
         if has("mlp.fc1_g.weight"):
             h = silu(h @ g("mlp.fc1_g.weight").T + g("mlp.fc1_g.bias")) * (h @ g("mlp.fc1_x.weight").T + g("mlp.fc1_x.bias"))
-            h = ln(h, f"blocks.{i}.mlp.norm")
+            h = ln(h, f"blocks.{i}.mlp.norm") if has("mlp.norm.weight") else h
         elif args.get("swiglu_mlp"):
             h = h @ g("mlp.fc1.weight").T + g("mlp.fc1.bias")
             h = silu(h[..., :h.shape[-1] // 2]) * h[..., h.shape[-1] // 2:]
@@ -119,12 +119,12 @@ def _folder(tmp_path, raw, sd):
 
 
 @pytest.mark.parametrize("arch", ["eva02_tiny_patch14_224", "eva02_base_patch14_224", "vit_small_patch16_dinov3",
-                                  "vit_base_patch16_dinov3_qkvb"])
+                                  "vit_base_patch16_dinov3_qkvb", "vit_small_plus_patch16_dinov3"])
 def test_folder_matches_numpy_timm(tmp_path, arch):
     """A timm folder of each layout loads (hf.load_pretrained) and matches timm's forward in float64 numpy;
     biases, norms, layer scales, prefix tokens and the SwiGLU gates are randomised so that each one counts."""
     size = 4 * eva_arch_args(arch)["patch_size"]  # a 4 x 4 grid
-    small = {**SMALL, "img_size": size}
+    small = {**SMALL, "img_size": size, **({"mlp_ratio": 3.1} if "plus" in arch else {})}  # (198 -> 200 wide)
     raw = {"architecture": arch + ".some_tag", "num_classes": 5, "model_args": small,
            "pretrained_cfg": {**PRE, "input_size": [3, size, size]}}
     cfg = config_from_hf(raw, attn_impl="xla")
@@ -170,7 +170,7 @@ def test_cpu_config_trains_and_checks_its_options():
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(nnx.state(grads)))
     assert float(jnp.abs(grads.blocks[0].attn.q_proj.kernel[...]).max()) > 0
     for bad, match in [(dict(dim=120), "divisible by 4"), (dict(glu_mlp=True, mlp_ratio=4.0), "not EVA-02 options"),
-                       (dict(swiglu=False), "needs swiglu=True"), (dict(rope_kind="2d"), "rope_kind"),
+                       (dict(swiglu=False), "need swiglu=True"), (dict(rope_kind="2d"), "rope_kind"),
                        (dict(rope_ref_grid=0), "rope_ref_grid")]:
         with pytest.raises(ValueError, match=match):
             create_model("eva02-tiny", rngs=nnx.Rngs(0), **bad)
@@ -206,10 +206,10 @@ def test_export_round_trip(tmp_path, options):
 
 
 @pytest.mark.parametrize("arch,size", [("eva02_tiny_patch14_224", 56), ("eva02_base_patch14_224", 42),
-                                       ("vit_small_patch16_dinov3_qkvb", 48)])
+                                       ("vit_small_patch16_dinov3_qkvb", 48), ("vit_small_plus_patch16_dinov3", 48)])
 def test_matches_timm(tmp_path, arch, size):
     check_timm_folder_matches_timm(tmp_path, arch, size, ("bias", "norm.weight", "gamma_1", "gamma_2", "_token"),
-                                   depth=2, img_size=size)
+                                   depth=2, img_size=size, **({"mlp_ratio": 3.1} if "plus" in arch else {}))
 
 
 def test_architecture_table_matches_timm():
@@ -219,7 +219,7 @@ def test_architecture_table_matches_timm():
     from jaxattn.models.timm_hub import _eva_config
 
     names = [n for n in timm.list_models(["eva02_*", "vit_*dinov3*"]) if eva_arch_args(n) is not None]
-    assert len(names) == 8 + 7, names
+    assert len(names) == 8 + 12, names
     for n in names:
         with torch.device("meta"):
             m = timm.create_model(n)
@@ -228,11 +228,15 @@ def test_architecture_table_matches_timm():
                m.patch_embed.patch_size[0], m.patch_embed.img_size[0], type(m.rope).__name__,
                getattr(m.rope, "ref_feat_shape", None), m.global_pool, type(m.fc_norm).__name__,
                math.isclose(m.rope.temperature, c.rope_temperature), m.rope.rotate_half, m.pos_embed is not None,
-               0 if m.reg_token is None else m.reg_token.shape[1], blk.gamma_1 is not None, blk.norm1.eps, blk.attn.q_bias is not None)
+               0 if m.reg_token is None else m.reg_token.shape[1], blk.gamma_1 is not None, blk.norm1.eps,
+               blk.attn.q_bias is not None, (blk.mlp.fc1_g if hasattr(blk.mlp, "fc1_g") else blk.mlp.fc1).out_features)
         want = (c.dim, c.depth, c.heads, c.qkv_split,
-                "Mlp" if not c.swiglu else "SwiGLU" if c.mlp_norm else "GluMlp", c.patch_size, c.image_size,
+                "Mlp" if not c.swiglu else "SwiGLU" if c.mlp_norm or c.swiglu_align else "GluMlp", c.patch_size,
+                c.image_size,
                 "RotaryEmbeddingCat" if c.rope_kind == "eva" else "RotaryEmbeddingDinoV3",
                 (c.rope_ref_grid,) * 2 if c.rope_kind == "eva" else None, "avg",
                 "LayerNorm" if c.fc_norm else "Identity", True, c.rope_half, c.abs_pos_embed, c.reg_tokens,
-                c.layer_scale is not None, c.norm_eps, not c.qkv_split and c.qkv_bias)
+                c.layer_scale is not None, c.norm_eps, not c.qkv_split and c.qkv_bias,
+                c.mlp_dim if not c.swiglu else 2 * c.mlp_dim if not (c.mlp_norm or c.swiglu_align)
+                else -(-c.mlp_dim // max(c.swiglu_align, 1)) * max(c.swiglu_align, 1))
         assert got == want, n

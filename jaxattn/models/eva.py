@@ -20,11 +20,13 @@ timm's ``Eva`` builds EVA-02 (``eva02_{tiny,small,base,large}_patch14_{224,336,4
   no bias; EVA-02 Ti/S), or ``q_proj`` / ``k_proj`` (no bias) / ``v_proj`` (``qkv_split``, EVA-02 B/L);
 * MLP: SwiGLU ``fc2(act(g) * x)`` with ``mlp_dim = int(dim * mlp_ratio)`` hidden units: packed (``fc1``
   gives ``[g, x]``; ViT's ``glu_mlp``, EVA-02 Ti/S) or split into ``fc1_g`` / ``fc1_x`` with a LayerNorm on
-  the hidden units (``mlp_norm``, timm's ``scale_mlp``, EVA-02 B/L); or the ViT's plain MLP (``swiglu=False``,
-  DINOv3 S/B/L);
+  the hidden units (``mlp_norm``, timm's ``scale_mlp``, EVA-02 B/L), or split without the norm and with the
+  hidden width rounded up to a multiple of ``swiglu_align`` (timm's ``swiglu_align_to``, DINOv3 S+/H+/7B); or
+  the ViT's plain MLP (``swiglu=False``, DINOv3 S/B/L);
 * DINOv3 also: no absolute position embedding (``abs_pos_embed=False``), four register tokens, layer scale
   (``gamma_1`` / ``gamma_2``), LayerNorm eps 1e-5, mean pooling after the final norm
-  (``vit_{small,base,large}_patch16_dinov3[_qkvb]``, ``vit_tiny_patch16_dinov3_qkvb``).
+  (``vit_{small,small_plus,base,large,huge_plus}_patch16_dinov3[_qkvb]``, ``vit_tiny_patch16_dinov3_qkvb``,
+  ``vit_7b_patch16_dinov3``).
 
 Module paths are timm's ``state_dict`` keys (``blocks.{i}.attn.qkv``, ``.q_bias``, ``.v_bias``, ``.q_proj``,
 ``.k_proj``, ``.v_proj``, ``.proj``, ``blocks.{i}.gamma_1``, ``blocks.{i}.mlp.fc1_g``, ``.fc1_x``, ``.norm``, ``.fc2``, ``fc_norm``,
@@ -32,7 +34,7 @@ Module paths are timm's ``state_dict`` keys (``blocks.{i}.attn.qkv``, ``.q_bias`
 timm's: the ViT's, with each block's ``attn.proj`` and ``mlp.fc2`` divided by ``sqrt(2 * (i + 1))``, the
 SwiGLU's value half (packed) or gate (split) near zero with bias 1, the head scaled by 0.001.
 Not implemented: timm's other ``Eva`` models (EVA-02 CLIP's inner attention norm, RoPE-ViT's mixed
-embeddings, post-norm blocks, aligned SwiGLU widths of DINOv3 S+/H+/7B, PE).
+embeddings, post-norm blocks, PE).
 """
 
 from __future__ import annotations
@@ -68,14 +70,17 @@ class EvaConfig(ViTConfig):
     qkv_split: bool = True  # q_proj / k_proj / v_proj (EVA-02 B/L); False: one qkv plus q_bias / v_bias
     swiglu: bool = True  # a SwiGLU MLP; False: the ViT's plain MLP (with mlp_act; DINOv3 S/B/L)
     mlp_norm: bool = True  # split SwiGLU with a LayerNorm on its hidden units (EVA-02 B/L); False: packed
+    swiglu_align: int = 0  # > 0: split SwiGLU (no norm unless mlp_norm), hidden width rounded up to a multiple
 
     def __post_init__(self):
         super().__post_init__()
         if self.pool == "map" or self.gates != "none" or self.glu_mlp:
             raise ValueError("EvaConfig: pool='map', gates and glu_mlp are not EVA-02 options (its SwiGLU: swiglu, "
                              "packed with mlp_norm=False, split with mlp_norm=True)")
-        if self.mlp_norm and not self.swiglu:
-            raise ValueError("EvaConfig: mlp_norm is the split SwiGLU's LayerNorm; it needs swiglu=True")
+        if (self.mlp_norm or self.swiglu_align) and not self.swiglu:
+            raise ValueError("EvaConfig: mlp_norm and swiglu_align are the split SwiGLU's; they need swiglu=True")
+        if self.swiglu_align < 0:
+            raise ValueError(f"swiglu_align must be >= 0, got {self.swiglu_align}")
         if self.rope_kind not in ("eva", "dinov3"):
             raise ValueError(f"rope_kind must be 'eva' or 'dinov3', got {self.rope_kind!r}")
         if self.head_dim % 4:
@@ -201,9 +206,10 @@ class EvaBlock(nnx.Module):
         self.norm2 = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps)
         if not cfg.swiglu:
             self.mlp = MLP(cfg.dim, cfg.mlp_dim, dropout=cfg.dropout, dtype=dtype, act=cfg.mlp_act, rngs=rngs)
-        elif cfg.mlp_norm:
-            self.mlp = SwiGLU(cfg.dim, cfg.mlp_dim, act=cfg.mlp_act, norm=True, eps=cfg.norm_eps, dropout=cfg.dropout,
-                              dtype=dtype, rngs=rngs)
+        elif cfg.mlp_norm or cfg.swiglu_align:  # (split, as timm's rule)
+            hidden = cfg.mlp_dim + (-cfg.mlp_dim % cfg.swiglu_align if cfg.swiglu_align else 0)
+            self.mlp = SwiGLU(cfg.dim, hidden, act=cfg.mlp_act, norm=cfg.mlp_norm, eps=cfg.norm_eps,
+                              dropout=cfg.dropout, dtype=dtype, rngs=rngs)
         else:  # packed: fc1 gives [gate, value] (timm's GluMlp, gate first)
             self.mlp = MLP(cfg.dim, 2 * cfg.mlp_dim, dropout=cfg.dropout, dtype=dtype, act=cfg.mlp_act, glu=True,
                            rngs=rngs)

@@ -101,17 +101,20 @@ def vit_arch_args(arch: str) -> dict[str, Any] | None:
 
 _EVA_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 _EVA_ARCH = re.compile(r"eva02_(?P<size>tiny|small|base|large)_patch(?P<patch>14)_(?P<img>\d+)")
-_DINOV3_ARCH = re.compile(r"vit_(?:(?P<size>small|base|large)_patch16_dinov3(?P<qkvb>_qkvb)?"
-                          r"|(?P<tiny>tiny)_patch16_dinov3_qkvb)")
+_DINOV3_ARCH = re.compile(r"vit_(?:(?P<size>small|small_plus|base|large|huge_plus)_patch16_dinov3(?P<qkvb>_qkvb)?"
+                          r"|(?P<tiny>tiny)_patch16_dinov3_qkvb|(?P<b7>7b)_patch16_dinov3)")
+_DINOV3_SIZES = {"small_plus": (384, 12, 6), "huge_plus": (1280, 32, 20), "7b": (4096, 40, 32)}
+_DINOV3_SWIGLU = {"small_plus": {"mlp_ratio": 4.0, "swiglu_align_to": 8}, "huge_plus": {"mlp_ratio": 4.0, "swiglu_align_to": 8},
+                  "7b": {"mlp_ratio": 2.0, "swiglu_align_to": 64}}
 # timm Eva arguments with the value EvaConfig implements (others: refused)
 _EVA_FIXED = {"use_rot_pos_emb": True, "rope_grid_indexing": "ij", "rope_grid_offset": 0.0, "scale_attn_inner": False,
-              "use_post_norm": False, "attn_type": "eva", "swiglu_align_to": 0, "use_pre_transformer_norm": False,
+              "use_post_norm": False, "attn_type": "eva", "use_pre_transformer_norm": False,
               "attn_only_layer_scale": False, "use_post_transformer_norm": None, "num_kv_heads": None,
               "gated_attn": False, "attn_head_dim": None}
 _EVA_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qkv_fused",
              "swiglu_mlp", "scale_mlp", "ref_feat_shape", "global_pool", "class_token", "use_fc_norm", "num_reg_tokens",
              "no_embed_class", "dynamic_img_size", "qk_norm", "rope_type", "rope_temperature", "rope_rotate_half",
-             "use_abs_pos_emb", "init_values", "norm_eps", "head_init_scale")
+             "use_abs_pos_emb", "init_values", "norm_eps", "head_init_scale", "swiglu_align_to")
 
 
 def eva_arch_args(arch: str) -> dict[str, Any] | None:
@@ -119,9 +122,11 @@ def eva_arch_args(arch: str) -> dict[str, Any] | None:
     (``vit_{size}_patch16_dinov3[_qkvb]``) architecture ``arch``; None: not one. (``norm_eps``: timm's
     ``norm_layer=partial(LayerNorm, eps=1e-5)``.)"""
     if m := _DINOV3_ARCH.fullmatch(arch):
-        dim, depth, heads = _EVA_SIZES[m["size"] or m["tiny"]]
-        return {"img_size": 256, "patch_size": 16, "dynamic_img_size": True, "embed_dim": dim, "depth": depth, "num_heads": heads,
-                "qkv_bias": bool(m["qkvb"] or m["tiny"]), "init_values": 1e-5, "rope_type": "dinov3",
+        size = m["size"] or m["tiny"] or m["b7"]
+        dim, depth, heads = {**_EVA_SIZES, **_DINOV3_SIZES}[size]
+        swiglu = {"swiglu_mlp": True, **_DINOV3_SWIGLU[size]} if size in _DINOV3_SWIGLU else {}
+        return {**swiglu, "img_size": 256, "patch_size": 16, "dynamic_img_size": True, "embed_dim": dim,
+                "depth": depth, "num_heads": heads, "qkv_bias": bool(m["qkvb"] or m["tiny"]), "init_values": 1e-5, "rope_type": "dinov3",
                 "rope_temperature": 100, "rope_rotate_half": True, "use_rot_pos_emb": True, "use_abs_pos_emb": False,
                 "num_reg_tokens": 4, "use_fc_norm": False, "norm_eps": 1e-5}
     if not (m := _EVA_ARCH.fullmatch(arch)):
@@ -142,8 +147,9 @@ def _eva_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
     rope = args.get("rope_type", "cat")
     if rope not in ("cat", "dinov3"):
         bad["rope_type"] = rope
-    if args.get("scale_mlp") and not args.get("swiglu_mlp"):
-        bad["scale_mlp"] = "with a plain MLP"
+    for k in ("scale_mlp", "swiglu_align_to"):
+        if args.get(k) and not args.get("swiglu_mlp"):
+            bad[k] = "with a plain MLP"
     unknown = sorted(set(args) - set(_EVA_FIXED) - set(_EVA_ARGS))
     if bad or unknown:
         raise ValueError(f"config.json: model_args {bad or unknown} are not supported by jaxattn's EVA-02")
@@ -169,7 +175,7 @@ def _eva_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
                      abs_pos_embed=bool(args.get("use_abs_pos_emb", True)), layer_scale=None if init_values is None
                      else float(init_values), norm_eps=float(args.get("norm_eps", 1e-6)),
                      qkv_split=not args.get("qkv_fused", True), swiglu=swiglu, mlp_act="silu" if swiglu else "gelu",
-                     mlp_norm=bool(args.get("scale_mlp", False)))
+                     mlp_norm=bool(args.get("scale_mlp", False)), swiglu_align=int(args.get("swiglu_align_to") or 0))
 
 
 def _size(value: Any, what: str) -> int:
@@ -314,7 +320,7 @@ def _eva_hf_config(cfg: EvaConfig, pre: dict[str, Any]) -> dict[str, Any]:
             "no_embed_class": cfg.no_embed_class, "dynamic_img_size": cfg.dynamic_img_size, "qk_norm": cfg.qk_norm,
             "rope_temperature": cfg.rope_temperature, "rope_type": "cat" if cfg.rope_kind == "eva" else "dinov3",
             "rope_rotate_half": cfg.rope_half, "use_abs_pos_emb": cfg.abs_pos_embed, "swiglu_mlp": cfg.swiglu,
-            "init_values": cfg.layer_scale}
+            "swiglu_align_to": cfg.swiglu_align, "init_values": cfg.layer_scale}
     if cfg.layer_scale is None:
         del args["init_values"]  # (eva02's default: none)
     return {"architecture": arch, "num_classes": cfg.num_classes, "global_pool": pool,
