@@ -4,6 +4,7 @@ embedding properties; timm parity, architecture table and export when torch and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -176,6 +177,22 @@ def test_cpu_config_trains_and_checks_its_options():
             create_model("eva02-tiny", rngs=nnx.Rngs(0), **bad)
     with pytest.raises(ValueError, match="not supported by jaxattn's EVA-02"):
         config_from_hf({"architecture": "eva02_base_patch14_224", "model_args": {"scale_attn_inner": True}})
+
+
+def test_pallas_matches_xla_and_lowers_for_cuda():
+    """The rotated q / k through the Pallas flash kernel (interpret mode) = the XLA path; lowers for CUDA."""
+    from conftest import count_triton_calls, lower_for_cuda
+    from jaxattn.pallas._common import compile_for_gpu
+
+    cfg = EvaConfig(image_size=16, patch_size=4, num_classes=3, dim=64, depth=1, heads=2, reg_tokens=1,
+                    rope_kind="dinov3", rope_half=True, layer_scale=0.5, attn_impl="pallas")
+    pallas = Eva(cfg, rngs=nnx.Rngs(0))
+    xla = Eva(dataclasses.replace(cfg, attn_impl="xla"), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    np.testing.assert_allclose(pallas(x), xla(x), atol=2e-5, rtol=2e-5)
+    graph, state = nnx.split(pallas)
+    with compile_for_gpu():  # (the GPU kernels, not interpret mode)
+        assert count_triton_calls(lower_for_cuda(lambda s, x: nnx.merge(graph, s)(x), state, x)) == 1
 
 
 @pytest.mark.parametrize("options", [dict(qkv_split=False, mlp_norm=False, rope_ref_grid=None),

@@ -172,15 +172,27 @@ def test_attention_matches_numpy_oracle():
     np.testing.assert_allclose(np.asarray(out), want, atol=1e-4, rtol=1e-4)
 
 
-def test_pallas_matches_xla():
-    """Pallas flash kernel (interpret mode on CPU; head_dim 32) vs the XLA path, same parameters."""
-    cfg = dataclasses.replace(TINY, heads=1, depth=1, attn_impl="pallas")
+@pytest.mark.parametrize("options", [{}, dict(pool="map", qk_norm=True, glu_mlp=True, mlp_act="silu")],
+                         ids=["plain", "map-qknorm-glu"])
+def test_pallas_matches_xla(options):
+    """Pallas flash kernel (interpret mode on CPU; head_dim 32) vs the XLA path, same parameters; the
+    options' paths (qk-normed q / k, attention pooling's one-query cross attention) run the kernel and lower
+    for CUDA too."""
+    cfg = dataclasses.replace(TINY, heads=1, depth=1, attn_impl="pallas", **options)
     pallas = ViT(cfg, rngs=nnx.Rngs(0))
     xla = ViT(dataclasses.replace(cfg, attn_impl="xla"), rngs=nnx.Rngs(0))
     _randomize_biases(pallas)
     nnx.update(xla, nnx.state(pallas, nnx.Param))
     x = _images(cfg)
     np.testing.assert_allclose(pallas(x), xla(x), atol=2e-5, rtol=2e-5)
+    if options:
+        from conftest import count_triton_calls, lower_for_cuda
+        from jaxattn.pallas._common import compile_for_gpu
+
+        graph, state = nnx.split(pallas)
+        with compile_for_gpu():  # (the GPU kernels, not interpret mode)
+            text = lower_for_cuda(lambda s, x: nnx.merge(graph, s)(x), state, x)
+        assert count_triton_calls(text) == 2  # the block's attention and the pooling's
 
 
 def test_bf16_compute_fp32_params():
