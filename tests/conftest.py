@@ -147,3 +147,27 @@ def check_timm_folder_matches_timm(folder, arch: str, size: int, noisy: tuple[st
         want = ref(torch.as_tensor(x).permute(0, 3, 1, 2)).numpy()
     got = np.asarray(hf.load_pretrained(folder, attn_impl="xla")(jnp.asarray(x)))
     assert_close(got, want, jnp.float32, f"{arch} logits vs timm", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
+
+
+def check_timm_export(model, folder, size: int) -> None:
+    """``hf.save_pretrained(model)``: our loader gives the model's logits exactly; with torch and timm installed,
+    ``timm.create_model(architecture, **model_args)`` with the folder's weights gives them too."""
+    import json
+
+    from jaxattn.models import hf
+
+    model.eval()
+    hf.save_pretrained(model, folder)
+    x = np.random.default_rng(1).normal(size=(2, size, size, model.cfg.in_channels)).astype(np.float32)
+    want = np.asarray(model(jnp.asarray(x)))
+    np.testing.assert_array_equal(np.asarray(hf.load_pretrained(folder, attn_impl="xla")(jnp.asarray(x))), want)
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    from jaxattn.models.safetensors_io import read_state_dict
+
+    raw = json.loads((folder / "config.json").read_text())
+    ref = timm.create_model(raw["architecture"], **raw["model_args"]).eval()
+    ref.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in read_state_dict(folder).items()})
+    with torch.no_grad():
+        got = ref(torch.as_tensor(x).permute(0, 3, 1, 2)).numpy()
+    assert_close(got, want, jnp.float32, "logits vs timm", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})

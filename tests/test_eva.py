@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_close, check_timm_folder_matches_timm
+from conftest import assert_close, check_timm_export, check_timm_folder_matches_timm
 from jaxattn.models import Eva, EvaConfig, create_model, hf
 from jaxattn.models.eva import apply_rope, rope_sin_cos
 from jaxattn.models.safetensors_io import write_safetensors
@@ -204,22 +204,7 @@ def test_export_round_trip(tmp_path, options):
     """save_pretrained(Eva): our loader gives the same logits; with timm installed, timm.create_model(
     architecture, **model_args) with its weights too."""
     cfg = EvaConfig(image_size=28, patch_size=7, num_classes=3, dim=32, depth=2, heads=2, attn_impl="xla", **options)
-    model = Eva(cfg, rngs=nnx.Rngs(3))
-    model.eval()
-    hf.save_pretrained(model, tmp_path)
-    x = np.random.default_rng(1).normal(size=(2, 28, 28, 3)).astype(np.float32)
-    want = np.asarray(model(jnp.asarray(x)))
-    np.testing.assert_array_equal(np.asarray(hf.load_pretrained(tmp_path, attn_impl="xla")(jnp.asarray(x))), want)
-    torch = pytest.importorskip("torch")
-    timm = pytest.importorskip("timm")
-    from jaxattn.models.safetensors_io import read_state_dict
-
-    raw = json.loads((tmp_path / "config.json").read_text())
-    ref = timm.create_model(raw["architecture"], **raw["model_args"]).eval()
-    ref.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in read_state_dict(tmp_path).items()})
-    with torch.no_grad():
-        got = ref(torch.as_tensor(x).permute(0, 3, 1, 2)).numpy()
-    assert_close(got, want, jnp.float32, "logits vs timm", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
+    check_timm_export(Eva(cfg, rngs=nnx.Rngs(3)), tmp_path, 28)
 
 
 @pytest.mark.parametrize("arch,size", [("eva02_tiny_patch14_224", 56), ("eva02_base_patch14_224", 42),

@@ -16,7 +16,7 @@ from jaxattn.models.safetensors_io import write_safetensors
 from jaxattn.models.timm_hub import config_from_hf, preprocessing
 from jaxattn.models.timm_weights import to_timm_state_dict
 from jaxattn.models.vit import ViT
-from conftest import assert_close, check_timm_folder_matches_timm
+from conftest import assert_close, check_timm_export, check_timm_folder_matches_timm
 
 PRE = {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.9,
        "interpolation": "bicubic", "num_classes": 7}
@@ -432,24 +432,9 @@ def test_export_a_vit_as_a_timm_folder(tmp_path, pool, options):
 
     cfg = ViTConfig(image_size=32, patch_size=8, in_channels=3, num_classes=5, dim=64, depth=2, heads=4,
                     mlp_ratio=3.0, pool=pool, attn_impl="xla", **options)
-    model = ViT(cfg, rngs=nnx.Rngs(4))
-    model.eval()
-    hf.save_pretrained(model, tmp_path)
-    x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
-    want = np.asarray(model(jnp.asarray(x)))
-    np.testing.assert_array_equal(np.asarray(hf.load_pretrained(tmp_path, attn_impl="xla")(jnp.asarray(x))), want)
     with pytest.raises(ValueError, match="save_pretrained takes"):
         hf.save_pretrained(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), tmp_path / "x")
-    torch = pytest.importorskip("torch")
-    timm = pytest.importorskip("timm")
-    from jaxattn.models.safetensors_io import read_state_dict
-
-    raw = json.loads((tmp_path / "config.json").read_text())
-    ref = timm.create_model(raw["architecture"], **raw["model_args"]).eval()
-    ref.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in read_state_dict(tmp_path).items()})
-    with torch.no_grad():
-        got = ref(torch.as_tensor(x).permute(0, 3, 1, 2)).numpy()
-    assert_close(got, want, jnp.float32, "logits vs timm", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
+    check_timm_export(ViT(cfg, rngs=nnx.Rngs(4)), tmp_path, 32)
 
 
 def test_export_refuses_what_timm_lacks():
