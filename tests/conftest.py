@@ -171,3 +171,23 @@ def check_timm_export(model, folder, size: int) -> None:
     with torch.no_grad():
         got = ref(torch.as_tensor(x).permute(0, 3, 1, 2)).numpy()
     assert_close(got, want, jnp.float32, "logits vs timm", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
+
+
+def layer_norm_np(x, w, b, eps=1e-6):
+    """LayerNorm over the last axis in numpy (the timm oracles' float64 forwards)."""
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
+
+
+def write_timm_folder(folder, raw: dict, sd: dict):
+    """A timm hub folder: ``config.json`` ``raw`` and ``model.safetensors`` of the state dict ``sd`` (with a
+    BatchNorm ``num_batches_tracked`` for a HaloNet's, as timm saves it, which the loader must ignore)."""
+    import json
+
+    from jaxattn.models.safetensors_io import write_safetensors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(raw))
+    write_safetensors(folder / "model.safetensors", {**sd, "norm.num_batches_tracked": np.zeros((), np.int64)}
+                      if "stem.conv1.bn.weight" in sd else sd)
+    return folder

@@ -5,7 +5,6 @@ embedding properties; timm parity, architecture table and export when torch and 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 import jax
@@ -14,20 +13,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_close, check_timm_export, check_timm_folder_matches_timm
+from conftest import (assert_close, check_timm_export, check_timm_folder_matches_timm, layer_norm_np,
+                      write_timm_folder)
 from jaxattn.models import Eva, EvaConfig, create_model, hf
 from jaxattn.models.eva import apply_rope, rope_sin_cos
-from jaxattn.models.safetensors_io import write_safetensors
 from jaxattn.models.timm_hub import config_from_hf, eva_arch_args
 from jaxattn.models.timm_weights import to_timm_state_dict
 
 F32 = {jnp.dtype(jnp.float32): (2e-5, 2e-5)}
 PRE = {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.9, "interpolation": "bicubic"}
-
-
-def _ln(x, w, b, eps=1e-6):
-    mu = x.mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
 
 
 def timm_eva_forward(sd, args, images):
@@ -40,7 +34,7 @@ def timm_eva_forward(sd, args, images):
     prefix tokens with ``fc_norm`` or after ``norm``, ``head``."""
     w = {k: np.asarray(v, np.float64) for k, v in sd.items()}
     eps = args.get("norm_eps", 1e-6)
-    ln = lambda x, name: _ln(x, w[name + ".weight"], w[name + ".bias"], eps)  # noqa: E731
+    ln = lambda x, name: layer_norm_np(x, w[name + ".weight"], w[name + ".bias"], eps)  # noqa: E731
     silu = lambda h: h / (1 + np.exp(-h))  # noqa: E731
     gelu = lambda h: 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))  # noqa: E731
     p, heads = args["patch_size"], args["num_heads"]
@@ -112,13 +106,6 @@ def timm_eva_forward(sd, args, images):
 SMALL = {"depth": 2, "embed_dim": 64, "num_heads": 4, "num_classes": 5}
 
 
-def _folder(tmp_path, raw, sd):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    write_safetensors(tmp_path / "model.safetensors", sd)
-    return tmp_path
-
-
 @pytest.mark.parametrize("arch", ["eva02_tiny_patch14_224", "eva02_base_patch14_224", "vit_small_patch16_dinov3",
                                   "vit_base_patch16_dinov3_qkvb", "vit_small_plus_patch16_dinov3"])
 def test_folder_matches_numpy_timm(tmp_path, arch):
@@ -137,7 +124,7 @@ def test_folder_matches_numpy_timm(tmp_path, arch):
           if k.endswith(noisy) else v for k, v in to_timm_state_dict(Eva(cfg, rngs=nnx.Rngs(1))).items()}
     assert ("blocks.0.attn.q_bias" in sd) == (not cfg.qkv_split and cfg.qkv_bias)
     assert "blocks.0.attn.k_proj.bias" not in sd and ("pos_embed" in sd) == ("eva02" in arch)
-    model = hf.load_pretrained(_folder(tmp_path, raw, sd), attn_impl="xla")
+    model = hf.load_pretrained(write_timm_folder(tmp_path, raw, sd), attn_impl="xla")
     assert type(model) is Eva
     x = rng.normal(size=(2, size, size, 3)).astype(np.float32)
     want = timm_eva_forward(sd, {**eva_arch_args(arch), **small}, x)

@@ -12,11 +12,11 @@ import pytest
 from flax import nnx
 
 from jaxattn.models import create_model, hf
-from jaxattn.models.safetensors_io import write_safetensors
 from jaxattn.models.timm_hub import config_from_hf, preprocessing
 from jaxattn.models.timm_weights import to_timm_state_dict
 from jaxattn.models.vit import ViT
-from conftest import assert_close, check_timm_export, check_timm_folder_matches_timm
+from conftest import (assert_close, check_timm_export, check_timm_folder_matches_timm, layer_norm_np,
+                      write_timm_folder)
 
 PRE = {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.9,
        "interpolation": "bicubic", "num_classes": 7}
@@ -25,21 +25,13 @@ VIT_TINY = {"architecture": "vit_tiny_patch16_224", "num_classes": 7, "num_featu
                            "global_pool": "token"}, "pretrained_cfg": PRE}
 
 
-def _folder(tmp_path, raw, sd):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    write_safetensors(tmp_path / "model.safetensors", {**sd, "norm.num_batches_tracked": np.zeros((), np.int64)}
-                      if "stem.conv1.bn.weight" in sd else sd)
-    return tmp_path
-
-
 def test_vit_folder(tmp_path, capsys):
     cfg = config_from_hf(VIT_TINY, attn_impl="xla")
     assert (cfg.dim, cfg.depth, cfg.heads, cfg.patch_size, cfg.image_size, cfg.num_classes, cfg.pool) == (
         192, 2, 3, 8, 32, 7, "cls")
     src = ViT(cfg, rngs=nnx.Rngs(2))
     src.eval()
-    folder = _folder(tmp_path, VIT_TINY, to_timm_state_dict(src))
+    folder = write_timm_folder(tmp_path, VIT_TINY, to_timm_state_dict(src))
     assert hf.hf_model_type(folder) == "timm"
     model = hf.load_pretrained(folder, attn_impl="xla")
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
@@ -71,7 +63,7 @@ def test_halonet_folder_keeps_batchnorm_statistics(tmp_path):
     raw = {"architecture": "halonet26t", "num_classes": 5, "global_pool": "avg",
            "model_args": {"num_classes": 5, "in_chans": 3, "global_pool": "avg"},
            "pretrained_cfg": {**PRE, "input_size": [3, 256, 256]}}
-    folder = _folder(tmp_path, raw, sd)
+    folder = write_timm_folder(tmp_path, raw, sd)
     model = hf.load_pretrained(folder, attn_impl="xla")
     assert model.cfg.num_classes == 5 and model.cfg.image_size == 256
     np.testing.assert_array_equal(np.asarray(model.stem.conv1.bn.var[...]), sd["stem.conv1.bn.running_var"])
@@ -181,11 +173,6 @@ def test_architecture_table_matches_timm():
         assert got == want, n
 
 
-def _ln(x, w, b, eps=1e-6):
-    mu = x.mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
-
-
 def timm_vit_forward(sd, args, images):
     """timm's ``VisionTransformer.forward`` (timm 1.0 ``vision_transformer.py``) in float64 numpy on its own
     ``state_dict`` and constructor arguments: patch conv, class / register tokens and position embedding
@@ -195,7 +182,7 @@ def timm_vit_forward(sd, args, images):
     SiLU), ``qk_norm``, and ``mlp_layer=SwiGLUPacked`` (``GluMlp`` with the gate first)."""
     w = {k: np.asarray(v, np.float64) for k, v in sd.items()}
     eps = args.get("norm_eps", 1e-6)
-    ln = lambda x, name: _ln(x, w[name + ".weight"], w[name + ".bias"], eps)  # noqa: E731
+    ln = lambda x, name: layer_norm_np(x, w[name + ".weight"], w[name + ".bias"], eps)  # noqa: E731
     p, heads = args["patch_size"], args["num_heads"]
     pool, class_token = args.get("global_pool", "token"), args.get("class_token", True)
     fc_norm = pool == "avg" if args.get("fc_norm") is None else args["fc_norm"]
@@ -289,7 +276,7 @@ def test_timm_families_match_numpy_timm(tmp_path, arch, extra):
              "fc2.weight", "head.weight")
     sd = {k: (v + rng.normal(0, 0.5, v.shape)).astype(np.float32) if k.endswith(noisy)
           else v for k, v in to_timm_state_dict(ViT(cfg, rngs=nnx.Rngs(1))).items()}
-    model = hf.load_pretrained(_folder(tmp_path, raw, sd), attn_impl="xla")
+    model = hf.load_pretrained(write_timm_folder(tmp_path, raw, sd), attn_impl="xla")
     x = rng.normal(size=(2, small["img_size"], small["img_size"], 3)).astype(np.float32)
     want = timm_vit_forward(sd, {**vit_arch_args(arch), **small}, x)
     assert_close(np.asarray(model(jnp.asarray(x))), want, jnp.float32, f"{arch} logits vs numpy timm",
@@ -356,7 +343,7 @@ def test_bench_vision_runs_a_timm_folder(tmp_path):
     from jaxattn.bench import vision
 
     src = ViT(config_from_hf(VIT_TINY), rngs=nnx.Rngs(2))
-    folder = _folder(tmp_path, VIT_TINY, to_timm_state_dict(src))
+    folder = write_timm_folder(tmp_path, VIT_TINY, to_timm_state_dict(src))
     recs = vision.inference_throughput(str(folder), batch=2, dtype="float32", steps=1, warmup=1, attn_impl="xla")
     assert [(r["mode"], r["weights"]) for r in recs] == [("infer", "pretrained"), ("infer-quantized", "pretrained")]
     assert 0.0 <= recs[1]["top1_agreement"] <= 1.0 and recs[0]["image_size"] == 32
@@ -387,7 +374,7 @@ def test_adapt_fits_another_task(tmp_path):
     headless, fresh0 = adapt(config_from_hf(VIT_TINY, num_classes=0), sd)
     assert fresh0 == [] and "head.weight" not in headless
     raw0 = {**VIT_TINY, "num_classes": 0, "model_args": {**VIT_TINY["model_args"], "num_classes": 0}}
-    folder = _folder(tmp_path, raw0, bare)
+    folder = write_timm_folder(tmp_path, raw0, bare)
     tuned = hf.load_pretrained(folder, num_classes=4, attn_impl="xla")
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 32, 32, 3))
     np.testing.assert_array_equal(tuned.pool_features(x), hf.load_pretrained(folder, attn_impl="xla")(x))
@@ -402,7 +389,7 @@ def test_probe_a_timm_backbone(tmp_path):
     from jaxattn.train.images import ImageData
 
     src = ViT(config_from_hf(VIT_TINY), rngs=nnx.Rngs(2))
-    folder = _folder(tmp_path / "vit", VIT_TINY, to_timm_state_dict(src))
+    folder = write_timm_folder(tmp_path / "vit", VIT_TINY, to_timm_state_dict(src))
     prep = probe_task.prepare(probe_task.ProbeConfig(backbone_ckpt=str(folder), image_size=32), progress=False)
     backbone = prep["backbone"]
     assert backbone.cfg.num_classes == 0 and backbone.cfg.in_channels == prep["data"].channels == 1
@@ -461,7 +448,7 @@ def test_fine_tune_a_timm_folder_then_export_the_run(tmp_path):
     from jaxattn.train.image import load_trained
 
     src = ViT(config_from_hf(VIT_TINY), rngs=nnx.Rngs(2))
-    folder = _folder(tmp_path / "vit", VIT_TINY, to_timm_state_dict(src))
+    folder = write_timm_folder(tmp_path / "vit", VIT_TINY, to_timm_state_dict(src))
     out = tmp_path / "run"
     assert train_main(["image", "--model", str(folder), "--steps", "2", "--batch-size", "8", "--lr", "0",
                        "--eval-every", "2", "--eval-batch-size", "128", "--dropout", "0.1", "--drop-path", "0.1",
@@ -519,7 +506,7 @@ def test_classify_cli_scores_a_class_folder_tree(tmp_path, capsys):
     raw = {**VIT_TINY, "num_classes": 3, "model_args": {**VIT_TINY["model_args"], "num_classes": 3}, "pretrained_cfg": pre}
     src = ViT(config_from_hf(raw, attn_impl="xla"), rngs=nnx.Rngs(2))
     src.eval()
-    folder = _folder(tmp_path / "vit", raw, to_timm_state_dict(src))
+    folder = write_timm_folder(tmp_path / "vit", raw, to_timm_state_dict(src))
     files = [_png(tmp_path / "val" / "cat" / "a.png", (40, 50), 0), _png(tmp_path / "val" / "emu" / "b.png", (64, 48), 1),
              _png(tmp_path / "val" / "emu" / "c.png", (33, 33), 2, "L"), _png(tmp_path / "val" / "loose.png", (50, 40), 3)]
 
@@ -551,7 +538,7 @@ def test_classify_cli_scores_a_class_folder_tree(tmp_path, capsys):
         classify_main([str(folder), str(tmp_path / "nothing")])
     assert "no such image file or folder" in capsys.readouterr().err
     raw0 = {**raw, "num_classes": 0, "model_args": {**raw["model_args"], "num_classes": 0}}
-    headless = _folder(tmp_path / "features", raw0, {k: v for k, v in to_timm_state_dict(src).items()
+    headless = write_timm_folder(tmp_path / "features", raw0, {k: v for k, v in to_timm_state_dict(src).items()
                                                      if not k.startswith("head.")})
     with pytest.raises(SystemExit):
         classify_main([str(headless), str(files[0])])
@@ -586,7 +573,7 @@ def test_dynamic_image_size(tmp_path, arch):
     raw = {"architecture": arch, "num_classes": 5, "model_args": {"depth": 2, "img_size": 2 * p, "num_classes": 5},
            "pretrained_cfg": {**PRE, "input_size": [3, 2 * p, 2 * p]}}
     cfg = config_from_hf(raw, attn_impl="xla")
-    folder = _folder(tmp_path, raw, to_timm_state_dict(ViT(cfg, rngs=nnx.Rngs(3))))
+    folder = write_timm_folder(tmp_path, raw, to_timm_state_dict(ViT(cfg, rngs=nnx.Rngs(3))))
     dyn = hf.load_pretrained(folder, attn_impl="xla", dynamic_img_size=True)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 2 * p, 2 * p, 3)), jnp.float32)

@@ -48,8 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.models.vit import (ACTIVATIONS, MLP, AttentionDropout, DropPath, ViT, ViTConfig, _apply, _dropout,
-                                _layer_norm, _linear, activated_linear)
-from jaxattn.ops.attention import attention
+                                _layer_norm, _linear, activated_linear, attend)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,22 +156,11 @@ class EvaAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array], return_attention: bool = False
                  ) -> jax.Array | tuple[jax.Array, jax.Array]:
-        b, n, _ = x.shape
         q, k, v = self._qkv(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = (apply_rope(t, rope, self.num_prefix, self.half) for t in (q, k))
-        if self.quantized:
-            from jaxattn.ops.sage import sage_attention
-
-            o = sage_attention(q, k, v, impl=self.impl)
-        else:
-            o = attention(q, k, v, impl=self.impl, **self.attn_drop())
-        out = _apply(self.proj_drop, self.proj(o.reshape(b, n, -1)))
-        if not return_attention:
-            return out
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
-        return out, jax.nn.softmax(logits * self.head_dim ** -0.5, axis=-1)
+        return attend(self, q, k, v, return_attention)
 
 
 class SwiGLU(nnx.Module):

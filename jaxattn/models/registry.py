@@ -69,13 +69,10 @@ def _folder_type(name: str) -> str | None:
 def timm_architecture(name: str) -> Any:
     """The :class:`ViTConfig` of a timm ViT architecture name (``vit_base_patch16_siglip_224``,
     ``deit3_small_patch16_224``, ...; a ``.tag`` is ignored) as ``timm.create_model(name)`` builds it; None when
-    ``name`` is not one (:func:`jaxattn.models.timm_hub.vit_arch_args`)."""
-    from jaxattn.models.timm_hub import config_from_hf, eva_arch_args, vit_arch_args
+    ``name`` is not one (:func:`jaxattn.models.timm_hub.is_architecture`)."""
+    from jaxattn.models.timm_hub import config_from_hf, is_architecture
 
-    if not isinstance(name, str) or (vit_arch_args(name.split(".")[0]) is None
-                                     and eva_arch_args(name.split(".")[0]) is None):
-        return None
-    return config_from_hf({"architecture": name})
+    return config_from_hf({"architecture": name}) if is_architecture(name) else None
 
 
 def model_config(name: str) -> Any:
@@ -94,7 +91,9 @@ def check_model_kind(name: str, kind: str) -> None:
     """A ValueError naming what ``name`` is when it is not a model of ``kind`` (the task ``lm`` or
     ``image``): a registered name or a Hugging Face / timm folder; the error lists the task's models."""
     folder = _folder_type(name)
-    known = folder or name in MODEL_CONFIGS or timm_architecture(name) is not None
+    from jaxattn.models.timm_hub import is_architecture
+
+    known = folder or name in MODEL_CONFIGS or is_architecture(name)
     is_lm = hasattr(model_config(name), "vocab_size") if known else None
     if is_lm == (kind == "lm"):
         return

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -142,22 +142,13 @@ def eva_arch_args(arch: str) -> dict[str, Any] | None:
 
 def _eva_config(args: dict[str, Any], num_classes: int, in_chans: int, input_size: Any) -> EvaConfig:
     """An :class:`EvaConfig` from timm ``Eva`` arguments (its defaults where absent)."""
-    args = {k: v for k, v in args.items() if k not in _VIT_IGNORED}
-    bad = {k: v for k, v in args.items() if k in _EVA_FIXED and v != _EVA_FIXED[k]}
     rope = args.get("rope_type", "cat")
-    if rope not in ("cat", "dinov3"):
-        bad["rope_type"] = rope
+    bad = {} if rope in ("cat", "dinov3") else {"rope_type": rope}
     for k in ("scale_mlp", "swiglu_align_to"):
         if args.get(k) and not args.get("swiglu_mlp"):
             bad[k] = "with a plain MLP"
-    unknown = sorted(set(args) - set(_EVA_FIXED) - set(_EVA_ARGS))
-    if bad or unknown:
-        raise ValueError(f"config.json: model_args {bad or unknown} are not supported by jaxattn's EVA-02")
-    pool, class_token = args.get("global_pool", "avg"), bool(args.get("class_token", True))
-    if pool not in ("avg", "token"):
-        raise ValueError(f"config.json: global_pool {pool!r}: jaxattn's EVA-02 pools by 'avg' or 'token'")
-    if pool == "token" and not class_token:
-        raise ValueError("config.json: global_pool 'token' needs class_token=True")
+    args = _supported(args, _EVA_FIXED, _EVA_ARGS, "EVA-02", bad)
+    pool, class_token = _pool(args, "avg", ("avg", "token"), "EVA-02 pools by 'avg' or 'token'")
     ref = args.get("ref_feat_shape") if rope == "cat" else None  # (timm's DINOv3 embedding ignores it)
     fc_norm, swiglu, init_values = args.get("use_fc_norm"), bool(args.get("swiglu_mlp", False)), args.get("init_values")
     return EvaConfig(image_size=_size(args.get("img_size", input_size or 224), "img_size"),
@@ -176,6 +167,41 @@ def _eva_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
                      else float(init_values), norm_eps=float(args.get("norm_eps", 1e-6)),
                      qkv_split=not args.get("qkv_fused", True), swiglu=swiglu, mlp_act="silu" if swiglu else "gelu",
                      mlp_norm=bool(args.get("scale_mlp", False)), swiglu_align=int(args.get("swiglu_align_to") or 0))
+
+
+def _supported(args: dict[str, Any], fixed: dict[str, Any], known: tuple[str, ...], model: str,
+               bad: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``args`` without training-time regularisation; a ValueError naming the arguments with a value the model
+    does not implement (``fixed``, plus ``bad``) or that it does not know."""
+    args = {k: v for k, v in args.items() if k not in _VIT_IGNORED}
+    bad = {**(bad or {}), **{k: v for k, v in args.items() if k in fixed and v != fixed[k]}}
+    unknown = sorted(set(args) - set(fixed) - set(known))
+    if bad or unknown:
+        raise ValueError(f"config.json: model_args {bad or unknown} are not supported by jaxattn's {model}")
+    return args
+
+
+def _pool(args: dict[str, Any], default: str, allowed: tuple[str, ...], what: str) -> tuple[str, bool]:
+    """``(global_pool, class_token)`` of timm arguments, checked."""
+    pool, class_token = args.get("global_pool", default), bool(args.get("class_token", True))
+    if pool not in allowed:
+        raise ValueError(f"config.json: global_pool {pool!r}: jaxattn's {what}")
+    if pool == "token" and not class_token:
+        raise ValueError("config.json: global_pool 'token' needs class_token=True")
+    return pool, class_token
+
+
+def _architecture(arch: str) -> tuple[dict[str, Any], Callable[..., ViTConfig]] | None:
+    """The timm arguments of a ViT or Eva architecture name and the config builder for them; None: not one."""
+    for arch_args, make in ((vit_arch_args, _vit_config), (eva_arch_args, _eva_config)):
+        if (args := arch_args(arch)) is not None:
+            return args, make
+    return None
+
+
+def is_architecture(name: str) -> bool:
+    """Whether ``name`` (a ``.tag`` ignored) is a timm ViT / Eva architecture converted here."""
+    return isinstance(name, str) and _architecture(name.split(".")[0]) is not None
 
 
 def _size(value: Any, what: str) -> int:
@@ -204,41 +230,29 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> ViTConfig | EvaC
             raise ValueError(f"config.json: model_args {sorted(args)} are not supported for {arch}")
         cfg = dataclasses.replace(HALONET_CONFIGS[arch], num_classes=num_classes, in_channels=in_chans,
                                   image_size=size)
-    elif (arch_args := vit_arch_args(arch)) is not None:
+    elif (found := _architecture(arch)) is not None:
+        arch_args, make = found
         if pool is not None:
             arch_args["global_pool"] = pool
         arch_args.update(args)
-        cfg = _vit_config(arch_args, num_classes, in_chans, (pre.get("input_size") or [3, 224, 224])[1:])
-    elif (arch_args := eva_arch_args(arch)) is not None:
-        if pool is not None:
-            arch_args["global_pool"] = pool
-        arch_args.update(args)
-        cfg = _eva_config(arch_args, num_classes, in_chans, (pre.get("input_size") or [3, 224, 224])[1:])
+        cfg = make(arch_args, num_classes, in_chans, (pre.get("input_size") or [3, 224, 224])[1:])
     else:
         raise ValueError(f"config.json: timm architecture {arch!r} is not one jaxattn converts "
                          "(ViT: vit_ / deit_ / deit3_{size}_patch{P}_{S}, vit_*_dinov2, vit_*_gap_{S}, vit_*_reg{R}_gap_{S}, "
-                         "vit_*_clip_{S}, vit_*_siglip(_gap)_{S}; eva02_{size}_patch14_{S}; "
-                         "halonet26t, sehalonet33ts)")
+                         "vit_*_clip_{S}, vit_*_siglip(_gap)_{S}; eva02_{size}_patch14_{S}, "
+                         "vit_{size}_patch16_dinov3[_qkvb]; halonet26t, sehalonet33ts)")
     return hf.with_overrides(cfg, overrides)
 
 
 def _vit_config(args: dict[str, Any], num_classes: int, in_chans: int, input_size: Any) -> ViTConfig:
     """A :class:`ViTConfig` from timm ``VisionTransformer`` arguments (its defaults where absent)."""
-    args = {k: v for k, v in args.items() if k not in _VIT_IGNORED}
-    bad = {k: v for k, v in args.items() if k in _VIT_FIXED and v != _VIT_FIXED[k]}
-    unknown = sorted(set(args) - set(_VIT_FIXED) - set(_VIT_ARGS))
-    if bad or unknown:
-        raise ValueError(f"config.json: model_args {bad or unknown} are not supported by jaxattn's ViT")
-    class_token, pool = bool(args.get("class_token", True)), args.get("global_pool", "token")
-    if pool not in ("token", "avg", "map"):
-        raise ValueError(f"config.json: global_pool {pool!r}: jaxattn's ViT pools by the class token ('token'), "
-                         "the mean of the patch tokens ('avg') or attention pooling ('map')")
-    if pool == "token" and not class_token:
-        raise ValueError("config.json: global_pool 'token' needs class_token=True")
+    args = _supported(args, _VIT_FIXED, _VIT_ARGS, "ViT")
+    pool, class_token = _pool(args, "token", ("token", "avg", "map"), "ViT pools by the class token ('token'), "
+                              "the mean of the patch tokens ('avg') or attention pooling ('map')")
     fc_norm = args.get("fc_norm")
     act = args.get("act_layer") or "gelu"
     if act not in ACTIVATIONS:
-        raise ValueError(f"config.json: act_layer {args['act_layer']!r}: jaxattn's ViT has gelu and quick_gelu")
+        raise ValueError(f"config.json: act_layer {args['act_layer']!r}: jaxattn's ViT has {sorted(ACTIVATIONS)}")
     mlp_layer = args.get("mlp_layer") or "Mlp"
     if mlp_layer not in _MLP_LAYERS:
         raise ValueError(f"config.json: mlp_layer {mlp_layer!r}: jaxattn's ViT has {sorted(_MLP_LAYERS)}")

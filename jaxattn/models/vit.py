@@ -286,19 +286,31 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.quantized:  # SageAttention2-style INT8 QK / FP8 PV (inference only)
-            from jaxattn.ops.sage import sage_attention
+        return attend(self, q, k, v, return_attention, packed=None if self.q_norm is not None else qkv)
 
-            o = sage_attention(q, k, v, impl=self.impl)
-        elif self.q_norm is not None:
-            o = attention(q, k, v, impl=self.impl, **self.attn_drop())
-        else:  # (the kernels read the packed qkv in place: no q/k/v copies, one packed gradient)
-            o = attention_qkvpacked(qkv, impl=self.impl, **self.attn_drop())
-        out = _apply(self.proj_drop, self.proj(o.reshape(b, n, -1)))
-        if not return_attention:
-            return out
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
-        return out, jax.nn.softmax(logits * self.head_dim ** -0.5, axis=-1)
+
+def attend(layer: nnx.Module, q: jax.Array, k: jax.Array, v: jax.Array, return_attention: bool = False,
+           packed: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The attention layers' shared tail (:class:`Attention`, :class:`jaxattn.models.eva.EvaAttention`):
+    ``q, k, v [B, N, heads, d]`` through ``jaxattn.attention`` (``packed``: the same ``[B, N, 3, heads, d]``,
+    which the kernels read in place: no q/k/v copies, one packed gradient) or, with ``layer.quantized``,
+    SageAttention2-style INT8 QK / FP8 PV (inference only); then ``layer.proj`` and its dropout. With
+    ``return_attention`` also the softmax weights ``[B, heads, N, N]`` (fp32) from a separate plain-jnp
+    path for analysis (the output still comes from the kernels)."""
+    b, n = q.shape[:2]
+    if layer.quantized:
+        from jaxattn.ops.sage import sage_attention
+
+        o = sage_attention(q, k, v, impl=layer.impl)
+    elif packed is not None:
+        o = attention_qkvpacked(packed, impl=layer.impl, **layer.attn_drop())
+    else:
+        o = attention(q, k, v, impl=layer.impl, **layer.attn_drop())
+    out = _apply(layer.proj_drop, layer.proj(o.reshape(b, n, -1)))
+    if not return_attention:
+        return out
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    return out, jax.nn.softmax(logits * q.shape[-1] ** -0.5, axis=-1)
 
 
 def activated_linear(linear: nnx.Linear, x: jax.Array, act: Callable[[jax.Array], jax.Array]) -> jax.Array:
@@ -509,11 +521,9 @@ class ViT(nnx.Module):
         x = self.patch_embed(images.astype(dtype))
         prefix = [jnp.broadcast_to(t[...].astype(dtype), (x.shape[0],) + t.shape[1:])
                   for t in (self.cls_token, self.reg_token) if t is not None]
-        if self.pos_embed is None:  # (no absolute position embedding: Eva's DINOv3)
-            return _apply(self.token_gate, _apply(self.norm_pre, _apply(self.pos_drop, jnp.concatenate(prefix + [x], 1))))
-        pos = self.pos_embed[...].astype(dtype)
+        pos = 0.0 if self.pos_embed is None else self.pos_embed[...].astype(dtype)  # (none: Eva's DINOv3)
         grid = self._grid(images)
-        if grid != (self.cfg.grid, self.cfg.grid):  # (dynamic_img_size)
+        if self.pos_embed is not None and grid != (self.cfg.grid, self.cfg.grid):  # (dynamic_img_size)
             pos = resample_pos_embed(pos, grid, 0 if self.cfg.no_embed_class else self.cfg.num_prefix_tokens)
         if self.cfg.no_embed_class:  # timm: add to the patches, then prepend the prefix tokens
             x = jnp.concatenate(prefix + [x + pos], axis=1)
