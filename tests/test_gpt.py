@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxattn.models.gpt import GPT, GPTConfig, rope
+from jaxattn.models.landmark import LandmarkGPTConfig
 
 
 def _model(**kw):
@@ -62,6 +63,38 @@ def test_config_errors():
         GPTConfig(dim=32, heads=4, kv_heads=3)
     with pytest.raises(ValueError, match="tokens must have shape"):
         _model()(jnp.zeros((4,), jnp.int32))
+    with pytest.raises(ValueError, match="head_dim must be a positive even"):
+        GPTConfig(head_dim=5)
+    with pytest.raises(ValueError, match="rope_type must be one of"):
+        GPTConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_scaling needs position='rope'"):
+        GPTConfig(position="alibi", rope_scaling={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match="landmark models"):
+        LandmarkGPTConfig(qk_norm=True)
+    # a dict is frozen into sorted items: configs stay hashable and compare equal however written
+    a = GPTConfig(rope_scaling={"factor": 2.0, "rope_type": "linear"})
+    assert a == GPTConfig(rope_scaling={"type": "linear", "factor": 2.0}) and hash(a)
+    assert a.rope_scaling == (("rope_type", "linear"), ("factor", 2.0))
+
+
+def test_head_dim_apart_from_dim_and_qk_norm():
+    """head_dim sets the projections' widths; qk_norm RMS-normalises each head's query and key (unit RMS
+    times the shared weight) before RoPE; linear RoPE scaling is RoPE at positions / factor."""
+    m = _model(head_dim=24, qk_norm=True)
+    attn = m.blocks[0].attn
+    assert attn.q.kernel.shape == (32, 96) and attn.kv.kernel.shape == (32, 2 * 4 * 24)
+    assert attn.o.kernel.shape == (96, 32) and attn.q_norm.weight.shape == (24,)
+    assert m.init_cache(1, 8)[0][0].shape == (1, 8, 4, 24)
+    x = jax.random.normal(jax.random.PRNGKey(2), (1, 6, 32))
+    y = attn(x, jnp.arange(6))
+    attn.q.kernel[...] = 5.0 * attn.q.kernel[...]  # the query's scale is normalised away...
+    np.testing.assert_allclose(attn(x, jnp.arange(6)), y, rtol=1e-5, atol=1e-6)
+    attn.q_norm.weight[...] = 3.0 * attn.q_norm.weight[...]  # ...the norm's weight is not (logits x 3)
+    assert not np.allclose(attn(x, jnp.arange(6)), y, atol=1e-3)
+    q = jax.random.normal(jax.random.PRNGKey(3), (1, 5, 2, 16))
+    pos = jnp.arange(5) * 4
+    np.testing.assert_allclose(rope(q, pos, 500.0, GPTConfig(rope_scaling={"rope_type": "linear", "factor": 4.0}).rope_scaling),
+                               rope(q, pos // 4, 500.0), rtol=1e-5, atol=1e-6)
 
 
 def test_power_layers_cover_full_causal_when_window_spans_sequence():
@@ -92,6 +125,9 @@ GEN_CASES = {
     "hybrid-pallas": dict(layer_types=("power", "full"), kv_heads=1, sparse_block=16, window=32, sink=16,
                           attn_impl="pallas"),
     "alibi-gqa-pallas": dict(position="alibi", kv_heads=1, attn_impl="pallas"),
+    # Qwen3-style heads wider than dim / heads with q/k norms, YaRN-scaled RoPE: cache and kernels agree
+    "qknorm-headdim48-yarn-pallas": dict(head_dim=48, qk_norm=True, kv_heads=1, attn_impl="pallas", rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
 }
 
 

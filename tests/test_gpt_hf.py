@@ -30,7 +30,7 @@ TOKENS = np.asarray([[3, 17, 59, 0, 8, 8, 41, 22, 5, 33, 66, 1, 2], [1, 2, 3, 4,
 def random_hf_state_dict(raw, seed=0):
     rng = np.random.default_rng(seed)
     d, h, kv = raw["hidden_size"], raw["num_attention_heads"], raw["num_key_value_heads"]
-    hd, f, v = d // h, raw["intermediate_size"], raw["vocab_size"]
+    hd, f, v = raw.get("head_dim") or d // h, raw["intermediate_size"], raw["vocab_size"]
 
     def w(*shape, s=0.3):
         return rng.normal(0, s, shape).astype(np.float32)
@@ -46,16 +46,57 @@ def random_hf_state_dict(raw, seed=0):
         if raw["model_type"] == "qwen2":
             sd.update({p + "self_attn.q_proj.bias": w(h * hd), p + "self_attn.k_proj.bias": w(kv * hd),
                        p + "self_attn.v_proj.bias": w(kv * hd)})
+        if raw["model_type"] == "qwen3":
+            sd.update({p + "self_attn.q_norm.weight": 1 + w(hd, s=0.2), p + "self_attn.k_norm.weight": 1 + w(hd, s=0.2)})
     if not raw["tie_word_embeddings"]:
         sd["lm_head.weight"] = w(v, d)
     return sd
+
+
+def scaled_inv_freq(raw, hd):
+    """RoPE inverse frequencies and cos/sin factor, from the formulas of each scaling (Llama 3.1's release,
+    the YaRN paper with Hugging Face's defaults), in float64."""
+    rope = {**(raw.get("rope_parameters") or {}), **(raw.get("rope_scaling") or {})}
+    theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    base = theta ** (-np.arange(0, hd, 2) / hd)
+    if kind == "default":
+        return base, 1.0
+    factor = rope["factor"]
+    if kind == "linear":
+        return base / factor, 1.0
+    ctx = rope.get("original_max_position_embeddings") or raw["max_position_embeddings"]
+    if kind == "llama3":
+        out = []
+        for f in base:
+            wavelen = 2 * math.pi / f
+            if wavelen < ctx / rope["high_freq_factor"]:
+                out.append(f)
+            elif wavelen > ctx / rope["low_freq_factor"]:
+                out.append(f / factor)
+            else:
+                t = (ctx / wavelen - rope["low_freq_factor"]) / (rope["high_freq_factor"] - rope["low_freq_factor"])
+                out.append((1 - t) * f / factor + t * f)
+        return np.asarray(out), 1.0
+    assert kind == "yarn"
+    # dimension 2i turns position * base[i] / (2 pi) times over the context: beta_fast turns -> keep the
+    # frequency, beta_slow -> interpolate it, linear between (by dimension index, rounded outwards)
+    def dim_for(turns):
+        return hd * math.log(ctx / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = max(math.floor(dim_for(rope.get("beta_fast", 32))), 0), min(math.ceil(dim_for(rope.get("beta_slow", 1))), hd - 1)
+    out = []
+    for i, f in enumerate(base):
+        t = min(max((i - lo) / (hi - lo), 0.0), 1.0)  # 0: extrapolate, 1: interpolate
+        out.append(t * f / factor + (1 - t) * f)
+    return np.asarray(out), rope.get("attention_factor") or 0.1 * math.log(factor) + 1.0
 
 
 def reference_logits(sd, raw, tokens):
     """float64 numpy LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM forward."""
     W = {k: v.astype(np.float64) for k, v in sd.items()}
     d, h, kv = raw["hidden_size"], raw["num_attention_heads"], raw["num_key_value_heads"]
-    hd, eps, b, n = d // h, raw["rms_norm_eps"], *tokens.shape
+    hd, eps, b, n = raw.get("head_dim") or d // h, raw["rms_norm_eps"], *tokens.shape
 
     def norm(x, w):
         return w * (x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps))
@@ -64,9 +105,9 @@ def reference_logits(sd, raw, tokens):
         y = x @ W[name + ".weight"].T
         return y + W[name + ".bias"] if name + ".bias" in W else y
 
-    inv_freq = 1.0 / raw["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+    inv_freq, attn_factor = scaled_inv_freq(raw, hd)
     emb = np.concatenate([np.arange(n)[:, None] * inv_freq] * 2, axis=-1)  # [n, hd]
-    cos, sin = np.cos(emb)[None, None], np.sin(emb)[None, None]
+    cos, sin = np.cos(emb)[None, None] * attn_factor, np.sin(emb)[None, None] * attn_factor
 
     def rotate(x):  # [b, heads, n, hd]
         x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
@@ -81,13 +122,15 @@ def reference_logits(sd, raw, tokens):
         y = norm(x, W[p + "input_layernorm.weight"])
         q = proj(y, p + "self_attn.q_proj").reshape(b, n, h, hd).transpose(0, 2, 1, 3)
         k = proj(y, p + "self_attn.k_proj").reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
+        if raw["model_type"] == "qwen3":  # per-head RMSNorm over head_dim, before RoPE
+            q, k = norm(q, W[p + "self_attn.q_norm.weight"]), norm(k, W[p + "self_attn.k_norm.weight"])
         v = proj(y, p + "self_attn.v_proj").reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
         q, k = rotate(q), rotate(k)
         k, v = np.repeat(k, h // kv, axis=1), np.repeat(v, h // kv, axis=1)  # repeat_kv
         s = np.where(causal, q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd), -np.inf)
         pr = np.exp(s - s.max(-1, keepdims=True))
         o = (pr / pr.sum(-1, keepdims=True)) @ v
-        x = x + proj(o.transpose(0, 2, 1, 3).reshape(b, n, d), p + "self_attn.o_proj")
+        x = x + proj(o.transpose(0, 2, 1, 3).reshape(b, n, h * hd), p + "self_attn.o_proj")
         y = norm(x, W[p + "post_attention_layernorm.weight"])
         g = proj(y, p + "mlp.gate_proj")
         x = x + proj(g / (1 + np.exp(-g)) * proj(y, p + "mlp.up_proj"), p + "mlp.down_proj")
@@ -97,14 +140,39 @@ def reference_logits(sd, raw, tokens):
 
 
 MISTRAL = {**LLAMA, "model_type": "mistral", "sliding_window": 5}
+# Qwen3: per-head q/k RMSNorm, head_dim 16 apart from hidden_size / heads = 8, tied embeddings
+QWEN3 = {**LLAMA, "model_type": "qwen3", "head_dim": 16, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+         "rope_theta": 1e6}
+# RoPE scalings, with a short original context so that every regime shows at head_dim 8 and 13 positions
+LLAMA31 = {**LLAMA, "rope_theta": 100.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 40}}
+YARN = {**QWEN2, "rope_theta": 100.0, "max_position_embeddings": 16384,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 190}}
+LINEAR = {**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.5}}
+CONFIGS = [LLAMA, QWEN2, MISTRAL, QWEN3, LLAMA31, YARN, LINEAR]
+CONFIG_IDS = ["llama-gqa-untied", "qwen2-bias-tied", "mistral-window", "qwen3-qknorm-headdim", "llama3.1-rope",
+              "qwen2-yarn", "llama-linear-rope"]
 
 
-@pytest.mark.parametrize("raw", [LLAMA, QWEN2, MISTRAL], ids=["llama-gqa-untied", "qwen2-bias-tied", "mistral-window"])
+def test_rope_scaling_reference_covers_every_regime():
+    """The scaled configs above reach each branch of their formulas (else the tests below could not fail
+    on one): llama3 keeps, blends and divides; YaRN extrapolates, ramps and interpolates."""
+    inv, _ = scaled_inv_freq(LLAMA31, 8)
+    base = 100.0 ** (-np.arange(0, 8, 2) / 8)
+    assert np.isclose(inv[0], base[0]) and np.isclose(inv[-1], base[-1] / 8)
+    assert any(b / 8 < i < b for i, b in zip(inv, base))
+    inv, attn = scaled_inv_freq(YARN, 8)
+    assert np.isclose(inv[0], 1.0) and np.isclose(inv[-1], base[-1] / 4) and attn > 1.1
+    assert any(b / 4 < i < b for i, b in zip(inv, base))
+
+
+@pytest.mark.parametrize("raw", CONFIGS, ids=CONFIG_IDS)
 def test_state_dict_gives_the_reference_logits(raw):
     sd = random_hf_state_dict(raw)
     cfg = config_from_hf(raw, attn_impl="xla")
-    assert (cfg.kv_heads, cfg.norm_eps, cfg.qkv_bias, cfg.tie_embeddings) == (
-        raw["num_key_value_heads"], raw["rms_norm_eps"], raw["model_type"] == "qwen2", raw["tie_word_embeddings"])
+    assert (cfg.kv_heads, cfg.norm_eps, cfg.qkv_bias, cfg.tie_embeddings, cfg.qk_norm) == (
+        raw["num_key_value_heads"], raw["rms_norm_eps"], raw["model_type"] == "qwen2", raw["tie_word_embeddings"],
+        raw["model_type"] == "qwen3")
     model = GPT(cfg, rngs=nnx.Rngs(0))
     load_hf_state_dict(model, {**sd, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)})
     want = reference_logits(sd, raw, TOKENS)
@@ -137,11 +205,18 @@ def test_folder_round_trip_other_attention_patterns_and_dropout(tmp_path):
 
 
 def test_bad_configs():
-    for change, match in [({"rope_scaling": {"type": "llama3", "factor": 8.0}}, "rope_scaling"),
-                          ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters"),
+    for change, match in [({"rope_scaling": {"type": "llama3", "factor": 8.0}}, "missing keys .'high_freq_factor'"),
+                          ({"rope_parameters": {"rope_type": "dynamic", "factor": 4.0}}, "rope_parameters"),
+                          ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "rope_scaling"),
+                          ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "original_max_position_embeddings"),
+                          ({"rope_scaling": {"rope_type": "linear", "factor": -1.0}}, "factor must be positive"),
+                          ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "beta": 1}}, "unknown keys .'beta'"),
+                          ({"model_type": "qwen3", "attention_bias": True}, "attention_bias"),
+                          ({"model_type": "qwen3", "layer_types": ["full_attention", "sliding_attention"]},
+                           "use_sliding_window"),
                           ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
                           ({"hidden_act": "gelu"}, "hidden_act"), ({"attention_bias": True}, "attention_bias"), ({"mlp_bias": True}, "mlp_bias"),
-                          ({"head_dim": 16}, "head_dim"), ({"model_type": "gpt2"}, "model_type"),
+                          ({"head_dim": 7}, "head_dim"), ({"model_type": "gpt2"}, "model_type"),
                           ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window")]:
         with pytest.raises(ValueError, match=match):
             config_from_hf({**LLAMA, **change})
@@ -159,11 +234,11 @@ def test_bad_configs():
                                    "model.layers.1.self_attn.v_proj.weight": np.zeros((8, 32), np.float32)})
 
 
-@pytest.mark.parametrize("raw", [LLAMA, QWEN2, MISTRAL], ids=["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("raw", CONFIGS, ids=CONFIG_IDS)
 def test_matches_transformers(tmp_path, raw):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    kind = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[raw["model_type"]]
+    kind = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[raw["model_type"]]
     config_cls, model_cls = getattr(transformers, kind + "Config"), getattr(transformers, kind + "ForCausalLM")
     torch.manual_seed(0)
     ref = model_cls(config_cls(**{k: v for k, v in raw.items() if k != "model_type"})).eval()
@@ -174,6 +249,30 @@ def test_matches_transformers(tmp_path, raw):
         want = ref(torch.as_tensor(TOKENS)).logits.numpy()
     got = np.asarray(load_pretrained(tmp_path, attn_impl="xla")(jnp.asarray(TOKENS)))
     assert_close(got, want, F32, "logits vs transformers", tol={jnp.dtype(F32): (1e-4, 1e-4)})
+
+
+@pytest.mark.parametrize("raw", [QWEN3, LLAMA31, YARN, LINEAR], ids=CONFIG_IDS[3:])
+def test_export_keeps_qk_norm_head_dim_and_rope_scaling(tmp_path, raw):
+    """save_pretrained writes what config_from_hf reads back to the same config (and, with transformers
+    installed, what its own classes load to the same logits)."""
+    sd = random_hf_state_dict(raw, seed=3)
+    model = GPT(config_from_hf(raw, attn_impl="xla"), rngs=nnx.Rngs(0))
+    load_hf_state_dict(model, sd)
+    save_pretrained(model, tmp_path)
+    assert config_from_hf(hf_config(model.cfg), attn_impl="xla") == model.cfg
+    assert hf_model_type(tmp_path) == raw["model_type"]
+    again = load_pretrained(tmp_path, attn_impl="xla")
+    want = np.asarray(model(jnp.asarray(TOKENS)))
+    np.testing.assert_array_equal(np.asarray(again(jnp.asarray(TOKENS))), want)
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        got = ref(torch.as_tensor(TOKENS)).logits.numpy()
+    assert_close(got, want, F32, "transformers on our export", tol={jnp.dtype(F32): (1e-4, 1e-4)})
 
 
 def test_perplexity_sliding_windows(tmp_path, capsys):

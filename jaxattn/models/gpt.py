@@ -16,10 +16,14 @@ other block-sparse layers with a one-row ``BlockMask`` at the token's position. 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+from collections.abc import Mapping
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxattn.models._remat import remat_blocks
@@ -47,8 +51,13 @@ class GPTConfig:
     window: int = 256  # sliding window W (tokens) of the power / window / sink patterns
     sink: int = 64  # sink tokens of the power / sink patterns
     rope_theta: float = 10000.0
+    # RoPE frequency scaling for contexts past pretraining, as a Hugging Face ``rope_scaling`` dict:
+    # {"rope_type": "linear" | "llama3" | "yarn", "factor": ..., ...} (see rope_frequencies); () is plain RoPE
+    rope_scaling: tuple | Mapping = ()
     norm_eps: float = 1e-6  # RMSNorm epsilon (LLaMA: 1e-5, Qwen2: 1e-6)
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    head_dim: int | None = None  # per-head width; defaults to dim // heads (Qwen3, Mistral-Nemo: set apart)
+    qk_norm: bool = False  # RMSNorm of each head's query and key before RoPE (Qwen3)
     position: Literal["rope", "alibi"] = "rope"  # alibi: per-head linear biases, no rotary embedding
     init_std: float = 0.02
     tie_embeddings: bool = True
@@ -67,9 +76,14 @@ class GPTConfig:
 
     def __post_init__(self):
         kv = self.kv_heads or self.heads
-        if self.dim % self.heads or self.heads % kv:
-            raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}, and heads by "
-                             f"kv_heads {kv}")
+        if self.head_dim is None and self.dim % self.heads or self.heads % kv:
+            raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads} (or head_dim set), and heads "
+                             f"by kv_heads {kv}")
+        if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
+            raise ValueError(f"head_dim must be a positive even number (RoPE rotates halves), got {self.head_dim}")
+        object.__setattr__(self, "rope_scaling", _rope_scaling(self.rope_scaling))
+        if self.rope_scaling and self.position != "rope":
+            raise ValueError("rope_scaling needs position='rope'")
         bad = [t for t in self.layer_types if t not in ("full", "power", "window", "sink")]
         if bad or not self.layer_types:
             raise ValueError(f"layer_types entries must be 'full', 'power', 'window' or 'sink', got "
@@ -97,6 +111,88 @@ class GPTConfig:
     def hidden(self) -> int:
         return self.mlp_dim or 64 * -(-int(8 * self.dim / 3) // 64)
 
+    @property
+    def head_size(self) -> int:
+        """Each head's width: ``head_dim``, or ``dim // heads``."""
+        return self.head_dim or self.dim // self.heads
+
+
+ROPE_SCALING_KEYS = {
+    "linear": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+    "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+             "mscale_all_dim", "truncate"},
+}
+_ROPE_REQUIRED = {"linear": {"factor"}, "llama3": ROPE_SCALING_KEYS["llama3"],
+                  "yarn": {"factor", "original_max_position_embeddings"}}
+
+
+def _rope_scaling(spec) -> tuple:
+    """A ``rope_scaling`` dict (or its items) checked and frozen as sorted items, the rope type first."""
+    if not spec:
+        return ()
+    d = dict(spec)
+    kind = d.pop("rope_type", d.pop("type", None))
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope_scaling: rope_type must be one of {sorted(ROPE_SCALING_KEYS)} (dynamic and "
+                         f"longrope depend on the sequence length and are not supported), got {kind!r}")
+    d = {k: v for k, v in d.items() if v is not None}
+    unknown, missing = set(d) - ROPE_SCALING_KEYS[kind], _ROPE_REQUIRED[kind] - set(d)
+    if unknown or missing:
+        raise ValueError(f"rope_scaling {kind!r}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)} "
+                         f"(keys: {sorted(ROPE_SCALING_KEYS[kind])})")
+    if float(d["factor"]) <= 0:
+        raise ValueError(f"rope_scaling: factor must be positive, got {d['factor']}")
+    return (("rope_type", kind), *sorted(d.items()))
+
+
+@functools.lru_cache(maxsize=64)
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> tuple[np.ndarray, float]:
+    """RoPE's inverse frequencies ``[head_dim / 2]`` (fp32) and the factor on cos/sin, as Hugging Face
+    computes them for ``rope_scaling`` (``GPTConfig.rope_scaling``'s frozen items):
+
+    - ``linear`` (position interpolation): every frequency divided by ``factor``;
+    - ``llama3`` (Llama 3.1+): wavelengths above ``original_max_position_embeddings / low_freq_factor``
+      divided by ``factor``, below ``... / high_freq_factor`` kept, a linear blend in ``1 / wavelength``
+      between;
+    - ``yarn`` (YaRN): per dimension, a ramp from interpolated (``/ factor``) to extrapolated (kept)
+      frequencies between the dimensions that turn ``beta_slow`` and ``beta_fast`` times over the original
+      context, and cos/sin scaled by ``attention_factor`` (default ``0.1 ln(factor) + 1``, or from ``mscale``
+      / ``mscale_all_dim``)."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    s = dict(scaling)
+    kind, attn = s.pop("rope_type", "default"), 1.0
+    if kind == "linear":
+        inv = inv / s["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        old = float(s["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        inv = np.where(wavelen > old / lo, inv / factor, np.where(wavelen < old / hi, inv, blended))
+    elif kind == "yarn":
+        factor, old = float(s["factor"]), float(s["original_max_position_embeddings"])
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attn = s.get("attention_factor")
+        if attn is None:
+            m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+            attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+        def dim_of(rotations):  # the dimension whose wavelength fits `rotations` times in the original context
+            return head_dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dim_of(s.get("beta_fast") or 32), dim_of(s.get("beta_slow") or 1)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        ramp = np.clip((np.arange(head_dim // 2) - low) / ((high - low) or 0.001), 0, 1)
+        inv = inv / factor * ramp + inv * (1 - ramp)
+    return inv.astype(np.float32), float(attn)
+
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6) -> jax.Array:
     xf = x.astype(jnp.float32)
@@ -104,12 +200,14 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (y * weight).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding of ``x [B, N, H, d]`` (halves rotated, as GPT-NeoX/LLaMA)."""
-    d = x.shape[-1]
-    freq = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
-    ang = positions.astype(jnp.float32)[:, None] * freq[None]  # [N, d/2]
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: tuple = ()) -> jax.Array:
+    """Rotary embedding of ``x [B, N, H, d]`` (halves rotated, as GPT-NeoX/LLaMA), with
+    ``rope_frequencies``' scaling."""
+    freq, attn = rope_frequencies(x.shape[-1], float(theta), scaling)
+    ang = positions.astype(jnp.float32)[:, None] * jnp.asarray(freq)[None]  # [N, d/2]
     cos, sin = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
+    if attn != 1.0:
+        cos, sin = cos * attn, sin * attn
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -147,11 +245,15 @@ class Attention(nnx.Module):
     def __init__(self, cfg: GPTConfig, layer: int, *, rngs: nnx.Rngs):
         self.cfg, self.kind = cfg, cfg.layer_type(layer)
         self.kv_heads = cfg.kv_heads or cfg.heads
-        self.head_dim = cfg.dim // cfg.heads
-        self.q = _linear(cfg.dim, cfg.dim, cfg, rngs, bias=cfg.qkv_bias)
+        self.head_dim = cfg.head_size
+        width = cfg.heads * self.head_dim
+        self.q = _linear(cfg.dim, width, cfg, rngs, bias=cfg.qkv_bias)
         # k and v per kv head side by side: columns [k_0 | v_0 | k_1 | v_1 | ...], head_dim each
         self.kv = _linear(cfg.dim, 2 * self.kv_heads * self.head_dim, cfg, rngs, bias=cfg.qkv_bias)
-        self.o = _linear(cfg.dim, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
+        self.o = _linear(width, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
+        # Qwen3: RMSNorm over each head's query / key (one weight shared by the heads)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.attn_drop = AttentionDropout(cfg.dropout, rngs=rngs)  # inside the kernels
         self.resid_drop = _dropout(cfg.dropout, rngs)
         self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis): GPT.enable_sequence_parallel
@@ -164,8 +266,11 @@ class Attention(nnx.Module):
         b, n, _ = x.shape
         q = self.q(x).reshape(b, n, self.cfg.heads, self.head_dim)
         k, v = jnp.split(self.kv(x).reshape(b, n, self.kv_heads, 2 * self.head_dim), 2, axis=-1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.cfg.position == "rope":
-            q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
+            theta, scaling = self.cfg.rope_theta, self.cfg.rope_scaling
+            q, k = rope(q, positions, theta, scaling), rope(k, positions, theta, scaling)
         if cache is None:
             return self._attend(q, k, v)
         from jaxattn.ops.decode import append_kv, decode_attention, quantize_kv
@@ -189,7 +294,7 @@ class Attention(nnx.Module):
 
             mask = block_mask_for(self.cfg, self.kind, n, kv_len=k_cache.shape[1], q_offset=offset)
             o = block_sparse_attention(q, k_cache, v_cache, mask, impl=self.cfg.attn_impl)
-        return self.o(o.reshape(b, n, self.cfg.dim)), new_cache
+        return self.o(o.reshape(b, n, -1)), new_cache
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """Causal attention of the layer's kind over the ``n`` tokens themselves."""
@@ -212,7 +317,7 @@ class Attention(nnx.Module):
                                   **drop)
         else:
             o = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes(), impl=impl, **drop)
-        return _apply(self.resid_drop, self.o(o.reshape(b, n, self.cfg.dim)))
+        return _apply(self.resid_drop, self.o(o.reshape(b, n, -1)))
 
     def alibi_slopes(self) -> jax.Array | None:
         """ALiBi's per-head slopes (a geometric sequence, interleaved for non-powers of two)."""
@@ -308,7 +413,7 @@ class GPT(nnx.Module):
         if batch < 1 or max_len < 1:
             raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
         kv = self.cfg.kv_heads or self.cfg.heads
-        shape = (batch, max_len, kv, self.cfg.dim // self.cfg.heads)
+        shape = (batch, max_len, kv, self.cfg.head_size)
         dt = jnp.dtype(dtype or self.cfg.kv_cache_dtype or self.cfg.dtype)
         if dt in map(jnp.dtype, ("float8_e4m3fn", "float8_e5m2", "int8")):  # + scales (set by the prefill)
             return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.ones(kv), jnp.ones(kv)) for _ in self.blocks]

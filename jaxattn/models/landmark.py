@@ -37,6 +37,9 @@ class LandmarkGPTConfig(gpt.GPTConfig):
         if self.dropout:
             raise ValueError("landmark attention has no dropout: use dropout=0")
         super().__post_init__()
+        if self.head_dim not in (None, self.dim // self.heads) or self.qk_norm or self.rope_scaling:
+            raise ValueError("landmark models have dim // heads wide heads, no qk_norm and plain RoPE (head_dim, "
+                             "qk_norm, rope_scaling left unset)")
         if self.mem_freq < 1:
             raise ValueError(f"mem_freq must be >= 1, got {self.mem_freq}")
         if not 0 <= self.landmark_id < self.vocab_size:
