@@ -65,11 +65,13 @@ def test_config_errors():
         _model()(jnp.zeros((4,), jnp.int32))
     with pytest.raises(ValueError, match="head_dim must be a positive even"):
         GPTConfig(head_dim=5)
+    with pytest.raises(ValueError, match="rope_scaling must be a dict"):
+        GPTConfig(rope_scaling=("linear",))
     with pytest.raises(ValueError, match="rope_type must be one of"):
         GPTConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    with pytest.raises(ValueError, match="rope_scaling needs position='rope'"):
+    with pytest.raises(ValueError, match="rope_scaling and local_rope_theta need position='rope'"):
         GPTConfig(position="alibi", rope_scaling={"rope_type": "linear", "factor": 2.0})
-    with pytest.raises(ValueError, match="landmark models"):
+    with pytest.raises(ValueError, match="landmark models.*qk_norm"):
         LandmarkGPTConfig(qk_norm=True)
     # a dict is frozen into sorted items: configs stay hashable and compare equal however written
     a = GPTConfig(rope_scaling={"factor": 2.0, "rope_type": "linear"})
@@ -128,6 +130,12 @@ GEN_CASES = {
     # Qwen3-style heads wider than dim / heads with q/k norms, YaRN-scaled RoPE: cache and kernels agree
     "qknorm-headdim48-yarn-pallas": dict(head_dim=48, qk_norm=True, kv_heads=1, attn_impl="pallas", rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+    # Gemma 2/3-style: soft-capped sliding-window and full layers (window on the flash / decode kernels' own
+    # windows), a logit scale, post-norms, offset norms, GeGLU, scaled embeddings, local RoPE base, final cap
+    "gemma-softcap-window-pallas": dict(layer_types=("window", "full"), window=8, attn_softcap=3.0, final_softcap=8.0,
+                                        attn_scale=0.1, post_norms=True, norm_offset=1.0, embed_scale=True,
+                                        mlp_act="gelu_tanh", qk_norm=True, local_rope_theta=100.0, kv_heads=1,
+                                        attn_impl="pallas"),
 }
 
 

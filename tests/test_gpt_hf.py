@@ -2,6 +2,7 @@
 transformers modeling math on the Hugging Face state_dict is the oracle; with transformers installed,
 its own LlamaForCausalLM too."""
 
+import dataclasses
 import json
 import math
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxattn.models.gpt import GPT
+from jaxattn.models.gpt import GPT, GPTConfig
 from jaxattn.models.gpt_hf import config_from_hf, hf_config, load_hf_state_dict, to_hf_state_dict
 from jaxattn.models.hf import hf_model_type, load_pretrained, read_config, save_pretrained
 from jaxattn.models.safetensors_io import write_safetensors
@@ -35,10 +36,11 @@ def random_hf_state_dict(raw, seed=0):
     def w(*shape, s=0.3):
         return rng.normal(0, s, shape).astype(np.float32)
 
-    sd = {"model.embed_tokens.weight": w(v, d), "model.norm.weight": 1 + w(d, s=0.1)}
+    g = 0.0 if raw["model_type"].startswith("gemma") else 1.0  # Gemma's norms scale by 1 + weight
+    sd = {"model.embed_tokens.weight": w(v, d), "model.norm.weight": g + w(d, s=0.1)}
     for i in range(raw["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        sd.update({p + "input_layernorm.weight": 1 + w(d, s=0.1), p + "post_attention_layernorm.weight": 1 + w(d, s=0.1),
+        sd.update({p + "input_layernorm.weight": g + w(d, s=0.1), p + "post_attention_layernorm.weight": g + w(d, s=0.1),
                    p + "self_attn.q_proj.weight": w(h * hd, d), p + "self_attn.k_proj.weight": w(kv * hd, d),
                    p + "self_attn.v_proj.weight": w(kv * hd, d), p + "self_attn.o_proj.weight": w(d, h * hd),
                    p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d),
@@ -46,9 +48,11 @@ def random_hf_state_dict(raw, seed=0):
         if raw["model_type"] == "qwen2":
             sd.update({p + "self_attn.q_proj.bias": w(h * hd), p + "self_attn.k_proj.bias": w(kv * hd),
                        p + "self_attn.v_proj.bias": w(kv * hd)})
-        if raw["model_type"] == "qwen3":
-            sd.update({p + "self_attn.q_norm.weight": 1 + w(hd, s=0.2), p + "self_attn.k_norm.weight": 1 + w(hd, s=0.2)})
-    if not raw["tie_word_embeddings"]:
+        if raw["model_type"] in ("qwen3", "gemma3_text"):
+            sd.update({p + "self_attn.q_norm.weight": g + w(hd, s=0.2), p + "self_attn.k_norm.weight": g + w(hd, s=0.2)})
+        if raw["model_type"] in ("gemma2", "gemma3_text"):
+            sd.update({p + "pre_feedforward_layernorm.weight": w(d, s=0.1), p + "post_feedforward_layernorm.weight": w(d, s=0.1)})
+    if not raw.get("tie_word_embeddings", raw["model_type"].startswith("gemma")):
         sd["lm_head.weight"] = w(v, d)
     return sd
 
@@ -93,50 +97,89 @@ def scaled_inv_freq(raw, hd):
 
 
 def reference_logits(sd, raw, tokens):
-    """float64 numpy LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM forward."""
+    """float64 numpy forward of transformers' LlamaForCausalLM / Qwen2 / Qwen3 / Mistral and Gemma / Gemma2 /
+    Gemma3ForCausalLM."""
     W = {k: v.astype(np.float64) for k, v in sd.items()}
+    kind = raw["model_type"]
+    gemma = kind.startswith("gemma")
     d, h, kv = raw["hidden_size"], raw["num_attention_heads"], raw["num_key_value_heads"]
     hd, eps, b, n = raw.get("head_dim") or d // h, raw["rms_norm_eps"], *tokens.shape
+    layers = raw["num_hidden_layers"]
+    if kind == "gemma2":  # sliding / full alternate, sliding first
+        types = raw.get("layer_types") or ["sliding" if (i + 1) % 2 else "full" for i in range(layers)]
+    elif kind == "gemma3_text":
+        types = ["sliding" if (i + 1) % raw["sliding_window_pattern"] else "full" for i in range(layers)]
+    else:
+        types = ["sliding" if raw.get("sliding_window") else "full"] * layers
+    types = [t.replace("_attention", "") for t in types]
+    scale = raw.get("query_pre_attn_scalar", 256 if kind in ("gemma2", "gemma3_text") else hd) ** -0.5
+    if kind == "gemma":
+        scale = hd ** -0.5
+    attn_cap, final_cap = raw.get("attn_logit_softcapping"), raw.get("final_logit_softcapping")
 
     def norm(x, w):
-        return w * (x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps))
+        return (1 + w if gemma else w) * (x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps))
+
+    def act(g):
+        if gemma:  # tanh GELU
+            return 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))
+        return g / (1 + np.exp(-g))
+
+    def softcap(x, cap):
+        return x if cap is None else cap * np.tanh(x / cap)
 
     def proj(x, name):
         y = x @ W[name + ".weight"].T
         return y + W[name + ".bias"] if name + ".bias" in W else y
 
-    inv_freq, attn_factor = scaled_inv_freq(raw, hd)
-    emb = np.concatenate([np.arange(n)[:, None] * inv_freq] * 2, axis=-1)  # [n, hd]
-    cos, sin = np.cos(emb)[None, None] * attn_factor, np.sin(emb)[None, None] * attn_factor
+    def rotation(layer_type):
+        if kind == "gemma3_text" and layer_type == "sliding":  # plain RoPE at the local base
+            inv_freq, attn_factor = scaled_inv_freq({"rope_theta": raw["rope_local_base_freq"]}, hd)
+        else:
+            inv_freq, attn_factor = scaled_inv_freq(raw, hd)
+        emb = np.concatenate([np.arange(n)[:, None] * inv_freq] * 2, axis=-1)  # [n, hd]
+        cos, sin = np.cos(emb)[None, None] * attn_factor, np.sin(emb)[None, None] * attn_factor
 
-    def rotate(x):  # [b, heads, n, hd]
-        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
-        return x * cos + np.concatenate([-x2, x1], -1) * sin
+        def rotate(x):  # [b, heads, n, hd]
+            x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+            return x * cos + np.concatenate([-x2, x1], -1) * sin
+
+        return rotate
 
     x = W["model.embed_tokens.weight"][tokens]
+    if gemma:
+        x = x * math.sqrt(d)
     causal = np.tril(np.ones((n, n), bool))
-    if raw.get("sliding_window"):  # Mistral: key j visible to query i iff i - W < j <= i
-        causal &= np.arange(n)[None, :] > np.arange(n)[:, None] - raw["sliding_window"]
-    for i in range(raw["num_hidden_layers"]):
+    # sliding layers (Mistral, Gemma): key j visible to query i iff i - W < j <= i
+    sliding = causal & (np.arange(n)[None, :] > np.arange(n)[:, None] - (raw.get("sliding_window") or n))
+    for i in range(layers):
         p = f"model.layers.{i}."
+        rotate = rotation(types[i])
         y = norm(x, W[p + "input_layernorm.weight"])
         q = proj(y, p + "self_attn.q_proj").reshape(b, n, h, hd).transpose(0, 2, 1, 3)
         k = proj(y, p + "self_attn.k_proj").reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
-        if raw["model_type"] == "qwen3":  # per-head RMSNorm over head_dim, before RoPE
+        if kind in ("qwen3", "gemma3_text"):  # per-head RMSNorm over head_dim, before RoPE
             q, k = norm(q, W[p + "self_attn.q_norm.weight"]), norm(k, W[p + "self_attn.k_norm.weight"])
         v = proj(y, p + "self_attn.v_proj").reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
         q, k = rotate(q), rotate(k)
         k, v = np.repeat(k, h // kv, axis=1), np.repeat(v, h // kv, axis=1)  # repeat_kv
-        s = np.where(causal, q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd), -np.inf)
+        s = softcap(q @ k.transpose(0, 1, 3, 2) * scale, attn_cap)
+        s = np.where(sliding if types[i] == "sliding" else causal, s, -np.inf)
         pr = np.exp(s - s.max(-1, keepdims=True))
         o = (pr / pr.sum(-1, keepdims=True)) @ v
-        x = x + proj(o.transpose(0, 2, 1, 3).reshape(b, n, h * hd), p + "self_attn.o_proj")
-        y = norm(x, W[p + "post_attention_layernorm.weight"])
-        g = proj(y, p + "mlp.gate_proj")
-        x = x + proj(g / (1 + np.exp(-g)) * proj(y, p + "mlp.up_proj"), p + "mlp.down_proj")
+        a = proj(o.transpose(0, 2, 1, 3).reshape(b, n, h * hd), p + "self_attn.o_proj")
+        if kind in ("gemma2", "gemma3_text"):  # post-norms on both branches
+            x = x + norm(a, W[p + "post_attention_layernorm.weight"])
+            y = norm(x, W[p + "pre_feedforward_layernorm.weight"])
+            m = proj(act(proj(y, p + "mlp.gate_proj")) * proj(y, p + "mlp.up_proj"), p + "mlp.down_proj")
+            x = x + norm(m, W[p + "post_feedforward_layernorm.weight"])
+        else:
+            x = x + a
+            y = norm(x, W[p + "post_attention_layernorm.weight"])
+            x = x + proj(act(proj(y, p + "mlp.gate_proj")) * proj(y, p + "mlp.up_proj"), p + "mlp.down_proj")
     x = norm(x, W["model.norm.weight"])
-    head = W["model.embed_tokens.weight"] if raw["tie_word_embeddings"] else W["lm_head.weight"]
-    return x @ head.T
+    head = W["lm_head.weight"] if "lm_head.weight" in W else W["model.embed_tokens.weight"]
+    return softcap(x @ head.T, final_cap)
 
 
 MISTRAL = {**LLAMA, "model_type": "mistral", "sliding_window": 5}
@@ -149,9 +192,22 @@ LLAMA31 = {**LLAMA, "rope_theta": 100.0, "rope_scaling": {"rope_type": "llama3",
 YARN = {**QWEN2, "rope_theta": 100.0, "max_position_embeddings": 16384,
         "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 190}}
 LINEAR = {**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.5}}
-CONFIGS = [LLAMA, QWEN2, MISTRAL, QWEN3, LLAMA31, YARN, LINEAR]
+# Gemma: MQA, head_dim 16, tanh GeGLU, (1 + w) norms, embeddings x sqrt(hidden), tied, the legacy "gelu" name
+GEMMA = {"model_type": "gemma", "vocab_size": 67, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 48, "hidden_act": "gelu", "rms_norm_eps": 1e-6,
+         "rope_theta": 10000.0}
+# Gemma 2: sliding / full layers, post-norms, a logit scale apart from head_dim, both soft caps small enough to bite
+GEMMA2 = {**GEMMA, "model_type": "gemma2", "num_hidden_layers": 4, "num_key_value_heads": 2, "hidden_activation":
+          "gelu_pytorch_tanh", "query_pre_attn_scalar": 24, "sliding_window": 5, "attn_logit_softcapping": 2.0,
+          "final_logit_softcapping": 3.0}
+# Gemma 3: q/k norms, 2 sliding : 1 full, a local RoPE base and linear scaling on the global layers only
+GEMMA3 = {**GEMMA, "model_type": "gemma3_text", "num_hidden_layers": 3, "num_key_value_heads": 2, "head_dim": 8,
+          "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 8, "sliding_window": 4,
+          "sliding_window_pattern": 3, "rope_theta": 50.0, "rope_local_base_freq": 7.0,
+          "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "max_position_embeddings": 64}
+CONFIGS = [LLAMA, QWEN2, MISTRAL, QWEN3, LLAMA31, YARN, LINEAR, GEMMA, GEMMA2, GEMMA3]
 CONFIG_IDS = ["llama-gqa-untied", "qwen2-bias-tied", "mistral-window", "qwen3-qknorm-headdim", "llama3.1-rope",
-              "qwen2-yarn", "llama-linear-rope"]
+              "qwen2-yarn", "llama-linear-rope", "gemma-mqa", "gemma2-softcap-window", "gemma3-qknorm-local-rope"]
 
 
 def test_rope_scaling_reference_covers_every_regime():
@@ -171,13 +227,32 @@ def test_state_dict_gives_the_reference_logits(raw):
     sd = random_hf_state_dict(raw)
     cfg = config_from_hf(raw, attn_impl="xla")
     assert (cfg.kv_heads, cfg.norm_eps, cfg.qkv_bias, cfg.tie_embeddings, cfg.qk_norm) == (
-        raw["num_key_value_heads"], raw["rms_norm_eps"], raw["model_type"] == "qwen2", raw["tie_word_embeddings"],
-        raw["model_type"] == "qwen3")
+        raw["num_key_value_heads"], raw["rms_norm_eps"], raw["model_type"] == "qwen2",
+        raw.get("tie_word_embeddings", True), raw["model_type"] in ("qwen3", "gemma3_text"))
     model = GPT(cfg, rngs=nnx.Rngs(0))
     load_hf_state_dict(model, {**sd, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)})
     want = reference_logits(sd, raw, TOKENS)
     assert_close(model(jnp.asarray(TOKENS)), want, F32, "logits", tol=LOGITS_TOL)
     assert_same_state_dict(to_hf_state_dict(model), sd)
+
+
+@pytest.mark.parametrize("raw", [{**GEMMA2, "head_dim": 32}, {**GEMMA3, "head_dim": 32, "query_pre_attn_scalar": 32}],
+                         ids=["gemma2", "gemma3"])  # (the kernels take head dims from 32)
+def test_gemma_on_the_pallas_kernels_and_lowers_for_cuda(raw):
+    """Gemma 2's soft-capped, scaled sliding-window / full layers and Gemma 3's local RoPE through the Pallas
+    flash kernel (interpret mode) give the reference logits; the forward lowers for CUDA with one flash
+    kernel call per layer."""
+    from conftest import count_triton_calls, lower_for_cuda
+    from jaxattn.pallas._common import compile_for_gpu
+
+    sd = random_hf_state_dict(raw, seed=5)
+    model = GPT(config_from_hf(raw, attn_impl="pallas"), rngs=nnx.Rngs(0))
+    load_hf_state_dict(model, sd)
+    assert_close(model(jnp.asarray(TOKENS)), reference_logits(sd, raw, TOKENS), F32, "pallas logits", tol=LOGITS_TOL)
+    graph, state = nnx.split(model)
+    with compile_for_gpu():
+        text = lower_for_cuda(lambda s, t: nnx.merge(graph, s)(t), state, jnp.asarray(TOKENS))
+    assert count_triton_calls(text) == raw["num_hidden_layers"]
 
 
 def test_folder_round_trip_other_attention_patterns_and_dropout(tmp_path):
@@ -220,6 +295,25 @@ def test_bad_configs():
                           ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window")]:
         with pytest.raises(ValueError, match=match):
             config_from_hf({**LLAMA, **change})
+    for raw, change, match in [(GEMMA2, {"hidden_activation": "gelu"}, "hidden_activation"),
+                               (GEMMA, {"hidden_act": "silu"}, "hidden_act"),
+                               (GEMMA3, {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+                               (GEMMA2, {"layer_types": ["full_attention"] * 3}, "layer_types"),
+                               (GEMMA3, {"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0},
+                                                             "full_attention": {"rope_type": "default"}}},
+                                "plain RoPE on the sliding layers")]:
+        with pytest.raises(ValueError, match=match):
+            config_from_hf({**raw, **change})
+    # Gemma 2's config.json may leave its soft caps out: transformers' defaults apply (50, 30)
+    g2 = config_from_hf({k: v for k, v in GEMMA2.items() if "softcapping" not in k})
+    assert (g2.attn_softcap, g2.final_softcap, g2.layer_types, g2.window) == (50.0, 30.0, ("window", "full"), 5)
+    assert config_from_hf(GEMMA3).layer_types == ("window", "window", "full")
+    for cfg, match in [(GPTConfig(embed_scale=True), "without the rest of Gemma"),
+                       (GPTConfig(mlp_act="gelu_tanh"), "mlp_act"),
+                       (dataclasses.replace(config_from_hf(GEMMA3), layer_types=("power", "full")), "only .full. / .window. layers"),
+                       (dataclasses.replace(config_from_hf(GEMMA), qk_norm=True), "post_norms")]:
+        with pytest.raises(ValueError, match=match):
+            hf_config(cfg)
     assert config_from_hf({**LLAMA, "model_type": "mistral", "sliding_window": None}).layer_types == ("full",)
     assert config_from_hf(MISTRAL, layer_types=("full",)).layer_types == ("full",)  # override
     # transformers >= 5 keeps the RoPE base in rope_parameters
@@ -238,8 +332,10 @@ def test_bad_configs():
 def test_matches_transformers(tmp_path, raw):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    kind = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[raw["model_type"]]
-    config_cls, model_cls = getattr(transformers, kind + "Config"), getattr(transformers, kind + "ForCausalLM")
+    kind = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma",
+            "gemma2": "Gemma2", "gemma3_text": "Gemma3"}[raw["model_type"]]
+    config_cls = getattr(transformers, kind + ("TextConfig" if kind == "Gemma3" else "Config"))
+    model_cls = getattr(transformers, kind + "ForCausalLM")
     torch.manual_seed(0)
     ref = model_cls(config_cls(**{k: v for k, v in raw.items() if k != "model_type"})).eval()
     for p in ref.parameters():  # larger than the default init, so that every term shows
@@ -251,7 +347,7 @@ def test_matches_transformers(tmp_path, raw):
     assert_close(got, want, F32, "logits vs transformers", tol={jnp.dtype(F32): (1e-4, 1e-4)})
 
 
-@pytest.mark.parametrize("raw", [QWEN3, LLAMA31, YARN, LINEAR], ids=CONFIG_IDS[3:])
+@pytest.mark.parametrize("raw", CONFIGS[3:], ids=CONFIG_IDS[3:])
 def test_export_keeps_qk_norm_head_dim_and_rope_scaling(tmp_path, raw):
     """save_pretrained writes what config_from_hf reads back to the same config (and, with transformers
     installed, what its own classes load to the same logits)."""

@@ -11,6 +11,12 @@ Decoding keeps a KV cache (``init_cache``; ``prefill`` / ``decode_step`` for
 :func:`jaxattn.models.generate`): full layers read it with :func:`jaxattn.decode_attention`
 (split-KV flash-decoding; sliding-window layers through its ``local_window_size``), the
 other block-sparse layers with a one-row ``BlockMask`` at the token's position. A quantized model prefills with SageAttention and decodes in the compute dtype.
+
+The config also holds the block variants of pretrained families (:mod:`jaxattn.models.gpt_hf`): Qwen2's
+q/k/v biases, Qwen3's q/k norms and wide heads (``head_dim``), Hugging Face's RoPE scalings
+(``rope_scaling``: linear, Llama 3.1's, YaRN), and Gemma's offset norms, GeGLU, scaled embeddings,
+post-norms, logit scale and soft caps (Gemma 2's ``attn_softcap`` runs inside the flash and decode
+kernels; its sliding layers then use the flash kernel's own window), local RoPE base (Gemma 3).
 """
 
 from __future__ import annotations
@@ -57,7 +63,16 @@ class GPTConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon (LLaMA: 1e-5, Qwen2: 1e-6)
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
     head_dim: int | None = None  # per-head width; defaults to dim // heads (Qwen3, Mistral-Nemo: set apart)
-    qk_norm: bool = False  # RMSNorm of each head's query and key before RoPE (Qwen3)
+    qk_norm: bool = False  # RMSNorm of each head's query and key before RoPE (Qwen3, Gemma 3)
+    # the Gemma family (Gemma 1/2/3)
+    mlp_act: Literal["silu", "gelu_tanh"] = "silu"  # the gated MLP's activation (Gemma: tanh GELU, GeGLU)
+    norm_offset: float = 0.0  # RMSNorms scale by (norm_offset + weight): Gemma stores weight - 1 (offset 1)
+    post_norms: bool = False  # Gemma 2/3: RMSNorm on the attention and MLP outputs before each residual add
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(dim), rounded to the compute dtype
+    attn_scale: float | None = None  # logit scale; None: 1 / sqrt(head_dim) (Gemma: query_pre_attn_scalar ** -0.5)
+    attn_softcap: float | None = None  # Gemma 2: attention logits -> cap * tanh(logits / cap) (full, window layers)
+    final_softcap: float | None = None  # Gemma 2: the same on the output logits
+    local_rope_theta: float | None = None  # Gemma 3: the "window" layers' RoPE base (plain RoPE there)
     position: Literal["rope", "alibi"] = "rope"  # alibi: per-head linear biases, no rotary embedding
     init_std: float = 0.02
     tie_embeddings: bool = True
@@ -82,8 +97,16 @@ class GPTConfig:
         if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
             raise ValueError(f"head_dim must be a positive even number (RoPE rotates halves), got {self.head_dim}")
         object.__setattr__(self, "rope_scaling", _rope_scaling(self.rope_scaling))
-        if self.rope_scaling and self.position != "rope":
-            raise ValueError("rope_scaling needs position='rope'")
+        if (self.rope_scaling or self.local_rope_theta) and self.position != "rope":
+            raise ValueError("rope_scaling and local_rope_theta need position='rope'")
+        if self.mlp_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"mlp_act must be 'silu' or 'gelu_tanh', got {self.mlp_act!r}")
+        for name in ("attn_scale", "attn_softcap", "final_softcap"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
+        if self.attn_softcap is not None and (set(self.layer_types) - {"full", "window"} or self.quantized):
+            raise ValueError("attn_softcap runs on the flash and decode kernels: layer_types may hold only 'full' and "
+                             "'window', and quantized=False")
         bad = [t for t in self.layer_types if t not in ("full", "power", "window", "sink")]
         if bad or not self.layer_types:
             raise ValueError(f"layer_types entries must be 'full', 'power', 'window' or 'sink', got "
@@ -131,7 +154,11 @@ def _rope_scaling(spec) -> tuple:
     """A ``rope_scaling`` dict (or its items) checked and frozen as sorted items, the rope type first."""
     if not spec:
         return ()
-    d = dict(spec)
+    try:
+        d = dict(spec)
+    except (TypeError, ValueError):
+        raise ValueError(f"rope_scaling must be a dict (Hugging Face's rope_scaling: {{'rope_type': 'linear', "
+                         f"'factor': 4.0}}) or its items, got {spec!r}") from None
     kind = d.pop("rope_type", d.pop("type", None))
     if kind not in ROPE_SCALING_KEYS:
         raise ValueError(f"rope_scaling: rope_type must be one of {sorted(ROPE_SCALING_KEYS)} (dynamic and "
@@ -213,12 +240,15 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: tuple = ()) 
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
-        self.eps = eps
+    """RMSNorm scaling by ``offset + weight`` (Gemma keeps ``weight - 1``: ``offset=1``, weights start at 0)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0):
+        self.weight = nnx.Param(jnp.full((dim,), 1.0 - offset, jnp.float32))
+        self.eps, self.offset = eps, offset
 
     def __call__(self, x):
-        return rms_norm(x, self.weight[...], self.eps)
+        w = self.weight[...]
+        return rms_norm(x, w + self.offset if self.offset else w, self.eps)
 
 
 def _linear(din: int, dout: int, cfg: GPTConfig, rngs: nnx.Rngs, std: float | None = None,
@@ -252,8 +282,8 @@ class Attention(nnx.Module):
         self.kv = _linear(cfg.dim, 2 * self.kv_heads * self.head_dim, cfg, rngs, bias=cfg.qkv_bias)
         self.o = _linear(width, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
         # Qwen3: RMSNorm over each head's query / key (one weight shared by the heads)
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
         self.attn_drop = AttentionDropout(cfg.dropout, rngs=rngs)  # inside the kernels
         self.resid_drop = _dropout(cfg.dropout, rngs)
         self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis): GPT.enable_sequence_parallel
@@ -270,6 +300,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.cfg.position == "rope":
             theta, scaling = self.cfg.rope_theta, self.cfg.rope_scaling
+            if self.kind == "window" and self.cfg.local_rope_theta:  # Gemma 3's local layers
+                theta, scaling = self.cfg.local_rope_theta, ()
             q, k = rope(q, positions, theta, scaling), rope(k, positions, theta, scaling)
         if cache is None:
             return self._attend(q, k, v)
@@ -288,35 +320,40 @@ class Attention(nnx.Module):
         if self.kind in ("full", "window"):  # a window layer sees the last `window` keys, itself included
             window = (self.cfg.window - 1, 0) if self.kind == "window" else None
             o = decode_attention(q, k_cache, v_cache, lengths, causal=True, local_window_size=window,
-                                 alibi_slopes=self.alibi_slopes(), impl=self.cfg.attn_impl, **sc)
+                                 alibi_slopes=self.alibi_slopes(), impl=self.cfg.attn_impl, scale=self.cfg.attn_scale,
+                                 logits_soft_cap=self.cfg.attn_softcap, **sc)
         else:
             from jaxattn.ops.block_sparse import block_sparse_attention
 
             mask = block_mask_for(self.cfg, self.kind, n, kv_len=k_cache.shape[1], q_offset=offset)
-            o = block_sparse_attention(q, k_cache, v_cache, mask, impl=self.cfg.attn_impl)
+            o = block_sparse_attention(q, k_cache, v_cache, mask, impl=self.cfg.attn_impl, scale=self.cfg.attn_scale)
         return self.o(o.reshape(b, n, -1)), new_cache
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """Causal attention of the layer's kind over the ``n`` tokens themselves."""
         b, n = q.shape[:2]
-        impl = self.cfg.attn_impl
+        impl, scale, cap = self.cfg.attn_impl, self.cfg.attn_scale, self.cfg.attn_softcap
         drop = self.attn_drop()
-        if self.kind != "full":
+        if self.kind == "window" and cap is not None:  # soft-capped (Gemma 2): the flash kernel's own window
+            o = attention(q, k, v, causal=True, local_window_size=(self.cfg.window - 1, 0), scale=scale,
+                          logits_soft_cap=cap, impl=impl, **drop)
+        elif self.kind != "full":
             from jaxattn.ops.block_sparse import block_sparse_attention
 
-            o = block_sparse_attention(q, k, v, block_mask_for(self.cfg, self.kind, n), impl=impl, **drop)
+            o = block_sparse_attention(q, k, v, block_mask_for(self.cfg, self.kind, n), impl=impl, scale=scale, **drop)
         elif self.cfg.quantized:
             from jaxattn.ops.sage import sage_attention
 
-            o = sage_attention(q, k, v, causal=True, impl=impl)
+            o = sage_attention(q, k, v, causal=True, scale=scale, impl=impl)
         elif self.sequence_parallel is not None:
             from jaxattn.ops.ring_attention import ring_attention_sp
 
             mesh, axis, batch_axis = self.sequence_parallel
-            o = ring_attention_sp(q, k, v, mesh=mesh, axis=axis, batch_axis=batch_axis, causal=True, impl=impl,
-                                  **drop)
+            o = ring_attention_sp(q, k, v, mesh=mesh, axis=axis, batch_axis=batch_axis, causal=True, scale=scale,
+                                  impl=impl, **drop)
         else:
-            o = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes(), impl=impl, **drop)
+            o = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes(), scale=scale, logits_soft_cap=cap,
+                          impl=impl, **drop)
         return _apply(self.resid_drop, self.o(o.reshape(b, n, -1)))
 
     def alibi_slopes(self) -> jax.Array | None:
@@ -333,25 +370,34 @@ class SwiGLU(nnx.Module):
         self.gate_up = _linear(cfg.dim, 2 * cfg.hidden, cfg, rngs)
         self.down = _linear(cfg.hidden, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
         self.drop = _dropout(cfg.dropout, rngs)
+        self.gelu = cfg.mlp_act == "gelu_tanh"  # GeGLU (Gemma), else SwiGLU
 
     def __call__(self, x):
         g, u = jnp.split(self.gate_up(x), 2, axis=-1)
-        return _apply(self.drop, self.down(jax.nn.silu(g) * u))
+        g = jax.nn.gelu(g, approximate=True) if self.gelu else jax.nn.silu(g)
+        return _apply(self.drop, self.down(g * u))
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: GPTConfig, layer: int, *, rngs: nnx.Rngs):
-        self.norm1, self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps), RMSNorm(cfg.dim, cfg.norm_eps)
+        norm = functools.partial(RMSNorm, cfg.dim, cfg.norm_eps, cfg.norm_offset)
+        self.norm1, self.norm2 = norm(), norm()  # before attention, before the MLP
+        # Gemma 2/3: on each branch's output too
+        self.attn_post_norm, self.mlp_post_norm = (norm(), norm()) if cfg.post_norms else (None, None)
         self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
     def __call__(self, x, positions, cache: KVCache | None = None, offset: jax.Array | int = 0):
+        def post(norm, y):
+            return y if norm is None else norm(y)
+
         if cache is None:
-            x = x + self.attn(self.norm1(x), positions)
-            return x + self.mlp(self.norm2(x))
-        a, cache = self.attn(self.norm1(x), positions, cache, offset)
-        x = x + a
-        return x + self.mlp(self.norm2(x)), cache
+            a = self.attn(self.norm1(x), positions)
+        else:
+            a, cache = self.attn(self.norm1(x), positions, cache, offset)
+        x = x + post(self.attn_post_norm, a)
+        x = x + post(self.mlp_post_norm, self.mlp(self.norm2(x)))
+        return x if cache is None else (x, cache)
 
 
 class GPT(nnx.Module):
@@ -362,7 +408,7 @@ class GPT(nnx.Module):
         self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, embedding_init=nnx.initializers.normal(cfg.init_std),
                                rngs=rngs)
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.layers)])
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
         self.embed_drop = _dropout(cfg.dropout, rngs)
 
@@ -373,9 +419,11 @@ class GPT(nnx.Module):
         quantized ones) can. ``mesh=None`` turns it off."""
         if mesh is not None:
             bad = sorted({blk.attn.kind for blk in self.blocks if blk.attn.kind != "full"})
-            if bad or self.cfg.quantized or self.cfg.position == "alibi":
-                raise ValueError(f"sequence parallelism (ring attention) covers full-attention layers only (RoPE, not ALiBi); "
-                                 f"this model has {bad or ('quantized' if self.cfg.quantized else 'ALiBi')} layers")
+            if bad or self.cfg.quantized or self.cfg.position == "alibi" or self.cfg.attn_softcap is not None:
+                what = bad or ("quantized" if self.cfg.quantized else "ALiBi" if self.cfg.position == "alibi"
+                               else "soft-capped")
+                raise ValueError(f"sequence parallelism (ring attention) covers full-attention layers only (RoPE, not "
+                                 f"ALiBi, no soft cap); this model has {what} layers")
         from jaxattn.ops._spmd import layer_setting
 
         setting = layer_setting(mesh, axis, batch_axis)
@@ -390,7 +438,11 @@ class GPT(nnx.Module):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must have shape [batch, seq] and an integer dtype, got "
                              f"{jnp.dtype(tokens.dtype).name} {tuple(tokens.shape)}")
-        x = _apply(self.embed_drop, self.embed(tokens).astype(jnp.dtype(self.cfg.dtype)))
+        dt = jnp.dtype(self.cfg.dtype)
+        x = self.embed(tokens).astype(dt)
+        if self.cfg.embed_scale:  # Gemma: sqrt(dim) in the compute dtype, as Hugging Face's
+            x = x * jnp.asarray(self.cfg.dim ** 0.5, dt)
+        x = _apply(self.embed_drop, x)
         positions = jnp.arange(tokens.shape[1]) + offset
         new_cache = []
         run = remat_blocks(self.cfg.remat and cache is None, lambda blk, x: blk(x, positions))
@@ -405,6 +457,8 @@ class GPT(nnx.Module):
             logits = jnp.einsum("bnd,vd->bnv", x.astype(jnp.float32), self.embed.embedding[...])
         else:
             logits = self.head(x).astype(jnp.float32)
+        if self.cfg.final_softcap is not None:  # Gemma 2
+            logits = self.cfg.final_softcap * jnp.tanh(logits / self.cfg.final_softcap)
         return logits if cache is None else (logits, new_cache)
 
     def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> list[KVCache]:

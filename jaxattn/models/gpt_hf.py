@@ -1,10 +1,19 @@
-"""LLaMA-family checkpoints in the Hugging Face layout (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``, ``MistralForCausalLM``) <-> :class:`GPT`, whose blocks are the same architecture:
-pre-RMSNorm, RoPE (rotated halves; Llama 3.1's ``llama3``, ``linear`` and YaRN ``rope_scaling`` too), GQA,
-SwiGLU, no biases except Qwen2's q/k/v, Qwen3's per-head q/k RMSNorm, a ``head_dim`` apart from
-``hidden_size / heads`` (Qwen3, Mistral-Nemo). Mistral's ``sliding_window`` becomes
+"""LLaMA-family and Gemma checkpoints in the Hugging Face layout (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``GemmaForCausalLM``, ``Gemma2ForCausalLM``,
+``Gemma3ForCausalLM``) <-> :class:`GPT`, whose blocks are the same architecture: pre-RMSNorm, RoPE
+(rotated halves; Llama 3.1's ``llama3``, ``linear`` and YaRN ``rope_scaling`` too), GQA, a gated MLP,
+no biases except Qwen2's q/k/v, Qwen3's per-head q/k RMSNorm, a ``head_dim`` apart from
+``hidden_size / heads`` (Qwen3, Mistral-Nemo, Gemma). Mistral's ``sliding_window`` becomes
 ``layer_types=("window",)`` with that window (token-exact, as Mistral's mask); pass
 ``layer_types=("full",)`` to run full attention where every context fits the window.
+
+Gemma's blocks are GPT config fields: RMSNorms scaling by ``1 + weight`` (``norm_offset=1``), tanh-GELU
+gating (``mlp_act="gelu_tanh"``), embeddings times ``sqrt(hidden_size)`` (``embed_scale``); Gemma 2 / 3
+add norms on both branch outputs (``post_norms``), ``query_pre_attn_scalar`` (``attn_scale``), sliding and
+full layers interleaved (``layer_types=("window", "full")``, Gemma 3's 5:1), Gemma 2's tanh soft caps on
+the attention logits (``attn_softcap``, in the flash and decode kernels) and the output logits
+(``final_softcap``), and Gemma 3's q/k norms and local RoPE base (``local_rope_theta``; its RoPE scaling is
+the global layers').
 
 ``jaxattn.models.hf.load_pretrained(folder, layer_types=("power", "power", "power", "full"))`` runs a
 pretrained model with another attention pattern (PowerAttention, sliding window, ...) for continued
@@ -20,6 +29,9 @@ Hugging Face key                                    jaxattn variable            
 ``model.layers.i.self_attn.q_norm`` / ``k_norm``    ``blocks.i.attn.q_norm`` / ``k_norm``      same (Qwen3)
 ``model.layers.i.self_attn.o_proj``                 ``blocks.i.attn.o``                       transposed
 ``model.layers.i.post_attention_layernorm.weight``  ``blocks.i.norm2.weight``                 same
+  (Gemma 2 / 3: the attention output's norm)        ``blocks.i.attn_post_norm.weight``        same
+``...pre_feedforward_layernorm`` (Gemma 2 / 3)      ``blocks.i.norm2.weight``                 same
+``...post_feedforward_layernorm`` (Gemma 2 / 3)     ``blocks.i.mlp_post_norm.weight``         same
 ``model.layers.i.mlp.gate_proj`` + ``up_proj``      ``blocks.i.mlp.gate_up`` (gate | up)      transposed, concatenated
 ``model.layers.i.mlp.down_proj``                    ``blocks.i.mlp.down``                     transposed
 ``model.norm.weight``                               ``norm.weight``                           same
@@ -27,7 +39,8 @@ Hugging Face key                                    jaxattn variable            
 ==================================================  ========================================  ==========
 
 What :class:`GPT` cannot represent raises ``ValueError`` (``dynamic`` / ``longrope`` RoPE scaling, partial
-rotary, an activation other than SiLU, MLP or output biases, Qwen2/Qwen3 sliding windows).
+rotary, an activation other than SiLU (LLaMA family) or tanh GELU (Gemma), MLP or output biases, Qwen2/Qwen3
+sliding windows, Gemma 3's bidirectional attention).
 """
 
 from __future__ import annotations
@@ -44,12 +57,37 @@ from jaxattn.models.gpt import GPT, GPTConfig
 __all__ = ["config_from_hf", "entries", "hf_config", "load_hf_state_dict", "to_hf_state_dict"]
 
 _ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-         "mistral": "MistralForCausalLM"}
+         "mistral": "MistralForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+         "gemma3_text": "Gemma3ForCausalLM"}
+GEMMA = ("gemma", "gemma2", "gemma3_text")
+# what transformers' Gemma2Config assumes when config.json leaves these out
+_GEMMA2_DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256}
+_LAYER = {"sliding_attention": "window", "full_attention": "full"}
+
+
+def _scaling(params: Mapping[str, Any], raw: Mapping[str, Any], bad) -> dict[str, Any]:
+    """The ``GPTConfig.rope_scaling`` dict of one set of RoPE parameters (``{}``: plain RoPE)."""
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if kind not in ("default", "linear", "llama3", "yarn"):
+        raise bad("rope_scaling" if raw.get("rope_scaling") else "rope_parameters",
+                  'rope_type "default", "linear", "llama3" or "yarn"')
+    if kind in ("llama3", "yarn"):  # Hugging Face's fallbacks for these two
+        scaling.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings"))
+        if scaling.get("factor") is None and kind == "yarn":
+            scaling["factor"] = raw["max_position_embeddings"] / scaling["original_max_position_embeddings"]
+    return {"rope_type": kind, **scaling} if kind != "default" else {}
+
+
+def _period(types: list[str]) -> tuple[str, ...]:
+    """The shortest prefix that ``GPTConfig.layer_types`` cycles into ``types``."""
+    p = next(p for p in range(1, len(types) + 1) if all(t == types[i % p] for i, t in enumerate(types)))
+    return tuple(types[:p])
 
 
 def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
-    """A :class:`GPTConfig` from a LLaMA / Qwen2 / Qwen3 / Mistral ``config.json`` dict; ``overrides`` set
-    jaxattn-only fields (``dtype``, ``attn_impl``, ``layer_types``, ``window``, ``quantized``, ...)."""
+    """A :class:`GPTConfig` from a LLaMA / Qwen2 / Qwen3 / Mistral / Gemma 1-3 ``config.json`` dict;
+    ``overrides`` set jaxattn-only fields (``dtype``, ``attn_impl``, ``layer_types``, ``window``, ...)."""
     kind = raw.get("model_type")
     if kind not in _ARCH:
         raise ValueError(f"config.json: model_type {kind!r}: expected one of {sorted(_ARCH)}")
@@ -57,67 +95,126 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     def bad(field: str, want: str) -> ValueError:
         return ValueError(f"config.json: {field} = {raw.get(field)!r}: jaxattn's GPT supports {want} only")
 
-    if raw.get("hidden_act", "silu") != "silu":
-        raise bad("hidden_act", '"silu"')
-    # RoPE: transformers >= 5 writes rope_parameters {rope_type, rope_theta, ...}; older configs rope_theta
-    # and rope_scaling at the top level
-    rope = dict(raw.get("rope_parameters") or {})
-    rope.update({k: v for k, v in (raw.get("rope_scaling") or {}).items()})  # (transformers < 5)
-    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
-    kind_of_rope = scaling.pop("rope_type", scaling.pop("type", "default"))
-    if kind_of_rope not in ("default", "linear", "llama3", "yarn"):
-        raise bad("rope_scaling" if raw.get("rope_scaling") else "rope_parameters",
-                  'rope_type "default", "linear", "llama3" or "yarn"')
-    if kind_of_rope in ("llama3", "yarn"):  # HF's fallbacks for these two
-        scaling.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings"))
-        if scaling.get("factor") is None and kind_of_rope == "yarn":
-            scaling["factor"] = raw["max_position_embeddings"] / scaling["original_max_position_embeddings"]
-    scaling = {"rope_type": kind_of_rope, **scaling} if kind_of_rope != "default" else {}
-    if float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))) != 1.0:
+    gemma = kind in GEMMA
+    if kind == "gemma2":
+        raw = {**_GEMMA2_DEFAULTS, **raw}
+    act_field = "hidden_activation" if kind in ("gemma2", "gemma3_text") else "hidden_act"
+    act = raw.get(act_field) or ("gelu_pytorch_tanh" if gemma else "silu")
+    if kind == "gemma" and act == "gelu":  # the first releases' value, meant as the tanh form (as transformers)
+        act = "gelu_pytorch_tanh"
+    if act != ("gelu_pytorch_tanh" if gemma else "silu"):
+        raise bad(act_field, '"gelu_pytorch_tanh"' if gemma else '"silu"')
+    # RoPE: transformers >= 5 writes rope_parameters {rope_type, rope_theta, ...} (Gemma 3: one per layer type);
+    # older configs rope_theta / rope_scaling / rope_local_base_freq at the top level
+    params = dict(raw.get("rope_parameters") or {})
+    per_type = "full_attention" in params or "sliding_attention" in params
+    glob = dict(params.get("full_attention") or {}) if per_type else params
+    glob.update(raw.get("rope_scaling") or {})
+    theta = float(glob.get("rope_theta", raw.get("rope_theta", 1e6 if kind == "gemma3_text" else 10000.0)))
+    local = dict(params.get("sliding_attention") or {}) if per_type else {}
+    local_theta = None
+    if kind == "gemma3_text":
+        if _scaling(local, raw, bad):
+            raise bad("rope_parameters", "plain RoPE on the sliding layers")
+        local_theta = float(local.get("rope_theta", raw.get("rope_local_base_freq", 10000.0)))
+    if float(glob.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))) != 1.0:
         raise bad("partial_rotary_factor", "1.0")
     if raw.get("mlp_bias", False):
         raise bad("mlp_bias", "false")
-    if kind != "qwen2" and raw.get("attention_bias", False):  # (LLaMA's and Qwen3's also put one on o_proj)
+    if kind != "qwen2" and raw.get("attention_bias", False):  # (LLaMA's, Qwen3's and Gemma's also bias o_proj)
         raise bad("attention_bias", "false (Qwen2's q/k/v biases are supported)")
-    window = raw.get("sliding_window") if kind == "mistral" else None
-    if kind in ("qwen2", "qwen3") and (raw.get("use_sliding_window", False)
-                                       or set(raw.get("layer_types") or ()) - {"full_attention"}):
-        raise bad("use_sliding_window", "false (every layer full_attention)")
-    dim, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+    if raw.get("use_bidirectional_attention", False):
+        raise bad("use_bidirectional_attention", "false (causal attention)")
+    dim, heads, layers = int(raw["hidden_size"]), int(raw["num_attention_heads"]), int(raw["num_hidden_layers"])
     head_dim = int(raw.get("head_dim") or dim // heads)
+    window = raw.get("sliding_window")
+    if kind in ("gemma2", "gemma3_text"):  # sliding and full layers interleaved
+        types = raw.get("layer_types")
+        if types is None:
+            period = 2 if kind == "gemma2" else int(raw.get("sliding_window_pattern", 6))
+            types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
+        if set(types) - set(_LAYER) or len(types) != layers:
+            raise bad("layer_types", f"{layers} entries 'sliding_attention' / 'full_attention'")
+        layer_types = _period([_LAYER[t] if window else "full" for t in types])
+    elif kind in ("qwen2", "qwen3"):
+        if raw.get("use_sliding_window", False) or set(raw.get("layer_types") or ()) - {"full_attention"}:
+            raise bad("use_sliding_window", "false (every layer full_attention)")
+        layer_types = ("full",)
+    else:  # Mistral: every layer sees its last `sliding_window` keys (itself included)
+        layer_types = ("window",) if kind == "mistral" and window else ("full",)
+    scalar = raw.get("query_pre_attn_scalar") if kind in ("gemma2", "gemma3_text") else None
     fields = dict(
-        vocab_size=int(raw["vocab_size"]), dim=dim, layers=int(raw["num_hidden_layers"]), heads=heads,
+        vocab_size=int(raw["vocab_size"]), dim=dim, layers=layers, heads=heads,
         kv_heads=int(raw.get("num_key_value_heads") or heads), mlp_dim=int(raw["intermediate_size"]),
-        rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))), rope_scaling=scaling,
+        rope_theta=theta, rope_scaling=_scaling(glob, raw, bad), local_rope_theta=local_theta,
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3",
+        qkv_bias=kind == "qwen2", qk_norm=kind in ("qwen3", "gemma3_text"),
         head_dim=None if head_dim * heads == dim else head_dim,
-        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        init_std=float(raw.get("initializer_range", 0.02)))
-    if window is not None:  # Mistral: every layer sees its last `sliding_window` keys (itself included)
-        fields.update(layer_types=("window",), window=int(window))
+        tie_embeddings=bool(raw.get("tie_word_embeddings", gemma)),
+        init_std=float(raw.get("initializer_range", 0.02)), layer_types=layer_types)
+    if window and "window" in layer_types:
+        fields["window"] = int(window)
+    if gemma:
+        fields.update(mlp_act="gelu_tanh", norm_offset=1.0, embed_scale=True, post_norms=kind != "gemma",
+                      attn_scale=None if scalar in (None, head_dim) else float(scalar) ** -0.5,
+                      attn_softcap=raw.get("attn_logit_softcapping"), final_softcap=raw.get("final_logit_softcapping"))
     return hf.with_overrides(GPTConfig(**fields), overrides)
 
 
-def hf_config(cfg: GPTConfig) -> dict[str, Any]:
-    """A ``config.json`` for ``cfg`` (``qwen3`` when it has q/k norms, ``qwen2`` when it has q/k/v biases,
-    else ``llama``)."""
+def _family(cfg: GPTConfig) -> str:
+    """The Hugging Face model_type that holds ``cfg``, or a ValueError naming what none does."""
     if cfg.position != "rope":
-        raise ValueError("only RoPE GPT models have a LLaMA / Qwen2 layout (this one has ALiBi)")
-    if cfg.qk_norm and cfg.qkv_bias:
-        raise ValueError("no Hugging Face layout has q/k norms and q/k/v biases alone (Qwen3's attention_bias "
-                         "biases o_proj too)")
-    kind = "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+        raise ValueError("only RoPE GPT models have a LLaMA / Qwen / Gemma layout (this one has ALiBi)")
+    gemma = (cfg.norm_offset, cfg.embed_scale, cfg.mlp_act) == (1.0, True, "gelu_tanh")
+    if not gemma:
+        odd = [f for f in ("norm_offset", "embed_scale", "post_norms", "attn_scale", "attn_softcap", "final_softcap",
+                           "local_rope_theta") if getattr(cfg, f) not in (None, False, 0.0)]
+        if odd or cfg.mlp_act != "silu":
+            raise ValueError(f"no Hugging Face layout has this GPT: {odd or ['mlp_act']} set without the rest of "
+                             "Gemma's (norm_offset=1, embed_scale, mlp_act='gelu_tanh')")
+        if cfg.qk_norm and cfg.qkv_bias:
+            raise ValueError("no Hugging Face layout has q/k norms and q/k/v biases alone (Qwen3's attention_bias "
+                             "biases o_proj too)")
+        return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+    if cfg.qkv_bias or not cfg.tie_embeddings or set(cfg.layer_types) - {"full", "window"}:
+        raise ValueError("a Gemma layout has no q/k/v biases, a tied head, and only 'full' / 'window' layers")
+    if cfg.post_norms:
+        return "gemma3_text" if cfg.qk_norm else "gemma2"
+    if cfg.qk_norm or cfg.attn_scale or cfg.attn_softcap or cfg.final_softcap or cfg.local_rope_theta \
+            or set(cfg.layer_types) != {"full"}:
+        raise ValueError("a Gemma (1) layout has none of qk_norm, attn_scale, softcaps, local_rope_theta, windows: "
+                         "set post_norms for Gemma 2 / 3")
+    return "gemma"
+
+
+def hf_config(cfg: GPTConfig) -> dict[str, Any]:
+    """A ``config.json`` for ``cfg``: ``llama``, ``qwen2`` (q/k/v biases), ``qwen3`` (q/k norms), or with
+    Gemma's blocks ``gemma``, ``gemma2`` (post-norms) or ``gemma3_text`` (post-norms and q/k norms)."""
+    kind = _family(cfg)
     scaling = dict(cfg.rope_scaling)
     rope = {"rope_type": scaling.pop("rope_type", "default"), "rope_theta": cfg.rope_theta, **scaling}
     old_style = {"rope_scaling": {**scaling, "rope_type": rope["rope_type"]}} if scaling else {}
-    return {"architectures": [_ARCH[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.dim, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
-            "num_key_value_heads": cfg.kv_heads or cfg.heads, "intermediate_size": cfg.hidden,
-            "head_dim": cfg.head_size, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta, **old_style,  # (transformers < 5)
-            "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
-            "max_position_embeddings": 4096 * int(max(1, scaling.get("factor", 1)))}
+    out = {"architectures": [_ARCH[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.dim, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+           "num_key_value_heads": cfg.kv_heads or cfg.heads, "intermediate_size": cfg.hidden,
+           "head_dim": cfg.head_size, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+           "rope_theta": cfg.rope_theta, **old_style,  # (transformers < 5)
+           "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
+           "max_position_embeddings": 4096 * int(max(1, scaling.get("factor", 1)))}
+    if kind in GEMMA:
+        out.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", attention_bias=False)
+    if kind in ("gemma2", "gemma3_text"):
+        scalar = cfg.attn_scale ** -2 if cfg.attn_scale else cfg.head_size  # transformers wants an int
+        out.update(layer_types=[{"window": "sliding_attention", "full": "full_attention"}[cfg.layer_type(i)]
+                                for i in range(cfg.layers)],
+                   sliding_window=cfg.window, query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
+                   attn_logit_softcapping=cfg.attn_softcap,
+                   final_logit_softcapping=cfg.final_softcap)
+    if kind == "gemma3_text":
+        local = cfg.local_rope_theta or cfg.rope_theta
+        out.update(rope_local_base_freq=local, rope_parameters={
+            "full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": local}})
+    return out
 
 
 def _kv(kv_heads: int):
@@ -143,12 +240,17 @@ def entries(model: GPT) -> list[hf.Entry]:
     out = [hf.same("model.embed_tokens.weight", model.embed.embedding)]
     for i, blk in enumerate(model.blocks):
         pre, attn = f"model.layers.{i}.", blk.attn
+        if cfg.post_norms:  # Gemma 2/3: post_attention_layernorm is the attention output's, then two MLP norms
+            out += [hf.same(pre + "post_attention_layernorm.weight", blk.attn_post_norm.weight),
+                    hf.same(pre + "pre_feedforward_layernorm.weight", blk.norm2.weight),
+                    hf.same(pre + "post_feedforward_layernorm.weight", blk.mlp_post_norm.weight)]
+        else:
+            out.append(hf.same(pre + "post_attention_layernorm.weight", blk.norm2.weight))
         out += [hf.same(pre + "input_layernorm.weight", blk.norm1.weight),
                 hf.linear(pre + "self_attn.q_proj.weight", attn.q.kernel),
                 hf.Entry((pre + "self_attn.k_proj.weight", pre + "self_attn.v_proj.weight"), attn.kv.kernel,
                          join_kv, split_kv),
                 hf.linear(pre + "self_attn.o_proj.weight", attn.o.kernel),
-                hf.same(pre + "post_attention_layernorm.weight", blk.norm2.weight),
                 hf.Entry((pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"), blk.mlp.gate_up.kernel,
                          lambda g, u: np.concatenate([g.T, u.T], axis=1), lambda a: tuple(np.split(a.T, 2, axis=0))),
                 hf.linear(pre + "mlp.down_proj.weight", blk.mlp.down.kernel)]

@@ -37,9 +37,13 @@ class LandmarkGPTConfig(gpt.GPTConfig):
         if self.dropout:
             raise ValueError("landmark attention has no dropout: use dropout=0")
         super().__post_init__()
-        if self.head_dim not in (None, self.dim // self.heads) or self.qk_norm or self.rope_scaling:
-            raise ValueError("landmark models have dim // heads wide heads, no qk_norm and plain RoPE (head_dim, "
-                             "qk_norm, rope_scaling left unset)")
+        plain = gpt.GPTConfig()
+        changed = [f for f in ("qk_norm", "rope_scaling", "mlp_act", "norm_offset", "post_norms", "embed_scale",
+                               "attn_scale", "attn_softcap", "final_softcap", "local_rope_theta")
+                   if getattr(self, f) != getattr(plain, f)]
+        if self.head_dim not in (None, self.dim // self.heads) or changed:
+            raise ValueError(f"landmark models have dim // heads wide heads and LLaMA blocks: leave "
+                             f"{changed or ['head_dim']} unset")
         if self.mem_freq < 1:
             raise ValueError(f"mem_freq must be >= 1, got {self.mem_freq}")
         if not 0 <= self.landmark_id < self.vocab_size:
