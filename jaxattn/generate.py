@@ -124,10 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error("--prompt must not be empty")
         prompt = np.frombuffer(text.encode(), np.uint8).astype(np.int32)
     eos = a.eos_id
-    if eos is None and folder:
+    if eos is None and folder:  # a config may list several (chat models: end of text, end of turn)
         eos = json.loads((Path(a.checkpoint) / "config.json").read_text()).get("eos_token_id")
-        eos = eos[0] if isinstance(eos, list) and eos else eos  # (some configs list several)
-        eos = eos if isinstance(eos, int) and 0 <= eos < vocab else None
+        eos = [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int) and 0 <= e < vocab] or None
     try:
         toks = generate(model, jnp.asarray(prompt)[None], a.max_new_tokens, temperature=a.temperature,
                         top_k=a.top_k or None, top_p=a.top_p, eos_id=eos, key=jax.random.PRNGKey(a.seed))

@@ -371,6 +371,43 @@ def test_export_keeps_qk_norm_head_dim_and_rope_scaling(tmp_path, raw):
     assert_close(got, want, F32, "transformers on our export", tol={jnp.dtype(F32): (1e-4, 1e-4)})
 
 
+def test_tokenizer_json_adds_what_its_post_processor_says(tmp_path):
+    """A tokenizer.json's post-processor adds the BOS (Llama 3, Gemma), as transformers' tokenizer does, with
+    or without add_bos_token in tokenizer_config.json; add_bos_token prepends one where the file has no
+    such step; decoding drops special tokens."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, processors
+
+    from jaxattn.models.hf import load_tokenizer
+
+    def folder(name, post, tok_cfg):
+        path = tmp_path / name
+        path.mkdir()
+        tk = tokenizers.Tokenizer(models.WordLevel({"<unk>": 0, "<bos>": 1, "<eos>": 2, "a": 3, "b": 4}, unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.Whitespace()
+        tk.add_special_tokens(["<unk>", "<bos>", "<eos>"])
+        if post:
+            tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+        tk.save(str(path / "tokenizer.json"))
+        (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                "bos_token": "<bos>", **tok_cfg}))
+        (path / "config.json").write_text(json.dumps({**LLAMA, "bos_token_id": 1}))
+        return path
+
+    cases = [(folder("post", True, {}), [1, 3, 4, 3]), (folder("post-no-flag", True, {"add_bos_token": False}), [1, 3, 4, 3]),
+             (folder("flag", False, {"add_bos_token": True}), [1, 3, 4, 3]), (folder("none", False, {}), [3, 4, 3])]
+    for path, want in cases:
+        tok = load_tokenizer(path)
+        assert tok.encode("a b a").tolist() == want, path.name
+        assert tok.decode([1, 3, 4]) == "a b"
+    try:
+        import transformers
+    except ImportError:
+        return
+    for path, want in cases[:2]:  # where the file says, transformers agrees
+        assert transformers.AutoTokenizer.from_pretrained(path)("a b a")["input_ids"] == want
+
+
 def test_perplexity_sliding_windows(tmp_path, capsys):
     """python -m jaxattn.perplexity: every target scored once, each from its window alone (checked against the
     float64 reference forward of that window), and the CLI's perplexity is exp of their mean."""

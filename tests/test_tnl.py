@@ -64,6 +64,18 @@ def test_top_p_and_eos():
         end = 9 + (stop if f is None else f + 1)
         np.testing.assert_array_equal(out[r, :end], greedy[r, :end])  # as greedy up to its eos
         assert (out[r, end:] == eos).all()  # then eos only
+    # several ids (chat models): a row stops at the first of any; it is padded with the first id
+    other = int(greedy[1, 10])  # row 1's second new token
+    assert other != eos
+    out = np.asarray(generate(m, prompt, 8, temperature=0.0, eos_id=[other, eos]))
+    for r in range(2):
+        hits = [i for i, t in enumerate(greedy[r, 9:]) if t in (other, eos)]
+        end = 9 + hits[0] + 1
+        np.testing.assert_array_equal(out[r, :end], greedy[r, :end])
+        assert (out[r, end:] == other).all()
+    assert out.shape[1] == 9 + max(next(i for i, t in enumerate(g[9:]) if t in (other, eos)) for g in greedy) + 1
+    with pytest.raises(ValueError, match="eos_id"):
+        generate(m, prompt, 2, eos_id=[3, 64])
     with pytest.raises(ValueError, match="top_p"):
         generate(m, prompt, 2, top_p=0.0)
     with pytest.raises(ValueError, match="eos_id"):

@@ -11,8 +11,11 @@ per token; GPT: a KV cache read by :func:`jaxattn.decode_attention`):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -53,12 +56,13 @@ def _decode_step(model, token, cache, position):
 
 
 def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | Sequence[int] | None = None,
              key: jax.Array | None = None, return_logits: bool = False):
     """Samples up to ``max_new_tokens`` after ``prompt [batch, p]`` (int). The prompt is prefilled
     with the parallel forward; each new token is one incremental step. ``temperature=0`` is
-    greedy; ``top_k`` / ``top_p`` restrict sampling (:func:`sample_logits`). With ``eos_id`` a row that
-    has emitted it continues with ``eos_id`` only, and generation stops once every row has. Returns
+    greedy; ``top_k`` / ``top_p`` restrict sampling (:func:`sample_logits`). With ``eos_id`` (one id, or
+    several: chat models end a turn with one of them) a row that has emitted one continues with the first
+    only, and generation stops once every row has. Returns
     ``tokens [batch, p + n]``, ``n <= max_new_tokens`` the steps taken (and the per-step logits
     ``[batch, n, vocab]``, which equal the parallel forward's)."""
     if not supports_generation(model):
@@ -75,8 +79,9 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, tempe
         raise ValueError(f"top_k must be in 1..{vocab}, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if eos_id is not None and not 0 <= eos_id < vocab:
-        raise ValueError(f"eos_id must be in 0..{vocab - 1}, got {eos_id}")
+    eos = [] if eos_id is None else [eos_id] if isinstance(eos_id, (int, np.integer)) else list(eos_id)
+    if not all(isinstance(e, (int, np.integer)) and 0 <= e < vocab for e in eos):
+        raise ValueError(f"eos_id must be ids in 0..{vocab - 1}, got {eos_id}")
     key = jax.random.PRNGKey(0) if key is None else key
     prompt = prompt.astype(jnp.int32)
     tokens, all_logits = [prompt], []
@@ -88,11 +93,11 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, tempe
             all_logits.append(last)
             key, sub = jax.random.split(key)
             tok = sample_logits(last, sub, temperature, top_k, top_p)
-            if eos_id is not None:
-                tok = jnp.where(done, eos_id, tok)
-                done = done | (tok == eos_id)
+            if eos:
+                tok = jnp.where(done, eos[0], tok)
+                done = done | jnp.isin(tok, jnp.asarray(eos, tok.dtype))
             tokens.append(tok[:, None])
-            if eos_id is not None and bool(done.all()):
+            if eos and bool(done.all()):
                 break
             if i + 1 < max_new_tokens:
                 last, cache = _decode_step(model, tok, cache, jnp.asarray(pos, jnp.int32))

@@ -267,5 +267,12 @@ def load_tokenizer(folder: str | Path) -> Tokenizer | None:
         except ImportError:
             return None
         tk = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        return Tokenizer(lambda t: tk.encode(t, add_special_tokens=False).ids, tk.decode, bos)
+
+        def encode(text: str) -> list[int]:
+            # the file's post-processor adds what the model expects (Llama 3's and Gemma's BOS), as transformers
+            # does; add_bos_token still prepends one where the file has no such step
+            ids = tk.encode(text).ids
+            return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+
+        return Tokenizer(encode, tk.decode, None)  # (decode skips special tokens)
     return None
