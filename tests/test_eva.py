@@ -31,7 +31,10 @@ def timm_eva_forward(sd, args, images):
     ``ref_feat_shape``, or ``RotaryEmbeddingDinoV3``, centred positions; interleaved or half layout; fused
     ``qkv`` + ``q_bias`` / ``v_bias`` or ``q_proj`` / ``k_proj`` / ``v_proj``; ``GluMlp`` (gate first),
     ``SwiGLU`` with ``norm``, or ``Mlp`` (GELU); layer scale ``gamma_1`` / ``gamma_2``), mean pooling after the
-    prefix tokens with ``fc_norm`` or after ``norm``, ``head``."""
+    prefix tokens with ``fc_norm`` or after ``norm``, ``head``. Also: ``AttentionRope`` (a bias on the keys too),
+    ``scale_attn_inner`` (a LayerNorm on the heads' output), ``rope_grid_indexing='xy'`` and ``rope_grid_offset``,
+    ``RotaryEmbeddingMixed`` (learned per block and head frequencies), ``norm_pre`` without a patch bias,
+    class-token pooling and ``AttentionPoolLatent`` (``global_pool='map'``)."""
     w = {k: np.asarray(v, np.float64) for k, v in sd.items()}
     eps = args.get("norm_eps", 1e-6)
     ln = lambda x, name: layer_norm_np(x, w[name + ".weight"], w[name + ".bias"], eps)  # noqa: E731
@@ -43,25 +46,42 @@ def timm_eva_forward(sd, args, images):
     grid = (hh // p, ww // p)
     patches = x.reshape(b, grid[0], p, grid[1], p, c).transpose(0, 1, 3, 5, 2, 4).reshape(b, -1, c * p * p)
     x = patches @ w["patch_embed.proj.weight"].reshape(len(w["patch_embed.proj.weight"]), -1).T \
-        + w["patch_embed.proj.bias"]
+        + w.get("patch_embed.proj.bias", 0.0)
     prefix = [np.broadcast_to(w[t], (b,) + w[t].shape[1:]) for t in ("cls_token", "reg_token") if t in w]
-    x = np.concatenate(prefix + [x], 1) + w.get("pos_embed", 0.0)
+    if args.get("no_embed_class"):
+        x = np.concatenate(prefix + [x + w["pos_embed"]], 1)
+    else:
+        x = np.concatenate(prefix + [x], 1) + w.get("pos_embed", 0.0)
+    if "norm_pre.weight" in w:
+        x = ln(x, "norm_pre")
     npt = sum(t.shape[1] for t in prefix)
     n, dim = x.shape[1], x.shape[2]
     d = dim // heads
     nb = d // 4  # rotary embedding
     bands = 1.0 / args.get("rope_temperature", 10000.0) ** (np.arange(nb) / nb)
+    xy = args.get("rope_grid_indexing") == "xy"  # coordinates (column, row) instead of (row, column)
+    off = args.get("rope_grid_offset", 0.0)
     if args.get("rope_type") == "dinov3":  # periods temperature^(2i / (d/2)), centred coordinates in [-1, 1]
         t = [(np.arange(0.5, s) / s) * 2 - 1 for s in grid]
         bands = 2 * math.pi * bands
+    elif args.get("rope_type") == "mixed":  # plain indices; learned frequencies below
+        t = [np.arange(s, dtype=np.float64) for s in grid]
     else:
-        t = [np.arange(s) / s * r for s, r in zip(grid, args["ref_feat_shape"])]
-    pos = (np.stack(np.meshgrid(*t, indexing="ij"), -1)[..., None] * bands).reshape(-1, 2 * nb)
+        ref = args.get("ref_feat_shape") or grid  # (none: the indices themselves)
+        t = [(np.arange(s) + off) / s * r for s, r in zip(grid, ref)]
+    coords = np.stack(np.meshgrid(*t, indexing="ij"), -1).reshape(-1, 2)  # (row, column) per patch
+    coords = coords[:, ::-1] if xy else coords
     half = args.get("rope_rotate_half", False)
     layout = (lambda a: np.concatenate([a, a], -1)) if half else (lambda a: np.repeat(a, 2, -1))  # noqa: E731
-    sin, cos = layout(np.sin(pos)), layout(np.cos(pos))
+    if args.get("rope_type") == "mixed":  # angle = x fx + y fy, per block and head: [depth, heads, N, d / 2]
+        f = w["rope.freqs"]
+        pos = coords[:, 0, None] * f[0][:, :, None] + coords[:, 1, None] * f[1][:, :, None]
+    else:
+        pos = (coords[..., None] * bands).reshape(-1, 2 * nb)[None, None]
+    tables = [(layout(np.sin(pos[min(i, len(pos) - 1)])), layout(np.cos(pos[min(i, len(pos) - 1)])))
+              for i in range(args["depth"])]
 
-    def rope(z):  # [b, heads, n, d]: the prefix tokens kept
+    def rope(z, sin, cos):  # [b, heads, n, d]: the prefix tokens kept
         y = z[:, :, npt:]
         if half:
             r = np.concatenate([-y[..., d // 2:], y[..., :d // 2]], -1)
@@ -74,17 +94,21 @@ def timm_eva_forward(sd, args, images):
         has = lambda k: f"blocks.{i}.{k}" in w  # noqa: E731
         h = ln(x, f"blocks.{i}.norm1")
         split = lambda y: y.reshape(b, n, heads, d).transpose(0, 2, 1, 3)  # noqa: E731
-        if has("attn.qkv.weight"):
-            bias = np.concatenate([g("attn.q_bias"), np.zeros(dim), g("attn.v_bias")]) if has("attn.q_bias") else 0
-            q, k, v = (split(y) for y in np.split(h @ g("attn.qkv.weight").T + bias, 3, -1))
+        bias = lambda k: g(k) if has(k) else 0.0  # noqa: E731
+        if has("attn.qkv.weight"):  # EvaAttention: q_bias / v_bias; AttentionRope: the qkv linear's own bias
+            qkv_b = np.concatenate([g("attn.q_bias"), np.zeros(dim), g("attn.v_bias")]) if has("attn.q_bias") \
+                else bias("attn.qkv.bias")
+            q, k, v = (split(y) for y in np.split(h @ g("attn.qkv.weight").T + qkv_b, 3, -1))
         else:
-            q = split(h @ g("attn.q_proj.weight").T + g("attn.q_proj.bias"))
-            k = split(h @ g("attn.k_proj.weight").T)
-            v = split(h @ g("attn.v_proj.weight").T + g("attn.v_proj.bias"))
-        q, k = rope(q), rope(k)
+            q = split(h @ g("attn.q_proj.weight").T + bias("attn.q_proj.bias"))
+            k = split(h @ g("attn.k_proj.weight").T + bias("attn.k_proj.bias"))
+            v = split(h @ g("attn.v_proj.weight").T + bias("attn.v_proj.bias"))
+        q, k = rope(q, *tables[i]), rope(k, *tables[i])
         s = q @ k.transpose(0, 1, 3, 2) * d ** -0.5
         a = np.exp(s - s.max(-1, keepdims=True))
         o = ((a / a.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(b, n, dim)
+        if has("attn.norm.weight"):  # scale_attn_inner
+            o = ln(o, f"blocks.{i}.attn.norm")
         x = x + (o @ g("attn.proj.weight").T + g("attn.proj.bias")) * (g("gamma_1") if has("gamma_1") else 1)
         h = ln(x, f"blocks.{i}.norm2")
         if has("mlp.fc1_g.weight"):
@@ -96,10 +120,26 @@ def timm_eva_forward(sd, args, images):
         else:
             h = gelu(h @ g("mlp.fc1.weight").T + g("mlp.fc1.bias"))
         x = x + (h @ g("mlp.fc2.weight").T + g("mlp.fc2.bias")) * (g("gamma_2") if has("gamma_2") else 1)
-    if "fc_norm.weight" in w:
-        x = ln(x[:, npt:].mean(1), "fc_norm")
+    if "norm.weight" in w:
+        x = ln(x, "norm")
+    pool = args.get("global_pool", "avg")
+    if pool == "map":  # AttentionPoolLatent: a latent query over every token, then a GELU MLP residual
+        ph = args.get("attn_pool_num_heads") or heads
+        pd = dim // ph
+        q = (w["attn_pool.latent"] @ w["attn_pool.q.weight"].T + w["attn_pool.q.bias"]).reshape(1, 1, ph, pd)
+        kv = (x @ w["attn_pool.kv.weight"].T + w["attn_pool.kv.bias"]).reshape(b, n, 2, ph, pd)
+        s = np.einsum("qhd,bkhd->bhqk", q[0], kv[:, :, 0]) * pd ** -0.5
+        a = np.exp(s - s.max(-1, keepdims=True))
+        o = np.einsum("bhqk,bkhd->bqhd", a / a.sum(-1, keepdims=True), kv[:, :, 1]).reshape(b, dim)
+        o = o @ w["attn_pool.proj.weight"].T + w["attn_pool.proj.bias"]
+        hdn = gelu(ln(o, "attn_pool.norm") @ w["attn_pool.mlp.fc1.weight"].T + w["attn_pool.mlp.fc1.bias"])
+        x = o + hdn @ w["attn_pool.mlp.fc2.weight"].T + w["attn_pool.mlp.fc2.bias"]
+    elif pool == "token":
+        x = x[:, 0]
     else:
-        x = ln(x, "norm")[:, npt:].mean(1)
+        x = x[:, npt:].mean(1)
+    if "fc_norm.weight" in w:
+        x = ln(x, "fc_norm")
     return x @ w["head.weight"].T + w["head.bias"]
 
 
@@ -107,7 +147,10 @@ SMALL = {"depth": 2, "embed_dim": 64, "num_heads": 4, "num_classes": 5}
 
 
 @pytest.mark.parametrize("arch", ["eva02_tiny_patch14_224", "eva02_base_patch14_224", "vit_small_patch16_dinov3",
-                                  "vit_base_patch16_dinov3_qkvb", "vit_small_plus_patch16_dinov3"])
+                                  "vit_base_patch16_dinov3_qkvb", "vit_small_plus_patch16_dinov3",
+                                  "eva02_base_patch16_clip_224", "vit_medium_patch16_rope_reg1_gap_256",
+                                  "vit_small_patch16_rope_224", "vit_small_patch16_rope_mixed_ape_224",
+                                  "vit_pe_core_tiny_patch16_384", "vit_pe_core_gigantic_patch14_448"])
 def test_folder_matches_numpy_timm(tmp_path, arch):
     """A timm folder of each layout loads (hf.load_pretrained) and matches timm's forward in float64 numpy;
     biases, norms, layer scales, prefix tokens and the SwiGLU gates are randomised so that each one counts."""
@@ -116,14 +159,19 @@ def test_folder_matches_numpy_timm(tmp_path, arch):
     raw = {"architecture": arch + ".some_tag", "num_classes": 5, "model_args": small,
            "pretrained_cfg": {**PRE, "input_size": [3, size, size]}}
     cfg = config_from_hf(raw, attn_impl="xla")
-    assert isinstance(cfg, EvaConfig) and cfg.qkv_split == (arch == "eva02_base_patch14_224") == cfg.mlp_norm
+    assert isinstance(cfg, EvaConfig) and cfg.qkv_split == arch.startswith("eva02_base") == cfg.mlp_norm
     rng = np.random.default_rng(0)
     noisy = ("bias", "norm.weight", "fc1_g.weight", "fc1.weight", "head.weight", "gamma_1", "gamma_2", "token",
-             "attn.proj.weight", "qkv.weight", "q_proj.weight", "k_proj.weight")  # (attention made to matter)
+             "latent", "attn.proj.weight", "qkv.weight", "q_proj.weight", "k_proj.weight", "kv.weight",
+             "pos_embed")  # (attention made to matter)
     sd = {k: (v + rng.normal(0, 0.5 if k.endswith(noisy[:8]) else 0.2, v.shape)).astype(np.float32)
           if k.endswith(noisy) else v for k, v in to_timm_state_dict(Eva(cfg, rngs=nnx.Rngs(1))).items()}
-    assert ("blocks.0.attn.q_bias" in sd) == (not cfg.qkv_split and cfg.qkv_bias)
-    assert "blocks.0.attn.k_proj.bias" not in sd and ("pos_embed" in sd) == ("eva02" in arch)
+    rope_attn = cfg.attn_type == "rope"
+    assert ("blocks.0.attn.q_bias" in sd) == (not cfg.qkv_split and cfg.qkv_bias and not rope_attn)
+    assert ("blocks.0.attn.qkv.bias" in sd) == rope_attn and "blocks.0.attn.k_proj.bias" not in sd
+    assert ("pos_embed" in sd) == ("eva02" in arch or "ape" in arch or "pe_core" in arch)
+    assert ("rope.freqs" in sd) == ("mixed" in arch) and ("attn_pool.latent" in sd) == ("pe_core" in arch)
+    assert ("blocks.1.attn.norm.weight" in sd) == ("clip" in arch) and ("norm_pre.weight" in sd) == ("pe_core" in arch)
     model = hf.load_pretrained(write_timm_folder(tmp_path, raw, sd), attn_impl="xla")
     assert type(model) is Eva
     x = rng.normal(size=(2, size, size, 3)).astype(np.float32)
@@ -162,8 +210,32 @@ def test_cpu_config_trains_and_checks_its_options():
                        (dict(rope_ref_grid=0), "rope_ref_grid")]:
         with pytest.raises(ValueError, match=match):
             create_model("eva02-tiny", rngs=nnx.Rngs(0), **bad)
-    with pytest.raises(ValueError, match="not supported by jaxattn's EVA-02"):
-        config_from_hf({"architecture": "eva02_base_patch14_224", "model_args": {"scale_attn_inner": True}})
+    for args in ({"use_post_norm": True}, {"attn_type": "diff"}, {"rope_grid_indexing": "yx"}, {"gated_attn": True},
+                 {"rope_type": "mixed", "rope_grid_offset": 1.0}, {"rope_type": "mrope"}):
+        with pytest.raises(ValueError, match="not supported by jaxattn's EVA-02"):
+            config_from_hf({"architecture": "eva02_base_patch14_224", "model_args": args})
+
+
+def test_mixed_rope_learns_its_frequencies_and_remats():
+    """RoPE-ViT's mixed embedding: one table per block and head from the learned rope.freqs (which get
+    gradients); activation checkpointing gives the same loss and gradients; the intermediates see the same
+    per-block tables."""
+    cfg = EvaConfig(image_size=16, patch_size=4, num_classes=3, dim=32, depth=2, heads=2, rope_kind="mixed",
+                    rope_ref_grid=None, attn_type="rope", rope_xy=True, swiglu=False, mlp_norm=False, mlp_act="gelu",
+                    pool="cls", fc_norm=False, attn_impl="xla")
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    plain, remat = Eva(cfg, rngs=nnx.Rngs(0)), Eva(dataclasses.replace(cfg, remat=True), rngs=nnx.Rngs(0))
+    assert plain.rope.freqs.shape == (2, 2, 2, 8)  # (x, y; depth; heads; head_dim / 2)
+    loss = lambda m: jnp.sum(m(x) ** 2)  # noqa: E731
+    (l1, g1), (l2, g2) = nnx.value_and_grad(loss)(plain), nnx.value_and_grad(loss)(remat)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    assert float(jnp.abs(g1.rope.freqs[...]).max()) > 0
+    np.testing.assert_allclose(g1.rope.freqs[...], g2.rope.freqs[...], rtol=1e-5, atol=1e-7)
+    swapped = Eva(cfg, rngs=nnx.Rngs(0))  # the two blocks' tables exchanged: another model
+    swapped.rope.freqs[...] = plain.rope.freqs[...][:, ::-1]
+    assert not np.allclose(swapped.pool_features(x), plain.pool_features(x), rtol=1e-3, atol=1e-4)
+    last = plain.intermediates(x, 1, norm=True, return_prefix_tokens=True)[0]
+    np.testing.assert_allclose(plain.head(last[1][:, 0]), plain(x), rtol=1e-5, atol=1e-6)
 
 
 def test_pallas_matches_xla_and_lowers_for_cuda():
@@ -185,8 +257,16 @@ def test_pallas_matches_xla_and_lowers_for_cuda():
 @pytest.mark.parametrize("options", [dict(qkv_split=False, mlp_norm=False, rope_ref_grid=None),
                                      dict(rope_kind="dinov3", rope_half=True, abs_pos_embed=False, reg_tokens=2,
                                           layer_scale=0.5, norm_eps=1e-5, swiglu=False, mlp_norm=False, mlp_act="gelu",
-                                          qkv_split=False, qkv_bias=False, fc_norm=False, rope_ref_grid=None)],
-                         ids=["eva02", "dinov3"])
+                                          qkv_split=False, qkv_bias=False, fc_norm=False, rope_ref_grid=None),
+                                     dict(attn_type="rope", rope_xy=True, rope_offset=1.0, pre_norm=True, pool="map",
+                                          pool_heads=4, pool_mlp_ratio=2.0, pool_act="gelu", pool_include_prefix=True,
+                                          swiglu=False, mlp_norm=False, mlp_act="gelu", qkv_split=False, norm_eps=1e-5,
+                                          fc_norm=False, rope_ref_grid=3),
+                                     dict(attn_type="rope", rope_kind="mixed", rope_xy=True, rope_temperature=10.0,
+                                          layer_scale=0.1, swiglu=False, mlp_norm=False, mlp_act="gelu", pool="cls",
+                                          qkv_split=False, fc_norm=False, rope_ref_grid=None, abs_pos_embed=False),
+                                     dict(attn_norm=True, pool="cls", fc_norm=False)],
+                         ids=["eva02", "dinov3", "pe-core", "rope-vit-mixed", "eva02-clip"])
 def test_export_round_trip(tmp_path, options):
     """save_pretrained(Eva): our loader gives the same logits; with timm installed, timm.create_model(
     architecture, **model_args) with its weights too."""
@@ -195,9 +275,13 @@ def test_export_round_trip(tmp_path, options):
 
 
 @pytest.mark.parametrize("arch,size", [("eva02_tiny_patch14_224", 56), ("eva02_base_patch14_224", 42),
-                                       ("vit_small_patch16_dinov3_qkvb", 48), ("vit_small_plus_patch16_dinov3", 48)])
+                                       ("vit_small_patch16_dinov3_qkvb", 48), ("vit_small_plus_patch16_dinov3", 48),
+                                       ("eva02_base_patch16_clip_224", 48), ("vit_medium_patch16_rope_reg1_gap_256", 48),
+                                       ("vit_small_patch16_rope_mixed_224", 48), ("vit_small_patch16_rope_ape_224", 48),
+                                       ("vit_pe_core_tiny_patch16_384", 48)])
 def test_matches_timm(tmp_path, arch, size):
-    check_timm_folder_matches_timm(tmp_path, arch, size, ("bias", "norm.weight", "gamma_1", "gamma_2", "_token"),
+    check_timm_folder_matches_timm(tmp_path, arch, size, ("bias", "norm.weight", "gamma_1", "gamma_2", "_token",
+                                                          "latent", "pos_embed"),
                                    depth=2, img_size=size, **({"mlp_ratio": 3.1} if "plus" in arch else {}))
 
 
@@ -207,8 +291,9 @@ def test_architecture_table_matches_timm():
     timm = pytest.importorskip("timm")
     from jaxattn.models.timm_hub import _eva_config
 
-    names = [n for n in timm.list_models(["eva02_*", "vit_*dinov3*"]) if eva_arch_args(n) is not None]
-    assert len(names) == 8 + 12, names
+    names = [n for n in timm.list_models(["eva02_*", "vit_*dinov3*", "vit_*rope*", "vit_pe_core*"])
+             if eva_arch_args(n) is not None]
+    assert len(names) == 8 + 12 + 3 + 4 + 12 + 5, names  # EVA-02, DINOv3, EVA-02 CLIP, SBB, RoPE-ViT, PE core
     for n in names:
         with torch.device("meta"):
             m = timm.create_model(n)
@@ -216,16 +301,25 @@ def test_architecture_table_matches_timm():
         got = (m.embed_dim, len(m.blocks), blk.attn.num_heads, blk.attn.qkv is None, type(blk.mlp).__name__,
                m.patch_embed.patch_size[0], m.patch_embed.img_size[0], type(m.rope).__name__,
                getattr(m.rope, "ref_feat_shape", None), m.global_pool, type(m.fc_norm).__name__,
-               math.isclose(m.rope.temperature, c.rope_temperature), m.rope.rotate_half, m.pos_embed is not None,
-               0 if m.reg_token is None else m.reg_token.shape[1], blk.gamma_1 is not None, blk.norm1.eps,
-               blk.attn.q_bias is not None, (blk.mlp.fc1_g if hasattr(blk.mlp, "fc1_g") else blk.mlp.fc1).out_features)
+               math.isclose(m.rope.temperature, c.rope_temperature), getattr(m.rope, "rotate_half", False),
+               m.pos_embed is not None, 0 if m.reg_token is None else m.reg_token.shape[1], blk.gamma_1 is not None,
+               blk.norm1.eps, getattr(blk.attn, "q_bias", None) is not None,
+               (blk.mlp.fc1_g if hasattr(blk.mlp, "fc1_g") else blk.mlp.fc1).out_features,
+               type(blk.attn).__name__, getattr(m.rope, "grid_indexing", "ij"), float(getattr(m.rope, "grid_offset", 0.0)),
+               type(blk.attn.norm).__name__, type(m.norm_pre).__name__, m.cls_token is not None,
+               None if m.attn_pool is None else (m.attn_pool.num_heads, m.attn_pool.mlp.fc1.out_features))
         want = (c.dim, c.depth, c.heads, c.qkv_split,
                 "Mlp" if not c.swiglu else "SwiGLU" if c.mlp_norm or c.swiglu_align else "GluMlp", c.patch_size,
                 c.image_size,
-                "RotaryEmbeddingCat" if c.rope_kind == "eva" else "RotaryEmbeddingDinoV3",
-                (c.rope_ref_grid,) * 2 if c.rope_kind == "eva" else None, "avg",
+                {"eva": "RotaryEmbeddingCat", "dinov3": "RotaryEmbeddingDinoV3", "mixed": "RotaryEmbeddingMixed"}[c.rope_kind],
+                None if c.rope_ref_grid is None else (c.rope_ref_grid,) * 2,
+                {"cls": "token", "mean": "avg", "map": "map"}[c.pool],
                 "LayerNorm" if c.fc_norm else "Identity", True, c.rope_half, c.abs_pos_embed, c.reg_tokens,
-                c.layer_scale is not None, c.norm_eps, not c.qkv_split and c.qkv_bias,
+                c.layer_scale is not None, c.norm_eps, not c.qkv_split and c.qkv_bias and c.attn_type == "eva",
                 c.mlp_dim if not c.swiglu else 2 * c.mlp_dim if not (c.mlp_norm or c.swiglu_align)
-                else -(-c.mlp_dim // max(c.swiglu_align, 1)) * max(c.swiglu_align, 1))
+                else -(-c.mlp_dim // max(c.swiglu_align, 1)) * max(c.swiglu_align, 1),
+                "AttentionRope" if c.attn_type == "rope" else "EvaAttention", "xy" if c.rope_xy else "ij",
+                c.rope_offset, "LayerNorm" if c.attn_norm else "Identity", "LayerNorm" if c.pre_norm else "Identity",
+                c.has_class_token, None if c.pool != "map" else (c.pool_heads or c.heads,
+                                                                 int(c.dim * (c.pool_mlp_ratio or c.mlp_ratio))))
         assert got == want, n

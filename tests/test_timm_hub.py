@@ -76,7 +76,7 @@ def test_halonet_folder_keeps_batchnorm_statistics(tmp_path):
 
 
 def test_unsupported_timm_configs():
-    for change, match in [({"architecture": "vit_base_patch16_rope_224"}, "not one jaxattn converts"),
+    for change, match in [({"architecture": "vit_base_patch16_rope_2d_224"}, "not one jaxattn converts"),
                           ({"model_args": {"mlp_layer": "SwiGLU"}}, "mlp_layer 'SwiGLU'"),
                           ({"model_args": {"global_pool": "prr"}}, "global_pool 'prr'"),
                           ({"model_args": {"pos_embed": "none"}}, "pos_embed"),

@@ -33,8 +33,16 @@ Module paths are timm's ``state_dict`` keys (``blocks.{i}.attn.qkv``, ``.q_bias`
 ``head``, ...); timm hub folders load through :func:`jaxattn.models.hf.load_pretrained`. Initialisation as
 timm's: the ViT's, with each block's ``attn.proj`` and ``mlp.fc2`` divided by ``sqrt(2 * (i + 1))``, the
 SwiGLU's value half (packed) or gate (split) near zero with bias 1, the head scaled by 0.001.
-Not implemented: timm's other ``Eva`` models (EVA-02 CLIP's inner attention norm, RoPE-ViT's mixed
-embeddings, post-norm blocks, PE).
+Also from timm's ``Eva``: EVA-02 CLIP's image towers (``attn_norm``: a LayerNorm on the heads' output before
+``proj``, timm's ``scale_attn_inner``; ``eva02_{base_patch16,large_patch14}_clip_{224,336}``), timm's SBB RoPE
+ViTs (``vit_{medium,mediumd,betwixt,base}_patch16_rope_reg{1,4}_gap_256``), RoPE-ViT (Heo et al. 2024;
+``vit_{small,base,large}_patch16_rope[_mixed][_ape]_224``: ``attn_type="rope"``, timm's ``AttentionRope``, whose
+fused ``qkv`` has its own bias, keys included; ``rope_xy``: coordinates ``(column, row)``; ``rope_kind="mixed"``:
+learned frequencies ``rope.freqs [2, depth, heads, d / 2]``, each block and head turning a patch at ``(x, y)`` by
+``x fx + y fy``) and Meta's Perception Encoder (``vit_pe_core_{tiny,small,base,large,gigantic}_*``: RoPE
+attention, ``rope_offset`` 1 added to the indices, ``pre_norm``, attention pooling over every token with its own
+heads and MLP ratio: ``pool_heads``, ``pool_mlp_ratio``, ``pool_include_prefix``). Not implemented: post-norm
+blocks (EVA-02 E), PE's lang / spatial towers (no final norm), gated or grouped-query attention.
 """
 
 from __future__ import annotations
@@ -63,8 +71,14 @@ class EvaConfig(ViTConfig):
     mlp_act: Literal["gelu", "quick_gelu", "gelu_tanh", "silu"] = "silu"
     rope_ref_grid: int | None = 16  # EVA's ref_feat_shape (the pretraining grid); None: patch indices
     rope_temperature: float = 10000.0
-    rope_kind: Literal["eva", "dinov3"] = "eva"  # positions: (scaled) patch indices, or DINOv3's centred [-1, 1]
+    # positions: (scaled) patch indices, DINOv3's centred [-1, 1], or RoPE-ViT's "mixed" (learned frequencies
+    # per block and head, mixing both axes)
+    rope_kind: Literal["eva", "dinov3", "mixed"] = "eva"
     rope_half: bool = False  # the half layout of the rotation (timm's rope_rotate_half); False: interleaved pairs
+    rope_xy: bool = False  # (column, row) coordinate order (timm's rope_grid_indexing="xy": RoPE-ViT, PE)
+    rope_offset: float = 0.0  # added to the patch indices before the ref-grid scaling (timm's rope_grid_offset)
+    attn_type: Literal["eva", "rope"] = "eva"  # "rope": timm's AttentionRope, a k bias too (fused qkv's own bias)
+    attn_norm: bool = False  # a LayerNorm on the heads' output before proj (EVA-02 CLIP's scale_attn_inner)
     abs_pos_embed: bool = True  # a learned absolute position embedding besides the rotary one (not DINOv3's)
     qkv_split: bool = True  # q_proj / k_proj / v_proj (EVA-02 B/L); False: one qkv plus q_bias / v_bias
     swiglu: bool = True  # a SwiGLU MLP; False: the ViT's plain MLP (with mlp_act; DINOv3 S/B/L)
@@ -73,15 +87,20 @@ class EvaConfig(ViTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.pool == "map" or self.gates != "none" or self.glu_mlp:
-            raise ValueError("EvaConfig: pool='map', gates and glu_mlp are not EVA-02 options (its SwiGLU: swiglu, "
-                             "packed with mlp_norm=False, split with mlp_norm=True)")
+        if self.gates != "none" or self.glu_mlp:
+            raise ValueError("EvaConfig: gates and glu_mlp are not EVA-02 options (its SwiGLU: swiglu, packed with "
+                             "mlp_norm=False, split with mlp_norm=True)")
         if (self.mlp_norm or self.swiglu_align) and not self.swiglu:
             raise ValueError("EvaConfig: mlp_norm and swiglu_align are the split SwiGLU's; they need swiglu=True")
         if self.swiglu_align < 0:
             raise ValueError(f"swiglu_align must be >= 0, got {self.swiglu_align}")
-        if self.rope_kind not in ("eva", "dinov3"):
-            raise ValueError(f"rope_kind must be 'eva' or 'dinov3', got {self.rope_kind!r}")
+        if self.rope_kind not in ("eva", "dinov3", "mixed"):
+            raise ValueError(f"rope_kind must be 'eva', 'dinov3' or 'mixed', got {self.rope_kind!r}")
+        if self.attn_type not in ("eva", "rope"):
+            raise ValueError(f"attn_type must be 'eva' or 'rope', got {self.attn_type!r}")
+        if self.rope_kind == "mixed" and (self.rope_half or self.rope_ref_grid is not None or self.rope_offset):
+            raise ValueError("rope_kind='mixed' (RoPE-ViT) has the interleaved layout on plain patch indices: "
+                             "rope_half=False, rope_ref_grid=None, rope_offset=0")
         if self.head_dim % 4:
             raise ValueError(f"EvaConfig: 2-D rotary embeddings need a head dim divisible by 4, got {self.head_dim}")
         if self.rope_ref_grid is not None and self.rope_ref_grid < 1:
@@ -90,27 +109,62 @@ class EvaConfig(ViTConfig):
             raise ValueError(f"rope_temperature must be > 0, got {self.rope_temperature}")
 
 
+def grid_positions(grid: tuple[int, int], ref_grid: int | None = None, offset: float = 0.0, xy: bool = False
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Each patch's two rotary coordinates ``[h * w]`` (row-major patches): ``(row, column)`` indices plus
+    ``offset``, scaled by ``ref_grid / h`` and ``ref_grid / w`` (EVA's ``ref_feat_shape``); ``xy``: ``(column, row)``."""
+    t = [(jnp.arange(n, dtype=jnp.float32) + offset) * (1.0 if ref_grid is None else ref_grid / n) for n in grid]
+    rows, cols = (a.reshape(-1) for a in jnp.meshgrid(*t, indexing="ij"))
+    return (cols, rows) if xy else (rows, cols)
+
+
 def rope_sin_cos(grid: tuple[int, int], head_dim: int, ref_grid: int | None = None, temperature: float = 10000.0,
-                 kind: Literal["eva", "dinov3"] = "eva", half: bool = False) -> tuple[jax.Array, jax.Array]:
+                 kind: Literal["eva", "dinov3"] = "eva", half: bool = False, xy: bool = False, offset: float = 0.0
+                 ) -> tuple[jax.Array, jax.Array]:
     """The 2-D rotary embedding of an ``h x w`` patch grid (row-major): ``(sin, cos)``, each ``[h * w, head_dim]``
     fp32, interleaved (or ``half``) layout; EVA's positions or DINOv3's (module docstring)."""
     bands = 1.0 / temperature ** (jnp.arange(head_dim // 4, dtype=jnp.float32) / (head_dim // 4))
     if kind == "dinov3":  # centred, normalised to [-1, 1] per axis; angles 2 pi * position / period
-        t = [((jnp.arange(n, dtype=jnp.float32) + 0.5) / n) * 2.0 - 1.0 for n in grid]
+        t = [((jnp.arange(n, dtype=jnp.float32) + 0.5 + offset) / n) * 2.0 - 1.0 for n in grid]
+        a, c = (x.reshape(-1) for x in jnp.meshgrid(*t, indexing="ij"))
+        a, c = (c, a) if xy else (a, c)
         bands = bands * (2.0 * math.pi)
     else:
-        t = [jnp.arange(n, dtype=jnp.float32) * (1.0 if ref_grid is None else ref_grid / n) for n in grid]
-    rows, cols = jnp.meshgrid(*t, indexing="ij")
-    angles = jnp.concatenate([rows.reshape(-1, 1) * bands, cols.reshape(-1, 1) * bands], axis=-1)
+        a, c = grid_positions(grid, ref_grid, offset, xy)
+    angles = jnp.concatenate([a[:, None] * bands, c[:, None] * bands], axis=-1)
     # interleaved [a0, a0, a1, a1, ...] or half [a0, a1, ..., a0, a1, ...]
     angles = jnp.concatenate([angles, angles], axis=-1) if half else jnp.repeat(angles, 2, axis=-1)
     return jnp.sin(angles), jnp.cos(angles)
 
 
+class MixedRope(nnx.Module):
+    """RoPE-ViT's mixed rotary embedding (Heo et al. 2024, timm's ``RotaryEmbeddingMixed``): learned
+    frequencies ``freqs [2, depth, heads, head_dim / 2]`` (x and y per block and head, initialised as axial
+    bands at a random angle per head); a patch at ``(x, y)`` turns by ``x fx + y fy``, interleaved layout."""
+
+    def __init__(self, cfg: "EvaConfig", *, rngs: nnx.Rngs):
+        d = cfg.head_dim
+        mag = 1.0 / cfg.rope_temperature ** (jnp.arange(0, d, 4, dtype=jnp.float32) / d)
+        angle = jax.random.uniform(rngs.params(), (cfg.depth, cfg.heads, 1)) * 2 * math.pi
+        fx = jnp.concatenate([mag * jnp.cos(angle), mag * jnp.cos(angle + math.pi / 2)], axis=-1)
+        fy = jnp.concatenate([mag * jnp.sin(angle), mag * jnp.sin(angle + math.pi / 2)], axis=-1)
+        self.freqs = nnx.Param(jnp.stack([fx, fy]))
+        self.xy = cfg.rope_xy
+
+    def __call__(self, grid: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+        """``(sin, cos)``, each ``[depth, heads, h * w, head_dim]`` (fp32)."""
+        x, y = grid_positions(grid, xy=self.xy)
+        f = self.freqs[...].astype(jnp.float32)
+        angles = x[:, None] * f[0][:, :, None, :] + y[:, None] * f[1][:, :, None, :]
+        angles = jnp.repeat(angles, 2, axis=-1)
+        return jnp.sin(angles), jnp.cos(angles)
+
+
 def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array], num_prefix: int, half: bool = False) -> jax.Array:
     """``x [B, prefix + N, heads, d]``: the patch tokens rotated (``x cos + rot(x) sin``, fp32), the prefix kept;
-    ``rot`` pairs neighbours (``[-x1, x0, -x3, x2, ...]``) or, with ``half``, the halves (``[-x_hi, x_lo]``)."""
-    sin, cos = (r[None, :, None, :] for r in rope)
+    ``rot`` pairs neighbours (``[-x1, x0, -x3, x2, ...]``) or, with ``half``, the halves (``[-x_hi, x_lo]``).
+    ``rope``: ``[N, d]`` tables, or ``[heads, N, d]`` (one per head: the mixed embedding)."""
+    sin, cos = (r[None, :, None, :] if r.ndim == 2 else jnp.swapaxes(r, 0, 1)[None] for r in rope)
     p = x[:, num_prefix:].astype(jnp.float32)
     if half:
         lo, hi = jnp.split(p, 2, axis=-1)
@@ -127,17 +181,20 @@ class EvaAttention(nnx.Module):
         dtype, dim = jnp.dtype(cfg.dtype), cfg.dim
         self.heads, self.head_dim, self.impl = cfg.heads, cfg.head_dim, cfg.attn_impl
         self.num_prefix, self.quantized, self.half = cfg.num_prefix_tokens, cfg.quantized, cfg.rope_half
+        k_bias = cfg.qkv_bias and cfg.attn_type == "rope"  # (EvaAttention: keys have no bias)
         if cfg.qkv_split:
             self.q_proj = _linear(dim, dim, dtype, rngs, bias=cfg.qkv_bias)
-            self.k_proj = _linear(dim, dim, dtype, rngs, bias=False)
+            self.k_proj = _linear(dim, dim, dtype, rngs, bias=k_bias)
             self.v_proj = _linear(dim, dim, dtype, rngs, bias=cfg.qkv_bias)
         else:
-            self.qkv = _linear(dim, 3 * dim, dtype, rngs, bias=False)
-            self.q_bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if cfg.qkv_bias else None
-            self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if cfg.qkv_bias else None
+            self.qkv = _linear(dim, 3 * dim, dtype, rngs, bias=k_bias)
+            eva_bias = cfg.qkv_bias and not k_bias
+            self.q_bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if eva_bias else None
+            self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if eva_bias else None
         self.qkv_split = cfg.qkv_split
         self.q_norm = _layer_norm(cfg.head_dim, dtype, rngs, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = _layer_norm(cfg.head_dim, dtype, rngs, cfg.norm_eps) if cfg.qk_norm else None
+        self.norm = _layer_norm(dim, dtype, rngs, cfg.norm_eps) if cfg.attn_norm else None  # (vit.attend applies it)
         self.proj = _linear(dim, dim, dtype, rngs)
         self.proj_drop = _dropout(cfg.dropout, rngs)
         self.attn_drop = AttentionDropout(cfg.attn_drop, rngs=rngs)
@@ -229,6 +286,7 @@ class Eva(ViT):
         super().__init__(cfg, rngs=rngs)
         if not cfg.abs_pos_embed:
             self.pos_embed = None
+        self.rope = MixedRope(cfg, rngs=rngs) if cfg.rope_kind == "mixed" else None
         for i, block in enumerate(self.blocks):  # timm's fix_init_weight
             scale = math.sqrt(2.0 * (i + 1))
             block.attn.proj.kernel[...] = block.attn.proj.kernel[...] / scale
@@ -236,9 +294,14 @@ class Eva(ViT):
         if self.head is not None:  # timm's head_init_scale
             self.head.kernel[...] = self.head.kernel[...] * 1e-3
 
-    def _block_extras(self, grid: tuple[int, int]) -> dict[str, Any]:
+    def _block_extras(self, grid: tuple[int, int]) -> list[dict[str, Any]]:
         c = self.cfg
-        return {"rope": rope_sin_cos(grid, c.head_dim, c.rope_ref_grid, c.rope_temperature, c.rope_kind, c.rope_half)}
+        if self.rope is not None:  # one [heads, N, d] table per block
+            sin, cos = self.rope(grid)
+            return [{"rope": (sin[i], cos[i])} for i in range(c.depth)]
+        rope = rope_sin_cos(grid, c.head_dim, c.rope_ref_grid, c.rope_temperature, c.rope_kind, c.rope_half,
+                            c.rope_xy, c.rope_offset)
+        return [{"rope": rope}] * c.depth
 
 
 # CPU-sized (tests, the image trainer on digits); the paper's sizes load from timm hub folders (timm_hub).

@@ -8,8 +8,10 @@ position embedding on the patches only), DINOv2 ``vit_{size}_patch14_dinov2`` an
 (layer scale, register tokens; ViT-g with its SwiGLU MLP), timm's mean-pooled ``vit_*_gap_{S}`` and register
 ``vit_*_reg{R}_gap_{S}`` (``fc_norm``), CLIP image towers ``vit_*_clip_*`` (pre-norm, quick GELU), SigLIP image
 towers ``vit_*_siglip_{S}`` (no class token, attention pooling; tanh GELU where timm has it) and
-``vit_*_siglip_gap_{S}``, for sizes tiny ... gigantic, so400m, giantopt; EVA-02 ``eva02_{size}_patch14_{S}`` and
-DINOv3 ``vit_{size}_patch16_dinov3[_qkvb]`` (:func:`eva_arch_args`, into :class:`Eva`); and ``halonet26t``, ``sehalonet33ts``.
+``vit_*_siglip_gap_{S}``, for sizes tiny ... gigantic, so400m, giantopt; EVA-02 ``eva02_{size}_patch14_{S}``,
+EVA-02 CLIP ``eva02_*_clip_{S}``, DINOv3 ``vit_{size}_patch16_dinov3[_qkvb]``, SBB ``vit_*_patch16_rope_reg*_gap_256``,
+RoPE-ViT ``vit_*_patch16_rope[_mixed][_ape]_224`` and PE core ``vit_pe_core_*`` (:func:`eva_arch_args`, into
+:class:`Eva`); and ``halonet26t``, ``sehalonet33ts``.
 ``model_args`` that timm records (depth, img_size, patch_size, embed_dim, num_heads, mlp_ratio, qkv_bias,
 class_token, global_pool, reg_tokens, no_embed_class, init_values, fc_norm, qk_norm, act_layer, in_chans,
 num_classes, ...) apply; what the models here do not have (RMSNorm, parallel blocks, ...) raises ``ValueError``.
@@ -78,7 +80,7 @@ _VIT_FIXED = {"final_norm": True, "pos_embed": "learn", "weight_init": ""}
 _MLP_LAYERS = {"Mlp": False, "SwiGLUPacked": True}  # timm's mlp_layer (by name) -> ViTConfig.glu_mlp
 _VIT_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "class_token",
              "global_pool", "reg_tokens", "no_embed_class", "init_values", "fc_norm", "dynamic_img_size", "pre_norm",
-             "norm_eps", "act_layer", "qk_norm", "mlp_layer")
+             "norm_eps", "act_layer", "qk_norm", "mlp_layer", "pool_include_prefix")
 # training-time regularisation a checkpoint may record: no effect on the weights (fine-tuning sets its own)
 _VIT_IGNORED = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
 
@@ -107,14 +109,45 @@ _DINOV3_SIZES = {"small_plus": (384, 12, 6), "huge_plus": (1280, 32, 20), "7b": 
 _DINOV3_SWIGLU = {"small_plus": {"mlp_ratio": 4.0, "swiglu_align_to": 8}, "huge_plus": {"mlp_ratio": 4.0, "swiglu_align_to": 8},
                   "7b": {"mlp_ratio": 2.0, "swiglu_align_to": 64}}
 # timm Eva arguments with the value EvaConfig implements (others: refused)
-_EVA_FIXED = {"use_rot_pos_emb": True, "rope_grid_indexing": "ij", "rope_grid_offset": 0.0, "scale_attn_inner": False,
-              "use_post_norm": False, "attn_type": "eva", "use_pre_transformer_norm": False,
-              "attn_only_layer_scale": False, "use_post_transformer_norm": None, "num_kv_heads": None,
-              "gated_attn": False, "attn_head_dim": None}
+_EVA_FIXED = {"use_rot_pos_emb": True, "use_post_norm": False, "attn_only_layer_scale": False,
+              "use_post_transformer_norm": None, "num_kv_heads": None, "gated_attn": False, "attn_head_dim": None}
 _EVA_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qkv_fused",
              "swiglu_mlp", "scale_mlp", "ref_feat_shape", "global_pool", "class_token", "use_fc_norm", "num_reg_tokens",
              "no_embed_class", "dynamic_img_size", "qk_norm", "rope_type", "rope_temperature", "rope_rotate_half",
-             "use_abs_pos_emb", "init_values", "norm_eps", "head_init_scale", "swiglu_align_to")
+             "use_abs_pos_emb", "init_values", "norm_eps", "head_init_scale", "swiglu_align_to", "attn_type",
+             "scale_attn_inner", "rope_grid_indexing", "rope_grid_offset", "use_pre_transformer_norm",
+             "attn_pool_num_heads", "attn_pool_mlp_ratio")
+# more of timm's Eva-built families: EVA-02 CLIP image towers, timm's SBB RoPE ViTs, RoPE-ViT (Heo et al. 2024:
+# axial / mixed, with or without an absolute embedding), Meta's Perception Encoder (PE core)
+_SBB_SIZES = {"medium": (512, 12, 8, True), "mediumd": (512, 20, 8, False), "betwixt": (640, 12, 10, True),
+              "base": (768, 12, 12, True)}
+_PE_SIZES = {"tiny": (192, 12, 3, 24), "small": (384, 12, 6, 24), "base": (768, 12, 12, 14), "large": (1024, 24, 16, 24),
+             "gigantic": (1536, 50, 16, 32)}
+_EVA_FAMILIES = (
+    (re.compile(r"eva02_(?P<size>base|large)_patch(?P<patch>16|14)_clip_(?P<img>224|336)"), lambda m: {
+        "img_size": int(m["img"]), "patch_size": int(m["patch"]), **dict(zip(("embed_dim", "depth", "num_heads"),
+                                                                              _EVA_SIZES[m["size"]])),
+        "qkv_fused": False, "mlp_ratio": 4 * 2 / 3, "swiglu_mlp": True, "scale_mlp": True, "scale_attn_inner": True,
+        "use_rot_pos_emb": True, "ref_feat_shape": (16, 16), "global_pool": "token"}),
+    (re.compile(r"vit_(?P<size>medium|mediumd|betwixt|base)_patch16_rope_reg(?P<reg>1|4)_gap_256"), lambda m: {
+        "img_size": 256, "patch_size": 16, **dict(zip(("embed_dim", "depth", "num_heads", "qkv_bias"),
+                                                      _SBB_SIZES[m["size"]])),
+        "qkv_fused": True, "init_values": 1e-5, "class_token": False, "num_reg_tokens": int(m["reg"]),
+        "use_rot_pos_emb": True, "use_abs_pos_emb": False, "ref_feat_shape": (16, 16)}),
+    (re.compile(r"vit_(?P<size>small|base|large)_patch16_rope(?P<mixed>_mixed)?(?P<ape>_ape)?_224"), lambda m: {
+        "patch_size": 16, **dict(zip(("embed_dim", "depth", "num_heads"), _EVA_SIZES[m["size"]])), "mlp_ratio": 4,
+        "attn_type": "rope", "qkv_bias": True, "init_values": 1e-5, "class_token": True, "global_pool": "token",
+        "use_abs_pos_emb": bool(m["ape"]), **({"no_embed_class": True} if m["ape"] else {}), "use_rot_pos_emb": True,
+        "rope_grid_indexing": "xy", "rope_temperature": 10.0 if m["mixed"] else 100.0,
+        **({"rope_type": "mixed"} if m["mixed"] else {})}),
+    (re.compile(r"vit_pe_core_(?P<size>tiny|small|base|large|gigantic)_patch(?P<patch>16|14)_(?P<img>\d+)"),
+     lambda m: (lambda dim, depth, heads, ref: {
+         "img_size": int(m["img"]), "patch_size": int(m["patch"]), "embed_dim": dim, "depth": depth, "num_heads": heads,
+         "mlp_ratio": 8960 / 1536 if m["size"] == "gigantic" else 4.0, "global_pool": "map", "attn_type": "rope",
+         "use_pre_transformer_norm": True, "use_rot_pos_emb": True, "ref_feat_shape": (ref, ref),
+         "rope_grid_indexing": "xy", "attn_pool_num_heads": 8, "attn_pool_mlp_ratio": 4.0, "norm_eps": 1e-5,
+         **({"class_token": False} if m["size"] == "gigantic" else {"rope_grid_offset": 1.0})})(*_PE_SIZES[m["size"]])),
+)
 
 
 def eva_arch_args(arch: str) -> dict[str, Any] | None:
@@ -129,6 +162,9 @@ def eva_arch_args(arch: str) -> dict[str, Any] | None:
                 "depth": depth, "num_heads": heads, "qkv_bias": bool(m["qkvb"] or m["tiny"]), "init_values": 1e-5, "rope_type": "dinov3",
                 "rope_temperature": 100, "rope_rotate_half": True, "use_rot_pos_emb": True, "use_abs_pos_emb": False,
                 "num_reg_tokens": 4, "use_fc_norm": False, "norm_eps": 1e-5}
+    for pattern, make in _EVA_FAMILIES:
+        if m := pattern.fullmatch(arch):
+            return make(m)
     if not (m := _EVA_ARCH.fullmatch(arch)):
         return None
     dim, depth, heads = _EVA_SIZES[m["size"]]
@@ -143,26 +179,41 @@ def eva_arch_args(arch: str) -> dict[str, Any] | None:
 def _eva_config(args: dict[str, Any], num_classes: int, in_chans: int, input_size: Any) -> EvaConfig:
     """An :class:`EvaConfig` from timm ``Eva`` arguments (its defaults where absent)."""
     rope = args.get("rope_type", "cat")
-    bad = {} if rope in ("cat", "dinov3") else {"rope_type": rope}
+    bad = {} if rope in ("cat", "dinov3", "mixed") else {"rope_type": rope}
     for k in ("scale_mlp", "swiglu_align_to"):
         if args.get(k) and not args.get("swiglu_mlp"):
             bad[k] = "with a plain MLP"
+    for k, allowed in (("attn_type", ("eva", "rope")), ("rope_grid_indexing", ("ij", "xy"))):
+        if args.get(k) not in (None, *allowed):
+            bad[k] = args[k]
+    if rope == "mixed" and args.get("rope_grid_offset"):
+        bad["rope_grid_offset"] = "with rope_type 'mixed'"
     args = _supported(args, _EVA_FIXED, _EVA_ARGS, "EVA-02", bad)
-    pool, class_token = _pool(args, "avg", ("avg", "token"), "EVA-02 pools by 'avg' or 'token'")
-    ref = args.get("ref_feat_shape") if rope == "cat" else None  # (timm's DINOv3 embedding ignores it)
+    pool, class_token = _pool(args, "avg", ("avg", "token", "map"), "Eva pools by 'avg', 'token' or 'map'")
+    ref = args.get("ref_feat_shape") if rope == "cat" else None  # (timm's DINOv3 / mixed embeddings ignore it)
     fc_norm, swiglu, init_values = args.get("use_fc_norm"), bool(args.get("swiglu_mlp", False)), args.get("init_values")
+    pool_ratio = args.get("attn_pool_mlp_ratio")
     return EvaConfig(image_size=_size(args.get("img_size", input_size or 224), "img_size"),
                      patch_size=int(args.get("patch_size", 16)), in_channels=in_chans, num_classes=num_classes,
                      dim=int(args.get("embed_dim", 768)), depth=int(args.get("depth", 12)),
                      heads=int(args.get("num_heads", 12)), mlp_ratio=float(args.get("mlp_ratio", 4.0)),
-                     qkv_bias=bool(args.get("qkv_bias", True)), pool="cls" if pool == "token" else "mean",
+                     qkv_bias=bool(args.get("qkv_bias", True)),
+                     pool={"token": "cls", "avg": "mean", "map": "map"}[pool],
+                     pool_heads=args.get("attn_pool_num_heads"), pool_act="gelu" if pool == "map" else None,
+                     pool_include_prefix=pool == "map",  # (timm's Eva: the attention pool sees every token)
+                     pool_mlp_ratio=None if pool_ratio is None else float(pool_ratio),
+                     pre_norm=bool(args.get("use_pre_transformer_norm", False)),
+                     attn_type=args.get("attn_type", "eva"), attn_norm=bool(args.get("scale_attn_inner", False)),
+                     rope_xy=args.get("rope_grid_indexing") == "xy",
+                     rope_offset=float(args.get("rope_grid_offset", 0.0)),
                      class_token=class_token, reg_tokens=int(args.get("num_reg_tokens", 0)),
                      no_embed_class=bool(args.get("no_embed_class", False)),
                      fc_norm=pool == "avg" if fc_norm is None else bool(fc_norm),
                      dynamic_img_size=bool(args.get("dynamic_img_size", False)), qk_norm=bool(args.get("qk_norm", False)),
                      rope_ref_grid=None if ref is None else _size(ref, "ref_feat_shape"),
                      rope_temperature=float(args.get("rope_temperature", 10000.0)),
-                     rope_kind="eva" if rope == "cat" else "dinov3", rope_half=bool(args.get("rope_rotate_half", False)),
+                     rope_kind={"cat": "eva", "dinov3": "dinov3", "mixed": "mixed"}[rope],
+                     rope_half=bool(args.get("rope_rotate_half", False)),
                      abs_pos_embed=bool(args.get("use_abs_pos_emb", True)), layer_scale=None if init_values is None
                      else float(init_values), norm_eps=float(args.get("norm_eps", 1e-6)),
                      qkv_split=not args.get("qkv_fused", True), swiglu=swiglu, mlp_act="silu" if swiglu else "gelu",
@@ -268,7 +319,7 @@ def _vit_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
                      fc_norm=pool == "avg" if fc_norm is None else bool(fc_norm),  # timm: None = on for 'avg'
                      dynamic_img_size=bool(args.get("dynamic_img_size", False)), pre_norm=bool(args.get("pre_norm", False)),
                      norm_eps=float(args.get("norm_eps", 1e-6)), mlp_act=act, qk_norm=bool(args.get("qk_norm", False)),
-                     glu_mlp=_MLP_LAYERS[mlp_layer])
+                     glu_mlp=_MLP_LAYERS[mlp_layer], pool_include_prefix=bool(args.get("pool_include_prefix", False)))
 
 
 def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
@@ -292,6 +343,9 @@ def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
     else:
         if cfg.gates != "none":
             raise ValueError("a ViT with gates has no timm counterpart")
+        if (cfg.pool_heads, cfg.pool_mlp_ratio, cfg.pool_act) != (None, None, None):
+            raise ValueError("timm's VisionTransformer pools with the blocks' heads, MLP ratio and activation "
+                             "(pool_heads, pool_mlp_ratio, pool_act: None)")
         # a name timm registers whose norm layer and MLP type are the model's (model_args give every size
         # and option; timm's mlp_layer is a class, so it comes from the architecture)
         archs = {(1e-6, False): "vit_base_patch16_224", (1e-5, False): "vit_base_patch16_clip_224",
@@ -305,7 +359,7 @@ def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
                     global_pool={"cls": "token", "mean": "avg", "map": "map"}[cfg.pool], class_token=cfg.has_class_token,
                     reg_tokens=cfg.reg_tokens, no_embed_class=cfg.no_embed_class, init_values=cfg.layer_scale or 0.0,
                     fc_norm=cfg.fc_norm, dynamic_img_size=cfg.dynamic_img_size, pre_norm=cfg.pre_norm,
-                    act_layer=cfg.mlp_act, qk_norm=cfg.qk_norm)
+                    act_layer=cfg.mlp_act, qk_norm=cfg.qk_norm, pool_include_prefix=cfg.pool_include_prefix)
     return {"architecture": arch, "num_classes": cfg.num_classes, "global_pool": args["global_pool"],
             "model_args": args, "pretrained_cfg": pre}
 
@@ -314,27 +368,33 @@ def _eva_hf_config(cfg: EvaConfig, pre: dict[str, Any]) -> dict[str, Any]:
     """timm's ``config.json`` of an :class:`EvaConfig`: every option in ``model_args``; the architecture gives
     what JSON cannot (the norm layer: eps 1e-6 EVA-02's, 1e-5 DINOv3's, which also has layer scale, and
     timm drops None arguments)."""
-    arch = {1e-6: "eva02_base_patch14_224", 1e-5: "vit_small_patch16_dinov3"}.get(cfg.norm_eps)
-    if arch is None or cfg.pre_norm or cfg.mlp_act != ("silu" if cfg.swiglu else "gelu"):
-        raise ValueError("an Eva exports to timm with LayerNorm eps 1e-6 or 1e-5, no pre_norm, and timm's Eva MLP "
-                         "activations (SiLU in a SwiGLU, else GELU)")
-    if arch == "vit_small_patch16_dinov3" and cfg.layer_scale is None:
-        raise ValueError("an Eva with LayerNorm eps 1e-5 exports as timm's DINOv3, which has layer scale: "
-                         "set layer_scale")
+    # (eps 1e-5 without layer scale: PE core's norm layer, whose other defaults every model_arg overrides)
+    arch = {1e-6: "eva02_base_patch14_224", 1e-5: "vit_small_patch16_dinov3" if cfg.layer_scale is not None
+            else "vit_pe_core_base_patch16_224"}.get(cfg.norm_eps)
+    if arch is None or cfg.mlp_act != ("silu" if cfg.swiglu else "gelu") or (
+            cfg.pool == "map" and (cfg.pool_act or cfg.mlp_act) != "gelu") or cfg.pool_include_prefix != (cfg.pool == "map"):
+        raise ValueError("an Eva exports to timm with LayerNorm eps 1e-6 or 1e-5, timm's Eva MLP activations "
+                         "(SiLU in a SwiGLU, else GELU; GELU in the attention pool) and its pooling (the attention "
+                         "pool over every token, the mean over the patches: pool_include_prefix = pool == 'map')")
     if cfg.rope_kind == "eva" and cfg.rope_ref_grid is None and cfg.dynamic_img_size:
         raise ValueError("rope_ref_grid=None with dynamic_img_size has no timm counterpart (timm's None is "
                          "dropped by create_model; set rope_ref_grid)")
     ref = cfg.rope_ref_grid or cfg.grid  # (positions scaled to the grid itself: the patch indices)
-    pool = "token" if cfg.pool == "cls" else "avg"
+    pool = {"cls": "token", "mean": "avg", "map": "map"}[cfg.pool]
     args = {"num_classes": cfg.num_classes, "in_chans": cfg.in_channels, "img_size": cfg.image_size,
             "patch_size": cfg.patch_size, "embed_dim": cfg.dim, "depth": cfg.depth, "num_heads": cfg.heads,
             "mlp_ratio": cfg.mlp_ratio, "qkv_bias": cfg.qkv_bias, "qkv_fused": not cfg.qkv_split,
             "scale_mlp": cfg.mlp_norm, "ref_feat_shape": [ref, ref], "global_pool": pool,
             "class_token": cfg.has_class_token, "use_fc_norm": cfg.fc_norm, "num_reg_tokens": cfg.reg_tokens,
             "no_embed_class": cfg.no_embed_class, "dynamic_img_size": cfg.dynamic_img_size, "qk_norm": cfg.qk_norm,
-            "rope_temperature": cfg.rope_temperature, "rope_type": "cat" if cfg.rope_kind == "eva" else "dinov3",
+            "rope_temperature": cfg.rope_temperature,
+            "rope_type": {"eva": "cat", "dinov3": "dinov3", "mixed": "mixed"}[cfg.rope_kind],
             "rope_rotate_half": cfg.rope_half, "use_abs_pos_emb": cfg.abs_pos_embed, "swiglu_mlp": cfg.swiglu,
-            "swiglu_align_to": cfg.swiglu_align, "init_values": cfg.layer_scale}
+            "swiglu_align_to": cfg.swiglu_align, "init_values": cfg.layer_scale, "attn_type": cfg.attn_type,
+            "scale_attn_inner": cfg.attn_norm, "rope_grid_indexing": "xy" if cfg.rope_xy else "ij",
+            "rope_grid_offset": cfg.rope_offset, "use_pre_transformer_norm": cfg.pre_norm,
+            "attn_pool_num_heads": cfg.pool_heads or cfg.heads,
+            "attn_pool_mlp_ratio": cfg.mlp_ratio if cfg.pool_mlp_ratio is None else cfg.pool_mlp_ratio}
     if cfg.layer_scale is None:
         del args["init_values"]  # (eva02's default: none)
     return {"architecture": arch, "num_classes": cfg.num_classes, "global_pool": pool,

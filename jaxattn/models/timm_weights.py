@@ -21,7 +21,7 @@ _LEAF_TO_TIMM = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": 
                  "var": "running_var", "height_rel": "height_rel", "width_rel": "width_rel",
                  "cls_token": "cls_token", "reg_token": "reg_token", "pos_embed": "pos_embed", "gamma": "gamma",
                  "latent": "latent", "q_bias": "q_bias", "v_bias": "v_bias",
-                 "gamma_1": "gamma_1", "gamma_2": "gamma_2"}
+                 "gamma_1": "gamma_1", "gamma_2": "gamma_2", "freqs": "freqs"}
 
 
 def timm_variables(model: nnx.Module) -> list[tuple[str, nnx.Variable, str]]:

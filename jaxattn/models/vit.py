@@ -106,6 +106,12 @@ class ViTConfig:
     mlp_act: Literal["gelu", "quick_gelu", "gelu_tanh", "silu"] = "gelu"  # exact GELU, CLIP's, SigLIP's, SwiGLU's
     qk_norm: bool = False  # LayerNorm of each head's queries and keys before the attention (timm's qk_norm)
     glu_mlp: bool = False  # gated MLP: fc1 -> [a, b] halves -> act(a) * b -> fc2 (silu: DINOv2-giant's SwiGLU)
+    # attention pooling (pool="map"): its heads, MLP ratio and activation (None: the blocks'; timm Eva's
+    # attn_pool_num_heads / attn_pool_mlp_ratio, whose pool MLP is always exact GELU)
+    pool_heads: int | None = None
+    pool_mlp_ratio: float | None = None
+    pool_act: str | None = None
+    pool_include_prefix: bool = False  # "mean" / "map" pooling over the prefix tokens too (timm's; Eva's map pool)
 
     def __post_init__(self):
         if self.gates not in ("none", "features", "tokens"):
@@ -131,8 +137,13 @@ class ViTConfig:
             raise ValueError(f"reg_tokens must be >= 0, got {self.reg_tokens}")
         if self.dynamic_img_size and self.gates == "tokens":
             raise ValueError("dynamic_img_size needs a fixed token count; gates='tokens' gates each position")
-        if self.mlp_act not in ACTIVATIONS:
-            raise ValueError(f"mlp_act must be one of {sorted(ACTIVATIONS)}, got {self.mlp_act!r}")
+        if self.mlp_act not in ACTIVATIONS or self.pool_act not in (None, *ACTIVATIONS):
+            raise ValueError(f"mlp_act and pool_act must be one of {sorted(ACTIVATIONS)}, got {self.mlp_act!r}, "
+                             f"{self.pool_act!r}")
+        if self.pool_heads is not None and (self.pool_heads < 1 or self.dim % self.pool_heads):
+            raise ValueError(f"pool_heads must divide dim {self.dim}, got {self.pool_heads}")
+        if self.pool_mlp_ratio is not None and not self.pool_mlp_ratio > 0:
+            raise ValueError(f"pool_mlp_ratio must be > 0, got {self.pool_mlp_ratio}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         if self.layer_scale is not None and not self.layer_scale > 0:
@@ -306,7 +317,10 @@ def attend(layer: nnx.Module, q: jax.Array, k: jax.Array, v: jax.Array, return_a
         o = attention_qkvpacked(packed, impl=layer.impl, **layer.attn_drop())
     else:
         o = attention(q, k, v, impl=layer.impl, **layer.attn_drop())
-    out = _apply(layer.proj_drop, layer.proj(o.reshape(b, n, -1)))
+    o = o.reshape(b, n, -1)
+    if getattr(layer, "norm", None) is not None:  # (EVA-02 CLIP: a LayerNorm on the heads' output)
+        o = layer.norm(o)
+    out = _apply(layer.proj_drop, layer.proj(o))
     if not return_attention:
         return out
     logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
@@ -382,13 +396,14 @@ class AttentionPool(nnx.Module):
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         dtype, dim = jnp.dtype(cfg.dtype), cfg.dim
-        self.heads, self.impl = cfg.heads, cfg.attn_impl
+        self.heads, self.impl = cfg.pool_heads or cfg.heads, cfg.attn_impl
         self.latent = nnx.Param(nnx.initializers.truncated_normal(dim ** -0.5)(rngs.params(), (1, 1, dim)))
         self.q = _linear(dim, dim, dtype, rngs)  # (timm: biased whatever the blocks' qkv_bias)
         self.kv = _linear(dim, 2 * dim, dtype, rngs)
         self.proj = _linear(dim, dim, dtype, rngs)
         self.norm = _layer_norm(dim, dtype, rngs, cfg.norm_eps)
-        self.mlp = MLP(dim, cfg.mlp_dim, dtype=dtype, act=cfg.mlp_act, rngs=rngs)
+        hidden = cfg.mlp_dim if cfg.pool_mlp_ratio is None else int(dim * cfg.pool_mlp_ratio)
+        self.mlp = MLP(dim, hidden, dtype=dtype, act=cfg.pool_act or cfg.mlp_act, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, dim = x.shape
@@ -483,9 +498,9 @@ class ViT(nnx.Module):
 
     block_class = Block  # (a subclass's blocks: jaxattn.models.eva)
 
-    def _block_extras(self, grid: tuple[int, int]) -> dict[str, Any]:
-        """Keyword arguments every block gets for a patch grid (none here; rotary embeddings in :class:`Eva`)."""
-        return {}
+    def _block_extras(self, grid: tuple[int, int]) -> list[dict[str, Any]]:
+        """Keyword arguments of each block for a patch grid (none here; rotary embeddings in :class:`Eva`)."""
+        return [{}] * len(self.blocks)
 
     def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs) -> None:
         """Replaces the head by a fresh one with ``num_classes`` outputs (0: none)."""
@@ -537,13 +552,13 @@ class ViT(nnx.Module):
     def _tokens(self, images: jax.Array, return_attention: bool) -> tuple[jax.Array, list[jax.Array]]:
         x = self._embed(images)
         weights, extras = [], self._block_extras(self._grid(images))
-        run = remat_blocks(self.cfg.remat, lambda block, x: block(x, **extras))
-        for block in self.blocks:
+        run = remat_blocks(self.cfg.remat, lambda block, x, kw: block(x, **kw))
+        for block, kw in zip(self.blocks, extras):
             if return_attention:
-                x, w = block(x, return_attention=True, **extras)
+                x, w = block(x, return_attention=True, **kw)
                 weights.append(w)
             else:
-                x = run(block, x)
+                x = run(block, x, kw)
         return _apply(self.norm, x), weights
 
     def intermediates(self, images: jax.Array, indices: int | Sequence[int] | None = None, *, norm: bool = False,
@@ -573,7 +588,7 @@ class ViT(nnx.Module):
         for i, block in enumerate(self.blocks):
             if i > take[-1]:
                 break
-            x = block(x, **extras)
+            x = block(x, **extras[i])
             if i in take:
                 y = _apply(self.norm, x) if norm else x
                 patches = y[:, prefix:]
@@ -588,14 +603,16 @@ class ViT(nnx.Module):
 
     def pool(self, tokens: jax.Array) -> jax.Array:
         """``[B, prefix + N, dim] -> [B, dim]``: the class token, the mean over the patch tokens, or their
-        attention pooling (``pool="map"``); then ``fc_norm`` when configured."""
+        attention pooling (``pool="map"``; both over the prefix tokens too with ``pool_include_prefix``); then
+        ``fc_norm`` when configured."""
         if self.cfg.pool == "cls":
             pooled = tokens[:, 0]
-        elif self.cfg.pool == "map":
-            pooled = self.attn_pool(tokens[:, self.cfg.num_prefix_tokens:])
         else:
-            patches = tokens[:, self.cfg.num_prefix_tokens:]
-            pooled = jnp.mean(patches.astype(jnp.float32), axis=1).astype(tokens.dtype)
+            pooled = tokens if self.cfg.pool_include_prefix else tokens[:, self.cfg.num_prefix_tokens:]
+            if self.cfg.pool == "map":
+                pooled = self.attn_pool(pooled)
+            else:
+                pooled = jnp.mean(pooled.astype(jnp.float32), axis=1).astype(tokens.dtype)
         return _apply(self.fc_norm, pooled)
 
     def pool_features(self, images: jax.Array) -> jax.Array:
