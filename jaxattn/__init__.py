@@ -10,6 +10,7 @@
 from jaxattn.ops.attention import attention, attention_qkvpacked, varlen_attention
 from jaxattn.ops.block_sparse import BlockMask, block_sparse_attention, power_attention
 from jaxattn.ops.decode import append_kv, decode_attention, quantize_kv
+from jaxattn.ops.dot_product_attention import dot_product_attention
 from jaxattn.ops.paged_decode import append_paged_kv, paged_decode_attention
 from jaxattn.ops.halo import halo_attention, halo_attention_kv
 from jaxattn.ops.landmark import landmark_attention, landmark_retrieval_attention
@@ -23,7 +24,7 @@ from jaxattn.reference.attention import attention_reference
 __version__ = "0.1.0"
 __all__ = [
     "BlockMask", "block_sparse_attention", "power_attention",
-    "append_kv", "attention", "attention_qkvpacked", "attention_reference", "decode_attention", "landmark_attention", "landmark_retrieval_attention", "halo_attention", "halo_attention_kv", "lightning_attention", "lightning_attention_sp", "ring_attention", "ring_attention_sp", "lightning_attention_step", "sage_attention",
+    "append_kv", "attention", "attention_qkvpacked", "attention_reference", "decode_attention", "dot_product_attention", "landmark_attention", "landmark_retrieval_attention", "halo_attention", "halo_attention_kv", "lightning_attention", "lightning_attention_sp", "ring_attention", "ring_attention_sp", "lightning_attention_step", "sage_attention",
     "linear_global_attention", "append_paged_kv", "paged_decode_attention", "quantize_kv", "varlen_attention",
     "__version__",
 ]

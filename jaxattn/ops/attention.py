@@ -43,7 +43,9 @@ def attention(
       k: ``[batch, kv_len, kv_heads, head_dim]``; ``kv_heads`` divides ``heads`` (GQA/MQA).
       v: ``[batch, kv_len, kv_heads, v_head_dim]``.
       causal: key j is visible to query i iff ``j <= i + kv_len - q_len``
-        (aligned to the bottom-right, as ``jax.nn.dot_product_attention``).
+        (aligned to the bottom-right, as FlashAttention >= 2.1; ``jax.nn.dot_product_attention``'s
+        ``is_causal`` is top-left, the same when ``q_len == kv_len``: :func:`jaxattn.dot_product_attention`
+        keeps JAX's).
       segment_ids: int ``[batch, seq]`` when ``q_len == kv_len``, or a pair
         ``(q_segment_ids [batch, q_len], kv_segment_ids [batch, kv_len])``;
         queries see only keys of the same segment (packed sequences).
