@@ -205,9 +205,41 @@ GEMMA3 = {**GEMMA, "model_type": "gemma3_text", "num_hidden_layers": 3, "num_key
           "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 8, "sliding_window": 4,
           "sliding_window_pattern": 3, "rope_theta": 50.0, "rope_local_base_freq": 7.0,
           "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "max_position_embeddings": 64}
-CONFIGS = [LLAMA, QWEN2, MISTRAL, QWEN3, LLAMA31, YARN, LINEAR, GEMMA, GEMMA2, GEMMA3]
+# Phi-3: LLaMA blocks with fused qkv_proj / gate_up_proj weights and a sliding window on every layer
+PHI3 = {**LLAMA, "model_type": "phi3", "sliding_window": 6, "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+        "pad_token_id": 0}
+CONFIGS = [LLAMA, QWEN2, MISTRAL, QWEN3, LLAMA31, YARN, LINEAR, GEMMA, GEMMA2, GEMMA3, PHI3]
 CONFIG_IDS = ["llama-gqa-untied", "qwen2-bias-tied", "mistral-window", "qwen3-qknorm-headdim", "llama3.1-rope",
-              "qwen2-yarn", "llama-linear-rope", "gemma-mqa", "gemma2-softcap-window", "gemma3-qknorm-local-rope"]
+              "qwen2-yarn", "llama-linear-rope", "gemma-mqa", "gemma2-softcap-window", "gemma3-qknorm-local-rope",
+              "phi3-fused-window"]
+
+
+def fused_phi3(sd):
+    """A LLaMA-layout state_dict in Phi-3's fused layout (qkv_proj: q, k, v rows; gate_up_proj: gate, up)."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith("self_attn.q_proj.weight"):
+            pre = key[: -len("q_proj.weight")]
+            out[pre + "qkv_proj.weight"] = np.concatenate([value, sd[pre + "k_proj.weight"], sd[pre + "v_proj.weight"]])
+        elif key.endswith("mlp.gate_proj.weight"):
+            pre = key[: -len("gate_proj.weight")]
+            out[pre + "gate_up_proj.weight"] = np.concatenate([value, sd[pre + "up_proj.weight"]])
+        elif not key.endswith(("k_proj.weight", "v_proj.weight", "up_proj.weight")):
+            out[key] = value
+    return out
+
+
+def test_phi3_folder_with_fused_weights(tmp_path):
+    """A Phi-3 folder (fused qkv_proj / gate_up_proj) loads to the reference logits with its sliding window;
+    LongRoPE is refused."""
+    sd = random_hf_state_dict(PHI3, seed=6)
+    (tmp_path / "config.json").write_text(json.dumps(PHI3))
+    write_safetensors(tmp_path / "model.safetensors", fused_phi3(sd))
+    model = load_pretrained(tmp_path, attn_impl="xla")
+    assert model.cfg.layer_types == ("window",) and model.cfg.window == 6
+    assert_close(model(jnp.asarray(TOKENS)), reference_logits(sd, PHI3, TOKENS), F32, "phi3 logits", tol=LOGITS_TOL)
+    with pytest.raises(ValueError, match="LongRoPE"):
+        config_from_hf({**PHI3, "rope_scaling": {"type": "su", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4}})
 
 
 def test_rope_scaling_reference_covers_every_regime():
@@ -332,7 +364,7 @@ def test_bad_configs():
 def test_matches_transformers(tmp_path, raw):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    kind = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma",
+    kind = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "gemma": "Gemma",
             "gemma2": "Gemma2", "gemma3_text": "Gemma3"}[raw["model_type"]]
     config_cls = getattr(transformers, kind + ("TextConfig" if kind == "Gemma3" else "Config"))
     model_cls = getattr(transformers, kind + "ForCausalLM")
@@ -356,7 +388,7 @@ def test_export_keeps_qk_norm_head_dim_and_rope_scaling(tmp_path, raw):
     load_hf_state_dict(model, sd)
     save_pretrained(model, tmp_path)
     assert config_from_hf(hf_config(model.cfg), attn_impl="xla") == model.cfg
-    assert hf_model_type(tmp_path) == raw["model_type"]
+    assert hf_model_type(tmp_path) == {"phi3": "mistral"}.get(raw["model_type"], raw["model_type"])
     again = load_pretrained(tmp_path, attn_impl="xla")
     want = np.asarray(model(jnp.asarray(TOKENS)))
     np.testing.assert_array_equal(np.asarray(again(jnp.asarray(TOKENS))), want)

@@ -1,5 +1,6 @@
 """LLaMA-family and Gemma checkpoints in the Hugging Face layout (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``GemmaForCausalLM``, ``Gemma2ForCausalLM``,
+``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Phi3ForCausalLM`` (fused weights split by
+:func:`prepare_state_dict`), ``GemmaForCausalLM``, ``Gemma2ForCausalLM``,
 ``Gemma3ForCausalLM``) <-> :class:`GPT`, whose blocks are the same architecture: pre-RMSNorm, RoPE
 (rotated halves; Llama 3.1's ``llama3``, ``linear`` and YaRN ``rope_scaling`` too), GQA, a gated MLP,
 no biases except Qwen2's q/k/v, Qwen3's per-head q/k RMSNorm, a ``head_dim`` apart from
@@ -54,11 +55,11 @@ from flax import nnx
 from jaxattn.models import hf
 from jaxattn.models.gpt import GPT, GPTConfig
 
-__all__ = ["config_from_hf", "entries", "hf_config", "load_hf_state_dict", "to_hf_state_dict"]
+__all__ = ["config_from_hf", "entries", "hf_config", "load_hf_state_dict", "prepare_state_dict", "to_hf_state_dict"]
 
 _ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-         "mistral": "MistralForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-         "gemma3_text": "Gemma3ForCausalLM"}
+         "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
+         "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 # what transformers' Gemma2Config assumes when config.json leaves these out
 _GEMMA2_DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256}
@@ -117,6 +118,9 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         if _scaling(local, raw, bad):
             raise bad("rope_parameters", "plain RoPE on the sliding layers")
         local_theta = float(local.get("rope_theta", raw.get("rope_local_base_freq", 10000.0)))
+    if kind == "phi3" and glob.get("rope_type", glob.get("type")) in ("su", "yarn", "longrope"):
+        raise bad("rope_scaling" if raw.get("rope_scaling") else "rope_parameters",
+                  "no LongRoPE (Phi-3's 'su' / 'yarn' / 'longrope' rescale with the sequence length)")
     if float(glob.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))) != 1.0:
         raise bad("partial_rotary_factor", "1.0")
     if raw.get("mlp_bias", False):
@@ -140,8 +144,8 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         if raw.get("use_sliding_window", False) or set(raw.get("layer_types") or ()) - {"full_attention"}:
             raise bad("use_sliding_window", "false (every layer full_attention)")
         layer_types = ("full",)
-    else:  # Mistral: every layer sees its last `sliding_window` keys (itself included)
-        layer_types = ("window",) if kind == "mistral" and window else ("full",)
+    else:  # Mistral, Phi-3: every layer sees its last `sliding_window` keys (itself included)
+        layer_types = ("window",) if kind in ("mistral", "phi3") and window else ("full",)
     scalar = raw.get("query_pre_attn_scalar") if kind in ("gemma2", "gemma3_text") else None
     fields = dict(
         vocab_size=int(raw["vocab_size"]), dim=dim, layers=layers, heads=heads,
@@ -161,6 +165,29 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     return hf.with_overrides(GPTConfig(**fields), overrides)
 
 
+def prepare_state_dict(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A ``state_dict`` in the LLaMA key layout: Phi-3's fused ``self_attn.qkv_proj`` (q, then k, then v rows)
+    and ``mlp.gate_up_proj`` (gate, then up) split into LLaMA's projections (numpy views, no copies); other
+    families' as they are."""
+    if raw.get("model_type") != "phi3":
+        return state_dict
+    h, d = int(raw["num_attention_heads"]), int(raw["hidden_size"])
+    hd = int(raw.get("head_dim") or d // h)
+    kv = int(raw.get("num_key_value_heads") or h)
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("self_attn.qkv_proj.weight"):
+            pre = key[: -len("qkv_proj.weight")]
+            out.update({pre + "q_proj.weight": value[: h * hd], pre + "k_proj.weight": value[h * hd:(h + kv) * hd],
+                        pre + "v_proj.weight": value[(h + kv) * hd:]})
+        elif key.endswith("mlp.gate_up_proj.weight"):
+            pre, half = key[: -len("gate_up_proj.weight")], value.shape[0] // 2
+            out.update({pre + "gate_proj.weight": value[:half], pre + "up_proj.weight": value[half:]})
+        else:
+            out[key] = value
+    return out
+
+
 def _family(cfg: GPTConfig) -> str:
     """The Hugging Face model_type that holds ``cfg``, or a ValueError naming what none does."""
     if cfg.position != "rope":
@@ -175,6 +202,8 @@ def _family(cfg: GPTConfig) -> str:
         if cfg.qk_norm and cfg.qkv_bias:
             raise ValueError("no Hugging Face layout has q/k norms and q/k/v biases alone (Qwen3's attention_bias "
                              "biases o_proj too)")
+        if cfg.layer_types == ("window",) and not (cfg.qk_norm or cfg.qkv_bias):
+            return "mistral"  # (every layer windowed: Mistral's sliding_window; Phi-3's export this way too)
         return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
     if cfg.qkv_bias or not cfg.tie_embeddings or set(cfg.layer_types) - {"full", "window"}:
         raise ValueError("a Gemma layout has no q/k/v biases, a tied head, and only 'full' / 'window' layers")
@@ -188,7 +217,8 @@ def _family(cfg: GPTConfig) -> str:
 
 
 def hf_config(cfg: GPTConfig) -> dict[str, Any]:
-    """A ``config.json`` for ``cfg``: ``llama``, ``qwen2`` (q/k/v biases), ``qwen3`` (q/k norms), or with
+    """A ``config.json`` for ``cfg``: ``llama``, ``mistral`` (every layer a sliding window), ``qwen2`` (q/k/v
+    biases), ``qwen3`` (q/k norms), or with
     Gemma's blocks ``gemma``, ``gemma2`` (post-norms) or ``gemma3_text`` (post-norms and q/k norms)."""
     kind = _family(cfg)
     scaling = dict(cfg.rope_scaling)
@@ -201,6 +231,8 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
            "rope_theta": cfg.rope_theta, **old_style,  # (transformers < 5)
            "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
            "max_position_embeddings": 4096 * int(max(1, scaling.get("factor", 1)))}
+    if kind == "mistral":
+        out["sliding_window"] = cfg.window
     if kind in GEMMA:
         out.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", attention_bias=False)
     if kind in ("gemma2", "gemma3_text"):

@@ -2,7 +2,7 @@
 
 A folder holds ``config.json`` and weights (``model.safetensors``, ``pytorch_model.bin``, or their shards).
 ``model_type`` picks the converter: ``"transnormer"`` -> :class:`~jaxattn.models.TNL`
-(:mod:`jaxattn.models.tnl_hf`); ``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``, ``"gemma"``, ``"gemma2"``, ``"gemma3_text"`` -> :class:`~jaxattn.models.GPT`
+(:mod:`jaxattn.models.tnl_hf`); ``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``, ``"phi3"``, ``"gemma"``, ``"gemma2"``, ``"gemma3_text"`` -> :class:`~jaxattn.models.GPT`
 (:mod:`jaxattn.models.gpt_hf`); timm's hub folders (``architecture`` instead of ``model_type``) ->
 :class:`~jaxattn.models.ViT` / :class:`~jaxattn.models.HaloNet` (:mod:`jaxattn.models.timm_hub`).
 ``load_pretrained(folder, **overrides)`` builds the model (without a random initialisation to overwrite)
@@ -147,7 +147,7 @@ def _converter(model_type: str):
         from jaxattn.models import tnl_hf
 
         return tnl_hf
-    if model_type in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text"):
+    if model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3_text"):
         from jaxattn.models import gpt_hf
 
         return gpt_hf
@@ -156,7 +156,7 @@ def _converter(model_type: str):
 
         return timm_hub
     raise ValueError(f"config.json: model_type {model_type!r} is not one jaxattn converts "
-                     "(transnormer, llama, qwen2, qwen3, mistral, gemma, gemma2, gemma3_text, or a timm folder)")
+                     "(transnormer, llama, qwen2, qwen3, mistral, phi3, gemma, gemma2, gemma3_text, or a timm folder)")
 
 
 def raw_config(folder: str | Path) -> dict:
@@ -205,7 +205,10 @@ def load_pretrained(folder: str | Path, *, strict: bool = True, param_dtype: Any
     raw = raw_config(folder)
     conv = _converter(raw.get("model_type"))
     cfg = conv.config_from_hf(raw, **overrides)
-    return conv.load(cfg, read_state_dict(folder), strict=strict, where=str(folder), param_dtype=param_dtype)
+    state = read_state_dict(folder)
+    if hasattr(conv, "prepare_state_dict"):  # (a family's own key layout onto the converter's: Phi-3's fused ones)
+        state = conv.prepare_state_dict(raw, state)
+    return conv.load(cfg, state, strict=strict, where=str(folder), param_dtype=param_dtype)
 
 
 def save_pretrained(model: nnx.Module, folder: str | Path) -> None:
