@@ -1,15 +1,38 @@
 """``python -m jaxattn.export RUN_DIR OUT_DIR``: a training run's latest checkpoint as a Hugging Face /
 timm folder (``config.json`` + ``model.safetensors``) that the original code loads: language-model runs of
-TNL (TransNormerLLM's reference layout) and GPT (LLaMA / Qwen2 layout), image runs of ViT and HaloNet (timm
-hub layout, with the run's normalisation as the folder's mean and std). See docs/pretrained.md."""
+TNL (TransNormerLLM's reference layout) and GPT (LLaMA / Mistral / Qwen / Gemma layouts; a run fine-tuned
+from a Hugging Face folder also gets that folder's tokenizer files and token ids), image runs of ViT, Eva
+and HaloNet (timm hub layout, with the run's normalisation as the folder's mean and std). See
+docs/pretrained.md."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+
+# what a Hugging Face folder keeps beside its weights for its tokenizer and generation defaults
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def copy_tokenizer(source: Path, out_dir: Path) -> list[str]:
+    """Copies ``source``'s tokenizer files into ``out_dir`` and its token ids into ``out_dir/config.json``;
+    returns the names copied."""
+    copied = [n for n in TOKENIZER_FILES if (source / n).is_file()]
+    for name in copied:
+        shutil.copy2(source / name, out_dir / name)
+    src = json.loads((source / "config.json").read_text())
+    ids = {k: src[k] for k in TOKEN_IDS if src.get(k) is not None}
+    if ids:
+        raw = json.loads((out_dir / "config.json").read_text())
+        (out_dir / "config.json").write_text(json.dumps({**raw, **ids}, indent=2) + "\n")
+    return copied
 
 
 def export(run_dir: str | Path, out_dir: str | Path, *, ema: bool = False) -> str:
@@ -26,7 +49,13 @@ def export(run_dir: str | Path, out_dir: str | Path, *, ema: bool = False) -> st
 
         model, cfg, step, _ = load_trained(run_dir, ema=ema)
         hf.save_pretrained(model, out_dir)
-        return f"{cfg.model} step {step}{' (EMA weights)' if ema else ''} -> {out_dir}"
+        note = ""
+        if hf.hf_model_type(cfg.model) is not None:  # fine-tuned from a folder: its tokenizer comes along
+            copied = copy_tokenizer(Path(cfg.model), out_dir)
+            note = f" (with {', '.join(copied)} from {cfg.model})" if copied else ""
+        elif any(c in str(cfg.model) for c in "/\\"):
+            note = f" (the source folder {cfg.model} is gone: no tokenizer files copied)"
+        return f"{cfg.model} step {step}{' (EMA weights)' if ema else ''} -> {out_dir}{note}"
     from jaxattn.train.image import load_trained as load_image_run
 
     model, icfg, data, step = load_image_run(run_dir, ema=ema)

@@ -238,6 +238,10 @@ def test_fine_tune_a_reference_folder(tmp_path, capsys):
     cfg = TNLConfig(vocab_size=61, dim=24, layers=2, heads=3, glu_dim=40, tie_embeddings=True, attn_impl="xla")
     folder = tmp_path / "TransNormerLLM-mini"
     save_pretrained(TNL(cfg, rngs=nnx.Rngs(7)), folder)
+    raw = json.loads((folder / "config.json").read_text())  # a tokenizer's files and ids beside the weights
+    (folder / "config.json").write_text(json.dumps({**raw, "bos_token_id": 1, "eos_token_id": [2, 5]}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
     (np.arange(3000) % 61).astype(np.uint16).tofile(tmp_path / "t.bin")
     out = tmp_path / "run"
     common = ["--steps", "2", "--seq-len", "16", "--batch-size", "2", "--eval-every", "0", "--no-progress"]
@@ -249,7 +253,12 @@ def test_fine_tune_a_reference_folder(tmp_path, capsys):
     assert_same_state_dict(to_hf_state_dict(model), want)
     from jaxattn.export import main as export_main  # the run back as a reference folder
 
+    capsys.readouterr()
     assert export_main([str(out), str(tmp_path / "exported")]) == 0
+    assert "with tokenizer_config.json, generation_config.json from" in capsys.readouterr().out
+    exported = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (1, [2, 5])
+    assert (tmp_path / "exported" / "generation_config.json").read_text() == '{"eos_token_id": [2, 5]}'
     toks = jnp.asarray([[1, 2, 3, 4, 5]])
     np.testing.assert_array_equal(np.asarray(load_pretrained(tmp_path / "exported", attn_impl="xla")(toks)),
                                   np.asarray(model(toks)))
