@@ -76,6 +76,20 @@ def _ids(text: str, vocab: int) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
+def folder_eos_ids(folder: Path, vocab: int) -> list[int]:
+    """A Hugging Face folder's end-of-sequence ids, as transformers' ``generate`` takes them:
+    ``generation_config.json``'s, else ``config.json``'s (or its ``text_config``'s); a list may hold several
+    (chat models end a turn with one of them)."""
+    eos = None
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+    if eos is None:
+        raw = json.loads((folder / "config.json").read_text())
+        eos = raw.get("eos_token_id", (raw.get("text_config") or {}).get("eos_token_id"))
+    return [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int) and 0 <= e < vocab]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from jaxattn.models import generate
 
@@ -124,9 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error("--prompt must not be empty")
         prompt = np.frombuffer(text.encode(), np.uint8).astype(np.int32)
     eos = a.eos_id
-    if eos is None and folder:  # a config may list several (chat models: end of text, end of turn)
-        eos = json.loads((Path(a.checkpoint) / "config.json").read_text()).get("eos_token_id")
-        eos = [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int) and 0 <= e < vocab] or None
+    if eos is None and folder:
+        eos = folder_eos_ids(Path(a.checkpoint), vocab) or None
     try:
         toks = generate(model, jnp.asarray(prompt)[None], a.max_new_tokens, temperature=a.temperature,
                         top_k=a.top_k or None, top_p=a.top_p, eos_id=eos, key=jax.random.PRNGKey(a.seed))

@@ -403,6 +403,48 @@ def test_export_keeps_qk_norm_head_dim_and_rope_scaling(tmp_path, raw):
     assert_close(got, want, F32, "transformers on our export", tol={jnp.dtype(F32): (1e-4, 1e-4)})
 
 
+def test_multimodal_gemma3_folder_loads_its_language_model(tmp_path):
+    """A multimodal Gemma 3 folder (model_type gemma3: text_config, language_model.model.* keys beside the
+    vision tower's) loads its language model to the reference logits; its eos ids come from
+    generation_config.json; with transformers installed, Gemma3ForConditionalGeneration's own text logits
+    match."""
+    from jaxattn.generate import folder_eos_ids
+
+    text = {k: v for k, v in GEMMA3.items() if k != "model_type"}
+    raw = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": text,
+           "vision_config": {"hidden_size": 16}, "tie_word_embeddings": True}
+    sd = random_hf_state_dict(GEMMA3, seed=8)
+    stored = {"language_model." + k: v for k, v in sd.items()}
+    stored["vision_tower.vision_model.embeddings.patch_embedding.weight"] = np.zeros((16, 3, 14, 14), np.float32)
+    stored["multi_modal_projector.mm_input_projection_weight"] = np.zeros((16, 32), np.float32)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 60]}))
+    write_safetensors(tmp_path / "model.safetensors", stored)
+    assert hf_model_type(tmp_path) == "gemma3" and read_config(tmp_path).qk_norm
+    model = load_pretrained(tmp_path, attn_impl="xla")
+    assert_close(model(jnp.asarray(TOKENS)), reference_logits(sd, GEMMA3, TOKENS), F32, "gemma3 text logits",
+                 tol=LOGITS_TOL)
+    assert folder_eos_ids(tmp_path, 67) == [1, 60]
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14}
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=66, boi_token_index=64, eoi_token_index=65)
+    torch.manual_seed(0)
+    ref = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.3)
+    ref.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    with torch.no_grad():
+        want = ref(input_ids=torch.as_tensor(TOKENS)).logits.numpy()
+    got = np.asarray(load_pretrained(tmp_path / "hf", attn_impl="xla")(jnp.asarray(TOKENS)))
+    assert_close(got, want, F32, "logits vs transformers' Gemma 3", tol={jnp.dtype(F32): (1e-4, 1e-4)})
+
+
 def test_tokenizer_json_adds_what_its_post_processor_says(tmp_path):
     """A tokenizer.json's post-processor adds the BOS (Llama 3, Gemma), as transformers' tokenizer does, with
     or without add_bos_token in tokenizer_config.json; add_bos_token prepends one where the file has no

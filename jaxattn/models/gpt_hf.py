@@ -63,6 +63,13 @@ _ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwe
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 # what transformers' Gemma2Config assumes when config.json leaves these out
 _GEMMA2_DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256}
+# transformers' Gemma3TextConfig defaults (the multimodal folders' text_config often leaves them out)
+_GEMMA3_DEFAULTS = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "rms_norm_eps": 1e-6,
+                    "query_pre_attn_scalar": 256, "sliding_window": 4096, "max_position_embeddings": 131072}
+# Gemma 3's multimodal folders (model_type gemma3): the language model's keys under one of these prefixes
+_GEMMA3_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                    ("language_model.lm_head.", "lm_head."))
 _LAYER = {"sliding_attention": "window", "full_attention": "full"}
 
 
@@ -90,8 +97,10 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     """A :class:`GPTConfig` from a LLaMA / Qwen2 / Qwen3 / Mistral / Gemma 1-3 ``config.json`` dict;
     ``overrides`` set jaxattn-only fields (``dtype``, ``attn_impl``, ``layer_types``, ``window``, ...)."""
     kind = raw.get("model_type")
+    if kind == "gemma3":  # a multimodal Gemma 3 (4B and up): its language model alone
+        return config_from_hf(_gemma3_text(raw), **overrides)
     if kind not in _ARCH:
-        raise ValueError(f"config.json: model_type {kind!r}: expected one of {sorted(_ARCH)}")
+        raise ValueError(f"config.json: model_type {kind!r}: expected one of {sorted(_ARCH) + ['gemma3']}")
 
     def bad(field: str, want: str) -> ValueError:
         return ValueError(f"config.json: {field} = {raw.get(field)!r}: jaxattn's GPT supports {want} only")
@@ -99,6 +108,8 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     gemma = kind in GEMMA
     if kind == "gemma2":
         raw = {**_GEMMA2_DEFAULTS, **raw}
+    if kind == "gemma3_text":
+        raw = {**_GEMMA3_DEFAULTS, **raw}
     act_field = "hidden_activation" if kind in ("gemma2", "gemma3_text") else "hidden_act"
     act = raw.get(act_field) or ("gelu_pytorch_tanh" if gemma else "silu")
     if kind == "gemma" and act == "gelu":  # the first releases' value, meant as the tanh form (as transformers)
@@ -165,10 +176,28 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     return hf.with_overrides(GPTConfig(**fields), overrides)
 
 
+def _gemma3_text(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A multimodal Gemma 3 ``config.json``'s language model as a ``gemma3_text`` one."""
+    text = dict(raw.get("text_config") or {})
+    return {**text, "model_type": "gemma3_text",
+            "tie_word_embeddings": raw.get("tie_word_embeddings", text.get("tie_word_embeddings", True))}
+
+
 def prepare_state_dict(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     """A ``state_dict`` in the LLaMA key layout: Phi-3's fused ``self_attn.qkv_proj`` (q, then k, then v rows)
-    and ``mlp.gate_up_proj`` (gate, then up) split into LLaMA's projections (numpy views, no copies); other
+    and ``mlp.gate_up_proj`` (gate, then up) split into LLaMA's projections (numpy views, no copies); a
+    multimodal Gemma 3's language model without its prefix (the vision tower and projector left out); other
     families' as they are."""
+    if raw.get("model_type") == "gemma3":
+        out = {}
+        for key, value in state_dict.items():
+            for old, new in _GEMMA3_PREFIXES:
+                if key.startswith(old):
+                    out[new + key[len(old):]] = value
+        if not out:
+            raise ValueError("a Gemma 3 folder without language-model weights (language_model.model.* or "
+                             "model.language_model.*)")
+        return out
     if raw.get("model_type") != "phi3":
         return state_dict
     h, d = int(raw["num_attention_heads"]), int(raw["hidden_size"])
