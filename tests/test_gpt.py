@@ -130,6 +130,9 @@ GEN_CASES = {
     # Qwen3-style heads wider than dim / heads with q/k norms, YaRN-scaled RoPE: cache and kernels agree
     "qknorm-headdim48-yarn-pallas": dict(head_dim=48, qk_norm=True, kv_heads=1, attn_impl="pallas", rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+    # SmolLM3's NoPE layers and Granite's multipliers through the cache
+    "nope-granite-xla": dict(rope_layers=(True, False), embed_multiplier=2.0, residual_multiplier=0.5,
+                             logits_divisor=3.0, attn_scale=0.2, kv_heads=1),
     # Gemma 2/3-style: soft-capped sliding-window and full layers (window on the flash / decode kernels' own
     # windows), a logit scale, post-norms, offset norms, GeGLU, scaled embeddings, local RoPE base, final cap
     "gemma-softcap-window-pallas": dict(layer_types=("window", "full"), window=8, attn_softcap=3.0, final_softcap=8.0,

@@ -115,6 +115,10 @@ def reference_logits(sd, raw, tokens):
     scale = raw.get("query_pre_attn_scalar", 256 if kind in ("gemma2", "gemma3_text") else hd) ** -0.5
     if kind == "gemma":
         scale = hd ** -0.5
+    if kind == "granite":
+        scale = raw["attention_multiplier"]
+    res = raw.get("residual_multiplier", 1.0) if kind == "granite" else 1.0
+    nope = [not f for f in raw.get("no_rope_layers", [1] * layers)] if kind == "smollm3" else [False] * layers
     attn_cap, final_cap = raw.get("attn_logit_softcapping"), raw.get("final_logit_softcapping")
 
     def norm(x, w):
@@ -149,6 +153,8 @@ def reference_logits(sd, raw, tokens):
     x = W["model.embed_tokens.weight"][tokens]
     if gemma:
         x = x * math.sqrt(d)
+    if kind == "granite":
+        x = x * raw["embedding_multiplier"]
     causal = np.tril(np.ones((n, n), bool))
     # sliding layers (Mistral, Gemma): key j visible to query i iff i - W < j <= i
     sliding = causal & (np.arange(n)[None, :] > np.arange(n)[:, None] - (raw.get("sliding_window") or n))
@@ -161,7 +167,8 @@ def reference_logits(sd, raw, tokens):
         if kind in ("qwen3", "gemma3_text"):  # per-head RMSNorm over head_dim, before RoPE
             q, k = norm(q, W[p + "self_attn.q_norm.weight"]), norm(k, W[p + "self_attn.k_norm.weight"])
         v = proj(y, p + "self_attn.v_proj").reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
-        q, k = rotate(q), rotate(k)
+        if not nope[i]:
+            q, k = rotate(q), rotate(k)
         k, v = np.repeat(k, h // kv, axis=1), np.repeat(v, h // kv, axis=1)  # repeat_kv
         s = softcap(q @ k.transpose(0, 1, 3, 2) * scale, attn_cap)
         s = np.where(sliding if types[i] == "sliding" else causal, s, -np.inf)
@@ -174,12 +181,12 @@ def reference_logits(sd, raw, tokens):
             m = proj(act(proj(y, p + "mlp.gate_proj")) * proj(y, p + "mlp.up_proj"), p + "mlp.down_proj")
             x = x + norm(m, W[p + "post_feedforward_layernorm.weight"])
         else:
-            x = x + a
+            x = x + a * res
             y = norm(x, W[p + "post_attention_layernorm.weight"])
-            x = x + proj(act(proj(y, p + "mlp.gate_proj")) * proj(y, p + "mlp.up_proj"), p + "mlp.down_proj")
+            x = x + proj(act(proj(y, p + "mlp.gate_proj")) * proj(y, p + "mlp.up_proj"), p + "mlp.down_proj") * res
     x = norm(x, W["model.norm.weight"])
     head = W["lm_head.weight"] if "lm_head.weight" in W else W["model.embed_tokens.weight"]
-    return softcap(x @ head.T, final_cap)
+    return softcap(x @ head.T / raw.get("logits_scaling", 1.0), final_cap)
 
 
 MISTRAL = {**LLAMA, "model_type": "mistral", "sliding_window": 5}
@@ -208,10 +215,15 @@ GEMMA3 = {**GEMMA, "model_type": "gemma3_text", "num_hidden_layers": 3, "num_key
 # Phi-3: LLaMA blocks with fused qkv_proj / gate_up_proj weights and a sliding window on every layer
 PHI3 = {**LLAMA, "model_type": "phi3", "sliding_window": 6, "rope_theta": 10000.0, "original_max_position_embeddings": 64,
         "pad_token_id": 0}
-CONFIGS = [LLAMA, QWEN2, MISTRAL, QWEN3, LLAMA31, YARN, LINEAR, GEMMA, GEMMA2, GEMMA3, PHI3]
+# IBM Granite: multipliers on the embeddings, each residual branch, the logit scale; logits divided
+GRANITE = {**LLAMA, "model_type": "granite", "embedding_multiplier": 3.0, "residual_multiplier": 0.4,
+           "attention_multiplier": 0.05, "logits_scaling": 2.5, "tie_word_embeddings": True}
+# SmolLM3: NoPE layers (no_rope_layers[i] = 0: no rotary embedding in layer i); 3 layers, the middle one NoPE
+SMOLLM3 = {**LLAMA, "model_type": "smollm3", "num_hidden_layers": 3, "no_rope_layers": [1, 0, 1], "pad_token_id": 0}
+CONFIGS = [LLAMA, QWEN2, MISTRAL, QWEN3, LLAMA31, YARN, LINEAR, GEMMA, GEMMA2, GEMMA3, PHI3, GRANITE, SMOLLM3]
 CONFIG_IDS = ["llama-gqa-untied", "qwen2-bias-tied", "mistral-window", "qwen3-qknorm-headdim", "llama3.1-rope",
               "qwen2-yarn", "llama-linear-rope", "gemma-mqa", "gemma2-softcap-window", "gemma3-qknorm-local-rope",
-              "phi3-fused-window"]
+              "phi3-fused-window", "granite-multipliers", "smollm3-nope-layers"]
 
 
 def fused_phi3(sd):
@@ -365,6 +377,7 @@ def test_matches_transformers(tmp_path, raw):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     kind = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "gemma": "Gemma",
+            "granite": "Granite", "smollm3": "SmolLM3",
             "gemma2": "Gemma2", "gemma3_text": "Gemma3"}[raw["model_type"]]
     config_cls = getattr(transformers, kind + ("TextConfig" if kind == "Gemma3" else "Config"))
     model_cls = getattr(transformers, kind + "ForCausalLM")

@@ -73,6 +73,13 @@ class GPTConfig:
     attn_softcap: float | None = None  # Gemma 2: attention logits -> cap * tanh(logits / cap) (full, window layers)
     final_softcap: float | None = None  # Gemma 2: the same on the output logits
     local_rope_theta: float | None = None  # Gemma 3: the "window" layers' RoPE base (plain RoPE there)
+    # per layer (cycled like layer_types): False runs that layer without RoPE (SmolLM3's NoPE layers); () all RoPE
+    rope_layers: tuple[bool, ...] = ()
+    # IBM Granite's scalars: embeddings times embed_multiplier, each branch's output times residual_multiplier
+    # before its residual add, logits divided by logits_divisor (its logits_scaling)
+    embed_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_divisor: float = 1.0
     position: Literal["rope", "alibi"] = "rope"  # alibi: per-head linear biases, no rotary embedding
     init_std: float = 0.02
     tie_embeddings: bool = True
@@ -104,6 +111,12 @@ class GPTConfig:
         for name in ("attn_scale", "attn_softcap", "final_softcap"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
+        object.__setattr__(self, "rope_layers", tuple(bool(r) for r in self.rope_layers))
+        if self.rope_layers and self.position != "rope":
+            raise ValueError("rope_layers needs position='rope'")
+        for name in ("embed_multiplier", "residual_multiplier", "logits_divisor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.attn_softcap is not None and (set(self.layer_types) - {"full", "window"} or self.quantized):
             raise ValueError("attn_softcap runs on the flash and decode kernels: layer_types may hold only 'full' and "
                              "'window', and quantized=False")
@@ -129,6 +142,9 @@ class GPTConfig:
 
     def layer_type(self, i: int) -> str:
         return self.layer_types[i % len(self.layer_types)]
+
+    def layer_has_rope(self, i: int) -> bool:
+        return self.position == "rope" and (not self.rope_layers or self.rope_layers[i % len(self.rope_layers)])
 
     @property
     def hidden(self) -> int:
@@ -273,7 +289,7 @@ def block_mask_for(cfg: GPTConfig, layer_type: str, seq_len: int, *, kv_len: int
 
 class Attention(nnx.Module):
     def __init__(self, cfg: GPTConfig, layer: int, *, rngs: nnx.Rngs):
-        self.cfg, self.kind = cfg, cfg.layer_type(layer)
+        self.cfg, self.kind, self.rope = cfg, cfg.layer_type(layer), cfg.layer_has_rope(layer)
         self.kv_heads = cfg.kv_heads or cfg.heads
         self.head_dim = cfg.head_size
         width = cfg.heads * self.head_dim
@@ -298,7 +314,7 @@ class Attention(nnx.Module):
         k, v = jnp.split(self.kv(x).reshape(b, n, self.kv_heads, 2 * self.head_dim), 2, axis=-1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.cfg.position == "rope":
+        if self.rope:
             theta, scaling = self.cfg.rope_theta, self.cfg.rope_scaling
             if self.kind == "window" and self.cfg.local_rope_theta:  # Gemma 3's local layers
                 theta, scaling = self.cfg.local_rope_theta, ()
@@ -384,12 +400,16 @@ class Block(nnx.Module):
         self.norm1, self.norm2 = norm(), norm()  # before attention, before the MLP
         # Gemma 2/3: on each branch's output too
         self.attn_post_norm, self.mlp_post_norm = (norm(), norm()) if cfg.post_norms else (None, None)
+        self.residual_multiplier = cfg.residual_multiplier
         self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
     def __call__(self, x, positions, cache: KVCache | None = None, offset: jax.Array | int = 0):
+        scale = self.residual_multiplier
+
         def post(norm, y):
-            return y if norm is None else norm(y)
+            y = y if norm is None else norm(y)
+            return y if scale == 1.0 else y * jnp.asarray(scale, y.dtype)  # (Granite's residual_multiplier)
 
         if cache is None:
             a = self.attn(self.norm1(x), positions)
@@ -442,6 +462,8 @@ class GPT(nnx.Module):
         x = self.embed(tokens).astype(dt)
         if self.cfg.embed_scale:  # Gemma: sqrt(dim) in the compute dtype, as Hugging Face's
             x = x * jnp.asarray(self.cfg.dim ** 0.5, dt)
+        if self.cfg.embed_multiplier != 1.0:  # Granite
+            x = x * jnp.asarray(self.cfg.embed_multiplier, dt)
         x = _apply(self.embed_drop, x)
         positions = jnp.arange(tokens.shape[1]) + offset
         new_cache = []
@@ -457,6 +479,8 @@ class GPT(nnx.Module):
             logits = jnp.einsum("bnd,vd->bnv", x.astype(jnp.float32), self.embed.embedding[...])
         else:
             logits = self.head(x).astype(jnp.float32)
+        if self.cfg.logits_divisor != 1.0:  # Granite's logits_scaling
+            logits = logits / self.cfg.logits_divisor
         if self.cfg.final_softcap is not None:  # Gemma 2
             logits = self.cfg.final_softcap * jnp.tanh(logits / self.cfg.final_softcap)
         return logits if cache is None else (logits, new_cache)

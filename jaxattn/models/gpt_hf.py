@@ -1,6 +1,7 @@
 """LLaMA-family and Gemma checkpoints in the Hugging Face layout (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
 ``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Phi3ForCausalLM`` (fused weights split by
-:func:`prepare_state_dict`), ``GemmaForCausalLM``, ``Gemma2ForCausalLM``,
+:func:`prepare_state_dict`), ``GraniteForCausalLM`` (multipliers), ``SmolLM3ForCausalLM`` (NoPE layers),
+``GemmaForCausalLM``, ``Gemma2ForCausalLM``,
 ``Gemma3ForCausalLM``) <-> :class:`GPT`, whose blocks are the same architecture: pre-RMSNorm, RoPE
 (rotated halves; Llama 3.1's ``llama3``, ``linear`` and YaRN ``rope_scaling`` too), GQA, a gated MLP,
 no biases except Qwen2's q/k/v, Qwen3's per-head q/k RMSNorm, a ``head_dim`` apart from
@@ -58,7 +59,8 @@ from jaxattn.models.gpt import GPT, GPTConfig
 __all__ = ["config_from_hf", "entries", "hf_config", "load_hf_state_dict", "prepare_state_dict", "to_hf_state_dict"]
 
 _ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-         "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
+         "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
+         "smollm3": "SmolLM3ForCausalLM", "gemma": "GemmaForCausalLM",
          "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 # what transformers' Gemma2Config assumes when config.json leaves these out
@@ -151,7 +153,7 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         if set(types) - set(_LAYER) or len(types) != layers:
             raise bad("layer_types", f"{layers} entries 'sliding_attention' / 'full_attention'")
         layer_types = _period([_LAYER[t] if window else "full" for t in types])
-    elif kind in ("qwen2", "qwen3"):
+    elif kind in ("qwen2", "qwen3", "smollm3"):
         if raw.get("use_sliding_window", False) or set(raw.get("layer_types") or ()) - {"full_attention"}:
             raise bad("use_sliding_window", "false (every layer full_attention)")
         layer_types = ("full",)
@@ -169,6 +171,19 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         init_std=float(raw.get("initializer_range", 0.02)), layer_types=layer_types)
     if window and "window" in layer_types:
         fields["window"] = int(window)
+    if kind == "smollm3":  # NoPE layers: no_rope_layers[i] = 0 runs layer i without RoPE
+        flags = raw.get("no_rope_layers")
+        if flags is None:
+            every = int(raw.get("no_rope_layer_interval", 4))
+            flags = [int((i + 1) % every != 0) for i in range(layers)]
+        if len(flags) != layers:
+            raise bad("no_rope_layers", f"{layers} entries")
+        fields["rope_layers"] = _period([bool(f) for f in flags])
+    if kind == "granite":
+        fields.update(embed_multiplier=float(raw.get("embedding_multiplier", 1.0)),
+                      residual_multiplier=float(raw.get("residual_multiplier", 1.0)),
+                      logits_divisor=float(raw.get("logits_scaling", 1.0)),
+                      attn_scale=float(raw.get("attention_multiplier", 1.0)))
     if gemma:
         fields.update(mlp_act="gelu_tanh", norm_offset=1.0, embed_scale=True, post_norms=kind != "gemma",
                       attn_scale=None if scalar in (None, head_dim) else float(scalar) ** -0.5,
@@ -223,7 +238,7 @@ def _family(cfg: GPTConfig) -> str:
         raise ValueError("only RoPE GPT models have a LLaMA / Qwen / Gemma layout (this one has ALiBi)")
     gemma = (cfg.norm_offset, cfg.embed_scale, cfg.mlp_act) == (1.0, True, "gelu_tanh")
     if not gemma:
-        odd = [f for f in ("norm_offset", "embed_scale", "post_norms", "attn_scale", "attn_softcap", "final_softcap",
+        odd = [f for f in ("norm_offset", "embed_scale", "post_norms", "attn_softcap", "final_softcap",
                            "local_rope_theta") if getattr(cfg, f) not in (None, False, 0.0)]
         if odd or cfg.mlp_act != "silu":
             raise ValueError(f"no Hugging Face layout has this GPT: {odd or ['mlp_act']} set without the rest of "
@@ -231,11 +246,22 @@ def _family(cfg: GPTConfig) -> str:
         if cfg.qk_norm and cfg.qkv_bias:
             raise ValueError("no Hugging Face layout has q/k norms and q/k/v biases alone (Qwen3's attention_bias "
                              "biases o_proj too)")
+        granite = (cfg.embed_multiplier, cfg.residual_multiplier, cfg.logits_divisor) != (1.0, 1.0, 1.0) \
+            or cfg.attn_scale is not None
+        if sum([granite, bool(cfg.rope_layers), cfg.qk_norm or cfg.qkv_bias]) > 1:
+            raise ValueError("no Hugging Face layout has more than one of Granite's multipliers (or attn_scale), "
+                             "NoPE layers (rope_layers, SmolLM3) and Qwen's q/k norms or biases")
+        if granite:
+            return "granite"
+        if cfg.rope_layers:
+            return "smollm3"
         if cfg.layer_types == ("window",) and not (cfg.qk_norm or cfg.qkv_bias):
             return "mistral"  # (every layer windowed: Mistral's sliding_window; Phi-3's export this way too)
         return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
-    if cfg.qkv_bias or not cfg.tie_embeddings or set(cfg.layer_types) - {"full", "window"}:
-        raise ValueError("a Gemma layout has no q/k/v biases, a tied head, and only 'full' / 'window' layers")
+    if cfg.qkv_bias or not cfg.tie_embeddings or set(cfg.layer_types) - {"full", "window"} or cfg.rope_layers \
+            or (cfg.embed_multiplier, cfg.residual_multiplier, cfg.logits_divisor) != (1.0, 1.0, 1.0):
+        raise ValueError("a Gemma layout has no q/k/v biases, a tied head, only 'full' / 'window' layers, RoPE in "
+                         "every layer and none of Granite's multipliers")
     if cfg.post_norms:
         return "gemma3_text" if cfg.qk_norm else "gemma2"
     if cfg.qk_norm or cfg.attn_scale or cfg.attn_softcap or cfg.final_softcap or cfg.local_rope_theta \
@@ -247,7 +273,7 @@ def _family(cfg: GPTConfig) -> str:
 
 def hf_config(cfg: GPTConfig) -> dict[str, Any]:
     """A ``config.json`` for ``cfg``: ``llama``, ``mistral`` (every layer a sliding window), ``qwen2`` (q/k/v
-    biases), ``qwen3`` (q/k norms), or with
+    biases), ``qwen3`` (q/k norms), ``granite`` (its multipliers), ``smollm3`` (NoPE layers), or with
     Gemma's blocks ``gemma``, ``gemma2`` (post-norms) or ``gemma3_text`` (post-norms and q/k norms)."""
     kind = _family(cfg)
     scaling = dict(cfg.rope_scaling)
@@ -262,6 +288,12 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
            "max_position_embeddings": 4096 * int(max(1, scaling.get("factor", 1)))}
     if kind == "mistral":
         out["sliding_window"] = cfg.window
+    if kind == "granite":
+        out.update(embedding_multiplier=cfg.embed_multiplier, residual_multiplier=cfg.residual_multiplier,
+                   logits_scaling=cfg.logits_divisor,
+                   attention_multiplier=cfg.attn_scale if cfg.attn_scale is not None else cfg.head_size ** -0.5)
+    if kind == "smollm3":  # (pad id unknown here: not SmolLM3Config's default 128004, past a small vocabulary)
+        out.update(no_rope_layers=[int(cfg.layer_has_rope(i)) for i in range(cfg.layers)], pad_token_id=None)
     if kind in GEMMA:
         out.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", attention_bias=False)
     if kind in ("gemma2", "gemma3_text"):
