@@ -65,6 +65,10 @@ def test_config_errors():
         _model()(jnp.zeros((4,), jnp.int32))
     with pytest.raises(ValueError, match="head_dim must be a positive even"):
         GPTConfig(head_dim=5)
+    with pytest.raises(ValueError, match="qk_norm_full widens qk_norm"):
+        GPTConfig(qk_norm_full=True)
+    with pytest.raises(ValueError, match="needs pre_norms or post_norms"):
+        GPTConfig(pre_norms=False)
     with pytest.raises(ValueError, match="rope_scaling must be a dict"):
         GPTConfig(rope_scaling=("linear",))
     with pytest.raises(ValueError, match="rope_type must be one of"):
@@ -130,6 +134,8 @@ GEN_CASES = {
     # Qwen3-style heads wider than dim / heads with q/k norms, YaRN-scaled RoPE: cache and kernels agree
     "qknorm-headdim48-yarn-pallas": dict(head_dim=48, qk_norm=True, kv_heads=1, attn_impl="pallas", rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+    # OLMo 2's post-norm blocks with whole-width q/k norms
+    "olmo2-xla": dict(pre_norms=False, post_norms=True, qk_norm=True, qk_norm_full=True, kv_heads=1),
     # SmolLM3's NoPE layers and Granite's multipliers through the cache
     "nope-granite-xla": dict(rope_layers=(True, False), embed_multiplier=2.0, residual_multiplier=0.5,
                              logits_divisor=3.0, attn_scale=0.2, kv_heads=1),

@@ -50,6 +50,11 @@ def random_hf_state_dict(raw, seed=0):
                        p + "self_attn.v_proj.bias": w(kv * hd)})
         if raw["model_type"] in ("qwen3", "gemma3_text"):
             sd.update({p + "self_attn.q_norm.weight": g + w(hd, s=0.2), p + "self_attn.k_norm.weight": g + w(hd, s=0.2)})
+        if raw["model_type"] == "olmo2":  # post-norms only; q/k norms over every head at once
+            del sd[p + "input_layernorm.weight"]
+            sd.update({p + "post_feedforward_layernorm.weight": 1 + w(d, s=0.1),
+                       p + "self_attn.q_norm.weight": 1 + w(h * hd, s=0.2),
+                       p + "self_attn.k_norm.weight": 1 + w(kv * hd, s=0.2)})
         if raw["model_type"] in ("gemma2", "gemma3_text"):
             sd.update({p + "pre_feedforward_layernorm.weight": w(d, s=0.1), p + "post_feedforward_layernorm.weight": w(d, s=0.1)})
     if not raw.get("tie_word_embeddings", raw["model_type"].startswith("gemma")):
@@ -161,9 +166,12 @@ def reference_logits(sd, raw, tokens):
     for i in range(layers):
         p = f"model.layers.{i}."
         rotate = rotation(types[i])
-        y = norm(x, W[p + "input_layernorm.weight"])
-        q = proj(y, p + "self_attn.q_proj").reshape(b, n, h, hd).transpose(0, 2, 1, 3)
-        k = proj(y, p + "self_attn.k_proj").reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
+        y = x if kind == "olmo2" else norm(x, W[p + "input_layernorm.weight"])
+        q, k = proj(y, p + "self_attn.q_proj"), proj(y, p + "self_attn.k_proj")
+        if kind == "olmo2":  # one RMSNorm over all heads' queries (keys), before the split into heads
+            q, k = norm(q, W[p + "self_attn.q_norm.weight"]), norm(k, W[p + "self_attn.k_norm.weight"])
+        q = q.reshape(b, n, h, hd).transpose(0, 2, 1, 3)
+        k = k.reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
         if kind in ("qwen3", "gemma3_text"):  # per-head RMSNorm over head_dim, before RoPE
             q, k = norm(q, W[p + "self_attn.q_norm.weight"]), norm(k, W[p + "self_attn.k_norm.weight"])
         v = proj(y, p + "self_attn.v_proj").reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
@@ -175,7 +183,11 @@ def reference_logits(sd, raw, tokens):
         pr = np.exp(s - s.max(-1, keepdims=True))
         o = (pr / pr.sum(-1, keepdims=True)) @ v
         a = proj(o.transpose(0, 2, 1, 3).reshape(b, n, h * hd), p + "self_attn.o_proj")
-        if kind in ("gemma2", "gemma3_text"):  # post-norms on both branches
+        if kind == "olmo2":  # x + norm(attn(x)), x + norm(mlp(x))
+            x = x + norm(a, W[p + "post_attention_layernorm.weight"])
+            m = proj(act(proj(x, p + "mlp.gate_proj")) * proj(x, p + "mlp.up_proj"), p + "mlp.down_proj")
+            x = x + norm(m, W[p + "post_feedforward_layernorm.weight"])
+        elif kind in ("gemma2", "gemma3_text"):  # post-norms on both branches
             x = x + norm(a, W[p + "post_attention_layernorm.weight"])
             y = norm(x, W[p + "pre_feedforward_layernorm.weight"])
             m = proj(act(proj(y, p + "mlp.gate_proj")) * proj(y, p + "mlp.up_proj"), p + "mlp.down_proj")
@@ -220,10 +232,12 @@ GRANITE = {**LLAMA, "model_type": "granite", "embedding_multiplier": 3.0, "resid
            "attention_multiplier": 0.05, "logits_scaling": 2.5, "tie_word_embeddings": True}
 # SmolLM3: NoPE layers (no_rope_layers[i] = 0: no rotary embedding in layer i); 3 layers, the middle one NoPE
 SMOLLM3 = {**LLAMA, "model_type": "smollm3", "num_hidden_layers": 3, "no_rope_layers": [1, 0, 1], "pad_token_id": 0}
-CONFIGS = [LLAMA, QWEN2, MISTRAL, QWEN3, LLAMA31, YARN, LINEAR, GEMMA, GEMMA2, GEMMA3, PHI3, GRANITE, SMOLLM3]
+# OLMo 2: post-norm blocks (no input norm), one RMSNorm over all heads' queries / keys
+OLMO2 = {**LLAMA, "model_type": "olmo2", "pad_token_id": 0}
+CONFIGS = [LLAMA, QWEN2, MISTRAL, QWEN3, LLAMA31, YARN, LINEAR, GEMMA, GEMMA2, GEMMA3, PHI3, GRANITE, SMOLLM3, OLMO2]
 CONFIG_IDS = ["llama-gqa-untied", "qwen2-bias-tied", "mistral-window", "qwen3-qknorm-headdim", "llama3.1-rope",
               "qwen2-yarn", "llama-linear-rope", "gemma-mqa", "gemma2-softcap-window", "gemma3-qknorm-local-rope",
-              "phi3-fused-window", "granite-multipliers", "smollm3-nope-layers"]
+              "phi3-fused-window", "granite-multipliers", "smollm3-nope-layers", "olmo2-post-norms"]
 
 
 def fused_phi3(sd):
@@ -272,7 +286,7 @@ def test_state_dict_gives_the_reference_logits(raw):
     cfg = config_from_hf(raw, attn_impl="xla")
     assert (cfg.kv_heads, cfg.norm_eps, cfg.qkv_bias, cfg.tie_embeddings, cfg.qk_norm) == (
         raw["num_key_value_heads"], raw["rms_norm_eps"], raw["model_type"] == "qwen2",
-        raw.get("tie_word_embeddings", True), raw["model_type"] in ("qwen3", "gemma3_text"))
+        raw.get("tie_word_embeddings", True), raw["model_type"] in ("qwen3", "gemma3_text", "olmo2"))
     model = GPT(cfg, rngs=nnx.Rngs(0))
     load_hf_state_dict(model, {**sd, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)})
     want = reference_logits(sd, raw, TOKENS)
@@ -377,7 +391,7 @@ def test_matches_transformers(tmp_path, raw):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     kind = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "gemma": "Gemma",
-            "granite": "Granite", "smollm3": "SmolLM3",
+            "granite": "Granite", "smollm3": "SmolLM3", "olmo2": "Olmo2",
             "gemma2": "Gemma2", "gemma3_text": "Gemma3"}[raw["model_type"]]
     config_cls = getattr(transformers, kind + ("TextConfig" if kind == "Gemma3" else "Config"))
     model_cls = getattr(transformers, kind + "ForCausalLM")

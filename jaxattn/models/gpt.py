@@ -64,6 +64,8 @@ class GPTConfig:
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
     head_dim: int | None = None  # per-head width; defaults to dim // heads (Qwen3, Mistral-Nemo: set apart)
     qk_norm: bool = False  # RMSNorm of each head's query and key before RoPE (Qwen3, Gemma 3)
+    qk_norm_full: bool = False  # with qk_norm: one RMSNorm over all heads' queries (keys) together (OLMo 2)
+    pre_norms: bool = True  # RMSNorm before attention and MLP; False (with post_norms): OLMo 2's post-norm blocks
     # the Gemma family (Gemma 1/2/3)
     mlp_act: Literal["silu", "gelu_tanh"] = "silu"  # the gated MLP's activation (Gemma: tanh GELU, GeGLU)
     norm_offset: float = 0.0  # RMSNorms scale by (norm_offset + weight): Gemma stores weight - 1 (offset 1)
@@ -117,6 +119,10 @@ class GPTConfig:
         for name in ("embed_multiplier", "residual_multiplier", "logits_divisor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.qk_norm_full and not self.qk_norm:
+            raise ValueError("qk_norm_full widens qk_norm: set qk_norm=True too")
+        if not (self.pre_norms or self.post_norms):
+            raise ValueError("a block needs pre_norms or post_norms (or both)")
         if self.attn_softcap is not None and (set(self.layer_types) - {"full", "window"} or self.quantized):
             raise ValueError("attn_softcap runs on the flash and decode kernels: layer_types may hold only 'full' and "
                              "'window', and quantized=False")
@@ -298,8 +304,9 @@ class Attention(nnx.Module):
         self.kv = _linear(cfg.dim, 2 * self.kv_heads * self.head_dim, cfg, rngs, bias=cfg.qkv_bias)
         self.o = _linear(width, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
         # Qwen3: RMSNorm over each head's query / key (one weight shared by the heads)
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        q_width, k_width = (width, self.kv_heads * self.head_dim) if cfg.qk_norm_full else (self.head_dim,) * 2
+        self.q_norm = RMSNorm(q_width, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_width, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
         self.attn_drop = AttentionDropout(cfg.dropout, rngs=rngs)  # inside the kernels
         self.resid_drop = _dropout(cfg.dropout, rngs)
         self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis): GPT.enable_sequence_parallel
@@ -312,7 +319,10 @@ class Attention(nnx.Module):
         b, n, _ = x.shape
         q = self.q(x).reshape(b, n, self.cfg.heads, self.head_dim)
         k, v = jnp.split(self.kv(x).reshape(b, n, self.kv_heads, 2 * self.head_dim), 2, axis=-1)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.cfg.qk_norm_full:  # (OLMo 2: over all heads at once)
+            q = self.q_norm(q.reshape(b, n, -1)).reshape(q.shape)
+            k = self.k_norm(k.reshape(b, n, -1)).reshape(k.shape)
+        elif self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             theta, scaling = self.cfg.rope_theta, self.cfg.rope_scaling
@@ -397,7 +407,7 @@ class SwiGLU(nnx.Module):
 class Block(nnx.Module):
     def __init__(self, cfg: GPTConfig, layer: int, *, rngs: nnx.Rngs):
         norm = functools.partial(RMSNorm, cfg.dim, cfg.norm_eps, cfg.norm_offset)
-        self.norm1, self.norm2 = norm(), norm()  # before attention, before the MLP
+        self.norm1, self.norm2 = (norm(), norm()) if cfg.pre_norms else (None, None)  # before attention, the MLP
         # Gemma 2/3: on each branch's output too
         self.attn_post_norm, self.mlp_post_norm = (norm(), norm()) if cfg.post_norms else (None, None)
         self.residual_multiplier = cfg.residual_multiplier
@@ -411,12 +421,13 @@ class Block(nnx.Module):
             y = y if norm is None else norm(y)
             return y if scale == 1.0 else y * jnp.asarray(scale, y.dtype)  # (Granite's residual_multiplier)
 
+        h = _apply(self.norm1, x)
         if cache is None:
-            a = self.attn(self.norm1(x), positions)
+            a = self.attn(h, positions)
         else:
-            a, cache = self.attn(self.norm1(x), positions, cache, offset)
+            a, cache = self.attn(h, positions, cache, offset)
         x = x + post(self.attn_post_norm, a)
-        x = x + post(self.mlp_post_norm, self.mlp(self.norm2(x)))
+        x = x + post(self.mlp_post_norm, self.mlp(_apply(self.norm2, x)))
         return x if cache is None else (x, cache)
 
 

@@ -1,7 +1,7 @@
 """LLaMA-family and Gemma checkpoints in the Hugging Face layout (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
 ``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Phi3ForCausalLM`` (fused weights split by
 :func:`prepare_state_dict`), ``GraniteForCausalLM`` (multipliers), ``SmolLM3ForCausalLM`` (NoPE layers),
-``GemmaForCausalLM``, ``Gemma2ForCausalLM``,
+``Olmo2ForCausalLM`` (post-norm blocks), ``GemmaForCausalLM``, ``Gemma2ForCausalLM``,
 ``Gemma3ForCausalLM``) <-> :class:`GPT`, whose blocks are the same architecture: pre-RMSNorm, RoPE
 (rotated halves; Llama 3.1's ``llama3``, ``linear`` and YaRN ``rope_scaling`` too), GQA, a gated MLP,
 no biases except Qwen2's q/k/v, Qwen3's per-head q/k RMSNorm, a ``head_dim`` apart from
@@ -60,7 +60,7 @@ __all__ = ["config_from_hf", "entries", "hf_config", "load_hf_state_dict", "prep
 
 _ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
          "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
-         "smollm3": "SmolLM3ForCausalLM", "gemma": "GemmaForCausalLM",
+         "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "gemma": "GemmaForCausalLM",
          "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 # what transformers' Gemma2Config assumes when config.json leaves these out
@@ -153,7 +153,7 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         if set(types) - set(_LAYER) or len(types) != layers:
             raise bad("layer_types", f"{layers} entries 'sliding_attention' / 'full_attention'")
         layer_types = _period([_LAYER[t] if window else "full" for t in types])
-    elif kind in ("qwen2", "qwen3", "smollm3"):
+    elif kind in ("qwen2", "qwen3", "smollm3", "olmo2"):
         if raw.get("use_sliding_window", False) or set(raw.get("layer_types") or ()) - {"full_attention"}:
             raise bad("use_sliding_window", "false (every layer full_attention)")
         layer_types = ("full",)
@@ -179,6 +179,8 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         if len(flags) != layers:
             raise bad("no_rope_layers", f"{layers} entries")
         fields["rope_layers"] = _period([bool(f) for f in flags])
+    if kind == "olmo2":  # post-norm blocks, one RMSNorm over all heads' queries (keys)
+        fields.update(pre_norms=False, post_norms=True, qk_norm=True, qk_norm_full=True)
     if kind == "granite":
         fields.update(embed_multiplier=float(raw.get("embedding_multiplier", 1.0)),
                       residual_multiplier=float(raw.get("residual_multiplier", 1.0)),
@@ -237,6 +239,16 @@ def _family(cfg: GPTConfig) -> str:
     if cfg.position != "rope":
         raise ValueError("only RoPE GPT models have a LLaMA / Qwen / Gemma layout (this one has ALiBi)")
     gemma = (cfg.norm_offset, cfg.embed_scale, cfg.mlp_act) == (1.0, True, "gelu_tanh")
+    olmo = (cfg.pre_norms, cfg.post_norms, cfg.qk_norm, cfg.qk_norm_full) == (False, True, True, True)
+    if olmo and not gemma:
+        odd = [f for f in ("norm_offset", "embed_scale", "attn_scale", "attn_softcap", "final_softcap", "local_rope_theta",
+                           "qkv_bias", "rope_layers") if getattr(cfg, f) not in (None, False, 0.0, ())]
+        if odd or cfg.mlp_act != "silu" or (cfg.embed_multiplier, cfg.residual_multiplier, cfg.logits_divisor) != (1, 1, 1):
+            raise ValueError(f"an OLMo 2 layout has LLaMA's blocks otherwise: {odd or 'mlp_act / multipliers'} set")
+        return "olmo2"
+    if not cfg.pre_norms or cfg.qk_norm_full:
+        raise ValueError("post-norm-only blocks and whole-width q/k norms are OLMo 2's: pre_norms=False, post_norms, "
+                         "qk_norm and qk_norm_full together")
     if not gemma:
         odd = [f for f in ("norm_offset", "embed_scale", "post_norms", "attn_softcap", "final_softcap",
                            "local_rope_theta") if getattr(cfg, f) not in (None, False, 0.0)]
@@ -273,7 +285,8 @@ def _family(cfg: GPTConfig) -> str:
 
 def hf_config(cfg: GPTConfig) -> dict[str, Any]:
     """A ``config.json`` for ``cfg``: ``llama``, ``mistral`` (every layer a sliding window), ``qwen2`` (q/k/v
-    biases), ``qwen3`` (q/k norms), ``granite`` (its multipliers), ``smollm3`` (NoPE layers), or with
+    biases), ``qwen3`` (q/k norms), ``granite`` (its multipliers), ``smollm3`` (NoPE layers), ``olmo2``
+    (post-norm blocks, whole-width q/k norms), or with
     Gemma's blocks ``gemma``, ``gemma2`` (post-norms) or ``gemma3_text`` (post-norms and q/k norms)."""
     kind = _family(cfg)
     scaling = dict(cfg.rope_scaling)
@@ -333,14 +346,16 @@ def entries(model: GPT) -> list[hf.Entry]:
     out = [hf.same("model.embed_tokens.weight", model.embed.embedding)]
     for i, blk in enumerate(model.blocks):
         pre, attn = f"model.layers.{i}.", blk.attn
-        if cfg.post_norms:  # Gemma 2/3: post_attention_layernorm is the attention output's, then two MLP norms
+        if cfg.post_norms:  # Gemma 2/3, OLMo 2: post_attention_layernorm is the attention output's
             out += [hf.same(pre + "post_attention_layernorm.weight", blk.attn_post_norm.weight),
-                    hf.same(pre + "pre_feedforward_layernorm.weight", blk.norm2.weight),
                     hf.same(pre + "post_feedforward_layernorm.weight", blk.mlp_post_norm.weight)]
+            if cfg.pre_norms:
+                out.append(hf.same(pre + "pre_feedforward_layernorm.weight", blk.norm2.weight))
         else:
             out.append(hf.same(pre + "post_attention_layernorm.weight", blk.norm2.weight))
-        out += [hf.same(pre + "input_layernorm.weight", blk.norm1.weight),
-                hf.linear(pre + "self_attn.q_proj.weight", attn.q.kernel),
+        if cfg.pre_norms:
+            out.append(hf.same(pre + "input_layernorm.weight", blk.norm1.weight))
+        out += [hf.linear(pre + "self_attn.q_proj.weight", attn.q.kernel),
                 hf.Entry((pre + "self_attn.k_proj.weight", pre + "self_attn.v_proj.weight"), attn.kv.kernel,
                          join_kv, split_kv),
                 hf.linear(pre + "self_attn.o_proj.weight", attn.o.kernel),

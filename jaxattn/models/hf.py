@@ -147,8 +147,8 @@ def _converter(model_type: str):
         from jaxattn.models import tnl_hf
 
         return tnl_hf
-    if model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite", "smollm3", "gemma", "gemma2", "gemma3_text",
-                      "gemma3"):
+    if model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite", "smollm3", "olmo2", "gemma", "gemma2",
+                      "gemma3_text", "gemma3"):
         from jaxattn.models import gpt_hf
 
         return gpt_hf
@@ -157,8 +157,8 @@ def _converter(model_type: str):
 
         return timm_hub
     raise ValueError(f"config.json: model_type {model_type!r} is not one jaxattn converts "
-                     "(transnormer, llama, qwen2, qwen3, mistral, phi3, granite, smollm3, gemma, gemma2, gemma3_text, "
-                     "gemma3, or a timm folder)")
+                     "(transnormer, llama, qwen2, qwen3, mistral, phi3, granite, smollm3, olmo2, gemma, gemma2, "
+                     "gemma3_text, gemma3, or a timm folder)")
 
 
 def raw_config(folder: str | Path) -> dict:
