@@ -109,11 +109,15 @@ class EvaConfig(ViTConfig):
             raise ValueError(f"rope_temperature must be > 0, got {self.rope_temperature}")
 
 
-def grid_positions(grid: tuple[int, int], ref_grid: int | None = None, offset: float = 0.0, xy: bool = False
-                   ) -> tuple[jax.Array, jax.Array]:
+def grid_positions(grid: tuple[int, int], ref_grid: int | None = None, offset: float = 0.0, xy: bool = False,
+                   centred: bool = False) -> tuple[jax.Array, jax.Array]:
     """Each patch's two rotary coordinates ``[h * w]`` (row-major patches): ``(row, column)`` indices plus
-    ``offset``, scaled by ``ref_grid / h`` and ``ref_grid / w`` (EVA's ``ref_feat_shape``); ``xy``: ``(column, row)``."""
-    t = [(jnp.arange(n, dtype=jnp.float32) + offset) * (1.0 if ref_grid is None else ref_grid / n) for n in grid]
+    ``offset``, scaled by ``ref_grid / h`` and ``ref_grid / w`` (EVA's ``ref_feat_shape``), or with ``centred``
+    DINOv3's ``2 (index + 1/2 + offset) / n - 1`` in [-1, 1]; ``xy``: ``(column, row)``."""
+    if centred:
+        t = [((jnp.arange(n, dtype=jnp.float32) + 0.5 + offset) / n) * 2.0 - 1.0 for n in grid]
+    else:
+        t = [(jnp.arange(n, dtype=jnp.float32) + offset) * (1.0 if ref_grid is None else ref_grid / n) for n in grid]
     rows, cols = (a.reshape(-1) for a in jnp.meshgrid(*t, indexing="ij"))
     return (cols, rows) if xy else (rows, cols)
 
@@ -124,13 +128,10 @@ def rope_sin_cos(grid: tuple[int, int], head_dim: int, ref_grid: int | None = No
     """The 2-D rotary embedding of an ``h x w`` patch grid (row-major): ``(sin, cos)``, each ``[h * w, head_dim]``
     fp32, interleaved (or ``half``) layout; EVA's positions or DINOv3's (module docstring)."""
     bands = 1.0 / temperature ** (jnp.arange(head_dim // 4, dtype=jnp.float32) / (head_dim // 4))
-    if kind == "dinov3":  # centred, normalised to [-1, 1] per axis; angles 2 pi * position / period
-        t = [((jnp.arange(n, dtype=jnp.float32) + 0.5 + offset) / n) * 2.0 - 1.0 for n in grid]
-        a, c = (x.reshape(-1) for x in jnp.meshgrid(*t, indexing="ij"))
-        a, c = (c, a) if xy else (a, c)
+    dinov3 = kind == "dinov3"  # centred, normalised to [-1, 1] per axis; angles 2 pi * position / period
+    a, c = grid_positions(grid, None if dinov3 else ref_grid, offset, xy, centred=dinov3)
+    if dinov3:
         bands = bands * (2.0 * math.pi)
-    else:
-        a, c = grid_positions(grid, ref_grid, offset, xy)
     angles = jnp.concatenate([a[:, None] * bands, c[:, None] * bands], axis=-1)
     # interleaved [a0, a0, a1, a1, ...] or half [a0, a1, ..., a0, a1, ...]
     angles = jnp.concatenate([angles, angles], axis=-1) if half else jnp.repeat(angles, 2, axis=-1)

@@ -243,6 +243,18 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> tuple[
     return inv.astype(np.float32), float(attn)
 
 
+# the block options of pretrained families (jaxattn.models.gpt_hf): a plain LLaMA block leaves them at their defaults
+FAMILY_FIELDS = ("qk_norm", "qk_norm_full", "pre_norms", "rope_scaling", "rope_layers", "mlp_act", "norm_offset",
+                 "post_norms", "embed_scale", "attn_scale", "attn_softcap", "final_softcap", "local_rope_theta",
+                 "embed_multiplier", "residual_multiplier", "logits_divisor")
+
+
+def non_default(cfg: GPTConfig, names: tuple[str, ...]) -> list[str]:
+    """The fields among ``names`` whose value in ``cfg`` is not :class:`GPTConfig`'s default."""
+    base = GPTConfig()
+    return [n for n in names if getattr(cfg, n) != getattr(base, n)]
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6) -> jax.Array:
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)

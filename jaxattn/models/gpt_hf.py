@@ -54,7 +54,7 @@ import numpy as np
 from flax import nnx
 
 from jaxattn.models import hf
-from jaxattn.models.gpt import GPT, GPTConfig
+from jaxattn.models.gpt import GPT, GPTConfig, non_default
 
 __all__ = ["config_from_hf", "entries", "hf_config", "load_hf_state_dict", "prepare_state_dict", "to_hf_state_dict"]
 
@@ -234,6 +234,10 @@ def prepare_state_dict(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) ->
     return out
 
 
+_GRANITE = ("embed_multiplier", "residual_multiplier", "logits_divisor", "attn_scale")
+_GEMMA_ONLY = ("norm_offset", "embed_scale", "post_norms", "attn_softcap", "final_softcap", "local_rope_theta")
+
+
 def _family(cfg: GPTConfig) -> str:
     """The Hugging Face model_type that holds ``cfg``, or a ValueError naming what none does."""
     if cfg.position != "rope":
@@ -241,25 +245,23 @@ def _family(cfg: GPTConfig) -> str:
     gemma = (cfg.norm_offset, cfg.embed_scale, cfg.mlp_act) == (1.0, True, "gelu_tanh")
     olmo = (cfg.pre_norms, cfg.post_norms, cfg.qk_norm, cfg.qk_norm_full) == (False, True, True, True)
     if olmo and not gemma:
-        odd = [f for f in ("norm_offset", "embed_scale", "attn_scale", "attn_softcap", "final_softcap", "local_rope_theta",
-                           "qkv_bias", "rope_layers") if getattr(cfg, f) not in (None, False, 0.0, ())]
-        if odd or cfg.mlp_act != "silu" or (cfg.embed_multiplier, cfg.residual_multiplier, cfg.logits_divisor) != (1, 1, 1):
-            raise ValueError(f"an OLMo 2 layout has LLaMA's blocks otherwise: {odd or 'mlp_act / multipliers'} set")
+        odd = non_default(cfg, ("qkv_bias", "rope_layers", "mlp_act", "norm_offset", "embed_scale", "attn_softcap",
+                               "final_softcap", "local_rope_theta", *_GRANITE))
+        if odd:
+            raise ValueError(f"an OLMo 2 layout has LLaMA's blocks otherwise: {odd} set")
         return "olmo2"
     if not cfg.pre_norms or cfg.qk_norm_full:
         raise ValueError("post-norm-only blocks and whole-width q/k norms are OLMo 2's: pre_norms=False, post_norms, "
                          "qk_norm and qk_norm_full together")
     if not gemma:
-        odd = [f for f in ("norm_offset", "embed_scale", "post_norms", "attn_softcap", "final_softcap",
-                           "local_rope_theta") if getattr(cfg, f) not in (None, False, 0.0)]
-        if odd or cfg.mlp_act != "silu":
-            raise ValueError(f"no Hugging Face layout has this GPT: {odd or ['mlp_act']} set without the rest of "
+        odd = non_default(cfg, (*_GEMMA_ONLY, "mlp_act"))
+        if odd:
+            raise ValueError(f"no Hugging Face layout has this GPT: {odd} set without the rest of "
                              "Gemma's (norm_offset=1, embed_scale, mlp_act='gelu_tanh')")
         if cfg.qk_norm and cfg.qkv_bias:
             raise ValueError("no Hugging Face layout has q/k norms and q/k/v biases alone (Qwen3's attention_bias "
                              "biases o_proj too)")
-        granite = (cfg.embed_multiplier, cfg.residual_multiplier, cfg.logits_divisor) != (1.0, 1.0, 1.0) \
-            or cfg.attn_scale is not None
+        granite = bool(non_default(cfg, _GRANITE))
         if sum([granite, bool(cfg.rope_layers), cfg.qk_norm or cfg.qkv_bias]) > 1:
             raise ValueError("no Hugging Face layout has more than one of Granite's multipliers (or attn_scale), "
                              "NoPE layers (rope_layers, SmolLM3) and Qwen's q/k norms or biases")
@@ -270,14 +272,14 @@ def _family(cfg: GPTConfig) -> str:
         if cfg.layer_types == ("window",) and not (cfg.qk_norm or cfg.qkv_bias):
             return "mistral"  # (every layer windowed: Mistral's sliding_window; Phi-3's export this way too)
         return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
-    if cfg.qkv_bias or not cfg.tie_embeddings or set(cfg.layer_types) - {"full", "window"} or cfg.rope_layers \
-            or (cfg.embed_multiplier, cfg.residual_multiplier, cfg.logits_divisor) != (1.0, 1.0, 1.0):
+    if not cfg.tie_embeddings or set(cfg.layer_types) - {"full", "window"} \
+            or non_default(cfg, ("qkv_bias", "rope_layers", "embed_multiplier", "residual_multiplier",
+                                                  "logits_divisor")):
         raise ValueError("a Gemma layout has no q/k/v biases, a tied head, only 'full' / 'window' layers, RoPE in "
                          "every layer and none of Granite's multipliers")
     if cfg.post_norms:
         return "gemma3_text" if cfg.qk_norm else "gemma2"
-    if cfg.qk_norm or cfg.attn_scale or cfg.attn_softcap or cfg.final_softcap or cfg.local_rope_theta \
-            or set(cfg.layer_types) != {"full"}:
+    if non_default(cfg, ("qk_norm", "attn_scale", "attn_softcap", "final_softcap", "local_rope_theta")) or set(cfg.layer_types) != {"full"}:
         raise ValueError("a Gemma (1) layout has none of qk_norm, attn_scale, softcaps, local_rope_theta, windows: "
                          "set post_norms for Gemma 2 / 3")
     return "gemma"

@@ -37,12 +37,7 @@ class LandmarkGPTConfig(gpt.GPTConfig):
         if self.dropout:
             raise ValueError("landmark attention has no dropout: use dropout=0")
         super().__post_init__()
-        plain = gpt.GPTConfig()
-        changed = [f for f in ("qk_norm", "rope_scaling", "mlp_act", "norm_offset", "post_norms", "embed_scale",
-                               "attn_scale", "attn_softcap", "final_softcap", "local_rope_theta", "rope_layers",
-                               "embed_multiplier", "residual_multiplier", "logits_divisor", "qk_norm_full",
-                               "pre_norms")
-                   if getattr(self, f) != getattr(plain, f)]
+        changed = gpt.non_default(self, gpt.FAMILY_FIELDS)
         if self.head_dim not in (None, self.dim // self.heads) or changed:
             raise ValueError(f"landmark models have dim // heads wide heads and LLaMA blocks: leave "
                              f"{changed or ['head_dim']} unset")
