@@ -2,7 +2,8 @@
 byte-level runs, or token ids (``--prompt-ids 1,2,3``) for runs on token files. ``DIR`` may also be a
 Hugging Face model folder jaxattn converts (TransNormerLLM, LLaMA, Qwen2: ``config.json`` + weights,
 downloaded beforehand); text prompts there need its tokenizer's library (``sentencepiece`` for a
-``tokenizer.model``, ``tokenizers`` for a ``tokenizer.json``)."""
+``tokenizer.model``, ``tokenizers`` for a ``tokenizer.json``). ``--chat`` sends the prompt as a user turn in
+the folder's own chat format (its Jinja chat template; ``jinja2`` and ``tokenizers``) and prints the reply."""
 
 from __future__ import annotations
 
@@ -98,9 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="a training --out folder, or a Hugging Face TransNormerLLM / LLaMA / Qwen2 folder")
     p.add_argument("--prompt", default=None, help='text, for byte-level runs (default "def ")')
     p.add_argument("--prompt-ids", default=None, help="token ids such as 464,2068 (runs on token files)")
+    p.add_argument("--chat", action="store_true", help="a Hugging Face chat model's folder: --prompt is a user "
+                   "turn, formatted by the folder's chat template; prints the assistant's reply only")
+    p.add_argument("--system", default=None, help="with --chat: a system turn before the prompt")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40, help="0: no top-k cut")
+    p.add_argument("--top-k", type=int, default=40, help="0: no top-k cut (a cut past the vocabulary keeps it whole)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the most likely tokens "
                    "whose probability reaches this")
     p.add_argument("--eos-id", type=int, default=None, help="stop at this token id (default: a Hugging Face "
@@ -113,13 +117,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.prompt is not None and a.prompt_ids is not None:
         p.error("give --prompt (text) or --prompt-ids (token ids), not both")
+    if a.chat and (a.prompt is None or a.prompt_ids is not None):
+        p.error("--chat takes the user's turn as --prompt (text)")
+    if a.system is not None and not a.chat:
+        p.error("--system needs --chat")
     try:
         model, tokenizer, byte_level, run_cfg, what = load_language_model(a.checkpoint, dtype=a.dtype, ema=a.ema)
     except ValueError as e:
         p.error(str(e))
     folder = run_cfg is None  # a Hugging Face folder
     vocab = model.cfg.vocab_size
-    if a.prompt_ids is not None:
+    if a.chat:
+        if not folder:
+            p.error(f"--chat needs a Hugging Face chat model's folder; {a.checkpoint} is a training run")
+        from jaxattn.models import chat
+
+        turns = ([{"role": "system", "content": a.system}] if a.system is not None else []) + \
+            [{"role": "user", "content": a.prompt}]
+        try:
+            prompt = chat.encode_chat(a.checkpoint, turns)
+        except (ValueError, ImportError) as e:
+            p.error(str(e))
+        if prompt.size and prompt.max() >= vocab:
+            p.error(f"the chat prompt has token ids past the model's vocabulary ({vocab})")
+    elif a.prompt_ids is not None:
         try:
             prompt = _ids(a.prompt_ids, vocab)
         except ValueError as e:
@@ -142,10 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         eos = folder_eos_ids(Path(a.checkpoint), vocab) or None
     try:
         toks = generate(model, jnp.asarray(prompt)[None], a.max_new_tokens, temperature=a.temperature,
-                        top_k=a.top_k or None, top_p=a.top_p, eos_id=eos, key=jax.random.PRNGKey(a.seed))
+                        top_k=min(a.top_k, vocab) or None, top_p=a.top_p, eos_id=eos, key=jax.random.PRNGKey(a.seed))
     except ValueError as e:
         p.error(str(e))
     out = np.asarray(toks[0])
+    if a.chat:  # the reply alone (its end-of-turn token, a special token, is not printed)
+        out = out[prompt.size:]
     if byte_level:
         print(bytes(out.clip(0, 255).astype(np.uint8)).decode("utf-8", errors="replace"))
     elif tokenizer is not None:

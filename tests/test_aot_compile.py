@@ -297,6 +297,7 @@ def test_sweep_compile_only_mode():
 
 
 @needs_aot
+@pytest.mark.slow  # (whole-model steps; each kernel's own CUDA compile is in the default suite)
 def test_model_steps_compile_only(tmp_path, capsys):
     """``bench tnl`` / ``bench vision`` with ``--compile-only``: the jitted training and inference
     steps of whole models (abstract weights: nothing allocated) compile for the H100."""
@@ -348,6 +349,7 @@ def test_gpu_dry_run(tmp_path):
     assert "no failures" in run.stdout
 
 
+@pytest.mark.slow
 @needs_aot
 def test_image_step_traffic_cli(capsys, tmp_path):
     """``bench traffic --image-step``: a HaloNet training step compiled for the H100 runs all four

@@ -27,8 +27,10 @@ def test_gpu_sweep_fills_tokens_and_model_dim():
 
 
 @pytest.mark.parametrize("op,peer,n_cases", [("attention", "| xla", 4), ("lightning", "| scan", 2),
-                                             ("halo", "| xla-unfold", 2), ("sparse", "| flash-full", 2),
-                                             ("l2vit", "| quadratic", 2), ("landmark", "| flash-causal", 2)])
+                                             ("sparse", "| flash-full", 2),
+                                             *(pytest.param(*c, marks=pytest.mark.slow) for c in [
+                                                 ("halo", "| xla-unfold", 2), ("l2vit", "| quadratic", 2),
+                                                 ("landmark", "| flash-causal", 2)])])
 def test_smoke_sweep_cli(tmp_path, capsys, op, peer, n_cases):
     path = tmp_path / "bench.json"
     assert main([op, "--smoke", "--json", str(path), "--no-progress"]) == 0
@@ -218,8 +220,8 @@ def test_torch_peers_need_torch_with_cuda(monkeypatch):
     assert runner.cuda_torch("bfloat16") is None
 
 
-@pytest.mark.parametrize("family", ["flash", pytest.param("lightning", marks=pytest.mark.slow), "sage", "halo",
-                                    pytest.param("mosaic", marks=pytest.mark.slow),
+@pytest.mark.parametrize("family", ["flash", pytest.param("lightning", marks=pytest.mark.slow), "sage",
+                                    pytest.param("halo", marks=pytest.mark.slow), pytest.param("mosaic", marks=pytest.mark.slow),
                                     pytest.param("sparse", marks=pytest.mark.slow)])
 def test_tune_smoke_cli(tmp_path, capsys, family):
     """The tuner's plumbing on CPU: every stage times its current config and candidates, and the

@@ -208,7 +208,8 @@ def test_window_and_cap_lower_for_cuda():
     assert count_triton_calls(text) == 1
 
 
-@pytest.mark.parametrize("sq,causal,dtype", [(1, True, jnp.float32), (3, True, jnp.bfloat16), (2, False, jnp.float32)])
+@pytest.mark.parametrize("sq,causal,dtype", [(3, True, jnp.bfloat16), *(pytest.param(*c, marks=pytest.mark.slow)
+                                             for c in [(1, True, jnp.float32), (2, False, jnp.float32)])])
 def test_alibi_matches_attention_on_each_truncated_cache(sq, causal, dtype):
     """ALiBi decoding (dense and paged kernels, and the XLA path) equals jaxattn.attention with
     the same slopes on each row's own cache prefix: positions come from lengths, not the cache size."""

@@ -146,11 +146,13 @@ def timm_eva_forward(sd, args, images):
 SMALL = {"depth": 2, "embed_dim": 64, "num_heads": 4, "num_classes": 5}
 
 
-@pytest.mark.parametrize("arch", ["eva02_tiny_patch14_224", "eva02_base_patch14_224", "vit_small_patch16_dinov3",
-                                  "vit_base_patch16_dinov3_qkvb", "vit_small_plus_patch16_dinov3",
-                                  "eva02_base_patch16_clip_224", "vit_medium_patch16_rope_reg1_gap_256",
-                                  "vit_small_patch16_rope_224", "vit_small_patch16_rope_mixed_ape_224",
-                                  "vit_pe_core_tiny_patch16_384", "vit_pe_core_gigantic_patch14_448"])
+@pytest.mark.parametrize("arch", ["eva02_tiny_patch14_224", "vit_small_patch16_dinov3", "eva02_base_patch16_clip_224",
+                                  "vit_medium_patch16_rope_reg1_gap_256", "vit_small_patch16_rope_mixed_ape_224",
+                                  "vit_pe_core_tiny_patch16_384",
+                                  *(pytest.param(a, marks=pytest.mark.slow) for a in [  # (their options overlap)
+                                      "eva02_base_patch14_224", "vit_base_patch16_dinov3_qkvb",
+                                      "vit_small_plus_patch16_dinov3", "vit_small_patch16_rope_224",
+                                      "vit_pe_core_gigantic_patch14_448"])])
 def test_folder_matches_numpy_timm(tmp_path, arch):
     """A timm folder of each layout loads (hf.load_pretrained) and matches timm's forward in float64 numpy;
     biases, norms, layer scales, prefix tokens and the SwiGLU gates are randomised so that each one counts."""
@@ -225,6 +227,7 @@ MIXED = EvaConfig(image_size=16, patch_size=4, num_classes=3, dim=32, depth=2, h
                   pool="cls", fc_norm=False, attn_impl="xla")
 
 
+@pytest.mark.slow
 def test_mixed_rope_learns_its_frequencies():
     """RoPE-ViT's mixed embedding: one table per block and head from the learned rope.freqs (which get
     gradients); the intermediates see the same per-block tables."""

@@ -20,7 +20,7 @@ SMALL = flash.FlashConfig(32, 16, 4, 2, 32, 16, 16, 32, 4, 2)
 # (batch, sq, sk, hq, hkv, d, causal, shared, segments, dtype, rate)
 CASES = [
     (2, 37, 53, 4, 2, 32, False, False, False, jnp.float32, 0.3),
-    (1, 64, 64, 3, 1, 64, True, False, True, jnp.float32, 0.1),
+    pytest.param((1, 64, 64, 3, 1, 64, True, False, True, jnp.float32, 0.1), marks=pytest.mark.slow),
     (2, 19, 40, 2, 2, 32, True, True, False, jnp.float32, 0.5),
     (1, 48, 48, 4, 2, 64, True, False, False, jnp.bfloat16, 0.2),
     pytest.param((2, 33, 17, 2, 1, 32, False, False, False, jnp.float16, 0.3), marks=pytest.mark.slow),
@@ -98,6 +98,7 @@ def test_offset_draws_a_block_of_the_larger_mask():
     assert 0 < part.mean() < 1
 
 
+@pytest.mark.slow
 def test_kernel_shard_with_offset_is_part_of_the_whole():
     """The kernel on a (batch, query) shard with ``dropout_offset`` gives the rows of the whole
     problem's dropout attention (the oracle on the whole problem), forward and gradients against the

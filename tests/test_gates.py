@@ -145,7 +145,8 @@ def test_halonet_stage_gates():
     assert len(shapes) == len(m.cfg.channels)
 
 
-@pytest.mark.parametrize("mode", ["routed", pytest.param("joint", marks=pytest.mark.slow)])  # (joint: test_routing_updates)
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["routed", "joint"])  # (joint: test_routing_updates)
 def test_image_cli_with_gates(tmp_path, mode):
     import csv
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +37,44 @@ def test_rope_is_relative():
         kj = rope(k, jnp.array([j]), 10000.0)
         dots.append(float(jnp.sum(qi * kj)))
     np.testing.assert_allclose(dots, dots[0], rtol=1e-5)
+
+
+def test_partial_rotary_and_longrope():
+    """rotary_dim: the first channels rotate as a head that narrow would, the rest pass unchanged; LongRoPE
+    divides each frequency by its short factor up to the original context and by its long factor past it
+    (chosen by the call's last position), cos/sin times sqrt(1 + ln(factor) / ln(original))."""
+    x = jax.random.normal(jax.random.PRNGKey(4), (1, 6, 2, 12))
+    pos = jnp.arange(6) + 3
+    part = rope(x, pos, 100.0, (), rotary_dim=8)
+    np.testing.assert_array_equal(part[..., 8:], x[..., 8:])
+    np.testing.assert_allclose(part[..., :8], rope(x[..., :8], pos, 100.0), rtol=1e-6, atol=1e-6)
+    short, long = (1.0, 2.0, 4.0, 8.0), (3.0, 5.0, 7.0, 9.0)
+    cfg = GPTConfig(dim=48, heads=4, rotary_dim=8, rope_scaling={"rope_type": "longrope", "short_factor": list(short),
+                    "long_factor": long, "factor": 4.0, "original_max_position_embeddings": 9})
+    attn = np.sqrt(1 + np.log(4.0) / np.log(9.0))
+
+    def by_hand(positions, factors):  # float64: angle = position / (factor_i * 100^(2i/8))
+        ang = np.asarray(positions, np.float64)[:, None] / (np.asarray(factors) * 100.0 ** (np.arange(0, 8, 2) / 8))
+        cos, sin = np.cos(ang)[None, :, None] * attn, np.sin(ang)[None, :, None] * attn
+        xf = np.asarray(x[:, :len(positions)], np.float64)
+        x1, x2 = xf[..., :4], xf[..., 4:8]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, xf[..., 8:]], -1)
+
+    for positions, factors in [(pos, short), (pos + 1, long), (jnp.arange(2) + 7, short), (jnp.arange(2) + 8, long)]:
+        got = rope(x[:, :len(positions)], positions, 100.0, cfg.rope_scaling, cfg.rotary_dim)
+        np.testing.assert_allclose(got, by_hand(positions, factors), rtol=1e-5, atol=1e-5)
+    assert hash(cfg) == hash(dataclasses.replace(cfg))  # (factor lists frozen into tuples)
+    for kw, match in [(dict(rotary_dim=7), "rotary_dim must be a positive even"),
+                      (dict(rotary_dim=14), "rotary_dim must be a positive even"),
+                      (dict(rotary_dim=6), "one factor per rotated channel pair .3., got 4"),
+                      (dict(rope_scaling={"rope_type": "longrope", "short_factor": short, "long_factor": long,
+                                          "original_max_position_embeddings": 9}), "give factor"),
+                      (dict(rope_scaling={"rope_type": "longrope", "short_factor": (1.0, 0.0, 1.0, 1.0), "factor": 2.0,
+                                          "long_factor": long, "original_max_position_embeddings": 9}), "positive"),
+                      (dict(rope_scaling={"rope_type": "longrope", "short_factor": "abc", "factor": 2.0,
+                                          "long_factor": long, "original_max_position_embeddings": 9}), "list of numbers")]:
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(cfg, **kw)
 
 
 def test_attention_layer_matches_math():
@@ -73,7 +113,7 @@ def test_config_errors():
         GPTConfig(rope_scaling=("linear",))
     with pytest.raises(ValueError, match="rope_type must be one of"):
         GPTConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    with pytest.raises(ValueError, match="rope_scaling and local_rope_theta need position='rope'"):
+    with pytest.raises(ValueError, match="rope_scaling, rotary_dim and local_rope_theta need position='rope'"):
         GPTConfig(position="alibi", rope_scaling={"rope_type": "linear", "factor": 2.0})
     with pytest.raises(ValueError, match="landmark models.*qk_norm"):
         LandmarkGPTConfig(qk_norm=True)

@@ -62,15 +62,21 @@ def random_hf_state_dict(raw, seed=0):
     return sd
 
 
-def scaled_inv_freq(raw, hd):
-    """RoPE inverse frequencies and cos/sin factor, from the formulas of each scaling (Llama 3.1's release,
-    the YaRN paper with Hugging Face's defaults), in float64."""
+def scaled_inv_freq(raw, hd, seq_len=None):
+    """RoPE inverse frequencies of ``hd`` rotated channels and the cos/sin factor, from the formulas of each
+    scaling (Llama 3.1's release, the YaRN paper with Hugging Face's defaults, LongRoPE as Phi-3 uses it:
+    per-frequency factors, the long ones for a sequence of ``seq_len`` past the original context), in float64."""
     rope = {**(raw.get("rope_parameters") or {}), **(raw.get("rope_scaling") or {})}
     theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
     kind = rope.get("rope_type", rope.get("type", "default"))
     base = theta ** (-np.arange(0, hd, 2) / hd)
     if kind == "default":
         return base, 1.0
+    if kind in ("longrope", "su") or raw["model_type"] == "phi3":  # (Phi-3's "su" / "yarn" are LongRoPE)
+        ctx = raw.get("original_max_position_embeddings", 4096)
+        factor = rope.get("factor") or raw["max_position_embeddings"] / ctx
+        ext = np.asarray(rope["long_factor"] if seq_len is not None and seq_len > ctx else rope["short_factor"])
+        return base / ext, rope.get("attention_factor") or math.sqrt(1 + math.log(factor) / math.log(ctx))
     factor = rope["factor"]
     if kind == "linear":
         return base / factor, 1.0
@@ -101,9 +107,10 @@ def scaled_inv_freq(raw, hd):
     return np.asarray(out), rope.get("attention_factor") or 0.1 * math.log(factor) + 1.0
 
 
-def reference_logits(sd, raw, tokens):
-    """float64 numpy forward of transformers' LlamaForCausalLM / Qwen2 / Qwen3 / Mistral and Gemma / Gemma2 /
-    Gemma3ForCausalLM."""
+def reference_logits(sd, raw, tokens, call_lengths=None):
+    """float64 numpy forward of transformers' LlamaForCausalLM / Qwen2 / Qwen3 / Mistral / Phi3 and Gemma /
+    Gemma2 / Gemma3ForCausalLM. ``call_lengths[i]``: the sequence length of the forward call that rotated
+    position ``i`` (LongRoPE's factors depend on it: a prefill, then decode steps; default all at once)."""
     W = {k: v.astype(np.float64) for k, v in sd.items()}
     kind = raw["model_type"]
     gemma = kind.startswith("gemma")
@@ -141,17 +148,23 @@ def reference_logits(sd, raw, tokens):
         y = x @ W[name + ".weight"].T
         return y + W[name + ".bias"] if name + ".bias" in W else y
 
+    # (Phi-3: RoPE on the first rot channels)
+    rot = int(hd * {**(raw.get("rope_parameters") or {}), **raw}.get("partial_rotary_factor", 1.0))
+    call_lengths = [n] * n if call_lengths is None else call_lengths
+
     def rotation(layer_type):
         if kind == "gemma3_text" and layer_type == "sliding":  # plain RoPE at the local base
             inv_freq, attn_factor = scaled_inv_freq({"rope_theta": raw["rope_local_base_freq"]}, hd)
         else:
-            inv_freq, attn_factor = scaled_inv_freq(raw, hd)
-        emb = np.concatenate([np.arange(n)[:, None] * inv_freq] * 2, axis=-1)  # [n, hd]
+            inv_freq, attn_factor = np.stack([scaled_inv_freq(raw, rot, seq_len=c)[0] for c in call_lengths]), \
+                scaled_inv_freq(raw, rot, seq_len=n)[1]
+        emb = np.concatenate([np.arange(n)[:, None] * inv_freq] * 2, axis=-1)  # [n, rot]
         cos, sin = np.cos(emb)[None, None] * attn_factor, np.sin(emb)[None, None] * attn_factor
 
         def rotate(x):  # [b, heads, n, hd]
-            x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
-            return x * cos + np.concatenate([-x2, x1], -1) * sin
+            xr, rest = x[..., :rot], x[..., rot:]
+            x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
+            return np.concatenate([xr * cos + np.concatenate([-x2, x1], -1) * sin, rest], -1)
 
         return rotate
 
@@ -227,6 +240,16 @@ GEMMA3 = {**GEMMA, "model_type": "gemma3_text", "num_hidden_layers": 3, "num_key
 # Phi-3: LLaMA blocks with fused qkv_proj / gate_up_proj weights and a sliding window on every layer
 PHI3 = {**LLAMA, "model_type": "phi3", "sliding_window": 6, "rope_theta": 10000.0, "original_max_position_embeddings": 64,
         "pad_token_id": 0}
+# Phi-3.5-mini: LongRoPE ("su", its first name), an original context of 8 < 13 tokens: the long factors
+_LONG = {"short_factor": [1.0, 1.3, 2.0, 3.5], "long_factor": [1.1, 2.5, 6.0, 17.0]}
+PHI35 = {**PHI3, "max_position_embeddings": 40, "original_max_position_embeddings": 8,
+         "rope_scaling": {"type": "su", **_LONG}}
+# Phi-4-mini: partial rotary (3/4 of head_dim 16), LongRoPE in rope_parameters (transformers 5), tied, no window
+PHI4MINI = {**LLAMA, "model_type": "phi3", "num_attention_heads": 2, "num_key_value_heads": 1, "pad_token_id": 0,
+            "tie_word_embeddings": True, "max_position_embeddings": 64, "original_max_position_embeddings": 8,
+            "rope_parameters": {"rope_type": "longrope", "rope_theta": 200.0, "partial_rotary_factor": 0.75,
+                                "short_factor": [1.0, 1.1, 1.5, 2.0, 3.0, 4.0],
+                                "long_factor": [1.2, 1.9, 3.0, 7.0, 12.0, 30.0]}}
 # IBM Granite: multipliers on the embeddings, each residual branch, the logit scale; logits divided
 GRANITE = {**LLAMA, "model_type": "granite", "embedding_multiplier": 3.0, "residual_multiplier": 0.4,
            "attention_multiplier": 0.05, "logits_scaling": 2.5, "tie_word_embeddings": True}
@@ -234,10 +257,12 @@ GRANITE = {**LLAMA, "model_type": "granite", "embedding_multiplier": 3.0, "resid
 SMOLLM3 = {**LLAMA, "model_type": "smollm3", "num_hidden_layers": 3, "no_rope_layers": [1, 0, 1], "pad_token_id": 0}
 # OLMo 2: post-norm blocks (no input norm), one RMSNorm over all heads' queries / keys
 OLMO2 = {**LLAMA, "model_type": "olmo2", "pad_token_id": 0}
-CONFIGS = [LLAMA, QWEN2, MISTRAL, QWEN3, LLAMA31, YARN, LINEAR, GEMMA, GEMMA2, GEMMA3, PHI3, GRANITE, SMOLLM3, OLMO2]
+CONFIGS = [LLAMA, QWEN2, MISTRAL, QWEN3, LLAMA31, YARN, LINEAR, GEMMA, GEMMA2, GEMMA3, PHI3, GRANITE, SMOLLM3, OLMO2,
+           PHI35, PHI4MINI]
 CONFIG_IDS = ["llama-gqa-untied", "qwen2-bias-tied", "mistral-window", "qwen3-qknorm-headdim", "llama3.1-rope",
               "qwen2-yarn", "llama-linear-rope", "gemma-mqa", "gemma2-softcap-window", "gemma3-qknorm-local-rope",
-              "phi3-fused-window", "granite-multipliers", "smollm3-nope-layers", "olmo2-post-norms"]
+              "phi3-fused-window", "granite-multipliers", "smollm3-nope-layers", "olmo2-post-norms",
+              "phi3.5-longrope", "phi4mini-partial-rotary-longrope"]
 
 
 def fused_phi3(sd):
@@ -256,16 +281,59 @@ def fused_phi3(sd):
 
 
 def test_phi3_folder_with_fused_weights(tmp_path):
-    """A Phi-3 folder (fused qkv_proj / gate_up_proj) loads to the reference logits with its sliding window;
-    LongRoPE is refused."""
+    """A Phi-3 folder (fused qkv_proj / gate_up_proj) loads to the reference logits with its sliding window."""
     sd = random_hf_state_dict(PHI3, seed=6)
     (tmp_path / "config.json").write_text(json.dumps(PHI3))
     write_safetensors(tmp_path / "model.safetensors", fused_phi3(sd))
     model = load_pretrained(tmp_path, attn_impl="xla")
     assert model.cfg.layer_types == ("window",) and model.cfg.window == 6
     assert_close(model(jnp.asarray(TOKENS)), reference_logits(sd, PHI3, TOKENS), F32, "phi3 logits", tol=LOGITS_TOL)
-    with pytest.raises(ValueError, match="LongRoPE"):
-        config_from_hf({**PHI3, "rope_scaling": {"type": "su", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4}})
+
+
+@pytest.mark.parametrize("raw", [PHI35, PHI4MINI], ids=["phi3.5", "phi4mini"])
+def test_longrope_switches_factors_past_the_original_context(tmp_path, raw):
+    """LongRoPE: a sequence within the original context (8) uses the short factors, a longer one the long
+    factors (the oracle's two regimes differ); a Phi-3 folder of either round-trips through save_pretrained
+    (Phi-4-mini's partial rotary as Phi-3, fused weights); generation decodes each call with the factors
+    its last position picks, as transformers."""
+    sd = random_hf_state_dict(raw, seed=4)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "config.json").write_text(json.dumps(raw))
+    write_safetensors(tmp_path / "in" / "model.safetensors", fused_phi3(sd))
+    model = load_pretrained(tmp_path / "in", attn_impl="xla")
+    cfg = model.cfg
+    assert dict(cfg.rope_scaling)["factor"] == raw["max_position_embeddings"] / 8
+    assert cfg.rotary_dim == (12 if raw is PHI4MINI else None)
+    short, long = TOKENS[:, :8], TOKENS
+    want_short = reference_logits(sd, raw, short)
+    assert_close(model(jnp.asarray(short)), want_short, F32, "short", tol=LOGITS_TOL)
+    want_long = reference_logits(sd, raw, long)
+    assert_close(model(jnp.asarray(long)), want_long, F32, "long", tol=LOGITS_TOL)
+    assert np.abs(want_long[:, :8] - want_short).max() > 1e-2  # (the factors differ where it matters)
+    save_pretrained(model, tmp_path / "out")
+    assert hf_model_type(tmp_path / "out") == ("phi3" if raw is PHI4MINI else "mistral")
+    assert config_from_hf(json.loads((tmp_path / "out" / "config.json").read_text()), attn_impl="xla") == cfg
+    np.testing.assert_array_equal(np.asarray(load_pretrained(tmp_path / "out", attn_impl="xla")(jnp.asarray(long))),
+                                  np.asarray(model(jnp.asarray(long))))
+    # a cache: the prompt (8 tokens) rotated with the short factors, then each step past 8 with the long ones
+    logits, cache = model(jnp.asarray(short), cache=model.init_cache(2, 13), offset=0)
+    assert_close(logits, want_short, F32, "prefill", tol=LOGITS_TOL)
+    for t in (8, 9):
+        step, cache = model(jnp.asarray(long[:, t:t + 1]), cache=cache, offset=t)
+        want = reference_logits(sd, raw, long[:, :t + 1], call_lengths=[8] * 8 + list(range(9, t + 2)))
+        assert_close(step[:, 0], want[:, t], F32, f"decode step {t}", tol=LOGITS_TOL)
+    assert np.abs(want[:, 9] - want_long[:, 9]).max() > 1e-3  # (the cached short keys show)
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "in").eval()  # its own cache, the same steps
+    with torch.no_grad():
+        out = ref(torch.as_tensor(short), use_cache=True)
+        for t in (8, 9):
+            out = ref(torch.as_tensor(long[:, t:t + 1]), past_key_values=out.past_key_values, use_cache=True)
+    assert_close(out.logits[:, 0].numpy(), want[:, 9], F32, "transformers' decode step", tol=LOGITS_TOL)
 
 
 def test_rope_scaling_reference_covers_every_regime():
@@ -415,7 +483,9 @@ def test_export_keeps_qk_norm_head_dim_and_rope_scaling(tmp_path, raw):
     load_hf_state_dict(model, sd)
     save_pretrained(model, tmp_path)
     assert config_from_hf(hf_config(model.cfg), attn_impl="xla") == model.cfg
-    assert hf_model_type(tmp_path) == {"phi3": "mistral"}.get(raw["model_type"], raw["model_type"])
+    # (Phi-3 saves as Mistral, the same blocks; with partial rotary as Phi-3, fused weights)
+    assert hf_model_type(tmp_path) == ("phi3" if model.cfg.rotary_dim else
+                                       {"phi3": "mistral"}.get(raw["model_type"], raw["model_type"]))
     again = load_pretrained(tmp_path, attn_impl="xla")
     want = np.asarray(model(jnp.asarray(TOKENS)))
     np.testing.assert_array_equal(np.asarray(again(jnp.asarray(TOKENS))), want)

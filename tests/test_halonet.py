@@ -159,6 +159,7 @@ def test_big_model_forward_shape_abstract(name, size):
     assert out.shape == (2, 5) and out.dtype == F32
 
 
+@pytest.mark.slow
 def test_jitted_train_step_has_finite_grads():
     # same shapes as the fixture, so init hits the compile cache; last-BN scales not zeroed so
     # the attention parameters get gradients on the first step

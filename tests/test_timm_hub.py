@@ -259,7 +259,14 @@ FAMILIES = [("deit3_small_patch16_224", {}),  # layer scale, position embedding 
             ("vit_base_patch32_siglip_gap_256", {})]  # mean pooling without fc_norm, tanh GELU
 
 
-@pytest.mark.parametrize("arch,extra", FAMILIES, ids=[a + "".join(f"-{k}" for k in e) for a, e in FAMILIES])
+# the default suite runs these; the rest are slow (their options overlap these)
+DEFAULT_FAMILIES = {"vit_small_patch14_reg4_dinov2", "vit_giant_patch14_dinov2", "vit_medium_patch16_reg4_gap_256",
+                    "vit_base_patch16_clip_quickgelu_224", "vit_base_patch16_siglip_224"}
+
+
+@pytest.mark.parametrize("arch,extra", [
+    pytest.param(a, e, id=a + "".join(f"-{k}" for k in e), marks=[] if a in DEFAULT_FAMILIES and not e else pytest.mark.slow)
+    for a, e in FAMILIES])
 def test_timm_families_match_numpy_timm(tmp_path, arch, extra):
     """Each family's folder loads and matches timm's forward written in float64 numpy on the state_dict
     (layer scale, register tokens, norms, the latent query and the MLP's input weights given random values, so
@@ -439,6 +446,7 @@ def test_export_refuses_what_timm_lacks():
     assert hf_config(dataclasses.replace(MODEL_CONFIGS["halonet26t"], num_classes=3))["architecture"] == "halonet26t"
 
 
+@pytest.mark.slow
 def test_fine_tune_a_timm_folder_then_export_the_run(tmp_path):
     """train image --model FOLDER: the pretrained blocks load (lr 0 keeps them through the run), the
     classifier is new, dropout streams checkpoint, attention maps plot; python -m jaxattn.export writes

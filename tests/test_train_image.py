@@ -487,6 +487,7 @@ def test_training_improves_batchnorm_and_artifacts(tmp_path, digits16):
     np.testing.assert_array_equal(t.model.bn1.mean[...], bn.mean[...])  # the trainer's state is untouched
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path, digits16):
     d = small(digits16)
     kw = dict(model_factory=SmallCNN, data=d, progress=False)

@@ -92,6 +92,7 @@ def test_check_and_occupancy():
     assert cc.occupancy({**base, "ok": False}) is None
 
 
+@pytest.mark.slow
 def test_oversized_tiles_fail_the_check():
     """A tile table that cannot launch on an H100 is caught here, not on the GPU."""
     _needs_triton()
@@ -128,7 +129,8 @@ MMA_TYPES = {"jaxattn_sage_fwd": {"wgmma.s8", "wgmma.e4m3"}, "jaxattn_flash_fwd"
 DEFAULT_SPILL_BUDGET = 0
 
 
-@pytest.mark.parametrize("family", sorted(set(cc.FAMILIES) - {"mosaic"}))  # Mosaic: tests/test_aot_compile.py
+@pytest.mark.parametrize("family", [f if f in ("flash", "sage") else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in sorted(set(cc.FAMILIES) - {"mosaic"})])  # Mosaic: tests/test_aot_compile.py
 def test_target_configs_compile_for_sm90(family):
     _needs_triton()
     kernels, owners = [], []

@@ -58,8 +58,12 @@ class GPTConfig:
     sink: int = 64  # sink tokens of the power / sink patterns
     rope_theta: float = 10000.0
     # RoPE frequency scaling for contexts past pretraining, as a Hugging Face ``rope_scaling`` dict:
-    # {"rope_type": "linear" | "llama3" | "yarn", "factor": ..., ...} (see rope_frequencies); () is plain RoPE
+    # {"rope_type": "linear" | "llama3" | "yarn" | "longrope", "factor": ..., ...} (see rope_frequencies); ()
+    # is plain RoPE
     rope_scaling: tuple | Mapping = ()
+    # partial rotary (Phi-4-mini, ...): RoPE on each head's first rotary_dim channels, the rest unrotated;
+    # None: the whole head
+    rotary_dim: int | None = None
     norm_eps: float = 1e-6  # RMSNorm epsilon (LLaMA: 1e-5, Qwen2: 1e-6)
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
     head_dim: int | None = None  # per-head width; defaults to dim // heads (Qwen3, Mistral-Nemo: set apart)
@@ -106,8 +110,18 @@ class GPTConfig:
         if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
             raise ValueError(f"head_dim must be a positive even number (RoPE rotates halves), got {self.head_dim}")
         object.__setattr__(self, "rope_scaling", _rope_scaling(self.rope_scaling))
-        if (self.rope_scaling or self.local_rope_theta) and self.position != "rope":
-            raise ValueError("rope_scaling and local_rope_theta need position='rope'")
+        if (self.rope_scaling or self.local_rope_theta or self.rotary_dim) and self.position != "rope":
+            raise ValueError("rope_scaling, rotary_dim and local_rope_theta need position='rope'")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_size and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim must be a positive even number up to the head width {self.head_size}, "
+                             f"got {self.rotary_dim}")
+        scaling = dict(self.rope_scaling)
+        if scaling.get("rope_type") == "longrope":
+            half = (self.rotary_dim or self.head_size) // 2
+            for name in ("short_factor", "long_factor"):
+                if len(scaling[name]) != half:
+                    raise ValueError(f"rope_scaling {name}: one factor per rotated channel pair ({half}), got "
+                                     f"{len(scaling[name])}")
         if self.mlp_act not in ("silu", "gelu_tanh"):
             raise ValueError(f"mlp_act must be 'silu' or 'gelu_tanh', got {self.mlp_act!r}")
         for name in ("attn_scale", "attn_softcap", "final_softcap"):
@@ -167,9 +181,11 @@ ROPE_SCALING_KEYS = {
     "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
     "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
              "mscale_all_dim", "truncate"},
+    "longrope": {"short_factor", "long_factor", "original_max_position_embeddings", "factor", "attention_factor"},
 }
 _ROPE_REQUIRED = {"linear": {"factor"}, "llama3": ROPE_SCALING_KEYS["llama3"],
-                  "yarn": {"factor", "original_max_position_embeddings"}}
+                  "yarn": {"factor", "original_max_position_embeddings"},
+                  "longrope": {"short_factor", "long_factor", "original_max_position_embeddings"}}
 
 
 def _rope_scaling(spec) -> tuple:
@@ -183,22 +199,35 @@ def _rope_scaling(spec) -> tuple:
                          f"'factor': 4.0}}) or its items, got {spec!r}") from None
     kind = d.pop("rope_type", d.pop("type", None))
     if kind not in ROPE_SCALING_KEYS:
-        raise ValueError(f"rope_scaling: rope_type must be one of {sorted(ROPE_SCALING_KEYS)} (dynamic and "
-                         f"longrope depend on the sequence length and are not supported), got {kind!r}")
+        raise ValueError(f"rope_scaling: rope_type must be one of {sorted(ROPE_SCALING_KEYS)} (dynamic NTK "
+                         f"scaling is not supported), got {kind!r}")
     d = {k: v for k, v in d.items() if v is not None}
     unknown, missing = set(d) - ROPE_SCALING_KEYS[kind], _ROPE_REQUIRED[kind] - set(d)
     if unknown or missing:
         raise ValueError(f"rope_scaling {kind!r}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)} "
                          f"(keys: {sorted(ROPE_SCALING_KEYS[kind])})")
-    if float(d["factor"]) <= 0:
+    if "factor" in d and float(d["factor"]) <= 0:
         raise ValueError(f"rope_scaling: factor must be positive, got {d['factor']}")
+    if kind == "longrope":
+        if "factor" not in d and "attention_factor" not in d:
+            raise ValueError("rope_scaling 'longrope': give factor (the context's growth over "
+                             "original_max_position_embeddings) or attention_factor")
+        for name in ("short_factor", "long_factor"):  # frozen: the config stays hashable
+            try:
+                d[name] = tuple(float(f) for f in d[name])
+            except (TypeError, ValueError):
+                raise ValueError(f"rope_scaling {name} must be a list of numbers, got {d[name]!r}") from None
+            if not all(f > 0 for f in d[name]):
+                raise ValueError(f"rope_scaling {name}: factors must be positive")
     return (("rope_type", kind), *sorted(d.items()))
 
 
 @functools.lru_cache(maxsize=64)
-def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> tuple[np.ndarray, float]:
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple = (), long: bool = False
+                     ) -> tuple[np.ndarray, float]:
     """RoPE's inverse frequencies ``[head_dim / 2]`` (fp32) and the factor on cos/sin, as Hugging Face
-    computes them for ``rope_scaling`` (``GPTConfig.rope_scaling``'s frozen items):
+    computes them for ``rope_scaling`` (``GPTConfig.rope_scaling``'s frozen items; ``head_dim``: the
+    rotated width):
 
     - ``linear`` (position interpolation): every frequency divided by ``factor``;
     - ``llama3`` (Llama 3.1+): wavelengths above ``original_max_position_embeddings / low_freq_factor``
@@ -207,11 +236,21 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> tuple[
     - ``yarn`` (YaRN): per dimension, a ramp from interpolated (``/ factor``) to extrapolated (kept)
       frequencies between the dimensions that turn ``beta_slow`` and ``beta_fast`` times over the original
       context, and cos/sin scaled by ``attention_factor`` (default ``0.1 ln(factor) + 1``, or from ``mscale``
-      / ``mscale_all_dim``)."""
+      / ``mscale_all_dim``);
+    - ``longrope`` (LongRoPE: Phi-3 128k, Phi-3.5, Phi-4-mini): each frequency divided by its own factor,
+      ``short_factor`` (``long`` False) or ``long_factor`` (``long``: a sequence past
+      ``original_max_position_embeddings``; :func:`rope` picks), and cos/sin scaled by ``attention_factor``
+      (default ``sqrt(1 + ln(factor) / ln(original_max_position_embeddings))``)."""
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     s = dict(scaling)
     kind, attn = s.pop("rope_type", "default"), 1.0
-    if kind == "linear":
+    if kind == "longrope":
+        inv = inv / np.asarray(s["long_factor" if long else "short_factor"], np.float64)
+        attn = s.get("attention_factor")
+        if attn is None:
+            factor, old = float(s["factor"]), float(s["original_max_position_embeddings"])
+            attn = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old))
+    elif kind == "linear":
         inv = inv / s["factor"]
     elif kind == "llama3":
         factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
@@ -244,7 +283,8 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> tuple[
 
 
 # the block options of pretrained families (jaxattn.models.gpt_hf): a plain LLaMA block leaves them at their defaults
-FAMILY_FIELDS = ("qk_norm", "qk_norm_full", "pre_norms", "rope_scaling", "rope_layers", "mlp_act", "norm_offset",
+FAMILY_FIELDS = ("qk_norm", "qk_norm_full", "pre_norms", "rope_scaling", "rotary_dim", "rope_layers", "mlp_act",
+                 "norm_offset",
                  "post_norms", "embed_scale", "attn_scale", "attn_softcap", "final_softcap", "local_rope_theta",
                  "embed_multiplier", "residual_multiplier", "logits_divisor")
 
@@ -261,16 +301,26 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (y * weight).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: tuple = ()) -> jax.Array:
-    """Rotary embedding of ``x [B, N, H, d]`` (halves rotated, as GPT-NeoX/LLaMA), with
-    ``rope_frequencies``' scaling."""
-    freq, attn = rope_frequencies(x.shape[-1], float(theta), scaling)
-    ang = positions.astype(jnp.float32)[:, None] * jnp.asarray(freq)[None]  # [N, d/2]
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: tuple = (), rotary_dim: int | None = None
+         ) -> jax.Array:
+    """Rotary embedding of ``x [B, N, H, d]`` at ``positions [N]`` (halves rotated, as GPT-NeoX/LLaMA),
+    with ``rope_frequencies``' scaling; ``rotary_dim``: only the first that many channels rotate. LongRoPE
+    takes its long factors when the last position is past the original context (as Hugging Face, per
+    call: a prefill and the decode steps after it choose each for themselves)."""
+    d = rotary_dim or x.shape[-1]
+    freq, attn = rope_frequencies(d, float(theta), scaling)
+    freq = jnp.asarray(freq)
+    if dict(scaling).get("rope_type") == "longrope":
+        long_freq = jnp.asarray(rope_frequencies(d, float(theta), scaling, True)[0])
+        past = jnp.max(positions) + 1 > dict(scaling)["original_max_position_embeddings"]
+        freq = jnp.where(past, long_freq, freq)
+    ang = positions.astype(jnp.float32)[:, None] * freq[None]  # [N, d/2]
     cos, sin = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
     if attn != 1.0:
         cos, sin = cos * attn, sin * attn
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf[..., :d], 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, xf[..., d:]], axis=-1).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -340,7 +390,7 @@ class Attention(nnx.Module):
             theta, scaling = self.cfg.rope_theta, self.cfg.rope_scaling
             if self.kind == "window" and self.cfg.local_rope_theta:  # Gemma 3's local layers
                 theta, scaling = self.cfg.local_rope_theta, ()
-            q, k = rope(q, positions, theta, scaling), rope(k, positions, theta, scaling)
+            q, k = (rope(t, positions, theta, scaling, self.cfg.rotary_dim) for t in (q, k))
         if cache is None:
             return self._attend(q, k, v)
         from jaxattn.ops.decode import append_kv, decode_attention, quantize_kv

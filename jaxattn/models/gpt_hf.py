@@ -54,7 +54,7 @@ import numpy as np
 from flax import nnx
 
 from jaxattn.models import hf
-from jaxattn.models.gpt import GPT, GPTConfig, non_default
+from jaxattn.models.gpt import FAMILY_FIELDS, GPT, GPTConfig, non_default
 
 __all__ = ["config_from_hf", "entries", "hf_config", "load_hf_state_dict", "prepare_state_dict", "to_hf_state_dict"]
 
@@ -79,13 +79,22 @@ def _scaling(params: Mapping[str, Any], raw: Mapping[str, Any], bad) -> dict[str
     """The ``GPTConfig.rope_scaling`` dict of one set of RoPE parameters (``{}``: plain RoPE)."""
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
     kind = scaling.pop("rope_type", scaling.pop("type", "default"))
-    if kind not in ("default", "linear", "llama3", "yarn"):
+    phi3 = raw.get("model_type") == "phi3"
+    if phi3 and kind in ("su", "yarn"):  # Phi-3's first names for LongRoPE (as transformers reads them)
+        kind = "longrope"
+    if kind not in ("default", "linear", "llama3", "yarn", "longrope") or phi3 and kind not in ("default", "longrope"):
         raise bad("rope_scaling" if raw.get("rope_scaling") else "rope_parameters",
-                  'rope_type "default", "linear", "llama3" or "yarn"')
-    if kind in ("llama3", "yarn"):  # Hugging Face's fallbacks for these two
-        scaling.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings"))
-        if scaling.get("factor") is None and kind == "yarn":
-            scaling["factor"] = raw["max_position_embeddings"] / scaling["original_max_position_embeddings"]
+                  'rope_type "default" or "longrope"' if phi3 else
+                  'rope_type "default", "linear", "llama3", "yarn" or "longrope"')
+    if kind in ("llama3", "yarn", "longrope"):  # Hugging Face's fallbacks: a top-level original context wins
+        old = "original_max_position_embeddings"
+        if old in raw:
+            scaling[old] = raw[old]
+        elif phi3:  # (Phi3Config's default)
+            scaling[old] = 4096
+        scaling.setdefault(old, raw.get("max_position_embeddings"))
+        if scaling.get("factor") is None and kind in ("yarn", "longrope"):
+            scaling["factor"] = raw.get("max_position_embeddings", 4096 if phi3 else None) / scaling[old]
     return {"rope_type": kind, **scaling} if kind != "default" else {}
 
 
@@ -131,11 +140,9 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         if _scaling(local, raw, bad):
             raise bad("rope_parameters", "plain RoPE on the sliding layers")
         local_theta = float(local.get("rope_theta", raw.get("rope_local_base_freq", 10000.0)))
-    if kind == "phi3" and glob.get("rope_type", glob.get("type")) in ("su", "yarn", "longrope"):
-        raise bad("rope_scaling" if raw.get("rope_scaling") else "rope_parameters",
-                  "no LongRoPE (Phi-3's 'su' / 'yarn' / 'longrope' rescale with the sequence length)")
-    if float(glob.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))) != 1.0:
-        raise bad("partial_rotary_factor", "1.0")
+    partial = float(glob.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
+    if partial != 1.0 and kind != "phi3":  # (transformers' other families rotate whole heads)
+        raise bad("partial_rotary_factor", "1.0 (partial rotary: Phi-3 folders)")
     if raw.get("mlp_bias", False):
         raise bad("mlp_bias", "false")
     if kind != "qwen2" and raw.get("attention_bias", False):  # (LLaMA's, Qwen3's and Gemma's also bias o_proj)
@@ -164,6 +171,7 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         vocab_size=int(raw["vocab_size"]), dim=dim, layers=layers, heads=heads,
         kv_heads=int(raw.get("num_key_value_heads") or heads), mlp_dim=int(raw["intermediate_size"]),
         rope_theta=theta, rope_scaling=_scaling(glob, raw, bad), local_rope_theta=local_theta,
+        rotary_dim=int(head_dim * partial) if partial != 1.0 else None,
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         qkv_bias=kind == "qwen2", qk_norm=kind in ("qwen3", "gemma3_text"),
         head_dim=None if head_dim * heads == dim else head_dim,
@@ -242,6 +250,13 @@ def _family(cfg: GPTConfig) -> str:
     """The Hugging Face model_type that holds ``cfg``, or a ValueError naming what none does."""
     if cfg.position != "rope":
         raise ValueError("only RoPE GPT models have a LLaMA / Qwen / Gemma layout (this one has ALiBi)")
+    if cfg.rotary_dim is not None:  # partial rotary: Phi-3's layout (Phi-4-mini), LLaMA's blocks otherwise
+        odd = non_default(cfg, tuple(f for f in (*FAMILY_FIELDS, "qkv_bias") if f not in ("rope_scaling", "rotary_dim")))
+        if odd or cfg.layer_types not in (("full",), ("window",)) \
+                or dict(cfg.rope_scaling).get("rope_type", "longrope") != "longrope":
+            raise ValueError("partial rotary (rotary_dim) exports as Phi-3: LLaMA's blocks, every layer 'full' or "
+                             f"every layer 'window', plain RoPE or LongRoPE (set here: {odd or cfg.rope_scaling})")
+        return "phi3"
     gemma = (cfg.norm_offset, cfg.embed_scale, cfg.mlp_act) == (1.0, True, "gelu_tanh")
     olmo = (cfg.pre_norms, cfg.post_norms, cfg.qk_norm, cfg.qk_norm_full) == (False, True, True, True)
     if olmo and not gemma:
@@ -303,6 +318,22 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
            "max_position_embeddings": 4096 * int(max(1, scaling.get("factor", 1)))}
     if kind == "mistral":
         out["sliding_window"] = cfg.window
+    if kind == "phi3":  # (pad id: not Phi3Config's default 32000, past a small vocabulary)
+        partial = cfg.rotary_dim / cfg.head_size
+        if int(cfg.head_size * partial) != cfg.rotary_dim:
+            raise ValueError(f"rotary_dim {cfg.rotary_dim} of {cfg.head_size}: no partial_rotary_factor gives it")
+        rope["partial_rotary_factor"] = partial
+        out.update(partial_rotary_factor=partial, pad_token_id=None,
+                   sliding_window=cfg.window if cfg.layer_types == ("window",) else None)
+        if scaling:  # Phi3Config reads rope_scaling before rope_parameters, and its top-level original context
+            old = scaling["original_max_position_embeddings"]
+            keep = [n for n in ("attention_factor", "factor") if n in scaling]
+            if "factor" in scaling and round(old * scaling["factor"]) == old * scaling["factor"]:
+                keep.remove("factor")  # (as Phi-3 folders: max_position_embeddings / original gives it)
+            out.update(original_max_position_embeddings=old, rope_scaling={
+                "type": "longrope", **{n: scaling[n] for n in ("short_factor", "long_factor", *keep)}})
+    if rope["rope_type"] == "longrope":  # the context the factor reaches
+        out["max_position_embeddings"] = round(scaling["original_max_position_embeddings"] * scaling.get("factor", 1))
     if kind == "granite":
         out.update(embedding_multiplier=cfg.embed_multiplier, residual_multiplier=cfg.residual_multiplier,
                    logits_scaling=cfg.logits_divisor,
@@ -322,6 +353,25 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
         local = cfg.local_rope_theta or cfg.rope_theta
         out.update(rope_local_base_freq=local, rope_parameters={
             "full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": local}})
+    return out
+
+
+def export_state_dict(raw: Mapping[str, Any], state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of :func:`prepare_state_dict` for a ``config.json`` of :func:`hf_config`: Phi-3's fused
+    ``qkv_proj`` and ``gate_up_proj`` from LLaMA's projections; other families' as they are."""
+    if raw.get("model_type") != "phi3":
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("self_attn.q_proj.weight"):
+            pre = key[: -len("q_proj.weight")]
+            out[pre + "qkv_proj.weight"] = np.concatenate([value, state_dict[pre + "k_proj.weight"],
+                                                           state_dict[pre + "v_proj.weight"]])
+        elif key.endswith("mlp.gate_proj.weight"):
+            pre = key[: -len("gate_proj.weight")]
+            out[pre + "gate_up_proj.weight"] = np.concatenate([value, state_dict[pre + "up_proj.weight"]])
+        elif not key.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.up_proj.weight")):
+            out[key] = value
     return out
 
 

@@ -233,8 +233,12 @@ def save_pretrained(model: nnx.Module, folder: str | Path) -> None:
         raise ValueError(f"save_pretrained takes a TNL, GPT, ViT, Eva or HaloNet model, got {type(model).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(conv.hf_config(model.cfg), indent=2) + "\n")
-    write_safetensors(folder / "model.safetensors", to_state_dict(conv.entries(model)), metadata={"format": "pt"})
+    config = conv.hf_config(model.cfg)
+    state = to_state_dict(conv.entries(model))
+    if hasattr(conv, "export_state_dict"):  # (the converter's key layout onto a family's own: Phi-3's fused ones)
+        state = conv.export_state_dict(config, state)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_safetensors(folder / "model.safetensors", state, metadata={"format": "pt"})
 
 
 class Tokenizer:
