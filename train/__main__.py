@@ -34,7 +34,12 @@ def _add_lm(sub) -> None:
         "fsdp": "shard parameters and optimizer state over the data-parallel devices (FSDP / ZeRO-3): each holds "
                 "about 1/N of them, for models whose AdamW state does not fit one device; same steps",
         "model_args": "model config fields as 'key=value ...' (tuples comma-separated), e.g. "
-                      "'layers=8 dim=256' or, on a pretrained GPT, 'layer_types=power,power,power,full window=1024'"})
+                      "'layers=8 dim=256' or, on a pretrained GPT, 'layer_types=power,power,power,full window=1024'",
+        "lora_rank": "LoRA: train rank-r adapters on the linear layers and nothing else (0: full fine-tuning); "
+                     "exports fold them into the weights",
+        "lora_alpha": "LoRA scale alpha / rank (default 2 * rank)",
+        "lora_targets": "LoRA: comma-separated layer names (GPT: q,kv,o,gate_up,down; default: every linear layer "
+                        "but the output head)"})
     _common(p)
 
 

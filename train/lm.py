@@ -46,6 +46,10 @@ class LMConfig:
     dropout: float | None = None  # GPT models: nanoGPT-style dropout (attention weights in-kernel, residuals, embeddings)
     remat: bool = False  # activation checkpointing: each block recomputed in the backward (less memory)
     ema_decay: float = 0.0  # > 0: also keep (and evaluate: val_loss_ema) a moving average of the weights
+    # LoRA: > 0 trains rank-r adapters on the linear layers (jaxattn.models.lora) and nothing else
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # the adapters' scale is alpha / rank (default alpha: 2 * rank)
+    lora_targets: str | None = None  # comma-separated layer names (GPT: q,kv,o,gate_up,down); None: every linear
     seed: int = 0
     eval_every: int = 50
     eval_batches: int = 8
@@ -83,7 +87,8 @@ class Trainer(loop.Trainer):
         self.cfg = cfg
         super().__init__(model_factory, make_optimizer(cfg), lambda model, tokens, rng: lm_loss(model, tokens),
                          eval_fn=lm_loss, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                         seed=cfg.seed, devices=devices, seq_parallel=cfg.seq_parallel, shard_state=cfg.fsdp)
+                         seed=cfg.seed, devices=devices, seq_parallel=cfg.seq_parallel, shard_state=cfg.fsdp,
+                         wrt=nnx.LoRAParam if cfg.lora_rank else nnx.Param)  # (LoRA: only the adapters train)
 
     def evaluate(self, corpus: Corpus, *, ema: bool = False) -> float:
         """Mean validation loss over ``eval_batches`` fixed batches of the validation split (``ema``: of
@@ -123,8 +128,27 @@ def default_model_factory(cfg: LMConfig, vocab_size: int) -> Callable[[nnx.Rngs]
     extra = model_overrides(cfg)
     if hf.hf_model_type(cfg.model) is not None:  # a pretrained model keeps its tokenizer's vocabulary
         vocab_size = None
-    return lambda rngs: create_model(cfg.model, rngs=rngs, vocab_size=vocab_size, dtype=cfg.dtype,
-                                     attn_impl=cfg.attn_impl, dropout=cfg.dropout, remat=cfg.remat or None, **extra)
+
+    def build(rngs: nnx.Rngs) -> nnx.Module:
+        model = create_model(cfg.model, rngs=rngs, vocab_size=vocab_size, dtype=cfg.dtype, attn_impl=cfg.attn_impl,
+                             dropout=cfg.dropout, remat=cfg.remat or None, **extra)
+        if cfg.lora_rank:
+            from jaxattn.models.lora import add_lora
+
+            add_lora(model, cfg.lora_rank, cfg.lora_alpha, targets=lora_targets(cfg), rngs=rngs)
+        return model
+
+    return build
+
+
+def lora_targets(cfg: LMConfig) -> tuple[str, ...] | None:
+    """``--lora-targets`` as layer names (None: every linear layer but the output head)."""
+    if cfg.lora_targets is None:
+        return None
+    names = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+    if not names:
+        raise ValueError(f"--lora-targets must name layers such as q,kv,o, got {cfg.lora_targets!r}")
+    return names
 
 
 def train(cfg: LMConfig, *, resume: bool = False,
@@ -146,6 +170,12 @@ def train(cfg: LMConfig, *, resume: bool = False,
                 raise ValueError(f"--model {cfg.model} is a pretrained model: give --data token files (.npy, "
                                  "nanoGPT .bin) made with its tokenizer, not the default byte corpus")
         model_overrides(cfg)  # (its errors before any data is read)
+        if cfg.lora_rank < 0 or cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
+            raise ValueError(f"--lora-rank must be >= 0 and --lora-alpha positive, got {cfg.lora_rank}, "
+                             f"{cfg.lora_alpha}")
+        if not cfg.lora_rank and (cfg.lora_alpha is not None or cfg.lora_targets is not None):
+            raise ValueError("--lora-alpha and --lora-targets need --lora-rank")
+        lora_targets(cfg)
     corpus = load_corpus(cfg.data, max_bytes=cfg.max_bytes, vocab_size=cfg.vocab_size)
     if pretrained is not None and (corpus.byte_level or corpus.vocab_size > pretrained.vocab_size):
         raise ValueError(f"--model {cfg.model} reads its tokenizer's {pretrained.vocab_size} ids; --data "

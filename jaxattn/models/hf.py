@@ -215,8 +215,10 @@ def load_pretrained(folder: str | Path, *, strict: bool = True, param_dtype: Any
 
 def save_pretrained(model: nnx.Module, folder: str | Path) -> None:
     """Writes ``config.json`` and ``model.safetensors`` (fp32) that the original code loads (ViT and
-    HaloNet: a timm hub folder, ``timm.create_model(architecture, **model_args)`` plus its weights)."""
+    HaloNet: a timm hub folder, ``timm.create_model(architecture, **model_args)`` plus its weights); LoRA
+    adapters (``jaxattn.models.lora``) are folded into the weights they adapt."""
     from jaxattn.models import gpt_hf, timm_hub, tnl_hf
+    from jaxattn.models.lora import merged
     from jaxattn.models.gpt import GPT
     from jaxattn.models.halonet import HaloNet
     from jaxattn.models.tnl import TNL
@@ -233,6 +235,7 @@ def save_pretrained(model: nnx.Module, folder: str | Path) -> None:
         raise ValueError(f"save_pretrained takes a TNL, GPT, ViT, Eva or HaloNet model, got {type(model).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    model = merged(model)
     config = conv.hf_config(model.cfg)
     state = to_state_dict(conv.entries(model))
     if hasattr(conv, "export_state_dict"):  # (the converter's key layout onto a family's own: Phi-3's fused ones)
