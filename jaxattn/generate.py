@@ -8,6 +8,7 @@ the folder's own chat format (its Jinja chat template; ``jinja2`` and ``tokenize
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Sequence
@@ -91,6 +92,39 @@ def folder_eos_ids(folder: Path, vocab: int) -> list[int]:
     return [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int) and 0 <= e < vocab]
 
 
+def _chat(p: argparse.ArgumentParser, a: argparse.Namespace, sample, vocab: int) -> None:
+    """``--chat``: each user turn (``--prompt``, then standard input with ``--interactive``) in the folder's
+    chat format, the reply printed alone (its end-of-turn token, a special token, left out) and kept."""
+    from jaxattn.models import chat
+
+    turns = [{"role": "system", "content": a.system}] if a.system is not None else []
+    pending = [a.prompt] if a.prompt is not None else []
+    for turn in itertools.count():
+        if pending:
+            text = pending.pop()
+        elif a.interactive:
+            try:
+                text = input("> " if sys.stdin.isatty() else "")
+            except EOFError:
+                break
+            if not text.strip():
+                break
+        else:
+            break
+        turns.append({"role": "user", "content": text})
+        try:
+            prompt = chat.encode_chat(a.checkpoint, turns)
+        except (ValueError, ImportError) as e:
+            p.error(str(e))
+        if prompt.size and prompt.max() >= vocab:
+            p.error(f"the chat prompt has token ids past the model's vocabulary ({vocab})")
+        key = jax.random.PRNGKey(a.seed)
+        out = sample(prompt, jax.random.fold_in(key, turn) if turn else key)
+        reply = chat.decode_reply(a.checkpoint, out[prompt.size:])
+        print(reply, flush=True)
+        turns.append({"role": "assistant", "content": reply})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from jaxattn.models import generate
 
@@ -102,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--chat", action="store_true", help="a Hugging Face chat model's folder: --prompt is a user "
                    "turn, formatted by the folder's chat template; prints the assistant's reply only")
     p.add_argument("--system", default=None, help="with --chat: a system turn before the prompt")
+    p.add_argument("--interactive", action="store_true", help="with --chat: a conversation, each line of standard "
+                   "input a user turn (after --prompt, if given) answered in turn, the replies kept in the chat; "
+                   "an empty line or the end of input ends it")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40, help="0: no top-k cut (a cut past the vocabulary keeps it whole)")
@@ -117,30 +154,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.prompt is not None and a.prompt_ids is not None:
         p.error("give --prompt (text) or --prompt-ids (token ids), not both")
-    if a.chat and (a.prompt is None or a.prompt_ids is not None):
-        p.error("--chat takes the user's turn as --prompt (text)")
-    if a.system is not None and not a.chat:
-        p.error("--system needs --chat")
+    if a.chat and a.prompt_ids is not None or a.chat and a.prompt is None and not a.interactive:
+        p.error("--chat takes the user's turn as --prompt (text), or turns from standard input with --interactive")
+    if (a.system is not None or a.interactive) and not a.chat:
+        p.error("--system and --interactive need --chat")
     try:
         model, tokenizer, byte_level, run_cfg, what = load_language_model(a.checkpoint, dtype=a.dtype, ema=a.ema)
     except ValueError as e:
         p.error(str(e))
     folder = run_cfg is None  # a Hugging Face folder
     vocab = model.cfg.vocab_size
+    eos = a.eos_id
+    if eos is None and folder:
+        eos = folder_eos_ids(Path(a.checkpoint), vocab) or None
+
+    def sample(prompt: np.ndarray, key: jax.Array) -> np.ndarray:
+        try:
+            toks = generate(model, jnp.asarray(prompt)[None], a.max_new_tokens, temperature=a.temperature,
+                            top_k=min(a.top_k, vocab) or None, top_p=a.top_p, eos_id=eos, key=key)
+        except ValueError as e:
+            p.error(str(e))
+        return np.asarray(toks[0])
+
     if a.chat:
         if not folder:
             p.error(f"--chat needs a Hugging Face chat model's folder; {a.checkpoint} is a training run")
-        from jaxattn.models import chat
-
-        turns = ([{"role": "system", "content": a.system}] if a.system is not None else []) + \
-            [{"role": "user", "content": a.prompt}]
-        try:
-            prompt = chat.encode_chat(a.checkpoint, turns)
-        except (ValueError, ImportError) as e:
-            p.error(str(e))
-        if prompt.size and prompt.max() >= vocab:
-            p.error(f"the chat prompt has token ids past the model's vocabulary ({vocab})")
-    elif a.prompt_ids is not None:
+        _chat(p, a, sample, vocab)
+        print(f"[{what}]", file=sys.stderr)
+        return 0
+    if a.prompt_ids is not None:
         try:
             prompt = _ids(a.prompt_ids, vocab)
         except ValueError as e:
@@ -158,17 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not text:
             p.error("--prompt must not be empty")
         prompt = np.frombuffer(text.encode(), np.uint8).astype(np.int32)
-    eos = a.eos_id
-    if eos is None and folder:
-        eos = folder_eos_ids(Path(a.checkpoint), vocab) or None
-    try:
-        toks = generate(model, jnp.asarray(prompt)[None], a.max_new_tokens, temperature=a.temperature,
-                        top_k=min(a.top_k, vocab) or None, top_p=a.top_p, eos_id=eos, key=jax.random.PRNGKey(a.seed))
-    except ValueError as e:
-        p.error(str(e))
-    out = np.asarray(toks[0])
-    if a.chat:  # the reply alone (its end-of-turn token, a special token, is not printed)
-        out = out[prompt.size:]
+    out = sample(prompt, jax.random.PRNGKey(a.seed))
     if byte_level:
         print(bytes(out.clip(0, 255).astype(np.uint8)).decode("utf-8", errors="replace"))
     elif tokenizer is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -127,13 +128,14 @@ def test_matches_transformers_apply_chat_template(tmp_path):
         np.testing.assert_array_equal(chat.encode_chat(folder, msgs), want)
 
 
-def test_generate_cli_chat_prints_the_greedy_reply(tmp_path, capsys):
+def test_generate_cli_chat_prints_the_greedy_reply(tmp_path, capsys, monkeypatch):
     """``generate --chat --system ... --prompt ...``: the folder's template around the turns, greedy decoding
     (checked against argmax over the parallel forward, step by step), the reply printed alone."""
     import jax.numpy as jnp
     from flax import nnx
 
     from jaxattn.generate import main
+    from jaxattn.models import generate
     from jaxattn.models.gpt import GPT, GPTConfig
     from jaxattn.models.hf import save_pretrained
 
@@ -155,7 +157,21 @@ def test_generate_cli_chat_prints_the_greedy_reply(tmp_path, capsys):
     assert any(i < len(WORDS) for i in reply), reply  # (something to print: the check below can fail)
     assert printed == " ".join(WORDS[i] for i in reply if i < len(WORDS))  # (special tokens not printed)
     for argv, match in [(["--chat"], "--chat takes the user's turn as --prompt"),
-                        (["--system", "x", "--prompt", "hi"], "--system needs --chat")]:
+                        (["--system", "x", "--prompt", "hi"], "--system and --interactive need --chat"),
+                        (["--interactive"], "--system and --interactive need --chat")]:
         with pytest.raises(SystemExit):
             main(["--checkpoint", str(folder), *argv])
         assert match in capsys.readouterr().err
+    # --interactive: turns from standard input, each answered with the conversation so far (replies kept)
+    monkeypatch.setattr("sys.stdin", io.StringIO("how ?\nhi\n\nnot read\n"))
+    assert main(["--checkpoint", str(folder), "--chat", "--prompt", "hi there ?", "--interactive",
+                 "--temperature", "0", "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    turns, want = [], []
+    for text in ("hi there ?", "how ?", "hi"):
+        turns.append({"role": "user", "content": text})
+        ids = chat.encode_chat(folder, turns)  # (greedy decoding itself: checked above and in test_gpt.py)
+        reply = np.asarray(generate(model, jnp.asarray(ids)[None], 3, temperature=0.0)[0])[ids.size:]
+        want.append(" ".join(WORDS[i] for i in reply if i < len(WORDS)))
+        turns.append({"role": "assistant", "content": want[-1]})
+    assert printed == want and len(set(want)) > 1

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["chat_template", "template_variables", "render_chat", "encode_chat", "check_messages"]
+__all__ = ["chat_template", "template_variables", "render_chat", "encode_chat", "decode_reply", "check_messages"]
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 # the special-token names transformers passes to every template (their text, e.g. bos_token="<s>")
@@ -144,11 +144,19 @@ def encode_chat(folder: str | Path, messages: Sequence[Mapping[str, Any]], *, ad
     folder = Path(folder)
     text = render_chat(chat_template(folder, template), messages, add_generation_prompt=add_generation_prompt,
                        **{**template_variables(folder), **variables})
+    return np.asarray(_tokenizer(folder).encode(text, add_special_tokens=False).ids, np.int32)
+
+
+def decode_reply(folder: str | Path, ids) -> str:
+    """The text of a reply's token ids (special tokens, e.g. the end of the turn, left out)."""
+    return _tokenizer(Path(folder)).decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _tokenizer(folder: Path):
     if not (folder / "tokenizer.json").is_file():
         raise ValueError(f"{folder}: chat prompts need the folder's tokenizer.json (tokenizers), which it lacks")
     try:
         import tokenizers
     except ImportError:
         raise ImportError("chat prompts need tokenizers: pip install 'jaxattn[hf]'") from None
-    tk = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-    return np.asarray(tk.encode(text, add_special_tokens=False).ids, np.int32)
+    return tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
