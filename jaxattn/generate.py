@@ -48,16 +48,20 @@ def load_trained(run_dir: str | Path, *, ema: bool = False):
 
 
 def load_language_model(path: str | Path, *, dtype: str | None = None, model_args: str | None = None,
-                        ema: bool = False, flag: str = "--checkpoint"):
+                        ema: bool = False, flag: str = "--checkpoint", adapter: str | Path | None = None):
     """``(model, tokenizer or None, byte_level, the run's LMConfig or None, description)`` of a Hugging Face
-    folder (``dtype``: its compute and parameter dtype; ``model_args``: its config fields, ``key=value ...``)
-    or of an lm training run (``ema``: the weights' moving average)."""
+    folder (``dtype``: its compute and parameter dtype; ``model_args``: its config fields, ``key=value ...``;
+    ``adapter``: a PEFT LoRA adapter folder folded into its weights) or of an lm training run (``ema``: the
+    weights' moving average)."""
     from jaxattn.models import hf
 
     kind = hf.hf_model_type(path)
     if kind == "timm":
         raise ValueError(f"{flag} {path} is a timm image model, not a language model".lstrip())
     if kind is None:
+        if adapter is not None:
+            raise ValueError(f"--adapter (a PEFT LoRA adapter) applies to Hugging Face folders; {path} is a training "
+                             "run (train with --lora-rank: its adapters are part of the run)")
         model, cfg, step, byte_level = load_trained(path, ema=ema)
         return model, None, byte_level, cfg, f"{cfg.model}, step {step}"
     from jaxattn.train.loop import parse_model_args
@@ -65,7 +69,8 @@ def load_language_model(path: str | Path, *, dtype: str | None = None, model_arg
     extra = parse_model_args(model_args, hf.read_config(path))
     if dtype:
         extra.update(dtype=dtype, param_dtype=dtype)
-    return hf.load_pretrained(path, **extra), hf.load_tokenizer(path), False, None, f"{kind} {Path(path).name}"
+    what = f"{kind} {Path(path).name}" + (f" + adapter {Path(adapter).name}" if adapter is not None else "")
+    return hf.load_pretrained(path, adapter=adapter, **extra), hf.load_tokenizer(path), False, None, what
 
 
 def _ids(text: str, vocab: int) -> np.ndarray:
@@ -147,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eos-id", type=int, default=None, help="stop at this token id (default: a Hugging Face "
                    "folder's eos_token_id; none for training runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder (adapter_config.json + "
+                   "adapter_model.safetensors) folded into a Hugging Face folder's weights")
     p.add_argument("--ema", action="store_true", help="a run's moving average of the weights (--ema-decay)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="a Hugging Face folder's model in this dtype, compute and parameters (bfloat16: half "
@@ -159,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (a.system is not None or a.interactive) and not a.chat:
         p.error("--system and --interactive need --chat")
     try:
-        model, tokenizer, byte_level, run_cfg, what = load_language_model(a.checkpoint, dtype=a.dtype, ema=a.ema)
+        model, tokenizer, byte_level, run_cfg, what = load_language_model(a.checkpoint, dtype=a.dtype, ema=a.ema,
+                                                                              adapter=a.adapter)
     except ValueError as e:
         p.error(str(e))
     folder = run_cfg is None  # a Hugging Face folder

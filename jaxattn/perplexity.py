@@ -72,7 +72,7 @@ def token_nll(model, tokens: np.ndarray, *, context: int, stride: int, batch_siz
     return out
 
 
-def _load(model_dir: str, model_args: str | None, dtype: str | None):
+def _load(model_dir: str, model_args: str | None, dtype: str | None, adapter: str | None = None):
     """``(model, tokenizer or None, byte_level, run's validation tokens or None, description)``."""
     from jaxattn.generate import load_language_model
     from jaxattn.models import hf
@@ -80,7 +80,7 @@ def _load(model_dir: str, model_args: str | None, dtype: str | None):
     if (model_args or dtype) and hf.hf_model_type(model_dir) is None:
         raise ValueError("--model-args and --dtype apply to Hugging Face folders; a run keeps its own config")
     model, tokenizer, byte_level, cfg, what = load_language_model(model_dir, dtype=dtype, model_args=model_args,
-                                                                  flag="")
+                                                                  flag="", adapter=adapter)
     if cfg is None:
         return model, tokenizer, byte_level, None, what
     from jaxattn.train.data import load_corpus
@@ -128,12 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="a folder's compute and parameter dtype")
     p.add_argument("--model-args", default=None, help="a folder's config fields, 'key=value ...' (e.g. attention pattern)")
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder folded into the folder's weights")
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     stride = a.stride or max(1, a.context // 2)
     try:
-        model, tokenizer, byte_level, own_val, what = _load(a.model, a.model_args, a.dtype)
+        model, tokenizer, byte_level, own_val, what = _load(a.model, a.model_args, a.dtype, a.adapter)
         tokens, source = _tokens(a.data, tokenizer, byte_level, own_val, a.max_tokens)
         vocab = model.cfg.vocab_size
         if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):

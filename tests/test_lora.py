@@ -116,3 +116,117 @@ def test_lm_cli_lora_flags(tmp_path, capsys):
         with pytest.raises(SystemExit):
             train_main(["lm", "--model", "gpt-tiny", "--out", str(tmp_path / "x"), *argv])
         assert match in capsys.readouterr().err
+
+
+def _write_adapter(path, conf, tensors):
+    import json
+
+    from jaxattn.models.safetensors_io import write_safetensors
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "bias": "none", **conf}))
+    write_safetensors(path / "adapter_model.safetensors", tensors)
+
+
+def test_peft_adapter_folds_into_a_folder(tmp_path):
+    """A PEFT LoRA adapter (q_proj / v_proj, a rank and alpha pattern, rsLoRA) merged as merge_and_unload:
+    the loaded model gives the float64 oracle's logits of W + scale B A; Phi-3's fused qkv_proj is adapted
+    before it is split; what cannot merge is refused by name."""
+    import json
+
+    from test_gpt_hf import LLAMA, LOGITS_TOL, PHI3, TOKENS, fused_phi3, random_hf_state_dict, reference_logits
+
+    from conftest import assert_close
+    from jaxattn.generate import load_language_model
+    from jaxattn.models.hf import load_pretrained
+    from jaxattn.models.safetensors_io import write_safetensors
+
+    rng = np.random.default_rng(0)
+    sd = random_hf_state_dict(LLAMA, seed=2)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps(LLAMA))
+    write_safetensors(tmp_path / "base" / "model.safetensors", sd)
+    for rslora in (False, True):
+        tensors, want = {}, dict(sd)
+        for i in range(2):
+            for proj, r, alpha in (("q_proj", 2, 4.0), ("v_proj", 3, 9.0)):  # v_proj: rank and alpha patterns
+                key = f"model.layers.{i}.self_attn.{proj}"
+                w = sd[key + ".weight"]
+                a = rng.normal(0, 0.5, (r, w.shape[1])).astype(np.float32)
+                b = rng.normal(0, 0.5, (w.shape[0], r)).astype(np.float32)
+                tensors[f"base_model.model.{key}.lora_A.weight"], tensors[f"base_model.model.{key}.lora_B.weight"] = a, b
+                scale = alpha / (np.sqrt(r) if rslora else r)
+                want[key + ".weight"] = (w.astype(np.float64) + scale * b.astype(np.float64) @ a).astype(np.float32)
+        ad = tmp_path / f"adapter-{rslora}"
+        _write_adapter(ad, {"r": 2, "lora_alpha": 4, "rank_pattern": {"v_proj": 3}, "alpha_pattern": {"v_proj": 9},
+                            "use_rslora": rslora, "target_modules": ["q_proj", "v_proj"]}, tensors)
+        model = load_pretrained(tmp_path / "base", adapter=ad, attn_impl="xla")
+        expected = reference_logits(want, LLAMA, TOKENS)
+        assert_close(model(jnp.asarray(TOKENS)), expected, jnp.float32, f"adapted logits (rslora {rslora})",
+                     tol=LOGITS_TOL)
+        assert np.abs(expected - reference_logits(sd, LLAMA, TOKENS)).max() > 1e-2  # (the adapter matters)
+    _, _, _, _, what = load_language_model(tmp_path / "base", adapter=ad)
+    assert what.endswith(f"+ adapter {ad.name}")
+    # modules_to_save: whole weights replaced (here a zero head: zero logits)
+    _write_adapter(tmp_path / "head", {"r": 2, "modules_to_save": ["lm_head"]},
+                   {"base_model.model.lm_head.weight": np.zeros((67, 32), np.float32)})
+    np.testing.assert_array_equal(load_pretrained(tmp_path / "base", adapter=tmp_path / "head")(jnp.asarray(TOKENS)), 0)
+    # Phi-3: an adapter on the fused qkv_proj
+    psd = random_hf_state_dict(PHI3, seed=5)
+    fused = fused_phi3(psd)
+    (tmp_path / "phi").mkdir()
+    (tmp_path / "phi" / "config.json").write_text(json.dumps(PHI3))
+    write_safetensors(tmp_path / "phi" / "model.safetensors", fused)
+    key = "model.layers.1.self_attn.qkv_proj"
+    a = rng.normal(0, 0.5, (2, fused[key + ".weight"].shape[1])).astype(np.float32)
+    b = rng.normal(0, 0.5, (fused[key + ".weight"].shape[0], 2)).astype(np.float32)
+    _write_adapter(tmp_path / "phi-ad", {"r": 2, "lora_alpha": 2}, {f"base_model.model.{key}.lora_A.weight": a,
+                                                                   f"base_model.model.{key}.lora_B.weight": b})
+    delta, h = b @ a, 4 * 8  # (q rows first: hidden 32 = 4 heads x 8)
+    kv = 2 * 8
+    want = dict(psd)
+    for name, rows in (("q_proj", slice(0, h)), ("k_proj", slice(h, h + kv)), ("v_proj", slice(h + kv, h + 2 * kv))):
+        want[f"model.layers.1.self_attn.{name}.weight"] = psd[f"model.layers.1.self_attn.{name}.weight"] + delta[rows]
+    got = load_pretrained(tmp_path / "phi", adapter=tmp_path / "phi-ad", attn_impl="xla")(jnp.asarray(TOKENS))
+    assert_close(got, reference_logits(want, PHI3, TOKENS), jnp.float32, "phi3 adapted", tol=LOGITS_TOL)
+    # refused by name
+    good = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((2, 32), np.float32),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((32, 2), np.float32)}
+    for i, (conf, tensors, match) in enumerate([
+            ({"r": 2, "use_dora": True}, good, "use_dora"),
+            ({"r": 2, "peft_type": "IA3"}, good, "only LORA"),
+            ({"r": 3}, good, r"do not fit its weight \(32, 32\) at rank 3"),
+            ({"r": 2}, {k.replace("q_proj", "x_proj"): v for k, v in good.items()}, "has no model.layers.0.self_attn.x_proj"),
+            ({"r": 2}, {k: v for k, v in good.items() if "lora_A" in k}, "needs both lora_A and lora_B"),
+            ({"r": 2}, {"base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((2, 67), np.float32)},
+             "only linear-layer LoRA")]):
+        _write_adapter(tmp_path / f"bad{i}", conf, tensors)
+        with pytest.raises(ValueError, match=match):
+            load_pretrained(tmp_path / "base", adapter=tmp_path / f"bad{i}")
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        load_pretrained(tmp_path / "base", adapter=tmp_path / "base")
+
+
+def test_peft_adapter_matches_peft(tmp_path):
+    """With peft installed: its own LoRA model (random B, rank / alpha patterns, rsLoRA) against the folder
+    loaded with the adapter folded in."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from test_gpt_hf import LLAMA, TOKENS
+
+    from conftest import assert_close
+    from jaxattn.models.hf import load_pretrained
+
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in LLAMA.items()
+                                                                      if k != "model_type"})).eval()
+    base.save_pretrained(tmp_path / "base", safe_serialization=True)
+    conf = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+                           rank_pattern={"down_proj": 3}, alpha_pattern={"v_proj": 7}, use_rslora=True)
+    model = peft.get_peft_model(base, conf).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        want = model(torch.as_tensor(TOKENS)).logits.numpy()
+    got = load_pretrained(tmp_path / "base", adapter=tmp_path / "adapter", attn_impl="xla")(jnp.asarray(TOKENS))
+    assert_close(got, want, jnp.float32, "logits vs peft", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})

@@ -192,11 +192,13 @@ def read_config(folder: str | Path, **overrides: Any):
     return _converter(raw.get("model_type")).config_from_hf(raw, **overrides)
 
 
-def load_pretrained(folder: str | Path, *, strict: bool = True, param_dtype: Any = None, **overrides: Any) -> nnx.Module:
+def load_pretrained(folder: str | Path, *, strict: bool = True, param_dtype: Any = None,
+                    adapter: str | Path | None = None, **overrides: Any) -> nnx.Module:
     """The model of a Hugging Face folder with its weights. Parameters are fp32 (as in training) unless
     ``param_dtype`` (e.g. ``"bfloat16"``: half the memory, for inference with ``dtype="bfloat16"``, whose
     matmuls cast the weights to bf16 anyway); variables the checkpoint does not hold (TNL's decay rates,
-    BatchNorm statistics, ...) keep their own dtype."""
+    BatchNorm statistics, ...) keep their own dtype. ``adapter``: a PEFT LoRA adapter folder folded into
+    the weights first (``jaxattn.models.lora.merge_peft_adapter``)."""
     if param_dtype is not None:
         try:
             param_dtype = jnp.dtype(param_dtype)
@@ -208,6 +210,10 @@ def load_pretrained(folder: str | Path, *, strict: bool = True, param_dtype: Any
     conv = _converter(raw.get("model_type"))
     cfg = conv.config_from_hf(raw, **overrides)
     state = read_state_dict(folder)
+    if adapter is not None:  # (on the folder's own keys: Phi-3's fused qkv_proj is adapted before it is split)
+        from jaxattn.models.lora import merge_peft_adapter
+
+        state = merge_peft_adapter(state, adapter)
     if hasattr(conv, "prepare_state_dict"):  # (a family's own key layout onto the converter's: Phi-3's fused ones)
         state = conv.prepare_state_dict(raw, state)
     return conv.load(cfg, state, strict=strict, where=str(folder), param_dtype=param_dtype)

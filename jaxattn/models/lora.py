@@ -5,17 +5,25 @@ models with a small trainable state.
 with ``A [in, rank]`` (normal, std ``1 / sqrt(in)``) and ``B [rank, out]`` (zeros: the model starts unchanged)
 held as ``nnx.LoRAParam``; a trainer built with ``wrt=nnx.LoRAParam`` then updates only them (``python -m
 jaxattn.train lm --lora-rank 8``). ``merge_lora`` folds them back into plain ``nnx.Linear`` kernels
-(``W + A B alpha / rank``), as exports do."""
+(``W + A B alpha / rank``), as exports do. ``merge_peft_adapter`` folds a PEFT LoRA adapter folder into a
+Hugging Face state_dict (``hf.load_pretrained(folder, adapter=...)``, ``generate --adapter``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-__all__ = ["LoRALinear", "add_lora", "merge_lora", "merged", "has_lora", "lora_linears"]
+__all__ = ["LoRALinear", "add_lora", "merge_lora", "merged", "has_lora", "lora_linears", "read_peft_adapter",
+           "merge_peft_adapter"]
 
 
 class LoRALinear(nnx.Module):
@@ -121,3 +129,70 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
 def merged(model: nnx.Module) -> nnx.Module:
     """A copy of ``model`` with its LoRA adapters folded in (``model`` itself when it has none)."""
     return merge_lora(nnx.clone(model)) if has_lora(model) else model
+
+
+def read_peft_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A PEFT LoRA adapter folder: ``(adapter_config.json, tensors)`` (``adapter_model.safetensors``, or
+    ``adapter_model.bin`` with torch)."""
+    from jaxattn.models.safetensors_io import read_state_dict
+
+    folder = Path(folder)
+    conf = folder / "adapter_config.json"
+    if not conf.is_file():
+        raise ValueError(f"adapter {folder}: no adapter_config.json (expected a PEFT LoRA adapter folder)")
+    files = [folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).is_file()]
+    if not files:
+        raise ValueError(f"adapter {folder}: no adapter_model.safetensors (or .bin)")
+    return json.loads(conf.read_text()), read_state_dict(files[0])
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's per-module ``rank_pattern`` / ``alpha_pattern``: the first key that ends the module's path."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            return value
+    return default
+
+
+def merge_peft_adapter(state_dict: Mapping[str, Any], folder: str | Path) -> dict[str, Any]:
+    """``state_dict`` (Hugging Face keys) with a PEFT LoRA adapter folded in, as PEFT's ``merge_and_unload``:
+    each adapted ``W [out, in]`` becomes ``W + scale B A`` (``scale = lora_alpha / r``, or ``/ sqrt(r)`` with
+    ``use_rslora``; ``rank_pattern`` / ``alpha_pattern`` per module), and ``modules_to_save`` replace their
+    weights. DoRA, LoRA biases, embedding adapters and other PEFT methods raise ``ValueError``."""
+    conf, tensors = read_peft_adapter(folder)
+    where = f"adapter {folder}"
+    if conf.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{where}: peft_type {conf.get('peft_type')!r}: only LORA adapters merge")
+    for field, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+        if conf.get(field, ok) != ok:
+            raise ValueError(f"{where}: {field} = {conf.get(field)!r}: jaxattn merges plain LoRA ({field} {ok!r})")
+    out = dict(state_dict)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        name = key.removeprefix("base_model.model.")
+        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = np.asarray(value, np.float32)
+        elif "lora_" in name:
+            raise ValueError(f"{where}: {key}: only linear-layer LoRA weights (lora_A / lora_B) merge")
+        else:  # modules_to_save: whole weights (a new head, ...)
+            name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+            if name not in out:
+                raise ValueError(f"{where}: {key} replaces {name}, which the model does not have")
+            out[name] = np.asarray(value).astype(np.asarray(out[name]).dtype)
+    r0, a0 = int(conf.get("r", 8)), float(conf.get("lora_alpha", 8))
+    for module, ab in sorted(pairs.items()):
+        target = module + ".weight"
+        if set(ab) != {"A", "B"} or target not in out:
+            raise ValueError(f"{where}: {module}: " + ("needs both lora_A and lora_B" if set(ab) != {"A", "B"} else
+                                                         f"the model has no {target}"))
+        r = int(_pattern_value(conf.get("rank_pattern") or {}, module, r0))
+        alpha = float(_pattern_value(conf.get("alpha_pattern") or {}, module, a0))
+        scale = alpha / (math.sqrt(r) if conf.get("use_rslora") else r)
+        w = np.asarray(out[target])
+        a, b = ab["A"], ab["B"]
+        if a.shape != (r, w.shape[1]) or b.shape != (w.shape[0], r):
+            raise ValueError(f"{where}: {module}: lora_A {a.shape} / lora_B {b.shape} do not fit its weight {w.shape} "
+                             f"at rank {r}")
+        out[target] = (w.astype(np.float32) + scale * (b @ a)).astype(w.dtype)
+    return out
