@@ -2,7 +2,8 @@
 timm folder (``config.json`` + ``model.safetensors``) that the original code loads: language-model runs of
 TNL (TransNormerLLM's reference layout) and GPT (LLaMA / Mistral / Qwen / Gemma layouts; a run fine-tuned
 from a Hugging Face folder also gets that folder's tokenizer files and token ids), image runs of ViT, Eva
-and HaloNet (timm hub layout, with the run's normalisation as the folder's mean and std). See
+and HaloNet (timm hub layout, with the run's normalisation as the folder's mean and std). LoRA adapters are
+folded into the weights, or (``--adapter-only``) written alone as a PEFT adapter for the base folder. See
 docs/pretrained.md."""
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def copy_tokenizer(source: Path, out_dir: Path) -> list[str]:
     return copied
 
 
-def export(run_dir: str | Path, out_dir: str | Path, *, ema: bool = False) -> str:
+def export(run_dir: str | Path, out_dir: str | Path, *, ema: bool = False, adapter_only: bool = False) -> str:
     """Writes ``run_dir``'s model into ``out_dir`` (``ema``: the weights' moving average of a run trained
-    with ``--ema-decay``); returns a one-line description."""
+    with ``--ema-decay``; ``adapter_only``: a LoRA run's adapters alone, as a PEFT adapter folder for the
+    Hugging Face folder it fine-tuned); returns a one-line description."""
     from jaxattn.models import hf
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -48,6 +50,24 @@ def export(run_dir: str | Path, out_dir: str | Path, *, ema: bool = False) -> st
         from jaxattn.generate import load_trained
 
         model, cfg, step, _ = load_trained(run_dir, ema=ema)
+        if adapter_only:
+            from jaxattn.models.lora import save_peft_adapter
+
+            source = hf.raw_config(cfg.model).get("model_type") if hf.hf_model_type(cfg.model) else None
+            if source is None or not cfg.lora_rank:
+                raise ValueError(f"--adapter-only writes the LoRA adapters of a run fine-tuned from a Hugging Face "
+                                 f"folder (--model FOLDER --lora-rank R); {run_dir} " +
+                                 ("has no adapters" if source else f"trained {cfg.model}"))
+            if source not in ("llama", "qwen2", "qwen3", "mistral", "granite", "smollm3", "olmo2", "gemma", "gemma2",
+                              "gemma3_text"):
+                raise ValueError(f"--adapter-only: a {source} folder's projections are not LLaMA's q/k/v/gate/up "
+                                 "(Phi-3 fuses them): export the whole model instead")
+            targets = save_peft_adapter(model, out_dir, base=str(cfg.model))
+            copy = [n for n in TOKENIZER_FILES if (Path(cfg.model) / n).is_file()]
+            for name in copy:
+                shutil.copy2(Path(cfg.model) / name, out_dir / name)
+            return (f"{cfg.model} step {step}{' (EMA weights)' if ema else ''}: LoRA adapters on {', '.join(targets)} "
+                    f"-> {out_dir} (a PEFT adapter for {cfg.model})")
         hf.save_pretrained(model, out_dir)
         note = ""
         if hf.hf_model_type(cfg.model) is not None:  # fine-tuned from a folder: its tokenizer comes along
@@ -56,6 +76,9 @@ def export(run_dir: str | Path, out_dir: str | Path, *, ema: bool = False) -> st
         elif any(c in str(cfg.model) for c in "/\\"):
             note = f" (the source folder {cfg.model} is gone: no tokenizer files copied)"
         return f"{cfg.model} step {step}{' (EMA weights)' if ema else ''} -> {out_dir}{note}"
+    if adapter_only:
+        raise ValueError(f"--adapter-only: {run_dir} is an image run; adapters are exported from LoRA language-model "
+                         "runs")
     from jaxattn.train.image import load_trained as load_image_run
 
     model, icfg, data, step = load_image_run(run_dir, ema=ema)
@@ -71,9 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("run", help="a training --out folder (lm or image task)")
     p.add_argument("out", help="the folder to write")
     p.add_argument("--ema", action="store_true", help="the weights' moving average (runs trained with --ema-decay)")
+    p.add_argument("--adapter-only", action="store_true", help="a LoRA run (--lora-rank) fine-tuned from a Hugging "
+                   "Face folder: its adapters alone, as a PEFT adapter folder for that base")
     a = p.parse_args(argv)
     try:
-        print(export(a.run, a.out, ema=a.ema))
+        print(export(a.run, a.out, ema=a.ema, adapter_only=a.adapter_only))
     except ValueError as e:
         p.error(str(e))
     return 0

@@ -90,7 +90,9 @@ def _check(name, impl, dtype, grads):
 GRAD_CASES = ("gqa-causal", "causal-t>s-top-left", "window-t<s", "bias-mask", "padding")
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("causal-t>s-top-left", "bias-mask",
+                                                                                "padding") else n
+                                  for n in sorted(CASES)])  # (those three's gradients: on the kernels below)
 def test_matches_jax_on_the_xla_path(name):
     _check(name, "xla", jnp.float32, grads=name in GRAD_CASES)
 

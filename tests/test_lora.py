@@ -230,3 +230,88 @@ def test_peft_adapter_matches_peft(tmp_path):
         want = model(torch.as_tensor(TOKENS)).logits.numpy()
     got = load_pretrained(tmp_path / "base", adapter=tmp_path / "adapter", attn_impl="xla")(jnp.asarray(TOKENS))
     assert_close(got, want, jnp.float32, "logits vs peft", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
+
+
+def test_lora_run_on_a_folder_exports_a_peft_adapter(tmp_path):
+    """LoRA fine-tuning of a Hugging Face LLaMA folder, then ``export --adapter-only``: a PEFT adapter (the fused
+    kv / gate_up adapters split into k/v and gate/up with the shared A) that, folded into the base folder
+    (here, and by PEFT itself when installed), gives the fine-tuned model's logits."""
+    import json
+
+    from test_gpt_hf import LLAMA, TOKENS, random_hf_state_dict
+
+    from jaxattn.export import main as export_main
+    from jaxattn.models.hf import load_pretrained
+    from jaxattn.models.lora import save_peft_adapter
+    from jaxattn.models.safetensors_io import write_safetensors
+    from jaxattn.train.lm import LMConfig, train
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(LLAMA))
+    (base / "tokenizer_config.json").write_text("{}")
+    write_safetensors(base / "model.safetensors", random_hf_state_dict(LLAMA, seed=1))
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 67, 4000).astype(np.int32))
+    run = train(LMConfig(model=str(base), data=str(tmp_path / "tokens.npy"), seq_len=16, batch_size=4, steps=3,
+                         warmup=1, eval_every=0, ckpt_every=3, log_every=1, lr=5e-2, attn_impl="xla", lora_rank=2,
+                         out=str(tmp_path / "run")), progress=False, sample=False)
+    tuned = run["trainer"].model
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "adapter"), "--adapter-only"]) == 0
+    conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (conf["r"], conf["lora_alpha"], conf["base_model_name_or_path"]) == (2, 4.0, str(base.resolve()))
+    assert conf["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert (tmp_path / "adapter" / "tokenizer_config.json").is_file()
+    want = np.asarray(tuned(jnp.asarray(TOKENS)))
+    plain = np.asarray(load_pretrained(base, attn_impl="xla")(jnp.asarray(TOKENS)))
+    assert np.abs(want - plain).max() > 1e-3  # (the adapters moved)
+    got = load_pretrained(base, adapter=tmp_path / "adapter", attn_impl="xla")(jnp.asarray(TOKENS))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    with pytest.raises(ValueError, match="without adapters"):
+        save_peft_adapter(load_pretrained(base), tmp_path / "x")
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError:
+        return
+    ref = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                         tmp_path / "adapter").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(ref(torch.as_tensor(TOKENS)).logits.numpy(), want, rtol=2e-4, atol=2e-4)
+
+
+def test_image_lora_fine_tunes_adapters_and_the_head(tmp_path):
+    """train image --model TIMM_FOLDER --lora-rank: the pretrained weights stay as loaded, the adapters and
+    the new classifier head train; the export folds the adapters in (a plain timm folder, the run's logits)."""
+    from test_timm_hub import VIT_TINY
+
+    from conftest import write_timm_folder
+    from jaxattn.export import main as export_main
+    from jaxattn.models.hf import load_pretrained
+    from jaxattn.models.timm_hub import config_from_hf
+    from jaxattn.models.timm_weights import to_timm_state_dict
+    from jaxattn.models.vit import ViT
+    from jaxattn.train.__main__ import main as train_main
+    from jaxattn.train.image import load_trained
+
+    src = ViT(config_from_hf(VIT_TINY), rngs=nnx.Rngs(2))
+    folder = write_timm_folder(tmp_path / "vit", VIT_TINY, to_timm_state_dict(src))
+    out = tmp_path / "run"
+    assert train_main(["image", "--model", str(folder), "--steps", "3", "--batch-size", "8", "--lr", "5e-2",
+                       "--eval-every", "0", "--out", str(out), "--no-progress", "--attn-impl", "xla",
+                       "--lora-rank", "2", "--lora-targets", "qkv,fc2"]) == 0
+    model, _, _, step = load_trained(out)
+    assert step == 3 and sorted({p[-1] for p, _ in lora_linears(model)}) == ["fc2", "qkv"]
+    for blk, ref in zip(model.blocks, src.blocks):
+        for got, want in ((blk.attn.qkv.base, ref.attn.qkv), (blk.mlp.fc2.base, ref.mlp.fc2), (blk.mlp.fc1, ref.mlp.fc1)):
+            np.testing.assert_array_equal(got.kernel[...], want.kernel[...])
+        assert np.abs(np.asarray(blk.attn.qkv.lora_b[...])).max() > 1e-4
+    head0 = create_model(str(folder), rngs=nnx.Rngs(0), num_classes=10, image_size=32, in_channels=1).head
+    assert np.abs(np.asarray(model.head.kernel[...]) - np.asarray(head0.kernel[...])).max() > 1e-4  # (it trains)
+    assert export_main([str(out), str(tmp_path / "exported")]) == 0
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
+    plain = load_pretrained(tmp_path / "exported", attn_impl="xla")
+    assert not has_lora(plain)
+    np.testing.assert_allclose(np.asarray(plain(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(SystemExit):
+        train_main(["image", "--lora-rank", "2", "--gates", "features", "--out", str(tmp_path / "x")])

@@ -219,6 +219,7 @@ def test_digits_split_normalisation_and_batches(digits16):
     assert sorted(pos[:50]) == list(range(50)) and len(set(pos[50:])) == 6
 
 
+@pytest.mark.slow
 def test_augmentations():
     x = jnp.asarray(np.random.default_rng(0).integers(1, 256, (8, 6, 5, 3)), jnp.uint8)
     key = jax.random.key(1)
@@ -335,6 +336,7 @@ def test_random_erasing():
     assert 0.15 < np.mean(hits) < 0.35
 
 
+@pytest.mark.slow
 def test_trainer_mixes_batches_with_the_step_key(tmp_path, digits16):
     """--erase-prob, --mixup / --cutmix reach the training loss: the trainer's loss is the loss of the batch
     erased and mixed with the key it is given (and differs from the plain loss)."""

@@ -152,6 +152,7 @@ def test_resume_after_kill_is_exact(tmp_path):
     assert (tmp_path / "b/run/loss.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_resume_names_config_changes(tmp_path, capsys):
     """--resume with changed settings says which (the run no longer reproduces an uninterrupted
     one); a checkpoint of another model raises a ValueError naming the change (before: Orbax's
@@ -172,6 +173,7 @@ def test_resume_names_config_changes(tmp_path, capsys):
               progress=False, sample=False)
 
 
+@pytest.mark.slow
 def test_fresh_run_sets_aside_an_earlier_one(tmp_path, capsys):
     """A run without --resume in an --out that holds a longer earlier run: before, Orbax kept the old
     run's later steps as the latest and dropped the new run's own checkpoints (a later --resume or

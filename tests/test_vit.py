@@ -293,7 +293,8 @@ def test_dropout_modes():
 
 
 # the kernel's dropout itself is tested against the oracle in test_flash_dropout.py
-@pytest.mark.parametrize("impl", ["xla", pytest.param("pallas", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_attention_dropout(impl):
     """attn_drop alone: random in train mode (fresh masks per call, gradients flow), the plain
     model in eval mode."""

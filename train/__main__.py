@@ -77,7 +77,12 @@ def _add_image(sub) -> None:
         "gate_lr": "Adam learning rate of the gate parameters",
         "rra": "train with Residual Relationship Attention + RPE over the batch (bypassed at eval)",
         "remat": "ViT and HaloNet models: activation checkpointing per block (less memory, ~1/3 more compute)",
-        "model_args": "model config fields as 'key=value ...' (tuples comma-separated), e.g. 'depth=6 heads=8'"})
+        "model_args": "model config fields as 'key=value ...' (tuples comma-separated), e.g. 'depth=6 heads=8'",
+        "lora_rank": "LoRA: train rank-r adapters on the linear layers and the classifier head only (0: full "
+                     "fine-tuning); exports fold the adapters into the weights",
+        "lora_alpha": "LoRA scale alpha / rank (default 2 * rank)",
+        "lora_targets": "LoRA: comma-separated layer names (ViT: qkv,proj,fc1,fc2; default: every linear layer "
+                        "outside the head)"})
     _common(p)
 
 
@@ -116,13 +121,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif task == "lm":
         from jaxattn.train.lm import LMConfig, train
 
-        cfg = config_from_args(LMConfig, args)
+        try:
+            cfg = config_from_args(LMConfig, args)
+        except ValueError as e:  # (the config's own checks)
+            parser.error(str(e))
         check_positive(parser, cfg, ("steps", "seq_len", "batch_size", "grad_accum", "seq_parallel", "ckpt_every",
                                      "log_every"))
     else:
         from jaxattn.train.image import ImageConfig, train
 
-        cfg = config_from_args(ImageConfig, args)
+        try:
+            cfg = config_from_args(ImageConfig, args)
+        except ValueError as e:  # (the config's own checks)
+            parser.error(str(e))
         check_positive(parser, cfg, ("steps", "image_size", "batch_size", "grad_accum", "ckpt_every", "log_every",
                                      "eval_batch_size"))
         check_positive(parser, cfg, ("warmup", "eval_every", "crop_padding"), minimum=0)

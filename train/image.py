@@ -71,6 +71,10 @@ class ImageConfig:
     attn_drop: float | None = None
     remat: bool = False  # ViT, HaloNet: activation checkpointing per block (less memory, ~1/3 more compute)
     model_args: str | None = None  # model config fields, "key=value key=a,b" (e.g. "depth=6 heads=8")
+    # LoRA: > 0 trains rank-r adapters on the linear layers (jaxattn.models.lora) and the classifier head only
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # the adapters' scale is alpha / rank (default alpha: 2 * rank)
+    lora_targets: str | None = None  # comma-separated layer names (ViT: qkv,proj,fc1,fc2); None: every linear
     seed: int = 0
     eval_every: int = 100
     eval_batch_size: int = 256
@@ -106,6 +110,9 @@ class ImageConfig:
         for name in ("mix_prob", "mix_switch_prob", "erase_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        loop.check_lora(self.lora_rank, self.lora_alpha, self.lora_targets)
+        if self.lora_rank and (self.gates != "none" or self.rra):
+            raise ValueError("--lora-rank trains adapters and the head only: not with --gates or --rra")
 
 
 def lr_schedule(cfg: ImageConfig) -> optax.Schedule:
@@ -210,6 +217,9 @@ def make_image_trainer(cfg: ImageConfig, data: ImageData, model_factory, *, opti
             raise ValueError("--ema-decay with --gate-mode joint is not supported; use --gate-mode routed")
         return ImageTrainer(cfg, data, model_factory, devices=devices,
                             optimizer=lambda m: joint_optimizer(m, tx, optax.adam(cfg.gate_lr)))
+    if cfg.lora_rank:  # the adapters and the (new) classifier head train; the rest stays as loaded
+        return ImageTrainer(cfg, data, model_factory, optimizer=tx, devices=devices,
+                            wrt=nnx.Any(nnx.LoRAParam, nnx.PathContains("head")))
     return ImageTrainer(cfg, data, model_factory, optimizer=tx, devices=devices)
 
 
@@ -307,6 +317,10 @@ def default_model_factory(cfg: ImageConfig, data: ImageData) -> Callable[[nnx.Rn
 
     def factory(rngs):
         model = create_model(cfg.model, rngs=rngs, **kw)
+        if cfg.lora_rank:  # (every linear layer outside the classifier head, or --lora-targets)
+            from jaxattn.models.lora import add_lora
+
+            add_lora(model, cfg.lora_rank, cfg.lora_alpha, targets=loop.lora_target_names(cfg.lora_targets), rngs=rngs)
         if cfg.rra:
             from jaxattn.models.rra import RBIClassifier
 

@@ -135,20 +135,11 @@ def default_model_factory(cfg: LMConfig, vocab_size: int) -> Callable[[nnx.Rngs]
         if cfg.lora_rank:
             from jaxattn.models.lora import add_lora
 
-            add_lora(model, cfg.lora_rank, cfg.lora_alpha, targets=lora_targets(cfg), rngs=rngs)
+            add_lora(model, cfg.lora_rank, cfg.lora_alpha, targets=loop.lora_target_names(cfg.lora_targets),
+                     rngs=rngs)
         return model
 
     return build
-
-
-def lora_targets(cfg: LMConfig) -> tuple[str, ...] | None:
-    """``--lora-targets`` as layer names (None: every linear layer but the output head)."""
-    if cfg.lora_targets is None:
-        return None
-    names = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
-    if not names:
-        raise ValueError(f"--lora-targets must name layers such as q,kv,o, got {cfg.lora_targets!r}")
-    return names
 
 
 def train(cfg: LMConfig, *, resume: bool = False,
@@ -170,12 +161,7 @@ def train(cfg: LMConfig, *, resume: bool = False,
                 raise ValueError(f"--model {cfg.model} is a pretrained model: give --data token files (.npy, "
                                  "nanoGPT .bin) made with its tokenizer, not the default byte corpus")
         model_overrides(cfg)  # (its errors before any data is read)
-        if cfg.lora_rank < 0 or cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
-            raise ValueError(f"--lora-rank must be >= 0 and --lora-alpha positive, got {cfg.lora_rank}, "
-                             f"{cfg.lora_alpha}")
-        if not cfg.lora_rank and (cfg.lora_alpha is not None or cfg.lora_targets is not None):
-            raise ValueError("--lora-alpha and --lora-targets need --lora-rank")
-        lora_targets(cfg)
+        loop.check_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     corpus = load_corpus(cfg.data, max_bytes=cfg.max_bytes, vocab_size=cfg.vocab_size)
     if pretrained is not None and (corpus.byte_level or corpus.vocab_size > pretrained.vocab_size):
         raise ValueError(f"--model {cfg.model} reads its tokenizer's {pretrained.vocab_size} ids; --data "

@@ -532,6 +532,25 @@ def _parse_field(key: str, text: str, hint: Any, current: Any) -> Any:
         raise ValueError(f"--model-args {key}={text}: {e}") from None
 
 
+def lora_target_names(targets: str | None) -> tuple[str, ...] | None:
+    """``--lora-targets`` (comma-separated layer names) as a tuple; None stays None (every linear layer)."""
+    if targets is None:
+        return None
+    names = tuple(t.strip() for t in targets.split(",") if t.strip())
+    if not names:
+        raise ValueError(f"--lora-targets must name layers such as q,kv,o, got {targets!r}")
+    return names
+
+
+def check_lora(rank: int, alpha: float | None, targets: str | None) -> None:
+    """``--lora-rank / --lora-alpha / --lora-targets`` checked together (a ValueError naming the flag)."""
+    if rank < 0 or alpha is not None and not alpha > 0:
+        raise ValueError(f"--lora-rank must be >= 0 and --lora-alpha positive, got {rank}, {alpha}")
+    if not rank and (alpha is not None or targets is not None):
+        raise ValueError("--lora-alpha and --lora-targets need --lora-rank")
+    lora_target_names(targets)
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[str] = (),
                     help: dict[str, str] | None = None, choices: dict[str, Sequence[str]] | None = None) -> None:
     """One ``--flag-name`` per field of the dataclass ``cls`` with its default and type (``int``,

@@ -375,6 +375,35 @@ def export_state_dict(raw: Mapping[str, Any], state_dict: dict[str, np.ndarray])
     return out
 
 
+def peft_adapter(model: GPT) -> tuple[dict[str, np.ndarray], list[str]]:
+    """A LoRA-adapted GPT's adapters (``jaxattn.models.lora``) as a PEFT adapter state_dict on the LLaMA
+    layout's module names, and those names: ``q`` / ``o`` / ``down`` -> ``q_proj`` / ``o_proj`` / ``down_proj``;
+    the fused ``kv`` and ``gate_up`` -> ``k_proj`` and ``v_proj`` (``gate_proj`` and ``up_proj``), each the
+    shared ``A`` with its columns of ``B`` (the same update, exactly)."""
+    from jaxattn.models.lora import lora_linears
+
+    _, split_kv = _kv(model.cfg.kv_heads or model.cfg.heads)
+    names = {"q": "self_attn.q_proj", "o": "self_attn.o_proj", "down": "mlp.down_proj"}
+    out, targets = {}, set()
+    for path, m in lora_linears(model):
+        if len(path) != 4 or path[0] != "blocks" or path[3] not in (*names, "kv", "gate_up"):
+            raise ValueError(f"a PEFT adapter holds the attention and MLP projections; this model adapts "
+                             f"{'.'.join(map(str, path))}")
+        a, b = np.asarray(m.lora_a[...], np.float32).T, np.asarray(m.lora_b[...], np.float32)  # [r, in], [r, out]
+        pre, name = f"base_model.model.model.layers.{path[1]}.", path[3]
+        if name == "kv":
+            parts = dict(zip(("self_attn.k_proj", "self_attn.v_proj"), split_kv(b)))  # ([out, r], [out, r])
+        elif name == "gate_up":
+            parts = {"mlp.gate_proj": b[:, : b.shape[1] // 2].T, "mlp.up_proj": b[:, b.shape[1] // 2:].T}
+        else:
+            parts = {names[name]: b.T}
+        for module, lora_b in parts.items():
+            out[pre + module + ".lora_A.weight"] = a
+            out[pre + module + ".lora_B.weight"] = np.ascontiguousarray(lora_b)
+            targets.add(module.split(".")[-1])
+    return out, sorted(targets)
+
+
 def _kv(kv_heads: int):
     """HF's separate k, v ``[kv_heads * d, ...]`` <-> our per-head ``[k_h | v_h]`` columns (kernels ``[in, out]``
     after the transpose, biases 1-D)."""

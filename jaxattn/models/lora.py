@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 __all__ = ["LoRALinear", "add_lora", "merge_lora", "merged", "has_lora", "lora_linears", "read_peft_adapter",
-           "merge_peft_adapter"]
+           "merge_peft_adapter", "save_peft_adapter"]
 
 
 class LoRALinear(nnx.Module):
@@ -82,7 +82,7 @@ def add_lora(model: nnx.Module, rank: int, alpha: float | None = None, *, target
              rngs: nnx.Rngs | None = None) -> nnx.Module:
     """Wraps ``model``'s linear layers in place (and returns it): those whose attribute name is in
     ``targets`` (GPT: ``q``, ``kv``, ``o``, ``gate_up``, ``down``; ViT: ``qkv``, ``proj``, ``fc1``, ``fc2``), or
-    with ``targets=None`` every ``nnx.Linear`` except an output ``head``. ``alpha`` defaults to ``2 * rank``.
+    with ``targets=None`` every ``nnx.Linear`` outside an output ``head``. ``alpha`` defaults to ``2 * rank``.
     A target name that matches no linear layer raises ``ValueError``."""
     if rank < 1:
         raise ValueError(f"lora rank must be >= 1, got {rank}")
@@ -101,7 +101,7 @@ def add_lora(model: nnx.Module, rank: int, alpha: float | None = None, *, target
         if not path or type(module) is not nnx.Linear or isinstance(_parent(model, path), LoRALinear):
             continue
         name = path[-1]
-        if (name in wanted) if wanted is not None else name not in ("head", "lm_head", "classifier"):
+        if (name in wanted) if wanted is not None else not {"head", "lm_head", "classifier"} & set(path):
             chosen.append(path)
             found.add(name)
     missing = (wanted or set()) - found
@@ -144,6 +144,34 @@ def read_peft_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, np.
     if not files:
         raise ValueError(f"adapter {folder}: no adapter_model.safetensors (or .bin)")
     return json.loads(conf.read_text()), read_state_dict(files[0])
+
+
+def save_peft_adapter(model: nnx.Module, folder: str | Path, *, base: str | None = None) -> list[str]:
+    """Writes a LoRA-adapted GPT's adapters as a PEFT adapter folder (``adapter_config.json`` +
+    ``adapter_model.safetensors``) for the Hugging Face folder ``base`` it was fine-tuned from (PEFT's
+    ``PeftModel.from_pretrained`` and ``hf.load_pretrained(base, adapter=folder)`` load it); returns the
+    target module names. Needs a GPT whose adapters all share one rank and scale (``add_lora``'s)."""
+    from jaxattn.models import gpt_hf
+    from jaxattn.models.gpt import GPT
+    from jaxattn.models.safetensors_io import write_safetensors
+
+    if type(model) is not GPT or not has_lora(model):
+        raise ValueError(f"a PEFT adapter is written from a GPT with LoRA adapters, got {type(model).__name__}"
+                         + ("" if type(model) is not GPT else " without adapters (train with --lora-rank)"))
+    mods = [m for _, m in lora_linears(model)]
+    if len({(m.rank, m.scale) for m in mods}) != 1:
+        raise ValueError("the adapters have several ranks or scales: one adapter_config cannot hold them")
+    tensors, targets = gpt_hf.peft_adapter(model)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rank, scale = mods[0].rank, mods[0].scale
+    conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": rank,
+            "lora_alpha": scale * rank, "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+            "inference_mode": True, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
+    (folder / "adapter_config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    write_safetensors(folder / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+    return targets
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
