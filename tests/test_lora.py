@@ -268,6 +268,21 @@ def test_lora_run_on_a_folder_exports_a_peft_adapter(tmp_path):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
     with pytest.raises(ValueError, match="without adapters"):
         save_peft_adapter(load_pretrained(base), tmp_path / "x")
+    # --base-dtype bfloat16: the frozen weights stored in bf16 (as the folder's, rounded), the adapters fp32;
+    # the export folds them in fp32 (the bf16 base not rounded again): the run's logits
+    bf = train(LMConfig(model=str(base), data=str(tmp_path / "tokens.npy"), seq_len=16, batch_size=4, steps=2,
+                        warmup=1, eval_every=0, ckpt_every=2, log_every=1, lr=5e-2, attn_impl="xla", lora_rank=2,
+                        base_dtype="bfloat16", out=str(tmp_path / "run-bf16")), progress=False, sample=False)
+    bmodel = bf["trainer"].model
+    q = bmodel.blocks[0].attn.q
+    assert q.base.kernel[...].dtype == jnp.bfloat16 and q.lora_a[...].dtype == jnp.float32
+    np.testing.assert_array_equal(q.base.kernel[...], load_pretrained(base).blocks[0].attn.q.kernel[...].astype(jnp.bfloat16))
+    assert export_main([str(tmp_path / "run-bf16"), str(tmp_path / "bf16-out")]) == 0
+    np.testing.assert_allclose(load_pretrained(tmp_path / "bf16-out", attn_impl="xla")(jnp.asarray(TOKENS)),
+                               bmodel(jnp.asarray(TOKENS)), rtol=2e-4, atol=2e-4)
+    with pytest.raises(ValueError, match="--base-dtype .* needs --model FOLDER and --lora-rank"):
+        train(LMConfig(model=str(base), data=str(tmp_path / "tokens.npy"), base_dtype="bfloat16",
+                       out=str(tmp_path / "x")), progress=False, sample=False)
     try:
         import peft
         import torch

@@ -50,6 +50,9 @@ class LMConfig:
     lora_rank: int = 0
     lora_alpha: float | None = None  # the adapters' scale is alpha / rank (default alpha: 2 * rank)
     lora_targets: str | None = None  # comma-separated layer names (GPT: q,kv,o,gate_up,down); None: every linear
+    # LoRA on a Hugging Face folder: its frozen weights stored in this dtype ("bfloat16": half their memory);
+    # the adapters stay fp32, the compute dtype is --dtype
+    base_dtype: str | None = None
     seed: int = 0
     eval_every: int = 50
     eval_batches: int = 8
@@ -131,7 +134,8 @@ def default_model_factory(cfg: LMConfig, vocab_size: int) -> Callable[[nnx.Rngs]
 
     def build(rngs: nnx.Rngs) -> nnx.Module:
         model = create_model(cfg.model, rngs=rngs, vocab_size=vocab_size, dtype=cfg.dtype, attn_impl=cfg.attn_impl,
-                             dropout=cfg.dropout, remat=cfg.remat or None, **extra)
+                             dropout=cfg.dropout, remat=cfg.remat or None,
+                             **({"param_dtype": cfg.base_dtype} if cfg.base_dtype else {}), **extra)
         if cfg.lora_rank:
             from jaxattn.models.lora import add_lora
 
@@ -162,6 +166,11 @@ def train(cfg: LMConfig, *, resume: bool = False,
                                  "nanoGPT .bin) made with its tokenizer, not the default byte corpus")
         model_overrides(cfg)  # (its errors before any data is read)
         loop.check_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        if cfg.base_dtype is not None and not (cfg.lora_rank and pretrained is not None):
+            raise ValueError("--base-dtype stores a Hugging Face folder's frozen weights for LoRA: it needs "
+                             "--model FOLDER and --lora-rank (full fine-tuning keeps fp32 master weights)")
+        if cfg.base_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"--base-dtype must be bfloat16, float16 or float32, got {cfg.base_dtype!r}")
     corpus = load_corpus(cfg.data, max_bytes=cfg.max_bytes, vocab_size=cfg.vocab_size)
     if pretrained is not None and (corpus.byte_level or corpus.vocab_size > pretrained.vocab_size):
         raise ValueError(f"--model {cfg.model} reads its tokenizer's {pretrained.vocab_size} ids; --data "

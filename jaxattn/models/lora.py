@@ -44,9 +44,11 @@ class LoRALinear(nnx.Module):
         return y + delta * jnp.asarray(self.scale, y.dtype)
 
     def merged_kernel(self) -> jax.Array:
-        """``W + A B scale`` in the base kernel's dtype (computed in fp32)."""
+        """``W + A B scale`` in fp32 (or the base kernel's dtype when wider): a bf16-stored base is not
+        rounded again."""
         w = self.base.kernel[...]
-        return (w.astype(jnp.float32) + self.lora_a[...] @ self.lora_b[...] * self.scale).astype(w.dtype)
+        dt = jnp.promote_types(w.dtype, jnp.float32)
+        return w.astype(dt) + (self.lora_a[...] @ self.lora_b[...] * self.scale).astype(dt)
 
 
 def _modules(model: nnx.Module):
@@ -120,8 +122,12 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     """Folds every :class:`LoRALinear` into its base ``nnx.Linear`` (kernel ``W + A B scale``), in place;
     returns ``model``."""
     for path, module in lora_linears(model):
-        base = module.base
-        base.kernel[...] = module.merged_kernel()
+        base, kernel = module.base, module.merged_kernel()
+        # (replaced, not written into: a bf16 kernel would round the sum back to bf16)
+        if hasattr(base.kernel, "set_value"):
+            base.kernel.set_value(kernel)
+        else:
+            base.kernel.value = kernel
         _set(model, path, base)
     return model
 
