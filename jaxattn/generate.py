@@ -149,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=40, help="0: no top-k cut (a cut past the vocabulary keeps it whole)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the most likely tokens "
                    "whose probability reaches this")
+    p.add_argument("--min-p", type=float, default=None, help="min-p sampling: keep the tokens at least this times "
+                   "as likely as the most likely one")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="divide (multiply, if negative) the "
+                   "logits of tokens already in the text by this (e.g. 1.2; 1: none)")
     p.add_argument("--eos-id", type=int, default=None, help="stop at this token id (default: a Hugging Face "
                    "folder's eos_token_id; none for training runs)")
     p.add_argument("--seed", type=int, default=0)
@@ -179,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def sample(prompt: np.ndarray, key: jax.Array) -> np.ndarray:
         try:
             toks = generate(model, jnp.asarray(prompt)[None], a.max_new_tokens, temperature=a.temperature,
-                            top_k=min(a.top_k, vocab) or None, top_p=a.top_p, eos_id=eos, key=key)
+                            top_k=min(a.top_k, vocab) or None, top_p=a.top_p, min_p=a.min_p,
+                            repetition_penalty=a.repetition_penalty, eos_id=eos, key=key)
         except ValueError as e:
             p.error(str(e))
         return np.asarray(toks[0])

@@ -82,6 +82,58 @@ def test_top_p_and_eos():
         generate(m, prompt, 2, eos_id=64)
 
 
+def test_min_p_and_repetition_penalty():
+    """min-p keeps the tokens at least min_p x as likely as the top one (after temperature); the repetition
+    penalty divides the seen tokens' positive logits and multiplies their negative ones, greedy included:
+    greedy generation equals a numpy loop over the parallel forward that penalises every id so far; with
+    transformers installed, its own processors give the same scores."""
+    from jaxattn.models import apply_repetition_penalty, sample_logits
+    from jaxattn.models.generation import warp_logits
+
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.PRNGKey(0), 400)
+    draws = jax.vmap(lambda k, mp, t: sample_logits(logits, k, t, None, None, mp), in_axes=(0, None, None))
+    for min_p, temp, want in ((0.5, 1.0, {0, 1}), (0.25, 1.0, {0, 1, 2}), (0.05, 1.0, {0, 1, 2, 3}),
+                              (0.25, 0.5, {0, 1}), (0.0, 1.0, {0, 1, 2, 3})):
+        # (temperature 0.5 squares the ratios: 0.15 / 0.5 = 0.3 -> 0.09 < 0.25)
+        assert set(np.asarray(draws(keys, min_p, temp)).ravel().tolist()) == want, (min_p, temp)
+    raw = jnp.asarray([[2.0, -1.0, 0.5, -3.0], [1.0, 1.0, -2.0, 0.0]])
+    seen = jnp.asarray([[True, True, False, False], [False, True, True, True]])
+    np.testing.assert_allclose(apply_repetition_penalty(raw, seen, 2.0),
+                               [[1.0, -2.0, 0.5, -3.0], [1.0, 0.5, -4.0, 0.0]])
+    m = _tiny()
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 64)
+    out = np.asarray(generate(m, prompt, 6, temperature=0.0, repetition_penalty=1.8))
+    toks = np.asarray(prompt)
+    for _ in range(6):  # the oracle: penalise each row's ids so far, then argmax
+        lg = np.asarray(nnx.jit(lambda m, t: m(t))(m, jnp.asarray(toks))[:, -1], np.float64)
+        for r in range(2):
+            ids = np.unique(toks[r])
+            lg[r, ids] = np.where(lg[r, ids] < 0, lg[r, ids] * 1.8, lg[r, ids] / 1.8)
+        toks = np.concatenate([toks, lg.argmax(-1)[:, None]], axis=1)
+    np.testing.assert_array_equal(out, toks)
+    plain = np.asarray(generate(m, prompt, 6, temperature=0.0))
+    assert (plain != out).any()  # (the penalty changed something)
+    for kw, match in [(dict(min_p=1.5), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty")]:
+        with pytest.raises(ValueError, match=match):
+            generate(m, prompt, 2, **kw)
+    try:
+        import torch
+        from transformers.generation.logits_process import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
+    except ImportError:
+        return
+    scores = np.random.default_rng(0).normal(size=(2, 64)).astype(np.float32) * 3
+    ids = np.asarray(prompt)
+    seen = np.zeros((2, 64), bool)
+    seen[np.arange(2)[:, None], ids] = True
+    want = RepetitionPenaltyLogitsProcessor(1.3)(torch.as_tensor(ids), torch.as_tensor(scores)).numpy()
+    np.testing.assert_allclose(apply_repetition_penalty(jnp.asarray(scores), jnp.asarray(seen), 1.3), want, rtol=1e-6)
+    want = MinPLogitsWarper(0.2)(torch.as_tensor(ids), torch.as_tensor(scores / 0.7)).numpy()
+    got = np.asarray(warp_logits(jnp.asarray(scores), 0.7, None, None, 0.2))
+    assert (np.isinf(got) == np.isinf(want)).all() and 1 < np.isfinite(got).sum() < 100
+    np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6)
+
+
 def test_prefill_states_continue_the_sequence():
     m = _tiny()
     toks = jax.random.randint(jax.random.PRNGKey(2), (1, 30), 0, 64)

@@ -9,7 +9,7 @@ from jaxattn.models.moh import MoHAttention, MoHViT, MoHViTConfig
 from jaxattn.models.probing import AttentiveProbe, EfficientProbe, LinearProbe
 from jaxattn.models.registry import MODEL_CONFIGS, create_model
 from jaxattn.models.sparsifiner import Sparsifiner, SparsifinerConfig
-from jaxattn.models.generation import generate, sample_logits, supports_generation
+from jaxattn.models.generation import apply_repetition_penalty, generate, sample_logits, supports_generation
 from jaxattn.models.tnl import TNL, TNLConfig, tnl_slopes
 from jaxattn.models.vit import ViT, ViTConfig
 
@@ -17,4 +17,4 @@ __all__ = [
     "Eva", "EvaConfig", "HaloAttn", "HaloNet", "HaloNetConfig", "load_timm_state_dict", "to_timm_state_dict",
     "AttentiveProbe", "EfficientProbe", "LinearProbe",
     "MoHAttention", "MoHViT", "MoHViTConfig",
-    "GPT", "GPTConfig", "LandmarkGPT", "LandmarkGPTConfig", "L2ViT", "L2ViTConfig", "MODEL_CONFIGS", "Sparsifiner", "SparsifinerConfig", "TNL", "TNLConfig", "create_model", "generate", "sample_logits", "supports_generation", "tnl_slopes", "ViT", "ViTConfig"]
+    "GPT", "GPTConfig", "LandmarkGPT", "LandmarkGPTConfig", "L2ViT", "L2ViTConfig", "MODEL_CONFIGS", "Sparsifiner", "SparsifinerConfig", "TNL", "TNLConfig", "apply_repetition_penalty", "create_model", "generate", "sample_logits", "supports_generation", "tnl_slopes", "ViT", "ViTConfig"]

@@ -24,14 +24,31 @@ def supports_generation(model: nnx.Module) -> bool:
     return callable(getattr(model, "prefill", None)) and callable(getattr(model, "decode_step", None))
 
 
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """``logits [B, vocab]`` with each token already in its row's sequence (``seen [B, vocab]`` bool)
+    penalised as CTRL / Hugging Face's ``repetition_penalty``: a positive logit divided by ``penalty``, a
+    negative one multiplied by it."""
+    logits = logits.astype(jnp.float32)
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
-                  top_p: float | None = None) -> jax.Array:
+                  top_p: float | None = None, min_p: float | None = None) -> jax.Array:
     """Samples token ids from ``logits [..., vocab]``: greedy at ``temperature <= 0``, else softmax
-    of ``logits / temperature`` restricted to the ``top_k`` largest (all when None) and then to the
+    of ``logits / temperature`` restricted to the ``top_k`` largest (all when None), then to the
     smallest set of most likely tokens whose probability reaches ``top_p`` (nucleus sampling; the most
-    likely token always stays)."""
+    likely token always stays), then to the tokens at least ``min_p`` times as likely as the most likely
+    one (min-p sampling), as Hugging Face's warpers in that order."""
     if temperature <= 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = warp_logits(logits, temperature, top_k, top_p, min_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def warp_logits(logits: jax.Array, temperature: float, top_k: int | None = None, top_p: float | None = None,
+                min_p: float | None = None) -> jax.Array:
+    """``logits / temperature`` (``temperature > 0``) with the tokens that :func:`sample_logits` leaves out
+    at ``-inf``."""
     logits = logits.astype(jnp.float32) / temperature
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
@@ -42,7 +59,10 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: 
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
         cutoff = jnp.min(jnp.where(before < top_p, desc, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    if min_p is not None and min_p > 0:
+        probs = jax.nn.softmax(logits, axis=-1)
+        logits = jnp.where(probs < min_p * probs.max(axis=-1, keepdims=True), -jnp.inf, logits)
+    return logits
 
 
 @nnx.jit(static_argnames=("max_len",))
@@ -56,11 +76,14 @@ def _decode_step(model, token, cache, position):
 
 
 def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | Sequence[int] | None = None,
+             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+             repetition_penalty: float | None = None, eos_id: int | Sequence[int] | None = None,
              key: jax.Array | None = None, return_logits: bool = False):
     """Samples up to ``max_new_tokens`` after ``prompt [batch, p]`` (int). The prompt is prefilled
     with the parallel forward; each new token is one incremental step. ``temperature=0`` is
-    greedy; ``top_k`` / ``top_p`` restrict sampling (:func:`sample_logits`). With ``eos_id`` (one id, or
+    greedy; ``top_k`` / ``top_p`` / ``min_p`` restrict sampling (:func:`sample_logits`);
+    ``repetition_penalty`` (greedy too) penalises every token already in the row, prompt included
+    (:func:`apply_repetition_penalty`). With ``eos_id`` (one id, or
     several: chat models end a turn with one of them) a row that has emitted one continues with the first
     only, and generation stops once every row has. Returns
     ``tokens [batch, p + n]``, ``n <= max_new_tokens`` the steps taken (and the per-step logits
@@ -79,6 +102,10 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, tempe
         raise ValueError(f"top_k must be in 1..{vocab}, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if repetition_penalty is not None and not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be positive (1: none), got {repetition_penalty}")
     eos = [] if eos_id is None else [eos_id] if isinstance(eos_id, (int, np.integer)) else list(eos_id)
     if not all(isinstance(e, (int, np.integer)) and 0 <= e < vocab for e in eos):
         raise ValueError(f"eos_id must be ids in 0..{vocab - 1}, got {eos_id}")
@@ -89,10 +116,17 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, tempe
         pos = prompt.shape[1]
         last, cache = _prefill(model, prompt, pos + max_new_tokens)
         done = jnp.zeros((prompt.shape[0],), bool)
+        penalise = repetition_penalty is not None and repetition_penalty != 1.0
+        if penalise:  # [B, vocab]: the tokens each row holds so far
+            rows = jnp.arange(prompt.shape[0])[:, None]
+            seen = jnp.zeros((prompt.shape[0], vocab), bool).at[rows, prompt].set(True)
         for i in range(max_new_tokens):
             all_logits.append(last)
             key, sub = jax.random.split(key)
-            tok = sample_logits(last, sub, temperature, top_k, top_p)
+            scores = apply_repetition_penalty(last, seen, repetition_penalty) if penalise else last
+            tok = sample_logits(scores, sub, temperature, top_k, top_p, min_p)
+            if penalise:
+                seen = seen.at[rows[:, 0], tok].set(True)
             if eos:
                 tok = jnp.where(done, eos[0], tok)
                 done = done | jnp.isin(tok, jnp.asarray(eos, tok.dtype))
