@@ -97,6 +97,31 @@ def folder_eos_ids(folder: Path, vocab: int) -> list[int]:
     return [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int) and 0 <= e < vocab]
 
 
+class Streamer:
+    """Prints a sequence's text as its tokens arrive: each time, what the decoded text adds (held back while
+    it ends in an unfinished character); :meth:`finish` prints the rest and the newline, so the output is
+    the final text, as without streaming."""
+
+    def __init__(self, decode, ids: list[int] | None = None, out=None):
+        self.decode, self.ids, self.out, self.printed = decode, list(ids or []), out or sys.stdout, ""
+        self._show(self.decode(self.ids))
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        self._show(self.decode(self.ids))
+
+    def finish(self, ids: list[int] | None = None) -> None:
+        text = self.decode(self.ids if ids is None else ids)
+        self.out.write((text[len(self.printed):] if text.startswith(self.printed) else "\n" + text) + "\n")
+        self.out.flush()
+
+
 def _chat(p: argparse.ArgumentParser, a: argparse.Namespace, sample, vocab: int) -> None:
     """``--chat``: each user turn (``--prompt``, then standard input with ``--interactive``) in the folder's
     chat format, the reply printed alone (its end-of-turn token, a special token, left out) and kept."""
@@ -124,9 +149,13 @@ def _chat(p: argparse.ArgumentParser, a: argparse.Namespace, sample, vocab: int)
         if prompt.size and prompt.max() >= vocab:
             p.error(f"the chat prompt has token ids past the model's vocabulary ({vocab})")
         key = jax.random.PRNGKey(a.seed)
-        out = sample(prompt, jax.random.fold_in(key, turn) if turn else key)
+        stream = Streamer(lambda ids: chat.decode_reply(a.checkpoint, ids)) if a.stream else None
+        out = sample(prompt, jax.random.fold_in(key, turn) if turn else key, stream)
         reply = chat.decode_reply(a.checkpoint, out[prompt.size:])
-        print(reply, flush=True)
+        if stream is None:
+            print(reply, flush=True)
+        else:
+            stream.finish(out[prompt.size:].tolist())
         turns.append({"role": "assistant", "content": reply})
 
 
@@ -156,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eos-id", type=int, default=None, help="stop at this token id (default: a Hugging Face "
                    "folder's eos_token_id; none for training runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder (adapter_config.json + "
                    "adapter_model.safetensors) folded into a Hugging Face folder's weights")
     p.add_argument("--ema", action="store_true", help="a run's moving average of the weights (--ema-decay)")
@@ -180,11 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if eos is None and folder:
         eos = folder_eos_ids(Path(a.checkpoint), vocab) or None
 
-    def sample(prompt: np.ndarray, key: jax.Array) -> np.ndarray:
+    def sample(prompt: np.ndarray, key: jax.Array, stream: "Streamer | None" = None) -> np.ndarray:
         try:
             toks = generate(model, jnp.asarray(prompt)[None], a.max_new_tokens, temperature=a.temperature,
                             top_k=min(a.top_k, vocab) or None, top_p=a.top_p, min_p=a.min_p,
-                            repetition_penalty=a.repetition_penalty, eos_id=eos, key=key)
+                            repetition_penalty=a.repetition_penalty, eos_id=eos, key=key,
+                            on_token=None if stream is None else lambda t: stream.add(int(t[0])))
         except ValueError as e:
             p.error(str(e))
         return np.asarray(toks[0])
@@ -213,13 +244,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not text:
             p.error("--prompt must not be empty")
         prompt = np.frombuffer(text.encode(), np.uint8).astype(np.int32)
-    out = sample(prompt, jax.random.PRNGKey(a.seed))
     if byte_level:
-        print(bytes(out.clip(0, 255).astype(np.uint8)).decode("utf-8", errors="replace"))
+        decode = lambda ids: bytes(np.asarray(ids).clip(0, 255).astype(np.uint8)).decode(  # noqa: E731
+            "utf-8", errors="replace")
     elif tokenizer is not None:
-        print(tokenizer.decode(out))
+        decode = tokenizer.decode
     else:
-        print(" ".join(map(str, out.tolist())))
+        decode = lambda ids: " ".join(map(str, np.asarray(ids).tolist()))  # noqa: E731
+    stream = Streamer(decode, prompt.tolist()) if a.stream else None
+    out = sample(prompt, jax.random.PRNGKey(a.seed), stream)
+    if stream is None:
+        print(decode(out))
+    else:
+        stream.finish(out.tolist())
     print(f"[{what}]", file=sys.stderr)
     return 0
 

@@ -156,6 +156,9 @@ def test_generate_cli_chat_prints_the_greedy_reply(tmp_path, capsys, monkeypatch
     printed = capsys.readouterr().out.strip()
     assert any(i < len(WORDS) for i in reply), reply  # (something to print: the check below can fail)
     assert printed == " ".join(WORDS[i] for i in reply if i < len(WORDS))  # (special tokens not printed)
+    assert main(["--checkpoint", str(folder), "--chat", "--system", "a helpful", "--prompt", "hi there ?",
+                 "--temperature", "0", "--max-new-tokens", "3", "--stream"]) == 0
+    assert capsys.readouterr().out.strip() == printed  # (streamed: the same reply)
     for argv, match in [(["--chat"], "--chat takes the user's turn as --prompt"),
                         (["--system", "x", "--prompt", "hi"], "--system and --interactive need --chat"),
                         (["--interactive"], "--system and --interactive need --chat")]:

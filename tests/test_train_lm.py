@@ -289,7 +289,11 @@ def test_cli_end_to_end_and_generate(tmp_path, capsys, model):
         assert (out / name).exists(), name
     assert "sample:" in capsys.readouterr().out
     assert generate_main(["--checkpoint", str(out), "--prompt", "import ", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.startswith("import ")
+    plain = capsys.readouterr().out
+    assert plain.startswith("import ") and len(plain) > len("import \n")
+    # --stream: the same text, written as it comes (the pieces: test_streamer_writes_each_addition)
+    assert generate_main(["--checkpoint", str(out), "--prompt", "import ", "--max-new-tokens", "5", "--stream"]) == 0
+    assert capsys.readouterr().out == plain
     assert generate_main(["--checkpoint", str(out), "--prompt", "import ", "--max-new-tokens", "5", "--ema"]) == 0
     assert capsys.readouterr().out.startswith("import ")
     from jaxattn.perplexity import main as ppl_main  # the run scored on its own validation split
@@ -301,6 +305,30 @@ def test_cli_end_to_end_and_generate(tmp_path, capsys, model):
         generate_main(["--checkpoint", str(tmp_path / "nothing")])
     with pytest.raises(SystemExit):
         train_main(["lm", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")])
+
+
+def test_streamer_writes_each_addition():
+    """generate --stream's printer: the prompt, then what each token adds to the decoded text, holding back
+    an unfinished UTF-8 character; the whole is the final text and a newline."""
+    from jaxattn.generate import Streamer
+
+    class Out:
+        def __init__(self):
+            self.pieces = []
+
+        def write(self, t):
+            self.pieces.append(t)
+
+        def flush(self):
+            pass
+
+    out = Out()
+    decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # noqa: E731
+    s = Streamer(decode, list(b"ab"), out=out)
+    for b in "c\u00e9d".encode():  # the two bytes of e-acute arrive one by one
+        s.add(b)
+    s.finish()
+    assert out.pieces == ["ab", "c", "\u00e9", "d", "\n"] and "".join(out.pieces) == "abc\u00e9d\n"
 
 
 def test_token_file_run_generates_token_ids(tmp_path, capsys):

@@ -11,7 +11,7 @@ per token; GPT: a KV cache read by :func:`jaxattn.decode_attention`):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -78,14 +78,16 @@ def _decode_step(model, token, cache, position):
 def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              repetition_penalty: float | None = None, eos_id: int | Sequence[int] | None = None,
-             key: jax.Array | None = None, return_logits: bool = False):
+             key: jax.Array | None = None, return_logits: bool = False,
+             on_token: Callable[[np.ndarray], None] | None = None):
     """Samples up to ``max_new_tokens`` after ``prompt [batch, p]`` (int). The prompt is prefilled
     with the parallel forward; each new token is one incremental step. ``temperature=0`` is
     greedy; ``top_k`` / ``top_p`` / ``min_p`` restrict sampling (:func:`sample_logits`);
     ``repetition_penalty`` (greedy too) penalises every token already in the row, prompt included
     (:func:`apply_repetition_penalty`). With ``eos_id`` (one id, or
     several: chat models end a turn with one of them) a row that has emitted one continues with the first
-    only, and generation stops once every row has. Returns
+    only, and generation stops once every row has. ``on_token`` is called with each step's tokens
+    (``[batch]`` numpy, as they are drawn: for streaming). Returns
     ``tokens [batch, p + n]``, ``n <= max_new_tokens`` the steps taken (and the per-step logits
     ``[batch, n, vocab]``, which equal the parallel forward's)."""
     if not supports_generation(model):
@@ -131,6 +133,8 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, tempe
                 tok = jnp.where(done, eos[0], tok)
                 done = done | jnp.isin(tok, jnp.asarray(eos, tok.dtype))
             tokens.append(tok[:, None])
+            if on_token is not None:
+                on_token(np.asarray(tok))
             if eos and bool(done.all()):
                 break
             if i + 1 < max_new_tokens:
