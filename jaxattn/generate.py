@@ -143,7 +143,7 @@ def _chat(p: argparse.ArgumentParser, a: argparse.Namespace, sample, vocab: int)
             break
         turns.append({"role": "user", "content": text})
         try:
-            prompt = chat.encode_chat(a.checkpoint, turns)
+            prompt = chat.encode_chat(a.checkpoint, turns, template=a.chat_template)
         except (ValueError, ImportError) as e:
             p.error(str(e))
         if prompt.size and prompt.max() >= vocab:
@@ -170,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--chat", action="store_true", help="a Hugging Face chat model's folder: --prompt is a user "
                    "turn, formatted by the folder's chat template; prints the assistant's reply only")
     p.add_argument("--system", default=None, help="with --chat: a system turn before the prompt")
+    p.add_argument("--chat-template", default=None, help="with --chat: which of the folder's named chat templates "
+                   "(e.g. tool_use; default: its default one)")
     p.add_argument("--interactive", action="store_true", help="with --chat: a conversation, each line of standard "
                    "input a user turn (after --prompt, if given) answered in turn, the replies kept in the chat; "
                    "an empty line or the end of input ends it")
@@ -197,8 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("give --prompt (text) or --prompt-ids (token ids), not both")
     if a.chat and a.prompt_ids is not None or a.chat and a.prompt is None and not a.interactive:
         p.error("--chat takes the user's turn as --prompt (text), or turns from standard input with --interactive")
-    if (a.system is not None or a.interactive) and not a.chat:
-        p.error("--system and --interactive need --chat")
+    if (a.system is not None or a.interactive or a.chat_template is not None) and not a.chat:
+        p.error("--system, --interactive and --chat-template need --chat")
     try:
         model, tokenizer, byte_level, run_cfg, what = load_language_model(a.checkpoint, dtype=a.dtype, ema=a.ema,
                                                                               adapter=a.adapter)

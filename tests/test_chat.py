@@ -160,8 +160,9 @@ def test_generate_cli_chat_prints_the_greedy_reply(tmp_path, capsys, monkeypatch
                  "--temperature", "0", "--max-new-tokens", "3", "--stream"]) == 0
     assert capsys.readouterr().out.strip() == printed  # (streamed: the same reply)
     for argv, match in [(["--chat"], "--chat takes the user's turn as --prompt"),
-                        (["--system", "x", "--prompt", "hi"], "--system and --interactive need --chat"),
-                        (["--interactive"], "--system and --interactive need --chat")]:
+                        (["--system", "x", "--prompt", "hi"], "--system, --interactive and --chat-template need --chat"),
+                        (["--interactive"], "--system, --interactive and --chat-template need --chat"),
+                        (["--chat", "--prompt", "hi", "--chat-template", "nope"], "no chat template named 'nope'")]:
         with pytest.raises(SystemExit):
             main(["--checkpoint", str(folder), *argv])
         assert match in capsys.readouterr().err

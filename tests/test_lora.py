@@ -57,6 +57,15 @@ def test_targets_and_errors():
     assert sorted({p[-1] for p, _ in lora_linears(only)}) == ["o", "q"]
     add_lora(only, 2, targets=["q", "o", "kv"])  # (wrapped layers are not wrapped again)
     assert len(lora_linears(only)) == 6
+    tnl = create_model("tnl-tiny", rngs=nnx.Rngs(0), vocab_size=64, dim=32, layers=2, heads=2, glu_dim=48)
+    want = tnl(tokens)
+    add_lora(tnl, 2)  # (every linear layer of TNL's token mixers and GLUs)
+    assert len(lora_linears(tnl)) >= 8 and all("head" not in p for p, _ in lora_linears(tnl))
+    for _, m in lora_linears(tnl):
+        m.lora_b[...] = jnp.full(m.lora_b[...].shape, 0.01)
+    adapted = tnl(tokens)
+    assert np.abs(np.asarray(adapted - want)).max() > 1e-4
+    np.testing.assert_allclose(merged(tnl)(tokens), adapted, rtol=1e-4, atol=1e-4)
     for kw, match in [(dict(rank=0), "rank must be >= 1"), (dict(rank=2, alpha=0.0), "alpha must be positive"),
                       (dict(rank=2, targets=["q", "nope"]), r"\['nope'\] name no linear layer .*'gate_up'"),
                       (dict(rank=2, targets=[]), "at least one layer name"), (dict(rank=33), "rank must be in 1..32")]:
