@@ -362,7 +362,9 @@ def test_state_dict_gives_the_reference_logits(raw):
     assert_same_state_dict(to_hf_state_dict(model), sd)
 
 
-@pytest.mark.parametrize("raw", [{**GEMMA2, "head_dim": 32}, {**GEMMA3, "head_dim": 32, "query_pre_attn_scalar": 32}],
+@pytest.mark.parametrize("raw", [{**GEMMA2, "head_dim": 32},
+                                 pytest.param({**GEMMA3, "head_dim": 32, "query_pre_attn_scalar": 32},
+                                              marks=pytest.mark.slow)],
                          ids=["gemma2", "gemma3"])  # (the kernels take head dims from 32)
 def test_gemma_on_the_pallas_kernels_and_lowers_for_cuda(raw):
     """Gemma 2's soft-capped, scaled sliding-window / full layers and Gemma 3's local RoPE through the Pallas

@@ -304,6 +304,7 @@ def test_lora_run_on_a_folder_exports_a_peft_adapter(tmp_path):
         np.testing.assert_allclose(ref(torch.as_tensor(TOKENS)).logits.numpy(), want, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow  # (the LM LoRA run covers the mechanism)
 def test_image_lora_fine_tunes_adapters_and_the_head(tmp_path):
     """train image --model TIMM_FOLDER --lora-rank: the pretrained weights stay as loaded, the adapters and
     the new classifier head train; the export folds the adapters in (a plain timm folder, the run's logits)."""

@@ -74,6 +74,7 @@ def test_unused_table_entries_are_ignored():
         assert_close(jaxattn.paged_decode_attention(q, kp, vp, t, lens, impl="pallas"), ref, jnp.float32, name)
 
 
+@pytest.mark.slow
 def test_append_paged_kv_then_decode():
     """Prefill into pages, then decode token by token with append_paged_kv: each step equals
     causal attention over the sequence so far."""
