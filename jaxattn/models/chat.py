@@ -7,6 +7,7 @@ Needs ``jinja2`` (3.1 or newer) and, to tokenize, ``tokenizers`` with the folder
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -153,10 +154,17 @@ def decode_reply(folder: str | Path, ids) -> str:
 
 
 def _tokenizer(folder: Path):
-    if not (folder / "tokenizer.json").is_file():
+    path = folder / "tokenizer.json"
+    return _load_tokenizer(str(path), path.stat().st_mtime_ns if path.is_file() else None, folder)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(path: str, mtime: int | None, folder: Path):
+    """(cached per file and modification time: a streamed reply decodes at every token)"""
+    if mtime is None:
         raise ValueError(f"{folder}: chat prompts need the folder's tokenizer.json (tokenizers), which it lacks")
     try:
         import tokenizers
     except ImportError:
         raise ImportError("chat prompts need tokenizers: pip install 'jaxattn[hf]'") from None
-    return tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return tokenizers.Tokenizer.from_file(path)
