@@ -309,11 +309,10 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: tuple = (), 
     call: a prefill and the decode steps after it choose each for themselves)."""
     d = rotary_dim or x.shape[-1]
     freq, attn = rope_frequencies(d, float(theta), scaling)
-    freq = jnp.asarray(freq)
-    if dict(scaling).get("rope_type") == "longrope":
+    freq, s = jnp.asarray(freq), dict(scaling)
+    if s.get("rope_type") == "longrope":
         long_freq = jnp.asarray(rope_frequencies(d, float(theta), scaling, True)[0])
-        past = jnp.max(positions) + 1 > dict(scaling)["original_max_position_embeddings"]
-        freq = jnp.where(past, long_freq, freq)
+        freq = jnp.where(jnp.max(positions) + 1 > s["original_max_position_embeddings"], long_freq, freq)
     ang = positions.astype(jnp.float32)[:, None] * freq[None]  # [N, d/2]
     cos, sin = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
     if attn != 1.0:

@@ -225,21 +225,27 @@ def prepare_state_dict(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) ->
         return out
     if raw.get("model_type") != "phi3":
         return state_dict
+    out, table = {}, _phi3_fused(raw)
+    for key, value in state_dict.items():
+        fused = next((f for f in table if key.endswith(f"{f}.weight")), None)
+        if fused is None:
+            out[key] = value
+            continue
+        pre, start = key[: -len(f"{fused}.weight")], 0
+        for part, rows in table[fused]:
+            out[f"{pre}{part}.weight"] = value[start:start + rows]
+            start += rows
+    return out
+
+
+def _phi3_fused(raw: Mapping[str, Any]) -> dict[str, list[tuple[str, int]]]:
+    """Phi-3's fused projections: each one's LLaMA parts in row order, with their row counts."""
     h, d = int(raw["num_attention_heads"]), int(raw["hidden_size"])
     hd = int(raw.get("head_dim") or d // h)
-    kv = int(raw.get("num_key_value_heads") or h)
-    out = {}
-    for key, value in state_dict.items():
-        if key.endswith("self_attn.qkv_proj.weight"):
-            pre = key[: -len("qkv_proj.weight")]
-            out.update({pre + "q_proj.weight": value[: h * hd], pre + "k_proj.weight": value[h * hd:(h + kv) * hd],
-                        pre + "v_proj.weight": value[(h + kv) * hd:]})
-        elif key.endswith("mlp.gate_up_proj.weight"):
-            pre, half = key[: -len("gate_up_proj.weight")], value.shape[0] // 2
-            out.update({pre + "gate_proj.weight": value[:half], pre + "up_proj.weight": value[half:]})
-        else:
-            out[key] = value
-    return out
+    kv, f = int(raw.get("num_key_value_heads") or h), int(raw["intermediate_size"])
+    return {"self_attn.qkv_proj": [("self_attn.q_proj", h * hd), ("self_attn.k_proj", kv * hd),
+                                   ("self_attn.v_proj", kv * hd)],
+            "mlp.gate_up_proj": [("mlp.gate_proj", f), ("mlp.up_proj", f)]}
 
 
 _GRANITE = ("embed_multiplier", "residual_multiplier", "logits_divisor", "attn_scale")
@@ -361,17 +367,12 @@ def export_state_dict(raw: Mapping[str, Any], state_dict: dict[str, np.ndarray])
     ``qkv_proj`` and ``gate_up_proj`` from LLaMA's projections; other families' as they are."""
     if raw.get("model_type") != "phi3":
         return state_dict
-    out = {}
-    for key, value in state_dict.items():
-        if key.endswith("self_attn.q_proj.weight"):
-            pre = key[: -len("q_proj.weight")]
-            out[pre + "qkv_proj.weight"] = np.concatenate([value, state_dict[pre + "k_proj.weight"],
-                                                           state_dict[pre + "v_proj.weight"]])
-        elif key.endswith("mlp.gate_proj.weight"):
-            pre = key[: -len("gate_proj.weight")]
-            out[pre + "gate_up_proj.weight"] = np.concatenate([value, state_dict[pre + "up_proj.weight"]])
-        elif not key.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.up_proj.weight")):
-            out[key] = value
+    out, table = dict(state_dict), _phi3_fused(raw)
+    for key in state_dict:
+        for fused, parts in table.items():
+            if key.endswith(f"{parts[0][0]}.weight"):
+                pre = key[: -len(f"{parts[0][0]}.weight")]
+                out[f"{pre}{fused}.weight"] = np.concatenate([out.pop(f"{pre}{p}.weight") for p, _ in parts])
     return out
 
 
@@ -380,27 +381,23 @@ def peft_adapter(model: GPT) -> tuple[dict[str, np.ndarray], list[str]]:
     layout's module names, and those names: ``q`` / ``o`` / ``down`` -> ``q_proj`` / ``o_proj`` / ``down_proj``;
     the fused ``kv`` and ``gate_up`` -> ``k_proj`` and ``v_proj`` (``gate_proj`` and ``up_proj``), each the
     shared ``A`` with its columns of ``B`` (the same update, exactly)."""
-    from jaxattn.models.lora import lora_linears
+    from jaxattn.models.lora import lora_linears, module_at
 
-    _, split_kv = _kv(model.cfg.kv_heads or model.cfg.heads)
-    names = {"q": "self_attn.q_proj", "o": "self_attn.o_proj", "down": "mlp.down_proj"}
+    # each adapted layer's entry in an abstract copy of the model (what its kernel is written as): lora_B
+    # [r, out] splits as that kernel [in, out] does, into [out_i, r] per Hugging Face weight
+    shape = nnx.eval_shape(lambda: GPT(model.cfg, rngs=nnx.Rngs(0)))
+    by_var = {id(e.var): e for e in entries(shape)}
     out, targets = {}, set()
     for path, m in lora_linears(model):
-        if len(path) != 4 or path[0] != "blocks" or path[3] not in (*names, "kv", "gate_up"):
-            raise ValueError(f"a PEFT adapter holds the attention and MLP projections; this model adapts "
-                             f"{'.'.join(map(str, path))}")
-        a, b = np.asarray(m.lora_a[...], np.float32).T, np.asarray(m.lora_b[...], np.float32)  # [r, in], [r, out]
-        pre, name = f"base_model.model.model.layers.{path[1]}.", path[3]
-        if name == "kv":
-            parts = dict(zip(("self_attn.k_proj", "self_attn.v_proj"), split_kv(b)))  # ([out, r], [out, r])
-        elif name == "gate_up":
-            parts = {"mlp.gate_proj": b[:, : b.shape[1] // 2].T, "mlp.up_proj": b[:, b.shape[1] // 2:].T}
-        else:
-            parts = {names[name]: b.T}
-        for module, lora_b in parts.items():
-            out[pre + module + ".lora_A.weight"] = a
-            out[pre + module + ".lora_B.weight"] = np.ascontiguousarray(lora_b)
-            targets.add(module.split(".")[-1])
+        e = by_var.get(id(module_at(shape, path).kernel))
+        if e is None or not all(k.endswith(".weight") for k in e.keys):
+            raise ValueError(f"a PEFT adapter holds linear layers' weights; this model adapts {'.'.join(map(str, path))}")
+        a = np.asarray(m.lora_a[...], np.float32).T  # [r, in]
+        for key, lora_b in zip(e.keys, e.split(np.asarray(m.lora_b[...], np.float32))):
+            module = key[: -len(".weight")]
+            out[f"base_model.model.{module}.lora_A.weight"] = a
+            out[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(lora_b)
+            targets.add(module.rsplit(".", 1)[-1])
     return out, sorted(targets)
 
 

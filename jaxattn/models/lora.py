@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["LoRALinear", "add_lora", "merge_lora", "merged", "has_lora", "lora_linears", "read_peft_adapter",
+__all__ = ["LoRALinear", "add_lora", "merge_lora", "merged", "has_lora", "lora_linears", "module_at", "read_peft_adapter",
            "merge_peft_adapter", "save_peft_adapter"]
 
 
@@ -56,15 +56,16 @@ def _modules(model: nnx.Module):
     return list(it)
 
 
-def _parent(model: nnx.Module, path: tuple) -> object:
+def module_at(model: nnx.Module, path: tuple) -> object:
+    """The node at ``path`` (attribute names and list indices, as ``nnx.iter_modules`` gives them)."""
     node = model
-    for part in path[:-1]:
+    for part in path:
         node = node[part] if isinstance(part, int) else getattr(node, part)
     return node
 
 
 def _set(model: nnx.Module, path: tuple, value: nnx.Module) -> None:
-    parent, last = _parent(model, path), path[-1]
+    parent, last = module_at(model, path[:-1]), path[-1]
     if isinstance(last, int):
         parent[last] = value
     else:
@@ -100,7 +101,7 @@ def add_lora(model: nnx.Module, rank: int, alpha: float | None = None, *, target
         path = tuple(path)
         if path and isinstance(module, LoRALinear) and wanted is not None and path[-1] in wanted:
             found.add(path[-1])  # (already adapted: left as it is)
-        if not path or type(module) is not nnx.Linear or isinstance(_parent(model, path), LoRALinear):
+        if not path or type(module) is not nnx.Linear or isinstance(module_at(model, path[:-1]), LoRALinear):
             continue
         name = path[-1]
         if (name in wanted) if wanted is not None else not {"head", "lm_head", "classifier"} & set(path):
@@ -113,8 +114,7 @@ def add_lora(model: nnx.Module, rank: int, alpha: float | None = None, *, target
         raise ValueError(f"lora targets {sorted(missing) or sorted(wanted or [])} name no linear layer of "
                          f"{type(model).__name__} (its linear layers: {names})")
     for path in chosen:
-        base = _parent(model, path)[path[-1]] if isinstance(path[-1], int) else getattr(_parent(model, path), path[-1])
-        _set(model, path, LoRALinear(base, rank, alpha, rngs=rngs))
+        _set(model, path, LoRALinear(module_at(model, path), rank, alpha, rngs=rngs))
     return model
 
 
