@@ -130,6 +130,8 @@ def test_remat_gives_the_same_step(tmp_path, name):
 def test_batch_must_divide(tmp_path):
     with pytest.raises(ValueError, match="--batch-size 4 must be divisible by --grad-accum 3"):
         Trainer(cfg(tmp_path, grad_accum=3), small_model)
+    with pytest.raises(ValueError, match="--ring-layout zigzag: --seq-len 34 must be divisible by 2 x --seq-parallel 2"):
+        train(cfg(tmp_path, seq_len=34, seq_parallel=2, ring_layout="zigzag", model="gpt-tiny"))
 
 
 def _loss_rows(path):
@@ -253,10 +255,18 @@ DP_SCRIPT = """
     # a GPT: ring attention over the "seq" axis, the same losses as on one device
     gpt = lambda rngs: create_model("gpt-tiny", rngs=rngs, vocab_size=256, dim=32, layers=2, heads=2, attn_impl="xla")
     runs = []
-    for c, devices in ((cfg, jax.devices()[:1]), (sp_cfg, jax.devices())):
+    zz_cfg = LMConfig(seq_len=32, batch_size=8, warmup=1, steps=4, seq_parallel=2, ring_layout="zigzag")
+    for c, devices in ((cfg, jax.devices()[:1]), (sp_cfg, jax.devices()), (zz_cfg, jax.devices())):
         t = Trainer(c, gpt, devices=devices)
         runs.append([float(t.step(get_batch(toks, seed=0, step=s, batch=8, seq_len=32))) for s in range(2)])
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5)
+    np.testing.assert_allclose(runs[0], runs[2], rtol=1e-5)  # zig-zag ring shards: the same steps
+    try:
+        Trainer(zz_cfg, model, devices=jax.devices())
+    except ValueError as e:
+        assert "--ring-layout is for ring attention" in str(e), e
+    else:
+        raise AssertionError("--ring-layout accepted for TNL")
     power = lambda rngs: create_model("power-gpt-tiny", rngs=rngs, vocab_size=256)
     try:
         Trainer(sp_cfg, power, devices=jax.devices())

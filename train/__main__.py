@@ -21,7 +21,7 @@ def _add_lm(sub) -> None:
 
     p = sub.add_parser("lm", help="language modelling (default: TNL on the Python stdlib's bytes)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_args(p, LMConfig, choices=COMPUTE, help={
+    add_config_args(p, LMConfig, choices={**COMPUTE, "ring_layout": ["contiguous", "zigzag"]}, help={
         "model": "a name from jaxattn.models.MODEL_CONFIGS, or a Hugging Face TransNormerLLM / LLaMA / Qwen2 "
                  "folder to fine-tune (with --data token files of its tokenizer)",
         "remat": "activation checkpointing: recompute each block in the backward (less memory, ~1/3 more compute)",
@@ -31,6 +31,8 @@ def _add_lm(sub) -> None:
                 "files); default: the Python stdlib sources",
         "seq_parallel": "devices that share each sequence (TNL: sequence-parallel Lightning attention, GPT: "
                         "ring attention); the other devices split the batch",
+        "ring_layout": "GPT with --seq-parallel: ring attention's shard layout; zigzag gives every device two "
+                       "chunks (i, 2P-1-i) so causal work is balanced (--seq-len divisible by 2 x --seq-parallel)",
         "fsdp": "shard parameters and optimizer state over the data-parallel devices (FSDP / ZeRO-3): each holds "
                 "about 1/N of them, for models whose AdamW state does not fit one device; same steps",
         "model_args": "model config fields as 'key=value ...' (tuples comma-separated), e.g. "

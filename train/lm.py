@@ -33,6 +33,8 @@ class LMConfig:
     batch_size: int = 16  # global batch per optimizer step (all devices, all micro-batches)
     grad_accum: int = 1
     seq_parallel: int = 1  # devices per sequence (TNL: sequence-parallel Lightning attention); the rest: data
+    # GPT with seq_parallel > 1: ring attention's shards, "contiguous" or "zigzag" (balanced causal work)
+    ring_layout: str = "contiguous"
     fsdp: bool = False  # shard parameters and optimizer state over the data devices (ZeRO-3); same steps
     model_args: str | None = None  # model config fields, "key=value key=a,b" (e.g. "layer_types=power,full window=1024")
     steps: int = 300
@@ -91,6 +93,7 @@ class Trainer(loop.Trainer):
         super().__init__(model_factory, make_optimizer(cfg), lambda model, tokens, rng: lm_loss(model, tokens),
                          eval_fn=lm_loss, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                          seed=cfg.seed, devices=devices, seq_parallel=cfg.seq_parallel, shard_state=cfg.fsdp,
+                         seq_parallel_args={"layout": cfg.ring_layout} if cfg.ring_layout != "contiguous" else None,
                          wrt=nnx.LoRAParam if cfg.lora_rank else nnx.Param)  # (LoRA: only the adapters train)
 
     def evaluate(self, corpus: Corpus, *, ema: bool = False) -> float:
@@ -180,6 +183,9 @@ def train(cfg: LMConfig, *, resume: bool = False,
                          f"({len(corpus.val)} tokens); use more data or a shorter --seq-len")
     if cfg.seq_len % cfg.seq_parallel:
         raise ValueError(f"--seq-len {cfg.seq_len} must be divisible by --seq-parallel {cfg.seq_parallel}")
+    if cfg.ring_layout == "zigzag" and cfg.seq_parallel > 1 and cfg.seq_len % (2 * cfg.seq_parallel):
+        raise ValueError(f"--ring-layout zigzag: --seq-len {cfg.seq_len} must be divisible by 2 x --seq-parallel "
+                         f"{cfg.seq_parallel} (two chunks per device)")
     out = cfg.out_dir()
     trainer = Trainer(cfg, model_factory or default_model_factory(cfg, corpus.vocab_size))
 

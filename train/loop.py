@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import inspect
 import math
 import time
 import types
@@ -121,13 +122,19 @@ def apply_augment(augment: Callable[[Any, jax.Array], Any], batch: Batch, key: j
     return fn(batch, keys)
 
 
+def _takes(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` has a parameter ``name``."""
+    return name in inspect.signature(fn).parameters
+
+
 # -- the trainer --------------------------------------------------------------------------
 class Trainer:
     """Holds ``(model, optimizer)`` state as one pytree, replicated (or, ``shard_state``, split) over a
     ``[data, seq]`` mesh of ``devices``, and jitted train/eval steps with the batch sharded over ``data``.
 
     ``seq_parallel`` devices share each sequence (``seq`` axis; the model must have
-    ``enable_sequence_parallel``, e.g. TNL); the other factor of the device count is ``data``.
+    ``enable_sequence_parallel``, e.g. TNL, which gets ``seq_parallel_args`` too, e.g. GPT's ring
+    ``layout``); the other factor of the device count is ``data``.
     ``batch_size`` is the global batch of one optimizer step (all devices, all micro-batches); it
     must be divisible by ``grad_accum * len(devices) / seq_parallel``. Gradients (and the loss and
     metrics) are averaged over the ``grad_accum`` micro-batches.
@@ -149,7 +156,7 @@ class Trainer:
                  augment: Callable[[Any, jax.Array], Any] | None = None,
                  eval_fn: Callable[[nnx.Module, Batch], Any] | None = None,
                  devices: Sequence[Any] | None = None, wrt: Any = nnx.Param, seq_parallel: int = 1,
-                 shard_state: bool = False):
+                 shard_state: bool = False, seq_parallel_args: dict[str, Any] | None = None):
         devices = list(devices or jax.local_devices())
         if seq_parallel < 1 or len(devices) % seq_parallel:
             raise ValueError(f"--seq-parallel {seq_parallel} must divide the {len(devices)} devices")
@@ -169,7 +176,10 @@ class Trainer:
             if not hasattr(model, "enable_sequence_parallel"):
                 raise ValueError(f"--seq-parallel needs a model with sequence-parallel attention (TNL); "
                                  f"{type(model).__name__} has none")
-            model.enable_sequence_parallel(self.mesh, "seq", batch_axis="data")
+            if seq_parallel_args and "layout" in seq_parallel_args and not _takes(model.enable_sequence_parallel, "layout"):
+                raise ValueError(f"--ring-layout is for ring attention (GPT); {type(model).__name__}'s sequence "
+                                 f"parallelism has no shard layout")
+            model.enable_sequence_parallel(self.mesh, "seq", batch_axis="data", **(seq_parallel_args or {}))
         tx = optimizer if isinstance(optimizer, optax.GradientTransformation) else optimizer(model)
         opt = nnx.Optimizer(model, tx, wrt=wrt)
         self.graphdef, state = nnx.split((model, opt))

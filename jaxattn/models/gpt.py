@@ -370,7 +370,8 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(k_width, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
         self.attn_drop = AttentionDropout(cfg.dropout, rngs=rngs)  # inside the kernels
         self.resid_drop = _dropout(cfg.dropout, rngs)
-        self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis): GPT.enable_sequence_parallel
+        # (mesh, axis, batch_axis, layout): GPT.enable_sequence_parallel
+        self.sequence_parallel: tuple | None = None
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
                  offset: jax.Array | int = 0) -> jax.Array | tuple[jax.Array, KVCache]:
@@ -390,8 +391,8 @@ class Attention(nnx.Module):
             if self.kind == "window" and self.cfg.local_rope_theta:  # Gemma 3's local layers
                 theta, scaling = self.cfg.local_rope_theta, ()
             q, k = (rope(t, positions, theta, scaling, self.cfg.rotary_dim) for t in (q, k))
-        if cache is None:
-            return self._attend(q, k, v)
+        if cache is None:  # (a zig-zag sequence-parallel model has permuted its tokens)
+            return self._attend(q, k, v, zigzagged=True)
         from jaxattn.ops.decode import append_kv, decode_attention, quantize_kv
 
         prefill = isinstance(offset, int) and offset == 0
@@ -416,8 +417,9 @@ class Attention(nnx.Module):
             o = block_sparse_attention(q, k_cache, v_cache, mask, impl=self.cfg.attn_impl, scale=self.cfg.attn_scale)
         return self.o(o.reshape(b, n, -1)), new_cache
 
-    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        """Causal attention of the layer's kind over the ``n`` tokens themselves."""
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, zigzagged: bool = False) -> jax.Array:
+        """Causal attention of the layer's kind over the ``n`` tokens themselves (``zigzagged``: in
+        the zig-zag order of a sequence-parallel model's forward)."""
         b, n = q.shape[:2]
         impl, scale, cap = self.cfg.attn_impl, self.cfg.attn_scale, self.cfg.attn_softcap
         drop = self.attn_drop()
@@ -435,9 +437,9 @@ class Attention(nnx.Module):
         elif self.sequence_parallel is not None:
             from jaxattn.ops.ring_attention import ring_attention_sp
 
-            mesh, axis, batch_axis = self.sequence_parallel
+            mesh, axis, batch_axis, layout = self.sequence_parallel
             o = ring_attention_sp(q, k, v, mesh=mesh, axis=axis, batch_axis=batch_axis, causal=True, scale=scale,
-                                  impl=impl, **drop)
+                                  impl=impl, layout=layout, zigzagged=zigzagged and layout == "zigzag", **drop)
         else:
             o = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes(), scale=scale, logits_soft_cap=cap,
                           impl=impl, **drop)
@@ -504,11 +506,21 @@ class GPT(nnx.Module):
         self.head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
         self.embed_drop = _dropout(cfg.dropout, rngs)
 
-    def enable_sequence_parallel(self, mesh, axis: str = "seq", batch_axis: str | None = None) -> None:
+    def enable_sequence_parallel(self, mesh, axis: str = "seq", batch_axis: str | None = None,
+                                 layout: Literal["contiguous", "zigzag"] = "contiguous") -> None:
         """Runs every attention layer as ring attention with the sequence split over ``mesh`` axis
         ``axis`` (:func:`jaxattn.ring_attention_sp`; the batch over ``batch_axis``); XLA partitions
         the other layers from the input sharding. Only full causal layers (not block-sparse or
-        quantized ones) can. ``mesh=None`` turns it off."""
+        quantized ones) can. ``mesh=None`` turns it off.
+
+        ``layout="zigzag"`` balances the causal work over the devices: the forward permutes its tokens
+        (and their RoPE positions) into :func:`jaxattn.zigzag_permutation` order once, every layer runs
+        the zig-zag ring on them, and the hidden states return to natural order before the head (one
+        shard exchange); the sequence length must divide by twice the ``axis`` size. Same logits; with
+        dropout, the embedding and residual masks are drawn in the permuted order (the attention
+        dropout's is the single-device mask either way)."""
+        if layout not in ("contiguous", "zigzag"):
+            raise ValueError(f"layout must be 'contiguous' or 'zigzag', got {layout!r}")
         if mesh is not None:
             bad = sorted({blk.attn.kind for blk in self.blocks if blk.attn.kind != "full"})
             if bad or self.cfg.quantized or self.cfg.position == "alibi" or self.cfg.attn_softcap is not None:
@@ -520,7 +532,7 @@ class GPT(nnx.Module):
 
         setting = layer_setting(mesh, axis, batch_axis)
         for blk in self.blocks:
-            blk.attn.sequence_parallel = setting
+            blk.attn.sequence_parallel = None if setting is None else (*setting, layout)
 
     def __call__(self, tokens: jax.Array, *, cache: list[KVCache] | None = None,
                  offset: jax.Array | int = 0):
@@ -531,13 +543,20 @@ class GPT(nnx.Module):
             raise ValueError(f"tokens must have shape [batch, seq] and an integer dtype, got "
                              f"{jnp.dtype(tokens.dtype).name} {tuple(tokens.shape)}")
         dt = jnp.dtype(self.cfg.dtype)
+        positions = jnp.arange(tokens.shape[1]) + offset
+        sp = self.blocks[0].attn.sequence_parallel if len(self.blocks) else None
+        zigzag = cache is None and sp is not None and sp[3] == "zigzag"
+        if zigzag:  # the tokens in zig-zag order (a gather of the small token array), restored before the head
+            from jaxattn.ops.ring_attention import zigzag_permutation
+
+            perm = zigzag_permutation(tokens.shape[1], sp[0].shape[sp[1]])
+            tokens, positions = tokens[:, perm], positions[perm]
         x = self.embed(tokens).astype(dt)
         if self.cfg.embed_scale:  # Gemma: sqrt(dim) in the compute dtype, as Hugging Face's
             x = x * jnp.asarray(self.cfg.dim ** 0.5, dt)
         if self.cfg.embed_multiplier != 1.0:  # Granite
             x = x * jnp.asarray(self.cfg.embed_multiplier, dt)
         x = _apply(self.embed_drop, x)
-        positions = jnp.arange(tokens.shape[1]) + offset
         new_cache = []
         run = remat_blocks(self.cfg.remat and cache is None, lambda blk, x: blk(x, positions))
         for i, blk in enumerate(self.blocks):
@@ -546,6 +565,10 @@ class GPT(nnx.Module):
             else:
                 x, c = blk(x, positions, cache[i], offset)
                 new_cache.append(c)
+        if zigzag:
+            from jaxattn.ops.ring_attention import zigzag_sp
+
+            x = zigzag_sp(x, mesh=sp[0], axis=sp[1], batch_axis=sp[2], inverse=True)
         x = self.norm(x)
         if self.head is None:
             logits = jnp.einsum("bnd,vd->bnv", x.astype(jnp.float32), self.embed.embedding[...])

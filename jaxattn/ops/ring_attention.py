@@ -13,28 +13,47 @@ causal mask when ``j == i`` (equal shard lengths make it the ordinary square cau
 at all when ``j > i`` (that hop is skipped with ``lax.cond``). Gradients flow through ``ppermute``
 (its transpose is the reverse permutation) and the kernel's ``custom_vjp``.
 
+Load balance (``layout="zigzag"``, as the zig-zag ring of ring-flash-attention / Megatron's context
+parallelism): with contiguous shards and a causal mask, device ``P - 1`` attends at every hop while
+device 0 idles after the first, so the ring runs at the pace of the busiest device. Zig-zag splits the
+sequence into ``2P`` chunks of ``c`` tokens and gives device ``i`` chunks ``i`` and ``2P - 1 - i``;
+then every hop after the first costs every device the same half of a full hop: from device ``j < i``
+both query chunks see key chunk ``j`` only (chunk ``2P - 1 - j`` lies after them), from ``j > i``
+the second query chunk sees both key chunks and the first sees none. The first hop (own keys) is the
+ordinary causal mask over the two chunks (their order agrees with the global one).
+:func:`zigzag_permutation` is the token order; :func:`ring_attention_sp` converts natural-order global
+arrays to it and back with one chunk exchange (two ``ppermute`` s), or takes arrays already in that
+order (``zigzagged=True``: a model permutes its tokens once, as ``GPT.enable_sequence_parallel(...,
+layout="zigzag")``).
+
 Attention dropout: each hop draws its block of the single-device mask (``dropout_offset`` =
 (first batch row, ``i * n``, ``j * n``)), so the result equals :func:`jaxattn.attention` with the
 same ``dropout_rng`` on the whole sequence; merging by the log-sum-exp stays exact because the
 kernel's lse is that of the undropped weights.
 
 * ``ring_attention(q, k, v, axis=...)`` inside a ``shard_map`` over ``axis``;
-* :func:`ring_attention_sp` wraps that ``shard_map`` for global arrays and a ``Mesh``.
+* :func:`ring_attention_sp` wraps that ``shard_map`` for global arrays and a ``Mesh``;
+* :func:`zigzag_permutation`, :func:`to_zigzag` / :func:`from_zigzag` (inside ``shard_map``),
+  :func:`zigzag_sp` (global arrays) for the zig-zag layout.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxattn.ops import _checks, _spmd
 from jaxattn.pallas._common import merge_partials
 
-__all__ = ["ring_attention", "ring_attention_sp"]
+__all__ = ["from_zigzag", "ring_attention", "ring_attention_sp", "to_zigzag", "zigzag_permutation", "zigzag_sp"]
+
+Layout = Literal["contiguous", "zigzag"]
 
 
 def _merge(o_acc, lse_acc, o_r, lse_r):
@@ -42,53 +61,161 @@ def _merge(o_acc, lse_acc, o_r, lse_r):
     return merge_partials(jnp.stack([o_acc, o_r], 1), jnp.stack([lse_acc, lse_r], 1))
 
 
+def zigzag_permutation(seq_len: int, n_shards: int) -> np.ndarray:
+    """The zig-zag token order over ``n_shards`` devices: ``x[:, perm]`` split into ``n_shards``
+    contiguous shards gives device ``i`` the chunks ``i`` and ``2·n_shards - 1 - i`` of
+    ``seq_len / (2·n_shards)`` tokens (``np.argsort(perm)`` restores the natural order)."""
+    if seq_len % (2 * n_shards):
+        raise ValueError(f"zig-zag layout: sequence length {seq_len} must be divisible by 2 x {n_shards} shards "
+                         f"(pad the sequence)")
+    chunks = np.arange(seq_len).reshape(2 * n_shards, -1)
+    order = [c for i in range(n_shards) for c in (i, 2 * n_shards - 1 - i)]
+    return chunks[order].reshape(-1)
+
+
+def _exchange(x: jax.Array, axis: str, inverse: bool) -> jax.Array:
+    """Natural <-> zig-zag shards over ``axis`` inside ``shard_map``: one ``ppermute`` for the even
+    chunks and one for the odd (each is a permutation of the devices), then a select by parity."""
+    p = int(lax.axis_size(axis))
+    idx = lax.axis_index(axis)
+    home = lambda m: m if m < p else 2 * p - 1 - m  # noqa: E731  (the device chunk m lives on, zig-zag)
+    c = x.shape[1] // 2
+    halves = (x[:, :c], x[:, c:])
+    if not inverse:  # device i holds chunks 2i, 2i + 1; device j wants j (first) and 2p - 1 - j (second)
+        got = [lax.ppermute(halves[h], axis, [(i, home(2 * i + h)) for i in range(p)]) for h in (0, 1)]
+        even_first = idx % 2 == 0  # chunk j has j's parity, so j's first chunk arrived with the even ones
+        first, second = (jnp.where(even_first, got[0], got[1]), jnp.where(even_first, got[1], got[0]))
+        return jnp.concatenate([first, second], axis=1)
+    # inverse: device j sends chunk j and chunk 2p - 1 - j; the even one of them goes to its natural half 0
+    even_first = idx % 2 == 0
+    even, odd = jnp.where(even_first, halves[0], halves[1]), jnp.where(even_first, halves[1], halves[0])
+    chunk_of = lambda j, parity: j if j % 2 == parity else 2 * p - 1 - j  # noqa: E731
+    got = [lax.ppermute(t, axis, [(j, chunk_of(j, h) // 2) for j in range(p)]) for h, t in ((0, even), (1, odd))]
+    return jnp.concatenate(got, axis=1)
+
+
+def to_zigzag(x: jax.Array, axis: str) -> jax.Array:
+    """Inside ``shard_map`` over ``axis``: this device's contiguous shard ``x [batch, seq/P, ...]`` ->
+    its zig-zag shard (chunks ``i`` and ``2P - 1 - i`` of the sequence); one exchange of the shard."""
+    return _exchange(x, axis, inverse=False)
+
+
+def from_zigzag(x: jax.Array, axis: str) -> jax.Array:
+    """The inverse of :func:`to_zigzag`."""
+    return _exchange(x, axis, inverse=True)
+
+
+def zigzag_sp(x: jax.Array, *, mesh: Mesh, axis: str, batch_axis: str | None = None,
+              inverse: bool = False) -> jax.Array:
+    """``x[:, zigzag_permutation(seq, P)]`` (``inverse``: back to natural order) for a global array
+    ``x [batch, seq, ...]`` split over ``mesh`` axis ``axis``, as one shard exchange
+    (:func:`to_zigzag` / :func:`from_zigzag` in a ``shard_map``) instead of a gather of the whole
+    sequence."""
+    _spmd.check_mesh(mesh, axis, batch_axis)
+    zigzag_permutation(x.shape[1], mesh.shape[axis])  # the length check
+    spec = P(batch_axis, axis)
+    f = from_zigzag if inverse else to_zigzag
+    return _spmd.shard_map(lambda t: f(t, axis), mesh=mesh, in_specs=(spec,), out_specs=spec)(x)
+
+
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis: str, causal: bool = False,
                    scale: float | None = None, dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
                    batch_axis: str | None = None, impl: Literal["auto", "pallas", "xla"] = "auto",
-                   return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+                   return_lse: bool = False, layout: Layout = "contiguous") -> jax.Array | tuple[jax.Array, jax.Array]:
     """Inside ``shard_map`` over ``axis``: this device's shard of ``softmax(q k^T) v`` where q, k, v
-    ``[batch, seq/P, heads, head_dim]`` are its contiguous shards (shard ``i`` = positions
-    ``[i·n, (i+1)·n)``; GQA as in :func:`jaxattn.attention`). ``dropout_rate`` / ``dropout_rng`` (the
-    same key on every device): attention dropout with the single-device mask; ``batch_axis`` names
-    the mesh axis the batch is split over, if any (the mask depends on the global batch row).
-    Returns ``out`` in q's dtype (and the fp32 log-sum-exp ``[batch, seq/P, heads]``)."""
+    ``[batch, seq/P, heads, head_dim]`` are its shards: contiguous (shard ``i`` = positions
+    ``[i·n, (i+1)·n)``) or, ``layout="zigzag"``, chunks ``i`` and ``2P - 1 - i`` of ``n/2`` tokens
+    (balanced causal work; see the module docstring). GQA as in :func:`jaxattn.attention`.
+    ``dropout_rate`` / ``dropout_rng`` (the same key on every device): attention dropout with the
+    single-device mask; ``batch_axis`` names the mesh axis the batch is split over, if any (the mask
+    depends on the global batch row). Returns ``out`` in q's dtype (and the fp32 log-sum-exp
+    ``[batch, seq/P, heads]``)."""
     from jaxattn.ops.attention import attention
 
+    if layout not in ("contiguous", "zigzag"):
+        raise ValueError(f"layout must be 'contiguous' or 'zigzag', got {layout!r}")
     idx = lax.axis_index(axis)
     n_shards = int(lax.axis_size(axis))  # static inside shard_map
     perm = [(i, (i + 1) % n_shards) for i in range(n_shards)]
     n = q.shape[1]
     b0 = lax.axis_index(batch_axis) * q.shape[0] if batch_axis is not None else 0
+    if layout == "zigzag":
+        if n % 2:
+            raise ValueError(f"zig-zag layout: the shard length {n} must be even (two chunks per device)")
+        hop = functools.partial(_zigzag_hop, q, causal=causal, idx=idx, n_shards=n_shards,
+                                call=functools.partial(attention, scale=scale, impl=impl, return_lse=True,
+                                                       dropout_rate=dropout_rate, dropout_rng=dropout_rng),
+                                b0=b0, dropout=bool(dropout_rate))
+    else:
+        def hop(k, v, src):
+            def attend(k, v, diagonal: bool):
+                start = idx if src is None else src
+                o, lse = attention(q, k, v, causal=causal and diagonal, scale=scale, impl=impl, return_lse=True,
+                                   dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                                   dropout_offset=(b0, idx * n, start * n))
+                return o.astype(jnp.float32), lse.astype(jnp.float32)
 
-    def attend(k, v, src, diagonal: bool):
-        o, lse = attention(q, k, v, causal=causal and diagonal, scale=scale, impl=impl, return_lse=True,
-                           dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                           dropout_offset=(b0, idx * n, src * n))
-        return o.astype(jnp.float32), lse.astype(jnp.float32)
+            if src is None:
+                return attend(k, v, True)
+            if not causal:
+                return attend(k, v, False)
+            skip = (jnp.zeros(q.shape[:3] + v.shape[3:], jnp.float32), jnp.full(q.shape[:3], -jnp.inf))
+            return lax.cond(src < idx, lambda k, v: attend(k, v, False), lambda k, v: skip, k, v)
 
-    o_acc, lse_acc = attend(k, v, idx, True)
+    o_acc, lse_acc = hop(k, v, None)  # this device's own keys: src = idx
     for r in range(1, n_shards):
         k = lax.ppermute(k, axis, perm)
         v = lax.ppermute(v, axis, perm)
-        src = (idx - r) % n_shards  # the shard this device now holds
-        if causal:
-            skip = (jnp.zeros_like(o_acc), jnp.full_like(lse_acc, -jnp.inf))
-            o_r, lse_r = lax.cond(src < idx, lambda k, v: attend(k, v, src, False), lambda k, v: skip, k, v)
-        else:
-            o_r, lse_r = attend(k, v, src, False)
+        o_r, lse_r = hop(k, v, (idx - r) % n_shards)  # the shard this device now holds
         o_acc, lse_acc = _merge(o_acc, lse_acc, o_r, lse_r)
     out = o_acc.astype(q.dtype)
     return (out, lse_acc) if return_lse else out
 
 
+def _zigzag_hop(q, k, v, src, *, causal: bool, idx, n_shards: int, call, b0, dropout: bool):
+    """One hop of the zig-zag ring: (o, lse) of this device's queries (chunks ``idx``, ``2P-1-idx``)
+    against the keys of device ``src`` (chunks ``src``, ``2P-1-src``; ``src=None``: its own)."""
+    c = q.shape[1] // 2
+    chunk = lambda dev, half: dev if half == 0 else 2 * n_shards - 1 - dev  # noqa: E731
+    src_dev = idx if src is None else src
+
+    def run(calls):
+        """``calls``: (query halves, key halves, causal) with contiguous halves; each query half's
+        results merged. With dropout every call is one chunk pair (its mask offset is that pair's)."""
+        if dropout:
+            calls = [((a,), (b,), cz) for qs, ks, cz in calls for a in qs for b in ks]
+        acc = [(jnp.zeros(q.shape[:1] + (c,) + q.shape[2:3] + v.shape[3:], jnp.float32),
+                jnp.full(q.shape[:1] + (c,) + q.shape[2:3], -jnp.inf)) for _ in (0, 1)]
+        for qs, ks, cz in calls:
+            qq = q[:, qs[0] * c:(qs[-1] + 1) * c]
+            kk, vv = (t[:, ks[0] * c:(ks[-1] + 1) * c] for t in (k, v))
+            o, lse = call(qq, kk, vv, causal=cz, dropout_offset=(b0, chunk(idx, qs[0]) * c, chunk(src_dev, ks[0]) * c))
+            for j, a in enumerate(qs):
+                part = (o[:, j * c:(j + 1) * c].astype(jnp.float32), lse[:, j * c:(j + 1) * c].astype(jnp.float32))
+                acc[a] = _merge(*acc[a], *part)
+        return tuple(jnp.concatenate(t, axis=1) for t in zip(*acc))
+
+    if not causal:
+        return run([((0, 1), (0, 1), False)])
+    if src is None:  # own keys: the two chunks in global order, so the plain causal mask
+        return run([((0, 1), (0, 1), True)] if not dropout else [((0,), (0,), True), ((1,), (0,), False),
+                                                                   ((1,), (1,), True)])
+    # src < idx: both query chunks see key chunk src only; src > idx: query chunk 2P-1-idx sees both
+    return lax.cond(src < idx, lambda: run([((0, 1), (0,), False)]), lambda: run([((1,), (0, 1), False)]))
+
+
 def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis: str,
                       batch_axis: str | None = None, causal: bool = False, scale: float | None = None,
                       dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
-                      impl: Literal["auto", "pallas", "xla"] = "auto") -> jax.Array:
+                      impl: Literal["auto", "pallas", "xla"] = "auto", layout: Layout = "contiguous",
+                      zigzagged: bool = False) -> jax.Array:
     """:func:`jaxattn.attention` (no masks or segment ids) with the sequence split over ``mesh``
     axis ``axis`` (and the batch over ``batch_axis``) by :func:`ring_attention`. q and k/v must
-    have the same length, divisible by the size of ``axis``. With ``dropout_rate`` > 0 the result
-    equals :func:`jaxattn.attention` with the same ``dropout_rng`` (the same mask)."""
+    have the same length, divisible by the size of ``axis`` (by twice it for ``layout="zigzag"``).
+    With ``dropout_rate`` > 0 the result equals :func:`jaxattn.attention` with the same
+    ``dropout_rng`` (the same mask). ``layout="zigzag"`` balances causal work over the devices: the
+    arrays are in natural order and are exchanged into the zig-zag shards and back, unless
+    ``zigzagged=True`` says they are already in :func:`zigzag_permutation` order (the result then is too)."""
     _spmd.check_mesh(mesh, axis, batch_axis)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _checks.check_rank(name, x, 4, "[batch, seq, heads, head_dim]")
@@ -97,15 +224,23 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
                          f"{k.shape[1]}, {v.shape[1]}")
     _spmd.check_split(q, mesh, axis, batch_axis)
     _checks.check_dropout(dropout_rate, dropout_rng)
+    if layout not in ("contiguous", "zigzag"):
+        raise ValueError(f"layout must be 'contiguous' or 'zigzag', got {layout!r}")
+    if layout == "zigzag":
+        zigzag_permutation(q.shape[1], mesh.shape[axis])  # the length check
+    elif zigzagged:
+        raise ValueError("zigzagged=True needs layout='zigzag'")
     spec = P(batch_axis, axis)
-    if not dropout_rate:
-        body = lambda q, k, v: ring_attention(q, k, v, axis=axis, causal=causal, scale=scale, impl=impl)  # noqa: E731
-        return _spmd.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
-    seed = _dropout_key_data(dropout_rng)  # raw uint32 key data: replicated into the shard_map
+    convert = layout == "zigzag" and not zigzagged
+    seed = _dropout_key_data(dropout_rng) if dropout_rate else jnp.zeros((2,), jnp.uint32)  # replicated
 
     def body(q, k, v, seed):
-        return ring_attention(q, k, v, axis=axis, causal=causal, scale=scale, dropout_rate=dropout_rate,
-                              dropout_rng=seed, batch_axis=batch_axis, impl=impl)
+        if convert:
+            q, k, v = (to_zigzag(t, axis) for t in (q, k, v))
+        out = ring_attention(q, k, v, axis=axis, causal=causal, scale=scale, dropout_rate=dropout_rate,
+                             dropout_rng=seed if dropout_rate else None, batch_axis=batch_axis, impl=impl,
+                             layout=layout)
+        return from_zigzag(out, axis) if convert else out
 
     return _spmd.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec)(q, k, v, seed)
 
