@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from jaxattn.models import create_model
+from jaxattn.train import loop
 from jaxattn.models.lora import LoRALinear, add_lora, has_lora, lora_linears, merge_lora, merged
 
 
@@ -82,7 +83,7 @@ def test_lm_lora_trains_only_adapters_resumes_and_exports(tmp_path):
     def cfg(out, **kw):
         return LMConfig(model="gpt-tiny", model_args="dim=32 layers=2 heads=2", max_bytes=100_000, seq_len=32,
                         batch_size=4, steps=6, warmup=1, eval_every=3, eval_batches=1, ckpt_every=3, log_every=1,
-                        out=str(out), lr=3e-2, attn_impl="xla", lora_rank=4, lora_targets="q,kv,o", **kw)
+                        out=str(out), lr=3e-2, attn_impl="xla", lora_rank=4, **{"lora_targets": "q,kv,o", **kw})
 
     full = train(cfg(tmp_path / "a"), progress=False, sample=False)
     model = full["trainer"].model
@@ -98,6 +99,26 @@ def test_lm_lora_trains_only_adapters_resumes_and_exports(tmp_path):
         if path in adapted:
             assert np.abs(np.asarray(node.lora_b[...])).max() > 1e-3
     np.testing.assert_array_equal(model.embed.embedding[...], base.embed.embedding[...])
+    # the checkpoints hold the adapters and their optimizer state, not the frozen weights (rebuilt on restore)
+    from jaxattn.train.lm import Trainer, _manager, default_model_factory
+
+    trainer = full["trainer"]
+    manager = _manager(tmp_path / "a")
+    n_state, n_frozen = len(jax.tree.leaves(trainer.state)), len(trainer._frozen_paths)
+    # (per block: 2 norms, 3 adapted bases, gate_up, down; the embedding and the final norm)
+    assert n_frozen == 2 * 7 + 2 and len(manager.item_metadata(6).keys()) == n_state - n_frozen
+    # an older full checkpoint (frozen weights too) restores; one of another configuration is refused
+    trainer.save_frozen = True
+    full_ckpt = loop.checkpoint_manager(tmp_path / "full")
+    trainer.save(full_ckpt, 6)
+    full_ckpt.wait_until_finished()
+    assert len(full_ckpt.item_metadata(6).keys()) == n_state
+    other = Trainer(cfg(tmp_path / "c"), default_model_factory(cfg(tmp_path / "c"), 256))
+    other.restore(full_ckpt, 6)
+    np.testing.assert_array_equal(other.model.blocks[1].attn.o.lora_b[...], model.blocks[1].attn.o.lora_b[...])
+    fewer = cfg(tmp_path / "d", lora_targets="q")
+    with pytest.raises(ValueError, match=r"checkpoint step 6 in .* lacks \d+ trained arrays .*another model or configuration"):
+        Trainer(fewer, default_model_factory(fewer, 256)).restore(manager, 6)
     # a kill after step 5 (last checkpoint: 3), then --resume: the same adapters as the uninterrupted run
     killed = train(cfg(tmp_path / "b"), stop_after=5, progress=False, sample=False)
     assert killed["stopped_at"] == 5

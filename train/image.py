@@ -219,7 +219,7 @@ def make_image_trainer(cfg: ImageConfig, data: ImageData, model_factory, *, opti
                             optimizer=lambda m: joint_optimizer(m, tx, optax.adam(cfg.gate_lr)))
     if cfg.lora_rank:  # the adapters and the (new) classifier head train; the rest stays as loaded
         return ImageTrainer(cfg, data, model_factory, optimizer=tx, devices=devices,
-                            wrt=nnx.Any(nnx.LoRAParam, nnx.PathContains("head")))
+                            wrt=nnx.Any(nnx.LoRAParam, nnx.PathContains("head")), save_frozen=False)
     return ImageTrainer(cfg, data, model_factory, optimizer=tx, devices=devices)
 
 

@@ -94,7 +94,8 @@ class Trainer(loop.Trainer):
                          eval_fn=lm_loss, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                          seed=cfg.seed, devices=devices, seq_parallel=cfg.seq_parallel, shard_state=cfg.fsdp,
                          seq_parallel_args={"layout": cfg.ring_layout} if cfg.ring_layout != "contiguous" else None,
-                         wrt=nnx.LoRAParam if cfg.lora_rank else nnx.Param)  # (LoRA: only the adapters train)
+                         wrt=nnx.LoRAParam if cfg.lora_rank else nnx.Param,  # (LoRA: only the adapters train,
+                         save_frozen=not cfg.lora_rank)  # and only they and their AdamW state are checkpointed)
 
     def evaluate(self, corpus: Corpus, *, ema: bool = False) -> float:
         """Mean validation loss over ``eval_batches`` fixed batches of the validation split (``ema``: of

@@ -139,6 +139,9 @@ class Trainer:
     must be divisible by ``grad_accum * len(devices) / seq_parallel``. Gradients (and the loss and
     metrics) are averaged over the ``grad_accum`` micro-batches.
 
+    ``save_frozen=False``: checkpoints leave out the model parameters that ``wrt`` does not train (a
+    LoRA run's frozen base weights, which its model factory rebuilds), so they hold only what changes.
+
     ``shard_state`` (FSDP / ZeRO-3): each parameter and optimizer-state array of at least
     ``fsdp_min_size`` elements is split over the ``data`` devices along its largest divisible axis, so
     a device holds about ``1/data`` of the state; XLA gathers each weight where it is used and
@@ -156,7 +159,8 @@ class Trainer:
                  augment: Callable[[Any, jax.Array], Any] | None = None,
                  eval_fn: Callable[[nnx.Module, Batch], Any] | None = None,
                  devices: Sequence[Any] | None = None, wrt: Any = nnx.Param, seq_parallel: int = 1,
-                 shard_state: bool = False, seq_parallel_args: dict[str, Any] | None = None):
+                 shard_state: bool = False, seq_parallel_args: dict[str, Any] | None = None,
+                 save_frozen: bool = True):
         devices = list(devices or jax.local_devices())
         if seq_parallel < 1 or len(devices) % seq_parallel:
             raise ValueError(f"--seq-parallel {seq_parallel} must divide the {len(devices)} devices")
@@ -183,6 +187,12 @@ class Trainer:
         tx = optimizer if isinstance(optimizer, optax.GradientTransformation) else optimizer(model)
         opt = nnx.Optimizer(model, tx, wrt=wrt)
         self.graphdef, state = nnx.split((model, opt))
+        # the model's parameters this optimizer does not train; save_frozen=False leaves them out of the
+        # checkpoints (the factory rebuilds them: LoRA's base weights from their folder or the seed)
+        self.save_frozen = save_frozen
+        frozen = nnx.state(model, nnx.All(nnx.Param, nnx.Not(wrt)))
+        self._frozen_paths = frozenset((jax.tree_util.DictKey(0), *p)
+                                       for p, _ in jax.tree_util.tree_flatten_with_path(frozen)[0])
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(None, "data"))  # [accum, micro, ...]
         self.eval_sharding = NamedSharding(self.mesh, P("data"))
@@ -313,20 +323,35 @@ class Trainer:
 
     # -- checkpoints: the state's leaves in order -----------------------------------------
     def save(self, manager, step: int) -> None:
+        """Writes the state's leaves (keyed by their index) at ``step``; without ``save_frozen``, not
+        the frozen parameters (a LoRA run's checkpoint holds its adapters and their optimizer state)."""
         import orbax.checkpoint as ocp
 
-        leaves = {str(i): _to_host(x) for i, x in enumerate(jax.tree.leaves(self.state))}
+        flat = jax.tree_util.tree_flatten_with_path(self.state)[0]
+        leaves = {str(i): _to_host(x) for i, (path, x) in enumerate(flat)
+                  if self.save_frozen or path not in self._frozen_paths}
         manager.save(step, args=ocp.args.StandardSave(leaves))
 
     def restore(self, manager, step: int) -> None:
+        """Reads the checkpoint at ``step`` into the state. A checkpoint may leave out frozen parameters
+        (``save_frozen=False``): those keep the values the model factory built. Anything else missing, or
+        extra, is a checkpoint of another model or configuration: ``ValueError``."""
         import orbax.checkpoint as ocp
 
-        leaves, treedef = jax.tree.flatten(self.state)
-        target = {str(i): _to_host(x) for i, x in enumerate(leaves)}
+        flat, treedef = jax.tree_util.tree_flatten_with_path(self.state)
+        keys = [str(i) for i in range(len(flat))]
+        meta = manager.item_metadata(step)  # (None from a manager without a handler: take every leaf as saved)
+        saved = set(meta.keys()) if meta is not None else set(keys)
+        lost = [path for key, (path, _) in zip(keys, flat) if key not in saved and path not in self._frozen_paths]
+        if lost or saved - set(keys):
+            what = (f"lacks {len(lost)} trained arrays (e.g. {jax.tree_util.keystr(lost[0])})" if lost
+                    else f"holds {len(saved - set(keys))} arrays more than this model's state")
+            raise ValueError(f"checkpoint step {step} in {manager.directory} {what}: it was written by another model "
+                             f"or configuration")
+        target = {key: _to_host(x) for key, (_, x) in zip(keys, flat) if key in saved}
         restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-        self.state = jax.device_put(
-            jax.tree.unflatten(treedef, [_from_host(x, restored[str(i)]) for i, x in enumerate(leaves)]),
-            self.state_sharding)
+        leaves = [_from_host(x, restored[key]) if key in saved else x for key, (_, x) in zip(keys, flat)]
+        self.state = jax.device_put(jax.tree.unflatten(treedef, leaves), self.state_sharding)
 
 
 def _is_key(x: Any) -> bool:
@@ -379,7 +404,8 @@ def checkpoint_manager(out_dir: Path, max_to_keep: int = 3):
     import orbax.checkpoint as ocp
 
     return ocp.CheckpointManager((Path(out_dir) / "checkpoints").absolute(),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+                                 item_handlers=ocp.StandardCheckpointHandler())  # (item_metadata: the saved keys)
 
 
 # -- the driver ----------------------------------------------------------------------------
