@@ -250,7 +250,7 @@ def test_alibi_position_is_linear_bias_not_rope():
     with pytest.raises(ValueError, match="alibi"):
         GPTConfig(position="alibi", layer_types=("power", "full"))
     with pytest.raises(ValueError, match="position must be"):
-        GPTConfig(position="learned")
+        GPTConfig(position="absolute")
 
 
 @pytest.mark.parametrize("cache_dtype", ["float8_e4m3fn", "int8"])

@@ -16,7 +16,10 @@ The config also holds the block variants of pretrained families (:mod:`jaxattn.m
 q/k/v biases, Qwen3's q/k norms and wide heads (``head_dim``), Hugging Face's RoPE scalings
 (``rope_scaling``: linear, Llama 3.1's, YaRN), and Gemma's offset norms, GeGLU, scaled embeddings,
 post-norms, logit scale and soft caps (Gemma 2's ``attn_softcap`` runs inside the flash and decode
-kernels; its sliding layers then use the flash kernel's own window), local RoPE base (Gemma 3).
+kernels; its sliding layers then use the flash kernel's own window), local RoPE base (Gemma 3); and the
+classic block of GPT-2 / GPT-NeoX (:mod:`jaxattn.models.gpt_classic_hf`): LayerNorms (``norm="layer"``),
+biases everywhere (``bias``), a plain GELU MLP (``mlp_gated=False``), learned positions
+(``position="learned"``), parallel residuals (``parallel_residual``).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ class GPTConfig:
     qk_norm_full: bool = False  # with qk_norm: one RMSNorm over all heads' queries (keys) together (OLMo 2)
     pre_norms: bool = True  # RMSNorm before attention and MLP; False (with post_norms): OLMo 2's post-norm blocks
     # the Gemma family (Gemma 1/2/3)
-    mlp_act: Literal["silu", "gelu_tanh"] = "silu"  # the gated MLP's activation (Gemma: tanh GELU, GeGLU)
+    mlp_act: Literal["silu", "gelu_tanh", "gelu"] = "silu"  # the MLP's activation (Gemma: tanh GELU, GeGLU; gelu: erf)
     norm_offset: float = 0.0  # RMSNorms scale by (norm_offset + weight): Gemma stores weight - 1 (offset 1)
     post_norms: bool = False  # Gemma 2/3: RMSNorm on the attention and MLP outputs before each residual add
     embed_scale: bool = False  # Gemma: embeddings times sqrt(dim), rounded to the compute dtype
@@ -86,7 +89,14 @@ class GPTConfig:
     embed_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_divisor: float = 1.0
-    position: Literal["rope", "alibi"] = "rope"  # alibi: per-head linear biases, no rotary embedding
+    position: Literal["rope", "alibi", "learned"] = "rope"  # alibi: per-head linear biases; learned: GPT-2's table
+    max_positions: int = 1024  # position="learned": the table's length (the longest context)
+    # the GPT-2 / GPT-NeoX (Pythia) block (jaxattn.models.gpt_classic_hf): LayerNorms with biases instead of
+    # RMSNorms, biases on every projection, a plain (ungated) MLP, and attention and MLP side by side
+    norm: Literal["rms", "layer"] = "rms"
+    bias: bool = False  # biases on q, k, v, o and the MLP's projections
+    mlp_gated: bool = True  # False: down(act(up(x))) (GPT-2, NeoX; mlp_dim defaults to 4 dim), else a GLU
+    parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX's use_parallel_residual)
     init_std: float = 0.02
     tie_embeddings: bool = True
     dtype: str = "float32"  # compute dtype; parameters are fp32
@@ -122,8 +132,16 @@ class GPTConfig:
                 if len(scaling[name]) != half:
                     raise ValueError(f"rope_scaling {name}: one factor per rotated channel pair ({half}), got "
                                      f"{len(scaling[name])}")
-        if self.mlp_act not in ("silu", "gelu_tanh"):
-            raise ValueError(f"mlp_act must be 'silu' or 'gelu_tanh', got {self.mlp_act!r}")
+        if self.mlp_act not in ("silu", "gelu_tanh", "gelu"):
+            raise ValueError(f"mlp_act must be 'silu', 'gelu_tanh' or 'gelu', got {self.mlp_act!r}")
+        if self.norm not in ("rms", "layer"):
+            raise ValueError(f"norm must be 'rms' or 'layer', got {self.norm!r}")
+        if self.norm == "layer" and self.norm_offset:
+            raise ValueError("norm_offset is Gemma's RMSNorm weight offset: it needs norm='rms'")
+        if self.parallel_residual and (not self.pre_norms or self.post_norms):
+            raise ValueError("parallel_residual (GPT-NeoX) needs pre_norms=True and post_norms=False")
+        if self.max_positions < 1:
+            raise ValueError(f"max_positions must be positive, got {self.max_positions}")
         for name in ("attn_scale", "attn_softcap", "final_softcap"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
@@ -154,8 +172,8 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.dropout and self.quantized:
             raise ValueError("dropout is for training; quantized=True is an inference path (no gradients)")
-        if self.position not in ("rope", "alibi"):
-            raise ValueError(f"position must be 'rope' or 'alibi', got {self.position!r}")
+        if self.position not in ("rope", "alibi", "learned"):
+            raise ValueError(f"position must be 'rope', 'alibi' or 'learned', got {self.position!r}")
         if self.position == "alibi" and (set(self.layer_types) != {"full"} or self.quantized):
             raise ValueError("position='alibi' runs on the flash and decode kernels: it needs layer_types=('full',) "
                              "and quantized=False")
@@ -168,7 +186,8 @@ class GPTConfig:
 
     @property
     def hidden(self) -> int:
-        return self.mlp_dim or 64 * -(-int(8 * self.dim / 3) // 64)
+        """The MLP's hidden width: ``mlp_dim``, or 8/3 dim rounded up to 64 (gated), 4 dim (plain)."""
+        return self.mlp_dim or (64 * -(-int(8 * self.dim / 3) // 64) if self.mlp_gated else 4 * self.dim)
 
     @property
     def head_size(self) -> int:
@@ -287,6 +306,8 @@ FAMILY_FIELDS = ("qk_norm", "qk_norm_full", "pre_norms", "rope_scaling", "rotary
                  "norm_offset",
                  "post_norms", "embed_scale", "attn_scale", "attn_softcap", "final_softcap", "local_rope_theta",
                  "embed_multiplier", "residual_multiplier", "logits_divisor")
+# the GPT-2 / GPT-NeoX block options (jaxattn.models.gpt_classic_hf)
+CLASSIC_FIELDS = ("norm", "bias", "mlp_gated", "parallel_residual")
 
 
 def non_default(cfg: GPTConfig, names: tuple[str, ...]) -> list[str]:
@@ -334,6 +355,26 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, w + self.offset if self.offset else w, self.eps)
 
 
+class LayerNorm(nnx.Module):
+    """LayerNorm with a weight and a bias, computed in fp32 (GPT-2, GPT-NeoX)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        mu = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+        return ((xf - mu) * jax.lax.rsqrt(var + self.eps) * self.weight[...] + self.bias[...]).astype(x.dtype)
+
+
+def _norm(cfg: GPTConfig) -> nnx.Module:
+    """The blocks' and the final norm: an RMSNorm (LLaMA, with Gemma's offset) or a LayerNorm (GPT-2, NeoX)."""
+    return LayerNorm(cfg.dim, cfg.norm_eps) if cfg.norm == "layer" else RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
+
+
 def _linear(din: int, dout: int, cfg: GPTConfig, rngs: nnx.Rngs, std: float | None = None,
             bias: bool = False) -> nnx.Linear:
     return nnx.Linear(din, dout, use_bias=bias, kernel_init=nnx.initializers.normal(std or cfg.init_std),
@@ -360,10 +401,10 @@ class Attention(nnx.Module):
         self.kv_heads = cfg.kv_heads or cfg.heads
         self.head_dim = cfg.head_size
         width = cfg.heads * self.head_dim
-        self.q = _linear(cfg.dim, width, cfg, rngs, bias=cfg.qkv_bias)
+        self.q = _linear(cfg.dim, width, cfg, rngs, bias=cfg.qkv_bias or cfg.bias)
         # k and v per kv head side by side: columns [k_0 | v_0 | k_1 | v_1 | ...], head_dim each
-        self.kv = _linear(cfg.dim, 2 * self.kv_heads * self.head_dim, cfg, rngs, bias=cfg.qkv_bias)
-        self.o = _linear(width, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
+        self.kv = _linear(cfg.dim, 2 * self.kv_heads * self.head_dim, cfg, rngs, bias=cfg.qkv_bias or cfg.bias)
+        self.o = _linear(width, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5, bias=cfg.bias)
         # Qwen3: RMSNorm over each head's query / key (one weight shared by the heads)
         q_width, k_width = (width, self.kv_heads * self.head_dim) if cfg.qk_norm_full else (self.head_dim,) * 2
         self.q_norm = RMSNorm(q_width, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
@@ -455,25 +496,34 @@ class Attention(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
+    """The MLP: ``down(act(gate) * up)`` from one fused ``gate_up`` projection (SwiGLU; GeGLU with Gemma's
+    tanh GELU), or, ``mlp_gated=False``, ``down(act(up(x)))`` (GPT-2, GPT-NeoX)."""
+
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
-        self.gate_up = _linear(cfg.dim, 2 * cfg.hidden, cfg, rngs)
-        self.down = _linear(cfg.hidden, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
+        if cfg.mlp_gated:
+            self.gate_up = _linear(cfg.dim, 2 * cfg.hidden, cfg, rngs, bias=cfg.bias)
+        else:
+            self.up = _linear(cfg.dim, cfg.hidden, cfg, rngs, bias=cfg.bias)
+        self.down = _linear(cfg.hidden, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5, bias=cfg.bias)
         self.drop = _dropout(cfg.dropout, rngs)
-        self.gelu = cfg.mlp_act == "gelu_tanh"  # GeGLU (Gemma), else SwiGLU
+        self.gated, self.act = cfg.mlp_gated, cfg.mlp_act
 
     def __call__(self, x):
+        act = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+               "gelu": functools.partial(jax.nn.gelu, approximate=False)}[self.act]
+        if not self.gated:
+            return _apply(self.drop, self.down(act(self.up(x))))
         g, u = jnp.split(self.gate_up(x), 2, axis=-1)
-        g = jax.nn.gelu(g, approximate=True) if self.gelu else jax.nn.silu(g)
-        return _apply(self.drop, self.down(g * u))
+        return _apply(self.drop, self.down(act(g) * u))
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: GPTConfig, layer: int, *, rngs: nnx.Rngs):
-        norm = functools.partial(RMSNorm, cfg.dim, cfg.norm_eps, cfg.norm_offset)
+        norm = functools.partial(_norm, cfg)
         self.norm1, self.norm2 = (norm(), norm()) if cfg.pre_norms else (None, None)  # before attention, the MLP
         # Gemma 2/3: on each branch's output too
         self.attn_post_norm, self.mlp_post_norm = (norm(), norm()) if cfg.post_norms else (None, None)
-        self.residual_multiplier = cfg.residual_multiplier
+        self.residual_multiplier, self.parallel = cfg.residual_multiplier, cfg.parallel_residual
         self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
@@ -489,8 +539,11 @@ class Block(nnx.Module):
             a = self.attn(h, positions)
         else:
             a, cache = self.attn(h, positions, cache, offset)
-        x = x + post(self.attn_post_norm, a)
-        x = x + post(self.mlp_post_norm, self.mlp(_apply(self.norm2, x)))
+        if self.parallel:  # (GPT-NeoX: both branches read the block's input)
+            x = x + a + self.mlp(self.norm2(x))
+        else:
+            x = x + post(self.attn_post_norm, a)
+            x = x + post(self.mlp_post_norm, self.mlp(_apply(self.norm2, x)))
         return x if cache is None else (x, cache)
 
 
@@ -501,8 +554,10 @@ class GPT(nnx.Module):
         self.cfg = cfg
         self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, embedding_init=nnx.initializers.normal(cfg.init_std),
                                rngs=rngs)
+        self.pos_embed = nnx.Embed(cfg.max_positions, cfg.dim, embedding_init=nnx.initializers.normal(cfg.init_std),
+                                   rngs=rngs) if cfg.position == "learned" else None
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.layers)])
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
+        self.norm = _norm(cfg)
         self.head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
         self.embed_drop = _dropout(cfg.dropout, rngs)
 
@@ -556,6 +611,10 @@ class GPT(nnx.Module):
             x = x * jnp.asarray(self.cfg.dim ** 0.5, dt)
         if self.cfg.embed_multiplier != 1.0:  # Granite
             x = x * jnp.asarray(self.cfg.embed_multiplier, dt)
+        if self.pos_embed is not None:  # GPT-2's learned positions
+            if tokens.shape[1] > self.cfg.max_positions:
+                raise ValueError(f"tokens: {tokens.shape[1]} positions, past the model's learned {self.cfg.max_positions}")
+            x = x + self.pos_embed(positions).astype(dt)
         x = _apply(self.embed_drop, x)
         new_cache = []
         run = remat_blocks(self.cfg.remat and cache is None, lambda blk, x: blk(x, positions))
@@ -585,6 +644,8 @@ class GPT(nnx.Module):
         ``cfg.kv_cache_dtype`` with per-kv-head scales that the prefill sets)."""
         if batch < 1 or max_len < 1:
             raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
+        if self.cfg.position == "learned" and max_len > self.cfg.max_positions:
+            raise ValueError(f"max_len {max_len}: the model's learned positions end at {self.cfg.max_positions}")
         kv = self.cfg.kv_heads or self.cfg.heads
         shape = (batch, max_len, kv, self.cfg.head_size)
         dt = jnp.dtype(dtype or self.cfg.kv_cache_dtype or self.cfg.dtype)

@@ -254,6 +254,11 @@ _GEMMA_ONLY = ("norm_offset", "embed_scale", "post_norms", "attn_softcap", "fina
 
 def _family(cfg: GPTConfig) -> str:
     """The Hugging Face model_type that holds ``cfg``, or a ValueError naming what none does."""
+    from jaxattn.models.gpt_classic_hf import is_classic
+
+    if is_classic(cfg):
+        raise ValueError("this GPT has the GPT-2 / GPT-NeoX block (LayerNorm, biases, plain MLP, learned positions or "
+                         "parallel residuals): jaxattn.models.gpt_classic_hf has its layouts")
     if cfg.position != "rope":
         raise ValueError("only RoPE GPT models have a LLaMA / Qwen / Gemma layout (this one has ALiBi)")
     if cfg.rotary_dim is not None:  # partial rotary: Phi-3's layout (Phi-4-mini), LLaMA's blocks otherwise

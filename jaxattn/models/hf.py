@@ -3,7 +3,8 @@
 A folder holds ``config.json`` and weights (``model.safetensors``, ``pytorch_model.bin``, or their shards).
 ``model_type`` picks the converter: ``"transnormer"`` -> :class:`~jaxattn.models.TNL`
 (:mod:`jaxattn.models.tnl_hf`); ``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``, ``"phi3"``, ``"gemma"``, ``"gemma2"``, ``"gemma3_text"`` -> :class:`~jaxattn.models.GPT`
-(:mod:`jaxattn.models.gpt_hf`); timm's hub folders (``architecture`` instead of ``model_type``) ->
+(:mod:`jaxattn.models.gpt_hf`); ``"gpt2"``, ``"gpt_neox"`` -> :class:`~jaxattn.models.GPT` with the classic block
+(:mod:`jaxattn.models.gpt_classic_hf`); timm's hub folders (``architecture`` instead of ``model_type``) ->
 :class:`~jaxattn.models.ViT` / :class:`~jaxattn.models.HaloNet` (:mod:`jaxattn.models.timm_hub`).
 ``load_pretrained(folder, **overrides)`` builds the model (without a random initialisation to overwrite)
 and copies the weights in; ``overrides`` set jaxattn-only config fields (``dtype``, ``attn_impl``,
@@ -152,13 +153,17 @@ def _converter(model_type: str):
         from jaxattn.models import gpt_hf
 
         return gpt_hf
+    if model_type in ("gpt2", "gpt_neox"):
+        from jaxattn.models import gpt_classic_hf
+
+        return gpt_classic_hf
     if model_type == "timm":
         from jaxattn.models import timm_hub
 
         return timm_hub
     raise ValueError(f"config.json: model_type {model_type!r} is not one jaxattn converts "
                      "(transnormer, llama, qwen2, qwen3, mistral, phi3, granite, smollm3, olmo2, gemma, gemma2, "
-                     "gemma3_text, gemma3, or a timm folder)")
+                     "gemma3_text, gemma3, gpt2, gpt_neox, or a timm folder)")
 
 
 def raw_config(folder: str | Path) -> dict:
@@ -223,7 +228,7 @@ def save_pretrained(model: nnx.Module, folder: str | Path) -> None:
     """Writes ``config.json`` and ``model.safetensors`` (fp32) that the original code loads (ViT and
     HaloNet: a timm hub folder, ``timm.create_model(architecture, **model_args)`` plus its weights); LoRA
     adapters (``jaxattn.models.lora``) are folded into the weights they adapt."""
-    from jaxattn.models import gpt_hf, timm_hub, tnl_hf
+    from jaxattn.models import gpt_classic_hf, gpt_hf, timm_hub, tnl_hf
     from jaxattn.models.lora import merged
     from jaxattn.models.gpt import GPT
     from jaxattn.models.halonet import HaloNet
@@ -234,7 +239,7 @@ def save_pretrained(model: nnx.Module, folder: str | Path) -> None:
     if isinstance(model, TNL):
         conv = tnl_hf
     elif type(model) is GPT:
-        conv = gpt_hf
+        conv = gpt_classic_hf if gpt_classic_hf.is_classic(model.cfg) else gpt_hf
     elif type(model) in (ViT, Eva, HaloNet):
         conv = timm_hub
     else:

@@ -33,6 +33,12 @@ MODEL_CONFIGS: dict[str, Any] = {
     # (three PowerAttention layers per full-attention layer; B = 16, W = 64, sink 16 tokens).
     "gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4),
     "alibi-gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, position="alibi"),  # ALiBi, no RoPE
+    # GPT-2's block (LayerNorm, biases, GELU MLP, learned positions): byte-level CPU-sized, and GPT-2 small
+    # (124M, its 50257-token vocabulary: nanoGPT's train.bin / val.bin token files); GPT-2 / Pythia folders load too
+    "gpt2-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, position="learned", max_positions=1024,
+                           norm="layer", norm_eps=1e-5, bias=True, mlp_gated=False, mlp_act="gelu_tanh"),
+    "gpt2-124m": GPTConfig(vocab_size=50257, dim=768, layers=12, heads=12, position="learned", max_positions=1024,
+                           norm="layer", norm_eps=1e-5, bias=True, mlp_gated=False, mlp_act="gelu_tanh"),
     # Landmark attention (byte-level + 1 landmark token; a landmark after every 31 bytes).
     "landmark-gpt-tiny": LandmarkGPTConfig(vocab_size=257, landmark_id=256, dim=128, layers=4, heads=4,
                                            mem_freq=31, top_k=4),

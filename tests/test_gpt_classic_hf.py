@@ -1,0 +1,259 @@
+"""GPT-2 and GPT-NeoX (Pythia) checkpoints in the Hugging Face layout -> GPT with the classic block
+(LayerNorm, biases, plain GELU MLP, learned positions / partial rotary and parallel residuals): a float64
+numpy forward written from transformers' modeling math on the folder's own keys (fused c_attn /
+query_key_value, Conv1D layouts) is the oracle; the KV-cache decode reproduces the forward; save_pretrained
+writes the folder's layout back; with transformers installed, its GPT2LMHeadModel / GPTNeoXForCausalLM
+give the same logits on our folders and we on theirs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import assert_close
+from jaxattn.models.gpt import GPT, GPTConfig
+from jaxattn.models.gpt_classic_hf import config_from_hf, hf_config, load_hf_state_dict, to_hf_state_dict
+from jaxattn.models.hf import hf_model_type, load_pretrained, save_pretrained
+from jaxattn.models.safetensors_io import write_safetensors
+
+F32 = jnp.float32
+TOL = {jnp.dtype(F32): (2e-4, 2e-4)}
+GPT2 = {"model_type": "gpt2", "vocab_size": 67, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 24,
+        "n_inner": 48, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
+NEOX = {"model_type": "gpt_neox", "vocab_size": 67, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 48, "hidden_act": "gelu", "rotary_pct": 0.5,
+        "rotary_emb_base": 500.0, "max_position_embeddings": 64, "layer_norm_eps": 1e-5,
+        "use_parallel_residual": True, "tie_word_embeddings": False}
+NEOX_SEQ = {**NEOX, "use_parallel_residual": False, "rotary_pct": 1.0, "hidden_act": "gelu_new",
+            "tie_word_embeddings": True}
+CONFIGS, IDS = [GPT2, NEOX, NEOX_SEQ], ["gpt2", "neox-parallel-partial-rotary", "neox-sequential-tied"]
+TOKENS = np.asarray([[3, 17, 59, 0, 8, 8, 41, 22, 5, 33, 66, 1, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
+
+
+def random_state_dict(raw, seed=0, prefix=True):
+    """The folder's own keys and layouts: GPT-2's Conv1D weights [in, out] and fused c_attn, NeoX's fused
+    query_key_value [3 dim, dim] (per head q, k, v rows); buffers older checkpoints hold too."""
+    rng = np.random.default_rng(seed)
+    w = lambda *shape, s=0.3: rng.normal(0, s, shape).astype(np.float32)  # noqa: E731
+    v = raw["vocab_size"]
+    if raw["model_type"] == "gpt2":
+        d, f, t = raw["n_embd"], raw["n_inner"], "transformer." if prefix else ""
+        sd = {t + "wte.weight": w(v, d), t + "wpe.weight": w(raw["n_positions"], d),
+              t + "ln_f.weight": 1 + w(d, s=0.1), t + "ln_f.bias": w(d, s=0.1)}
+        for i in range(raw["n_layer"]):
+            p = f"{t}h.{i}."
+            sd.update({p + "ln_1.weight": 1 + w(d, s=0.1), p + "ln_1.bias": w(d, s=0.1),
+                       p + "ln_2.weight": 1 + w(d, s=0.1), p + "ln_2.bias": w(d, s=0.1),
+                       p + "attn.c_attn.weight": w(d, 3 * d), p + "attn.c_attn.bias": w(3 * d),
+                       p + "attn.c_proj.weight": w(d, d), p + "attn.c_proj.bias": w(d),
+                       p + "mlp.c_fc.weight": w(d, f), p + "mlp.c_fc.bias": w(f),
+                       p + "mlp.c_proj.weight": w(f, d), p + "mlp.c_proj.bias": w(d),
+                       p + "attn.bias": np.tril(np.ones((1, 1, raw["n_positions"], raw["n_positions"]), bool))})
+        return sd
+    d, f = raw["hidden_size"], raw["intermediate_size"]
+    sd = {"gpt_neox.embed_in.weight": w(v, d), "gpt_neox.final_layer_norm.weight": 1 + w(d, s=0.1),
+          "gpt_neox.final_layer_norm.bias": w(d, s=0.1)}
+    if not raw.get("tie_word_embeddings"):
+        sd["embed_out.weight"] = w(v, d)
+    for i in range(raw["num_hidden_layers"]):
+        p = f"gpt_neox.layers.{i}."
+        sd.update({p + "input_layernorm.weight": 1 + w(d, s=0.1), p + "input_layernorm.bias": w(d, s=0.1),
+                   p + "post_attention_layernorm.weight": 1 + w(d, s=0.1),
+                   p + "post_attention_layernorm.bias": w(d, s=0.1),
+                   p + "attention.query_key_value.weight": w(3 * d, d), p + "attention.query_key_value.bias": w(3 * d),
+                   p + "attention.dense.weight": w(d, d), p + "attention.dense.bias": w(d),
+                   p + "mlp.dense_h_to_4h.weight": w(f, d), p + "mlp.dense_h_to_4h.bias": w(f),
+                   p + "mlp.dense_4h_to_h.weight": w(d, f), p + "mlp.dense_4h_to_h.bias": w(d),
+                   p + "attention.rotary_emb.inv_freq": w(4)})
+    return sd
+
+
+def _ln(x, wt, b, eps):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * wt + b
+
+
+def _gelu(x, kind):
+    if kind == "gelu":
+        return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _attend(q, k, v):
+    """Causal softmax attention, [B, n, H, hd] each."""
+    n = q.shape[1]
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    s = np.where(np.tril(np.ones((n, n), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def reference_logits(sd, raw, tokens):
+    """float64 numpy forward of transformers' GPT2LMHeadModel / GPTNeoXForCausalLM on the folder's keys."""
+    g = {k: np.asarray(a, np.float64) for k, a in sd.items()}
+    b, n = tokens.shape
+    if raw["model_type"] == "gpt2":
+        t = "transformer." if "transformer.wte.weight" in g else ""
+        d, heads, eps = raw["n_embd"], raw["n_head"], raw["layer_norm_epsilon"]
+        x = g[t + "wte.weight"][tokens] + g[t + "wpe.weight"][np.arange(n)]
+        for i in range(raw["n_layer"]):
+            p = f"{t}h.{i}."
+            h = _ln(x, g[p + "ln_1.weight"], g[p + "ln_1.bias"], eps)
+            qkv = h @ g[p + "attn.c_attn.weight"] + g[p + "attn.c_attn.bias"]  # Conv1D: x @ W + b
+            q, k, v = (a.reshape(b, n, heads, -1) for a in np.split(qkv, 3, axis=-1))
+            x = x + _attend(q, k, v).reshape(b, n, d) @ g[p + "attn.c_proj.weight"] + g[p + "attn.c_proj.bias"]
+            h = _ln(x, g[p + "ln_2.weight"], g[p + "ln_2.bias"], eps)
+            m = _gelu(h @ g[p + "mlp.c_fc.weight"] + g[p + "mlp.c_fc.bias"], "gelu_tanh")
+            x = x + m @ g[p + "mlp.c_proj.weight"] + g[p + "mlp.c_proj.bias"]
+        x = _ln(x, g[t + "ln_f.weight"], g[t + "ln_f.bias"], eps)
+        return x @ g[t + "wte.weight"].T
+    d, heads, eps = raw["hidden_size"], raw["num_attention_heads"], raw["layer_norm_eps"]
+    hd = d // heads
+    r = int(hd * raw["rotary_pct"])
+    inv = 1.0 / raw["rotary_emb_base"] ** (np.arange(0, r, 2) / r)
+    ang = np.arange(n)[:, None] * inv[None]
+    cos, sin = np.concatenate([np.cos(ang)] * 2, -1)[None, :, None], np.concatenate([np.sin(ang)] * 2, -1)[None, :, None]
+
+    def rotary(t):  # rotate_half on the first r channels
+        rot, rest = t[..., :r], t[..., r:]
+        half = np.concatenate([-rot[..., r // 2:], rot[..., :r // 2]], -1)
+        return np.concatenate([rot * cos + half * sin, rest], -1)
+
+    lin = lambda x, key: x @ g[key + ".weight"].T + g[key + ".bias"]  # noqa: E731
+    act = "gelu" if raw["hidden_act"] == "gelu" else "gelu_tanh"
+    x = g["gpt_neox.embed_in.weight"][tokens]
+    for i in range(raw["num_hidden_layers"]):
+        p = f"gpt_neox.layers.{i}."
+        h = _ln(x, g[p + "input_layernorm.weight"], g[p + "input_layernorm.bias"], eps)
+        qkv = lin(h, p + "attention.query_key_value").reshape(b, n, heads, 3 * hd)
+        q, k, v = np.split(qkv, 3, axis=-1)
+        a = lin(_attend(rotary(q), rotary(k), v).reshape(b, n, d), p + "attention.dense")
+        mlp = lambda y: lin(_gelu(lin(y, p + "mlp.dense_h_to_4h"), act), p + "mlp.dense_4h_to_h")  # noqa: E731
+        norm2 = lambda y: _ln(y, g[p + "post_attention_layernorm.weight"], g[p + "post_attention_layernorm.bias"], eps)  # noqa: E731
+        if raw["use_parallel_residual"]:
+            x = x + a + mlp(norm2(x))
+        else:
+            x = x + a
+            x = x + mlp(norm2(x))
+    x = _ln(x, g["gpt_neox.final_layer_norm.weight"], g["gpt_neox.final_layer_norm.bias"], eps)
+    return x @ (g["gpt_neox.embed_in.weight"] if raw.get("tie_word_embeddings") else g["embed_out.weight"]).T
+
+
+def write_folder(path, raw, sd):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(raw))
+    write_safetensors(path / "model.safetensors", {k: np.ascontiguousarray(a) for k, a in sd.items()})
+    return path
+
+
+@pytest.mark.parametrize("raw", CONFIGS, ids=IDS)
+def test_folder_gives_the_reference_logits_decodes_and_round_trips(tmp_path, raw):
+    sd = random_state_dict(raw, seed=1)
+    want = reference_logits(sd, raw, TOKENS)
+    model = load_pretrained(write_folder(tmp_path / "in", raw, sd), attn_impl="xla")
+    cfg = model.cfg
+    assert (cfg.norm, cfg.bias, cfg.mlp_gated) == ("layer", True, False)
+    assert cfg.position == ("learned" if raw["model_type"] == "gpt2" else "rope")
+    got = model(jnp.asarray(TOKENS))
+    assert_close(got, want, F32, f"{raw['model_type']} logits", tol=TOL)
+    # prefill + token-by-token decode with the KV cache: the forward's logits (learned positions at the offsets)
+    last, cache = nnx.jit(lambda m, t: m.prefill(t, 16))(model, jnp.asarray(TOKENS[:, :6]))
+    assert_close(last, want[:, 5], F32, "prefill", tol=TOL)
+    step = nnx.jit(lambda m, tok, c, pos: m.decode_step(tok, c, pos))
+    for pos in range(6, TOKENS.shape[1]):
+        logits, cache = step(model, jnp.asarray(TOKENS[:, pos]), cache, jnp.int32(pos))
+        assert_close(logits, want[:, pos], F32, f"decode step {pos}", tol=TOL)
+    # save_pretrained: the folder's own keys, layouts and values (fused and Conv1D again), the same config
+    save_pretrained(model, tmp_path / "out")
+    assert hf_model_type(tmp_path / "out") == raw["model_type"]
+    assert config_from_hf(hf_config(cfg), attn_impl="xla") == cfg
+    from jaxattn.models.safetensors_io import read_state_dict
+
+    out = read_state_dict(tmp_path / "out")
+    kept = {k: a for k, a in sd.items() if not k.endswith((".attn.bias", "rotary_emb.inv_freq"))}
+    assert sorted(out) == sorted(kept)
+    for k, a in kept.items():
+        np.testing.assert_array_equal(out[k], a, err_msg=k)
+    np.testing.assert_array_equal(to_hf_state_dict(model)[sorted(kept)[0]], kept[sorted(kept)[0]])
+
+
+def test_gpt2_saved_without_the_transformer_prefix(tmp_path):
+    """OpenAI's gpt2 folder was saved from GPT2Model: keys ``h.0.attn.c_attn.weight``, ``wte.weight``, ..."""
+    sd = random_state_dict(GPT2, seed=2, prefix=False)
+    model = load_pretrained(write_folder(tmp_path, GPT2, sd), attn_impl="xla")
+    assert_close(model(jnp.asarray(TOKENS)), reference_logits(sd, GPT2, TOKENS), F32, "unprefixed gpt2", tol=TOL)
+
+
+def test_classic_block_trains_and_checks_its_arguments():
+    """A classic-block GPT from a config (no folder): finite gradients through every new parameter, LoRA on
+    its ``up`` layer; positions past the learned table, bad options and LLaMA layouts are refused."""
+    from jaxattn.models.gpt_hf import hf_config as llama_config
+    from jaxattn.models.lora import add_lora, lora_linears
+
+    cfg = GPTConfig(vocab_size=64, dim=32, layers=2, heads=4, norm="layer", bias=True, mlp_gated=False,
+                    mlp_act="gelu", position="learned", max_positions=16, attn_impl="xla")
+    assert cfg.hidden == 128  # (4 dim for a plain MLP)
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, 64)
+    grads = nnx.grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
+    flat = dict(nnx.to_flat_state(nnx.state(grads, nnx.Param)))
+    for key in [("pos_embed", "embedding"), ("norm", "bias"), ("blocks", 0, "mlp", "up", "bias"),
+                ("blocks", 1, "attn", "o", "bias"), ("blocks", 0, "attn", "kv", "bias")]:
+        g = np.asarray(flat[key][...])
+        assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, key
+    from jaxattn.models import create_model
+
+    tiny = create_model("gpt2-tiny", rngs=nnx.Rngs(1), dim=32, layers=1, heads=2, attn_impl="xla")
+    assert tiny(tokens).shape == (2, 16, 256) and tiny.cfg.max_positions == 1024 and tiny.blocks[0].mlp.up.bias is not None
+    add_lora(model, 2, targets=("up",))
+    assert [p[-1] for p, _ in lora_linears(model)] == ["up", "up"]
+    with pytest.raises(ValueError, match="17 positions, past the model's learned 16"):
+        model(jnp.zeros((1, 17), jnp.int32))
+    with pytest.raises(ValueError, match="max_len 20: the model's learned positions end at 16"):
+        model.init_cache(1, 20)
+    with pytest.raises(ValueError, match="norm must be 'rms' or 'layer'"):
+        GPTConfig(norm="batch")
+    with pytest.raises(ValueError, match="norm_offset .* needs norm='rms'"):
+        GPTConfig(norm="layer", norm_offset=1.0)
+    with pytest.raises(ValueError, match="parallel_residual .* needs pre_norms=True"):
+        GPTConfig(parallel_residual=True, pre_norms=False, post_norms=True)
+    with pytest.raises(ValueError, match="gpt_classic_hf has its layouts"):
+        llama_config(cfg)
+    with pytest.raises(ValueError, match="a GPT-2 / GPT-NeoX layout has LayerNorms"):
+        hf_config(GPTConfig(norm="layer", bias=True, mlp_gated=False, mlp_act="silu"))
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        config_from_hf({**GPT2, "scale_attn_by_inverse_layer_idx": True})
+    with pytest.raises(ValueError, match="hidden_act = 'relu'"):
+        config_from_hf({**NEOX, "hidden_act": "relu"})
+    with pytest.raises(ValueError, match="attention_bias"):
+        config_from_hf({**NEOX, "attention_bias": False})
+
+
+@pytest.mark.parametrize("raw", CONFIGS, ids=IDS)
+def test_matches_transformers(tmp_path, raw):
+    """transformers' own classes on a folder it saved (its layouts, its numerics), and on our export."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    name = {"gpt2": "GPT2", "gpt_neox": "GPTNeoX"}[raw["model_type"]]
+    conf = getattr(transformers, name + "Config")(**{k: v for k, v in raw.items() if k != "model_type"})
+    torch.manual_seed(0)
+    ref = getattr(transformers, name + ("LMHeadModel" if name == "GPT2" else "ForCausalLM"))(conf).eval()
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.3)
+    ref.save_pretrained(tmp_path / "theirs", safe_serialization=True)
+    with torch.no_grad():
+        want = ref(torch.as_tensor(TOKENS)).logits.numpy()
+    model = load_pretrained(tmp_path / "theirs", attn_impl="xla")
+    assert_close(model(jnp.asarray(TOKENS)), want, F32, "logits vs transformers", tol={jnp.dtype(F32): (1e-4, 1e-4)})
+    save_pretrained(model, tmp_path / "ours")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        got = again(torch.as_tensor(TOKENS)).logits.numpy()
+    assert_close(got, want, F32, "transformers on our export", tol={jnp.dtype(F32): (1e-4, 1e-4)})
