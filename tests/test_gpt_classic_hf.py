@@ -257,3 +257,44 @@ def test_matches_transformers(tmp_path, raw):
     with torch.no_grad():
         got = again(torch.as_tensor(TOKENS)).logits.numpy()
     assert_close(got, want, F32, "transformers on our export", tol={jnp.dtype(F32): (1e-4, 1e-4)})
+
+
+def test_gpt2_peft_adapter_on_conv1d_weights(tmp_path):
+    """A PEFT LoRA adapter for GPT-2 (``fan_in_fan_out``: its Conv1D weights are ``[in, out]``, so the update
+    is ``(B A)^T``) folds into an unprefixed gpt2 folder: the oracle on the merged weights; with PEFT installed,
+    PEFT's own model on an adapter it saved."""
+    sd = random_state_dict(GPT2, seed=4, prefix=False)
+    folder = write_folder(tmp_path / "gpt2", GPT2, sd)
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0, 0.3, (2, 32)).astype(np.float32), rng.normal(0, 0.3, (96, 2)).astype(np.float32)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 8, "fan_in_fan_out": True, "target_modules": ["c_attn"]}))
+    write_safetensors(adapter / "adapter_model.safetensors",
+                      {"base_model.model.transformer.h.1.attn.c_attn.lora_A.weight": a,
+                       "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight": b})
+    merged = {**sd, "h.1.attn.c_attn.weight": sd["h.1.attn.c_attn.weight"] + 4.0 * (b @ a).T}
+    got = load_pretrained(folder, adapter=adapter, attn_impl="xla")(jnp.asarray(TOKENS))
+    assert_close(got, reference_logits(merged, GPT2, TOKENS), F32, "gpt2 + fan_in_fan_out adapter", tol=TOL)
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError:
+        return
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{k: v for k, v in GPT2.items() if k != "model_type"}))
+    for p in base.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.3)
+    base.eval().save_pretrained(tmp_path / "theirs", safe_serialization=True)
+    tuned = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                      fan_in_fan_out=True))
+    for name, p in tuned.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, 0.0, 0.3)
+    tuned.save_pretrained(tmp_path / "their-adapter")
+    with torch.no_grad():
+        want = tuned.eval()(torch.as_tensor(TOKENS)).logits.numpy()
+    got = load_pretrained(tmp_path / "theirs", adapter=tmp_path / "their-adapter", attn_impl="xla")(jnp.asarray(TOKENS))
+    assert_close(got, want, F32, "vs PEFT's GPT-2 adapter", tol={jnp.dtype(F32): (1e-4, 1e-4)})

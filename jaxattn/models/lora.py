@@ -191,13 +191,14 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
 def merge_peft_adapter(state_dict: Mapping[str, Any], folder: str | Path) -> dict[str, Any]:
     """``state_dict`` (Hugging Face keys) with a PEFT LoRA adapter folded in, as PEFT's ``merge_and_unload``:
     each adapted ``W [out, in]`` becomes ``W + scale B A`` (``scale = lora_alpha / r``, or ``/ sqrt(r)`` with
-    ``use_rslora``; ``rank_pattern`` / ``alpha_pattern`` per module), and ``modules_to_save`` replace their
-    weights. DoRA, LoRA biases, embedding adapters and other PEFT methods raise ``ValueError``."""
+    ``use_rslora``; ``rank_pattern`` / ``alpha_pattern`` per module; ``fan_in_fan_out``: ``W [in, out]``, GPT-2's
+    ``Conv1D``, gets ``(B A)^T``), and ``modules_to_save`` replace their weights. DoRA, LoRA biases, embedding
+    adapters and other PEFT methods raise ``ValueError``."""
     conf, tensors = read_peft_adapter(folder)
     where = f"adapter {folder}"
     if conf.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{where}: peft_type {conf.get('peft_type')!r}: only LORA adapters merge")
-    for field, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+    for field, ok in (("use_dora", False), ("bias", "none")):
         if conf.get(field, ok) != ok:
             raise ValueError(f"{where}: {field} = {conf.get(field)!r}: jaxattn merges plain LoRA ({field} {ok!r})")
     out = dict(state_dict)
@@ -215,8 +216,11 @@ def merge_peft_adapter(state_dict: Mapping[str, Any], folder: str | Path) -> dic
                 raise ValueError(f"{where}: {key} replaces {name}, which the model does not have")
             out[name] = np.asarray(value).astype(np.asarray(out[name]).dtype)
     r0, a0 = int(conf.get("r", 8)), float(conf.get("lora_alpha", 8))
+    fan_in_fan_out = bool(conf.get("fan_in_fan_out", False))
     for module, ab in sorted(pairs.items()):
         target = module + ".weight"
+        if target not in out and target.partition(".")[2] in out:  # (a folder saved from the base model: gpt2's)
+            target = target.partition(".")[2]
         if set(ab) != {"A", "B"} or target not in out:
             raise ValueError(f"{where}: {module}: " + ("needs both lora_A and lora_B" if set(ab) != {"A", "B"} else
                                                          f"the model has no {target}"))
@@ -225,8 +229,10 @@ def merge_peft_adapter(state_dict: Mapping[str, Any], folder: str | Path) -> dic
         scale = alpha / (math.sqrt(r) if conf.get("use_rslora") else r)
         w = np.asarray(out[target])
         a, b = ab["A"], ab["B"]
-        if a.shape != (r, w.shape[1]) or b.shape != (w.shape[0], r):
+        d_out, d_in = w.shape[::-1] if fan_in_fan_out else w.shape
+        if a.shape != (r, d_in) or b.shape != (d_out, r):
             raise ValueError(f"{where}: {module}: lora_A {a.shape} / lora_B {b.shape} do not fit its weight {w.shape} "
-                             f"at rank {r}")
-        out[target] = (w.astype(np.float32) + scale * (b @ a)).astype(w.dtype)
+                             f"at rank {r}" + (" (fan_in_fan_out: [in, out])" if fan_in_fan_out else ""))
+        delta = b @ a
+        out[target] = (w.astype(np.float32) + scale * (delta.T if fan_in_fan_out else delta)).astype(w.dtype)
     return out
