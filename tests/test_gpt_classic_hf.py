@@ -202,7 +202,7 @@ def test_classic_block_trains_and_checks_its_arguments():
     assert cfg.hidden == 128  # (4 dim for a plain MLP)
     model = GPT(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, 64)
-    grads = nnx.grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
+    grads = nnx.jit(nnx.grad(lambda m: jnp.mean(m(tokens) ** 2)))(model)
     flat = dict(nnx.to_flat_state(nnx.state(grads, nnx.Param)))
     for key in [("pos_embed", "embedding"), ("norm", "bias"), ("blocks", 0, "mlp", "up", "bias"),
                 ("blocks", 1, "attn", "o", "bias"), ("blocks", 0, "attn", "kv", "bias")]:
@@ -211,7 +211,7 @@ def test_classic_block_trains_and_checks_its_arguments():
     from jaxattn.models import create_model
 
     tiny = create_model("gpt2-tiny", rngs=nnx.Rngs(1), dim=32, layers=1, heads=2, attn_impl="xla")
-    assert tiny(tokens).shape == (2, 16, 256) and tiny.cfg.max_positions == 1024 and tiny.blocks[0].mlp.up.bias is not None
+    assert nnx.jit(lambda m, t: m(t))(tiny, tokens).shape == (2, 16, 256) and tiny.cfg.max_positions == 1024 and tiny.blocks[0].mlp.up.bias is not None
     add_lora(model, 2, targets=("up",))
     assert [p[-1] for p, _ in lora_linears(model)] == ["up", "up"]
     with pytest.raises(ValueError, match="17 positions, past the model's learned 16"):

@@ -116,8 +116,8 @@ ZIGZAG = """
 """
 
 
-@pytest.mark.parametrize("cases, gpt", [((0, 3, 5, 7, 8), True),
-                                        pytest.param((1, 2, 4, 6, 9, 10, 11), False, marks=pytest.mark.slow)],
+@pytest.mark.parametrize("cases, gpt", [((0, 3, 7), True),
+                                        pytest.param((1, 2, 4, 5, 6, 8, 9, 10, 11), False, marks=pytest.mark.slow)],
                          ids=["kernel", "xla-and-more-dropout"])
 def test_ring_attention_matches_oracle_on_four_devices(cases, gpt):
     script = ZIGZAG + SCRIPT.replace("__CASES__", repr(list(cases))).replace("__GPT__", repr(gpt))
