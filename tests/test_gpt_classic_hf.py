@@ -32,7 +32,16 @@ NEOX = {"model_type": "gpt_neox", "vocab_size": 67, "hidden_size": 32, "num_hidd
         "use_parallel_residual": True, "tie_word_embeddings": False}
 NEOX_SEQ = {**NEOX, "use_parallel_residual": False, "rotary_pct": 1.0, "hidden_act": "gelu_new",
             "tie_word_embeddings": True}
-CONFIGS, IDS = [GPT2, NEOX, NEOX_SEQ], ["gpt2", "neox-parallel-partial-rotary", "neox-sequential-tied"]
+PHI = {"model_type": "phi", "vocab_size": 67, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+       "num_key_value_heads": 2, "intermediate_size": 48, "hidden_act": "gelu_new", "partial_rotary_factor": 0.5,
+       "rope_theta": 300.0, "layer_norm_eps": 1e-5, "max_position_embeddings": 64}
+STARCODER2 = {"model_type": "starcoder2", "vocab_size": 67, "hidden_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48,
+              "hidden_act": "gelu_pytorch_tanh", "rope_theta": 500.0, "sliding_window": 5, "norm_epsilon": 1e-5,
+              "max_position_embeddings": 64, "tie_word_embeddings": True}
+CONFIGS = [GPT2, NEOX, NEOX_SEQ, PHI, STARCODER2]
+IDS = ["gpt2", "neox-parallel-partial-rotary", "neox-sequential-tied", "phi-shared-norm-gqa", "starcoder2-gqa-window"]
+
 TOKENS = np.asarray([[3, 17, 59, 0, 8, 8, 41, 22, 5, 33, 66, 1, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
 
 
@@ -57,6 +66,23 @@ def random_state_dict(raw, seed=0, prefix=True):
                        p + "attn.bias": np.tril(np.ones((1, 1, raw["n_positions"], raw["n_positions"]), bool))})
         return sd
     d, f = raw["hidden_size"], raw["intermediate_size"]
+    if raw["model_type"] in ("phi", "starcoder2"):  # separate q / k / v projections (GQA), LLaMA's key names
+        kvd = raw["num_key_value_heads"] * d // raw["num_attention_heads"]
+        phi = raw["model_type"] == "phi"
+        final = "model.final_layernorm" if phi else "model.norm"
+        sd = {"model.embed_tokens.weight": w(v, d), final + ".weight": 1 + w(d, s=0.1), final + ".bias": w(d, s=0.1)}
+        if phi:
+            sd.update({"lm_head.weight": w(v, d), "lm_head.bias": w(v)})
+        for i in range(raw["num_hidden_layers"]):
+            p = f"model.layers.{i}."
+            mlp = (("mlp.fc1", f, d), ("mlp.fc2", d, f)) if phi else (("mlp.c_fc", f, d), ("mlp.c_proj", d, f))
+            norms = ("input_layernorm",) if phi else ("input_layernorm", "post_attention_layernorm")
+            for name, o, i_ in (("self_attn.q_proj", d, d), ("self_attn.k_proj", kvd, d), ("self_attn.v_proj", kvd, d),
+                                ("self_attn.dense" if phi else "self_attn.o_proj", d, d), *mlp):
+                sd.update({p + name + ".weight": w(o, i_), p + name + ".bias": w(o)})
+            for name in norms:
+                sd.update({p + name + ".weight": 1 + w(d, s=0.1), p + name + ".bias": w(d, s=0.1)})
+        return sd
     sd = {"gpt_neox.embed_in.weight": w(v, d), "gpt_neox.final_layer_norm.weight": 1 + w(d, s=0.1),
           "gpt_neox.final_layer_norm.bias": w(d, s=0.1)}
     if not raw.get("tie_word_embeddings"):
@@ -85,11 +111,14 @@ def _gelu(x, kind):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def _attend(q, k, v):
-    """Causal softmax attention, [B, n, H, hd] each."""
-    n = q.shape[1]
+def _attend(q, k, v, window=None):
+    """Causal softmax attention, q [B, n, H, hd], k / v [B, n, KV, hd] (GQA: each kv head serves H / KV query
+    heads); ``window``: each query sees its last ``window`` keys, itself included (Mistral's / StarCoder2's)."""
+    n, rep = q.shape[1], q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
     s = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
-    s = np.where(np.tril(np.ones((n, n), bool)), s, -np.inf)
+    i, j = np.arange(n)[:, None], np.arange(n)[None]
+    s = np.where((j <= i) & (j > i - (window or n + 1)), s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     return np.einsum("bhqk,bkhd->bqhd", p, v)
@@ -114,10 +143,12 @@ def reference_logits(sd, raw, tokens):
             x = x + m @ g[p + "mlp.c_proj.weight"] + g[p + "mlp.c_proj.bias"]
         x = _ln(x, g[t + "ln_f.weight"], g[t + "ln_f.bias"], eps)
         return x @ g[t + "wte.weight"].T
-    d, heads, eps = raw["hidden_size"], raw["num_attention_heads"], raw["layer_norm_eps"]
+    kind = raw["model_type"]
+    d, heads = raw["hidden_size"], raw["num_attention_heads"]
+    eps = raw["norm_epsilon" if kind == "starcoder2" else "layer_norm_eps"]
     hd = d // heads
-    r = int(hd * raw["rotary_pct"])
-    inv = 1.0 / raw["rotary_emb_base"] ** (np.arange(0, r, 2) / r)
+    r = int(hd * ({"gpt_neox": raw.get("rotary_pct"), "phi": raw.get("partial_rotary_factor")}.get(kind) or 1.0))
+    inv = 1.0 / raw.get("rotary_emb_base", raw.get("rope_theta")) ** (np.arange(0, r, 2) / r)
     ang = np.arange(n)[:, None] * inv[None]
     cos, sin = np.concatenate([np.cos(ang)] * 2, -1)[None, :, None], np.concatenate([np.sin(ang)] * 2, -1)[None, :, None]
 
@@ -128,6 +159,25 @@ def reference_logits(sd, raw, tokens):
 
     lin = lambda x, key: x @ g[key + ".weight"].T + g[key + ".bias"]  # noqa: E731
     act = "gelu" if raw["hidden_act"] == "gelu" else "gelu_tanh"
+    if kind in ("phi", "starcoder2"):
+        kv = raw["num_key_value_heads"]
+        x = g["model.embed_tokens.weight"][tokens]
+        for i in range(raw["num_hidden_layers"]):
+            p = f"model.layers.{i}."
+            ln = lambda y, name: _ln(y, g[p + name + ".weight"], g[p + name + ".bias"], eps)  # noqa: E731
+            h = ln(x, "input_layernorm")
+            q, k, v = (lin(h, p + f"self_attn.{t}_proj").reshape(b, n, hh, hd) for t, hh in (("q", heads), ("k", kv), ("v", kv)))
+            o = _attend(rotary(q), rotary(k), v, raw.get("sliding_window")).reshape(b, n, d)
+            if kind == "phi":  # attention and MLP side by side on one normed input
+                x = x + lin(o, p + "self_attn.dense") + lin(_gelu(lin(h, p + "mlp.fc1"), act), p + "mlp.fc2")
+            else:
+                x = x + lin(o, p + "self_attn.o_proj")
+                x = x + lin(_gelu(lin(ln(x, "post_attention_layernorm"), p + "mlp.c_fc"), act), p + "mlp.c_proj")
+        final = "model.final_layernorm" if kind == "phi" else "model.norm"
+        x = _ln(x, g[final + ".weight"], g[final + ".bias"], eps)
+        if kind == "phi":
+            return x @ g["lm_head.weight"].T + g["lm_head.bias"]
+        return x @ g["model.embed_tokens.weight"].T
     x = g["gpt_neox.embed_in.weight"][tokens]
     for i in range(raw["num_hidden_layers"]):
         p = f"gpt_neox.layers.{i}."
@@ -161,8 +211,12 @@ def test_folder_gives_the_reference_logits_decodes_and_round_trips(tmp_path, raw
     cfg = model.cfg
     assert (cfg.norm, cfg.bias, cfg.mlp_gated) == ("layer", True, False)
     assert cfg.position == ("learned" if raw["model_type"] == "gpt2" else "rope")
+    assert cfg.shared_norm == cfg.head_bias == (raw["model_type"] == "phi")
     got = model(jnp.asarray(TOKENS))
     assert_close(got, want, F32, f"{raw['model_type']} logits", tol=TOL)
+    again = GPT(cfg, rngs=nnx.Rngs(3))
+    load_hf_state_dict(again, sd)  # (the family read from the keys)
+    np.testing.assert_array_equal(again(jnp.asarray(TOKENS)), got)
     # prefill + token-by-token decode with the KV cache: the forward's logits (learned positions at the offsets)
     last, cache = nnx.jit(lambda m, t: m.prefill(t, 16))(model, jnp.asarray(TOKENS[:, :6]))
     assert_close(last, want[:, 5], F32, "prefill", tol=TOL)
@@ -172,12 +226,16 @@ def test_folder_gives_the_reference_logits_decodes_and_round_trips(tmp_path, raw
         assert_close(logits, want[:, pos], F32, f"decode step {pos}", tol=TOL)
     # save_pretrained: the folder's own keys, layouts and values (fused and Conv1D again), the same config
     save_pretrained(model, tmp_path / "out")
-    assert hf_model_type(tmp_path / "out") == raw["model_type"]
+    kind = "starcoder2" if raw is NEOX_SEQ else raw["model_type"]
+    assert hf_model_type(tmp_path / "out") == kind
     assert config_from_hf(hf_config(cfg), attn_impl="xla") == cfg
+    np.testing.assert_array_equal(load_pretrained(tmp_path / "out", attn_impl="xla")(jnp.asarray(TOKENS)), got)
+    if kind != raw["model_type"]:
+        return
     from jaxattn.models.safetensors_io import read_state_dict
 
     out = read_state_dict(tmp_path / "out")
-    kept = {k: a for k, a in sd.items() if not k.endswith((".attn.bias", "rotary_emb.inv_freq"))}
+    kept = {k: a for k, a in sd.items() if not k.endswith((".attn.bias", "rotary_emb.inv_freq"))}  # (buffers)
     assert sorted(out) == sorted(kept)
     for k, a in kept.items():
         np.testing.assert_array_equal(out[k], a, err_msg=k)
@@ -224,9 +282,15 @@ def test_classic_block_trains_and_checks_its_arguments():
         GPTConfig(norm="layer", norm_offset=1.0)
     with pytest.raises(ValueError, match="parallel_residual .* needs pre_norms=True"):
         GPTConfig(parallel_residual=True, pre_norms=False, post_norms=True)
+    with pytest.raises(ValueError, match="shared_norm .* needs parallel_residual"):
+        GPTConfig(shared_norm=True)
+    with pytest.raises(ValueError, match="head_bias .* needs tie_embeddings=False"):
+        GPTConfig(head_bias=True)
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        config_from_hf({**PHI, "tie_word_embeddings": True})
     with pytest.raises(ValueError, match="gpt_classic_hf has its layouts"):
         llama_config(cfg)
-    with pytest.raises(ValueError, match="a GPT-2 / GPT-NeoX layout has LayerNorms"):
+    with pytest.raises(ValueError, match="a GPT-2 / GPT-NeoX / Phi / StarCoder2 layout has LayerNorms"):
         hf_config(GPTConfig(norm="layer", bias=True, mlp_gated=False, mlp_act="silu"))
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         config_from_hf({**GPT2, "scale_attn_by_inverse_layer_idx": True})
@@ -241,7 +305,7 @@ def test_matches_transformers(tmp_path, raw):
     """transformers' own classes on a folder it saved (its layouts, its numerics), and on our export."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    name = {"gpt2": "GPT2", "gpt_neox": "GPTNeoX"}[raw["model_type"]]
+    name = {"gpt2": "GPT2", "gpt_neox": "GPTNeoX", "phi": "Phi", "starcoder2": "Starcoder2"}[raw["model_type"]]
     conf = getattr(transformers, name + "Config")(**{k: v for k, v in raw.items() if k != "model_type"})
     torch.manual_seed(0)
     ref = getattr(transformers, name + ("LMHeadModel" if name == "GPT2" else "ForCausalLM"))(conf).eval()

@@ -97,6 +97,8 @@ class GPTConfig:
     bias: bool = False  # biases on q, k, v, o and the MLP's projections
     mlp_gated: bool = True  # False: down(act(up(x))) (GPT-2, NeoX; mlp_dim defaults to 4 dim), else a GLU
     parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX's use_parallel_residual)
+    shared_norm: bool = False  # with parallel_residual: one norm for both branches, x + attn(h) + mlp(h) (Phi-1/2)
+    head_bias: bool = False  # a bias on the untied output head (Phi-1/2)
     init_std: float = 0.02
     tie_embeddings: bool = True
     dtype: str = "float32"  # compute dtype; parameters are fp32
@@ -140,6 +142,10 @@ class GPTConfig:
             raise ValueError("norm_offset is Gemma's RMSNorm weight offset: it needs norm='rms'")
         if self.parallel_residual and (not self.pre_norms or self.post_norms):
             raise ValueError("parallel_residual (GPT-NeoX) needs pre_norms=True and post_norms=False")
+        if self.shared_norm and not self.parallel_residual:
+            raise ValueError("shared_norm (Phi: one norm before attention and MLP side by side) needs parallel_residual")
+        if self.head_bias and self.tie_embeddings:
+            raise ValueError("head_bias is the untied output head's bias: it needs tie_embeddings=False")
         if self.max_positions < 1:
             raise ValueError(f"max_positions must be positive, got {self.max_positions}")
         for name in ("attn_scale", "attn_softcap", "final_softcap"):
@@ -307,7 +313,7 @@ FAMILY_FIELDS = ("qk_norm", "qk_norm_full", "pre_norms", "rope_scaling", "rotary
                  "post_norms", "embed_scale", "attn_scale", "attn_softcap", "final_softcap", "local_rope_theta",
                  "embed_multiplier", "residual_multiplier", "logits_divisor")
 # the GPT-2 / GPT-NeoX block options (jaxattn.models.gpt_classic_hf)
-CLASSIC_FIELDS = ("norm", "bias", "mlp_gated", "parallel_residual")
+CLASSIC_FIELDS = ("norm", "bias", "mlp_gated", "parallel_residual", "shared_norm", "head_bias")
 
 
 def non_default(cfg: GPTConfig, names: tuple[str, ...]) -> list[str]:
@@ -521,6 +527,8 @@ class Block(nnx.Module):
     def __init__(self, cfg: GPTConfig, layer: int, *, rngs: nnx.Rngs):
         norm = functools.partial(_norm, cfg)
         self.norm1, self.norm2 = (norm(), norm()) if cfg.pre_norms else (None, None)  # before attention, the MLP
+        if cfg.shared_norm:  # (Phi: norm1 before both branches)
+            self.norm2 = None
         # Gemma 2/3: on each branch's output too
         self.attn_post_norm, self.mlp_post_norm = (norm(), norm()) if cfg.post_norms else (None, None)
         self.residual_multiplier, self.parallel = cfg.residual_multiplier, cfg.parallel_residual
@@ -539,8 +547,8 @@ class Block(nnx.Module):
             a = self.attn(h, positions)
         else:
             a, cache = self.attn(h, positions, cache, offset)
-        if self.parallel:  # (GPT-NeoX: both branches read the block's input)
-            x = x + a + self.mlp(self.norm2(x))
+        if self.parallel:  # (GPT-NeoX: both branches read the block's input; Phi: the same normed input)
+            x = x + a + self.mlp(h if self.norm2 is None else self.norm2(x))
         else:
             x = x + post(self.attn_post_norm, a)
             x = x + post(self.mlp_post_norm, self.mlp(_apply(self.norm2, x)))
@@ -558,7 +566,7 @@ class GPT(nnx.Module):
                                    rngs=rngs) if cfg.position == "learned" else None
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.layers)])
         self.norm = _norm(cfg)
-        self.head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
+        self.head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs, bias=cfg.head_bias)
         self.embed_drop = _dropout(cfg.dropout, rngs)
 
     def enable_sequence_parallel(self, mesh, axis: str = "seq", batch_axis: str | None = None,

@@ -1,37 +1,44 @@
-"""GPT-2 (``GPT2LMHeadModel``) and GPT-NeoX / Pythia (``GPTNeoXForCausalLM``) checkpoints in the Hugging Face
-layout <-> :class:`GPT` with the classic block: LayerNorms with biases (``norm="layer"``), biases on every
-projection (``bias``), a plain MLP ``down(act(up(x)))`` (``mlp_gated=False``; GPT-2's tanh GELU ``gelu_new``,
-Pythia's erf GELU), and
+"""GPT-2 (``GPT2LMHeadModel``), GPT-NeoX / Pythia (``GPTNeoXForCausalLM``), Phi-1 / 1.5 / 2 (``PhiForCausalLM``) and
+StarCoder2 (``Starcoder2ForCausalLM``) checkpoints in the Hugging Face layout <-> :class:`GPT` with the classic
+block: LayerNorms with biases (``norm="layer"``), biases on every projection (``bias``), a plain MLP
+``down(act(up(x)))`` (``mlp_gated=False``; ``gelu_new`` / ``gelu_pytorch_tanh`` are the tanh GELU, Pythia's
+``gelu`` the erf one), and
 
 - GPT-2: learned absolute positions (``position="learned"``, ``max_positions = n_positions``), a tied head;
 - GPT-NeoX: RoPE on each head's first ``rotary_pct`` of channels (``rotary_dim``), attention and MLP side by
-  side on the block's input (``parallel_residual``, its ``use_parallel_residual``), an untied ``embed_out``.
+  side on the block's input (``parallel_residual``, its ``use_parallel_residual``), an untied ``embed_out``;
+- Phi: attention and MLP side by side on one normed input (``parallel_residual`` + ``shared_norm``), partial
+  rotary, GQA, a bias on the untied head (``head_bias``);
+- StarCoder2: sequential blocks, GQA, whole-head RoPE, a sliding window on every layer (``layer_types=
+  ("window",)``, Mistral's semantics), a tied head.
 
-Fused projections are split on the way in (:func:`prepare_state_dict`) and fused again on the way out
-(:func:`export_state_dict`): GPT-2's ``attn.c_attn`` (a ``Conv1D``: weight ``[in, 3 dim]``, every head's q,
-then k, then v columns) and GPT-NeoX's ``attention.query_key_value`` (a ``Linear``: weight ``[3 dim, in]``,
-per head its q, k and v rows) become ``q_proj`` / ``k_proj`` / ``v_proj`` in ``Linear`` layout, and GPT-2's
-other ``Conv1D`` weights are transposed to it, so one table serves both families:
+Each family's keys are renamed to family-neutral ones (``layers.i.attn.q_proj.weight``, ...) that
+:func:`entries` reads (:func:`prepare_state_dict`) and back (:func:`export_state_dict`); fused projections are
+split on the way in and fused again on the way out: GPT-2's ``attn.c_attn`` (a ``Conv1D``: weight ``[in, 3
+dim]``, every head's q, then k, then v columns) and GPT-NeoX's ``attention.query_key_value`` (a ``Linear``:
+weight ``[3 dim, in]``, per head its q, k and v rows); GPT-2's other ``Conv1D`` weights are transposed:
 
-=====================================  ==================================  =================================
-GPT-2 key (``transformer.`` + ...)     GPT-NeoX key (``gpt_neox.`` + ...)  jaxattn variable
-=====================================  ==================================  =================================
-``wte.weight``                         ``embed_in.weight``                 ``embed.embedding``
-``wpe.weight``                         (RoPE)                              ``pos_embed.embedding``
-``h.i.ln_1`` (weight, bias)            ``layers.i.input_layernorm``        ``blocks.i.norm1``
-``h.i.attn.c_attn`` (q part)           ``layers.i.attention.query_key_value``  ``blocks.i.attn.q``
-``h.i.attn.c_attn`` (k, v parts)       (k, v rows of each head)            ``blocks.i.attn.kv`` (per head k | v)
-``h.i.attn.c_proj``                    ``layers.i.attention.dense``        ``blocks.i.attn.o``
-``h.i.ln_2``                           ``layers.i.post_attention_layernorm``  ``blocks.i.norm2``
-``h.i.mlp.c_fc``                       ``layers.i.mlp.dense_h_to_4h``      ``blocks.i.mlp.up``
-``h.i.mlp.c_proj``                     ``layers.i.mlp.dense_4h_to_h``      ``blocks.i.mlp.down``
-``ln_f``                               ``final_layer_norm``                ``norm``
-(tied)                                 ``embed_out.weight`` (top level)    ``head.kernel``
-=====================================  ==================================  =================================
+====================  =================================  ===================================  =========================
+jaxattn variable      GPT-2 (``transformer.`` + ...)     GPT-NeoX (``gpt_neox.`` + ...)      Phi / StarCoder2 (``model.`` + ...)
+====================  =================================  ===================================  =========================
+``embed``             ``wte``                            ``embed_in``                         ``embed_tokens``
+``pos_embed``         ``wpe``                            (RoPE)                               (RoPE)
+``blocks.i.norm1``    ``h.i.ln_1``                       ``layers.i.input_layernorm``         ``layers.i.input_layernorm``
+``blocks.i.attn.q``   ``h.i.attn.c_attn`` (q columns)    ``...attention.query_key_value``     ``...self_attn.q_proj``
+``blocks.i.attn.kv``  ``h.i.attn.c_attn`` (k, v)         (k, v rows of each head)             ``...k_proj``, ``v_proj``
+``blocks.i.attn.o``   ``h.i.attn.c_proj``                ``...attention.dense``               ``...dense`` / ``o_proj``
+``blocks.i.norm2``    ``h.i.ln_2``                       ``...post_attention_layernorm``      (Phi: none) / same
+``blocks.i.mlp.up``   ``h.i.mlp.c_fc``                   ``...mlp.dense_h_to_4h``             ``...mlp.fc1`` / ``c_fc``
+``blocks.i.mlp.down`` ``h.i.mlp.c_proj``                 ``...mlp.dense_4h_to_h``             ``...mlp.fc2`` / ``c_proj``
+``norm``              ``ln_f``                           ``final_layer_norm``                 ``final_layernorm`` / ``norm``
+``head``              (tied)                             ``embed_out`` (top level)            ``lm_head`` (top level)
+====================  =================================  ===================================  =========================
 
-GPT-2 folders saved from ``GPT2Model`` (OpenAI's ``gpt2``: keys without ``transformer.``) load too. Options
-:class:`GPT` cannot represent raise ``ValueError`` (GPT-2's ``scale_attn_by_inverse_layer_idx`` and cross
-attention, GPT-NeoX without attention biases, activations other than GELU).
+GPT-2 folders saved from ``GPT2Model`` (OpenAI's ``gpt2``: keys without ``transformer.``) load too. An export
+writes the family :func:`hf_config` picks from the block (a sequential GPT-NeoX with whole-head RoPE is
+StarCoder2's block and saves as one). Options :class:`GPT` cannot represent raise ``ValueError`` (GPT-2's
+``scale_attn_by_inverse_layer_idx`` and cross attention, GPT-NeoX without attention biases, Phi's
+``qk_layernorm``, activations other than GELU).
 """
 
 from __future__ import annotations
@@ -49,19 +56,42 @@ from jaxattn.models.gpt_hf import _kv, _scaling
 __all__ = ["config_from_hf", "entries", "export_state_dict", "hf_config", "is_classic", "load_hf_state_dict",
            "prepare_state_dict", "to_hf_state_dict"]
 
-_ARCH = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}
+_ARCH = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "phi": "PhiForCausalLM",
+         "starcoder2": "Starcoder2ForCausalLM"}
 # Hugging Face's activation names -> GPTConfig.mlp_act (gelu_new / gelu_fast / gelu_pytorch_tanh: the tanh form)
 _ACT = {"gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
-# the names of each family's pieces (q_proj / k_proj / v_proj: the fused projection's parts, Linear layout)
+# each family's names of the pieces (q_proj / k_proj / v_proj: the fused projection's parts, Linear layout);
+# prepare_state_dict renames them to the family-neutral keys entries() reads
 _NAMES = {
     "gpt2": dict(embed="transformer.wte.weight", layer="transformer.h.{i}.", norm1="ln_1", norm2="ln_2",
                  attn="attn.", o="attn.c_proj", up="mlp.c_fc", down="mlp.c_proj", final="transformer.ln_f",
-                 head="lm_head.weight"),
+                 head="lm_head"),
     "gpt_neox": dict(embed="gpt_neox.embed_in.weight", layer="gpt_neox.layers.{i}.", norm1="input_layernorm",
                      norm2="post_attention_layernorm", attn="attention.", o="attention.dense", up="mlp.dense_h_to_4h",
-                     down="mlp.dense_4h_to_h", final="gpt_neox.final_layer_norm", head="embed_out.weight"),
+                     down="mlp.dense_4h_to_h", final="gpt_neox.final_layer_norm", head="embed_out"),
+    "phi": dict(embed="model.embed_tokens.weight", layer="model.layers.{i}.", norm1="input_layernorm", norm2=None,
+                attn="self_attn.", o="self_attn.dense", up="mlp.fc1", down="mlp.fc2", final="model.final_layernorm",
+                head="lm_head"),
+    "starcoder2": dict(embed="model.embed_tokens.weight", layer="model.layers.{i}.", norm1="input_layernorm",
+                       norm2="post_attention_layernorm", attn="self_attn.", o="self_attn.o_proj", up="mlp.c_fc",
+                       down="mlp.c_proj", final="model.norm", head="lm_head"),
 }
 _GPT2_CONV1D = ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # (and attn.c_attn.weight, split)
+
+
+def _key_map(kind: str, layers: int) -> dict[str, str]:
+    """Family-neutral key (what :func:`entries` reads) -> the family's key, weights and biases alike."""
+    n = _NAMES[kind]
+    out = {"embed.weight": n["embed"], "pos_embed.weight": "transformer.wpe.weight",
+           **{f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in (("norm", n["final"]), ("head", n["head"]))
+              for p in ("weight", "bias")}}
+    pieces = (("norm1", n["norm1"]), ("norm2", n["norm2"]), ("attn.o", n["o"]), ("mlp.up", n["up"]),
+              ("mlp.down", n["down"]), *((f"attn.{x}", n["attn"] + x) for x in ("q_proj", "k_proj", "v_proj")))
+    for i in range(layers):
+        pre = n["layer"].format(i=i)
+        out.update((f"layers.{i}.{ours}.{p}", f"{pre}{theirs}.{p}") for ours, theirs in pieces if theirs
+                   for p in ("weight", "bias"))
+    return out
 
 
 def is_classic(cfg: GPTConfig) -> bool:
@@ -69,9 +99,18 @@ def is_classic(cfg: GPTConfig) -> bool:
     return cfg.position == "learned" or bool(non_default(cfg, CLASSIC_FIELDS))
 
 
+def _rope(raw: Mapping[str, Any], bad, default_pct: float = 1.0) -> tuple[float, tuple, float]:
+    """``(theta, rope_scaling, rotary fraction)`` from transformers 5's ``rope_parameters`` or the older fields."""
+    params = dict(raw.get("rope_parameters") or {})
+    params.update(raw.get("rope_scaling") or {})
+    theta = params.get("rope_theta", raw.get("rope_theta", raw.get("rotary_emb_base", 10000.0)))
+    pct = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", raw.get("rotary_pct", default_pct)))
+    return float(theta), _scaling(params, raw, bad), float(pct)
+
+
 def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
-    """A :class:`GPTConfig` from a GPT-2 or GPT-NeoX ``config.json`` dict; ``overrides`` set jaxattn-only
-    fields (``dtype``, ``attn_impl``, ...)."""
+    """A :class:`GPTConfig` from a GPT-2, GPT-NeoX, Phi-1/2 or StarCoder2 ``config.json`` dict; ``overrides``
+    set jaxattn-only fields (``dtype``, ``attn_impl``, ...)."""
     kind = raw.get("model_type")
     if kind not in _ARCH:
         raise ValueError(f"config.json: model_type {kind!r}: expected one of {sorted(_ARCH)}")
@@ -80,7 +119,7 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         return ValueError(f"config.json: {field} = {raw.get(field)!r}: jaxattn's GPT supports {want} only")
 
     act_field = "activation_function" if kind == "gpt2" else "hidden_act"
-    act = raw.get(act_field, "gelu_new" if kind == "gpt2" else "gelu")
+    act = raw.get(act_field, {"gpt2": "gelu_new", "gpt_neox": "gelu", "phi": "gelu_new"}.get(kind, "gelu_pytorch_tanh"))
     if act not in _ACT:
         raise bad(act_field, " / ".join(sorted(_ACT)))
     common = dict(norm="layer", bias=True, mlp_gated=False, mlp_act=_ACT[act],
@@ -96,50 +135,69 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
                       mlp_dim=int(raw.get("n_inner") or 4 * dim), position="learned",
                       max_positions=int(raw.get("n_positions", 1024)), norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
                       tie_embeddings=bool(raw.get("tie_word_embeddings", True)))
-    else:
-        if not raw.get("attention_bias", True):
-            raise bad("attention_bias", "true")
-        dim, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
-        params = dict(raw.get("rope_parameters") or {})
-        params.update(raw.get("rope_scaling") or {})
-        theta = params.get("rope_theta", raw.get("rope_theta", raw.get("rotary_emb_base", 10000.0)))
-        pct = float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", raw.get("rotary_pct", 0.25))))
-        rotary = int(dim // heads * pct)  # (as transformers: int(head_size * rotary_pct))
-        fields = dict(dim=dim, layers=int(raw["num_hidden_layers"]), heads=heads, mlp_dim=int(raw["intermediate_size"]),
-                      rope_theta=float(theta), rope_scaling=_scaling(params, raw, bad),
-                      rotary_dim=None if rotary == dim // heads else rotary,
-                      parallel_residual=bool(raw.get("use_parallel_residual", True)),
-                      norm_eps=float(raw.get("layer_norm_eps", 1e-5)),
-                      tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
+        return hf.with_overrides(GPTConfig(**common, **fields), overrides)
+    for flag, field in (("attention_bias", "gpt_neox"), ("use_bias", "starcoder2")):
+        if kind == field and not raw.get(flag, True):
+            raise bad(flag, "true")
+    if kind == "phi" and raw.get("qk_layernorm", False):
+        raise bad("qk_layernorm", "false")
+    dim, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+    theta, scaling, pct = _rope(raw, bad, {"gpt_neox": 0.25, "phi": 0.5}.get(kind, 1.0))
+    if pct != 1.0 and kind == "starcoder2":
+        raise bad("partial_rotary_factor", "1.0 (StarCoder2 rotates whole heads)")
+    rotary = int(dim // heads * pct)  # (as transformers: int(head_size * rotary_pct))
+    window = raw.get("sliding_window") if kind == "starcoder2" else None
+    tied = bool(raw.get("tie_word_embeddings", kind == "starcoder2"))
+    if kind == "phi" and tied:
+        raise bad("tie_word_embeddings", "false (Phi's lm_head has a bias)")
+    fields = dict(dim=dim, layers=int(raw["num_hidden_layers"]), heads=heads,
+                  kv_heads=int(raw.get("num_key_value_heads") or heads), mlp_dim=int(raw["intermediate_size"]),
+                  rope_theta=theta, rope_scaling=scaling, rotary_dim=None if rotary == dim // heads else rotary,
+                  parallel_residual=bool(raw.get("use_parallel_residual", True)) if kind == "gpt_neox" else kind == "phi",
+                  shared_norm=kind == "phi", head_bias=kind == "phi",
+                  norm_eps=float(raw.get("norm_epsilon" if kind == "starcoder2" else "layer_norm_eps", 1e-5)),
+                  tie_embeddings=tied, layer_types=("window",) if window else ("full",), **({"window": int(window)} if window else {}))
     return hf.with_overrides(GPTConfig(**common, **fields), overrides)
 
 
-def _kind(cfg: GPTConfig) -> str:
-    """The layout a classic-block model reads and writes: ``gpt2`` (learned positions) or ``gpt_neox``."""
-    return "gpt2" if cfg.position == "learned" else "gpt_neox"
-
-
 def _family(cfg: GPTConfig) -> str:
-    """``gpt2`` (learned positions) or ``gpt_neox`` (RoPE) for an export, or a ValueError naming what neither
-    holds (a loaded model may run other attention patterns, as ``layer_types``; its export may not)."""
+    """The family an export writes: ``gpt2`` (learned positions), ``phi`` (one norm before attention and MLP side by
+    side), ``gpt_neox`` (parallel residuals with two norms, or partial rotary), ``starcoder2`` (sequential, whole-head
+    RoPE, GQA and sliding windows allowed); a ValueError names what none holds. (A loaded model may run other
+    attention patterns, as ``layer_types``; its export may not.)"""
     llama_only = non_default(cfg, tuple(f for f in FAMILY_FIELDS if f not in ("rotary_dim", "rope_scaling", "mlp_act")))
     plain = (cfg.norm, cfg.bias, cfg.mlp_gated) == ("layer", True, False) and cfg.mlp_act in ("gelu", "gelu_tanh")
-    if not plain or llama_only or cfg.qkv_bias or (cfg.kv_heads or cfg.heads) != cfg.heads \
-            or cfg.head_dim not in (None, cfg.dim // cfg.heads) or set(cfg.layer_types) != {"full"}:
-        raise ValueError("a GPT-2 / GPT-NeoX layout has LayerNorms, biases everywhere, a plain GELU MLP (norm='layer', "
-                         "bias=True, mlp_gated=False, mlp_act 'gelu' or 'gelu_tanh'), one kv head per head, full "
-                         f"attention and no LLaMA-family options (set here: {llama_only or 'the block'})")
+    if not plain or llama_only or cfg.qkv_bias or cfg.head_dim not in (None, cfg.dim // cfg.heads) \
+            or set(cfg.layer_types) - {"full", "window"} or len(set(cfg.layer_types)) > 1:
+        raise ValueError("a GPT-2 / GPT-NeoX / Phi / StarCoder2 layout has LayerNorms, biases everywhere, a plain GELU "
+                         "MLP (norm='layer', bias=True, mlp_gated=False, mlp_act 'gelu' or 'gelu_tanh'), every layer full "
+                         f"(or every one a window) and no LLaMA-family options (set here: {llama_only or 'the block'})")
+    gqa, window = (cfg.kv_heads or cfg.heads) != cfg.heads, cfg.layer_types == ("window",)
     if cfg.position == "learned":
-        if cfg.parallel_residual or not cfg.tie_embeddings:
-            raise ValueError("a GPT-2 layout (learned positions) has sequential residuals and a tied head")
-        return "gpt2"
-    if cfg.position != "rope":
-        raise ValueError("a GPT-NeoX layout has RoPE (GPT-2: position='learned'), not ALiBi")
-    return "gpt_neox"
+        kind = "gpt2"
+        if cfg.parallel_residual or not cfg.tie_embeddings or gqa or window or cfg.head_bias:
+            raise ValueError("a GPT-2 layout (learned positions) has sequential residuals, a tied head without bias, "
+                             "one kv head per head and full attention")
+    elif cfg.position != "rope":
+        raise ValueError("GPT-NeoX / Phi / StarCoder2 layouts have RoPE (GPT-2: position='learned'), not ALiBi")
+    elif cfg.shared_norm:
+        kind = "phi"
+        if not cfg.head_bias or window:
+            raise ValueError("a Phi layout has a bias on its (untied) head and full attention")
+    elif cfg.parallel_residual or cfg.rotary_dim:
+        kind = "gpt_neox"
+        if gqa or window or cfg.head_bias:
+            raise ValueError("a GPT-NeoX layout (parallel residuals or partial rotary) has one kv head per head, full "
+                             "attention and a head without bias")
+    else:
+        kind = "starcoder2"
+        if cfg.head_bias:
+            raise ValueError("a StarCoder2 layout has a head without bias")
+    return kind
 
 
 def hf_config(cfg: GPTConfig) -> dict[str, Any]:
-    """A ``config.json`` for ``cfg``: ``gpt2`` (learned positions) or ``gpt_neox`` (RoPE)."""
+    """A ``config.json`` for ``cfg``, of the family :func:`_family` picks."""
     kind = _family(cfg)
     act = "gelu_new" if cfg.mlp_act == "gelu_tanh" else "gelu"
     out = {"architectures": [_ARCH[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
@@ -152,28 +210,31 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
                 "eos_token_id": ids}
     pct = (cfg.rotary_dim or cfg.head_size) / cfg.head_size
     if int(cfg.head_size * pct) != (cfg.rotary_dim or cfg.head_size):
-        raise ValueError(f"rotary_dim {cfg.rotary_dim} of {cfg.head_size}: no rotary_pct gives it")
+        raise ValueError(f"rotary_dim {cfg.rotary_dim} of {cfg.head_size}: no rotary fraction gives it")
     scaling = dict(cfg.rope_scaling)
-    rope = {"rope_type": scaling.pop("rope_type", "default"), "rope_theta": cfg.rope_theta,
-            "partial_rotary_factor": pct, **scaling}
-    return {**out, "hidden_size": cfg.dim, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
-            "intermediate_size": cfg.hidden, "hidden_act": act, "layer_norm_eps": cfg.norm_eps,
-            "use_parallel_residual": cfg.parallel_residual, "attention_bias": True,
-            "rotary_pct": pct, "rotary_emb_base": cfg.rope_theta, "rope_theta": cfg.rope_theta,  # (transformers < 5)
-            **({"rope_scaling": {**scaling, "rope_type": rope["rope_type"]}} if scaling else {}),
-            "partial_rotary_factor": pct, "rope_parameters": rope,
-            "max_position_embeddings": 2048 * int(max(1, scaling.get("factor", 1)))}
+    rope = {"rope_type": scaling.pop("rope_type", "default"), "rope_theta": cfg.rope_theta, **scaling}
+    out.update(hidden_size=cfg.dim, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+               num_key_value_heads=cfg.kv_heads or cfg.heads, intermediate_size=cfg.hidden, hidden_act=act,
+               rope_theta=cfg.rope_theta, **({"rope_scaling": {**scaling, "rope_type": rope["rope_type"]}} if scaling else {}),
+               max_position_embeddings=2048 * int(max(1, scaling.get("factor", 1))))
+    if kind == "starcoder2":
+        return {**out, "norm_epsilon": cfg.norm_eps, "use_bias": True, "rope_parameters": rope,
+                "sliding_window": cfg.window if cfg.layer_types == ("window",) else None,
+                "bos_token_id": None, "eos_token_id": None}  # (Starcoder2Config's 50256 past a small vocabulary)
+    rope["partial_rotary_factor"] = pct
+    out.update(layer_norm_eps=cfg.norm_eps, partial_rotary_factor=pct, rope_parameters=rope)
+    if kind == "phi":
+        return {**out, "qk_layernorm": False, "bos_token_id": None, "eos_token_id": None}
+    return {**out, "use_parallel_residual": cfg.parallel_residual, "attention_bias": True, "rotary_pct": pct,
+            "rotary_emb_base": cfg.rope_theta}  # (transformers < 5's names)
 
 
-def prepare_state_dict(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """A folder's ``state_dict`` on :func:`entries`' keys: the fused q/k/v projection split into ``q_proj`` /
-    ``k_proj`` / ``v_proj`` (``Linear`` layout), GPT-2's ``Conv1D`` weights transposed, GPT-2 keys without the
-    ``transformer.`` prefix (a ``GPT2Model`` save) given it. Numpy views where it can."""
-    kind = raw.get("model_type")
-    heads = int(raw.get("n_head", 12) if kind == "gpt2" else raw["num_attention_heads"])
+def _split_fused(kind: str, heads: int, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """GPT-2's and GPT-NeoX's fused q/k/v projections as ``q_proj`` / ``k_proj`` / ``v_proj`` (Linear layout),
+    GPT-2's other ``Conv1D`` weights transposed, GPT-2 keys without ``transformer.`` given it."""
     out = {}
     for key, value in state_dict.items():
-        if kind == "gpt2" and key != "lm_head.weight" and not key.startswith("transformer."):
+        if kind == "gpt2" and not key.startswith(("transformer.", "lm_head.")):
             key = "transformer." + key
         pre, _, name = key.rpartition(".")
         if kind == "gpt2" and key.endswith("attn.c_attn.weight"):  # [in, 3 dim]: q | k | v columns
@@ -193,16 +254,35 @@ def prepare_state_dict(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) ->
     return out
 
 
-def export_state_dict(raw: Mapping[str, Any], state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The inverse of :func:`prepare_state_dict` for a ``config.json`` of :func:`hf_config`."""
+def _layers(raw: Mapping[str, Any]) -> int:
+    return int(raw.get("n_layer", 12) if raw.get("model_type") == "gpt2" else raw["num_hidden_layers"])
+
+
+def _heads(raw: Mapping[str, Any]) -> int:
+    return int(raw.get("n_head", 12) if raw.get("model_type") == "gpt2" else raw["num_attention_heads"])
+
+
+def prepare_state_dict(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A folder's ``state_dict`` on :func:`entries`' family-neutral keys (``layers.i.attn.q_proj.weight``, ...):
+    fused q/k/v projections split (``Linear`` layout), GPT-2's ``Conv1D`` weights transposed; numpy views where it
+    can. Keys it does not know stay as they are (a strict load names them)."""
     kind = raw.get("model_type")
-    heads = int(raw.get("n_head", 0) if kind == "gpt2" else raw["num_attention_heads"])
+    theirs = {v: k for k, v in _key_map(kind, _layers(raw)).items()}
+    return {theirs.get(k, k): v for k, v in _split_fused(kind, _heads(raw), state_dict).items()}
+
+
+def export_state_dict(raw: Mapping[str, Any], state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of :func:`prepare_state_dict` for a ``config.json`` of :func:`hf_config`: the family's keys,
+    fused projections and layouts."""
+    kind, heads = raw.get("model_type"), _heads(raw)
+    names = _key_map(kind, _layers(raw))
+    state_dict = {names.get(k, k): v for k, v in state_dict.items()}
     out = {}
     for key, value in state_dict.items():
         pre, _, name = key.rpartition(".")
-        if pre.endswith(("k_proj", "v_proj")):
+        if kind in ("gpt2", "gpt_neox") and pre.endswith(("k_proj", "v_proj")):
             continue
-        if not pre.endswith("q_proj"):
+        if kind not in ("gpt2", "gpt_neox") or not pre.endswith("q_proj"):
             out[key] = np.ascontiguousarray(value.T) if kind == "gpt2" and key.endswith(_GPT2_CONV1D) else value
             continue
         base = pre.rpartition(".")[0]
@@ -225,43 +305,55 @@ def _linear(key: str, lin) -> list[hf.Entry]:
 
 
 def entries(model: GPT) -> list[hf.Entry]:
+    """The variables on family-neutral keys (:func:`prepare_state_dict` / :func:`export_state_dict` map them)."""
     cfg = model.cfg
-    kind = _kind(cfg)
-    n = _NAMES[kind]
-    join_kv, split_kv = _kv(cfg.heads)
-    out = [hf.same(n["embed"], model.embed.embedding)]
-    if kind == "gpt2":
-        out.append(hf.same("transformer.wpe.weight", model.pos_embed.embedding))
+    join_kv, split_kv = _kv(cfg.kv_heads or cfg.heads)
+    out = [hf.same("embed.weight", model.embed.embedding)]
+    if model.pos_embed is not None:
+        out.append(hf.same("pos_embed.weight", model.pos_embed.embedding))
     for i, blk in enumerate(model.blocks):
-        pre = n["layer"].format(i=i)
-        attn = pre + n["attn"]
-        out += _layer_norm(pre + n["norm1"], blk.norm1) + _layer_norm(pre + n["norm2"], blk.norm2)
-        out += _linear(attn + "q_proj", blk.attn.q)
-        out += [hf.Entry((attn + "k_proj." + p, attn + "v_proj." + p), getattr(blk.attn.kv, v), join_kv, split_kv)
+        pre = f"layers.{i}."
+        out += _layer_norm(pre + "norm1", blk.norm1) + _linear(pre + "attn.q_proj", blk.attn.q)
+        if blk.norm2 is not None:
+            out += _layer_norm(pre + "norm2", blk.norm2)
+        out += [hf.Entry((f"{pre}attn.k_proj.{p}", f"{pre}attn.v_proj.{p}"), getattr(blk.attn.kv, v), join_kv, split_kv)
                 for p, v in (("weight", "kernel"), ("bias", "bias"))]
-        out += _linear(pre + n["o"], blk.attn.o) + _linear(pre + n["up"], blk.mlp.up) + _linear(pre + n["down"], blk.mlp.down)
-    out += _layer_norm(n["final"], model.norm)
+        out += _linear(pre + "attn.o", blk.attn.o) + _linear(pre + "mlp.up", blk.mlp.up) + _linear(pre + "mlp.down", blk.mlp.down)
+    out += _layer_norm("norm", model.norm)
     if model.head is not None:
-        out.append(hf.linear(n["head"], model.head.kernel))
+        out += _linear("head", model.head) if cfg.head_bias else [hf.linear("head.weight", model.head.kernel)]
     return out
 
 
 def _ignore(cfg: GPTConfig):
     """The causal-mask and RoPE buffers older checkpoints store, and a tied model's head."""
-    head = _NAMES[_kind(cfg)]["head"]
     return lambda key: key.endswith((".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias",
-                                     "rotary_emb.inv_freq")) or (key == head and cfg.tie_embeddings)
+                                     "rotary_emb.inv_freq")) or (key == "head.weight" and cfg.tie_embeddings)
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
-    """The model's weights under the family's own keys and layouts (fp32 numpy; fused as the folder's)."""
+    """The model's weights under its export family's keys and layouts (fp32 numpy; fused as the folder's)."""
     return export_state_dict(hf_config(model.cfg), hf.to_state_dict(entries(model)))
 
 
+def _detect(state_dict: Mapping[str, Any]) -> str:
+    """A classic family from its keys."""
+    keys = set(state_dict)
+    for kind, probe in (("gpt_neox", "gpt_neox.embed_in.weight"), ("phi", "model.final_layernorm.weight"),
+                        ("starcoder2", "model.embed_tokens.weight"), ("gpt2", "transformer.wte.weight"), ("gpt2", "wte.weight")):
+        if probe in keys:
+            return kind
+    raise ValueError("state_dict: no GPT-2 (wte), GPT-NeoX (gpt_neox.embed_in), Phi (model.final_layernorm) or "
+                     "StarCoder2 (model.embed_tokens) keys")
+
+
 def load_hf_state_dict(model: GPT, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
-    """Copies a GPT-2 / GPT-NeoX ``state_dict`` (the folder's keys) into ``model`` in place."""
-    prepared = prepare_state_dict(hf_config(model.cfg), state_dict)
-    hf.load_state_dict(entries(model), prepared, strict=strict, ignore=_ignore(model.cfg))
+    """Copies a GPT-2 / GPT-NeoX / Phi / StarCoder2 ``state_dict`` (the folder's keys; the family read from them)
+    into ``model`` in place."""
+    cfg = model.cfg
+    raw = {"model_type": _detect(state_dict), "n_layer": cfg.layers, "num_hidden_layers": cfg.layers,
+           "n_head": cfg.heads, "num_attention_heads": cfg.heads}
+    hf.load_state_dict(entries(model), prepare_state_dict(raw, state_dict), strict=strict, ignore=_ignore(cfg))
 
 
 def load(cfg: GPTConfig, state_dict: Mapping[str, Any], *, strict: bool, where: str, param_dtype: Any = None) -> GPT:

@@ -3,7 +3,7 @@
 A folder holds ``config.json`` and weights (``model.safetensors``, ``pytorch_model.bin``, or their shards).
 ``model_type`` picks the converter: ``"transnormer"`` -> :class:`~jaxattn.models.TNL`
 (:mod:`jaxattn.models.tnl_hf`); ``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``, ``"phi3"``, ``"gemma"``, ``"gemma2"``, ``"gemma3_text"`` -> :class:`~jaxattn.models.GPT`
-(:mod:`jaxattn.models.gpt_hf`); ``"gpt2"``, ``"gpt_neox"`` -> :class:`~jaxattn.models.GPT` with the classic block
+(:mod:`jaxattn.models.gpt_hf`); ``"gpt2"``, ``"gpt_neox"``, ``"phi"``, ``"starcoder2"`` -> :class:`~jaxattn.models.GPT` with the classic block
 (:mod:`jaxattn.models.gpt_classic_hf`); timm's hub folders (``architecture`` instead of ``model_type``) ->
 :class:`~jaxattn.models.ViT` / :class:`~jaxattn.models.HaloNet` (:mod:`jaxattn.models.timm_hub`).
 ``load_pretrained(folder, **overrides)`` builds the model (without a random initialisation to overwrite)
@@ -153,7 +153,7 @@ def _converter(model_type: str):
         from jaxattn.models import gpt_hf
 
         return gpt_hf
-    if model_type in ("gpt2", "gpt_neox"):
+    if model_type in ("gpt2", "gpt_neox", "phi", "starcoder2"):
         from jaxattn.models import gpt_classic_hf
 
         return gpt_classic_hf
@@ -163,7 +163,7 @@ def _converter(model_type: str):
         return timm_hub
     raise ValueError(f"config.json: model_type {model_type!r} is not one jaxattn converts "
                      "(transnormer, llama, qwen2, qwen3, mistral, phi3, granite, smollm3, olmo2, gemma, gemma2, "
-                     "gemma3_text, gemma3, gpt2, gpt_neox, or a timm folder)")
+                     "gemma3_text, gemma3, gpt2, gpt_neox, phi, starcoder2, or a timm folder)")
 
 
 def raw_config(folder: str | Path) -> dict:
