@@ -148,8 +148,9 @@ SMALL = {"depth": 2, "embed_dim": 64, "num_heads": 4, "num_classes": 5}
 
 @pytest.mark.parametrize("arch", ["eva02_tiny_patch14_224", "vit_small_patch16_dinov3", "eva02_base_patch16_clip_224",
                                   "vit_medium_patch16_rope_reg1_gap_256", "vit_small_patch16_rope_mixed_ape_224",
-                                  "vit_pe_core_tiny_patch16_384",
+                                  "vit_pe_core_tiny_patch16_384", "vit_pe_spatial_tiny_patch16_512",
                                   *(pytest.param(a, marks=pytest.mark.slow) for a in [  # (their options overlap)
+                                      "vit_pe_lang_large_patch14_448",
                                       "eva02_base_patch14_224", "vit_base_patch16_dinov3_qkvb",
                                       "vit_small_plus_patch16_dinov3", "vit_small_patch16_rope_224",
                                       "vit_pe_core_gigantic_patch14_448"])])
@@ -171,9 +172,11 @@ def test_folder_matches_numpy_timm(tmp_path, arch):
     rope_attn = cfg.attn_type == "rope"
     assert ("blocks.0.attn.q_bias" in sd) == (not cfg.qkv_split and cfg.qkv_bias and not rope_attn)
     assert ("blocks.0.attn.qkv.bias" in sd) == rope_attn and "blocks.0.attn.k_proj.bias" not in sd
-    assert ("pos_embed" in sd) == ("eva02" in arch or "ape" in arch or "pe_core" in arch)
+    assert ("pos_embed" in sd) == ("eva02" in arch or "ape" in arch or "_pe_" in arch)
     assert ("rope.freqs" in sd) == ("mixed" in arch) and ("attn_pool.latent" in sd) == ("pe_core" in arch)
-    assert ("blocks.1.attn.norm.weight" in sd) == ("clip" in arch) and ("norm_pre.weight" in sd) == ("pe_core" in arch)
+    assert ("blocks.1.attn.norm.weight" in sd) == ("clip" in arch) and ("norm_pre.weight" in sd) == ("_pe_" in arch)
+    tower = "pe_lang" in arch or "pe_spatial" in arch  # (no norm after the blocks at all)
+    assert ("norm.weight" in sd or "fc_norm.weight" in sd) != tower and cfg.final_norm != tower
     model = hf.load_pretrained(write_timm_folder(tmp_path, raw, sd), attn_impl="xla")
     assert type(model) is Eva
     x = rng.normal(size=(2, size, size, 3)).astype(np.float32)
@@ -279,8 +282,11 @@ def test_pallas_matches_xla_and_lowers_for_cuda():
                                      dict(attn_type="rope", rope_kind="mixed", rope_xy=True, rope_temperature=10.0,
                                           layer_scale=0.1, swiglu=False, mlp_norm=False, mlp_act="gelu", pool="cls",
                                           qkv_split=False, fc_norm=False, rope_ref_grid=None, abs_pos_embed=False),
-                                     dict(attn_norm=True, pool="cls", fc_norm=False)],
-                         ids=["eva02", "dinov3", "pe-core", "rope-vit-mixed", "eva02-clip"])
+                                     dict(attn_norm=True, pool="cls", fc_norm=False),
+                                     dict(attn_type="rope", rope_xy=True, rope_offset=1.0, pre_norm=True, swiglu=False,
+                                          mlp_norm=False, mlp_act="gelu", qkv_split=False, norm_eps=1e-5, fc_norm=False,
+                                          final_norm=False, rope_ref_grid=3)],
+                         ids=["eva02", "dinov3", "pe-core", "rope-vit-mixed", "eva02-clip", "pe-spatial"])
 def test_export_round_trip(tmp_path, options):
     """save_pretrained(Eva): our loader gives the same logits; with timm installed, timm.create_model(
     architecture, **model_args) with its weights too."""
@@ -292,7 +298,8 @@ def test_export_round_trip(tmp_path, options):
                                        ("vit_small_patch16_dinov3_qkvb", 48), ("vit_small_plus_patch16_dinov3", 48),
                                        ("eva02_base_patch16_clip_224", 48), ("vit_medium_patch16_rope_reg1_gap_256", 48),
                                        ("vit_small_patch16_rope_mixed_224", 48), ("vit_small_patch16_rope_ape_224", 48),
-                                       ("vit_pe_core_tiny_patch16_384", 48)])
+                                       ("vit_pe_core_tiny_patch16_384", 48), ("vit_pe_spatial_tiny_patch16_512", 48),
+                                       ("vit_pe_lang_large_patch14_448", 42)])
 def test_matches_timm(tmp_path, arch, size):
     check_timm_folder_matches_timm(tmp_path, arch, size, ("bias", "norm.weight", "gamma_1", "gamma_2", "_token",
                                                           "latent", "pos_embed"),
@@ -305,9 +312,10 @@ def test_architecture_table_matches_timm():
     timm = pytest.importorskip("timm")
     from jaxattn.models.timm_hub import _eva_config
 
-    names = [n for n in timm.list_models(["eva02_*", "vit_*dinov3*", "vit_*rope*", "vit_pe_core*"])
+    names = [n for n in timm.list_models(["eva02_*", "vit_*dinov3*", "vit_*rope*", "vit_pe_*"])
              if eva_arch_args(n) is not None]
-    assert len(names) == 8 + 12 + 3 + 4 + 12 + 5, names  # EVA-02, DINOv3, EVA-02 CLIP, SBB, RoPE-ViT, PE core
+    # EVA-02, DINOv3, EVA-02 CLIP, SBB, RoPE-ViT, PE core, PE lang and spatial
+    assert len(names) == 8 + 12 + 3 + 4 + 12 + 5 + 7, names
     for n in names:
         with torch.device("meta"):
             m = timm.create_model(n)
@@ -321,7 +329,8 @@ def test_architecture_table_matches_timm():
                (blk.mlp.fc1_g if hasattr(blk.mlp, "fc1_g") else blk.mlp.fc1).out_features,
                type(blk.attn).__name__, getattr(m.rope, "grid_indexing", "ij"), float(getattr(m.rope, "grid_offset", 0.0)),
                type(blk.attn.norm).__name__, type(m.norm_pre).__name__, m.cls_token is not None,
-               None if m.attn_pool is None else (m.attn_pool.num_heads, m.attn_pool.mlp.fc1.out_features))
+               None if m.attn_pool is None else (m.attn_pool.num_heads, m.attn_pool.mlp.fc1.out_features),
+               type(m.norm).__name__)
         want = (c.dim, c.depth, c.heads, c.qkv_split,
                 "Mlp" if not c.swiglu else "SwiGLU" if c.mlp_norm or c.swiglu_align else "GluMlp", c.patch_size,
                 c.image_size,
@@ -335,5 +344,6 @@ def test_architecture_table_matches_timm():
                 "AttentionRope" if c.attn_type == "rope" else "EvaAttention", "xy" if c.rope_xy else "ij",
                 c.rope_offset, "LayerNorm" if c.attn_norm else "Identity", "LayerNorm" if c.pre_norm else "Identity",
                 c.has_class_token, None if c.pool != "map" else (c.pool_heads or c.heads,
-                                                                 int(c.dim * (c.pool_mlp_ratio or c.mlp_ratio))))
+                                                                 int(c.dim * (c.pool_mlp_ratio or c.mlp_ratio))),
+                "LayerNorm" if c.final_norm and not c.fc_norm else "Identity")
         assert got == want, n

@@ -163,13 +163,13 @@ def test_architecture_table_matches_timm():
                m.cls_token is not None, m.num_reg_tokens, m.no_embed_class, isinstance(blk.ls1, LayerScale),
                type(m.fc_norm).__name__ == "LayerNorm", m.global_pool, m.patch_embed.patch_size[0],
                m.patch_embed.img_size[0], type(m.norm_pre).__name__, type(blk.attn.q_norm).__name__, blk.norm1.eps,
-               type(blk.mlp.act).__name__, m.patch_embed.proj.bias is not None)
+               type(blk.mlp.act).__name__, m.patch_embed.proj.bias is not None, type(m.norm).__name__)
         want = ("VisionTransformer", "Block", "Attention", "GluMlp" if c.glu_mlp else "Mlp", c.dim, c.depth, c.heads, c.mlp_dim, c.qkv_bias,
                 c.has_class_token, c.reg_tokens, c.no_embed_class, c.layer_scale is not None, c.fc_norm,
                 {"cls": "token", "mean": "avg", "map": "map"}[c.pool], c.patch_size, c.image_size,
                 "LayerNorm" if c.pre_norm else "Identity", "LayerNorm" if c.qk_norm else "Identity", c.norm_eps,
                 {"gelu": "GELU", "quick_gelu": "QuickGELU", "gelu_tanh": "GELUTanh", "silu": "SiLU"}[c.mlp_act],
-                not c.pre_norm)
+                not c.pre_norm, "LayerNorm" if c.final_norm and not c.fc_norm else "Identity")
         assert got == want, n
 
 
@@ -186,6 +186,7 @@ def timm_vit_forward(sd, args, images):
     p, heads = args["patch_size"], args["num_heads"]
     pool, class_token = args.get("global_pool", "token"), args.get("class_token", True)
     fc_norm = pool == "avg" if args.get("fc_norm") is None else args["fc_norm"]
+    final = args.get("final_norm", True)  # (False: neither norm nor fc_norm)
     x = np.asarray(images, np.float64)  # NHWC
     b, hh, ww, c = x.shape
     patches = x.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 5, 2, 4).reshape(b, -1, c * p * p)
@@ -227,7 +228,7 @@ def timm_vit_forward(sd, args, images):
         x = x + h * (g("ls1.gamma") if f"blocks.{i}.ls1.gamma" in w else 1)
         h = mlp(ln(x, f"blocks.{i}.norm2"), f"blocks.{i}.mlp", args.get("mlp_layer") == "SwiGLUPacked")
         x = x + h * (g("ls2.gamma") if f"blocks.{i}.ls2.gamma" in w else 1)
-    if not fc_norm:
+    if final and not fc_norm:
         x = ln(x, "norm")
     num_prefix = int(class_token) + args.get("reg_tokens", 0)
     if pool == "map":
@@ -240,7 +241,7 @@ def timm_vit_forward(sd, args, images):
         x = (y + mlp(ln(y, "attn_pool.norm"), "attn_pool.mlp"))[:, 0]
     else:
         x = x[:, 0] if pool == "token" else x[:, num_prefix:].mean(1)
-    if fc_norm:
+    if final and fc_norm:
         x = ln(x, "fc_norm")
     return x @ w["head.weight"].T + w["head.bias"]
 
@@ -256,11 +257,14 @@ FAMILIES = [("deit3_small_patch16_224", {}),  # layer scale, position embedding 
             ("vit_base_patch16_clip_224", {}),  # CLIP: norm_pre, LayerNorm eps 1e-5
             ("vit_base_patch16_clip_quickgelu_224", {}),  # + quick GELU
             ("vit_base_patch16_siglip_224", {}),  # SigLIP: no class token, attention pooling
-            ("vit_base_patch32_siglip_gap_256", {})]  # mean pooling without fc_norm, tanh GELU
+            ("vit_base_patch32_siglip_gap_256", {}),  # mean pooling without fc_norm, tanh GELU
+            ("vit_base_patch16_radio_v3", {}),  # C-RADIOv3: 7 registers, no final norm
+            ("vit_intern300m_patch14_448", {})]  # InternViT-300M: layer scale 0.1, no final norm
 
 
 # the default suite runs these; the rest are slow (their options overlap these)
-DEFAULT_FAMILIES = {"vit_small_patch14_reg4_dinov2", "vit_medium_patch16_reg4_gap_256", "vit_base_patch16_siglip_224"}
+DEFAULT_FAMILIES = {"vit_small_patch14_reg4_dinov2", "vit_medium_patch16_reg4_gap_256", "vit_base_patch16_siglip_224",
+                    "vit_base_patch16_radio_v3"}
 
 
 @pytest.mark.parametrize("arch,extra", [
@@ -417,7 +421,9 @@ _SLOW = pytest.mark.slow  # (the options' forward is checked in the default suit
                                                        marks=_SLOW),
                                           pytest.param("cls", dict(pre_norm=True, norm_eps=1e-5, mlp_act="quick_gelu"),
                                                        marks=_SLOW),
-                                          ("map", dict(qk_norm=True, glu_mlp=True, mlp_act="silu"))])
+                                          ("map", dict(qk_norm=True, glu_mlp=True, mlp_act="silu")),
+                                          pytest.param("cls", dict(final_norm=False, reg_tokens=7, no_embed_class=True),
+                                                       marks=_SLOW)])
 def test_export_a_vit_as_a_timm_folder(tmp_path, pool, options):
     """save_pretrained(ViT): timm.create_model(architecture, **model_args) with its weights (timm installed),
     and our own loader, give the model's logits."""

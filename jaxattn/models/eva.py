@@ -41,8 +41,9 @@ fused ``qkv`` has its own bias, keys included; ``rope_xy``: coordinates ``(colum
 learned frequencies ``rope.freqs [2, depth, heads, d / 2]``, each block and head turning a patch at ``(x, y)`` by
 ``x fx + y fy``) and Meta's Perception Encoder (``vit_pe_core_{tiny,small,base,large,gigantic}_*``: RoPE
 attention, ``rope_offset`` 1 added to the indices, ``pre_norm``, attention pooling over every token with its own
-heads and MLP ratio: ``pool_heads``, ``pool_mlp_ratio``, ``pool_include_prefix``). Not implemented: post-norm
-blocks (EVA-02 E), PE's lang / spatial towers (no final norm), gated or grouped-query attention.
+heads and MLP ratio: ``pool_heads``, ``pool_mlp_ratio``, ``pool_include_prefix``), and its lang / spatial towers
+(``vit_pe_{lang,spatial}_*``: no norm after the blocks, ``final_norm=False``). Not implemented: post-norm blocks
+(EVA-02 E), gated or grouped-query attention.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ position embedding on the patches only), DINOv2 ``vit_{size}_patch14_dinov2`` an
 towers ``vit_*_siglip_{S}`` (no class token, attention pooling; tanh GELU where timm has it) and
 ``vit_*_siglip_gap_{S}``, for sizes tiny ... gigantic, so400m, giantopt; EVA-02 ``eva02_{size}_patch14_{S}``,
 EVA-02 CLIP ``eva02_*_clip_{S}``, DINOv3 ``vit_{size}_patch16_dinov3[_qkvb]``, SBB ``vit_*_patch16_rope_reg*_gap_256``,
-RoPE-ViT ``vit_*_patch16_rope[_mixed][_ape]_224`` and PE core ``vit_pe_core_*`` (:func:`eva_arch_args`, into
-:class:`Eva`); and ``halonet26t``, ``sehalonet33ts``.
+RoPE-ViT ``vit_*_patch16_rope[_mixed][_ape]_224`` and Perception Encoder ``vit_pe_core_*``, ``vit_pe_lang_*``,
+``vit_pe_spatial_*`` (:func:`eva_arch_args`, into :class:`Eva`); C-RADIOv3 ``vit_*_patch16_radio_v3`` and
+InternViT-300M ``vit_intern300m_patch14_448`` (no final norm); and ``halonet26t``, ``sehalonet33ts``.
 ``model_args`` that timm records (depth, img_size, patch_size, embed_dim, num_heads, mlp_ratio, qkv_bias,
 class_token, global_pool, reg_tokens, no_embed_class, init_values, fc_norm, qk_norm, act_layer, in_chans,
 num_classes, ...) apply; what the models here do not have (RMSNorm, parallel blocks, ...) raises ``ValueError``.
@@ -52,6 +53,7 @@ _CLIP = {"pre_norm": True, "norm_eps": 1e-5}  # ("norm_eps": timm's norm_layer=p
 _SIGLIP = {"class_token": False, "global_pool": "map"}  # attention pooling (timm's AttentionPoolLatent)
 _SIGLIP_GAP = {"class_token": False, "global_pool": "avg", "fc_norm": False}  # SigLIP towers without the MAP head
 _TANH = {"act_layer": "gelu_tanh"}
+_RADIO = {"reg_tokens": 7, "no_embed_class": True, "final_norm": False}
 # DINOv2's ViT-g: 1536 wide, 24 heads, SwiGLU MLP (fc1 of 2 x 4096 outputs: timm's SwiGLUPacked)
 _DINOV2_G = {"embed_dim": 1536, "num_heads": 24, "mlp_ratio": 2.66667 * 2, "mlp_layer": "SwiGLUPacked",
              "act_layer": "silu"}
@@ -74,13 +76,22 @@ _VIT_ARCHS: list[tuple[re.Pattern, dict[str, Any]]] = [(re.compile(p), a) for p,
         (rf"vit_(?P<size>large)_patch(?P<patch>16)_siglip{pool}_(?P<img>512)", {**kind, **_TANH}),
         (rf"vit_(?P<size>so400m|giantopt)_patch(?P<patch>16)_siglip{pool}{_I}", {**kind, **_TANH}),
         (rf"vit_{_S}{_P}_siglip{pool}{_I}", kind)]],
+    # backbones without a norm after the blocks (final_norm=False): C-RADIOv3 (7 registers; base / large with layer
+    # scale, giant 1536 wide with 24 heads) and InternViT-300M (InternVL's, layer scale 0.1)
+    (r"vit_(?P<size>base|large)_patch(?P<patch>16)_radio_v3", {"img_size": 512, "init_values": 1e-5, **_RADIO}),
+    (r"vit_(?P<size>huge)_patch(?P<patch>16)_radio_v3", {"img_size": 512, **_RADIO}),
+    (r"vit_(?P<size>giant)_patch(?P<patch>16)_radio_v3",
+     {"img_size": 512, "embed_dim": 1536, "num_heads": 24, "mlp_ratio": 4.0, **_RADIO}),
+    (r"vit_intern300m_patch(?P<patch>14)_(?P<img>448)",
+     {"embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp_ratio": 4.0, "init_values": 0.1, "final_norm": False,
+      "dynamic_img_size": True}),
 ]]
 # model_args a checkpoint may record with the value the models here implement (others: refused)
-_VIT_FIXED = {"final_norm": True, "pos_embed": "learn", "weight_init": ""}
+_VIT_FIXED = {"pos_embed": "learn", "weight_init": ""}
 _MLP_LAYERS = {"Mlp": False, "SwiGLUPacked": True}  # timm's mlp_layer (by name) -> ViTConfig.glu_mlp
 _VIT_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "class_token",
              "global_pool", "reg_tokens", "no_embed_class", "init_values", "fc_norm", "dynamic_img_size", "pre_norm",
-             "norm_eps", "act_layer", "qk_norm", "mlp_layer", "pool_include_prefix")
+             "norm_eps", "act_layer", "qk_norm", "mlp_layer", "pool_include_prefix", "final_norm")
 # training-time regularisation a checkpoint may record: no effect on the weights (fine-tuning sets its own)
 _VIT_IGNORED = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
 
@@ -90,9 +101,9 @@ def vit_arch_args(arch: str) -> dict[str, Any] | None:
     for pattern, extra in _VIT_ARCHS:
         if m := pattern.fullmatch(arch):
             g = m.groupdict()
-            dim, depth, heads = _VIT_SIZES[g["size"]]
+            dim, depth, heads = _VIT_SIZES[g["size"]] if g.get("size") else (None, None, None)  # (or in extra)
             args = {"patch_size": int(g["patch"]), "embed_dim": dim, "depth": depth, "num_heads": heads,
-                    "mlp_ratio": _VIT_MLP_RATIO.get(g["size"], 4.0), **extra}
+                    "mlp_ratio": _VIT_MLP_RATIO.get(g.get("size"), 4.0), **extra}
             if g.get("img"):
                 args["img_size"] = int(g["img"])
             if g.get("reg"):
@@ -110,13 +121,13 @@ _DINOV3_SWIGLU = {"small_plus": {"mlp_ratio": 4.0, "swiglu_align_to": 8}, "huge_
                   "7b": {"mlp_ratio": 2.0, "swiglu_align_to": 64}}
 # timm Eva arguments with the value EvaConfig implements (others: refused)
 _EVA_FIXED = {"use_rot_pos_emb": True, "use_post_norm": False, "attn_only_layer_scale": False,
-              "use_post_transformer_norm": None, "num_kv_heads": None, "gated_attn": False, "attn_head_dim": None}
+              "num_kv_heads": None, "gated_attn": False, "attn_head_dim": None}
 _EVA_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qkv_fused",
              "swiglu_mlp", "scale_mlp", "ref_feat_shape", "global_pool", "class_token", "use_fc_norm", "num_reg_tokens",
              "no_embed_class", "dynamic_img_size", "qk_norm", "rope_type", "rope_temperature", "rope_rotate_half",
              "use_abs_pos_emb", "init_values", "norm_eps", "head_init_scale", "swiglu_align_to", "attn_type",
              "scale_attn_inner", "rope_grid_indexing", "rope_grid_offset", "use_pre_transformer_norm",
-             "attn_pool_num_heads", "attn_pool_mlp_ratio")
+             "use_post_transformer_norm", "attn_pool_num_heads", "attn_pool_mlp_ratio")
 # more of timm's Eva-built families: EVA-02 CLIP image towers, timm's SBB RoPE ViTs, RoPE-ViT (Heo et al. 2024:
 # axial / mixed, with or without an absolute embedding), Meta's Perception Encoder (PE core)
 _SBB_SIZES = {"medium": (512, 12, 8, True), "mediumd": (512, 20, 8, False), "betwixt": (640, 12, 10, True),
@@ -147,7 +158,31 @@ _EVA_FAMILIES = (
          "use_pre_transformer_norm": True, "use_rot_pos_emb": True, "ref_feat_shape": (ref, ref),
          "rope_grid_indexing": "xy", "attn_pool_num_heads": 8, "attn_pool_mlp_ratio": 4.0, "norm_eps": 1e-5,
          **({"class_token": False} if m["size"] == "gigantic" else {"rope_grid_offset": 1.0})})(*_PE_SIZES[m["size"]])),
+    # PE's language (for multimodal LLMs) and spatial (dense features) towers: no norm after the blocks
+    (re.compile(r"vit_pe_(?P<kind>lang|spatial)_(?P<size>tiny|small|base|large|gigantic)_patch(?P<patch>16|14)_"
+                r"(?P<img>\d+)"), lambda m: _pe_tower(m)),
 )
+# (width, depth, heads) of PE's lang / spatial towers, by kind and size
+_PE_TOWERS = {("lang", "large"): (1024, 23, 16), ("lang", "gigantic"): (1536, 47, 16),
+              ("spatial", "tiny"): (192, 12, 3), ("spatial", "small"): (384, 12, 6), ("spatial", "base"): (768, 12, 12),
+              ("spatial", "large"): (1024, 24, 16), ("spatial", "gigantic"): (1536, 50, 16)}
+
+
+def _pe_tower(m: re.Match) -> dict[str, Any] | None:
+    """timm's ``model_args`` of ``vit_pe_{lang,spatial}_*``: PE core's RoPE blocks (32 x 32 reference grid), mean
+    pooling with neither a final nor an fc norm; layer scale 0.1 in the lang and gigantic towers, whose
+    gigantic ones have no class token and no grid offset."""
+    if (m["kind"], m["size"]) not in _PE_TOWERS:
+        return None
+    dim, depth, heads = _PE_TOWERS[m["kind"], m["size"]]
+    giant = m["size"] == "gigantic"
+    return {"img_size": int(m["img"]), "patch_size": int(m["patch"]), "embed_dim": dim, "depth": depth,
+            "num_heads": heads, "mlp_ratio": 8960 / 1536 if giant else 4.0, "attn_type": "rope",
+            "use_rot_pos_emb": True, "ref_feat_shape": (32, 32), "rope_grid_indexing": "xy",
+            "use_pre_transformer_norm": True, "use_post_transformer_norm": False, "use_fc_norm": False,
+            "norm_eps": 1e-5, **({"class_token": False} if giant else {"rope_grid_offset": 1.0}),
+            **({"init_values": 0.1} if giant or m["kind"] == "lang" else {}),
+            **({"class_token": True} if m["kind"] == "lang" and not giant else {})}
 
 
 def eva_arch_args(arch: str) -> dict[str, Any] | None:
@@ -164,7 +199,7 @@ def eva_arch_args(arch: str) -> dict[str, Any] | None:
                 "num_reg_tokens": 4, "use_fc_norm": False, "norm_eps": 1e-5}
     for pattern, make in _EVA_FAMILIES:
         if m := pattern.fullmatch(arch):
-            return make(m)
+            return make(m)  # (None: a name of the pattern timm does not register)
     if not (m := _EVA_ARCH.fullmatch(arch)):
         return None
     dim, depth, heads = _EVA_SIZES[m["size"]]
@@ -192,6 +227,12 @@ def _eva_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
     pool, class_token = _pool(args, "avg", ("avg", "token", "map"), "Eva pools by 'avg', 'token' or 'map'")
     ref = args.get("ref_feat_shape") if rope == "cat" else None  # (timm's DINOv3 / mixed embeddings ignore it)
     fc_norm, swiglu, init_values = args.get("use_fc_norm"), bool(args.get("swiglu_mlp", False)), args.get("init_values")
+    fc_norm = pool == "avg" if fc_norm is None else bool(fc_norm)
+    post = args.get("use_post_transformer_norm")
+    if post and fc_norm:
+        raise ValueError("config.json: model_args use_post_transformer_norm and use_fc_norm together (two final norms) "
+                         "are not supported by jaxattn's EVA-02")
+    final_norm = fc_norm or post is None or bool(post)  # (post False: no norm on the tokens; with no fc_norm: none)
     pool_ratio = args.get("attn_pool_mlp_ratio")
     return EvaConfig(image_size=_size(args.get("img_size", input_size or 224), "img_size"),
                      patch_size=int(args.get("patch_size", 16)), in_channels=in_chans, num_classes=num_classes,
@@ -208,7 +249,7 @@ def _eva_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
                      rope_offset=float(args.get("rope_grid_offset", 0.0)),
                      class_token=class_token, reg_tokens=int(args.get("num_reg_tokens", 0)),
                      no_embed_class=bool(args.get("no_embed_class", False)),
-                     fc_norm=pool == "avg" if fc_norm is None else bool(fc_norm),
+                     fc_norm=fc_norm, final_norm=final_norm,
                      dynamic_img_size=bool(args.get("dynamic_img_size", False)), qk_norm=bool(args.get("qk_norm", False)),
                      rope_ref_grid=None if ref is None else _size(ref, "ref_feat_shape"),
                      rope_temperature=float(args.get("rope_temperature", 10000.0)),
@@ -316,7 +357,9 @@ def _vit_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
                      class_token=None if class_token == (pool == "token") else class_token,
                      reg_tokens=int(args.get("reg_tokens", 0)), no_embed_class=bool(args.get("no_embed_class", False)),
                      layer_scale=float(init_values) if init_values else None,  # (timm: 0 = none)
-                     fc_norm=pool == "avg" if fc_norm is None else bool(fc_norm),  # timm: None = on for 'avg'
+                     # timm: fc_norm None = on for 'avg'; final_norm=False drops both final norms
+                     fc_norm=(pool == "avg" if fc_norm is None else bool(fc_norm)) and bool(args.get("final_norm", True)),
+                     final_norm=bool(args.get("final_norm", True)),
                      dynamic_img_size=bool(args.get("dynamic_img_size", False)), pre_norm=bool(args.get("pre_norm", False)),
                      norm_eps=float(args.get("norm_eps", 1e-6)), mlp_act=act, qk_norm=bool(args.get("qk_norm", False)),
                      glu_mlp=_MLP_LAYERS[mlp_layer], pool_include_prefix=bool(args.get("pool_include_prefix", False)))
@@ -360,6 +403,8 @@ def hf_config(cfg: ViTConfig | HaloNetConfig) -> dict[str, Any]:
                     reg_tokens=cfg.reg_tokens, no_embed_class=cfg.no_embed_class, init_values=cfg.layer_scale or 0.0,
                     fc_norm=cfg.fc_norm, dynamic_img_size=cfg.dynamic_img_size, pre_norm=cfg.pre_norm,
                     act_layer=cfg.mlp_act, qk_norm=cfg.qk_norm, pool_include_prefix=cfg.pool_include_prefix)
+        if not cfg.final_norm:
+            args["final_norm"] = False
     return {"architecture": arch, "num_classes": cfg.num_classes, "global_pool": args["global_pool"],
             "model_args": args, "pretrained_cfg": pre}
 
@@ -397,6 +442,8 @@ def _eva_hf_config(cfg: EvaConfig, pre: dict[str, Any]) -> dict[str, Any]:
             "attn_pool_mlp_ratio": cfg.mlp_ratio if cfg.pool_mlp_ratio is None else cfg.pool_mlp_ratio}
     if cfg.layer_scale is None:
         del args["init_values"]  # (eva02's default: none)
+    if not cfg.final_norm:
+        args["use_post_transformer_norm"] = False
     return {"architecture": arch, "num_classes": cfg.num_classes, "global_pool": pool,
             "model_args": args, "pretrained_cfg": pre}
 

@@ -6,7 +6,7 @@ or ``class_token=True``), then ``reg_tokens`` register tokens -> learned positio
 (to every token, or to the patches only with ``no_embed_class``) -> (``pre_norm``: a LayerNorm, CLIP's)
 -> ``depth`` pre-norm blocks
 ``x += DropPath(LS(Attn(LN(x))))``, ``x += DropPath(LS(MLP(LN(x))))`` (``LS``: LayerScale when
-``layer_scale`` is set) -> final LayerNorm (or ``fc_norm`` after the pooling) -> pooling
+``layer_scale`` is set) -> final LayerNorm (or ``fc_norm`` after the pooling; none with ``final_norm=False``) -> pooling
 (the class token, the mean of the patch tokens, or attention pooling: one learned query attending over
 the patch tokens, then an MLP, as SigLIP) -> linear head. LayerNorm eps is 1e-6 and the
 MLP uses exact (erf) GELU, as the original ViT and timm. ``dropout`` is applied where the original
@@ -36,7 +36,7 @@ biases, ``cls_token [1, 1, dim]`` and ``pos_embed [1, N(+1), dim]`` are copied a
 ``qkv`` output is ``[3, heads, head_dim]`` (q, k, v; head-major), as in timm, so it needs no
 reordering, and patches are flattened row-major as timm's ``flatten(2)``. ``dynamic_img_size`` resamples
 the position grid per call as timm does (:func:`resample_pos_embed`, also what loading at another
-``image_size`` uses once). Not implemented: timm's ``qk_norm``, attention pooling, SwiGLU MLPs.
+``image_size`` uses once).
 ``to_timm_state_dict`` / ``load_timm_state_dict`` do the conversion on numpy arrays (no torch
 import); tests/test_timm_hub.py checks the forward against timm's written in float64 numpy, and
 against timm itself when installed.
@@ -100,6 +100,9 @@ class ViTConfig:
     no_embed_class: bool = False  # the position embedding covers the patches only (DeiT III, registers)
     layer_scale: float | None = None  # LayerScale: per-channel residual-branch scales, initialised to this
     fc_norm: bool = False  # the final LayerNorm after the pooling (timm's fc_norm) instead of on every token
+    # False: no LayerNorm after the blocks at all, neither on the tokens nor fc_norm (timm's final_norm=False;
+    # Eva's use_post_transformer_norm=False: Perception Encoder's lang / spatial towers)
+    final_norm: bool = True
     dynamic_img_size: bool = False  # any H x W (multiples of the patch): position grid resampled per call (timm's)
     pre_norm: bool = False  # a LayerNorm before the blocks (CLIP's ln_pre, timm's norm_pre); no patch-embed bias
     norm_eps: float = LN_EPS  # every LayerNorm's epsilon (CLIP: 1e-5)
@@ -114,6 +117,8 @@ class ViTConfig:
     pool_include_prefix: bool = False  # "mean" / "map" pooling over the prefix tokens too (timm's; Eva's map pool)
 
     def __post_init__(self):
+        if self.fc_norm and not self.final_norm:
+            raise ValueError("fc_norm is the final norm after the pooling: final_norm=False has none")
         if self.gates not in ("none", "features", "tokens"):
             raise ValueError(f"gates must be 'none', 'features' or 'tokens', got {self.gates!r}")
         for name in ("image_size", "patch_size", "in_channels", "dim", "depth", "heads"):
@@ -491,7 +496,7 @@ class ViT(nnx.Module):
         self.token_gate = TokenGate(cfg.num_tokens, rngs=rngs) if cfg.gates == "tokens" else None
         rates = np.linspace(0.0, cfg.drop_path, cfg.depth)  # as timm (depth 1: rate 0)
         self.blocks = nnx.List([self.block_class(cfg, float(r), rngs=rngs) for r in rates])
-        self.norm = None if cfg.fc_norm else _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps)
+        self.norm = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps) if cfg.final_norm and not cfg.fc_norm else None
         self.attn_pool = AttentionPool(cfg, rngs=rngs) if cfg.pool == "map" else None
         self.fc_norm = _layer_norm(cfg.dim, dtype, rngs, cfg.norm_eps) if cfg.fc_norm else None
         self.head = _linear(cfg.dim, cfg.num_classes, dtype, rngs) if cfg.num_classes > 0 else None
@@ -598,7 +603,8 @@ class ViT(nnx.Module):
         return out
 
     def features(self, images: jax.Array) -> jax.Array:
-        """Tokens after the final norm (none with ``fc_norm``), ``[B, prefix + N, dim]`` in the compute dtype."""
+        """Tokens after the final norm (none with ``fc_norm`` or ``final_norm=False``), ``[B, prefix + N, dim]`` in the
+        compute dtype."""
         return self._tokens(images, False)[0]
 
     def pool(self, tokens: jax.Array) -> jax.Array:
