@@ -39,8 +39,11 @@ STARCODER2 = {"model_type": "starcoder2", "vocab_size": 67, "hidden_size": 32, "
               "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48,
               "hidden_act": "gelu_pytorch_tanh", "rope_theta": 500.0, "sliding_window": 5, "norm_epsilon": 1e-5,
               "max_position_embeddings": 64, "tie_word_embeddings": True}
-CONFIGS = [GPT2, NEOX, NEOX_SEQ, PHI, STARCODER2]
-IDS = ["gpt2", "neox-parallel-partial-rotary", "neox-sequential-tied", "phi-shared-norm-gqa", "starcoder2-gqa-window"]
+# 6 heads: ALiBi's slopes for a head count that is not a power of two
+BLOOM = {"model_type": "bloom", "vocab_size": 67, "hidden_size": 48, "n_layer": 2, "n_head": 6, "layer_norm_epsilon": 1e-5}
+CONFIGS = [GPT2, NEOX, NEOX_SEQ, PHI, STARCODER2, BLOOM]
+IDS = ["gpt2", "neox-parallel-partial-rotary", "neox-sequential-tied", "phi-shared-norm-gqa", "starcoder2-gqa-window",
+       "bloom-alibi-6-heads"]
 
 TOKENS = np.asarray([[3, 17, 59, 0, 8, 8, 41, 22, 5, 33, 66, 1, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
 
@@ -64,6 +67,18 @@ def random_state_dict(raw, seed=0, prefix=True):
                        p + "mlp.c_fc.weight": w(d, f), p + "mlp.c_fc.bias": w(f),
                        p + "mlp.c_proj.weight": w(f, d), p + "mlp.c_proj.bias": w(d),
                        p + "attn.bias": np.tril(np.ones((1, 1, raw["n_positions"], raw["n_positions"]), bool))})
+        return sd
+    if raw["model_type"] == "bloom":  # bigscience's folders: keys without "transformer.", per-head fused q / k / v
+        d = raw["hidden_size"]
+        sd = {"word_embeddings.weight": w(v, d), "word_embeddings_layernorm.weight": 1 + w(d, s=0.1),
+              "word_embeddings_layernorm.bias": w(d, s=0.1), "ln_f.weight": 1 + w(d, s=0.1), "ln_f.bias": w(d, s=0.1)}
+        for i in range(raw["n_layer"]):
+            p = f"h.{i}."
+            for name, o, i_ in (("self_attention.query_key_value", 3 * d, d), ("self_attention.dense", d, d),
+                                ("mlp.dense_h_to_4h", 4 * d, d), ("mlp.dense_4h_to_h", d, 4 * d)):
+                sd.update({p + name + ".weight": w(o, i_), p + name + ".bias": w(o)})
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                sd.update({p + name + ".weight": 1 + w(d, s=0.1), p + name + ".bias": w(d, s=0.1)})
         return sd
     d, f = raw["hidden_size"], raw["intermediate_size"]
     if raw["model_type"] in ("phi", "starcoder2"):  # separate q / k / v projections (GQA), LLaMA's key names
@@ -111,12 +126,26 @@ def _gelu(x, kind):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def _attend(q, k, v, window=None):
+def _bloom_slopes(heads):
+    """transformers' build_alibi_tensor slopes: a geometric sequence for the closest power of two, then every
+    other one of the sequence for twice that."""
+    closest = 2 ** math.floor(math.log2(heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = [base ** p for p in range(1, closest + 1)]
+    if closest != heads:
+        extra = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** p for p in range(1, 1 + 2 * min(closest, heads - closest), 2)]
+    return np.asarray(slopes)
+
+
+def _attend(q, k, v, window=None, alibi=None):
     """Causal softmax attention, q [B, n, H, hd], k / v [B, n, KV, hd] (GQA: each kv head serves H / KV query
     heads); ``window``: each query sees its last ``window`` keys, itself included (Mistral's / StarCoder2's)."""
     n, rep = q.shape[1], q.shape[2] // k.shape[2]
     k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
     s = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    if alibi is not None:  # (BLOOM's bias: slope x key position; the softmax drops the query's own shift)
+        s = s + alibi[:, None, None] * np.arange(n)[None, None]
     i, j = np.arange(n)[:, None], np.arange(n)[None]
     s = np.where((j <= i) & (j > i - (window or n + 1)), s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
@@ -128,6 +157,19 @@ def reference_logits(sd, raw, tokens):
     """float64 numpy forward of transformers' GPT2LMHeadModel / GPTNeoXForCausalLM on the folder's keys."""
     g = {k: np.asarray(a, np.float64) for k, a in sd.items()}
     b, n = tokens.shape
+    if raw["model_type"] == "bloom":
+        d, heads, eps = raw["hidden_size"], raw["n_head"], raw["layer_norm_epsilon"]
+        lin = lambda x, key: x @ g[key + ".weight"].T + g[key + ".bias"]  # noqa: E731
+        ln = lambda x, key: _ln(x, g[key + ".weight"], g[key + ".bias"], eps)  # noqa: E731
+        x = ln(g["word_embeddings.weight"][tokens], "word_embeddings_layernorm")
+        for i in range(raw["n_layer"]):
+            p = f"h.{i}."
+            qkv = lin(ln(x, p + "input_layernorm"), p + "self_attention.query_key_value").reshape(b, n, heads, 3, -1)
+            o = _attend(qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :], alibi=_bloom_slopes(heads))
+            x = x + lin(o.reshape(b, n, d), p + "self_attention.dense")
+            h = _gelu(lin(ln(x, p + "post_attention_layernorm"), p + "mlp.dense_h_to_4h"), "gelu_tanh")
+            x = x + lin(h, p + "mlp.dense_4h_to_h")
+        return ln(x, "ln_f") @ g["word_embeddings.weight"].T
     if raw["model_type"] == "gpt2":
         t = "transformer." if "transformer.wte.weight" in g else ""
         d, heads, eps = raw["n_embd"], raw["n_head"], raw["layer_norm_epsilon"]
@@ -210,7 +252,7 @@ def test_folder_gives_the_reference_logits_decodes_and_round_trips(tmp_path, raw
     model = load_pretrained(write_folder(tmp_path / "in", raw, sd), attn_impl="xla")
     cfg = model.cfg
     assert (cfg.norm, cfg.bias, cfg.mlp_gated) == ("layer", True, False)
-    assert cfg.position == ("learned" if raw["model_type"] == "gpt2" else "rope")
+    assert cfg.position == {"gpt2": "learned", "bloom": "alibi"}.get(raw["model_type"], "rope")
     assert cfg.shared_norm == cfg.head_bias == (raw["model_type"] == "phi")
     got = model(jnp.asarray(TOKENS))
     assert_close(got, want, F32, f"{raw['model_type']} logits", tol=TOL)
@@ -236,6 +278,8 @@ def test_folder_gives_the_reference_logits_decodes_and_round_trips(tmp_path, raw
 
     out = read_state_dict(tmp_path / "out")
     kept = {k: a for k, a in sd.items() if not k.endswith((".attn.bias", "rotary_emb.inv_freq"))}  # (buffers)
+    if raw is BLOOM:  # (saved as BloomForCausalLM does: under transformer.)
+        kept = {"transformer." + k: a for k, a in kept.items()}
     assert sorted(out) == sorted(kept)
     for k, a in kept.items():
         np.testing.assert_array_equal(out[k], a, err_msg=k)
@@ -292,6 +336,10 @@ def test_classic_block_trains_and_checks_its_arguments():
         llama_config(cfg)
     with pytest.raises(ValueError, match="a GPT-2 / GPT-NeoX / Phi / StarCoder2 layout has LayerNorms"):
         hf_config(GPTConfig(norm="layer", bias=True, mlp_gated=False, mlp_act="silu"))
+    with pytest.raises(ValueError, match="embed_norm.* is BLOOM's"):
+        hf_config(GPTConfig(norm="layer", bias=True, mlp_gated=False, mlp_act="gelu", embed_norm=True))
+    with pytest.raises(ValueError, match="apply_residual_connection_post_layernorm"):
+        config_from_hf({**BLOOM, "apply_residual_connection_post_layernorm": True})
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         config_from_hf({**GPT2, "scale_attn_by_inverse_layer_idx": True})
     with pytest.raises(ValueError, match="hidden_act = 'relu'"):
@@ -305,7 +353,8 @@ def test_matches_transformers(tmp_path, raw):
     """transformers' own classes on a folder it saved (its layouts, its numerics), and on our export."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    name = {"gpt2": "GPT2", "gpt_neox": "GPTNeoX", "phi": "Phi", "starcoder2": "Starcoder2"}[raw["model_type"]]
+    name = {"gpt2": "GPT2", "gpt_neox": "GPTNeoX", "phi": "Phi", "starcoder2": "Starcoder2",
+            "bloom": "Bloom"}[raw["model_type"]]
     conf = getattr(transformers, name + "Config")(**{k: v for k, v in raw.items() if k != "model_type"})
     torch.manual_seed(0)
     ref = getattr(transformers, name + ("LMHeadModel" if name == "GPT2" else "ForCausalLM"))(conf).eval()

@@ -99,6 +99,7 @@ class GPTConfig:
     parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX's use_parallel_residual)
     shared_norm: bool = False  # with parallel_residual: one norm for both branches, x + attn(h) + mlp(h) (Phi-1/2)
     head_bias: bool = False  # a bias on the untied output head (Phi-1/2)
+    embed_norm: bool = False  # a norm (of the blocks' kind) on the token embeddings (BLOOM's word_embeddings_layernorm)
     init_std: float = 0.02
     tie_embeddings: bool = True
     dtype: str = "float32"  # compute dtype; parameters are fp32
@@ -313,7 +314,7 @@ FAMILY_FIELDS = ("qk_norm", "qk_norm_full", "pre_norms", "rope_scaling", "rotary
                  "post_norms", "embed_scale", "attn_scale", "attn_softcap", "final_softcap", "local_rope_theta",
                  "embed_multiplier", "residual_multiplier", "logits_divisor")
 # the GPT-2 / GPT-NeoX block options (jaxattn.models.gpt_classic_hf)
-CLASSIC_FIELDS = ("norm", "bias", "mlp_gated", "parallel_residual", "shared_norm", "head_bias")
+CLASSIC_FIELDS = ("norm", "bias", "mlp_gated", "parallel_residual", "shared_norm", "head_bias", "embed_norm")
 
 
 def non_default(cfg: GPTConfig, names: tuple[str, ...]) -> list[str]:
@@ -564,6 +565,7 @@ class GPT(nnx.Module):
                                rngs=rngs)
         self.pos_embed = nnx.Embed(cfg.max_positions, cfg.dim, embedding_init=nnx.initializers.normal(cfg.init_std),
                                    rngs=rngs) if cfg.position == "learned" else None
+        self.embed_norm = _norm(cfg) if cfg.embed_norm else None
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.layers)])
         self.norm = _norm(cfg)
         self.head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs, bias=cfg.head_bias)
@@ -623,6 +625,7 @@ class GPT(nnx.Module):
             if tokens.shape[1] > self.cfg.max_positions:
                 raise ValueError(f"tokens: {tokens.shape[1]} positions, past the model's learned {self.cfg.max_positions}")
             x = x + self.pos_embed(positions).astype(dt)
+        x = _apply(self.embed_norm, x)  # (BLOOM)
         x = _apply(self.embed_drop, x)
         new_cache = []
         run = remat_blocks(self.cfg.remat and cache is None, lambda blk, x: blk(x, positions))

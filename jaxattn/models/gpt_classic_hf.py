@@ -1,5 +1,5 @@
-"""GPT-2 (``GPT2LMHeadModel``), GPT-NeoX / Pythia (``GPTNeoXForCausalLM``), Phi-1 / 1.5 / 2 (``PhiForCausalLM``) and
-StarCoder2 (``Starcoder2ForCausalLM``) checkpoints in the Hugging Face layout <-> :class:`GPT` with the classic
+"""GPT-2 (``GPT2LMHeadModel``), GPT-NeoX / Pythia (``GPTNeoXForCausalLM``), Phi-1 / 1.5 / 2 (``PhiForCausalLM``),
+StarCoder2 (``Starcoder2ForCausalLM``) and BLOOM checkpoints in the Hugging Face layout <-> :class:`GPT` with the classic
 block: LayerNorms with biases (``norm="layer"``), biases on every projection (``bias``), a plain MLP
 ``down(act(up(x)))`` (``mlp_gated=False``; ``gelu_new`` / ``gelu_pytorch_tanh`` are the tanh GELU, Pythia's
 ``gelu`` the erf one), and
@@ -11,6 +11,9 @@ block: LayerNorms with biases (``norm="layer"``), biases on every projection (``
   rotary, GQA, a bias on the untied head (``head_bias``);
 - StarCoder2: sequential blocks, GQA, whole-head RoPE, a sliding window on every layer (``layer_types=
   ("window",)``, Mistral's semantics), a tied head.
+- BLOOM (``BloomForCausalLM``): ALiBi instead of position embeddings (``position="alibi"``: the flash and decode
+  kernels' ``alibi_slopes``, BLOOM's slopes, its per-key bias equal under the softmax), a LayerNorm on the
+  embeddings (``embed_norm``), per-head fused ``self_attention.query_key_value`` as GPT-NeoX's, a tied head.
 
 Each family's keys are renamed to family-neutral ones (``layers.i.attn.q_proj.weight``, ...) that
 :func:`entries` reads (:func:`prepare_state_dict`) and back (:func:`export_state_dict`); fused projections are
@@ -57,7 +60,7 @@ __all__ = ["config_from_hf", "entries", "export_state_dict", "hf_config", "is_cl
            "prepare_state_dict", "to_hf_state_dict"]
 
 _ARCH = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "phi": "PhiForCausalLM",
-         "starcoder2": "Starcoder2ForCausalLM"}
+         "starcoder2": "Starcoder2ForCausalLM", "bloom": "BloomForCausalLM"}
 # Hugging Face's activation names -> GPTConfig.mlp_act (gelu_new / gelu_fast / gelu_pytorch_tanh: the tanh form)
 _ACT = {"gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 # each family's names of the pieces (q_proj / k_proj / v_proj: the fused projection's parts, Linear layout);
@@ -72,6 +75,10 @@ _NAMES = {
     "phi": dict(embed="model.embed_tokens.weight", layer="model.layers.{i}.", norm1="input_layernorm", norm2=None,
                 attn="self_attn.", o="self_attn.dense", up="mlp.fc1", down="mlp.fc2", final="model.final_layernorm",
                 head="lm_head"),
+    "bloom": dict(embed="transformer.word_embeddings.weight", embed_norm="transformer.word_embeddings_layernorm",
+                  layer="transformer.h.{i}.", norm1="input_layernorm", norm2="post_attention_layernorm",
+                  attn="self_attention.", o="self_attention.dense", up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h",
+                  final="transformer.ln_f", head="lm_head"),
     "starcoder2": dict(embed="model.embed_tokens.weight", layer="model.layers.{i}.", norm1="input_layernorm",
                        norm2="post_attention_layernorm", attn="self_attn.", o="self_attn.o_proj", up="mlp.c_fc",
                        down="mlp.c_proj", final="model.norm", head="lm_head"),
@@ -83,7 +90,8 @@ def _key_map(kind: str, layers: int) -> dict[str, str]:
     """Family-neutral key (what :func:`entries` reads) -> the family's key, weights and biases alike."""
     n = _NAMES[kind]
     out = {"embed.weight": n["embed"], "pos_embed.weight": "transformer.wpe.weight",
-           **{f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in (("norm", n["final"]), ("head", n["head"]))
+           **{f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in (("norm", n["final"]), ("head", n["head"]),
+                                                                  ("embed_norm", n.get("embed_norm"))) if theirs
               for p in ("weight", "bias")}}
     pieces = (("norm1", n["norm1"]), ("norm2", n["norm2"]), ("attn.o", n["o"]), ("mlp.up", n["up"]),
               ("mlp.down", n["down"]), *((f"attn.{x}", n["attn"] + x) for x in ("q_proj", "k_proj", "v_proj")))
@@ -120,6 +128,8 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
 
     act_field = "activation_function" if kind == "gpt2" else "hidden_act"
     act = raw.get(act_field, {"gpt2": "gelu_new", "gpt_neox": "gelu", "phi": "gelu_new"}.get(kind, "gelu_pytorch_tanh"))
+    if kind == "bloom":  # (BLOOM's MLP: its own tanh GELU, no config field)
+        act = "gelu_new"
     if act not in _ACT:
         raise bad(act_field, " / ".join(sorted(_ACT)))
     common = dict(norm="layer", bias=True, mlp_gated=False, mlp_act=_ACT[act],
@@ -134,6 +144,14 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         fields = dict(dim=dim, layers=int(raw.get("n_layer", 12)), heads=int(raw.get("n_head", 12)),
                       mlp_dim=int(raw.get("n_inner") or 4 * dim), position="learned",
                       max_positions=int(raw.get("n_positions", 1024)), norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+                      tie_embeddings=bool(raw.get("tie_word_embeddings", True)))
+        return hf.with_overrides(GPTConfig(**common, **fields), overrides)
+    if kind == "bloom":  # ALiBi (the flash / decode kernels' alibi_slopes), a LayerNorm on the embeddings
+        if raw.get("apply_residual_connection_post_layernorm", False):
+            raise bad("apply_residual_connection_post_layernorm", "false")
+        dim = int(raw.get("hidden_size") or raw.get("n_embed", 64))
+        fields = dict(dim=dim, layers=int(raw.get("n_layer", 2)), heads=int(raw.get("n_head", 8)), mlp_dim=4 * dim,
+                      position="alibi", embed_norm=True, norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
                       tie_embeddings=bool(raw.get("tie_word_embeddings", True)))
         return hf.with_overrides(GPTConfig(**common, **fields), overrides)
     for flag, field in (("attention_bias", "gpt_neox"), ("use_bias", "starcoder2")):
@@ -173,13 +191,19 @@ def _family(cfg: GPTConfig) -> str:
                          "MLP (norm='layer', bias=True, mlp_gated=False, mlp_act 'gelu' or 'gelu_tanh'), every layer full "
                          f"(or every one a window) and no LLaMA-family options (set here: {llama_only or 'the block'})")
     gqa, window = (cfg.kv_heads or cfg.heads) != cfg.heads, cfg.layer_types == ("window",)
+    if cfg.embed_norm and cfg.position != "alibi":
+        raise ValueError("a norm on the embeddings (embed_norm) is BLOOM's, whose blocks have ALiBi")
     if cfg.position == "learned":
         kind = "gpt2"
         if cfg.parallel_residual or not cfg.tie_embeddings or gqa or window or cfg.head_bias:
             raise ValueError("a GPT-2 layout (learned positions) has sequential residuals, a tied head without bias, "
                              "one kv head per head and full attention")
-    elif cfg.position != "rope":
-        raise ValueError("GPT-NeoX / Phi / StarCoder2 layouts have RoPE (GPT-2: position='learned'), not ALiBi")
+    elif cfg.position == "alibi":
+        kind = "bloom"
+        if not cfg.embed_norm or cfg.parallel_residual or gqa or window or cfg.head_bias or cfg.hidden != 4 * cfg.dim \
+                or cfg.mlp_act != "gelu_tanh":
+            raise ValueError("a BLOOM layout (ALiBi) has a norm on the embeddings (embed_norm), sequential residuals, one "
+                             "kv head per head, full attention, a 4 x dim tanh-GELU MLP and a head without bias")
     elif cfg.shared_norm:
         kind = "phi"
         if not cfg.head_bias or window:
@@ -202,6 +226,10 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
     act = "gelu_new" if cfg.mlp_act == "gelu_tanh" else "gelu"
     out = {"architectures": [_ARCH[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
            "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings}
+    if kind == "bloom":
+        return {**out, "hidden_size": cfg.dim, "n_layer": cfg.layers, "n_head": cfg.heads,
+                "layer_norm_epsilon": cfg.norm_eps, "apply_residual_connection_post_layernorm": False,
+                "bos_token_id": None, "eos_token_id": None}
     if kind == "gpt2":
         ids = None if cfg.vocab_size <= 50256 else 50256  # (GPT2Config's bos / eos, past a small vocabulary)
         return {**out, "n_embd": cfg.dim, "n_layer": cfg.layers, "n_head": cfg.heads, "n_inner": cfg.hidden,
@@ -234,14 +262,14 @@ def _split_fused(kind: str, heads: int, state_dict: Mapping[str, Any]) -> dict[s
     GPT-2's other ``Conv1D`` weights transposed, GPT-2 keys without ``transformer.`` given it."""
     out = {}
     for key, value in state_dict.items():
-        if kind == "gpt2" and not key.startswith(("transformer.", "lm_head.")):
-            key = "transformer." + key
+        if kind in ("gpt2", "bloom") and not key.startswith(("transformer.", "lm_head.")):
+            key = "transformer." + key  # (a save of the base model: OpenAI's gpt2, bigscience's bloom)
         pre, _, name = key.rpartition(".")
         if kind == "gpt2" and key.endswith("attn.c_attn.weight"):  # [in, 3 dim]: q | k | v columns
             parts = np.split(np.asarray(value).T, 3, axis=0)
         elif kind == "gpt2" and key.endswith("attn.c_attn.bias"):
             parts = np.split(np.asarray(value), 3)
-        elif kind == "gpt_neox" and key.endswith("attention.query_key_value." + name):  # per head q, k, v rows
+        elif kind in ("gpt_neox", "bloom") and key.endswith("attention.query_key_value." + name):  # per head q, k, v
             a = np.asarray(value)
             a = a.reshape(heads, 3, a.shape[0] // (3 * heads), *a.shape[1:])
             parts = [a[:, j].reshape(-1, *a.shape[3:]) for j in range(3)]
@@ -255,11 +283,11 @@ def _split_fused(kind: str, heads: int, state_dict: Mapping[str, Any]) -> dict[s
 
 
 def _layers(raw: Mapping[str, Any]) -> int:
-    return int(raw.get("n_layer", 12) if raw.get("model_type") == "gpt2" else raw["num_hidden_layers"])
+    return int(raw.get("n_layer", 12) if raw.get("model_type") in ("gpt2", "bloom") else raw["num_hidden_layers"])
 
 
 def _heads(raw: Mapping[str, Any]) -> int:
-    return int(raw.get("n_head", 12) if raw.get("model_type") == "gpt2" else raw["num_attention_heads"])
+    return int(raw.get("n_head", 12) if raw.get("model_type") in ("gpt2", "bloom") else raw["num_attention_heads"])
 
 
 def prepare_state_dict(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -280,9 +308,10 @@ def export_state_dict(raw: Mapping[str, Any], state_dict: dict[str, np.ndarray])
     out = {}
     for key, value in state_dict.items():
         pre, _, name = key.rpartition(".")
-        if kind in ("gpt2", "gpt_neox") and pre.endswith(("k_proj", "v_proj")):
+        fused = kind in ("gpt2", "gpt_neox", "bloom")
+        if fused and pre.endswith(("k_proj", "v_proj")):
             continue
-        if kind not in ("gpt2", "gpt_neox") or not pre.endswith("q_proj"):
+        if not fused or not pre.endswith("q_proj"):
             out[key] = np.ascontiguousarray(value.T) if kind == "gpt2" and key.endswith(_GPT2_CONV1D) else value
             continue
         base = pre.rpartition(".")[0]
@@ -309,6 +338,8 @@ def entries(model: GPT) -> list[hf.Entry]:
     cfg = model.cfg
     join_kv, split_kv = _kv(cfg.kv_heads or cfg.heads)
     out = [hf.same("embed.weight", model.embed.embedding)]
+    if model.embed_norm is not None:
+        out += _layer_norm("embed_norm", model.embed_norm)
     if model.pos_embed is not None:
         out.append(hf.same("pos_embed.weight", model.pos_embed.embedding))
     for i, blk in enumerate(model.blocks):
@@ -339,7 +370,8 @@ def to_hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
 def _detect(state_dict: Mapping[str, Any]) -> str:
     """A classic family from its keys."""
     keys = set(state_dict)
-    for kind, probe in (("gpt_neox", "gpt_neox.embed_in.weight"), ("phi", "model.final_layernorm.weight"),
+    for kind, probe in (("bloom", "transformer.word_embeddings.weight"), ("bloom", "word_embeddings.weight"),
+                        ("gpt_neox", "gpt_neox.embed_in.weight"), ("phi", "model.final_layernorm.weight"),
                         ("starcoder2", "model.embed_tokens.weight"), ("gpt2", "transformer.wte.weight"), ("gpt2", "wte.weight")):
         if probe in keys:
             return kind
