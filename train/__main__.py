@@ -40,7 +40,7 @@ def _add_lm(sub) -> None:
         "lora_rank": "LoRA: train rank-r adapters on the linear layers and nothing else (0: full fine-tuning); "
                      "exports fold them into the weights",
         "lora_alpha": "LoRA scale alpha / rank (default 2 * rank)",
-        "lora_targets": "LoRA: comma-separated layer names (GPT: q,kv,o,gate_up,down; default: every linear layer "
+        "lora_targets": "LoRA: comma-separated layer names (GPT: q,kv,o,gate_up or up,down; default: every linear layer "
                         "but the output head)",
         "base_dtype": "LoRA on a Hugging Face folder: store its frozen weights in this dtype (bfloat16: half their "
                       "memory; the adapters stay fp32)"})

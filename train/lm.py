@@ -51,7 +51,7 @@ class LMConfig:
     # LoRA: > 0 trains rank-r adapters on the linear layers (jaxattn.models.lora) and nothing else
     lora_rank: int = 0
     lora_alpha: float | None = None  # the adapters' scale is alpha / rank (default alpha: 2 * rank)
-    lora_targets: str | None = None  # comma-separated layer names (GPT: q,kv,o,gate_up,down); None: every linear
+    lora_targets: str | None = None  # comma-separated layer names (GPT: q,kv,o,gate_up|up,down); None: every linear
     # LoRA on a Hugging Face folder: its frozen weights stored in this dtype ("bfloat16": half their memory);
     # the adapters stay fp32, the compute dtype is --dtype
     base_dtype: str | None = None

@@ -84,7 +84,7 @@ def has_lora(model: nnx.Module) -> bool:
 def add_lora(model: nnx.Module, rank: int, alpha: float | None = None, *, targets: Iterable[str] | None = None,
              rngs: nnx.Rngs | None = None) -> nnx.Module:
     """Wraps ``model``'s linear layers in place (and returns it): those whose attribute name is in
-    ``targets`` (GPT: ``q``, ``kv``, ``o``, ``gate_up``, ``down``; ViT: ``qkv``, ``proj``, ``fc1``, ``fc2``), or
+    ``targets`` (GPT: ``q``, ``kv``, ``o``, ``gate_up`` (``up`` in a GPT-2-style plain MLP), ``down``; ViT: ``qkv``, ``proj``, ``fc1``, ``fc2``), or
     with ``targets=None`` every ``nnx.Linear`` outside an output ``head``. ``alpha`` defaults to ``2 * rank``.
     A target name that matches no linear layer raises ``ValueError``."""
     if rank < 1:
