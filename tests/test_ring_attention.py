@@ -25,7 +25,7 @@ SCRIPT = """
     devs = np.array(jax.devices())
     meshes = {"seq4": (Mesh(devs, ("sp",)), None), "data2xseq2": (Mesh(devs.reshape(2, 2), ("dp", "sp")), "dp")}
 
-    cases = [  # (b, n, hq, hkv, d, dtype, causal, mesh, impl, dropout rate[, layout])
+    cases = [  # (b, n, hq, hkv, d, dtype, causal, mesh, impl, dropout rate[, layout[, packed sequences]])
         (1, 64, 4, 2, 32, jnp.float32, True, "seq4", "pallas", 0.0),
         (2, 48, 2, 2, 16, jnp.float32, False, "seq4", "xla", 0.0),
         (2, 40, 3, 1, 32, jnp.float32, True, "data2xseq2", "xla", 0.0),
@@ -40,22 +40,30 @@ SCRIPT = """
         (2, 32, 2, 2, 64, jnp.bfloat16, True, "data2xseq2", "pallas", 0.0, "zigzag"),
         (1, 64, 2, 2, 32, jnp.float32, True, "seq4", "pallas", 0.2, "zigzag"),
         (2, 48, 2, 1, 16, jnp.float32, False, "seq4", "xla", 0.2, "zigzag"),
+        # packed sequences: segment ids travel the ring with their keys
+        (2, 64, 4, 2, 32, jnp.float32, True, "data2xseq2", "pallas", 0.0, "zigzag", True),
+        (2, 48, 2, 2, 16, jnp.float32, True, "seq4", "xla", 0.2, "contiguous", True),
+        (1, 48, 2, 1, 16, jnp.float32, False, "seq4", "xla", 0.0, "contiguous", True),
     ]
     cases = [cases[i] for i in __CASES__]
-    for i, (b, n, hq, hkv, d, dtype, causal, mesh_name, impl, rate, *layout) in enumerate(cases):
+    for i, (b, n, hq, hkv, d, dtype, causal, mesh_name, impl, rate, *extra) in enumerate(cases):
+        layout, packed = (extra + ["contiguous", False][len(extra):])[:2]
         mesh, batch_axis = meshes[mesh_name]
         ks = jax.random.split(jax.random.PRNGKey(i), 4)
         q = jax.random.normal(ks[0], (b, n, hq, d)).astype(dtype)
         k = jax.random.normal(ks[1], (b, n, hkv, d)).astype(dtype)
         v = jax.random.normal(ks[2], (b, n, hkv, d)).astype(dtype)
         w = jax.random.normal(ks[3], (b, n, hq, d))
+        # documents of random lengths packed into each row (ids rising along the sequence)
+        cuts = (np.random.default_rng(i).random((b, n)) < 0.08) | (np.arange(n) == n // 3)  # (2+ documents)
+        seg = jnp.asarray(np.cumsum(cuts, axis=1), jnp.int32) if packed else None
         rng = jax.random.PRNGKey(100 + i)
         ring = lambda q, k, v: jaxattn.ring_attention_sp(q, k, v, mesh=mesh, axis="sp", batch_axis=batch_axis,
                                                          causal=causal, impl=impl, dropout_rate=rate,
-                                                         dropout_rng=rng if rate else None,
-                                                         layout=layout[0] if layout else "contiguous")
-        ref = lambda q, k, v: attention_reference(q, k, v, causal=causal, dropout_rate=rate,
-                                                  dropout_seed=_dropout.seed_from_key(rng))[0]
+                                                         dropout_rng=rng if rate else None, layout=layout,
+                                                         segment_ids=seg)
+        ref = lambda q, k, v: attention_reference(q, k, v, causal=causal, dropout_rate=rate, q_segment_ids=seg,
+                                                  kv_segment_ids=seg, dropout_seed=_dropout.seed_from_key(rng))[0]
         tol = 2e-5 if dtype == jnp.float32 else 3e-2
         out = jax.jit(ring)(q, k, v)
         assert out.dtype == dtype and out.shape == (b, n, hq, d)
@@ -65,8 +73,12 @@ SCRIPT = """
         rg = jax.grad(loss(ref), (0, 1, 2))(q, k, v)
         for name, a, r in zip("qkv", g, rg):
             check(a, r, 3 * tol, f"case {i} d{name}")
+        if packed:  # the segments are real
+            assert len(np.unique(seg)) >= 2
+            assert float(jnp.max(jnp.abs(out - attention_reference(q, k, v, causal=causal, dropout_rate=rate,
+                         dropout_seed=_dropout.seed_from_key(rng))[0]))) > 0.05, f"case {i}: segments ignored"
         if rate:  # the dropout is real
-            plain = attention_reference(q, k, v, causal=causal)[0]
+            plain = attention_reference(q, k, v, causal=causal, q_segment_ids=seg, kv_segment_ids=seg)[0]
             assert float(jnp.max(jnp.abs(out - plain))) > 0.05, f"case {i}: no dropout"
         print("case", i, "ok")
     if __GPT__:
@@ -116,8 +128,8 @@ ZIGZAG = """
 """
 
 
-@pytest.mark.parametrize("cases, gpt", [((0, 3, 7), True),
-                                        pytest.param((1, 2, 4, 5, 6, 8, 9, 10, 11), False, marks=pytest.mark.slow)],
+@pytest.mark.parametrize("cases, gpt", [((0, 3, 7, 12), True),
+                                        pytest.param((1, 2, 4, 5, 6, 8, 9, 10, 11, 13, 14), False, marks=pytest.mark.slow)],
                          ids=["kernel", "xla-and-more-dropout"])
 def test_ring_attention_matches_oracle_on_four_devices(cases, gpt):
     script = ZIGZAG + SCRIPT.replace("__CASES__", repr(list(cases))).replace("__GPT__", repr(gpt))
@@ -141,13 +153,13 @@ def test_zigzag_hops_are_balanced():
     q = jnp.zeros((1, 2 * c, 2, 16))
     for dropout in (False, True):
         calls.clear()
-        jax.make_jaxpr(lambda idx, src: ring._zigzag_hop(q, q, q, src, causal=True, idx=idx, n_shards=4, call=fake,
+        jax.make_jaxpr(lambda idx, src: ring._zigzag_hop(q, q, q, None, src, causal=True, idx=idx, n_shards=4, call=fake,
                                                          b0=0, dropout=dropout))(1, 2)
         work = [qn * kn for qn, kn, cz in calls]
         assert not any(cz for *_, cz in calls) and len(calls) == (4 if dropout else 2), calls
         assert sum(work[:len(work) // 2]) == sum(work[len(work) // 2:]) == 2 * c * c, calls  # src < idx | src > idx
         calls.clear()
-        jax.make_jaxpr(lambda idx: ring._zigzag_hop(q, q, q, None, causal=True, idx=idx, n_shards=4, call=fake,
+        jax.make_jaxpr(lambda idx: ring._zigzag_hop(q, q, q, None, None, causal=True, idx=idx, n_shards=4, call=fake,
                                                     b0=0, dropout=dropout))(1)
         assert calls == ([(2 * c, 2 * c, True)] if not dropout else [(c, c, True), (c, c, False), (c, c, True)])
 
@@ -167,6 +179,8 @@ def test_bad_arguments_raise():
         jaxattn.ring_attention_sp(q, q, q, mesh=mesh, axis="sp", layout="striped")
     with pytest.raises(ValueError, match="divisible by 2 x 1 shards"):
         jaxattn.ring_attention_sp(q[:, :7], q[:, :7], q[:, :7], mesh=mesh, axis="sp", layout="zigzag")
+    with pytest.raises(ValueError, match=r"segment_ids must be int \[batch, seq\] = \(1, 8\)"):
+        jaxattn.ring_attention_sp(q, q, q, mesh=mesh, axis="sp", segment_ids=jnp.zeros((1, 7), jnp.int32))
     with pytest.raises(ValueError, match="zigzagged=True needs layout='zigzag'"):
         jaxattn.ring_attention_sp(q, q, q, mesh=mesh, axis="sp", zigzagged=True)
     from jaxattn.models import GPT, GPTConfig

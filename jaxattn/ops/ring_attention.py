@@ -121,11 +121,14 @@ def zigzag_sp(x: jax.Array, *, mesh: Mesh, axis: str, batch_axis: str | None = N
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis: str, causal: bool = False,
                    scale: float | None = None, dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
                    batch_axis: str | None = None, impl: Literal["auto", "pallas", "xla"] = "auto",
-                   return_lse: bool = False, layout: Layout = "contiguous") -> jax.Array | tuple[jax.Array, jax.Array]:
+                   return_lse: bool = False, layout: Layout = "contiguous",
+                   segment_ids: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Inside ``shard_map`` over ``axis``: this device's shard of ``softmax(q k^T) v`` where q, k, v
     ``[batch, seq/P, heads, head_dim]`` are its shards: contiguous (shard ``i`` = positions
     ``[i·n, (i+1)·n)``) or, ``layout="zigzag"``, chunks ``i`` and ``2P - 1 - i`` of ``n/2`` tokens
     (balanced causal work; see the module docstring). GQA as in :func:`jaxattn.attention`.
+    ``segment_ids`` int ``[batch, seq/P]`` (this shard's, in the same layout): packed sequences, queries see
+    only keys of their segment; the keys' ids travel the ring with them.
     ``dropout_rate`` / ``dropout_rng`` (the same key on every device): attention dropout with the
     single-device mask; ``batch_axis`` names the mesh axis the batch is split over, if any (the mask
     depends on the global batch row). Returns ``out`` in q's dtype (and the fp32 log-sum-exp
@@ -145,36 +148,41 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis: str, causa
         hop = functools.partial(_zigzag_hop, q, causal=causal, idx=idx, n_shards=n_shards,
                                 call=functools.partial(attention, scale=scale, impl=impl, return_lse=True,
                                                        dropout_rate=dropout_rate, dropout_rng=dropout_rng),
-                                b0=b0, dropout=bool(dropout_rate))
+                                b0=b0, dropout=bool(dropout_rate), q_seg=segment_ids)
     else:
-        def hop(k, v, src):
-            def attend(k, v, diagonal: bool):
+        def hop(k, v, kv_seg, src):
+            def attend(k, v, kv_seg, diagonal: bool):
                 start = idx if src is None else src
+                seg = None if segment_ids is None else (segment_ids, kv_seg)
                 o, lse = attention(q, k, v, causal=causal and diagonal, scale=scale, impl=impl, return_lse=True,
                                    dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                                   dropout_offset=(b0, idx * n, start * n))
+                                   dropout_offset=(b0, idx * n, start * n), segment_ids=seg)
                 return o.astype(jnp.float32), lse.astype(jnp.float32)
 
             if src is None:
-                return attend(k, v, True)
+                return attend(k, v, kv_seg, True)
             if not causal:
-                return attend(k, v, False)
+                return attend(k, v, kv_seg, False)
             skip = (jnp.zeros(q.shape[:3] + v.shape[3:], jnp.float32), jnp.full(q.shape[:3], -jnp.inf))
-            return lax.cond(src < idx, lambda k, v: attend(k, v, False), lambda k, v: skip, k, v)
+            return lax.cond(src < idx, lambda k, v, s: attend(k, v, s, False), lambda k, v, s: skip, k, v, kv_seg)
 
-    o_acc, lse_acc = hop(k, v, None)  # this device's own keys: src = idx
+    kv_seg = segment_ids
+    o_acc, lse_acc = hop(k, v, kv_seg, None)  # this device's own keys: src = idx
     for r in range(1, n_shards):
         k = lax.ppermute(k, axis, perm)
         v = lax.ppermute(v, axis, perm)
-        o_r, lse_r = hop(k, v, (idx - r) % n_shards)  # the shard this device now holds
+        if kv_seg is not None:
+            kv_seg = lax.ppermute(kv_seg, axis, perm)
+        o_r, lse_r = hop(k, v, kv_seg, (idx - r) % n_shards)  # the shard this device now holds
         o_acc, lse_acc = _merge(o_acc, lse_acc, o_r, lse_r)
     out = o_acc.astype(q.dtype)
     return (out, lse_acc) if return_lse else out
 
 
-def _zigzag_hop(q, k, v, src, *, causal: bool, idx, n_shards: int, call, b0, dropout: bool):
+def _zigzag_hop(q, k, v, kv_seg, src, *, causal: bool, idx, n_shards: int, call, b0, dropout: bool, q_seg=None):
     """One hop of the zig-zag ring: (o, lse) of this device's queries (chunks ``idx``, ``2P-1-idx``)
-    against the keys of device ``src`` (chunks ``src``, ``2P-1-src``; ``src=None``: its own)."""
+    against the keys of device ``src`` (chunks ``src``, ``2P-1-src``; ``src=None``: its own); ``q_seg`` /
+    ``kv_seg``: their segment ids, or None."""
     c = q.shape[1] // 2
     chunk = lambda dev, half: dev if half == 0 else 2 * n_shards - 1 - dev  # noqa: E731
     src_dev = idx if src is None else src
@@ -189,7 +197,10 @@ def _zigzag_hop(q, k, v, src, *, causal: bool, idx, n_shards: int, call, b0, dro
         for qs, ks, cz in calls:
             qq = q[:, qs[0] * c:(qs[-1] + 1) * c]
             kk, vv = (t[:, ks[0] * c:(ks[-1] + 1) * c] for t in (k, v))
-            o, lse = call(qq, kk, vv, causal=cz, dropout_offset=(b0, chunk(idx, qs[0]) * c, chunk(src_dev, ks[0]) * c))
+            seg = {} if q_seg is None else {"segment_ids": (q_seg[:, qs[0] * c:(qs[-1] + 1) * c],
+                                                            kv_seg[:, ks[0] * c:(ks[-1] + 1) * c])}
+            o, lse = call(qq, kk, vv, causal=cz, dropout_offset=(b0, chunk(idx, qs[0]) * c, chunk(src_dev, ks[0]) * c),
+                          **seg)
             for j, a in enumerate(qs):
                 part = (o[:, j * c:(j + 1) * c].astype(jnp.float32), lse[:, j * c:(j + 1) * c].astype(jnp.float32))
                 acc[a] = _merge(*acc[a], *part)
@@ -208,14 +219,15 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
                       batch_axis: str | None = None, causal: bool = False, scale: float | None = None,
                       dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
                       impl: Literal["auto", "pallas", "xla"] = "auto", layout: Layout = "contiguous",
-                      zigzagged: bool = False) -> jax.Array:
+                      zigzagged: bool = False, segment_ids: jax.Array | None = None) -> jax.Array:
     """:func:`jaxattn.attention` (no masks or segment ids) with the sequence split over ``mesh``
     axis ``axis`` (and the batch over ``batch_axis``) by :func:`ring_attention`. q and k/v must
     have the same length, divisible by the size of ``axis`` (by twice it for ``layout="zigzag"``).
     With ``dropout_rate`` > 0 the result equals :func:`jaxattn.attention` with the same
     ``dropout_rng`` (the same mask). ``layout="zigzag"`` balances causal work over the devices: the
     arrays are in natural order and are exchanged into the zig-zag shards and back, unless
-    ``zigzagged=True`` says they are already in :func:`zigzag_permutation` order (the result then is too)."""
+    ``zigzagged=True`` says they are already in :func:`zigzag_permutation` order (the result then is too).
+    ``segment_ids`` int ``[batch, seq]`` (in the arrays' order): packed sequences, as :func:`jaxattn.attention`'s."""
     _spmd.check_mesh(mesh, axis, batch_axis)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _checks.check_rank(name, x, 4, "[batch, seq, heads, head_dim]")
@@ -226,6 +238,9 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
     _checks.check_dropout(dropout_rate, dropout_rng)
     if layout not in ("contiguous", "zigzag"):
         raise ValueError(f"layout must be 'contiguous' or 'zigzag', got {layout!r}")
+    if segment_ids is not None and (segment_ids.shape != q.shape[:2] or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+        raise ValueError(f"segment_ids must be int [batch, seq] = {tuple(q.shape[:2])}, got "
+                         f"{jnp.dtype(segment_ids.dtype).name} {tuple(segment_ids.shape)}")
     if layout == "zigzag":
         zigzag_permutation(q.shape[1], mesh.shape[axis])  # the length check
     elif zigzagged:
@@ -234,15 +249,20 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
     convert = layout == "zigzag" and not zigzagged
     seed = _dropout_key_data(dropout_rng) if dropout_rate else jnp.zeros((2,), jnp.uint32)  # replicated
 
-    def body(q, k, v, seed):
+    def body(q, k, v, seed, seg):
         if convert:
             q, k, v = (to_zigzag(t, axis) for t in (q, k, v))
+            seg = None if seg is None else to_zigzag(seg, axis)
         out = ring_attention(q, k, v, axis=axis, causal=causal, scale=scale, dropout_rate=dropout_rate,
                              dropout_rng=seed if dropout_rate else None, batch_axis=batch_axis, impl=impl,
-                             layout=layout)
+                             layout=layout, segment_ids=seg)
         return from_zigzag(out, axis) if convert else out
 
-    return _spmd.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec)(q, k, v, seed)
+    if segment_ids is None:
+        return _spmd.shard_map(lambda q, k, v, seed: body(q, k, v, seed, None), mesh=mesh,
+                               in_specs=(spec, spec, spec, P()), out_specs=spec)(q, k, v, seed)
+    return _spmd.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, P(), spec), out_specs=spec)(
+        q, k, v, seed, segment_ids)
 
 
 def _dropout_key_data(rng: jax.Array) -> jax.Array:
