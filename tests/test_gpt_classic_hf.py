@@ -41,9 +41,14 @@ STARCODER2 = {"model_type": "starcoder2", "vocab_size": 67, "hidden_size": 32, "
               "max_position_embeddings": 64, "tie_word_embeddings": True}
 # 6 heads: ALiBi's slopes for a head count that is not a power of two
 BLOOM = {"model_type": "bloom", "vocab_size": 67, "hidden_size": 48, "n_layer": 2, "n_head": 6, "layer_norm_epsilon": 1e-5}
-CONFIGS = [GPT2, NEOX, NEOX_SEQ, PHI, STARCODER2, BLOOM]
+_FALCON = {"model_type": "falcon", "vocab_size": 67, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "rope_theta": 500.0, "layer_norm_epsilon": 1e-5, "bias": False, "alibi": False}
+FALCON = {**_FALCON, "new_decoder_architecture": False, "multi_query": True, "parallel_attn": True}  # Falcon-7B's
+FALCON_NEW = {**_FALCON, "new_decoder_architecture": True, "num_kv_heads": 2, "ffn_hidden_size": 48}  # Falcon-40B's
+FALCON_SEQ = {**_FALCON, "multi_query": False, "parallel_attn": False, "bias": True}  # sequential, MHA, biases
+CONFIGS = [GPT2, NEOX, NEOX_SEQ, PHI, STARCODER2, BLOOM, FALCON, FALCON_NEW, FALCON_SEQ]
 IDS = ["gpt2", "neox-parallel-partial-rotary", "neox-sequential-tied", "phi-shared-norm-gqa", "starcoder2-gqa-window",
-       "bloom-alibi-6-heads"]
+       "bloom-alibi-6-heads", "falcon-multi-query-parallel", "falcon-new-architecture-gqa", "falcon-sequential-bias"]
 
 TOKENS = np.asarray([[3, 17, 59, 0, 8, 8, 41, 22, 5, 33, 66, 1, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
 
@@ -67,6 +72,19 @@ def random_state_dict(raw, seed=0, prefix=True):
                        p + "mlp.c_fc.weight": w(d, f), p + "mlp.c_fc.bias": w(f),
                        p + "mlp.c_proj.weight": w(f, d), p + "mlp.c_proj.bias": w(d),
                        p + "attn.bias": np.tril(np.ones((1, 1, raw["n_positions"], raw["n_positions"]), bool))})
+        return sd
+    if raw["model_type"] == "falcon":  # fused q / k / v: per kv group its query heads, then one k and one v head
+        d, heads, kv = raw["hidden_size"], raw["num_attention_heads"], _falcon_kv(raw)
+        f, hd, bias = raw.get("ffn_hidden_size") or 4 * d, d // heads, raw["bias"]
+        sd = {"transformer.word_embeddings.weight": w(v, d), "transformer.ln_f.weight": 1 + w(d, s=0.1),
+              "transformer.ln_f.bias": w(d, s=0.1)}
+        for i in range(raw["num_hidden_layers"]):
+            p = f"transformer.h.{i}."
+            for name, o, i_ in (("self_attention.query_key_value", (heads + 2 * kv) * hd, d),
+                                ("self_attention.dense", d, d), ("mlp.dense_h_to_4h", f, d), ("mlp.dense_4h_to_h", d, f)):
+                sd.update({p + name + ".weight": w(o, i_), **({p + name + ".bias": w(o)} if bias else {})})
+            for name in _falcon_norms(raw):
+                sd.update({p + name + ".weight": 1 + w(d, s=0.1), p + name + ".bias": w(d, s=0.1)})
         return sd
     if raw["model_type"] == "bloom":  # bigscience's folders: keys without "transformer.", per-head fused q / k / v
         d = raw["hidden_size"]
@@ -115,6 +133,18 @@ def random_state_dict(raw, seed=0, prefix=True):
     return sd
 
 
+def _falcon_kv(raw):
+    if raw.get("new_decoder_architecture"):
+        return raw.get("num_kv_heads") or raw["num_attention_heads"]
+    return 1 if raw.get("multi_query", True) else raw["num_attention_heads"]
+
+
+def _falcon_norms(raw):
+    if raw.get("new_decoder_architecture"):
+        return ("ln_attn", "ln_mlp")
+    return ("input_layernorm",) if raw.get("parallel_attn", True) else ("input_layernorm", "post_attention_layernorm")
+
+
 def _ln(x, wt, b, eps):
     mu = x.mean(-1, keepdims=True)
     return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * wt + b
@@ -157,6 +187,30 @@ def reference_logits(sd, raw, tokens):
     """float64 numpy forward of transformers' GPT2LMHeadModel / GPTNeoXForCausalLM on the folder's keys."""
     g = {k: np.asarray(a, np.float64) for k, a in sd.items()}
     b, n = tokens.shape
+    if raw["model_type"] == "falcon":
+        d, heads, eps, kv = raw["hidden_size"], raw["num_attention_heads"], raw["layer_norm_epsilon"], _falcon_kv(raw)
+        hd, per = d // heads, heads // kv
+        lin = lambda x, key: x @ g[key + ".weight"].T + g.get(key + ".bias", 0.0)  # noqa: E731
+        ln = lambda x, key: _ln(x, g[key + ".weight"], g[key + ".bias"], eps)  # noqa: E731
+        inv = 1.0 / raw["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+        ang = np.arange(n)[:, None] * inv[None]
+        cos, sin = (np.concatenate([f(ang)] * 2, -1)[None, :, None] for f in (np.cos, np.sin))
+        rot = lambda t: t * cos + np.concatenate([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin  # noqa: E731
+        x = g["transformer.word_embeddings.weight"][tokens]
+        for i in range(raw["num_hidden_layers"]):
+            p = f"transformer.h.{i}."
+            norms = _falcon_norms(raw)
+            h = ln(x, p + norms[0])
+            qkv = lin(h, p + "self_attention.query_key_value").reshape(b, n, kv, per + 2, hd)
+            q, k, v = qkv[..., :per, :].reshape(b, n, heads, hd), qkv[..., per, :], qkv[..., per + 1, :]
+            a = lin(_attend(rot(q), rot(k), v).reshape(b, n, d), p + "self_attention.dense")
+            mlp = lambda y: lin(_gelu(lin(y, p + "mlp.dense_h_to_4h"), "gelu"), p + "mlp.dense_4h_to_h")  # noqa: E731
+            if not raw.get("parallel_attn", True) and not raw.get("new_decoder_architecture"):
+                x = x + a
+                x = x + mlp(ln(x, p + "post_attention_layernorm"))
+            else:
+                x = x + a + mlp(ln(x, p + norms[1]) if len(norms) == 2 else h)
+        return ln(x, "transformer.ln_f") @ g["transformer.word_embeddings.weight"].T
     if raw["model_type"] == "bloom":
         d, heads, eps = raw["hidden_size"], raw["n_head"], raw["layer_norm_epsilon"]
         lin = lambda x, key: x @ g[key + ".weight"].T + g[key + ".bias"]  # noqa: E731
@@ -251,9 +305,9 @@ def test_folder_gives_the_reference_logits_decodes_and_round_trips(tmp_path, raw
     want = reference_logits(sd, raw, TOKENS)
     model = load_pretrained(write_folder(tmp_path / "in", raw, sd), attn_impl="xla")
     cfg = model.cfg
-    assert (cfg.norm, cfg.bias, cfg.mlp_gated) == ("layer", True, False)
+    assert (cfg.norm, cfg.bias, cfg.mlp_gated) == ("layer", raw.get("bias", True), False)
     assert cfg.position == {"gpt2": "learned", "bloom": "alibi"}.get(raw["model_type"], "rope")
-    assert cfg.shared_norm == cfg.head_bias == (raw["model_type"] == "phi")
+    assert cfg.head_bias == (raw["model_type"] == "phi") and cfg.shared_norm == (raw in (PHI, FALCON))
     got = model(jnp.asarray(TOKENS))
     assert_close(got, want, F32, f"{raw['model_type']} logits", tol=TOL)
     again = GPT(cfg, rngs=nnx.Rngs(3))
@@ -268,7 +322,7 @@ def test_folder_gives_the_reference_logits_decodes_and_round_trips(tmp_path, raw
         assert_close(logits, want[:, pos], F32, f"decode step {pos}", tol=TOL)
     # save_pretrained: the folder's own keys, layouts and values (fused and Conv1D again), the same config
     save_pretrained(model, tmp_path / "out")
-    kind = "starcoder2" if raw is NEOX_SEQ else raw["model_type"]
+    kind = "starcoder2" if raw in (NEOX_SEQ, FALCON_SEQ) else raw["model_type"]  # (the same block)
     assert hf_model_type(tmp_path / "out") == kind
     assert config_from_hf(hf_config(cfg), attn_impl="xla") == cfg
     np.testing.assert_array_equal(load_pretrained(tmp_path / "out", attn_impl="xla")(jnp.asarray(TOKENS)), got)
@@ -354,7 +408,7 @@ def test_matches_transformers(tmp_path, raw):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     name = {"gpt2": "GPT2", "gpt_neox": "GPTNeoX", "phi": "Phi", "starcoder2": "Starcoder2",
-            "bloom": "Bloom"}[raw["model_type"]]
+            "bloom": "Bloom", "falcon": "Falcon"}[raw["model_type"]]
     conf = getattr(transformers, name + "Config")(**{k: v for k, v in raw.items() if k != "model_type"})
     torch.manual_seed(0)
     ref = getattr(transformers, name + ("LMHeadModel" if name == "GPT2" else "ForCausalLM"))(conf).eval()

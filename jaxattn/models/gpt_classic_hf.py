@@ -1,5 +1,5 @@
 """GPT-2 (``GPT2LMHeadModel``), GPT-NeoX / Pythia (``GPTNeoXForCausalLM``), Phi-1 / 1.5 / 2 (``PhiForCausalLM``),
-StarCoder2 (``Starcoder2ForCausalLM``) and BLOOM checkpoints in the Hugging Face layout <-> :class:`GPT` with the classic
+StarCoder2 (``Starcoder2ForCausalLM``), BLOOM and Falcon checkpoints in the Hugging Face layout <-> :class:`GPT` with the classic
 block: LayerNorms with biases (``norm="layer"``), biases on every projection (``bias``), a plain MLP
 ``down(act(up(x)))`` (``mlp_gated=False``; ``gelu_new`` / ``gelu_pytorch_tanh`` are the tanh GELU, Pythia's
 ``gelu`` the erf one), and
@@ -13,7 +13,12 @@ block: LayerNorms with biases (``norm="layer"``), biases on every projection (``
   ("window",)``, Mistral's semantics), a tied head.
 - BLOOM (``BloomForCausalLM``): ALiBi instead of position embeddings (``position="alibi"``: the flash and decode
   kernels' ``alibi_slopes``, BLOOM's slopes, its per-key bias equal under the softmax), a LayerNorm on the
-  embeddings (``embed_norm``), per-head fused ``self_attention.query_key_value`` as GPT-NeoX's, a tied head.
+  embeddings (``embed_norm``), per-head fused ``self_attention.query_key_value`` as GPT-NeoX's, a tied head;
+- Falcon (``FalconForCausalLM``): no biases on the projections (``bias=False``; 7B / 40B / 180B), whole-head RoPE,
+  attention and MLP side by side on one norm (``parallel_attn``: ``shared_norm``) or on two (the new decoder
+  architecture's ``ln_attn`` / ``ln_mlp``) or sequential, multi-query or grouped kv heads; its fused
+  ``query_key_value`` holds, per kv group, the group's query heads, then one key and one value head (GPT-NeoX's
+  and BLOOM's are the one-head groups of that layout).
 
 Each family's keys are renamed to family-neutral ones (``layers.i.attn.q_proj.weight``, ...) that
 :func:`entries` reads (:func:`prepare_state_dict`) and back (:func:`export_state_dict`); fused projections are
@@ -60,7 +65,7 @@ __all__ = ["config_from_hf", "entries", "export_state_dict", "hf_config", "is_cl
            "prepare_state_dict", "to_hf_state_dict"]
 
 _ARCH = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "phi": "PhiForCausalLM",
-         "starcoder2": "Starcoder2ForCausalLM", "bloom": "BloomForCausalLM"}
+         "starcoder2": "Starcoder2ForCausalLM", "bloom": "BloomForCausalLM", "falcon": "FalconForCausalLM"}
 # Hugging Face's activation names -> GPTConfig.mlp_act (gelu_new / gelu_fast / gelu_pytorch_tanh: the tanh form)
 _ACT = {"gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 # each family's names of the pieces (q_proj / k_proj / v_proj: the fused projection's parts, Linear layout);
@@ -79,6 +84,9 @@ _NAMES = {
                   layer="transformer.h.{i}.", norm1="input_layernorm", norm2="post_attention_layernorm",
                   attn="self_attention.", o="self_attention.dense", up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h",
                   final="transformer.ln_f", head="lm_head"),
+    "falcon": dict(embed="transformer.word_embeddings.weight", layer="transformer.h.{i}.", attn="self_attention.",
+                   o="self_attention.dense", up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", final="transformer.ln_f",
+                   head="lm_head"),  # (its norms: _names)
     "starcoder2": dict(embed="model.embed_tokens.weight", layer="model.layers.{i}.", norm1="input_layernorm",
                        norm2="post_attention_layernorm", attn="self_attn.", o="self_attn.o_proj", up="mlp.c_fc",
                        down="mlp.c_proj", final="model.norm", head="lm_head"),
@@ -86,9 +94,39 @@ _NAMES = {
 _GPT2_CONV1D = ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # (and attn.c_attn.weight, split)
 
 
-def _key_map(kind: str, layers: int) -> dict[str, str]:
+def _names(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The family's piece names; Falcon's norms by its block: two before attention and MLP side by side
+    (``ln_attn``, ``ln_mlp``: the new decoder architecture), one for both (``input_layernorm``), or a sequential
+    block's two (``input_layernorm``, ``post_attention_layernorm``)."""
+    n = dict(_NAMES[raw.get("model_type")])
+    if raw.get("model_type") == "falcon":
+        new = raw.get("new_decoder_architecture", False)
+        if new and (raw.get("num_ln_in_parallel_attn") or 2) == 2:
+            n.update(norm1="ln_attn", norm2="ln_mlp")
+        else:
+            n.update(norm1="input_layernorm", norm2=None if new or raw.get("parallel_attn", True)
+                     else "post_attention_layernorm")
+    return n
+
+
+def _fused_groups(raw: Mapping[str, Any]) -> int | None:
+    """The groups of a fused ``query_key_value``, whose rows are, per group, its query heads, then one key head
+    and one value head (GPT-NeoX, BLOOM, Falcon's MHA: a group per head; Falcon's multi-query: one; its new
+    decoder architecture: one per kv head); None: no such projection."""
+    kind = raw.get("model_type")
+    if kind in ("gpt_neox", "bloom"):
+        return _heads(raw)
+    if kind != "falcon":
+        return None
+    if raw.get("new_decoder_architecture", False):
+        return int(raw.get("num_kv_heads") or _heads(raw))
+    return 1 if raw.get("multi_query", True) else _heads(raw)
+
+
+def _key_map(raw: Mapping[str, Any]) -> dict[str, str]:
     """Family-neutral key (what :func:`entries` reads) -> the family's key, weights and biases alike."""
-    n = _NAMES[kind]
+    layers = _layers(raw)
+    n = _names(raw)
     out = {"embed.weight": n["embed"], "pos_embed.weight": "transformer.wpe.weight",
            **{f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in (("norm", n["final"]), ("head", n["head"]),
                                                                   ("embed_norm", n.get("embed_norm"))) if theirs
@@ -126,8 +164,8 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     def bad(field: str, want: str) -> ValueError:
         return ValueError(f"config.json: {field} = {raw.get(field)!r}: jaxattn's GPT supports {want} only")
 
-    act_field = "activation_function" if kind == "gpt2" else "hidden_act"
-    act = raw.get(act_field, {"gpt2": "gelu_new", "gpt_neox": "gelu", "phi": "gelu_new"}.get(kind, "gelu_pytorch_tanh"))
+    act_field = {"gpt2": "activation_function", "falcon": "activation"}.get(kind, "hidden_act")
+    act = raw.get(act_field, {"gpt2": "gelu_new", "gpt_neox": "gelu", "phi": "gelu_new", "falcon": "gelu"}.get(kind, "gelu_pytorch_tanh"))
     if kind == "bloom":  # (BLOOM's MLP: its own tanh GELU, no config field)
         act = "gelu_new"
     if act not in _ACT:
@@ -146,6 +184,8 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
                       max_positions=int(raw.get("n_positions", 1024)), norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
                       tie_embeddings=bool(raw.get("tie_word_embeddings", True)))
         return hf.with_overrides(GPTConfig(**common, **fields), overrides)
+    if kind == "falcon":
+        return hf.with_overrides(GPTConfig(**{**common, **_falcon_fields(raw, bad)}), overrides)
     if kind == "bloom":  # ALiBi (the flash / decode kernels' alibi_slopes), a LayerNorm on the embeddings
         if raw.get("apply_residual_connection_post_layernorm", False):
             raise bad("apply_residual_connection_post_layernorm", "false")
@@ -178,19 +218,54 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     return hf.with_overrides(GPTConfig(**common, **fields), overrides)
 
 
+def _falcon_fields(raw: Mapping[str, Any], bad) -> dict[str, Any]:
+    """Falcon's block: attention and MLP side by side (``parallel_attn``) on one norm, or on two (the new decoder
+    architecture's ``ln_attn`` / ``ln_mlp``), or sequential; multi-query (one kv head), ``num_kv_heads`` groups
+    (new architecture) or one kv head per head; biases on every projection or none (``bias``)."""
+    if raw.get("alibi", False):
+        raise bad("alibi", "false (Falcon-RW's ALiBi is added before the logits' scaling)")
+    dim, heads = int(raw.get("hidden_size") or raw.get("n_embed", 4544)), int(raw.get("num_attention_heads", 71))
+    new, parallel = bool(raw.get("new_decoder_architecture", False)), bool(raw.get("parallel_attn", True))
+    if new and not parallel:
+        raise bad("parallel_attn", "true with new_decoder_architecture")
+    kv = int(raw.get("num_kv_heads") or heads) if new else 1 if raw.get("multi_query", True) else heads
+    theta, scaling, _ = _rope(raw, bad)
+    return dict(dim=dim, layers=int(raw.get("num_hidden_layers", 32)), heads=heads, kv_heads=kv,
+                mlp_dim=int(raw.get("ffn_hidden_size") or 4 * dim), rope_theta=theta, rope_scaling=scaling,
+                parallel_residual=parallel, bias=bool(raw.get("bias", False)),
+                shared_norm=parallel and not (new and (raw.get("num_ln_in_parallel_attn") or 2) == 2),
+                norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)), tie_embeddings=bool(raw.get("tie_word_embeddings", True)))
+
+
+def _falcon_block(cfg: GPTConfig) -> dict[str, Any]:
+    """The Falcon ``config.json`` fields that give ``cfg``'s block (and its fused projection's layout)."""
+    kv = cfg.kv_heads or cfg.heads
+    new = cfg.parallel_residual and (not cfg.shared_norm or kv not in (1, cfg.heads))
+    return {"model_type": "falcon", "num_attention_heads": cfg.heads, "num_hidden_layers": cfg.layers, "num_kv_heads": kv,
+            "new_decoder_architecture": new, "multi_query": kv == 1, "parallel_attn": cfg.parallel_residual,
+            "num_ln_in_parallel_attn": (1 if cfg.shared_norm else 2) if new else None, "bias": cfg.bias}
+
+
 def _family(cfg: GPTConfig) -> str:
     """The family an export writes: ``gpt2`` (learned positions), ``phi`` (one norm before attention and MLP side by
     side), ``gpt_neox`` (parallel residuals with two norms, or partial rotary), ``starcoder2`` (sequential, whole-head
     RoPE, GQA and sliding windows allowed); a ValueError names what none holds. (A loaded model may run other
     attention patterns, as ``layer_types``; its export may not.)"""
     llama_only = non_default(cfg, tuple(f for f in FAMILY_FIELDS if f not in ("rotary_dim", "rope_scaling", "mlp_act")))
-    plain = (cfg.norm, cfg.bias, cfg.mlp_gated) == ("layer", True, False) and cfg.mlp_act in ("gelu", "gelu_tanh")
+    plain = (cfg.norm, cfg.mlp_gated) == ("layer", False) and cfg.mlp_act in ("gelu", "gelu_tanh")
     if not plain or llama_only or cfg.qkv_bias or cfg.head_dim not in (None, cfg.dim // cfg.heads) \
             or set(cfg.layer_types) - {"full", "window"} or len(set(cfg.layer_types)) > 1:
         raise ValueError("a GPT-2 / GPT-NeoX / Phi / StarCoder2 layout has LayerNorms, biases everywhere, a plain GELU "
                          "MLP (norm='layer', bias=True, mlp_gated=False, mlp_act 'gelu' or 'gelu_tanh'), every layer full "
                          f"(or every one a window) and no LLaMA-family options (set here: {llama_only or 'the block'})")
     gqa, window = (cfg.kv_heads or cfg.heads) != cfg.heads, cfg.layer_types == ("window",)
+    if not cfg.bias:  # (Falcon's projections have none; the other families' all have them)
+        kv = cfg.kv_heads or cfg.heads
+        if cfg.position != "rope" or cfg.rotary_dim or window or cfg.head_bias or cfg.embed_norm \
+                or not cfg.parallel_residual and kv not in (1, cfg.heads):
+            raise ValueError("a Falcon layout (projections without biases) has whole-head RoPE, full attention, a head "
+                             "without bias, and in sequential blocks one kv head or one per head")
+        return "falcon"
     if cfg.embed_norm and cfg.position != "alibi":
         raise ValueError("a norm on the embeddings (embed_norm) is BLOOM's, whose blocks have ALiBi")
     if cfg.position == "learned":
@@ -226,6 +301,14 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
     act = "gelu_new" if cfg.mlp_act == "gelu_tanh" else "gelu"
     out = {"architectures": [_ARCH[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
            "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings}
+    if kind == "falcon":
+        scaling = dict(cfg.rope_scaling)
+        rope = {"rope_type": scaling.pop("rope_type", "default"), "rope_theta": cfg.rope_theta, **scaling}
+        return {**out, **_falcon_block(cfg), "hidden_size": cfg.dim, "num_hidden_layers": cfg.layers,
+                "num_attention_heads": cfg.heads, "alibi": False, "ffn_hidden_size": cfg.hidden, "activation": act,
+                "layer_norm_epsilon": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_parameters": rope,
+                "max_position_embeddings": 2048 * int(max(1, scaling.get("factor", 1))), "bos_token_id": None,
+                "eos_token_id": None}
     if kind == "bloom":
         return {**out, "hidden_size": cfg.dim, "n_layer": cfg.layers, "n_head": cfg.heads,
                 "layer_norm_epsilon": cfg.norm_eps, "apply_residual_connection_post_layernorm": False,
@@ -257,9 +340,10 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
             "rotary_emb_base": cfg.rope_theta}  # (transformers < 5's names)
 
 
-def _split_fused(kind: str, heads: int, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """GPT-2's and GPT-NeoX's fused q/k/v projections as ``q_proj`` / ``k_proj`` / ``v_proj`` (Linear layout),
-    GPT-2's other ``Conv1D`` weights transposed, GPT-2 keys without ``transformer.`` given it."""
+def _split_fused(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Fused q/k/v projections as ``q_proj`` / ``k_proj`` / ``v_proj`` (Linear layout), GPT-2's other ``Conv1D``
+    weights transposed, GPT-2 / BLOOM keys without ``transformer.`` given it."""
+    kind, heads, groups = raw.get("model_type"), _heads(raw), _fused_groups(raw)
     out = {}
     for key, value in state_dict.items():
         if kind in ("gpt2", "bloom") and not key.startswith(("transformer.", "lm_head.")):
@@ -269,10 +353,12 @@ def _split_fused(kind: str, heads: int, state_dict: Mapping[str, Any]) -> dict[s
             parts = np.split(np.asarray(value).T, 3, axis=0)
         elif kind == "gpt2" and key.endswith("attn.c_attn.bias"):
             parts = np.split(np.asarray(value), 3)
-        elif kind in ("gpt_neox", "bloom") and key.endswith("attention.query_key_value." + name):  # per head q, k, v
+        elif groups and key.endswith("attention.query_key_value." + name):  # per group: its q heads, k, v
             a = np.asarray(value)
-            a = a.reshape(heads, 3, a.shape[0] // (3 * heads), *a.shape[1:])
-            parts = [a[:, j].reshape(-1, *a.shape[3:]) for j in range(3)]
+            per = heads // groups
+            a = a.reshape(groups, per + 2, a.shape[0] // (groups * (per + 2)), *a.shape[1:])
+            parts = [a[:, :per].reshape(-1, *a.shape[3:]), a[:, per].reshape(-1, *a.shape[3:]),
+                     a[:, per + 1].reshape(-1, *a.shape[3:])]
         else:
             out[key] = np.asarray(value).T if kind == "gpt2" and key.endswith(_GPT2_CONV1D) else value
             continue
@@ -294,21 +380,20 @@ def prepare_state_dict(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) ->
     """A folder's ``state_dict`` on :func:`entries`' family-neutral keys (``layers.i.attn.q_proj.weight``, ...):
     fused q/k/v projections split (``Linear`` layout), GPT-2's ``Conv1D`` weights transposed; numpy views where it
     can. Keys it does not know stay as they are (a strict load names them)."""
-    kind = raw.get("model_type")
-    theirs = {v: k for k, v in _key_map(kind, _layers(raw)).items()}
-    return {theirs.get(k, k): v for k, v in _split_fused(kind, _heads(raw), state_dict).items()}
+    theirs = {v: k for k, v in _key_map(raw).items()}
+    return {theirs.get(k, k): v for k, v in _split_fused(raw, state_dict).items()}
 
 
 def export_state_dict(raw: Mapping[str, Any], state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The inverse of :func:`prepare_state_dict` for a ``config.json`` of :func:`hf_config`: the family's keys,
     fused projections and layouts."""
-    kind, heads = raw.get("model_type"), _heads(raw)
-    names = _key_map(kind, _layers(raw))
+    kind, groups = raw.get("model_type"), _fused_groups(raw)
+    names = _key_map(raw)
     state_dict = {names.get(k, k): v for k, v in state_dict.items()}
     out = {}
     for key, value in state_dict.items():
         pre, _, name = key.rpartition(".")
-        fused = kind in ("gpt2", "gpt_neox", "bloom")
+        fused = kind == "gpt2" or groups is not None
         if fused and pre.endswith(("k_proj", "v_proj")):
             continue
         if not fused or not pre.endswith("q_proj"):
@@ -319,9 +404,9 @@ def export_state_dict(raw: Mapping[str, Any], state_dict: dict[str, np.ndarray])
         if kind == "gpt2":
             fused = np.concatenate([q, k, v], axis=0)
             out[f"{base}.c_attn.{name}"] = np.ascontiguousarray(fused.T) if name == "weight" else fused
-        else:
-            per_head = [t.reshape(heads, -1, *t.shape[1:]) for t in (q, k, v)]
-            out[f"{base}.query_key_value.{name}"] = np.stack(per_head, axis=1).reshape(-1, *q.shape[1:])
+        else:  # per group: its query heads, its key, its value
+            grouped = [t.reshape(groups, -1, q.shape[0] // _heads(raw), *t.shape[1:]) for t in (q, k, v)]
+            out[f"{base}.query_key_value.{name}"] = np.concatenate(grouped, axis=1).reshape(-1, *q.shape[1:])
     return out
 
 
@@ -330,7 +415,7 @@ def _layer_norm(key: str, norm) -> list[hf.Entry]:
 
 
 def _linear(key: str, lin) -> list[hf.Entry]:
-    return [hf.linear(key + ".weight", lin.kernel), hf.same(key + ".bias", lin.bias)]
+    return [hf.linear(key + ".weight", lin.kernel)] + ([hf.same(key + ".bias", lin.bias)] if lin.bias is not None else [])
 
 
 def entries(model: GPT) -> list[hf.Entry]:
@@ -348,11 +433,11 @@ def entries(model: GPT) -> list[hf.Entry]:
         if blk.norm2 is not None:
             out += _layer_norm(pre + "norm2", blk.norm2)
         out += [hf.Entry((f"{pre}attn.k_proj.{p}", f"{pre}attn.v_proj.{p}"), getattr(blk.attn.kv, v), join_kv, split_kv)
-                for p, v in (("weight", "kernel"), ("bias", "bias"))]
+                for p, v in (("weight", "kernel"), ("bias", "bias")) if getattr(blk.attn.kv, v) is not None]
         out += _linear(pre + "attn.o", blk.attn.o) + _linear(pre + "mlp.up", blk.mlp.up) + _linear(pre + "mlp.down", blk.mlp.down)
     out += _layer_norm("norm", model.norm)
     if model.head is not None:
-        out += _linear("head", model.head) if cfg.head_bias else [hf.linear("head.weight", model.head.kernel)]
+        out += _linear("head", model.head)
     return out
 
 
@@ -370,7 +455,8 @@ def to_hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
 def _detect(state_dict: Mapping[str, Any]) -> str:
     """A classic family from its keys."""
     keys = set(state_dict)
-    for kind, probe in (("bloom", "transformer.word_embeddings.weight"), ("bloom", "word_embeddings.weight"),
+    for kind, probe in (("bloom", "transformer.word_embeddings_layernorm.weight"), ("bloom", "word_embeddings_layernorm.weight"),
+                        ("falcon", "transformer.word_embeddings.weight"),
                         ("gpt_neox", "gpt_neox.embed_in.weight"), ("phi", "model.final_layernorm.weight"),
                         ("starcoder2", "model.embed_tokens.weight"), ("gpt2", "transformer.wte.weight"), ("gpt2", "wte.weight")):
         if probe in keys:
@@ -383,8 +469,10 @@ def load_hf_state_dict(model: GPT, state_dict: Mapping[str, Any], *, strict: boo
     """Copies a GPT-2 / GPT-NeoX / Phi / StarCoder2 ``state_dict`` (the folder's keys; the family read from them)
     into ``model`` in place."""
     cfg = model.cfg
-    raw = {"model_type": _detect(state_dict), "n_layer": cfg.layers, "num_hidden_layers": cfg.layers,
-           "n_head": cfg.heads, "num_attention_heads": cfg.heads}
+    kind = _detect(state_dict)
+    raw = _falcon_block(cfg) if kind == "falcon" else {  # (Falcon's layouts follow its block options)
+        "model_type": kind, "n_layer": cfg.layers, "num_hidden_layers": cfg.layers, "n_head": cfg.heads,
+        "num_attention_heads": cfg.heads}
     hf.load_state_dict(entries(model), prepare_state_dict(raw, state_dict), strict=strict, ignore=_ignore(cfg))
 
 
