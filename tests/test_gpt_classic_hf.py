@@ -46,9 +46,14 @@ _FALCON = {"model_type": "falcon", "vocab_size": 67, "hidden_size": 32, "num_hid
 FALCON = {**_FALCON, "new_decoder_architecture": False, "multi_query": True, "parallel_attn": True}  # Falcon-7B's
 FALCON_NEW = {**_FALCON, "new_decoder_architecture": True, "num_kv_heads": 2, "ffn_hidden_size": 48}  # Falcon-40B's
 FALCON_SEQ = {**_FALCON, "multi_query": False, "parallel_attn": False, "bias": True}  # sequential, MHA, biases
-CONFIGS = [GPT2, NEOX, NEOX_SEQ, PHI, STARCODER2, BLOOM, FALCON, FALCON_NEW, FALCON_SEQ]
+OPT = {"model_type": "opt", "vocab_size": 67, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+       "ffn_dim": 48, "max_position_embeddings": 24, "activation_function": "relu", "word_embed_proj_dim": 32}
+BIGCODE = {"model_type": "gpt_bigcode", "vocab_size": 67, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 24,
+           "n_inner": 48, "multi_query": True}  # StarCoder / SantaCoder: GPT-2 with one kv head, Linear layouts
+CONFIGS = [GPT2, NEOX, NEOX_SEQ, PHI, STARCODER2, BLOOM, FALCON, FALCON_NEW, FALCON_SEQ, OPT, BIGCODE]
 IDS = ["gpt2", "neox-parallel-partial-rotary", "neox-sequential-tied", "phi-shared-norm-gqa", "starcoder2-gqa-window",
-       "bloom-alibi-6-heads", "falcon-multi-query-parallel", "falcon-new-architecture-gqa", "falcon-sequential-bias"]
+       "bloom-alibi-6-heads", "falcon-multi-query-parallel", "falcon-new-architecture-gqa", "falcon-sequential-bias",
+       "opt-relu-offset-positions", "starcoder-multi-query"]
 
 TOKENS = np.asarray([[3, 17, 59, 0, 8, 8, 41, 22, 5, 33, 66, 1, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
 
@@ -72,6 +77,32 @@ def random_state_dict(raw, seed=0, prefix=True):
                        p + "mlp.c_fc.weight": w(d, f), p + "mlp.c_fc.bias": w(f),
                        p + "mlp.c_proj.weight": w(f, d), p + "mlp.c_proj.bias": w(d),
                        p + "attn.bias": np.tril(np.ones((1, 1, raw["n_positions"], raw["n_positions"]), bool))})
+        return sd
+    if raw["model_type"] == "opt":
+        d, f = raw["hidden_size"], raw["ffn_dim"]
+        pre = "model.decoder."
+        sd = {pre + "embed_tokens.weight": w(v, d), pre + "embed_positions.weight": w(raw["max_position_embeddings"] + 2, d),
+              pre + "final_layer_norm.weight": 1 + w(d, s=0.1), pre + "final_layer_norm.bias": w(d, s=0.1)}
+        for i in range(raw["num_hidden_layers"]):
+            p = f"{pre}layers.{i}."
+            for name, o, i_ in (("self_attn.q_proj", d, d), ("self_attn.k_proj", d, d), ("self_attn.v_proj", d, d),
+                                ("self_attn.out_proj", d, d), ("fc1", f, d), ("fc2", d, f)):
+                sd.update({p + name + ".weight": w(o, i_), p + name + ".bias": w(o)})
+            for name in ("self_attn_layer_norm", "final_layer_norm"):
+                sd.update({p + name + ".weight": 1 + w(d, s=0.1), p + name + ".bias": w(d, s=0.1)})
+        return sd
+    if raw["model_type"] == "gpt_bigcode":  # Linear layouts; c_attn rows: q (every head), then one k and one v head
+        d, f = raw["n_embd"], raw["n_inner"]
+        hd = d // raw["n_head"]
+        sd = {"transformer.wte.weight": w(v, d), "transformer.wpe.weight": w(raw["n_positions"], d),
+              "transformer.ln_f.weight": 1 + w(d, s=0.1), "transformer.ln_f.bias": w(d, s=0.1)}
+        for i in range(raw["n_layer"]):
+            p = f"transformer.h.{i}."
+            for name, o, i_ in (("attn.c_attn", d + 2 * hd, d), ("attn.c_proj", d, d), ("mlp.c_fc", f, d),
+                                ("mlp.c_proj", d, f)):
+                sd.update({p + name + ".weight": w(o, i_), p + name + ".bias": w(o)})
+            for name in ("ln_1", "ln_2"):
+                sd.update({p + name + ".weight": 1 + w(d, s=0.1), p + name + ".bias": w(d, s=0.1)})
         return sd
     if raw["model_type"] == "falcon":  # fused q / k / v: per kv group its query heads, then one k and one v head
         d, heads, kv = raw["hidden_size"], raw["num_attention_heads"], _falcon_kv(raw)
@@ -187,6 +218,29 @@ def reference_logits(sd, raw, tokens):
     """float64 numpy forward of transformers' GPT2LMHeadModel / GPTNeoXForCausalLM on the folder's keys."""
     g = {k: np.asarray(a, np.float64) for k, a in sd.items()}
     b, n = tokens.shape
+    if raw["model_type"] in ("opt", "gpt_bigcode"):
+        opt = raw["model_type"] == "opt"
+        d, heads = (raw["hidden_size"], raw["num_attention_heads"]) if opt else (raw["n_embd"], raw["n_head"])
+        hd = d // heads
+        lin = lambda x, key: x @ g[key + ".weight"].T + g[key + ".bias"]  # noqa: E731
+        ln = lambda x, key: _ln(x, g[key + ".weight"], g[key + ".bias"], 1e-5)  # noqa: E731
+        pre = "model.decoder." if opt else "transformer."
+        emb = g[pre + ("embed_tokens.weight" if opt else "wte.weight")]
+        x = emb[tokens] + g[pre + ("embed_positions.weight" if opt else "wpe.weight")][np.arange(n) + (2 if opt else 0)]
+        for i in range(raw["num_hidden_layers" if opt else "n_layer"]):
+            p = f"{pre}layers.{i}." if opt else f"{pre}h.{i}."
+            h = ln(x, p + ("self_attn_layer_norm" if opt else "ln_1"))
+            if opt:
+                q, k, v = (lin(h, p + f"self_attn.{t}_proj").reshape(b, n, heads, hd) for t in "qkv")
+            else:
+                qkv = lin(h, p + "attn.c_attn")
+                q = qkv[..., :d].reshape(b, n, heads, hd)
+                k, v = qkv[..., d:d + hd][:, :, None], qkv[..., d + hd:][:, :, None]
+            x = x + lin(_attend(q, k, v).reshape(b, n, d), p + ("self_attn.out_proj" if opt else "attn.c_proj"))
+            h = ln(x, p + ("final_layer_norm" if opt else "ln_2"))
+            act = np.maximum(lin(h, p + "fc1"), 0) if opt else _gelu(lin(h, p + "mlp.c_fc"), "gelu_tanh")
+            x = x + lin(act, p + ("fc2" if opt else "mlp.c_proj"))
+        return ln(x, pre + ("final_layer_norm" if opt else "ln_f")) @ emb.T
     if raw["model_type"] == "falcon":
         d, heads, eps, kv = raw["hidden_size"], raw["num_attention_heads"], raw["layer_norm_epsilon"], _falcon_kv(raw)
         hd, per = d // heads, heads // kv
@@ -306,7 +360,8 @@ def test_folder_gives_the_reference_logits_decodes_and_round_trips(tmp_path, raw
     model = load_pretrained(write_folder(tmp_path / "in", raw, sd), attn_impl="xla")
     cfg = model.cfg
     assert (cfg.norm, cfg.bias, cfg.mlp_gated) == ("layer", raw.get("bias", True), False)
-    assert cfg.position == {"gpt2": "learned", "bloom": "alibi"}.get(raw["model_type"], "rope")
+    assert cfg.position == {"gpt2": "learned", "bloom": "alibi", "opt": "learned", "gpt_bigcode": "learned"}.get(
+        raw["model_type"], "rope")
     assert cfg.head_bias == (raw["model_type"] == "phi") and cfg.shared_norm == (raw in (PHI, FALCON))
     got = model(jnp.asarray(TOKENS))
     assert_close(got, want, F32, f"{raw['model_type']} logits", tol=TOL)
@@ -394,10 +449,18 @@ def test_classic_block_trains_and_checks_its_arguments():
         hf_config(GPTConfig(norm="layer", bias=True, mlp_gated=False, mlp_act="gelu", embed_norm=True))
     with pytest.raises(ValueError, match="apply_residual_connection_post_layernorm"):
         config_from_hf({**BLOOM, "apply_residual_connection_post_layernorm": True})
+    with pytest.raises(ValueError, match="position_offset .* needs position='learned'"):
+        GPTConfig(position_offset=2)
+    with pytest.raises(ValueError, match="do_layer_norm_before .* OPT-350m's post-norm"):
+        config_from_hf({**OPT, "do_layer_norm_before": False})
+    with pytest.raises(ValueError, match="word_embed_proj_dim"):
+        config_from_hf({**OPT, "word_embed_proj_dim": 16})
+    with pytest.raises(ValueError, match="ReLU MLPs are OPT's"):
+        hf_config(GPTConfig(norm="layer", bias=True, mlp_gated=False, mlp_act="relu"))
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         config_from_hf({**GPT2, "scale_attn_by_inverse_layer_idx": True})
-    with pytest.raises(ValueError, match="hidden_act = 'relu'"):
-        config_from_hf({**NEOX, "hidden_act": "relu"})
+    with pytest.raises(ValueError, match="hidden_act = 'silu'"):
+        config_from_hf({**NEOX, "hidden_act": "silu"})
     with pytest.raises(ValueError, match="attention_bias"):
         config_from_hf({**NEOX, "attention_bias": False})
 
@@ -408,7 +471,7 @@ def test_matches_transformers(tmp_path, raw):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     name = {"gpt2": "GPT2", "gpt_neox": "GPTNeoX", "phi": "Phi", "starcoder2": "Starcoder2",
-            "bloom": "Bloom", "falcon": "Falcon"}[raw["model_type"]]
+            "bloom": "Bloom", "falcon": "Falcon", "opt": "OPT", "gpt_bigcode": "GPTBigCode"}[raw["model_type"]]
     conf = getattr(transformers, name + "Config")(**{k: v for k, v in raw.items() if k != "model_type"})
     torch.manual_seed(0)
     ref = getattr(transformers, name + ("LMHeadModel" if name == "GPT2" else "ForCausalLM"))(conf).eval()

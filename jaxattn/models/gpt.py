@@ -74,7 +74,7 @@ class GPTConfig:
     qk_norm_full: bool = False  # with qk_norm: one RMSNorm over all heads' queries (keys) together (OLMo 2)
     pre_norms: bool = True  # RMSNorm before attention and MLP; False (with post_norms): OLMo 2's post-norm blocks
     # the Gemma family (Gemma 1/2/3)
-    mlp_act: Literal["silu", "gelu_tanh", "gelu"] = "silu"  # the MLP's activation (Gemma: tanh GELU, GeGLU; gelu: erf)
+    mlp_act: Literal["silu", "gelu_tanh", "gelu", "relu"] = "silu"  # the MLP's activation (Gemma: tanh GELU, GeGLU; gelu: erf; relu: OPT)
     norm_offset: float = 0.0  # RMSNorms scale by (norm_offset + weight): Gemma stores weight - 1 (offset 1)
     post_norms: bool = False  # Gemma 2/3: RMSNorm on the attention and MLP outputs before each residual add
     embed_scale: bool = False  # Gemma: embeddings times sqrt(dim), rounded to the compute dtype
@@ -91,6 +91,7 @@ class GPTConfig:
     logits_divisor: float = 1.0
     position: Literal["rope", "alibi", "learned"] = "rope"  # alibi: per-head linear biases; learned: GPT-2's table
     max_positions: int = 1024  # position="learned": the table's length (the longest context)
+    position_offset: int = 0  # position="learned": position p reads table row p + offset (OPT's 2 extra rows)
     # the GPT-2 / GPT-NeoX (Pythia) block (jaxattn.models.gpt_classic_hf): LayerNorms with biases instead of
     # RMSNorms, biases on every projection, a plain (ungated) MLP, and attention and MLP side by side
     norm: Literal["rms", "layer"] = "rms"
@@ -135,8 +136,11 @@ class GPTConfig:
                 if len(scaling[name]) != half:
                     raise ValueError(f"rope_scaling {name}: one factor per rotated channel pair ({half}), got "
                                      f"{len(scaling[name])}")
-        if self.mlp_act not in ("silu", "gelu_tanh", "gelu"):
-            raise ValueError(f"mlp_act must be 'silu', 'gelu_tanh' or 'gelu', got {self.mlp_act!r}")
+        if self.mlp_act not in ("silu", "gelu_tanh", "gelu", "relu"):
+            raise ValueError(f"mlp_act must be 'silu', 'gelu_tanh', 'gelu' or 'relu', got {self.mlp_act!r}")
+        if self.position_offset and self.position != "learned" or self.position_offset < 0:
+            raise ValueError(f"position_offset ({self.position_offset}) shifts a learned position table: it needs "
+                             "position='learned' and must be >= 0")
         if self.norm not in ("rms", "layer"):
             raise ValueError(f"norm must be 'rms' or 'layer', got {self.norm!r}")
         if self.norm == "layer" and self.norm_offset:
@@ -517,7 +521,7 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x):
         act = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-               "gelu": functools.partial(jax.nn.gelu, approximate=False)}[self.act]
+               "gelu": functools.partial(jax.nn.gelu, approximate=False), "relu": jax.nn.relu}[self.act]
         if not self.gated:
             return _apply(self.drop, self.down(act(self.up(x))))
         g, u = jnp.split(self.gate_up(x), 2, axis=-1)
@@ -563,7 +567,8 @@ class GPT(nnx.Module):
         self.cfg = cfg
         self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, embedding_init=nnx.initializers.normal(cfg.init_std),
                                rngs=rngs)
-        self.pos_embed = nnx.Embed(cfg.max_positions, cfg.dim, embedding_init=nnx.initializers.normal(cfg.init_std),
+        self.pos_embed = nnx.Embed(cfg.max_positions + cfg.position_offset, cfg.dim,
+                                   embedding_init=nnx.initializers.normal(cfg.init_std),
                                    rngs=rngs) if cfg.position == "learned" else None
         self.embed_norm = _norm(cfg) if cfg.embed_norm else None
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.layers)])
@@ -624,7 +629,7 @@ class GPT(nnx.Module):
         if self.pos_embed is not None:  # GPT-2's learned positions
             if tokens.shape[1] > self.cfg.max_positions:
                 raise ValueError(f"tokens: {tokens.shape[1]} positions, past the model's learned {self.cfg.max_positions}")
-            x = x + self.pos_embed(positions).astype(dt)
+            x = x + self.pos_embed(positions + self.cfg.position_offset).astype(dt)
         x = _apply(self.embed_norm, x)  # (BLOOM)
         x = _apply(self.embed_drop, x)
         new_cache = []

@@ -1,10 +1,13 @@
 """GPT-2 (``GPT2LMHeadModel``), GPT-NeoX / Pythia (``GPTNeoXForCausalLM``), Phi-1 / 1.5 / 2 (``PhiForCausalLM``),
-StarCoder2 (``Starcoder2ForCausalLM``), BLOOM and Falcon checkpoints in the Hugging Face layout <-> :class:`GPT` with the classic
+StarCoder2 (``Starcoder2ForCausalLM``), BLOOM, Falcon, OPT and StarCoder / SantaCoder (``gpt_bigcode``) checkpoints in the Hugging Face layout <-> :class:`GPT` with the classic
 block: LayerNorms with biases (``norm="layer"``), biases on every projection (``bias``), a plain MLP
 ``down(act(up(x)))`` (``mlp_gated=False``; ``gelu_new`` / ``gelu_pytorch_tanh`` are the tanh GELU, Pythia's
 ``gelu`` the erf one), and
 
 - GPT-2: learned absolute positions (``position="learned"``, ``max_positions = n_positions``), a tied head;
+  StarCoder / SantaCoder (``gpt_bigcode``) the same with one kv head (``multi_query``) and ``Linear`` layouts;
+- OPT: learned positions two rows into the table (``position_offset=2``), ReLU (``mlp_act="relu"``), pre-LayerNorm
+  blocks (``do_layer_norm_before``; OPT-350m's post-norm blocks and embedding projections are refused);
 - GPT-NeoX: RoPE on each head's first ``rotary_pct`` of channels (``rotary_dim``), attention and MLP side by
   side on the block's input (``parallel_residual``, its ``use_parallel_residual``), an untied ``embed_out``;
 - Phi: attention and MLP side by side on one normed input (``parallel_residual`` + ``shared_norm``), partial
@@ -65,9 +68,11 @@ __all__ = ["config_from_hf", "entries", "export_state_dict", "hf_config", "is_cl
            "prepare_state_dict", "to_hf_state_dict"]
 
 _ARCH = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "phi": "PhiForCausalLM",
-         "starcoder2": "Starcoder2ForCausalLM", "bloom": "BloomForCausalLM", "falcon": "FalconForCausalLM"}
+         "starcoder2": "Starcoder2ForCausalLM", "bloom": "BloomForCausalLM", "falcon": "FalconForCausalLM",
+         "opt": "OPTForCausalLM", "gpt_bigcode": "GPTBigCodeForCausalLM"}
 # Hugging Face's activation names -> GPTConfig.mlp_act (gelu_new / gelu_fast / gelu_pytorch_tanh: the tanh form)
-_ACT = {"gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+_ACT = {"gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+        "relu": "relu"}
 # each family's names of the pieces (q_proj / k_proj / v_proj: the fused projection's parts, Linear layout);
 # prepare_state_dict renames them to the family-neutral keys entries() reads
 _NAMES = {
@@ -84,6 +89,10 @@ _NAMES = {
                   layer="transformer.h.{i}.", norm1="input_layernorm", norm2="post_attention_layernorm",
                   attn="self_attention.", o="self_attention.dense", up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h",
                   final="transformer.ln_f", head="lm_head"),
+    "opt": dict(embed="model.decoder.embed_tokens.weight", pos="model.decoder.embed_positions.weight",
+                layer="model.decoder.layers.{i}.", norm1="self_attn_layer_norm", norm2="final_layer_norm",
+                attn="self_attn.", o="self_attn.out_proj", up="fc1", down="fc2", final="model.decoder.final_layer_norm",
+                head="lm_head"),
     "falcon": dict(embed="transformer.word_embeddings.weight", layer="transformer.h.{i}.", attn="self_attention.",
                    o="self_attention.dense", up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", final="transformer.ln_f",
                    head="lm_head"),  # (its norms: _names)
@@ -91,6 +100,7 @@ _NAMES = {
                        norm2="post_attention_layernorm", attn="self_attn.", o="self_attn.o_proj", up="mlp.c_fc",
                        down="mlp.c_proj", final="model.norm", head="lm_head"),
 }
+_NAMES["gpt_bigcode"] = _NAMES["gpt2"]  # (GPT-2's names, Linear layouts)
 _GPT2_CONV1D = ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # (and attn.c_attn.weight, split)
 
 
@@ -116,6 +126,8 @@ def _fused_groups(raw: Mapping[str, Any]) -> int | None:
     kind = raw.get("model_type")
     if kind in ("gpt_neox", "bloom"):
         return _heads(raw)
+    if kind == "gpt_bigcode":  # (multi-query: q | k | v rows; else per head q, k, v)
+        return 1 if raw.get("multi_query", True) else _heads(raw)
     if kind != "falcon":
         return None
     if raw.get("new_decoder_architecture", False):
@@ -127,7 +139,7 @@ def _key_map(raw: Mapping[str, Any]) -> dict[str, str]:
     """Family-neutral key (what :func:`entries` reads) -> the family's key, weights and biases alike."""
     layers = _layers(raw)
     n = _names(raw)
-    out = {"embed.weight": n["embed"], "pos_embed.weight": "transformer.wpe.weight",
+    out = {"embed.weight": n["embed"], "pos_embed.weight": n.get("pos", "transformer.wpe.weight"),
            **{f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in (("norm", n["final"]), ("head", n["head"]),
                                                                   ("embed_norm", n.get("embed_norm"))) if theirs
               for p in ("weight", "bias")}}
@@ -164,15 +176,30 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     def bad(field: str, want: str) -> ValueError:
         return ValueError(f"config.json: {field} = {raw.get(field)!r}: jaxattn's GPT supports {want} only")
 
-    act_field = {"gpt2": "activation_function", "falcon": "activation"}.get(kind, "hidden_act")
-    act = raw.get(act_field, {"gpt2": "gelu_new", "gpt_neox": "gelu", "phi": "gelu_new", "falcon": "gelu"}.get(kind, "gelu_pytorch_tanh"))
+    act_field = {"gpt2": "activation_function", "opt": "activation_function", "gpt_bigcode": "activation_function",
+                 "falcon": "activation"}.get(kind, "hidden_act")
+    act = raw.get(act_field, {"gpt2": "gelu_new", "gpt_neox": "gelu", "phi": "gelu_new", "falcon": "gelu",
+                                 "opt": "relu"}.get(kind, "gelu_pytorch_tanh"))
     if kind == "bloom":  # (BLOOM's MLP: its own tanh GELU, no config field)
         act = "gelu_new"
     if act not in _ACT:
         raise bad(act_field, " / ".join(sorted(_ACT)))
     common = dict(norm="layer", bias=True, mlp_gated=False, mlp_act=_ACT[act],
                   init_std=float(raw.get("initializer_range", 0.02)), vocab_size=int(raw["vocab_size"]))
-    if kind == "gpt2":
+    if kind == "opt":  # learned positions 2 rows in, pre-LayerNorm blocks, ReLU
+        for flag, ok in (("do_layer_norm_before", True), ("layer_norm_elementwise_affine", True),
+                         ("_remove_final_layer_norm", False)):
+            if raw.get(flag, ok) != ok:
+                raise bad(flag, repr(ok).lower() + (" (OPT-350m's post-norm blocks are not GPT's)" if flag[0] == "d" else ""))
+        dim = int(raw.get("hidden_size", 768))
+        if raw.get("word_embed_proj_dim") not in (None, dim):
+            raise bad("word_embed_proj_dim", f"hidden_size ({dim}): no projection of the embeddings")
+        fields = dict(dim=dim, layers=int(raw.get("num_hidden_layers", 12)), heads=int(raw.get("num_attention_heads", 12)),
+                      mlp_dim=int(raw.get("ffn_dim", 3072)), position="learned", position_offset=2,
+                      max_positions=int(raw.get("max_position_embeddings", 2048)), bias=bool(raw.get("enable_bias", True)),
+                      norm_eps=1e-5, tie_embeddings=bool(raw.get("tie_word_embeddings", True)))
+        return hf.with_overrides(GPTConfig(**{**common, **fields}), overrides)
+    if kind in ("gpt2", "gpt_bigcode"):
         for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
             if raw.get(flag, False):
                 raise bad(flag, "false")
@@ -182,7 +209,8 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         fields = dict(dim=dim, layers=int(raw.get("n_layer", 12)), heads=int(raw.get("n_head", 12)),
                       mlp_dim=int(raw.get("n_inner") or 4 * dim), position="learned",
                       max_positions=int(raw.get("n_positions", 1024)), norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
-                      tie_embeddings=bool(raw.get("tie_word_embeddings", True)))
+                      tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
+                      kv_heads=1 if kind == "gpt_bigcode" and raw.get("multi_query", True) else None)
         return hf.with_overrides(GPTConfig(**common, **fields), overrides)
     if kind == "falcon":
         return hf.with_overrides(GPTConfig(**{**common, **_falcon_fields(raw, bad)}), overrides)
@@ -252,13 +280,27 @@ def _family(cfg: GPTConfig) -> str:
     RoPE, GQA and sliding windows allowed); a ValueError names what none holds. (A loaded model may run other
     attention patterns, as ``layer_types``; its export may not.)"""
     llama_only = non_default(cfg, tuple(f for f in FAMILY_FIELDS if f not in ("rotary_dim", "rope_scaling", "mlp_act")))
-    plain = (cfg.norm, cfg.mlp_gated) == ("layer", False) and cfg.mlp_act in ("gelu", "gelu_tanh")
+    plain = (cfg.norm, cfg.mlp_gated) == ("layer", False) and cfg.mlp_act in ("gelu", "gelu_tanh", "relu")
     if not plain or llama_only or cfg.qkv_bias or cfg.head_dim not in (None, cfg.dim // cfg.heads) \
             or set(cfg.layer_types) - {"full", "window"} or len(set(cfg.layer_types)) > 1:
         raise ValueError("a GPT-2 / GPT-NeoX / Phi / StarCoder2 layout has LayerNorms, biases everywhere, a plain GELU "
                          "MLP (norm='layer', bias=True, mlp_gated=False, mlp_act 'gelu' or 'gelu_tanh'), every layer full "
                          f"(or every one a window) and no LLaMA-family options (set here: {llama_only or 'the block'})")
     gqa, window = (cfg.kv_heads or cfg.heads) != cfg.heads, cfg.layer_types == ("window",)
+    if cfg.position == "learned":  # GPT-2 (GPT-2 StarCoder with one kv head), OPT (its table offset 2)
+        kv = cfg.kv_heads or cfg.heads
+        if cfg.parallel_residual or window or cfg.head_bias or cfg.embed_norm or kv not in (1, cfg.heads):
+            raise ValueError("GPT-2 / StarCoder / OPT layouts (learned positions) have sequential residuals, a head "
+                             "without bias, full attention, and one kv head per head (StarCoder: one in all)")
+        if cfg.position_offset == 2:
+            if kv != cfg.heads or cfg.norm_eps != 1e-5:
+                raise ValueError("an OPT layout has one kv head per head and LayerNorm eps 1e-5")
+            return "opt"
+        if cfg.position_offset or not cfg.bias or not cfg.tie_embeddings or cfg.mlp_act == "relu":
+            raise ValueError("a GPT-2 / StarCoder layout has position_offset 0 (OPT's: 2), biases, a tied head and GELU")
+        return "gpt_bigcode" if kv == 1 and cfg.heads > 1 else "gpt2"
+    if cfg.mlp_act == "relu":
+        raise ValueError("ReLU MLPs are OPT's (learned positions, position_offset 2)")
     if not cfg.bias:  # (Falcon's projections have none; the other families' all have them)
         kv = cfg.kv_heads or cfg.heads
         if cfg.position != "rope" or cfg.rotary_dim or window or cfg.head_bias or cfg.embed_norm \
@@ -268,12 +310,7 @@ def _family(cfg: GPTConfig) -> str:
         return "falcon"
     if cfg.embed_norm and cfg.position != "alibi":
         raise ValueError("a norm on the embeddings (embed_norm) is BLOOM's, whose blocks have ALiBi")
-    if cfg.position == "learned":
-        kind = "gpt2"
-        if cfg.parallel_residual or not cfg.tie_embeddings or gqa or window or cfg.head_bias:
-            raise ValueError("a GPT-2 layout (learned positions) has sequential residuals, a tied head without bias, "
-                             "one kv head per head and full attention")
-    elif cfg.position == "alibi":
+    if cfg.position == "alibi":
         kind = "bloom"
         if not cfg.embed_norm or cfg.parallel_residual or gqa or window or cfg.head_bias or cfg.hidden != 4 * cfg.dim \
                 or cfg.mlp_act != "gelu_tanh":
@@ -298,7 +335,7 @@ def _family(cfg: GPTConfig) -> str:
 def hf_config(cfg: GPTConfig) -> dict[str, Any]:
     """A ``config.json`` for ``cfg``, of the family :func:`_family` picks."""
     kind = _family(cfg)
-    act = "gelu_new" if cfg.mlp_act == "gelu_tanh" else "gelu"
+    act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[cfg.mlp_act]
     out = {"architectures": [_ARCH[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
            "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings}
     if kind == "falcon":
@@ -313,8 +350,15 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
         return {**out, "hidden_size": cfg.dim, "n_layer": cfg.layers, "n_head": cfg.heads,
                 "layer_norm_epsilon": cfg.norm_eps, "apply_residual_connection_post_layernorm": False,
                 "bos_token_id": None, "eos_token_id": None}
-    if kind == "gpt2":
+    if kind == "opt":
+        return {**out, "hidden_size": cfg.dim, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+                "ffn_dim": cfg.hidden, "max_position_embeddings": cfg.max_positions, "do_layer_norm_before": True,
+                "word_embed_proj_dim": cfg.dim, "enable_bias": cfg.bias, "activation_function": act,
+                "layer_norm_elementwise_affine": True}
+    if kind in ("gpt2", "gpt_bigcode"):
         ids = None if cfg.vocab_size <= 50256 else 50256  # (GPT2Config's bos / eos, past a small vocabulary)
+        if kind == "gpt_bigcode":
+            out["multi_query"] = True
         return {**out, "n_embd": cfg.dim, "n_layer": cfg.layers, "n_head": cfg.heads, "n_inner": cfg.hidden,
                 "n_positions": cfg.max_positions, "n_ctx": cfg.max_positions, "activation_function": act,
                 "layer_norm_epsilon": cfg.norm_eps, "scale_attn_weights": True, "bos_token_id": ids,
@@ -353,7 +397,7 @@ def _split_fused(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict[
             parts = np.split(np.asarray(value).T, 3, axis=0)
         elif kind == "gpt2" and key.endswith("attn.c_attn.bias"):
             parts = np.split(np.asarray(value), 3)
-        elif groups and key.endswith("attention.query_key_value." + name):  # per group: its q heads, k, v
+        elif groups and key.endswith(_fused_name(kind) + "." + name):  # per group: its q heads, k, v
             a = np.asarray(value)
             per = heads // groups
             a = a.reshape(groups, per + 2, a.shape[0] // (groups * (per + 2)), *a.shape[1:])
@@ -368,12 +412,19 @@ def _split_fused(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict[
     return out
 
 
+def _fused_name(kind: str) -> str:
+    """The fused q/k/v projection's name: StarCoder's ``attn.c_attn``, else ``...attention.query_key_value``."""
+    return "attn.c_attn" if kind == "gpt_bigcode" else "attention.query_key_value"
+
+
 def _layers(raw: Mapping[str, Any]) -> int:
-    return int(raw.get("n_layer", 12) if raw.get("model_type") in ("gpt2", "bloom") else raw["num_hidden_layers"])
+    gpt2_names = raw.get("model_type") in ("gpt2", "bloom", "gpt_bigcode")
+    return int(raw.get("n_layer", 12) if gpt2_names else raw["num_hidden_layers"])
 
 
 def _heads(raw: Mapping[str, Any]) -> int:
-    return int(raw.get("n_head", 12) if raw.get("model_type") in ("gpt2", "bloom") else raw["num_attention_heads"])
+    gpt2_names = raw.get("model_type") in ("gpt2", "bloom", "gpt_bigcode")
+    return int(raw.get("n_head", 12) if gpt2_names else raw["num_attention_heads"])
 
 
 def prepare_state_dict(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -406,7 +457,7 @@ def export_state_dict(raw: Mapping[str, Any], state_dict: dict[str, np.ndarray])
             out[f"{base}.c_attn.{name}"] = np.ascontiguousarray(fused.T) if name == "weight" else fused
         else:  # per group: its query heads, its key, its value
             grouped = [t.reshape(groups, -1, q.shape[0] // _heads(raw), *t.shape[1:]) for t in (q, k, v)]
-            out[f"{base}.query_key_value.{name}"] = np.concatenate(grouped, axis=1).reshape(-1, *q.shape[1:])
+            out[f"{base}.{_fused_name(kind).rpartition('.')[2]}.{name}"] = np.concatenate(grouped, axis=1).reshape(-1, *q.shape[1:])
     return out
 
 
@@ -455,7 +506,8 @@ def to_hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
 def _detect(state_dict: Mapping[str, Any]) -> str:
     """A classic family from its keys."""
     keys = set(state_dict)
-    for kind, probe in (("bloom", "transformer.word_embeddings_layernorm.weight"), ("bloom", "word_embeddings_layernorm.weight"),
+    for kind, probe in (("opt", "model.decoder.embed_tokens.weight"),
+                        ("bloom", "transformer.word_embeddings_layernorm.weight"), ("bloom", "word_embeddings_layernorm.weight"),
                         ("falcon", "transformer.word_embeddings.weight"),
                         ("gpt_neox", "gpt_neox.embed_in.weight"), ("phi", "model.final_layernorm.weight"),
                         ("starcoder2", "model.embed_tokens.weight"), ("gpt2", "transformer.wte.weight"), ("gpt2", "wte.weight")):
@@ -470,6 +522,8 @@ def load_hf_state_dict(model: GPT, state_dict: Mapping[str, Any], *, strict: boo
     into ``model`` in place."""
     cfg = model.cfg
     kind = _detect(state_dict)
+    if kind == "gpt2" and (cfg.kv_heads or cfg.heads) == 1 and cfg.heads > 1:  # (StarCoder's keys are GPT-2's)
+        kind = "gpt_bigcode"
     raw = _falcon_block(cfg) if kind == "falcon" else {  # (Falcon's layouts follow its block options)
         "model_type": kind, "n_layer": cfg.layers, "num_hidden_layers": cfg.layers, "n_head": cfg.heads,
         "num_attention_heads": cfg.heads}

@@ -153,7 +153,7 @@ def _converter(model_type: str):
         from jaxattn.models import gpt_hf
 
         return gpt_hf
-    if model_type in ("gpt2", "gpt_neox", "phi", "starcoder2", "bloom", "falcon"):
+    if model_type in ("gpt2", "gpt_neox", "phi", "starcoder2", "bloom", "falcon", "opt", "gpt_bigcode"):
         from jaxattn.models import gpt_classic_hf
 
         return gpt_classic_hf
@@ -163,7 +163,7 @@ def _converter(model_type: str):
         return timm_hub
     raise ValueError(f"config.json: model_type {model_type!r} is not one jaxattn converts "
                      "(transnormer, llama, qwen2, qwen3, mistral, phi3, granite, smollm3, olmo2, gemma, gemma2, "
-                     "gemma3_text, gemma3, gpt2, gpt_neox, phi, starcoder2, bloom, falcon, or a timm folder)")
+                     "gemma3_text, gemma3, gpt2, gpt_neox, phi, starcoder2, bloom, falcon, opt, gpt_bigcode, or a timm folder)")
 
 
 def raw_config(folder: str | Path) -> dict:
