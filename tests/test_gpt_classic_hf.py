@@ -451,7 +451,7 @@ def test_classic_block_trains_and_checks_its_arguments():
         config_from_hf({**BLOOM, "apply_residual_connection_post_layernorm": True})
     with pytest.raises(ValueError, match="position_offset .* needs position='learned'"):
         GPTConfig(position_offset=2)
-    with pytest.raises(ValueError, match="do_layer_norm_before .* OPT-350m's post-norm"):
+    with pytest.raises(ValueError, match="do_layer_norm_before = False.*OPT-350m's post-norm"):
         config_from_hf({**OPT, "do_layer_norm_before": False})
     with pytest.raises(ValueError, match="word_embed_proj_dim"):
         config_from_hf({**OPT, "word_embed_proj_dim": 16})
