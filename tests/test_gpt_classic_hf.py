@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_close
+from conftest import assert_close, layer_norm_np
 from jaxattn.models.gpt import GPT, GPTConfig
 from jaxattn.models.gpt_classic_hf import config_from_hf, hf_config, load_hf_state_dict, to_hf_state_dict
 from jaxattn.models.hf import hf_model_type, load_pretrained, save_pretrained
@@ -176,9 +176,14 @@ def _falcon_norms(raw):
     return ("input_layernorm",) if raw.get("parallel_attn", True) else ("input_layernorm", "post_attention_layernorm")
 
 
-def _ln(x, wt, b, eps):
-    mu = x.mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * wt + b
+def _rotary(t, r, base):
+    """RoPE on the first ``r`` channels of ``t [B, n, H, d]`` at positions 0..n-1, halves rotated (rotate_half)."""
+    inv = 1.0 / base ** (np.arange(0, r, 2) / r)
+    ang = np.arange(t.shape[1])[:, None] * inv[None]
+    cos, sin = (np.concatenate([f(ang)] * 2, -1)[None, :, None] for f in (np.cos, np.sin))
+    rot, rest = t[..., :r], t[..., r:]
+    half = np.concatenate([-rot[..., r // 2:], rot[..., :r // 2]], -1)
+    return np.concatenate([rot * cos + half * sin, rest], -1)
 
 
 def _gelu(x, kind):
@@ -215,15 +220,16 @@ def _attend(q, k, v, window=None, alibi=None):
 
 
 def reference_logits(sd, raw, tokens):
-    """float64 numpy forward of transformers' GPT2LMHeadModel / GPTNeoXForCausalLM on the folder's keys."""
+    """float64 numpy forward of transformers' model of each family (GPT2LMHeadModel, GPTNeoXForCausalLM, ...) on
+    the folder's own keys."""
     g = {k: np.asarray(a, np.float64) for k, a in sd.items()}
+    lin = lambda x, key: x @ g[key + ".weight"].T + g.get(key + ".bias", 0.0)  # noqa: E731  (torch Linear)
     b, n = tokens.shape
     if raw["model_type"] in ("opt", "gpt_bigcode"):
         opt = raw["model_type"] == "opt"
         d, heads = (raw["hidden_size"], raw["num_attention_heads"]) if opt else (raw["n_embd"], raw["n_head"])
         hd = d // heads
-        lin = lambda x, key: x @ g[key + ".weight"].T + g[key + ".bias"]  # noqa: E731
-        ln = lambda x, key: _ln(x, g[key + ".weight"], g[key + ".bias"], 1e-5)  # noqa: E731
+        ln = lambda x, key: layer_norm_np(x, g[key + ".weight"], g[key + ".bias"], 1e-5)  # noqa: E731
         pre = "model.decoder." if opt else "transformer."
         emb = g[pre + ("embed_tokens.weight" if opt else "wte.weight")]
         x = emb[tokens] + g[pre + ("embed_positions.weight" if opt else "wpe.weight")][np.arange(n) + (2 if opt else 0)]
@@ -244,12 +250,8 @@ def reference_logits(sd, raw, tokens):
     if raw["model_type"] == "falcon":
         d, heads, eps, kv = raw["hidden_size"], raw["num_attention_heads"], raw["layer_norm_epsilon"], _falcon_kv(raw)
         hd, per = d // heads, heads // kv
-        lin = lambda x, key: x @ g[key + ".weight"].T + g.get(key + ".bias", 0.0)  # noqa: E731
-        ln = lambda x, key: _ln(x, g[key + ".weight"], g[key + ".bias"], eps)  # noqa: E731
-        inv = 1.0 / raw["rope_theta"] ** (np.arange(0, hd, 2) / hd)
-        ang = np.arange(n)[:, None] * inv[None]
-        cos, sin = (np.concatenate([f(ang)] * 2, -1)[None, :, None] for f in (np.cos, np.sin))
-        rot = lambda t: t * cos + np.concatenate([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin  # noqa: E731
+        ln = lambda x, key: layer_norm_np(x, g[key + ".weight"], g[key + ".bias"], eps)  # noqa: E731
+        rot = lambda t: _rotary(t, hd, raw["rope_theta"])  # noqa: E731
         x = g["transformer.word_embeddings.weight"][tokens]
         for i in range(raw["num_hidden_layers"]):
             p = f"transformer.h.{i}."
@@ -267,8 +269,7 @@ def reference_logits(sd, raw, tokens):
         return ln(x, "transformer.ln_f") @ g["transformer.word_embeddings.weight"].T
     if raw["model_type"] == "bloom":
         d, heads, eps = raw["hidden_size"], raw["n_head"], raw["layer_norm_epsilon"]
-        lin = lambda x, key: x @ g[key + ".weight"].T + g[key + ".bias"]  # noqa: E731
-        ln = lambda x, key: _ln(x, g[key + ".weight"], g[key + ".bias"], eps)  # noqa: E731
+        ln = lambda x, key: layer_norm_np(x, g[key + ".weight"], g[key + ".bias"], eps)  # noqa: E731
         x = ln(g["word_embeddings.weight"][tokens], "word_embeddings_layernorm")
         for i in range(raw["n_layer"]):
             p = f"h.{i}."
@@ -284,37 +285,29 @@ def reference_logits(sd, raw, tokens):
         x = g[t + "wte.weight"][tokens] + g[t + "wpe.weight"][np.arange(n)]
         for i in range(raw["n_layer"]):
             p = f"{t}h.{i}."
-            h = _ln(x, g[p + "ln_1.weight"], g[p + "ln_1.bias"], eps)
+            h = layer_norm_np(x, g[p + "ln_1.weight"], g[p + "ln_1.bias"], eps)
             qkv = h @ g[p + "attn.c_attn.weight"] + g[p + "attn.c_attn.bias"]  # Conv1D: x @ W + b
             q, k, v = (a.reshape(b, n, heads, -1) for a in np.split(qkv, 3, axis=-1))
             x = x + _attend(q, k, v).reshape(b, n, d) @ g[p + "attn.c_proj.weight"] + g[p + "attn.c_proj.bias"]
-            h = _ln(x, g[p + "ln_2.weight"], g[p + "ln_2.bias"], eps)
+            h = layer_norm_np(x, g[p + "ln_2.weight"], g[p + "ln_2.bias"], eps)
             m = _gelu(h @ g[p + "mlp.c_fc.weight"] + g[p + "mlp.c_fc.bias"], "gelu_tanh")
             x = x + m @ g[p + "mlp.c_proj.weight"] + g[p + "mlp.c_proj.bias"]
-        x = _ln(x, g[t + "ln_f.weight"], g[t + "ln_f.bias"], eps)
+        x = layer_norm_np(x, g[t + "ln_f.weight"], g[t + "ln_f.bias"], eps)
         return x @ g[t + "wte.weight"].T
     kind = raw["model_type"]
     d, heads = raw["hidden_size"], raw["num_attention_heads"]
     eps = raw["norm_epsilon" if kind == "starcoder2" else "layer_norm_eps"]
     hd = d // heads
     r = int(hd * ({"gpt_neox": raw.get("rotary_pct"), "phi": raw.get("partial_rotary_factor")}.get(kind) or 1.0))
-    inv = 1.0 / raw.get("rotary_emb_base", raw.get("rope_theta")) ** (np.arange(0, r, 2) / r)
-    ang = np.arange(n)[:, None] * inv[None]
-    cos, sin = np.concatenate([np.cos(ang)] * 2, -1)[None, :, None], np.concatenate([np.sin(ang)] * 2, -1)[None, :, None]
+    rotary = lambda t: _rotary(t, r, raw.get("rotary_emb_base", raw.get("rope_theta")))  # noqa: E731
 
-    def rotary(t):  # rotate_half on the first r channels
-        rot, rest = t[..., :r], t[..., r:]
-        half = np.concatenate([-rot[..., r // 2:], rot[..., :r // 2]], -1)
-        return np.concatenate([rot * cos + half * sin, rest], -1)
-
-    lin = lambda x, key: x @ g[key + ".weight"].T + g[key + ".bias"]  # noqa: E731
     act = "gelu" if raw["hidden_act"] == "gelu" else "gelu_tanh"
     if kind in ("phi", "starcoder2"):
         kv = raw["num_key_value_heads"]
         x = g["model.embed_tokens.weight"][tokens]
         for i in range(raw["num_hidden_layers"]):
             p = f"model.layers.{i}."
-            ln = lambda y, name: _ln(y, g[p + name + ".weight"], g[p + name + ".bias"], eps)  # noqa: E731
+            ln = lambda y, name: layer_norm_np(y, g[p + name + ".weight"], g[p + name + ".bias"], eps)  # noqa: E731
             h = ln(x, "input_layernorm")
             q, k, v = (lin(h, p + f"self_attn.{t}_proj").reshape(b, n, hh, hd) for t, hh in (("q", heads), ("k", kv), ("v", kv)))
             o = _attend(rotary(q), rotary(k), v, raw.get("sliding_window")).reshape(b, n, d)
@@ -324,25 +317,25 @@ def reference_logits(sd, raw, tokens):
                 x = x + lin(o, p + "self_attn.o_proj")
                 x = x + lin(_gelu(lin(ln(x, "post_attention_layernorm"), p + "mlp.c_fc"), act), p + "mlp.c_proj")
         final = "model.final_layernorm" if kind == "phi" else "model.norm"
-        x = _ln(x, g[final + ".weight"], g[final + ".bias"], eps)
+        x = layer_norm_np(x, g[final + ".weight"], g[final + ".bias"], eps)
         if kind == "phi":
             return x @ g["lm_head.weight"].T + g["lm_head.bias"]
         return x @ g["model.embed_tokens.weight"].T
     x = g["gpt_neox.embed_in.weight"][tokens]
     for i in range(raw["num_hidden_layers"]):
         p = f"gpt_neox.layers.{i}."
-        h = _ln(x, g[p + "input_layernorm.weight"], g[p + "input_layernorm.bias"], eps)
+        h = layer_norm_np(x, g[p + "input_layernorm.weight"], g[p + "input_layernorm.bias"], eps)
         qkv = lin(h, p + "attention.query_key_value").reshape(b, n, heads, 3 * hd)
         q, k, v = np.split(qkv, 3, axis=-1)
         a = lin(_attend(rotary(q), rotary(k), v).reshape(b, n, d), p + "attention.dense")
         mlp = lambda y: lin(_gelu(lin(y, p + "mlp.dense_h_to_4h"), act), p + "mlp.dense_4h_to_h")  # noqa: E731
-        norm2 = lambda y: _ln(y, g[p + "post_attention_layernorm.weight"], g[p + "post_attention_layernorm.bias"], eps)  # noqa: E731
+        norm2 = lambda y: layer_norm_np(y, g[p + "post_attention_layernorm.weight"], g[p + "post_attention_layernorm.bias"], eps)  # noqa: E731
         if raw["use_parallel_residual"]:
             x = x + a + mlp(norm2(x))
         else:
             x = x + a
             x = x + mlp(norm2(x))
-    x = _ln(x, g["gpt_neox.final_layer_norm.weight"], g["gpt_neox.final_layer_norm.bias"], eps)
+    x = layer_norm_np(x, g["gpt_neox.final_layer_norm.weight"], g["gpt_neox.final_layer_norm.bias"], eps)
     return x @ (g["gpt_neox.embed_in.weight"] if raw.get("tie_word_embeddings") else g["embed_out.weight"]).T
 
 

@@ -6,6 +6,8 @@ the permutation; the balance of the zig-zag hops; errors."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,10 +142,9 @@ def test_zigzag_hops_are_balanced():
     """Every hop after the first costs each device the same: ``c x 2c`` query-key pairs without a mask
     (``c`` = chunk length) whether the keys come from before it in the ring order or after; the first is
     the ``2c x 2c`` causal square. Recorded from the traced calls (both ``lax.cond`` branches)."""
-    from jaxattn.ops import ring_attention as _  # noqa: F401
-    import sys
+    import importlib
 
-    ring = sys.modules["jaxattn.ops.ring_attention"]
+    ring = importlib.import_module("jaxattn.ops.ring_attention")  # (the module; jaxattn.ops exports the function)
     c, calls = 8, []
 
     def fake(q, k, v, *, causal, dropout_offset):
@@ -152,15 +153,15 @@ def test_zigzag_hops_are_balanced():
 
     q = jnp.zeros((1, 2 * c, 2, 16))
     for dropout in (False, True):
+        hop = functools.partial(ring._hop, q, q, q, None, q_seg=None, zigzag=True, causal=True, n_shards=4, call=fake,
+                                b0=0, dropout=dropout)
         calls.clear()
-        jax.make_jaxpr(lambda idx, src: ring._zigzag_hop(q, q, q, None, src, causal=True, idx=idx, n_shards=4, call=fake,
-                                                         b0=0, dropout=dropout))(1, 2)
+        jax.make_jaxpr(lambda idx, src: hop(src, idx=idx))(1, 2)
         work = [qn * kn for qn, kn, cz in calls]
         assert not any(cz for *_, cz in calls) and len(calls) == (4 if dropout else 2), calls
         assert sum(work[:len(work) // 2]) == sum(work[len(work) // 2:]) == 2 * c * c, calls  # src < idx | src > idx
         calls.clear()
-        jax.make_jaxpr(lambda idx: ring._zigzag_hop(q, q, q, None, None, causal=True, idx=idx, n_shards=4, call=fake,
-                                                    b0=0, dropout=dropout))(1)
+        jax.make_jaxpr(lambda idx: hop(None, idx=idx))(1)
         assert calls == ([(2 * c, 2 * c, True)] if not dropout else [(c, c, True), (c, c, False), (c, c, True)])
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import inspect
 import math
 import time
 import types
@@ -122,11 +121,6 @@ def apply_augment(augment: Callable[[Any, jax.Array], Any], batch: Batch, key: j
     return fn(batch, keys)
 
 
-def _takes(fn: Callable, name: str) -> bool:
-    """Whether ``fn`` has a parameter ``name``."""
-    return name in inspect.signature(fn).parameters
-
-
 # -- the trainer --------------------------------------------------------------------------
 class Trainer:
     """Holds ``(model, optimizer)`` state as one pytree, replicated (or, ``shard_state``, split) over a
@@ -180,9 +174,6 @@ class Trainer:
             if not hasattr(model, "enable_sequence_parallel"):
                 raise ValueError(f"--seq-parallel needs a model with sequence-parallel attention (TNL); "
                                  f"{type(model).__name__} has none")
-            if seq_parallel_args and "layout" in seq_parallel_args and not _takes(model.enable_sequence_parallel, "layout"):
-                raise ValueError(f"--ring-layout is for ring attention (GPT); {type(model).__name__}'s sequence "
-                                 f"parallelism has no shard layout")
             model.enable_sequence_parallel(self.mesh, "seq", batch_axis="data", **(seq_parallel_args or {}))
         tx = optimizer if isinstance(optimizer, optax.GradientTransformation) else optimizer(model)
         opt = nnx.Optimizer(model, tx, wrt=wrt)

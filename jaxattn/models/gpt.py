@@ -531,9 +531,9 @@ class SwiGLU(nnx.Module):
 class Block(nnx.Module):
     def __init__(self, cfg: GPTConfig, layer: int, *, rngs: nnx.Rngs):
         norm = functools.partial(_norm, cfg)
-        self.norm1, self.norm2 = (norm(), norm()) if cfg.pre_norms else (None, None)  # before attention, the MLP
-        if cfg.shared_norm:  # (Phi: norm1 before both branches)
-            self.norm2 = None
+        # before attention, the MLP (Phi's shared_norm: norm1 before both)
+        self.norm1 = norm() if cfg.pre_norms else None
+        self.norm2 = norm() if cfg.pre_norms and not cfg.shared_norm else None
         # Gemma 2/3: on each branch's output too
         self.attn_post_norm, self.mlp_post_norm = (norm(), norm()) if cfg.post_norms else (None, None)
         self.residual_multiplier, self.parallel = cfg.residual_multiplier, cfg.parallel_residual
@@ -589,8 +589,9 @@ class GPT(nnx.Module):
         shard exchange); the sequence length must divide by twice the ``axis`` size. Same logits; with
         dropout, the embedding and residual masks are drawn in the permuted order (the attention
         dropout's is the single-device mask either way)."""
-        if layout not in ("contiguous", "zigzag"):
-            raise ValueError(f"layout must be 'contiguous' or 'zigzag', got {layout!r}")
+        from jaxattn.ops.ring_attention import check_layout
+
+        check_layout(layout)
         if mesh is not None:
             bad = sorted({blk.attn.kind for blk in self.blocks if blk.attn.kind != "full"})
             if bad or self.cfg.quantized or self.cfg.position == "alibi" or self.cfg.attn_softcap is not None:

@@ -62,7 +62,7 @@ from flax import nnx
 
 from jaxattn.models import hf
 from jaxattn.models.gpt import CLASSIC_FIELDS, FAMILY_FIELDS, GPT, GPTConfig, non_default
-from jaxattn.models.gpt_hf import _kv, _scaling
+from jaxattn.models.gpt_hf import _kv, _scaling, rope_parameters
 
 __all__ = ["config_from_hf", "entries", "export_state_dict", "hf_config", "is_classic", "load_hf_state_dict",
            "prepare_state_dict", "to_hf_state_dict"]
@@ -167,7 +167,7 @@ def _rope(raw: Mapping[str, Any], bad, default_pct: float = 1.0) -> tuple[float,
 
 
 def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
-    """A :class:`GPTConfig` from a GPT-2, GPT-NeoX, Phi-1/2 or StarCoder2 ``config.json`` dict; ``overrides``
+    """A :class:`GPTConfig` from a ``config.json`` dict of one of the families in :data:`_ARCH`; ``overrides``
     set jaxattn-only fields (``dtype``, ``attn_impl``, ...)."""
     kind = raw.get("model_type")
     if kind not in _ARCH:
@@ -275,25 +275,26 @@ def _falcon_block(cfg: GPTConfig) -> dict[str, Any]:
 
 
 def _family(cfg: GPTConfig) -> str:
-    """The family an export writes: ``gpt2`` (learned positions), ``phi`` (one norm before attention and MLP side by
-    side), ``gpt_neox`` (parallel residuals with two norms, or partial rotary), ``starcoder2`` (sequential, whole-head
-    RoPE, GQA and sliding windows allowed); a ValueError names what none holds. (A loaded model may run other
+    """The family an export writes: ``gpt2`` / ``gpt_bigcode`` / ``opt`` (learned positions), ``falcon`` (no
+    projection biases), ``bloom`` (ALiBi), ``phi`` (one norm before attention and MLP side by side), ``gpt_neox``
+    (parallel residuals with two norms, or partial rotary), ``starcoder2`` (sequential, whole-head RoPE, GQA and
+    sliding windows allowed); a ValueError names what none holds. (A loaded model may run other
     attention patterns, as ``layer_types``; its export may not.)"""
     llama_only = non_default(cfg, tuple(f for f in FAMILY_FIELDS if f not in ("rotary_dim", "rope_scaling", "mlp_act")))
     plain = (cfg.norm, cfg.mlp_gated) == ("layer", False) and cfg.mlp_act in ("gelu", "gelu_tanh", "relu")
     if not plain or llama_only or cfg.qkv_bias or cfg.head_dim not in (None, cfg.dim // cfg.heads) \
             or set(cfg.layer_types) - {"full", "window"} or len(set(cfg.layer_types)) > 1:
-        raise ValueError("a GPT-2 / GPT-NeoX / Phi / StarCoder2 layout has LayerNorms, biases everywhere, a plain GELU "
-                         "MLP (norm='layer', bias=True, mlp_gated=False, mlp_act 'gelu' or 'gelu_tanh'), every layer full "
-                         f"(or every one a window) and no LLaMA-family options (set here: {llama_only or 'the block'})")
-    gqa, window = (cfg.kv_heads or cfg.heads) != cfg.heads, cfg.layer_types == ("window",)
+        raise ValueError("a GPT-2 / GPT-NeoX / Phi / StarCoder2 layout has LayerNorms and a plain MLP (norm='layer', "
+                         "mlp_gated=False, mlp_act 'gelu', 'gelu_tanh' or OPT's 'relu'), every layer full (or every one "
+                         f"a window) and no LLaMA-family options (set here: {llama_only or 'the block'})")
+    kv, window = cfg.kv_heads or cfg.heads, cfg.layer_types == ("window",)
+    gqa = kv != cfg.heads
     if cfg.position == "learned":  # GPT-2 (GPT-2 StarCoder with one kv head), OPT (its table offset 2)
-        kv = cfg.kv_heads or cfg.heads
         if cfg.parallel_residual or window or cfg.head_bias or cfg.embed_norm or kv not in (1, cfg.heads):
             raise ValueError("GPT-2 / StarCoder / OPT layouts (learned positions) have sequential residuals, a head "
                              "without bias, full attention, and one kv head per head (StarCoder: one in all)")
         if cfg.position_offset == 2:
-            if kv != cfg.heads or cfg.norm_eps != 1e-5:
+            if gqa or cfg.norm_eps != 1e-5:
                 raise ValueError("an OPT layout has one kv head per head and LayerNorm eps 1e-5")
             return "opt"
         if cfg.position_offset or not cfg.bias or not cfg.tie_embeddings or cfg.mlp_act == "relu":
@@ -302,7 +303,6 @@ def _family(cfg: GPTConfig) -> str:
     if cfg.mlp_act == "relu":
         raise ValueError("ReLU MLPs are OPT's (learned positions, position_offset 2)")
     if not cfg.bias:  # (Falcon's projections have none; the other families' all have them)
-        kv = cfg.kv_heads or cfg.heads
         if cfg.position != "rope" or cfg.rotary_dim or window or cfg.head_bias or cfg.embed_norm \
                 or not cfg.parallel_residual and kv not in (1, cfg.heads):
             raise ValueError("a Falcon layout (projections without biases) has whole-head RoPE, full attention, a head "
@@ -338,9 +338,8 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[cfg.mlp_act]
     out = {"architectures": [_ARCH[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
            "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings}
+    scaling, rope = rope_parameters(cfg)
     if kind == "falcon":
-        scaling = dict(cfg.rope_scaling)
-        rope = {"rope_type": scaling.pop("rope_type", "default"), "rope_theta": cfg.rope_theta, **scaling}
         return {**out, **_falcon_block(cfg), "hidden_size": cfg.dim, "num_hidden_layers": cfg.layers,
                 "num_attention_heads": cfg.heads, "alibi": False, "ffn_hidden_size": cfg.hidden, "activation": act,
                 "layer_norm_epsilon": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_parameters": rope,
@@ -366,8 +365,6 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
     pct = (cfg.rotary_dim or cfg.head_size) / cfg.head_size
     if int(cfg.head_size * pct) != (cfg.rotary_dim or cfg.head_size):
         raise ValueError(f"rotary_dim {cfg.rotary_dim} of {cfg.head_size}: no rotary fraction gives it")
-    scaling = dict(cfg.rope_scaling)
-    rope = {"rope_type": scaling.pop("rope_type", "default"), "rope_theta": cfg.rope_theta, **scaling}
     out.update(hidden_size=cfg.dim, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
                num_key_value_heads=cfg.kv_heads or cfg.heads, intermediate_size=cfg.hidden, hidden_act=act,
                rope_theta=cfg.rope_theta, **({"rope_scaling": {**scaling, "rope_type": rope["rope_type"]}} if scaling else {}),

@@ -311,14 +311,20 @@ def _family(cfg: GPTConfig) -> str:
     return "gemma"
 
 
+def rope_parameters(cfg: GPTConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(scaling, rope_parameters)`` of ``cfg``: its RoPE scaling's fields without the type, and transformers 5's
+    ``rope_parameters`` (type, base, those fields)."""
+    scaling = dict(cfg.rope_scaling)
+    return scaling, {"rope_type": scaling.pop("rope_type", "default"), "rope_theta": cfg.rope_theta, **scaling}
+
+
 def hf_config(cfg: GPTConfig) -> dict[str, Any]:
     """A ``config.json`` for ``cfg``: ``llama``, ``mistral`` (every layer a sliding window), ``qwen2`` (q/k/v
     biases), ``qwen3`` (q/k norms), ``granite`` (its multipliers), ``smollm3`` (NoPE layers), ``olmo2``
     (post-norm blocks, whole-width q/k norms), or with
     Gemma's blocks ``gemma``, ``gemma2`` (post-norms) or ``gemma3_text`` (post-norms and q/k norms)."""
     kind = _family(cfg)
-    scaling = dict(cfg.rope_scaling)
-    rope = {"rope_type": scaling.pop("rope_type", "default"), "rope_theta": cfg.rope_theta, **scaling}
+    scaling, rope = rope_parameters(cfg)
     old_style = {"rope_scaling": {**scaling, "rope_type": rope["rope_type"]}} if scaling else {}
     out = {"architectures": [_ARCH[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
            "hidden_size": cfg.dim, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,

@@ -3,7 +3,8 @@
 A folder holds ``config.json`` and weights (``model.safetensors``, ``pytorch_model.bin``, or their shards).
 ``model_type`` picks the converter: ``"transnormer"`` -> :class:`~jaxattn.models.TNL`
 (:mod:`jaxattn.models.tnl_hf`); ``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``, ``"phi3"``, ``"gemma"``, ``"gemma2"``, ``"gemma3_text"`` -> :class:`~jaxattn.models.GPT`
-(:mod:`jaxattn.models.gpt_hf`); ``"gpt2"``, ``"gpt_neox"``, ``"phi"``, ``"starcoder2"`` -> :class:`~jaxattn.models.GPT` with the classic block
+(:mod:`jaxattn.models.gpt_hf`); ``"gpt2"``, ``"gpt_bigcode"``, ``"opt"``, ``"gpt_neox"``, ``"phi"``, ``"starcoder2"``,
+``"bloom"``, ``"falcon"`` -> :class:`~jaxattn.models.GPT` with the classic block
 (:mod:`jaxattn.models.gpt_classic_hf`); timm's hub folders (``architecture`` instead of ``model_type``) ->
 :class:`~jaxattn.models.ViT` / :class:`~jaxattn.models.HaloNet` (:mod:`jaxattn.models.timm_hub`).
 ``load_pretrained(folder, **overrides)`` builds the model (without a random initialisation to overwrite)
@@ -144,26 +145,15 @@ def fill_abstract(build: Callable[[], nnx.Module], entries: Callable[[nnx.Module
 # -- folders ------------------------------------------------------------------------------------------------
 
 def _converter(model_type: str):
-    if model_type == "transnormer":
-        from jaxattn.models import tnl_hf
+    """The converter module of a ``model_type`` (each GPT converter's family table names its own)."""
+    from jaxattn.models import gpt_classic_hf, gpt_hf, timm_hub, tnl_hf
 
-        return tnl_hf
-    if model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite", "smollm3", "olmo2", "gemma", "gemma2",
-                      "gemma3_text", "gemma3"):
-        from jaxattn.models import gpt_hf
-
-        return gpt_hf
-    if model_type in ("gpt2", "gpt_neox", "phi", "starcoder2", "bloom", "falcon", "opt", "gpt_bigcode"):
-        from jaxattn.models import gpt_classic_hf
-
-        return gpt_classic_hf
-    if model_type == "timm":
-        from jaxattn.models import timm_hub
-
-        return timm_hub
-    raise ValueError(f"config.json: model_type {model_type!r} is not one jaxattn converts "
-                     "(transnormer, llama, qwen2, qwen3, mistral, phi3, granite, smollm3, olmo2, gemma, gemma2, "
-                     "gemma3_text, gemma3, gpt2, gpt_neox, phi, starcoder2, bloom, falcon, opt, gpt_bigcode, or a timm folder)")
+    converters = {"transnormer": tnl_hf, **dict.fromkeys((*gpt_hf._ARCH, "gemma3"), gpt_hf),
+                  **dict.fromkeys(gpt_classic_hf._ARCH, gpt_classic_hf), "timm": timm_hub}
+    if model_type not in converters:
+        raise ValueError(f"config.json: model_type {model_type!r} is not one jaxattn converts "
+                         f"({', '.join(k for k in converters if k != 'timm')}, or a timm folder)")
+    return converters[model_type]
 
 
 def raw_config(folder: str | Path) -> dict:

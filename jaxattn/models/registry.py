@@ -17,6 +17,10 @@ from jaxattn.models.sparsifiner import SPARSIFINER_CONFIGS, Sparsifiner, Sparsif
 from jaxattn.models.tnl import TNL, TNLConfig
 from jaxattn.models.vit import VIT_CONFIGS, ViT, ViTConfig
 
+# GPT-2's block: LayerNorms (eps 1e-5), biases, a tanh-GELU MLP, 1024 learned positions
+_GPT2_BLOCK = dict(position="learned", max_positions=1024, norm="layer", norm_eps=1e-5, bias=True, mlp_gated=False,
+                   mlp_act="gelu_tanh")
+
 MODEL_CONFIGS: dict[str, Any] = {
     # CPU-sized, for tests and the README's main job.
     "tnl-tiny": TNLConfig(vocab_size=256, dim=128, layers=4, heads=4, glu_dim=256),
@@ -35,10 +39,8 @@ MODEL_CONFIGS: dict[str, Any] = {
     "alibi-gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, position="alibi"),  # ALiBi, no RoPE
     # GPT-2's block (LayerNorm, biases, GELU MLP, learned positions): byte-level CPU-sized, and GPT-2 small
     # (124M, its 50257-token vocabulary: nanoGPT's train.bin / val.bin token files); GPT-2 / Pythia folders load too
-    "gpt2-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, position="learned", max_positions=1024,
-                           norm="layer", norm_eps=1e-5, bias=True, mlp_gated=False, mlp_act="gelu_tanh"),
-    "gpt2-124m": GPTConfig(vocab_size=50257, dim=768, layers=12, heads=12, position="learned", max_positions=1024,
-                           norm="layer", norm_eps=1e-5, bias=True, mlp_gated=False, mlp_act="gelu_tanh"),
+    "gpt2-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, **_GPT2_BLOCK),
+    "gpt2-124m": GPTConfig(vocab_size=50257, dim=768, layers=12, heads=12, **_GPT2_BLOCK),
     # Landmark attention (byte-level + 1 landmark token; a landmark after every 31 bytes).
     "landmark-gpt-tiny": LandmarkGPTConfig(vocab_size=257, landmark_id=256, dim=128, layers=4, heads=4,
                                            mem_freq=31, top_k=4),

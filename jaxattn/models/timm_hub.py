@@ -134,6 +134,29 @@ _SBB_SIZES = {"medium": (512, 12, 8, True), "mediumd": (512, 20, 8, False), "bet
               "base": (768, 12, 12, True)}
 _PE_SIZES = {"tiny": (192, 12, 3, 24), "small": (384, 12, 6, 24), "base": (768, 12, 12, 14), "large": (1024, 24, 16, 24),
              "gigantic": (1536, 50, 16, 32)}
+# (width, depth, heads) of PE's lang / spatial towers, by kind and size
+_PE_TOWERS = {("lang", "large"): (1024, 23, 16), ("lang", "gigantic"): (1536, 47, 16),
+              ("spatial", "tiny"): (192, 12, 3), ("spatial", "small"): (384, 12, 6), ("spatial", "base"): (768, 12, 12),
+              ("spatial", "large"): (1024, 24, 16), ("spatial", "gigantic"): (1536, 50, 16)}
+
+
+def _pe_tower(m: re.Match) -> dict[str, Any] | None:
+    """timm's ``model_args`` of ``vit_pe_{lang,spatial}_*``: PE core's RoPE blocks (32 x 32 reference grid), mean
+    pooling with neither a final nor an fc norm; layer scale 0.1 in the lang and gigantic towers, whose
+    gigantic ones have no class token and no grid offset."""
+    if (m["kind"], m["size"]) not in _PE_TOWERS:
+        return None
+    dim, depth, heads = _PE_TOWERS[m["kind"], m["size"]]
+    giant = m["size"] == "gigantic"
+    return {"img_size": int(m["img"]), "patch_size": int(m["patch"]), "embed_dim": dim, "depth": depth,
+            "num_heads": heads, "mlp_ratio": 8960 / 1536 if giant else 4.0, "attn_type": "rope",
+            "use_rot_pos_emb": True, "ref_feat_shape": (32, 32), "rope_grid_indexing": "xy",
+            "use_pre_transformer_norm": True, "use_post_transformer_norm": False, "use_fc_norm": False,
+            "norm_eps": 1e-5, **({"class_token": False} if giant else {"rope_grid_offset": 1.0}),
+            **({"init_values": 0.1} if giant or m["kind"] == "lang" else {}),
+            **({"class_token": True} if m["kind"] == "lang" and not giant else {})}
+
+
 _EVA_FAMILIES = (
     (re.compile(r"eva02_(?P<size>base|large)_patch(?P<patch>16|14)_clip_(?P<img>224|336)"), lambda m: {
         "img_size": int(m["img"]), "patch_size": int(m["patch"]), **dict(zip(("embed_dim", "depth", "num_heads"),
@@ -160,31 +183,8 @@ _EVA_FAMILIES = (
          **({"class_token": False} if m["size"] == "gigantic" else {"rope_grid_offset": 1.0})})(*_PE_SIZES[m["size"]])),
     # PE's language (for multimodal LLMs) and spatial (dense features) towers: no norm after the blocks
     (re.compile(r"vit_pe_(?P<kind>lang|spatial)_(?P<size>tiny|small|base|large|gigantic)_patch(?P<patch>16|14)_"
-                r"(?P<img>\d+)"), lambda m: _pe_tower(m)),
+                r"(?P<img>\d+)"), _pe_tower),
 )
-# (width, depth, heads) of PE's lang / spatial towers, by kind and size
-_PE_TOWERS = {("lang", "large"): (1024, 23, 16), ("lang", "gigantic"): (1536, 47, 16),
-              ("spatial", "tiny"): (192, 12, 3), ("spatial", "small"): (384, 12, 6), ("spatial", "base"): (768, 12, 12),
-              ("spatial", "large"): (1024, 24, 16), ("spatial", "gigantic"): (1536, 50, 16)}
-
-
-def _pe_tower(m: re.Match) -> dict[str, Any] | None:
-    """timm's ``model_args`` of ``vit_pe_{lang,spatial}_*``: PE core's RoPE blocks (32 x 32 reference grid), mean
-    pooling with neither a final nor an fc norm; layer scale 0.1 in the lang and gigantic towers, whose
-    gigantic ones have no class token and no grid offset."""
-    if (m["kind"], m["size"]) not in _PE_TOWERS:
-        return None
-    dim, depth, heads = _PE_TOWERS[m["kind"], m["size"]]
-    giant = m["size"] == "gigantic"
-    return {"img_size": int(m["img"]), "patch_size": int(m["patch"]), "embed_dim": dim, "depth": depth,
-            "num_heads": heads, "mlp_ratio": 8960 / 1536 if giant else 4.0, "attn_type": "rope",
-            "use_rot_pos_emb": True, "ref_feat_shape": (32, 32), "rope_grid_indexing": "xy",
-            "use_pre_transformer_norm": True, "use_post_transformer_norm": False, "use_fc_norm": False,
-            "norm_eps": 1e-5, **({"class_token": False} if giant else {"rope_grid_offset": 1.0}),
-            **({"init_values": 0.1} if giant or m["kind"] == "lang" else {}),
-            **({"class_token": True} if m["kind"] == "lang" and not giant else {})}
-
-
 def eva_arch_args(arch: str) -> dict[str, Any] | None:
     """timm's ``model_args`` of the EVA-02 (``eva02_{size}_patch14_{S}``) or DINOv3
     (``vit_{size}_patch16_dinov3[_qkvb]``) architecture ``arch``; None: not one. (``norm_eps``: timm's
@@ -341,7 +341,7 @@ def _vit_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
     args = _supported(args, _VIT_FIXED, _VIT_ARGS, "ViT")
     pool, class_token = _pool(args, "token", ("token", "avg", "map"), "ViT pools by the class token ('token'), "
                               "the mean of the patch tokens ('avg') or attention pooling ('map')")
-    fc_norm = args.get("fc_norm")
+    fc_norm, final_norm = args.get("fc_norm"), bool(args.get("final_norm", True))
     act = args.get("act_layer") or "gelu"
     if act not in ACTIVATIONS:
         raise ValueError(f"config.json: act_layer {args['act_layer']!r}: jaxattn's ViT has {sorted(ACTIVATIONS)}")
@@ -358,8 +358,7 @@ def _vit_config(args: dict[str, Any], num_classes: int, in_chans: int, input_siz
                      reg_tokens=int(args.get("reg_tokens", 0)), no_embed_class=bool(args.get("no_embed_class", False)),
                      layer_scale=float(init_values) if init_values else None,  # (timm: 0 = none)
                      # timm: fc_norm None = on for 'avg'; final_norm=False drops both final norms
-                     fc_norm=(pool == "avg" if fc_norm is None else bool(fc_norm)) and bool(args.get("final_norm", True)),
-                     final_norm=bool(args.get("final_norm", True)),
+                     fc_norm=(pool == "avg" if fc_norm is None else bool(fc_norm)) and final_norm, final_norm=final_norm,
                      dynamic_img_size=bool(args.get("dynamic_img_size", False)), pre_norm=bool(args.get("pre_norm", False)),
                      norm_eps=float(args.get("norm_eps", 1e-6)), mlp_act=act, qk_norm=bool(args.get("qk_norm", False)),
                      glu_mlp=_MLP_LAYERS[mlp_layer], pool_include_prefix=bool(args.get("pool_include_prefix", False)))

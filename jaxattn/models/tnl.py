@@ -167,13 +167,17 @@ class TNL(nnx.Module):
         self.head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
         self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(cfg.dim)
 
-    def enable_sequence_parallel(self, mesh: Mesh | None, axis: str = "seq", batch_axis: str | None = None) -> None:
+    def enable_sequence_parallel(self, mesh: Mesh | None, axis: str = "seq", batch_axis: str | None = None,
+                                 layout: str = "contiguous") -> None:
         """Runs every token mixer's parallel forward sequence-parallel over ``mesh`` axis ``axis``
         (:func:`jaxattn.lightning_attention_sp`; the batch over ``batch_axis``); the other layers are
         partitioned by XLA from the input sharding (e.g. tokens placed with
         ``NamedSharding(mesh, P(batch_axis, axis))``). The sequence length must be divisible by the
         axis size, also for a prefill in :func:`generate` (decoding steps are unaffected); ``mesh=None``
-        turns it off."""
+        turns it off. ``layout``: contiguous shards only (the zig-zag one is ring attention's, GPT's)."""
+        if layout != "contiguous":
+            raise ValueError(f"layout {layout!r}: --ring-layout is for ring attention (GPT); TNL's sequence-parallel "
+                             "Lightning attention splits the sequence into contiguous shards")
         setting = _spmd.layer_setting(mesh, axis, batch_axis)
         for block in self.blocks:
             block.mixer.sequence_parallel = setting

@@ -135,37 +135,17 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis: str, causa
     ``[batch, seq/P, heads]``)."""
     from jaxattn.ops.attention import attention
 
-    if layout not in ("contiguous", "zigzag"):
-        raise ValueError(f"layout must be 'contiguous' or 'zigzag', got {layout!r}")
+    check_layout(layout)
     idx = lax.axis_index(axis)
     n_shards = int(lax.axis_size(axis))  # static inside shard_map
     perm = [(i, (i + 1) % n_shards) for i in range(n_shards)]
-    n = q.shape[1]
-    b0 = lax.axis_index(batch_axis) * q.shape[0] if batch_axis is not None else 0
-    if layout == "zigzag":
-        if n % 2:
-            raise ValueError(f"zig-zag layout: the shard length {n} must be even (two chunks per device)")
-        hop = functools.partial(_zigzag_hop, q, causal=causal, idx=idx, n_shards=n_shards,
-                                call=functools.partial(attention, scale=scale, impl=impl, return_lse=True,
-                                                       dropout_rate=dropout_rate, dropout_rng=dropout_rng),
-                                b0=b0, dropout=bool(dropout_rate), q_seg=segment_ids)
-    else:
-        def hop(k, v, kv_seg, src):
-            def attend(k, v, kv_seg, diagonal: bool):
-                start = idx if src is None else src
-                seg = None if segment_ids is None else (segment_ids, kv_seg)
-                o, lse = attention(q, k, v, causal=causal and diagonal, scale=scale, impl=impl, return_lse=True,
-                                   dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                                   dropout_offset=(b0, idx * n, start * n), segment_ids=seg)
-                return o.astype(jnp.float32), lse.astype(jnp.float32)
-
-            if src is None:
-                return attend(k, v, kv_seg, True)
-            if not causal:
-                return attend(k, v, kv_seg, False)
-            skip = (jnp.zeros(q.shape[:3] + v.shape[3:], jnp.float32), jnp.full(q.shape[:3], -jnp.inf))
-            return lax.cond(src < idx, lambda k, v, s: attend(k, v, s, False), lambda k, v, s: skip, k, v, kv_seg)
-
+    if layout == "zigzag" and q.shape[1] % 2:
+        raise ValueError(f"zig-zag layout: the shard length {q.shape[1]} must be even (two chunks per device)")
+    hop = functools.partial(
+        _hop, q, q_seg=segment_ids, zigzag=layout == "zigzag", causal=causal, idx=idx, n_shards=n_shards,
+        b0=lax.axis_index(batch_axis) * q.shape[0] if batch_axis is not None else 0, dropout=bool(dropout_rate),
+        call=functools.partial(attention, scale=scale, impl=impl, return_lse=True, dropout_rate=dropout_rate,
+                               dropout_rng=dropout_rng))
     kv_seg = segment_ids
     o_acc, lse_acc = hop(k, v, kv_seg, None)  # this device's own keys: src = idx
     for r in range(1, n_shards):
@@ -179,40 +159,51 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis: str, causa
     return (out, lse_acc) if return_lse else out
 
 
-def _zigzag_hop(q, k, v, kv_seg, src, *, causal: bool, idx, n_shards: int, call, b0, dropout: bool, q_seg=None):
-    """One hop of the zig-zag ring: (o, lse) of this device's queries (chunks ``idx``, ``2P-1-idx``)
-    against the keys of device ``src`` (chunks ``src``, ``2P-1-src``; ``src=None``: its own); ``q_seg`` /
-    ``kv_seg``: their segment ids, or None."""
-    c = q.shape[1] // 2
+def _hop(q, k, v, kv_seg, src, *, q_seg, zigzag: bool, causal: bool, idx, n_shards: int, call, b0, dropout: bool):
+    """One hop of the ring: (o, lse) of this device's queries against the keys of device ``src`` (None: its
+    own). A device's shard is one chunk (contiguous: chunk ``dev``) or two (zig-zag: chunks ``dev`` and
+    ``2P-1-dev``) of ``c`` tokens; the attention runs on the chunk pairs that are visible, fused where they are
+    contiguous, each query chunk's results merged. With dropout every call is one chunk pair (its mask offset
+    is that pair's). ``q_seg`` / ``kv_seg``: segment ids, or None."""
+    halves = 2 if zigzag else 1
+    c = q.shape[1] // halves
     chunk = lambda dev, half: dev if half == 0 else 2 * n_shards - 1 - dev  # noqa: E731
     src_dev = idx if src is None else src
+    rows = lambda t, hs: t[:, hs[0] * c:(hs[-1] + 1) * c]  # noqa: E731  (contiguous chunks hs of a shard)
 
     def run(calls):
-        """``calls``: (query halves, key halves, causal) with contiguous halves; each query half's
-        results merged. With dropout every call is one chunk pair (its mask offset is that pair's)."""
+        """``calls``: (query chunks, key chunks, causal), each a run of contiguous chunks."""
         if dropout:
             calls = [((a,), (b,), cz) for qs, ks, cz in calls for a in qs for b in ks]
-        acc = [(jnp.zeros(q.shape[:1] + (c,) + q.shape[2:3] + v.shape[3:], jnp.float32),
-                jnp.full(q.shape[:1] + (c,) + q.shape[2:3], -jnp.inf)) for _ in (0, 1)]
+        acc = [None] * halves
         for qs, ks, cz in calls:
-            qq = q[:, qs[0] * c:(qs[-1] + 1) * c]
-            kk, vv = (t[:, ks[0] * c:(ks[-1] + 1) * c] for t in (k, v))
-            seg = {} if q_seg is None else {"segment_ids": (q_seg[:, qs[0] * c:(qs[-1] + 1) * c],
-                                                            kv_seg[:, ks[0] * c:(ks[-1] + 1) * c])}
-            o, lse = call(qq, kk, vv, causal=cz, dropout_offset=(b0, chunk(idx, qs[0]) * c, chunk(src_dev, ks[0]) * c),
-                          **seg)
+            seg = {} if q_seg is None else {"segment_ids": (rows(q_seg, qs), rows(kv_seg, ks))}
+            o, lse = call(rows(q, qs), rows(k, ks), rows(v, ks), causal=cz,
+                          dropout_offset=(b0, chunk(idx, qs[0]) * c, chunk(src_dev, ks[0]) * c), **seg)
             for j, a in enumerate(qs):
                 part = (o[:, j * c:(j + 1) * c].astype(jnp.float32), lse[:, j * c:(j + 1) * c].astype(jnp.float32))
-                acc[a] = _merge(*acc[a], *part)
-        return tuple(jnp.concatenate(t, axis=1) for t in zip(*acc))
+                acc[a] = part if acc[a] is None else _merge(*acc[a], *part)
+        empty = (jnp.zeros(q.shape[:1] + (c,) + q.shape[2:3] + v.shape[3:], jnp.float32),
+                 jnp.full(q.shape[:1] + (c,) + q.shape[2:3], -jnp.inf))  # (a query chunk that sees no key)
+        return tuple(jnp.concatenate(t, axis=1) for t in zip(*(empty if a is None else a for a in acc)))
 
+    every = tuple(range(halves))
     if not causal:
-        return run([((0, 1), (0, 1), False)])
-    if src is None:  # own keys: the two chunks in global order, so the plain causal mask
-        return run([((0, 1), (0, 1), True)] if not dropout else [((0,), (0,), True), ((1,), (0,), False),
-                                                                   ((1,), (1,), True)])
-    # src < idx: both query chunks see key chunk src only; src > idx: query chunk 2P-1-idx sees both
-    return lax.cond(src < idx, lambda: run([((0, 1), (0,), False)]), lambda: run([((1,), (0, 1), False)]))
+        return run([(every, every, False)])
+    if src is None:  # own keys: the chunks in global order, so the plain causal mask
+        if zigzag and dropout:  # (chunk 2P-1-idx sees chunk idx whole)
+            return run([((0,), (0,), True), ((1,), (0,), False), ((1,), (1,), True)])
+        return run([(every, every, True)])
+    # src < idx: every query chunk sees key chunk src (zig-zag: not 2P-1-src); src > idx: contiguous, nothing;
+    # zig-zag, query chunk 2P-1-idx sees both key chunks
+    after = [((1,), (0, 1), False)] if zigzag else []
+    return lax.cond(src < idx, lambda: run([(every, (0,), False)]), lambda: run(after))
+
+
+def check_layout(layout: str) -> None:
+    """A ``ValueError`` unless ``layout`` is ``"contiguous"`` or ``"zigzag"``."""
+    if layout not in ("contiguous", "zigzag"):
+        raise ValueError(f"layout must be 'contiguous' or 'zigzag', got {layout!r}")
 
 
 def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis: str,
@@ -220,7 +211,7 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
                       dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
                       impl: Literal["auto", "pallas", "xla"] = "auto", layout: Layout = "contiguous",
                       zigzagged: bool = False, segment_ids: jax.Array | None = None) -> jax.Array:
-    """:func:`jaxattn.attention` (no masks or segment ids) with the sequence split over ``mesh``
+    """:func:`jaxattn.attention` (no masks; segment ids below) with the sequence split over ``mesh``
     axis ``axis`` (and the batch over ``batch_axis``) by :func:`ring_attention`. q and k/v must
     have the same length, divisible by the size of ``axis`` (by twice it for ``layout="zigzag"``).
     With ``dropout_rate`` > 0 the result equals :func:`jaxattn.attention` with the same
@@ -236,8 +227,7 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
                          f"{k.shape[1]}, {v.shape[1]}")
     _spmd.check_split(q, mesh, axis, batch_axis)
     _checks.check_dropout(dropout_rate, dropout_rng)
-    if layout not in ("contiguous", "zigzag"):
-        raise ValueError(f"layout must be 'contiguous' or 'zigzag', got {layout!r}")
+    check_layout(layout)
     if segment_ids is not None and (segment_ids.shape != q.shape[:2] or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
         raise ValueError(f"segment_ids must be int [batch, seq] = {tuple(q.shape[:2])}, got "
                          f"{jnp.dtype(segment_ids.dtype).name} {tuple(segment_ids.shape)}")
@@ -249,7 +239,7 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
     convert = layout == "zigzag" and not zigzagged
     seed = _dropout_key_data(dropout_rng) if dropout_rate else jnp.zeros((2,), jnp.uint32)  # replicated
 
-    def body(q, k, v, seed, seg):
+    def body(q, k, v, seed, seg=None):
         if convert:
             q, k, v = (to_zigzag(t, axis) for t in (q, k, v))
             seg = None if seg is None else to_zigzag(seg, axis)
@@ -258,11 +248,10 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
                              layout=layout, segment_ids=seg)
         return from_zigzag(out, axis) if convert else out
 
-    if segment_ids is None:
-        return _spmd.shard_map(lambda q, k, v, seed: body(q, k, v, seed, None), mesh=mesh,
-                               in_specs=(spec, spec, spec, P()), out_specs=spec)(q, k, v, seed)
-    return _spmd.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, P(), spec), out_specs=spec)(
-        q, k, v, seed, segment_ids)
+    args, specs = (q, k, v, seed), (spec, spec, spec, P())
+    if segment_ids is not None:  # (None: no ids to move around the ring)
+        args, specs = (*args, segment_ids), (*specs, spec)
+    return _spmd.shard_map(body, mesh=mesh, in_specs=specs, out_specs=spec)(*args)
 
 
 def _dropout_key_data(rng: jax.Array) -> jax.Array:
