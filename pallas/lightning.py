@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,8 @@ class _Static:
     initial_grad: bool = True  # the backward writes dS0
     final: bool = True  # the forward writes the final state
     final_grad: bool = True  # the backward reads its cotangent dSf
+    # packed sequences: kernels read each row's document index and the previous row's (see _Docs)
+    docs: bool = False
 
     @property
     def n_blocks(self) -> int:
@@ -122,6 +125,48 @@ def _decays(s, block: int, rem: int):
     q_dec = jnp.exp(-s * (f + 1.0))  # lambda^(i+1)
     k_dec = jnp.where(i < rem, jnp.exp(-s * jnp.maximum(rem - 1 - f, 0.0)), 0.0)  # lambda^(rem-1-j)
     return q_dec, k_dec, _decay_matrix(s, block), jnp.exp(-s * float(rem))
+
+
+class _Docs(NamedTuple):
+    """fp32 masks of one block of a packed sequence (documents: runs of equal segment ids, indices
+    nondecreasing along the rows; the state entering the block belongs to the previous row's
+    document, the one leaving it to the last row's). Rows ``[block]`` in: ``entering`` the entering
+    state's document, ``start`` the first row's, ``end`` the last row's; ``same [block, block]``: two
+    rows in one document. Scalars: ``fwd_through`` (the entering state's document is the last row's:
+    the state survives the block), ``bwd_through`` (one document from the first row to the last: the
+    backward's state, which belongs to the last row's document, survives it), ``cont`` (the first row
+    continues the previous row's document)."""
+
+    entering: jax.Array
+    start: jax.Array
+    end: jax.Array
+    same: jax.Array
+    fwd_through: jax.Array
+    bwd_through: jax.Array
+    cont: jax.Array
+
+
+def _doc_masks(c, pv) -> _Docs:
+    """:class:`_Docs` from the block's document indices ``c`` and the previous rows' ``pv`` (int32
+    ``[block]``; padded rows repeat the last real row's document, so they change no reduction)."""
+    entering, start, end = jnp.min(pv), jnp.min(c), jnp.max(c)
+    f = lambda m: m.astype(jnp.float32)  # noqa: E731
+    return _Docs(f(c == entering), f(c == start), f(c == end), f(c[:, None] == c[None, :]),
+                 f(entering == end), f(start == end), f(start == entering))
+
+
+def _block_docs(c_ref, pv_ref, rows) -> _Docs | None:
+    return None if c_ref is None else _doc_masks(c_ref[rows], pv_ref[rows])
+
+
+def _fwd_masked(dec, docs: _Docs | None):
+    """The forward decays ``(q_dec, k_dec, intra, blk_dec)`` of a block with its document masks: rows
+    read the entering state only in its document, only the last document's keys enter the leaving
+    state, rows attend within their document, the state crosses the block only within one document."""
+    if docs is None:
+        return dec
+    q_dec, k_dec, intra, blk_dec = dec
+    return q_dec * docs.entering, k_dec * docs.end, intra * docs.same, blk_dec * docs.fwd_through
 
 
 def _row_scaled_dot(x, w, m, st: "_Static", trans_b: bool = False):
@@ -166,14 +211,14 @@ def _rows(t, block: int):
 
 
 def _fwd_kernel(s_ref, q_ref, k_ref, v_ref, *refs, st: _Static):
-    s0_ref, o_ref, sf_ref = _optional_refs(refs, st.initial, True, st.final)
+    c_ref, pv_ref, s0_ref, o_ref, sf_ref = _optional_refs(refs, st.docs, st.docs, st.initial, True, st.final)
     s = s_ref[...]  # (1,)
     full = _decays(s, st.block, st.block)
     last = _decays(s, st.block, st.rem)
 
     def body(t, state, dec, update: bool = True):
-        q_dec, k_dec, intra, blk_dec = dec
         rows = _rows(t, st.block)
+        q_dec, k_dec, intra, blk_dec = _fwd_masked(dec, _block_docs(c_ref, pv_ref, rows))
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
         o = _masked_product(q, k, v, intra, st) + _row_scaled_dot(q, q_dec, state, st)
         o_ref[rows, :] = o.astype(o_ref.dtype)
@@ -187,13 +232,13 @@ def _fwd_kernel(s_ref, q_ref, k_ref, v_ref, *refs, st: _Static):
 
 
 def _dq_kernel(s_ref, k_ref, v_ref, do_ref, *refs, st: _Static):
-    s0_ref, dq_ref = _optional_refs(refs, st.initial, True)
+    c_ref, pv_ref, s0_ref, dq_ref = _optional_refs(refs, st.docs, st.docs, st.initial, True)
     s = s_ref[...]
     full = _decays(s, st.block, st.block)
 
     def body(t, state):
-        q_dec, k_dec, intra, blk_dec = full
         rows = _rows(t, st.block)
+        q_dec, k_dec, intra, blk_dec = _fwd_masked(full, _block_docs(c_ref, pv_ref, rows))
         k, v, do = k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
         dq = _masked_product(do, v, k, intra, st) + _row_scaled_dot(do, q_dec, state, st, trans_b=True)
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
@@ -203,28 +248,53 @@ def _dq_kernel(s_ref, k_ref, v_ref, do_ref, *refs, st: _Static):
     lax.fori_loop(0, st.n_blocks, body, _load_or_zeros(s0_ref, (k_ref.shape[-1], v_ref.shape[-1])))
 
 
+def _bwd_masked(docs: _Docs | None, intra_t, k_w, q_w):
+    """The reverse scan's decays of a block with its document masks: ``intra_t`` within documents, the
+    later rows' sum ``G`` (which belongs to the block's last document) reaches only that document's
+    keys (``k_w``), and only the first document's rows join ``G`` on its way out (``q_w``)."""
+    if docs is None:
+        return intra_t, k_w, q_w
+    return tuple(None if x is None else x * m for x, m in ((intra_t, docs.same), (k_w, docs.end), (q_w, docs.start)))
+
+
+def _bwd_carry(g, docs: _Docs | None):
+    """``G`` leaving a block backwards (toward the previous row's document): kept only if the block
+    starts inside that document."""
+    return g if docs is None else g * docs.cont
+
+
 def _dkv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, *refs, st: _Static):
-    dsf_ref, dk_ref, dv_ref, ds0_ref = _optional_refs(refs, st.final_grad, True, True, st.initial_grad)
+    c_ref, pv_ref, dsf_ref, dk_ref, dv_ref, ds0_ref = _optional_refs(
+        refs, st.docs, st.docs, st.final_grad, True, True, st.initial_grad)
     s = s_ref[...]
     f = jnp.arange(st.block).astype(jnp.float32)
-    intra_t = _decay_matrix(s, st.block, transposed=True)  # D^T
-    q_pow = jnp.exp(-s * f)  # lambda^i
-    k_pow = jnp.exp(-s * (st.block - f))  # lambda^(B-j)
+    intra_t0 = _decay_matrix(s, st.block, transposed=True)  # D^T
+    q_pow0 = jnp.exp(-s * f)  # lambda^i
+    k_pow0 = jnp.exp(-s * (st.block - f))  # lambda^(B-j)
     blk_dec = jnp.exp(-s * float(st.block))
+    last = st.n_blocks - 1
 
-    def body(t, g, dsf_term):
+    def body(t, g, dsf=None):
+        """Block ``t``'s dK, dV from ``G`` (the later blocks' ``sum lambda^(n - block end) q_n^T dO_n``;
+        the last block: zeros and the final-state cotangent ``dsf``); returns ``G`` for block t - 1."""
         rows = _rows(t, st.block)
+        docs = _block_docs(c_ref, pv_ref, rows)
+        intra_t, k_pow, q_pow = _bwd_masked(docs, intra_t0, k_pow0, q_pow0)
         q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
+        if dsf is not None:  # lambda^(rem-1-j): the final state's weights of the ragged block's keys
+            k_dec = _decays(s, st.block, st.rem)[1]
+            k_dec = k_dec if docs is None else k_dec * docs.end
+
         def dv_part():  # intra-block [(Q K^T) * D]^T dO, then later blocks through G (and dSf)
             dv = _masked_product(k, q, do, intra_t, st) + _row_scaled_dot(k, k_pow, g, st)
-            if dsf_term is not None:  # final-state cotangent, last block only
-                dv += _row_scaled_dot(k, dsf_term[0], dsf_term[1], st)
+            if dsf is not None:
+                dv += _row_scaled_dot(k, k_dec, dsf, st)
             dv_ref[rows, :] = dv.astype(dv_ref.dtype)
 
         def dk_part():  # [(dO V^T) * D]^T Q + ...
             dk = _masked_product(v, do, q, intra_t, st) + _row_scaled_dot(v, k_pow, g, st, trans_b=True)
-            if dsf_term is not None:
-                dk += _row_scaled_dot(v, dsf_term[0], dsf_term[1], st, trans_b=True)
+            if dsf is not None:
+                dk += _row_scaled_dot(v, k_dec, dsf, st, trans_b=True)
             dk_ref[rows, :] = dk.astype(dk_ref.dtype)
 
         # Program order sets the live fp32 tiles: two-byte inputs spill none with dV first (d=128:
@@ -232,17 +302,16 @@ def _dkv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, *refs, st: _Static):
         # fp32 ones spill least with dK first.
         for part in (dk_part, dv_part) if q.dtype == jnp.float32 else (dv_part, dk_part):
             part()
-        return _decayed_outer(g * blk_dec, q, q_pow, do, st)
+        acc = g * blk_dec
+        if dsf is not None:
+            acc += jnp.exp(-s * float(st.rem - 1)) * dsf
+        if docs is not None:
+            acc *= docs.bwd_through
+        return _bwd_carry(_decayed_outer(acc, q, q_pow, do, st), docs)
 
-    last = st.n_blocks - 1
     g = jnp.zeros((q_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
-    if dsf_ref is None:
-        g = body(last, g, None)
-    else:
-        dsf = dsf_ref[...]
-        _, k_dec, _, _ = _decays(s, st.block, st.rem)
-        g = body(last, g, (k_dec, dsf)) + jnp.exp(-s * float(st.rem - 1)) * dsf
-    g = lax.fori_loop(0, last, lambda r, g: body(last - 1 - r, g, None), g)
+    g = body(last, g, None if dsf_ref is None else dsf_ref[...])
+    g = lax.fori_loop(0, last, lambda r, g: body(last - 1 - r, g), g)
     if ds0_ref is not None:
         ds0_ref[...] = jnp.exp(-s) * g  # dS0 = lambda * sum_n lambda^n q_n^T dO_n (+ lambda^N dSf)
 
@@ -289,18 +358,30 @@ def _call(kernel, st: _Static, out_shape, in_specs, out_specs, grid, name, backw
         interpret=st.interpret, name=name)
 
 
-def _fwd(st: _Static, q, k, v, slope, s0):
+def _doc_specs(st: _Static):
+    """Whole-sequence document indices (this row's, the previous row's), grid (batch, heads, chunks)."""
+    return [pl.BlockSpec((None, st.n_pad), lambda b, h, c: (b, 0))] * (2 * st.docs)
+
+
+def _block_doc_specs(st: _Static):
+    """One block's document indices, grid (batch, heads, blocks)."""
+    return [pl.BlockSpec((None, st.block), lambda i, j, t: (i, t))] * (2 * st.docs)
+
+
+def _fwd(st: _Static, q, k, v, slope, s0, docs=()):
+    """Output and final state (None without ``st.final``); ``docs``: () or the int32 document indices
+    ``(c, pv) [B, n_pad]`` of a packed sequence (``st.docs``)."""
     if st.cfg.forward == "chunked":
-        return _fwd_chunked(st, q, k, v, slope, s0)
+        return _fwd_chunked(st, q, k, v, slope, s0, docs)
     b, _, h, d = q.shape
     e = v.shape[-1]
     be, ne = _chunk(st.cfg, e)
     out = _call(
         _fwd_kernel, st,
         [jax.ShapeDtypeStruct((b, st.n_pad, h, e), q.dtype), *[jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)] * st.final],
-        [_SLOPE_SPEC, *_specs(st, d, d), *_chunk_specs(st, be), *[_state_spec(d, be)] * st.initial],
+        [_SLOPE_SPEC, *_specs(st, d, d), *_chunk_specs(st, be), *_doc_specs(st), *[_state_spec(d, be)] * st.initial],
         [*_chunk_specs(st, be), *[_state_spec(d, be)] * st.final], (b, h, ne),
-        "jaxattn_lightning_fwd")(slope, q, k, v, *_present(s0))
+        "jaxattn_lightning_fwd")(slope, q, k, v, *docs, *_present(s0))
     return out[0], (out[1] if st.final else None)
 
 
@@ -315,14 +396,14 @@ def _fwd(st: _Static, q, k, v, slope, s0):
 
 
 def _states_kernel(s_ref, k_ref, v_ref, *refs, st: _Static, final: bool):
-    s0_ref, hs_ref, sf_ref = _optional_refs(refs, st.initial, True, final)
+    c_ref, pv_ref, s0_ref, hs_ref, sf_ref = _optional_refs(refs, st.docs, st.docs, st.initial, True, final)
     s = s_ref[...]
     full, last = _decays(s, st.block, st.block), _decays(s, st.block, st.rem)
 
     def body(t, state, dec, update: bool = True):
-        _, k_dec, _, blk_dec = dec
         hs_ref[t] = state.astype(hs_ref.dtype)
         rows = _rows(t, st.block)
+        _, k_dec, _, blk_dec = _fwd_masked(dec, _block_docs(c_ref, pv_ref, rows))
         return _decayed_outer(state * blk_dec, k_ref[rows, :], k_dec, v_ref[rows, :], st) if update else None
 
     state = _load_or_zeros(s0_ref, (k_ref.shape[-1], v_ref.shape[-1]))
@@ -332,14 +413,16 @@ def _states_kernel(s_ref, k_ref, v_ref, *refs, st: _Static, final: bool):
         sf_ref[...] = state
 
 
-def _block_out_kernel(s_ref, q_ref, k_ref, v_ref, hs_ref, o_ref, *, st: _Static):
-    q_dec, _, intra, _ = _decays(s_ref[...], st.block, st.block)  # the last block's rows too
+def _block_out_kernel(s_ref, q_ref, k_ref, v_ref, hs_ref, *refs, st: _Static):
+    c_ref, pv_ref, o_ref = _optional_refs(refs, st.docs, st.docs, True)
+    dec = _decays(s_ref[...], st.block, st.block)  # the last block's rows too
+    q_dec, _, intra, _ = _fwd_masked(dec, _block_docs(c_ref, pv_ref, slice(None)))
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
     o = _masked_product(q, k, v, intra, st) + _row_scaled_dot(q, q_dec, hs_ref[...], st)
     o_ref[...] = o.astype(o_ref.dtype)
 
 
-def _all_states(st: _Static, k, v, slope, s0, backward: bool = False):
+def _all_states(st: _Static, k, v, slope, s0, docs=(), backward: bool = False):
     """(state entering every block ``[B, H, blocks, d, e]``, final state or None: the backward's
     recomputation and a call without ``st.final`` do not write it)."""
     b, _, h, d = k.shape
@@ -351,9 +434,9 @@ def _all_states(st: _Static, k, v, slope, s0, backward: bool = False):
         functools.partial(_states_kernel, final=final), st,
         [jax.ShapeDtypeStruct((b, h, nb, d, e), _state_dtype(k)),
          *[jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)] * final],
-        [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be), *[_state_spec(d, be)] * st.initial],
+        [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be), *_doc_specs(st), *[_state_spec(d, be)] * st.initial],
         [_all_states_spec(nb, d, be), *[_state_spec(d, be)] * final],
-        (b, h, ne), "jaxattn_lightning_states_all", backward=backward)(slope, k, v, *_present(s0))
+        (b, h, ne), "jaxattn_lightning_states_all", backward=backward)(slope, k, v, *docs, *_present(s0))
     return out[0], (out[1] if final else None)
 
 
@@ -378,14 +461,15 @@ def _block_state_spec(d: int, e: int):
     return pl.BlockSpec((None, None, None, d, e), lambda i, j, t: (i, j, t, 0, 0))
 
 
-def _fwd_chunked(st: _Static, q, k, v, slope, s0):
+def _fwd_chunked(st: _Static, q, k, v, slope, s0, docs=()):
     b, _, h, d = q.shape
     e = v.shape[-1]
-    hs, final = _all_states(st, k, v, slope, s0)
+    hs, final = _all_states(st, k, v, slope, s0, docs)
     (out,) = _call(
         _block_out_kernel, st, [jax.ShapeDtypeStruct((b, st.n_pad, h, e), q.dtype)],
-        [_SLOPE_SPEC, _row_block(st, d), _row_block(st, d), _row_block(st, e), _block_state_spec(d, e)],
-        [_row_block(st, e)], (b, h, st.n_blocks), "jaxattn_lightning_block_out")(slope, q, k, v, hs)
+        [_SLOPE_SPEC, _row_block(st, d), _row_block(st, d), _row_block(st, e), _block_state_spec(d, e),
+         *_block_doc_specs(st)],
+        [_row_block(st, e)], (b, h, st.n_blocks), "jaxattn_lightning_block_out")(slope, q, k, v, hs, *docs)
     return out, final
 
 
@@ -397,40 +481,48 @@ def _fwd_chunked(st: _Static, q, k, v, slope, s0):
 
 
 def _dstates_kernel(s_ref, q_ref, do_ref, *refs, st: _Static):
-    dsf_ref, gs_ref, ds0_ref = _optional_refs(refs, st.final_grad, True, st.initial_grad)
+    c_ref, pv_ref, dsf_ref, gs_ref, ds0_ref = _optional_refs(
+        refs, st.docs, st.docs, st.final_grad, True, st.initial_grad)
     s = s_ref[...]
-    q_pow = jnp.exp(-s * jnp.arange(st.block).astype(jnp.float32))  # lambda^i
+    q_pow0 = jnp.exp(-s * jnp.arange(st.block).astype(jnp.float32))  # lambda^i
     blk_dec = jnp.exp(-s * float(st.block))
     last = st.n_blocks - 1
     dsf = _load_or_zeros(dsf_ref, (q_ref.shape[-1], do_ref.shape[-1]))
     gs_ref[last] = dsf.astype(gs_ref.dtype)
 
-    def update(t, g):
+    def update(t, acc):  # acc: G entering the block, decayed to its first row
         rows = _rows(t, st.block)
-        return _decayed_outer(g * blk_dec, q_ref[rows, :], q_pow, do_ref[rows, :], st)
+        docs = _block_docs(c_ref, pv_ref, rows)
+        q_pow = _bwd_masked(docs, None, None, q_pow0)[2]
+        if docs is not None:
+            acc *= docs.bwd_through
+        return _bwd_carry(_decayed_outer(acc, q_ref[rows, :], q_pow, do_ref[rows, :], st), docs)
 
     def body(r, g):
         t = last - 1 - r
         gs_ref[t] = g.astype(gs_ref.dtype)
-        return update(t, g)
+        return update(t, g * blk_dec)
 
-    g = update(last, jnp.zeros(dsf.shape, jnp.float32))
+    acc = jnp.zeros(dsf.shape, jnp.float32)
     if dsf_ref is not None:
-        g += jnp.exp(-s * float(st.rem - 1)) * dsf
+        acc = jnp.exp(-s * float(st.rem - 1)) * dsf
+    g = update(last, acc)
     g = lax.fori_loop(0, last, body, g)
     if ds0_ref is not None:
         ds0_ref[...] = jnp.exp(-s) * g
 
 
-def _block_grad_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, hs_ref, gs_ref, dq_ref, dk_ref, dv_ref, *,
-                       st: _Static):
+def _block_grad_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, hs_ref, gs_ref, *refs, st: _Static):
+    c_ref, pv_ref, dq_ref, dk_ref, dv_ref = _optional_refs(refs, st.docs, st.docs, True, True, True)
     is_last = pl.program_id(2) == st.n_blocks - 1
     s = s_ref[...]
-    q_dec, _, intra, _ = _decays(s, st.block, st.block)
+    docs = _block_docs(c_ref, pv_ref, slice(None))
+    q_dec, _, intra, _ = _fwd_masked(_decays(s, st.block, st.block), docs)
     k_last = _decays(s, st.block, st.rem)[1]
     k_pow = jnp.exp(-s * (st.block - jnp.arange(st.block).astype(jnp.float32)))  # lambda^(B-j)
     w = jnp.where(is_last, k_last, k_pow)  # the last block's G slot holds dSf
     intra_t = _decay_matrix(s, st.block, transposed=True)  # (computed, not a register transpose)
+    intra_t, w, _ = _bwd_masked(docs, intra_t, w, None)
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     g = gs_ref[...]
     dp = dot(do, v, trans_b=True, precision=st.precision) * intra
@@ -442,68 +534,71 @@ def _block_grad_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, hs_ref, gs_ref, dq_re
     dk_ref[...] = (dk + _row_scaled_dot(v, w, g, st, trans_b=True)).astype(dk_ref.dtype)
 
 
-def _bwd_chunked(st: _Static, q, k, v, slope, s0, do, dsf):
+def _bwd_chunked(st: _Static, q, k, v, slope, s0, do, dsf, docs=()):
     b, _, h, d = q.shape
     e = v.shape[-1]
     be, ne = _chunk(st.cfg, e, backward=True)
     nb = st.n_blocks
-    hs, _ = _all_states(st, k, v, slope, s0, backward=True)
+    hs, _ = _all_states(st, k, v, slope, s0, docs, backward=True)
     gs, *ds0 = _call(
         _dstates_kernel, st,
         [jax.ShapeDtypeStruct((b, h, nb, d, e), _state_dtype(q)),
          *[jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)] * st.initial_grad],
-        [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be), *[_state_spec(d, be)] * st.final_grad],
+        [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be), *_doc_specs(st), *[_state_spec(d, be)] * st.final_grad],
         [_all_states_spec(nb, d, be), *[_state_spec(d, be)] * st.initial_grad], (b, h, ne),
-        "jaxattn_lightning_dstates_all", backward=True)(slope, q, do, *_present(dsf))
+        "jaxattn_lightning_dstates_all", backward=True)(slope, q, do, *docs, *_present(dsf))
     rows_d, rows_e = _row_block(st, d), _row_block(st, e)
     return (*_call(
         _block_grad_kernel, st,
         [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
          jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        [_SLOPE_SPEC, rows_d, rows_d, rows_e, rows_e, _block_state_spec(d, e), _block_state_spec(d, e)],
+        [_SLOPE_SPEC, rows_d, rows_d, rows_e, rows_e, _block_state_spec(d, e), _block_state_spec(d, e),
+         *_block_doc_specs(st)],
         [rows_d, rows_d, rows_e], (b, h, nb), "jaxattn_lightning_block_grad",
-        backward=True)(slope, q, k, v, do, hs, gs), ds0[0] if ds0 else None)
+        backward=True)(slope, q, k, v, do, hs, gs, *docs), ds0[0] if ds0 else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lightning(st: _Static, q, k, v, slope, s0):
-    return _fwd(st, q, k, v, slope, s0)
+def _lightning(st: _Static, q, k, v, slope, s0, c, pv):
+    return _fwd(st, q, k, v, slope, s0, _present(c, pv))
 
 
-def _lightning_fwd(st, q, k, v, slope, s0):
-    return _fwd(st, q, k, v, slope, s0), (q, k, v, slope, s0)
+def _lightning_fwd(st, q, k, v, slope, s0, c, pv):
+    return _fwd(st, q, k, v, slope, s0, _present(c, pv)), (q, k, v, slope, s0, c, pv)
 
 
-def _bwd(st: _Static, q, k, v, slope, s0, do, dsf):
+def _bwd(st: _Static, q, k, v, slope, s0, do, dsf, docs=()):
     """dq, dk, dv and the initial-state cotangent of one kernel call (dO, final-state cotangent)."""
     if st.cfg.backward == "chunked":
-        return _bwd_chunked(st, q, k, v, slope, s0, do, dsf)
+        return _bwd_chunked(st, q, k, v, slope, s0, do, dsf, docs)
     b, _, h, d = q.shape
     e = v.shape[-1]
     be, ne = _chunk(st.cfg, e, backward=True)
     # dq and dk sum over the value channels: one partial per chunk (fp32 when there are several).
     part = jax.ShapeDtypeStruct((ne, *q.shape), q.dtype if ne == 1 else jnp.float32)
     (dq,) = _call(_dq_kernel, st, [part],
-                  [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be, 2), *[_state_spec(d, be)] * st.initial],
+                  [_SLOPE_SPEC, *_specs(st, d), *_chunk_specs(st, be, 2), *_doc_specs(st),
+                   *[_state_spec(d, be)] * st.initial],
                   [_partial_spec(st, d)], (b, h, ne), "jaxattn_lightning_dq",
-                  backward=True)(slope, k, v, do, *_present(s0))
+                  backward=True)(slope, k, v, do, *docs, *_present(s0))
     dk, dv, *ds0 = _call(
         _dkv_kernel, st,
         [part, jax.ShapeDtypeStruct(v.shape, v.dtype),
          *[jax.ShapeDtypeStruct((b, h, d, e), jnp.float32)] * st.initial_grad],
-        [_SLOPE_SPEC, *_specs(st, d, d), *_chunk_specs(st, be, 2), *[_state_spec(d, be)] * st.final_grad],
+        [_SLOPE_SPEC, *_specs(st, d, d), *_chunk_specs(st, be, 2), *_doc_specs(st),
+         *[_state_spec(d, be)] * st.final_grad],
         [_partial_spec(st, d), *_chunk_specs(st, be), *[_state_spec(d, be)] * st.initial_grad], (b, h, ne),
-        "jaxattn_lightning_dkv", backward=True)(slope, q, k, v, do, *_present(dsf))
+        "jaxattn_lightning_dkv", backward=True)(slope, q, k, v, do, *docs, *_present(dsf))
     return _sum_partials(dq, q.dtype), _sum_partials(dk, k.dtype), dv, (ds0[0] if ds0 else None)
 
 
 def _lightning_bwd(st, res, cts):
-    q, k, v, slope, s0 = res
+    q, k, v, slope, s0, c, pv = res
     do, dsf = cts
     dsf = dsf.astype(jnp.float32) if st.final_grad else None
-    dq, dk, dv, ds0 = _bwd(st, q, k, v, slope, s0, do.astype(q.dtype), dsf)
-    # No gradient for the decay rates (fixed ALiBi-style schedules in TNL).
-    return dq, dk, dv, None, ds0
+    dq, dk, dv, ds0 = _bwd(st, q, k, v, slope, s0, do.astype(q.dtype), dsf, _present(c, pv))
+    # No gradient for the decay rates (fixed ALiBi-style schedules in TNL) or the document indices.
+    return dq, dk, dv, None, ds0, None, None
 
 
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)
@@ -550,16 +645,25 @@ def _pow(slope, exps):
     return jnp.exp(-slope * jnp.asarray(exps, jnp.float32)[..., None])
 
 
-def _carry(sg: _Seg, slope):
-    """``W[p, j] = [j < p] lam^(L (p-1-j))`` -> ``[P, P, heads]``."""
+def _carry(sg: _Seg, slope, ends=None):
+    """``W[p, j] = [j < p] lam^(L (p-1-j))`` -> ``[P, P, heads]`` (``[B, P, P, heads]`` with the
+    segments' last documents ``ends [B, P]``: own state j reaches segment p only if segment p - 1
+    ends in its document)."""
     i = jnp.arange(sg.segments)
     gap = i[:, None] - 1 - i[None, :]
-    return jnp.where((gap >= 0)[..., None], _pow(slope, sg.st.n_pad * jnp.maximum(gap, 0)), 0.0)
+    w = jnp.where((gap >= 0)[..., None], _pow(slope, sg.st.n_pad * jnp.maximum(gap, 0)), 0.0)
+    if ends is None:
+        return w
+    before = jnp.concatenate([ends[:, :1], ends[:, :-1]], axis=1)  # segment p - 1's last document
+    return w[None] * (ends[:, None, :] == before[:, :, None])[..., None]
 
 
-def _outer_kernel(s_ref, x_ref, y_ref, o_ref, *, st: _Static, segments: int, n: int, from_end: bool):
+def _outer_kernel(s_ref, x_ref, y_ref, *refs, st: _Static, segments: int, n: int, from_end: bool):
     """``sum_t lam^(e_t) x_t^T y_t`` over one segment: ``e_t = end - t`` (its own state; ``end``
-    the segment's last real row) or ``e_t = t + 1`` (the cotangent of its incoming state)."""
+    the segment's last real row) or ``e_t = t + 1`` (the cotangent of its incoming state). A packed
+    sequence's rows count only in the document ``tgt`` (the segment's last one, or the previous
+    row's at its start)."""
+    c_ref, tgt_ref, o_ref = _optional_refs(refs, st.docs, st.docs, True)
     s = s_ref[...]
     if from_end:
         p = lax.rem(pl.program_id(0), segments)
@@ -569,21 +673,24 @@ def _outer_kernel(s_ref, x_ref, y_ref, o_ref, *, st: _Static, segments: int, n: 
         rows = _rows(t, st.block)
         i = (t * st.block + jnp.arange(st.block)).astype(jnp.float32)
         w = jnp.exp(-s * (jnp.maximum(end - i, 0.0) if from_end else i + 1.0))
+        if c_ref is not None:
+            w = jnp.where(c_ref[rows] == tgt_ref[rows], w, 0.0)
         return _decayed_outer(acc, x_ref[rows, :], w, y_ref[rows, :], st)
 
     o_ref[...] = lax.fori_loop(0, st.n_blocks, body, jnp.zeros(o_ref.shape, jnp.float32))
 
 
-def _seg_outer(sg: _Seg, x, y, slope, from_end: bool):
-    """:func:`_outer_kernel` for every (segment, head, value chunk): ``[B, P, H, d, e]`` fp32."""
-    x, y = _seg_kernel_args(sg, x, y)
+def _seg_outer(sg: _Seg, x, y, slope, from_end: bool, docs=()):
+    """:func:`_outer_kernel` for every (segment, head, value chunk): ``[B, P, H, d, e]`` fp32;
+    ``docs``: () or the rows' documents and each row's target document ``(c, tgt) [B, n_pad]``."""
+    x, y, *docs = _seg_kernel_args(sg, x, y, *docs)
     bp, _, h, d = x.shape
     e = y.shape[-1]
     be, ne = _chunk(sg.st.cfg, e)
     kernel = functools.partial(_outer_kernel, segments=sg.segments, n=sg.n, from_end=from_end)
     (out,) = _call(kernel, sg.st, [jax.ShapeDtypeStruct((bp, h, d, e), jnp.float32)],
-                   [_SLOPE_SPEC, *_specs(sg.st, d), *_chunk_specs(sg.st, be)], [_state_spec(d, be)], (bp, h, ne),
-                   "jaxattn_lightning_states")(slope, x, y)
+                   [_SLOPE_SPEC, *_specs(sg.st, d), *_chunk_specs(sg.st, be), *_doc_specs(sg.st)],
+                   [_state_spec(d, be)], (bp, h, ne), "jaxattn_lightning_states")(slope, x, y, *docs)
     return out.reshape(bp // sg.segments, sg.segments, h, d, e)
 
 
@@ -595,16 +702,46 @@ def _flat(x):  # [B, P, ...] -> [B * P, ...]
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _seg_inputs(sg: _Seg, q, k, v, slope, s0):
+class _SegDocs(NamedTuple):
+    """A packed sequence's documents per segment: ``ends [B, P]`` (each segment's last row's), ``entering
+    [B, P]`` (the row before its first: the incoming state's), and per row ``[B, n_pad]`` the targets of
+    :func:`_outer_kernel` (its segment's end, its segment's entering document)."""
+
+    c: jax.Array
+    pv: jax.Array
+    ends: jax.Array
+    entering: jax.Array
+
+    def rows(self, sg: _Seg, per_segment: jax.Array) -> jax.Array:
+        return jnp.repeat(per_segment, sg.st.n_pad, axis=1)
+
+
+def _seg_docs(sg: _Seg, c, pv) -> _SegDocs | None:
+    if c is None:
+        return None
+    return _SegDocs(c, pv, _seg_view(c, sg).max(axis=2), _seg_view(pv, sg).min(axis=2))
+
+
+def _same(a, b):  # [B, ...] masks as fp32 per (batch, segment), broadcast over heads and the state
+    return (a == b).astype(jnp.float32)[..., None, None, None]
+
+
+def _seg_inputs(sg: _Seg, q, k, v, slope, s0, docs: _SegDocs | None = None):
     """(s_in [B, P, H, d, e], final state) from the segments' own states."""
     p, length = sg.segments, sg.st.n_pad
-    own = _seg_outer(sg, k, v, slope, from_end=True)
+    own = _seg_outer(sg, k, v, slope, True, () if docs is None else (docs.c, docs.rows(sg, docs.ends)))
     hp = lax.Precision.HIGHEST
-    s_in = jnp.einsum("pjh,bjhde->bphde", _carry(sg, slope), own, precision=hp)
+    if docs is None:
+        s_in = jnp.einsum("pjh,bjhde->bphde", _carry(sg, slope), own, precision=hp)
+    else:
+        s_in = jnp.einsum("bpjh,bjhde->bphde", _carry(sg, slope, docs.ends), own, precision=hp)
     if s0 is not None:
-        s_in += _pow(slope, length * jnp.arange(p))[None, :, :, None, None] * s0[:, None]
-    final = _pow(slope, sg.rem)[None, :, None, None] * s_in[:, -1] + own[:, -1]
-    return s_in, final
+        s0_in = _pow(slope, length * jnp.arange(p))[None, :, :, None, None] * s0[:, None]
+        s_in += s0_in if docs is None else s0_in * _same(docs.entering, docs.c[:, :1])
+    last = _pow(slope, sg.rem)[None, :, None, None] * s_in[:, -1]
+    if docs is not None:  # (the incoming state crosses the last segment within one document only)
+        last *= _same(docs.entering[:, -1], docs.ends[:, -1])
+    return s_in, last + own[:, -1]
 
 
 def _seg_kernel_args(sg: _Seg, *xs):
@@ -612,43 +749,54 @@ def _seg_kernel_args(sg: _Seg, *xs):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _segmented(sg: _Seg, q, k, v, slope, s0):
-    return _segmented_fwd(sg, q, k, v, slope, s0)[0]
+def _segmented(sg: _Seg, q, k, v, slope, s0, c, pv):
+    return _segmented_fwd(sg, q, k, v, slope, s0, c, pv)[0]
 
 
-def _segmented_fwd(sg: _Seg, q, k, v, slope, s0):
-    s_in, final = _seg_inputs(sg, q, k, v, slope, s0)
-    out, _ = _fwd(sg.st, *_seg_kernel_args(sg, q, k, v), slope, _flat(s_in))  # (sg.st.final is False)
-    return (out.reshape(v.shape), final), (q, k, v, slope, s_in)
+def _segmented_fwd(sg: _Seg, q, k, v, slope, s0, c, pv):
+    s_in, final = _seg_inputs(sg, q, k, v, slope, s0, _seg_docs(sg, c, pv))
+    docs = _seg_kernel_args(sg, *_present(c, pv))
+    out, _ = _fwd(sg.st, *_seg_kernel_args(sg, q, k, v), slope, _flat(s_in), docs)  # (sg.st.final is False)
+    return (out.reshape(v.shape), final), (q, k, v, slope, s_in, c, pv)
 
 
 def _segmented_bwd(sg: _Seg, res, cts):
-    q, k, v, slope, s_in = res
+    q, k, v, slope, s_in, c, pv = res
+    docs = _seg_docs(sg, c, pv)
     do, dsf = cts
     do, dsf = do.astype(q.dtype), dsf.astype(jnp.float32)
     p, length = sg.segments, sg.st.n_pad
     hp = lax.Precision.HIGHEST
-    ds_in = _seg_outer(sg, q, do, slope, from_end=False)
+    ds_in = _seg_outer(sg, q, do, slope, False, () if docs is None else (c, docs.rows(sg, docs.entering)))
     if sg.final_state:
-        ds_in = ds_in.at[:, -1].add(_pow(slope, sg.rem)[None, :, None, None] * dsf)
-    ds_own = jnp.einsum("pjh,bphde->bjhde", _carry(sg, slope), ds_in, precision=hp)  # last one: 0
+        through = _pow(slope, sg.rem)[None, :, None, None] * dsf
+        if docs is not None:
+            through *= _same(docs.entering[:, -1], docs.ends[:, -1])
+        ds_in = ds_in.at[:, -1].add(through)
+    if docs is None:
+        ds_own = jnp.einsum("pjh,bphde->bjhde", _carry(sg, slope), ds_in, precision=hp)  # last one: 0
+    else:
+        ds_own = jnp.einsum("bpjh,bphde->bjhde", _carry(sg, slope, docs.ends), ds_in, precision=hp)
     ds0 = None
     if sg.initial:
-        ds0 = jnp.einsum("ph,bphde->bhde", _pow(slope, length * jnp.arange(p)), ds_in, precision=hp)
+        to_s0 = ds_in if docs is None else ds_in * _same(docs.entering, c[:, :1])
+        ds0 = jnp.einsum("ph,bphde->bhde", _pow(slope, length * jnp.arange(p)), to_s0, precision=hp)
     dq, dk, dv, _ = _bwd(sg.st, *_seg_kernel_args(sg, q, k, v), slope, _flat(s_in),
-                         *_seg_kernel_args(sg, do), _flat(ds_own))
+                         *_seg_kernel_args(sg, do), _flat(ds_own), _seg_kernel_args(sg, *_present(c, pv)))
     dq, dk, dv = dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
     if not sg.final_state:  # (else two einsums over the last segment and two copies of dk, dv)
-        return dq, dk, dv, None, ds0
+        return dq, dk, dv, None, ds0, None, None
     # dSf through the last segment's own state (its real rows end at n - 1, not at the padded end)
     last = slice((p - 1) * length, None)
     t = jnp.arange((p - 1) * length, p * length)
     w = jnp.where((t < sg.n)[:, None], _pow(slope, jnp.maximum(sg.n - 1 - t, 0)), 0.0)[None, :, :, None]
+    if docs is not None:  # (the final state holds the last document's keys only)
+        w = w * (c[:, last] == c[:, -1:])[:, :, None, None]
     dk_last = w * jnp.einsum("blhe,bhde->blhd", v[:, last].astype(jnp.float32), dsf, precision=hp)
     dv_last = w * jnp.einsum("blhd,bhde->blhe", k[:, last].astype(jnp.float32), dsf, precision=hp)
     dk = dk.at[:, last].add(dk_last.astype(dk.dtype))
     dv = dv.at[:, last].add(dv_last.astype(dv.dtype))
-    return dq, dk, dv, None, ds0
+    return dq, dk, dv, None, ds0, None, None
 
 
 _segmented.defvjp(_segmented_fwd, _segmented_bwd)
@@ -658,10 +806,12 @@ def lightning_attention_kernel(
     q: jax.Array, k: jax.Array, v: jax.Array, slope: jax.Array,
     initial_state: jax.Array | None = None, *,
     config: LightningConfig | None = None, interpret: bool | None = None, segments: int | None = None,
-    final_state: bool = True,
+    final_state: bool = True, segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Kernel entry on validated inputs: q, k ``[B, N, H, d]``, v ``[B, N, H, e]``,
-    slope ``[H]`` (>= 0), initial_state ``[B, H, d, e]`` or None.
+    slope ``[H]`` (>= 0), initial_state ``[B, H, d, e]`` or None, segment_ids int ``[B, N]`` or None
+    (a packed sequence: :func:`document_index`; the initial state belongs to the first document, the
+    final state is the last one's).
     ``segments``: split the sequence into that many segments run in parallel (default
     :func:`segment_count`: only long sequences with few batch x heads are split).
     Returns ``out [B, N, H, e]`` (input dtype) and the final state (fp32), or None with
@@ -684,14 +834,27 @@ def lightning_attention_kernel(
     s0 = None  # no initial state: the kernels start from zeros (none are materialized)
     if initial_state is not None:
         s0 = jnp.pad(initial_state.astype(jnp.float32), ((0, 0), (0, 0), (0, d_pad - d), (0, e_pad - e)))
-    args = (pad(q, d_pad), pad(k, d_pad), pad(v, e_pad), slope.astype(jnp.float32), s0)
+    c = pv = None
+    if segment_ids is not None:  # padded rows repeat the last document
+        c = jnp.pad(document_index(segment_ids), ((0, 0), (0, n_pad - n)), mode="edge")
+        pv = jnp.concatenate([c[:, :1], c[:, :-1]], axis=1)
+    args = (pad(q, d_pad), pad(k, d_pad), pad(v, e_pad), slope.astype(jnp.float32), s0, c, pv)
+    docs = segment_ids is not None
     if segments == 1:
         given = s0 is not None
         st = _Static(n=n, n_pad=n_pad, block=block, cfg=cfg, interpret=interpret, precision=precision,
-                     initial=given, initial_grad=given, final=final_state, final_grad=final_state)
+                     initial=given, initial_grad=given, final=final_state, final_grad=final_state, docs=docs)
         out, state = _lightning(st, *args)
     else:  # each segment starts from its s_in; the segments' own states and dS0 come from XLA
         st = _Static(n=length, n_pad=length, block=block, cfg=cfg, interpret=interpret, precision=precision,
-                     initial=True, initial_grad=False, final=False, final_grad=True)
+                     initial=True, initial_grad=False, final=False, final_grad=True, docs=docs)
         out, state = _segmented(_Seg(st, n, segments, final_state, s0 is not None), *args)
     return out[:, :n, :, :e], (state[:, :, :d, :e] if final_state else None)
+
+
+def document_index(segment_ids: jax.Array) -> jax.Array:
+    """int32 ``[B, N]``: each row's document, counted from 0 along the sequence (a document is a run of
+    equal consecutive ids, so ids may repeat in later documents)."""
+    new = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], jnp.int32),
+                            jnp.cumsum(new, axis=1, dtype=jnp.int32)], axis=1)

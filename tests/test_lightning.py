@@ -302,3 +302,124 @@ def test_bad_decode_state():
     q = jnp.zeros((2, 4, 16))
     with pytest.raises(ValueError, match=r"state must have shape"):
         jaxattn.lightning_attention_step(q, q, q, jnp.zeros(4), jnp.zeros((2, 4, 16, 15)))
+
+
+def _packed_ids(b: int, n: int, cuts: tuple[int, ...]) -> jax.Array:
+    """Row 0: documents starting at ``cuts`` (ids alternate 0/1, so an id repeats in a later
+    document); row 1: one document; further rows: every token its own document."""
+    ids = [[sum(c <= t for c in cuts) % 2 for t in range(n)], [7] * n]
+    ids += [list(range(n))] * (b - 2)
+    return jnp.asarray(ids, jnp.int32)
+
+
+def _per_document_oracle(q, k, v, slope, s0, seg):
+    """Each document run alone through the unpacked dense oracle (the first from ``s0``),
+    outputs concatenated; the final state is the last document's (an oracle independent of the
+    packed masks)."""
+    outs, states = [], []
+    for b in range(q.shape[0]):
+        row = [int(x) for x in seg[b]]
+        starts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]] + [len(row)]
+        parts = []
+        for i, (a, z) in enumerate(zip(starts[:-1], starts[1:])):
+            init = None if s0 is None or i else s0[b:b + 1]
+            o, st = lightning_reference(q[b:b + 1, a:z], k[b:b + 1, a:z], v[b:b + 1, a:z], slope, init)
+            parts.append(o)
+        outs.append(jnp.concatenate(parts, axis=1))
+        states.append(st)
+    return jnp.concatenate(outs), jnp.concatenate(states)
+
+
+PACKED_CASES = [  # n, block, scheme, segments (sequence split inside the call), dtype, initial state;
+    # documents start at block starts (16, 32, 112: the 3-segment split's second segment), mid-block,
+    # a one-token document and the last token alone
+    (100, 16, "scan", 1, jnp.float32, True),
+    (100, 16, "chunked", 1, jnp.float32, False),
+    (300, 16, "scan", 3, jnp.float32, True),
+    (300, 32, "chunked", 3, jnp.bfloat16, True),
+    (300, 16, "scan/chunked", 1, jnp.float16, True),
+]
+PACKED_CUTS = (1, 16, 17, 32, 50, 51, 99, 112, 200, 299)
+
+
+@pytest.mark.parametrize("n,block,schemes,segments,dtype,state", PACKED_CASES)
+def test_packed_sequences_match_per_document_oracle(n, block, schemes, segments, dtype, state):
+    """segment_ids: the kernel equals each document run alone (forward, final state, gradients of
+    q, k, v and the initial state), the dense and scan oracles agree on the packed form, and the
+    result differs from the unpacked op (the masks matter)."""
+    h, d, e = 3, 16, 24
+    q, k, v, s0 = _inputs(n + block, 3, n, h, d, e, dtype, state=state)
+    slope = tnl_slopes(h).at[0].set(0.0)
+    seg = _packed_ids(3, n, tuple(c for c in PACKED_CUTS if c < n))
+    fwd, bwd = schemes.split("/") if "/" in schemes else (schemes, schemes)
+    cfg = lk.LightningConfig(block, 4, 2, 16, 32, forward=fwd, backward=bwd)
+    states = (s0,) if state else ()
+
+    def kernel(q, k, v, *s0):
+        return lk.lightning_attention_kernel(q, k, v, slope, *s0, config=cfg, segments=segments, segment_ids=seg)
+
+    with poison_outputs():
+        out, final = jax.jit(kernel)(q, k, v, *states)
+    doc_out, doc_state = _per_document_oracle(q, k, v, slope, s0, seg)
+    ref_out, ref_state = lightning_reference(q, k, v, slope, s0, seg)
+    rec_out, rec_state = lightning_recurrent(q, k, v, slope, s0, seg)
+    tol = {jnp.dtype(jnp.float32): (1e-5, 1e-5)}
+    for name, a, b in (("dense", ref_out, doc_out), ("scan", rec_out, doc_out), ("dense state", ref_state, doc_state),
+                       ("scan state", rec_state, doc_state)):
+        assert_close(a, b, jnp.float32, f"packed {name} oracle vs per document", tol=tol)
+    assert_close(out, doc_out, dtype, "out")
+    assert_close(final, doc_state, dtype, "final state")
+    unpacked = lightning_reference(q, k, v, slope, s0)[0]
+    assert float(jnp.abs(unpacked - doc_out).max()) > 0.1
+
+    w_o = jax.random.normal(jax.random.PRNGKey(1), doc_out.shape)
+    w_s = jax.random.normal(jax.random.PRNGKey(2), doc_state.shape)
+
+    def loss(f):
+        def inner(q, k, v, *s0):
+            o, st = f(q, k, v, *s0)
+            return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(st * w_s)
+        return inner
+
+    argnums = tuple(range(3 + state))
+    with poison_outputs():
+        grads = jax.jit(jax.grad(loss(kernel), argnums))(q, k, v, *states)
+    ref_grads = jax.grad(loss(lambda q, k, v, *s0: lightning_reference(q, k, v, slope, *(s0 or (None,)), seg)),
+                         argnums)(q, k, v, *states)
+    for name, g, rg in zip(["dq", "dk", "dv", "d_initial_state"], grads, ref_grads):
+        assert_close(g, rg, dtype, name, tol=GRAD_TOL)
+
+
+def test_packed_op_xla_and_pallas_agree_and_check_segment_ids():
+    q, k, v, s0 = _inputs(4, 2, 70, 2, 16, 8, jnp.float32)
+    slope = tnl_slopes(2)
+    seg = jnp.asarray([[0] * 30 + [1] * 40, [5] * 70], jnp.int32)
+    outs = [jaxattn.lightning_attention(q, k, v, slope, initial_state=s0, segment_ids=seg, return_state=True,
+                                        impl=impl) for impl in ("xla", "pallas")]
+    for a, b in zip(*outs):
+        assert_close(b, a, jnp.float32)
+    # the second row (one document) is the unpacked op's
+    plain = jaxattn.lightning_attention(q, k, v, slope, initial_state=s0, impl="xla")
+    assert_close(outs[1][0][1], plain[1], jnp.float32)
+    bad = [(dict(segment_ids=seg[:, :69]), r"segment_ids must have shape \[batch, seq\] = \(2, 70\)"),
+           (dict(segment_ids=seg.astype(jnp.float32)), r"segment_ids must have an integer dtype"),
+           (dict(segment_ids=seg[0]), r"segment_ids must have rank 2"),
+           (dict(segment_ids=seg, sequence_axis="sp"), r"segment_ids with sequence_axis")]
+    for kwargs, match in bad:
+        with pytest.raises(ValueError, match=match):
+            jaxattn.lightning_attention(q, k, v, slope, **kwargs)
+
+
+@pytest.mark.parametrize("scheme,segments", [("scan", 1), ("chunked", 1), ("scan", 4), ("chunked", 4)])
+def test_packed_kernels_lower_for_cuda(scheme, segments):
+    args = [jax.ShapeDtypeStruct((2, 4000, 2, 128), jnp.bfloat16)] * 3 + [
+        jax.ShapeDtypeStruct((2,), jnp.float32), jax.ShapeDtypeStruct((2, 4000), jnp.int32)]
+    cfg = dataclasses.replace(lk.lightning_config(128, jnp.bfloat16), forward=scheme, backward=scheme)
+
+    def loss(q, k, v, s, seg):
+        o, st = lk.lightning_attention_kernel(q, k, v, s, config=cfg, interpret=False, segments=segments,
+                                              segment_ids=seg)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(st)
+
+    calls = count_triton_calls(lower_for_cuda(jax.grad(loss, (0, 1, 2)), *args))
+    assert calls == {("scan", 1): 3, ("chunked", 1): 5, ("scan", 4): 5, ("chunked", 4): 7}[scheme, segments]

@@ -53,6 +53,7 @@ def lightning_attention(
     return_state: bool = False,
     impl: Literal["auto", "pallas", "xla"] = "auto",
     sequence_axis: str | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """``o_i = sum_{j<=i} exp(-slope (i-j)) (q_i . k_j) v_j`` per head.
 
@@ -73,6 +74,11 @@ def lightning_attention(
         its shard of the exact global output, and the returned state is the global final state
         (:mod:`jaxattn.ops.lightning_sp`; :func:`jaxattn.lightning_attention_sp` does the
         ``shard_map`` for global arrays). ``initial_state`` is then the global one.
+      segment_ids: int ``[batch, seq]`` for packed sequences (several documents in one row, as
+        flash-linear-attention's ``cu_seqlens``): a document is a run of equal consecutive ids, and
+        each token sums only over earlier tokens of its own document (the state restarts at every
+        document's first token). ``initial_state`` feeds the first document of each row; the
+        returned state is the last document's.
 
     Returns ``out [batch, seq, heads, v_head_dim]`` in q's dtype (and the final state).
     """
@@ -95,14 +101,23 @@ def lightning_attention(
     slope = _check_slope(slope, h)
     if initial_state is not None:
         _check_state(initial_state, (b, h, d, e), "initial_state")
+    if segment_ids is not None:
+        _checks.check_rank("segment_ids", segment_ids, 2, "[batch, seq]")
+        if tuple(segment_ids.shape) != (b, n):
+            raise ValueError(f"segment_ids must have shape [batch, seq] = {(b, n)}, got {tuple(segment_ids.shape)}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must have an integer dtype, got {jnp.dtype(segment_ids.dtype).name}")
+        if sequence_axis is not None:
+            raise ValueError("segment_ids with sequence_axis (packed sequences split over devices) is not supported")
 
     local_state = None if sequence_axis is not None else initial_state
     if (impl == "pallas" or (impl == "auto" and _targets_gpu())) and not _checks.empty(q, k, v):
         # (without return_state the final state's cotangent is zero: the backward skips its terms)
         out, state = _kernel.lightning_attention_kernel(q, k, v, slope, local_state,
-                                                        final_state=return_state or sequence_axis is not None)
+                                                        final_state=return_state or sequence_axis is not None,
+                                                        segment_ids=segment_ids)
     else:
-        out, state = lightning_reference(q, k, v, lax.stop_gradient(slope), local_state)
+        out, state = lightning_reference(q, k, v, lax.stop_gradient(slope), local_state, segment_ids)
         out = out.astype(q.dtype)
     if sequence_axis is not None:
         from jaxattn.ops.lightning_sp import sequence_parallel_combine
