@@ -251,6 +251,14 @@ def table_entry(table: dict, head_dim: int, dtype: Any, what: str, min_dim: int 
         raise ValueError(f"no {what} config for head_dim={head_dim}, dtype={jnp.dtype(dtype).name}") from None
 
 
+def document_index(segment_ids: jax.Array) -> jax.Array:
+    """int32 ``[B, N]``: each token's document, counted from 0 along the row (a document is a run of
+    equal consecutive ids, so an id may come back in a later document)."""
+    new = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], jnp.int32),
+                            jnp.cumsum(new, axis=1, dtype=jnp.int32)], axis=1)
+
+
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 

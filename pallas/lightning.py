@@ -810,7 +810,7 @@ def lightning_attention_kernel(
 ) -> tuple[jax.Array, jax.Array | None]:
     """Kernel entry on validated inputs: q, k ``[B, N, H, d]``, v ``[B, N, H, e]``,
     slope ``[H]`` (>= 0), initial_state ``[B, H, d, e]`` or None, segment_ids int ``[B, N]`` or None
-    (a packed sequence: :func:`document_index`; the initial state belongs to the first document, the
+    (a packed sequence: :func:`_common.document_index`; the initial state belongs to the first document, the
     final state is the last one's).
     ``segments``: split the sequence into that many segments run in parallel (default
     :func:`segment_count`: only long sequences with few batch x heads are split).
@@ -836,7 +836,7 @@ def lightning_attention_kernel(
         s0 = jnp.pad(initial_state.astype(jnp.float32), ((0, 0), (0, 0), (0, d_pad - d), (0, e_pad - e)))
     c = pv = None
     if segment_ids is not None:  # padded rows repeat the last document
-        c = jnp.pad(document_index(segment_ids), ((0, 0), (0, n_pad - n)), mode="edge")
+        c = jnp.pad(_common.document_index(segment_ids), ((0, 0), (0, n_pad - n)), mode="edge")
         pv = jnp.concatenate([c[:, :1], c[:, :-1]], axis=1)
     args = (pad(q, d_pad), pad(k, d_pad), pad(v, e_pad), slope.astype(jnp.float32), s0, c, pv)
     docs = segment_ids is not None
@@ -851,10 +851,3 @@ def lightning_attention_kernel(
         out, state = _segmented(_Seg(st, n, segments, final_state, s0 is not None), *args)
     return out[:, :n, :, :e], (state[:, :, :d, :e] if final_state else None)
 
-
-def document_index(segment_ids: jax.Array) -> jax.Array:
-    """int32 ``[B, N]``: each row's document, counted from 0 along the sequence (a document is a run of
-    equal consecutive ids, so ids may repeat in later documents)."""
-    new = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], jnp.int32),
-                            jnp.cumsum(new, axis=1, dtype=jnp.int32)], axis=1)

@@ -316,3 +316,49 @@ def test_dropout_modes_and_errors():
     b_ring, b_flat = run(ring, tokens), run(flat, tokens)  # the next masks: again the same in both
     np.testing.assert_allclose(b_ring, b_flat, atol=1e-5)
     assert not np.allclose(a_ring, b_ring)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(kv_heads=2),
+    dict(layer_types=("full", "window"), window=6),  # window layers: the flash kernel's window with the masks
+    dict(position="alibi"),
+    dict(norm="layer", bias=True, mlp_gated=False, mlp_act="gelu", position="learned", max_positions=64),
+])
+def test_packed_documents_equal_each_document_alone(kw):
+    """segment_ids (runs of equal ids): each document attends within itself from position 0, so a
+    packed row's logits and gradients are its documents' own (RoPE, ALiBi, learned positions)."""
+    m = _model(**kw)
+    toks = jax.random.randint(jax.random.PRNGKey(7), (2, 30), 0, 64)
+    seg = jnp.asarray([[2] * 11 + [5] * 12 + [2] * 7, [0] * 30])
+    docs = [(0, 11), (11, 23), (23, 30)]
+    packed = nnx.jit(lambda m, t, s: m(t, segment_ids=s))(m, toks, seg)
+    np.testing.assert_allclose(packed[:1], jnp.concatenate([m(toks[:1, a:z]) for a, z in docs], 1), atol=2e-5)
+    np.testing.assert_allclose(packed[1:], m(toks[1:]), atol=2e-5)
+    assert float(jnp.abs(packed[:1, 11:] - m(toks[:1])[:, 11:]).max()) > 1e-3
+
+    grads = nnx.grad(lambda m: jnp.sum(m(toks[:1], segment_ids=seg[:1]) ** 2))(m)
+    ref = nnx.grad(lambda m: sum(jnp.sum(m(toks[:1, a:z]) ** 2) for a, z in docs))(m)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-3)
+
+
+def test_packed_documents_refusals():
+    toks = jnp.zeros((1, 16), jnp.int32)
+    seg = jnp.zeros((1, 16), jnp.int32)
+    with pytest.raises(ValueError, match="need full or sliding-window attention layers; this model has 'power'"):
+        _model(layer_types=("power",), sparse_block=16, window=32, sink=16)(toks, segment_ids=seg)
+    with pytest.raises(ValueError, match="quantized"):
+        _model(quantized=True)(toks, segment_ids=seg)
+    m = _model()
+    with pytest.raises(ValueError, match="without a cache"):
+        m(toks, segment_ids=seg, cache=m.init_cache(1, 16))
+    with pytest.raises(ValueError, match=r"segment_ids must be int \[batch, seq\] = \(1, 16\)"):
+        m(toks, segment_ids=seg.astype(jnp.float32))
+
+
+def test_rope_takes_per_row_positions():
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 3, 8))
+    pos = jnp.asarray([[0, 1, 2, 3, 4], [7, 8, 0, 1, 2]])
+    out = rope(x, pos, 10000.0)
+    for b in range(2):
+        np.testing.assert_allclose(out[b:b + 1], rope(x[b:b + 1], pos[b], 10000.0), atol=1e-6)

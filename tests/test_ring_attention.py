@@ -117,6 +117,9 @@ ZIGZAG = """
         g_ring, g_plain = (jax.tree.leaves(nnx.state(nnx.jit(nnx.grad(loss))(m), nnx.Param)) for m in (ring, plain))
         for a, b in zip(g_ring, g_plain):
             check(a, b, 1e-5, "zigzag GPT grads")
+        seg = jnp.asarray([[0] * 9 + [1] * 15 + [0] * 8, [3] * 20 + [4] * 12])  # packed documents: zig-zagged too
+        packed = nnx.jit(lambda m, t, s: m(t, segment_ids=s))
+        check(packed(ring, tokens, seg), packed(plain, tokens, seg), 2e-5, "zigzag GPT packed logits")
         last_ring, _ = ring.prefill(tokens, 40)
         last_plain, _ = plain.prefill(tokens, 40)
         check(last_ring, last_plain, 2e-5, "zigzag GPT prefill")

@@ -43,7 +43,11 @@ def _add_lm(sub) -> None:
         "lora_targets": "LoRA: comma-separated layer names (GPT: q,kv,o,gate_up or up,down; default: every linear layer "
                         "but the output head)",
         "base_dtype": "LoRA on a Hugging Face folder: store its frozen weights in this dtype (bfloat16: half their "
-                      "memory; the adapters stay fp32)"})
+                      "memory; the adapters stay fp32)",
+        "doc_mask": "packed documents: each token attends (TNL: mixes) only within its own document, positions "
+                    "restarting at each (documents: the files of a text corpus, or --doc-sep in token files)",
+        "doc_sep": "with --doc-mask: the token id that ends each document (GPT-2's end-of-text: 50256); default: "
+                   "a text corpus's file boundaries"})
     _common(p)
 
 

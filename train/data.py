@@ -4,6 +4,10 @@ own sources as a byte-level corpus by default, or a text file/folder, or token f
 folder holding ``train`` and ``val`` files. Token files are memory-mapped, never loaded whole.
 
 Batches are a pure function of ``(seed, step)``, so a resumed run sees the same data.
+
+Documents: a corpus knows where its documents start (the files of a text corpus; in token files,
+after each ``doc_sep`` token, e.g. GPT-2's end-of-text 50256), and :func:`get_batch` given those
+starts also returns each token's document, for models that keep packed documents apart.
 """
 
 from __future__ import annotations
@@ -24,39 +28,58 @@ class Corpus:
     vocab_size: int
     source: str
     byte_level: bool = True  # tokens are the text's bytes (False: ids from a token file)
+    # where documents start in each split (sorted offsets; None: not known, one stream)
+    train_docs: np.ndarray | None = None
+    val_docs: np.ndarray | None = None
 
 
-def stdlib_bytes(max_bytes: int) -> bytes:
-    """The running interpreter's standard-library ``*.py`` files, sorted, concatenated."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "test" in path.parts:
-            continue
+def _concat(files, max_bytes: int, skip_unreadable: bool = False) -> tuple[bytes, np.ndarray]:
+    """The files' bytes concatenated (up to ``max_bytes``) and the offsets where each one starts."""
+    chunks, starts, total = [], [], 0
+    for path in files:
         try:
             data = path.read_bytes()
         except OSError:
-            continue
+            if skip_unreadable:
+                continue
+            raise
+        starts.append(total)
         chunks.append(data)
         total += len(data)
         if total >= max_bytes:
             break
-    return b"".join(chunks)[:max_bytes]
+    return b"".join(chunks)[:max_bytes], np.asarray([s for s in starts if s < max_bytes], np.int64)
 
 
-def _text_bytes(path: Path, max_bytes: int) -> bytes:
+def _stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts and "test" not in p.parts]
+
+
+def stdlib_bytes(max_bytes: int, *, with_starts: bool = False) -> bytes | tuple[bytes, np.ndarray]:
+    """The running interpreter's standard-library ``*.py`` files, sorted, concatenated (``with_starts``:
+    and each file's offset)."""
+    data, starts = _concat(_stdlib_files(), max_bytes, skip_unreadable=True)
+    return (data, starts) if with_starts else data
+
+
+def _text_bytes(path: Path, max_bytes: int, *, with_starts: bool = False) -> bytes | tuple[bytes, np.ndarray]:
+    """A text file's bytes, or a folder's text files concatenated (``with_starts``: and their offsets)."""
     if path.is_file():
-        return path.read_bytes()[:max_bytes]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-    if not files:
-        raise ValueError(f"--data {path}: folder holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
-    out, total = [], 0
-    for f in files:
-        out.append(f.read_bytes())
-        total += len(out[-1])
-        if total >= max_bytes:
-            break
-    return b"".join(out)[:max_bytes]
+        data, starts = path.read_bytes()[:max_bytes], np.zeros(1, np.int64)
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"--data {path}: folder holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
+        data, starts = _concat(files, max_bytes)
+    return (data, starts) if with_starts else data
+
+
+def separator_starts(tokens: np.ndarray, sep: int, chunk: int = 1 << 24) -> np.ndarray:
+    """Offsets of the documents that follow each ``sep`` token (one streaming pass over ``tokens``)."""
+    found = [np.flatnonzero(np.asarray(tokens[i:i + chunk]) == sep) + i + 1 for i in range(0, len(tokens), chunk)]
+    out = np.concatenate([np.zeros(1, np.int64), *found]).astype(np.int64)
+    return out[out < len(tokens)]
 
 
 TOKEN_SUFFIXES = (".npy", ".bin")
@@ -97,12 +120,14 @@ def _split_files(path: Path) -> tuple[Path, Path] | None:
 
 
 def load_corpus(data: str | None = None, *, max_bytes: int = 8_000_000, val_fraction: float = 0.05,
-                vocab_size: int | None = None) -> Corpus:
+                vocab_size: int | None = None, doc_sep: int | None = None) -> Corpus:
     """Loads and splits a corpus: the last ``val_fraction`` of the tokens is validation, unless
-    ``data`` is a folder with ``train`` and ``val`` token files. ``max_bytes`` caps text corpora."""
-    val, byte_level = None, True
+    ``data`` is a folder with ``train`` and ``val`` token files. ``max_bytes`` caps text corpora.
+    Document starts: a text corpus's files, or (any corpus) the tokens after each ``doc_sep``."""
+    val, byte_level, starts = None, True, None
     if data is None:
-        tokens, vocab, source = np.frombuffer(stdlib_bytes(max_bytes), np.uint8), 256, "python-stdlib"
+        raw, starts = stdlib_bytes(max_bytes, with_starts=True)
+        tokens, vocab, source = np.frombuffer(raw, np.uint8), 256, "python-stdlib"
     else:
         path = Path(data)
         if not path.exists():
@@ -115,23 +140,46 @@ def load_corpus(data: str | None = None, *, max_bytes: int = 8_000_000, val_frac
             tokens = token_file(path)
             vocab, source, byte_level = _vocab(path, tokens), str(path), False
         else:
-            tokens, vocab, source = np.frombuffer(_text_bytes(path, max_bytes), np.uint8), 256, str(path)
+            raw, starts = _text_bytes(path, max_bytes, with_starts=True)
+            tokens, vocab, source = np.frombuffer(raw, np.uint8), 256, str(path)
     if vocab_size is not None:
         if vocab_size < vocab:
             raise ValueError(f"--vocab-size {vocab_size} is smaller than the data's {vocab} token ids")
         vocab = vocab_size
+    if doc_sep is not None:
+        if not 0 <= doc_sep < vocab:
+            raise ValueError(f"--doc-sep {doc_sep}: not a token id of this corpus (0..{vocab - 1})")
+        starts = separator_starts(tokens, doc_sep)
+        val_starts = None if val is None else separator_starts(val, doc_sep)
     if val is None:
         n_val = max(1, int(len(tokens) * val_fraction))
         tokens, val = tokens[:-n_val], tokens[-n_val:]
+        if starts is not None:  # (the validation split's first document starts at its offset 0)
+            val_starts = np.union1d([0], starts[starts >= len(tokens)] - len(tokens)).astype(np.int64)
+            starts = starts[starts < len(tokens)]
+    elif doc_sep is None:
+        starts = val_starts = None
     if len(tokens) < 2 or len(val) < 1:
         raise ValueError(f"corpus {source} has only {len(tokens)} training and {len(val)} validation tokens")
-    return Corpus(tokens, val, vocab, source, byte_level)
+    return Corpus(tokens, val, vocab, source, byte_level, starts, val_starts if starts is not None else None)
 
 
-def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch: int, seq_len: int) -> np.ndarray:
-    """``[batch, seq_len + 1]`` random windows; a pure function of ``(seed, step)``."""
+def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch: int, seq_len: int,
+              docs: np.ndarray | None = None) -> np.ndarray:
+    """``[batch, seq_len + 1]`` random windows; a pure function of ``(seed, step)``. With document
+    starts ``docs``: ``[batch, 2, seq_len + 1]``, the windows' tokens and each token's document (counted
+    from 0 in each window; see :func:`split_documents`)."""
     if len(tokens) < seq_len + 1:
         raise ValueError(f"--seq-len {seq_len} is longer than the corpus split ({len(tokens)} tokens)")
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, len(tokens) - seq_len, size=batch)
-    return np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
+    out = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
+    if docs is None:
+        return out
+    doc = np.searchsorted(docs, starts[:, None] + np.arange(seq_len + 1), side="right")
+    return np.stack([out, (doc - doc[:, :1]).astype(np.int32)], axis=1)
+
+
+def split_documents(batch):
+    """``(tokens, segment_ids or None)`` of a :func:`get_batch` batch (with documents: ``[B, 2, n]``)."""
+    return (batch[:, 0], batch[:, 1]) if batch.ndim == 3 else (batch, None)

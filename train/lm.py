@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from jaxattn.train import loop
-from jaxattn.train.data import Corpus, get_batch, load_corpus
+from jaxattn.train.data import Corpus, get_batch, load_corpus, split_documents
 from jaxattn.train.loop import adamw, warmup_cosine
 from jaxattn.train.losses import cross_entropy_with_integer_labels
 from jaxattn.train.metrics import FIELDS
@@ -30,6 +30,10 @@ class LMConfig:
     max_bytes: int = 8_000_000
     vocab_size: int | None = None
     seq_len: int = 128
+    # packed documents: each token attends (TNL: mixes) only within its own document (the files of a text
+    # corpus, or the tokens after each doc_sep in token files), positions restarting at each
+    doc_mask: bool = False
+    doc_sep: int | None = None  # document separator id (GPT-2's end-of-text: 50256); None: file boundaries
     batch_size: int = 16  # global batch per optimizer step (all devices, all micro-batches)
     grad_accum: int = 1
     seq_parallel: int = 1  # devices per sequence (TNL: sequence-parallel Lightning attention); the rest: data
@@ -78,9 +82,11 @@ def make_optimizer(cfg: LMConfig) -> optax.GradientTransformation:
     return loop.with_ema(tx, cfg.ema_decay) if cfg.ema_decay else tx
 
 
-def lm_loss(model: nnx.Module, tokens: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy (nats) over ``tokens [batch, seq + 1]``."""
-    logits = model(tokens[:, :-1])
+def lm_loss(model: nnx.Module, batch: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy (nats) over ``tokens [batch, seq + 1]``, or over a batch with
+    documents ``[batch, 2, seq + 1]`` (tokens, document ids: the model keeps documents apart)."""
+    tokens, docs = split_documents(batch)
+    logits = model(tokens[:, :-1]) if docs is None else model(tokens[:, :-1], segment_ids=docs[:, :-1])
     return cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
@@ -101,8 +107,8 @@ class Trainer(loop.Trainer):
         """Mean validation loss over ``eval_batches`` fixed batches of the validation split (``ema``: of
         the weights' moving average)."""
         c = self.cfg
-        losses = [self.eval_step(get_batch(corpus.val, seed=10_000 + c.seed, step=i,
-                                           batch=c.batch_size, seq_len=c.seq_len), ema=ema)
+        losses = [self.eval_step(get_batch(corpus.val, seed=10_000 + c.seed, step=i, batch=c.batch_size,
+                                           seq_len=c.seq_len, docs=corpus.val_docs if c.doc_mask else None), ema=ema)
                   for i in range(c.eval_batches)]
         return float(np.mean(jax.device_get(losses)))
 
@@ -150,6 +156,22 @@ def default_model_factory(cfg: LMConfig, vocab_size: int) -> Callable[[nnx.Rngs]
     return build
 
 
+def check_doc_mask(model: nnx.Module, cfg: LMConfig) -> None:
+    """A clear error before training when ``--doc-mask`` meets a model that cannot keep documents apart."""
+    import inspect
+
+    if "segment_ids" not in inspect.signature(type(model).__call__).parameters:
+        raise ValueError(f"--doc-mask: {type(model).__name__} ({cfg.model}) takes no segment_ids; TNL and GPT "
+                         "models keep packed documents apart")
+    kinds = {getattr(getattr(b, "attn", None), "kind", "full") for b in getattr(model, "blocks", ())}
+    if kinds - {"full", "window"} or getattr(getattr(model, "cfg", None), "quantized", False):
+        raise ValueError(f"--doc-mask: {cfg.model} has {sorted(kinds - {'full', 'window'}) or 'quantized'} attention "
+                         "layers, whose kernels take no document masks (full and sliding-window layers do)")
+    if cfg.seq_parallel > 1 and type(model).__name__ == "TNL":
+        raise ValueError("--doc-mask with --seq-parallel: TNL's sequence-parallel Lightning attention takes no "
+                         "document masks (GPT's ring attention does)")
+
+
 def train(cfg: LMConfig, *, resume: bool = False,
           model_factory: Callable[[nnx.Rngs], nnx.Module] | None = None,
           stop_after: int | None = None, progress: bool = True, sample: bool = True) -> dict:
@@ -175,7 +197,12 @@ def train(cfg: LMConfig, *, resume: bool = False,
                              "--model FOLDER and --lora-rank (full fine-tuning keeps fp32 master weights)")
         if cfg.base_dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"--base-dtype must be bfloat16, float16 or float32, got {cfg.base_dtype!r}")
-    corpus = load_corpus(cfg.data, max_bytes=cfg.max_bytes, vocab_size=cfg.vocab_size)
+    if cfg.doc_sep is not None and not cfg.doc_mask:
+        raise ValueError("--doc-sep marks documents for --doc-mask; give both")
+    corpus = load_corpus(cfg.data, max_bytes=cfg.max_bytes, vocab_size=cfg.vocab_size, doc_sep=cfg.doc_sep)
+    if cfg.doc_mask and corpus.train_docs is None:
+        raise ValueError(f"--doc-mask: {corpus.source} has no document boundaries (token files: give --doc-sep, the "
+                         "id that ends each document)")
     if pretrained is not None and (corpus.byte_level or corpus.vocab_size > pretrained.vocab_size):
         raise ValueError(f"--model {cfg.model} reads its tokenizer's {pretrained.vocab_size} ids; --data "
                          f"{cfg.data} holds " + ("bytes" if corpus.byte_level else f"ids up to {corpus.vocab_size - 1}"))
@@ -189,6 +216,8 @@ def train(cfg: LMConfig, *, resume: bool = False,
                          f"{cfg.seq_parallel} (two chunks per device)")
     out = cfg.out_dir()
     trainer = Trainer(cfg, model_factory or default_model_factory(cfg, corpus.vocab_size))
+    if cfg.doc_mask:
+        check_doc_mask(trainer.model, cfg)
 
     def evaluate(step: int) -> dict[str, float]:
         val = trainer.evaluate(corpus)
@@ -199,7 +228,7 @@ def train(cfg: LMConfig, *, resume: bool = False,
 
     result = loop.fit(
         trainer, lambda step: get_batch(corpus.train, seed=cfg.seed, step=step, batch=cfg.batch_size,
-                                        seq_len=cfg.seq_len),
+                                        seq_len=cfg.seq_len, docs=corpus.train_docs if cfg.doc_mask else None),
         steps=cfg.steps, out_dir=out, resume=resume, evaluate=evaluate, eval_every=cfg.eval_every,
         ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, lr_schedule=lr_schedule(cfg),
         throughput=("tokens_per_s", lambda b: b.shape[0] * cfg.seq_len),

@@ -38,6 +38,7 @@ from flax import nnx
 from jaxattn.models._remat import remat_blocks
 from jaxattn.models.vit import AttentionDropout, _apply, _dropout
 from jaxattn.ops.attention import attention
+from jaxattn.pallas._common import document_index
 
 LayerType = Literal["full", "power", "window", "sink"]
 # (k, v) [batch, max_len, kv_heads, head_dim], plus (k_scale, v_scale) [kv_heads] for a quantized cache
@@ -335,7 +336,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: tuple = (), rotary_dim: int | None = None
          ) -> jax.Array:
-    """Rotary embedding of ``x [B, N, H, d]`` at ``positions [N]`` (halves rotated, as GPT-NeoX/LLaMA),
+    """Rotary embedding of ``x [B, N, H, d]`` at ``positions [N]`` or ``[B, N]`` (halves rotated, as GPT-NeoX/LLaMA),
     with ``rope_frequencies``' scaling; ``rotary_dim``: only the first that many channels rotate. LongRoPE
     takes its long factors when the last position is past the original context (as Hugging Face, per
     call: a prefill and the decode steps after it choose each for themselves)."""
@@ -345,8 +346,8 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: tuple = (), 
     if s.get("rope_type") == "longrope":
         long_freq = jnp.asarray(rope_frequencies(d, float(theta), scaling, True)[0])
         freq = jnp.where(jnp.max(positions) + 1 > s["original_max_position_embeddings"], long_freq, freq)
-    ang = positions.astype(jnp.float32)[:, None] * freq[None]  # [N, d/2]
-    cos, sin = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
+    ang = positions.astype(jnp.float32)[..., None] * freq  # [(B,) N, d/2]
+    cos, sin = jnp.cos(ang)[..., None, :], jnp.sin(ang)[..., None, :]  # (a heads axis)
     if attn != 1.0:
         cos, sin = cos * attn, sin * attn
     xf = x.astype(jnp.float32)
@@ -426,10 +427,12 @@ class Attention(nnx.Module):
         self.sequence_parallel: tuple | None = None
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-                 offset: jax.Array | int = 0) -> jax.Array | tuple[jax.Array, KVCache]:
+                 offset: jax.Array | int = 0, segment_ids: jax.Array | None = None
+                 ) -> jax.Array | tuple[jax.Array, KVCache]:
         """``x [B, n, dim]`` at ``positions``; with a ``cache`` (k, v ``[B, S, kv_heads, d]``), the
         new keys/values are written at ``offset`` and the queries attend to the cache (returns
-        ``(out, cache)``)."""
+        ``(out, cache)``); ``segment_ids [B, n]`` (no cache): packed documents, each attending
+        within itself."""
         b, n, _ = x.shape
         q = self.q(x).reshape(b, n, self.cfg.heads, self.head_dim)
         k, v = jnp.split(self.kv(x).reshape(b, n, self.kv_heads, 2 * self.head_dim), 2, axis=-1)
@@ -444,7 +447,7 @@ class Attention(nnx.Module):
                 theta, scaling = self.cfg.local_rope_theta, ()
             q, k = (rope(t, positions, theta, scaling, self.cfg.rotary_dim) for t in (q, k))
         if cache is None:  # (a zig-zag sequence-parallel model has permuted its tokens)
-            return self._attend(q, k, v, zigzagged=True)
+            return self._attend(q, k, v, zigzagged=True, segment_ids=segment_ids)
         from jaxattn.ops.decode import append_kv, decode_attention, quantize_kv
 
         prefill = isinstance(offset, int) and offset == 0
@@ -469,15 +472,22 @@ class Attention(nnx.Module):
             o = block_sparse_attention(q, k_cache, v_cache, mask, impl=self.cfg.attn_impl, scale=self.cfg.attn_scale)
         return self.o(o.reshape(b, n, -1)), new_cache
 
-    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, zigzagged: bool = False) -> jax.Array:
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, zigzagged: bool = False,
+                segment_ids: jax.Array | None = None) -> jax.Array:
         """Causal attention of the layer's kind over the ``n`` tokens themselves (``zigzagged``: in
-        the zig-zag order of a sequence-parallel model's forward)."""
+        the zig-zag order of a sequence-parallel model's forward; ``segment_ids``: packed documents)."""
         b, n = q.shape[:2]
         impl, scale, cap = self.cfg.attn_impl, self.cfg.attn_scale, self.cfg.attn_softcap
         drop = self.attn_drop()
-        if self.kind == "window" and cap is not None:  # soft-capped (Gemma 2): the flash kernel's own window
+        seg = {} if segment_ids is None else {"segment_ids": segment_ids}
+        if seg and (self.kind not in ("full", "window") or self.cfg.quantized):
+            raise ValueError(f"segment_ids (packed documents) need full or sliding-window attention layers; this "
+                             f"model has {'quantized (Sage)' if self.cfg.quantized else repr(self.kind)} layers, whose "
+                             "kernels take no document masks")
+        if self.kind == "window" and (cap is not None or seg):  # soft-capped (Gemma 2) or packed documents:
+            # the flash kernel's own window (the same token window as the block-sparse pattern's)
             o = attention(q, k, v, causal=True, local_window_size=(self.cfg.window - 1, 0), scale=scale,
-                          logits_soft_cap=cap, impl=impl, **drop)
+                          logits_soft_cap=cap, impl=impl, **drop, **seg)
         elif self.kind != "full":
             from jaxattn.ops.block_sparse import block_sparse_attention
 
@@ -491,10 +501,10 @@ class Attention(nnx.Module):
 
             mesh, axis, batch_axis, layout = self.sequence_parallel
             o = ring_attention_sp(q, k, v, mesh=mesh, axis=axis, batch_axis=batch_axis, causal=True, scale=scale,
-                                  impl=impl, layout=layout, zigzagged=zigzagged and layout == "zigzag", **drop)
+                                  impl=impl, layout=layout, zigzagged=zigzagged and layout == "zigzag", **drop, **seg)
         else:
             o = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes(), scale=scale, logits_soft_cap=cap,
-                          impl=impl, **drop)
+                          impl=impl, **drop, **seg)
         return _apply(self.resid_drop, self.o(o.reshape(b, n, -1)))
 
     def alibi_slopes(self) -> jax.Array | None:
@@ -540,7 +550,8 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, cache: KVCache | None = None, offset: jax.Array | int = 0):
+    def __call__(self, x, positions, cache: KVCache | None = None, offset: jax.Array | int = 0,
+                 segment_ids: jax.Array | None = None):
         scale = self.residual_multiplier
 
         def post(norm, y):
@@ -549,7 +560,7 @@ class Block(nnx.Module):
 
         h = _apply(self.norm1, x)
         if cache is None:
-            a = self.attn(h, positions)
+            a = self.attn(h, positions, segment_ids=segment_ids)
         else:
             a, cache = self.attn(h, positions, cache, offset)
         if self.parallel:  # (GPT-NeoX: both branches read the block's input; Phi: the same normed input)
@@ -558,6 +569,21 @@ class Block(nnx.Module):
             x = x + post(self.attn_post_norm, a)
             x = x + post(self.mlp_post_norm, self.mlp(_apply(self.norm2, x)))
         return x if cache is None else (x, cache)
+
+
+def check_segment_ids(segment_ids: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``segment_ids`` checked against ``tokens [batch, seq]``: the same shape, an integer dtype."""
+    if tuple(segment_ids.shape) != tuple(tokens.shape) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be int [batch, seq] = {tuple(tokens.shape)} like tokens, got "
+                         f"{jnp.dtype(segment_ids.dtype).name} {tuple(segment_ids.shape)}")
+    return segment_ids
+
+
+def document_positions(docs: jax.Array) -> jax.Array:
+    """``[B, N]`` positions counted from 0 at each document's first token (``docs``: document indices)."""
+    t = jnp.arange(docs.shape[1])
+    first = jnp.concatenate([jnp.ones_like(docs[:, :1], bool), docs[:, 1:] != docs[:, :-1]], 1)
+    return t - jax.lax.cummax(jnp.where(first, t, 0), axis=1)
 
 
 class GPT(nnx.Module):
@@ -606,22 +632,31 @@ class GPT(nnx.Module):
             blk.attn.sequence_parallel = None if setting is None else (*setting, layout)
 
     def __call__(self, tokens: jax.Array, *, cache: list[KVCache] | None = None,
-                 offset: jax.Array | int = 0):
+                 offset: jax.Array | int = 0, segment_ids: jax.Array | None = None):
         """Logits ``[B, n, vocab]`` of ``tokens [B, n]``. With a ``cache`` (``init_cache``), the
         tokens sit at positions ``offset ..`` and their keys/values are written into it:
-        returns ``(logits, cache)``."""
+        returns ``(logits, cache)``. ``segment_ids`` int ``[B, n]`` (training, scoring; no cache):
+        packed documents, runs of equal ids; each attends only within itself from position 0, so its
+        logits are those of the document alone."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must have shape [batch, seq] and an integer dtype, got "
                              f"{jnp.dtype(tokens.dtype).name} {tuple(tokens.shape)}")
         dt = jnp.dtype(self.cfg.dtype)
         positions = jnp.arange(tokens.shape[1]) + offset
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed documents) are for the forward without a cache")
+            segment_ids = document_index(check_segment_ids(segment_ids, tokens))  # (runs, as TNL's)
+            positions = document_positions(segment_ids)
         sp = self.blocks[0].attn.sequence_parallel if len(self.blocks) else None
         zigzag = cache is None and sp is not None and sp[3] == "zigzag"
         if zigzag:  # the tokens in zig-zag order (a gather of the small token array), restored before the head
             from jaxattn.ops.ring_attention import zigzag_permutation
 
             perm = zigzag_permutation(tokens.shape[1], sp[0].shape[sp[1]])
-            tokens, positions = tokens[:, perm], positions[perm]
+            tokens, positions = tokens[:, perm], positions[..., perm]
+            if segment_ids is not None:
+                segment_ids = segment_ids[:, perm]
         x = self.embed(tokens).astype(dt)
         if self.cfg.embed_scale:  # Gemma: sqrt(dim) in the compute dtype, as Hugging Face's
             x = x * jnp.asarray(self.cfg.dim ** 0.5, dt)
@@ -634,7 +669,7 @@ class GPT(nnx.Module):
         x = _apply(self.embed_norm, x)  # (BLOOM)
         x = _apply(self.embed_drop, x)
         new_cache = []
-        run = remat_blocks(self.cfg.remat and cache is None, lambda blk, x: blk(x, positions))
+        run = remat_blocks(self.cfg.remat and cache is None, lambda blk, x: blk(x, positions, segment_ids=segment_ids))
         for i, blk in enumerate(self.blocks):
             if cache is None:
                 x = run(blk, x)

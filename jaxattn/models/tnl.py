@@ -107,9 +107,10 @@ class NormLinearAttention(nnx.Module):
         self.slope = nnx.Variable(layer_slopes(cfg.heads, layer, cfg.layers))  # fixed, not trained
         self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis): see TNL.enable_sequence_parallel
 
-    def __call__(self, x, state=None, offset=0, return_state=True):
+    def __call__(self, x, state=None, offset=0, return_state=True, segment_ids=None):
         """``(out, state after the last token)``; with ``return_state=False`` the state is None
-        (training: the kernel's backward then skips the final state's terms)."""
+        (training: the kernel's backward then skips the final state's terms). ``segment_ids``: packed
+        documents (the state restarts at each)."""
         b, n, _ = x.shape
         q, k, v, u = jnp.split(self.qkvu(x), 4, axis=-1)
         q, k, v = (t.reshape(b, n, self.cfg.heads, self.head_dim) for t in (q, k, v))
@@ -121,14 +122,18 @@ class NormLinearAttention(nnx.Module):
             o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, state)
             o = o[:, None]
         elif self.sequence_parallel is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed documents) with TNL's sequence-parallel Lightning attention "
+                                 "are not supported; run packed documents without --seq-parallel")
             mesh, axis, batch_axis = self.sequence_parallel
             o, state = lightning_attention_sp(q, k, v, slope, mesh=mesh, axis=axis, batch_axis=batch_axis,
                                               initial_state=state, return_state=True, impl=self.cfg.attn_impl)
         elif return_state:
             o, state = lightning_attention(q, k, v, slope, initial_state=state, return_state=True,
-                                           impl=self.cfg.attn_impl)
+                                           impl=self.cfg.attn_impl, segment_ids=segment_ids)
         else:
-            o, state = lightning_attention(q, k, v, slope, initial_state=state, impl=self.cfg.attn_impl), None
+            o, state = lightning_attention(q, k, v, slope, initial_state=state, impl=self.cfg.attn_impl,
+                                           segment_ids=segment_ids), None
         o = srms_norm(o.reshape(b, n, self.cfg.width)) * u
         return self.out_proj(o), state
 
@@ -150,8 +155,8 @@ class TNLBlock(nnx.Module):
         self.mixer = NormLinearAttention(cfg, layer, rngs=rngs)
         self.glu = SGLU(cfg, rngs=rngs)
 
-    def __call__(self, x, state=None, offset=0, return_state=True):
-        h, state = self.mixer(srms_norm(x), state, offset, return_state)
+    def __call__(self, x, state=None, offset=0, return_state=True, segment_ids=None):
+        h, state = self.mixer(srms_norm(x), state, offset, return_state, segment_ids)
         x = x + h
         return x + self.glu(srms_norm(x)), state
 
@@ -183,16 +188,24 @@ class TNL(nnx.Module):
             block.mixer.sequence_parallel = setting
 
     def __call__(self, tokens: jax.Array, *, states: list[jax.Array] | None = None,
-                 offset: jax.Array | int = 0, return_states: bool = False):
+                 offset: jax.Array | int = 0, return_states: bool = False, segment_ids: jax.Array | None = None):
         """Parallel forward. ``states``/``offset`` continue from an earlier prefix (one
         ``[batch, heads, qk_dim, head_dim]`` fp32 state per layer; qk_dim doubles on
-        LRPE layers). With ``return_states`` also returns the states after the last token."""
+        LRPE layers). With ``return_states`` also returns the states after the last token.
+        ``segment_ids`` int ``[batch, seq]``: packed documents (runs of equal ids), each mixing only
+        within itself, so its logits are those of the document alone (LRPE is relative); given
+        ``states`` feed each row's first document, and the returned ones are its last document's (at the
+        row's positions: a continuation takes ``offset`` = the row's length)."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be int [batch, seq], got {tokens.dtype} {tuple(tokens.shape)}")
+        if segment_ids is not None:
+            from jaxattn.models.gpt import check_segment_ids
+
+            check_segment_ids(segment_ids, tokens)
         x = self.embed(tokens) * self.embed_scale
         new_states = []
         run = remat_blocks(self.cfg.remat and states is None and not return_states,  # (training)
-                           lambda block, x, st: block(x, st, offset, return_states))
+                           lambda block, x, st: block(x, st, offset, return_states, segment_ids))
         for i, block in enumerate(self.blocks):
             x, st = run(block, x, None if states is None else states[i])
             new_states.append(st)
