@@ -22,12 +22,21 @@ SCRIPT = """
     devs = np.array(jax.devices())
     meshes = {"seq4": (Mesh(devs, ("sp",)), None), "data2xseq2": (Mesh(devs.reshape(2, 2), ("dp", "sp")), "dp")}
 
-    cases = [  # (b, n, h, d, e, dtype, slope, with initial state, mesh, impl)
-        (2, 64, 3, 16, 24, jnp.float32, [0.0, 0.05, 0.5], True, "seq4", "pallas"),
-        (2, 36, 2, 32, 32, jnp.float32, [0.3, 1e-3], False, "data2xseq2", "pallas"),
-        (4, 20, 1, 16, 8, jnp.bfloat16, [0.1], True, "data2xseq2", "xla"),
+    def packed_ids(b, n, cuts):
+        # row 0: documents starting at cuts (ids alternate, so an id comes back), spanning shards; others: one
+        row = np.cumsum(np.isin(np.arange(n), cuts)) % 2
+        return jnp.asarray(np.stack([row] + [np.full(n, 3)] * (b - 1)), jnp.int32)
+
+    cases = [  # (b, n, h, d, e, dtype, slope, with initial state, mesh, impl, document starts or None)
+        (2, 64, 3, 16, 24, jnp.float32, [0.0, 0.05, 0.5], True, "seq4", "pallas", None),
+        (2, 36, 2, 32, 32, jnp.float32, [0.3, 1e-3], False, "data2xseq2", "pallas", None),
+        (4, 20, 1, 16, 8, jnp.bfloat16, [0.1], True, "data2xseq2", "xla", None),
+        # packed: a document over shards 1-3 (the state crosses a whole shard), starts at a shard edge (16) and
+        # just after one (33), a one-token document (60)
+        (2, 64, 3, 16, 24, jnp.float32, [0.0, 0.05, 0.5], True, "seq4", "xla", (5, 16, 33, 60, 61)),
+        (4, 36, 2, 16, 16, jnp.float32, [0.2, 0.0], True, "data2xseq2", "pallas", (3, 18, 30)),
     ]
-    for i, (b, n, h, d, e, dtype, slope, init, mesh_name, impl) in enumerate(cases):
+    for i, (b, n, h, d, e, dtype, slope, init, mesh_name, impl, cuts) in enumerate(cases):
         if i not in __CASES__:
             continue
         mesh, batch_axis = meshes[mesh_name]
@@ -38,14 +47,15 @@ SCRIPT = """
         s0 = jax.random.normal(ks[3], (b, h, d, e)) if init else None
         slope = jnp.asarray(slope, jnp.float32)
         w = jax.random.normal(ks[4], (b, n, h, e))
+        seg = None if cuts is None else packed_ids(b, n, cuts)
 
         def sp(q, k, v, s0):
             return jaxattn.lightning_attention_sp(q, k, v, slope, mesh=mesh, axis="sp", batch_axis=batch_axis,
-                                                  initial_state=s0, return_state=True, impl=impl)
+                                                  initial_state=s0, return_state=True, impl=impl, segment_ids=seg)
 
         def ref(q, k, v, s0):
             f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-            return lightning_reference(*f32, slope, s0)
+            return lightning_reference(*f32, slope, s0, seg)
 
         def loss(fn):
             def f(q, k, v, s0):
@@ -60,8 +70,11 @@ SCRIPT = """
         check(o, ro, tol, f"case {i} out")
         check(st, rst, tol, f"case {i} state")
         so, sst = lightning_recurrent(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                                           slope, s0)
+                                           slope, s0, seg)
         check(o, so, tol, f"case {i} out vs scan")
+        check(st, sst, tol, f"case {i} state vs scan")
+        if seg is not None:  # (the documents matter)
+            assert float(jnp.abs(o[0] - lightning_reference(q, k, v, slope, s0)[0][0]).max()) > 0.1
         argnums = (0, 1, 2, 3) if init else (0, 1, 2)
         args = (q, k, v, s0)
         g = jax.jit(jax.grad(loss(sp), argnums))(*args)
@@ -111,13 +124,16 @@ SCRIPT = """
         check(a, r, 1e-4, "TNL grads")
     txt = nnx.jit(lambda m, t: m(t)).lower(model, toks).as_text()
     assert "all_gather" in txt or "all-gather" in txt, "expected the shard states to be all-gathered"
+    seg = packed_ids(4, 32, (7, 16, 20))
+    packed = nnx.jit(lambda m, t, s: m(t, segment_ids=s))(model, toks, seg)
     model.enable_sequence_parallel(None)
     check(model(toks), lg1, 2e-5, "TNL after turning it off")
+    check(packed, model(toks, segment_ids=seg), 2e-5, "TNL packed documents")
     print("SP-OK")
 """
 
 
-@pytest.mark.parametrize("cases,rest", [((2,), True), pytest.param((0, 1), False, marks=pytest.mark.slow)],
+@pytest.mark.parametrize("cases,rest", [((2, 3), True), pytest.param((0, 1, 4), False, marks=pytest.mark.slow)],
                          ids=["xla-shard_map-tnl", "kernel"])
 def test_sequence_parallel_matches_oracle_on_four_devices(cases, rest):
     """(The per-shard Pallas kernel cases are slow in interpret mode: the slow suite; the shard combination is

@@ -167,9 +167,6 @@ def check_doc_mask(model: nnx.Module, cfg: LMConfig) -> None:
     if kinds - {"full", "window"} or getattr(getattr(model, "cfg", None), "quantized", False):
         raise ValueError(f"--doc-mask: {cfg.model} has {sorted(kinds - {'full', 'window'}) or 'quantized'} attention "
                          "layers, whose kernels take no document masks (full and sliding-window layers do)")
-    if cfg.seq_parallel > 1 and type(model).__name__ == "TNL":
-        raise ValueError("--doc-mask with --seq-parallel: TNL's sequence-parallel Lightning attention takes no "
-                         "document masks (GPT's ring attention does)")
 
 
 def train(cfg: LMConfig, *, resume: bool = False,

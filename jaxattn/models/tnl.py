@@ -122,12 +122,10 @@ class NormLinearAttention(nnx.Module):
             o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, state)
             o = o[:, None]
         elif self.sequence_parallel is not None:
-            if segment_ids is not None:
-                raise ValueError("segment_ids (packed documents) with TNL's sequence-parallel Lightning attention "
-                                 "are not supported; run packed documents without --seq-parallel")
             mesh, axis, batch_axis = self.sequence_parallel
             o, state = lightning_attention_sp(q, k, v, slope, mesh=mesh, axis=axis, batch_axis=batch_axis,
-                                              initial_state=state, return_state=True, impl=self.cfg.attn_impl)
+                                              initial_state=state, return_state=True, impl=self.cfg.attn_impl,
+                                              segment_ids=segment_ids)
         elif return_state:
             o, state = lightning_attention(q, k, v, slope, initial_state=state, return_state=True,
                                            impl=self.cfg.attn_impl, segment_ids=segment_ids)

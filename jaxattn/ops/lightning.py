@@ -78,7 +78,8 @@ def lightning_attention(
         flash-linear-attention's ``cu_seqlens``): a document is a run of equal consecutive ids, and
         each token sums only over earlier tokens of its own document (the state restarts at every
         document's first token). ``initial_state`` feeds the first document of each row; the
-        returned state is the last document's.
+        returned state is the last document's. With ``sequence_axis``: this shard's ids (documents
+        may span shards).
 
     Returns ``out [batch, seq, heads, v_head_dim]`` in q's dtype (and the final state).
     """
@@ -107,8 +108,6 @@ def lightning_attention(
             raise ValueError(f"segment_ids must have shape [batch, seq] = {(b, n)}, got {tuple(segment_ids.shape)}")
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
             raise ValueError(f"segment_ids must have an integer dtype, got {jnp.dtype(segment_ids.dtype).name}")
-        if sequence_axis is not None:
-            raise ValueError("segment_ids with sequence_axis (packed sequences split over devices) is not supported")
 
     local_state = None if sequence_axis is not None else initial_state
     if (impl == "pallas" or (impl == "auto" and _targets_gpu())) and not _checks.empty(q, k, v):
@@ -122,7 +121,7 @@ def lightning_attention(
     if sequence_axis is not None:
         from jaxattn.ops.lightning_sp import sequence_parallel_combine
 
-        out, state = sequence_parallel_combine(q, out, state, slope, sequence_axis, initial_state)
+        out, state = sequence_parallel_combine(q, out, state, slope, sequence_axis, initial_state, segment_ids)
     return (out, state) if return_state else out
 
 

@@ -31,10 +31,30 @@ from jaxattn.ops import _spmd
 __all__ = ["lightning_attention_sp", "sequence_parallel_combine"]
 
 
+def _document_masks(segment_ids: jax.Array, axis: str, idx: jax.Array):
+    """Packed documents across shards (runs of equal ids, possibly spanning shards): one ``all_gather``
+    of each shard's first and last ids and inner boundary count gives every shard's last global
+    document ``ends [P, b]``. Returns ``(ends, prev, rows)``: ``prev [b]`` the document of the state
+    entering this shard (the previous shard's last; 0 for the first shard), ``rows [b, n]`` whether a
+    row reads it (in the shard's first run, which continues that document)."""
+    new = segment_ids[:, 1:] != segment_ids[:, :-1]
+    info = lax.all_gather(jnp.stack([segment_ids[:, 0], segment_ids[:, -1], jnp.sum(new, axis=1)], -1), axis)
+    first, last, inner = info[..., 0], info[..., 1], info[..., 2]  # [P, b]
+    edge = jnp.concatenate([jnp.zeros_like(first[:1]), (first[1:] != last[:-1]).astype(inner.dtype)], axis=0)
+    ends = jnp.cumsum(edge + inner, axis=0)  # each shard's last document, counted along the whole row
+    start = jnp.take(ends - inner, idx, axis=0)  # this shard's first document
+    prev = jnp.where(idx > 0, jnp.take(ends, jnp.maximum(idx - 1, 0), axis=0), 0)
+    in_first_run = jnp.cumsum(new, axis=1) == 0
+    rows = jnp.concatenate([jnp.ones_like(in_first_run[:, :1]), in_first_run], axis=1) & (start == prev)[:, None]
+    return ends, prev, rows
+
+
 def sequence_parallel_combine(q: jax.Array, out_local: jax.Array, state_local: jax.Array, slope: jax.Array,
-                              axis: str, initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                              axis: str, initial_state: jax.Array | None = None,
+                              segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Inside ``shard_map`` over ``axis``: the shard's exact output and the global final state from
-    its zero-state result (``out_local [b, n, h, e]``, ``state_local [b, h, d, e]`` fp32)."""
+    its zero-state result (``out_local [b, n, h, e]``, ``state_local [b, h, d, e]`` fp32; with the
+    shard's ``segment_ids [b, n]``, those of the packed op on the shard)."""
     n = q.shape[1]
     idx = lax.axis_index(axis)
     shards = lax.axis_size(axis)
@@ -44,15 +64,27 @@ def sequence_parallel_combine(q: jax.Array, out_local: jax.Array, state_local: j
     # weights of the earlier shards' states in this shard's incoming state, and in the final state
     w_in = jnp.where((j < idx)[:, None], jnp.exp(-s[None] * n * jnp.maximum(idx - 1 - j, 0)[:, None]), 0.0)
     w_fin = jnp.exp(-s[None] * n * (shards - 1 - j)[:, None])
+    s0_in, s0_fin = jnp.exp(-s * n * idx), jnp.exp(-s * n * shards)  # [h]
+    w_in, w_fin = w_in[:, None], w_fin[:, None]  # [P, 1, h]: (per batch row with documents)
+    s0_in, s0_fin = s0_in[None], s0_fin[None]  # [1, h]
+    rows = None
+    if segment_ids is not None:  # a state reaches on only within its document
+        ends, prev, rows = _document_masks(segment_ids, axis, idx)
+        w_in = w_in * (ends == prev[None])[..., None]
+        w_fin = w_fin * (ends == ends[-1:])[..., None]
+        s0_in = s0_in * (prev == 0)[:, None]
+        s0_fin = s0_fin * (ends[-1] == 0)[:, None]
     hp = lax.Precision.HIGHEST
-    s_in = jnp.einsum("ph,pbhde->bhde", w_in, states, precision=hp)
-    final = jnp.einsum("ph,pbhde->bhde", w_fin, states, precision=hp)
+    s_in = jnp.einsum("pbh,pbhde->bhde", jnp.broadcast_to(w_in, states.shape[:3]), states, precision=hp)
+    final = jnp.einsum("pbh,pbhde->bhde", jnp.broadcast_to(w_fin, states.shape[:3]), states, precision=hp)
     if initial_state is not None:
         s0 = initial_state.astype(jnp.float32)
-        s_in = s_in + jnp.exp(-s * n * idx)[None, :, None, None] * s0
-        final = final + jnp.exp(-s * n * shards)[None, :, None, None] * s0
+        s_in = s_in + s0_in[:, :, None, None] * s0
+        final = final + s0_fin[:, :, None, None] * s0
     decay = jnp.exp(-s[None] * jnp.arange(1, n + 1, dtype=jnp.float32)[:, None])  # [n, h]: λ^t
     qd = q.astype(jnp.float32) * decay[None, :, :, None]
+    if rows is not None:
+        qd = qd * rows[:, :, None, None]
     out = out_local.astype(jnp.float32) + jnp.einsum("bnhd,bhde->bnhe", qd, s_in, precision=hp)
     return out.astype(out_local.dtype), final
 
@@ -69,10 +101,12 @@ def lightning_attention_sp(
     initial_state: jax.Array | None = None,
     return_state: bool = False,
     impl: Literal["auto", "pallas", "xla"] = "auto",
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """:func:`jaxattn.lightning_attention` with the sequence split over ``mesh`` axis ``axis``
     (and, optionally, the batch over ``batch_axis``). Same arguments and results; ``seq`` must be
-    divisible by the size of ``axis`` (shard ``i`` holds positions ``[i·n, (i+1)·n)``)."""
+    divisible by the size of ``axis`` (shard ``i`` holds positions ``[i·n, (i+1)·n)``); packed
+    ``segment_ids [batch, seq]`` are split with the sequence (documents may span shards)."""
     from jaxattn.ops.lightning import _check_slope, lightning_attention
 
     _spmd.check_mesh(mesh, axis, batch_axis)
@@ -80,12 +114,18 @@ def lightning_attention_sp(
     _check_slope(slope, q.shape[2])
     seq_spec, b_spec = P(batch_axis, axis), P(batch_axis)
 
-    def body(q, k, v, slope, *s0):
-        out, state = lightning_attention(q, k, v, slope, initial_state=s0[0] if s0 else None, return_state=True,
-                                         impl=impl, sequence_axis=axis)
+    def body(q, k, v, slope, *rest):
+        s0 = rest[0] if initial_state is not None else None
+        seg = rest[-1] if segment_ids is not None else None
+        out, state = lightning_attention(q, k, v, slope, initial_state=s0, return_state=True, impl=impl,
+                                         sequence_axis=axis, segment_ids=seg)
         return out, state
 
-    args = (q, k, v, slope) + ((initial_state,) if initial_state is not None else ())
-    specs = (seq_spec, seq_spec, seq_spec, P()) + ((b_spec,) if initial_state is not None else ())
+    if segment_ids is not None and tuple(segment_ids.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"segment_ids must have shape [batch, seq] = {tuple(q.shape[:2])}, got {tuple(segment_ids.shape)}")
+    args = (q, k, v, slope) + ((initial_state,) if initial_state is not None else ()) + (
+        (segment_ids,) if segment_ids is not None else ())
+    specs = (seq_spec, seq_spec, seq_spec, P()) + ((b_spec,) if initial_state is not None else ()) + (
+        (seq_spec,) if segment_ids is not None else ())
     out, state = _spmd.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(seq_spec, b_spec))(*args)
     return (out, state) if return_state else out
