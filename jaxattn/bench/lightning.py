@@ -3,7 +3,8 @@ XLA formula, a ``lax.scan`` recurrence, jaxattn's causal softmax flash kernel on
 same shapes, and flash-linear-attention / lightning-attn (PyTorch, Triton) when importable; where the
 kernel splits the sequence into segments, also the kernel run unsplit (``jaxattn-unsegmented``); the
 kernel with its other scheme (``jaxattn-chunked`` or ``jaxattn-scan``, forward and backward; see
-``jaxattn.pallas.lightning``), and at d = 128 bf16 the table entry before 2026-12-04.
+``jaxattn.pallas.lightning``), the kernel on packed documents (``jaxattn-packed``: ``segment_ids``), and at
+d = 128 bf16 the table entry before 2026-12-04.
 
 FLOPs (block C = 64): forward ``B*H*N*(C*(d+e) + 4*d*e)`` (causal intra-block products
 plus the inter-block state read and update); forward+backward 3x that.
@@ -75,6 +76,11 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     other = "chunked" if cfg.forward == "scan" else "scan"  # the other scheme, forward and backward
     ops[f"jaxattn-{other}"] = lambda q, k, v, s: lk.lightning_attention_kernel(
         q, k, v, s, config=dataclasses.replace(cfg, forward=other, backward=other), final_state=False)[0]
+    # packed documents (segment_ids: four documents per row, ragged against the blocks): what the masks cost
+    n = case.seq
+    cuts = jnp.asarray([n // 4 + 7, n // 2 + 13, 3 * n // 4 + 5])
+    docs = jnp.broadcast_to(jnp.searchsorted(cuts, jnp.arange(n), side="right"), (case.batch, n)).astype(jnp.int32)
+    ops["jaxattn-packed"] = lambda q, k, v, s: jaxattn.lightning_attention(q, k, v, s, impl="pallas", segment_ids=docs)
     if lk.segment_count(case.batch, case.heads, case.seq, cfg, case.head_dim) > 1:  # what segments buy
         ops["jaxattn-unsegmented"] = lambda q, k, v, s: lk.lightning_attention_kernel(q, k, v, s, segments=1,
                                                                                      final_state=False)[0]
