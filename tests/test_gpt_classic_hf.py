@@ -50,10 +50,15 @@ OPT = {"model_type": "opt", "vocab_size": 67, "hidden_size": 32, "num_hidden_lay
        "ffn_dim": 48, "max_position_embeddings": 24, "activation_function": "relu", "word_embed_proj_dim": 32}
 BIGCODE = {"model_type": "gpt_bigcode", "vocab_size": 67, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 24,
            "n_inner": 48, "multi_query": True}  # StarCoder / SantaCoder: GPT-2 with one kv head, Linear layouts
-CONFIGS = [GPT2, NEOX, NEOX_SEQ, PHI, STARCODER2, BLOOM, FALCON, FALCON_NEW, FALCON_SEQ, OPT, BIGCODE]
+# GPT-J: interleaved RoPE on 4 of 8 channels; CodeGen: qkv_proj over 4 groups of 2 heads, whole-head interleaved RoPE
+GPTJ = {"model_type": "gptj", "vocab_size": 67, "n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4, "n_inner": 48,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "n_positions": 64}
+CODEGEN = {"model_type": "codegen", "vocab_size": 67, "n_embd": 64, "n_layer": 2, "n_head": 8, "rotary_dim": 8,
+           "n_inner": 48, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "n_positions": 64, "n_ctx": 64}
+CONFIGS = [GPT2, NEOX, NEOX_SEQ, PHI, STARCODER2, BLOOM, FALCON, FALCON_NEW, FALCON_SEQ, OPT, BIGCODE, GPTJ, CODEGEN]
 IDS = ["gpt2", "neox-parallel-partial-rotary", "neox-sequential-tied", "phi-shared-norm-gqa", "starcoder2-gqa-window",
        "bloom-alibi-6-heads", "falcon-multi-query-parallel", "falcon-new-architecture-gqa", "falcon-sequential-bias",
-       "opt-relu-offset-positions", "starcoder-multi-query"]
+       "opt-relu-offset-positions", "starcoder-multi-query", "gptj-interleaved-partial-rotary", "codegen-grouped-qkv"]
 
 TOKENS = np.asarray([[3, 17, 59, 0, 8, 8, 41, 22, 5, 33, 66, 1, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
 
@@ -77,6 +82,21 @@ def random_state_dict(raw, seed=0, prefix=True):
                        p + "mlp.c_fc.weight": w(d, f), p + "mlp.c_fc.bias": w(f),
                        p + "mlp.c_proj.weight": w(f, d), p + "mlp.c_proj.bias": w(d),
                        p + "attn.bias": np.tril(np.ones((1, 1, raw["n_positions"], raw["n_positions"]), bool))})
+        return sd
+    if raw["model_type"] in ("gptj", "codegen"):  # MLP and head biases only; CodeGen: fused qkv_proj [3 dim, dim]
+        d, f = raw["n_embd"], raw["n_inner"]
+        sd = {"transformer.wte.weight": w(v, d), "transformer.ln_f.weight": 1 + w(d, s=0.1),
+              "transformer.ln_f.bias": w(d, s=0.1), "lm_head.weight": w(v, d), "lm_head.bias": w(v)}
+        for i in range(raw["n_layer"]):
+            p = f"transformer.h.{i}."
+            proj = (("attn.qkv_proj", 3 * d, d),) if raw["model_type"] == "codegen" else tuple(
+                (f"attn.{t}_proj", d, d) for t in "qkv")
+            for name, o, i_ in (*proj, ("attn.out_proj", d, d)):
+                sd[p + name + ".weight"] = w(o, i_)
+            for name, o, i_ in (("mlp.fc_in", f, d), ("mlp.fc_out", d, f)):
+                sd.update({p + name + ".weight": w(o, i_), p + name + ".bias": w(o)})
+            sd.update({p + "ln_1.weight": 1 + w(d, s=0.1), p + "ln_1.bias": w(d, s=0.1),
+                       p + "attn.masked_bias": np.asarray(-1e9, np.float32)})
         return sd
     if raw["model_type"] == "opt":
         d, f = raw["hidden_size"], raw["ffn_dim"]
@@ -186,6 +206,17 @@ def _rotary(t, r, base):
     return np.concatenate([rot * cos + half * sin, rest], -1)
 
 
+def _rotary_interleaved(t, r, base=10000.0):
+    """GPT-J's RoPE on the first ``r`` channels of ``t [B, n, H, d]``: channels 2i and 2i + 1 rotate together at
+    frequency i (``rotate_every_two`` with ``duplicate_interleave``d sines and cosines)."""
+    inv = 1.0 / base ** (np.arange(0, r, 2) / r)
+    ang = np.arange(t.shape[1])[:, None] * inv[None]
+    cos, sin = (np.repeat(f(ang), 2, axis=-1)[None, :, None] for f in (np.cos, np.sin))
+    rot, rest = t[..., :r], t[..., r:]
+    every_two = np.stack([-rot[..., 1::2], rot[..., ::2]], axis=-1).reshape(rot.shape)
+    return np.concatenate([rot * cos + every_two * sin, rest], -1)
+
+
 def _gelu(x, kind):
     if kind == "gelu":
         return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
@@ -267,6 +298,22 @@ def reference_logits(sd, raw, tokens):
             else:
                 x = x + a + mlp(ln(x, p + norms[1]) if len(norms) == 2 else h)
         return ln(x, "transformer.ln_f") @ g["transformer.word_embeddings.weight"].T
+    if raw["model_type"] in ("gptj", "codegen"):  # one LayerNorm before attention and MLP side by side
+        d, heads, eps, r = raw["n_embd"], raw["n_head"], raw["layer_norm_epsilon"], raw["rotary_dim"]
+        hd = d // heads
+        ln = lambda x, key: layer_norm_np(x, g[key + ".weight"], g[key + ".bias"], eps)  # noqa: E731
+        x = g["transformer.wte.weight"][tokens]
+        for i in range(raw["n_layer"]):
+            p = f"transformer.h.{i}."
+            h = ln(x, p + "ln_1")
+            if raw["model_type"] == "codegen":  # 4 groups, each its q | v | k columns; heads group-major
+                qkv = lin(h, p + "attn.qkv_proj").reshape(b, n, 4, 3, d // 4)
+                q, v, k = (qkv[:, :, :, j].reshape(b, n, heads, hd) for j in range(3))
+            else:
+                q, k, v = (lin(h, p + f"attn.{t}_proj").reshape(b, n, heads, hd) for t in "qkv")
+            o = _attend(_rotary_interleaved(q, r), _rotary_interleaved(k, r), v).reshape(b, n, d)
+            x = x + lin(o, p + "attn.out_proj") + lin(_gelu(lin(h, p + "mlp.fc_in"), "gelu_tanh"), p + "mlp.fc_out")
+        return lin(ln(x, "transformer.ln_f"), "lm_head")
     if raw["model_type"] == "bloom":
         d, heads, eps = raw["hidden_size"], raw["n_head"], raw["layer_norm_epsilon"]
         ln = lambda x, key: layer_norm_np(x, g[key + ".weight"], g[key + ".bias"], eps)  # noqa: E731
@@ -352,10 +399,12 @@ def test_folder_gives_the_reference_logits_decodes_and_round_trips(tmp_path, raw
     want = reference_logits(sd, raw, TOKENS)
     model = load_pretrained(write_folder(tmp_path / "in", raw, sd), attn_impl="xla")
     cfg = model.cfg
-    assert (cfg.norm, cfg.bias, cfg.mlp_gated) == ("layer", raw.get("bias", True), False)
+    gptj = raw["model_type"] in ("gptj", "codegen")
+    assert (cfg.norm, cfg.bias, cfg.mlp_has_bias, cfg.mlp_gated) == ("layer", raw.get("bias", not gptj),
+                                                                     raw.get("bias", True), False)
     assert cfg.position == {"gpt2": "learned", "bloom": "alibi", "opt": "learned", "gpt_bigcode": "learned"}.get(
         raw["model_type"], "rope")
-    assert cfg.head_bias == (raw["model_type"] == "phi") and cfg.shared_norm == (raw in (PHI, FALCON))
+    assert cfg.head_bias == (raw["model_type"] == "phi" or gptj) and cfg.shared_norm == (raw in (PHI, FALCON) or gptj)
     got = model(jnp.asarray(TOKENS))
     assert_close(got, want, F32, f"{raw['model_type']} logits", tol=TOL)
     again = GPT(cfg, rngs=nnx.Rngs(3))
@@ -370,7 +419,8 @@ def test_folder_gives_the_reference_logits_decodes_and_round_trips(tmp_path, raw
         assert_close(logits, want[:, pos], F32, f"decode step {pos}", tol=TOL)
     # save_pretrained: the folder's own keys, layouts and values (fused and Conv1D again), the same config
     save_pretrained(model, tmp_path / "out")
-    kind = "starcoder2" if raw in (NEOX_SEQ, FALCON_SEQ) else raw["model_type"]  # (the same block)
+    kind = {id(NEOX_SEQ): "starcoder2", id(FALCON_SEQ): "starcoder2", id(CODEGEN): "gptj"}.get(
+        id(raw), raw["model_type"])  # (the same block)
     assert hf_model_type(tmp_path / "out") == kind
     assert config_from_hf(hf_config(cfg), attn_impl="xla") == cfg
     np.testing.assert_array_equal(load_pretrained(tmp_path / "out", attn_impl="xla")(jnp.asarray(TOKENS)), got)
@@ -379,7 +429,7 @@ def test_folder_gives_the_reference_logits_decodes_and_round_trips(tmp_path, raw
     from jaxattn.models.safetensors_io import read_state_dict
 
     out = read_state_dict(tmp_path / "out")
-    kept = {k: a for k, a in sd.items() if not k.endswith((".attn.bias", "rotary_emb.inv_freq"))}  # (buffers)
+    kept = {k: a for k, a in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))}
     if raw is BLOOM:  # (saved as BloomForCausalLM does: under transformer.)
         kept = {"transformer." + k: a for k, a in kept.items()}
     assert sorted(out) == sorted(kept)
@@ -464,7 +514,8 @@ def test_matches_transformers(tmp_path, raw):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     name = {"gpt2": "GPT2", "gpt_neox": "GPTNeoX", "phi": "Phi", "starcoder2": "Starcoder2",
-            "bloom": "Bloom", "falcon": "Falcon", "opt": "OPT", "gpt_bigcode": "GPTBigCode"}[raw["model_type"]]
+            "bloom": "Bloom", "falcon": "Falcon", "opt": "OPT", "gpt_bigcode": "GPTBigCode", "gptj": "GPTJ",
+            "codegen": "CodeGen"}[raw["model_type"]]
     conf = getattr(transformers, name + "Config")(**{k: v for k, v in raw.items() if k != "model_type"})
     torch.manual_seed(0)
     ref = getattr(transformers, name + ("LMHeadModel" if name == "GPT2" else "ForCausalLM"))(conf).eval()

@@ -97,6 +97,7 @@ class GPTConfig:
     # RMSNorms, biases on every projection, a plain (ungated) MLP, and attention and MLP side by side
     norm: Literal["rms", "layer"] = "rms"
     bias: bool = False  # biases on q, k, v, o and the MLP's projections
+    mlp_bias: bool | None = None  # biases on the MLP's projections; None: as ``bias`` (GPT-J: MLP only)
     mlp_gated: bool = True  # False: down(act(up(x))) (GPT-2, NeoX; mlp_dim defaults to 4 dim), else a GLU
     parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX's use_parallel_residual)
     shared_norm: bool = False  # with parallel_residual: one norm for both branches, x + attn(h) + mlp(h) (Phi-1/2)
@@ -189,6 +190,10 @@ class GPTConfig:
         if self.position == "alibi" and (set(self.layer_types) != {"full"} or self.quantized):
             raise ValueError("position='alibi' runs on the flash and decode kernels: it needs layer_types=('full',) "
                              "and quantized=False")
+
+    @property
+    def mlp_has_bias(self) -> bool:
+        return self.bias if self.mlp_bias is None else self.mlp_bias
 
     def layer_type(self, i: int) -> str:
         return self.layer_types[i % len(self.layer_types)]
@@ -319,7 +324,8 @@ FAMILY_FIELDS = ("qk_norm", "qk_norm_full", "pre_norms", "rope_scaling", "rotary
                  "post_norms", "embed_scale", "attn_scale", "attn_softcap", "final_softcap", "local_rope_theta",
                  "embed_multiplier", "residual_multiplier", "logits_divisor")
 # the GPT-2 / GPT-NeoX block options (jaxattn.models.gpt_classic_hf)
-CLASSIC_FIELDS = ("norm", "bias", "mlp_gated", "parallel_residual", "shared_norm", "head_bias", "embed_norm")
+CLASSIC_FIELDS = ("norm", "bias", "mlp_bias", "mlp_gated", "parallel_residual", "shared_norm", "head_bias",
+                  "embed_norm")
 
 
 def non_default(cfg: GPTConfig, names: tuple[str, ...]) -> list[str]:
@@ -522,10 +528,11 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         if cfg.mlp_gated:
-            self.gate_up = _linear(cfg.dim, 2 * cfg.hidden, cfg, rngs, bias=cfg.bias)
+            self.gate_up = _linear(cfg.dim, 2 * cfg.hidden, cfg, rngs, bias=cfg.mlp_has_bias)
         else:
-            self.up = _linear(cfg.dim, cfg.hidden, cfg, rngs, bias=cfg.bias)
-        self.down = _linear(cfg.hidden, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5, bias=cfg.bias)
+            self.up = _linear(cfg.dim, cfg.hidden, cfg, rngs, bias=cfg.mlp_has_bias)
+        self.down = _linear(cfg.hidden, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5,
+                            bias=cfg.mlp_has_bias)
         self.drop = _dropout(cfg.dropout, rngs)
         self.gated, self.act = cfg.mlp_gated, cfg.mlp_act
 

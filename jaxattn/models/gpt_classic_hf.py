@@ -1,5 +1,6 @@
 """GPT-2 (``GPT2LMHeadModel``), GPT-NeoX / Pythia (``GPTNeoXForCausalLM``), Phi-1 / 1.5 / 2 (``PhiForCausalLM``),
-StarCoder2 (``Starcoder2ForCausalLM``), BLOOM, Falcon, OPT and StarCoder / SantaCoder (``gpt_bigcode``) checkpoints in the Hugging Face layout <-> :class:`GPT` with the classic
+StarCoder2 (``Starcoder2ForCausalLM``), BLOOM, Falcon, OPT, StarCoder / SantaCoder (``gpt_bigcode``), GPT-J and CodeGen
+checkpoints in the Hugging Face layout <-> :class:`GPT` with the classic
 block: LayerNorms with biases (``norm="layer"``), biases on every projection (``bias``), a plain MLP
 ``down(act(up(x)))`` (``mlp_gated=False``; ``gelu_new`` / ``gelu_pytorch_tanh`` are the tanh GELU, Pythia's
 ``gelu`` the erf one), and
@@ -22,6 +23,12 @@ block: LayerNorms with biases (``norm="layer"``), biases on every projection (``
   architecture's ``ln_attn`` / ``ln_mlp``) or sequential, multi-query or grouped kv heads; its fused
   ``query_key_value`` holds, per kv group, the group's query heads, then one key and one value head (GPT-NeoX's
   and BLOOM's are the one-head groups of that layout).
+- GPT-J (``GPTJForCausalLM``) and CodeGen (``CodeGenForCausalLM``): Phi's block (one LayerNorm before attention
+  and MLP side by side) with biases on the MLP only (``bias=False``, ``mlp_bias=True``), a bias on the untied head,
+  and RoPE on each head's first ``rotary_dim`` channels rotated in interleaved pairs (``rotate_every_two``): the
+  load permutes those query / key channels to rotate-half order (even channels, then odd ones), which leaves every
+  ``q . k`` as it was, and the export permutes them back. CodeGen fuses q, v, k (in that order) into ``qkv_proj``
+  over 4 model-parallel groups of heads; its export is a GPT-J folder (the same block).
 
 Each family's keys are renamed to family-neutral ones (``layers.i.attn.q_proj.weight``, ...) that
 :func:`entries` reads (:func:`prepare_state_dict`) and back (:func:`export_state_dict`); fused projections are
@@ -69,7 +76,8 @@ __all__ = ["config_from_hf", "entries", "export_state_dict", "hf_config", "is_cl
 
 _ARCH = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "phi": "PhiForCausalLM",
          "starcoder2": "Starcoder2ForCausalLM", "bloom": "BloomForCausalLM", "falcon": "FalconForCausalLM",
-         "opt": "OPTForCausalLM", "gpt_bigcode": "GPTBigCodeForCausalLM"}
+         "opt": "OPTForCausalLM", "gpt_bigcode": "GPTBigCodeForCausalLM", "gptj": "GPTJForCausalLM",
+         "codegen": "CodeGenForCausalLM"}
 # Hugging Face's activation names -> GPTConfig.mlp_act (gelu_new / gelu_fast / gelu_pytorch_tanh: the tanh form)
 _ACT = {"gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
         "relu": "relu"}
@@ -101,6 +109,11 @@ _NAMES = {
                        down="mlp.c_proj", final="model.norm", head="lm_head"),
 }
 _NAMES["gpt_bigcode"] = _NAMES["gpt2"]  # (GPT-2's names, Linear layouts)
+_NAMES["gptj"] = _NAMES["codegen"] = dict(  # (CodeGen's q, k, v: split from its qkv_proj)
+    embed="transformer.wte.weight", layer="transformer.h.{i}.", norm1="ln_1", norm2=None, attn="attn.",
+    o="attn.out_proj", up="mlp.fc_in", down="mlp.fc_out", final="transformer.ln_f", head="lm_head")
+_GPTJ = ("gptj", "codegen")
+CODEGEN_MP = 4  # CodeGen's qkv_proj: 4 model-parallel groups of heads, each its q | v | k rows
 _GPT2_CONV1D = ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # (and attn.c_attn.weight, split)
 
 
@@ -177,9 +190,9 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         return ValueError(f"config.json: {field} = {raw.get(field)!r}: jaxattn's GPT supports {want} only")
 
     act_field = {"gpt2": "activation_function", "opt": "activation_function", "gpt_bigcode": "activation_function",
-                 "falcon": "activation"}.get(kind, "hidden_act")
+                 "gptj": "activation_function", "codegen": "activation_function", "falcon": "activation"}.get(kind, "hidden_act")
     act = raw.get(act_field, {"gpt2": "gelu_new", "gpt_neox": "gelu", "phi": "gelu_new", "falcon": "gelu",
-                                 "opt": "relu"}.get(kind, "gelu_pytorch_tanh"))
+                                 "opt": "relu", "gptj": "gelu_new", "codegen": "gelu_new"}.get(kind, "gelu_pytorch_tanh"))
     if kind == "bloom":  # (BLOOM's MLP: its own tanh GELU, no config field)
         act = "gelu_new"
     if act not in _ACT:
@@ -214,6 +227,21 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         return hf.with_overrides(GPTConfig(**common, **fields), overrides)
     if kind == "falcon":
         return hf.with_overrides(GPTConfig(**{**common, **_falcon_fields(raw, bad)}), overrides)
+    if kind in _GPTJ:  # Phi's block, MLP biases only, interleaved partial rotary
+        dim, heads = int(raw.get("n_embd", 4096)), int(raw.get("n_head", 16))
+        if raw.get("rotary_dim") is None:
+            raise bad("rotary_dim", "a number of rotated channels per head (GPT-J-6B, CodeGen: 64)")
+        rotary = int(raw["rotary_dim"])
+        if kind == "codegen" and heads % CODEGEN_MP:
+            raise bad("n_head", f"a multiple of {CODEGEN_MP} (CodeGen's qkv_proj groups)")
+        fields = dict(dim=dim, layers=int(raw.get("n_layer", 28)), heads=heads, mlp_dim=int(raw.get("n_inner") or 4 * dim),
+                      rotary_dim=None if rotary == dim // heads else rotary, bias=False, mlp_bias=True,
+                      parallel_residual=True, shared_norm=True, head_bias=True,
+                      norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+                      tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
+        if fields["tie_embeddings"]:
+            raise bad("tie_word_embeddings", "false (the lm_head has a bias)")
+        return hf.with_overrides(GPTConfig(**{**common, **fields}), overrides)
     if kind == "bloom":  # ALiBi (the flash / decode kernels' alibi_slopes), a LayerNorm on the embeddings
         if raw.get("apply_residual_connection_post_layernorm", False):
             raise bad("apply_residual_connection_post_layernorm", "false")
@@ -302,6 +330,13 @@ def _family(cfg: GPTConfig) -> str:
         return "gpt_bigcode" if kv == 1 and cfg.heads > 1 else "gpt2"
     if cfg.mlp_act == "relu":
         raise ValueError("ReLU MLPs are OPT's (learned positions, position_offset 2)")
+    if cfg.mlp_has_bias != cfg.bias:  # (GPT-J: biases on the MLP only)
+        if cfg.bias or not cfg.shared_norm or not cfg.head_bias or cfg.position != "rope" or gqa or window \
+                or cfg.embed_norm:
+            raise ValueError("a GPT-J layout (biases on the MLP only) has one norm before attention and MLP side by "
+                             "side (shared_norm), a bias on the untied head, RoPE, one kv head per head and full "
+                             "attention")
+        return "gptj"
     if not cfg.bias:  # (Falcon's projections have none; the other families' all have them)
         if cfg.position != "rope" or cfg.rotary_dim or window or cfg.head_bias or cfg.embed_norm \
                 or not cfg.parallel_residual and kv not in (1, cfg.heads):
@@ -345,6 +380,10 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
                 "layer_norm_epsilon": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_parameters": rope,
                 "max_position_embeddings": 2048 * int(max(1, scaling.get("factor", 1))), "bos_token_id": None,
                 "eos_token_id": None}
+    if kind == "gptj":
+        return {**out, "n_embd": cfg.dim, "n_layer": cfg.layers, "n_head": cfg.heads, "n_inner": cfg.hidden,
+                "rotary_dim": cfg.rotary_dim or cfg.head_size, "n_positions": 2048, "activation_function": act,
+                "layer_norm_epsilon": cfg.norm_eps, "bos_token_id": None, "eos_token_id": None}
     if kind == "bloom":
         return {**out, "hidden_size": cfg.dim, "n_layer": cfg.layers, "n_head": cfg.heads,
                 "layer_norm_epsilon": cfg.norm_eps, "apply_residual_connection_post_layernorm": False,
@@ -394,6 +433,10 @@ def _split_fused(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict[
             parts = np.split(np.asarray(value).T, 3, axis=0)
         elif kind == "gpt2" and key.endswith("attn.c_attn.bias"):
             parts = np.split(np.asarray(value), 3)
+        elif kind == "codegen" and key.endswith("attn.qkv_proj.weight"):  # per mp group: q | v | k rows
+            a = np.asarray(value)
+            a = a.reshape(CODEGEN_MP, 3, a.shape[0] // (3 * CODEGEN_MP), a.shape[1])
+            parts = [a[:, 0].reshape(-1, a.shape[-1]), a[:, 2].reshape(-1, a.shape[-1]), a[:, 1].reshape(-1, a.shape[-1])]
         elif groups and key.endswith(_fused_name(kind) + "." + name):  # per group: its q heads, k, v
             a = np.asarray(value)
             per = heads // groups
@@ -406,7 +449,26 @@ def _split_fused(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict[
         base = pre.rpartition(".")[0]  # the attention module
         for proj, part in zip(("q_proj", "k_proj", "v_proj"), parts):
             out[f"{base}.{proj}.{name}"] = part
+    if kind in _GPTJ:  # interleaved rotary pairs -> rotate-half order
+        perm = _rotary_order(raw)
+        out = {k: _permute_heads(v, perm) if k.endswith(("attn.q_proj.weight", "attn.k_proj.weight")) else v
+               for k, v in out.items()}
     return out
+
+
+def _rotary_order(raw: Mapping[str, Any]) -> np.ndarray:
+    """GPT-J's per-head channel order for rotate-half RoPE: the rotated channels' even ones, their odd ones,
+    then the unrotated rest (its ``rotate_every_two`` pairs channels 2i and 2i + 1 at frequency i, as
+    rotate-half pairs i and i + rotary_dim / 2)."""
+    head_dim = int(raw["n_embd"]) // _heads(raw)
+    rotary = int(raw.get("rotary_dim") or head_dim)
+    return np.concatenate([np.arange(0, rotary, 2), np.arange(1, rotary, 2), np.arange(rotary, head_dim)])
+
+
+def _permute_heads(w, order: np.ndarray) -> np.ndarray:
+    """The output channels (rows, Linear layout) of every head of ``w`` in ``order``."""
+    w = np.asarray(w)
+    return w.reshape(-1, len(order), *w.shape[1:])[:, order].reshape(w.shape)
 
 
 def _fused_name(kind: str) -> str:
@@ -415,12 +477,12 @@ def _fused_name(kind: str) -> str:
 
 
 def _layers(raw: Mapping[str, Any]) -> int:
-    gpt2_names = raw.get("model_type") in ("gpt2", "bloom", "gpt_bigcode")
+    gpt2_names = raw.get("model_type") in ("gpt2", "bloom", "gpt_bigcode", *_GPTJ)
     return int(raw.get("n_layer", 12) if gpt2_names else raw["num_hidden_layers"])
 
 
 def _heads(raw: Mapping[str, Any]) -> int:
-    gpt2_names = raw.get("model_type") in ("gpt2", "bloom", "gpt_bigcode")
+    gpt2_names = raw.get("model_type") in ("gpt2", "bloom", "gpt_bigcode", *_GPTJ)
     return int(raw.get("n_head", 12) if gpt2_names else raw["num_attention_heads"])
 
 
@@ -436,8 +498,14 @@ def export_state_dict(raw: Mapping[str, Any], state_dict: dict[str, np.ndarray])
     """The inverse of :func:`prepare_state_dict` for a ``config.json`` of :func:`hf_config`: the family's keys,
     fused projections and layouts."""
     kind, groups = raw.get("model_type"), _fused_groups(raw)
+    if kind == "codegen":
+        raise ValueError("export writes CodeGen's block as a GPT-J folder (model_type gptj)")
     names = _key_map(raw)
     state_dict = {names.get(k, k): v for k, v in state_dict.items()}
+    if kind == "gptj":  # rotate-half order -> GPT-J's interleaved pairs
+        back = np.argsort(_rotary_order(raw))
+        state_dict = {k: _permute_heads(v, back) if k.endswith(("attn.q_proj.weight", "attn.k_proj.weight")) else v
+                      for k, v in state_dict.items()}
     out = {}
     for key, value in state_dict.items():
         pre, _, name = key.rpartition(".")
@@ -492,7 +560,7 @@ def entries(model: GPT) -> list[hf.Entry]:
 def _ignore(cfg: GPTConfig):
     """The causal-mask and RoPE buffers older checkpoints store, and a tied model's head."""
     return lambda key: key.endswith((".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias",
-                                     "rotary_emb.inv_freq")) or (key == "head.weight" and cfg.tie_embeddings)
+                                     "rotary_emb.inv_freq", ".attn.causal_mask")) or (key == "head.weight" and cfg.tie_embeddings)
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
@@ -503,14 +571,15 @@ def to_hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
 def _detect(state_dict: Mapping[str, Any]) -> str:
     """A classic family from its keys."""
     keys = set(state_dict)
-    for kind, probe in (("opt", "model.decoder.embed_tokens.weight"),
+    for kind, probe in (("opt", "model.decoder.embed_tokens.weight"), ("codegen", "transformer.h.0.attn.qkv_proj.weight"),
+                        ("gptj", "transformer.h.0.mlp.fc_in.weight"),
                         ("bloom", "transformer.word_embeddings_layernorm.weight"), ("bloom", "word_embeddings_layernorm.weight"),
                         ("falcon", "transformer.word_embeddings.weight"),
                         ("gpt_neox", "gpt_neox.embed_in.weight"), ("phi", "model.final_layernorm.weight"),
                         ("starcoder2", "model.embed_tokens.weight"), ("gpt2", "transformer.wte.weight"), ("gpt2", "wte.weight")):
         if probe in keys:
             return kind
-    raise ValueError("state_dict: no GPT-2 (wte), GPT-NeoX (gpt_neox.embed_in), Phi (model.final_layernorm) or "
+    raise ValueError("state_dict: no GPT-2 / GPT-J (wte), GPT-NeoX (gpt_neox.embed_in), Phi (model.final_layernorm) or "
                      "StarCoder2 (model.embed_tokens) keys")
 
 
@@ -523,7 +592,7 @@ def load_hf_state_dict(model: GPT, state_dict: Mapping[str, Any], *, strict: boo
         kind = "gpt_bigcode"
     raw = _falcon_block(cfg) if kind == "falcon" else {  # (Falcon's layouts follow its block options)
         "model_type": kind, "n_layer": cfg.layers, "num_hidden_layers": cfg.layers, "n_head": cfg.heads,
-        "num_attention_heads": cfg.heads}
+        "num_attention_heads": cfg.heads, "n_embd": cfg.dim, "rotary_dim": cfg.rotary_dim}
     hf.load_state_dict(entries(model), prepare_state_dict(raw, state_dict), strict=strict, ignore=_ignore(cfg))
 
 

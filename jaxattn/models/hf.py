@@ -4,7 +4,7 @@ A folder holds ``config.json`` and weights (``model.safetensors``, ``pytorch_mod
 ``model_type`` picks the converter: ``"transnormer"`` -> :class:`~jaxattn.models.TNL`
 (:mod:`jaxattn.models.tnl_hf`); ``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``, ``"phi3"``, ``"gemma"``, ``"gemma2"``, ``"gemma3_text"`` -> :class:`~jaxattn.models.GPT`
 (:mod:`jaxattn.models.gpt_hf`); ``"gpt2"``, ``"gpt_bigcode"``, ``"opt"``, ``"gpt_neox"``, ``"phi"``, ``"starcoder2"``,
-``"bloom"``, ``"falcon"`` -> :class:`~jaxattn.models.GPT` with the classic block
+``"bloom"``, ``"falcon"``, ``"gptj"``, ``"codegen"`` -> :class:`~jaxattn.models.GPT` with the classic block
 (:mod:`jaxattn.models.gpt_classic_hf`); timm's hub folders (``architecture`` instead of ``model_type``) ->
 :class:`~jaxattn.models.ViT` / :class:`~jaxattn.models.HaloNet` (:mod:`jaxattn.models.timm_hub`).
 ``load_pretrained(folder, **overrides)`` builds the model (without a random initialisation to overwrite)
