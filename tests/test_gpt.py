@@ -362,3 +362,36 @@ def test_rope_takes_per_row_positions():
     out = rope(x, pos, 10000.0)
     for b in range(2):
         np.testing.assert_allclose(out[b:b + 1], rope(x[b:b + 1], pos[b], 10000.0), atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["gpt-window-pallas", "gpt2-learned", "tnl-lrpe"])
+def test_ragged_prompts_generate_as_each_prompt_alone(model):
+    """generate(prompt_lengths=...): right-padded prompts of different lengths in one batch give each
+    row's tokens and logits as that prompt alone (GPT: per-row cache positions; TNL: pads rotated first
+    as their own document); the result is prompt, new tokens, then pad_id; pads never count as seen."""
+    from jaxattn.models import TNL, TNLConfig, generate
+
+    if model == "tnl-lrpe":
+        m = TNL(TNLConfig(vocab_size=64, dim=32, layers=3, heads=2, glu_dim=48, lrpe_layers=(0, 2)), rngs=nnx.Rngs(0))
+    elif model == "gpt2-learned":
+        m = _model(norm="layer", bias=True, mlp_gated=False, mlp_act="gelu", position="learned", max_positions=64)
+    else:
+        m = GPT(GPTConfig(vocab_size=64, dim=64, layers=2, heads=2, layer_types=("full", "window"), window=4,
+                          attn_impl="pallas"), rngs=nnx.Rngs(0))
+    prompts = [[5, 9, 3, 7, 1, 2, 8], [11, 4], [6, 6, 6, 2, 9]]
+    padded = jnp.asarray([p + [63] * (7 - len(p)) for p in prompts])
+    lengths = [len(p) for p in prompts]
+    out, logits = generate(m, padded, 6, temperature=0.0, prompt_lengths=lengths, return_logits=True, pad_id=-1,
+                           repetition_penalty=1.3)
+    assert out.shape == (3, 13)
+    for b, p in enumerate(prompts):
+        alone, ref = generate(m, jnp.asarray([p]), 6, temperature=0.0, return_logits=True, repetition_penalty=1.3)
+        np.testing.assert_array_equal(out[b, :len(p) + 6], alone[0])
+        assert (out[b, len(p) + 6:] == -1).all()
+        np.testing.assert_allclose(logits[b], ref[0], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"prompt_lengths must be 3 ints in 1..7"):
+        generate(m, padded, 2, prompt_lengths=[7, 0, 3])
+    if model == "gpt2-learned":
+        with pytest.raises(ValueError, match="block-sparse"):
+            generate(_model(layer_types=("power",), sparse_block=16, window=32, sink=16), padded, 2,
+                     prompt_lengths=lengths)

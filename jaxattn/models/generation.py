@@ -3,10 +3,11 @@
 A model that can be sampled from has two methods (TNL: the recurrent Lightning state, O(1)
 per token; GPT: a KV cache read by :func:`jaxattn.decode_attention`):
 
-- ``prefill(tokens [B, p], max_len) -> (logits [B, vocab], cache)``: the parallel forward of
-  the prompt, the logits of its last position, and a cache with room for ``max_len`` tokens;
+- ``prefill(tokens [B, p], max_len, lengths=None) -> (logits [B, vocab], cache)``: the parallel forward
+  of the prompt, the logits of its last position (of position ``lengths[b] - 1`` for ragged prompts), and a
+  cache with room for ``max_len`` tokens;
 - ``decode_step(token [B], cache, position) -> (logits [B, vocab], cache)``: one new token at
-  ``position`` (an int32 scalar: the same for the whole batch).
+  ``position`` (an int32 scalar, or ``[B]`` for ragged prompts).
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def warp_logits(logits: jax.Array, temperature: float, top_k: int | None = None,
 
 
 @nnx.jit(static_argnames=("max_len",))
-def _prefill(model, prompt, max_len: int):
-    return model.prefill(prompt, max_len)
+def _prefill(model, prompt, max_len: int, lengths=None):
+    return model.prefill(prompt, max_len) if lengths is None else model.prefill(prompt, max_len, lengths)
 
 
 @nnx.jit
@@ -79,7 +80,8 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, tempe
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              repetition_penalty: float | None = None, eos_id: int | Sequence[int] | None = None,
              key: jax.Array | None = None, return_logits: bool = False,
-             on_token: Callable[[np.ndarray], None] | None = None):
+             on_token: Callable[[np.ndarray], None] | None = None,
+             prompt_lengths: jax.Array | Sequence[int] | None = None, pad_id: int = 0):
     """Samples up to ``max_new_tokens`` after ``prompt [batch, p]`` (int). The prompt is prefilled
     with the parallel forward; each new token is one incremental step. ``temperature=0`` is
     greedy; ``top_k`` / ``top_p`` / ``min_p`` restrict sampling (:func:`sample_logits`);
@@ -89,7 +91,11 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, tempe
     only, and generation stops once every row has. ``on_token`` is called with each step's tokens
     (``[batch]`` numpy, as they are drawn: for streaming). Returns
     ``tokens [batch, p + n]``, ``n <= max_new_tokens`` the steps taken (and the per-step logits
-    ``[batch, n, vocab]``, which equal the parallel forward's)."""
+    ``[batch, n, vocab]``, which equal the parallel forward's).
+
+    Ragged prompts: ``prompt_lengths [batch]``, row b's prompt its first ``prompt_lengths[b]`` tokens (the
+    rest padding); every row is sampled as if alone, and the result holds row b's prompt, then its new
+    tokens, then ``pad_id`` up to ``p + n`` (column ``prompt_lengths[b] + i`` is its i-th new token)."""
     if not supports_generation(model):
         raise ValueError(f"{type(model).__name__} has no incremental decoding (prefill/decode_step); "
                          "generate() samples from TNL and GPT models")
@@ -111,17 +117,26 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, tempe
     eos = [] if eos_id is None else [eos_id] if isinstance(eos_id, (int, np.integer)) else list(eos_id)
     if not all(isinstance(e, (int, np.integer)) and 0 <= e < vocab for e in eos):
         raise ValueError(f"eos_id must be ids in 0..{vocab - 1}, got {eos_id}")
+    lengths = None
+    if prompt_lengths is not None:
+        lengths = np.asarray(prompt_lengths)
+        if lengths.shape != (prompt.shape[0],) or not np.issubdtype(lengths.dtype, np.integer) \
+                or not ((lengths >= 1) & (lengths <= prompt.shape[1])).all():
+            raise ValueError(f"prompt_lengths must be {prompt.shape[0]} ints in 1..{prompt.shape[1]} (one per prompt "
+                             f"row), got {lengths.tolist()}")
+        lengths = jnp.asarray(lengths, jnp.int32)
     key = jax.random.PRNGKey(0) if key is None else key
     prompt = prompt.astype(jnp.int32)
     tokens, all_logits = [prompt], []
     if max_new_tokens:
-        pos = prompt.shape[1]
-        last, cache = _prefill(model, prompt, pos + max_new_tokens)
+        pos = prompt.shape[1] if lengths is None else lengths
+        last, cache = _prefill(model, prompt, prompt.shape[1] + max_new_tokens, lengths)
         done = jnp.zeros((prompt.shape[0],), bool)
         penalise = repetition_penalty is not None and repetition_penalty != 1.0
-        if penalise:  # [B, vocab]: the tokens each row holds so far
+        if penalise:  # [B, vocab]: the tokens each row holds so far (not its pads)
             rows = jnp.arange(prompt.shape[0])[:, None]
-            seen = jnp.zeros((prompt.shape[0], vocab), bool).at[rows, prompt].set(True)
+            real = jnp.ones(prompt.shape, bool) if lengths is None else jnp.arange(prompt.shape[1]) < lengths[:, None]
+            seen = jnp.zeros((prompt.shape[0], vocab), bool).at[rows, prompt].max(real)
         for i in range(max_new_tokens):
             all_logits.append(last)
             key, sub = jax.random.split(key)
@@ -141,6 +156,11 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, tempe
                 last, cache = _decode_step(model, tok, cache, jnp.asarray(pos, jnp.int32))
                 pos += 1
     out = jnp.concatenate(tokens, axis=1)
+    if lengths is not None:  # row b: its prompt, its new tokens, then pad_id
+        p, n = prompt.shape[1], out.shape[1] - prompt.shape[1]
+        filled = jnp.where(jnp.arange(p + n)[None] < lengths[:, None], jnp.pad(prompt, ((0, 0), (0, n))), pad_id)
+        rows = jnp.arange(prompt.shape[0])[:, None]
+        out = filled.at[rows, lengths[:, None] + jnp.arange(n)[None]].set(out[:, p:])
     if not return_logits:
         return out
     logits = jnp.stack(all_logits, axis=1) if all_logits else jnp.zeros((prompt.shape[0], 0, vocab), jnp.float32)

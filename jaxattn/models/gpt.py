@@ -642,14 +642,19 @@ class GPT(nnx.Module):
                  offset: jax.Array | int = 0, segment_ids: jax.Array | None = None):
         """Logits ``[B, n, vocab]`` of ``tokens [B, n]``. With a ``cache`` (``init_cache``), the
         tokens sit at positions ``offset ..`` and their keys/values are written into it:
-        returns ``(logits, cache)``. ``segment_ids`` int ``[B, n]`` (training, scoring; no cache):
+        returns ``(logits, cache)``; ``offset`` may be int32 ``[B]`` (each row at its own position: ragged
+        prompts in :func:`jaxattn.models.generate`). ``segment_ids`` int ``[B, n]`` (training, scoring; no cache):
         packed documents, runs of equal ids; each attends only within itself from position 0, so its
         logits are those of the document alone."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must have shape [batch, seq] and an integer dtype, got "
                              f"{jnp.dtype(tokens.dtype).name} {tuple(tokens.shape)}")
         dt = jnp.dtype(self.cfg.dtype)
-        positions = jnp.arange(tokens.shape[1]) + offset
+        offset_rows = not isinstance(offset, int) and jnp.ndim(offset) == 1
+        positions = jnp.arange(tokens.shape[1]) + (offset[:, None] if offset_rows else offset)  # [(B,) n]
+        if offset_rows and any(blk.attn.kind not in ("full", "window") for blk in self.blocks):
+            raise ValueError("per-row positions (ragged prompts) decode full and sliding-window layers; this model "
+                             "has block-sparse ones")
         if segment_ids is not None:
             if cache is not None:
                 raise ValueError("segment_ids (packed documents) are for the forward without a cache")
@@ -712,15 +717,23 @@ class GPT(nnx.Module):
             return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.ones(kv), jnp.ones(kv)) for _ in self.blocks]
         return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in self.blocks]
 
-    def prefill(self, tokens: jax.Array, max_len: int):
+    def prefill(self, tokens: jax.Array, max_len: int, lengths: jax.Array | None = None):
         """The prompt's parallel forward into a fresh cache of ``max_len`` positions:
-        ``(last logits [B, vocab], cache)`` (for :func:`jaxattn.models.generate`)."""
+        ``(last logits [B, vocab], cache)`` (for :func:`jaxattn.models.generate`). ``lengths`` int ``[B]``:
+        ragged prompts, each row's first ``lengths[b]`` tokens (right padding: the pads' cache entries lie
+        past the row's length, so decoding at per-row positions overwrites them and never reads them)."""
         if tokens.shape[1] > max_len:
             raise ValueError(f"prompt of {tokens.shape[1]} tokens does not fit max_len={max_len}")
+        if lengths is not None and any(blk.attn.kind not in ("full", "window") for blk in self.blocks):
+            raise ValueError("ragged prompts (lengths) decode full and sliding-window layers; this model has "
+                             "block-sparse ones")
         logits, cache = self(tokens, cache=self.init_cache(tokens.shape[0], max_len), offset=0)
-        return logits[:, -1], cache
+        if lengths is None:
+            return logits[:, -1], cache
+        return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], cache
 
     def decode_step(self, token: jax.Array, cache: list[KVCache], position: jax.Array):
-        """One token ``[B]`` at ``position`` against the cache: ``(logits [B, vocab], cache)``."""
+        """One token ``[B]`` at ``position`` (int32, or ``[B]``: per row) against the cache:
+        ``(logits [B, vocab], cache)``."""
         logits, cache = self(token[:, None], cache=cache, offset=position)
         return logits[:, 0], cache

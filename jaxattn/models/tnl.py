@@ -89,8 +89,10 @@ class Lrpe(nnx.Module):
         self.theta = nnx.Param((10000.0 ** (-2.0 / d * jnp.arange(d))).reshape(heads, head_dim))
 
     def __call__(self, x: jax.Array, offset: jax.Array | int) -> jax.Array:
-        pos = (jnp.arange(x.shape[1]) + offset).astype(jnp.float32)
-        ang = pos[:, None, None] * self.theta[...][None]  # [N, H, d]
+        """``x [B, N, H, d]`` at positions ``offset ..`` (``offset``: int, or ``[B]`` per row)."""
+        off = jnp.asarray(offset)
+        pos = (jnp.arange(x.shape[1]) + (off[:, None] if off.ndim else off)).astype(jnp.float32)  # [(B,) N]
+        ang = pos[..., None, None] * self.theta[...]  # [(B,) N, H, d]
         xf = x.astype(jnp.float32)
         return jnp.concatenate([xf * jnp.cos(ang), xf * jnp.sin(ang)], axis=-1).astype(x.dtype)
 
@@ -212,13 +214,25 @@ class TNL(nnx.Module):
         logits = logits.astype(jnp.float32)
         return (logits, new_states) if return_states else logits
 
-    def prefill(self, tokens: jax.Array, max_len: int | None = None):
+    def prefill(self, tokens: jax.Array, max_len: int | None = None, lengths: jax.Array | None = None):
         """Parallel forward of a prompt: ``(last logits [B, vocab], states)``, for
-        :func:`jaxattn.models.generate` (the recurrent state has no length limit)."""
-        logits, states = self(tokens, return_states=True)
+        :func:`jaxattn.models.generate` (the recurrent state has no length limit). ``lengths`` int ``[B]``:
+        ragged prompts, each row's first ``lengths[b]`` tokens (right padding): each row is rotated so its
+        pads come first, as a document of their own (``segment_ids``), and its prompt sits at positions
+        ``0 .. lengths[b] - 1``, so decoding continues at ``lengths[b]``."""
+        if lengths is None:
+            logits, states = self(tokens, return_states=True)
+            return logits[:, -1], states
+        p = tokens.shape[1]
+        shift = p - lengths  # [B]: pads per row
+        cols = (jnp.arange(p)[None] - shift[:, None]) % p  # left padding: column c holds token c - shift
+        rolled = jnp.take_along_axis(tokens, cols, axis=1)
+        segments = (jnp.arange(p)[None] >= shift[:, None]).astype(jnp.int32)
+        logits, states = self(rolled, return_states=True, segment_ids=segments, offset=-shift)
         return logits[:, -1], states
 
     def decode_step(self, token: jax.Array, states: list[jax.Array], position: jax.Array):
-        """One token ``[B]`` at ``position``: O(1) recurrent step, ``(logits [B, vocab], states)``."""
+        """One token ``[B]`` at ``position`` (or ``[B]``: per row): O(1) recurrent step, ``(logits [B, vocab],
+        states)``."""
         logits, states = self(token[:, None], states=states, offset=position, return_states=True)
         return logits[:, 0], states
