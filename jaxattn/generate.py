@@ -159,6 +159,62 @@ def _chat(p: argparse.ArgumentParser, a: argparse.Namespace, sample, vocab: int)
         turns.append({"role": "assistant", "content": reply})
 
 
+def _decoder(tokenizer, byte_level: bool):
+    """Token ids -> text: bytes, the folder's tokenizer, or the ids themselves."""
+    if byte_level:
+        return lambda ids: bytes(np.asarray(ids).clip(0, 255).astype(np.uint8)).decode("utf-8", errors="replace")
+    if tokenizer is not None:
+        return tokenizer.decode
+    return lambda ids: " ".join(map(str, np.asarray(ids).tolist()))
+
+
+def _batch(p: argparse.ArgumentParser, a: argparse.Namespace, model, tokenizer, byte_level: bool, vocab: int,
+           eos, what: str) -> int:
+    """``--prompts-file``: every line's prompt sampled in one batch (ragged lengths: ``prompt_lengths``), each
+    printed as it would be alone (up to its end-of-sequence token), a blank line between them."""
+    from jaxattn.models import generate
+
+    path = Path(a.prompts_file)
+    if not path.is_file():
+        p.error(f"--prompts-file {path}: no such file")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        p.error(f"--prompts-file {path}: no prompts (one per line)")
+    try:
+        if byte_level:
+            prompts = [np.frombuffer(line.encode(), np.uint8).astype(np.int32) for line in lines]
+        elif tokenizer is not None:
+            prompts = [np.asarray(tokenizer.encode(line), np.int32) for line in lines]
+        else:
+            prompts = [_ids(line, vocab) for line in lines]
+    except ValueError as e:
+        p.error(f"--prompts-file {path}: {e}")
+    if not all(x.size for x in prompts):
+        p.error(f"--prompts-file {path}: a line encodes to no tokens")
+    lengths = [x.size for x in prompts]
+    padded = np.zeros((len(prompts), max(lengths)), np.int32)
+    for row, x in zip(padded, prompts):
+        row[:x.size] = x
+    try:
+        out = generate(model, jnp.asarray(padded), a.max_new_tokens, temperature=a.temperature,
+                       top_k=min(a.top_k, vocab) or None, top_p=a.top_p, min_p=a.min_p,
+                       repetition_penalty=a.repetition_penalty, eos_id=eos, key=jax.random.PRNGKey(a.seed),
+                       prompt_lengths=lengths)
+    except ValueError as e:
+        p.error(str(e))
+    out = np.asarray(out)
+    stops = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    decode = _decoder(tokenizer, byte_level)
+    texts = []
+    for row, n in zip(out, lengths):
+        new = row[n:n + a.max_new_tokens].tolist()
+        hit = next((i for i, t in enumerate(new) if t in stops), None)  # (the rest repeats the first eos)
+        texts.append(decode(row[:n].tolist() + (new if hit is None else new[:hit + 1])))
+    print("\n\n".join(texts))
+    print(f"[{what}; {len(prompts)} prompts]", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from jaxattn.models import generate
 
@@ -167,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="a training --out folder, or a Hugging Face TransNormerLLM / LLaMA / Qwen2 folder")
     p.add_argument("--prompt", default=None, help='text, for byte-level runs (default "def ")')
     p.add_argument("--prompt-ids", default=None, help="token ids such as 464,2068 (runs on token files)")
+    p.add_argument("--prompts-file", default=None, help="a batch of prompts, one per line (text, or token ids for "
+                   "runs on token files), sampled together (ragged lengths) and printed in order, a blank line "
+                   "between them")
     p.add_argument("--chat", action="store_true", help="a Hugging Face chat model's folder: --prompt is a user "
                    "turn, formatted by the folder's chat template; prints the assistant's reply only")
     p.add_argument("--system", default=None, help="with --chat: a system turn before the prompt")
@@ -197,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.prompt is not None and a.prompt_ids is not None:
         p.error("give --prompt (text) or --prompt-ids (token ids), not both")
+    if a.prompts_file is not None and (a.prompt is not None or a.prompt_ids is not None or a.chat or a.stream):
+        p.error("--prompts-file holds the prompts: not with --prompt, --prompt-ids, --chat or --stream")
     if a.chat and a.prompt_ids is not None or a.chat and a.prompt is None and not a.interactive:
         p.error("--chat takes the user's turn as --prompt (text), or turns from standard input with --interactive")
     if (a.system is not None or a.interactive or a.chat_template is not None) and not a.chat:
@@ -222,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(str(e))
         return np.asarray(toks[0])
 
+    if a.prompts_file is not None:
+        return _batch(p, a, model, tokenizer, byte_level, vocab, eos, what)
     if a.chat:
         if not folder:
             p.error(f"--chat needs a Hugging Face chat model's folder; {a.checkpoint} is a training run")
@@ -246,13 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not text:
             p.error("--prompt must not be empty")
         prompt = np.frombuffer(text.encode(), np.uint8).astype(np.int32)
-    if byte_level:
-        decode = lambda ids: bytes(np.asarray(ids).clip(0, 255).astype(np.uint8)).decode(  # noqa: E731
-            "utf-8", errors="replace")
-    elif tokenizer is not None:
-        decode = tokenizer.decode
-    else:
-        decode = lambda ids: " ".join(map(str, np.asarray(ids).tolist()))  # noqa: E731
+    decode = _decoder(tokenizer, byte_level)
     stream = Streamer(decode, prompt.tolist()) if a.stream else None
     out = sample(prompt, jax.random.PRNGKey(a.seed), stream)
     if stream is None:

@@ -301,6 +301,18 @@ def test_cli_end_to_end_and_generate(tmp_path, capsys, model):
     assert capsys.readouterr().out == plain
     assert generate_main(["--checkpoint", str(out), "--prompt", "import ", "--max-new-tokens", "5", "--ema"]) == 0
     assert capsys.readouterr().out.startswith("import ")
+    # --prompts-file: a ragged batch, each prompt's text as it is alone (greedy)
+    prompts = ["import ", "def f(x):", "x"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    greedy = ["--checkpoint", str(out), "--max-new-tokens", "6", "--temperature", "0"]
+    alone = []
+    for prompt in prompts:
+        assert generate_main([*greedy, "--prompt", prompt]) == 0
+        alone.append(capsys.readouterr().out.rstrip("\n"))
+    assert generate_main([*greedy, "--prompts-file", str(tmp_path / "prompts.txt")]) == 0
+    assert capsys.readouterr().out == "\n\n".join(alone) + "\n"
+    with pytest.raises(SystemExit):
+        generate_main([*greedy, "--prompts-file", str(tmp_path / "prompts.txt"), "--prompt", "x"])
     from jaxattn.perplexity import main as ppl_main  # the run scored on its own validation split
 
     assert ppl_main([str(out), "--context", "32", "--max-tokens", "300", "--no-progress"]) == 0
