@@ -46,6 +46,8 @@ _FALCON = {"model_type": "falcon", "vocab_size": 67, "hidden_size": 32, "num_hid
 FALCON = {**_FALCON, "new_decoder_architecture": False, "multi_query": True, "parallel_attn": True}  # Falcon-7B's
 FALCON_NEW = {**_FALCON, "new_decoder_architecture": True, "num_kv_heads": 2, "ffn_hidden_size": 48}  # Falcon-40B's
 FALCON_SEQ = {**_FALCON, "multi_query": False, "parallel_attn": False, "bias": True}  # sequential, MHA, biases
+# Falcon-RW: FALCON_SEQ's block with ALiBi (added before the 1 / sqrt(head_dim) scaling); 6 heads
+FALCON_RW = {**FALCON_SEQ, "alibi": True, "hidden_size": 48, "num_attention_heads": 6}
 OPT = {"model_type": "opt", "vocab_size": 67, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
        "ffn_dim": 48, "max_position_embeddings": 24, "activation_function": "relu", "word_embed_proj_dim": 32}
 BIGCODE = {"model_type": "gpt_bigcode", "vocab_size": 67, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 24,
@@ -55,10 +57,12 @@ GPTJ = {"model_type": "gptj", "vocab_size": 67, "n_embd": 32, "n_layer": 2, "n_h
         "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "n_positions": 64}
 CODEGEN = {"model_type": "codegen", "vocab_size": 67, "n_embd": 64, "n_layer": 2, "n_head": 8, "rotary_dim": 8,
            "n_inner": 48, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "n_positions": 64, "n_ctx": 64}
-CONFIGS = [GPT2, NEOX, NEOX_SEQ, PHI, STARCODER2, BLOOM, FALCON, FALCON_NEW, FALCON_SEQ, OPT, BIGCODE, GPTJ, CODEGEN]
+CONFIGS = [GPT2, NEOX, NEOX_SEQ, PHI, STARCODER2, BLOOM, FALCON, FALCON_NEW, FALCON_SEQ, OPT, BIGCODE, GPTJ, CODEGEN,
+           FALCON_RW]
 IDS = ["gpt2", "neox-parallel-partial-rotary", "neox-sequential-tied", "phi-shared-norm-gqa", "starcoder2-gqa-window",
        "bloom-alibi-6-heads", "falcon-multi-query-parallel", "falcon-new-architecture-gqa", "falcon-sequential-bias",
-       "opt-relu-offset-positions", "starcoder-multi-query", "gptj-interleaved-partial-rotary", "codegen-grouped-qkv"]
+       "opt-relu-offset-positions", "starcoder-multi-query", "gptj-interleaved-partial-rotary", "codegen-grouped-qkv",
+       "falcon-rw-scaled-alibi"]
 
 TOKENS = np.asarray([[3, 17, 59, 0, 8, 8, 41, 22, 5, 33, 66, 1, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
 
@@ -282,7 +286,7 @@ def reference_logits(sd, raw, tokens):
         d, heads, eps, kv = raw["hidden_size"], raw["num_attention_heads"], raw["layer_norm_epsilon"], _falcon_kv(raw)
         hd, per = d // heads, heads // kv
         ln = lambda x, key: layer_norm_np(x, g[key + ".weight"], g[key + ".bias"], eps)  # noqa: E731
-        rot = lambda t: _rotary(t, hd, raw["rope_theta"])  # noqa: E731
+        rot = lambda t: t if raw.get("alibi") else _rotary(t, hd, raw["rope_theta"])  # noqa: E731
         x = g["transformer.word_embeddings.weight"][tokens]
         for i in range(raw["num_hidden_layers"]):
             p = f"transformer.h.{i}."
@@ -290,7 +294,9 @@ def reference_logits(sd, raw, tokens):
             h = ln(x, p + norms[0])
             qkv = lin(h, p + "self_attention.query_key_value").reshape(b, n, kv, per + 2, hd)
             q, k, v = qkv[..., :per, :].reshape(b, n, heads, hd), qkv[..., per, :], qkv[..., per + 1, :]
-            a = lin(_attend(rot(q), rot(k), v).reshape(b, n, d), p + "self_attention.dense")
+            # (Falcon-RW: ALiBi added to q . k, then both scaled by 1 / sqrt(hd): the slopes scaled)
+            alibi = _bloom_slopes(heads) / math.sqrt(hd) if raw.get("alibi") else None
+            a = lin(_attend(rot(q), rot(k), v, alibi=alibi).reshape(b, n, d), p + "self_attention.dense")
             mlp = lambda y: lin(_gelu(lin(y, p + "mlp.dense_h_to_4h"), "gelu"), p + "mlp.dense_4h_to_h")  # noqa: E731
             if not raw.get("parallel_attn", True) and not raw.get("new_decoder_architecture"):
                 x = x + a
@@ -403,7 +409,7 @@ def test_folder_gives_the_reference_logits_decodes_and_round_trips(tmp_path, raw
     assert (cfg.norm, cfg.bias, cfg.mlp_has_bias, cfg.mlp_gated) == ("layer", raw.get("bias", not gptj),
                                                                      raw.get("bias", True), False)
     assert cfg.position == {"gpt2": "learned", "bloom": "alibi", "opt": "learned", "gpt_bigcode": "learned"}.get(
-        raw["model_type"], "rope")
+        raw["model_type"], "alibi" if raw.get("alibi") else "rope")
     assert cfg.head_bias == (raw["model_type"] == "phi" or gptj) and cfg.shared_norm == (raw in (PHI, FALCON) or gptj)
     got = model(jnp.asarray(TOKENS))
     assert_close(got, want, F32, f"{raw['model_type']} logits", tol=TOL)

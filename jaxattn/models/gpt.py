@@ -91,6 +91,7 @@ class GPTConfig:
     residual_multiplier: float = 1.0
     logits_divisor: float = 1.0
     position: Literal["rope", "alibi", "learned"] = "rope"  # alibi: per-head linear biases; learned: GPT-2's table
+    alibi_scale: float = 1.0  # position="alibi": the slopes times this (Falcon-RW adds ALiBi before 1/sqrt(d))
     max_positions: int = 1024  # position="learned": the table's length (the longest context)
     position_offset: int = 0  # position="learned": position p reads table row p + offset (OPT's 2 extra rows)
     # the GPT-2 / GPT-NeoX (Pythia) block (jaxattn.models.gpt_classic_hf): LayerNorms with biases instead of
@@ -187,6 +188,9 @@ class GPTConfig:
             raise ValueError("dropout is for training; quantized=True is an inference path (no gradients)")
         if self.position not in ("rope", "alibi", "learned"):
             raise ValueError(f"position must be 'rope', 'alibi' or 'learned', got {self.position!r}")
+        if self.alibi_scale != 1.0 and (self.position != "alibi" or not self.alibi_scale > 0):
+            raise ValueError(f"alibi_scale ({self.alibi_scale}) scales ALiBi's slopes: it needs position='alibi' and "
+                             "must be positive")
         if self.position == "alibi" and (set(self.layer_types) != {"full"} or self.quantized):
             raise ValueError("position='alibi' runs on the flash and decode kernels: it needs layer_types=('full',) "
                              "and quantized=False")
@@ -325,7 +329,7 @@ FAMILY_FIELDS = ("qk_norm", "qk_norm_full", "pre_norms", "rope_scaling", "rotary
                  "embed_multiplier", "residual_multiplier", "logits_divisor")
 # the GPT-2 / GPT-NeoX block options (jaxattn.models.gpt_classic_hf)
 CLASSIC_FIELDS = ("norm", "bias", "mlp_bias", "mlp_gated", "parallel_residual", "shared_norm", "head_bias",
-                  "embed_norm")
+                  "embed_norm", "alibi_scale")
 
 
 def non_default(cfg: GPTConfig, names: tuple[str, ...]) -> list[str]:
@@ -519,7 +523,7 @@ class Attention(nnx.Module):
             return None
         from jaxattn.models.tnl import tnl_slopes
 
-        return jnp.asarray(tnl_slopes(self.cfg.heads), jnp.float32)
+        return jnp.asarray(tnl_slopes(self.cfg.heads), jnp.float32) * self.cfg.alibi_scale
 
 
 class SwiGLU(nnx.Module):

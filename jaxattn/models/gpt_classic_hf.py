@@ -22,7 +22,8 @@ block: LayerNorms with biases (``norm="layer"``), biases on every projection (``
   attention and MLP side by side on one norm (``parallel_attn``: ``shared_norm``) or on two (the new decoder
   architecture's ``ln_attn`` / ``ln_mlp``) or sequential, multi-query or grouped kv heads; its fused
   ``query_key_value`` holds, per kv group, the group's query heads, then one key and one value head (GPT-NeoX's
-  and BLOOM's are the one-head groups of that layout).
+  and BLOOM's are the one-head groups of that layout). Falcon-RW (``alibi``) adds ALiBi to ``q . k`` before the
+  ``1 / sqrt(head_dim)`` scaling: BLOOM's slopes times ``alibi_scale = head_dim ** -0.5``.
 - GPT-J (``GPTJForCausalLM``) and CodeGen (``CodeGenForCausalLM``): Phi's block (one LayerNorm before attention
   and MLP side by side) with biases on the MLP only (``bias=False``, ``mlp_bias=True``), a bias on the untied head,
   and RoPE on each head's first ``rotary_dim`` channels rotated in interleaved pairs (``rotate_every_two``): the
@@ -61,6 +62,7 @@ StarCoder2's block and saves as one). Options :class:`GPT` cannot represent rais
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -278,9 +280,9 @@ def _falcon_fields(raw: Mapping[str, Any], bad) -> dict[str, Any]:
     """Falcon's block: attention and MLP side by side (``parallel_attn``) on one norm, or on two (the new decoder
     architecture's ``ln_attn`` / ``ln_mlp``), or sequential; multi-query (one kv head), ``num_kv_heads`` groups
     (new architecture) or one kv head per head; biases on every projection or none (``bias``)."""
-    if raw.get("alibi", False):
-        raise bad("alibi", "false (Falcon-RW's ALiBi is added before the logits' scaling)")
     dim, heads = int(raw.get("hidden_size") or raw.get("n_embed", 4544)), int(raw.get("num_attention_heads", 71))
+    # Falcon-RW: ALiBi (BLOOM's slopes) added to q . k before the 1 / sqrt(head_dim) scaling: scaled slopes
+    alibi = dict(position="alibi", alibi_scale=(dim // heads) ** -0.5) if raw.get("alibi", False) else {}
     new, parallel = bool(raw.get("new_decoder_architecture", False)), bool(raw.get("parallel_attn", True))
     if new and not parallel:
         raise bad("parallel_attn", "true with new_decoder_architecture")
@@ -290,7 +292,8 @@ def _falcon_fields(raw: Mapping[str, Any], bad) -> dict[str, Any]:
                 mlp_dim=int(raw.get("ffn_hidden_size") or 4 * dim), rope_theta=theta, rope_scaling=scaling,
                 parallel_residual=parallel, bias=bool(raw.get("bias", False)),
                 shared_norm=parallel and not (new and (raw.get("num_ln_in_parallel_attn") or 2) == 2),
-                norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)), tie_embeddings=bool(raw.get("tie_word_embeddings", True)))
+                norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)), tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
+                **alibi)
 
 
 def _falcon_block(cfg: GPTConfig) -> dict[str, Any]:
@@ -299,7 +302,8 @@ def _falcon_block(cfg: GPTConfig) -> dict[str, Any]:
     new = cfg.parallel_residual and (not cfg.shared_norm or kv not in (1, cfg.heads))
     return {"model_type": "falcon", "num_attention_heads": cfg.heads, "num_hidden_layers": cfg.layers, "num_kv_heads": kv,
             "new_decoder_architecture": new, "multi_query": kv == 1, "parallel_attn": cfg.parallel_residual,
-            "num_ln_in_parallel_attn": (1 if cfg.shared_norm else 2) if new else None, "bias": cfg.bias}
+            "num_ln_in_parallel_attn": (1 if cfg.shared_norm else 2) if new else None, "bias": cfg.bias,
+            "alibi": cfg.position == "alibi"}
 
 
 def _family(cfg: GPTConfig) -> str:
@@ -337,6 +341,13 @@ def _family(cfg: GPTConfig) -> str:
                              "side (shared_norm), a bias on the untied head, RoPE, one kv head per head and full "
                              "attention")
         return "gptj"
+    if cfg.position == "alibi" and cfg.alibi_scale != 1.0:  # (Falcon-RW: slopes scaled by 1 / sqrt(head_dim))
+        if not math.isclose(cfg.alibi_scale, cfg.head_size ** -0.5) or cfg.embed_norm or cfg.head_bias or window \
+                or not cfg.parallel_residual and kv not in (1, cfg.heads) or cfg.hidden != 4 * cfg.dim:
+            raise ValueError("a Falcon-RW layout (ALiBi scaled by alibi_scale) has alibi_scale = head_dim ** -0.5, no "
+                             "norm on the embeddings, a head without bias, full attention, a 4 x dim MLP, and in "
+                             "sequential blocks one kv head or one per head")
+        return "falcon"
     if not cfg.bias:  # (Falcon's projections have none; the other families' all have them)
         if cfg.position != "rope" or cfg.rotary_dim or window or cfg.head_bias or cfg.embed_norm \
                 or not cfg.parallel_residual and kv not in (1, cfg.heads):
@@ -376,7 +387,7 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
     scaling, rope = rope_parameters(cfg)
     if kind == "falcon":
         return {**out, **_falcon_block(cfg), "hidden_size": cfg.dim, "num_hidden_layers": cfg.layers,
-                "num_attention_heads": cfg.heads, "alibi": False, "ffn_hidden_size": cfg.hidden, "activation": act,
+                "num_attention_heads": cfg.heads, "ffn_hidden_size": cfg.hidden, "activation": act,
                 "layer_norm_epsilon": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_parameters": rope,
                 "max_position_embeddings": 2048 * int(max(1, scaling.get("factor", 1))), "bos_token_id": None,
                 "eos_token_id": None}
