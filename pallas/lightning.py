@@ -65,6 +65,11 @@ class LightningConfig:
 # at 10.7x slower than flash-linear-attention; this one compiles spill-free, all wgmma, 2 CTAs/SM.
 # It runs the chunked schemes: on that GPU fla's chunked kernels ran 2.5x faster than OpenNLPLab's
 # fused-scan ones for the same attention (not yet timed here: the benchmark times both schemes).
+# (2026-12-06, compiled for sm_90a here: the chunked block-gradient kernel holds 210 registers, 254
+# before dP was rounded once and dK computed before dV; packed documents (segment_ids) compile
+# spill-free on the chunked kernels; on the fused scan at d=128 they spill 44-116 B, as the plain
+# scan's dK/dV kernel does at this entry (452 B); elsewhere at most 64 B (d=256 bf16 dK/dV, as plain),
+# 4 B (d=32 fp32 dQ) and 320 B (d=256 fp32 forward).)
 CONFIGS: dict[tuple[int, int], LightningConfig] = {
     (16, 2): LightningConfig(64, 4, 2, 64), (32, 2): LightningConfig(64, 4, 2, 64),
     (64, 2): LightningConfig(64, 8, 2, 64),
@@ -131,8 +136,8 @@ class _Docs(NamedTuple):
     """fp32 masks of one block of a packed sequence (documents: runs of equal segment ids, indices
     nondecreasing along the rows; the state entering the block belongs to the previous row's
     document, the one leaving it to the last row's). Rows ``[block]`` in: ``entering`` the entering
-    state's document, ``start`` the first row's, ``end`` the last row's; ``same [block, block]``: two
-    rows in one document. Scalars: ``fwd_through`` (the entering state's document is the last row's:
+    state's document, ``start`` the first row's, ``end`` the last row's; ``c``: the rows' documents
+    (:func:`_masked_product` keeps the pairs in one document). Scalars: ``fwd_through`` (the entering state's document is the last row's:
     the state survives the block), ``bwd_through`` (one document from the first row to the last: the
     backward's state, which belongs to the last row's document, survives it), ``cont`` (the first row
     continues the previous row's document)."""
@@ -140,7 +145,7 @@ class _Docs(NamedTuple):
     entering: jax.Array
     start: jax.Array
     end: jax.Array
-    same: jax.Array
+    c: jax.Array
     fwd_through: jax.Array
     bwd_through: jax.Array
     cont: jax.Array
@@ -151,8 +156,8 @@ def _doc_masks(c, pv) -> _Docs:
     ``[block]``; padded rows repeat the last real row's document, so they change no reduction)."""
     entering, start, end = jnp.min(pv), jnp.min(c), jnp.max(c)
     f = lambda m: m.astype(jnp.float32)  # noqa: E731
-    return _Docs(f(c == entering), f(c == start), f(c == end), f(c[:, None] == c[None, :]),
-                 f(entering == end), f(start == end), f(start == entering))
+    return _Docs(f(c == entering), f(c == start), f(c == end), c, f(entering == end), f(start == end),
+                 f(start == entering))
 
 
 def _block_docs(c_ref, pv_ref, rows) -> _Docs | None:
@@ -162,11 +167,12 @@ def _block_docs(c_ref, pv_ref, rows) -> _Docs | None:
 def _fwd_masked(dec, docs: _Docs | None):
     """The forward decays ``(q_dec, k_dec, intra, blk_dec)`` of a block with its document masks: rows
     read the entering state only in its document, only the last document's keys enter the leaving
-    state, rows attend within their document, the state crosses the block only within one document."""
+    state, the state crosses the block only within one document (and :func:`_masked_product` keeps
+    rows within their document)."""
     if docs is None:
         return dec
     q_dec, k_dec, intra, blk_dec = dec
-    return q_dec * docs.entering, k_dec * docs.end, intra * docs.same, blk_dec * docs.fwd_through
+    return q_dec * docs.entering, k_dec * docs.end, intra, blk_dec * docs.fwd_through
 
 
 def _row_scaled_dot(x, w, m, st: "_Static", trans_b: bool = False):
@@ -184,10 +190,17 @@ def _decayed_outer(acc, x, w, y, st: "_Static"):
     return acc + dot(xd, y, trans_a=True, precision=st.precision)
 
 
-def _masked_product(a, b, c, mask, st: "_Static"):
-    """``[(a b^T) * mask] c``: the intra-block term (``mask`` the decay matrix or its transpose)."""
-    p = dot(a, b, trans_b=True, precision=st.precision) * mask
+def _masked_product(a, b, c, mask, st: "_Static", docs: "_Docs | None" = None):
+    """``[(a b^T) * mask] c``: the intra-block term (``mask`` the decay matrix or its transpose); with
+    ``docs``, only the pairs of rows in one document (compared on the product's elements: no
+    ``[block, block]`` mask is kept in registers)."""
+    p = _same_document(dot(a, b, trans_b=True, precision=st.precision) * mask, docs)
     return dot(p.astype(c.dtype), c, precision=st.precision)
+
+
+def _same_document(p, docs: "_Docs | None"):
+    """``p [block, block]`` with the pairs of rows in different documents zeroed."""
+    return p if docs is None else jnp.where(docs.c[:, None] == docs.c[None, :], p, 0.0)
 
 
 def _optional_refs(refs, *present: bool):
@@ -218,9 +231,10 @@ def _fwd_kernel(s_ref, q_ref, k_ref, v_ref, *refs, st: _Static):
 
     def body(t, state, dec, update: bool = True):
         rows = _rows(t, st.block)
-        q_dec, k_dec, intra, blk_dec = _fwd_masked(dec, _block_docs(c_ref, pv_ref, rows))
+        docs = _block_docs(c_ref, pv_ref, rows)
+        q_dec, k_dec, intra, blk_dec = _fwd_masked(dec, docs)
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-        o = _masked_product(q, k, v, intra, st) + _row_scaled_dot(q, q_dec, state, st)
+        o = _masked_product(q, k, v, intra, st, docs) + _row_scaled_dot(q, q_dec, state, st)
         o_ref[rows, :] = o.astype(o_ref.dtype)
         return _decayed_outer(state * blk_dec, k, k_dec, v, st) if update else None
 
@@ -238,9 +252,10 @@ def _dq_kernel(s_ref, k_ref, v_ref, do_ref, *refs, st: _Static):
 
     def body(t, state):
         rows = _rows(t, st.block)
-        q_dec, k_dec, intra, blk_dec = _fwd_masked(full, _block_docs(c_ref, pv_ref, rows))
+        docs = _block_docs(c_ref, pv_ref, rows)
+        q_dec, k_dec, intra, blk_dec = _fwd_masked(full, docs)
         k, v, do = k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
-        dq = _masked_product(do, v, k, intra, st) + _row_scaled_dot(do, q_dec, state, st, trans_b=True)
+        dq = _masked_product(do, v, k, intra, st, docs) + _row_scaled_dot(do, q_dec, state, st, trans_b=True)
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
         return _decayed_outer(state * blk_dec, k, k_dec, v, st)
 
@@ -249,12 +264,13 @@ def _dq_kernel(s_ref, k_ref, v_ref, do_ref, *refs, st: _Static):
 
 
 def _bwd_masked(docs: _Docs | None, intra_t, k_w, q_w):
-    """The reverse scan's decays of a block with its document masks: ``intra_t`` within documents, the
-    later rows' sum ``G`` (which belongs to the block's last document) reaches only that document's
-    keys (``k_w``), and only the first document's rows join ``G`` on its way out (``q_w``)."""
+    """The reverse scan's decays of a block with its document masks: the later rows' sum ``G`` (which
+    belongs to the block's last document) reaches only that document's keys (``k_w``), and only the
+    first document's rows join ``G`` on its way out (``q_w``); ``intra_t`` as it is (see
+    :func:`_masked_product`)."""
     if docs is None:
         return intra_t, k_w, q_w
-    return tuple(None if x is None else x * m for x, m in ((intra_t, docs.same), (k_w, docs.end), (q_w, docs.start)))
+    return intra_t, *(None if x is None else x * m for x, m in ((k_w, docs.end), (q_w, docs.start)))
 
 
 def _bwd_carry(g, docs: _Docs | None):
@@ -286,13 +302,13 @@ def _dkv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, *refs, st: _Static):
             k_dec = k_dec if docs is None else k_dec * docs.end
 
         def dv_part():  # intra-block [(Q K^T) * D]^T dO, then later blocks through G (and dSf)
-            dv = _masked_product(k, q, do, intra_t, st) + _row_scaled_dot(k, k_pow, g, st)
+            dv = _masked_product(k, q, do, intra_t, st, docs) + _row_scaled_dot(k, k_pow, g, st)
             if dsf is not None:
                 dv += _row_scaled_dot(k, k_dec, dsf, st)
             dv_ref[rows, :] = dv.astype(dv_ref.dtype)
 
         def dk_part():  # [(dO V^T) * D]^T Q + ...
-            dk = _masked_product(v, do, q, intra_t, st) + _row_scaled_dot(v, k_pow, g, st, trans_b=True)
+            dk = _masked_product(v, do, q, intra_t, st, docs) + _row_scaled_dot(v, k_pow, g, st, trans_b=True)
             if dsf is not None:
                 dk += _row_scaled_dot(v, k_dec, dsf, st, trans_b=True)
             dk_ref[rows, :] = dk.astype(dk_ref.dtype)
@@ -416,9 +432,10 @@ def _states_kernel(s_ref, k_ref, v_ref, *refs, st: _Static, final: bool):
 def _block_out_kernel(s_ref, q_ref, k_ref, v_ref, hs_ref, *refs, st: _Static):
     c_ref, pv_ref, o_ref = _optional_refs(refs, st.docs, st.docs, True)
     dec = _decays(s_ref[...], st.block, st.block)  # the last block's rows too
-    q_dec, _, intra, _ = _fwd_masked(dec, _block_docs(c_ref, pv_ref, slice(None)))
+    docs = _block_docs(c_ref, pv_ref, slice(None))
+    q_dec, _, intra, _ = _fwd_masked(dec, docs)
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
-    o = _masked_product(q, k, v, intra, st) + _row_scaled_dot(q, q_dec, hs_ref[...], st)
+    o = _masked_product(q, k, v, intra, st, docs) + _row_scaled_dot(q, q_dec, hs_ref[...], st)
     o_ref[...] = o.astype(o_ref.dtype)
 
 
@@ -525,13 +542,15 @@ def _block_grad_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, hs_ref, gs_ref, *refs
     intra_t, w, _ = _bwd_masked(docs, intra_t, w, None)
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     g = gs_ref[...]
-    dp = dot(do, v, trans_b=True, precision=st.precision) * intra
-    dq = dot(dp.astype(k.dtype), k, precision=st.precision)
+    # dP in the input dtype once, for dQ and (transposed) dK, and dK before dV: dP's tile is dead before
+    # dV's P^T tile is made
+    dp = _same_document(dot(do, v, trans_b=True, precision=st.precision) * intra, docs).astype(k.dtype)
+    dq = dot(dp, k, precision=st.precision)
     dq_ref[...] = (dq + _row_scaled_dot(do, q_dec, hs_ref[...], st, trans_b=True)).astype(dq_ref.dtype)
-    dv = _masked_product(k, q, do, intra_t, st) + _row_scaled_dot(k, w, g, st)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-    dk = dot((dp.T).astype(q.dtype), q, precision=st.precision)
+    dk = dot(dp.T, q, precision=st.precision)
     dk_ref[...] = (dk + _row_scaled_dot(v, w, g, st, trans_b=True)).astype(dk_ref.dtype)
+    dv = _masked_product(k, q, do, intra_t, st, docs) + _row_scaled_dot(k, w, g, st)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _bwd_chunked(st: _Static, q, k, v, slope, s0, do, dsf, docs=()):
