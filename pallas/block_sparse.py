@@ -68,6 +68,8 @@ def block_sparse_attention_kernel(
     config: FlashConfig | None = None,
     interpret: bool | None = None,
     backend: str = "triton",
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Block-sparse attention on already-validated inputs.
 
@@ -89,6 +91,9 @@ def block_sparse_attention_kernel(
         (``flash_mgpu``, Hopper; its producer warpgroup walks the lists and streams the listed blocks
         with TMA), the backward on the Triton kernels; mask blocks of at least 128 x 128, head dims
         64/128, bf16/fp16, no dropout.
+      q_segment_ids, kv_segment_ids: int ``[B, Sq]`` / ``[B, Sk]`` (both or neither; Triton backend):
+        packed sequences, keys visible only within the same segment, on top of the layout (masked
+        inside every visited tile, full blocks too, as the flash kernels do).
 
     A *full* block must be fully visible (and hold no padded key); a *partial* block is
     masked element-wise (padded keys included).
@@ -111,8 +116,11 @@ def block_sparse_attention_kernel(
         if x.ndim != 1 or x.shape[0] == 0:
             raise ValueError(f"{name} must have shape [nnz] with nnz >= 1, got {tuple(x.shape)}")
     mosaic = None
+    has_seg = q_segment_ids is not None
+    if has_seg != (kv_segment_ids is not None):
+        raise ValueError("q_segment_ids and kv_segment_ids go together")
     if backend == "mosaic":
-        _flash.check_mosaic(q, k, v, dropout_rate=dropout_rate)
+        _flash.check_mosaic(q, k, v, q_segment_ids=q_segment_ids, dropout_rate=dropout_rate)
         mosaic = flash_mgpu.mosaic_config(d)
         if block_q % (2 * mosaic.block_q) or block_k % mosaic.block_kv:
             raise ValueError(f"impl='mosaic' needs mask blocks of a multiple of {2 * mosaic.block_q} query rows "
@@ -122,7 +130,7 @@ def block_sparse_attention_kernel(
     st = _flash._Static(
         scale=float(1.0 / math.sqrt(d) if scale is None else scale), causal=False,
         q_len=q_len, kv_len=kv_len, q_pad=n_qb * block_q, kv_pad=n_kb * block_k,
-        groups=hq // hkv, heads=hq, has_seg=False, bias_kind=None, bias_bcast=(True, True, True, True),
+        groups=hq // hkv, heads=hq, has_seg=has_seg, bias_kind=None, bias_bcast=(True, True, True, True),
         cfg=cfg, interpret=interpret, precision=_flash.precision_for(q.dtype),
         sparse=SparseSpec(mask_fn=mask_fn, block_q=block_q, block_k=block_k), dropout=float(dropout_rate),
         mosaic=mosaic,
@@ -130,4 +138,8 @@ def block_sparse_attention_kernel(
     layout = tuple(jnp.asarray(x, jnp.int32) for x in (kv_index, kv_blocks, q_index, q_blocks))
     layout += (jnp.asarray(q_offset, jnp.int32).reshape(1),)
     seed = _dropout.kernel_seed(dropout_seed, q.shape[2]) if dropout_rate else None
-    return _flash.run_padded(st, q, k, v, None, None, None, layout, None, seed)
+    qseg = kseg = None
+    if has_seg:  # (padded rows and keys: ids that match nothing, as flash_attention's)
+        qseg = _common.pad_axis(q_segment_ids.astype(jnp.int32), 1, st.q_pad, -1)
+        kseg = _common.pad_axis(kv_segment_ids.astype(jnp.int32), 1, st.kv_pad, -2)
+    return _flash.run_padded(st, q, k, v, None, qseg, kseg, layout, None, seed)

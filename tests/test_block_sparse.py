@@ -128,14 +128,21 @@ def _weighted(out, lse, w_o, w_l):
 
 
 def _check(bm: BlockMask, expected_mask: np.ndarray, *, dtype=jnp.float32, hq=2, hkv=1, d=32, seed=0,
-           config=None, grads=True):
+           config=None, grads=True, segments=None):
+    """The kernel against the dense oracle on ``expected_mask`` (and, with ``segments`` = (q ids, kv ids)
+    ``[1, len]``, only within a segment)."""
     q, k, v, w_o, w_l = _inputs(seed, 1, bm.q_len, bm.kv_len, hq, hkv, d, dtype)
+    seg = {}
+    if segments is not None:
+        qs, ks = (np.asarray(s) for s in segments)
+        expected_mask = expected_mask & (qs[0][:, None] == ks[0][None, :])
+        seg = dict(q_segment_ids=jnp.asarray(qs), kv_segment_ids=jnp.asarray(ks))
 
     def kernel(q, k, v):
         return block_sparse_attention_kernel(
             q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k, kv_index=bm.kv_index,
             kv_blocks=bm.kv_blocks, q_index=bm.q_index, q_blocks=bm.q_blocks, q_offset=bm.q_offset,
-            config=config)
+            config=config, **seg)
 
     def loss(fn):  # one jitted program each: forward, and the backward when grads
         def f(q, k, v):
@@ -165,6 +172,38 @@ def test_power_ragged_gqa_fp32():
     """N = 200 is not a multiple of B = 32; mask blocks 64 > kernel tiles (sub-tiling)."""
     bm = BlockMask.power(200, 32, window=64, sink=32, tile=64)
     _check(bm, ref.power_mask(200, block=32, window_blocks=2, sink=32), hq=4, hkv=2)
+
+
+@pytest.mark.parametrize("dtype,hq,hkv", [(jnp.float32, 4, 2), (jnp.bfloat16, 2, 1)])
+def test_segments_on_top_of_the_layout(dtype, hq, hkv):
+    """Packed sequences: keys only within the query's segment and the layout, inside full blocks too
+    (segments start mid-block, at a mask block boundary (64) and one past it); cross attention too."""
+    ids = np.searchsorted([50, 64, 65, 130], np.arange(200), side="right")[None].astype(np.int32)
+    bm = BlockMask.power(200, 32, window=64, sink=32, tile=64)
+    out, lse = _check(bm, ref.power_mask(200, block=32, window_blocks=2, sink=32), dtype=dtype, hq=hq, hkv=hkv,
+                      segments=(ids, ids))
+    plain = _check(bm, ref.power_mask(200, block=32, window_blocks=2, sink=32), dtype=dtype, hq=hq, hkv=hkv,
+                   grads=False)[0]
+    assert float(jnp.abs(out.astype(jnp.float32) - plain.astype(jnp.float32)).max()) > 0.1
+    # cross attention with its own ids: q rows 0..95 at q_offset 40 against 150 keys
+    bmx = BlockMask.dilated(96, 16, window=64, dilation=2, kv_len=150, q_offset=40)
+    qs = (np.arange(96)[None] + 40) // 70
+    ks = np.arange(150)[None] // 70
+    _check(bmx, np.asarray(bmx.dense()), segments=(qs.astype(np.int32), ks.astype(np.int32)), grads=False)
+
+
+def test_public_op_segment_ids_and_refusals():
+    q, k, v, _, _ = _inputs(3, 2, 96, 96, 2, 1, 32, jnp.float32)
+    bm = BlockMask.power(96, 16, window=32, sink=16)
+    seg = jnp.asarray(np.stack([np.arange(96) // 40, np.zeros(96)]), jnp.int32)
+    outs = [jaxattn.block_sparse_attention(q, k, v, bm, segment_ids=seg, impl=impl) for impl in ("xla", "pallas")]
+    assert_close(outs[1], outs[0], jnp.float32)
+    with pytest.raises(ValueError, match=r"segment_ids must have shape \[batch, len\]"):
+        jaxattn.block_sparse_attention(q, k, v, bm, segment_ids=seg[:, :90])
+    with pytest.raises(ValueError, match="q_segment_ids and kv_segment_ids go together"):
+        block_sparse_attention_kernel(q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k,
+                                      kv_index=bm.kv_index, kv_blocks=bm.kv_blocks, q_index=bm.q_index,
+                                      q_blocks=bm.q_blocks, q_offset=bm.q_offset, q_segment_ids=seg)
 
 
 def test_sparse_config_table_overrides_the_flash_table(monkeypatch):
@@ -292,22 +331,25 @@ def test_public_op_xla_and_auto_paths():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make,dtype,d", [
-    (lambda: BlockMask.power(4096, 256), jnp.bfloat16, 128),
-    (lambda: BlockMask.power(1000, 100, window=300, sink=50), jnp.float16, 80),
-    (lambda: BlockMask.sliding_window(777, 64, window=200), jnp.float32, 64),
-    (lambda: BlockMask.causal(1, 128, kv_len=1000, q_offset=700), jnp.bfloat16, 256),
+@pytest.mark.parametrize("make,dtype,d,packed", [
+    (lambda: BlockMask.power(4096, 256), jnp.bfloat16, 128, False),
+    (lambda: BlockMask.power(4096, 256), jnp.bfloat16, 128, True),  # segment ids
+    (lambda: BlockMask.power(1000, 100, window=300, sink=50), jnp.float16, 80, False),
+    (lambda: BlockMask.sliding_window(777, 64, window=200), jnp.float32, 64, True),
+    (lambda: BlockMask.causal(1, 128, kv_len=1000, q_offset=700), jnp.bfloat16, 256, False),
 ])
-def test_lowers_for_cuda(make, dtype, d):
+def test_lowers_for_cuda(make, dtype, d, packed):
     bm = make()
     args = [jax.ShapeDtypeStruct((2, bm.q_len, 4, d), dtype), jax.ShapeDtypeStruct((2, bm.kv_len, 2, d), dtype),
             jax.ShapeDtypeStruct((2, bm.kv_len, 2, d), dtype)]
+    seg = dict(q_segment_ids=jnp.zeros((2, bm.q_len), jnp.int32),
+               kv_segment_ids=jnp.zeros((2, bm.kv_len), jnp.int32)) if packed else {}
 
     def loss(q, k, v):
         o, lse = block_sparse_attention_kernel(
             q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k, kv_index=bm.kv_index,
             kv_blocks=bm.kv_blocks, q_index=bm.q_index, q_blocks=bm.q_blocks, q_offset=bm.q_offset,
-            interpret=False)
+            interpret=False, **seg)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
     text = lower_for_cuda(jax.value_and_grad(loss, (0, 1, 2)), *args)

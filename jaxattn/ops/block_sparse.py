@@ -476,6 +476,7 @@ def block_sparse_attention(
     dropout_rng: jax.Array | None = None,
     impl: Literal["auto", "pallas", "mosaic", "xla"] = "auto",
     return_lse: bool = False,
+    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Softmax attention restricted to the keys a ``BlockMask`` allows.
 
@@ -492,6 +493,9 @@ def block_sparse_attention(
         kernel (Hopper; as ``jaxattn.attention(impl="mosaic")``, its producer warpgroup walks the
         block lists), the backward on the flash kernels; mask blocks of at least 128 x 128.
       return_lse: also return the log-sum-exp ``[batch, q_len, heads]`` (fp32).
+      segment_ids: ``[batch, seq]`` (when ``q_len == kv_len``) or a pair ``(q_ids, kv_ids)``: packed
+        sequences, as :func:`jaxattn.attention`'s: on top of the layout, keys only within the query's
+        segment (not with ``impl="mosaic"``).
 
     A query row with no visible key returns zeros (``lse = -inf``), never NaN.
     """
@@ -503,6 +507,12 @@ def block_sparse_attention(
         raise ValueError(f"block_mask is built for (q_len, kv_len) = {block_mask.shape}; q and k have "
                          f"q_len={q_len} (q axis 1) and kv_len={kv_len} (k axis 1)")
     scale = _checks.check_scale(scale)
+    seg = {}
+    if segment_ids is not None:
+        from jaxattn.ops.attention import _segment_pair
+
+        qs, ks = _segment_pair(segment_ids, batch, q_len, kv_len)
+        seg = dict(q_segment_ids=qs, kv_segment_ids=ks)
     drop = {}
     if _checks.check_dropout(dropout_rate, dropout_rng):
         drop = dict(dropout_rate=float(dropout_rate), dropout_seed=_dropout.seed_from_key(dropout_rng))
@@ -521,9 +531,9 @@ def block_sparse_attention(
         out, lse = block_sparse_attention_kernel(
             q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k,
             kv_index=bm.kv_index, kv_blocks=bm.kv_blocks, q_index=bm.q_index, q_blocks=bm.q_blocks,
-            q_offset=bm.q_offset, scale=scale, backend="mosaic" if impl == "mosaic" else "triton", **drop)
+            q_offset=bm.q_offset, scale=scale, backend="mosaic" if impl == "mosaic" else "triton", **drop, **seg)
     else:
-        out, lse = attention_reference(q, k, v, scale=scale, mask=block_mask.dense()[None, None], **drop)
+        out, lse = attention_reference(q, k, v, scale=scale, mask=block_mask.dense()[None, None], **drop, **seg)
         out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
 
