@@ -324,20 +324,20 @@ class _Static:
     value_dim: int  # v's head dim: the output is [B, q_len, Hq, value_dim], stored unpadded
     positive_scale: bool = True  # sm_scale > 0: the row scales are positive (see _attn_kernel)
     sparse: None = None  # flash's block-sparse layout: never used here
+    has_seg: bool = False  # segment ids (packed sequences): the kernel reads q / kv ids and block ranges
 
 
 def _attn_kernel(*refs, st: _Static):
-    if st.has_corr:
-        q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, corr_ref, o_ref = refs
-    else:
-        q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, o_ref = refs
-        corr_ref = None
+    q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, *rest, o_ref = refs
+    corr_ref = rest.pop(0) if st.has_corr else None
+    qseg_ref, kseg_ref, range_ref = rest if st.has_seg else (None, None, None)
     bq, bk = st.block_q, st.block_k
     q_start = _flash._q_block(st, pl.program_id(0), bq) * bq
     q_pos = q_start + jnp.arange(bq)
     q = q_ref[...]  # int8 [bq, d]
     qs = qs_ref[...]  # fp32 [bq]: per-row Q scale * sm_scale * log2(e)
     vs = vs_ref[...]  # fp32 [dv]
+    qseg = qseg_ref[...] if st.has_seg else None
 
     interpret = _common.resolve_interpret(st.interpret)
     fma = functools.partial(_common.fma, interpret=interpret)
@@ -359,6 +359,8 @@ def _attn_kernel(*refs, st: _Static):
                                       length=st.kv_len % bk != 0)
             if mask is not None:
                 s = jnp.where(mask, s, NEG_INF)
+        if qseg is not None:  # (every visited block: a segment may start anywhere in it)
+            s = jnp.where(qseg[:, None] == kseg_ref[ks][None, :], s, NEG_INF)
         row_max = jnp.max(s, axis=1)
         m_new = jnp.maximum(m, (row_max * r if raw else row_max) - P_OFFSET)
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
@@ -375,13 +377,16 @@ def _attn_kernel(*refs, st: _Static):
     # Unmasked key blocks first, then the causal diagonal / padded tail; blocks above the
     # diagonal are skipped.
     n_full, hi = _flash._kv_range(st, q_start, bq, bk)
-    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), (acc, m, l))
+    lo = 0
+    if range_ref is not None:  # only the key blocks whose segments can meet this query block's
+        lo, _, n_full, hi = _flash._clip_range(range_ref, lax.div(q_start, bq), 0, 0, n_full, hi)
+    carry = lax.fori_loop(lo, n_full, functools.partial(body, masked=False), (acc, m, l))
     acc, m, l = lax.fori_loop(n_full, hi, functools.partial(body, masked=True), carry)
     out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
     _common.store_tile(o_ref, (slice(None), slice(None)), out, q_start, st.q_len, st.q_len != st.q_pad, st.value_dim)
 
 
-def _attn_call(st: _Static, qz: Quantized, q_row_scale: jax.Array, out_dtype) -> jax.Array:
+def _attn_call(st: _Static, qz: Quantized, q_row_scale: jax.Array, out_dtype, qseg=None, kseg=None) -> jax.Array:
     batch, _, hq, d = qz.q8.shape
     dv = qz.v8.shape[2]
     bq, g = st.block_q, st.groups
@@ -399,6 +404,12 @@ def _attn_call(st: _Static, qz: Quantized, q_row_scale: jax.Array, out_dtype) ->
     if st.has_corr:
         in_specs.append(pl.BlockSpec((None, None, None, st.kv_pad), lambda i, b, h: (b, h, qb(i), 0)))
         args.append(qz.correction)
+    if st.has_seg:  # ids of the query block, of every key, and each query block's key-block range
+        ranges = _flash.segment_block_ranges(qseg, kseg, st.q_len, st.kv_len, bq, st.block_k)
+        in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
+                     pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0)),
+                     pl.BlockSpec((None, *ranges.shape[1:]), lambda i, b, h: (b, 0, 0))]
+        args += [qseg, kseg, ranges]
     call = _common.pallas_call(
         functools.partial(_attn_kernel, st=st),
         out_shape=[jax.ShapeDtypeStruct((batch, st.q_len, hq, st.value_dim), out_dtype)],  # (unpadded)
@@ -430,7 +441,7 @@ def mosaic_blocks(q_len: int, kv_len: int, granularity: str, head_dim: int = 128
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _sage(opts: _Options, q, k, v):
+def _sage(opts: _Options, q, k, v, qseg=None, kseg=None):
     q_len, kv_len, hq, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     dv = v.shape[-1]
     mosaic = opts.backend == "mosaic"
@@ -451,8 +462,11 @@ def _sage(opts: _Options, q, k, v):
     st = _Static(causal=opts.causal, q_len=q_len, kv_len=kv_len, q_pad=blocks.q_pad,
                  kv_pad=blocks.kv_pad, groups=hq // k.shape[2], block_q=blocks.block_q,
                  block_k=blocks.block_k, has_corr=opts.smooth_q, cfg=opts.cfg, interpret=opts.interpret,
-                 value_dim=dv, positive_scale=opts.scale > 0)
-    return _attn_call(st, qz, q_rows, q.dtype)
+                 value_dim=dv, positive_scale=opts.scale > 0, has_seg=qseg is not None)
+    if qseg is not None:  # padded rows and keys: ids that match nothing
+        qseg = _common.pad_axis(qseg.astype(jnp.int32), 1, blocks.q_pad, -1)
+        kseg = _common.pad_axis(kseg.astype(jnp.int32), 1, blocks.kv_pad, -2)
+    return _attn_call(st, qz, q_rows, q.dtype, qseg, kseg)
 
 
 @_sage.defjvp
@@ -476,6 +490,8 @@ def sage_attention_kernel(
     config: SageConfig | None = None,
     interpret: bool | None = None,
     backend: str = "triton",
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Quantised attention on already-validated inputs (forward only).
 
@@ -484,18 +500,25 @@ def sage_attention_kernel(
     with no visible key (causal with Sq > Sk) is zero. Differentiating raises. ``backend="mosaic"``
     runs the attention on the Mosaic GPU kernel (:func:`jaxattn.pallas.flash_mgpu.sage_forward`:
     Hopper, 128-key K groups; ``smooth_q`` per 128-row program tile) after the same prologue.
+    ``q_segment_ids`` / ``kv_segment_ids`` (int ``[B, Sq]`` / ``[B, Sk]``, Triton backend): packed
+    sequences, keys only within the query's segment; the quantisation groups are the unpacked call's
+    (a K block's scale may span two sequences; smoothing K by the mean of all keys stays exact).
     """
     if qk_granularity not in GRANULARITIES:
         raise ValueError(f"qk_granularity must be one of {GRANULARITIES}, got {qk_granularity!r}")
     if backend not in ("triton", "mosaic"):
         raise ValueError(f"backend must be 'triton' or 'mosaic', got {backend!r}")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids go together")
     if backend == "mosaic":
         if not flash_mgpu.available():
             raise ValueError("impl='mosaic' needs jax's Pallas Mosaic GPU backend (jax >= 0.10)")
+        if q_segment_ids is not None:
+            raise ValueError("impl='mosaic' runs Sage without segment_ids; use impl='pallas'")
     cfg = config or sage_config(max(q.shape[-1], v.shape[-1]))
     scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     opts = _Options(bool(causal), scale, qk_granularity, bool(smooth_q), bool(smooth_k), cfg, interpret, backend)
-    return _sage(opts, q, k, v)
+    return _sage(opts, q, k, v, q_segment_ids, kv_segment_ids)
 
 
 def fp8_supported() -> bool:

@@ -342,13 +342,22 @@ def test_packed_documents_equal_each_document_alone(kw):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-3)
 
 
+def test_packed_documents_on_quantized_layers():
+    """quantized=True: the Sage kernels take the documents too (close to the full-precision model's packed
+    logits, far from its unpacked ones)."""
+    toks = jax.random.randint(jax.random.PRNGKey(8), (1, 40), 0, 64)
+    seg = jnp.asarray([[0] * 17 + [1] * 23])
+    plain, quant = _model(head_dim=64), _model(head_dim=64, quantized=True)
+    ref = plain(toks, segment_ids=seg)
+    got = quant(toks, segment_ids=seg)
+    assert float(jnp.abs(got - ref).max()) < 0.05 < float(jnp.abs(ref - plain(toks)).max())
+
+
 def test_packed_documents_refusals():
     toks = jnp.zeros((1, 16), jnp.int32)
     seg = jnp.zeros((1, 16), jnp.int32)
     with pytest.raises(ValueError, match="need full or sliding-window attention layers; this model has 'power'"):
         _model(layer_types=("power",), sparse_block=16, window=32, sink=16)(toks, segment_ids=seg)
-    with pytest.raises(ValueError, match="quantized"):
-        _model(quantized=True)(toks, segment_ids=seg)
     m = _model()
     with pytest.raises(ValueError, match="without a cache"):
         m(toks, segment_ids=seg, cache=m.init_cache(1, 16))

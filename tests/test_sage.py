@@ -358,3 +358,48 @@ def test_exact_float_is_the_int32_to_float_conversion():
     x = jnp.concatenate([jnp.array([0, 1, -1, bound, -bound, 2 ** 22 - 1, -(2 ** 22)], jnp.int32),
                          jax.random.randint(jax.random.PRNGKey(0), (4096,), -bound, bound + 1, jnp.int32)])
     np.testing.assert_array_equal(np.asarray(sage.exact_float(x)), np.asarray(x, np.float32))
+
+
+# ----------------------------------------------------------------------------
+# Packed sequences (segment_ids).
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal,granularity,smooth_q,dtype,d,sq,sk,hq,hkv", [
+    (True, "warp", False, jnp.bfloat16, 64, 300, 300, 2, 1),   # GQA, segments across 128-row blocks
+    (False, "block", True, jnp.float16, 128, 200, 260, 2, 2),  # cross lengths, Q smoothing
+])
+def test_segments_match_emulation(causal, granularity, smooth_q, dtype, d, sq, sk, hq, hkv):
+    """Keys only within the query's segment (a segment starting mid-block, one at a block boundary),
+    the kernel against the emulation with the same masks; the segments change the result."""
+    q, k, v = _inputs(2, sq, sk, hq, hkv, d, dtype, seed=5)
+    cuts = [90, 128, 129, 250]
+    qs = jnp.asarray(np.searchsorted(cuts, np.arange(sq) + sk - sq, side="right"), jnp.int32)
+    ks = jnp.asarray(np.searchsorted(cuts, np.arange(sk), side="right"), jnp.int32)
+    qs, ks = jnp.stack([qs, qs * 0]), jnp.stack([ks, ks * 0])  # (row 1: one segment)
+    kw = dict(causal=causal, smooth_q=smooth_q)
+    out = _kernel(qk_granularity=granularity, q_segment_ids=qs, kv_segment_ids=ks, **kw)(q, k, v)
+    expected = _emulate(q, k, v, granularity=granularity, q_segment_ids=qs, kv_segment_ids=ks, **kw)
+    _assert_matches_emulation(out, expected, dtype)
+    plain = _emulate(q, k, v, granularity=granularity, **kw)
+    assert float(jnp.abs(expected[0] - plain[0]).max()) > 0.1
+    _assert_matches_emulation(out[1:], plain[1:], dtype)
+
+
+def test_segment_ids_op_paths_and_errors():
+    q, k, v = _inputs(1, 100, 100, 2, 1, 64, jnp.bfloat16, seed=6)
+    seg = jnp.asarray([[0] * 30 + [1] * 70])
+    xla = jaxattn.sage_attention(q, k, v, causal=True, segment_ids=seg, impl="xla")
+    pallas = jaxattn.sage_attention(q, k, v, causal=True, segment_ids=seg, impl="pallas")
+    _assert_matches_emulation(pallas, xla.astype(jnp.float32), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"segment_ids must have shape \[batch, len\]"):
+        jaxattn.sage_attention(q, k, v, segment_ids=seg[:, :99])
+    with pytest.raises(ValueError, match="q_segment_ids and kv_segment_ids go together"):
+        sage.sage_attention_kernel(q, k, v, q_segment_ids=seg)
+
+
+def test_segments_lower_for_cuda():
+    args = [jax.ShapeDtypeStruct((2, 4096, 8, 128), jnp.bfloat16)] * 3 + [jax.ShapeDtypeStruct((2, 4096), jnp.int32)]
+    f = lambda q, k, v, s: sage.sage_attention_kernel(q, k, v, causal=True, interpret=False,  # noqa: E731
+                                                      q_segment_ids=s, kv_segment_ids=s)
+    assert count_triton_calls(lower_for_cuda(f, *args)) == 3

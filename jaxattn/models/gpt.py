@@ -490,12 +490,11 @@ class Attention(nnx.Module):
         impl, scale, cap = self.cfg.attn_impl, self.cfg.attn_scale, self.cfg.attn_softcap
         drop = self.attn_drop()
         seg = {} if segment_ids is None else {"segment_ids": segment_ids}
-        if seg and (self.kind not in ("full", "window") or self.cfg.quantized):
-            why = ("the Sage kernels take no document masks" if self.cfg.quantized else "their block pattern lies on "
-                   "the packed row's positions, so a document would not see what it sees alone (for that masking, "
-                   "call jaxattn.block_sparse_attention(segment_ids=...) yourself)")
-            raise ValueError(f"segment_ids (packed documents) need full or sliding-window attention layers; this "
-                             f"model has {'quantized (Sage)' if self.cfg.quantized else repr(self.kind)} layers: {why}")
+        if seg and self.kind not in ("full", "window"):
+            raise ValueError(f"segment_ids (packed documents) need full or sliding-window attention layers; this model "
+                             f"has {self.kind!r} layers: their block pattern lies on the packed row's positions, so a "
+                             "document would not see what it sees alone (for that masking, call "
+                             "jaxattn.block_sparse_attention(segment_ids=...) yourself)")
         if self.kind == "window" and (cap is not None or seg):  # soft-capped (Gemma 2) or packed documents:
             # the flash kernel's own window (the same token window as the block-sparse pattern's)
             o = attention(q, k, v, causal=True, local_window_size=(self.cfg.window - 1, 0), scale=scale,
@@ -507,7 +506,7 @@ class Attention(nnx.Module):
         elif self.cfg.quantized:
             from jaxattn.ops.sage import sage_attention
 
-            o = sage_attention(q, k, v, causal=True, scale=scale, impl=impl)
+            o = sage_attention(q, k, v, causal=True, scale=scale, impl=impl, **seg)
         elif self.sequence_parallel is not None:
             from jaxattn.ops.ring_attention import ring_attention_sp
 

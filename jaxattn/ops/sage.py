@@ -25,6 +25,7 @@ def sage_attention(
     smooth_q: bool = False,
     smooth_k: bool = True,
     impl: Literal["auto", "pallas", "mosaic", "xla"] = "auto",
+    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Quantised scaled dot-product attention (SageAttention2, sm90 recipe). Forward only.
 
@@ -50,6 +51,9 @@ def sage_attention(
         attention on the warp-specialized Mosaic GPU kernel (Hopper; ``s8`` and ``e4m3`` WGMMA,
         ping-pong consumers; Mosaic GPU's interpret mode without a GPU); K scale groups of 128
         keys (``smooth_q``: per 128-row query block, as ``"block"``).
+      segment_ids: ``[batch, seq]`` (when ``q_len == kv_len``) or a pair ``(q_ids, kv_ids)``: packed
+        sequences, as :func:`jaxattn.attention`'s (SageAttention's ``sageattn_varlen``; not with
+        ``impl="mosaic"``). The quantisation groups stay the unpacked call's.
 
     Returns:
       ``[batch, q_len, heads, v_head_dim]`` in the dtype of ``q``. A query row with no
@@ -63,6 +67,12 @@ def sage_attention(
         if not 1 <= dim <= _sage.MAX_HEAD_DIM:
             raise ValueError(f"{name} has head_dim {dim}; sage_attention supports 1..{_sage.MAX_HEAD_DIM}")
     scale = _checks.check_scale(scale)
+    seg = {}
+    if segment_ids is not None:
+        from jaxattn.ops.attention import _segment_pair
+
+        qs, ks = _segment_pair(segment_ids, batch, q_len, kv_len)
+        seg = dict(q_segment_ids=qs, kv_segment_ids=ks)
 
     use_kernel = impl in ("pallas", "mosaic") or (impl == "auto" and _sage.fp8_supported())
     use_kernel = use_kernel and not _checks.empty(q, k, v)  # an empty batch: XLA returns it
@@ -70,10 +80,10 @@ def sage_attention(
                               (("causal", causal), ("smooth_q", smooth_q), ("smooth_k", smooth_k))})
     if use_kernel:
         return _sage.sage_attention_kernel(q, k, v, qk_granularity=qk_granularity,
-                                           backend="mosaic" if impl == "mosaic" else "triton", **kw)
+                                           backend="mosaic" if impl == "mosaic" else "triton", **kw, **seg)
     cfg = _sage.sage_config(max(d, v.shape[-1]))
     blocks = _sage.resolve_blocks(q_len, kv_len, cfg, qk_granularity)
-    out = _xla(q, k, v, block_q=blocks.block_q, block_k=blocks.block_k, q_group=blocks.q_group, **kw)
+    out = _xla(q, k, v, block_q=blocks.block_q, block_k=blocks.block_k, q_group=blocks.q_group, **kw, **seg)
     return out.astype(q.dtype)
 
 

@@ -128,6 +128,8 @@ def sage_reference(
     q_group: int | None = None,
     smooth_q: bool = False,
     smooth_k: bool = True,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Quantisation-emulating SageAttention2 forward in fp32 (returns fp32 ``[B, Sq, Hq, Dv]``).
 
@@ -135,7 +137,8 @@ def sage_reference(
     over key blocks of ``block_k`` with the running max offset by 8.807 so P is in
     ``(0, 448]``; P rounded to e4m3; ``P8 . V8`` per block in fp32 times ``s_v``, added into
     the rescaled accumulator; ``O = acc / l`` with ``l`` the sum of unrounded P. Causal is
-    bottom-right aligned; rows without a visible key give 0.
+    bottom-right aligned; with segment ids (int ``[B, Sq]`` / ``[B, Sk]``) keys only within the
+    query's segment; rows without a visible key give 0.
     """
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -153,6 +156,10 @@ def sage_reference(
     v_sc = jnp.repeat(qz.v_scale, g, axis=1)  # [B, Hq, dv]
     corr = qz.correction
     i_pos = jnp.arange(q_pad)
+    seg = q_segment_ids is not None
+    if seg:  # padded rows / keys: ids that match nothing
+        qseg = jnp.pad(q_segment_ids.astype(jnp.int32), ((0, 0), (0, q_pad - sq)), constant_values=-1)
+        kseg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, kv_pad - sk)), constant_values=-2)
 
     def step(carry, j):
         acc, m, l = carry
@@ -167,6 +174,9 @@ def sage_reference(
         vis = jnp.broadcast_to(k_pos[None, :] < sk, (q_pad, block_k))
         if causal:
             vis = vis & (k_pos[None, :] <= i_pos[:, None] + (sk - sq))
+        if seg:  # [B, 1, q_pad, block_k]
+            kb_seg = lax.dynamic_slice_in_dim(kseg, j * block_k, block_k, axis=1)
+            vis = vis[None, None] & (qseg[:, None, :, None] == kb_seg[:, None, None, :])
         s = jnp.where(vis, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1) - P_OFFSET)
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
