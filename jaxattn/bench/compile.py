@@ -264,15 +264,12 @@ def _lightning_cases() -> Iterator[tuple[str, Callable, list]]:
                 return _total(*lightning.lightning_attention_kernel(q, k, v, s, s0, config=cfg, interpret=False))
 
             yield f"d{d} {jnp.dtype(dtype).name} chunked", jax.grad(chunked, (0, 1, 2, 4)), args
-            for scheme in ("scan", "chunked"):  # packed documents: the same kernels with document masks
-                pcfg = dataclasses.replace(cfg, forward=scheme, backward=scheme)
 
-                def packed(q, k, v, s, s0, seg, cfg=pcfg):
-                    return _total(*lightning.lightning_attention_kernel(q, k, v, s, s0, config=cfg, interpret=False,
-                                                                        segment_ids=seg))
+            def packed(q, k, v, s, s0, seg):  # packed documents: the table's kernels with document masks
+                return _total(*lightning.lightning_attention_kernel(q, k, v, s, s0, interpret=False, segment_ids=seg))
 
-                yield (f"d{d} {jnp.dtype(dtype).name} {scheme} packed", jax.grad(packed, (0, 1, 2, 4)),
-                       args + [_sds((1, 4096), jnp.int32)])
+            # (the fused scan at this entry spills with or without documents: the table runs the chunked one)
+            yield f"d{d} {jnp.dtype(dtype).name} packed", jax.grad(packed, (0, 1, 2, 4)), args + [_sds((1, 4096), jnp.int32)]
 
 
 def _sage_cases() -> Iterator[tuple[str, Callable, list]]:
