@@ -8,7 +8,9 @@ shard adds the contribution of the state flowing in from the shards before it:
     o_t     = o_loc_t + λ^t q_t S_in(i)                          (t = 1..n within the shard)
     S_final = λ^(n·P) S_0 + Σ_j λ^(n·(P-1-j)) S_loc(j)            (P shards)
 
-which is exact (the recurrence ``S_t = λ S_{t-1} + k_tᵀ v_t`` is linear in the state). Gradients
+which is exact (the recurrence ``S_t = λ S_{t-1} + k_tᵀ v_t`` is linear in the state). With packed
+``segment_ids`` (documents may span shards) the same all-gather carries each shard's first and last
+ids and inner boundary count, and a state reaches on only within its document. Gradients
 flow through the collective (its transpose is a reduce-scatter) and through the kernel's
 ``custom_vjp``, so the same function trains.
 
