@@ -95,7 +95,9 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, tempe
 
     Ragged prompts: ``prompt_lengths [batch]``, row b's prompt its first ``prompt_lengths[b]`` tokens (the
     rest padding); every row is sampled as if alone, and the result holds row b's prompt, then its new
-    tokens, then ``pad_id`` up to ``p + n`` (column ``prompt_lengths[b] + i`` is its i-th new token)."""
+    tokens, then ``pad_id`` up to ``p + n`` (column ``prompt_lengths[b] + i`` is its i-th new token). (A
+    GPT with a quantized KV cache takes its scales from the whole padded prompt, pads included, so its
+    rows match their lone runs up to that quantisation.)"""
     if not supports_generation(model):
         raise ValueError(f"{type(model).__name__} has no incremental decoding (prefill/decode_step); "
                          "generate() samples from TNL and GPT models")
