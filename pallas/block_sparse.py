@@ -139,7 +139,6 @@ def block_sparse_attention_kernel(
     layout += (jnp.asarray(q_offset, jnp.int32).reshape(1),)
     seed = _dropout.kernel_seed(dropout_seed, q.shape[2]) if dropout_rate else None
     qseg = kseg = None
-    if has_seg:  # (padded rows and keys: ids that match nothing, as flash_attention's)
-        qseg = _common.pad_axis(q_segment_ids.astype(jnp.int32), 1, st.q_pad, -1)
-        kseg = _common.pad_axis(kv_segment_ids.astype(jnp.int32), 1, st.kv_pad, -2)
+    if has_seg:
+        qseg, kseg = _flash.pad_segment_ids(q_segment_ids, kv_segment_ids, st.q_pad, st.kv_pad)
     return _flash.run_padded(st, q, k, v, None, qseg, kseg, layout, None, seed)

@@ -1056,8 +1056,7 @@ def flash_attention(
     has_seg = q_segment_ids is not None
     qseg = kseg = None
     if has_seg:
-        qseg = _common.pad_axis(q_segment_ids.astype(jnp.int32), 1, q_pad, -1)
-        kseg = _common.pad_axis(kv_segment_ids.astype(jnp.int32), 1, kv_pad, -2)
+        qseg, kseg = pad_segment_ids(q_segment_ids, kv_segment_ids, q_pad, kv_pad)
 
     bias_kind, bcast = None, (True, True, True, True)
     if bias is not None:
@@ -1118,6 +1117,13 @@ def check_mosaic(q, k, v, bias=None, q_segment_ids=None, window=None, softcap=No
     if used := [name for name, on in extras.items() if on]:
         raise ValueError(f"impl='mosaic' runs plain causal or non-causal attention; {', '.join(used)} "
                          "need impl='pallas'")
+
+
+def pad_segment_ids(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_pad: int,
+                    kv_pad: int) -> tuple[jax.Array, jax.Array]:
+    """int32 segment ids padded to ``q_pad`` / ``kv_pad``: padded rows (-1) and keys (-2) match nothing."""
+    return (_common.pad_axis(q_segment_ids.astype(jnp.int32), 1, q_pad, -1),
+            _common.pad_axis(kv_segment_ids.astype(jnp.int32), 1, kv_pad, -2))
 
 
 def precision_for(dtype: Any) -> Any:

@@ -463,9 +463,8 @@ def _sage(opts: _Options, q, k, v, qseg=None, kseg=None):
                  kv_pad=blocks.kv_pad, groups=hq // k.shape[2], block_q=blocks.block_q,
                  block_k=blocks.block_k, has_corr=opts.smooth_q, cfg=opts.cfg, interpret=opts.interpret,
                  value_dim=dv, positive_scale=opts.scale > 0, has_seg=qseg is not None)
-    if qseg is not None:  # padded rows and keys: ids that match nothing
-        qseg = _common.pad_axis(qseg.astype(jnp.int32), 1, blocks.q_pad, -1)
-        kseg = _common.pad_axis(kseg.astype(jnp.int32), 1, blocks.kv_pad, -2)
+    if qseg is not None:
+        qseg, kseg = _flash.pad_segment_ids(qseg, kseg, blocks.q_pad, blocks.kv_pad)
     return _attn_call(st, qz, q_rows, q.dtype, qseg, kseg)
 
 

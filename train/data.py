@@ -146,22 +146,22 @@ def load_corpus(data: str | None = None, *, max_bytes: int = 8_000_000, val_frac
         if vocab_size < vocab:
             raise ValueError(f"--vocab-size {vocab_size} is smaller than the data's {vocab} token ids")
         vocab = vocab_size
+    val_starts = None
     if doc_sep is not None:
         if not 0 <= doc_sep < vocab:
             raise ValueError(f"--doc-sep {doc_sep}: not a token id of this corpus (0..{vocab - 1})")
         starts = separator_starts(tokens, doc_sep)
-        val_starts = None if val is None else separator_starts(val, doc_sep)
+        if val is not None:
+            val_starts = separator_starts(val, doc_sep)
     if val is None:
         n_val = max(1, int(len(tokens) * val_fraction))
         tokens, val = tokens[:-n_val], tokens[-n_val:]
         if starts is not None:  # (the validation split's first document starts at its offset 0)
             val_starts = np.union1d([0], starts[starts >= len(tokens)] - len(tokens)).astype(np.int64)
             starts = starts[starts < len(tokens)]
-    elif doc_sep is None:
-        starts = val_starts = None
     if len(tokens) < 2 or len(val) < 1:
         raise ValueError(f"corpus {source} has only {len(tokens)} training and {len(val)} validation tokens")
-    return Corpus(tokens, val, vocab, source, byte_level, starts, val_starts if starts is not None else None)
+    return Corpus(tokens, val, vocab, source, byte_level, starts, val_starts)
 
 
 def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch: int, seq_len: int,

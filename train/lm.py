@@ -163,9 +163,8 @@ def check_doc_mask(model: nnx.Module, cfg: LMConfig) -> None:
     if "segment_ids" not in inspect.signature(type(model).__call__).parameters:
         raise ValueError(f"--doc-mask: {type(model).__name__} ({cfg.model}) takes no segment_ids; TNL and GPT "
                          "models keep packed documents apart")
-    kinds = {getattr(getattr(b, "attn", None), "kind", "full") for b in getattr(model, "blocks", ())}
-    if kinds - {"full", "window"}:
-        raise ValueError(f"--doc-mask: {cfg.model} has {sorted(kinds - {'full', 'window'})} attention layers, whose "
+    if kinds := getattr(model, "block_sparse_kinds", None):  # (GPT's power / sink layers)
+        raise ValueError(f"--doc-mask: {cfg.model} has {kinds} attention layers, whose "
                          "block patterns lie on the packed row's positions (full and sliding-window layers keep each "
                          "document as it is alone)")
 

@@ -591,6 +591,13 @@ def check_segment_ids(segment_ids: jax.Array, tokens: jax.Array) -> jax.Array:
     return segment_ids
 
 
+def token_positions(n: int, offset: jax.Array | int) -> jax.Array:
+    """Positions ``offset .. offset + n - 1``: ``[n]``, or ``[B, n]`` for a per-row ``offset [B]``."""
+    if isinstance(offset, int) or jnp.ndim(offset) == 0:
+        return jnp.arange(n) + offset
+    return jnp.arange(n) + offset[:, None]
+
+
 def document_positions(docs: jax.Array) -> jax.Array:
     """``[B, N]`` positions counted from 0 at each document's first token (``docs``: document indices)."""
     t = jnp.arange(docs.shape[1])
@@ -613,6 +620,11 @@ class GPT(nnx.Module):
         self.norm = _norm(cfg)
         self.head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs, bias=cfg.head_bias)
         self.embed_drop = _dropout(cfg.dropout, rngs)
+
+    @property
+    def block_sparse_kinds(self) -> list[str]:
+        """The layer kinds run on the block-sparse kernel (not full or sliding-window attention)."""
+        return sorted({blk.attn.kind for blk in self.blocks} - {"full", "window"})
 
     def enable_sequence_parallel(self, mesh, axis: str = "seq", batch_axis: str | None = None,
                                  layout: Literal["contiguous", "zigzag"] = "contiguous") -> None:
@@ -655,9 +667,8 @@ class GPT(nnx.Module):
             raise ValueError(f"tokens must have shape [batch, seq] and an integer dtype, got "
                              f"{jnp.dtype(tokens.dtype).name} {tuple(tokens.shape)}")
         dt = jnp.dtype(self.cfg.dtype)
-        offset_rows = not isinstance(offset, int) and jnp.ndim(offset) == 1
-        positions = jnp.arange(tokens.shape[1]) + (offset[:, None] if offset_rows else offset)  # [(B,) n]
-        if offset_rows and any(blk.attn.kind not in ("full", "window") for blk in self.blocks):
+        positions = token_positions(tokens.shape[1], offset)  # [(B,) n]
+        if positions.ndim == 2 and self.block_sparse_kinds:
             raise ValueError("per-row positions (ragged prompts) decode full and sliding-window layers; this model "
                              "has block-sparse ones")
         if segment_ids is not None:
@@ -729,7 +740,7 @@ class GPT(nnx.Module):
         past the row's length, so decoding at per-row positions overwrites them and never reads them)."""
         if tokens.shape[1] > max_len:
             raise ValueError(f"prompt of {tokens.shape[1]} tokens does not fit max_len={max_len}")
-        if lengths is not None and any(blk.attn.kind not in ("full", "window") for blk in self.blocks):
+        if lengths is not None and self.block_sparse_kinds:
             raise ValueError("ragged prompts (lengths) decode full and sliding-window layers; this model has "
                              "block-sparse ones")
         logits, cache = self(tokens, cache=self.init_cache(tokens.shape[0], max_len), offset=0)

@@ -447,7 +447,8 @@ def _split_fused(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict[
         elif kind == "codegen" and key.endswith("attn.qkv_proj.weight"):  # per mp group: q | v | k rows
             a = np.asarray(value)
             a = a.reshape(CODEGEN_MP, 3, a.shape[0] // (3 * CODEGEN_MP), a.shape[1])
-            parts = [a[:, 0].reshape(-1, a.shape[-1]), a[:, 2].reshape(-1, a.shape[-1]), a[:, 1].reshape(-1, a.shape[-1])]
+            q, v, k = (a[:, j].reshape(-1, a.shape[-1]) for j in range(3))
+            parts = [q, k, v]
         elif groups and key.endswith(_fused_name(kind) + "." + name):  # per group: its q heads, k, v
             a = np.asarray(value)
             per = heads // groups

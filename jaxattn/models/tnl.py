@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxattn.models._remat import remat_blocks
+from jaxattn.models.gpt import check_segment_ids, token_positions
 from jaxattn.ops import _spmd
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
 from jaxattn.ops.lightning_sp import lightning_attention_sp
@@ -90,8 +91,7 @@ class Lrpe(nnx.Module):
 
     def __call__(self, x: jax.Array, offset: jax.Array | int) -> jax.Array:
         """``x [B, N, H, d]`` at positions ``offset ..`` (``offset``: int, or ``[B]`` per row)."""
-        off = jnp.asarray(offset)
-        pos = (jnp.arange(x.shape[1]) + (off[:, None] if off.ndim else off)).astype(jnp.float32)  # [(B,) N]
+        pos = token_positions(x.shape[1], offset).astype(jnp.float32)  # [(B,) N]
         ang = pos[..., None, None] * self.theta[...]  # [(B,) N, H, d]
         xf = x.astype(jnp.float32)
         return jnp.concatenate([xf * jnp.cos(ang), xf * jnp.sin(ang)], axis=-1).astype(x.dtype)
@@ -199,8 +199,6 @@ class TNL(nnx.Module):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be int [batch, seq], got {tokens.dtype} {tuple(tokens.shape)}")
         if segment_ids is not None:
-            from jaxattn.models.gpt import check_segment_ids
-
             check_segment_ids(segment_ids, tokens)
         x = self.embed(tokens) * self.embed_scale
         new_states = []

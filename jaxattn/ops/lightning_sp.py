@@ -29,6 +29,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxattn.ops import _spmd
+from jaxattn.pallas._common import document_index
 
 __all__ = ["lightning_attention_sp", "sequence_parallel_combine"]
 
@@ -39,15 +40,14 @@ def _document_masks(segment_ids: jax.Array, axis: str, idx: jax.Array):
     document ``ends [P, b]``. Returns ``(ends, prev, rows)``: ``prev [b]`` the document of the state
     entering this shard (the previous shard's last; 0 for the first shard), ``rows [b, n]`` whether a
     row reads it (in the shard's first run, which continues that document)."""
-    new = segment_ids[:, 1:] != segment_ids[:, :-1]
-    info = lax.all_gather(jnp.stack([segment_ids[:, 0], segment_ids[:, -1], jnp.sum(new, axis=1)], -1), axis)
+    local = document_index(segment_ids)  # [b, n]: runs within this shard
+    info = lax.all_gather(jnp.stack([segment_ids[:, 0], segment_ids[:, -1], local[:, -1]], -1), axis)
     first, last, inner = info[..., 0], info[..., 1], info[..., 2]  # [P, b]
     edge = jnp.concatenate([jnp.zeros_like(first[:1]), (first[1:] != last[:-1]).astype(inner.dtype)], axis=0)
     ends = jnp.cumsum(edge + inner, axis=0)  # each shard's last document, counted along the whole row
     start = jnp.take(ends - inner, idx, axis=0)  # this shard's first document
     prev = jnp.where(idx > 0, jnp.take(ends, jnp.maximum(idx - 1, 0), axis=0), 0)
-    in_first_run = jnp.cumsum(new, axis=1) == 0
-    rows = jnp.concatenate([jnp.ones_like(in_first_run[:, :1]), in_first_run], axis=1) & (start == prev)[:, None]
+    rows = (local == 0) & (start == prev)[:, None]
     return ends, prev, rows
 
 
