@@ -46,7 +46,9 @@ def _add_lm(sub) -> None:
                       "memory; the adapters stay fp32)",
         "doc_mask": "packed documents: each token attends (TNL: mixes) only within its own document, positions "
                     "restarting at each (documents: the files of a text corpus, or --doc-sep in token files)",
-        "doc_sep": "with --doc-mask: the token id that ends each document (GPT-2's end-of-text: 50256); default: "
+        "doc_loss_mask": "the loss skips each target that begins a new document (predicted from the previous "
+                         "document's last token; Megatron's --eod-mask-loss); with or without --doc-mask",
+        "doc_sep": "with --doc-mask / --doc-loss-mask: the token id that ends each document (GPT-2's end-of-text: 50256); default: "
                    "a text corpus's file boundaries"})
     _common(p)
 

@@ -5,6 +5,7 @@ resume, validation loss/perplexity, a text sample at the end."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,9 @@ class LMConfig:
     # corpus, or the tokens after each doc_sep in token files), positions restarting at each
     doc_mask: bool = False
     doc_sep: int | None = None  # document separator id (GPT-2's end-of-text: 50256); None: file boundaries
+    # the loss skips each target that begins a new document (its context is the previous document; Megatron's
+    # --eod-mask-loss), with or without doc_mask
+    doc_loss_mask: bool = False
     batch_size: int = 16  # global batch per optimizer step (all devices, all micro-batches)
     grad_accum: int = 1
     seq_parallel: int = 1  # devices per sequence (TNL: sequence-parallel Lightning attention); the rest: data
@@ -71,6 +75,11 @@ class LMConfig:
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/lm-{Path(self.model).name}")
 
+    @property
+    def with_docs(self) -> bool:
+        """Batches carry each token's document (``doc_mask`` or ``doc_loss_mask``)."""
+        return self.doc_mask or self.doc_loss_mask
+
 
 def lr_schedule(cfg: LMConfig) -> optax.Schedule:
     """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
@@ -82,12 +91,20 @@ def make_optimizer(cfg: LMConfig) -> optax.GradientTransformation:
     return loop.with_ema(tx, cfg.ema_decay) if cfg.ema_decay else tx
 
 
-def lm_loss(model: nnx.Module, batch: jax.Array) -> jax.Array:
+def lm_loss(model: nnx.Module, batch: jax.Array, *, doc_mask: bool = True, doc_loss_mask: bool = False) -> jax.Array:
     """Mean next-token cross-entropy (nats) over ``tokens [batch, seq + 1]``, or over a batch with
-    documents ``[batch, 2, seq + 1]`` (tokens, document ids: the model keeps documents apart)."""
+    documents ``[batch, 2, seq + 1]`` (tokens, document ids): ``doc_mask`` keeps the documents apart in
+    the model, ``doc_loss_mask`` averages over the targets of the input's own document only (the first
+    token of each next document is not predicted from the one before)."""
     tokens, docs = split_documents(batch)
-    logits = model(tokens[:, :-1]) if docs is None else model(tokens[:, :-1], segment_ids=docs[:, :-1])
-    return cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    if docs is None and doc_loss_mask:
+        raise ValueError("doc_loss_mask needs a batch with document ids [batch, 2, seq + 1]")
+    logits = model(tokens[:, :-1]) if docs is None or not doc_mask else model(tokens[:, :-1], segment_ids=docs[:, :-1])
+    losses = cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    if not doc_loss_mask:
+        return losses.mean()
+    keep = (docs[:, 1:] == docs[:, :-1]).astype(losses.dtype)
+    return (losses * keep).sum() / jnp.maximum(keep.sum(), 1.0)
 
 
 class Trainer(loop.Trainer):
@@ -96,8 +113,9 @@ class Trainer(loop.Trainer):
     def __init__(self, cfg: LMConfig, model_factory: Callable[[nnx.Rngs], nnx.Module],
                  devices: list[Any] | None = None):
         self.cfg = cfg
-        super().__init__(model_factory, make_optimizer(cfg), lambda model, tokens, rng: lm_loss(model, tokens),
-                         eval_fn=lm_loss, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+        loss = functools.partial(lm_loss, doc_mask=cfg.doc_mask, doc_loss_mask=cfg.doc_loss_mask)
+        super().__init__(model_factory, make_optimizer(cfg), lambda model, tokens, rng: loss(model, tokens),
+                         eval_fn=loss, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                          seed=cfg.seed, devices=devices, seq_parallel=cfg.seq_parallel, shard_state=cfg.fsdp,
                          seq_parallel_args={"layout": cfg.ring_layout} if cfg.ring_layout != "contiguous" else None,
                          wrt=nnx.LoRAParam if cfg.lora_rank else nnx.Param,  # (LoRA: only the adapters train,
@@ -108,7 +126,7 @@ class Trainer(loop.Trainer):
         the weights' moving average)."""
         c = self.cfg
         losses = [self.eval_step(get_batch(corpus.val, seed=10_000 + c.seed, step=i, batch=c.batch_size,
-                                           seq_len=c.seq_len, docs=corpus.val_docs if c.doc_mask else None), ema=ema)
+                                           seq_len=c.seq_len, docs=corpus.val_docs if c.with_docs else None), ema=ema)
                   for i in range(c.eval_batches)]
         return float(np.mean(jax.device_get(losses)))
 
@@ -194,11 +212,12 @@ def train(cfg: LMConfig, *, resume: bool = False,
                              "--model FOLDER and --lora-rank (full fine-tuning keeps fp32 master weights)")
         if cfg.base_dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"--base-dtype must be bfloat16, float16 or float32, got {cfg.base_dtype!r}")
-    if cfg.doc_sep is not None and not cfg.doc_mask:
-        raise ValueError("--doc-sep marks documents for --doc-mask; give both")
+    flag = "--doc-mask" if cfg.doc_mask else "--doc-loss-mask"
+    if cfg.doc_sep is not None and not cfg.with_docs:
+        raise ValueError("--doc-sep marks documents for --doc-mask or --doc-loss-mask; give one of them")
     corpus = load_corpus(cfg.data, max_bytes=cfg.max_bytes, vocab_size=cfg.vocab_size, doc_sep=cfg.doc_sep)
-    if cfg.doc_mask and corpus.train_docs is None:
-        raise ValueError(f"--doc-mask: {corpus.source} has no document boundaries (token files: give --doc-sep, the "
+    if cfg.with_docs and corpus.train_docs is None:
+        raise ValueError(f"{flag}: {corpus.source} has no document boundaries (token files: give --doc-sep, the "
                          "id that ends each document)")
     if pretrained is not None and (corpus.byte_level or corpus.vocab_size > pretrained.vocab_size):
         raise ValueError(f"--model {cfg.model} reads its tokenizer's {pretrained.vocab_size} ids; --data "
@@ -225,7 +244,7 @@ def train(cfg: LMConfig, *, resume: bool = False,
 
     result = loop.fit(
         trainer, lambda step: get_batch(corpus.train, seed=cfg.seed, step=step, batch=cfg.batch_size,
-                                        seq_len=cfg.seq_len, docs=corpus.train_docs if cfg.doc_mask else None),
+                                        seq_len=cfg.seq_len, docs=corpus.train_docs if cfg.with_docs else None),
         steps=cfg.steps, out_dir=out, resume=resume, evaluate=evaluate, eval_every=cfg.eval_every,
         ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, lr_schedule=lr_schedule(cfg),
         throughput=("tokens_per_s", lambda b: b.shape[0] * cfg.seq_len),
