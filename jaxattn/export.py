@@ -58,12 +58,6 @@ def export(run_dir: str | Path, out_dir: str | Path, *, ema: bool = False, adapt
                 raise ValueError(f"--adapter-only writes the LoRA adapters of a run fine-tuned from a Hugging Face "
                                  f"folder (--model FOLDER --lora-rank R); {run_dir} " +
                                  ("has no adapters" if source else f"trained {cfg.model}"))
-            from jaxattn.models import gpt_hf
-
-            if source not in gpt_hf._ARCH or source == "phi3":  # (keys other than the converter's own)
-                raise ValueError(f"--adapter-only: a {source} folder's projections are not LLaMA's q/k/v/gate/up "
-                                 "(Phi-3, GPT-2, GPT-NeoX, BLOOM and Falcon fuse them, or name them otherwise): "
-                                 "export the whole model instead")
             targets = save_peft_adapter(model, out_dir, base=str(cfg.model))
             copy = [n for n in TOKENIZER_FILES if (Path(cfg.model) / n).is_file()]
             for name in copy:

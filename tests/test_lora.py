@@ -361,3 +361,66 @@ def test_image_lora_fine_tunes_adapters_and_the_head(tmp_path):
     np.testing.assert_allclose(np.asarray(plain(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-5)
     with pytest.raises(SystemExit):
         train_main(["image", "--lora-rank", "2", "--gates", "features", "--out", str(tmp_path / "x")])
+
+
+def _random_adapters(model, seed):
+    """Random A and B in every adapter (B starts at zero: the export must carry both)."""
+    from jaxattn.models.lora import lora_linears
+
+    rng = np.random.default_rng(seed)
+    for _, m in lora_linears(model):
+        m.lora_a[...] = jnp.asarray(rng.normal(0, 0.3, m.lora_a.shape), jnp.float32)
+        m.lora_b[...] = jnp.asarray(rng.normal(0, 0.3, m.lora_b.shape), jnp.float32)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox", "bloom", "falcon-new", "bigcode", "gptj", "phi", "opt", "phi3"])
+def test_peft_adapter_export_for_fused_and_classic_families(tmp_path, family):
+    """save_peft_adapter on families whose folders fuse our projections (GPT-2's Conv1D c_attn, NeoX / BLOOM /
+    Falcon's per-head query_key_value, Phi-3's qkv_proj and gate_up_proj) or split them (Phi's k/v, GPT-J's
+    interleaved rotary rows): folded into the base folder by merge_peft_adapter (which reads PEFT's math, not the
+    export's), the adapter gives the adapted model's logits, with all layers adapted and with q alone (fused
+    partners zero); with PEFT installed, PEFT's own model on the folder does too."""
+    import json
+
+    import test_gpt_classic_hf as classic
+    from test_gpt_hf import PHI3, fused_phi3, random_hf_state_dict
+
+    from jaxattn.models.hf import load_pretrained
+    from jaxattn.models.lora import add_lora, save_peft_adapter
+    from jaxattn.models.safetensors_io import write_safetensors
+
+    raws = {"gpt2": classic.GPT2, "neox": classic.NEOX, "bloom": classic.BLOOM, "falcon-new": classic.FALCON_NEW,
+            "bigcode": classic.BIGCODE, "gptj": classic.GPTJ, "phi": classic.PHI, "opt": classic.OPT, "phi3": PHI3}
+    raw = raws[family]
+    if family == "phi3":
+        base = tmp_path / "base"
+        base.mkdir()
+        (base / "config.json").write_text(json.dumps(raw))
+        write_safetensors(base / "model.safetensors", fused_phi3(random_hf_state_dict(raw, seed=3)))
+    else:
+        base = classic.write_folder(tmp_path / "base", raw, classic.random_state_dict(raw, seed=3))
+    tokens = jnp.asarray(classic.TOKENS)
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError:
+        peft = None
+    for targets in (None, ["q"]):
+        model = add_lora(load_pretrained(base, attn_impl="xla"), 2, 6.0, targets=targets, rngs=nnx.Rngs(1))
+        _random_adapters(model, seed=7)
+        want = np.asarray(model(tokens))
+        out = tmp_path / f"adapter-{targets}"
+        names = save_peft_adapter(model, out, base=str(base))
+        conf = json.loads((out / "adapter_config.json").read_text())
+        assert conf["fan_in_fan_out"] == (family == "gpt2") and conf["target_modules"] == names
+        if family in ("gpt2", "neox", "bloom", "falcon-new", "phi3") and targets is None:
+            assert set(conf["rank_pattern"].values()) == {4}  # (q and kv fused: rank 2 + 2)
+        got = load_pretrained(base, adapter=out, attn_impl="xla")(tokens)
+        assert np.abs(want - np.asarray(load_pretrained(base, attn_impl="xla")(tokens))).max() > 1e-2
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4, err_msg=f"{family} {targets}")
+        if peft is not None:
+            ref = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), out).eval()
+            with torch.no_grad():
+                np.testing.assert_allclose(ref(torch.as_tensor(classic.TOKENS)).logits.numpy(), want, rtol=2e-4,
+                                           atol=2e-4, err_msg=f"PEFT {family} {targets}")

@@ -387,31 +387,6 @@ def export_state_dict(raw: Mapping[str, Any], state_dict: dict[str, np.ndarray])
     return out
 
 
-def peft_adapter(model: GPT) -> tuple[dict[str, np.ndarray], list[str]]:
-    """A LoRA-adapted GPT's adapters (``jaxattn.models.lora``) as a PEFT adapter state_dict on the LLaMA
-    layout's module names, and those names: ``q`` / ``o`` / ``down`` -> ``q_proj`` / ``o_proj`` / ``down_proj``;
-    the fused ``kv`` and ``gate_up`` -> ``k_proj`` and ``v_proj`` (``gate_proj`` and ``up_proj``), each the
-    shared ``A`` with its columns of ``B`` (the same update, exactly)."""
-    from jaxattn.models.lora import lora_linears, module_at
-
-    # each adapted layer's entry in an abstract copy of the model (what its kernel is written as): lora_B
-    # [r, out] splits as that kernel [in, out] does, into [out_i, r] per Hugging Face weight
-    shape = nnx.eval_shape(lambda: GPT(model.cfg, rngs=nnx.Rngs(0)))
-    by_var = {id(e.var): e for e in entries(shape)}
-    out, targets = {}, set()
-    for path, m in lora_linears(model):
-        e = by_var.get(id(module_at(shape, path).kernel))
-        if e is None or not all(k.endswith(".weight") for k in e.keys):
-            raise ValueError(f"a PEFT adapter holds linear layers' weights; this model adapts {'.'.join(map(str, path))}")
-        a = np.asarray(m.lora_a[...], np.float32).T  # [r, in]
-        for key, lora_b in zip(e.keys, e.split(np.asarray(m.lora_b[...], np.float32))):
-            module = key[: -len(".weight")]
-            out[f"base_model.model.{module}.lora_A.weight"] = a
-            out[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(lora_b)
-            targets.add(module.rsplit(".", 1)[-1])
-    return out, sorted(targets)
-
-
 def _kv(kv_heads: int):
     """HF's separate k, v ``[kv_heads * d, ...]`` <-> our per-head ``[k_h | v_h]`` columns (kernels ``[in, out]``
     after the transpose, biases 1-D)."""

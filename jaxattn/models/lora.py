@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 __all__ = ["LoRALinear", "add_lora", "merge_lora", "merged", "has_lora", "lora_linears", "module_at", "read_peft_adapter",
-           "merge_peft_adapter", "save_peft_adapter"]
+           "merge_peft_adapter", "save_peft_adapter", "peft_adapter"]
 
 
 class LoRALinear(nnx.Module):
@@ -152,12 +152,77 @@ def read_peft_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, np.
     return json.loads(conf.read_text()), read_state_dict(files[0])
 
 
+def peft_adapter(model: nnx.Module, raw: Mapping[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """A LoRA-adapted GPT's adapters as PEFT LoRA tensors on the Hugging Face module names of ``raw`` (the
+    base folder's ``config.json``; default: the model's own export config), and each module's rank.
+
+    The converter's export map (splits, concatenations, head permutations and transposes of the output
+    rows) is applied to the ``B`` factors, each in its own slots of a per-layer rank space, so a module
+    that fuses several of ours (GPT-2's ``c_attn``, GPT-NeoX's ``query_key_value``, Phi-3's ``qkv_proj``)
+    gets ``A`` stacked from theirs and ``B`` block-structured (rank the sum of theirs), and ours that a
+    folder splits (``kv`` -> ``k_proj``, ``v_proj``) give each part the shared ``A``: ``W + scale B A``
+    is the merged weight exactly."""
+    from jaxattn.models.gpt import GPT
+
+    conv = _converter(model)
+    raw = dict(raw) if raw is not None else _export_config(model)
+    if raw.get("model_type") == "codegen":
+        raise ValueError("a PEFT adapter for a CodeGen folder would adapt its qkv_proj, fused per model-parallel "
+                         "group: export the whole model (its adapters folded in) instead")
+    shape = nnx.eval_shape(lambda: GPT(model.cfg, rngs=nnx.Rngs(0)))
+    entries = conv.entries(shape)
+    by_var = {id(e.var): e for e in entries}
+    layer_of = lambda e: (m.group(1) if (m := re.search(r"layers\.(\d+)\.", e.keys[0])) else None)  # noqa: E731
+    groups: dict[Any, list] = {}
+    for path, m in lora_linears(model):
+        e = by_var.get(id(module_at(shape, path).kernel))
+        if e is None or not all(k.endswith(".weight") for k in e.keys):
+            raise ValueError(f"a PEFT adapter holds linear layers' weights; this model adapts {'.'.join(map(str, path))}")
+        groups.setdefault(layer_of(e), []).append((e, m))
+    conv1d = raw.get("model_type") == "gpt2"  # (GPT-2's Conv1D weights are [in, out]: PEFT's fan_in_fan_out)
+    tensors, ranks = {}, {}
+    for layer, adapted in groups.items():
+        rank = sum(m.rank for _, m in adapted)
+        # every linear weight of the layer (a fused module needs its partners), zeros where not adapted
+        partners = [e for e in entries if layer_of(e) == layer and len(e.var.shape) == 2
+                    and all(k.endswith(".weight") for k in e.keys)]
+        fake = {"values": {}, "slots": {}}
+        for e in partners:
+            for kind in fake:
+                fake[kind].update(zip(e.keys, e.split(np.zeros((rank, e.var.shape[1]), np.float32))))
+        a_rows, at = [], 0  # each rank slot's row of its adapter's A [r, in]
+        for e, m in adapted:
+            for kind, fill in (("values", np.asarray(m.lora_b[...], np.float32)), ("slots", 1.0)):
+                b = np.zeros((rank, e.var.shape[1]), np.float32)  # (split returns views: one array each)
+                b[at:at + m.rank] = fill
+                fake[kind].update(zip(e.keys, e.split(b)))
+            a_rows += list(np.asarray(m.lora_a[...], np.float32).T)
+            at += m.rank
+        values, slots = (conv.export_state_dict(raw, fake[kind]) for kind in ("values", "slots"))
+        for key, value in values.items():
+            used = np.asarray(slots[key]).T if conv1d else np.asarray(slots[key])  # [out, rank]
+            cols = np.flatnonzero(used.any(axis=0))
+            if not len(cols):
+                continue
+            module = key[: -len(".weight")]
+            bm = (np.asarray(value).T if conv1d else np.asarray(value))[:, cols]
+            if len({len(a_rows[c]) for c in cols}) != 1:  # (fused layers share their input)
+                raise ValueError(f"{module}: adapters of different input widths meet in one module")
+            tensors[f"base_model.model.{module}.lora_A.weight"] = np.stack([a_rows[c] for c in cols])
+            tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(bm)
+            ranks[module] = len(cols)
+    return tensors, ranks
+
+
 def save_peft_adapter(model: nnx.Module, folder: str | Path, *, base: str | None = None) -> list[str]:
     """Writes a LoRA-adapted GPT's adapters as a PEFT adapter folder (``adapter_config.json`` +
     ``adapter_model.safetensors``) for the Hugging Face folder ``base`` it was fine-tuned from (PEFT's
     ``PeftModel.from_pretrained`` and ``hf.load_pretrained(base, adapter=folder)`` load it); returns the
-    target module names. Needs a GPT whose adapters all share one rank and scale (``add_lora``'s)."""
-    from jaxattn.models import gpt_hf
+    target module names. Any family the converters export: LLaMA-style folders (Phi-3's fused projections
+    too) and the classic ones (GPT-2, GPT-NeoX, BLOOM, Falcon, ...); a folder module that fuses several
+    adapted layers of ours gets their summed rank (``rank_pattern`` / ``alpha_pattern``, same scale). Needs
+    adapters that all share one rank and scale (``add_lora``'s)."""
+    from jaxattn.models import hf
     from jaxattn.models.gpt import GPT
     from jaxattn.models.safetensors_io import write_safetensors
 
@@ -167,17 +232,31 @@ def save_peft_adapter(model: nnx.Module, folder: str | Path, *, base: str | None
     mods = [m for _, m in lora_linears(model)]
     if len({(m.rank, m.scale) for m in mods}) != 1:
         raise ValueError("the adapters have several ranks or scales: one adapter_config cannot hold them")
-    tensors, targets = gpt_hf.peft_adapter(model)
+    raw = hf.raw_config(base) if base is not None and hf.hf_model_type(base) is not None else _export_config(model)
+    tensors, ranks = peft_adapter(model, raw)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rank, scale = mods[0].rank, mods[0].scale
+    other = {module: r for module, r in sorted(ranks.items()) if r != rank}  # (fused modules: their full paths)
     conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": rank,
-            "lora_alpha": scale * rank, "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
-            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
-            "inference_mode": True, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
+            "lora_alpha": scale * rank, "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": raw.get("model_type") == "gpt2", "use_rslora": False, "use_dora": False,
+            "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
+            "rank_pattern": other, "alpha_pattern": {module: scale * r for module, r in other.items()}}
     (folder / "adapter_config.json").write_text(json.dumps(conf, indent=2) + "\n")
     write_safetensors(folder / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
-    return targets
+    return conf["target_modules"]
+
+
+def _converter(model: nnx.Module):
+    from jaxattn.models import gpt_classic_hf, gpt_hf
+
+    return gpt_classic_hf if gpt_classic_hf.is_classic(model.cfg) else gpt_hf
+
+
+def _export_config(model: nnx.Module) -> dict[str, Any]:
+    """The ``config.json`` that ``hf.save_pretrained`` writes for ``model``."""
+    return _converter(model).hf_config(model.cfg)
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
