@@ -50,6 +50,8 @@ FALCON_SEQ = {**_FALCON, "multi_query": False, "parallel_attn": False, "bias": T
 FALCON_RW = {**FALCON_SEQ, "alibi": True, "hidden_size": 48, "num_attention_heads": 6}
 OPT = {"model_type": "opt", "vocab_size": 67, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
        "ffn_dim": 48, "max_position_embeddings": 24, "activation_function": "relu", "word_embed_proj_dim": 32}
+# OPT-350m: post-LN blocks (no final norm), 16-wide embeddings projected in to 32 and back out
+OPT350 = {**OPT, "do_layer_norm_before": False, "word_embed_proj_dim": 16}
 BIGCODE = {"model_type": "gpt_bigcode", "vocab_size": 67, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 24,
            "n_inner": 48, "multi_query": True}  # StarCoder / SantaCoder: GPT-2 with one kv head, Linear layouts
 # GPT-J: interleaved RoPE on 4 of 8 channels; CodeGen: qkv_proj over 4 groups of 2 heads, whole-head interleaved RoPE
@@ -58,11 +60,11 @@ GPTJ = {"model_type": "gptj", "vocab_size": 67, "n_embd": 32, "n_layer": 2, "n_h
 CODEGEN = {"model_type": "codegen", "vocab_size": 67, "n_embd": 64, "n_layer": 2, "n_head": 8, "rotary_dim": 8,
            "n_inner": 48, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "n_positions": 64, "n_ctx": 64}
 CONFIGS = [GPT2, NEOX, NEOX_SEQ, PHI, STARCODER2, BLOOM, FALCON, FALCON_NEW, FALCON_SEQ, OPT, BIGCODE, GPTJ, CODEGEN,
-           FALCON_RW]
+           FALCON_RW, OPT350]
 IDS = ["gpt2", "neox-parallel-partial-rotary", "neox-sequential-tied", "phi-shared-norm-gqa", "starcoder2-gqa-window",
        "bloom-alibi-6-heads", "falcon-multi-query-parallel", "falcon-new-architecture-gqa", "falcon-sequential-bias",
        "opt-relu-offset-positions", "starcoder-multi-query", "gptj-interleaved-partial-rotary", "codegen-grouped-qkv",
-       "falcon-rw-scaled-alibi"]
+       "falcon-rw-scaled-alibi", "opt350m-post-ln-projected"]
 
 TOKENS = np.asarray([[3, 17, 59, 0, 8, 8, 41, 22, 5, 33, 66, 1, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
 
@@ -104,9 +106,13 @@ def random_state_dict(raw, seed=0, prefix=True):
         return sd
     if raw["model_type"] == "opt":
         d, f = raw["hidden_size"], raw["ffn_dim"]
+        e = raw.get("word_embed_proj_dim") or d
         pre = "model.decoder."
-        sd = {pre + "embed_tokens.weight": w(v, d), pre + "embed_positions.weight": w(raw["max_position_embeddings"] + 2, d),
-              pre + "final_layer_norm.weight": 1 + w(d, s=0.1), pre + "final_layer_norm.bias": w(d, s=0.1)}
+        sd = {pre + "embed_tokens.weight": w(v, e), pre + "embed_positions.weight": w(raw["max_position_embeddings"] + 2, d)}
+        if raw.get("do_layer_norm_before", True):
+            sd.update({pre + "final_layer_norm.weight": 1 + w(d, s=0.1), pre + "final_layer_norm.bias": w(d, s=0.1)})
+        if e != d:
+            sd.update({pre + "project_in.weight": w(d, e), pre + "project_out.weight": w(e, d)})
         for i in range(raw["num_hidden_layers"]):
             p = f"{pre}layers.{i}."
             for name, o, i_ in (("self_attn.q_proj", d, d), ("self_attn.k_proj", d, d), ("self_attn.v_proj", d, d),
@@ -267,9 +273,17 @@ def reference_logits(sd, raw, tokens):
         ln = lambda x, key: layer_norm_np(x, g[key + ".weight"], g[key + ".bias"], 1e-5)  # noqa: E731
         pre = "model.decoder." if opt else "transformer."
         emb = g[pre + ("embed_tokens.weight" if opt else "wte.weight")]
-        x = emb[tokens] + g[pre + ("embed_positions.weight" if opt else "wpe.weight")][np.arange(n) + (2 if opt else 0)]
+        post = opt and not raw.get("do_layer_norm_before", True)  # (OPT-350m: norms after the residual adds)
+        proj = opt and pre + "project_in.weight" in g
+        x = lin(emb[tokens], pre + "project_in") if proj else emb[tokens]
+        x = x + g[pre + ("embed_positions.weight" if opt else "wpe.weight")][np.arange(n) + (2 if opt else 0)]
         for i in range(raw["num_hidden_layers" if opt else "n_layer"]):
             p = f"{pre}layers.{i}." if opt else f"{pre}h.{i}."
+            if post:
+                q, k, v = (lin(x, p + f"self_attn.{t}_proj").reshape(b, n, heads, hd) for t in "qkv")
+                x = ln(x + lin(_attend(q, k, v).reshape(b, n, d), p + "self_attn.out_proj"), p + "self_attn_layer_norm")
+                x = ln(x + lin(np.maximum(lin(x, p + "fc1"), 0), p + "fc2"), p + "final_layer_norm")
+                continue
             h = ln(x, p + ("self_attn_layer_norm" if opt else "ln_1"))
             if opt:
                 q, k, v = (lin(h, p + f"self_attn.{t}_proj").reshape(b, n, heads, hd) for t in "qkv")
@@ -281,7 +295,10 @@ def reference_logits(sd, raw, tokens):
             h = ln(x, p + ("final_layer_norm" if opt else "ln_2"))
             act = np.maximum(lin(h, p + "fc1"), 0) if opt else _gelu(lin(h, p + "mlp.c_fc"), "gelu_tanh")
             x = x + lin(act, p + ("fc2" if opt else "mlp.c_proj"))
-        return ln(x, pre + ("final_layer_norm" if opt else "ln_f")) @ emb.T
+        if post:
+            return (lin(x, pre + "project_out") if proj else x) @ emb.T
+        x = ln(x, pre + ("final_layer_norm" if opt else "ln_f"))
+        return (lin(x, pre + "project_out") if proj else x) @ emb.T
     if raw["model_type"] == "falcon":
         d, heads, eps, kv = raw["hidden_size"], raw["num_attention_heads"], raw["layer_norm_epsilon"], _falcon_kv(raw)
         hd, per = d // heads, heads // kv
@@ -500,12 +517,17 @@ def test_classic_block_trains_and_checks_its_arguments():
         config_from_hf({**BLOOM, "apply_residual_connection_post_layernorm": True})
     with pytest.raises(ValueError, match="position_offset .* needs position='learned'"):
         GPTConfig(position_offset=2)
-    with pytest.raises(ValueError, match="do_layer_norm_before = False.*OPT-350m's post-norm"):
-        config_from_hf({**OPT, "do_layer_norm_before": False})
-    with pytest.raises(ValueError, match="word_embed_proj_dim"):
-        config_from_hf({**OPT, "word_embed_proj_dim": 16})
-    with pytest.raises(ValueError, match="ReLU MLPs are OPT's"):
+    with pytest.raises(ValueError, match="_remove_final_layer_norm = True"):
+        config_from_hf({**OPT, "_remove_final_layer_norm": True})
+    with pytest.raises(ValueError, match="ReLU MLPs.* are OPT's"):
         hf_config(GPTConfig(norm="layer", bias=True, mlp_gated=False, mlp_act="relu"))
+    for field in (dict(post_ln=True), dict(embed_dim=16)):
+        with pytest.raises(ValueError, match="OPT-350m's: learned positions with position_offset 2"):
+            hf_config(GPTConfig(norm="layer", bias=True, mlp_gated=False, mlp_act="gelu", position="learned", **field))
+        with pytest.raises(ValueError, match="are OPT's"):
+            hf_config(GPTConfig(norm="layer", bias=True, mlp_gated=False, mlp_act="gelu", **field))
+    with pytest.raises(ValueError, match="post_ln moves the two block norms"):
+        GPTConfig(post_ln=True, pre_norms=False, post_norms=True)
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         config_from_hf({**GPT2, "scale_attn_by_inverse_layer_idx": True})
     with pytest.raises(ValueError, match="hidden_act = 'silu'"):

@@ -373,11 +373,11 @@ def _random_adapters(model, seed):
         m.lora_b[...] = jnp.asarray(rng.normal(0, 0.3, m.lora_b.shape), jnp.float32)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "neox", "bloom", "falcon-new", "bigcode", "gptj", "phi", "opt", "phi3"])
+@pytest.mark.parametrize("family", ["gpt2", "neox", "bloom", "falcon-new", "bigcode", "gptj", "phi", "opt350", "phi3"])
 def test_peft_adapter_export_for_fused_and_classic_families(tmp_path, family):
     """save_peft_adapter on families whose folders fuse our projections (GPT-2's Conv1D c_attn, NeoX / BLOOM /
     Falcon's per-head query_key_value, Phi-3's qkv_proj and gate_up_proj) or split them (Phi's k/v, GPT-J's
-    interleaved rotary rows): folded into the base folder by merge_peft_adapter (which reads PEFT's math, not the
+    interleaved rotary rows; OPT-350m's embedding projections): folded into the base folder by merge_peft_adapter (which reads PEFT's math, not the
     export's), the adapter gives the adapted model's logits, with all layers adapted and with q alone (fused
     partners zero); with PEFT installed, PEFT's own model on the folder does too."""
     import json
@@ -390,7 +390,7 @@ def test_peft_adapter_export_for_fused_and_classic_families(tmp_path, family):
     from jaxattn.models.safetensors_io import write_safetensors
 
     raws = {"gpt2": classic.GPT2, "neox": classic.NEOX, "bloom": classic.BLOOM, "falcon-new": classic.FALCON_NEW,
-            "bigcode": classic.BIGCODE, "gptj": classic.GPTJ, "phi": classic.PHI, "opt": classic.OPT, "phi3": PHI3}
+            "bigcode": classic.BIGCODE, "gptj": classic.GPTJ, "phi": classic.PHI, "opt350": classic.OPT350, "phi3": PHI3}
     raw = raws[family]
     if family == "phi3":
         base = tmp_path / "base"

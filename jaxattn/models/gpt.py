@@ -104,6 +104,11 @@ class GPTConfig:
     shared_norm: bool = False  # with parallel_residual: one norm for both branches, x + attn(h) + mlp(h) (Phi-1/2)
     head_bias: bool = False  # a bias on the untied output head (Phi-1/2)
     embed_norm: bool = False  # a norm (of the blocks' kind) on the token embeddings (BLOOM's word_embeddings_layernorm)
+    # OPT-350m: each norm after its residual add, x = norm1(x + attn(x)), x = norm2(x + mlp(x)) (the original
+    # Transformer's post-LN; no final norm), and token embeddings of embed_dim projected in to dim (after the
+    # embedding, before the positions are added) and back out before the (tied) head, without biases
+    post_ln: bool = False
+    embed_dim: int | None = None
     init_std: float = 0.02
     tie_embeddings: bool = True
     dtype: str = "float32"  # compute dtype; parameters are fp32
@@ -169,6 +174,11 @@ class GPTConfig:
             raise ValueError("qk_norm_full widens qk_norm: set qk_norm=True too")
         if not (self.pre_norms or self.post_norms):
             raise ValueError("a block needs pre_norms or post_norms (or both)")
+        if self.post_ln and (not self.pre_norms or self.post_norms or self.parallel_residual):
+            raise ValueError("post_ln moves the two block norms after the residual adds: it needs pre_norms=True (the "
+                             "norms it moves), post_norms=False and sequential residuals")
+        if self.embed_dim is not None and self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be positive or None, got {self.embed_dim}")
         if self.attn_softcap is not None and (set(self.layer_types) - {"full", "window"} or self.quantized):
             raise ValueError("attn_softcap runs on the flash and decode kernels: layer_types may hold only 'full' and "
                              "'window', and quantized=False")
@@ -329,7 +339,7 @@ FAMILY_FIELDS = ("qk_norm", "qk_norm_full", "pre_norms", "rope_scaling", "rotary
                  "embed_multiplier", "residual_multiplier", "logits_divisor")
 # the GPT-2 / GPT-NeoX block options (jaxattn.models.gpt_classic_hf)
 CLASSIC_FIELDS = ("norm", "bias", "mlp_bias", "mlp_gated", "parallel_residual", "shared_norm", "head_bias",
-                  "embed_norm", "alibi_scale")
+                  "embed_norm", "alibi_scale", "post_ln", "embed_dim")
 
 
 def non_default(cfg: GPTConfig, names: tuple[str, ...]) -> list[str]:
@@ -558,7 +568,7 @@ class Block(nnx.Module):
         self.norm2 = norm() if cfg.pre_norms and not cfg.shared_norm else None
         # Gemma 2/3: on each branch's output too
         self.attn_post_norm, self.mlp_post_norm = (norm(), norm()) if cfg.post_norms else (None, None)
-        self.residual_multiplier, self.parallel = cfg.residual_multiplier, cfg.parallel_residual
+        self.residual_multiplier, self.parallel, self.post_ln = cfg.residual_multiplier, cfg.parallel_residual, cfg.post_ln
         self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
@@ -570,12 +580,15 @@ class Block(nnx.Module):
             y = y if norm is None else norm(y)
             return y if scale == 1.0 else y * jnp.asarray(scale, y.dtype)  # (Granite's residual_multiplier)
 
-        h = _apply(self.norm1, x)
+        h = x if self.post_ln else _apply(self.norm1, x)
         if cache is None:
             a = self.attn(h, positions, segment_ids=segment_ids)
         else:
             a, cache = self.attn(h, positions, cache, offset)
-        if self.parallel:  # (GPT-NeoX: both branches read the block's input; Phi: the same normed input)
+        if self.post_ln:  # (OPT-350m: norms after the residual adds)
+            x = self.norm1(x + post(None, a))
+            x = self.norm2(x + post(None, self.mlp(x)))
+        elif self.parallel:  # (GPT-NeoX: both branches read the block's input; Phi: the same normed input)
             x = x + a + self.mlp(h if self.norm2 is None else self.norm2(x))
         else:
             x = x + post(self.attn_post_norm, a)
@@ -610,15 +623,18 @@ class GPT(nnx.Module):
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, embedding_init=nnx.initializers.normal(cfg.init_std),
+        width = cfg.embed_dim or cfg.dim  # (OPT-350m: narrower embeddings, projected in and out)
+        self.embed = nnx.Embed(cfg.vocab_size, width, embedding_init=nnx.initializers.normal(cfg.init_std),
                                rngs=rngs)
+        self.project_in, self.project_out = ((_linear(width, cfg.dim, cfg, rngs), _linear(cfg.dim, width, cfg, rngs))
+                                             if width != cfg.dim else (None, None))
         self.pos_embed = nnx.Embed(cfg.max_positions + cfg.position_offset, cfg.dim,
                                    embedding_init=nnx.initializers.normal(cfg.init_std),
                                    rngs=rngs) if cfg.position == "learned" else None
         self.embed_norm = _norm(cfg) if cfg.embed_norm else None
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.layers)])
-        self.norm = _norm(cfg)
-        self.head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs, bias=cfg.head_bias)
+        self.norm = None if cfg.post_ln else _norm(cfg)  # (post-LN blocks end normed)
+        self.head = None if cfg.tie_embeddings else _linear(width, cfg.vocab_size, cfg, rngs, bias=cfg.head_bias)
         self.embed_drop = _dropout(cfg.dropout, rngs)
 
     @property
@@ -690,6 +706,7 @@ class GPT(nnx.Module):
             x = x * jnp.asarray(self.cfg.dim ** 0.5, dt)
         if self.cfg.embed_multiplier != 1.0:  # Granite
             x = x * jnp.asarray(self.cfg.embed_multiplier, dt)
+        x = _apply(self.project_in, x)  # (OPT-350m)
         if self.pos_embed is not None:  # GPT-2's learned positions
             if tokens.shape[1] > self.cfg.max_positions:
                 raise ValueError(f"tokens: {tokens.shape[1]} positions, past the model's learned {self.cfg.max_positions}")
@@ -708,7 +725,7 @@ class GPT(nnx.Module):
             from jaxattn.ops.ring_attention import zigzag_sp
 
             x = zigzag_sp(x, mesh=sp[0], axis=sp[1], batch_axis=sp[2], inverse=True)
-        x = self.norm(x)
+        x = _apply(self.project_out, _apply(self.norm, x))
         if self.head is None:
             logits = jnp.einsum("bnd,vd->bnv", x.astype(jnp.float32), self.embed.embedding[...])
         else:

@@ -8,7 +8,8 @@ block: LayerNorms with biases (``norm="layer"``), biases on every projection (``
 - GPT-2: learned absolute positions (``position="learned"``, ``max_positions = n_positions``), a tied head;
   StarCoder / SantaCoder (``gpt_bigcode``) the same with one kv head (``multi_query``) and ``Linear`` layouts;
 - OPT: learned positions two rows into the table (``position_offset=2``), ReLU (``mlp_act="relu"``), pre-LayerNorm
-  blocks (``do_layer_norm_before``; OPT-350m's post-norm blocks and embedding projections are refused);
+  blocks (``do_layer_norm_before``); OPT-350m's post-LN blocks without a final norm (``post_ln``) and its
+  narrower embeddings (``embed_dim = word_embed_proj_dim``) with ``project_in`` / ``project_out``;
 - GPT-NeoX: RoPE on each head's first ``rotary_pct`` of channels (``rotary_dim``), attention and MLP side by
   side on the block's input (``parallel_residual``, its ``use_parallel_residual``), an untied ``embed_out``;
 - Phi: attention and MLP side by side on one normed input (``parallel_residual`` + ``shared_norm``), partial
@@ -102,7 +103,8 @@ _NAMES = {
     "opt": dict(embed="model.decoder.embed_tokens.weight", pos="model.decoder.embed_positions.weight",
                 layer="model.decoder.layers.{i}.", norm1="self_attn_layer_norm", norm2="final_layer_norm",
                 attn="self_attn.", o="self_attn.out_proj", up="fc1", down="fc2", final="model.decoder.final_layer_norm",
-                head="lm_head"),
+                head="lm_head", project_in="model.decoder.project_in.weight",
+                project_out="model.decoder.project_out.weight"),
     "falcon": dict(embed="transformer.word_embeddings.weight", layer="transformer.h.{i}.", attn="self_attention.",
                    o="self_attention.dense", up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", final="transformer.ln_f",
                    head="lm_head"),  # (its norms: _names)
@@ -155,6 +157,7 @@ def _key_map(raw: Mapping[str, Any]) -> dict[str, str]:
     layers = _layers(raw)
     n = _names(raw)
     out = {"embed.weight": n["embed"], "pos_embed.weight": n.get("pos", "transformer.wpe.weight"),
+           **{f"{p}.weight": n[p] for p in ("project_in", "project_out") if p in n},
            **{f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in (("norm", n["final"]), ("head", n["head"]),
                                                                   ("embed_norm", n.get("embed_norm"))) if theirs
               for p in ("weight", "bias")}}
@@ -201,15 +204,14 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         raise bad(act_field, " / ".join(sorted(_ACT)))
     common = dict(norm="layer", bias=True, mlp_gated=False, mlp_act=_ACT[act],
                   init_std=float(raw.get("initializer_range", 0.02)), vocab_size=int(raw["vocab_size"]))
-    if kind == "opt":  # learned positions 2 rows in, pre-LayerNorm blocks, ReLU
-        for flag, ok in (("do_layer_norm_before", True), ("layer_norm_elementwise_affine", True),
-                         ("_remove_final_layer_norm", False)):
-            if raw.get(flag, ok) != ok:
-                raise bad(flag, repr(ok).lower() + (" (OPT-350m's post-norm blocks are not GPT's)" if flag[0] == "d" else ""))
+    if kind == "opt":  # learned positions 2 rows in, pre-LayerNorm blocks (OPT-350m: post-LN, projections), ReLU
+        pre_ln = bool(raw.get("do_layer_norm_before", True))
+        for flag, ok in (("layer_norm_elementwise_affine", True), ("_remove_final_layer_norm", False)):
+            if raw.get(flag, ok) != ok and (pre_ln or flag[0] == "l"):
+                raise bad(flag, repr(ok).lower())
         dim = int(raw.get("hidden_size", 768))
-        if raw.get("word_embed_proj_dim") not in (None, dim):
-            raise bad("word_embed_proj_dim", f"hidden_size ({dim}): no projection of the embeddings")
-        fields = dict(dim=dim, layers=int(raw.get("num_hidden_layers", 12)), heads=int(raw.get("num_attention_heads", 12)),
+        proj = int(raw.get("word_embed_proj_dim") or dim)
+        fields = dict(post_ln=not pre_ln, embed_dim=proj if proj != dim else None, dim=dim, layers=int(raw.get("num_hidden_layers", 12)), heads=int(raw.get("num_attention_heads", 12)),
                       mlp_dim=int(raw.get("ffn_dim", 3072)), position="learned", position_offset=2,
                       max_positions=int(raw.get("max_position_embeddings", 2048)), bias=bool(raw.get("enable_bias", True)),
                       norm_eps=1e-5, tie_embeddings=bool(raw.get("tie_word_embeddings", True)))
@@ -329,11 +331,15 @@ def _family(cfg: GPTConfig) -> str:
             if gqa or cfg.norm_eps != 1e-5:
                 raise ValueError("an OPT layout has one kv head per head and LayerNorm eps 1e-5")
             return "opt"
+        if cfg.post_ln or cfg.embed_dim:
+            raise ValueError("post-LN blocks (post_ln) and projected embeddings (embed_dim) are OPT-350m's: learned "
+                             "positions with position_offset 2")
         if cfg.position_offset or not cfg.bias or not cfg.tie_embeddings or cfg.mlp_act == "relu":
             raise ValueError("a GPT-2 / StarCoder layout has position_offset 0 (OPT's: 2), biases, a tied head and GELU")
         return "gpt_bigcode" if kv == 1 and cfg.heads > 1 else "gpt2"
-    if cfg.mlp_act == "relu":
-        raise ValueError("ReLU MLPs are OPT's (learned positions, position_offset 2)")
+    if cfg.mlp_act == "relu" or cfg.post_ln or cfg.embed_dim:
+        raise ValueError("ReLU MLPs, post-LN blocks (post_ln) and projected embeddings (embed_dim) are OPT's (learned "
+                         "positions, position_offset 2)")
     if cfg.mlp_has_bias != cfg.bias:  # (GPT-J: biases on the MLP only)
         if cfg.bias or not cfg.shared_norm or not cfg.head_bias or cfg.position != "rope" or gqa or window \
                 or cfg.embed_norm:
@@ -401,8 +407,8 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
                 "bos_token_id": None, "eos_token_id": None}
     if kind == "opt":
         return {**out, "hidden_size": cfg.dim, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
-                "ffn_dim": cfg.hidden, "max_position_embeddings": cfg.max_positions, "do_layer_norm_before": True,
-                "word_embed_proj_dim": cfg.dim, "enable_bias": cfg.bias, "activation_function": act,
+                "ffn_dim": cfg.hidden, "max_position_embeddings": cfg.max_positions, "do_layer_norm_before": not cfg.post_ln,
+                "word_embed_proj_dim": cfg.embed_dim or cfg.dim, "enable_bias": cfg.bias, "activation_function": act,
                 "layer_norm_elementwise_affine": True}
     if kind in ("gpt2", "gpt_bigcode"):
         ids = None if cfg.vocab_size <= 50256 else 50256  # (GPT2Config's bos / eos, past a small vocabulary)
@@ -563,7 +569,10 @@ def entries(model: GPT) -> list[hf.Entry]:
         out += [hf.Entry((f"{pre}attn.k_proj.{p}", f"{pre}attn.v_proj.{p}"), getattr(blk.attn.kv, v), join_kv, split_kv)
                 for p, v in (("weight", "kernel"), ("bias", "bias")) if getattr(blk.attn.kv, v) is not None]
         out += _linear(pre + "attn.o", blk.attn.o) + _linear(pre + "mlp.up", blk.mlp.up) + _linear(pre + "mlp.down", blk.mlp.down)
-    out += _layer_norm("norm", model.norm)
+    if model.norm is not None:  # (post-LN blocks: none)
+        out += _layer_norm("norm", model.norm)
+    out += [hf.linear(f"{p}.weight", getattr(model, p).kernel) for p in ("project_in", "project_out")
+            if getattr(model, p) is not None]  # (OPT-350m)
     if model.head is not None:
         out += _linear("head", model.head)
     return out
