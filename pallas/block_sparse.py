@@ -70,6 +70,7 @@ def block_sparse_attention_kernel(
     backend: str = "triton",
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    score_mod: Callable | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Block-sparse attention on already-validated inputs.
 
@@ -94,6 +95,8 @@ def block_sparse_attention_kernel(
       q_segment_ids, kv_segment_ids: int ``[B, Sq]`` / ``[B, Sk]`` (both or neither; Triton backend):
         packed sequences, keys visible only within the same segment, on top of the layout (masked
         inside every visited tile, full blocks too, as the flash kernels do).
+      score_mod: ``(x, batch, head, q_pos, k_pos) -> x'`` on the scaled logits (``mask_fn``'s absolute
+        positions), as ``flash.flash_attention``'s (Triton backend).
 
     A *full* block must be fully visible (and hold no padded key); a *partial* block is
     masked element-wise (padded keys included).
@@ -120,7 +123,7 @@ def block_sparse_attention_kernel(
     if has_seg != (kv_segment_ids is not None):
         raise ValueError("q_segment_ids and kv_segment_ids go together")
     if backend == "mosaic":
-        _flash.check_mosaic(q, k, v, q_segment_ids=q_segment_ids, dropout_rate=dropout_rate)
+        _flash.check_mosaic(q, k, v, q_segment_ids=q_segment_ids, dropout_rate=dropout_rate, score_mod=score_mod)
         mosaic = flash_mgpu.mosaic_config(d)
         if block_q % (2 * mosaic.block_q) or block_k % mosaic.block_kv:
             raise ValueError(f"impl='mosaic' needs mask blocks of a multiple of {2 * mosaic.block_q} query rows "
@@ -133,7 +136,7 @@ def block_sparse_attention_kernel(
         groups=hq // hkv, heads=hq, has_seg=has_seg, bias_kind=None, bias_bcast=(True, True, True, True),
         cfg=cfg, interpret=interpret, precision=_flash.precision_for(q.dtype),
         sparse=SparseSpec(mask_fn=mask_fn, block_q=block_q, block_k=block_k), dropout=float(dropout_rate),
-        mosaic=mosaic,
+        mosaic=mosaic, score_mod=score_mod,
     )
     layout = tuple(jnp.asarray(x, jnp.int32) for x in (kv_index, kv_blocks, q_index, q_blocks))
     layout += (jnp.asarray(q_offset, jnp.int32).reshape(1),)

@@ -41,6 +41,7 @@ from jaxattn.pallas import _common, _dropout, flash_mgpu
 from jaxattn.pallas._common import dot
 
 LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
 NEG_INF = float("-inf")
 
 
@@ -115,6 +116,8 @@ class _Static:
     window: tuple[int | None, int | None] = (None, None)
     softcap: float | None = None  # logits -> softcap * tanh(logits / softcap)
     alibi: bool = False  # per-head slopes: logits -= slope * |query position - key position|
+    # (x, batch, head, q_idx, kv_idx) -> x', elementwise on the (capped) logits (FlexAttention's score_mod)
+    score_mod: Callable | None = None
     bias_grad: bool = False  # the dq kernel also writes the logits' cotangent (an additive bias's)
     dropout: float = 0.0  # attention dropout rate (mask from ``_dropout``, regenerated in every kernel)
     dropout_shared: bool = False  # one mask for every (batch, head), as flax's broadcast_dropout
@@ -186,7 +189,7 @@ def _raw_logits(st: _Static) -> bool:
     soft cap, ALiBi or additive bias): then the kernels scale them inside each weight's exponent,
     one FMA per score (the forward with the running max, ``online_softmax_step(scale=)``; the
     backward with the lse)."""
-    return st.softcap is None and not st.alibi and st.bias_kind != "add" and st.scale > 0
+    return st.softcap is None and not st.alibi and st.bias_kind != "add" and st.scale > 0 and st.score_mod is None
 
 
 def _logit_scale(st: _Static) -> float:
@@ -194,16 +197,23 @@ def _logit_scale(st: _Static) -> float:
 
 
 def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask, transposed: bool = False, alibi=None,
-            raw: bool = False):
+            raw: bool = False, mod=None):
     """Base-2 logits ``log2(e) * (softcap(scale * q k^T) + bias)`` with masked entries at -inf,
     and the soft cap's ``tanh`` term (None without one) for the backward. ``transposed`` gives
     the ``[bk, bq]`` logits ``k q^T`` (``bias`` still comes as a ``[bq, bk]`` tile, ``pos_mask``
     as ``[bk, bq]``). ``alibi = (slope, q_pos, k_pos)`` subtracts ``slope * |p - k_pos|``, ``p`` the
     query's position ``q_pos + kv_len - q_len``. ``raw`` (:func:`_raw_logits` holds): ``q k^T``
-    masked, not yet multiplied by :func:`_logit_scale`."""
+    masked, not yet multiplied by :func:`_logit_scale`. ``mod = (batch, head, q_pos, k_pos)`` applies
+    ``st.score_mod`` to the (capped) logits; ``t`` is then ``(tanh term, d score_mod / d x)``."""
     qk = dot(k, q, trans_b=True, precision=st.precision) if transposed else dot(
         q, k, trans_b=True, precision=st.precision)
     s, t = (qk, None) if raw else base2_logits(qk, st.scale, st.softcap)
+    if mod is not None:  # natural-unit logits through score_mod, and its elementwise derivative
+        b, h, q_pos, k_pos = mod
+        qi, ki = (q_pos[None, :], k_pos[:, None]) if transposed else (q_pos[:, None], k_pos[None, :])
+        y, dy = jax.jvp(lambda x: st.score_mod(x, b, h, qi, ki), (s * LN2,), (jnp.ones_like(s),))
+        s = jnp.broadcast_to(y, s.shape).astype(jnp.float32) * LOG2E
+        t = (t, jnp.broadcast_to(dy, s.shape).astype(jnp.float32))
     if alibi is not None:
         slope, q_pos, k_pos = alibi
         p = q_pos + (st.kv_len - st.q_len)
@@ -222,6 +232,8 @@ def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask, transposed: bool = Fa
         mask = same if mask is None else jnp.logical_and(mask, same)
     if mask is not None:
         s = jnp.where(mask, s, NEG_INF)
+        if mod is not None:  # (masked entries' derivative never meets a NaN or inf there)
+            t = (t[0], jnp.where(mask, t[1], 0.0))
     return s, t
 
 
@@ -268,8 +280,12 @@ def online_softmax_finish(acc, m, l):
     return out, jnp.where(empty, NEG_INF, (m + jnp.log2(jnp.where(empty, 1.0, l))) / LOG2E)
 
 
-def _softcap_grad(st: _Static, ds, t):
-    """Chain rule through ``c tanh(x / c)``: ``ds * (1 - tanh^2)``."""
+def _logit_grad(st: _Static, ds, t):
+    """Chain rule from the final logits back to ``scale q k^T``: through ``score_mod`` (``t = (tanh,
+    derivative)``) and the soft cap ``c tanh(x / c)`` (``ds * (1 - tanh^2)``)."""
+    if isinstance(t, tuple):
+        t, dmod = t
+        ds = ds * dmod
     return ds if t is None else ds * (1.0 - t * t)
 
 
@@ -466,9 +482,10 @@ def _q_positions(st: _Static, q_start, block_q: int, lists):
 
 
 def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked: bool,
-              slope=None, raw: bool = False):
+              slope=None, raw: bool = False, bh=None):
     """Key block ``j`` for a query tile: base-2 logits ``s [bq, bk]`` (``raw``: not yet scaled, see
-    :func:`_scores`), the soft cap's tanh term (or None), k and v."""
+    :func:`_scores`), the chain-rule terms (or None), k and v. ``bh``: the program's (batch, head),
+    for ``score_mod``."""
     k_start = pl.multiple_of(j * block_k, block_k)
     ks = pl.ds(k_start, block_k)
     k_pos = k_start + jnp.arange(block_k)
@@ -484,7 +501,8 @@ def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_r
     kseg = kseg_ref[ks] if st.has_seg else None
     bias = _load_bias(st, bias_ref, (), slice(None), ks, q_pos, k_pos, ragged) if st.bias_kind else None
     alibi = (slope, q_pos, k_pos) if st.alibi else None
-    s, t = _scores(st, q, k, qseg, kseg, bias, pos_mask, alibi=alibi, raw=raw)
+    mod = (*bh, q_pos, k_pos) if st.score_mod is not None else None
+    s, t = _scores(st, q, k, qseg, kseg, bias, pos_mask, alibi=alibi, raw=raw, mod=mod)
     return s, t, k, v
 
 
@@ -535,6 +553,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q = _common.load_tile(q_ref, (slice(None), slice(None)), q_start, st.q_len, _q_ragged(st), st.head_dim)
     qseg = qseg_ref[...] if st.has_seg else None
     slope = alibi_ref[pl.program_id(2)] if st.alibi else None
+    bh = (pl.program_id(1), pl.program_id(2))
     rows = None
     if st.dropout:
         seed, bh_off, q_off, k_off = _drop_state(st, seed_ref)
@@ -544,7 +563,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
     def body(j, carry, masked: bool):
         s, _, _, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope,
-                               raw=raw)
+                               raw=raw, bh=bh)
         drop = None
         if rows is not None:  # the normaliser sums every p; only p v sees the dropped weights
             keep = _dropout.keep(rows[:, None], k_off + j * block_k + jnp.arange(block_k)[None, :], st.dropout)
@@ -662,6 +681,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     delta = delta_ref[...]
     qseg = qseg_ref[...] if st.has_seg else None
     slope = alibi_ref[pl.program_id(2)] if st.alibi else None
+    bh = (pl.program_id(1), pl.program_id(2))
     rows = None
     if st.dropout:
         seed, bh_off, q_off, k_off = _drop_state(st, seed_ref)
@@ -689,7 +709,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
     def body(j, dq, masked: bool):
         s, t, k, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope,
-                               raw=_raw_logits(st))
+                               raw=_raw_logits(st), bh=bh)
         p = _weights(st, s, lse2[:, None])
         dp = dot(do, v, trans_b=True, precision=st.precision)
         if rows is not None:  # the cotangent of the kept weights, rescaled
@@ -698,7 +718,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
         dz = p * (dp - delta[:, None])  # cotangent of the final logits (the bias enters there)
         if st.bias_grad:
             store_dz(j, dz)
-        ds = _softcap_grad(st, dz, t)
+        ds = _logit_grad(st, dz, t)
         return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
 
     dq = _loop_kv(st, q_start, block_q, block_k, body, jnp.zeros(q.shape, jnp.float32), lists, range_ref)
@@ -797,6 +817,7 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     kseg = kseg_ref[...] if st.has_seg else None
     bias_heads = 1 if st.bias_bcast[1] else st.groups
     head0 = pl.program_id(2) * st.groups  # first q head of this kv head's group (ALiBi slopes)
+    batch = pl.program_id(1)
     if st.dropout:
         seed, bh_off, q_off, k_off = _drop_state(st, seed_ref)
         bh0 = _batch_head(st, head0) + bh_off
@@ -822,8 +843,10 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         # Transposed scores [bk, bq] (as Triton's fused-attention backward): every dot below
         # takes its operands as they are, with no register tile transposed in between.
         alibi = (alibi_ref[head0 + g], q_start + jnp.arange(block_q), k_pos) if st.alibi else None
+        mod = ((batch, head0 + g, _q_positions(st, q_start, block_q, lists), k_pos)
+               if st.score_mod is not None else None)
         s_t, t_t = _scores(st, q, k, qseg, kseg, bias, pos_mask, transposed=True, alibi=alibi,
-                           raw=_raw_logits(st))
+                           raw=_raw_logits(st), mod=mod)
         p_t = _weights(st, s_t, lse2[None, :])
         keep_t = None
         if st.dropout:  # the forward's mask, transposed: rows are this tile's queries
@@ -831,7 +854,7 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
             keep_t = _dropout.keep(rows[None, :], k_off + k_pos[:, None], st.dropout)
         dv = dv + dot(_drop(st, keep_t, p_t).astype(do.dtype), do, precision=st.precision)
         dp_t = _drop(st, keep_t, dot(v, do, trans_b=True, precision=st.precision))
-        ds_t = _softcap_grad(st, p_t * (dp_t - delta[None, :]), t_t)
+        ds_t = _logit_grad(st, p_t * (dp_t - delta[None, :]), t_t)
         dk = dk + dot(ds_t.astype(q.dtype), q, precision=st.precision)
         return dk, dv
 
@@ -867,7 +890,7 @@ def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, a
     cfg = st.cfg
     # a soft cap keeps its tanh tile live until the chain rule, dropout its keep mask: half the
     # query rows per step keep the d=128 kernel (128 keys) spill-free
-    extra_tiles = st.softcap is not None or st.dropout > 0
+    extra_tiles = st.softcap is not None or st.dropout > 0 or st.score_mod is not None
     block_q = cfg.block_q_dkv // 2 if extra_tiles and cfg.block_q_dkv > 16 else cfg.block_q_dkv
     bq, bk = _blocks(st, block_q, cfg.block_k_dkv)
     batch, hq, d, dv_ = _dims(st, q)
@@ -981,6 +1004,7 @@ def flash_attention(
     local_window_size: tuple[int | None, int | None] | None = None,
     logits_soft_cap: float | None = None,
     alibi_slopes: jax.Array | None = None,
+    score_mod: Callable | None = None,
     dropout_rate: float = 0.0,
     dropout_seed: jax.Array | None = None,
     dropout_shared: bool = False,
@@ -1008,6 +1032,9 @@ def flash_attention(
       logits_soft_cap: c > 0 maps the scaled logits x to ``c * tanh(x / c)``.
       alibi_slopes: ``[Hq]`` or ``[B, Hq]``: ALiBi, ``slope * |p - j|`` subtracted from the
         (capped) logits of query position p and key j (flash-attn's ``alibi_slopes``).
+      score_mod: ``(x, batch, head, q_idx, kv_idx) -> x'`` on the (capped) logits, elementwise,
+        before ALiBi, the bias and the masks (query row and key index; a sparse layout's absolute
+        query positions); the backward applies its derivative (``jax.jvp`` inside the kernels).
       dropout_rate: attention dropout in [0, 1): each weight is dropped with this probability
         and the kept ones scaled by ``1 / (1 - rate)``; the mask (``jaxattn.pallas._dropout``)
         is a function of ``dropout_seed`` (int32 ``[1]``), (batch, head) (or one mask for all of
@@ -1045,7 +1072,7 @@ def flash_attention(
     mosaic = None
     if backend == "mosaic":
         check_mosaic(q, k, v, bias, q_segment_ids, local_window_size, logits_soft_cap, alibi_slopes,
-                     dropout_rate)
+                     dropout_rate, score_mod)
         mosaic = mosaic_config or flash_mgpu.mosaic_config(d)
         # powers of two: the larger tile is a multiple of the smaller
         q_block, k_block = max(q_block, 2 * mosaic.block_q), max(k_block, mosaic.block_kv)
@@ -1071,7 +1098,7 @@ def flash_attention(
         interpret=interpret, precision=precision_for(q.dtype),
         window=tuple(local_window_size) if local_window_size is not None else (None, None),
         softcap=None if logits_soft_cap is None else float(logits_soft_cap), alibi=alibi_slopes is not None,
-        heads=hq, dropout=float(dropout_rate), dropout_shared=bool(dropout_shared), mosaic=mosaic,
+        score_mod=score_mod, heads=hq, dropout=float(dropout_rate), dropout_shared=bool(dropout_shared), mosaic=mosaic,
         packed=packed,
     )
     seed = None
@@ -1086,7 +1113,7 @@ def flash_attention(
 
 
 def mosaic_auto(q, k, v, causal: bool, bias=None, q_segment_ids=None, window=None, softcap=None, alibi=None,
-                dropout_rate=0.0) -> bool:
+                dropout_rate=0.0, score_mod=None) -> bool:
     """Whether ``impl="auto"`` runs the Mosaic GPU forward for these inputs: switched on
     (``flash_mgpu.AUTO_ON_HOPPER``), a Hopper GPU, and inputs it takes (``check_mosaic``)."""
     if not flash_mgpu.AUTO_ON_HOPPER or not flash_mgpu.on_hopper():
@@ -1094,14 +1121,14 @@ def mosaic_auto(q, k, v, causal: bool, bias=None, q_segment_ids=None, window=Non
     if causal and not flash_mgpu.causal_supported():
         return False
     try:
-        check_mosaic(q, k, v, bias, q_segment_ids, window, softcap, alibi, dropout_rate)
+        check_mosaic(q, k, v, bias, q_segment_ids, window, softcap, alibi, dropout_rate, score_mod)
     except ValueError:
         return False
     return True
 
 
 def check_mosaic(q, k, v, bias=None, q_segment_ids=None, window=None, softcap=None, alibi=None,
-                 dropout_rate=0.0) -> None:
+                 dropout_rate=0.0, score_mod=None) -> None:
     """What the Mosaic GPU forward runs; anything else raises, naming the argument."""
     if not flash_mgpu.available():
         raise ValueError("impl='mosaic' needs jax's Pallas Mosaic GPU backend (jax >= 0.10)")
@@ -1113,7 +1140,7 @@ def check_mosaic(q, k, v, bias=None, q_segment_ids=None, window=None, softcap=No
         raise ValueError(f"impl='mosaic' needs q, k, v in bfloat16 or float16, got {jnp.dtype(q.dtype).name}")
     extras = {"mask": bias is not None, "segment_ids": q_segment_ids is not None,
               "local_window_size": window is not None, "logits_soft_cap": softcap is not None,
-              "alibi_slopes": alibi is not None, "dropout_rate": bool(dropout_rate)}
+              "alibi_slopes": alibi is not None, "dropout_rate": bool(dropout_rate), "score_mod": score_mod is not None}
     if used := [name for name, on in extras.items() if on]:
         raise ValueError(f"impl='mosaic' runs plain causal or non-causal attention; {', '.join(used)} "
                          "need impl='pallas'")

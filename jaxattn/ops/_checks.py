@@ -150,6 +150,33 @@ def check_soft_cap(cap: Any) -> float | None:
     return value
 
 
+def check_score_mod(fn: Any) -> Any:
+    """``score_mod``: None, or an elementwise ``(x, batch, head, q_idx, kv_idx) -> x'`` that closes over no
+    arrays (the kernels trace it inside; a captured array would be a constant no gradient reaches)."""
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise ValueError(f"score_mod must be a callable (x, batch, head, q_idx, kv_idx) -> x', got {type(fn).__name__}")
+    x = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+    idx = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
+           jax.ShapeDtypeStruct((2, 1), jnp.int32), jax.ShapeDtypeStruct((1, 3), jnp.int32))
+    try:
+        closed = jax.make_jaxpr(fn)(x, *idx)
+    except Exception as e:  # noqa: BLE001 - the user's function, traced on small index arrays
+        raise ValueError(f"score_mod(x [2, 3] float32, batch, head, q_idx [2, 1], kv_idx [1, 3]) failed to trace: "
+                         f"{type(e).__name__}: {e}") from e
+    out = closed.out_avals
+    if len(out) != 1 or not jnp.issubdtype(out[0].dtype, jnp.floating) or \
+            jnp.broadcast_shapes(tuple(out[0].shape), (2, 3)) != (2, 3):
+        raise ValueError(f"score_mod must return one floating array broadcastable to x's shape; for x [2, 3] it "
+                         f"returned {[f'{a.dtype} {tuple(a.shape)}' for a in out]}")
+    if any(isinstance(c, jax.core.Tracer) or getattr(c, "ndim", 0) > 0 for c in closed.consts):
+        raise ValueError("score_mod closes over arrays (captured tables or traced values): the kernels take scalars "
+                         "and index arithmetic only; compute per-head values from head (e.g. with jnp.where), or "
+                         "pass a learned bias as mask")
+    return fn
+
+
 def check_dropout(rate: Any, rng: Any) -> float:
     """``dropout_rate`` in [0, 1), with a ``dropout_rng`` PRNG key when it is > 0."""
     value = static_number("dropout_rate", rate)

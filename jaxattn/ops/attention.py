@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from typing import Literal
 
 import jax
@@ -28,6 +30,7 @@ def attention(
     local_window_size: int | tuple[int | None, int | None] | None = None,
     logits_soft_cap: float | None = None,
     alibi_slopes: jax.Array | None = None,
+    score_mod: Callable | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     dropout_broadcast: bool = False,
@@ -63,6 +66,13 @@ def attention(
       alibi_slopes: ``[heads]`` or ``[batch, heads]`` (ALiBi): ``slope * |p - j|`` is subtracted
         from the (capped) logits of the query at position p and key j, computed in the kernel
         from positions (no bias tensor), as flash-attn's ``alibi_slopes``. No gradient.
+      score_mod: FlexAttention's ``score_mod``: ``(x, batch, head, q_idx, kv_idx) -> x'`` maps each
+        scaled (and soft-capped) logit of query row ``q_idx`` and key ``kv_idx`` (int32 index arrays
+        that broadcast against ``x``) before ALiBi, ``mask`` and the masking; elementwise, written with
+        jnp ops and closing over no arrays (per-head values: from ``head``). The kernels trace it
+        inline and the backward applies its derivative (``jax.jvp`` in the kernel), so relative
+        position biases, soft caps or distance penalties cost no ``[q_len, kv_len]`` tensor. Compared
+        by identity under ``jit``: define it once.
       dropout_rate: attention dropout (training): each softmax weight is zeroed with this
         probability and the kept ones scaled by ``1 / (1 - rate)`` (flash-attn's ``dropout_p``).
         The kernels regenerate the mask from a counter-based hash of (seed from ``dropout_rng``,
@@ -108,6 +118,8 @@ def attention(
     scale = _checks.check_scale(scale)
     extra = dict(local_window_size=_checks.check_window(local_window_size),
                  logits_soft_cap=_checks.check_soft_cap(logits_soft_cap))
+    if score_mod is not None:
+        extra["score_mod"] = _checks.check_score_mod(score_mod)
     if alibi_slopes is not None:
         extra["alibi_slopes"] = _checks.check_alibi(alibi_slopes, batch, hq)
     if _checks.check_dropout(dropout_rate, dropout_rng):
@@ -129,7 +141,7 @@ def attention(
     if use_kernel:
         mosaic = impl == "mosaic" or (impl == "auto" and _flash.mosaic_auto(
             q, k, v, causal, mask, qseg, extra["local_window_size"], extra["logits_soft_cap"],
-            extra.get("alibi_slopes"), extra.get("dropout_rate", 0.0)))
+            extra.get("alibi_slopes"), extra.get("dropout_rate", 0.0), extra.get("score_mod")))
         packed = _packed_qkv is not None and not mosaic
         out, lse = _flash.flash_attention(
             *((_packed_qkv, None, None) if packed else (q, k, v)), causal=causal, scale=scale, bias=mask,

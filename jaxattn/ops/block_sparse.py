@@ -477,6 +477,7 @@ def block_sparse_attention(
     impl: Literal["auto", "pallas", "mosaic", "xla"] = "auto",
     return_lse: bool = False,
     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+    score_mod: Callable | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Softmax attention restricted to the keys a ``BlockMask`` allows.
 
@@ -496,6 +497,10 @@ def block_sparse_attention(
       segment_ids: ``[batch, seq]`` (when ``q_len == kv_len``) or a pair ``(q_ids, kv_ids)``: packed
         sequences, as :func:`jaxattn.attention`'s: on top of the layout, keys only within the query's
         segment (not with ``impl="mosaic"``).
+      score_mod: ``(x, batch, head, q_pos, kv_idx) -> x'`` on the scaled logits, as
+        :func:`jaxattn.attention`'s, with the layout's absolute query positions (``mask_fn``'s):
+        with the ``BlockMask``'s ``mask_fn`` this is FlexAttention's ``score_mod`` + ``mask_mod``
+        (not with ``impl="mosaic"``).
 
     A query row with no visible key returns zeros (``lse = -inf``), never NaN.
     """
@@ -513,6 +518,8 @@ def block_sparse_attention(
 
         qs, ks = _segment_pair(segment_ids, batch, q_len, kv_len)
         seg = dict(q_segment_ids=qs, kv_segment_ids=ks)
+    if score_mod is not None:
+        seg["score_mod"] = _checks.check_score_mod(score_mod)
     drop = {}
     if _checks.check_dropout(dropout_rate, dropout_rng):
         drop = dict(dropout_rate=float(dropout_rate), dropout_seed=_dropout.seed_from_key(dropout_rng))
@@ -533,6 +540,8 @@ def block_sparse_attention(
             kv_index=bm.kv_index, kv_blocks=bm.kv_blocks, q_index=bm.q_index, q_blocks=bm.q_blocks,
             q_offset=bm.q_offset, scale=scale, backend="mosaic" if impl == "mosaic" else "triton", **drop, **seg)
     else:
+        if score_mod is not None:
+            seg["score_mod_q_offset"] = block_mask.q_offset
         out, lse = attention_reference(q, k, v, scale=scale, mask=block_mask.dense()[None, None], **drop, **seg)
         out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
