@@ -50,12 +50,15 @@ def attention_fn(
     is_causal: bool = False,
     *,
     impl: Impl = "auto",
+    score_mod: Callable | None = None,
 ) -> jax.Array:
     """``flax.nnx.dot_product_attention``-compatible attention on :func:`jaxattn.attention`.
 
     ``query [..., q_len, heads, d]``, ``key``/``value [..., kv_len, kv_heads, d]`` (GQA when
     ``kv_heads`` divides ``heads``), ``bias``/``mask`` broadcastable to ``[..., heads, q_len,
-    kv_len]``. ``impl`` picks jaxattn's path (bind it with ``functools.partial``)."""
+    kv_len]``. ``impl`` picks jaxattn's path and ``score_mod`` transforms the logits (see
+    :func:`jaxattn.attention`; ``batch`` is the flattened leading index); bind them with
+    ``functools.partial``."""
     if module is not None:
         kw = {} if promote_dtype is None else {"promote_dtype": promote_dtype}
         return nnx.dot_product_attention(query, key, value, bias, mask, broadcast_dropout, dropout_rng,
@@ -103,7 +106,7 @@ def attention_fn(
     rate = 0.0 if deterministic else dropout_rate
     out = attention(flat(query), flat(key), flat(value), causal=causal, mask=combined, impl=impl,
                     dropout_rate=rate, dropout_rng=dropout_rng if rate else None,
-                    dropout_broadcast=broadcast_dropout)
+                    dropout_broadcast=broadcast_dropout, score_mod=score_mod)
     return out.reshape(*batch_shape, *out.shape[1:])
 
 
@@ -112,10 +115,13 @@ _core = attention_fn  # MultiHeadAttention's constructor shadows the name with i
 
 class MultiHeadAttention(nnx.MultiHeadAttention):
     """``flax.nnx.MultiHeadAttention`` with :func:`jaxattn.attention` as its core (``impl`` picks
-    the path: "auto" = the flash kernel on GPU). Takes every argument of the flax module; its
-    parameters and cache have the same names and shapes, so flax checkpoints load unchanged."""
+    the path: "auto" = the flash kernel on GPU; ``score_mod``: a logit transform, as
+    :func:`jaxattn.attention`'s). Takes every argument of the flax module; its parameters and cache
+    have the same names and shapes, so flax checkpoints load unchanged."""
 
     def __init__(self, *args: Any, impl: Impl = "auto", attention_fn: Callable[..., jax.Array] | None = None,
-                 **kwargs: Any):
-        fn = attention_fn or functools.partial(_core, impl=impl)
+                 score_mod: Callable | None = None, **kwargs: Any):
+        if attention_fn is not None and score_mod is not None:
+            raise ValueError("score_mod applies to jaxattn's attention_fn: give attention_fn or score_mod, not both")
+        fn = attention_fn or functools.partial(_core, impl=impl, score_mod=score_mod)
         super().__init__(*args, attention_fn=fn, **kwargs)

@@ -96,3 +96,22 @@ def test_module_dropout_and_sow():
 def test_bad_rank():
     with pytest.raises(ValueError, match="rank >= 4"):
         layers.attention_fn(jnp.zeros((8, 4, 16)), jnp.zeros((8, 4, 16)), jnp.zeros((8, 4, 16)))
+
+
+def test_score_mod_equals_flax_with_the_bias_tensor():
+    """MultiHeadAttention(score_mod=...) on the kernel equals flax's module given the same per-head
+    distance penalty as an explicit bias tensor; it refuses a custom attention_fn beside it."""
+    def penalty(x, b, h, qi, ki):
+        return x - 0.2 * (h + 1) * jnp.abs(qi - ki).astype(x.dtype)
+
+    x = randn(jax.random.PRNGKey(5), (2, 19, 128), jnp.float32)
+    ours = layers.MultiHeadAttention(4, 128, impl="pallas", score_mod=penalty, decode=False, rngs=nnx.Rngs(0))
+    dist = jnp.abs(jnp.arange(19)[:, None] - jnp.arange(19)[None, :]).astype(jnp.float32)
+    bias = -0.2 * (jnp.arange(4)[:, None, None] + 1) * dist  # [heads, q, kv]
+    # flax's module takes the bias through its attention_fn: the same logits with an explicit tensor
+    theirs = nnx.MultiHeadAttention(4, 128, decode=False, rngs=nnx.Rngs(0),
+                                    attention_fn=lambda q, k, v, bias_=None, mask=None, **kw: nnx.dot_product_attention(
+                                        q, k, v, bias[None], mask, **kw))
+    assert_close(ours(x, is_causal=True), theirs(x, is_causal=True), jnp.float32, "score_mod vs bias tensor")
+    with pytest.raises(ValueError, match="give attention_fn or score_mod"):
+        layers.MultiHeadAttention(4, 128, score_mod=penalty, attention_fn=layers.attention_fn, rngs=nnx.Rngs(0))
