@@ -60,6 +60,12 @@ def inputs(case: Case) -> tuple:
     return runner.normal_inputs(case)  # q, k, v, dO
 
 
+def distance_penalty(x, batch, head, q_idx, kv_idx):
+    """The score_mod the ``jaxattn-score_mod`` and ``torch-flex-score_mod`` peers time: a per-head linear
+    distance penalty (ALiBi's shape, written as a logit transform; runs on jax and torch values)."""
+    return x - (head + 1) * 0.01 * abs(q_idx - kv_idx)
+
+
 def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     scale = 1.0 / math.sqrt(case.head_dim)
     c = case.causal
@@ -72,6 +78,9 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         rng = jax.random.PRNGKey(0)  # what attention dropout costs (its mask is hashed in-kernel)
         ops["jaxattn-dropout0.1"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="pallas",
                                                                       dropout_rate=0.1, dropout_rng=rng)
+        # what a score_mod costs (traced into the kernels, its derivative in the backward)
+        ops["jaxattn-score_mod"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="pallas",
+                                                                     score_mod=distance_penalty)
     if (case.head_dim, case.dtype) == (128, "bfloat16") and case.mode == "fwd+bwd":
         # the entry the first H200 run timed (2026-12-04): what the 128-key dk/dv tiles buy
         ops["jaxattn-prev-config"] = lambda q, k, v: flash.flash_attention(
@@ -148,7 +157,30 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
                 torch.autograd.grad(out, (q, k, v), do)
         return out
 
-    return {"torch-sdpa-flash": run}
+    return {"torch-sdpa-flash": run, **_flex_peer(case, torch, q, k, v, do)}
+
+
+def _flex_peer(case: Case, torch: Any, q, k, v, do) -> dict[str, Callable[[], Any]]:
+    """FlexAttention (``torch.compile``d) with :func:`distance_penalty` as its ``score_mod``: the
+    ``jaxattn-score_mod`` peer's counterpart."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def causal(b, h, qi, kj):
+            return qi >= kj
+
+        mask = create_block_mask(causal, None, None, case.seq, case.seq, device="cuda") if case.causal else None
+        flex = torch.compile(flex_attention)
+    except Exception:  # noqa: BLE001 - no FlexAttention in this torch
+        return {}
+
+    def run():  # (one score_mod object: a new one would recompile)
+        out = flex(q, k, v, score_mod=distance_penalty, block_mask=mask)
+        if case.mode == "fwd+bwd":
+            torch.autograd.grad(out, (q, k, v), do)
+        return out
+
+    return {"torch-flex-score_mod": run}
 
 
 def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True, **kw) -> list[dict]:
