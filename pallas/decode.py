@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 
 from jaxattn.pallas import _common
 from jaxattn.pallas._common import dot
-from jaxattn.pallas.flash import (LOG2E, NEG_INF, _bounds, base2_logits, online_softmax_finish, online_softmax_init,
+from jaxattn.pallas.flash import (LN2, LOG2E, NEG_INF, _bounds, base2_logits, online_softmax_finish, online_softmax_init,
                                   online_softmax_step, precision_for)
 
 MAX_HEAD_DIM = 256
@@ -91,6 +91,7 @@ class _Static:
     blocks_per_page: int = 0  # paged cache: key blocks per page (0: a dense cache)
     alibi: bool = False  # per-row ALiBi slopes: logits -= slope * |position - key position|
     kv_scales: bool = False  # a quantized cache: k = k_stored * k_scale, v = v_stored * v_scale per kv head
+    score_mod: object = None  # (x, batch, head, position, key) -> x' on the (capped) logits (flash's score_mod)
     # the cache as it is (no padded copy): its rows (a dense cache's last key block may run past
     # them) and head dims; the tiles are powers of two as wide, their extra columns masked
     cache_rows: int = 0
@@ -135,6 +136,8 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
 
     q = q_ref[...]
     slope = slope_ref[...] * LOG2E if st.alibi else None  # [bm]: each packed row's head's slope
+    batch = pl.program_id(1)
+    heads = pl.program_id(2) * st.groups + lax.rem(rows, st.groups)  # each packed row's q head
     k_scale = scale_ref[0] if st.kv_scales else None
 
     def body(j, page, carry, masked: bool):
@@ -153,6 +156,9 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
         if st.kv_scales:
             qk = qk * k_scale
         s, _ = base2_logits(qk, st.scale, st.softcap)
+        if st.score_mod is not None:  # natural-unit logits through it (no gradient here)
+            x = st.score_mod(s * LN2, batch, heads[:, None], pos[:, None], (k_start + jnp.arange(bk))[None, :])
+            s = jnp.broadcast_to(x, s.shape).astype(jnp.float32) * LOG2E
         if st.alibi:
             dist = jnp.abs(pos[:, None] - (k_start + jnp.arange(bk))[None, :]).astype(jnp.float32)
             s = s - dist * slope[:, None]
@@ -183,7 +189,7 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
 
 def _launch(q, k, v, lengths, table, *, s_max: int, cfg: DecodeConfig, bk: int, blocks_per_page: int,
             causal=True, scale=None, local_window_size=None, logits_soft_cap=None, num_splits=None,
-            interpret=None, alibi_slopes=None, k_scale=None, v_scale=None):
+            interpret=None, alibi_slopes=None, k_scale=None, v_scale=None, score_mod=None):
     """Packs the queries, runs the split-KV kernel over ``s_max`` logical cache rows (the dense
     cache ``k``/``v [B, s_max, Hkv, *]`` or a page pool with ``table``, both read as they are) and
     merges the splits. Options as :func:`decode_attention_kernel`."""
@@ -205,7 +211,7 @@ def _launch(q, k, v, lengths, table, *, s_max: int, cfg: DecodeConfig, bk: int, 
                  window=tuple(local_window_size) if local_window_size is not None else (None, None),
                  softcap=None if logits_soft_cap is None else float(logits_soft_cap),
                  blocks_per_page=blocks_per_page, alibi=alibi_slopes is not None, kv_scales=kv_scale is not None,
-                 cache_rows=0 if blocks_per_page else k.shape[1], head_dim=d, value_dim=dv)
+                 cache_rows=0 if blocks_per_page else k.shape[1], head_dim=d, value_dim=dv, score_mod=score_mod)
     dp, dvp = _common.tile_width(d), _common.tile_width(dv)
     # pack: [B, Sq, Hkv, g, D] -> [B, Hkv, Sq * g, D], rows padded to the row tiles
     qg = q.reshape(batch, q_len, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(batch, hkv, rows, d)
@@ -275,6 +281,7 @@ def decode_attention_kernel(
     alibi_slopes: jax.Array | None = None,
     k_scale: jax.Array | None = None,
     v_scale: jax.Array | None = None,
+    score_mod=None,
 ) -> tuple[jax.Array, jax.Array]:
     """Split-KV decode attention on validated inputs.
 
@@ -290,6 +297,8 @@ def decode_attention_kernel(
       k_scale, v_scale: ``[Hkv]`` (or scalars): a quantized cache (e.g. float8_e4m3fn) holding
         ``k / k_scale``, ``v / v_scale``; tiles are upcast to q's dtype in the kernel, ``k_scale``
         scales the logits and ``v_scale`` the output (half the cache bytes of bf16 for FP8).
+      score_mod: ``(x, batch, head, q_pos, kv_idx) -> x'`` on the (capped) logits before ALiBi, with each
+        query's cache position ``q_pos = lengths[b] - Sq + i`` (the row index of a full forward).
 
     Returns:
       ``out [B, Sq, Hq, Dv]`` in q's dtype and ``lse [B, Sq, Hq]`` (fp32, natural log).
@@ -300,7 +309,7 @@ def decode_attention_kernel(
     return _launch(q, k, v, lengths, None, s_max=s_max, cfg=cfg, bk=bk, blocks_per_page=0, causal=causal,
                    scale=scale, local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
                    num_splits=num_splits, interpret=interpret, alibi_slopes=alibi_slopes, k_scale=k_scale,
-                   v_scale=v_scale)
+                   v_scale=v_scale, score_mod=score_mod)
 
 
 def paged_decode_attention_kernel(

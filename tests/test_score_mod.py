@@ -1,4 +1,4 @@
-"""FlexAttention-style ``score_mod`` on the flash and block-sparse kernels: each (capped) logit mapped by a
+"""FlexAttention-style ``score_mod`` on the flash, block-sparse and decode kernels: each (capped) logit mapped by a
 user function of (x, batch, head, q_idx, kv_idx) inside the kernels, the backward applying its derivative.
 The oracle builds the same logits densely in fp32 from index arrays (or, for the relative-position bias,
 as an explicit additive mask tensor: a second formulation of the same math); forward, lse and all three
@@ -15,7 +15,7 @@ import pytest
 import jaxattn
 from conftest import GRAD_TOL, assert_close, count_triton_calls, lower_for_cuda, randn
 from jaxattn import BlockMask
-from jaxattn.pallas import flash
+from jaxattn.pallas import decode, flash
 from jaxattn.reference import attention_reference
 
 
@@ -117,6 +117,11 @@ def test_lowers_for_cuda():
         return o.astype(jnp.float32).sum()
 
     assert count_triton_calls(lower_for_cuda(jax.grad(loss, (0, 1, 2)), *args)) >= 3
+    cache = [jax.ShapeDtypeStruct((2, 1, 8, 128), jnp.bfloat16), jax.ShapeDtypeStruct((2, 4096, 2, 128), jnp.bfloat16),
+             jax.ShapeDtypeStruct((2, 4096, 2, 128), jnp.bfloat16), jax.ShapeDtypeStruct((2,), jnp.int32)]
+    text = lower_for_cuda(lambda q, k, v, n: decode.decode_attention_kernel(q, k, v, n, score_mod=nonlinear,
+                                                                            interpret=False)[0], *cache)
+    assert count_triton_calls(text) == 1
 
 
 def test_refusals_name_the_argument():
@@ -133,3 +138,34 @@ def test_refusals_name_the_argument():
     with pytest.raises(ValueError, match="score_mod need impl='pallas'"):
         m = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
         jaxattn.attention(m, m, m, impl="mosaic", score_mod=rel_bias)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_reproduces_the_causal_forward(dtype):
+    """decode_attention / paged_decode_attention with score_mod (q_idx = each query's cache position) give
+    the last rows of a causal forward over each row's own sequence (ragged lengths, GQA, several new
+    tokens), kernel and XLA paths, with ALiBi and a soft cap on top."""
+    b, s_max, hq, hkv, d, sq = 3, 64, 4, 2, 64, 3
+    lengths = [64, 37, 5]
+    ks = jax.random.split(jax.random.PRNGKey(8), 3)
+    q = randn(ks[0], (b, sq, hq, d), dtype)
+    k = randn(ks[1], (b, s_max, hkv, d), dtype)
+    v = randn(ks[2], (b, s_max, hkv, d), dtype)
+    slopes = jnp.asarray([0.02, 0.05, 0.1, 0.2])
+    kw = dict(score_mod=nonlinear, logits_soft_cap=30.0, alibi_slopes=slopes)
+    want = []
+    for r, n in enumerate(lengths):  # the same queries as the last rows of a causal forward over n keys
+        full_q = jnp.concatenate([jnp.zeros((1, n - sq, hq, d), dtype), q[r:r + 1]], axis=1)
+        want.append(attention_reference(full_q, k[r:r + 1, :n], v[r:r + 1, :n], causal=True,
+                                        score_mod=nonlinear, logits_soft_cap=30.0, alibi_slopes=slopes)[0][:, -sq:])
+    want = jnp.concatenate(want)
+    lens = jnp.asarray(lengths, jnp.int32)
+    for impl in ("pallas", "xla"):
+        got = jax.jit(lambda q, k, v: jaxattn.decode_attention(q, k, v, lens, impl=impl, num_splits=2, **kw))(q, k, v)
+        assert_close(got, want, dtype, f"decode {impl}")
+    page = 16
+    perm = np.random.default_rng(0).permutation(b * s_max // page).reshape(b, s_max // page)
+    pages = lambda x: jnp.zeros((b * s_max // page, page, *x.shape[2:]), x.dtype).at[jnp.asarray(perm)].set(  # noqa: E731
+        x.reshape(b, s_max // page, page, *x.shape[2:]))
+    got = jaxattn.paged_decode_attention(q, pages(k), pages(v), jnp.asarray(perm, jnp.int32), lens, impl="pallas", **kw)
+    assert_close(got, want, dtype, "paged decode")

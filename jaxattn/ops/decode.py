@@ -3,6 +3,8 @@ and ``jaxattn.append_kv`` to write them into the cache."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from typing import Literal
 
 import jax
@@ -34,6 +36,7 @@ def decode_attention(
     impl: Literal["auto", "pallas", "xla"] = "auto",
     num_splits: int | None = None,
     return_lse: bool = False,
+    score_mod: Callable | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attention of ``Sq`` new queries per batch row to the first ``lengths[b]`` cache entries.
 
@@ -61,6 +64,9 @@ def decode_attention(
         fp32 reference, differentiable), ``"auto"`` (the kernel on GPU).
       num_splits: KV chunks per (batch, kv head) for the kernel; default: enough to fill the GPU.
       return_lse: also return the fp32 log-sum-exp ``[batch, Sq, heads]``.
+      score_mod: ``(x, batch, head, q_pos, kv_idx) -> x'``, :func:`jaxattn.attention`'s logit transform,
+        with each query's cache position ``q_pos = lengths[b] - Sq + i`` (what ``q_idx`` is in a full
+        causal forward over the sequence), so decoding reproduces such a forward.
 
     A row with no visible key returns zeros (``lse = -inf``). The kernel path has no gradient.
 
@@ -73,7 +79,7 @@ def decode_attention(
     lengths = _check_lengths(lengths, batch, kv_len)
     extra = decode_options(batch, hq, hkv, scale=scale, local_window_size=local_window_size,
                            logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale,
-                           v_scale=v_scale, num_splits=num_splits)
+                           v_scale=v_scale, num_splits=num_splits, score_mod=score_mod)
     kernel_ok = max(d, v.shape[-1]) <= _decode.MAX_HEAD_DIM
     if impl == "pallas" and not kernel_ok:
         raise ValueError(f"impl='pallas' supports head dims up to {_decode.MAX_HEAD_DIM}; got q/k "
@@ -87,7 +93,7 @@ def decode_attention(
 
 
 def decode_options(batch: int, heads: int, kv_heads: int, *, scale, local_window_size, logits_soft_cap,
-                   alibi_slopes, k_scale, v_scale, num_splits) -> dict:
+                   alibi_slopes, k_scale, v_scale, num_splits, score_mod=None) -> dict:
     """The validated keyword options both decode ops pass to their kernel (or the reference)."""
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
@@ -99,6 +105,8 @@ def decode_options(batch: int, heads: int, kv_heads: int, *, scale, local_window
     if k_scale is not None:
         extra.update(k_scale=check_kv_scale("k_scale", k_scale, kv_heads),
                      v_scale=check_kv_scale("v_scale", v_scale, kv_heads))
+    if score_mod is not None:
+        extra["score_mod"] = _checks.check_score_mod(score_mod)
     return extra
 
 

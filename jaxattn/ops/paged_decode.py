@@ -9,6 +9,8 @@ free pages go back to the pool, so memory follows the real lengths instead of ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from typing import Literal
 
 import jax
@@ -74,6 +76,7 @@ def paged_decode_attention(
     impl: Literal["auto", "pallas", "xla"] = "auto",
     num_splits: int | None = None,
     return_lse: bool = False,
+    score_mod: Callable | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """:func:`jaxattn.decode_attention` with the cache in pages.
 
@@ -86,7 +89,7 @@ def paged_decode_attention(
       lengths: int ``[batch]`` (or one int): valid cache positions per row, the new tokens
         included (write them first with :func:`append_paged_kv`).
       causal, scale, local_window_size, logits_soft_cap, alibi_slopes, k_scale, v_scale, num_splits,
-        return_lse: as :func:`jaxattn.decode_attention` (quantized pages: :func:`jaxattn.quantize_kv`).
+        return_lse, score_mod: as :func:`jaxattn.decode_attention` (quantized pages: :func:`jaxattn.quantize_kv`).
       impl: ``"pallas"`` (split-KV kernel reading pages through the table; interpret mode without a
         GPU), ``"xla"`` (gathers the pages and runs the dense fp32 reference), ``"auto"``.
 
@@ -98,7 +101,7 @@ def paged_decode_attention(
     lengths = _check_lengths(lengths, batch, max_pages * page)
     extra = decode_options(batch, q.shape[2], k_pages.shape[2], scale=scale, local_window_size=local_window_size,
                            logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale,
-                           v_scale=v_scale, num_splits=num_splits)
+                           v_scale=v_scale, num_splits=num_splits, score_mod=score_mod)
     dims_ok = max(q.shape[-1], v_pages.shape[-1]) <= _decode.MAX_HEAD_DIM
     page_ok = page >= 16 and page & (page - 1) == 0
     if impl == "pallas" and not (dims_ok and page_ok):

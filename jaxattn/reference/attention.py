@@ -26,7 +26,7 @@ def attention_reference(
     logits_soft_cap: float | None = None,
     alibi_slopes: jax.Array | None = None,
     score_mod: Callable | None = None,
-    score_mod_q_offset: int = 0,
+    score_mod_q_offset: int | jax.Array = 0,
     dropout_rate: float = 0.0,
     dropout_seed: jax.Array | None = None,
     dropout_shared: bool = False,
