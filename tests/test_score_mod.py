@@ -131,8 +131,9 @@ def test_refusals_name_the_argument():
     with pytest.raises(ValueError, match="score_mod must return one floating array"):
         jaxattn.attention(q, q, q, score_mod=lambda x, b, h, i, j: i > j)
     table = jnp.arange(16.0)
-    with pytest.raises(ValueError, match="score_mod closes over arrays"):
-        jaxattn.attention(q, q, q, score_mod=lambda x, b, h, i, j: x + table[h])
+    for captured in (lambda x, b, h, i, j: x + table[h], lambda x, b, h, i, j: x * table[3]):  # (a 0-d array too)
+        with pytest.raises(ValueError, match="score_mod closes over arrays"):
+            jaxattn.attention(q, q, q, score_mod=captured)
     with pytest.raises(ValueError, match="failed to trace"):
         jaxattn.attention(q, q, q, score_mod=lambda x: x)
     with pytest.raises(ValueError, match="score_mod need impl='pallas'"):

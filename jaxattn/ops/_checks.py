@@ -170,10 +170,10 @@ def check_score_mod(fn: Any) -> Any:
             jnp.broadcast_shapes(tuple(out[0].shape), (2, 3)) != (2, 3):
         raise ValueError(f"score_mod must return one floating array broadcastable to x's shape; for x [2, 3] it "
                          f"returned {[f'{a.dtype} {tuple(a.shape)}' for a in out]}")
-    if any(isinstance(c, jax.core.Tracer) or getattr(c, "ndim", 0) > 0 for c in closed.consts):
-        raise ValueError("score_mod closes over arrays (captured tables or traced values): the kernels take scalars "
-                         "and index arithmetic only; compute per-head values from head (e.g. with jnp.where), or "
-                         "pass a learned bias as mask")
+    if closed.consts:  # (Pallas kernels capture no constants, not even a 0-d array)
+        raise ValueError("score_mod closes over arrays (captured tables, jnp scalars or traced values): the kernels "
+                         "take Python numbers and index arithmetic only; compute per-head values from head (e.g. with "
+                         "jnp.where), write constants as Python floats, or pass a learned bias as mask")
     return fn
 
 
