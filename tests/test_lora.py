@@ -373,7 +373,8 @@ def _random_adapters(model, seed):
         m.lora_b[...] = jnp.asarray(rng.normal(0, 0.3, m.lora_b.shape), jnp.float32)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "neox", "bloom", "falcon-new", "bigcode", "gptj", "phi", "opt350", "phi3"])
+@pytest.mark.parametrize("family", ["gpt2", "falcon-new", "phi3"] + [pytest.param(f, marks=pytest.mark.slow) for f in (
+    "neox", "bloom", "bigcode", "gptj", "phi", "opt350")])
 def test_peft_adapter_export_for_fused_and_classic_families(tmp_path, family):
     """save_peft_adapter on families whose folders fuse our projections (GPT-2's Conv1D c_attn, NeoX / BLOOM /
     Falcon's per-head query_key_value, Phi-3's qkv_proj and gate_up_proj) or split them (Phi's k/v, GPT-J's
