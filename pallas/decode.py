@@ -40,8 +40,8 @@ from jax.experimental import pallas as pl
 
 from jaxattn.pallas import _common
 from jaxattn.pallas._common import dot
-from jaxattn.pallas.flash import (LN2, LOG2E, NEG_INF, _bounds, base2_logits, online_softmax_finish, online_softmax_init,
-                                  online_softmax_step, precision_for)
+from jaxattn.pallas.flash import (LOG2E, NEG_INF, _bounds, base2_logits, online_softmax_finish, online_softmax_init,
+                                  online_softmax_step, precision_for, score_mod_logits)
 
 MAX_HEAD_DIM = 256
 # Programs to aim for when choosing the split count: a few waves of an H100's 132 SMs.
@@ -156,9 +156,9 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
         if st.kv_scales:
             qk = qk * k_scale
         s, _ = base2_logits(qk, st.scale, st.softcap)
-        if st.score_mod is not None:  # natural-unit logits through it (no gradient here)
-            x = st.score_mod(s * LN2, batch, heads[:, None], pos[:, None], (k_start + jnp.arange(bk))[None, :])
-            s = jnp.broadcast_to(x, s.shape).astype(jnp.float32) * LOG2E
+        if st.score_mod is not None:  # (no gradient here)
+            s, _ = score_mod_logits(st.score_mod, s, batch, heads[:, None], pos[:, None],
+                                    (k_start + jnp.arange(bk))[None, :])
         if st.alibi:
             dist = jnp.abs(pos[:, None] - (k_start + jnp.arange(bk))[None, :]).astype(jnp.float32)
             s = s - dist * slope[:, None]

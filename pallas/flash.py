@@ -208,12 +208,11 @@ def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask, transposed: bool = Fa
     qk = dot(k, q, trans_b=True, precision=st.precision) if transposed else dot(
         q, k, trans_b=True, precision=st.precision)
     s, t = (qk, None) if raw else base2_logits(qk, st.scale, st.softcap)
-    if mod is not None:  # natural-unit logits through score_mod, and its elementwise derivative
+    if mod is not None:
         b, h, q_pos, k_pos = mod
         qi, ki = (q_pos[None, :], k_pos[:, None]) if transposed else (q_pos[:, None], k_pos[None, :])
-        y, dy = jax.jvp(lambda x: st.score_mod(x, b, h, qi, ki), (s * LN2,), (jnp.ones_like(s),))
-        s = jnp.broadcast_to(y, s.shape).astype(jnp.float32) * LOG2E
-        t = (t, jnp.broadcast_to(dy, s.shape).astype(jnp.float32))
+        s, dmod = score_mod_logits(st.score_mod, s, b, h, qi, ki, derivative=True)
+        t = (t, dmod)
     if alibi is not None:
         slope, q_pos, k_pos = alibi
         p = q_pos + (st.kv_len - st.q_len)
@@ -235,6 +234,19 @@ def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask, transposed: bool = Fa
         if mod is not None:  # (masked entries' derivative never meets a NaN or inf there)
             t = (t[0], jnp.where(mask, t[1], 0.0))
     return s, t
+
+
+def score_mod_logits(score_mod: Callable, s, batch, head, q_idx, kv_idx, derivative: bool = False):
+    """Base-2 logits ``s`` through ``score_mod`` (which sees natural-unit logits), and (``derivative``)
+    its elementwise derivative for the backward's chain rule (a ``jax.jvp`` traced into the kernel), else
+    None. The index arguments broadcast against ``s``."""
+    fn = lambda x: score_mod(x, batch, head, q_idx, kv_idx)  # noqa: E731
+    if derivative:
+        y, dy = jax.jvp(fn, (s * LN2,), (jnp.ones_like(s),))
+        dy = jnp.broadcast_to(dy, s.shape).astype(jnp.float32)
+    else:
+        y, dy = fn(s * LN2), None
+    return jnp.broadcast_to(y, s.shape).astype(jnp.float32) * LOG2E, dy
 
 
 def base2_logits(qk, scale: float, softcap: float | None):

@@ -512,14 +512,14 @@ def block_sparse_attention(
         raise ValueError(f"block_mask is built for (q_len, kv_len) = {block_mask.shape}; q and k have "
                          f"q_len={q_len} (q axis 1) and kv_len={kv_len} (k axis 1)")
     scale = _checks.check_scale(scale)
-    seg = {}
+    opts = {}  # segment ids and score_mod, for the kernel or the reference alike
     if segment_ids is not None:
         from jaxattn.ops.attention import _segment_pair
 
         qs, ks = _segment_pair(segment_ids, batch, q_len, kv_len)
-        seg = dict(q_segment_ids=qs, kv_segment_ids=ks)
+        opts.update(q_segment_ids=qs, kv_segment_ids=ks)
     if score_mod is not None:
-        seg["score_mod"] = _checks.check_score_mod(score_mod)
+        opts["score_mod"] = _checks.check_score_mod(score_mod)
     drop = {}
     if _checks.check_dropout(dropout_rate, dropout_rng):
         drop = dict(dropout_rate=float(dropout_rate), dropout_seed=_dropout.seed_from_key(dropout_rng))
@@ -538,11 +538,11 @@ def block_sparse_attention(
         out, lse = block_sparse_attention_kernel(
             q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k,
             kv_index=bm.kv_index, kv_blocks=bm.kv_blocks, q_index=bm.q_index, q_blocks=bm.q_blocks,
-            q_offset=bm.q_offset, scale=scale, backend="mosaic" if impl == "mosaic" else "triton", **drop, **seg)
+            q_offset=bm.q_offset, scale=scale, backend="mosaic" if impl == "mosaic" else "triton", **drop, **opts)
     else:
-        if score_mod is not None:
-            seg["score_mod_q_offset"] = block_mask.q_offset
-        out, lse = attention_reference(q, k, v, scale=scale, mask=block_mask.dense()[None, None], **drop, **seg)
+        if score_mod is not None:  # (mask_fn's absolute query positions, as the kernel's)
+            opts["score_mod_q_offset"] = block_mask.q_offset
+        out, lse = attention_reference(q, k, v, scale=scale, mask=block_mask.dense()[None, None], **drop, **opts)
         out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
 
