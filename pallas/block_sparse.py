@@ -71,6 +71,7 @@ def block_sparse_attention_kernel(
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
     score_mod: Callable | None = None,
+    score_mod_tables: tuple = (),
 ) -> tuple[jax.Array, jax.Array]:
     """Block-sparse attention on already-validated inputs.
 
@@ -96,7 +97,7 @@ def block_sparse_attention_kernel(
         packed sequences, keys visible only within the same segment, on top of the layout (masked
         inside every visited tile, full blocks too, as the flash kernels do).
       score_mod: ``(x, batch, head, q_pos, k_pos) -> x'`` on the scaled logits (``mask_fn``'s absolute
-        positions), as ``flash.flash_attention``'s (Triton backend).
+        positions), as ``flash.flash_attention``'s (Triton backend), reading ``score_mod_tables``.
 
     A *full* block must be fully visible (and hold no padded key); a *partial* block is
     masked element-wise (padded keys included).
@@ -136,7 +137,7 @@ def block_sparse_attention_kernel(
         groups=hq // hkv, heads=hq, has_seg=has_seg, bias_kind=None, bias_bcast=(True, True, True, True),
         cfg=cfg, interpret=interpret, precision=_flash.precision_for(q.dtype),
         sparse=SparseSpec(mask_fn=mask_fn, block_q=block_q, block_k=block_k), dropout=float(dropout_rate),
-        mosaic=mosaic, score_mod=score_mod,
+        mosaic=mosaic, score_mod=score_mod, mod_tables=len(score_mod_tables),
     )
     layout = tuple(jnp.asarray(x, jnp.int32) for x in (kv_index, kv_blocks, q_index, q_blocks))
     layout += (jnp.asarray(q_offset, jnp.int32).reshape(1),)
@@ -144,4 +145,4 @@ def block_sparse_attention_kernel(
     qseg = kseg = None
     if has_seg:
         qseg, kseg = _flash.pad_segment_ids(q_segment_ids, kv_segment_ids, st.q_pad, st.kv_pad)
-    return _flash.run_padded(st, q, k, v, None, qseg, kseg, layout, None, seed)
+    return _flash.run_padded(st, q, k, v, None, qseg, kseg, layout, None, seed, tuple(score_mod_tables))

@@ -92,6 +92,7 @@ class _Static:
     alibi: bool = False  # per-row ALiBi slopes: logits -= slope * |position - key position|
     kv_scales: bool = False  # a quantized cache: k = k_stored * k_scale, v = v_stored * v_scale per kv head
     score_mod: object = None  # (x, batch, head, position, key) -> x' on the (capped) logits (flash's score_mod)
+    mod_tables: int = 0  # arrays score_mod reads, the last inputs
     # the cache as it is (no padded copy): its rows (a dense cache's last key block may run past
     # them) and head dims; the tiles are powers of two as wide, their extra columns masked
     cache_rows: int = 0
@@ -108,7 +109,8 @@ def choose_splits(batch: int, kv_heads: int, row_tiles: int, kv_blocks: int) -> 
 def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
     table_ref, *rest = rest if st.blocks_per_page else (None, *rest)
     slope_ref, *rest = rest if st.alibi else (None, *rest)
-    scale_ref, o_ref, lse_ref = rest if st.kv_scales else (None, *rest)
+    scale_ref, *rest = rest if st.kv_scales else (None, *rest)
+    tables, (o_ref, lse_ref) = rest[:st.mod_tables], rest[st.mod_tables:]
     split = lax.div(pl.program_id(0), st.n_rb)
     rb = lax.rem(pl.program_id(0), st.n_rb)
     length = len_ref[pl.program_id(1)]
@@ -157,8 +159,8 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
             qk = qk * k_scale
         s, _ = base2_logits(qk, st.scale, st.softcap)
         if st.score_mod is not None:  # (no gradient here)
-            s, _ = score_mod_logits(st.score_mod, s, batch, heads[:, None], pos[:, None],
-                                    (k_start + jnp.arange(bk))[None, :])
+            s, _, _ = score_mod_logits(st.score_mod, s, batch, heads[:, None], pos[:, None],
+                                       (k_start + jnp.arange(bk))[None, :], tables=tables)
         if st.alibi:
             dist = jnp.abs(pos[:, None] - (k_start + jnp.arange(bk))[None, :]).astype(jnp.float32)
             s = s - dist * slope[:, None]
@@ -189,7 +191,7 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
 
 def _launch(q, k, v, lengths, table, *, s_max: int, cfg: DecodeConfig, bk: int, blocks_per_page: int,
             causal=True, scale=None, local_window_size=None, logits_soft_cap=None, num_splits=None,
-            interpret=None, alibi_slopes=None, k_scale=None, v_scale=None, score_mod=None):
+            interpret=None, alibi_slopes=None, k_scale=None, v_scale=None, score_mod=None, score_mod_tables=()):
     """Packs the queries, runs the split-KV kernel over ``s_max`` logical cache rows (the dense
     cache ``k``/``v [B, s_max, Hkv, *]`` or a page pool with ``table``, both read as they are) and
     merges the splits. Options as :func:`decode_attention_kernel`."""
@@ -211,7 +213,8 @@ def _launch(q, k, v, lengths, table, *, s_max: int, cfg: DecodeConfig, bk: int, 
                  window=tuple(local_window_size) if local_window_size is not None else (None, None),
                  softcap=None if logits_soft_cap is None else float(logits_soft_cap),
                  blocks_per_page=blocks_per_page, alibi=alibi_slopes is not None, kv_scales=kv_scale is not None,
-                 cache_rows=0 if blocks_per_page else k.shape[1], head_dim=d, value_dim=dv, score_mod=score_mod)
+                 cache_rows=0 if blocks_per_page else k.shape[1], head_dim=d, value_dim=dv, score_mod=score_mod,
+                 mod_tables=len(score_mod_tables))
     dp, dvp = _common.tile_width(d), _common.tile_width(dv)
     # pack: [B, Sq, Hkv, g, D] -> [B, Hkv, Sq * g, D], rows padded to the row tiles
     qg = q.reshape(batch, q_len, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(batch, hkv, rows, d)
@@ -234,6 +237,9 @@ def _launch(q, k, v, lengths, table, *, s_max: int, cfg: DecodeConfig, bk: int, 
     if kv_scale is not None:  # [Hkv, 2]: (k scale, v scale) per kv head
         extra_specs.append(pl.BlockSpec((None, 2), lambda i, b, h: (h, 0)))
         extra.append(kv_scale)
+    for x in score_mod_tables:  # whole: the kernel gathers from them
+        extra_specs.append(pl.BlockSpec(x.shape, lambda *_, n=x.ndim: (0,) * n))
+        extra.append(x)
     call = _common.pallas_call(
         functools.partial(_kernel, st=st),
         out_shape=[jax.ShapeDtypeStruct((batch, splits, hkv, n_rb * bm, dvp), jnp.float32),
@@ -282,6 +288,7 @@ def decode_attention_kernel(
     k_scale: jax.Array | None = None,
     v_scale: jax.Array | None = None,
     score_mod=None,
+    score_mod_tables: tuple = (),
 ) -> tuple[jax.Array, jax.Array]:
     """Split-KV decode attention on validated inputs.
 
@@ -298,7 +305,8 @@ def decode_attention_kernel(
         ``k / k_scale``, ``v / v_scale``; tiles are upcast to q's dtype in the kernel, ``k_scale``
         scales the logits and ``v_scale`` the output (half the cache bytes of bf16 for FP8).
       score_mod: ``(x, batch, head, q_pos, kv_idx) -> x'`` on the (capped) logits before ALiBi, with each
-        query's cache position ``q_pos = lengths[b] - Sq + i`` (the row index of a full forward).
+        query's cache position ``q_pos = lengths[b] - Sq + i`` (the row index of a full forward),
+        reading ``score_mod_tables`` (flash's; no gradient here).
 
     Returns:
       ``out [B, Sq, Hq, Dv]`` in q's dtype and ``lse [B, Sq, Hq]`` (fp32, natural log).
@@ -309,7 +317,7 @@ def decode_attention_kernel(
     return _launch(q, k, v, lengths, None, s_max=s_max, cfg=cfg, bk=bk, blocks_per_page=0, causal=causal,
                    scale=scale, local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
                    num_splits=num_splits, interpret=interpret, alibi_slopes=alibi_slopes, k_scale=k_scale,
-                   v_scale=v_scale, score_mod=score_mod)
+                   v_scale=v_scale, score_mod=score_mod, score_mod_tables=tuple(score_mod_tables))
 
 
 def paged_decode_attention_kernel(

@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxattn.pallas import _common, _dropout, flash_mgpu
+from jaxattn.pallas import _common, _dropout, _score_mod, flash_mgpu
 from jaxattn.pallas._common import dot
 
 LOG2E = math.log2(math.e)
@@ -118,6 +118,8 @@ class _Static:
     alibi: bool = False  # per-head slopes: logits -= slope * |query position - key position|
     # (x, batch, head, q_idx, kv_idx) -> x', elementwise on the (capped) logits (FlexAttention's score_mod)
     score_mod: Callable | None = None
+    mod_tables: int = 0  # arrays score_mod reads (``_score_mod.Table``), inputs after the sparse lists
+    table_grads: tuple[bool, ...] = ()  # which of them the dq kernel writes a gradient for (atomically)
     bias_grad: bool = False  # the dq kernel also writes the logits' cotangent (an additive bias's)
     dropout: float = 0.0  # attention dropout rate (mask from ``_dropout``, regenerated in every kernel)
     dropout_shared: bool = False  # one mask for every (batch, head), as flax's broadcast_dropout
@@ -203,16 +205,18 @@ def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask, transposed: bool = Fa
     the ``[bk, bq]`` logits ``k q^T`` (``bias`` still comes as a ``[bq, bk]`` tile, ``pos_mask``
     as ``[bk, bq]``). ``alibi = (slope, q_pos, k_pos)`` subtracts ``slope * |p - k_pos|``, ``p`` the
     query's position ``q_pos + kv_len - q_len``. ``raw`` (:func:`_raw_logits` holds): ``q k^T``
-    masked, not yet multiplied by :func:`_logit_scale`. ``mod = (batch, head, q_pos, k_pos)`` applies
-    ``st.score_mod`` to the (capped) logits; ``t`` is then ``(tanh term, d score_mod / d x)``."""
+    masked, not yet multiplied by :func:`_logit_scale`. ``mod = (batch, head, q_pos, k_pos, table refs,
+    grads)`` applies ``st.score_mod`` to the (capped) logits; ``t`` is then ``(tanh term, d score_mod /
+    d x, partials for the tables' gradients)`` (:func:`_score_mod.apply`)."""
     qk = dot(k, q, trans_b=True, precision=st.precision) if transposed else dot(
         q, k, trans_b=True, precision=st.precision)
     s, t = (qk, None) if raw else base2_logits(qk, st.scale, st.softcap)
     if mod is not None:
-        b, h, q_pos, k_pos = mod
+        b, h, q_pos, k_pos, tables, grads = mod
         qi, ki = (q_pos[None, :], k_pos[:, None]) if transposed else (q_pos[:, None], k_pos[None, :])
-        s, dmod = score_mod_logits(st.score_mod, s, b, h, qi, ki, derivative=True)
-        t = (t, dmod)
+        s, dmod, partials = score_mod_logits(st.score_mod, s, b, h, qi, ki, derivative=True, tables=tables,
+                                             grads=grads)
+        t = (t, dmod, partials)
     if alibi is not None:
         slope, q_pos, k_pos = alibi
         p = q_pos + (st.kv_len - st.q_len)
@@ -232,21 +236,19 @@ def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask, transposed: bool = Fa
     if mask is not None:
         s = jnp.where(mask, s, NEG_INF)
         if mod is not None:  # (masked entries' derivative never meets a NaN or inf there)
-            t = (t[0], jnp.where(mask, t[1], 0.0))
+            t = (t[0], jnp.where(mask, t[1], 0.0), t[2])
     return s, t
 
 
-def score_mod_logits(score_mod: Callable, s, batch, head, q_idx, kv_idx, derivative: bool = False):
-    """Base-2 logits ``s`` through ``score_mod`` (which sees natural-unit logits), and (``derivative``)
-    its elementwise derivative for the backward's chain rule (a ``jax.jvp`` traced into the kernel), else
-    None. The index arguments broadcast against ``s``."""
-    fn = lambda x: score_mod(x, batch, head, q_idx, kv_idx)  # noqa: E731
-    if derivative:
-        y, dy = jax.jvp(fn, (s * LN2,), (jnp.ones_like(s),))
-        dy = jnp.broadcast_to(dy, s.shape).astype(jnp.float32)
-    else:
-        y, dy = fn(s * LN2), None
-    return jnp.broadcast_to(y, s.shape).astype(jnp.float32) * LOG2E, dy
+def score_mod_logits(score_mod: Callable, s, batch, head, q_idx, kv_idx, derivative: bool = False,
+                     tables: tuple = (), grads: tuple[bool, ...] = ()):
+    """Base-2 logits ``s`` through ``score_mod`` (which sees natural-unit logits and reads the table
+    refs ``tables``), and (``derivative``) its elementwise derivative for the backward's chain rule (a
+    ``jax.jvp`` traced into the kernel) and the partials of the tables flagged in ``grads`` (see
+    :func:`_score_mod.apply`), else None twice. The index arguments broadcast against ``s``."""
+    y, dy, partials = _score_mod.apply(score_mod, s * LN2, (batch, head, q_idx, kv_idx), tables,
+                                       derivative=derivative, grads=grads)
+    return jnp.broadcast_to(y, s.shape).astype(jnp.float32) * LOG2E, dy, partials
 
 
 def base2_logits(qk, scale: float, softcap: float | None):
@@ -296,7 +298,7 @@ def _logit_grad(st: _Static, ds, t):
     """Chain rule from the final logits back to ``scale q k^T``: through ``score_mod`` (``t = (tanh,
     derivative)``) and the soft cap ``c tanh(x / c)`` (``ds * (1 - tanh^2)``)."""
     if isinstance(t, tuple):
-        t, dmod = t
+        t, dmod = t[:2]
         ds = ds * dmod
     return ds if t is None else ds * (1.0 - t * t)
 
@@ -358,7 +360,8 @@ def _load_bias(st: _Static, bias_ref, lead: tuple, q_idx, k_idx, q_pos, k_pos, r
 
 def _optional_refs(st: _Static, rest):
     """Splits ``(qseg, kseg, segment block ranges)?, bias?, alibi slopes?, dropout seed?, (index,
-    blocks, q_offset)?, *outputs`` off the kernel's trailing refs."""
+    blocks, q_offset)?, score_mod tables*, *outputs`` off the kernel's trailing refs (the tables are
+    returned first)."""
     qseg_ref = kseg_ref = range_ref = bias_ref = alibi_ref = seed_ref = lists = None
     if st.has_seg:
         qseg_ref, kseg_ref, range_ref, *rest = rest
@@ -370,7 +373,8 @@ def _optional_refs(st: _Static, rest):
         seed_ref, *rest = rest
     if st.sparse is not None:
         lists, rest = rest[:3], rest[3:]
-    return qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, rest
+    tables, rest = tuple(rest[:st.mod_tables]), rest[st.mod_tables:]
+    return tables, (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, rest)
 
 
 def _batch_head(st: _Static, head):
@@ -494,10 +498,10 @@ def _q_positions(st: _Static, q_start, block_q: int, lists):
 
 
 def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked: bool,
-              slope=None, raw: bool = False, bh=None):
+              slope=None, raw: bool = False, bh=None, tables: tuple = (), grads: tuple[bool, ...] = ()):
     """Key block ``j`` for a query tile: base-2 logits ``s [bq, bk]`` (``raw``: not yet scaled, see
     :func:`_scores`), the chain-rule terms (or None), k and v. ``bh``: the program's (batch, head),
-    for ``score_mod``."""
+    ``tables`` the table refs and ``grads`` which tables' partials to return, for ``score_mod``."""
     k_start = pl.multiple_of(j * block_k, block_k)
     ks = pl.ds(k_start, block_k)
     k_pos = k_start + jnp.arange(block_k)
@@ -513,7 +517,7 @@ def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_r
     kseg = kseg_ref[ks] if st.has_seg else None
     bias = _load_bias(st, bias_ref, (), slice(None), ks, q_pos, k_pos, ragged) if st.bias_kind else None
     alibi = (slope, q_pos, k_pos) if st.alibi else None
-    mod = (*bh, q_pos, k_pos) if st.score_mod is not None else None
+    mod = (*bh, q_pos, k_pos, tables, grads) if st.score_mod is not None else None
     s, t = _scores(st, q, k, qseg, kseg, bias, pos_mask, alibi=alibi, raw=raw, mod=mod)
     return s, t, k, v
 
@@ -559,7 +563,8 @@ def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry, list
 
 def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, *rest = refs
-    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (o_ref, lse_ref) = _optional_refs(st, rest)
+    tables, (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (o_ref, lse_ref)) = \
+        _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
     q = _common.load_tile(q_ref, (slice(None), slice(None)), q_start, st.q_len, _q_ragged(st), st.head_dim)
@@ -575,7 +580,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
     def body(j, carry, masked: bool):
         s, _, _, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope,
-                               raw=raw, bh=bh)
+                               raw=raw, bh=bh, tables=tables)
         drop = None
         if rows is not None:  # the normaliser sums every p; only p v sees the dropped weights
             keep = _dropout.keep(rows[:, None], k_off + j * block_k + jnp.arange(block_k)[None, :], st.dropout)
@@ -620,9 +625,10 @@ def _list_inputs(st: _Static, layout, transposed: bool):
     return [pl.BlockSpec(x.shape, lambda *_, n=x.ndim: (0,) * n) for x in arrays], arrays
 
 
-def _row_inputs(st: _Static, qseg, kseg, bias, alibi, seed, layout, bq: int, bk: int):
+def _row_inputs(st: _Static, qseg, kseg, bias, alibi, seed, layout, bq: int, bk: int, tables=()):
     """Specs and arrays of the optional inputs of a kernel with one query tile per program
-    (forward, dq): segment ids (and their block ranges), bias, ALiBi slopes, sparse lists."""
+    (forward, dq): segment ids (and their block ranges), bias, ALiBi slopes, sparse lists,
+    score_mod tables."""
     qb = functools.partial(_q_block, st, block_q=bq)
     specs, arrays = _seg_inputs(st, qseg, kseg, bq, bk, False, pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
                                 pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0)))
@@ -631,7 +637,13 @@ def _row_inputs(st: _Static, qseg, kseg, bias, alibi, seed, layout, bq: int, bk:
         arrays.append(bias)
     sspecs, sarrays = _scalar_inputs(st, alibi, seed)
     lspecs, larrays = _list_inputs(st, layout, transposed=False)
-    return specs + sspecs + lspecs, arrays + sarrays + larrays
+    tspecs, tarrays = _table_inputs(tables)
+    return specs + sspecs + lspecs + tspecs, arrays + sarrays + larrays + tarrays
+
+
+def _table_inputs(tables):
+    """Specs and arrays of score_mod's tables: whole (the kernels gather from them)."""
+    return [pl.BlockSpec(x.shape, lambda *_, n=x.ndim: (0,) * n) for x in tables], list(tables)
 
 
 def _scalar_inputs(st: _Static, alibi, seed):
@@ -647,7 +659,7 @@ def _scalar_inputs(st: _Static, alibi, seed):
     return specs, arrays
 
 
-def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None):
+def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None, tables=()):
     if st.mosaic is not None:  # the FlashAttention-3 forward (flash_mgpu); the backward stays here
         sparse = None
         if st.sparse is not None:
@@ -663,7 +675,7 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=N
     qb = functools.partial(_q_block, st, block_q=bq)
     in_specs, args = _qkv_inputs(st, q, k, v, d, dv, bq, None, lambda i, b, h: (b, qb(i), h),
                                  st.kv_pad, lambda i, b, h: (b, 0, h // g))
-    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk)
+    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk, tables)
     in_specs, args = in_specs + specs, args + arrays
     out_shape = [jax.ShapeDtypeStruct((batch, q.shape[1], hq, st.value_dim), q.dtype),  # (as q's rows: not padded)
                  jax.ShapeDtypeStruct((batch, hq, st.q_pad), jnp.float32)]
@@ -684,7 +696,10 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=N
 
 def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (dq_ref, *dbias) = _optional_refs(st, rest)
+    tables, (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (dq_ref, *outs)) = \
+        _optional_refs(st, rest)
+    dbias, outs = (outs[:1], outs[1:]) if st.bias_grad else ((), outs)
+    table_grads = dict(zip((n for n, g in enumerate(st.table_grads) if g), outs))  # fp32, accumulated
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
     q, do = (_common.load_tile(r, (slice(None), slice(None)), q_start, st.q_len, _q_ragged(st), w)
@@ -721,7 +736,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
     def body(j, dq, masked: bool):
         s, t, k, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope,
-                               raw=_raw_logits(st), bh=bh)
+                               raw=_raw_logits(st), bh=bh, tables=tables, grads=st.table_grads)
         p = _weights(st, s, lse2[:, None])
         dp = dot(do, v, trans_b=True, precision=st.precision)
         if rows is not None:  # the cotangent of the kept weights, rescaled
@@ -730,6 +745,8 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
         dz = p * (dp - delta[:, None])  # cotangent of the final logits (the bias enters there)
         if st.bias_grad:
             store_dz(j, dz)
+        if table_grads:
+            _score_mod.add_table_grads(table_grads, t[2], dz, _common.resolve_interpret(st.interpret))
         ds = _logit_grad(st, dz, t)
         return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
 
@@ -751,11 +768,15 @@ def _lse2(lse):
 
 
 def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None,
-             dqkv=None):
-    """dq (and the logits' cotangent with ``st.bias_grad``); packed, slot 0 of ``dqkv`` (the dk/dv
-    kernel's packed cotangent, updated in place)."""
+             dqkv=None, tables=()):
+    """dq (and the logits' cotangent with ``st.bias_grad``, and the fp32 gradients of the score_mod
+    tables flagged in ``st.table_grads``); packed, slot 0 of ``dqkv`` (the dk/dv kernel's packed
+    cotangent, updated in place)."""
     cfg = st.cfg
-    bq, bk = _blocks(st, cfg.block_q_dq, cfg.block_k_dq)
+    # the tables' index, partial and update tiles stay live beside the dq accumulator: half the query
+    # rows keep the d=128 kernel spill-free
+    block_q = cfg.block_q_dq // 2 if any(st.table_grads) and cfg.block_q_dq > 16 else cfg.block_q_dq
+    bq, bk = _blocks(st, block_q, cfg.block_k_dq)
     batch, hq, d, dv_ = _dims(st, q)
     g = st.groups
     qb = functools.partial(_q_block, st, block_q=bq)
@@ -767,7 +788,7 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, ali
         pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i))),
     ]
     args += [do, lse, delta]
-    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk)
+    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk, tables)
     in_specs, args = in_specs + specs, args + arrays
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if st.packed:
@@ -777,13 +798,20 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, ali
     if st.bias_grad:  # fp32 [B, Hq, q_len, kv_len]: one query tile's row stripe per program
         out_shape.append(jax.ShapeDtypeStruct((batch, hq, st.q_len, st.kv_len), jnp.float32))
         out_specs.append(pl.BlockSpec((None, None, bq, st.kv_pad), lambda i, b, h: (b, h, qb(i), 0)))
+    out_init = [dqkv] + [None] * (len(out_shape) - 1)
+    for x, grad in zip(tables, st.table_grads):  # every program adds into the whole table
+        if grad:
+            out_shape.append(jax.ShapeDtypeStruct(x.shape, jnp.float32))
+            out_specs.append(pl.BlockSpec(x.shape, lambda *_, n=x.ndim: (0,) * n))
+            out_init.append(jnp.zeros(x.shape, jnp.float32))
     call = _common.pallas_call(
         functools.partial(_dq_kernel, st=st, block_q=bq, block_k=bk),
         out_shape=out_shape, grid=(st.q_pad // bq, batch, hq), in_specs=in_specs, out_specs=out_specs,
         num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd,
-        interpret=st.interpret, name="jaxattn_flash_dq", out_init=[dqkv] + [None] * (len(out_shape) - 1))
+        interpret=st.interpret, name="jaxattn_flash_dq", out_init=out_init)
     out = call(*args)
-    return out[0], (out[1] if st.bias_grad else None)
+    n = 2 if st.bias_grad else 1
+    return out[0], (out[1] if st.bias_grad else None), list(out[n:])
 
 
 # ----------------------------------------------------------------------------
@@ -820,7 +848,7 @@ def _q_range(st: _Static, k_start, block_q: int, block_k: int):
 
 def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, outs = _optional_refs(st, rest)
+    tables, (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, outs) = _optional_refs(st, rest)
 
     k_start = pl.program_id(0) * block_k
     k_pos = k_start + jnp.arange(block_k)
@@ -855,7 +883,7 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         # Transposed scores [bk, bq] (as Triton's fused-attention backward): every dot below
         # takes its operands as they are, with no register tile transposed in between.
         alibi = (alibi_ref[head0 + g], q_start + jnp.arange(block_q), k_pos) if st.alibi else None
-        mod = ((batch, head0 + g, _q_positions(st, q_start, block_q, lists), k_pos)
+        mod = ((batch, head0 + g, _q_positions(st, q_start, block_q, lists), k_pos, tables, ())
                if st.score_mod is not None else None)
         s_t, t_t = _scores(st, q, k, qseg, kseg, bias, pos_mask, transposed=True, alibi=alibi,
                            raw=_raw_logits(st), mod=mod)
@@ -898,7 +926,7 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         _seq_store(outs[1], dv, k_start, st.kv_len, _kv_ragged(st), st.value_dim)
 
 
-def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None):
+def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None, tables=()):
     cfg = st.cfg
     # a soft cap keeps its tanh tile live until the chain rule, dropout its keep mask: half the
     # query rows per step keep the d=128 kernel (128 keys) spill-free
@@ -929,6 +957,8 @@ def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, a
     in_specs, args = in_specs + specs, args + arrays
     specs, arrays = _list_inputs(st, layout, transposed=True)
     in_specs, args = in_specs + specs, args + arrays
+    specs, arrays = _table_inputs(tables)
+    in_specs, args = in_specs + specs, args + arrays
     if st.packed:  # (slot 0, dq, comes from the dq kernel afterwards)
         out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
         out_specs = [_packed_grad_spec(bk, d, lambda j, b, h: (b, j, h))]
@@ -958,18 +988,21 @@ def _blocks(st: _Static, block_q: int, block_k: int) -> tuple[int, int]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi, seed):
-    return _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi, seed)
+def _flash(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi, seed, tables):
+    return _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi, seed, tables)
 
 
-def _flash_fwd(st, q, k, v, bias, qseg, kseg, layout, alibi, seed):
+def _flash_fwd(st, q, k, v, bias, qseg, kseg, layout, alibi, seed, tables):
     # symbolic_zeros: every array leaf comes as CustomVJPPrimal(value, perturbed)
     bias_grad = bias is not None and bias.perturbed and st.bias_kind == "add"
-    q, k, v, bias, qseg, kseg, layout, alibi, seed = jax.tree.map(
-        lambda x: x.value, (q, k, v, bias, qseg, kseg, layout, alibi, seed))
-    o, lse = _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi, seed)
-    # a differentiated additive bias is marked by the residual's structure (a pair, not an array)
-    return (o, lse), (q, k, v, (bias,) if bias_grad else bias, qseg, kseg, layout, alibi, seed, o, lse)
+    table_grads = tuple(t.perturbed and jnp.issubdtype(t.value.dtype, jnp.inexact) for t in tables)
+    q, k, v, bias, qseg, kseg, layout, alibi, seed, tables = jax.tree.map(
+        lambda x: x.value, (q, k, v, bias, qseg, kseg, layout, alibi, seed, tables))
+    o, lse = _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi, seed, tables)
+    # a differentiated additive bias (and score_mod table) is marked by the residual's structure (a
+    # 1-tuple, not an array)
+    tables = tuple((x,) if g else x for x, g in zip(tables, table_grads))
+    return (o, lse), (q, k, v, (bias,) if bias_grad else bias, qseg, kseg, layout, alibi, seed, tables, o, lse)
 
 
 def _zero_if_symbolic(ct, like):
@@ -977,27 +1010,33 @@ def _zero_if_symbolic(ct, like):
 
 
 def _flash_bwd(st, res, cts):
-    q, k, v, bias, qseg, kseg, layout, alibi, seed, o, lse = res
+    q, k, v, bias, qseg, kseg, layout, alibi, seed, tables, o, lse = res
     bias_grad = isinstance(bias, tuple)
     if bias_grad:
         (bias,), st = bias, dataclasses.replace(st, bias_grad=True)
+    st = dataclasses.replace(st, table_grads=tuple(isinstance(x, tuple) for x in tables))
+    tables = tuple(x[0] if isinstance(x, tuple) else x for x in tables)
     do, dlse = _zero_if_symbolic(cts[0], o), _zero_if_symbolic(cts[1], lse)
     # delta_i = sum_d dO_id O_id; an lse cotangent adds p * dlse to ds.
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
     delta = _common.pad_axis(delta, 2, st.q_pad) - dlse.astype(jnp.float32)  # (the kernels read q_pad rows)
     do = do.astype(q.dtype)
     if st.packed:  # one [B, S, 3, H, D] cotangent: dk, dv into slots 1, 2, then dq into slot 0 in place
-        (dqkv,) = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed)
-        (dq, dz), dk, dv = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed, dqkv), None, None
+        (dqkv,) = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed, tables)
+        (dq, dz, dtables), dk, dv = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed,
+                                             dqkv, tables), None, None
     else:
-        dq, dz = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed)
-        dk, dv = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed)
+        dq, dz, dtables = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed,
+                                   tables=tables)
+        dk, dv = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed, tables)
     dbias = None
     if bias_grad:  # the logits' cotangent summed over the bias's broadcast dims
         dbias = jnp.sum(dz, axis=tuple(i for i, b in enumerate(st.bias_bcast) if b), keepdims=True)
         dbias = dbias.astype(bias.dtype)
+    dtables = iter(dtables)
+    dtables = tuple(next(dtables).astype(x.dtype) if g else None for x, g in zip(tables, st.table_grads))
     # No gradient flows to a bool mask, the segment ids, the sparse layout, the ALiBi slopes or the seed.
-    return dq, dk, dv, dbias, None, None, None, None, None
+    return dq, dk, dv, dbias, None, None, None, None, None, dtables
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
@@ -1017,6 +1056,7 @@ def flash_attention(
     logits_soft_cap: float | None = None,
     alibi_slopes: jax.Array | None = None,
     score_mod: Callable | None = None,
+    score_mod_tables: tuple = (),
     dropout_rate: float = 0.0,
     dropout_seed: jax.Array | None = None,
     dropout_shared: bool = False,
@@ -1047,6 +1087,9 @@ def flash_attention(
       score_mod: ``(x, batch, head, q_idx, kv_idx) -> x'`` on the (capped) logits, elementwise,
         before ALiBi, the bias and the masks (query row and key index; a sparse layout's absolute
         query positions); the backward applies its derivative (``jax.jvp`` inside the kernels).
+      score_mod_tables: arrays (rank >= 1) passed to ``score_mod`` after its index arguments, read by
+        indexing (:class:`jaxattn.pallas._score_mod.Table`: a gather per score); the dq kernel adds
+        the floating ones' gradients (fp32 atomic adds on a GPU) when they are differentiated.
       dropout_rate: attention dropout in [0, 1): each weight is dropped with this probability
         and the kept ones scaled by ``1 / (1 - rate)``; the mask (``jaxattn.pallas._dropout``)
         is a function of ``dropout_seed`` (int32 ``[1]``), (batch, head) (or one mask for all of
@@ -1110,8 +1153,8 @@ def flash_attention(
         interpret=interpret, precision=precision_for(q.dtype),
         window=tuple(local_window_size) if local_window_size is not None else (None, None),
         softcap=None if logits_soft_cap is None else float(logits_soft_cap), alibi=alibi_slopes is not None,
-        score_mod=score_mod, heads=hq, dropout=float(dropout_rate), dropout_shared=bool(dropout_shared), mosaic=mosaic,
-        packed=packed,
+        score_mod=score_mod, mod_tables=len(score_mod_tables), heads=hq, dropout=float(dropout_rate),
+        dropout_shared=bool(dropout_shared), mosaic=mosaic, packed=packed,
     )
     seed = None
     if dropout_rate:
@@ -1121,7 +1164,7 @@ def flash_attention(
     alibi = None
     if alibi_slopes is not None:
         alibi = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, hq), (batch, hq))
-    return run_padded(st, q, k, v, bias, qseg, kseg, None, alibi, seed)
+    return run_padded(st, q, k, v, bias, qseg, kseg, None, alibi, seed, tuple(score_mod_tables))
 
 
 def mosaic_auto(q, k, v, causal: bool, bias=None, q_segment_ids=None, window=None, softcap=None, alibi=None,
@@ -1170,7 +1213,8 @@ def precision_for(dtype: Any) -> Any:
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None) -> tuple[jax.Array, jax.Array]:
+def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None,
+               tables: tuple = ()) -> tuple[jax.Array, jax.Array]:
     """Runs the differentiable kernels: ``out [B, Sq, Hq, Dv]``, ``lse [B, Sq, Hq]``. Neither the
     sequences nor the head dims are padded: the Triton kernels load and store the ragged last
     tiles and the columns past a head dim that is not a power of two masked (no padded copies of
@@ -1184,5 +1228,5 @@ def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=
         if st.mosaic is not None:  # (its TMA copies read whole tiles)
             q, k, v = (_common.pad_axis(x, 1, n) for x, n in ((q, st.q_pad), (k, st.kv_pad), (v, st.kv_pad)))
         args = (q, k, v)
-    o, lse = _flash(st, *args, bias, qseg, kseg, layout, alibi, seed)
+    o, lse = _flash(st, *args, bias, qseg, kseg, layout, alibi, seed, tuple(tables))
     return o[:, :st.q_len], jnp.swapaxes(lse[:, :, :st.q_len], 1, 2)

@@ -66,6 +66,12 @@ def distance_penalty(x, batch, head, q_idx, kv_idx):
     return x - (head + 1) * 0.01 * abs(q_idx - kv_idx)
 
 
+def relative_bias(x, batch, head, q_idx, kv_idx, table):
+    """The score_mod the ``jaxattn-score_mod-table`` and ``torch-flex-score_mod-table`` peers time: a learned
+    relative-position bias ``table [heads, 2 S - 1]`` (T5's / Swin's, unbucketed) read per score."""
+    return x + table[head, q_idx - kv_idx + (table.shape[1] - 1) // 2]
+
+
 def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
     scale = 1.0 / math.sqrt(case.head_dim)
     c = case.causal
@@ -104,7 +110,29 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         pass
     if not interpret:  # last: a time box that runs out costs these first, not the targets' peers
         ops.update(_tokamax_peers(c))
-    return {name: runner.jax_mode_fn(op, case.mode) for name, op in ops.items()}
+    fns = {name: runner.jax_mode_fn(op, case.mode) for name, op in ops.items()}
+    if not interpret:
+        fns["jaxattn-score_mod-table"] = _table_peer(case)
+    return fns
+
+
+def _table_peer(case: Case) -> Callable[..., Any]:
+    """What a learned table costs: :func:`relative_bias` reading ``[heads, 2 S - 1]`` (gathers in every
+    kernel), its gradient in fwd+bwd (the dq kernel's atomic adds) beside dq, dk, dv."""
+    table = jnp.zeros((case.heads, 2 * case.seq - 1), jnp.float32)
+
+    def op(q, k, v, t):
+        return jaxattn.attention(q, k, v, causal=case.causal, impl="pallas", score_mod=relative_bias,
+                                 score_mod_tables=(t,))
+
+    if case.mode == "fwd":
+        return jax.jit(lambda q, k, v, do: op(q, k, v, table))
+
+    def fwd_bwd(q, k, v, do):
+        out, vjp = jax.vjp(op, q, k, v, table)
+        return out, vjp(do)
+
+    return jax.jit(fwd_bwd)
 
 
 def _tokamax_peers(causal: bool) -> dict[str, Callable[..., jax.Array]]:
@@ -161,8 +189,9 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
 
 
 def _flex_peer(case: Case, torch: Any, q, k, v, do) -> dict[str, Callable[[], Any]]:
-    """FlexAttention (``torch.compile``d) with :func:`distance_penalty` as its ``score_mod``: the
-    ``jaxattn-score_mod`` peer's counterpart."""
+    """FlexAttention (``torch.compile``d) with :func:`distance_penalty` as its ``score_mod`` (the
+    ``jaxattn-score_mod`` peer's counterpart), and with a captured learned ``[heads, 2 S - 1]`` table
+    (``jaxattn-score_mod-table``'s, its gradient in fwd+bwd)."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -180,7 +209,18 @@ def _flex_peer(case: Case, torch: Any, q, k, v, do) -> dict[str, Callable[[], An
             torch.autograd.grad(out, (q, k, v), do)
         return out
 
-    return {"torch-flex-score_mod": run}
+    table = torch.zeros(case.heads, 2 * case.seq - 1, device="cuda", dtype=torch.float32, requires_grad=True)
+
+    def captured(score, b, h, qi, kj):
+        return score + table[h, qi - kj + case.seq - 1]
+
+    def run_table():
+        out = flex(q, k, v, score_mod=captured, block_mask=mask)
+        if case.mode == "fwd+bwd":
+            torch.autograd.grad(out, (q, k, v, table), do)
+        return out
+
+    return {"torch-flex-score_mod": run, "torch-flex-score_mod-table": run_table}
 
 
 def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True, **kw) -> list[dict]:

@@ -230,9 +230,17 @@ def _flash_cases() -> Iterator[tuple[str, Callable, list]]:
     yield "d128 bf16 causal alibi", *case(128, jnp.bfloat16, True, alibi_slopes=jnp.geomspace(0.5, 2 ** -8, 8))
     yield "d128 bf16 causal dropout", *case(128, jnp.bfloat16, True, dropout_rate=0.1,
                                              dropout_seed=jnp.zeros((1,), jnp.int32))
-    from jaxattn.bench.attention import distance_penalty  # (the score_mod bench attention times)
+    # (the score_mods bench attention times)
+    from jaxattn.bench.attention import distance_penalty, relative_bias
 
     yield "d128 bf16 causal score_mod", *case(128, jnp.bfloat16, True, score_mod=distance_penalty)
+
+    def table_loss(q, k, v, table):  # a learned relative-position bias table: gathers, and atomics in dq
+        return _total(*flash.flash_attention(q, k, v, causal=True, score_mod=relative_bias, score_mod_tables=(table,),
+                                             interpret=False))
+    yield ("d128 bf16 causal score_mod table grad", jax.value_and_grad(table_loss, (0, 1, 2, 3)),
+           [_sds((1, 4096, 8, 128), jnp.bfloat16), _sds((1, 4096, 2, 128), jnp.bfloat16),
+            _sds((1, 4096, 2, 128), jnp.bfloat16), _sds((8, 2 * 4096 - 1), jnp.float32)])
 
     def ragged_loss(q, k, v):  # lengths off the tiles, head dims off the powers of two: masked tiles
         return _total(*flash.flash_attention(q, k, v, causal=True, interpret=False))

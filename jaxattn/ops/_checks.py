@@ -150,21 +150,26 @@ def check_soft_cap(cap: Any) -> float | None:
     return value
 
 
-def check_score_mod(fn: Any) -> Any:
-    """``score_mod``: None, or an elementwise ``(x, batch, head, q_idx, kv_idx) -> x'`` that closes over no
-    arrays (the kernels trace it inside; a captured array would be a constant no gradient reaches)."""
+def check_score_mod(fn: Any, tables: Any = ()) -> Any:
+    """``score_mod``: None, or an elementwise ``(x, batch, head, q_idx, kv_idx, *tables) -> x'`` that
+    closes over no arrays (the kernels trace it inside; arrays it reads come as ``score_mod_tables``)."""
     if fn is None:
+        if tables is not None and len(tuple(tables)):
+            raise ValueError("score_mod_tables are read by a score_mod: give score_mod too")
         return None
     if not callable(fn):
         raise ValueError(f"score_mod must be a callable (x, batch, head, q_idx, kv_idx) -> x', got {type(fn).__name__}")
+    tables = check_score_mod_tables(tables)
     x = jax.ShapeDtypeStruct((2, 3), jnp.float32)
     idx = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
            jax.ShapeDtypeStruct((2, 1), jnp.int32), jax.ShapeDtypeStruct((1, 3), jnp.int32))
+    avals = tuple(jax.ShapeDtypeStruct(t.shape, t.dtype) for t in tables)
+    what = ", ".join(["x [2, 3] float32", "batch", "head", "q_idx [2, 1]", "kv_idx [1, 3]"]
+                     + [f"table {tuple(t.shape)} {jnp.dtype(t.dtype).name}" for t in tables])
     try:
-        closed = jax.make_jaxpr(fn)(x, *idx)
+        closed = jax.make_jaxpr(fn)(x, *idx, *avals)
     except Exception as e:  # noqa: BLE001 - the user's function, traced on small index arrays
-        raise ValueError(f"score_mod(x [2, 3] float32, batch, head, q_idx [2, 1], kv_idx [1, 3]) failed to trace: "
-                         f"{type(e).__name__}: {e}") from e
+        raise ValueError(f"score_mod({what}) failed to trace: {type(e).__name__}: {e}") from e
     out = closed.out_avals
     if len(out) != 1 or not jnp.issubdtype(out[0].dtype, jnp.floating) or \
             jnp.broadcast_shapes(tuple(out[0].shape), (2, 3)) != (2, 3):
@@ -172,9 +177,32 @@ def check_score_mod(fn: Any) -> Any:
                          f"returned {[f'{a.dtype} {tuple(a.shape)}' for a in out]}")
     if closed.consts:  # (Pallas kernels capture no constants, not even a 0-d array)
         raise ValueError("score_mod closes over arrays (captured tables, jnp scalars or traced values): the kernels "
-                         "take Python numbers and index arithmetic only; compute per-head values from head (e.g. with "
-                         "jnp.where), write constants as Python floats, or pass a learned bias as mask")
-    return fn
+                         "take Python numbers and index arithmetic only; pass arrays it reads as score_mod_tables "
+                         "(they follow kv_idx among its arguments, and are differentiable), write constants as "
+                         "Python floats")
+    return fn, tables
+
+
+def check_score_mod_tables(tables: Any) -> tuple:
+    """``score_mod_tables``: a sequence of arrays of rank >= 1, floating (differentiable) or integer."""
+    if tables is None:
+        return ()
+    if hasattr(tables, "shape") or not isinstance(tables, (tuple, list)):
+        raise ValueError(f"score_mod_tables must be a tuple or list of arrays, got {type(tables).__name__}")
+    out = []
+    for i, t in enumerate(tables):
+        check_array(f"score_mod_tables[{i}]", t, "[n, ...] (rank >= 1)")
+        t = jnp.asarray(t)
+        if t.ndim < 1:
+            raise ValueError(f"score_mod_tables[{i}] must have rank >= 1 (a scalar as shape [1]), got a 0-d array")
+        if jnp.dtype(t.dtype) not in [jnp.dtype(a) for a in (*FLOAT_DTYPES, jnp.float64)] and \
+                not jnp.issubdtype(t.dtype, jnp.integer):
+            raise ValueError(f"score_mod_tables[{i}] must be float16, bfloat16, float32 or an integer dtype, got "
+                             f"{jnp.dtype(t.dtype).name}")
+        if t.size == 0:
+            raise ValueError(f"score_mod_tables[{i}] is empty (shape {tuple(t.shape)})")
+        out.append(t)
+    return tuple(out)
 
 
 def check_dropout(rate: Any, rng: Any) -> float:

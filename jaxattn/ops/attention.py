@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from typing import Literal
 
@@ -31,6 +31,7 @@ def attention(
     logits_soft_cap: float | None = None,
     alibi_slopes: jax.Array | None = None,
     score_mod: Callable | None = None,
+    score_mod_tables: Sequence[jax.Array] = (),
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     dropout_broadcast: bool = False,
@@ -69,10 +70,16 @@ def attention(
       score_mod: FlexAttention's ``score_mod``: ``(x, batch, head, q_idx, kv_idx) -> x'`` maps each
         scaled (and soft-capped) logit of query row ``q_idx`` and key ``kv_idx`` (int32 index arrays
         that broadcast against ``x``) before ALiBi, ``mask`` and the masking; elementwise, written with
-        jnp ops and closing over no arrays (per-head values: from ``head``). The kernels trace it
-        inline and the backward applies its derivative (``jax.jvp`` in the kernel), so relative
+        jnp ops and closing over no arrays (arrays it reads come as ``score_mod_tables``). The kernels
+        trace it inline and the backward applies its derivative (``jax.jvp`` in the kernel), so relative
         position biases, soft caps or distance penalties cost no ``[q_len, kv_len]`` tensor. Compared
         by identity under ``jit``: define it once.
+      score_mod_tables: arrays (rank >= 1; floating or integer) passed to ``score_mod`` after
+        ``kv_idx``, which it reads by indexing every axis with the index arguments, e.g. a learned
+        relative-position bias ``table[head, q_idx - kv_idx + kv_len - 1]`` (FlexAttention's captured
+        tensors). Indices wrap and clamp as ``jnp`` indexing does. Floating tables are differentiable:
+        the dq kernel adds each score's contribution into an fp32 gradient (atomic adds on a GPU, so
+        the sum's order, and its last bits, vary between runs).
       dropout_rate: attention dropout (training): each softmax weight is zeroed with this
         probability and the kept ones scaled by ``1 / (1 - rate)`` (flash-attn's ``dropout_p``).
         The kernels regenerate the mask from a counter-based hash of (seed from ``dropout_rng``,
@@ -118,8 +125,8 @@ def attention(
     scale = _checks.check_scale(scale)
     extra = dict(local_window_size=_checks.check_window(local_window_size),
                  logits_soft_cap=_checks.check_soft_cap(logits_soft_cap))
-    if score_mod is not None:
-        extra["score_mod"] = _checks.check_score_mod(score_mod)
+    if score_mod is not None or score_mod_tables:
+        extra["score_mod"], extra["score_mod_tables"] = _checks.check_score_mod(score_mod, score_mod_tables)
     if alibi_slopes is not None:
         extra["alibi_slopes"] = _checks.check_alibi(alibi_slopes, batch, hq)
     if _checks.check_dropout(dropout_rate, dropout_rng):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -478,6 +478,7 @@ def block_sparse_attention(
     return_lse: bool = False,
     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
     score_mod: Callable | None = None,
+    score_mod_tables: Sequence[jax.Array] = (),
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Softmax attention restricted to the keys a ``BlockMask`` allows.
 
@@ -501,6 +502,8 @@ def block_sparse_attention(
         :func:`jaxattn.attention`'s, with the layout's absolute query positions (``mask_fn``'s):
         with the ``BlockMask``'s ``mask_fn`` this is FlexAttention's ``score_mod`` + ``mask_mod``
         (not with ``impl="mosaic"``).
+      score_mod_tables: arrays ``score_mod`` reads by indexing, after its index arguments (as
+        :func:`jaxattn.attention`'s; differentiable).
 
     A query row with no visible key returns zeros (``lse = -inf``), never NaN.
     """
@@ -518,8 +521,8 @@ def block_sparse_attention(
 
         qs, ks = _segment_pair(segment_ids, batch, q_len, kv_len)
         opts.update(q_segment_ids=qs, kv_segment_ids=ks)
-    if score_mod is not None:
-        opts["score_mod"] = _checks.check_score_mod(score_mod)
+    if score_mod is not None or score_mod_tables:
+        opts["score_mod"], opts["score_mod_tables"] = _checks.check_score_mod(score_mod, score_mod_tables)
     drop = {}
     if _checks.check_dropout(dropout_rate, dropout_rng):
         drop = dict(dropout_rate=float(dropout_rate), dropout_seed=_dropout.seed_from_key(dropout_rng))

@@ -3,7 +3,7 @@ and ``jaxattn.append_kv`` to write them into the cache."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from typing import Literal
 
@@ -37,6 +37,7 @@ def decode_attention(
     num_splits: int | None = None,
     return_lse: bool = False,
     score_mod: Callable | None = None,
+    score_mod_tables: Sequence[jax.Array] = (),
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attention of ``Sq`` new queries per batch row to the first ``lengths[b]`` cache entries.
 
@@ -67,6 +68,8 @@ def decode_attention(
       score_mod: ``(x, batch, head, q_pos, kv_idx) -> x'``, :func:`jaxattn.attention`'s logit transform,
         with each query's cache position ``q_pos = lengths[b] - Sq + i`` (what ``q_idx`` is in a full
         causal forward over the sequence), so decoding reproduces such a forward.
+      score_mod_tables: arrays ``score_mod`` reads by indexing, after its index arguments (as
+        :func:`jaxattn.attention`'s).
 
     A row with no visible key returns zeros (``lse = -inf``). The kernel path has no gradient.
 
@@ -79,13 +82,15 @@ def decode_attention(
     lengths = _check_lengths(lengths, batch, kv_len)
     extra = decode_options(batch, hq, hkv, scale=scale, local_window_size=local_window_size,
                            logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale,
-                           v_scale=v_scale, num_splits=num_splits, score_mod=score_mod)
+                           v_scale=v_scale, num_splits=num_splits, score_mod=score_mod,
+                           score_mod_tables=score_mod_tables)
     kernel_ok = max(d, v.shape[-1]) <= _decode.MAX_HEAD_DIM
     if impl == "pallas" and not kernel_ok:
         raise ValueError(f"impl='pallas' supports head dims up to {_decode.MAX_HEAD_DIM}; got q/k "
                          f"head_dim={d}, v head_dim={v.shape[-1]}")
     if (impl == "pallas" or (impl == "auto" and kernel_ok and _targets_gpu())) and not _checks.empty(q, k, v):
         q, k, v = (_checks.no_grad(x, _NO_GRAD) for x in (q, k, v))
+        extra = no_grad_tables(extra)
         out, lse = _decode.decode_attention_kernel(q, k, v, lengths, causal=causal, **extra)
     else:
         out, lse = reference_on(q, k, v, lengths, causal, extra)
@@ -93,7 +98,7 @@ def decode_attention(
 
 
 def decode_options(batch: int, heads: int, kv_heads: int, *, scale, local_window_size, logits_soft_cap,
-                   alibi_slopes, k_scale, v_scale, num_splits, score_mod=None) -> dict:
+                   alibi_slopes, k_scale, v_scale, num_splits, score_mod=None, score_mod_tables=()) -> dict:
     """The validated keyword options both decode ops pass to their kernel (or the reference)."""
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
@@ -105,9 +110,16 @@ def decode_options(batch: int, heads: int, kv_heads: int, *, scale, local_window
     if k_scale is not None:
         extra.update(k_scale=check_kv_scale("k_scale", k_scale, kv_heads),
                      v_scale=check_kv_scale("v_scale", v_scale, kv_heads))
-    if score_mod is not None:
-        extra["score_mod"] = _checks.check_score_mod(score_mod)
+    if score_mod is not None or score_mod_tables:
+        extra["score_mod"], extra["score_mod_tables"] = _checks.check_score_mod(score_mod, score_mod_tables)
     return extra
+
+
+def no_grad_tables(options: dict) -> dict:
+    """``options`` with the score_mod tables marked forward-only (the decode kernels have no backward)."""
+    if not options.get("score_mod_tables"):
+        return options
+    return {**options, "score_mod_tables": tuple(_checks.no_grad(t, _NO_GRAD) for t in options["score_mod_tables"])}
 
 
 def reference_on(q, k, v, lengths, causal: bool, options: dict) -> tuple[jax.Array, jax.Array]:

@@ -9,7 +9,7 @@ free pages go back to the pool, so memory follows the real lengths instead of ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from typing import Literal
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.ops import _checks
-from jaxattn.ops.decode import _NO_GRAD, _check_lengths, _quantize_new, decode_options, reference_on
+from jaxattn.ops.decode import _NO_GRAD, _check_lengths, _quantize_new, decode_options, no_grad_tables, reference_on
 from jaxattn.pallas import decode as _decode
 from jaxattn.pallas._common import targets_gpu as _targets_gpu
 
@@ -77,6 +77,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     return_lse: bool = False,
     score_mod: Callable | None = None,
+    score_mod_tables: Sequence[jax.Array] = (),
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """:func:`jaxattn.decode_attention` with the cache in pages.
 
@@ -89,7 +90,7 @@ def paged_decode_attention(
       lengths: int ``[batch]`` (or one int): valid cache positions per row, the new tokens
         included (write them first with :func:`append_paged_kv`).
       causal, scale, local_window_size, logits_soft_cap, alibi_slopes, k_scale, v_scale, num_splits,
-        return_lse, score_mod: as :func:`jaxattn.decode_attention` (quantized pages: :func:`jaxattn.quantize_kv`).
+        return_lse, score_mod, score_mod_tables: as :func:`jaxattn.decode_attention` (quantized pages: :func:`jaxattn.quantize_kv`).
       impl: ``"pallas"`` (split-KV kernel reading pages through the table; interpret mode without a
         GPU), ``"xla"`` (gathers the pages and runs the dense fp32 reference), ``"auto"``.
 
@@ -101,7 +102,8 @@ def paged_decode_attention(
     lengths = _check_lengths(lengths, batch, max_pages * page)
     extra = decode_options(batch, q.shape[2], k_pages.shape[2], scale=scale, local_window_size=local_window_size,
                            logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale,
-                           v_scale=v_scale, num_splits=num_splits, score_mod=score_mod)
+                           v_scale=v_scale, num_splits=num_splits, score_mod=score_mod,
+                           score_mod_tables=score_mod_tables)
     dims_ok = max(q.shape[-1], v_pages.shape[-1]) <= _decode.MAX_HEAD_DIM
     page_ok = page >= 16 and page & (page - 1) == 0
     if impl == "pallas" and not (dims_ok and page_ok):
@@ -110,6 +112,7 @@ def paged_decode_attention(
     kernel = impl == "pallas" or (impl == "auto" and dims_ok and page_ok and _targets_gpu())
     if kernel and not _checks.empty(q, block_tables):
         q, k_pages, v_pages = (_checks.no_grad(x, _NO_GRAD) for x in (q, k_pages, v_pages))
+        extra = no_grad_tables(extra)
         out, lse = _decode.paged_decode_attention_kernel(q, k_pages, v_pages, block_tables, lengths, causal=causal,
                                                          **extra)
     else:

@@ -26,6 +26,7 @@ def attention_reference(
     logits_soft_cap: float | None = None,
     alibi_slopes: jax.Array | None = None,
     score_mod: Callable | None = None,
+    score_mod_tables: tuple = (),
     score_mod_q_offset: int | jax.Array = 0,
     dropout_rate: float = 0.0,
     dropout_seed: jax.Array | None = None,
@@ -42,7 +43,8 @@ def attention_reference(
     logits. ``logits_soft_cap`` c maps the scaled logits x to ``c * tanh(x / c)`` (before the bias).
     ``alibi_slopes`` ``[Hq]`` or ``[B, Hq]`` subtracts ``slope * |p - j|`` (ALiBi, after the cap).
     ``score_mod(x, b, h, i + score_mod_q_offset, j)`` maps each (capped) logit before ALiBi and the
-    bias (broadcast over ``[B, Hq, Sq, Sk]`` index arrays).
+    bias (broadcast over ``[B, Hq, Sq, Sk]`` index arrays), with the arrays ``score_mod_tables``
+    as further arguments (differentiable).
     ``dropout_rate`` r zeroes each softmax weight where ``jaxattn.pallas._dropout.keep_mask``
     (from ``dropout_seed``; one mask for every batch and head with ``dropout_shared``) says so and
     scales the others by ``1 / (1 - r)``; ``lse`` is that of the undropped weights. ``dropout_offset``
@@ -62,7 +64,8 @@ def attention_reference(
         s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
     if score_mod is not None:
         b_, h_, i_, j_ = (lax.broadcasted_iota(jnp.int32, s.shape, axis) for axis in range(4))
-        s = jnp.broadcast_to(score_mod(s, b_, h_, i_ + score_mod_q_offset, j_), s.shape).astype(jnp.float32)
+        s = jnp.broadcast_to(score_mod(s, b_, h_, i_ + score_mod_q_offset, j_, *score_mod_tables),
+                             s.shape).astype(jnp.float32)
     if alibi_slopes is not None:  # [Hq] or [B, Hq]: - slope * |p - j|, p = i + Sk - Sq
         slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, hq)[:, :, None, None]
         dist = jnp.abs(jnp.arange(sq)[:, None] + (sk - sq) - jnp.arange(sk)[None, :])

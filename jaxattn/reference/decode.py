@@ -33,7 +33,7 @@ def decode_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
                      local_window_size: tuple[int | None, int | None] | None = None,
                      logits_soft_cap: float | None = None,
                      alibi_slopes: jax.Array | None = None,
-                     score_mod=None) -> tuple[jax.Array, jax.Array]:
+                     score_mod=None, score_mod_tables: tuple = ()) -> tuple[jax.Array, jax.Array]:
     """fp32 ``out [B, Sq, Hq, Dv]`` and ``lse [B, Sq, Hq]`` of q against the first
     ``lengths[b]`` cache entries (zeros / ``-inf`` where no key is visible). ``alibi_slopes``
     ``[Hq]`` or ``[B, Hq]`` subtracts ``slope * |p - j|``, p the query's position
@@ -49,5 +49,6 @@ def decode_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
         mask = jnp.where(mask, bias, -jnp.inf)
     mod = {}
     if score_mod is not None:
-        mod = dict(score_mod=score_mod, score_mod_q_offset=(lengths.astype(jnp.int32) - q.shape[1])[:, None, None, None])
+        mod = dict(score_mod=score_mod, score_mod_tables=tuple(score_mod_tables),
+                   score_mod_q_offset=(lengths.astype(jnp.int32) - q.shape[1])[:, None, None, None])
     return attention_reference(q, k, v, scale=scale, mask=mask, logits_soft_cap=logits_soft_cap, **mod)
