@@ -209,6 +209,8 @@ def varlen_attention(
     local_window_size: int | tuple[int | None, int | None] | None = None,
     logits_soft_cap: float | None = None,
     alibi_slopes: jax.Array | None = None,
+    score_mod: Callable | None = None,
+    score_mod_tables: Sequence[jax.Array] = (),
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     impl: Literal["auto", "pallas", "xla"] = "auto",
@@ -224,6 +226,10 @@ def varlen_attention(
       causal, scale, local_window_size, logits_soft_cap, alibi_slopes, dropout_rate, dropout_rng,
         impl, return_lse: as :func:`attention`, within each sequence (positions count from its
         first token; the dropout mask is indexed by packed rows).
+      score_mod, score_mod_tables: as :func:`attention`, with ``batch = 0`` and ``q_idx`` /
+        ``kv_idx`` the packed row indices (as FlexAttention's over a packed batch): their difference
+        is the relative position within a sequence (self-attention); a per-token table (e.g. each
+        row's sequence start, ``cu_seqlens_q`` expanded) gives positions from a sequence's first token.
 
     Runs :func:`attention` on one packed batch row with segment ids, so the kernels visit only
     blocks inside each sequence. Returns ``out [total_q, heads, v_head_dim]`` (and the lse
@@ -249,6 +255,6 @@ def varlen_attention(
     ks = segment_ids(cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k, k.shape[0], "cu_seqlens_k")
     res = attention(q[None], k[None], v[None], causal=causal, segment_ids=(qs, ks), scale=scale,
                     local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
-                    alibi_slopes=alibi_slopes, dropout_rate=dropout_rate, dropout_rng=dropout_rng, impl=impl,
-                    return_lse=return_lse)
+                    alibi_slopes=alibi_slopes, score_mod=score_mod, score_mod_tables=score_mod_tables,
+                    dropout_rate=dropout_rate, dropout_rng=dropout_rng, impl=impl, return_lse=return_lse)
     return (res[0][0], res[1][0]) if return_lse else res[0]
