@@ -19,9 +19,10 @@ probability and scaling as flax but masks drawn from jaxattn's own hash of the `
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -51,14 +52,15 @@ def attention_fn(
     *,
     impl: Impl = "auto",
     score_mod: Callable | None = None,
+    score_mod_tables: Sequence[jax.Array] = (),
 ) -> jax.Array:
     """``flax.nnx.dot_product_attention``-compatible attention on :func:`jaxattn.attention`.
 
     ``query [..., q_len, heads, d]``, ``key``/``value [..., kv_len, kv_heads, d]`` (GQA when
     ``kv_heads`` divides ``heads``), ``bias``/``mask`` broadcastable to ``[..., heads, q_len,
-    kv_len]``. ``impl`` picks jaxattn's path and ``score_mod`` transforms the logits (see
-    :func:`jaxattn.attention`; ``batch`` is the flattened leading index); bind them with
-    ``functools.partial``."""
+    kv_len]``. ``impl`` picks jaxattn's path and ``score_mod`` transforms the logits, reading
+    ``score_mod_tables`` (see :func:`jaxattn.attention`; ``batch`` is the flattened leading index);
+    bind them with ``functools.partial``."""
     if module is not None:
         kw = {} if promote_dtype is None else {"promote_dtype": promote_dtype}
         return nnx.dot_product_attention(query, key, value, bias, mask, broadcast_dropout, dropout_rng,
@@ -106,22 +108,64 @@ def attention_fn(
     rate = 0.0 if deterministic else dropout_rate
     out = attention(flat(query), flat(key), flat(value), causal=causal, mask=combined, impl=impl,
                     dropout_rate=rate, dropout_rng=dropout_rng if rate else None,
-                    dropout_broadcast=broadcast_dropout, score_mod=score_mod)
+                    dropout_broadcast=broadcast_dropout, score_mod=score_mod, score_mod_tables=score_mod_tables)
     return out.reshape(*batch_shape, *out.shape[1:])
 
 
 _core = attention_fn  # MultiHeadAttention's constructor shadows the name with its own argument
+# the learned score_mod tables of the MultiHeadAttention being called (read by its attention core)
+_TABLES: contextvars.ContextVar[tuple] = contextvars.ContextVar("jaxattn_score_mod_tables", default=())
+
+
+class _TableCore:
+    """A MultiHeadAttention's attention core when it owns score_mod tables: :func:`attention_fn` with
+    the calling module's tables (set around its ``__call__``)."""
+
+    def __init__(self, impl: Impl, score_mod: Callable):
+        self.impl, self.score_mod = impl, score_mod
+
+    def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
+        return _core(*args, impl=self.impl, score_mod=self.score_mod, score_mod_tables=_TABLES.get(), **kwargs)
 
 
 class MultiHeadAttention(nnx.MultiHeadAttention):
     """``flax.nnx.MultiHeadAttention`` with :func:`jaxattn.attention` as its core (``impl`` picks
     the path: "auto" = the flash kernel on GPU; ``score_mod``: a logit transform, as
     :func:`jaxattn.attention`'s). Takes every argument of the flax module; its parameters and cache
-    have the same names and shapes, so flax checkpoints load unchanged."""
+    have the same names and shapes, so flax checkpoints load unchanged.
+
+    ``score_mod_tables``: shapes of learned tables the ``score_mod`` reads (after ``kv_idx``), e.g.
+    ``[(num_heads, 2 * max_len - 1)]`` for a relative-position bias; they are parameters
+    ``score_mod_table0``, ``score_mod_table1``, ... initialised by ``score_mod_table_init`` (zeros by
+    default) and trained through the kernels' table gradients."""
 
     def __init__(self, *args: Any, impl: Impl = "auto", attention_fn: Callable[..., jax.Array] | None = None,
-                 score_mod: Callable | None = None, **kwargs: Any):
+                 score_mod: Callable | None = None, score_mod_tables: Sequence[Sequence[int]] = (),
+                 score_mod_table_init: Callable = nnx.initializers.zeros_init(), **kwargs: Any):
         if attention_fn is not None and score_mod is not None:
             raise ValueError("score_mod applies to jaxattn's attention_fn: give attention_fn or score_mod, not both")
-        fn = attention_fn or functools.partial(_core, impl=impl, score_mod=score_mod)
+        if score_mod_tables and score_mod is None:
+            raise ValueError("score_mod_tables are read by a score_mod: give score_mod too")
+        shapes = [tuple(int(n) for n in s) for s in score_mod_tables]
+        if any(len(s) < 1 or min(s) < 1 for s in shapes):
+            raise ValueError(f"score_mod_tables must be shapes of rank >= 1 with positive sizes, got {score_mod_tables}")
+        if shapes:
+            fn = _TableCore(impl, score_mod)
+        else:
+            fn = attention_fn or functools.partial(_core, impl=impl, score_mod=score_mod)
         super().__init__(*args, attention_fn=fn, **kwargs)
+        self.num_score_mod_tables = len(shapes)
+        for i, s in enumerate(shapes):
+            rngs = kwargs.get("rngs")
+            key = rngs.params() if rngs is not None else jax.random.key(0)
+            setattr(self, f"score_mod_table{i}", nnx.Param(score_mod_table_init(key, s, self.param_dtype)))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
+        if not self.num_score_mod_tables:
+            return super().__call__(*args, **kwargs)
+        tables = tuple(getattr(self, f"score_mod_table{i}")[...] for i in range(self.num_score_mod_tables))
+        token = _TABLES.set(tables)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            _TABLES.reset(token)

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from jaxattn import layers
-from conftest import assert_close, randn
+from conftest import GRAD_TOL, assert_close, randn
 
 
 def _pair(impl, **kw):
@@ -115,3 +115,41 @@ def test_score_mod_equals_flax_with_the_bias_tensor():
     assert_close(ours(x, is_causal=True), theirs(x, is_causal=True), jnp.float32, "score_mod vs bias tensor")
     with pytest.raises(ValueError, match="give attention_fn or score_mod"):
         layers.MultiHeadAttention(4, 128, score_mod=penalty, attention_fn=layers.attention_fn, rngs=nnx.Rngs(0))
+
+
+def test_learned_score_mod_table_trains_like_a_bias_tensor():
+    """MultiHeadAttention(score_mod_tables=...) owns a learned relative-position table: its loss and the
+    gradients of every parameter (the table's through the kernel's scatter; under nnx.jit) equal those of
+    the same parameters run through flax's projections and dot_product_attention with the table expanded
+    into an explicit bias tensor."""
+    n = 19
+
+    def rel(x, b, h, qi, ki, table):
+        return x + table[h, qi - ki + n - 1]
+
+    init = nnx.initializers.normal(0.5)
+    ours = layers.MultiHeadAttention(4, 128, impl="pallas", score_mod=rel, score_mod_tables=[(4, 2 * n - 1)],
+                                     score_mod_table_init=init, decode=False, rngs=nnx.Rngs(0))
+    assert ours.score_mod_table0[...].shape == (4, 2 * n - 1) and float(jnp.abs(ours.score_mod_table0[...]).max()) > 0
+    idx = np.arange(n)[:, None] - np.arange(n)[None, :] + n - 1
+
+    x = randn(jax.random.PRNGKey(6), (2, n, 128), jnp.float32)
+
+    def loss(m, x):
+        return jnp.sum(m(x) ** 2)
+
+    def explicit(m, x):  # the same parameters through flax's pieces, the table as an explicit bias tensor
+        q, k, v = m.query(x), m.key(x), m.value(x)
+        o = nnx.dot_product_attention(q, k, v, m.score_mod_table0[...][:, idx][None])
+        return jnp.sum(m.out(o) ** 2)
+
+    lo, go = nnx.jit(nnx.value_and_grad(loss))(ours, x)
+    lt, gt = nnx.value_and_grad(explicit)(ours, x)
+    assert_close(lo, lt, jnp.float32, "loss")
+    assert float(jnp.abs(gt.score_mod_table0[...]).max()) > 0
+    for name in ("score_mod_table0", "query", "key", "value", "out"):
+        a, b = getattr(go, name), getattr(gt, name)
+        a, b = (a[...], b[...]) if name == "score_mod_table0" else (a.kernel[...], b.kernel[...])
+        assert_close(a, b, jnp.float32, f"d{name}", GRAD_TOL)
+    with pytest.raises(ValueError, match="give score_mod too"):
+        layers.MultiHeadAttention(4, 128, score_mod_tables=[(4, 3)], rngs=nnx.Rngs(0))
