@@ -268,3 +268,36 @@ def test_refusals_name_the_argument():
     with pytest.raises(TypeError, match="tables are read-only views"):
         jaxattn.attention(q, q, q, score_mod=lambda x, b, h, i, j, t: x + jnp.sum(t), score_mod_tables=(row,),
                           impl="pallas")
+
+
+def test_out_of_range_reads_wrap_and_clamp_as_jnp():
+    """Indices past a table's ends read what jnp indexing reads (negatives wrap once, then clamp): the
+    forward against the XLA path, which indexes real arrays; the table's gradient reaches the entries
+    actually read (the oracle: the clamped indices built in NumPy; jnp's own gradient would drop the
+    out-of-range reads' contributions, as XLA's scatter drops out-of-bounds updates)."""
+    s, h, n = 37, 2, 7
+    ks = jax.random.split(jax.random.PRNGKey(9), 4)
+    q, k, v = (randn(kk, (1, s, h, 32), jnp.float32) for kk in ks[:3])
+    table = randn(ks[3], (h, n), jnp.float32)
+
+    def wild(x, b, hh, qi, ki, t):  # qi - ki in [-36, 36] against 7 entries
+        return x + t[hh, qi - ki]
+
+    rel = np.arange(s)[:, None] - np.arange(s)[None, :]
+    idx = np.clip(np.where(rel < 0, rel + n, rel), 0, n - 1)
+
+    def kernel(q, table):
+        o = jaxattn.attention(q, k, v, score_mod=wild, score_mod_tables=(table,), impl="pallas")
+        return (o * jnp.cos(o)).sum(), o
+
+    def oracle(q, table):
+        o = attention_reference(q, k, v, mask=table[:, idx][None])[0]
+        return (o * jnp.cos(o)).sum(), o
+
+    (gq_k, gt_k), o_k = jax.grad(kernel, (0, 1), has_aux=True)(q, table)
+    (gq_r, gt_r), o_r = jax.grad(oracle, (0, 1), has_aux=True)(q, table)
+    o_x = jaxattn.attention(q, k, v, score_mod=wild, score_mod_tables=(table,), impl="xla")
+    assert_close(o_k, o_x, jnp.float32, "out vs impl='xla'")
+    assert_close(o_k, o_r, jnp.float32, "out")
+    assert_close(gq_k, gq_r, jnp.float32, "dq", GRAD_TOL)
+    assert_close(gt_k, gt_r, jnp.float32, "dtable", GRAD_TOL)

@@ -77,7 +77,9 @@ def attention(
       score_mod_tables: arrays (rank >= 1; floating or integer) passed to ``score_mod`` after
         ``kv_idx``, which it reads by indexing every axis with the index arguments, e.g. a learned
         relative-position bias ``table[head, q_idx - kv_idx + kv_len - 1]`` (FlexAttention's captured
-        tensors). Indices wrap and clamp as ``jnp`` indexing does. Floating tables are differentiable:
+        tensors). Indices wrap and clamp as ``jnp`` indexing does (an out-of-range read's gradient goes
+        to the entry read; ``impl="xla"``, being jnp, drops it: keep reads in range where the two paths
+        must agree). Floating tables are differentiable:
         the dq kernel adds each score's contribution into an fp32 gradient (atomic adds on a GPU, so
         the sum's order, and its last bits, vary between runs).
       dropout_rate: attention dropout (training): each softmax weight is zeroed with this
