@@ -155,10 +155,9 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
             fn = attention_fn or functools.partial(_core, impl=impl, score_mod=score_mod)
         super().__init__(*args, attention_fn=fn, **kwargs)
         self.num_score_mod_tables = len(shapes)
-        for i, s in enumerate(shapes):
-            rngs = kwargs.get("rngs")
-            key = rngs.params() if rngs is not None else jax.random.key(0)
-            setattr(self, f"score_mod_table{i}", nnx.Param(score_mod_table_init(key, s, self.param_dtype)))
+        for i, s in enumerate(shapes):  # (flax's module takes rngs by keyword, required)
+            setattr(self, f"score_mod_table{i}", nnx.Param(score_mod_table_init(kwargs["rngs"].params(), s,
+                                                                                self.param_dtype)))
 
     def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
         if not self.num_score_mod_tables:

@@ -143,6 +143,11 @@ def pallas_call(
     return run
 
 
+def whole_block(shape: Sequence[int]) -> pl.BlockSpec:
+    """The whole array as every program's block (small inputs a kernel indexes itself: lists, tables)."""
+    return pl.BlockSpec(tuple(shape), lambda *_, n=len(shape): (0,) * n)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

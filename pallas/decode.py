@@ -238,7 +238,7 @@ def _launch(q, k, v, lengths, table, *, s_max: int, cfg: DecodeConfig, bk: int, 
         extra_specs.append(pl.BlockSpec((None, 2), lambda i, b, h: (h, 0)))
         extra.append(kv_scale)
     for x in score_mod_tables:  # whole: the kernel gathers from them
-        extra_specs.append(pl.BlockSpec(x.shape, lambda *_, n=x.ndim: (0,) * n))
+        extra_specs.append(_common.whole_block(x.shape))
         extra.append(x)
     call = _common.pallas_call(
         functools.partial(_kernel, st=st),

@@ -622,7 +622,7 @@ def _list_inputs(st: _Static, layout, transposed: bool):
         return [], []
     kv_index, kv_blocks, q_index, q_blocks, q_offset = layout
     arrays = [q_index, q_blocks, q_offset] if transposed else [kv_index, kv_blocks, q_offset]
-    return [pl.BlockSpec(x.shape, lambda *_, n=x.ndim: (0,) * n) for x in arrays], arrays
+    return _whole_inputs(arrays)
 
 
 def _row_inputs(st: _Static, qseg, kseg, bias, alibi, seed, layout, bq: int, bk: int, tables=()):
@@ -637,13 +637,13 @@ def _row_inputs(st: _Static, qseg, kseg, bias, alibi, seed, layout, bq: int, bk:
         arrays.append(bias)
     sspecs, sarrays = _scalar_inputs(st, alibi, seed)
     lspecs, larrays = _list_inputs(st, layout, transposed=False)
-    tspecs, tarrays = _table_inputs(tables)
+    tspecs, tarrays = _whole_inputs(tables)
     return specs + sspecs + lspecs + tspecs, arrays + sarrays + larrays + tarrays
 
 
-def _table_inputs(tables):
-    """Specs and arrays of score_mod's tables: whole (the kernels gather from them)."""
-    return [pl.BlockSpec(x.shape, lambda *_, n=x.ndim: (0,) * n) for x in tables], list(tables)
+def _whole_inputs(arrays):
+    """Specs and arrays of inputs every program reads whole (sparse lists, score_mod's tables)."""
+    return [_common.whole_block(x.shape) for x in arrays], list(arrays)
 
 
 def _scalar_inputs(st: _Static, alibi, seed):
@@ -699,7 +699,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     tables, (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (dq_ref, *outs)) = \
         _optional_refs(st, rest)
     dbias, outs = (outs[:1], outs[1:]) if st.bias_grad else ((), outs)
-    table_grads = dict(zip((n for n, g in enumerate(st.table_grads) if g), outs))  # fp32, accumulated
+    dtable_refs = dict(zip((n for n, g in enumerate(st.table_grads) if g), outs))  # fp32, accumulated
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
     q, do = (_common.load_tile(r, (slice(None), slice(None)), q_start, st.q_len, _q_ragged(st), w)
@@ -745,8 +745,8 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
         dz = p * (dp - delta[:, None])  # cotangent of the final logits (the bias enters there)
         if st.bias_grad:
             store_dz(j, dz)
-        if table_grads:
-            _score_mod.add_table_grads(table_grads, t[2], dz, _common.resolve_interpret(st.interpret))
+        if dtable_refs:
+            _score_mod.add_table_grads(dtable_refs, t[2], dz, _common.resolve_interpret(st.interpret))
         ds = _logit_grad(st, dz, t)
         return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
 
@@ -802,7 +802,7 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, ali
     for x, grad in zip(tables, st.table_grads):  # every program adds into the whole table
         if grad:
             out_shape.append(jax.ShapeDtypeStruct(x.shape, jnp.float32))
-            out_specs.append(pl.BlockSpec(x.shape, lambda *_, n=x.ndim: (0,) * n))
+            out_specs.append(_common.whole_block(x.shape))
             out_init.append(jnp.zeros(x.shape, jnp.float32))
     call = _common.pallas_call(
         functools.partial(_dq_kernel, st=st, block_q=bq, block_k=bk),
@@ -957,7 +957,7 @@ def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, a
     in_specs, args = in_specs + specs, args + arrays
     specs, arrays = _list_inputs(st, layout, transposed=True)
     in_specs, args = in_specs + specs, args + arrays
-    specs, arrays = _table_inputs(tables)
+    specs, arrays = _whole_inputs(tables)
     in_specs, args = in_specs + specs, args + arrays
     if st.packed:  # (slot 0, dq, comes from the dq kernel afterwards)
         out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]

@@ -75,6 +75,27 @@ def randn(key, shape, dtype):
     return jax.random.normal(key, shape, jnp.float32).astype(dtype)
 
 
+def random_attention_case(seed: int, draw: int | None = None, max_q: int = 90, max_k: int = 110) -> dict:
+    """A random attention problem: batch 2, ragged ``sq`` (and ``sk``, half the time different), GQA or
+    not, head dim 32 or 64 (drawn from ``draw``, default ``seed``); causal and dtype cycle with ``seed``."""
+    r = np.random.default_rng(seed if draw is None else draw)
+    hkv = int(r.choice([1, 2]))
+    sq = int(r.integers(1, max_q))
+    return dict(b=2, sq=sq, sk=sq if r.random() < 0.5 else int(r.integers(1, max_k)), hkv=hkv,
+                hq=hkv * int(r.choice([1, 3])), d=int(r.choice([32, 64])), causal=bool(seed % 2),
+                dtype=[jnp.float32, jnp.bfloat16, jnp.float16][seed % 3])
+
+
+def attention_inputs(key, c: dict) -> tuple:
+    """``q, k, v`` of a :func:`random_attention_case` in its dtype and an fp32 output cotangent ``do``, from
+    the first four of five splits of ``key`` (the fifth is the caller's)."""
+    ks = jax.random.split(key, 5)
+    q = randn(ks[0], (c["b"], c["sq"], c["hq"], c["d"]), c["dtype"])
+    k = randn(ks[1], (c["b"], c["sk"], c["hkv"], c["d"]), c["dtype"])
+    v = randn(ks[2], (c["b"], c["sk"], c["hkv"], c["d"]), c["dtype"])
+    return q, k, v, randn(ks[3], q.shape, jnp.float32)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import jaxattn
-from conftest import GRAD_TOL, assert_close, count_triton_calls, lower_for_cuda, randn
+from conftest import (GRAD_TOL, assert_close, attention_inputs, count_triton_calls, lower_for_cuda,
+                      random_attention_case, randn)
 from jaxattn import BlockMask
 from jaxattn.pallas import decode, flash
 from jaxattn.reference import attention_reference
@@ -35,22 +36,13 @@ def _bias_tensor(batch, hq, sq, sk):
 
 
 def _case(seed):
-    r = np.random.default_rng(seed)
-    hkv = int(r.choice([1, 2]))
-    sq = int(r.integers(1, 90))
-    return dict(b=2, sq=sq, sk=sq if r.random() < 0.5 else int(r.integers(1, 110)), hkv=hkv,
-                hq=hkv * int(r.choice([1, 3])), d=int(r.choice([32, 64])), causal=bool(seed % 2),
-                dtype=[jnp.float32, jnp.bfloat16, jnp.float16][seed % 3], mod=[rel_bias, nonlinear][seed // 3 % 2])
+    return dict(random_attention_case(seed), mod=[rel_bias, nonlinear][seed // 3 % 2])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 5] + [pytest.param(s, marks=pytest.mark.slow) for s in (2, 3, 4)])
 def test_kernel_matches_dense_oracle(seed):
     c = _case(seed)
-    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
-    q = randn(ks[0], (c["b"], c["sq"], c["hq"], c["d"]), c["dtype"])
-    k = randn(ks[1], (c["b"], c["sk"], c["hkv"], c["d"]), c["dtype"])
-    v = randn(ks[2], (c["b"], c["sk"], c["hkv"], c["d"]), c["dtype"])
-    do = randn(ks[3], q.shape, jnp.float32)
+    q, k, v, do = attention_inputs(jax.random.PRNGKey(seed), c)
     softcap = 30.0 if seed % 2 else None
 
     def kernel(q, k, v):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import jaxattn
-from conftest import GRAD_TOL, assert_close, count_triton_calls, lower_for_cuda, randn
+from conftest import (GRAD_TOL, assert_close, attention_inputs, count_triton_calls, lower_for_cuda,
+                      random_attention_case, randn)
 from jaxattn import BlockMask
 from jaxattn.pallas import decode, flash
 from jaxattn.reference import attention_reference
@@ -59,30 +60,17 @@ def _t5_bias(buckets, slopes, docs, bidx, sq, sk):
     return (1.0 + 0.1 * slopes)[None, :, None, None], bias
 
 
-def _case(seed):
-    r = np.random.default_rng(100 + seed)
-    hkv = int(r.choice([1, 2]))
-    sq = int(r.integers(1, 80))
-    return dict(b=2, sq=sq, sk=sq if r.random() < 0.5 else int(r.integers(1, 100)), hkv=hkv,
-                hq=hkv * int(r.choice([1, 3])), d=int(r.choice([32, 64])), causal=bool(seed % 2),
-                dtype=[jnp.float32, jnp.bfloat16, jnp.float16][seed % 3])
-
-
 def _grads(loss, args):
     return jax.jit(jax.grad(loss, tuple(range(len(args))), has_aux=True))(*args)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 3, 5] + [pytest.param(s, marks=pytest.mark.slow) for s in (2, 4, 6, 7)])
 def test_relative_table_matches_explicit_bias(seed):
-    c = _case(seed)
-    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
-    q = randn(ks[0], (c["b"], c["sq"], c["hq"], c["d"]), c["dtype"])
-    k = randn(ks[1], (c["b"], c["sk"], c["hkv"], c["d"]), c["dtype"])
-    v = randn(ks[2], (c["b"], c["sk"], c["hkv"], c["d"]), c["dtype"])
-    do = randn(ks[3], q.shape, jnp.float32)
+    c = random_attention_case(seed, draw=100 + seed, max_q=80, max_k=100)
+    q, k, v, do = attention_inputs(jax.random.PRNGKey(seed), c)
     # a [heads, sq + sk - 1] table (its center: row 0 against key 0 when sq == sk; one dtype per seed)
     n = 2 * max(c["sq"], c["sk"]) - 1
-    table = randn(ks[4], (c["hq"], n), [jnp.float32, jnp.bfloat16][seed % 2])
+    table = randn(jax.random.split(jax.random.PRNGKey(seed), 5)[4], (c["hq"], n), [jnp.float32, jnp.bfloat16][seed % 2])
 
     def kernel(q, k, v, table):
         o, lse = jaxattn.attention(q, k, v, causal=c["causal"], score_mod=relative, score_mod_tables=(table,),

@@ -120,19 +120,9 @@ def _table_peer(case: Case) -> Callable[..., Any]:
     """What a learned table costs: :func:`relative_bias` reading ``[heads, 2 S - 1]`` (gathers in every
     kernel), its gradient in fwd+bwd (the dq kernel's atomic adds) beside dq, dk, dv."""
     table = jnp.zeros((case.heads, 2 * case.seq - 1), jnp.float32)
-
-    def op(q, k, v, t):
-        return jaxattn.attention(q, k, v, causal=case.causal, impl="pallas", score_mod=relative_bias,
-                                 score_mod_tables=(t,))
-
-    if case.mode == "fwd":
-        return jax.jit(lambda q, k, v, do: op(q, k, v, table))
-
-    def fwd_bwd(q, k, v, do):
-        out, vjp = jax.vjp(op, q, k, v, table)
-        return out, vjp(do)
-
-    return jax.jit(fwd_bwd)
+    fn = runner.jax_mode_fn(lambda q, k, v, t: jaxattn.attention(
+        q, k, v, causal=case.causal, impl="pallas", score_mod=relative_bias, score_mod_tables=(t,)), case.mode, n_diff=4)
+    return lambda q, k, v, do: fn(q, k, v, table, do)
 
 
 def _tokamax_peers(causal: bool) -> dict[str, Callable[..., jax.Array]]:

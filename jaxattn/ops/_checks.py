@@ -150,13 +150,14 @@ def check_soft_cap(cap: Any) -> float | None:
     return value
 
 
-def check_score_mod(fn: Any, tables: Any = ()) -> Any:
-    """``score_mod``: None, or an elementwise ``(x, batch, head, q_idx, kv_idx, *tables) -> x'`` that
-    closes over no arrays (the kernels trace it inside; arrays it reads come as ``score_mod_tables``)."""
+def check_score_mod(fn: Any, tables: Any = ()) -> tuple[Any, tuple]:
+    """``(score_mod, score_mod_tables)``: None and no tables, or an elementwise ``(x, batch, head, q_idx,
+    kv_idx, *tables) -> x'`` that closes over no arrays (the kernels trace it inside; arrays it reads come
+    as ``score_mod_tables``) and its checked tables."""
     if fn is None:
-        if tables is not None and len(tuple(tables)):
+        if check_score_mod_tables(tables):
             raise ValueError("score_mod_tables are read by a score_mod: give score_mod too")
-        return None
+        return None, ()
     if not callable(fn):
         raise ValueError(f"score_mod must be a callable (x, batch, head, q_idx, kv_idx) -> x', got {type(fn).__name__}")
     tables = check_score_mod_tables(tables)

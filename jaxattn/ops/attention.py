@@ -127,8 +127,7 @@ def attention(
     scale = _checks.check_scale(scale)
     extra = dict(local_window_size=_checks.check_window(local_window_size),
                  logits_soft_cap=_checks.check_soft_cap(logits_soft_cap))
-    if score_mod is not None or score_mod_tables:
-        extra["score_mod"], extra["score_mod_tables"] = _checks.check_score_mod(score_mod, score_mod_tables)
+    extra["score_mod"], extra["score_mod_tables"] = _checks.check_score_mod(score_mod, score_mod_tables)
     if alibi_slopes is not None:
         extra["alibi_slopes"] = _checks.check_alibi(alibi_slopes, batch, hq)
     if _checks.check_dropout(dropout_rate, dropout_rng):
@@ -150,7 +149,7 @@ def attention(
     if use_kernel:
         mosaic = impl == "mosaic" or (impl == "auto" and _flash.mosaic_auto(
             q, k, v, causal, mask, qseg, extra["local_window_size"], extra["logits_soft_cap"],
-            extra.get("alibi_slopes"), extra.get("dropout_rate", 0.0), extra.get("score_mod")))
+            extra.get("alibi_slopes"), extra.get("dropout_rate", 0.0), extra["score_mod"]))
         packed = _packed_qkv is not None and not mosaic
         out, lse = _flash.flash_attention(
             *((_packed_qkv, None, None) if packed else (q, k, v)), causal=causal, scale=scale, bias=mask,

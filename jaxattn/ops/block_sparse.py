@@ -521,8 +521,7 @@ def block_sparse_attention(
 
         qs, ks = _segment_pair(segment_ids, batch, q_len, kv_len)
         opts.update(q_segment_ids=qs, kv_segment_ids=ks)
-    if score_mod is not None or score_mod_tables:
-        opts["score_mod"], opts["score_mod_tables"] = _checks.check_score_mod(score_mod, score_mod_tables)
+    opts["score_mod"], opts["score_mod_tables"] = _checks.check_score_mod(score_mod, score_mod_tables)
     drop = {}
     if _checks.check_dropout(dropout_rate, dropout_rng):
         drop = dict(dropout_rate=float(dropout_rate), dropout_seed=_dropout.seed_from_key(dropout_rng))

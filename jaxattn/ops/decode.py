@@ -110,8 +110,7 @@ def decode_options(batch: int, heads: int, kv_heads: int, *, scale, local_window
     if k_scale is not None:
         extra.update(k_scale=check_kv_scale("k_scale", k_scale, kv_heads),
                      v_scale=check_kv_scale("v_scale", v_scale, kv_heads))
-    if score_mod is not None or score_mod_tables:
-        extra["score_mod"], extra["score_mod_tables"] = _checks.check_score_mod(score_mod, score_mod_tables)
+    extra["score_mod"], extra["score_mod_tables"] = _checks.check_score_mod(score_mod, score_mod_tables)
     return extra
 
 
