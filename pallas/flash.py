@@ -123,6 +123,10 @@ class _Static:
     bias_grad: bool = False  # the dq kernel also writes the logits' cotangent (an additive bias's)
     dropout: float = 0.0  # attention dropout rate (mask from ``_dropout``, regenerated in every kernel)
     dropout_shared: bool = False  # one mask for every (batch, head), as flax's broadcast_dropout
+    # positions (q_offset, kv_offset) come as an int32 [2] input (``position_offset``): query row i sits at
+    # key position ``i + q_offset - kv_offset`` (not ``i + kv_len - q_len``) and score_mod sees
+    # ``q_offset + i``, ``kv_offset + j``
+    offsets: bool = False
     mosaic: Any = None  # a flash_mgpu.MosaicConfig: the forward runs on Mosaic GPU (Hopper)
     # q, k, v are slots 0, 1, 2 of one [B, S, 3, H, D] array (passed as q; k and v None): the
     # kernels read them in place and the backward writes one [B, S, 3, H, D] cotangent
@@ -163,9 +167,9 @@ def _bounds(st: Any, causal: bool | None = None) -> tuple[int | None, int | None
     return left, right
 
 
-def _block_mask(st: _Static, q_pos, k_pos, *, causal: bool, length: bool, transposed: bool = False):
+def _block_mask(st: _Static, q_pos, k_pos, *, causal: bool, length: bool, transposed: bool = False, align=None):
     """Boolean [bq, bk] mask from positions (``[bk, bq]`` when ``transposed``), or None when
-    nothing is masked."""
+    nothing is masked. ``align``: the key position of query row 0 (default ``kv_len - q_len``)."""
     mask = None
     shape = (k_pos.shape[0], q_pos.shape[0]) if transposed else (q_pos.shape[0], k_pos.shape[0])
     q_pos, k_pos = (q_pos[None, :], k_pos[:, None]) if transposed else (q_pos[:, None], k_pos[None, :])
@@ -175,7 +179,7 @@ def _block_mask(st: _Static, q_pos, k_pos, *, causal: bool, length: bool, transp
 
     if length:
         mask = jnp.broadcast_to(k_pos < st.kv_len, shape)
-    pos = q_pos + (st.kv_len - st.q_len)  # the query's position among the keys
+    pos = q_pos + (st.kv_len - st.q_len if align is None else align)  # the query's position among the keys
     left, right = _bounds(st, causal)
     if right is not None:
         mask = both(mask, k_pos <= pos + right)
@@ -203,8 +207,8 @@ def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask, transposed: bool = Fa
     """Base-2 logits ``log2(e) * (softcap(scale * q k^T) + bias)`` with masked entries at -inf,
     and the soft cap's ``tanh`` term (None without one) for the backward. ``transposed`` gives
     the ``[bk, bq]`` logits ``k q^T`` (``bias`` still comes as a ``[bq, bk]`` tile, ``pos_mask``
-    as ``[bk, bq]``). ``alibi = (slope, q_pos, k_pos)`` subtracts ``slope * |p - k_pos|``, ``p`` the
-    query's position ``q_pos + kv_len - q_len``. ``raw`` (:func:`_raw_logits` holds): ``q k^T``
+    as ``[bk, bq]``). ``alibi = (slope, p, k_pos)`` subtracts ``slope * |p - k_pos|``, ``p`` the
+    queries' positions among the keys (:func:`_aligned`). ``raw`` (:func:`_raw_logits` holds): ``q k^T``
     masked, not yet multiplied by :func:`_logit_scale`. ``mod = (batch, head, q_pos, k_pos, table refs,
     grads)`` applies ``st.score_mod`` to the (capped) logits; ``t`` is then ``(tanh term, d score_mod /
     d x, partials for the tables' gradients)`` (:func:`_score_mod.apply`)."""
@@ -218,8 +222,7 @@ def _scores(st: _Static, q, k, qseg, kseg, bias, pos_mask, transposed: bool = Fa
                                              grads=grads)
         t = (t, dmod, partials)
     if alibi is not None:
-        slope, q_pos, k_pos = alibi
-        p = q_pos + (st.kv_len - st.q_len)
+        slope, p, k_pos = alibi
         dist = jnp.abs(k_pos[:, None] - p[None, :]) if transposed else jnp.abs(p[:, None] - k_pos[None, :])
         s = s - dist.astype(jnp.float32) * (slope * LOG2E)
     mask = pos_mask
@@ -310,14 +313,14 @@ def _kv_range(st: _Static, q_start, block_q: int, block_k: int):
     return n_full, hi
 
 
-def _kv_blocks(st: _Static, q_start, block_q: int, block_k: int):
+def _kv_blocks(st: _Static, q_start, block_q: int, block_k: int, align=None):
     """Key-block ranges ``lo <= full_lo <= full_hi <= hi`` for a query block: ``[lo, full_lo)``
     straddles the left window edge (masked), ``[full_lo, full_hi)`` is fully visible to every
     row, ``[full_hi, hi)`` straddles the causal diagonal / right window edge / padded keys
-    (masked); blocks outside ``[lo, hi)`` are skipped."""
+    (masked); blocks outside ``[lo, hi)`` are skipped. ``align``: as :func:`_block_mask`'s."""
     n_valid = -(-st.kv_len // block_k)  # blocks holding real keys
     n_valid_full = st.kv_len // block_k  # blocks made only of real keys
-    offset = st.kv_len - st.q_len
+    offset = st.kv_len - st.q_len if align is None else align
     first, last = q_start + offset, q_start + block_q - 1 + offset  # positions of the block's rows
     left, right = _bounds(st)
     if right is None:
@@ -359,10 +362,10 @@ def _load_bias(st: _Static, bias_ref, lead: tuple, q_idx, k_idx, q_pos, k_pos, r
 
 
 def _optional_refs(st: _Static, rest):
-    """Splits ``(qseg, kseg, segment block ranges)?, bias?, alibi slopes?, dropout seed?, (index,
-    blocks, q_offset)?, score_mod tables*, *outputs`` off the kernel's trailing refs (the tables are
-    returned first)."""
-    qseg_ref = kseg_ref = range_ref = bias_ref = alibi_ref = seed_ref = lists = None
+    """Splits ``(qseg, kseg, segment block ranges)?, bias?, alibi slopes?, dropout seed?, position
+    offsets?, (index, blocks, q_offset)?, score_mod tables*, *outputs`` off the kernel's trailing refs
+    (the tables are returned first, the offsets as :func:`_offsets`)."""
+    qseg_ref = kseg_ref = range_ref = bias_ref = alibi_ref = seed_ref = pos_ref = lists = None
     if st.has_seg:
         qseg_ref, kseg_ref, range_ref, *rest = rest
     if st.bias_kind:
@@ -371,10 +374,26 @@ def _optional_refs(st: _Static, rest):
         alibi_ref, *rest = rest
     if st.dropout:
         seed_ref, *rest = rest
+    if st.offsets:
+        pos_ref, *rest = rest
     if st.sparse is not None:
         lists, rest = rest[:3], rest[3:]
     tables, rest = tuple(rest[:st.mod_tables]), rest[st.mod_tables:]
-    return tables, (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, rest)
+    return (tables, _offsets(st, pos_ref)), (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, rest)
+
+
+def _offsets(st: _Static, pos_ref) -> tuple:
+    """``(align, q_offset, kv_offset)``: the key position of query row 0 (None: ``kv_len - q_len``) and
+    what score_mod's indices add, from the ``position_offset`` input (read once per program)."""
+    if not st.offsets:
+        return None, 0, 0
+    q_off, kv_off = pos_ref[0], pos_ref[1]
+    return q_off - kv_off, q_off, kv_off
+
+
+def _aligned(st: _Static, q_pos, align):
+    """Query rows ``q_pos`` -> their positions among the keys (ALiBi's distances)."""
+    return q_pos + (st.kv_len - st.q_len if align is None else align)
 
 
 def _batch_head(st: _Static, head):
@@ -498,10 +517,13 @@ def _q_positions(st: _Static, q_start, block_q: int, lists):
 
 
 def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked: bool,
-              slope=None, raw: bool = False, bh=None, tables: tuple = (), grads: tuple[bool, ...] = ()):
+              slope=None, raw: bool = False, bh=None, tables: tuple = (), grads: tuple[bool, ...] = (),
+              offs: tuple = (None, 0, 0)):
     """Key block ``j`` for a query tile: base-2 logits ``s [bq, bk]`` (``raw``: not yet scaled, see
     :func:`_scores`), the chain-rule terms (or None), k and v. ``bh``: the program's (batch, head),
-    ``tables`` the table refs and ``grads`` which tables' partials to return, for ``score_mod``."""
+    ``tables`` the table refs and ``grads`` which tables' partials to return, for ``score_mod``;
+    ``offs``: :func:`_offsets`."""
+    align, q_off, kv_off = offs
     k_start = pl.multiple_of(j * block_k, block_k)
     ks = pl.ds(k_start, block_k)
     k_pos = k_start + jnp.arange(block_k)
@@ -513,11 +535,11 @@ def _row_tile(st: _Static, j, block_k: int, q, q_pos, qseg, k_ref, v_ref, kseg_r
     if masked:
         # a sparse layout pads keys to its mask block: a listed tile may be all padding
         length = st.kv_len % block_k != 0 or (st.sparse is not None and st.kv_len != st.kv_pad)
-        pos_mask = _block_mask(st, q_pos, k_pos, causal=st.causal, length=length)
+        pos_mask = _block_mask(st, q_pos, k_pos, causal=st.causal, length=length, align=align)
     kseg = kseg_ref[ks] if st.has_seg else None
     bias = _load_bias(st, bias_ref, (), slice(None), ks, q_pos, k_pos, ragged) if st.bias_kind else None
-    alibi = (slope, q_pos, k_pos) if st.alibi else None
-    mod = (*bh, q_pos, k_pos, tables, grads) if st.score_mod is not None else None
+    alibi = (slope, _aligned(st, q_pos, align), k_pos) if st.alibi else None
+    mod = (*bh, q_pos + q_off, k_pos + kv_off, tables, grads) if st.score_mod is not None else None
     s, t = _scores(st, q, k, qseg, kseg, bias, pos_mask, alibi=alibi, raw=raw, mod=mod)
     return s, t, k, v
 
@@ -539,7 +561,7 @@ def _loop_lists(row, mask_block: int, tile: int, index_ref, blocks_ref, body, ca
     return _common.listed_loop(n_full, n_visit, tile_at, lambda _, j, c: body(j, c, masked=True), carry)
 
 
-def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry, lists=None, range_ref=None):
+def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry, lists=None, range_ref=None, align=None):
     """Runs ``body(j, carry, masked)`` over the key blocks a query tile sees: unmasked
     blocks first, then those on the causal diagonal or holding padded keys (or, for a
     sparse layout, the listed full blocks then the partial ones). With segment ids, only
@@ -547,7 +569,7 @@ def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry, list
     if st.sparse is not None:
         row = lax.div(q_start, st.sparse.block_q)
         return _loop_lists(row, st.sparse.block_k, block_k, lists[0], lists[1], body, carry)
-    lo, full_lo, full_hi, hi = _kv_blocks(st, q_start, block_q, block_k)
+    lo, full_lo, full_hi, hi = _kv_blocks(st, q_start, block_q, block_k, align)
     if range_ref is not None:
         lo, full_lo, full_hi, hi = _clip_range(range_ref, lax.div(q_start, block_q), lo, full_lo, full_hi, hi)
     if st.window[0] is not None:  # else lo = full_lo = 0
@@ -563,7 +585,7 @@ def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry, list
 
 def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, *rest = refs
-    tables, (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (o_ref, lse_ref)) = \
+    (tables, offs), (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (o_ref, lse_ref)) = \
         _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
@@ -580,7 +602,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
     def body(j, carry, masked: bool):
         s, _, _, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope,
-                               raw=raw, bh=bh, tables=tables)
+                               raw=raw, bh=bh, tables=tables, offs=offs)
         drop = None
         if rows is not None:  # the normaliser sums every p; only p v sees the dropped weights
             keep = _dropout.keep(rows[:, None], k_off + j * block_k + jnp.arange(block_k)[None, :], st.dropout)
@@ -589,7 +611,7 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
                                    interpret=_common.resolve_interpret(st.interpret))
 
     carry = _loop_kv(st, q_start, block_q, block_k, body, online_softmax_init(block_q, v_ref.shape[-1]), lists,
-                     range_ref)
+                     range_ref, offs[0])
     o, lse = online_softmax_finish(*carry)
     _seq_store(o_ref, o, q_start, st.q_len, _q_ragged(st), st.value_dim)
     lse_ref[...] = lse
@@ -625,17 +647,17 @@ def _list_inputs(st: _Static, layout, transposed: bool):
     return _whole_inputs(arrays)
 
 
-def _row_inputs(st: _Static, qseg, kseg, bias, alibi, seed, layout, bq: int, bk: int, tables=()):
+def _row_inputs(st: _Static, qseg, kseg, bias, alibi, seed, layout, bq: int, bk: int, tables=(), pos=None):
     """Specs and arrays of the optional inputs of a kernel with one query tile per program
-    (forward, dq): segment ids (and their block ranges), bias, ALiBi slopes, sparse lists,
-    score_mod tables."""
+    (forward, dq): segment ids (and their block ranges), bias, ALiBi slopes, dropout seed, position
+    offsets, sparse lists, score_mod tables."""
     qb = functools.partial(_q_block, st, block_q=bq)
     specs, arrays = _seg_inputs(st, qseg, kseg, bq, bk, False, pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
                                 pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0)))
     if st.bias_kind:
         specs.append(_bias_spec_fwd(st, bq))
         arrays.append(bias)
-    sspecs, sarrays = _scalar_inputs(st, alibi, seed)
+    sspecs, sarrays = _scalar_inputs(st, alibi, seed, pos)
     lspecs, larrays = _list_inputs(st, layout, transposed=False)
     tspecs, tarrays = _whole_inputs(tables)
     return specs + sspecs + lspecs + tspecs, arrays + sarrays + larrays + tarrays
@@ -646,9 +668,10 @@ def _whole_inputs(arrays):
     return [_common.whole_block(x.shape) for x in arrays], list(arrays)
 
 
-def _scalar_inputs(st: _Static, alibi, seed):
+def _scalar_inputs(st: _Static, alibi, seed, pos=None):
     """Specs and arrays read as scalars by every kernel (grids ``(tile, batch, head)``): the ALiBi
-    slopes ``[B, Hq]`` (a program reads its head's, or its kv head group's) and the dropout seed."""
+    slopes ``[B, Hq]`` (a program reads its head's, or its kv head group's), the dropout seed and the
+    position offsets (int32 ``[2]``)."""
     specs, arrays = [], []
     if st.alibi:
         specs.append(pl.BlockSpec((None, alibi.shape[1]), lambda i, b, h: (b, 0)))
@@ -656,10 +679,13 @@ def _scalar_inputs(st: _Static, alibi, seed):
     if st.dropout:
         specs.append(pl.BlockSpec((4,), lambda i, b, h: (0,)))
         arrays.append(seed)
+    if st.offsets:
+        specs.append(pl.BlockSpec((2,), lambda i, b, h: (0,)))
+        arrays.append(pos)
     return specs, arrays
 
 
-def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None, tables=()):
+def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None, tables=(), pos=None):
     if st.mosaic is not None:  # the FlashAttention-3 forward (flash_mgpu); the backward stays here
         sparse = None
         if st.sparse is not None:
@@ -675,7 +701,7 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=N
     qb = functools.partial(_q_block, st, block_q=bq)
     in_specs, args = _qkv_inputs(st, q, k, v, d, dv, bq, None, lambda i, b, h: (b, qb(i), h),
                                  st.kv_pad, lambda i, b, h: (b, 0, h // g))
-    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk, tables)
+    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk, tables, pos)
     in_specs, args = in_specs + specs, args + arrays
     out_shape = [jax.ShapeDtypeStruct((batch, q.shape[1], hq, st.value_dim), q.dtype),  # (as q's rows: not padded)
                  jax.ShapeDtypeStruct((batch, hq, st.q_pad), jnp.float32)]
@@ -696,7 +722,7 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=N
 
 def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    tables, (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (dq_ref, *outs)) = \
+    (tables, offs), (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (dq_ref, *outs)) = \
         _optional_refs(st, rest)
     dbias, outs = (outs[:1], outs[1:]) if st.bias_grad else ((), outs)
     dtable_refs = dict(zip((n for n, g in enumerate(st.table_grads) if g), outs))  # fp32, accumulated
@@ -736,7 +762,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
 
     def body(j, dq, masked: bool):
         s, t, k, v = _row_tile(st, j, block_k, q, q_pos, qseg, k_ref, v_ref, kseg_ref, bias_ref, masked, slope,
-                               raw=_raw_logits(st), bh=bh, tables=tables, grads=st.table_grads)
+                               raw=_raw_logits(st), bh=bh, tables=tables, grads=st.table_grads, offs=offs)
         p = _weights(st, s, lse2[:, None])
         dp = dot(do, v, trans_b=True, precision=st.precision)
         if rows is not None:  # the cotangent of the kept weights, rescaled
@@ -750,7 +776,7 @@ def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
         ds = _logit_grad(st, dz, t)
         return dq + dot(ds.astype(k.dtype), k, precision=st.precision)
 
-    dq = _loop_kv(st, q_start, block_q, block_k, body, jnp.zeros(q.shape, jnp.float32), lists, range_ref)
+    dq = _loop_kv(st, q_start, block_q, block_k, body, jnp.zeros(q.shape, jnp.float32), lists, range_ref, offs[0])
     _seq_store(dq_ref, dq * st.scale, q_start, st.q_len, _q_ragged(st), st.head_dim, 0 if st.packed else None)
 
 
@@ -768,7 +794,7 @@ def _lse2(lse):
 
 
 def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None,
-             dqkv=None, tables=()):
+             dqkv=None, tables=(), pos=None):
     """dq (and the logits' cotangent with ``st.bias_grad``, and the fp32 gradients of the score_mod
     tables flagged in ``st.table_grads``); packed, slot 0 of ``dqkv`` (the dk/dv kernel's packed
     cotangent, updated in place)."""
@@ -788,7 +814,7 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, ali
         pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i))),
     ]
     args += [do, lse, delta]
-    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk, tables)
+    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk, tables, pos)
     in_specs, args = in_specs + specs, args + arrays
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if st.packed:
@@ -819,13 +845,13 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, ali
 # ----------------------------------------------------------------------------
 
 
-def _q_range(st: _Static, k_start, block_q: int, block_k: int):
+def _q_range(st: _Static, k_start, block_q: int, block_k: int, align=None):
     """Query-block ranges ``lo <= first_full <= last_full <= hi`` for a key block: ``[lo,
     first_full)`` straddles the causal diagonal / right window edge (masked), ``[first_full,
     last_full)`` sees the whole block, ``[last_full, hi)`` straddles the left window edge
-    (masked); other query blocks see none of it."""
+    (masked); other query blocks see none of it. ``align``: as :func:`_block_mask`'s."""
     n_q = st.q_pad // block_q
-    offset = st.kv_len - st.q_len
+    offset = st.kv_len - st.q_len if align is None else align
     left, right = _bounds(st)
     first_key, last_key = k_start - offset, k_start + block_k - 1 - offset
     # query row i sees key k iff k - offset - right <= i <= k - offset + left
@@ -848,7 +874,8 @@ def _q_range(st: _Static, k_start, block_q: int, block_k: int):
 
 def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    tables, (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, outs) = _optional_refs(st, rest)
+    (tables, (align, q_off, kv_off)), (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, outs) = \
+        _optional_refs(st, rest)
 
     k_start = pl.program_id(0) * block_k
     k_pos = k_start + jnp.arange(block_k)
@@ -873,7 +900,7 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         pos_mask = None
         if masked:  # causal diagonal / window edge, or a partial block of a sparse layout
             pos_mask = _block_mask(st, _q_positions(st, q_start, block_q, lists), k_pos,
-                                   causal=st.causal, length=False, transposed=True)
+                                   causal=st.causal, length=False, transposed=True, align=align)
         qseg = qseg_ref[qs] if st.has_seg else None
         bias = None
         if st.bias_kind:
@@ -882,8 +909,8 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
                               _kv_ragged(st))
         # Transposed scores [bk, bq] (as Triton's fused-attention backward): every dot below
         # takes its operands as they are, with no register tile transposed in between.
-        alibi = (alibi_ref[head0 + g], q_start + jnp.arange(block_q), k_pos) if st.alibi else None
-        mod = ((batch, head0 + g, _q_positions(st, q_start, block_q, lists), k_pos, tables, ())
+        alibi = (alibi_ref[head0 + g], _aligned(st, q_start + jnp.arange(block_q), align), k_pos) if st.alibi else None
+        mod = ((batch, head0 + g, _q_positions(st, q_start, block_q, lists) + q_off, k_pos + kv_off, tables, ())
                if st.score_mod is not None else None)
         s_t, t_t = _scores(st, q, k, qseg, kseg, bias, pos_mask, transposed=True, alibi=alibi,
                            raw=_raw_logits(st), mod=mod)
@@ -905,7 +932,7 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
             return _loop_lists(col, st.sparse.block_q, block_q, lists[0], lists[1],
                                functools.partial(body, g=g), carry)
     else:
-        lo, first_full, last_full, hi = _q_range(st, k_start, block_q, block_k)
+        lo, first_full, last_full, hi = _q_range(st, k_start, block_q, block_k, align)
         if range_ref is not None:
             lo, first_full, last_full, hi = _clip_range(range_ref, pl.program_id(0), lo, first_full, last_full, hi)
 
@@ -926,7 +953,8 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
         _seq_store(outs[1], dv, k_start, st.kv_len, _kv_ragged(st), st.value_dim)
 
 
-def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None, tables=()):
+def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None, tables=(),
+               pos=None):
     cfg = st.cfg
     # a soft cap keeps its tanh tile live until the chain rule, dropout its keep mask: half the
     # query rows per step keep the d=128 kernel (128 keys) spill-free
@@ -953,7 +981,7 @@ def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, a
         in_specs.append(pl.BlockSpec(
             blk, lambda j, b, h: (0 if bb else b, 0 if bh else h, 0, 0 if bbk else j)))
         args.append(bias)
-    specs, arrays = _scalar_inputs(st, alibi, seed)
+    specs, arrays = _scalar_inputs(st, alibi, seed, pos)
     in_specs, args = in_specs + specs, args + arrays
     specs, arrays = _list_inputs(st, layout, transposed=True)
     in_specs, args = in_specs + specs, args + arrays
@@ -988,21 +1016,21 @@ def _blocks(st: _Static, block_q: int, block_k: int) -> tuple[int, int]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi, seed, tables):
-    return _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi, seed, tables)
+def _flash(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi, seed, pos, tables):
+    return _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi, seed, tables, pos)
 
 
-def _flash_fwd(st, q, k, v, bias, qseg, kseg, layout, alibi, seed, tables):
+def _flash_fwd(st, q, k, v, bias, qseg, kseg, layout, alibi, seed, pos, tables):
     # symbolic_zeros: every array leaf comes as CustomVJPPrimal(value, perturbed)
     bias_grad = bias is not None and bias.perturbed and st.bias_kind == "add"
     table_grads = tuple(t.perturbed and jnp.issubdtype(t.value.dtype, jnp.inexact) for t in tables)
-    q, k, v, bias, qseg, kseg, layout, alibi, seed, tables = jax.tree.map(
-        lambda x: x.value, (q, k, v, bias, qseg, kseg, layout, alibi, seed, tables))
-    o, lse = _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi, seed, tables)
+    q, k, v, bias, qseg, kseg, layout, alibi, seed, pos, tables = jax.tree.map(
+        lambda x: x.value, (q, k, v, bias, qseg, kseg, layout, alibi, seed, pos, tables))
+    o, lse = _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi, seed, tables, pos)
     # a differentiated additive bias (and score_mod table) is marked by the residual's structure (a
     # 1-tuple, not an array)
     tables = tuple((x,) if g else x for x, g in zip(tables, table_grads))
-    return (o, lse), (q, k, v, (bias,) if bias_grad else bias, qseg, kseg, layout, alibi, seed, tables, o, lse)
+    return (o, lse), (q, k, v, (bias,) if bias_grad else bias, qseg, kseg, layout, alibi, seed, pos, tables, o, lse)
 
 
 def _zero_if_symbolic(ct, like):
@@ -1010,7 +1038,7 @@ def _zero_if_symbolic(ct, like):
 
 
 def _flash_bwd(st, res, cts):
-    q, k, v, bias, qseg, kseg, layout, alibi, seed, tables, o, lse = res
+    q, k, v, bias, qseg, kseg, layout, alibi, seed, pos, tables, o, lse = res
     bias_grad = isinstance(bias, tuple)
     if bias_grad:
         (bias,), st = bias, dataclasses.replace(st, bias_grad=True)
@@ -1022,21 +1050,22 @@ def _flash_bwd(st, res, cts):
     delta = _common.pad_axis(delta, 2, st.q_pad) - dlse.astype(jnp.float32)  # (the kernels read q_pad rows)
     do = do.astype(q.dtype)
     if st.packed:  # one [B, S, 3, H, D] cotangent: dk, dv into slots 1, 2, then dq into slot 0 in place
-        (dqkv,) = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed, tables)
+        (dqkv,) = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed, tables, pos)
         (dq, dz, dtables), dk, dv = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed,
-                                             dqkv, tables), None, None
+                                             dqkv, tables, pos), None, None
     else:
         dq, dz, dtables = _dq_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed,
-                                   tables=tables)
-        dk, dv = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed, tables)
+                                   tables=tables, pos=pos)
+        dk, dv = _dkdv_call(st, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi, seed, tables, pos)
     dbias = None
     if bias_grad:  # the logits' cotangent summed over the bias's broadcast dims
         dbias = jnp.sum(dz, axis=tuple(i for i, b in enumerate(st.bias_bcast) if b), keepdims=True)
         dbias = dbias.astype(bias.dtype)
     dtables = iter(dtables)
     dtables = tuple(next(dtables).astype(x.dtype) if g else None for x, g in zip(tables, st.table_grads))
-    # No gradient flows to a bool mask, the segment ids, the sparse layout, the ALiBi slopes or the seed.
-    return dq, dk, dv, dbias, None, None, None, None, None, dtables
+    # No gradient flows to a bool mask, the segment ids, the sparse layout, the ALiBi slopes, the seed or
+    # the position offsets.
+    return dq, dk, dv, dbias, None, None, None, None, None, None, dtables
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
@@ -1061,6 +1090,7 @@ def flash_attention(
     dropout_seed: jax.Array | None = None,
     dropout_shared: bool = False,
     dropout_offset: tuple = (0, 0, 0),
+    position_offset: tuple | None = None,
     config: FlashConfig | None = None,
     interpret: bool | None = None,
     backend: str = "triton",
@@ -1096,6 +1126,10 @@ def flash_attention(
         them with ``dropout_shared``), query row and key, regenerated by the backward kernels.
       dropout_offset: ``(batch, query row, key)`` of this call's block in a larger problem's mask
         (ints or int32 scalars; a sequence or batch shard draws its part of the single-device mask).
+      position_offset: ``(q_offset, kv_offset)`` (ints or int32 scalars): q and k are blocks of a larger
+        problem starting at these positions. Query row i sits at position ``q_offset + i`` and key j at
+        ``kv_offset + j``: the causal mask, window and ALiBi compare those (instead of aligning the
+        last query with the last key), and score_mod sees them as ``q_idx`` / ``kv_idx``.
       config: tile sizes; defaults to the table entry for (head dim, dtype).
       interpret: run in interpret mode; None picks it when no GPU is present.
       backend: ``"triton"``, or ``"mosaic"``: the forward runs the FlashAttention-3 kernel of
@@ -1127,7 +1161,7 @@ def flash_attention(
     mosaic = None
     if backend == "mosaic":
         check_mosaic(q, k, v, bias, q_segment_ids, local_window_size, logits_soft_cap, alibi_slopes,
-                     dropout_rate, score_mod)
+                     dropout_rate, score_mod, position_offset)
         mosaic = mosaic_config or flash_mgpu.mosaic_config(d)
         # powers of two: the larger tile is a multiple of the smaller
         q_block, k_block = max(q_block, 2 * mosaic.block_q), max(k_block, mosaic.block_kv)
@@ -1154,7 +1188,7 @@ def flash_attention(
         window=tuple(local_window_size) if local_window_size is not None else (None, None),
         softcap=None if logits_soft_cap is None else float(logits_soft_cap), alibi=alibi_slopes is not None,
         score_mod=score_mod, mod_tables=len(score_mod_tables), heads=hq, dropout=float(dropout_rate),
-        dropout_shared=bool(dropout_shared), mosaic=mosaic, packed=packed,
+        dropout_shared=bool(dropout_shared), mosaic=mosaic, packed=packed, offsets=position_offset is not None,
     )
     seed = None
     if dropout_rate:
@@ -1164,11 +1198,14 @@ def flash_attention(
     alibi = None
     if alibi_slopes is not None:
         alibi = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, hq), (batch, hq))
-    return run_padded(st, q, k, v, bias, qseg, kseg, None, alibi, seed, tuple(score_mod_tables))
+    pos = None
+    if position_offset is not None:
+        pos = jnp.stack([jnp.asarray(x, jnp.int32) for x in position_offset])
+    return run_padded(st, q, k, v, bias, qseg, kseg, None, alibi, seed, tuple(score_mod_tables), pos)
 
 
 def mosaic_auto(q, k, v, causal: bool, bias=None, q_segment_ids=None, window=None, softcap=None, alibi=None,
-                dropout_rate=0.0, score_mod=None) -> bool:
+                dropout_rate=0.0, score_mod=None, position_offset=None) -> bool:
     """Whether ``impl="auto"`` runs the Mosaic GPU forward for these inputs: switched on
     (``flash_mgpu.AUTO_ON_HOPPER``), a Hopper GPU, and inputs it takes (``check_mosaic``)."""
     if not flash_mgpu.AUTO_ON_HOPPER or not flash_mgpu.on_hopper():
@@ -1176,14 +1213,14 @@ def mosaic_auto(q, k, v, causal: bool, bias=None, q_segment_ids=None, window=Non
     if causal and not flash_mgpu.causal_supported():
         return False
     try:
-        check_mosaic(q, k, v, bias, q_segment_ids, window, softcap, alibi, dropout_rate, score_mod)
+        check_mosaic(q, k, v, bias, q_segment_ids, window, softcap, alibi, dropout_rate, score_mod, position_offset)
     except ValueError:
         return False
     return True
 
 
 def check_mosaic(q, k, v, bias=None, q_segment_ids=None, window=None, softcap=None, alibi=None,
-                 dropout_rate=0.0, score_mod=None) -> None:
+                 dropout_rate=0.0, score_mod=None, position_offset=None) -> None:
     """What the Mosaic GPU forward runs; anything else raises, naming the argument."""
     if not flash_mgpu.available():
         raise ValueError("impl='mosaic' needs jax's Pallas Mosaic GPU backend (jax >= 0.10)")
@@ -1195,7 +1232,8 @@ def check_mosaic(q, k, v, bias=None, q_segment_ids=None, window=None, softcap=No
         raise ValueError(f"impl='mosaic' needs q, k, v in bfloat16 or float16, got {jnp.dtype(q.dtype).name}")
     extras = {"mask": bias is not None, "segment_ids": q_segment_ids is not None,
               "local_window_size": window is not None, "logits_soft_cap": softcap is not None,
-              "alibi_slopes": alibi is not None, "dropout_rate": bool(dropout_rate), "score_mod": score_mod is not None}
+              "alibi_slopes": alibi is not None, "dropout_rate": bool(dropout_rate), "score_mod": score_mod is not None,
+              "position_offset": position_offset is not None}
     if used := [name for name, on in extras.items() if on]:
         raise ValueError(f"impl='mosaic' runs plain causal or non-causal attention; {', '.join(used)} "
                          "need impl='pallas'")
@@ -1214,7 +1252,7 @@ def precision_for(dtype: Any) -> Any:
 
 
 def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None,
-               tables: tuple = ()) -> tuple[jax.Array, jax.Array]:
+               tables: tuple = (), pos=None) -> tuple[jax.Array, jax.Array]:
     """Runs the differentiable kernels: ``out [B, Sq, Hq, Dv]``, ``lse [B, Sq, Hq]``. Neither the
     sequences nor the head dims are padded: the Triton kernels load and store the ragged last
     tiles and the columns past a head dim that is not a power of two masked (no padded copies of
@@ -1228,5 +1266,5 @@ def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=
         if st.mosaic is not None:  # (its TMA copies read whole tiles)
             q, k, v = (_common.pad_axis(x, 1, n) for x, n in ((q, st.q_pad), (k, st.kv_pad), (v, st.kv_pad)))
         args = (q, k, v)
-    o, lse = _flash(st, *args, bias, qseg, kseg, layout, alibi, seed, tuple(tables))
+    o, lse = _flash(st, *args, bias, qseg, kseg, layout, alibi, seed, pos, tuple(tables))
     return o[:, :st.q_len], jnp.swapaxes(lse[:, :, :st.q_len], 1, 2)

@@ -505,7 +505,15 @@ class Attention(nnx.Module):
                              f"has {self.kind!r} layers: their block pattern lies on the packed row's positions, so a "
                              "document would not see what it sees alone (for that masking, call "
                              "jaxattn.block_sparse_attention(segment_ids=...) yourself)")
-        if self.kind == "window" and (cap is not None or seg):  # soft-capped (Gemma 2) or packed documents:
+        if self.sequence_parallel is not None and self.kind in ("full", "window") and not self.cfg.quantized:
+            from jaxattn.ops.ring_attention import ring_attention_sp
+
+            mesh, axis, batch_axis, layout = self.sequence_parallel
+            window = (self.cfg.window - 1, 0) if self.kind == "window" else None
+            o = ring_attention_sp(q, k, v, mesh=mesh, axis=axis, batch_axis=batch_axis, causal=True, scale=scale,
+                                  local_window_size=window, logits_soft_cap=cap, alibi_slopes=self.alibi_slopes(),
+                                  impl=impl, layout=layout, zigzagged=zigzagged and layout == "zigzag", **drop, **seg)
+        elif self.kind == "window" and (cap is not None or seg):  # soft-capped (Gemma 2) or packed documents:
             # the flash kernel's own window (the same token window as the block-sparse pattern's)
             o = attention(q, k, v, causal=True, local_window_size=(self.cfg.window - 1, 0), scale=scale,
                           logits_soft_cap=cap, impl=impl, **drop, **seg)
@@ -517,12 +525,6 @@ class Attention(nnx.Module):
             from jaxattn.ops.sage import sage_attention
 
             o = sage_attention(q, k, v, causal=True, scale=scale, impl=impl, **seg)
-        elif self.sequence_parallel is not None:
-            from jaxattn.ops.ring_attention import ring_attention_sp
-
-            mesh, axis, batch_axis, layout = self.sequence_parallel
-            o = ring_attention_sp(q, k, v, mesh=mesh, axis=axis, batch_axis=batch_axis, causal=True, scale=scale,
-                                  impl=impl, layout=layout, zigzagged=zigzagged and layout == "zigzag", **drop, **seg)
         else:
             o = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes(), scale=scale, logits_soft_cap=cap,
                           impl=impl, **drop, **seg)
@@ -646,8 +648,9 @@ class GPT(nnx.Module):
                                  layout: Literal["contiguous", "zigzag"] = "contiguous") -> None:
         """Runs every attention layer as ring attention with the sequence split over ``mesh`` axis
         ``axis`` (:func:`jaxattn.ring_attention_sp`; the batch over ``batch_axis``); XLA partitions
-        the other layers from the input sharding. Only full causal layers (not block-sparse or
-        quantized ones) can. ``mesh=None`` turns it off.
+        the other layers from the input sharding. Full and sliding-window layers can (with ALiBi and
+        soft caps: the ring passes every hop its global positions, and a window skips the hops it cannot
+        see), not block-sparse or quantized ones. ``mesh=None`` turns it off.
 
         ``layout="zigzag"`` balances the causal work over the devices: the forward permutes its tokens
         (and their RoPE positions) into :func:`jaxattn.zigzag_permutation` order once, every layer runs
@@ -659,12 +662,10 @@ class GPT(nnx.Module):
 
         check_layout(layout)
         if mesh is not None:
-            bad = sorted({blk.attn.kind for blk in self.blocks if blk.attn.kind != "full"})
-            if bad or self.cfg.quantized or self.cfg.position == "alibi" or self.cfg.attn_softcap is not None:
-                what = bad or ("quantized" if self.cfg.quantized else "ALiBi" if self.cfg.position == "alibi"
-                               else "soft-capped")
-                raise ValueError(f"sequence parallelism (ring attention) covers full-attention layers only (RoPE, not "
-                                 f"ALiBi, no soft cap); this model has {what} layers")
+            bad = sorted({blk.attn.kind for blk in self.blocks} - {"full", "window"})
+            if bad or self.cfg.quantized:
+                raise ValueError(f"sequence parallelism (ring attention) covers full and sliding-window attention "
+                                 f"layers; this model has {bad or 'quantized'} layers")
         from jaxattn.ops._spmd import layer_setting
 
         setting = layer_setting(mesh, axis, batch_axis)

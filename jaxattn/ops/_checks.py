@@ -229,6 +229,22 @@ def check_dropout_offset(offset: Any) -> tuple:
     return items
 
 
+def check_position_offset(offset: Any) -> tuple | None:
+    """``position_offset``: None, or two integers (or integer scalar arrays) ``(q_offset, kv_offset)``."""
+    if offset is None:
+        return None
+    try:
+        items = () if isinstance(offset, str) else tuple(offset)
+        ok = len(items) == 2 and all(
+            jnp.ndim(x) == 0 and jnp.issubdtype(jnp.result_type(x), jnp.integer) for x in items)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError("position_offset must be None or two integers (q_offset, kv_offset): the positions of "
+                         f"q's first row and k's first row; got {offset!r}")
+    return items
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def no_grad(x: jax.Array, message: str) -> jax.Array:
     """Identity that raises ``NotImplementedError(message)`` when differentiated (forward-only ops)."""

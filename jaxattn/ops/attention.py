@@ -36,6 +36,7 @@ def attention(
     dropout_rng: jax.Array | None = None,
     dropout_broadcast: bool = False,
     dropout_offset: tuple = (0, 0, 0),
+    position_offset: tuple | None = None,
     impl: Literal["auto", "pallas", "mosaic", "xla"] = "auto",
     return_lse: bool = False,
     _packed_qkv: jax.Array | None = None,
@@ -91,6 +92,12 @@ def attention(
       dropout_offset: ``(batch, query row, key)``, ints or int32 scalars: this call's inputs are
         the block at that offset of a larger problem, and draw that block of its mask (how
         :func:`jaxattn.ring_attention` shards reproduce the single-device mask).
+      position_offset: ``(q_offset, kv_offset)``, ints or int32 scalars (traced ones too: one compiled
+        program for every offset): q and k are blocks of a larger problem that start at these
+        positions. Query i sits at position ``q_offset + i``, key j at ``kv_offset + j``; ``causal``,
+        ``local_window_size`` and ALiBi compare those positions (replacing the bottom-right
+        alignment: ``(kv_len - q_len, 0)`` reproduces it) and ``score_mod`` receives them as ``q_idx``
+        / ``kv_idx``. How :func:`jaxattn.ring_attention` 's hops see their place in the whole sequence.
       impl: ``"pallas"`` (the flash kernel; interpret mode without a GPU),
         ``"xla"`` (the dense reference), or ``"auto"`` (the kernel on GPU when the
         head dim is in 32..256, else XLA). ``"mosaic"``: the forward runs the FlashAttention-3
@@ -134,6 +141,8 @@ def attention(
         extra.update(dropout_rate=float(dropout_rate), dropout_seed=_dropout.seed_from_key(dropout_rng),
                      dropout_shared=bool(dropout_broadcast),
                      dropout_offset=_checks.check_dropout_offset(dropout_offset))
+    if (position_offset := _checks.check_position_offset(position_offset)) is not None:
+        extra["position_offset"] = position_offset
 
     lo, hi = _flash.SUPPORTED_HEAD_DIMS
     kernel_ok = lo <= max(d, v.shape[-1]) <= hi and jnp.dtype(q.dtype) in _checks.FLOAT_DTYPES
@@ -149,7 +158,7 @@ def attention(
     if use_kernel:
         mosaic = impl == "mosaic" or (impl == "auto" and _flash.mosaic_auto(
             q, k, v, causal, mask, qseg, extra["local_window_size"], extra["logits_soft_cap"],
-            extra.get("alibi_slopes"), extra.get("dropout_rate", 0.0), extra["score_mod"]))
+            extra.get("alibi_slopes"), extra.get("dropout_rate", 0.0), extra["score_mod"], position_offset))
         packed = _packed_qkv is not None and not mosaic
         out, lse = _flash.flash_attention(
             *((_packed_qkv, None, None) if packed else (q, k, v)), causal=causal, scale=scale, bias=mask,

@@ -26,6 +26,14 @@ arrays to it and back with one chunk exchange (two ``ppermute`` s), or takes arr
 order (``zigzagged=True``: a model permutes its tokens once, as ``GPT.enable_sequence_parallel(...,
 layout="zigzag")``).
 
+Positions (``local_window_size``, ``alibi_slopes``, ``score_mod``): each call gets its chunks' global
+positions (``position_offset`` of :func:`jaxattn.attention`: query chunk start, key chunk start), so
+windows, ALiBi distances and score_mod's ``q_idx`` / ``kv_idx`` are those of the whole sequence; every
+chunk pair is then its own call, run only when some query of it sees some key (``lax.cond``): with a
+window shorter than a shard, a device computes at most its own and its neighbour's keys, whatever the
+number of hops. ``score_mod_tables`` are replicated; their gradient is summed over the devices.
+``logits_soft_cap`` is elementwise and needs nothing.
+
 Attention dropout: each hop draws its block of the single-device mask (``dropout_offset`` =
 (first batch row, ``i * n``, ``j * n``)), so the result equals :func:`jaxattn.attention` with the
 same ``dropout_rng`` on the whole sequence; merging by the log-sum-exp stays exact because the
@@ -40,6 +48,7 @@ kernel's lse is that of the undropped weights.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import jax
@@ -119,7 +128,10 @@ def zigzag_sp(x: jax.Array, *, mesh: Mesh, axis: str, batch_axis: str | None = N
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis: str, causal: bool = False,
-                   scale: float | None = None, dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
+                   scale: float | None = None, local_window_size: int | tuple[int | None, int | None] | None = None,
+                   logits_soft_cap: float | None = None, alibi_slopes: jax.Array | None = None,
+                   score_mod: Callable | None = None, score_mod_tables: Sequence[jax.Array] = (),
+                   dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
                    batch_axis: str | None = None, impl: Literal["auto", "pallas", "xla"] = "auto",
                    return_lse: bool = False, layout: Layout = "contiguous",
                    segment_ids: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -129,6 +141,10 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis: str, causa
     (balanced causal work; see the module docstring). GQA as in :func:`jaxattn.attention`.
     ``segment_ids`` int ``[batch, seq/P]`` (this shard's, in the same layout): packed sequences, queries see
     only keys of their segment; the keys' ids travel the ring with them.
+    ``local_window_size``, ``logits_soft_cap``, ``alibi_slopes`` (``[heads]`` or this shard's ``[batch,
+    heads]``), ``score_mod`` and ``score_mod_tables`` (replicated) as :func:`jaxattn.attention`'s, over the
+    global positions of the whole sequence; a table's gradient is this device's part (inside your own
+    ``shard_map``, give the tables a replicated spec: its transpose sums them).
     ``dropout_rate`` / ``dropout_rng`` (the same key on every device): attention dropout with the
     single-device mask; ``batch_axis`` names the mesh axis the batch is split over, if any (the mask
     depends on the global batch row). Returns ``out`` in q's dtype (and the fp32 log-sum-exp
@@ -141,11 +157,16 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis: str, causa
     perm = [(i, (i + 1) % n_shards) for i in range(n_shards)]
     if layout == "zigzag" and q.shape[1] % 2:
         raise ValueError(f"zig-zag layout: the shard length {q.shape[1]} must be even (two chunks per device)")
+    window = _checks.check_window(local_window_size)
+    positional = window is not None or alibi_slopes is not None or score_mod is not None
     hop = functools.partial(
         _hop, q, q_seg=segment_ids, zigzag=layout == "zigzag", causal=causal, idx=idx, n_shards=n_shards,
         b0=lax.axis_index(batch_axis) * q.shape[0] if batch_axis is not None else 0, dropout=bool(dropout_rate),
+        window=window if positional else None, positional=positional,
         call=functools.partial(attention, scale=scale, impl=impl, return_lse=True, dropout_rate=dropout_rate,
-                               dropout_rng=dropout_rng))
+                               dropout_rng=dropout_rng, local_window_size=window, logits_soft_cap=logits_soft_cap,
+                               alibi_slopes=alibi_slopes, score_mod=score_mod,
+                               score_mod_tables=tuple(score_mod_tables)))
     kv_seg = segment_ids
     o_acc, lse_acc = hop(k, v, kv_seg, None)  # this device's own keys: src = idx
     for r in range(1, n_shards):
@@ -159,17 +180,21 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis: str, causa
     return (out, lse_acc) if return_lse else out
 
 
-def _hop(q, k, v, kv_seg, src, *, q_seg, zigzag: bool, causal: bool, idx, n_shards: int, call, b0, dropout: bool):
+def _hop(q, k, v, kv_seg, src, *, q_seg, zigzag: bool, causal: bool, idx, n_shards: int, call, b0, dropout: bool,
+         window=None, positional: bool = False):
     """One hop of the ring: (o, lse) of this device's queries against the keys of device ``src`` (None: its
     own). A device's shard is one chunk (contiguous: chunk ``dev``) or two (zig-zag: chunks ``dev`` and
     ``2P-1-dev``) of ``c`` tokens; the attention runs on the chunk pairs that are visible, fused where they are
     contiguous, each query chunk's results merged. With dropout every call is one chunk pair (its mask offset
-    is that pair's). ``q_seg`` / ``kv_seg``: segment ids, or None."""
+    is that pair's). ``q_seg`` / ``kv_seg``: segment ids, or None. ``positional`` (a window, ALiBi or
+    score_mod): every chunk pair is a call with its global positions, run when :func:`_pair_visible`."""
     halves = 2 if zigzag else 1
     c = q.shape[1] // halves
     chunk = lambda dev, half: dev if half == 0 else 2 * n_shards - 1 - dev  # noqa: E731
     src_dev = idx if src is None else src
     rows = lambda t, hs: t[:, hs[0] * c:(hs[-1] + 1) * c]  # noqa: E731  (contiguous chunks hs of a shard)
+    empty = (jnp.zeros(q.shape[:1] + (c,) + q.shape[2:3] + v.shape[3:], jnp.float32),
+             jnp.full(q.shape[:1] + (c,) + q.shape[2:3], -jnp.inf))  # (a query chunk that sees no key)
 
     def run(calls):
         """``calls``: (query chunks, key chunks, causal), each a run of contiguous chunks."""
@@ -183,11 +208,25 @@ def _hop(q, k, v, kv_seg, src, *, q_seg, zigzag: bool, causal: bool, idx, n_shar
             for j, a in enumerate(qs):
                 part = (o[:, j * c:(j + 1) * c].astype(jnp.float32), lse[:, j * c:(j + 1) * c].astype(jnp.float32))
                 acc[a] = part if acc[a] is None else _merge(*acc[a], *part)
-        empty = (jnp.zeros(q.shape[:1] + (c,) + q.shape[2:3] + v.shape[3:], jnp.float32),
-                 jnp.full(q.shape[:1] + (c,) + q.shape[2:3], -jnp.inf))  # (a query chunk that sees no key)
         return tuple(jnp.concatenate(t, axis=1) for t in zip(*(empty if a is None else a for a in acc)))
 
     every = tuple(range(halves))
+    if positional:
+        acc = [None] * halves
+        for a in every:
+            for b in every:
+                qc, kc = chunk(idx, a), chunk(src_dev, b)
+                seg = {} if q_seg is None else {"segment_ids": (rows(q_seg, (a,)), rows(kv_seg, (b,)))}
+
+                def pair(qc=qc, kc=kc, a=a, b=b, seg=seg):
+                    o, lse = call(rows(q, (a,)), rows(k, (b,)), rows(v, (b,)), causal=causal,
+                                  position_offset=(qc * c, kc * c), dropout_offset=(b0, qc * c, kc * c), **seg)
+                    return o.astype(jnp.float32), lse.astype(jnp.float32)
+
+                visible = _pair_visible(qc, kc, c, causal, window)
+                part = pair() if visible is None else lax.cond(visible, pair, lambda: empty)
+                acc[a] = part if acc[a] is None else _merge(*acc[a], *part)
+        return tuple(jnp.concatenate(t, axis=1) for t in zip(*acc))
     if not causal:
         return run([(every, every, False)])
     if src is None:  # own keys: the chunks in global order, so the plain causal mask
@@ -200,6 +239,22 @@ def _hop(q, k, v, kv_seg, src, *, q_seg, zigzag: bool, causal: bool, idx, n_shar
     return lax.cond(src < idx, lambda: run([(every, (0,), False)]), lambda: run(after))
 
 
+def _pair_visible(qc, kc, c: int, causal: bool, window):
+    """Whether some query of chunk ``qc`` sees some key of chunk ``kc`` (chunks of ``c`` tokens; traced
+    chunk indices), under ``causal`` and ``window = (left, right)``; None when every pair is visible."""
+    left, right = window if window is not None else (None, None)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    gap = (kc - qc) * c  # key position - query position ranges over gap - (c - 1) .. gap + (c - 1)
+    visible = None
+    if right is not None:
+        visible = gap - (c - 1) <= right
+    if left is not None:
+        far = gap + (c - 1) >= -left
+        visible = far if visible is None else visible & far
+    return visible
+
+
 def check_layout(layout: str) -> None:
     """A ``ValueError`` unless ``layout`` is ``"contiguous"`` or ``"zigzag"``."""
     if layout not in ("contiguous", "zigzag"):
@@ -208,6 +263,9 @@ def check_layout(layout: str) -> None:
 
 def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis: str,
                       batch_axis: str | None = None, causal: bool = False, scale: float | None = None,
+                      local_window_size: int | tuple[int | None, int | None] | None = None,
+                      logits_soft_cap: float | None = None, alibi_slopes: jax.Array | None = None,
+                      score_mod: Callable | None = None, score_mod_tables: Sequence[jax.Array] = (),
                       dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
                       impl: Literal["auto", "pallas", "xla"] = "auto", layout: Layout = "contiguous",
                       zigzagged: bool = False, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -218,7 +276,10 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
     ``dropout_rng`` (the same mask). ``layout="zigzag"`` balances causal work over the devices: the
     arrays are in natural order and are exchanged into the zig-zag shards and back, unless
     ``zigzagged=True`` says they are already in :func:`zigzag_permutation` order (the result then is too).
-    ``segment_ids`` int ``[batch, seq]`` (in the arrays' order): packed sequences, as :func:`jaxattn.attention`'s."""
+    ``segment_ids`` int ``[batch, seq]`` (in the arrays' order): packed sequences, as :func:`jaxattn.attention`'s.
+    ``local_window_size``, ``logits_soft_cap``, ``alibi_slopes``, ``score_mod`` / ``score_mod_tables``: as
+    :func:`jaxattn.attention`'s, over the natural (global) positions, whatever the layout; a window skips
+    the hops it cannot see."""
     _spmd.check_mesh(mesh, axis, batch_axis)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _checks.check_rank(name, x, 4, "[batch, seq, heads, head_dim]")
@@ -228,6 +289,13 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
     _spmd.check_split(q, mesh, axis, batch_axis)
     _checks.check_dropout(dropout_rate, dropout_rng)
     check_layout(layout)
+    _checks.check_window(local_window_size)
+    _checks.check_soft_cap(logits_soft_cap)
+    score_mod, tables = _checks.check_score_mod(score_mod, score_mod_tables)
+    if alibi_slopes is not None:  # [B, heads], split with the batch
+        alibi_slopes = jnp.broadcast_to(
+            jnp.asarray(_checks.check_alibi(alibi_slopes, q.shape[0], q.shape[2]), jnp.float32).reshape(-1, q.shape[2]),
+            (q.shape[0], q.shape[2]))
     if segment_ids is not None and (segment_ids.shape != q.shape[:2] or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
         raise ValueError(f"segment_ids must be int [batch, seq] = {tuple(q.shape[:2])}, got "
                          f"{jnp.dtype(segment_ids.dtype).name} {tuple(segment_ids.shape)}")
@@ -239,18 +307,21 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
     convert = layout == "zigzag" and not zigzagged
     seed = _dropout_key_data(dropout_rng) if dropout_rate else jnp.zeros((2,), jnp.uint32)  # replicated
 
-    def body(q, k, v, seed, seg=None):
+    def body(q, k, v, seed, seg, slopes, tables):
         if convert:
             q, k, v = (to_zigzag(t, axis) for t in (q, k, v))
             seg = None if seg is None else to_zigzag(seg, axis)
-        out = ring_attention(q, k, v, axis=axis, causal=causal, scale=scale, dropout_rate=dropout_rate,
+        out = ring_attention(q, k, v, axis=axis, causal=causal, scale=scale, local_window_size=local_window_size,
+                             logits_soft_cap=logits_soft_cap, alibi_slopes=slopes, score_mod=score_mod,
+                             score_mod_tables=tables, dropout_rate=dropout_rate,
                              dropout_rng=seed if dropout_rate else None, batch_axis=batch_axis, impl=impl,
                              layout=layout, segment_ids=seg)
         return from_zigzag(out, axis) if convert else out
 
-    args, specs = (q, k, v, seed), (spec, spec, spec, P())
-    if segment_ids is not None:  # (None: no ids to move around the ring)
-        args, specs = (*args, segment_ids), (*specs, spec)
+    # (None for the ids or slopes: nothing to pass; the tables are replicated)
+    args = (q, k, v, seed, segment_ids, alibi_slopes, tables)
+    specs = (spec, spec, spec, P(), None if segment_ids is None else spec,
+             None if alibi_slopes is None else P(batch_axis), tuple(P() for _ in tables))
     return _spmd.shard_map(body, mesh=mesh, in_specs=specs, out_specs=spec)(*args)
 
 

@@ -28,6 +28,7 @@ def attention_reference(
     score_mod: Callable | None = None,
     score_mod_tables: tuple = (),
     score_mod_q_offset: int | jax.Array = 0,
+    position_offset: tuple | None = None,
     dropout_rate: float = 0.0,
     dropout_seed: jax.Array | None = None,
     dropout_shared: bool = False,
@@ -44,7 +45,9 @@ def attention_reference(
     ``alibi_slopes`` ``[Hq]`` or ``[B, Hq]`` subtracts ``slope * |p - j|`` (ALiBi, after the cap).
     ``score_mod(x, b, h, i + score_mod_q_offset, j)`` maps each (capped) logit before ALiBi and the
     bias (broadcast over ``[B, Hq, Sq, Sk]`` index arrays), with the arrays ``score_mod_tables``
-    as further arguments (differentiable).
+    as further arguments (differentiable). ``position_offset = (q0, k0)``: query i sits at position
+    ``q0 + i`` and key j at ``k0 + j`` (``p = i + q0 - k0`` among the keys, replacing the bottom-right
+    alignment); score_mod then sees ``q0 + i`` and ``k0 + j``.
     ``dropout_rate`` r zeroes each softmax weight where ``jaxattn.pallas._dropout.keep_mask``
     (from ``dropout_seed``; one mask for every batch and head with ``dropout_shared``) says so and
     scales the others by ``1 / (1 - r)``; ``lse`` is that of the undropped weights. ``dropout_offset``
@@ -62,13 +65,15 @@ def attention_reference(
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=lax.Precision.HIGHEST) * scale
     if logits_soft_cap is not None:
         s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+    q0, k0 = (0, 0) if position_offset is None else position_offset
+    align = sk - sq if position_offset is None else q0 - k0  # key position of query row 0
     if score_mod is not None:
         b_, h_, i_, j_ = (lax.broadcasted_iota(jnp.int32, s.shape, axis) for axis in range(4))
-        s = jnp.broadcast_to(score_mod(s, b_, h_, i_ + score_mod_q_offset, j_, *score_mod_tables),
+        s = jnp.broadcast_to(score_mod(s, b_, h_, i_ + score_mod_q_offset + q0, j_ + k0, *score_mod_tables),
                              s.shape).astype(jnp.float32)
-    if alibi_slopes is not None:  # [Hq] or [B, Hq]: - slope * |p - j|, p = i + Sk - Sq
+    if alibi_slopes is not None:  # [Hq] or [B, Hq]: - slope * |p - j|, p = i + align
         slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, hq)[:, :, None, None]
-        dist = jnp.abs(jnp.arange(sq)[:, None] + (sk - sq) - jnp.arange(sk)[None, :])
+        dist = jnp.abs(jnp.arange(sq)[:, None] + align - jnp.arange(sk)[None, :])
         s = s - slopes * dist.astype(jnp.float32)
     visible = jnp.ones(s.shape, bool)
     if mask is not None:
@@ -80,10 +85,10 @@ def attention_reference(
     if causal:
         i = jnp.arange(sq)[:, None]
         j = jnp.arange(sk)[None, :]
-        visible = visible & (j <= i + (sk - sq))
+        visible = visible & (j <= i + align)
     if local_window_size is not None:
         left, right = local_window_size
-        pos = jnp.arange(sq)[:, None] + (sk - sq)
+        pos = jnp.arange(sq)[:, None] + align
         j = jnp.arange(sk)[None, :]
         if left is not None:
             visible = visible & (j >= pos - left)
