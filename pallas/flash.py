@@ -956,9 +956,11 @@ def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
 def _dkdv_call(st: _Static, q, k, v, do, lse, delta, bias, qseg, kseg, layout, alibi=None, seed=None, tables=(),
                pos=None):
     cfg = st.cfg
-    # a soft cap keeps its tanh tile live until the chain rule, dropout its keep mask: half the
-    # query rows per step keep the d=128 kernel (128 keys) spill-free
-    extra_tiles = st.softcap is not None or st.dropout > 0 or st.score_mod is not None
+    # a soft cap keeps its tanh tile live until the chain rule, dropout its keep mask (and a window
+    # placed by traced position offsets its bounds): half the query rows per step keep the d=128
+    # kernel (128 keys) spill-free
+    extra_tiles = (st.softcap is not None or st.dropout > 0 or st.score_mod is not None
+                   or (st.offsets and st.window != (None, None)))
     block_q = cfg.block_q_dkv // 2 if extra_tiles and cfg.block_q_dkv > 16 else cfg.block_q_dkv
     bq, bk = _blocks(st, block_q, cfg.block_k_dkv)
     batch, hq, d, dv_ = _dims(st, q)

@@ -228,6 +228,10 @@ def _flash_cases() -> Iterator[tuple[str, Callable, list]]:
     seg = jnp.repeat(jnp.arange(8, dtype=jnp.int32), 512)[None]  # 8 packed documents
     yield "d128 bf16 causal segments", *case(128, jnp.bfloat16, True, q_segment_ids=seg, kv_segment_ids=seg)
     yield "d128 bf16 causal alibi", *case(128, jnp.bfloat16, True, alibi_slopes=jnp.geomspace(0.5, 2 ** -8, 8))
+    # a ring attention hop: global positions read from an int32 [2] input (window and ALiBi over them)
+    yield "d128 bf16 causal window+alibi position_offset", *case(
+        128, jnp.bfloat16, True, local_window_size=(1023, 0), alibi_slopes=jnp.geomspace(0.5, 2 ** -8, 8),
+        position_offset=(8192, 7168))
     yield "d128 bf16 causal dropout", *case(128, jnp.bfloat16, True, dropout_rate=0.1,
                                              dropout_seed=jnp.zeros((1,), jnp.int32))
     # (the score_mods bench attention times)
