@@ -289,3 +289,13 @@ def merge_partials(o_parts: jax.Array, lse_parts: jax.Array) -> tuple[jax.Array,
     out = jnp.sum(w[..., None] * o_parts, axis=1) / jnp.where(total == 0, 1.0, total)[..., None]
     lse = jnp.where(total == 0, -jnp.inf, m_safe[:, 0] + jnp.log(jnp.where(total == 0, 1.0, total)))
     return out, lse
+
+
+def with_sinks(out: jax.Array, lse: jax.Array, sinks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Attention normalised over its keys (fp32 ``out [..., H, D]``, ``lse [..., H]``) -> with a value-less
+    logit per head ``sinks [H]`` joining the softmax (attention sinks): ``lse' = logaddexp(lse, sink)``,
+    ``out' = exp(lse - lse') out`` (a row with no key: zeros, ``lse' = sink``). The sink as one more
+    partial of :func:`merge_partials`, for paths that merge partials anyway (split-KV decode, the ring)."""
+    sinks = sinks.astype(jnp.float32)
+    total = jnp.logaddexp(lse, sinks)
+    return out * jnp.exp(lse - total)[..., None], total

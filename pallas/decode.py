@@ -191,7 +191,8 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
 
 def _launch(q, k, v, lengths, table, *, s_max: int, cfg: DecodeConfig, bk: int, blocks_per_page: int,
             causal=True, scale=None, local_window_size=None, logits_soft_cap=None, num_splits=None,
-            interpret=None, alibi_slopes=None, k_scale=None, v_scale=None, score_mod=None, score_mod_tables=()):
+            interpret=None, alibi_slopes=None, k_scale=None, v_scale=None, score_mod=None, score_mod_tables=(),
+            sinks=None):
     """Packs the queries, runs the split-KV kernel over ``s_max`` logical cache rows (the dense
     cache ``k``/``v [B, s_max, Hkv, *]`` or a page pool with ``table``, both read as they are) and
     merges the splits. Options as :func:`decode_attention_kernel`."""
@@ -261,6 +262,8 @@ def _launch(q, k, v, lengths, table, *, s_max: int, cfg: DecodeConfig, bk: int, 
     # unpack: [B, Hkv, Sq * g, ...] -> [B, Sq, Hq, ...]
     out = out.reshape(batch, hkv, q_len, g, dv).transpose(0, 2, 1, 3, 4).reshape(batch, q_len, hq, dv)
     lse = lse.reshape(batch, hkv, q_len, g).transpose(0, 2, 1, 3).reshape(batch, q_len, hq)
+    if sinks is not None:  # (the merged splits are fp32: one more partial, exact)
+        out, lse = _common.with_sinks(out, lse, sinks)
     return out.astype(q.dtype), lse
 
 
@@ -289,6 +292,7 @@ def decode_attention_kernel(
     v_scale: jax.Array | None = None,
     score_mod=None,
     score_mod_tables: tuple = (),
+    sinks: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Split-KV decode attention on validated inputs.
 
@@ -307,6 +311,8 @@ def decode_attention_kernel(
       score_mod: ``(x, batch, head, q_pos, kv_idx) -> x'`` on the (capped) logits before ALiBi, with each
         query's cache position ``q_pos = lengths[b] - Sq + i`` (the row index of a full forward),
         reading ``score_mod_tables`` (flash's; no gradient here).
+      sinks: ``[Hq]``: attention sinks (a value-less logit per head in the softmax), merged with the
+        splits' partial results.
 
     Returns:
       ``out [B, Sq, Hq, Dv]`` in q's dtype and ``lse [B, Sq, Hq]`` (fp32, natural log).
@@ -317,7 +323,7 @@ def decode_attention_kernel(
     return _launch(q, k, v, lengths, None, s_max=s_max, cfg=cfg, bk=bk, blocks_per_page=0, causal=causal,
                    scale=scale, local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
                    num_splits=num_splits, interpret=interpret, alibi_slopes=alibi_slopes, k_scale=k_scale,
-                   v_scale=v_scale, score_mod=score_mod, score_mod_tables=tuple(score_mod_tables))
+                   v_scale=v_scale, score_mod=score_mod, score_mod_tables=tuple(score_mod_tables), sinks=sinks)
 
 
 def paged_decode_attention_kernel(
@@ -334,7 +340,7 @@ def paged_decode_attention_kernel(
     Hkv, D]``, v_pages ``[P, page_size, Hkv, Dv]`` (``page_size`` a power of two >= 16),
     block_tables int ``[B, max_pages]``, lengths int ``[B]`` (clipped to ``max_pages * page_size``).
     Entries of a table past a row's length are never read. ``options`` (causal, scale, window, soft
-    cap, splits, ALiBi slopes, cache scales, interpret) as :func:`decode_attention_kernel`; same
+    cap, splits, ALiBi slopes, cache scales, sinks, interpret) as :func:`decode_attention_kernel`; same
     results as it on the gathered cache."""
     d, page, dv = q.shape[-1], k_pages.shape[1], v_pages.shape[-1]
     cfg = config or decode_config(max(d, dv), q.dtype)

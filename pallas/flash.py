@@ -127,6 +127,9 @@ class _Static:
     # key position ``i + q_offset - kv_offset`` (not ``i + kv_len - q_len``) and score_mod sees
     # ``q_offset + i``, ``kv_offset + j``
     offsets: bool = False
+    # a learned logit per q head in every row's softmax, with no value (gpt-oss's attention sinks): the
+    # forward starts each row's online softmax from it (m = sink, l = 1); dsink is the backward's XLA sum
+    sinks: bool = False
     mosaic: Any = None  # a flash_mgpu.MosaicConfig: the forward runs on Mosaic GPU (Hopper)
     # q, k, v are slots 0, 1, 2 of one [B, S, 3, H, D] array (passed as q; k and v None): the
     # kernels read them in place and the backward writes one [B, S, 3, H, D] cotangent
@@ -363,9 +366,9 @@ def _load_bias(st: _Static, bias_ref, lead: tuple, q_idx, k_idx, q_pos, k_pos, r
 
 def _optional_refs(st: _Static, rest):
     """Splits ``(qseg, kseg, segment block ranges)?, bias?, alibi slopes?, dropout seed?, position
-    offsets?, (index, blocks, q_offset)?, score_mod tables*, *outputs`` off the kernel's trailing refs
-    (the tables are returned first, the offsets as :func:`_offsets`)."""
-    qseg_ref = kseg_ref = range_ref = bias_ref = alibi_ref = seed_ref = pos_ref = lists = None
+    offsets?, sinks?, (index, blocks, q_offset)?, score_mod tables*, *outputs`` off the kernel's trailing
+    refs (the tables, the offsets as :func:`_offsets` and the sinks' ref are returned first)."""
+    qseg_ref = kseg_ref = range_ref = bias_ref = alibi_ref = seed_ref = pos_ref = sink_ref = lists = None
     if st.has_seg:
         qseg_ref, kseg_ref, range_ref, *rest = rest
     if st.bias_kind:
@@ -376,10 +379,12 @@ def _optional_refs(st: _Static, rest):
         seed_ref, *rest = rest
     if st.offsets:
         pos_ref, *rest = rest
+    if st.sinks:
+        sink_ref, *rest = rest
     if st.sparse is not None:
         lists, rest = rest[:3], rest[3:]
     tables, rest = tuple(rest[:st.mod_tables]), rest[st.mod_tables:]
-    return (tables, _offsets(st, pos_ref)), (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, rest)
+    return (tables, _offsets(st, pos_ref), sink_ref), (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, rest)
 
 
 def _offsets(st: _Static, pos_ref) -> tuple:
@@ -585,7 +590,7 @@ def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry, list
 
 def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, *rest = refs
-    (tables, offs), (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (o_ref, lse_ref)) = \
+    (tables, offs, sink_ref), (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (o_ref, lse_ref)) = \
         _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
@@ -610,8 +615,11 @@ def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
         return online_softmax_step(carry, s, v, st.precision, drop=drop, scale=_logit_scale(st) if raw else None,
                                    interpret=_common.resolve_interpret(st.interpret))
 
-    carry = _loop_kv(st, q_start, block_q, block_k, body, online_softmax_init(block_q, v_ref.shape[-1]), lists,
-                     range_ref, offs[0])
+    init = online_softmax_init(block_q, v_ref.shape[-1])
+    if st.sinks:  # the sink's weight exp2(sink2 - m) = 1 under the running max m = sink2
+        init = (init[0], jnp.full((block_q,), sink_ref[pl.program_id(2)] * LOG2E, jnp.float32),
+                jnp.ones((block_q,), jnp.float32))
+    carry = _loop_kv(st, q_start, block_q, block_k, body, init, lists, range_ref, offs[0])
     o, lse = online_softmax_finish(*carry)
     _seq_store(o_ref, o, q_start, st.q_len, _q_ragged(st), st.value_dim)
     lse_ref[...] = lse
@@ -647,7 +655,8 @@ def _list_inputs(st: _Static, layout, transposed: bool):
     return _whole_inputs(arrays)
 
 
-def _row_inputs(st: _Static, qseg, kseg, bias, alibi, seed, layout, bq: int, bk: int, tables=(), pos=None):
+def _row_inputs(st: _Static, qseg, kseg, bias, alibi, seed, layout, bq: int, bk: int, tables=(), pos=None,
+                sinks=None):
     """Specs and arrays of the optional inputs of a kernel with one query tile per program
     (forward, dq): segment ids (and their block ranges), bias, ALiBi slopes, dropout seed, position
     offsets, sparse lists, score_mod tables."""
@@ -657,7 +666,7 @@ def _row_inputs(st: _Static, qseg, kseg, bias, alibi, seed, layout, bq: int, bk:
     if st.bias_kind:
         specs.append(_bias_spec_fwd(st, bq))
         arrays.append(bias)
-    sspecs, sarrays = _scalar_inputs(st, alibi, seed, pos)
+    sspecs, sarrays = _scalar_inputs(st, alibi, seed, pos, sinks)
     lspecs, larrays = _list_inputs(st, layout, transposed=False)
     tspecs, tarrays = _whole_inputs(tables)
     return specs + sspecs + lspecs + tspecs, arrays + sarrays + larrays + tarrays
@@ -668,10 +677,11 @@ def _whole_inputs(arrays):
     return [_common.whole_block(x.shape) for x in arrays], list(arrays)
 
 
-def _scalar_inputs(st: _Static, alibi, seed, pos=None):
+def _scalar_inputs(st: _Static, alibi, seed, pos=None, sinks=None):
     """Specs and arrays read as scalars by every kernel (grids ``(tile, batch, head)``): the ALiBi
-    slopes ``[B, Hq]`` (a program reads its head's, or its kv head group's), the dropout seed and the
-    position offsets (int32 ``[2]``)."""
+    slopes ``[B, Hq]`` (a program reads its head's, or its kv head group's), the dropout seed, the
+    position offsets (int32 ``[2]``) and the sinks (fp32 ``[Hq]``; the forward's only: the backward
+    kernels see them through the lse)."""
     specs, arrays = [], []
     if st.alibi:
         specs.append(pl.BlockSpec((None, alibi.shape[1]), lambda i, b, h: (b, 0)))
@@ -682,10 +692,14 @@ def _scalar_inputs(st: _Static, alibi, seed, pos=None):
     if st.offsets:
         specs.append(pl.BlockSpec((2,), lambda i, b, h: (0,)))
         arrays.append(pos)
+    if st.sinks:
+        specs.append(_common.whole_block(sinks.shape))
+        arrays.append(sinks)
     return specs, arrays
 
 
-def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None, tables=(), pos=None):
+def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None, tables=(), pos=None,
+              sinks=None):
     if st.mosaic is not None:  # the FlashAttention-3 forward (flash_mgpu); the backward stays here
         sparse = None
         if st.sparse is not None:
@@ -701,7 +715,7 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=N
     qb = functools.partial(_q_block, st, block_q=bq)
     in_specs, args = _qkv_inputs(st, q, k, v, d, dv, bq, None, lambda i, b, h: (b, qb(i), h),
                                  st.kv_pad, lambda i, b, h: (b, 0, h // g))
-    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk, tables, pos)
+    specs, arrays = _row_inputs(st, qseg, kseg, bias, alibi, seed, layout, bq, bk, tables, pos, sinks)
     in_specs, args = in_specs + specs, args + arrays
     out_shape = [jax.ShapeDtypeStruct((batch, q.shape[1], hq, st.value_dim), q.dtype),  # (as q's rows: not padded)
                  jax.ShapeDtypeStruct((batch, hq, st.q_pad), jnp.float32)]
@@ -722,7 +736,7 @@ def _fwd_call(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=N
 
 def _dq_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    (tables, offs), (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (dq_ref, *outs)) = \
+    (tables, offs, _), (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (dq_ref, *outs)) = \
         _optional_refs(st, rest)
     dbias, outs = (outs[:1], outs[1:]) if st.bias_grad else ((), outs)
     dtable_refs = dict(zip((n for n, g in enumerate(st.table_grads) if g), outs))  # fp32, accumulated
@@ -874,7 +888,7 @@ def _q_range(st: _Static, k_start, block_q: int, block_k: int, align=None):
 
 def _dkdv_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-    (tables, (align, q_off, kv_off)), (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, outs) = \
+    (tables, (align, q_off, kv_off), _), (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, outs) = \
         _optional_refs(st, rest)
 
     k_start = pl.program_id(0) * block_k
@@ -1018,21 +1032,22 @@ def _blocks(st: _Static, block_q: int, block_k: int) -> tuple[int, int]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi, seed, pos, tables):
-    return _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi, seed, tables, pos)
+def _flash(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi, seed, pos, sinks, tables):
+    return _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi, seed, tables, pos, sinks)
 
 
-def _flash_fwd(st, q, k, v, bias, qseg, kseg, layout, alibi, seed, pos, tables):
+def _flash_fwd(st, q, k, v, bias, qseg, kseg, layout, alibi, seed, pos, sinks, tables):
     # symbolic_zeros: every array leaf comes as CustomVJPPrimal(value, perturbed)
     bias_grad = bias is not None and bias.perturbed and st.bias_kind == "add"
     table_grads = tuple(t.perturbed and jnp.issubdtype(t.value.dtype, jnp.inexact) for t in tables)
-    q, k, v, bias, qseg, kseg, layout, alibi, seed, pos, tables = jax.tree.map(
-        lambda x: x.value, (q, k, v, bias, qseg, kseg, layout, alibi, seed, pos, tables))
-    o, lse = _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi, seed, tables, pos)
+    q, k, v, bias, qseg, kseg, layout, alibi, seed, pos, sinks, tables = jax.tree.map(
+        lambda x: x.value, (q, k, v, bias, qseg, kseg, layout, alibi, seed, pos, sinks, tables))
+    o, lse = _fwd_call(st, q, k, v, bias, qseg, kseg, layout, alibi, seed, tables, pos, sinks)
     # a differentiated additive bias (and score_mod table) is marked by the residual's structure (a
     # 1-tuple, not an array)
     tables = tuple((x,) if g else x for x, g in zip(tables, table_grads))
-    return (o, lse), (q, k, v, (bias,) if bias_grad else bias, qseg, kseg, layout, alibi, seed, pos, tables, o, lse)
+    return (o, lse), (q, k, v, (bias,) if bias_grad else bias, qseg, kseg, layout, alibi, seed, pos, sinks, tables,
+                      o, lse)
 
 
 def _zero_if_symbolic(ct, like):
@@ -1040,7 +1055,8 @@ def _zero_if_symbolic(ct, like):
 
 
 def _flash_bwd(st, res, cts):
-    q, k, v, bias, qseg, kseg, layout, alibi, seed, pos, tables, o, lse = res
+    q, k, v, bias, qseg, kseg, layout, alibi, seed, pos, sinks, tables, o, lse = res
+    st = dataclasses.replace(st, sinks=False)  # (the backward kernels see the sinks through the lse)
     bias_grad = isinstance(bias, tuple)
     if bias_grad:
         (bias,), st = bias, dataclasses.replace(st, bias_grad=True)
@@ -1065,9 +1081,13 @@ def _flash_bwd(st, res, cts):
         dbias = dbias.astype(bias.dtype)
     dtables = iter(dtables)
     dtables = tuple(next(dtables).astype(x.dtype) if g else None for x, g in zip(tables, st.table_grads))
+    dsinks = None
+    if sinks is not None:  # d lse / d sink = p_sink and d o / d sink = -p_sink o: dsink = -sum p_sink delta
+        p_sink = jnp.exp(sinks[None, :, None] - lse[:, :, :st.q_len])
+        dsinks = -jnp.sum(p_sink * delta[:, :, :st.q_len], axis=(0, 2))
     # No gradient flows to a bool mask, the segment ids, the sparse layout, the ALiBi slopes, the seed or
     # the position offsets.
-    return dq, dk, dv, dbias, None, None, None, None, None, None, dtables
+    return dq, dk, dv, dbias, None, None, None, None, None, None, dsinks, dtables
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
@@ -1093,6 +1113,7 @@ def flash_attention(
     dropout_shared: bool = False,
     dropout_offset: tuple = (0, 0, 0),
     position_offset: tuple | None = None,
+    sinks: jax.Array | None = None,
     config: FlashConfig | None = None,
     interpret: bool | None = None,
     backend: str = "triton",
@@ -1132,6 +1153,10 @@ def flash_attention(
         problem starting at these positions. Query row i sits at position ``q_offset + i`` and key j at
         ``kv_offset + j``: the causal mask, window and ALiBi compare those (instead of aligning the
         last query with the last key), and score_mod sees them as ``q_idx`` / ``kv_idx``.
+      sinks: fp32 ``[Hq]``: a learned logit per head in every row's softmax that carries no value
+        (gpt-oss's attention sinks; differentiable). The forward starts each row's online softmax
+        from it; the lse includes it, so the backward kernels are unchanged and dsink is
+        ``-sum_rows p_sink * (dO . O - dlse)``, one XLA reduction.
       config: tile sizes; defaults to the table entry for (head dim, dtype).
       interpret: run in interpret mode; None picks it when no GPU is present.
       backend: ``"triton"``, or ``"mosaic"``: the forward runs the FlashAttention-3 kernel of
@@ -1163,7 +1188,7 @@ def flash_attention(
     mosaic = None
     if backend == "mosaic":
         check_mosaic(q, k, v, bias, q_segment_ids, local_window_size, logits_soft_cap, alibi_slopes,
-                     dropout_rate, score_mod, position_offset)
+                     dropout_rate, score_mod, position_offset, sinks)
         mosaic = mosaic_config or flash_mgpu.mosaic_config(d)
         # powers of two: the larger tile is a multiple of the smaller
         q_block, k_block = max(q_block, 2 * mosaic.block_q), max(k_block, mosaic.block_kv)
@@ -1191,6 +1216,7 @@ def flash_attention(
         softcap=None if logits_soft_cap is None else float(logits_soft_cap), alibi=alibi_slopes is not None,
         score_mod=score_mod, mod_tables=len(score_mod_tables), heads=hq, dropout=float(dropout_rate),
         dropout_shared=bool(dropout_shared), mosaic=mosaic, packed=packed, offsets=position_offset is not None,
+        sinks=sinks is not None,
     )
     seed = None
     if dropout_rate:
@@ -1203,11 +1229,13 @@ def flash_attention(
     pos = None
     if position_offset is not None:
         pos = jnp.stack([jnp.asarray(x, jnp.int32) for x in position_offset])
-    return run_padded(st, q, k, v, bias, qseg, kseg, None, alibi, seed, tuple(score_mod_tables), pos)
+    if sinks is not None:
+        sinks = jnp.asarray(sinks, jnp.float32).reshape(hq)
+    return run_padded(st, q, k, v, bias, qseg, kseg, None, alibi, seed, tuple(score_mod_tables), pos, sinks)
 
 
 def mosaic_auto(q, k, v, causal: bool, bias=None, q_segment_ids=None, window=None, softcap=None, alibi=None,
-                dropout_rate=0.0, score_mod=None, position_offset=None) -> bool:
+                dropout_rate=0.0, score_mod=None, position_offset=None, sinks=None) -> bool:
     """Whether ``impl="auto"`` runs the Mosaic GPU forward for these inputs: switched on
     (``flash_mgpu.AUTO_ON_HOPPER``), a Hopper GPU, and inputs it takes (``check_mosaic``)."""
     if not flash_mgpu.AUTO_ON_HOPPER or not flash_mgpu.on_hopper():
@@ -1215,14 +1243,15 @@ def mosaic_auto(q, k, v, causal: bool, bias=None, q_segment_ids=None, window=Non
     if causal and not flash_mgpu.causal_supported():
         return False
     try:
-        check_mosaic(q, k, v, bias, q_segment_ids, window, softcap, alibi, dropout_rate, score_mod, position_offset)
+        check_mosaic(q, k, v, bias, q_segment_ids, window, softcap, alibi, dropout_rate, score_mod, position_offset,
+                     sinks)
     except ValueError:
         return False
     return True
 
 
 def check_mosaic(q, k, v, bias=None, q_segment_ids=None, window=None, softcap=None, alibi=None,
-                 dropout_rate=0.0, score_mod=None, position_offset=None) -> None:
+                 dropout_rate=0.0, score_mod=None, position_offset=None, sinks=None) -> None:
     """What the Mosaic GPU forward runs; anything else raises, naming the argument."""
     if not flash_mgpu.available():
         raise ValueError("impl='mosaic' needs jax's Pallas Mosaic GPU backend (jax >= 0.10)")
@@ -1235,7 +1264,7 @@ def check_mosaic(q, k, v, bias=None, q_segment_ids=None, window=None, softcap=No
     extras = {"mask": bias is not None, "segment_ids": q_segment_ids is not None,
               "local_window_size": window is not None, "logits_soft_cap": softcap is not None,
               "alibi_slopes": alibi is not None, "dropout_rate": bool(dropout_rate), "score_mod": score_mod is not None,
-              "position_offset": position_offset is not None}
+              "position_offset": position_offset is not None, "sinks": sinks is not None}
     if used := [name for name, on in extras.items() if on]:
         raise ValueError(f"impl='mosaic' runs plain causal or non-causal attention; {', '.join(used)} "
                          "need impl='pallas'")
@@ -1254,7 +1283,7 @@ def precision_for(dtype: Any) -> Any:
 
 
 def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=None,
-               tables: tuple = (), pos=None) -> tuple[jax.Array, jax.Array]:
+               tables: tuple = (), pos=None, sinks=None) -> tuple[jax.Array, jax.Array]:
     """Runs the differentiable kernels: ``out [B, Sq, Hq, Dv]``, ``lse [B, Sq, Hq]``. Neither the
     sequences nor the head dims are padded: the Triton kernels load and store the ragged last
     tiles and the columns past a head dim that is not a power of two masked (no padded copies of
@@ -1268,5 +1297,5 @@ def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=
         if st.mosaic is not None:  # (its TMA copies read whole tiles)
             q, k, v = (_common.pad_axis(x, 1, n) for x, n in ((q, st.q_pad), (k, st.kv_pad), (v, st.kv_pad)))
         args = (q, k, v)
-    o, lse = _flash(st, *args, bias, qseg, kseg, layout, alibi, seed, pos, tuple(tables))
+    o, lse = _flash(st, *args, bias, qseg, kseg, layout, alibi, seed, pos, sinks, tuple(tables))
     return o[:, :st.q_len], jnp.swapaxes(lse[:, :, :st.q_len], 1, 2)

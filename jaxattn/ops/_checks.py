@@ -269,3 +269,16 @@ def check_alibi(alibi_slopes: Any, batch: int, heads: int) -> Any:
     if not jnp.issubdtype(alibi_slopes.dtype, jnp.floating):
         raise ValueError(f"alibi_slopes must be floating, got {jnp.dtype(alibi_slopes.dtype).name}")
     return jax.lax.stop_gradient(alibi_slopes)
+
+
+def check_sinks(sinks: Any, heads: int) -> Any:
+    """``None`` or floating attention-sink logits of shape ``[heads]`` (differentiable)."""
+    if sinks is None:
+        return None
+    check_array("sinks", sinks, "[heads]")
+    if tuple(sinks.shape) != (heads,):
+        raise ValueError(f"sinks must have shape [heads] = ({heads},) (one logit per query head), got "
+                         f"{tuple(sinks.shape)}")
+    if not jnp.issubdtype(sinks.dtype, jnp.floating):
+        raise ValueError(f"sinks must be floating, got {jnp.dtype(sinks.dtype).name}")
+    return sinks

@@ -37,6 +37,7 @@ def attention(
     dropout_broadcast: bool = False,
     dropout_offset: tuple = (0, 0, 0),
     position_offset: tuple | None = None,
+    sinks: jax.Array | None = None,
     impl: Literal["auto", "pallas", "mosaic", "xla"] = "auto",
     return_lse: bool = False,
     _packed_qkv: jax.Array | None = None,
@@ -98,6 +99,11 @@ def attention(
         ``local_window_size`` and ALiBi compare those positions (replacing the bottom-right
         alignment: ``(kv_len - q_len, 0)`` reproduces it) and ``score_mod`` receives them as ``q_idx``
         / ``kv_idx``. How :func:`jaxattn.ring_attention` 's hops see their place in the whole sequence.
+      sinks: ``[heads]`` floating: attention sinks as gpt-oss's, a learned logit per query head that
+        joins every row's softmax and carries no value, so a head can put weight on "nothing" (the
+        weights over the keys sum to ``1 - p_sink``). Differentiable; the kernel starts each row's
+        online softmax from it (no extra pass) and the lse includes it. A row with no visible key
+        returns zeros with ``lse = sink``.
       impl: ``"pallas"`` (the flash kernel; interpret mode without a GPU),
         ``"xla"`` (the dense reference), or ``"auto"`` (the kernel on GPU when the
         head dim is in 32..256, else XLA). ``"mosaic"``: the forward runs the FlashAttention-3
@@ -111,7 +117,7 @@ def attention(
 
     A query row with no visible key (every key masked by ``causal``,
     ``segment_ids``, a bool ``mask`` or ``-inf`` bias) returns zeros, with
-    ``lse = -inf``, never NaN.
+    ``lse = -inf`` (the sink with ``sinks``), never NaN.
 
     Returns:
       ``out [batch, q_len, heads, v_head_dim]`` in the dtype of ``q``, and ``lse``
@@ -143,6 +149,8 @@ def attention(
                      dropout_offset=_checks.check_dropout_offset(dropout_offset))
     if (position_offset := _checks.check_position_offset(position_offset)) is not None:
         extra["position_offset"] = position_offset
+    if (sinks := _checks.check_sinks(sinks, hq)) is not None:
+        extra["sinks"] = sinks
 
     lo, hi = _flash.SUPPORTED_HEAD_DIMS
     kernel_ok = lo <= max(d, v.shape[-1]) <= hi and jnp.dtype(q.dtype) in _checks.FLOAT_DTYPES
@@ -158,7 +166,7 @@ def attention(
     if use_kernel:
         mosaic = impl == "mosaic" or (impl == "auto" and _flash.mosaic_auto(
             q, k, v, causal, mask, qseg, extra["local_window_size"], extra["logits_soft_cap"],
-            extra.get("alibi_slopes"), extra.get("dropout_rate", 0.0), extra["score_mod"], position_offset))
+            extra.get("alibi_slopes"), extra.get("dropout_rate", 0.0), extra["score_mod"], position_offset, sinks))
         packed = _packed_qkv is not None and not mosaic
         out, lse = _flash.flash_attention(
             *((_packed_qkv, None, None) if packed else (q, k, v)), causal=causal, scale=scale, bias=mask,
@@ -221,6 +229,7 @@ def varlen_attention(
     alibi_slopes: jax.Array | None = None,
     score_mod: Callable | None = None,
     score_mod_tables: Sequence[jax.Array] = (),
+    sinks: jax.Array | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     impl: Literal["auto", "pallas", "xla"] = "auto",
@@ -233,7 +242,7 @@ def varlen_attention(
       cu_seqlens_q: int ``[n + 1]``: sequence ``i`` holds query rows ``cu[i] .. cu[i+1]``
         (``cu[0] = 0``, non-decreasing, ``cu[n] = total_q``).
       cu_seqlens_k: the same for keys; None: the queries' (self-attention). ``causal`` needs None.
-      causal, scale, local_window_size, logits_soft_cap, alibi_slopes, dropout_rate, dropout_rng,
+      causal, scale, local_window_size, logits_soft_cap, alibi_slopes, sinks, dropout_rate, dropout_rng,
         impl, return_lse: as :func:`attention`, within each sequence (positions count from its
         first token; the dropout mask is indexed by packed rows).
       score_mod, score_mod_tables: as :func:`attention`, with ``batch = 0`` and ``q_idx`` /
@@ -265,6 +274,6 @@ def varlen_attention(
     ks = segment_ids(cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k, k.shape[0], "cu_seqlens_k")
     res = attention(q[None], k[None], v[None], causal=causal, segment_ids=(qs, ks), scale=scale,
                     local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
-                    alibi_slopes=alibi_slopes, score_mod=score_mod, score_mod_tables=score_mod_tables,
+                    alibi_slopes=alibi_slopes, score_mod=score_mod, score_mod_tables=score_mod_tables, sinks=sinks,
                     dropout_rate=dropout_rate, dropout_rng=dropout_rng, impl=impl, return_lse=return_lse)
     return (res[0][0], res[1][0]) if return_lse else res[0]

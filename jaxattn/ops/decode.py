@@ -38,6 +38,7 @@ def decode_attention(
     return_lse: bool = False,
     score_mod: Callable | None = None,
     score_mod_tables: Sequence[jax.Array] = (),
+    sinks: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attention of ``Sq`` new queries per batch row to the first ``lengths[b]`` cache entries.
 
@@ -70,8 +71,9 @@ def decode_attention(
         causal forward over the sequence), so decoding reproduces such a forward.
       score_mod_tables: arrays ``score_mod`` reads by indexing, after its index arguments (as
         :func:`jaxattn.attention`'s).
+      sinks: ``[heads]``: attention sinks, as :func:`jaxattn.attention`'s (gpt-oss decoding).
 
-    A row with no visible key returns zeros (``lse = -inf``). The kernel path has no gradient.
+    A row with no visible key returns zeros (``lse = -inf``, or the sink). The kernel path has no gradient.
 
     Returns:
       ``out [batch, Sq, heads, v_head_dim]`` in q's dtype (and ``lse``).
@@ -83,7 +85,7 @@ def decode_attention(
     extra = decode_options(batch, hq, hkv, scale=scale, local_window_size=local_window_size,
                            logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale,
                            v_scale=v_scale, num_splits=num_splits, score_mod=score_mod,
-                           score_mod_tables=score_mod_tables)
+                           score_mod_tables=score_mod_tables, sinks=sinks)
     kernel_ok = max(d, v.shape[-1]) <= _decode.MAX_HEAD_DIM
     if impl == "pallas" and not kernel_ok:
         raise ValueError(f"impl='pallas' supports head dims up to {_decode.MAX_HEAD_DIM}; got q/k "
@@ -98,7 +100,8 @@ def decode_attention(
 
 
 def decode_options(batch: int, heads: int, kv_heads: int, *, scale, local_window_size, logits_soft_cap,
-                   alibi_slopes, k_scale, v_scale, num_splits, score_mod=None, score_mod_tables=()) -> dict:
+                   alibi_slopes, k_scale, v_scale, num_splits, score_mod=None, score_mod_tables=(),
+                   sinks=None) -> dict:
     """The validated keyword options both decode ops pass to their kernel (or the reference)."""
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
@@ -111,14 +114,20 @@ def decode_options(batch: int, heads: int, kv_heads: int, *, scale, local_window
         extra.update(k_scale=check_kv_scale("k_scale", k_scale, kv_heads),
                      v_scale=check_kv_scale("v_scale", v_scale, kv_heads))
     extra["score_mod"], extra["score_mod_tables"] = _checks.check_score_mod(score_mod, score_mod_tables)
+    if sinks is not None:
+        extra["sinks"] = _checks.check_sinks(sinks, heads)
     return extra
 
 
 def no_grad_tables(options: dict) -> dict:
-    """``options`` with the score_mod tables marked forward-only (the decode kernels have no backward)."""
-    if not options.get("score_mod_tables"):
-        return options
-    return {**options, "score_mod_tables": tuple(_checks.no_grad(t, _NO_GRAD) for t in options["score_mod_tables"])}
+    """``options`` with the score_mod tables and the sinks marked forward-only (the decode kernels have no
+    backward)."""
+    options = dict(options)
+    if options.get("score_mod_tables"):
+        options["score_mod_tables"] = tuple(_checks.no_grad(t, _NO_GRAD) for t in options["score_mod_tables"])
+    if options.get("sinks") is not None:
+        options["sinks"] = _checks.no_grad(options["sinks"], _NO_GRAD)
+    return options
 
 
 def reference_on(q, k, v, lengths, causal: bool, options: dict) -> tuple[jax.Array, jax.Array]:

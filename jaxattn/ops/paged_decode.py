@@ -78,6 +78,7 @@ def paged_decode_attention(
     return_lse: bool = False,
     score_mod: Callable | None = None,
     score_mod_tables: Sequence[jax.Array] = (),
+    sinks: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """:func:`jaxattn.decode_attention` with the cache in pages.
 
@@ -90,7 +91,7 @@ def paged_decode_attention(
       lengths: int ``[batch]`` (or one int): valid cache positions per row, the new tokens
         included (write them first with :func:`append_paged_kv`).
       causal, scale, local_window_size, logits_soft_cap, alibi_slopes, k_scale, v_scale, num_splits,
-        return_lse, score_mod, score_mod_tables: as :func:`jaxattn.decode_attention` (quantized pages: :func:`jaxattn.quantize_kv`).
+        return_lse, score_mod, score_mod_tables, sinks: as :func:`jaxattn.decode_attention` (quantized pages: :func:`jaxattn.quantize_kv`).
       impl: ``"pallas"`` (split-KV kernel reading pages through the table; interpret mode without a
         GPU), ``"xla"`` (gathers the pages and runs the dense fp32 reference), ``"auto"``.
 
@@ -103,7 +104,7 @@ def paged_decode_attention(
     extra = decode_options(batch, q.shape[2], k_pages.shape[2], scale=scale, local_window_size=local_window_size,
                            logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale,
                            v_scale=v_scale, num_splits=num_splits, score_mod=score_mod,
-                           score_mod_tables=score_mod_tables)
+                           score_mod_tables=score_mod_tables, sinks=sinks)
     dims_ok = max(q.shape[-1], v_pages.shape[-1]) <= _decode.MAX_HEAD_DIM
     page_ok = page >= 16 and page & (page - 1) == 0
     if impl == "pallas" and not (dims_ok and page_ok):

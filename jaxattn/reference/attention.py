@@ -29,6 +29,7 @@ def attention_reference(
     score_mod_tables: tuple = (),
     score_mod_q_offset: int | jax.Array = 0,
     position_offset: tuple | None = None,
+    sinks: jax.Array | None = None,
     dropout_rate: float = 0.0,
     dropout_seed: jax.Array | None = None,
     dropout_shared: bool = False,
@@ -47,7 +48,9 @@ def attention_reference(
     bias (broadcast over ``[B, Hq, Sq, Sk]`` index arrays), with the arrays ``score_mod_tables``
     as further arguments (differentiable). ``position_offset = (q0, k0)``: query i sits at position
     ``q0 + i`` and key j at ``k0 + j`` (``p = i + q0 - k0`` among the keys, replacing the bottom-right
-    alignment); score_mod then sees ``q0 + i`` and ``k0 + j``.
+    alignment); score_mod then sees ``q0 + i`` and ``k0 + j``. ``sinks [Hq]``: a learned logit per
+    head in every row's softmax (gpt-oss's attention sinks) that carries no value: the weights sum to
+    less than one, and a row with no visible key gives zeros and ``lse = sink``.
     ``dropout_rate`` r zeroes each softmax weight where ``jaxattn.pallas._dropout.keep_mask``
     (from ``dropout_seed``; one mask for every batch and head with ``dropout_shared``) says so and
     scales the others by ``1 / (1 - r)``; ``lse`` is that of the undropped weights. ``dropout_offset``
@@ -97,10 +100,15 @@ def attention_reference(
     if q_segment_ids is not None:
         visible = visible & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
     s = jnp.where(visible, s, -jnp.inf)
-    m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    sink = None
+    if sinks is not None:  # one more logit per row, with no value
+        sink = jnp.broadcast_to(jnp.asarray(sinks, jnp.float32).reshape(1, hq, 1, 1), (*s.shape[:3], 1))
+    m = lax.stop_gradient(jnp.max(s if sink is None else jnp.concatenate([s, sink], -1), axis=-1, keepdims=True))
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
+    if sink is not None:
+        l = l + jnp.exp(sink - m)
     w = p / jnp.where(l == 0, 1.0, l)
     if dropout_rate:
         b0, q0, k0 = dropout_offset

@@ -33,11 +33,13 @@ def decode_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
                      local_window_size: tuple[int | None, int | None] | None = None,
                      logits_soft_cap: float | None = None,
                      alibi_slopes: jax.Array | None = None,
-                     score_mod=None, score_mod_tables: tuple = ()) -> tuple[jax.Array, jax.Array]:
+                     score_mod=None, score_mod_tables: tuple = (),
+                     sinks: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """fp32 ``out [B, Sq, Hq, Dv]`` and ``lse [B, Sq, Hq]`` of q against the first
     ``lengths[b]`` cache entries (zeros / ``-inf`` where no key is visible). ``alibi_slopes``
     ``[Hq]`` or ``[B, Hq]`` subtracts ``slope * |p - j|``, p the query's position
-    ``lengths[b] - Sq + i``; ``score_mod(x, b, h, p, j)`` maps the (capped) logits first."""
+    ``lengths[b] - Sq + i``; ``score_mod(x, b, h, p, j)`` maps the (capped) logits first; ``sinks [Hq]``
+    as :func:`attention_reference`'s."""
     lengths = jnp.clip(lengths, 0, k.shape[1])
     mask = decode_mask(lengths, q.shape[1], k.shape[1], causal=causal, local_window_size=local_window_size)
     if alibi_slopes is not None:
@@ -51,4 +53,4 @@ def decode_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
     if score_mod is not None:
         mod = dict(score_mod=score_mod, score_mod_tables=tuple(score_mod_tables),
                    score_mod_q_offset=(lengths.astype(jnp.int32) - q.shape[1])[:, None, None, None])
-    return attention_reference(q, k, v, scale=scale, mask=mask, logits_soft_cap=logits_soft_cap, **mod)
+    return attention_reference(q, k, v, scale=scale, mask=mask, logits_soft_cap=logits_soft_cap, sinks=sinks, **mod)
