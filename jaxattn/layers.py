@@ -53,6 +53,7 @@ def attention_fn(
     impl: Impl = "auto",
     score_mod: Callable | None = None,
     score_mod_tables: Sequence[jax.Array] = (),
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """``flax.nnx.dot_product_attention``-compatible attention on :func:`jaxattn.attention`.
 
@@ -60,7 +61,7 @@ def attention_fn(
     ``kv_heads`` divides ``heads``), ``bias``/``mask`` broadcastable to ``[..., heads, q_len,
     kv_len]``. ``impl`` picks jaxattn's path and ``score_mod`` transforms the logits, reading
     ``score_mod_tables`` (see :func:`jaxattn.attention`; ``batch`` is the flattened leading index);
-    bind them with ``functools.partial``."""
+    ``sinks [heads]``: attention sinks (gpt-oss); bind them with ``functools.partial``."""
     if module is not None:
         kw = {} if promote_dtype is None else {"promote_dtype": promote_dtype}
         return nnx.dot_product_attention(query, key, value, bias, mask, broadcast_dropout, dropout_rng,
@@ -108,24 +109,25 @@ def attention_fn(
     rate = 0.0 if deterministic else dropout_rate
     out = attention(flat(query), flat(key), flat(value), causal=causal, mask=combined, impl=impl,
                     dropout_rate=rate, dropout_rng=dropout_rng if rate else None,
-                    dropout_broadcast=broadcast_dropout, score_mod=score_mod, score_mod_tables=score_mod_tables)
+                    dropout_broadcast=broadcast_dropout, score_mod=score_mod, score_mod_tables=score_mod_tables,
+                    sinks=sinks)
     return out.reshape(*batch_shape, *out.shape[1:])
 
 
 _core = attention_fn  # MultiHeadAttention's constructor shadows the name with its own argument
-# the learned score_mod tables of the MultiHeadAttention being called (read by its attention core)
-_TABLES: contextvars.ContextVar[tuple] = contextvars.ContextVar("jaxattn_score_mod_tables", default=())
+# the learned score_mod tables and sinks of the MultiHeadAttention being called (read by its attention core)
+_LEARNED: contextvars.ContextVar[dict] = contextvars.ContextVar("jaxattn_learned_attention_arrays", default={})
 
 
-class _TableCore:
-    """A MultiHeadAttention's attention core when it owns score_mod tables: :func:`attention_fn` with
-    the calling module's tables (set around its ``__call__``)."""
+class _LearnedCore:
+    """A MultiHeadAttention's attention core when it owns score_mod tables or sinks: :func:`attention_fn`
+    with the calling module's arrays (set around its ``__call__``)."""
 
-    def __init__(self, impl: Impl, score_mod: Callable):
+    def __init__(self, impl: Impl, score_mod: Callable | None):
         self.impl, self.score_mod = impl, score_mod
 
     def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
-        return _core(*args, impl=self.impl, score_mod=self.score_mod, score_mod_tables=_TABLES.get(), **kwargs)
+        return _core(*args, impl=self.impl, score_mod=self.score_mod, **_LEARNED.get(), **kwargs)
 
 
 class MultiHeadAttention(nnx.MultiHeadAttention):
@@ -137,20 +139,23 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     ``score_mod_tables``: shapes of learned tables the ``score_mod`` reads (after ``kv_idx``), e.g.
     ``[(num_heads, 2 * max_len - 1)]`` for a relative-position bias; they are parameters
     ``score_mod_table0``, ``score_mod_table1``, ... initialised by ``score_mod_table_init`` (zeros by
-    default) and trained through the kernels' table gradients."""
+    default) and trained through the kernels' table gradients. ``sinks=True``: attention sinks
+    (gpt-oss), a learned logit per head (parameter ``sinks [num_heads]``, zeros at init) in every
+    row's softmax, carrying no value."""
 
     def __init__(self, *args: Any, impl: Impl = "auto", attention_fn: Callable[..., jax.Array] | None = None,
                  score_mod: Callable | None = None, score_mod_tables: Sequence[Sequence[int]] = (),
-                 score_mod_table_init: Callable = nnx.initializers.zeros_init(), **kwargs: Any):
-        if attention_fn is not None and score_mod is not None:
-            raise ValueError("score_mod applies to jaxattn's attention_fn: give attention_fn or score_mod, not both")
+                 score_mod_table_init: Callable = nnx.initializers.zeros_init(), sinks: bool = False, **kwargs: Any):
+        if attention_fn is not None and (score_mod is not None or sinks):
+            raise ValueError("score_mod and sinks apply to jaxattn's attention_fn: give attention_fn, or score_mod / "
+                             "sinks, not both")
         if score_mod_tables and score_mod is None:
             raise ValueError("score_mod_tables are read by a score_mod: give score_mod too")
         shapes = [tuple(int(n) for n in s) for s in score_mod_tables]
         if any(len(s) < 1 or min(s) < 1 for s in shapes):
             raise ValueError(f"score_mod_tables must be shapes of rank >= 1 with positive sizes, got {score_mod_tables}")
-        if shapes:
-            fn = _TableCore(impl, score_mod)
+        if shapes or sinks:
+            fn = _LearnedCore(impl, score_mod)
         else:
             fn = attention_fn or functools.partial(_core, impl=impl, score_mod=score_mod)
         super().__init__(*args, attention_fn=fn, **kwargs)
@@ -158,13 +163,17 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         for i, s in enumerate(shapes):  # (flax's module takes rngs by keyword, required)
             setattr(self, f"score_mod_table{i}", nnx.Param(score_mod_table_init(kwargs["rngs"].params(), s,
                                                                                 self.param_dtype)))
+        self.sinks = nnx.Param(jnp.zeros((self.num_heads,), self.param_dtype)) if sinks else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
-        if not self.num_score_mod_tables:
+        if not self.num_score_mod_tables and self.sinks is None:
             return super().__call__(*args, **kwargs)
-        tables = tuple(getattr(self, f"score_mod_table{i}")[...] for i in range(self.num_score_mod_tables))
-        token = _TABLES.set(tables)
+        learned = {"score_mod_tables": tuple(getattr(self, f"score_mod_table{i}")[...]
+                                             for i in range(self.num_score_mod_tables))}
+        if self.sinks is not None:
+            learned["sinks"] = self.sinks[...]
+        token = _LEARNED.set(learned)
         try:
             return super().__call__(*args, **kwargs)
         finally:
-            _TABLES.reset(token)
+            _LEARNED.reset(token)

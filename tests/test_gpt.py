@@ -165,6 +165,19 @@ def test_registry_builds_gpt_variants():
     assert m(jnp.zeros((1, 40), jnp.int32)).shape == (1, 40, 256)
 
 
+def test_attention_sinks_are_learned_and_checked():
+    """attn_sinks: one logit per head (zero at init) joins every softmax: the logits differ from the same
+    model without it, the sinks get gradients, and layers that cannot take them refuse."""
+    t = jax.random.randint(jax.random.PRNGKey(0), (2, 24), 0, 64)
+    m, plain = _model(attn_sinks=True, kv_heads=2), _model(kv_heads=2)
+    assert m.blocks[0].attn.sinks[...].shape == (4,)
+    assert float(jnp.abs(m(t) - plain(t)).max()) > 1e-3
+    grads = nnx.grad(lambda m: jnp.mean(m(t) ** 2))(m)
+    assert float(jnp.abs(grads.blocks[0].attn.sinks[...]).max()) > 0
+    with pytest.raises(ValueError, match="attn_sinks"):
+        GPTConfig(layer_types=("power", "full"), attn_sinks=True)
+
+
 GEN_CASES = {
     "full-gqa-xla": dict(kv_heads=2),
     "hybrid-xla": dict(layer_types=("power", "window", "sink", "full"), layers=4, sparse_block=16, window=32, sink=16),
@@ -185,6 +198,9 @@ GEN_CASES = {
                                         attn_scale=0.1, post_norms=True, norm_offset=1.0, embed_scale=True,
                                         mlp_act="gelu_tanh", qk_norm=True, local_rope_theta=100.0, kv_heads=1,
                                         attn_impl="pallas"),
+    # gpt-oss-style: attention sinks on alternating sliding-window and full layers (flash and decode kernels)
+    "gptoss-sinks-window-pallas": dict(layer_types=("window", "full"), window=8, attn_sinks=True, kv_heads=1,
+                                       attn_impl="pallas"),
 }
 
 
@@ -323,6 +339,7 @@ def test_dropout_modes_and_errors():
     dict(layer_types=("full", "window"), window=6),  # window layers: the flash kernel's window with the masks
     dict(position="alibi"),
     dict(norm="layer", bias=True, mlp_gated=False, mlp_act="gelu", position="learned", max_positions=64),
+    dict(layer_types=("window", "full"), window=6, attn_sinks=True),  # gpt-oss: sinks, per document too
 ])
 def test_packed_documents_equal_each_document_alone(kw):
     """segment_ids (runs of equal ids): each document attends within itself from position 0, so a

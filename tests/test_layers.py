@@ -113,7 +113,7 @@ def test_score_mod_equals_flax_with_the_bias_tensor():
                                     attention_fn=lambda q, k, v, bias_=None, mask=None, **kw: nnx.dot_product_attention(
                                         q, k, v, bias[None], mask, **kw))
     assert_close(ours(x, is_causal=True), theirs(x, is_causal=True), jnp.float32, "score_mod vs bias tensor")
-    with pytest.raises(ValueError, match="give attention_fn or score_mod"):
+    with pytest.raises(ValueError, match="give attention_fn, or score_mod"):
         layers.MultiHeadAttention(4, 128, score_mod=penalty, attention_fn=layers.attention_fn, rngs=nnx.Rngs(0))
 
 
@@ -153,3 +153,29 @@ def test_learned_score_mod_table_trains_like_a_bias_tensor():
         assert_close(a, b, jnp.float32, f"d{name}", GRAD_TOL)
     with pytest.raises(ValueError, match="give score_mod too"):
         layers.MultiHeadAttention(4, 128, score_mod_tables=[(4, 3)], rngs=nnx.Rngs(0))
+
+
+def test_learned_sinks_train_like_a_value_less_key():
+    """MultiHeadAttention(sinks=True): loss and gradients (the sinks' too) equal flax's projections and
+    attention with one more key per head whose logit is the sink and whose value is zero."""
+    ours = layers.MultiHeadAttention(4, 128, impl="pallas", sinks=True, decode=False, rngs=nnx.Rngs(0))
+    assert ours.sinks[...].shape == (4,)
+    ours.sinks[...] = jnp.asarray([1.0, -0.5, 2.0, 0.0])
+    x = randn(jax.random.PRNGKey(7), (2, 13, 128), jnp.float32)
+
+    def loss(m, x):
+        return jnp.sum(m(x) ** 2)
+
+    def explicit(m, x):  # a zero-value key whose logit is the sink: bias column, zero q.k and v
+        q, k, v = m.query(x), m.key(x), m.value(x)
+        k, v = (jnp.concatenate([t, jnp.zeros_like(t[:, :1])], 1) for t in (k, v))
+        bias = jnp.zeros((1, 4, 13, 14)).at[..., 13].set(m.sinks[...][:, None])
+        return jnp.sum(m.out(nnx.dot_product_attention(q, k, v, bias)) ** 2)
+
+    lo, go = nnx.jit(nnx.value_and_grad(loss))(ours, x)
+    lt, gt = nnx.value_and_grad(explicit)(ours, x)
+    assert_close(lo, lt, jnp.float32, "loss")
+    assert float(jnp.abs(gt.sinks[...]).max()) > 0
+    assert_close(go.sinks[...], gt.sinks[...], jnp.float32, "dsinks", GRAD_TOL)
+    for name in ("query", "key", "value", "out"):
+        assert_close(getattr(go, name).kernel[...], getattr(gt, name).kernel[...], jnp.float32, f"d{name}", GRAD_TOL)

@@ -152,16 +152,16 @@ POSITIONAL = """
 
     devs = np.array(jax.devices())
     meshes = {"seq4": (Mesh(devs, ("sp",)), None), "data2xseq2": (Mesh(devs.reshape(2, 2), ("dp", "sp")), "dp")}
-    cases = [  # (b, n, hq, hkv, dtype, causal, mesh, impl, layout, window, cap, alibi, score_mod, packed)
-        (1, 64, 4, 2, jnp.float32, True, "seq4", "pallas", "zigzag", (11, 0), 5.0, True, True, False),
-        (2, 48, 2, 1, jnp.float32, True, "data2xseq2", "pallas", "contiguous", (7, 0), None, False, True, True),
-        (2, 64, 2, 2, jnp.bfloat16, False, "seq4", "pallas", "contiguous", (9, 20), None, True, False, False),
-        (1, 64, 2, 1, jnp.float32, True, "seq4", "xla", "zigzag", None, 3.0, True, True, True),
-        (2, 48, 3, 3, jnp.float32, False, "data2xseq2", "xla", "zigzag", (30, 5), None, False, True, False),
-        (2, 64, 2, 2, jnp.float32, True, "seq4", "xla", "contiguous", (3, 0), 2.0, False, False, False),
+    cases = [  # (b, n, hq, hkv, dtype, causal, mesh, impl, layout, window, cap, alibi, score_mod, packed, sinks)
+        (1, 64, 4, 2, jnp.float32, True, "seq4", "pallas", "zigzag", (11, 0), 5.0, True, True, False, True),
+        (2, 48, 2, 1, jnp.float32, True, "data2xseq2", "pallas", "contiguous", (7, 0), None, False, True, True, False),
+        (2, 64, 2, 2, jnp.bfloat16, False, "seq4", "pallas", "contiguous", (9, 20), None, True, False, False, True),
+        (1, 64, 2, 1, jnp.float32, True, "seq4", "xla", "zigzag", None, 3.0, True, True, True, True),
+        (2, 48, 3, 3, jnp.float32, False, "data2xseq2", "xla", "zigzag", (30, 5), None, False, True, False, False),
+        (2, 64, 2, 2, jnp.float32, True, "seq4", "xla", "contiguous", (3, 0), 2.0, False, False, False, True),
     ]
     cases = [cases[i] for i in __CASES__]
-    for i, (b, n, hq, hkv, dtype, causal, mesh_name, impl, layout, window, cap, alibi, mod, packed) in enumerate(cases):
+    for i, (b, n, hq, hkv, dtype, causal, mesh_name, impl, layout, window, cap, alibi, mod, packed, sink) in enumerate(cases):
         mesh, batch_axis = meshes[mesh_name]
         ks = jax.random.split(jax.random.PRNGKey(i), 5)
         q, k, v = (jax.random.normal(kk, (b, n, h, 32)).astype(dtype) for kk, h in zip(ks, (hq, hkv, hkv)))
@@ -172,22 +172,24 @@ POSITIONAL = """
         seg = jnp.asarray(np.cumsum(cuts, axis=1), jnp.int32) if packed else None
         kw = dict(causal=causal, local_window_size=window, logits_soft_cap=cap, alibi_slopes=slopes,
                   score_mod=t5_like if mod else None)
-        ring = lambda q, k, v, t: jaxattn.ring_attention_sp(q, k, v, mesh=mesh, axis="sp", batch_axis=batch_axis,
-                                                            impl=impl, layout=layout, segment_ids=seg,
-                                                            score_mod_tables=(t,) if mod else (), **kw)
-        ref = lambda q, k, v, t: attention_reference(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
-                                                     score_mod_tables=(t,) if mod else (), **kw)[0]
+        sinks = jax.random.normal(ks[4], (hq,)) + 1.0
+        opt = lambda t, s: dict(score_mod_tables=(t,) if mod else (), sinks=s if sink else None)
+        ring = lambda q, k, v, t, s: jaxattn.ring_attention_sp(q, k, v, mesh=mesh, axis="sp", batch_axis=batch_axis,
+                                                               impl=impl, layout=layout, segment_ids=seg, **opt(t, s),
+                                                               **kw)
+        ref = lambda q, k, v, t, s: attention_reference(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, **opt(t, s),
+                                                        **kw)[0]
         tol = 2e-5 if dtype == jnp.float32 else 3e-2
-        out = jax.jit(ring)(q, k, v, table)
+        out = jax.jit(ring)(q, k, v, table, sinks)
         assert out.dtype == dtype and out.shape == (b, n, hq, 32)
-        check(out, ref(q, k, v, table), tol, f"case {i} out")
-        loss = lambda f: (lambda q, k, v, t: jnp.sum(f(q, k, v, t).astype(jnp.float32) * w))
-        g = jax.jit(jax.grad(loss(ring), (0, 1, 2, 3)))(q, k, v, table)
-        rg = jax.grad(loss(ref), (0, 1, 2, 3))(q, k, v, table)
-        for name, a, r in zip(("dq", "dk", "dv", "dtable"), g, rg):
+        check(out, ref(q, k, v, table, sinks), tol, f"case {i} out")
+        loss = lambda f: (lambda q, k, v, t, s: jnp.sum(f(q, k, v, t, s).astype(jnp.float32) * w))
+        g = jax.jit(jax.grad(loss(ring), (0, 1, 2, 3, 4)))(q, k, v, table, sinks)
+        rg = jax.grad(loss(ref), (0, 1, 2, 3, 4))(q, k, v, table, sinks)
+        for name, a, r in zip(("dq", "dk", "dv", "dtable", "dsinks"), g, rg):
             check(a, r, 3 * tol, f"case {i} {name}")
-        if mod:  # the table is used: its gradient is not zero
-            assert float(jnp.abs(g[3]).max()) > 1e-3, f"case {i}: no table gradient"
+        for used, grad, what in ((mod, g[3], "table"), (sink, g[4], "sinks")):  # used: its gradient is not zero
+            assert not used or float(jnp.abs(grad).max()) > 1e-3, f"case {i}: no {what} gradient"
         print("case", i, "ok")
     if __GPT__:
         check_positional_gpts(meshes)
@@ -199,12 +201,14 @@ GPTS = """
     from jaxattn.models import GPT, GPTConfig
 
     def check_positional_gpts(meshes):
-        # sequence-parallel GPTs with sliding-window + soft-capped layers (Gemma 2 style) and with ALiBi: the
+        # sequence-parallel GPTs with sliding-window + soft-capped layers and sinks (Gemma 2 / gpt-oss style) and with
+        # ALiBi: the
         # plain models' logits and gradients, contiguous and zig-zag
         mesh, batch_axis = meshes["data2xseq2"]
         tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, 64)
         base = dict(vocab_size=64, dim=32, layers=2, heads=4, kv_heads=2, attn_impl="xla")
-        for extra, layout in ((dict(layer_types=("window", "full"), window=6, attn_softcap=20.0), "zigzag"),
+        for extra, layout in ((dict(layer_types=("window", "full"), window=6, attn_softcap=20.0, attn_sinks=True),
+                               "zigzag"),
                               (dict(position="alibi"), "contiguous")):
             cfg = GPTConfig(**base, **extra)
             plain, ring = (GPT(cfg, rngs=nnx.Rngs(0)) for _ in range(2))
@@ -223,7 +227,8 @@ GPTS = """
                          ids=["kernel", "more"])
 def test_ring_with_windows_alibi_softcap_and_score_mod(cases, gpt):
     """Ring attention over global positions: sliding windows, ALiBi, soft caps and a score_mod reading a
-    learned table (its gradient summed over the devices) against the oracle on the whole sequence."""
+    learned table, and attention sinks (their gradients summed over the devices), against the oracle on
+    the whole sequence."""
     script = GPTS + POSITIONAL.replace("__CASES__", repr(list(cases))).replace("__GPT__", repr(gpt))
     assert "RING-OK" in run_on_cpu_devices(script)
 

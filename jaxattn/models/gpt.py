@@ -82,6 +82,9 @@ class GPTConfig:
     attn_scale: float | None = None  # logit scale; None: 1 / sqrt(head_dim) (Gemma: query_pre_attn_scalar ** -0.5)
     attn_softcap: float | None = None  # Gemma 2: attention logits -> cap * tanh(logits / cap) (full, window layers)
     final_softcap: float | None = None  # Gemma 2: the same on the output logits
+    # gpt-oss: attention sinks, a learned logit per head in every row's softmax that carries no value
+    # (full and window layers; the flash forward starts each row from it)
+    attn_sinks: bool = False
     local_rope_theta: float | None = None  # Gemma 3: the "window" layers' RoPE base (plain RoPE there)
     # per layer (cycled like layer_types): False runs that layer without RoPE (SmolLM3's NoPE layers); () all RoPE
     rope_layers: tuple[bool, ...] = ()
@@ -179,9 +182,10 @@ class GPTConfig:
                              "norms it moves), post_norms=False and sequential residuals")
         if self.embed_dim is not None and self.embed_dim < 1:
             raise ValueError(f"embed_dim must be positive or None, got {self.embed_dim}")
-        if self.attn_softcap is not None and (set(self.layer_types) - {"full", "window"} or self.quantized):
-            raise ValueError("attn_softcap runs on the flash and decode kernels: layer_types may hold only 'full' and "
-                             "'window', and quantized=False")
+        for name in ("attn_softcap", "attn_sinks"):
+            if getattr(self, name) not in (None, False) and (set(self.layer_types) - {"full", "window"} or self.quantized):
+                raise ValueError(f"{name} runs on the flash and decode kernels: layer_types may hold only 'full' and "
+                                 "'window', and quantized=False")
         bad = [t for t in self.layer_types if t not in ("full", "power", "window", "sink")]
         if bad or not self.layer_types:
             raise ValueError(f"layer_types entries must be 'full', 'power', 'window' or 'sink', got "
@@ -445,6 +449,7 @@ class Attention(nnx.Module):
         self.resid_drop = _dropout(cfg.dropout, rngs)
         # (mesh, axis, batch_axis, layout): GPT.enable_sequence_parallel
         self.sequence_parallel: tuple | None = None
+        self.sinks = nnx.Param(jnp.zeros((cfg.heads,), jnp.float32)) if cfg.attn_sinks else None
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
                  offset: jax.Array | int = 0, segment_ids: jax.Array | None = None
@@ -484,7 +489,7 @@ class Attention(nnx.Module):
             window = (self.cfg.window - 1, 0) if self.kind == "window" else None
             o = decode_attention(q, k_cache, v_cache, lengths, causal=True, local_window_size=window,
                                  alibi_slopes=self.alibi_slopes(), impl=self.cfg.attn_impl, scale=self.cfg.attn_scale,
-                                 logits_soft_cap=self.cfg.attn_softcap, **sc)
+                                 logits_soft_cap=self.cfg.attn_softcap, sinks=self.sink_logits(), **sc)
         else:
             from jaxattn.ops.block_sparse import block_sparse_attention
 
@@ -500,6 +505,7 @@ class Attention(nnx.Module):
         impl, scale, cap = self.cfg.attn_impl, self.cfg.attn_scale, self.cfg.attn_softcap
         drop = self.attn_drop()
         seg = {} if segment_ids is None else {"segment_ids": segment_ids}
+        sinks = self.sink_logits()
         if seg and self.kind not in ("full", "window"):
             raise ValueError(f"segment_ids (packed documents) need full or sliding-window attention layers; this model "
                              f"has {self.kind!r} layers: their block pattern lies on the packed row's positions, so a "
@@ -512,11 +518,12 @@ class Attention(nnx.Module):
             window = (self.cfg.window - 1, 0) if self.kind == "window" else None
             o = ring_attention_sp(q, k, v, mesh=mesh, axis=axis, batch_axis=batch_axis, causal=True, scale=scale,
                                   local_window_size=window, logits_soft_cap=cap, alibi_slopes=self.alibi_slopes(),
-                                  impl=impl, layout=layout, zigzagged=zigzagged and layout == "zigzag", **drop, **seg)
-        elif self.kind == "window" and (cap is not None or seg):  # soft-capped (Gemma 2) or packed documents:
-            # the flash kernel's own window (the same token window as the block-sparse pattern's)
+                                  sinks=sinks, impl=impl, layout=layout, zigzagged=zigzagged and layout == "zigzag",
+                                  **drop, **seg)
+        elif self.kind == "window" and (cap is not None or seg or sinks is not None):  # soft-capped (Gemma 2),
+            # packed documents or sinks: the flash kernel's own window (the block-sparse pattern's token window)
             o = attention(q, k, v, causal=True, local_window_size=(self.cfg.window - 1, 0), scale=scale,
-                          logits_soft_cap=cap, impl=impl, **drop, **seg)
+                          logits_soft_cap=cap, sinks=sinks, impl=impl, **drop, **seg)
         elif self.kind != "full":
             from jaxattn.ops.block_sparse import block_sparse_attention
 
@@ -527,8 +534,12 @@ class Attention(nnx.Module):
             o = sage_attention(q, k, v, causal=True, scale=scale, impl=impl, **seg)
         else:
             o = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes(), scale=scale, logits_soft_cap=cap,
-                          impl=impl, **drop, **seg)
+                          sinks=sinks, impl=impl, **drop, **seg)
         return _apply(self.resid_drop, self.o(o.reshape(b, n, -1)))
+
+    def sink_logits(self) -> jax.Array | None:
+        """The attention sinks' logits ``[heads]`` (``attn_sinks``), or None."""
+        return None if self.sinks is None else self.sinks[...]
 
     def alibi_slopes(self) -> jax.Array | None:
         """ALiBi's per-head slopes (a geometric sequence, interleaved for non-powers of two)."""

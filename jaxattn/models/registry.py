@@ -37,6 +37,9 @@ MODEL_CONFIGS: dict[str, Any] = {
     # (three PowerAttention layers per full-attention layer; B = 16, W = 64, sink 16 tokens).
     "gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4),
     "alibi-gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, position="alibi"),  # ALiBi, no RoPE
+    # gpt-oss's attention (dense MLPs here): sliding-window and full layers alternating, GQA, attention sinks
+    "gpt-oss-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, kv_heads=2, layer_types=("window", "full"),
+                              window=64, attn_sinks=True),
     # GPT-2's block (LayerNorm, biases, GELU MLP, learned positions): byte-level CPU-sized, and GPT-2 small
     # (124M, its 50257-token vocabulary: nanoGPT's train.bin / val.bin token files); GPT-2 / Pythia folders load too
     "gpt2-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, **_GPT2_BLOCK),

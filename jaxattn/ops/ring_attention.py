@@ -58,7 +58,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxattn.ops import _checks, _spmd
-from jaxattn.pallas._common import merge_partials
+from jaxattn.pallas._common import merge_partials, with_sinks
 
 __all__ = ["from_zigzag", "ring_attention", "ring_attention_sp", "to_zigzag", "zigzag_permutation", "zigzag_sp"]
 
@@ -131,6 +131,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis: str, causa
                    scale: float | None = None, local_window_size: int | tuple[int | None, int | None] | None = None,
                    logits_soft_cap: float | None = None, alibi_slopes: jax.Array | None = None,
                    score_mod: Callable | None = None, score_mod_tables: Sequence[jax.Array] = (),
+                   sinks: jax.Array | None = None,
                    dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
                    batch_axis: str | None = None, impl: Literal["auto", "pallas", "xla"] = "auto",
                    return_lse: bool = False, layout: Layout = "contiguous",
@@ -144,7 +145,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis: str, causa
     ``local_window_size``, ``logits_soft_cap``, ``alibi_slopes`` (``[heads]`` or this shard's ``[batch,
     heads]``), ``score_mod`` and ``score_mod_tables`` (replicated) as :func:`jaxattn.attention`'s, over the
     global positions of the whole sequence; a table's gradient is this device's part (inside your own
-    ``shard_map``, give the tables a replicated spec: its transpose sums them).
+    ``shard_map``, give the tables a replicated spec: its transpose sums them). ``sinks [heads]``
+    (replicated): attention sinks, merged once into the hops' merged result.
     ``dropout_rate`` / ``dropout_rng`` (the same key on every device): attention dropout with the
     single-device mask; ``batch_axis`` names the mesh axis the batch is split over, if any (the mask
     depends on the global batch row). Returns ``out`` in q's dtype (and the fp32 log-sum-exp
@@ -176,6 +178,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis: str, causa
             kv_seg = lax.ppermute(kv_seg, axis, perm)
         o_r, lse_r = hop(k, v, kv_seg, (idx - r) % n_shards)  # the shard this device now holds
         o_acc, lse_acc = _merge(o_acc, lse_acc, o_r, lse_r)
+    if sinks is not None:  # (once, after the hops: the sink is one more partial)
+        o_acc, lse_acc = with_sinks(o_acc, lse_acc, sinks)
     out = o_acc.astype(q.dtype)
     return (out, lse_acc) if return_lse else out
 
@@ -266,7 +270,7 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
                       local_window_size: int | tuple[int | None, int | None] | None = None,
                       logits_soft_cap: float | None = None, alibi_slopes: jax.Array | None = None,
                       score_mod: Callable | None = None, score_mod_tables: Sequence[jax.Array] = (),
-                      dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
+                      sinks: jax.Array | None = None, dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
                       impl: Literal["auto", "pallas", "xla"] = "auto", layout: Layout = "contiguous",
                       zigzagged: bool = False, segment_ids: jax.Array | None = None) -> jax.Array:
     """:func:`jaxattn.attention` (no masks; segment ids below) with the sequence split over ``mesh``
@@ -279,7 +283,7 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
     ``segment_ids`` int ``[batch, seq]`` (in the arrays' order): packed sequences, as :func:`jaxattn.attention`'s.
     ``local_window_size``, ``logits_soft_cap``, ``alibi_slopes``, ``score_mod`` / ``score_mod_tables``: as
     :func:`jaxattn.attention`'s, over the natural (global) positions, whatever the layout; a window skips
-    the hops it cannot see."""
+    the hops it cannot see. ``sinks [heads]``: attention sinks, as :func:`jaxattn.attention`'s."""
     _spmd.check_mesh(mesh, axis, batch_axis)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _checks.check_rank(name, x, 4, "[batch, seq, heads, head_dim]")
@@ -292,6 +296,7 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
     _checks.check_window(local_window_size)
     _checks.check_soft_cap(logits_soft_cap)
     score_mod, tables = _checks.check_score_mod(score_mod, score_mod_tables)
+    sinks = _checks.check_sinks(sinks, q.shape[2])
     if alibi_slopes is not None:  # [B, heads], split with the batch
         alibi_slopes = jnp.broadcast_to(
             jnp.asarray(_checks.check_alibi(alibi_slopes, q.shape[0], q.shape[2]), jnp.float32).reshape(-1, q.shape[2]),
@@ -307,21 +312,22 @@ def ring_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, a
     convert = layout == "zigzag" and not zigzagged
     seed = _dropout_key_data(dropout_rng) if dropout_rate else jnp.zeros((2,), jnp.uint32)  # replicated
 
-    def body(q, k, v, seed, seg, slopes, tables):
+    def body(q, k, v, seed, seg, slopes, tables, sinks):
         if convert:
             q, k, v = (to_zigzag(t, axis) for t in (q, k, v))
             seg = None if seg is None else to_zigzag(seg, axis)
         out = ring_attention(q, k, v, axis=axis, causal=causal, scale=scale, local_window_size=local_window_size,
                              logits_soft_cap=logits_soft_cap, alibi_slopes=slopes, score_mod=score_mod,
-                             score_mod_tables=tables, dropout_rate=dropout_rate,
+                             score_mod_tables=tables, sinks=sinks, dropout_rate=dropout_rate,
                              dropout_rng=seed if dropout_rate else None, batch_axis=batch_axis, impl=impl,
                              layout=layout, segment_ids=seg)
         return from_zigzag(out, axis) if convert else out
 
     # (None for the ids or slopes: nothing to pass; the tables are replicated)
-    args = (q, k, v, seed, segment_ids, alibi_slopes, tables)
+    args = (q, k, v, seed, segment_ids, alibi_slopes, tables, sinks)
     specs = (spec, spec, spec, P(), None if segment_ids is None else spec,
-             None if alibi_slopes is None else P(batch_axis), tuple(P() for _ in tables))
+             None if alibi_slopes is None else P(batch_axis), tuple(P() for _ in tables),
+             None if sinks is None else P())
     return _spmd.shard_map(body, mesh=mesh, in_specs=specs, out_specs=spec)(*args)
 
 
