@@ -112,7 +112,8 @@ def test_oversized_tiles_fail_the_check():
 # family (fp32 too) is compiled by the slow CLI test below.
 TARGETS = {
     "flash": ("d128 bfloat16", "d128 bf16 causal window+softcap", "d128 bf16 causal segments",
-              "d128 bf16 causal alibi", "d128 bf16 causal window+alibi position_offset"),  # d64 etc.: the slow test
+              "d128 bf16 causal alibi", "d128 bf16 causal window+alibi position_offset",
+              "d128 bf16 causal window+sinks"),  # d64 etc.: the slow test
     "lightning": ("d128 bfloat16",),
     "sage": ("d64 block", "d128 block", "d128 warp smooth_q causal"),
     "block_sparse": ("power n=16384 B=256 d128 bf16",),

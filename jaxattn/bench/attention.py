@@ -87,6 +87,9 @@ def peers(case: Case, interpret: bool) -> dict[str, Callable[..., Any]]:
         # what a score_mod costs (traced into the kernels, its derivative in the backward)
         ops["jaxattn-score_mod"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="pallas",
                                                                      score_mod=distance_penalty)
+        # what attention sinks cost (each row's online softmax starts from its head's sink)
+        sinks = jnp.linspace(-1.0, 1.0, case.heads, dtype=jnp.float32)
+        ops["jaxattn-sinks"] = lambda q, k, v: jaxattn.attention(q, k, v, causal=c, impl="pallas", sinks=sinks)
     if (case.head_dim, case.dtype) == (128, "bfloat16") and case.mode == "fwd+bwd":
         # the entry the first H200 run timed (2026-12-04): what the 128-key dk/dv tiles buy
         ops["jaxattn-prev-config"] = lambda q, k, v: flash.flash_attention(

@@ -232,6 +232,9 @@ def _flash_cases() -> Iterator[tuple[str, Callable, list]]:
     yield "d128 bf16 causal window+alibi position_offset", *case(
         128, jnp.bfloat16, True, local_window_size=(1023, 0), alibi_slopes=jnp.geomspace(0.5, 2 ** -8, 8),
         position_offset=(8192, 7168))
+    # gpt-oss's layers: a sliding window with attention sinks (the forward reads one sink per head)
+    yield "d128 bf16 causal window+sinks", *case(128, jnp.bfloat16, True, local_window_size=(127, 0),
+                                                  sinks=jnp.zeros((8,), jnp.float32))
     yield "d128 bf16 causal dropout", *case(128, jnp.bfloat16, True, dropout_rate=0.1,
                                              dropout_seed=jnp.zeros((1,), jnp.int32))
     # (the score_mods bench attention times)
