@@ -72,6 +72,7 @@ def block_sparse_attention_kernel(
     kv_segment_ids: jax.Array | None = None,
     score_mod: Callable | None = None,
     score_mod_tables: tuple = (),
+    sinks: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Block-sparse attention on already-validated inputs.
 
@@ -98,6 +99,7 @@ def block_sparse_attention_kernel(
         inside every visited tile, full blocks too, as the flash kernels do).
       score_mod: ``(x, batch, head, q_pos, k_pos) -> x'`` on the scaled logits (``mask_fn``'s absolute
         positions), as ``flash.flash_attention``'s (Triton backend), reading ``score_mod_tables``.
+      sinks: fp32 ``[Hq]``: attention sinks, as ``flash.flash_attention``'s (Triton backend).
 
     A *full* block must be fully visible (and hold no padded key); a *partial* block is
     masked element-wise (padded keys included).
@@ -124,7 +126,8 @@ def block_sparse_attention_kernel(
     if has_seg != (kv_segment_ids is not None):
         raise ValueError("q_segment_ids and kv_segment_ids go together")
     if backend == "mosaic":
-        _flash.check_mosaic(q, k, v, q_segment_ids=q_segment_ids, dropout_rate=dropout_rate, score_mod=score_mod)
+        _flash.check_mosaic(q, k, v, q_segment_ids=q_segment_ids, dropout_rate=dropout_rate, score_mod=score_mod,
+                            sinks=sinks)
         mosaic = flash_mgpu.mosaic_config(d)
         if block_q % (2 * mosaic.block_q) or block_k % mosaic.block_kv:
             raise ValueError(f"impl='mosaic' needs mask blocks of a multiple of {2 * mosaic.block_q} query rows "
@@ -137,7 +140,7 @@ def block_sparse_attention_kernel(
         groups=hq // hkv, heads=hq, has_seg=has_seg, bias_kind=None, bias_bcast=(True, True, True, True),
         cfg=cfg, interpret=interpret, precision=_flash.precision_for(q.dtype),
         sparse=SparseSpec(mask_fn=mask_fn, block_q=block_q, block_k=block_k), dropout=float(dropout_rate),
-        mosaic=mosaic, score_mod=score_mod, mod_tables=len(score_mod_tables),
+        mosaic=mosaic, score_mod=score_mod, mod_tables=len(score_mod_tables), sinks=sinks is not None,
     )
     layout = tuple(jnp.asarray(x, jnp.int32) for x in (kv_index, kv_blocks, q_index, q_blocks))
     layout += (jnp.asarray(q_offset, jnp.int32).reshape(1),)
@@ -145,4 +148,6 @@ def block_sparse_attention_kernel(
     qseg = kseg = None
     if has_seg:
         qseg, kseg = _flash.pad_segment_ids(q_segment_ids, kv_segment_ids, st.q_pad, st.kv_pad)
-    return _flash.run_padded(st, q, k, v, None, qseg, kseg, layout, None, seed, tuple(score_mod_tables))
+    if sinks is not None:
+        sinks = jnp.asarray(sinks, jnp.float32).reshape(hq)
+    return _flash.run_padded(st, q, k, v, None, qseg, kseg, layout, None, seed, tuple(score_mod_tables), sinks=sinks)

@@ -218,7 +218,7 @@ def test_sparse_config_table_overrides_the_flash_table(monkeypatch):
     assert pbs.sparse_config(64, jnp.float32) == flash.flash_config(64, jnp.float32)
     seen = []
     run = flash.run_padded
-    monkeypatch.setattr(flash, "run_padded", lambda st, *a: seen.append(st.cfg) or run(st, *a))
+    monkeypatch.setattr(flash, "run_padded", lambda st, *a, **kw: seen.append(st.cfg) or run(st, *a, **kw))
     bm = BlockMask.power(96, 16, window=32, sink=16)
     _check(bm, ref.power_mask(96, block=16, window_blocks=2, sink=16), d=100, hq=2, hkv=1)
     assert seen and all(c is own for c in seen)

@@ -175,7 +175,7 @@ def test_attention_sinks_are_learned_and_checked():
     grads = nnx.grad(lambda m: jnp.mean(m(t) ** 2))(m)
     assert float(jnp.abs(grads.blocks[0].attn.sinks[...]).max()) > 0
     with pytest.raises(ValueError, match="attn_sinks"):
-        GPTConfig(layer_types=("power", "full"), attn_sinks=True)
+        GPTConfig(attn_sinks=True, quantized=True)
 
 
 GEN_CASES = {
@@ -201,6 +201,9 @@ GEN_CASES = {
     # gpt-oss-style: attention sinks on alternating sliding-window and full layers (flash and decode kernels)
     "gptoss-sinks-window-pallas": dict(layer_types=("window", "full"), window=8, attn_sinks=True, kv_heads=1,
                                        attn_impl="pallas"),
+    # sinks on PowerAttention layers too (the block-sparse kernel's forward starts from them)
+    "sinks-power-pallas": dict(layer_types=("power", "full"), kv_heads=1, sparse_block=16, window=32, sink=16,
+                               attn_sinks=True, attn_impl="pallas"),
 }
 
 

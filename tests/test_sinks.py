@@ -2,7 +2,8 @@
 The reference against a NumPy softmax over the logits with the sink appended; the flash kernels
 (interpret mode, poisoned outputs) and the XLA path against the reference over random shapes (ragged,
 GQA, causal and not, every dtype), forward, lse and the gradients of q, k, v and the sinks; rows with
-no visible key; decode, paged decode and varlen; the CUDA lowering; bad sinks."""
+no visible key; dropout, segments and packed qkv; block-sparse, decode, paged decode and varlen; the CUDA
+lowering; bad sinks."""
 
 from __future__ import annotations
 
@@ -77,6 +78,37 @@ def test_rows_with_no_key_and_the_public_op(impl):
     assert_close(lse[:, 8:], jnp.logaddexp(plain_lse[:, 8:], sinks), jnp.float32, "lse")
 
 
+def test_sinks_with_dropout_segments_and_packed_qkv():
+    """Sinks beside dropout (the sink joins the normaliser, never the dropped weights), segment ids and
+    packed qkv: the kernel against the XLA path, which draws the same dropout mask."""
+    ks = jax.random.split(jax.random.PRNGKey(5), 3)
+    qkv = jax.random.normal(ks[0], (2, 45, 3, 4, 32))
+    seg = jnp.asarray([[0] * 20 + [1] * 25, [2] * 45])
+    sinks = _sinks(ks[1], 4)
+    w = jax.random.normal(ks[2], (2, 45, 4, 32))
+    kw = dict(causal=True, segment_ids=seg, dropout_rate=0.25, dropout_rng=jax.random.PRNGKey(9), return_lse=True)
+
+    def run(impl, packed):
+        def f(qkv, sinks):
+            if packed:
+                o, lse = jaxattn.attention_qkvpacked(qkv, sinks=sinks, impl=impl, **kw)
+            else:
+                o, lse = jaxattn.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], sinks=sinks, impl=impl, **kw)
+            return jnp.sum(o * w) + jnp.sum(jnp.cos(lse)), (o, lse)
+        return jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(qkv, sinks)
+
+    (_, (ref, ref_lse)), ref_g = run("xla", False)
+    for packed in (False, True):
+        (_, (out, lse)), g = run("pallas", packed)
+        assert_close(out, ref, jnp.float32, f"out packed={packed}")
+        assert_close(lse, ref_lse, jnp.float32, f"lse packed={packed}")
+        for name, a, b in zip(("dqkv", "dsinks"), g, ref_g):
+            assert_close(a, b, jnp.float32, f"{name} packed={packed}", GRAD_TOL)
+    plain = jaxattn.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], sinks=sinks, impl="xla",
+                              **{**kw, "dropout_rate": 0.0, "dropout_rng": None})[0]
+    assert float(jnp.abs(ref - plain).max()) > 0.05  # the dropout is real
+
+
 def test_decode_paged_and_varlen_with_sinks():
     ks = jax.random.split(jax.random.PRNGKey(4), 5)
     b, n, hq, hkv, d = 3, 70, 4, 2, 32
@@ -105,6 +137,32 @@ def test_decode_paged_and_varlen_with_sinks():
     for a, e in ((0, 30), (30, 70)):
         ref, _ = attention_reference(x[None, a:e], x[None, a:e, :hkv], x[None, a:e, :hkv], causal=True, sinks=sinks)
         assert_close(got[a:e], ref[0], jnp.float32, f"varlen {a}:{e}")
+
+
+def test_block_sparse_with_sinks():
+    """block_sparse_attention(sinks=): the block-sparse kernel (PowerAttention layout, GQA, ragged) against
+    the dense masked reference, forward and gradients (the sinks' too)."""
+    ks = jax.random.split(jax.random.PRNGKey(6), 5)
+    n = 100
+    q = jax.random.normal(ks[0], (2, n, 4, 32))
+    k, v = (jax.random.normal(kk, (2, n, 2, 32)) for kk in ks[1:3])
+    w = jax.random.normal(ks[3], (2, n, 4, 32))
+    sinks = _sinks(ks[4], 4)
+    mask = jaxattn.BlockMask.power(n, 16, 32, 16)
+
+    def run(impl):
+        def f(q, k, v, s):
+            o, lse = jaxattn.block_sparse_attention(q, k, v, mask, sinks=s, impl=impl, return_lse=True)
+            return jnp.sum(o * w) + jnp.sum(jnp.sin(lse)), (o, lse)
+        return jax.jit(jax.value_and_grad(f, (0, 1, 2, 3), has_aux=True))(q, k, v, sinks)
+
+    with poison_outputs():
+        (_, (out, lse)), grads = run("pallas")
+    (_, (ref, ref_lse)), ref_grads = run("xla")
+    assert_close(out, ref, jnp.float32, "out")
+    assert_close(lse, ref_lse, jnp.float32, "lse")
+    for name, a, b in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads):
+        assert_close(a, b, jnp.float32, name, GRAD_TOL)
 
 
 def test_bad_sinks_raise():

@@ -83,7 +83,7 @@ class GPTConfig:
     attn_softcap: float | None = None  # Gemma 2: attention logits -> cap * tanh(logits / cap) (full, window layers)
     final_softcap: float | None = None  # Gemma 2: the same on the output logits
     # gpt-oss: attention sinks, a learned logit per head in every row's softmax that carries no value
-    # (full and window layers; the flash forward starts each row from it)
+    # (every layer kind but quantized ones; the flash forward starts each row from it)
     attn_sinks: bool = False
     local_rope_theta: float | None = None  # Gemma 3: the "window" layers' RoPE base (plain RoPE there)
     # per layer (cycled like layer_types): False runs that layer without RoPE (SmolLM3's NoPE layers); () all RoPE
@@ -182,10 +182,11 @@ class GPTConfig:
                              "norms it moves), post_norms=False and sequential residuals")
         if self.embed_dim is not None and self.embed_dim < 1:
             raise ValueError(f"embed_dim must be positive or None, got {self.embed_dim}")
-        for name in ("attn_softcap", "attn_sinks"):
-            if getattr(self, name) not in (None, False) and (set(self.layer_types) - {"full", "window"} or self.quantized):
-                raise ValueError(f"{name} runs on the flash and decode kernels: layer_types may hold only 'full' and "
-                                 "'window', and quantized=False")
+        if self.attn_softcap is not None and (set(self.layer_types) - {"full", "window"} or self.quantized):
+            raise ValueError("attn_softcap runs on the flash and decode kernels: layer_types may hold only 'full' and "
+                             "'window', and quantized=False")
+        if self.attn_sinks and self.quantized:
+            raise ValueError("attn_sinks runs on the flash, block-sparse and decode kernels: quantized=False")
         bad = [t for t in self.layer_types if t not in ("full", "power", "window", "sink")]
         if bad or not self.layer_types:
             raise ValueError(f"layer_types entries must be 'full', 'power', 'window' or 'sink', got "
@@ -494,7 +495,8 @@ class Attention(nnx.Module):
             from jaxattn.ops.block_sparse import block_sparse_attention
 
             mask = block_mask_for(self.cfg, self.kind, n, kv_len=k_cache.shape[1], q_offset=offset)
-            o = block_sparse_attention(q, k_cache, v_cache, mask, impl=self.cfg.attn_impl, scale=self.cfg.attn_scale)
+            o = block_sparse_attention(q, k_cache, v_cache, mask, impl=self.cfg.attn_impl, scale=self.cfg.attn_scale,
+                                       sinks=self.sink_logits())
         return self.o(o.reshape(b, n, -1)), new_cache
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, zigzagged: bool = False,
@@ -527,7 +529,8 @@ class Attention(nnx.Module):
         elif self.kind != "full":
             from jaxattn.ops.block_sparse import block_sparse_attention
 
-            o = block_sparse_attention(q, k, v, block_mask_for(self.cfg, self.kind, n), impl=impl, scale=scale, **drop)
+            o = block_sparse_attention(q, k, v, block_mask_for(self.cfg, self.kind, n), impl=impl, scale=scale,
+                                       sinks=sinks, **drop)
         elif self.cfg.quantized:
             from jaxattn.ops.sage import sage_attention
 

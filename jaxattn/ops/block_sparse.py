@@ -479,6 +479,7 @@ def block_sparse_attention(
     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
     score_mod: Callable | None = None,
     score_mod_tables: Sequence[jax.Array] = (),
+    sinks: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Softmax attention restricted to the keys a ``BlockMask`` allows.
 
@@ -504,8 +505,10 @@ def block_sparse_attention(
         (not with ``impl="mosaic"``).
       score_mod_tables: arrays ``score_mod`` reads by indexing, after its index arguments (as
         :func:`jaxattn.attention`'s; differentiable).
+      sinks: ``[heads]``: attention sinks, as :func:`jaxattn.attention`'s (a learned value-less logit per
+        head in every row's softmax; differentiable).
 
-    A query row with no visible key returns zeros (``lse = -inf``), never NaN.
+    A query row with no visible key returns zeros (``lse = -inf``, or the sink), never NaN.
     """
     _checks.check_impl(impl, _checks.MOSAIC_IMPLS)
     batch, q_len, kv_len, hq, hkv, d = _checks.check_qkv(q, k, v, (*_checks.FLOAT_DTYPES, jnp.float64))
@@ -522,6 +525,8 @@ def block_sparse_attention(
         qs, ks = _segment_pair(segment_ids, batch, q_len, kv_len)
         opts.update(q_segment_ids=qs, kv_segment_ids=ks)
     opts["score_mod"], opts["score_mod_tables"] = _checks.check_score_mod(score_mod, score_mod_tables)
+    if sinks is not None:
+        opts["sinks"] = _checks.check_sinks(sinks, hq)
     drop = {}
     if _checks.check_dropout(dropout_rate, dropout_rng):
         drop = dict(dropout_rate=float(dropout_rate), dropout_seed=_dropout.seed_from_key(dropout_rng))
