@@ -384,7 +384,8 @@ def _optional_refs(st: _Static, rest):
     if st.sparse is not None:
         lists, rest = rest[:3], rest[3:]
     tables, rest = tuple(rest[:st.mod_tables]), rest[st.mod_tables:]
-    return (tables, _offsets(st, pos_ref), sink_ref), (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, rest)
+    return ((tables, _offsets(st, pos_ref), sink_ref),
+            (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, rest))
 
 
 def _offsets(st: _Static, pos_ref) -> tuple:
@@ -590,8 +591,8 @@ def _loop_kv(st: _Static, q_start, block_q: int, block_k: int, body, carry, list
 
 def _fwd_kernel(*refs, st: _Static, block_q: int, block_k: int):
     q_ref, k_ref, v_ref, *rest = refs
-    (tables, offs, sink_ref), (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists, (o_ref, lse_ref)) = \
-        _optional_refs(st, rest)
+    (tables, offs, sink_ref), (qseg_ref, kseg_ref, range_ref, bias_ref, alibi_ref, seed_ref, lists,
+                               (o_ref, lse_ref)) = _optional_refs(st, rest)
     q_start = _q_block(st, pl.program_id(0), block_q) * block_q
     q_pos = _q_positions(st, q_start, block_q, lists)
     q = _common.load_tile(q_ref, (slice(None), slice(None)), q_start, st.q_len, _q_ragged(st), st.head_dim)
@@ -659,7 +660,7 @@ def _row_inputs(st: _Static, qseg, kseg, bias, alibi, seed, layout, bq: int, bk:
                 sinks=None):
     """Specs and arrays of the optional inputs of a kernel with one query tile per program
     (forward, dq): segment ids (and their block ranges), bias, ALiBi slopes, dropout seed, position
-    offsets, sparse lists, score_mod tables."""
+    offsets, sinks, sparse lists, score_mod tables."""
     qb = functools.partial(_q_block, st, block_q=bq)
     specs, arrays = _seg_inputs(st, qseg, kseg, bq, bk, False, pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
                                 pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0)))

@@ -157,7 +157,8 @@ POSITIONAL = """
         (2, 64, 2, 2, jnp.float32, True, "seq4", "xla", "contiguous", (3, 0), 2.0, False, False, False, True),
     ]
     cases = [cases[i] for i in __CASES__]
-    for i, (b, n, hq, hkv, dtype, causal, mesh_name, impl, layout, window, cap, alibi, mod, packed, sink) in enumerate(cases):
+    for i, case in enumerate(cases):
+        b, n, hq, hkv, dtype, causal, mesh_name, impl, layout, window, cap, alibi, mod, packed, sink = case
         mesh, batch_axis = meshes[mesh_name]
         ks = jax.random.split(jax.random.PRNGKey(i), 5)
         q, k, v = (jax.random.normal(kk, (b, n, h, 32)).astype(dtype) for kk, h in zip(ks, (hq, hkv, hkv)))

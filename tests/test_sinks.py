@@ -27,7 +27,7 @@ def test_reference_is_a_softmax_with_the_sink_appended():
     r = np.random.default_rng(0)
     q, k, v = (r.standard_normal((1, n, 2, 8)).astype(np.float32) for n in (5, 7, 7))
     sinks = np.array([0.5, -1.0], np.float32)
-    out, lse = attention_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal=True, sinks=jnp.asarray(sinks))
+    out, lse = attention_reference(*(jnp.asarray(x) for x in (q, k, v)), causal=True, sinks=jnp.asarray(sinks))
     s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
     s = np.where(np.arange(7)[None, :] <= np.arange(5)[:, None] + 2, s, -np.inf)
     ext = np.concatenate([s, np.broadcast_to(sinks[None, :, None, None], (1, 2, 5, 1))], -1)
@@ -54,7 +54,8 @@ def test_kernel_matches_reference(seed):
     kw = dict(causal=c["causal"], local_window_size=window)
     with poison_outputs():
         (_, (out, lse)), grads = loss(lambda q, k, v, s: flash.flash_attention(q, k, v, sinks=s, **kw))(q, k, v, sinks)
-    (_, (ref, ref_lse)), ref_grads = loss(lambda q, k, v, s: attention_reference(q, k, v, sinks=s, **kw))(q, k, v, sinks)
+    (_, (ref, ref_lse)), ref_grads = loss(lambda q, k, v, s: attention_reference(q, k, v, sinks=s, **kw))(
+        q, k, v, sinks)
     assert_close(out, ref, c["dtype"], f"out {c}")
     assert_close(lse, ref_lse, jnp.float32 if c["dtype"] == jnp.float32 else c["dtype"], f"lse {c}")
     for name, g, rg in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads):
@@ -177,8 +178,8 @@ def test_bad_sinks_raise():
 
 
 def test_sinks_lower_for_cuda():
-    args = [jax.ShapeDtypeStruct((2, 2048, 8, 128), jnp.bfloat16), jax.ShapeDtypeStruct((2, 2048, 2, 128), jnp.bfloat16),
-            jax.ShapeDtypeStruct((2, 2048, 2, 128), jnp.bfloat16), jax.ShapeDtypeStruct((8,), jnp.float32)]
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((2, 2048, 8, 128), (2, 2048, 2, 128), (2, 2048, 2, 128))]
+    args.append(jax.ShapeDtypeStruct((8,), jnp.float32))
 
     def loss(q, k, v, sinks):
         o, _ = flash.flash_attention(q, k, v, causal=True, local_window_size=(127, 0), sinks=sinks, interpret=False)

@@ -91,7 +91,8 @@ def paged_decode_attention(
       lengths: int ``[batch]`` (or one int): valid cache positions per row, the new tokens
         included (write them first with :func:`append_paged_kv`).
       causal, scale, local_window_size, logits_soft_cap, alibi_slopes, k_scale, v_scale, num_splits,
-        return_lse, score_mod, score_mod_tables, sinks: as :func:`jaxattn.decode_attention` (quantized pages: :func:`jaxattn.quantize_kv`).
+        return_lse, score_mod, score_mod_tables, sinks: as :func:`jaxattn.decode_attention` (quantized pages:
+        :func:`jaxattn.quantize_kv`).
       impl: ``"pallas"`` (split-KV kernel reading pages through the table; interpret mode without a
         GPU), ``"xla"`` (gathers the pages and runs the dense fp32 reference), ``"auto"``.
 
