@@ -325,12 +325,14 @@ class _Static:
     positive_scale: bool = True  # sm_scale > 0: the row scales are positive (see _attn_kernel)
     sparse: None = None  # flash's block-sparse layout: never used here
     has_seg: bool = False  # segment ids (packed sequences): the kernel reads q / kv ids and block ranges
+    sinks: bool = False  # attention sinks: each row's online softmax starts from its head's sink
 
 
 def _attn_kernel(*refs, st: _Static):
     q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, *rest, o_ref = refs
     corr_ref = rest.pop(0) if st.has_corr else None
-    qseg_ref, kseg_ref, range_ref = rest if st.has_seg else (None, None, None)
+    qseg_ref, kseg_ref, range_ref = (rest.pop(0), rest.pop(0), rest.pop(0)) if st.has_seg else (None, None, None)
+    sink_ref = rest.pop(0) if st.sinks else None
     bq, bk = st.block_q, st.block_k
     q_start = _flash._q_block(st, pl.program_id(0), bq) * bq
     q_pos = q_start + jnp.arange(bq)
@@ -374,6 +376,9 @@ def _attn_kernel(*refs, st: _Static):
     acc = jnp.zeros((bq, v_ref.shape[0]), jnp.float32)
     m = jnp.full((bq,), NEG_INF, jnp.float32)
     l = jnp.zeros((bq,), jnp.float32)
+    if st.sinks:  # the sink's P under the offset running max m = sink2 - P_OFFSET is 2^P_OFFSET
+        m = jnp.full((bq,), sink_ref[pl.program_id(2)] * LOG2E - P_OFFSET, jnp.float32)
+        l = jnp.full((bq,), 2.0 ** P_OFFSET, jnp.float32)
     # Unmasked key blocks first, then the causal diagonal / padded tail; blocks above the
     # diagonal are skipped.
     n_full, hi = _flash._kv_range(st, q_start, bq, bk)
@@ -386,7 +391,8 @@ def _attn_kernel(*refs, st: _Static):
     _common.store_tile(o_ref, (slice(None), slice(None)), out, q_start, st.q_len, st.q_len != st.q_pad, st.value_dim)
 
 
-def _attn_call(st: _Static, qz: Quantized, q_row_scale: jax.Array, out_dtype, qseg=None, kseg=None) -> jax.Array:
+def _attn_call(st: _Static, qz: Quantized, q_row_scale: jax.Array, out_dtype, qseg=None, kseg=None,
+               sinks=None) -> jax.Array:
     batch, _, hq, d = qz.q8.shape
     dv = qz.v8.shape[2]
     bq, g = st.block_q, st.groups
@@ -410,6 +416,9 @@ def _attn_call(st: _Static, qz: Quantized, q_row_scale: jax.Array, out_dtype, qs
                      pl.BlockSpec((None, st.kv_pad), lambda i, b, h: (b, 0)),
                      pl.BlockSpec((None, *ranges.shape[1:]), lambda i, b, h: (b, 0, 0))]
         args += [qseg, kseg, ranges]
+    if st.sinks:  # fp32 [Hq], read as scalars
+        in_specs.append(_common.whole_block(sinks.shape))
+        args.append(sinks)
     call = _common.pallas_call(
         functools.partial(_attn_kernel, st=st),
         out_shape=[jax.ShapeDtypeStruct((batch, st.q_len, hq, st.value_dim), out_dtype)],  # (unpadded)
@@ -441,7 +450,7 @@ def mosaic_blocks(q_len: int, kv_len: int, granularity: str, head_dim: int = 128
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _sage(opts: _Options, q, k, v, qseg=None, kseg=None):
+def _sage(opts: _Options, q, k, v, qseg=None, kseg=None, sinks=None):
     q_len, kv_len, hq, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     dv = v.shape[-1]
     mosaic = opts.backend == "mosaic"
@@ -462,10 +471,12 @@ def _sage(opts: _Options, q, k, v, qseg=None, kseg=None):
     st = _Static(causal=opts.causal, q_len=q_len, kv_len=kv_len, q_pad=blocks.q_pad,
                  kv_pad=blocks.kv_pad, groups=hq // k.shape[2], block_q=blocks.block_q,
                  block_k=blocks.block_k, has_corr=opts.smooth_q, cfg=opts.cfg, interpret=opts.interpret,
-                 value_dim=dv, positive_scale=opts.scale > 0, has_seg=qseg is not None)
+                 value_dim=dv, positive_scale=opts.scale > 0, has_seg=qseg is not None, sinks=sinks is not None)
     if qseg is not None:
         qseg, kseg = _flash.pad_segment_ids(qseg, kseg, blocks.q_pad, blocks.kv_pad)
-    return _attn_call(st, qz, q_rows, q.dtype, qseg, kseg)
+    if sinks is not None:
+        sinks = jnp.asarray(sinks, jnp.float32).reshape(hq)
+    return _attn_call(st, qz, q_rows, q.dtype, qseg, kseg, sinks)
 
 
 @_sage.defjvp
@@ -491,6 +502,7 @@ def sage_attention_kernel(
     backend: str = "triton",
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Quantised attention on already-validated inputs (forward only).
 
@@ -502,6 +514,8 @@ def sage_attention_kernel(
     ``q_segment_ids`` / ``kv_segment_ids`` (int ``[B, Sq]`` / ``[B, Sk]``, Triton backend): packed
     sequences, keys only within the query's segment; the quantisation groups are the unpacked call's
     (a K block's scale may span two sequences; smoothing K by the mean of all keys stays exact).
+    ``sinks`` fp32 ``[Hq]`` (Triton backend): attention sinks, a value-less logit per head in every row's
+    softmax: the online softmax starts at ``m = sink - P_OFFSET`` with the sink's ``P = 2^P_OFFSET`` in ``l``.
     """
     if qk_granularity not in GRANULARITIES:
         raise ValueError(f"qk_granularity must be one of {GRANULARITIES}, got {qk_granularity!r}")
@@ -512,12 +526,12 @@ def sage_attention_kernel(
     if backend == "mosaic":
         if not flash_mgpu.available():
             raise ValueError("impl='mosaic' needs jax's Pallas Mosaic GPU backend (jax >= 0.10)")
-        if q_segment_ids is not None:
-            raise ValueError("impl='mosaic' runs Sage without segment_ids; use impl='pallas'")
+        if q_segment_ids is not None or sinks is not None:
+            raise ValueError("impl='mosaic' runs Sage without segment_ids or sinks; use impl='pallas'")
     cfg = config or sage_config(max(q.shape[-1], v.shape[-1]))
     scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     opts = _Options(bool(causal), scale, qk_granularity, bool(smooth_q), bool(smooth_k), cfg, interpret, backend)
-    return _sage(opts, q, k, v, q_segment_ids, kv_segment_ids)
+    return _sage(opts, q, k, v, q_segment_ids, kv_segment_ids, sinks)
 
 
 def fp8_supported() -> bool:

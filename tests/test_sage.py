@@ -398,8 +398,31 @@ def test_segment_ids_op_paths_and_errors():
         sage.sage_attention_kernel(q, k, v, q_segment_ids=seg)
 
 
-def test_segments_lower_for_cuda():
-    args = [jax.ShapeDtypeStruct((2, 4096, 8, 128), jnp.bfloat16)] * 3 + [jax.ShapeDtypeStruct((2, 4096), jnp.int32)]
-    f = lambda q, k, v, s: sage.sage_attention_kernel(q, k, v, causal=True, interpret=False,  # noqa: E731
-                                                      q_segment_ids=s, kv_segment_ids=s)
+@pytest.mark.parametrize("causal,granularity,dtype", [(True, "warp", jnp.bfloat16), (False, "block", jnp.float16)])
+def test_sinks_match_emulation_and_full_precision(causal, granularity, dtype):
+    """sinks= (gpt-oss): the kernel equals the emulation (which starts each row's softmax from the sink), both
+    track fp32 attention with the sinks, and the sinks change the result (rows with no key stay zero)."""
+    q, k, v = _inputs(2, 150, 120, 4, 2, 64, dtype, seed=8)
+    sinks = jnp.asarray([2.0, -1.0, 0.5, 3.0])
+    kw = dict(causal=causal, sinks=sinks)
+    out = _kernel(qk_granularity=granularity, **kw)(q, k, v)
+    expected = _emulate(q, k, v, granularity=granularity, **kw)
+    _assert_matches_emulation(out, expected, dtype)
+    full, _ = attention_reference(q, k, v, causal=causal, sinks=sinks)
+    assert ref.accuracy_metrics(out, full)["cos_sim"] > 0.999
+    plain = _kernel(qk_granularity=granularity, causal=causal)(q, k, v)
+    assert float(jnp.abs(out.astype(jnp.float32) - plain.astype(jnp.float32)).max()) > 0.05
+    if causal:  # rows i < sq - sk see no key
+        assert not np.asarray(out[:, :30], np.float32).any()
+    xla = jaxattn.sage_attention(q, k, v, qk_granularity=granularity, impl="xla", **kw)
+    np.testing.assert_array_equal(np.asarray(xla, np.float32), np.asarray(expected.astype(dtype), np.float32))
+    with pytest.raises(ValueError, match="sinks"):
+        sage.sage_attention_kernel(q, k, v, sinks=sinks, backend="mosaic")
+
+
+def test_segments_and_sinks_lower_for_cuda():
+    args = [jax.ShapeDtypeStruct((2, 4096, 8, 128), jnp.bfloat16)] * 3 + [jax.ShapeDtypeStruct((2, 4096), jnp.int32),
+                                                                        jax.ShapeDtypeStruct((8,), jnp.float32)]
+    f = lambda q, k, v, s, z: sage.sage_attention_kernel(q, k, v, causal=True, interpret=False,  # noqa: E731
+                                                         q_segment_ids=s, kv_segment_ids=s, sinks=z)
     assert count_triton_calls(lower_for_cuda(f, *args)) == 3

@@ -83,7 +83,7 @@ class GPTConfig:
     attn_softcap: float | None = None  # Gemma 2: attention logits -> cap * tanh(logits / cap) (full, window layers)
     final_softcap: float | None = None  # Gemma 2: the same on the output logits
     # gpt-oss: attention sinks, a learned logit per head in every row's softmax that carries no value
-    # (every layer kind but quantized ones; the flash forward starts each row from it)
+    # (every layer kind, quantized ones too; the kernels' online softmax starts each row from it)
     attn_sinks: bool = False
     local_rope_theta: float | None = None  # Gemma 3: the "window" layers' RoPE base (plain RoPE there)
     # per layer (cycled like layer_types): False runs that layer without RoPE (SmolLM3's NoPE layers); () all RoPE
@@ -185,8 +185,6 @@ class GPTConfig:
         if self.attn_softcap is not None and (set(self.layer_types) - {"full", "window"} or self.quantized):
             raise ValueError("attn_softcap runs on the flash and decode kernels: layer_types may hold only 'full' and "
                              "'window', and quantized=False")
-        if self.attn_sinks and self.quantized:
-            raise ValueError("attn_sinks runs on the flash, block-sparse and decode kernels: quantized=False")
         bad = [t for t in self.layer_types if t not in ("full", "power", "window", "sink")]
         if bad or not self.layer_types:
             raise ValueError(f"layer_types entries must be 'full', 'power', 'window' or 'sink', got "
@@ -534,7 +532,7 @@ class Attention(nnx.Module):
         elif self.cfg.quantized:
             from jaxattn.ops.sage import sage_attention
 
-            o = sage_attention(q, k, v, causal=True, scale=scale, impl=impl, **seg)
+            o = sage_attention(q, k, v, causal=True, scale=scale, impl=impl, sinks=sinks, **seg)
         else:
             o = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes(), scale=scale, logits_soft_cap=cap,
                           sinks=sinks, impl=impl, **drop, **seg)

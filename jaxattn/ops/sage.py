@@ -26,6 +26,7 @@ def sage_attention(
     smooth_k: bool = True,
     impl: Literal["auto", "pallas", "mosaic", "xla"] = "auto",
     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Quantised scaled dot-product attention (SageAttention2, sm90 recipe). Forward only.
 
@@ -54,6 +55,7 @@ def sage_attention(
       segment_ids: ``[batch, seq]`` (when ``q_len == kv_len``) or a pair ``(q_ids, kv_ids)``: packed
         sequences, as :func:`jaxattn.attention`'s (SageAttention's ``sageattn_varlen``; not with
         ``impl="mosaic"``). The quantisation groups stay the unpacked call's.
+      sinks: ``[heads]``: attention sinks, as :func:`jaxattn.attention`'s (not with ``impl="mosaic"``).
 
     Returns:
       ``[batch, q_len, heads, v_head_dim]`` in the dtype of ``q``. A query row with no
@@ -73,6 +75,8 @@ def sage_attention(
 
         qs, ks = _segment_pair(segment_ids, batch, q_len, kv_len)
         seg = dict(q_segment_ids=qs, kv_segment_ids=ks)
+    if sinks is not None:
+        seg["sinks"] = _checks.check_sinks(sinks, hq)
 
     use_kernel = impl in ("pallas", "mosaic") or (impl == "auto" and _sage.fp8_supported())
     use_kernel = use_kernel and not _checks.empty(q, k, v)  # an empty batch: XLA returns it

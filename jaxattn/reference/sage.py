@@ -130,6 +130,7 @@ def sage_reference(
     smooth_k: bool = True,
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Quantisation-emulating SageAttention2 forward in fp32 (returns fp32 ``[B, Sq, Hq, Dv]``).
 
@@ -138,7 +139,8 @@ def sage_reference(
     ``(0, 448]``; P rounded to e4m3; ``P8 . V8`` per block in fp32 times ``s_v``, added into
     the rescaled accumulator; ``O = acc / l`` with ``l`` the sum of unrounded P. Causal is
     bottom-right aligned; with segment ids (int ``[B, Sq]`` / ``[B, Sk]``) keys only within the
-    query's segment; rows without a visible key give 0.
+    query's segment; rows without a visible key give 0. ``sinks [Hq]`` (attention sinks): the online
+    softmax starts at ``m = sink * log2(e) - 8.807`` with the sink's unrounded ``P = 2^8.807`` in ``l``.
     """
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -191,6 +193,9 @@ def sage_reference(
     dv = v.shape[-1]
     init = (jnp.zeros((b, hq, q_pad, dv), jnp.float32), jnp.full((b, hq, q_pad), -jnp.inf, jnp.float32),
             jnp.zeros((b, hq, q_pad), jnp.float32))
+    if sinks is not None:
+        m0 = jnp.asarray(sinks, jnp.float32).reshape(1, hq, 1) * LOG2E - P_OFFSET
+        init = (init[0], jnp.broadcast_to(m0, (b, hq, q_pad)), jnp.full((b, hq, q_pad), 2.0 ** P_OFFSET, jnp.float32))
     (acc, _, l), _ = lax.scan(step, init, jnp.arange(nkb))
     out = acc / jnp.where(l == 0, 1.0, l)[..., None]
     return jnp.transpose(out, (0, 2, 1, 3))[:, :sq]
