@@ -148,6 +148,4 @@ def block_sparse_attention_kernel(
     qseg = kseg = None
     if has_seg:
         qseg, kseg = _flash.pad_segment_ids(q_segment_ids, kv_segment_ids, st.q_pad, st.kv_pad)
-    if sinks is not None:
-        sinks = jnp.asarray(sinks, jnp.float32).reshape(hq)
     return _flash.run_padded(st, q, k, v, None, qseg, kseg, layout, None, seed, tuple(score_mod_tables), sinks=sinks)

@@ -160,11 +160,15 @@ class SparseSpec:
 
 
 def _bounds(st: Any, causal: bool | None = None) -> tuple[int | None, int | None]:
+    """:func:`window_bounds` of a kernel's static (``st.window`` when it has one: the sage kernel's
+    does not)."""
+    return window_bounds(getattr(st, "window", (None, None)), st.causal if causal is None else causal)
+
+
+def window_bounds(window: tuple[int | None, int | None] | None, causal: bool) -> tuple[int | None, int | None]:
     """``(left, right)``: query at position p sees keys ``p - left .. p + right`` (None: that
-    side unbounded); causal caps ``right`` at 0. Reads ``st.window`` when the static has one
-    (the sage kernel's does not)."""
-    causal = st.causal if causal is None else causal
-    left, right = getattr(st, "window", (None, None))
+    side unbounded); causal caps ``right`` at 0."""
+    left, right = window or (None, None)
     if causal:
         right = 0 if right is None else min(right, 0)
     return left, right
@@ -1230,8 +1234,6 @@ def flash_attention(
     pos = None
     if position_offset is not None:
         pos = jnp.stack([jnp.asarray(x, jnp.int32) for x in position_offset])
-    if sinks is not None:
-        sinks = jnp.asarray(sinks, jnp.float32).reshape(hq)
     return run_padded(st, q, k, v, bias, qseg, kseg, None, alibi, seed, tuple(score_mod_tables), pos, sinks)
 
 
@@ -1298,5 +1300,7 @@ def run_padded(st: _Static, q, k, v, bias, qseg, kseg, layout, alibi=None, seed=
         if st.mosaic is not None:  # (its TMA copies read whole tiles)
             q, k, v = (_common.pad_axis(x, 1, n) for x, n in ((q, st.q_pad), (k, st.kv_pad), (v, st.kv_pad)))
         args = (q, k, v)
+    if sinks is not None:  # (fp32 [Hq], read as scalars by the forward)
+        sinks = jnp.asarray(sinks, jnp.float32).reshape(-1)
     o, lse = _flash(st, *args, bias, qseg, kseg, layout, alibi, seed, pos, sinks, tuple(tables))
     return o[:, :st.q_len], jnp.swapaxes(lse[:, :, :st.q_len], 1, 2)

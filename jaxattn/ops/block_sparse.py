@@ -548,7 +548,7 @@ def block_sparse_attention(
             q_offset=bm.q_offset, scale=scale, backend="mosaic" if impl == "mosaic" else "triton", **drop, **opts)
     else:
         if score_mod is not None:  # (mask_fn's absolute query positions, as the kernel's)
-            opts["score_mod_q_offset"] = block_mask.q_offset
+            opts["position_offset"] = (block_mask.q_offset, 0)
         out, lse = attention_reference(q, k, v, scale=scale, mask=block_mask.dense()[None, None], **drop, **opts)
         out = out.astype(q.dtype)
     return (out, lse) if return_lse else out

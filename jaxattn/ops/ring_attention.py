@@ -59,6 +59,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxattn.ops import _checks, _spmd
 from jaxattn.pallas._common import merge_partials, with_sinks
+from jaxattn.pallas.flash import window_bounds
 
 __all__ = ["from_zigzag", "ring_attention", "ring_attention_sp", "to_zigzag", "zigzag_permutation", "zigzag_sp"]
 
@@ -201,36 +202,32 @@ def _hop(q, k, v, kv_seg, src, *, q_seg, zigzag: bool, causal: bool, idx, n_shar
              jnp.full(q.shape[:1] + (c,) + q.shape[2:3], -jnp.inf))  # (a query chunk that sees no key)
 
     def run(calls):
-        """``calls``: (query chunks, key chunks, causal), each a run of contiguous chunks."""
-        if dropout:
+        """``calls``: (query chunks, key chunks, causal), each a run of contiguous chunks. With dropout or
+        ``positional``, one call per chunk pair (``positional``: with its global positions, skipped by
+        ``lax.cond`` when :func:`_pair_visible` says it sees nothing)."""
+        if dropout or positional:
             calls = [((a,), (b,), cz) for qs, ks, cz in calls for a in qs for b in ks]
         acc = [None] * halves
         for qs, ks, cz in calls:
             seg = {} if q_seg is None else {"segment_ids": (rows(q_seg, qs), rows(kv_seg, ks))}
-            o, lse = call(rows(q, qs), rows(k, ks), rows(v, ks), causal=cz,
-                          dropout_offset=(b0, chunk(idx, qs[0]) * c, chunk(src_dev, ks[0]) * c), **seg)
+            q0, k0 = chunk(idx, qs[0]) * c, chunk(src_dev, ks[0]) * c
+            pos = {"position_offset": (q0, k0)} if positional else {}
+
+            def attend(qs=qs, ks=ks, cz=cz, seg=seg, q0=q0, k0=k0, pos=pos):
+                o, lse = call(rows(q, qs), rows(k, ks), rows(v, ks), causal=cz, dropout_offset=(b0, q0, k0),
+                              **pos, **seg)
+                return o.astype(jnp.float32), lse.astype(jnp.float32)
+
+            visible = _pair_visible(chunk(idx, qs[0]), chunk(src_dev, ks[0]), c, causal, window) if positional else None
+            o, lse = attend() if visible is None else lax.cond(visible, attend, lambda: empty)
             for j, a in enumerate(qs):
-                part = (o[:, j * c:(j + 1) * c].astype(jnp.float32), lse[:, j * c:(j + 1) * c].astype(jnp.float32))
+                part = (o[:, j * c:(j + 1) * c], lse[:, j * c:(j + 1) * c])
                 acc[a] = part if acc[a] is None else _merge(*acc[a], *part)
         return tuple(jnp.concatenate(t, axis=1) for t in zip(*(empty if a is None else a for a in acc)))
 
     every = tuple(range(halves))
-    if positional:
-        acc = [None] * halves
-        for a in every:
-            for b in every:
-                qc, kc = chunk(idx, a), chunk(src_dev, b)
-                seg = {} if q_seg is None else {"segment_ids": (rows(q_seg, (a,)), rows(kv_seg, (b,)))}
-
-                def pair(qc=qc, kc=kc, a=a, b=b, seg=seg):
-                    o, lse = call(rows(q, (a,)), rows(k, (b,)), rows(v, (b,)), causal=causal,
-                                  position_offset=(qc * c, kc * c), dropout_offset=(b0, qc * c, kc * c), **seg)
-                    return o.astype(jnp.float32), lse.astype(jnp.float32)
-
-                visible = _pair_visible(qc, kc, c, causal, window)
-                part = pair() if visible is None else lax.cond(visible, pair, lambda: empty)
-                acc[a] = part if acc[a] is None else _merge(*acc[a], *part)
-        return tuple(jnp.concatenate(t, axis=1) for t in zip(*acc))
+    if positional:  # (the kernel masks by global positions; invisible pairs are skipped)
+        return run([(every, every, causal)])
     if not causal:
         return run([(every, every, False)])
     if src is None:  # own keys: the chunks in global order, so the plain causal mask
@@ -246,9 +243,7 @@ def _hop(q, k, v, kv_seg, src, *, q_seg, zigzag: bool, causal: bool, idx, n_shar
 def _pair_visible(qc, kc, c: int, causal: bool, window):
     """Whether some query of chunk ``qc`` sees some key of chunk ``kc`` (chunks of ``c`` tokens; traced
     chunk indices), under ``causal`` and ``window = (left, right)``; None when every pair is visible."""
-    left, right = window if window is not None else (None, None)
-    if causal:
-        right = 0 if right is None else min(right, 0)
+    left, right = window_bounds(window, causal)
     gap = (kc - qc) * c  # key position - query position ranges over gap - (c - 1) .. gap + (c - 1)
     visible = None
     if right is not None:

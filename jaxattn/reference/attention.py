@@ -27,7 +27,6 @@ def attention_reference(
     alibi_slopes: jax.Array | None = None,
     score_mod: Callable | None = None,
     score_mod_tables: tuple = (),
-    score_mod_q_offset: int | jax.Array = 0,
     position_offset: tuple | None = None,
     sinks: jax.Array | None = None,
     dropout_rate: float = 0.0,
@@ -44,11 +43,12 @@ def attention_reference(
     (broadcastable to ``[B, Hq, Sq, Sk]``) is True; a floating ``mask`` is added to the
     logits. ``logits_soft_cap`` c maps the scaled logits x to ``c * tanh(x / c)`` (before the bias).
     ``alibi_slopes`` ``[Hq]`` or ``[B, Hq]`` subtracts ``slope * |p - j|`` (ALiBi, after the cap).
-    ``score_mod(x, b, h, i + score_mod_q_offset, j)`` maps each (capped) logit before ALiBi and the
+    ``score_mod(x, b, h, i, j)`` maps each (capped) logit before ALiBi and the
     bias (broadcast over ``[B, Hq, Sq, Sk]`` index arrays), with the arrays ``score_mod_tables``
-    as further arguments (differentiable). ``position_offset = (q0, k0)``: query i sits at position
-    ``q0 + i`` and key j at ``k0 + j`` (``p = i + q0 - k0`` among the keys, replacing the bottom-right
-    alignment); score_mod then sees ``q0 + i`` and ``k0 + j``. ``sinks [Hq]``: a learned logit per
+    as further arguments (differentiable). ``position_offset = (q0, k0)`` (ints, or int arrays that
+    broadcast against ``[B, Hq, Sq, Sk]``, e.g. per batch row): query i sits at position ``q0 + i`` and
+    key j at ``k0 + j`` (``p = i + q0 - k0`` among the keys, replacing the bottom-right alignment);
+    score_mod then sees ``q0 + i`` and ``k0 + j``. ``sinks [Hq]``: a learned logit per
     head in every row's softmax (gpt-oss's attention sinks) that carries no value: the weights sum to
     less than one, and a row with no visible key gives zeros and ``lse = sink``.
     ``dropout_rate`` r zeroes each softmax weight where ``jaxattn.pallas._dropout.keep_mask``
@@ -72,7 +72,7 @@ def attention_reference(
     align = sk - sq if position_offset is None else q0 - k0  # key position of query row 0
     if score_mod is not None:
         b_, h_, i_, j_ = (lax.broadcasted_iota(jnp.int32, s.shape, axis) for axis in range(4))
-        s = jnp.broadcast_to(score_mod(s, b_, h_, i_ + score_mod_q_offset + q0, j_ + k0, *score_mod_tables),
+        s = jnp.broadcast_to(score_mod(s, b_, h_, i_ + q0, j_ + k0, *score_mod_tables),
                              s.shape).astype(jnp.float32)
     if alibi_slopes is not None:  # [Hq] or [B, Hq]: - slope * |p - j|, p = i + align
         slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, hq)[:, :, None, None]

@@ -52,5 +52,5 @@ def decode_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
     mod = {}
     if score_mod is not None:
         mod = dict(score_mod=score_mod, score_mod_tables=tuple(score_mod_tables),
-                   score_mod_q_offset=(lengths.astype(jnp.int32) - q.shape[1])[:, None, None, None])
+                   position_offset=((lengths.astype(jnp.int32) - q.shape[1])[:, None, None, None], 0))
     return attention_reference(q, k, v, scale=scale, mask=mask, logits_soft_cap=logits_soft_cap, sinks=sinks, **mod)
