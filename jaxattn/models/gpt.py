@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from jaxattn.models._remat import remat_blocks
+from jaxattn.models.moe import ACTIVATIONS, MoE, gated_act
 from jaxattn.models.vit import AttentionDropout, _apply, _dropout
 from jaxattn.ops.attention import attention
 from jaxattn.pallas._common import document_index
@@ -75,7 +76,20 @@ class GPTConfig:
     qk_norm_full: bool = False  # with qk_norm: one RMSNorm over all heads' queries (keys) together (OLMo 2)
     pre_norms: bool = True  # RMSNorm before attention and MLP; False (with post_norms): OLMo 2's post-norm blocks
     # the Gemma family (Gemma 1/2/3)
-    mlp_act: Literal["silu", "gelu_tanh", "gelu", "relu"] = "silu"  # the MLP's activation (Gemma: tanh GELU, GeGLU; gelu: erf; relu: OPT)
+    # the MLP's activation (Gemma: tanh GELU, GeGLU; gelu: erf; relu: OPT; gpt_oss: gpt-oss's clamped
+    # (clip(up, -L, L) + 1) * g * sigmoid(1.702 g), g = min(gate, L), L = mlp_limit)
+    mlp_act: Literal["silu", "gelu_tanh", "gelu", "relu", "gpt_oss"] = "silu"
+    mlp_limit: float = 7.0  # mlp_act="gpt_oss": the clamp L (gpt-oss's swiglu_limit)
+    # a mixture of experts in place of every layer's MLP (jaxattn.models.moe: Mixtral, Qwen3-MoE, gpt-oss):
+    # moe_experts gated MLPs of width mlp_dim, moe_top_k per token; the router's top-k weights are the
+    # softmax of the chosen logits (moe_renormalize) or their full-softmax probabilities; the router and the
+    # experts have biases with mlp_bias (gpt-oss); training adds moe_aux_loss times the mean over layers of
+    # the Switch load-balance loss; moe_impl: jaxattn.models.moe.moe_dispatch's impl
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_renormalize: bool = True
+    moe_aux_loss: float = 0.01
+    moe_impl: Literal["auto", "ragged", "gather"] = "auto"
     norm_offset: float = 0.0  # RMSNorms scale by (norm_offset + weight): Gemma stores weight - 1 (offset 1)
     post_norms: bool = False  # Gemma 2/3: RMSNorm on the attention and MLP outputs before each residual add
     embed_scale: bool = False  # Gemma: embeddings times sqrt(dim), rounded to the compute dtype
@@ -147,8 +161,21 @@ class GPTConfig:
                 if len(scaling[name]) != half:
                     raise ValueError(f"rope_scaling {name}: one factor per rotated channel pair ({half}), got "
                                      f"{len(scaling[name])}")
-        if self.mlp_act not in ("silu", "gelu_tanh", "gelu", "relu"):
-            raise ValueError(f"mlp_act must be 'silu', 'gelu_tanh', 'gelu' or 'relu', got {self.mlp_act!r}")
+        if self.mlp_act not in ACTIVATIONS:
+            raise ValueError(f"mlp_act must be one of {ACTIVATIONS}, got {self.mlp_act!r}")
+        if not self.mlp_limit > 0:
+            raise ValueError(f"mlp_limit must be positive, got {self.mlp_limit}")
+        if self.mlp_act == "gpt_oss" and not self.mlp_gated:
+            raise ValueError("mlp_act='gpt_oss' gates: it needs mlp_gated=True")
+        if self.moe_experts < 0 or self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts:
+            raise ValueError(f"moe_experts must be >= 0 (0: a dense MLP) and 1 <= moe_top_k <= moe_experts, got "
+                             f"moe_experts={self.moe_experts}, moe_top_k={self.moe_top_k}")
+        if self.moe_experts and not self.mlp_gated:
+            raise ValueError("moe_experts: the experts are gated MLPs (mlp_gated=True)")
+        if self.moe_impl not in ("auto", "ragged", "gather"):
+            raise ValueError(f"moe_impl must be 'auto', 'ragged' or 'gather', got {self.moe_impl!r}")
+        if self.moe_aux_loss < 0:
+            raise ValueError(f"moe_aux_loss must be >= 0, got {self.moe_aux_loss}")
         if self.position_offset and self.position != "learned" or self.position_offset < 0:
             raise ValueError(f"position_offset ({self.position_offset}) shifts a learned position table: it needs "
                              "position='learned' and must be >= 0")
@@ -563,15 +590,22 @@ class SwiGLU(nnx.Module):
         self.down = _linear(cfg.hidden, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5,
                             bias=cfg.mlp_has_bias)
         self.drop = _dropout(cfg.dropout, rngs)
-        self.gated, self.act = cfg.mlp_gated, cfg.mlp_act
+        self.gated, self.act, self.limit = cfg.mlp_gated, cfg.mlp_act, cfg.mlp_limit
 
     def __call__(self, x):
-        act = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-               "gelu": functools.partial(jax.nn.gelu, approximate=False), "relu": jax.nn.relu}[self.act]
-        if not self.gated:
-            return _apply(self.drop, self.down(act(self.up(x))))
+        if not self.gated:  # (mlp_act is not gpt_oss here: the config checks)
+            return _apply(self.drop, self.down(gated_act(self.up(x), 1.0, self.act)))
         g, u = jnp.split(self.gate_up(x), 2, axis=-1)
-        return _apply(self.drop, self.down(act(g) * u))
+        return _apply(self.drop, self.down(gated_act(g, u, self.act, self.limit)))
+
+
+def _mlp(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """A block's MLP: :class:`SwiGLU`, or with ``moe_experts`` a :class:`jaxattn.models.moe.MoE` of them."""
+    if not cfg.moe_experts:
+        return SwiGLU(cfg, rngs=rngs)
+    return MoE(cfg.dim, cfg.hidden, cfg.moe_experts, cfg.moe_top_k, act=cfg.mlp_act, limit=cfg.mlp_limit,
+               bias=cfg.mlp_has_bias, renormalize=cfg.moe_renormalize, impl=cfg.moe_impl, dtype=cfg.dtype,
+               init_std=cfg.init_std, out_std=cfg.init_std / (2 * cfg.layers) ** 0.5, dropout=cfg.dropout, rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -584,7 +618,7 @@ class Block(nnx.Module):
         self.attn_post_norm, self.mlp_post_norm = (norm(), norm()) if cfg.post_norms else (None, None)
         self.residual_multiplier, self.parallel, self.post_ln = cfg.residual_multiplier, cfg.parallel_residual, cfg.post_ln
         self.attn = Attention(cfg, layer, rngs=rngs)
-        self.mlp = SwiGLU(cfg, rngs=rngs)
+        self.mlp = _mlp(cfg, rngs)
 
     def __call__(self, x, positions, cache: KVCache | None = None, offset: jax.Array | int = 0,
                  segment_ids: jax.Array | None = None):
@@ -650,6 +684,9 @@ class GPT(nnx.Module):
         self.norm = None if cfg.post_ln else _norm(cfg)  # (post-LN blocks end normed)
         self.head = None if cfg.tie_embeddings else _linear(width, cfg.vocab_size, cfg, rngs, bias=cfg.head_bias)
         self.embed_drop = _dropout(cfg.dropout, rngs)
+        # mixtures of experts: the training loss adds this times the layers' mean load-balance loss
+        # (jaxattn.train.image.forward_with_aux_loss)
+        self.aux_loss_weight = cfg.moe_aux_loss if cfg.moe_experts else None
 
     @property
     def block_sparse_kinds(self) -> list[str]:

@@ -172,6 +172,8 @@ def _key_map(raw: Mapping[str, Any]) -> dict[str, str]:
 
 def is_classic(cfg: GPTConfig) -> bool:
     """Whether ``cfg`` has the GPT-2 / GPT-NeoX block (this module's layouts, not :mod:`gpt_hf`'s)."""
+    if cfg.moe_experts:  # (gpt-oss's biases: jaxattn.models.gpt_hf's layout)
+        return False
     return cfg.position == "learned" or bool(non_default(cfg, CLASSIC_FIELDS))
 
 

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from jaxattn.models import hf
+from jaxattn.models import hf, moe_hf
 from jaxattn.models.gpt import FAMILY_FIELDS, GPT, GPTConfig, non_default
 
 __all__ = ["config_from_hf", "entries", "hf_config", "load_hf_state_dict", "prepare_state_dict", "to_hf_state_dict"]
@@ -61,7 +61,8 @@ __all__ = ["config_from_hf", "entries", "hf_config", "load_hf_state_dict", "prep
 _ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
          "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
          "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "gemma": "GemmaForCausalLM",
-         "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+         "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
+         "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 # what transformers' Gemma2Config assumes when config.json leaves these out
 _GEMMA2_DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256}
@@ -73,6 +74,9 @@ _GEMMA3_DEFAULTS = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_siz
 _GEMMA3_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
                     ("language_model.lm_head.", "lm_head."))
 _LAYER = {"sliding_attention": "window", "full_attention": "full"}
+# GptOssConfig's RoPE when config.json names none
+_GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                 "original_max_position_embeddings": 4096}
 
 
 def _scaling(params: Mapping[str, Any], raw: Mapping[str, Any], bad) -> dict[str, Any]:
@@ -133,7 +137,10 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     per_type = "full_attention" in params or "sliding_attention" in params
     glob = dict(params.get("full_attention") or {}) if per_type else params
     glob.update(raw.get("rope_scaling") or {})
-    theta = float(glob.get("rope_theta", raw.get("rope_theta", 1e6 if kind == "gemma3_text" else 10000.0)))
+    if kind == "gpt_oss" and "rope_type" not in glob and "type" not in glob:
+        glob = {**_GPT_OSS_ROPE, **glob}
+    theta = float(glob.get("rope_theta", raw.get("rope_theta", {"gemma3_text": 1e6, "gpt_oss": 150000.0}.get(
+        kind, 10000.0))))
     local = dict(params.get("sliding_attention") or {}) if per_type else {}
     local_theta = None
     if kind == "gemma3_text":
@@ -145,27 +152,27 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         raise bad("partial_rotary_factor", "1.0 (partial rotary: Phi-3 folders)")
     if raw.get("mlp_bias", False):
         raise bad("mlp_bias", "false")
-    if kind != "qwen2" and raw.get("attention_bias", False):  # (LLaMA's, Qwen3's and Gemma's also bias o_proj)
+    if kind not in ("qwen2", "gpt_oss") and raw.get("attention_bias", False):  # (LLaMA's, Qwen3's and Gemma's also bias o_proj)
         raise bad("attention_bias", "false (Qwen2's q/k/v biases are supported)")
     if raw.get("use_bidirectional_attention", False):
         raise bad("use_bidirectional_attention", "false (causal attention)")
     dim, heads, layers = int(raw["hidden_size"]), int(raw["num_attention_heads"]), int(raw["num_hidden_layers"])
     head_dim = int(raw.get("head_dim") or dim // heads)
     window = raw.get("sliding_window")
-    if kind in ("gemma2", "gemma3_text"):  # sliding and full layers interleaved
+    if kind in ("gemma2", "gemma3_text", "gpt_oss"):  # sliding and full layers interleaved
         types = raw.get("layer_types")
         if types is None:
-            period = 2 if kind == "gemma2" else int(raw.get("sliding_window_pattern", 6))
+            period = int(raw.get("sliding_window_pattern", 6)) if kind == "gemma3_text" else 2
             types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
         if set(types) - set(_LAYER) or len(types) != layers:
             raise bad("layer_types", f"{layers} entries 'sliding_attention' / 'full_attention'")
         layer_types = _period([_LAYER[t] if window else "full" for t in types])
-    elif kind in ("qwen2", "qwen3", "smollm3", "olmo2"):
+    elif kind in ("qwen2", "qwen3", "smollm3", "olmo2", "qwen3_moe"):
         if raw.get("use_sliding_window", False) or set(raw.get("layer_types") or ()) - {"full_attention"}:
             raise bad("use_sliding_window", "false (every layer full_attention)")
         layer_types = ("full",)
     else:  # Mistral, Phi-3: every layer sees its last `sliding_window` keys (itself included)
-        layer_types = ("window",) if kind in ("mistral", "phi3") and window else ("full",)
+        layer_types = ("window",) if kind in ("mistral", "phi3", "mixtral") and window else ("full",)
     scalar = raw.get("query_pre_attn_scalar") if kind in ("gemma2", "gemma3_text") else None
     fields = dict(
         vocab_size=int(raw["vocab_size"]), dim=dim, layers=layers, heads=heads,
@@ -173,12 +180,14 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         rope_theta=theta, rope_scaling=_scaling(glob, raw, bad), local_rope_theta=local_theta,
         rotary_dim=int(head_dim * partial) if partial != 1.0 else None,
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        qkv_bias=kind == "qwen2", qk_norm=kind in ("qwen3", "gemma3_text"),
+        qkv_bias=kind == "qwen2", qk_norm=kind in ("qwen3", "gemma3_text", "qwen3_moe"),
         head_dim=None if head_dim * heads == dim else head_dim,
         tie_embeddings=bool(raw.get("tie_word_embeddings", gemma)),
         init_std=float(raw.get("initializer_range", 0.02)), layer_types=layer_types)
     if window and "window" in layer_types:
         fields["window"] = int(window)
+    if kind in moe_hf.MOE_FAMILIES:  # experts in every layer's MLP (gpt-oss: biases, sinks, its clamped GLU)
+        fields.update(moe_hf.moe_fields(kind, raw, bad))
     if kind == "smollm3":  # NoPE layers: no_rope_layers[i] = 0 runs layer i without RoPE
         flags = raw.get("no_rope_layers")
         if flags is None:
@@ -224,7 +233,7 @@ def prepare_state_dict(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) ->
                              "model.language_model.*)")
         return out
     if raw.get("model_type") != "phi3":
-        return state_dict
+        return moe_hf.prepare_state_dict(raw, state_dict)  # (gpt-oss's MXFP4 experts, dequantized as read)
     out, table = {}, _phi3_fused(raw)
     for key, value in state_dict.items():
         fused = next((f for f in table if key.endswith(f"{f}.weight")), None)
@@ -261,6 +270,11 @@ def _family(cfg: GPTConfig) -> str:
                          "parallel residuals): jaxattn.models.gpt_classic_hf has its layouts")
     if cfg.position != "rope":
         raise ValueError("only RoPE GPT models have a LLaMA / Qwen / Gemma layout (this one has ALiBi)")
+    if cfg.moe_experts:
+        return _moe_family(cfg)
+    if cfg.attn_sinks:
+        raise ValueError("attention sinks export as gpt-oss: a mixture of experts (moe_experts) with mlp_act='gpt_oss' "
+                         "and bias=True")
     if cfg.rotary_dim is not None:  # partial rotary: Phi-3's layout (Phi-4-mini), LLaMA's blocks otherwise
         odd = non_default(cfg, tuple(f for f in (*FAMILY_FIELDS, "qkv_bias") if f not in ("rope_scaling", "rotary_dim")))
         if odd or cfg.layer_types not in (("full",), ("window",)) \
@@ -311,6 +325,32 @@ def _family(cfg: GPTConfig) -> str:
     return "gemma"
 
 
+def _moe_family(cfg: GPTConfig) -> str:
+    """The mixture-of-experts family of ``cfg``: ``gpt_oss`` (biases, sinks, its clamped GLU), ``qwen3_moe``
+    (q/k norms), ``mixtral``; a ValueError names what none of them has."""
+    odd = non_default(cfg, tuple(f for f in FAMILY_FIELDS if f not in ("qk_norm", "rope_scaling", "mlp_act")))
+    if odd or cfg.mlp_bias is not None:
+        raise ValueError(f"the mixture-of-experts layouts (gpt-oss, Mixtral, Qwen3-MoE) have LLaMA's blocks "
+                         f"otherwise: {odd or ['mlp_bias']} set")
+    if cfg.mlp_act == "gpt_oss":
+        if not (cfg.bias and cfg.attn_sinks and cfg.moe_renormalize) or cfg.qk_norm or cfg.qkv_bias \
+                or cfg.tie_embeddings or set(cfg.layer_types) - {"full", "window"}:
+            raise ValueError("a gpt-oss layout has bias=True, attn_sinks, moe_renormalize, an untied head, "
+                             "'full' / 'window' layers, and no q/k norms")
+        return "gpt_oss"
+    if cfg.mlp_act != "silu" or cfg.bias or cfg.qkv_bias or cfg.attn_sinks:
+        raise ValueError("Mixtral and Qwen3-MoE layouts have SiLU experts without biases or attention sinks "
+                         "(gpt-oss's: mlp_act='gpt_oss')")
+    if cfg.qk_norm:
+        if cfg.layer_types != ("full",):
+            raise ValueError("a Qwen3-MoE layout has full-attention layers only")
+        return "qwen3_moe"
+    if not cfg.moe_renormalize or cfg.layer_types not in (("full",), ("window",)):
+        raise ValueError("a Mixtral layout renormalizes its top-k weights (moe_renormalize) and has every layer "
+                         "'full' or every layer 'window'")
+    return "mixtral"
+
+
 def rope_parameters(cfg: GPTConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(scaling, rope_parameters)`` of ``cfg``: its RoPE scaling's fields without the type, and transformers 5's
     ``rope_parameters`` (type, base, those fields)."""
@@ -335,6 +375,10 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
            "max_position_embeddings": 4096 * int(max(1, scaling.get("factor", 1)))}
     if kind == "mistral":
         out["sliding_window"] = cfg.window
+    if kind in moe_hf.MOE_FAMILIES:
+        out.update(moe_hf.hf_moe_config(kind, cfg))
+    if kind == "mixtral":
+        out["sliding_window"] = cfg.window if cfg.layer_types == ("window",) else None
     if kind == "phi3":  # (pad id: not Phi3Config's default 32000, past a small vocabulary)
         partial = cfg.rotary_dim / cfg.head_size
         if int(cfg.head_size * partial) != cfg.rotary_dim:
@@ -359,11 +403,12 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
         out.update(no_rope_layers=[int(cfg.layer_has_rope(i)) for i in range(cfg.layers)], pad_token_id=None)
     if kind in GEMMA:
         out.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", attention_bias=False)
+    if kind in ("gemma2", "gemma3_text", "gpt_oss"):
+        out.update(layer_types=[{"window": "sliding_attention", "full": "full_attention"}[cfg.layer_type(i)]
+                                for i in range(cfg.layers)], sliding_window=cfg.window)
     if kind in ("gemma2", "gemma3_text"):
         scalar = cfg.attn_scale ** -2 if cfg.attn_scale else cfg.head_size  # transformers wants an int
-        out.update(layer_types=[{"window": "sliding_attention", "full": "full_attention"}[cfg.layer_type(i)]
-                                for i in range(cfg.layers)],
-                   sliding_window=cfg.window, query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
+        out.update(query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
                    attn_logit_softcapping=cfg.attn_softcap,
                    final_logit_softcapping=cfg.final_softcap)
     if kind == "gemma3_text":
@@ -407,6 +452,7 @@ def _kv(kv_heads: int):
 def entries(model: GPT) -> list[hf.Entry]:
     cfg = model.cfg
     join_kv, split_kv = _kv(cfg.kv_heads or cfg.heads)
+    moe = _moe_family(cfg) if cfg.moe_experts else None
     out = [hf.same("model.embed_tokens.weight", model.embed.embedding)]
     for i, blk in enumerate(model.blocks):
         pre, attn = f"model.layers.{i}.", blk.attn
@@ -422,17 +468,24 @@ def entries(model: GPT) -> list[hf.Entry]:
         out += [hf.linear(pre + "self_attn.q_proj.weight", attn.q.kernel),
                 hf.Entry((pre + "self_attn.k_proj.weight", pre + "self_attn.v_proj.weight"), attn.kv.kernel,
                          join_kv, split_kv),
-                hf.linear(pre + "self_attn.o_proj.weight", attn.o.kernel),
-                hf.Entry((pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"), blk.mlp.gate_up.kernel,
-                         lambda g, u: np.concatenate([g.T, u.T], axis=1), lambda a: tuple(np.split(a.T, 2, axis=0))),
-                hf.linear(pre + "mlp.down_proj.weight", blk.mlp.down.kernel)]
+                hf.linear(pre + "self_attn.o_proj.weight", attn.o.kernel)]
+        if moe:
+            out += moe_hf.expert_entries(moe, pre, blk.mlp, cfg.moe_experts)
+        else:
+            out += [hf.Entry((pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"), blk.mlp.gate_up.kernel,
+                             lambda g, u: np.concatenate([g.T, u.T], axis=1), lambda a: tuple(np.split(a.T, 2, axis=0))),
+                    hf.linear(pre + "mlp.down_proj.weight", blk.mlp.down.kernel)]
         if cfg.qk_norm:
             out += [hf.same(pre + "self_attn.q_norm.weight", attn.q_norm.weight),
                     hf.same(pre + "self_attn.k_norm.weight", attn.k_norm.weight)]
-        if cfg.qkv_bias:
+        if cfg.qkv_bias or cfg.bias:  # (Qwen2: q, k, v; gpt-oss: o too)
             out += [hf.same(pre + "self_attn.q_proj.bias", attn.q.bias),
                     hf.Entry((pre + "self_attn.k_proj.bias", pre + "self_attn.v_proj.bias"), attn.kv.bias,
                              join_kv, split_kv)]
+        if cfg.bias:
+            out.append(hf.same(pre + "self_attn.o_proj.bias", attn.o.bias))
+        if cfg.attn_sinks:
+            out.append(hf.same(pre + "self_attn.sinks", attn.sinks))
     out.append(hf.same("model.norm.weight", model.norm.weight))
     if model.head is not None:
         out.append(hf.linear("lm_head.weight", model.head.kernel))

@@ -1,0 +1,143 @@
+"""A mixture-of-experts MLP: each token's router picks ``top_k`` of ``experts`` gated MLPs and sums their
+outputs weighted by its routing weights (Mixtral, Qwen3-MoE, gpt-oss). Dropless: every token reaches the
+experts it picks, whatever the load.
+
+Two dispatches compute the same sum (``impl``): ``"ragged"`` sorts the ``tokens * top_k`` assignments by
+expert and runs each expert's rows as one group of :func:`jax.lax.ragged_dot` (prefill, training);
+``"gather"`` gathers each token's ``top_k`` experts' weights and runs them as a batch (decoding a few
+tokens reads only the experts they pick); ``"auto"`` gathers when ``tokens * top_k <= experts``.
+
+Routing (``renormalize``): the softmax of the ``top_k`` largest router logits (Mixtral, gpt-oss, Qwen3-MoE's
+``norm_topk_prob``), or the full softmax's probabilities at the ``top_k`` largest (Qwen2-MoE, OLMoE). In
+training (inside ``nnx.capture``: ``jaxattn.train.image.forward_with_aux_loss``) each layer sows the Switch
+Transformer load-balance loss ``E * sum_i P_i f_i`` as ``nnx.Intermediate`` ``aux_loss``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxattn.models.moh import _capturing, load_balance_loss
+from jaxattn.models.vit import _apply, _dropout
+
+__all__ = ["MoE", "gated_act", "route", "moe_dispatch", "ACTIVATIONS"]
+
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu", "gpt_oss")
+GPT_OSS_ALPHA = 1.702  # gpt-oss's sigmoid-gated linear unit: g * sigmoid(1.702 g)
+
+
+def gated_act(g: jax.Array, u: jax.Array, act: str, limit: float | None = None) -> jax.Array:
+    """A GLU's hidden activation from its gate ``g`` and up ``u`` projections: ``act(g) * u`` (SwiGLU,
+    GeGLU, ...), or gpt-oss's clamped form ``(clip(u, -L, L) + 1) * g' * sigmoid(1.702 g')`` with
+    ``g' = min(g, L)``, ``L = limit``."""
+    if act == "gpt_oss":
+        g = jnp.minimum(g, limit)
+        u = jnp.clip(u, -limit, limit)
+        return (u + 1) * (g * jax.nn.sigmoid(g * GPT_OSS_ALPHA))
+    fn = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+          "gelu": functools.partial(jax.nn.gelu, approximate=False), "relu": jax.nn.relu}[act]
+    return fn(g) * u
+
+
+def route(logits: jax.Array, top_k: int, renormalize: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(weights [T, k] fp32, experts [T, k] int32, probs [T, E] fp32)`` of router ``logits [T, E]``:
+    ``renormalize``: the softmax over the ``k`` largest logits, else the full softmax's values there;
+    ``probs`` is the full softmax (for the load-balance loss)."""
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    top, idx = jax.lax.top_k(logits, top_k)
+    weights = jax.nn.softmax(top, axis=-1) if renormalize else jnp.take_along_axis(probs, idx, axis=-1)
+    return weights, idx.astype(jnp.int32), probs
+
+
+def _expert_rows(h: jax.Array, bias: jax.Array | None, experts: jax.Array) -> jax.Array:
+    return h if bias is None else h + bias[experts].astype(h.dtype)
+
+
+def moe_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array,
+                 gate_up_bias: jax.Array | None = None, down_bias: jax.Array | None = None, *,
+                 act: str = "silu", limit: float | None = None,
+                 impl: Literal["auto", "ragged", "gather"] = "auto") -> jax.Array:
+    """``out [T, D] = sum_j weights[t, j] * expert_{experts[t, j]}(x[t])`` (fp32) for ``x [T, D]``, with
+    expert ``e``'s ``gate_up [E, D, 2H]`` (gate | up halves), ``down [E, H, D]`` and optional biases
+    ``[E, 2H]``, ``[E, D]``; the matmuls run in ``x``'s dtype with fp32 accumulation."""
+    t, d = x.shape
+    e, _, two_h = gate_up.shape
+    k = experts.shape[-1]
+    if impl not in ("auto", "ragged", "gather"):
+        raise ValueError(f"impl must be 'auto', 'ragged' or 'gather', got {impl!r}")
+    if impl == "auto":
+        impl = "gather" if t * k <= e else "ragged"
+    dt = x.dtype
+    w1, w2 = gate_up.astype(dt), down.astype(dt)
+
+    def glu(h):
+        g, u = jnp.split(h, 2, axis=-1)
+        return gated_act(g, u, act, limit).astype(dt)
+
+    if impl == "gather":  # each token's k experts' weights, gathered: [T, k, D, 2H]
+        h = jnp.einsum("td,tkdh->tkh", x, w1[experts], preferred_element_type=jnp.float32)
+        y = jnp.einsum("tkh,tkhd->tkd", glu(_expert_rows(h, gate_up_bias, experts)), w2[experts],
+                       preferred_element_type=jnp.float32)
+        return jnp.einsum("tkd,tk->td", _expert_rows(y, down_bias, experts), weights.astype(jnp.float32))
+    flat = experts.reshape(-1)  # the T*k assignments, sorted by expert: one ragged_dot group per expert
+    order = jnp.argsort(flat, stable=True)
+    rows, token = flat[order], order // k
+    sizes = jnp.zeros((e,), jnp.int32).at[flat].add(1)
+    h = jax.lax.ragged_dot(x[token], w1, sizes, preferred_element_type=jnp.float32)
+    y = jax.lax.ragged_dot(glu(_expert_rows(h, gate_up_bias, rows)), w2, sizes, preferred_element_type=jnp.float32)
+    y = _expert_rows(y, down_bias, rows) * weights.reshape(-1)[order].astype(jnp.float32)[:, None]
+    return jnp.zeros((t, d), jnp.float32).at[token].add(y)
+
+
+class MoE(nnx.Module):
+    """``x [..., dim] -> [..., dim]``: top-``top_k`` routing over ``experts`` gated MLPs of width
+    ``hidden`` (module docstring). Parameters: ``router`` (a Linear to the expert logits, computed in
+    fp32), ``gate_up [E, dim, 2 hidden]`` (gate | up), ``down [E, hidden, dim]``, and with ``bias``
+    the router's and experts' biases (gpt-oss). ``dropout``: on the output in train mode."""
+
+    def __init__(self, dim: int, hidden: int, experts: int, top_k: int, *, act: str = "silu",
+                 limit: float | None = None, bias: bool = False, renormalize: bool = True,
+                 impl: Literal["auto", "ragged", "gather"] = "auto", dtype=jnp.float32, init_std: float = 0.02,
+                 out_std: float | None = None, dropout: float = 0.0, rngs: nnx.Rngs):
+        if experts < 1 or not 1 <= top_k <= experts:
+            raise ValueError(f"a mixture of experts needs experts >= 1 and 1 <= top_k <= experts, got experts="
+                             f"{experts}, top_k={top_k}")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+        if impl not in ("auto", "ragged", "gather"):
+            raise ValueError(f"impl must be 'auto', 'ragged' or 'gather', got {impl!r}")
+        init = nnx.initializers.normal
+        self.router = nnx.Linear(dim, experts, use_bias=bias, kernel_init=init(init_std), rngs=rngs)
+        self.gate_up = nnx.Param(init(init_std)(rngs.params(), (experts, dim, 2 * hidden), jnp.float32))
+        self.down = nnx.Param(init(out_std or init_std)(rngs.params(), (experts, hidden, dim), jnp.float32))
+        self.gate_up_bias = nnx.Param(jnp.zeros((experts, 2 * hidden), jnp.float32)) if bias else None
+        self.down_bias = nnx.Param(jnp.zeros((experts, dim), jnp.float32)) if bias else None
+        self.experts, self.top_k, self.act, self.limit = experts, top_k, act, limit
+        self.renormalize, self.impl, self.dtype = renormalize, impl, jnp.dtype(dtype)
+        self.drop = _dropout(dropout, rngs)  # (on the output, in train mode)
+
+    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """:func:`route` of the router's fp32 logits for ``x [T, dim]``."""
+        logits = x.astype(jnp.float32) @ self.router.kernel[...].astype(jnp.float32)
+        if self.router.bias is not None:
+            logits = logits + self.router.bias[...]
+        return route(logits, self.top_k, self.renormalize)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).astype(self.dtype)
+        weights, experts, probs = self.route(x2)
+        if _capturing(self):  # (training: forward_with_aux_loss)
+            mask = jax.nn.one_hot(experts, self.experts, dtype=jnp.float32).sum(-2)
+            self.sow(nnx.Intermediate, "aux_loss", load_balance_loss(probs, mask))
+        bias = (self.gate_up_bias, self.down_bias)
+        out = moe_dispatch(x2, weights, experts, self.gate_up[...], self.down[...],
+                           *(None if b is None else b[...] for b in bias), act=self.act, limit=self.limit,
+                           impl=self.impl)
+        return _apply(self.drop, out.astype(self.dtype).reshape(shape))
