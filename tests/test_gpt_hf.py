@@ -48,7 +48,7 @@ def random_hf_state_dict(raw, seed=0):
         if raw["model_type"] == "qwen2":
             sd.update({p + "self_attn.q_proj.bias": w(h * hd), p + "self_attn.k_proj.bias": w(kv * hd),
                        p + "self_attn.v_proj.bias": w(kv * hd)})
-        if raw["model_type"] in ("qwen3", "gemma3_text"):
+        if raw["model_type"] in ("qwen3", "gemma3_text", "qwen3_moe"):
             sd.update({p + "self_attn.q_norm.weight": g + w(hd, s=0.2), p + "self_attn.k_norm.weight": g + w(hd, s=0.2)})
         if raw["model_type"] == "olmo2":  # post-norms only; q/k norms over every head at once
             del sd[p + "input_layernorm.weight"]
@@ -57,6 +57,23 @@ def random_hf_state_dict(raw, seed=0):
                        p + "self_attn.k_norm.weight": 1 + w(kv * hd, s=0.2)})
         if raw["model_type"] in ("gemma2", "gemma3_text"):
             sd.update({p + "pre_feedforward_layernorm.weight": w(d, s=0.1), p + "post_feedforward_layernorm.weight": w(d, s=0.1)})
+        if raw["model_type"] in MOE:  # experts instead of the MLP
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                del sd[p + "mlp." + name + ".weight"]
+            e, f = raw.get("num_local_experts") or raw["num_experts"], raw.get("moe_intermediate_size") or f
+            if raw["model_type"] == "gpt_oss":  # biases everywhere, sinks, fused experts (gate / up interleaved)
+                x = p + "mlp.experts."
+                sd.update({p + "mlp.router.weight": w(e, d), p + "mlp.router.bias": w(e), x + "gate_up_proj": w(e, d, 2 * f),
+                           x + "gate_up_proj_bias": w(e, 2 * f), x + "down_proj": w(e, f, d), x + "down_proj_bias": w(e, d),
+                           p + "self_attn.sinks": w(h, s=1.0), p + "self_attn.o_proj.bias": w(d),
+                           **{p + f"self_attn.{n}_proj.bias": w(m * hd) for n, m in (("q", h), ("k", kv), ("v", kv))}})
+            else:
+                x = p + ("block_sparse_moe." if raw["model_type"] == "mixtral" else "mlp.")
+                names = ("w1", "w3", "w2") if raw["model_type"] == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+                sd[x + "gate.weight"] = w(e, d)
+                for j in range(e):
+                    sd.update({f"{x}experts.{j}.{names[0]}.weight": w(f, d), f"{x}experts.{j}.{names[1]}.weight": w(f, d),
+                               f"{x}experts.{j}.{names[2]}.weight": w(d, f)})
     if not raw.get("tie_word_embeddings", raw["model_type"].startswith("gemma")):
         sd["lm_head.weight"] = w(v, d)
     return sd
@@ -99,7 +116,10 @@ def scaled_inv_freq(raw, hd, seq_len=None):
     def dim_for(turns):
         return hd * math.log(ctx / (turns * 2 * math.pi)) / (2 * math.log(theta))
 
-    lo, hi = max(math.floor(dim_for(rope.get("beta_fast", 32))), 0), min(math.ceil(dim_for(rope.get("beta_slow", 1))), hd - 1)
+    lo, hi = dim_for(rope.get("beta_fast", 32)), dim_for(rope.get("beta_slow", 1))
+    if rope.get("truncate", True):  # (gpt-oss: truncate False keeps the fractional bounds)
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, hd - 1)
     out = []
     for i, f in enumerate(base):
         t = min(max((i - lo) / (hi - lo), 0.0), 1.0)  # 0: extrapolate, 1: interpolate
@@ -117,12 +137,12 @@ def reference_logits(sd, raw, tokens, call_lengths=None):
     d, h, kv = raw["hidden_size"], raw["num_attention_heads"], raw["num_key_value_heads"]
     hd, eps, b, n = raw.get("head_dim") or d // h, raw["rms_norm_eps"], *tokens.shape
     layers = raw["num_hidden_layers"]
-    if kind == "gemma2":  # sliding / full alternate, sliding first
+    if kind in ("gemma2", "gpt_oss"):  # sliding / full alternate, sliding first
         types = raw.get("layer_types") or ["sliding" if (i + 1) % 2 else "full" for i in range(layers)]
     elif kind == "gemma3_text":
         types = ["sliding" if (i + 1) % raw["sliding_window_pattern"] else "full" for i in range(layers)]
     else:
-        types = ["sliding" if raw.get("sliding_window") else "full"] * layers
+        types = ["sliding" if raw.get("sliding_window") and kind != "qwen3_moe" else "full"] * layers
     types = [t.replace("_attention", "") for t in types]
     scale = raw.get("query_pre_attn_scalar", 256 if kind in ("gemma2", "gemma3_text") else hd) ** -0.5
     if kind == "gemma":
@@ -143,6 +163,35 @@ def reference_logits(sd, raw, tokens, call_lengths=None):
 
     def softcap(x, cap):
         return x if cap is None else cap * np.tanh(x / cap)
+
+    def moe_mlp(y, p):
+        """Each token through its top-k experts (transformers' routers: gpt-oss, Mixtral and Qwen3-MoE's
+        norm_topk_prob softmax the chosen logits; Qwen3-MoE without it keeps their full-softmax probabilities)."""
+        e, k = raw.get("num_local_experts") or raw["num_experts"], raw["num_experts_per_tok"]
+        router = {"gpt_oss": "mlp.router", "mixtral": "block_sparse_moe.gate"}.get(kind, "mlp.gate")
+        logits = proj(y, p + router)  # [b, n, e]
+        out = np.zeros_like(y)
+        for t in np.ndindex(*y.shape[:2]):
+            top = np.argsort(-logits[t], kind="stable")[:k]
+            z = np.exp(logits[t] - logits[t].max())
+            if kind == "qwen3_moe" and not raw.get("norm_topk_prob", False):
+                weights = (z / z.sum())[top]
+            else:
+                weights = z[top] / z[top].sum()
+            for j, wj in zip(top, weights):
+                if kind == "gpt_oss":
+                    x_ = p + "mlp.experts."
+                    gu = y[t] @ W[x_ + "gate_up_proj"][j] + W[x_ + "gate_up_proj_bias"][j]
+                    lim = raw.get("swiglu_limit", 7.0)
+                    g, u = np.minimum(gu[::2], lim), np.clip(gu[1::2], -lim, lim)
+                    hidden = (u + 1) * g / (1 + np.exp(-1.702 * g))
+                    out[t] += wj * (hidden @ W[x_ + "down_proj"][j] + W[x_ + "down_proj_bias"][j])
+                else:
+                    x_ = f"{p}block_sparse_moe.experts.{j}." if kind == "mixtral" else f"{p}mlp.experts.{j}."
+                    g_, u_, d_ = ("w1", "w3", "w2") if kind == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+                    hidden = act(y[t] @ W[x_ + g_ + ".weight"].T) * (y[t] @ W[x_ + u_ + ".weight"].T)
+                    out[t] += wj * (hidden @ W[x_ + d_ + ".weight"].T)
+        return out
 
     def proj(x, name):
         y = x @ W[name + ".weight"].T
@@ -185,7 +234,7 @@ def reference_logits(sd, raw, tokens, call_lengths=None):
             q, k = norm(q, W[p + "self_attn.q_norm.weight"]), norm(k, W[p + "self_attn.k_norm.weight"])
         q = q.reshape(b, n, h, hd).transpose(0, 2, 1, 3)
         k = k.reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
-        if kind in ("qwen3", "gemma3_text"):  # per-head RMSNorm over head_dim, before RoPE
+        if kind in ("qwen3", "gemma3_text", "qwen3_moe"):  # per-head RMSNorm over head_dim, before RoPE
             q, k = norm(q, W[p + "self_attn.q_norm.weight"]), norm(k, W[p + "self_attn.k_norm.weight"])
         v = proj(y, p + "self_attn.v_proj").reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
         if not nope[i]:
@@ -193,8 +242,10 @@ def reference_logits(sd, raw, tokens, call_lengths=None):
         k, v = np.repeat(k, h // kv, axis=1), np.repeat(v, h // kv, axis=1)  # repeat_kv
         s = softcap(q @ k.transpose(0, 1, 3, 2) * scale, attn_cap)
         s = np.where(sliding if types[i] == "sliding" else causal, s, -np.inf)
+        if p + "self_attn.sinks" in W:  # gpt-oss: one more logit per head in every row, carrying no value
+            s = np.concatenate([s, np.broadcast_to(W[p + "self_attn.sinks"][None, :, None, None], (*s.shape[:3], 1))], -1)
         pr = np.exp(s - s.max(-1, keepdims=True))
-        o = (pr / pr.sum(-1, keepdims=True)) @ v
+        o = (pr / pr.sum(-1, keepdims=True))[..., :n] @ v
         a = proj(o.transpose(0, 2, 1, 3).reshape(b, n, h * hd), p + "self_attn.o_proj")
         if kind == "olmo2":  # x + norm(attn(x)), x + norm(mlp(x))
             x = x + norm(a, W[p + "post_attention_layernorm.weight"])
@@ -205,6 +256,9 @@ def reference_logits(sd, raw, tokens, call_lengths=None):
             y = norm(x, W[p + "pre_feedforward_layernorm.weight"])
             m = proj(act(proj(y, p + "mlp.gate_proj")) * proj(y, p + "mlp.up_proj"), p + "mlp.down_proj")
             x = x + norm(m, W[p + "post_feedforward_layernorm.weight"])
+        elif kind in MOE:
+            x = x + a
+            x = x + moe_mlp(norm(x, W[p + "post_attention_layernorm.weight"]), p)
         else:
             x = x + a * res
             y = norm(x, W[p + "post_attention_layernorm.weight"])
@@ -257,12 +311,25 @@ GRANITE = {**LLAMA, "model_type": "granite", "embedding_multiplier": 3.0, "resid
 SMOLLM3 = {**LLAMA, "model_type": "smollm3", "num_hidden_layers": 3, "no_rope_layers": [1, 0, 1], "pad_token_id": 0}
 # OLMo 2: post-norm blocks (no input norm), one RMSNorm over all heads' queries / keys
 OLMO2 = {**LLAMA, "model_type": "olmo2", "pad_token_id": 0}
+# gpt-oss: biased attention with sinks, sliding / full layers, YaRN without truncation, 4 experts (top 2) with
+# biases and the clamped GLU (a small limit, so that the clamps bite), untied
+GPT_OSS = {**LLAMA, "model_type": "gpt_oss", "head_dim": 8, "num_hidden_layers": 3, "sliding_window": 5,
+           "num_local_experts": 4, "num_experts_per_tok": 2, "swiglu_limit": 1.0, "max_position_embeddings": 64,
+           "rope_parameters": {"rope_type": "yarn", "rope_theta": 100.0, "factor": 4.0, "beta_fast": 32.0,
+                               "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16}}
+# Mixtral: 4 experts, top 2, every layer a sliding window; Qwen3-MoE: q/k norms, top-3 of 5 narrower experts,
+# the full softmax's probabilities (norm_topk_prob false)
+MIXTRAL = {**LLAMA, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 6}
+QWEN3_MOE = {**QWEN3, "model_type": "qwen3_moe", "num_experts": 5, "num_experts_per_tok": 3,
+             "moe_intermediate_size": 24, "norm_topk_prob": False, "tie_word_embeddings": False}
+MOE = ("gpt_oss", "mixtral", "qwen3_moe")
 CONFIGS = [LLAMA, QWEN2, MISTRAL, QWEN3, LLAMA31, YARN, LINEAR, GEMMA, GEMMA2, GEMMA3, PHI3, GRANITE, SMOLLM3, OLMO2,
-           PHI35, PHI4MINI]
+           PHI35, PHI4MINI, GPT_OSS, MIXTRAL, QWEN3_MOE]
 CONFIG_IDS = ["llama-gqa-untied", "qwen2-bias-tied", "mistral-window", "qwen3-qknorm-headdim", "llama3.1-rope",
               "qwen2-yarn", "llama-linear-rope", "gemma-mqa", "gemma2-softcap-window", "gemma3-qknorm-local-rope",
               "phi3-fused-window", "granite-multipliers", "smollm3-nope-layers", "olmo2-post-norms",
-              "phi3.5-longrope", "phi4mini-partial-rotary-longrope"]
+              "phi3.5-longrope", "phi4mini-partial-rotary-longrope", "gpt-oss-moe-sinks-biases", "mixtral-moe-window",
+              "qwen3-moe-qknorm-unnormalized"]
 
 
 def fused_phi3(sd):
@@ -354,7 +421,7 @@ def test_state_dict_gives_the_reference_logits(raw):
     cfg = config_from_hf(raw, attn_impl="xla")
     assert (cfg.kv_heads, cfg.norm_eps, cfg.qkv_bias, cfg.tie_embeddings, cfg.qk_norm) == (
         raw["num_key_value_heads"], raw["rms_norm_eps"], raw["model_type"] == "qwen2",
-        raw.get("tie_word_embeddings", True), raw["model_type"] in ("qwen3", "gemma3_text", "olmo2"))
+        raw.get("tie_word_embeddings", True), raw["model_type"] in ("qwen3", "gemma3_text", "olmo2", "qwen3_moe"))
     model = GPT(cfg, rngs=nnx.Rngs(0))
     load_hf_state_dict(model, {**sd, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)})
     want = reference_logits(sd, raw, TOKENS)
@@ -461,7 +528,8 @@ def test_matches_transformers(tmp_path, raw):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     kind = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "gemma": "Gemma",
-            "granite": "Granite", "smollm3": "SmolLM3", "olmo2": "Olmo2",
+            "granite": "Granite", "smollm3": "SmolLM3", "olmo2": "Olmo2", "gpt_oss": "GptOss", "mixtral": "Mixtral",
+            "qwen3_moe": "Qwen3Moe",
             "gemma2": "Gemma2", "gemma3_text": "Gemma3"}[raw["model_type"]]
     config_cls = getattr(transformers, kind + ("TextConfig" if kind == "Gemma3" else "Config"))
     model_cls = getattr(transformers, kind + "ForCausalLM")

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from jaxattn.train import loop
+from jaxattn.train.loop import forward_with_aux_loss  # noqa: F401  (its home before the LM trainer used it)
 from jaxattn.train.images import (DATASETS, ImageData, check_data_args, load_images, make_augment, mix_batch,
                                   normalize, random_erase)
 from jaxattn.train.metrics import classification_scores, confusion_matrix, plot_confusion
@@ -121,21 +122,6 @@ def lr_schedule(cfg: ImageConfig) -> optax.Schedule:
 
 def make_optimizer(cfg: ImageConfig) -> optax.GradientTransformation:
     return loop.adamw(lr_schedule(cfg), weight_decay=cfg.weight_decay, clip=cfg.clip, b2=0.999)
-
-
-def forward_with_aux_loss(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    """Generic auxiliary-loss hook: ``(model(x), aux)``. A model that defines ``aux_loss_weight`` is
-    run under ``nnx.capture(model, nnx.Intermediate)`` and ``aux`` is that weight times the mean of
-    every value it sowed under the name ``aux_loss`` (e.g. MoH's per-layer load-balance losses);
-    other models are called as is and ``aux`` is None."""
-    weight = getattr(model, "aux_loss_weight", None)
-    if weight is None:
-        return model(x), None
-    out, inter = nnx.capture(model, nnx.Intermediate)(x)
-    vals = [v for path, var in nnx.to_flat_state(inter) if path[-1] == "aux_loss" for v in var.get_value()]
-    if not vals:
-        return out, None
-    return out, weight * sum(jnp.asarray(v, jnp.float32) for v in vals) / len(vals)
 
 
 def classification_loss(model: nnx.Module, batch: dict, mean, std, *, num_classes: int,

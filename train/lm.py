@@ -91,20 +91,26 @@ def make_optimizer(cfg: LMConfig) -> optax.GradientTransformation:
     return loop.with_ema(tx, cfg.ema_decay) if cfg.ema_decay else tx
 
 
-def lm_loss(model: nnx.Module, batch: jax.Array, *, doc_mask: bool = True, doc_loss_mask: bool = False) -> jax.Array:
+def lm_loss(model: nnx.Module, batch: jax.Array, *, doc_mask: bool = True, doc_loss_mask: bool = False,
+            aux_loss: bool = True) -> jax.Array | tuple[jax.Array, dict]:
     """Mean next-token cross-entropy (nats) over ``tokens [batch, seq + 1]``, or over a batch with
     documents ``[batch, 2, seq + 1]`` (tokens, document ids): ``doc_mask`` keeps the documents apart in
     the model, ``doc_loss_mask`` averages over the targets of the input's own document only (the first
-    token of each next document is not predicted from the one before)."""
+    token of each next document is not predicted from the one before). A model with an auxiliary loss (a
+    mixture of experts' load balance: :func:`jaxattn.train.loop.forward_with_aux_loss`) adds it when
+    ``aux_loss``: returns ``(loss, {"aux_loss": aux})``."""
     tokens, docs = split_documents(batch)
     if docs is None and doc_loss_mask:
         raise ValueError("doc_loss_mask needs a batch with document ids [batch, 2, seq + 1]")
-    logits = model(tokens[:, :-1]) if docs is None or not doc_mask else model(tokens[:, :-1], segment_ids=docs[:, :-1])
+    kw = {} if docs is None or not doc_mask else {"segment_ids": docs[:, :-1]}
+    logits, aux = loop.forward_with_aux_loss(model, tokens[:, :-1], **kw) if aux_loss else (model(tokens[:, :-1], **kw), None)
     losses = cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     if not doc_loss_mask:
-        return losses.mean()
-    keep = (docs[:, 1:] == docs[:, :-1]).astype(losses.dtype)
-    return (losses * keep).sum() / jnp.maximum(keep.sum(), 1.0)
+        loss = losses.mean()
+    else:
+        keep = (docs[:, 1:] == docs[:, :-1]).astype(losses.dtype)
+        loss = (losses * keep).sum() / jnp.maximum(keep.sum(), 1.0)
+    return loss if aux is None else (loss + aux, {"aux_loss": aux})
 
 
 class Trainer(loop.Trainer):
@@ -115,7 +121,7 @@ class Trainer(loop.Trainer):
         self.cfg = cfg
         loss = functools.partial(lm_loss, doc_mask=cfg.doc_mask, doc_loss_mask=cfg.doc_loss_mask)
         super().__init__(model_factory, make_optimizer(cfg), lambda model, tokens, rng: loss(model, tokens),
-                         eval_fn=loss, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                         eval_fn=functools.partial(loss, aux_loss=False), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                          seed=cfg.seed, devices=devices, seq_parallel=cfg.seq_parallel, shard_state=cfg.fsdp,
                          seq_parallel_args={"layout": cfg.ring_layout} if cfg.ring_layout != "contiguous" else None,
                          wrt=nnx.LoRAParam if cfg.lora_rank else nnx.Param,  # (LoRA: only the adapters train,

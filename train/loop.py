@@ -122,6 +122,21 @@ def apply_augment(augment: Callable[[Any, jax.Array], Any], batch: Batch, key: j
 
 
 # -- the trainer --------------------------------------------------------------------------
+def forward_with_aux_loss(model: nnx.Module, *args, **kwargs) -> tuple[jax.Array, jax.Array | None]:
+    """Generic auxiliary-loss hook: ``(model(*args, **kwargs), aux)``. A model whose ``aux_loss_weight``
+    is not None is run under ``nnx.capture(model, nnx.Intermediate)`` and ``aux`` is that weight times the
+    mean of every value it sowed under the name ``aux_loss`` (MoH's per-layer load-balance losses, a
+    mixture-of-experts GPT's); other models are called as is and ``aux`` is None."""
+    weight = getattr(model, "aux_loss_weight", None)
+    if weight is None:
+        return model(*args, **kwargs), None
+    out, inter = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)
+    vals = [v for path, var in nnx.to_flat_state(inter) if path[-1] == "aux_loss" for v in var.get_value()]
+    if not vals:
+        return out, None
+    return out, weight * sum(jnp.asarray(v, jnp.float32) for v in vals) / len(vals)
+
+
 class Trainer:
     """Holds ``(model, optimizer)`` state as one pytree, replicated (or, ``shard_state``, split) over a
     ``[data, seq]`` mesh of ``devices``, and jitted train/eval steps with the batch sharded over ``data``.

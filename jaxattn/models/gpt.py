@@ -685,7 +685,7 @@ class GPT(nnx.Module):
         self.head = None if cfg.tie_embeddings else _linear(width, cfg.vocab_size, cfg, rngs, bias=cfg.head_bias)
         self.embed_drop = _dropout(cfg.dropout, rngs)
         # mixtures of experts: the training loss adds this times the layers' mean load-balance loss
-        # (jaxattn.train.image.forward_with_aux_loss)
+        # (jaxattn.train.loop.forward_with_aux_loss)
         self.aux_loss_weight = cfg.moe_aux_loss if cfg.moe_experts else None
 
     @property

@@ -9,7 +9,7 @@ tokens reads only the experts they pick); ``"auto"`` gathers when ``tokens * top
 
 Routing (``renormalize``): the softmax of the ``top_k`` largest router logits (Mixtral, gpt-oss, Qwen3-MoE's
 ``norm_topk_prob``), or the full softmax's probabilities at the ``top_k`` largest (Qwen2-MoE, OLMoE). In
-training (inside ``nnx.capture``: ``jaxattn.train.image.forward_with_aux_loss``) each layer sows the Switch
+training (inside ``nnx.capture``: ``jaxattn.train.loop.forward_with_aux_loss``) each layer sows the Switch
 Transformer load-balance loss ``E * sum_i P_i f_i`` as ``nnx.Intermediate`` ``aux_loss``.
 """
 

@@ -19,7 +19,7 @@ False) each layer with routed heads sows ``E * sum_i P_i f_i`` as ``nnx.Intermed
 (``P_i`` mean router probability, ``f_i`` fraction of tokens selecting head i, over all B*N
 tokens; the original writes it ``mean(P * f) * E * E``); the model's loss adds
 ``aux_loss_weight (0.01) * mean over those layers``. Values are sown only inside ``nnx.capture``
-(``jaxattn.train.image.forward_with_aux_loss`` does that), so plain calls leave the module unchanged.
+(``jaxattn.train.loop.forward_with_aux_loss`` does that), so plain calls leave the module unchanged.
 
 ``router="query_norm"`` is MoH-LLaMA3's parameter-free router: the score of routed head ``i`` is
 ``||q_i||_2`` of the token's (pre-position-encoding) query, divided by the unbiased std over the

@@ -21,6 +21,11 @@ from jaxattn.models.vit import VIT_CONFIGS, ViT, ViTConfig
 _GPT2_BLOCK = dict(position="learned", max_positions=1024, norm="layer", norm_eps=1e-5, bias=True, mlp_gated=False,
                    mlp_act="gelu_tanh")
 
+# gpt-oss's block: biases on q, k, v, o, the router and the experts; attention sinks; the clamped GLU
+_GPT_OSS_BLOCK = dict(bias=True, attn_sinks=True, mlp_act="gpt_oss", tie_embeddings=False)
+_GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                 "original_max_position_embeddings": 4096}
+
 MODEL_CONFIGS: dict[str, Any] = {
     # CPU-sized, for tests and the README's main job.
     "tnl-tiny": TNLConfig(vocab_size=256, dim=128, layers=4, heads=4, glu_dim=256),
@@ -37,9 +42,20 @@ MODEL_CONFIGS: dict[str, Any] = {
     # (three PowerAttention layers per full-attention layer; B = 16, W = 64, sink 16 tokens).
     "gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4),
     "alibi-gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, position="alibi"),  # ALiBi, no RoPE
-    # gpt-oss's attention (dense MLPs here): sliding-window and full layers alternating, GQA, attention sinks
+    # gpt-oss's block, byte-level and CPU-sized: sliding-window and full layers alternating, GQA, attention
+    # sinks, biases, 8 experts (top 2) with its clamped GLU, an untied head
     "gpt-oss-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, kv_heads=2, layer_types=("window", "full"),
-                              window=64, attn_sinks=True),
+                              window=64, **_GPT_OSS_BLOCK, moe_experts=8, moe_top_k=2, mlp_dim=128),
+    # gpt-oss-20b / -120b as released (openai/gpt-oss-*: o200k_harmony vocabulary, YaRN to 131072 tokens); the
+    # released folders load with jaxattn.models.hf.load_pretrained (their MXFP4 experts dequantized)
+    "gpt-oss-20b": GPTConfig(vocab_size=201088, dim=2880, layers=24, heads=64, kv_heads=8, head_dim=64, mlp_dim=2880,
+                             layer_types=("window", "full"), window=128, **_GPT_OSS_BLOCK, moe_experts=32, moe_top_k=4,
+                             rope_theta=150000.0, rope_scaling=_GPT_OSS_YARN, norm_eps=1e-5),
+    "gpt-oss-120b": GPTConfig(vocab_size=201088, dim=2880, layers=36, heads=64, kv_heads=8, head_dim=64, mlp_dim=2880,
+                              layer_types=("window", "full"), window=128, **_GPT_OSS_BLOCK, moe_experts=128, moe_top_k=4,
+                              rope_theta=150000.0, rope_scaling=_GPT_OSS_YARN, norm_eps=1e-5),
+    # a Mixtral-style mixture of experts (LLaMA blocks, 8 SiLU experts, top 2), byte-level and CPU-sized
+    "moe-gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, moe_experts=8, moe_top_k=2, mlp_dim=128),
     # GPT-2's block (LayerNorm, biases, GELU MLP, learned positions): byte-level CPU-sized, and GPT-2 small
     # (124M, its 50257-token vocabulary: nanoGPT's train.bin / val.bin token files); GPT-2 / Pythia folders load too
     "gpt2-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, **_GPT2_BLOCK),
