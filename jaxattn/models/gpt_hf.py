@@ -2,7 +2,8 @@
 ``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Phi3ForCausalLM`` (fused weights split by
 :func:`prepare_state_dict`), ``GraniteForCausalLM`` (multipliers), ``SmolLM3ForCausalLM`` (NoPE layers),
 ``Olmo2ForCausalLM`` (post-norm blocks), ``GemmaForCausalLM``, ``Gemma2ForCausalLM``,
-``Gemma3ForCausalLM``) <-> :class:`GPT`, whose blocks are the same architecture: pre-RMSNorm, RoPE
+``Gemma3ForCausalLM``; the mixtures of experts ``GptOssForCausalLM``, ``MixtralForCausalLM``,
+``Qwen3MoeForCausalLM`` through :mod:`jaxattn.models.moe_hf`) <-> :class:`GPT`, whose blocks are the same architecture: pre-RMSNorm, RoPE
 (rotated halves; Llama 3.1's ``llama3``, ``linear`` and YaRN ``rope_scaling`` too), GQA, a gated MLP,
 no biases except Qwen2's q/k/v, Qwen3's per-head q/k RMSNorm, a ``head_dim`` apart from
 ``hidden_size / heads`` (Qwen3, Mistral-Nemo, Gemma). Mistral's ``sliding_window`` becomes
