@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_close, lower_for_cuda
+from conftest import assert_close, count_triton_calls, lower_for_cuda
 from jaxattn.models import create_model
 from jaxattn.models.gpt import GPT, GPTConfig
 from jaxattn.models.moe import MoE, gated_act, moe_dispatch, route
 from jaxattn.models.moe_hf import FP4_VALUES, MXFP4StateDict, dequantize_mxfp4
+from jaxattn.pallas._common import compile_for_gpu
 from jaxattn.reference import moe_reference
 
 # (rtol, atol) by compute dtype, of the output's scale
@@ -52,6 +53,8 @@ CASES = [  # (act, bias, renormalize, impl, dtype, tokens, experts, top_k)
     ("gpt_oss", True, True, "gather", jnp.bfloat16, 9, 4, 2),
     ("silu", True, False, "ragged", jnp.bfloat16, 17, 7, 1),
     ("silu", False, False, "auto", jnp.float32, 2, 8, 4),  # (auto: gathers)
+    ("gpt_oss", True, True, "pallas", jnp.float32, 19, 5, 2),  # the grouped matmul kernel (interpret mode)
+    ("silu", False, True, "pallas", jnp.bfloat16, 33, 4, 3),
 ]
 
 
@@ -239,5 +242,10 @@ def test_moe_gpt_training_step_balances_and_lowers_for_cuda():
     def step(state, tokens):
         return jax.grad(lambda s: lm_loss(nnx.merge(graph, s), tokens)[0])(state)
 
-    text = lower_for_cuda(step, state, batch)
-    assert "ragged_dot" in text
+    off = lower_for_cuda(step, state, batch)
+    assert "ragged_dot" in off  # (auto off a GPU: XLA's ragged_dot)
+    with compile_for_gpu():  # on a GPU: the grouped matmul kernels, 2 per layer forward, 4 backward
+        text = lower_for_cuda(lambda s, t: step(s, t), state, batch)  # (a fresh trace)
+    assert "ragged_dot" not in text
+    # per layer: flash forward, dq, dk/dv, and the grouped matmuls' 2 forward + 4 backward
+    assert count_triton_calls(off) == 0 and count_triton_calls(text) == cfg.layers * (3 + 6)

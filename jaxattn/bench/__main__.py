@@ -1,4 +1,4 @@
-"""``python -m jaxattn.bench {attention,decode,lightning,halo,l2vit,landmark,sage,sparse,vision,tnl,compile,traffic,tune} [options] [--json PATH]``.
+"""``python -m jaxattn.bench {attention,decode,lightning,halo,l2vit,landmark,sage,sparse,moe,vision,tnl,compile,traffic,tune} [options] [--json PATH]``.
 
 Without a GPU the default is a tiny smoke sweep in interpret mode (seconds); on a GPU the
 default is the full sweep. Prints a table (ms, TFLOP/s, ns per token, speedup of jaxattn
@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--power-window", type=int, default=None, help="tokens (default 5 B)")
     p.add_argument("--sw-window", type=int, default=4096, help="sliding window, tokens")
     _sweep(p, warmup=2, runs=10)
+    p = sub.add_parser("moe", help="mixture-of-experts MLP: ragged_dot / gathered dispatch vs every expert dense")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 512, 4096, 16384], help="tokens per case")
+    from jaxattn.bench.moe import LAYERS
+
+    p.add_argument("--layers", nargs="+", default=list(LAYERS), choices=sorted(LAYERS))
+    _sweep(p)
     p = sub.add_parser("vision", help="images/s: training step (HaloNet-H0, ViT-S), inference quantized vs not")
     p.add_argument("--train-models", nargs="*", default=None, help="default: halonet-h0 vit-s16 (GPU), tiny (CPU)")
     p.add_argument("--infer-models", nargs="*", default=None, help="default: vit-b16 (GPU), vit-tiny (CPU); a timm hub folder runs its pretrained weights")
@@ -210,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         full = lambda: mod.gpu_cases(args.seqs, args.head_dims, args.dtypes, args.modes,  # noqa: E731
                                      args.tokens, args.model_dim, args.block_lens)
+    elif args.op == "moe":
+        from jaxattn.bench import moe as mod
+
+        full = lambda: mod.gpu_cases(args.tokens, args.layers, args.dtypes, args.modes)  # noqa: E731
     elif args.op == "halo":
         from jaxattn.bench import halo as mod
 

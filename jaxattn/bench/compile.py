@@ -450,10 +450,25 @@ def _linear_global_cases() -> Iterator[tuple[str, Callable, list]]:
                [_sds((4, 4096, heads, d), dtype)] * 3 + [_sds((heads,), jnp.float32)])
 
 
+def _grouped_matmul_cases() -> Iterator[tuple[str, Callable, list]]:
+    """The grouped matmul kernels (forward, dlhs, drhs) at each config, on gpt-oss-20b's expert shapes."""
+    from jaxattn.pallas.grouped_matmul import CONFIGS, grouped_matmul_kernel
+
+    for nbytes in sorted(CONFIGS):
+        dtype = _dtype(nbytes)
+
+        def loss(lhs, rhs, sizes):
+            return _total(grouped_matmul_kernel(lhs, rhs, sizes, out_dtype=jnp.float32, interpret=False))
+
+        yield (f"rows 16384 x 2880 -> 5760, 32 groups {jnp.dtype(dtype).name}", jax.value_and_grad(loss, (0, 1)),
+               [_sds((16384, 2880), dtype), _sds((32, 2880, 5760), dtype), _sds((32,), jnp.int32)])
+
+
 FAMILIES: dict[str, Callable[[], Iterable[tuple[str, Callable, list]]]] = {
     "flash": _flash_cases, "lightning": _lightning_cases, "sage": _sage_cases,
     "block_sparse": _block_sparse_cases, "halo": _halo_cases, "landmark": _landmark_cases,
     "decode": _decode_cases, "mosaic": _mosaic_cases, "linear_global": _linear_global_cases,
+    "grouped_matmul": _grouped_matmul_cases,
 }
 
 

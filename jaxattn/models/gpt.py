@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from jaxattn.models._remat import remat_blocks
-from jaxattn.models.moe import ACTIVATIONS, MoE, gated_act
+from jaxattn.models.moe import ACTIVATIONS, IMPLS as MOE_IMPLS, MoE, gated_act
 from jaxattn.models.vit import AttentionDropout, _apply, _dropout
 from jaxattn.ops.attention import attention
 from jaxattn.pallas._common import document_index
@@ -89,7 +89,7 @@ class GPTConfig:
     moe_top_k: int = 2
     moe_renormalize: bool = True
     moe_aux_loss: float = 0.01
-    moe_impl: Literal["auto", "ragged", "gather"] = "auto"
+    moe_impl: Literal["auto", "pallas", "ragged", "gather"] = "auto"
     norm_offset: float = 0.0  # RMSNorms scale by (norm_offset + weight): Gemma stores weight - 1 (offset 1)
     post_norms: bool = False  # Gemma 2/3: RMSNorm on the attention and MLP outputs before each residual add
     embed_scale: bool = False  # Gemma: embeddings times sqrt(dim), rounded to the compute dtype
@@ -172,8 +172,8 @@ class GPTConfig:
                              f"moe_experts={self.moe_experts}, moe_top_k={self.moe_top_k}")
         if self.moe_experts and not self.mlp_gated:
             raise ValueError("moe_experts: the experts are gated MLPs (mlp_gated=True)")
-        if self.moe_impl not in ("auto", "ragged", "gather"):
-            raise ValueError(f"moe_impl must be 'auto', 'ragged' or 'gather', got {self.moe_impl!r}")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         if self.moe_aux_loss < 0:
             raise ValueError(f"moe_aux_loss must be >= 0, got {self.moe_aux_loss}")
         if self.position_offset and self.position != "learned" or self.position_offset < 0:

@@ -2,10 +2,12 @@
 outputs weighted by its routing weights (Mixtral, Qwen3-MoE, gpt-oss). Dropless: every token reaches the
 experts it picks, whatever the load.
 
-Two dispatches compute the same sum (``impl``): ``"ragged"`` sorts the ``tokens * top_k`` assignments by
-expert and runs each expert's rows as one group of :func:`jax.lax.ragged_dot` (prefill, training);
-``"gather"`` gathers each token's ``top_k`` experts' weights and runs them as a batch (decoding a few
-tokens reads only the experts they pick); ``"auto"`` gathers when ``tokens * top_k <= experts``.
+The dispatches compute the same sum (``impl``): ``"pallas"`` sorts the ``tokens * top_k`` assignments by
+expert and runs each expert's rows as one group of :func:`jaxattn.grouped_matmul`'s kernel (prefill,
+training), ``"ragged"`` the same through :func:`jax.lax.ragged_dot` (which XLA's GPU compiler runs as a
+dense matmul over every expert); ``"gather"`` gathers each token's ``top_k`` experts' weights and runs them
+as a batch (decoding a few tokens reads only the experts they pick); ``"auto"`` gathers when
+``tokens * top_k <= experts``, else groups (the kernel on a GPU, ``ragged_dot`` elsewhere).
 
 Routing (``renormalize``): the softmax of the ``top_k`` largest router logits (Mixtral, gpt-oss, Qwen3-MoE's
 ``norm_topk_prob``), or the full softmax's probabilities at the ``top_k`` largest (Qwen2-MoE, OLMoE). In
@@ -23,11 +25,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.models.moh import _capturing, load_balance_loss
+from jaxattn.ops.grouped_matmul import grouped_matmul
 from jaxattn.models.vit import _apply, _dropout
 
-__all__ = ["MoE", "gated_act", "route", "moe_dispatch", "ACTIVATIONS"]
+__all__ = ["MoE", "gated_act", "route", "moe_dispatch", "ACTIVATIONS", "IMPLS"]
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu", "gpt_oss")
+IMPLS = ("auto", "pallas", "ragged", "gather")
 GPT_OSS_ALPHA = 1.702  # gpt-oss's sigmoid-gated linear unit: g * sigmoid(1.702 g)
 
 
@@ -62,17 +66,17 @@ def _expert_rows(h: jax.Array, bias: jax.Array | None, experts: jax.Array) -> ja
 def moe_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array,
                  gate_up_bias: jax.Array | None = None, down_bias: jax.Array | None = None, *,
                  act: str = "silu", limit: float | None = None,
-                 impl: Literal["auto", "ragged", "gather"] = "auto") -> jax.Array:
+                 impl: Literal["auto", "pallas", "ragged", "gather"] = "auto") -> jax.Array:
     """``out [T, D] = sum_j weights[t, j] * expert_{experts[t, j]}(x[t])`` (fp32) for ``x [T, D]``, with
     expert ``e``'s ``gate_up [E, D, 2H]`` (gate | up halves), ``down [E, H, D]`` and optional biases
     ``[E, 2H]``, ``[E, D]``; the matmuls run in ``x``'s dtype with fp32 accumulation."""
     t, d = x.shape
     e, _, two_h = gate_up.shape
     k = experts.shape[-1]
-    if impl not in ("auto", "ragged", "gather"):
-        raise ValueError(f"impl must be 'auto', 'ragged' or 'gather', got {impl!r}")
-    if impl == "auto":
-        impl = "gather" if t * k <= e else "ragged"
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto" and t * k <= e:
+        impl = "gather"
     dt = x.dtype
     w1, w2 = gate_up.astype(dt), down.astype(dt)
 
@@ -89,8 +93,10 @@ def moe_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: 
     order = jnp.argsort(flat, stable=True)
     rows, token = flat[order], order // k
     sizes = jnp.zeros((e,), jnp.int32).at[flat].add(1)
-    h = jax.lax.ragged_dot(x[token], w1, sizes, preferred_element_type=jnp.float32)
-    y = jax.lax.ragged_dot(glu(_expert_rows(h, gate_up_bias, rows)), w2, sizes, preferred_element_type=jnp.float32)
+    gmm = functools.partial(grouped_matmul, group_sizes=sizes, preferred_element_type=jnp.float32,
+                            impl={"ragged": "xla", "pallas": "pallas"}.get(impl, "auto"))
+    h = gmm(x[token], w1)
+    y = gmm(glu(_expert_rows(h, gate_up_bias, rows)), w2)
     y = _expert_rows(y, down_bias, rows) * weights.reshape(-1)[order].astype(jnp.float32)[:, None]
     return jnp.zeros((t, d), jnp.float32).at[token].add(y)
 
@@ -103,15 +109,15 @@ class MoE(nnx.Module):
 
     def __init__(self, dim: int, hidden: int, experts: int, top_k: int, *, act: str = "silu",
                  limit: float | None = None, bias: bool = False, renormalize: bool = True,
-                 impl: Literal["auto", "ragged", "gather"] = "auto", dtype=jnp.float32, init_std: float = 0.02,
+                 impl: Literal["auto", "pallas", "ragged", "gather"] = "auto", dtype=jnp.float32, init_std: float = 0.02,
                  out_std: float | None = None, dropout: float = 0.0, rngs: nnx.Rngs):
         if experts < 1 or not 1 <= top_k <= experts:
             raise ValueError(f"a mixture of experts needs experts >= 1 and 1 <= top_k <= experts, got experts="
                              f"{experts}, top_k={top_k}")
         if act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-        if impl not in ("auto", "ragged", "gather"):
-            raise ValueError(f"impl must be 'auto', 'ragged' or 'gather', got {impl!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         init = nnx.initializers.normal
         self.router = nnx.Linear(dim, experts, use_bias=bias, kernel_init=init(init_std), rngs=rngs)
         self.gate_up = nnx.Param(init(init_std)(rngs.params(), (experts, dim, 2 * hidden), jnp.float32))

@@ -52,3 +52,17 @@ def moe_reference(x: jax.Array, router: jax.Array, gate_up: jax.Array, down: jax
     if down_bias is not None:
         y = y + down_bias.astype(f32)
     return jnp.einsum("te,ted->td", combine, y, precision=_HI)
+
+
+def grouped_matmul_reference(lhs: jax.Array, rhs: jax.Array, group_sizes) -> jax.Array:
+    """fp32 ``[M, N]``: each row of ``lhs [M, K]`` times the ``rhs [G, K, N]`` matrix of the group it falls
+    in (groups of ``group_sizes`` consecutive rows; rows past their sum: zeros), as a sum over groups of
+    row-masked dense products."""
+    f32 = jnp.float32
+    ends = jnp.cumsum(jnp.asarray(group_sizes))
+    rows = jnp.arange(lhs.shape[0])
+    out = jnp.zeros((lhs.shape[0], rhs.shape[2]), f32)
+    for g in range(rhs.shape[0]):
+        mine = (rows >= ends[g] - group_sizes[g]) & (rows < ends[g])
+        out = out + jnp.where(mine[:, None], jnp.matmul(lhs.astype(f32), rhs[g].astype(f32), precision=_HI), 0.0)
+    return out

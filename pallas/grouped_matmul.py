@@ -1,0 +1,238 @@
+"""Grouped matmul (a mixture of experts' expert matmuls) on Pallas's Triton backend.
+
+``out[r] = lhs[r] @ rhs[g]`` for every row ``r`` of group ``g``, where ``lhs [M, K]`` holds the groups'
+rows one group after another (``group_sizes [G]`` rows each, in order; rows past their sum belong to
+none and come out zero) and ``rhs [G, K, N]`` one matrix per group: :func:`jax.lax.ragged_dot`'s
+contract. XLA's GPU compiler runs ``ragged_dot`` as one dense matmul over every group (``G`` times the
+work: a 32-expert layer pays 32x); these kernels do each row's own group only.
+
+* ``gmm`` (forward; with ``transpose_rhs`` the lhs gradient ``dout @ rhs[g]ᵀ``): a work list of
+  (group, row tile) pairs, one program per pair and column tile. A row tile that straddles groups is
+  visited once per group; each visit stores only its group's rows (masked stores, so two programs never
+  write the same element). The list is built by XLA from the group sizes, its static length the most
+  it can need, ``ceil(M / block_m) + G - 1``; unused entries do nothing.
+* ``tgmm`` (the rhs gradient ``drhs[g] = lhs[rows of g]ᵀ @ dout[rows of g]``): one program per (group,
+  K tile, N tile), looping over the group's row tiles with the rows outside the group masked to zero;
+  a group without rows gets zeros.
+
+fp32 accumulation; bf16 / fp16 / fp32 inputs (fp32: exact fp32 dots). ``K`` and ``N`` are tiled by
+powers of two that divide them (multiples of 16; others are zero-padded), ``M`` is padded to the row
+tile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from jaxattn.pallas import _common
+from jaxattn.pallas._common import dot
+
+__all__ = ["GroupedMatmulConfig", "grouped_matmul_kernel", "group_metadata", "MAX_RHS_ELEMENTS"]
+
+# rhs is read through 32-bit offsets: beyond this many elements the op falls back to XLA
+MAX_RHS_ELEMENTS = 2 ** 31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedMatmulConfig:
+    """Row, column and contraction tiles (powers of two >= 16; the column and contraction tiles are
+    shrunk to divide the dims), warps and pipeline stages."""
+
+    block_m: int = 64
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# bytes per element -> config (two-byte: 64 x 128 wgmma tiles, 64-deep; fp32: half the tiles)
+CONFIGS = {2: GroupedMatmulConfig(), 4: GroupedMatmulConfig(32, 64, 32, 4, 2)}
+
+
+def grouped_matmul_config(dtype) -> GroupedMatmulConfig:
+    return CONFIGS[jnp.dtype(dtype).itemsize if jnp.dtype(dtype).itemsize in CONFIGS else 2]
+
+
+def _tile(dim: int, largest: int) -> int:
+    """The largest power of two <= ``largest`` (>= 16) dividing ``dim`` (``dim`` a multiple of 16)."""
+    t = largest
+    while dim % t:
+        t //= 2
+    return t
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    block_m: int
+    block_n: int  # output columns per program
+    block_k: int  # contraction step
+    contract: int  # the contraction length
+    transpose_rhs: bool
+    num_warps: int
+    num_stages: int
+    interpret: bool | None
+    exact: bool
+
+    @property
+    def precision(self):
+        return lax.Precision.HIGHEST if self.exact else None
+
+
+def group_metadata(group_sizes: jax.Array, m: int, block_m: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(offsets [G + 1], tile_group [W], tile_row [W])`` int32: each group's first row, and the work
+    list of (group, row tile) pairs in order, ``W = ceil(m / block_m) + G - 1`` entries, the unused ones
+    with group -1."""
+    g = group_sizes.shape[0]
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
+    first = starts // block_m
+    count = jnp.where(sizes > 0, (ends - 1) // block_m - first + 1, 0)
+    done = jnp.cumsum(count)  # work items up to and including group i
+    w = -(-m // block_m) + g - 1
+    item = jnp.arange(w, dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(done, item, side="right"), g - 1).astype(jnp.int32)
+    tile = first[group] + item - (done[group] - count[group])
+    valid = item < done[-1]
+    return offsets, jnp.where(valid, group, -1), jnp.where(valid, tile, 0)
+
+
+def _rows(t, block: int):
+    return pl.ds(pl.multiple_of(t * block, block), block)
+
+
+def _gmm_kernel(group_ref, tile_ref, offsets_ref, lhs_ref, rhs_ref, out_ref, *, st: _Static):
+    w, n = pl.program_id(0), pl.program_id(1)
+    g = group_ref[w]
+
+    @pl.when(g >= 0)
+    def _():
+        t = tile_ref[w]
+        rows, cols = _rows(t, st.block_m), _rows(n, st.block_n)
+
+        def body(kk, acc):
+            ks = _rows(kk, st.block_k)
+            a = lhs_ref[rows, ks]
+            b = rhs_ref[g, cols, ks] if st.transpose_rhs else rhs_ref[g, ks, cols]
+            return acc + dot(a, b, trans_b=st.transpose_rhs, precision=st.precision)
+
+        acc = lax.fori_loop(0, st.contract // st.block_k, body, jnp.zeros((st.block_m, st.block_n), jnp.float32))
+        r = t * st.block_m + lax.broadcasted_iota(jnp.int32, (st.block_m, st.block_n), 0)
+        mine = (r >= offsets_ref[g]) & (r < offsets_ref[g + 1])
+        pltriton.store(out_ref.at[rows, cols], acc.astype(out_ref.dtype), mask=mine)
+
+
+def _tgmm_kernel(offsets_ref, lhs_ref, dout_ref, out_ref, *, st: _Static):
+    g, kb, nb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start, end = offsets_ref[g], offsets_ref[g + 1]
+    ks, ns = _rows(kb, st.block_k), _rows(nb, st.block_n)
+
+    def body(t, acc):
+        rows = _rows(t, st.block_m)
+        r = t * st.block_m + lax.broadcasted_iota(jnp.int32, (st.block_m, st.block_k), 0)
+        a = lhs_ref[rows, ks]
+        a = jnp.where((r >= start) & (r < end), a, jnp.zeros_like(a))
+        return acc + dot(a, dout_ref[rows, ns], trans_a=True, precision=st.precision)
+
+    hi = jnp.where(end > start, (end + st.block_m - 1) // st.block_m, 0)
+    acc = lax.fori_loop(start // st.block_m, hi, body, jnp.zeros((st.block_k, st.block_n), jnp.float32))
+    out_ref[...] = acc.astype(out_ref.dtype)
+
+
+def _static(cfg: GroupedMatmulConfig, contract: int, out_cols: int, transpose_rhs: bool, dtype,
+            interpret) -> _Static:
+    return _Static(cfg.block_m, _tile(out_cols, cfg.block_n), _tile(contract, cfg.block_k), contract, transpose_rhs,
+                   cfg.num_warps, cfg.num_stages, interpret, jnp.dtype(dtype) == jnp.float32)
+
+
+def _gmm(lhs, rhs, offsets, tile_group, tile_row, *, transpose_rhs: bool, out_dtype, cfg: GroupedMatmulConfig,
+         interpret):
+    """``lhs [Mp, C] -> [Mp, O]`` with ``rhs [G, C, O]`` (``transpose_rhs``: ``[G, O, C]``); ``Mp`` a multiple
+    of ``block_m``, ``C`` and ``O`` multiples of 16."""
+    mp, c = lhs.shape
+    o = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    st = _static(cfg, c, o, transpose_rhs, lhs.dtype, interpret)
+    w = tile_group.shape[0]
+    call = _common.pallas_call(
+        functools.partial(_gmm_kernel, st=st),
+        out_shape=[jax.ShapeDtypeStruct((mp, o), out_dtype)],
+        grid=(w, o // st.block_n),
+        in_specs=[_common.whole_block(x.shape) for x in (tile_group, tile_row, offsets, lhs, rhs)],
+        out_specs=[_common.whole_block((mp, o))],
+        num_warps=st.num_warps, num_stages=st.num_stages, interpret=interpret, name="grouped_matmul",
+        # rows of no group (padding, past the sizes' sum) are never stored: they start as zeros
+        out_init=[jnp.zeros((mp, o), out_dtype)])
+    return call(tile_group, tile_row, offsets, lhs, rhs)[0]
+
+
+def _tgmm(lhs, dout, offsets, *, out_dtype, cfg: GroupedMatmulConfig, interpret):
+    """``[G, K, N]``: per group, its rows of ``lhs [Mp, K]`` transposed times its rows of ``dout [Mp, N]``."""
+    mp, k = lhs.shape
+    n = dout.shape[1]
+    g = offsets.shape[0] - 1
+    st = dataclasses.replace(_static(cfg, k, n, False, lhs.dtype, interpret), block_k=_tile(k, cfg.block_k))
+    call = _common.pallas_call(
+        functools.partial(_tgmm_kernel, st=st),
+        out_shape=[jax.ShapeDtypeStruct((g, k, n), out_dtype)],
+        grid=(g, k // st.block_k, n // st.block_n),
+        in_specs=[_common.whole_block(x.shape) for x in (offsets, lhs, dout)],
+        out_specs=[pl.BlockSpec((None, st.block_k, st.block_n), lambda gi, kb, nb: (gi, kb, nb))],
+        num_warps=st.num_warps, num_stages=st.num_stages, interpret=interpret, name="grouped_matmul_tgmm")
+    return call(offsets, lhs, dout)[0]
+
+
+def _pad16(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    for a in axes:
+        x = _common.pad_axis(x, a, _common.round_up(x.shape[a], 16))
+    return x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _grouped(lhs, rhs, group_sizes, out_dtype, cfg, interpret):
+    return _forward(lhs, rhs, group_sizes, out_dtype, cfg, interpret)
+
+
+def _forward(lhs, rhs, group_sizes, out_dtype, cfg, interpret):
+    m, n = lhs.shape[0], rhs.shape[2]
+    mp = _common.round_up(max(m, 1), cfg.block_m)
+    offsets, tg, tr = group_metadata(group_sizes, mp, cfg.block_m)
+    out = _gmm(_pad16(_common.pad_axis(lhs, 0, mp), (1,)), _pad16(rhs, (1, 2)), offsets, tg, tr,
+               transpose_rhs=False, out_dtype=out_dtype, cfg=cfg, interpret=interpret)
+    return out[:m, :n]
+
+
+def _vjp_fwd(lhs, rhs, group_sizes, out_dtype, cfg, interpret):
+    return _forward(lhs, rhs, group_sizes, out_dtype, cfg, interpret), (lhs, rhs, group_sizes)
+
+
+def _vjp_bwd(out_dtype, cfg, interpret, res, dout):
+    lhs, rhs, group_sizes = res
+    (m, k), n = lhs.shape, rhs.shape[2]
+    mp = _common.round_up(max(m, 1), cfg.block_m)
+    offsets, tg, tr = group_metadata(group_sizes, mp, cfg.block_m)
+    lhs_p = _pad16(_common.pad_axis(lhs, 0, mp), (1,))
+    dout_p = _pad16(_common.pad_axis(dout.astype(lhs.dtype), 0, mp), (1,))
+    dlhs = _gmm(dout_p, _pad16(rhs, (1, 2)), offsets, tg, tr, transpose_rhs=True, out_dtype=lhs.dtype, cfg=cfg,
+                interpret=interpret)[:m, :k]
+    drhs = _tgmm(lhs_p, dout_p, offsets, out_dtype=rhs.dtype, cfg=cfg, interpret=interpret)[:, :k, :n]
+    return dlhs, drhs, None
+
+
+_grouped.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+def grouped_matmul_kernel(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
+                          config: GroupedMatmulConfig | None = None, interpret: bool | None = None) -> jax.Array:
+    """``[M, N]``: rows of ``lhs [M, K]`` grouped in order by ``group_sizes [G]``, each times its group's
+    ``rhs [G, K, N]`` (fp32 accumulation, ``out_dtype`` default ``lhs.dtype``); differentiable in ``lhs``
+    and ``rhs``. Shapes and dtypes are checked by :func:`jaxattn.grouped_matmul`."""
+    cfg = config or grouped_matmul_config(lhs.dtype)
+    return _grouped(lhs, rhs, group_sizes, jnp.dtype(out_dtype or lhs.dtype), cfg, interpret)
