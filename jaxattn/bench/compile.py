@@ -460,7 +460,7 @@ def _grouped_matmul_cases() -> Iterator[tuple[str, Callable, list]]:
         def loss(lhs, rhs, sizes):
             return _total(grouped_matmul_kernel(lhs, rhs, sizes, out_dtype=jnp.float32, interpret=False))
 
-        yield (f"rows 16384 x 2880 -> 5760, 32 groups {jnp.dtype(dtype).name}", jax.value_and_grad(loss, (0, 1)),
+        yield (f"{jnp.dtype(dtype).name} rows 16384 x 2880 -> 5760, 32 groups", jax.value_and_grad(loss, (0, 1)),
                [_sds((16384, 2880), dtype), _sds((32, 2880, 5760), dtype), _sds((32,), jnp.int32)])
 
 
