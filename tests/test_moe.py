@@ -3,6 +3,7 @@ gradients, both dispatches; routing, the load-balance loss, gpt-oss's clamped GL
 the MoE GPT (decoding, training). The Hugging Face layouts (gpt-oss, Mixtral, Qwen3-MoE) are in test_gpt_hf."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,15 +47,16 @@ def oracle(m, x, p):
                          down_bias=p.get("down_bias"), renormalize=m.renormalize, act=m.act, limit=m.limit)
 
 
+_slow = functools.partial(pytest.param, marks=pytest.mark.slow)
 CASES = [  # (act, bias, renormalize, impl, dtype, tokens, experts, top_k)
-    ("silu", False, True, "ragged", jnp.float32, 13, 6, 2),
-    ("silu", False, True, "gather", jnp.float32, 13, 6, 2),
+    _slow("silu", False, True, "ragged", jnp.float32, 13, 6, 2),
+    _slow("silu", False, True, "gather", jnp.float32, 13, 6, 2),
     ("gpt_oss", True, True, "ragged", jnp.float32, 21, 5, 3),
     ("gpt_oss", True, True, "gather", jnp.bfloat16, 9, 4, 2),
-    ("silu", True, False, "ragged", jnp.bfloat16, 17, 7, 1),
+    _slow("silu", True, False, "ragged", jnp.bfloat16, 17, 7, 1),
     ("silu", False, False, "auto", jnp.float32, 2, 8, 4),  # (auto: gathers)
     ("gpt_oss", True, True, "pallas", jnp.float32, 19, 5, 2),  # the grouped matmul kernel (interpret mode)
-    ("silu", False, True, "pallas", jnp.bfloat16, 33, 4, 3),
+    _slow("silu", False, True, "pallas", jnp.bfloat16, 33, 4, 3),
 ]
 
 
@@ -201,7 +203,7 @@ def test_gpt_oss_folder_with_mxfp4_experts(tmp_path):
                  tol={jnp.dtype(jnp.float32): (3e-4, 3e-4)})
 
 
-@pytest.mark.parametrize("name", ["gpt-oss-tiny", "moe-gpt-tiny"])
+@pytest.mark.parametrize("name", ["gpt-oss-tiny", pytest.param("moe-gpt-tiny", marks=pytest.mark.slow)])
 def test_moe_gpt_decodes_as_its_forward(name):
     """Prefill (ragged dispatch over the prompt) and token-by-token decoding (gathered experts) give the
     parallel forward's logits, on the flash / decode kernels (interpret mode)."""
