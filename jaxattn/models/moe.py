@@ -71,8 +71,7 @@ def moe_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: 
     expert ``e``'s ``gate_up [E, D, 2H]`` (gate | up halves), ``down [E, H, D]`` and optional biases
     ``[E, 2H]``, ``[E, D]``; the matmuls run in ``x``'s dtype with fp32 accumulation."""
     t, d = x.shape
-    e, _, two_h = gate_up.shape
-    k = experts.shape[-1]
+    e, k = gate_up.shape[0], experts.shape[-1]
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto" and t * k <= e:
@@ -130,10 +129,7 @@ class MoE(nnx.Module):
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """:func:`route` of the router's fp32 logits for ``x [T, dim]``."""
-        logits = x.astype(jnp.float32) @ self.router.kernel[...].astype(jnp.float32)
-        if self.router.bias is not None:
-            logits = logits + self.router.bias[...]
-        return route(logits, self.top_k, self.renormalize)
+        return route(self.router(x.astype(jnp.float32)).astype(jnp.float32), self.top_k, self.renormalize)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = x.shape
