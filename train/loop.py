@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxattn.ops._spmd import batch_parallel
 from jaxattn.train.metrics import MetricsLog, plot_curves
 
 Batch = Any  # pytree of arrays, leading axis = examples
@@ -269,6 +270,10 @@ class Trainer:
         return jax.value_and_grad(loss_of, has_aux=True)(params, rest)
 
     def _train_step(self, state, batch):
+        with batch_parallel(self.mesh, "data"):  # (the kernels per device on its batch shard)
+            return self._train_step_body(state, batch)
+
+    def _train_step_body(self, state, batch):
         model, optimizer = nnx.merge(self.graphdef, state)
         model.train()
         gdef, params, rest = nnx.split(model, self.wrt, ...)
@@ -303,7 +308,8 @@ class Trainer:
         if ema:
             _use_ema(model, merged[1])
         model.eval()
-        return self.eval_fn(model, batch)
+        with batch_parallel(self.mesh, "data"):
+            return self.eval_fn(model, batch)
 
     def train_step(self, batch: Batch) -> dict[str, jax.Array]:
         """One optimizer step on a global batch; returns ``{"loss": ..., **metrics}`` (device arrays,

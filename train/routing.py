@@ -82,7 +82,7 @@ class RoutedTrainer(Trainer):
         nnx.update(model, rest)
         return jax.tree.map(lambda g: g / n, grads), losses.sum() / n, metrics
 
-    def _train_step(self, state, batch):
+    def _train_step_body(self, state, batch):
         model, opt, gate_opt = nnx.merge(self.graphdef, state)
         model.train()
         aug_key, loss_key = step_keys(self.seed, opt.step[...])

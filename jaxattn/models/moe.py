@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.models.moh import _capturing, load_balance_loss
+from jaxattn.ops import _spmd
 from jaxattn.ops.grouped_matmul import grouped_matmul
 from jaxattn.models.vit import _apply, _dropout
 
@@ -70,7 +71,7 @@ def moe_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: 
     """``out [T, D] = sum_j weights[t, j] * expert_{experts[t, j]}(x[t])`` (fp32) for ``x [T, D]``, with
     expert ``e``'s ``gate_up [E, D, 2H]`` (gate | up halves), ``down [E, H, D]`` and optional biases
     ``[E, 2H]``, ``[E, D]``; the matmuls run in ``x``'s dtype with fp32 accumulation."""
-    t, d = x.shape
+    t = x.shape[0]
     e, k = gate_up.shape[0], experts.shape[-1]
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -88,16 +89,25 @@ def moe_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: 
         y = jnp.einsum("tkh,tkhd->tkd", glu(_expert_rows(h, gate_up_bias, experts)), w2[experts],
                        preferred_element_type=jnp.float32)
         return jnp.einsum("tkd,tk->td", _expert_rows(y, down_bias, experts), weights.astype(jnp.float32))
-    flat = experts.reshape(-1)  # the T*k assignments, sorted by expert: one ragged_dot group per expert
-    order = jnp.argsort(flat, stable=True)
-    rows, token = flat[order], order // k
-    sizes = jnp.zeros((e,), jnp.int32).at[flat].add(1)
-    gmm = functools.partial(grouped_matmul, group_sizes=sizes, preferred_element_type=jnp.float32,
-                            impl={"ragged": "xla", "pallas": "pallas"}.get(impl, "auto"))
-    h = gmm(x[token], w1)
-    y = gmm(glu(_expert_rows(h, gate_up_bias, rows)), w2)
-    y = _expert_rows(y, down_bias, rows) * weights.reshape(-1)[order].astype(jnp.float32)[:, None]
-    return jnp.zeros((t, d), jnp.float32).at[token].add(y)
+    gmm_impl = {"ragged": "xla", "pallas": "pallas"}.get(impl, "auto")
+
+    def grouped(x, weights, experts, w1, w2, b1=None, b2=None, batch_offset=None):
+        flat = experts.reshape(-1)  # the T*k assignments, sorted by expert: one group per expert
+        order = jnp.argsort(flat, stable=True)
+        rows, token = flat[order], order // k
+        sizes = jnp.zeros((e,), jnp.int32).at[flat].add(1)
+        gmm = functools.partial(grouped_matmul, group_sizes=sizes, preferred_element_type=jnp.float32, impl=gmm_impl)
+        h = gmm(x[token], w1)
+        y = gmm(glu(_expert_rows(h, b1, rows)), w2)
+        y = _expert_rows(y, b2, rows) * weights.reshape(-1)[order].astype(jnp.float32)[:, None]
+        return jnp.zeros(x.shape, jnp.float32).at[token].add(y)
+
+    # under jaxattn.batch_parallel: each device routes its own tokens through the (replicated) experts
+    split = _spmd.batch_split(t) if gmm_impl != "xla" else None
+    if split is None:
+        return grouped(x, weights, experts, w1, w2, gate_up_bias, down_bias)
+    return _spmd.over_batch(grouped, split, dict(x=x, weights=weights, experts=experts),
+                            dict(w1=w1, w2=w2, b1=gate_up_bias, b2=down_bias))
 
 
 class MoE(nnx.Module):

@@ -1,12 +1,15 @@
 """Shared pieces of the sequence-parallel ops: argument checks and a ``shard_map`` that works
-across jax versions."""
+across jax versions; and batch parallelism for the ops' Pallas kernels (:func:`batch_parallel`)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxattn.ops import _checks
 
@@ -50,3 +53,74 @@ def shard_map(f, *, mesh: Mesh, in_specs, out_specs):
     from jax.experimental.shard_map import shard_map as _shard_map  # jax < 0.7
 
     return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+# (mesh, axis) while batch_parallel is active (read at trace time)
+_BATCH_PARALLEL: contextvars.ContextVar = contextvars.ContextVar("jaxattn_batch_parallel", default=None)
+
+
+@contextlib.contextmanager
+def batch_parallel(mesh: Mesh | None, axis: str = "data") -> Iterator[None]:
+    """Within this context (read when a function is traced), the ops' Pallas kernels run per device on
+    its shard of the batch: a ``shard_map`` over mesh axis ``axis`` splits their batched inputs (q, k, v,
+    segment ids, per-row masks, states) and replicates the rest (slopes, sinks, score_mod tables), whose
+    gradients ``shard_map``'s transpose sums over the devices.
+
+    Why: XLA's SPMD partitioner cannot split a kernel (a custom call). Under a plain ``jit`` whose
+    inputs are sharded over the batch, it gathers the whole batch to every device and runs the kernel
+    on all of it there: data parallelism that does every device's attention on each device. The
+    trainers (:class:`jaxattn.train.loop.Trainer`) trace their steps inside this context over their
+    ``data`` axis. Results are the same either way (dropout masks too: each shard's kernels count
+    batch rows from the shard's first global row). ``mesh=None``: off."""
+    if mesh is not None:
+        check_mesh(mesh, axis)
+    token = _BATCH_PARALLEL.set(None if mesh is None else (mesh, axis))
+    try:
+        yield
+    finally:
+        _BATCH_PARALLEL.reset(token)
+
+
+def batch_split(batch: int) -> tuple[Mesh, str] | None:
+    """``(mesh, axis)`` to split a kernel's ``batch`` rows over under :func:`batch_parallel`, or None: no
+    context, an axis of size 1, a batch the axis size does not divide, or inside a ``shard_map`` where
+    the axis is already manual (ring attention's, a user's)."""
+    setting = _BATCH_PARALLEL.get()
+    if setting is None:
+        return None
+    mesh, axis = setting
+    size = mesh.shape[axis]
+    if size == 1 or batch % size:
+        return None
+    if axis in getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
+        return None
+    return setting
+
+
+def over_batch(fn: Callable[..., Any], setting: tuple[Mesh, str], batched: Mapping[str, Any],
+               replicated: Mapping[str, Any] | None = None) -> Any:
+    """``fn(batch_offset=..., **batched, **replicated)`` per device under ``shard_map`` (``setting`` from
+    :func:`batch_split`): each ``batched`` array (or pytree of arrays) split on its leading axis, the
+    ``replicated`` ones whole; every output split on its leading axis. ``batch_offset`` (int32) is the
+    global index of the shard's first row. None values are left out (``fn``'s defaults apply)."""
+    mesh, axis = setting
+    batched = {k: v for k, v in batched.items() if v is not None}
+    replicated = {k: v for k, v in (replicated or {}).items() if v is not None}
+    names = [*batched, *replicated]
+    local = jax.tree.leaves(batched)[0].shape[0] // mesh.shape[axis]
+
+    def body(*args):
+        return fn(batch_offset=jax.lax.axis_index(axis) * local, **dict(zip(names, args)))
+
+    specs = (P(axis),) * len(batched) + (P(),) * len(replicated)
+    return shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(axis))(*batched.values(), *replicated.values())
+
+
+def has_arrays(x: Any) -> bool:
+    """Whether the pytree ``x`` holds a JAX array (traced or not): what an op passes through ``shard_map``."""
+    return any(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(x))
+
+
+def as_arrays(x: Any) -> Any:
+    """``x`` with its Python scalars as arrays (a tuple of offsets that mixes ints and traced scalars)."""
+    return jax.tree.map(jax.numpy.asarray, x)

@@ -9,7 +9,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from jaxattn.ops import _checks
+from jaxattn.ops import _checks, _spmd
 from jaxattn.pallas import _dropout
 from jaxattn.pallas import flash as _flash
 from jaxattn.pallas._common import targets_gpu as _targets_gpu
@@ -168,9 +168,27 @@ def attention(
             q, k, v, causal, mask, qseg, extra["local_window_size"], extra["logits_soft_cap"],
             extra.get("alibi_slopes"), extra.get("dropout_rate", 0.0), extra["score_mod"], position_offset, sinks))
         packed = _packed_qkv is not None and not mosaic
-        out, lse = _flash.flash_attention(
-            *((_packed_qkv, None, None) if packed else (q, k, v)), causal=causal, scale=scale, bias=mask,
-            q_segment_ids=qseg, kv_segment_ids=kvseg, backend="mosaic" if mosaic else "triton", **extra)
+
+        def flash(q=None, k=None, v=None, qkv=None, mask=None, qseg=None, kvseg=None, batch_offset=None, **arrays):
+            kw = {**extra, **arrays}
+            if batch_offset is not None and "dropout_offset" in kw:  # (a batch shard: its rows' global masks)
+                b0, r0, c0 = kw["dropout_offset"]
+                kw["dropout_offset"] = (b0 + batch_offset, r0, c0)
+            return _flash.flash_attention(
+                *((qkv, None, None) if qkv is not None else (q, k, v)), causal=causal, scale=scale, bias=mask,
+                q_segment_ids=qseg, kv_segment_ids=kvseg, backend="mosaic" if mosaic else "triton", **kw)
+
+        rows = {"qkv": _packed_qkv} if packed else {"q": q, "k": k, "v": v}
+        split = _spmd.batch_split(batch)
+        if split is None:
+            out, lse = flash(**rows, mask=mask, qseg=qseg, kvseg=kvseg)
+        else:  # per device on its batch shard (XLA cannot split the kernel's custom call itself)
+            arrays = {name: _spmd.as_arrays(x) for name, x in extra.items() if _spmd.has_arrays(x)}
+            batched = {**rows, "qseg": qseg, "kvseg": kvseg}
+            if arrays.get("alibi_slopes") is not None and arrays["alibi_slopes"].ndim == 2:  # [batch, heads]
+                batched["alibi_slopes"] = arrays.pop("alibi_slopes")
+            (batched if mask is not None and mask.shape[0] == batch else arrays)["mask"] = mask
+            out, lse = _spmd.over_batch(flash, split, batched, arrays)
     else:
         out, lse = attention_reference(
             q, k, v, causal=causal, scale=scale, mask=mask,

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.ops import _checks
+from jaxattn.ops import _checks, _spmd
 from jaxattn.pallas import _dropout
 from jaxattn.pallas import flash as _flash
 from jaxattn.pallas._common import targets_gpu as _targets_gpu
@@ -542,10 +542,24 @@ def block_sparse_attention(
     kernel = impl in ("pallas", "mosaic") or (impl == "auto" and kernel_ok and _targets_gpu())
     if kernel and not _checks.empty(q, k, v):
         bm = block_mask
-        out, lse = block_sparse_attention_kernel(
-            q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k,
-            kv_index=bm.kv_index, kv_blocks=bm.kv_blocks, q_index=bm.q_index, q_blocks=bm.q_blocks,
-            q_offset=bm.q_offset, scale=scale, backend="mosaic" if impl == "mosaic" else "triton", **drop, **opts)
+
+        def run(q, k, v, batch_offset=None, **arrays):
+            return block_sparse_attention_kernel(
+                q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k, scale=scale,
+                backend="mosaic" if impl == "mosaic" else "triton", **{**drop, **opts, **arrays})
+
+        arrays = dict(kv_index=bm.kv_index, kv_blocks=bm.kv_blocks, q_index=bm.q_index, q_blocks=bm.q_blocks,
+                      q_offset=bm.q_offset)
+        # per device on its batch shard (XLA cannot split a kernel's custom call); not with dropout, whose
+        # masks this kernel draws by local batch row
+        split = None if drop else _spmd.batch_split(batch)
+        if split is None:
+            out, lse = run(q, k, v, **arrays)
+        else:
+            rows = {name: opts.pop(name) for name in ("q_segment_ids", "kv_segment_ids") if name in opts}
+            shared = {name: opts.pop(name) for name in list(opts) if _spmd.has_arrays(opts[name])}
+            out, lse = _spmd.over_batch(run, split, dict(q=q, k=k, v=v, **rows),
+                                        {**{n: jnp.asarray(a) for n, a in arrays.items()}, **shared})
     else:
         if score_mod is not None:  # (mask_fn's absolute query positions, as the kernel's)
             opts["position_offset"] = (block_mask.q_offset, 0)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxattn.ops import _checks
+from jaxattn.ops import _checks, _spmd
 from jaxattn.pallas import _common
 from jaxattn.pallas.halo import halo_map_kernel, window_tile
 
@@ -233,7 +233,14 @@ def _kernel_path(q, k, v, rel_h, rel_w, block, halo, stride, mask_padding, scale
     tab = jnp.stack([pad(pad(skewed_table(r, bq, win, t), 0, qpow), 2, d).reshape(qpow * t, d)
                      for r in (rel_h, rel_w)]).astype(q.dtype)
     k, v = (k, None) if v is None else (pad(k, 4, d), pad(v, 4, e))
-    out = halo_map_kernel(pad(q, 4, d), k, v, tab, block=block, halo=halo, stride=stride,
-                          scale=scale, rel_scale=rel_scale, mask_padding=mask_padding, config=config,
-                          interpret=interpret)
+
+    def run(q, k, tab, v=None, batch_offset=None):
+        return halo_map_kernel(q, k, v, tab, block=block, halo=halo, stride=stride, scale=scale,
+                               rel_scale=rel_scale, mask_padding=mask_padding, config=config, interpret=interpret)
+
+    split = _spmd.batch_split(q.shape[0])  # (per device on its batch shard: XLA cannot split the kernels)
+    if split is None:
+        out = run(pad(q, 4, d), k, tab, v)
+    else:
+        out = _spmd.over_batch(run, split, dict(q=pad(q, 4, d), k=k, v=v), dict(tab=tab))
     return out[..., :value_dim]

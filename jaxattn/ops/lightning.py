@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxattn.ops import _checks
+from jaxattn.ops import _checks, _spmd
 from jaxattn.pallas import lightning as _kernel
 from jaxattn.pallas._common import targets_gpu as _targets_gpu
 from jaxattn.reference.lightning import lightning_reference
@@ -112,9 +112,17 @@ def lightning_attention(
     local_state = None if sequence_axis is not None else initial_state
     if (impl == "pallas" or (impl == "auto" and _targets_gpu())) and not _checks.empty(q, k, v):
         # (without return_state the final state's cotangent is zero: the backward skips its terms)
-        out, state = _kernel.lightning_attention_kernel(q, k, v, slope, local_state,
-                                                        final_state=return_state or sequence_axis is not None,
-                                                        segment_ids=segment_ids)
+        def kernel(q, k, v, slope, state=None, segment_ids=None, batch_offset=None):
+            return _kernel.lightning_attention_kernel(q, k, v, slope, state,
+                                                      final_state=return_state or sequence_axis is not None,
+                                                      segment_ids=segment_ids)
+
+        split = _spmd.batch_split(b)
+        if split is None:
+            out, state = kernel(q, k, v, slope, local_state, segment_ids)
+        else:  # per device on its batch shard (XLA cannot split the kernel's custom call itself)
+            out, state = _spmd.over_batch(kernel, split, dict(q=q, k=k, v=v, state=local_state,
+                                                              segment_ids=segment_ids), dict(slope=slope))
     else:
         out, state = lightning_reference(q, k, v, lax.stop_gradient(slope), local_state, segment_ids)
         out = out.astype(q.dtype)

@@ -7,7 +7,7 @@ from typing import Literal
 
 import jax
 
-from jaxattn.ops import _checks
+from jaxattn.ops import _checks, _spmd
 from jaxattn.pallas import sage as _sage
 from jaxattn.reference.sage import sage_reference
 
@@ -83,8 +83,15 @@ def sage_attention(
     kw = dict(scale=scale, **{name: _checks.check_flag(name, flag) for name, flag in
                               (("causal", causal), ("smooth_q", smooth_q), ("smooth_k", smooth_k))})
     if use_kernel:
-        return _sage.sage_attention_kernel(q, k, v, qk_granularity=qk_granularity,
-                                           backend="mosaic" if impl == "mosaic" else "triton", **kw, **seg)
+        def run(q, k, v, batch_offset=None, **arrays):
+            return _sage.sage_attention_kernel(q, k, v, qk_granularity=qk_granularity,
+                                               backend="mosaic" if impl == "mosaic" else "triton", **kw, **arrays)
+
+        split = _spmd.batch_split(batch)  # (per device on its batch shard: XLA cannot split the kernels)
+        if split is None:
+            return run(q, k, v, **seg)
+        sinks = {"sinks": seg.pop("sinks")} if "sinks" in seg else {}
+        return _spmd.over_batch(run, split, dict(q=q, k=k, v=v, **seg), sinks)
     cfg = _sage.sage_config(max(d, v.shape[-1]))
     blocks = _sage.resolve_blocks(q_len, kv_len, cfg, qk_granularity)
     out = _xla(q, k, v, block_q=blocks.block_q, block_k=blocks.block_k, q_group=blocks.q_group, **kw, **seg)
