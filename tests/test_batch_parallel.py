@@ -72,11 +72,24 @@ def moe(x, gate_up, down):  # (8 tokens: each device routes its own 2)
 
 experts_w = (jax.random.normal(ks[6], (4, 32, 48)) * 0.2, jax.random.normal(ks[7], (4, 24, 32)) * 0.2)
 
+def landmark(q, k, v):
+    return jnp.sum(jnp.sin(jaxattn.landmark_attention(q, k, v, block_len=8, impl="pallas")))
+
+lengths = jnp.arange(B) * 3 + 10
+cache_k, cache_v = k * 0.5, v
+
+def decode(q, cache_k, cache_v, lengths):  # (no gradient: the value alone)
+    return jnp.sum(jnp.cos(jaxattn.decode_attention(q[:, :2], cache_k, cache_v, lengths, causal=True, sinks=sinks,
+                                                  alibi_slopes=alibi, impl="pallas")))
+
 for name, f, args in (("attention", attn, (q, k, v, sinks, rows)), ("lightning", light, (q, k, v, state0)),
-                      ("moe", moe, (q[:, 0, 0], *experts_w)),
+                      ("landmark", landmark, (q, k, v)),
+                      ("moe", moe, (q[:, 0, 0], *experts_w)), ("decode", decode, (q, cache_k, cache_v, lengths)),
                       ("block-sparse", sparse, (q, k, v, sinks)), ("linear-global", linear, (q, k, v, tau)),
                       ("halo", halo, (*maps, rel))):
     step = jax.value_and_grad(f, argnums=tuple(range(len(args))))
+    if f is decode:
+        step = lambda *a: (decode(*a), ())
     want = jax.jit(step)(*args)
 
     def par(*a):

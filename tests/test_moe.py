@@ -208,7 +208,7 @@ def test_moe_gpt_decodes_as_its_forward(name):
     """Prefill (ragged dispatch over the prompt) and token-by-token decoding (gathered experts) give the
     parallel forward's logits, on the flash / decode kernels (interpret mode)."""
     cfg = dataclasses.replace(create_model(name, rngs=nnx.Rngs(0)).cfg, attn_impl="pallas", layers=2, window=6,
-                              init_std=0.2)
+                              init_std=0.2, dim=64, heads=2, kv_heads=1, mlp_dim=32)
     model = GPT(cfg, rngs=nnx.Rngs(1))
     if cfg.attn_sinks:
         for blk in model.blocks:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxattn.ops import _checks
+from jaxattn.ops import _checks, _spmd
 from jaxattn.pallas import _common
 
 _HP = lax.Precision.HIGHEST
@@ -67,7 +67,11 @@ def landmark_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     use_kernel = (impl == "pallas" or (impl == "auto" and _common.targets_gpu())) and not _checks.empty(q, k, v)
     if use_kernel:
-        return _pallas_path(q, k, v, block_len, scale, interpret)
+        split = _spmd.batch_split(batch)  # (per device on its batch shard: XLA cannot split the kernels)
+        if split is None:
+            return _pallas_path(q, k, v, block_len, scale, interpret)
+        return _spmd.over_batch(lambda q, k, v, batch_offset: _pallas_path(q, k, v, block_len, scale, interpret),
+                                split, dict(q=q, k=k, v=v))
     return _xla_path(q, k, v, block_len, scale)
 
 
