@@ -82,11 +82,12 @@ def decode(q, cache_k, cache_v, lengths):  # (no gradient: the value alone)
     return jnp.sum(jnp.cos(jaxattn.decode_attention(q[:, :2], cache_k, cache_v, lengths, causal=True, sinks=sinks,
                                                   alibi_slopes=alibi, impl="pallas")))
 
-for name, f, args in (("attention", attn, (q, k, v, sinks, rows)), ("lightning", light, (q, k, v, state0)),
-                      ("landmark", landmark, (q, k, v)),
-                      ("moe", moe, (q[:, 0, 0], *experts_w)), ("decode", decode, (q, cache_k, cache_v, lengths)),
-                      ("block-sparse", sparse, (q, k, v, sinks)), ("linear-global", linear, (q, k, v, tau)),
-                      ("halo", halo, (*maps, rel))):
+CASES = {"attention": (attn, (q, k, v, sinks, rows)), "lightning": (light, (q, k, v, state0)),
+         "moe": (moe, (q[:, 0, 0], *experts_w)), "landmark": (landmark, (q, k, v)),
+         "block-sparse": (sparse, (q, k, v, sinks)), "linear-global": (linear, (q, k, v, tau)),
+         "halo": (halo, (*maps, rel)), "decode": (decode, (q, cache_k, cache_v, lengths))}
+for name in __OPS__:
+    f, args = CASES[name]
     step = jax.value_and_grad(f, argnums=tuple(range(len(args))))
     if f is decode:
         step = lambda *a: (decode(*a), ())
@@ -119,6 +120,9 @@ with batch_parallel(mesh, "data"):
     assert seen == [None] and batch_split(8) == (mesh, "data")
 
 # the trainer: data-parallel steps of a GPT on the flash kernels (interpret mode), as on one device
+if not __TRAINER__:
+    print("BATCH-OK")
+    raise SystemExit
 from jaxattn.models import create_model
 from jaxattn.train.lm import LMConfig, Trainer, get_batch
 toks = np.frombuffer(bytes(range(256)) * 40, np.uint8).astype(np.int32)
@@ -133,8 +137,12 @@ print("BATCH-OK")
 """
 
 
-def test_kernels_split_over_the_batch_equal_one_device():
-    assert "BATCH-OK" in run_on_cpu_devices(SCRIPT)
+@pytest.mark.parametrize("ops,trainer", [
+    (("attention", "lightning", "moe"), False),
+    pytest.param(("landmark", "block-sparse", "linear-global", "halo", "decode"), True, marks=pytest.mark.slow)],
+    ids=["attention-lightning-moe", "other-ops-and-trainer"])
+def test_kernels_split_over_the_batch_equal_one_device(ops, trainer):
+    assert "BATCH-OK" in run_on_cpu_devices(SCRIPT.replace("__OPS__", repr(ops)).replace("__TRAINER__", repr(trainer)))
 
 
 def test_batch_split_rules():

@@ -487,7 +487,11 @@ def test_bad_configs():
                           ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
                           ({"hidden_act": "gelu"}, "hidden_act"), ({"attention_bias": True}, "attention_bias"), ({"mlp_bias": True}, "mlp_bias"),
                           ({"head_dim": 7}, "head_dim"), ({"model_type": "gpt2"}, "model_type"),
-                          ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window")]:
+                          ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+                          ({"model_type": "mixtral"}, "num_local_experts"),
+                          ({**GPT_OSS, "swiglu_alpha": 1.5}, "swiglu_alpha"),
+                          ({**GPT_OSS, "attention_bias": False}, "attention_bias"),
+                          ({**QWEN3_MOE, "mlp_only_layers": [1]}, "mlp_only_layers")]:
         with pytest.raises(ValueError, match=match):
             config_from_hf({**LLAMA, **change})
     for raw, change, match in [(GEMMA2, {"hidden_activation": "gelu"}, "hidden_activation"),
@@ -506,7 +510,12 @@ def test_bad_configs():
     for cfg, match in [(GPTConfig(embed_scale=True), "without the rest of Gemma"),
                        (GPTConfig(mlp_act="gelu_tanh"), "mlp_act"),
                        (dataclasses.replace(config_from_hf(GEMMA3), layer_types=("power", "full")), "only .full. / .window. layers"),
-                       (dataclasses.replace(config_from_hf(GEMMA), qk_norm=True), "post_norms")]:
+                       (dataclasses.replace(config_from_hf(GEMMA), qk_norm=True), "post_norms"),
+                       (GPTConfig(attn_sinks=True), "attention sinks export as gpt-oss"),
+                       (dataclasses.replace(config_from_hf(MIXTRAL), norm="layer"), r"LLaMA's blocks otherwise: \['norm'\]"),
+                       (dataclasses.replace(config_from_hf(GPT_OSS), tie_embeddings=True), "an untied head"),
+                       (dataclasses.replace(config_from_hf(MIXTRAL), mlp_act="gelu"), "SiLU experts"),
+                       (dataclasses.replace(config_from_hf(QWEN3_MOE), layer_types=("window",)), "full-attention")]:
         with pytest.raises(ValueError, match=match):
             hf_config(cfg)
     assert config_from_hf({**LLAMA, "model_type": "mistral", "sliding_window": None}).layer_types == ("full",)

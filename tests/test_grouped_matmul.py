@@ -3,6 +3,8 @@
 trailing rows of no group, dims that are not powers of two, every dtype; outputs poisoned; the work list;
 CUDA lowering; bad input."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,13 +21,14 @@ TOL = {jnp.dtype(jnp.float32): (1e-5, 1e-5), jnp.dtype(jnp.bfloat16): (1.5e-2, 1
 GRAD_TOL = {jnp.dtype(jnp.float32): (1e-5, 1e-5), jnp.dtype(jnp.bfloat16): (2e-2, 2e-2),
             jnp.dtype(jnp.float16): (5e-3, 5e-3)}
 
+_slow = functools.partial(pytest.param, marks=pytest.mark.slow)
 CASES = [  # (rows, K, N, group sizes, dtype)
     (37, 32, 48, [5, 0, 20, 10], jnp.float32),  # 2 rows of no group at the end
     (100, 64, 128, [0, 0, 64, 30, 6], jnp.bfloat16),  # leading empty groups, a group on a tile boundary
-    (9, 20, 24, [3, 3, 0], jnp.float32),  # K and N not multiples of 16 (padded), 3 trailing rows
+    _slow(9, 20, 24, [3, 3, 0], jnp.float32),  # K and N not multiples of 16 (padded), 3 trailing rows
     (130, 96, 80, [1, 1, 1, 60, 67], jnp.float16),  # tiny groups sharing a tile, a 3-tile group
-    (64, 128, 256, [64], jnp.bfloat16),  # one group
-    (5, 16, 16, [0, 0, 0, 0], jnp.float32),  # no rows in any group: zeros
+    _slow(64, 128, 256, [64], jnp.bfloat16),  # one group
+    _slow(5, 16, 16, [0, 0, 0, 0], jnp.float32),  # no rows in any group: zeros
 ]
 
 

@@ -19,7 +19,9 @@ post-norms, logit scale and soft caps (Gemma 2's ``attn_softcap`` runs inside th
 kernels; its sliding layers then use the flash kernel's own window), local RoPE base (Gemma 3); and the
 classic block of GPT-2 / GPT-NeoX (:mod:`jaxattn.models.gpt_classic_hf`): LayerNorms (``norm="layer"``),
 biases everywhere (``bias``), a plain GELU MLP (``mlp_gated=False``), learned positions
-(``position="learned"``), parallel residuals (``parallel_residual``).
+(``position="learned"``), parallel residuals (``parallel_residual``). ``moe_experts`` makes every MLP a
+mixture of experts (:mod:`jaxattn.models.moe`; Mixtral, Qwen3-MoE, and with biases, attention sinks and
+``mlp_act="gpt_oss"`` gpt-oss).
 """
 
 from __future__ import annotations
@@ -75,7 +77,6 @@ class GPTConfig:
     qk_norm: bool = False  # RMSNorm of each head's query and key before RoPE (Qwen3, Gemma 3)
     qk_norm_full: bool = False  # with qk_norm: one RMSNorm over all heads' queries (keys) together (OLMo 2)
     pre_norms: bool = True  # RMSNorm before attention and MLP; False (with post_norms): OLMo 2's post-norm blocks
-    # the Gemma family (Gemma 1/2/3)
     # the MLP's activation (Gemma: tanh GELU, GeGLU; gelu: erf; relu: OPT; gpt_oss: gpt-oss's clamped
     # (clip(up, -L, L) + 1) * g * sigmoid(1.702 g), g = min(gate, L), L = mlp_limit)
     mlp_act: Literal["silu", "gelu_tanh", "gelu", "relu", "gpt_oss"] = "silu"
@@ -90,6 +91,7 @@ class GPTConfig:
     moe_renormalize: bool = True
     moe_aux_loss: float = 0.01
     moe_impl: Literal["auto", "pallas", "ragged", "gather"] = "auto"
+    # the Gemma family (Gemma 1/2/3)
     norm_offset: float = 0.0  # RMSNorms scale by (norm_offset + weight): Gemma stores weight - 1 (offset 1)
     post_norms: bool = False  # Gemma 2/3: RMSNorm on the attention and MLP outputs before each residual add
     embed_scale: bool = False  # Gemma: embeddings times sqrt(dim), rounded to the compute dtype

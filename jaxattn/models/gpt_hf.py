@@ -55,7 +55,7 @@ import numpy as np
 from flax import nnx
 
 from jaxattn.models import hf, moe_hf
-from jaxattn.models.gpt import FAMILY_FIELDS, GPT, GPTConfig, non_default
+from jaxattn.models.gpt import CLASSIC_FIELDS, FAMILY_FIELDS, GPT, GPTConfig, non_default
 
 __all__ = ["config_from_hf", "entries", "hf_config", "load_hf_state_dict", "prepare_state_dict", "to_hf_state_dict"]
 
@@ -329,10 +329,11 @@ def _family(cfg: GPTConfig) -> str:
 def _moe_family(cfg: GPTConfig) -> str:
     """The mixture-of-experts family of ``cfg``: ``gpt_oss`` (biases, sinks, its clamped GLU), ``qwen3_moe``
     (q/k norms), ``mixtral``; a ValueError names what none of them has."""
-    odd = non_default(cfg, tuple(f for f in FAMILY_FIELDS if f not in ("qk_norm", "rope_scaling", "mlp_act")))
-    if odd or cfg.mlp_bias is not None:
+    odd = non_default(cfg, tuple(f for f in (*FAMILY_FIELDS, *CLASSIC_FIELDS)
+                                 if f not in ("qk_norm", "rope_scaling", "mlp_act", "bias")))
+    if odd:
         raise ValueError(f"the mixture-of-experts layouts (gpt-oss, Mixtral, Qwen3-MoE) have LLaMA's blocks "
-                         f"otherwise: {odd or ['mlp_bias']} set")
+                         f"otherwise: {odd} set")
     if cfg.mlp_act == "gpt_oss":
         if not (cfg.bias and cfg.attn_sinks and cfg.moe_renormalize) or cfg.qk_norm or cfg.qkv_bias \
                 or cfg.tie_embeddings or set(cfg.layer_types) - {"full", "window"}:

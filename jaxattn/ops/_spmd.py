@@ -83,8 +83,8 @@ def batch_parallel(mesh: Mesh | None, axis: str = "data") -> Iterator[None]:
 
 def batch_split(batch: int) -> tuple[Mesh, str] | None:
     """``(mesh, axis)`` to split a kernel's ``batch`` rows over under :func:`batch_parallel`, or None: no
-    context, an axis of size 1, a batch the axis size does not divide, or inside a ``shard_map`` where
-    the axis is already manual (ring attention's, a user's)."""
+    context, an axis of size 1, a batch the axis size does not divide, or inside a ``shard_map`` (ring
+    attention's, sequence-parallel Lightning's, a user's: the shards are already the caller's)."""
     setting = _BATCH_PARALLEL.get()
     if setting is None:
         return None
@@ -92,7 +92,7 @@ def batch_split(batch: int) -> tuple[Mesh, str] | None:
     size = mesh.shape[axis]
     if size == 1 or batch % size:
         return None
-    if axis in getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
+    if getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
         return None
     return setting
 
