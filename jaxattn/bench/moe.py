@@ -1,8 +1,10 @@
 """Mixture-of-experts MLP benchmark (:mod:`jaxattn.models.moe`): one layer's routed experts for ``seq``
-tokens, as ``moe_impl="auto"`` runs them (the "jaxattn" row), through each dispatch (``ragged``: rows
-grouped by expert for :func:`jax.lax.ragged_dot`; ``gather``: each token's experts' weights gathered,
-only for a few tokens), and the dense form that runs every expert on every token and zeroes the
-unchosen (what a framework without grouped matmuls does).
+tokens, as ``moe_impl="auto"`` runs them (the "jaxattn" row: on a GPU the grouped matmul kernels of
+:mod:`jaxattn.pallas.grouped_matmul`, or the gathered experts of a few tokens), through XLA's
+:func:`jax.lax.ragged_dot` on the same sorted rows (``ragged``: XLA's GPU compiler makes it one dense
+matmul over every expert), the gathered dispatch (``gather``: each token's experts' weights, only for a
+few tokens), and the dense form that runs every expert on every token and zeroes the unchosen (what a
+framework without grouped matmuls does).
 
 FLOPs count the chosen experts only, ``tokens * top_k * 6 * dim * hidden`` forward (gate / up and down
 matmuls), 3x that forward+backward, so the dense row's TFLOP/s is its useful work. Shapes: gpt-oss-20b's
