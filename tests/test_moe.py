@@ -262,3 +262,28 @@ def test_moe_gpt_training_step_lowers_for_cuda():
     assert "ragged_dot" not in text
     # per layer: flash forward, dq, dk/dv, and the grouped matmuls' 2 forward + 4 backward
     assert count_triton_calls(off) == 0 and count_triton_calls(text) == cfg.layers * (3 + 6)
+
+
+def test_gpt_oss_greedy_generation_matches_transformers(tmp_path):
+    """A gpt-oss folder written by transformers: our greedy decoding (prefill, then gathered experts, sinks
+    and the sliding window from the cache) gives transformers' own ``generate`` tokens."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from jaxattn.models import generate
+    from jaxattn.models.hf import load_pretrained
+
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                    num_experts_per_tok=2, sliding_window=3)
+    ref = transformers.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    ref.save_pretrained(tmp_path)
+    prompt = np.asarray([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        want = ref.generate(torch.as_tensor(prompt), max_new_tokens=8, do_sample=False).numpy()
+    model = load_pretrained(tmp_path, attn_impl="xla")
+    got = generate(model, jnp.asarray(prompt), max_new_tokens=8, temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(got), want)
