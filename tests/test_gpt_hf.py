@@ -45,7 +45,7 @@ def random_hf_state_dict(raw, seed=0):
                    p + "self_attn.v_proj.weight": w(kv * hd, d), p + "self_attn.o_proj.weight": w(d, h * hd),
                    p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d),
                    p + "mlp.down_proj.weight": w(d, f)})
-        if raw["model_type"] == "qwen2":
+        if raw["model_type"] in ("qwen2", "qwen2_moe"):
             sd.update({p + "self_attn.q_proj.bias": w(h * hd), p + "self_attn.k_proj.bias": w(kv * hd),
                        p + "self_attn.v_proj.bias": w(kv * hd)})
         if raw["model_type"] in ("qwen3", "gemma3_text", "qwen3_moe"):
@@ -74,6 +74,10 @@ def random_hf_state_dict(raw, seed=0):
                 for j in range(e):
                     sd.update({f"{x}experts.{j}.{names[0]}.weight": w(f, d), f"{x}experts.{j}.{names[1]}.weight": w(f, d),
                                f"{x}experts.{j}.{names[2]}.weight": w(d, f)})
+                if raw["model_type"] == "qwen2_moe":  # the shared expert and its gate
+                    s_ = raw["shared_expert_intermediate_size"]
+                    sd.update({x + "shared_expert.gate_proj.weight": w(s_, d), x + "shared_expert.up_proj.weight": w(s_, d),
+                               x + "shared_expert.down_proj.weight": w(d, s_), x + "shared_expert_gate.weight": w(1, d)})
     if not raw.get("tie_word_embeddings", raw["model_type"].startswith("gemma")):
         sd["lm_head.weight"] = w(v, d)
     return sd
@@ -165,16 +169,16 @@ def reference_logits(sd, raw, tokens, call_lengths=None):
         return x if cap is None else cap * np.tanh(x / cap)
 
     def moe_mlp(y, p):
-        """Each token through its top-k experts (transformers' routers: gpt-oss, Mixtral and Qwen3-MoE's
-        norm_topk_prob softmax the chosen logits; Qwen3-MoE without it keeps their full-softmax probabilities)."""
-        e, k = raw.get("num_local_experts") or raw["num_experts"], raw["num_experts_per_tok"]
+        """Each token through its top-k experts (transformers' routers: gpt-oss, Mixtral and Qwen-MoE's
+        norm_topk_prob softmax the chosen logits; Qwen-MoE without it keeps their full-softmax probabilities)."""
+        k = raw["num_experts_per_tok"]
         router = {"gpt_oss": "mlp.router", "mixtral": "block_sparse_moe.gate"}.get(kind, "mlp.gate")
         logits = proj(y, p + router)  # [b, n, e]
         out = np.zeros_like(y)
         for t in np.ndindex(*y.shape[:2]):
             top = np.argsort(-logits[t], kind="stable")[:k]
             z = np.exp(logits[t] - logits[t].max())
-            if kind == "qwen3_moe" and not raw.get("norm_topk_prob", False):
+            if kind in ("qwen3_moe", "qwen2_moe") and not raw.get("norm_topk_prob", False):
                 weights = (z / z.sum())[top]
             else:
                 weights = z[top] / z[top].sum()
@@ -191,6 +195,10 @@ def reference_logits(sd, raw, tokens, call_lengths=None):
                     g_, u_, d_ = ("w1", "w3", "w2") if kind == "mixtral" else ("gate_proj", "up_proj", "down_proj")
                     hidden = act(y[t] @ W[x_ + g_ + ".weight"].T) * (y[t] @ W[x_ + u_ + ".weight"].T)
                     out[t] += wj * (hidden @ W[x_ + d_ + ".weight"].T)
+        if kind == "qwen2_moe":  # + sigmoid(y . gate) times the shared expert
+            s_ = p + "mlp.shared_expert."
+            shared = proj(act(proj(y, s_ + "gate_proj")) * proj(y, s_ + "up_proj"), s_ + "down_proj")
+            out = out + shared / (1 + np.exp(-proj(y, p + "mlp.shared_expert_gate")))
         return out
 
     def proj(x, name):
@@ -322,14 +330,17 @@ GPT_OSS = {**LLAMA, "model_type": "gpt_oss", "head_dim": 8, "num_hidden_layers":
 MIXTRAL = {**LLAMA, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 6}
 QWEN3_MOE = {**QWEN3, "model_type": "qwen3_moe", "num_experts": 5, "num_experts_per_tok": 3,
              "moe_intermediate_size": 24, "norm_topk_prob": False, "tie_word_embeddings": False}
-MOE = ("gpt_oss", "mixtral", "qwen3_moe")
+# Qwen2-MoE: q/k/v biases, top-2 of 4 experts (probabilities kept), a sigmoid-gated shared expert
+QWEN2_MOE = {**QWEN2, "model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2,
+             "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40, "norm_topk_prob": False}
+MOE = ("gpt_oss", "mixtral", "qwen3_moe", "qwen2_moe")
 CONFIGS = [LLAMA, QWEN2, MISTRAL, QWEN3, LLAMA31, YARN, LINEAR, GEMMA, GEMMA2, GEMMA3, PHI3, GRANITE, SMOLLM3, OLMO2,
-           PHI35, PHI4MINI, GPT_OSS, MIXTRAL, QWEN3_MOE]
+           PHI35, PHI4MINI, GPT_OSS, MIXTRAL, QWEN3_MOE, QWEN2_MOE]
 CONFIG_IDS = ["llama-gqa-untied", "qwen2-bias-tied", "mistral-window", "qwen3-qknorm-headdim", "llama3.1-rope",
               "qwen2-yarn", "llama-linear-rope", "gemma-mqa", "gemma2-softcap-window", "gemma3-qknorm-local-rope",
               "phi3-fused-window", "granite-multipliers", "smollm3-nope-layers", "olmo2-post-norms",
               "phi3.5-longrope", "phi4mini-partial-rotary-longrope", "gpt-oss-moe-sinks-biases", "mixtral-moe-window",
-              "qwen3-moe-qknorm-unnormalized"]
+              "qwen3-moe-qknorm-unnormalized", "qwen2-moe-shared-expert"]
 
 
 def fused_phi3(sd):
@@ -420,7 +431,7 @@ def test_state_dict_gives_the_reference_logits(raw):
     sd = random_hf_state_dict(raw)
     cfg = config_from_hf(raw, attn_impl="xla")
     assert (cfg.kv_heads, cfg.norm_eps, cfg.qkv_bias, cfg.tie_embeddings, cfg.qk_norm) == (
-        raw["num_key_value_heads"], raw["rms_norm_eps"], raw["model_type"] == "qwen2",
+        raw["num_key_value_heads"], raw["rms_norm_eps"], raw["model_type"] in ("qwen2", "qwen2_moe"),
         raw.get("tie_word_embeddings", True), raw["model_type"] in ("qwen3", "gemma3_text", "olmo2", "qwen3_moe"))
     model = GPT(cfg, rngs=nnx.Rngs(0))
     load_hf_state_dict(model, {**sd, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)})
@@ -538,7 +549,7 @@ def test_matches_transformers(tmp_path, raw):
     transformers = pytest.importorskip("transformers")
     kind = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "gemma": "Gemma",
             "granite": "Granite", "smollm3": "SmolLM3", "olmo2": "Olmo2", "gpt_oss": "GptOss", "mixtral": "Mixtral",
-            "qwen3_moe": "Qwen3Moe",
+            "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe",
             "gemma2": "Gemma2", "gemma3_text": "Gemma3"}[raw["model_type"]]
     config_cls = getattr(transformers, kind + ("TextConfig" if kind == "Gemma3" else "Config"))
     model_cls = getattr(transformers, kind + "ForCausalLM")

@@ -133,7 +133,7 @@ def test_dispatches_agree_and_bad_arguments():
     for kw, match in [(dict(moe_experts=4, moe_top_k=5), "moe_top_k"), (dict(moe_experts=-1), "moe_experts"),
                       (dict(mlp_act="gpt_oss", mlp_gated=False), "gates"), (dict(moe_impl="dense"), "moe_impl"),
                       (dict(moe_experts=4, mlp_gated=False), "gated MLPs"), (dict(mlp_limit=0.0), "mlp_limit"),
-                      (dict(moe_aux_loss=-1.0), "moe_aux_loss")]:
+                      (dict(moe_aux_loss=-1.0), "moe_aux_loss"), (dict(moe_shared_dim=8), "shared expert")]:
         with pytest.raises(ValueError, match=match):
             GPTConfig(**kw)
 

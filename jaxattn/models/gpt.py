@@ -91,6 +91,7 @@ class GPTConfig:
     moe_renormalize: bool = True
     moe_aux_loss: float = 0.01
     moe_impl: Literal["auto", "pallas", "ragged", "gather"] = "auto"
+    moe_shared_dim: int = 0  # > 0: Qwen2-MoE's shared expert of this width beside the routed ones (sigmoid-gated)
     # the Gemma family (Gemma 1/2/3)
     norm_offset: float = 0.0  # RMSNorms scale by (norm_offset + weight): Gemma stores weight - 1 (offset 1)
     post_norms: bool = False  # Gemma 2/3: RMSNorm on the attention and MLP outputs before each residual add
@@ -176,6 +177,9 @@ class GPTConfig:
             raise ValueError("moe_experts: the experts are gated MLPs (mlp_gated=True)")
         if self.moe_impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        if self.moe_shared_dim < 0 or self.moe_shared_dim and not self.moe_experts:
+            raise ValueError(f"moe_shared_dim ({self.moe_shared_dim}) is a mixture of experts' shared expert: it "
+                             "needs moe_experts and must be >= 0")
         if self.moe_aux_loss < 0:
             raise ValueError(f"moe_aux_loss must be >= 0, got {self.moe_aux_loss}")
         if self.position_offset and self.position != "learned" or self.position_offset < 0:
@@ -607,7 +611,8 @@ def _mlp(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.Module:
         return SwiGLU(cfg, rngs=rngs)
     return MoE(cfg.dim, cfg.hidden, cfg.moe_experts, cfg.moe_top_k, act=cfg.mlp_act, limit=cfg.mlp_limit,
                bias=cfg.mlp_has_bias, renormalize=cfg.moe_renormalize, impl=cfg.moe_impl, dtype=cfg.dtype,
-               init_std=cfg.init_std, out_std=cfg.init_std / (2 * cfg.layers) ** 0.5, dropout=cfg.dropout, rngs=rngs)
+               init_std=cfg.init_std, out_std=cfg.init_std / (2 * cfg.layers) ** 0.5, dropout=cfg.dropout,
+               shared_hidden=cfg.moe_shared_dim, rngs=rngs)
 
 
 class Block(nnx.Module):

@@ -3,7 +3,7 @@
 :func:`prepare_state_dict`), ``GraniteForCausalLM`` (multipliers), ``SmolLM3ForCausalLM`` (NoPE layers),
 ``Olmo2ForCausalLM`` (post-norm blocks), ``GemmaForCausalLM``, ``Gemma2ForCausalLM``,
 ``Gemma3ForCausalLM``; the mixtures of experts ``GptOssForCausalLM``, ``MixtralForCausalLM``,
-``Qwen3MoeForCausalLM`` through :mod:`jaxattn.models.moe_hf`) <-> :class:`GPT`, whose blocks are the same architecture: pre-RMSNorm, RoPE
+``Qwen3MoeForCausalLM``, ``Qwen2MoeForCausalLM`` through :mod:`jaxattn.models.moe_hf`) <-> :class:`GPT`, whose blocks are the same architecture: pre-RMSNorm, RoPE
 (rotated halves; Llama 3.1's ``llama3``, ``linear`` and YaRN ``rope_scaling`` too), GQA, a gated MLP,
 no biases except Qwen2's q/k/v, Qwen3's per-head q/k RMSNorm, a ``head_dim`` apart from
 ``hidden_size / heads`` (Qwen3, Mistral-Nemo, Gemma). Mistral's ``sliding_window`` becomes
@@ -63,7 +63,7 @@ _ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwe
          "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
          "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "gemma": "GemmaForCausalLM",
          "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
-         "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+         "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 # what transformers' Gemma2Config assumes when config.json leaves these out
 _GEMMA2_DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256}
@@ -153,7 +153,7 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         raise bad("partial_rotary_factor", "1.0 (partial rotary: Phi-3 folders)")
     if raw.get("mlp_bias", False):
         raise bad("mlp_bias", "false")
-    if kind not in ("qwen2", "gpt_oss") and raw.get("attention_bias", False):  # (LLaMA's, Qwen3's and Gemma's also bias o_proj)
+    if kind not in ("qwen2", "gpt_oss", "qwen2_moe") and raw.get("attention_bias", False):  # (LLaMA's, Qwen3's and Gemma's also bias o_proj)
         raise bad("attention_bias", "false (Qwen2's q/k/v biases are supported)")
     if raw.get("use_bidirectional_attention", False):
         raise bad("use_bidirectional_attention", "false (causal attention)")
@@ -168,7 +168,7 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         if set(types) - set(_LAYER) or len(types) != layers:
             raise bad("layer_types", f"{layers} entries 'sliding_attention' / 'full_attention'")
         layer_types = _period([_LAYER[t] if window else "full" for t in types])
-    elif kind in ("qwen2", "qwen3", "smollm3", "olmo2", "qwen3_moe"):
+    elif kind in ("qwen2", "qwen3", "smollm3", "olmo2", "qwen3_moe", "qwen2_moe"):
         if raw.get("use_sliding_window", False) or set(raw.get("layer_types") or ()) - {"full_attention"}:
             raise bad("use_sliding_window", "false (every layer full_attention)")
         layer_types = ("full",)
@@ -181,7 +181,7 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
         rope_theta=theta, rope_scaling=_scaling(glob, raw, bad), local_rope_theta=local_theta,
         rotary_dim=int(head_dim * partial) if partial != 1.0 else None,
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        qkv_bias=kind == "qwen2", qk_norm=kind in ("qwen3", "gemma3_text", "qwen3_moe"),
+        qkv_bias=kind in ("qwen2", "qwen2_moe"), qk_norm=kind in ("qwen3", "gemma3_text", "qwen3_moe"),
         head_dim=None if head_dim * heads == dim else head_dim,
         tie_embeddings=bool(raw.get("tie_word_embeddings", gemma)),
         init_std=float(raw.get("initializer_range", 0.02)), layer_types=layer_types)
@@ -335,14 +335,19 @@ def _moe_family(cfg: GPTConfig) -> str:
         raise ValueError(f"the mixture-of-experts layouts (gpt-oss, Mixtral, Qwen3-MoE) have LLaMA's blocks "
                          f"otherwise: {odd} set")
     if cfg.mlp_act == "gpt_oss":
-        if not (cfg.bias and cfg.attn_sinks and cfg.moe_renormalize) or cfg.qk_norm or cfg.qkv_bias \
+        if not (cfg.bias and cfg.attn_sinks and cfg.moe_renormalize) or cfg.qk_norm or cfg.qkv_bias or cfg.moe_shared_dim \
                 or cfg.tie_embeddings or set(cfg.layer_types) - {"full", "window"}:
             raise ValueError("a gpt-oss layout has bias=True, attn_sinks, moe_renormalize, an untied head, "
                              "'full' / 'window' layers, and no q/k norms")
         return "gpt_oss"
-    if cfg.mlp_act != "silu" or cfg.bias or cfg.qkv_bias or cfg.attn_sinks:
-        raise ValueError("Mixtral and Qwen3-MoE layouts have SiLU experts without biases or attention sinks "
+    if cfg.mlp_act != "silu" or cfg.bias or cfg.attn_sinks:
+        raise ValueError("Mixtral and Qwen-MoE layouts have SiLU experts without biases or attention sinks "
                          "(gpt-oss's: mlp_act='gpt_oss')")
+    if cfg.qkv_bias or cfg.moe_shared_dim:
+        if not (cfg.qkv_bias and cfg.moe_shared_dim) or cfg.qk_norm or cfg.layer_types != ("full",):
+            raise ValueError("a Qwen2-MoE layout has q/k/v biases, a shared expert (moe_shared_dim), no q/k "
+                             "norms and full-attention layers")
+        return "qwen2_moe"
     if cfg.qk_norm:
         if cfg.layer_types != ("full",):
             raise ValueError("a Qwen3-MoE layout has full-attention layers only")

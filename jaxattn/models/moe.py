@@ -114,12 +114,14 @@ class MoE(nnx.Module):
     """``x [..., dim] -> [..., dim]``: top-``top_k`` routing over ``experts`` gated MLPs of width
     ``hidden`` (module docstring). Parameters: ``router`` (a Linear to the expert logits, computed in
     fp32), ``gate_up [E, dim, 2 hidden]`` (gate | up), ``down [E, hidden, dim]``, and with ``bias``
-    the router's and experts' biases (gpt-oss). ``dropout``: on the output in train mode."""
+    the router's and experts' biases (gpt-oss). ``dropout``: on the output in train mode. ``shared_hidden``:
+    Qwen2-MoE's shared expert of that width (``shared_gate_up``, ``shared_down``), added to every token's
+    output times ``sigmoid(x . shared_gate)``."""
 
     def __init__(self, dim: int, hidden: int, experts: int, top_k: int, *, act: str = "silu",
                  limit: float | None = None, bias: bool = False, renormalize: bool = True,
                  impl: Literal["auto", "pallas", "ragged", "gather"] = "auto", dtype=jnp.float32, init_std: float = 0.02,
-                 out_std: float | None = None, dropout: float = 0.0, rngs: nnx.Rngs):
+                 out_std: float | None = None, dropout: float = 0.0, shared_hidden: int = 0, rngs: nnx.Rngs):
         if experts < 1 or not 1 <= top_k <= experts:
             raise ValueError(f"a mixture of experts needs experts >= 1 and 1 <= top_k <= experts, got experts="
                              f"{experts}, top_k={top_k}")
@@ -136,6 +138,11 @@ class MoE(nnx.Module):
         self.experts, self.top_k, self.act, self.limit = experts, top_k, act, limit
         self.renormalize, self.impl, self.dtype = renormalize, impl, jnp.dtype(dtype)
         self.drop = _dropout(dropout, rngs)  # (on the output, in train mode)
+        # Qwen2-MoE's shared expert: a gated MLP every token goes through, scaled by sigmoid(x . shared_gate)
+        lin = functools.partial(nnx.Linear, use_bias=False, dtype=self.dtype, rngs=rngs)
+        self.shared_gate_up = lin(dim, 2 * shared_hidden, kernel_init=init(init_std)) if shared_hidden else None
+        self.shared_down = lin(shared_hidden, dim, kernel_init=init(out_std or init_std)) if shared_hidden else None
+        self.shared_gate = lin(dim, 1, kernel_init=init(init_std)) if shared_hidden else None
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """:func:`route` of the router's fp32 logits for ``x [T, dim]``."""
@@ -152,4 +159,8 @@ class MoE(nnx.Module):
         out = moe_dispatch(x2, weights, experts, self.gate_up[...], self.down[...],
                            *(None if b is None else b[...] for b in bias), act=self.act, limit=self.limit,
                            impl=self.impl)
+        if self.shared_gate_up is not None:
+            g, u = jnp.split(self.shared_gate_up(x2), 2, axis=-1)
+            shared = self.shared_down(gated_act(g, u, self.act, self.limit))
+            out = out + jax.nn.sigmoid(self.shared_gate(x2).astype(jnp.float32)) * shared.astype(jnp.float32)
         return _apply(self.drop, out.astype(self.dtype).reshape(shape))

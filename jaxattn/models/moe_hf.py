@@ -1,5 +1,5 @@
 """Mixture-of-experts checkpoints in the Hugging Face layout (``GptOssForCausalLM``, ``MixtralForCausalLM``,
-``Qwen3MoeForCausalLM``) <-> :class:`jaxattn.models.gpt.GPT` with ``moe_experts``; the rest of their blocks
+``Qwen3MoeForCausalLM``, ``Qwen2MoeForCausalLM``) <-> :class:`jaxattn.models.gpt.GPT` with ``moe_experts``; the rest of their blocks
 is :mod:`jaxattn.models.gpt_hf`'s (which calls this module).
 
 ====================================================  ===================================  =====================
@@ -16,6 +16,9 @@ Mixtral ``block_sparse_moe.experts.j.w2``              ``down[j]``              
 Qwen3-MoE ``mlp.gate.weight``                          ``router.kernel``                     transposed
 Qwen3-MoE ``mlp.experts.j.gate_proj`` / ``up_proj``    ``gate_up[j]`` (gate | up)            transposed
 Qwen3-MoE ``mlp.experts.j.down_proj``                  ``down[j]``                           transposed
+Qwen2-MoE: Qwen3-MoE's, and ``mlp.shared_expert.*``    ``shared_gate_up`` (gate | up),        transposed
+``gate_proj`` / ``up_proj`` / ``down_proj``,            ``shared_down``, ``shared_gate``
+``mlp.shared_expert_gate``
 ====================================================  ===================================  =====================
 
 gpt-oss's released folders keep the experts' weights in MXFP4 (``*_blocks``: two e2m1 values per byte, low
@@ -38,7 +41,7 @@ __all__ = ["FP4_VALUES", "dequantize_mxfp4", "MXFP4StateDict", "moe_fields", "ex
 # the 16 e2m1 (FP4) values of a nibble: sign bit 3, exponent bits 2-1, mantissa bit 0
 FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
                       np.float32)
-MOE_FAMILIES = ("gpt_oss", "mixtral", "qwen3_moe")
+MOE_FAMILIES = ("gpt_oss", "mixtral", "qwen3_moe", "qwen2_moe")
 
 
 def dequantize_mxfp4(blocks: Any, scales: Any) -> np.ndarray:
@@ -101,11 +104,16 @@ def moe_fields(kind: str, raw: Mapping[str, Any], bad) -> dict[str, Any]:
         if abs(float(raw.get("swiglu_alpha", 1.702)) - 1.702) > 1e-9:
             raise bad("swiglu_alpha", "1.702")
         fields.update(bias=True, mlp_act="gpt_oss", mlp_limit=float(raw.get("swiglu_limit", 7.0)), attn_sinks=True)
-    elif kind == "qwen3_moe":
+    elif kind in ("qwen3_moe", "qwen2_moe"):
         if raw.get("mlp_only_layers") or int(raw.get("decoder_sparse_step", 1)) != 1:
             raise bad("mlp_only_layers", "[] with decoder_sparse_step 1 (experts in every layer)")
         fields.update(moe_renormalize=bool(raw.get("norm_topk_prob", False)),
                       mlp_dim=int(raw.get("moe_intermediate_size") or raw["intermediate_size"]))
+    if kind == "qwen2_moe":
+        shared = int(raw.get("shared_expert_intermediate_size") or 0)
+        if shared <= 0:
+            raise bad("shared_expert_intermediate_size", "a positive width (Qwen2-MoE's shared expert)")
+        fields["moe_shared_dim"] = shared
     return fields
 
 
@@ -115,9 +123,11 @@ def hf_moe_config(kind: str, cfg) -> dict[str, Any]:
            "router_aux_loss_coef": cfg.moe_aux_loss}
     if kind == "gpt_oss":
         out.update(attention_bias=True, swiglu_limit=cfg.mlp_limit, swiglu_alpha=1.702)
-    if kind == "qwen3_moe":
+    if kind in ("qwen3_moe", "qwen2_moe"):
         out.update(num_experts=cfg.moe_experts, norm_topk_prob=cfg.moe_renormalize, moe_intermediate_size=cfg.hidden,
                    decoder_sparse_step=1, mlp_only_layers=[])
+    if kind == "qwen2_moe":
+        out.update(shared_expert_intermediate_size=cfg.moe_shared_dim, use_sliding_window=False)
     return out
 
 
@@ -165,7 +175,14 @@ def expert_entries(kind: str, pre: str, mlp, experts: int) -> list[hf.Entry]:
     else:  # qwen3_moe
         p, (gate, up, down), router = pre + "mlp.", ("gate_proj", "up_proj", "down_proj"), "gate"
     key = lambda j, name: f"{p}experts.{j}.{name}.weight"  # noqa: E731
-    return [hf.linear(f"{p}{router}.weight", mlp.router.kernel),
-            hf.Entry(tuple(key(j, n) for n in (gate, up) for j in range(experts)), mlp.gate_up,
-                     *_stacked(experts, True)),
-            hf.Entry(tuple(key(j, down) for j in range(experts)), mlp.down, *_stacked(experts, False))]
+    out = [hf.linear(f"{p}{router}.weight", mlp.router.kernel),
+           hf.Entry(tuple(key(j, n) for n in (gate, up) for j in range(experts)), mlp.gate_up,
+                    *_stacked(experts, True)),
+           hf.Entry(tuple(key(j, down) for j in range(experts)), mlp.down, *_stacked(experts, False))]
+    if kind == "qwen2_moe":  # the shared expert (a LLaMA MLP) and its sigmoid gate
+        s = p + "shared_expert."
+        out += [hf.Entry((s + "gate_proj.weight", s + "up_proj.weight"), mlp.shared_gate_up.kernel,
+                         lambda g, u: np.concatenate([g.T, u.T], axis=1), lambda a: tuple(np.split(a.T, 2, axis=0))),
+                hf.linear(s + "down_proj.weight", mlp.shared_down.kernel),
+                hf.linear(p + "shared_expert_gate.weight", mlp.shared_gate.kernel)]
+    return out
