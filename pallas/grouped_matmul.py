@@ -178,7 +178,7 @@ def _tgmm(lhs, dout, offsets, *, out_dtype, cfg: GroupedMatmulConfig, interpret)
     mp, k = lhs.shape
     n = dout.shape[1]
     g = offsets.shape[0] - 1
-    st = dataclasses.replace(_static(cfg, k, n, False, lhs.dtype, interpret), block_k=_tile(k, cfg.block_k))
+    st = _static(cfg, k, n, False, lhs.dtype, interpret)  # (block_k: the K tile, block_n: the N tile)
     call = _common.pallas_call(
         functools.partial(_tgmm_kernel, st=st),
         out_shape=[jax.ShapeDtypeStruct((g, k, n), out_dtype)],
@@ -200,13 +200,17 @@ def _grouped(lhs, rhs, group_sizes, out_dtype, cfg, interpret):
     return _forward(lhs, rhs, group_sizes, out_dtype, cfg, interpret)
 
 
+def _pad_rows(x, cfg):
+    """``x [M, C]`` padded to whole row tiles and a multiple of 16 columns."""
+    return _pad16(_common.pad_axis(x, 0, _common.round_up(max(x.shape[0], 1), cfg.block_m)), (1,))
+
+
 def _forward(lhs, rhs, group_sizes, out_dtype, cfg, interpret):
-    m, n = lhs.shape[0], rhs.shape[2]
-    mp = _common.round_up(max(m, 1), cfg.block_m)
-    offsets, tg, tr = group_metadata(group_sizes, mp, cfg.block_m)
-    out = _gmm(_pad16(_common.pad_axis(lhs, 0, mp), (1,)), _pad16(rhs, (1, 2)), offsets, tg, tr,
-               transpose_rhs=False, out_dtype=out_dtype, cfg=cfg, interpret=interpret)
-    return out[:m, :n]
+    lhs_p = _pad_rows(lhs, cfg)
+    meta = group_metadata(group_sizes, lhs_p.shape[0], cfg.block_m)
+    out = _gmm(lhs_p, _pad16(rhs, (1, 2)), *meta, transpose_rhs=False, out_dtype=out_dtype, cfg=cfg,
+               interpret=interpret)
+    return out[:lhs.shape[0], :rhs.shape[2]]
 
 
 def _vjp_fwd(lhs, rhs, group_sizes, out_dtype, cfg, interpret):
@@ -216,13 +220,11 @@ def _vjp_fwd(lhs, rhs, group_sizes, out_dtype, cfg, interpret):
 def _vjp_bwd(out_dtype, cfg, interpret, res, dout):
     lhs, rhs, group_sizes = res
     (m, k), n = lhs.shape, rhs.shape[2]
-    mp = _common.round_up(max(m, 1), cfg.block_m)
-    offsets, tg, tr = group_metadata(group_sizes, mp, cfg.block_m)
-    lhs_p = _pad16(_common.pad_axis(lhs, 0, mp), (1,))
-    dout_p = _pad16(_common.pad_axis(dout.astype(lhs.dtype), 0, mp), (1,))
-    dlhs = _gmm(dout_p, _pad16(rhs, (1, 2)), offsets, tg, tr, transpose_rhs=True, out_dtype=lhs.dtype, cfg=cfg,
+    lhs_p, dout_p = _pad_rows(lhs, cfg), _pad_rows(dout.astype(lhs.dtype), cfg)
+    meta = group_metadata(group_sizes, lhs_p.shape[0], cfg.block_m)
+    dlhs = _gmm(dout_p, _pad16(rhs, (1, 2)), *meta, transpose_rhs=True, out_dtype=lhs.dtype, cfg=cfg,
                 interpret=interpret)[:m, :k]
-    drhs = _tgmm(lhs_p, dout_p, offsets, out_dtype=rhs.dtype, cfg=cfg, interpret=interpret)[:, :k, :n]
+    drhs = _tgmm(lhs_p, dout_p, meta[0], out_dtype=rhs.dtype, cfg=cfg, interpret=interpret)[:, :k, :n]
     return dlhs, drhs, None
 
 

@@ -103,11 +103,8 @@ def moe_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: 
         return jnp.zeros(x.shape, jnp.float32).at[token].add(y)
 
     # under jaxattn.batch_parallel: each device routes its own tokens through the (replicated) experts
-    split = _spmd.batch_split(t) if gmm_impl != "xla" else None
-    if split is None:
-        return grouped(x, weights, experts, w1, w2, gate_up_bias, down_bias)
-    return _spmd.over_batch(grouped, split, dict(x=x, weights=weights, experts=experts),
-                            dict(w1=w1, w2=w2, b1=gate_up_bias, b2=down_bias))
+    return _spmd.per_batch_shard(grouped, dict(x=x, weights=weights, experts=experts),
+                                 dict(w1=w1, w2=w2, b1=gate_up_bias, b2=down_bias), allowed=gmm_impl != "xla")
 
 
 class MoE(nnx.Module):
@@ -120,8 +117,9 @@ class MoE(nnx.Module):
 
     def __init__(self, dim: int, hidden: int, experts: int, top_k: int, *, act: str = "silu",
                  limit: float | None = None, bias: bool = False, renormalize: bool = True,
-                 impl: Literal["auto", "pallas", "ragged", "gather"] = "auto", dtype=jnp.float32, init_std: float = 0.02,
-                 out_std: float | None = None, dropout: float = 0.0, shared_hidden: int = 0, rngs: nnx.Rngs):
+                 impl: Literal["auto", "pallas", "ragged", "gather"] = "auto", dtype=jnp.float32,
+                 init_std: float = 0.02, out_std: float | None = None, dropout: float = 0.0, shared_hidden: int = 0,
+                 rngs: nnx.Rngs):
         if experts < 1 or not 1 <= top_k <= experts:
             raise ValueError(f"a mixture of experts needs experts >= 1 and 1 <= top_k <= experts, got experts="
                              f"{experts}, top_k={top_k}")

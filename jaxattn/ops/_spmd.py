@@ -97,17 +97,21 @@ def batch_split(batch: int) -> tuple[Mesh, str] | None:
     return setting
 
 
-def over_batch(fn: Callable[..., Any], setting: tuple[Mesh, str], batched: Mapping[str, Any],
-               replicated: Mapping[str, Any] | None = None) -> Any:
-    """``fn(batch_offset=..., **batched, **replicated)`` per device under ``shard_map`` (``setting`` from
-    :func:`batch_split`): each ``batched`` array (or pytree of arrays) split on its leading axis, the
-    ``replicated`` ones whole; every output split on its leading axis. ``batch_offset`` (int32) is the
-    global index of the shard's first row. None values are left out (``fn``'s defaults apply)."""
-    mesh, axis = setting
+def per_batch_shard(fn: Callable[..., Any], batched: Mapping[str, Any], replicated: Mapping[str, Any] | None = None,
+                    *, allowed: bool = True) -> Any:
+    """``fn(**batched, **replicated)``, the way a kernel call should run: under :func:`batch_parallel` (and
+    ``allowed``), per device under ``shard_map``, each ``batched`` array (or pytree of arrays) split on its
+    leading axis (the batch), the ``replicated`` ones whole, every output split on its leading axis, and
+    ``fn`` given ``batch_offset`` (int32: the global index of the shard's first row); otherwise called
+    as it is (``batch_offset`` left to its default). None values are left out (``fn``'s defaults apply)."""
     batched = {k: v for k, v in batched.items() if v is not None}
     replicated = {k: v for k, v in (replicated or {}).items() if v is not None}
-    names = [*batched, *replicated]
-    local = jax.tree.leaves(batched)[0].shape[0] // mesh.shape[axis]
+    rows = jax.tree.leaves(batched)[0].shape[0]
+    setting = batch_split(rows) if allowed else None
+    if setting is None:
+        return fn(**batched, **replicated)
+    mesh, axis = setting
+    names, local = [*batched, *replicated], rows // mesh.shape[axis]
 
     def body(*args):
         return fn(batch_offset=jax.lax.axis_index(axis) * local, **dict(zip(names, args)))

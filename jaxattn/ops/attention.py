@@ -178,17 +178,13 @@ def attention(
                 *((qkv, None, None) if qkv is not None else (q, k, v)), causal=causal, scale=scale, bias=mask,
                 q_segment_ids=qseg, kv_segment_ids=kvseg, backend="mosaic" if mosaic else "triton", **kw)
 
-        rows = {"qkv": _packed_qkv} if packed else {"q": q, "k": k, "v": v}
-        split = _spmd.batch_split(batch)
-        if split is None:
-            out, lse = flash(**rows, mask=mask, qseg=qseg, kvseg=kvseg)
-        else:  # per device on its batch shard (XLA cannot split the kernel's custom call itself)
-            arrays = {name: _spmd.as_arrays(x) for name, x in extra.items() if _spmd.has_arrays(x)}
-            batched = {**rows, "qseg": qseg, "kvseg": kvseg}
-            if arrays.get("alibi_slopes") is not None and arrays["alibi_slopes"].ndim == 2:  # [batch, heads]
-                batched["alibi_slopes"] = arrays.pop("alibi_slopes")
-            (batched if mask is not None and mask.shape[0] == batch else arrays)["mask"] = mask
-            out, lse = _spmd.over_batch(flash, split, batched, arrays)
+        # (under jaxattn.batch_parallel per device on its batch shard: XLA cannot split a kernel's custom call)
+        arrays = {name: _spmd.as_arrays(x) for name, x in extra.items() if _spmd.has_arrays(x)}
+        batched = {**({"qkv": _packed_qkv} if packed else {"q": q, "k": k, "v": v}), "qseg": qseg, "kvseg": kvseg}
+        if arrays.get("alibi_slopes") is not None and arrays["alibi_slopes"].ndim == 2:  # [batch, heads]
+            batched["alibi_slopes"] = arrays.pop("alibi_slopes")
+        (batched if mask is not None and mask.shape[0] == batch else arrays)["mask"] = mask
+        out, lse = _spmd.per_batch_shard(flash, batched, arrays)
     else:
         out, lse = attention_reference(
             q, k, v, causal=causal, scale=scale, mask=mask,

@@ -543,23 +543,19 @@ def block_sparse_attention(
     if kernel and not _checks.empty(q, k, v):
         bm = block_mask
 
+        rows = {name: opts.pop(name) for name in ("q_segment_ids", "kv_segment_ids") if name in opts}
+        shared = {name: opts.pop(name) for name in list(opts) if _spmd.has_arrays(opts[name])}
+        shared.update(kv_index=bm.kv_index, kv_blocks=bm.kv_blocks, q_index=bm.q_index, q_blocks=bm.q_blocks,
+                      q_offset=jnp.asarray(bm.q_offset))
+
         def run(q, k, v, batch_offset=None, **arrays):
             return block_sparse_attention_kernel(
                 q, k, v, mask_fn=bm.mask_fn, block_q=bm.block_q, block_k=bm.block_k, scale=scale,
-                backend="mosaic" if impl == "mosaic" else "triton", **{**drop, **opts, **arrays})
+                backend="mosaic" if impl == "mosaic" else "triton", **drop, **opts, **arrays)
 
-        arrays = dict(kv_index=bm.kv_index, kv_blocks=bm.kv_blocks, q_index=bm.q_index, q_blocks=bm.q_blocks,
-                      q_offset=bm.q_offset)
-        # per device on its batch shard (XLA cannot split a kernel's custom call); not with dropout, whose
-        # masks this kernel draws by local batch row
-        split = None if drop else _spmd.batch_split(batch)
-        if split is None:
-            out, lse = run(q, k, v, **arrays)
-        else:
-            rows = {name: opts.pop(name) for name in ("q_segment_ids", "kv_segment_ids") if name in opts}
-            shared = {name: opts.pop(name) for name in list(opts) if _spmd.has_arrays(opts[name])}
-            out, lse = _spmd.over_batch(run, split, dict(q=q, k=k, v=v, **rows),
-                                        {**{n: jnp.asarray(a) for n, a in arrays.items()}, **shared})
+        # under jaxattn.batch_parallel per device on its batch shard (XLA cannot split a kernel's custom
+        # call); not with dropout, whose masks this kernel draws by local batch row
+        out, lse = _spmd.per_batch_shard(run, dict(q=q, k=k, v=v, **rows), shared, allowed=not drop)
     else:
         if score_mod is not None:  # (mask_fn's absolute query positions, as the kernel's)
             opts["position_offset"] = (block_mask.q_offset, 0)

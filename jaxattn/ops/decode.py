@@ -93,15 +93,13 @@ def decode_attention(
     if (impl == "pallas" or (impl == "auto" and kernel_ok and _targets_gpu())) and not _checks.empty(q, k, v):
         q, k, v = (_checks.no_grad(x, _NO_GRAD) for x in (q, k, v))
         extra = no_grad_tables(extra)
-        split = _spmd.batch_split(batch)  # (per device on its batch shard: XLA cannot split the kernel)
-        if split is None:
-            out, lse = _decode.decode_attention_kernel(q, k, v, lengths, causal=causal, **extra)
-        else:
-            shared = {n: x for n, x in extra.items() if _spmd.has_arrays(x)}
-            rows = {"alibi_slopes": shared.pop("alibi_slopes")} if jnp.ndim(shared.get("alibi_slopes")) == 2 else {}
-            out, lse = _spmd.over_batch(
-                lambda batch_offset, **a: _decode.decode_attention_kernel(causal=causal, **{**extra, **a}), split,
-                dict(q=q, k=k, v=v, lengths=lengths, **rows), shared)
+        # (under jaxattn.batch_parallel per device on its batch shard: XLA cannot split a kernel's custom call)
+        shared = {n: x for n, x in extra.items() if _spmd.has_arrays(x)}
+        per_row = getattr(shared.get("alibi_slopes"), "ndim", 0) == 2  # ([batch, heads] slopes split with the rows)
+        rows = {"alibi_slopes": shared.pop("alibi_slopes")} if per_row else {}
+        out, lse = _spmd.per_batch_shard(
+            lambda batch_offset=None, **a: _decode.decode_attention_kernel(causal=causal, **{**extra, **a}),
+            dict(q=q, k=k, v=v, lengths=lengths, **rows), shared)
     else:
         out, lse = reference_on(q, k, v, lengths, causal, extra)
     return (out, lse) if return_lse else out

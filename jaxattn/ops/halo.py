@@ -238,9 +238,6 @@ def _kernel_path(q, k, v, rel_h, rel_w, block, halo, stride, mask_padding, scale
         return halo_map_kernel(q, k, v, tab, block=block, halo=halo, stride=stride, scale=scale,
                                rel_scale=rel_scale, mask_padding=mask_padding, config=config, interpret=interpret)
 
-    split = _spmd.batch_split(q.shape[0])  # (per device on its batch shard: XLA cannot split the kernels)
-    if split is None:
-        out = run(pad(q, 4, d), k, tab, v)
-    else:
-        out = _spmd.over_batch(run, split, dict(q=pad(q, 4, d), k=k, v=v), dict(tab=tab))
+    # (under jaxattn.batch_parallel per device on its batch shard: XLA cannot split a kernel's custom call)
+    out = _spmd.per_batch_shard(run, dict(q=pad(q, 4, d), k=k, v=v), dict(tab=tab))
     return out[..., :value_dim]

@@ -67,11 +67,9 @@ def landmark_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     use_kernel = (impl == "pallas" or (impl == "auto" and _common.targets_gpu())) and not _checks.empty(q, k, v)
     if use_kernel:
-        split = _spmd.batch_split(batch)  # (per device on its batch shard: XLA cannot split the kernels)
-        if split is None:
-            return _pallas_path(q, k, v, block_len, scale, interpret)
-        return _spmd.over_batch(lambda q, k, v, batch_offset: _pallas_path(q, k, v, block_len, scale, interpret),
-                                split, dict(q=q, k=k, v=v))
+        # (under jaxattn.batch_parallel per device on its batch shard: XLA cannot split a kernel's custom call)
+        return _spmd.per_batch_shard(
+            lambda q, k, v, batch_offset=None: _pallas_path(q, k, v, block_len, scale, interpret), dict(q=q, k=k, v=v))
     return _xla_path(q, k, v, block_len, scale)
 
 

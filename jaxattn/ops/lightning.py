@@ -117,12 +117,9 @@ def lightning_attention(
                                                       final_state=return_state or sequence_axis is not None,
                                                       segment_ids=segment_ids)
 
-        split = _spmd.batch_split(b)
-        if split is None:
-            out, state = kernel(q, k, v, slope, local_state, segment_ids)
-        else:  # per device on its batch shard (XLA cannot split the kernel's custom call itself)
-            out, state = _spmd.over_batch(kernel, split, dict(q=q, k=k, v=v, state=local_state,
-                                                              segment_ids=segment_ids), dict(slope=slope))
+        # (under jaxattn.batch_parallel per device on its batch shard: XLA cannot split a kernel's custom call)
+        out, state = _spmd.per_batch_shard(kernel, dict(q=q, k=k, v=v, state=local_state, segment_ids=segment_ids),
+                                           dict(slope=slope))
     else:
         out, state = lightning_reference(q, k, v, lax.stop_gradient(slope), local_state, segment_ids)
         out = out.astype(q.dtype)

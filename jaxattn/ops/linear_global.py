@@ -85,11 +85,11 @@ def linear_global_attention(
                          f"v {v.shape[-1]}; use impl='xla'")
     fast = width <= AUTO_MAX_HEAD_DIM[min(jnp.dtype(q.dtype).itemsize, 4)]
     if (impl == "pallas" or (impl == "auto" and fast and _common.targets_gpu())) and not _checks.empty(q, k, v):
-        split = _spmd.batch_split(q.shape[0])  # (per device on its batch shard: XLA cannot split the kernel)
-        if split is None:
+        # (under jaxattn.batch_parallel per device on its batch shard: XLA cannot split a kernel's custom call)
+        def kernel(q, k, v, tau, batch_offset=None):
             return linear_global_kernel(q, k, v, tau, clamp=c)
-        return _spmd.over_batch(lambda q, k, v, tau, batch_offset: linear_global_kernel(q, k, v, tau, clamp=c),
-                                split, dict(q=q, k=k, v=v), dict(tau=tau))
+
+        return _spmd.per_batch_shard(kernel, dict(q=q, k=k, v=v), dict(tau=tau))
     return _linear_global_xla(q, k, v, tau, c)
 
 

@@ -87,11 +87,9 @@ def sage_attention(
             return _sage.sage_attention_kernel(q, k, v, qk_granularity=qk_granularity,
                                                backend="mosaic" if impl == "mosaic" else "triton", **kw, **arrays)
 
-        split = _spmd.batch_split(batch)  # (per device on its batch shard: XLA cannot split the kernels)
-        if split is None:
-            return run(q, k, v, **seg)
+        # (under jaxattn.batch_parallel per device on its batch shard: XLA cannot split a kernel's custom call)
         sinks = {"sinks": seg.pop("sinks")} if "sinks" in seg else {}
-        return _spmd.over_batch(run, split, dict(q=q, k=k, v=v, **seg), sinks)
+        return _spmd.per_batch_shard(run, dict(q=q, k=k, v=v, **seg), sinks)
     cfg = _sage.sage_config(max(d, v.shape[-1]))
     blocks = _sage.resolve_blocks(q_len, kv_len, cfg, qk_granularity)
     out = _xla(q, k, v, block_q=blocks.block_q, block_k=blocks.block_k, q_group=blocks.q_group, **kw, **seg)
