@@ -15,6 +15,11 @@ work: a 32-expert layer pays 32x); these kernels do each row's own group only.
   K tile, N tile), looping over the group's row tiles with the rows outside the group masked to zero;
   a group without rows gets zeros.
 
+With an MXFP4 ``rhs`` (:mod:`jaxattn.ops.mxfp4`: packed uint8 ``[G, 17 K / 32, N]``) ``gmm`` dequantizes
+each 32-row group's two 16-row halves (low and high nibbles) and scale as it reads them, into ``lhs``' dtype,
+and its transposed form (the lhs gradient) writes each half group's 16 output columns as their own piece;
+the packed weights get no gradient.
+
 fp32 accumulation; bf16 / fp16 / fp32 inputs (fp32: exact fp32 dots). ``K`` and ``N`` are tiled by
 powers of two that divide them (multiples of 16; others are zero-padded), ``M`` is padded to the row
 tile.
@@ -31,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxattn.ops import mxfp4
 from jaxattn.pallas import _common
 from jaxattn.pallas._common import dot
 
@@ -79,6 +85,11 @@ class _Static:
     num_stages: int
     interpret: bool | None
     exact: bool
+    mxfp4_k: int = 0  # an MXFP4 rhs (jaxattn.ops.mxfp4): its matrices' K; 0: a dense rhs
+
+    @property
+    def mxfp4(self) -> bool:
+        return self.mxfp4_k > 0
 
     @property
     def precision(self):
@@ -109,6 +120,57 @@ def _rows(t, block: int):
     return pl.ds(pl.multiple_of(t * block, block), block)
 
 
+def _fp4(code: jax.Array) -> jax.Array:
+    """fp32 values of FP4 (e2m1) codes (int32 in [0, 16))."""
+    e, m = (code >> 1) & 3, (code & 1).astype(jnp.float32)
+    mag = jnp.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * (1 << jnp.maximum(e - 1, 0)).astype(jnp.float32))
+    return jnp.where(code >= 8, -mag, mag)
+
+
+def _mxfp4_tile(rhs_ref, g, grp, cols, k: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """Rows ``32 grp + [0, 16)`` and ``32 grp + [16, 32)`` of group ``g``'s MXFP4 matrix (packed
+    ``rhs_ref [G, 17 K / 32, N]``, :mod:`jaxattn.ops.mxfp4`) at columns ``cols``, dequantized to ``dtype``."""
+    byte = rhs_ref[g, pl.ds(grp * 16, 16), cols].astype(jnp.int32)
+    scale = lax.bitcast_convert_type(rhs_ref[g, pl.ds(k // 2 + grp, 1), cols].astype(jnp.int32) << 23, jnp.float32)
+    return (_fp4(byte & 15) * scale).astype(dtype), (_fp4(byte >> 4) * scale).astype(dtype)
+
+
+def _products(st: _Static, lhs_ref, rhs_ref, g, rows, n) -> list[tuple[pl.Slice, jax.Array]]:
+    """The program's output pieces ``(columns, fp32 value)``: one ``[block_m, block_n]`` tile, or for the
+    transposed MXFP4 product one ``[block_m, 16]`` piece per half group of its ``block_n`` columns."""
+    cols = _rows(n, st.block_n)
+    if st.mxfp4 and st.transpose_rhs:  # dout @ W^T: the output columns are W's rows, two pieces a group
+        groups = st.block_n // 32
+
+        def body(kk, accs):
+            a = lhs_ref[rows, _rows(kk, st.block_k)]
+            out = []
+            for j in range(groups):
+                lo, hi = _mxfp4_tile(rhs_ref, g, n * groups + j, _rows(kk, st.block_k), st.mxfp4_k, a.dtype)
+                out += [dot(a, lo, trans_b=True, precision=st.precision), dot(a, hi, trans_b=True, precision=st.precision)]
+            return tuple(acc + p for acc, p in zip(accs, out))
+
+        accs = lax.fori_loop(0, st.contract // st.block_k, body,
+                             tuple(jnp.zeros((st.block_m, 16), jnp.float32) for _ in range(2 * groups)))
+        return [(pl.ds(n * st.block_n + 16 * i, 16), acc) for i, acc in enumerate(accs)]
+
+    def body(kk, acc):
+        if st.mxfp4:  # block_k / 32 groups of 32 rows, each its two halves
+            for j in range(st.block_k // 32):
+                grp = kk * (st.block_k // 32) + j
+                lo, hi = _mxfp4_tile(rhs_ref, g, grp, cols, st.mxfp4_k, lhs_ref.dtype)
+                acc += dot(lhs_ref[rows, pl.ds(grp * 32, 16)], lo, precision=st.precision)
+                acc += dot(lhs_ref[rows, pl.ds(grp * 32 + 16, 16)], hi, precision=st.precision)
+            return acc
+        ks = _rows(kk, st.block_k)
+        a = lhs_ref[rows, ks]
+        b = rhs_ref[g, cols, ks] if st.transpose_rhs else rhs_ref[g, ks, cols]
+        return acc + dot(a, b, trans_b=st.transpose_rhs, precision=st.precision)
+
+    acc = lax.fori_loop(0, st.contract // st.block_k, body, jnp.zeros((st.block_m, st.block_n), jnp.float32))
+    return [(cols, acc)]
+
+
 def _gmm_kernel(group_ref, tile_ref, offsets_ref, lhs_ref, rhs_ref, out_ref, *, st: _Static):
     w, n = pl.program_id(0), pl.program_id(1)
     g = group_ref[w]
@@ -116,18 +178,11 @@ def _gmm_kernel(group_ref, tile_ref, offsets_ref, lhs_ref, rhs_ref, out_ref, *, 
     @pl.when(g >= 0)
     def _():
         t = tile_ref[w]
-        rows, cols = _rows(t, st.block_m), _rows(n, st.block_n)
-
-        def body(kk, acc):
-            ks = _rows(kk, st.block_k)
-            a = lhs_ref[rows, ks]
-            b = rhs_ref[g, cols, ks] if st.transpose_rhs else rhs_ref[g, ks, cols]
-            return acc + dot(a, b, trans_b=st.transpose_rhs, precision=st.precision)
-
-        acc = lax.fori_loop(0, st.contract // st.block_k, body, jnp.zeros((st.block_m, st.block_n), jnp.float32))
-        r = t * st.block_m + lax.broadcasted_iota(jnp.int32, (st.block_m, st.block_n), 0)
-        mine = (r >= offsets_ref[g]) & (r < offsets_ref[g + 1])
-        pltriton.store(out_ref.at[rows, cols], acc.astype(out_ref.dtype), mask=mine)
+        rows = _rows(t, st.block_m)
+        for cols, acc in _products(st, lhs_ref, rhs_ref, g, rows, n):
+            r = t * st.block_m + lax.broadcasted_iota(jnp.int32, acc.shape, 0)
+            mine = (r >= offsets_ref[g]) & (r < offsets_ref[g + 1])
+            pltriton.store(out_ref.at[rows, cols], acc.astype(out_ref.dtype), mask=mine)
 
 
 def _tgmm_kernel(offsets_ref, lhs_ref, dout_ref, out_ref, *, st: _Static):
@@ -148,18 +203,22 @@ def _tgmm_kernel(offsets_ref, lhs_ref, dout_ref, out_ref, *, st: _Static):
 
 
 def _static(cfg: GroupedMatmulConfig, contract: int, out_cols: int, transpose_rhs: bool, dtype,
-            interpret) -> _Static:
+            interpret, mxfp4_k: int = 0) -> _Static:
     return _Static(cfg.block_m, _tile(out_cols, cfg.block_n), _tile(contract, cfg.block_k), contract, transpose_rhs,
-                   cfg.num_warps, cfg.num_stages, interpret, jnp.dtype(dtype) == jnp.float32)
+                   cfg.num_warps, cfg.num_stages, interpret, jnp.dtype(dtype) == jnp.float32, mxfp4_k)
 
 
 def _gmm(lhs, rhs, offsets, tile_group, tile_row, *, transpose_rhs: bool, out_dtype, cfg: GroupedMatmulConfig,
-         interpret):
-    """``lhs [Mp, C] -> [Mp, O]`` with ``rhs [G, C, O]`` (``transpose_rhs``: ``[G, O, C]``); ``Mp`` a multiple
-    of ``block_m``, ``C`` and ``O`` multiples of 16."""
+         interpret, mxfp4_k: int = 0):
+    """``lhs [Mp, C] -> [Mp, O]`` with ``rhs [G, C, O]`` (``transpose_rhs``: ``[G, O, C]``; ``mxfp4_k``: the
+    packed MXFP4 ``[G, 17 K / 32, N]`` of matrices ``[G, K, N]``); ``Mp`` a multiple of ``block_m``, ``C``
+    and ``O`` multiples of 16 (of 32 where they are an MXFP4 ``K``)."""
     mp, c = lhs.shape
-    o = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    st = _static(cfg, c, o, transpose_rhs, lhs.dtype, interpret)
+    if mxfp4_k:
+        o = mxfp4_k if transpose_rhs else rhs.shape[2]
+    else:
+        o = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    st = _static(cfg, c, o, transpose_rhs, lhs.dtype, interpret, mxfp4_k)
     w = tile_group.shape[0]
     call = _common.pallas_call(
         functools.partial(_gmm_kernel, st=st),
@@ -167,7 +226,8 @@ def _gmm(lhs, rhs, offsets, tile_group, tile_row, *, transpose_rhs: bool, out_dt
         grid=(w, o // st.block_n),
         in_specs=[_common.whole_block(x.shape) for x in (tile_group, tile_row, offsets, lhs, rhs)],
         out_specs=[_common.whole_block((mp, o))],
-        num_warps=st.num_warps, num_stages=st.num_stages, interpret=interpret, name="grouped_matmul",
+        num_warps=st.num_warps, num_stages=st.num_stages, interpret=interpret,
+        name="grouped_matmul" + ("_mxfp4" if mxfp4_k else "") + ("_t" if transpose_rhs else ""),
         # rows of no group (padding, past the sizes' sum) are never stored: they start as zeros
         out_init=[jnp.zeros((mp, o), out_dtype)])
     return call(tile_group, tile_row, offsets, lhs, rhs)[0]
@@ -231,10 +291,43 @@ def _vjp_bwd(out_dtype, cfg, interpret, res, dout):
 _grouped.defvjp(_vjp_fwd, _vjp_bwd)
 
 
-def grouped_matmul_kernel(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
+def _mxfp4_product(lhs, packed, group_sizes, out_dtype, cfg, interpret, transpose: bool):
+    """``lhs [M, K] @ W[g]`` (``transpose``: ``lhs [M, N] @ W[g]^T``) of the MXFP4 ``W`` in ``packed``."""
+    k = mxfp4.contraction_size(packed.shape[1])
+    n = packed.shape[2]
+    lhs_p = _pad_rows(lhs, cfg)
+    meta = group_metadata(group_sizes, lhs_p.shape[0], cfg.block_m)
+    out = _gmm(lhs_p, _pad16(packed, (2,)), *meta, transpose_rhs=transpose, out_dtype=out_dtype, cfg=cfg,
+               interpret=interpret, mxfp4_k=k)
+    return out[:lhs.shape[0], :(k if transpose else n)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _grouped_mxfp4(lhs, packed, group_sizes, out_dtype, cfg, interpret):
+    return _mxfp4_product(lhs, packed, group_sizes, out_dtype, cfg, interpret, False)
+
+
+def _mxfp4_fwd(lhs, packed, group_sizes, out_dtype, cfg, interpret):
+    out = _mxfp4_product(lhs, packed, group_sizes, out_dtype, cfg, interpret, False)
+    return out, (packed, group_sizes, jnp.zeros((0,), lhs.dtype))  # (an empty array: lhs' dtype)
+
+
+def _mxfp4_bwd(out_dtype, cfg, interpret, res, dout):
+    packed, group_sizes, like = res  # (the quantized weights are constants: no gradient)
+    dlhs = _mxfp4_product(dout.astype(like.dtype), packed, group_sizes, like.dtype, cfg, interpret, True)
+    return dlhs, None, None
+
+
+_grouped_mxfp4.defvjp(_mxfp4_fwd, _mxfp4_bwd)
+
+
+def grouped_matmul_kernel(lhs: jax.Array, rhs: jax.Array | mxfp4.MXFP4, group_sizes: jax.Array, *, out_dtype=None,
                           config: GroupedMatmulConfig | None = None, interpret: bool | None = None) -> jax.Array:
     """``[M, N]``: rows of ``lhs [M, K]`` grouped in order by ``group_sizes [G]``, each times its group's
     ``rhs [G, K, N]`` (fp32 accumulation, ``out_dtype`` default ``lhs.dtype``); differentiable in ``lhs``
-    and ``rhs``. Shapes and dtypes are checked by :func:`jaxattn.grouped_matmul`."""
+    and ``rhs``, or in ``lhs`` alone for an :class:`~jaxattn.ops.mxfp4.MXFP4` ``rhs`` (dequantized tile by
+    tile in the kernel, in ``lhs``' dtype). Shapes and dtypes are checked by :func:`jaxattn.grouped_matmul`."""
     cfg = config or grouped_matmul_config(lhs.dtype)
+    if isinstance(rhs, mxfp4.MXFP4):
+        return _grouped_mxfp4(lhs, rhs.packed, group_sizes, jnp.dtype(out_dtype or lhs.dtype), cfg, interpret)
     return _grouped(lhs, rhs, group_sizes, jnp.dtype(out_dtype or lhs.dtype), cfg, interpret)

@@ -127,8 +127,8 @@ SPILL_BUDGET = {"landmark": 640}
 # Tensor-core instructions a kernel must use (by A-operand type): SageAttention's point is INT8
 # Q K^T and FP8 P V on Hopper's WGMMA (Pallas alone leaves FP8 dots on fp16 MMA v2; pallas/_fp8.py).
 MMA_TYPES = {"jaxattn_sage_fwd": {"wgmma.s8", "wgmma.e4m3"}, "jaxattn_flash_fwd": {"wgmma.bf16"},
-             "jaxattn_halo_fwd": {"wgmma.bf16"}, "grouped_matmul": {"wgmma.bf16"},
-             "grouped_matmul_tgmm": {"wgmma.bf16"}}
+             "jaxattn_halo_fwd": {"wgmma.bf16"}, **dict.fromkeys(("grouped_matmul", "grouped_matmul_t", "grouped_matmul_tgmm", "grouped_matmul_mxfp4",
+                                "grouped_matmul_mxfp4_t"), {"wgmma.bf16"})}
 DEFAULT_SPILL_BUDGET = 0
 
 

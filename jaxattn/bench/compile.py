@@ -452,6 +452,7 @@ def _linear_global_cases() -> Iterator[tuple[str, Callable, list]]:
 
 def _grouped_matmul_cases() -> Iterator[tuple[str, Callable, list]]:
     """The grouped matmul kernels (forward, dlhs, drhs) at each config, on gpt-oss-20b's expert shapes."""
+    from jaxattn.ops.mxfp4 import MXFP4, packed_rows
     from jaxattn.pallas.grouped_matmul import CONFIGS, grouped_matmul_kernel
 
     for nbytes in sorted(CONFIGS):
@@ -462,6 +463,12 @@ def _grouped_matmul_cases() -> Iterator[tuple[str, Callable, list]]:
 
         yield (f"{jnp.dtype(dtype).name} rows 16384 x 2880 -> 5760, 32 groups", jax.value_and_grad(loss, (0, 1)),
                [_sds((16384, 2880), dtype), _sds((32, 2880, 5760), dtype), _sds((32,), jnp.int32)])
+
+        def loss_mxfp4(lhs, packed, sizes):  # (gpt-oss's packed experts: the lhs gradient only)
+            return _total(grouped_matmul_kernel(lhs, MXFP4(packed), sizes, out_dtype=jnp.float32, interpret=False))
+
+        yield (f"{jnp.dtype(dtype).name} mxfp4 rows 16384 x 2880 -> 5760, 32 groups", jax.value_and_grad(loss_mxfp4),
+               [_sds((16384, 2880), dtype), _sds((32, packed_rows(2880), 5760), jnp.uint8), _sds((32,), jnp.int32)])
 
 
 FAMILIES: dict[str, Callable[[], Iterable[tuple[str, Callable, list]]]] = {

@@ -4,7 +4,8 @@ tokens, as ``moe_impl="auto"`` runs them (the "jaxattn" row: on a GPU the groupe
 :func:`jax.lax.ragged_dot` on the same sorted rows (``ragged``: XLA's GPU compiler makes it one dense
 matmul over every expert), the gathered dispatch (``gather``: each token's experts' weights, only for a
 few tokens), and the dense form that runs every expert on every token and zeroes the unchosen (what a
-framework without grouped matmuls does).
+framework without grouped matmuls does). Forward only, ``mxfp4``: the "jaxattn" dispatch on the experts
+packed in MXFP4 (:mod:`jaxattn.ops.mxfp4`, gpt-oss's format: the kernels dequantize tiles as they read them).
 
 FLOPs count the chosen experts only, ``tokens * top_k * 6 * dim * hidden`` forward (gate / up and down
 matmuls), 3x that forward+backward, so the dense row's TFLOP/s is its useful work. Shapes: gpt-oss-20b's
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxattn.bench import runner
 from jaxattn.models.moe import gated_act, moe_dispatch, route
+from jaxattn.ops.mxfp4 import MXFP4, quantize_mxfp4
 
 # the gathered dispatch materialises tokens * top_k experts' weights: only for decoding-sized batches
 GATHER_MAX_ROWS = 256
@@ -55,12 +57,12 @@ def gpu_cases(tokens, layers, dtypes, modes):
 
 def smoke_cases():
     for t, m in ((2, "fwd"), (48, "fwd"), (48, "fwd+bwd")):
-        yield Case(1, t, 32, 48, 8, 2, "float32", m)
+        yield Case(1, t, 32, 64, 8, 2, "float32", m)
 
 
 def inputs(case: Case) -> tuple:
     """``x [T, D]``, ``gate_up [E, D, 2H]``, ``down [E, H, D]`` (the differentiated three), the router
-    ``[D, E]`` and the output cotangent."""
+    ``[D, E]``, (forward) the two expert weights packed in MXFP4, and the output cotangent."""
     ks = jax.random.split(jax.random.PRNGKey(0), 5)
     dt = jnp.dtype(case.dtype)
     e, d, h = case.experts, case.dim, case.hidden
@@ -68,8 +70,15 @@ def inputs(case: Case) -> tuple:
     def normal(k, shape, std):
         return (jax.random.normal(k, shape, jnp.float32) * std).astype(dt)
 
-    return (normal(ks[0], (case.seq, d), 1.0), normal(ks[1], (e, d, 2 * h), d ** -0.5),
-            normal(ks[2], (e, h, d), h ** -0.5), normal(ks[3], (d, e), d ** -0.5), normal(ks[4], (case.seq, d), 1.0))
+    gate_up, down = normal(ks[1], (e, d, 2 * h), d ** -0.5), normal(ks[2], (e, h, d), h ** -0.5)
+    packed = (quantize_mxfp4(gate_up).packed, quantize_mxfp4(down).packed) if _packs(case) else ()
+    return (normal(ks[0], (case.seq, d), 1.0), gate_up, down, normal(ks[3], (d, e), d ** -0.5), *packed,
+            normal(ks[4], (case.seq, d), 1.0))
+
+
+def _packs(case: Case) -> bool:
+    """Whether the case times the MXFP4 experts (forward, widths in groups of 32)."""
+    return case.mode == "fwd" and case.dim % 32 == 0 and case.hidden % 32 == 0
 
 
 def _dense(x, gate_up, down, weights, experts):
@@ -83,9 +92,11 @@ def _dense(x, gate_up, down, weights, experts):
 
 
 def peers(case: Case) -> dict[str, Callable[..., Any]]:
-    def op(dispatch):
-        def f(x, gate_up, down, router):
+    def op(dispatch, packed=False):
+        def f(x, gate_up, down, router, *quantized):
             weights, experts, _ = route(jnp.dot(x, router, preferred_element_type=jnp.float32), case.top_k)
+            if packed:
+                gate_up, down = (MXFP4(q) for q in quantized)
             return dispatch(x, gate_up, down, weights, experts).astype(x.dtype)
 
         return f
@@ -96,6 +107,8 @@ def peers(case: Case) -> dict[str, Callable[..., Any]]:
     ops = {"jaxattn": op(via("auto")), "ragged": op(via("ragged")), "dense": op(_dense)}
     if case.seq * case.top_k <= GATHER_MAX_ROWS:
         ops["gather"] = op(via("gather"))
+    if _packs(case):
+        ops["mxfp4"] = op(via("auto"), packed=True)
     return {name: runner.jax_mode_fn(f, case.mode) for name, f in ops.items()}
 
 

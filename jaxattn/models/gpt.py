@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from jaxattn.models._remat import remat_blocks
-from jaxattn.models.moe import ACTIVATIONS, IMPLS as MOE_IMPLS, MoE, gated_act
+from jaxattn.models.moe import ACTIVATIONS, EXPERT_FORMATS as MOE_FORMATS, IMPLS as MOE_IMPLS, MoE, gated_act
 from jaxattn.models.vit import AttentionDropout, _apply, _dropout
 from jaxattn.ops.attention import attention
 from jaxattn.pallas._common import document_index
@@ -92,6 +92,9 @@ class GPTConfig:
     moe_aux_loss: float = 0.01
     moe_impl: Literal["auto", "pallas", "ragged", "gather"] = "auto"
     moe_shared_dim: int = 0  # > 0: Qwen2-MoE's shared expert of this width beside the routed ones (sigmoid-gated)
+    # "mxfp4": the experts' weights stay in MXFP4 (gpt-oss's release format; constants, not trained;
+    # dim and mlp_dim multiples of 32): a quarter of bf16's memory (jaxattn.models.moe)
+    moe_format: Literal["float", "mxfp4"] = "float"
     # the Gemma family (Gemma 1/2/3)
     norm_offset: float = 0.0  # RMSNorms scale by (norm_offset + weight): Gemma stores weight - 1 (offset 1)
     post_norms: bool = False  # Gemma 2/3: RMSNorm on the attention and MLP outputs before each residual add
@@ -180,6 +183,11 @@ class GPTConfig:
         if self.moe_shared_dim < 0 or self.moe_shared_dim and not self.moe_experts:
             raise ValueError(f"moe_shared_dim ({self.moe_shared_dim}) is a mixture of experts' shared expert: it "
                              "needs moe_experts and must be >= 0")
+        if self.moe_format not in MOE_FORMATS:
+            raise ValueError(f"moe_format must be one of {MOE_FORMATS}, got {self.moe_format!r}")
+        if self.moe_format == "mxfp4" and (not self.moe_experts or self.dim % 32 or self.hidden % 32):
+            raise ValueError(f"moe_format='mxfp4' packs a mixture of experts' weights in groups of 32: it needs "
+                             f"moe_experts and dim ({self.dim}) and mlp_dim ({self.hidden}) multiples of 32")
         if self.moe_aux_loss < 0:
             raise ValueError(f"moe_aux_loss must be >= 0, got {self.moe_aux_loss}")
         if self.position_offset and self.position != "learned" or self.position_offset < 0:
@@ -612,7 +620,7 @@ def _mlp(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.Module:
     return MoE(cfg.dim, cfg.hidden, cfg.moe_experts, cfg.moe_top_k, act=cfg.mlp_act, limit=cfg.mlp_limit,
                bias=cfg.mlp_has_bias, renormalize=cfg.moe_renormalize, impl=cfg.moe_impl, dtype=cfg.dtype,
                init_std=cfg.init_std, out_std=cfg.init_std / (2 * cfg.layers) ** 0.5, dropout=cfg.dropout,
-               shared_hidden=cfg.moe_shared_dim, rngs=rngs)
+               shared_hidden=cfg.moe_shared_dim, expert_format=cfg.moe_format, rngs=rngs)
 
 
 class Block(nnx.Module):

@@ -456,8 +456,12 @@ def _kv(kv_heads: int):
     return join, split
 
 
-def entries(model: GPT) -> list[hf.Entry]:
+def entries(model: GPT, packed_keys: bool | None = None) -> list[hf.Entry]:
+    """``packed_keys``: a ``moe_format="mxfp4"`` gpt-oss model's experts under gpt-oss's MXFP4 keys
+    (default), else under the float keys (quantized as they are read)."""
     cfg = model.cfg
+    if packed_keys is None:
+        packed_keys = cfg.moe_format == "mxfp4"
     join_kv, split_kv = _kv(cfg.kv_heads or cfg.heads)
     moe = _moe_family(cfg) if cfg.moe_experts else None
     out = [hf.same("model.embed_tokens.weight", model.embed.embedding)]
@@ -477,7 +481,7 @@ def entries(model: GPT) -> list[hf.Entry]:
                          join_kv, split_kv),
                 hf.linear(pre + "self_attn.o_proj.weight", attn.o.kernel)]
         if moe:
-            out += moe_hf.expert_entries(moe, pre, blk.mlp, cfg.moe_experts)
+            out += moe_hf.expert_entries(moe, pre, blk.mlp, cfg.moe_experts, packed_keys)
         else:
             out += [hf.Entry((pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"), blk.mlp.gate_up.kernel,
                              lambda g, u: np.concatenate([g.T, u.T], axis=1), lambda a: tuple(np.split(a.T, 2, axis=0))),
@@ -509,11 +513,22 @@ def to_hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
     return hf.to_state_dict(entries(model))
 
 
+def _mxfp4_source(cfg: GPTConfig, state_dict: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
+    """``(state_dict, packed_keys)``: a ``moe_format="mxfp4"`` model reads gpt-oss's packed experts as they
+    are (not dequantized by :class:`moe_hf.MXFP4StateDict`)."""
+    if cfg.moe_format != "mxfp4":
+        return state_dict, False
+    raw = state_dict.raw if isinstance(state_dict, moe_hf.MXFP4StateDict) else state_dict
+    return raw, any(k.endswith("_blocks") for k in raw)
+
+
 def load_hf_state_dict(model: GPT, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
     """Copies a Hugging Face ``state_dict`` into ``model`` in place."""
-    hf.load_state_dict(entries(model), state_dict, strict=strict, ignore=_ignore(model.cfg))
+    state_dict, packed = _mxfp4_source(model.cfg, state_dict)
+    hf.load_state_dict(entries(model, packed), state_dict, strict=strict, ignore=_ignore(model.cfg))
 
 
 def load(cfg: GPTConfig, state_dict: Mapping[str, Any], *, strict: bool, where: str, param_dtype: Any = None) -> GPT:
-    return hf.fill_abstract(lambda: GPT(cfg, rngs=nnx.Rngs(0)), entries, state_dict, strict=strict,
-                            ignore=_ignore(cfg), where=where, param_dtype=param_dtype)
+    state_dict, packed = _mxfp4_source(cfg, state_dict)
+    return hf.fill_abstract(lambda: GPT(cfg, rngs=nnx.Rngs(0)), lambda m: entries(m, packed), state_dict,
+                            strict=strict, ignore=_ignore(cfg), where=where, param_dtype=param_dtype)

@@ -76,10 +76,12 @@ def entry_shapes(entries: Iterable[Entry]) -> dict[str, tuple[int, ...]]:
 
 
 def to_state_dict(entries: Iterable[Entry]) -> dict[str, np.ndarray]:
-    """The variables under their checkpoint keys and layouts (fp32 numpy)."""
+    """The variables under their checkpoint keys and layouts (fp32 numpy; integer variables such as
+    packed MXFP4 weights keep their dtype)."""
     sd = {}
     for e in entries:
-        sd.update(zip(e.keys, e.split(np.asarray(e.var[...], np.float32))))
+        value = np.asarray(e.var[...])
+        sd.update(zip(e.keys, e.split(value if np.issubdtype(value.dtype, np.integer) else value.astype(np.float32))))
     return sd
 
 

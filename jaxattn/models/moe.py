@@ -7,12 +7,18 @@ expert and runs each expert's rows as one group of :func:`jaxattn.grouped_matmul
 training), ``"ragged"`` the same through :func:`jax.lax.ragged_dot` (which XLA's GPU compiler runs as a
 dense matmul over every expert); ``"gather"`` gathers each token's ``top_k`` experts' weights and runs them
 as a batch (decoding a few tokens reads only the experts they pick); ``"auto"`` gathers when
-``tokens * top_k <= experts``, else groups (the kernel on a GPU, ``ragged_dot`` elsewhere).
+``tokens * top_k <= experts`` (except MXFP4 experts on a GPU, which the kernel reads packed), else groups
+(the kernel on a GPU, ``ragged_dot`` elsewhere).
 
 Routing (``renormalize``): the softmax of the ``top_k`` largest router logits (Mixtral, gpt-oss, Qwen3-MoE's
 ``norm_topk_prob``), or the full softmax's probabilities at the ``top_k`` largest (Qwen2-MoE, OLMoE). In
 training (inside ``nnx.capture``: ``jaxattn.train.loop.forward_with_aux_loss``) each layer sows the Switch
 Transformer load-balance loss ``E * sum_i P_i f_i`` as ``nnx.Intermediate`` ``aux_loss``.
+
+``expert_format="mxfp4"`` keeps the experts' weights in MXFP4 (:mod:`jaxattn.ops.mxfp4`, gpt-oss's release
+format, 4.25 bits a weight: gpt-oss-120b's experts take 61 GB instead of 230 GB in bf16) as
+:class:`MXFP4Weight` variables, constants the optimizers skip (the router, biases and the rest of a model
+still train); the grouped-matmul kernel dequantizes them a tile at a time.
 """
 
 from __future__ import annotations
@@ -27,12 +33,20 @@ from flax import nnx
 from jaxattn.models.moh import _capturing, load_balance_loss
 from jaxattn.ops import _spmd
 from jaxattn.ops.grouped_matmul import grouped_matmul
+from jaxattn.ops.mxfp4 import MXFP4, dequantize, quantize_mxfp4
+from jaxattn.pallas._common import targets_gpu
 from jaxattn.models.vit import _apply, _dropout
 
-__all__ = ["MoE", "gated_act", "route", "moe_dispatch", "ACTIVATIONS", "IMPLS"]
+__all__ = ["MoE", "MXFP4Weight", "gated_act", "route", "moe_dispatch", "ACTIVATIONS", "IMPLS", "EXPERT_FORMATS"]
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu", "gpt_oss")
 IMPLS = ("auto", "pallas", "ragged", "gather")
+EXPERT_FORMATS = ("float", "mxfp4")
+
+
+class MXFP4Weight(nnx.Variable):
+    """Expert weights packed in MXFP4 (uint8 ``[experts, 17 K / 32, N]``, :class:`jaxattn.ops.mxfp4.MXFP4`):
+    not an ``nnx.Param``, so optimizers and gradients leave them as they are."""
 GPT_OSS_ALPHA = 1.702  # gpt-oss's sigmoid-gated linear unit: g * sigmoid(1.702 g)
 
 
@@ -60,33 +74,42 @@ def route(logits: jax.Array, top_k: int, renormalize: bool = True) -> tuple[jax.
     return weights, idx.astype(jnp.int32), probs
 
 
+def _gathered(w: jax.Array | MXFP4, experts: jax.Array, dtype) -> jax.Array:
+    """Each token's chosen experts' matrices ``[T, k, K, N]`` in ``dtype`` (MXFP4: only those dequantized)."""
+    return dequantize(MXFP4(w.packed[experts]), dtype) if isinstance(w, MXFP4) else w[experts].astype(dtype)
+
+
 def _expert_rows(h: jax.Array, bias: jax.Array | None, experts: jax.Array) -> jax.Array:
     return h if bias is None else h + bias[experts].astype(h.dtype)
 
 
-def moe_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array,
+def moe_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax.Array | MXFP4,
+                 down: jax.Array | MXFP4,
                  gate_up_bias: jax.Array | None = None, down_bias: jax.Array | None = None, *,
                  act: str = "silu", limit: float | None = None,
                  impl: Literal["auto", "pallas", "ragged", "gather"] = "auto") -> jax.Array:
     """``out [T, D] = sum_j weights[t, j] * expert_{experts[t, j]}(x[t])`` (fp32) for ``x [T, D]``, with
     expert ``e``'s ``gate_up [E, D, 2H]`` (gate | up halves), ``down [E, H, D]`` and optional biases
-    ``[E, 2H]``, ``[E, D]``; the matmuls run in ``x``'s dtype with fp32 accumulation."""
+    ``[E, 2H]``, ``[E, D]``; the matmuls run in ``x``'s dtype with fp32 accumulation. ``gate_up`` and
+    ``down`` may be :class:`~jaxattn.ops.mxfp4.MXFP4` (constants: no gradient)."""
     t = x.shape[0]
     e, k = gate_up.shape[0], experts.shape[-1]
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto" and t * k <= e:
+    packed = isinstance(gate_up, MXFP4)
+    # (a few tokens gather their experts' weights; packed ones stay packed in the kernel on a GPU instead)
+    if impl == "auto" and t * k <= e and not (packed and targets_gpu()):
         impl = "gather"
     dt = x.dtype
-    w1, w2 = gate_up.astype(dt), down.astype(dt)
+    w1, w2 = (w if isinstance(w, MXFP4) else w.astype(dt) for w in (gate_up, down))
 
     def glu(h):
         g, u = jnp.split(h, 2, axis=-1)
         return gated_act(g, u, act, limit).astype(dt)
 
     if impl == "gather":  # each token's k experts' weights, gathered: [T, k, D, 2H]
-        h = jnp.einsum("td,tkdh->tkh", x, w1[experts], preferred_element_type=jnp.float32)
-        y = jnp.einsum("tkh,tkhd->tkd", glu(_expert_rows(h, gate_up_bias, experts)), w2[experts],
+        h = jnp.einsum("td,tkdh->tkh", x, _gathered(w1, experts, dt), preferred_element_type=jnp.float32)
+        y = jnp.einsum("tkh,tkhd->tkd", glu(_expert_rows(h, gate_up_bias, experts)), _gathered(w2, experts, dt),
                        preferred_element_type=jnp.float32)
         return jnp.einsum("tkd,tk->td", _expert_rows(y, down_bias, experts), weights.astype(jnp.float32))
     gmm_impl = {"ragged": "xla", "pallas": "pallas"}.get(impl, "auto")
@@ -111,7 +134,8 @@ class MoE(nnx.Module):
     """``x [..., dim] -> [..., dim]``: top-``top_k`` routing over ``experts`` gated MLPs of width
     ``hidden`` (module docstring). Parameters: ``router`` (a Linear to the expert logits, computed in
     fp32), ``gate_up [E, dim, 2 hidden]`` (gate | up), ``down [E, hidden, dim]``, and with ``bias``
-    the router's and experts' biases (gpt-oss). ``dropout``: on the output in train mode. ``shared_hidden``:
+    the router's and experts' biases (gpt-oss); ``expert_format="mxfp4"``: ``gate_up`` and ``down`` are
+    :class:`MXFP4Weight` (``dim`` and ``hidden`` multiples of 32). ``dropout``: on the output in train mode. ``shared_hidden``:
     Qwen2-MoE's shared expert of that width (``shared_gate_up``, ``shared_down``), added to every token's
     output times ``sigmoid(x . shared_gate)``."""
 
@@ -119,7 +143,7 @@ class MoE(nnx.Module):
                  limit: float | None = None, bias: bool = False, renormalize: bool = True,
                  impl: Literal["auto", "pallas", "ragged", "gather"] = "auto", dtype=jnp.float32,
                  init_std: float = 0.02, out_std: float | None = None, dropout: float = 0.0, shared_hidden: int = 0,
-                 rngs: nnx.Rngs):
+                 expert_format: Literal["float", "mxfp4"] = "float", rngs: nnx.Rngs):
         if experts < 1 or not 1 <= top_k <= experts:
             raise ValueError(f"a mixture of experts needs experts >= 1 and 1 <= top_k <= experts, got experts="
                              f"{experts}, top_k={top_k}")
@@ -127,10 +151,17 @@ class MoE(nnx.Module):
             raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if expert_format not in EXPERT_FORMATS:
+            raise ValueError(f"expert_format must be one of {EXPERT_FORMATS}, got {expert_format!r}")
+        if expert_format == "mxfp4" and (dim % 32 or hidden % 32):
+            raise ValueError(f"expert_format='mxfp4' quantizes groups of 32 along each matmul's input: dim ({dim}) "
+                             f"and hidden ({hidden}) must be multiples of 32")
         init = nnx.initializers.normal
         self.router = nnx.Linear(dim, experts, use_bias=bias, kernel_init=init(init_std), rngs=rngs)
-        self.gate_up = nnx.Param(init(init_std)(rngs.params(), (experts, dim, 2 * hidden), jnp.float32))
-        self.down = nnx.Param(init(out_std or init_std)(rngs.params(), (experts, hidden, dim), jnp.float32))
+        weight = nnx.Param if expert_format == "float" else lambda w: MXFP4Weight(quantize_mxfp4(w).packed)
+        self.gate_up = weight(init(init_std)(rngs.params(), (experts, dim, 2 * hidden), jnp.float32))
+        self.down = weight(init(out_std or init_std)(rngs.params(), (experts, hidden, dim), jnp.float32))
+        self.expert_format = expert_format
         self.gate_up_bias = nnx.Param(jnp.zeros((experts, 2 * hidden), jnp.float32)) if bias else None
         self.down_bias = nnx.Param(jnp.zeros((experts, dim), jnp.float32)) if bias else None
         self.experts, self.top_k, self.act, self.limit = experts, top_k, act, limit
@@ -154,7 +185,10 @@ class MoE(nnx.Module):
             mask = jax.nn.one_hot(experts, self.experts, dtype=jnp.float32).sum(-2)
             self.sow(nnx.Intermediate, "aux_loss", load_balance_loss(probs, mask))
         bias = (self.gate_up_bias, self.down_bias)
-        out = moe_dispatch(x2, weights, experts, self.gate_up[...], self.down[...],
+        w1, w2 = self.gate_up[...], self.down[...]
+        if self.expert_format == "mxfp4":
+            w1, w2 = MXFP4(w1), MXFP4(w2)
+        out = moe_dispatch(x2, weights, experts, w1, w2,
                            *(None if b is None else b[...] for b in bias), act=self.act, limit=self.limit,
                            impl=self.impl)
         if self.shared_gate_up is not None:

@@ -25,6 +25,9 @@ gpt-oss's released folders keep the experts' weights in MXFP4 (``*_blocks``: two
 nibble first, 32 per block; ``*_scales``: one E8M0 exponent per block, biased by 127). :func:`prepare_state_dict`
 presents them as the dequantized ``[experts, in, out]`` arrays of the bf16 layout, one tensor at a time as the
 loader reads it (with ``param_dtype="bfloat16"`` a 20B model loads in bf16 without an fp32 copy of the whole).
+A model with ``moe_format="mxfp4"`` takes them as they are instead (:func:`hf_to_packed`: the same bytes,
+rearranged, nothing rounded) and saves them back in gpt-oss's layout; from a float checkpoint (Mixtral,
+Qwen-MoE, a bf16 gpt-oss) it quantizes each expert tensor as it is read.
 """
 
 from __future__ import annotations
@@ -35,12 +38,11 @@ from typing import Any
 import numpy as np
 
 from jaxattn.models import hf
+from jaxattn.ops.mxfp4 import FP4_VALUES, MXFP4, dequantize, quantize_mxfp4
 
-__all__ = ["FP4_VALUES", "dequantize_mxfp4", "MXFP4StateDict", "moe_fields", "expert_entries", "hf_moe_config"]
+__all__ = ["FP4_VALUES", "dequantize_mxfp4", "MXFP4StateDict", "moe_fields", "expert_entries", "hf_moe_config",
+           "hf_to_packed", "packed_to_hf"]
 
-# the 16 e2m1 (FP4) values of a nibble: sign bit 3, exponent bits 2-1, mantissa bit 0
-FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-                      np.float32)
 MOE_FAMILIES = ("gpt_oss", "mixtral", "qwen3_moe", "qwen2_moe")
 
 
@@ -57,12 +59,38 @@ def dequantize_mxfp4(blocks: Any, scales: Any) -> np.ndarray:
     return values.reshape(*blocks.shape[:-2], -1)
 
 
+def hf_to_packed(blocks: Any, scales: Any) -> np.ndarray:
+    """gpt-oss's MXFP4 ``blocks [E, N, G, 16]`` and ``scales [E, N, G]`` of matrices ``[E, N, 32 G]`` (``[out,
+    in]``) -> the packed ``[E, 17 G, N]`` of their transposes ``[E, 32 G, N]`` (:mod:`jaxattn.ops.mxfp4`)."""
+    blocks, scales = np.asarray(blocks), np.asarray(scales)
+    if blocks.dtype != np.uint8 or scales.dtype != np.uint8 or blocks.ndim < 2 or blocks.shape[-1] != 16 \
+            or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks must be uint8 [..., G, 16] and scales uint8 [..., G], got blocks "
+                         f"{blocks.dtype} {blocks.shape}, scales {scales.dtype} {scales.shape}")
+    codes = np.stack([blocks & 15, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)  # [.., N, G, 32]
+    ours = codes[..., :16] | (codes[..., 16:] << 4)  # [..., N, G, 16]: rows i and 16 + i of each group
+    n, g = blocks.shape[-3], blocks.shape[-2]
+    ours = np.moveaxis(ours, -3, -1).reshape(*blocks.shape[:-3], g * 16, n)
+    return np.concatenate([ours, np.moveaxis(scales, -2, -1)], axis=-2)
+
+
+def packed_to_hf(packed: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of :func:`hf_to_packed`: ``(blocks [E, N, G, 16], scales [E, N, G])``."""
+    packed = np.asarray(packed).astype(np.uint8)
+    *lead, rows, n = packed.shape
+    g = MXFP4(packed).shape[-2] // 32
+    ours = np.moveaxis(packed[..., : 16 * g, :].reshape(*lead, g, 16, n), -1, -3)  # [..., N, G, 16]
+    codes = np.concatenate([ours & 15, ours >> 4], axis=-1)  # [..., N, G, 32]
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.astype(np.uint8), np.moveaxis(packed[..., 16 * g:, :], -1, -2).copy()
+
+
 class MXFP4StateDict(Mapping):
     """A ``state_dict`` whose MXFP4 pairs ``name_blocks`` / ``name_scales`` (gpt-oss's ``[experts, out, G, 16]``)
     read as ``name``: the dequantized ``[experts, in, out]`` fp32 array, computed when it is read."""
 
     def __init__(self, state_dict: Mapping[str, Any]):
-        self._sd = state_dict
+        self._sd = self.raw = state_dict  # (raw: the packed pairs as they are)
         self._packed = {k[: -len("_blocks")] for k in state_dict
                         if k.endswith("_blocks") and k[: -len("_blocks")] + "_scales" in state_dict}
         hidden = {f"{n}{s}" for n in self._packed for s in ("_blocks", "_scales")}
@@ -123,6 +151,9 @@ def hf_moe_config(kind: str, cfg) -> dict[str, Any]:
            "router_aux_loss_coef": cfg.moe_aux_loss}
     if kind == "gpt_oss":
         out.update(attention_bias=True, swiglu_limit=cfg.mlp_limit, swiglu_alpha=1.702)
+        if cfg.moe_format == "mxfp4":  # (as gpt-oss's release: its experts' *_blocks / *_scales)
+            out["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+                "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     if kind in ("qwen3_moe", "qwen2_moe"):
         out.update(num_experts=cfg.moe_experts, norm_topk_prob=cfg.moe_renormalize, moe_intermediate_size=cfg.hidden,
                    decoder_sparse_step=1, mlp_only_layers=[])
@@ -160,8 +191,37 @@ def _stacked(experts: int, gated: bool) -> tuple:
     return join, split
 
 
-def expert_entries(kind: str, pre: str, mlp, experts: int) -> list[hf.Entry]:
-    """The entries of layer prefix ``pre`` (``model.layers.i.``)'s :class:`jaxattn.models.moe.MoE` ``mlp``."""
+def _quantizing(e: hf.Entry) -> hf.Entry:
+    """``e`` for an MXFP4 variable: the float arrays it joins quantized, and dequantized to split."""
+    return hf.Entry(e.keys, e.var, lambda *a: np.asarray(quantize_mxfp4(e.join(*a)).packed),
+                    lambda packed: e.split(np.asarray(dequantize(MXFP4(np.asarray(packed, np.uint8))))))
+
+
+def _packed_entry(key: str, var, columns: tuple | None = None) -> hf.Entry:
+    """gpt-oss's ``key_blocks`` / ``key_scales`` <-> an MXFP4 variable (``columns``: a join / split of the
+    output columns)."""
+    cj, cs = columns or (lambda a: a, lambda a: (a,))
+    return hf.Entry((key + "_blocks", key + "_scales"), var, lambda b, s: cj(hf_to_packed(b, s)),
+                    lambda packed: packed_to_hf(cs(np.asarray(packed))[0]))
+
+
+def expert_entries(kind: str, pre: str, mlp, experts: int, packed_keys: bool = False) -> list[hf.Entry]:
+    """The entries of layer prefix ``pre`` (``model.layers.i.``)'s :class:`jaxattn.models.moe.MoE` ``mlp``;
+    with MXFP4 experts, gpt-oss's packed ``*_blocks`` / ``*_scales`` keys if ``packed_keys``, else the
+    float keys (quantized when read)."""
+    out = _expert_entries(kind, pre, mlp, experts)
+    if mlp.expert_format != "mxfp4":
+        return out
+    experts_vars = {id(mlp.gate_up), id(mlp.down)}
+    if kind == "gpt_oss" and packed_keys:
+        p = pre + "mlp.experts."
+        packed = {id(mlp.gate_up): _packed_entry(p + "gate_up_proj", mlp.gate_up, _interleaved()),
+                  id(mlp.down): _packed_entry(p + "down_proj", mlp.down)}
+        return [packed.get(id(e.var), e) for e in out]
+    return [_quantizing(e) if id(e.var) in experts_vars else e for e in out]
+
+
+def _expert_entries(kind: str, pre: str, mlp, experts: int) -> list[hf.Entry]:
     if kind == "gpt_oss":
         join, split = _interleaved()
         p = pre + "mlp.experts."

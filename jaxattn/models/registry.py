@@ -47,7 +47,8 @@ MODEL_CONFIGS: dict[str, Any] = {
     "gpt-oss-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, kv_heads=2, layer_types=("window", "full"),
                               window=64, **_GPT_OSS_BLOCK, moe_experts=8, moe_top_k=2, mlp_dim=128),
     # gpt-oss-20b / -120b as released (openai/gpt-oss-*: o200k_harmony vocabulary, YaRN to 131072 tokens); the
-    # released folders load with jaxattn.models.hf.load_pretrained (their MXFP4 experts dequantized)
+    # released folders load with jaxattn.models.hf.load_pretrained (their MXFP4 experts dequantized, or kept
+    # packed with moe_format="mxfp4": 120b then fits one 80 GB GPU)
     "gpt-oss-20b": GPTConfig(vocab_size=201088, dim=2880, layers=24, heads=64, kv_heads=8, head_dim=64, mlp_dim=2880,
                              layer_types=("window", "full"), window=128, **_GPT_OSS_BLOCK, moe_experts=32, moe_top_k=4,
                              rope_theta=150000.0, rope_scaling=_GPT_OSS_YARN, norm_eps=1e-5),
