@@ -16,7 +16,7 @@ from jaxattn.ops.halo import halo_attention, halo_attention_kv
 from jaxattn.ops.landmark import landmark_attention, landmark_retrieval_attention
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
 from jaxattn.ops.lightning_sp import lightning_attention_sp
-from jaxattn.ops._spmd import batch_parallel
+from jaxattn.ops._spmd import batch_parallel, expert_parallel
 from jaxattn.ops.ring_attention import from_zigzag, ring_attention, ring_attention_sp, to_zigzag, zigzag_permutation, zigzag_sp
 from jaxattn.ops.grouped_matmul import grouped_matmul
 from jaxattn.ops.mxfp4 import MXFP4, quantize_mxfp4
@@ -27,7 +27,7 @@ from jaxattn.reference.attention import attention_reference
 __version__ = "0.1.0"
 __all__ = [
     "BlockMask", "block_sparse_attention", "power_attention",
-    "append_kv", "attention", "batch_parallel", "attention_qkvpacked", "attention_reference", "decode_attention", "dot_product_attention", "landmark_attention", "landmark_retrieval_attention", "halo_attention", "halo_attention_kv", "lightning_attention", "lightning_attention_sp", "ring_attention", "ring_attention_sp", "zigzag_permutation", "to_zigzag", "from_zigzag", "zigzag_sp", "lightning_attention_step", "sage_attention",
+    "append_kv", "attention", "batch_parallel", "expert_parallel", "attention_qkvpacked", "attention_reference", "decode_attention", "dot_product_attention", "landmark_attention", "landmark_retrieval_attention", "halo_attention", "halo_attention_kv", "lightning_attention", "lightning_attention_sp", "ring_attention", "ring_attention_sp", "zigzag_permutation", "to_zigzag", "from_zigzag", "zigzag_sp", "lightning_attention_step", "sage_attention",
     "linear_global_attention", "grouped_matmul", "MXFP4", "quantize_mxfp4", "append_paged_kv", "paged_decode_attention", "quantize_kv", "varlen_attention",
     "__version__",
 ]

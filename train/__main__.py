@@ -35,6 +35,9 @@ def _add_lm(sub) -> None:
                        "chunks (i, 2P-1-i) so causal work is balanced (--seq-len divisible by 2 x --seq-parallel)",
         "fsdp": "shard parameters and optimizer state over the data-parallel devices (FSDP / ZeRO-3): each holds "
                 "about 1/N of them, for models whose AdamW state does not fit one device; same steps",
+        "expert_parallel": "mixtures of experts: split the experts (and their AdamW state) over the data-parallel "
+                           "devices, each device's tokens sent to their experts' devices and back (all-to-all; "
+                           "dropless: the same steps)",
         "model_args": "model config fields as 'key=value ...' (tuples comma-separated), e.g. "
                       "'layers=8 dim=256' or, on a pretrained GPT, 'layer_types=power,power,power,full window=1024'",
         "lora_rank": "LoRA: train rank-r adapters on the linear layers and nothing else (0: full fine-tuning); "

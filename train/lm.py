@@ -44,6 +44,7 @@ class LMConfig:
     # GPT with seq_parallel > 1: ring attention's shards, "contiguous" or "zigzag" (balanced causal work)
     ring_layout: str = "contiguous"
     fsdp: bool = False  # shard parameters and optimizer state over the data devices (ZeRO-3); same steps
+    expert_parallel: bool = False  # mixtures of experts: experts split over the data devices, tokens sent to them
     model_args: str | None = None  # model config fields, "key=value key=a,b" (e.g. "layer_types=power,full window=1024")
     steps: int = 300
     lr: float = 3e-3
@@ -123,6 +124,7 @@ class Trainer(loop.Trainer):
         super().__init__(model_factory, make_optimizer(cfg), lambda model, tokens, rng: loss(model, tokens),
                          eval_fn=functools.partial(loss, aux_loss=False), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                          seed=cfg.seed, devices=devices, seq_parallel=cfg.seq_parallel, shard_state=cfg.fsdp,
+                         expert_parallel=cfg.expert_parallel,
                          seq_parallel_args={"layout": cfg.ring_layout} if cfg.ring_layout != "contiguous" else None,
                          wrt=nnx.LoRAParam if cfg.lora_rank else nnx.Param,  # (LoRA: only the adapters train,
                          save_frozen=not cfg.lora_rank)  # and only they and their AdamW state are checkpointed)

@@ -23,6 +23,7 @@ through the step (sequentially over micro-batches), updated, and checkpointed wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,7 +41,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxattn.ops._spmd import batch_parallel
+from jaxattn.models.moe_parallel import EXPERT_VARIABLES
+from jaxattn.ops._spmd import batch_parallel, expert_parallel
 from jaxattn.train.metrics import MetricsLog, plot_curves
 
 Batch = Any  # pytree of arrays, leading axis = examples
@@ -157,6 +159,10 @@ class Trainer:
     a device holds about ``1/data`` of the state; XLA gathers each weight where it is used and
     reduce-scatters its gradient. The steps are the same as replicated ones.
 
+    ``expert_parallel``: mixtures of experts (:mod:`jaxattn.models.moe_parallel`) keep ``experts / data``
+    experts per device, with their optimizer state, and send the tokens to them (dropless: the same
+    steps).
+
     To change how gradients are computed (e.g. routed gradients for gate parameters), subclass and
     override :meth:`grads`.
     """
@@ -170,7 +176,7 @@ class Trainer:
                  eval_fn: Callable[[nnx.Module, Batch], Any] | None = None,
                  devices: Sequence[Any] | None = None, wrt: Any = nnx.Param, seq_parallel: int = 1,
                  shard_state: bool = False, seq_parallel_args: dict[str, Any] | None = None,
-                 save_frozen: bool = True):
+                 save_frozen: bool = True, expert_parallel: bool = False):
         devices = list(devices or jax.local_devices())
         if seq_parallel < 1 or len(devices) % seq_parallel:
             raise ValueError(f"--seq-parallel {seq_parallel} must divide the {len(devices)} devices")
@@ -204,6 +210,7 @@ class Trainer:
         self.batch_sharding = NamedSharding(self.mesh, P(None, "data"))  # [accum, micro, ...]
         self.eval_sharding = NamedSharding(self.mesh, P("data"))
         self.shard_state = shard_state
+        self.expert_parallel = expert_parallel
         self.has_ema = isinstance(opt.opt_state, EmaState)  # (with_ema): the EMA weights can be evaluated
         self._set_state(state)
         self._eval = jax.jit(self._eval_step)
@@ -212,10 +219,18 @@ class Trainer:
     def _set_state(self, state: Any) -> None:
         """Places ``state`` (replicated, or split with ``shard_state``) and jits the step for its layout
         (subclasses that add to the state call this again)."""
-        self.state_sharding = jax.tree.map(self._fsdp_sharding if self.shard_state else lambda _: self.replicated,
-                                           state)
+        self.state_sharding = jax.tree_util.tree_map_with_path(self._sharding, state)
         self.state = jax.device_put(state, self.state_sharding)
         self._train = jax.jit(self._train_step, donate_argnums=0, out_shardings=(self.state_sharding, self.replicated))
+
+    def _sharding(self, path: tuple, x: Any) -> NamedSharding:
+        """A state array's placement: a mixture of experts' expert weights split by expert over ``data``
+        with ``expert_parallel``; else FSDP's split with ``shard_state``, or replicated."""
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)]
+        if (self.expert_parallel and names and names[-1] in EXPERT_VARIABLES and not _is_key(x) and x.ndim >= 1
+                and x.shape[0] % self.n_devices == 0):
+            return NamedSharding(self.mesh, P("data"))
+        return self._fsdp_sharding(x) if self.shard_state else self.replicated
 
     def _fsdp_sharding(self, x: Any) -> NamedSharding:
         """``x`` split over ``data`` along its largest axis that the data devices divide, else replicated."""
@@ -269,8 +284,17 @@ class Trainer:
 
         return jax.value_and_grad(loss_of, has_aux=True)(params, rest)
 
+    def _parallel(self) -> contextlib.AbstractContextManager:
+        """The context the steps are traced in: the kernels per device on its batch shard, and with
+        ``expert_parallel`` the experts split over the devices (tokens sent to them)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(batch_parallel(self.mesh, "data"))
+        if self.expert_parallel:
+            stack.enter_context(expert_parallel(self.mesh, "data"))
+        return stack
+
     def _train_step(self, state, batch):
-        with batch_parallel(self.mesh, "data"):  # (the kernels per device on its batch shard)
+        with self._parallel():
             return self._train_step_body(state, batch)
 
     def _train_step_body(self, state, batch):
@@ -308,7 +332,7 @@ class Trainer:
         if ema:
             _use_ema(model, merged[1])
         model.eval()
-        with batch_parallel(self.mesh, "data"):
+        with self._parallel():
             return self.eval_fn(model, batch)
 
     def train_step(self, batch: Batch) -> dict[str, jax.Array]:

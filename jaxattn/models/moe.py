@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn.models import moe_parallel
 from jaxattn.models.moh import _capturing, load_balance_loss
 from jaxattn.ops import _spmd
 from jaxattn.ops.grouped_matmul import grouped_matmul
@@ -107,23 +108,32 @@ def moe_dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: 
         g, u = jnp.split(h, 2, axis=-1)
         return gated_act(g, u, act, limit).astype(dt)
 
+    gmm_impl = {"ragged": "xla", "pallas": "pallas"}.get(impl, "auto")
+
+    def expert_mlp(rows, w1, w2, b1, b2, sizes, expert):
+        """The experts on ``rows`` sorted by expert (``sizes`` rows each; ``expert``: each row's)."""
+        gmm = functools.partial(grouped_matmul, group_sizes=sizes, preferred_element_type=jnp.float32, impl=gmm_impl)
+        h = gmm(rows, w1)
+        return _expert_rows(gmm(glu(_expert_rows(h, b1, expert)), w2), b2, expert)
+
+    split = moe_parallel.expert_split(e, t)
+    if split is not None:  # under expert_parallel: the experts split over the devices, tokens sent to them
+        mesh, axis, capacity_factor = split
+        return moe_parallel.ep_dispatch(x, weights, experts, w1, w2, gate_up_bias, down_bias, mesh=mesh, axis=axis,
+                                        capacity_factor=capacity_factor, expert_mlp=expert_mlp)
     if impl == "gather":  # each token's k experts' weights, gathered: [T, k, D, 2H]
         h = jnp.einsum("td,tkdh->tkh", x, _gathered(w1, experts, dt), preferred_element_type=jnp.float32)
         y = jnp.einsum("tkh,tkhd->tkd", glu(_expert_rows(h, gate_up_bias, experts)), _gathered(w2, experts, dt),
                        preferred_element_type=jnp.float32)
         return jnp.einsum("tkd,tk->td", _expert_rows(y, down_bias, experts), weights.astype(jnp.float32))
-    gmm_impl = {"ragged": "xla", "pallas": "pallas"}.get(impl, "auto")
 
     def grouped(x, weights, experts, w1, w2, b1=None, b2=None, batch_offset=None):
         flat = experts.reshape(-1)  # the T*k assignments, sorted by expert: one group per expert
         order = jnp.argsort(flat, stable=True)
-        rows, token = flat[order], order // k
+        expert, token = flat[order], order // k
         sizes = jnp.zeros((e,), jnp.int32).at[flat].add(1)
-        gmm = functools.partial(grouped_matmul, group_sizes=sizes, preferred_element_type=jnp.float32, impl=gmm_impl)
-        h = gmm(x[token], w1)
-        y = gmm(glu(_expert_rows(h, b1, rows)), w2)
-        y = _expert_rows(y, b2, rows) * weights.reshape(-1)[order].astype(jnp.float32)[:, None]
-        return jnp.zeros(x.shape, jnp.float32).at[token].add(y)
+        y = expert_mlp(x[token], w1, w2, b1, b2, sizes, expert)
+        return jnp.zeros(x.shape, jnp.float32).at[token].add(y * weights.reshape(-1)[order].astype(jnp.float32)[:, None])
 
     # under jaxattn.batch_parallel: each device routes its own tokens through the (replicated) experts
     return _spmd.per_batch_shard(grouped, dict(x=x, weights=weights, experts=experts),

@@ -1,5 +1,6 @@
 """Shared pieces of the sequence-parallel ops: argument checks and a ``shard_map`` that works
-across jax versions; and batch parallelism for the ops' Pallas kernels (:func:`batch_parallel`)."""
+across jax versions; batch parallelism for the ops' Pallas kernels (:func:`batch_parallel`); and the
+switch for expert parallelism (:func:`expert_parallel`, :mod:`jaxattn.models.moe_parallel`)."""
 
 from __future__ import annotations
 
@@ -118,6 +119,40 @@ def per_batch_shard(fn: Callable[..., Any], batched: Mapping[str, Any], replicat
 
     specs = (P(axis),) * len(batched) + (P(),) * len(replicated)
     return shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(axis))(*batched.values(), *replicated.values())
+
+
+_EXPERT_PARALLEL: contextvars.ContextVar = contextvars.ContextVar("jaxattn_expert_parallel", default=None)
+
+
+@contextlib.contextmanager
+def expert_parallel(mesh: Mesh | None, axis: str = "data", capacity_factor: float | None = None) -> Iterator[None]:
+    """Within this context (read when a function is traced) mixtures of experts run expert-parallel over
+    mesh axis ``axis`` (:mod:`jaxattn.models.moe_parallel`): their experts and the batch split over it. ``capacity_factor``:
+    None (dropless) or the slots per destination device relative to an even share. ``mesh=None``: off."""
+    if mesh is not None:
+        check_mesh(mesh, axis)
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {capacity_factor}")
+    token = _EXPERT_PARALLEL.set(None if mesh is None else (mesh, axis, capacity_factor))
+    try:
+        yield
+    finally:
+        _EXPERT_PARALLEL.reset(token)
+
+
+def expert_split(experts: int, tokens: int) -> tuple[Mesh, str, float | None] | None:
+    """``(mesh, axis, capacity_factor)`` under :func:`expert_parallel` when the axis (size > 1) divides the
+    experts and the tokens and no ``shard_map`` is already running; else None."""
+    setting = _EXPERT_PARALLEL.get()
+    if setting is None:
+        return None
+    mesh, axis, _ = setting
+    size = mesh.shape[axis]
+    if size == 1 or experts % size or tokens % size:
+        return None
+    if getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
+        return None
+    return setting
 
 
 def has_arrays(x: Any) -> bool:
