@@ -92,9 +92,30 @@ class GPTConfig:
     moe_aux_loss: float = 0.01
     moe_impl: Literal["auto", "pallas", "ragged", "gather"] = "auto"
     moe_shared_dim: int = 0  # > 0: Qwen2-MoE's shared expert of this width beside the routed ones (sigmoid-gated)
+    # DeepSeek's mixtures of experts: experts of width moe_dim (None: mlp_dim) after moe_dense_layers dense MLPs
+    # (first_k_dense_replace); the router's scores a softmax or (V3) sigmoids, top-k within the best
+    # moe_topk_groups of moe_groups expert groups, V3's selection bias (moe_score_bias, a buffer), the weights
+    # times moe_routed_scale; the shared expert ungated (moe_shared_gate=False; Qwen2-MoE's is sigmoid-gated)
+    moe_dim: int | None = None
+    moe_dense_layers: int = 0
+    moe_scoring: Literal["softmax", "sigmoid"] = "softmax"
+    moe_groups: int = 1
+    moe_topk_groups: int = 1
+    moe_score_bias: bool = False
+    moe_routed_scale: float = 1.0
+    moe_shared_gate: bool = True
     # "mxfp4": the experts' weights stay in MXFP4 (gpt-oss's release format; constants, not trained;
     # dim and mlp_dim multiples of 32): a quarter of bf16's memory (jaxattn.models.moe)
     moe_format: Literal["float", "mxfp4"] = "float"
+    # DeepSeek's multi-head latent attention (jaxattn.models.mla; kv_lora_rank > 0 turns it on): keys and values
+    # from a kv_lora_rank-wide latent per token (the generation cache holds it and the shared RoPE key:
+    # kv_lora_rank + qk_rope_dim numbers per token and layer), queries through a q_lora_rank bottleneck (0:
+    # one projection); head_dim: each head's no-RoPE query/key width, qk_rope_dim the RoPE part's,
+    # v_head_dim the values' (None: head_dim)
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_rope_dim: int = 64
+    v_head_dim: int | None = None
     # the Gemma family (Gemma 1/2/3)
     norm_offset: float = 0.0  # RMSNorms scale by (norm_offset + weight): Gemma stores weight - 1 (offset 1)
     post_norms: bool = False  # Gemma 2/3: RMSNorm on the attention and MLP outputs before each residual add
@@ -185,9 +206,22 @@ class GPTConfig:
                              "needs moe_experts and must be >= 0")
         if self.moe_format not in MOE_FORMATS:
             raise ValueError(f"moe_format must be one of {MOE_FORMATS}, got {self.moe_format!r}")
-        if self.moe_format == "mxfp4" and (not self.moe_experts or self.dim % 32 or self.hidden % 32):
+        if self.moe_format == "mxfp4" and (not self.moe_experts or self.dim % 32 or self.expert_hidden % 32):
             raise ValueError(f"moe_format='mxfp4' packs a mixture of experts' weights in groups of 32: it needs "
-                             f"moe_experts and dim ({self.dim}) and mlp_dim ({self.hidden}) multiples of 32")
+                             f"moe_experts and dim ({self.dim}) and the experts' width ({self.expert_hidden}) "
+                             "multiples of 32")
+        if self.moe_scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"moe_scoring must be 'softmax' or 'sigmoid', got {self.moe_scoring!r}")
+        if self.moe_groups < 1 or self.moe_experts % self.moe_groups or not 1 <= self.moe_topk_groups <= self.moe_groups \
+                or self.moe_groups > 1 and self.moe_top_k > self.moe_topk_groups * (self.moe_experts // self.moe_groups):
+            raise ValueError(f"moe_groups ({self.moe_groups}) must divide moe_experts ({self.moe_experts}), with 1 <= "
+                             f"moe_topk_groups ({self.moe_topk_groups}) <= moe_groups and room in the chosen groups for "
+                             f"moe_top_k ({self.moe_top_k})")
+        if not self.moe_routed_scale > 0 or self.moe_dense_layers < 0 or (self.moe_dim or 1) < 1:
+            raise ValueError(f"moe_routed_scale ({self.moe_routed_scale}) must be positive, moe_dense_layers "
+                             f"({self.moe_dense_layers}) >= 0 and moe_dim ({self.moe_dim}) positive or None")
+        if self.kv_lora_rank:
+            self._check_mla()
         if self.moe_aux_loss < 0:
             raise ValueError(f"moe_aux_loss must be >= 0, got {self.moe_aux_loss}")
         if self.position_offset and self.position != "learned" or self.position_offset < 0:
@@ -248,6 +282,33 @@ class GPTConfig:
         if self.position == "alibi" and (set(self.layer_types) != {"full"} or self.quantized):
             raise ValueError("position='alibi' runs on the flash and decode kernels: it needs layer_types=('full',) "
                              "and quantized=False")
+
+    def _check_mla(self) -> None:
+        if self.kv_lora_rank < 1 or self.q_lora_rank < 0 or self.qk_rope_dim < 2 or self.qk_rope_dim % 2 \
+                or (self.v_head_dim or 1) < 1:
+            raise ValueError(f"multi-head latent attention needs kv_lora_rank >= 1, q_lora_rank >= 0, an even "
+                             f"qk_rope_dim >= 2 and v_head_dim >= 1, got {self.kv_lora_rank}, {self.q_lora_rank}, "
+                             f"{self.qk_rope_dim}, {self.v_head_dim}")
+        bad = [n for n, on in (("layer_types other than 'full'", set(self.layer_types) != {"full"}),
+                               ("position other than 'rope'", self.position != "rope"), ("qk_norm", self.qk_norm),
+                               ("qkv_bias / bias", self.qkv_bias or self.bias), ("attn_sinks", self.attn_sinks),
+                               ("attn_softcap", self.attn_softcap is not None), ("rotary_dim", self.rotary_dim),
+                               ("quantized", self.quantized), ("kv_cache_dtype", self.kv_cache_dtype),
+                               ("local_rope_theta", self.local_rope_theta), ("kv_heads", self.kv_heads not in
+                                                                             (None, self.heads))) if on]
+        if bad:
+            raise ValueError(f"multi-head latent attention (kv_lora_rank) has full causal RoPE layers with its own "
+                             f"latent cache; it does not combine with {', '.join(bad)}")
+
+    @property
+    def v_size(self) -> int:
+        """Each head's value width: ``v_head_dim``, or the head width."""
+        return self.v_head_dim or self.head_size
+
+    @property
+    def expert_hidden(self) -> int:
+        """A mixture of experts' expert width: ``moe_dim``, or the MLP's."""
+        return self.moe_dim or self.hidden
 
     @property
     def mlp_has_bias(self) -> bool:
@@ -613,14 +674,17 @@ class SwiGLU(nnx.Module):
         return _apply(self.drop, self.down(gated_act(g, u, self.act, self.limit)))
 
 
-def _mlp(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.Module:
-    """A block's MLP: :class:`SwiGLU`, or with ``moe_experts`` a :class:`jaxattn.models.moe.MoE` of them."""
-    if not cfg.moe_experts:
+def _mlp(cfg: GPTConfig, layer: int, rngs: nnx.Rngs) -> nnx.Module:
+    """A block's MLP: :class:`SwiGLU`, or with ``moe_experts`` (past ``moe_dense_layers``) a
+    :class:`jaxattn.models.moe.MoE` of them."""
+    if not cfg.moe_experts or layer < cfg.moe_dense_layers:
         return SwiGLU(cfg, rngs=rngs)
-    return MoE(cfg.dim, cfg.hidden, cfg.moe_experts, cfg.moe_top_k, act=cfg.mlp_act, limit=cfg.mlp_limit,
+    return MoE(cfg.dim, cfg.expert_hidden, cfg.moe_experts, cfg.moe_top_k, act=cfg.mlp_act, limit=cfg.mlp_limit,
                bias=cfg.mlp_has_bias, renormalize=cfg.moe_renormalize, impl=cfg.moe_impl, dtype=cfg.dtype,
                init_std=cfg.init_std, out_std=cfg.init_std / (2 * cfg.layers) ** 0.5, dropout=cfg.dropout,
-               shared_hidden=cfg.moe_shared_dim, expert_format=cfg.moe_format, rngs=rngs)
+               shared_hidden=cfg.moe_shared_dim, shared_gate=cfg.moe_shared_gate, expert_format=cfg.moe_format,
+               scoring=cfg.moe_scoring, groups=cfg.moe_groups, topk_groups=cfg.moe_topk_groups,
+               score_bias=cfg.moe_score_bias, routed_scale=cfg.moe_routed_scale, rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -632,8 +696,13 @@ class Block(nnx.Module):
         # Gemma 2/3: on each branch's output too
         self.attn_post_norm, self.mlp_post_norm = (norm(), norm()) if cfg.post_norms else (None, None)
         self.residual_multiplier, self.parallel, self.post_ln = cfg.residual_multiplier, cfg.parallel_residual, cfg.post_ln
-        self.attn = Attention(cfg, layer, rngs=rngs)
-        self.mlp = _mlp(cfg, rngs)
+        if cfg.kv_lora_rank:  # DeepSeek's multi-head latent attention
+            from jaxattn.models.mla import MLAttention
+
+            self.attn = MLAttention(cfg, layer, rngs=rngs)
+        else:
+            self.attn = Attention(cfg, layer, rngs=rngs)
+        self.mlp = _mlp(cfg, layer, rngs)
 
     def __call__(self, x, positions, cache: KVCache | None = None, offset: jax.Array | int = 0,
                  segment_ids: jax.Array | None = None):
@@ -727,6 +796,9 @@ class GPT(nnx.Module):
         check_layout(layout)
         if mesh is not None:
             bad = sorted({blk.attn.kind for blk in self.blocks} - {"full", "window"})
+            if self.cfg.kv_lora_rank:
+                raise ValueError("sequence parallelism (ring attention) does not cover multi-head latent attention "
+                                 "(kv_lora_rank) layers")
             if bad or self.cfg.quantized:
                 raise ValueError(f"sequence parallelism (ring attention) covers full and sliding-window attention "
                                  f"layers; this model has {bad or 'quantized'} layers")
@@ -808,6 +880,9 @@ class GPT(nnx.Module):
             raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
         if self.cfg.position == "learned" and max_len > self.cfg.max_positions:
             raise ValueError(f"max_len {max_len}: the model's learned positions end at {self.cfg.max_positions}")
+        if self.cfg.kv_lora_rank:  # multi-head latent attention: the latent and the shared RoPE key
+            width = self.cfg.kv_lora_rank + self.cfg.qk_rope_dim
+            return [(jnp.zeros((batch, max_len, 1, width), jnp.dtype(dtype or self.cfg.dtype)),) for _ in self.blocks]
         kv = self.cfg.kv_heads or self.cfg.heads
         shape = (batch, max_len, kv, self.cfg.head_size)
         dt = jnp.dtype(dtype or self.cfg.kv_cache_dtype or self.cfg.dtype)

@@ -45,6 +45,12 @@ IMPLS = ("auto", "pallas", "ragged", "gather")
 EXPERT_FORMATS = ("float", "mxfp4")
 
 
+class RouterBias(nnx.Variable):
+    """DeepSeek-V3's ``e_score_correction_bias`` ``[experts]``: added to the router's scores to choose the
+    experts (not to weight them); set by the load-balancing rule outside the gradient, so not an
+    ``nnx.Param``."""
+
+
 class MXFP4Weight(nnx.Variable):
     """Expert weights packed in MXFP4 (uint8 ``[experts, 17 K / 32, N]``, :class:`jaxattn.ops.mxfp4.MXFP4`):
     not an ``nnx.Param``, so optimizers and gradients leave them as they are."""
@@ -64,14 +70,39 @@ def gated_act(g: jax.Array, u: jax.Array, act: str, limit: float | None = None) 
     return fn(g) * u
 
 
-def route(logits: jax.Array, top_k: int, renormalize: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(weights [T, k] fp32, experts [T, k] int32, probs [T, E] fp32)`` of router ``logits [T, E]``:
-    ``renormalize``: the softmax over the ``k`` largest logits, else the full softmax's values there;
-    ``probs`` is the full softmax (for the load-balance loss)."""
+def route(logits: jax.Array, top_k: int, renormalize: bool = True, *, scoring: str = "softmax", groups: int = 1,
+          topk_groups: int = 1, score_bias: jax.Array | None = None, scale: float = 1.0
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(weights [T, k] fp32, experts [T, k] int32, probs [T, E] fp32)`` of router ``logits [T, E]``.
+
+    ``scoring="softmax"``: the ``k`` largest probabilities of the full softmax, renormalized to sum to one
+    (``renormalize``: the softmax of the ``k`` largest logits) or kept. ``"sigmoid"`` (DeepSeek-V3): each
+    expert's ``sigmoid(logit)``, chosen by ``sigmoid + score_bias`` (a selection-only bias, ``[E]``), the
+    chosen scores divided by their sum with ``renormalize``. ``groups > 1`` (DeepSeek's group-limited
+    routing): the experts in ``groups`` consecutive groups, the choice limited to the ``topk_groups`` groups
+    with the best group score (softmax: its largest probability; sigmoid: the sum of its two largest
+    selection scores). The weights are then times ``scale`` (``routed_scaling_factor``). ``probs`` is the
+    full softmax (for the load-balance loss)."""
     logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
-    top, idx = jax.lax.top_k(logits, top_k)
-    weights = jax.nn.softmax(top, axis=-1) if renormalize else jnp.take_along_axis(probs, idx, axis=-1)
+    scores = jax.nn.sigmoid(logits) if scoring == "sigmoid" else probs
+    choice = scores if score_bias is None else scores + score_bias.astype(jnp.float32)
+    if groups > 1:
+        t, e = choice.shape
+        grouped = choice.reshape(t, groups, e // groups)
+        group_score = jax.lax.top_k(grouped, 2)[0].sum(-1) if scoring == "sigmoid" else grouped.max(-1)
+        keep = jnp.zeros((t, groups), bool).at[jnp.arange(t)[:, None], jax.lax.top_k(group_score, topk_groups)[1]].set(True)
+        choice = jnp.where(jnp.repeat(keep, e // groups, axis=1), choice, -jnp.inf)
+    if scoring == "softmax" and score_bias is None and groups == 1:
+        top, idx = jax.lax.top_k(logits, top_k)  # (the same order as the probabilities')
+        weights = jax.nn.softmax(top, axis=-1) if renormalize else jnp.take_along_axis(probs, idx, axis=-1)
+    else:
+        idx = jax.lax.top_k(choice, top_k)[1]
+        weights = jnp.take_along_axis(scores, idx, axis=-1)
+        if renormalize:
+            weights = weights / (weights.sum(-1, keepdims=True) + (1e-20 if scoring == "sigmoid" else 0.0))
+    if scale != 1.0:
+        weights = weights * scale
     return weights, idx.astype(jnp.int32), probs
 
 
@@ -146,14 +177,18 @@ class MoE(nnx.Module):
     fp32), ``gate_up [E, dim, 2 hidden]`` (gate | up), ``down [E, hidden, dim]``, and with ``bias``
     the router's and experts' biases (gpt-oss); ``expert_format="mxfp4"``: ``gate_up`` and ``down`` are
     :class:`MXFP4Weight` (``dim`` and ``hidden`` multiples of 32). ``dropout``: on the output in train mode. ``shared_hidden``:
-    Qwen2-MoE's shared expert of that width (``shared_gate_up``, ``shared_down``), added to every token's
-    output times ``sigmoid(x . shared_gate)``."""
+    a shared expert of that width (``shared_gate_up``, ``shared_down``) added to every token's output, times
+    ``sigmoid(x . shared_gate)`` with ``shared_gate`` (Qwen2-MoE) or as it is (DeepSeek). ``scoring``,
+    ``groups``, ``topk_groups``, ``routed_scale``: :func:`route`'s; ``score_bias``: a :class:`RouterBias`
+    (DeepSeek-V3)."""
 
     def __init__(self, dim: int, hidden: int, experts: int, top_k: int, *, act: str = "silu",
                  limit: float | None = None, bias: bool = False, renormalize: bool = True,
                  impl: Literal["auto", "pallas", "ragged", "gather"] = "auto", dtype=jnp.float32,
                  init_std: float = 0.02, out_std: float | None = None, dropout: float = 0.0, shared_hidden: int = 0,
-                 expert_format: Literal["float", "mxfp4"] = "float", rngs: nnx.Rngs):
+                 expert_format: Literal["float", "mxfp4"] = "float", shared_gate: bool = True,
+                 scoring: Literal["softmax", "sigmoid"] = "softmax", groups: int = 1, topk_groups: int = 1,
+                 score_bias: bool = False, routed_scale: float = 1.0, rngs: nnx.Rngs):
         if experts < 1 or not 1 <= top_k <= experts:
             raise ValueError(f"a mixture of experts needs experts >= 1 and 1 <= top_k <= experts, got experts="
                              f"{experts}, top_k={top_k}")
@@ -181,11 +216,16 @@ class MoE(nnx.Module):
         lin = functools.partial(nnx.Linear, use_bias=False, dtype=self.dtype, rngs=rngs)
         self.shared_gate_up = lin(dim, 2 * shared_hidden, kernel_init=init(init_std)) if shared_hidden else None
         self.shared_down = lin(shared_hidden, dim, kernel_init=init(out_std or init_std)) if shared_hidden else None
-        self.shared_gate = lin(dim, 1, kernel_init=init(init_std)) if shared_hidden else None
+        self.shared_gate = lin(dim, 1, kernel_init=init(init_std)) if shared_hidden and shared_gate else None
+        self.score_bias = RouterBias(jnp.zeros((experts,), jnp.float32)) if score_bias else None
+        self.scoring, self.groups, self.topk_groups, self.routed_scale = scoring, groups, topk_groups, routed_scale
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """:func:`route` of the router's fp32 logits for ``x [T, dim]``."""
-        return route(self.router(x.astype(jnp.float32)).astype(jnp.float32), self.top_k, self.renormalize)
+        bias = None if self.score_bias is None else self.score_bias[...]
+        return route(self.router(x.astype(jnp.float32)).astype(jnp.float32), self.top_k, self.renormalize,
+                     scoring=self.scoring, groups=self.groups, topk_groups=self.topk_groups, score_bias=bias,
+                     scale=self.routed_scale)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = x.shape
@@ -204,5 +244,8 @@ class MoE(nnx.Module):
         if self.shared_gate_up is not None:
             g, u = jnp.split(self.shared_gate_up(x2), 2, axis=-1)
             shared = self.shared_down(gated_act(g, u, self.act, self.limit))
-            out = out + jax.nn.sigmoid(self.shared_gate(x2).astype(jnp.float32)) * shared.astype(jnp.float32)
+            shared = shared.astype(jnp.float32)
+            if self.shared_gate is not None:  # (Qwen2-MoE; DeepSeek's is ungated)
+                shared = jax.nn.sigmoid(self.shared_gate(x2).astype(jnp.float32)) * shared
+            out = out + shared
         return _apply(self.drop, out.astype(self.dtype).reshape(shape))
