@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from flax import nnx
@@ -25,6 +26,19 @@ _GPT2_BLOCK = dict(position="learned", max_positions=1024, norm="layer", norm_ep
 _GPT_OSS_BLOCK = dict(bias=True, attn_sinks=True, mlp_act="gpt_oss", tie_embeddings=False)
 _GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                  "original_max_position_embeddings": 4096}
+
+# DeepSeek-V3's mixture of experts: sigmoid routing with the selection bias, top-k within the best groups,
+# renormalized weights times 2.5, one ungated shared expert, dense first layers
+_DEEPSEEK_V3_MOE = dict(moe_scoring="sigmoid", moe_score_bias=True, moe_renormalize=True, moe_routed_scale=2.5,
+                        moe_shared_gate=False, tie_embeddings=False)
+
+
+def _deepseek_yarn(mscale: float) -> dict[str, Any]:
+    """DeepSeek's YaRN (factor 40 over 4096 tokens) and the softmax scale it implies for 192-wide q/k heads."""
+    yarn = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+            "beta_slow": 1.0, "mscale": mscale, "mscale_all_dim": mscale}
+    return dict(rope_scaling=yarn, attn_scale=192 ** -0.5 * (0.1 * mscale * math.log(40.0) + 1) ** 2)
+
 
 MODEL_CONFIGS: dict[str, Any] = {
     # CPU-sized, for tests and the README's main job.
@@ -55,6 +69,24 @@ MODEL_CONFIGS: dict[str, Any] = {
     "gpt-oss-120b": GPTConfig(vocab_size=201088, dim=2880, layers=36, heads=64, kv_heads=8, head_dim=64, mlp_dim=2880,
                               layer_types=("window", "full"), window=128, **_GPT_OSS_BLOCK, moe_experts=128, moe_top_k=4,
                               rope_theta=150000.0, rope_scaling=_GPT_OSS_YARN, norm_eps=1e-5),
+    # DeepSeek-V3's architecture, byte-level and CPU-sized: multi-head latent attention (a 64-wide latent, a
+    # 48-wide query bottleneck, 16-wide RoPE keys) and its mixture of experts (8 experts in 4 groups, top 2
+    # of the best 2 groups, sigmoid routing, a shared expert) after one dense layer
+    "deepseek-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, head_dim=32, qk_rope_dim=16, v_head_dim=32,
+                               kv_lora_rank=64, q_lora_rank=48, mlp_dim=256, moe_experts=8, moe_top_k=2, moe_dim=64,
+                               moe_dense_layers=1, moe_shared_dim=64, moe_groups=4, moe_topk_groups=2,
+                               **_DEEPSEEK_V3_MOE),
+    # DeepSeek-V2-Lite (16B, 2.4B active) and DeepSeek-V3 / R1 (671B, 37B active) as released (their folders
+    # load with jaxattn.models.hf.load_pretrained; V3's FP8 weights dequantized as they load)
+    "deepseek-v2-lite": GPTConfig(vocab_size=102400, dim=2048, layers=27, heads=16, head_dim=128, qk_rope_dim=64,
+                                  v_head_dim=128, kv_lora_rank=512, mlp_dim=10944, moe_experts=64, moe_top_k=6,
+                                  moe_dim=1408, moe_dense_layers=1, moe_shared_dim=2 * 1408, moe_shared_gate=False,
+                                  moe_renormalize=False, moe_aux_loss=0.001, tie_embeddings=False,
+                                  **_deepseek_yarn(0.707)),
+    "deepseek-v3": GPTConfig(vocab_size=129280, dim=7168, layers=61, heads=128, head_dim=128, qk_rope_dim=64,
+                             v_head_dim=128, kv_lora_rank=512, q_lora_rank=1536, mlp_dim=18432, moe_experts=256,
+                             moe_top_k=8, moe_dim=2048, moe_dense_layers=3, moe_shared_dim=2048, moe_groups=8,
+                             moe_topk_groups=4, moe_aux_loss=0.001, **_DEEPSEEK_V3_MOE, **_deepseek_yarn(1.0)),
     # a Mixtral-style mixture of experts (LLaMA blocks, 8 SiLU experts, top 2), byte-level and CPU-sized
     "moe-gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, moe_experts=8, moe_top_k=2, mlp_dim=128),
     # GPT-2's block (LayerNorm, biases, GELU MLP, learned positions): byte-level CPU-sized, and GPT-2 small
