@@ -22,6 +22,11 @@ page_size, Hkv, D]`` and ``block_tables[b, i]`` names the page holding row ``b``
 sub]`` at offset ``(j % sub) * block_k`` (``sub = page_size / block_k``; pages smaller than the
 block size are read one page per step), so nothing is gathered into a dense cache.
 
+**Latent caches** (multi-head latent attention, DeepSeek's MLA decoded with the up-projection absorbed):
+one array ``[B, S, 1, L + R]`` is both: keys are its whole rows, values their first ``L`` columns (the
+latent). The kernel reads each block once, as two tiles (``L`` and ``R`` wide: 512 and 64 in
+DeepSeek-V3, each a power of two), so the 576-wide key is two dots and the value is the first tile.
+
 **Quantized caches** (FP8 / int8 with a scale per kv head): tiles are upcast to q's dtype as they
 are loaded; ``k_scale`` multiplies the logits and ``v_scale`` the output. **ALiBi**: per packed row,
 ``slope * |position - key position|`` is subtracted from the logits.
@@ -67,6 +72,15 @@ CONFIGS: dict[tuple[int, int], DecodeConfig] = {
     (128, 4): DecodeConfig(32, 32, 8, 2),  # 4 warps spilled ~0.5-0.9 KB per thread on sm_90a
     (256, 4): DecodeConfig(16, 16, 4, 1),
 }
+# latent caches: (latent width L, bytes per element) -> config (a [block_m, L] fp32 accumulator). On sm_90a,
+# L = 512: 32 rows and 8 warps keep it spill-free with a 3-stage pipeline (64 rows, for wgmma, spilled
+# 56-660 B per thread at every block_k and stage count tried; 4 warps spilled 56 B)
+LATENT_CONFIGS: dict[tuple[int, int], DecodeConfig] = {
+    (512, 2): DecodeConfig(32, 32, 8, 3),
+    (256, 2): DecodeConfig(32, 32, 4, 3),
+}
+# the widest latent (L) and RoPE part (R) the latent mode takes
+LATENT_MAX = (512, 128)
 
 
 def decode_config(head_dim: int, dtype) -> DecodeConfig:
@@ -98,6 +112,7 @@ class _Static:
     cache_rows: int = 0
     head_dim: int = 0
     value_dim: int = 0
+    latent: int = 0  # a latent cache: values are the keys' first `latent` columns (0: a separate value cache)
 
 
 def choose_splits(batch: int, kv_heads: int, row_tiles: int, kv_blocks: int) -> int:
@@ -106,7 +121,8 @@ def choose_splits(batch: int, kv_heads: int, row_tiles: int, kv_blocks: int) -> 
     return int(max(1, min(kv_blocks, -(-TARGET_PROGRAMS // base))))
 
 
-def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
+def _kernel(q_ref, k_ref, *rest, st: _Static):
+    v_ref, len_ref, *rest = (None, *rest) if st.latent else rest
     table_ref, *rest = rest if st.blocks_per_page else (None, *rest)
     slope_ref, *rest = rest if st.alibi else (None, *rest)
     scale_ref, *rest = rest if st.kv_scales else (None, *rest)
@@ -136,7 +152,11 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
         free_lo = jnp.clip(lax.div(jnp.maximum(last - left, 0) + bk - 1, bk), start, hi)
     n_free = jnp.clip(lax.div(jnp.maximum(lo_lim + 1, 0), bk), free_lo, hi)  # blocks every row sees whole
 
-    q = q_ref[...]
+    lat, rope = st.latent, st.head_dim - st.latent
+    if lat:  # [latent | rope] columns, each tile a power of two
+        q, q_rope = q_ref[:, pl.ds(0, lat)], q_ref[:, pl.ds(lat, rope)]
+    else:
+        q = q_ref[...]
     slope = slope_ref[...] * LOG2E if st.alibi else None  # [bm]: each packed row's head's slope
     batch = pl.program_id(1)
     heads = pl.program_id(2) * st.groups + lax.rem(rows, st.groups)  # each packed row's q head
@@ -150,11 +170,17 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
         else:  # (blocks past the cache's rows are always masked ones)
             first = k_start
             idx, ragged = (pl.ds(k_start, bk), slice(None)), masked and st.cache_rows % bk != 0
-        k = _common.load_tile(k_ref, idx, first, st.cache_rows, ragged, st.head_dim)
-        v = _common.load_tile(v_ref, idx, first, st.cache_rows, ragged, st.value_dim)
-        if st.kv_scales:  # dequantise: the stored values (e.g. fp8) in q's dtype; scales below
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
-        qk = dot(q, k, trans_b=True, precision=st.precision)
+        if lat:  # the latent tile is the value too; the keys add the RoPE tile
+            v = _common.load_tile(k_ref, (*idx[:-1], pl.ds(0, lat)), first, st.cache_rows, ragged, lat)
+            k_rope = _common.load_tile(k_ref, (*idx[:-1], pl.ds(lat, rope)), first, st.cache_rows, ragged, rope)
+            qk = dot(q, v, trans_b=True, precision=st.precision) + dot(q_rope, k_rope, trans_b=True,
+                                                                       precision=st.precision)
+        else:
+            k = _common.load_tile(k_ref, idx, first, st.cache_rows, ragged, st.head_dim)
+            v = _common.load_tile(v_ref, idx, first, st.cache_rows, ragged, st.value_dim)
+            if st.kv_scales:  # dequantise: the stored values (e.g. fp8) in q's dtype; scales below
+                k, v = k.astype(q.dtype), v.astype(q.dtype)
+            qk = dot(q, k, trans_b=True, precision=st.precision)
         if st.kv_scales:
             qk = qk * k_scale
         s, _ = base2_logits(qk, st.scale, st.softcap)
@@ -180,7 +206,7 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
         return _common.listed_loop(lo, hi_, lambda j: table_ref[jnp.minimum(lax.div(j, st.blocks_per_page), last)],
                                    functools.partial(body, masked=masked), carry)
 
-    carry = online_softmax_init(bm, v_ref.shape[-1])
+    carry = online_softmax_init(bm, lat or v_ref.shape[-1])
     if left is not None:
         carry = loop(start, free_lo, carry, masked=True)
     carry = loop(free_lo, n_free, carry, masked=False)
@@ -192,12 +218,13 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, *rest, st: _Static):
 def _launch(q, k, v, lengths, table, *, s_max: int, cfg: DecodeConfig, bk: int, blocks_per_page: int,
             causal=True, scale=None, local_window_size=None, logits_soft_cap=None, num_splits=None,
             interpret=None, alibi_slopes=None, k_scale=None, v_scale=None, score_mod=None, score_mod_tables=(),
-            sinks=None):
+            sinks=None, latent: int = 0):
     """Packs the queries, runs the split-KV kernel over ``s_max`` logical cache rows (the dense
-    cache ``k``/``v [B, s_max, Hkv, *]`` or a page pool with ``table``, both read as they are) and
-    merges the splits. Options as :func:`decode_attention_kernel`."""
+    cache ``k``/``v [B, s_max, Hkv, *]`` or a page pool with ``table``, both read as they are; ``latent``:
+    ``v`` is None, the values ``k``'s first ``latent`` columns) and merges the splits. Options as
+    :func:`decode_attention_kernel`."""
     batch, q_len, hq, d = q.shape
-    hkv, dv = k.shape[2], v.shape[-1]
+    hkv, dv = k.shape[2], latent or v.shape[-1]
     kv_scale = _kv_scale(k_scale, v_scale, hkv)
     g = hq // hkv
     rows = q_len * g
@@ -215,20 +242,22 @@ def _launch(q, k, v, lengths, table, *, s_max: int, cfg: DecodeConfig, bk: int, 
                  softcap=None if logits_soft_cap is None else float(logits_soft_cap),
                  blocks_per_page=blocks_per_page, alibi=alibi_slopes is not None, kv_scales=kv_scale is not None,
                  cache_rows=0 if blocks_per_page else k.shape[1], head_dim=d, value_dim=dv, score_mod=score_mod,
-                 mod_tables=len(score_mod_tables))
-    dp, dvp = _common.tile_width(d), _common.tile_width(dv)
+                 mod_tables=len(score_mod_tables), latent=latent)
+    # (a latent cache's rows are read as they are: two power-of-two tiles, latent and RoPE)
+    dp, dvp = (d, dv) if latent else (_common.tile_width(d), _common.tile_width(dv))
     # pack: [B, Sq, Hkv, g, D] -> [B, Hkv, Sq * g, D], rows padded to the row tiles
     qg = q.reshape(batch, q_len, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(batch, hkv, rows, d)
     qg = _common.pad_axis(_common.pad_axis(qg, 2, n_rb * bm), 3, dp)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, s_max)
+    widths = (dp,) if latent else (dp, dvp)  # (a latent cache: k alone)
     if blocks_per_page:  # the whole pool; programs index pages through the table
         n_pages, page = k.shape[:2]
-        kv_specs = [pl.BlockSpec((n_pages, page, None, x), lambda i, b, h: (0, 0, h, 0)) for x in (dp, dvp)]
+        kv_specs = [pl.BlockSpec((n_pages, page, None, x), lambda i, b, h: (0, 0, h, 0)) for x in widths]
         extra_specs = [pl.BlockSpec((None, table.shape[1]), lambda i, b, h: (b, 0))]
         extra = [table]
     else:
         s_pad = n_kb * bk  # (whole key blocks: the last may run past the cache's rows)
-        kv_specs = [pl.BlockSpec((None, s_pad, None, x), lambda i, b, h: (b, 0, h, 0)) for x in (dp, dvp)]
+        kv_specs = [pl.BlockSpec((None, s_pad, None, x), lambda i, b, h: (b, 0, h, 0)) for x in widths]
         extra_specs, extra = [], []
     if alibi_slopes is not None:  # per packed row (row = s * g + head in group): [B, Hkv, rows padded]
         sl = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, hq), (batch, hq))
@@ -257,7 +286,7 @@ def _launch(q, k, v, lengths, table, *, s_max: int, cfg: DecodeConfig, bk: int, 
             pl.BlockSpec((None, None, None, bm), lambda i, b, h: (b, lax.div(i, n_rb), h, lax.rem(i, n_rb))),
         ],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret, name="jaxattn_decode")
-    o_parts, lse_parts = call(qg, k, v, lengths, *extra)
+    o_parts, lse_parts = call(qg, k, *(() if latent else (v,)), lengths, *extra)
     out, lse = _common.merge_partials(o_parts[..., :rows, :dv], lse_parts[..., :rows])
     # unpack: [B, Hkv, Sq * g, ...] -> [B, Sq, Hq, ...]
     out = out.reshape(batch, hkv, q_len, g, dv).transpose(0, 2, 1, 3, 4).reshape(batch, q_len, hq, dv)
@@ -324,6 +353,27 @@ def decode_attention_kernel(
                    scale=scale, local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
                    num_splits=num_splits, interpret=interpret, alibi_slopes=alibi_slopes, k_scale=k_scale,
                    v_scale=v_scale, score_mod=score_mod, score_mod_tables=tuple(score_mod_tables), sinks=sinks)
+
+
+def latent_decode_attention_kernel(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, value_dim: int,
+                                   config: DecodeConfig | None = None, causal: bool = True, scale: float | None = None,
+                                   num_splits: int | None = None, interpret: bool | None = None
+                                   ) -> tuple[jax.Array, jax.Array]:
+    """Split-KV decode attention from a latent cache, on validated inputs: ``q [B, Sq, H, L + R]``, ``cache
+    [B, S, 1, L + R]`` (the keys; the values are its first ``L = value_dim`` columns), ``L`` and ``R`` powers
+    of two >= 16 up to :data:`LATENT_MAX`. Returns ``out [B, Sq, H, L]`` in q's dtype and the fp32 lse."""
+    s_max = cache.shape[1]
+    cfg = config or LATENT_CONFIGS.get((value_dim, jnp.dtype(q.dtype).itemsize), DecodeConfig(32, 32, 4, 3))
+    bk = min(cfg.block_k, max(16, _common.next_pow2(s_max)))
+    return _launch(q, cache, None, lengths, None, s_max=s_max, cfg=cfg, bk=bk, blocks_per_page=0, causal=causal,
+                   scale=scale, num_splits=num_splits, interpret=interpret, latent=value_dim)
+
+
+def latent_kernel_ok(width: int, value_dim: int) -> bool:
+    """Whether the latent mode takes a cache ``width`` wide whose first ``value_dim`` columns are the values."""
+    rope = width - value_dim
+    pow2 = all(x >= 16 and x & (x - 1) == 0 for x in (value_dim, rope))
+    return pow2 and value_dim <= LATENT_MAX[0] and rope <= LATENT_MAX[1]
 
 
 def paged_decode_attention_kernel(

@@ -20,6 +20,7 @@ from jaxattn.models.deepseek_hf import FP8BlockStateDict, config_from_hf, export
 from jaxattn.models.gpt import GPT, GPTConfig
 from jaxattn.models.mla import MLAttention
 from jaxattn.models.safetensors_io import write_safetensors
+from jaxattn.pallas.decode import latent_kernel_ok
 from test_gpt_hf import TOKENS, scaled_inv_freq
 
 _BASE = {"vocab_size": 80, "hidden_size": 48, "intermediate_size": 40, "num_hidden_layers": 3, "num_attention_heads": 4,
@@ -193,13 +194,14 @@ def test_folder_gives_the_reference_logits_and_round_trips(tmp_path, raw):
 @pytest.mark.parametrize("impl", ["pallas", "xla"])
 def test_latent_cache_decoding_gives_the_forward(tmp_path, impl):
     """Prefill (the expanded heads, on the flash kernel) then absorbed decoding against the latent cache (the
-    decode kernel: kv_lora_rank + qk_rope_dim = 40 fits it), per-row positions too."""
-    raw = {**V3, "qk_nope_head_dim": 24, "v_head_dim": 32, "kv_lora_rank": 32}  # (the kernels' widths: >= 32)
+    decode kernel's latent mode: a 32-wide latent and 16-wide RoPE keys), per-row positions too."""
+    raw = {**V3, "qk_nope_head_dim": 24, "qk_rope_head_dim": 16, "v_head_dim": 32, "kv_lora_rank": 32}
+    assert latent_kernel_ok(32 + 16, 32)
     model = hf.load_pretrained(_folder(tmp_path, raw, random_state_dict(raw, seed=2)), attn_impl=impl)
     tokens = jnp.asarray(TOKENS)
     full = model(tokens)
     logits, cache = model.prefill(tokens[:, :7], max_len=13)
-    assert cache[0][0].shape == (2, 13, 1, 32 + 8)
+    assert cache[0][0].shape == (2, 13, 1, 32 + 16)
     tol = {jnp.dtype(jnp.float32): (2e-4, 2e-4)}
     assert_close(logits, full[:, 6], jnp.float32, "prefill", tol=tol)
     for t in range(7, 13):

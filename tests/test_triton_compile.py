@@ -118,7 +118,7 @@ TARGETS = {
     "sage": ("d64 block", "d128 block", "d128 warp smooth_q causal"),
     "block_sparse": ("power n=16384 B=256 d128 bf16",),
     "landmark": ("block 64 d128 bfloat16",),
-    "decode": ("d128 bfloat16",),
+    "decode": ("d128 bfloat16", "latent 512+64 bfloat16"),
     "halo": ("32x32 heads 8 d64 b8 h3 stride 1",),
     "linear_global": ("n=4096 heads 32 d64 bfloat16",),
     "grouped_matmul": ("bfloat16",),

@@ -1,4 +1,4 @@
-"""``python -m jaxattn.bench {attention,decode,lightning,halo,l2vit,landmark,sage,sparse,moe,vision,tnl,compile,traffic,tune} [options] [--json PATH]``.
+"""``python -m jaxattn.bench {attention,decode,mla,lightning,halo,l2vit,landmark,sage,sparse,moe,vision,tnl,compile,traffic,tune} [options] [--json PATH]``.
 
 Without a GPU the default is a tiny smoke sweep in interpret mode (seconds); on a GPU the
 default is the full sweep. Prints a table (ms, TFLOP/s, ns per token, speedup of jaxattn
@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=262144, help="batch * cache length per case")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
+    _sweep(p)
+    p.set_defaults(modes=["fwd"])  # forward only; --modes is ignored
+    p = sub.add_parser("mla", help="multi-head latent attention decoding (DeepSeek-V3's latent cache) vs XLA")
+    p.add_argument("--seqs", type=int, nargs="+", default=[4096, 32768, 131072], help="cache lengths")
+    p.add_argument("--tokens", type=int, default=262144, help="batch * cache length per case")
+    p.add_argument("--heads", type=int, default=128)
     _sweep(p)
     p.set_defaults(modes=["fwd"])  # forward only; --modes is ignored
     p = sub.add_parser("lightning", help="Lightning Attention-2 vs dense, scan, softmax flash, fla")
@@ -199,6 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         full = lambda: mod.gpu_cases(args.seqs, args.head_dims, args.dtypes, args.tokens,  # noqa: E731
                                      args.heads, args.kv_heads)
+    elif args.op == "mla":
+        from jaxattn.bench import mla as mod
+
+        full = lambda: mod.gpu_cases(args.seqs, args.dtypes, args.tokens, args.heads)  # noqa: E731
     elif args.op == "sparse":
         from jaxattn.bench import sparse as mod
 
@@ -251,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           on_case=save)
     print(f"# {args.op} | {info['device']} | jax {info['jax']} | {info['date']}")
     print(format_table(records))
-    if args.op in ("sparse", "decode"):
+    if args.op in ("sparse", "decode", "mla"):
         print("\n" + mod.summary(records))
     extra = {}
     if args.op == "sage" and not args.no_accuracy and not compile_only:

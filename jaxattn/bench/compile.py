@@ -377,6 +377,13 @@ def _decode_cases() -> Iterator[tuple[str, Callable, list]]:
 
     yield ("fp8 cache d128 bfloat16", fp8, [_sds((8, 1, 32, 128), jnp.bfloat16),
                                             *[_sds((8, 32768, 8, 128), jnp.float8_e4m3fn)] * 2, _sds((8,), jnp.int32)])
+    for (lat, size), _ in sorted(decode.LATENT_CONFIGS.items()):  # MLA's latent cache (DeepSeek-V3: 512 + 64)
+        def latent(q, cache, n, lat=lat):
+            return decode.latent_decode_attention_kernel(q, cache, n, value_dim=lat, interpret=False)
+
+        dtype = _dtype(size)
+        yield (f"latent {lat}+64 {jnp.dtype(dtype).name} 128 heads", latent,
+               [_sds((8, 1, 128, lat + 64), dtype), _sds((8, 32768, 1, lat + 64), dtype), _sds((8,), jnp.int32)])
     for page in (16, 128):  # paged cache: a 32k context per row in pages
         def paged(q, kp, vp, tables, n):
             return decode.paged_decode_attention_kernel(q, kp, vp, tables, n, interpret=False)

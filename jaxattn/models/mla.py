@@ -13,7 +13,7 @@ width ``head_dim + qk_rope_dim`` and value width ``v_head_dim``). The generation
 its 128 heads' expanded keys and values), and decoding absorbs ``W_ukv`` into the query and the output
 (``q_nope . (W_uk c) = (W_ukᵀ q_nope) . c``, ``sum p (W_uv c) = W_uv (sum p c)``): one key/value head of
 width ``kv_lora_rank + qk_rope_dim`` / ``kv_lora_rank`` that all query heads attend to, through
-:func:`jaxattn.decode_attention`.
+:func:`jaxattn.latent_decode_attention` (the decode kernel's latent mode: each cache block read once).
 
 Parameters (Hugging Face names in brackets): ``q`` [q_proj] or ``q_a`` [q_a_proj], ``q_norm``
 [q_a_layernorm], ``q_b`` [q_b_proj]; ``kv_a`` [kv_a_proj_with_mqa] to ``[c | k_pe]``, ``kv_norm``
@@ -30,8 +30,8 @@ from flax import nnx
 from jaxattn.models.gpt import RMSNorm, _linear, rope
 from jaxattn.models.vit import AttentionDropout, _apply, _dropout
 from jaxattn.ops.attention import attention
-from jaxattn.ops.decode import decode_attention
-from jaxattn.pallas.decode import MAX_HEAD_DIM as DECODE_MAX_HEAD_DIM
+from jaxattn.ops.latent_decode import latent_decode_attention
+from jaxattn.pallas.decode import latent_kernel_ok
 
 __all__ = ["MLAttention"]
 
@@ -102,9 +102,11 @@ class MLAttention(nnx.Module):
         dt = q_nope.dtype
         q_lat = jnp.einsum("bnhd,chd->bnhc", q_nope, w_uk.astype(dt), preferred_element_type=jnp.float32)
         q = jnp.concatenate([q_lat.astype(dt), q_pe], axis=-1)
-        k = latent_cache.astype(dt)
-        impl = self.cfg.attn_impl if k.shape[-1] <= DECODE_MAX_HEAD_DIM else "xla"  # (DeepSeek's 576: XLA)
-        o_lat = decode_attention(q, k, k[..., :self.rank], lengths, causal=True, scale=self.scale, impl=impl)
+        cache = latent_cache.astype(dt)
+        impl = self.cfg.attn_impl
+        if impl == "pallas" and not latent_kernel_ok(cache.shape[-1], self.rank):  # (widths the kernel cannot tile)
+            impl = "xla"
+        o_lat = latent_decode_attention(q, cache, lengths, value_dim=self.rank, causal=True, scale=self.scale, impl=impl)
         o = jnp.einsum("bnhc,chv->bnhv", o_lat, w_uv.astype(dt), preferred_element_type=jnp.float32).astype(dt)
         return self.o(o.reshape(b, n, -1)), (latent_cache,)
 

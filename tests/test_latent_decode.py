@@ -1,0 +1,94 @@
+"""Latent-cache decoding (jaxattn.latent_decode_attention: the decode kernel's latent mode, interpret mode) against an
+explicit float64 formula and the dense reference: keys the cache's rows, values their first value_dim columns;
+ragged and empty rows, several new tokens, causal or not, every dtype, forced splits; outputs poisoned; CUDA
+lowering (DeepSeek-V3's 512 + 64 with 128 heads); bad input."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_close, count_triton_calls, lower_for_cuda
+from jaxattn import latent_decode_attention
+from jaxattn.pallas._common import compile_for_gpu, poison_outputs
+
+TOL = {jnp.dtype(jnp.float32): (1e-5, 1e-5), jnp.dtype(jnp.bfloat16): (2e-2, 2e-2), jnp.dtype(jnp.float16): (4e-3, 4e-3)}
+_slow = functools.partial(pytest.param, marks=pytest.mark.slow)
+
+
+def explicit(q, cache, lengths, value_dim, causal, scale):
+    """float64: softmax(scale q . cache_j) over the visible rows j, times cache_j[:value_dim]."""
+    q, cache = np.asarray(q, np.float64), np.asarray(cache, np.float64)
+    b, sq, h, _ = q.shape
+    out = np.zeros((b, sq, h, value_dim))
+    for bi in range(b):
+        n = int(lengths[bi])
+        for i in range(sq):
+            last = n - sq + i if causal else n - 1
+            if last < 0:  # (no visible key: zeros)
+                continue
+            keys = cache[bi, : last + 1, 0]
+            s = scale * q[bi, i] @ keys.T  # [h, j]
+            p = np.exp(s - s.max(-1, keepdims=True))
+            out[bi, i] = (p / p.sum(-1, keepdims=True)) @ keys[:, :value_dim]
+    return out
+
+
+CASES = [  # (batch, Sq, heads, latent, rope, S, lengths, causal, dtype, splits)
+    (2, 1, 8, 32, 16, 77, [77, 30], True, jnp.float32, None),
+    (3, 2, 4, 64, 16, 130, [130, 65, 0], True, jnp.bfloat16, 3),  # an empty row: zeros
+    (2, 3, 2, 32, 32, 50, [50, 9], False, jnp.float16, None),
+    _slow(1, 1, 16, 512, 64, 100, [100], True, jnp.bfloat16, 2),  # DeepSeek-V3's widths
+    _slow(2, 1, 128, 256, 64, 33, [33, 17], True, jnp.float32, None),
+]
+
+
+@pytest.mark.parametrize("b,sq,h,lat,rope,s,lengths,causal,dtype,splits", CASES)
+def test_matches_the_explicit_formula(b, sq, h, lat, rope, s, lengths, causal, dtype, splits):
+    ks = jax.random.split(jax.random.key(s + h), 2)
+    q = jax.random.normal(ks[0], (b, sq, h, lat + rope)).astype(dtype)
+    cache = jax.random.normal(ks[1], (b, s, 1, lat + rope)).astype(dtype)
+    n = jnp.asarray(lengths, jnp.int32)
+    scale = (lat + rope) ** -0.5
+    with poison_outputs():
+        out, lse = latent_decode_attention(q, cache, n, value_dim=lat, causal=causal, impl="pallas", num_splits=splits,
+                                           return_lse=True, scale=scale)
+    assert out.shape == (b, sq, h, lat) and out.dtype == dtype
+    want = explicit(q.astype(jnp.float32), cache.astype(jnp.float32), lengths, lat, causal, scale)
+    assert_close(out, want, dtype, "out", tol=TOL)
+    ref, ref_lse = latent_decode_attention(q, cache, n, value_dim=lat, causal=causal, impl="xla", return_lse=True,
+                                           scale=scale)
+    assert_close(out, ref, dtype, "out vs reference", tol=TOL)
+    live = np.isfinite(np.asarray(ref_lse))
+    np.testing.assert_allclose(np.asarray(lse)[live], np.asarray(ref_lse)[live], rtol=1e-4, atol=1e-4)
+    assert not np.isfinite(np.asarray(lse)[~live]).any()
+
+
+def test_lowers_for_cuda_at_deepseek_v3_widths():
+    q = jax.ShapeDtypeStruct((4, 1, 128, 576), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((4, 4096, 1, 576), jnp.bfloat16)
+    n = jax.ShapeDtypeStruct((4,), jnp.int32)
+    with compile_for_gpu():
+        text = lower_for_cuda(lambda q, c, n: latent_decode_attention(q, c, n, value_dim=512), q, cache, n)
+    assert count_triton_calls(text) == 1
+    off = lower_for_cuda(lambda q, c, n: latent_decode_attention(q, c, n, value_dim=512), q, cache, n)
+    assert count_triton_calls(off) == 0  # (auto off a GPU: XLA)
+
+
+def test_bad_input():
+    q, cache, n = jnp.ones((2, 1, 4, 48)), jnp.ones((2, 10, 1, 48)), jnp.asarray([3, 4])
+    for args, kw, match in [((q, cache[:, :, :, :40], n), dict(value_dim=32), r"cache must be \[batch, S, 1, D\]"),
+                            ((q, jnp.ones((2, 10, 2, 48)), n), dict(value_dim=32), r"\[batch, S, 1, D\]"),
+                            ((q, cache, n), dict(value_dim=0), "value_dim"),
+                            ((q, cache, n), dict(value_dim=40, impl="pallas"), "powers of two"),
+                            ((q, cache.astype(jnp.bfloat16), n), dict(value_dim=32), "dtype"),
+                            ((q[0], cache, n), dict(value_dim=32), "q must have rank 4")]:
+        with pytest.raises(ValueError, match=match):
+            latent_decode_attention(*args, **kw)
+    # the kernel is inference-only; the XLA path differentiates
+    with pytest.raises(Exception, match="inference-only"):
+        jax.grad(lambda q: jnp.sum(latent_decode_attention(q, cache, n, value_dim=32, impl="pallas")))(q)
+    g = jax.grad(lambda q: jnp.sum(latent_decode_attention(q, cache, n, value_dim=32, impl="xla")))(q)
+    assert np.isfinite(np.asarray(g)).all()
