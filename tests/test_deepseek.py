@@ -227,6 +227,36 @@ def test_training_step_and_generation():
     assert out.shape == (1, 7)
 
 
+def test_auxiliary_loss_free_balancing_moves_the_bias_in_train_mode_only():
+    """DeepSeek-V3's balancing: each training forward adds rate * sign(mean load - load_i) to expert i's selection
+    bias (no gradient); eval mode leaves it; the LM trainer carries it from step to step."""
+    from jaxattn.models import create_model
+    from jaxattn.models.moe import MoE
+    from jaxattn.train.lm import LMConfig, Trainer, get_batch
+
+    m = MoE(16, 32, 8, 2, scoring="sigmoid", score_bias=True, bias_update_rate=0.01, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (40, 16))
+    _, experts, _ = m.route(x)
+    load = np.bincount(np.asarray(experts).ravel(), minlength=8)
+    m(x)
+    np.testing.assert_array_equal(np.asarray(m.score_bias[...]), 0.0)  # (eval mode: unchanged)
+    m.train()
+    m(x)
+    np.testing.assert_allclose(np.asarray(m.score_bias[...]), 0.01 * np.sign(load.mean() - load), rtol=1e-6)
+    with pytest.raises(ValueError, match="bias_update_rate"):
+        MoE(16, 32, 8, 2, bias_update_rate=0.01, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="moe_bias_update_rate"):
+        GPTConfig(moe_experts=8, moe_bias_update_rate=0.1)
+
+    toks = np.frombuffer(bytes(range(256)) * 20, np.uint8).astype(np.int32)
+    factory = lambda rngs: create_model("deepseek-tiny", rngs=rngs, layers=2, attn_impl="xla")  # noqa: E731
+    t = Trainer(LMConfig(seq_len=32, batch_size=4, warmup=1, steps=3), factory)
+    for s in range(2):
+        t.step(get_batch(toks, seed=0, step=s, batch=4, seq_len=32))
+    bias = np.asarray(t.model.blocks[1].mlp.score_bias[...])
+    assert np.abs(bias).max() > 0 and np.allclose(bias * 1000, np.round(bias * 1000), atol=1e-3)  # (steps of 0.001)
+
+
 def test_fp8_block_scaled_weights_dequantize_as_read():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((5, 7)).astype(np.float32)

@@ -104,6 +104,9 @@ class GPTConfig:
     moe_score_bias: bool = False
     moe_routed_scale: float = 1.0
     moe_shared_gate: bool = True
+    # DeepSeek-V3's auxiliary-loss-free balancing: with moe_score_bias, each training forward moves every expert's
+    # selection bias by this much towards the mean load (0: the bias stays as loaded)
+    moe_bias_update_rate: float = 0.0
     # "mxfp4": the experts' weights stay in MXFP4 (gpt-oss's release format; constants, not trained;
     # dim and mlp_dim multiples of 32): a quarter of bf16's memory (jaxattn.models.moe)
     moe_format: Literal["float", "mxfp4"] = "float"
@@ -220,6 +223,9 @@ class GPTConfig:
         if not self.moe_routed_scale > 0 or self.moe_dense_layers < 0 or (self.moe_dim or 1) < 1:
             raise ValueError(f"moe_routed_scale ({self.moe_routed_scale}) must be positive, moe_dense_layers "
                              f"({self.moe_dense_layers}) >= 0 and moe_dim ({self.moe_dim}) positive or None")
+        if self.moe_bias_update_rate < 0 or self.moe_bias_update_rate and not self.moe_score_bias:
+            raise ValueError(f"moe_bias_update_rate ({self.moe_bias_update_rate}) moves the experts' selection bias: "
+                             "it needs moe_score_bias and must be >= 0")
         if self.kv_lora_rank:
             self._check_mla()
         if self.moe_aux_loss < 0:
@@ -684,7 +690,8 @@ def _mlp(cfg: GPTConfig, layer: int, rngs: nnx.Rngs) -> nnx.Module:
                init_std=cfg.init_std, out_std=cfg.init_std / (2 * cfg.layers) ** 0.5, dropout=cfg.dropout,
                shared_hidden=cfg.moe_shared_dim, shared_gate=cfg.moe_shared_gate, expert_format=cfg.moe_format,
                scoring=cfg.moe_scoring, groups=cfg.moe_groups, topk_groups=cfg.moe_topk_groups,
-               score_bias=cfg.moe_score_bias, routed_scale=cfg.moe_routed_scale, rngs=rngs)
+               score_bias=cfg.moe_score_bias, routed_scale=cfg.moe_routed_scale,
+               bias_update_rate=cfg.moe_bias_update_rate, rngs=rngs)
 
 
 class Block(nnx.Module):

@@ -180,7 +180,8 @@ class MoE(nnx.Module):
     a shared expert of that width (``shared_gate_up``, ``shared_down``) added to every token's output, times
     ``sigmoid(x . shared_gate)`` with ``shared_gate`` (Qwen2-MoE) or as it is (DeepSeek). ``scoring``,
     ``groups``, ``topk_groups``, ``routed_scale``: :func:`route`'s; ``score_bias``: a :class:`RouterBias`
-    (DeepSeek-V3)."""
+    (DeepSeek-V3), which ``bias_update_rate > 0`` balances without an auxiliary loss: in train mode
+    (``model.train()``) each forward adds ``rate * sign(mean load - load_i)`` to expert ``i``'s bias."""
 
     def __init__(self, dim: int, hidden: int, experts: int, top_k: int, *, act: str = "silu",
                  limit: float | None = None, bias: bool = False, renormalize: bool = True,
@@ -188,7 +189,8 @@ class MoE(nnx.Module):
                  init_std: float = 0.02, out_std: float | None = None, dropout: float = 0.0, shared_hidden: int = 0,
                  expert_format: Literal["float", "mxfp4"] = "float", shared_gate: bool = True,
                  scoring: Literal["softmax", "sigmoid"] = "softmax", groups: int = 1, topk_groups: int = 1,
-                 score_bias: bool = False, routed_scale: float = 1.0, rngs: nnx.Rngs):
+                 score_bias: bool = False, routed_scale: float = 1.0, bias_update_rate: float = 0.0,
+                 rngs: nnx.Rngs):
         if experts < 1 or not 1 <= top_k <= experts:
             raise ValueError(f"a mixture of experts needs experts >= 1 and 1 <= top_k <= experts, got experts="
                              f"{experts}, top_k={top_k}")
@@ -219,6 +221,12 @@ class MoE(nnx.Module):
         self.shared_gate = lin(dim, 1, kernel_init=init(init_std)) if shared_hidden and shared_gate else None
         self.score_bias = RouterBias(jnp.zeros((experts,), jnp.float32)) if score_bias else None
         self.scoring, self.groups, self.topk_groups, self.routed_scale = scoring, groups, topk_groups, routed_scale
+        if bias_update_rate < 0 or bias_update_rate and not score_bias:
+            raise ValueError(f"bias_update_rate ({bias_update_rate}) moves the selection bias: it needs score_bias "
+                             "and must be >= 0")
+        # auxiliary-loss-free balancing (DeepSeek-V3): in train mode (deterministic False) each forward moves
+        # every expert's selection bias by bias_update_rate towards the mean load
+        self.bias_update_rate, self.deterministic = bias_update_rate, True
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """:func:`route` of the router's fp32 logits for ``x [T, dim]``."""
@@ -231,6 +239,10 @@ class MoE(nnx.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).astype(self.dtype)
         weights, experts, probs = self.route(x2)
+        if self.bias_update_rate and not self.deterministic:  # (not a gradient: carried like BatchNorm's statistics)
+            load = jnp.zeros((self.experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
+            bias = self.score_bias[...] + self.bias_update_rate * jnp.sign(jnp.mean(load) - load)
+            self.score_bias[...] = jax.lax.stop_gradient(bias)
         if _capturing(self):  # (training: forward_with_aux_loss)
             mask = jax.nn.one_hot(experts, self.experts, dtype=jnp.float32).sum(-2)
             self.sow(nnx.Intermediate, "aux_loss", load_balance_loss(probs, mask))

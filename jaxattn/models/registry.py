@@ -71,11 +71,11 @@ MODEL_CONFIGS: dict[str, Any] = {
                               rope_theta=150000.0, rope_scaling=_GPT_OSS_YARN, norm_eps=1e-5),
     # DeepSeek-V3's architecture, byte-level and CPU-sized: multi-head latent attention (a 64-wide latent, a
     # 48-wide query bottleneck, 16-wide RoPE keys) and its mixture of experts (8 experts in 4 groups, top 2
-    # of the best 2 groups, sigmoid routing, a shared expert) after one dense layer
+    # of the best 2 groups, sigmoid routing, a shared expert, auxiliary-loss-free balancing) after one dense layer
     "deepseek-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, head_dim=32, qk_rope_dim=16, v_head_dim=32,
                                kv_lora_rank=64, q_lora_rank=48, mlp_dim=256, moe_experts=8, moe_top_k=2, moe_dim=64,
                                moe_dense_layers=1, moe_shared_dim=64, moe_groups=4, moe_topk_groups=2,
-                               **_DEEPSEEK_V3_MOE),
+                               moe_bias_update_rate=0.001, **_DEEPSEEK_V3_MOE),
     # DeepSeek-V2-Lite (16B, 2.4B active) and DeepSeek-V3 / R1 (671B, 37B active) as released (their folders
     # load with jaxattn.models.hf.load_pretrained; V3's FP8 weights dequantized as they load)
     "deepseek-v2-lite": GPTConfig(vocab_size=102400, dim=2048, layers=27, heads=16, head_dim=128, qk_rope_dim=64,
