@@ -119,6 +119,11 @@ class GPTConfig:
     q_lora_rank: int = 0
     qk_rope_dim: int = 64
     v_head_dim: int | None = None
+    # MiniMax-01: layer_types entry "lightning" is its lightning attention layer (jaxattn.models.minimax); its
+    # blocks add each branch to its normed input (norm_residual), x' = alpha norm(x) + beta branch(norm(x)), with
+    # residual_scales (full alpha, full beta, lightning alpha, lightning beta, mlp alpha, mlp beta); () all 1
+    norm_residual: bool = False
+    residual_scales: tuple[float, ...] = ()
     # the Gemma family (Gemma 1/2/3)
     norm_offset: float = 0.0  # RMSNorms scale by (norm_offset + weight): Gemma stores weight - 1 (offset 1)
     post_norms: bool = False  # Gemma 2/3: RMSNorm on the attention and MLP outputs before each residual add
@@ -266,10 +271,17 @@ class GPTConfig:
         if self.attn_softcap is not None and (set(self.layer_types) - {"full", "window"} or self.quantized):
             raise ValueError("attn_softcap runs on the flash and decode kernels: layer_types may hold only 'full' and "
                              "'window', and quantized=False")
-        bad = [t for t in self.layer_types if t not in ("full", "power", "window", "sink")]
+        bad = [t for t in self.layer_types if t not in ("full", "power", "window", "sink", "lightning")]
         if bad or not self.layer_types:
-            raise ValueError(f"layer_types entries must be 'full', 'power', 'window' or 'sink', got "
+            raise ValueError(f"layer_types entries must be 'full', 'power', 'window', 'sink' or 'lightning', got "
                              f"{self.layer_types}")
+        if len(self.residual_scales) not in (0, 6) or (self.residual_scales and not self.norm_residual):
+            raise ValueError(f"residual_scales are MiniMax's (full alpha, full beta, lightning alpha, lightning beta, "
+                             f"mlp alpha, mlp beta) of norm_residual blocks: () or 6 numbers with norm_residual, got "
+                             f"{self.residual_scales}")
+        if self.norm_residual and (not self.pre_norms or self.post_norms or self.parallel_residual or self.post_ln):
+            raise ValueError("norm_residual (MiniMax: each branch's residual is its normed input) needs pre_norms and "
+                             "sequential residuals, without post_norms or post_ln")
         if self.kv_cache_dtype not in (None, "float8_e4m3fn", "float8_e5m2", "int8"):
             raise ValueError(f"kv_cache_dtype must be None, 'float8_e4m3fn', 'float8_e5m2' or 'int8', got "
                              f"{self.kv_cache_dtype!r}")
@@ -703,10 +715,18 @@ class Block(nnx.Module):
         # Gemma 2/3: on each branch's output too
         self.attn_post_norm, self.mlp_post_norm = (norm(), norm()) if cfg.post_norms else (None, None)
         self.residual_multiplier, self.parallel, self.post_ln = cfg.residual_multiplier, cfg.parallel_residual, cfg.post_ln
+        self.norm_residual = cfg.norm_residual
+        scales = cfg.residual_scales or (1.0,) * 6  # (MiniMax's alpha / beta: this layer kind's, and the MLP's)
+        lightning = cfg.layer_type(layer) == "lightning"
+        self.scales = (*scales[2:4], *scales[4:]) if lightning else (*scales[:2], *scales[4:])
         if cfg.kv_lora_rank:  # DeepSeek's multi-head latent attention
             from jaxattn.models.mla import MLAttention
 
             self.attn = MLAttention(cfg, layer, rngs=rngs)
+        elif cfg.layer_type(layer) == "lightning":  # MiniMax-01's lightning attention
+            from jaxattn.models.minimax import LightningLayer
+
+            self.attn = LightningLayer(cfg, layer, rngs=rngs)
         else:
             self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp = _mlp(cfg, layer, rngs)
@@ -724,7 +744,12 @@ class Block(nnx.Module):
             a = self.attn(h, positions, segment_ids=segment_ids)
         else:
             a, cache = self.attn(h, positions, cache, offset)
-        if self.post_ln:  # (OPT-350m: norms after the residual adds)
+        if self.norm_residual:  # (MiniMax: each residual is the branch's normed input, scaled)
+            aa, ab, ma, mb = (jnp.asarray(f, h.dtype) for f in self.scales)
+            x = aa * h + ab * a
+            h2 = self.norm2(x)
+            x = ma * h2 + mb * self.mlp(h2)
+        elif self.post_ln:  # (OPT-350m: norms after the residual adds)
             x = self.norm1(x + post(None, a))
             x = self.norm2(x + post(None, self.mlp(x)))
         elif self.parallel:  # (GPT-NeoX: both branches read the block's input; Phi: the same normed input)
@@ -757,6 +782,17 @@ def document_positions(docs: jax.Array) -> jax.Array:
     return t - jax.lax.cummax(jnp.where(first, t, 0), axis=1)
 
 
+def _kv_cache(cfg: GPTConfig, batch: int, max_len: int, dtype: str | None) -> KVCache:
+    """One layer's zeroed (k, v) cache ``[batch, max_len, kv_heads, head_dim]``, with per-kv-head scales (set
+    by the prefill) for a quantized one."""
+    kv = cfg.kv_heads or cfg.heads
+    shape = (batch, max_len, kv, cfg.head_size)
+    dt = jnp.dtype(dtype or cfg.kv_cache_dtype or cfg.dtype)
+    if dt in map(jnp.dtype, ("float8_e4m3fn", "float8_e5m2", "int8")):
+        return jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.ones(kv), jnp.ones(kv)
+    return jnp.zeros(shape, dt), jnp.zeros(shape, dt)
+
+
 class GPT(nnx.Module):
     """``model(tokens [B, N]) -> logits [B, N, vocab]`` (fp32)."""
 
@@ -782,7 +818,7 @@ class GPT(nnx.Module):
     @property
     def block_sparse_kinds(self) -> list[str]:
         """The layer kinds run on the block-sparse kernel (not full or sliding-window attention)."""
-        return sorted({blk.attn.kind for blk in self.blocks} - {"full", "window"})
+        return sorted({blk.attn.kind for blk in self.blocks} - {"full", "window", "lightning"})
 
     def enable_sequence_parallel(self, mesh, axis: str = "seq", batch_axis: str | None = None,
                                  layout: Literal["contiguous", "zigzag"] = "contiguous") -> None:
@@ -803,9 +839,9 @@ class GPT(nnx.Module):
         check_layout(layout)
         if mesh is not None:
             bad = sorted({blk.attn.kind for blk in self.blocks} - {"full", "window"})
-            if self.cfg.kv_lora_rank:
+            if self.cfg.kv_lora_rank or "lightning" in self.cfg.layer_types:
                 raise ValueError("sequence parallelism (ring attention) does not cover multi-head latent attention "
-                                 "(kv_lora_rank) layers")
+                                 "(kv_lora_rank) or MiniMax's lightning layers")
             if bad or self.cfg.quantized:
                 raise ValueError(f"sequence parallelism (ring attention) covers full and sliding-window attention "
                                  f"layers; this model has {bad or 'quantized'} layers")
@@ -890,12 +926,12 @@ class GPT(nnx.Module):
         if self.cfg.kv_lora_rank:  # multi-head latent attention: the latent and the shared RoPE key
             width = self.cfg.kv_lora_rank + self.cfg.qk_rope_dim
             return [(jnp.zeros((batch, max_len, 1, width), jnp.dtype(dtype or self.cfg.dtype)),) for _ in self.blocks]
-        kv = self.cfg.kv_heads or self.cfg.heads
-        shape = (batch, max_len, kv, self.cfg.head_size)
-        dt = jnp.dtype(dtype or self.cfg.kv_cache_dtype or self.cfg.dtype)
-        if dt in map(jnp.dtype, ("float8_e4m3fn", "float8_e5m2", "int8")):  # + scales (set by the prefill)
-            return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.ones(kv), jnp.ones(kv)) for _ in self.blocks]
-        return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in self.blocks]
+        if "lightning" in self.cfg.layer_types:  # MiniMax: a recurrent state per lightning layer
+            hd = self.cfg.head_size
+            state = (jnp.zeros((batch, self.cfg.heads, hd, hd), jnp.float32),)
+            return [state if blk.attn.kind == "lightning" else _kv_cache(self.cfg, batch, max_len, dtype)
+                    for blk in self.blocks]
+        return [_kv_cache(self.cfg, batch, max_len, dtype) for _ in self.blocks]
 
     def prefill(self, tokens: jax.Array, max_len: int, lengths: jax.Array | None = None):
         """The prompt's parallel forward into a fresh cache of ``max_len`` positions:
@@ -904,9 +940,9 @@ class GPT(nnx.Module):
         past the row's length, so decoding at per-row positions overwrites them and never reads them)."""
         if tokens.shape[1] > max_len:
             raise ValueError(f"prompt of {tokens.shape[1]} tokens does not fit max_len={max_len}")
-        if lengths is not None and self.block_sparse_kinds:
+        if lengths is not None and (self.block_sparse_kinds or "lightning" in self.cfg.layer_types):
             raise ValueError("ragged prompts (lengths) decode full and sliding-window layers; this model has "
-                             "block-sparse ones")
+                             "block-sparse or lightning ones (a lightning state would take in the padding)")
         logits, cache = self(tokens, cache=self.init_cache(tokens.shape[0], max_len), offset=0)
         if lengths is None:
             return logits[:, -1], cache

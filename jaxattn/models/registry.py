@@ -87,6 +87,20 @@ MODEL_CONFIGS: dict[str, Any] = {
                              v_head_dim=128, kv_lora_rank=512, q_lora_rank=1536, mlp_dim=18432, moe_experts=256,
                              moe_top_k=8, moe_dim=2048, moe_dense_layers=3, moe_shared_dim=2048, moe_groups=8,
                              moe_topk_groups=4, moe_aux_loss=0.001, **_DEEPSEEK_V3_MOE, **_deepseek_yarn(1.0)),
+    # MiniMax-01's architecture, byte-level and CPU-sized: three lightning layers (Lightning Attention-2 with
+    # MiniMax's decay schedule, jaxattn.models.minimax) to one softmax layer, scaled normed residuals
+    # (DeepNorm's alpha = (2 L) ** 0.25), 8 experts (top 2) in every layer
+    "minimax-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, kv_heads=2, mlp_dim=128,
+                              layer_types=("lightning", "lightning", "lightning", "full"), norm_residual=True,
+                              residual_scales=(8 ** 0.25, 1.0, 8 ** 0.25, 1.0, 8 ** 0.25, 1.0), moe_experts=8,
+                              moe_top_k=2, norm_eps=1e-5, tie_embeddings=False),
+    # MiniMax-Text-01 (456B, 45.9B active) as its config.json reads (UNCONFIRMED here: no checkpoint was read);
+    # its folders load with jaxattn.models.hf.load_pretrained
+    "minimax-text-01": GPTConfig(vocab_size=200064, dim=6144, layers=80, heads=64, kv_heads=8, head_dim=128,
+                                 mlp_dim=9216, layer_types=("lightning",) * 7 + ("full",), rope_theta=1e7,
+                                 rotary_dim=64, norm_residual=True, residual_scales=(160 ** 0.25, 1.0) * 3,
+                                 moe_experts=32, moe_top_k=2, moe_aux_loss=0.001, norm_eps=1e-5,
+                                 tie_embeddings=False),
     # a Mixtral-style mixture of experts (LLaMA blocks, 8 SiLU experts, top 2), byte-level and CPU-sized
     "moe-gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, moe_experts=8, moe_top_k=2, mlp_dim=128),
     # GPT-2's block (LayerNorm, biases, GELU MLP, learned positions): byte-level CPU-sized, and GPT-2 small
