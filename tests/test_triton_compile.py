@@ -122,6 +122,7 @@ TARGETS = {
     "halo": ("32x32 heads 8 d64 b8 h3 stride 1",),
     "linear_global": ("n=4096 heads 32 d64 bfloat16",),
     "grouped_matmul": ("bfloat16",),
+    "gated_delta": ("dk128 dv128 bfloat16",),
 }
 SPILL_BUDGET = {"landmark": 640}
 # Tensor-core instructions a kernel must use (by A-operand type): SageAttention's point is INT8

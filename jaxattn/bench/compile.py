@@ -478,11 +478,25 @@ def _grouped_matmul_cases() -> Iterator[tuple[str, Callable, list]]:
                [_sds((16384, 2880), dtype), _sds((32, packed_rows(2880), 5760), jnp.uint8), _sds((32,), jnp.int32)])
 
 
+def _gated_delta_cases() -> Iterator[tuple[str, Callable, list]]:
+    """The gated delta rule's chunked forward kernel at Gated DeltaNet's head dims (Qwen3-Next: 128 / 128)."""
+    from jaxattn.pallas.gated_delta import gated_delta_kernel
+
+    def fwd(q, k, v, g, beta):
+        return gated_delta_kernel(q, k, v, g, beta, scale=0.088, interpret=False)
+
+    for dk, dv in ((128, 128), (64, 64)):
+        dtype = jnp.bfloat16
+        yield (f"dk{dk} dv{dv} bfloat16 n=4096", fwd,
+               [_sds((2, 4096, 16, dk), dtype), _sds((2, 4096, 16, dk), dtype), _sds((2, 4096, 16, dv), dtype),
+                _sds((2, 4096, 16), jnp.float32), _sds((2, 4096, 16), jnp.float32)])
+
+
 FAMILIES: dict[str, Callable[[], Iterable[tuple[str, Callable, list]]]] = {
     "flash": _flash_cases, "lightning": _lightning_cases, "sage": _sage_cases,
     "block_sparse": _block_sparse_cases, "halo": _halo_cases, "landmark": _landmark_cases,
     "decode": _decode_cases, "mosaic": _mosaic_cases, "linear_global": _linear_global_cases,
-    "grouped_matmul": _grouped_matmul_cases,
+    "grouped_matmul": _grouped_matmul_cases, "gated_delta": _gated_delta_cases,
 }
 
 

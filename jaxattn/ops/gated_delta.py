@@ -1,0 +1,148 @@
+"""``jaxattn.gated_delta_rule``: the gated delta rule (Gated DeltaNet; Qwen3-Next's and Kimi Linear's linear
+attention), ``S_t = exp(g_t) (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ``, ``o_t = scale q_tᵀ S_t``
+(:mod:`jaxattn.reference.gated_delta`), computed chunk by chunk.
+
+Chunked form (the WY / UT representation of DeltaNet's chunkwise training, with the decay): in a chunk of ``C``
+tokens with in-chunk cumulative log decays ``G`` (``gamma = exp(G)``, ``Gamma_ij = gamma_i / gamma_j`` for
+``j <= i``) and the state ``S_0`` before it, the delta rule's corrected values ``u_t = beta_t (v_t - k_tᵀ
+exp(g_t) S_{t-1})`` solve the unit lower-triangular system ``(I + A) U = beta V - beta gamma K S_0`` with ``A_tj
+= beta_t Gamma_tj k_t . k_j`` (``j < t``), so ``U = T V - W S_0`` with ``T V`` and ``W = T gamma K`` independent of
+the state; then ``O = gamma Q S_0 + (Q Kᵀ * Gamma) U`` and ``S_C = gamma_C S_0 + (gamma_C / gamma K)ᵀ U``. Only the
+last two lines run chunk after chunk.
+
+``impl="xla"`` solves the triangular systems with ``jax.scipy.linalg.solve_triangular`` and scans the chunks
+(differentiable by autodiff); ``impl="pallas"`` runs :mod:`jaxattn.pallas.gated_delta`'s forward kernel (one
+program per batch row, head and value-column block, the state in registers, ``(I + A)^{-1}`` by repeated
+squaring: six 64 x 64 matmuls) with the XLA chunked path's gradient; ``"auto"``: the kernel on a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxattn.ops import _checks
+from jaxattn.pallas import _common
+from jaxattn.pallas.gated_delta import gated_delta_kernel, kernel_ok
+
+__all__ = ["gated_delta_rule", "gated_delta_rule_step", "CHUNK"]
+
+CHUNK = 64  # tokens per chunk (the kernel's and the XLA path's: jaxattn.pallas.gated_delta.CHUNK)
+_HP = lax.Precision.HIGHEST
+
+
+def _check(q, k, v, g, beta, initial_state):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.check_rank(name, x, 4, "[batch, seq, heads, head_dim]")
+        _checks.check_float_dtype(name, x)
+    _checks.check_same_dtype(q=q, k=k, v=v)
+    b, n, h, dk = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {tuple(q.shape)} [batch, seq, heads, d_k], got {tuple(k.shape)}")
+    if v.shape[:3] != (b, n, h):
+        raise ValueError(f"v must be [batch, seq, heads, d_v] = [{b}, {n}, {h}, d_v] like q, got {tuple(v.shape)}")
+    for name, x in (("g", g), ("beta", beta)):
+        if tuple(jnp.shape(x)) != (b, n, h) or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            raise ValueError(f"{name} must be a floating [batch, seq, heads] = ({b}, {n}, {h}), got "
+                             f"{jnp.result_type(x).name} {tuple(jnp.shape(x))}")
+    if initial_state is not None and tuple(initial_state.shape) != (b, h, dk, v.shape[-1]):
+        raise ValueError(f"initial_state must be [batch, heads, d_k, d_v] = ({b}, {h}, {dk}, {v.shape[-1]}), got "
+                         f"{tuple(initial_state.shape)}")
+
+
+def _chunks(x: jax.Array, c: int) -> jax.Array:
+    """``[B, N, H, ...] -> [B, H, N / c, c, ...]`` (N a multiple of c)."""
+    b, n, h = x.shape[:3]
+    return jnp.moveaxis(x.reshape(b, n // c, c, h, *x.shape[3:]), 3, 1)
+
+
+def chunk_terms(k, v, g, beta, c: int):
+    """The state-independent terms per chunk, fp32 ``[B, H, N / c, ...]``: ``(G, T V, W, gamma_C / gamma K,
+    gamma_C)``, and ``Gamma`` (masked, including the diagonal)."""
+    k, v = _chunks(k.astype(jnp.float32), c), _chunks(v.astype(jnp.float32), c)
+    gcum = jnp.cumsum(_chunks(g.astype(jnp.float32), c), axis=-1)  # [B, H, Nc, c]
+    beta = _chunks(beta.astype(jnp.float32), c)
+    incl = jnp.tril(jnp.ones((c, c), bool))
+    diff = gcum[..., :, None] - gcum[..., None, :]
+    gam_ij = jnp.where(incl, jnp.exp(jnp.where(incl, diff, 0.0)), 0.0)
+    a = jnp.where(jnp.tril(incl, -1), beta[..., :, None] * jnp.einsum("...ik,...jk->...ij", k, k, precision=_HP) * gam_ij,
+                  0.0)
+    eye = jnp.eye(c, dtype=jnp.float32)
+    solve = jax.vmap(lambda m, rhs: jax.scipy.linalg.solve_triangular(m, rhs, lower=True, unit_diagonal=True))
+    flat = lambda x: x.reshape(-1, *x.shape[-2:])  # noqa: E731
+    lhs = flat(eye + a)
+    tv = solve(lhs, flat(beta[..., None] * v)).reshape(v.shape)
+    w = solve(lhs, flat((beta * jnp.exp(gcum))[..., None] * k)).reshape(k.shape)
+    k_dec = k * jnp.exp(gcum[..., -1:] - gcum)[..., None]
+    return gcum, tv, w, k_dec, jnp.exp(gcum[..., -1]), gam_ij
+
+
+def _xla(q, k, v, g, beta, scale, initial_state):
+    b, n, h, dk = q.shape
+    dv = v.shape[-1]
+    gcum, tv, w, k_dec, g_last, gam_ij = chunk_terms(k, v, g, beta, CHUNK)
+    qc = _chunks(q.astype(jnp.float32), CHUNK)
+    qk = jnp.einsum("...ik,...jk->...ij", qc, _chunks(k.astype(jnp.float32), CHUNK), precision=_HP) * gam_ij
+    q_dec = qc * jnp.exp(gcum)[..., None]
+    s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+
+    def step(s, xs):
+        tv_c, w_c, qk_c, qd_c, kd_c, gl_c = xs
+        u = tv_c - jnp.einsum("bhik,bhkv->bhiv", w_c, s, precision=_HP)
+        o = jnp.einsum("bhik,bhkv->bhiv", qd_c, s, precision=_HP) + jnp.einsum("bhij,bhjv->bhiv", qk_c, u, precision=_HP)
+        s = gl_c[..., None, None] * s + jnp.einsum("bhik,bhiv->bhkv", kd_c, u, precision=_HP)
+        return s, o
+
+    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (tv, w, qk, q_dec, k_dec, g_last))
+    s, o = lax.scan(step, s0, xs)  # o [Nc, B, H, c, dv]
+    o = jnp.moveaxis(o, 0, 2).reshape(b, h, n, dv).transpose(0, 2, 1, 3)
+    return (scale * o).astype(q.dtype), s
+
+
+def _pad(x: jax.Array, n: int) -> jax.Array:
+    return _common.pad_axis(x, 1, n)
+
+
+def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
+                     scale: float | None = None, initial_state: jax.Array | None = None, return_state: bool = False,
+                     impl: Literal["auto", "pallas", "xla"] = "auto") -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The gated delta rule (module docstring) of ``q, k [batch, seq, heads, d_k]``, ``v [batch, seq, heads,
+    d_v]``, log decays ``g`` (``<= 0``) and write strengths ``beta`` (in ``[0, 1]``), both ``[batch, seq,
+    heads]``; ``scale`` on the queries (default ``d_k ** -0.5``); ``initial_state [batch, heads, d_k, d_v]``
+    (zeros if None). The keys are taken as they are: Gated DeltaNet L2-normalizes them (and the queries)
+    first, which keeps ``I - beta k kᵀ`` a contraction. Returns ``o`` in q's dtype (and the final state, fp32).
+    Any sequence length (padded inside to whole chunks of 64)."""
+    _checks.check_impl(impl)
+    _check(q, k, v, g, beta, initial_state)
+    n = q.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else _checks.check_scale(scale)
+    n_pad = _common.round_up(max(n, 1), CHUNK)
+    args = [_pad(x, n_pad) for x in (q, k, v, g, beta)]  # (padding: k = 0, beta = 0, g = 0 leave the state as it is)
+    dk, dv = q.shape[-1], v.shape[-1]
+    if impl == "pallas" and not kernel_ok(dk, dv):
+        raise ValueError(f"impl='pallas' takes head dims that are powers of two from 16 to 256; got d_k={dk}, d_v={dv}")
+    kernel = (impl == "pallas" or (impl == "auto" and _common.targets_gpu())) and kernel_ok(dk, dv)
+    if kernel and not _checks.empty(q, v):
+        o, s = gated_delta_kernel(*args, scale=float(scale), initial_state=initial_state)
+    else:
+        o, s = _xla(*args, scale, initial_state)
+    o = o[:, :n]
+    return (o, s) if return_state else o
+
+
+def gated_delta_rule_step(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, state: jax.Array,
+                          *, scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """One decoding step, O(1) in the sequence length: ``q, k [batch, heads, d_k]``, ``v [batch, heads, d_v]``,
+    ``g, beta [batch, heads]``, ``state [batch, heads, d_k, d_v]`` (fp32) -> ``(o [batch, heads, d_v]`` in q's
+    dtype, ``state')``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = jnp.exp(g.astype(jnp.float32))[..., None, None] * state.astype(jnp.float32)
+    kf = k.astype(jnp.float32)
+    pred = jnp.einsum("bhk,bhkv->bhv", kf, s, precision=_HP)
+    s = s + jnp.einsum("bhk,bhv->bhkv", kf, beta.astype(jnp.float32)[..., None] * (v.astype(jnp.float32) - pred),
+                       precision=_HP)
+    o = scale * jnp.einsum("bhk,bhkv->bhv", q.astype(jnp.float32), s, precision=_HP)
+    return o.astype(q.dtype), s

@@ -1,0 +1,41 @@
+"""The gated delta rule (Gated DeltaNet, Yang, Kautz and Hatamizadeh 2024; DeltaNet with a decay gate, as Qwen3-Next
+and Kimi Linear use it) as its token-by-token recurrence, in fp32: the oracle.
+
+With a state ``S [d_k, d_v]`` per head, starting from ``S_0``, for each token ``t``::
+
+    S_t = exp(g_t) (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ,    o_t = scale * q_tᵀ S_t
+
+(``g_t <= 0`` the log decay, ``beta_t`` in [0, 1] the write strength: the state's prediction of ``v_t`` from
+``k_t`` moves a fraction ``beta_t`` of the way to ``v_t``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["gated_delta_reference"]
+
+
+def gated_delta_reference(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
+                          scale: float | None = None, initial_state: jax.Array | None = None
+                          ) -> tuple[jax.Array, jax.Array]:
+    """``(o [B, N, H, d_v] fp32, final state [B, H, d_k, d_v] fp32)`` of ``q, k [B, N, H, d_k]``, ``v [B, N, H,
+    d_v]``, ``g, beta [B, N, H]`` (module docstring; ``scale`` default ``d_k ** -0.5``)."""
+    b, n, h, dk = q.shape
+    dv = v.shape[-1]
+    scale = dk ** -0.5 if scale is None else scale
+    f32 = lambda x: jnp.moveaxis(x.astype(jnp.float32), 1, 0)  # noqa: E731  (time first)
+    s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+    hp = lax.Precision.HIGHEST
+
+    def step(s, xs):
+        q_t, k_t, v_t, g_t, b_t = xs  # [B, H, d], [B, H]
+        s = jnp.exp(g_t)[..., None, None] * s
+        pred = jnp.einsum("bhk,bhkv->bhv", k_t, s, precision=hp)
+        s = s + jnp.einsum("bhk,bhv->bhkv", k_t, b_t[..., None] * (v_t - pred), precision=hp)
+        return s, scale * jnp.einsum("bhk,bhkv->bhv", q_t, s, precision=hp)
+
+    s, o = lax.scan(step, s0, (f32(q), f32(k), f32(v), f32(g), f32(beta)))
+    return jnp.moveaxis(o, 0, 1), s

@@ -1,0 +1,111 @@
+"""The gated delta rule (jaxattn.gated_delta_rule): the chunked forward kernel (interpret mode) and the XLA chunked
+path against the token-by-token recurrence (jaxattn.reference.gated_delta_reference), outputs, final states and
+the gradients of every input, on ragged lengths, d_k != d_v, with and without a decay and an initial state,
+every dtype; outputs poisoned; one-token steps; CUDA lowering; bad input."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_close, count_triton_calls, lower_for_cuda
+from jaxattn import gated_delta_rule, gated_delta_rule_step
+from jaxattn.pallas._common import compile_for_gpu, poison_outputs
+from jaxattn.reference import gated_delta_reference
+
+TOL = {jnp.dtype(jnp.float32): (2e-5, 2e-5), jnp.dtype(jnp.bfloat16): (3e-2, 3e-2), jnp.dtype(jnp.float16): (6e-3, 6e-3)}
+GRAD_TOL = {jnp.dtype(jnp.float32): (1e-4, 1e-4), jnp.dtype(jnp.bfloat16): (6e-2, 6e-2),
+            jnp.dtype(jnp.float16): (1e-2, 1e-2)}
+_slow = functools.partial(pytest.param, marks=pytest.mark.slow)
+
+
+def inputs(b, n, h, dk, dv, dtype, decay=True, state=True, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731  (Gated DeltaNet's L2 norm)
+    q = unit(jax.random.normal(ks[0], (b, n, h, dk))).astype(dtype)
+    k = unit(jax.random.normal(ks[1], (b, n, h, dk))).astype(dtype)
+    v = jax.random.normal(ks[2], (b, n, h, dv)).astype(dtype)
+    g = -0.3 * jax.nn.softplus(jax.random.normal(ks[3], (b, n, h))) if decay else jnp.zeros((b, n, h))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, n, h)))
+    s0 = 0.2 * jax.random.normal(ks[5], (b, h, dk, dv)) if state else None
+    return q, k, v, g, beta, s0
+
+
+CASES = [  # (batch, seq, heads, d_k, d_v, dtype, decay, initial state)
+    (2, 70, 3, 32, 64, jnp.float32, True, True),  # a ragged last chunk, d_k != d_v
+    (1, 150, 2, 64, 64, jnp.bfloat16, True, False),
+    (2, 33, 2, 16, 32, jnp.float16, False, True),  # no decay: DeltaNet
+    _slow(1, 1, 4, 128, 128, jnp.bfloat16, True, True),  # one token
+    _slow(1, 200, 2, 128, 128, jnp.float32, True, True),
+]
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+@pytest.mark.parametrize("b,n,h,dk,dv,dtype,decay,state", CASES)
+def test_matches_the_recurrence_forward_and_gradients(impl, b, n, h, dk, dv, dtype, decay, state):
+    q, k, v, g, beta, s0 = inputs(b, n, h, dk, dv, dtype, decay, state)
+    with poison_outputs():
+        o, s = gated_delta_rule(q, k, v, g, beta, initial_state=s0, return_state=True, impl=impl)
+    ro, rs = gated_delta_reference(q, k, v, g, beta, initial_state=s0)
+    assert o.dtype == dtype and s.dtype == jnp.float32 and o.shape == (b, n, h, dv)
+    assert_close(o, ro, dtype, "output", tol=TOL)
+    assert_close(s, rs, dtype, "final state", tol=TOL)
+    ct = jax.random.normal(jax.random.key(9), o.shape)
+    ct_s = jax.random.normal(jax.random.key(10), s.shape)
+
+    def loss(fn, q, k, v, g, beta, s0):
+        out, st = fn(q, k, v, g, beta, s0)
+        return jnp.sum(out.astype(jnp.float32) * ct) + jnp.sum(st * ct_s)
+
+    ours = functools.partial(loss, lambda *a: gated_delta_rule(*a[:5], initial_state=a[5], return_state=True, impl=impl))
+    ref = functools.partial(loss, lambda *a: gated_delta_reference(*a[:5], initial_state=a[5]))
+    args = (q, k, v, g, beta, s0 if state else jnp.zeros((b, h, dk, dv)))
+    with poison_outputs():
+        got = jax.grad(ours, argnums=tuple(range(6)))(*args)
+    want = jax.grad(ref, argnums=tuple(range(6)))(*(x.astype(jnp.float32) for x in args))
+    for name, a, e in zip(("dq", "dk", "dv", "dg", "dbeta", "dstate"), got, want):
+        assert_close(a, e, dtype, name, tol=GRAD_TOL)
+
+
+def test_steps_continue_the_forward():
+    q, k, v, g, beta, s0 = inputs(2, 20, 2, 16, 16, jnp.float32)
+    o, s = gated_delta_rule(q[:, :12], k[:, :12], v[:, :12], g[:, :12], beta[:, :12], initial_state=s0,
+                            return_state=True, impl="pallas")
+    full = gated_delta_reference(q, k, v, g, beta, initial_state=s0)[0]
+    for t in range(12, 20):
+        out, s = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], s)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(full[:, t]), rtol=1e-5, atol=1e-5)
+
+
+def test_lowers_for_cuda():
+    q, k, v, g, beta, _ = (jax.ShapeDtypeStruct(x.shape, x.dtype) if x is not None else None
+                           for x in inputs(1, 256, 2, 128, 128, jnp.bfloat16))
+
+    def step(q, k, v, g, beta):
+        return jax.value_and_grad(lambda *a: jnp.sum(gated_delta_rule(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4))(
+            q, k, v, g, beta)
+
+    with compile_for_gpu():
+        text = lower_for_cuda(step, q, k, v, g, beta)
+    assert count_triton_calls(text) == 1  # the forward kernel (the backward: XLA's chunked path)
+    off = lower_for_cuda(lambda *a: step(*a), q, k, v, g, beta)  # (a fresh trace: auto off a GPU is XLA)
+    assert count_triton_calls(off) == 0
+
+
+def test_bad_input():
+    q, k, v, g, beta, s0 = inputs(1, 8, 2, 16, 16, jnp.float32)
+    for args, kw, match in [((q, k[..., :8], v, g, beta), {}, "k must have q's shape"),
+                            ((q, k, v[:, :4], g, beta), {}, "v must be"),
+                            ((q, k, v, g[..., :1], beta), {}, "g must be"),
+                            ((q, k, v, g, beta.astype(jnp.int32)), {}, "beta must be a floating"),
+                            ((q, k, v, g, beta), {"initial_state": s0[:, :1]}, "initial_state must be"),
+                            ((q[0], k, v, g, beta), {}, "q must have rank 4"),
+                            ((q, k, v, g, beta), {"impl": "triton"}, "impl")]:
+        with pytest.raises(ValueError, match=match):
+            gated_delta_rule(*args, **kw)
+    q3, k3, v3, g3, b3, _ = inputs(1, 8, 2, 24, 16, jnp.float32)
+    with pytest.raises(ValueError, match="powers of two"):
+        gated_delta_rule(q3, k3, v3, g3, b3, impl="pallas")
+    assert gated_delta_rule(q3, k3, v3, g3, b3).shape == (1, 8, 2, 16)  # (auto: XLA takes any width)
