@@ -1,4 +1,4 @@
-"""``python -m jaxattn.bench {attention,decode,mla,lightning,halo,l2vit,landmark,sage,sparse,moe,vision,tnl,compile,traffic,tune} [options] [--json PATH]``.
+"""``python -m jaxattn.bench {attention,decode,mla,lightning,delta,halo,l2vit,landmark,sage,sparse,moe,vision,tnl,compile,traffic,tune} [options] [--json PATH]``.
 
 Without a GPU the default is a tiny smoke sweep in interpret mode (seconds); on a GPU the
 default is the full sweep. Prints a table (ms, TFLOP/s, ns per token, speedup of jaxattn
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(modes=["fwd"])  # forward only; --modes is ignored
     p = sub.add_parser("lightning", help="Lightning Attention-2 vs dense, scan, softmax flash, fla")
     _common(p, [1024, 2048, 4096, 8192, 16384, 32768, 65536], 65536)
+    p = sub.add_parser("delta", help="gated delta rule (Gated DeltaNet): chunked kernel vs XLA chunked, scan, fla")
+    _common(p, [2048, 8192, 32768], 65536)
     p = sub.add_parser("sage", help="SageAttention2 INT8/FP8 (inference) vs bf16 flash, cuDNN, sageattention")
     _common(p, [1024, 2048, 4096, 8192, 16384, 32768], 16384)
     p.set_defaults(modes=["fwd"])  # forward only; --modes is ignored
@@ -205,6 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         full = lambda: mod.gpu_cases(args.seqs, args.head_dims, args.dtypes, args.tokens,  # noqa: E731
                                      args.heads, args.kv_heads)
+    elif args.op == "delta":
+        from jaxattn.bench import delta as mod
+
+        full = lambda: mod.gpu_cases(args.seqs, args.head_dims, args.dtypes, args.modes,  # noqa: E731
+                                     args.tokens, args.model_dim)
     elif args.op == "mla":
         from jaxattn.bench import mla as mod
 

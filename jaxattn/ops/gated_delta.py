@@ -10,8 +10,8 @@ exp(g_t) S_{t-1})`` solve the unit lower-triangular system ``(I + A) U = beta V 
 the state; then ``O = gamma Q S_0 + (Q Kᵀ * Gamma) U`` and ``S_C = gamma_C S_0 + (gamma_C / gamma K)ᵀ U``. Only the
 last two lines run chunk after chunk.
 
-``impl="xla"`` solves the triangular systems with ``jax.scipy.linalg.solve_triangular`` and scans the chunks
-(differentiable by autodiff); ``impl="pallas"`` runs :mod:`jaxattn.pallas.gated_delta`'s forward kernel (one
+``impl="xla"`` inverts ``I + A`` by its finite Neumann series (:func:`unit_lower_inverse`, matmuls only) and
+scans the chunks (differentiable by autodiff); ``impl="pallas"`` runs :mod:`jaxattn.pallas.gated_delta`'s forward kernel (one
 program per batch row, head and value-column block, the state in registers, ``(I + A)^{-1}`` by repeated
 squaring: six 64 x 64 matmuls) with the XLA chunked path's gradient; ``"auto"``: the kernel on a GPU.
 """
@@ -70,14 +70,23 @@ def chunk_terms(k, v, g, beta, c: int):
     gam_ij = jnp.where(incl, jnp.exp(jnp.where(incl, diff, 0.0)), 0.0)
     a = jnp.where(jnp.tril(incl, -1), beta[..., :, None] * jnp.einsum("...ik,...jk->...ij", k, k, precision=_HP) * gam_ij,
                   0.0)
-    eye = jnp.eye(c, dtype=jnp.float32)
-    solve = jax.vmap(lambda m, rhs: jax.scipy.linalg.solve_triangular(m, rhs, lower=True, unit_diagonal=True))
-    flat = lambda x: x.reshape(-1, *x.shape[-2:])  # noqa: E731
-    lhs = flat(eye + a)
-    tv = solve(lhs, flat(beta[..., None] * v)).reshape(v.shape)
-    w = solve(lhs, flat((beta * jnp.exp(gcum))[..., None] * k)).reshape(k.shape)
+    inv = unit_lower_inverse(a)
+    tv = jnp.einsum("...ij,...jv->...iv", inv, beta[..., None] * v, precision=_HP)
+    w = jnp.einsum("...ij,...jk->...ik", inv, (beta * jnp.exp(gcum))[..., None] * k, precision=_HP)
     k_dec = k * jnp.exp(gcum[..., -1:] - gcum)[..., None]
     return gcum, tv, w, k_dec, jnp.exp(gcum[..., -1]), gam_ij
+
+
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """``(I + A)^{-1}`` of strictly lower-triangular ``a [..., c, c]`` (``c`` a power of two): ``A`` is nilpotent,
+    so the inverse is the finite Neumann series ``(I - A)(I + A^2)(I + A^4)...(I + A^(c/2))``, ``2 log2 c - 1``
+    matmuls (the kernel's way too; XLA's batched triangular solves are slow off a GPU)."""
+    eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+    inv, p = eye - a, jnp.einsum("...ij,...jk->...ik", a, a, precision=_HP)
+    for _ in range(int(a.shape[-1]).bit_length() - 2):
+        inv = jnp.einsum("...ij,...jk->...ik", inv, eye + p, precision=_HP)
+        p = jnp.einsum("...ij,...jk->...ik", p, p, precision=_HP)
+    return inv
 
 
 def _xla(q, k, v, g, beta, scale, initial_state):

@@ -1,0 +1,97 @@
+"""Gated delta rule benchmark (:func:`jaxattn.gated_delta_rule`, Gated DeltaNet): the chunked Pallas forward kernel
+("jaxattn"; its backward is the XLA chunked path's), the XLA chunked path ("xla-chunked": triangular solves and a
+scan over chunks), the token-by-token recurrence ("scan"), and flash-linear-attention's
+``chunk_gated_delta_rule`` (PyTorch, Triton) when importable. L2-normalized q and k, as Gated DeltaNet's.
+
+FLOPs (chunk C = 64, counted as the chunked form does them): forward ``B*H*N*(2*C*(2*d + e) + 6*d*e)`` (the
+in-chunk ``K Kᵀ``, ``Q Kᵀ`` and their products with the values, the state's reads and update); forward+backward
+3x that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import jaxattn
+from jaxattn.bench import runner
+from jaxattn.reference.gated_delta import gated_delta_reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Case(runner.Shape):
+    dtype: str
+    mode: str
+
+    @property
+    def flops(self) -> float:
+        d = e = self.head_dim
+        f = self.batch * self.heads * self.seq * (2 * 64 * (2 * d + e) + 6 * d * e)
+        return f * (3.0 if self.mode == "fwd+bwd" else 1.0)
+
+
+def gpu_cases(seqs, head_dims, dtypes, modes, tokens: int = 65536, model_dim: int = 2048):
+    for s, d, dt, m in itertools.product(seqs, head_dims, dtypes, modes):
+        yield Case(max(1, tokens // s), s, model_dim // d, d, dt, m)
+
+
+def smoke_cases():
+    for m in ("fwd", "fwd+bwd"):
+        yield Case(1, 128, 2, 32, "float32", m)
+
+
+def inputs(case: Case) -> tuple:
+    ks = jax.random.split(jax.random.PRNGKey(0), 6)
+    dt = jnp.dtype(case.dtype)
+    shape = (case.batch, case.seq, case.heads, case.head_dim)
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    q, k = (unit(jax.random.normal(key, shape)).astype(dt) for key in ks[:2])
+    v = jax.random.normal(ks[2], shape).astype(dt)
+    g = -0.1 * jax.nn.softplus(jax.random.normal(ks[3], shape[:3]))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], shape[:3]))
+    return q, k, v, g, beta, jax.random.normal(ks[5], shape).astype(dt)
+
+
+def peers(case: Case) -> dict[str, Callable[..., Any]]:
+    ops = {"jaxattn": lambda q, k, v, g, b: jaxattn.gated_delta_rule(q, k, v, g, b, impl="pallas"),
+           "xla-chunked": lambda q, k, v, g, b: jaxattn.gated_delta_rule(q, k, v, g, b, impl="xla")}
+    if case.seq <= 8192:  # (one step per token)
+        ops["scan"] = lambda q, k, v, g, b: gated_delta_reference(q, k, v, g, b)[0].astype(q.dtype)
+    return {name: runner.jax_mode_fn(op, case.mode, n_diff=5) for name, op in ops.items()}
+
+
+def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
+    """flash-linear-attention's ``chunk_gated_delta_rule``, when installed with CUDA."""
+    if (found := runner.cuda_torch(case.dtype)) is None:
+        return {}
+    torch, dt = found
+    shape = (case.batch, case.seq, case.heads, case.head_dim)
+    bwd = case.mode == "fwd+bwd"
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception:  # noqa: BLE001
+        return {}
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    q, k = (unit(torch.randn(shape, device="cuda")).to(dt).requires_grad_(bwd) for _ in range(2))
+    v, do = (torch.randn(shape, device="cuda", dtype=dt, requires_grad=bwd) for _ in range(2))
+    g = (-0.1 * torch.nn.functional.softplus(torch.randn(shape[:3], device="cuda"))).requires_grad_(bwd)
+    beta = torch.sigmoid(torch.randn(shape[:3], device="cuda")).to(dt).requires_grad_(bwd)
+
+    def run():
+        o, _ = chunk_gated_delta_rule(q, k, v, g, beta)
+        if bwd:
+            torch.autograd.grad(o, (q, k, v, g, beta), do)
+        return o
+
+    return {"fla-gated-delta": run}
+
+
+def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True, **kw) -> list[dict]:
+    del interpret  # (impl="pallas" runs in interpret mode without a GPU)
+    return runner.run(cases, inputs=inputs, peers=peers, torch_peers=torch_peers, warmup=warmup, runs=runs,
+                      progress=progress, desc="delta", **kw)
