@@ -124,6 +124,9 @@ class GPTConfig:
     # residual_scales (full alpha, full beta, lightning alpha, lightning beta, mlp alpha, mlp beta); () all 1
     norm_residual: bool = False
     residual_scales: tuple[float, ...] = ()
+    # layer_types entry "delta": a Gated DeltaNet layer (jaxattn.models.deltanet) with a causal depthwise
+    # convolution of delta_conv taps on its q, k, v
+    delta_conv: int = 4
     # the Gemma family (Gemma 1/2/3)
     norm_offset: float = 0.0  # RMSNorms scale by (norm_offset + weight): Gemma stores weight - 1 (offset 1)
     post_norms: bool = False  # Gemma 2/3: RMSNorm on the attention and MLP outputs before each residual add
@@ -271,10 +274,12 @@ class GPTConfig:
         if self.attn_softcap is not None and (set(self.layer_types) - {"full", "window"} or self.quantized):
             raise ValueError("attn_softcap runs on the flash and decode kernels: layer_types may hold only 'full' and "
                              "'window', and quantized=False")
-        bad = [t for t in self.layer_types if t not in ("full", "power", "window", "sink", "lightning")]
+        bad = [t for t in self.layer_types if t not in ("full", "power", "window", "sink", "lightning", "delta")]
         if bad or not self.layer_types:
-            raise ValueError(f"layer_types entries must be 'full', 'power', 'window', 'sink' or 'lightning', got "
-                             f"{self.layer_types}")
+            raise ValueError(f"layer_types entries must be 'full', 'power', 'window', 'sink', 'lightning' or 'delta', "
+                             f"got {self.layer_types}")
+        if self.delta_conv < 1:
+            raise ValueError(f"delta_conv (the Gated DeltaNet layers' convolution taps) must be >= 1, got {self.delta_conv}")
         if len(self.residual_scales) not in (0, 6) or (self.residual_scales and not self.norm_residual):
             raise ValueError(f"residual_scales are MiniMax's (full alpha, full beta, lightning alpha, lightning beta, "
                              f"mlp alpha, mlp beta) of norm_residual blocks: () or 6 numbers with norm_residual, got "
@@ -727,6 +732,10 @@ class Block(nnx.Module):
             from jaxattn.models.minimax import LightningLayer
 
             self.attn = LightningLayer(cfg, layer, rngs=rngs)
+        elif cfg.layer_type(layer) == "delta":  # Gated DeltaNet
+            from jaxattn.models.deltanet import GatedDeltaNetLayer
+
+            self.attn = GatedDeltaNetLayer(cfg, layer, rngs=rngs)
         else:
             self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp = _mlp(cfg, layer, rngs)
@@ -818,7 +827,7 @@ class GPT(nnx.Module):
     @property
     def block_sparse_kinds(self) -> list[str]:
         """The layer kinds run on the block-sparse kernel (not full or sliding-window attention)."""
-        return sorted({blk.attn.kind for blk in self.blocks} - {"full", "window", "lightning"})
+        return sorted({blk.attn.kind for blk in self.blocks} - {"full", "window", "lightning", "delta"})
 
     def enable_sequence_parallel(self, mesh, axis: str = "seq", batch_axis: str | None = None,
                                  layout: Literal["contiguous", "zigzag"] = "contiguous") -> None:
@@ -839,9 +848,9 @@ class GPT(nnx.Module):
         check_layout(layout)
         if mesh is not None:
             bad = sorted({blk.attn.kind for blk in self.blocks} - {"full", "window"})
-            if self.cfg.kv_lora_rank or "lightning" in self.cfg.layer_types:
+            if self.cfg.kv_lora_rank or {"lightning", "delta"} & set(self.cfg.layer_types):
                 raise ValueError("sequence parallelism (ring attention) does not cover multi-head latent attention "
-                                 "(kv_lora_rank) or MiniMax's lightning layers")
+                                 "(kv_lora_rank), MiniMax's lightning layers or Gated DeltaNet layers")
             if bad or self.cfg.quantized:
                 raise ValueError(f"sequence parallelism (ring attention) covers full and sliding-window attention "
                                  f"layers; this model has {bad or 'quantized'} layers")
@@ -918,7 +927,8 @@ class GPT(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> list[KVCache]:
         """Zeroed (k, v) caches ``[batch, max_len, kv_heads, head_dim]`` per layer (compute dtype, or
-        ``cfg.kv_cache_dtype`` with per-kv-head scales that the prefill sets)."""
+        ``cfg.kv_cache_dtype`` with per-kv-head scales that the prefill sets); an MLA model's latent caches;
+        a lightning layer's ``(state,)``, a Gated DeltaNet layer's ``(state, convolution history)``."""
         if batch < 1 or max_len < 1:
             raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
         if self.cfg.position == "learned" and max_len > self.cfg.max_positions:
@@ -926,12 +936,12 @@ class GPT(nnx.Module):
         if self.cfg.kv_lora_rank:  # multi-head latent attention: the latent and the shared RoPE key
             width = self.cfg.kv_lora_rank + self.cfg.qk_rope_dim
             return [(jnp.zeros((batch, max_len, 1, width), jnp.dtype(dtype or self.cfg.dtype)),) for _ in self.blocks]
-        if "lightning" in self.cfg.layer_types:  # MiniMax: a recurrent state per lightning layer
-            hd = self.cfg.head_size
-            state = (jnp.zeros((batch, self.cfg.heads, hd, hd), jnp.float32),)
-            return [state if blk.attn.kind == "lightning" else _kv_cache(self.cfg, batch, max_len, dtype)
-                    for blk in self.blocks]
-        return [_kv_cache(self.cfg, batch, max_len, dtype) for _ in self.blocks]
+        hd, h = self.cfg.head_size, self.cfg.heads
+        state = jnp.zeros((batch, h, hd, hd), jnp.float32)  # (lightning and Gated DeltaNet layers: a recurrent state)
+        conv = jnp.zeros((batch, self.cfg.delta_conv - 1, 3 * h * hd), jnp.dtype(self.cfg.dtype))
+        kinds = {"lightning": (state,), "delta": (state, conv)}  # (Gated DeltaNet: and its convolution's last inputs)
+        return [kinds[blk.attn.kind] if blk.attn.kind in kinds else _kv_cache(self.cfg, batch, max_len, dtype)
+                for blk in self.blocks]
 
     def prefill(self, tokens: jax.Array, max_len: int, lengths: jax.Array | None = None):
         """The prompt's parallel forward into a fresh cache of ``max_len`` positions:
@@ -940,9 +950,9 @@ class GPT(nnx.Module):
         past the row's length, so decoding at per-row positions overwrites them and never reads them)."""
         if tokens.shape[1] > max_len:
             raise ValueError(f"prompt of {tokens.shape[1]} tokens does not fit max_len={max_len}")
-        if lengths is not None and (self.block_sparse_kinds or "lightning" in self.cfg.layer_types):
+        if lengths is not None and (self.block_sparse_kinds or {"lightning", "delta"} & set(self.cfg.layer_types)):
             raise ValueError("ragged prompts (lengths) decode full and sliding-window layers; this model has "
-                             "block-sparse or lightning ones (a lightning state would take in the padding)")
+                             "block-sparse, lightning or delta ones (a recurrent state would take in the padding)")
         logits, cache = self(tokens, cache=self.init_cache(tokens.shape[0], max_len), offset=0)
         if lengths is None:
             return logits[:, -1], cache

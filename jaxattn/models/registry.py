@@ -101,6 +101,9 @@ MODEL_CONFIGS: dict[str, Any] = {
                                  rotary_dim=64, norm_residual=True, residual_scales=(160 ** 0.25, 1.0) * 3,
                                  moe_experts=32, moe_top_k=2, moe_aux_loss=0.001, norm_eps=1e-5,
                                  tie_embeddings=False),
+    # Gated DeltaNet hybrid, byte-level and CPU-sized: three Gated DeltaNet layers (jaxattn.models.deltanet) to one
+    # softmax attention layer
+    "deltanet-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, layer_types=("delta", "delta", "delta", "full")),
     # a Mixtral-style mixture of experts (LLaMA blocks, 8 SiLU experts, top 2), byte-level and CPU-sized
     "moe-gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, moe_experts=8, moe_top_k=2, mlp_dim=128),
     # GPT-2's block (LayerNorm, biases, GELU MLP, learned positions): byte-level CPU-sized, and GPT-2 small

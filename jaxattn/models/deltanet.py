@@ -1,0 +1,105 @@
+"""A Gated DeltaNet layer (Yang, Kautz and Hatamizadeh 2024; the linear-attention layers of Qwen3-Next), a
+:class:`jaxattn.models.gpt.GPT` layer kind (``layer_types`` entry ``"delta"``), on :func:`jaxattn.gated_delta_rule`.
+
+``q, k, v = W_q x, W_k x, W_v x`` through a short causal depthwise convolution (``delta_conv`` taps) and SiLU,
+``q`` and ``k`` L2-normalized per head; the write strength ``beta = sigmoid(W_b x)`` and the log decay
+``g = -exp(A_log) softplus(W_a x + dt_bias)`` per head (Mamba-2's parametrization, as Qwen3-Next's); the gated
+delta rule (scale ``d ** -0.5``); then a gated RMSNorm per head, ``RMSNorm(o) * silu(W_z x)``, and ``W_out``.
+
+Generation keeps, per layer, the ``[B, H, d, d]`` state (fp32) and the convolution's last ``delta_conv - 1``
+inputs; each new token costs O(1) (:func:`jaxattn.gated_delta_rule_step`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxattn.models.gpt import _linear, rms_norm
+from jaxattn.models.vit import _apply, _dropout
+from jaxattn.ops.gated_delta import gated_delta_rule, gated_delta_rule_step
+
+__all__ = ["GatedDeltaNetLayer", "causal_conv"]
+
+
+def causal_conv(x: jax.Array, w: jax.Array, history: jax.Array | None = None) -> jax.Array:
+    """Depthwise causal convolution of ``x [B, n, C]`` with taps ``w [K, C]`` (tap ``K - 1`` on the current
+    token): ``y_t = sum_j w[j] x_{t - K + 1 + j}``, the ``K - 1`` inputs before ``x`` from ``history [B, K - 1,
+    C]`` (zeros if None)."""
+    k = w.shape[0]
+    if history is None:
+        history = jnp.zeros((x.shape[0], k - 1, x.shape[2]), x.dtype)
+    full = jnp.concatenate([history.astype(x.dtype), x], axis=1)
+    n = x.shape[1]
+    return sum(full[:, j:j + n] * w[j].astype(x.dtype) for j in range(k))
+
+
+def _unit(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class GatedDeltaNetLayer(nnx.Module):
+    """Gated DeltaNet (module docstring), the interface of :class:`jaxattn.models.gpt.Attention`: ``(x [B, n,
+    dim], positions) -> [B, n, dim]``; with a cache ``(state [B, H, d, d], conv history [B, K - 1, 3 H d])``,
+    ``-> (out, cache)``. Parameters: ``q``, ``k``, ``v``, ``conv`` (``[K, 3 H d]``), ``b``, ``a``, ``A_log``,
+    ``dt_bias``, ``z``, ``norm`` (``[d]``), ``out``."""
+
+    def __init__(self, cfg, layer: int, *, rngs: nnx.Rngs):
+        del layer
+        self.cfg, self.kind, self.heads, self.head_dim = cfg, "delta", cfg.heads, cfg.head_size
+        width = cfg.heads * cfg.head_size
+        self.q, self.k, self.v = (_linear(cfg.dim, width, cfg, rngs) for _ in range(3))
+        k = cfg.delta_conv
+        bound = 1.0 / k ** 0.5  # (PyTorch's Conv1d default for a depthwise kernel)
+        self.conv = nnx.Param(jax.random.uniform(rngs.params(), (k, 3 * width), jnp.float32, -bound, bound))
+        self.b, self.a = _linear(cfg.dim, cfg.heads, cfg, rngs), _linear(cfg.dim, cfg.heads, cfg, rngs)
+        self.A_log = nnx.Param(jnp.log(jnp.linspace(1.0, 16.0, cfg.heads, dtype=jnp.float32)))
+        self.dt_bias = nnx.Param(jnp.zeros((cfg.heads,), jnp.float32))
+        self.z = _linear(cfg.dim, width, cfg, rngs)
+        self.norm = nnx.Param(jnp.ones((cfg.head_size,), jnp.float32))
+        self.out = _linear(width, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
+        self.resid_drop = _dropout(cfg.dropout, rngs)
+        self.sequence_parallel: tuple | None = None  # (GPT.enable_sequence_parallel refuses delta layers)
+        self.sinks = None
+
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: tuple | None = None,
+                 offset: jax.Array | int = 0, segment_ids: jax.Array | None = None):
+        del positions  # (no positional encoding: the convolution and the decay order the tokens)
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packed documents): Gated DeltaNet layers have no document masking (their "
+                             "convolution and state would carry across documents)")
+        b, n, _ = x.shape
+        h, d = self.heads, self.head_dim
+        mixed = jnp.concatenate([self.q(x), self.k(x), self.v(x)], axis=-1)
+        decoding = cache is not None and not (isinstance(offset, int) and offset == 0)
+        history = cache[1] if decoding else None
+        conv = jax.nn.silu(causal_conv(mixed, self.conv[...], history))
+        q, k, v = (t.reshape(b, n, h, d) for t in jnp.split(conv, 3, axis=-1))
+        q, k = _unit(q), _unit(k)
+        beta = jax.nn.sigmoid(self.b(x).astype(jnp.float32))
+        g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(self.a(x).astype(jnp.float32) + self.dt_bias[...])
+        if decoding:  # one step per new token from the layer's state
+            state, outs = cache[0], []
+            for t in range(n):
+                o_t, state = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
+                outs.append(o_t)
+            o = jnp.stack(outs, axis=1)
+        else:
+            o, state = gated_delta_rule(q, k, v, g, beta, return_state=True, impl=self.cfg.attn_impl)
+        o = rms_norm(o, self.norm[...], self.cfg.norm_eps) * jax.nn.silu(self.z(x).reshape(b, n, h, d).astype(jnp.float32)
+                                                                        ).astype(o.dtype)
+        out = _apply(self.resid_drop, self.out(o.reshape(b, n, h * d)))
+        if cache is None:
+            return out
+        k_taps = self.cfg.delta_conv
+        past = jnp.concatenate([history if history is not None else jnp.zeros((b, k_taps - 1, mixed.shape[-1]),
+                                                                                mixed.dtype), mixed], axis=1)
+        return out, (state, past[:, past.shape[1] - (k_taps - 1):].astype(cache[1].dtype))
+
+    def sink_logits(self) -> None:
+        return None
+
+    def alibi_slopes(self) -> None:
+        return None
