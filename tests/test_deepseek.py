@@ -80,7 +80,7 @@ def random_state_dict(raw, seed=0, mtp_layer=False):
 def reference_logits(sd, raw, tokens):
     """float64 numpy forward of DeepSeek-V2 / V3 from the checkpoint's own layout."""
     W = {k: np.asarray(x, np.float64) for k, x in sd.items()}
-    d, h, eps = raw["hidden_size"], raw["num_attention_heads"], raw["rms_norm_eps"]
+    h, eps = raw["num_attention_heads"], raw["rms_norm_eps"]
     nope, rot, vd, rank = raw["qk_nope_head_dim"], raw["qk_rope_head_dim"], raw["v_head_dim"], raw["kv_lora_rank"]
     b, n = tokens.shape
     v3 = raw["model_type"] == "deepseek_v3"

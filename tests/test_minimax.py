@@ -70,8 +70,7 @@ def _kinds(raw):
 def reference_logits(sd, raw, tokens):
     """float64 numpy forward of MiniMax-01 from the checkpoint's layout."""
     W = {k: np.asarray(x, np.float64) for k, x in sd.items()}
-    d, h, kv, hd, eps = (raw["hidden_size"], raw["num_attention_heads"], raw["num_key_value_heads"], raw["head_dim"],
-                         raw["rms_norm_eps"])
+    h, kv, hd, eps = raw["num_attention_heads"], raw["num_key_value_heads"], raw["head_dim"], raw["rms_norm_eps"]
     layers, (b, n) = raw["num_hidden_layers"], tokens.shape
     scales = [raw.get(k, raw.get(o)) for k, o in (("full_attn_alpha_factor", "layernorm_full_attention_alpha"),
                                                  ("full_attn_beta_factor", "layernorm_full_attention_beta"),
