@@ -212,3 +212,48 @@ def write_timm_folder(folder, raw: dict, sd: dict):
     write_safetensors(folder / "model.safetensors", {**sd, "norm.num_batches_tracked": np.zeros((), np.int64)}
                       if "stem.conv1.bn.weight" in sd else sd)
     return folder
+
+
+def lm_grads(name: str, **overrides):
+    """``(loss, grads)`` of the LM loss of registry model ``name`` (``overrides``: config fields; XLA attention) on a
+    random byte batch: for checking that training reaches a layer's parameters."""
+    from flax import nnx
+
+    from jaxattn.models import create_model
+    from jaxattn.train.lm import lm_loss
+
+    model = create_model(name, rngs=nnx.Rngs(0), attn_impl="xla", **overrides)
+    batch = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
+
+    def loss(m):
+        out = lm_loss(m, batch)
+        return out[0] if isinstance(out, tuple) else out  # (mixtures of experts: with the balance loss)
+
+    return nnx.value_and_grad(loss)(model)
+
+
+def check_causal_lm_matches_transformers(folder, ref, tokens, tol: float = 3e-4) -> None:
+    """transformers' causal LM ``ref`` with its parameters redrawn (matrices N(0, 0.3), vectors N(0, 0.1), norm
+    weights around 1) and saved to ``folder``: our loader gives its logits on ``tokens`` and its greedy tokens."""
+    import torch
+
+    from jaxattn.models import generate
+    from jaxattn.models.hf import load_pretrained
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.1) + (1.0 if name.endswith("norm.weight") else 0.0))
+        for name, buf in ref.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # (DeepSeek-V3's selection bias)
+                buf.copy_(torch.randn_like(buf) * 0.5)
+    ref.eval().save_pretrained(folder)
+    tokens = np.asarray(tokens)
+    with torch.no_grad():
+        want = ref(torch.as_tensor(tokens)).logits.numpy()
+        greedy = ref.generate(torch.as_tensor(tokens[:1, :5]), max_new_tokens=6, do_sample=False).numpy()
+    ours = load_pretrained(folder, attn_impl="xla")
+    assert_close(ours(jnp.asarray(tokens)), want, jnp.float32, "logits vs transformers",
+                 tol={jnp.dtype(jnp.float32): (tol, tol)})
+    np.testing.assert_array_equal(np.asarray(generate(ours, jnp.asarray(tokens[:1, :5]), max_new_tokens=6,
+                                                      temperature=0.0)), greedy)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_close
+from conftest import assert_close, lm_grads
 from jaxattn.models import create_model
 from jaxattn.models.deltanet import GatedDeltaNetLayer
 from jaxattn.models.gpt import GPTConfig
@@ -66,16 +66,13 @@ def test_recurrent_decoding_gives_the_forward(impl):
 
 
 def test_training_reaches_every_parameter_and_bad_use_raises():
-    from jaxattn.train.lm import lm_loss
-
-    m = _model()
-    batch = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
-    loss, grads = nnx.value_and_grad(lambda mod: lm_loss(mod, batch))(m)  # (no experts: the loss alone)
+    loss, grads = lm_grads("deltanet-tiny", dim=64, heads=2, init_std=0.1)
     assert np.isfinite(float(loss))
     layer = grads.blocks[0].attn
     for gr in (layer.q.kernel, layer.conv, layer.A_log, layer.dt_bias, layer.b.kernel, layer.a.kernel, layer.z.kernel,
                layer.norm, layer.out.kernel):
         assert np.abs(np.asarray(gr[...])).max() > 0
+    m, batch = _model(), jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
     with pytest.raises(ValueError, match="segment_ids"):
         m(batch, segment_ids=jnp.zeros_like(batch))
     with pytest.raises(ValueError, match="ragged prompts"):

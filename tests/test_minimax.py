@@ -7,16 +7,15 @@ folders round-trip; transformers' own model agrees (when installed)."""
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_close
+from conftest import assert_close, check_causal_lm_matches_transformers, lm_grads
 from jaxattn.models import hf
 from jaxattn.models.gpt import GPTConfig
-from jaxattn.models.minimax import LightningLayer, minimax_slopes
+from jaxattn.models.minimax import minimax_slopes
 from jaxattn.models.minimax_hf import config_from_hf
 from jaxattn.models.safetensors_io import write_safetensors
 from test_gpt_hf import TOKENS
@@ -189,13 +188,7 @@ def test_recurrent_decoding_gives_the_forward(tmp_path, impl):
 
 
 def test_training_step_and_bad_configs():
-    from jaxattn.models import create_model
-    from jaxattn.train.lm import lm_loss
-
-    model = create_model("minimax-tiny", rngs=nnx.Rngs(0), attn_impl="xla")
-    assert isinstance(model.blocks[0].attn, LightningLayer)
-    batch = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
-    loss, grads = nnx.value_and_grad(lambda m: lm_loss(m, batch)[0])(model)
+    loss, grads = lm_grads("minimax-tiny")
     assert np.isfinite(float(loss))
     attn = grads.blocks[0].attn
     for g in (attn.qkv.kernel, attn.gate.kernel, attn.out.kernel, attn.norm.weight):
@@ -215,24 +208,8 @@ def test_training_step_and_bad_configs():
 def test_matches_transformers(tmp_path):
     """transformers' MiniMaxForCausalLM with random weights, saved by transformers: our logits and greedy tokens
     are theirs."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from jaxattn.models import generate
-
     fields = {k: v for k, v in RAW.items() if k not in ("model_type", "rope_theta")}
-    torch.manual_seed(0)
-    ref = transformers.MiniMaxForCausalLM(transformers.MiniMaxConfig(
-        **fields, rope_parameters={"rope_type": "default", "rope_theta": RAW["rope_theta"]})).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.1) + (1.0 if name.endswith("norm.weight") else 0.0))
-    ref.save_pretrained(tmp_path)
-    tokens = np.asarray(TOKENS)
-    with torch.no_grad():
-        want = ref(torch.as_tensor(tokens)).logits.numpy()
-        greedy = ref.generate(torch.as_tensor(tokens[:1, :5]), max_new_tokens=6, do_sample=False).numpy()
-    ours = hf.load_pretrained(tmp_path, attn_impl="xla")
-    assert_close(ours(jnp.asarray(tokens)), want, jnp.float32, "logits vs transformers",
-                 tol={jnp.dtype(jnp.float32): (3e-4, 3e-4)})
-    np.testing.assert_array_equal(np.asarray(generate(ours, jnp.asarray(tokens[:1, :5]), max_new_tokens=6,
-                                                      temperature=0.0)), greedy)
+    config = transformers.MiniMaxConfig(**fields, rope_parameters={"rope_type": "default", "rope_theta": RAW["rope_theta"]})
+    check_causal_lm_matches_transformers(tmp_path, transformers.MiniMaxForCausalLM(config), TOKENS)
