@@ -11,7 +11,6 @@ in-chunk ``K Kᵀ``, ``Q Kᵀ`` and their products with the values, the state's 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -36,8 +35,7 @@ class Case(runner.Shape):
 
 
 def gpu_cases(seqs, head_dims, dtypes, modes, tokens: int = 65536, model_dim: int = 2048):
-    for s, d, dt, m in itertools.product(seqs, head_dims, dtypes, modes):
-        yield Case(max(1, tokens // s), s, model_dim // d, d, dt, m)
+    return runner.seq_sweep(Case, seqs, head_dims, dtypes, modes, tokens, model_dim)
 
 
 def smoke_cases():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,6 +21,13 @@ class Shape:
     seq: int
     heads: int
     head_dim: int
+
+
+def seq_sweep(case_cls, seqs, head_dims, dtypes, modes, tokens: int, model_dim: int):
+    """``case_cls(batch, seq, heads, head_dim, dtype, mode)`` over the grid, ``batch * seq = tokens`` and
+    ``heads * head_dim = model_dim`` (the linear-attention sweeps' shapes)."""
+    for s, d, dt, m in itertools.product(seqs, head_dims, dtypes, modes):
+        yield case_cls(max(1, tokens // s), s, model_dim // d, d, dt, m)
 
 
 def jax_mode_fn(op: Callable[..., Any], mode: str, n_diff: int = 3) -> Callable[..., Any]:
