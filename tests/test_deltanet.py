@@ -65,7 +65,7 @@ def test_recurrent_decoding_gives_the_forward(impl):
         assert_close(logits, full[:, t], jnp.float32, f"step {t}", tol=tol)
 
 
-def test_training_reaches_every_parameter_and_bad_use_raises():
+def test_training_reaches_every_parameter_and_bad_use_raises(tmp_path):
     loss, grads = lm_grads("deltanet-tiny", dim=64, heads=2, init_std=0.1)
     assert np.isfinite(float(loss))
     layer = grads.blocks[0].attn
@@ -79,3 +79,9 @@ def test_training_reaches_every_parameter_and_bad_use_raises():
         m.prefill(batch[:, :4], max_len=8, lengths=jnp.asarray([4, 2]))
     with pytest.raises(ValueError, match="delta_conv"):
         GPTConfig(layer_types=("delta",), delta_conv=0)
+    from jaxattn.models import hf
+
+    with pytest.raises(ValueError, match="Gated DeltaNet"):  # (no Hugging Face layout holds them)
+        hf.save_pretrained(m, tmp_path)
+    with pytest.raises(ValueError, match="DeepSeek's routing"):
+        hf.save_pretrained(create_model("moe-gpt-tiny", rngs=nnx.Rngs(0), moe_dense_layers=1), tmp_path)

@@ -271,6 +271,17 @@ def _family(cfg: GPTConfig) -> str:
                          "parallel residuals): jaxattn.models.gpt_classic_hf has its layouts")
     if cfg.position != "rope":
         raise ValueError("only RoPE GPT models have a LLaMA / Qwen / Gemma layout (this one has ALiBi)")
+    if cfg.kv_lora_rank or "lightning" in cfg.layer_types:
+        raise ValueError("multi-head latent attention and lightning layers have their own layouts: "
+                         "jaxattn.models.deepseek_hf and minimax_hf (hf.save_pretrained picks them)")
+    if "delta" in cfg.layer_types or cfg.norm_residual:
+        raise ValueError("no Hugging Face layout holds Gated DeltaNet ('delta') layers or norm_residual blocks "
+                         "outside MiniMax's; save the model with jaxattn's own checkpoints")
+    deepseek = [f for f in ("moe_dim", "moe_dense_layers", "moe_groups", "moe_score_bias", "moe_routed_scale",
+                            "moe_bias_update_rate") if getattr(cfg, f) != getattr(GPTConfig(), f)]
+    if deepseek or cfg.moe_scoring != "softmax" or not cfg.moe_shared_gate:
+        raise ValueError(f"DeepSeek's routing ({deepseek or 'moe_scoring / moe_shared_gate'}) exports with multi-head "
+                         "latent attention only (jaxattn.models.deepseek_hf)")
     if cfg.moe_experts:
         return _moe_family(cfg)
     if cfg.attn_sinks:
