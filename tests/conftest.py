@@ -229,7 +229,7 @@ def lm_grads(name: str, **overrides):
         out = lm_loss(m, batch)
         return out[0] if isinstance(out, tuple) else out  # (mixtures of experts: with the balance loss)
 
-    return nnx.value_and_grad(loss)(model)
+    return nnx.jit(nnx.value_and_grad(loss))(model)
 
 
 def check_causal_lm_matches_transformers(folder, ref, tokens, tol: float = 3e-4) -> None:
