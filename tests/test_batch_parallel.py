@@ -82,7 +82,11 @@ def decode(q, cache_k, cache_v, lengths):  # (no gradient: the value alone)
     return jnp.sum(jnp.cos(jaxattn.decode_attention(q[:, :2], cache_k, cache_v, lengths, causal=True, sinks=sinks,
                                                   alibi_slopes=alibi, impl="pallas")))
 
-CASES = {"attention": (attn, (q, k, v, sinks, rows)), "lightning": (light, (q, k, v, state0)),
+def delta(q, k, v, state0):  # (the gated delta rule's forward kernel; its backward: XLA's chunked path)
+    g, beta = -0.1 * jnp.abs(q[..., 0]), jax.nn.sigmoid(k[..., 0])
+    return jnp.sum(jnp.sin(jaxattn.gated_delta_rule(q * 0.2, k * 0.2, v, g, beta, initial_state=state0, impl="pallas")))
+
+CASES = {"attention": (attn, (q, k, v, sinks, rows)), "delta": (delta, (q, k, v, state0)), "lightning": (light, (q, k, v, state0)),
          "moe": (moe, (q[:, 0, 0], *experts_w)), "landmark": (landmark, (q, k, v)),
          "block-sparse": (sparse, (q, k, v, sinks)), "linear-global": (linear, (q, k, v, tau)),
          "halo": (halo, (*maps, rel)), "decode": (decode, (q, cache_k, cache_v, lengths))}
@@ -139,7 +143,7 @@ print("BATCH-OK")
 
 @pytest.mark.parametrize("ops,trainer", [
     (("attention", "lightning", "moe"), False),
-    pytest.param(("landmark", "block-sparse", "linear-global", "halo", "decode"), True, marks=pytest.mark.slow)],
+    pytest.param(("landmark", "block-sparse", "linear-global", "halo", "decode", "delta"), True, marks=pytest.mark.slow)],
     ids=["attention-lightning-moe", "other-ops-and-trainer"])
 def test_kernels_split_over_the_batch_equal_one_device(ops, trainer):
     assert "BATCH-OK" in run_on_cpu_devices(SCRIPT.replace("__OPS__", repr(ops)).replace("__TRAINER__", repr(trainer)))

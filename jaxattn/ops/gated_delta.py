@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxattn.ops import _checks
+from jaxattn.ops import _checks, _spmd
 from jaxattn.pallas import _common
 from jaxattn.pallas.gated_delta import gated_delta_kernel, kernel_ok
 
@@ -135,7 +135,11 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
         raise ValueError(f"impl='pallas' takes head dims that are powers of two from 16 to 256; got d_k={dk}, d_v={dv}")
     kernel = (impl == "pallas" or (impl == "auto" and _common.targets_gpu())) and kernel_ok(dk, dv)
     if kernel and not _checks.empty(q, v):
-        o, s = gated_delta_kernel(*args, scale=float(scale), initial_state=initial_state)
+        # (under jaxattn.batch_parallel per device on its batch shard: XLA cannot split a kernel's custom call)
+        o, s = _spmd.per_batch_shard(
+            lambda q, k, v, g, beta, initial_state=None, batch_offset=None: gated_delta_kernel(
+                q, k, v, g, beta, scale=float(scale), initial_state=initial_state),
+            dict(q=args[0], k=args[1], v=args[2], g=args[3], beta=args[4], initial_state=initial_state))
     else:
         o, s = _xla(*args, scale, initial_state)
     o = o[:, :n]
