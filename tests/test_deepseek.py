@@ -255,6 +255,26 @@ def test_auxiliary_loss_free_balancing_moves_the_bias_in_train_mode_only():
     assert np.abs(bias).max() > 0 and np.allclose(bias * 1000, np.round(bias * 1000), atol=1e-3)  # (steps of 0.001)
 
 
+def test_folder_with_experts_quantized_to_mxfp4_on_load(tmp_path):
+    """moe_format='mxfp4': the routed experts quantized tensor by tensor as they load (the shared experts, dense
+    layers and attention stay float); the logits follow the float model's within MXFP4's rounding."""
+    from jaxattn.models.moe import MXFP4Weight
+    from jaxattn.ops.mxfp4 import MXFP4, dequantize, quantize_mxfp4
+
+    raw = {**V3, "hidden_size": 64, "moe_intermediate_size": 32}  # (MXFP4 groups of 32 along each input)
+    folder = _folder(tmp_path, raw, random_state_dict(raw, seed=4))
+    packed = hf.load_pretrained(folder, attn_impl="xla", moe_format="mxfp4")
+    plain = hf.load_pretrained(folder, attn_impl="xla")
+    mlp = packed.blocks[1].mlp
+    assert isinstance(mlp.gate_up, MXFP4Weight) and not isinstance(mlp.shared_gate_up.kernel, MXFP4Weight)
+    np.testing.assert_array_equal(np.asarray(mlp.down[...]), np.asarray(quantize_mxfp4(plain.blocks[1].mlp.down[...]).packed))
+    for a, b in zip(packed.blocks[1:], plain.blocks[1:]):  # the dequantized experts in the float model: the same logits
+        b.mlp.gate_up[...] = dequantize(MXFP4(a.mlp.gate_up[...]))
+        b.mlp.down[...] = dequantize(MXFP4(a.mlp.down[...]))
+    assert_close(packed(jnp.asarray(TOKENS)), plain(jnp.asarray(TOKENS)), jnp.float32, "logits",
+                 tol={jnp.dtype(jnp.float32): (1e-5, 1e-5)})
+
+
 def test_fp8_block_scaled_weights_dequantize_as_read():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((5, 7)).astype(np.float32)
