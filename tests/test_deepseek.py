@@ -201,12 +201,13 @@ def test_latent_cache_decoding_gives_the_forward(tmp_path, impl):
     tokens = jnp.asarray(TOKENS)
     full = model(tokens)
     logits, cache = model.prefill(tokens[:, :7], max_len=13)
+    step = nnx.jit(lambda m, *a: m.decode_step(*a))  # (one compiled step for every token)
     assert cache[0][0].shape == (2, 13, 1, 32 + 16)
     tol = {jnp.dtype(jnp.float32): (2e-4, 2e-4)}
     assert_close(logits, full[:, 6], jnp.float32, "prefill", tol=tol)
     for t in range(7, 13):
         pos = jnp.asarray([t, t], jnp.int32) if t % 2 else jnp.asarray(t, jnp.int32)
-        logits, cache = model.decode_step(tokens[:, t], cache, pos)
+        logits, cache = step(model, tokens[:, t], cache, pos)
         assert_close(logits, full[:, t], jnp.float32, f"step {t}", tol=tol)
 
 
@@ -255,6 +256,7 @@ def test_auxiliary_loss_free_balancing_moves_the_bias_in_train_mode_only():
     assert np.abs(bias).max() > 0 and np.allclose(bias * 1000, np.round(bias * 1000), atol=1e-3)  # (steps of 0.001)
 
 
+@pytest.mark.slow  # (quantizing on load: test_mxfp4's Mixtral folder)
 def test_folder_with_experts_quantized_to_mxfp4_on_load(tmp_path):
     """moe_format='mxfp4': the routed experts quantized tensor by tensor as they load (the shared experts, dense
     layers and attention stay float); the logits follow the float model's within MXFP4's rounding."""

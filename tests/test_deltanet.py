@@ -57,11 +57,12 @@ def test_recurrent_decoding_gives_the_forward(impl):
     tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, 256)
     full = m(tokens)
     logits, cache = m.prefill(tokens[:, :6], max_len=11)
+    step = nnx.jit(lambda mod, *a: mod.decode_step(*a))  # (one compiled step for every token)
     assert cache[0][0].shape == (2, 2, 32, 32) and cache[0][1].shape == (2, 3, 3 * 64)
     tol = {jnp.dtype(jnp.float32): (1e-4, 1e-4)}
     assert_close(logits, full[:, 5], jnp.float32, "prefill", tol=tol)
     for t in range(6, 11):
-        logits, cache = m.decode_step(tokens[:, t], cache, jnp.asarray(t, jnp.int32))
+        logits, cache = step(m, tokens[:, t], cache, jnp.asarray(t, jnp.int32))
         assert_close(logits, full[:, t], jnp.float32, f"step {t}", tol=tol)
 
 

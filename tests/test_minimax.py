@@ -177,11 +177,12 @@ def test_recurrent_decoding_gives_the_forward(tmp_path, impl):
     tokens = jnp.asarray(TOKENS)
     full = model(tokens)
     logits, cache = model.prefill(tokens[:, :6], max_len=13)
+    step = nnx.jit(lambda m, *a: m.decode_step(*a))  # (one compiled step for every token)
     assert cache[0][0].shape == (2, 4, 32, 32) and cache[1][0].shape == (2, 13, 2, 32)
     tol = {jnp.dtype(jnp.float32): (2e-4, 2e-4)}
     assert_close(logits, full[:, 5], jnp.float32, "prefill", tol=tol)
     for t in range(6, 13):
-        logits, cache = model.decode_step(tokens[:, t], cache, jnp.asarray(t, jnp.int32))
+        logits, cache = step(model, tokens[:, t], cache, jnp.asarray(t, jnp.int32))
         assert_close(logits, full[:, t], jnp.float32, f"step {t}", tol=tol)
     with pytest.raises(ValueError, match="lightning"):
         model.prefill(tokens[:, :6], max_len=13, lengths=jnp.asarray([6, 4]))

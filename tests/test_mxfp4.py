@@ -167,7 +167,7 @@ def test_bad_input():
         GPTConfig(vocab_size=16, dim=48, heads=2, layers=1, moe_experts=4, mlp_dim=64, moe_format="mxfp4")
 
 
-@pytest.mark.parametrize("impl,tokens", [("pallas", 23), ("gather", 3), _slow("ragged", 23)])
+@pytest.mark.parametrize("impl,tokens", [("pallas", 23), _slow("gather", 3), _slow("ragged", 23)])
 def test_moe_layer_with_packed_experts(impl, tokens):
     """An MXFP4 MoE layer gives the dense oracle's output on its dequantized experts, forward and the gradients
     of its input and router; its experts are constants the optimizer leaves alone."""
@@ -222,6 +222,7 @@ def test_packed_gpt_trains_the_rest_and_matches_its_dequantized_twin():
                            np.asarray(twin.blocks[0].mlp.router.kernel[...]))
 
 
+@pytest.mark.slow  # (a 120B model's abstract shapes)
 def test_gpt_oss_120b_fits_one_80gb_gpu_with_packed_experts():
     """Abstract shapes only: gpt-oss-120b's parameters, packed experts and bf16 for the rest, stay under 66 GB."""
     model = nnx.eval_shape(lambda: create_model("gpt-oss-120b", rngs=nnx.Rngs(0), moe_format="mxfp4"))
