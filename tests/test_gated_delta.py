@@ -47,8 +47,9 @@ PARAMS = [pytest.param(impl, *case, marks=[pytest.mark.slow] if slow or (impl ==
 @pytest.mark.parametrize("impl,b,n,h,dk,dv,dtype,decay,state", PARAMS)
 def test_matches_the_recurrence_forward_and_gradients(impl, b, n, h, dk, dv, dtype, decay, state):
     q, k, v, g, beta, s0 = inputs(b, n, h, dk, dv, dtype, decay, state)
-    with poison_outputs():
-        o, s = gated_delta_rule(q, k, v, g, beta, initial_state=s0, return_state=True, impl=impl)
+    with poison_outputs():  # (jitted: interpret mode's kernels run faster compiled than op by op)
+        o, s = jax.jit(functools.partial(gated_delta_rule, return_state=True, impl=impl))(q, k, v, g, beta,
+                                                                                         initial_state=s0)
     ro, rs = gated_delta_reference(q, k, v, g, beta, initial_state=s0)
     assert o.dtype == dtype and s.dtype == jnp.float32 and o.shape == (b, n, h, dv)
     assert_close(o, ro, dtype, "output", tol=TOL)
@@ -64,7 +65,7 @@ def test_matches_the_recurrence_forward_and_gradients(impl, b, n, h, dk, dv, dty
     ref = functools.partial(loss, lambda *a: gated_delta_reference(*a[:5], initial_state=a[5]))
     args = (q, k, v, g, beta, s0 if state else jnp.zeros((b, h, dk, dv)))
     with poison_outputs():
-        got = jax.grad(ours, argnums=tuple(range(6)))(*args)
+        got = jax.jit(jax.grad(ours, argnums=tuple(range(6))))(*args)
     want = jax.grad(ref, argnums=tuple(range(6)))(*(x.astype(jnp.float32) for x in args))
     for name, a, e in zip(("dq", "dk", "dv", "dg", "dbeta", "dstate"), got, want):
         assert_close(a, e, dtype, name, tol=GRAD_TOL)

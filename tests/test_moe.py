@@ -78,7 +78,7 @@ def test_matches_the_dense_oracle_forward_and_gradients(act, bias, renorm, impl,
         return jnp.sum(oracle(m, x.astype(dtype).astype(jnp.float32), p).reshape(ct.shape) * ct)
 
     p = params(m)
-    gx, gs = jax.grad(ours, argnums=(0, 1))(x, state)
+    gx, gs = jax.jit(jax.grad(ours, argnums=(0, 1)))(x, state)  # (jitted: interpret-mode kernels run faster)
     g_ours = {"_".join(str(k) for k in path if k != "kernel"): v.get_value() for path, v in nnx.to_flat_state(gs)}
     g_ref = jax.grad(ref, argnums=(0, 1))(x, p)
     assert_close(gx, g_ref[0], dtype, "dx", tol=GRAD_TOL)
@@ -236,7 +236,7 @@ def test_moe_gpt_training_step_balances():
     plain = lm_loss(model, batch, aux_loss=False)
     assert 0.5 * 2 * 0.9 < float(metrics["aux_loss"]) < 0.5 * 8  # (0.5 x a balance loss near top_k = 2)
     np.testing.assert_allclose(float(loss), float(plain + metrics["aux_loss"]), rtol=1e-6)
-    grads = nnx.grad(lambda m: lm_loss(m, batch)[0])(model)
+    grads = nnx.jit(nnx.grad(lambda m: lm_loss(m, batch)[0]))(model)
     mlp, attn = grads.blocks[0].mlp, grads.blocks[0].attn
     for g in (mlp.router.kernel, mlp.router.bias, mlp.gate_up, mlp.down, mlp.gate_up_bias, attn.sinks):
         assert np.abs(np.asarray(g[...])).max() > 0
