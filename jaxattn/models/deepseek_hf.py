@@ -32,7 +32,6 @@ DeepSeek-V3's (and Kimi K2's) released weights are FP8 with one scale per 128 x 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -40,17 +39,13 @@ import numpy as np
 from flax import nnx
 
 from jaxattn.models import hf, moe_hf
-from jaxattn.models.gpt import GPT, GPTConfig
+from jaxattn.models.gpt import GPT, GPTConfig, yarn_mscale
 from jaxattn.models.gpt_hf import _scaling, rope_parameters
 
 __all__ = ["config_from_hf", "entries", "hf_config", "prepare_state_dict", "export_state_dict", "load",
            "load_hf_state_dict", "to_hf_state_dict", "FP8BlockStateDict"]
 
 _ARCH = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
-
-
-def _mscale(factor: float, m: float) -> float:
-    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
 
 
 def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
@@ -78,7 +73,7 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     nope, rope_dim = int(raw.get("qk_nope_head_dim", 128)), int(raw.get("qk_rope_head_dim", 64))
     scale = (nope + rope_dim) ** -0.5
     if scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):
-        scale *= _mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
+        scale *= yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
     experts = raw.get("n_routed_experts", raw.get("num_local_experts", raw.get("num_experts")))
     moe_dim = int(raw.get("moe_intermediate_size") or raw["intermediate_size"])
     grouped = method in ("group_limited_greedy", "noaux_tc")

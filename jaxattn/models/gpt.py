@@ -400,6 +400,11 @@ def _rope_scaling(spec) -> tuple:
     return (("rope_type", kind), *sorted(d.items()))
 
 
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    """YaRN's magnitude scale ``0.1 m ln(factor) + 1`` (1 for ``factor <= 1``)."""
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
 @functools.lru_cache(maxsize=64)
 def rope_frequencies(head_dim: int, theta: float, scaling: tuple = (), long: bool = False
                      ) -> tuple[np.ndarray, float]:
@@ -440,13 +445,10 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple = (), long: boo
     elif kind == "yarn":
         factor, old = float(s["factor"]), float(s["original_max_position_embeddings"])
 
-        def mscale(scale, m=1.0):
-            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
         attn = s.get("attention_factor")
         if attn is None:
             m, m_all = s.get("mscale"), s.get("mscale_all_dim")
-            attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+            attn = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
 
         def dim_of(rotations):  # the dimension whose wavelength fits `rotations` times in the original context
             return head_dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))

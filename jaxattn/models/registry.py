@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from flax import nnx
 
 from jaxattn.models.eva import EVA_CONFIGS, Eva, EvaConfig
 from jaxattn.models.halonet import HALONET_CONFIGS, HaloNet, HaloNetConfig
-from jaxattn.models.gpt import GPT, GPTConfig
+from jaxattn.models.gpt import GPT, GPTConfig, yarn_mscale
 from jaxattn.models.landmark import LandmarkGPT, LandmarkGPTConfig
 from jaxattn.models.l2vit import L2VIT_CONFIGS, L2ViT, L2ViTConfig
 from jaxattn.models.moh import MOH_VIT_CONFIGS, MoHViT, MoHViTConfig
@@ -37,7 +36,7 @@ def _deepseek_yarn(mscale: float) -> dict[str, Any]:
     """DeepSeek's YaRN (factor 40 over 4096 tokens) and the softmax scale it implies for 192-wide q/k heads."""
     yarn = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
             "beta_slow": 1.0, "mscale": mscale, "mscale_all_dim": mscale}
-    return dict(rope_scaling=yarn, attn_scale=192 ** -0.5 * (0.1 * mscale * math.log(40.0) + 1) ** 2)
+    return dict(rope_scaling=yarn, attn_scale=192 ** -0.5 * yarn_mscale(40.0, mscale) ** 2)
 
 
 MODEL_CONFIGS: dict[str, Any] = {

@@ -26,11 +26,10 @@ from jax import lax
 
 from jaxattn.ops import _checks, _spmd
 from jaxattn.pallas import _common
-from jaxattn.pallas.gated_delta import gated_delta_kernel, kernel_ok
+from jaxattn.pallas.gated_delta import CHUNK, gated_delta_kernel, kernel_ok  # (CHUNK: the padding, XLA's chunk)
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_step", "CHUNK"]
 
-CHUNK = 64  # tokens per chunk (the kernel's and the XLA path's: jaxattn.pallas.gated_delta.CHUNK)
 _HP = lax.Precision.HIGHEST
 
 
