@@ -1,4 +1,4 @@
-"""The gated delta rule's chunked forward on Pallas's Triton backend (:mod:`jaxattn.ops.gated_delta` has the math).
+"""The gated delta rule's chunked forward and backward on Pallas's Triton backend (:mod:`jaxattn.ops.gated_delta` has the math).
 
 One program per (batch row, head, block of ``block_v`` value columns): the delta rule is separable over the
 state's value columns, so each program carries its ``[d_k, block_v]`` slice of the state (fp32, in registers)
@@ -9,8 +9,14 @@ gamma_C S + (gamma_C / gamma K)ᵀ U``. The in-chunk cumulative log decays ``G``
 XLA). The inverse's matmuls run in full fp32 (it would not survive TF32); the state's run on the tensor cores
 in the inputs' dtype with fp32 accumulation (fp32 inputs: exact), as the Lightning kernel's do.
 
-The backward is the XLA chunked path's (``jax.vjp`` of it, recomputing from the inputs): a kernel backward is
-future work. Head dims: powers of two from 16 to 256.
+Backward (a second kernel, the same grid with ``bwd_block_v`` columns): under differentiation the forward also
+writes the state each chunk starts from (in the inputs' dtype, as its matmuls read it: ``d_k / C`` times the
+values' size); the backward walks the chunks in reverse with the state's gradient ``dS`` in registers (fp32),
+recomputes each chunk's ``(I + A)^{-1}``, ``U`` and ``Q Kᵀ * Gamma`` from that state, and goes back through
+``O``, ``S'``, ``U = T W``, the inverse (``dA = -Mᵀ dM Mᵀ``) and the decays. ``dv`` and the initial state's
+gradient are each program's own; the gradients of q, k, ``G`` and beta are summed over the column blocks in XLA
+(fp32 partials), and ``G``'s into the log decays' by the cumsum's transpose (XLA's autodiff). Head dims: powers
+of two from 16 to 256.
 """
 
 from __future__ import annotations
@@ -38,12 +44,17 @@ class GatedDeltaConfig:
     """Value columns per program, warps, pipeline stages, and tokens per chunk (a power of two dividing
     :data:`CHUNK`, to which the sequence comes padded). On sm_90a at d_k = 128, bf16: 16-token chunks with 64
     columns and 8 warps compile spill-free (233 registers); 32-token chunks spilled 176-1816 B per thread
-    and 64-token ones 9-25 KB, at every column block and warp count tried."""
+    and 64-token ones 9-25 KB, at every column block and warp count tried. The backward is spill-free with 16
+    columns, 8 warps and 3 stages at d_k = 128 and 64 (XLA's Triton; 2 stages spilled 192 B per thread, 32
+    columns 212 B, 64 columns 632 B, 16 warps 1.8-2 KB)."""
 
     block_v: int = 64
     num_warps: int = 8
     num_stages: int = 2
     chunk: int = 16
+    bwd_block_v: int = 16
+    bwd_num_warps: int = 8
+    bwd_num_stages: int = 3
 
 
 def kernel_ok(dk: int, dv: int) -> bool:
@@ -60,29 +71,45 @@ class _Static:
     chunk: int = CHUNK
 
 
-def _kernel(q_ref, k_ref, v_ref, g_ref, b_ref, s0_ref, o_ref, s_ref, *, st: _Static):
-    c = st.chunk
+def _masks(c: int):
     rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
     cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    incl, strict = rows >= cols, rows > cols
-    eye = jnp.where(rows == cols, 1.0, 0.0).astype(jnp.float32)
+    return rows >= cols, rows > cols, jnp.where(rows == cols, 1.0, 0.0).astype(jnp.float32)
+
+
+def _triangle(k, gcum, beta, masks, precision):
+    """A chunk's state-independent terms: ``gamma [c]``, ``Gamma [c, c]`` (zero above the diagonal), ``K Kᵀ``
+    and ``(I + A)^{-1}`` (fp32)."""
+    incl, strict, eye = masks
+    c = gcum.shape[0]
+    gam = jnp.exp(gcum)
+    gam_ij = jnp.where(incl, jnp.exp(jnp.where(incl, gcum[:, None] - gcum[None, :], 0.0)), 0.0)
+    kk = dot(k, k, trans_b=True, precision=precision)
+    a = jnp.where(strict, beta[:, None] * kk * gam_ij, 0.0)
+    inv, p = eye - a, dot(a, a, precision=_HP)
+    for _ in range(int(math.log2(c)) - 1):  # (I - A)(I + A^2)(I + A^4)...: the Neumann series of (I + A)^-1
+        inv = dot(inv, eye + p, precision=_HP)
+        p = dot(p, p, precision=_HP)
+    return gam, gam_ij, kk, inv
+
+
+def _kernel(q_ref, k_ref, v_ref, g_ref, b_ref, s0_ref, o_ref, s_ref, *states_ref, st: _Static):
+    c = st.chunk
+    masks = _masks(c)
+    dk = k_ref.shape[-1]
 
     def body(i, s):
         sl = pl.ds(pl.multiple_of(i * c, c), c)
         q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
         gcum, beta = g_ref[sl], b_ref[sl]  # [c] fp32
         g_last = g_ref[pl.ds(i * c + c - 1, 1)]  # [1]
-        gam = jnp.exp(gcum)
-        gam_ij = jnp.where(incl, jnp.exp(jnp.where(incl, gcum[:, None] - gcum[None, :], 0.0)), 0.0)
-        a = jnp.where(strict, beta[:, None] * dot(k, k, trans_b=True, precision=st.precision) * gam_ij, 0.0)
-        inv, p = eye - a, dot(a, a, precision=_HP)
-        for _ in range(int(math.log2(c)) - 1):  # (I - A)(I + A^2)(I + A^4)...: the Neumann series of (I + A)^-1
-            inv = dot(inv, eye + p, precision=_HP)
-            p = dot(p, p, precision=_HP)
+        gam, gam_ij, _, inv = _triangle(k, gcum, beta, masks, st.precision)
         # U = T (V - gamma K S): the state's prediction first ([c, block_v]), never T gamma K ([c, d_k]); the
         # state's matmuls on the tensor cores in the inputs' dtype (fp32 accumulation), as Lightning's
         dt = q.dtype
         s_lo = s.astype(dt)
+        if states_ref:  # (for the backward: the state each chunk starts from, as the matmuls read it)
+            states_ref[0][pl.ds(pl.multiple_of(i * dk, dk), dk), :] = s_lo
         pred = dot((k.astype(jnp.float32) * gam[:, None]).astype(dt), s_lo, precision=st.precision)
         u = dot(inv * beta[None, :], v.astype(jnp.float32) - pred, precision=_HP)
         u_lo = u.astype(dt)
@@ -97,24 +124,129 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, b_ref, s0_ref, o_ref, s_ref, *, st: _Sta
     s_ref[...] = lax.fori_loop(0, st.n // c, body, s0_ref[...].astype(jnp.float32))
 
 
-def _forward(q, k, v, gcum, beta, s0, scale, cfg: GatedDeltaConfig, interpret):
-    b, n, h, dk = q.shape
-    dv = v.shape[-1]
+def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, h_ref, do_ref, dsn_ref,
+                dq_ref, dk_ref, dv_ref, dg_ref, db_ref, ds0_ref, *, st: _Static):
+    """The chunks in reverse, the state's gradient ``dS [d_k, block_v]`` (fp32) carried; each chunk's forward
+    recomputed from the state it started from (``h_ref``). The gradients of q, k, the log decays and beta are
+    this program's value columns' share (summed over the column blocks outside)."""
+    c = st.chunk
+    masks = _masks(c)
+    incl, strict, _ = masks
+    dkd = k_ref.shape[-1]
+    f32 = jnp.float32
+    last = lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
+
+    def body(j, ds):  # ds: the gradient of the state after chunk i
+        i = st.n // c - 1 - j
+        sl = pl.ds(pl.multiple_of(i * c, c), c)
+        q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
+        gcum, beta = g_ref[sl], b_ref[sl]
+        g_last = g_ref[pl.ds(i * c + c - 1, 1)]  # [1]
+        gam, gam_ij, kk, inv = _triangle(k, gcum, beta, masks, st.precision)
+        s = h_ref[pl.ds(pl.multiple_of(i * dkd, dkd), dkd), :]  # [d_k, block_v], the inputs' dtype
+        dt, prec = q.dtype, st.precision
+        kf = k.astype(f32)
+        k_gam = (kf * gam[:, None]).astype(dt)
+        t = inv * beta[None, :]  # T = (I + A)^{-1} diag(beta)
+        w = v.astype(f32) - dot(k_gam, s, precision=prec)  # U = T W
+        u_lo = dot(t, w, precision=_HP).astype(dt)
+        do = (do_ref[sl, :].astype(f32) * st.scale).astype(dt)
+        # O = (gamma Q) S + P U with P = Q Kᵀ * Gamma: the query side first (its tensors die early)
+        qk = dot(q, k, trans_b=True, precision=prec)
+        dp = jnp.where(incl, dot(do, u_lo, trans_b=True, precision=prec), 0.0)
+        dp_gam = (dp * gam_ij).astype(dt)
+        dq_gam = dot(do, s, trans_b=True, precision=prec)  # [c, d_k]
+        dq_ref[sl, :] = dot(dp_gam, k, precision=prec) + dq_gam * gam[:, None]
+        qf = q.astype(f32)
+        dgam = jnp.sum(dq_gam * qf, axis=1)  # the gradient of gamma, accumulated
+        ds_prev = jnp.exp(g_last)[:, None] * ds + dot((qf * gam[:, None]).astype(dt), do, trans_a=True, precision=prec)
+        dk = dot(dp_gam, q, trans_a=True, precision=prec)  # the gradient of k, accumulated
+        dgg = dp * qk * gam_ij  # the gradient of G_i - G_j, accumulated
+        # S' = gamma_C S + K_decᵀ U
+        ds_lo = ds.astype(dt)
+        e = jnp.exp(g_last - gcum)  # [c]
+        dk_dec = dot(u_lo, ds_lo, trans_b=True, precision=prec)
+        dk += dk_dec * e[:, None]
+        de = jnp.sum(dk_dec * kf, axis=1) * e
+        dgam_last = jnp.sum(s.astype(f32) * ds)
+        du = dot((qk * gam_ij).astype(dt), do, trans_a=True, precision=prec) \
+            + dot((kf * e[:, None]).astype(dt), ds_lo, precision=prec)
+        # U = T W, W = V - (gamma K) S
+        dw = dot(t, du, trans_a=True, precision=_HP)
+        dtm = dot(du, w, trans_b=True, precision=_HP)
+        dv_ref[sl, :] = dw.astype(dv_ref.dtype)
+        dw_lo = dw.astype(dt)
+        dk_gam = -dot(dw_lo, s, trans_b=True, precision=prec)
+        dk += dk_gam * gam[:, None]
+        dgam += jnp.sum(dk_gam * kf, axis=1)
+        ds_prev -= dot(k_gam, dw_lo, trans_a=True, precision=prec)
+        # T = M diag(beta), M = (I + A)^{-1}: dA = -Mᵀ dM Mᵀ; A = beta_i Gamma_ij (K Kᵀ)_ij below the diagonal
+        dbeta = jnp.sum(inv * dtm, axis=0)
+        da = jnp.where(strict, -dot(dot(inv, dtm * beta[None, :], trans_a=True, precision=_HP), inv, trans_b=True,
+                                    precision=_HP), 0.0)
+        dbeta += jnp.sum(da * gam_ij * kk, axis=1)
+        dkk = (da * beta[:, None] * gam_ij).astype(dt)
+        dgg += da * beta[:, None] * kk * gam_ij
+        dk += dot(dkk, k, precision=prec) + dot(dkk, k, trans_a=True, precision=prec)
+        dgc = dgam * gam + jnp.sum(dgg, axis=1) - jnp.sum(dgg, axis=0) - de
+        dgc += jnp.where(last, jnp.sum(de) + dgam_last * jnp.exp(g_last), 0.0)
+        dk_ref[sl, :] = dk
+        dg_ref[sl] = dgc
+        db_ref[sl] = dbeta
+        return ds_prev
+
+    ds0_ref[...] = lax.fori_loop(0, st.n // c, body, dsn_ref[...])
+
+
+def _forward(q, k, v, gcum, beta, s0, scale, cfg: GatedDeltaConfig, interpret, save_states: bool = False):
+    b, n, hk, dk = q.shape
+    h, dv = v.shape[2:]
     bv = min(cfg.block_v, dv)
     st = _Static(n, scale, interpret, _HP if jnp.dtype(q.dtype) == jnp.float32 else None, cfg.chunk)
-    seq = lambda width: pl.BlockSpec((None, n, None, width), lambda bi, hi, vi: (bi, 0, hi, 0))  # noqa: E731
+    seq = lambda width: pl.BlockSpec((None, n, None, width), lambda bi, hi, vi: (bi, 0, hi // (h // hk), 0))  # noqa: E731
+    vblock = lambda rows: pl.BlockSpec((None, None, rows, bv), lambda bi, hi, vi: (bi, hi, 0, vi))  # noqa: E731
+    out_shape = [jax.ShapeDtypeStruct((b, n, h, dv), q.dtype), jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, n, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi)), vblock(dk)]
+    if save_states:
+        out_shape.append(jax.ShapeDtypeStruct((b, h, n // cfg.chunk * dk, dv), q.dtype))
+        out_specs.append(vblock(n // cfg.chunk * dk))
     call = _common.pallas_call(
         functools.partial(_kernel, st=st),
-        out_shape=[jax.ShapeDtypeStruct((b, n, h, dv), q.dtype), jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32)],
+        out_shape=out_shape,
         grid=(b, h, dv // bv),
         in_specs=[seq(dk), seq(dk), pl.BlockSpec((None, n, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi)),
                   pl.BlockSpec((None, n, None), lambda bi, hi, vi: (bi, 0, hi)),
-                  pl.BlockSpec((None, n, None), lambda bi, hi, vi: (bi, 0, hi)),
-                  pl.BlockSpec((None, None, dk, bv), lambda bi, hi, vi: (bi, hi, 0, vi))],
-        out_specs=[pl.BlockSpec((None, n, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi)),
-                   pl.BlockSpec((None, None, dk, bv), lambda bi, hi, vi: (bi, hi, 0, vi))],
+                  pl.BlockSpec((None, n, None), lambda bi, hi, vi: (bi, 0, hi)), vblock(dk)],
+        out_specs=out_specs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret, name="jaxattn_gated_delta_fwd")
     return call(q, k, v, gcum, beta, s0)
+
+
+def _backward(q, k, v, gcum, beta, states, do, ds_final, scale, cfg: GatedDeltaConfig, interpret):
+    b, n, hk, dk = q.shape
+    h, dv = v.shape[2:]
+    bv = min(cfg.bwd_block_v, dv)
+    nvb = dv // bv
+    st = _Static(n, scale, interpret, _HP if jnp.dtype(q.dtype) == jnp.float32 else None, cfg.chunk)
+    seq = lambda width: pl.BlockSpec((None, n, None, width), lambda bi, hi, vi: (bi, 0, hi // (h // hk), 0))  # noqa: E731
+    cols = pl.BlockSpec((None, n, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi))
+    tok = pl.BlockSpec((None, n, None), lambda bi, hi, vi: (bi, 0, hi))
+    vblock = lambda rows: pl.BlockSpec((None, None, rows, bv), lambda bi, hi, vi: (bi, hi, 0, vi))  # noqa: E731
+    part = lambda *w: pl.BlockSpec((None, None, n, None, *w), lambda bi, hi, vi: (vi, bi, 0, hi) + (0,) * len(w))  # noqa: E731
+    f32 = jnp.float32
+    call = _common.pallas_call(
+        functools.partial(_bwd_kernel, st=st),
+        out_shape=[jax.ShapeDtypeStruct((nvb, b, n, h, dk), f32), jax.ShapeDtypeStruct((nvb, b, n, h, dk), f32),
+                   jax.ShapeDtypeStruct((b, n, h, dv), f32), jax.ShapeDtypeStruct((nvb, b, n, h), f32),
+                   jax.ShapeDtypeStruct((nvb, b, n, h), f32), jax.ShapeDtypeStruct((b, h, dk, dv), f32)],
+        grid=(b, h, nvb),
+        in_specs=[seq(dk), seq(dk), cols, tok, tok, vblock(n // cfg.chunk * dk), cols, vblock(dk)],
+        out_specs=[part(dk), part(dk), cols, part(), part(), vblock(dk)],
+        num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, interpret=interpret,
+        name="jaxattn_gated_delta_bwd")
+    dq, dkey, dval, dg, db, ds0 = call(q, k, v, gcum, beta, states, do, ds_final)
+    per_key_head = lambda x: x.sum(0).reshape(b, n, hk, h // hk, dk).sum(3)  # noqa: E731  (value heads sharing q, k)
+    return per_key_head(dq), per_key_head(dkey), dval, dg.sum(0), db.sum(0), ds0
 
 
 def _in_chunk_cumsum(g: jax.Array, chunk: int) -> jax.Array:
@@ -123,20 +255,21 @@ def _in_chunk_cumsum(g: jax.Array, chunk: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _gated_delta(q, k, v, g, beta, s0, scale, cfg, interpret):
-    return _forward(q, k, v, _in_chunk_cumsum(g, cfg.chunk), beta.astype(jnp.float32), s0, scale, cfg, interpret)
+def _gated_delta(q, k, v, gcum, beta, s0, scale, cfg, interpret):
+    return tuple(_forward(q, k, v, gcum, beta, s0, scale, cfg, interpret))
 
 
-def _fwd(q, k, v, g, beta, s0, scale, cfg, interpret):
-    return _gated_delta(q, k, v, g, beta, s0, scale, cfg, interpret), (q, k, v, g, beta, s0)
+def _fwd(q, k, v, gcum, beta, s0, scale, cfg, interpret):
+    o, s, states = _forward(q, k, v, gcum, beta, s0, scale, cfg, interpret, save_states=True)
+    return (o, s), (q, k, v, gcum, beta, states)
 
 
 def _bwd(scale, cfg, interpret, res, cts):
-    from jaxattn.ops.gated_delta import _xla  # (the XLA chunked path, recomputed: its VJP)
-
-    q, k, v, g, beta, s0 = res
-    _, vjp = jax.vjp(lambda q, k, v, g, beta, s0: _xla(q, k, v, g, beta, scale, s0), q, k, v, g, beta, s0)
-    return vjp((cts[0].astype(q.dtype), cts[1]))
+    q, k, v, gcum, beta, states = res
+    do, ds = cts
+    dq, dk, dv, dg, db, ds0 = _backward(q, k, v, gcum, beta, states, do.astype(q.dtype), ds.astype(jnp.float32), scale,
+                                        cfg, interpret)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, db, ds0
 
 
 _gated_delta.defvjp(_fwd, _bwd)
@@ -145,7 +278,9 @@ _gated_delta.defvjp(_fwd, _bwd)
 def gated_delta_kernel(q, k, v, g, beta, *, scale: float, initial_state=None, config: GatedDeltaConfig | None = None,
                        interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """``(o, final state)`` of validated inputs whose sequence is a multiple of :data:`CHUNK` (padded by
-    :func:`jaxattn.gated_delta_rule`); differentiable in every input (the backward: XLA's)."""
-    b, _, h, dk = q.shape
-    s0 = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-    return _gated_delta(q, k, v, g, beta, s0, scale, config or GatedDeltaConfig(), interpret)
+    :func:`jaxattn.gated_delta_rule`; q and k may have fewer heads than v, each shared by ``h_v / h_k``
+    consecutive value heads); differentiable in every input (the backward kernel)."""
+    b, _, _, dk = q.shape
+    s0 = jnp.zeros((b, v.shape[2], dk, v.shape[-1]), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+    cfg = config or GatedDeltaConfig()
+    return _gated_delta(q, k, v, _in_chunk_cumsum(g, cfg.chunk), beta.astype(jnp.float32), s0, scale, cfg, interpret)

@@ -16,15 +16,21 @@ from jaxattn.models.gpt import GPTConfig
 from jaxattn.reference import gated_delta_reference
 
 
-def _model(impl="xla"):
-    return create_model("deltanet-tiny", rngs=nnx.Rngs(0), attn_impl=impl, dim=64, heads=2, init_std=0.1)
+# Qwen3-Next's shape: more value heads than query / key heads (each q / k head shared by two), other widths
+GROUPED = dict(delta_heads=4, delta_key_heads=2, delta_head_dim=16, delta_value_dim=32)
 
 
-def test_layer_matches_the_composition():
-    m = _model()
+def _model(impl="xla", **kw):
+    return create_model("deltanet-tiny", rngs=nnx.Rngs(0), attn_impl=impl, dim=64, heads=2, init_std=0.1, **kw)
+
+
+@pytest.mark.parametrize("kw", [{}, {**GROUPED, "delta_value_dim": 24}])
+def test_layer_matches_the_composition(kw):
+    m = _model(**kw)
     layer = m.blocks[0].attn
     assert isinstance(layer, GatedDeltaNetLayer)
-    layer.dt_bias[...] = jnp.asarray([0.3, -0.2])
+    h, hk, dk, dv = m.cfg.delta_dims
+    layer.dt_bias[...] = jnp.linspace(-0.3, 0.3, h)
     x = jax.random.normal(jax.random.key(1), (2, 9, 64))
     got = layer(x, jnp.arange(9))
     # the composition, from the parameters
@@ -39,26 +45,28 @@ def test_layer_matches_the_composition():
             if src >= 0:
                 conv[:, t] += taps[j] * mixed[:, src]
     conv = conv / (1 + np.exp(-conv))
-    q, k, v = (c.reshape(2, 9, 2, 32) for c in np.split(conv, 3, -1))
-    q, k = (a / np.sqrt((a * a).sum(-1, keepdims=True) + 1e-6) for a in (q, k))
+    q, k, v = np.split(conv, [hk * dk, 2 * hk * dk], -1)
+    q, k, v = q.reshape(2, 9, hk, dk), k.reshape(2, 9, hk, dk), v.reshape(2, 9, h, dv)
+    q, k = (np.repeat(a / np.sqrt((a * a).sum(-1, keepdims=True) + 1e-6), h // hk, axis=2) for a in (q, k))
     beta = 1 / (1 + np.exp(-(xn @ w(layer.b))))
     a = xn @ w(layer.a) + np.asarray(layer.dt_bias[...])
     g = -np.exp(np.asarray(layer.A_log[...], np.float64)) * np.log1p(np.exp(a))
     o = np.asarray(gated_delta_reference(*(jnp.asarray(t, jnp.float32) for t in (q, k, v, g, beta)))[0], np.float64)
     o = o / np.sqrt((o * o).mean(-1, keepdims=True) + m.cfg.norm_eps) * np.asarray(layer.norm[...])
-    z = (xn @ w(layer.z)).reshape(2, 9, 2, 32)
-    want = (o * z / (1 + np.exp(-z))).reshape(2, 9, 64) @ w(layer.out)
+    z = (xn @ w(layer.z)).reshape(2, 9, h, dv)
+    want = (o * z / (1 + np.exp(-z))).reshape(2, 9, h * dv) @ w(layer.out)
     assert_close(got, want, jnp.float32, "layer", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
 
 
-@pytest.mark.parametrize("impl", ["pallas", pytest.param("xla", marks=pytest.mark.slow)])
-def test_recurrent_decoding_gives_the_forward(impl):
-    m = _model(impl)
+@pytest.mark.parametrize("impl,kw", [("pallas", GROUPED), pytest.param("xla", {}, marks=pytest.mark.slow)])
+def test_recurrent_decoding_gives_the_forward(impl, kw):
+    m = _model(impl, **kw)
     tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, 256)
     full = m(tokens)
     logits, cache = m.prefill(tokens[:, :6], max_len=11)
     step = nnx.jit(lambda mod, *a: mod.decode_step(*a))  # (one compiled step for every token)
-    assert cache[0][0].shape == (2, 2, 32, 32) and cache[0][1].shape == (2, 3, 3 * 64)
+    h, hk, dk, dv = m.cfg.delta_dims
+    assert cache[0][0].shape == (2, h, dk, dv) and cache[0][1].shape == (2, 3, 2 * hk * dk + h * dv)
     tol = {jnp.dtype(jnp.float32): (1e-4, 1e-4)}
     assert_close(logits, full[:, 5], jnp.float32, "prefill", tol=tol)
     for t in range(6, 11):
@@ -80,9 +88,11 @@ def test_training_reaches_every_parameter_and_bad_use_raises(tmp_path):
         m.prefill(batch[:, :4], max_len=8, lengths=jnp.asarray([4, 2]))
     with pytest.raises(ValueError, match="delta_conv"):
         GPTConfig(layer_types=("delta",), delta_conv=0)
+    with pytest.raises(ValueError, match="multiple of delta_key_heads"):
+        GPTConfig(layer_types=("delta",), delta_heads=3, delta_key_heads=2)
     from jaxattn.models import hf
 
-    with pytest.raises(ValueError, match="Gated DeltaNet"):  # (no Hugging Face layout holds them)
+    with pytest.raises(ValueError, match="Qwen3-Next layout"):  # (deltanet-tiny's softmax layers: no output gate)
         hf.save_pretrained(m, tmp_path)
     with pytest.raises(ValueError, match="DeepSeek's routing"):
         hf.save_pretrained(create_model("moe-gpt-tiny", rngs=nnx.Rngs(0), moe_dense_layers=1), tmp_path)

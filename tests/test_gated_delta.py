@@ -20,11 +20,11 @@ GRAD_TOL = {jnp.dtype(jnp.float32): (1e-4, 1e-4), jnp.dtype(jnp.bfloat16): (6e-2
             jnp.dtype(jnp.float16): (1e-2, 1e-2)}
 
 
-def inputs(b, n, h, dk, dv, dtype, decay=True, state=True, seed=0):
+def inputs(b, n, h, dk, dv, dtype, decay=True, state=True, seed=0, hk=None):
     ks = jax.random.split(jax.random.key(seed), 6)
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731  (Gated DeltaNet's L2 norm)
-    q = unit(jax.random.normal(ks[0], (b, n, h, dk))).astype(dtype)
-    k = unit(jax.random.normal(ks[1], (b, n, h, dk))).astype(dtype)
+    q = unit(jax.random.normal(ks[0], (b, n, hk or h, dk))).astype(dtype)
+    k = unit(jax.random.normal(ks[1], (b, n, hk or h, dk))).astype(dtype)
     v = jax.random.normal(ks[2], (b, n, h, dv)).astype(dtype)
     g = -0.3 * jax.nn.softplus(jax.random.normal(ks[3], (b, n, h))) if decay else jnp.zeros((b, n, h))
     beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, n, h)))
@@ -32,21 +32,21 @@ def inputs(b, n, h, dk, dv, dtype, decay=True, state=True, seed=0):
     return q, k, v, g, beta, s0
 
 
-CASES = [  # (batch, seq, heads, d_k, d_v, dtype, decay, initial state), slow
-    ((2, 70, 3, 32, 64, jnp.float32, True, True), False),  # a ragged last chunk, d_k != d_v
-    ((1, 150, 2, 64, 64, jnp.bfloat16, True, False), False),
-    ((1, 33, 2, 16, 32, jnp.float16, False, True), False),  # no decay: DeltaNet
-    ((1, 1, 4, 128, 128, jnp.bfloat16, True, True), True),  # one token
-    ((1, 200, 2, 128, 128, jnp.float32, True, True), True),
+CASES = [  # (batch, seq, heads, d_k, d_v, dtype, decay, initial state, q / k heads), slow
+    ((2, 70, 3, 32, 64, jnp.float32, True, True, 3), False),  # a ragged last chunk, d_k != d_v
+    ((1, 150, 4, 64, 64, jnp.bfloat16, True, False, 2), False),  # q / k heads shared by two value heads
+    ((1, 33, 2, 16, 32, jnp.float16, False, True, 2), False),  # no decay: DeltaNet
+    ((1, 1, 4, 128, 128, jnp.bfloat16, True, True, 4), True),  # one token
+    ((1, 200, 2, 128, 128, jnp.float32, True, True, 1), True),
 ]
-# the kernel on every case; the XLA path (the kernel's backward in every case) alone in fp32 by default
+# the kernels on every case; the XLA path alone in fp32 by default
 PARAMS = [pytest.param(impl, *case, marks=[pytest.mark.slow] if slow or (impl == "xla" and case[5] != jnp.float32)
                        else []) for case, slow in CASES for impl in ("pallas", "xla")]
 
 
-@pytest.mark.parametrize("impl,b,n,h,dk,dv,dtype,decay,state", PARAMS)
-def test_matches_the_recurrence_forward_and_gradients(impl, b, n, h, dk, dv, dtype, decay, state):
-    q, k, v, g, beta, s0 = inputs(b, n, h, dk, dv, dtype, decay, state)
+@pytest.mark.parametrize("impl,b,n,h,dk,dv,dtype,decay,state,hk", PARAMS)
+def test_matches_the_recurrence_forward_and_gradients(impl, b, n, h, dk, dv, dtype, decay, state, hk):
+    q, k, v, g, beta, s0 = inputs(b, n, h, dk, dv, dtype, decay, state, hk=hk)
     with poison_outputs():  # (jitted: interpret mode's kernels run faster compiled than op by op)
         o, s = jax.jit(functools.partial(gated_delta_rule, return_state=True, impl=impl))(q, k, v, g, beta,
                                                                                          initial_state=s0)
@@ -72,7 +72,7 @@ def test_matches_the_recurrence_forward_and_gradients(impl, b, n, h, dk, dv, dty
 
 
 def test_steps_continue_the_forward():
-    q, k, v, g, beta, s0 = inputs(2, 20, 2, 16, 16, jnp.float32)
+    q, k, v, g, beta, s0 = inputs(2, 20, 4, 16, 16, jnp.float32, hk=2)
     o, s = gated_delta_rule(q[:, :12], k[:, :12], v[:, :12], g[:, :12], beta[:, :12], initial_state=s0,
                             return_state=True, impl="pallas")
     full = gated_delta_reference(q, k, v, g, beta, initial_state=s0)[0]
@@ -91,7 +91,7 @@ def test_lowers_for_cuda():
 
     with compile_for_gpu():
         text = lower_for_cuda(step, q, k, v, g, beta)
-    assert count_triton_calls(text) == 1  # the forward kernel (the backward: XLA's chunked path)
+    assert count_triton_calls(text) == 2  # the forward kernel (writing the chunks' states) and the backward
     off = lower_for_cuda(lambda *a: step(*a), q, k, v, g, beta)  # (a fresh trace: auto off a GPU is XLA)
     assert count_triton_calls(off) == 0
 
@@ -100,6 +100,7 @@ def test_bad_input():
     q, k, v, g, beta, s0 = inputs(1, 8, 2, 16, 16, jnp.float32)
     for args, kw, match in [((q, k[..., :8], v, g, beta), {}, "k must have q's shape"),
                             ((q, k, v[:, :4], g, beta), {}, "v must be"),
+                            ((q, k, v[:, :, :1], g[..., :1], beta[..., :1]), {}, "a multiple of q's 2"),
                             ((q, k, v, g[..., :1], beta), {}, "g must be"),
                             ((q, k, v, g, beta.astype(jnp.int32)), {}, "beta must be a floating"),
                             ((q, k, v, g, beta), {"initial_state": s0[:, :1]}, "initial_state must be"),

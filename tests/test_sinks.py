@@ -7,6 +7,8 @@ lowering; bad sinks."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,7 +119,8 @@ def test_decode_paged_and_varlen_with_sinks():
     k, v = (jax.random.normal(kk, (b, n, hkv, d)) for kk in ks[1:3])
     lengths = jnp.asarray([70, 33, 1])
     sinks = _sinks(ks[3], hq)
-    out = jaxattn.decode_attention(q, k, v, lengths, sinks=sinks, impl="pallas")
+    # (jitted: interpret mode's kernels run faster compiled than op by op)
+    out = jax.jit(functools.partial(jaxattn.decode_attention, impl="pallas"))(q, k, v, lengths, sinks=sinks)
     dense = jaxattn.decode_attention(q, k, v, lengths, sinks=sinks, impl="xla")
     for i, length in enumerate(lengths.tolist()):
         ref, _ = attention_reference(q[i:i + 1], k[i:i + 1, :length], v[i:i + 1, :length], sinks=sinks)
@@ -129,12 +132,14 @@ def test_decode_paged_and_varlen_with_sinks():
     kp, vp = (jnp.pad(x, ((0, 0), (0, n_pages * pages - n), (0, 0), (0, 0))).reshape(b * n_pages, pages, hkv, d)
               for x in (k, v))
     table = jnp.arange(b * n_pages, dtype=jnp.int32).reshape(b, n_pages)
-    paged = jaxattn.paged_decode_attention(q, kp, vp, table, lengths, sinks=sinks, impl="pallas")
+    paged = jax.jit(functools.partial(jaxattn.paged_decode_attention, impl="pallas"))(q, kp, vp, table, lengths,
+                                                                                     sinks=sinks)
     assert_close(paged, out, jnp.float32, "paged")
     # varlen: two packed sequences, each as attention alone
     cu = jnp.asarray([0, 30, 70])
     x = jax.random.normal(ks[4], (70, hq, d))
-    got = jaxattn.varlen_attention(x, x[:, :hkv], x[:, :hkv], cu, causal=True, sinks=sinks, impl="pallas")
+    got = jax.jit(functools.partial(jaxattn.varlen_attention, causal=True, impl="pallas"))(x, x[:, :hkv], x[:, :hkv], cu,
+                                                                                          sinks=sinks)
     for a, e in ((0, 30), (30, 70)):
         ref, _ = attention_reference(x[None, a:e], x[None, a:e, :hkv], x[None, a:e, :hkv], causal=True, sinks=sinks)
         assert_close(got[a:e], ref[0], jnp.float32, f"varlen {a}:{e}")

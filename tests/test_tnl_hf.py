@@ -85,7 +85,7 @@ def reference_logits(sd, hf, tokens):
 TOKENS = np.asarray([[3, 17, 59, 0, 8, 8, 41, 22, 5, 33, 60], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
 
 
-@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("tied", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_reference_state_dict_gives_the_reference_logits(tied):
     hf = {**HF, "tie_word_embeddings": tied}
     sd = random_hf_state_dict(hf, tied=tied)

@@ -479,17 +479,23 @@ def _grouped_matmul_cases() -> Iterator[tuple[str, Callable, list]]:
 
 
 def _gated_delta_cases() -> Iterator[tuple[str, Callable, list]]:
-    """The gated delta rule's chunked forward kernel at Gated DeltaNet's head dims (Qwen3-Next: 128 / 128)."""
+    """The gated delta rule's chunked forward and backward kernels at Gated DeltaNet's head dims (Qwen3-Next:
+    128 / 128)."""
     from jaxattn.pallas.gated_delta import gated_delta_kernel
 
     def fwd(q, k, v, g, beta):
         return gated_delta_kernel(q, k, v, g, beta, scale=0.088, interpret=False)
 
+    def loss(q, k, v, g, beta):
+        o, s = fwd(q, k, v, g, beta)
+        return _total(o) + jnp.sum(s)
+
     for dk, dv in ((128, 128), (64, 64)):
         dtype = jnp.bfloat16
-        yield (f"dk{dk} dv{dv} bfloat16 n=4096", fwd,
-               [_sds((2, 4096, 16, dk), dtype), _sds((2, 4096, 16, dk), dtype), _sds((2, 4096, 16, dv), dtype),
-                _sds((2, 4096, 16), jnp.float32), _sds((2, 4096, 16), jnp.float32)])
+        args = [_sds((2, 4096, 16, dk), dtype), _sds((2, 4096, 16, dk), dtype), _sds((2, 4096, 16, dv), dtype),
+                _sds((2, 4096, 16), jnp.float32), _sds((2, 4096, 16), jnp.float32)]
+        yield f"dk{dk} dv{dv} bfloat16 n=4096", fwd, args
+        yield f"dk{dk} dv{dv} bfloat16 n=4096 fwd+bwd", jax.value_and_grad(loss, (0, 1, 2, 3, 4)), args
 
 
 FAMILIES: dict[str, Callable[[], Iterable[tuple[str, Callable, list]]]] = {

@@ -1,5 +1,5 @@
 """Gated delta rule benchmark (:func:`jaxattn.gated_delta_rule`, Gated DeltaNet): the chunked Pallas forward kernel
-("jaxattn"; its backward is the XLA chunked path's), the XLA chunked path ("xla-chunked": triangular solves and a
+and its backward kernel ("jaxattn"), the XLA chunked path ("xla-chunked": triangular solves and a
 scan over chunks), the token-by-token recurrence ("scan"), and flash-linear-attention's
 ``chunk_gated_delta_rule`` (PyTorch, Triton) when importable. L2-normalized q and k, as Gated DeltaNet's.
 

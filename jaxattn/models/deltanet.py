@@ -6,8 +6,10 @@
 ``g = -exp(A_log) softplus(W_a x + dt_bias)`` per head (Mamba-2's parametrization, as Qwen3-Next's); the gated
 delta rule (scale ``d ** -0.5``); then a gated RMSNorm per head, ``RMSNorm(o) * silu(W_z x)``, and ``W_out``.
 
-Generation keeps, per layer, the ``[B, H, d, d]`` state (fp32) and the convolution's last ``delta_conv - 1``
-inputs; each new token costs O(1) (:func:`jaxattn.gated_delta_rule_step`).
+Head counts and widths are the config's ``delta_dims``: ``H`` value heads of width ``d_v``, ``H_k`` query / key
+heads of width ``d_k``, each shared by ``H / H_k`` consecutive value heads (Qwen3-Next: 32 value heads, 16 key
+heads, 128 wide). Generation keeps, per layer, the ``[B, H, d_k, d_v]`` state (fp32) and the convolution's last
+``delta_conv - 1`` inputs; each new token costs O(1) (:func:`jaxattn.gated_delta_rule_step`).
 """
 
 from __future__ import annotations
@@ -42,24 +44,27 @@ def _unit(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 class GatedDeltaNetLayer(nnx.Module):
     """Gated DeltaNet (module docstring), the interface of :class:`jaxattn.models.gpt.Attention`: ``(x [B, n,
-    dim], positions) -> [B, n, dim]``; with a cache ``(state [B, H, d, d], conv history [B, K - 1, 3 H d])``,
-    ``-> (out, cache)``. Parameters: ``q``, ``k``, ``v``, ``conv`` (``[K, 3 H d]``), ``b``, ``a``, ``A_log``,
-    ``dt_bias``, ``z``, ``norm`` (``[d]``), ``out``."""
+    dim], positions) -> [B, n, dim]``; with a cache ``(state [B, H, d_k, d_v], conv history [B, K - 1, 2 H_k d_k
+    + H d_v])``, ``-> (out, cache)``. Parameters: ``q``, ``k`` (``H_k d_k`` wide), ``v``, ``z`` (``H d_v``),
+    ``conv`` (``[K, 2 H_k d_k + H d_v]``, channels q | k | v), ``b``, ``a``, ``A_log``, ``dt_bias`` (``H``),
+    ``norm`` (``[d_v]``), ``out``."""
 
     def __init__(self, cfg, layer: int, *, rngs: nnx.Rngs):
         del layer
-        self.cfg, self.kind, self.heads, self.head_dim = cfg, "delta", cfg.heads, cfg.head_size
-        width = cfg.heads * cfg.head_size
-        self.q, self.k, self.v = (_linear(cfg.dim, width, cfg, rngs) for _ in range(3))
+        self.cfg, self.kind = cfg, "delta"
+        self.heads, self.key_heads, self.head_dim, self.value_dim = cfg.delta_dims
+        kw, vw = self.key_heads * self.head_dim, self.heads * self.value_dim
+        self.q, self.k = _linear(cfg.dim, kw, cfg, rngs), _linear(cfg.dim, kw, cfg, rngs)
+        self.v = _linear(cfg.dim, vw, cfg, rngs)
         k = cfg.delta_conv
         bound = 1.0 / k ** 0.5  # (PyTorch's Conv1d default for a depthwise kernel)
-        self.conv = nnx.Param(jax.random.uniform(rngs.params(), (k, 3 * width), jnp.float32, -bound, bound))
-        self.b, self.a = _linear(cfg.dim, cfg.heads, cfg, rngs), _linear(cfg.dim, cfg.heads, cfg, rngs)
-        self.A_log = nnx.Param(jnp.log(jnp.linspace(1.0, 16.0, cfg.heads, dtype=jnp.float32)))
-        self.dt_bias = nnx.Param(jnp.zeros((cfg.heads,), jnp.float32))
-        self.z = _linear(cfg.dim, width, cfg, rngs)
-        self.norm = nnx.Param(jnp.ones((cfg.head_size,), jnp.float32))
-        self.out = _linear(width, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
+        self.conv = nnx.Param(jax.random.uniform(rngs.params(), (k, 2 * kw + vw), jnp.float32, -bound, bound))
+        self.b, self.a = _linear(cfg.dim, self.heads, cfg, rngs), _linear(cfg.dim, self.heads, cfg, rngs)
+        self.A_log = nnx.Param(jnp.log(jnp.linspace(1.0, 16.0, self.heads, dtype=jnp.float32)))
+        self.dt_bias = nnx.Param(jnp.zeros((self.heads,), jnp.float32))
+        self.z = _linear(cfg.dim, vw, cfg, rngs)
+        self.norm = nnx.Param(jnp.ones((self.value_dim,), jnp.float32))
+        self.out = _linear(vw, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
         self.resid_drop = _dropout(cfg.dropout, rngs)
         self.sequence_parallel: tuple | None = None  # (GPT.enable_sequence_parallel refuses delta layers)
         self.sinks = None
@@ -71,13 +76,13 @@ class GatedDeltaNetLayer(nnx.Module):
             raise ValueError("segment_ids (packed documents): Gated DeltaNet layers have no document masking (their "
                              "convolution and state would carry across documents)")
         b, n, _ = x.shape
-        h, d = self.heads, self.head_dim
+        h, hk, dk, dv = self.heads, self.key_heads, self.head_dim, self.value_dim
         mixed = jnp.concatenate([self.q(x), self.k(x), self.v(x)], axis=-1)
         decoding = cache is not None and not (isinstance(offset, int) and offset == 0)
         history = cache[1] if decoding else None
         conv = jax.nn.silu(causal_conv(mixed, self.conv[...], history))
-        q, k, v = (t.reshape(b, n, h, d) for t in jnp.split(conv, 3, axis=-1))
-        q, k = _unit(q), _unit(k)
+        q, k, v = jnp.split(conv, [hk * dk, 2 * hk * dk], axis=-1)
+        q, k, v = _unit(q.reshape(b, n, hk, dk)), _unit(k.reshape(b, n, hk, dk)), v.reshape(b, n, h, dv)
         beta = jax.nn.sigmoid(self.b(x).astype(jnp.float32))
         g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(self.a(x).astype(jnp.float32) + self.dt_bias[...])
         if decoding:  # one step per new token from the layer's state
@@ -88,9 +93,9 @@ class GatedDeltaNetLayer(nnx.Module):
             o = jnp.stack(outs, axis=1)
         else:
             o, state = gated_delta_rule(q, k, v, g, beta, return_state=True, impl=self.cfg.attn_impl)
-        o = rms_norm(o, self.norm[...], self.cfg.norm_eps) * jax.nn.silu(self.z(x).reshape(b, n, h, d).astype(jnp.float32)
+        o = rms_norm(o, self.norm[...], self.cfg.norm_eps) * jax.nn.silu(self.z(x).reshape(b, n, h, dv).astype(jnp.float32)
                                                                         ).astype(o.dtype)
-        out = _apply(self.resid_drop, self.out(o.reshape(b, n, h * d)))
+        out = _apply(self.resid_drop, self.out(o.reshape(b, n, h * dv)))
         if cache is None:
             return out
         k_taps = self.cfg.delta_conv

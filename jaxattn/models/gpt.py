@@ -125,8 +125,16 @@ class GPTConfig:
     norm_residual: bool = False
     residual_scales: tuple[float, ...] = ()
     # layer_types entry "delta": a Gated DeltaNet layer (jaxattn.models.deltanet) with a causal depthwise
-    # convolution of delta_conv taps on its q, k, v
+    # convolution of delta_conv taps on its q, k, v; its value heads (default heads), query / key heads (default
+    # delta_heads; each shared by delta_heads / delta_key_heads value heads, as Qwen3-Next's), query / key head
+    # width (default head_size) and value head width (default delta_head_dim)
     delta_conv: int = 4
+    delta_heads: int | None = None
+    delta_key_heads: int | None = None
+    delta_head_dim: int | None = None
+    delta_value_dim: int | None = None
+    # Qwen3-Next's gated attention: softmax layers' outputs times sigmoid(W_g x) per channel before W_o
+    attn_output_gate: bool = False
     # the Gemma family (Gemma 1/2/3)
     norm_offset: float = 0.0  # RMSNorms scale by (norm_offset + weight): Gemma stores weight - 1 (offset 1)
     post_norms: bool = False  # Gemma 2/3: RMSNorm on the attention and MLP outputs before each residual add
@@ -280,6 +288,10 @@ class GPTConfig:
                              f"got {self.layer_types}")
         if self.delta_conv < 1:
             raise ValueError(f"delta_conv (the Gated DeltaNet layers' convolution taps) must be >= 1, got {self.delta_conv}")
+        h, hk, dk, dv = self.delta_dims
+        if min(h, hk, dk, dv) < 1 or h % hk:
+            raise ValueError(f"delta_heads ({h}) must be a positive multiple of delta_key_heads ({hk}), and the delta "
+                             f"layers' head widths positive (delta_head_dim {dk}, delta_value_dim {dv})")
         if len(self.residual_scales) not in (0, 6) or (self.residual_scales and not self.norm_residual):
             raise ValueError(f"residual_scales are MiniMax's (full alpha, full beta, lightning alpha, lightning beta, "
                              f"mlp alpha, mlp beta) of norm_residual blocks: () or 6 numbers with norm_residual, got "
@@ -342,6 +354,13 @@ class GPTConfig:
 
     def layer_has_rope(self, i: int) -> bool:
         return self.position == "rope" and (not self.rope_layers or self.rope_layers[i % len(self.rope_layers)])
+
+    @property
+    def delta_dims(self) -> tuple[int, int, int, int]:
+        """The Gated DeltaNet layers' (value heads, query / key heads, query / key width, value width)."""
+        h = self.delta_heads or self.heads
+        dk = self.delta_head_dim or self.head_size
+        return h, self.delta_key_heads or h, dk, self.delta_value_dim or dk
 
     @property
     def hidden(self) -> int:
@@ -567,6 +586,7 @@ class Attention(nnx.Module):
         # k and v per kv head side by side: columns [k_0 | v_0 | k_1 | v_1 | ...], head_dim each
         self.kv = _linear(cfg.dim, 2 * self.kv_heads * self.head_dim, cfg, rngs, bias=cfg.qkv_bias or cfg.bias)
         self.o = _linear(width, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5, bias=cfg.bias)
+        self.gate = _linear(cfg.dim, width, cfg, rngs) if cfg.attn_output_gate else None  # (Qwen3-Next)
         # Qwen3: RMSNorm over each head's query / key (one weight shared by the heads)
         q_width, k_width = (width, self.kv_heads * self.head_dim) if cfg.qk_norm_full else (self.head_dim,) * 2
         self.q_norm = RMSNorm(q_width, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
@@ -597,8 +617,9 @@ class Attention(nnx.Module):
             if self.kind == "window" and self.cfg.local_rope_theta:  # Gemma 3's local layers
                 theta, scaling = self.cfg.local_rope_theta, ()
             q, k = (rope(t, positions, theta, scaling, self.cfg.rotary_dim) for t in (q, k))
+        gate = None if self.gate is None else self.gate(x)
         if cache is None:  # (a zig-zag sequence-parallel model has permuted its tokens)
-            return self._attend(q, k, v, zigzagged=True, segment_ids=segment_ids)
+            return self._attend(q, k, v, zigzagged=True, segment_ids=segment_ids, gate=gate)
         from jaxattn.ops.decode import append_kv, decode_attention, quantize_kv
 
         prefill = isinstance(offset, int) and offset == 0
@@ -610,7 +631,7 @@ class Attention(nnx.Module):
         k_cache, v_cache, lengths = append_kv(k_cache, v_cache, k, v, jnp.asarray(offset, jnp.int32), **sc)
         new_cache = (k_cache, v_cache, *scales)
         if prefill:  # the prompt alone, as in training
-            return self._attend(q, k, v), new_cache
+            return self._attend(q, k, v, gate=gate), new_cache
         if self.kind in ("full", "window"):  # a window layer sees the last `window` keys, itself included
             window = (self.cfg.window - 1, 0) if self.kind == "window" else None
             o = decode_attention(q, k_cache, v_cache, lengths, causal=True, local_window_size=window,
@@ -622,12 +643,20 @@ class Attention(nnx.Module):
             mask = block_mask_for(self.cfg, self.kind, n, kv_len=k_cache.shape[1], q_offset=offset)
             o = block_sparse_attention(q, k_cache, v_cache, mask, impl=self.cfg.attn_impl, scale=self.cfg.attn_scale,
                                        sinks=self.sink_logits())
-        return self.o(o.reshape(b, n, -1)), new_cache
+        return self._project(o, gate), new_cache
+
+    def _project(self, o: jax.Array, gate: jax.Array | None) -> jax.Array:
+        """``W_o`` of the heads' outputs ``[B, n, heads, d]`` (times ``sigmoid(gate)`` first: gated attention)."""
+        o = o.reshape(*o.shape[:2], -1)
+        if gate is not None:
+            o = o * jax.nn.sigmoid(gate.astype(jnp.float32)).astype(o.dtype)
+        return self.o(o)
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, zigzagged: bool = False,
-                segment_ids: jax.Array | None = None) -> jax.Array:
+                segment_ids: jax.Array | None = None, gate: jax.Array | None = None) -> jax.Array:
         """Causal attention of the layer's kind over the ``n`` tokens themselves (``zigzagged``: in
-        the zig-zag order of a sequence-parallel model's forward; ``segment_ids``: packed documents)."""
+        the zig-zag order of a sequence-parallel model's forward; ``segment_ids``: packed documents;
+        ``gate``: the output gate's logits)."""
         b, n = q.shape[:2]
         impl, scale, cap = self.cfg.attn_impl, self.cfg.attn_scale, self.cfg.attn_softcap
         drop = self.attn_drop()
@@ -663,7 +692,7 @@ class Attention(nnx.Module):
         else:
             o = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes(), scale=scale, logits_soft_cap=cap,
                           sinks=sinks, impl=impl, **drop, **seg)
-        return _apply(self.resid_drop, self.o(o.reshape(b, n, -1)))
+        return _apply(self.resid_drop, self._project(o, gate))
 
     def sink_logits(self) -> jax.Array | None:
         """The attention sinks' logits ``[heads]`` (``attn_sinks``), or None."""
@@ -939,9 +968,11 @@ class GPT(nnx.Module):
             width = self.cfg.kv_lora_rank + self.cfg.qk_rope_dim
             return [(jnp.zeros((batch, max_len, 1, width), jnp.dtype(dtype or self.cfg.dtype)),) for _ in self.blocks]
         hd, h = self.cfg.head_size, self.cfg.heads
-        state = jnp.zeros((batch, h, hd, hd), jnp.float32)  # (lightning and Gated DeltaNet layers: a recurrent state)
-        conv = jnp.zeros((batch, self.cfg.delta_conv - 1, 3 * h * hd), jnp.dtype(self.cfg.dtype))
-        kinds = {"lightning": (state,), "delta": (state, conv)}  # (Gated DeltaNet: and its convolution's last inputs)
+        state = jnp.zeros((batch, h, hd, hd), jnp.float32)  # (lightning layers: a recurrent state)
+        dh, dhk, dk, dv = self.cfg.delta_dims  # (Gated DeltaNet: its state and its convolution's last inputs)
+        delta = (jnp.zeros((batch, dh, dk, dv), jnp.float32),
+                 jnp.zeros((batch, self.cfg.delta_conv - 1, 2 * dhk * dk + dh * dv), jnp.dtype(self.cfg.dtype)))
+        kinds = {"lightning": (state,), "delta": delta}
         return [kinds[blk.attn.kind] if blk.attn.kind in kinds else _kv_cache(self.cfg, batch, max_len, dtype)
                 for blk in self.blocks]
 

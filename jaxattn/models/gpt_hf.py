@@ -274,9 +274,12 @@ def _family(cfg: GPTConfig) -> str:
     if cfg.kv_lora_rank or "lightning" in cfg.layer_types:
         raise ValueError("multi-head latent attention and lightning layers have their own layouts: "
                          "jaxattn.models.deepseek_hf and minimax_hf (hf.save_pretrained picks them)")
-    if "delta" in cfg.layer_types or cfg.norm_residual:
-        raise ValueError("no Hugging Face layout holds Gated DeltaNet ('delta') layers or norm_residual blocks "
-                         "outside MiniMax's; save the model with jaxattn's own checkpoints")
+    if "delta" in cfg.layer_types or cfg.attn_output_gate:
+        raise ValueError("Gated DeltaNet ('delta') layers and gated attention (attn_output_gate) have Qwen3-Next's "
+                         "layout: jaxattn.models.qwen3_next_hf (hf.save_pretrained picks it)")
+    if cfg.norm_residual:
+        raise ValueError("no Hugging Face layout holds norm_residual blocks outside MiniMax's; save the model with "
+                         "jaxattn's own checkpoints")
     deepseek = [f for f in ("moe_dim", "moe_dense_layers", "moe_groups", "moe_score_bias", "moe_routed_scale",
                             "moe_bias_update_rate") if getattr(cfg, f) != getattr(GPTConfig(), f)]
     if deepseek or cfg.moe_scoring != "softmax" or not cfg.moe_shared_gate:

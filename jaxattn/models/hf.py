@@ -148,10 +148,11 @@ def fill_abstract(build: Callable[[], nnx.Module], entries: Callable[[nnx.Module
 
 def _converter(model_type: str):
     """The converter module of a ``model_type`` (each GPT converter's family table names its own)."""
-    from jaxattn.models import deepseek_hf, gpt_classic_hf, gpt_hf, minimax_hf, timm_hub, tnl_hf
+    from jaxattn.models import deepseek_hf, gpt_classic_hf, gpt_hf, minimax_hf, qwen3_next_hf, timm_hub, tnl_hf
 
     converters = {"transnormer": tnl_hf, **dict.fromkeys((*gpt_hf._ARCH, "gemma3"), gpt_hf),
                   **dict.fromkeys(deepseek_hf._ARCH, deepseek_hf), "minimax": minimax_hf,
+                  "qwen3_next": qwen3_next_hf,
                   **dict.fromkeys(gpt_classic_hf._ARCH, gpt_classic_hf), "timm": timm_hub}
     if model_type not in converters:
         raise ValueError(f"config.json: model_type {model_type!r} is not one jaxattn converts "
@@ -235,6 +236,8 @@ def save_pretrained(model: nnx.Module, folder: str | Path) -> None:
         from jaxattn.models import deepseek_hf as conv
     elif type(model) is GPT and "lightning" in model.cfg.layer_types:  # MiniMax-01's lightning layers
         from jaxattn.models import minimax_hf as conv
+    elif type(model) is GPT and ("delta" in model.cfg.layer_types or model.cfg.attn_output_gate):  # Qwen3-Next's
+        from jaxattn.models import qwen3_next_hf as conv
     elif type(model) is GPT:
         conv = gpt_classic_hf if gpt_classic_hf.is_classic(model.cfg) else gpt_hf
     elif type(model) in (ViT, Eva, HaloNet):

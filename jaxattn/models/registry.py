@@ -32,6 +32,10 @@ _DEEPSEEK_V3_MOE = dict(moe_scoring="sigmoid", moe_score_bias=True, moe_renormal
                         moe_shared_gate=False, tie_embeddings=False)
 
 
+_QWEN3_NEXT_BLOCK: dict[str, Any] = dict(layer_types=("delta", "delta", "delta", "full"), qk_norm=True, norm_offset=1.0,
+                                         attn_output_gate=True, tie_embeddings=False)
+
+
 def _deepseek_yarn(mscale: float) -> dict[str, Any]:
     """DeepSeek's YaRN (factor 40 over 4096 tokens) and the softmax scale it implies for 192-wide q/k heads."""
     yarn = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
@@ -103,6 +107,18 @@ MODEL_CONFIGS: dict[str, Any] = {
     # Gated DeltaNet hybrid, byte-level and CPU-sized: three Gated DeltaNet layers (jaxattn.models.deltanet) to one
     # softmax attention layer
     "deltanet-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, layer_types=("delta", "delta", "delta", "full")),
+    # Qwen3-Next's architecture, byte-level and CPU-sized: three Gated DeltaNet layers (q / k heads shared by two
+    # value heads) to one gated softmax layer (per-head q / k norms, partial RoPE, a sigmoid output gate),
+    # zero-centred RMSNorms, 8 experts (top 2, renormalized) beside a sigmoid-gated shared expert
+    "qwen3-next-tiny": GPTConfig(**_QWEN3_NEXT_BLOCK, vocab_size=256, dim=128, layers=4, heads=4, kv_heads=2,
+                                 head_dim=64, rotary_dim=16, delta_heads=4, delta_key_heads=2, delta_head_dim=32,
+                                 moe_experts=8, moe_top_k=2, mlp_dim=64, moe_shared_dim=64),
+    # Qwen3-Next-80B-A3B (80B, 3B active) as its config.json reads (UNCONFIRMED here: no checkpoint was read); its
+    # folders load with jaxattn.models.hf.load_pretrained (jaxattn.models.qwen3_next_hf)
+    "qwen3-next-80b-a3b": GPTConfig(**_QWEN3_NEXT_BLOCK, vocab_size=151936, dim=2048, layers=48, heads=16, kv_heads=2,
+                                    head_dim=256, rotary_dim=64, rope_theta=1e7, delta_heads=32, delta_key_heads=16,
+                                    delta_head_dim=128, moe_experts=512, moe_top_k=10, mlp_dim=512, moe_shared_dim=512,
+                                    moe_aux_loss=0.001),
     # a Mixtral-style mixture of experts (LLaMA blocks, 8 SiLU experts, top 2), byte-level and CPU-sized
     "moe-gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, moe_experts=8, moe_top_k=2, mlp_dim=128),
     # GPT-2's block (LayerNorm, biases, GELU MLP, learned positions): byte-level CPU-sized, and GPT-2 small

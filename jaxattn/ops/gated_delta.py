@@ -13,7 +13,8 @@ last two lines run chunk after chunk.
 ``impl="xla"`` inverts ``I + A`` by its finite Neumann series (:func:`unit_lower_inverse`, matmuls only) and
 scans the chunks (differentiable by autodiff); ``impl="pallas"`` runs :mod:`jaxattn.pallas.gated_delta`'s forward kernel (one
 program per batch row, head and value-column block, the state in registers, ``(I + A)^{-1}`` by repeated
-squaring: six 64 x 64 matmuls) with the XLA chunked path's gradient; ``"auto"``: the kernel on a GPU.
+squaring) and its backward kernel (a reverse scan from the chunks' stored states); ``"auto"``: the kernels on
+a GPU.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ def _check(q, k, v, g, beta, initial_state):
         _checks.check_rank(name, x, 4, "[batch, seq, heads, head_dim]")
         _checks.check_float_dtype(name, x)
     _checks.check_same_dtype(q=q, k=k, v=v)
-    b, n, h, dk = q.shape
+    b, n, hk, dk = q.shape
     if k.shape != q.shape:
         raise ValueError(f"k must have q's shape {tuple(q.shape)} [batch, seq, heads, d_k], got {tuple(k.shape)}")
-    if v.shape[:3] != (b, n, h):
-        raise ValueError(f"v must be [batch, seq, heads, d_v] = [{b}, {n}, {h}, d_v] like q, got {tuple(v.shape)}")
+    if v.shape[:2] != (b, n) or v.shape[2] % hk:
+        raise ValueError(f"v must be [batch, seq, heads, d_v] = [{b}, {n}, heads, d_v] with heads a multiple of q's "
+                         f"{hk} (each q / k head shared by heads / {hk} value heads), got {tuple(v.shape)}")
+    h = v.shape[2]
     for name, x in (("g", g), ("beta", beta)):
         if tuple(jnp.shape(x)) != (b, n, h) or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             raise ValueError(f"{name} must be a floating [batch, seq, heads] = ({b}, {n}, {h}), got "
@@ -89,6 +92,7 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
 
 
 def _xla(q, k, v, g, beta, scale, initial_state):
+    q, k = (share_heads(x, v.shape[2]) for x in (q, k))
     b, n, h, dk = q.shape
     dv = v.shape[-1]
     gcum, tv, w, k_dec, g_last, gam_ij = chunk_terms(k, v, g, beta, CHUNK)
@@ -110,6 +114,12 @@ def _xla(q, k, v, g, beta, scale, initial_state):
     return (scale * o).astype(q.dtype), s
 
 
+def share_heads(x: jax.Array, heads: int) -> jax.Array:
+    """``x [..., h_k, d]`` with each head repeated for the ``heads / h_k`` value heads that share it (head ``i``
+    of ``heads`` reads head ``i // (heads / h_k)``: Qwen3-Next's grouped value heads)."""
+    return x if x.shape[-2] == heads else jnp.repeat(x, heads // x.shape[-2], axis=-2)
+
+
 def _pad(x: jax.Array, n: int) -> jax.Array:
     return _common.pad_axis(x, 1, n)
 
@@ -117,9 +127,10 @@ def _pad(x: jax.Array, n: int) -> jax.Array:
 def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
                      scale: float | None = None, initial_state: jax.Array | None = None, return_state: bool = False,
                      impl: Literal["auto", "pallas", "xla"] = "auto") -> jax.Array | tuple[jax.Array, jax.Array]:
-    """The gated delta rule (module docstring) of ``q, k [batch, seq, heads, d_k]``, ``v [batch, seq, heads,
-    d_v]``, log decays ``g`` (``<= 0``) and write strengths ``beta`` (in ``[0, 1]``), both ``[batch, seq,
-    heads]``; ``scale`` on the queries (default ``d_k ** -0.5``); ``initial_state [batch, heads, d_k, d_v]``
+    """The gated delta rule (module docstring) of ``q, k [batch, seq, h_k, d_k]``, ``v [batch, seq, heads,
+    d_v]`` (``heads`` a multiple of ``h_k``: consecutive groups of ``heads / h_k`` value heads share a query and
+    key head, as Qwen3-Next's; the kernel reads them in place), log decays ``g`` (``<= 0``) and write strengths
+    ``beta`` (in ``[0, 1]``), both ``[batch, seq, heads]``; ``scale`` on the queries (default ``d_k ** -0.5``); ``initial_state [batch, heads, d_k, d_v]``
     (zeros if None). The keys are taken as they are: Gated DeltaNet L2-normalizes them (and the queries)
     first, which keeps ``I - beta k kᵀ`` a contraction. Returns ``o`` in q's dtype (and the final state, fp32).
     Any sequence length (padded inside to whole chunks of 64)."""
@@ -149,8 +160,9 @@ def gated_delta_rule_step(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array
                           *, scale: float | None = None) -> tuple[jax.Array, jax.Array]:
     """One decoding step, O(1) in the sequence length: ``q, k [batch, heads, d_k]``, ``v [batch, heads, d_v]``,
     ``g, beta [batch, heads]``, ``state [batch, heads, d_k, d_v]`` (fp32) -> ``(o [batch, heads, d_v]`` in q's
-    dtype, ``state')``."""
+    dtype, ``state')``; q and k may have fewer heads, as in :func:`gated_delta_rule`."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k = (share_heads(x, v.shape[1]) for x in (q, k))
     s = jnp.exp(g.astype(jnp.float32))[..., None, None] * state.astype(jnp.float32)
     kf = k.astype(jnp.float32)
     pred = jnp.einsum("bhk,bhkv->bhv", kf, s, precision=_HP)

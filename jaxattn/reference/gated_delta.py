@@ -22,7 +22,11 @@ def gated_delta_reference(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array
                           scale: float | None = None, initial_state: jax.Array | None = None
                           ) -> tuple[jax.Array, jax.Array]:
     """``(o [B, N, H, d_v] fp32, final state [B, H, d_k, d_v] fp32)`` of ``q, k [B, N, H, d_k]``, ``v [B, N, H,
-    d_v]``, ``g, beta [B, N, H]`` (module docstring; ``scale`` default ``d_k ** -0.5``)."""
+    d_v]``, ``g, beta [B, N, H]`` (module docstring; ``scale`` default ``d_k ** -0.5``). q and k may have ``H / r``
+    heads: value head ``i`` then reads query / key head ``i // r``."""
+    if q.shape[2] != v.shape[2]:
+        r = v.shape[2] // q.shape[2]
+        q, k = (jnp.repeat(x, r, axis=2) for x in (q, k))
     b, n, h, dk = q.shape
     dv = v.shape[-1]
     scale = dk ** -0.5 if scale is None else scale
