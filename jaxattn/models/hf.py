@@ -3,7 +3,8 @@
 A folder holds ``config.json`` and weights (``model.safetensors``, ``pytorch_model.bin``, or their shards).
 ``model_type`` picks the converter: ``"transnormer"`` -> :class:`~jaxattn.models.TNL`
 (:mod:`jaxattn.models.tnl_hf`); ``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``, ``"phi3"``, ``"gemma"``, ``"gemma2"``, ``"gemma3_text"`` -> :class:`~jaxattn.models.GPT`
-(:mod:`jaxattn.models.gpt_hf`); ``"gpt2"``, ``"gpt_bigcode"``, ``"opt"``, ``"gpt_neox"``, ``"phi"``, ``"starcoder2"``,
+(:mod:`jaxattn.models.gpt_hf`); ``"deepseek_v2"`` / ``"deepseek_v3"``, ``"minimax"``, ``"qwen3_next"`` -> :class:`~jaxattn.models.GPT`
+(:mod:`~jaxattn.models.deepseek_hf`, :mod:`~jaxattn.models.minimax_hf`, :mod:`~jaxattn.models.qwen3_next_hf`); ``"gpt2"``, ``"gpt_bigcode"``, ``"opt"``, ``"gpt_neox"``, ``"phi"``, ``"starcoder2"``,
 ``"bloom"``, ``"falcon"``, ``"gptj"``, ``"codegen"`` -> :class:`~jaxattn.models.GPT` with the classic block
 (:mod:`jaxattn.models.gpt_classic_hf`); timm's hub folders (``architecture`` instead of ``model_type``) ->
 :class:`~jaxattn.models.ViT` / :class:`~jaxattn.models.HaloNet` (:mod:`jaxattn.models.timm_hub`).
