@@ -1,4 +1,4 @@
-"""Qwen3-Next (jaxattn.models.qwen3_next_hf; GPT with Gated DeltaNet layers whose q / k heads are shared by two value
+"""Qwen3-Next and Qwen3.5 (jaxattn.models.qwen3_next_hf; GPT with Gated DeltaNet layers whose q / k heads are shared by two value
 heads, gated softmax attention, zero-centred RMSNorms, partial RoPE, Qwen2-MoE-style experts): Hugging Face folders
 load to the logits of a float64 numpy forward written from Qwen3-Next's math in the checkpoint layout (the fused
 in_proj_qkvz / in_proj_ba per key head, the depthwise convolution, the delta rule token by token, the gated
@@ -25,8 +25,16 @@ RAW = {"model_type": "qwen3_next", "vocab_size": 80, "hidden_size": 48, "interme
        "linear_value_head_dim": 12, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "num_experts": 4,
        "num_experts_per_tok": 2, "moe_intermediate_size": 12, "shared_expert_intermediate_size": 16,
        "norm_topk_prob": True, "full_attention_interval": 2, "tie_word_embeddings": False}
-DENSE = {**{k: v for k, v in RAW.items() if k not in ("num_experts", "full_attention_interval")},
-         "layer_types": ["linear_attention", "linear_attention", "full_attention", "linear_attention"]}
+# Qwen3.5's dense text model: in_proj_qkv / in_proj_z / in_proj_b / in_proj_a, explicit layer types, multimodal RoPE
+# parameters (plain RoPE on text); QWEN3_5 is the multimodal folder's config around it
+DENSE = {**{k: v for k, v in RAW.items() if k not in ("num_experts", "full_attention_interval", "rope_theta",
+                                                     "partial_rotary_factor", "model_type")},
+         "model_type": "qwen3_5_text", "layer_types": ["linear_attention", "linear_attention", "full_attention",
+                                                       "linear_attention"],
+         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                             "mrope_section": [1, 1, 2], "mrope_interleaved": True}}
+QWEN3_5 = {"model_type": "qwen3_5", "text_config": {k: v for k, v in DENSE.items() if k != "tie_word_embeddings"},
+           "vision_config": {"depth": 2}, "tie_word_embeddings": False}
 
 
 def _kinds(raw):
@@ -49,7 +57,14 @@ def random_state_dict(raw, seed=0):
     for i, kind in enumerate(_kinds(raw)):
         p = f"model.layers.{i}."
         sd.update({p + "input_layernorm.weight": w(d, s=0.1), p + "post_attention_layernorm.weight": w(d, s=0.1)})
-        if kind == "delta":
+        if kind == "delta" and raw["model_type"] == "qwen3_5_text":
+            a = p + "linear_attn."
+            sd.update({a + "in_proj_qkv.weight": w(2 * hk * dk + hv * dv, d), a + "in_proj_z.weight": w(hv * dv, d),
+                       a + "in_proj_b.weight": w(hv, d), a + "in_proj_a.weight": w(hv, d),
+                       a + "conv1d.weight": w(2 * hk * dk + hv * dv, 1, taps, s=0.5), a + "A_log": w(hv, s=0.5),
+                       a + "dt_bias": w(hv, s=0.5), a + "norm.weight": 1 + w(dv, s=0.1),
+                       a + "out_proj.weight": w(d, hv * dv)})
+        elif kind == "delta":
             a = p + "linear_attn."
             sd.update({a + "in_proj_qkvz.weight": w(2 * hk * dk + 2 * hv * dv, d), a + "in_proj_ba.weight": w(2 * hv, d),
                        a + "conv1d.weight": w(2 * hk * dk + hv * dv, 1, taps, s=0.5), a + "A_log": w(hv, s=0.5),
@@ -93,8 +108,9 @@ def reference_logits(sd, raw, tokens):
     tokens = np.asarray(tokens)
     b, n = tokens.shape
     x = W["model.embed_tokens.weight"][tokens]
-    rot = int(hd * raw["partial_rotary_factor"])
-    inv = 1.0 / raw["rope_theta"] ** (np.arange(0, rot, 2) / rot)
+    rope_params = raw.get("rope_parameters") or raw
+    rot = int(hd * rope_params["partial_rotary_factor"])
+    inv = 1.0 / rope_params["rope_theta"] ** (np.arange(0, rot, 2) / rot)
     ang = np.arange(n)[:, None] * inv[None]
     cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
 
@@ -106,7 +122,12 @@ def reference_logits(sd, raw, tokens):
     for i, kind in enumerate(_kinds(raw)):
         p = f"model.layers.{i}."
         y = _rms(x, W[p + "input_layernorm.weight"], eps, 1.0)
-        if kind == "delta":
+        if kind == "delta" and raw["model_type"] == "qwen3_5_text":  # (Qwen3.5: separate projections)
+            a = p + "linear_attn."
+            mixed = y @ W[a + "in_proj_qkv.weight"].T
+            z = (y @ W[a + "in_proj_z.weight"].T).reshape(b, n, hv, dv)
+            beta_logit, alpha = y @ W[a + "in_proj_b.weight"].T, y @ W[a + "in_proj_a.weight"].T
+        elif kind == "delta":
             a = p + "linear_attn."
             qkvz = (y @ W[a + "in_proj_qkvz.weight"].T).reshape(b, n, hk, 2 * dk + 2 * r * dv)
             q, k = qkvz[..., :dk], qkvz[..., dk:2 * dk]
@@ -115,6 +136,7 @@ def reference_logits(sd, raw, tokens):
             ba = (y @ W[a + "in_proj_ba.weight"].T).reshape(b, n, hk, 2 * r)
             beta_logit, alpha = ba[..., :r].reshape(b, n, hv), ba[..., r:].reshape(b, n, hv)
             mixed = np.concatenate([q.reshape(b, n, -1), k.reshape(b, n, -1), v.reshape(b, n, -1)], -1)
+        if kind == "delta":
             taps = W[a + "conv1d.weight"][:, 0, :]  # [C, K]
             conv = np.zeros_like(mixed)
             for t in range(n):
@@ -182,7 +204,7 @@ def _folder(path, raw, sd):
     return path
 
 
-@pytest.mark.parametrize("raw", [RAW, DENSE], ids=["moe-interval", "dense-layer-types"])
+@pytest.mark.parametrize("raw", [RAW, DENSE], ids=["qwen3-next", "qwen3.5"])
 def test_folder_gives_the_reference_logits_and_round_trips(tmp_path, raw):
     sd = random_state_dict(raw, seed=1)
     model = hf.load_pretrained(_folder(tmp_path / "in", raw, sd), attn_impl="xla")
@@ -195,9 +217,20 @@ def test_folder_gives_the_reference_logits_and_round_trips(tmp_path, raw):
     assert set(back) == set(sd) - {"mtp.fc.weight"}
     for key in back:
         np.testing.assert_array_equal(back[key], sd[key], err_msg=key)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == raw["model_type"]
     again = hf.load_pretrained(tmp_path / "out", attn_impl="xla")
     assert again.cfg == model.cfg
     np.testing.assert_array_equal(np.asarray(again(jnp.asarray(TOKENS))), np.asarray(model(jnp.asarray(TOKENS))))
+
+
+def test_multimodal_qwen3_5_folder_loads_its_language_model(tmp_path):
+    sd = random_state_dict(DENSE, seed=2)
+    prefixed = {("lm_head.weight" if k == "lm_head.weight" else "model.language_model." + k[len("model."):]
+                 if k.startswith("model.") else k): v for k, v in sd.items()}
+    prefixed["model.visual.patch_embed.proj.weight"] = np.ones((4, 3), np.float32)  # (the vision tower: not read)
+    model = hf.load_pretrained(_folder(tmp_path, QWEN3_5, prefixed), attn_impl="xla")
+    assert_close(model(jnp.asarray(TOKENS)), reference_logits(sd, DENSE, TOKENS), jnp.float32, "logits",
+                 tol={jnp.dtype(jnp.float32): (2e-4, 2e-4)})
 
 
 def test_recurrent_decoding_gives_the_forward():
@@ -231,14 +264,20 @@ def test_training_step_and_bad_configs():
         hf_config(create_model("qwen3-next-tiny", rngs=nnx.Rngs(0), attn_output_gate=False).cfg)
 
 
-def test_matches_transformers(tmp_path):
-    """transformers' Qwen3NextForCausalLM with random weights, saved by transformers: our logits and greedy tokens
-    are theirs."""
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
+def test_matches_transformers(tmp_path, family):
+    """transformers' Qwen3NextForCausalLM / Qwen3_5ForCausalLM with random weights, saved by transformers: our
+    logits and greedy tokens are theirs."""
     pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "Qwen3NextForCausalLM"):
-        pytest.skip("this transformers has no Qwen3-Next")
-    fields = {k: v for k, v in RAW.items() if k not in ("model_type", "rope_theta", "partial_rotary_factor")}
-    config = transformers.Qwen3NextConfig(**fields, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                                     "partial_rotary_factor": 0.5})
-    check_causal_lm_matches_transformers(tmp_path, transformers.Qwen3NextForCausalLM(config), TOKENS)
+    if not hasattr(transformers, "Qwen3_5ForCausalLM"):
+        pytest.skip("this transformers has no Qwen3-Next / Qwen3.5")
+    if family == "qwen3_next":
+        fields = {k: v for k, v in RAW.items() if k not in ("model_type", "rope_theta", "partial_rotary_factor")}
+        config = transformers.Qwen3NextConfig(**fields, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                         "partial_rotary_factor": 0.5})
+        ref = transformers.Qwen3NextForCausalLM(config)
+    else:
+        config = transformers.Qwen3_5TextConfig(**{k: v for k, v in DENSE.items() if k != "model_type"})
+        ref = transformers.Qwen3_5ForCausalLM(config)
+    check_causal_lm_matches_transformers(tmp_path, ref, TOKENS)

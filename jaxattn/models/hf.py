@@ -3,7 +3,7 @@
 A folder holds ``config.json`` and weights (``model.safetensors``, ``pytorch_model.bin``, or their shards).
 ``model_type`` picks the converter: ``"transnormer"`` -> :class:`~jaxattn.models.TNL`
 (:mod:`jaxattn.models.tnl_hf`); ``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``, ``"phi3"``, ``"gemma"``, ``"gemma2"``, ``"gemma3_text"`` -> :class:`~jaxattn.models.GPT`
-(:mod:`jaxattn.models.gpt_hf`); ``"deepseek_v2"`` / ``"deepseek_v3"``, ``"minimax"``, ``"qwen3_next"`` -> :class:`~jaxattn.models.GPT`
+(:mod:`jaxattn.models.gpt_hf`); ``"deepseek_v2"`` / ``"deepseek_v3"``, ``"minimax"``, ``"qwen3_next"``, ``"qwen3_5_text"`` / ``"qwen3_5"`` -> :class:`~jaxattn.models.GPT`
 (:mod:`~jaxattn.models.deepseek_hf`, :mod:`~jaxattn.models.minimax_hf`, :mod:`~jaxattn.models.qwen3_next_hf`); ``"gpt2"``, ``"gpt_bigcode"``, ``"opt"``, ``"gpt_neox"``, ``"phi"``, ``"starcoder2"``,
 ``"bloom"``, ``"falcon"``, ``"gptj"``, ``"codegen"`` -> :class:`~jaxattn.models.GPT` with the classic block
 (:mod:`jaxattn.models.gpt_classic_hf`); timm's hub folders (``architecture`` instead of ``model_type``) ->
@@ -153,7 +153,7 @@ def _converter(model_type: str):
 
     converters = {"transnormer": tnl_hf, **dict.fromkeys((*gpt_hf._ARCH, "gemma3"), gpt_hf),
                   **dict.fromkeys(deepseek_hf._ARCH, deepseek_hf), "minimax": minimax_hf,
-                  "qwen3_next": qwen3_next_hf,
+                  **dict.fromkeys(qwen3_next_hf._ARCH, qwen3_next_hf),
                   **dict.fromkeys(gpt_classic_hf._ARCH, gpt_classic_hf), "timm": timm_hub}
     if model_type not in converters:
         raise ValueError(f"config.json: model_type {model_type!r} is not one jaxattn converts "

@@ -1,5 +1,7 @@
-"""Qwen3-Next checkpoints in the Hugging Face layout (``Qwen3NextForCausalLM``, ``model_type: qwen3_next``:
-Qwen3-Next-80B-A3B) <-> :class:`jaxattn.models.gpt.GPT` with Gated DeltaNet layers (``"delta"``,
+"""Qwen3-Next and Qwen3.5 checkpoints in the Hugging Face layout (``Qwen3NextForCausalLM``, ``model_type:
+qwen3_next``: Qwen3-Next-80B-A3B; ``Qwen3_5ForCausalLM``, ``qwen3_5_text``, and the language model of the
+multimodal ``Qwen3_5ForConditionalGeneration`` folders, ``qwen3_5``: the dense Qwen3.5 models, text only) <->
+:class:`jaxattn.models.gpt.GPT` with Gated DeltaNet layers (``"delta"``,
 :mod:`jaxattn.models.deltanet`) and gated softmax attention layers (``"full"``, ``attn_output_gate``), RMSNorms
 scaling by ``1 + weight`` (``norm_offset=1``; the delta layers' gated norm by ``weight``), per-head q/k norms,
 partial RoPE (``rotary_dim``) and Qwen2-MoE-style experts (a sigmoid-gated shared expert; top-k renormalized).
@@ -10,6 +12,8 @@ Hugging Face key (layer ``i``)                              jaxattn variable (``
 ``input_layernorm`` / ``post_attention_layernorm``           ``norm1`` / ``norm2``                       same
 ``linear_attn.in_proj_qkvz`` (per key head q, k, v, z)       ``attn.q``, ``attn.k``, ``attn.v``, ``attn.z``  split, transposed
 ``linear_attn.in_proj_ba`` (per key head b, a)               ``attn.b``, ``attn.a``                      split, transposed
+Qwen3.5: ``linear_attn.in_proj_qkv`` (all q, all k, all v)   ``attn.q``, ``attn.k``, ``attn.v``          split, transposed
+Qwen3.5: ``linear_attn.in_proj_z`` / ``in_proj_b`` / ``_a``   ``attn.z`` / ``attn.b`` / ``attn.a``        transposed
 ``linear_attn.conv1d.weight`` ``[C, 1, K]``                   ``attn.conv`` ``[K, C]``                    transposed
 ``linear_attn.A_log``, ``dt_bias``, ``norm.weight``          ``attn.A_log``, ``attn.dt_bias``, ``attn.norm``  same
 ``linear_attn.out_proj``                                     ``attn.out``                                transposed
@@ -39,15 +43,20 @@ from jaxattn.models.gpt_hf import _kv, _period, _scaling, rope_parameters
 __all__ = ["config_from_hf", "entries", "export_state_dict", "hf_config", "load", "load_hf_state_dict",
            "prepare_state_dict", "to_hf_state_dict"]
 
-_ARCH = {"qwen3_next": "Qwen3NextForCausalLM"}
+_ARCH = {"qwen3_next": "Qwen3NextForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM",
+         "qwen3_5": "Qwen3_5ForConditionalGeneration"}
+# a multimodal Qwen3.5 folder's language model, without its prefix
+_QWEN3_5_PREFIXES = (("model.language_model.", "model."), ("lm_head.", "lm_head."))
 _KIND = {"linear_attention": "delta", "full_attention": "full"}
 _QKVZ, _BA, _QG = "linear_attn.in_proj_qkvz.weight", "linear_attn.in_proj_ba.weight", "self_attn.q_proj.weight"
+_QKV = "linear_attn.in_proj_qkv.weight"  # (Qwen3.5)
 
 
 def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
-    """A :class:`GPTConfig` from a Qwen3-Next ``config.json`` dict (``overrides``: jaxattn fields)."""
+    """A :class:`GPTConfig` from a Qwen3-Next or Qwen3.5 ``config.json`` dict (``overrides``: jaxattn fields)."""
     if raw.get("model_type") not in _ARCH:
-        raise ValueError(f"config.json: model_type {raw.get('model_type')!r}: expected 'qwen3_next'")
+        raise ValueError(f"config.json: model_type {raw.get('model_type')!r}: expected one of {', '.join(_ARCH)}")
+    raw = _text(raw)
 
     def bad(field: str, want: str) -> ValueError:
         return ValueError(f"config.json: {field} = {raw.get(field)!r}: jaxattn's Qwen3-Next supports {want} only")
@@ -86,8 +95,16 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     return hf.with_overrides(GPTConfig(**fields), overrides)
 
 
+def _text(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A multimodal Qwen3.5 config's language model (``text_config``); other configs as they are."""
+    if raw.get("model_type") != "qwen3_5":
+        return raw
+    return {"tie_word_embeddings": raw.get("tie_word_embeddings", False), **raw.get("text_config", {}),
+            "model_type": "qwen3_5_text"}
+
+
 def hf_config(cfg: GPTConfig) -> dict[str, Any]:
-    """A Qwen3-Next ``config.json`` for ``cfg``."""
+    """A ``config.json`` for ``cfg``: Qwen3-Next with experts, Qwen3.5 (``qwen3_5_text``) without."""
     if set(cfg.layer_types) - {"delta", "full"} or not cfg.attn_output_gate or not cfg.qk_norm \
             or cfg.norm_offset != 1.0 or cfg.qkv_bias or cfg.bias or cfg.attn_sinks or cfg.mlp_act != "silu" \
             or (cfg.moe_experts and not cfg.moe_shared_dim) or cfg.qk_norm_full or cfg.post_norms:
@@ -97,7 +114,8 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
     _, rope = rope_parameters(cfg)
     rope["partial_rotary_factor"] = (cfg.rotary_dim or cfg.head_size) / cfg.head_size
     h, hk, dk, dv = cfg.delta_dims
-    out = {"architectures": [_ARCH["qwen3_next"]], "model_type": "qwen3_next", "vocab_size": cfg.vocab_size,
+    kind = "qwen3_next" if cfg.moe_experts else "qwen3_5_text"
+    out = {"architectures": [_ARCH[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
            "hidden_size": cfg.dim, "intermediate_size": cfg.hidden, "num_hidden_layers": cfg.layers,
            "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads or cfg.heads,
            "head_dim": cfg.head_size, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "attention_bias": False,
@@ -106,8 +124,7 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
            "linear_conv_kernel_dim": cfg.delta_conv, "linear_num_value_heads": h, "linear_num_key_heads": hk,
            "linear_key_head_dim": dk, "linear_value_head_dim": dv,
            "layer_types": [{"delta": "linear_attention", "full": "full_attention"}[cfg.layer_type(i)]
-                           for i in range(cfg.layers)],
-           "num_experts": cfg.moe_experts}
+                           for i in range(cfg.layers)]}
     if cfg.moe_experts:
         moe = moe_hf.hf_moe_config("qwen2_moe", cfg)
         moe.pop("use_sliding_window", None)
@@ -125,13 +142,27 @@ def _layout(raw: Mapping[str, Any]) -> tuple[int, int, int, int, int]:
 def prepare_state_dict(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The fused projections split into the per-part keys :func:`entries` reads: ``in_proj_qkvz`` (per key head:
     q, k, then its ``h / h_k`` value heads' v and z rows) into ``linear_attn.{q,k,v,z}_proj``, ``in_proj_ba`` (per
-    key head its value heads' b, then a rows) into ``linear_attn.{b,a}_proj``, and ``self_attn.q_proj`` (per head
-    query, then gate rows) into ``self_attn.q_proj`` and ``self_attn.gate_proj``."""
+    key head its value heads' b, then a rows) into ``linear_attn.{b,a}_proj``, Qwen3.5's ``in_proj_qkv`` (all
+    queries, keys, then values) into ``linear_attn.{q,k,v}_proj`` and its ``in_proj_{z,b,a}`` renamed, and
+    ``self_attn.q_proj`` (per head query, then gate rows) into ``self_attn.q_proj`` and ``self_attn.gate_proj``;
+    a multimodal Qwen3.5 folder's language model without its prefix (the vision tower left out)."""
+    if raw.get("model_type") == "qwen3_5":
+        state_dict = {new + key[len(old):]: value for key, value in state_dict.items()
+                      for old, new in _QWEN3_5_PREFIXES if key.startswith(old)}
+        if not state_dict:
+            raise ValueError("a Qwen3.5 folder without language-model weights (model.language_model.*)")
+    raw = _text(raw)
     h, hk, dk, dv, hd = _layout(raw)
     r = h // hk
     out = {}
     for key, value in state_dict.items():
-        if key.endswith(_QKVZ):
+        if key.endswith(_QKV):
+            pre = key[: -len(_QKV)] + "linear_attn."
+            for name, part in zip("qkv", np.split(np.asarray(value), [hk * dk, 2 * hk * dk])):
+                out[f"{pre}{name}_proj.weight"] = part
+        elif (split := next((n for n in "zba" if key.endswith(f"linear_attn.in_proj_{n}.weight")), None)) is not None:
+            out[key.replace(f"in_proj_{split}.weight", f"{split}_proj.weight")] = value
+        elif key.endswith(_QKVZ):
             pre = key[: -len(_QKVZ)] + "linear_attn."
             w = np.asarray(value)
             w = w.reshape(hk, 2 * dk + 2 * r * dv, w.shape[-1])
@@ -157,7 +188,12 @@ def export_state_dict(raw: Mapping[str, Any], state_dict: dict[str, np.ndarray])
     h, hk, dk, dv, hd = _layout(raw)
     out = dict(state_dict)
     for key in state_dict:
-        if key.endswith("linear_attn.q_proj.weight"):
+        if key.endswith("linear_attn.q_proj.weight") and raw.get("model_type") == "qwen3_5_text":
+            pre = key[: -len("q_proj.weight")]
+            out[pre + "in_proj_qkv.weight"] = np.concatenate([out.pop(f"{pre}{n}_proj.weight") for n in "qkv"])
+            for n in "zba":
+                out[f"{pre}in_proj_{n}.weight"] = out.pop(f"{pre}{n}_proj.weight")
+        elif key.endswith("linear_attn.q_proj.weight"):
             pre = key[: -len("q_proj.weight")]
             q, k, v, z = (out.pop(f"{pre}{n}_proj.weight") for n in "qkvz")
             dim = q.shape[-1]
