@@ -232,9 +232,11 @@ def lm_grads(name: str, **overrides):
     return nnx.jit(nnx.value_and_grad(loss))(model)
 
 
-def check_causal_lm_matches_transformers(folder, ref, tokens, tol: float = 3e-4) -> None:
+def check_causal_lm_matches_transformers(folder, ref, tokens, tol: float = 3e-4, greedy_by_forward: bool = False) -> None:
     """transformers' causal LM ``ref`` with its parameters redrawn (matrices N(0, 0.3), vectors N(0, 0.1), norm
-    weights around 1) and saved to ``folder``: our loader gives its logits on ``tokens`` and its greedy tokens."""
+    weights around 1) and saved to ``folder``: our loader gives its logits on ``tokens`` and its greedy tokens
+    (``greedy_by_forward``: the argmax of its full forward token after token, where its cached ``generate``
+    disagrees with its own forward)."""
     import torch
 
     from jaxattn.models import generate
@@ -251,7 +253,14 @@ def check_causal_lm_matches_transformers(folder, ref, tokens, tol: float = 3e-4)
     tokens = np.asarray(tokens)
     with torch.no_grad():
         want = ref(torch.as_tensor(tokens)).logits.numpy()
-        greedy = ref.generate(torch.as_tensor(tokens[:1, :5]), max_new_tokens=6, do_sample=False).numpy()
+        if greedy_by_forward:
+            greedy = torch.as_tensor(tokens[:1, :5])
+            for _ in range(6):
+                nxt = ref(greedy, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+                greedy = torch.cat([greedy, nxt], dim=1)
+            greedy = greedy.numpy()
+        else:
+            greedy = ref.generate(torch.as_tensor(tokens[:1, :5]), max_new_tokens=6, do_sample=False).numpy()
     ours = load_pretrained(folder, attn_impl="xla")
     assert_close(ours(jnp.asarray(tokens)), want, jnp.float32, "logits vs transformers",
                  tol={jnp.dtype(jnp.float32): (tol, tol)})

@@ -96,3 +96,48 @@ def test_training_reaches_every_parameter_and_bad_use_raises(tmp_path):
         hf.save_pretrained(m, tmp_path)
     with pytest.raises(ValueError, match="DeepSeek's routing"):
         hf.save_pretrained(create_model("moe-gpt-tiny", rngs=nnx.Rngs(0), moe_dense_layers=1), tmp_path)
+
+
+def test_kimi_delta_layer_matches_the_composition_and_decodes():
+    """Kimi Delta Attention (layer_types "kda"): the low-rank per-channel decay and the sigmoid output gate, composed
+    here from the parameters on the recurrence; prefill then recurrent decoding gives the forward's logits."""
+    from jaxattn.models.deltanet import KimiDeltaLayer
+
+    m = create_model("kda-tiny", rngs=nnx.Rngs(0), attn_impl="xla", dim=64, heads=2, init_std=0.1)
+    layer = m.blocks[0].attn
+    assert isinstance(layer, KimiDeltaLayer) and layer.kind == "kda"
+    layer.dt_bias[...] = jnp.linspace(-1.0, 1.0, 64)
+    x = jax.random.normal(jax.random.key(1), (2, 9, 64))
+    w = lambda lin: np.asarray(lin.kernel[...], np.float64)  # noqa: E731
+    xn = np.asarray(x, np.float64)
+    mixed = np.concatenate([xn @ w(layer.q), xn @ w(layer.k), xn @ w(layer.v)], -1)
+    taps = np.asarray(layer.conv[...], np.float64)
+    conv = np.zeros_like(mixed)
+    for t in range(9):
+        for j in range(taps.shape[0]):
+            if t - taps.shape[0] + 1 + j >= 0:
+                conv[:, t] += taps[j] * mixed[:, t - taps.shape[0] + 1 + j]
+    conv = conv / (1 + np.exp(-conv))
+    q, k, v = (c.reshape(2, 9, 2, 32) for c in np.split(conv, 3, -1))
+    q, k = (a / np.sqrt((a * a).sum(-1, keepdims=True) + 1e-6) for a in (q, k))
+    beta = 1 / (1 + np.exp(-(xn @ w(layer.b))))
+    f = (xn @ w(layer.f_a) @ w(layer.f_b) + np.asarray(layer.dt_bias[...])).reshape(2, 9, 2, 32)
+    g = -np.exp(np.asarray(layer.A_log[...], np.float64))[:, None] * np.log1p(np.exp(f))
+    o = np.asarray(gated_delta_reference(*(jnp.asarray(t, jnp.float32) for t in (q, k, v, g, beta)))[0], np.float64)
+    o = o / np.sqrt((o * o).mean(-1, keepdims=True) + m.cfg.norm_eps) * np.asarray(layer.norm[...])
+    gate = 1 / (1 + np.exp(-(xn @ w(layer.g_a) @ w(layer.g_b))))
+    want = (o * gate.reshape(2, 9, 2, 32)).reshape(2, 9, 64) @ w(layer.out)
+    assert_close(layer(x, jnp.arange(9)), want, jnp.float32, "layer", tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
+    tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, 256)
+    full = m(tokens)
+    logits, cache = m.prefill(tokens[:, :6], max_len=11)
+    tol = {jnp.dtype(jnp.float32): (1e-4, 1e-4)}
+    assert_close(logits, full[:, 5], jnp.float32, "prefill", tol=tol)
+    step = nnx.jit(lambda mod, *a: mod.decode_step(*a))
+    for t in range(6, 11):
+        logits, cache = step(m, tokens[:, t], cache, jnp.asarray(t, jnp.int32))
+        assert_close(logits, full[:, t], jnp.float32, f"step {t}", tol=tol)
+    loss, grads = lm_grads("kda-tiny", dim=64, heads=2, init_std=0.1, layers=1)
+    for gr in (grads.blocks[0].attn.f_a.kernel, grads.blocks[0].attn.f_b.kernel, grads.blocks[0].attn.g_b.kernel,
+               grads.blocks[0].attn.dt_bias):
+        assert np.abs(np.asarray(gr[...])).max() > 0

@@ -112,3 +112,40 @@ def test_bad_input():
     with pytest.raises(ValueError, match="powers of two"):
         gated_delta_rule(q3, k3, v3, g3, b3, impl="pallas")
     assert gated_delta_rule(q3, k3, v3, g3, b3).shape == (1, 8, 2, 16)  # (auto: XLA takes any width)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decay_per_key_channel(dtype):
+    """Kimi Delta Attention: g [B, N, H, d_k], each key channel (state row) decaying at its own rate, some very fast
+    (no overflow in the chunked form); the XLA chunked path against the recurrence, forward and gradients; steps
+    continue it; the kernel refuses it."""
+    q, k, v, _, beta, s0 = inputs(2, 37, 4, 16, 32, dtype, hk=2)
+    g = -0.5 * jax.nn.softplus(2.0 * jax.random.normal(jax.random.key(3), (2, 37, 4, 16)))
+    g = g.at[..., 0].set(-30.0)  # (a channel that forgets everything every step)
+    o, s = jax.jit(functools.partial(gated_delta_rule, return_state=True))(q, k, v, g, beta, initial_state=s0)
+    ro, rs = gated_delta_reference(q, k, v, g, beta, initial_state=s0)
+    assert_close(o, ro, dtype, "output", tol=TOL)
+    assert_close(s, rs, dtype, "final state", tol=TOL)
+    ct = jax.random.normal(jax.random.key(9), o.shape)
+
+    def loss(fn, *a):
+        out, st = fn(*a)
+        return jnp.sum(out.astype(jnp.float32) * ct) + jnp.sum(st)
+
+    args = (q, k, v, g, beta, s0)
+    got = jax.jit(jax.grad(functools.partial(loss, lambda *a: gated_delta_rule(*a[:5], initial_state=a[5],
+                                                                                return_state=True)),
+                           argnums=tuple(range(6))))(*args)
+    want = jax.grad(functools.partial(loss, lambda *a: gated_delta_reference(*a[:5], initial_state=a[5])),
+                    argnums=tuple(range(6)))(*(x.astype(jnp.float32) for x in args))
+    for name, a, e in zip(("dq", "dk", "dv", "dg", "dbeta", "dstate"), got, want):
+        assert_close(a, e, dtype, name, tol=GRAD_TOL)
+    o_head, st = gated_delta_rule(q[:, :30], k[:, :30], v[:, :30], g[:, :30], beta[:, :30], initial_state=s0,
+                                  return_state=True)
+    for t in range(30, 37):
+        out, st = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], st)
+        assert_close(out, ro[:, t], dtype, f"step {t}", tol=TOL)
+    with pytest.raises(ValueError, match="per key channel"):
+        gated_delta_rule(q, k, v, g, beta, impl="pallas")
+    with pytest.raises(ValueError, match="per key channel"):
+        gated_delta_rule(q, k, v, g[..., :3], beta)

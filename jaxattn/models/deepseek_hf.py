@@ -233,6 +233,16 @@ def _gated(pre: str, kernel) -> hf.Entry:
                     lambda g, u: np.concatenate([g.T, u.T], axis=1), lambda a: tuple(np.split(a.T, 2, axis=0)))
 
 
+def mla_entries(a: str, attn) -> list[hf.Entry]:
+    """A multi-head latent attention layer's entries under key prefix ``a`` (``model.layers.i.self_attn.``)."""
+    out = [hf.linear(a + "kv_a_proj_with_mqa.weight", attn.kv_a.kernel), hf.same(a + "kv_a_layernorm.weight", attn.kv_norm.weight),
+           hf.linear(a + "kv_b_proj.weight", attn.kv_b.kernel), hf.linear(a + "o_proj.weight", attn.o.kernel)]
+    if attn.q is not None:
+        return out + [hf.linear(a + "q_proj.weight", attn.q.kernel)]
+    return out + [hf.linear(a + "q_a_proj.weight", attn.q_a.kernel), hf.same(a + "q_a_layernorm.weight", attn.q_norm.weight),
+                  hf.linear(a + "q_b_proj.weight", attn.q_b.kernel)]
+
+
 def entries(model: GPT) -> list[hf.Entry]:
     cfg = model.cfg
     out = [hf.same("model.embed_tokens.weight", model.embed.embedding), hf.same("model.norm.weight", model.norm.weight)]
@@ -240,17 +250,8 @@ def entries(model: GPT) -> list[hf.Entry]:
         out.append(hf.linear("lm_head.weight", model.head.kernel))
     for i, blk in enumerate(model.blocks):
         pre, attn, mlp = f"model.layers.{i}.", blk.attn, blk.mlp
-        a = pre + "self_attn."
         out += [hf.same(pre + "input_layernorm.weight", blk.norm1.weight),
-                hf.same(pre + "post_attention_layernorm.weight", blk.norm2.weight),
-                hf.linear(a + "kv_a_proj_with_mqa.weight", attn.kv_a.kernel),
-                hf.same(a + "kv_a_layernorm.weight", attn.kv_norm.weight),
-                hf.linear(a + "kv_b_proj.weight", attn.kv_b.kernel), hf.linear(a + "o_proj.weight", attn.o.kernel)]
-        if attn.q is not None:
-            out.append(hf.linear(a + "q_proj.weight", attn.q.kernel))
-        else:
-            out += [hf.linear(a + "q_a_proj.weight", attn.q_a.kernel), hf.same(a + "q_a_layernorm.weight", attn.q_norm.weight),
-                    hf.linear(a + "q_b_proj.weight", attn.q_b.kernel)]
+                hf.same(pre + "post_attention_layernorm.weight", blk.norm2.weight), *mla_entries(pre + "self_attn.", attn)]
         if not hasattr(mlp, "router"):  # a dense layer (first_k_dense_replace)
             out += [_gated(pre + "mlp.", mlp.gate_up.kernel), hf.linear(pre + "mlp.down_proj.weight", mlp.down.kernel)]
             continue

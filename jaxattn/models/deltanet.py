@@ -22,7 +22,7 @@ from jaxattn.models.gpt import _linear, rms_norm
 from jaxattn.models.vit import _apply, _dropout
 from jaxattn.ops.gated_delta import gated_delta_rule, gated_delta_rule_step
 
-__all__ = ["GatedDeltaNetLayer", "causal_conv"]
+__all__ = ["GatedDeltaNetLayer", "KimiDeltaLayer", "causal_conv"]
 
 
 def causal_conv(x: jax.Array, w: jax.Array, history: jax.Array | None = None) -> jax.Array:
@@ -84,7 +84,7 @@ class GatedDeltaNetLayer(nnx.Module):
         q, k, v = jnp.split(conv, [hk * dk, 2 * hk * dk], axis=-1)
         q, k, v = _unit(q.reshape(b, n, hk, dk)), _unit(k.reshape(b, n, hk, dk)), v.reshape(b, n, h, dv)
         beta = jax.nn.sigmoid(self.b(x).astype(jnp.float32))
-        g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(self.a(x).astype(jnp.float32) + self.dt_bias[...])
+        g = self._log_decay(x)
         if decoding:  # one step per new token from the layer's state
             state, outs = cache[0], []
             for t in range(n):
@@ -92,9 +92,9 @@ class GatedDeltaNetLayer(nnx.Module):
                 outs.append(o_t)
             o = jnp.stack(outs, axis=1)
         else:
-            o, state = gated_delta_rule(q, k, v, g, beta, return_state=True, impl=self.cfg.attn_impl)
-        o = rms_norm(o, self.norm[...], self.cfg.norm_eps) * jax.nn.silu(self.z(x).reshape(b, n, h, dv).astype(jnp.float32)
-                                                                        ).astype(o.dtype)
+            impl = self.cfg.attn_impl if g.ndim == 3 else "xla"  # (a decay per key channel: no kernel yet)
+            o, state = gated_delta_rule(q, k, v, g, beta, return_state=True, impl=impl)
+        o = rms_norm(o, self.norm[...], self.cfg.norm_eps) * self._output_gate(x).reshape(b, n, h, dv).astype(o.dtype)
         out = _apply(self.resid_drop, self.out(o.reshape(b, n, h * dv)))
         if cache is None:
             return out
@@ -103,8 +103,41 @@ class GatedDeltaNetLayer(nnx.Module):
                                                                                 mixed.dtype), mixed], axis=1)
         return out, (state, past[:, past.shape[1] - (k_taps - 1):].astype(cache[1].dtype))
 
+    def _log_decay(self, x: jax.Array) -> jax.Array:
+        """``g [B, n, H]``: Mamba-2's ``-exp(A_log) softplus(W_a x + dt_bias)``."""
+        return -jnp.exp(self.A_log[...]) * jax.nn.softplus(self.a(x).astype(jnp.float32) + self.dt_bias[...])
+
+    def _output_gate(self, x: jax.Array) -> jax.Array:
+        return jax.nn.silu(self.z(x).astype(jnp.float32))
+
     def sink_logits(self) -> None:
         return None
 
     def alibi_slopes(self) -> None:
         return None
+
+
+class KimiDeltaLayer(GatedDeltaNetLayer):
+    """Kimi Delta Attention (Kimi Linear; ``layer_types`` entry ``"kda"``): :class:`GatedDeltaNetLayer` with a log
+    decay per head and key channel, ``g = -exp(A_log[h]) softplus(W_fb W_fa x + dt_bias) [B, n, H, d_k]`` (a
+    low-rank projection of rank ``d_k``; ``S_t = (I - beta k kᵀ) diag(exp(g_t)) S_{t-1} + beta k vᵀ``), and the
+    output gate ``sigmoid(W_gb W_ga x)`` (rank ``d_v``) on the RMSNorm. Parameters beside q, k, v, conv, b,
+    A_log (``[H]``), norm, out: ``f_a``, ``f_b``, ``dt_bias`` (``[H d_k]``), ``g_a``, ``g_b``. The per-channel
+    decay runs on the gated delta rule's XLA chunked path (:func:`jaxattn.gated_delta_rule`)."""
+
+    def __init__(self, cfg, layer: int, *, rngs: nnx.Rngs):
+        super().__init__(cfg, layer, rngs=rngs)
+        self.kind = "kda"
+        h, dk, dv = self.heads, self.head_dim, self.value_dim
+        del self.a, self.z
+        self.f_a, self.f_b = _linear(cfg.dim, dk, cfg, rngs), _linear(dk, h * dk, cfg, rngs)
+        self.dt_bias = nnx.Param(jnp.zeros((h * dk,), jnp.float32))
+        self.g_a, self.g_b = _linear(cfg.dim, dv, cfg, rngs), _linear(dv, h * dv, cfg, rngs)
+
+    def _log_decay(self, x: jax.Array) -> jax.Array:
+        b, n, _ = x.shape
+        f = self.f_b(self.f_a(x)).astype(jnp.float32) + self.dt_bias[...]
+        return -jnp.exp(self.A_log[...])[:, None] * jax.nn.softplus(f.reshape(b, n, self.heads, self.head_dim))
+
+    def _output_gate(self, x: jax.Array) -> jax.Array:
+        return jax.nn.sigmoid(self.g_b(self.g_a(x)).astype(jnp.float32))

@@ -51,6 +51,10 @@ KVCache = tuple[jax.Array, ...]
 KV_SCALE_HEADROOM = {"float8_e4m3fn": 4.0, "float8_e5m2": 4.0, "int8": 2.0}
 
 
+# layer kinds with a recurrent state instead of a KV cache (MiniMax's lightning, Gated DeltaNet, Kimi Delta Attention)
+RECURRENT_KINDS = ("lightning", "delta", "kda")
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int = 256
@@ -127,7 +131,8 @@ class GPTConfig:
     # layer_types entry "delta": a Gated DeltaNet layer (jaxattn.models.deltanet) with a causal depthwise
     # convolution of delta_conv taps on its q, k, v; its value heads (default heads), query / key heads (default
     # delta_heads; each shared by delta_heads / delta_key_heads value heads, as Qwen3-Next's), query / key head
-    # width (default head_size) and value head width (default delta_head_dim)
+    # width (default head_size) and value head width (default delta_head_dim); entry "kda": Kimi Delta Attention
+    # (jaxattn.models.deltanet.KimiDeltaLayer), the same with a decay per key channel (Kimi Linear)
     delta_conv: int = 4
     delta_heads: int | None = None
     delta_key_heads: int | None = None
@@ -282,9 +287,10 @@ class GPTConfig:
         if self.attn_softcap is not None and (set(self.layer_types) - {"full", "window"} or self.quantized):
             raise ValueError("attn_softcap runs on the flash and decode kernels: layer_types may hold only 'full' and "
                              "'window', and quantized=False")
-        bad = [t for t in self.layer_types if t not in ("full", "power", "window", "sink", "lightning", "delta")]
+        bad = [t for t in self.layer_types if t not in ("full", "power", "window", "sink", *RECURRENT_KINDS)]
         if bad or not self.layer_types:
-            raise ValueError(f"layer_types entries must be 'full', 'power', 'window', 'sink', 'lightning' or 'delta', "
+            raise ValueError(f"layer_types entries must be 'full', 'power', 'window', 'sink', 'lightning', 'delta' or "
+                             f"'kda', "
                              f"got {self.layer_types}")
         if self.delta_conv < 1:
             raise ValueError(f"delta_conv (the Gated DeltaNet layers' convolution taps) must be >= 1, got {self.delta_conv}")
@@ -324,7 +330,8 @@ class GPTConfig:
             raise ValueError(f"multi-head latent attention needs kv_lora_rank >= 1, q_lora_rank >= 0, an even "
                              f"qk_rope_dim >= 2 and v_head_dim >= 1, got {self.kv_lora_rank}, {self.q_lora_rank}, "
                              f"{self.qk_rope_dim}, {self.v_head_dim}")
-        bad = [n for n, on in (("layer_types other than 'full'", set(self.layer_types) != {"full"}),
+        bad = [n for n, on in (("layer_types other than 'full' (and Kimi Linear's 'kda' / Gated DeltaNet's 'delta')",
+                                set(self.layer_types) - {"full", "kda", "delta"} or "full" not in self.layer_types),
                                ("position other than 'rope'", self.position != "rope"), ("qk_norm", self.qk_norm),
                                ("qkv_bias / bias", self.qkv_bias or self.bias), ("attn_sinks", self.attn_sinks),
                                ("attn_softcap", self.attn_softcap is not None), ("rotary_dim", self.rotary_dim),
@@ -332,7 +339,7 @@ class GPTConfig:
                                ("local_rope_theta", self.local_rope_theta), ("kv_heads", self.kv_heads not in
                                                                              (None, self.heads))) if on]
         if bad:
-            raise ValueError(f"multi-head latent attention (kv_lora_rank) has full causal RoPE layers with its own "
+            raise ValueError(f"multi-head latent attention (kv_lora_rank) has full causal layers with its own "
                              f"latent cache; it does not combine with {', '.join(bad)}")
 
     @property
@@ -755,7 +762,7 @@ class Block(nnx.Module):
         scales = cfg.residual_scales or (1.0,) * 6  # (MiniMax's alpha / beta: this layer kind's, and the MLP's)
         lightning = cfg.layer_type(layer) == "lightning"
         self.scales = (*scales[2:4], *scales[4:]) if lightning else (*scales[:2], *scales[4:])
-        if cfg.kv_lora_rank:  # DeepSeek's multi-head latent attention
+        if cfg.kv_lora_rank and cfg.layer_type(layer) not in RECURRENT_KINDS:  # DeepSeek's multi-head latent attention
             from jaxattn.models.mla import MLAttention
 
             self.attn = MLAttention(cfg, layer, rngs=rngs)
@@ -767,6 +774,10 @@ class Block(nnx.Module):
             from jaxattn.models.deltanet import GatedDeltaNetLayer
 
             self.attn = GatedDeltaNetLayer(cfg, layer, rngs=rngs)
+        elif cfg.layer_type(layer) == "kda":  # Kimi Delta Attention
+            from jaxattn.models.deltanet import KimiDeltaLayer
+
+            self.attn = KimiDeltaLayer(cfg, layer, rngs=rngs)
         else:
             self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp = _mlp(cfg, layer, rngs)
@@ -858,7 +869,7 @@ class GPT(nnx.Module):
     @property
     def block_sparse_kinds(self) -> list[str]:
         """The layer kinds run on the block-sparse kernel (not full or sliding-window attention)."""
-        return sorted({blk.attn.kind for blk in self.blocks} - {"full", "window", "lightning", "delta"})
+        return sorted({blk.attn.kind for blk in self.blocks} - {"full", "window", *RECURRENT_KINDS})
 
     def enable_sequence_parallel(self, mesh, axis: str = "seq", batch_axis: str | None = None,
                                  layout: Literal["contiguous", "zigzag"] = "contiguous") -> None:
@@ -879,9 +890,9 @@ class GPT(nnx.Module):
         check_layout(layout)
         if mesh is not None:
             bad = sorted({blk.attn.kind for blk in self.blocks} - {"full", "window"})
-            if self.cfg.kv_lora_rank or {"lightning", "delta"} & set(self.cfg.layer_types):
+            if self.cfg.kv_lora_rank or set(RECURRENT_KINDS) & set(self.cfg.layer_types):
                 raise ValueError("sequence parallelism (ring attention) does not cover multi-head latent attention "
-                                 "(kv_lora_rank), MiniMax's lightning layers or Gated DeltaNet layers")
+                                 "(kv_lora_rank), MiniMax's lightning layers or Gated DeltaNet / Kimi Delta layers")
             if bad or self.cfg.quantized:
                 raise ValueError(f"sequence parallelism (ring attention) covers full and sliding-window attention "
                                  f"layers; this model has {bad or 'quantized'} layers")
@@ -964,17 +975,16 @@ class GPT(nnx.Module):
             raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
         if self.cfg.position == "learned" and max_len > self.cfg.max_positions:
             raise ValueError(f"max_len {max_len}: the model's learned positions end at {self.cfg.max_positions}")
-        if self.cfg.kv_lora_rank:  # multi-head latent attention: the latent and the shared RoPE key
-            width = self.cfg.kv_lora_rank + self.cfg.qk_rope_dim
-            return [(jnp.zeros((batch, max_len, 1, width), jnp.dtype(dtype or self.cfg.dtype)),) for _ in self.blocks]
+        width = self.cfg.kv_lora_rank + self.cfg.qk_rope_dim  # (multi-head latent attention: the latent and the
+        latent = (jnp.zeros((batch, max_len, 1, width), jnp.dtype(dtype or self.cfg.dtype)),)  # shared RoPE key)
         hd, h = self.cfg.head_size, self.cfg.heads
         state = jnp.zeros((batch, h, hd, hd), jnp.float32)  # (lightning layers: a recurrent state)
         dh, dhk, dk, dv = self.cfg.delta_dims  # (Gated DeltaNet: its state and its convolution's last inputs)
         delta = (jnp.zeros((batch, dh, dk, dv), jnp.float32),
                  jnp.zeros((batch, self.cfg.delta_conv - 1, 2 * dhk * dk + dh * dv), jnp.dtype(self.cfg.dtype)))
-        kinds = {"lightning": (state,), "delta": delta}
-        return [kinds[blk.attn.kind] if blk.attn.kind in kinds else _kv_cache(self.cfg, batch, max_len, dtype)
-                for blk in self.blocks]
+        kinds = {"lightning": (state,), "delta": delta, "kda": delta}
+        return [kinds[blk.attn.kind] if blk.attn.kind in kinds else latent if self.cfg.kv_lora_rank
+                else _kv_cache(self.cfg, batch, max_len, dtype) for blk in self.blocks]
 
     def prefill(self, tokens: jax.Array, max_len: int, lengths: jax.Array | None = None):
         """The prompt's parallel forward into a fresh cache of ``max_len`` positions:
@@ -983,7 +993,7 @@ class GPT(nnx.Module):
         past the row's length, so decoding at per-row positions overwrites them and never reads them)."""
         if tokens.shape[1] > max_len:
             raise ValueError(f"prompt of {tokens.shape[1]} tokens does not fit max_len={max_len}")
-        if lengths is not None and (self.block_sparse_kinds or {"lightning", "delta"} & set(self.cfg.layer_types)):
+        if lengths is not None and (self.block_sparse_kinds or set(RECURRENT_KINDS) & set(self.cfg.layer_types)):
             raise ValueError("ragged prompts (lengths) decode full and sliding-window layers; this model has "
                              "block-sparse, lightning or delta ones (a recurrent state would take in the padding)")
         logits, cache = self(tokens, cache=self.init_cache(tokens.shape[0], max_len), offset=0)

@@ -3,8 +3,9 @@
 A folder holds ``config.json`` and weights (``model.safetensors``, ``pytorch_model.bin``, or their shards).
 ``model_type`` picks the converter: ``"transnormer"`` -> :class:`~jaxattn.models.TNL`
 (:mod:`jaxattn.models.tnl_hf`); ``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``, ``"phi3"``, ``"gemma"``, ``"gemma2"``, ``"gemma3_text"`` -> :class:`~jaxattn.models.GPT`
-(:mod:`jaxattn.models.gpt_hf`); ``"deepseek_v2"`` / ``"deepseek_v3"``, ``"minimax"``, ``"qwen3_next"``, ``"qwen3_5_text"`` / ``"qwen3_5"`` -> :class:`~jaxattn.models.GPT`
-(:mod:`~jaxattn.models.deepseek_hf`, :mod:`~jaxattn.models.minimax_hf`, :mod:`~jaxattn.models.qwen3_next_hf`); ``"gpt2"``, ``"gpt_bigcode"``, ``"opt"``, ``"gpt_neox"``, ``"phi"``, ``"starcoder2"``,
+(:mod:`jaxattn.models.gpt_hf`); ``"deepseek_v2"`` / ``"deepseek_v3"``, ``"minimax"``, ``"qwen3_next"``, ``"qwen3_5_text"`` / ``"qwen3_5"``, ``"kimi_linear"`` -> :class:`~jaxattn.models.GPT`
+(:mod:`~jaxattn.models.deepseek_hf`, :mod:`~jaxattn.models.minimax_hf`, :mod:`~jaxattn.models.qwen3_next_hf`,
+:mod:`~jaxattn.models.kimi_linear_hf`); ``"gpt2"``, ``"gpt_bigcode"``, ``"opt"``, ``"gpt_neox"``, ``"phi"``, ``"starcoder2"``,
 ``"bloom"``, ``"falcon"``, ``"gptj"``, ``"codegen"`` -> :class:`~jaxattn.models.GPT` with the classic block
 (:mod:`jaxattn.models.gpt_classic_hf`); timm's hub folders (``architecture`` instead of ``model_type``) ->
 :class:`~jaxattn.models.ViT` / :class:`~jaxattn.models.HaloNet` (:mod:`jaxattn.models.timm_hub`).
@@ -149,11 +150,12 @@ def fill_abstract(build: Callable[[], nnx.Module], entries: Callable[[nnx.Module
 
 def _converter(model_type: str):
     """The converter module of a ``model_type`` (each GPT converter's family table names its own)."""
-    from jaxattn.models import deepseek_hf, gpt_classic_hf, gpt_hf, minimax_hf, qwen3_next_hf, timm_hub, tnl_hf
+    from jaxattn.models import (deepseek_hf, gpt_classic_hf, gpt_hf, kimi_linear_hf, minimax_hf, qwen3_next_hf, timm_hub,
+                                tnl_hf)
 
     converters = {"transnormer": tnl_hf, **dict.fromkeys((*gpt_hf._ARCH, "gemma3"), gpt_hf),
                   **dict.fromkeys(deepseek_hf._ARCH, deepseek_hf), "minimax": minimax_hf,
-                  **dict.fromkeys(qwen3_next_hf._ARCH, qwen3_next_hf),
+                  **dict.fromkeys(qwen3_next_hf._ARCH, qwen3_next_hf), "kimi_linear": kimi_linear_hf,
                   **dict.fromkeys(gpt_classic_hf._ARCH, gpt_classic_hf), "timm": timm_hub}
     if model_type not in converters:
         raise ValueError(f"config.json: model_type {model_type!r} is not one jaxattn converts "
@@ -233,6 +235,8 @@ def save_pretrained(model: nnx.Module, folder: str | Path) -> None:
 
     if isinstance(model, TNL):
         conv = tnl_hf
+    elif type(model) is GPT and "kda" in model.cfg.layer_types:  # Kimi Delta Attention: Kimi Linear's layout
+        from jaxattn.models import kimi_linear_hf as conv
     elif type(model) is GPT and model.cfg.kv_lora_rank:  # multi-head latent attention: DeepSeek's layout
         from jaxattn.models import deepseek_hf as conv
     elif type(model) is GPT and "lightning" in model.cfg.layer_types:  # MiniMax-01's lightning layers

@@ -119,6 +119,17 @@ MODEL_CONFIGS: dict[str, Any] = {
                                     head_dim=256, rotary_dim=64, rope_theta=1e7, delta_heads=32, delta_key_heads=16,
                                     delta_head_dim=128, moe_experts=512, moe_top_k=10, mlp_dim=512, moe_shared_dim=512,
                                     moe_aux_loss=0.001),
+    # Kimi Delta Attention hybrid, byte-level and CPU-sized: three KDA layers (the gated delta rule with a decay per key
+    # channel, jaxattn.models.deltanet.KimiDeltaLayer) to one softmax layer
+    "kda-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, layer_types=("kda", "kda", "kda", "full")),
+    # Kimi Linear's architecture, byte-level and CPU-sized: three KDA layers to one multi-head latent attention layer
+    # without positional encoding, DeepSeek-V3's experts after one dense layer (its folders load with
+    # jaxattn.models.hf.load_pretrained: jaxattn.models.kimi_linear_hf)
+    "kimi-linear-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, head_dim=32, qk_rope_dim=16,
+                                  v_head_dim=32, kv_lora_rank=64, rope_layers=(False,), mlp_dim=256,
+                                  layer_types=("kda", "kda", "kda", "full"), delta_head_dim=32, moe_experts=8,
+                                  moe_top_k=2, moe_dim=64, moe_dense_layers=1, moe_shared_dim=64,
+                                  moe_bias_update_rate=0.001, **_DEEPSEEK_V3_MOE),
     # a Mixtral-style mixture of experts (LLaMA blocks, 8 SiLU experts, top 2), byte-level and CPU-sized
     "moe-gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, moe_experts=8, moe_top_k=2, mlp_dim=128),
     # GPT-2's block (LayerNorm, biases, GELU MLP, learned positions): byte-level CPU-sized, and GPT-2 small

@@ -47,9 +47,12 @@ def _check(q, k, v, g, beta, initial_state):
                          f"{hk} (each q / k head shared by heads / {hk} value heads), got {tuple(v.shape)}")
     h = v.shape[2]
     for name, x in (("g", g), ("beta", beta)):
-        if tuple(jnp.shape(x)) != (b, n, h) or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-            raise ValueError(f"{name} must be a floating [batch, seq, heads] = ({b}, {n}, {h}), got "
-                             f"{jnp.result_type(x).name} {tuple(jnp.shape(x))}")
+        shapes = ((b, n, h), (b, n, h, dk)) if name == "g" else ((b, n, h),)
+        if tuple(jnp.shape(x)) not in shapes or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            want = f"[batch, seq, heads] = ({b}, {n}, {h})" + (
+                f" or, per key channel (Kimi Delta Attention), [batch, seq, heads, d_k] = ({b}, {n}, {h}, {dk})"
+                if name == "g" else "")
+            raise ValueError(f"{name} must be a floating {want}, got {jnp.result_type(x).name} {tuple(jnp.shape(x))}")
     if initial_state is not None and tuple(initial_state.shape) != (b, h, dk, v.shape[-1]):
         raise ValueError(f"initial_state must be [batch, heads, d_k, d_v] = ({b}, {h}, {dk}, {v.shape[-1]}), got "
                          f"{tuple(initial_state.shape)}")
@@ -63,7 +66,7 @@ def _chunks(x: jax.Array, c: int) -> jax.Array:
 
 def chunk_terms(k, v, g, beta, c: int):
     """The state-independent terms per chunk, fp32 ``[B, H, N / c, ...]``: ``(G, T V, W, gamma_C / gamma K,
-    gamma_C)``, and ``Gamma`` (masked, including the diagonal)."""
+    gamma_C [..., 1])``, and ``Gamma`` (masked, including the diagonal)."""
     k, v = _chunks(k.astype(jnp.float32), c), _chunks(v.astype(jnp.float32), c)
     gcum = jnp.cumsum(_chunks(g.astype(jnp.float32), c), axis=-1)  # [B, H, Nc, c]
     beta = _chunks(beta.astype(jnp.float32), c)
@@ -76,7 +79,31 @@ def chunk_terms(k, v, g, beta, c: int):
     tv = jnp.einsum("...ij,...jv->...iv", inv, beta[..., None] * v, precision=_HP)
     w = jnp.einsum("...ij,...jk->...ik", inv, (beta * jnp.exp(gcum))[..., None] * k, precision=_HP)
     k_dec = k * jnp.exp(gcum[..., -1:] - gcum)[..., None]
-    return gcum, tv, w, k_dec, jnp.exp(gcum[..., -1]), gam_ij
+    return gcum, tv, w, k_dec, jnp.exp(gcum[..., -1:]), gam_ij
+
+
+CHANNEL_CHUNK = 16  # the per-channel XLA path's chunk (its decays are [c, c, d_k] per chunk)
+
+
+def channel_chunk_terms(q, k, v, g, beta, c: int = CHANNEL_CHUNK):
+    """:func:`chunk_terms` with a decay per key channel (Kimi Delta Attention's ``g [B, N, H, d_k]``): the decay
+    between tokens ``j <= i`` is ``exp(G_i - G_j)`` per channel, inside the dot products (``A_ij = beta_i
+    sum_c k_ic k_jc exp(G_ic - G_jc)``, the same for ``Q Kᵀ``), formed elementwise (exponents <= 0: no
+    overflow however fast a channel decays). Returns ``(T V, W, Q gamma, K gamma_C / gamma, gamma_C [..., d_k],
+    P)`` with ``P`` the decayed ``Q Kᵀ``."""
+    q, k, v = (_chunks(x.astype(jnp.float32), c) for x in (q, k, v))
+    gcum = jnp.cumsum(_chunks(g.astype(jnp.float32), c), axis=-2)  # [B, H, Nc, c, d_k]
+    beta = _chunks(beta.astype(jnp.float32), c)
+    incl = jnp.tril(jnp.ones((c, c), bool))
+    diff = gcum[..., :, None, :] - gcum[..., None, :, :]  # [B, H, Nc, c, c, d_k]
+    dec = jnp.where(incl[..., None], jnp.exp(jnp.where(incl[..., None], diff, 0.0)), 0.0)
+    a = jnp.where(jnp.tril(incl, -1), beta[..., :, None] * jnp.einsum("...ik,...jk,...ijk->...ij", k, k, dec,
+                                                                      precision=_HP), 0.0)
+    p = jnp.einsum("...ik,...jk,...ijk->...ij", q, k, dec, precision=_HP)
+    inv = unit_lower_inverse(a)
+    tv = jnp.einsum("...ij,...jv->...iv", inv, beta[..., None] * v, precision=_HP)
+    w = jnp.einsum("...ij,...jk->...ik", inv, beta[..., None] * k * jnp.exp(gcum), precision=_HP)
+    return tv, w, q * jnp.exp(gcum), k * jnp.exp(gcum[..., -1:, :] - gcum), jnp.exp(gcum[..., -1, :]), p
 
 
 def unit_lower_inverse(a: jax.Array) -> jax.Array:
@@ -95,17 +122,20 @@ def _xla(q, k, v, g, beta, scale, initial_state):
     q, k = (share_heads(x, v.shape[2]) for x in (q, k))
     b, n, h, dk = q.shape
     dv = v.shape[-1]
-    gcum, tv, w, k_dec, g_last, gam_ij = chunk_terms(k, v, g, beta, CHUNK)
-    qc = _chunks(q.astype(jnp.float32), CHUNK)
-    qk = jnp.einsum("...ik,...jk->...ij", qc, _chunks(k.astype(jnp.float32), CHUNK), precision=_HP) * gam_ij
-    q_dec = qc * jnp.exp(gcum)[..., None]
+    if g.ndim == 4:  # a decay per key channel (Kimi Delta Attention)
+        tv, w, q_dec, k_dec, g_last, qk = channel_chunk_terms(q, k, v, g, beta)
+    else:
+        gcum, tv, w, k_dec, g_last, gam_ij = chunk_terms(k, v, g, beta, CHUNK)
+        qc = _chunks(q.astype(jnp.float32), CHUNK)
+        qk = jnp.einsum("...ik,...jk->...ij", qc, _chunks(k.astype(jnp.float32), CHUNK), precision=_HP) * gam_ij
+        q_dec = qc * jnp.exp(gcum)[..., None]
     s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
 
     def step(s, xs):
         tv_c, w_c, qk_c, qd_c, kd_c, gl_c = xs
         u = tv_c - jnp.einsum("bhik,bhkv->bhiv", w_c, s, precision=_HP)
         o = jnp.einsum("bhik,bhkv->bhiv", qd_c, s, precision=_HP) + jnp.einsum("bhij,bhjv->bhiv", qk_c, u, precision=_HP)
-        s = gl_c[..., None, None] * s + jnp.einsum("bhik,bhiv->bhkv", kd_c, u, precision=_HP)
+        s = gl_c[..., :, None] * s + jnp.einsum("bhik,bhiv->bhkv", kd_c, u, precision=_HP)  # (gamma_C: [.., 1 or d_k])
         return s, o
 
     xs = tuple(jnp.moveaxis(x, 2, 0) for x in (tv, w, qk, q_dec, k_dec, g_last))
@@ -130,7 +160,9 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
     """The gated delta rule (module docstring) of ``q, k [batch, seq, h_k, d_k]``, ``v [batch, seq, heads,
     d_v]`` (``heads`` a multiple of ``h_k``: consecutive groups of ``heads / h_k`` value heads share a query and
     key head, as Qwen3-Next's; the kernel reads them in place), log decays ``g`` (``<= 0``) and write strengths
-    ``beta`` (in ``[0, 1]``), both ``[batch, seq, heads]``; ``scale`` on the queries (default ``d_k ** -0.5``); ``initial_state [batch, heads, d_k, d_v]``
+    ``beta`` (in ``[0, 1]``), both ``[batch, seq, heads]`` (or ``g [batch, seq, heads, d_k]``, a decay per key
+    channel, ``S_t = (I - beta_t k_t k_tᵀ) diag(exp(g_t)) S_{t-1} + beta_t k_t v_tᵀ``: Kimi Delta Attention, on the
+    XLA path); ``scale`` on the queries (default ``d_k ** -0.5``); ``initial_state [batch, heads, d_k, d_v]``
     (zeros if None). The keys are taken as they are: Gated DeltaNet L2-normalizes them (and the queries)
     first, which keeps ``I - beta k kᵀ`` a contraction. Returns ``o`` in q's dtype (and the final state, fp32).
     Any sequence length (padded inside to whole chunks of 64)."""
@@ -138,12 +170,15 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
     _check(q, k, v, g, beta, initial_state)
     n = q.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else _checks.check_scale(scale)
-    n_pad = _common.round_up(max(n, 1), CHUNK)
+    n_pad = _common.round_up(max(n, 1), CHUNK)  # (a multiple of CHANNEL_CHUNK too)
     args = [_pad(x, n_pad) for x in (q, k, v, g, beta)]  # (padding: k = 0, beta = 0, g = 0 leave the state as it is)
     dk, dv = q.shape[-1], v.shape[-1]
     if impl == "pallas" and not kernel_ok(dk, dv):
         raise ValueError(f"impl='pallas' takes head dims that are powers of two from 16 to 256; got d_k={dk}, d_v={dv}")
-    kernel = (impl == "pallas" or (impl == "auto" and _common.targets_gpu())) and kernel_ok(dk, dv)
+    if impl == "pallas" and jnp.ndim(g) == 4:
+        raise ValueError("impl='pallas' takes one decay per head (g [batch, seq, heads]); a decay per key channel "
+                         "(Kimi Delta Attention) runs on impl='xla' (or 'auto')")
+    kernel = (impl == "pallas" or (impl == "auto" and _common.targets_gpu())) and kernel_ok(dk, dv) and jnp.ndim(g) == 3
     if kernel and not _checks.empty(q, v):
         # (under jaxattn.batch_parallel per device on its batch shard: XLA cannot split a kernel's custom call)
         o, s = _spmd.per_batch_shard(
@@ -159,11 +194,13 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
 def gated_delta_rule_step(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, state: jax.Array,
                           *, scale: float | None = None) -> tuple[jax.Array, jax.Array]:
     """One decoding step, O(1) in the sequence length: ``q, k [batch, heads, d_k]``, ``v [batch, heads, d_v]``,
-    ``g, beta [batch, heads]``, ``state [batch, heads, d_k, d_v]`` (fp32) -> ``(o [batch, heads, d_v]`` in q's
-    dtype, ``state')``; q and k may have fewer heads, as in :func:`gated_delta_rule`."""
+    ``g, beta [batch, heads]`` (``g [batch, heads, d_k]``: per key channel), ``state [batch, heads, d_k, d_v]``
+    (fp32) -> ``(o [batch, heads, d_v]`` in q's dtype, ``state')``; q and k may have fewer heads, as in
+    :func:`gated_delta_rule`."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k = (share_heads(x, v.shape[1]) for x in (q, k))
-    s = jnp.exp(g.astype(jnp.float32))[..., None, None] * state.astype(jnp.float32)
+    decay = jnp.exp(g.astype(jnp.float32))
+    s = (decay[..., None] if decay.ndim == 3 else decay[..., None, None]) * state.astype(jnp.float32)
     kf = k.astype(jnp.float32)
     pred = jnp.einsum("bhk,bhkv->bhv", kf, s, precision=_HP)
     s = s + jnp.einsum("bhk,bhv->bhkv", kf, beta.astype(jnp.float32)[..., None] * (v.astype(jnp.float32) - pred),

@@ -6,7 +6,9 @@ With a state ``S [d_k, d_v]`` per head, starting from ``S_0``, for each token ``
     S_t = exp(g_t) (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ,    o_t = scale * q_tᵀ S_t
 
 (``g_t <= 0`` the log decay, ``beta_t`` in [0, 1] the write strength: the state's prediction of ``v_t`` from
-``k_t`` moves a fraction ``beta_t`` of the way to ``v_t``).
+``k_t`` moves a fraction ``beta_t`` of the way to ``v_t``). Kimi Delta Attention (Kimi Linear) decays each key
+channel at its own rate, ``g_t [d_k]``: ``S_t = (I - beta_t k_t k_tᵀ) diag(exp(g_t)) S_{t-1} + beta_t k_t
+v_tᵀ``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def gated_delta_reference(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array
                           scale: float | None = None, initial_state: jax.Array | None = None
                           ) -> tuple[jax.Array, jax.Array]:
     """``(o [B, N, H, d_v] fp32, final state [B, H, d_k, d_v] fp32)`` of ``q, k [B, N, H, d_k]``, ``v [B, N, H,
-    d_v]``, ``g, beta [B, N, H]`` (module docstring; ``scale`` default ``d_k ** -0.5``). q and k may have ``H / r``
+    d_v]``, ``g, beta [B, N, H]`` (or ``g [B, N, H, d_k]``: a decay per key channel) (module docstring; ``scale`` default ``d_k ** -0.5``). q and k may have ``H / r``
     heads: value head ``i`` then reads query / key head ``i // r``."""
     if q.shape[2] != v.shape[2]:
         r = v.shape[2] // q.shape[2]
@@ -36,7 +38,7 @@ def gated_delta_reference(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array
 
     def step(s, xs):
         q_t, k_t, v_t, g_t, b_t = xs  # [B, H, d], [B, H]
-        s = jnp.exp(g_t)[..., None, None] * s
+        s = (jnp.exp(g_t)[..., None] if g_t.ndim == 3 else jnp.exp(g_t)[..., None, None]) * s  # (per channel: rows)
         pred = jnp.einsum("bhk,bhkv->bhv", k_t, s, precision=hp)
         s = s + jnp.einsum("bhk,bhv->bhkv", k_t, b_t[..., None] * (v_t - pred), precision=hp)
         return s, scale * jnp.einsum("bhk,bhkv->bhv", q_t, s, precision=hp)
