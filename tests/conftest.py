@@ -266,3 +266,15 @@ def check_causal_lm_matches_transformers(folder, ref, tokens, tol: float = 3e-4,
                  tol={jnp.dtype(jnp.float32): (tol, tol)})
     np.testing.assert_array_equal(np.asarray(generate(ours, jnp.asarray(tokens[:1, :5]), max_new_tokens=6,
                                                       temperature=0.0)), greedy)
+
+
+def hf_folder(path, raw, state_dict):
+    """A Hugging Face folder at ``path``: ``config.json`` from ``raw``, ``model.safetensors`` from ``state_dict``."""
+    import json
+
+    from jaxattn.models.safetensors_io import write_safetensors
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(raw))
+    write_safetensors(path / "model.safetensors", state_dict)
+    return path

@@ -5,7 +5,6 @@ YaRN's mscale on the softmax scale); the latent cache's absorbed decoding gives 
 round-trip; FP8 block-scaled weights dequantize; the multi-token-prediction layers are skipped; transformers'
 own models agree (when installed)."""
 
-import json
 import math
 
 import jax
@@ -14,12 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_close, check_causal_lm_matches_transformers, lm_grads
+from conftest import hf_folder, assert_close, check_causal_lm_matches_transformers, lm_grads
 from jaxattn.models import hf
 from jaxattn.models.deepseek_hf import FP8BlockStateDict, config_from_hf, export_state_dict, prepare_state_dict
 from jaxattn.models.gpt import GPT, GPTConfig
 from jaxattn.models.mla import MLAttention
-from jaxattn.models.safetensors_io import write_safetensors
 from jaxattn.pallas.decode import latent_kernel_ok
 from test_gpt_hf import TOKENS, scaled_inv_freq
 
@@ -164,17 +162,10 @@ def reference_logits(sd, raw, tokens):
     return lin(norm(x, W["model.norm.weight"]), "lm_head")
 
 
-def _folder(tmp_path, raw, sd):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    write_safetensors(tmp_path / "model.safetensors", sd)
-    return tmp_path
-
-
 @pytest.mark.parametrize("raw", [V2, V3], ids=["v2-yarn-grouped-softmax", "v3-qlora-sigmoid-bias"])
 def test_folder_gives_the_reference_logits_and_round_trips(tmp_path, raw):
     sd = random_state_dict(raw, seed=1, mtp_layer=raw is V3)  # (V3: an extra multi-token-prediction layer, skipped)
-    model = hf.load_pretrained(_folder(tmp_path / "in", raw, sd), attn_impl="xla")
+    model = hf.load_pretrained(hf_folder(tmp_path / "in", raw, sd), attn_impl="xla")
     cfg = model.cfg
     assert isinstance(model.blocks[0].attn, MLAttention) and cfg.kv_lora_rank == 24
     assert not hasattr(model.blocks[0].mlp, "router") and hasattr(model.blocks[1].mlp, "router")
@@ -197,7 +188,7 @@ def test_latent_cache_decoding_gives_the_forward(tmp_path, impl):
     decode kernel's latent mode: a 32-wide latent and 16-wide RoPE keys), per-row positions too."""
     raw = {**V3, "qk_nope_head_dim": 24, "qk_rope_head_dim": 16, "v_head_dim": 32, "kv_lora_rank": 32}
     assert latent_kernel_ok(32 + 16, 32)
-    model = hf.load_pretrained(_folder(tmp_path, raw, random_state_dict(raw, seed=2)), attn_impl=impl)
+    model = hf.load_pretrained(hf_folder(tmp_path, raw, random_state_dict(raw, seed=2)), attn_impl=impl)
     tokens = jnp.asarray(TOKENS)
     full = model(tokens)
     logits, cache = model.prefill(tokens[:, :7], max_len=13)
@@ -264,7 +255,7 @@ def test_folder_with_experts_quantized_to_mxfp4_on_load(tmp_path):
     from jaxattn.ops.mxfp4 import MXFP4, dequantize, quantize_mxfp4
 
     raw = {**V3, "hidden_size": 64, "moe_intermediate_size": 32}  # (MXFP4 groups of 32 along each input)
-    folder = _folder(tmp_path, raw, random_state_dict(raw, seed=4))
+    folder = hf_folder(tmp_path, raw, random_state_dict(raw, seed=4))
     packed = hf.load_pretrained(folder, attn_impl="xla", moe_format="mxfp4")
     plain = hf.load_pretrained(folder, attn_impl="xla")
     mlp = packed.blocks[1].mlp

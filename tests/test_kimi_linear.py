@@ -6,17 +6,14 @@ sigmoid routing with the selection bias, shared experts, a dense first layer); t
 linear_attn_config reads the same; folders round-trip byte for byte; prefill then recurrent decoding (states and
 latent caches) gives the forward; transformers' own model agrees (when installed)."""
 
-import json
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_close, check_causal_lm_matches_transformers
+from conftest import hf_folder, assert_close, check_causal_lm_matches_transformers
 from jaxattn.models import hf
 from jaxattn.models.kimi_linear_hf import config_from_hf
-from jaxattn.models.safetensors_io import write_safetensors
 from test_gpt_hf import TOKENS
 
 RAW = {"model_type": "kimi_linear", "vocab_size": 80, "hidden_size": 48, "intermediate_size": 40, "num_hidden_layers": 3,
@@ -150,17 +147,10 @@ def reference_logits(sd, raw, tokens):
     return lin(norm(x, W["model.norm.weight"]), "lm_head")
 
 
-def _folder(path, raw, sd):
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(raw))
-    write_safetensors(path / "model.safetensors", sd)
-    return path
-
-
 @pytest.mark.parametrize("raw", [RAW, ORIGINAL], ids=["transformers-config", "original-config"])
 def test_folder_gives_the_reference_logits_and_round_trips(tmp_path, raw):
     sd = random_state_dict(raw, seed=1)
-    model = hf.load_pretrained(_folder(tmp_path / "in", raw, sd), attn_impl="xla")
+    model = hf.load_pretrained(hf_folder(tmp_path / "in", raw, sd), attn_impl="xla")
     assert [b.attn.kind for b in model.blocks] == KINDS
     assert_close(model(jnp.asarray(TOKENS)), reference_logits(sd, raw, TOKENS), jnp.float32, "logits",
                  tol={jnp.dtype(jnp.float32): (2e-4, 2e-4)})
@@ -176,7 +166,7 @@ def test_folder_gives_the_reference_logits_and_round_trips(tmp_path, raw):
 def test_recurrent_decoding_gives_the_forward(tmp_path):
     """Prefill, then one token at a time: the KDA layers from their states and convolution histories, the latent
     attention layer from its latent cache."""
-    model = hf.load_pretrained(_folder(tmp_path, RAW, random_state_dict(RAW, seed=2)), attn_impl="xla")
+    model = hf.load_pretrained(hf_folder(tmp_path, RAW, random_state_dict(RAW, seed=2)), attn_impl="xla")
     tokens = jnp.asarray(TOKENS)
     full = model(tokens)
     logits, cache = model.prefill(tokens[:, :6], max_len=13)

@@ -5,19 +5,16 @@ layers with partial RoPE, Mixtral-style experts, scaled normed residuals); the p
 (states for the lightning layers, a KV cache for the softmax ones) give the forward's logits on the kernels;
 folders round-trip; transformers' own model agrees (when installed)."""
 
-import json
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_close, check_causal_lm_matches_transformers, lm_grads
+from conftest import hf_folder, assert_close, check_causal_lm_matches_transformers, lm_grads
 from jaxattn.models import hf
 from jaxattn.models.gpt import GPTConfig
 from jaxattn.models.minimax import minimax_slopes
 from jaxattn.models.minimax_hf import config_from_hf
-from jaxattn.models.safetensors_io import write_safetensors
 from test_gpt_hf import TOKENS
 
 RAW = {"model_type": "minimax", "vocab_size": 80, "hidden_size": 48, "intermediate_size": 24, "num_hidden_layers": 4,
@@ -137,13 +134,6 @@ def reference_logits(sd, raw, tokens):
     return lin(norm(x, W["model.norm.weight"]), "lm_head")
 
 
-def _folder(path, raw, sd):
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(raw))
-    write_safetensors(path / "model.safetensors", sd)
-    return path
-
-
 def test_decay_schedule_by_hand():
     # base 2^(-8/4) = 1/4; layer 1 of 4: factor 1 - 1/(3 + 1e-5) + 1e-5
     f = 1 - 1 / (3 + 1e-5) + 1e-5
@@ -153,7 +143,7 @@ def test_decay_schedule_by_hand():
 @pytest.mark.parametrize("raw", [RAW, ORIGINAL], ids=["transformers-config", "original-config-partial-rope"])
 def test_folder_gives_the_reference_logits_and_round_trips(tmp_path, raw):
     sd = random_state_dict(raw, seed=1)
-    model = hf.load_pretrained(_folder(tmp_path / "in", raw, sd), attn_impl="xla")
+    model = hf.load_pretrained(hf_folder(tmp_path / "in", raw, sd), attn_impl="xla")
     assert [type(b.attn).__name__ for b in model.blocks] == ["LightningLayer", "Attention", "LightningLayer",
                                                              "LightningLayer"]
     tol = {jnp.dtype(jnp.float32): (2e-4, 2e-4)}
@@ -173,7 +163,7 @@ def test_recurrent_decoding_gives_the_forward(tmp_path, impl):
     """Prefill (Lightning kernel with its final state, flash for the softmax layer), then one token at a time:
     the lightning layers from their states, the softmax layer from its KV cache."""
     raw = {**RAW, "head_dim": 32, "hidden_size": 64}  # (the kernels' widths)
-    model = hf.load_pretrained(_folder(tmp_path, raw, random_state_dict(raw, seed=2)), attn_impl=impl)
+    model = hf.load_pretrained(hf_folder(tmp_path, raw, random_state_dict(raw, seed=2)), attn_impl=impl)
     tokens = jnp.asarray(TOKENS)
     full = model(tokens)
     logits, cache = model.prefill(tokens[:, :6], max_len=13)

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_close, check_causal_lm_matches_transformers, lm_grads
+from conftest import hf_folder, assert_close, check_causal_lm_matches_transformers, lm_grads
 from jaxattn.models import create_model, hf
 from jaxattn.models.qwen3_next_hf import config_from_hf, hf_config
-from jaxattn.models.safetensors_io import write_safetensors
 from test_gpt_hf import TOKENS
 
 RAW = {"model_type": "qwen3_next", "vocab_size": 80, "hidden_size": 48, "intermediate_size": 40, "num_hidden_layers": 4,
@@ -102,7 +101,7 @@ def reference_logits(sd, raw, tokens):
     """float64 numpy forward of Qwen3-Next from the checkpoint's layout."""
     W = {k: np.asarray(x, np.float64) for k, x in sd.items()}
     eps = raw["rms_norm_eps"]
-    d, h, kv, hd = raw["hidden_size"], raw["num_attention_heads"], raw["num_key_value_heads"], raw["head_dim"]
+    h, kv, hd = raw["num_attention_heads"], raw["num_key_value_heads"], raw["head_dim"]
     hv, hk = raw["linear_num_value_heads"], raw["linear_num_key_heads"]
     dk, dv, r = raw["linear_key_head_dim"], raw["linear_value_head_dim"], hv // hk
     tokens = np.asarray(tokens)
@@ -197,17 +196,10 @@ def reference_logits(sd, raw, tokens):
     return _rms(x, W["model.norm.weight"], eps, 1.0) @ W["lm_head.weight"].T
 
 
-def _folder(path, raw, sd):
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(raw))
-    write_safetensors(path / "model.safetensors", sd)
-    return path
-
-
 @pytest.mark.parametrize("raw", [RAW, DENSE], ids=["qwen3-next", "qwen3.5"])
 def test_folder_gives_the_reference_logits_and_round_trips(tmp_path, raw):
     sd = random_state_dict(raw, seed=1)
-    model = hf.load_pretrained(_folder(tmp_path / "in", raw, sd), attn_impl="xla")
+    model = hf.load_pretrained(hf_folder(tmp_path / "in", raw, sd), attn_impl="xla")
     assert [b.attn.kind for b in model.blocks] == _kinds(raw)
     assert model.cfg.delta_dims == (4, 2, 8, 12) and model.cfg.rotary_dim == 8
     tol = {jnp.dtype(jnp.float32): (2e-4, 2e-4)}
@@ -228,7 +220,7 @@ def test_multimodal_qwen3_5_folder_loads_its_language_model(tmp_path):
     prefixed = {("lm_head.weight" if k == "lm_head.weight" else "model.language_model." + k[len("model."):]
                  if k.startswith("model.") else k): v for k, v in sd.items()}
     prefixed["model.visual.patch_embed.proj.weight"] = np.ones((4, 3), np.float32)  # (the vision tower: not read)
-    model = hf.load_pretrained(_folder(tmp_path, QWEN3_5, prefixed), attn_impl="xla")
+    model = hf.load_pretrained(hf_folder(tmp_path, QWEN3_5, prefixed), attn_impl="xla")
     assert_close(model(jnp.asarray(TOKENS)), reference_logits(sd, DENSE, TOKENS), jnp.float32, "logits",
                  tol={jnp.dtype(jnp.float32): (2e-4, 2e-4)})
 

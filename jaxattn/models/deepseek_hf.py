@@ -245,9 +245,7 @@ def mla_entries(a: str, attn) -> list[hf.Entry]:
 
 def entries(model: GPT) -> list[hf.Entry]:
     cfg = model.cfg
-    out = [hf.same("model.embed_tokens.weight", model.embed.embedding), hf.same("model.norm.weight", model.norm.weight)]
-    if model.head is not None:
-        out.append(hf.linear("lm_head.weight", model.head.kernel))
+    out = hf.lm_entries(model)
     for i, blk in enumerate(model.blocks):
         pre, attn, mlp = f"model.layers.{i}.", blk.attn, blk.mlp
         out += [hf.same(pre + "input_layernorm.weight", blk.norm1.weight),

@@ -32,7 +32,7 @@ from flax import nnx
 
 from jaxattn.models.safetensors_io import read_state_dict, write_safetensors
 
-__all__ = ["Entry", "entry_shapes", "hf_model_type", "load_pretrained", "load_state_dict", "load_tokenizer",
+__all__ = ["Entry", "entry_shapes", "lm_entries", "hf_model_type", "load_pretrained", "load_state_dict", "load_tokenizer",
            "raw_config", "read_config", "save_pretrained", "to_state_dict", "with_overrides"]
 
 
@@ -57,6 +57,14 @@ def conv(key: str, var: nnx.Variable) -> Entry:
 
 def same(key: str, var: nnx.Variable) -> Entry:
     return Entry((key,), var, lambda w: w, lambda a: (a,))
+
+
+def lm_entries(model: Any) -> list[Entry]:
+    """A LLaMA-layout causal LM's token embedding, final norm and (untied) output head."""
+    out = [same("model.embed_tokens.weight", model.embed.embedding), same("model.norm.weight", model.norm.weight)]
+    if model.head is not None:
+        out.append(linear("lm_head.weight", model.head.kernel))
+    return out
 
 
 def with_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:

@@ -132,9 +132,7 @@ def _convs(a: str, var: nnx.Variable) -> hf.Entry:
 
 def entries(model: GPT) -> list[hf.Entry]:
     cfg = model.cfg
-    out = [hf.same("model.embed_tokens.weight", model.embed.embedding), hf.same("model.norm.weight", model.norm.weight)]
-    if model.head is not None:
-        out.append(hf.linear("lm_head.weight", model.head.kernel))
+    out = hf.lm_entries(model)
     for i, blk in enumerate(model.blocks):
         pre, attn, mlp = f"model.layers.{i}.", blk.attn, blk.mlp
         a = pre + "self_attn."

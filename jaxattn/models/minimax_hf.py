@@ -113,9 +113,7 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
 def entries(model: GPT) -> list[hf.Entry]:
     cfg = model.cfg
     join_kv, split_kv = _kv(cfg.kv_heads or cfg.heads)
-    out = [hf.same("model.embed_tokens.weight", model.embed.embedding), hf.same("model.norm.weight", model.norm.weight)]
-    if model.head is not None:
-        out.append(hf.linear("lm_head.weight", model.head.kernel))
+    out = hf.lm_entries(model)
     for i, blk in enumerate(model.blocks):
         pre, attn = f"model.layers.{i}.", blk.attn
         a = pre + "self_attn."
