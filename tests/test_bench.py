@@ -26,7 +26,8 @@ def test_gpu_sweep_fills_tokens_and_model_dim():
     assert {(c.batch * c.seq, c.heads * c.head_dim) for c in cases} == {(16384, 2048), (32768, 2048)}
 
 
-@pytest.mark.parametrize("op,peer,n_cases", [("attention", "| xla", 4), ("lightning", "| scan", 2),
+@pytest.mark.parametrize("op,peer,n_cases", [("attention", "| xla", 4), pytest.param("lightning", "| scan", 2,
+                                                                                     marks=pytest.mark.slow),
                                              ("sparse", "| flash-full", 2), ("moe", "| dense", 3),
                                              ("mla", "| xla", 1), ("delta", "| xla-chunked", 2),
                                              *(pytest.param(*c, marks=pytest.mark.slow) for c in [

@@ -91,13 +91,14 @@ GRAD_CASES = ("gqa-causal", "causal-t>s-top-left", "window-t<s", "bias-mask", "p
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("causal-t>s-top-left", "bias-mask",
-                                                                                "padding") else n
+                                                                                "padding", "window-t<s") else n
                                   for n in sorted(CASES)])  # (those three's gradients: on the kernels below)
 def test_matches_jax_on_the_xla_path(name):
     _check(name, "xla", jnp.float32, grads=name in GRAD_CASES)
 
 
-@pytest.mark.parametrize("name", ["gqa-causal", "causal-t<s-top-left", "window", "bias-mask", "padding"])
+@pytest.mark.parametrize("name", ["gqa-causal", "causal-t<s-top-left", "window", "bias-mask",
+                                  pytest.param("padding", marks=pytest.mark.slow)])
 def test_matches_jax_on_the_kernels(name):
     _check(name, "pallas", jnp.float32, grads=name in ("bias-mask", "padding", "causal-t<s-top-left"))
 

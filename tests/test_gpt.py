@@ -343,7 +343,8 @@ def test_dropout_modes_and_errors():
     dict(layer_types=("full", "window"), window=6),  # window layers: the flash kernel's window with the masks
     dict(position="alibi"),
     dict(norm="layer", bias=True, mlp_gated=False, mlp_act="gelu", position="learned", max_positions=64),
-    dict(layer_types=("window", "full"), window=6, attn_sinks=True),  # gpt-oss: sinks, per document too
+    pytest.param(dict(layer_types=("window", "full"), window=6, attn_sinks=True),  # gpt-oss: sinks, per document
+                 marks=pytest.mark.slow),
 ])
 def test_packed_documents_equal_each_document_alone(kw):
     """segment_ids (runs of equal ids): each document attends within itself from position 0, so a
@@ -395,8 +396,8 @@ def test_rope_takes_per_row_positions():
         np.testing.assert_allclose(out[b:b + 1], rope(x[b:b + 1], pos[b], 10000.0), atol=1e-6)
 
 
-@pytest.mark.parametrize("model", [pytest.param("gpt-window-pallas", marks=pytest.mark.slow), "gpt2-learned",
-                                   "tnl-lrpe"])
+@pytest.mark.parametrize("model", [pytest.param("gpt-window-pallas", marks=pytest.mark.slow),
+                                   pytest.param("gpt2-learned", marks=pytest.mark.slow), "tnl-lrpe"])
 def test_ragged_prompts_generate_as_each_prompt_alone(model):
     """generate(prompt_lengths=...): right-padded prompts of different lengths in one batch give each
     row's tokens and logits as that prompt alone (GPT: per-row cache positions; TNL: pads rotated first

@@ -368,7 +368,7 @@ def test_phi3_folder_with_fused_weights(tmp_path):
     assert_close(model(jnp.asarray(TOKENS)), reference_logits(sd, PHI3, TOKENS), F32, "phi3 logits", tol=LOGITS_TOL)
 
 
-@pytest.mark.parametrize("raw", [PHI35, PHI4MINI], ids=["phi3.5", "phi4mini"])
+@pytest.mark.parametrize("raw", [pytest.param(PHI35, marks=pytest.mark.slow), PHI4MINI], ids=["phi3.5", "phi4mini"])
 def test_longrope_switches_factors_past_the_original_context(tmp_path, raw):
     """LongRoPE: a sequence within the original context (8) uses the short factors, a longer one the long
     factors (the oracle's two regimes differ); a Phi-3 folder of either round-trips through save_pretrained

@@ -228,7 +228,7 @@ def test_multimodal_qwen3_5_folder_loads_its_language_model(tmp_path):
 def test_recurrent_decoding_gives_the_forward():
     """Prefill (the gated delta kernel with its final state, flash for the gated softmax layer), then one token at a
     time: the delta layers from their states and convolution histories, the softmax layer from its KV cache."""
-    model = create_model("qwen3-next-tiny", rngs=nnx.Rngs(0), attn_impl="pallas", init_std=0.1)
+    model = create_model("qwen3-next-tiny", rngs=nnx.Rngs(0), attn_impl="pallas", init_std=0.1)  # (the kernels)
     tokens = jnp.asarray(TOKENS)
     full = model(tokens)
     logits, cache = model.prefill(tokens[:, :6], max_len=13)

@@ -263,8 +263,7 @@ FAMILIES = [("deit3_small_patch16_224", {}),  # layer scale, position embedding 
 
 
 # the default suite runs these; the rest are slow (their options overlap these)
-DEFAULT_FAMILIES = {"vit_small_patch14_reg4_dinov2", "vit_medium_patch16_reg4_gap_256", "vit_base_patch16_siglip_224",
-                    "vit_base_patch16_radio_v3"}
+DEFAULT_FAMILIES = {"vit_small_patch14_reg4_dinov2", "vit_medium_patch16_reg4_gap_256", "vit_base_patch16_radio_v3"}
 
 
 @pytest.mark.parametrize("arch,extra", [

@@ -21,7 +21,8 @@ _VARLEN_KW = {"causal": dict(causal=True), "window": dict(causal=True, local_win
 
 @pytest.mark.parametrize("impl,kw", [
     # (ALiBi and cross-attention with segment ids are also in the default suite's flash tests)
-    *[pytest.param("pallas", kw, id=f"{name}-pallas", marks=pytest.mark.slow if name in ("alibi", "cross", "window") else [])
+    # (the kernel's varlen path in the default suite: test_sinks's varlen case and the dropout test below)
+    *[pytest.param("pallas", kw, id=f"{name}-pallas", marks=pytest.mark.slow)
       for name, kw in _VARLEN_KW.items()],
     *[pytest.param("xla", kw, id=f"{name}-xla", marks=[] if name == "causal" else pytest.mark.slow)
       for name, kw in _VARLEN_KW.items()],

@@ -334,6 +334,7 @@ class GPTConfig:
                                 set(self.layer_types) - {"full", "kda", "delta"} or "full" not in self.layer_types),
                                ("position other than 'rope'", self.position != "rope"), ("qk_norm", self.qk_norm),
                                ("qkv_bias / bias", self.qkv_bias or self.bias), ("attn_sinks", self.attn_sinks),
+                               ("attn_output_gate", self.attn_output_gate),
                                ("attn_softcap", self.attn_softcap is not None), ("rotary_dim", self.rotary_dim),
                                ("quantized", self.quantized), ("kv_cache_dtype", self.kv_cache_dtype),
                                ("local_rope_theta", self.local_rope_theta), ("kv_heads", self.kv_heads not in
