@@ -8,6 +8,7 @@ transformers' own model agrees (when installed)."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -273,3 +274,10 @@ def test_matches_transformers(tmp_path, family):
         config = transformers.Qwen3_5TextConfig(**{k: v for k, v in DENSE.items() if k != "model_type"})
         ref = transformers.Qwen3_5ForCausalLM(config)
     check_causal_lm_matches_transformers(tmp_path, ref, TOKENS)
+
+
+def test_80b_config_has_80b_parameters():
+    """Abstract shapes only: the registry's qwen3-next-80b-a3b holds Qwen3-Next-80B-A3B's 80B parameters."""
+    model = nnx.eval_shape(lambda: create_model("qwen3-next-80b-a3b", rngs=nnx.Rngs(0)))
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert 79e9 < total < 82e9, total

@@ -113,7 +113,8 @@ MODEL_CONFIGS: dict[str, Any] = {
     "qwen3-next-tiny": GPTConfig(**_QWEN3_NEXT_BLOCK, vocab_size=256, dim=128, layers=4, heads=4, kv_heads=2,
                                  head_dim=64, rotary_dim=16, delta_heads=4, delta_key_heads=2, delta_head_dim=32,
                                  moe_experts=8, moe_top_k=2, mlp_dim=64, moe_shared_dim=64),
-    # Qwen3-Next-80B-A3B (80B, 3B active) as its config.json reads (UNCONFIRMED here: no checkpoint was read); its
+    # Qwen3-Next-80B-A3B (80B, 3B active) as its config.json reads (from memory: no checkpoint was read; its 79.8B
+    # parameters match the model card, tests/test_qwen3_next.py); its
     # folders load with jaxattn.models.hf.load_pretrained (jaxattn.models.qwen3_next_hf)
     "qwen3-next-80b-a3b": GPTConfig(**_QWEN3_NEXT_BLOCK, vocab_size=151936, dim=2048, layers=48, heads=16, kv_heads=2,
                                     head_dim=256, rotary_dim=64, rope_theta=1e7, delta_heads=32, delta_key_heads=16,
