@@ -1,7 +1,8 @@
 """Gated DeltaNet layers in GPT (jaxattn.models.deltanet, layer_types "delta"): the layer against a composition written
 here from the paper's math (an explicit causal convolution loop, SiLU, L2 norms, Mamba-2's decay, the gated delta rule's
 recurrence, the gated RMSNorm); prefill then recurrent decoding (state and convolution history) gives the forward's
-logits on the kernel and on XLA; training reaches every parameter; bad use raises."""
+logits on the kernel and on XLA; packed documents give each document's logits; training reaches every parameter; bad
+use raises."""
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +85,13 @@ def test_training_reaches_every_parameter_and_bad_use_raises(tmp_path):
                layer.norm, layer.out.kernel):
         assert np.abs(np.asarray(gr[...])).max() > 0
     m, batch = _model(), jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
-    with pytest.raises(ValueError, match="segment_ids"):
-        m(batch, segment_ids=jnp.zeros_like(batch))
+    # packed documents: each document's logits as it alone gives them (the convolution and the state stop at a start)
+    seg = jnp.asarray([[0] * 5 + [1] * 12, [0] * 11 + [1] * 6])
+    packed = m(batch, segment_ids=seg)
+    for r, cut in enumerate((5, 11)):
+        for a, e in ((0, cut), (cut, 17)):
+            assert_close(packed[r:r + 1, a:e], m(batch[r:r + 1, a:e]), jnp.float32, f"document {r} {a}:{e}",
+                         tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
     with pytest.raises(ValueError, match="ragged prompts"):
         m.prefill(batch[:, :4], max_len=8, lengths=jnp.asarray([4, 2]))
     with pytest.raises(ValueError, match="delta_conv"):

@@ -149,3 +149,47 @@ def test_decay_per_key_channel(dtype):
         gated_delta_rule(q, k, v, g, beta, impl="pallas")
     with pytest.raises(ValueError, match="per key channel"):
         gated_delta_rule(q, k, v, g[..., :3], beta)
+
+
+@pytest.mark.parametrize("impl,channels", [("pallas", False), ("xla", True)])
+def test_packed_documents_equal_each_document_alone(impl, channels):
+    """segment_ids: documents packed in a row (across chunk boundaries, one a single token) each run from a zero
+    state, the initial state the first's; outputs, the final state (the last document's) and gradients equal the
+    recurrence run on each document alone."""
+    q, k, v, g, beta, s0 = inputs(2, 70, 4, 16, 32, jnp.float32, hk=2)
+    if channels:  # (Kimi Delta Attention's per-channel decays)
+        g = -0.3 * jax.nn.softplus(jax.random.normal(jax.random.key(4), (2, 70, 4, 16)))
+    cuts = [[0, 16, 17, 40, 70], [0, 33, 64, 70]]  # (16: a chunk boundary; 16-17: one token)
+    seg = jnp.asarray([np.repeat(np.arange(len(c) - 1), np.diff(c)) for c in cuts], jnp.int32)
+    ct = jax.random.normal(jax.random.key(9), (2, 70, 4, 32))
+
+    def loss(q, k, v, g, beta, s0):
+        o, s = gated_delta_rule(q, k, v, g, beta, initial_state=s0, segment_ids=seg, return_state=True, impl=impl)
+        return jnp.sum(o * ct) + jnp.sum(s), (o, s)
+
+    with poison_outputs():
+        (_, (o, s)), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))(q, k, v, g, beta, s0)
+
+    def alone(q, k, v, g, beta, s0):  # the recurrence on each document by itself
+        total, outs, finals = 0.0, [], []
+        for r, c in enumerate(cuts):
+            row = []
+            for i, (a, e) in enumerate(zip(c[:-1], c[1:])):
+                sl = lambda x: x[r:r + 1, a:e]  # noqa: E731
+                init = s0[r:r + 1] if i == 0 else None
+                o1, s1 = gated_delta_reference(sl(q), sl(k), sl(v), sl(g), sl(beta), initial_state=init)
+                row.append(o1)
+            outs.append(jnp.concatenate(row, axis=1))
+            finals.append(s1)
+        o_all, s_all = jnp.concatenate(outs), jnp.concatenate(finals)
+        return jnp.sum(o_all * ct) + jnp.sum(s_all), (o_all, s_all)
+
+    (_, (ro, rs)), want = jax.value_and_grad(alone, argnums=tuple(range(6)), has_aux=True)(q, k, v, g, beta, s0)
+    assert_close(o, ro, jnp.float32, "output", tol=TOL)
+    assert_close(s, rs, jnp.float32, "final state", tol=TOL)
+    for name, a, e in zip(("dq", "dk", "dv", "dg", "dbeta", "dstate"), grads, want):
+        assert_close(a, e, jnp.float32, name, tol=GRAD_TOL)
+    ref_o, _ = gated_delta_reference(q, k, v, g, beta, initial_state=s0, segment_ids=seg)
+    assert_close(ref_o, ro, jnp.float32, "the oracle's own segment_ids", tol=TOL)
+    with pytest.raises(ValueError, match="segment_ids must be an integer"):
+        gated_delta_rule(q, k, v, g, beta, segment_ids=seg[:, :5])

@@ -325,7 +325,7 @@ def run(families: Sequence[str] | None = None, *, progress: bool = True) -> list
                             "status": "FAIL: " + res["error"].splitlines()[0][:200], "error": res["error"]})
             continue
         for k in res["kernels"]:
-            key = (k["kernel"], k.get("registers"))
+            key = (k["kernel"], k.get("registers"), k.get("spill_stores"), k.get("spill_loads"))  # (a spilling variant shows)
             if k["backend"] == "triton" and key in seen:  # a Triton kernel an earlier case compiled the same
                 continue
             seen.add(key)

@@ -490,12 +490,20 @@ def _gated_delta_cases() -> Iterator[tuple[str, Callable, list]]:
         o, s = fwd(q, k, v, g, beta)
         return _total(o) + jnp.sum(s)
 
+    def packed_loss(q, k, v, g, beta, seg):  # packed documents: the segment masks in both kernels
+        o, s = gated_delta_kernel(q, k, v, g, beta, scale=0.088, segment_ids=seg, interpret=False)
+        return _total(o) + jnp.sum(s)
+
     for dk, dv in ((128, 128), (64, 64)):
         dtype = jnp.bfloat16
         args = [_sds((2, 4096, 16, dk), dtype), _sds((2, 4096, 16, dk), dtype), _sds((2, 4096, 16, dv), dtype),
                 _sds((2, 4096, 16), jnp.float32), _sds((2, 4096, 16), jnp.float32)]
         yield f"dk{dk} dv{dv} bfloat16 n=4096", fwd, args
         yield f"dk{dk} dv{dv} bfloat16 n=4096 fwd+bwd", jax.value_and_grad(loss, (0, 1, 2, 3, 4)), args
+    yield ("dk128 dv128 bfloat16 n=4096 packed fwd+bwd", jax.value_and_grad(packed_loss, (0, 1, 2, 3, 4)),
+           [_sds((2, 4096, 16, 128), jnp.bfloat16), _sds((2, 4096, 16, 128), jnp.bfloat16),
+            _sds((2, 4096, 16, 128), jnp.bfloat16), _sds((2, 4096, 16), jnp.float32), _sds((2, 4096, 16), jnp.float32),
+            _sds((2, 4096), jnp.int32)])
 
 
 FAMILIES: dict[str, Callable[[], Iterable[tuple[str, Callable, list]]]] = {

@@ -6,7 +6,8 @@
 ``g = -exp(A_log) softplus(W_a x + dt_bias)`` per head (Mamba-2's parametrization, as Qwen3-Next's); the gated
 delta rule (scale ``d ** -0.5``); then a gated RMSNorm per head, ``RMSNorm(o) * silu(W_z x)``, and ``W_out``.
 
-Head counts and widths are the config's ``delta_dims``: ``H`` value heads of width ``d_v``, ``H_k`` query / key
+Packed documents (``segment_ids``): the convolution and the state stop at each document start. Head counts
+and widths are the config's ``delta_dims``: ``H`` value heads of width ``d_v``, ``H_k`` query / key
 heads of width ``d_k``, each shared by ``H / H_k`` consecutive value heads (Qwen3-Next: 32 value heads, 16 key
 heads, 128 wide). Generation keeps, per layer, the ``[B, H, d_k, d_v]`` state (fp32) and the convolution's last
 ``delta_conv - 1`` inputs; each new token costs O(1) (:func:`jaxattn.gated_delta_rule_step`).
@@ -25,16 +26,21 @@ from jaxattn.ops.gated_delta import gated_delta_rule, gated_delta_rule_step
 __all__ = ["GatedDeltaNetLayer", "KimiDeltaLayer", "causal_conv"]
 
 
-def causal_conv(x: jax.Array, w: jax.Array, history: jax.Array | None = None) -> jax.Array:
+def causal_conv(x: jax.Array, w: jax.Array, history: jax.Array | None = None,
+                segment_ids: jax.Array | None = None) -> jax.Array:
     """Depthwise causal convolution of ``x [B, n, C]`` with taps ``w [K, C]`` (tap ``K - 1`` on the current
     token): ``y_t = sum_j w[j] x_{t - K + 1 + j}``, the ``K - 1`` inputs before ``x`` from ``history [B, K - 1,
-    C]`` (zeros if None)."""
+    C]`` (zeros if None); ``segment_ids [B, n]`` (packed documents): only inputs of the token's own document."""
     k = w.shape[0]
     if history is None:
         history = jnp.zeros((x.shape[0], k - 1, x.shape[2]), x.dtype)
     full = jnp.concatenate([history.astype(x.dtype), x], axis=1)
     n = x.shape[1]
-    return sum(full[:, j:j + n] * w[j].astype(x.dtype) for j in range(k))
+    if segment_ids is None:
+        return sum(full[:, j:j + n] * w[j].astype(x.dtype) for j in range(k))
+    seg = jnp.pad(segment_ids, ((0, 0), (k - 1, 0)), constant_values=-1)  # (no history across documents)
+    return sum(jnp.where((seg[:, j:j + n] == segment_ids)[..., None], full[:, j:j + n], 0) * w[j].astype(x.dtype)
+               for j in range(k))
 
 
 def _unit(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -72,15 +78,12 @@ class GatedDeltaNetLayer(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, cache: tuple | None = None,
                  offset: jax.Array | int = 0, segment_ids: jax.Array | None = None):
         del positions  # (no positional encoding: the convolution and the decay order the tokens)
-        if segment_ids is not None:
-            raise ValueError("segment_ids (packed documents): Gated DeltaNet layers have no document masking (their "
-                             "convolution and state would carry across documents)")
         b, n, _ = x.shape
         h, hk, dk, dv = self.heads, self.key_heads, self.head_dim, self.value_dim
         mixed = jnp.concatenate([self.q(x), self.k(x), self.v(x)], axis=-1)
         decoding = cache is not None and not (isinstance(offset, int) and offset == 0)
         history = cache[1] if decoding else None
-        conv = jax.nn.silu(causal_conv(mixed, self.conv[...], history))
+        conv = jax.nn.silu(causal_conv(mixed, self.conv[...], history, segment_ids))
         q, k, v = jnp.split(conv, [hk * dk, 2 * hk * dk], axis=-1)
         q, k, v = _unit(q.reshape(b, n, hk, dk)), _unit(k.reshape(b, n, hk, dk)), v.reshape(b, n, h, dv)
         beta = jax.nn.sigmoid(self.b(x).astype(jnp.float32))
@@ -93,7 +96,7 @@ class GatedDeltaNetLayer(nnx.Module):
             o = jnp.stack(outs, axis=1)
         else:
             impl = self.cfg.attn_impl if g.ndim == 3 else "xla"  # (a decay per key channel: no kernel yet)
-            o, state = gated_delta_rule(q, k, v, g, beta, return_state=True, impl=impl)
+            o, state = gated_delta_rule(q, k, v, g, beta, return_state=True, segment_ids=segment_ids, impl=impl)
         o = rms_norm(o, self.norm[...], self.cfg.norm_eps) * self._output_gate(x).reshape(b, n, h, dv).astype(o.dtype)
         out = _apply(self.resid_drop, self.out(o.reshape(b, n, h * dv)))
         if cache is None:

@@ -64,46 +64,68 @@ def _chunks(x: jax.Array, c: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(b, n // c, c, h, *x.shape[3:]), 3, 1)
 
 
-def chunk_terms(k, v, g, beta, c: int):
+def segment_masks(segment_ids: jax.Array | None, c: int):
+    """Packed documents' masks per chunk (``None`` without segment ids), ``[B, 1, N / c, ...]`` to broadcast over
+    heads: ``(same [c, c]`` (tokens of one document), ``carry [c]`` (the token's document is the incoming
+    state's), ``to_last [c]`` (the token's document is the chunk's last token's), ``through [1])`` (the incoming
+    state reaches the chunk's end)). The first chunk's incoming state belongs to the row's first document."""
+    if segment_ids is None:
+        return None
+    seg = segment_ids.astype(jnp.int32)
+    prev = jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1)[:, ::c]  # [B, Nc]: the token before each chunk
+    seg = seg.reshape(seg.shape[0], 1, -1, c)
+    prev = prev[:, None, :, None]
+    last = seg[..., -1:]
+    return seg[..., :, None] == seg[..., None, :], seg == prev, seg == last, last == prev
+
+
+def chunk_terms(k, v, g, beta, c: int, masks=None):
     """The state-independent terms per chunk, fp32 ``[B, H, N / c, ...]``: ``(G, T V, W, gamma_C / gamma K,
-    gamma_C [..., 1])``, and ``Gamma`` (masked, including the diagonal)."""
+    gamma_C [..., 1])``, and ``Gamma`` (masked, including the diagonal); ``masks``: :func:`segment_masks`'s,
+    the decays zero across a document start (``gamma`` is then returned masked too)."""
     k, v = _chunks(k.astype(jnp.float32), c), _chunks(v.astype(jnp.float32), c)
     gcum = jnp.cumsum(_chunks(g.astype(jnp.float32), c), axis=-1)  # [B, H, Nc, c]
     beta = _chunks(beta.astype(jnp.float32), c)
     incl = jnp.tril(jnp.ones((c, c), bool))
+    same, carry, to_last, through = masks if masks is not None else (True,) * 4
     diff = gcum[..., :, None] - gcum[..., None, :]
-    gam_ij = jnp.where(incl, jnp.exp(jnp.where(incl, diff, 0.0)), 0.0)
+    gam_ij = jnp.where(incl & same, jnp.exp(jnp.where(incl, diff, 0.0)), 0.0)
+    gam = jnp.where(carry, jnp.exp(gcum), 0.0)
     a = jnp.where(jnp.tril(incl, -1), beta[..., :, None] * jnp.einsum("...ik,...jk->...ij", k, k, precision=_HP) * gam_ij,
                   0.0)
     inv = unit_lower_inverse(a)
     tv = jnp.einsum("...ij,...jv->...iv", inv, beta[..., None] * v, precision=_HP)
-    w = jnp.einsum("...ij,...jk->...ik", inv, (beta * jnp.exp(gcum))[..., None] * k, precision=_HP)
-    k_dec = k * jnp.exp(gcum[..., -1:] - gcum)[..., None]
-    return gcum, tv, w, k_dec, jnp.exp(gcum[..., -1:]), gam_ij
+    w = jnp.einsum("...ij,...jk->...ik", inv, (beta * gam)[..., None] * k, precision=_HP)
+    k_dec = k * jnp.where(to_last, jnp.exp(gcum[..., -1:] - gcum), 0.0)[..., None]
+    return gam, tv, w, k_dec, jnp.where(through, jnp.exp(gcum[..., -1:]), 0.0), gam_ij
 
 
 CHANNEL_CHUNK = 16  # the per-channel XLA path's chunk (its decays are [c, c, d_k] per chunk)
 
 
-def channel_chunk_terms(q, k, v, g, beta, c: int = CHANNEL_CHUNK):
+def channel_chunk_terms(q, k, v, g, beta, c: int = CHANNEL_CHUNK, masks=None):
     """:func:`chunk_terms` with a decay per key channel (Kimi Delta Attention's ``g [B, N, H, d_k]``): the decay
     between tokens ``j <= i`` is ``exp(G_i - G_j)`` per channel, inside the dot products (``A_ij = beta_i
     sum_c k_ic k_jc exp(G_ic - G_jc)``, the same for ``Q Kᵀ``), formed elementwise (exponents <= 0: no
     overflow however fast a channel decays). Returns ``(T V, W, Q gamma, K gamma_C / gamma, gamma_C [..., d_k],
-    P)`` with ``P`` the decayed ``Q Kᵀ``."""
+    P)`` with ``P`` the decayed ``Q Kᵀ``; ``masks``: :func:`segment_masks`'s (packed documents)."""
     q, k, v = (_chunks(x.astype(jnp.float32), c) for x in (q, k, v))
     gcum = jnp.cumsum(_chunks(g.astype(jnp.float32), c), axis=-2)  # [B, H, Nc, c, d_k]
     beta = _chunks(beta.astype(jnp.float32), c)
     incl = jnp.tril(jnp.ones((c, c), bool))
+    same, carry, to_last = (m[..., None] for m in masks[:3]) if masks is not None else (True,) * 3
     diff = gcum[..., :, None, :] - gcum[..., None, :, :]  # [B, H, Nc, c, c, d_k]
-    dec = jnp.where(incl[..., None], jnp.exp(jnp.where(incl[..., None], diff, 0.0)), 0.0)
+    dec = jnp.where(incl[..., None] & same, jnp.exp(jnp.where(incl[..., None], diff, 0.0)), 0.0)
     a = jnp.where(jnp.tril(incl, -1), beta[..., :, None] * jnp.einsum("...ik,...jk,...ijk->...ij", k, k, dec,
                                                                       precision=_HP), 0.0)
     p = jnp.einsum("...ik,...jk,...ijk->...ij", q, k, dec, precision=_HP)
     inv = unit_lower_inverse(a)
     tv = jnp.einsum("...ij,...jv->...iv", inv, beta[..., None] * v, precision=_HP)
-    w = jnp.einsum("...ij,...jk->...ik", inv, beta[..., None] * k * jnp.exp(gcum), precision=_HP)
-    return tv, w, q * jnp.exp(gcum), k * jnp.exp(gcum[..., -1:, :] - gcum), jnp.exp(gcum[..., -1, :]), p
+    gam = jnp.where(carry, jnp.exp(gcum), 0.0)
+    w = jnp.einsum("...ij,...jk->...ik", inv, beta[..., None] * k * gam, precision=_HP)
+    k_dec = k * jnp.where(to_last, jnp.exp(gcum[..., -1:, :] - gcum), 0.0)
+    g_last = jnp.exp(gcum[..., -1, :])
+    return tv, w, q * gam, k_dec, g_last if masks is None else jnp.where(masks[3], g_last, 0.0), p
 
 
 def unit_lower_inverse(a: jax.Array) -> jax.Array:
@@ -118,17 +140,18 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
     return inv
 
 
-def _xla(q, k, v, g, beta, scale, initial_state):
+def _xla(q, k, v, g, beta, scale, initial_state, segment_ids=None):
     q, k = (share_heads(x, v.shape[2]) for x in (q, k))
     b, n, h, dk = q.shape
     dv = v.shape[-1]
     if g.ndim == 4:  # a decay per key channel (Kimi Delta Attention)
-        tv, w, q_dec, k_dec, g_last, qk = channel_chunk_terms(q, k, v, g, beta)
+        tv, w, q_dec, k_dec, g_last, qk = channel_chunk_terms(q, k, v, g, beta,
+                                                              masks=segment_masks(segment_ids, CHANNEL_CHUNK))
     else:
-        gcum, tv, w, k_dec, g_last, gam_ij = chunk_terms(k, v, g, beta, CHUNK)
+        gam, tv, w, k_dec, g_last, gam_ij = chunk_terms(k, v, g, beta, CHUNK, segment_masks(segment_ids, CHUNK))
         qc = _chunks(q.astype(jnp.float32), CHUNK)
         qk = jnp.einsum("...ik,...jk->...ij", qc, _chunks(k.astype(jnp.float32), CHUNK), precision=_HP) * gam_ij
-        q_dec = qc * jnp.exp(gcum)[..., None]
+        q_dec = qc * gam[..., None]
     s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
 
     def step(s, xs):
@@ -156,6 +179,7 @@ def _pad(x: jax.Array, n: int) -> jax.Array:
 
 def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
                      scale: float | None = None, initial_state: jax.Array | None = None, return_state: bool = False,
+                     segment_ids: jax.Array | None = None,
                      impl: Literal["auto", "pallas", "xla"] = "auto") -> jax.Array | tuple[jax.Array, jax.Array]:
     """The gated delta rule (module docstring) of ``q, k [batch, seq, h_k, d_k]``, ``v [batch, seq, heads,
     d_v]`` (``heads`` a multiple of ``h_k``: consecutive groups of ``heads / h_k`` value heads share a query and
@@ -163,15 +187,22 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
     ``beta`` (in ``[0, 1]``), both ``[batch, seq, heads]`` (or ``g [batch, seq, heads, d_k]``, a decay per key
     channel, ``S_t = (I - beta_t k_t k_tᵀ) diag(exp(g_t)) S_{t-1} + beta_t k_t v_tᵀ``: Kimi Delta Attention, on the
     XLA path); ``scale`` on the queries (default ``d_k ** -0.5``); ``initial_state [batch, heads, d_k, d_v]``
-    (zeros if None). The keys are taken as they are: Gated DeltaNet L2-normalizes them (and the queries)
+    (zeros if None; with ``segment_ids``, the first document's). ``segment_ids`` int ``[batch, seq]``: packed
+    documents, contiguous runs of one id, each starting from a zero state (the final state is the last
+    document's). The keys are taken as they are: Gated DeltaNet L2-normalizes them (and the queries)
     first, which keeps ``I - beta k kᵀ`` a contraction. Returns ``o`` in q's dtype (and the final state, fp32).
     Any sequence length (padded inside to whole chunks of 64)."""
     _checks.check_impl(impl)
     _check(q, k, v, g, beta, initial_state)
     n = q.shape[1]
+    if segment_ids is not None:
+        if tuple(jnp.shape(segment_ids)) != q.shape[:2] or not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+            raise ValueError(f"segment_ids must be an integer [batch, seq] = {tuple(q.shape[:2])}, got "
+                             f"{jnp.result_type(segment_ids).name} {tuple(jnp.shape(segment_ids))}")
     scale = q.shape[-1] ** -0.5 if scale is None else _checks.check_scale(scale)
     n_pad = _common.round_up(max(n, 1), CHUNK)  # (a multiple of CHANNEL_CHUNK too)
     args = [_pad(x, n_pad) for x in (q, k, v, g, beta)]  # (padding: k = 0, beta = 0, g = 0 leave the state as it is)
+    seg = None if segment_ids is None else jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, n_pad - n)), mode="edge")
     dk, dv = q.shape[-1], v.shape[-1]
     if impl == "pallas" and not kernel_ok(dk, dv):
         raise ValueError(f"impl='pallas' takes head dims that are powers of two from 16 to 256; got d_k={dk}, d_v={dv}")
@@ -182,11 +213,12 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
     if kernel and not _checks.empty(q, v):
         # (under jaxattn.batch_parallel per device on its batch shard: XLA cannot split a kernel's custom call)
         o, s = _spmd.per_batch_shard(
-            lambda q, k, v, g, beta, initial_state=None, batch_offset=None: gated_delta_kernel(
-                q, k, v, g, beta, scale=float(scale), initial_state=initial_state),
-            dict(q=args[0], k=args[1], v=args[2], g=args[3], beta=args[4], initial_state=initial_state))
+            lambda q, k, v, g, beta, initial_state=None, segment_ids=None, batch_offset=None: gated_delta_kernel(
+                q, k, v, g, beta, scale=float(scale), initial_state=initial_state, segment_ids=segment_ids),
+            dict(q=args[0], k=args[1], v=args[2], g=args[3], beta=args[4], initial_state=initial_state,
+                 segment_ids=seg))
     else:
-        o, s = _xla(*args, scale, initial_state)
+        o, s = _xla(*args, scale, initial_state, seg)
     o = o[:, :n]
     return (o, s) if return_state else o
 

@@ -21,11 +21,12 @@ __all__ = ["gated_delta_reference"]
 
 
 def gated_delta_reference(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
-                          scale: float | None = None, initial_state: jax.Array | None = None
-                          ) -> tuple[jax.Array, jax.Array]:
+                          scale: float | None = None, initial_state: jax.Array | None = None,
+                          segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """``(o [B, N, H, d_v] fp32, final state [B, H, d_k, d_v] fp32)`` of ``q, k [B, N, H, d_k]``, ``v [B, N, H,
     d_v]``, ``g, beta [B, N, H]`` (or ``g [B, N, H, d_k]``: a decay per key channel) (module docstring; ``scale`` default ``d_k ** -0.5``). q and k may have ``H / r``
-    heads: value head ``i`` then reads query / key head ``i // r``."""
+    heads: value head ``i`` then reads query / key head ``i // r``. ``segment_ids [B, N]``: packed documents, the
+    state zeroed where the id changes."""
     if q.shape[2] != v.shape[2]:
         r = v.shape[2] // q.shape[2]
         q, k = (jnp.repeat(x, r, axis=2) for x in (q, k))
@@ -36,12 +37,16 @@ def gated_delta_reference(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array
     s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
     hp = lax.Precision.HIGHEST
 
+    seg = jnp.zeros((b, n), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    starts = jnp.concatenate([jnp.zeros((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)  # [B, N]
+
     def step(s, xs):
-        q_t, k_t, v_t, g_t, b_t = xs  # [B, H, d], [B, H]
+        q_t, k_t, v_t, g_t, b_t, start = xs  # [B, H, d], [B, H], [B]
+        s = jnp.where(start[:, None, None, None], 0.0, s)  # (a new document)
         s = (jnp.exp(g_t)[..., None] if g_t.ndim == 3 else jnp.exp(g_t)[..., None, None]) * s  # (per channel: rows)
         pred = jnp.einsum("bhk,bhkv->bhv", k_t, s, precision=hp)
         s = s + jnp.einsum("bhk,bhv->bhkv", k_t, b_t[..., None] * (v_t - pred), precision=hp)
         return s, scale * jnp.einsum("bhk,bhkv->bhv", q_t, s, precision=hp)
 
-    s, o = lax.scan(step, s0, (f32(q), f32(k), f32(v), f32(g), f32(beta)))
+    s, o = lax.scan(step, s0, (f32(q), f32(k), f32(v), f32(g), f32(beta), jnp.moveaxis(starts, 1, 0)))
     return jnp.moveaxis(o, 0, 1), s
