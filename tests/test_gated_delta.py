@@ -151,7 +151,7 @@ def test_decay_per_key_channel(dtype):
         gated_delta_rule(q, k, v, g[..., :3], beta)
 
 
-@pytest.mark.parametrize("impl,channels", [("pallas", False), ("xla", True)])
+@pytest.mark.parametrize("impl,channels", [("pallas", False), pytest.param("xla", True, marks=pytest.mark.slow)])
 def test_packed_documents_equal_each_document_alone(impl, channels):
     """segment_ids: documents packed in a row (across chunk boundaries, one a single token) each run from a zero
     state, the initial state the first's; outputs, the final state (the last document's) and gradients equal the
