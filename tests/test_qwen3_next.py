@@ -232,12 +232,12 @@ def test_recurrent_decoding_gives_the_forward():
     model = create_model("qwen3-next-tiny", rngs=nnx.Rngs(0), attn_impl="pallas", init_std=0.1)  # (the kernels)
     tokens = jnp.asarray(TOKENS)
     full = model(tokens)
-    logits, cache = model.prefill(tokens[:, :6], max_len=13)
+    logits, cache = model.prefill(tokens[:, :9], max_len=13)
     step = nnx.jit(lambda m, *a: m.decode_step(*a))  # (one compiled step for every token)
     assert cache[0][0].shape == (2, 4, 32, 32) and cache[3][0].shape == (2, 13, 2, 64)
     tol = {jnp.dtype(jnp.float32): (2e-4, 2e-4)}
-    assert_close(logits, full[:, 5], jnp.float32, "prefill", tol=tol)
-    for t in range(6, 13):
+    assert_close(logits, full[:, 8], jnp.float32, "prefill", tol=tol)
+    for t in range(9, 13):
         logits, cache = step(model, tokens[:, t], cache, jnp.asarray(t, jnp.int32))
         assert_close(logits, full[:, t], jnp.float32, f"step {t}", tol=tol)
 
