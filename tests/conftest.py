@@ -35,6 +35,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# slow where the kernels run in interpret mode (the default suite's time budget), run where they compile: on a GPU
+# the default suite (.ci/gpu's tests part) keeps these real-compiler checks
+SLOW_OFF_GPU = [] if _has_gpu() else [pytest.mark.slow]
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # (atol, rtol) relative to the largest magnitude of the expected value.

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jaxattn
-from conftest import GRAD_TOL, assert_close, randn
+from conftest import GRAD_TOL, SLOW_OFF_GPU, assert_close, randn
 from jaxattn.bench.compile import lower_for_cuda
 from jaxattn.pallas import flash, flash_mgpu
 from jaxattn.reference import attention_reference
@@ -69,8 +69,8 @@ def test_forward_matches_oracle(seed):
     assert_close(out, attn(q, k, v, causal=c["causal"], impl="pallas"), c["dtype"], f"vs triton {c}")
 
 
-@pytest.mark.slow  # (the default suite's budget: the Mosaic path's forward and lowering stay in it)
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [pytest.param(False, marks=pytest.mark.slow),
+                                    pytest.param(True, marks=SLOW_OFF_GPU)])  # (interpret mode: the suite's budget)
 def test_gradients_match_oracle(causal):
     _skip_causal_on_buggy_ptxas(causal)
     c = dict(batch=1, sq=150, sk=214, hkv=1, hq=2, d=64, causal=causal, dtype=jnp.bfloat16, seed=7)
@@ -98,8 +98,7 @@ def test_rows_without_keys_are_zero():
     assert_close(out, ref, c["dtype"], "out")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("scale", [-0.3, 0.0])
+@pytest.mark.parametrize("scale", [pytest.param(-0.3, marks=SLOW_OFF_GPU), pytest.param(0.0, marks=pytest.mark.slow)])
 def test_nonpositive_scale(scale):
     _skip_causal_on_buggy_ptxas(True)
     c = dict(batch=1, sq=70, sk=90, hkv=1, hq=1, d=64, causal=True, dtype=jnp.bfloat16, seed=5)
