@@ -57,7 +57,7 @@ def random_state_dict(raw, seed=0):
     for i, kind in enumerate(_kinds(raw)):
         p = f"model.layers.{i}."
         sd.update({p + "input_layernorm.weight": w(d, s=0.1), p + "post_attention_layernorm.weight": w(d, s=0.1)})
-        if kind == "delta" and raw["model_type"] == "qwen3_5_text":
+        if kind == "delta" and raw["model_type"].startswith("qwen3_5"):
             a = p + "linear_attn."
             sd.update({a + "in_proj_qkv.weight": w(2 * hk * dk + hv * dv, d), a + "in_proj_z.weight": w(hv * dv, d),
                        a + "in_proj_b.weight": w(hv, d), a + "in_proj_a.weight": w(hv, d),
@@ -122,7 +122,7 @@ def reference_logits(sd, raw, tokens):
     for i, kind in enumerate(_kinds(raw)):
         p = f"model.layers.{i}."
         y = _rms(x, W[p + "input_layernorm.weight"], eps, 1.0)
-        if kind == "delta" and raw["model_type"] == "qwen3_5_text":  # (Qwen3.5: separate projections)
+        if kind == "delta" and raw["model_type"].startswith("qwen3_5"):  # (Qwen3.5: separate projections)
             a = p + "linear_attn."
             mixed = y @ W[a + "in_proj_qkv.weight"].T
             z = (y @ W[a + "in_proj_z.weight"].T).reshape(b, n, hv, dv)
@@ -226,6 +226,20 @@ def test_multimodal_qwen3_5_folder_loads_its_language_model(tmp_path):
                  tol={jnp.dtype(jnp.float32): (2e-4, 2e-4)})
 
 
+def test_qwen3_5_moe_folder_loads_and_saves_as_qwen3_next(tmp_path):
+    """Qwen3.5's mixture of experts (in_proj_qkv / z / b / a, Qwen3-Next's experts): the reference logits; saved in
+    Qwen3-Next's layout, which loads back to the same logits."""
+    raw = {**DENSE, "model_type": "qwen3_5_moe_text", **{k: RAW[k] for k in RAW if "expert" in k or k == "norm_topk_prob"}}
+    sd = random_state_dict(raw, seed=3)
+    model = hf.load_pretrained(hf_folder(tmp_path / "in", raw, sd), attn_impl="xla")
+    want = reference_logits(sd, raw, TOKENS)
+    assert_close(model(jnp.asarray(TOKENS)), want, jnp.float32, "logits", tol={jnp.dtype(jnp.float32): (2e-4, 2e-4)})
+    hf.save_pretrained(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "qwen3_next"
+    again = hf.load_pretrained(tmp_path / "out", attn_impl="xla")
+    assert_close(again(jnp.asarray(TOKENS)), want, jnp.float32, "logits", tol={jnp.dtype(jnp.float32): (2e-4, 2e-4)})
+
+
 def test_recurrent_decoding_gives_the_forward():
     """Prefill (the gated delta kernel with its final state, flash for the gated softmax layer), then one token at a
     time: the delta layers from their states and convolution histories, the softmax layer from its KV cache."""
@@ -257,7 +271,7 @@ def test_training_step_and_bad_configs():
         hf_config(create_model("qwen3-next-tiny", rngs=nnx.Rngs(0), attn_output_gate=False).cfg)
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5", "qwen3_5_moe"])
 def test_matches_transformers(tmp_path, family):
     """transformers' Qwen3NextForCausalLM / Qwen3_5ForCausalLM with random weights, saved by transformers: our
     logits and greedy tokens are theirs."""
@@ -270,9 +284,13 @@ def test_matches_transformers(tmp_path, family):
         config = transformers.Qwen3NextConfig(**fields, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                                          "partial_rotary_factor": 0.5})
         ref = transformers.Qwen3NextForCausalLM(config)
-    else:
+    elif family == "qwen3_5":
         config = transformers.Qwen3_5TextConfig(**{k: v for k, v in DENSE.items() if k != "model_type"})
         ref = transformers.Qwen3_5ForCausalLM(config)
+    else:
+        config = transformers.Qwen3_5MoeTextConfig(**{k: v for k, v in DENSE.items() if k != "model_type"},
+                                                   num_experts=4)
+        ref = transformers.Qwen3_5MoeForCausalLM(config)
     check_causal_lm_matches_transformers(tmp_path, ref, TOKENS)
 
 

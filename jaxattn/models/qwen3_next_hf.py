@@ -1,6 +1,7 @@
 """Qwen3-Next and Qwen3.5 checkpoints in the Hugging Face layout (``Qwen3NextForCausalLM``, ``model_type:
 qwen3_next``: Qwen3-Next-80B-A3B; ``Qwen3_5ForCausalLM``, ``qwen3_5_text``, and the language model of the
-multimodal ``Qwen3_5ForConditionalGeneration`` folders, ``qwen3_5``: the dense Qwen3.5 models, text only) <->
+multimodal ``Qwen3_5ForConditionalGeneration`` folders, ``qwen3_5``: the dense Qwen3.5 models, text only; the
+Qwen3.5 mixtures of experts likewise, ``qwen3_5_moe_text`` / ``qwen3_5_moe``) <->
 :class:`jaxattn.models.gpt.GPT` with Gated DeltaNet layers (``"delta"``,
 :mod:`jaxattn.models.deltanet`) and gated softmax attention layers (``"full"``, ``attn_output_gate``), RMSNorms
 scaling by ``1 + weight`` (``norm_offset=1``; the delta layers' gated norm by ``weight``), per-head q/k norms,
@@ -25,7 +26,10 @@ Qwen3.5: ``linear_attn.in_proj_z`` / ``in_proj_b`` / ``_a``   ``attn.z`` / ``att
 
 :func:`prepare_state_dict` splits the fused projections into per-part keys (``linear_attn.q_proj`` ...,
 ``self_attn.gate_proj``) that :func:`entries` reads; :func:`export_state_dict` fuses them back. The
-multi-token-prediction weights (``mtp.*``) are not read, as transformers does not.
+multi-token-prediction weights (``mtp.*``) and a multimodal folder's vision tower are not read. A model with
+experts saves as Qwen3-Next, a dense one as Qwen3.5 (``qwen3_5_text``): a Qwen3.5-MoE model saves in Qwen3-Next's
+layout (the same text model; Qwen3.5 splits the fused projections apart). Qwen3.5's multimodal RoPE
+(``mrope_section``) is plain RoPE on text positions.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ __all__ = ["config_from_hf", "entries", "export_state_dict", "hf_config", "load"
            "prepare_state_dict", "to_hf_state_dict"]
 
 _ARCH = {"qwen3_next": "Qwen3NextForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM",
-         "qwen3_5": "Qwen3_5ForConditionalGeneration"}
+         "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
+         "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
+_MULTIMODAL = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 # a multimodal Qwen3.5 folder's language model, without its prefix
 _QWEN3_5_PREFIXES = (("model.language_model.", "model."), ("lm_head.", "lm_head."))
 _KIND = {"linear_attention": "delta", "full_attention": "full"}
@@ -97,10 +103,10 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
 
 def _text(raw: Mapping[str, Any]) -> Mapping[str, Any]:
     """A multimodal Qwen3.5 config's language model (``text_config``); other configs as they are."""
-    if raw.get("model_type") != "qwen3_5":
+    if raw.get("model_type") not in _MULTIMODAL:
         return raw
     return {"tie_word_embeddings": raw.get("tie_word_embeddings", False), **raw.get("text_config", {}),
-            "model_type": "qwen3_5_text"}
+            "model_type": _MULTIMODAL[raw["model_type"]]}
 
 
 def hf_config(cfg: GPTConfig) -> dict[str, Any]:
@@ -146,7 +152,7 @@ def prepare_state_dict(raw: Mapping[str, Any], state_dict: Mapping[str, Any]) ->
     queries, keys, then values) into ``linear_attn.{q,k,v}_proj`` and its ``in_proj_{z,b,a}`` renamed, and
     ``self_attn.q_proj`` (per head query, then gate rows) into ``self_attn.q_proj`` and ``self_attn.gate_proj``;
     a multimodal Qwen3.5 folder's language model without its prefix (the vision tower left out)."""
-    if raw.get("model_type") == "qwen3_5":
+    if raw.get("model_type") in _MULTIMODAL:
         state_dict = {new + key[len(old):]: value for key, value in state_dict.items()
                       for old, new in _QWEN3_5_PREFIXES if key.startswith(old)}
         if not state_dict:
