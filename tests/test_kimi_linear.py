@@ -169,12 +169,12 @@ def test_recurrent_decoding_gives_the_forward(tmp_path):
     model = hf.load_pretrained(hf_folder(tmp_path, RAW, random_state_dict(RAW, seed=2)), attn_impl="xla")
     tokens = jnp.asarray(TOKENS)
     full = model(tokens)
-    logits, cache = model.prefill(tokens[:, :6], max_len=13)
+    logits, cache = model.prefill(tokens[:, :9], max_len=13)
     assert cache[0][0].shape == (2, 2, 8, 8) and cache[1][0].shape == (2, 13, 1, 24 + 8)
     step = nnx.jit(lambda m, *a: m.decode_step(*a))
     tol = {jnp.dtype(jnp.float32): (2e-4, 2e-4)}
-    assert_close(logits, full[:, 5], jnp.float32, "prefill", tol=tol)
-    for t in range(6, 13):
+    assert_close(logits, full[:, 8], jnp.float32, "prefill", tol=tol)
+    for t in range(9, 13):
         logits, cache = step(model, tokens[:, t], cache, jnp.asarray(t, jnp.int32))
         assert_close(logits, full[:, t], jnp.float32, f"step {t}", tol=tol)
 

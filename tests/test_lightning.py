@@ -343,8 +343,7 @@ PACKED_CUTS = (1, 16, 17, 32, 50, 51, 99, 112, 200, 299)
 
 
 @pytest.mark.parametrize("n,block,schemes,segments,dtype,state", [
-    pytest.param(*c, marks=pytest.mark.slow if i else SLOW_OFF_GPU) if i in (0, 2, 3, 4) else c
-    for i, c in enumerate(PACKED_CASES)])
+    pytest.param(*c, marks=SLOW_OFF_GPU if i < 2 else pytest.mark.slow) for i, c in enumerate(PACKED_CASES)])
 def test_packed_sequences_match_per_document_oracle(n, block, schemes, segments, dtype, state):
     """segment_ids: the kernel equals each document run alone (forward, final state, gradients of
     q, k, v and the initial state), the dense and scan oracles agree on the packed form, and the

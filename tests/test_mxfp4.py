@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_close, count_triton_calls, lower_for_cuda
+from conftest import SLOW_OFF_GPU, assert_close, count_triton_calls, lower_for_cuda
 from jaxattn import grouped_matmul
 from jaxattn.models import create_model
 from jaxattn.models.gpt import GPT, GPTConfig
@@ -167,7 +167,8 @@ def test_bad_input():
         GPTConfig(vocab_size=16, dim=48, heads=2, layers=1, moe_experts=4, mlp_dim=64, moe_format="mxfp4")
 
 
-@pytest.mark.parametrize("impl,tokens", [("pallas", 23), _slow("gather", 3), _slow("ragged", 23)])
+@pytest.mark.parametrize("impl,tokens", [pytest.param("pallas", 23, marks=SLOW_OFF_GPU), _slow("gather", 3),
+                                         _slow("ragged", 23)])
 def test_moe_layer_with_packed_experts(impl, tokens):
     """An MXFP4 MoE layer gives the dense oracle's output on its dequantized experts, forward and the gradients
     of its input and router; its experts are constants the optimizer leaves alone."""

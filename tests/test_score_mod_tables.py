@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxattn
-from conftest import (GRAD_TOL, assert_close, attention_inputs, count_triton_calls, lower_for_cuda,
+from conftest import (SLOW_OFF_GPU, GRAD_TOL, assert_close, attention_inputs, count_triton_calls, lower_for_cuda,
                       random_attention_case, randn)
 from jaxattn import BlockMask
 from jaxattn.pallas import decode, flash
@@ -188,7 +188,8 @@ def test_block_sparse_with_a_table():
         assert_close(a, b, jnp.float32, name, GRAD_TOL)
 
 
-def test_decode_with_a_table():
+@pytest.mark.parametrize("_", [pytest.param(0, marks=SLOW_OFF_GPU, id="kernel")])
+def test_decode_with_a_table(_):
     """decode / paged decode kernels gather from a table at each query's cache position; same as the XLA
     path (the dense reference); the kernel path refuses a gradient."""
     b, s_max, hq, hkv, d, sq = 2, 64, 4, 2, 32, 2

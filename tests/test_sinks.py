@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import jaxattn
-from conftest import GRAD_TOL, assert_close, attention_inputs, count_triton_calls, lower_for_cuda, random_attention_case
+from conftest import (SLOW_OFF_GPU, GRAD_TOL, assert_close, attention_inputs, count_triton_calls, lower_for_cuda,
+                      random_attention_case)
 from jaxattn.pallas import flash
 from jaxattn.pallas._common import poison_outputs
 from jaxattn.reference import attention_reference
@@ -112,7 +113,8 @@ def test_sinks_with_dropout_segments_and_packed_qkv():
     assert float(jnp.abs(ref - plain).max()) > 0.05  # the dropout is real
 
 
-def test_decode_paged_and_varlen_with_sinks():
+@pytest.mark.parametrize("_", [pytest.param(0, marks=SLOW_OFF_GPU, id="kernels")])
+def test_decode_paged_and_varlen_with_sinks(_):
     ks = jax.random.split(jax.random.PRNGKey(4), 5)
     b, n, hq, hkv, d = 3, 70, 4, 2, 32
     q = jax.random.normal(ks[0], (b, 1, hq, d))

@@ -24,7 +24,7 @@ _VARLEN_KW = {"causal": dict(causal=True), "window": dict(causal=True, local_win
     # (the kernel's varlen path in the default suite: test_sinks's varlen case and the dropout test below)
     *[pytest.param("pallas", kw, id=f"{name}-pallas", marks=pytest.mark.slow)
       for name, kw in _VARLEN_KW.items()],
-    *[pytest.param("xla", kw, id=f"{name}-xla", marks=[] if name == "causal" else pytest.mark.slow)
+    *[pytest.param("xla", kw, id=f"{name}-xla", marks=pytest.mark.slow)
       for name, kw in _VARLEN_KW.items()],
 ])
 def test_varlen_equals_each_sequence_alone(impl, kw):
