@@ -133,7 +133,8 @@ SCRIPT = """
 """
 
 
-@pytest.mark.parametrize("cases,rest", [((2, 3), True), pytest.param((0, 1, 4), False, marks=pytest.mark.slow)],
+@pytest.mark.parametrize("cases,rest", [pytest.param((2, 3), True, marks=pytest.mark.slow),  # (the suite's budget)
+                                       pytest.param((0, 1, 4), False, marks=pytest.mark.slow)],
                          ids=["xla-shard_map-tnl", "kernel"])
 def test_sequence_parallel_matches_oracle_on_four_devices(cases, rest):
     """(The per-shard Pallas kernel cases are slow in interpret mode: the slow suite; the shard combination is
