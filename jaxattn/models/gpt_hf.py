@@ -109,6 +109,18 @@ def _period(types: list[str]) -> tuple[str, ...]:
     return tuple(types[:p])
 
 
+def linear_layer_kinds(raw: Mapping[str, Any], recurrent: str, bad) -> list[str] | None:
+    """A hybrid model's ``layer_types`` (``"linear_attention"`` / ``"full_attention"`` per layer) as jaxattn kinds
+    (``recurrent`` / ``"full"``), or None where config.json has none."""
+    if not raw.get("layer_types"):
+        return None
+    layers, table = int(raw["num_hidden_layers"]), {"linear_attention": recurrent, "full_attention": "full"}
+    types = list(raw["layer_types"])
+    if set(types) - set(table) or len(types) != layers:
+        raise bad("layer_types", f"{layers} entries 'linear_attention' / 'full_attention'")
+    return [table[t] for t in types]
+
+
 def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     """A :class:`GPTConfig` from a LLaMA / Qwen2 / Qwen3 / Mistral / Gemma 1-3 ``config.json`` dict;
     ``overrides`` set jaxattn-only fields (``dtype``, ``attn_impl``, ``layer_types``, ``window``, ...)."""

@@ -34,13 +34,12 @@ from flax import nnx
 
 from jaxattn.models import deepseek_hf, hf, moe_hf
 from jaxattn.models.gpt import GPT, GPTConfig
-from jaxattn.models.gpt_hf import _period
+from jaxattn.models.gpt_hf import _period, linear_layer_kinds
 
 __all__ = ["config_from_hf", "entries", "hf_config", "load", "load_hf_state_dict", "prepare_state_dict",
            "to_hf_state_dict"]
 
 _ARCH = {"kimi_linear": "KimiLinearForCausalLM"}
-_KIND = {"linear_attention": "kda", "full_attention": "full"}
 # Kimi Linear's config names (as its release and transformers write them) -> DeepSeek's
 _ALIASES = {"num_experts_per_token": "num_experts_per_tok", "moe_renormalize": "norm_topk_prob",
             "num_expert_group": "n_group", "num_experts": "num_local_experts", "num_shared_experts": "n_shared_experts",
@@ -49,11 +48,8 @@ _ALIASES = {"num_experts_per_token": "num_experts_per_tok", "moe_renormalize": "
 
 def _kinds(raw: Mapping[str, Any], bad) -> list[str]:
     layers = int(raw["num_hidden_layers"])
-    if raw.get("layer_types"):
-        types = list(raw["layer_types"])
-        if set(types) - set(_KIND) or len(types) != layers:
-            raise bad("layer_types", f"{layers} entries 'linear_attention' / 'full_attention'")
-        return [_KIND[t] for t in types]
+    if (kinds := linear_layer_kinds(raw, "kda", bad)) is not None:
+        return kinds
     lin = raw.get("linear_attn_config") or {}
     full = {int(i) - 1 for i in lin.get("full_attn_layers", [])}  # (1-indexed in the original config)
     if not full and not lin.get("kda_layers"):

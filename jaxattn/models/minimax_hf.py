@@ -28,12 +28,11 @@ from flax import nnx
 
 from jaxattn.models import hf, moe_hf
 from jaxattn.models.gpt import GPT, GPTConfig
-from jaxattn.models.gpt_hf import _kv, _period, _scaling, rope_parameters
+from jaxattn.models.gpt_hf import _kv, _period, _scaling, linear_layer_kinds, rope_parameters
 
 __all__ = ["config_from_hf", "entries", "hf_config", "load", "load_hf_state_dict", "to_hf_state_dict"]
 
 _ARCH = {"minimax": "MiniMaxForCausalLM"}
-_KIND = {"linear_attention": "lightning", "full_attention": "full"}
 _SCALES = ("full_attn_alpha_factor", "full_attn_beta_factor", "linear_attn_alpha_factor", "linear_attn_beta_factor",
            "mlp_alpha_factor", "mlp_beta_factor")
 # the original config.json's names of the same factors
@@ -56,14 +55,10 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     if not raw.get("postnorm", True):
         raise bad("postnorm", "true (each residual is the branch's normed input)")
     layers = int(raw["num_hidden_layers"])
-    if raw.get("layer_types"):
-        types = list(raw["layer_types"])
-        if set(types) - set(_KIND) or len(types) != layers:
-            raise bad("layer_types", f"{layers} entries 'linear_attention' / 'full_attention'")
-        kinds = [_KIND[t] for t in types]
-    elif raw.get("attn_type_list"):  # (the original config: 0 lightning, 1 softmax)
+    kinds = linear_layer_kinds(raw, "lightning", bad)
+    if kinds is None and raw.get("attn_type_list"):  # (the original config: 0 lightning, 1 softmax)
         kinds = ["full" if int(t) else "lightning" for t in raw["attn_type_list"]]
-    else:  # (MiniMaxConfig's default)
+    elif kinds is None:  # (MiniMaxConfig's default)
         kinds = ["full" if (i + 1) % 2 else "lightning" for i in range(layers)]
     dim, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
     head_dim = int(raw.get("head_dim") or dim // heads)

@@ -42,7 +42,7 @@ from flax import nnx
 
 from jaxattn.models import hf, moe_hf
 from jaxattn.models.gpt import GPT, GPTConfig
-from jaxattn.models.gpt_hf import _kv, _period, _scaling, rope_parameters
+from jaxattn.models.gpt_hf import _kv, _period, _scaling, linear_layer_kinds, rope_parameters
 
 __all__ = ["config_from_hf", "entries", "export_state_dict", "hf_config", "load", "load_hf_state_dict",
            "prepare_state_dict", "to_hf_state_dict"]
@@ -53,7 +53,6 @@ _ARCH = {"qwen3_next": "Qwen3NextForCausalLM", "qwen3_5_text": "Qwen3_5ForCausal
 _MULTIMODAL = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 # a multimodal Qwen3.5 folder's language model, without its prefix
 _QWEN3_5_PREFIXES = (("model.language_model.", "model."), ("lm_head.", "lm_head."))
-_KIND = {"linear_attention": "delta", "full_attention": "full"}
 _QKVZ, _BA, _QG = "linear_attn.in_proj_qkvz.weight", "linear_attn.in_proj_ba.weight", "self_attn.q_proj.weight"
 _QKV = "linear_attn.in_proj_qkv.weight"  # (Qwen3.5)
 
@@ -72,12 +71,8 @@ def config_from_hf(raw: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     if raw.get("attention_bias", False):
         raise bad("attention_bias", "false")
     layers = int(raw["num_hidden_layers"])
-    if raw.get("layer_types"):
-        types = list(raw["layer_types"])
-        if set(types) - set(_KIND) or len(types) != layers:
-            raise bad("layer_types", f"{layers} entries 'linear_attention' / 'full_attention'")
-        kinds = [_KIND[t] for t in types]
-    else:  # (Qwen3NextConfig: a full layer every full_attention_interval layers)
+    kinds = linear_layer_kinds(raw, "delta", bad)
+    if kinds is None:  # (Qwen3NextConfig: a full layer every full_attention_interval layers)
         every = int(raw.get("full_attention_interval", 4))
         kinds = ["full" if (i + 1) % every == 0 else "delta" for i in range(layers)]
     dim, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
