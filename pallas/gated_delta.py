@@ -49,11 +49,14 @@ class GatedDeltaConfig:
     and 64-token ones 9-25 KB, at every column block and warp count tried. The backward is spill-free with 16
     columns, 8 warps and 3 stages at d_k = 128 and 64 (XLA's Triton; 2 stages spilled 192 B per thread, 32
     columns 212 B, 64 columns 632 B, 16 warps 1.8-2 KB). With packed documents (segment ids) the backward
-    spills 184 B per thread at d_k = 128 (96-300 B at every stage and warp count tried)."""
+    spills 184 B per thread at d_k = 128 (96-300 B at every stage and warp count tried). Under differentiation
+    the forward also stores each chunk's starting state, and runs with ``saving_num_stages``: at 2 stages it
+    spilled 8-16 B per thread at d_k = 128 (Triton 3.9's own pipeline), at 1 none."""
 
     block_v: int = 64
     num_warps: int = 8
     num_stages: int = 2
+    saving_num_stages: int = 1
     chunk: int = 16
     bwd_block_v: int = 16
     bwd_num_warps: int = 8
@@ -247,7 +250,8 @@ def _forward(q, k, v, gcum, beta, seg, s0, scale, cfg: GatedDeltaConfig, interpr
                   pl.BlockSpec((None, n, None), lambda bi, hi, vi: (bi, 0, hi)),
                   *([_segment_spec(n)] if st.segments else []), vblock(dk)],
         out_specs=out_specs,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret, name="jaxattn_gated_delta_fwd")
+        num_warps=cfg.num_warps, num_stages=cfg.saving_num_stages if save_states else cfg.num_stages,
+        interpret=interpret, name="jaxattn_gated_delta_fwd")
     return call(q, k, v, gcum, beta, *([seg] if st.segments else []), s0)
 
 
