@@ -18,6 +18,11 @@ gradient are each program's own; the gradients of q, k, ``G`` and beta are summe
 (fp32 partials), and ``G``'s into the log decays' by the cumsum's transpose (XLA's autodiff). Packed documents
 (segment ids): both kernels zero the decays across a document start (``Gamma_ij`` between documents, ``gamma_i``
 for tokens past a start in the chunk, the state's carry through one). Head dims: powers of two from 16 to 256.
+
+A decay per key channel (Kimi Delta Attention, ``G [n, d_k]``): the gammas become ``[C, d_k]`` tiles and
+``gamma_C`` a column over the state's rows; ``Q Kᵀ`` and ``K Kᵀ`` with the decays inside their sums come from
+:mod:`jaxattn.pallas.channel_decay`'s kernel (no state needed), and the backward writes their gradients (per
+value block) for that module's backward kernel, which takes them to q, k and ``G``.
 """
 
 from __future__ import annotations
@@ -32,10 +37,10 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxattn.pallas import _common
+from jaxattn.pallas import _common, channel_decay
 from jaxattn.pallas._common import dot
 
-__all__ = ["gated_delta_kernel", "GatedDeltaConfig", "kernel_ok", "CHUNK"]
+__all__ = ["gated_delta_kernel", "GatedDeltaConfig", "CHANNEL_CONFIG", "kernel_ok", "CHUNK"]
 
 CHUNK = 64
 _HP = lax.Precision.HIGHEST
@@ -63,6 +68,13 @@ class GatedDeltaConfig:
     bwd_num_stages: int = 3
 
 
+# A decay per key channel (Kimi Delta Attention): the gammas are [C, d_k] tiles, not [C] vectors. sm_90a at d_k =
+# 128, bf16 (Triton 3.9): the forward spills 32 B per thread at 64 columns, none at 32 (2 stages, saving the states
+# too; 1 stage spilled 80); the backward spills 136 B at 16 columns, 8 warps, 2-3 stages (144-2256 B at every
+# other column count, warp count and stage count tried; XLA's own Triton pipeline (jax 0.10): 536 B).
+CHANNEL_CONFIG = GatedDeltaConfig(block_v=32, saving_num_stages=2)
+
+
 def kernel_ok(dk: int, dv: int) -> bool:
     """Whether the kernel takes these head dims (powers of two from 16 to 256)."""
     return all(16 <= d <= 256 and d & (d - 1) == 0 for d in (dk, dv))
@@ -76,6 +88,7 @@ class _Static:
     precision: object = None  # the input-dtype dots' (fp32 inputs: exact)
     chunk: int = CHUNK
     segments: bool = False  # packed documents: segment ids come after beta
+    channel: bool = False  # a decay per key channel (Kimi Delta Attention): G [n, d_k]
 
 
 def _masks(c: int):
@@ -84,42 +97,92 @@ def _masks(c: int):
     return rows >= cols, rows > cols, jnp.where(rows == cols, 1.0, 0.0).astype(jnp.float32)
 
 
-def _chunk_decays(gcum, g_last, seg_ref, i: int, st: _Static, masks):
-    """A chunk's decays ``(gamma [c], Gamma [c, c], gamma_C / gamma [c], gamma_C [1])``; with packed documents,
-    zero across a document start (a token sees the chunk's incoming state, an earlier token or the chunk's
-    last token only inside its own document)."""
+@dataclasses.dataclass(frozen=True)
+class _Decays:
+    """One chunk's decays: vectors over the tokens with one decay per head, ``[c, d_k]`` tiles per key channel
+    (:meth:`tile` broadcasts either against ``[c, d_k]``)."""
+    gam: jax.Array  # [c] | [c, d_k]: gamma = exp(G), the decay from the incoming state to each token
+    e: jax.Array  # [c] | [c, d_k]: gamma_C / gamma, from each token to the chunk's end
+    decay: jax.Array  # [1] | [1, d_k]: gamma_C, the incoming state's decay through the chunk
+    keep: jax.Array  # [c, c] bool: j <= i in one document
+    gam_ij: jax.Array | None  # [c, c]: Gamma_ij = gamma_i / gamma_j on keep (one decay per head only)
+
+    @staticmethod
+    def tile(x: jax.Array) -> jax.Array:
+        return x[:, None] if x.ndim == 1 else x
+
+    def rows(self, dkd: int) -> jax.Array:
+        """gamma_C as a column over the state's rows (``[d_k, 1]``; ``[1, 1]`` with one decay per head)."""
+        return self.decay[:, None] if self.decay.ndim == 1 else jnp.reshape(self.decay, (dkd, 1))
+
+
+def _chunk_decays(g_ref, seg_ref, i, st: _Static, masks) -> _Decays:
+    """Chunk ``i``'s decays; with packed documents, zero across a document start (a token sees the chunk's
+    incoming state, an earlier token or the chunk's last token only inside its own document)."""
     incl = masks[0]
     c = st.chunk
-    gam = jnp.exp(gcum)
+    sl = pl.ds(pl.multiple_of(i * c, c), c)
+    if st.channel:
+        gcum, g_last = g_ref[sl, :], g_ref[pl.ds(i * c + c - 1, 1), :]  # [c, d_k], [1, d_k]
+    else:
+        gcum, g_last = g_ref[sl], g_ref[pl.ds(i * c + c - 1, 1)]  # [c], [1]
+    gam, e, decay = jnp.exp(gcum), jnp.exp(g_last - gcum), jnp.exp(g_last)
     keep = incl
-    e, decay = jnp.exp(g_last - gcum), jnp.exp(g_last)
     if st.segments:
-        seg = seg_ref[pl.ds(pl.multiple_of(i * c, c), c)]
+        seg = seg_ref[sl]
         prev = seg_ref[pl.ds(jnp.maximum(i * c - 1, 0), 1)]  # (the incoming state's document; the first chunk: its own)
         last = seg_ref[pl.ds(i * c + c - 1, 1)]
         keep = incl & (seg[:, None] == seg[None, :])
-        gam = jnp.where(seg == prev, gam, 0.0)
-        e = jnp.where(seg == last, e, 0.0)
-        decay = jnp.where(last == prev, decay, 0.0)
-    gam_ij = jnp.where(keep, jnp.exp(jnp.where(incl, gcum[:, None] - gcum[None, :], 0.0)), 0.0)
-    return gam, gam_ij, e, decay
+        fit = (lambda m: m[:, None]) if st.channel else (lambda m: m)  # noqa: E731  (masks over the tokens)
+        gam = jnp.where(fit(seg == prev), gam, 0.0)
+        e = jnp.where(fit(seg == last), e, 0.0)
+        decay = jnp.where(fit(last == prev), decay, 0.0)
+    gam_ij = None if st.channel else jnp.where(keep, jnp.exp(jnp.where(incl, gcum[:, None] - gcum[None, :], 0.0)),
+                                               0.0)
+    return _Decays(gam, e, decay, keep, gam_ij)
 
 
-def _triangle(k, gam_ij, beta, masks, precision):
-    """A chunk's ``K Kᵀ`` and ``(I + A)^{-1}`` (fp32)."""
-    incl, strict, eye = masks
-    c = gam_ij.shape[0]
-    kk = dot(k, k, trans_b=True, precision=precision)
-    a = jnp.where(strict, beta[:, None] * kk * gam_ij, 0.0)
+def _decayed(a, b, pk_refs, which: int, i, d: _Decays, st: _Static):
+    """The chunk's ``A Bᵀ`` with the decays between the tokens, zero outside ``keep`` (fp32): ``P = Q Kᵀ``
+    (``which`` 0; ``P_ij = sum_c q_ic k_jc exp(G_ic - G_jc)``) or ``K Kᵀ`` (1). Per key channel they come in
+    precomputed (:mod:`jaxattn.pallas.channel_decay`, ``pk_refs``)."""
+    if st.channel:
+        return jnp.where(d.keep, pk_refs[which][pl.ds(pl.multiple_of(i * st.chunk, st.chunk), st.chunk), :], 0.0)
+    return dot(a, b, trans_b=True, precision=st.precision) * d.gam_ij
+
+
+def _pair_grads(dp, dab, q, k, p, kk, d: _Decays, st: _Static):
+    """Back through the decayed products (one decay per head), given ``dp`` (``P``'s gradient) and ``dab``
+    (``K Kᵀ``'s, on keep): ``(dq, dk, dG [c])``."""
+    prec, dt = st.precision, q.dtype
+    dp_gam, dab_gam = (dp * d.gam_ij).astype(dt), (dab * d.gam_ij).astype(dt)
+    dq = dot(dp_gam, k, precision=prec)
+    dk = dot(dp_gam, q, trans_a=True, precision=prec) + dot(dab_gam, k, precision=prec) \
+        + dot(dab_gam, k, trans_a=True, precision=prec)
+    dgg = dp * p + dab * kk  # the gradient of G_i - G_j
+    return dq, dk, jnp.sum(dgg, axis=1) - jnp.sum(dgg, axis=0)
+
+
+def _triangle(kk, beta, masks):
+    """``(I + A)^{-1}`` (fp32) of ``A = beta_i (K Kᵀ)_ij`` below the diagonal (decayed ``K Kᵀ``)."""
+    _, strict, eye = masks
+    c = kk.shape[0]
+    a = jnp.where(strict, beta[:, None] * kk, 0.0)
     inv, p = eye - a, dot(a, a, precision=_HP)
     for _ in range(int(math.log2(c)) - 1):  # (I - A)(I + A^2)(I + A^4)...: the Neumann series of (I + A)^-1
         inv = dot(inv, eye + p, precision=_HP)
         p = dot(p, p, precision=_HP)
-    return kk, inv
+    return inv
+
+
+def _split_refs(refs, st: _Static):
+    """``(segment ids' ref or None, the decayed products' refs (per key channel) or (), the rest)``."""
+    seg_ref, refs = (refs[0], refs[1:]) if st.segments else (None, refs)
+    return (seg_ref, *((refs[:2], refs[2:]) if st.channel else ((), refs)))
 
 
 def _kernel(q_ref, k_ref, v_ref, g_ref, b_ref, *refs, st: _Static):
-    seg_ref, (s0_ref, o_ref, s_ref, *states_ref) = (refs[0], refs[1:]) if st.segments else (None, refs)
+    seg_ref, pk_refs, (s0_ref, o_ref, s_ref, *states_ref) = _split_refs(refs, st)
     c = st.chunk
     masks = _masks(c)
     dk = k_ref.shape[-1]
@@ -127,25 +190,24 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, b_ref, *refs, st: _Static):
     def body(i, s):
         sl = pl.ds(pl.multiple_of(i * c, c), c)
         q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
-        gcum, beta = g_ref[sl], b_ref[sl]  # [c] fp32
-        g_last = g_ref[pl.ds(i * c + c - 1, 1)]  # [1]
-        gam, gam_ij, e, decay = _chunk_decays(gcum, g_last, seg_ref, i, st, masks)
-        _, inv = _triangle(k, gam_ij, beta, masks, st.precision)
+        beta = b_ref[sl]  # [c] fp32
+        d = _chunk_decays(g_ref, seg_ref, i, st, masks)
+        inv = _triangle(_decayed(k, k, pk_refs, 1, i, d, st), beta, masks)
         # U = T (V - gamma K S): the state's prediction first ([c, block_v]), never T gamma K ([c, d_k]); the
         # state's matmuls on the tensor cores in the inputs' dtype (fp32 accumulation), as Lightning's
         dt = q.dtype
         s_lo = s.astype(dt)
         if states_ref:  # (for the backward: the state each chunk starts from, as the matmuls read it)
             states_ref[0][pl.ds(pl.multiple_of(i * dk, dk), dk), :] = s_lo
-        pred = dot((k.astype(jnp.float32) * gam[:, None]).astype(dt), s_lo, precision=st.precision)
+        pred = dot((k.astype(jnp.float32) * d.tile(d.gam)).astype(dt), s_lo, precision=st.precision)
         u = dot(inv * beta[None, :], v.astype(jnp.float32) - pred, precision=_HP)
         u_lo = u.astype(dt)
-        qk = (dot(q, k, trans_b=True, precision=st.precision) * gam_ij).astype(dt)
-        o = dot((q.astype(jnp.float32) * gam[:, None]).astype(dt), s_lo, precision=st.precision) \
-            + dot(qk, u_lo, precision=st.precision)
+        p = _decayed(q, k, pk_refs, 0, i, d, st).astype(dt)
+        o = dot((q.astype(jnp.float32) * d.tile(d.gam)).astype(dt), s_lo, precision=st.precision) \
+            + dot(p, u_lo, precision=st.precision)
         o_ref[sl, :] = (o * st.scale).astype(o_ref.dtype)
-        k_dec = (k.astype(jnp.float32) * e[:, None]).astype(dt)
-        return decay[:, None] * s + dot(k_dec, u_lo, trans_a=True, precision=st.precision)
+        k_dec = (k.astype(jnp.float32) * d.tile(d.e)).astype(dt)
+        return d.rows(dk) * s + dot(k_dec, u_lo, trans_a=True, precision=st.precision)
 
     s_ref[...] = lax.fori_loop(0, st.n // c, body, s0_ref[...].astype(jnp.float32))
 
@@ -154,71 +216,79 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, *refs, st: _Static):
     """The chunks in reverse, the state's gradient ``dS [d_k, block_v]`` (fp32) carried; each chunk's forward
     recomputed from the state it started from (``h_ref``). The gradients of q, k, the log decays and beta are
     this program's value columns' share (summed over the column blocks outside)."""
-    seg_ref, refs = (refs[0], refs[1:]) if st.segments else (None, refs)
-    h_ref, do_ref, dsn_ref, dq_ref, dk_ref, dv_ref, dg_ref, db_ref, ds0_ref = refs
+    seg_ref, pk_refs, refs = _split_refs(refs, st)
+    h_ref, do_ref, dsn_ref, dq_ref, dk_ref, dv_ref, dg_ref, db_ref, ds0_ref, *dpk_refs = refs
     c = st.chunk
     masks = _masks(c)
-    incl, strict, _ = masks
+    _, strict, _ = masks
     dkd = k_ref.shape[-1]
     f32 = jnp.float32
-    last = lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
+    last = lax.broadcasted_iota(jnp.int32, (c, 1) if st.channel else (c,), 0) == c - 1
+    # per head, the decays' gradient terms summed over the key channels as they form
+    red = (lambda x: x) if st.channel else (lambda x: jnp.sum(x, axis=1))  # noqa: E731
 
     def body(j, ds):  # ds: the gradient of the state after chunk i
         i = st.n // c - 1 - j
         sl = pl.ds(pl.multiple_of(i * c, c), c)
         q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
-        gcum, beta = g_ref[sl], b_ref[sl]
-        g_last = g_ref[pl.ds(i * c + c - 1, 1)]  # [1]
-        gam, gam_ij, e, decay = _chunk_decays(gcum, g_last, seg_ref, i, st, masks)
-        kk, inv = _triangle(k, gam_ij, beta, masks, st.precision)
+        beta = b_ref[sl]
+        d = _chunk_decays(g_ref, seg_ref, i, st, masks)
+        kk = _decayed(k, k, pk_refs, 1, i, d, st)
+        inv = _triangle(kk, beta, masks)
         s = h_ref[pl.ds(pl.multiple_of(i * dkd, dkd), dkd), :]  # [d_k, block_v], the inputs' dtype
         dt, prec = q.dtype, st.precision
         kf = k.astype(f32)
-        k_gam = (kf * gam[:, None]).astype(dt)
+        gam, e = d.tile(d.gam), d.tile(d.e)
+        k_gam = (kf * gam).astype(dt)
         t = inv * beta[None, :]  # T = (I + A)^{-1} diag(beta)
         w = v.astype(f32) - dot(k_gam, s, precision=prec)  # U = T W
         u_lo = dot(t, w, precision=_HP).astype(dt)
         do = (do_ref[sl, :].astype(f32) * st.scale).astype(dt)
-        # O = (gamma Q) S + P U with P = Q Kᵀ * Gamma: the query side first (its tensors die early)
-        qk = dot(q, k, trans_b=True, precision=prec)
-        dp = jnp.where(incl, dot(do, u_lo, trans_b=True, precision=prec), 0.0)
-        dp_gam = (dp * gam_ij).astype(dt)
+        # O = (gamma Q) S + P U: the query side first (its tensors die early; per key channel, stored as they form)
+        p = _decayed(q, k, pk_refs, 0, i, d, st)
+        dp = jnp.where(d.keep, dot(do, u_lo, trans_b=True, precision=prec), 0.0)
         dq_gam = dot(do, s, trans_b=True, precision=prec)  # [c, d_k]
-        dq_ref[sl, :] = dot(dp_gam, k, precision=prec) + dq_gam * gam[:, None]
+        dq = dq_gam * gam
+        if st.channel:  # (the products' gradients go to channel_decay's backward, after the value blocks' sum)
+            dpk_refs[0][sl, :] = dp
+            dq_ref[sl, :] = dq
         qf = q.astype(f32)
-        dgam = jnp.sum(dq_gam * qf, axis=1)  # the gradient of gamma, accumulated
-        ds_prev = decay[:, None] * ds + dot((qf * gam[:, None]).astype(dt), do, trans_a=True, precision=prec)
-        dk = dot(dp_gam, q, trans_a=True, precision=prec)  # the gradient of k, accumulated
-        dgg = dp * qk * gam_ij  # the gradient of G_i - G_j, accumulated
+        dgc = red(dq_gam * qf) * d.gam  # the gradient of G, accumulated
+        ds_prev = d.rows(dkd) * ds + dot((qf * gam).astype(dt), do, trans_a=True, precision=prec)
         # S' = gamma_C S + K_decᵀ U
         ds_lo = ds.astype(dt)
         dk_dec = dot(u_lo, ds_lo, trans_b=True, precision=prec)
-        dk += dk_dec * e[:, None]
-        de = jnp.sum(dk_dec * kf, axis=1) * e
-        dgam_last = jnp.sum(s.astype(f32) * ds)
-        du = dot((qk * gam_ij).astype(dt), do, trans_a=True, precision=prec) \
-            + dot((kf * e[:, None]).astype(dt), ds_lo, precision=prec)
+        dk = dk_dec * e  # the gradient of k, accumulated
+        de = red(dk_dec * kf) * d.e
+        dgc -= de
+        de_sum = jnp.sum(de, axis=0, keepdims=True)  # (the chunk's last token's)
+        du = dot(p.astype(dt), do, trans_a=True, precision=prec) + dot((kf * e).astype(dt), ds_lo, precision=prec)
         # U = T W, W = V - (gamma K) S
         dw = dot(t, du, trans_a=True, precision=_HP)
         dtm = dot(du, w, trans_b=True, precision=_HP)
         dv_ref[sl, :] = dw.astype(dv_ref.dtype)
         dw_lo = dw.astype(dt)
         dk_gam = -dot(dw_lo, s, trans_b=True, precision=prec)
-        dk += dk_gam * gam[:, None]
-        dgam += jnp.sum(dk_gam * kf, axis=1)
+        dk += dk_gam * gam
+        dgc += red(dk_gam * kf) * d.gam
+        dgam_last = red(jnp.sum(s.astype(f32) * ds, axis=1)[None, :])  # [1] | [1, d_k]
+        dgc += jnp.where(last, de_sum + dgam_last * d.decay, 0.0)
+        if st.channel:
+            dk_ref[sl, :] = dk
+            dg_ref[sl, :] = dgc
         ds_prev -= dot(k_gam, dw_lo, trans_a=True, precision=prec)
-        # T = M diag(beta), M = (I + A)^{-1}: dA = -Mᵀ dM Mᵀ; A = beta_i Gamma_ij (K Kᵀ)_ij below the diagonal
+        # T = M diag(beta), M = (I + A)^{-1}: dA = -Mᵀ dM Mᵀ; A = beta_i (K Kᵀ)_ij below the diagonal
         dbeta = jnp.sum(inv * dtm, axis=0)
-        da = jnp.where(strict, -dot(dot(inv, dtm * beta[None, :], trans_a=True, precision=_HP), inv, trans_b=True,
-                                    precision=_HP), 0.0)
-        dbeta += jnp.sum(da * gam_ij * kk, axis=1)
-        dkk = (da * beta[:, None] * gam_ij).astype(dt)
-        dgg += da * beta[:, None] * kk * gam_ij
-        dk += dot(dkk, k, precision=prec) + dot(dkk, k, trans_a=True, precision=prec)
-        dgc = dgam * gam + jnp.sum(dgg, axis=1) - jnp.sum(dgg, axis=0) - de
-        dgc += jnp.where(last, jnp.sum(de) + dgam_last * decay, 0.0)
-        dk_ref[sl, :] = dk
-        dg_ref[sl] = dgc
+        da = jnp.where(strict & d.keep, -dot(dot(inv, dtm * beta[None, :], trans_a=True, precision=_HP), inv,
+                                             trans_b=True, precision=_HP), 0.0)
+        dbeta += jnp.sum(da * kk, axis=1)
+        if st.channel:
+            dpk_refs[1][sl, :] = da * beta[:, None]
+        else:
+            dq_p, dk_p, dg_p = _pair_grads(dp, da * beta[:, None], q, k, p, kk, d, st)
+            dq_ref[sl, :] = dq + dq_p
+            dk_ref[sl, :] = dk + dk_p
+            dg_ref[sl] = dgc + dg_p
         db_ref[sl] = dbeta
         return ds_prev
 
@@ -229,11 +299,22 @@ def _segment_spec(n: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, n), lambda bi, hi, vi: (bi, 0))
 
 
+def _decay_spec(n: int, dk: int, st: _Static) -> pl.BlockSpec:
+    if st.channel:
+        return pl.BlockSpec((None, n, None, dk), lambda bi, hi, vi: (bi, 0, hi, 0))
+    return pl.BlockSpec((None, n, None), lambda bi, hi, vi: (bi, 0, hi))
+
+
+def _static(q, gcum, seg, n, scale, cfg: GatedDeltaConfig, interpret) -> _Static:
+    return _Static(n, scale, interpret, _HP if jnp.dtype(q.dtype) == jnp.float32 else None, cfg.chunk,
+                   seg is not None, gcum.ndim == 4)
+
+
 def _forward(q, k, v, gcum, beta, seg, s0, scale, cfg: GatedDeltaConfig, interpret, save_states: bool = False):
     b, n, hk, dk = q.shape
     h, dv = v.shape[2:]
     bv = min(cfg.block_v, dv)
-    st = _Static(n, scale, interpret, _HP if jnp.dtype(q.dtype) == jnp.float32 else None, cfg.chunk, seg is not None)
+    st = _static(q, gcum, seg, n, scale, cfg, interpret)
     seq = lambda width: pl.BlockSpec((None, n, None, width), lambda bi, hi, vi: (bi, 0, hi // (h // hk), 0))  # noqa: E731
     vblock = lambda rows: pl.BlockSpec((None, None, rows, bv), lambda bi, hi, vi: (bi, hi, 0, vi))  # noqa: E731
     out_shape = [jax.ShapeDtypeStruct((b, n, h, dv), q.dtype), jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32)]
@@ -241,18 +322,19 @@ def _forward(q, k, v, gcum, beta, seg, s0, scale, cfg: GatedDeltaConfig, interpr
     if save_states:
         out_shape.append(jax.ShapeDtypeStruct((b, h, n // cfg.chunk * dk, dv), q.dtype))
         out_specs.append(vblock(n // cfg.chunk * dk))
+    pk = channel_decay.decayed_products(q, k, gcum, cfg.chunk, interpret) if st.channel else ()
+    chunk_rows = pl.BlockSpec((None, n, None, cfg.chunk), lambda bi, hi, vi: (bi, 0, hi, 0))
     call = _common.pallas_call(
         functools.partial(_kernel, st=st),
         out_shape=out_shape,
         grid=(b, h, dv // bv),
         in_specs=[seq(dk), seq(dk), pl.BlockSpec((None, n, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi)),
-                  pl.BlockSpec((None, n, None), lambda bi, hi, vi: (bi, 0, hi)),
-                  pl.BlockSpec((None, n, None), lambda bi, hi, vi: (bi, 0, hi)),
-                  *([_segment_spec(n)] if st.segments else []), vblock(dk)],
+                  _decay_spec(n, dk, st), pl.BlockSpec((None, n, None), lambda bi, hi, vi: (bi, 0, hi)),
+                  *([_segment_spec(n)] if st.segments else []), *[chunk_rows] * len(pk), vblock(dk)],
         out_specs=out_specs,
         num_warps=cfg.num_warps, num_stages=cfg.saving_num_stages if save_states else cfg.num_stages,
         interpret=interpret, name="jaxattn_gated_delta_fwd")
-    return call(q, k, v, gcum, beta, *([seg] if st.segments else []), s0)
+    return call(q, k, v, gcum, beta, *([seg] if st.segments else []), *pk, s0)
 
 
 def _backward(q, k, v, gcum, beta, seg, states, do, ds_final, scale, cfg: GatedDeltaConfig, interpret):
@@ -260,32 +342,41 @@ def _backward(q, k, v, gcum, beta, seg, states, do, ds_final, scale, cfg: GatedD
     h, dv = v.shape[2:]
     bv = min(cfg.bwd_block_v, dv)
     nvb = dv // bv
-    st = _Static(n, scale, interpret, _HP if jnp.dtype(q.dtype) == jnp.float32 else None, cfg.chunk, seg is not None)
+    st = _static(q, gcum, seg, n, scale, cfg, interpret)
     seq = lambda width: pl.BlockSpec((None, n, None, width), lambda bi, hi, vi: (bi, 0, hi // (h // hk), 0))  # noqa: E731
     cols = pl.BlockSpec((None, n, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi))
     tok = pl.BlockSpec((None, n, None), lambda bi, hi, vi: (bi, 0, hi))
     vblock = lambda rows: pl.BlockSpec((None, None, rows, bv), lambda bi, hi, vi: (bi, hi, 0, vi))  # noqa: E731
     part = lambda *w: pl.BlockSpec((None, None, n, None, *w), lambda bi, hi, vi: (vi, bi, 0, hi) + (0,) * len(w))  # noqa: E731
     f32 = jnp.float32
+    pk = channel_decay.decayed_products(q, k, gcum, cfg.chunk, interpret) if st.channel else ()  # (recomputed)
+    chunk_rows = pl.BlockSpec((None, n, None, cfg.chunk), lambda bi, hi, vi: (bi, 0, hi, 0))
+    dpk = [jax.ShapeDtypeStruct((nvb, b, n, h, cfg.chunk), f32)] * len(pk)
     call = _common.pallas_call(
         functools.partial(_bwd_kernel, st=st),
         out_shape=[jax.ShapeDtypeStruct((nvb, b, n, h, dk), f32), jax.ShapeDtypeStruct((nvb, b, n, h, dk), f32),
-                   jax.ShapeDtypeStruct((b, n, h, dv), f32), jax.ShapeDtypeStruct((nvb, b, n, h), f32),
-                   jax.ShapeDtypeStruct((nvb, b, n, h), f32), jax.ShapeDtypeStruct((b, h, dk, dv), f32)],
+                   jax.ShapeDtypeStruct((b, n, h, dv), f32), jax.ShapeDtypeStruct((nvb, *gcum.shape), f32),
+                   jax.ShapeDtypeStruct((nvb, b, n, h), f32), jax.ShapeDtypeStruct((b, h, dk, dv), f32), *dpk],
         grid=(b, h, nvb),
-        in_specs=[seq(dk), seq(dk), cols, tok, tok, *([_segment_spec(n)] if st.segments else []),
-                  vblock(n // cfg.chunk * dk), cols, vblock(dk)],
-        out_specs=[part(dk), part(dk), cols, part(), part(), vblock(dk)],
+        in_specs=[seq(dk), seq(dk), cols, _decay_spec(n, dk, st), tok, *([_segment_spec(n)] if st.segments else []),
+                  *[chunk_rows] * len(pk), vblock(n // cfg.chunk * dk), cols, vblock(dk)],
+        out_specs=[part(dk), part(dk), cols, part(dk) if st.channel else part(), part(), vblock(dk),
+                   *[part(cfg.chunk)] * len(pk)],
         num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, interpret=interpret,
         name="jaxattn_gated_delta_bwd")
-    dq, dkey, dval, dg, db, ds0 = call(q, k, v, gcum, beta, *([seg] if st.segments else []), states, do, ds_final)
-    per_key_head = lambda x: x.sum(0).reshape(b, n, hk, h // hk, dk).sum(3)  # noqa: E731  (value heads sharing q, k)
-    return per_key_head(dq), per_key_head(dkey), dval, dg.sum(0), db.sum(0), ds0
+    dq, dkey, dval, dg, db, ds0, *dpk = call(q, k, v, gcum, beta, *([seg] if st.segments else []), *pk, states, do,
+                                             ds_final)
+    dq, dkey, dg = dq.sum(0), dkey.sum(0), dg.sum(0)
+    if st.channel:  # back through the decayed products, their gradients summed over the value blocks first
+        dq_p, dk_p, dg_p = channel_decay.decayed_products_grads(q, k, gcum, dpk[0].sum(0), dpk[1].sum(0), interpret)
+        dq, dkey, dg = dq + dq_p, dkey + dk_p, dg + dg_p
+    per_key_head = lambda x: x.reshape(b, n, hk, h // hk, dk).sum(3)  # noqa: E731  (value heads sharing q, k)
+    return per_key_head(dq), per_key_head(dkey), dval, dg, db.sum(0), ds0
 
 
 def _in_chunk_cumsum(g: jax.Array, chunk: int) -> jax.Array:
-    b, n, h = g.shape
-    return jnp.cumsum(g.astype(jnp.float32).reshape(b, n // chunk, chunk, h), axis=2).reshape(b, n, h)
+    b, n = g.shape[:2]
+    return jnp.cumsum(g.astype(jnp.float32).reshape(b, n // chunk, chunk, *g.shape[2:]), axis=2).reshape(g.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -315,11 +406,13 @@ def gated_delta_kernel(q, k, v, g, beta, *, scale: float, initial_state=None, se
                        ) -> tuple[jax.Array, jax.Array]:
     """``(o, final state)`` of validated inputs whose sequence is a multiple of :data:`CHUNK` (padded by
     :func:`jaxattn.gated_delta_rule`; q and k may have fewer heads than v, each shared by ``h_v / h_k``
-    consecutive value heads; ``segment_ids [batch, seq]``: packed documents, each starting from a zero state, the
-    initial state the first one's); differentiable in every float input (the backward kernel)."""
+    consecutive value heads; ``g [batch, seq, heads]``, or ``[batch, seq, heads, d_k]`` for a decay per key channel
+    (Kimi Delta Attention: :data:`CHANNEL_CONFIG` by default); ``segment_ids [batch, seq]``: packed documents, each
+    starting from a zero state, the initial state the first one's); differentiable in every float input (the
+    backward kernels)."""
     b, _, _, dk = q.shape
     s0 = jnp.zeros((b, v.shape[2], dk, v.shape[-1]), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-    cfg = config or GatedDeltaConfig()
+    cfg = config or (CHANNEL_CONFIG if g.ndim == 4 else GatedDeltaConfig())
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
     return _gated_delta(q, k, v, _in_chunk_cumsum(g, cfg.chunk), beta.astype(jnp.float32), seg, s0, scale, cfg,
                         interpret)

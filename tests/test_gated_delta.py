@@ -94,6 +94,11 @@ def test_lowers_for_cuda():
     assert count_triton_calls(text) == 2  # the forward kernel (writing the chunks' states) and the backward
     off = lower_for_cuda(lambda *a: step(*a), q, k, v, g, beta)  # (a fresh trace: auto off a GPU is XLA)
     assert count_triton_calls(off) == 0
+    g4 = jax.ShapeDtypeStruct((*g.shape, 128), jnp.float32)  # a decay per key channel (Kimi Delta Attention)
+    with compile_for_gpu():
+        text = lower_for_cuda(step, q, k, v, g4, beta)
+    # the products (channel_decay; again in the backward) and the forward; the backward and the products' backward
+    assert count_triton_calls(text) == 5
 
 
 def test_bad_input():
@@ -114,15 +119,18 @@ def test_bad_input():
     assert gated_delta_rule(q3, k3, v3, g3, b3).shape == (1, 8, 2, 16)  # (auto: XLA takes any width)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_decay_per_key_channel(dtype):
+@pytest.mark.parametrize("impl,dtype", [("pallas", jnp.float32), ("pallas", jnp.bfloat16), ("xla", jnp.float32),
+                                        pytest.param("xla", jnp.bfloat16, marks=pytest.mark.slow)])
+def test_decay_per_key_channel(impl, dtype):
     """Kimi Delta Attention: g [B, N, H, d_k], each key channel (state row) decaying at its own rate, some very fast
-    (no overflow in the chunked form); the XLA chunked path against the recurrence, forward and gradients; steps
-    continue it; the kernel refuses it."""
+    (no overflow in the chunked form); the kernels (the recurrence's and channel_decay's products, outputs poisoned)
+    and the XLA chunked path against the recurrence, forward and gradients; steps continue it."""
     q, k, v, _, beta, s0 = inputs(2, 37, 4, 16, 32, dtype, hk=2)
     g = -0.5 * jax.nn.softplus(2.0 * jax.random.normal(jax.random.key(3), (2, 37, 4, 16)))
     g = g.at[..., 0].set(-30.0)  # (a channel that forgets everything every step)
-    o, s = jax.jit(functools.partial(gated_delta_rule, return_state=True))(q, k, v, g, beta, initial_state=s0)
+    with poison_outputs():
+        o, s = jax.jit(functools.partial(gated_delta_rule, return_state=True, impl=impl))(q, k, v, g, beta,
+                                                                                         initial_state=s0)
     ro, rs = gated_delta_reference(q, k, v, g, beta, initial_state=s0)
     assert_close(o, ro, dtype, "output", tol=TOL)
     assert_close(s, rs, dtype, "final state", tol=TOL)
@@ -133,25 +141,25 @@ def test_decay_per_key_channel(dtype):
         return jnp.sum(out.astype(jnp.float32) * ct) + jnp.sum(st)
 
     args = (q, k, v, g, beta, s0)
-    got = jax.jit(jax.grad(functools.partial(loss, lambda *a: gated_delta_rule(*a[:5], initial_state=a[5],
-                                                                                return_state=True)),
-                           argnums=tuple(range(6))))(*args)
+    with poison_outputs():
+        got = jax.jit(jax.grad(functools.partial(loss, lambda *a: gated_delta_rule(*a[:5], initial_state=a[5],
+                                                                                    return_state=True, impl=impl)),
+                               argnums=tuple(range(6))))(*args)
     want = jax.grad(functools.partial(loss, lambda *a: gated_delta_reference(*a[:5], initial_state=a[5])),
                     argnums=tuple(range(6)))(*(x.astype(jnp.float32) for x in args))
     for name, a, e in zip(("dq", "dk", "dv", "dg", "dbeta", "dstate"), got, want):
         assert_close(a, e, dtype, name, tol=GRAD_TOL)
     o_head, st = gated_delta_rule(q[:, :30], k[:, :30], v[:, :30], g[:, :30], beta[:, :30], initial_state=s0,
-                                  return_state=True)
+                                  return_state=True, impl=impl)
     for t in range(30, 37):
         out, st = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], st)
         assert_close(out, ro[:, t], dtype, f"step {t}", tol=TOL)
     with pytest.raises(ValueError, match="per key channel"):
-        gated_delta_rule(q, k, v, g, beta, impl="pallas")
-    with pytest.raises(ValueError, match="per key channel"):
         gated_delta_rule(q, k, v, g[..., :3], beta)
 
 
-@pytest.mark.parametrize("impl,channels", [("pallas", False), pytest.param("xla", True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("impl,channels", [("pallas", False), ("pallas", True),
+                                           pytest.param("xla", True, marks=pytest.mark.slow)])
 def test_packed_documents_equal_each_document_alone(impl, channels):
     """segment_ids: documents packed in a row (across chunk boundaries, one a single token) each run from a zero
     state, the initial state the first's; outputs, the final state (the last document's) and gradients equal the
@@ -171,7 +179,7 @@ def test_packed_documents_equal_each_document_alone(impl, channels):
         (_, (o, s)), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))(q, k, v, g, beta, s0)
 
     def alone(q, k, v, g, beta, s0):  # the recurrence on each document by itself
-        total, outs, finals = 0.0, [], []
+        outs, finals = [], []
         for r, c in enumerate(cuts):
             row = []
             for i, (a, e) in enumerate(zip(c[:-1], c[1:])):

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, [1024, 2048, 4096, 8192, 16384, 32768, 65536], 65536)
     p = sub.add_parser("delta", help="gated delta rule (Gated DeltaNet): chunked kernel vs XLA chunked, scan, fla")
     _common(p, [2048, 8192, 32768], 65536)
+    p.add_argument("--decays", nargs="+", choices=["head", "channel"], default=["head", "channel"],
+                   help="one decay per head (Gated DeltaNet) and / or per key channel (Kimi Delta Attention)")
     p = sub.add_parser("sage", help="SageAttention2 INT8/FP8 (inference) vs bf16 flash, cuDNN, sageattention")
     _common(p, [1024, 2048, 4096, 8192, 16384, 32768], 16384)
     p.set_defaults(modes=["fwd"])  # forward only; --modes is ignored
@@ -211,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxattn.bench import delta as mod
 
         full = lambda: mod.gpu_cases(args.seqs, args.head_dims, args.dtypes, args.modes,  # noqa: E731
-                                     args.tokens, args.model_dim)
+                                     args.tokens, args.model_dim, args.decays)
     elif args.op == "mla":
         from jaxattn.bench import mla as mod
 

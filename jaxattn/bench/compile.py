@@ -480,7 +480,7 @@ def _grouped_matmul_cases() -> Iterator[tuple[str, Callable, list]]:
 
 def _gated_delta_cases() -> Iterator[tuple[str, Callable, list]]:
     """The gated delta rule's chunked forward and backward kernels at Gated DeltaNet's head dims (Qwen3-Next:
-    128 / 128)."""
+    128 / 128), and Kimi Delta Attention's (a decay per key channel)."""
     from jaxattn.pallas.gated_delta import gated_delta_kernel
 
     def fwd(q, k, v, g, beta):
@@ -504,6 +504,10 @@ def _gated_delta_cases() -> Iterator[tuple[str, Callable, list]]:
            [_sds((2, 4096, 16, 128), jnp.bfloat16), _sds((2, 4096, 16, 128), jnp.bfloat16),
             _sds((2, 4096, 16, 128), jnp.bfloat16), _sds((2, 4096, 16), jnp.float32), _sds((2, 4096, 16), jnp.float32),
             _sds((2, 4096), jnp.int32)])
+    kda = [_sds((2, 4096, 16, 128), jnp.bfloat16)] * 3 + [_sds((2, 4096, 16, 128), jnp.float32),
+                                                          _sds((2, 4096, 16), jnp.float32)]
+    yield "dk128 dv128 bfloat16 n=4096 per-channel decays", fwd, kda  # Kimi Delta Attention
+    yield "dk128 dv128 bfloat16 n=4096 per-channel decays fwd+bwd", jax.value_and_grad(loss, (0, 1, 2, 3, 4)), kda
 
 
 FAMILIES: dict[str, Callable[[], Iterable[tuple[str, Callable, list]]]] = {

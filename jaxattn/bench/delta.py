@@ -1,7 +1,9 @@
 """Gated delta rule benchmark (:func:`jaxattn.gated_delta_rule`, Gated DeltaNet): the chunked Pallas forward kernel
 and its backward kernel ("jaxattn"), the XLA chunked path ("xla-chunked": triangular solves and a
 scan over chunks), the token-by-token recurrence ("scan"), and flash-linear-attention's
-``chunk_gated_delta_rule`` (PyTorch, Triton) when importable. L2-normalized q and k, as Gated DeltaNet's.
+``chunk_gated_delta_rule`` (PyTorch, Triton) when importable. L2-normalized q and k, as Gated DeltaNet's. Cases
+with ``decay="channel"`` give each key channel its own decay (Kimi Delta Attention, ``g [B, N, H, d_k]``; the peer:
+fla's ``chunk_kda``).
 
 FLOPs (chunk C = 64, counted as the chunked form does them): forward ``B*H*N*(2*C*(2*d + e) + 6*d*e)`` (the
 in-chunk ``K Kᵀ``, ``Q Kᵀ`` and their products with the values, the state's reads and update); forward+backward
@@ -26,6 +28,7 @@ from jaxattn.reference.gated_delta import gated_delta_reference
 class Case(runner.Shape):
     dtype: str
     mode: str
+    decay: str = "head"  # "head": g [B, N, H] (Gated DeltaNet); "channel": g [B, N, H, d_k] (Kimi Delta Attention)
 
     @property
     def flops(self) -> float:
@@ -34,13 +37,22 @@ class Case(runner.Shape):
         return f * (3.0 if self.mode == "fwd+bwd" else 1.0)
 
 
-def gpu_cases(seqs, head_dims, dtypes, modes, tokens: int = 65536, model_dim: int = 2048):
-    return runner.seq_sweep(Case, seqs, head_dims, dtypes, modes, tokens, model_dim)
+def gpu_cases(seqs, head_dims, dtypes, modes, tokens: int = 65536, model_dim: int = 2048,
+              decays=("head", "channel")):
+    for decay in decays:
+        for case in runner.seq_sweep(Case, seqs, head_dims, dtypes, modes, tokens, model_dim):
+            yield dataclasses.replace(case, decay=decay)
 
 
 def smoke_cases():
     for m in ("fwd", "fwd+bwd"):
-        yield Case(1, 128, 2, 32, "float32", m)
+        for decay in ("head", "channel"):
+            yield Case(1, 128, 2, 32, "float32", m, decay)
+
+
+def _decay_shape(case: Case) -> tuple[int, ...]:
+    shape = (case.batch, case.seq, case.heads)
+    return shape + (case.head_dim,) if case.decay == "channel" else shape
 
 
 def inputs(case: Case) -> tuple:
@@ -50,7 +62,7 @@ def inputs(case: Case) -> tuple:
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
     q, k = (unit(jax.random.normal(key, shape)).astype(dt) for key in ks[:2])
     v = jax.random.normal(ks[2], shape).astype(dt)
-    g = -0.1 * jax.nn.softplus(jax.random.normal(ks[3], shape[:3]))
+    g = -0.1 * jax.nn.softplus(jax.random.normal(ks[3], _decay_shape(case)))
     beta = jax.nn.sigmoid(jax.random.normal(ks[4], shape[:3]))
     return q, k, v, g, beta, jax.random.normal(ks[5], shape).astype(dt)
 
@@ -64,20 +76,24 @@ def peers(case: Case) -> dict[str, Callable[..., Any]]:
 
 
 def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
-    """flash-linear-attention's ``chunk_gated_delta_rule``, when installed with CUDA."""
+    """flash-linear-attention's ``chunk_gated_delta_rule`` (``chunk_kda`` with a decay per key channel), when
+    installed with CUDA."""
     if (found := runner.cuda_torch(case.dtype)) is None:
         return {}
     torch, dt = found
     shape = (case.batch, case.seq, case.heads, case.head_dim)
     bwd = case.mode == "fwd+bwd"
     try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        if case.decay == "channel":
+            from fla.ops.kda import chunk_kda as chunk_gated_delta_rule
+        else:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except Exception:  # noqa: BLE001
         return {}
     unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
     q, k = (unit(torch.randn(shape, device="cuda")).to(dt).requires_grad_(bwd) for _ in range(2))
     v, do = (torch.randn(shape, device="cuda", dtype=dt, requires_grad=bwd) for _ in range(2))
-    g = (-0.1 * torch.nn.functional.softplus(torch.randn(shape[:3], device="cuda"))).requires_grad_(bwd)
+    g = (-0.1 * torch.nn.functional.softplus(torch.randn(_decay_shape(case), device="cuda"))).requires_grad_(bwd)
     beta = torch.sigmoid(torch.randn(shape[:3], device="cuda")).to(dt).requires_grad_(bwd)
 
     def run():
@@ -86,7 +102,7 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
             torch.autograd.grad(o, (q, k, v, g, beta), do)
         return o
 
-    return {"fla-gated-delta": run}
+    return {"fla-kda" if case.decay == "channel" else "fla-gated-delta": run}
 
 
 def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True, **kw) -> list[dict]:

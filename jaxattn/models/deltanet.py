@@ -95,8 +95,8 @@ class GatedDeltaNetLayer(nnx.Module):
                 outs.append(o_t)
             o = jnp.stack(outs, axis=1)
         else:
-            impl = self.cfg.attn_impl if g.ndim == 3 else "xla"  # (a decay per key channel: no kernel yet)
-            o, state = gated_delta_rule(q, k, v, g, beta, return_state=True, segment_ids=segment_ids, impl=impl)
+            o, state = gated_delta_rule(q, k, v, g, beta, return_state=True, segment_ids=segment_ids,
+                                        impl=self.cfg.attn_impl)
         o = rms_norm(o, self.norm[...], self.cfg.norm_eps) * self._output_gate(x).reshape(b, n, h, dv).astype(o.dtype)
         out = _apply(self.resid_drop, self.out(o.reshape(b, n, h * dv)))
         if cache is None:

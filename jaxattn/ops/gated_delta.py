@@ -13,8 +13,8 @@ last two lines run chunk after chunk.
 ``impl="xla"`` inverts ``I + A`` by its finite Neumann series (:func:`unit_lower_inverse`, matmuls only) and
 scans the chunks (differentiable by autodiff); ``impl="pallas"`` runs :mod:`jaxattn.pallas.gated_delta`'s forward kernel (one
 program per batch row, head and value-column block, the state in registers, ``(I + A)^{-1}`` by repeated
-squaring) and its backward kernel (a reverse scan from the chunks' stored states); ``"auto"``: the kernels on
-a GPU.
+squaring) and its backward kernel (a reverse scan from the chunks' stored states; with a decay per key channel,
+:mod:`jaxattn.pallas.channel_decay`'s kernels too); ``"auto"``: the kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -185,8 +185,8 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
     d_v]`` (``heads`` a multiple of ``h_k``: consecutive groups of ``heads / h_k`` value heads share a query and
     key head, as Qwen3-Next's; the kernel reads them in place), log decays ``g`` (``<= 0``) and write strengths
     ``beta`` (in ``[0, 1]``), both ``[batch, seq, heads]`` (or ``g [batch, seq, heads, d_k]``, a decay per key
-    channel, ``S_t = (I - beta_t k_t k_tᵀ) diag(exp(g_t)) S_{t-1} + beta_t k_t v_tᵀ``: Kimi Delta Attention, on the
-    XLA path); ``scale`` on the queries (default ``d_k ** -0.5``); ``initial_state [batch, heads, d_k, d_v]``
+    channel, ``S_t = (I - beta_t k_t k_tᵀ) diag(exp(g_t)) S_{t-1} + beta_t k_t v_tᵀ``: Kimi Delta Attention);
+    ``scale`` on the queries (default ``d_k ** -0.5``); ``initial_state [batch, heads, d_k, d_v]``
     (zeros if None; with ``segment_ids``, the first document's). ``segment_ids`` int ``[batch, seq]``: packed
     documents, contiguous runs of one id, each starting from a zero state (the final state is the last
     document's). The keys are taken as they are: Gated DeltaNet L2-normalizes them (and the queries)
@@ -206,10 +206,7 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
     dk, dv = q.shape[-1], v.shape[-1]
     if impl == "pallas" and not kernel_ok(dk, dv):
         raise ValueError(f"impl='pallas' takes head dims that are powers of two from 16 to 256; got d_k={dk}, d_v={dv}")
-    if impl == "pallas" and jnp.ndim(g) == 4:
-        raise ValueError("impl='pallas' takes one decay per head (g [batch, seq, heads]); a decay per key channel "
-                         "(Kimi Delta Attention) runs on impl='xla' (or 'auto')")
-    kernel = (impl == "pallas" or (impl == "auto" and _common.targets_gpu())) and kernel_ok(dk, dv) and jnp.ndim(g) == 3
+    kernel = (impl == "pallas" or (impl == "auto" and _common.targets_gpu())) and kernel_ok(dk, dv)
     if kernel and not _checks.empty(q, v):
         # (under jaxattn.batch_parallel per device on its batch shard: XLA cannot split a kernel's custom call)
         o, s = _spmd.per_batch_shard(

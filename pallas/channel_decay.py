@@ -1,0 +1,121 @@
+"""Kimi Delta Attention's decayed in-chunk products on Pallas's Triton backend, and back through them.
+
+With a decay per key channel (cumulative in-chunk log decays ``G [C, d_k]``), the gated delta rule's
+``Q Kᵀ`` and ``K Kᵀ`` inside a chunk carry the decay between the two tokens inside the sum: ``P_ij = sum_c q_ic
+k_jc exp(G_ic - G_jc)`` (``j <= i``), the same for ``K Kᵀ``. No matmul forms them and splitting the exponent
+(``exp(G_i) exp(-G_j)``) overflows once a channel decays fast, so each program builds them column by column:
+token ``j``'s key and decays against the chunk's ``[C, d_k]`` tile, exponents ``<= 0`` (the entries above the
+diagonal, clamped and zeroed). They depend on no state, so they run here, before the recurrence
+(:mod:`jaxattn.pallas.gated_delta` reads them, keeping its registers for the state), and their gradients are
+linear in ``dP`` and ``d(K Kᵀ)``: the recurrence's backward writes those (per value-column block, summed in XLA)
+and :func:`decayed_products_grads` takes them back to q, k and ``G`` (``dG_i = q_i dq_i + k_i dk_i`` on the left
+token, ``- k_j dk_j`` on the right one). One program per (batch row, value head, 64 tokens).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxattn.pallas import _common
+
+__all__ = ["decayed_products", "decayed_products_grads"]
+
+TOKENS = 64  # tokens per program (the sequence comes padded to a multiple of 64)
+_WARPS = 4
+
+
+def _specs(n: int, h: int, hk: int, dk: int, t: int):
+    qk = pl.BlockSpec((None, t, None, dk), lambda bi, hi, ti: (bi, ti, hi // (h // hk), 0))
+    per_head = lambda w: pl.BlockSpec((None, t, None, w), lambda bi, hi, ti: (bi, ti, hi, 0))  # noqa: E731
+    return qk, per_head
+
+
+def _tile(ref, m: int, c: int):
+    return ref[pl.ds(pl.multiple_of(m * c, c), c), :].astype(jnp.float32)
+
+
+def _products_kernel(q_ref, k_ref, g_ref, p_ref, kk_ref, *, c: int):
+    cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    incl = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= cols
+
+    def chunk(m, _):
+        qf, kf, gcum = _tile(q_ref, m, c), _tile(k_ref, m, c), _tile(g_ref, m, c)
+
+        def column(j, carry):
+            p, kk = carry
+            kj = k_ref[pl.ds(m * c + j, 1), :].astype(jnp.float32)  # [1, d_k]
+            dec = jnp.exp(jnp.minimum(gcum - g_ref[pl.ds(m * c + j, 1), :], 0.0)) * kj  # [c, d_k]
+            return (jnp.where(cols == j, jnp.sum(qf * dec, axis=1, keepdims=True), p),
+                    jnp.where(cols == j, jnp.sum(kf * dec, axis=1, keepdims=True), kk))
+
+        p, kk = lax.fori_loop(0, c, column, (jnp.zeros((c, c), jnp.float32),) * 2)
+        sl = pl.ds(pl.multiple_of(m * c, c), c)
+        p_ref[sl, :] = jnp.where(incl, p, 0.0)
+        kk_ref[sl, :] = jnp.where(incl, kk, 0.0)
+        return 0
+
+    lax.fori_loop(0, q_ref.shape[0] // c, chunk, 0)
+
+
+def decayed_products(q: jax.Array, k: jax.Array, gcum: jax.Array, chunk: int, interpret: bool | None
+                     ) -> tuple[jax.Array, jax.Array]:
+    """``(P, K Kᵀ)``, fp32 ``[b, n, h, chunk]`` (row ``i`` of a chunk: its products with the chunk's tokens,
+    zero past the diagonal), of ``q, k [b, n, h_k, d_k]`` and in-chunk cumulative log decays ``gcum [b, n, h,
+    d_k]`` (fp32); ``n`` a multiple of 64, value head ``i`` reading q / k head ``i // (h / h_k)``."""
+    b, n, hk, dk = q.shape
+    h = gcum.shape[2]
+    t = min(TOKENS, n)
+    qk, per_head = _specs(n, h, hk, dk, t)
+    out = jax.ShapeDtypeStruct((b, n, h, chunk), jnp.float32)
+    return tuple(_common.pallas_call(
+        functools.partial(_products_kernel, c=chunk), out_shape=[out, out], grid=(b, h, n // t),
+        in_specs=[qk, qk, per_head(dk)], out_specs=[per_head(chunk)] * 2, num_warps=_WARPS, num_stages=1,
+        interpret=interpret, name="jaxattn_kda_products")(q, k, gcum))
+
+
+def _grads_kernel(q_ref, k_ref, g_ref, dp_ref, dab_ref, dq_ref, dk_ref, dg_ref, *, c: int):
+    rows = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+
+    def chunk(m, _):
+        qf, kf, gcum = _tile(q_ref, m, c), _tile(k_ref, m, c), _tile(g_ref, m, c)
+        dp, dab = _tile(dp_ref, m, c), _tile(dab_ref, m, c)
+
+        def column(j, carry):
+            dq_l, dk_l, dk_r = carry
+            kj = k_ref[pl.ds(m * c + j, 1), :].astype(jnp.float32)
+            dec = jnp.exp(jnp.minimum(gcum - g_ref[pl.ds(m * c + j, 1), :], 0.0))  # [c, d_k]
+            dpj = jnp.sum(jnp.where(cols == j, dp, 0.0), axis=1, keepdims=True)  # [c, 1]: column j
+            dabj = jnp.sum(jnp.where(cols == j, dab, 0.0), axis=1, keepdims=True)
+            return (dq_l + dpj * dec * kj, dk_l + dabj * dec * kj,
+                    jnp.where(rows == j, jnp.sum((dpj * qf + dabj * kf) * dec, axis=0, keepdims=True), dk_r))
+
+        dq_l, dk_l, dk_r = lax.fori_loop(0, c, column, (jnp.zeros(qf.shape, jnp.float32),) * 3)
+        sl = pl.ds(pl.multiple_of(m * c, c), c)
+        dq_ref[sl, :] = dq_l
+        dk_ref[sl, :] = dk_l + dk_r
+        dg_ref[sl, :] = qf * dq_l + kf * (dk_l - dk_r)
+        return 0
+
+    lax.fori_loop(0, q_ref.shape[0] // c, chunk, 0)
+
+
+def decayed_products_grads(q: jax.Array, k: jax.Array, gcum: jax.Array, dp: jax.Array, dab: jax.Array,
+                           interpret: bool | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Back through :func:`decayed_products`: given the gradients ``dp, dab [b, n, h, chunk]`` (fp32, zero
+    outside the products' support) of ``P`` and ``K Kᵀ``, ``(dq, dk, dG)``, fp32 ``[b, n, h, d_k]`` (per value
+    head: the caller sums the heads sharing a q / k head)."""
+    b, n, hk, dk = q.shape
+    h, chunk = dp.shape[2:]
+    t = min(TOKENS, n)
+    qk, per_head = _specs(n, h, hk, dk, t)
+    out = jax.ShapeDtypeStruct((b, n, h, dk), jnp.float32)
+    return tuple(_common.pallas_call(
+        functools.partial(_grads_kernel, c=chunk), out_shape=[out] * 3, grid=(b, h, n // t),
+        in_specs=[qk, qk, per_head(dk), per_head(chunk), per_head(chunk)], out_specs=[per_head(dk)] * 3,
+        num_warps=_WARPS, num_stages=1, interpret=interpret, name="jaxattn_kda_products_bwd")(q, k, gcum, dp, dab))
