@@ -128,6 +128,7 @@ def test_matches_transformers_apply_chat_template(tmp_path):
         np.testing.assert_array_equal(chat.encode_chat(folder, msgs), want)
 
 
+@pytest.mark.slow  # (a whole-model CLI run, 22 s; the templates are the other tests', the generate CLI test_train_lm's)
 def test_generate_cli_chat_prints_the_greedy_reply(tmp_path, capsys, monkeypatch):
     """``generate --chat --system ... --prompt ...``: the folder's template around the turns, greedy decoding
     (checked against argmax over the parallel forward, step by step), the reply printed alone."""
