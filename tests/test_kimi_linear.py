@@ -210,3 +210,38 @@ def test_registry_model_trains():
     assert np.isfinite(float(loss))
     for g in (grads.blocks[0].attn.f_b.kernel, grads.blocks[1].attn.kv_b.kernel, grads.blocks[1].mlp.router.kernel):
         assert np.abs(np.asarray(g[...])).max() > 0
+
+
+# Kimi-Linear-48B-A3B's config.json, its architecture fields (as the model card's repository lists them)
+RAW_48B = {"model_type": "kimi_linear", "vocab_size": 163840, "hidden_size": 2304, "intermediate_size": 9216,
+           "moe_intermediate_size": 1024, "num_hidden_layers": 27, "num_attention_heads": 32, "num_key_value_heads": 32,
+           "n_shared_experts": 1, "num_experts": 256, "num_experts_per_tok": 8, "routed_scaling_factor": 2.446,
+           "kv_lora_rank": 512, "q_lora_rank": None, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+           "moe_router_activation_func": "sigmoid", "num_expert_group": 1, "topk_group": 1, "moe_renormalize": True,
+           "first_k_dense_replace": 1, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+           "linear_attn_config": {"full_attn_layers": [4, 8, 12, 16, 20, 24, 27], "head_dim": 128, "num_heads": 32,
+                                  "short_conv_kernel_size": 4,
+                                  "kda_layers": [i for i in range(1, 28) if i not in (4, 8, 12, 16, 20, 24, 27)]}}
+
+
+def test_48b_registry_entry_is_the_config_and_has_48b_parameters():
+    """The registry's kimi-linear-48b-a3b is what its config.json loads as (the fields that shape the model), and,
+    abstract shapes only, holds about 48B parameters (49B counted)."""
+    import dataclasses
+
+    import jax
+
+    from jaxattn.models import create_model
+    from jaxattn.models.registry import MODEL_CONFIGS
+
+    want, got = config_from_hf(RAW_48B), MODEL_CONFIGS["kimi-linear-48b-a3b"]
+    fields = ("vocab_size", "dim", "layers", "heads", "head_dim", "qk_rope_dim", "v_head_dim", "kv_lora_rank",
+              "q_lora_rank", "mlp_dim", "layer_types", "delta_heads", "delta_head_dim", "delta_conv", "moe_experts",
+              "moe_top_k", "moe_dim", "moe_dense_layers", "moe_shared_dim", "moe_scoring", "moe_score_bias",
+              "moe_renormalize", "moe_routed_scale", "norm_eps", "tie_embeddings", "rope_layers")
+    diff = {f: (getattr(got, f), getattr(want, f)) for f in fields if getattr(got, f) != getattr(want, f)}
+    assert not diff, diff
+    assert {f.name for f in dataclasses.fields(got)} >= set(fields)
+    model = nnx.eval_shape(lambda: create_model("kimi-linear-48b-a3b", rngs=nnx.Rngs(0)))
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert 48e9 < total < 50e9, total

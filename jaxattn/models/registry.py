@@ -131,6 +131,17 @@ MODEL_CONFIGS: dict[str, Any] = {
                                   layer_types=("kda", "kda", "kda", "full"), delta_head_dim=32, moe_experts=8,
                                   moe_top_k=2, moe_dim=64, moe_dense_layers=1, moe_shared_dim=64,
                                   moe_bias_update_rate=0.001, **_DEEPSEEK_V3_MOE),
+    # Kimi-Linear-48B-A3B (48B, 3B active) as its config.json reads (UNCONFIRMED here: no checkpoint was read;
+    # tests/test_kimi_linear.py checks it against the config through jaxattn.models.kimi_linear_hf and its parameter
+    # count): 20 KDA layers, multi-head latent attention without positions at layers 4, 8, ..., 24 and 27 (1-indexed),
+    # 256 experts (top 8) after one dense layer
+    "kimi-linear-48b-a3b": GPTConfig(vocab_size=163840, dim=2304, layers=27, heads=32, head_dim=128, qk_rope_dim=64,
+                                     v_head_dim=128, kv_lora_rank=512, rope_layers=(False,), mlp_dim=9216,
+                                     layer_types=tuple("full" if i in (3, 7, 11, 15, 19, 23, 26) else "kda"
+                                                       for i in range(27)),
+                                     delta_heads=32, delta_head_dim=128, moe_experts=256, moe_top_k=8, moe_dim=1024,
+                                     moe_dense_layers=1, moe_shared_dim=1024, moe_bias_update_rate=0.001,
+                                     norm_eps=1e-5, **{**_DEEPSEEK_V3_MOE, "moe_routed_scale": 2.446}),
     # a Mixtral-style mixture of experts (LLaMA blocks, 8 SiLU experts, top 2), byte-level and CPU-sized
     "moe-gpt-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, moe_experts=8, moe_top_k=2, mlp_dim=128),
     # GPT-2's block (LayerNorm, biases, GELU MLP, learned positions): byte-level CPU-sized, and GPT-2 small
