@@ -92,6 +92,12 @@ def test_training_reaches_every_parameter_and_bad_use_raises(tmp_path):
         for a, e in ((0, cut), (cut, 17)):
             assert_close(packed[r:r + 1, a:e], m(batch[r:r + 1, a:e]), jnp.float32, f"document {r} {a}:{e}",
                          tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
+    # the convolution's documents are runs of equal ids (an id may come back)
+    from jaxattn.models.deltanet import causal_conv
+
+    x, w = jax.random.normal(jax.random.key(2), (1, 6, 3)), jax.random.normal(jax.random.key(3), (4, 3))
+    np.testing.assert_array_equal(causal_conv(x, w, segment_ids=jnp.asarray([[0, 0, 1, 0, 0, 0]])),
+                                  causal_conv(x, w, segment_ids=jnp.asarray([[0, 0, 1, 2, 2, 2]])))
     with pytest.raises(ValueError, match="ragged prompts"):
         m.prefill(batch[:, :4], max_len=8, lengths=jnp.asarray([4, 2]))
     with pytest.raises(ValueError, match="delta_conv"):

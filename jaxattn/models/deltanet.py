@@ -22,6 +22,7 @@ from flax import nnx
 from jaxattn.models.gpt import _linear, rms_norm
 from jaxattn.models.vit import _apply, _dropout
 from jaxattn.ops.gated_delta import gated_delta_rule, gated_delta_rule_step
+from jaxattn.pallas._common import document_index
 
 __all__ = ["GatedDeltaNetLayer", "KimiDeltaLayer", "causal_conv"]
 
@@ -30,7 +31,8 @@ def causal_conv(x: jax.Array, w: jax.Array, history: jax.Array | None = None,
                 segment_ids: jax.Array | None = None) -> jax.Array:
     """Depthwise causal convolution of ``x [B, n, C]`` with taps ``w [K, C]`` (tap ``K - 1`` on the current
     token): ``y_t = sum_j w[j] x_{t - K + 1 + j}``, the ``K - 1`` inputs before ``x`` from ``history [B, K - 1,
-    C]`` (zeros if None); ``segment_ids [B, n]`` (packed documents): only inputs of the token's own document."""
+    C]`` (zeros if None); ``segment_ids [B, n]`` (packed documents, runs of equal ids): only inputs of the token's
+    own document."""
     k = w.shape[0]
     if history is None:
         history = jnp.zeros((x.shape[0], k - 1, x.shape[2]), x.dtype)
@@ -38,8 +40,9 @@ def causal_conv(x: jax.Array, w: jax.Array, history: jax.Array | None = None,
     n = x.shape[1]
     if segment_ids is None:
         return sum(full[:, j:j + n] * w[j].astype(x.dtype) for j in range(k))
-    seg = jnp.pad(segment_ids, ((0, 0), (k - 1, 0)), constant_values=-1)  # (no history across documents)
-    return sum(jnp.where((seg[:, j:j + n] == segment_ids)[..., None], full[:, j:j + n], 0) * w[j].astype(x.dtype)
+    doc = document_index(segment_ids)  # (an id may come back in a later document)
+    seg = jnp.pad(doc, ((0, 0), (k - 1, 0)), constant_values=-1)  # (no history across documents)
+    return sum(jnp.where((seg[:, j:j + n] == doc)[..., None], full[:, j:j + n], 0) * w[j].astype(x.dtype)
                for j in range(k))
 
 

@@ -179,8 +179,8 @@ def _pad(x: jax.Array, n: int) -> jax.Array:
 
 def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
                      scale: float | None = None, initial_state: jax.Array | None = None, return_state: bool = False,
-                     segment_ids: jax.Array | None = None,
-                     impl: Literal["auto", "pallas", "xla"] = "auto") -> jax.Array | tuple[jax.Array, jax.Array]:
+                     segment_ids: jax.Array | None = None, impl: Literal["auto", "pallas", "xla"] = "auto",
+                     sequence_axis: str | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The gated delta rule (module docstring) of ``q, k [batch, seq, h_k, d_k]``, ``v [batch, seq, heads,
     d_v]`` (``heads`` a multiple of ``h_k``: consecutive groups of ``heads / h_k`` value heads share a query and
     key head, as Qwen3-Next's; the kernel reads them in place), log decays ``g`` (``<= 0``) and write strengths
@@ -191,9 +191,20 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
     documents, contiguous runs of one id, each starting from a zero state (the final state is the last
     document's). The keys are taken as they are: Gated DeltaNet L2-normalizes them (and the queries)
     first, which keeps ``I - beta k kᵀ`` a contraction. Returns ``o`` in q's dtype (and the final state, fp32).
-    Any sequence length (padded inside to whole chunks of 64)."""
+    Any sequence length (padded inside to whole chunks of 64). ``sequence_axis``: inside a ``shard_map`` whose
+    inputs are split along the sequence over that mesh axis, the whole sequence's rule
+    (:mod:`jaxattn.ops.gated_delta_sp`; :func:`jaxattn.gated_delta_rule_sp` for global arrays)."""
     _checks.check_impl(impl)
     _check(q, k, v, g, beta, initial_state)
+    if sequence_axis is not None:
+        from jaxattn.ops.gated_delta_sp import sequence_parallel_gated_delta
+
+        def op(q, k, v, g, beta, s0, seg):
+            return gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=s0, return_state=True,
+                                    segment_ids=seg, impl=impl)
+
+        o, s = sequence_parallel_gated_delta(op, q, k, v, g, beta, sequence_axis, initial_state, segment_ids)
+        return (o, s) if return_state else o
     n = q.shape[1]
     if segment_ids is not None:
         if tuple(jnp.shape(segment_ids)) != q.shape[:2] or not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
@@ -202,7 +213,9 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
     scale = q.shape[-1] ** -0.5 if scale is None else _checks.check_scale(scale)
     n_pad = _common.round_up(max(n, 1), CHUNK)  # (a multiple of CHANNEL_CHUNK too)
     args = [_pad(x, n_pad) for x in (q, k, v, g, beta)]  # (padding: k = 0, beta = 0, g = 0 leave the state as it is)
-    seg = None if segment_ids is None else jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, n_pad - n)), mode="edge")
+    # (runs of equal ids, each a document, counted along the row: an id may come back in a later document)
+    seg = None if segment_ids is None else jnp.pad(_common.document_index(segment_ids), ((0, 0), (0, n_pad - n)),
+                                                   mode="edge")
     dk, dv = q.shape[-1], v.shape[-1]
     if impl == "pallas" and not kernel_ok(dk, dv):
         raise ValueError(f"impl='pallas' takes head dims that are powers of two from 16 to 256; got d_k={dk}, d_v={dv}")
