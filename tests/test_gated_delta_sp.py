@@ -2,7 +2,8 @@
 starts): outputs, final states and every gradient against the token-by-token recurrence in fp32 (the oracle,
 jaxattn.reference.gated_delta_reference), on the kernels (interpret mode) and the XLA path, sequence-only and batch x
 sequence meshes, one decay per head and per key channel (Kimi Delta Attention), q / k heads shared by value heads,
-with and without an initial state, packed documents spanning shards; inside a user's shard_map; errors."""
+with and without an initial state, packed documents spanning shards; inside a user's shard_map; a GPT with every
+recurrent layer kind sequence parallel as on one device; errors."""
 
 from __future__ import annotations
 
@@ -77,37 +78,71 @@ SCRIPT = """
         for name, a, r in zip(("q", "k", "v", "g", "beta", "s0"), got, want):
             check(a, r, 1e-4, f"case {i} d{name}")
         print("case", i, "ok")
-    if not __REST__:
+    if "shard_map" in __PARTS__:  # inside a user's shard_map, with sequence_axis
+        mesh = meshes["seq4"][0]
+        ks = jax.random.split(jax.random.PRNGKey(9), 5)
+        q, k = (unit(jax.random.normal(kk, (1, 32, 2, 16))) for kk in ks[:2])
+        v = jax.random.normal(ks[2], (1, 32, 2, 16))
+        g = -0.2 * jax.nn.softplus(jax.random.normal(ks[3], (1, 32, 2)))
+        beta = jax.nn.sigmoid(jax.random.normal(ks[4], (1, 32, 2)))
+        f = jax.shard_map(functools.partial(jaxattn.gated_delta_rule, sequence_axis="sp", impl="xla"), mesh=mesh,
+                          in_specs=(P(None, "sp"),) * 5, out_specs=P(None, "sp"), check_vma=False)
+        check(f(q, k, v, g, beta), gated_delta_reference(q, k, v, g, beta)[0], 2e-5, "user shard_map")
+        try:
+            jaxattn.gated_delta_rule_sp(q[:, :30], k[:, :30], v[:, :30], g[:, :30], beta[:, :30], mesh=mesh, axis="sp")
+        except ValueError as e:
+            assert "divisible" in str(e) and "30" in str(e), e
+        else:
+            raise AssertionError("no error for seq 30 on 4 shards")
+        print("shard_map ok")
+
+    if "model" not in __PARTS__:
         print("SP-OK")
         raise SystemExit(0)
+    # a GPT with every recurrent layer kind (Gated DeltaNet, Kimi Delta, MiniMax's lightning) and ring attention,
+    # sequence parallel on a data x seq mesh: logits, packed logits and every gradient as on one device
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jaxattn.models import create_model
+    mesh = meshes["data2xseq2"][0]
+    model = create_model("deltanet-tiny", rngs=nnx.Rngs(0), dim=32, heads=2, attn_impl="xla",
+                         layer_types=("delta", "kda", "lightning", "full"))
+    toks = jax.random.randint(jax.random.PRNGKey(1), (4, 32), 0, 256)
+    seg = jnp.asarray(np.cumsum(np.isin(np.arange(32), (5, 16, 21))) % 2 * np.ones((4, 1), int), jnp.int32)
 
-    # inside a user's shard_map, with sequence_axis
-    mesh = meshes["seq4"][0]
-    ks = jax.random.split(jax.random.PRNGKey(9), 5)
-    q, k = (unit(jax.random.normal(kk, (1, 32, 2, 16))) for kk in ks[:2])
-    v = jax.random.normal(ks[2], (1, 32, 2, 16))
-    g = -0.2 * jax.nn.softplus(jax.random.normal(ks[3], (1, 32, 2)))
-    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (1, 32, 2)))
-    f = jax.shard_map(functools.partial(jaxattn.gated_delta_rule, sequence_axis="sp", impl="xla"), mesh=mesh,
-                      in_specs=(P(None, "sp"),) * 5, out_specs=P(None, "sp"), check_vma=False)
-    check(f(q, k, v, g, beta), gated_delta_reference(q, k, v, g, beta)[0], 2e-5, "user shard_map")
+    def lm_loss(m, t):
+        logits = m(t)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), t[:, 1:, None], -1)), logits
+
+    step = nnx.jit(nnx.value_and_grad(lm_loss, has_aux=True))
+    packed = nnx.jit(lambda m, t, s: m(t, segment_ids=s))
+    (l1, lg1), g1 = step(model, toks)
+    p1 = packed(model, toks, seg)
+    model.enable_sequence_parallel(mesh, "sp", batch_axis="dp")
+    (l2, lg2), g2 = step(model, jax.device_put(toks, NamedSharding(mesh, P("dp", "sp"))))
+    check(lg2, lg1, 2e-5, "GPT logits")
+    for a, r in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+        check(a, r, 1e-4, "GPT grads")
+    check(packed(model, toks, seg), p1, 2e-5, "GPT packed logits")
     try:
-        jaxattn.gated_delta_rule_sp(q[:, :30], k[:, :30], v[:, :30], g[:, :30], beta[:, :30], mesh=mesh, axis="sp")
+        model.enable_sequence_parallel(mesh, "sp", batch_axis="dp", layout="zigzag")
     except ValueError as e:
-        assert "divisible" in str(e) and "30" in str(e), e
+        assert "contiguous" in str(e), e
     else:
-        raise AssertionError("no error for seq 30 on 4 shards")
+        raise AssertionError("zig-zag shards accepted with recurrent layers")
     print("SP-OK")
 """
 
 
-@pytest.mark.parametrize("cases,rest", [((3,), True), pytest.param((0, 1, 2), False, marks=pytest.mark.slow)],
-                         ids=["xla-packed-shard_map", "kernels-channels"])
-def test_sequence_parallel_matches_the_recurrence_on_four_devices(cases, rest):
-    """(The kernels' cases are slow in interpret mode on four devices: the slow suite; the shards' composition is the
-    same code for both impls.)"""
-    out = run_on_cpu_devices(SCRIPT.replace("__CASES__", repr(cases)).replace("__REST__", repr(rest)))
+@pytest.mark.parametrize("cases,parts", [((), ("model",)),
+                                         pytest.param((0, 1, 2, 3), ("shard_map",), marks=pytest.mark.slow)],
+                         ids=["gpt", "ops-kernels-channels-packed-shard_map"])
+def test_sequence_parallel_matches_the_recurrence_on_four_devices(cases, parts):
+    """(By default the GPT, whose recurrent layers are checked against one device; the op's cases against the
+    recurrence, the kernels' slow in interpret mode on four devices, in the slow suite.)"""
+    out = run_on_cpu_devices(SCRIPT.replace("__CASES__", repr(cases)).replace("__PARTS__", repr(parts)))
     assert "SP-OK" in out and all(f"case {i} ok" in out for i in cases), out
+    assert ("shard_map ok" in out) == ("shard_map" in parts), out
 
 
 def test_bad_arguments_raise():

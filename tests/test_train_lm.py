@@ -268,7 +268,7 @@ DP_SCRIPT = """
     np.testing.assert_allclose(runs[0], runs[2], rtol=1e-5)  # zig-zag ring shards: the same steps
     refused(zz_cfg, model, "--ring-layout is for ring attention", "--ring-layout for TNL")
     power = lambda rngs: create_model("power-gpt-tiny", rngs=rngs, vocab_size=256)
-    refused(sp_cfg, power, "covers full and sliding-window attention layers", "seq_parallel for PowerAttention layers")
+    refused(sp_cfg, power, "covers full and sliding-window attention", "seq_parallel for PowerAttention layers")
     print("DP-OK", len(t.mesh.devices.ravel()))
 """
 

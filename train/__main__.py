@@ -30,7 +30,7 @@ def _add_lm(sub) -> None:
         "data": "text file or folder (bytes), or token files (.npy, nanoGPT's uint16 .bin; a folder with train/val "
                 "files); default: the Python stdlib sources",
         "seq_parallel": "devices that share each sequence (TNL: sequence-parallel Lightning attention, GPT: "
-                        "ring attention); the other devices split the batch",
+                        "ring attention, its recurrent layers sequence parallel); the other devices split the batch",
         "ring_layout": "GPT with --seq-parallel: ring attention's shard layout; zigzag gives every device two "
                        "chunks (i, 2P-1-i) so causal work is balanced (--seq-len divisible by 2 x --seq-parallel)",
         "fsdp": "shard parameters and optimizer state over the data-parallel devices (FSDP / ZeRO-3): each holds "

@@ -22,6 +22,7 @@ from flax import nnx
 from jaxattn.models.gpt import _linear, rms_norm
 from jaxattn.models.vit import _apply, _dropout
 from jaxattn.ops.gated_delta import gated_delta_rule, gated_delta_rule_step
+from jaxattn.ops.gated_delta_sp import gated_delta_rule_sp
 from jaxattn.pallas._common import document_index
 
 __all__ = ["GatedDeltaNetLayer", "KimiDeltaLayer", "causal_conv"]
@@ -75,7 +76,7 @@ class GatedDeltaNetLayer(nnx.Module):
         self.norm = nnx.Param(jnp.ones((self.value_dim,), jnp.float32))
         self.out = _linear(vw, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
         self.resid_drop = _dropout(cfg.dropout, rngs)
-        self.sequence_parallel: tuple | None = None  # (GPT.enable_sequence_parallel refuses delta layers)
+        self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis, layout): GPT.enable_sequence_parallel
         self.sinks = None
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: tuple | None = None,
@@ -97,6 +98,10 @@ class GatedDeltaNetLayer(nnx.Module):
                 o_t, state = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
                 outs.append(o_t)
             o = jnp.stack(outs, axis=1)
+        elif self.sequence_parallel is not None:  # (GPT.enable_sequence_parallel: the sequence over a mesh axis)
+            mesh, axis, batch_axis = self.sequence_parallel[:3]
+            o, state = gated_delta_rule_sp(q, k, v, g, beta, mesh=mesh, axis=axis, batch_axis=batch_axis,
+                                           return_state=True, segment_ids=segment_ids, impl=self.cfg.attn_impl)
         else:
             o, state = gated_delta_rule(q, k, v, g, beta, return_state=True, segment_ids=segment_ids,
                                         impl=self.cfg.attn_impl)

@@ -16,6 +16,8 @@ runs the kernel and returns the final state, each decoded token costs O(1)
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,7 @@ from flax import nnx
 from jaxattn.models.gpt import RMSNorm, _linear
 from jaxattn.models.vit import _apply, _dropout
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
+from jaxattn.ops.lightning_sp import lightning_attention_sp
 
 __all__ = ["LightningLayer", "minimax_slopes", "NORM_EPS"]
 
@@ -51,7 +54,7 @@ class LightningLayer(nnx.Module):
         self.norm = RMSNorm(width, NORM_EPS)
         self.slope = nnx.Variable(jnp.asarray(minimax_slopes(cfg.heads, layer, cfg.layers)))  # fixed, not trained
         self.resid_drop = _dropout(cfg.dropout, rngs)
-        self.sequence_parallel: tuple | None = None  # (GPT.enable_sequence_parallel refuses lightning layers)
+        self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis, layout): GPT.enable_sequence_parallel
         self.sinks = None
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: tuple | None = None,
@@ -70,10 +73,15 @@ class LightningLayer(nnx.Module):
             o, new_cache = jnp.stack(outs, axis=1), (state,)
         else:
             seg = {} if segment_ids is None else {"segment_ids": segment_ids}
+            if self.sequence_parallel is not None:  # (GPT.enable_sequence_parallel: the sequence over a mesh axis)
+                mesh, axis, batch_axis = self.sequence_parallel[:3]
+                op = functools.partial(lightning_attention_sp, mesh=mesh, axis=axis, batch_axis=batch_axis)
+            else:
+                op = lightning_attention
             if cache is None:
-                o = lightning_attention(q, k, v, slope, impl=self.cfg.attn_impl, **seg)
+                o = op(q, k, v, slope, impl=self.cfg.attn_impl, **seg)
             else:  # the prefill: the prompt's output and its final state
-                o, state = lightning_attention(q, k, v, slope, impl=self.cfg.attn_impl, return_state=True)
+                o, state = op(q, k, v, slope, impl=self.cfg.attn_impl, return_state=True)
                 new_cache = (state,)
         o = self.norm(o.reshape(b, n, -1))
         o = self.out(jax.nn.sigmoid(self.gate(x).astype(jnp.float32)).astype(o.dtype) * o)
