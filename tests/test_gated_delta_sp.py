@@ -3,7 +3,7 @@ starts): outputs, final states and every gradient against the token-by-token rec
 jaxattn.reference.gated_delta_reference), on the kernels (interpret mode) and the XLA path, sequence-only and batch x
 sequence meshes, one decay per head and per key channel (Kimi Delta Attention), q / k heads shared by value heads,
 with and without an initial state, packed documents spanning shards; inside a user's shard_map; a GPT with every
-recurrent layer kind sequence parallel as on one device; errors."""
+recurrent layer kind and latent attention sequence parallel as on one device; errors."""
 
 from __future__ import annotations
 
@@ -99,14 +99,13 @@ SCRIPT = """
     if "model" not in __PARTS__:
         print("SP-OK")
         raise SystemExit(0)
-    # a GPT with every recurrent layer kind (Gated DeltaNet, Kimi Delta, MiniMax's lightning) and ring attention,
-    # sequence parallel on a data x seq mesh: logits, packed logits and every gradient as on one device
+    # GPTs with every recurrent layer kind (Gated DeltaNet, Kimi Delta, MiniMax's lightning) and ring attention, over
+    # grouped heads or multi-head latent attention's expanded ones, sequence parallel on a data x seq mesh: logits,
+    # packed logits and every gradient as on one device
     from flax import nnx
     from jax.sharding import NamedSharding
     from jaxattn.models import create_model
     mesh = meshes["data2xseq2"][0]
-    model = create_model("deltanet-tiny", rngs=nnx.Rngs(0), dim=32, heads=2, attn_impl="xla",
-                         layer_types=("delta", "kda", "lightning", "full"))
     toks = jax.random.randint(jax.random.PRNGKey(1), (4, 32), 0, 256)
     seg = jnp.asarray(np.cumsum(np.isin(np.arange(32), (5, 16, 21))) % 2 * np.ones((4, 1), int), jnp.int32)
 
@@ -116,14 +115,18 @@ SCRIPT = """
 
     step = nnx.jit(nnx.value_and_grad(lm_loss, has_aux=True))
     packed = nnx.jit(lambda m, t, s: m(t, segment_ids=s))
-    (l1, lg1), g1 = step(model, toks)
-    p1 = packed(model, toks, seg)
-    model.enable_sequence_parallel(mesh, "sp", batch_axis="dp")
-    (l2, lg2), g2 = step(model, jax.device_put(toks, NamedSharding(mesh, P("dp", "sp"))))
-    check(lg2, lg1, 2e-5, "GPT logits")
-    for a, r in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
-        check(a, r, 1e-4, "GPT grads")
-    check(packed(model, toks, seg), p1, 2e-5, "GPT packed logits")
+    for name, kw in (("recurrent", dict(layer_types=("delta", "kda", "lightning", "full"), kv_heads=1)),
+                     ("latent", dict(layers=2, layer_types=("kda", "full"), kv_lora_rank=16, qk_rope_dim=8, head_dim=16,
+                                     v_head_dim=8))):
+        model = create_model("deltanet-tiny", rngs=nnx.Rngs(0), dim=32, heads=2, attn_impl="xla", **kw)
+        (l1, lg1), g1 = step(model, toks)
+        p1 = packed(model, toks, seg)
+        model.enable_sequence_parallel(mesh, "sp", batch_axis="dp")
+        (l2, lg2), g2 = step(model, jax.device_put(toks, NamedSharding(mesh, P("dp", "sp"))))
+        check(lg2, lg1, 2e-5, f"{name} GPT logits")
+        for a, r in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+            check(a, r, 1e-4, f"{name} GPT grads")
+        check(packed(model, toks, seg), p1, 2e-5, f"{name} GPT packed logits")
     try:
         model.enable_sequence_parallel(mesh, "sp", batch_axis="dp", layout="zigzag")
     except ValueError as e:

@@ -878,7 +878,8 @@ class GPT(nnx.Module):
         ``axis`` (:func:`jaxattn.ring_attention_sp`; the batch over ``batch_axis``); XLA partitions
         the other layers from the input sharding. Full and sliding-window layers can (with ALiBi and
         soft caps: the ring passes every hop its global positions, and a window skips the hops it cannot
-        see), not block-sparse, latent or quantized ones; the recurrent layers run sequence parallel too
+        see), and multi-head latent attention (over its expanded heads), not block-sparse or quantized ones;
+        the recurrent layers run sequence parallel too
         (Gated DeltaNet / Kimi Delta: :func:`jaxattn.gated_delta_rule_sp`; MiniMax's lightning layers:
         :func:`jaxattn.lightning_attention_sp`; contiguous shards). ``mesh=None`` turns it off.
 
@@ -893,9 +894,6 @@ class GPT(nnx.Module):
         check_layout(layout)
         if mesh is not None:
             bad = sorted({blk.attn.kind for blk in self.blocks} - {"full", "window", *RECURRENT_KINDS})
-            if self.cfg.kv_lora_rank:
-                raise ValueError("sequence parallelism (ring attention) does not cover multi-head latent attention "
-                                 "(kv_lora_rank)")
             if layout != "contiguous" and set(RECURRENT_KINDS) & set(self.cfg.layer_types):
                 raise ValueError(f"layout={layout!r}: the recurrent layers (MiniMax's lightning, Gated DeltaNet, "
                                  f"Kimi Delta) run their shards in order; use layout='contiguous'")
