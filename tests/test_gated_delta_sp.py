@@ -121,7 +121,10 @@ SCRIPT = """
         model = create_model("deltanet-tiny", rngs=nnx.Rngs(0), dim=32, heads=2, attn_impl="xla", **kw)
         (l1, lg1), g1 = step(model, toks)
         p1 = packed(model, toks, seg)
+        prefill = nnx.jit(lambda m, t: m.prefill(t, 16)[0])
+        last1 = prefill(model, toks[:1, :8])
         model.enable_sequence_parallel(mesh, "sp", batch_axis="dp")
+        check(prefill(model, toks[:1, :8]), last1, 2e-5, f"{name} GPT prefill")  # (one row: one device's view)
         (l2, lg2), g2 = step(model, jax.device_put(toks, NamedSharding(mesh, P("dp", "sp"))))
         check(lg2, lg1, 2e-5, f"{name} GPT logits")
         for a, r in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):

@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxattn.models.gpt import _linear, rms_norm
 from jaxattn.models.vit import _apply, _dropout
+from jaxattn.ops import _spmd
 from jaxattn.ops.gated_delta import gated_delta_rule, gated_delta_rule_step
 from jaxattn.ops.gated_delta_sp import gated_delta_rule_sp
 from jaxattn.pallas._common import document_index
@@ -98,7 +99,7 @@ class GatedDeltaNetLayer(nnx.Module):
                 o_t, state = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
                 outs.append(o_t)
             o = jnp.stack(outs, axis=1)
-        elif self.sequence_parallel is not None:  # (GPT.enable_sequence_parallel: the sequence over a mesh axis)
+        elif _spmd.use_shards(self.sequence_parallel, x.shape, cache is None):  # (GPT.enable_sequence_parallel)
             mesh, axis, batch_axis = self.sequence_parallel[:3]
             o, state = gated_delta_rule_sp(q, k, v, g, beta, mesh=mesh, axis=axis, batch_axis=batch_axis,
                                            return_state=True, segment_ids=segment_ids, impl=self.cfg.attn_impl)

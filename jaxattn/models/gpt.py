@@ -40,6 +40,7 @@ from flax import nnx
 from jaxattn.models._remat import remat_blocks
 from jaxattn.models.moe import ACTIVATIONS, EXPERT_FORMATS as MOE_FORMATS, IMPLS as MOE_IMPLS, MoE, gated_act
 from jaxattn.models.vit import AttentionDropout, _apply, _dropout
+from jaxattn.ops import _spmd
 from jaxattn.ops.attention import attention
 from jaxattn.pallas._common import document_index
 
@@ -675,7 +676,8 @@ class Attention(nnx.Module):
                              f"has {self.kind!r} layers: their block pattern lies on the packed row's positions, so a "
                              "document would not see what it sees alone (for that masking, call "
                              "jaxattn.block_sparse_attention(segment_ids=...) yourself)")
-        if self.sequence_parallel is not None and self.kind in ("full", "window") and not self.cfg.quantized:
+        if _spmd.use_shards(self.sequence_parallel, q.shape, zigzagged) and self.kind in ("full", "window") \
+                and not self.cfg.quantized:  # (zigzagged: the forward without a cache)
             from jaxattn.ops.ring_attention import ring_attention_sp
 
             mesh, axis, batch_axis, layout = self.sequence_parallel

@@ -25,6 +25,7 @@ from flax import nnx
 
 from jaxattn.models.gpt import RMSNorm, _linear
 from jaxattn.models.vit import _apply, _dropout
+from jaxattn.ops import _spmd
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
 from jaxattn.ops.lightning_sp import lightning_attention_sp
 
@@ -73,7 +74,7 @@ class LightningLayer(nnx.Module):
             o, new_cache = jnp.stack(outs, axis=1), (state,)
         else:
             seg = {} if segment_ids is None else {"segment_ids": segment_ids}
-            if self.sequence_parallel is not None:  # (GPT.enable_sequence_parallel: the sequence over a mesh axis)
+            if _spmd.use_shards(self.sequence_parallel, x.shape, cache is None):  # (GPT.enable_sequence_parallel)
                 mesh, axis, batch_axis = self.sequence_parallel[:3]
                 op = functools.partial(lightning_attention_sp, mesh=mesh, axis=axis, batch_axis=batch_axis)
             else:

@@ -29,6 +29,7 @@ from flax import nnx
 
 from jaxattn.models.gpt import RMSNorm, _linear, rope
 from jaxattn.models.vit import AttentionDropout, _apply, _dropout
+from jaxattn.ops import _spmd
 from jaxattn.ops.attention import attention
 from jaxattn.ops.latent_decode import latent_decode_attention
 from jaxattn.pallas.decode import latent_kernel_ok
@@ -94,7 +95,7 @@ class MLAttention(nnx.Module):
         q_nope, q_pe = self._queries(x, positions)
         lat = self.latent(x, positions)
         if cache is None or (isinstance(offset, int) and offset == 0):  # training, prefill: the expanded heads
-            out = self._attend(q_nope, q_pe, lat, segment_ids, zigzagged=cache is None)
+            out = self._attend(q_nope, q_pe, lat, segment_ids, forward=cache is None)
             return out if cache is None else (out, (_write(cache[0], lat, 0),))
         latent_cache = _write(cache[0], lat, offset)
         lengths = jnp.broadcast_to(jnp.asarray(offset, jnp.int32) + n, (b,))
@@ -110,21 +111,21 @@ class MLAttention(nnx.Module):
         o = jnp.einsum("bnhc,chv->bnhv", o_lat, w_uv.astype(dt), preferred_element_type=jnp.float32).astype(dt)
         return self.o(o.reshape(b, n, -1)), (latent_cache,)
 
-    def _attend(self, q_nope, q_pe, lat, segment_ids, zigzagged: bool = False):
-        """Causal attention of the expanded heads (``zigzagged``: the tokens in a zig-zag sequence-parallel
-        model's order)."""
+    def _attend(self, q_nope, q_pe, lat, segment_ids, forward: bool = False):
+        """Causal attention of the expanded heads (``forward``: the model's forward without a cache, its tokens
+        in zig-zag order with that layout; sequence parallel when the model is, a prefill when its shape splits)."""
         b, n, h = q_nope.shape[:3]
         c, k_pe = lat[:, :, 0, :self.rank], lat[:, :, :, self.rank:]
         k_nope, v = jnp.split(self.kv_b(c).reshape(b, n, h, -1), [self.nope], axis=-1)
         q = jnp.concatenate([q_nope, q_pe], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (b, n, h, self.rope_dim)).astype(k_nope.dtype)], axis=-1)
         seg = {} if segment_ids is None else {"segment_ids": segment_ids}
-        if self.sequence_parallel is not None:  # (GPT.enable_sequence_parallel: ring attention over the heads)
+        if _spmd.use_shards(self.sequence_parallel, q.shape, forward):  # (enable_sequence_parallel: a ring)
             from jaxattn.ops.ring_attention import ring_attention_sp
 
             mesh, axis, batch_axis, layout = self.sequence_parallel
             o = ring_attention_sp(q, k, v, mesh=mesh, axis=axis, batch_axis=batch_axis, causal=True, scale=self.scale,
-                                  impl=self.cfg.attn_impl, layout=layout, zigzagged=zigzagged and layout == "zigzag",
+                                  impl=self.cfg.attn_impl, layout=layout, zigzagged=forward and layout == "zigzag",
                                   **self.attn_drop(), **seg)
         else:
             o = attention(q, k, v, causal=True, scale=self.scale, impl=self.cfg.attn_impl, **self.attn_drop(), **seg)

@@ -35,6 +35,17 @@ def layer_setting(mesh: Any, axis: str, batch_axis: str | None) -> tuple | None:
     return mesh, axis, batch_axis
 
 
+def use_shards(setting: tuple | None, shape: tuple[int, ...], forward: bool) -> bool:
+    """Whether a layer with ``setting`` (:func:`layer_setting`'s, or None) runs sequence parallel on ``[batch, seq,
+    ...]`` inputs: always in the model's forward (``forward``; shapes that do not split raise there), and in a
+    prefill only when the batch and the sequence split evenly over the mesh (a one-row prompt after sequence-parallel
+    training runs on one device's view)."""
+    if setting is None:
+        return False
+    mesh, axis, batch_axis = setting[:3]
+    return forward or (shape[1] % mesh.shape[axis] == 0 and (batch_axis is None or shape[0] % mesh.shape[batch_axis] == 0))
+
+
 def check_split(q: Any, mesh: Mesh, axis: str, batch_axis: str | None = None) -> None:
     """``q [batch, seq, heads, head_dim]``: seq divisible by the ``axis`` size, batch by ``batch_axis``'s."""
     _checks.check_rank("q", q, 4, "[batch, seq, heads, head_dim]")
