@@ -96,6 +96,19 @@ SCRIPT = """
             raise AssertionError("no error for seq 30 on 4 shards")
         print("shard_map ok")
 
+    if "zigzag" in __PARTS__:  # latent attention on zig-zag shards (a ring over the expanded heads): as one device
+        from flax import nnx
+        from jax.sharding import NamedSharding
+        from jaxattn.models.gpt import GPT, GPTConfig
+        mesh = meshes["data2xseq2"][0]
+        model = GPT(GPTConfig(vocab_size=256, dim=32, heads=2, layers=1, head_dim=16, qk_rope_dim=8, v_head_dim=8,
+                              kv_lora_rank=16, attn_impl="xla"), rngs=nnx.Rngs(0))
+        toks = jax.random.randint(jax.random.PRNGKey(2), (2, 32), 0, 256)
+        run = nnx.jit(lambda m, t: m(t))
+        plain = run(model, toks)
+        model.enable_sequence_parallel(mesh, "sp", batch_axis="dp", layout="zigzag")
+        check(run(model, jax.device_put(toks, NamedSharding(mesh, P("dp", "sp")))), plain, 2e-5, "zig-zag latent GPT")
+        print("zigzag ok")
     if "model" not in __PARTS__:
         print("SP-OK")
         raise SystemExit(0)
@@ -141,14 +154,14 @@ SCRIPT = """
 
 
 @pytest.mark.parametrize("cases,parts", [((), ("model",)),
-                                         pytest.param((0, 1, 2, 3), ("shard_map",), marks=pytest.mark.slow)],
+                                         pytest.param((0, 1, 2, 3), ("shard_map", "zigzag"), marks=pytest.mark.slow)],
                          ids=["gpt", "ops-kernels-channels-packed-shard_map"])
 def test_sequence_parallel_matches_the_recurrence_on_four_devices(cases, parts):
     """(By default the GPT, whose recurrent layers are checked against one device; the op's cases against the
     recurrence, the kernels' slow in interpret mode on four devices, in the slow suite.)"""
     out = run_on_cpu_devices(SCRIPT.replace("__CASES__", repr(cases)).replace("__PARTS__", repr(parts)))
     assert "SP-OK" in out and all(f"case {i} ok" in out for i in cases), out
-    assert ("shard_map ok" in out) == ("shard_map" in parts), out
+    assert all((f"{part} ok" in out) == (part in parts) for part in ("shard_map", "zigzag")), out
 
 
 def test_bad_arguments_raise():
