@@ -77,6 +77,27 @@ def test_recurrent_decoding_gives_the_forward(impl, kw):
         assert_close(logits, full[:, t], jnp.float32, f"step {t}", tol=tol)
 
 
+def test_a_prompt_continued_in_pieces_gives_the_forward():
+    """Several tokens past the cache at once (a long prompt prefilled in pieces): the recurrent layers (Gated
+    DeltaNet, Kimi Delta, MiniMax's lightning) run their chunked ops from the cached state and convolution history,
+    the softmax layer attends to the cache; the logits are the full forward's, and a decoding step follows."""
+    m = create_model("deltanet-tiny", rngs=nnx.Rngs(0), dim=32, heads=2, init_std=0.1, attn_impl="xla",
+                     layer_types=("delta", "kda", "lightning", "full"))
+    tokens = jax.random.randint(jax.random.key(5), (2, 24), 0, 256)
+    full = nnx.jit(lambda mod, t: mod(t))(m, tokens)
+    first = nnx.jit(lambda mod, t, c: mod(t, cache=c, offset=0))
+    more = nnx.jit(lambda mod, t, c, o: mod(t, cache=c, offset=o))
+    logits, cache = first(m, tokens[:, :7], m.init_cache(2, 32))
+    pieces = [logits]
+    for a, e in ((7, 20), (20, 23)):  # (13 tokens: a ragged chunk of the chunked ops)
+        logits, cache = more(m, tokens[:, a:e], cache, jnp.asarray(a, jnp.int32))
+        pieces.append(logits)
+    tol = {jnp.dtype(jnp.float32): (1e-4, 1e-4)}
+    assert_close(jnp.concatenate(pieces, axis=1), full[:, :23], jnp.float32, "pieces", tol=tol)
+    logits, _ = m.decode_step(tokens[:, 23], cache, jnp.asarray(23, jnp.int32))
+    assert_close(logits, full[:, 23], jnp.float32, "the step after", tol=tol)
+
+
 def test_training_reaches_every_parameter_and_bad_use_raises(tmp_path):
     loss, grads = lm_grads("deltanet-tiny", dim=64, heads=2, init_std=0.1, layers=2)
     assert np.isfinite(float(loss))

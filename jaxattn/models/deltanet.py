@@ -93,12 +93,12 @@ class GatedDeltaNetLayer(nnx.Module):
         q, k, v = _unit(q.reshape(b, n, hk, dk)), _unit(k.reshape(b, n, hk, dk)), v.reshape(b, n, h, dv)
         beta = jax.nn.sigmoid(self.b(x).astype(jnp.float32))
         g = self._log_decay(x)
-        if decoding:  # one step per new token from the layer's state
-            state, outs = cache[0], []
-            for t in range(n):
-                o_t, state = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
-                outs.append(o_t)
-            o = jnp.stack(outs, axis=1)
+        if decoding and n == 1:  # a step from the layer's state
+            o, state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache[0])
+            o = o[:, None]
+        elif decoding:  # several tokens past the cache (a prompt continued in pieces): chunked, from the state
+            o, state = gated_delta_rule(q, k, v, g, beta, initial_state=cache[0], return_state=True,
+                                        impl=self.cfg.attn_impl)
         elif _spmd.use_shards(self.sequence_parallel, x.shape, cache is None):  # (GPT.enable_sequence_parallel)
             mesh, axis, batch_axis = self.sequence_parallel[:3]
             o, state = gated_delta_rule_sp(q, k, v, g, beta, mesh=mesh, axis=axis, batch_axis=batch_axis,

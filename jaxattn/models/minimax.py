@@ -66,12 +66,13 @@ class LightningLayer(nnx.Module):
         q, k, v = jnp.split(qkv, 3, axis=-1)
         slope = jax.lax.stop_gradient(self.slope[...])
         if cache is not None and not (isinstance(offset, int) and offset == 0):  # decoding: the recurrent state
-            state = cache[0]
-            outs = []
-            for t in range(n):  # (one token per step in generation)
-                o, state = lightning_attention_step(q[:, t], k[:, t], v[:, t], slope, state)
-                outs.append(o)
-            o, new_cache = jnp.stack(outs, axis=1), (state,)
+            if n == 1:
+                o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, cache[0])
+                o = o[:, None]
+            else:  # several tokens past the cache (a prompt continued in pieces): chunked, from the state
+                o, state = lightning_attention(q, k, v, slope, initial_state=cache[0], return_state=True,
+                                               impl=self.cfg.attn_impl)
+            new_cache = (state,)
         else:
             seg = {} if segment_ids is None else {"segment_ids": segment_ids}
             if _spmd.use_shards(self.sequence_parallel, x.shape, cache is None):  # (GPT.enable_sequence_parallel)
