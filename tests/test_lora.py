@@ -74,6 +74,7 @@ def test_targets_and_errors():
             add_lora(create_model("gpt-tiny", rngs=nnx.Rngs(0), vocab_size=64, dim=32, layers=1, heads=2), **kw)
 
 
+@pytest.mark.slow  # (25 s: the suite's budget; LoRA training by default: the folder run)
 def test_lm_lora_trains_only_adapters_resumes_and_exports(tmp_path):
     from jaxattn.export import export
     from jaxattn.generate import load_trained

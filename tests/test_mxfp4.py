@@ -201,6 +201,7 @@ def test_moe_layer_with_packed_experts(impl, tokens):
     assert_close(got[1][1], want[1][1], jnp.float32, "drouter", tol=tol)
 
 
+@pytest.mark.slow  # (18 s: the suite's budget)
 def test_packed_gpt_trains_the_rest_and_matches_its_dequantized_twin():
     import optax
 

@@ -294,6 +294,7 @@ def test_matches_transformers(tmp_path, family):
     check_causal_lm_matches_transformers(tmp_path, ref, TOKENS)
 
 
+@pytest.mark.slow  # (14 s: the suite's budget; kimi-linear-48b-a3b's count by default)
 def test_80b_config_has_80b_parameters():
     """Abstract shapes only: the registry's qwen3-next-80b-a3b holds Qwen3-Next-80B-A3B's 80B parameters."""
     model = nnx.eval_shape(lambda: create_model("qwen3-next-80b-a3b", rngs=nnx.Rngs(0)))

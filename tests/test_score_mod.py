@@ -131,7 +131,8 @@ def test_refusals_name_the_argument():
         jaxattn.attention(m, m, m, impl="mosaic", score_mod=rel_bias)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
+@pytest.mark.slow  # (17 s: the suite's budget)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_decode_reproduces_the_causal_forward(dtype):
     """decode_attention / paged_decode_attention with score_mod (q_idx = each query's cache position) give
     the last rows of a causal forward over each row's own sequence (ragged lengths, GQA, several new

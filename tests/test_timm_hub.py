@@ -25,6 +25,7 @@ VIT_TINY = {"architecture": "vit_tiny_patch16_224", "num_classes": 7, "num_featu
                            "global_pool": "token"}, "pretrained_cfg": PRE}
 
 
+@pytest.mark.slow  # (18 s: the suite's budget; timm folders by default: the families' numpy checks)
 def test_vit_folder(tmp_path, capsys):
     cfg = config_from_hf(VIT_TINY, attn_impl="xla")
     assert (cfg.dim, cfg.depth, cfg.heads, cfg.patch_size, cfg.image_size, cfg.num_classes, cfg.pool) == (

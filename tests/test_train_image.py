@@ -458,6 +458,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # (25 s: the suite's budget; image training by default: test_weight_ema)
 def test_training_improves_batchnorm_and_artifacts(tmp_path, digits16):
     cfg = icfg(tmp_path, steps=60, batch_size=32, lr=1e-2, warmup=5, eval_every=30, ckpt_every=60, log_every=10,
                eval_batch_size=128)
