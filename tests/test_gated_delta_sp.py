@@ -109,7 +109,7 @@ SCRIPT = """
         model.enable_sequence_parallel(mesh, "sp", batch_axis="dp", layout="zigzag")
         check(run(model, jax.device_put(toks, NamedSharding(mesh, P("dp", "sp")))), plain, 2e-5, "zig-zag latent GPT")
         print("zigzag ok")
-    if "model" not in __PARTS__:
+    if "model" not in __PARTS__ and "latent" not in __PARTS__:
         print("SP-OK")
         raise SystemExit(0)
     # GPTs with every recurrent layer kind (Gated DeltaNet, Kimi Delta, MiniMax's lightning) and ring attention, over
@@ -128,9 +128,10 @@ SCRIPT = """
 
     step = nnx.jit(nnx.value_and_grad(lm_loss, has_aux=True))
     packed = nnx.jit(lambda m, t, s: m(t, segment_ids=s))
-    for name, kw in (("recurrent", dict(layer_types=("delta", "kda", "lightning", "full"), kv_heads=1)),
-                     ("latent", dict(layers=2, layer_types=("kda", "full"), kv_lora_rank=16, qk_rope_dim=8, head_dim=16,
-                                     v_head_dim=8))):
+    models = {"model": ("recurrent", dict(layer_types=("delta", "kda", "lightning", "full"), kv_heads=1)),
+              "latent": ("latent", dict(layers=2, layer_types=("kda", "full"), kv_lora_rank=16, qk_rope_dim=8,
+                                        head_dim=16, v_head_dim=8))}
+    for name, kw in (models[part] for part in ("model", "latent") if part in __PARTS__):
         model = create_model("deltanet-tiny", rngs=nnx.Rngs(0), dim=32, heads=2, attn_impl="xla", **kw)
         (l1, lg1), g1 = step(model, toks)
         p1 = packed(model, toks, seg)
@@ -143,6 +144,7 @@ SCRIPT = """
         for a, r in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
             check(a, r, 1e-4, f"{name} GPT grads")
         check(packed(model, toks, seg), p1, 2e-5, f"{name} GPT packed logits")
+        print(f"{name} ok")
     try:
         model.enable_sequence_parallel(mesh, "sp", batch_axis="dp", layout="zigzag")
     except ValueError as e:
@@ -154,14 +156,15 @@ SCRIPT = """
 
 
 @pytest.mark.parametrize("cases,parts", [((), ("model",)),
-                                         pytest.param((0, 1, 2, 3), ("shard_map", "zigzag"), marks=pytest.mark.slow)],
+                                         pytest.param((0, 1, 2, 3), ("shard_map", "zigzag", "latent"),
+                                                      marks=pytest.mark.slow)],
                          ids=["gpt", "ops-kernels-channels-packed-shard_map"])
 def test_sequence_parallel_matches_the_recurrence_on_four_devices(cases, parts):
     """(By default the GPT, whose recurrent layers are checked against one device; the op's cases against the
     recurrence, the kernels' slow in interpret mode on four devices, in the slow suite.)"""
     out = run_on_cpu_devices(SCRIPT.replace("__CASES__", repr(cases)).replace("__PARTS__", repr(parts)))
     assert "SP-OK" in out and all(f"case {i} ok" in out for i in cases), out
-    assert all((f"{part} ok" in out) == (part in parts) for part in ("shard_map", "zigzag")), out
+    assert all((f"{part} ok" in out) == (part in parts) for part in ("shard_map", "zigzag", "latent")), out
 
 
 def test_bad_arguments_raise():
