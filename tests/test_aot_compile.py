@@ -56,6 +56,9 @@ def test_flash_triton_kernels_compile_for_h100():
     assert res["ok"], res.get("error")
     kernels = {k["kernel"]: k for k in res["kernels"]}
     assert set(kernels) == {"jaxattn_flash_fwd", "jaxattn_flash_dq", "jaxattn_flash_dkdv"}, kernels
+    variants = {k.get("variant") for k in kernels.values()}  # (the IR digests `bench compile` dedups cases by)
+    assert variants == {None} or (len(variants) == 3 and None not in variants), variants  # (None: jax >= 0.11)
+    assert tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11) or None not in variants, variants
     for k in kernels.values():
         assert k["wgmma"], k
         if "registers" in k:  # (a ptxas that reads XLA's PTX: the triton package's)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -290,7 +291,27 @@ def compile_case(fn: Callable, args: Sequence[Any]) -> dict:
         else:  # (cannot tell which dump is which kernel: report what was dumped)
             mosaic = dumped
         kernels = [dict(k) for k in mosaic] + _triton_kernels(xla_dump, _triton_names(lowered))
+    variants = _triton_variants(lowered)
+    for k in kernels:
+        if k["backend"] == "triton" and k["kernel"] in variants:
+            k["variant"] = variants[k["kernel"]]
     return {"ok": True, "seconds": round(time.perf_counter() - t0, 1), "kernels": kernels}
+
+
+def _triton_variants(lowered: Any) -> dict[str, str]:
+    """Kernel name -> a digest of its Triton IR and launch parameters (all of that name's, in this computation),
+    where this jax embeds the IR in the lowering (jax < 0.11); empty otherwise. Two cases' kernels of one name
+    are the same program when their digests agree."""
+    from jaxattn.bench import compile as cc
+
+    try:
+        found = cc.triton_kernels(lowered)
+    except RuntimeError:  # (a jax that compiles Triton during lowering)
+        return {}
+    texts: dict[str, list[str]] = {}
+    for tk in found:
+        texts.setdefault(tk.name, []).append(f"{tk.num_warps} {tk.num_stages} {tk.grid}\n{tk.ttir}")
+    return {name: hashlib.sha256("\n".join(sorted(t)).encode()).hexdigest()[:16] for name, t in texts.items()}
 
 
 def check(kernel: dict) -> str:
@@ -325,7 +346,8 @@ def run(families: Sequence[str] | None = None, *, progress: bool = True) -> list
                             "status": "FAIL: " + res["error"].splitlines()[0][:200], "error": res["error"]})
             continue
         for k in res["kernels"]:
-            key = (k["kernel"], k.get("registers"), k.get("spill_stores"), k.get("spill_loads"))  # (a spilling variant shows)
+            # the same program an earlier case compiled (by its IR where known; else by name and register use)
+            key = (k["kernel"], k.get("variant") or (k.get("registers"), k.get("spill_stores"), k.get("spill_loads")))
             if k["backend"] == "triton" and key in seen:  # a Triton kernel an earlier case compiled the same
                 continue
             seen.add(key)
