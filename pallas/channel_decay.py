@@ -39,6 +39,18 @@ def _tile(ref, m: int, c: int):
     return ref[pl.ds(pl.multiple_of(m * c, c), c), :].astype(jnp.float32)
 
 
+def _token(k_ref, g_ref, gcum, row):
+    """Token ``row``'s key ``[1, d_k]`` and its decays to the chunk's tokens, ``exp(min(G_i - G_row, 0))`` ``[c,
+    d_k]`` (the clamp: no overflow above the diagonal, where the entries are zeroed)."""
+    return (k_ref[pl.ds(row, 1), :].astype(jnp.float32),
+            jnp.exp(jnp.minimum(gcum - g_ref[pl.ds(row, 1), :], 0.0)))
+
+
+def _column(x, cols, j):
+    """Column ``j`` of ``x [c, c]`` as ``[c, 1]``."""
+    return jnp.sum(jnp.where(cols == j, x, 0.0), axis=1, keepdims=True)
+
+
 def _products_kernel(q_ref, k_ref, g_ref, p_ref, kk_ref, *, c: int):
     cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
     incl = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= cols
@@ -48,8 +60,8 @@ def _products_kernel(q_ref, k_ref, g_ref, p_ref, kk_ref, *, c: int):
 
         def column(j, carry):
             p, kk = carry
-            kj = k_ref[pl.ds(m * c + j, 1), :].astype(jnp.float32)  # [1, d_k]
-            dec = jnp.exp(jnp.minimum(gcum - g_ref[pl.ds(m * c + j, 1), :], 0.0)) * kj  # [c, d_k]
+            kj, dec = _token(k_ref, g_ref, gcum, m * c + j)
+            dec = dec * kj
             return (jnp.where(cols == j, jnp.sum(qf * dec, axis=1, keepdims=True), p),
                     jnp.where(cols == j, jnp.sum(kf * dec, axis=1, keepdims=True), kk))
 
@@ -88,10 +100,8 @@ def _grads_kernel(q_ref, k_ref, g_ref, dp_ref, dab_ref, dq_ref, dk_ref, dg_ref, 
 
         def column(j, carry):
             dq_l, dk_l, dk_r = carry
-            kj = k_ref[pl.ds(m * c + j, 1), :].astype(jnp.float32)
-            dec = jnp.exp(jnp.minimum(gcum - g_ref[pl.ds(m * c + j, 1), :], 0.0))  # [c, d_k]
-            dpj = jnp.sum(jnp.where(cols == j, dp, 0.0), axis=1, keepdims=True)  # [c, 1]: column j
-            dabj = jnp.sum(jnp.where(cols == j, dab, 0.0), axis=1, keepdims=True)
+            kj, dec = _token(k_ref, g_ref, gcum, m * c + j)
+            dpj, dabj = _column(dp, cols, j), _column(dab, cols, j)
             return (dq_l + dpj * dec * kj, dk_l + dabj * dec * kj,
                     jnp.where(rows == j, jnp.sum((dpj * qf + dabj * kf) * dec, axis=0, keepdims=True), dk_r))
 
