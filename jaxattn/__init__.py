@@ -22,7 +22,7 @@ from jaxattn.ops._spmd import batch_parallel, expert_parallel
 from jaxattn.ops.ring_attention import from_zigzag, ring_attention, ring_attention_sp, to_zigzag, zigzag_permutation, zigzag_sp
 from jaxattn.ops.grouped_matmul import grouped_matmul
 from jaxattn.ops.mxfp4 import MXFP4, quantize_mxfp4
-from jaxattn.ops.latent_decode import latent_decode_attention
+from jaxattn.ops.latent_decode import append_paged_latent, latent_decode_attention
 from jaxattn.ops.linear_global import linear_global_attention
 from jaxattn.ops.sage import sage_attention
 from jaxattn.reference.attention import attention_reference
@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockMask", "block_sparse_attention", "power_attention",
     "append_kv", "attention", "batch_parallel", "expert_parallel", "attention_qkvpacked", "attention_reference", "decode_attention", "dot_product_attention", "landmark_attention", "landmark_retrieval_attention", "halo_attention", "halo_attention_kv", "lightning_attention", "lightning_attention_sp", "ring_attention", "ring_attention_sp", "zigzag_permutation", "to_zigzag", "from_zigzag", "zigzag_sp", "lightning_attention_step", "sage_attention",
-    "linear_global_attention", "latent_decode_attention", "gated_delta_rule", "gated_delta_rule_step", "gated_delta_rule_sp", "grouped_matmul", "MXFP4", "quantize_mxfp4", "append_paged_kv", "paged_decode_attention", "quantize_kv", "varlen_attention",
+    "linear_global_attention", "latent_decode_attention", "append_paged_latent", "gated_delta_rule", "gated_delta_rule_step", "gated_delta_rule_sp", "grouped_matmul", "MXFP4", "quantize_mxfp4", "append_paged_kv", "paged_decode_attention", "quantize_kv", "varlen_attention",
     "__version__",
 ]
 

@@ -25,7 +25,8 @@ block size are read one page per step), so nothing is gathered into a dense cach
 **Latent caches** (multi-head latent attention, DeepSeek's MLA decoded with the up-projection absorbed):
 one array ``[B, S, 1, L + R]`` is both: keys are its whole rows, values their first ``L`` columns (the
 latent). The kernel reads each block once, as two tiles (``L`` and ``R`` wide: 512 and 64 in
-DeepSeek-V3, each a power of two), so the 576-wide key is two dots and the value is the first tile.
+DeepSeek-V3, each a power of two), so the 576-wide key is two dots and the value is the first tile. A latent
+cache may be paged too (FlashMLA's layout, ``[num_pages, page_size, 1, L + R]``).
 
 **Quantized caches** (FP8 / int8 with a scale per kv head): tiles are upcast to q's dtype as they
 are loaded; ``k_scale`` multiplies the logits and ``v_scale`` the output. **ALiBi**: per packed row,
@@ -357,13 +358,21 @@ def decode_attention_kernel(
 
 def latent_decode_attention_kernel(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, value_dim: int,
                                    config: DecodeConfig | None = None, causal: bool = True, scale: float | None = None,
-                                   num_splits: int | None = None, interpret: bool | None = None
-                                   ) -> tuple[jax.Array, jax.Array]:
+                                   num_splits: int | None = None, interpret: bool | None = None,
+                                   block_tables: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Split-KV decode attention from a latent cache, on validated inputs: ``q [B, Sq, H, L + R]``, ``cache
     [B, S, 1, L + R]`` (the keys; the values are its first ``L = value_dim`` columns), ``L`` and ``R`` powers
-    of two >= 16 up to :data:`LATENT_MAX`. Returns ``out [B, Sq, H, L]`` in q's dtype and the fp32 lse."""
-    s_max = cache.shape[1]
+    of two >= 16 up to :data:`LATENT_MAX`; or, with ``block_tables [B, max_pages]``, a page pool ``[P,
+    page_size, 1, L + R]`` (``page_size`` a power of two >= 16) read through the tables as
+    :func:`paged_decode_attention_kernel`. Returns ``out [B, Sq, H, L]`` in q's dtype and the fp32 lse."""
     cfg = config or LATENT_CONFIGS.get((value_dim, jnp.dtype(q.dtype).itemsize), DecodeConfig(32, 32, 4, 3))
+    if block_tables is not None:
+        page = cache.shape[1]
+        bk = min(cfg.block_k, page)
+        return _launch(q, cache, None, lengths, block_tables.astype(jnp.int32), s_max=block_tables.shape[1] * page,
+                       cfg=cfg, bk=bk, blocks_per_page=page // bk, causal=causal, scale=scale, num_splits=num_splits,
+                       interpret=interpret, latent=value_dim)
+    s_max = cache.shape[1]
     bk = min(cfg.block_k, max(16, _common.next_pow2(s_max)))
     return _launch(q, cache, None, lengths, None, s_max=s_max, cfg=cfg, bk=bk, blocks_per_page=0, causal=causal,
                    scale=scale, num_splits=num_splits, interpret=interpret, latent=value_dim)

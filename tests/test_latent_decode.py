@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, count_triton_calls, lower_for_cuda
+import jaxattn
 from jaxattn import latent_decode_attention
 from jaxattn.pallas._common import compile_for_gpu, poison_outputs
 
@@ -92,3 +93,78 @@ def test_bad_input():
         jax.grad(lambda q: jnp.sum(latent_decode_attention(q, cache, n, value_dim=32, impl="pallas")))(q)
     g = jax.grad(lambda q: jnp.sum(latent_decode_attention(q, cache, n, value_dim=32, impl="xla")))(q)
     assert np.isfinite(np.asarray(g)).all()
+
+
+def _pool(seed, lengths, page, width, dtype, spare=3):
+    """A page pool with each row's pages at random places (unused pages hold noise), its tables, and the dense cache
+    they describe, copied position by position."""
+    rng = np.random.default_rng(seed)
+    max_pages = -(-max(lengths) // page) + 1
+    n_pages = len(lengths) * max_pages + spare
+    pool = jax.random.normal(jax.random.key(seed), (n_pages, page, 1, width)).astype(dtype)
+    tables = rng.permutation(n_pages)[: len(lengths) * max_pages].reshape(len(lengths), max_pages)
+    flat = np.asarray(pool.astype(jnp.float32))
+    dense = np.stack([[flat[tables[b, i // page], i % page] for i in range(max_pages * page)]
+                      for b in range(len(lengths))])
+    return pool, jnp.asarray(tables, jnp.int32), dense
+
+
+PAGED = [  # (seed, Sq, heads, latent, rope, page, lengths, causal, dtype, splits)
+    (0, 1, 8, 32, 16, 16, [40, 3, 16], True, jnp.float32, None),  # pages of one key block
+    (1, 2, 4, 64, 16, 64, [130, 65], True, jnp.bfloat16, 2),  # a page of two key blocks (FlashMLA's 64)
+    (2, 3, 2, 32, 32, 32, [50, 0], False, jnp.float16, None),  # an empty row
+    _slow(3, 1, 16, 512, 64, 64, [200, 77], True, jnp.bfloat16, None),  # DeepSeek-V3's widths
+]
+
+
+@pytest.mark.parametrize("seed,sq,h,lat,rope,page,lengths,causal,dtype,splits", PAGED)
+def test_paged_latent_cache(seed, sq, h, lat, rope, page, lengths, causal, dtype, splits):
+    pool, tables, dense = _pool(seed, lengths, page, lat + rope, dtype)
+    q = jax.random.normal(jax.random.key(seed + 100), (len(lengths), sq, h, lat + rope)).astype(dtype)
+    n = jnp.asarray(lengths, jnp.int32)
+    want = explicit(q.astype(jnp.float32), dense, lengths, lat, causal, 0.125)
+    for impl in ("pallas", "xla"):
+        with poison_outputs():
+            out = jax.jit(lambda q, p, t, n: latent_decode_attention(
+                q, p, n, value_dim=lat, block_tables=t, causal=causal, scale=0.125, impl=impl,
+                num_splits=splits))(q, pool, tables, n)
+        assert out.shape == (len(lengths), sq, h, lat) and out.dtype == dtype
+        assert_close(out, want, dtype, f"{impl} out", tol=TOL)
+
+
+def test_append_paged_latent_writes_each_row_into_its_pages():
+    pool, tables, dense = _pool(7, [20, 33], 16, 48, jnp.float32)
+    new = jax.random.normal(jax.random.key(8), (2, 3, 1, 48))
+    n = jnp.asarray([20, 33], jnp.int32)
+    pool2, n2 = jax.jit(jaxattn.append_paged_latent)(pool, tables, new, n)
+    np.testing.assert_array_equal(np.asarray(n2), [23, 36])
+    for b, start in enumerate((20, 33)):
+        dense[b, start:start + 3] = np.asarray(new[b])
+    q = jax.random.normal(jax.random.key(9), (2, 1, 4, 48))
+    got = latent_decode_attention(q, pool2, n2, value_dim=32, block_tables=tables, impl="pallas")
+    assert_close(got, explicit(q, dense, [23, 36], 32, True, 48 ** -0.5), jnp.float32, "after append", tol=TOL)
+    untouched = np.setdiff1d(np.arange(pool.shape[0]), np.asarray(tables)[:, 1:3].ravel())  # (rows 20-35 lie there)
+    np.testing.assert_array_equal(np.asarray(pool2)[untouched], np.asarray(pool)[untouched])
+
+
+def test_paged_lowers_for_cuda_at_deepseek_v3_widths():
+    q = jax.ShapeDtypeStruct((4, 2, 128, 576), jnp.bfloat16)
+    pool = jax.ShapeDtypeStruct((4 * 64, 64, 1, 576), jnp.bfloat16)
+    tables = jax.ShapeDtypeStruct((4, 64), jnp.int32)
+    n = jax.ShapeDtypeStruct((4,), jnp.int32)
+    f = lambda q, p, t, n: latent_decode_attention(q, p, n, value_dim=512, block_tables=t)  # noqa: E731
+    with compile_for_gpu():
+        assert count_triton_calls(lower_for_cuda(f, q, pool, tables, n)) == 1
+
+
+def test_paged_bad_input():
+    q, pool, t, n = jnp.ones((2, 1, 4, 48)), jnp.ones((6, 16, 1, 48)), jnp.zeros((2, 3), jnp.int32), jnp.asarray([3, 4])
+    for args, kw, match in [((q, pool, n), dict(block_tables=t[:1]), r"block_tables must have shape \[batch, max_pages\]"),
+                            ((q, pool, n), dict(block_tables=t.astype(jnp.float32)), "integer dtype"),
+                            ((q, pool[:, :, :, :40], n), dict(block_tables=t), r"\[num_pages, page_size, 1, D\]"),
+                            ((q, jnp.ones((6, 24, 1, 48)), n), dict(block_tables=t, impl="pallas"), "page_size"),
+                            ((q, pool, jnp.asarray([3, 4, 5])), dict(block_tables=t), r"lengths must have shape")]:
+        with pytest.raises(ValueError, match=match):
+            latent_decode_attention(*args, value_dim=32, **kw)
+    with pytest.raises(ValueError, match=r"latent has shape"):
+        jaxattn.append_paged_latent(pool, t, jnp.ones((2, 1, 1, 40)), n)

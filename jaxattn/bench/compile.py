@@ -384,6 +384,13 @@ def _decode_cases() -> Iterator[tuple[str, Callable, list]]:
         dtype = _dtype(size)
         yield (f"latent {lat}+64 {jnp.dtype(dtype).name} 128 heads", latent,
                [_sds((8, 1, 128, lat + 64), dtype), _sds((8, 32768, 1, lat + 64), dtype), _sds((8,), jnp.int32)])
+
+    def paged_latent(q, pool, tables, n):  # FlashMLA's layout: 64-row pages, two new tokens (speculative)
+        return decode.latent_decode_attention_kernel(q, pool, n, value_dim=512, block_tables=tables, interpret=False)
+
+    yield ("paged64 latent 512+64 bfloat16 128 heads", paged_latent,
+           [_sds((8, 2, 128, 576), jnp.bfloat16), _sds((8 * 512, 64, 1, 576), jnp.bfloat16), _sds((8, 512), jnp.int32),
+            _sds((8,), jnp.int32)])
     for page in (16, 128):  # paged cache: a 32k context per row in pages
         def paged(q, kp, vp, tables, n):
             return decode.paged_decode_attention_kernel(q, kp, vp, tables, n, interpret=False)

@@ -1,8 +1,9 @@
 """Latent-cache decode benchmark (multi-head latent attention, DeepSeek-V3's absorbed decoding): one new token per
 batch row, every one of ``heads`` query heads attending to a ``[seq, latent + rope]`` cache whose first ``latent``
 columns are also the values (:func:`jaxattn.latent_decode_attention`). Peers in this process: the kernel's
-latent mode ("jaxattn": each cache block read once, as two tiles) and the XLA path ("xla": the scores of every
-head, their softmax, then the values; ``jax.nn.dot_product_attention`` takes no value narrower than the key).
+latent mode ("jaxattn": each cache block read once, as two tiles), the same cache as a page pool read through
+block tables ("jaxattn-paged64": FlashMLA's page size) and the XLA path ("xla": the scores of every head, their
+softmax, then the values; ``jax.nn.dot_product_attention`` takes no value narrower than the key).
 The summary reports the cache bytes read per second: decoding is bound by them.
 """
 
@@ -18,6 +19,8 @@ import jax.numpy as jnp
 
 import jaxattn
 from jaxattn.bench import runner
+
+PAGE = 64  # FlashMLA's page size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,10 @@ def peers(case: Case) -> dict[str, Callable[..., Any]]:
         "jaxattn": lambda q, c, n: jaxattn.latent_decode_attention(q, c, n, value_dim=lat, impl="pallas"),
         "xla": lambda q, c, n: jaxattn.latent_decode_attention(q, c, n, value_dim=lat, impl="xla"),
     }
+    if case.seq % PAGE == 0:  # the same cache as a page pool (a free reshape; tables in page order)
+        ops[f"jaxattn-paged{PAGE}"] = lambda q, c, n: jaxattn.latent_decode_attention(
+            q, c.reshape(-1, PAGE, *c.shape[2:]), n, value_dim=lat, impl="pallas",
+            block_tables=jnp.arange(c.shape[0] * c.shape[1] // PAGE, dtype=jnp.int32).reshape(c.shape[0], -1))
     return {name: jax.jit(op) for name, op in ops.items()}
 
 

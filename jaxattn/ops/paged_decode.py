@@ -50,13 +50,27 @@ def _check_paged(q, k_pages, v_pages, block_tables, scaled: bool = False) -> tup
     if q_len == 0 or k_pages.shape[0] == 0 or k_pages.shape[1] == 0:
         raise ValueError(f"need q_len, num_pages and page_size >= 1; got q {tuple(q.shape)}, "
                          f"k_pages {tuple(k_pages.shape)}")
+    check_block_tables(block_tables, batch)
+    return batch, k_pages.shape[1], block_tables.shape[1]
+
+
+def check_block_tables(block_tables, batch: int | None) -> None:
+    """``block_tables`` must be int ``[batch, max_pages]`` (``batch`` None: any), ``max_pages >= 1``."""
     _checks.check_array("block_tables", block_tables, "[batch, max_pages]")
-    if block_tables.ndim != 2 or block_tables.shape[0] != batch or block_tables.shape[1] == 0:
-        raise ValueError(f"block_tables must have shape [batch, max_pages] with batch = {batch} and "
-                         f"max_pages >= 1, got {tuple(block_tables.shape)}")
+    if block_tables.ndim != 2 or (batch is not None and block_tables.shape[0] != batch) or block_tables.shape[1] == 0:
+        raise ValueError(f"block_tables must have shape [batch, max_pages] with "
+                         f"{'' if batch is None else f'batch = {batch} and '}max_pages >= 1, got "
+                         f"{tuple(block_tables.shape)}")
     if not jnp.issubdtype(block_tables.dtype, jnp.integer):
         raise ValueError(f"block_tables must have an integer dtype, got {jnp.dtype(block_tables.dtype).name}")
-    return batch, k_pages.shape[1], block_tables.shape[1]
+
+
+def write_pages(pool: jax.Array, block_tables: jax.Array, new: jax.Array, lengths: jax.Array) -> jax.Array:
+    """``pool`` with ``new [batch, n, ...]`` written at positions ``lengths[b] ..`` through the tables."""
+    pos = lengths[:, None] + jnp.arange(new.shape[1])[None, :]  # [batch, n]
+    page = pool.shape[1]
+    pages = jnp.take_along_axis(block_tables.astype(jnp.int32), pos // page, axis=1, mode="clip")
+    return pool.at[pages, pos % page].set(new.astype(pool.dtype))
 
 
 def paged_decode_attention(
@@ -142,9 +156,5 @@ def append_paged_kv(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Ar
         raise ValueError(f"k and v must hold the same number of new rows; got {k.shape[1]} and {v.shape[1]}")
     lengths = _check_lengths(lengths, batch, max_pages * page)
     k, v = _quantize_new(k_pages, k, k_scale, "k"), _quantize_new(v_pages, v, v_scale, "v")
-    pos = lengths[:, None] + jnp.arange(k.shape[1])[None, :]  # [batch, n]
-    pages = jnp.take_along_axis(block_tables.astype(jnp.int32), pos // page, axis=1, mode="clip")
-    slot = pos % page
-    k_pages = k_pages.at[pages, slot].set(k.astype(k_pages.dtype))
-    v_pages = v_pages.at[pages, slot].set(v.astype(v_pages.dtype))
-    return k_pages, v_pages, lengths + k.shape[1]
+    return (write_pages(k_pages, block_tables, k, lengths), write_pages(v_pages, block_tables, v, lengths),
+            lengths + k.shape[1])
