@@ -89,6 +89,7 @@ class _Static:
     chunk: int = CHUNK
     segments: bool = False  # packed documents: segment ids come after beta
     channel: bool = False  # a decay per key channel (Kimi Delta Attention): G [n, d_k]
+    varlen: bool = False  # documents on chunk boundaries, each with its own initial and final state
 
 
 def _masks(c: int):
@@ -176,13 +177,36 @@ def _triangle(kk, beta, masks):
 
 
 def _split_refs(refs, st: _Static):
-    """``(segment ids' ref or None, the decayed products' refs (per key channel) or (), the rest)``."""
+    """``(segment ids' ref or None, the documents' chunk range refs (begin, end) or (), the decayed products' refs
+    (per key channel) or (), the rest)``."""
     seg_ref, refs = (refs[0], refs[1:]) if st.segments else (None, refs)
-    return (seg_ref, *((refs[:2], refs[2:]) if st.channel else ((), refs)))
+    doc_refs, refs = (refs[:2], refs[2:]) if st.varlen else ((), refs)
+    return (seg_ref, doc_refs, *((refs[:2], refs[2:]) if st.channel else ((), refs)))
+
+
+def _scan(body, n_chunks: int, doc_refs, s_in_ref, s_out_ref, rows: int, reverse: bool = False) -> None:
+    """``body(i, s) -> s`` over the chunks (in reverse: ``i = n_chunks - 1 - j``) from ``s_in_ref``'s state, the
+    last into ``s_out_ref``; varlen (``doc_refs``: each document's chunk range): document by document, each from
+    its own rows of ``s_in_ref`` (``[documents * rows, block_v]``) to its rows of ``s_out_ref`` (an empty document
+    passes its state through; chunks past the last document are not visited)."""
+    if not doc_refs:
+        step = (lambda j, s: body(n_chunks - 1 - j, s)) if reverse else body  # noqa: E731
+        s_out_ref[...] = lax.fori_loop(0, n_chunks, step, s_in_ref[...].astype(jnp.float32))
+        return
+    begin_ref, end_ref = doc_refs
+
+    def document(d, carry):
+        lo, hi = begin_ref[d], end_ref[d]
+        sl = pl.ds(pl.multiple_of(d * rows, rows), rows)
+        step = (lambda j, s: body(hi - 1 - (j - lo), s)) if reverse else body  # noqa: E731
+        s_out_ref[sl, :] = lax.fori_loop(lo, hi, step, s_in_ref[sl, :].astype(jnp.float32)).astype(s_out_ref.dtype)
+        return carry
+
+    lax.fori_loop(0, begin_ref.shape[0], document, 0)
 
 
 def _kernel(q_ref, k_ref, v_ref, g_ref, b_ref, *refs, st: _Static):
-    seg_ref, pk_refs, (s0_ref, o_ref, s_ref, *states_ref) = _split_refs(refs, st)
+    seg_ref, doc_refs, pk_refs, (s0_ref, o_ref, s_ref, *states_ref) = _split_refs(refs, st)
     c = st.chunk
     masks = _masks(c)
     dk = k_ref.shape[-1]
@@ -209,14 +233,14 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, b_ref, *refs, st: _Static):
         k_dec = (k.astype(jnp.float32) * d.tile(d.e)).astype(dt)
         return d.rows(dk) * s + dot(k_dec, u_lo, trans_a=True, precision=st.precision)
 
-    s_ref[...] = lax.fori_loop(0, st.n // c, body, s0_ref[...].astype(jnp.float32))
+    _scan(body, st.n // c, doc_refs, s0_ref, s_ref, dk)
 
 
 def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, *refs, st: _Static):
     """The chunks in reverse, the state's gradient ``dS [d_k, block_v]`` (fp32) carried; each chunk's forward
     recomputed from the state it started from (``h_ref``). The gradients of q, k, the log decays and beta are
     this program's value columns' share (summed over the column blocks outside)."""
-    seg_ref, pk_refs, refs = _split_refs(refs, st)
+    seg_ref, doc_refs, pk_refs, refs = _split_refs(refs, st)
     h_ref, do_ref, dsn_ref, dq_ref, dk_ref, dv_ref, dg_ref, db_ref, ds0_ref, *dpk_refs = refs
     c = st.chunk
     masks = _masks(c)
@@ -227,8 +251,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, *refs, st: _Static):
     # per head, the decays' gradient terms summed over the key channels as they form
     red = (lambda x: x) if st.channel else (lambda x: jnp.sum(x, axis=1))  # noqa: E731
 
-    def body(j, ds):  # ds: the gradient of the state after chunk i
-        i = st.n // c - 1 - j
+    def body(i, ds):  # ds: the gradient of the state after chunk i
         sl = pl.ds(pl.multiple_of(i * c, c), c)
         q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
         beta = b_ref[sl]
@@ -292,7 +315,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, *refs, st: _Static):
         db_ref[sl] = dbeta
         return ds_prev
 
-    ds0_ref[...] = lax.fori_loop(0, st.n // c, body, dsn_ref[...])
+    _scan(body, st.n // c, doc_refs, dsn_ref, ds0_ref, dkd, reverse=True)
 
 
 def _segment_spec(n: int) -> pl.BlockSpec:
@@ -306,8 +329,19 @@ def _decay_spec(n: int, dk: int, st: _Static) -> pl.BlockSpec:
 
 
 def _static(q, gcum, seg, n, scale, cfg: GatedDeltaConfig, interpret) -> _Static:
+    """``seg``: segment ids ``[b, n]``, or a varlen pair ``(begin, end) [documents]`` (each document's chunks), or
+    None."""
     return _Static(n, scale, interpret, _HP if jnp.dtype(q.dtype) == jnp.float32 else None, cfg.chunk,
-                   seg is not None, gcum.ndim == 4)
+                   seg is not None and not isinstance(seg, tuple), gcum.ndim == 4, isinstance(seg, tuple))
+
+
+def _doc_inputs(seg, n: int, st: _Static):
+    """The segment ids' or the varlen chunk ranges' (arrays, block specs)."""
+    if st.segments:
+        return [seg], [_segment_spec(n)]
+    if st.varlen:
+        return list(seg), [_common.whole_block(seg[0].shape)] * 2
+    return [], []
 
 
 def _forward(q, k, v, gcum, beta, seg, s0, scale, cfg: GatedDeltaConfig, interpret, save_states: bool = False):
@@ -317,24 +351,26 @@ def _forward(q, k, v, gcum, beta, seg, s0, scale, cfg: GatedDeltaConfig, interpr
     st = _static(q, gcum, seg, n, scale, cfg, interpret)
     seq = lambda width: pl.BlockSpec((None, n, None, width), lambda bi, hi, vi: (bi, 0, hi // (h // hk), 0))  # noqa: E731
     vblock = lambda rows: pl.BlockSpec((None, None, rows, bv), lambda bi, hi, vi: (bi, hi, 0, vi))  # noqa: E731
-    out_shape = [jax.ShapeDtypeStruct((b, n, h, dv), q.dtype), jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32)]
-    out_specs = [pl.BlockSpec((None, n, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi)), vblock(dk)]
+    srows = s0.shape[2]  # d_k, or (varlen) documents * d_k
+    out_shape = [jax.ShapeDtypeStruct((b, n, h, dv), q.dtype), jax.ShapeDtypeStruct((b, h, srows, dv), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, n, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi)), vblock(srows)]
     if save_states:
         out_shape.append(jax.ShapeDtypeStruct((b, h, n // cfg.chunk * dk, dv), q.dtype))
         out_specs.append(vblock(n // cfg.chunk * dk))
     pk = channel_decay.decayed_products(q, k, gcum, cfg.chunk, interpret) if st.channel else ()
     chunk_rows = pl.BlockSpec((None, n, None, cfg.chunk), lambda bi, hi, vi: (bi, 0, hi, 0))
+    docs, doc_specs = _doc_inputs(seg, n, st)
     call = _common.pallas_call(
         functools.partial(_kernel, st=st),
         out_shape=out_shape,
         grid=(b, h, dv // bv),
         in_specs=[seq(dk), seq(dk), pl.BlockSpec((None, n, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi)),
                   _decay_spec(n, dk, st), pl.BlockSpec((None, n, None), lambda bi, hi, vi: (bi, 0, hi)),
-                  *([_segment_spec(n)] if st.segments else []), *[chunk_rows] * len(pk), vblock(dk)],
+                  *doc_specs, *[chunk_rows] * len(pk), vblock(srows)],
         out_specs=out_specs,
         num_warps=cfg.num_warps, num_stages=cfg.saving_num_stages if save_states else cfg.num_stages,
         interpret=interpret, name="jaxattn_gated_delta_fwd")
-    return call(q, k, v, gcum, beta, *([seg] if st.segments else []), *pk, s0)
+    return call(q, k, v, gcum, beta, *docs, *pk, s0)
 
 
 def _backward(q, k, v, gcum, beta, seg, states, do, ds_final, scale, cfg: GatedDeltaConfig, interpret):
@@ -352,20 +388,21 @@ def _backward(q, k, v, gcum, beta, seg, states, do, ds_final, scale, cfg: GatedD
     pk = channel_decay.decayed_products(q, k, gcum, cfg.chunk, interpret) if st.channel else ()  # (recomputed)
     chunk_rows = pl.BlockSpec((None, n, None, cfg.chunk), lambda bi, hi, vi: (bi, 0, hi, 0))
     dpk = [jax.ShapeDtypeStruct((nvb, b, n, h, cfg.chunk), f32)] * len(pk)
+    srows = ds_final.shape[2]  # d_k, or (varlen) documents * d_k
+    docs, doc_specs = _doc_inputs(seg, n, st)
     call = _common.pallas_call(
         functools.partial(_bwd_kernel, st=st),
         out_shape=[jax.ShapeDtypeStruct((nvb, b, n, h, dk), f32), jax.ShapeDtypeStruct((nvb, b, n, h, dk), f32),
                    jax.ShapeDtypeStruct((b, n, h, dv), f32), jax.ShapeDtypeStruct((nvb, *gcum.shape), f32),
-                   jax.ShapeDtypeStruct((nvb, b, n, h), f32), jax.ShapeDtypeStruct((b, h, dk, dv), f32), *dpk],
+                   jax.ShapeDtypeStruct((nvb, b, n, h), f32), jax.ShapeDtypeStruct((b, h, srows, dv), f32), *dpk],
         grid=(b, h, nvb),
-        in_specs=[seq(dk), seq(dk), cols, _decay_spec(n, dk, st), tok, *([_segment_spec(n)] if st.segments else []),
-                  *[chunk_rows] * len(pk), vblock(n // cfg.chunk * dk), cols, vblock(dk)],
-        out_specs=[part(dk), part(dk), cols, part(dk) if st.channel else part(), part(), vblock(dk),
+        in_specs=[seq(dk), seq(dk), cols, _decay_spec(n, dk, st), tok, *doc_specs,
+                  *[chunk_rows] * len(pk), vblock(n // cfg.chunk * dk), cols, vblock(srows)],
+        out_specs=[part(dk), part(dk), cols, part(dk) if st.channel else part(), part(), vblock(srows),
                    *[part(cfg.chunk)] * len(pk)],
         num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, interpret=interpret,
         name="jaxattn_gated_delta_bwd")
-    dq, dkey, dval, dg, db, ds0, *dpk = call(q, k, v, gcum, beta, *([seg] if st.segments else []), *pk, states, do,
-                                             ds_final)
+    dq, dkey, dval, dg, db, ds0, *dpk = call(q, k, v, gcum, beta, *docs, *pk, states, do, ds_final)
     dq, dkey, dg = dq.sum(0), dkey.sum(0), dg.sum(0)
     if st.channel:  # back through the decayed products, their gradients summed over the value blocks first
         dq_p, dk_p, dg_p = channel_decay.decayed_products_grads(q, k, gcum, dpk[0].sum(0), dpk[1].sum(0), interpret)
@@ -394,14 +431,19 @@ def _bwd(scale, cfg, interpret, res, cts):
     do, ds = cts
     dq, dk, dv, dg, db, ds0 = _backward(q, k, v, gcum, beta, seg, states, do.astype(q.dtype), ds.astype(jnp.float32),
                                         scale, cfg, interpret)
-    dseg = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)  # (integer ids: no gradient)
+    dseg = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), seg)  # (integer ids: no gradient)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, db, dseg, ds0
 
 
 _gated_delta.defvjp(_fwd, _bwd)
 
 
-def gated_delta_kernel(q, k, v, g, beta, *, scale: float, initial_state=None, segment_ids=None,
+def kernel_config(g) -> GatedDeltaConfig:
+    """The default config for log decays ``g`` (``[.., heads]`` or, per key channel, ``[.., heads, d_k]``)."""
+    return CHANNEL_CONFIG if g.ndim == 4 else GatedDeltaConfig()
+
+
+def gated_delta_kernel(q, k, v, g, beta, *, scale: float, initial_state=None, segment_ids=None, documents=None,
                        config: GatedDeltaConfig | None = None, interpret: bool | None = None
                        ) -> tuple[jax.Array, jax.Array]:
     """``(o, final state)`` of validated inputs whose sequence is a multiple of :data:`CHUNK` (padded by
@@ -409,10 +451,22 @@ def gated_delta_kernel(q, k, v, g, beta, *, scale: float, initial_state=None, se
     consecutive value heads; ``g [batch, seq, heads]``, or ``[batch, seq, heads, d_k]`` for a decay per key channel
     (Kimi Delta Attention: :data:`CHANNEL_CONFIG` by default); ``segment_ids [batch, seq]``: packed documents, each
     starting from a zero state, the initial state the first one's); differentiable in every float input (the
-    backward kernels)."""
+    backward kernels). ``documents``: variable-length documents laid on the config's chunk boundaries (batch 1),
+    a pair of int32 ``[documents]``, each document's first chunk and the chunk past its last (chunks in no
+    document are not visited: their outputs are left unwritten); ``initial_state`` is then ``[documents, heads,
+    d_k, d_v]`` (required) and so is the final state (an empty document's: its initial one)."""
     b, _, _, dk = q.shape
-    s0 = jnp.zeros((b, v.shape[2], dk, v.shape[-1]), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-    cfg = config or (CHANNEL_CONFIG if g.ndim == 4 else GatedDeltaConfig())
-    seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-    return _gated_delta(q, k, v, _in_chunk_cumsum(g, cfg.chunk), beta.astype(jnp.float32), seg, s0, scale, cfg,
+    h, dv = v.shape[2:]
+    cfg = config or kernel_config(g)
+    if documents is not None:  # [D, H, d_k, d_v] -> [1, H, D * d_k, d_v]: each program's column block whole
+        docs = initial_state.shape[0]
+        s0 = initial_state.astype(jnp.float32).transpose(1, 0, 2, 3).reshape(1, h, docs * dk, dv)
+        seg = tuple(jnp.asarray(x, jnp.int32) for x in documents)
+    else:
+        s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+        seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    o, s = _gated_delta(q, k, v, _in_chunk_cumsum(g, cfg.chunk), beta.astype(jnp.float32), seg, s0, scale, cfg,
                         interpret)
+    if documents is not None:
+        s = s.reshape(h, docs, dk, dv).transpose(1, 0, 2, 3)
+    return o, s

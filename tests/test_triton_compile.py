@@ -126,7 +126,8 @@ TARGETS = {
 }
 SPILL_BUDGET = {"landmark": 640}
 CASE_SPILL_BUDGET = {  # by case label and kernel (pallas/gated_delta.py's CHANNEL_CONFIG)
-    ("dk128 dv128 bfloat16 n=4096 per-channel decays fwd+bwd", "jaxattn_gated_delta_bwd"): 136}
+    ("dk128 dv128 bfloat16 n=4096 per-channel decays fwd+bwd", "jaxattn_gated_delta_bwd"): 136,
+    ("dk128 dv128 bfloat16 n=8192 varlen 32 documents per-channel decays fwd+bwd", "jaxattn_gated_delta_bwd"): 136}
 # Tensor-core instructions a kernel must use (by A-operand type): SageAttention's point is INT8
 # Q K^T and FP8 P V on Hopper's WGMMA (Pallas alone leaves FP8 dots on fp16 MMA v2; pallas/_fp8.py).
 MMA_TYPES = {"jaxattn_sage_fwd": {"wgmma.s8", "wgmma.e4m3"}, "jaxattn_flash_fwd": {"wgmma.bf16"},

@@ -516,6 +516,17 @@ def _gated_delta_cases() -> Iterator[tuple[str, Callable, list]]:
     yield "dk128 dv128 bfloat16 n=4096 per-channel decays", fwd, kda  # Kimi Delta Attention
     yield "dk128 dv128 bfloat16 n=4096 per-channel decays fwd+bwd", jax.value_and_grad(loss, (0, 1, 2, 3, 4)), kda
 
+    def varlen_loss(q, k, v, g, beta, s0, begin, end):  # documents on chunk boundaries, each with its own states
+        o, s = gated_delta_kernel(q, k, v, g, beta, scale=0.088, initial_state=s0, documents=(begin, end),
+                                  interpret=False)
+        return _total(o) + jnp.sum(s)
+
+    for label, g in (("", (1, 8192, 16)), (" per-channel decays", (1, 8192, 16, 128))):
+        yield (f"dk128 dv128 bfloat16 n=8192 varlen 32 documents{label} fwd+bwd",
+               jax.value_and_grad(varlen_loss, (0, 1, 2, 3, 4, 5)),
+               [*[_sds((1, 8192, 16, 128), jnp.bfloat16)] * 3, _sds(g, jnp.float32), _sds((1, 8192, 16), jnp.float32),
+                _sds((32, 16, 128, 128), jnp.float32), *[_sds((32,), jnp.int32)] * 2])
+
 
 FAMILIES: dict[str, Callable[[], Iterable[tuple[str, Callable, list]]]] = {
     "flash": _flash_cases, "lightning": _lightning_cases, "sage": _sage_cases,

@@ -27,7 +27,7 @@ from jax import lax
 
 from jaxattn.ops import _checks, _spmd
 from jaxattn.pallas import _common
-from jaxattn.pallas.gated_delta import CHUNK, gated_delta_kernel, kernel_ok  # (CHUNK: the padding, XLA's chunk)
+from jaxattn.pallas.gated_delta import CHUNK, gated_delta_kernel, kernel_config, kernel_ok  # (CHUNK: the padding)
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_step", "CHUNK"]
 
@@ -140,7 +140,10 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
     return inv
 
 
-def _xla(q, k, v, g, beta, scale, initial_state, segment_ids=None):
+def _xla(q, k, v, g, beta, scale, initial_state, segment_ids=None, documents=None):
+    """The chunked rule in XLA; ``documents``: :func:`jaxattn.ops.gated_delta_varlen.layout`'s chunk ranges (batch
+    1, documents on :func:`xla_chunk`'s boundaries), ``initial_state [documents, heads, d_k, d_v]``, and the
+    final states the same (each document's after its last chunk; an empty one's, its initial state)."""
     q, k = (share_heads(x, v.shape[2]) for x in (q, k))
     b, n, h, dk = q.shape
     dv = v.shape[-1]
@@ -152,19 +155,39 @@ def _xla(q, k, v, g, beta, scale, initial_state, segment_ids=None):
         qc = _chunks(q.astype(jnp.float32), CHUNK)
         qk = jnp.einsum("...ik,...jk->...ij", qc, _chunks(k.astype(jnp.float32), CHUNK), precision=_HP) * gam_ij
         q_dec = qc * gam[..., None]
-    s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+    if documents is not None:
+        s0 = jnp.zeros((b, h, dk, dv), jnp.float32)
+        docs_s0 = initial_state.astype(jnp.float32)  # [D, H, d_k, d_v]
+    else:
+        s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
 
     def step(s, xs):
-        tv_c, w_c, qk_c, qd_c, kd_c, gl_c = xs
+        tv_c, w_c, qk_c, qd_c, kd_c, gl_c, *first = xs
+        if first:  # a document's first chunk starts from its initial state
+            s = jnp.where(first[0] >= 0, docs_s0[jnp.maximum(first[0], 0)][None], s)
         u = tv_c - jnp.einsum("bhik,bhkv->bhiv", w_c, s, precision=_HP)
         o = jnp.einsum("bhik,bhkv->bhiv", qd_c, s, precision=_HP) + jnp.einsum("bhij,bhjv->bhiv", qk_c, u, precision=_HP)
         s = gl_c[..., :, None] * s + jnp.einsum("bhik,bhiv->bhkv", kd_c, u, precision=_HP)  # (gamma_C: [.., 1 or d_k])
-        return s, o
+        return s, (o, s) if first else o
 
     xs = tuple(jnp.moveaxis(x, 2, 0) for x in (tv, w, qk, q_dec, k_dec, g_last))
+    if documents is not None:  # each chunk's document where it is the document's first chunk, else -1
+        begin, end = documents
+        chunks, docs = tv.shape[2], begin.shape[0]
+        held = end > begin
+        xs = (*xs, jnp.full((chunks,), -1, jnp.int32).at[jnp.where(held, begin, chunks)].set(
+            jnp.arange(docs, dtype=jnp.int32), mode="drop"))
     s, o = lax.scan(step, s0, xs)  # o [Nc, B, H, c, dv]
+    if documents is not None:  # each document's state after its last chunk (an empty one's: its initial state)
+        o, after = o
+        s = jnp.where(held[:, None, None, None], after[jnp.maximum(end - 1, 0), 0], docs_s0)
     o = jnp.moveaxis(o, 0, 2).reshape(b, h, n, dv).transpose(0, 2, 1, 3)
     return (scale * o).astype(q.dtype), s
+
+
+def xla_chunk(g: jax.Array) -> int:
+    """The XLA path's chunk for log decays ``g`` (per key channel: :data:`CHANNEL_CHUNK`)."""
+    return CHANNEL_CHUNK if g.ndim == 4 else CHUNK
 
 
 def share_heads(x: jax.Array, heads: int) -> jax.Array:
@@ -180,7 +203,8 @@ def _pad(x: jax.Array, n: int) -> jax.Array:
 def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
                      scale: float | None = None, initial_state: jax.Array | None = None, return_state: bool = False,
                      segment_ids: jax.Array | None = None, impl: Literal["auto", "pallas", "xla"] = "auto",
-                     sequence_axis: str | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+                     sequence_axis: str | None = None,
+                     cu_seqlens: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The gated delta rule (module docstring) of ``q, k [batch, seq, h_k, d_k]``, ``v [batch, seq, heads,
     d_v]`` (``heads`` a multiple of ``h_k``: consecutive groups of ``heads / h_k`` value heads share a query and
     key head, as Qwen3-Next's; the kernel reads them in place), log decays ``g`` (``<= 0``) and write strengths
@@ -193,9 +217,18 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
     first, which keeps ``I - beta k kᵀ`` a contraction. Returns ``o`` in q's dtype (and the final state, fp32).
     Any sequence length (padded inside to whole chunks of 64). ``sequence_axis``: inside a ``shard_map`` whose
     inputs are split along the sequence over that mesh axis, the whole sequence's rule
-    (:mod:`jaxattn.ops.gated_delta_sp`; :func:`jaxattn.gated_delta_rule_sp` for global arrays)."""
+    (:mod:`jaxattn.ops.gated_delta_sp`; :func:`jaxattn.gated_delta_rule_sp` for global arrays).
+
+    ``cu_seqlens`` int ``[N + 1]`` (flash-linear-attention's varlen form: a serving engine's packed prefill): the
+    inputs hold ``N`` documents in one row ``[1, total, ...]``, document ``i`` its tokens ``cu_seqlens[i] ..
+    cu_seqlens[i + 1]`` (empty ones allowed), each run from its own ``initial_state[i]`` (``[N, heads, d_k, d_v]``,
+    zeros if None); the returned state is ``[N, heads, d_k, d_v]``, each document's final state
+    (:mod:`jaxattn.ops.gated_delta_varlen`). Differentiable in the initial states too."""
     _checks.check_impl(impl)
-    _check(q, k, v, g, beta, initial_state)
+    _check(q, k, v, g, beta, initial_state if cu_seqlens is None else None)
+    if cu_seqlens is not None:
+        return _varlen(q, k, v, g, beta, cu_seqlens, scale, initial_state, return_state, impl,
+                       segment_ids=segment_ids, sequence_axis=sequence_axis)
     if sequence_axis is not None:
         from jaxattn.ops.gated_delta_sp import sequence_parallel_gated_delta
 
@@ -230,6 +263,38 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
     else:
         o, s = _xla(*args, scale, initial_state, seg)
     o = o[:, :n]
+    return (o, s) if return_state else o
+
+
+def _varlen(q, k, v, g, beta, cu_seqlens, scale, initial_state, return_state, impl, *, segment_ids, sequence_axis):
+    from jaxattn.ops import gated_delta_varlen as varlen
+
+    for name, x in (("segment_ids", segment_ids), ("sequence_axis", sequence_axis)):
+        if x is not None:
+            raise ValueError(f"cu_seqlens and {name} are exclusive (cu_seqlens already marks the documents)")
+    b, total = q.shape[:2]
+    if b != 1:
+        raise ValueError(f"with cu_seqlens, q, k, v, g and beta hold the documents packed in one row [1, total, ...]; "
+                         f"got batch {b}")
+    docs = varlen.check_cu_seqlens(cu_seqlens, total)
+    h, dk, dv = v.shape[2], q.shape[-1], v.shape[-1]
+    if initial_state is None:
+        initial_state = jnp.zeros((docs, h, dk, dv), jnp.float32)
+    elif tuple(jnp.shape(initial_state)) != (docs, h, dk, dv):
+        raise ValueError(f"with cu_seqlens, initial_state must be [documents, heads, d_k, d_v] = ({docs}, {h}, {dk}, "
+                         f"{dv}), got {tuple(jnp.shape(initial_state))}")
+    scale = q.shape[-1] ** -0.5 if scale is None else _checks.check_scale(scale)
+    if impl == "pallas" and not kernel_ok(dk, dv):
+        raise ValueError(f"impl='pallas' takes head dims that are powers of two from 16 to 256; got d_k={dk}, d_v={dv}")
+    kernel = (impl == "pallas" or (impl == "auto" and _common.targets_gpu())) and kernel_ok(dk, dv)
+    align = kernel_config(g).chunk if kernel else xla_chunk(g)
+    positions, n, ranges = varlen.layout(cu_seqlens, total, align, CHUNK)
+    args = [varlen.scatter(x, positions, n) for x in (q, k, v, g, beta)]
+    if kernel:
+        o, s = gated_delta_kernel(*args, scale=float(scale), initial_state=initial_state, documents=ranges)
+    else:
+        o, s = _xla(*args, scale, initial_state, documents=ranges)
+    o = o[:, positions]
     return (o, s) if return_state else o
 
 
