@@ -29,7 +29,7 @@ def test_gpu_sweep_fills_tokens_and_model_dim():
 @pytest.mark.parametrize("op,peer,n_cases", [("attention", "| xla", 4), pytest.param("lightning", "| scan", 2,
                                                                                      marks=pytest.mark.slow),
                                              ("sparse", "| flash-full", 2), ("moe", "| dense", 3),
-                                             ("mla", "| xla", 1), ("delta", "| xla-chunked", 4),
+                                             ("mla", "| xla", 1), ("delta", "| xla-chunked", 5),
                                              *(pytest.param(*c, marks=pytest.mark.slow) for c in [
                                                  ("halo", "| xla-unfold", 2), ("l2vit", "| quadratic", 2),
                                                  ("landmark", "| flash-causal", 2)])])

@@ -1,7 +1,9 @@
 """Gated delta rule benchmark (:func:`jaxattn.gated_delta_rule`, Gated DeltaNet): the chunked Pallas forward kernel
 and its backward kernel ("jaxattn"), the XLA chunked path ("xla-chunked": triangular solves and a
 scan over chunks), the token-by-token recurrence ("scan"), and flash-linear-attention's
-``chunk_gated_delta_rule`` (PyTorch, Triton) when importable. L2-normalized q and k, as Gated DeltaNet's. Cases
+``chunk_gated_delta_rule`` (PyTorch, Triton) when importable. With several batch rows, "jaxattn-varlen" runs the
+same rows as documents packed in one row (``cu_seqlens``, each from its own state; fla's ``cu_seqlens`` form
+beside it): the cost of the varlen layout. L2-normalized q and k, as Gated DeltaNet's. Cases
 with ``decay="channel"`` give each key channel its own decay (Kimi Delta Attention, ``g [B, N, H, d_k]``; the peer:
 fla's ``chunk_kda``).
 
@@ -48,6 +50,7 @@ def smoke_cases():
     for m in ("fwd", "fwd+bwd"):
         for decay in ("head", "channel"):
             yield Case(1, 128, 2, 32, "float32", m, decay)
+    yield Case(2, 64, 2, 32, "float32", "fwd+bwd")  # (two rows: the varlen peer)
 
 
 def _decay_shape(case: Case) -> tuple[int, ...]:
@@ -70,9 +73,19 @@ def inputs(case: Case) -> tuple:
 def peers(case: Case) -> dict[str, Callable[..., Any]]:
     ops = {"jaxattn": lambda q, k, v, g, b: jaxattn.gated_delta_rule(q, k, v, g, b, impl="pallas"),
            "xla-chunked": lambda q, k, v, g, b: jaxattn.gated_delta_rule(q, k, v, g, b, impl="xla")}
+    if case.batch > 1:  # the rows as packed documents (cu_seqlens)
+        ops["jaxattn-varlen"] = lambda q, k, v, g, b: _as_documents(q, k, v, g, b)
     if case.seq <= 8192:  # (one step per token)
         ops["scan"] = lambda q, k, v, g, b: gated_delta_reference(q, k, v, g, b)[0].astype(q.dtype)
     return {name: runner.jax_mode_fn(op, case.mode, n_diff=5) for name, op in ops.items()}
+
+
+def _as_documents(q, k, v, g, beta):
+    batch, n = q.shape[:2]
+    one = lambda x: x.reshape(1, batch * n, *x.shape[2:])  # noqa: E731
+    cu = jnp.arange(batch + 1, dtype=jnp.int32) * n
+    o = jaxattn.gated_delta_rule(one(q), one(k), one(v), one(g), one(beta), cu_seqlens=cu, impl="pallas")
+    return o.reshape(q.shape[:2] + o.shape[2:])
 
 
 def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
@@ -96,13 +109,20 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
     g = (-0.1 * torch.nn.functional.softplus(torch.randn(_decay_shape(case), device="cuda"))).requires_grad_(bwd)
     beta = torch.sigmoid(torch.randn(shape[:3], device="cuda")).to(dt).requires_grad_(bwd)
 
-    def run():
-        o, _ = chunk_gated_delta_rule(q, k, v, g, beta)
+    def run(packed: bool = False):
+        if packed:  # the rows as documents of one row (fla's cu_seqlens)
+            one = lambda x: x.reshape(1, -1, *x.shape[2:])  # noqa: E731
+            cu = torch.arange(case.batch + 1, device="cuda", dtype=torch.long) * case.seq
+            o, _ = chunk_gated_delta_rule(one(q), one(k), one(v), one(g), one(beta), cu_seqlens=cu)
+            o = o.reshape(do.shape)
+        else:
+            o, _ = chunk_gated_delta_rule(q, k, v, g, beta)
         if bwd:
             torch.autograd.grad(o, (q, k, v, g, beta), do)
         return o
 
-    return {"fla-kda" if case.decay == "channel" else "fla-gated-delta": run}
+    name = "fla-kda" if case.decay == "channel" else "fla-gated-delta"
+    return {name: run, **({f"{name}-varlen": lambda: run(True)} if case.batch > 1 else {})}
 
 
 def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True, **kw) -> list[dict]:
