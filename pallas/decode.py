@@ -174,6 +174,8 @@ def _kernel(q_ref, k_ref, *rest, st: _Static):
         if lat:  # the latent tile is the value too; the keys add the RoPE tile
             v = _common.load_tile(k_ref, (*idx[:-1], pl.ds(0, lat)), first, st.cache_rows, ragged, lat)
             k_rope = _common.load_tile(k_ref, (*idx[:-1], pl.ds(lat, rope)), first, st.cache_rows, ragged, rope)
+            if st.kv_scales:  # dequantise: the stored latent (e.g. fp8) in q's dtype; its scale below
+                v, k_rope = v.astype(q.dtype), k_rope.astype(q.dtype)
             qk = dot(q, v, trans_b=True, precision=st.precision) + dot(q_rope, k_rope, trans_b=True,
                                                                        precision=st.precision)
         else:
@@ -359,23 +361,26 @@ def decode_attention_kernel(
 def latent_decode_attention_kernel(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, value_dim: int,
                                    config: DecodeConfig | None = None, causal: bool = True, scale: float | None = None,
                                    num_splits: int | None = None, interpret: bool | None = None,
-                                   block_tables: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                                   block_tables: jax.Array | None = None, cache_scale: jax.Array | None = None
+                                   ) -> tuple[jax.Array, jax.Array]:
     """Split-KV decode attention from a latent cache, on validated inputs: ``q [B, Sq, H, L + R]``, ``cache
     [B, S, 1, L + R]`` (the keys; the values are its first ``L = value_dim`` columns), ``L`` and ``R`` powers
     of two >= 16 up to :data:`LATENT_MAX`; or, with ``block_tables [B, max_pages]``, a page pool ``[P,
     page_size, 1, L + R]`` (``page_size`` a power of two >= 16) read through the tables as
-    :func:`paged_decode_attention_kernel`. Returns ``out [B, Sq, H, L]`` in q's dtype and the fp32 lse."""
+    :func:`paged_decode_attention_kernel`; ``cache_scale [1]``: a quantized cache (FP8 / int8) holding ``latent /
+    cache_scale``. Returns ``out [B, Sq, H, L]`` in q's dtype and the fp32 lse."""
     cfg = config or LATENT_CONFIGS.get((value_dim, jnp.dtype(q.dtype).itemsize), DecodeConfig(32, 32, 4, 3))
+    scales = dict(k_scale=cache_scale, v_scale=cache_scale)
     if block_tables is not None:
         page = cache.shape[1]
         bk = min(cfg.block_k, page)
         return _launch(q, cache, None, lengths, block_tables.astype(jnp.int32), s_max=block_tables.shape[1] * page,
                        cfg=cfg, bk=bk, blocks_per_page=page // bk, causal=causal, scale=scale, num_splits=num_splits,
-                       interpret=interpret, latent=value_dim)
+                       interpret=interpret, latent=value_dim, **scales)
     s_max = cache.shape[1]
     bk = min(cfg.block_k, max(16, _common.next_pow2(s_max)))
     return _launch(q, cache, None, lengths, None, s_max=s_max, cfg=cfg, bk=bk, blocks_per_page=0, causal=causal,
-                   scale=scale, num_splits=num_splits, interpret=interpret, latent=value_dim)
+                   scale=scale, num_splits=num_splits, interpret=interpret, latent=value_dim, **scales)
 
 
 def latent_kernel_ok(width: int, value_dim: int) -> bool:

@@ -168,3 +168,43 @@ def test_paged_bad_input():
             latent_decode_attention(*args, value_dim=32, **kw)
     with pytest.raises(ValueError, match=r"latent has shape"):
         jaxattn.append_paged_latent(pool, t, jnp.ones((2, 1, 1, 40)), n)
+
+
+@pytest.mark.parametrize("fmt,paged", [(jnp.float8_e4m3fn, False), (jnp.float8_e4m3fn, True), (jnp.int8, True)])
+def test_quantized_latent_cache(fmt, paged):
+    """cache_scale: an FP8 / int8 latent cache (quantize_kv's) equals the explicit formula on the dequantized cache,
+    and stays close to the full-precision cache; append_paged_latent quantizes new rows with the pool's scale."""
+    lengths, lat, rope, page = [45, 20], 32, 16, 16
+    pool, tables, _ = _pool(11, lengths, page, lat + rope, jnp.float32)
+    stored, scale = jaxattn.quantize_kv(pool, dtype=fmt)
+    assert stored.dtype == fmt and scale.shape == (1,)
+    deq = np.asarray(stored.astype(jnp.float32)) * float(scale[0])
+    dense = np.stack([[deq[tables[b, i // page], i % page] for i in range(tables.shape[1] * page)] for b in range(2)])
+    q = jax.random.normal(jax.random.key(12), (2, 1, 4, lat + rope)).astype(jnp.bfloat16)
+    n = jnp.asarray(lengths, jnp.int32)
+    if paged:
+        cache, kw = stored, dict(block_tables=tables)
+    else:  # (the dense cache the tables describe, still quantized)
+        cache, kw = jnp.asarray(np.stack([[np.asarray(stored)[tables[b, i // page], i % page]
+                                           for i in range(tables.shape[1] * page)] for b in range(2)])), {}
+    want = explicit(q.astype(jnp.float32), dense, lengths, lat, True, 0.125)
+    full = explicit(q.astype(jnp.float32), np.stack([[np.asarray(pool)[tables[b, i // page], i % page]
+                                                     for i in range(tables.shape[1] * page)] for b in range(2)]),
+                    lengths, lat, True, 0.125)
+    for impl in ("pallas", "xla"):
+        with poison_outputs():
+            out = latent_decode_attention(q, cache, n, value_dim=lat, cache_scale=scale, scale=0.125, impl=impl, **kw)
+        assert out.dtype == jnp.bfloat16
+        assert_close(out, want, jnp.bfloat16, f"{impl} vs the dequantized cache", tol=TOL)
+        cos = np.sum(np.asarray(out, np.float32) * full) / np.linalg.norm(np.asarray(out, np.float32)) / np.linalg.norm(full)
+        assert cos > 0.99, cos
+    with pytest.raises(ValueError, match="needs cache_scale"):
+        latent_decode_attention(q, cache, n, value_dim=lat, **kw)
+    if paged:
+        new = jax.random.normal(jax.random.key(13), (2, 1, 1, lat + rope))
+        pool2, _ = jaxattn.append_paged_latent(stored, tables, new, n, cache_scale=scale)
+        row = pool2[tables[0, 45 // page], 45 % page]
+        np.testing.assert_array_equal(np.asarray(row.astype(jnp.float32)),
+                                      np.asarray(jaxattn.quantize_kv(new[0, 0:1], scale, fmt)[0][0].astype(jnp.float32)))
+        with pytest.raises(ValueError, match="pass cache_scale"):
+            jaxattn.append_paged_latent(stored, tables, new, n)

@@ -391,6 +391,14 @@ def _decode_cases() -> Iterator[tuple[str, Callable, list]]:
     yield ("paged64 latent 512+64 bfloat16 128 heads", paged_latent,
            [_sds((8, 2, 128, 576), jnp.bfloat16), _sds((8 * 512, 64, 1, 576), jnp.bfloat16), _sds((8, 512), jnp.int32),
             _sds((8,), jnp.int32)])
+
+    def fp8_latent(q, pool, tables, n):  # an FP8 latent cache (DeepSeek's FP8 KV), paged
+        return decode.latent_decode_attention_kernel(q, pool, n, value_dim=512, block_tables=tables,
+                                                     cache_scale=jnp.ones(1), interpret=False)
+
+    yield ("paged64 fp8 latent 512+64 bfloat16 128 heads", fp8_latent,
+           [_sds((8, 1, 128, 576), jnp.bfloat16), _sds((8 * 512, 64, 1, 576), jnp.float8_e4m3fn),
+            _sds((8, 512), jnp.int32), _sds((8,), jnp.int32)])
     for page in (16, 128):  # paged cache: a 32k context per row in pages
         def paged(q, kp, vp, tables, n):
             return decode.paged_decode_attention_kernel(q, kp, vp, tables, n, interpret=False)

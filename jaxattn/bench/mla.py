@@ -2,7 +2,8 @@
 batch row, every one of ``heads`` query heads attending to a ``[seq, latent + rope]`` cache whose first ``latent``
 columns are also the values (:func:`jaxattn.latent_decode_attention`). Peers in this process: the kernel's
 latent mode ("jaxattn": each cache block read once, as two tiles), the same cache as a page pool read through
-block tables ("jaxattn-paged64": FlashMLA's page size) and the XLA path ("xla": the scores of every head, their
+block tables ("jaxattn-paged64": FlashMLA's page size), the cache quantized to FP8 e4m3 ("jaxattn-fp8",
+reading half the bytes; the summary's GB/s count the case dtype's bytes) and the XLA path ("xla": the scores of every head, their
 softmax, then the values; ``jax.nn.dot_product_attention`` takes no value narrower than the key).
 The summary reports the cache bytes read per second: decoding is bound by them.
 """
@@ -55,7 +56,7 @@ def inputs(case: Case) -> tuple:
     dt, width = jnp.dtype(case.dtype), case.head_dim + case.rope
     q = jax.random.normal(kq, (case.batch, 1, case.heads, width), jnp.float32).astype(dt)
     cache = jax.random.normal(kc, (case.batch, case.seq, 1, width), jnp.float32).astype(dt)
-    return q, cache, jnp.full((case.batch,), case.seq, jnp.int32)
+    return (q, cache, jnp.full((case.batch,), case.seq, jnp.int32), *jaxattn.quantize_kv(cache))  # (FP8 peer's)
 
 
 def peers(case: Case) -> dict[str, Callable[..., Any]]:
@@ -68,7 +69,11 @@ def peers(case: Case) -> dict[str, Callable[..., Any]]:
         ops[f"jaxattn-paged{PAGE}"] = lambda q, c, n: jaxattn.latent_decode_attention(
             q, c.reshape(-1, PAGE, *c.shape[2:]), n, value_dim=lat, impl="pallas",
             block_tables=jnp.arange(c.shape[0] * c.shape[1] // PAGE, dtype=jnp.int32).reshape(c.shape[0], -1))
-    return {name: jax.jit(op) for name, op in ops.items()}
+    # every peer gets (q, cache, lengths, fp8 cache, its scale); only the FP8 one reads the last two
+    jitted = {name: jax.jit(lambda q, c, n, *_, op=op: op(q, c, n)) for name, op in ops.items()}
+    jitted["jaxattn-fp8"] = jax.jit(lambda q, c, n, c8, s: jaxattn.latent_decode_attention(
+        q, c8, n, value_dim=lat, cache_scale=s, impl="pallas"))
+    return jitted
 
 
 def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True, **kw) -> list[dict]:

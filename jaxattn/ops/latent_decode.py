@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from jaxattn.ops import _checks, _spmd
-from jaxattn.ops.decode import _NO_GRAD, _check_lengths, reference_on
+from jaxattn.ops.decode import CACHE_DTYPES, _NO_GRAD, _check_lengths, _quantize_new, check_kv_scale, reference_on
 from jaxattn.ops.paged_decode import check_block_tables, gather_pages, write_pages
 from jaxattn.pallas import decode as _decode
 from jaxattn.pallas._common import targets_gpu
@@ -20,7 +21,8 @@ __all__ = ["latent_decode_attention", "append_paged_latent"]
 
 
 def latent_decode_attention(q: jax.Array, cache: jax.Array, lengths: jax.Array | int | None = None, *,
-                            value_dim: int, block_tables: jax.Array | None = None, causal: bool = True,
+                            value_dim: int, block_tables: jax.Array | None = None,
+                            cache_scale: jax.Array | float | None = None, causal: bool = True,
                             scale: float | None = None, impl: Literal["auto", "pallas", "xla"] = "auto",
                             num_splits: int | None = None,
                             return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -35,6 +37,9 @@ def latent_decode_attention(q: jax.Array, cache: jax.Array, lengths: jax.Array |
       value_dim: the latent's width, the values' columns.
       block_tables: int ``[batch, max_pages]``: the page holding each row's ``i``-th ``page_size`` positions
         (entries past a row's length are never read); the cache then has ``max_pages * page_size`` rows.
+      cache_scale: ``[1]`` or a scalar: a quantized cache (float8_e4m3fn, float8_e5m2 or int8, from
+        :func:`jaxattn.quantize_kv`) holding ``latent / cache_scale``; the kernel upcasts each tile to q's dtype
+        as it loads it and scales the logits and the output (half the bytes of a bf16 cache for FP8).
       causal, scale, num_splits, return_lse: as :func:`jaxattn.decode_attention`.
       impl: ``"pallas"``: the decode kernel's latent mode (each cache block read once, as a ``value_dim``-wide
         and a ``D - value_dim``-wide tile: both powers of two >= 16, at most 512 and 128; pages read through the
@@ -48,7 +53,14 @@ def latent_decode_attention(q: jax.Array, cache: jax.Array, lengths: jax.Array |
     layout = "[batch, S, 1, D]" if block_tables is None else "[num_pages, page_size, 1, D]"
     _checks.check_rank("cache", cache, 4, layout)
     _checks.check_float_dtype("q", q)
-    _checks.check_same_dtype(q=q, cache=cache)
+    quantized = jnp.dtype(cache.dtype) in map(jnp.dtype, CACHE_DTYPES)
+    if cache_scale is None and quantized:
+        raise ValueError(f"cache is {jnp.dtype(cache.dtype).name}: a quantized cache needs cache_scale "
+                         "(see jaxattn.quantize_kv)")
+    if not quantized:
+        _checks.check_same_dtype(q=q, cache=cache)
+    if cache_scale is not None:
+        cache_scale = check_kv_scale("cache_scale", cache_scale, 1)
     batch, _, _, d = q.shape
     if (block_tables is None and cache.shape[0] != batch) or cache.shape[2] != 1 or cache.shape[3] != d:
         want = f"[{batch}, S, 1, {d}]" if block_tables is None else f"[num_pages, page_size, 1, {d}]"
@@ -79,28 +91,30 @@ def latent_decode_attention(q: jax.Array, cache: jax.Array, lengths: jax.Array |
         q, cache = (_checks.no_grad(x, _NO_GRAD) for x in (q, cache))
         out, lse = _decode.latent_decode_attention_kernel(q, cache, lengths, value_dim=value_dim, causal=causal,
                                                           scale=scale, num_splits=num_splits,
-                                                          block_tables=block_tables)
+                                                          block_tables=block_tables, cache_scale=cache_scale)
     elif kernel and not _checks.empty(q, cache):
         q, cache = (_checks.no_grad(x, _NO_GRAD) for x in (q, cache))
         out, lse = _spmd.per_batch_shard(
             lambda batch_offset=None, **a: _decode.latent_decode_attention_kernel(
                 value_dim=value_dim, causal=causal, scale=scale, num_splits=num_splits, **a),
-            dict(q=q, cache=cache, lengths=lengths))
+            dict(q=q, cache=cache, lengths=lengths), dict(cache_scale=cache_scale))
     else:
         if block_tables is not None:
             cache = gather_pages(cache, block_tables)
         out, lse = reference_on(q, cache, cache[..., :value_dim], lengths, causal,
                                 dict(scale=scale, local_window_size=None, logits_soft_cap=None, alibi_slopes=None,
-                                     num_splits=num_splits, score_mod=None, score_mod_tables=()))
+                                     num_splits=num_splits, score_mod=None, score_mod_tables=(),
+                                     k_scale=cache_scale, v_scale=cache_scale))
     return (out, lse) if return_lse else out
 
 
 def append_paged_latent(pages: jax.Array, block_tables: jax.Array, latent: jax.Array,
-                        lengths: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+                        lengths: jax.Array | int, *, cache_scale=None) -> tuple[jax.Array, jax.Array]:
     """Writes ``latent [batch, n, 1, D]`` (the new tokens' cache rows) at positions ``lengths[b] ..
     lengths[b] + n`` of each batch row, into the pages of ``pages [num_pages, page_size, 1, D]`` its table
     names; returns the pool and ``lengths + n`` (as :func:`jaxattn.append_paged_kv`: the caller allocates
-    the pages and keeps different rows' pages distinct)."""
+    the pages and keeps different rows' pages distinct). A quantized pool takes its ``cache_scale`` (the rows
+    are quantized with it)."""
     _checks.check_rank("pages", pages, 4, "[num_pages, page_size, 1, D]")
     check_block_tables(block_tables, None)
     batch = block_tables.shape[0]
@@ -109,4 +123,7 @@ def append_paged_latent(pages: jax.Array, block_tables: jax.Array, latent: jax.A
         raise ValueError(f"latent has shape {tuple(latent.shape)}; expected [batch={batch}, n, 1, D] matching pages "
                          f"{tuple(pages.shape)}")
     lengths = _check_lengths(lengths, batch, block_tables.shape[1] * pages.shape[1])
+    if cache_scale is None and jnp.dtype(pages.dtype) in map(jnp.dtype, CACHE_DTYPES):
+        raise ValueError(f"pages is {jnp.dtype(pages.dtype).name}: pass cache_scale (from jaxattn.quantize_kv)")
+    latent = _quantize_new(pages, latent, cache_scale, "cache")
     return write_pages(pages, block_tables, latent, lengths), lengths + latent.shape[1]
