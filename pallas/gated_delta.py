@@ -40,7 +40,8 @@ from jax.experimental import pallas as pl
 from jaxattn.pallas import _common, channel_decay
 from jaxattn.pallas._common import dot
 
-__all__ = ["gated_delta_kernel", "GatedDeltaConfig", "CHANNEL_CONFIG", "kernel_ok", "CHUNK"]
+__all__ = ["gated_delta_kernel", "GatedDeltaConfig", "CHANNEL_CONFIG", "GATED_LINEAR_CHANNEL_CONFIG", "kernel_ok",
+           "kernel_config", "CHUNK"]
 
 CHUNK = 64
 _HP = lax.Precision.HIGHEST
@@ -73,6 +74,10 @@ class GatedDeltaConfig:
 # too; 1 stage spilled 80); the backward spills 136 B at 16 columns, 8 warps, 2-3 stages (144-2256 B at every
 # other column count, warp count and stage count tried; XLA's own Triton pipeline (jax 0.10): 536 B).
 CHANNEL_CONFIG = GatedDeltaConfig(block_v=32, saving_num_stages=2)
+# Gated linear attention (delta=False) per key channel: its backward at 16 columns spilled 1.3-2.8 KB per thread
+# (both pipelines, 1-3 stages); at 32 columns, 8 warps, 3 stages none under Triton 3.9's pipeline (72 B under XLA's;
+# 64 columns: 32 and 392 B; 4 warps: over 1.3 KB).
+GATED_LINEAR_CHANNEL_CONFIG = GatedDeltaConfig(block_v=32, saving_num_stages=2, bwd_block_v=32)
 
 
 def kernel_ok(dk: int, dv: int) -> bool:
@@ -90,6 +95,7 @@ class _Static:
     segments: bool = False  # packed documents: segment ids come after beta
     channel: bool = False  # a decay per key channel (Kimi Delta Attention): G [n, d_k]
     varlen: bool = False  # documents on chunk boundaries, each with its own initial and final state
+    delta: bool = True  # the delta rule; False: gated linear attention, S_t = exp(g_t) S_{t-1} + k_t v_tᵀ (beta unread)
 
 
 def _masks(c: int):
@@ -154,13 +160,16 @@ def _decayed(a, b, pk_refs, which: int, i, d: _Decays, st: _Static):
 
 def _pair_grads(dp, dab, q, k, p, kk, d: _Decays, st: _Static):
     """Back through the decayed products (one decay per head), given ``dp`` (``P``'s gradient) and ``dab``
-    (``K Kᵀ``'s, on keep): ``(dq, dk, dG [c])``."""
+    (``K Kᵀ``'s, on keep; None: no ``K Kᵀ``, gated linear attention): ``(dq, dk, dG [c])``."""
     prec, dt = st.precision, q.dtype
-    dp_gam, dab_gam = (dp * d.gam_ij).astype(dt), (dab * d.gam_ij).astype(dt)
+    dp_gam = (dp * d.gam_ij).astype(dt)
     dq = dot(dp_gam, k, precision=prec)
-    dk = dot(dp_gam, q, trans_a=True, precision=prec) + dot(dab_gam, k, precision=prec) \
-        + dot(dab_gam, k, trans_a=True, precision=prec)
-    dgg = dp * p + dab * kk  # the gradient of G_i - G_j
+    dk = dot(dp_gam, q, trans_a=True, precision=prec)
+    dgg = dp * p  # the gradient of G_i - G_j
+    if dab is not None:
+        dab_gam = (dab * d.gam_ij).astype(dt)
+        dk += dot(dab_gam, k, precision=prec) + dot(dab_gam, k, trans_a=True, precision=prec)
+        dgg += dab * kk
     return dq, dk, jnp.sum(dgg, axis=1) - jnp.sum(dgg, axis=0)
 
 
@@ -214,18 +223,20 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, b_ref, *refs, st: _Static):
     def body(i, s):
         sl = pl.ds(pl.multiple_of(i * c, c), c)
         q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
-        beta = b_ref[sl]  # [c] fp32
+        beta = b_ref[sl] if st.delta else None  # [c] fp32
         d = _chunk_decays(g_ref, seg_ref, i, st, masks)
-        inv = _triangle(_decayed(k, k, pk_refs, 1, i, d, st), beta, masks)
+        inv = _triangle(_decayed(k, k, pk_refs, 1, i, d, st), beta, masks) if st.delta else None
         # U = T (V - gamma K S): the state's prediction first ([c, block_v]), never T gamma K ([c, d_k]); the
         # state's matmuls on the tensor cores in the inputs' dtype (fp32 accumulation), as Lightning's
         dt = q.dtype
         s_lo = s.astype(dt)
         if states_ref:  # (for the backward: the state each chunk starts from, as the matmuls read it)
             states_ref[0][pl.ds(pl.multiple_of(i * dk, dk), dk), :] = s_lo
-        pred = dot((k.astype(jnp.float32) * d.tile(d.gam)).astype(dt), s_lo, precision=st.precision)
-        u = dot(inv * beta[None, :], v.astype(jnp.float32) - pred, precision=_HP)
-        u_lo = u.astype(dt)
+        if st.delta:
+            pred = dot((k.astype(jnp.float32) * d.tile(d.gam)).astype(dt), s_lo, precision=st.precision)
+            u_lo = dot(inv * beta[None, :], v.astype(jnp.float32) - pred, precision=_HP).astype(dt)
+        else:  # gated linear attention: the values enter the state as they are
+            u_lo = v
         p = _decayed(q, k, pk_refs, 0, i, d, st).astype(dt)
         o = dot((q.astype(jnp.float32) * d.tile(d.gam)).astype(dt), s_lo, precision=st.precision) \
             + dot(p, u_lo, precision=st.precision)
@@ -254,18 +265,22 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, *refs, st: _Static):
     def body(i, ds):  # ds: the gradient of the state after chunk i
         sl = pl.ds(pl.multiple_of(i * c, c), c)
         q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
-        beta = b_ref[sl]
+        beta = b_ref[sl] if st.delta else None
         d = _chunk_decays(g_ref, seg_ref, i, st, masks)
-        kk = _decayed(k, k, pk_refs, 1, i, d, st)
-        inv = _triangle(kk, beta, masks)
+        if st.delta:
+            kk = _decayed(k, k, pk_refs, 1, i, d, st)
+            inv = _triangle(kk, beta, masks)
         s = h_ref[pl.ds(pl.multiple_of(i * dkd, dkd), dkd), :]  # [d_k, block_v], the inputs' dtype
         dt, prec = q.dtype, st.precision
         kf = k.astype(f32)
         gam, e = d.tile(d.gam), d.tile(d.e)
-        k_gam = (kf * gam).astype(dt)
-        t = inv * beta[None, :]  # T = (I + A)^{-1} diag(beta)
-        w = v.astype(f32) - dot(k_gam, s, precision=prec)  # U = T W
-        u_lo = dot(t, w, precision=_HP).astype(dt)
+        if st.delta:
+            k_gam = (kf * gam).astype(dt)
+            t = inv * beta[None, :]  # T = (I + A)^{-1} diag(beta)
+            w = v.astype(f32) - dot(k_gam, s, precision=prec)  # U = T W
+            u_lo = dot(t, w, precision=_HP).astype(dt)
+        else:  # gated linear attention: U = V
+            u_lo = v
         do = (do_ref[sl, :].astype(f32) * st.scale).astype(dt)
         # O = (gamma Q) S + P U: the query side first (its tensors die early; per key channel, stored as they form)
         p = _decayed(q, k, pk_refs, 0, i, d, st)
@@ -286,6 +301,21 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, *refs, st: _Static):
         dgc -= de
         de_sum = jnp.sum(de, axis=0, keepdims=True)  # (the chunk's last token's)
         du = dot(p.astype(dt), do, trans_a=True, precision=prec) + dot((kf * e).astype(dt), ds_lo, precision=prec)
+        if not st.delta:  # gated linear attention: U = V
+            dgam_last = red(jnp.sum(s.astype(f32) * ds, axis=1)[None, :])  # [1] | [1, d_k]
+            dgc += jnp.where(last, de_sum + dgam_last * d.decay, 0.0)
+            dv_ref[sl, :] = du.astype(dv_ref.dtype)
+            if st.channel:
+                dk_ref[sl, :] = dk
+                dg_ref[sl, :] = dgc
+                dpk_refs[1][sl, :] = jnp.zeros_like(dp)
+            else:
+                dq_p, dk_p, dg_p = _pair_grads(dp, None, q, k, p, None, d, st)
+                dq_ref[sl, :] = dq + dq_p
+                dk_ref[sl, :] = dk + dk_p
+                dg_ref[sl] = dgc + dg_p
+            db_ref[sl] = jnp.zeros((c,), f32)
+            return ds_prev
         # U = T W, W = V - (gamma K) S
         dw = dot(t, du, trans_a=True, precision=_HP)
         dtm = dot(du, w, trans_b=True, precision=_HP)
@@ -328,11 +358,11 @@ def _decay_spec(n: int, dk: int, st: _Static) -> pl.BlockSpec:
     return pl.BlockSpec((None, n, None), lambda bi, hi, vi: (bi, 0, hi))
 
 
-def _static(q, gcum, seg, n, scale, cfg: GatedDeltaConfig, interpret) -> _Static:
+def _static(q, gcum, seg, n, scale, cfg: GatedDeltaConfig, interpret, delta: bool) -> _Static:
     """``seg``: segment ids ``[b, n]``, or a varlen pair ``(begin, end) [documents]`` (each document's chunks), or
     None."""
     return _Static(n, scale, interpret, _HP if jnp.dtype(q.dtype) == jnp.float32 else None, cfg.chunk,
-                   seg is not None and not isinstance(seg, tuple), gcum.ndim == 4, isinstance(seg, tuple))
+                   seg is not None and not isinstance(seg, tuple), gcum.ndim == 4, isinstance(seg, tuple), delta)
 
 
 def _doc_inputs(seg, n: int, st: _Static):
@@ -344,11 +374,12 @@ def _doc_inputs(seg, n: int, st: _Static):
     return [], []
 
 
-def _forward(q, k, v, gcum, beta, seg, s0, scale, cfg: GatedDeltaConfig, interpret, save_states: bool = False):
+def _forward(q, k, v, gcum, beta, seg, s0, scale, cfg: GatedDeltaConfig, interpret, delta: bool,
+             save_states: bool = False):
     b, n, hk, dk = q.shape
     h, dv = v.shape[2:]
     bv = min(cfg.block_v, dv)
-    st = _static(q, gcum, seg, n, scale, cfg, interpret)
+    st = _static(q, gcum, seg, n, scale, cfg, interpret, delta)
     seq = lambda width: pl.BlockSpec((None, n, None, width), lambda bi, hi, vi: (bi, 0, hi // (h // hk), 0))  # noqa: E731
     vblock = lambda rows: pl.BlockSpec((None, None, rows, bv), lambda bi, hi, vi: (bi, hi, 0, vi))  # noqa: E731
     srows = s0.shape[2]  # d_k, or (varlen) documents * d_k
@@ -373,12 +404,12 @@ def _forward(q, k, v, gcum, beta, seg, s0, scale, cfg: GatedDeltaConfig, interpr
     return call(q, k, v, gcum, beta, *docs, *pk, s0)
 
 
-def _backward(q, k, v, gcum, beta, seg, states, do, ds_final, scale, cfg: GatedDeltaConfig, interpret):
+def _backward(q, k, v, gcum, beta, seg, states, do, ds_final, scale, cfg: GatedDeltaConfig, interpret, delta: bool):
     b, n, hk, dk = q.shape
     h, dv = v.shape[2:]
     bv = min(cfg.bwd_block_v, dv)
     nvb = dv // bv
-    st = _static(q, gcum, seg, n, scale, cfg, interpret)
+    st = _static(q, gcum, seg, n, scale, cfg, interpret, delta)
     seq = lambda width: pl.BlockSpec((None, n, None, width), lambda bi, hi, vi: (bi, 0, hi // (h // hk), 0))  # noqa: E731
     cols = pl.BlockSpec((None, n, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi))
     tok = pl.BlockSpec((None, n, None), lambda bi, hi, vi: (bi, 0, hi))
@@ -416,21 +447,21 @@ def _in_chunk_cumsum(g: jax.Array, chunk: int) -> jax.Array:
     return jnp.cumsum(g.astype(jnp.float32).reshape(b, n // chunk, chunk, *g.shape[2:]), axis=2).reshape(g.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _gated_delta(q, k, v, gcum, beta, seg, s0, scale, cfg, interpret):
-    return tuple(_forward(q, k, v, gcum, beta, seg, s0, scale, cfg, interpret))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _gated_delta(q, k, v, gcum, beta, seg, s0, scale, cfg, interpret, delta):
+    return tuple(_forward(q, k, v, gcum, beta, seg, s0, scale, cfg, interpret, delta))
 
 
-def _fwd(q, k, v, gcum, beta, seg, s0, scale, cfg, interpret):
-    o, s, states = _forward(q, k, v, gcum, beta, seg, s0, scale, cfg, interpret, save_states=True)
+def _fwd(q, k, v, gcum, beta, seg, s0, scale, cfg, interpret, delta):
+    o, s, states = _forward(q, k, v, gcum, beta, seg, s0, scale, cfg, interpret, delta, save_states=True)
     return (o, s), (q, k, v, gcum, beta, seg, states)
 
 
-def _bwd(scale, cfg, interpret, res, cts):
+def _bwd(scale, cfg, interpret, delta, res, cts):
     q, k, v, gcum, beta, seg, states = res
     do, ds = cts
     dq, dk, dv, dg, db, ds0 = _backward(q, k, v, gcum, beta, seg, states, do.astype(q.dtype), ds.astype(jnp.float32),
-                                        scale, cfg, interpret)
+                                        scale, cfg, interpret, delta)
     dseg = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), seg)  # (integer ids: no gradient)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, db, dseg, ds0
 
@@ -438,13 +469,16 @@ def _bwd(scale, cfg, interpret, res, cts):
 _gated_delta.defvjp(_fwd, _bwd)
 
 
-def kernel_config(g) -> GatedDeltaConfig:
-    """The default config for log decays ``g`` (``[.., heads]`` or, per key channel, ``[.., heads, d_k]``)."""
-    return CHANNEL_CONFIG if g.ndim == 4 else GatedDeltaConfig()
+def kernel_config(g, delta: bool = True) -> GatedDeltaConfig:
+    """The default config for log decays ``g`` (``[.., heads]`` or, per key channel, ``[.., heads, d_k]``), with the
+    delta rule or without (gated linear attention)."""
+    if g.ndim == 4:
+        return CHANNEL_CONFIG if delta else GATED_LINEAR_CHANNEL_CONFIG
+    return GatedDeltaConfig()
 
 
 def gated_delta_kernel(q, k, v, g, beta, *, scale: float, initial_state=None, segment_ids=None, documents=None,
-                       config: GatedDeltaConfig | None = None, interpret: bool | None = None
+                       config: GatedDeltaConfig | None = None, interpret: bool | None = None, delta: bool = True
                        ) -> tuple[jax.Array, jax.Array]:
     """``(o, final state)`` of validated inputs whose sequence is a multiple of :data:`CHUNK` (padded by
     :func:`jaxattn.gated_delta_rule`; q and k may have fewer heads than v, each shared by ``h_v / h_k``
@@ -454,10 +488,11 @@ def gated_delta_kernel(q, k, v, g, beta, *, scale: float, initial_state=None, se
     backward kernels). ``documents``: variable-length documents laid on the config's chunk boundaries (batch 1),
     a pair of int32 ``[documents]``, each document's first chunk and the chunk past its last (chunks in no
     document are not visited: their outputs are left unwritten); ``initial_state`` is then ``[documents, heads,
-    d_k, d_v]`` (required) and so is the final state (an empty document's: its initial one)."""
+    d_k, d_v]`` (required) and so is the final state (an empty document's: its initial one). ``delta=False``:
+    gated linear attention, ``S_t = exp(g_t) S_{t-1} + k_t v_tᵀ`` (``beta`` None; no triangular solve)."""
     b, _, _, dk = q.shape
     h, dv = v.shape[2:]
-    cfg = config or kernel_config(g)
+    cfg = config or kernel_config(g, delta)
     if documents is not None:  # [D, H, d_k, d_v] -> [1, H, D * d_k, d_v]: each program's column block whole
         docs = initial_state.shape[0]
         s0 = initial_state.astype(jnp.float32).transpose(1, 0, 2, 3).reshape(1, h, docs * dk, dv)
@@ -465,8 +500,8 @@ def gated_delta_kernel(q, k, v, g, beta, *, scale: float, initial_state=None, se
     else:
         s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
         seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-    o, s = _gated_delta(q, k, v, _in_chunk_cumsum(g, cfg.chunk), beta.astype(jnp.float32), seg, s0, scale, cfg,
-                        interpret)
+    beta = jnp.zeros(v.shape[:3], jnp.float32) if beta is None else beta.astype(jnp.float32)  # (unread without delta)
+    o, s = _gated_delta(q, k, v, _in_chunk_cumsum(g, cfg.chunk), beta, seg, s0, scale, cfg, interpret, bool(delta))
     if documents is not None:
         s = s.reshape(h, docs, dk, dv).transpose(1, 0, 2, 3)
     return o, s

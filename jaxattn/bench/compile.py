@@ -529,6 +529,13 @@ def _gated_delta_cases() -> Iterator[tuple[str, Callable, list]]:
                                   interpret=False)
         return _total(o) + jnp.sum(s)
 
+    def gla_loss(q, k, v, g):  # gated linear attention (delta=False): Mamba-2's SSD, GLA per key channel
+        o, s = gated_delta_kernel(q, k, v, g, None, scale=0.088, delta=False, interpret=False)
+        return _total(o) + jnp.sum(s)
+
+    for label, g in (("", (2, 4096, 16)), (" per-channel decays", (2, 4096, 16, 128))):
+        yield (f"gated linear dk128 dv128 bfloat16 n=4096{label} fwd+bwd", jax.value_and_grad(gla_loss, (0, 1, 2, 3)),
+               [*[_sds((2, 4096, 16, 128), jnp.bfloat16)] * 3, _sds(g, jnp.float32)])
     for label, g in (("", (1, 8192, 16)), (" per-channel decays", (1, 8192, 16, 128))):
         yield (f"dk128 dv128 bfloat16 n=8192 varlen 32 documents{label} fwd+bwd",
                jax.value_and_grad(varlen_loss, (0, 1, 2, 3, 4, 5)),

@@ -3,7 +3,9 @@ and its backward kernel ("jaxattn"), the XLA chunked path ("xla-chunked": triang
 scan over chunks), the token-by-token recurrence ("scan"), and flash-linear-attention's
 ``chunk_gated_delta_rule`` (PyTorch, Triton) when importable. With several batch rows, "jaxattn-varlen" runs the
 same rows as documents packed in one row (``cu_seqlens``, each from its own state; fla's ``cu_seqlens`` form
-beside it): the cost of the varlen layout. L2-normalized q and k, as Gated DeltaNet's. Cases
+beside it): the cost of the varlen layout. "jaxattn-gla" is gated linear attention on the same inputs without the
+delta rule (:func:`jaxattn.gated_linear_attention`: Mamba-2's SSD, or GLA per key channel; fla's ``chunk_simple_gla``
+/ ``chunk_gla`` beside it as "fla-gla"). L2-normalized q and k, as Gated DeltaNet's. Cases
 with ``decay="channel"`` give each key channel its own decay (Kimi Delta Attention, ``g [B, N, H, d_k]``; the peer:
 fla's ``chunk_kda``).
 
@@ -72,7 +74,8 @@ def inputs(case: Case) -> tuple:
 
 def peers(case: Case) -> dict[str, Callable[..., Any]]:
     ops = {"jaxattn": lambda q, k, v, g, b: jaxattn.gated_delta_rule(q, k, v, g, b, impl="pallas"),
-           "xla-chunked": lambda q, k, v, g, b: jaxattn.gated_delta_rule(q, k, v, g, b, impl="xla")}
+           "xla-chunked": lambda q, k, v, g, b: jaxattn.gated_delta_rule(q, k, v, g, b, impl="xla"),
+           "jaxattn-gla": lambda q, k, v, g, b: jaxattn.gated_linear_attention(q, k, v, g, impl="pallas")}
     if case.batch > 1:  # the rows as packed documents (cu_seqlens)
         ops["jaxattn-varlen"] = lambda q, k, v, g, b: _as_documents(q, k, v, g, b)
     if case.seq <= 8192:  # (one step per token)
@@ -103,6 +106,13 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except Exception:  # noqa: BLE001
         return {}
+    try:
+        if case.decay == "channel":
+            from fla.ops.gla import chunk_gla
+        else:
+            from fla.ops.simple_gla import chunk_simple_gla as chunk_gla
+    except Exception:  # noqa: BLE001
+        chunk_gla = None
     unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
     q, k = (unit(torch.randn(shape, device="cuda")).to(dt).requires_grad_(bwd) for _ in range(2))
     v, do = (torch.randn(shape, device="cuda", dtype=dt, requires_grad=bwd) for _ in range(2))
@@ -121,8 +131,15 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
             torch.autograd.grad(o, (q, k, v, g, beta), do)
         return o
 
+    def gla():
+        o, _ = chunk_gla(q, k, v, g)
+        if bwd:
+            torch.autograd.grad(o, (q, k, v, g), do)
+        return o
+
     name = "fla-kda" if case.decay == "channel" else "fla-gated-delta"
-    return {name: run, **({f"{name}-varlen": lambda: run(True)} if case.batch > 1 else {})}
+    return {name: run, **({f"{name}-varlen": lambda: run(True)} if case.batch > 1 else {}),
+            **({"fla-gla": gla} if chunk_gla is not None else {})}
 
 
 def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True, **kw) -> list[dict]:

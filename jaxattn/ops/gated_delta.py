@@ -46,7 +46,7 @@ def _check(q, k, v, g, beta, initial_state):
         raise ValueError(f"v must be [batch, seq, heads, d_v] = [{b}, {n}, heads, d_v] with heads a multiple of q's "
                          f"{hk} (each q / k head shared by heads / {hk} value heads), got {tuple(v.shape)}")
     h = v.shape[2]
-    for name, x in (("g", g), ("beta", beta)):
+    for name, x in (("g", g), ("beta", beta))[:2 if beta is not None else 1]:
         shapes = ((b, n, h), (b, n, h, dk)) if name == "g" else ((b, n, h),)
         if tuple(jnp.shape(x)) not in shapes or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             want = f"[batch, seq, heads] = ({b}, {n}, {h})" + (
@@ -82,22 +82,26 @@ def segment_masks(segment_ids: jax.Array | None, c: int):
 def chunk_terms(k, v, g, beta, c: int, masks=None):
     """The state-independent terms per chunk, fp32 ``[B, H, N / c, ...]``: ``(G, T V, W, gamma_C / gamma K,
     gamma_C [..., 1])``, and ``Gamma`` (masked, including the diagonal); ``masks``: :func:`segment_masks`'s,
-    the decays zero across a document start (``gamma`` is then returned masked too)."""
+    the decays zero across a document start (``gamma`` is then returned masked too). ``beta`` None: gated linear
+    attention (``T V = V``, ``W`` None)."""
     k, v = _chunks(k.astype(jnp.float32), c), _chunks(v.astype(jnp.float32), c)
     gcum = jnp.cumsum(_chunks(g.astype(jnp.float32), c), axis=-1)  # [B, H, Nc, c]
-    beta = _chunks(beta.astype(jnp.float32), c)
     incl = jnp.tril(jnp.ones((c, c), bool))
     same, carry, to_last, through = masks if masks is not None else (True,) * 4
     diff = gcum[..., :, None] - gcum[..., None, :]
     gam_ij = jnp.where(incl & same, jnp.exp(jnp.where(incl, diff, 0.0)), 0.0)
     gam = jnp.where(carry, jnp.exp(gcum), 0.0)
+    k_dec = k * jnp.where(to_last, jnp.exp(gcum[..., -1:] - gcum), 0.0)[..., None]
+    gam_c = jnp.where(through, jnp.exp(gcum[..., -1:]), 0.0)
+    if beta is None:
+        return gam, v, None, k_dec, gam_c, gam_ij
+    beta = _chunks(beta.astype(jnp.float32), c)
     a = jnp.where(jnp.tril(incl, -1), beta[..., :, None] * jnp.einsum("...ik,...jk->...ij", k, k, precision=_HP) * gam_ij,
                   0.0)
     inv = unit_lower_inverse(a)
     tv = jnp.einsum("...ij,...jv->...iv", inv, beta[..., None] * v, precision=_HP)
     w = jnp.einsum("...ij,...jk->...ik", inv, (beta * gam)[..., None] * k, precision=_HP)
-    k_dec = k * jnp.where(to_last, jnp.exp(gcum[..., -1:] - gcum), 0.0)[..., None]
-    return gam, tv, w, k_dec, jnp.where(through, jnp.exp(gcum[..., -1:]), 0.0), gam_ij
+    return gam, tv, w, k_dec, gam_c, gam_ij
 
 
 CHANNEL_CHUNK = 16  # the per-channel XLA path's chunk (its decays are [c, c, d_k] per chunk)
@@ -108,24 +112,28 @@ def channel_chunk_terms(q, k, v, g, beta, c: int = CHANNEL_CHUNK, masks=None):
     between tokens ``j <= i`` is ``exp(G_i - G_j)`` per channel, inside the dot products (``A_ij = beta_i
     sum_c k_ic k_jc exp(G_ic - G_jc)``, the same for ``Q Kᵀ``), formed elementwise (exponents <= 0: no
     overflow however fast a channel decays). Returns ``(T V, W, Q gamma, K gamma_C / gamma, gamma_C [..., d_k],
-    P)`` with ``P`` the decayed ``Q Kᵀ``; ``masks``: :func:`segment_masks`'s (packed documents)."""
+    P)`` with ``P`` the decayed ``Q Kᵀ``; ``masks``: :func:`segment_masks`'s (packed documents); ``beta`` None:
+    gated linear attention (``T V = V``, ``W`` None)."""
     q, k, v = (_chunks(x.astype(jnp.float32), c) for x in (q, k, v))
     gcum = jnp.cumsum(_chunks(g.astype(jnp.float32), c), axis=-2)  # [B, H, Nc, c, d_k]
-    beta = _chunks(beta.astype(jnp.float32), c)
     incl = jnp.tril(jnp.ones((c, c), bool))
     same, carry, to_last = (m[..., None] for m in masks[:3]) if masks is not None else (True,) * 3
     diff = gcum[..., :, None, :] - gcum[..., None, :, :]  # [B, H, Nc, c, c, d_k]
     dec = jnp.where(incl[..., None] & same, jnp.exp(jnp.where(incl[..., None], diff, 0.0)), 0.0)
-    a = jnp.where(jnp.tril(incl, -1), beta[..., :, None] * jnp.einsum("...ik,...jk,...ijk->...ij", k, k, dec,
-                                                                      precision=_HP), 0.0)
     p = jnp.einsum("...ik,...jk,...ijk->...ij", q, k, dec, precision=_HP)
-    inv = unit_lower_inverse(a)
-    tv = jnp.einsum("...ij,...jv->...iv", inv, beta[..., None] * v, precision=_HP)
     gam = jnp.where(carry, jnp.exp(gcum), 0.0)
-    w = jnp.einsum("...ij,...jk->...ik", inv, beta[..., None] * k * gam, precision=_HP)
     k_dec = k * jnp.where(to_last, jnp.exp(gcum[..., -1:, :] - gcum), 0.0)
     g_last = jnp.exp(gcum[..., -1, :])
-    return tv, w, q * gam, k_dec, g_last if masks is None else jnp.where(masks[3], g_last, 0.0), p
+    g_last = g_last if masks is None else jnp.where(masks[3], g_last, 0.0)
+    if beta is None:
+        return v, None, q * gam, k_dec, g_last, p
+    beta = _chunks(beta.astype(jnp.float32), c)
+    a = jnp.where(jnp.tril(incl, -1), beta[..., :, None] * jnp.einsum("...ik,...jk,...ijk->...ij", k, k, dec,
+                                                                      precision=_HP), 0.0)
+    inv = unit_lower_inverse(a)
+    tv = jnp.einsum("...ij,...jv->...iv", inv, beta[..., None] * v, precision=_HP)
+    w = jnp.einsum("...ij,...jk->...ik", inv, beta[..., None] * k * gam, precision=_HP)
+    return tv, w, q * gam, k_dec, g_last, p
 
 
 def unit_lower_inverse(a: jax.Array) -> jax.Array:
@@ -141,12 +149,13 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
 
 
 def _xla(q, k, v, g, beta, scale, initial_state, segment_ids=None, documents=None):
-    """The chunked rule in XLA; ``documents``: :func:`jaxattn.ops.gated_delta_varlen.layout`'s chunk ranges (batch
+    """The chunked rule in XLA (``beta`` None: gated linear attention); ``documents``: :func:`jaxattn.ops.gated_delta_varlen.layout`'s chunk ranges (batch
     1, documents on :func:`xla_chunk`'s boundaries), ``initial_state [documents, heads, d_k, d_v]``, and the
     final states the same (each document's after its last chunk; an empty one's, its initial state)."""
     q, k = (share_heads(x, v.shape[2]) for x in (q, k))
     b, n, h, dk = q.shape
     dv = v.shape[-1]
+    delta = beta is not None  # (None: gated linear attention)
     if g.ndim == 4:  # a decay per key channel (Kimi Delta Attention)
         tv, w, q_dec, k_dec, g_last, qk = channel_chunk_terms(q, k, v, g, beta,
                                                               masks=segment_masks(segment_ids, CHANNEL_CHUNK))
@@ -162,15 +171,16 @@ def _xla(q, k, v, g, beta, scale, initial_state, segment_ids=None, documents=Non
         s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
 
     def step(s, xs):
-        tv_c, w_c, qk_c, qd_c, kd_c, gl_c, *first = xs
-        if first:  # a document's first chunk starts from its initial state
-            s = jnp.where(first[0] >= 0, docs_s0[jnp.maximum(first[0], 0)][None], s)
-        u = tv_c - jnp.einsum("bhik,bhkv->bhiv", w_c, s, precision=_HP)
+        tv_c, qk_c, qd_c, kd_c, gl_c, *rest = xs
+        w_c, rest = (rest[0], rest[1:]) if delta else (None, rest)
+        if rest:  # a document's first chunk starts from its initial state
+            s = jnp.where(rest[0] >= 0, docs_s0[jnp.maximum(rest[0], 0)][None], s)
+        u = tv_c if w_c is None else tv_c - jnp.einsum("bhik,bhkv->bhiv", w_c, s, precision=_HP)
         o = jnp.einsum("bhik,bhkv->bhiv", qd_c, s, precision=_HP) + jnp.einsum("bhij,bhjv->bhiv", qk_c, u, precision=_HP)
         s = gl_c[..., :, None] * s + jnp.einsum("bhik,bhiv->bhkv", kd_c, u, precision=_HP)  # (gamma_C: [.., 1 or d_k])
-        return s, (o, s) if first else o
+        return s, (o, s) if rest else o
 
-    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (tv, w, qk, q_dec, k_dec, g_last))
+    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (tv, qk, q_dec, k_dec, g_last, *((w,) if delta else ())))
     if documents is not None:  # each chunk's document where it is the document's first chunk, else -1
         begin, end = documents
         chunks, docs = tv.shape[2], begin.shape[0]
@@ -224,6 +234,16 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
     cu_seqlens[i + 1]`` (empty ones allowed), each run from its own ``initial_state[i]`` (``[N, heads, d_k, d_v]``,
     zeros if None); the returned state is ``[N, heads, d_k, d_v]``, each document's final state
     (:mod:`jaxattn.ops.gated_delta_varlen`). Differentiable in the initial states too."""
+    if beta is None:
+        raise ValueError("beta must be a floating [batch, seq, heads] array (without the delta rule's beta: "
+                         "jaxattn.gated_linear_attention)")
+    return chunked_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state, return_state=return_state,
+                        segment_ids=segment_ids, impl=impl, sequence_axis=sequence_axis, cu_seqlens=cu_seqlens)
+
+
+def chunked_rule(q, k, v, g, beta, *, scale, initial_state, return_state, segment_ids, impl, sequence_axis,
+                 cu_seqlens):
+    """:func:`gated_delta_rule`, or with ``beta`` None gated linear attention (:mod:`jaxattn.ops.gated_linear`)."""
     _checks.check_impl(impl)
     _check(q, k, v, g, beta, initial_state if cu_seqlens is None else None)
     if cu_seqlens is not None:
@@ -233,8 +253,8 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
         from jaxattn.ops.gated_delta_sp import sequence_parallel_gated_delta
 
         def op(q, k, v, g, beta, s0, seg):
-            return gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=s0, return_state=True,
-                                    segment_ids=seg, impl=impl)
+            return chunked_rule(q, k, v, g, beta, scale=scale, initial_state=s0, return_state=True, segment_ids=seg,
+                                impl=impl, sequence_axis=None, cu_seqlens=None)
 
         o, s = sequence_parallel_gated_delta(op, q, k, v, g, beta, sequence_axis, initial_state, segment_ids)
         return (o, s) if return_state else o
@@ -245,7 +265,8 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
                              f"{jnp.result_type(segment_ids).name} {tuple(jnp.shape(segment_ids))}")
     scale = q.shape[-1] ** -0.5 if scale is None else _checks.check_scale(scale)
     n_pad = _common.round_up(max(n, 1), CHUNK)  # (a multiple of CHANNEL_CHUNK too)
-    args = [_pad(x, n_pad) for x in (q, k, v, g, beta)]  # (padding: k = 0, beta = 0, g = 0 leave the state as it is)
+    # (padding: k = 0, beta = 0, g = 0 leave the state as it is)
+    args = [None if x is None else _pad(x, n_pad) for x in (q, k, v, g, beta)]
     # (runs of equal ids, each a document, counted along the row: an id may come back in a later document)
     seg = None if segment_ids is None else jnp.pad(_common.document_index(segment_ids), ((0, 0), (0, n_pad - n)),
                                                    mode="edge")
@@ -256,8 +277,9 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
     if kernel and not _checks.empty(q, v):
         # (under jaxattn.batch_parallel per device on its batch shard: XLA cannot split a kernel's custom call)
         o, s = _spmd.per_batch_shard(
-            lambda q, k, v, g, beta, initial_state=None, segment_ids=None, batch_offset=None: gated_delta_kernel(
-                q, k, v, g, beta, scale=float(scale), initial_state=initial_state, segment_ids=segment_ids),
+            lambda q, k, v, g, beta=None, initial_state=None, segment_ids=None, batch_offset=None: gated_delta_kernel(
+                q, k, v, g, beta, scale=float(scale), initial_state=initial_state, segment_ids=segment_ids,
+                delta=beta is not None),
             dict(q=args[0], k=args[1], v=args[2], g=args[3], beta=args[4], initial_state=initial_state,
                  segment_ids=seg))
     else:
@@ -274,8 +296,8 @@ def _varlen(q, k, v, g, beta, cu_seqlens, scale, initial_state, return_state, im
             raise ValueError(f"cu_seqlens and {name} are exclusive (cu_seqlens already marks the documents)")
     b, total = q.shape[:2]
     if b != 1:
-        raise ValueError(f"with cu_seqlens, q, k, v, g and beta hold the documents packed in one row [1, total, ...]; "
-                         f"got batch {b}")
+        raise ValueError(f"with cu_seqlens, q, k, v, g (and beta) hold the documents packed in one row "
+                         f"[1, total, ...]; got batch {b}")
     docs = varlen.check_cu_seqlens(cu_seqlens, total)
     h, dk, dv = v.shape[2], q.shape[-1], v.shape[-1]
     if initial_state is None:
@@ -287,11 +309,12 @@ def _varlen(q, k, v, g, beta, cu_seqlens, scale, initial_state, return_state, im
     if impl == "pallas" and not kernel_ok(dk, dv):
         raise ValueError(f"impl='pallas' takes head dims that are powers of two from 16 to 256; got d_k={dk}, d_v={dv}")
     kernel = (impl == "pallas" or (impl == "auto" and _common.targets_gpu())) and kernel_ok(dk, dv)
-    align = kernel_config(g).chunk if kernel else xla_chunk(g)
+    align = kernel_config(g, beta is not None).chunk if kernel else xla_chunk(g)
     positions, n, ranges = varlen.layout(cu_seqlens, total, align, CHUNK)
-    args = [varlen.scatter(x, positions, n) for x in (q, k, v, g, beta)]
+    args = [None if x is None else varlen.scatter(x, positions, n) for x in (q, k, v, g, beta)]
     if kernel:
-        o, s = gated_delta_kernel(*args, scale=float(scale), initial_state=initial_state, documents=ranges)
+        o, s = gated_delta_kernel(*args, scale=float(scale), initial_state=initial_state, documents=ranges,
+                                  delta=beta is not None)
     else:
         o, s = _xla(*args, scale, initial_state, documents=ranges)
     o = o[:, positions]
