@@ -14,7 +14,7 @@ from jaxattn.ops.dot_product_attention import dot_product_attention
 from jaxattn.ops.paged_decode import append_paged_kv, paged_decode_attention
 from jaxattn.ops.gated_delta import gated_delta_rule, gated_delta_rule_step
 from jaxattn.ops.gated_delta_sp import gated_delta_rule_sp
-from jaxattn.ops.gated_linear import gated_linear_attention, gated_linear_attention_step
+from jaxattn.ops.gated_linear import gated_linear_attention, gated_linear_attention_sp, gated_linear_attention_step
 from jaxattn.ops.halo import halo_attention, halo_attention_kv
 from jaxattn.ops.landmark import landmark_attention, landmark_retrieval_attention
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockMask", "block_sparse_attention", "power_attention",
     "append_kv", "attention", "batch_parallel", "expert_parallel", "attention_qkvpacked", "attention_reference", "decode_attention", "dot_product_attention", "landmark_attention", "landmark_retrieval_attention", "halo_attention", "halo_attention_kv", "lightning_attention", "lightning_attention_sp", "ring_attention", "ring_attention_sp", "zigzag_permutation", "to_zigzag", "from_zigzag", "zigzag_sp", "lightning_attention_step", "sage_attention",
-    "linear_global_attention", "latent_decode_attention", "append_paged_latent", "gated_delta_rule", "gated_delta_rule_step", "gated_delta_rule_sp", "gated_linear_attention", "gated_linear_attention_step", "grouped_matmul", "MXFP4", "quantize_mxfp4", "append_paged_kv", "paged_decode_attention", "quantize_kv", "varlen_attention",
+    "linear_global_attention", "latent_decode_attention", "append_paged_latent", "gated_delta_rule", "gated_delta_rule_step", "gated_delta_rule_sp", "gated_linear_attention", "gated_linear_attention_sp", "gated_linear_attention_step", "grouped_matmul", "MXFP4", "quantize_mxfp4", "append_paged_kv", "paged_decode_attention", "quantize_kv", "varlen_attention",
     "__version__",
 ]
 

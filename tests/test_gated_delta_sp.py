@@ -112,7 +112,7 @@ SCRIPT = """
     if "model" not in __PARTS__ and "latent" not in __PARTS__:
         print("SP-OK")
         raise SystemExit(0)
-    # GPTs with every recurrent layer kind (Gated DeltaNet, Kimi Delta, MiniMax's lightning) and ring attention, over
+    # GPTs with every recurrent layer kind (Gated DeltaNet, Kimi Delta, MiniMax's lightning, Mamba-2) and ring attention, over
     # grouped heads or multi-head latent attention's expanded ones, sequence parallel on a data x seq mesh: logits,
     # packed logits and every gradient as on one device
     from flax import nnx
@@ -128,7 +128,8 @@ SCRIPT = """
 
     step = nnx.jit(nnx.value_and_grad(lm_loss, has_aux=True))
     packed = nnx.jit(lambda m, t, s: m(t, segment_ids=s))
-    models = {"model": ("recurrent", dict(layer_types=("delta", "kda", "lightning", "full"), kv_heads=1)),
+    models = {"model": ("recurrent", dict(layers=5, layer_types=("delta", "kda", "lightning", "mamba2", "full"),
+                                          kv_heads=1)),
               "latent": ("latent", dict(layers=2, layer_types=("kda", "full"), kv_lora_rank=16, qk_rope_dim=8,
                                         head_dim=16, v_head_dim=8))}
     for name, kw in (models[part] for part in ("model", "latent") if part in __PARTS__):

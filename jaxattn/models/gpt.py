@@ -53,7 +53,7 @@ KV_SCALE_HEADROOM = {"float8_e4m3fn": 4.0, "float8_e5m2": 4.0, "int8": 2.0}
 
 
 # layer kinds with a recurrent state instead of a KV cache (MiniMax's lightning, Gated DeltaNet, Kimi Delta Attention)
-RECURRENT_KINDS = ("lightning", "delta", "kda")
+RECURRENT_KINDS = ("lightning", "delta", "kda", "mamba2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +133,9 @@ class GPTConfig:
     # convolution of delta_conv taps on its q, k, v; its value heads (default heads), query / key heads (default
     # delta_heads; each shared by delta_heads / delta_key_heads value heads, as Qwen3-Next's), query / key head
     # width (default head_size) and value head width (default delta_head_dim); entry "kda": Kimi Delta Attention
-    # (jaxattn.models.deltanet.KimiDeltaLayer), the same with a decay per key channel (Kimi Linear)
+    # (jaxattn.models.deltanet.KimiDeltaLayer), the same with a decay per key channel (Kimi Linear); entry "mamba2":
+    # a Mamba-2 layer (jaxattn.models.mamba2): delta_heads heads of width delta_value_dim (headdim), delta_key_heads
+    # groups (ngroups), state size delta_head_dim (d_state)
     delta_conv: int = 4
     delta_heads: int | None = None
     delta_key_heads: int | None = None
@@ -290,9 +292,8 @@ class GPTConfig:
                              "'window', and quantized=False")
         bad = [t for t in self.layer_types if t not in ("full", "power", "window", "sink", *RECURRENT_KINDS)]
         if bad or not self.layer_types:
-            raise ValueError(f"layer_types entries must be 'full', 'power', 'window', 'sink', 'lightning', 'delta' or "
-                             f"'kda', "
-                             f"got {self.layer_types}")
+            raise ValueError(f"layer_types entries must be 'full', 'power', 'window', 'sink', 'lightning', 'delta', "
+                             f"'kda' or 'mamba2', got {self.layer_types}")
         if self.delta_conv < 1:
             raise ValueError(f"delta_conv (the Gated DeltaNet layers' convolution taps) must be >= 1, got {self.delta_conv}")
         h, hk, dk, dv = self.delta_dims
@@ -781,6 +782,10 @@ class Block(nnx.Module):
             from jaxattn.models.deltanet import KimiDeltaLayer
 
             self.attn = KimiDeltaLayer(cfg, layer, rngs=rngs)
+        elif cfg.layer_type(layer) == "mamba2":  # Mamba-2 (SSD)
+            from jaxattn.models.mamba2 import Mamba2Layer
+
+            self.attn = Mamba2Layer(cfg, layer, rngs=rngs)
         else:
             self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp = _mlp(cfg, layer, rngs)
@@ -882,8 +887,9 @@ class GPT(nnx.Module):
         soft caps: the ring passes every hop its global positions, and a window skips the hops it cannot
         see), and multi-head latent attention (over its expanded heads), not block-sparse or quantized ones;
         the recurrent layers run sequence parallel too
-        (Gated DeltaNet / Kimi Delta: :func:`jaxattn.gated_delta_rule_sp`; MiniMax's lightning layers:
-        :func:`jaxattn.lightning_attention_sp`; contiguous shards). ``mesh=None`` turns it off.
+        (Gated DeltaNet / Kimi Delta: :func:`jaxattn.gated_delta_rule_sp`; Mamba-2:
+        :func:`jaxattn.gated_linear_attention_sp`; MiniMax's lightning layers: :func:`jaxattn.lightning_attention_sp`;
+        contiguous shards). ``mesh=None`` turns it off.
 
         ``layout="zigzag"`` balances the causal work over the devices: the forward permutes its tokens
         (and their RoPE positions) into :func:`jaxattn.zigzag_permutation` order once, every layer runs
@@ -898,7 +904,7 @@ class GPT(nnx.Module):
             bad = sorted({blk.attn.kind for blk in self.blocks} - {"full", "window", *RECURRENT_KINDS})
             if layout != "contiguous" and set(RECURRENT_KINDS) & set(self.cfg.layer_types):
                 raise ValueError(f"layout={layout!r}: the recurrent layers (MiniMax's lightning, Gated DeltaNet, "
-                                 f"Kimi Delta) run their shards in order; use layout='contiguous'")
+                                 f"Kimi Delta, Mamba-2) run their shards in order; use layout='contiguous'")
             if bad or self.cfg.quantized:
                 raise ValueError(f"sequence parallelism covers full and sliding-window attention and the recurrent "
                                  f"layers; this model has {bad or 'quantized'} layers")
@@ -976,7 +982,8 @@ class GPT(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> list[KVCache]:
         """Zeroed (k, v) caches ``[batch, max_len, kv_heads, head_dim]`` per layer (compute dtype, or
         ``cfg.kv_cache_dtype`` with per-kv-head scales that the prefill sets); an MLA model's latent caches;
-        a lightning layer's ``(state,)``, a Gated DeltaNet layer's ``(state, convolution history)``."""
+        a lightning layer's ``(state,)``, a Gated DeltaNet, Kimi Delta or Mamba-2 layer's ``(state, convolution
+        history)``."""
         if batch < 1 or max_len < 1:
             raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
         if self.cfg.position == "learned" and max_len > self.cfg.max_positions:
@@ -988,7 +995,7 @@ class GPT(nnx.Module):
         dh, dhk, dk, dv = self.cfg.delta_dims  # (Gated DeltaNet: its state and its convolution's last inputs)
         delta = (jnp.zeros((batch, dh, dk, dv), jnp.float32),
                  jnp.zeros((batch, self.cfg.delta_conv - 1, 2 * dhk * dk + dh * dv), jnp.dtype(self.cfg.dtype)))
-        kinds = {"lightning": (state,), "delta": delta, "kda": delta}
+        kinds = {"lightning": (state,), "delta": delta, "kda": delta, "mamba2": delta}
         return [kinds[blk.attn.kind] if blk.attn.kind in kinds else latent if self.cfg.kv_lora_rank
                 else _kv_cache(self.cfg, batch, max_len, dtype) for blk in self.blocks]
 

@@ -123,6 +123,10 @@ MODEL_CONFIGS: dict[str, Any] = {
     # Kimi Delta Attention hybrid, byte-level and CPU-sized: three KDA layers (the gated delta rule with a decay per key
     # channel, jaxattn.models.deltanet.KimiDeltaLayer) to one softmax layer
     "kda-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, layer_types=("kda", "kda", "kda", "full")),
+    # Mamba-2 layers (SSD, on the gated linear attention kernels) with one softmax layer, as hybrid stacks do:
+    # 4 heads of 64 (expand 2), one group, a 64-wide state
+    "mamba2-tiny": GPTConfig(vocab_size=256, dim=128, layers=4, heads=4, layer_types=("mamba2", "mamba2", "mamba2", "full"),
+                             delta_heads=4, delta_key_heads=1, delta_head_dim=64, delta_value_dim=64),
     # Kimi Linear's architecture, byte-level and CPU-sized: three KDA layers to one multi-head latent attention layer
     # without positional encoding, DeepSeek-V3's experts after one dense layer (its folders load with
     # jaxattn.models.hf.load_pretrained: jaxattn.models.kimi_linear_hf)

@@ -69,7 +69,16 @@ def gated_delta_rule_sp(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, 
     batch over ``batch_axis``). Same arguments and results; ``seq`` must be divisible by the size of ``axis``
     (shard ``i`` holds positions ``[i·n, (i+1)·n)``); packed ``segment_ids [batch, seq]`` are split with the
     sequence (documents may span shards)."""
-    from jaxattn.ops.gated_delta import gated_delta_rule
+    if beta is None:
+        raise ValueError("beta must be a floating [batch, seq, heads] array (without the delta rule's beta: "
+                         "jaxattn.gated_linear_attention_sp)")
+    return sharded_rule(q, k, v, g, beta, mesh=mesh, axis=axis, batch_axis=batch_axis, scale=scale,
+                        initial_state=initial_state, return_state=return_state, segment_ids=segment_ids, impl=impl)
+
+
+def sharded_rule(q, k, v, g, beta, *, mesh, axis, batch_axis, scale, initial_state, return_state, segment_ids, impl):
+    """:func:`gated_delta_rule_sp`, or with ``beta`` None gated linear attention's."""
+    from jaxattn.ops.gated_delta import chunked_rule
 
     _spmd.check_mesh(mesh, axis, batch_axis)
     _spmd.check_split(q, mesh, axis, batch_axis)
@@ -79,13 +88,17 @@ def gated_delta_rule_sp(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, 
     seq_spec, b_spec = P(batch_axis, axis), P(batch_axis)
     has_s0, has_seg = initial_state is not None, segment_ids is not None
 
-    def body(q, k, v, g, beta, *rest):
+    inputs = (q, k, v, g) + ((beta,) if beta is not None else ())
+
+    def body(*args):
+        (q, k, v, g), rest = args[:4], args[4:]
+        b, rest = (rest[0], rest[1:]) if beta is not None else (None, rest)
         s0 = rest[0] if has_s0 else None
         seg = rest[-1] if has_seg else None
-        return gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=s0, return_state=True, impl=impl,
-                                segment_ids=seg, sequence_axis=axis)
+        return chunked_rule(q, k, v, g, b, scale=scale, initial_state=s0, return_state=True, impl=impl,
+                            segment_ids=seg, sequence_axis=axis, cu_seqlens=None)
 
-    args = (q, k, v, g, beta) + ((initial_state,) if has_s0 else ()) + ((segment_ids,) if has_seg else ())
-    specs = (seq_spec,) * 5 + ((b_spec,) if has_s0 else ()) + ((seq_spec,) if has_seg else ())
+    args = inputs + ((initial_state,) if has_s0 else ()) + ((segment_ids,) if has_seg else ())
+    specs = (seq_spec,) * len(inputs) + ((b_spec,) if has_s0 else ()) + ((seq_spec,) if has_seg else ())
     out, state = _spmd.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(seq_spec, b_spec))(*args)
     return (out, state) if return_state else out

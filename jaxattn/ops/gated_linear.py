@@ -19,9 +19,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from jaxattn.ops.gated_delta import _HP, chunked_rule, share_heads
+from jax.sharding import Mesh
 
-__all__ = ["gated_linear_attention", "gated_linear_attention_step"]
+from jaxattn.ops.gated_delta import _HP, chunked_rule, share_heads
+from jaxattn.ops.gated_delta_sp import sharded_rule
+
+__all__ = ["gated_linear_attention", "gated_linear_attention_sp", "gated_linear_attention_step"]
 
 
 def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float | None = None,
@@ -51,6 +54,17 @@ def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Arra
     """
     return chunked_rule(q, k, v, g, None, scale=scale, initial_state=initial_state, return_state=return_state,
                         segment_ids=segment_ids, impl=impl, sequence_axis=sequence_axis, cu_seqlens=cu_seqlens)
+
+
+def gated_linear_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, mesh: Mesh, axis: str,
+                              batch_axis: str | None = None, scale: float | None = None,
+                              initial_state: jax.Array | None = None, return_state: bool = False,
+                              segment_ids: jax.Array | None = None,
+                              impl: Literal["auto", "pallas", "xla"] = "auto") -> jax.Array | tuple[jax.Array, jax.Array]:
+    """:func:`gated_linear_attention` with the sequence split over ``mesh`` axis ``axis`` (and the batch over
+    ``batch_axis``), on global arrays (as :func:`jaxattn.gated_delta_rule_sp`)."""
+    return sharded_rule(q, k, v, g, None, mesh=mesh, axis=axis, batch_axis=batch_axis, scale=scale,
+                        initial_state=initial_state, return_state=return_state, segment_ids=segment_ids, impl=impl)
 
 
 def gated_linear_attention_step(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, state: jax.Array, *,
