@@ -9,7 +9,8 @@ diagonal, clamped and zeroed). They depend on no state, so they run here, before
 (:mod:`jaxattn.pallas.gated_delta` reads them, keeping its registers for the state), and their gradients are
 linear in ``dP`` and ``d(K Kᵀ)``: the recurrence's backward writes those (per value-column block, summed in XLA)
 and :func:`decayed_products_grads` takes them back to q, k and ``G`` (``dG_i = q_i dq_i + k_i dk_i`` on the left
-token, ``- k_j dk_j`` on the right one). One program per (batch row, value head, 64 tokens).
+token, ``- k_j dk_j`` on the right one). One program per (batch row, value head, 64 tokens). Gated linear attention
+(no delta rule) needs ``P`` alone: ``keys=False`` skips ``K Kᵀ`` both ways.
 """
 
 from __future__ import annotations
@@ -51,59 +52,67 @@ def _column(x, cols, j):
     return jnp.sum(jnp.where(cols == j, x, 0.0), axis=1, keepdims=True)
 
 
-def _products_kernel(q_ref, k_ref, g_ref, p_ref, kk_ref, *, c: int):
+def _products_kernel(q_ref, k_ref, g_ref, *out_refs, c: int):
     cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
     incl = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= cols
 
     def chunk(m, _):
-        qf, kf, gcum = _tile(q_ref, m, c), _tile(k_ref, m, c), _tile(g_ref, m, c)
+        lhs = [_tile(q_ref, m, c), _tile(k_ref, m, c)][:len(out_refs)]  # (Q, and K for K Kᵀ)
+        gcum = _tile(g_ref, m, c)
 
         def column(j, carry):
-            p, kk = carry
             kj, dec = _token(k_ref, g_ref, gcum, m * c + j)
             dec = dec * kj
-            return (jnp.where(cols == j, jnp.sum(qf * dec, axis=1, keepdims=True), p),
-                    jnp.where(cols == j, jnp.sum(kf * dec, axis=1, keepdims=True), kk))
+            return tuple(jnp.where(cols == j, jnp.sum(x * dec, axis=1, keepdims=True), acc)
+                         for x, acc in zip(lhs, carry))
 
-        p, kk = lax.fori_loop(0, c, column, (jnp.zeros((c, c), jnp.float32),) * 2)
+        products = lax.fori_loop(0, c, column, (jnp.zeros((c, c), jnp.float32),) * len(out_refs))
         sl = pl.ds(pl.multiple_of(m * c, c), c)
-        p_ref[sl, :] = jnp.where(incl, p, 0.0)
-        kk_ref[sl, :] = jnp.where(incl, kk, 0.0)
+        for ref, x in zip(out_refs, products):
+            ref[sl, :] = jnp.where(incl, x, 0.0)
         return 0
 
     lax.fori_loop(0, q_ref.shape[0] // c, chunk, 0)
 
 
-def decayed_products(q: jax.Array, k: jax.Array, gcum: jax.Array, chunk: int, interpret: bool | None
-                     ) -> tuple[jax.Array, jax.Array]:
-    """``(P, K Kᵀ)``, fp32 ``[b, n, h, chunk]`` (row ``i`` of a chunk: its products with the chunk's tokens,
-    zero past the diagonal), of ``q, k [b, n, h_k, d_k]`` and in-chunk cumulative log decays ``gcum [b, n, h,
-    d_k]`` (fp32); ``n`` a multiple of 64, value head ``i`` reading q / k head ``i // (h / h_k)``."""
+def decayed_products(q: jax.Array, k: jax.Array, gcum: jax.Array, chunk: int, interpret: bool | None,
+                     keys: bool = True) -> tuple[jax.Array, ...]:
+    """``(P, K Kᵀ)`` (``keys=False``: ``(P,)``), fp32 ``[b, n, h, chunk]`` (row ``i`` of a chunk: its products with
+    the chunk's tokens, zero past the diagonal), of ``q, k [b, n, h_k, d_k]`` and in-chunk cumulative log decays
+    ``gcum [b, n, h, d_k]`` (fp32); ``n`` a multiple of 64, value head ``i`` reading q / k head ``i // (h / h_k)``."""
     b, n, hk, dk = q.shape
     h = gcum.shape[2]
     t = min(TOKENS, n)
     qk, per_head = _specs(n, h, hk, dk, t)
     out = jax.ShapeDtypeStruct((b, n, h, chunk), jnp.float32)
     return tuple(_common.pallas_call(
-        functools.partial(_products_kernel, c=chunk), out_shape=[out, out], grid=(b, h, n // t),
-        in_specs=[qk, qk, per_head(dk)], out_specs=[per_head(chunk)] * 2, num_warps=_WARPS, num_stages=1,
+        functools.partial(_products_kernel, c=chunk), out_shape=[out] * (2 if keys else 1), grid=(b, h, n // t),
+        in_specs=[qk, qk, per_head(dk)], out_specs=[per_head(chunk)] * (2 if keys else 1), num_warps=_WARPS,
+        num_stages=1,
         interpret=interpret, name="jaxattn_kda_products")(q, k, gcum))
 
 
-def _grads_kernel(q_ref, k_ref, g_ref, dp_ref, dab_ref, dq_ref, dk_ref, dg_ref, *, c: int):
+def _grads_kernel(q_ref, k_ref, g_ref, dp_ref, *refs, c: int, keys: bool):
+    dab_ref, (dq_ref, dk_ref, dg_ref) = (refs[0], refs[1:]) if keys else (None, refs)
     rows = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
     cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
 
     def chunk(m, _):
         qf, kf, gcum = _tile(q_ref, m, c), _tile(k_ref, m, c), _tile(g_ref, m, c)
-        dp, dab = _tile(dp_ref, m, c), _tile(dab_ref, m, c)
+        dp = _tile(dp_ref, m, c)
+        dab = _tile(dab_ref, m, c) if keys else None
 
         def column(j, carry):
             dq_l, dk_l, dk_r = carry
             kj, dec = _token(k_ref, g_ref, gcum, m * c + j)
-            dpj, dabj = _column(dp, cols, j), _column(dab, cols, j)
-            return (dq_l + dpj * dec * kj, dk_l + dabj * dec * kj,
-                    jnp.where(rows == j, jnp.sum((dpj * qf + dabj * kf) * dec, axis=0, keepdims=True), dk_r))
+            dpj = _column(dp, cols, j)
+            right = dpj * qf
+            if keys:  # (K Kᵀ: token j's key on both sides)
+                dabj = _column(dab, cols, j)
+                dk_l = dk_l + dabj * dec * kj
+                right = right + dabj * kf
+            return (dq_l + dpj * dec * kj, dk_l,
+                    jnp.where(rows == j, jnp.sum(right * dec, axis=0, keepdims=True), dk_r))
 
         dq_l, dk_l, dk_r = lax.fori_loop(0, c, column, (jnp.zeros(qf.shape, jnp.float32),) * 3)
         sl = pl.ds(pl.multiple_of(m * c, c), c)
@@ -115,17 +124,18 @@ def _grads_kernel(q_ref, k_ref, g_ref, dp_ref, dab_ref, dq_ref, dk_ref, dg_ref, 
     lax.fori_loop(0, q_ref.shape[0] // c, chunk, 0)
 
 
-def decayed_products_grads(q: jax.Array, k: jax.Array, gcum: jax.Array, dp: jax.Array, dab: jax.Array,
+def decayed_products_grads(q: jax.Array, k: jax.Array, gcum: jax.Array, dp: jax.Array, dab: jax.Array | None,
                            interpret: bool | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Back through :func:`decayed_products`: given the gradients ``dp, dab [b, n, h, chunk]`` (fp32, zero
-    outside the products' support) of ``P`` and ``K Kᵀ``, ``(dq, dk, dG)``, fp32 ``[b, n, h, d_k]`` (per value
-    head: the caller sums the heads sharing a q / k head)."""
+    outside the products' support) of ``P`` and ``K Kᵀ`` (``dab`` None: ``P`` alone), ``(dq, dk, dG)``, fp32
+    ``[b, n, h, d_k]`` (per value head: the caller sums the heads sharing a q / k head)."""
     b, n, hk, dk = q.shape
     h, chunk = dp.shape[2:]
     t = min(TOKENS, n)
     qk, per_head = _specs(n, h, hk, dk, t)
     out = jax.ShapeDtypeStruct((b, n, h, dk), jnp.float32)
     return tuple(_common.pallas_call(
-        functools.partial(_grads_kernel, c=chunk), out_shape=[out] * 3, grid=(b, h, n // t),
-        in_specs=[qk, qk, per_head(dk), per_head(chunk), per_head(chunk)], out_specs=[per_head(dk)] * 3,
-        num_warps=_WARPS, num_stages=1, interpret=interpret, name="jaxattn_kda_products_bwd")(q, k, gcum, dp, dab))
+        functools.partial(_grads_kernel, c=chunk, keys=dab is not None), out_shape=[out] * 3, grid=(b, h, n // t),
+        in_specs=[qk, qk, per_head(dk), *[per_head(chunk)] * (1 if dab is None else 2)], out_specs=[per_head(dk)] * 3,
+        num_warps=_WARPS, num_stages=1, interpret=interpret,
+        name="jaxattn_kda_products_bwd")(q, k, gcum, dp, *(() if dab is None else (dab,))))

@@ -190,7 +190,8 @@ def _split_refs(refs, st: _Static):
     (per key channel) or (), the rest)``."""
     seg_ref, refs = (refs[0], refs[1:]) if st.segments else (None, refs)
     doc_refs, refs = (refs[:2], refs[2:]) if st.varlen else ((), refs)
-    return (seg_ref, doc_refs, *((refs[:2], refs[2:]) if st.channel else ((), refs)))
+    n_pk = (2 if st.delta else 1) if st.channel else 0  # (P, and K Kᵀ with the delta rule)
+    return (seg_ref, doc_refs, refs[:n_pk], refs[n_pk:])
 
 
 def _scan(body, n_chunks: int, doc_refs, s_in_ref, s_out_ref, rows: int, reverse: bool = False) -> None:
@@ -308,7 +309,6 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, *refs, st: _Static):
             if st.channel:
                 dk_ref[sl, :] = dk
                 dg_ref[sl, :] = dgc
-                dpk_refs[1][sl, :] = jnp.zeros_like(dp)
             else:
                 dq_p, dk_p, dg_p = _pair_grads(dp, None, q, k, p, None, d, st)
                 dq_ref[sl, :] = dq + dq_p
@@ -388,7 +388,7 @@ def _forward(q, k, v, gcum, beta, seg, s0, scale, cfg: GatedDeltaConfig, interpr
     if save_states:
         out_shape.append(jax.ShapeDtypeStruct((b, h, n // cfg.chunk * dk, dv), q.dtype))
         out_specs.append(vblock(n // cfg.chunk * dk))
-    pk = channel_decay.decayed_products(q, k, gcum, cfg.chunk, interpret) if st.channel else ()
+    pk = channel_decay.decayed_products(q, k, gcum, cfg.chunk, interpret, keys=delta) if st.channel else ()
     chunk_rows = pl.BlockSpec((None, n, None, cfg.chunk), lambda bi, hi, vi: (bi, 0, hi, 0))
     docs, doc_specs = _doc_inputs(seg, n, st)
     call = _common.pallas_call(
@@ -416,7 +416,7 @@ def _backward(q, k, v, gcum, beta, seg, states, do, ds_final, scale, cfg: GatedD
     vblock = lambda rows: pl.BlockSpec((None, None, rows, bv), lambda bi, hi, vi: (bi, hi, 0, vi))  # noqa: E731
     part = lambda *w: pl.BlockSpec((None, None, n, None, *w), lambda bi, hi, vi: (vi, bi, 0, hi) + (0,) * len(w))  # noqa: E731
     f32 = jnp.float32
-    pk = channel_decay.decayed_products(q, k, gcum, cfg.chunk, interpret) if st.channel else ()  # (recomputed)
+    pk = channel_decay.decayed_products(q, k, gcum, cfg.chunk, interpret, keys=delta) if st.channel else ()  # (recomputed)
     chunk_rows = pl.BlockSpec((None, n, None, cfg.chunk), lambda bi, hi, vi: (bi, 0, hi, 0))
     dpk = [jax.ShapeDtypeStruct((nvb, b, n, h, cfg.chunk), f32)] * len(pk)
     srows = ds_final.shape[2]  # d_k, or (varlen) documents * d_k
@@ -436,7 +436,8 @@ def _backward(q, k, v, gcum, beta, seg, states, do, ds_final, scale, cfg: GatedD
     dq, dkey, dval, dg, db, ds0, *dpk = call(q, k, v, gcum, beta, *docs, *pk, states, do, ds_final)
     dq, dkey, dg = dq.sum(0), dkey.sum(0), dg.sum(0)
     if st.channel:  # back through the decayed products, their gradients summed over the value blocks first
-        dq_p, dk_p, dg_p = channel_decay.decayed_products_grads(q, k, gcum, dpk[0].sum(0), dpk[1].sum(0), interpret)
+        dq_p, dk_p, dg_p = channel_decay.decayed_products_grads(q, k, gcum, dpk[0].sum(0),
+                                                                dpk[1].sum(0) if delta else None, interpret)
         dq, dkey, dg = dq + dq_p, dkey + dk_p, dg + dg_p
     per_key_head = lambda x: x.reshape(b, n, hk, h // hk, dk).sum(3)  # noqa: E731  (value heads sharing q, k)
     return per_key_head(dq), per_key_head(dkey), dval, dg, db.sum(0), ds0
