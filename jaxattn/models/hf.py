@@ -158,10 +158,11 @@ def fill_abstract(build: Callable[[], nnx.Module], entries: Callable[[nnx.Module
 
 def _converter(model_type: str):
     """The converter module of a ``model_type`` (each GPT converter's family table names its own)."""
-    from jaxattn.models import (deepseek_hf, gpt_classic_hf, gpt_hf, kimi_linear_hf, minimax_hf, qwen3_next_hf, timm_hub,
-                                tnl_hf)
+    from jaxattn.models import (deepseek_hf, gpt_classic_hf, gpt_hf, granite_hybrid_hf, kimi_linear_hf, minimax_hf,
+                                qwen3_next_hf, timm_hub, tnl_hf)
 
     converters = {"transnormer": tnl_hf, **dict.fromkeys((*gpt_hf._ARCH, "gemma3"), gpt_hf),
+                  "granitemoehybrid": granite_hybrid_hf,
                   **dict.fromkeys(deepseek_hf._ARCH, deepseek_hf), "minimax": minimax_hf,
                   **dict.fromkeys(qwen3_next_hf._ARCH, qwen3_next_hf), "kimi_linear": kimi_linear_hf,
                   **dict.fromkeys(gpt_classic_hf._ARCH, gpt_classic_hf), "timm": timm_hub}
@@ -243,6 +244,8 @@ def save_pretrained(model: nnx.Module, folder: str | Path) -> None:
 
     if isinstance(model, TNL):
         conv = tnl_hf
+    elif type(model) is GPT and "mamba2" in model.cfg.layer_types:  # Mamba-2 layers: Granite 4.0 hybrid's layout
+        from jaxattn.models import granite_hybrid_hf as conv
     elif type(model) is GPT and "kda" in model.cfg.layer_types:  # Kimi Delta Attention: Kimi Linear's layout
         from jaxattn.models import kimi_linear_hf as conv
     elif type(model) is GPT and model.cfg.kv_lora_rank:  # multi-head latent attention: DeepSeek's layout
