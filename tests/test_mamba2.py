@@ -19,7 +19,7 @@ TWO_GROUPS = dict(delta_heads=4, delta_key_heads=2, delta_head_dim=16, delta_val
 
 
 def _model(impl="xla", **kw):
-    return create_model("mamba2-tiny", rngs=nnx.Rngs(0), attn_impl=impl, dim=32, heads=2, init_std=0.1,
+    return create_model("mamba2-tiny", rngs=nnx.Rngs(0), attn_impl=impl, dim=64, heads=2, init_std=0.1,
                         **{**TWO_GROUPS, **kw})
 
 
@@ -62,7 +62,7 @@ def test_layer_matches_the_recurrence(impl):
     assert isinstance(layer, Mamba2Layer)
     layer.dt_bias[...] = jnp.linspace(-1.0, 1.0, layer.heads)  # (decays of every speed)
     layer.D[...] = jnp.linspace(0.5, 1.5, layer.heads)
-    u = jax.random.normal(jax.random.key(1), (2, 21, 32))
+    u = jax.random.normal(jax.random.key(1), (2, 21, 64))
     assert_close(layer(u, jnp.arange(21)), _ssm(layer, np.asarray(u, np.float64), m.cfg.norm_eps), jnp.float32,
                  "layer", tol=TOL)
 
