@@ -423,3 +423,45 @@ def test_packed_kernels_lower_for_cuda(scheme, segments):
 
     calls = count_triton_calls(lower_for_cuda(jax.grad(loss, (0, 1, 2)), *args))
     assert calls == {("scan", 1): 3, ("chunked", 1): 5, ("scan", 4): 5, ("chunked", 4): 7}[scheme, segments]
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_varlen_documents_each_from_their_own_state(impl):
+    """cu_seqlens (fla's varlen form): documents packed in one row, each from its own initial state (one empty),
+    outputs, each document's final state and the gradients of q, k, v and the initial states equal
+    lightning_reference on each document alone (the gated linear attention path with the constant decay)."""
+    import numpy as np
+
+    lengths = [7, 0, 33, 1, 20]
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    n, h, d = cu[-1], 2, 16
+    ks = jax.random.split(jax.random.key(3), 4)
+    q, k, v = (0.5 * jax.random.normal(key, (1, n, h, d)) for key in ks[:3])
+    slope = jnp.asarray([0.05, 0.4])
+    s0 = 0.3 * jax.random.normal(ks[3], (len(lengths), h, d, d))
+    ct = jax.random.normal(jax.random.key(9), (1, n, h, d))
+
+    def ours(q, k, v, s0):
+        o, s = jaxattn.lightning_attention(q, k, v, slope, initial_state=s0, return_state=True, impl=impl,
+                                           cu_seqlens=jnp.asarray(cu, jnp.int32))
+        return jnp.sum(o * ct) + jnp.sum(s * jnp.cos(s)), (o, s)
+
+    def alone(q, k, v, s0):
+        outs, finals = [], []
+        for i, (a, e) in enumerate(zip(cu[:-1], cu[1:])):
+            if a == e:
+                finals.append(s0[i])
+                continue
+            o, s = lightning_reference(q[:, a:e], k[:, a:e], v[:, a:e], slope, s0[i:i + 1])
+            outs.append(o)
+            finals.append(s[0])
+        o, s = jnp.concatenate(outs, axis=1), jnp.stack(finals)
+        return jnp.sum(o * ct) + jnp.sum(s * jnp.cos(s)), (o, s)
+
+    with poison_outputs():
+        (_, (o, s)), grads = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, s0)
+    (_, (ro, rs)), want = jax.value_and_grad(alone, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, s0)
+    assert_close(o, ro, jnp.float32, "output")
+    assert_close(s, rs, jnp.float32, "final states")
+    for name, a, e in zip(("dq", "dk", "dv", "dstates"), grads, want):
+        assert_close(a, e, jnp.float32, name, tol=GRAD_TOL)

@@ -54,6 +54,7 @@ def lightning_attention(
     impl: Literal["auto", "pallas", "xla"] = "auto",
     sequence_axis: str | None = None,
     segment_ids: jax.Array | None = None,
+    cu_seqlens: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """``o_i = sum_{j<=i} exp(-slope (i-j)) (q_i . k_j) v_j`` per head.
 
@@ -80,9 +81,17 @@ def lightning_attention(
         document's first token). ``initial_state`` feeds the first document of each row; the
         returned state is the last document's. With ``sequence_axis``: this shard's ids (documents
         may span shards).
+      cu_seqlens: int ``[N + 1]``: ``N`` documents packed in one row ``[1, total, ...]`` (flash-linear-attention's
+        varlen form, a serving engine's packed prefill), each run from its own ``initial_state[i]`` (``[N, heads,
+        head_dim, v_head_dim]``, zeros if None), each with its own final state (``[N, ...]``). Lightning attention
+        is gated linear attention with the constant log decay ``-slope``, so this runs
+        :func:`jaxattn.gated_linear_attention`'s varlen path (its kernels where the head dims are powers of two
+        from 16 to 256, else XLA's chunked form).
 
     Returns ``out [batch, seq, heads, v_head_dim]`` in q's dtype (and the final state).
     """
+    if cu_seqlens is not None:
+        return _varlen(q, k, v, slope, cu_seqlens, initial_state, return_state, impl, segment_ids, sequence_axis)
     _checks.check_impl(impl)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _checks.check_rank(name, x, 4, "[batch, seq, heads, head_dim]")
@@ -128,6 +137,27 @@ def lightning_attention(
 
         out, state = sequence_parallel_combine(q, out, state, slope, sequence_axis, initial_state, segment_ids)
     return (out, state) if return_state else out
+
+
+def _varlen(q, k, v, slope, cu_seqlens, initial_state, return_state, impl, segment_ids, sequence_axis):
+    from jaxattn.ops.gated_linear import gated_linear_attention
+
+    _checks.check_impl(impl)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.check_rank(name, x, 4, "[batch, seq, heads, head_dim]")
+    _checks.check_float_dtype("q", q)
+    _checks.check_same_dtype(q=q, k=k, v=v)
+    b, n, h, d = q.shape
+    for name, x in (("k", k), ("v", v)):
+        _checks.check_dim(name, x, 0, b, "batch size", "q")
+        _checks.check_dim(name, x, 1, n, "sequence length", "q")
+        _checks.check_dim(name, x, 2, h, "heads", "q")
+    _checks.check_dim("k", k, 3, d, "head dim", "q")
+    slope = _check_slope(slope, h)
+    g = jnp.broadcast_to(-lax.stop_gradient(slope).astype(jnp.float32), (b, n, h))  # (no gradient to the slopes)
+    return gated_linear_attention(q, k, v, g, scale=1.0, initial_state=initial_state, return_state=return_state,
+                                  segment_ids=segment_ids, cu_seqlens=cu_seqlens, impl=impl,
+                                  sequence_axis=sequence_axis)
 
 
 def lightning_attention_step(
