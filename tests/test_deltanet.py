@@ -124,8 +124,6 @@ def test_training_reaches_every_parameter_and_bad_use_raises(tmp_path):
         for a, e in ((0, cut), (cut, 17)):
             assert_close(packed[r:r + 1, a:e], m(batch[r:r + 1, a:e]), jnp.float32, f"document {r} {a}:{e}",
                          tol={jnp.dtype(jnp.float32): (1e-4, 1e-4)})
-    with pytest.raises(ValueError, match="ragged prompts"):
-        m.prefill(batch[:, :4], max_len=8, lengths=jnp.asarray([4, 2]))
     with pytest.raises(ValueError, match="delta_conv"):
         GPTConfig(layer_types=("delta",), delta_conv=0)
     with pytest.raises(ValueError, match="multiple of delta_key_heads"):

@@ -397,17 +397,22 @@ def test_rope_takes_per_row_positions():
 
 
 @pytest.mark.parametrize("model", [pytest.param("gpt-window-pallas", marks=pytest.mark.slow),
-                                   pytest.param("gpt2-learned", marks=pytest.mark.slow), "tnl-lrpe"])
+                                   pytest.param("gpt2-learned", marks=pytest.mark.slow), "tnl-lrpe", "gpt-recurrent"])
 def test_ragged_prompts_generate_as_each_prompt_alone(model):
     """generate(prompt_lengths=...): right-padded prompts of different lengths in one batch give each
-    row's tokens and logits as that prompt alone (GPT: per-row cache positions; TNL: pads rotated first
-    as their own document); the result is prompt, new tokens, then pad_id; pads never count as seen."""
+    row's tokens and logits as that prompt alone (GPT: per-row cache positions, the recurrent layers' states and
+    convolution histories stopping at each row's length; TNL: pads rotated first as their own document); the
+    result is prompt, new tokens, then pad_id; pads never count as seen."""
     from jaxattn.models import TNL, TNLConfig, generate
 
     if model == "tnl-lrpe":
         m = TNL(TNLConfig(vocab_size=64, dim=32, layers=3, heads=2, glu_dim=48, lrpe_layers=(0, 2)), rngs=nnx.Rngs(0))
     elif model == "gpt2-learned":
         m = _model(norm="layer", bias=True, mlp_gated=False, mlp_act="gelu", position="learned", max_positions=64)
+    elif model == "gpt-recurrent":  # Gated DeltaNet, Kimi Delta, MiniMax's lightning and Mamba-2 layers
+        m = GPT(GPTConfig(vocab_size=64, dim=32, layers=5, heads=2, layer_types=("delta", "kda", "lightning",
+                                                                                  "mamba2", "full"),
+                          attn_impl="xla", init_std=0.1), rngs=nnx.Rngs(0))
     else:
         m = GPT(GPTConfig(vocab_size=64, dim=64, layers=2, heads=2, layer_types=("full", "window"), window=4,
                           attn_impl="pallas"), rngs=nnx.Rngs(0))

@@ -91,8 +91,6 @@ def test_packed_documents_and_bad_use():
     packed = fwd(m, batch, jnp.asarray([[0] * 8 + [1] * 8, [3] * 8 + [0] * 8]))
     for a, e in ((0, 8), (8, 16)):  # (each document alone; the convolution and the state stop at a start)
         assert_close(packed[:, a:e], fwd(m, batch[:, a:e]), jnp.float32, f"documents {a}:{e}", tol=TOL)
-    with pytest.raises(ValueError, match="ragged prompts"):
-        m.prefill(batch[:, :4], max_len=8, lengths=jnp.asarray([4, 2]))
     with pytest.raises(ValueError, match="'mamba2'"):
         create_model("mamba2-tiny", rngs=nnx.Rngs(0), layer_types=("mamba3",))
 

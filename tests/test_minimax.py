@@ -161,7 +161,8 @@ def test_folder_gives_the_reference_logits_and_round_trips(tmp_path, raw):
 @pytest.mark.parametrize("impl", ["pallas", pytest.param("xla", marks=pytest.mark.slow)])
 def test_recurrent_decoding_gives_the_forward(tmp_path, impl):
     """Prefill (Lightning kernel with its final state, flash for the softmax layer), then one token at a time:
-    the lightning layers from their states, the softmax layer from its KV cache."""
+    the lightning layers from their states, the softmax layer from its KV cache; a ragged prefill's short row as
+    that prompt alone."""
     raw = {**RAW, "head_dim": 32, "hidden_size": 64}  # (the kernels' widths)
     model = hf.load_pretrained(hf_folder(tmp_path, raw, random_state_dict(raw, seed=2)), attn_impl=impl)
     tokens = jnp.asarray(TOKENS)
@@ -174,8 +175,10 @@ def test_recurrent_decoding_gives_the_forward(tmp_path, impl):
     for t in range(6, 13):
         logits, cache = step(model, tokens[:, t], cache, jnp.asarray(t, jnp.int32))
         assert_close(logits, full[:, t], jnp.float32, f"step {t}", tol=tol)
-    with pytest.raises(ValueError, match="lightning"):
-        model.prefill(tokens[:, :6], max_len=13, lengths=jnp.asarray([6, 4]))
+    # a ragged prefill: row 1's prompt is its first 4 tokens (the lightning layers' pads neither decay nor write)
+    logits, _ = model.prefill(tokens[:, :6], max_len=13, lengths=jnp.asarray([6, 4]))
+    alone, _ = model.prefill(tokens[1:, :4], max_len=13)
+    assert_close(logits[1], alone[0], jnp.float32, "ragged prefill", tol=tol)
 
 
 def test_training_step_and_bad_configs():

@@ -5,7 +5,8 @@ scan over chunks), the token-by-token recurrence ("scan"), and flash-linear-atte
 same rows as documents packed in one row (``cu_seqlens``, each from its own state; fla's ``cu_seqlens`` form
 beside it): the cost of the varlen layout. "jaxattn-gla" is gated linear attention on the same inputs without the
 delta rule (:func:`jaxattn.gated_linear_attention`: Mamba-2's SSD, or GLA per key channel; fla's ``chunk_simple_gla``
-/ ``chunk_gla`` beside it as "fla-gla"). L2-normalized q and k, as Gated DeltaNet's. Cases
+/ ``chunk_gla`` beside it as "fla-gla"; with one decay per head, mamba_ssm's ``mamba_chunk_scan_combined`` as
+"mamba-ssd", the same recurrence as Mamba-2's SSD). L2-normalized q and k, as Gated DeltaNet's. Cases
 with ``decay="channel"`` give each key channel its own decay (Kimi Delta Attention, ``g [B, N, H, d_k]``; the peer:
 fla's ``chunk_kda``).
 
@@ -113,6 +114,10 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
             from fla.ops.simple_gla import chunk_simple_gla as chunk_gla
     except Exception:  # noqa: BLE001
         chunk_gla = None
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:  # noqa: BLE001
+        mamba_chunk_scan_combined = None
     unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
     q, k = (unit(torch.randn(shape, device="cuda")).to(dt).requires_grad_(bwd) for _ in range(2))
     v, do = (torch.randn(shape, device="cuda", dtype=dt, requires_grad=bwd) for _ in range(2))
@@ -137,9 +142,17 @@ def torch_peers(case: Case) -> dict[str, Callable[[], Any]]:
             torch.autograd.grad(o, (q, k, v, g), do)
         return o
 
+    def ssd():  # (g_t = dt_t A with A = -1: dt = -g; the values enter times dt, as v does here)
+        dt = (-g).detach().requires_grad_(bwd)
+        y = mamba_chunk_scan_combined(v, dt, -torch.ones(case.heads, device="cuda"), k, q, chunk_size=64)
+        if bwd:
+            torch.autograd.grad(y, (v, dt, k, q), do)
+        return y
+
     name = "fla-kda" if case.decay == "channel" else "fla-gated-delta"
     return {name: run, **({f"{name}-varlen": lambda: run(True)} if case.batch > 1 else {}),
-            **({"fla-gla": gla} if chunk_gla is not None else {})}
+            **({"fla-gla": gla} if chunk_gla is not None else {}),
+            **({"mamba-ssd": ssd} if mamba_chunk_scan_combined is not None and case.decay == "head" else {})}
 
 
 def run(cases, *, warmup: int, runs: int, interpret: bool, progress: bool = True, **kw) -> list[dict]:

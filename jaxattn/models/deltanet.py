@@ -26,7 +26,7 @@ from jaxattn.ops.gated_delta import gated_delta_rule, gated_delta_rule_step
 from jaxattn.ops.gated_delta_sp import gated_delta_rule_sp
 from jaxattn.pallas._common import document_index
 
-__all__ = ["GatedDeltaNetLayer", "KimiDeltaLayer", "causal_conv"]
+__all__ = ["GatedDeltaNetLayer", "KimiDeltaLayer", "RecurrentLayer", "causal_conv"]
 
 
 def causal_conv(x: jax.Array, w: jax.Array, history: jax.Array | None = None,
@@ -53,7 +53,53 @@ def _unit(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-class GatedDeltaNetLayer(nnx.Module):
+class RecurrentLayer(nnx.Module):
+    """What GPT's convolution-and-state layers share (Gated DeltaNet, Kimi Delta, Mamba-2): the output projection
+    and its dropout, the sequence-parallel setting, no sinks or ALiBi, the convolution's taps and its cache."""
+
+    def _output(self, cfg, width: int, rngs: nnx.Rngs) -> None:
+        self.out = _linear(width, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
+        self.resid_drop = _dropout(cfg.dropout, rngs)
+        self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis, layout): GPT.enable_sequence_parallel
+        self.sinks = None
+
+    @staticmethod
+    def _taps(cfg, width: int, rngs: nnx.Rngs) -> jax.Array:
+        """``[delta_conv, width]`` depthwise taps, PyTorch's Conv1d initialisation (``U(±1 / sqrt(K))``)."""
+        bound = 1.0 / cfg.delta_conv ** 0.5
+        return jax.random.uniform(rngs.params(), (cfg.delta_conv, width), jnp.float32, -bound, bound)
+
+    @staticmethod
+    def _history(cache: tuple | None, offset) -> tuple[bool, jax.Array | None]:
+        """``(decoding, the convolution's cached inputs or None)``: a cache at a nonzero offset continues it."""
+        decoding = cache is not None and not (isinstance(offset, int) and offset == 0)
+        return decoding, cache[1] if decoding else None
+
+    def _next_cache(self, state: jax.Array, history: jax.Array | None, mixed: jax.Array, cache: tuple,
+                    lengths: jax.Array | None = None) -> tuple:
+        """The cache after ``mixed [B, n, C]``: ``(state, the convolution's last delta_conv - 1 inputs)`` (with
+        ``lengths [B]``, a ragged prefill: those before row ``b``'s position ``lengths[b]``)."""
+        k, b = self.cfg.delta_conv, mixed.shape[0]
+        past = jnp.concatenate([history if history is not None else jnp.zeros((b, k - 1, mixed.shape[-1]), mixed.dtype),
+                                mixed], axis=1)
+        if lengths is None:
+            return state, past[:, past.shape[1] - (k - 1):].astype(cache[1].dtype)
+        rows = lengths[:, None] + jnp.arange(k - 1)[None]  # (past's row j + k - 1 is token j)
+        return state, jnp.take_along_axis(past, rows[..., None], axis=1).astype(cache[1].dtype)
+
+    @staticmethod
+    def _valid(lengths: jax.Array | None, n: int) -> jax.Array | None:
+        """``[B, n, 1]`` bool: the tokens before each row's length (None without lengths)."""
+        return None if lengths is None else (jnp.arange(n)[None] < lengths[:, None])[..., None]
+
+    def sink_logits(self) -> None:
+        return None
+
+    def alibi_slopes(self) -> None:
+        return None
+
+
+class GatedDeltaNetLayer(RecurrentLayer):
     """Gated DeltaNet (module docstring), the interface of :class:`jaxattn.models.gpt.Attention`: ``(x [B, n,
     dim], positions) -> [B, n, dim]``; with a cache ``(state [B, H, d_k, d_v], conv history [B, K - 1, 2 H_k d_k
     + H d_v])``, ``-> (out, cache)``. Parameters: ``q``, ``k`` (``H_k d_k`` wide), ``v``, ``z`` (``H d_v``),
@@ -67,32 +113,30 @@ class GatedDeltaNetLayer(nnx.Module):
         kw, vw = self.key_heads * self.head_dim, self.heads * self.value_dim
         self.q, self.k = _linear(cfg.dim, kw, cfg, rngs), _linear(cfg.dim, kw, cfg, rngs)
         self.v = _linear(cfg.dim, vw, cfg, rngs)
-        k = cfg.delta_conv
-        bound = 1.0 / k ** 0.5  # (PyTorch's Conv1d default for a depthwise kernel)
-        self.conv = nnx.Param(jax.random.uniform(rngs.params(), (k, 2 * kw + vw), jnp.float32, -bound, bound))
+        self.conv = nnx.Param(self._taps(cfg, 2 * kw + vw, rngs))
         self.b, self.a = _linear(cfg.dim, self.heads, cfg, rngs), _linear(cfg.dim, self.heads, cfg, rngs)
         self.A_log = nnx.Param(jnp.log(jnp.linspace(1.0, 16.0, self.heads, dtype=jnp.float32)))
         self.dt_bias = nnx.Param(jnp.zeros((self.heads,), jnp.float32))
         self.z = _linear(cfg.dim, vw, cfg, rngs)
         self.norm = nnx.Param(jnp.ones((self.value_dim,), jnp.float32))
-        self.out = _linear(vw, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
-        self.resid_drop = _dropout(cfg.dropout, rngs)
-        self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis, layout): GPT.enable_sequence_parallel
-        self.sinks = None
+        self._output(cfg, vw, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: tuple | None = None,
-                 offset: jax.Array | int = 0, segment_ids: jax.Array | None = None):
+                 offset: jax.Array | int = 0, segment_ids: jax.Array | None = None, lengths: jax.Array | None = None):
+        """``lengths [B]``: a ragged prefill, the state and convolution history stopping at each row's length (the
+        pads write nothing and decay nothing: ``beta = g = 0``)."""
         del positions  # (no positional encoding: the convolution and the decay order the tokens)
         b, n, _ = x.shape
         h, hk, dk, dv = self.heads, self.key_heads, self.head_dim, self.value_dim
         mixed = jnp.concatenate([self.q(x), self.k(x), self.v(x)], axis=-1)
-        decoding = cache is not None and not (isinstance(offset, int) and offset == 0)
-        history = cache[1] if decoding else None
+        decoding, history = self._history(cache, offset)
         conv = jax.nn.silu(causal_conv(mixed, self.conv[...], history, segment_ids))
         q, k, v = jnp.split(conv, [hk * dk, 2 * hk * dk], axis=-1)
         q, k, v = _unit(q.reshape(b, n, hk, dk)), _unit(k.reshape(b, n, hk, dk)), v.reshape(b, n, h, dv)
         beta = jax.nn.sigmoid(self.b(x).astype(jnp.float32))
         g = self._log_decay(x)
+        if (valid := self._valid(lengths, n)) is not None:
+            beta, g = jnp.where(valid, beta, 0.0), jnp.where(valid if g.ndim == 3 else valid[..., None], g, 0.0)
         if decoding and n == 1:  # a step from the layer's state
             o, state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache[0])
             o = o[:, None]
@@ -108,12 +152,7 @@ class GatedDeltaNetLayer(nnx.Module):
                                         impl=self.cfg.attn_impl)
         o = rms_norm(o, self.norm[...], self.cfg.norm_eps) * self._output_gate(x).reshape(b, n, h, dv).astype(o.dtype)
         out = _apply(self.resid_drop, self.out(o.reshape(b, n, h * dv)))
-        if cache is None:
-            return out
-        k_taps = self.cfg.delta_conv
-        past = jnp.concatenate([history if history is not None else jnp.zeros((b, k_taps - 1, mixed.shape[-1]),
-                                                                                mixed.dtype), mixed], axis=1)
-        return out, (state, past[:, past.shape[1] - (k_taps - 1):].astype(cache[1].dtype))
+        return out if cache is None else (out, self._next_cache(state, history, mixed, cache, lengths))
 
     def _log_decay(self, x: jax.Array) -> jax.Array:
         """``g [B, n, H]``: Mamba-2's ``-exp(A_log) softplus(W_a x + dt_bias)``."""
@@ -121,12 +160,6 @@ class GatedDeltaNetLayer(nnx.Module):
 
     def _output_gate(self, x: jax.Array) -> jax.Array:
         return jax.nn.silu(self.z(x).astype(jnp.float32))
-
-    def sink_logits(self) -> None:
-        return None
-
-    def alibi_slopes(self) -> None:
-        return None
 
 
 class KimiDeltaLayer(GatedDeltaNetLayer):

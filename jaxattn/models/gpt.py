@@ -791,7 +791,7 @@ class Block(nnx.Module):
         self.mlp = _mlp(cfg, layer, rngs)
 
     def __call__(self, x, positions, cache: KVCache | None = None, offset: jax.Array | int = 0,
-                 segment_ids: jax.Array | None = None):
+                 segment_ids: jax.Array | None = None, lengths: jax.Array | None = None):
         scale = self.residual_multiplier
 
         def post(norm, y):
@@ -801,6 +801,8 @@ class Block(nnx.Module):
         h = x if self.post_ln else _apply(self.norm1, x)
         if cache is None:
             a = self.attn(h, positions, segment_ids=segment_ids)
+        elif lengths is not None and self.attn.kind in RECURRENT_KINDS:  # (a ragged prefill: states stop at lengths)
+            a, cache = self.attn(h, positions, cache, offset, lengths=lengths)
         else:
             a, cache = self.attn(h, positions, cache, offset)
         if self.norm_residual:  # (MiniMax: each residual is the branch's normed input, scaled)
@@ -915,13 +917,18 @@ class GPT(nnx.Module):
             blk.attn.sequence_parallel = None if setting is None else (*setting, layout)
 
     def __call__(self, tokens: jax.Array, *, cache: list[KVCache] | None = None,
-                 offset: jax.Array | int = 0, segment_ids: jax.Array | None = None):
+                 offset: jax.Array | int = 0, segment_ids: jax.Array | None = None,
+                 lengths: jax.Array | None = None):
         """Logits ``[B, n, vocab]`` of ``tokens [B, n]``. With a ``cache`` (``init_cache``), the
         tokens sit at positions ``offset ..`` and their keys/values are written into it:
         returns ``(logits, cache)``; ``offset`` may be int32 ``[B]`` (each row at its own position: ragged
         prompts in :func:`jaxattn.models.generate`). ``segment_ids`` int ``[B, n]`` (training, scoring; no cache):
         packed documents, runs of equal ids; each attends only within itself from position 0, so its
-        logits are those of the document alone."""
+        logits are those of the document alone. ``lengths`` int ``[B]`` (a ragged prefill: a cache at offset 0):
+        row ``b``'s prompt is its first ``lengths[b]`` tokens; the recurrent layers' states and convolution
+        histories stop there (their pads leave them as they are)."""
+        if lengths is not None and (cache is None or not isinstance(offset, int) or offset != 0):
+            raise ValueError("lengths (a ragged prefill) needs a cache at offset 0")
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must have shape [batch, seq] and an integer dtype, got "
                              f"{jnp.dtype(tokens.dtype).name} {tuple(tokens.shape)}")
@@ -962,7 +969,7 @@ class GPT(nnx.Module):
             if cache is None:
                 x = run(blk, x)
             else:
-                x, c = blk(x, positions, cache[i], offset)
+                x, c = blk(x, positions, cache[i], offset, lengths=lengths)
                 new_cache.append(c)
         if zigzag:
             from jaxattn.ops.ring_attention import zigzag_sp
@@ -1006,10 +1013,11 @@ class GPT(nnx.Module):
         past the row's length, so decoding at per-row positions overwrites them and never reads them)."""
         if tokens.shape[1] > max_len:
             raise ValueError(f"prompt of {tokens.shape[1]} tokens does not fit max_len={max_len}")
-        if lengths is not None and (self.block_sparse_kinds or set(RECURRENT_KINDS) & set(self.cfg.layer_types)):
-            raise ValueError("ragged prompts (lengths) decode full and sliding-window layers; this model has "
-                             "block-sparse, lightning or delta ones (a recurrent state would take in the padding)")
-        logits, cache = self(tokens, cache=self.init_cache(tokens.shape[0], max_len), offset=0)
+        if lengths is not None and self.block_sparse_kinds:
+            raise ValueError("ragged prompts (lengths) decode full, sliding-window and recurrent layers; this model "
+                             "has block-sparse ones")
+        logits, cache = self(tokens, cache=self.init_cache(tokens.shape[0], max_len), offset=0,
+                             lengths=None if lengths is None else jnp.asarray(lengths, jnp.int32))
         if lengths is None:
             return logits[:, -1], cache
         return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], cache

@@ -24,16 +24,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxattn.models.deltanet import causal_conv
+from jaxattn.models.deltanet import RecurrentLayer, causal_conv
 from jaxattn.models.gpt import _linear, rms_norm
-from jaxattn.models.vit import _apply, _dropout
+from jaxattn.models.vit import _apply
 from jaxattn.ops import _spmd
 from jaxattn.ops.gated_linear import gated_linear_attention, gated_linear_attention_sp, gated_linear_attention_step
 
 __all__ = ["Mamba2Layer"]
 
 
-class Mamba2Layer(nnx.Module):
+class Mamba2Layer(RecurrentLayer):
     """Mamba-2 (module docstring), the interface of :class:`jaxattn.models.gpt.Attention`: ``(u [B, n, dim],
     positions) -> [B, n, dim]``; with a cache ``(state [B, H, d_state, headdim], conv history [B, K - 1, 2 H_k
     d_state + H headdim])``, ``-> (out, cache)``. Parameters: ``C``, ``B`` (``H_k d_state`` wide), ``x``, ``z``
@@ -48,33 +48,31 @@ class Mamba2Layer(nnx.Module):
         self.C, self.B = _linear(cfg.dim, gw, cfg, rngs), _linear(cfg.dim, gw, cfg, rngs)
         self.x, self.z = _linear(cfg.dim, vw, cfg, rngs), _linear(cfg.dim, vw, cfg, rngs)
         self.dt = _linear(cfg.dim, self.heads, cfg, rngs)
-        k = cfg.delta_conv
-        bound = 1.0 / k ** 0.5  # (PyTorch's Conv1d default for a depthwise kernel)
-        self.conv = nnx.Param(jax.random.uniform(rngs.params(), (k, 2 * gw + vw), jnp.float32, -bound, bound))
-        self.conv_bias = nnx.Param(jax.random.uniform(rngs.params(), (2 * gw + vw,), jnp.float32, -bound, bound))
+        self.conv = nnx.Param(self._taps(cfg, 2 * gw + vw, rngs))
+        self.conv_bias = nnx.Param(self._taps(cfg, 2 * gw + vw, rngs)[0])  # (Conv1d's bias: the taps' bound too)
         self.A_log = nnx.Param(jnp.log(jnp.linspace(1.0, 16.0, self.heads, dtype=jnp.float32)))
         # dt from softplus(dt_bias) log-uniform in [1e-3, 1e-1] at init (Mamba-2's), the bias its inverse softplus
         dt0 = jnp.exp(jax.random.uniform(rngs.params(), (self.heads,), jnp.float32, math.log(1e-3), math.log(1e-1)))
         self.dt_bias = nnx.Param(dt0 + jnp.log(-jnp.expm1(-dt0)))
         self.D = nnx.Param(jnp.ones((self.heads,), jnp.float32))
         self.norm = nnx.Param(jnp.ones((vw,), jnp.float32))
-        self.out = _linear(vw, cfg.dim, cfg, rngs, std=cfg.init_std / (2 * cfg.layers) ** 0.5)
-        self.resid_drop = _dropout(cfg.dropout, rngs)
-        self.sequence_parallel: tuple | None = None  # (mesh, axis, batch_axis, layout): GPT.enable_sequence_parallel
-        self.sinks = None
+        self._output(cfg, vw, rngs)
 
     def __call__(self, u: jax.Array, positions: jax.Array, cache: tuple | None = None,
-                 offset: jax.Array | int = 0, segment_ids: jax.Array | None = None):
+                 offset: jax.Array | int = 0, segment_ids: jax.Array | None = None, lengths: jax.Array | None = None):
+        """``lengths [B]``: a ragged prefill, the state and convolution history stopping at each row's length
+        (``dt = 0`` on the pads: no decay, no write)."""
         del positions  # (no positional encoding: the convolution and the decay order the tokens)
         b, n, _ = u.shape
         h, hk, ds, hd = self.heads, self.groups, self.state_dim, self.head_dim
         mixed = jnp.concatenate([self.C(u), self.B(u), self.x(u)], axis=-1)
-        decoding = cache is not None and not (isinstance(offset, int) and offset == 0)
-        history = cache[1] if decoding else None
+        decoding, history = self._history(cache, offset)
         conv = causal_conv(mixed, self.conv[...], history, segment_ids) + self.conv_bias[...].astype(mixed.dtype)
         c, bm, x = jnp.split(jax.nn.silu(conv), [hk * ds, 2 * hk * ds], axis=-1)
         c, bm, x = c.reshape(b, n, hk, ds), bm.reshape(b, n, hk, ds), x.reshape(b, n, h, hd)
         dt = jax.nn.softplus(self.dt(u).astype(jnp.float32) + self.dt_bias[...])  # [B, n, H]
+        if (valid := self._valid(lengths, n)) is not None:
+            dt = jnp.where(valid, dt, 0.0)
         g = -jnp.exp(self.A_log[...]) * dt
         v = (x.astype(jnp.float32) * dt[..., None]).astype(x.dtype)
         impl = self.cfg.attn_impl
@@ -96,15 +94,4 @@ class Mamba2Layer(nnx.Module):
         norm = self.norm[...].reshape(hk, -1)
         y = rms_norm(gated, norm, self.cfg.norm_eps).reshape(b, n, h * hd).astype(u.dtype)  # (per group)
         out = _apply(self.resid_drop, self.out(y))
-        if cache is None:
-            return out
-        k_taps = self.cfg.delta_conv
-        past = jnp.concatenate([history if history is not None else jnp.zeros((b, k_taps - 1, mixed.shape[-1]),
-                                                                                mixed.dtype), mixed], axis=1)
-        return out, (state, past[:, past.shape[1] - (k_taps - 1):].astype(cache[1].dtype))
-
-    def sink_logits(self) -> None:
-        return None
-
-    def alibi_slopes(self) -> None:
-        return None
+        return out if cache is None else (out, self._next_cache(state, history, mixed, cache, lengths))

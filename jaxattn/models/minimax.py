@@ -26,6 +26,7 @@ from flax import nnx
 from jaxattn.models.gpt import RMSNorm, _linear
 from jaxattn.models.vit import _apply, _dropout
 from jaxattn.ops import _spmd
+from jaxattn.ops.gated_linear import gated_linear_attention
 from jaxattn.ops.lightning import lightning_attention, lightning_attention_step
 from jaxattn.ops.lightning_sp import lightning_attention_sp
 
@@ -59,7 +60,9 @@ class LightningLayer(nnx.Module):
         self.sinks = None
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: tuple | None = None,
-                 offset: jax.Array | int = 0, segment_ids: jax.Array | None = None):
+                 offset: jax.Array | int = 0, segment_ids: jax.Array | None = None, lengths: jax.Array | None = None):
+        """``lengths [B]``: a ragged prefill; the state stops at each row's length (the pads run as gated linear
+        attention steps with no decay and no key: Lightning's decay is that op's constant one)."""
         del positions  # (no positional encoding: the decay orders the tokens)
         b, n, _ = x.shape
         qkv = jax.nn.silu(self.qkv(x)).reshape(b, n, self.heads, 3 * self.head_dim)
@@ -82,6 +85,12 @@ class LightningLayer(nnx.Module):
                 op = lightning_attention
             if cache is None:
                 o = op(q, k, v, slope, impl=self.cfg.attn_impl, **seg)
+            elif lengths is not None:  # a ragged prefill: the pads neither decay nor write
+                valid = jnp.arange(n)[None, :, None] < lengths[:, None, None]
+                g = jnp.where(valid, -slope.astype(jnp.float32), 0.0)
+                o, state = gated_linear_attention(q, jnp.where(valid[..., None], k, 0), v, g, scale=1.0,
+                                                  return_state=True, impl=self.cfg.attn_impl)
+                new_cache = (state,)
             else:  # the prefill: the prompt's output and its final state
                 o, state = op(q, k, v, slope, impl=self.cfg.attn_impl, return_state=True)
                 new_cache = (state,)

@@ -90,8 +90,6 @@ def lightning_attention(
 
     Returns ``out [batch, seq, heads, v_head_dim]`` in q's dtype (and the final state).
     """
-    if cu_seqlens is not None:
-        return _varlen(q, k, v, slope, cu_seqlens, initial_state, return_state, impl, segment_ids, sequence_axis)
     _checks.check_impl(impl)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _checks.check_rank(name, x, 4, "[batch, seq, heads, head_dim]")
@@ -109,6 +107,13 @@ def lightning_attention(
     if max(d, e) > _kernel.MAX_HEAD_DIM:
         raise ValueError(f"head dims must be <= {_kernel.MAX_HEAD_DIM}, got head_dim={d}, v_head_dim={e}")
     slope = _check_slope(slope, h)
+    if cu_seqlens is not None:  # (gated linear attention with the constant decay -slope: its varlen path)
+        from jaxattn.ops.gated_linear import gated_linear_attention
+
+        g = jnp.broadcast_to(-lax.stop_gradient(slope).astype(jnp.float32), (b, n, h))  # (no gradient to the slopes)
+        return gated_linear_attention(q, k, v, g, scale=1.0, initial_state=initial_state, return_state=return_state,
+                                      segment_ids=segment_ids, cu_seqlens=cu_seqlens, impl=impl,
+                                      sequence_axis=sequence_axis)
     if initial_state is not None:
         _check_state(initial_state, (b, h, d, e), "initial_state")
     if segment_ids is not None:
@@ -137,27 +142,6 @@ def lightning_attention(
 
         out, state = sequence_parallel_combine(q, out, state, slope, sequence_axis, initial_state, segment_ids)
     return (out, state) if return_state else out
-
-
-def _varlen(q, k, v, slope, cu_seqlens, initial_state, return_state, impl, segment_ids, sequence_axis):
-    from jaxattn.ops.gated_linear import gated_linear_attention
-
-    _checks.check_impl(impl)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_rank(name, x, 4, "[batch, seq, heads, head_dim]")
-    _checks.check_float_dtype("q", q)
-    _checks.check_same_dtype(q=q, k=k, v=v)
-    b, n, h, d = q.shape
-    for name, x in (("k", k), ("v", v)):
-        _checks.check_dim(name, x, 0, b, "batch size", "q")
-        _checks.check_dim(name, x, 1, n, "sequence length", "q")
-        _checks.check_dim(name, x, 2, h, "heads", "q")
-    _checks.check_dim("k", k, 3, d, "head dim", "q")
-    slope = _check_slope(slope, h)
-    g = jnp.broadcast_to(-lax.stop_gradient(slope).astype(jnp.float32), (b, n, h))  # (no gradient to the slopes)
-    return gated_linear_attention(q, k, v, g, scale=1.0, initial_state=initial_state, return_state=return_state,
-                                  segment_ids=segment_ids, cu_seqlens=cu_seqlens, impl=impl,
-                                  sequence_axis=sequence_axis)
 
 
 def lightning_attention_step(
