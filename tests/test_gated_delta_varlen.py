@@ -53,8 +53,9 @@ CASES = [  # (lengths, heads, q / k heads, d_k, d_v, dtype, per-channel decay)
     ([70, 33], 2, 2, 32, 16, jnp.float32, True),  # Kimi Delta Attention's decays; longer than XLA's chunk
     ([0, 20, 9, 0], 2, 1, 16, 16, jnp.bfloat16, False),  # empty first and last
 ]
-PARAMS = [pytest.param(impl, *case, marks=SLOW_OFF_GPU if case[5] == jnp.bfloat16 else ())
-          for case in CASES for impl in ("pallas", "xla")]
+PARAMS = [pytest.param(impl, *case, marks=SLOW_OFF_GPU if case[5] == jnp.bfloat16 else
+                       [pytest.mark.slow] if impl == "xla" and i == 0 else ())
+          for i, case in enumerate(CASES) for impl in ("pallas", "xla")]
 
 
 @pytest.mark.parametrize("impl,lengths,h,hk,dk,dv,dtype,channels", PARAMS)

@@ -32,15 +32,16 @@ def inputs(b, n, h, hk, dk, dv, dtype, channels, seed=0):
     return q, k, v, g, s0
 
 
-CASES = [  # (batch, seq, heads, q / k heads, d_k, d_v, dtype, per-channel decay)
-    (2, 70, 4, 2, 16, 32, jnp.float32, False),  # Mamba-2's shape: groups of heads share B (k) and C (q)
-    (1, 37, 2, 2, 32, 16, jnp.float32, True),  # GLA
-    pytest.param(1, 90, 2, 1, 16, 16, jnp.bfloat16, False, marks=SLOW_OFF_GPU),
-]
+HEAD = (2, 70, 4, 2, 16, 32, jnp.float32, False)  # (batch, seq, heads, q / k heads, d_k, d_v, dtype, per channel)
+CHANNEL = (1, 37, 2, 2, 32, 16, jnp.float32, True)  # GLA
+BF16 = (1, 90, 2, 1, 16, 16, jnp.bfloat16, False)
+# HEAD: Mamba-2's shape, groups of heads sharing B (k) and C (q). The kernels on every case; XLA's chunked path on
+# GLA's by default (one decay per head: the chunked path test_gated_delta checks, beta aside; slow)
+PARAMS = [("pallas", *HEAD), ("pallas", *CHANNEL), pytest.param("pallas", *BF16, marks=SLOW_OFF_GPU),
+          pytest.param("xla", *HEAD, marks=pytest.mark.slow), ("xla", *CHANNEL)]
 
 
-@pytest.mark.parametrize("impl", ["pallas", "xla"])
-@pytest.mark.parametrize("b,n,h,hk,dk,dv,dtype,channels", CASES)
+@pytest.mark.parametrize("impl,b,n,h,hk,dk,dv,dtype,channels", PARAMS)
 def test_matches_the_recurrence(impl, b, n, h, hk, dk, dv, dtype, channels):
     q, k, v, g, s0 = inputs(b, n, h, hk, dk, dv, dtype, channels)
     ct = jax.random.normal(jax.random.key(9), (b, n, h, dv))

@@ -139,7 +139,7 @@ def _forward(sd, raw, tokens):
     return x @ head.T / raw["logits_scaling"]
 
 
-@pytest.mark.parametrize("raw", [MOE, DENSE], ids=["moe-nope", "dense-rope"])
+@pytest.mark.parametrize("raw", [MOE, pytest.param(DENSE, marks=pytest.mark.slow)], ids=["moe-nope", "dense-rope"])
 def test_folder_loads_to_the_reference_logits_and_saves_back(raw, tmp_path):
     sd = _weights(raw, seed=len(raw))
     (tmp_path / "config.json").write_text(json.dumps(raw))

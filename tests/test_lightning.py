@@ -425,8 +425,8 @@ def test_packed_kernels_lower_for_cuda(scheme, segments):
     assert calls == {("scan", 1): 3, ("chunked", 1): 5, ("scan", 4): 5, ("chunked", 4): 7}[scheme, segments]
 
 
-@pytest.mark.parametrize("impl", ["pallas", "xla"])
-def test_varlen_documents_each_from_their_own_state(impl):
+@pytest.mark.parametrize("impl", [pytest.param("pallas", marks=pytest.mark.slow), "xla"])  # (the kernels' varlen
+def test_varlen_documents_each_from_their_own_state(impl):  # path by default: test_gated_linear, test_gated_delta_varlen
     """cu_seqlens (fla's varlen form): documents packed in one row, each from its own initial state (one empty),
     outputs, each document's final state and the gradients of q, k, v and the initial states equal
     lightning_reference on each document alone (the gated linear attention path with the constant decay)."""

@@ -240,6 +240,7 @@ def test_qwen3_5_moe_folder_loads_and_saves_as_qwen3_next(tmp_path):
     assert_close(again(jnp.asarray(TOKENS)), want, jnp.float32, "logits", tol={jnp.dtype(jnp.float32): (2e-4, 2e-4)})
 
 
+@pytest.mark.slow  # (23 s; kernel decoding of recurrent layers by default: test_kimi_linear's, test_minimax's)
 def test_recurrent_decoding_gives_the_forward():
     """Prefill (the gated delta kernel with its final state, flash for the gated softmax layer), then one token at a
     time: the delta layers from their states and convolution histories, the softmax layer from its KV cache."""

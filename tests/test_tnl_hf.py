@@ -229,6 +229,7 @@ def test_generate_cli_on_a_reference_folder(tmp_path, capsys):
     assert "--prompt-ids" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # (17 s; fine-tuning a folder by default: test_lora's)
 def test_fine_tune_a_reference_folder(tmp_path, capsys):
     """``train lm --model FOLDER`` starts from the folder's weights (lr 0: they stay exactly), and the run's
     checkpoint samples through generate; byte data or ids past the vocabulary are refused."""
