@@ -23,6 +23,12 @@ A decay per key channel (Kimi Delta Attention, ``G [n, d_k]``): the gammas becom
 ``gamma_C`` a column over the state's rows; ``Q Kᵀ`` and ``K Kᵀ`` with the decays inside their sums come from
 :mod:`jaxattn.pallas.channel_decay`'s kernel (no state needed), and the backward writes their gradients (per
 value block) for that module's backward kernel, which takes them to q, k and ``G``.
+
+Variable-length documents (``documents``: flash-linear-attention's ``cu_seqlens`` laid on chunk boundaries by
+:mod:`jaxattn.ops.gated_delta_varlen`): both kernels scan document by document over each one's chunk range, each
+from its own initial state (its final state's gradient) to its own final state (its initial state's gradient).
+``delta=False`` is gated linear attention, ``S_t = exp(g_t) S_{t-1} + k_t v_tᵀ`` (Mamba-2's SSD, GLA): ``U = V``, no
+triangular system and no ``K Kᵀ`` (:mod:`jaxattn.ops.gated_linear`).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def _check(q, k, v, g, beta, initial_state):
         raise ValueError(f"v must be [batch, seq, heads, d_v] = [{b}, {n}, heads, d_v] with heads a multiple of q's "
                          f"{hk} (each q / k head shared by heads / {hk} value heads), got {tuple(v.shape)}")
     h = v.shape[2]
-    for name, x in (("g", g), ("beta", beta))[:2 if beta is not None else 1]:
+    for name, x in [("g", g)] + ([("beta", beta)] if beta is not None else []):  # (no beta: gated linear attention)
         shapes = ((b, n, h), (b, n, h, dk)) if name == "g" else ((b, n, h),)
         if tuple(jnp.shape(x)) not in shapes or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             want = f"[batch, seq, heads] = ({b}, {n}, {h})" + (
@@ -149,9 +149,10 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
 
 
 def _xla(q, k, v, g, beta, scale, initial_state, segment_ids=None, documents=None):
-    """The chunked rule in XLA (``beta`` None: gated linear attention); ``documents``: :func:`jaxattn.ops.gated_delta_varlen.layout`'s chunk ranges (batch
-    1, documents on :func:`xla_chunk`'s boundaries), ``initial_state [documents, heads, d_k, d_v]``, and the
-    final states the same (each document's after its last chunk; an empty one's, its initial state)."""
+    """The chunked rule in XLA (``beta`` None: gated linear attention). ``documents``:
+    :func:`jaxattn.ops.gated_delta_varlen.layout`'s chunk ranges (batch 1, documents on :func:`xla_chunk`'s
+    boundaries), ``initial_state [documents, heads, d_k, d_v]``, and the final states the same (each document's
+    after its last chunk; an empty one's, its initial state)."""
     q, k = (share_heads(x, v.shape[2]) for x in (q, k))
     b, n, h, dk = q.shape
     dv = v.shape[-1]
