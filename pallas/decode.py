@@ -370,17 +370,16 @@ def latent_decode_attention_kernel(q: jax.Array, cache: jax.Array, lengths: jax.
     :func:`paged_decode_attention_kernel`; ``cache_scale [1]``: a quantized cache (FP8 / int8) holding ``latent /
     cache_scale``. Returns ``out [B, Sq, H, L]`` in q's dtype and the fp32 lse."""
     cfg = config or LATENT_CONFIGS.get((value_dim, jnp.dtype(q.dtype).itemsize), DecodeConfig(32, 32, 4, 3))
-    scales = dict(k_scale=cache_scale, v_scale=cache_scale)
-    if block_tables is not None:
-        page = cache.shape[1]
-        bk = min(cfg.block_k, page)
-        return _launch(q, cache, None, lengths, block_tables.astype(jnp.int32), s_max=block_tables.shape[1] * page,
-                       cfg=cfg, bk=bk, blocks_per_page=page // bk, causal=causal, scale=scale, num_splits=num_splits,
-                       interpret=interpret, latent=value_dim, **scales)
-    s_max = cache.shape[1]
-    bk = min(cfg.block_k, max(16, _common.next_pow2(s_max)))
-    return _launch(q, cache, None, lengths, None, s_max=s_max, cfg=cfg, bk=bk, blocks_per_page=0, causal=causal,
-                   scale=scale, num_splits=num_splits, interpret=interpret, latent=value_dim, **scales)
+    if block_tables is None:
+        table, s_max = None, cache.shape[1]
+        bk = min(cfg.block_k, max(16, _common.next_pow2(s_max)))
+    else:  # (whole key blocks per page, as the paged kernel)
+        table, s_max, bk = block_tables.astype(jnp.int32), block_tables.shape[1] * cache.shape[1], min(cfg.block_k,
+                                                                                                        cache.shape[1])
+    return _launch(q, cache, None, lengths, table, s_max=s_max, cfg=cfg, bk=bk,
+                   blocks_per_page=0 if table is None else cache.shape[1] // bk, causal=causal, scale=scale,
+                   num_splits=num_splits, interpret=interpret, latent=value_dim, k_scale=cache_scale,
+                   v_scale=cache_scale)
 
 
 def latent_kernel_ok(width: int, value_dim: int) -> bool:

@@ -308,43 +308,34 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, *refs, st: _Static):
         dgc -= de
         de_sum = jnp.sum(de, axis=0, keepdims=True)  # (the chunk's last token's)
         du = dot(p.astype(dt), do, trans_a=True, precision=prec) + dot((kf * e).astype(dt), ds_lo, precision=prec)
-        if not st.delta:  # gated linear attention: U = V
-            dgam_last = red(jnp.sum(s.astype(f32) * ds, axis=1)[None, :])  # [1] | [1, d_k]
-            dgc += jnp.where(last, de_sum + dgam_last * d.decay, 0.0)
-            dv_ref[sl, :] = du.astype(dv_ref.dtype)
-            if st.channel:
-                dk_ref[sl, :] = dk
-                dg_ref[sl, :] = dgc
-            else:
-                dq_p, dk_p, dg_p = _pair_grads(dp, None, q, k, p, None, d, st)
-                dq_ref[sl, :] = dq + dq_p
-                dk_ref[sl, :] = dk + dk_p
-                dg_ref[sl] = dgc + dg_p
-            db_ref[sl] = jnp.zeros((c,), f32)
-            return ds_prev
-        # U = T W, W = V - (gamma K) S
-        dw = dot(t, du, trans_a=True, precision=_HP)
-        dtm = dot(du, w, trans_b=True, precision=_HP)
-        dv_ref[sl, :] = dw.astype(dv_ref.dtype)
-        dw_lo = dw.astype(dt)
-        dk_gam = -dot(dw_lo, s, trans_b=True, precision=prec)
-        dk += dk_gam * gam
-        dgc += red(dk_gam * kf) * d.gam
+        if st.delta:  # U = T W, W = V - (gamma K) S
+            dw = dot(t, du, trans_a=True, precision=_HP)
+            dtm = dot(du, w, trans_b=True, precision=_HP)
+            dv_ref[sl, :] = dw.astype(dv_ref.dtype)
+            dw_lo = dw.astype(dt)
+            dk_gam = -dot(dw_lo, s, trans_b=True, precision=prec)
+            dk += dk_gam * gam
+            dgc += red(dk_gam * kf) * d.gam
         dgam_last = red(jnp.sum(s.astype(f32) * ds, axis=1)[None, :])  # [1] | [1, d_k]
         dgc += jnp.where(last, de_sum + dgam_last * d.decay, 0.0)
+        if not st.delta:  # gated linear attention: U = V
+            dv_ref[sl, :] = du.astype(dv_ref.dtype)
         if st.channel:
             dk_ref[sl, :] = dk
             dg_ref[sl, :] = dgc
-        ds_prev -= dot(k_gam, dw_lo, trans_a=True, precision=prec)
-        # T = M diag(beta), M = (I + A)^{-1}: dA = -Mᵀ dM Mᵀ; A = beta_i (K Kᵀ)_ij below the diagonal
-        dbeta = jnp.sum(inv * dtm, axis=0)
-        da = jnp.where(strict & d.keep, -dot(dot(inv, dtm * beta[None, :], trans_a=True, precision=_HP), inv,
-                                             trans_b=True, precision=_HP), 0.0)
-        dbeta += jnp.sum(da * kk, axis=1)
-        if st.channel:
-            dpk_refs[1][sl, :] = da * beta[:, None]
-        else:
-            dq_p, dk_p, dg_p = _pair_grads(dp, da * beta[:, None], q, k, p, kk, d, st)
+        dab, dbeta = None, jnp.zeros((c,), f32)  # (gated linear attention: no K Kᵀ, no beta)
+        if st.delta:
+            ds_prev -= dot(k_gam, dw_lo, trans_a=True, precision=prec)
+            # T = M diag(beta), M = (I + A)^{-1}: dA = -Mᵀ dM Mᵀ; A = beta_i (K Kᵀ)_ij below the diagonal
+            dbeta = jnp.sum(inv * dtm, axis=0)
+            da = jnp.where(strict & d.keep, -dot(dot(inv, dtm * beta[None, :], trans_a=True, precision=_HP), inv,
+                                                 trans_b=True, precision=_HP), 0.0)
+            dbeta += jnp.sum(da * kk, axis=1)
+            dab = da * beta[:, None]
+            if st.channel:
+                dpk_refs[1][sl, :] = dab
+        if not st.channel:
+            dq_p, dk_p, dg_p = _pair_grads(dp, dab, q, k, p, kk if st.delta else None, d, st)
             dq_ref[sl, :] = dq + dq_p
             dk_ref[sl, :] = dk + dk_p
             dg_ref[sl] = dgc + dg_p

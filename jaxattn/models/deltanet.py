@@ -26,7 +26,7 @@ from jaxattn.ops.gated_delta import gated_delta_rule, gated_delta_rule_step
 from jaxattn.ops.gated_delta_sp import gated_delta_rule_sp
 from jaxattn.pallas._common import document_index
 
-__all__ = ["GatedDeltaNetLayer", "KimiDeltaLayer", "RecurrentLayer", "causal_conv"]
+__all__ = ["GatedDeltaNetLayer", "KimiDeltaLayer", "RecurrentLayer", "causal_conv", "prompt_mask"]
 
 
 def causal_conv(x: jax.Array, w: jax.Array, history: jax.Array | None = None,
@@ -48,6 +48,11 @@ def causal_conv(x: jax.Array, w: jax.Array, history: jax.Array | None = None,
                for j in range(k))
 
 
+def prompt_mask(lengths: jax.Array | None, n: int) -> jax.Array | None:
+    """``[B, n, 1]`` bool of a ragged prefill: the tokens before each row's length ``lengths [B]`` (None without)."""
+    return None if lengths is None else (jnp.arange(n)[None] < lengths[:, None])[..., None]
+
+
 def _unit(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     xf = x.astype(jnp.float32)
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
@@ -64,10 +69,11 @@ class RecurrentLayer(nnx.Module):
         self.sinks = None
 
     @staticmethod
-    def _taps(cfg, width: int, rngs: nnx.Rngs) -> jax.Array:
-        """``[delta_conv, width]`` depthwise taps, PyTorch's Conv1d initialisation (``U(±1 / sqrt(K))``)."""
+    def _taps(cfg, shape: tuple[int, ...], rngs: nnx.Rngs) -> jax.Array:
+        """Depthwise convolution weights (``[delta_conv, width]`` taps, or a ``[width]`` bias), PyTorch's Conv1d
+        initialisation (``U(±1 / sqrt(K))``)."""
         bound = 1.0 / cfg.delta_conv ** 0.5
-        return jax.random.uniform(rngs.params(), (cfg.delta_conv, width), jnp.float32, -bound, bound)
+        return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
 
     @staticmethod
     def _history(cache: tuple | None, offset) -> tuple[bool, jax.Array | None]:
@@ -86,11 +92,6 @@ class RecurrentLayer(nnx.Module):
             return state, past[:, past.shape[1] - (k - 1):].astype(cache[1].dtype)
         rows = lengths[:, None] + jnp.arange(k - 1)[None]  # (past's row j + k - 1 is token j)
         return state, jnp.take_along_axis(past, rows[..., None], axis=1).astype(cache[1].dtype)
-
-    @staticmethod
-    def _valid(lengths: jax.Array | None, n: int) -> jax.Array | None:
-        """``[B, n, 1]`` bool: the tokens before each row's length (None without lengths)."""
-        return None if lengths is None else (jnp.arange(n)[None] < lengths[:, None])[..., None]
 
     def sink_logits(self) -> None:
         return None
@@ -113,7 +114,7 @@ class GatedDeltaNetLayer(RecurrentLayer):
         kw, vw = self.key_heads * self.head_dim, self.heads * self.value_dim
         self.q, self.k = _linear(cfg.dim, kw, cfg, rngs), _linear(cfg.dim, kw, cfg, rngs)
         self.v = _linear(cfg.dim, vw, cfg, rngs)
-        self.conv = nnx.Param(self._taps(cfg, 2 * kw + vw, rngs))
+        self.conv = nnx.Param(self._taps(cfg, (cfg.delta_conv, 2 * kw + vw), rngs))
         self.b, self.a = _linear(cfg.dim, self.heads, cfg, rngs), _linear(cfg.dim, self.heads, cfg, rngs)
         self.A_log = nnx.Param(jnp.log(jnp.linspace(1.0, 16.0, self.heads, dtype=jnp.float32)))
         self.dt_bias = nnx.Param(jnp.zeros((self.heads,), jnp.float32))
@@ -135,7 +136,7 @@ class GatedDeltaNetLayer(RecurrentLayer):
         q, k, v = _unit(q.reshape(b, n, hk, dk)), _unit(k.reshape(b, n, hk, dk)), v.reshape(b, n, h, dv)
         beta = jax.nn.sigmoid(self.b(x).astype(jnp.float32))
         g = self._log_decay(x)
-        if (valid := self._valid(lengths, n)) is not None:
+        if (valid := prompt_mask(lengths, n)) is not None:
             beta, g = jnp.where(valid, beta, 0.0), jnp.where(valid if g.ndim == 3 else valid[..., None], g, 0.0)
         if decoding and n == 1:  # a step from the layer's state
             o, state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache[0])

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxattn.models.deltanet import RecurrentLayer, causal_conv
+from jaxattn.models.deltanet import RecurrentLayer, causal_conv, prompt_mask
 from jaxattn.models.gpt import _linear, rms_norm
 from jaxattn.models.vit import _apply
 from jaxattn.ops import _spmd
@@ -48,8 +48,8 @@ class Mamba2Layer(RecurrentLayer):
         self.C, self.B = _linear(cfg.dim, gw, cfg, rngs), _linear(cfg.dim, gw, cfg, rngs)
         self.x, self.z = _linear(cfg.dim, vw, cfg, rngs), _linear(cfg.dim, vw, cfg, rngs)
         self.dt = _linear(cfg.dim, self.heads, cfg, rngs)
-        self.conv = nnx.Param(self._taps(cfg, 2 * gw + vw, rngs))
-        self.conv_bias = nnx.Param(self._taps(cfg, 2 * gw + vw, rngs)[0])  # (Conv1d's bias: the taps' bound too)
+        self.conv = nnx.Param(self._taps(cfg, (cfg.delta_conv, 2 * gw + vw), rngs))
+        self.conv_bias = nnx.Param(self._taps(cfg, (2 * gw + vw,), rngs))
         self.A_log = nnx.Param(jnp.log(jnp.linspace(1.0, 16.0, self.heads, dtype=jnp.float32)))
         # dt from softplus(dt_bias) log-uniform in [1e-3, 1e-1] at init (Mamba-2's), the bias its inverse softplus
         dt0 = jnp.exp(jax.random.uniform(rngs.params(), (self.heads,), jnp.float32, math.log(1e-3), math.log(1e-1)))
@@ -71,7 +71,7 @@ class Mamba2Layer(RecurrentLayer):
         c, bm, x = jnp.split(jax.nn.silu(conv), [hk * ds, 2 * hk * ds], axis=-1)
         c, bm, x = c.reshape(b, n, hk, ds), bm.reshape(b, n, hk, ds), x.reshape(b, n, h, hd)
         dt = jax.nn.softplus(self.dt(u).astype(jnp.float32) + self.dt_bias[...])  # [B, n, H]
-        if (valid := self._valid(lengths, n)) is not None:
+        if (valid := prompt_mask(lengths, n)) is not None:
             dt = jnp.where(valid, dt, 0.0)
         g = -jnp.exp(self.A_log[...]) * dt
         v = (x.astype(jnp.float32) * dt[..., None]).astype(x.dtype)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxattn.models.deltanet import prompt_mask
 from jaxattn.models.gpt import RMSNorm, _linear
 from jaxattn.models.vit import _apply, _dropout
 from jaxattn.ops import _spmd
@@ -86,7 +87,7 @@ class LightningLayer(nnx.Module):
             if cache is None:
                 o = op(q, k, v, slope, impl=self.cfg.attn_impl, **seg)
             elif lengths is not None:  # a ragged prefill: the pads neither decay nor write
-                valid = jnp.arange(n)[None, :, None] < lengths[:, None, None]
+                valid = prompt_mask(lengths, n)
                 g = jnp.where(valid, -slope.astype(jnp.float32), 0.0)
                 o, state = gated_linear_attention(q, jnp.where(valid[..., None], k, 0), v, g, scale=1.0,
                                                   return_state=True, impl=self.cfg.attn_impl)

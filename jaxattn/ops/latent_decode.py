@@ -87,17 +87,14 @@ def latent_decode_attention(q: jax.Array, cache: jax.Array, lengths: jax.Array |
         raise ValueError(f"impl='pallas': the latent decode kernel takes a page_size (cache.shape[1]) that is a power "
                          f"of two >= 16, got {page}")
     kernel = impl == "pallas" or (impl == "auto" and widths_ok and page_ok and targets_gpu())
-    if kernel and not _checks.empty(q, cache) and block_tables is not None:
+    if kernel and not _checks.empty(q, cache):
         q, cache = (_checks.no_grad(x, _NO_GRAD) for x in (q, cache))
-        out, lse = _decode.latent_decode_attention_kernel(q, cache, lengths, value_dim=value_dim, causal=causal,
-                                                          scale=scale, num_splits=num_splits,
-                                                          block_tables=block_tables, cache_scale=cache_scale)
-    elif kernel and not _checks.empty(q, cache):
-        q, cache = (_checks.no_grad(x, _NO_GRAD) for x in (q, cache))
-        out, lse = _spmd.per_batch_shard(
-            lambda batch_offset=None, **a: _decode.latent_decode_attention_kernel(
-                value_dim=value_dim, causal=causal, scale=scale, num_splits=num_splits, **a),
-            dict(q=q, cache=cache, lengths=lengths), dict(cache_scale=cache_scale))
+        run = lambda batch_offset=None, **a: _decode.latent_decode_attention_kernel(  # noqa: E731
+            value_dim=value_dim, causal=causal, scale=scale, num_splits=num_splits, **a)
+        if block_tables is None:  # (under jaxattn.batch_parallel per device on its batch shard)
+            out, lse = _spmd.per_batch_shard(run, dict(q=q, cache=cache, lengths=lengths), dict(cache_scale=cache_scale))
+        else:  # (a page pool is shared by the batch rows)
+            out, lse = run(q=q, cache=cache, lengths=lengths, block_tables=block_tables, cache_scale=cache_scale)
     else:
         if block_tables is not None:
             cache = gather_pages(cache, block_tables)
